@@ -1,0 +1,10 @@
+"""splitkernels: fused low-bit kernels and a split-computing runtime for LLMs.
+
+``import splitkernels`` never fails because the C++ extension, Triton or a GPU is missing:
+:func:`backends` reports what is available and :func:`use_backend` selects one.
+"""
+from ._backend import backends, current_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "use_backend", "current_backend", "__version__"]

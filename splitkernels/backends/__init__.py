@@ -1,0 +1,1 @@
+"""One module per backend; each registers its kernels with :mod:`splitkernels._backend`."""

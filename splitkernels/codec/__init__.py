@@ -1,0 +1,6 @@
+"""Activation codec: threshold splitting (TS) then token-wise adaptive bit quantisation (TAB-Q)."""
+from .config import DEFAULT_BIT_CHOICES, CodecConfig
+from .encoded import Encoded, decode, encode, from_bytes
+from .frame import FRAME_VERSION, FrameError
+
+__all__ = ["CodecConfig", "Encoded", "encode", "decode", "from_bytes", "FrameError", "FRAME_VERSION", "DEFAULT_BIT_CHOICES"]

@@ -1,0 +1,231 @@
+"""Public ops. Each is a ``torch.library`` custom op (with a fake kernel, so ``torch.compile``
+traces it) whose implementation is chosen per call by :mod:`splitkernels._backend`.
+
+The wrappers here validate arguments; the kernels behind them may assume valid input.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import resolve
+from . import reference
+from .checks import FLOAT_DTYPES, check_choice, check_same_device, check_tensor
+
+BIT_STREAM_WIDTHS = tuple(range(1, 9))
+WEIGHT_BITS = (2, 3, 4, 8)
+CODEC_BITS = tuple(range(1, 9))
+
+
+# ---------------------------------------------------------------- pack / unpack
+
+
+@torch.library.custom_op("splitkernels::pack_bits", mutates_args=())
+def _pack_bits(codes: Tensor, bits: int) -> Tensor:
+    return resolve("pack_bits", codes.device)(codes, bits)
+
+
+@_pack_bits.register_fake
+def _(codes: Tensor, bits: int) -> Tensor:
+    return codes.new_empty(*codes.shape[:-1], reference.packed_nbytes(codes.shape[-1], bits))
+
+
+@torch.library.custom_op("splitkernels::unpack_bits", mutates_args=())
+def _unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    return resolve("unpack_bits", packed.device)(packed, bits, n)
+
+
+@_unpack_bits.register_fake
+def _(packed: Tensor, bits: int, n: int) -> Tensor:
+    return packed.new_empty(*packed.shape[:-1], n)
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack uint8 codes ``[..., n]`` (each < 2**bits) into the bit stream ``[..., ceil(n*bits/8)]``.
+
+    Code ``k`` occupies stream bits ``[k*bits, (k+1)*bits)``; stream bit ``i`` is bit ``i % 8``
+    of byte ``i // 8`` (docs/FORMATS.md). Codes with bits above ``bits`` raise ValueError.
+    """
+    check_tensor("codes", codes, (torch.uint8,), min_ndim=1)
+    check_choice("bits", bits, BIT_STREAM_WIDTHS)
+    if codes.numel() and bits < 8 and int(codes.max()) >= (1 << bits):
+        raise ValueError(f"codes must be < 2**bits = {1 << bits}, got a code {int(codes.max())}")
+    return _pack_bits(codes.contiguous(), bits)
+
+
+def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Unpack ``n`` codes of ``bits`` bits from each row of the uint8 bit stream ``packed``."""
+    check_tensor("packed", packed, (torch.uint8,), min_ndim=1)
+    check_choice("bits", bits, BIT_STREAM_WIDTHS)
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    need = reference.packed_nbytes(n, bits)
+    if packed.shape[-1] < need:
+        raise ValueError(f"packed has {packed.shape[-1]} bytes per row, {n} codes of {bits} bits need {need}")
+    return _unpack_bits(packed.contiguous(), bits, n)
+
+
+# ---------------------------------------------------------------- low-bit linear
+
+
+@torch.library.custom_op("splitkernels::lowbit_linear", mutates_args=())
+def _lowbit_linear(
+    x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int, bias: Optional[Tensor]
+) -> Tensor:
+    return resolve("lowbit_linear", x.device)(x, qweight, scale, zero, bits, group_size, bias)
+
+
+@_lowbit_linear.register_fake
+def _(x, qweight, scale, zero, bits, group_size, bias):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def lowbit_linear(x: Tensor, qweight: "QuantizedWeight", bias: Optional[Tensor] = None) -> Tensor:  # noqa: F821
+    """``x @ W^T + bias`` with ``W`` a :class:`splitkernels.quant.QuantizedWeight` (W{2,3,4,8} x A16/A32).
+
+    ``x`` is ``[..., K]`` in fp32, fp16 or bf16; the result has x's dtype and shape ``[..., N]``.
+    Backends accumulate in fp32; they agree with the reference within a relative Frobenius
+    error of 1e-3 (fp16/bf16 activations) or 1e-5 (fp32).
+    """
+    from ..quant import QuantizedWeight
+
+    check_tensor("x", x, FLOAT_DTYPES, min_ndim=1)
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
+    if x.shape[-1] != qweight.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, qweight expects in_features = {qweight.in_features}")
+    if bias is not None:
+        check_tensor("bias", bias, FLOAT_DTYPES, ndim=1)
+        if bias.shape[0] != qweight.out_features:
+            raise ValueError(f"bias must have {qweight.out_features} entries, got {bias.shape[0]}")
+    check_same_device(x=x, qweight=qweight.qweight, bias=bias)
+    scale, zero = qweight.scale, qweight.zero
+    if scale.dtype != x.dtype:
+        scale, zero = scale.to(x.dtype), zero.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return _lowbit_linear(x.contiguous(), qweight.qweight, scale, zero, qweight.bits, qweight.group_size, bias)
+
+
+# ---------------------------------------------------------------- int8 W8A8
+
+
+@torch.library.custom_op("splitkernels::int8_linear", mutates_args=())
+def _int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return resolve("int8_linear", x.device)(x, w_int8, w_scale, bias)
+
+
+@_int8_linear.register_fake
+def _(x, w_int8, w_scale, bias):
+    return x.new_empty(*x.shape[:-1], w_int8.shape[0])
+
+
+def int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """W8A8 linear: x is quantised per token to symmetric int8 (absmax / 127, round half to even),
+    multiplied with per-output-channel int8 weights ``w_int8 [N, K]`` (scales ``w_scale [N]``, fp32)
+    with exact int32 accumulation, then rescaled: ``y = acc * s_x * s_w + bias`` in x's dtype.
+    Use :func:`splitkernels.quant.quantize_weight_int8` to make ``w_int8``/``w_scale``.
+    """
+    check_tensor("x", x, FLOAT_DTYPES, min_ndim=1)
+    check_tensor("w_int8", w_int8, (torch.int8,), ndim=2)
+    check_tensor("w_scale", w_scale, (torch.float32,), ndim=1)
+    if x.shape[-1] != w_int8.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, w_int8 has K = {w_int8.shape[1]}")
+    if w_scale.shape[0] != w_int8.shape[0]:
+        raise ValueError(f"w_scale must have {w_int8.shape[0]} entries, got {w_scale.shape[0]}")
+    if bias is not None:
+        check_tensor("bias", bias, FLOAT_DTYPES, ndim=1)
+        if bias.shape[0] != w_int8.shape[0]:
+            raise ValueError(f"bias must have {w_int8.shape[0]} entries, got {bias.shape[0]}")
+    check_same_device(x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
+    return _int8_linear(x.contiguous(), w_int8.contiguous(), w_scale.contiguous(), bias)
+
+
+# ---------------------------------------------------------------- fused TS + TAB-Q codec
+
+
+@torch.library.custom_op("splitkernels::ts_tabq_encode", mutates_args=())
+def _ts_tabq_encode(
+    x: Tensor,
+    abs_threshold: bool,
+    threshold: float,
+    capacity: int,
+    bit_choices: list[int],
+    eps: float,
+    forced_bits: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kernel = resolve("ts_tabq_encode", x.device)
+    return tuple(kernel(x, abs_threshold, threshold, capacity, bit_choices, eps, forced_bits))
+
+
+@_ts_tabq_encode.register_fake
+def _(x, abs_threshold, threshold, capacity, bit_choices, eps, forced_bits):
+    t, d = x.shape
+    row_bytes = d * x.element_size()
+    return (
+        x.new_empty(t, dtype=torch.uint8),
+        x.new_empty(t, dtype=torch.float16),
+        x.new_empty(t, dtype=torch.float16),
+        x.new_empty(t, dtype=torch.float32),
+        x.new_empty(t, dtype=torch.int32),
+        x.new_empty(t, capacity, dtype=torch.int32),
+        x.new_empty(t, capacity),
+        x.new_empty(t, row_bytes, dtype=torch.uint8),
+        x.new_empty(t, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("splitkernels::ts_tabq_decode", mutates_args=())
+def _ts_tabq_decode(
+    bits: Tensor, lo: Tensor, step: Tensor, cnt: Tensor, idx: Tensor, val: Tensor, codes: Tensor, d: int
+) -> Tensor:
+    return resolve("ts_tabq_decode", codes.device)(bits, lo, step, cnt, idx, val, codes, d)
+
+
+@_ts_tabq_decode.register_fake
+def _(bits, lo, step, cnt, idx, val, codes, d):
+    return val.new_empty(bits.shape[0], d)
+
+
+def ts_tabq_encode(
+    x: Tensor,
+    abs_threshold: bool,
+    threshold: float,
+    capacity: int,
+    bit_choices: list[int],
+    eps: float,
+    forced_bits: Optional[Tensor] = None,
+) -> tuple[Tensor, ...]:
+    """Fused TS + TAB-Q encode of finite ``x [T, d]`` into fixed-capacity buffers, no host sync.
+
+    See :func:`splitkernels.ops.reference.ts_tabq_encode` for the outputs and docs/FORMATS.md
+    for the rules. Most users want :func:`splitkernels.codec.encode`, which validates values too.
+    """
+    check_tensor("x", x, FLOAT_DTYPES, ndim=2)
+    if not 0 <= capacity <= x.shape[1]:
+        raise ValueError(f"capacity must be in [0, d={x.shape[1]}], got {capacity}")
+    for b in bit_choices:
+        check_choice("bit_choices entry", b, CODEC_BITS)
+    if forced_bits is not None:
+        check_tensor("forced_bits", forced_bits, (torch.uint8,), ndim=1)
+        if forced_bits.shape[0] != x.shape[0]:
+            raise ValueError(f"forced_bits must have T = {x.shape[0]} entries, got {forced_bits.shape[0]}")
+    return _ts_tabq_encode(
+        x.contiguous(), bool(abs_threshold), float(threshold), int(capacity), [int(b) for b in bit_choices],
+        float(eps), forced_bits,
+    )
+
+
+def ts_tabq_decode(
+    bits: Tensor, lo: Tensor, step: Tensor, cnt: Tensor, idx: Tensor, val: Tensor, codes: Tensor, d: int
+) -> Tensor:
+    """Decode fixed-capacity codec buffers (as produced by :func:`ts_tabq_encode`) into ``[T, d]``."""
+    return _ts_tabq_decode(bits, lo, step, cnt, idx, val, codes, int(d))
+
+
+__all__ = [
+    "pack_bits", "unpack_bits", "lowbit_linear", "int8_linear", "ts_tabq_encode", "ts_tabq_decode",
+    "reference", "WEIGHT_BITS", "CODEC_BITS",
+]

@@ -1,0 +1,303 @@
+"""Pure-PyTorch reference implementations: the ground truth for every backend.
+
+Written for clarity, not speed. Formats and rounding rules are specified in docs/FORMATS.md;
+fast backends must reproduce the integer outputs of these functions bit for bit.
+"""
+from __future__ import annotations
+
+
+import torch
+
+from .fp16_rounding import round_down_fp16, round_up_fp16
+
+# ---------------------------------------------------------------- bit streams
+
+
+def packed_nbytes(n: int, bits: int) -> int:
+    """Bytes of a bit stream of ``n`` codes of ``bits`` bits."""
+    return (n * bits + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes [..., n] into the little-endian bit stream [..., ceil(n*bits/8)]."""
+    n = codes.shape[-1]
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
+    stream = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., n, bits], low bit first
+    stream = stream.flatten(-2)
+    nbytes = packed_nbytes(n, bits)
+    stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits))
+    weights = 1 << torch.arange(8, device=codes.device, dtype=torch.int32)
+    return (stream.unflatten(-1, (nbytes, 8)) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 stream [..., >= ceil(n*bits/8)] -> codes [..., n]."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : n * bits]
+    weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int32)
+    return (stream.unflatten(-1, (n, bits)) * weights).sum(-1).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- packed weights
+
+
+def packed_words(k: int, bits: int) -> int:
+    """int32 words per packed weight row of ``k`` codes."""
+    return (k * bits + 31) // 32
+
+
+def pack_weight_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [N, K] -> int32 words [N, ceil(K*bits/32)] (the byte stream read as LE int32)."""
+    stream = pack_bits(codes, bits)
+    pad = packed_words(codes.shape[-1], bits) * 4 - stream.shape[-1]
+    stream = torch.nn.functional.pad(stream, (0, pad))
+    return _bytes_to_int32(stream)
+
+
+def unpack_weight_codes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """int32 words [N, W] -> uint8 codes [N, K]."""
+    return unpack_bits(_int32_to_bytes(words), bits, k)
+
+
+def _bytes_to_int32(stream: torch.Tensor) -> torch.Tensor:
+    b = stream.to(torch.int64).unflatten(-1, (-1, 4))
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _int32_to_bytes(words: torch.Tensor) -> torch.Tensor:
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    parts = [(w >> s) & 0xFF for s in (0, 8, 16, 24)]
+    return torch.stack(parts, -1).flatten(-2).to(torch.uint8)
+
+
+def dequantize_weight(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, k: int
+) -> torch.Tensor:
+    """w^ = q * scale + zero per group, in the dtype of ``scale``; shape [N, K]."""
+    codes = unpack_weight_codes(qweight, bits, k).to(scale.dtype)
+    codes = codes.unflatten(-1, (k // group_size, group_size))
+    return (codes * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(-2)
+
+
+def lowbit_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """y = x @ dequant(W).T + bias, computed in fp32 and returned in x's dtype."""
+    k = x.shape[-1]
+    w = dequantize_weight(qweight, scale.float(), zero.float(), bits, group_size, k)
+    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------- int8 W8A8
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: q = round_half_even(x / s), s = absmax / 127 (fp32); zero rows get s = 1."""
+    xf = x.float()
+    s = xf.abs().amax(-1) / 127.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.clamp(torch.round(xf / s.unsqueeze(-1)), -127, 127).to(torch.int8)
+    return q, s
+
+
+def int8_linear(
+    x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8: per-token int8 activations x per-channel int8 weights, exact integer accumulation."""
+    shape = x.shape
+    xq, xs = quantize_rows_int8(x.reshape(-1, shape[-1]))
+    # float64 holds every int8 x int8 sum exactly for K < 2^38, so this is the int32 result.
+    acc = (xq.double() @ w_int8.double().T).to(torch.int32)
+    y = acc.float() * xs.unsqueeze(-1) * w_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], w_int8.shape[0])
+
+
+# ---------------------------------------------------------------- TS + TAB-Q codec
+
+
+def raw_width(dtype: torch.dtype) -> int:
+    """Width code of a token whose inliers travel raw in the input dtype (16 or 32)."""
+    return torch.empty((), dtype=dtype).element_size() * 8
+
+
+def split_outliers(
+    x: torch.Tensor, abs_threshold: bool, threshold: float, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Threshold splitting. Returns (cnt int32[T], idx int32[T,C], val x.dtype[T,C], outlier mask [T,d]).
+
+    Outliers: |x| > tau, tau = threshold (abs) or threshold * rms(x_t) (rms, fp64 sum of
+    squares). At most ``capacity`` per token: largest magnitude first, ties to the lower
+    channel. Indices ascending; unused slots hold index 0 and value 0.
+    """
+    t, d = x.shape
+    absx = x.float().abs().double()
+    if abs_threshold:
+        tau = torch.full((t, 1), float(threshold), dtype=torch.float64, device=x.device)
+    else:
+        tau = threshold * torch.sqrt((absx * absx).sum(-1, keepdim=True) / d)
+    candidate = absx > tau
+    key = torch.where(candidate, absx, torch.full_like(absx, -1.0))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :capacity]
+    chosen = torch.gather(candidate, 1, order)
+    cnt = chosen.sum(-1).to(torch.int32)
+    idx = torch.where(chosen, order, torch.full_like(order, d)).sort(-1).values
+    used = idx < d
+    idx = torch.where(used, idx, torch.zeros_like(idx))
+    val = torch.where(used, torch.gather(x, 1, idx), torch.zeros((), dtype=x.dtype, device=x.device))
+    mask = torch.zeros(t, d, dtype=torch.bool, device=x.device)
+    mask.scatter_(1, idx, used)
+    return cnt, idx.to(torch.int32), val, mask
+
+
+def inlier_range(xf: torch.Tensor, inlier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo rounded down to fp16, hi) per token, fp32; a token without inliers gets (0, 0)."""
+    inf = torch.tensor(float("inf"), device=xf.device)
+    has = inlier.any(-1)
+    lo = torch.where(inlier, xf, inf).amin(-1)
+    hi = torch.where(inlier, xf, -inf).amax(-1)
+    zero = torch.zeros_like(lo)
+    return round_down_fp16(torch.where(has, lo, zero)), torch.where(has, hi, zero)
+
+
+def step_for(lo16: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """step_b = (hi - lo) / (2^b - 1) in fp32, rounded up to fp16 (inf where it does not fit)."""
+    return round_up_fp16((hi - lo16) / float(2**bits - 1))
+
+
+def estimated_sq_error(step: torch.Tensor, n_inliers: torch.Tensor) -> torch.Tensor:
+    """Expected squared error of uniform quantisation, n_in * step^2 / 12, in fp64."""
+    s = step.double()
+    return n_inliers.double() * s * s / 12.0
+
+
+def choose_bits(
+    lo16: torch.Tensor,
+    hi: torch.Tensor,
+    n_inliers: torch.Tensor,
+    inlier_sq_norm: torch.Tensor,
+    bit_choices: list[int],
+    eps: float,
+    raw: int,
+) -> torch.Tensor:
+    """Mode ``error``: smallest b with n_in*step_b^2/12 <= eps^2*||inliers||^2 and lo, step finite."""
+    chosen = torch.full_like(n_inliers, raw, dtype=torch.int32)
+    budget = eps * eps * inlier_sq_norm
+    for b in sorted(bit_choices, reverse=True):
+        step = step_for(lo16, hi, b)
+        ok = torch.isfinite(lo16) & torch.isfinite(step) & (estimated_sq_error(step, n_inliers) <= budget)
+        chosen = torch.where(ok, torch.full_like(chosen, b), chosen)
+    return chosen
+
+
+def ts_tabq_encode(
+    x: torch.Tensor,
+    abs_threshold: bool,
+    threshold: float,
+    capacity: int,
+    bit_choices: list[int],
+    eps: float,
+    forced_bits: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """Fused TS + TAB-Q encode of x [T, d] into fixed-capacity buffers.
+
+    Returns (bits u8[T], lo f16[T], step f16[T], hi f32[T], cnt i32[T], idx i32[T,C],
+    val x.dtype[T,C], codes u8[T, d*itemsize], nbytes i32[T]). ``forced_bits`` (u8[T]) replaces
+    the error-mode choice; a forced width whose lo/step do not fit fp16 still falls back to raw.
+    """
+    t, d = x.shape
+    raw = raw_width(x.dtype)
+    cnt, idx, val, outlier = split_outliers(x, abs_threshold, threshold, capacity)
+    inlier = ~outlier
+    xf = x.float()
+    lo16, hi = inlier_range(xf, inlier)
+    n_in = (d - cnt).to(torch.int32)
+    xin = torch.where(inlier, xf, torch.zeros_like(xf)).double()
+    sq_norm = (xin * xin).sum(-1)
+    if forced_bits is None:
+        bits = choose_bits(lo16, hi, n_in, sq_norm, bit_choices, eps, raw)
+    else:
+        bits = forced_bits.to(torch.int32)
+        for b in set(bits.tolist()) - {raw}:
+            fits = torch.isfinite(lo16) & torch.isfinite(step_for(lo16, hi, b))
+            bits = torch.where((bits == b) & ~fits, torch.full_like(bits, raw), bits)
+
+    row_bytes = d * (raw // 8)
+    codes = torch.zeros(t, row_bytes, dtype=torch.uint8, device=x.device)
+    nbytes = torch.zeros(t, dtype=torch.int32, device=x.device)
+    lo_out = torch.zeros(t, dtype=torch.float32, device=x.device)
+    step_out = torch.zeros(t, dtype=torch.float32, device=x.device)
+    for b in sorted(set(bits.tolist())):
+        rows = (bits == b).nonzero().flatten()
+        if b == raw:
+            inl = torch.where(inlier[rows], x[rows], torch.zeros((), dtype=x.dtype, device=x.device))
+            codes[rows] = inl.contiguous().view(torch.uint8)
+            nbytes[rows] = row_bytes
+            continue
+        step = step_for(lo16[rows], hi[rows], b)
+        q = torch.round((xf[rows] - lo16[rows, None]) / step[:, None])
+        q = torch.where(step[:, None] > 0, q, torch.zeros_like(q)).clamp(0, 2**b - 1)
+        q = torch.where(inlier[rows], q, torch.zeros_like(q)).to(torch.uint8)
+        nb = packed_nbytes(d, b)
+        codes[rows, :nb] = pack_bits(q, b)
+        nbytes[rows] = nb
+        lo_out[rows] = lo16[rows]
+        step_out[rows] = step
+    return (
+        bits.to(torch.uint8),
+        lo_out.to(torch.float16),
+        step_out.to(torch.float16),
+        hi,
+        cnt,
+        idx,
+        val,
+        codes,
+        nbytes,
+    )
+
+
+def ts_tabq_decode(
+    bits: torch.Tensor,
+    lo: torch.Tensor,
+    step: torch.Tensor,
+    cnt: torch.Tensor,
+    idx: torch.Tensor,
+    val: torch.Tensor,
+    codes: torch.Tensor,
+    d: int,
+) -> torch.Tensor:
+    """Decode buffers into x^ [T, d] in the dtype of ``val``: x^ = q*step + lo (fp32, no FMA), outliers exact."""
+    t = bits.shape[0]
+    dtype = val.dtype
+    raw = raw_width(dtype)
+    out = torch.zeros(t, d, dtype=dtype, device=bits.device)
+    for b in sorted(set(bits.to(torch.int32).tolist())):
+        rows = (bits.to(torch.int32) == b).nonzero().flatten()
+        if b == raw:
+            out[rows] = codes[rows, : d * (raw // 8)].contiguous().view(dtype)
+            continue
+        q = unpack_bits(codes[rows], b, d).float()
+        xq = q * step[rows].float().unsqueeze(-1)
+        out[rows] = (xq + lo[rows].float().unsqueeze(-1)).to(dtype)
+    if idx.shape[1] > 0:
+        slots = torch.arange(idx.shape[1], device=idx.device)
+        used = slots < cnt.unsqueeze(-1)
+        rows = torch.arange(t, device=idx.device).unsqueeze(-1).expand_as(idx)
+        out[rows[used], idx[used].long()] = val[used]
+    return out
+
+
+__all__ = [
+    "pack_bits", "unpack_bits", "pack_weight_codes", "unpack_weight_codes", "dequantize_weight",
+    "lowbit_linear", "quantize_rows_int8", "int8_linear", "ts_tabq_encode", "ts_tabq_decode",
+    "packed_nbytes", "packed_words", "raw_width", "step_for", "estimated_sq_error",
+]

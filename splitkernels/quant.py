@@ -1,0 +1,148 @@
+"""Group-wise asymmetric weight quantisation into the packed format of docs/FORMATS.md."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ops import WEIGHT_BITS, reference
+from .ops.checks import FLOAT_DTYPES, check_choice, check_tensor
+
+WEIGHT_FORMAT_VERSION = 1
+# Shrink factors tried by the clipping search (1.0 = plain min/max).
+_CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(16))
+
+
+@dataclass
+class QuantizedWeight:
+    """A packed low-bit weight ``W [N, K]``: ``w^ = q * scale + zero`` per group of ``group_size``.
+
+    ``qweight`` is int32 ``[N, ceil(K*bits/32)]`` (each row one little-endian bit stream),
+    ``scale``/``zero`` are ``[N, K/group_size]`` in the compute dtype.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight plus its scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight ``[N, K]`` in ``dtype`` (default: the scale dtype)."""
+        w = reference.dequantize_weight(
+            self.qweight, self.scale.float(), self.zero.float(), self.bits, self.group_size, self.in_features
+        )
+        return w.to(dtype or self.scale.dtype)
+
+    def to(self, *args, **kwargs) -> "QuantizedWeight":
+        """Move to a device and/or cast scale and zero to a float dtype (codes stay int32)."""
+        scale = self.scale.to(*args, **kwargs)
+        zero = self.zero.to(*args, **kwargs)
+        return QuantizedWeight(
+            self.qweight.to(scale.device), scale, zero, self.bits, self.group_size, self.in_features
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors plus format metadata (as 0-d int tensors, so safetensors can hold them)."""
+        return {
+            "qweight": self.qweight,
+            "scale": self.scale,
+            "zero": self.zero,
+            "format_version": torch.tensor(WEIGHT_FORMAT_VERSION),
+            "bits": torch.tensor(self.bits),
+            "group_size": torch.tensor(self.group_size),
+            "in_features": torch.tensor(self.in_features),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "QuantizedWeight":
+        """Inverse of :meth:`state_dict`; raises ValueError on a format version this code cannot read."""
+        version = int(state["format_version"])
+        if version != WEIGHT_FORMAT_VERSION:
+            raise ValueError(
+                f"packed weight format_version {version} is not supported (this splitkernels reads "
+                f"version {WEIGHT_FORMAT_VERSION})"
+            )
+        return cls(
+            state["qweight"], state["scale"], state["zero"], int(state["bits"]), int(state["group_size"]),
+            int(state["in_features"]),
+        )
+
+
+def _check_weight_args(w: torch.Tensor, bits: int, group_size: int) -> None:
+    check_tensor("w", w, FLOAT_DTYPES, ndim=2)
+    check_choice("bits", bits, WEIGHT_BITS)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if w.shape[1] % group_size:
+        raise ValueError(f"group_size must divide K = {w.shape[1]}, got {group_size}")
+    if not torch.isfinite(w).all():
+        raise ValueError("w must be finite (found NaN or Inf)")
+
+
+def _fit_groups(wg: torch.Tensor, bits: int, shrink: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scale and zero for groups ``wg [N, G, g]`` (fp32) with the range shrunk by ``shrink``."""
+    qmax = 2**bits - 1
+    lo = wg.amin(-1) * shrink
+    hi = wg.amax(-1) * shrink
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round((wg - lo.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, qmax)
+    return q, scale, lo
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    clip_search: bool = False,
+    dtype: torch.dtype | None = None,
+) -> QuantizedWeight:
+    """Quantise ``w [N, K]`` (out, in) group-wise and asymmetrically to ``bits`` in {2, 3, 4, 8}.
+
+    ``group_size`` must divide K. ``clip_search`` tries shrinking each group's range and keeps
+    the factor with the least squared reconstruction error (helps at 2-3 bits). ``dtype`` is
+    the dtype of scale and zero (default: w's dtype).
+    """
+    _check_weight_args(w, bits, group_size)
+    n, k = w.shape
+    dtype = dtype or w.dtype
+    wg = w.float().reshape(n, k // group_size, group_size)
+    grid = _CLIP_GRID if clip_search else (1.0,)
+    best = None
+    for shrink in grid:
+        q, scale, zero = _fit_groups(wg, bits, shrink)
+        # Error of what will actually be stored: scale and zero rounded to the compute dtype.
+        s, z = scale.to(dtype).float(), zero.to(dtype).float()
+        err = ((q * s.unsqueeze(-1) + z.unsqueeze(-1) - wg) ** 2).sum(-1)
+        if best is None:
+            best = (err, q, s, z)
+            continue
+        better = err < best[0]
+        best = (
+            torch.where(better, err, best[0]),
+            torch.where(better.unsqueeze(-1), q, best[1]),
+            torch.where(better, s, best[2]),
+            torch.where(better, z, best[3]),
+        )
+    _, q, scale, zero = best
+    codes = q.reshape(n, k).to(torch.uint8)
+    qweight = reference.pack_weight_codes(codes, bits)
+    return QuantizedWeight(qweight, scale.to(dtype), zero.to(dtype), bits, group_size, k)
+
+
+def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 weights for :func:`splitkernels.ops.int8_linear`: (w_int8, scale fp32)."""
+    check_tensor("w", w, FLOAT_DTYPES, ndim=2)
+    return reference.quantize_rows_int8(w)
