@@ -154,8 +154,8 @@ def split_outliers(
     used = idx < d
     idx = torch.where(used, idx, torch.zeros_like(idx))
     val = torch.where(used, torch.gather(x, 1, idx), torch.zeros((), dtype=x.dtype, device=x.device))
-    mask = torch.zeros(t, d, dtype=torch.bool, device=x.device)
-    mask.scatter_(1, idx, used)
+    # scatter_add, not scatter: unused slots alias channel 0 and must not clear a real outlier there.
+    mask = torch.zeros(t, d, dtype=torch.int32, device=x.device).scatter_add_(1, idx, used.to(torch.int32)) > 0
     return cnt, idx.to(torch.int32), val, mask
 
 
