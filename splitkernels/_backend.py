@@ -57,6 +57,11 @@ def _ensure_loaded() -> None:
         for name in BACKEND_NAMES:
             # A backend module never raises on import: it registers itself as unavailable.
             importlib.import_module(f"splitkernels.backends.{name}")
+        # TEMPORARY until the backend modules move to splitkernels/_backends: importing the
+        # subpackage rebinds splitkernels.backends, which must stay the public function.
+        import splitkernels
+
+        splitkernels.backends = backends
         _loaded = True
 
 
