@@ -1,0 +1,207 @@
+"""Edge <-> server messages as bytes: a fixed ``struct`` header, a fixed ``struct`` body per kind,
+and, for a step, the codec frame verbatim. Nothing is pickled; every length is checked.
+
+Header (little-endian, 20 bytes)::
+
+    magic "SKRP" | version u8 | kind u8 | flags u16 (0) | session id u64 | payload length u32
+
+Kinds and payloads:
+
+* OPEN (edge -> server): model fingerprint 16 bytes | do_sample u8 | temperature f32 | top_k u32 |
+  top_p f32 | has_seed u8 | seed i64 | max_len u32 (prompt + new tokens the edge will send, 0 = unsaid)
+* OPENED (server -> edge): max_seq_len u32 (the server's limit for this session)
+* STEP (edge -> server): seq u32 | codec frame (docs/FORMATS.md)
+* TOKEN (server -> edge): seq u32 | token u32 | position u32 (tokens the server has seen) |
+  decode seconds f32 | server compute seconds f32 | session KV bytes u64
+* CLOSE (edge -> server): empty
+"""
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"SKRP"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<4sBBHQI")
+FINGERPRINT_BYTES = 16
+_OPEN = struct.Struct("<16sBfIfBqI")
+_OPENED = struct.Struct("<I")
+_STEP = struct.Struct("<I")
+_TOKEN = struct.Struct("<IIIffQ")
+
+
+class Kind(enum.IntEnum):
+    OPEN = 1
+    OPENED = 2
+    STEP = 3
+    TOKEN = 4
+    CLOSE = 5
+
+
+class Status(enum.Enum):
+    """Error classes, named as the gRPC status codes they travel as."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAVAILABLE = "UNAVAILABLE"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+class SplitError(RuntimeError):
+    """A request failed on the server (or on its way); ``status`` says why."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(f"{status.value}: {message}")
+        self.status = status
+        self.message = message
+
+
+class ProtocolError(SplitError):
+    """A message is malformed (always INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Status.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the server picks the next token: greedy, or temperature/top-k/top-p sampling."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**32:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2**63 <= self.seed < 2**63):
+            raise ValueError(f"seed must be None or a 64-bit int, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class Open:
+    sampling: SamplingParams
+    fingerprint: bytes = bytes(FINGERPRINT_BYTES)
+    max_len: int = 0
+    session_id: int = 0
+
+
+@dataclass(frozen=True)
+class Opened:
+    session_id: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
+class Step:
+    session_id: int
+    seq: int
+    frame: bytes
+
+
+@dataclass(frozen=True)
+class TokenReply:
+    session_id: int
+    seq: int
+    token: int
+    position: int
+    decode_s: float
+    compute_s: float
+    kv_bytes: int
+
+
+@dataclass(frozen=True)
+class Close:
+    session_id: int
+
+
+Message = Open | Opened | Step | TokenReply | Close
+
+
+def _header(kind: Kind, session_id: int, payload: bytes) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, 0, session_id, len(payload)) + payload
+
+
+def encode_message(msg: Message) -> bytes:
+    """Serialise one message (header + payload)."""
+    if isinstance(msg, Open):
+        s = msg.sampling
+        if len(msg.fingerprint) != FINGERPRINT_BYTES:
+            raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes, got {len(msg.fingerprint)}")
+        body = _OPEN.pack(msg.fingerprint, int(s.do_sample), s.temperature, s.top_k, s.top_p,
+                          int(s.seed is not None), s.seed or 0, msg.max_len)
+        return _header(Kind.OPEN, msg.session_id, body)
+    if isinstance(msg, Opened):
+        return _header(Kind.OPENED, msg.session_id, _OPENED.pack(msg.max_seq_len))
+    if isinstance(msg, Step):
+        return _header(Kind.STEP, msg.session_id, _STEP.pack(msg.seq) + bytes(msg.frame))
+    if isinstance(msg, TokenReply):
+        return _header(Kind.TOKEN, msg.session_id, _TOKEN.pack(msg.seq, msg.token, msg.position, msg.decode_s,
+                                                              msg.compute_s, msg.kv_bytes))
+    if isinstance(msg, Close):
+        return _header(Kind.CLOSE, msg.session_id, b"")
+    raise TypeError(f"msg must be a protocol message, got {type(msg).__name__}")
+
+
+def _fixed(body: memoryview, layout: struct.Struct, kind: Kind) -> tuple:
+    if len(body) != layout.size:
+        raise ProtocolError(f"{kind.name} payload must be {layout.size} bytes, got {len(body)}")
+    return layout.unpack(body)
+
+
+def decode_message(data: bytes | bytearray | memoryview) -> Message:
+    """Parse one message; :class:`ProtocolError` on anything malformed."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"a message must be bytes, got {type(data).__name__}")
+    buf = memoryview(data)
+    if len(buf) < HEADER.size:
+        raise ProtocolError(f"message truncated: {len(buf)} bytes, the header needs {HEADER.size}")
+    magic, version, kind, flags, session_id, length = HEADER.unpack(buf[: HEADER.size])
+    if magic != MAGIC:
+        raise ProtocolError(f"not a runtime message (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if flags != 0:
+        raise ProtocolError(f"unknown message flags {flags:#x}")
+    if length != len(buf) - HEADER.size:
+        raise ProtocolError(f"payload length {length} does not match the {len(buf) - HEADER.size} bytes received")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {kind}") from None
+    body = buf[HEADER.size:]
+    if kind == Kind.OPEN:
+        fp, do_sample, temperature, top_k, top_p, has_seed, seed, max_len = _fixed(body, _OPEN, kind)
+        if do_sample > 1 or has_seed > 1:
+            raise ProtocolError("OPEN flags must be 0 or 1")
+        try:
+            sampling = SamplingParams(bool(do_sample), temperature, top_k, top_p, seed if has_seed else None)
+        except ValueError as exc:
+            raise ProtocolError(f"bad sampling parameters: {exc}") from None
+        return Open(sampling, bytes(fp), max_len, session_id)
+    if kind == Kind.OPENED:
+        return Opened(session_id, *_fixed(body, _OPENED, kind))
+    if kind == Kind.STEP:
+        if len(body) < _STEP.size:
+            raise ProtocolError("STEP payload truncated")
+        (seq,) = _STEP.unpack(body[: _STEP.size])
+        return Step(session_id, seq, bytes(body[_STEP.size:]))
+    if kind == Kind.TOKEN:
+        return TokenReply(session_id, *_fixed(body, _TOKEN, kind))
+    _fixed(body, struct.Struct(""), kind)
+    return Close(session_id)

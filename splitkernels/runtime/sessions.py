@@ -1,0 +1,267 @@
+"""Server-side sessions: one KV cache per sequence, limits, idle expiry and memory accounting.
+
+:class:`SessionManager` is transport-free: it takes and returns protocol messages (or their
+bytes) and raises :class:`SplitError`; the in-process and gRPC transports both sit on it.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..codec import FrameError, decode, from_bytes
+from .protocol import (
+    FINGERPRINT_BYTES, Close, Open, Opened, SplitError, Status, Step, TokenReply, decode_message, encode_message,
+)
+from .sampling import make_generator, sample
+from .segments import Server, cache_nbytes
+
+NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server limits.
+
+    * ``max_sessions``: open sessions at once (RESOURCE_EXHAUSTED past it).
+    * ``max_seq_len``: tokens one session may hold in its KV cache.
+    * ``idle_timeout_s``: a session untouched this long is closed and its KV cache freed.
+    * ``max_kv_bytes``: KV cache bytes over all sessions (None = no limit).
+    """
+
+    max_sessions: int = 64
+    max_seq_len: int = 2048
+    idle_timeout_s: float = 300.0
+    max_kv_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not self.idle_timeout_s > 0:
+            raise ValueError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s!r}")
+        if self.max_kv_bytes is not None and not (isinstance(self.max_kv_bytes, int) and self.max_kv_bytes > 0):
+            raise ValueError(f"max_kv_bytes must be None or an int > 0, got {self.max_kv_bytes!r}")
+
+
+@dataclass
+class _Session:
+    id: int
+    open_msg: Open
+    max_seq_len: int
+    cache: object
+    generator: torch.Generator | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    position: int = 0
+    seq: int = 0
+    kv_bytes: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+
+class SessionManager:
+    """Sessions of one :class:`Server` segment.
+
+    Thread-safe: different sessions step concurrently; steps of one session are serialised.
+    ``fingerprint`` (16 bytes) identifies the model and split; an OPEN carrying a different
+    non-zero fingerprint is refused with FAILED_PRECONDITION.
+    """
+
+    def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT) -> None:
+        if not isinstance(server, Server):
+            raise TypeError(f"server must be a Server segment, got {type(server).__name__}")
+        self.server = server
+        self.limits = limits or Limits()
+        self.fingerprint = bytes(fingerprint)
+        model_limit = server.adapter.max_positions
+        self.max_seq_len = min(self.limits.max_seq_len, model_limit) if model_limit else self.limits.max_seq_len
+        self.kv_bytes_per_token = server.kv_bytes_per_token()
+        self._sessions: dict[int, _Session] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self.sessions_opened = 0
+        self.sessions_expired = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start_reaper(self) -> None:
+        """Close idle sessions in the background (checked a few times per idle timeout)."""
+        if self._reaper is None:
+            period = min(max(self.limits.idle_timeout_s / 4, 0.01), 1.0)
+
+            def loop() -> None:
+                while not self._stop.wait(period):
+                    self.reap_idle()
+
+            self._reaper = threading.Thread(target=loop, name="splitkernels-reaper", daemon=True)
+            self._reaper.start()
+
+    def shutdown(self) -> None:
+        """Stop the reaper and free every session."""
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join()
+            self._reaper = None
+        with self._lock:
+            ids = list(self._sessions)
+        for sid in ids:
+            self.close(sid)
+
+    # -- requests --------------------------------------------------------------------------------
+    def open(self, msg: Open) -> Opened:
+        if msg.fingerprint != NO_FINGERPRINT and self.fingerprint != NO_FINGERPRINT and msg.fingerprint != self.fingerprint:
+            raise SplitError(Status.FAILED_PRECONDITION,
+                             "the edge runs a different model or split point than this server (fingerprint mismatch)")
+        if msg.max_len > self.max_seq_len:
+            raise SplitError(Status.RESOURCE_EXHAUSTED,
+                             f"requested sequence length {msg.max_len} exceeds the server limit {self.max_seq_len}")
+        self.reap_idle()
+        with self._lock:
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise SplitError(Status.RESOURCE_EXHAUSTED,
+                                 f"server is at its limit of {self.limits.max_sessions} sessions")
+            sid = 0
+            while sid == 0 or sid in self._sessions:
+                sid = secrets.randbits(64)
+            self._sessions[sid] = _Session(sid, msg, self.max_seq_len, self.server.new_cache(),
+                                           make_generator(msg.sampling))
+            self.sessions_opened += 1
+        return Opened(sid, self.max_seq_len)
+
+    def _get(self, session_id: int) -> _Session:
+        with self._lock:
+            sess = self._sessions.get(session_id)
+        if sess is None:
+            raise SplitError(Status.NOT_FOUND, f"session {session_id:#x} is unknown, closed or expired")
+        return sess
+
+    def step(self, msg: Step) -> TokenReply:
+        """Decode the frame, run the server layers with the session's cache, sample a token.
+
+        Everything is checked before the cache is touched, so a rejected step leaves the
+        session as it was; only a failure inside the model closes the session.
+        """
+        sess = self._get(msg.session_id)
+        with sess.lock:
+            if sess.closed:
+                raise SplitError(Status.NOT_FOUND, f"session {msg.session_id:#x} is closed or expired")
+            sess.last_active = time.monotonic()
+            if msg.seq != sess.seq:
+                raise SplitError(Status.INVALID_ARGUMENT, f"step sequence number {msg.seq}, expected {sess.seq}")
+            t0 = time.perf_counter()
+            try:
+                encoded = from_bytes(msg.frame)
+            except FrameError as exc:
+                raise SplitError(Status.INVALID_ARGUMENT, f"bad frame: {exc}") from None
+            tokens, d = encoded.shape
+            if d != self.server.adapter.hidden_size:
+                raise SplitError(Status.INVALID_ARGUMENT,
+                                 f"frame has d={d}, the split layer's hidden size is {self.server.adapter.hidden_size}")
+            if tokens == 0:
+                raise SplitError(Status.INVALID_ARGUMENT, "frame holds no tokens")
+            if sess.position + tokens > sess.max_seq_len:
+                raise SplitError(Status.RESOURCE_EXHAUSTED,
+                                 f"sequence length {sess.position + tokens} exceeds the limit {sess.max_seq_len}")
+            if self.limits.max_kv_bytes is not None:
+                grow = tokens * self.kv_bytes_per_token
+                if self.kv_bytes_total() + grow > self.limits.max_kv_bytes:
+                    raise SplitError(Status.RESOURCE_EXHAUSTED,
+                                     f"server KV cache budget of {self.limits.max_kv_bytes} bytes is spent")
+            hidden = decode(encoded)
+            t1 = time.perf_counter()
+            try:
+                logits = self.server.forward(hidden, sess.cache, sess.position)
+                token = sample(logits, sess.open_msg.sampling, sess.generator)
+            except Exception as exc:  # the cache may be half-updated: this session cannot go on
+                self._drop(sess)
+                raise SplitError(Status.INTERNAL, f"server segment failed: {type(exc).__name__}: {exc}") from exc
+            t2 = time.perf_counter()
+            sess.position += tokens
+            sess.seq += 1
+            sess.kv_bytes = cache_nbytes(sess.cache)
+            sess.last_active = time.monotonic()
+            return TokenReply(sess.id, msg.seq, token, sess.position, t1 - t0, t2 - t1, sess.kv_bytes)
+
+    def close(self, session_id: int) -> bool:
+        """Free a session; False if it was not open."""
+        with self._lock:
+            sess = self._sessions.pop(session_id, None)
+        if sess is None:
+            return False
+        with sess.lock:
+            self._free(sess)
+        return True
+
+    def handle(self, data: bytes) -> bytes | None:
+        """One request message in, its reply out (None for CLOSE); raises :class:`SplitError`."""
+        msg = decode_message(data)
+        if isinstance(msg, Open):
+            return encode_message(self.open(msg))
+        if isinstance(msg, Step):
+            return encode_message(self.step(msg))
+        if isinstance(msg, Close):
+            self.close(msg.session_id)
+            return None
+        raise SplitError(Status.INVALID_ARGUMENT, f"{type(msg).__name__} is not a request")
+
+    # -- housekeeping ----------------------------------------------------------------------------
+    def _free(self, sess: _Session) -> None:
+        sess.closed = True
+        sess.cache = None
+        sess.kv_bytes = 0
+
+    def _drop(self, sess: _Session) -> None:
+        with self._lock:
+            self._sessions.pop(sess.id, None)
+        self._free(sess)
+
+    def reap_idle(self) -> int:
+        """Close sessions idle longer than the timeout; returns how many."""
+        deadline = time.monotonic() - self.limits.idle_timeout_s
+        with self._lock:
+            stale = [s for s in self._sessions.values() if s.last_active < deadline]
+        reaped = 0
+        for sess in stale:
+            if not sess.lock.acquire(blocking=False):
+                continue  # stepping right now, so not idle
+            try:
+                if sess.last_active < deadline and not sess.closed:
+                    with self._lock:
+                        self._sessions.pop(sess.id, None)
+                    self._free(sess)
+                    reaped += 1
+            finally:
+                sess.lock.release()
+        self.sessions_expired += reaped
+        return reaped
+
+    @property
+    def num_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def kv_bytes_total(self) -> int:
+        with self._lock:
+            return sum(s.kv_bytes for s in self._sessions.values())
+
+    def stats(self) -> dict:
+        """Sessions and memory: per-session KV bytes and positions, totals, weight bytes."""
+        with self._lock:
+            sessions = [{"id": f"{s.id:016x}", "position": s.position, "kv_bytes": s.kv_bytes,
+                         "idle_s": round(time.monotonic() - s.last_active, 3)} for s in self._sessions.values()]
+        return {
+            "sessions": len(sessions),
+            "sessions_opened": self.sessions_opened,
+            "sessions_expired": self.sessions_expired,
+            "kv_bytes": sum(s["kv_bytes"] for s in sessions),
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "weight_bytes": self.server.weight_bytes(),
+            "max_seq_len": self.max_seq_len,
+            "limits": {"max_sessions": self.limits.max_sessions, "max_seq_len": self.limits.max_seq_len,
+                       "idle_timeout_s": self.limits.idle_timeout_s, "max_kv_bytes": self.limits.max_kv_bytes},
+            "per_session": sessions,
+        }

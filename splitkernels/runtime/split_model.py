@@ -1,0 +1,224 @@
+"""``split_model()``: cut a Hugging Face decoder-only model after layer ``l`` into an edge and a
+server segment joined by the activation codec, and generate through them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..codec import CodecConfig, decode, encode, from_bytes
+from .adapters import Adapter, adapter_for
+from .metrics import GenerationMetrics, StepMetrics
+from .protocol import FINGERPRINT_BYTES, Open, SamplingParams
+from .segments import Edge, Server
+from .sessions import Limits, SessionManager
+from .transport import InProcessTransport, Transport
+
+
+def model_fingerprint(adapter: Adapter, split_layer: int) -> bytes:
+    """16 bytes that identify the model (architecture and a sample of its embedding weights) and
+    the split point, so a server refuses an edge running something else.
+
+    Taken before OPSC so both sides agree whatever precision each stores its half in.
+    """
+    c = adapter.config
+    shape = {"model_type": c.model_type, "hidden": adapter.hidden_size, "layers": adapter.num_layers,
+             "vocab": getattr(c, "vocab_size", None), "split": split_layer}
+    h = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    weight = adapter.front_modules()[0].weight
+    h.update(weight.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.digest()[:FINGERPRINT_BYTES]
+
+
+def _opsc_configs(opsc: Any) -> tuple[Any, Any]:
+    if isinstance(opsc, dict):
+        return opsc.get("front"), opsc.get("back")
+    if isinstance(opsc, (tuple, list)) and len(opsc) == 2:
+        return opsc[0], opsc[1]
+    if hasattr(opsc, "front") and hasattr(opsc, "back"):
+        return opsc.front, opsc.back
+    raise TypeError("opsc must be None, a (front, back) pair of QuantConfig|None, a dict with 'front'/'back', "
+                    f"or an object with .front/.back; got {type(opsc).__name__}")
+
+
+def _apply_opsc(model: nn.Module, split_layer: int, opsc: Any) -> None:
+    front, back = _opsc_configs(opsc)
+    if front is None and back is None:
+        return
+    try:
+        from ..opsc import apply_opsc
+    except ImportError as exc:
+        raise RuntimeError("opsc needs splitkernels.opsc (one-point split compression), "
+                           f"which this build lacks: {exc}") from exc
+    apply_opsc(model, split_layer, front=front, back=back)
+
+
+@dataclass
+class GenerationResult:
+    """Token ids ``[1, prompt + new]`` (as a model's ``generate`` returns them) and the metrics."""
+
+    sequences: torch.Tensor
+    metrics: GenerationMetrics
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.sequences[0, self.metrics.steps[0].tokens:].tolist() if self.metrics.steps else []
+
+
+def _check_input_ids(input_ids: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("input_ids must be an int64 (or int32) tensor of token ids")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [T] or [1, T] (one sequence), got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one token")
+    if vocab is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(f"input_ids must be in [0, {vocab})")
+    return input_ids.long().cpu()
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
+        return frozenset((eos_token_id,))
+    if isinstance(eos_token_id, (list, tuple)) and all(isinstance(e, int) for e in eos_token_id):
+        return frozenset(eos_token_id)
+    raise TypeError(f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
+
+
+def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, max_new_tokens: int,
+                   codec: CodecConfig, sampling: SamplingParams, eos_token_id: int | Sequence[int] | None = None,
+                   fingerprint: bytes = bytes(FINGERPRINT_BYTES)) -> GenerationResult:
+    """Run one generation: the edge segment here, the server behind ``transport``.
+
+    The prompt's split-layer hidden states go in one frame, then one frame per new token; the
+    server replies with each token id. Stops after ``max_new_tokens`` or at an EOS token (kept).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    ids = _check_input_ids(input_ids, getattr(edge.adapter.config, "vocab_size", None))
+    eos = _eos_set(eos_token_id)
+    # The last new token is never fed back, so the server sees prompt + new - 1 positions.
+    seq_len = ids.shape[1] + max_new_tokens - 1
+    metrics = GenerationMetrics(hidden_size=edge.adapter.hidden_size)
+    tokens: list[int] = []
+    virtual = 0.0  # link time an emulator reported without waiting
+    start = time.perf_counter()
+    session = transport.open(Open(sampling, fingerprint, seq_len))
+    try:
+        if seq_len > session.max_seq_len:
+            raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) - 1 = {seq_len} exceeds "
+                             f"the server's max sequence length {session.max_seq_len}")
+        cache = edge.new_cache()
+        step_ids, position = ids, 0
+        for seq in range(max_new_tokens):
+            t0 = time.perf_counter()
+            hidden = edge.forward(step_ids, cache, position)
+            t1 = time.perf_counter()
+            frame = encode(hidden, codec).to_bytes()
+            t2 = time.perf_counter()
+            ex = session.step(seq, frame)
+            t3 = time.perf_counter()
+            r = ex.reply
+            link = max(t3 - t2 - r.decode_s - r.compute_s, 0.0) + ex.virtual_link_s
+            metrics.steps.append(StepMetrics(
+                tokens=step_ids.shape[1], edge_compute_s=t1 - t0, encode_s=t2 - t1, frame_bytes=len(frame),
+                bytes_up=ex.bytes_up, bytes_down=ex.bytes_down, link_s=link, decode_s=r.decode_s,
+                server_compute_s=r.compute_s, total_s=t3 - t0 + ex.virtual_link_s))
+            virtual += ex.virtual_link_s
+            if seq == 0:
+                metrics.ttft_s = t3 - start + virtual
+            position += step_ids.shape[1]
+            tokens.append(r.token)
+            if r.token in eos:
+                break
+            step_ids = torch.tensor([[r.token]], dtype=torch.long)
+    finally:
+        session.close()
+    metrics.total_s = time.perf_counter() - start + virtual
+    return GenerationResult(torch.cat([ids, torch.tensor([tokens], dtype=torch.long)], dim=1), metrics)
+
+
+class SplitModel:
+    """A model cut after ``split_layer``: :class:`Edge` + codec + :class:`Server`.
+
+    ``generate`` talks to its own in-process server (or to ``transport=`` any other, e.g. gRPC);
+    calling the object runs a teacher-forced forward through edge -> codec -> server for
+    quality evaluation.
+    """
+
+    def __init__(self, model: nn.Module, split_layer: int, codec: CodecConfig | None = None, opsc: Any = None,
+                 limits: Limits | None = None) -> None:
+        adapter = adapter_for(model)
+        if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 1 <= split_layer < adapter.num_layers:
+            raise ValueError(f"split_layer must be an int in [1, {adapter.num_layers - 1}] "
+                             f"(the edge keeps layers 1..split_layer), got {split_layer!r}")
+        if codec is not None and not isinstance(codec, CodecConfig):
+            raise TypeError(f"codec must be a CodecConfig or None, got {type(codec).__name__}")
+        self.model = model
+        self.split_layer = split_layer
+        self.codec = codec or CodecConfig.passthrough()
+        self.fingerprint = model_fingerprint(adapter, split_layer)
+        if opsc is not None:
+            _apply_opsc(model, split_layer, opsc)
+            adapter = adapter_for(model)
+        self.adapter = adapter
+        self.edge = Edge(adapter, split_layer)
+        self.server = Server(adapter, split_layer)
+        self.manager = SessionManager(self.server, limits, self.fingerprint)
+        self.transport: Transport = InProcessTransport(self.manager)
+        self.last_metrics: GenerationMetrics | None = None
+
+    def run(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+            top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+            seed: int | None = None, transport: Transport | None = None) -> GenerationResult:
+        """Generate and return ids and metrics (see :meth:`generate`)."""
+        sampling = SamplingParams(bool(do_sample), float(temperature), top_k, float(top_p), seed)
+        result = generate_split(self.edge, transport or self.transport, input_ids, max_new_tokens, self.codec,
+                                sampling, eos_token_id, self.fingerprint)
+        self.last_metrics = result.metrics
+        return result
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
+                 transport: Transport | None = None) -> torch.Tensor:
+        """Prompt + generated ids ``[1, T + n]``; greedy unless ``do_sample``.
+
+        With the lossless codec, greedy output equals the unsplit model's ``generate`` token for
+        token. Metrics of the run are left in :attr:`last_metrics`.
+        """
+        return self.run(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, seed,
+                        transport).sequences
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``[1, T, V]``: edge, codec frame (through its bytes), server; no cache."""
+        ids = _check_input_ids(input_ids, getattr(self.adapter.config, "vocab_size", None))
+        hidden = self.edge.forward(ids, None, 0)
+        hidden = decode(from_bytes(encode(hidden, self.codec).to_bytes()))
+        return self.server.forward(hidden, None, 0, last_only=False)
+
+    def close(self) -> None:
+        """Free the in-process server's sessions."""
+        self.manager.shutdown()
+
+
+def split_model(model: nn.Module, split_layer: int, codec: CodecConfig | None = None, opsc: Any = None,
+                limits: Limits | None = None) -> SplitModel:
+    """Split ``model`` (a supported Hugging Face ``*ForCausalLM``) after decoder layer ``split_layer``.
+
+    * ``codec``: the activation codec for the split-layer hidden state (None = lossless).
+    * ``opsc``: None, or ``(front, back)`` :class:`splitkernels.nn.QuantConfig` (either may be None)
+      to store the edge / server halves at low precision; applied to ``model`` in place.
+    * ``limits``: limits of the built-in in-process server.
+    """
+    return SplitModel(model, split_layer, codec, opsc, limits)
