@@ -1,0 +1,286 @@
+"""Fused TS + TAB-Q encode and decode (docs/FORMATS.md section 3), one program per token row.
+
+Every rounding step is written with core ops so the integer outputs match the reference bit
+for bit: fp16 directed rounding on the fp32 bit pattern, IEEE division via ``div_rn`` (the
+default fp32 division on GPUs is approximate), round-half-even with the 2^23 trick, float64
+for the threshold and the error budget, and floating-point contraction disabled so
+``q * step + lo`` is not fused into an FMA. The whole row lives in registers: the outlier
+selection (top-C by magnitude, ties to the lower channel) is a radix select over the fp32
+bit patterns of ``|x|``, run only when a row has more candidates than capacity.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.reference import raw_width
+from .bitpack import load_codes, pack_group_words, store_group_bytes
+
+_FP16_MAX_BITS = 0x477FE000  # 65504.0 as fp32 bits
+_FP16_MIN_SUBNORMAL_BITS = 0x33800000  # 2^-24 as fp32 bits
+_FP32_INF_BITS = 0x7F800000
+
+
+@triton.jit
+def _fp16_grid_floor(a):
+    """Largest fp16 magnitude <= the non-negative fp32 with bits ``a`` (int32), as fp32 bits."""
+    # fp16 keeps 10 of fp32's 23 mantissa bits; below 2^-14 the fp16 spacing is fixed at 2^-24.
+    e = (a >> 23) - 127
+    nclear = 13 + tl.maximum(-14 - e, 0)
+    t = tl.where(nclear >= 24, 0, a & ~((1 << tl.minimum(nclear, 23)) - 1))
+    return tl.where(a > _FP16_MAX_BITS, _FP16_MAX_BITS, t), nclear
+
+
+@triton.jit
+def _fp16_grid_ceil(a):
+    """Smallest fp16 magnitude >= the non-negative fp32 with bits ``a``, as fp32 bits (inf above)."""
+    t, nclear = _fp16_grid_floor(a)
+    up = tl.where(nclear >= 24, _FP16_MIN_SUBNORMAL_BITS, t + (1 << tl.minimum(nclear, 23)))
+    c = tl.where(t == a, a, up)
+    return tl.where(a > _FP16_MAX_BITS, _FP32_INF_BITS, c)
+
+
+@triton.jit
+def round_down_fp16(v):
+    """Largest fp16 value <= fp32 ``v`` (as fp32; -inf below the fp16 range)."""
+    u = v.to(tl.int32, bitcast=True)
+    a = u & 0x7FFFFFFF
+    down = _fp16_grid_floor(a)[0].to(tl.float32, bitcast=True)
+    up = _fp16_grid_ceil(a).to(tl.float32, bitcast=True)
+    return tl.where(u < 0, -up, down)
+
+
+@triton.jit
+def round_up_fp16(v):
+    """Smallest fp16 value >= fp32 ``v >= 0`` (as fp32; +inf above the fp16 range)."""
+    return _fp16_grid_ceil(v.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rint_half_even(y):
+    """Round fp32 ``y >= 0`` to the nearest integer, ties to even (fp32 adds round that way)."""
+    return tl.where(y < 8388608.0, (y + 8388608.0) - 8388608.0, y)
+
+
+@triton.jit
+def to_bf16_bits(v):
+    """Finite fp32 ``v`` rounded to bf16 (nearest, ties to even) as int16 bits."""
+    # Written out because the Triton interpreter truncates fp32 -> bf16 casts.
+    u = v.to(tl.int32, bitcast=True)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.int16)
+
+
+@triton.jit
+def _step_for(lo, hi, b):
+    return round_up_fp16(tl.math.div_rn(hi - lo, tl.cast((1 << b) - 1, tl.float32)))
+
+
+@triton.jit
+def _is_finite(v):
+    return tl.abs(v) < float("inf")
+
+
+# d and C vary per call; specialising them (e.g. d == 1 as a constant) would only add recompiles.
+@triton.jit(do_not_specialize=["d", "C", "thr_bits", "eps2_bits"])
+def _encode_kernel(
+    x_ptr, forced_ptr, bits_ptr, lo_ptr, step_ptr, hi_ptr, cnt_ptr, idx_ptr, val_ptr, codes_ptr, nbytes_ptr,
+    d, C, thr_bits, eps2_bits,
+    ABS_MODE: tl.constexpr, MENU: tl.constexpr, FORCED: tl.constexpr, RAW: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    inb = offs < d
+    x = tl.load(x_ptr + row * d + offs, mask=inb, other=0.0)
+    xf = x.to(tl.float32)
+    ax32 = tl.abs(xf)
+    ax = ax32.to(tl.float64)
+    # Python floats reach the kernel as fp32; the fp64 parameters travel as their bit patterns.
+    thr = tl.cast(thr_bits, tl.int64).to(tl.float64, bitcast=True)
+    if ABS_MODE:
+        tau = thr
+    else:
+        tau = thr * tl.sqrt(tl.sum(ax * ax, axis=0) / tl.cast(d, tl.float64))
+    cand = inb & (ax > tau)
+
+    chosen = cand
+    if tl.sum(cand.to(tl.int32), axis=0) > C:
+        # |x| >= 0, so its fp32 bits order like the values: find the C-th largest key bit by bit.
+        key = ax32.to(tl.int32, bitcast=True)
+        v = 0
+        for bit in tl.static_range(30, -1, -1):
+            trial = v | (1 << bit)
+            n_ge = tl.sum((cand & (key >= trial)).to(tl.int32), axis=0)
+            v = tl.where(n_ge >= C, trial, v)
+        above = cand & (key > v)
+        tie = cand & (key == v)
+        tie_rank = tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
+        chosen = above | (tie & (tie_rank < C - tl.sum(above.to(tl.int32), axis=0)))
+
+    chosen_i = chosen.to(tl.int32)
+    cnt = tl.sum(chosen_i, axis=0)
+    slot = tl.cumsum(chosen_i, axis=0) - chosen_i
+    tl.store(idx_ptr + row * C + slot, offs, mask=chosen)
+    tl.store(val_ptr + row * C + slot, x, mask=chosen)
+    slots = tl.arange(0, BLOCK_C)
+    unused = (slots >= cnt) & (slots < C)
+    tl.store(idx_ptr + row * C + slots, tl.zeros([BLOCK_C], tl.int32), mask=unused)
+    tl.store(val_ptr + row * C + slots, tl.zeros([BLOCK_C], val_ptr.dtype.element_ty), mask=unused)
+
+    inl = inb & ~chosen
+    n_in = d - cnt
+    lo32 = tl.min(tl.where(inl, xf, float("inf")), axis=0)
+    hi = tl.max(tl.where(inl, xf, -float("inf")), axis=0)
+    lo32 = tl.where(n_in > 0, lo32, 0.0)
+    hi = tl.where(n_in > 0, hi, 0.0)
+    lo = round_down_fp16(lo32)
+    xin = tl.where(inl, xf, 0.0).to(tl.float64)
+    budget = tl.cast(eps2_bits, tl.int64).to(tl.float64, bitcast=True) * tl.sum(xin * xin, axis=0)
+    n_in64 = n_in.to(tl.float64)
+
+    if FORCED:
+        b = tl.load(forced_ptr + row).to(tl.int32)
+        fits = _is_finite(lo) & _is_finite(_step_for(lo, hi, tl.where(b == RAW, 1, b)))
+        b = tl.where((b == RAW) | fits, b, RAW)
+    else:
+        b = tl.full([], RAW, tl.int32)
+        for cand_bits in tl.static_range(8, 0, -1):
+            if (MENU >> cand_bits) & 1:
+                s = _step_for(lo, hi, cand_bits).to(tl.float64)
+                ok = _is_finite(lo) & _is_finite(s) & ((n_in64 * s * s / 12.0) <= budget)
+                b = tl.where(ok, cand_bits, b)
+
+    is_raw = b == RAW
+    row_bytes = d * (RAW // 8)
+    out_row = codes_ptr + row * row_bytes
+    if is_raw:
+        raw_ptr = out_row.to(val_ptr.dtype)
+        tl.store(raw_ptr + offs, tl.where(chosen, 0.0, x), mask=inb)
+        nbytes = row_bytes
+        lo_out = tl.zeros([], tl.float32)
+        step_out = tl.zeros([], tl.float32)
+    else:
+        step = _step_for(lo, hi, b)
+        qmax = tl.cast((1 << b) - 1, tl.float32)
+        y = tl.math.div_rn(xf - lo, tl.where(step > 0, step, 1.0))
+        q = tl.minimum(rint_half_even(y), qmax)
+        q = tl.where(inl, q, 0.0)
+        q = tl.where(step > 0, q, 0.0).to(tl.int64)
+        nbytes = (d * b + 7) // 8
+        words = pack_group_words(tl.reshape(q, [BLOCK_D // 8, 8]), b)
+        store_group_bytes(out_row, words, 0, b, nbytes, BLOCK_D // 8)
+        tail = tl.arange(0, BLOCK_D * (RAW // 8))
+        tl.store(out_row + tail, tl.zeros([BLOCK_D * (RAW // 8)], tl.uint8), mask=(tail >= nbytes) & (tail < row_bytes))
+        lo_out = lo
+        step_out = step
+
+    tl.store(bits_ptr + row, b.to(tl.uint8))
+    tl.store(lo_ptr + row, lo_out.to(tl.float16))
+    tl.store(step_ptr + row, step_out.to(tl.float16))
+    tl.store(hi_ptr + row, hi)
+    tl.store(cnt_ptr + row, cnt)
+    tl.store(nbytes_ptr + row, nbytes)
+
+
+@triton.jit(do_not_specialize=["d", "C", "codes_stride"])
+def _decode_kernel(
+    bits_ptr, lo_ptr, step_ptr, cnt_ptr, idx_ptr, val_ptr, codes_ptr, out_ptr, d, C, codes_stride,
+    RAW: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    inb = offs < d
+    b = tl.load(bits_ptr + row).to(tl.int32)
+    in_row = codes_ptr + row * codes_stride
+    out_row = out_ptr + row * d
+    if b == RAW:
+        v = tl.load(in_row.to(val_ptr.dtype) + offs, mask=inb)
+        tl.store(out_row + offs, v, mask=inb)
+    else:
+        q = load_codes(in_row, offs, b, (d * b + 7) // 8).to(tl.float32)
+        xq = q * tl.load(step_ptr + row).to(tl.float32)
+        xh = xq + tl.load(lo_ptr + row).to(tl.float32)
+        if OUT_BF16:
+            tl.store(out_row.to(tl.pointer_type(tl.int16)) + offs, to_bf16_bits(xh), mask=inb)
+        else:
+            tl.store(out_row + offs, xh.to(out_ptr.dtype.element_ty), mask=inb)
+    # Outliers overwrite decoded values written by other threads of this program.
+    tl.debug_barrier()
+    slots = tl.arange(0, BLOCK_C)
+    used = slots < tl.minimum(tl.load(cnt_ptr + row), C)
+    ix = tl.load(idx_ptr + row * C + slots, mask=used, other=0)
+    v = tl.load(val_ptr + row * C + slots, mask=used)
+    tl.store(out_row + ix, v, mask=used)
+
+
+def _f64_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _row_warps(block_d: int) -> int:
+    return max(1, min(16, block_d // 512))
+
+
+def ts_tabq_encode(
+    x: torch.Tensor,
+    abs_threshold: bool,
+    threshold: float,
+    capacity: int,
+    bit_choices: list[int],
+    eps: float,
+    forced_bits: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """Triton kernel of :func:`splitkernels.ops.reference.ts_tabq_encode` (x contiguous [T, d], finite)."""
+    t, d = x.shape
+    raw = raw_width(x.dtype)
+    dev = x.device
+    bits = torch.empty(t, dtype=torch.uint8, device=dev)
+    lo = torch.empty(t, dtype=torch.float16, device=dev)
+    step = torch.empty(t, dtype=torch.float16, device=dev)
+    hi = torch.empty(t, dtype=torch.float32, device=dev)
+    cnt = torch.empty(t, dtype=torch.int32, device=dev)
+    idx = torch.empty(t, capacity, dtype=torch.int32, device=dev)
+    val = torch.empty(t, capacity, dtype=x.dtype, device=dev)
+    codes = torch.empty(t, d * x.element_size(), dtype=torch.uint8, device=dev)
+    nbytes = torch.empty(t, dtype=torch.int32, device=dev)
+    outs = (bits, lo, step, hi, cnt, idx, val, codes, nbytes)
+    if t == 0:
+        return outs
+    block_d = max(8, triton.next_power_of_2(d))
+    menu = sum(1 << b for b in set(bit_choices))
+    _encode_kernel[(t,)](
+        x, forced_bits if forced_bits is not None else bits, *outs, d, capacity,
+        _f64_bits(float(threshold)), _f64_bits(float(eps) * float(eps)),
+        ABS_MODE=bool(abs_threshold), MENU=menu, FORCED=forced_bits is not None, RAW=raw,
+        BLOCK_D=block_d, BLOCK_C=max(1, triton.next_power_of_2(capacity)),
+        num_warps=_row_warps(block_d), enable_fp_fusion=False,
+    )
+    return outs
+
+
+def ts_tabq_decode(
+    bits: torch.Tensor,
+    lo: torch.Tensor,
+    step: torch.Tensor,
+    cnt: torch.Tensor,
+    idx: torch.Tensor,
+    val: torch.Tensor,
+    codes: torch.Tensor,
+    d: int,
+) -> torch.Tensor:
+    """Triton kernel of :func:`splitkernels.ops.reference.ts_tabq_decode`."""
+    t = bits.shape[0]
+    out = torch.empty(t, d, dtype=val.dtype, device=codes.device)
+    if out.numel() == 0:
+        return out
+    capacity = idx.shape[1]
+    block_d = max(8, triton.next_power_of_2(d))
+    _decode_kernel[(t,)](
+        bits, lo, step, cnt, idx.contiguous(), val.contiguous(), codes, out, d, capacity, codes.stride(0),
+        RAW=raw_width(val.dtype), OUT_BF16=val.dtype == torch.bfloat16, BLOCK_D=block_d, BLOCK_C=max(1, triton.next_power_of_2(capacity)),
+        num_warps=_row_warps(block_d), enable_fp_fusion=False,
+    )
+    return out
