@@ -1,0 +1,36 @@
+// pybind11 bindings of the CUDA launchers. Pointers, sizes and the stream are plain ints, so
+// this module never links libtorch; splitkernels/backends/cuda.py does the torch side.
+#include <pybind11/pybind11.h>
+
+#include "launchers.h"
+
+namespace py = pybind11;
+using namespace sk::cuda;
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "splitkernels CUDA kernels (raw device pointers; use splitkernels.ops, not this module)";
+  m.attr("GEMV_MAX_M") = kGemvMaxM;
+  m.def("device_count", &device_count, "Devices visible to this module's CUDA runtime (raises with the reason)");
+  m.def("version_string", &version_string, "CUDA runtime and driver versions as seen by this module");
+  // Launchers only enqueue work, but they validate on the host first: keep the GIL-free window
+  // to the launch itself.
+  m.def("pack_bits", &pack_bits, py::arg("codes"), py::arg("packed"), py::arg("rows"), py::arg("n"), py::arg("bits"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("unpack_bits", &unpack_bits, py::arg("packed"), py::arg("codes"), py::arg("rows"), py::arg("n"),
+        py::arg("packed_stride"), py::arg("bits"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("ts_tabq_encode", &ts_tabq_encode, py::arg("x"), py::arg("dtype"), py::arg("t"), py::arg("d"),
+        py::arg("abs_threshold"), py::arg("threshold"), py::arg("capacity"), py::arg("bit_menu"), py::arg("eps"),
+        py::arg("forced_bits"), py::arg("bits"), py::arg("lo"), py::arg("step"), py::arg("hi"), py::arg("cnt"),
+        py::arg("idx"), py::arg("val"), py::arg("codes"), py::arg("nbytes"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("ts_tabq_decode", &ts_tabq_decode, py::arg("bits"), py::arg("lo"), py::arg("step"), py::arg("cnt"),
+        py::arg("idx"), py::arg("val"), py::arg("codes"), py::arg("dtype"), py::arg("t"), py::arg("d"),
+        py::arg("capacity"), py::arg("codes_stride"), py::arg("out"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lowbit_gemv", &lowbit_gemv, py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"),
+        py::arg("bias"), py::arg("y"), py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"),
+        py::arg("group_size"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize_weight", &dequantize_weight, py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("w"),
+        py::arg("dtype"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+}

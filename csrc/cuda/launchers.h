@@ -1,0 +1,54 @@
+// Host launchers of the CUDA kernels. Torch-free and CUDA-header-free so the pybind11 bindings
+// compile with the plain C++ compiler: device pointers and the stream travel as integers.
+// Every launcher enqueues its work on `stream` without synchronising and throws
+// std::runtime_error (with cudaGetErrorString) when the launch fails.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace sk {
+namespace cuda {
+
+using ptr_t = std::uintptr_t;
+
+// Number of visible devices as seen by this module's CUDA runtime; throws with the runtime's
+// reason (for example a driver older than the toolkit) when it cannot tell.
+int device_count();
+// "runtime X.Y, driver X.Y" of this module's statically linked runtime and the installed driver.
+std::string version_string();
+
+// codes u8 [rows, n] -> packed u8 [rows, ceil(n*bits/8)] (docs/FORMATS.md section 1).
+void pack_bits(ptr_t codes, ptr_t packed, std::int64_t rows, std::int64_t n, int bits, ptr_t stream);
+// packed u8 [rows, packed_stride] (stride >= ceil(n*bits/8)) -> codes u8 [rows, n].
+void unpack_bits(ptr_t packed, ptr_t codes, std::int64_t rows, std::int64_t n, std::int64_t packed_stride, int bits,
+                 ptr_t stream);
+
+// Fused TS + TAB-Q encode of x [T, d] (dtype code in common.cuh), one block per token.
+// bit_menu: bit b-1 set when width b (1..8) is in the menu. forced_bits: 0 or u8 [T].
+// Outputs as splitkernels.ops.reference.ts_tabq_encode; every byte of every output is written.
+void ts_tabq_encode(ptr_t x, int dtype, std::int64_t t, std::int64_t d, bool abs_threshold, double threshold,
+                    std::int64_t capacity, int bit_menu, double eps, ptr_t forced_bits, ptr_t bits, ptr_t lo,
+                    ptr_t step, ptr_t hi, ptr_t cnt, ptr_t idx, ptr_t val, ptr_t codes, ptr_t nbytes, ptr_t stream);
+
+// Decode into out [T, d] (dtype of val). codes is u8 [T, codes_stride], stride >= d * itemsize.
+void ts_tabq_decode(ptr_t bits, ptr_t lo, ptr_t step, ptr_t cnt, ptr_t idx, ptr_t val, ptr_t codes, int dtype,
+                    std::int64_t t, std::int64_t d, std::int64_t capacity, std::int64_t codes_stride, ptr_t out,
+                    ptr_t stream);
+
+// Largest M the GEMV handles; larger M dequantises and uses a library matmul.
+constexpr int kGemvMaxM = 8;
+
+// y [M, N] = x [M, K] @ dequant(W).T (+ bias), fp32 accumulation, for 1 <= M <= kGemvMaxM, bits in
+// {2, 3, 4, 8}, group_size % 32 == 0 and group_size | K. x, scale, zero, bias and y share `dtype`;
+// bias may be 0. All pointers 16-byte aligned.
+void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, ptr_t y, int dtype, std::int64_t m,
+                 std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, ptr_t stream);
+
+// w [N, K] fp32 = q * scale + zero for any bits in {2, 3, 4, 8} and any group_size dividing K;
+// scale/zero in `dtype`.
+void dequantize_weight(ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t w, int dtype, std::int64_t n, std::int64_t k,
+                       int bits, std::int64_t group_size, ptr_t stream);
+
+}  // namespace cuda
+}  // namespace sk
