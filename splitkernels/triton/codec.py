@@ -25,38 +25,34 @@ _FP32_INF_BITS = 0x7F800000
 
 
 @triton.jit
-def _fp16_grid_floor(a):
-    """Largest fp16 magnitude <= the non-negative fp32 with bits ``a`` (int32), as fp32 bits."""
+def _fp16_grid(a):
+    """(largest, smallest) fp16 magnitude (<=, >=) the non-negative fp32 with bits ``a``, as fp32 bits.
+
+    Above the fp16 range the pair is (65504, inf).
+    """
     # fp16 keeps 10 of fp32's 23 mantissa bits; below 2^-14 the fp16 spacing is fixed at 2^-24.
     e = (a >> 23) - 127
     nclear = 13 + tl.maximum(-14 - e, 0)
-    t = tl.where(nclear >= 24, 0, a & ~((1 << tl.minimum(nclear, 23)) - 1))
-    return tl.where(a > _FP16_MAX_BITS, _FP16_MAX_BITS, t), nclear
-
-
-@triton.jit
-def _fp16_grid_ceil(a):
-    """Smallest fp16 magnitude >= the non-negative fp32 with bits ``a``, as fp32 bits (inf above)."""
-    t, nclear = _fp16_grid_floor(a)
-    up = tl.where(nclear >= 24, _FP16_MIN_SUBNORMAL_BITS, t + (1 << tl.minimum(nclear, 23)))
-    c = tl.where(t == a, a, up)
-    return tl.where(a > _FP16_MAX_BITS, _FP32_INF_BITS, c)
+    ulp = 1 << tl.minimum(nclear, 23)
+    floor = tl.where(nclear >= 24, 0, a & ~(ulp - 1))
+    up = tl.where(nclear >= 24, _FP16_MIN_SUBNORMAL_BITS, floor + ulp)
+    ceil = tl.where(floor == a, a, up)
+    big = a > _FP16_MAX_BITS
+    return tl.where(big, _FP16_MAX_BITS, floor), tl.where(big, _FP32_INF_BITS, ceil)
 
 
 @triton.jit
 def round_down_fp16(v):
     """Largest fp16 value <= fp32 ``v`` (as fp32; -inf below the fp16 range)."""
     u = v.to(tl.int32, bitcast=True)
-    a = u & 0x7FFFFFFF
-    down = _fp16_grid_floor(a)[0].to(tl.float32, bitcast=True)
-    up = _fp16_grid_ceil(a).to(tl.float32, bitcast=True)
-    return tl.where(u < 0, -up, down)
+    floor, ceil = _fp16_grid(u & 0x7FFFFFFF)
+    return tl.where(u < 0, -ceil.to(tl.float32, bitcast=True), floor.to(tl.float32, bitcast=True))
 
 
 @triton.jit
 def round_up_fp16(v):
     """Smallest fp16 value >= fp32 ``v >= 0`` (as fp32; +inf above the fp16 range)."""
-    return _fp16_grid_ceil(v.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    return _fp16_grid(v.to(tl.int32, bitcast=True))[1].to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -141,18 +137,18 @@ def _encode_kernel(
     budget = tl.cast(eps2_bits, tl.int64).to(tl.float64, bitcast=True) * tl.sum(xin * xin, axis=0)
     n_in64 = n_in.to(tl.float64)
 
+    # Steps of every width 1..8 at once; the menu, the forced width and the fit test pick one.
+    widths = tl.arange(0, 8) + 1
+    steps = _step_for(lo, hi, widths)
+    # lo is finite or -inf, and lo = -inf makes every step inf: finite steps imply a finite lo.
+    fits = _is_finite(steps)
     if FORCED:
         b = tl.load(forced_ptr + row).to(tl.int32)
-        fits = _is_finite(lo) & _is_finite(_step_for(lo, hi, tl.where(b == RAW, 1, b)))
-        b = tl.where((b == RAW) | fits, b, RAW)
+        b = tl.where(tl.max(tl.where(widths == b, fits, False).to(tl.int32), axis=0) > 0, b, RAW)
     else:
-        b = tl.full([], RAW, tl.int32)
-        for cand_bits in tl.static_range(8, 0, -1):
-            if (MENU >> cand_bits) & 1:
-                s = _step_for(lo, hi, cand_bits).to(tl.float64)
-                ok = _is_finite(lo) & _is_finite(s) & ((n_in64 * s * s / 12.0) <= budget)
-                b = tl.where(ok, cand_bits, b)
-
+        s = steps.to(tl.float64)
+        ok = fits & (((MENU >> widths) & 1) == 1) & ((n_in64 * s * s / 12.0) <= budget)
+        b = tl.min(tl.where(ok, widths, RAW), axis=0)
     is_raw = b == RAW
     row_bytes = d * (RAW // 8)
     out_row = codes_ptr + row * row_bytes
@@ -163,7 +159,7 @@ def _encode_kernel(
         lo_out = tl.zeros([], tl.float32)
         step_out = tl.zeros([], tl.float32)
     else:
-        step = _step_for(lo, hi, b)
+        step = tl.max(tl.where(widths == b, steps, 0.0), axis=0)
         qmax = tl.cast((1 << b) - 1, tl.float32)
         y = tl.math.div_rn(xf - lo, tl.where(step > 0, step, 1.0))
         q = tl.minimum(rint_half_even(y), qmax)

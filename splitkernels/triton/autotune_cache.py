@@ -1,0 +1,91 @@
+"""Launch configurations: a small candidate list per kernel, tuned once per GPU and shape key.
+
+Tuning happens lazily on the first call with a new key (never at import), times each candidate
+with ``triton.testing.do_bench`` for a few milliseconds, and stores the winner in
+``~/.cache/splitkernels/triton_autotune.json`` (``SPLITKERNELS_CACHE_DIR`` moves it) under the
+GPU name, so later processes start tuned. ``SPLITKERNELS_AUTOTUNE=0`` disables tuning: the
+first candidate (the hand-picked default) runs, or a config cached earlier. The interpreter and
+CUDA graph capture never tune.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+_lock = threading.Lock()
+_cache: dict | None = None
+
+
+def cache_file() -> Path:
+    """The JSON file holding tuned configs for every GPU seen on this machine."""
+    base = os.environ.get("SPLITKERNELS_CACHE_DIR", Path.home() / ".cache" / "splitkernels")
+    return Path(base) / "triton_autotune.json"
+
+
+def tuning_enabled(device: torch.device) -> bool:
+    """True when a new key may be tuned now (CUDA device, switch on, not interpreting or capturing)."""
+    if os.environ.get("SPLITKERNELS_AUTOTUNE", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def _load() -> dict:
+    global _cache
+    if _cache is None:
+        try:
+            _cache = json.loads(cache_file().read_text())
+        except (OSError, ValueError):
+            _cache = {}
+    return _cache
+
+
+def _save(data: dict) -> None:
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        # A read-only home only costs re-tuning in the next process.
+        pass
+
+
+def pick(
+    kernel: str, key: str, candidates: list[dict], run: Callable[[dict], None], device: torch.device
+) -> dict:
+    """The config for ``kernel`` at ``key``: cached, else tuned over ``candidates``, else the first.
+
+    ``run(config)`` launches the kernel once with that config (outputs may be scratch).
+    """
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    with _lock:
+        cached = _load().get(gpu, {}).get(f"{kernel}/{key}")
+    if cached is not None:
+        return cached
+    if not tuning_enabled(device) or len(candidates) == 1:
+        return candidates[0]
+    import triton.testing
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    best, best_ms = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=10)
+        except (OutOfResources, CompilationError):
+            continue  # this config does not fit this GPU
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    with _lock:
+        data = _load()
+        data.setdefault(gpu, {})[f"{kernel}/{key}"] = best
+        _save(data)
+    return best
