@@ -1,0 +1,69 @@
+"""Quantisation settings as data: one frozen config type for layers, whole models and OPSC."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..ops import WEIGHT_BITS
+
+PER_CHANNEL = -1
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantise a linear layer's weight (docs/FORMATS.md section 2).
+
+    ``bits`` in {2, 3, 4, 8}; ``group_size`` a positive int or ``-1`` for one group per output
+    channel (the whole input dimension K); ``clip_search`` shrinks each group's range to the
+    least-squares best (helps at 2-3 bits, slower to quantise).
+
+    A group size that does not divide a layer's K is adapted per layer by
+    :meth:`group_size_for`; the size actually used is recorded on each ``QuantLinear``.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    clip_search: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
+            raise ValueError(f"bits must be one of {WEIGHT_BITS}, got {self.bits!r}")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or (g <= 0 and g != PER_CHANNEL):
+            raise ValueError(f"group_size must be a positive int or -1 (per channel), got {g!r}")
+        if not isinstance(self.clip_search, bool):
+            raise TypeError(f"clip_search must be a bool, got {type(self.clip_search).__name__}")
+
+    def group_size_for(self, in_features: int) -> int:
+        """The group size used for a layer with ``in_features`` inputs (K).
+
+        The configured size when it divides K; ``K`` itself for ``-1`` or a size >= K; otherwise
+        the largest divisor of K below the configured size that is a multiple of 8 (so groups
+        stay aligned with whole bytes of codes), or K (per channel) when there is none: tiny odd
+        groups would cost more in scales than they save in error.
+        """
+        g = self.group_size
+        if g == PER_CHANNEL or g >= in_features:
+            return in_features
+        if in_features % g == 0:
+            return g
+        for d in range(g - g % 8, 0, -8):
+            if in_features % d == 0:
+                return d
+        return in_features
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
+        unknown = set(data) - {"bits", "group_size", "clip_search"}
+        if unknown:
+            raise ValueError(f"unknown QuantConfig keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def __str__(self) -> str:
+        group = "per-channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
+        return f"{self.bits}-bit {group}" + (" clip" if self.clip_search else "")

@@ -1,0 +1,90 @@
+"""Replace the linear layers of a model (transformers or plain PyTorch) with QuantLinear."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Mapping
+
+from torch import nn
+
+from .config import QuantConfig
+from .linear import QuantLinear, dense_weight, is_conv1d
+
+ModuleFilter = Callable[[str, nn.Module], bool]
+
+
+def _output_embedding_names(model: nn.Module, candidates: dict[str, nn.Module]) -> set[str]:
+    """Qualified names of the LM head: the model's output embeddings and any linear tied to its
+    input embedding table (quantising those would also change the embedding, or the logits)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    table_weight = getattr(table, "weight", None)
+    return {
+        name for name, module in candidates.items()
+        if module is head or (table_weight is not None and getattr(module, "weight", None) is table_weight)
+    }
+
+
+def _config_for(name: str, default: QuantConfig, overrides: Mapping[str, QuantConfig | None]):
+    """(matched, config): the first override pattern matching ``name`` wins."""
+    for pattern, config in overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return True, config
+    return False, default
+
+
+def replace_linear(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int = 128,
+    filter: ModuleFilter | None = None,
+    overrides: Mapping[str, QuantConfig | None] | None = None,
+    clip_search: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Replace every matching ``nn.Linear`` (and transformers ``Conv1D``) in ``model`` with a
+    :class:`QuantLinear`, in place, and return ``model``.
+
+    * ``bits``, ``group_size``, ``clip_search``: the default :class:`QuantConfig`.
+    * ``filter(qualified_name, module) -> bool``: only modules it accepts are considered.
+    * ``overrides``: ``{glob pattern on the qualified name: QuantConfig or None}``; the first
+      matching pattern (in insertion order) gives the module's config, ``None`` keeps it dense.
+    * The LM head (output embeddings, or a linear tied to the input embedding) stays dense
+      unless an override pattern names it explicitly.
+    * A group size that does not divide a layer's input size is adapted per layer
+      (:meth:`QuantConfig.group_size_for`); each QuantLinear records the size it uses.
+    * ``progress``: a tqdm bar over the layers being quantised.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    default = QuantConfig(bits, group_size, clip_search)
+    overrides = dict(overrides or {})
+    for pattern, config in overrides.items():
+        if not isinstance(pattern, str) or not (config is None or isinstance(config, QuantConfig)):
+            raise TypeError(f"overrides must map str patterns to QuantConfig or None, got {pattern!r}: {config!r}")
+    if isinstance(model, nn.Linear) or is_conv1d(model):
+        raise TypeError("model is itself a linear layer; use QuantLinear.from_linear for a single layer")
+    if filter is not None and not callable(filter):
+        raise TypeError(f"filter must be callable(name, module) -> bool, got {type(filter).__name__}")
+
+    candidates = {
+        name: module for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and (filter is None or filter(name, module))
+    }
+    heads = _output_embedding_names(model, candidates)
+    plan = []
+    for name, module in candidates.items():
+        matched, config = _config_for(name, default, overrides)
+        if config is None or (name in heads and not matched):
+            continue
+        plan.append((name, config))
+
+    from tqdm.auto import tqdm
+
+    for name, config in tqdm(plan, desc="quantising", unit="layer", disable=not progress):
+        module = candidates[name]
+        weight, _ = dense_weight(module)
+        layer = QuantLinear.from_linear(module, config.bits, config.group_size_for(weight.shape[1]),
+                                        config.clip_search)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return model

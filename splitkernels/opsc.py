@@ -1,0 +1,153 @@
+"""OPSC, one-point split compression (DESIGN §1): the decoder layers in front of the split point
+(the edge) are stored at one weight precision, the layers behind it (the server) at another, and
+the precision changes exactly once, at the split. No fine-tuning: plain group-wise rounding.
+
+This is the project's own reconstruction of the method named in DESIGN §1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .nn import QuantConfig, QuantEmbedding, replace_linear
+
+# (path to the decoder layer list, paths of the modules after the last layer) per architecture;
+# the first path that resolves on a model wins. Paths are relative to the *ForCausalLM model.
+_LAYOUTS = (
+    ("model.layers", ("model.norm",)),  # llama, mistral, qwen2
+    ("transformer.h", ("transformer.ln_f",)),  # gpt2
+    ("model.decoder.layers", ("model.decoder.final_layer_norm", "model.decoder.project_out")),  # opt
+)
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module | None:
+    module = model
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _layout(model: nn.Module) -> tuple[str, nn.ModuleList, list[str]]:
+    for path, tail in _LAYOUTS:
+        layers = _resolve(model, path)
+        if isinstance(layers, nn.ModuleList):
+            return path, layers, [p for p in tail if isinstance(_resolve(model, p), nn.Module)]
+    raise ValueError(
+        f"model must be a decoder-only *ForCausalLM with its layers at one of "
+        f"{[p for p, _ in _LAYOUTS]}; {type(model).__name__} has none"
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers of a Llama/Mistral/Qwen2, GPT-2 or OPT causal LM."""
+    return _layout(model)[1]
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``module``, each shared tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclass
+class OPSCReport:
+    """What :func:`apply_opsc` did and the weight bytes each side of the split has to hold.
+
+    The front (edge) holds the embeddings and layers ``1..split_layer``; the back (server)
+    holds the remaining layers, the final norm and the LM head. A tensor used on both sides
+    (tied embedding and head) is counted on both, since each machine needs its own copy.
+    """
+
+    split_layer: int
+    num_layers: int
+    front: QuantConfig | None
+    back: QuantConfig | None
+    quantize_embedding: bool
+    front_weight_bytes: int
+    back_weight_bytes: int
+
+    def __str__(self) -> str:
+        def side(config):
+            return "dense" if config is None else str(config)
+
+        emb = ", embedding quantised" if self.quantize_embedding else ""
+        return (
+            f"OPSC split after layer {self.split_layer} of {self.num_layers}: "
+            f"front (embedding + layers 1-{self.split_layer}) {side(self.front)}{emb}: "
+            f"{self.front_weight_bytes / 2**20:.2f} MiB; "
+            f"back (layers {self.split_layer + 1}-{self.num_layers} + norm + head) {side(self.back)}: "
+            f"{self.back_weight_bytes / 2**20:.2f} MiB"
+        )
+
+
+def split_weight_bytes(model: nn.Module, split_layer: int) -> tuple[int, int]:
+    """(front, back) weight bytes of ``model`` cut after ``split_layer`` layers, as in :class:`OPSCReport`."""
+    path, layers, tail = _layout(model)
+    _check_split(split_layer, len(layers))
+    back = [f"{path}.{i}." for i in range(split_layer, len(layers))] + [p + "." for p in tail]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    back += [name + "." for name, module in model.named_modules(remove_duplicate=False) if module is head]
+    back_prefixes = tuple(back)
+    seen: tuple[set[int], set[int]] = (set(), set())
+    totals = [0, 0]
+    # Tied tensors are listed under every name, so a table shared by embedding and head lands
+    # on both sides.
+    named = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        side = 1 if name.startswith(back_prefixes) else 0
+        if id(tensor) not in seen[side]:
+            seen[side].add(id(tensor))
+            totals[side] += tensor.numel() * tensor.element_size()
+    return totals[0], totals[1]
+
+
+def _check_split(split_layer: int, num_layers: int) -> None:
+    if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 0 <= split_layer <= num_layers:
+        raise ValueError(f"split_layer must be an int in [0, {num_layers}] (number of front layers), "
+                         f"got {split_layer!r}")
+
+
+def apply_opsc(
+    model: nn.Module,
+    split_layer: int,
+    front: QuantConfig | None,
+    back: QuantConfig | None,
+    quantize_embedding: bool = False,
+) -> OPSCReport:
+    """Quantise, in place, decoder layers ``1..split_layer`` (indices ``0..split_layer-1``) at
+    ``front`` and the rest at ``back``; ``None`` keeps that side dense.
+
+    ``quantize_embedding`` also stores the input token embedding at ``front`` (row-wise groups);
+    a head tied to it keeps its dense copy on the back. Returns the bytes per side.
+    """
+    for name, config in (("front", front), ("back", back)):
+        if config is not None and not isinstance(config, QuantConfig):
+            raise TypeError(f"{name} must be a QuantConfig or None, got {type(config).__name__}")
+    layers = decoder_layers(model)
+    _check_split(split_layer, len(layers))
+    if quantize_embedding and front is None:
+        raise ValueError("quantize_embedding needs a front QuantConfig (front is None)")
+    for index, layer in enumerate(layers):
+        config = front if index < split_layer else back
+        if config is not None:
+            replace_linear(layer, config.bits, config.group_size, clip_search=config.clip_search, progress=False)
+    if quantize_embedding:
+        table = model.get_input_embeddings()
+        if not isinstance(table, nn.Embedding):
+            raise TypeError(f"quantize_embedding needs an nn.Embedding input table, got {type(table).__name__}")
+        quantized = QuantEmbedding.from_embedding(table, front.bits, front.group_size_for(table.embedding_dim),
+                                                  front.clip_search)
+        model.set_input_embeddings(quantized)
+    front_bytes, back_bytes = split_weight_bytes(model, split_layer)
+    return OPSCReport(split_layer, len(layers), front, back, quantize_embedding, front_bytes, back_bytes)
+
+
+__all__ = ["apply_opsc", "decoder_layers", "weight_bytes", "split_weight_bytes", "OPSCReport"]
