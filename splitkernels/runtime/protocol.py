@@ -7,8 +7,8 @@ Header (little-endian, 20 bytes)::
 
 Kinds and payloads:
 
-* OPEN (edge -> server): model fingerprint 16 bytes | do_sample u8 | temperature f32 | top_k u32 |
-  top_p f32 | has_seed u8 | seed i64 | max_len u32 (prompt + new tokens the edge will send, 0 = unsaid)
+* OPEN (edge -> server): model fingerprint 16 bytes | do_sample u8 | temperature f64 | top_k u32 |
+  top_p f64 | has_seed u8 | seed i64 | max_len u32 (prompt + new tokens the edge will send, 0 = unsaid)
 * OPENED (server -> edge): max_seq_len u32 (the server's limit for this session)
 * STEP (edge -> server): seq u32 | codec frame (docs/FORMATS.md)
 * TOKEN (server -> edge): seq u32 | token u32 | position u32 (tokens the server has seen) |
@@ -26,7 +26,7 @@ MAGIC = b"SKRP"
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<4sBBHQI")
 FINGERPRINT_BYTES = 16
-_OPEN = struct.Struct("<16sBfIfBqI")
+_OPEN = struct.Struct("<16sBdIdBqI")
 _OPENED = struct.Struct("<I")
 _STEP = struct.Struct("<I")
 _TOKEN = struct.Struct("<IIIffQ")
