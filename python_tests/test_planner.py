@@ -1,0 +1,372 @@
+"""Planner: device data, cost models against real packed sizes, quality calibration, optimiser, CLI."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from splitkernels.cli import main as cli_main
+from splitkernels.codec import CodecConfig, encode
+from splitkernels.models import tiny_model
+from splitkernels.nn import QuantConfig
+from splitkernels.opsc import apply_opsc
+from splitkernels.planner.costs import (
+    Link, ModelShape, Roofline, frame_bytes, layer_weight_bytes, linear_weight_bytes, memory, split_latency,
+)
+from splitkernels.planner.devices import Device, devices, get_device
+from splitkernels.planner.optimizer import Infeasible, Limits, Plan, Scenario, plan
+from splitkernels.planner.profile import Profile, measure_profile
+from splitkernels.planner.quality import (
+    QualityPoint, QualityTable, SegmentQuantizer, SplitEvaluator, calibrate, codec_transform, split_point,
+)
+from splitkernels.quant import quantize_weight
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama", seed=3, num_layers=4, hidden=64, vocab=256)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(5))
+
+
+# ---------------------------------------------------------------- devices
+
+
+def test_device_catalogue_has_sources_and_both_roles():
+    cat = devices()
+    assert devices("edge") and devices("server")
+    for name, d in cat.items():
+        assert d.source, name
+        assert d.usable_bytes > 0
+    small = [d for d in devices("edge").values() if d.memory_gib <= 8 and 34 <= d.bandwidth_gbs <= 100]
+    assert len(small) >= 2
+
+
+def test_device_errors_name_the_argument():
+    with pytest.raises(ValueError, match="unknown device"):
+        get_device("no-such-board")
+    with pytest.raises(ValueError, match="role"):
+        Device("x", "phone", 4, 30, 1)
+    with pytest.raises(ValueError, match="bandwidth_gbs"):
+        Device("x", "edge", 4, 0, 1)
+    with pytest.raises(ValueError, match="role"):
+        devices("cloud")
+
+
+# ---------------------------------------------------------------- memory model
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k,g", [(7, 64, 32), (33, 96, 32), (1, 128, 128), (5, 192, 64)])
+def test_linear_weight_bytes_equals_packed_size(bits, n, k, g):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k + bits))
+    qw = quantize_weight(w.half(), bits, g)
+    assert linear_weight_bytes(n, k, QuantConfig(bits, g), dtype_bytes=2) == qw.nbytes
+    assert linear_weight_bytes(n, k, None, dtype_bytes=2) == n * k * 2
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize("front,back", [(QuantConfig(4, 32), QuantConfig(8, 64)), (QuantConfig(2, 64), None)])
+def test_memory_weights_match_opsc_bytes(tiny, split, front, back):
+    """The model's weight bytes per side equal what apply_opsc actually stores."""
+    shape = ModelShape.from_config(tiny.config, dtype_bytes=4)
+    model = copy.deepcopy(tiny)
+    report = apply_opsc(model, split, front, back)
+    mem = memory(shape, split, front, back, max_seq_len=64)
+    # The rotary-embedding frequency buffers (a few dozen bytes) are not modelled.
+    rotary = sum(b.numel() * b.element_size() for b in model.model.rotary_emb.buffers())
+    assert mem.edge_weights == report.front_weight_bytes - rotary
+    assert mem.server_weights == report.back_weight_bytes
+
+
+def test_kv_model_matches_real_cache(tiny):
+    shape = ModelShape.from_config(tiny.config, dtype_bytes=4)
+    with torch.no_grad():
+        cache = tiny(torch.randint(0, 256, (1, 37)), use_cache=True).past_key_values
+    real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert real == shape.num_layers * 37 * shape.kv_bytes_per_token_layer
+    mem = memory(shape, 1, None, None, max_seq_len=37)
+    assert mem.edge_kv + mem.server_session == real
+
+
+def test_memory_grows_with_split_and_length_and_bits():
+    shape = _shape()
+    q4, q8 = QuantConfig(4, 64), QuantConfig(8, 64)
+    assert memory(shape, 10, q4, q8, 512).edge_total < memory(shape, 20, q4, q8, 512).edge_total
+    assert memory(shape, 10, q4, q8, 512).edge_total < memory(shape, 10, q4, q8, 2048).edge_total
+    assert memory(shape, 10, q4, q8, 512).edge_total < memory(shape, 10, q8, q8, 512).edge_total
+    assert memory(shape, 10, q4, q8, 512).server_weights < memory(shape, 10, q4, None, 512).server_weights
+    with pytest.raises(ValueError, match="split_layer"):
+        memory(shape, 0, q4, q8, 512)
+
+
+# ---------------------------------------------------------------- latency model
+
+
+def _shape() -> ModelShape:
+    h, i = 576, 1536
+    return ModelShape("smollm2-like", 30, h, 49152, 9, 3, 64,
+                      ((576, h), (192, h), (192, h), (h, 576), (i, h), (i, h), (h, i)), 2 * h)
+
+
+def test_frame_bytes_equals_encoded_size():
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(2)).half()
+    cfg = CodecConfig(mode="budget", avg_bits=16.0, bit_choices=(4,), capacity=8, alpha=3.0)
+    enc = encode(x, cfg)
+    per_tok = float(enc.num_outliers.float().mean())
+    assert frame_bytes(9, 576, 4.0, per_tok) == enc.nbytes
+
+
+def test_roofline_decode_is_memory_bound_and_bits_help():
+    shape = _shape()
+    dev = get_device("jetson-orin-nano-8gb")
+    roof = Roofline(dev, shape)
+    q4 = QuantConfig(4, 64)
+    t4 = roof.layer_s(q4, 1, 512)
+    expected = (layer_weight_bytes(shape, q4) + shape.kv_bytes_per_token_layer * 512 + 6 * 576 * 2) / dev.bytes_per_s
+    assert t4 == pytest.approx(expected + dev.layer_overhead_us * 1e-6)
+    assert roof.layer_s(QuantConfig(2, 64), 1, 512) < t4 < roof.layer_s(None, 1, 512)
+    # A long prompt is compute-bound.
+    flops = 2 * 2048 * shape.layer_params + 4 * 2048 * 2048 * 9 * 64
+    assert roof.layer_s(None, 2048, 2048) == pytest.approx(flops / dev.flops_per_s + dev.layer_overhead_us * 1e-6)
+
+
+def test_split_latency_is_sum_of_parts():
+    shape = _shape()
+    edge = Roofline(get_device("jetson-orin-nano-4gb"), shape)
+    server = Roofline(get_device("nvidia-a100-80gb"), shape)
+    link = Link(10, 20)
+    lat = split_latency(shape, edge, server, link, 15, QuantConfig(4, 64), QuantConfig(8, 64), 300, 40000, 128, 1024)
+    assert lat.token_s == pytest.approx(sum(lat.breakdown().values()))
+    assert lat.rtt_s == pytest.approx(0.020)
+    assert lat.transfer_s == pytest.approx(8 * lat.token_bytes / 10e6)
+    assert lat.ttft_s > lat.rtt_s + 8 * 40000 / 10e6
+    slow = split_latency(shape, edge, server, Link(1, 20), 15, QuantConfig(4, 64), QuantConfig(8, 64), 300, 40000, 128, 1024)
+    assert slow.token_s > lat.token_s
+    with pytest.raises(ValueError, match="mbps"):
+        Link(0, 5)
+
+
+# ---------------------------------------------------------------- optimiser on a synthetic table
+
+
+def _point(split, front, back, codec, kl, code_bits=4.5, outliers=2.0):
+    return QualityPoint(split, front, back, None if codec is None else codec.to_dict(), 20.0,
+                        20.0 * (1 + 10 * kl), kl, 0.99, code_bits + 0.3, code_bits, outliers, 1000)
+
+
+def _table(lossless: bool = True) -> QualityTable:
+    t = QualityTable("smollm2-like", "synthetic", 512, 64)
+    good = CodecConfig(eps=0.04)
+    cheap = CodecConfig(eps=0.10)
+    for split in (4, 10, 15, 22):
+        t.add(_point(split, 4, 8, good, 0.004 + 0.0001 * split, code_bits=5.0))
+        t.add(_point(split, 4, 8, cheap, 0.009 + 0.0001 * split, code_bits=3.0))
+        t.add(_point(split, 8, 8, good, 0.002 + 0.0001 * split, code_bits=5.0))
+        t.add(_point(split, 2, 8, good, 0.05, code_bits=5.0))
+        if lossless:
+            t.add(_point(split, None, None, None, 0.0, code_bits=16.0, outliers=0.0))
+        # Budget-mode points must never be planned (decode frames are one token long).
+        t.add(_point(split, 2, 8, CodecConfig(mode="budget", avg_bits=4.0), 0.0, code_bits=2.0))
+    return t
+
+
+def _scenario(mbps=10.0, rtt=20.0, edge="jetson-orin-nano-4gb") -> Scenario:
+    shape = _shape()
+    return Scenario(shape, Roofline(get_device(edge), shape), Roofline(get_device("nvidia-a100-80gb"), shape),
+                    Link(mbps, rtt), 128)
+
+
+def test_quality_objective_picks_lowest_kl_that_fits():
+    res = plan(_scenario(), _table(), Limits(edge_memory_bytes=2 * 2**30))
+    best = res.plan
+    assert best.codec.mode == "passthrough" and best.front is None  # KL 0 fits 2 GiB for a 135M model
+    # The longest length that fits: 8192 does not (eager attention scores alone need 2.4 GiB).
+    cap = 2 * 2**30
+    assert memory(_shape(), best.split_layer, None, None, 8192).edge_total > cap
+    assert best.max_seq_len == 4096
+    kls = [best.predicted["kl"]] + [a.predicted["kl"] for a in res.alternatives]
+    assert kls == sorted(kls)
+    assert all(p.codec.mode != "budget" for p in [best, *res.alternatives])
+
+
+def test_latency_objective_under_quality_limit():
+    res = plan(_scenario(mbps=1.0), _table(), Limits(max_kl=0.006, min_seq_len=1024), objective="latency")
+    p = res.plan
+    assert p.predicted["kl"] <= 0.006
+    assert p.codec.mode == "error" and p.codec.eps == 0.04
+    lats = [p.predicted["token_latency_s"]] + [a.predicted["token_latency_s"] for a in res.alternatives]
+    assert lats == sorted(lats)
+    # With the quality limit relaxed, the cheaper codec wins on a 1 Mbit/s link.
+    loose = plan(_scenario(mbps=1.0), _table(), Limits(max_kl=0.02), objective="latency").plan
+    assert loose.codec.eps == 0.10
+    assert loose.predicted["token_latency_s"] < p.predicted["token_latency_s"]
+
+
+def test_latency_limit_excludes_slow_plans():
+    lim = Limits(max_token_latency_s=0.0245)
+    res = plan(_scenario(mbps=1.0, rtt=20.0), _table(), lim)
+    assert res.plan.predicted["token_latency_s"] <= 0.0245
+    assert res.plan.codec.mode != "passthrough"  # fp16 frames take ~9 ms at 1 Mbit/s
+
+
+@pytest.mark.parametrize("limits,binding", [
+    (Limits(edge_memory_bytes=10 * 2**20), "edge memory"),
+    (Limits(max_token_latency_s=0.010), "per-token latency"),  # RTT alone is 20 ms
+    (Limits(max_kl=0.001), "KL divergence"),
+    (Limits(max_ttft_s=0.001), "time to first token"),
+])
+def test_infeasible_names_binding_constraint(limits, binding):
+    with pytest.raises(Infeasible) as err:
+        plan(_scenario(), _table(lossless=False), limits)
+    assert err.value.binding == binding
+    assert binding in str(err.value) and "limit" in str(err.value)
+
+
+def test_min_seq_len_beyond_candidates_is_infeasible():
+    with pytest.raises(Infeasible, match="min_seq_len"):
+        plan(_scenario(), _table(), Limits(min_seq_len=100_000))
+
+
+def test_bad_objective():
+    with pytest.raises(ValueError, match="objective"):
+        plan(_scenario(), _table(), Limits(), objective="cheapest")
+
+
+def test_plan_json_round_trip_and_version():
+    p = plan(_scenario(), _table(), Limits(max_kl=0.006)).plan
+    q = Plan.from_json(p.to_json())
+    assert (q.split_layer, q.front, q.back, q.codec, q.max_seq_len) == (p.split_layer, p.front, p.back, p.codec, p.max_seq_len)
+    assert q.predicted == p.predicted
+    d = p.to_dict()
+    d["version"] = 99
+    with pytest.raises(ValueError, match="version"):
+        Plan.from_dict(d)
+
+
+def test_plan_apply_runs_the_split(tiny):
+    p = Plan(2, QuantConfig(4, 32), QuantConfig(8, 64), CodecConfig.passthrough(), 256)
+    model = copy.deepcopy(tiny)
+    x = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        split = p.apply(model)
+        logits = split(x)
+        ref = model(x).logits
+    # apply() quantised ``model`` in place, so the unsplit forward is the same computation.
+    assert logits.shape == ref.shape
+    assert torch.allclose(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- quality calibration on a tiny model
+
+
+def test_split_point_hook_transforms_and_is_removed(tiny, ids):
+    x = ids[:20].unsqueeze(0)
+    with torch.no_grad():
+        ref = tiny(x).logits
+        log = []
+        with split_point(tiny, 2, codec_transform(CodecConfig(eps=0.3, bit_choices=(2,))), log):
+            changed = tiny(x).logits
+        after = tiny(x).logits
+    assert len(log) == 1 and log[0].x_hat.shape == (20, 64)
+    assert not torch.allclose(changed, ref)
+    assert torch.equal(after, ref)
+    with pytest.raises(ValueError, match="split_layer"):
+        with split_point(tiny, 4, codec_transform(CodecConfig()), []):
+            pass
+
+
+def test_segment_quantizer_changes_then_restores_weights(tiny, ids):
+    q = SegmentQuantizer(tiny, group_size=32)
+    x = ids[:16].unsqueeze(0)
+    w0 = tiny.model.layers[0].mlp.up_proj.weight.clone()
+    w3 = tiny.model.layers[3].mlp.up_proj.weight.clone()
+    with torch.no_grad(), q.segments(2, 2, None):
+        assert not torch.equal(tiny.model.layers[0].mlp.up_proj.weight, w0)
+        assert torch.equal(tiny.model.layers[3].mlp.up_proj.weight, w3)
+    assert torch.equal(tiny.model.layers[0].mlp.up_proj.weight, w0)
+
+
+def test_evaluator_orders_settings_and_counts_bits(tiny, ids):
+    ev = SplitEvaluator(tiny, ids, context=32, group_size=32)
+    assert ev.tokens == 3 * 31
+    lossless = ev.measure(2, None, None, CodecConfig.passthrough())
+    coarse = ev.measure(2, None, None, CodecConfig(eps=0.5, bit_choices=(2, 3)))
+    front2 = ev.measure(2, 2, None, CodecConfig.passthrough())
+    assert lossless.kl < 1e-8 and abs(lossless.ppl_change) < 1e-5
+    assert coarse.kl > 1e-4 and front2.kl > 1e-4
+    # bits per element counts every frame byte
+    x = torch.randn(32, 64)
+    frame = encode(x.half(), CodecConfig(eps=0.5, bit_choices=(2, 3)))
+    assert codec_transform(CodecConfig(eps=0.5, bit_choices=(2, 3)))(x).nbytes == frame.nbytes
+    assert coarse.bits_per_element < 6 and lossless.bits_per_element > 16
+    with pytest.raises(ValueError, match="context"):
+        SplitEvaluator(tiny, ids[:10], context=32)
+
+
+def test_calibrate_caches_and_resumes(tiny, ids, tmp_path):
+    path = tmp_path / "q.json"
+    seen = []
+    kwargs = dict(context=32, group_size=32, model_name="tiny", text_name="rand", cache=path, progress=seen.append)
+    t1 = calibrate(tiny, ids, [1, 2], [None, 4], [8], [CodecConfig(eps=0.2)], **kwargs)
+    assert len(seen) == 4 and len(t1.points) == 4
+    t2 = calibrate(tiny, ids, [1, 2, 3], [None, 4], [8], [CodecConfig(eps=0.2)], **kwargs)
+    assert len(seen) == 6 and len(t2.points) == 6  # only split 3 was new
+    again = QualityTable.load(path)
+    assert again.get(3, 4, 8, CodecConfig(eps=0.2)).kl == t2.get(3, 4, 8, CodecConfig(eps=0.2)).kl
+    bad = json.loads(path.read_text())
+    bad["version"] = 0
+    with pytest.raises(ValueError, match="version"):
+        QualityTable.from_json(json.dumps(bad))
+
+
+# ---------------------------------------------------------------- profile and CLI
+
+
+def test_measure_profile_and_use_it(tiny):
+    data = measure_profile(tiny, [None, QuantConfig(4, 32)], prompt_tokens=8, decode_steps=2, repeats=1)
+    prof = Profile(json.loads(json.dumps(data)))
+    assert prof.layer_s(None, 1, 16) > 0 and prof.layer_s(QuantConfig(4, 32), 8, 8) > 0
+    assert prof.layer_s(None, 16, 16) == pytest.approx(2 * prof.layer_s(None, 8, 8))
+    assert prof.encode_s(1) > 0 and prof.decode_s(8) > 0
+    with pytest.raises(ValueError, match="2-bit g64"):
+        prof.layer_s(QuantConfig(2, 64), 1, 8)
+    shape = ModelShape.from_config(tiny.config)
+    lat = split_latency(shape, prof, prof, Link(10, 5), 2, None, None, 100, 800, 8, 16)
+    assert lat.token_s > 0.005
+
+
+def _cli_table(tmp_path, tiny) -> str:
+    t = QualityTable("tiny", "synthetic", 32, 64)
+    for split in (1, 2, 3):
+        t.add(_point(split, 4, 8, CodecConfig(eps=0.05), 0.003 * split, code_bits=4.0))
+        t.add(_point(split, None, None, None, 0.0, code_bits=16.0, outliers=0.0))
+    path = tmp_path / "table.json"
+    t.save(path)
+    return str(path)
+
+
+def test_cli_plan_json_and_runner_ups(tmp_path, tiny, capsys):
+    table = _cli_table(tmp_path, tiny)
+    out = tmp_path / "plan.json"
+    rc = cli_main(["plan", "--model", "tiny", "--quality", table, "--json", "--out", str(out), "--max-kl", "0.005"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["feasible"] and res["plan"]["split_layer"] in (1, 2, 3)
+    assert len(res["alternatives"]) >= 1
+    assert Plan.from_json(out.read_text()).split_layer == res["plan"]["split_layer"]
+    assert cli_main(["plan", "--model", "tiny", "--quality", table]) == 0
+    text = capsys.readouterr().out
+    assert "plan:" in text and "runner-up 1:" in text
+
+
+def test_cli_plan_infeasible_explains(tmp_path, tiny, capsys):
+    table = _cli_table(tmp_path, tiny)
+    rc = cli_main(["plan", "--model", "tiny", "--quality", table, "--rtt-ms", "50", "--max-token-ms", "10"])
+    assert rc == 2
+    assert "per-token latency is the binding constraint" in capsys.readouterr().out

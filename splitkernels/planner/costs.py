@@ -1,0 +1,312 @@
+"""Cost models of a split deployment: memory per side and latency per token / to first token.
+
+Memory follows the public OPSC equation ``M(l, Qw) = sum_{i<=l} Bw(i; Qw1) + sum_{j>l} Bw(j; Qw2)``
+with ``Bw`` the packed weight bytes *including* scales and zeros, plus the KV cache of each side
+at the maximum sequence length ``w_max`` and the working buffers of a prompt of ``w_max`` tokens.
+
+Latency per generated token:
+
+    edge compute(l) + encode + frame bytes / bandwidth + RTT + decode + server compute(l)
+
+and time to first token the same with the whole prompt in one frame. Compute times come from a
+:class:`Roofline` over a :class:`~splitkernels.planner.devices.Device` or from a
+:class:`~splitkernels.planner.profile.Profile` measured on the machine at hand.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+
+from ..codec.frame import frame_nbytes
+from ..nn import QuantConfig
+from .devices import Device
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost models need to know about a decoder-only LM.
+
+    ``linears`` are the ``(out, in)`` shapes of the linear layers of one decoder layer (all
+    layers alike); ``layer_other_params`` counts norms and biases per layer; ``dtype_bytes`` is
+    the width of dense weights, activations and the KV cache in deployment (2 = fp16).
+    """
+
+    name: str
+    num_layers: int
+    hidden: int
+    vocab: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    linears: tuple[tuple[int, int], ...]
+    layer_other_params: int
+    tied_embeddings: bool = True
+    dtype_bytes: int = 2
+
+    @classmethod
+    def from_config(cls, config, name: str | None = None, dtype_bytes: int = 2) -> "ModelShape":
+        """From a Llama-style Hugging Face config (llama, mistral, qwen2, SmolLM2)."""
+        h, i = config.hidden_size, config.intermediate_size
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        hd = getattr(config, "head_dim", None) or h // heads
+        linears = ((heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd), (i, h), (i, h), (h, i))
+        return cls(
+            name=name or getattr(config, "name_or_path", "") or config.model_type,
+            num_layers=config.num_hidden_layers, hidden=h, vocab=config.vocab_size, num_heads=heads,
+            num_kv_heads=kv, head_dim=hd, linears=linears, layer_other_params=2 * h,
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), dtype_bytes=dtype_bytes,
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["linears"] = [list(x) for x in self.linears]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelShape":
+        return cls(**{**d, "linears": tuple(tuple(x) for x in d["linears"])})
+
+    @property
+    def layer_params(self) -> int:
+        return sum(n * k for n, k in self.linears) + self.layer_other_params
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """K and V of one token in one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+
+def linear_weight_bytes(out_features: int, in_features: int, quant: QuantConfig | None, dtype_bytes: int = 2) -> int:
+    """Stored bytes of one linear weight: packed int32 words plus scale and zero (FORMATS §2)."""
+    if quant is None:
+        return out_features * in_features * dtype_bytes
+    g = quant.group_size_for(in_features)
+    words = (in_features * quant.bits + 31) // 32
+    return out_features * (4 * words + 2 * dtype_bytes * (in_features // g))
+
+
+def layer_weight_bytes(shape: ModelShape, quant: QuantConfig | None) -> int:
+    """Bytes of one decoder layer's weights at ``quant`` (norms and biases stay dense)."""
+    return sum(linear_weight_bytes(n, k, quant, shape.dtype_bytes) for n, k in shape.linears) + \
+        shape.layer_other_params * shape.dtype_bytes
+
+
+def working_bytes(shape: ModelShape, tokens: int, context: int) -> int:
+    """Activation buffers of one forward of ``tokens`` tokens attending to ``context`` positions.
+
+    Hidden state, residual, q/k/v and attention output (about 4 * hidden wide), the MLP's two
+    intermediate tensors, and eager attention scores in fp32 (heads * tokens * context) -- the
+    largest term for long prompts; a fused attention kernel makes it smaller, so this is an
+    upper estimate.
+    """
+    inter = max(n for n, _ in shape.linears)
+    acts = tokens * (4 * shape.hidden + 2 * inter) * shape.dtype_bytes
+    scores = shape.num_heads * tokens * context * 4
+    return acts + scores
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per side. ``server_session`` is what each extra session adds on the server."""
+
+    edge_weights: int
+    edge_kv: int
+    edge_working: int
+    server_weights: int
+    server_session: int
+    server_working: int
+
+    @property
+    def edge_total(self) -> int:
+        return self.edge_weights + self.edge_kv + self.edge_working
+
+    def server_total(self, sessions: int = 1) -> int:
+        return self.server_weights + sessions * self.server_session + self.server_working
+
+
+def memory(shape: ModelShape, split_layer: int, front: QuantConfig | None, back: QuantConfig | None,
+           max_seq_len: int) -> MemoryEstimate:
+    """Memory of each side for a split after ``split_layer`` layers and contexts up to ``max_seq_len``.
+
+    The edge holds the (dense) token embedding and layers ``1..l``; the server holds layers
+    ``l+1..L``, the final norm and the LM head (its own copy when the head is tied to the embedding).
+    """
+    _check_split(shape, split_layer)
+    emb = shape.vocab * shape.hidden * shape.dtype_bytes
+    edge_w = emb + split_layer * layer_weight_bytes(shape, front)
+    server_w = (shape.num_layers - split_layer) * layer_weight_bytes(shape, back) + emb + shape.hidden * shape.dtype_bytes
+    kv = shape.kv_bytes_per_token_layer * max_seq_len
+    work = working_bytes(shape, max_seq_len, max_seq_len)
+    # The server also holds the prompt's logits row only for the last position: vocab floats.
+    return MemoryEstimate(
+        edge_weights=edge_w,
+        edge_kv=split_layer * kv,
+        edge_working=work,
+        server_weights=server_w,
+        server_session=(shape.num_layers - split_layer) * kv,
+        server_working=work + shape.vocab * 4,
+    )
+
+
+def _check_split(shape: ModelShape, split_layer: int) -> None:
+    if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 1 <= split_layer < shape.num_layers:
+        raise ValueError(f"split_layer must be an int in [1, {shape.num_layers - 1}], got {split_layer!r}")
+
+
+class ComputeModel(Protocol):
+    """Seconds for the pieces of a forward pass on one machine."""
+
+    def layer_s(self, quant: QuantConfig | None, tokens: int, context: int) -> float:
+        """One decoder layer, ``tokens`` new tokens attending to ``context`` positions."""
+
+    def head_s(self, tokens: int) -> float:
+        """Final norm and LM head for ``tokens`` positions (at decode only the last is needed)."""
+
+    def encode_s(self, tokens: int) -> float:
+        """Codec encode of a ``tokens``-row frame."""
+
+    def decode_s(self, tokens: int) -> float:
+        """Codec decode of a ``tokens``-row frame."""
+
+
+class Roofline:
+    """max(bytes / bandwidth, FLOPs / peak) per layer, plus a fixed launch overhead.
+
+    Bytes are the layer's stored weights (read once per forward), the KV cache read for the
+    context, and activations in and out. Low-bit dequantisation is assumed fused into the GEMV,
+    as the low-bit kernels do, so it costs no extra memory traffic.
+    """
+
+    def __init__(self, device: Device, shape: ModelShape) -> None:
+        self.device, self.shape = device, shape
+
+    def _time(self, nbytes: float, flops: float) -> float:
+        return max(nbytes / self.device.bytes_per_s, flops / self.device.flops_per_s)
+
+    def layer_s(self, quant: QuantConfig | None, tokens: int, context: int) -> float:
+        s = self.shape
+        nbytes = layer_weight_bytes(s, quant) + s.kv_bytes_per_token_layer * context + \
+            tokens * 6 * s.hidden * s.dtype_bytes
+        flops = 2 * tokens * s.layer_params + 4 * tokens * context * s.num_heads * s.head_dim
+        return self._time(nbytes, flops) + self.device.layer_overhead_us * 1e-6
+
+    def head_s(self, tokens: int) -> float:
+        s = self.shape
+        nbytes = s.vocab * s.hidden * s.dtype_bytes + tokens * s.hidden * s.dtype_bytes
+        return self._time(nbytes, 2 * tokens * s.vocab * s.hidden) + self.device.layer_overhead_us * 1e-6
+
+    def encode_s(self, tokens: int) -> float:
+        # One fused pass: read the hidden state, write codes and outliers (< its size).
+        nbytes = 2 * tokens * self.shape.hidden * self.shape.dtype_bytes
+        return nbytes / self.device.bytes_per_s + self.device.codec_overhead_us * 1e-6
+
+    decode_s = encode_s
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network path: ``mbps`` in 1e6 bit/s, round-trip time in ms."""
+
+    mbps: float
+    rtt_ms: float
+
+    def __post_init__(self) -> None:
+        if not self.mbps > 0:
+            raise ValueError(f"mbps must be > 0, got {self.mbps!r}")
+        if not self.rtt_ms >= 0:
+            raise ValueError(f"rtt_ms must be >= 0, got {self.rtt_ms!r}")
+
+    def transfer_s(self, nbytes: float) -> float:
+        return 8.0 * nbytes / (self.mbps * 1e6)
+
+    def __str__(self) -> str:
+        return f"{self.mbps:g} Mbit/s, RTT {self.rtt_ms:g} ms"
+
+
+# Per message on the wire besides the frame: the runtime's message header and framing
+# (session id, kind, lengths) plus TCP/IP headers -- an estimate.
+MESSAGE_OVERHEAD_BYTES = 64
+# The server's reply per step: token id plus the same overheads.
+REPLY_BYTES = MESSAGE_OVERHEAD_BYTES + 8
+
+
+def frame_bytes(tokens: int, hidden: int, code_bits: float, outliers_per_token: float,
+                wire_dtype: torch.dtype = torch.float16) -> int:
+    """Expected codec frame size for ``tokens`` rows, from the per-token averages of a calibration.
+
+    ``code_bits`` is the mean per-token width (16 = raw fp16 tokens).
+    """
+    stream = tokens * -(-int(round(hidden * code_bits)) // 8)
+    return frame_nbytes(tokens, hidden, wire_dtype, int(round(outliers_per_token * tokens)), stream)
+
+
+@dataclass(frozen=True)
+class LatencyEstimate:
+    """Seconds per generated token and to first token, with the parts that make them up."""
+
+    edge_s: float
+    encode_s: float
+    transfer_s: float
+    rtt_s: float
+    decode_s: float
+    server_s: float
+    ttft_s: float
+    token_bytes: int
+    prompt_bytes: int
+
+    @property
+    def token_s(self) -> float:
+        return self.edge_s + self.encode_s + self.transfer_s + self.rtt_s + self.decode_s + self.server_s
+
+    def breakdown(self) -> dict[str, float]:
+        return {"edge": self.edge_s, "encode": self.encode_s, "transfer": self.transfer_s, "rtt": self.rtt_s,
+                "decode": self.decode_s, "server": self.server_s}
+
+
+def split_latency(
+    shape: ModelShape,
+    edge: ComputeModel,
+    server: ComputeModel,
+    link: Link,
+    split_layer: int,
+    front: QuantConfig | None,
+    back: QuantConfig | None,
+    token_bytes: int,
+    prompt_bytes: int,
+    prompt_tokens: int,
+    context: int,
+) -> LatencyEstimate:
+    """Latency of a split deployment; per-token figures at ``context`` positions of KV cache
+    (the worst case is ``max_seq_len``). ``token_bytes``/``prompt_bytes`` are the frame sizes."""
+    _check_split(shape, split_layer)
+    n_back = shape.num_layers - split_layer
+    edge_tok = split_layer * edge.layer_s(front, 1, context)
+    server_tok = n_back * server.layer_s(back, 1, context) + server.head_s(1)
+    enc, dec = edge.encode_s(1), server.decode_s(1)
+    token_bytes_total = token_bytes + MESSAGE_OVERHEAD_BYTES
+    prompt_bytes_total = prompt_bytes + MESSAGE_OVERHEAD_BYTES
+    ttft = (
+        split_layer * edge.layer_s(front, prompt_tokens, prompt_tokens)
+        + edge.encode_s(prompt_tokens)
+        + link.transfer_s(prompt_bytes_total + REPLY_BYTES)
+        + link.rtt_ms * 1e-3
+        + server.decode_s(prompt_tokens)
+        + n_back * server.layer_s(back, prompt_tokens, prompt_tokens)
+        + server.head_s(1)
+    )
+    return LatencyEstimate(
+        edge_s=edge_tok, encode_s=enc, transfer_s=link.transfer_s(token_bytes_total + REPLY_BYTES),
+        rtt_s=link.rtt_ms * 1e-3, decode_s=dec, server_s=server_tok, ttft_s=ttft,
+        token_bytes=token_bytes_total + REPLY_BYTES, prompt_bytes=prompt_bytes_total + REPLY_BYTES,
+    )
+
+
+def local_latency(shape: ModelShape, compute: ComputeModel, quant: QuantConfig | None, prompt_tokens: int,
+                  context: int) -> tuple[float, float]:
+    """(seconds per token, TTFT) of the whole model on one machine (edge-only or the server part of cloud-only)."""
+    token = shape.num_layers * compute.layer_s(quant, 1, context) + compute.head_s(1)
+    ttft = shape.num_layers * compute.layer_s(quant, prompt_tokens, prompt_tokens) + compute.head_s(1)
+    return token, ttft

@@ -1,0 +1,200 @@
+"""Measure per-layer compute and codec times on the machine at hand (``splitkernels profile``).
+
+The model runs its ordinary Hugging Face forward (prefill, then cached decode steps) with
+timing hooks on every decoder layer and on the LM head, once per weight format. The result is a
+JSON profile that :class:`Profile` turns into a :class:`~splitkernels.planner.costs.ComputeModel`
+for the optimiser, in place of the roofline model.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .. import backends
+from ..codec import CodecConfig, decode, encode
+from ..nn import QuantConfig
+from ..opsc import apply_opsc, decoder_layers
+
+PROFILE_VERSION = 1
+
+
+def format_name(quant: QuantConfig | None) -> str:
+    """Profile key of a weight format: ``"dense"`` or ``"<bits>-bit g<group>"``."""
+    return "dense" if quant is None else f"{quant.bits}-bit g{quant.group_size}"
+
+
+@contextmanager
+def _layer_timers(model: nn.Module, sink: dict[str, list[float]]) -> Iterator[None]:
+    """Wall time of every decoder layer call (``sink['layer']``) and LM head call (``sink['head']``)."""
+    start: dict[int, float] = {}
+    handles = []
+
+    def pre(module, _args):
+        start[id(module)] = time.perf_counter()
+
+    def post(kind):
+        def hook(module, _args, _out):
+            sink[kind].append(time.perf_counter() - start[id(module)])
+        return hook
+
+    head = model.get_output_embeddings()
+    for module, kind in [(layer, "layer") for layer in decoder_layers(model)] + [(head, "head")]:
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post(kind)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def _measure_model(model: nn.Module, prompt_tokens: int, decode_steps: int, repeats: int) -> dict:
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=gen)
+    layers = len(decoder_layers(model))
+    best_prefill, best_decode, best_head_p, best_head_d = float("inf"), float("inf"), float("inf"), float("inf")
+    for _ in range(repeats):
+        sink = {"layer": [], "head": []}
+        with _layer_timers(model, sink):
+            out = model(ids, use_cache=True)
+            cache = out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+            for _ in range(decode_steps):
+                out = model(nxt, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                nxt = out.logits[:, -1:].argmax(-1)
+        prefill = sink["layer"][:layers]
+        dec = sink["layer"][layers:]
+        best_prefill = min(best_prefill, sum(prefill) / layers)
+        best_decode = min(best_decode, sum(dec) / max(len(dec), 1))
+        best_head_p = min(best_head_p, sink["head"][0])
+        best_head_d = min(best_head_d, sum(sink["head"][1:]) / max(decode_steps, 1))
+    return {
+        "prefill_layer_s": best_prefill,
+        "decode_layer_s": best_decode,
+        "prefill_head_s": best_head_p,
+        "decode_head_s": best_head_d,
+    }
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_profile(
+    model: nn.Module,
+    formats: list[QuantConfig | None],
+    prompt_tokens: int = 128,
+    decode_steps: int = 16,
+    repeats: int = 2,
+    codec: CodecConfig | None = None,
+    name: str = "model",
+) -> dict:
+    """Measure per-layer prefill/decode times for each weight format and the codec's encode/decode.
+
+    Times are the best of ``repeats`` runs (the least disturbed by other load). Decode times are
+    averages over ``decode_steps`` steps at contexts ``prompt_tokens..prompt_tokens+steps``.
+    ``model`` is not modified (each quantised format runs on a copy).
+    """
+    if prompt_tokens < 1 or decode_steps < 1 or repeats < 1:
+        raise ValueError("prompt_tokens, decode_steps and repeats must all be >= 1")
+    formats_out = {}
+    n_layers = len(decoder_layers(model))
+    for quant in formats:
+        m = model
+        if quant is not None:
+            m = copy.deepcopy(model)
+            apply_opsc(m, n_layers, quant, None)
+        formats_out[format_name(quant)] = _measure_model(m, prompt_tokens, decode_steps, repeats)
+    hidden = model.get_input_embeddings().embedding_dim
+    codec = codec or CodecConfig()
+    gen = torch.Generator().manual_seed(1)
+    dtype = next(model.parameters()).dtype
+    codec_out = {}
+    for t in (1, prompt_tokens):
+        x = torch.randn(t, hidden, generator=gen).to(dtype)
+        enc = encode(x, codec)
+        codec_out[str(t)] = {
+            "encode_s": _time(lambda: encode(x, codec), repeats),
+            "decode_s": _time(lambda: decode(enc), repeats),
+        }
+    return {
+        "version": PROFILE_VERSION,
+        "name": name,
+        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "backends": sorted(n for n, b in backends().items() if b["available"]),
+        "prompt_tokens": prompt_tokens,
+        "decode_steps": decode_steps,
+        "formats": formats_out,
+        "codec": {"config": codec.to_dict(), "frames": codec_out},
+    }
+
+
+class Profile:
+    """A measured profile as a compute model: layer and head times scale linearly with the number
+    of prompt tokens around the measured prompt length; decode times are per step."""
+
+    def __init__(self, data: dict) -> None:
+        if data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"profile version {data.get('version')!r} is not supported (expected {PROFILE_VERSION})")
+        self.data = data
+        self.prompt_tokens = int(data["prompt_tokens"])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        with open(path) as f:
+            return cls(json.load(f))
+
+    def _format(self, quant: QuantConfig | None) -> dict:
+        key = format_name(quant)
+        formats = self.data["formats"]
+        if key not in formats:
+            raise ValueError(f"the profile has no measurement for weight format {key!r}; measured: {sorted(formats)}")
+        return formats[key]
+
+    def has(self, quant: QuantConfig | None) -> bool:
+        return format_name(quant) in self.data["formats"]
+
+    def layer_s(self, quant: QuantConfig | None, tokens: int, context: int) -> float:
+        f = self._format(quant)
+        if tokens == 1:
+            return f["decode_layer_s"]
+        return f["prefill_layer_s"] * tokens / self.prompt_tokens
+
+    def head_s(self, tokens: int) -> float:
+        # The head stays dense in every format (OPSC quantises decoder layers only): any entry will do.
+        f = next(iter(self.data["formats"].values()))
+        return f["decode_head_s"] if tokens == 1 else f["prefill_head_s"] * tokens / self.prompt_tokens
+
+    def _codec(self, which: str, tokens: int) -> float:
+        frames = self.data["codec"]["frames"]
+        one = frames["1"][which]
+        if tokens == 1:
+            return one
+        big = frames[str(self.prompt_tokens)][which]
+        return one + (big - one) * (tokens - 1) / max(self.prompt_tokens - 1, 1)
+
+    def encode_s(self, tokens: int) -> float:
+        return self._codec("encode_s", tokens)
+
+    def decode_s(self, tokens: int) -> float:
+        return self._codec("decode_s", tokens)

@@ -1,0 +1,330 @@
+"""Quality model: measured perplexity change and KL divergence per (split layer, front bits, codec).
+
+The effect of a split on teacher-forced logits is exact to simulate without the runtime: replace
+the hidden state after decoder layer ``l`` by what the server would decode from the wire
+(``transform``), and run the front layers with their quantised weights. A calibration run
+measures that for every point of a small grid on a short text and caches the results in JSON, so
+the optimiser never runs the model.
+
+Codec settings in mode ``error`` choose each token's width from that token alone, so the quality
+measured on teacher-forced windows is also the quality of token-by-token decoding. Mode
+``budget`` allocates across the tokens of one frame; at decode time a frame holds one token, so
+its measured quality describes prefill frames only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..codec import CodecConfig, decode, encode
+from ..eval import compare_logits
+from ..nn import QuantConfig
+from ..opsc import decoder_layers
+from ..quant import quantize_weight
+
+QUALITY_TABLE_VERSION = 1
+# [T, d] hidden state -> (what the server sees, bytes on the wire, per-token stats)
+Transform = Callable[[torch.Tensor], "TransferResult"]
+
+
+@dataclass
+class TransferResult:
+    """What one hidden-state transfer did: the reconstruction and its wire cost."""
+
+    x_hat: torch.Tensor
+    nbytes: int
+    code_bits: float = 0.0  # sum over tokens of per-token code width (raw tokens count as raw width)
+    outliers: int = 0
+
+
+def codec_transform(config: CodecConfig, wire_dtype: torch.dtype = torch.float16) -> Transform:
+    """Round trip through the TS + TAB-Q codec, sending ``wire_dtype`` (what an fp16 edge sends)."""
+
+    def run(x: torch.Tensor) -> TransferResult:
+        enc = encode(x.to(wire_dtype), config)
+        return TransferResult(
+            decode(enc).to(x.dtype), enc.nbytes, float(enc.token_bits.double().sum()), int(enc.num_outliers.sum())
+        )
+
+    return run
+
+
+@contextmanager
+def split_point(model: nn.Module, split_layer: int, transform: Transform, log: list[TransferResult]) -> Iterator[None]:
+    """Within the block, the output of decoder layer ``split_layer`` (1-based) goes through ``transform``.
+
+    Each sequence of the batch is one frame (tokens as rows), as the edge would send a prompt.
+    Every transfer is appended to ``log``.
+    """
+    layers = decoder_layers(model)
+    if not 1 <= split_layer < len(layers):
+        raise ValueError(f"split_layer must be in [1, {len(layers) - 1}], got {split_layer}")
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        rows = []
+        for seq in hidden:
+            res = transform(seq)
+            log.append(res)
+            rows.append(res.x_hat)
+        new = torch.stack(rows)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = layers[split_layer - 1].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class SegmentQuantizer:
+    """Swaps decoder-layer weights for their group-quantised values: layers ``1..l`` at the
+    front width, the rest at the back width (OPSC, DESIGN §1).
+
+    The dequantised weights equal what a low-bit kernel multiplies by (up to matmul rounding),
+    so quality is measured without the packed kernels. Dequantised copies are cached per
+    (layer, bits), so sweeping split layers quantises each layer once per width.
+    """
+
+    def __init__(self, model: nn.Module, group_size: int = 64) -> None:
+        self.model = model
+        self.group_size = group_size
+        self._cache: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    @staticmethod
+    def _linears(layer: nn.Module) -> list[nn.Linear]:
+        return [m for m in layer.modules() if isinstance(m, nn.Linear)]
+
+    def _quantised(self, index: int, bits: int) -> list[torch.Tensor]:
+        key = (index, bits)
+        if key not in self._cache:
+            layer = decoder_layers(self.model)[index]
+            self._cache[key] = [
+                quantize_weight(lin.weight.detach(), bits, QuantConfig(bits, self.group_size).group_size_for(
+                    lin.in_features)).dequantize(lin.weight.dtype)
+                for lin in self._linears(layer)
+            ]
+        return self._cache[key]
+
+    @contextmanager
+    def segments(self, split_layer: int, front_bits: int | None, back_bits: int | None) -> Iterator[None]:
+        """Within the block, layers ``1..split_layer`` run at ``front_bits`` and the rest at
+        ``back_bits`` (``None``: unchanged weights)."""
+        layers = decoder_layers(self.model)
+        saved = []
+        try:
+            for i, layer in enumerate(layers):
+                bits = front_bits if i < split_layer else back_bits
+                if bits is None:
+                    continue
+                for lin, w in zip(self._linears(layer), self._quantised(i, bits)):
+                    saved.append((lin, lin.weight.data))
+                    lin.weight.data = w
+            yield
+        finally:
+            for lin, w in saved:
+                lin.weight.data = w
+
+
+@dataclass
+class QualityPoint:
+    """One measured configuration. ``ppl_change`` is relative (0.01 = +1%); KL is mean nats/token."""
+
+    split_layer: int
+    front_bits: int | None
+    back_bits: int | None
+    codec: dict | None  # CodecConfig.to_dict(); None = lossless transfer
+    ppl_reference: float
+    ppl: float
+    kl: float
+    top1_agreement: float
+    bits_per_element: float  # measured frame bits / element at the calibration frame length
+    code_bits: float  # mean per-token code width (raw tokens at their raw width)
+    outliers_per_token: float
+    tokens: int
+
+    @property
+    def ppl_change(self) -> float:
+        return self.ppl / self.ppl_reference - 1.0
+
+    def key(self) -> str:
+        return point_key(self.split_layer, self.front_bits, self.back_bits, self.codec)
+
+
+def point_key(split_layer: int, front_bits: int | None, back_bits: int | None,
+              codec: dict | CodecConfig | None) -> str:
+    """Canonical cache key of a calibration point."""
+    if isinstance(codec, CodecConfig):
+        codec = codec.to_dict()
+    return json.dumps([split_layer, front_bits, back_bits, codec], sort_keys=True)
+
+
+@dataclass
+class QualityTable:
+    """Calibration results plus what they were measured on; JSON-serialisable cache."""
+
+    model: str
+    text: str
+    context: int
+    group_size: int
+    points: dict[str, QualityPoint] = field(default_factory=dict)
+
+    def get(self, split_layer: int, front_bits: int | None, back_bits: int | None,
+            codec: CodecConfig | dict | None) -> QualityPoint | None:
+        return self.points.get(point_key(split_layer, front_bits, back_bits, codec))
+
+    def add(self, point: QualityPoint) -> None:
+        self.points[point.key()] = point
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": QUALITY_TABLE_VERSION,
+                "model": self.model,
+                "text": self.text,
+                "context": self.context,
+                "group_size": self.group_size,
+                "points": [asdict(p) for p in self.points.values()],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "QualityTable":
+        d = json.loads(text)
+        if d.get("version") != QUALITY_TABLE_VERSION:
+            raise ValueError(f"quality table version {d.get('version')!r} is not {QUALITY_TABLE_VERSION}")
+        table = cls(d["model"], d["text"], int(d["context"]), int(d["group_size"]))
+        for p in d["points"]:
+            table.add(QualityPoint(**p))
+        return table
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "QualityTable":
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+
+class SplitEvaluator:
+    """Scores split configurations against the unsplit model on fixed windows of a text.
+
+    The text is cut into non-overlapping windows of ``context`` tokens (every token but each
+    window's first is scored). Reference logits are computed once; each :meth:`measure` call
+    runs the model with both segments quantised and the split-point transform in place, and
+    compares with :func:`splitkernels.eval.compare_logits`.
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, context: int, group_size: int = 64) -> None:
+        if input_ids.ndim == 2:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"input_ids must be one sequence, got batch {input_ids.shape[0]}")
+            input_ids = input_ids[0]
+        if isinstance(context, bool) or not isinstance(context, int) or context < 2:
+            raise ValueError(f"context must be an int >= 2, got {context!r}")
+        n = input_ids.shape[0] // context
+        if n == 0:
+            raise ValueError(f"input_ids must hold at least one window of context={context} tokens, "
+                             f"got {input_ids.shape[0]}")
+        self.model = model
+        self.windows = input_ids[: n * context].reshape(n, context)
+        self.targets = self.windows[:, 1:].reshape(-1)
+        self.quantizer = SegmentQuantizer(model, group_size)
+        self._reference = self._logits()
+        self.tokens = self.targets.shape[0]
+        self.ppl_reference = compare_logits(self._reference, self._reference, self.targets).ppl_reference
+
+    @torch.no_grad()
+    def _logits(self) -> torch.Tensor:
+        return torch.cat([self.model(w.unsqueeze(0)).logits[0, :-1].float() for w in self.windows])
+
+    def measure(
+        self,
+        split_layer: int,
+        front_bits: int | None,
+        back_bits: int | None,
+        codec: CodecConfig | None,
+        transform: Transform | None = None,
+    ) -> QualityPoint:
+        """Quality of one configuration; ``transform`` overrides the codec round trip (baselines)."""
+        if transform is None:
+            transform = codec_transform(codec) if codec is not None else fp16_transfer
+        log: list[TransferResult] = []
+        with self.quantizer.segments(split_layer, front_bits, back_bits), \
+                split_point(self.model, split_layer, transform, log):
+            report = compare_logits(self._reference, self._logits(), self.targets)
+        elements = sum(r.x_hat.numel() for r in log)
+        rows = sum(r.x_hat.shape[0] for r in log)
+        return QualityPoint(
+            split_layer=split_layer,
+            front_bits=front_bits,
+            back_bits=back_bits,
+            codec=codec.to_dict() if codec is not None else None,
+            ppl_reference=report.ppl_reference,
+            ppl=report.ppl_candidate,
+            kl=report.kl,
+            top1_agreement=report.top1_agreement,
+            bits_per_element=8.0 * sum(r.nbytes for r in log) / elements,
+            code_bits=sum(r.code_bits for r in log) / rows,
+            outliers_per_token=sum(r.outliers for r in log) / rows,
+            tokens=report.tokens,
+        )
+
+
+def fp16_transfer(x: torch.Tensor) -> TransferResult:
+    """The plain split's transfer: values rounded to fp16, 16 bits per element."""
+    return TransferResult(x.half().to(x.dtype), x.numel() * 2, 16.0 * x.shape[0], 0)
+
+
+def calibrate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    split_layers: Iterable[int],
+    front_bits: Iterable[int | None],
+    back_bits: Iterable[int | None],
+    codecs: Iterable[CodecConfig | None],
+    *,
+    context: int = 512,
+    group_size: int = 64,
+    model_name: str = "model",
+    text_name: str = "text",
+    cache: str | os.PathLike | None = None,
+    progress: Callable[[QualityPoint], None] | None = None,
+) -> QualityTable:
+    """Measure every (split layer, front bits, back bits, codec) point not already in ``cache``.
+
+    ``None`` in ``front_bits``/``back_bits`` means unquantised weights on that side; ``None``
+    in ``codecs`` means fp16 transfer. A cache measured on another model, text, context or
+    group size is ignored (and overwritten). Saves after every point, so an interrupted run
+    resumes where it stopped.
+    """
+    table = QualityTable(model_name, text_name, context, group_size)
+    if cache is not None and os.path.exists(cache):
+        old = QualityTable.load(cache)
+        if (old.model, old.text, old.context, old.group_size) == (model_name, text_name, context, group_size):
+            table = old
+    todo = [
+        (l, f, b, c) for l in split_layers for f in front_bits for b in back_bits for c in codecs
+        if table.get(l, f, b, c) is None
+    ]
+    if todo:
+        evaluator = SplitEvaluator(model, input_ids, context, group_size)
+        for l, f, b, c in todo:
+            point = evaluator.measure(l, f, b, c)
+            table.add(point)
+            if progress is not None:
+                progress(point)
+            if cache is not None:
+                table.save(cache)
+    return table
