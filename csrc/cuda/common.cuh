@@ -41,5 +41,11 @@ __device__ __forceinline__ void store_f32(__nv_bfloat16* p, std::int64_t i, floa
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Declares the launch's dynamic shared memory as `type name[]`. The host-side emulation that
+// the CPU tests compile (csrc/cuda/emulation) supplies its own definition first.
+#ifndef SK_DYNAMIC_SHARED
+#define SK_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 }  // namespace cuda
 }  // namespace sk

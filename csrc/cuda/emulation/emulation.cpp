@@ -1,0 +1,104 @@
+// C entry points running the CUDA kernels under cuda_emulation.h, with the launch shapes of
+// the real launchers (csrc/cuda/*.cu). Loaded with ctypes by python_tests/test_cuda_backend.py.
+#include "cuda_emulation.h"
+
+#include "../bitpack.cuh"
+#include "../codec.cuh"
+#include "../launchers.h"
+#include "../lowbit_gemv.cuh"
+
+using namespace sk::cuda;
+using namespace sk::cuda::kernels;
+
+namespace {
+
+template <typename F>
+void by_dtype(int dtype, F f) {
+  if (dtype == kFloat32) f(float{});
+  if (dtype == kFloat16) f(__half{});
+  if (dtype == kBFloat16) f(__nv_bfloat16{});
+}
+
+}  // namespace
+
+extern "C" {
+
+void emu_pack_bits(const std::uint8_t* codes, std::uint8_t* packed, std::int64_t rows, std::int64_t n, int bits) {
+  const std::int64_t nbytes = (n * bits + 7) / 8;
+  sk_emu::launch((rows * nbytes + kPackThreads - 1) / kPackThreads, kPackThreads, 0,
+                 [=] { pack_bits_kernel(codes, packed, rows, n, nbytes, bits); });
+}
+
+void emu_unpack_bits(const std::uint8_t* packed, std::uint8_t* codes, std::int64_t rows, std::int64_t n,
+                     std::int64_t stride, int bits) {
+  sk_emu::launch((rows * n + kPackThreads - 1) / kPackThreads, kPackThreads, 0,
+                 [=] { unpack_bits_kernel(packed, codes, rows, n, stride, bits); });
+}
+
+void emu_ts_tabq_encode(const void* x, int dtype, std::int64_t t, std::int64_t d, bool abs_threshold,
+                        double threshold, std::int64_t capacity, int bit_menu, double eps,
+                        const std::uint8_t* forced_bits, std::uint8_t* bits, void* lo, void* step, float* hi, int* cnt,
+                        int* idx, void* val, std::uint8_t* codes, int* nbytes) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sk_emu::launch(static_cast<unsigned>(t), kCodecThreads, (d + 31) / 32 * 4, [=] {
+      encode_kernel<T>(static_cast<const T*>(x), static_cast<int>(d), abs_threshold, threshold,
+                       static_cast<int>(capacity), bit_menu, eps, forced_bits, bits, static_cast<__half*>(lo),
+                       static_cast<__half*>(step), hi, cnt, idx, static_cast<T*>(val), codes, nbytes);
+    });
+  });
+}
+
+void emu_ts_tabq_decode(const std::uint8_t* bits, const void* lo, const void* step, const int* cnt, const int* idx,
+                        const void* val, const std::uint8_t* codes, int dtype, std::int64_t t, std::int64_t d,
+                        std::int64_t capacity, std::int64_t stride, void* out) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sk_emu::launch(static_cast<unsigned>(t), kCodecThreads, 0, [=] {
+      decode_kernel<T>(bits, static_cast<const __half*>(lo), static_cast<const __half*>(step), cnt, idx,
+                       static_cast<const T*>(val), codes, static_cast<int>(d), static_cast<int>(capacity), stride,
+                       static_cast<T*>(out));
+    });
+  });
+}
+
+void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* scale, const void* zero,
+                     const void* bias, void* y, int dtype, std::int64_t m, std::int64_t n, std::int64_t k, int bits,
+                     std::int64_t group_size) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const unsigned grid = static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock);
+    auto run = [&](auto bits_tag) {
+      constexpr int B = decltype(bits_tag)::value;
+      const auto* xp = static_cast<const T*>(x);
+      const auto* sp = static_cast<const T*>(scale);
+      const auto* zp = static_cast<const T*>(zero);
+      const auto* bp = static_cast<const T*>(bias);
+      auto* yp = static_cast<T*>(y);
+      const int mi = static_cast<int>(m), ki = static_cast<int>(k), gi = static_cast<int>(group_size);
+      if (m == 1) {
+        sk_emu::launch(grid, kGemvThreads, 0, [=] { gemv_kernel<T, B, 1>(xp, qweight, sp, zp, bp, yp, mi, n, ki, gi); });
+      } else {
+        sk_emu::launch(grid, kGemvThreads, 0,
+                       [=] { gemv_kernel<T, B, kGemvMaxM>(xp, qweight, sp, zp, bp, yp, mi, n, ki, gi); });
+      }
+    };
+    if (bits == 2) run(std::integral_constant<int, 2>{});
+    if (bits == 3) run(std::integral_constant<int, 3>{});
+    if (bits == 4) run(std::integral_constant<int, 4>{});
+    if (bits == 8) run(std::integral_constant<int, 8>{});
+  });
+}
+
+void emu_dequantize_weight(const std::uint32_t* qweight, const void* scale, const void* zero, float* w, int dtype,
+                           std::int64_t n, std::int64_t k, int bits, std::int64_t group_size) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sk_emu::launch(static_cast<unsigned>((n * k + kGemvThreads - 1) / kGemvThreads), kGemvThreads, 0, [=] {
+      dequantize_kernel<T>(qweight, static_cast<const T*>(scale), static_cast<const T*>(zero), w, n, k, bits,
+                           group_size);
+    });
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,359 @@
+"""The cuda backend (csrc/cuda) against the reference.
+
+* ``gpu`` tests run the kernels through ``splitkernels.ops`` on a CUDA device and compare with
+  the reference computed on the CPU (whose fp32 division is IEEE, as docs/FORMATS.md requires;
+  torch's CUDA division by a Python scalar multiplies by a reciprocal instead).
+* Without a GPU the backend must say why it is unavailable, and the same kernel source runs
+  under a host-side emulation of the CUDA features it uses (csrc/cuda/emulation: one
+  std::thread per CUDA thread) on small shapes, so a logic error fails CI without a GPU.
+
+Integer outputs must be identical; matmuls agree within the documented relative Frobenius
+error (1e-3 for fp16/bf16 activations, 1e-5 for fp32).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import splitkernels
+from splitkernels import ops
+from splitkernels.ops import reference
+from splitkernels.quant import quantize_weight
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_GPU = torch.cuda.is_available()
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MATMUL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+
+
+# ---------------------------------------------------------------- data
+
+
+def activations(t: int, d: int, dtype: torch.dtype, kind: str, seed: int) -> torch.Tensor:
+    """Fresh random rows with the structures the codec must handle."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=g)
+    if kind == "heavy":  # a few channels at 10-13x rms in every token
+        for c in {3 % d, (d // 2) % d, (d - 1) % d}:
+            x[:, c] *= 10 + 3 * torch.rand(t, generator=g)
+    elif kind == "sink":  # position 0 carries one massive value
+        x[0, 1 % d] = 23000.0
+        x[0, 0] = -4000.0
+    elif kind == "ties":  # few distinct magnitudes: capacity selection must break ties by channel
+        x = torch.randint(-3, 4, (t, d), generator=g).float() * 1.5
+    elif kind == "constant":  # step 0 rows and a row of equal outliers
+        x = torch.full((t, d), 0.75)
+        if t > 1:
+            x[1] = torch.randn(d, generator=g) * 1e-3
+    elif kind == "tiny":  # steps in the fp16 subnormal range
+        x = x * 1e-6
+    return x.to(dtype)
+
+
+def assert_encode_equal(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> None:
+    names = ("bits", "lo", "step", "hi", "cnt", "idx", "val", "codes", "nbytes")
+    for name, g, w in zip(names, got, want, strict=True):
+        g = g.cpu()
+        assert g.dtype == w.dtype and g.shape == w.shape, (name, g.dtype, g.shape, w.dtype, w.shape)
+        assert torch.equal(g, w), f"{name} differs at {(g != w).nonzero()[:5].tolist()}"
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+# (T, d, kind, abs_threshold, threshold, capacity, menu, eps): odd d, T = 1, rows over one
+# block width, capacity 0 / 1 / d / below the candidate count, forced ties.
+CODEC_CASES = [
+    (1, 1, "normal", False, 4.0, 1, [2, 3, 4, 5, 6, 8], 0.05),
+    (3, 37, "normal", False, 1.0, 4, [2, 3, 4, 5, 6, 8], 0.05),
+    (4, 300, "heavy", False, 4.0, 2, [2, 3, 4, 5, 6, 8], 0.02),
+    (3, 300, "heavy", False, 4.0, 0, [4], 1e9),
+    (2, 257, "sink", False, 4.0, 3, [3, 5, 8], 0.01),
+    (3, 96, "ties", True, 2.0, 5, [1, 2, 7], 0.1),
+    (2, 64, "ties", True, -1.0, 64, [2, 4], 0.5),
+    (2, 33, "constant", False, 1.0, 2, [2, 4], 0.05),
+    (2, 50, "tiny", False, 3.0, 1, [2, 4, 8], 0.05),
+    (2, 40, "normal", False, 4.0, 1, [], 0.05),
+    (2, 45, "normal", False, 2.0, 3, [2, 4], 0.0),
+]
+
+
+# ---------------------------------------------------------------- without a GPU
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the report on machines without a CUDA device")
+def test_backend_reports_why_it_is_unavailable():
+    info = splitkernels.backends()["cuda"]
+    assert info["available"] is False and info["devices"] == [] and info["ops"] == []
+    assert isinstance(info["reason"], str) and info["reason"]
+    with pytest.raises(RuntimeError, match="cuda.*not available"):
+        with splitkernels.use_backend("cuda"):
+            pass
+
+
+def _cuda_include() -> Path | None:
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(nvcc).resolve()
+        candidates += [real.parent.parent / "include", real.parent.parent / "targets/x86_64-linux/include"]
+    candidates.append(Path("/usr/local/cuda/include"))
+    return next((c for c in candidates if (c / "cuda_fp16.h").exists()), None)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The kernels compiled for the host under csrc/cuda/emulation (needs g++ and the CUDA headers)."""
+    include = _cuda_include()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if include is None or cxx is None:
+        pytest.skip("the CUDA emulation needs a C++20 compiler and the CUDA toolkit headers")
+    lib = tmp_path_factory.mktemp("cuda_emulation") / "sk_cuda_emulation.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-Wno-unknown-pragmas",
+           f"-I{include}", f"-I{ROOT / 'csrc'}", str(ROOT / "csrc/cuda/emulation/emulation.cpp"), "-o", str(lib),
+           "-lpthread"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    return ctypes.CDLL(str(lib))
+
+
+def _p(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+def _poisoned(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """An output buffer full of 0xA5 bytes, so any byte a kernel forgets to write shows up."""
+    t = torch.empty(*shape, dtype=dtype)
+    if t.numel():
+        t.view(torch.uint8).fill_(0xA5)
+    return t
+
+
+I64, F64 = ctypes.c_int64, ctypes.c_double
+
+
+def test_emulated_pack_unpack_match_reference(emu):
+    g = torch.Generator().manual_seed(1)
+    for bits in range(1, 9):
+        for rows, n in ((1, 1), (3, 37), (2, 70)):
+            codes = torch.randint(0, 2**bits, (rows, n), generator=g, dtype=torch.uint8)
+            want = reference.pack_bits(codes, bits)
+            packed = _poisoned(rows, want.shape[1], dtype=torch.uint8)
+            emu.emu_pack_bits(_p(codes), _p(packed), I64(rows), I64(n), ctypes.c_int(bits))
+            assert torch.equal(packed, want), (bits, n)
+            wide = torch.cat([want, torch.randint(0, 256, (rows, 3), generator=g, dtype=torch.uint8)], 1)
+            back = _poisoned(rows, n, dtype=torch.uint8)
+            emu.emu_unpack_bits(_p(wide), _p(back), I64(rows), I64(n), I64(wide.shape[1]), ctypes.c_int(bits))
+            assert torch.equal(back, codes), (bits, n)
+
+
+def _emu_encode(emu, x, abs_threshold, threshold, capacity, menu, eps, forced):
+    t, d = x.shape
+    out = (
+        _poisoned(t, dtype=torch.uint8), _poisoned(t, dtype=torch.float16), _poisoned(t, dtype=torch.float16),
+        _poisoned(t, dtype=torch.float32), _poisoned(t, dtype=torch.int32), _poisoned(t, capacity, dtype=torch.int32),
+        _poisoned(t, capacity, dtype=x.dtype), _poisoned(t, d * x.element_size(), dtype=torch.uint8),
+        _poisoned(t, dtype=torch.int32),
+    )
+    mask = sum(1 << (b - 1) for b in set(menu))
+    emu.emu_ts_tabq_encode(
+        _p(x), ctypes.c_int(DTYPE_CODE[x.dtype]), I64(t), I64(d), ctypes.c_bool(abs_threshold), F64(threshold),
+        I64(capacity), ctypes.c_int(mask), F64(eps), _p(forced), *(_p(o) for o in out),
+    )
+    return out
+
+
+def _emu_decode(emu, enc, d):
+    bits, lo, step, _hi, cnt, idx, val, codes, _nb = enc
+    t = bits.shape[0]
+    out = _poisoned(t, d, dtype=val.dtype)
+    emu.emu_ts_tabq_decode(
+        _p(bits), _p(lo), _p(step), _p(cnt), _p(idx), _p(val), _p(codes), ctypes.c_int(DTYPE_CODE[val.dtype]),
+        I64(t), I64(d), I64(idx.shape[1]), I64(codes.shape[1]), _p(out),
+    )
+    return out
+
+
+@pytest.mark.parametrize("case", CODEC_CASES, ids=lambda c: f"T{c[0]}-d{c[1]}-{c[2]}-C{c[5]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_codec_matches_reference(emu, case, dtype):
+    t, d, kind, abs_threshold, threshold, capacity, menu, eps = case
+    x = activations(t, d, dtype, kind, seed=d + t)
+    want = reference.ts_tabq_encode(x, abs_threshold, threshold, capacity, menu, eps, None)
+    got = _emu_encode(emu, x, abs_threshold, threshold, capacity, menu, eps, None)
+    assert_encode_equal(got, want)
+    assert torch.equal(_emu_decode(emu, got, d), reference.ts_tabq_decode(*want[:3], *want[4:8], d))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_codec_forced_widths(emu, dtype):
+    x = activations(6, 75, dtype, "heavy", seed=5)
+    x[5] = 0.0
+    x[4, 0] = 60000.0  # lo/step of some widths overflow fp16: those tokens fall back to raw
+    forced = torch.tensor([1, 3, 8, 5, 2, 0], dtype=torch.uint8)
+    want = reference.ts_tabq_encode(x, False, 3.0, 2, [], 0.0, forced)
+    got = _emu_encode(emu, x, False, 3.0, 2, [], 0.0, forced)
+    assert_encode_equal(got, want)
+    assert torch.equal(_emu_decode(emu, got, 75), reference.ts_tabq_decode(*want[:3], *want[4:8], 75))
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_gemv_and_dequant_match_reference(emu, bits, dtype):
+    g = torch.Generator().manual_seed(bits)
+    n, k, group = 11, 192, 64
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_weight(w, bits, group, dtype=dtype)
+    deq = _poisoned(n, k, dtype=torch.float32)
+    emu.emu_dequantize_weight(_p(qw.qweight), _p(qw.scale), _p(qw.zero), _p(deq), ctypes.c_int(DTYPE_CODE[dtype]),
+                              I64(n), I64(k), ctypes.c_int(bits), I64(group))
+    want_w = reference.dequantize_weight(qw.qweight, qw.scale.float(), qw.zero.float(), bits, group, k)
+    assert torch.equal(deq, want_w)
+    bias = torch.randn(n, generator=g).to(dtype)
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        for b in (None, bias):
+            y = _poisoned(m, n, dtype=dtype)
+            emu.emu_lowbit_gemv(_p(x), _p(qw.qweight), _p(qw.scale), _p(qw.zero), _p(b), _p(y),
+                                ctypes.c_int(DTYPE_CODE[dtype]), I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(group))
+            want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
+            assert rel_err(y, want) <= MATMUL_TOL[dtype], (m, b is None)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+@pytest.fixture
+def cuda_backend():
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA device")
+    info = splitkernels.backends()["cuda"]
+    if not info["available"]:
+        pytest.fail(f"a CUDA device is present but the cuda backend is unavailable: {info['reason']}")
+    with splitkernels.use_backend("cuda"):
+        yield
+
+
+def _poison_allocator(nbytes: int = 64 << 20) -> None:
+    """Fill memory the caching allocator will hand out next with 0xA5, so unwritten outputs show up."""
+    junk = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    junk.fill_(0xA5)
+    del junk
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_gpu_pack_unpack(cuda_backend, bits):
+    g = torch.Generator().manual_seed(bits)
+    for shape in ((1, 1), (5, 37), (3, 2, 1000), (0, 9), (4, 0)):
+        codes = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.uint8)
+        _poison_allocator()
+        packed = ops.pack_bits(codes.cuda(), bits)
+        assert torch.equal(packed.cpu(), reference.pack_bits(codes, bits)), shape
+        assert torch.equal(ops.unpack_bits(packed, bits, shape[-1]).cpu(), codes), shape
+
+
+GPU_CODEC_CASES = CODEC_CASES + [
+    (64, 4096, "heavy", False, 4.0, 8, [2, 3, 4, 5, 6, 8], 0.05),
+    (17, 4096, "sink", False, 4.0, 16, [3, 4, 5, 6, 8], 0.02),
+    (5, 16384, "heavy", False, 4.0, 2, [4, 8], 0.03),
+    (3, 5001, "ties", True, 2.0, 700, [2, 4], 0.1),
+    (1, 2049, "normal", False, 2.0, 2049, [2, 4], 0.05),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CODEC_CASES, ids=lambda c: f"T{c[0]}-d{c[1]}-{c[2]}-C{c[5]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_codec_matches_reference(cuda_backend, case, dtype):
+    t, d, kind, abs_threshold, threshold, capacity, menu, eps = case
+    x = activations(t, d, dtype, kind, seed=d * 7 + t)
+    want = reference.ts_tabq_encode(x, abs_threshold, threshold, capacity, menu, eps, None)
+    _poison_allocator()
+    got = ops.ts_tabq_encode(x.cuda(), abs_threshold, threshold, capacity, menu, eps)
+    assert_encode_equal(got, want)
+    _poison_allocator()
+    dec = ops.ts_tabq_decode(*got[:3], *got[4:8], d)
+    assert torch.equal(dec.cpu(), reference.ts_tabq_decode(*want[:3], *want[4:8], d))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_codec_forced_widths_and_public_codec(cuda_backend, dtype):
+    from splitkernels.codec import CodecConfig, decode, encode
+
+    x = activations(6, 75, dtype, "heavy", seed=5)
+    x[5] = 0.0
+    x[4, 0] = 60000.0
+    forced = torch.tensor([1, 3, 8, 5, 2, 0], dtype=torch.uint8)
+    want = reference.ts_tabq_encode(x, False, 3.0, 2, [], 0.0, forced)
+    got = ops.ts_tabq_encode(x.cuda(), False, 3.0, 2, [], 0.0, forced.cuda())
+    assert_encode_equal(got, want)
+    y = activations(33, 576, dtype, "sink", seed=9)
+    for config in (CodecConfig(), CodecConfig.passthrough()):
+        frame = encode(y.cuda(), config).to_bytes()
+        with splitkernels.use_backend("reference"):
+            assert frame == encode(y, config).to_bytes()
+        assert torch.equal(decode(encode(y.cuda(), config)).cpu(), decode(encode(y, config)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_lowbit_linear(cuda_backend, bits, dtype):
+    g = torch.Generator().manual_seed(10 + bits)
+    # (N, K, group): GEMV shapes, then group sizes the GEMV does not take (dequantise + matmul).
+    for n, k, group in ((1536, 576, 64), (257, 1024, 128), (40, 96, 32), (24, 60, 12)):
+        w = torch.randn(n, k, generator=g)
+        qw = quantize_weight(w, bits, group, dtype=dtype).to("cuda")
+        bias = torch.randn(n, generator=g).to(dtype)
+        for m in (1, 2, 5, 8, 9, 64):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            for b in (None, bias):
+                _poison_allocator()
+                got = ops.lowbit_linear(x.cuda(), qw, None if b is None else b.cuda())
+                want = reference.lowbit_linear(x, qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), bits, group, b)
+                assert got.dtype == dtype and got.shape == want.shape
+                assert rel_err(got, want) <= MATMUL_TOL[dtype], (n, k, group, m)
+    x3 = torch.randn(2, 3, 576, generator=g).to(dtype)
+    qw = quantize_weight(torch.randn(64, 576, generator=g), bits, 64, dtype=dtype)
+    got = ops.lowbit_linear(x3.cuda(), qw.to("cuda"))
+    want = reference.lowbit_linear(x3, qw.qweight, qw.scale, qw.zero, bits, 64, None)
+    assert got.shape == (2, 3, 64) and rel_err(got, want) <= MATMUL_TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_offset_views_and_streams(cuda_backend):
+    """Inputs that are views at odd offsets and work on a side stream still give the reference."""
+    g = torch.Generator().manual_seed(3)
+    x = activations(9, 301, torch.float16, "heavy", seed=3)
+    base = torch.empty(x.numel() + 1, dtype=torch.float16, device="cuda")
+    xv = base[1:].view(9, 301)
+    xv.copy_(x.cuda())
+    want = reference.ts_tabq_encode(x, False, 4.0, 3, [2, 4, 8], 0.05, None)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = ops.ts_tabq_encode(xv, False, 4.0, 3, [2, 4, 8], 0.05)
+        codes = torch.empty(9, got[7].shape[1] + 1, dtype=torch.uint8, device="cuda")
+        codes[:, 1:] = got[7]
+        dec = ops.ts_tabq_decode(*got[:3], *got[4:7], codes[:, 1:], 301)
+    stream.synchronize()
+    assert_encode_equal(got, want)
+    assert torch.equal(dec.cpu(), reference.ts_tabq_decode(*want[:3], *want[4:8], 301))
+    qw = quantize_weight(torch.randn(48, 256, generator=g), 4, 128, dtype=torch.float16).to("cuda")
+    xs = torch.randn(3, 257, generator=g).half().cuda()[:, 1:]
+    got = ops.lowbit_linear(xs, qw)
+    want = reference.lowbit_linear(xs.cpu(), qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), 4, 128, None)
+    assert rel_err(got, want) <= 1e-3
