@@ -344,6 +344,7 @@ def test_gpu_offset_views_and_streams(cuda_backend):
     xv.copy_(x.cuda())
     want = reference.ts_tabq_encode(x, False, 4.0, 3, [2, 4, 8], 0.05, None)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         got = ops.ts_tabq_encode(xv, False, 4.0, 3, [2, 4, 8], 0.05)
         codes = torch.empty(9, got[7].shape[1] + 1, dtype=torch.uint8, device="cuda")
@@ -353,7 +354,8 @@ def test_gpu_offset_views_and_streams(cuda_backend):
     assert_encode_equal(got, want)
     assert torch.equal(dec.cpu(), reference.ts_tabq_decode(*want[:3], *want[4:8], 301))
     qw = quantize_weight(torch.randn(48, 256, generator=g), 4, 128, dtype=torch.float16).to("cuda")
-    xs = torch.randn(3, 257, generator=g).half().cuda()[:, 1:]
+    xs = torch.empty(3 * 256 + 1, dtype=torch.float16, device="cuda")[1:].view(3, 256)  # 2-byte offset
+    xs.copy_(torch.randn(3, 256, generator=g).half())
     got = ops.lowbit_linear(xs, qw)
     want = reference.lowbit_linear(xs.cpu(), qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), 4, 128, None)
     assert rel_err(got, want) <= 1e-3

@@ -1,0 +1,195 @@
+"""GPU microbenchmarks of the cuda backend beside its baselines, in one run on one card.
+
+* Codec: fused TS + TAB-Q encode, decode and encode+decode at T = 4096, d = 4096 (fp16 and
+  bf16, default CodecConfig), against the reference ops and the triton backend.
+  Target: encode+decode at >= 70% of the measured device-to-device copy bandwidth.
+* GEMV: W4 g128, M = 1 on (N, K) = (4096, 4096), (4096, 14336) and (14336, 4096), fp16
+  activations, against fp16 ``torch.matmul`` (target >= 3x; the bytes limit is 3.88x) and the
+  triton backend; W2/W3/W8 and M = 8 as context.
+
+Times are medians of GPU time from CUDA events around each call, after warm-up, with L2
+flushed before every call (a large memset in the same stream; it also hides the Python launch
+overhead, so the numbers are kernel times). "GB/s" counts the bytes a kernel must move at
+least; "of copy" divides by the measured copy bandwidth (bytes read + written per second of a
+large ``Tensor.copy_``). Writes ``bench_gpu_cuda.json`` and ``bench_gpu_cuda.md`` to ``--out``.
+
+Usage: python bench/bench_gpu_cuda.py --out DIR [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import splitkernels
+from splitkernels import ops
+from splitkernels.codec import CodecConfig
+from splitkernels.quant import quantize_weight
+
+FLUSH_BYTES = 512 << 20
+
+
+class Timer:
+    """Median GPU time of a call, each run after an L2 flush, measured with CUDA events."""
+
+    def __init__(self, reps: int, warmup: int) -> None:
+        self.reps, self.warmup = reps, warmup
+        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+        for s, e in zip(starts, ends):
+            self.flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e-3  # seconds
+
+
+def copy_bandwidth(timer: Timer) -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").fill_(1)
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * (1 << 30) / t
+
+
+def backends_on_gpu() -> list[str]:
+    info = splitkernels.backends()
+    return [n for n in ("cuda", "triton") if info[n]["available"] and "cuda" in info[n]["devices"]]
+
+
+def row(kind: str, shape: str, impl: str, seconds: float, nbytes: int, copy_bw: float, base: float | None) -> dict:
+    return {
+        "bench": kind, "shape": shape, "impl": impl, "us": seconds * 1e6, "GB/s": nbytes / seconds / 1e9,
+        "of_copy": nbytes / seconds / copy_bw, "speedup": (base / seconds) if base else None,
+    }
+
+
+def bench_codec(timer: Timer, copy_bw: float, t: int, d: int, dtype: torch.dtype) -> list[dict]:
+    cfg = CodecConfig()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(t, d, device="cuda", dtype=torch.float32, generator=gen)
+    x[:, 7] *= 12  # a heavy channel, as in real hidden states
+    x[0, 3] = 20000.0  # and an attention-sink token
+    x = x.to(dtype)
+    args = (False, cfg.alpha, cfg.capacity, list(cfg.bit_choices), cfg.eps)
+    rows, shape = [], f"T={t} d={d} {str(dtype).replace('torch.', '')}"
+    times: dict[str, dict[str, float]] = {}
+    for impl in ["reference"] + backends_on_gpu():
+        with splitkernels.use_backend(impl):
+            enc = ops.ts_tabq_encode(x, *args)
+            bits, lo, step, _hi, cnt, idx, val, codes, nbytes = enc
+            te = timer(lambda: ops.ts_tabq_encode(x, *args))
+            td = timer(lambda: ops.ts_tabq_decode(bits, lo, step, cnt, idx, val, codes, d))
+            times[impl] = {"encode": te, "decode": td, "encode+decode": te + td}
+        enc_bytes = x.numel() * x.element_size() + codes.numel() + idx.numel() * 4 + val.numel() * val.element_size()
+        dec_bytes = int(nbytes.sum()) + x.numel() * x.element_size() + idx.numel() * 4 + val.numel() * val.element_size()
+        sizes = {"encode": enc_bytes, "decode": dec_bytes, "encode+decode": enc_bytes + dec_bytes}
+        for op in ("encode", "decode", "encode+decode"):
+            base = times["reference"][op]
+            rows.append(row(f"codec {op}", shape, impl, times[impl][op], sizes[op], copy_bw, base))
+    return rows
+
+
+def bench_gemv(timer: Timer, copy_bw: float, n: int, k: int, m: int, bits: int, group: int) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    w = torch.randn(n, k, device="cuda", generator=gen)
+    qw = quantize_weight(w, bits, group, dtype=torch.float16)
+    w16 = w.half()
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+    shape = f"M={m} N={n} K={k} W{bits} g{group}"
+    base = timer(lambda: torch.matmul(x, w16.T))
+    rows = [row("gemv", shape, "torch fp16 matmul", base, w16.numel() * 2 + x.numel() * 2 + m * n * 2, copy_bw, base)]
+    qbytes = qw.nbytes + x.numel() * 2 + m * n * 2
+    for impl in backends_on_gpu():
+        with splitkernels.use_backend(impl):
+            ops.lowbit_linear(x, qw)
+            rows.append(row("gemv", shape, impl, timer(lambda: ops.lowbit_linear(x, qw)), qbytes, copy_bw, base))
+    return rows
+
+
+def environment() -> dict:
+    from splitkernels._native import load
+
+    mod, reason = load("_C_cuda")
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "card": torch.cuda.get_device_name(0),
+        "sm": f"{props.major}.{props.minor}",
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "splitkernels_C_cuda": mod.version_string() if mod else reason,
+        "python": platform.python_version(),
+        "backends": {k: v["available"] for k, v in splitkernels.backends().items()},
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def markdown(env: dict, copy_bw: float, rows: list[dict]) -> str:
+    lines = [
+        f"# cuda backend microbenchmarks on {env['card']} (sm {env['sm']})",
+        "",
+        f"torch {env['torch']} (CUDA {env['torch_cuda']}), splitkernels._C_cuda: {env['splitkernels_C_cuda']}, "
+        f"{env['when']}. Measured device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write).",
+        "Median GPU time per call, L2 flushed before each call. Speedup: against the first row of the "
+        "same shape (the reference op for the codec, fp16 torch.matmul for GEMV).",
+        "",
+        "| bench | shape | impl | us | GB/s | of copy BW | speedup |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] else ""
+        lines.append(f"| {r['bench']} | {r['shape']} | {r['impl']} | {r['us']:.1f} | {r['GB/s']:.0f} | "
+                     f"{100 * r['of_copy']:.0f}% | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for the JSON and markdown results")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_gpu_cuda: no CUDA device, nothing to measure", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    timer = Timer(reps=20 if args.quick else 50, warmup=3 if args.quick else 10)
+    env = environment()
+    print(json.dumps(env, indent=1), flush=True)
+    copy_bw = copy_bandwidth(timer)
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
+    rows: list[dict] = []
+    for dtype in (torch.float16,) if args.quick else (torch.float16, torch.bfloat16):
+        rows += bench_codec(timer, copy_bw, 4096, 4096, dtype)
+        print(f"codec {dtype} done", flush=True)
+    gemv_cases = [(4096, 4096, 1, 4), (4096, 14336, 1, 4), (14336, 4096, 1, 4)]
+    if not args.quick:
+        gemv_cases += [(4096, 4096, 8, 4), (4096, 4096, 1, 2), (4096, 4096, 1, 3), (4096, 4096, 1, 8)]
+    for n, k, m, bits in gemv_cases:
+        rows += bench_gemv(timer, copy_bw, n, k, m, bits, 128)
+    print("gemv done", flush=True)
+    result = {"environment": env, "copy_GBps": copy_bw / 1e9, "rows": rows}
+    (args.out / "bench_gpu_cuda.json").write_text(json.dumps(result, indent=1))
+    table = markdown(env, copy_bw, rows)
+    (args.out / "bench_gpu_cuda.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU machine (no network; torch with CUDA already installed).
+# Builds the extensions in-tree for this card, runs the GPU tests (cuda and triton backends)
+# and the GPU microbenchmarks, and leaves logs, JSON and markdown tables under $OUT
+# (default bench/results/gpu-<date>). Every step has a timeout; the whole run fits in 8 minutes.
+#
+# Usage (from the repository root): OUT=/some/dir bash bench/gpu_check.sh [--quick]
+set -u -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/bench/results/gpu-$(date -u +%Y%m%d-%H%M)}"
+mkdir -p "$OUT"
+QUICK="${1:-}"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+SUMMARY="$OUT/summary.md"
+: > "$SUMMARY"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+step() {  # step NAME SECONDS CMD...: run with a timeout, log to $OUT/NAME.log, record the status
+  local name="$1" limit="$2"; shift 2
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  note "- $name: exit $rc in $(( $(date +%s) - t0 )) s (limit $limit s; log $name.log)"
+  tail -n 25 "$OUT/$name.log"
+  return $rc
+}
+
+note "# GPU check $(date -u '+%Y-%m-%d %H:%M UTC')"
+note ""
+{
+  echo '```'
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi missing"
+  echo "nvcc: $(command -v nvcc >/dev/null && nvcc --version | tail -n 2 | head -n 1 || echo missing)"
+  echo "cmake: $(cmake --version 2>/dev/null | head -n 1 || echo missing); ninja: $(ninja --version 2>/dev/null || echo missing)"
+  "$PY" - <<'EOF' 2>&1
+import platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+for name in ("triton", "pybind11", "pytest", "hypothesis"):
+    try:
+        mod = __import__(name)
+        print(f"{name} {getattr(mod, '__version__', '?')}")
+    except ImportError as exc:
+        print(f"{name} missing ({exc})")
+EOF
+  echo '```'
+} | tee -a "$SUMMARY"
+
+# 1. Build both extension modules in-tree, only for this card's architecture (fast compile).
+ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(0); print(f'{m}{n}')" 2>/dev/null || echo 90)
+GEN=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")
+if command -v nvcc >/dev/null && command -v cmake >/dev/null; then
+  step build 200 bash -c "cmake -S . -B build/gpu-check -G '$GEN' -DPython_EXECUTABLE=\$(command -v $PY) \
+      -DSPLITKERNELS_OUTPUT_DIR=$ROOT/splitkernels -DSPLITKERNELS_CUDA=1 -DCMAKE_CUDA_ARCHITECTURES=$ARCH \
+      && cmake --build build/gpu-check -j $(nproc)"
+elif ls splitkernels/_C_cuda*.so >/dev/null 2>&1; then
+  note "- build: skipped (no nvcc/cmake here); using the prebuilt splitkernels/_C_cuda that came with the tree"
+else
+  note "- build: impossible (no nvcc/cmake) and no prebuilt splitkernels/_C_cuda: the cuda backend will be unavailable"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import json, splitkernels; print(json.dumps(splitkernels.backends(), indent=1))" 2>&1 | tee "$OUT/backends.json"
+
+# 2. GPU tests of every GPU backend.
+step tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/tests.xml" python_tests
+
+# 3. Microbenchmarks (the triton one is written separately; run it when present).
+REMAIN=$(( 470 - ($(date +%s) - START) ))
+if [ -f bench/bench_triton.py ]; then
+  BUDGET=$(( REMAIN / 2 ))
+else
+  BUDGET=$REMAIN
+fi
+if [ "$BUDGET" -gt 30 ]; then
+  step bench_cuda "$BUDGET" "$PY" bench/bench_gpu_cuda.py --out "$OUT" $QUICK
+  [ -f "$OUT/bench_gpu_cuda.md" ] && cat "$OUT/bench_gpu_cuda.md" >> "$SUMMARY"
+else
+  note "- bench_cuda: skipped, only $BUDGET s left"
+fi
+REMAIN=$(( 470 - ($(date +%s) - START) ))
+if [ -f bench/bench_triton.py ] && [ "$REMAIN" -gt 30 ]; then
+  step bench_triton "$REMAIN" "$PY" bench/bench_triton.py --out "$OUT"
+fi
+note ""
+note "total $(( $(date +%s) - START )) s; results in $OUT"
