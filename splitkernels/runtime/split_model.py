@@ -106,7 +106,8 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     ids = _check_input_ids(input_ids, getattr(edge.adapter.config, "vocab_size", None))
     eos = _eos_set(eos_token_id)
-    # The last new token is never fed back, so the server sees prompt + new - 1 positions.
+    # The last new token is never fed back, so the server sees prompt + new - 1 positions; it refuses
+    # the session at OPEN (RESOURCE_EXHAUSTED) when that exceeds its limit.
     seq_len = ids.shape[1] + max_new_tokens - 1
     metrics = GenerationMetrics(hidden_size=edge.adapter.hidden_size)
     tokens: list[int] = []
@@ -114,9 +115,6 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     start = time.perf_counter()
     session = transport.open(Open(sampling, fingerprint, seq_len))
     try:
-        if seq_len > session.max_seq_len:
-            raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) - 1 = {seq_len} exceeds "
-                             f"the server's max sequence length {session.max_seq_len}")
         cache = edge.new_cache()
         step_ids, position = ids, 0
         for seq in range(max_new_tokens):
