@@ -1,0 +1,119 @@
+// pybind11 bindings of the CPU kernels (module splitkernels._C).
+//
+// Tensors cross as integer data pointers plus sizes: the module never links libtorch, and the
+// Python glue (splitkernels/backends/cpp.py) allocates outputs and checks shapes, dtypes and
+// contiguity. Every kernel runs with the GIL released. Kernel-side argument errors come back
+// as ValueError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/bitpack.h"
+#include "cpu/codec.h"
+#include "cpu/linear.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void check(const std::string& err) {
+  if (!err.empty()) throw std::invalid_argument(err);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "splitkernels CPU kernels (torch-free; pointers and sizes in, see splitkernels/backends/cpp.py)";
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  m.def(
+      "pack_bits",
+      [](std::uintptr_t codes, int64_t rows, int64_t n, int bits, std::uintptr_t out, bool bitwise) {
+        sk::pack_rows(ptr<const uint8_t>(codes), rows, n, bits, ptr<uint8_t>(out), bitwise);
+      },
+      py::arg("codes"), py::arg("rows"), py::arg("n"), py::arg("bits"), py::arg("out"), py::arg("bitwise") = false,
+      nogil, "Pack rows of n uint8 codes into ceil(n*bits/8) bytes each (bitwise: the bit-at-a-time path).");
+
+  m.def(
+      "unpack_bits",
+      [](std::uintptr_t packed, int64_t rows, int64_t stride, int64_t n, int bits, std::uintptr_t out,
+         bool bitwise) {
+        sk::unpack_rows(ptr<const uint8_t>(packed), rows, stride, n, bits, ptr<uint8_t>(out), bitwise);
+      },
+      py::arg("packed"), py::arg("rows"), py::arg("stride"), py::arg("n"), py::arg("bits"), py::arg("out"),
+      py::arg("bitwise") = false, nogil, "Unpack n codes from each packed row (rows `stride` bytes apart).");
+
+  m.def(
+      "ts_tabq_encode",
+      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, bool abs_threshold, double threshold, int64_t capacity,
+         const std::vector<int>& menu, double eps, std::uintptr_t forced, std::uintptr_t bits, std::uintptr_t lo,
+         std::uintptr_t step, std::uintptr_t hi, std::uintptr_t cnt, std::uintptr_t idx, std::uintptr_t val,
+         std::uintptr_t codes, std::uintptr_t nbytes) {
+        const sk::EncodeOutputs out{ptr<uint8_t>(bits), ptr<uint16_t>(lo),   ptr<uint16_t>(step),
+                                    ptr<float>(hi),     ptr<int32_t>(cnt),   ptr<int32_t>(idx),
+                                    ptr<void>(val),     ptr<uint8_t>(codes), ptr<int32_t>(nbytes)};
+        check(sk::ts_tabq_encode(ptr<const void>(x), dtype, T, d, abs_threshold, threshold, capacity, menu.data(),
+                                 static_cast<int>(menu.size()), eps, ptr<const uint8_t>(forced), out));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("abs_threshold"), py::arg("threshold"),
+      py::arg("capacity"), py::arg("menu"), py::arg("eps"), py::arg("forced"), py::arg("bits"), py::arg("lo"),
+      py::arg("step"), py::arg("hi"), py::arg("cnt"), py::arg("idx"), py::arg("val"), py::arg("codes"),
+      py::arg("nbytes"), nogil, "Fused TS + TAB-Q encode into caller-allocated buffers (forced may be 0).");
+
+  m.def(
+      "ts_tabq_decode",
+      [](std::uintptr_t bits, std::uintptr_t lo, std::uintptr_t step, std::uintptr_t cnt, std::uintptr_t idx,
+         std::uintptr_t val, int64_t capacity, std::uintptr_t codes, int64_t codes_stride, int64_t T, int64_t d,
+         int dtype, std::uintptr_t out) {
+        check(sk::ts_tabq_decode(ptr<const int32_t>(bits), ptr<const float>(lo), ptr<const float>(step),
+                                 ptr<const int32_t>(cnt), ptr<const int32_t>(idx), ptr<const void>(val), capacity,
+                                 ptr<const uint8_t>(codes), codes_stride, T, d, dtype, ptr<void>(out)));
+      },
+      py::arg("bits"), py::arg("lo"), py::arg("step"), py::arg("cnt"), py::arg("idx"), py::arg("val"),
+      py::arg("capacity"), py::arg("codes"), py::arg("codes_stride"), py::arg("T"), py::arg("d"), py::arg("dtype"),
+      py::arg("out"), nogil, "TS + TAB-Q decode (bits/cnt/idx int32, lo/step fp32) into out [T, d].");
+
+  m.def(
+      "lowbit_linear",
+      [](std::uintptr_t x, int dtype, int64_t M, int64_t K, std::uintptr_t qweight, int64_t N, int64_t words,
+         std::uintptr_t scale, std::uintptr_t zero, int scale_dtype, int bits, int64_t group_size,
+         std::uintptr_t bias, std::uintptr_t y) {
+        check(sk::lowbit_linear(ptr<const void>(x), dtype, M, K, ptr<const int32_t>(qweight), N, words,
+                                ptr<const void>(scale), ptr<const void>(zero), scale_dtype, bits, group_size,
+                                ptr<const float>(bias), ptr<void>(y)));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("N"), py::arg("words"),
+      py::arg("scale"), py::arg("zero"), py::arg("scale_dtype"), py::arg("bits"), py::arg("group_size"),
+      py::arg("bias"), py::arg("y"), nogil, "y = x @ dequant(W)^T + bias (bias fp32 or 0).");
+
+  m.def(
+      "int8_linear",
+      [](std::uintptr_t x, int dtype, int64_t M, int64_t K, std::uintptr_t w, int64_t N, std::uintptr_t w_scale,
+         std::uintptr_t bias, std::uintptr_t y) {
+        check(sk::int8_linear(ptr<const void>(x), dtype, M, K, ptr<const int8_t>(w), N, ptr<const float>(w_scale),
+                              ptr<const float>(bias), ptr<void>(y)));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("w"), py::arg("N"), py::arg("w_scale"),
+      py::arg("bias"), py::arg("y"), nogil, "W8A8 linear (bias fp32 or 0).");
+
+  m.def("num_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  }, "OpenMP threads the kernels use (1 when built without OpenMP).");
+}

@@ -1,0 +1,132 @@
+// Bit-exact fp16 / bf16 <-> fp32 conversions and the directed fp16 roundings of the codec.
+//
+// Written with integer operations (plus one IEEE fp32 addition for fp16 subnormals) so the
+// results never depend on compiler support for _Float16 or on the target's F16C / BF16
+// instructions. Conversions to the narrow types round to nearest, ties to even, the way
+// torch's .to(dtype) does; docs/FORMATS.md relies on that.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace sk {
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {
+    // Subnormal: man * 2^-24, exact in fp32.
+    const float v = static_cast<float>(man) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+inline uint16_t float_to_half(float f) {
+  const uint32_t x = float_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));  // NaN
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (ax >= 0x38800000u) {
+    // Normal fp16: rebias the exponent (-112 << 23) and round the 13 dropped bits to even;
+    // a carry out of the mantissa correctly bumps the exponent.
+    ax += 0xc8000fffu + ((ax >> 13) & 1u);
+    return static_cast<uint16_t>(sign | (ax >> 13));
+  }
+  // Below 2^-14: adding 0.5 puts the fp16 subnormal grid (2^-24) at fp32's last mantissa bit,
+  // so the fp32 adder performs the round-to-nearest-even for us.
+  const float t = bits_float(ax) + 0.5f;
+  return static_cast<uint16_t>(sign | (float_bits(t) - 0x3f000000u));
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t x = float_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet NaN
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+// Largest fp16 value <= v (as fp32; -inf below the fp16 range): the codec's `lo`.
+inline float round_down_fp16(float v) {
+  const uint16_t h = float_to_half(v);
+  const float hf = half_to_float(h);
+  if (!(hf > v)) return hf;
+  uint16_t down;
+  if (h & 0x8000u)
+    down = static_cast<uint16_t>(h + 1);
+  else
+    down = h == 0 ? 0x8001u : static_cast<uint16_t>(h - 1);
+  return half_to_float(down);
+}
+
+// Smallest fp16 value >= v for v >= 0 (as fp32; +inf above the fp16 range): the codec's `step`.
+inline float round_up_fp16(float v) {
+  const uint16_t h = float_to_half(v);
+  const float hf = half_to_float(h);
+  return hf < v ? half_to_float(static_cast<uint16_t>(h + 1)) : hf;
+}
+
+// Element types of the kernels' float tensors; the numbering is the codec frame's dtype byte.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+inline float load_as_float(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case kFloat16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    case kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+inline void store_from_float(void* p, int dtype, int64_t i, float v) {
+  switch (dtype) {
+    case kFloat16: static_cast<uint16_t*>(p)[i] = float_to_half(v); break;
+    case kBFloat16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// Converts n values of `dtype` at `src` to fp32; a tight loop per dtype so it vectorises.
+inline void to_float(const void* src, int dtype, int64_t n, float* dst) {
+  if (dtype == kFloat32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+  } else if (dtype == kBFloat16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
+  }
+}
+
+inline void from_float(const float* src, int64_t n, int dtype, void* dst) {
+  if (dtype == kFloat32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+  } else if (dtype == kBFloat16) {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i]);
+  }
+}
+
+}  // namespace sk

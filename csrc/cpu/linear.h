@@ -1,0 +1,22 @@
+// Matmuls against compressed weights on the CPU: y [M, N] = x [M, K] @ W^T (+ bias).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace sk {
+
+// W is the packed low-bit weight of docs/FORMATS.md section 2: qweight int32 [N, words],
+// scale/zero [N, K/group_size] of `scale_dtype`. x and y are [M, K] / [M, N] of `dtype`;
+// bias (nullable) is fp32 [N]. Accumulates in fp32. Returns "" or an error message.
+std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const int32_t* qweight, int64_t N,
+                          int64_t words, const void* scale, const void* zero, int scale_dtype, int bits,
+                          int64_t group_size, const float* bias, void* y);
+
+// W8A8: x rows quantised to symmetric int8 (absmax / 127, round half to even), exact int32
+// dot products with w [N, K] int8, y = acc * s_x * s_w (+ bias), each step an fp32 operation
+// in the reference's order. bias (nullable) is fp32 [N].
+std::string int8_linear(const void* x, int dtype, int64_t M, int64_t K, const int8_t* w, int64_t N,
+                        const float* w_scale, const float* bias, void* y);
+
+}  // namespace sk
