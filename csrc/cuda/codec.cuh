@@ -86,10 +86,13 @@ __global__ void __launch_bounds__(kCodecThreads)
     tau = __dmul_rn(threshold, __dsqrt_rn(__ddiv_rn(s, static_cast<double>(d))));
   }
 
-  // 2. Candidates |x| > tau (float64 compare). Over capacity, a radix select on the fp32 bit
-  // pattern of |x| (monotone for non-negative floats) finds the capacity-th largest magnitude.
+  // 2. Candidates |x| > tau. For an fp32 value a, (double)a > tau exactly when a > tau_down,
+  // the largest float <= tau, so the per-element compares stay in fp32. Over capacity, a radix
+  // select on the fp32 bit pattern of |x| (monotone for non-negative floats) finds the
+  // capacity-th largest magnitude.
+  const float tau_down = __double2float_rd(tau);
   int local = 0;
-  for (int i = tid; i < d; i += kCodecThreads) local += static_cast<double>(fabsf(load_f32(row, i))) > tau;
+  for (int i = tid; i < d; i += kCodecThreads) local += fabsf(load_f32(row, i)) > tau_down;
   const int candidates = CodecBlock::all_reduce(local, iscratch, SumOp());
   const int kept_total = min(candidates, capacity);
   const bool select = candidates > capacity && capacity > 0;
@@ -104,7 +107,7 @@ __global__ void __launch_bounds__(kCodecThreads)
       for (int i = tid; i < d; i += kCodecThreads) {
         const float a = fabsf(load_f32(row, i));
         const unsigned ab = __float_as_uint(a);
-        if (static_cast<double>(a) > tau && (ab & prefix_mask) == prefix) atomicAdd(&hist[(ab >> shift) & 255u], 1);
+        if (a > tau_down && (ab & prefix_mask) == prefix) atomicAdd(&hist[(ab >> shift) & 255u], 1);
       }
       __syncthreads();
       if (warp == 0) {
@@ -157,22 +160,28 @@ __global__ void __launch_bounds__(kCodecThreads)
     const bool in_row = i < d;
     const float v = in_row ? load_f32(row, i) : 0.0f;
     const float a = fabsf(v);
-    const bool candidate = in_row && static_cast<double>(a) > tau;
+    const bool candidate = in_row && a > tau_down;
     bool kept = candidate && capacity > 0;
+    // Most tiles hold no outlier: one barrier-with-vote skips the ordered counts there.
     if (select) {
       const unsigned ab = __float_as_uint(a);
       const bool equal = candidate && ab == kth;
-      int equal_tile = 0;
-      const int rank = equal_before + CodecBlock::exclusive_count(equal, iscratch, &equal_tile);
-      equal_before += equal_tile;
+      int rank = 0;
+      if (__syncthreads_or(equal)) {
+        int equal_tile = 0;
+        rank = equal_before + CodecBlock::exclusive_count(equal, iscratch, &equal_tile);
+        equal_before += equal_tile;
+      }
       kept = candidate && (ab > kth || (equal && rank < take_equal));
     }
-    int kept_tile = 0;
-    const int slot = kept_before + CodecBlock::exclusive_count(kept, iscratch, &kept_tile);
-    kept_before += kept_tile;
-    if (kept) {
-      idx_out[t * capacity + slot] = i;
-      val_out[t * capacity + slot] = row[i];
+    if (__syncthreads_or(kept)) {
+      int kept_tile = 0;
+      const int slot = kept_before + CodecBlock::exclusive_count(kept, iscratch, &kept_tile);
+      kept_before += kept_tile;
+      if (kept) {
+        idx_out[t * capacity + slot] = i;
+        val_out[t * capacity + slot] = row[i];
+      }
     }
     const unsigned word = __ballot_sync(kFullMask, kept);
     if (lane == 0 && base + warp * 32 < d) outlier_mask[(base >> 5) + warp] = word;

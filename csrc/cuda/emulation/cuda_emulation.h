@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -102,6 +103,16 @@ T __shfl_up_sync(unsigned, T v, int delta) {
   const int lane = sk_emu::thread_index.x % 32;
   return sk_emu::exchange(v, lane >= delta ? lane - delta : lane);
 }
+inline int __syncthreads_or(int pred) {
+  static std::atomic<int> vote{0};
+  __syncthreads();  // the previous vote has been read and reset
+  if (pred) vote.fetch_or(1);
+  __syncthreads();
+  const int out = vote.load();
+  __syncthreads();
+  if (sk_emu::thread_index.x == 0) vote.store(0);  // before thread 0 reaches the next first barrier
+  return out;
+}
 inline unsigned __ballot_sync(unsigned, bool pred) {
   auto& w = sk_emu::my_warp();
   const int lane = sk_emu::thread_index.x % 32;
@@ -136,6 +147,10 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline double __dsqrt_rn(double a) { return std::sqrt(a); }
+inline float __double2float_rd(double v) {
+  const float f = static_cast<float>(v);  // round to nearest, then step down if it went up
+  return static_cast<double>(f) > v ? std::nextafter(f, -INFINITY) : f;
+}
 template <typename T>
 T __ldcs(const T* p) { return *p; }
 using std::isfinite;
