@@ -2,8 +2,9 @@
 
 Both take a transformers causal LM or any callable ``fn(input_ids [1, L]) -> logits [1, L, V]``.
 Windows follow the usual strided evaluation: each window holds up to ``context`` tokens, windows
-start every ``stride`` tokens, and every target token (all but the first) is scored exactly once,
-in the first window that reaches it, with as much left context as that window gives.
+start every ``stride`` tokens (``context - 1`` when ``stride == context``, so that every target
+has a token before it in its window), and every target token (all but the first) is scored exactly
+once, in the first window that reaches it, with as much left context as that window gives.
 """
 from __future__ import annotations
 
@@ -92,7 +93,9 @@ def windows(length: int, context: int, stride: int) -> Iterator[tuple[int, int, 
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= context:
         raise ValueError(f"stride must be an int in [1, context={context}], got {stride!r}")
     scored_to = 1  # token 0 has no left context and is never a target
-    for begin in range(0, length, stride):
+    # A window starting exactly where the previous one ended could not predict its first token,
+    # so stride == context advances by context - 1.
+    for begin in range(0, length, min(stride, context - 1)):
         end = min(begin + context, length)
         if end > scored_to:
             yield begin, end, scored_to
