@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kCodecThreads)
   const bool aligned = (row_bytes & 3) == 0;
   const std::int64_t words = (row_bytes + 3) / 4;
   const std::int64_t stream_bytes = c.bits == kRawWidth ? row_bytes : (static_cast<std::int64_t>(d) * c.bits + 7) / 8;
-  const unsigned qmax = c.bits == kRawWidth ? 0u : (1u << c.bits) - 1u;
+  const float qmax_f = c.bits == kRawWidth ? 0.0f : static_cast<float>((1 << c.bits) - 1);
   for (std::int64_t j = tid; j < words; j += kCodecThreads) {
     std::uint32_t word = 0;
     if (4 * j < stream_bytes) {
@@ -268,8 +268,10 @@ __global__ void __launch_bounds__(kCodecThreads)
         for (std::int64_t ch = first; ch <= last; ++ch) {
           unsigned q = 0;
           if (c.step > 0.0f && !((outlier_mask[ch >> 5] >> (ch & 31)) & 1u)) {
-            const float r = rintf(__fdiv_rn(__fsub_rn(load_f32(row, ch), c.lo), c.step));
-            q = static_cast<unsigned>(fminf(fmaxf(r, 0.0f), static_cast<float>(qmax)));
+            // clamp(rint(v)) == rint(clamp(v)), and adding 2^23 rounds a value in [0, 255] to
+            // the nearest even integer in the low mantissa bits: no slow float-to-int convert.
+            const float v = __fdiv_rn(__fsub_rn(load_f32(row, ch), c.lo), c.step);
+            q = __float_as_uint(__fadd_rn(fminf(fmaxf(v, 0.0f), qmax_f), 8388608.0f)) - 0x4B000000u;
           }
           const int off = static_cast<int>(ch * c.bits - bit0);  // in (-bits, 32)
           acc |= off >= 0 ? static_cast<std::uint64_t>(q) << off : static_cast<std::uint64_t>(q >> -off);
@@ -309,7 +311,7 @@ __global__ void __launch_bounds__(kCodecThreads)
       const int shift = static_cast<int>(bit0 & 7);
       unsigned v = row[byte];
       if (shift + b > 8) v |= static_cast<unsigned>(row[byte + 1]) << 8;
-      const float q = static_cast<float>((v >> shift) & mask);
+      const float q = code_to_float((v >> shift) & mask);
       store_f32(dst, i, __fadd_rn(__fmul_rn(q, step32), lo32));
     }
   } else {

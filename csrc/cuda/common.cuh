@@ -41,6 +41,11 @@ __device__ __forceinline__ void store_f32(__nv_bfloat16* p, std::int64_t i, floa
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// q (< 2^23) as fp32 without the slow integer-to-float conversion: 2^23 + q is exact.
+__device__ __forceinline__ float code_to_float(unsigned q) {
+  return __fsub_rn(__uint_as_float(q | 0x4B000000u), 8388608.0f);
+}
+
 // Declares the launch's dynamic shared memory as `type name[]`. The host-side emulation that
 // the CPU tests compile (csrc/cuda/emulation) supplies its own definition first.
 #ifndef SK_DYNAMIC_SHARED

@@ -67,11 +67,6 @@ __device__ __forceinline__ unsigned chunk_code(const std::uint32_t* w, int j) {
   return __funnelshift_r(w[word], w[word + 1], shift) & ((1u << kBits) - 1u);
 }
 
-// q (< 2^23) as fp32 without the slow integer-to-float conversion: 2^23 + q is exact.
-__device__ __forceinline__ float code_to_float(unsigned q) {
-  return __uint_as_float(q | 0x4B000000u) - 8388608.0f;
-}
-
 // One warp per output row; lanes take successive 32-code chunks. A chunk lies inside one
 // group (group_size % 32 == 0), so the group's affine map is applied once per chunk:
 // sum_j x_j (q_j s + z) = s * sum_j x_j q_j + z * sum_j x_j.

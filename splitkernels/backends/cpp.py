@@ -162,7 +162,9 @@ def lowbit_linear(
     scale_code = _dtype_code("scale", scale)
     k = x.shape[-1]
     n = qweight.shape[0]
-    groups = k // group_size if group_size > 0 else 0
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"group_size must be a positive divisor of K = {k}, got {group_size}")
+    groups = k // group_size
     if scale.shape != (n, groups) or zero.shape != (n, groups):
         raise ValueError(f"scale and zero must be [{n}, {groups}], got {tuple(scale.shape)} and {tuple(zero.shape)}")
     bias32 = _bias32(bias, n)

@@ -1,0 +1,346 @@
+"""The cpp backend (C++/OpenMP kernels in splitkernels._C) against the pure-PyTorch reference.
+
+Integer outputs (packed bytes, codes, indices, counts, widths, fp16 lo/step bits) and decoded
+values must be identical; int8_linear is bit-identical too; lowbit_linear is checked against a
+float64 computation with the tolerances documented in splitkernels/backends/cpp.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import splitkernels
+from splitkernels import _backend, codec, ops
+from splitkernels.backends import cpp
+from splitkernels.ops import reference as ref
+from splitkernels.quant import quantize_weight, quantize_weight_int8
+
+pytestmark = pytest.mark.skipif(
+    not _backend.get_backend("cpp").available,
+    reason=f"cpp backend not built: {_backend.get_backend('cpp').unavailable_reason}",
+)
+
+_C = cpp._C
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+POISON = 0xA5
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality including the sign of zero (floats compared by their bit patterns)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        view = {2: torch.int16, 4: torch.int32}[a.element_size()]
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- selection
+
+
+def test_cpp_is_the_default_on_cpu():
+    assert splitkernels.backends()["cpp"]["available"]
+    for op, fn in cpp._KERNELS.items():
+        assert _backend.resolve(op, torch.device("cpu")) is fn
+
+
+def test_use_backend_cpp_routes_public_ops():
+    codes = torch.randint(0, 8, (4, 21), dtype=torch.uint8, generator=_gen(0))
+    with splitkernels.use_backend("cpp"):
+        assert _backend.resolve("pack_bits", torch.device("cpu")) is cpp.pack_bits
+        packed = ops.pack_bits(codes, 3)
+    assert torch.equal(packed, ref.pack_bits(codes, 3))
+
+
+def test_num_threads_reported():
+    assert _C.num_threads() >= 1
+
+
+# ---------------------------------------------------------------- pack / unpack
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (3, 33), (2, 3, 100), (0, 5), (4, 0)])
+def test_pack_unpack_match_reference(bits, shape):
+    codes = torch.randint(0, 1 << bits, shape, dtype=torch.uint8, generator=_gen(bits))
+    packed = cpp.pack_bits(codes, bits)
+    assert torch.equal(packed, ref.pack_bits(codes, bits))
+    assert torch.equal(cpp.unpack_bits(packed, bits, shape[-1]), codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_unpack_reads_only_the_stream_prefix(bits):
+    n = 37
+    packed = torch.randint(0, 256, (5, ref.packed_nbytes(n, bits) + 6), dtype=torch.uint8, generator=_gen(bits))
+    assert torch.equal(cpp.unpack_bits(packed, bits, n), ref.unpack_bits(packed, bits, n))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 5, 8, 13, 64, 203])
+def test_word_and_bitwise_paths_write_identical_bytes(bits, n):
+    rows = 3
+    codes = torch.randint(0, 1 << bits, (rows, n), dtype=torch.uint8, generator=_gen(n * bits))
+    nb = ref.packed_nbytes(n, bits)
+    outs = []
+    for bitwise in (False, True):
+        out = torch.full((rows, nb), POISON, dtype=torch.uint8)
+        _C.pack_bits(codes.data_ptr(), rows, n, bits, out.data_ptr(), bitwise)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], ref.pack_bits(codes, bits))  # poison fully overwritten, tail bits zero
+    decoded = []
+    for bitwise in (False, True):
+        out = torch.full((rows, n), POISON, dtype=torch.uint8)
+        _C.unpack_bits(outs[0].data_ptr(), rows, nb, n, bits, out.data_ptr(), bitwise)
+        decoded.append(out)
+    assert torch.equal(decoded[0], codes) and torch.equal(decoded[1], codes)
+
+
+# ---------------------------------------------------------------- codec
+
+
+def _activations(t: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = _gen(seed)
+    x = torch.randn(t, d, generator=g)
+    if d > 3:
+        x[:, torch.randint(0, d, (2,), generator=g)] *= 12  # heavy channels
+    if t > 1:
+        x[0] *= 1000  # a massive first token
+    return x.to(dtype)
+
+
+def _check_encode(x, *args, forced=None):
+    want = ref.ts_tabq_encode(x, *args, forced)
+    got = cpp.ts_tabq_encode(x, *args, forced)
+    names = ("bits", "lo", "step", "hi", "cnt", "idx", "val", "codes", "nbytes")
+    for name, a, b in zip(names, got, want):
+        assert _bits_equal(a, b), f"{name} differs: {a} vs {b}"
+    d = x.shape[1]
+    dec = cpp.ts_tabq_decode(got[0], got[1], got[2], got[4], got[5], got[6], got[7], d)
+    want_dec = ref.ts_tabq_decode(want[0], want[1], want[2], want[4], want[5], want[6], want[7], d)
+    assert _bits_equal(dec, want_dec)
+    return got
+
+
+SHAPES = [(1, 1), (1, 7), (5, 13), (16, 100), (9, 256)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_encode_rms_mode(dtype, shape):
+    t, d = shape
+    x = _activations(t, d, dtype, seed=t * d)
+    for capacity in sorted({0, min(3, d), d}):
+        _check_encode(x, False, 3.0, capacity, [2, 3, 4, 5, 6, 8], 0.05)
+    _check_encode(x, False, 1.5, min(4, d), [1, 2, 4, 8], 0.2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_abs_mode_all_outliers_and_ties(dtype):
+    x = _activations(6, 40, dtype, seed=1)
+    got = _check_encode(x, True, 0.0, 40, [4], 0.1)  # every nonzero value is an outlier
+    assert int(got[4].sum()) == int((x != 0).sum())
+    # Values exactly at tau are inliers; equal magnitudes over capacity go to the lower channel.
+    ties = torch.tensor([[1.0, -2.0, 2.0, 1.0, -1.0, 2.0, 0.5, -2.0]] * 3, dtype=dtype)
+    ties[1, 0] = 3.0
+    for capacity in range(0, 9):
+        _check_encode(ties, True, 1.0, capacity, [2, 3], 0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_constant_and_zero_rows(dtype):
+    x = torch.tensor([[0.75] * 20, [0.0] * 20, [-3.0] * 20], dtype=dtype)
+    for capacity in (0, 5, 20):
+        _check_encode(x, False, 2.0, capacity, [1, 2, 4], 0.1)
+        _check_encode(x, True, 0.5, capacity, [1, 2, 4], 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_forced_bits(dtype):
+    x = _activations(24, 70, dtype, seed=5)
+    raw = ref.raw_width(dtype)
+    forced = torch.randint(1, 9, (24,), dtype=torch.uint8, generator=_gen(6))
+    forced[::5] = raw
+    _check_encode(x, False, 3.0, 4, [4], 0.0, forced=forced)
+    with pytest.raises(ValueError, match="forced_bits"):
+        cpp.ts_tabq_encode(x, False, 3.0, 4, [4], 0.0, torch.full((24,), 9, dtype=torch.uint8))
+
+
+def test_encode_raw_fallbacks():
+    x = _activations(8, 50, torch.float32, seed=7)
+    x[2] = x[2] * 1e6  # inliers below -65504: lo does not fit fp16 -> raw
+    x[3, 10] = -7e4
+    x[4, :] = 1e6  # constant beyond fp16: lo rounds down to 65504; 2 bits overflow step, 4 fit
+    got = _check_encode(x, False, 3.0, 0, [2, 4, 8], 0.05)
+    assert got[0][2] == 32 and got[0][3] == 32 and got[0][4] == 4
+    _check_encode(x, False, 3.0, 2, [], 0.05)  # empty menu: every token raw
+    _check_encode(x, False, 3.0, 2, [2, 4], 1e-9)  # error budget too tight: raw
+
+
+def test_encode_many_random_inputs():
+    for seed in range(12):
+        g = _gen(100 + seed)
+        t = int(torch.randint(1, 20, (1,), generator=g))
+        d = int(torch.randint(1, 300, (1,), generator=g))
+        dtype = DTYPES[seed % 3]
+        x = (torch.randn(t, d, generator=g) * float(torch.rand(1, generator=g) * 10 + 0.01)).to(dtype)
+        cap = int(torch.randint(0, d + 1, (1,), generator=g))
+        menu = sorted({int(b) for b in torch.randint(1, 9, (3,), generator=g)})
+        abs_mode = seed % 4 == 0
+        _check_encode(x, abs_mode, 0.5 if abs_mode else 2.5, cap, menu, 0.08)
+
+
+def test_encode_empty_tokens():
+    x = torch.randn(0, 16)
+    got = cpp.ts_tabq_encode(x, False, 3.0, 2, [4], 0.1, None)
+    assert [tuple(o.shape) for o in got] == [(0,), (0,), (0,), (0,), (0,), (0, 2), (0, 2), (0, 64), (0,)]
+
+
+def test_encode_overwrites_poisoned_buffers():
+    x = _activations(7, 45, torch.float16, seed=9)
+    t, d, cap = 7, 45, 5
+    outs = [
+        torch.full((t,), POISON, dtype=torch.uint8),
+        torch.full((t,), 1.5, dtype=torch.float16),
+        torch.full((t,), 1.5, dtype=torch.float16),
+        torch.full((t,), 1.5, dtype=torch.float32),
+        torch.full((t,), -1, dtype=torch.int32),
+        torch.full((t, cap), -1, dtype=torch.int32),
+        torch.full((t, cap), 1.5, dtype=torch.float16),
+        torch.full((t, 2 * d), POISON, dtype=torch.uint8),
+        torch.full((t,), -1, dtype=torch.int32),
+    ]
+    _C.ts_tabq_encode(x.data_ptr(), 1, t, d, False, 2.0, cap, [2, 3, 4], 0.05, 0, *[o.data_ptr() for o in outs])
+    want = ref.ts_tabq_encode(x, False, 2.0, cap, [2, 3, 4], 0.05, None)
+    for a, b in zip(outs, want):
+        assert _bits_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_of_a_parsed_frame(dtype):
+    x = _activations(10, 96, dtype, seed=11)
+    cfg = codec.CodecConfig(capacity=4)
+    with splitkernels.use_backend("reference"):
+        want_frame = codec.encode(x, cfg).to_bytes()
+    enc = codec.encode(x, cfg)  # default backend: cpp
+    assert enc.to_bytes() == want_frame
+    parsed = codec.from_bytes(want_frame)
+    with splitkernels.use_backend("reference"):
+        want = codec.decode(parsed)
+    assert _bits_equal(codec.decode(parsed), want)
+
+
+def test_decode_overwrites_poison_and_rejects_bad_buffers():
+    x = _activations(5, 30, torch.float32, seed=12)
+    bits, lo, step, _hi, cnt, idx, val, codes, _nb = ref.ts_tabq_encode(x, False, 2.0, 3, [3, 5], 0.05, None)
+    out = torch.full((5, 30), float("nan"))
+    args = [bits.int(), lo.float(), step.float(), cnt, idx, val]
+    _C.ts_tabq_decode(*[a.data_ptr() for a in args], 3, codes.data_ptr(), codes.shape[1], 5, 30, 0, out.data_ptr())
+    assert _bits_equal(out, ref.ts_tabq_decode(bits, lo, step, cnt, idx, val, codes, 30))
+    bad_idx = idx.clone()
+    bad_idx[0, 0] = 30
+    with pytest.raises(ValueError, match="idx"):
+        cpp.ts_tabq_decode(bits, lo, step, cnt.clamp(min=1), bad_idx, val, codes, 30)
+    with pytest.raises(ValueError, match="bits"):
+        cpp.ts_tabq_decode(torch.full_like(bits, 16), lo, step, cnt, idx, val, codes, 30)
+    with pytest.raises(ValueError, match="bytes per row"):
+        cpp.ts_tabq_decode(bits, lo, step, cnt, idx, val, codes[:, :5], 30)
+
+
+# ---------------------------------------------------------------- low-bit linear
+
+
+def _rel_err(y: torch.Tensor, want64: torch.Tensor) -> float:
+    return float((y.double() - want64).norm() / want64.norm())
+
+
+def _lowbit_case(n, k, m, bits, group, dtype, bias, seed, lead=()):
+    g = _gen(seed)
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_weight(w, bits, group, dtype=dtype)
+    x = torch.randn(*lead, m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, qw, b
+
+
+def _lowbit_want64(x, qw, b):
+    w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), qw.bits, qw.group_size, qw.in_features)
+    y = x.double() @ w64.T
+    return y if b is None else y + b.double()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("group", (32, 128, 3, 384))
+@pytest.mark.parametrize("m", (1, 3, 4, 5, 17))
+def test_lowbit_linear_fp32(bits, group, m):
+    x, qw, b = _lowbit_case(37, 384, m, bits, group, torch.float32, bias=m % 2 == 1, seed=bits * m + group)
+    y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
+    assert y.dtype == torch.float32 and y.shape == (m, 37)
+    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("m", (1, 6))
+def test_lowbit_linear_half(dtype, bits, m):
+    x, qw, b = _lowbit_case(64, 256, m, bits, 64, dtype, bias=True, seed=bits + m, lead=(2,))
+    y = ops.lowbit_linear(x, qw, b)  # public op, default backend
+    assert y.dtype == dtype and y.shape == (2, m, 64)
+    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[dtype]
+
+
+def test_lowbit_linear_scale_dtype_differs_from_x():
+    x, qw, b = _lowbit_case(20, 96, 2, 4, 32, torch.float32, bias=True, seed=3)
+    xh = x.half()
+    y = cpp.lowbit_linear(xh, qw.qweight, qw.scale, qw.zero, 4, 32, b)
+    assert y.dtype == torch.float16
+    assert _rel_err(y, _lowbit_want64(xh, qw, b)) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_lowbit_fused_and_buffered_paths_agree(bits):
+    # M <= 4 decodes codes straight into the FMAs; M > 4 dequantises rows into a buffer.
+    x, qw, _ = _lowbit_case(45, 256, 9, bits, 64, torch.float32, bias=False, seed=bits)
+    big = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, None)
+    rows = torch.cat([cpp.lowbit_linear(x[i : i + 1], qw.qweight, qw.scale, qw.zero, bits, 64, None) for i in range(9)])
+    assert float((big - rows).norm() / rows.norm()) <= 1e-6
+
+
+def test_lowbit_linear_empty_and_errors():
+    x, qw, _ = _lowbit_case(8, 64, 1, 4, 32, torch.float32, bias=False, seed=0)
+    y = cpp.lowbit_linear(x[:0], qw.qweight, qw.scale, qw.zero, 4, 32, None)
+    assert y.shape == (0, 8)
+    with pytest.raises(ValueError, match="scale"):
+        cpp.lowbit_linear(x, qw.qweight, qw.scale[:, :1], qw.zero[:, :1], 4, 32, None)
+    with pytest.raises(ValueError, match="group_size"):
+        cpp.lowbit_linear(x, qw.qweight, qw.scale.repeat(1, 32)[:, :5], qw.zero.repeat(1, 32)[:, :5], 4, 13, None)
+
+
+# ---------------------------------------------------------------- int8 linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (17, 33, 100), (2, 6, 259)])
+def test_int8_linear_bit_identical(dtype, shape):
+    m, n, k = shape
+    g = _gen(m * n * k)
+    wq, ws = quantize_weight_int8(torch.randn(n, k, generator=g))
+    x = torch.randn(m, k, generator=g).to(dtype)
+    x[0] = 0  # a zero row quantises with scale 1
+    for bias in (None, torch.randn(n, generator=g), torch.randn(n, generator=g).half()):
+        got = cpp.int8_linear(x, wq, ws, bias)
+        assert _bits_equal(got, ref.int8_linear(x, wq, ws, bias))
+    x3 = x.reshape(1, m, k)
+    assert _bits_equal(ops.int8_linear(x3, wq, ws), ref.int8_linear(x3, wq, ws, None))
+
+
+def test_int8_linear_empty():
+    wq, ws = quantize_weight_int8(torch.randn(4, 8))
+    assert cpp.int8_linear(torch.randn(0, 8), wq, ws, None).shape == (0, 4)
