@@ -1,20 +1,23 @@
 """The triton backend against the reference: codec and bit packing bit for bit, matmuls within tolerance.
 
-On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set here unless the
-environment says otherwise); with ``TRITON_INTERPRET=0`` on a CUDA machine the same tests run
-compiled on the GPU, plus the ``gpu`` tests (autotuning, CUDA graph replay).
+Without a CUDA device the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set
+here before Triton is imported unless the environment says otherwise). On a CUDA machine
+without that variable every test runs compiled on the GPU; the ``gpu``-marked ones (a compact
+cross-check, autotuning, CUDA graph replay) are what ``pytest -m gpu`` picks.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton")
 if INTERPRET and "splitkernels.triton.codec" in sys.modules and not hasattr(
     sys.modules["splitkernels.triton.codec"]._encode_kernel, "rewriter"
@@ -29,7 +32,7 @@ import splitkernels  # noqa: E402
 from splitkernels import _backend, ops  # noqa: E402
 from splitkernels.ops import reference as ref  # noqa: E402
 from splitkernels.ops.fp16_rounding import round_down_fp16, round_up_fp16  # noqa: E402
-from splitkernels.quant import quantize_weight  # noqa: E402
+from splitkernels.quant import quantize_weight, quantize_weight_int8  # noqa: E402
 from splitkernels.triton import autotune_cache, codec, dispatch  # noqa: E402
 from splitkernels.triton import lowbit_gemm as lg  # noqa: E402
 
@@ -248,6 +251,22 @@ def test_lowbit_linear_batched_input_and_fp32_scales():
     assert run("triton", ops.lowbit_linear, x[:, :0], qw).shape == (2, 0, 16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_linear_matches_reference(dtype):
+    g = torch.Generator().manual_seed(11)
+    wq, ws = quantize_weight_int8(torch.randn(24, 70, generator=g).to(DEVICE))
+    bias = torch.randn(24, generator=g).to(dtype).to(DEVICE)
+    for m in (1, 5):
+        x = (torch.randn(m, 70, generator=g) * 3).to(dtype).to(DEVICE)
+        x[-1, :3] = torch.tensor([1.5, -2.5, 0.5]).to(dtype) * x[-1].float().abs().max().to(dtype) / 127  # ties
+        if m > 1:
+            x[0] = 0.0  # an all-zero token
+        for b in (None, bias):
+            want = ref.int8_linear(x, wq, ws, b)
+            got = run("triton", ops.int8_linear, x, wq, ws, b)
+            assert got.dtype == dtype and rel_err(got, want) < tolerance(dtype) / 10
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_dequantize_kernel_bit_exact(bits):
     qw = weight(20, 192, bits, 64, torch.float32, seed=bits)
@@ -309,6 +328,27 @@ def test_autotune_cache_uses_stored_configs(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- GPU only
+
+
+@gpu
+@needs_gpu
+def test_gpu_cross_check_at_model_sizes():
+    """The compiled kernels on real sizes: codec bit for bit, matmuls on every dispatch path."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = activations(64, 4096, dtype, seed=12)
+        for eps in (0.06, 0.01):
+            check_codec(x, False, 4.0, 16, [2, 3, 4, 5, 6, 8], eps)
+    check_codec(activations(8, 1000, torch.float16, seed=13), False, 1.0, 4, [3, 7], 0.1)
+    for bits in range(1, 9):
+        codes = torch.randint(0, 2**bits, (7, 1001), dtype=torch.uint8, device="cuda")
+        assert torch.equal(run("triton", ops.pack_bits, codes, bits), ref.pack_bits(codes, bits))
+    for bits, n, k in ((4, 4096, 4096), (3, 1024, 2048), (2, 512, 1024), (8, 512, 1024)):
+        for dtype in (torch.float16, torch.bfloat16):
+            qw = weight(n, k, bits, 128, dtype, seed=bits)
+            for m in (1, 16, 300):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, None)
+                assert rel_err(run("triton", ops.lowbit_linear, x, qw), want) < 1e-3, (bits, dtype, m)
 
 
 @gpu

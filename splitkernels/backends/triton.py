@@ -18,7 +18,7 @@ _HINT = "Install Triton (pip install triton; Linux x86_64) and use a CUDA GPU, o
 def _make() -> Backend:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     try:
-        from ..triton import bitpack, codec, lowbit_gemm
+        from ..triton import bitpack, codec, int8_gemm, lowbit_gemm
     except ImportError as exc:
         return Backend("triton", devices=(), unavailable_reason=f"triton does not import ({exc})", install_hint=_HINT)
     if not interpret and not torch.cuda.is_available():
@@ -31,6 +31,7 @@ def _make() -> Backend:
             "pack_bits": bitpack.pack_bits,
             "unpack_bits": bitpack.unpack_bits,
             "lowbit_linear": lowbit_gemm.lowbit_linear,
+            "int8_linear": int8_gemm.int8_linear,
             "ts_tabq_encode": codec.ts_tabq_encode,
             "ts_tabq_decode": codec.ts_tabq_decode,
         },

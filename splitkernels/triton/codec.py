@@ -19,9 +19,9 @@ import triton.language as tl
 from ..ops.reference import raw_width
 from .bitpack import load_codes, pack_group_words, store_group_bytes
 
-_FP16_MAX_BITS = 0x477FE000  # 65504.0 as fp32 bits
-_FP16_MIN_SUBNORMAL_BITS = 0x33800000  # 2^-24 as fp32 bits
-_FP32_INF_BITS = 0x7F800000
+_FP16_MAX_BITS = tl.constexpr(0x477FE000)  # 65504.0 as fp32 bits
+_FP16_MIN_SUBNORMAL_BITS = tl.constexpr(0x33800000)  # 2^-24 as fp32 bits
+_FP32_INF_BITS = tl.constexpr(0x7F800000)
 
 
 @triton.jit
@@ -80,11 +80,11 @@ def _is_finite(v):
 
 
 # d and C vary per call; specialising them (e.g. d == 1 as a constant) would only add recompiles.
-@triton.jit(do_not_specialize=["d", "C", "thr_bits", "eps2_bits"])
+@triton.jit(do_not_specialize=["d", "C", "thr_bits", "eps2_bits", "menu"])
 def _encode_kernel(
     x_ptr, forced_ptr, bits_ptr, lo_ptr, step_ptr, hi_ptr, cnt_ptr, idx_ptr, val_ptr, codes_ptr, nbytes_ptr,
-    d, C, thr_bits, eps2_bits,
-    ABS_MODE: tl.constexpr, MENU: tl.constexpr, FORCED: tl.constexpr, RAW: tl.constexpr,
+    d, C, thr_bits, eps2_bits, menu,
+    ABS_MODE: tl.constexpr, FORCED: tl.constexpr, RAW: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -147,7 +147,7 @@ def _encode_kernel(
         b = tl.where(tl.max(tl.where(widths == b, fits, False).to(tl.int32), axis=0) > 0, b, RAW)
     else:
         s = steps.to(tl.float64)
-        ok = fits & (((MENU >> widths) & 1) == 1) & ((n_in64 * s * s / 12.0) <= budget)
+        ok = fits & (((menu >> widths) & 1) == 1) & ((n_in64 * s * s / 12.0) <= budget)
         b = tl.min(tl.where(ok, widths, RAW), axis=0)
     is_raw = b == RAW
     row_bytes = d * (RAW // 8)
@@ -246,11 +246,10 @@ def ts_tabq_encode(
     if t == 0:
         return outs
     block_d = max(8, triton.next_power_of_2(d))
-    menu = sum(1 << b for b in set(bit_choices))
     _encode_kernel[(t,)](
         x, forced_bits if forced_bits is not None else bits, *outs, d, capacity,
-        _f64_bits(float(threshold)), _f64_bits(float(eps) * float(eps)),
-        ABS_MODE=bool(abs_threshold), MENU=menu, FORCED=forced_bits is not None, RAW=raw,
+        _f64_bits(float(threshold)), _f64_bits(float(eps) * float(eps)), sum(1 << b for b in set(bit_choices)),
+        ABS_MODE=bool(abs_threshold), FORCED=forced_bits is not None, RAW=raw,
         BLOCK_D=block_d, BLOCK_C=max(1, triton.next_power_of_2(capacity)),
         num_warps=_row_warps(block_d), enable_fp_fusion=False,
     )
