@@ -140,16 +140,11 @@ class QuantLinear(_PackedWeightModule):
         """Wrap an already packed weight (and optional bias, cast to the scale dtype)."""
         if not isinstance(qweight, QuantizedWeight):
             raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.out_features = qweight.out_features
-        layer.register_buffer("qweight", None)
-        layer.register_buffer("scale", None)
-        layer.register_buffer("zero", None)
+        layer = cls(qweight.in_features, qweight.out_features, bias is not None, qweight.bits, qweight.group_size,
+                    qweight.scale.dtype, qweight.scale.device)
         layer._set_packed(qweight)
         if bias is not None:
-            bias = bias.detach().to(device=qweight.scale.device, dtype=qweight.scale.dtype).clone()
-        layer.register_buffer("bias", bias)
+            layer.bias = bias.detach().to(device=qweight.scale.device, dtype=qweight.scale.dtype).clone()
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
