@@ -2,7 +2,6 @@
 sampling, sessions and limits, protocol parsing, link emulator, metrics."""
 from __future__ import annotations
 
-import importlib.util
 import random
 import struct
 import time
@@ -12,6 +11,8 @@ import torch
 
 from splitkernels.codec import CodecConfig, encode
 from splitkernels.models import FAMILIES, tiny_model
+from splitkernels.nn import QuantConfig
+from splitkernels.opsc import apply_opsc
 from splitkernels.runtime import (
     Limits, LinkEmulator, SessionManager, SplitError, Status, adapter_for, register_adapter, split_model,
 )
@@ -20,7 +21,7 @@ from splitkernels.runtime.protocol import (
     Close, Open, Opened, ProtocolError, SamplingParams, Step, TokenReply, decode_message, encode_message,
 )
 from splitkernels.runtime.sampling import make_generator, sample
-from splitkernels.runtime.transport import InProcessTransport
+from splitkernels.runtime.transport import Exchange, InProcessTransport, SessionHandle, Transport
 
 NUM_LAYERS = 4
 
@@ -98,6 +99,9 @@ def test_metrics_account_for_every_step():
     assert summary["bytes_per_token"] == sum(s.frame_bytes for s in m.steps[1:]) / 4
     assert summary["bits_per_element"] == pytest.approx(8 * sum(s.frame_bytes for s in m.steps) / (11 * 64))
     assert 0 < m.ttft_s <= m.total_s
+    # The edge caches its layer for all 7 + 5 - 1 positions fed; the server its 3 layers.
+    assert m.edge_kv_bytes == 11 * sm.edge.kv_bytes_per_token()
+    assert m.server_kv_bytes == 11 * sm.server.kv_bytes_per_token() == 3 * m.edge_kv_bytes
     assert result.new_tokens == result.sequences[0, 7:].tolist()
 
 
@@ -370,11 +374,7 @@ def test_protocol_rejects_corrupt_headers():
         encode_message(Open(SamplingParams(), b"short"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("splitkernels.opsc") is None, reason="splitkernels.opsc not built")
 def test_opsc_split_matches_quantised_model():
-    from splitkernels.nn import QuantConfig
-    from splitkernels.opsc import apply_opsc
-
     front, back = QuantConfig(bits=4, group_size=32), QuantConfig(bits=8, group_size=32)
     reference = tiny_model("llama", seed=12, num_layers=NUM_LAYERS)
     apply_opsc(reference, 2, front=front, back=back)
@@ -384,3 +384,24 @@ def test_opsc_split_matches_quantised_model():
     dense = split_model(tiny_model("llama", seed=12, num_layers=NUM_LAYERS), 2)
     assert sm.fingerprint == dense.fingerprint  # taken before quantisation: both sides agree
     assert sm.edge.weight_bytes() < dense.edge.weight_bytes()
+
+
+class _LyingSession(SessionHandle):
+    session_id, max_seq_len = 1, 100
+
+    def step(self, seq, frame):
+        return Exchange(TokenReply(1, seq, 10_000, 1, 0.0, 0.0, 0), 1, 1)
+
+    def close(self):
+        pass
+
+
+class _LyingServer(Transport):
+    def open(self, request):
+        return _LyingSession()
+
+
+def test_token_outside_the_vocabulary_is_refused():
+    sm = split_model(tiny_model("llama", seed=13, num_layers=2), 1)
+    with pytest.raises(ProtocolError, match="vocabulary"):
+        sm.generate(_prompt(0, 3), 4, transport=_LyingServer())

@@ -37,6 +37,8 @@ class GenerationMetrics:
     steps: list[StepMetrics] = field(default_factory=list)
     ttft_s: float = 0.0
     total_s: float = 0.0
+    edge_kv_bytes: int = 0  # the edge's KV cache at the end of the generation
+    server_kv_bytes: int = 0  # the server session's KV cache after the last step
 
     def summary(self) -> dict:
         """TTFT, per-token latency, bits per element, bytes per token vs fp16, mean time per component.
@@ -74,6 +76,8 @@ class GenerationMetrics:
             "compression_vs_fp16": fp16_per_token / bytes_per_token,
             "bytes_up": sum(s.bytes_up for s in self.steps),
             "bytes_down": sum(s.bytes_down for s in self.steps),
+            "edge_kv_bytes": self.edge_kv_bytes,
+            "server_kv_bytes": self.server_kv_bytes,
             "prefill": {k: getattr(self.steps[0], k) for k in components},
             "decode_mean": {k: mean(k, decode) for k in components},
         }

@@ -14,8 +14,8 @@ from torch import nn
 from ..codec import CodecConfig, decode, encode, from_bytes
 from .adapters import Adapter, adapter_for
 from .metrics import GenerationMetrics, StepMetrics
-from .protocol import FINGERPRINT_BYTES, Open, SamplingParams
-from .segments import Edge, Server
+from .protocol import FINGERPRINT_BYTES, Open, ProtocolError, SamplingParams
+from .segments import Edge, Server, cache_nbytes
 from .sessions import Limits, SessionManager
 from .transport import InProcessTransport, Transport
 
@@ -104,7 +104,8 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    ids = _check_input_ids(input_ids, getattr(edge.adapter.config, "vocab_size", None))
+    vocab = getattr(edge.adapter.config, "vocab_size", None)
+    ids = _check_input_ids(input_ids, vocab)
     eos = _eos_set(eos_token_id)
     # The last new token is never fed back, so the server sees prompt + new - 1 positions; it refuses
     # the session at OPEN (RESOURCE_EXHAUSTED) when that exceeds its limit.
@@ -135,10 +136,14 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
             if seq == 0:
                 metrics.ttft_s = t3 - start + virtual
             position += step_ids.shape[1]
+            if vocab is not None and not 0 <= r.token < vocab:
+                raise ProtocolError(f"server sent token id {r.token}, outside the vocabulary of {vocab}")
             tokens.append(r.token)
+            metrics.server_kv_bytes = r.kv_bytes
             if r.token in eos:
                 break
             step_ids = torch.tensor([[r.token]], dtype=torch.long)
+        metrics.edge_kv_bytes = cache_nbytes(cache)
     finally:
         session.close()
     metrics.total_s = time.perf_counter() - start + virtual
