@@ -109,6 +109,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("w"), py::arg("N"), py::arg("w_scale"),
       py::arg("bias"), py::arg("y"), nogil, "W8A8 linear (bias fp32 or 0).");
 
+  m.def("set_num_threads", [](int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n < 1 ? 1 : n);
+#endif
+  }, py::arg("n"), "Set the OpenMP threads of later kernel calls from this Python thread.");
+
   m.def("num_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -44,7 +44,7 @@ std::string int8_linear(const void* x, int dtype, int64_t M, int64_t K, const in
     }
   }
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 32)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t n0 = blk * kRowBlock;
     const int64_t rows = std::min<int64_t>(kRowBlock, N - n0);

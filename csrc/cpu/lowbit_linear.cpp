@@ -7,6 +7,9 @@
 // makes the decode loop a plain shift-and-mask over consecutive bytes that the compiler
 // vectorises; x is permuted into the same order once per call so the dot products are
 // unchanged. Other widths (3) and groups that split a byte decode in natural order.
+//
+// Rows are handed out dynamically in chunks: on a shared machine one OpenMP thread is often
+// descheduled for a whole time slice, and a static split would leave its half undone.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -210,7 +213,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     {
       std::vector<float> sz(static_cast<size_t>(2 * G));
       float acc[kFusedRows];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 32)
       for (int64_t n = 0; n < N; ++n) {
         load_row_affine(n, sz.data());
         const uint8_t* rb = reinterpret_cast<const uint8_t*>(qweight + n * words);
@@ -232,7 +235,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     std::vector<float> wbuf(static_cast<size_t>(kRowBlock * K), 0.0f);
     std::vector<float> sz(static_cast<size_t>(2 * G));
     std::vector<uint8_t> qbuf(phased ? 0 : K);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t n0 = blk * kRowBlock;
       const int64_t rows = std::min<int64_t>(kRowBlock, N - n0);

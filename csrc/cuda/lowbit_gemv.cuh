@@ -88,31 +88,46 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
   for (int i = 0; i < kMaxM; ++i) acc[i] = 0.0f;
 
-#pragma unroll 2
-  for (int c = lane; c < chunks; c += 32) {
-    std::uint32_t w[kBits];
-    load_chunk<kBits>(wrow + static_cast<std::int64_t>(c) * kBits, w);
-    const int g = c / chunks_per_group;
-    const float s = load_f32(srow, g), z = load_f32(zrow, g);
-    float q[32];
+  // All weight loads of kUnroll chunks are issued before any is used, so each lane keeps
+  // several 16-byte requests in flight: a GEMV is a race for memory-level parallelism.
+  constexpr int kUnroll = kMaxM == 1 ? 4 : 2;
+  for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+    std::uint32_t w[kUnroll][kBits];
+    float s[kUnroll], z[kUnroll];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) q[j] = code_to_float(chunk_code<kBits>(w, j));
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + 32 * u;
+      if (c < chunks) {
+        load_chunk<kBits>(wrow + static_cast<std::int64_t>(c) * kBits, w[u]);
+        const int g = c / chunks_per_group;
+        s[u] = load_f32(srow, g);
+        z[u] = load_f32(zrow, g);
+      }
+    }
 #pragma unroll
-    for (int i = 0; i < kMaxM; ++i) {
-      if (i < m) {
-        const T* xr = x + static_cast<std::int64_t>(i) * k + static_cast<std::int64_t>(c) * 32;
-        float dot = 0.0f, xsum = 0.0f;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + 32 * u;
+      if (c >= chunks) break;
+      float q[32];
 #pragma unroll
-        for (int part = 0; part < 4; ++part) {
-          float xv[8];
-          load8(xr + 8 * part, xv);
+      for (int j = 0; j < 32; ++j) q[j] = code_to_float(chunk_code<kBits>(w[u], j));
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            dot = fmaf(q[8 * part + j], xv[j], dot);
-            xsum += xv[j];
+      for (int i = 0; i < kMaxM; ++i) {
+        if (i < m) {
+          const T* xr = x + static_cast<std::int64_t>(i) * k + static_cast<std::int64_t>(c) * 32;
+          float dot = 0.0f, xsum = 0.0f;
+#pragma unroll
+          for (int part = 0; part < 4; ++part) {
+            float xv[8];
+            load8(xr + 8 * part, xv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              dot = fmaf(q[8 * part + j], xv[j], dot);
+              xsum += xv[j];
+            }
           }
+          acc[i] = fmaf(s[u], dot, fmaf(z[u], xsum, acc[i]));
         }
-        acc[i] = fmaf(s, dot, fmaf(z, xsum, acc[i]));
       }
     }
   }

@@ -1,21 +1,25 @@
 // Host-side emulation of the few CUDA features the kernels in csrc/cuda use, so the CPU tests
-// can run the exact kernel source against the reference where no GPU exists. Every thread of
-// a block is a std::thread; blocks run one after another, so `__shared__` variables become
-// function statics. Slow by design: meant for small shapes only.
+// can run the exact kernel source against the reference where no GPU exists.
+//
+// Each CUDA thread of a block is a fiber (ucontext) on the calling OS thread; a block barrier
+// or a warp exchange switches to the next fiber until every member has arrived. Blocks run one
+// after another, so `__shared__` variables become function statics. A barrier that some
+// threads never reach (a divergent __syncthreads) is reported and aborts instead of hanging.
+// Meant for small shapes in tests, one launch at a time per process.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <ucontext.h>
 
 #include <algorithm>
-#include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <thread>
+#include <functional>
 #include <vector>
 
 #undef __global__
@@ -33,55 +37,99 @@
 
 namespace sk_emu {
 
-inline thread_local dim3 thread_index;
-inline thread_local dim3 block_index;
-inline dim3 block_dim;
+inline dim3 thread_index, block_index, block_dim;
 inline std::vector<unsigned char> dynamic_shared_memory;
 
-struct Warp {
-  explicit Warp() : barrier(32) {}
-  std::barrier<> barrier;
-  std::uint64_t slots[32];
+// A set of fibers that synchronise together: the block (id 0) or one warp (id 1 + warp).
+struct Group {
+  int members = 0, arrived = 0;
+  unsigned long generation = 0;
 };
-inline std::unique_ptr<std::barrier<>> block_barrier;
-inline std::vector<std::unique_ptr<Warp>> warps;
 
-inline Warp& my_warp() { return *warps[thread_index.x / 32]; }
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack = std::vector<char>(256 * 1024);
+  bool done = false;
+};
 
-// Runs `body` for every thread of every block: blocks in order, threads of a block concurrently.
+inline ucontext_t scheduler;
+inline std::vector<Fiber> fibers;
+inline std::vector<Group> groups;
+inline int current = 0;
+inline bool progress = false;
+inline std::function<void()> kernel_body;
+
+inline void yield() { swapcontext(&fibers[current].context, &scheduler); }
+
+inline void group_sync(int id) {
+  Group& g = groups[id];
+  const unsigned long mine = g.generation;
+  progress = true;
+  if (++g.arrived == g.members) {
+    g.arrived = 0;
+    ++g.generation;
+  }
+  while (g.generation == mine) yield();
+}
+
+inline void fiber_main() {
+  kernel_body();
+  fibers[current].done = true;
+  progress = true;
+  // returning resumes uc_link, the scheduler
+}
+
+// Runs `body` for every thread of every block, blocks in order.
 template <typename Body>
 void launch(unsigned grid, unsigned block, std::size_t shared_bytes, Body body) {
   block_dim = dim3(block, 1, 1);
   dynamic_shared_memory.assign(shared_bytes + 16, 0xA5);  // poisoned: kernels must write before reading
+  kernel_body = body;
+  fibers.resize(block);
   for (unsigned b = 0; b < grid; ++b) {
-    block_barrier = std::make_unique<std::barrier<>>(block);
-    warps.clear();
-    for (unsigned w = 0; w < (block + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
-    std::vector<std::thread> threads;
-    threads.reserve(block);
+    block_index = dim3(b, 1, 1);
+    groups.assign(1 + (block + 31) / 32, Group{});
+    groups[0].members = static_cast<int>(block);
+    for (unsigned w = 0; w < (block + 31) / 32; ++w) groups[1 + w].members = static_cast<int>(std::min(32u, block - 32 * w));
     for (unsigned t = 0; t < block; ++t) {
-      threads.emplace_back([=] {
-        thread_index = dim3(t, 1, 1);
-        block_index = dim3(b, 1, 1);
-        body();
-      });
+      Fiber& f = fibers[t];
+      f.done = false;
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack.data();
+      f.context.uc_stack.ss_size = f.stack.size();
+      f.context.uc_link = &scheduler;
+      makecontext(&f.context, fiber_main, 0);
     }
-    for (auto& th : threads) th.join();
+    for (unsigned remaining = block; remaining > 0;) {
+      progress = false;
+      remaining = 0;
+      for (unsigned t = 0; t < block; ++t) {
+        if (fibers[t].done) continue;
+        current = static_cast<int>(t);
+        thread_index = dim3(t, 1, 1);
+        swapcontext(&scheduler, &fibers[t].context);
+        remaining += !fibers[t].done;
+      }
+      if (remaining > 0 && !progress) {
+        std::fprintf(stderr, "cuda emulation: block %u deadlocked (a barrier not reached by every thread)\n", b);
+        std::abort();
+      }
+    }
   }
 }
 
 template <typename T>
 T exchange(T v, int src_lane) {
   static_assert(sizeof(T) <= 8, "warp exchange of at most 8 bytes");
-  Warp& w = my_warp();
-  const int lane = thread_index.x % 32;
+  static std::uint64_t slots[1024];
+  const int warp = static_cast<int>(thread_index.x / 32), lane = static_cast<int>(thread_index.x % 32);
   std::uint64_t raw = 0;
   std::memcpy(&raw, &v, sizeof(T));
-  w.slots[lane] = raw;
-  w.barrier.arrive_and_wait();
+  slots[32 * warp + lane] = raw;
+  group_sync(1 + warp);
   T out;
-  std::memcpy(&out, &w.slots[src_lane], sizeof(T));
-  w.barrier.arrive_and_wait();
+  std::memcpy(&out, &slots[32 * warp + src_lane], sizeof(T));
+  group_sync(1 + warp);
   return out;
 }
 
@@ -92,38 +140,41 @@ T exchange(T v, int src_lane) {
 #define blockDim (sk_emu::block_dim)
 #define SK_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(sk_emu::dynamic_shared_memory.data())
 
-inline void __syncthreads() { sk_emu::block_barrier->arrive_and_wait(); }
+inline void __syncthreads() { sk_emu::group_sync(0); }
+inline int __syncthreads_or(int pred) {
+  static int vote = 0;
+  __syncthreads();  // the previous vote has been read and reset
+  vote |= pred != 0;
+  __syncthreads();
+  const int out = vote;
+  __syncthreads();
+  vote = 0;
+  return out;
+}
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int mask) {
-  return sk_emu::exchange(v, (sk_emu::thread_index.x % 32) ^ mask);
+  return sk_emu::exchange(v, static_cast<int>(sk_emu::thread_index.x % 32) ^ mask);
 }
 template <typename T>
 T __shfl_up_sync(unsigned, T v, int delta) {
-  const int lane = sk_emu::thread_index.x % 32;
+  const int lane = static_cast<int>(sk_emu::thread_index.x % 32);
   return sk_emu::exchange(v, lane >= delta ? lane - delta : lane);
 }
-inline int __syncthreads_or(int pred) {
-  static std::atomic<int> vote{0};
-  __syncthreads();  // the previous vote has been read and reset
-  if (pred) vote.fetch_or(1);
-  __syncthreads();
-  const int out = vote.load();
-  __syncthreads();
-  if (sk_emu::thread_index.x == 0) vote.store(0);  // before thread 0 reaches the next first barrier
-  return out;
-}
 inline unsigned __ballot_sync(unsigned, bool pred) {
-  auto& w = sk_emu::my_warp();
-  const int lane = sk_emu::thread_index.x % 32;
-  w.slots[lane] = pred;
-  w.barrier.arrive_and_wait();
   unsigned out = 0;
-  for (int i = 0; i < 32; ++i) out |= static_cast<unsigned>(w.slots[i] != 0) << i;
-  w.barrier.arrive_and_wait();
+  const unsigned bit = static_cast<unsigned>(pred) << (sk_emu::thread_index.x % 32);
+  for (int o = 1; o < 32; o <<= 1) out = 0;  // keep the exchange pattern below uniform
+  out = bit;
+  for (int o = 16; o > 0; o >>= 1) out |= __shfl_xor_sync(0xffffffffu, out, o);
   return out;
 }
-inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+// Fibers switch only inside the sync primitives, so a plain add is atomic here.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
   return static_cast<unsigned>(((static_cast<std::uint64_t>(hi) << 32) | lo) >> (shift & 31));
