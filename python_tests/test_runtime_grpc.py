@@ -121,13 +121,15 @@ def test_unknown_session_limits_and_fingerprint(model):
         assert torch.equal(sm.generate(_prompt(3, 6), 3, transport=client), sm.generate(_prompt(3, 6), 3))
 
 
-def test_expired_session_is_not_found(model):
+def test_idle_timeout_ends_session_and_stream(model):
     sm = split_model(model, 1, limits=Limits(idle_timeout_s=0.1))
     with GrpcServer(sm.manager) as server, GrpcTransport(server.address) as client:
         session = client.open(Open(SamplingParams()))
         assert _wait_for(lambda: sm.manager.num_sessions == 0)
         frame = encode(sm.edge.forward(_prompt(3, 3), None, 0), sm.codec).to_bytes()
-        assert _status(lambda: session.step(0, frame)) is Status.NOT_FOUND
+        # The server cancelled the stream, so an idle client holds no server thread.
+        assert _status(lambda: session.step(0, frame)) is Status.CANCELLED
+        assert torch.equal(sm.generate(_prompt(3, 3), 3, transport=client), sm.generate(_prompt(3, 3), 3))
 
 
 def test_deadline_ends_the_session(model):

@@ -7,7 +7,8 @@ as raw bytes (generic handlers, no generated code, nothing pickled).
 * ``/splitkernels.runtime.Split/Info`` (unary): server description and memory as JSON.
 
 Errors travel as gRPC status codes with a message: INVALID_ARGUMENT (bad message or frame),
-NOT_FOUND (unknown or expired session), RESOURCE_EXHAUSTED (limits, oversized message),
+NOT_FOUND (unknown session), CANCELLED (the idle timeout expired the session and its stream),
+RESOURCE_EXHAUSTED (limits, oversized message),
 UNAUTHENTICATED (token), FAILED_PRECONDITION (edge and server disagree on the model). A failed
 request ends its own stream only; the server and other sessions go on.
 """
@@ -160,7 +161,7 @@ class GrpcServer:
                     if isinstance(msg, Open):
                         if owned:
                             raise SplitError(Status.FAILED_PRECONDITION, "this stream already has a session")
-                        opened = self.manager.open(msg)
+                        opened = self.manager.open(msg, on_expire=context.cancel)
                         owned.append(opened.session_id)
                         yield encode_message(opened)
                     elif isinstance(msg, Step):

@@ -9,6 +9,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -61,6 +62,7 @@ class _Session:
     kv_bytes: int = 0
     last_active: float = field(default_factory=time.monotonic)
     closed: bool = False
+    on_expire: Callable[[], object] | None = None
 
 
 class SessionManager:
@@ -112,7 +114,9 @@ class SessionManager:
             self.close(sid)
 
     # -- requests --------------------------------------------------------------------------------
-    def open(self, msg: Open) -> Opened:
+    def open(self, msg: Open, on_expire: Callable[[], object] | None = None) -> Opened:
+        """Open a session; ``on_expire`` is called if the idle timeout closes it (a transport
+        ends its stream then, so an idle client does not hold a connection forever)."""
         if msg.fingerprint != NO_FINGERPRINT and self.fingerprint != NO_FINGERPRINT and msg.fingerprint != self.fingerprint:
             raise SplitError(Status.FAILED_PRECONDITION,
                              "the edge runs a different model or split point than this server (fingerprint mismatch)")
@@ -128,7 +132,7 @@ class SessionManager:
             while sid == 0 or sid in self._sessions:
                 sid = secrets.randbits(64)
             self._sessions[sid] = _Session(sid, msg, self.max_seq_len, self.server.new_cache(),
-                                           make_generator(msg.sampling))
+                                           make_generator(msg.sampling), on_expire=on_expire)
             self.sessions_opened += 1
         return Opened(sid, self.max_seq_len)
 
@@ -224,7 +228,7 @@ class SessionManager:
         deadline = time.monotonic() - self.limits.idle_timeout_s
         with self._lock:
             stale = [s for s in self._sessions.values() if s.last_active < deadline]
-        reaped = 0
+        expired = []
         for sess in stale:
             if not sess.lock.acquire(blocking=False):
                 continue  # stepping right now, so not idle
@@ -233,11 +237,14 @@ class SessionManager:
                     with self._lock:
                         self._sessions.pop(sess.id, None)
                     self._free(sess)
-                    reaped += 1
+                    expired.append(sess)
             finally:
                 sess.lock.release()
-        self.sessions_expired += reaped
-        return reaped
+        for sess in expired:
+            if sess.on_expire is not None:
+                sess.on_expire()
+        self.sessions_expired += len(expired)
+        return len(expired)
 
     @property
     def num_sessions(self) -> int:
