@@ -222,14 +222,16 @@ def test_emulated_gemv_and_dequant_match_reference(emu, bits, dtype):
     want_w = reference.dequantize_weight(qw.qweight, qw.scale.float(), qw.zero.float(), bits, group, k)
     assert torch.equal(deq, want_w)
     bias = torch.randn(n, generator=g).to(dtype)
-    for m in (1, 3, 8):
+    # K = 4160: 130 chunks of 32 codes, so lanes take several unrolled chunks and some fall short.
+    long_qw = quantize_weight(torch.randn(n, 4160, generator=g), bits, 64, dtype=dtype)
+    for m, b, q in ((1, None, qw), (3, bias, qw), (8, None, qw), (8, bias, qw), (1, bias, long_qw), (3, None, long_qw)):
+        k = q.in_features
         x = torch.randn(m, k, generator=g).to(dtype)
-        for b in (None, bias):
-            y = _poisoned(m, n, dtype=dtype)
-            emu.emu_lowbit_gemv(_p(x), _p(qw.qweight), _p(qw.scale), _p(qw.zero), _p(b), _p(y),
-                                ctypes.c_int(DTYPE_CODE[dtype]), I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(group))
-            want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
-            assert rel_err(y, want) <= MATMUL_TOL[dtype], (m, b is None)
+        y = _poisoned(m, n, dtype=dtype)
+        emu.emu_lowbit_gemv(_p(x), _p(q.qweight), _p(q.scale), _p(q.zero), _p(b), _p(y),
+                            ctypes.c_int(DTYPE_CODE[dtype]), I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(64))
+        want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, bits, 64, b)
+        assert rel_err(y, want) <= MATMUL_TOL[dtype], (m, k, b is None)
 
 
 # ---------------------------------------------------------------- on a GPU

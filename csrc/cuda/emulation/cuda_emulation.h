@@ -162,11 +162,15 @@ T __shfl_up_sync(unsigned, T v, int delta) {
   return sk_emu::exchange(v, lane >= delta ? lane - delta : lane);
 }
 inline unsigned __ballot_sync(unsigned, bool pred) {
+  static bool votes[1024];
+  const unsigned warp = sk_emu::thread_index.x / 32;
+  votes[sk_emu::thread_index.x] = pred;
+  sk_emu::group_sync(1 + static_cast<int>(warp));
   unsigned out = 0;
-  const unsigned bit = static_cast<unsigned>(pred) << (sk_emu::thread_index.x % 32);
-  for (int o = 1; o < 32; o <<= 1) out = 0;  // keep the exchange pattern below uniform
-  out = bit;
-  for (int o = 16; o > 0; o >>= 1) out |= __shfl_xor_sync(0xffffffffu, out, o);
+  for (unsigned lane = 0; lane < 32 && 32 * warp + lane < sk_emu::block_dim.x; ++lane) {
+    out |= static_cast<unsigned>(votes[32 * warp + lane]) << lane;
+  }
+  sk_emu::group_sync(1 + static_cast<int>(warp));
   return out;
 }
 // Fibers switch only inside the sync primitives, so a plain add is atomic here.
