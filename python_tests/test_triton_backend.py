@@ -233,7 +233,8 @@ def test_lowbit_linear_paths(bits, dtype):
 def test_lowbit_kernels_split_k_and_odd_groups(kernel, config):
     fn = lg.gemv if kernel == "gemv" else lg.tiled
     g = torch.Generator().manual_seed(8)
-    for bits, group, k in ((3, 48, 144), (4, 96, 96), (2, 64, 320)):
+    # Word tiles (4/96, 2/64) and the per-code path (3 bits; 2 bits with groups of 24 splitting words).
+    for bits, group, k in ((3, 48, 144), (4, 96, 96), (2, 64, 320), (2, 24, 72)):
         qw = weight(24, k, bits, group, torch.float16, seed=k)
         x = torch.randn(5, k, generator=g).half().to(DEVICE)
         bias = torch.randn(24, generator=g).half().to(DEVICE)
@@ -325,6 +326,22 @@ def test_autotune_cache_uses_stored_configs(monkeypatch, tmp_path):
     (tmp_path / "triton_autotune.json").write_text(json.dumps({"cpu": {"k/key": {"a": 2}}}))
     monkeypatch.setattr(autotune_cache, "_cache", None)
     assert autotune_cache.pick("k", "key", cands, calls.append, cpu) == {"a": 2}
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_with_exact_rounding():
+    """The compiler (not the interpreter) accepts every kernel family; the PTX divides with div.rn."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(splitkernels.__file__)), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitkernels.triton.compile_check", "--arch", "90"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("compiled for sm_90") == 12
 
 
 # ---------------------------------------------------------------- GPU only

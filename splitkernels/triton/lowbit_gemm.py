@@ -64,24 +64,52 @@ def _store_out(y_ptr, acc, offs, mask, bias_ptr, bias_offs, pid_k, HAS_BIAS: tl.
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gemv_word_tile(qw_ptr, scale_ptr, zero_ptr, x_row, offs_n, k0, N, K, W, NG, GROUP,
+                    BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, words, codes per word] products w * x for widths dividing 32, loading whole words."""
+    CPW: tl.constexpr = 32 // BITS
+    wi = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
+    j = tl.arange(0, CPW)
+    k = wi[:, None] * CPW + j[None, :]
+    xk = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+    mask = (offs_n[:, None] < N) & (wi[None, :] < W)
+    n64 = offs_n[:, None].to(tl.int64)
+    words = tl.load(qw_ptr + n64 * W + wi[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    codes = (words[:, :, None] >> (j * BITS).to(tl.uint32)[None, None, :]) & ((1 << BITS) - 1)
+    # The group size is a multiple of the codes per word, so one scale serves a whole word.
+    g = n64 * NG + (wi * CPW // GROUP)[None, :]
+    s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    return (codes.to(tl.float32) * s[:, :, None] + z[:, :, None]) * xk[None, :, :]
+
+
 @triton.jit(do_not_specialize=["M", "K_SPLIT"])
 def _gemv_kernel(
     x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, W, NG, GROUP, K_SPLIT,
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, OUT_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WORD_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     k_begin = pid_k * K_SPLIT
-    for k0 in range(k_begin, tl.minimum(k_begin + K_SPLIT, K), BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)
-        w = _dequant(qw_ptr, scale_ptr, zero_ptr, offs_n[:, None], k[None, :], N, K, W, NG, GROUP, BITS)
-        acc += w * xk[None, :]
-    out = tl.sum(acc, axis=1)
+    k_end = tl.minimum(k_begin + K_SPLIT, K)
+    if WORD_TILE:
+        acc3 = tl.zeros([BLOCK_N, BLOCK_K // (32 // BITS), 32 // BITS], tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            acc3 += _gemv_word_tile(qw_ptr, scale_ptr, zero_ptr, x_ptr + m * K, offs_n, k0, N, K, W, NG, GROUP,
+                                    BITS, BLOCK_K)
+        out = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)
+            w = _dequant(qw_ptr, scale_ptr, zero_ptr, offs_n[:, None], k[None, :], N, K, W, NG, GROUP, BITS)
+            acc += w * xk[None, :]
+        out = tl.sum(acc, axis=1)
     _store_out(y_ptr, out, m * N + offs_n, offs_n < N, bias_ptr, offs_n, pid_k, HAS_BIAS, SPLIT_K, OUT_BF16)
 
 
@@ -151,6 +179,11 @@ def _geometry(qweight: torch.Tensor, scale: torch.Tensor, k: int, group_size: in
     return n, k, words, scale.shape[1], group_size
 
 
+def word_tile(bits: int, group_size: int) -> bool:
+    """Whether the kernels may load whole int32 words: codes never straddle words or groups."""
+    return 32 % bits == 0 and group_size % (32 // bits) == 0
+
+
 def gemv(x2, qweight, scale, zero, bits, group_size, bias, config: dict) -> torch.Tensor:
     """``x2 [M, K] @ W^T`` with the GEMV kernel and an explicit ``config`` (see GEMV_CONFIGS)."""
     m, k = x2.shape
@@ -162,7 +195,8 @@ def gemv(x2, qweight, scale, zero, bits, group_size, bias, config: dict) -> torc
     _gemv_kernel[grid](
         x2, qweight, scale, zero, bias if bias is not None else y, y, m, n, k, words, ng, g, k_split,
         BITS=bits, HAS_BIAS=bias is not None, SPLIT_K=split, OUT_BF16=y.dtype == torch.bfloat16,
-        BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], num_warps=config["num_warps"],
+        WORD_TILE=word_tile(bits, group_size), BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        num_warps=config["num_warps"],
     )
     return y.to(x2.dtype)
 
@@ -200,7 +234,8 @@ def dequantize(qweight, scale, zero, bits, group_size, k, dtype: torch.dtype) ->
     w = torch.empty(n, k, dtype=dtype, device=qweight.device)
     bn, bk = _DEQUANT_BLOCK
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-        qweight, scale, zero, w, n, k, words, ng, g, BITS=bits, BLOCK_N=bn, BLOCK_K=bk
+        qweight, scale, zero, w, n, k, words, ng, g, BITS=bits, BLOCK_N=bn, BLOCK_K=bk,
+        enable_fp_fusion=False,  # the same two roundings as QuantizedWeight.dequantize
     )
     return w
 
@@ -264,7 +299,8 @@ dequant_cache = DequantCache(int(os.environ.get("SPLITKERNELS_DEQUANT_CACHE_MB",
 # ---------------------------------------------------------------- entry point
 
 
-def _tuned(kernel: str, fn, candidates, x2, qweight, scale, zero, bits, group_size, bias) -> dict:
+def tuned_config(kernel: str, fn, candidates, x2, qweight, scale, zero, bits, group_size, bias) -> dict:
+    """The launch config of ``fn`` (:func:`gemv` or :func:`tiled`) for this problem, tuned once per key."""
     m, k = x2.shape
     bucket = min(triton.next_power_of_2(m), 256)
     key = f"M{bucket}/N{qweight.shape[0]}/K{k}/b{bits}/g{group_size}/{str(x2.dtype).replace('torch.', '')}"
@@ -291,10 +327,10 @@ def lowbit_linear(
         return ref.lowbit_linear(x, qweight, scale, zero, bits, group_size, bias)
     path = choose_path(m, bits, x.dtype, x.device)
     if path == "gemv":
-        cfg = _tuned("gemv", gemv, GEMV_CONFIGS, x2, qweight, scale, zero, bits, group_size, bias)
+        cfg = tuned_config("gemv", gemv, GEMV_CONFIGS, x2, qweight, scale, zero, bits, group_size, bias)
         y = gemv(x2, qweight, scale, zero, bits, group_size, bias, cfg)
     elif path == "tiled":
-        cfg = _tuned("tiled", tiled, TILED_CONFIGS, x2, qweight, scale, zero, bits, group_size, bias)
+        cfg = tuned_config("tiled", tiled, TILED_CONFIGS, x2, qweight, scale, zero, bits, group_size, bias)
         y = tiled(x2, qweight, scale, zero, bits, group_size, bias, cfg)
     else:
         w = dequant_cache.get(qweight, scale, zero, bits, group_size, k, x.dtype)
