@@ -87,7 +87,7 @@ def test_memory_weights_match_opsc_bytes(tiny, split, front, back):
 def test_kv_model_matches_real_cache(tiny):
     shape = ModelShape.from_config(tiny.config, dtype_bytes=4)
     with torch.no_grad():
-        cache = tiny(torch.randint(0, 256, (1, 37)), use_cache=True).past_key_values
+        cache = tiny(torch.randint(0, 256, (1, 37)), use_cache=True).cache
     real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert real == shape.num_layers * 37 * shape.kv_bytes_per_token_layer
     mem = memory(shape, 1, None, None, max_seq_len=37)

@@ -68,11 +68,11 @@ def _measure_model(model: nn.Module, prompt_tokens: int, decode_steps: int, repe
         sink = {"layer": [], "head": []}
         with _layer_timers(model, sink):
             out = model(ids, use_cache=True)
-            cache = out.past_key_values
+            cache = out.cache
             nxt = out.logits[:, -1:].argmax(-1)
             for _ in range(decode_steps):
-                out = model(nxt, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(nxt, cache=cache, use_cache=True)
+                cache = out.cache
                 nxt = out.logits[:, -1:].argmax(-1)
         prefill = sink["layer"][:layers]
         dec = sink["layer"][layers:]

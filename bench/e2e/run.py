@@ -1,0 +1,215 @@
+"""End-to-end evaluation of the split system against the published baselines on SmolLM2-135M.
+
+    python bench/e2e/run.py --out bench/results/e2e
+
+Writes ``report.md``, PNG plots and the JSON it was made from. What is measured here (on this
+machine) and what is modelled is labelled in the report:
+
+* measured: perplexity / KL of every method (teacher-forced, Botchan, windows of 512), frame
+  bytes, the codec's and the layers' CPU times (``profile.json``), and one real split generation
+  per method through the runtime (in-process transport);
+* modelled: latency on the edge boards and the server GPU (roofline over the shipped device
+  data), the link (bandwidth + RTT), and memory.
+
+Long steps cache their results in ``--out``, so a rerun only redoes what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import ATOM_GROUP, ATOM_OUTLIERS, atom_transfer, int8_transfer, w8a8  # noqa: E402
+from common import CONTEXT, SPLIT_LAYERS, botchan_ids  # noqa: E402
+from report import write_report  # noqa: E402
+
+from splitkernels.codec import CodecConfig  # noqa: E402
+from splitkernels.models import load_smollm2  # noqa: E402
+from splitkernels.nn import PER_CHANNEL, QuantConfig  # noqa: E402
+from splitkernels.planner.costs import (  # noqa: E402
+    MESSAGE_OVERHEAD_BYTES, REPLY_BYTES, Link, ModelShape, Roofline, layer_weight_bytes, local_latency, memory,
+    split_latency, working_bytes,
+)
+from splitkernels.planner.devices import get_device  # noqa: E402
+from splitkernels.planner.optimizer import Infeasible, Limits, Plan, Scenario, plan  # noqa: E402
+from splitkernels.planner.profile import Profile, measure_profile  # noqa: E402
+from splitkernels.planner.quality import SplitEvaluator, calibrate  # noqa: E402
+
+GROUP = 64
+FRONT, BACK = QuantConfig(4, GROUP), QuantConfig(8, GROUP)
+SQ_WEIGHTS = QuantConfig(8, PER_CHANNEL)
+# Our codec settings to calibrate: the best of bench/e2e/codec_grid.py at <= 4.5 bits (see e2e.md).
+OUR_CODECS = (
+    CodecConfig(alpha=3.0, capacity=16, mode="error", eps=0.18),
+    CodecConfig(alpha=3.0, capacity=16, mode="error", eps=0.15),
+)
+EDGES = ("jetson-orin-nano-4gb", "jetson-orin-nano-8gb", "raspberry-pi-5-8gb")
+SERVER = "nvidia-a100-80gb"
+LINKS = tuple(Link(m, r) for m in (1.0, 10.0, 100.0) for r in (5.0, 20.0, 50.0))
+PROMPT = 128
+
+
+def _json_cache(path: Path, compute):
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.write_text(json.dumps(value, indent=1))
+    return value
+
+
+def calibration(model, ids, out: Path, log):
+    """Our configurations: front 4-bit / back 8-bit with each codec (and lossless fp16 frames), plus
+    front 8-bit with the first codec, at every split layer."""
+    kw = dict(context=CONTEXT, group_size=GROUP, model_name="SmolLM2-135M-Instruct", text_name="botchan",
+              cache=out / "quality.json", progress=log)
+    calibrate(model, ids, SPLIT_LAYERS, [4], [8], [*OUR_CODECS, CodecConfig.passthrough()], **kw)
+    return calibrate(model, ids, SPLIT_LAYERS, [8], [8], OUR_CODECS[:1], **kw)
+
+
+def baseline_quality(model, ids, out: Path, log) -> dict:
+    """SmoothQuant-style W8A8 + int8 transfer and Atom-style transfer (with our OPSC weights)."""
+
+    def compute():
+        ev = SplitEvaluator(model, ids, CONTEXT, GROUP)
+        rows = {}
+        for layer in SPLIT_LAYERS:
+            with w8a8(model):
+                p = ev.measure(layer, None, None, None, int8_transfer)
+            rows[f"sq/{layer}"] = {"ppl_change": p.ppl_change, "kl": p.kl, "bits": p.bits_per_element, "ppl": p.ppl}
+            log(p)
+            p = ev.measure(layer, FRONT.bits, BACK.bits, None, atom_transfer)
+            rows[f"atom/{layer}"] = {"ppl_change": p.ppl_change, "kl": p.kl, "bits": p.bits_per_element, "ppl": p.ppl}
+            log(p)
+        rows["ppl_reference"] = ev.ppl_reference
+        rows["tokens"] = ev.tokens
+        return rows
+
+    return _json_cache(out / "baselines.json", compute)
+
+
+def runtime_runs(model, tok, out: Path) -> dict:
+    """One real generation per split method through the runtime on this CPU (in-process)."""
+
+    def compute():
+        prompt = botchan_ids(tok, PROMPT).unsqueeze(0)
+        runs = {}
+        for name, p in (
+            ("split fp16", Plan(15, None, None, CodecConfig.passthrough(), 512)),
+            ("ours (split 15)", Plan(15, FRONT, BACK, OUR_CODECS[0], 512)),
+        ):
+            split = p.apply(copy.deepcopy(model))
+            split.generate(prompt, 17)
+            runs[name] = split.last_metrics.summary()
+            split.close()
+        return runs
+
+    return _json_cache(out / "runtime.json", compute)
+
+
+def atom_token_bytes(d: int) -> int:
+    n_in = d - ATOM_OUTLIERS
+    return (n_in * 4 + 7) // 8 + 4 * -(-n_in // ATOM_GROUP) + ATOM_OUTLIERS + 2 + 2 * ATOM_OUTLIERS
+
+
+def scenario_rows(shape: ModelShape, table, base: dict, edge_compute, edge_mem: int, server, link: Link) -> dict:
+    """Latency / bytes / quality of every method in one (edge, link) scenario."""
+    d, rows = shape.hidden, {}
+    srv_mem = get_device(SERVER).usable_bytes
+    ids_bytes = 4 * PROMPT + MESSAGE_OVERHEAD_BYTES
+    # Cloud-only: the prompt goes up once, tokens stream back (no round trip per token).
+    tok, ttft = local_latency(shape, server, None, PROMPT, PROMPT + 64)
+    rows["cloud-only"] = dict(token_s=tok + link.transfer_s(REPLY_BYTES), ttft_s=ttft + link.rtt_ms / 1e3 +
+                              link.transfer_s(ids_bytes + REPLY_BYTES), token_bytes=REPLY_BYTES, ppl_change=0.0,
+                              kl=0.0, split=None, fits=True)
+    tok, ttft = local_latency(shape, edge_compute, None, PROMPT, PROMPT + 64)
+    whole = (shape.vocab * d + shape.num_layers * layer_weight_bytes(shape, None) + d) * 1 + \
+        shape.num_layers * shape.kv_bytes_per_token_layer * 2048 + working_bytes(shape, 2048, 2048)
+    rows["edge-only (fp16)"] = dict(token_s=tok, ttft_s=ttft, token_bytes=0, ppl_change=0.0, kl=0.0, split=None,
+                                    fits=whole <= edge_mem)
+
+    def split_method(name, front, back, token_bytes, prompt_bytes, quality_of):
+        best = None
+        for layer in SPLIT_LAYERS:
+            mem = memory(shape, layer, front, back, 2048)
+            if mem.edge_total > edge_mem or mem.server_total() > srv_mem:
+                continue
+            lat = split_latency(shape, edge_compute, server, link, layer, front, back, token_bytes, prompt_bytes,
+                                PROMPT, PROMPT + 64)
+            q = quality_of(layer)
+            row = dict(token_s=lat.token_s, ttft_s=lat.ttft_s, token_bytes=lat.token_bytes, split=layer, fits=True,
+                       breakdown=lat.breakdown(), **q)
+            if best is None or row["token_s"] < best["token_s"]:
+                best = row
+        rows[name] = best or dict(fits=False)
+
+    split_method("split fp16", None, None, 2 * d, 2 * d * PROMPT, lambda l: dict(ppl_change=0.0, kl=0.0))
+    split_method("SmoothQuant W8A8 + int8", SQ_WEIGHTS, SQ_WEIGHTS, d + 2, (d + 2) * PROMPT,
+                 lambda l: dict(ppl_change=base[f"sq/{l}"]["ppl_change"], kl=base[f"sq/{l}"]["kl"]))
+    split_method("Atom-style 4-bit + int8 outliers", FRONT, BACK, atom_token_bytes(d), atom_token_bytes(d) * PROMPT,
+                 lambda l: dict(ppl_change=base[f"atom/{l}"]["ppl_change"], kl=base[f"atom/{l}"]["kl"]))
+    baselines = [r for k, r in rows.items() if k not in ("cloud-only", "edge-only (fp16)") and r.get("fits")]
+    best_base = min(baselines, key=lambda r: r["token_s"]) if baselines else None
+    # Ours: the planner, lowest latency at perplexity no worse than the fastest split baseline's.
+    limits = Limits(edge_memory_bytes=edge_mem, server_memory_bytes=srv_mem, min_seq_len=2048,
+                    max_ppl_change=None if best_base is None else max(best_base["ppl_change"], 0.0))
+    try:
+        res = plan(Scenario(shape, edge_compute, server, link, PROMPT), table, limits, objective="latency",
+                   seq_lens=(2048,))
+        p = res.plan.predicted
+        rows["ours (planner)"] = dict(token_s=p["token_latency_s"], ttft_s=p["ttft_s"], token_bytes=p["token_bytes"],
+                                      ppl_change=p["ppl_change"], kl=p["kl"], split=res.plan.split_layer, fits=True,
+                                      breakdown=p["breakdown"], codec=res.plan.codec.to_dict(),
+                                      front=str(res.plan.front), back=str(res.plan.back))
+    except Infeasible as exc:
+        rows["ours (planner)"] = dict(fits=False, why=exc.explanation)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of 512)")
+    ap.add_argument("--grid", type=Path, help="codec_grid.py JSON to include in the report")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_grad_enabled(False)
+    t0 = time.time()
+
+    def log(p):
+        print(f"[{time.time() - t0:6.0f}s] split {p.split_layer} front {p.front_bits} back {p.back_bits} "
+              f"codec {p.codec and p.codec.get('mode')} bits {p.bits_per_element:.3f} "
+              f"ppl {100 * p.ppl_change:+.2f}% kl {p.kl:.4f}", flush=True)
+
+    model, tok = load_smollm2()
+    ids = botchan_ids(tok, args.tokens)
+    shape = ModelShape.from_config(model.config, name="SmolLM2-135M-Instruct")
+    table = calibration(model, ids, args.out, log)
+    base = baseline_quality(model, ids, args.out, log)
+    prof_data = _json_cache(args.out / "profile.json", lambda: measure_profile(
+        model, [None, FRONT, BACK, SQ_WEIGHTS], prompt_tokens=PROMPT, decode_steps=8, repeats=1, name="SmolLM2-135M-Instruct"))
+    runs = runtime_runs(model, tok, args.out)
+    server = Roofline(get_device(SERVER), shape)
+    scenarios = []
+    edges = [(name, Roofline(get_device(name), shape), get_device(name).usable_bytes, "modelled (roofline)")
+             for name in EDGES]
+    edges.append(("this machine (CPU, fp32)", Profile(prof_data), 16 * 2**30, "measured profile"))
+    for edge_name, edge_compute, edge_mem, how in edges:
+        for link in LINKS:
+            scenarios.append(dict(edge=edge_name, how=how, mbps=link.mbps, rtt_ms=link.rtt_ms,
+                                  rows=scenario_rows(shape, table, base, edge_compute, edge_mem, server, link)))
+    grid = json.loads(args.grid.read_text()) if args.grid else None
+    results = dict(shape=shape.to_dict(), quality=json.loads(table.to_json()), baselines=base, profile=prof_data,
+                   runtime=runs, scenarios=scenarios, grid=grid, server=SERVER, prompt_tokens=PROMPT)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, args.out)
+    print(f"report: {args.out / 'report.md'} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
