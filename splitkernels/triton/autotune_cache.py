@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .dispatch import device_name
+
 _lock = threading.Lock()
 _cache: dict | None = None
 
@@ -65,7 +67,7 @@ def pick(
 
     ``run(config)`` launches the kernel once with that config (outputs may be scratch).
     """
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = device_name(device)
     with _lock:
         cached = _load().get(gpu, {}).get(f"{kernel}/{key}")
     if cached is not None:

@@ -104,17 +104,20 @@ def _encode_kernel(
 
     chosen = cand
     if tl.sum(cand.to(tl.int32), axis=0) > C:
-        # |x| >= 0, so its fp32 bits order like the values: find the C-th largest key bit by bit.
-        key = ax32.to(tl.int32, bitcast=True)
-        v = 0
-        for bit in tl.static_range(30, -1, -1):
-            trial = v | (1 << bit)
-            n_ge = tl.sum((cand & (key >= trial)).to(tl.int32), axis=0)
-            v = tl.where(n_ge >= C, trial, v)
-        above = cand & (key > v)
-        tie = cand & (key == v)
-        tie_rank = tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
-        chosen = above | (tie & (tie_rank < C - tl.sum(above.to(tl.int32), axis=0)))
+        if C == 0:
+            chosen = cand & (offs < 0)
+        else:
+            # |x| >= 0, so its fp32 bits order like the values: find the C-th largest key bit by bit.
+            key = ax32.to(tl.int32, bitcast=True)
+            v = 0
+            for bit in tl.static_range(30, -1, -1):
+                trial = v | (1 << bit)
+                n_ge = tl.sum((cand & (key >= trial)).to(tl.int32), axis=0)
+                v = tl.where(n_ge >= C, trial, v)
+            above = cand & (key > v)
+            tie = cand & (key == v)
+            tie_rank = tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
+            chosen = above | (tie & (tie_rank < C - tl.sum(above.to(tl.int32), axis=0)))
 
     chosen_i = chosen.to(tl.int32)
     cnt = tl.sum(chosen_i, axis=0)

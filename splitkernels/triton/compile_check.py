@@ -49,7 +49,7 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
     """(name, kernel, signature, constexprs, options) for each representative specialisation."""
     nofuse = {"enable_fp_fusion": False, "num_warps": 8}
     gemv = {"HAS_BIAS": True, "OUT_BF16": False, "BLOCK_N": 16, "BLOCK_K": 256}
-    tiled = {"HAS_BIAS": True, "OUT_BF16": False, "SPLIT_K": 1, "DOT_FP16": True, "PRECISION": "ieee",
+    tiled = {"HAS_BIAS": True, "OUT_BF16": False, "SPLIT_K": 1, "DOT_FP16": True, "PRECISION": "ieee", "WORD_TILE": True,
              "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
     return [
         ("pack", bitpack._pack_kernel, {"codes_ptr": _P8, "out_ptr": _P8, "n": "i32", "nbytes": "i32"},
@@ -68,7 +68,8 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
          {**gemv, "BITS": 3, "SPLIT_K": 2, "WORD_TILE": False}, {}),
         ("tiled W4 fp16", lowbit_gemm._tiled_kernel, _gemm_sig("fp16"), {**tiled, "BITS": 4}, {"num_stages": 3}),
         ("tiled W3 bf16 tf32", lowbit_gemm._tiled_kernel, _gemm_sig("bf16"),
-         {**tiled, "BITS": 3, "OUT_BF16": True, "DOT_FP16": False, "PRECISION": "tf32", "BLOCK_M": 64},
+         {**tiled, "BITS": 3, "OUT_BF16": True, "DOT_FP16": False, "PRECISION": "tf32", "WORD_TILE": False,
+          "BLOCK_M": 64},
          {"num_stages": 3}),
         ("dequant W8", lowbit_gemm._dequant_kernel,
          {"qw_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "w_ptr": "*fp16", "N": "i32", "K": "i32",

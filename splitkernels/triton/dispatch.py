@@ -54,14 +54,22 @@ def table() -> dict:
     return merged
 
 
-def _gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "default"
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU name keying tables and tuned configs ("cpu" off CUDA); cached, it is asked every call."""
+    if device.type != "cuda":
+        return "cpu"
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def choose_path(m: int, bits: int, dtype: torch.dtype, device: torch.device) -> str:
     """The path (one of :data:`PATHS`) for ``m`` tokens of ``dtype`` against a ``bits``-bit weight."""
     gpus = table()["gpus"]
-    entry = gpus.get(_gpu_name(device), gpus["default"])[str(bits)]
+    entry = gpus.get(device_name(device), gpus["default"])[str(bits)]
     if m <= entry["gemv_max_m"]:
         return "gemv"
     # A bf16 dense weight would round every dequantised value to 8 bits of mantissa, far

@@ -3,6 +3,10 @@
 * ``gemv``: one program per (N tile, K split, token); dequantises a [BLOCK_N, BLOCK_K] tile in
   registers and reduces with FMAs (no tensor cores: at M = 1 the weight bytes are the cost).
 * ``tiled``: [BLOCK_M, BLOCK_N] output tiles, the dequantised weight tile goes to ``tl.dot``.
+
+Both load whole int32 words and unpack them with shifts when codes never straddle words or
+groups (2/4/8 bits, group size a multiple of the codes per word); otherwise (3 bits, odd group
+sizes) every code is fetched from its word(s) on its own.
 * ``dequant``: the weight is dequantised once by a kernel (cached per weight, bounded by
   ``SPLITKERNELS_DEQUANT_CACHE_MB``) and ``torch.matmul`` takes over where compute dominates.
 
@@ -25,8 +29,6 @@ from ..ops import reference as ref
 from . import autotune_cache
 from .codec import to_bf16_bits
 from .dispatch import choose_path
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -113,11 +115,29 @@ def _gemv_kernel(
     _store_out(y_ptr, out, m * N + offs_n, offs_n < N, bias_ptr, offs_n, pid_k, HAS_BIAS, SPLIT_K, OUT_BF16)
 
 
+@triton.jit
+def _dequant_word_tile_kn(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, W, NG, GROUP,
+                          BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 weights as a [BLOCK_K, BLOCK_N] tile from whole int32 words (widths dividing 32)."""
+    CPW: tl.constexpr = 32 // BITS
+    wi = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
+    j = tl.arange(0, CPW)
+    mask = (wi[:, None] < W) & (offs_n[None, :] < N)
+    n64 = offs_n[None, :].to(tl.int64)
+    words = tl.load(qw_ptr + n64 * W + wi[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    codes = (words[:, None, :] >> (j * BITS).to(tl.uint32)[None, :, None]) & ((1 << BITS) - 1)
+    g = n64 * NG + (wi * CPW // GROUP)[:, None]
+    s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    w = codes.to(tl.float32) * s[:, None, :] + z[:, None, :]
+    return tl.reshape(w, [BLOCK_K, BLOCK_N])
+
+
 @triton.jit(do_not_specialize=["M", "K_SPLIT"])
 def _tiled_kernel(
     x_ptr, qw_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, W, NG, GROUP, K_SPLIT,
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, OUT_BF16: tl.constexpr,
-    DOT_FP16: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP16: tl.constexpr, PRECISION: tl.constexpr, WORD_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -131,7 +151,10 @@ def _tiled_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + k[None, :],
                     mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        w = _dequant(qw_ptr, scale_ptr, zero_ptr, offs_n[None, :], k[:, None], N, K, W, NG, GROUP, BITS)
+        if WORD_TILE:
+            w = _dequant_word_tile_kn(qw_ptr, scale_ptr, zero_ptr, offs_n, k0, N, W, NG, GROUP, BITS, BLOCK_K, BLOCK_N)
+        else:
+            w = _dequant(qw_ptr, scale_ptr, zero_ptr, offs_n[None, :], k[:, None], N, K, W, NG, GROUP, BITS)
         if DOT_FP16:
             acc = tl.dot(a, w.to(tl.float16), acc)
         else:
@@ -215,7 +238,7 @@ def tiled(x2, qweight, scale, zero, bits, group_size, bias, config: dict) -> tor
         BITS=bits, HAS_BIAS=bias is not None, SPLIT_K=split, OUT_BF16=y.dtype == torch.bfloat16,
         DOT_FP16=x2.dtype == torch.float16,
         # tf32 keeps 10 mantissa bits of the fp32 weight (bf16 would keep 7); fp32 needs full precision.
-        PRECISION="tf32" if x2.dtype == torch.bfloat16 else "ieee",
+        PRECISION="tf32" if x2.dtype == torch.bfloat16 else "ieee", WORD_TILE=word_tile(bits, group_size),
         BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
