@@ -273,6 +273,7 @@ GPU_CODEC_CASES = CODEC_CASES + [
     (5, 16384, "heavy", False, 4.0, 2, [4, 8], 0.03),
     (3, 5001, "ties", True, 2.0, 700, [2, 4], 0.1),
     (1, 2049, "normal", False, 2.0, 2049, [2, 4], 0.05),
+    (2, 40 * 1024 * 8, "heavy", False, 4.0, 4, [4, 8], 0.03),  # the widest row the kernel takes
 ]
 
 

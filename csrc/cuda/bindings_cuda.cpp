@@ -10,6 +10,7 @@ using namespace sk::cuda;
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "splitkernels CUDA kernels (raw device pointers; use splitkernels.ops, not this module)";
   m.attr("GEMV_MAX_M") = kGemvMaxM;
+  m.attr("CODEC_MAX_D") = kCodecMaxD;
   m.def("device_count", &device_count, "Devices visible to this module's CUDA runtime (raises with the reason)");
   m.def("version_string", &version_string, "CUDA runtime and driver versions as seen by this module");
   // Launchers only enqueue work, but they validate on the host first: keep the GIL-free window

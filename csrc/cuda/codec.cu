@@ -8,9 +8,6 @@ namespace {
 
 using namespace kernels;
 
-// The outlier mask lives in dynamic shared memory; beyond this the glue uses the reference.
-constexpr std::int64_t kMaxCodecD = 48 * 1024 * 8;
-
 template <typename T>
 void launch_encode(ptr_t x, std::int64_t t, std::int64_t d, bool abs_threshold, double threshold,
                    std::int64_t capacity, int bit_menu, double eps, ptr_t forced_bits, ptr_t bits, ptr_t lo,
@@ -38,8 +35,8 @@ void launch_decode(ptr_t bits, ptr_t lo, ptr_t step, ptr_t cnt, ptr_t idx, ptr_t
 
 void check_rows(std::int64_t t, std::int64_t d) {
   if (t < 1 || t > 0x7fffffff) throw std::invalid_argument("codec kernels need 1 <= T < 2^31");
-  if (d < 1 || d > kMaxCodecD) {
-    throw std::invalid_argument("codec kernels need 1 <= d <= " + std::to_string(kMaxCodecD) + ", got " +
+  if (d < 1 || d > kCodecMaxD) {
+    throw std::invalid_argument("codec kernels need 1 <= d <= " + std::to_string(kCodecMaxD) + ", got " +
                                 std::to_string(d));
   }
 }

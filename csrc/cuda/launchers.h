@@ -24,6 +24,11 @@ void pack_bits(ptr_t codes, ptr_t packed, std::int64_t rows, std::int64_t n, int
 void unpack_bits(ptr_t packed, ptr_t codes, std::int64_t rows, std::int64_t n, std::int64_t packed_stride, int bits,
                  ptr_t stream);
 
+// Widest row the codec kernels take: its outlier mask (one bit per channel) lives in 40 KiB of
+// shared memory, leaving room for the static shared memory under the 48 KiB a block gets
+// without opting in. The Python glue sends wider rows to the reference.
+constexpr std::int64_t kCodecMaxD = 40 * 1024 * 8;
+
 // Fused TS + TAB-Q encode of x [T, d] (dtype code in common.cuh), one block per token.
 // bit_menu: bit b-1 set when width b (1..8) is in the menu. forced_bits: 0 or u8 [T].
 // Outputs as splitkernels.ops.reference.ts_tabq_encode; every byte of every output is written.

@@ -24,8 +24,6 @@ from ..ops import reference
 
 _HINT = f"The cuda backend needs a CUDA GPU and the CUDA extension: {BUILD_HINT}."
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# The codec keeps a one-bit-per-channel outlier mask in 48 KiB of shared memory.
-MAX_CODEC_D = 48 * 1024 * 8
 
 _C: ModuleType | None = None
 
@@ -159,7 +157,7 @@ def ts_tabq_encode(
     """Fused TS + TAB-Q encode, one block per token (see :func:`splitkernels.ops.reference.ts_tabq_encode`)."""
     _require_cuda("x", x)
     t, d = x.shape
-    if t == 0 or d == 0 or d > MAX_CODEC_D:
+    if t == 0 or d == 0 or d > _C.CODEC_MAX_D:
         # Nothing to launch, or a row wider than the kernel's shared-memory mask: the
         # reference gives the same outputs.
         return reference.ts_tabq_encode(x, abs_threshold, threshold, capacity, bit_choices, eps, forced_bits)
@@ -212,7 +210,7 @@ def ts_tabq_decode(
         raise TypeError(f"val must be float32, float16 or bfloat16, got {val.dtype}")
     t = bits.shape[0]
     dev = codes.device
-    if t == 0 or d == 0 or d > MAX_CODEC_D:
+    if t == 0 or d == 0 or d > _C.CODEC_MAX_D:
         return reference.ts_tabq_decode(bits, lo, step, cnt, idx, val, codes, d)
     capacity = idx.shape[1] if idx.dim() == 2 else -1
     row = d * val.element_size()
