@@ -3,6 +3,7 @@
 * Codec: fused TS + TAB-Q encode, decode and encode+decode at T = 4096, d = 4096 (fp16 and
   bf16, default CodecConfig), against the reference ops and the triton backend.
   Target: encode+decode at >= 70% of the measured device-to-device copy bandwidth.
+* Codec step: T = 1 encode + decode replayed in a CUDA graph (the per-token cost at decode time).
 * GEMV: W4 g128, M = 1 on (N, K) = (4096, 4096), (4096, 14336) and (14336, 4096), fp16
   activations, against fp16 ``torch.matmul`` (target >= 3x; the bytes limit is 3.88x) and the
   triton backend; W2/W3/W8 and M = 8 as context.
@@ -105,6 +106,32 @@ def bench_codec(timer: Timer, copy_bw: float, t: int, d: int, dtype: torch.dtype
     return rows
 
 
+def bench_codec_step(timer: Timer, copy_bw: float, d: int) -> list[dict]:
+    """T = 1 (one decode step) encode and decode, replayed in a CUDA graph: launch latency bound."""
+    cfg = CodecConfig()
+    x = torch.randn(1, d, device="cuda", dtype=torch.float16)
+    args = (False, cfg.alpha, cfg.capacity, list(cfg.bit_choices), cfg.eps)
+    rows = []
+    for impl in backends_on_gpu():
+        with splitkernels.use_backend(impl):
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up (autotuning, allocations) outside the graph
+                    enc = ops.ts_tabq_encode(x, *args)
+                    ops.ts_tabq_decode(*enc[:3], *enc[4:8], d)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    enc = ops.ts_tabq_encode(x, *args)
+                    ops.ts_tabq_decode(*enc[:3], *enc[4:8], d)
+                seconds = timer(graph.replay)
+                rows.append(row("codec step (graph)", f"T=1 d={d} float16", impl, seconds, 4 * d, copy_bw, None))
+            except Exception as exc:  # a backend that cannot be captured is a result, not a crash
+                rows.append({"bench": "codec step (graph)", "shape": f"T=1 d={d}", "impl": impl, "error": repr(exc)})
+    return rows
+
+
 def bench_gemv(timer: Timer, copy_bw: float, n: int, k: int, m: int, bits: int, group: int) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(1)
     w = torch.randn(n, k, device="cuda", generator=gen)
@@ -153,6 +180,9 @@ def markdown(env: dict, copy_bw: float, rows: list[dict]) -> str:
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['bench']} | {r['shape']} | {r['impl']} | failed: {r['error'][:80]} | | | |")
+            continue
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else ""
         lines.append(f"| {r['bench']} | {r['shape']} | {r['impl']} | {r['us']:.1f} | {r['GB/s']:.0f} | "
                      f"{100 * r['of_copy']:.0f}% | {speed} |")
@@ -177,6 +207,7 @@ def main() -> int:
     for dtype in (torch.float16,) if args.quick else (torch.float16, torch.bfloat16):
         rows += bench_codec(timer, copy_bw, 4096, 4096, dtype)
         print(f"codec {dtype} done", flush=True)
+    rows += bench_codec_step(timer, copy_bw, 4096)
     gemv_cases = [(4096, 4096, 1, 4), (4096, 14336, 1, 4), (14336, 4096, 1, 4)]
     if not args.quick:
         gemv_cases += [(4096, 4096, 8, 4), (4096, 4096, 1, 2), (4096, 4096, 1, 3), (4096, 4096, 1, 8)]
