@@ -234,6 +234,96 @@ def test_emulated_gemv_and_dequant_match_reference(emu, bits, dtype):
         assert rel_err(y, want) <= MATMUL_TOL[dtype], (m, k, b is None)
 
 
+class EmulatedModule:
+    """Stands in for splitkernels._C_cuda with the emulated kernels, so the torch glue in
+    splitkernels/backends/cuda.py (argument order, allocation, shapes, fallbacks) runs on CPU tensors."""
+
+    GEMV_MAX_M = 8
+    CODEC_MAX_D = 40 * 1024 * 8
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+
+    def pack_bits(self, codes, packed, rows, n, bits, stream):
+        self.lib.emu_pack_bits(ctypes.c_void_p(codes), ctypes.c_void_p(packed), I64(rows), I64(n), ctypes.c_int(bits))
+
+    def unpack_bits(self, packed, codes, rows, n, stride, bits, stream):
+        self.lib.emu_unpack_bits(ctypes.c_void_p(packed), ctypes.c_void_p(codes), I64(rows), I64(n), I64(stride),
+                                 ctypes.c_int(bits))
+
+    def ts_tabq_encode(self, x, dtype, t, d, abs_threshold, threshold, capacity, menu, eps, forced, *outs_stream):
+        *outs, _stream = outs_stream
+        self.lib.emu_ts_tabq_encode(
+            ctypes.c_void_p(x), ctypes.c_int(dtype), I64(t), I64(d), ctypes.c_bool(abs_threshold), F64(threshold),
+            I64(capacity), ctypes.c_int(menu), F64(eps), ctypes.c_void_p(forced), *(ctypes.c_void_p(o) for o in outs),
+        )
+
+    def ts_tabq_decode(self, bits, lo, step, cnt, idx, val, codes, dtype, t, d, capacity, stride, out, stream):
+        self.lib.emu_ts_tabq_decode(
+            *(ctypes.c_void_p(a) for a in (bits, lo, step, cnt, idx, val, codes)), ctypes.c_int(dtype), I64(t), I64(d),
+            I64(capacity), I64(stride), ctypes.c_void_p(out),
+        )
+
+    def lowbit_gemv(self, x, qweight, scale, zero, bias, y, dtype, m, n, k, bits, group_size, stream):
+        self.lib.emu_lowbit_gemv(
+            *(ctypes.c_void_p(a) for a in (x, qweight, scale, zero, bias, y)), ctypes.c_int(dtype), I64(m), I64(n),
+            I64(k), ctypes.c_int(bits), I64(group_size),
+        )
+
+    def dequantize_weight(self, qweight, scale, zero, w, dtype, n, k, bits, group_size, stream):
+        self.lib.emu_dequantize_weight(
+            *(ctypes.c_void_p(a) for a in (qweight, scale, zero, w)), ctypes.c_int(dtype), I64(n), I64(k),
+            ctypes.c_int(bits), I64(group_size),
+        )
+
+
+@pytest.fixture
+def glue(emu, monkeypatch):
+    """splitkernels.backends.cuda with its extension replaced by the emulation, on CPU tensors."""
+    import contextlib
+
+    from splitkernels.backends import cuda as glue_module
+
+    monkeypatch.setattr(glue_module, "_C", EmulatedModule(emu))
+    monkeypatch.setattr(glue_module, "_require_cuda", lambda name, t: None)
+    monkeypatch.setattr(glue_module, "_stream", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return glue_module
+
+
+def test_glue_with_emulated_kernels(glue):
+    g = torch.Generator().manual_seed(21)
+    codes = torch.randint(0, 32, (2, 3, 41), generator=g, dtype=torch.uint8)
+    packed = glue.pack_bits(codes, 5)
+    assert torch.equal(packed, reference.pack_bits(codes, 5))
+    wide = torch.cat([packed, torch.zeros(2, 3, 2, dtype=torch.uint8)], -1)
+    assert torch.equal(glue.unpack_bits(wide, 5, 41), codes)
+    for dtype in DTYPES:
+        x = activations(3, 130, dtype, "heavy", seed=4)
+        want = reference.ts_tabq_encode(x, False, 4.0, 2, [2, 4, 6], 0.05, None)
+        got = glue.ts_tabq_encode(x, False, 4.0, 2, [2, 4, 6], 0.05, None)
+        assert_encode_equal(got, want)
+        forced = torch.tensor([3, 0, 8], dtype=torch.uint8)
+        assert_encode_equal(glue.ts_tabq_encode(x, False, 4.0, 2, [], 0.0, forced),
+                            reference.ts_tabq_encode(x, False, 4.0, 2, [], 0.0, forced))
+        # codes rows of odd width at an odd offset: the glue copies them into element alignment
+        codes_odd = torch.zeros(3, got[7].shape[1] + 2, dtype=torch.uint8)[:, 1:]
+        codes_odd[:, : got[7].shape[1]] = got[7]
+        dec = glue.ts_tabq_decode(*got[:3], *got[4:7], codes_odd, 130)
+        assert torch.equal(dec, reference.ts_tabq_decode(*want[:3], *want[4:8], 130))
+        with pytest.raises(ValueError, match="codes"):
+            glue.ts_tabq_decode(*got[:3], *got[4:7], got[7][:, :-1], 130)
+    for m, group in ((2, 64), (9, 64), (1, 48)):  # GEMV, then the dequantise + matmul fallbacks
+        qw = quantize_weight(torch.randn(10, 192, generator=g), 3, group, dtype=torch.float16)
+        x = torch.randn(m, 192, generator=g).half()
+        bias = torch.randn(10, generator=g).half()
+        got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
+        want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
+        assert got.dtype == torch.float16 and rel_err(got, want) <= MATMUL_TOL[torch.float16], (m, group)
+    with pytest.raises(ValueError, match="qweight must have"):
+        glue.lowbit_linear(x, qw.qweight[:, :-1], qw.scale, qw.zero, 3, 48, None)
+
+
 # ---------------------------------------------------------------- on a GPU
 
 
