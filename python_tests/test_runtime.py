@@ -405,3 +405,23 @@ def test_token_outside_the_vocabulary_is_refused():
     sm = split_model(tiny_model("llama", seed=13, num_layers=2), 1)
     with pytest.raises(ProtocolError, match="vocabulary"):
         sm.generate(_prompt(0, 3), 4, transport=_LyingServer())
+
+
+def test_release_keeps_one_half():
+    ids = _prompt(9, 5)
+    whole = split_model(tiny_model("gpt2", seed=14, num_layers=NUM_LAYERS), 1)
+    expected = whole.generate(ids, 6)
+    server_side = split_model(tiny_model("gpt2", seed=14, num_layers=NUM_LAYERS), 1)
+    edge_side = split_model(tiny_model("gpt2", seed=14, num_layers=NUM_LAYERS), 1)
+    weights = server_side.server.weight_bytes()
+    server_side.release("edge")
+    edge_side.release("server")
+    assert server_side.server.weight_bytes() == weights
+    assert sum(p.numel() for p in server_side.model.parameters()) < sum(p.numel() for p in whole.model.parameters())
+    assert torch.equal(edge_side.generate(ids, 6, transport=server_side.transport), expected)
+    with pytest.raises(RuntimeError, match="released its edge"):
+        server_side.generate(ids, 2)
+    with pytest.raises(RuntimeError, match="released its server half.*transport="):
+        edge_side.generate(ids, 2)
+    with pytest.raises(ValueError, match="side"):
+        whole.release("both")

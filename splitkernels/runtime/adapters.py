@@ -30,7 +30,15 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.config = model.config
-        self.layers: list[nn.Module] = []
+        self.layers: list[nn.Module | None] = []
+        self.layer_list: nn.ModuleList = nn.ModuleList()  # the model's own container of the layers
+
+    def drop_layers(self, first: int, last: int) -> None:
+        """Free decoder layers ``first..last-1`` (0-based) from the model: a process that runs
+        only one half of the split does not keep the other half's weights."""
+        for i in range(first, last):
+            self.layer_list[i] = nn.Identity()
+            self.layers[i] = None
 
     @property
     def num_layers(self) -> int:
@@ -114,6 +122,7 @@ class LlamaStyleAdapter(Adapter):
         self.rotary = base.rotary_emb
         self.norm = base.norm
         self.lm_head = model.lm_head
+        self.layer_list = base.layers
         self.layers = list(base.layers[: self.config.num_hidden_layers])
 
     def embed(self, input_ids, position_ids):
@@ -152,6 +161,7 @@ class GPT2Adapter(Adapter):
         base = model.transformer
         self.wte, self.wpe, self.drop, self.ln_f = base.wte, base.wpe, base.drop, base.ln_f
         self.lm_head = model.lm_head
+        self.layer_list = base.h
         self.layers = list(base.h)
 
     @property
@@ -187,6 +197,7 @@ class OPTAdapter(Adapter):
         self.project_in, self.project_out = dec.project_in, dec.project_out
         self.final_layer_norm = dec.final_layer_norm
         self.lm_head = model.lm_head
+        self.layer_list = dec.layers
         self.layers = list(dec.layers)
 
     @property

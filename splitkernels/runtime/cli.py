@@ -227,6 +227,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.family, args.seed)
     sm = split_model(loaded.model, _split_layer(args, loaded), opsc=_opsc_from_args(args, "server"),
                      limits=Limits(args.max_sessions, args.max_seq_len, args.idle_timeout))
+    sm.release("edge")
     tls = TlsFiles.from_paths(args.tls_cert, args.tls_key) if args.tls_cert else None
     server = GrpcServer(sm.manager, args.host, args.port, token=args.token, tls=tls,
                         max_message_bytes=int(args.max_message_mb * 2**20),
@@ -249,6 +250,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.family, args.seed)
     sm = split_model(loaded.model, _split_layer(args, loaded), codec=_codec_from_args(args),
                      opsc=_opsc_from_args(args, "edge"))
+    sm.release("server")
     tls = TlsFiles.from_paths(ca=args.tls_ca) if args.tls_ca else None
     grpc_transport = GrpcTransport(args.server, token=args.token, tls=tls, timeout_s=args.timeout,
                                    max_message_bytes=int(args.max_message_mb * 2**20), server_name=args.server_name)

@@ -43,13 +43,17 @@ class _Segment:
         self.first, self.last = first, last
         self.layers = adapter.layers[first:last]
 
+    def _first_parameter(self) -> torch.Tensor:
+        modules = self.layers or self._own_modules()
+        return next(p for m in modules for p in m.parameters())
+
     @property
     def device(self) -> torch.device:
-        return next(iter(self.adapter.layers[0].parameters())).device
+        return self._first_parameter().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.adapter.layers[0].parameters())).dtype
+        return self._first_parameter().dtype
 
     def new_cache(self) -> DynamicCache:
         """An empty KV cache for one sequence; only this segment's layers fill it."""

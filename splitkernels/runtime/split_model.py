@@ -185,8 +185,8 @@ class SplitModel:
             seed: int | None = None, transport: Transport | None = None) -> GenerationResult:
         """Generate and return ids and metrics (see :meth:`generate`)."""
         sampling = SamplingParams(bool(do_sample), float(temperature), top_k, float(top_p), seed)
-        result = generate_split(self.edge, transport or self.transport, input_ids, max_new_tokens, self.codec,
-                                sampling, eos_token_id, self.fingerprint)
+        result = generate_split(self._require("edge"), transport or self._require("transport"), input_ids,
+                                max_new_tokens, self.codec, sampling, eos_token_id, self.fingerprint)
         self.last_metrics = result.metrics
         return result
 
@@ -206,13 +206,36 @@ class SplitModel:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``[1, T, V]``: edge, codec frame (through its bytes), server; no cache."""
         ids = _check_input_ids(input_ids, getattr(self.adapter.config, "vocab_size", None))
-        hidden = self.edge.forward(ids, None, 0)
+        hidden = self._require("edge").forward(ids, None, 0)
         hidden = decode(from_bytes(encode(hidden, self.codec).to_bytes()))
-        return self.server.forward(hidden, None, 0, last_only=False)
+        return self._require("server").forward(hidden, None, 0, last_only=False)
+
+    def release(self, side: str) -> None:
+        """Free the decoder layers of the half this process does not run: ``"edge"`` (a server
+        process) or ``"server"`` (an edge process, which then generates only with ``transport=``).
+        Modules both halves share, such as an embedding tied to the LM head, stay."""
+        if side == "edge":
+            self.adapter.drop_layers(0, self.split_layer)
+            self.edge = None
+        elif side == "server":
+            self.manager.shutdown()
+            self.adapter.drop_layers(self.split_layer, self.adapter.num_layers)
+            self.server = self.manager = self.transport = None
+        else:
+            raise ValueError(f"side must be 'edge' or 'server', got {side!r}")
+
+    def _require(self, part: str):
+        value = getattr(self, part)
+        if value is None:
+            half = "edge" if part == "edge" else "server"
+            hint = "; pass transport= to reach a remote server" if part == "transport" else ""
+            raise RuntimeError(f"this SplitModel released its {half} half (see release()){hint}")
+        return value
 
     def close(self) -> None:
         """Free the in-process server's sessions."""
-        self.manager.shutdown()
+        if self.manager is not None:
+            self.manager.shutdown()
 
 
 def split_model(model: nn.Module, split_layer: int, codec: CodecConfig | None = None, opsc: Any = None,
