@@ -178,6 +178,14 @@ def test_codec_ties_go_to_the_lower_channel():
     x = torch.tensor([[0.1, 5.0, -5.0, 0.2, 5.0, -0.3, -5.0, 0.0, 0.4], [3.0, -3.0, 3.0, 1.0, -3.0, 0.5, 0.2, 0.1, 3.0]])
     want = check_codec(x.to(DEVICE), True, 1.0, 3, [4], 0.1)
     assert want[5].tolist() == [[1, 2, 4], [0, 1, 2]]
+    # Equal magnitudes with 7 surplus candidates (dropped one by one) and 15 (radix select).
+    g = torch.Generator().manual_seed(14)
+    y = torch.randn(2, 40, generator=g) * 0.1
+    for r, n in enumerate((12, 20)):
+        y[r, torch.randperm(40, generator=g)[:n]] = 7.0 * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)
+    y[1, 3] = 9.0  # one larger value ranks first
+    want = check_codec(y.to(DEVICE), True, 1.0, 5, [4], 0.1)
+    assert (want[4] == 5).all()
 
 
 def test_codec_forced_bits():
@@ -188,6 +196,17 @@ def test_codec_forced_bits():
     want = check_codec(x.half(), False, 2.0, 2, [4], 0.1, torch.tensor([3, 16, 8, 4, 1, 7, 6], dtype=torch.uint8, device=DEVICE))
     assert want[0].tolist()[:2] == [3, 16]
     assert ref.ts_tabq_encode(x, False, 2.0, 0, [4], 0.1, forced)[0][3].item() == 32
+
+
+def test_decode_never_writes_outside_its_row():
+    x = activations(3, 24, torch.float16, seed=15)
+    enc = ref.ts_tabq_encode(x, False, 1.0, 4, [3], 0.1, None)
+    bits, lo, step, _, cnt, idx, val, codes, _ = enc
+    bad = idx.clone()
+    bad[:, -1] = torch.tensor([24, -1, 1 << 20], dtype=torch.int32)  # out of range in every last used slot
+    got = codec.ts_tabq_decode(bits, lo, step, torch.full_like(cnt, 4), bad, val, codes, 24)
+    want = ref.ts_tabq_decode(bits, lo, step, torch.full_like(cnt, 3), idx, val, codes, 24)
+    assert torch.equal(bits_of(got), bits_of(want))
 
 
 def test_codec_larger_row_with_overflowing_candidates():

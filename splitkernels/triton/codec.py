@@ -4,9 +4,10 @@ Every rounding step is written with core ops so the integer outputs match the re
 for bit: fp16 directed rounding on the fp32 bit pattern, IEEE division via ``div_rn`` (the
 default fp32 division on GPUs is approximate), round-half-even with the 2^23 trick, float64
 for the threshold and the error budget, and floating-point contraction disabled so
-``q * step + lo`` is not fused into an FMA. The whole row lives in registers: the outlier
-selection (top-C by magnitude, ties to the lower channel) is a radix select over the fp32
-bit patterns of ``|x|``, run only when a row has more candidates than capacity.
+``q * step + lo`` is not fused into an FMA. The whole row lives in registers. The outlier
+selection (top-C by magnitude, ties to the lower channel) runs only when a row has more
+candidates than capacity: a few surplus candidates are dropped one reduction each, more go
+through a radix select over the fp32 bit patterns of ``|x|``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from .bitpack import load_codes, pack_group_words, store_group_bytes
 _FP16_MAX_BITS = tl.constexpr(0x477FE000)  # 65504.0 as fp32 bits
 _FP16_MIN_SUBNORMAL_BITS = tl.constexpr(0x33800000)  # 2^-24 as fp32 bits
 _FP32_INF_BITS = tl.constexpr(0x7F800000)
+_INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+# Up to this many surplus candidates are dropped one by one; beyond, a 31-round radix select.
+_DROP_ROUNDS_MAX = tl.constexpr(8)
 
 
 @triton.jit
@@ -103,8 +107,17 @@ def _encode_kernel(
     cand = inb & (ax > tau)
 
     chosen = cand
-    if tl.sum(cand.to(tl.int32), axis=0) > C:
-        if C == 0:
+    excess = tl.sum(cand.to(tl.int32), axis=0) - C
+    if excess > 0:
+        if excess <= _DROP_ROUNDS_MAX:
+            # Few too many (the usual case): drop the worst candidate, one reduction each;
+            # worst = smallest |x|, and among equals the highest channel (ties keep the lower one).
+            order = (ax32.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (d - 1 - offs).to(tl.int64)
+            order = tl.where(cand, order, _INT64_MAX)
+            for _ in range(0, excess):
+                order = tl.where(order == tl.min(order, axis=0), _INT64_MAX, order)
+            chosen = order != _INT64_MAX
+        elif C == 0:
             chosen = cand & (offs < 0)
         else:
             # |x| >= 0, so its fp32 bits order like the values: find the C-th largest key bit by bit.
@@ -184,9 +197,9 @@ def _encode_kernel(
     tl.store(nbytes_ptr + row, nbytes)
 
 
-@triton.jit(do_not_specialize=["d", "C", "codes_stride"])
+@triton.jit(do_not_specialize=["d", "C", "codes_stride", "codes_width"])
 def _decode_kernel(
-    bits_ptr, lo_ptr, step_ptr, cnt_ptr, idx_ptr, val_ptr, codes_ptr, out_ptr, d, C, codes_stride,
+    bits_ptr, lo_ptr, step_ptr, cnt_ptr, idx_ptr, val_ptr, codes_ptr, out_ptr, d, C, codes_stride, codes_width,
     RAW: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -195,11 +208,12 @@ def _decode_kernel(
     b = tl.load(bits_ptr + row).to(tl.int32)
     in_row = codes_ptr + row * codes_stride
     out_row = out_ptr + row * d
+    # Reads stay inside the row's codes_width bytes and writes inside the row, whatever the buffers hold.
     if b == RAW:
-        v = tl.load(in_row.to(val_ptr.dtype) + offs, mask=inb)
+        v = tl.load(in_row.to(val_ptr.dtype) + offs, mask=inb & ((offs + 1) * (RAW // 8) <= codes_width))
         tl.store(out_row + offs, v, mask=inb)
     else:
-        q = load_codes(in_row, offs, b, (d * b + 7) // 8).to(tl.float32)
+        q = load_codes(in_row, offs, b, tl.minimum((d * b + 7) // 8, codes_width)).to(tl.float32)
         xq = q * tl.load(step_ptr + row).to(tl.float32)
         xh = xq + tl.load(lo_ptr + row).to(tl.float32)
         if OUT_BF16:
@@ -212,7 +226,7 @@ def _decode_kernel(
     used = slots < tl.minimum(tl.load(cnt_ptr + row), C)
     ix = tl.load(idx_ptr + row * C + slots, mask=used, other=0)
     v = tl.load(val_ptr + row * C + slots, mask=used)
-    tl.store(out_row + ix, v, mask=used)
+    tl.store(out_row + ix, v, mask=used & (ix >= 0) & (ix < d))
 
 
 def _f64_bits(value: float) -> int:
@@ -250,7 +264,7 @@ def ts_tabq_encode(
         return outs
     block_d = max(8, triton.next_power_of_2(d))
     _encode_kernel[(t,)](
-        x, forced_bits if forced_bits is not None else bits, *outs, d, capacity,
+        x, forced_bits.contiguous() if forced_bits is not None else bits, *outs, d, capacity,
         _f64_bits(float(threshold)), _f64_bits(float(eps) * float(eps)), sum(1 << b for b in set(bit_choices)),
         ABS_MODE=bool(abs_threshold), FORCED=forced_bits is not None, RAW=raw,
         BLOCK_D=block_d, BLOCK_C=max(1, triton.next_power_of_2(capacity)),
@@ -276,8 +290,10 @@ def ts_tabq_decode(
         return out
     capacity = idx.shape[1]
     block_d = max(8, triton.next_power_of_2(d))
+    codes = codes if codes.stride(-1) == 1 else codes.contiguous()
     _decode_kernel[(t,)](
-        bits, lo, step, cnt, idx.contiguous(), val.contiguous(), codes, out, d, capacity, codes.stride(0),
+        bits.contiguous(), lo.contiguous(), step.contiguous(), cnt.contiguous(), idx.contiguous(), val.contiguous(),
+        codes, out, d, capacity, codes.stride(0), codes.shape[1],
         RAW=raw_width(val.dtype), OUT_BF16=val.dtype == torch.bfloat16, BLOCK_D=block_d, BLOCK_C=max(1, triton.next_power_of_2(capacity)),
         num_warps=_row_warps(block_d), enable_fp_fusion=False,
     )

@@ -35,7 +35,8 @@ def _encode_sig(dt: str) -> dict:
 
 def _decode_sig(dt: str) -> dict:
     return {"bits_ptr": _P8, "lo_ptr": "*fp16", "step_ptr": "*fp16", "cnt_ptr": "*i32", "idx_ptr": "*i32",
-            "val_ptr": "*" + dt, "codes_ptr": _P8, "out_ptr": "*" + dt, "d": "i32", "C": "i32", "codes_stride": "i32"}
+            "val_ptr": "*" + dt, "codes_ptr": _P8, "out_ptr": "*" + dt, "d": "i32", "C": "i32", "codes_stride": "i32",
+            "codes_width": "i32"}
 
 
 def _gemm_sig(dt: str, out: str | None = None) -> dict:

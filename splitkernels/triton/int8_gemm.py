@@ -62,7 +62,7 @@ def int8_linear(
     shape = x.shape
     k = shape[-1]
     n = w_int8.shape[0]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -74,7 +74,7 @@ def int8_linear(
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
     _int8_mm_kernel[grid](
-        xq, xs, w_int8, w_scale, bias if bias is not None else y, y, m, n, k,
+        xq, xs, w_int8, w_scale, bias.contiguous() if bias is not None else y, y, m, n, k,
         HAS_BIAS=bias is not None, OUT_BF16=x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4,
     )

@@ -344,7 +344,10 @@ def lowbit_linear(
     """Triton kernel of :func:`splitkernels.ops.reference.lowbit_linear` (x contiguous, scale in x's dtype)."""
     k = x.shape[-1]
     n = qweight.shape[0]
-    x2 = x.reshape(-1, k)
+    # No-ops for the usual contiguous tensors (so the dequant cache still sees the same objects).
+    qweight, scale, zero = qweight.contiguous(), scale.contiguous(), zero.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     if m == 0 or n == 0 or k == 0:
         return ref.lowbit_linear(x, qweight, scale, zero, bits, group_size, bias)
