@@ -83,11 +83,11 @@ inline void fiber_main() {
 template <typename Body>
 void launch(unsigned grid, unsigned block, std::size_t shared_bytes, Body body) {
   block_dim = dim3(block, 1, 1);
-  dynamic_shared_memory.assign(shared_bytes + 16, 0xA5);  // poisoned: kernels must write before reading
   kernel_body = body;
   fibers.resize(block);
   for (unsigned b = 0; b < grid; ++b) {
     block_index = dim3(b, 1, 1);
+    dynamic_shared_memory.assign(shared_bytes + 16, 0xA5);  // poisoned: kernels must write before reading
     groups.assign(1 + (block + 31) / 32, Group{});
     groups[0].members = static_cast<int>(block);
     for (unsigned w = 0; w < (block + 31) / 32; ++w) groups[1 + w].members = static_cast<int>(std::min(32u, block - 32 * w));
