@@ -6,6 +6,10 @@ float64 computation with the tolerances documented in splitkernels/backends/cpp.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -54,6 +58,31 @@ def test_use_backend_cpp_routes_public_ops():
         assert _backend.resolve("pack_bits", torch.device("cpu")) is cpp.pack_bits
         packed = ops.pack_bits(codes, 3)
     assert torch.equal(packed, ref.pack_bits(codes, 3))
+
+
+def test_missing_extension_is_reported_not_raised():
+    # A fresh interpreter in which importing splitkernels._C fails.
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["splitkernels._C"] = None
+        import torch, splitkernels
+        from splitkernels import _native, ops
+        info = splitkernels.backends()["cpp"]
+        assert not info["available"] and "splitkernels._C" in info["reason"], info
+        codes = torch.tensor([[1, 2, 3, 4, 5]], dtype=torch.uint8)
+        assert ops.pack_bits(codes, 3).tolist() == [[0xD1, 0x58]]  # falls back to the reference
+        try:
+            with splitkernels.use_backend("cpp"):
+                pass
+        except RuntimeError as exc:
+            assert _native.BUILD_HINT in str(exc), exc
+        else:
+            raise AssertionError("use_backend('cpp') must raise without the extension")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_num_threads_reported():

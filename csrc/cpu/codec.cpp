@@ -76,8 +76,11 @@ void encode_row(const uint8_t* xrow, int dtype, int64_t d, bool abs_threshold, d
                 const EncodeOutputs& o) {
   const int isz = dtype_size(dtype);
   const int64_t row_bytes = d * isz;
-  float* xf = s.xf.data();
-  to_float(xrow, dtype, d, xf);
+  const float* xf = reinterpret_cast<const float*>(xrow);
+  if (dtype != kFloat32) {
+    to_float(xrow, dtype, d, s.xf.data());
+    xf = s.xf.data();
+  }
 
   const double tau = abs_threshold ? threshold : threshold * std::sqrt(sum_squares(xf, d) / static_cast<double>(d));
   int64_t m = 0;
@@ -212,14 +215,14 @@ std::string ts_tabq_decode(const int32_t* bits, const float* lo, const float* st
       } else {
         unpack_row(crow, d, b, q.data());
         const float st = step[t], l = lo[t];
-        float* yp = y.data();
+        float* yp = dtype == kFloat32 ? reinterpret_cast<float*>(orow) : y.data();
         const uint8_t* qp = q.data();
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) {
           const float scaled = static_cast<float>(qp[i]) * st;  // two roundings: no FMA (FORMATS step 8)
           yp[i] = scaled + l;
         }
-        from_float(yp, d, dtype, orow);
+        if (dtype != kFloat32) from_float(yp, d, dtype, orow);
       }
       for (int32_t j = 0; j < cnt[t]; ++j)
         std::memcpy(orow + static_cast<int64_t>(idx[t * capacity + j]) * isz, vb + (t * capacity + j) * isz, isz);
