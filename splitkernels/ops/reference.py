@@ -10,6 +10,12 @@ import torch
 
 from .fp16_rounding import round_down_fp16, round_up_fp16
 
+def _exact_div(a: torch.Tensor, divisor: float) -> torch.Tensor:
+    """IEEE division by a constant. On CUDA, ``tensor / python_number`` multiplies by the
+    reciprocal, which rounds differently; dividing by a tensor keeps every device exact."""
+    return a / torch.full_like(a, divisor)
+
+
 # ---------------------------------------------------------------- bit streams
 
 
@@ -102,7 +108,7 @@ def lowbit_linear(
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: q = round_half_even(x / s), s = absmax / 127 (fp32); zero rows get s = 1."""
     xf = x.float()
-    s = xf.abs().amax(-1) / 127.0
+    s = _exact_div(xf.abs().amax(-1), 127.0)
     s = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.clamp(torch.round(xf / s.unsqueeze(-1)), -127, 127).to(torch.int8)
     return q, s
@@ -144,7 +150,7 @@ def split_outliers(
     if abs_threshold:
         tau = torch.full((t, 1), float(threshold), dtype=torch.float64, device=x.device)
     else:
-        tau = threshold * torch.sqrt((absx * absx).sum(-1, keepdim=True) / d)
+        tau = threshold * torch.sqrt(_exact_div((absx * absx).sum(-1, keepdim=True), d))
     candidate = absx > tau
     key = torch.where(candidate, absx, torch.full_like(absx, -1.0))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :capacity]
@@ -171,13 +177,13 @@ def inlier_range(xf: torch.Tensor, inlier: torch.Tensor) -> tuple[torch.Tensor, 
 
 def step_for(lo16: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """step_b = (hi - lo) / (2^b - 1) in fp32, rounded up to fp16 (inf where it does not fit)."""
-    return round_up_fp16((hi - lo16) / float(2**bits - 1))
+    return round_up_fp16(_exact_div(hi - lo16, 2**bits - 1))
 
 
 def estimated_sq_error(step: torch.Tensor, n_inliers: torch.Tensor) -> torch.Tensor:
     """Expected squared error of uniform quantisation, n_in * step^2 / 12, in fp64."""
     s = step.double()
-    return n_inliers.double() * s * s / 12.0
+    return _exact_div(n_inliers.double() * s * s, 12.0)
 
 
 def choose_bits(
