@@ -294,23 +294,25 @@ def test_dequantize_kernel_bit_exact(bits):
     assert torch.equal(w, ref.dequantize_weight(qw.qweight, qw.scale, qw.zero, bits, 64, 192))
 
 
-def test_dequant_cache_hits_invalidates_and_evicts():
-    cache = lg.DequantCache(budget_bytes=2 * 16 * 64 * 2)
+def test_dequant_cache_hits_invalidates_and_admits_within_budget():
+    size = 16 * 64 * 2
+    cache = lg.DequantCache(budget_bytes=2 * size)
     a, b, c = (weight(16, 64, 4, 32, torch.float16, seed=s) for s in range(3))
     args = lambda q: (q.qweight, q.scale, q.zero, 4, 32, 64, torch.float16)  # noqa: E731
     wa = cache.get(*args(a))
-    assert cache.get(*args(a)) is wa and cache.nbytes == wa.numel() * 2
+    assert cache.get(*args(a)) is wa and cache.nbytes == size
     assert torch.equal(wa, a.dequantize(torch.float16))
     a.qweight[0, 0] ^= 0x0F  # in-place change of the packed codes
     wa2 = cache.get(*args(a))
-    assert wa2 is not wa and torch.equal(wa2, a.dequantize(torch.float16))
-    cache.get(*args(b))
-    cache.get(*args(c))  # over budget: the least recently used (a) goes
-    assert cache.nbytes == 2 * 16 * 64 * 2
-    assert cache.get(*args(a)) is not wa2
-    del c
-    assert cache.nbytes == 2 * 16 * 64 * 2 - 16 * 64 * 2  # freed with its packed weight
-    assert cache.get(a.qweight, a.scale.clone(), a.zero, 4, 32, 64, torch.float16) is not cache.get(*args(a))
+    assert wa2 is not wa and torch.equal(wa2, a.dequantize(torch.float16)) and cache.nbytes == size
+    assert cache.get(*args(b)) is cache.get(*args(b))
+    wc = cache.get(*args(c))  # over budget: computed, not cached, nothing evicted
+    assert cache.get(*args(c)) is not wc and cache.get(*args(a)) is wa2 and cache.nbytes == 2 * size
+    del b  # freed with its packed weight, which makes room for c
+    assert cache.nbytes == size
+    assert cache.get(*args(c)) is cache.get(*args(c)) and cache.nbytes == 2 * size
+    # A different scale object (e.g. cast per call) is never served from the entry of another.
+    assert cache.get(a.qweight, a.scale.clone(), a.zero, 4, 32, 64, torch.float16) is not wa2
 
 
 def test_dispatch_table(monkeypatch, tmp_path):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections import OrderedDict
 
 import torch
 import triton
@@ -267,17 +266,19 @@ def dequantize(qweight, scale, zero, bits, group_size, k, dtype: torch.dtype) ->
 
 
 class DequantCache:
-    """Dense weights of the ``dequant`` path, one per packed weight, least recently used out first.
+    """Dense weights of the ``dequant`` path, one per packed weight, admitted while they fit a budget.
 
-    An entry is valid while the packed tensors are the same objects at the same versions (an
-    in-place update bumps ``_version``); it is dropped as soon as its ``qweight`` is freed.
-    Weights larger than the budget are never cached.
+    No eviction: once the budget is full, further weights are dequantised on every call. For a
+    model larger than the budget this keeps some layers hot, where least-recently-used order
+    would cycle every layer through the cache, holding the memory and never hitting. An entry
+    is valid while the packed tensors are the same objects at the same versions (an in-place
+    update bumps ``_version``); it is dropped as soon as its ``qweight`` is freed.
     """
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self.nbytes = 0
-        self._entries: OrderedDict[int, tuple] = OrderedDict()
+        self._entries: dict[int, tuple] = {}
         # Re-entrant: a weakref callback may fire (and drop an entry) while the lock is held.
         self._lock = threading.RLock()
 
@@ -288,19 +289,15 @@ class DequantCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry[1] == stamp and all(r() is t for r, t in zip(entry[0], (qweight, scale, zero))):
-                self._entries.move_to_end(key)
                 return entry[2]
         w = dequantize(qweight, scale, zero, bits, group_size, k, dtype)
         size = w.numel() * w.element_size()
-        if size > self.budget_bytes:
-            return w
         refs = (weakref.ref(qweight, lambda _, key=key: self._drop(key)), weakref.ref(scale), weakref.ref(zero))
         with self._lock:
-            self._drop(key)
-            self._entries[key] = (refs, stamp, w)
-            self.nbytes += size
-            while self.nbytes > self.budget_bytes:
-                self._drop(next(iter(self._entries)))
+            self._drop(key)  # a stale entry of this weight
+            if self.nbytes + size <= self.budget_bytes:
+                self._entries[key] = (refs, stamp, w)
+                self.nbytes += size
         return w
 
     def _drop(self, key: int) -> None:
@@ -316,7 +313,7 @@ class DequantCache:
                 self._drop(key)
 
 
-dequant_cache = DequantCache(int(os.environ.get("SPLITKERNELS_DEQUANT_CACHE_MB", "2048")) * 2**20)
+dequant_cache = DequantCache(int(os.environ.get("SPLITKERNELS_DEQUANT_CACHE_MB", "1024")) * 2**20)
 
 
 # ---------------------------------------------------------------- entry point
