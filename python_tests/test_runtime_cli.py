@@ -31,7 +31,8 @@ def _run_cli(*argv: str) -> str:
 
 def test_demo_json_on_tiny_model():
     report = json.loads(_run_cli("demo", "--model", "tiny", "--max-new-tokens", "5", "--eval-tokens", "40",
-                                 "--json"))
+                                 "--front-bits", "4", "--json"))
+    assert report["opsc"] == {"front": {"bits": 4, "group_size": 64, "clip_search": False}, "back": None}
     g = report["generation"]
     assert g["steps"] == 5 and len(report["tokens"]) == 5
     assert g["prompt_tokens"] == len(DEFAULT_PROMPT.encode())

@@ -171,7 +171,9 @@ def _ms(seconds: float) -> str:
 def _print_report(report: dict) -> None:
     s = report["generation"]
     print(f"model:    {report['model']}, split after layer {report['split_layer']} of {report['num_layers']}")
-    print(f"codec:    {report['codec_text']}; OPSC: {report['opsc'] or 'none'}")
+    opsc = report["opsc"] or {}
+    sides = [f"{side} {c['bits']}-bit g{c['group_size']}" for side, c in opsc.items() if c]
+    print(f"codec:    {report['codec_text']}; OPSC weights: {', '.join(sides) or 'dense'}")
     print(f"link:     {report['transport']}")
     print(f"prompt:   {report['prompt']!r}")
     print(f"output:   {report['text']!r}")
