@@ -333,12 +333,12 @@ def test_lowbit_linear_scale_dtype_differs_from_x():
     assert _rel_err(y, _lowbit_want64(xh, qw, b)) <= TOL[torch.float16]
 
 
-@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
 def test_lowbit_fused_and_buffered_paths_agree(bits):
     # M <= 4 decodes codes straight into the FMAs; M > 4 dequantises rows into a buffer.
-    x, qw, _ = _lowbit_case(45, 256, 9, bits, 64, torch.float32, bias=False, seed=bits)
-    big = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, None)
-    rows = torch.cat([cpp.lowbit_linear(x[i : i + 1], qw.qweight, qw.scale, qw.zero, bits, 64, None) for i in range(9)])
+    x, qw, _ = _lowbit_case(45, 512, 9, bits, 128, torch.float32, bias=False, seed=bits)
+    big = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, None)
+    rows = torch.cat([cpp.lowbit_linear(x[i : i + 1], qw.qweight, qw.scale, qw.zero, bits, 128, None) for i in range(9)])
     assert float((big - rows).norm() / rows.norm()) <= 1e-6
 
 

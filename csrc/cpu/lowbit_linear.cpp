@@ -6,7 +6,8 @@
 // stored phase by phase (all low codes of the group's bytes, then the next codes, ...), which
 // makes the decode loop a plain shift-and-mask over consecutive bytes that the compiler
 // vectorises; x is permuted into the same order once per call so the dot products are
-// unchanged. Other widths (3) and groups that split a byte decode in natural order.
+// unchanged. For 3 bits the unit is three bytes holding eight codes, with the same phase
+// order over units (groups of a multiple of 128 codes). Other groups decode in natural order.
 //
 // Rows are handed out dynamically in chunks: on a shared machine one OpenMP thread is often
 // descheduled for a whole time slice, and a static split would leave its half undone.
@@ -69,8 +70,46 @@ inline float hsum(f32x16 v) {
   return t;
 }
 
+// Codes per unit of whole bytes: a byte for 2, 4 and 8 bits, three bytes for 3 bits.
+inline int codes_per_unit(int bits) { return bits == 3 ? 8 : 8 / bits; }
+
+// 3-bit groups take the phase order only when they hold whole 16-unit vector steps; smaller
+// ones decode faster in natural order.
 bool phase_layout(int bits, int64_t group_size) {
-  return (bits == 2 || bits == 4 || bits == 8) && group_size % (8 / bits) == 0;
+  if (bits == 3) return group_size % 128 == 0;
+  return (bits == 2 || bits == 4 || bits == 8) && group_size % codes_per_unit(bits) == 0;
+}
+
+inline uint32_t load_unit3(const uint8_t* p) {
+  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16;
+}
+
+typedef uint8_t u8x64 __attribute__((vector_size(64)));
+
+// Sixteen 3-byte units from 64 readable bytes, one per uint32 lane (a byte shuffle; vpermb
+// where the target has AVX-512 VBMI). The fourth byte of a lane repeats the third and is
+// never read: codes sit at shifts 0..21.
+inline u32x16 units16(const uint8_t* p) {
+  u8x64 raw;
+  std::memcpy(&raw, p, sizeof raw);
+  const u8x64 idx = {0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8, 9, 10, 11, 11, 12, 13, 14, 14, 15, 16, 17, 17, 18, 19, 20, 20, 21, 22, 23, 23, 24, 25, 26, 26, 27, 28, 29, 29, 30, 31, 32, 32, 33, 34, 35, 35, 36, 37, 38, 38, 39, 40, 41, 41, 42, 43, 44, 44, 45, 46, 47, 47};
+  return reinterpret_cast<u32x16>(__builtin_shuffle(raw, idx));
+}
+
+void decode_row_phase3(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, float* w) {
+  const int64_t units = g / 8;
+  for (int64_t grp = 0; grp < K / g; ++grp) {
+    const uint8_t* gb = rb + grp * units * 3;
+    float* wg = w + grp * g;
+    const float sc = s[grp], ze = z[grp];
+    for (int64_t u = 0; u < units; ++u) {
+      const uint32_t v = load_unit3(gb + 3 * u);
+      for (int p = 0; p < 8; ++p) {
+        const float scaled = static_cast<float>((v >> (3 * p)) & 7u) * sc;
+        wg[p * units + u] = scaled + ze;
+      }
+    }
+  }
 }
 
 template <int B>
@@ -155,6 +194,60 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t g, const float* s, const f
   for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
 }
 
+// fused_rows for 3 bits: sixteen units (128 codes) per vector step, units past the last
+// 64 readable bytes of the row one at a time.
+template <int MB>
+void fused_rows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s, const float* z,
+                 const float* xp, const float* xsum, int64_t G, float* acc) {
+  const int64_t units = g / 8;
+  f32x16 yv[MB];
+  float ys[MB];
+  for (int m = 0; m < MB; ++m) {
+    yv[m] = f32x16{};
+    ys[m] = 0.f;
+  }
+  for (int64_t grp = 0; grp < G; ++grp) {
+    const int64_t offset = grp * units * 3;
+    const uint8_t* gb = rb + offset;
+    const float* xg = xp + grp * g;
+    f32x16 dv[MB];
+    for (int m = 0; m < MB; ++m) dv[m] = f32x16{};
+    int64_t u = 0;
+    for (; u + 16 <= units && offset + 3 * u + 64 <= row_bytes; u += 16) {
+      const u32x16 wv = units16(gb + 3 * u);
+      for (int p = 0; p < 8; ++p) {
+        const f32x16 q = __builtin_convertvector((wv >> (3 * p)) & 7u, f32x16);
+        for (int m = 0; m < MB; ++m) dv[m] = fmadd(q, load16(xg + m * K + p * units + u), dv[m]);
+      }
+    }
+    float dt[MB];
+    for (int m = 0; m < MB; ++m) dt[m] = 0.f;
+    for (; u < units; ++u) {
+      const uint32_t v = load_unit3(gb + 3 * u);
+      for (int p = 0; p < 8; ++p) {
+        const float q = static_cast<float>((v >> (3 * p)) & 7u);
+        for (int m = 0; m < MB; ++m) dt[m] = std::fma(q, xg[m * K + p * units + u], dt[m]);
+      }
+    }
+    const f32x16 sv = f32x16{} + s[grp];
+    for (int m = 0; m < MB; ++m) {
+      yv[m] = fmadd(sv, dv[m], yv[m]);
+      ys[m] += s[grp] * dt[m] + z[grp] * xsum[m * G + grp];
+    }
+  }
+  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
+}
+
+void fused_rows3_dispatch(int64_t mb, const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s,
+                          const float* z, const float* xp, const float* xsum, int64_t G, float* acc) {
+  switch (mb) {
+    case 1: fused_rows3<1>(rb, row_bytes, K, g, s, z, xp, xsum, G, acc); break;
+    case 2: fused_rows3<2>(rb, row_bytes, K, g, s, z, xp, xsum, G, acc); break;
+    case 3: fused_rows3<3>(rb, row_bytes, K, g, s, z, xp, xsum, G, acc); break;
+    default: fused_rows3<4>(rb, row_bytes, K, g, s, z, xp, xsum, G, acc); break;
+  }
+}
+
 template <int B>
 void fused_rows_dispatch(int64_t mb, const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z,
                          const float* xp, const float* xsum, int64_t G, float* acc) {
@@ -185,7 +278,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       to_float(static_cast<const uint8_t*>(x) + m * K * dtype_size(dtype), dtype, K, row.data());
       float* dst = xp.data() + m * K;
       if (phased) {
-        const int64_t cpb = 8 / bits, per_phase = group_size / cpb;
+        const int64_t cpb = codes_per_unit(bits), per_phase = group_size / cpb;
         for (int64_t g0 = 0; g0 < K; g0 += group_size)
           for (int64_t j = 0; j < per_phase; ++j)
             for (int64_t p = 0; p < cpb; ++p) dst[g0 + p * per_phase + j] = row[g0 + j * cpb + p];
@@ -224,6 +317,9 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
         const float *s = sz.data(), *z = sz.data() + G;
         switch (bits) {
           case 2: fused_rows_dispatch<2>(M, rb, K, group_size, s, z, xp.data(), xsum.data(), G, acc); break;
+          case 3:
+            fused_rows3_dispatch(M, rb, words * 4, K, group_size, s, z, xp.data(), xsum.data(), G, acc);
+            break;
           case 4: fused_rows_dispatch<4>(M, rb, K, group_size, s, z, xp.data(), xsum.data(), G, acc); break;
           default: fused_rows_dispatch<8>(M, rb, K, group_size, s, z, xp.data(), xsum.data(), G, acc); break;
         }
@@ -250,6 +346,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
         float* w = wbuf.data() + r * K;
         switch (phased ? bits : 0) {
           case 2: decode_row_phase<2>(rb, K, group_size, sz.data(), sz.data() + G, w); break;
+          case 3: decode_row_phase3(rb, K, group_size, sz.data(), sz.data() + G, w); break;
           case 4: decode_row_phase<4>(rb, K, group_size, sz.data(), sz.data() + G, w); break;
           case 8: decode_row_phase<8>(rb, K, group_size, sz.data(), sz.data() + G, w); break;
           default: decode_row_natural(rb, K, bits, group_size, sz.data(), sz.data() + G, qbuf.data(), w);
