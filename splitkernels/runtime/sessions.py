@@ -175,7 +175,7 @@ class SessionManager:
                 if self.kv_bytes_total() + grow > self.limits.max_kv_bytes:
                     raise SplitError(Status.RESOURCE_EXHAUSTED,
                                      f"server KV cache budget of {self.limits.max_kv_bytes} bytes is spent")
-            hidden = decode(encoded)
+            hidden = decode(encoded.to(self.server.device))  # decode where the layers run (GPU kernels)
             t1 = time.perf_counter()
             try:
                 logits = self.server.forward(hidden, sess.cache, sess.position)
