@@ -122,7 +122,7 @@ def test_unknown_session_limits_and_fingerprint(model):
 
 
 def test_idle_timeout_ends_session_and_stream(model):
-    sm = split_model(model, 1, limits=Limits(idle_timeout_s=0.1))
+    sm = split_model(model, 1, limits=Limits(idle_timeout_s=0.5))
     with GrpcServer(sm.manager) as server, GrpcTransport(server.address) as client:
         session = client.open(Open(SamplingParams()))
         assert _wait_for(lambda: sm.manager.num_sessions == 0)
@@ -134,9 +134,9 @@ def test_idle_timeout_ends_session_and_stream(model):
 
 def test_deadline_ends_the_session(model):
     sm = split_model(model, 1)
-    with GrpcServer(sm.manager) as server, GrpcTransport(server.address, timeout_s=0.5) as client:
+    with GrpcServer(sm.manager) as server, GrpcTransport(server.address, timeout_s=1.5) as client:
         session = client.open(Open(SamplingParams()))
-        time.sleep(0.8)
+        time.sleep(2.0)
         frame = encode(sm.edge.forward(_prompt(3, 3), None, 0), sm.codec).to_bytes()
         assert _status(lambda: session.step(0, frame)) is Status.DEADLINE_EXCEEDED
         assert _wait_for(lambda: sm.manager.num_sessions == 0)
