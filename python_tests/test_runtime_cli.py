@@ -88,3 +88,12 @@ def test_smollm2_lossless_split_equals_generate():
     sm = split_model(model, 10)
     got = sm.generate(ids, 16, eos_token_id=tok.eos_token_id)
     assert torch.equal(got, expected), (tok.decode(got[0]), tok.decode(expected[0]))
+
+
+def test_demo_falls_back_to_a_tiny_model_and_says_so(monkeypatch):
+    import splitkernels.models
+
+    monkeypatch.setattr(splitkernels.models, "smollm2_available", lambda: False)
+    report = json.loads(_run_cli("demo", "--max-new-tokens", "2", "--eval-tokens", "0", "--json"))
+    assert report["model"].startswith("tiny random") and "SmolLM2 is not installed" in report["note"]
+    assert "quality" not in report
