@@ -172,7 +172,8 @@ def inlier_range(xf: torch.Tensor, inlier: torch.Tensor) -> tuple[torch.Tensor, 
     lo = torch.where(inlier, xf, inf).amin(-1)
     hi = torch.where(inlier, xf, -inf).amax(-1)
     zero = torch.zeros_like(lo)
-    return round_down_fp16(torch.where(has, lo, zero)), torch.where(has, hi, zero)
+    # "+ 0.0" turns a -0 extreme into +0, so lo/hi bytes do not depend on where -0 and +0 sit.
+    return round_down_fp16(torch.where(has, lo, zero) + 0.0), torch.where(has, hi, zero) + 0.0
 
 
 def step_for(lo16: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
