@@ -49,7 +49,8 @@ Range inlier_range(const float* x, const uint8_t* outlier, int64_t d, int64_t n_
     const double dv = in ? static_cast<double>(v) : 0.0;
     sq += dv * dv;
   }
-  return {mn, mx, sq};
+  // Adding +0 turns a -0 extreme into +0 (FORMATS §3.3), whatever the order of the scan.
+  return {mn + 0.0f, mx + 0.0f, sq};
 }
 
 inline float step_for(float lo16, float hi, int b) {

@@ -1,9 +1,13 @@
-// Low-bit GEMV / small GEMM: each thread decodes a block of weight rows to fp32 once (L1/L2
-// resident) and dots it with every activation row, so the packed weights stream from memory
-// exactly once whatever M is.
+// Low-bit GEMV / small GEMM, y = x @ dequant(W)^T, streaming the packed weights once.
+// Two paths, chosen by the number of activation rows M:
+// * M <= kFusedRows (GEMV and small M): each code is decoded straight into the FMAs of every
+//   activation row and the group's scale/zero are applied to the group's partial sums, so
+//   nothing but the packed weight, its scales and x is read.
+// * M > kFusedRows: each thread dequantises a block of kRowBlock weight rows into an fp32
+//   buffer (cache resident) and dots it with every activation row.
 //
-// For bits 2, 4 and 8 a byte holds 8/b whole codes. Within each group the decoded row is
-// stored phase by phase (all low codes of the group's bytes, then the next codes, ...), which
+// For bits 2, 4 and 8 a byte holds 8/b whole codes. Within each group the codes are
+// visited phase by phase (all low codes of the group's bytes, then the next codes, ...), which
 // makes the decode loop a plain shift-and-mask over consecutive bytes that the compiler
 // vectorises; x is permuted into the same order once per call so the dot products are
 // unchanged. For 3 bits the unit is three bytes holding eight codes, with the same phase
@@ -20,8 +24,8 @@
 #include <immintrin.h>
 #endif
 
-// The 64-byte vector helpers below are internal and always inlined; GCC's note that their
-// ABI differs without AVX-512 does not concern them.
+// The 64-byte vector helpers below are internal to this file; GCC's note that their ABI
+// differs without AVX-512 concerns only calls across library boundaries.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "common/half.h"
@@ -96,13 +100,24 @@ inline u32x16 units16(const uint8_t* p) {
   return reinterpret_cast<u32x16>(__builtin_shuffle(raw, idx));
 }
 
-void decode_row_phase3(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, float* w) {
+void decode_row_phase3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s, const float* z,
+                       float* w) {
   const int64_t units = g / 8;
   for (int64_t grp = 0; grp < K / g; ++grp) {
-    const uint8_t* gb = rb + grp * units * 3;
+    const int64_t offset = grp * units * 3;
+    const uint8_t* gb = rb + offset;
     float* wg = w + grp * g;
     const float sc = s[grp], ze = z[grp];
-    for (int64_t u = 0; u < units; ++u) {
+    int64_t u = 0;
+    for (; u + 16 <= units && offset + 3 * u + 64 <= row_bytes; u += 16) {
+      const u32x16 wv = units16(gb + 3 * u);
+      for (int p = 0; p < 8; ++p) {
+        const f32x16 scaled = __builtin_convertvector((wv >> (3 * p)) & 7u, f32x16) * sc;
+        const f32x16 v = scaled + ze;
+        std::memcpy(wg + p * units + u, &v, sizeof v);
+      }
+    }
+    for (; u < units; ++u) {
       const uint32_t v = load_unit3(gb + 3 * u);
       for (int p = 0; p < 8; ++p) {
         const float scaled = static_cast<float>((v >> (3 * p)) & 7u) * sc;
@@ -346,7 +361,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
         float* w = wbuf.data() + r * K;
         switch (phased ? bits : 0) {
           case 2: decode_row_phase<2>(rb, K, group_size, sz.data(), sz.data() + G, w); break;
-          case 3: decode_row_phase3(rb, K, group_size, sz.data(), sz.data() + G, w); break;
+          case 3: decode_row_phase3(rb, words * 4, K, group_size, sz.data(), sz.data() + G, w); break;
           case 4: decode_row_phase<4>(rb, K, group_size, sz.data(), sz.data() + G, w); break;
           case 8: decode_row_phase<8>(rb, K, group_size, sz.data(), sz.data() + G, w); break;
           default: decode_row_natural(rb, K, bits, group_size, sz.data(), sz.data() + G, qbuf.data(), w);

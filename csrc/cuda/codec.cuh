@@ -200,6 +200,9 @@ __global__ void __launch_bounds__(kCodecThreads)
   // 4. Bit choice (thread 0), then broadcast.
   if (tid == 0) {
     if (n_in == 0) lo32 = hi32 = 0.0f;
+    // Adding +0 turns a -0 extreme into +0 (FORMATS §3.3), whatever the reduction order.
+    lo32 = __fadd_rn(lo32, 0.0f);
+    hi32 = __fadd_rn(hi32, 0.0f);
     const float lo16 = round_down_fp16(lo32);
     int chosen = kRawWidth;
     float chosen_step = 0.0f;

@@ -8,15 +8,17 @@ Agreement with :mod:`splitkernels.ops.reference`:
 
 * ``pack_bits``, ``unpack_bits``, ``ts_tabq_encode``, ``ts_tabq_decode``: identical integers and
   bytes (codes, packed streams, indices, counts, widths, fp16 ``lo``/``step``, ``nbytes``) and
-  identical decoded values. The one float64 sum in the codec (sum of squares for the rms
-  threshold and the error budget) is added in a different order than torch's, which can only
-  matter when a value lies within one float64 ulp of a decision boundary.
+  identical decoded values. The codec's float64 sums of squares (for the rms threshold and
+  the error budget) are added in a different order than torch's, which can only matter when
+  a value lies within one float64 ulp of a decision boundary.
 * ``int8_linear``: bit-identical to the reference (exact int32 accumulation, then the same fp32
-  operations in the same order), for K < 133144 where an int32 sum cannot overflow.
-* ``lowbit_linear``: the weight is dequantised exactly like the reference (``q*scale + zero``,
-  two fp32 roundings) and the dot products accumulate in fp32 with FMA in a different order,
-  so the result agrees with a float64 computation within a relative Frobenius error of
-  1e-5 for fp32 activations and 2e-3 for fp16/bf16 activations (the output rounding).
+  operations in the same order), for K < 133143 (larger K raises: an int32 sum could overflow).
+* ``lowbit_linear``: for M <= 4 activation rows the codes feed the FMAs directly and each
+  group's scale and zero are applied to its partial sums (``s * sum(q*x) + z * sum(x)``); for
+  larger M weight rows are dequantised like the reference (``q*scale + zero``) and dotted.
+  Both accumulate in fp32 in their own order, so the result agrees with a float64
+  computation (``x.double() @ dequant(W).double().T``) within a relative Frobenius error of
+  1e-5 for fp32 activations and 2e-3 for fp16/bf16 activations (mostly the output rounding).
 """
 from __future__ import annotations
 
