@@ -323,6 +323,9 @@ def test_lowbit_linear_half(dtype, bits, m):
     y = ops.lowbit_linear(x, qw, b)  # public op, default backend
     assert y.dtype == dtype and y.shape == (2, m, 64)
     assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[dtype]
+    # The public op promises 1e-3 against the reference op (both round to the same dtype).
+    want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, b)
+    assert _rel_err(y, want.double()) <= 1e-3
 
 
 def test_lowbit_linear_scale_dtype_differs_from_x():
