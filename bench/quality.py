@@ -10,8 +10,8 @@ Cost control (2 shared CPU cores): each decoder layer is quantised once per prec
 OPSC models are assembled from those layers (RTN is deterministic per layer, so this gives
 exactly the layers apply_opsc makes; the script checks that on one configuration), and models
 are evaluated with their dequantised weights in dense nn.Linear layers, which is the same fp32
-arithmetic as the reference lowbit_linear backend. fp32 logits are computed once per window. The defaults (2048 tokens in windows of 1024) keep a
-run near half an hour on a busy 2-core machine.
+arithmetic as the reference lowbit_linear backend. fp32 logits are computed once per window.
+The defaults (2048 tokens in windows of 1024) keep a run under an hour on a busy 2-core machine.
 """
 from __future__ import annotations
 
