@@ -36,10 +36,6 @@ EPS = (0.12, 0.15, 0.18, 0.22, 0.26)
 TARGET_BITS = 4.5
 
 
-def error_grid() -> list[CodecConfig]:
-    return [CodecConfig(alpha=a, capacity=c, mode="error", eps=e) for (a, c), e in itertools.product(SETTINGS, EPS)]
-
-
 @torch.no_grad()
 def capture(model, windows: torch.Tensor, layer: int) -> list[torch.Tensor]:
     hidden = []
@@ -64,6 +60,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, nargs="*", default=list(SPLIT_LAYERS))
     ap.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of 512)")
+    ap.add_argument("--settings", nargs="*", default=[f"{a:g}:{c}" for a, c in SETTINGS],
+                    help="alpha:capacity pairs to run (default: all)")
+    ap.add_argument("--no-fixed5", action="store_true", help="skip the TS + fixed 5-bit reference codec")
+    ap.add_argument("--error-only", action="store_true", help="only the mode-'error' settings (no baselines, no budget)")
+    ap.add_argument("--extra-eps", type=float, nargs="*", default=[],
+                    help="also run mode 'error' at these eps for every setting, whatever their bits")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model, tok = load_smollm2()
@@ -85,21 +87,26 @@ def main() -> None:
 
     for layer in args.layers:
         hidden = capture(model, ev.windows, layer)
+        settings = [(float(a), int(c)) for a, c in (x.split(":") for x in args.settings)]
         bits = {}
-        for cfg in error_grid():
+        for cfg in [CodecConfig(alpha=a, capacity=c, mode="error", eps=e) for (a, c), e in itertools.product(settings, EPS)]:
             # Bits per element of mode "error" depend on the data; one window is enough to screen.
             bits[cfg] = frame_bits(hidden[:1], cfg)
             results["screen"].append({"layer": layer, "codec": cfg.to_dict(), "bits": bits[cfg]})
-        if layer == args.layers[0]:
-            record("baseline", layer, "fp16", None, fp16_transfer)
-        record("baseline", layer, "int8 per-token", None, int8_transfer)
-        record("baseline", layer, "Atom-style 4-bit g32 + 16 int8 channels", None, atom_transfer)
-        fixed5 = CodecConfig(alpha=4.0, capacity=16, mode="budget", avg_bits=16.0, bit_choices=(5,))
-        record("baseline", layer, "TS a4 C16 + fixed 5-bit", fixed5)
-        for a in (3.0, 4.0):
-            record("ours", layer, f"budget a{a:g} C16 avg {TARGET_BITS}",
-                   CodecConfig(alpha=a, capacity=16, mode="budget", avg_bits=TARGET_BITS))
-        for a, c in SETTINGS:
+        if not args.error_only:
+            if layer == args.layers[0]:
+                record("baseline", layer, "fp16", None, fp16_transfer)
+            record("baseline", layer, "int8 per-token", None, int8_transfer)
+            record("baseline", layer, "Atom-style 4-bit g32 + 16 int8 channels", None, atom_transfer)
+            if not args.no_fixed5:
+                fixed5 = CodecConfig(alpha=4.0, capacity=16, mode="budget", avg_bits=16.0, bit_choices=(5,))
+                record("baseline", layer, "TS a4 C16 + fixed 5-bit", fixed5)
+            for a in sorted({a for a, _ in settings}):
+                record("ours", layer, f"budget a{a:g} C16 avg {TARGET_BITS}",
+                       CodecConfig(alpha=a, capacity=16, mode="budget", avg_bits=TARGET_BITS))
+        for a, c in settings:
+            for e in args.extra_eps:
+                record("ours", layer, f"error a{a:g} C{c} eps {e:g}", CodecConfig(alpha=a, capacity=c, mode="error", eps=e))
             fits = [e for e in EPS if bits[CodecConfig(alpha=a, capacity=c, mode="error", eps=e)] <= TARGET_BITS]
             if fits:
                 e = min(fits)

@@ -41,8 +41,10 @@ def verdicts(results: dict) -> list[dict]:
         fp16 = rows["split fp16"]
         speed = b["token_s"] / ours["token_s"]
         fewer = fp16["token_bytes"] / ours["token_bytes"] if fp16.get("fits") else float("nan")
+        frames = (fp16["token_bytes"] - PROTOCOL_BYTES) / (ours["token_bytes"] - PROTOCOL_BYTES) \
+            if fp16.get("fits") else float("nan")
         out.append(dict(sc=sc, ok=True, base=name, speedup=speed, ppl_ok=ours["ppl_change"] <= b["ppl_change"] + 1e-12,
-                        bytes_ratio=fewer, frame_ratio=None))
+                        bytes_ratio=fewer, frame_ratio=frames))
     return out
 
 
@@ -74,8 +76,10 @@ def _plots(results: dict, out: Path) -> list[str]:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         files.append(name)
-    grid = results.get("grid")
-    if grid:
+    grids = results.get("grids") or []
+    if grids:
+        # The grid with the most layers measured (the longest text if tied) makes the plot.
+        grid = max(grids, key=lambda g: (len({r["layer"] for r in g["measured"]}), g["tokens"]))
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for layer in sorted({r["layer"] for r in grid["measured"]}):
             rows = [r for r in grid["measured"] if r["layer"] == layer and r["bits"] < 12]
@@ -85,7 +89,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         ax.set_yscale("log")
         ax.set_xlabel("frame bits per element (all metadata)")
         ax.set_ylabel("KL to unsplit model (nats/token)")
-        ax.set_title("Activation codecs on SmolLM2 (measured)")
+        ax.set_title(f"Activation codecs on SmolLM2 (measured, {grid['tokens']} tokens)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -111,6 +115,19 @@ def write_report(results: dict, out: Path) -> None:
         "64 B per message).",
         "",
     ]
+    for grid in results.get("grids") or []:
+        lines += [f"## Activation codecs at the split ({grid['tokens']} scored tokens; measured, dense weights; "
+                  "bench/e2e/codec_grid.py)", "",
+                  f"Unsplit perplexity {grid['ppl_reference']:.3f} over {grid['tokens']} scored tokens. "
+                  "Bits per element count every frame byte (header, per-token fields, outliers, CRC) at "
+                  "512-token frames; the baselines' frames carry no header or CRC.", "",
+                  "| split | codec | bits/elt | ppl change | KL | top-1 | within goal (<= 4.5 bits, KL <= 0.006) |",
+                  "|---:|---|---:|---:|---:|---:|---|"]
+        for r in sorted(grid["measured"], key=lambda r: (r["layer"], -r["bits"])):
+            ok = r["bits"] <= 4.5 and r["kl"] <= 0.006 and r["ppl_change"] <= 0.01
+            lines.append(f"| {r['layer']} | {r['name']} | {r['bits']:.3f} | {100 * r['ppl_change']:+.2f}% | "
+                         f"{r['kl']:.4f} | {100 * r['top1']:.1f}% | {'yes' if ok else 'no'} |")
+        lines.append("")
     lines += ["## Our configurations (calibration, measured)", "",
               "| split | front | back | codec | bits/elt | code bits | outliers/token | ppl change | KL | top-1 |",
               "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -124,7 +141,7 @@ def write_report(results: dict, out: Path) -> None:
     for key, v in base.items():
         if "/" in key:
             m, layer = key.split("/")
-            label = "SmoothQuant W8A8 + int8 transfer" if m == "sq" else "Atom-style transfer, OPSC 4/8-bit weights"
+            label = "SmoothQuant W8A8 + int8 transfer" if m == "sq" else "Atom-style transfer, 8/8-bit g64 weights"
             lines.append(f"| {layer} | {label} | {v['bits']:.3f} | {100 * v['ppl_change']:+.2f}% | {v['kl']:.4f} |")
     lines += ["", f"Reference perplexity (unsplit fp32): {base['ppl_reference']:.3f}.", ""]
 
@@ -169,6 +186,24 @@ def write_report(results: dict, out: Path) -> None:
             continue
         lines.append(f"| {sc['edge']} | {link} | {v['base']} | {v['speedup']:.2f}x | {'yes' if v['ppl_ok'] else 'no'} | "
                      f"{v['frame_ratio']:.2f}x | {v['bytes_ratio']:.2f}x |")
+    scaling = results.get("scaling")
+    if scaling:
+        methods = ("SmoothQuant W8A8 + int8", "ours 8/8-bit", "ours 4/8-bit")
+        lines += ["", "## Modelled only: the same comparison for a 7B-class model", "",
+                  "Latency and bytes only -- no quality was measured for this shape. Each method gets its fastest "
+                  "split that fits the board (split / ms per token / bytes per token); our frame statistics are "
+                  "SmolLM2's. Server " + results["server"] + ".", "",
+                  "| edge | link | " + " | ".join(methods) + " | ours 8/8 vs SQ | ours 4/8 vs SQ |",
+                  "|---|---|---|---|---|---:|---:|"]
+        for r in scaling:
+            cells = []
+            for m in methods:
+                cells.append(f"{r[m + '/split']} / {_ms(r[m + '/token_s'])} / {r[m + '/token_bytes']}"
+                             if m + "/token_s" in r else "does not fit")
+            sq = r.get(methods[0] + "/token_s")
+            ratios = [f"{sq / r[m + '/token_s']:.2f}x" if sq and m + "/token_s" in r else "-" for m in methods[1:]]
+            lines.append(f"| {r['edge']} | {r['mbps']:g} Mbit/s, {r['rtt_ms']:g} ms | " + " | ".join(cells) + " | "
+                         + " | ".join(ratios) + " |")
     plots = _plots(results, out)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]

@@ -1,8 +1,9 @@
-"""Quality model: measured perplexity change and KL divergence per (split layer, front bits, codec).
+"""Quality model: measured perplexity change and KL divergence per (split layer, front bits, back
+bits, codec setting).
 
 The effect of a split on teacher-forced logits is exact to simulate without the runtime: replace
 the hidden state after decoder layer ``l`` by what the server would decode from the wire
-(``transform``), and run the front layers with their quantised weights. A calibration run
+(``transform``), and run each segment with its quantised weights. A calibration run
 measures that for every point of a small grid on a short text and caches the results in JSON, so
 the optimiser never runs the model.
 
@@ -29,7 +30,7 @@ from ..opsc import decoder_layers
 from ..quant import quantize_weight
 
 QUALITY_TABLE_VERSION = 1
-# [T, d] hidden state -> (what the server sees, bytes on the wire, per-token stats)
+# [T, d] hidden state -> what the server sees, the bytes on the wire and per-token stats
 Transform = Callable[[torch.Tensor], "TransferResult"]
 
 
