@@ -212,7 +212,7 @@ def ts_tabq_encode(
         check_tensor("forced_bits", forced_bits, (torch.uint8,), ndim=1)
         if forced_bits.shape[0] != x.shape[0]:
             raise ValueError(f"forced_bits must have T = {x.shape[0]} entries, got {forced_bits.shape[0]}")
-        allowed = set(bit_choices) | {reference.raw_width(x.dtype)}
+        allowed = set(CODEC_BITS) | {reference.raw_width(x.dtype)}
         bad = set(forced_bits.unique().tolist()) - allowed
         if bad:
             raise ValueError(f"forced_bits entries must be in {sorted(allowed)}, got {sorted(bad)}")

@@ -146,8 +146,9 @@ def _encode_kernel(
     n_in = d - cnt
     lo32 = tl.min(tl.where(inl, xf, float("inf")), axis=0)
     hi = tl.max(tl.where(inl, xf, -float("inf")), axis=0)
-    lo32 = tl.where(n_in > 0, lo32, 0.0)
-    hi = tl.where(n_in > 0, hi, 0.0)
+    # Adding +0 turns a -0 extreme into +0 (FORMATS §3.3), whatever the reduction order.
+    lo32 = tl.where(n_in > 0, lo32, 0.0) + 0.0
+    hi = tl.where(n_in > 0, hi, 0.0) + 0.0
     lo = round_down_fp16(lo32)
     xin = tl.where(inl, xf, 0.0).to(tl.float64)
     budget = tl.cast(eps2_bits, tl.int64).to(tl.float64, bitcast=True) * tl.sum(xin * xin, axis=0)
