@@ -189,6 +189,16 @@ def test_encode_constant_and_zero_rows(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_signed_zero_extremes(dtype):
+    x = torch.tensor(
+        [[0.0, -0.0, 1.0, 2.0] * 5, [-0.0, 0.0, 3.0, 1.0] * 5, [-0.0] * 20, [-1.0, -0.0, 0.0, -2.0] * 5], dtype=dtype
+    )
+    got = _check_encode(x, False, 4.0, 0, [2, 4], 0.1)
+    assert got[1][:3].view(torch.int16).tolist() == [0, 0, 0]  # lo of the first three rows is +0
+    assert got[3][3].view(torch.int32).item() == 0  # hi of the last row is +0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_encode_forced_bits(dtype):
     x = _activations(24, 70, dtype, seed=5)
     raw = ref.raw_width(dtype)
