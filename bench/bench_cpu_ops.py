@@ -13,7 +13,7 @@ dequantise + matmul: it unpacks and dequantises the weight with torch ops, then 
 F.linear -- takes 1-7 s per call at 11008 x 4096), so each reference op runs once per shape,
 without warm-up, and the large codec references once; everything else is a median.
 
-Kernels are called through the backend modules (``splitkernels.backends.cpp`` and
+Kernels are called through the backend modules (``splitkernels._backends.cpp`` and
 ``splitkernels.ops.reference``), not the public op wrappers, so argument checking and
 torch.library dispatch are not timed for either. Times are wall-clock medians over
 interleaved rounds (candidate and baselines alternate, so background load hits them alike).
@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 import splitkernels
-from splitkernels.backends import cpp
+from splitkernels._backends import cpp
 from splitkernels.codec import CodecConfig
 from splitkernels.ops import reference as ref
 from splitkernels.quant import quantize_weight, quantize_weight_int8

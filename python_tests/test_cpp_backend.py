@@ -2,7 +2,7 @@
 
 Integer outputs (packed bytes, codes, indices, counts, widths, fp16 lo/step bits) and decoded
 values must be identical; int8_linear is bit-identical too; lowbit_linear is checked against a
-float64 computation with the tolerances documented in splitkernels/backends/cpp.py.
+float64 computation with the tolerances documented in splitkernels/_backends/cpp.py.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 import splitkernels
 from splitkernels import _backend, codec, ops
-from splitkernels.backends import cpp
+from splitkernels._backends import cpp
 from splitkernels.ops import reference as ref
 from splitkernels.quant import quantize_weight, quantize_weight_int8
 

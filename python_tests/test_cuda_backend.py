@@ -236,7 +236,7 @@ def test_emulated_gemv_and_dequant_match_reference(emu, bits, dtype):
 
 class EmulatedModule:
     """Stands in for splitkernels._C_cuda with the emulated kernels, so the torch glue in
-    splitkernels/backends/cuda.py (argument order, allocation, shapes, fallbacks) runs on CPU tensors."""
+    splitkernels/_backends/cuda.py (argument order, allocation, shapes, fallbacks) runs on CPU tensors."""
 
     GEMV_MAX_M = 8
     CODEC_MAX_D = 40 * 1024 * 8
@@ -279,10 +279,10 @@ class EmulatedModule:
 
 @pytest.fixture
 def glue(emu, monkeypatch):
-    """splitkernels.backends.cuda with its extension replaced by the emulation, on CPU tensors."""
+    """splitkernels._backends.cuda with its extension replaced by the emulation, on CPU tensors."""
     import contextlib
 
-    from splitkernels.backends import cuda as glue_module
+    from splitkernels._backends import cuda as glue_module
 
     monkeypatch.setattr(glue_module, "_C", EmulatedModule(emu))
     monkeypatch.setattr(glue_module, "_require_cuda", lambda name, t: None)

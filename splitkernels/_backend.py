@@ -2,7 +2,7 @@
 
 Every op has a pure-PyTorch ``reference`` implementation that works on any device. Fast
 backends (``cpp``, ``triton``, ``cuda``) register per-op kernels for the devices they serve
-from one module each under ``splitkernels/backends/``. Nothing above the op layer knows
+from one module each under ``splitkernels/_backends/``. Nothing above the op layer knows
 which backend ran.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ _load_lock = threading.Lock()
 
 
 def register_backend(backend: Backend) -> Backend:
-    """Add a backend (called by the modules under ``splitkernels.backends``)."""
+    """Add a backend (called by the modules under ``splitkernels._backends``)."""
     _registry[backend.name] = backend
     return backend
 
@@ -56,12 +56,7 @@ def _ensure_loaded() -> None:
             return
         for name in BACKEND_NAMES:
             # A backend module never raises on import: it registers itself as unavailable.
-            importlib.import_module(f"splitkernels.backends.{name}")
-        # TEMPORARY until the backend modules move to splitkernels/_backends: importing the
-        # subpackage rebinds splitkernels.backends, which must stay the public function.
-        import splitkernels
-
-        splitkernels.backends = backends
+            importlib.import_module(f"splitkernels._backends.{name}")
         _loaded = True
 
 

@@ -2,6 +2,6 @@
 
 ``bitpack`` (bit streams), ``codec`` (fused TS + TAB-Q), ``lowbit_gemm`` (low-bit matmul),
 ``dispatch`` (the M-crossover table) and ``autotune_cache`` (tuned launch configs per GPU).
-Import these only where Triton is installed; :mod:`splitkernels.backends.triton` registers
+Import these only where Triton is installed; :mod:`splitkernels._backends.triton` registers
 them as the ``triton`` backend.
 """
