@@ -87,15 +87,7 @@ def ts_tabq_encode(
     t, d = x.shape
     if forced_bits is not None:
         forced_bits = _cpu_contiguous("forced_bits", forced_bits, torch.uint8)
-    bits = torch.empty(t, dtype=torch.uint8)
-    lo = torch.empty(t, dtype=torch.float16)
-    step = torch.empty(t, dtype=torch.float16)
-    hi = torch.empty(t, dtype=torch.float32)
-    cnt = torch.empty(t, dtype=torch.int32)
-    idx = torch.empty(t, capacity, dtype=torch.int32)
-    val = torch.empty(t, capacity, dtype=x.dtype)
-    codes = torch.empty(t, d * x.element_size(), dtype=torch.uint8)
-    nbytes = torch.empty(t, dtype=torch.int32)
+    bits, lo, step, hi, cnt, idx, val, codes, nbytes = ref.empty_encode_buffers(x, capacity)
     if t:
         _C.ts_tabq_encode(
             _ptr(x), code, t, d, bool(abs_threshold), float(threshold), int(capacity), [int(b) for b in bit_choices],

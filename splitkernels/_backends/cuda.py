@@ -175,15 +175,7 @@ def ts_tabq_encode(
         forced_bits = forced_bits.to(x.device).contiguous()
     x = x.contiguous()
     dev = x.device
-    bits = torch.empty(t, dtype=torch.uint8, device=dev)
-    lo = torch.empty(t, dtype=torch.float16, device=dev)
-    step = torch.empty(t, dtype=torch.float16, device=dev)
-    hi = torch.empty(t, dtype=torch.float32, device=dev)
-    cnt = torch.empty(t, dtype=torch.int32, device=dev)
-    idx = torch.empty(t, capacity, dtype=torch.int32, device=dev)
-    val = torch.empty(t, capacity, dtype=x.dtype, device=dev)
-    codes = torch.empty(t, d * x.element_size(), dtype=torch.uint8, device=dev)
-    nbytes = torch.empty(t, dtype=torch.int32, device=dev)
+    bits, lo, step, hi, cnt, idx, val, codes, nbytes = reference.empty_encode_buffers(x, capacity)
     with torch.cuda.device(dev):
         _C.ts_tabq_encode(
             x.data_ptr(), _DTYPE_CODE[x.dtype], t, d, bool(abs_threshold), float(threshold), capacity, menu,

@@ -162,19 +162,7 @@ def _ts_tabq_encode(
 
 @_ts_tabq_encode.register_fake
 def _(x, abs_threshold, threshold, capacity, bit_choices, eps, forced_bits):
-    t, d = x.shape
-    row_bytes = d * x.element_size()
-    return (
-        x.new_empty(t, dtype=torch.uint8),
-        x.new_empty(t, dtype=torch.float16),
-        x.new_empty(t, dtype=torch.float16),
-        x.new_empty(t, dtype=torch.float32),
-        x.new_empty(t, dtype=torch.int32),
-        x.new_empty(t, capacity, dtype=torch.int32),
-        x.new_empty(t, capacity),
-        x.new_empty(t, row_bytes, dtype=torch.uint8),
-        x.new_empty(t, dtype=torch.int32),
-    )
+    return reference.empty_encode_buffers(x, capacity)
 
 
 @torch.library.custom_op("splitkernels::ts_tabq_decode", mutates_args=())

@@ -206,6 +206,24 @@ def choose_bits(
     return chosen
 
 
+def empty_encode_buffers(x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, ...]:
+    """Uninitialised outputs of ``ts_tabq_encode`` for x [T, d] on x's device (shapes and dtypes
+    of the fixed-capacity buffer layout, docs/FORMATS.md), shared by every backend."""
+    t, d = x.shape
+    dev = x.device
+    return (
+        torch.empty(t, dtype=torch.uint8, device=dev),  # bits
+        torch.empty(t, dtype=torch.float16, device=dev),  # lo
+        torch.empty(t, dtype=torch.float16, device=dev),  # step
+        torch.empty(t, dtype=torch.float32, device=dev),  # hi
+        torch.empty(t, dtype=torch.int32, device=dev),  # cnt
+        torch.empty(t, capacity, dtype=torch.int32, device=dev),  # idx
+        torch.empty(t, capacity, dtype=x.dtype, device=dev),  # val
+        torch.empty(t, d * x.element_size(), dtype=torch.uint8, device=dev),  # codes
+        torch.empty(t, dtype=torch.int32, device=dev),  # nbytes
+    )
+
+
 def ts_tabq_encode(
     x: torch.Tensor,
     abs_threshold: bool,
@@ -306,5 +324,5 @@ def ts_tabq_decode(
 __all__ = [
     "pack_bits", "unpack_bits", "pack_weight_codes", "unpack_weight_codes", "dequantize_weight",
     "lowbit_linear", "quantize_rows_int8", "int8_linear", "ts_tabq_encode", "ts_tabq_decode",
-    "packed_nbytes", "packed_words", "raw_width", "step_for", "estimated_sq_error",
+    "packed_nbytes", "packed_words", "raw_width", "step_for", "estimated_sq_error", "empty_encode_buffers",
 ]

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.reference import raw_width
+from ..ops.reference import empty_encode_buffers, raw_width
 from .bitpack import load_codes, pack_group_words, store_group_bytes
 
 _FP16_MAX_BITS = tl.constexpr(0x477FE000)  # 65504.0 as fp32 bits
@@ -250,22 +250,12 @@ def ts_tabq_encode(
     """Triton kernel of :func:`splitkernels.ops.reference.ts_tabq_encode` (x contiguous [T, d], finite)."""
     t, d = x.shape
     raw = raw_width(x.dtype)
-    dev = x.device
-    bits = torch.empty(t, dtype=torch.uint8, device=dev)
-    lo = torch.empty(t, dtype=torch.float16, device=dev)
-    step = torch.empty(t, dtype=torch.float16, device=dev)
-    hi = torch.empty(t, dtype=torch.float32, device=dev)
-    cnt = torch.empty(t, dtype=torch.int32, device=dev)
-    idx = torch.empty(t, capacity, dtype=torch.int32, device=dev)
-    val = torch.empty(t, capacity, dtype=x.dtype, device=dev)
-    codes = torch.empty(t, d * x.element_size(), dtype=torch.uint8, device=dev)
-    nbytes = torch.empty(t, dtype=torch.int32, device=dev)
-    outs = (bits, lo, step, hi, cnt, idx, val, codes, nbytes)
+    outs = empty_encode_buffers(x, capacity)
     if t == 0:
         return outs
     block_d = max(8, triton.next_power_of_2(d))
     _encode_kernel[(t,)](
-        x, forced_bits.contiguous() if forced_bits is not None else bits, *outs, d, capacity,
+        x, forced_bits.contiguous() if forced_bits is not None else outs[0], *outs, d, capacity,
         _f64_bits(float(threshold)), _f64_bits(float(eps) * float(eps)), sum(1 << b for b in set(bit_choices)),
         ABS_MODE=bool(abs_threshold), FORCED=forced_bits is not None, RAW=raw,
         BLOCK_D=block_d, BLOCK_C=max(1, triton.next_power_of_2(capacity)),
