@@ -64,7 +64,6 @@ def copy_bandwidth(timer: Timer) -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").fill_(1)
     dst = torch.empty_like(src)
     t = timer(lambda: dst.copy_(src))
-    del src, dst
     return 2 * (1 << 30) / t
 
 

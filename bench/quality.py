@@ -94,7 +94,6 @@ def main() -> None:
     base, tokenizer = load_smollm2()
     ids = tokenizer(load_text("botchan"), return_tensors="pt").input_ids[0, : args.tokens]
     reference = CachedLogits(base)
-    num_layers = len(decoder_layers(base))
     config = {b: QuantConfig(b, args.group) for b in sorted({*args.rtn_bits, *args.front_bits, 8})}
     table = base.get_input_embeddings()
     emb_dense = weight_bytes(table)
