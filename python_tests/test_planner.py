@@ -13,13 +13,26 @@ from splitkernels.models import tiny_model
 from splitkernels.nn import QuantConfig
 from splitkernels.opsc import apply_opsc
 from splitkernels.planner.costs import (
-    Link, ModelShape, Roofline, frame_bytes, layer_weight_bytes, linear_weight_bytes, memory, split_latency,
+    Link,
+    ModelShape,
+    Roofline,
+    frame_bytes,
+    layer_weight_bytes,
+    linear_weight_bytes,
+    memory,
+    split_latency,
 )
 from splitkernels.planner.devices import Device, devices, get_device
 from splitkernels.planner.optimizer import Infeasible, Limits, Plan, Scenario, plan
 from splitkernels.planner.profile import Profile, measure_profile
 from splitkernels.planner.quality import (
-    QualityPoint, QualityTable, SegmentQuantizer, SplitEvaluator, calibrate, codec_transform, split_point,
+    QualityPoint,
+    QualityTable,
+    SegmentQuantizer,
+    SplitEvaluator,
+    calibrate,
+    codec_transform,
+    split_point,
 )
 from splitkernels.quant import quantize_weight
 
@@ -276,14 +289,12 @@ def test_split_point_hook_transforms_and_is_removed(tiny, ids):
     assert len(log) == 1 and log[0].x_hat.shape == (20, 64)
     assert not torch.allclose(changed, ref)
     assert torch.equal(after, ref)
-    with pytest.raises(ValueError, match="split_layer"):
-        with split_point(tiny, 4, codec_transform(CodecConfig()), []):
-            pass
+    with pytest.raises(ValueError, match="split_layer"), split_point(tiny, 4, codec_transform(CodecConfig()), []):
+        pass
 
 
 def test_segment_quantizer_changes_then_restores_weights(tiny, ids):
     q = SegmentQuantizer(tiny, group_size=32)
-    x = ids[:16].unsqueeze(0)
     w0 = tiny.model.layers[0].mlp.up_proj.weight.clone()
     w3 = tiny.model.layers[3].mlp.up_proj.weight.clone()
     with torch.no_grad(), q.segments(2, 2, None):

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import atom_transfer, int8_transfer  # noqa: E402
-from common import CONTEXT, SPLIT_LAYERS, botchan_ids  # noqa: E402
+from baselines import atom_transfer, int8_transfer
+from common import CONTEXT, SPLIT_LAYERS, botchan_ids
 
-from splitkernels.codec import CodecConfig, encode  # noqa: E402
-from splitkernels.models import load_smollm2  # noqa: E402
-from splitkernels.opsc import decoder_layers  # noqa: E402
-from splitkernels.planner.quality import SplitEvaluator, fp16_transfer  # noqa: E402
+from splitkernels.codec import CodecConfig, encode
+from splitkernels.models import load_smollm2
+from splitkernels.opsc import decoder_layers
+from splitkernels.planner.quality import SplitEvaluator, fp16_transfer
 
 # (alpha, capacity) pairs. A first screen at 2048 tokens showed capacity 8/16/32 give identical
 # frames at alpha >= 4 (fewer than 8 outliers per token), so capacity is only varied at alpha 3.

@@ -166,7 +166,8 @@ def write_report(results: dict, out: Path) -> None:
         for m in METHODS:
             r = sc["rows"].get(m)
             if not r or not r.get("fits"):
-                lines.append(f"| {m} | does not fit | | | | | |")
+                why = (r or {}).get("why")
+                lines.append(f"| {m} | {'no plan: ' + why.splitlines()[0] if why else 'does not fit'} | | | | | |")
                 continue
             lines.append(f"| {m} | {r['split'] or '-'} | {_ms(r['token_s'])} | {_ms(r['ttft_s'])} | {r['token_bytes']} | "
                          f"{100 * r['ppl_change']:+.2f}% | {r['kl']:.4f} |")
@@ -182,7 +183,7 @@ def write_report(results: dict, out: Path) -> None:
         sc = v["sc"]
         link = f"{sc['mbps']:g} Mbit/s, {sc['rtt_ms']:g} ms"
         if not v["ok"]:
-            lines.append(f"| {sc['edge']} | {link} | - | infeasible | | | |")
+            lines.append(f"| {sc['edge']} | {link} | - | no plan with ppl <= the fastest baseline's | | | |")
             continue
         lines.append(f"| {sc['edge']} | {link} | {v['base']} | {v['speedup']:.2f}x | {'yes' if v['ppl_ok'] else 'no'} | "
                      f"{v['frame_ratio']:.2f}x | {v['bytes_ratio']:.2f}x |")

@@ -46,7 +46,7 @@ class ModelShape:
     dtype_bytes: int = 2
 
     @classmethod
-    def from_config(cls, config, name: str | None = None, dtype_bytes: int = 2) -> "ModelShape":
+    def from_config(cls, config, name: str | None = None, dtype_bytes: int = 2) -> ModelShape:
         """From a Llama-style Hugging Face config (llama, mistral, qwen2, SmolLM2)."""
         h, i = config.hidden_size, config.intermediate_size
         heads = config.num_attention_heads
@@ -66,7 +66,7 @@ class ModelShape:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelShape":
+    def from_dict(cls, d: dict) -> ModelShape:
         return cls(**{**d, "linears": tuple(tuple(x) for x in d["linears"])})
 
     @property
@@ -239,8 +239,8 @@ def frame_bytes(tokens: int, hidden: int, code_bits: float, outliers_per_token: 
 
     ``code_bits`` is the mean per-token width (16 = raw fp16 tokens).
     """
-    stream = tokens * -(-int(round(hidden * code_bits)) // 8)
-    return frame_nbytes(tokens, hidden, wire_dtype, int(round(outliers_per_token * tokens)), stream)
+    stream = tokens * -(-round(hidden * code_bits) // 8)
+    return frame_nbytes(tokens, hidden, wire_dtype, round(outliers_per_token * tokens), stream)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ class Device:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Device":
+    def from_dict(cls, d: dict) -> Device:
         return cls(**d)
 
 

@@ -16,7 +16,14 @@ from typing import Any
 from ..codec import CodecConfig
 from ..nn import QuantConfig
 from .costs import (
-    ComputeModel, LatencyEstimate, Link, MemoryEstimate, ModelShape, frame_bytes, memory, split_latency,
+    ComputeModel,
+    LatencyEstimate,
+    Link,
+    MemoryEstimate,
+    ModelShape,
+    frame_bytes,
+    memory,
+    split_latency,
 )
 from .quality import QualityPoint, QualityTable
 
@@ -96,7 +103,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
         return cls(
@@ -109,7 +116,7 @@ class Plan:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
 
     def summary(self) -> str:

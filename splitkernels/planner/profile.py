@@ -12,9 +12,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -131,8 +130,8 @@ def measure_profile(
         x = torch.randn(t, hidden, generator=gen).to(dtype)
         enc = encode(x, codec)
         codec_out[str(t)] = {
-            "encode_s": _time(lambda: encode(x, codec), repeats),
-            "decode_s": _time(lambda: decode(enc), repeats),
+            "encode_s": _time(lambda x=x: encode(x, codec), repeats),
+            "decode_s": _time(lambda enc=enc: decode(enc), repeats),
         }
     return {
         "version": PROFILE_VERSION,
@@ -160,7 +159,7 @@ class Profile:
         self.prompt_tokens = int(data["prompt_tokens"])
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Profile":
+    def load(cls, path: str | os.PathLike) -> Profile:
         with open(path) as f:
             return cls(json.load(f))
 

@@ -197,7 +197,7 @@ class QualityTable:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "QualityTable":
+    def from_json(cls, text: str) -> QualityTable:
         d = json.loads(text)
         if d.get("version") != QUALITY_TABLE_VERSION:
             raise ValueError(f"quality table version {d.get('version')!r} is not {QUALITY_TABLE_VERSION}")
@@ -213,7 +213,7 @@ class QualityTable:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "QualityTable":
+    def load(cls, path: str | os.PathLike) -> QualityTable:
         with open(path) as f:
             return cls.from_json(f.read())
 
