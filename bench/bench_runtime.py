@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from splitkernels.codec import CodecConfig  # noqa: E402
 from splitkernels.runtime import split_model  # noqa: E402
-from splitkernels.runtime.cli import DEFAULT_ALPHA, DEFAULT_CAPACITY, DEFAULT_EPS, load_model  # noqa: E402
+from splitkernels.runtime.cli import load_model  # noqa: E402
 from splitkernels.runtime.grpc_transport import GrpcTransport  # noqa: E402
 
 
@@ -104,8 +104,7 @@ def main() -> int:
 
     loaded = load_model(args.model)
     split = max(1, round(loaded.model.config.num_hidden_layers / 3))
-    sm = split_model(loaded.model, split, codec=CodecConfig(alpha=DEFAULT_ALPHA, capacity=DEFAULT_CAPACITY,
-                                                            eps=DEFAULT_EPS))
+    sm = split_model(loaded.model, split, codec=CodecConfig())
     levels = [int(n) for n in args.sessions.split(",")]
     token = secrets.token_hex(8)
     proc, address = start_server(args.model, split, token, max(levels))

@@ -21,12 +21,8 @@ from .split_model import SplitModel, split_model
 from .transport import Transport
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
-# Measured on SmolLM2-135M, Botchan, 1023 scored tokens, split after layer 10 of 30 (bench/results/
-# runtime.md): eps 0.2 sends 4.74 bits/element in the prefill frame and 5.07 per decode token (frame
-# header and CRC included) at +0.19% perplexity, KL 0.018; eps 0.15 costs 0.6 bits more for KL 0.007.
-DEFAULT_EPS = 0.2
-DEFAULT_ALPHA = 4.0
-DEFAULT_CAPACITY = 16
+# The codec defaults are CodecConfig's own (measured choice, see splitkernels/codec/config.py).
+DEFAULT_CODEC = CodecConfig()
 TOKEN_ENV = "SPLITKERNELS_TOKEN"
 
 
@@ -111,9 +107,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_codec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("codec (TS + TAB-Q)")
-    g.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="outlier threshold, in token rms")
-    g.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="max outliers per token")
-    g.add_argument("--eps", type=float, default=DEFAULT_EPS, help="relative error target (mode error)")
+    g.add_argument("--alpha", type=float, default=DEFAULT_CODEC.alpha, help="outlier threshold, in token rms")
+    g.add_argument("--capacity", type=int, default=DEFAULT_CODEC.capacity, help="max outliers per token")
+    g.add_argument("--eps", type=float, default=DEFAULT_CODEC.eps, help="relative error target (mode error)")
     g.add_argument("--avg-bits", type=float, default=None, help="bits per element budget (mode budget)")
     g.add_argument("--lossless", action="store_true", help="send hidden states raw (passthrough codec)")
 
