@@ -97,3 +97,19 @@ def test_demo_falls_back_to_a_tiny_model_and_says_so(monkeypatch):
     report = json.loads(_run_cli("demo", "--max-new-tokens", "2", "--eval-tokens", "0", "--json"))
     assert report["model"].startswith("tiny random") and "SmolLM2 is not installed" in report["note"]
     assert "quality" not in report
+
+
+def test_demo_follows_a_plan_file(tmp_path):
+    from splitkernels.codec import CodecConfig
+    from splitkernels.nn import QuantConfig
+    from splitkernels.planner import Plan
+
+    plan = Plan(split_layer=2, front=QuantConfig(8, 64), back=None,
+                codec=CodecConfig(alpha=2.5, capacity=5, eps=0.3), max_seq_len=256)
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    report = json.loads(_run_cli("demo", "--model", "tiny", "--max-new-tokens", "3", "--eval-tokens", "40",
+                                 "--split-layer", "4", "--eps", "0.01", "--plan", str(path), "--json"))
+    assert report["split_layer"] == 2
+    assert report["opsc"] == {"front": {"bits": 8, "group_size": 64, "clip_search": False}, "back": None}
+    assert report["codec"]["alpha"] == 2.5 and report["codec"]["capacity"] == 5 and report["codec"]["eps"] == 0.3

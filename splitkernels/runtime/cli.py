@@ -9,6 +9,7 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,7 +71,19 @@ def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
     return LoadedModel(model, None, f"tiny random {family} (seed {seed})", note)
 
 
+def _plan(args: argparse.Namespace):
+    """The ``--plan`` file (from ``splitkernels plan --out``), or None; it overrides split, codec and OPSC."""
+    if getattr(args, "plan", None) is None:
+        return None
+    from ..planner import Plan
+
+    return Plan.from_json(Path(args.plan).read_text())
+
+
 def _codec_from_args(args: argparse.Namespace) -> CodecConfig:
+    plan = _plan(args)
+    if plan is not None:
+        return plan.codec
     if args.lossless:
         return CodecConfig.passthrough()
     if args.avg_bits is not None:
@@ -81,8 +94,12 @@ def _codec_from_args(args: argparse.Namespace) -> CodecConfig:
 def _opsc_from_args(args: argparse.Namespace, side: str):
     from ..nn import QuantConfig
 
-    front = QuantConfig(args.front_bits, args.group_size) if getattr(args, "front_bits", None) else None
-    back = QuantConfig(args.back_bits, args.group_size) if getattr(args, "back_bits", None) else None
+    plan = _plan(args)
+    if plan is not None:
+        front, back = plan.front, plan.back
+    else:
+        front = QuantConfig(args.front_bits, args.group_size) if getattr(args, "front_bits", None) else None
+        back = QuantConfig(args.back_bits, args.group_size) if getattr(args, "back_bits", None) else None
     if side == "edge":
         back = None
     elif side == "server":
@@ -91,6 +108,9 @@ def _opsc_from_args(args: argparse.Namespace, side: str):
 
 
 def _split_layer(args: argparse.Namespace, loaded: LoadedModel) -> int:
+    plan = _plan(args)
+    if plan is not None:
+        return plan.split_layer
     layers = loaded.model.config.num_hidden_layers
     return args.split_layer if args.split_layer is not None else max(1, round(layers / 3))
 
@@ -103,6 +123,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights")
     g.add_argument("--split-layer", type=int, default=None, help="edge keeps layers 1..N (default: a third of depth)")
     g.add_argument("--group-size", type=int, default=64, help="OPSC weight group size")
+    g.add_argument("--plan", default=None,
+                   help="plan JSON from `splitkernels plan --out`: sets split layer, codec and OPSC weights")
 
 
 def _add_codec_args(p: argparse.ArgumentParser) -> None:
