@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,37 +32,7 @@ from splitkernels import ops
 from splitkernels.codec import CodecConfig
 from splitkernels.quant import quantize_weight
 
-FLUSH_BYTES = 512 << 20
-
-
-class Timer:
-    """Median GPU time of a call, each run after an L2 flush, measured with CUDA events."""
-
-    def __init__(self, reps: int, warmup: int) -> None:
-        self.reps, self.warmup = reps, warmup
-        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        for s, e in zip(starts, ends):
-            self.flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e-3  # seconds
-
-
-def copy_bandwidth(timer: Timer) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").fill_(1)
-    dst = torch.empty_like(src)
-    t = timer(lambda: dst.copy_(src))
-    return 2 * (1 << 30) / t
+from gpu_timing import Timer, copy_bandwidth
 
 
 def backends_on_gpu() -> list[str]:

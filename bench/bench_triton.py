@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -36,41 +35,11 @@ from typing import Callable
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels only
 
 import torch  # noqa: E402
+from gpu_timing import Timer, copy_bandwidth  # noqa: E402
 
-FLUSH_BYTES = 512 << 20
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K in, N out)
 HEADLINE_M = (1, 16, 64, 256)
 SWEEP_M = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class Timer:
-    """Median GPU seconds of a call, each run after an L2 flush, measured with CUDA events."""
-
-    def __init__(self, reps: int, warmup: int) -> None:
-        self.reps, self.warmup = reps, warmup
-        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        for s, e in zip(starts, ends):
-            self.flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e-3
-
-
-def copy_bandwidth(timer: Timer) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = timer(lambda: dst.copy_(src))
-    return 2 * src.numel() / t
 
 
 def row(kind: str, name: str, shape: str, m: int | str, t: float, nbytes: int, flops: float,
