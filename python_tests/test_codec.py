@@ -8,24 +8,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import splitkernels
 from splitkernels import codec, ops
 from splitkernels.codec import CodecConfig
 
 from codec_rules import token_rules
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def cpu_backends():
-    info = splitkernels.backends()
-    return [n for n, b in info.items() if b["available"] and ("cpu" in b["devices"] or "*" in b["devices"])]
-
-
-@pytest.fixture(params=cpu_backends())
-def backend(request):
-    with splitkernels.use_backend(request.param):
-        yield request.param
 
 
 def llm_like(t: int, d: int, seed: int, dtype=torch.float32) -> torch.Tensor:

@@ -9,7 +9,6 @@ import zlib
 import pytest
 import torch
 
-import splitkernels
 from splitkernels import codec, ops
 from splitkernels.quant import quantize_weight
 
@@ -24,17 +23,6 @@ BIT_STREAM_GOLDEN = [
     (7, [0x55, 0x7F], [0xD5, 0x3F]),
     (8, [0x12, 0xFE], [0x12, 0xFE]),
 ]
-
-
-def available_cpu_backends():
-    info = splitkernels.backends()
-    return [n for n, b in info.items() if b["available"] and ("cpu" in b["devices"] or "*" in b["devices"])]
-
-
-@pytest.fixture(params=available_cpu_backends())
-def backend(request):
-    with splitkernels.use_backend(request.param):
-        yield request.param
 
 
 @pytest.mark.parametrize("bits,codes,expected", BIT_STREAM_GOLDEN)

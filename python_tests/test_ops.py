@@ -10,17 +10,6 @@ from splitkernels import ops
 from splitkernels.quant import QuantizedWeight, quantize_weight, quantize_weight_int8
 
 
-def cpu_backends():
-    info = splitkernels.backends()
-    return [n for n, b in info.items() if b["available"] and ("cpu" in b["devices"] or "*" in b["devices"])]
-
-
-@pytest.fixture(params=cpu_backends())
-def backend(request):
-    with splitkernels.use_backend(request.param):
-        yield request.param
-
-
 def stream_model(codes: list[int], bits: int) -> list[int]:
     """The bit stream of docs/FORMATS.md, one bit at a time."""
     stream = [(c >> j) & 1 for c in codes for j in range(bits)]
@@ -30,10 +19,10 @@ def stream_model(codes: list[int], bits: int) -> list[int]:
 
 @settings(max_examples=80, deadline=None)
 @given(bits=st.integers(1, 8), n=st.integers(0, 75), rows=st.integers(1, 3), seed=st.integers(0, 2**31))
-def test_pack_matches_bit_model(bits, n, rows, seed):
+def test_pack_matches_bit_model(cpu_backend_names, bits, n, rows, seed):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (rows, n), generator=g, dtype=torch.uint8)
-    for name in cpu_backends():
+    for name in cpu_backend_names:
         with splitkernels.use_backend(name):
             packed = ops.pack_bits(codes, bits)
             assert packed.tolist() == [stream_model(r, bits) for r in codes.tolist()], name
