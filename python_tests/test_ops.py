@@ -203,3 +203,21 @@ def test_backend_registry_reports_and_selects():
     with splitkernels.use_backend("reference"):
         assert splitkernels.current_backend() == "reference"
     assert splitkernels.current_backend() is None
+
+
+def test_decode_buffer_errors_name_the_argument():
+    x = torch.randn(3, 10)
+    bits, lo, step, _hi, cnt, idx, val, codes, _nbytes = ops.ts_tabq_encode(x, False, 2.0, 2, [4], 0.1)
+    good = dict(bits=bits, lo=lo, step=step, cnt=cnt, idx=idx, val=val, codes=codes, d=10)
+    assert torch.equal(ops.ts_tabq_decode(**good), ops.reference.ts_tabq_decode(**good))
+    cases = [
+        (dict(bits=bits.int()), TypeError, "bits must have dtype"),
+        (dict(lo=lo[:2]), ValueError, "lo must have T = 3"),
+        (dict(step=step.float()), TypeError, "step must have dtype"),
+        (dict(idx=idx[:, :1]), ValueError, "idx and val"),
+        (dict(codes=codes[:, :5]), ValueError, "codes must be"),
+        (dict(d=0), ValueError, "d must be a positive int"),
+    ]
+    for change, error, message in cases:
+        with pytest.raises(error, match=message):
+            ops.ts_tabq_decode(**{**good, **change})

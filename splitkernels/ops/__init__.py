@@ -213,8 +213,28 @@ def ts_tabq_encode(
 def ts_tabq_decode(
     bits: Tensor, lo: Tensor, step: Tensor, cnt: Tensor, idx: Tensor, val: Tensor, codes: Tensor, d: int
 ) -> Tensor:
-    """Decode fixed-capacity codec buffers (as produced by :func:`ts_tabq_encode`) into ``[T, d]``."""
-    return _ts_tabq_decode(bits, lo, step, cnt, idx, val, codes, int(d))
+    """Decode fixed-capacity codec buffers (as produced by :func:`ts_tabq_encode`) into ``[T, d]``.
+
+    Shapes and dtypes are checked here; the values (widths, counts, indices) are trusted, as they
+    come from the encoder or from :func:`splitkernels.codec.from_bytes`, which validates frames.
+    """
+    check_tensor("bits", bits, (torch.uint8,), ndim=1)
+    t = bits.shape[0]
+    check_tensor("val", val, FLOAT_DTYPES, ndim=2)
+    check_tensor("idx", idx, (torch.int32,), ndim=2)
+    check_tensor("codes", codes, (torch.uint8,), ndim=2)
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"d must be a positive int, got {d!r}")
+    for name, tensor, dtype in (("lo", lo, torch.float16), ("step", step, torch.float16), ("cnt", cnt, torch.int32)):
+        check_tensor(name, tensor, (dtype,), ndim=1)
+        if tensor.shape[0] != t:
+            raise ValueError(f"{name} must have T = {t} entries, got {tensor.shape[0]}")
+    if idx.shape != val.shape or idx.shape[0] != t:
+        raise ValueError(f"idx and val must both be [T={t}, C], got {tuple(idx.shape)} and {tuple(val.shape)}")
+    if tuple(codes.shape) != (t, d * val.element_size()):
+        raise ValueError(f"codes must be [T={t}, d*itemsize={d * val.element_size()}], got {tuple(codes.shape)}")
+    check_same_device(bits=bits, lo=lo, step=step, cnt=cnt, idx=idx, val=val, codes=codes)
+    return _ts_tabq_decode(bits, lo, step, cnt, idx, val, codes, d)
 
 
 __all__ = [
