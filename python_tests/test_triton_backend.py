@@ -29,11 +29,11 @@ if not INTERPRET and not torch.cuda.is_available():
 import triton.language as tl  # noqa: E402
 
 import splitkernels  # noqa: E402
-from splitkernels import _backend, ops  # noqa: E402
+from splitkernels import ops, registry  # noqa: E402
 from splitkernels.ops import reference as ref  # noqa: E402
-from splitkernels.ops.fp16_rounding import round_down_fp16, round_up_fp16  # noqa: E402
+from splitkernels.formats import round_down_fp16, round_up_fp16  # noqa: E402
 from splitkernels.quant import quantize_weight, quantize_weight_int8  # noqa: E402
-from splitkernels.triton import autotune_cache, codec, dispatch  # noqa: E402
+from splitkernels.triton import autotune_cache, codec, dispatch, rounding  # noqa: E402
 from splitkernels.triton import lowbit_gemm as lg  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
@@ -73,11 +73,11 @@ def test_backend_registration():
     assert info["available"], info["reason"]
     assert "cuda" in info["devices"]
     assert set(info["ops"]) >= {"pack_bits", "unpack_bits", "lowbit_linear", "ts_tabq_encode", "ts_tabq_decode"}
-    triton_kernels = set(_backend.get_backend("triton").kernels.values())
+    triton_kernels = set(registry.get_backend("triton").kernels.values())
     # The interpreter may serve CPU tensors on request, but never by default.
-    assert _backend.resolve("pack_bits", torch.device("cpu")) not in triton_kernels
+    assert registry.resolve("pack_bits", torch.device("cpu")) not in triton_kernels
     if torch.cuda.is_available():
-        assert _backend.resolve("pack_bits", torch.device("cuda")) in triton_kernels
+        assert registry.resolve("pack_bits", torch.device("cuda")) in triton_kernels
 
 
 # ---------------------------------------------------------------- fp16 directed rounding
@@ -87,8 +87,8 @@ def test_backend_registration():
 def _rounding_kernel(v_ptr, down_ptr, up_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     v = tl.load(v_ptr + offs, mask=offs < n)
-    tl.store(down_ptr + offs, codec.round_down_fp16(v), mask=offs < n)
-    tl.store(up_ptr + offs, codec.round_up_fp16(tl.abs(v)), mask=offs < n)
+    tl.store(down_ptr + offs, rounding.round_down_fp16(v), mask=offs < n)
+    tl.store(up_ptr + offs, rounding.round_up_fp16(tl.abs(v)), mask=offs < n)
 
 
 def test_fp16_directed_rounding_matches_reference():

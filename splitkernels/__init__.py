@@ -3,7 +3,7 @@
 ``import splitkernels`` never fails because the C++ extension, Triton or a GPU is missing:
 :func:`backends` reports what is available and :func:`use_backend` selects one.
 """
-from ._backend import backends, current_backend, use_backend
+from .registry import backends, current_backend, use_backend
 
 __version__ = "0.1.0"
 

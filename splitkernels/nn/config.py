@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..ops import WEIGHT_BITS
+from ..formats import WEIGHT_BITS
 
 PER_CHANNEL = -1
 
