@@ -59,6 +59,9 @@ class _PackedWeightModule(nn.Module):
     bits: int
     group_size: int
     in_features: int
+    # False where the layout travels elsewhere (a transformers quantization_config): the
+    # state_dict then holds only tensors that exist as buffers.
+    write_layout_to_state_dict: bool = True
 
     def _init_packed(self, n: int, k: int, bits: int, group_size: int, dtype, device) -> None:
         group_size = k if group_size == -1 else group_size
@@ -83,6 +86,8 @@ class _PackedWeightModule(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.write_layout_to_state_dict:
+            return
         meta = dict(format_version=WEIGHT_FORMAT_VERSION, bits=self.bits, group_size=self.group_size,
                     in_features=self.in_features)
         for name in _META:
