@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from expect import unavailable
 
 import splitkernels
 from splitkernels import codec, ops, registry
@@ -19,10 +20,8 @@ from splitkernels._backends import cpp
 from splitkernels.ops import reference as ref
 from splitkernels.quant import QuantizedWeight, quantize_weight, quantize_weight_int8
 
-pytestmark = pytest.mark.skipif(
-    not registry.get_backend("cpp").available,
-    reason=f"cpp backend not built: {registry.get_backend('cpp').unavailable_reason}",
-)
+if not registry.get_backend("cpp").available:
+    unavailable(f"cpp backend not built: {registry.get_backend('cpp').unavailable_reason}")
 
 _C = cpp._C
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

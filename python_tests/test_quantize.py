@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from expect import unavailable
 from torch import nn
 
 import splitkernels
@@ -15,8 +16,11 @@ from splitkernels import OPSCConfig, QuantConfig, quantize_
 from splitkernels.nn import QuantEmbedding, QuantLinear, replace_linear
 from splitkernels.opsc import apply_opsc
 
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+try:
+    import safetensors.torch as safetensors_torch
+    import transformers
+except ImportError as exc:
+    unavailable(f"the model extra is not installed ({exc})")
 
 VOCAB = 96
 

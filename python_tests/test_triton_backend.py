@@ -1,30 +1,30 @@
 """The triton backend against the reference: codec and bit packing bit for bit, matmuls within tolerance.
 
-Without a CUDA device the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set
-here before Triton is imported unless the environment says otherwise). On a CUDA machine
+Without a CUDA device the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by
+conftest.py before anything imports Triton unless the environment says otherwise). On a CUDA machine
 without that variable every test runs compiled on the GPU; the ``gpu``-marked ones (a compact
 cross-check, autotuning, CUDA graph replay) are what ``pytest -m gpu`` picks.
 """
+import json
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import json  # noqa: E402
-import sys  # noqa: E402
-
 import pytest  # noqa: E402
+from expect import unavailable  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-triton = pytest.importorskip("triton")
+try:
+    import triton  # noqa: E402
+except ImportError as exc:
+    unavailable(f"triton does not import ({exc})")
 if INTERPRET and "splitkernels.triton.codec" in sys.modules and not hasattr(
     sys.modules["splitkernels.triton.codec"]._encode_kernel, "rewriter"
 ):
-    pytest.skip("splitkernels.triton was compiled before TRITON_INTERPRET=1 was set; export it", allow_module_level=True)
+    unavailable("splitkernels.triton was imported before TRITON_INTERPRET=1 was set; export it before pytest starts")
 if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+    unavailable("TRITON_INTERPRET=0 and no CUDA device: the Triton kernels have nowhere to run")
 
 import triton.language as tl  # noqa: E402
 
