@@ -4,8 +4,9 @@
   the reference computed on the CPU (whose fp32 division is IEEE, as docs/FORMATS.md requires;
   torch's CUDA division by a Python scalar multiplies by a reciprocal instead).
 * Without a GPU the backend must say why it is unavailable, and the same kernel source runs
-  under a host-side emulation of the CUDA features it uses (csrc/cuda/emulation: one
-  std::thread per CUDA thread) on small shapes, so a logic error fails CI without a GPU.
+  under a host-side emulation of the CUDA features it uses (csrc/cuda/emulation: each CUDA
+  thread of a block is a fiber on the calling OS thread, blocks run one after another) on small
+  shapes, so a logic error fails CI without a GPU.
 
 Integer outputs must be identical; matmuls agree within the documented relative Frobenius
 error (1e-3 for fp16/bf16 activations, 1e-5 for fp32).

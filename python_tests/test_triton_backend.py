@@ -337,7 +337,7 @@ def test_dispatch_table(monkeypatch, tmp_path):
 
 
 def test_autotune_cache_uses_stored_configs(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPLITKERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPLITKERNELS_CACHE", str(tmp_path))
     monkeypatch.setattr(autotune_cache, "_cache", None)
     calls = []
     cands = [{"a": 1}, {"a": 2}]
@@ -392,7 +392,7 @@ def test_gpu_cross_check_at_model_sizes():
 @gpu
 @needs_gpu
 def test_autotune_tunes_once_and_persists(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPLITKERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPLITKERNELS_CACHE", str(tmp_path))
     monkeypatch.setenv("SPLITKERNELS_AUTOTUNE", "1")
     monkeypatch.setattr(autotune_cache, "_cache", None)
     qw = weight(512, 1024, 4, 128, torch.float16)
