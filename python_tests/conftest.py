@@ -1,7 +1,19 @@
-"""Fixtures shared by the op tests: every backend that can run on CPU tensors here."""
-import pytest
+"""Fixtures shared by the op tests: every backend that can run on CPU tensors here.
 
-import splitkernels
+Without a CUDA device the Triton kernels can only run in Triton's interpreter, which must be
+chosen before Triton is first imported: set it here, before anything imports splitkernels, so a
+plain ``pytest python_tests`` runs the Triton tests too (``TRITON_INTERPRET=0`` opts out).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import splitkernels  # noqa: E402
 
 
 def _cpu_backends() -> list[str]:

@@ -12,17 +12,16 @@ import textwrap
 
 import pytest
 import torch
+from expect import unavailable
 
 import splitkernels
-from splitkernels import _backend, codec, ops
+from splitkernels import codec, ops, registry
 from splitkernels._backends import cpp
 from splitkernels.ops import reference as ref
-from splitkernels.quant import quantize_weight, quantize_weight_int8
+from splitkernels.quant import QuantizedWeight, quantize_weight, quantize_weight_int8
 
-pytestmark = pytest.mark.skipif(
-    not _backend.get_backend("cpp").available,
-    reason=f"cpp backend not built: {_backend.get_backend('cpp').unavailable_reason}",
-)
+if not registry.get_backend("cpp").available:
+    unavailable(f"cpp backend not built: {registry.get_backend('cpp').unavailable_reason}")
 
 _C = cpp._C
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,14 +47,17 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_cpp_is_the_default_on_cpu():
     assert splitkernels.backends()["cpp"]["available"]
-    for op, fn in cpp._KERNELS.items():
-        assert _backend.resolve(op, torch.device("cpu")) is fn
+    kernels = registry.get_backend("cpp").kernels
+    assert set(kernels) == {"pack_bits", "unpack_bits", "ts_tabq_encode", "ts_tabq_decode", "lowbit_linear",
+                            "int8_linear"}
+    for op, fn in kernels.items():
+        assert registry.resolve(op, torch.device("cpu")) is fn
 
 
 def test_use_backend_cpp_routes_public_ops():
     codes = torch.randint(0, 8, (4, 21), dtype=torch.uint8, generator=_gen(0))
     with splitkernels.use_backend("cpp"):
-        assert _backend.resolve("pack_bits", torch.device("cpu")) is cpp.pack_bits
+        assert registry.resolve("pack_bits", torch.device("cpu")) is cpp.pack_bits
         packed = ops.pack_bits(codes, 3)
     assert torch.equal(packed, ref.pack_bits(codes, 3))
 
@@ -359,10 +361,12 @@ def test_lowbit_linear_empty_and_errors():
     x, qw, _ = _lowbit_case(8, 64, 1, 4, 32, torch.float32, bias=False, seed=0)
     y = cpp.lowbit_linear(x[:0], qw.qweight, qw.scale, qw.zero, 4, 32, None)
     assert y.shape == (0, 8)
-    with pytest.raises(ValueError, match="scale"):
-        cpp.lowbit_linear(x, qw.qweight, qw.scale[:, :1], qw.zero[:, :1], 4, 32, None)
-    with pytest.raises(ValueError, match="group_size"):
-        cpp.lowbit_linear(x, qw.qweight, qw.scale.repeat(1, 32)[:, :5], qw.zero.repeat(1, 32)[:, :5], 4, 13, None)
+    # Bad layouts are stopped by the op layer before any kernel runs.
+    with splitkernels.use_backend("cpp"), pytest.raises(ValueError, match="scale"):
+        ops.lowbit_linear(x, QuantizedWeight(qw.qweight, qw.scale[:, :1], qw.zero[:, :1], 4, 32, 64))
+    bad_group = QuantizedWeight(qw.qweight, qw.scale.repeat(1, 32)[:, :5], qw.zero.repeat(1, 32)[:, :5], 4, 13, 64)
+    with splitkernels.use_backend("cpp"), pytest.raises(ValueError, match="group_size"):
+        ops.lowbit_linear(x, bad_group)
 
 
 # ---------------------------------------------------------------- int8 linear

@@ -4,8 +4,9 @@
   the reference computed on the CPU (whose fp32 division is IEEE, as docs/FORMATS.md requires;
   torch's CUDA division by a Python scalar multiplies by a reciprocal instead).
 * Without a GPU the backend must say why it is unavailable, and the same kernel source runs
-  under a host-side emulation of the CUDA features it uses (csrc/cuda/emulation: one
-  std::thread per CUDA thread) on small shapes, so a logic error fails CI without a GPU.
+  under a host-side emulation of the CUDA features it uses (csrc/cuda/emulation: each CUDA
+  thread of a block is a fiber on the calling OS thread, blocks run one after another) on small
+  shapes, so a logic error fails CI without a GPU.
 
 Integer outputs must be identical; matmuls agree within the documented relative Frobenius
 error (1e-3 for fp16/bf16 activations, 1e-5 for fp32).
@@ -311,8 +312,6 @@ def test_glue_with_emulated_kernels(glue):
         codes_odd[:, : got[7].shape[1]] = got[7]
         dec = glue.ts_tabq_decode(*got[:3], *got[4:7], codes_odd, 130)
         assert torch.equal(dec, reference.ts_tabq_decode(*want[:3], *want[4:8], 130))
-        with pytest.raises(ValueError, match="codes"):
-            glue.ts_tabq_decode(*got[:3], *got[4:7], got[7][:, :-1], 130)
     for m, group in ((2, 64), (9, 64), (1, 48)):  # GEMV, then the dequantise + matmul fallbacks
         qw = quantize_weight(torch.randn(10, 192, generator=g), 3, group, dtype=torch.float16)
         x = torch.randn(m, 192, generator=g).half()
@@ -320,8 +319,6 @@ def test_glue_with_emulated_kernels(glue):
         got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
         want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
         assert got.dtype == torch.float16 and rel_err(got, want) <= MATMUL_TOL[torch.float16], (m, group)
-    with pytest.raises(ValueError, match="qweight must have"):
-        glue.lowbit_linear(x, qw.qweight[:, :-1], qw.scale, qw.zero, 3, 48, None)
 
 
 # ---------------------------------------------------------------- on a GPU

@@ -130,6 +130,23 @@ def test_lowbit_linear_batched_shape_and_errors(backend):
         ops.lowbit_linear(x, q, torch.randn(15))
 
 
+def test_lowbit_linear_rejects_bad_layouts_before_any_kernel(backend):
+    q = quantize_weight(torch.randn(16, 64), 3, 32)
+    x = torch.randn(2, 64)
+    cases = [
+        (dict(qweight=q.qweight[:, :-1]), ValueError, "qweight must have 6 words per row"),
+        (dict(qweight=q.qweight.float()), TypeError, "qweight must be a 2-D int32"),
+        (dict(scale=q.scale[:, :1]), ValueError, "scale must have shape \\(16, 2\\)"),
+        (dict(zero=q.zero.half()), TypeError, "zero must have the dtype of scale"),
+        (dict(group_size=24), ValueError, "group_size must be a positive divisor of in_features = 64"),
+        (dict(bits=5), ValueError, "bits must be one of"),
+    ]
+    for change, error, message in cases:
+        fields = {**q.__dict__, **change}
+        with pytest.raises(error, match=message):
+            ops.lowbit_linear(x, QuantizedWeight(**fields))
+
+
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_int8_linear_is_exact_integer_arithmetic(backend, m, dtype):

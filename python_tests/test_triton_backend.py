@@ -1,39 +1,39 @@
 """The triton backend against the reference: codec and bit packing bit for bit, matmuls within tolerance.
 
-Without a CUDA device the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set
-here before Triton is imported unless the environment says otherwise). On a CUDA machine
+Without a CUDA device the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by
+conftest.py before anything imports Triton unless the environment says otherwise). On a CUDA machine
 without that variable every test runs compiled on the GPU; the ``gpu``-marked ones (a compact
 cross-check, autotuning, CUDA graph replay) are what ``pytest -m gpu`` picks.
 """
+import json
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import json  # noqa: E402
-import sys  # noqa: E402
-
 import pytest  # noqa: E402
+from expect import unavailable  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-triton = pytest.importorskip("triton")
+try:
+    import triton  # noqa: E402
+except ImportError as exc:
+    unavailable(f"triton does not import ({exc})")
 if INTERPRET and "splitkernels.triton.codec" in sys.modules and not hasattr(
     sys.modules["splitkernels.triton.codec"]._encode_kernel, "rewriter"
 ):
-    pytest.skip("splitkernels.triton was compiled before TRITON_INTERPRET=1 was set; export it", allow_module_level=True)
+    unavailable("splitkernels.triton was imported before TRITON_INTERPRET=1 was set; export it before pytest starts")
 if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+    unavailable("TRITON_INTERPRET=0 and no CUDA device: the Triton kernels have nowhere to run")
 
 import triton.language as tl  # noqa: E402
 
 import splitkernels  # noqa: E402
-from splitkernels import _backend, ops  # noqa: E402
+from splitkernels import ops, registry  # noqa: E402
 from splitkernels.ops import reference as ref  # noqa: E402
-from splitkernels.ops.fp16_rounding import round_down_fp16, round_up_fp16  # noqa: E402
+from splitkernels.formats import round_down_fp16, round_up_fp16  # noqa: E402
 from splitkernels.quant import quantize_weight, quantize_weight_int8  # noqa: E402
-from splitkernels.triton import autotune_cache, codec, dispatch  # noqa: E402
+from splitkernels.triton import autotune_cache, codec, dispatch, rounding  # noqa: E402
 from splitkernels.triton import lowbit_gemm as lg  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
@@ -73,11 +73,11 @@ def test_backend_registration():
     assert info["available"], info["reason"]
     assert "cuda" in info["devices"]
     assert set(info["ops"]) >= {"pack_bits", "unpack_bits", "lowbit_linear", "ts_tabq_encode", "ts_tabq_decode"}
-    triton_kernels = set(_backend.get_backend("triton").kernels.values())
+    triton_kernels = set(registry.get_backend("triton").kernels.values())
     # The interpreter may serve CPU tensors on request, but never by default.
-    assert _backend.resolve("pack_bits", torch.device("cpu")) not in triton_kernels
+    assert registry.resolve("pack_bits", torch.device("cpu")) not in triton_kernels
     if torch.cuda.is_available():
-        assert _backend.resolve("pack_bits", torch.device("cuda")) in triton_kernels
+        assert registry.resolve("pack_bits", torch.device("cuda")) in triton_kernels
 
 
 # ---------------------------------------------------------------- fp16 directed rounding
@@ -87,8 +87,8 @@ def test_backend_registration():
 def _rounding_kernel(v_ptr, down_ptr, up_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     v = tl.load(v_ptr + offs, mask=offs < n)
-    tl.store(down_ptr + offs, codec.round_down_fp16(v), mask=offs < n)
-    tl.store(up_ptr + offs, codec.round_up_fp16(tl.abs(v)), mask=offs < n)
+    tl.store(down_ptr + offs, rounding.round_down_fp16(v), mask=offs < n)
+    tl.store(up_ptr + offs, rounding.round_up_fp16(tl.abs(v)), mask=offs < n)
 
 
 def test_fp16_directed_rounding_matches_reference():
@@ -337,7 +337,7 @@ def test_dispatch_table(monkeypatch, tmp_path):
 
 
 def test_autotune_cache_uses_stored_configs(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPLITKERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPLITKERNELS_CACHE", str(tmp_path))
     monkeypatch.setattr(autotune_cache, "_cache", None)
     calls = []
     cands = [{"a": 1}, {"a": 2}]
@@ -392,7 +392,7 @@ def test_gpu_cross_check_at_model_sizes():
 @gpu
 @needs_gpu
 def test_autotune_tunes_once_and_persists(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPLITKERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPLITKERNELS_CACHE", str(tmp_path))
     monkeypatch.setenv("SPLITKERNELS_AUTOTUNE", "1")
     monkeypatch.setattr(autotune_cache, "_cache", None)
     qw = weight(512, 1024, 4, 128, torch.float16)

@@ -1,8 +1,8 @@
-"""OPSC, one-point split compression (DESIGN §1): the decoder layers in front of the split point
+"""OPSC, one-point split compression (docs/DESIGN.md §1): the decoder layers in front of the split point
 (the edge) are stored at one weight precision, the layers behind it (the server) at another, and
 the precision changes exactly once, at the split. No fine-tuning: plain group-wise rounding.
 
-This is the project's own reconstruction of the method named in DESIGN §1.
+This is the project's own reconstruction of the method named in the README (docs/DESIGN.md §1).
 """
 from __future__ import annotations
 

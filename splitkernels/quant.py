@@ -1,82 +1,18 @@
-"""Group-wise asymmetric weight quantisation into the packed format of docs/FORMATS.md."""
-from __future__ import annotations
+"""Group-wise asymmetric weight quantisation into the packed format of docs/FORMATS.md.
 
-from dataclasses import dataclass
+:class:`QuantizedWeight` and ``WEIGHT_FORMAT_VERSION`` live in :mod:`splitkernels.formats`; they
+are re-exported here for the callers that import them from this module.
+"""
+from __future__ import annotations
 
 import torch
 
-from .ops import WEIGHT_BITS, reference
+from .formats import WEIGHT_BITS, WEIGHT_FORMAT_VERSION, QuantizedWeight, pack_weight_codes
+from .ops import reference
 from .ops.checks import FLOAT_DTYPES, check_choice, check_tensor
 
-WEIGHT_FORMAT_VERSION = 1
 # Shrink factors tried by the clipping search (1.0 = plain min/max).
 _CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(16))
-
-
-@dataclass
-class QuantizedWeight:
-    """A packed low-bit weight ``W [N, K]``: ``w^ = q * scale + zero`` per group of ``group_size``.
-
-    ``qweight`` is int32 ``[N, ceil(K*bits/32)]`` (each row one little-endian bit stream),
-    ``scale``/``zero`` are ``[N, K/group_size]`` in the compute dtype.
-    """
-
-    qweight: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    bits: int
-    group_size: int
-    in_features: int
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed weight plus its scales and zeros."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero))
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight ``[N, K]`` in ``dtype`` (default: the scale dtype)."""
-        w = reference.dequantize_weight(
-            self.qweight, self.scale.float(), self.zero.float(), self.bits, self.group_size, self.in_features
-        )
-        return w.to(dtype or self.scale.dtype)
-
-    def to(self, *args, **kwargs) -> "QuantizedWeight":
-        """Move to a device and/or cast scale and zero to a float dtype (codes stay int32)."""
-        scale = self.scale.to(*args, **kwargs)
-        zero = self.zero.to(*args, **kwargs)
-        return QuantizedWeight(
-            self.qweight.to(scale.device), scale, zero, self.bits, self.group_size, self.in_features
-        )
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain tensors plus format metadata (as 0-d int tensors, so safetensors can hold them)."""
-        return {
-            "qweight": self.qweight,
-            "scale": self.scale,
-            "zero": self.zero,
-            "format_version": torch.tensor(WEIGHT_FORMAT_VERSION),
-            "bits": torch.tensor(self.bits),
-            "group_size": torch.tensor(self.group_size),
-            "in_features": torch.tensor(self.in_features),
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "QuantizedWeight":
-        """Inverse of :meth:`state_dict`; raises ValueError on a format version this code cannot read."""
-        version = int(state["format_version"])
-        if version != WEIGHT_FORMAT_VERSION:
-            raise ValueError(
-                f"packed weight format_version {version} is not supported (this splitkernels reads "
-                f"version {WEIGHT_FORMAT_VERSION})"
-            )
-        return cls(
-            state["qweight"], state["scale"], state["zero"], int(state["bits"]), int(state["group_size"]),
-            int(state["in_features"]),
-        )
 
 
 def _check_weight_args(w: torch.Tensor, bits: int, group_size: int) -> None:
@@ -138,7 +74,7 @@ def quantize_weight(
         )
     _, q, scale, zero = best
     codes = q.reshape(n, k).to(torch.uint8)
-    qweight = reference.pack_weight_codes(codes, bits)
+    qweight = pack_weight_codes(codes, bits)
     return QuantizedWeight(qweight, scale.to(dtype), zero.to(dtype), bits, group_size, k)
 
 
@@ -146,3 +82,6 @@ def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8 weights for :func:`splitkernels.ops.int8_linear`: (w_int8, scale fp32)."""
     check_tensor("w", w, FLOAT_DTYPES, ndim=2)
     return reference.quantize_rows_int8(w)
+
+
+__all__ = ["QuantizedWeight", "WEIGHT_FORMAT_VERSION", "quantize_weight", "quantize_weight_int8"]

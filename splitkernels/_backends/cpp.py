@@ -1,8 +1,10 @@
 """The ``cpp`` backend: OpenMP C++ kernels from the torch-free extension ``splitkernels._C``.
 
 The default backend for CPU tensors when the extension is built. This module is the torch
-glue: it checks dtypes and contiguity, allocates outputs with ``torch.empty`` and hands data
-pointers and sizes to the kernels (which release the GIL).
+glue: it makes inputs contiguous, allocates outputs with ``torch.empty`` and hands data
+pointers and sizes to the kernels (which release the GIL). Arguments arrive checked by the op
+layer (:mod:`splitkernels.ops`); the kernels check the values they index with (widths, counts,
+indices) and raise ValueError.
 
 Agreement with :mod:`splitkernels.ops.reference`:
 
@@ -27,52 +29,40 @@ import math
 import torch
 
 from .. import _native
-from .._backend import Backend, register_backend
-from ..ops import reference as ref
+from ..formats import dtype_code, empty_encode_buffers, packed_nbytes
+from ..registry import declare_backend
 
 _C, _reason = _native.load("_C")
-
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _dtype_code(name: str, t: torch.Tensor) -> int:
-    if t.dtype not in _DTYPE_CODE:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    return _DTYPE_CODE[t.dtype]
-
-
-def _cpu_contiguous(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be a CPU tensor for the cpp backend, got device {t.device}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    return t.contiguous()
+_BACKEND = declare_backend("cpp", unavailable_reason=_reason, install_hint=_native.BUILD_HINT)
+_kernel = _BACKEND.kernel
+_CPU = {"cpu": 10}
 
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
+@_kernel("pack_bits", _CPU)
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    codes = _cpu_contiguous("codes", codes, torch.uint8)
+    codes = codes.contiguous()
     n = codes.shape[-1]
-    out = torch.empty(*codes.shape[:-1], ref.packed_nbytes(n, bits), dtype=torch.uint8)
+    out = torch.empty(*codes.shape[:-1], packed_nbytes(n, bits), dtype=torch.uint8)
     rows = codes.numel() // n if n else 0
     _C.pack_bits(_ptr(codes), rows, n, bits, _ptr(out))
     return out
 
 
+@_kernel("unpack_bits", _CPU)
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    packed = _cpu_contiguous("packed", packed, torch.uint8)
+    packed = packed.contiguous()
     stride = packed.shape[-1]
-    if stride < ref.packed_nbytes(n, bits):
-        raise ValueError(f"packed has {stride} bytes per row, {n} codes of {bits} bits need more")
     out = torch.empty(*packed.shape[:-1], n, dtype=torch.uint8)
     rows = packed.numel() // stride if stride else 0
     _C.unpack_bits(_ptr(packed), rows, stride, n, bits, _ptr(out))
     return out
 
 
+@_kernel("ts_tabq_encode", _CPU)
 def ts_tabq_encode(
     x: torch.Tensor,
     abs_threshold: bool,
@@ -82,21 +72,21 @@ def ts_tabq_encode(
     eps: float,
     forced_bits: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
-    x = _cpu_contiguous("x", x)
-    code = _dtype_code("x", x)
+    x = x.contiguous()
+    code = dtype_code("x", x)
     t, d = x.shape
     if forced_bits is not None:
-        forced_bits = _cpu_contiguous("forced_bits", forced_bits, torch.uint8)
-    bits, lo, step, hi, cnt, idx, val, codes, nbytes = ref.empty_encode_buffers(x, capacity)
+        forced_bits = forced_bits.contiguous()
+    out = empty_encode_buffers(x, capacity)
     if t:
         _C.ts_tabq_encode(
             _ptr(x), code, t, d, bool(abs_threshold), float(threshold), int(capacity), [int(b) for b in bit_choices],
-            float(eps), _ptr(forced_bits), _ptr(bits), _ptr(lo), _ptr(step), _ptr(hi), _ptr(cnt), _ptr(idx),
-            _ptr(val), _ptr(codes), _ptr(nbytes),
+            float(eps), _ptr(forced_bits), *(_ptr(buffer) for buffer in out),
         )
-    return bits, lo, step, hi, cnt, idx, val, codes, nbytes
+    return out
 
 
+@_kernel("ts_tabq_decode", _CPU)
 def ts_tabq_decode(
     bits: torch.Tensor,
     lo: torch.Tensor,
@@ -107,20 +97,16 @@ def ts_tabq_decode(
     codes: torch.Tensor,
     d: int,
 ) -> torch.Tensor:
-    code = _dtype_code("val", val)
+    code = dtype_code("val", val)
     t = bits.shape[0]
     # Per-token metadata is tiny; normalising its dtypes here keeps the kernel to one signature.
-    bits32 = _cpu_contiguous("bits", bits).to(torch.int32)
-    lo32 = _cpu_contiguous("lo", lo).float()
-    step32 = _cpu_contiguous("step", step).float()
-    cnt32 = _cpu_contiguous("cnt", cnt).to(torch.int32)
-    idx32 = _cpu_contiguous("idx", idx).to(torch.int32)
-    val = _cpu_contiguous("val", val)
-    codes = _cpu_contiguous("codes", codes, torch.uint8)
-    if codes.dim() != 2 or codes.shape[0] != t:
-        raise ValueError(f"codes must be [T={t}, row_bytes], got shape {tuple(codes.shape)}")
-    if idx32.shape != val.shape or idx32.dim() != 2 or idx32.shape[0] != t:
-        raise ValueError(f"idx and val must both be [T={t}, C], got {tuple(idx32.shape)} and {tuple(val.shape)}")
+    bits32 = bits.contiguous().to(torch.int32)
+    lo32 = lo.contiguous().float()
+    step32 = step.contiguous().float()
+    cnt32 = cnt.contiguous().to(torch.int32)
+    idx32 = idx.contiguous().to(torch.int32)
+    val = val.contiguous()
+    codes = codes.contiguous()
     out = torch.empty(t, d, dtype=val.dtype)
     if t and d:
         _C.ts_tabq_decode(
@@ -130,15 +116,11 @@ def ts_tabq_decode(
     return out
 
 
-def _bias32(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    if bias is None:
-        return None
-    bias = _cpu_contiguous("bias", bias).float()
-    if bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    return bias
+def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.contiguous().float()
 
 
+@_kernel("lowbit_linear", _CPU)
 def lowbit_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -148,20 +130,15 @@ def lowbit_linear(
     group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    x = _cpu_contiguous("x", x)
-    code = _dtype_code("x", x)
-    qweight = _cpu_contiguous("qweight", qweight, torch.int32)
-    scale = _cpu_contiguous("scale", scale)
-    zero = _cpu_contiguous("zero", zero, scale.dtype)
-    scale_code = _dtype_code("scale", scale)
+    x = x.contiguous()
+    code = dtype_code("x", x)
+    qweight = qweight.contiguous()
+    scale = scale.contiguous()
+    zero = zero.contiguous()
+    scale_code = dtype_code("scale", scale)
     k = x.shape[-1]
     n = qweight.shape[0]
-    if group_size <= 0 or k % group_size:
-        raise ValueError(f"group_size must be a positive divisor of K = {k}, got {group_size}")
-    groups = k // group_size
-    if scale.shape != (n, groups) or zero.shape != (n, groups):
-        raise ValueError(f"scale and zero must be [{n}, {groups}], got {tuple(scale.shape)} and {tuple(zero.shape)}")
-    bias32 = _bias32(bias, n)
+    bias32 = _bias32(bias)
     m = math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
     if m and n:
@@ -172,39 +149,18 @@ def lowbit_linear(
     return y
 
 
+@_kernel("int8_linear", _CPU)
 def int8_linear(
     x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    x = _cpu_contiguous("x", x)
-    code = _dtype_code("x", x)
-    w_int8 = _cpu_contiguous("w_int8", w_int8, torch.int8)
-    w_scale = _cpu_contiguous("w_scale", w_scale).float()
+    x = x.contiguous()
+    code = dtype_code("x", x)
+    w_int8 = w_int8.contiguous()
+    w_scale = w_scale.contiguous().float()
     n, k = w_int8.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, w_int8 has K = {k}")
-    bias32 = _bias32(bias, n)
+    bias32 = _bias32(bias)
     m = math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
     if m and n:
         _C.int8_linear(_ptr(x), code, m, k, _ptr(w_int8), n, _ptr(w_scale), _ptr(bias32), _ptr(y))
     return y
-
-
-_KERNELS = {
-    "pack_bits": pack_bits,
-    "unpack_bits": unpack_bits,
-    "ts_tabq_encode": ts_tabq_encode,
-    "ts_tabq_decode": ts_tabq_decode,
-    "lowbit_linear": lowbit_linear,
-    "int8_linear": int8_linear,
-}
-
-register_backend(
-    Backend(
-        name="cpp",
-        devices=("cpu",),
-        kernels=_KERNELS if _C is not None else {},
-        unavailable_reason=_reason,
-        install_hint=_native.BUILD_HINT,
-    )
-)

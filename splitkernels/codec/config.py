@@ -12,7 +12,7 @@ DEFAULT_BIT_CHOICES = (2, 3, 4, 5, 6, 8)
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """TS + TAB-Q settings (docs/FORMATS.md, DESIGN §1).
+    """TS + TAB-Q settings (docs/FORMATS.md, docs/DESIGN.md §1).
 
     * ``threshold``: ``"rms"`` (tau_t = alpha * rms(x_t)) or ``"abs"`` (tau_t = ``tau``).
     * ``capacity``: at most this many outliers per token (largest magnitude first).

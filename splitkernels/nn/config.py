@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..ops import WEIGHT_BITS
+from ..formats import WEIGHT_BITS
 
 PER_CHANNEL = -1
 
@@ -67,3 +67,47 @@ class QuantConfig:
     def __str__(self) -> str:
         group = "per-channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
         return f"{self.bits}-bit {group}" + (" clip" if self.clip_search else "")
+
+
+@dataclass(frozen=True)
+class OPSCConfig:
+    """One-point split compression as data: decoder layers ``1..split_layer`` at ``front``, the
+    rest at ``back`` (``None`` keeps a side dense); ``quantize_embedding`` also stores the input
+    token table at ``front``. Applied by ``splitkernels.quantize_`` via :func:`splitkernels.opsc.apply_opsc`.
+    """
+
+    split_layer: int
+    front: QuantConfig | None = None
+    back: QuantConfig | None = None
+    quantize_embedding: bool = False
+
+    def __post_init__(self) -> None:
+        s = self.split_layer
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"split_layer must be a non-negative int (number of front layers), got {s!r}")
+        for name in ("front", "back"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, QuantConfig):
+                raise TypeError(f"{name} must be a QuantConfig or None, got {type(value).__name__}")
+        if not isinstance(self.quantize_embedding, bool):
+            raise TypeError(f"quantize_embedding must be a bool, got {type(self.quantize_embedding).__name__}")
+        if self.quantize_embedding and self.front is None:
+            raise ValueError("quantize_embedding needs a front QuantConfig (front is None)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable); the sides are nested QuantConfig dicts or None."""
+        return {
+            "split_layer": self.split_layer,
+            "front": None if self.front is None else self.front.to_dict(),
+            "back": None if self.back is None else self.back.to_dict(),
+            "quantize_embedding": self.quantize_embedding,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OPSCConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
+        unknown = set(data) - {"split_layer", "front", "back", "quantize_embedding"}
+        if unknown:
+            raise ValueError(f"unknown OPSCConfig keys: {sorted(unknown)}")
+        sides = {k: None if data.get(k) is None else QuantConfig.from_dict(data[k]) for k in ("front", "back")}
+        return cls(data["split_layer"], quantize_embedding=data.get("quantize_embedding", False), **sides)

@@ -4,13 +4,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import WEIGHT_BITS, lowbit_linear, reference
+from ..formats import (
+    WEIGHT_BITS,
+    WEIGHT_FORMAT_VERSION,
+    WEIGHT_META_KEYS,
+    WEIGHT_TENSOR_KEYS,
+    QuantizedWeight,
+    dequantize_weight,
+    packed_words,
+)
+from ..ops import lowbit_linear
 from ..ops.checks import check_choice
-from ..quant import WEIGHT_FORMAT_VERSION, QuantizedWeight, quantize_weight
+from ..quant import quantize_weight
 
 # 0-d int tensors that travel in every state_dict next to the packed tensors (docs/FORMATS.md §2).
-_META = ("format_version", "bits", "group_size", "in_features")
-_PACKED = ("qweight", "scale", "zero")
+_META = WEIGHT_META_KEYS
+_PACKED = WEIGHT_TENSOR_KEYS
 
 
 def _check_layout(in_features: int, bits: int, group_size: int) -> None:
@@ -50,12 +59,15 @@ class _PackedWeightModule(nn.Module):
     bits: int
     group_size: int
     in_features: int
+    # False where the layout travels elsewhere (a transformers quantization_config): the
+    # state_dict then holds only tensors that exist as buffers.
+    write_layout_to_state_dict: bool = True
 
     def _init_packed(self, n: int, k: int, bits: int, group_size: int, dtype, device) -> None:
         group_size = k if group_size == -1 else group_size
         _check_layout(k, bits, group_size)
         self.bits, self.group_size, self.in_features = bits, group_size, k
-        words = reference.packed_words(k, bits)
+        words = packed_words(k, bits)
         self.register_buffer("qweight", torch.zeros(n, words, dtype=torch.int32, device=device))
         self.register_buffer("scale", torch.ones(n, k // group_size, dtype=dtype, device=device))
         self.register_buffer("zero", torch.zeros(n, k // group_size, dtype=dtype, device=device))
@@ -74,6 +86,8 @@ class _PackedWeightModule(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.write_layout_to_state_dict:
+            return
         meta = dict(format_version=WEIGHT_FORMAT_VERSION, bits=self.bits, group_size=self.group_size,
                     in_features=self.in_features)
         for name in _META:
@@ -184,7 +198,7 @@ class QuantEmbedding(_PackedWeightModule):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1)
-        rows = reference.dequantize_weight(self.qweight[flat], self.scale[flat].float(), self.zero[flat].float(),
+        rows = dequantize_weight(self.qweight[flat], self.scale[flat].float(), self.zero[flat].float(),
                                            self.bits, self.group_size, self.in_features)
         return rows.to(self.scale.dtype).reshape(*input_ids.shape, self.embedding_dim)
 

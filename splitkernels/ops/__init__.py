@@ -1,7 +1,9 @@
-"""Public ops. Each is a ``torch.library`` custom op (with a fake kernel, so ``torch.compile``
-traces it) whose implementation is chosen per call by :mod:`splitkernels._backend`.
+"""Public ops: each op's schema and argument checks, written once.
 
-The wrappers here validate arguments; the kernels behind them may assume valid input.
+Each op is a ``torch.library`` custom op (with a fake kernel, so ``torch.compile`` traces it)
+whose kernel is chosen per call by :func:`splitkernels.registry.resolve`. The wrappers here
+validate arguments; the kernels behind them (one module per backend under
+``splitkernels/_backends/``) may assume valid input.
 """
 from __future__ import annotations
 
@@ -10,13 +12,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve
+from ..formats import (
+    BIT_STREAM_WIDTHS,
+    CODEC_BITS,
+    WEIGHT_BITS,
+    EncodedBuffers,
+    QuantizedWeight,
+    empty_encode_buffers,
+    packed_nbytes,
+    raw_width,
+)
+from ..registry import resolve
 from . import reference
 from .checks import FLOAT_DTYPES, check_choice, check_same_device, check_tensor
-
-BIT_STREAM_WIDTHS = tuple(range(1, 9))
-WEIGHT_BITS = (2, 3, 4, 8)
-CODEC_BITS = tuple(range(1, 9))
 
 
 # ---------------------------------------------------------------- pack / unpack
@@ -29,7 +37,7 @@ def _pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 @_pack_bits.register_fake
 def _(codes: Tensor, bits: int) -> Tensor:
-    return codes.new_empty(*codes.shape[:-1], reference.packed_nbytes(codes.shape[-1], bits))
+    return codes.new_empty(*codes.shape[:-1], packed_nbytes(codes.shape[-1], bits))
 
 
 @torch.library.custom_op("splitkernels::unpack_bits", mutates_args=())
@@ -61,7 +69,7 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     check_choice("bits", bits, BIT_STREAM_WIDTHS)
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    need = reference.packed_nbytes(n, bits)
+    need = packed_nbytes(n, bits)
     if packed.shape[-1] < need:
         raise ValueError(f"packed has {packed.shape[-1]} bytes per row, {n} codes of {bits} bits need {need}")
     return _unpack_bits(packed.contiguous(), bits, n)
@@ -82,25 +90,24 @@ def _(x, qweight, scale, zero, bits, group_size, bias):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
-def lowbit_linear(x: Tensor, qweight: "QuantizedWeight", bias: Optional[Tensor] = None) -> Tensor:  # noqa: F821
+def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W^T + bias`` with ``W`` a :class:`splitkernels.quant.QuantizedWeight` (W{2,3,4,8} x A16/A32).
 
     ``x`` is ``[..., K]`` in fp32, fp16 or bf16; the result has x's dtype and shape ``[..., N]``.
     Backends accumulate in fp32; they agree with the reference within a relative Frobenius
     error of 1e-3 (fp16/bf16 activations) or 1e-5 (fp32).
     """
-    from ..quant import QuantizedWeight
-
     check_tensor("x", x, FLOAT_DTYPES, min_ndim=1)
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
+    qweight.check()
     if x.shape[-1] != qweight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, qweight expects in_features = {qweight.in_features}")
     if bias is not None:
         check_tensor("bias", bias, FLOAT_DTYPES, ndim=1)
         if bias.shape[0] != qweight.out_features:
             raise ValueError(f"bias must have {qweight.out_features} entries, got {bias.shape[0]}")
-    check_same_device(x=x, qweight=qweight.qweight, bias=bias)
+    check_same_device(x=x, qweight=qweight.qweight, scale=qweight.scale, zero=qweight.zero, bias=bias)
     scale, zero = qweight.scale, qweight.zero
     if scale.dtype != x.dtype:
         scale, zero = scale.to(x.dtype), zero.to(x.dtype)
@@ -162,7 +169,7 @@ def _ts_tabq_encode(
 
 @_ts_tabq_encode.register_fake
 def _(x, abs_threshold, threshold, capacity, bit_choices, eps, forced_bits):
-    return reference.empty_encode_buffers(x, capacity)
+    return tuple(empty_encode_buffers(x, capacity))
 
 
 @torch.library.custom_op("splitkernels::ts_tabq_decode", mutates_args=())
@@ -185,11 +192,10 @@ def ts_tabq_encode(
     bit_choices: list[int],
     eps: float,
     forced_bits: Optional[Tensor] = None,
-) -> tuple[Tensor, ...]:
+) -> EncodedBuffers:
     """Fused TS + TAB-Q encode of finite ``x [T, d]`` into fixed-capacity buffers, no host sync.
 
-    See :func:`splitkernels.ops.reference.ts_tabq_encode` for the outputs and docs/FORMATS.md
-    for the rules. Most users want :func:`splitkernels.codec.encode`, which validates values too.
+    Returns :class:`splitkernels.formats.EncodedBuffers`; docs/FORMATS.md has the rules. Most users want :func:`splitkernels.codec.encode`, which validates values too.
     """
     check_tensor("x", x, FLOAT_DTYPES, ndim=2)
     if not 0 <= capacity <= x.shape[1]:
@@ -200,14 +206,15 @@ def ts_tabq_encode(
         check_tensor("forced_bits", forced_bits, (torch.uint8,), ndim=1)
         if forced_bits.shape[0] != x.shape[0]:
             raise ValueError(f"forced_bits must have T = {x.shape[0]} entries, got {forced_bits.shape[0]}")
-        allowed = set(CODEC_BITS) | {reference.raw_width(x.dtype)}
+        allowed = set(CODEC_BITS) | {raw_width(x.dtype)}
         bad = set(forced_bits.unique().tolist()) - allowed
         if bad:
             raise ValueError(f"forced_bits entries must be in {sorted(allowed)}, got {sorted(bad)}")
-    return _ts_tabq_encode(
+    check_same_device(x=x, forced_bits=forced_bits)
+    return EncodedBuffers(*_ts_tabq_encode(
         x.contiguous(), bool(abs_threshold), float(threshold), int(capacity), [int(b) for b in bit_choices],
         float(eps), forced_bits,
-    )
+    ))
 
 
 def ts_tabq_decode(
@@ -239,5 +246,5 @@ def ts_tabq_decode(
 
 __all__ = [
     "pack_bits", "unpack_bits", "lowbit_linear", "int8_linear", "ts_tabq_encode", "ts_tabq_decode",
-    "reference", "WEIGHT_BITS", "CODEC_BITS",
+    "reference", "WEIGHT_BITS", "CODEC_BITS", "BIT_STREAM_WIDTHS", "EncodedBuffers", "QuantizedWeight",
 ]

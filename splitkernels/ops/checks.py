@@ -5,7 +5,7 @@ from typing import Iterable
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..formats import FLOAT_DTYPES
 
 
 def check_tensor(

@@ -1,89 +1,35 @@
 """Pure-PyTorch reference implementations: the ground truth for every backend.
 
-Written for clarity, not speed. Formats and rounding rules are specified in docs/FORMATS.md;
-fast backends must reproduce the integer outputs of these functions bit for bit.
+Written for clarity, not speed. Formats and rounding rules are specified in docs/FORMATS.md and
+written once in :mod:`splitkernels.formats`, whose plain-PyTorch definitions of the bit stream
+and the packed weight serve here as the reference kernels; fast backends must reproduce the
+integer outputs of these functions bit for bit.
 """
 from __future__ import annotations
 
-
 import torch
 
-from .fp16_rounding import round_down_fp16, round_up_fp16
+# Format definitions, re-exported here because they are also the reference kernels (and for the
+# callers that imported them from this module before splitkernels.formats existed).
+from ..formats import (
+    EncodedBuffers,
+    dequantize_weight,
+    empty_encode_buffers,
+    estimated_sq_error,
+    exact_div,
+    pack_bits,
+    pack_weight_codes,
+    packed_nbytes,
+    packed_words,
+    raw_width,
+    round_down_fp16,
+    round_up_fp16,
+    step_for,
+    unpack_bits,
+    unpack_weight_codes,
+)
 
-def _exact_div(a: torch.Tensor, divisor: float) -> torch.Tensor:
-    """IEEE division by a constant. On CUDA, ``tensor / python_number`` multiplies by the
-    reciprocal, which rounds differently; dividing by a tensor keeps every device exact."""
-    return a / torch.full_like(a, divisor)
-
-
-# ---------------------------------------------------------------- bit streams
-
-
-def packed_nbytes(n: int, bits: int) -> int:
-    """Bytes of a bit stream of ``n`` codes of ``bits`` bits."""
-    return (n * bits + 7) // 8
-
-
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes [..., n] into the little-endian bit stream [..., ceil(n*bits/8)]."""
-    n = codes.shape[-1]
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
-    stream = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., n, bits], low bit first
-    stream = stream.flatten(-2)
-    nbytes = packed_nbytes(n, bits)
-    stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits))
-    weights = 1 << torch.arange(8, device=codes.device, dtype=torch.int32)
-    return (stream.unflatten(-1, (nbytes, 8)) * weights).sum(-1).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: uint8 stream [..., >= ceil(n*bits/8)] -> codes [..., n]."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : n * bits]
-    weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int32)
-    return (stream.unflatten(-1, (n, bits)) * weights).sum(-1).to(torch.uint8)
-
-
-# ---------------------------------------------------------------- packed weights
-
-
-def packed_words(k: int, bits: int) -> int:
-    """int32 words per packed weight row of ``k`` codes."""
-    return (k * bits + 31) // 32
-
-
-def pack_weight_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, K] -> int32 words [N, ceil(K*bits/32)] (the byte stream read as LE int32)."""
-    stream = pack_bits(codes, bits)
-    pad = packed_words(codes.shape[-1], bits) * 4 - stream.shape[-1]
-    stream = torch.nn.functional.pad(stream, (0, pad))
-    return _bytes_to_int32(stream)
-
-
-def unpack_weight_codes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """int32 words [N, W] -> uint8 codes [N, K]."""
-    return unpack_bits(_int32_to_bytes(words), bits, k)
-
-
-def _bytes_to_int32(stream: torch.Tensor) -> torch.Tensor:
-    b = stream.to(torch.int64).unflatten(-1, (-1, 4))
-    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
-
-
-def _int32_to_bytes(words: torch.Tensor) -> torch.Tensor:
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    parts = [(w >> s) & 0xFF for s in (0, 8, 16, 24)]
-    return torch.stack(parts, -1).flatten(-2).to(torch.uint8)
-
-
-def dequantize_weight(
-    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, k: int
-) -> torch.Tensor:
-    """w^ = q * scale + zero per group, in the dtype of ``scale``; shape [N, K]."""
-    codes = unpack_weight_codes(qweight, bits, k).to(scale.dtype)
-    codes = codes.unflatten(-1, (k // group_size, group_size))
-    return (codes * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(-2)
+# ---------------------------------------------------------------- low-bit linear
 
 
 def lowbit_linear(
@@ -108,7 +54,7 @@ def lowbit_linear(
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: q = round_half_even(x / s), s = absmax / 127 (fp32); zero rows get s = 1."""
     xf = x.float()
-    s = _exact_div(xf.abs().amax(-1), 127.0)
+    s = exact_div(xf.abs().amax(-1), 127.0)
     s = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.clamp(torch.round(xf / s.unsqueeze(-1)), -127, 127).to(torch.int8)
     return q, s
@@ -131,11 +77,6 @@ def int8_linear(
 # ---------------------------------------------------------------- TS + TAB-Q codec
 
 
-def raw_width(dtype: torch.dtype) -> int:
-    """Width code of a token whose inliers travel raw in the input dtype (16 or 32)."""
-    return torch.empty((), dtype=dtype).element_size() * 8
-
-
 def split_outliers(
     x: torch.Tensor, abs_threshold: bool, threshold: float, capacity: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,7 +91,7 @@ def split_outliers(
     if abs_threshold:
         tau = torch.full((t, 1), float(threshold), dtype=torch.float64, device=x.device)
     else:
-        tau = threshold * torch.sqrt(_exact_div((absx * absx).sum(-1, keepdim=True), d))
+        tau = threshold * torch.sqrt(exact_div((absx * absx).sum(-1, keepdim=True), d))
     candidate = absx > tau
     key = torch.where(candidate, absx, torch.full_like(absx, -1.0))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :capacity]
@@ -176,17 +117,6 @@ def inlier_range(xf: torch.Tensor, inlier: torch.Tensor) -> tuple[torch.Tensor, 
     return round_down_fp16(torch.where(has, lo, zero) + 0.0), torch.where(has, hi, zero) + 0.0
 
 
-def step_for(lo16: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    """step_b = (hi - lo) / (2^b - 1) in fp32, rounded up to fp16 (inf where it does not fit)."""
-    return round_up_fp16(_exact_div(hi - lo16, 2**bits - 1))
-
-
-def estimated_sq_error(step: torch.Tensor, n_inliers: torch.Tensor) -> torch.Tensor:
-    """Expected squared error of uniform quantisation, n_in * step^2 / 12, in fp64."""
-    s = step.double()
-    return _exact_div(n_inliers.double() * s * s, 12.0)
-
-
 def choose_bits(
     lo16: torch.Tensor,
     hi: torch.Tensor,
@@ -206,24 +136,6 @@ def choose_bits(
     return chosen
 
 
-def empty_encode_buffers(x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, ...]:
-    """Uninitialised outputs of ``ts_tabq_encode`` for x [T, d] on x's device (shapes and dtypes
-    of the fixed-capacity buffer layout, docs/FORMATS.md), shared by every backend."""
-    t, d = x.shape
-    dev = x.device
-    return (
-        torch.empty(t, dtype=torch.uint8, device=dev),  # bits
-        torch.empty(t, dtype=torch.float16, device=dev),  # lo
-        torch.empty(t, dtype=torch.float16, device=dev),  # step
-        torch.empty(t, dtype=torch.float32, device=dev),  # hi
-        torch.empty(t, dtype=torch.int32, device=dev),  # cnt
-        torch.empty(t, capacity, dtype=torch.int32, device=dev),  # idx
-        torch.empty(t, capacity, dtype=x.dtype, device=dev),  # val
-        torch.empty(t, d * x.element_size(), dtype=torch.uint8, device=dev),  # codes
-        torch.empty(t, dtype=torch.int32, device=dev),  # nbytes
-    )
-
-
 def ts_tabq_encode(
     x: torch.Tensor,
     abs_threshold: bool,
@@ -232,10 +144,11 @@ def ts_tabq_encode(
     bit_choices: list[int],
     eps: float,
     forced_bits: torch.Tensor | None,
-) -> tuple[torch.Tensor, ...]:
+) -> EncodedBuffers:
     """Fused TS + TAB-Q encode of x [T, d] into fixed-capacity buffers.
 
-    Returns (bits u8[T], lo f16[T], step f16[T], hi f32[T], cnt i32[T], idx i32[T,C],
+    Returns :class:`~splitkernels.formats.EncodedBuffers` (bits u8[T], lo f16[T], step f16[T],
+    hi f32[T], cnt i32[T], idx i32[T,C],
     val x.dtype[T,C], codes u8[T, d*itemsize], nbytes i32[T]). ``forced_bits`` (u8[T]) replaces
     the error-mode choice; a forced width whose lo/step do not fit fp16 still falls back to raw.
     """
@@ -277,16 +190,8 @@ def ts_tabq_encode(
         nbytes[rows] = nb
         lo_out[rows] = lo16[rows]
         step_out[rows] = step
-    return (
-        bits.to(torch.uint8),
-        lo_out.to(torch.float16),
-        step_out.to(torch.float16),
-        hi,
-        cnt,
-        idx,
-        val,
-        codes,
-        nbytes,
+    return EncodedBuffers(
+        bits.to(torch.uint8), lo_out.to(torch.float16), step_out.to(torch.float16), hi, cnt, idx, val, codes, nbytes
     )
 
 

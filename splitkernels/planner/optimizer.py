@@ -1,5 +1,5 @@
 """The joint optimiser: split layer, front/back weight bits, codec setting and maximum sequence
-length, under edge/server memory, latency and quality limits (DESIGN §1, part 3).
+length, under edge/server memory, latency and quality limits (docs/DESIGN.md §1).
 
 The search is exhaustive over a small grid -- the split layers, widths and codec settings of a
 calibration table times a list of sequence lengths -- with memory pruning: memory does not

@@ -86,7 +86,7 @@ def split_point(model: nn.Module, split_layer: int, transform: Transform, log: l
 
 class SegmentQuantizer:
     """Swaps decoder-layer weights for their group-quantised values: layers ``1..l`` at the
-    front width, the rest at the back width (OPSC, DESIGN §1).
+    front width, the rest at the back width (OPSC, docs/DESIGN.md §1).
 
     The dequantised weights equal what a low-bit kernel multiplies by (up to matmul rounding),
     so quality is measured without the packed kernels. Dequantised copies are cached per

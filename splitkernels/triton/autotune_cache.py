@@ -2,7 +2,7 @@
 
 Tuning happens lazily on the first call with a new key (never at import), times each candidate
 with ``triton.testing.do_bench`` for a few milliseconds, and stores the winner in
-``~/.cache/splitkernels/triton_autotune.json`` (``SPLITKERNELS_CACHE_DIR`` moves it) under the
+``~/.cache/splitkernels/triton_autotune.json`` (``SPLITKERNELS_CACHE`` moves it) under the
 GPU name, so later processes start tuned. ``SPLITKERNELS_AUTOTUNE=0`` disables tuning: the
 first candidate (the hand-picked default) runs, or a config cached earlier. The interpreter and
 CUDA graph capture never tune.
@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..cache import cache_root
 from .dispatch import device_name
 
 _lock = threading.Lock()
@@ -26,8 +27,7 @@ _cache: dict | None = None
 
 def cache_file() -> Path:
     """The JSON file holding tuned configs for every GPU seen on this machine."""
-    base = os.environ.get("SPLITKERNELS_CACHE_DIR", Path.home() / ".cache" / "splitkernels")
-    return Path(base) / "triton_autotune.json"
+    return cache_root() / "triton_autotune.json"
 
 
 def tuning_enabled(device: torch.device) -> bool:

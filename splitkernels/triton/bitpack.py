@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.reference import packed_nbytes
+from ..formats import packed_nbytes
 
 
 @triton.jit

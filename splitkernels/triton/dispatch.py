@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
+
 PATHS = ("gemv", "tiled", "dequant")
 
 # Per GPU name (``torch.cuda.get_device_name()``), then "default"; per weight bit width.
@@ -38,7 +40,7 @@ def override_path() -> Path:
     env = os.environ.get("SPLITKERNELS_DISPATCH_TABLE")
     if env:
         return Path(env)
-    return Path(os.environ.get("SPLITKERNELS_CACHE_DIR", Path.home() / ".cache" / "splitkernels")) / "dispatch_table.json"
+    return cache_root() / "dispatch_table.json"
 
 
 @functools.lru_cache(maxsize=1)

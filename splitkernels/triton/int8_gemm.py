@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import rint_half_even, to_bf16_bits
+from .rounding import rint_half_even, to_bf16_bits
 
 
 @triton.jit(do_not_specialize=["K"])

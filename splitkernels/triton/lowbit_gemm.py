@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..ops import reference as ref
 from . import autotune_cache
-from .codec import to_bf16_bits
+from .rounding import to_bf16_bits
 from .dispatch import choose_path
 
 
