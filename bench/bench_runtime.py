@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from splitkernels.codec import CodecConfig  # noqa: E402
 from splitkernels.runtime import split_model  # noqa: E402
-from splitkernels.runtime.cli import load_model  # noqa: E402
+from splitkernels.cli.models import load_model  # noqa: E402
 from splitkernels.runtime.grpc_transport import GrpcTransport  # noqa: E402
 
 

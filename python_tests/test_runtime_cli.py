@@ -8,7 +8,7 @@ import re
 import signal
 import subprocess
 import sys
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,8 @@ import torch
 from splitkernels.cli import main
 from splitkernels.models import load_smollm2, smollm2_available
 from splitkernels.runtime import split_model
-from splitkernels.runtime.cli import DEFAULT_PROMPT, load_model
+from splitkernels.cli.generate import DEFAULT_PROMPT
+from splitkernels.cli.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,8 +68,10 @@ def test_serve_and_edge_as_separate_processes():
         expected = split_model(loaded.model, 2).generate(loaded.encode_prompt(DEFAULT_PROMPT), 6)
         assert report["tokens"] == expected[0, -6:].tolist()
         assert report["server"]["model"].startswith("tiny") and report["server"]["sessions"] == 0
-        with pytest.raises(Exception, match="UNAUTHENTICATED"):
-            _run_cli("edge", "--model", "tiny", "--server", address.group(1), "--token", "nope")
+        err = io.StringIO()
+        with redirect_stderr(err):
+            assert main(["edge", "--model", "tiny", "--server", address.group(1), "--token", "nope"]) == 5
+        assert err.getvalue().count("\n") == 1 and "refused the token" in err.getvalue()
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -10,7 +11,11 @@ from ..ops import reference
 from ..ops.checks import FLOAT_DTYPES, check_tensor
 from .budget import allocate_bits
 from .config import CodecConfig
-from .frame import FrameContents, FrameError, frame_nbytes, read_frame, stream_nbytes, write_frame
+from .frame import FrameContents, FrameError, FrameLimits, frame_nbytes, read_frame, stream_nbytes, write_frame
+
+# Decoding builds the kernels' padded code rows for at most this many bytes of tokens at a time, so
+# its scratch memory does not grow with the frame.
+_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -119,24 +124,60 @@ def decode(encoded: Encoded) -> torch.Tensor:
     return ops.ts_tabq_decode(e.token_bits, e.lo, e.step, e.num_outliers, e.outlier_idx, e.outlier_val, e.codes, e.d)
 
 
-def from_bytes(data: bytes | bytearray | memoryview) -> Encoded:
-    """Parse a wire frame into (CPU) buffers; raises :class:`FrameError` on anything malformed."""
-    c = read_frame(data, frozenset(ops.CODEC_BITS))
-    t, d = c.bits.shape[0], c.d
+def _stream_offsets(c: FrameContents) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each token's stream length and start in ``c.streams``; and the raw width in bits."""
     raw_bits = reference.raw_width(c.dtype)
-    row_bytes = d * raw_bits // 8
-    capacity = int(c.counts.max()) if t else 0
-    nbytes = stream_nbytes(c.bits, d, raw_bits)
-    codes = torch.zeros(t, row_bytes, dtype=torch.uint8)
-    codes[torch.arange(row_bytes) < torch.from_numpy(nbytes).unsqueeze(-1)] = torch.from_numpy(c.streams)
-    raw_rows = torch.from_numpy(c.bits == raw_bits)
-    if raw_rows.any() and not torch.isfinite(codes[raw_rows].view(c.dtype)).all():
+    nbytes = stream_nbytes(c.bits, c.d, raw_bits)
+    return nbytes, np.cumsum(nbytes) - nbytes, raw_bits
+
+
+def _fill_codes(codes: np.ndarray, c: FrameContents, rows: slice, nbytes: np.ndarray, offsets: np.ndarray) -> None:
+    """Copy the bit streams of tokens ``rows`` into the padded rows ``codes`` (one row per token).
+
+    Tokens of one width have streams of one length, so each width is one gather; its index
+    matrix is built a bounded number of rows at a time.
+    """
+    bits = c.bits[rows]
+    for b in np.unique(bits):
+        local = np.flatnonzero(bits == b)
+        length = int(nbytes[rows][local[0]])
+        if length == 0:
+            continue
+        lane = np.arange(length, dtype=np.int64)
+        per = max(1, _CHUNK_BYTES // (8 * length))
+        for i in range(0, local.size, per):
+            sel = local[i : i + per]
+            codes[sel, :length] = c.streams[offsets[rows][sel][:, None] + lane]
+
+
+def _check_raw_rows(codes: torch.Tensor, c: FrameContents, rows: slice, raw_bits: int) -> None:
+    raw = np.flatnonzero(c.bits[rows] == raw_bits)
+    if raw.size and not torch.isfinite(codes[torch.from_numpy(raw)].view(c.dtype)).all():
         raise FrameError("a raw token holds a non-finite value")
-    used = torch.arange(capacity) < torch.from_numpy(c.counts).unsqueeze(-1)
+
+
+def from_bytes(data: bytes | bytearray | memoryview, limits: FrameLimits | None = None) -> Encoded:
+    """Parse a wire frame into (CPU) buffers; raises :class:`FrameError` on anything malformed
+    (:class:`~splitkernels.codec.frame.FrameLimitError` when it exceeds ``limits``).
+
+    The buffers are the kernels' fixed-capacity layout (``codes`` is ``[T, d*itemsize]``); to
+    decode a received frame with memory bounded by the frame and its output, use
+    :func:`decode_frame`.
+    """
+    c = read_frame(data, frozenset(ops.CODEC_BITS), limits)
+    t, d = c.bits.shape[0], c.d
+    nbytes, offsets, raw_bits = _stream_offsets(c)
+    codes = torch.zeros(t, d * raw_bits // 8, dtype=torch.uint8)
+    _fill_codes(codes.numpy(), c, slice(0, t), nbytes, offsets)
+    _check_raw_rows(codes, c, slice(0, t), raw_bits)
+    capacity = int(c.counts.max()) if t else 0
     idx = torch.zeros(t, capacity, dtype=torch.int32)
-    idx[used] = torch.from_numpy(c.indices).to(torch.int32)
     val = torch.zeros(t, capacity, dtype=c.dtype)
-    val[used] = c.values
+    if c.indices.size:
+        rows = _outlier_tokens(c.counts)
+        slots = torch.arange(rows.shape[0]) - torch.from_numpy(np.cumsum(c.counts) - c.counts)[rows]
+        idx[rows, slots] = torch.from_numpy(c.indices)
+        val[rows, slots] = c.values
     return Encoded(
         token_bits=torch.from_numpy(c.bits),
         lo=torch.from_numpy(c.lo),
@@ -148,3 +189,39 @@ def from_bytes(data: bytes | bytearray | memoryview) -> Encoded:
         code_bytes=torch.from_numpy(nbytes).to(torch.int32),
         d=d,
     )
+
+
+def _outlier_tokens(counts: np.ndarray) -> torch.Tensor:
+    """The token of every outlier, in frame order."""
+    return torch.from_numpy(np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts))
+
+
+def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Validate and decode a wire frame straight to ``[T, d]`` on ``device`` (default CPU).
+
+    Equal to ``decode(from_bytes(data).to(device))``, but memory stays within the frame, the
+    output tensor and a fixed scratch size: tokens are decoded a bounded chunk at a time and the
+    outliers are written into the output afterwards, without padded ``[T, capacity]`` buffers.
+    This is the decoder a server runs on untrusted frames.
+    """
+    c = read_frame(data, frozenset(ops.CODEC_BITS), limits)
+    t, d = c.bits.shape[0], c.d
+    device = torch.device(device or "cpu")
+    nbytes, offsets, raw_bits = _stream_offsets(c)
+    row_bytes = d * raw_bits // 8
+    out = torch.empty(t, d, dtype=c.dtype, device=device)
+    chunk = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, t, chunk):
+        rows = slice(start, min(start + chunk, t))
+        n = rows.stop - rows.start
+        codes = torch.zeros(n, row_bytes, dtype=torch.uint8)
+        _fill_codes(codes.numpy(), c, rows, nbytes, offsets)
+        _check_raw_rows(codes, c, rows, raw_bits)
+        host = (torch.from_numpy(c.bits[rows]), torch.from_numpy(c.lo[rows]), torch.from_numpy(c.step[rows]),
+                torch.zeros(n, dtype=torch.int32), torch.zeros(n, 0, dtype=torch.int32), torch.zeros(n, 0, dtype=c.dtype),
+                codes)
+        out[rows] = ops.ts_tabq_decode(*(x.to(device) for x in host), d)
+    if c.indices.size:
+        out[_outlier_tokens(c.counts).to(device), torch.from_numpy(c.indices).long().to(device)] = c.values.to(device)
+    return out

@@ -8,8 +8,11 @@ Layout (little-endian; docs/FORMATS.md is the normative description):
     per-token bit streams, each ceil(d*bits/8) bytes (raw tokens: d values in dtype)
     crc32 u32 of every byte before it
 
-The parser checks every length, width, count, index and the CRC before it allocates
-anything sized by the frame, and raises :class:`FrameError`; it never unpickles.
+The parser checks the header against the receiver's :class:`FrameLimits` (expected d, dtypes,
+token and outlier counts) and the frame's length against the sizes the header implies before it
+reads further, then every width, count, index and the CRC before it allocates anything sized by
+the frame, and raises :class:`FrameError`; it never unpickles. Its own allocations stay
+proportional to the frame's size (no arrays sized ``T x d``).
 """
 from __future__ import annotations
 
@@ -33,6 +36,40 @@ MAX_T = 1 << 24
 
 class FrameError(ValueError):
     """A codec frame is malformed, truncated, extended, corrupted or of an unknown version."""
+
+
+class FrameLimitError(FrameError):
+    """A well-formed header asks for more than the receiver accepts; ``field`` names what:
+    ``"d"``, ``"dtype"``, ``"tokens"`` or ``"outliers"``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """What a receiver accepts, checked against the header before anything is allocated.
+
+    ``d``: the expected hidden size (None = any up to ``MAX_D``); ``dtypes``: accepted value
+    dtypes (None = all three); ``max_tokens``/``max_outliers``: most tokens / outliers per frame.
+    """
+
+    d: int | None = None
+    dtypes: frozenset[torch.dtype] | None = None
+    max_tokens: int | None = None
+    max_outliers: int | None = None
+
+    def check(self, t: int, d: int, dtype: torch.dtype, total: int) -> None:
+        """Raise :class:`FrameLimitError` naming the first header field beyond these limits."""
+        if self.d is not None and d != self.d:
+            raise FrameLimitError("d", f"frame has d={d}, the receiver expects d={self.d}")
+        if self.dtypes is not None and dtype not in self.dtypes:
+            raise FrameLimitError("dtype", f"frame dtype {dtype} is not accepted (accepted: {sorted(map(str, self.dtypes))})")
+        if self.max_tokens is not None and t > self.max_tokens:
+            raise FrameLimitError("tokens", f"frame holds {t} tokens, the receiver accepts at most {self.max_tokens}")
+        if self.max_outliers is not None and total > self.max_outliers:
+            raise FrameLimitError("outliers", f"frame holds {total} outliers, the receiver accepts at most {self.max_outliers}")
 
 
 def count_width(d: int) -> int:
@@ -68,7 +105,7 @@ class FrameContents:
     step: np.ndarray  # f16 [T]
     lo: np.ndarray  # f16 [T]
     counts: np.ndarray  # int64 [T]
-    indices: np.ndarray  # int64 [total]
+    indices: np.ndarray  # integer [total] (int32 when parsed)
     values: torch.Tensor  # dtype [total]
     streams: np.ndarray  # u8 [sum of stream bytes]
 
@@ -106,8 +143,16 @@ class _Reader:
         return view
 
 
-def read_frame(data: bytes | bytearray | memoryview, allowed_bits: frozenset[int]) -> FrameContents:
-    """Parse and validate a frame; ``allowed_bits`` are the quantised widths a decoder accepts."""
+def _size_bounds(t: int, d: int, value_bytes: int, total: int) -> tuple[int, int]:
+    """Smallest and largest frame the header allows (1-bit tokens .. raw tokens)."""
+    fixed = HEADER.size + t * (5 + count_width(d)) + total * (index_width(d) + value_bytes) + CRC_BYTES
+    return fixed + t * ((d + 7) // 8), fixed + t * d * value_bytes
+
+
+def read_frame(data: bytes | bytearray | memoryview, allowed_bits: frozenset[int],
+               limits: FrameLimits | None = None) -> FrameContents:
+    """Parse and validate a frame; ``allowed_bits`` are the quantised widths a decoder accepts,
+    ``limits`` what this receiver accepts (checked against the header first)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FrameError(f"a frame must be bytes, got {type(data).__name__}")
     buf = memoryview(data).cast("B")
@@ -126,13 +171,19 @@ def read_frame(data: bytes | bytearray | memoryview, allowed_bits: frozenset[int
         raise FrameError(f"frame dimensions out of range: T={t}, d={d}")
     if total > t * d:
         raise FrameError(f"frame claims {total} outliers for {t}x{d} values")
+    dtype = CODE_DTYPES[dtype_code]
+    if limits is not None:
+        limits.check(t, d, dtype, total)
+    value_bytes = torch.empty((), dtype=dtype).element_size()
+    smallest, largest = _size_bounds(t, d, value_bytes, total)
+    if not smallest <= len(buf) <= largest:
+        raise FrameError(f"frame of {len(buf)} bytes cannot hold T={t}, d={d}, {total} outliers "
+                         f"({smallest}..{largest} bytes)")
     crc_at = len(buf) - CRC_BYTES
     (crc,) = struct.unpack_from("<I", buf, crc_at)
     if zlib.crc32(buf[:crc_at]) != crc:
         raise FrameError("frame CRC mismatch (corrupted or truncated frame)")
 
-    dtype = CODE_DTYPES[dtype_code]
-    value_bytes = torch.empty((), dtype=dtype).element_size()
     raw_bits = value_bytes * 8
     cw, iw = count_width(d), index_width(d)
     r = _Reader(buf, crc_at)
@@ -150,22 +201,25 @@ def read_frame(data: bytes | bytearray | memoryview, allowed_bits: frozenset[int
     if (counts > d).any() or int(counts.sum()) != total:
         raise FrameError(f"outlier counts do not add up: sum {int(counts.sum())}, header {total}, d {d}")
 
-    indices = np.frombuffer(r.take(iw * total, "outlier indices"), dtype="<u2" if iw == 2 else "<u4").astype(np.int64)
+    indices = np.frombuffer(r.take(iw * total, "outlier indices"), dtype="<u2" if iw == 2 else "<u4")
     values_raw = r.take(value_bytes * total, "outlier values")
     streams_len = int(stream_nbytes(bits, d, raw_bits).sum())
     streams = np.frombuffer(r.take(streams_len, "bit streams"), dtype=np.uint8)
     if r.pos != crc_at:
         raise FrameError(f"frame has {crc_at - r.pos} unexpected bytes after the bit streams")
 
+    indices = indices.astype(np.int32)  # d <= MAX_D = 2^24 fits
     if total:
-        if (indices >= d).any():
+        if int(indices.max()) >= d:
             raise FrameError(f"outlier index out of range (d = {d})")
-        starts = np.repeat(np.cumsum(counts) - counts, counts)
-        same_token_as_prev = np.arange(total) > starts
-        prev = np.concatenate([[-1], indices[:-1]])
-        if (same_token_as_prev & (indices <= prev)).any():
-            raise FrameError("outlier indices must be strictly increasing within a token")
+        # Within a token indices rise strictly; a drop is allowed only where a new token starts.
+        drops = np.flatnonzero(np.diff(indices) <= 0) + 1
+        if drops.size:
+            starts = np.cumsum(counts)[:-1]
+            if not np.isin(drops, starts).all():
+                raise FrameError("outlier indices must be strictly increasing within a token")
     values = torch.frombuffer(bytearray(values_raw), dtype=torch.uint8).view(dtype) if total else torch.empty(0, dtype=dtype)
     if not torch.isfinite(values).all():
         raise FrameError("an outlier value is not finite")
-    return FrameContents(dtype, d, bits.copy(), step.copy(), lo.copy(), counts, indices, values, streams.copy())
+    # ``streams`` stays a read-only view of ``data``: the decoder copies from it once, into its output.
+    return FrameContents(dtype, d, bits.copy(), step.copy(), lo.copy(), counts, indices, values, streams)

@@ -8,9 +8,15 @@ as raw bytes (generic handlers, no generated code, nothing pickled).
 
 Errors travel as gRPC status codes with a message: INVALID_ARGUMENT (bad message or frame),
 NOT_FOUND (unknown session), CANCELLED (the idle timeout expired the session and its stream),
-RESOURCE_EXHAUSTED (limits, oversized message),
-UNAUTHENTICATED (token), FAILED_PRECONDITION (edge and server disagree on the model). A failed
-request ends its own stream only; the server and other sessions go on.
+DEADLINE_EXCEEDED (a new stream sent no OPEN in time), RESOURCE_EXHAUSTED (limits, oversized
+message, too many streams without a session), UNAUTHENTICATED (token), FAILED_PRECONDITION (edge
+and server disagree on the model). A failed request ends its own stream only; the server and
+other sessions go on.
+
+Admission: a stream must send OPEN within ``open_timeout_s``; streams still waiting for theirs
+are capped in all and per client (a new one past a cap evicts the oldest waiting one), and the
+worker pool keeps threads beyond every session and waiting stream for Info, so neither idle
+sessions nor unopened streams lock other clients out.
 """
 from __future__ import annotations
 
@@ -18,8 +24,11 @@ import hmac
 import json
 import queue
 import threading
+import time
+from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -33,6 +42,11 @@ SESSION_METHOD = f"/{SERVICE}/Session"
 INFO_METHOD = f"/{SERVICE}/Info"
 AUTH_KEY = "authorization"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+# Worker threads beyond sessions and waiting streams, so Info (and refusals) always get one.
+INFO_WORKERS = 2
+# Messages a stream's reader takes ahead of its handler (flow control does the rest).
+_READ_AHEAD = 8
+_END, _EVICTED, _EXPIRED = object(), object(), object()
 
 
 @dataclass(frozen=True)
@@ -68,46 +82,116 @@ def _status_of(error: grpc.RpcError) -> SplitError:
     return SplitError(Status.__members__.get(name, Status.INTERNAL), details or name)
 
 
+def client_of(peer: str) -> str:
+    """The client part of a gRPC peer string (``ipv4:1.2.3.4:5678`` -> ``ipv4:1.2.3.4``)."""
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+class _Waiting:
+    """Streams that have not sent OPEN yet, oldest first, capped in all and per client: admitting
+    one past a cap evicts the oldest stream that has waited at least ``grace_s`` (of the same
+    client when that client is over its own cap), so a flood of unopened streams displaces itself
+    while a burst of honest streams, each opening within milliseconds, is left alone."""
+
+    def __init__(self, max_total: int, max_per_client: int, grace_s: float) -> None:
+        self.max_total, self.max_per_client, self.grace_s = max_total, max_per_client, grace_s
+        self._streams: OrderedDict[int, tuple[str, Callable[[], None], float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._next = 0
+        self.evicted = 0
+
+    def _evict(self, client: str | None, count: int, now: float) -> list[Callable[[], None]]:
+        old = [k for k, (c, _, t) in self._streams.items()
+               if now - t >= self.grace_s and (client is None or c == client)]
+        return [self._streams.pop(k)[1] for k in old[:max(count, 0)]]
+
+    def admit(self, client: str, evict: Callable[[], None]) -> int:
+        now = time.monotonic()
+        with self._lock:
+            mine = sum(1 for c, _, _ in self._streams.values() if c == client)
+            victims = self._evict(client, mine + 1 - self.max_per_client, now)
+            victims += self._evict(None, len(self._streams) + 1 - self.max_total, now)
+            self._next += 1
+            self._streams[self._next] = (client, evict, now)
+            self.evicted += len(victims)
+        for victim in victims:
+            victim()
+        return self._next
+
+    def done(self, ticket: int) -> None:
+        with self._lock:
+            self._streams.pop(ticket, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+
 class GrpcServer:
     """Serves a :class:`SessionManager` over gRPC.
 
-    ``port=0`` takes a free port (see :attr:`port` after :meth:`start`). ``token`` makes every
-    call present ``authorization: Bearer <token>``. ``tls`` (cert chain + key) switches to TLS.
-    ``max_message_bytes`` bounds a message either way; one stream (and worker thread) per session.
+    ``port=0`` takes a free port (see :attr:`port` after :meth:`start`); a port another process
+    holds is an error (no port sharing). ``token`` makes every call present ``authorization:
+    Bearer <token>``. ``tls`` (cert chain + key) switches to TLS. ``max_message_bytes`` bounds a
+    message either way. A new stream must send OPEN within ``open_timeout_s``; at most
+    ``max_waiting`` streams (``max_waiting_per_client`` per client address) wait for theirs, and
+    a client holds at most ``max_sessions_per_client`` sessions (default: the manager's limit).
     """
 
     def __init__(self, manager: SessionManager, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  tls: TlsFiles | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 keepalive_s: float = 30.0, info: dict | None = None) -> None:
+                 keepalive_s: float = 30.0, info: dict | None = None, open_timeout_s: float = 10.0,
+                 max_waiting: int | None = None, max_waiting_per_client: int | None = None,
+                 max_sessions_per_client: int | None = None) -> None:
         if not isinstance(manager, SessionManager):
             raise TypeError(f"manager must be a SessionManager, got {type(manager).__name__}")
         if tls is not None and (tls.cert_chain is None or tls.private_key is None):
             raise ValueError("tls needs cert_chain and private_key on the server")
         if not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be an int >= 1024, got {max_message_bytes!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
+        if not open_timeout_s > 0:
+            raise ValueError(f"open_timeout_s must be > 0, got {open_timeout_s!r}")
+        sessions = manager.limits.max_sessions
+        max_waiting = max_waiting or sessions
+        max_waiting_per_client = max_waiting_per_client or max(1, max_waiting // 2)
+        self.max_sessions_per_client = max_sessions_per_client or sessions
+        for name, v in (("max_waiting", max_waiting), ("max_waiting_per_client", max_waiting_per_client),
+                        ("max_sessions_per_client", self.max_sessions_per_client)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         self.manager, self.host, self.token, self.tls = manager, host, token, tls
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes, self.open_timeout_s = max_message_bytes, float(open_timeout_s)
         self.info_extra = dict(info or {})
-        workers = manager.limits.max_sessions + 4
+        self._waiting = _Waiting(max_waiting, max_waiting_per_client, min(0.5, open_timeout_s / 2))
+        self._client_sessions: dict[str, int] = {}
+        self._clients_lock = threading.Lock()
+        workers = sessions + max_waiting + INFO_WORKERS
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                   ("grpc.so_reuseport", 0),
                    *_keepalive_options(keepalive_s)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitkernels"),
-                                   options=options, maximum_concurrent_rpcs=workers)
+                                   options=options, maximum_concurrent_rpcs=4 * workers)
         handlers = {
             "Session": grpc.stream_stream_rpc_method_handler(self._session),
             "Info": grpc.unary_unary_rpc_method_handler(self._info),
         }
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         address = f"{host}:{port}"
-        if tls is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            creds = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
-            self.port = self._server.add_secure_port(address, creds)
+        try:
+            if tls is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                creds = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
+                self.port = self._server.add_secure_port(address, creds)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise OSError(f"cannot listen on {address}: the port is in use or the address is not one of this "
+                          f"machine's")
 
     @property
     def address(self) -> str:
@@ -119,7 +203,8 @@ class GrpcServer:
         return self
 
     def stop(self, grace_s: float | None = 1.0) -> None:
-        """Stop serving (in-flight calls get ``grace_s``) and free every session."""
+        """Stop serving: new calls are refused at once, calls in flight get ``grace_s`` seconds
+        (a drain), then every session is freed."""
         self._server.stop(grace_s).wait()
         self.manager.shutdown()
 
@@ -142,27 +227,94 @@ class GrpcServer:
     def _info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._authenticate(context)
         body = {**self.info_extra, "fingerprint": self.manager.fingerprint.hex(), "rss_bytes": process_rss_bytes(),
+                "waiting_streams": len(self._waiting), "evicted_streams": self._waiting.evicted,
                 **self.manager.stats()}
         return json.dumps(body).encode()
 
-    def _session(self, requests, context: grpc.ServicerContext):
-        self._authenticate(context)
-        owned: list[int] = []  # the stream's session, freed however the stream ends
-
-        def release() -> None:
-            while owned:
-                self.manager.close(owned.pop())
-
-        context.add_callback(release)
+    @staticmethod
+    def _read(requests, inbox: queue.Queue, slots: threading.Semaphore, finished: threading.Event) -> None:
+        """Move a stream's requests into ``inbox`` so its handler can wait with a deadline."""
         try:
             for data in requests:
+                inbox.put(data)
+                while not slots.acquire(timeout=0.5):
+                    if finished.is_set():
+                        return
+        except Exception:  # the stream was cancelled or broke: the handler learns it from _END
+            pass
+        inbox.put(_END)
+
+    def _claim(self, client: str) -> None:
+        with self._clients_lock:
+            held = self._client_sessions.get(client, 0)
+            if held >= self.max_sessions_per_client:
+                raise SplitError(Status.RESOURCE_EXHAUSTED,
+                                 f"this client holds {held} sessions, the server's per-client limit")
+            self._client_sessions[client] = held + 1
+
+    def _unclaim(self, client: str) -> None:
+        with self._clients_lock:
+            held = self._client_sessions.get(client, 0) - 1
+            if held > 0:
+                self._client_sessions[client] = held
+            else:
+                self._client_sessions.pop(client, None)
+
+    def _session(self, requests, context: grpc.ServicerContext):
+        self._authenticate(context)
+        client = client_of(context.peer())
+        inbox: queue.Queue = queue.Queue()
+        slots, finished = threading.Semaphore(_READ_AHEAD), threading.Event()
+        owned: list[int] = []  # the stream's session, freed however the stream ends
+        lock = threading.Lock()
+
+        def release() -> None:
+            with lock:
+                while owned:
+                    self.manager.close(owned.pop())
+                    self._unclaim(client)
+
+        def ended() -> None:
+            finished.set()
+            inbox.put(_END)
+            release()
+
+        ticket = self._waiting.admit(client, lambda: inbox.put(_EVICTED))
+        context.add_callback(ended)
+        threading.Thread(target=self._read, args=(requests, inbox, slots, finished), daemon=True,
+                         name="splitkernels-reader").start()
+        open_by = time.monotonic() + self.open_timeout_s
+        try:
+            while True:
                 try:
-                    msg = decode_message(data)
+                    item = inbox.get(timeout=None if owned else max(open_by - time.monotonic(), 0.0))
+                except queue.Empty:
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"no OPEN within {self.open_timeout_s:g} s of the stream's start")
+                if item is _END:
+                    return
+                if item is _EVICTED:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  "too many streams without a session: this one, the oldest, was dropped")
+                if item is _EXPIRED:
+                    context.abort(grpc.StatusCode.CANCELLED,
+                                  f"session expired: no request for {self.manager.limits.idle_timeout_s:g} s (the "
+                                  f"server's idle timeout), its KV cache was freed; open a new session")
+                slots.release()
+                try:
+                    msg = decode_message(item)
                     if isinstance(msg, Open):
+                        self._waiting.done(ticket)
                         if owned:
                             raise SplitError(Status.FAILED_PRECONDITION, "this stream already has a session")
-                        opened = self.manager.open(msg, on_expire=context.cancel)
-                        owned.append(opened.session_id)
+                        self._claim(client)
+                        try:
+                            opened = self.manager.open(msg, on_expire=lambda: inbox.put(_EXPIRED))
+                        except SplitError:
+                            self._unclaim(client)
+                            raise
+                        with lock:
+                            owned.append(opened.session_id)
                         yield encode_message(opened)
                     elif isinstance(msg, Step):
                         if not owned or msg.session_id != owned[0]:
@@ -177,6 +329,8 @@ class GrpcServer:
                     release()
                     context.abort(getattr(grpc.StatusCode, exc.status.value), exc.message)
         finally:
+            finished.set()
+            self._waiting.done(ticket)
             release()
 
 
@@ -215,6 +369,29 @@ class _GrpcSession(SessionHandle):
             msg, reply = self._exchange(request, TokenReply, self.session_id)
         return Exchange(msg, len(request), len(reply))
 
+    def replay(self, frames: list[bytes]) -> list[TokenReply]:
+        """Pipelined: every step goes out before the first reply is awaited (one round trip)."""
+        with self._lock:
+            if self._closed:
+                raise SplitError(Status.FAILED_PRECONDITION, "session is closed")
+            for seq, frame in enumerate(frames):
+                self._requests.put(encode_message(Step(self.session_id, seq, frame)))
+            replies = []
+            for _ in frames:
+                replies.append(self._receive(TokenReply, self.session_id))
+            return replies
+
+    def _receive(self, kind: type, session_id: int | None):
+        try:
+            reply = next(self._call)
+        except grpc.RpcError as exc:
+            self._finish()
+            raise _status_of(exc) from None
+        except StopIteration:
+            self._finish()
+            raise SplitError(Status.UNAVAILABLE, "server ended the session stream") from None
+        return expect(reply, kind, session_id)
+
     def _finish(self) -> None:
         self._closed = True
         self._requests.put(None)
@@ -248,7 +425,10 @@ class GrpcTransport(Transport):
                  timeout_s: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  keepalive_s: float = 30.0, server_name: str | None = None) -> None:
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes), *_keepalive_options(keepalive_s)]
+                   ("grpc.max_send_message_length", max_message_bytes), *_keepalive_options(keepalive_s),
+                   # Reconnect soon after a server restart (gRPC's default backoff grows to 2 minutes).
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
         if server_name is not None:
             options.append(("grpc.ssl_target_name_override", server_name))
         if tls:

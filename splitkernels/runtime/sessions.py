@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..codec import FrameError, decode, from_bytes
+from ..codec import FrameError, FrameLimitError, FrameLimits, decode_frame
 from .protocol import (
     FINGERPRINT_BYTES, Close, Open, Opened, SplitError, Status, Step, TokenReply, decode_message, encode_message,
 )
@@ -157,25 +157,8 @@ class SessionManager:
             if msg.seq != sess.seq:
                 raise SplitError(Status.INVALID_ARGUMENT, f"step sequence number {msg.seq}, expected {sess.seq}")
             t0 = time.perf_counter()
-            try:
-                encoded = from_bytes(msg.frame)
-            except FrameError as exc:
-                raise SplitError(Status.INVALID_ARGUMENT, f"bad frame: {exc}") from None
-            tokens, d = encoded.shape
-            if d != self.server.adapter.hidden_size:
-                raise SplitError(Status.INVALID_ARGUMENT,
-                                 f"frame has d={d}, the split layer's hidden size is {self.server.adapter.hidden_size}")
-            if tokens == 0:
-                raise SplitError(Status.INVALID_ARGUMENT, "frame holds no tokens")
-            if sess.position + tokens > sess.max_seq_len:
-                raise SplitError(Status.RESOURCE_EXHAUSTED,
-                                 f"sequence length {sess.position + tokens} exceeds the limit {sess.max_seq_len}")
-            if self.limits.max_kv_bytes is not None:
-                grow = tokens * self.kv_bytes_per_token
-                if self.kv_bytes_total() + grow > self.limits.max_kv_bytes:
-                    raise SplitError(Status.RESOURCE_EXHAUSTED,
-                                     f"server KV cache budget of {self.limits.max_kv_bytes} bytes is spent")
-            hidden = decode(encoded.to(self.server.device))  # decode where the layers run (GPU kernels)
+            hidden = self._decode(msg.frame, sess)
+            tokens = hidden.shape[0]
             t1 = time.perf_counter()
             try:
                 logits = self.server.forward(hidden, sess.cache, sess.position)
@@ -189,6 +172,34 @@ class SessionManager:
             sess.kv_bytes = cache_nbytes(sess.cache)
             sess.last_active = time.monotonic()
             return TokenReply(sess.id, msg.seq, token, sess.position, t1 - t0, t2 - t1, sess.kv_bytes)
+
+    def _decode(self, frame: bytes, sess: _Session) -> torch.Tensor:
+        """Decode a step's frame where the layers run, after its header passed this session's
+        limits (hidden size, tokens left, KV budget): a forged header costs no allocation."""
+        room = sess.max_seq_len - sess.position
+        limits = FrameLimits(d=self.server.adapter.hidden_size, max_tokens=room)
+        try:
+            hidden = decode_frame(frame, limits, self.server.device)
+        except FrameLimitError as exc:
+            status = Status.INVALID_ARGUMENT if exc.field in ("d", "dtype") else Status.RESOURCE_EXHAUSTED
+            raise SplitError(status, f"frame refused: {exc} (session at position {sess.position} of "
+                                     f"{sess.max_seq_len})") from None
+        except FrameError as exc:
+            raise SplitError(Status.INVALID_ARGUMENT, f"bad frame: {exc}") from None
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise SplitError(Status.RESOURCE_EXHAUSTED, f"out of memory decoding the frame: {exc}") from None
+        tokens = hidden.shape[0]
+        if tokens == 0:
+            raise SplitError(Status.INVALID_ARGUMENT, "frame holds no tokens")
+        if sess.position + tokens > sess.max_seq_len:
+            raise SplitError(Status.RESOURCE_EXHAUSTED,
+                             f"sequence length {sess.position + tokens} exceeds the limit {sess.max_seq_len}")
+        if self.limits.max_kv_bytes is not None:
+            grow = tokens * self.kv_bytes_per_token
+            if self.kv_bytes_total() + grow > self.limits.max_kv_bytes:
+                raise SplitError(Status.RESOURCE_EXHAUSTED,
+                                 f"server KV cache budget of {self.limits.max_kv_bytes} bytes is spent")
+        return hidden
 
     def close(self, session_id: int) -> bool:
         """Free a session; False if it was not open."""

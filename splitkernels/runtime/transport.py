@@ -6,7 +6,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from .protocol import Close, Open, Opened, ProtocolError, Step, TokenReply, decode_message, encode_message
+from .protocol import Close, Open, Opened, ProtocolError, SplitError, Step, TokenReply, decode_message, encode_message
 from .sessions import SessionManager
 
 
@@ -34,6 +34,18 @@ class SessionHandle(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the session on the server (idempotent)."""
+
+    def replay(self, frames: list[bytes]) -> list[TokenReply]:
+        """Send ``frames`` as steps 0..n-1 of a fresh session (a resumed session's history); the
+        replies in order. Transports may pipeline them."""
+        return [self.step(seq, frame).reply for seq, frame in enumerate(frames)]
+
+    def cancel(self) -> None:
+        """Drop the session without waiting for the server (it may be gone already)."""
+        try:
+            self.close()
+        except SplitError:
+            pass  # the session is gone either way
 
     def __enter__(self) -> "SessionHandle":
         return self

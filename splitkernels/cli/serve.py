@@ -1,0 +1,107 @@
+"""``splitkernels serve``: the server half (layers l+1..L + head) behind gRPC, until SIGINT or
+SIGTERM, either of which drains: no new sessions, and sessions in flight get ``--drain`` seconds."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import signal
+import sys
+import threading
+
+from . import args as types
+from .common import add_connection_args, message_bytes
+from .errors import ConnectionFailure, UsageError
+from .files import read_bytes
+from .models import add_model_args, load_model, split_settings
+
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve to anything
+
+
+def _check_exposure(args: argparse.Namespace) -> None:
+    """A server reachable from other machines must ask for a token, unless told otherwise."""
+    if is_loopback(args.host):
+        return
+    if args.token is None and not args.insecure:
+        raise UsageError(f"--host {args.host} is not a loopback address: give --token (or set SPLITKERNELS_TOKEN), "
+                         f"or --insecure to let anyone who reaches it use the server")
+    if args.tls_cert is None:
+        print(f"warning: serving on {args.host} without TLS: the token and the activations cross the network in "
+              f"the clear (give --tls-cert/--tls-key)", file=sys.stderr)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..runtime.grpc_transport import GrpcServer, TlsFiles
+    from ..runtime.sessions import Limits
+    from ..runtime.split_model import split_model
+
+    _check_exposure(args)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    tls = TlsFiles(read_bytes(args.tls_cert, "certificate (--tls-cert)"),
+                   read_bytes(args.tls_key, "private key (--tls-key)")) if args.tls_cert else None
+    loaded = load_model(args.model, args.family, args.seed)
+    settings = split_settings(args, loaded)
+    max_seq_len = args.max_seq_len or settings.max_seq_len or DEFAULT_MAX_SEQ_LEN
+    sm = split_model(loaded.model, settings.split_layer, opsc=settings.opsc("server"),
+                     limits=Limits(args.max_sessions, max_seq_len, args.idle_timeout))
+    sm.release("edge")
+    try:
+        server = GrpcServer(sm.manager, args.host, args.port, token=args.token, tls=tls,
+                            max_message_bytes=message_bytes(args), open_timeout_s=args.open_timeout,
+                            info={"model": loaded.name, "split_layer": sm.split_layer,
+                                  "hidden_size": sm.adapter.hidden_size})
+    except OSError as exc:
+        raise ConnectionFailure(str(exc)) from None
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum, frame) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    server.start()
+    print(f"serving {loaded.name}, layers {sm.split_layer + 1}..{sm.adapter.num_layers} + head, on "
+          f"{server.address} ({'TLS' if tls else 'plaintext'}, {'token' if args.token else 'no'} auth, "
+          f"max_seq_len {sm.manager.max_seq_len})", flush=True)
+    if loaded.note:
+        print(f"note: {loaded.note}", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        sessions = sm.manager.num_sessions
+        print(f"{received[0] if received else 'stop'}: draining {sessions} session(s) for up to {args.drain:g} s",
+              flush=True)
+        server.stop(args.drain)
+        print("stopped", flush=True)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the server half (layers l+1..L + head) behind gRPC",
+                              description=__doc__)
+    add_model_args(p)
+    p.add_argument("--back-bits", type=int, choices=(2, 3, 4, 8), default=None,
+                   help="OPSC: server layers' weight bits (8), default dense")
+    add_connection_args(p, server=True)
+    p.add_argument("--max-sessions", type=types.positive_int, default=64)
+    p.add_argument("--max-seq-len", type=types.positive_int, default=None,
+                   help=f"tokens per session (default: the plan's, else {DEFAULT_MAX_SEQ_LEN})")
+    p.add_argument("--idle-timeout", type=types.positive, default=300.0,
+                   help="seconds before an idle session is freed")
+    p.add_argument("--open-timeout", type=types.positive, default=10.0,
+                   help="seconds a new stream may take to open its session")
+    p.add_argument("--drain", type=types.non_negative, default=10.0,
+                   help="on SIGINT/SIGTERM, seconds sessions in flight get to finish")
+    p.set_defaults(func=_cmd_serve)
