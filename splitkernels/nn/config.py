@@ -7,6 +7,9 @@ from typing import Any
 from ..formats import WEIGHT_BITS
 
 PER_CHANNEL = -1
+# "rtn": round each group to nearest (no data); "gptq": Hessian-based error feedback on
+# calibration inputs (splitkernels.gptq). Both produce the same packed format.
+METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -15,7 +18,9 @@ class QuantConfig:
 
     ``bits`` in {2, 3, 4, 8}; ``group_size`` a positive int or ``-1`` for one group per output
     channel (the whole input dimension K); ``clip_search`` shrinks each group's range to the
-    least-squares best (helps at 2-3 bits, slower to quantise).
+    least-squares best (helps at 2-3 bits, slower to quantise). ``method`` is ``"rtn"``
+    (round to nearest, no data needed) or ``"gptq"`` (calibrated error feedback; needs
+    calibration token ids, see :func:`splitkernels.calibration.quantize_layers`).
 
     A group size that does not divide a layer's K is adapted per layer by
     :meth:`group_size_for`; the size actually used is recorded on each ``QuantLinear``.
@@ -24,6 +29,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     clip_search: bool = False
+    method: str = "rtn"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
@@ -33,6 +39,8 @@ class QuantConfig:
             raise ValueError(f"group_size must be a positive int or -1 (per channel), got {g!r}")
         if not isinstance(self.clip_search, bool):
             raise TypeError(f"clip_search must be a bool, got {type(self.clip_search).__name__}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
     def group_size_for(self, in_features: int) -> int:
         """The group size used for a layer with ``in_features`` inputs (K).
@@ -58,15 +66,17 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
-        unknown = set(data) - {"bits", "group_size", "clip_search"}
+        """Inverse of :meth:`to_dict` (a dict without ``method`` means RTN); unknown keys raise
+        ValueError naming them."""
+        unknown = set(data) - {"bits", "group_size", "clip_search", "method"}
         if unknown:
             raise ValueError(f"unknown QuantConfig keys: {sorted(unknown)}")
         return cls(**data)
 
     def __str__(self) -> str:
         group = "per-channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
-        return f"{self.bits}-bit {group}" + (" clip" if self.clip_search else "")
+        method = "" if self.method == "rtn" else f" {self.method}"
+        return f"{self.bits}-bit {group}" + (" clip" if self.clip_search else "") + method
 
 
 @dataclass(frozen=True)

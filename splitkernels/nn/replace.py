@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable, Mapping
 
+import torch
 from torch import nn
 
 from .config import QuantConfig
@@ -40,11 +41,14 @@ def replace_linear(
     overrides: Mapping[str, QuantConfig | None] | None = None,
     clip_search: bool = False,
     progress: bool = True,
+    *,
+    method: str = "rtn",
+    calibration: torch.Tensor | None = None,
 ) -> nn.Module:
     """Replace every matching ``nn.Linear`` (and transformers ``Conv1D``) in ``model`` with a
     :class:`QuantLinear`, in place, and return ``model``.
 
-    * ``bits``, ``group_size``, ``clip_search``: the default :class:`QuantConfig`.
+    * ``bits``, ``group_size``, ``clip_search``, ``method``: the default :class:`QuantConfig`.
     * ``filter(qualified_name, module) -> bool``: only modules it accepts are considered.
     * ``overrides``: ``{glob pattern on the qualified name: QuantConfig or None}``; the first
       matching pattern (in insertion order) gives the module's config, ``None`` keeps it dense.
@@ -52,11 +56,15 @@ def replace_linear(
       unless an override pattern names it explicitly.
     * A group size that does not divide a layer's input size is adapted per layer
       (:meth:`QuantConfig.group_size_for`); each QuantLinear records the size it uses.
+    * ``calibration``: token ids (``[L]`` or ``[n, L]``), required when any config has
+      ``method="gptq"``: the model's decoder layers are then quantised one after another on
+      these inputs (:func:`splitkernels.calibration.quantize_layers`); calibrated linears must
+      lie inside the decoder layers.
     * ``progress``: a tqdm bar over the layers being quantised.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    default = QuantConfig(bits, group_size, clip_search)
+    default = QuantConfig(bits, group_size, clip_search, method)
     overrides = dict(overrides or {})
     for pattern, config in overrides.items():
         if not isinstance(pattern, str) or not (config is None or isinstance(config, QuantConfig)):
@@ -78,6 +86,9 @@ def replace_linear(
             continue
         plan.append((name, config))
 
+    if any(config.method != "rtn" for _, config in plan):
+        plan = _calibrate(model, plan, calibration, progress)
+
     from tqdm.auto import tqdm
 
     for name, config in tqdm(plan, desc="quantising", unit="layer", disable=not progress):
@@ -88,3 +99,29 @@ def replace_linear(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return model
+
+
+def _calibrate(model: nn.Module, plan: list[tuple[str, QuantConfig]], calibration: torch.Tensor | None,
+               progress: bool) -> list[tuple[str, QuantConfig]]:
+    """Quantise the planned linears of the decoder layers up to the last calibrated one on
+    ``calibration``; return the rest of the plan (plain rounding, no data needed)."""
+    from ..calibration import find_layer_stack, quantize_layers  # calibration builds on this package
+
+    if calibration is None:
+        raise ValueError("calibration token ids are required for method='gptq'")
+    stack, layers = find_layer_stack(model)
+    prefix = f"{stack}." if stack else ""
+    located = []
+    for name, config in plan:
+        index, _, inner = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
+        if not index.isdigit() and config.method != "rtn":
+            raise ValueError(f"{name} lies outside the decoder layers ({stack}); calibrated quantisation covers "
+                             "linears inside them, so give it method='rtn' in overrides")
+        located.append((int(index) if index.isdigit() else None, inner, name, config))
+    last = max(index for index, _, _, config in located if config.method != "rtn")
+    layer_plan: dict[int, dict[str, QuantConfig]] = {}
+    for index, inner, _, config in located:
+        if index is not None and index <= last:
+            layer_plan.setdefault(index, {})[inner] = config
+    quantize_layers(model, layers, layer_plan, calibration, progress=progress)
+    return [(name, config) for index, _, name, config in located if index is None or index > last]

@@ -1,0 +1,143 @@
+"""Calibrated weight quantisation with Hessian-based error feedback (GPTQ-style).
+
+For a linear layer that sees inputs ``X [n, K]``, changing its weight by ``dW`` changes the output
+by ``||X dW^T||^2 = sum over rows of dW_r H dW_r^T`` with ``H = X^T X / n``. The columns of ``W``
+are quantised one after another; each column's rounding error is spread over the columns not yet
+quantised through the inverse Hessian (the optimal-brain-surgeon update), so later columns absorb
+what earlier ones lost. Columns with large ``diag(H)`` (inputs that carry the most energy) can be
+quantised first (activation order).
+
+The result is the packed format of docs/FORMATS.md §2 (:class:`~splitkernels.quant.QuantizedWeight`),
+the same as round-to-nearest's: each group of ``group_size`` consecutive input columns has one
+scale and zero, so every kernel runs a calibrated weight unchanged. With activation order the
+column visiting order no longer follows the groups, so the groups' scales and zeros are fixed
+before the first column is visited (from the original weight, as RTN would choose them); without
+it each group's scale and zero are fitted to the error-updated weight when its first column is
+reached.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops import reference
+from .ops.checks import FLOAT_DTYPES, check_tensor
+from .quant import QuantizedWeight, quantize_weight
+
+# Relative damping added to diag(H) (times its mean), and how often it may grow tenfold when the
+# damped Hessian is still not positive definite (e.g. far fewer calibration rows than inputs).
+DEFAULT_DAMP = 0.01
+_DAMP_RETRIES = 4
+# Columns per lazy update: errors inside a block update the block at once, the rest of the
+# matrix once per block (one matmul instead of one rank-1 update per column).
+_BLOCK = 128
+
+
+class HessianAccumulator:
+    """Running ``H = X^T X / n`` over every input row a linear layer sees (``[..., K]`` batches)."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x [..., K]``."""
+        x = x.detach().reshape(-1, self.sum.shape[0]).float()
+        self.sum.addmm_(x.t(), x)
+        self.rows += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The mean ``X^T X / n`` (all zero before any rows were added)."""
+        return self.sum / max(self.rows, 1)
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float64), raising the damping
+    tenfold while the damped matrix is not positive definite."""
+    mean_diag = float(h.diagonal().mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for _ in range(_DAMP_RETRIES + 1):
+        factor, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+        damp *= 10.0
+    raise ValueError(f"hessian is not positive definite even with damping {damp / 10:g}; "
+                     "pass more (or more varied) calibration data")
+
+
+def _check_hessian(hessian: torch.Tensor, k: int) -> None:
+    check_tensor("hessian", hessian, FLOAT_DTYPES + (torch.float64,), ndim=2)
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian must be [K, K] = [{k}, {k}] for w [N, {k}], got {tuple(hessian.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("hessian must be finite (found NaN or Inf)")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    clip_search: bool = False,
+    act_order: bool = True,
+    damp: float = DEFAULT_DAMP,
+    dtype: torch.dtype | None = None,
+) -> QuantizedWeight:
+    """Quantise ``w [N, K]`` (out, in) to ``bits`` in groups of ``group_size`` along K, minimising
+    the output error on inputs whose second moment is ``hessian [K, K]`` (:class:`HessianAccumulator`).
+
+    ``damp`` is added to the Hessian's diagonal relative to its mean (raised automatically if the
+    Hessian is singular). ``act_order`` visits columns by decreasing ``diag(H)``; ``clip_search``
+    lets each group's range shrink as in :func:`~splitkernels.quant.quantize_weight`. ``dtype`` is
+    the dtype of scale and zero (default: w's). With ``H = I`` the result equals round-to-nearest.
+    """
+    # Validates w, bits and group_size, and gives the static group parameters used with act_order.
+    rtn = quantize_weight(w, bits, group_size, clip_search=clip_search, dtype=dtype)
+    n, k = w.shape
+    _check_hessian(hessian, k)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
+        raise ValueError(f"damp must be a positive number, got {damp!r}")
+    qmax = 2**bits - 1
+    dtype = rtn.scale.dtype
+
+    h = hessian.to(device=w.device, dtype=torch.float64).clone()
+    # Inputs that were always zero carry no information: give them a unit diagonal so the factor
+    # exists. Their columns then neither pass on nor receive error, i.e. they are rounded as RTN.
+    dead = (h.diagonal() == 0).nonzero().squeeze(1)
+    h[dead, dead] = 1.0
+    order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(k, device=h.device))
+    u = _inverse_cholesky(h[order][:, order], float(damp)).to(torch.float32)
+
+    work = w.float()[:, order].clone()
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    scale = rtn.scale.float().clone()
+    zero = rtn.zero.float().clone()
+    # Without act_order blocks hold whole groups, so a group's columns are all up to date when
+    # its parameters are fitted.
+    block = _BLOCK if act_order else max(group_size, _BLOCK - _BLOCK % group_size)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        part = work[:, b0:b1]
+        errors = torch.empty_like(part)
+        for i in range(b1 - b0):
+            col = b0 + i
+            group = int(order[col]) // group_size
+            if not act_order and col % group_size == 0:
+                fitted = quantize_weight(part[:, i:i + group_size], bits, group_size, clip_search=clip_search,
+                                         dtype=dtype)
+                scale[:, group], zero[:, group] = fitted.scale[:, 0].float(), fitted.zero[:, 0].float()
+            s, z = scale[:, group], zero[:, group]
+            q = torch.clamp(torch.round((part[:, i] - z) / s), 0, qmax)
+            codes[:, col] = q.to(torch.uint8)
+            err = (part[:, i] - (q * s + z)) / u[col, col]
+            part[:, i:] -= err.unsqueeze(1) * u[col, col:b1].unsqueeze(0)
+            errors[:, i] = err
+        work[:, b1:] -= errors @ u[b0:b1, b1:]
+    codes = codes[:, torch.argsort(order)]
+    qweight = reference.pack_weight_codes(codes, bits)
+    return QuantizedWeight(qweight, scale.to(dtype), zero.to(dtype), bits, group_size, k)
+
+
+__all__ = ["gptq_quantize", "HessianAccumulator", "DEFAULT_DAMP"]
