@@ -15,10 +15,12 @@ import torch
 
 from ..codec import FrameError, decode, from_bytes
 from .protocol import (
-    FINGERPRINT_BYTES, Close, Open, Opened, SplitError, Status, Step, TokenReply, decode_message, encode_message,
+    FINGERPRINT_BYTES, Close, Open, Opened, SplitError, Status, Step, TokenReply, Verdict, Verify, decode_message,
+    encode_message,
 )
 from .sampling import make_generator, sample
 from .segments import Server, cache_nbytes
+from .verify import server_verify
 
 NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
 
@@ -149,16 +151,42 @@ class SessionManager:
         Everything is checked before the cache is touched, so a rejected step leaves the
         session as it was; only a failure inside the model closes the session.
         """
-        sess = self._get(msg.session_id)
+        def run(sess: _Session, hidden: torch.Tensor) -> tuple[int, int, int]:
+            logits = self.server.forward(hidden, sess.cache, sess.position)
+            return 0, sample(logits, sess.open_msg.sampling, sess.generator), sess.position + hidden.shape[0]
+
+        accepted, token, position, decode_s, compute_s, kv = self._run(msg.session_id, msg.seq, msg.frame, 0, run)
+        return TokenReply(msg.session_id, msg.seq, token, position, decode_s, compute_s, kv)
+
+    def verify(self, msg: Verify) -> Verdict:
+        """A multi-token step (speculative decoding): run the server layers on all rows at once,
+        accept a prefix of the drafts, pick the token after it, and cut the cache back to the
+        accepted rows. Checked and failing like :meth:`step`."""
+        vocab = getattr(self.server.adapter.config, "vocab_size", None)
+        if vocab is not None and any(not 0 <= d < vocab for d in msg.drafts):
+            raise SplitError(Status.INVALID_ARGUMENT, f"draft token ids must be in [0, {vocab})")
+
+        def run(sess: _Session, hidden: torch.Tensor) -> tuple[int, int, int]:
+            return server_verify(self.server, sess.cache, sess.position, hidden, msg.drafts,
+                                 sess.open_msg.sampling, sess.generator)
+
+        accepted, token, position, decode_s, compute_s, kv = self._run(msg.session_id, msg.seq, msg.frame,
+                                                                       len(msg.drafts), run)
+        return Verdict(msg.session_id, msg.seq, accepted, token, position, decode_s, compute_s, kv)
+
+    def _run(self, session_id: int, seq: int, frame: bytes, drafts: int, run) -> tuple:
+        """Check a step's frame against the session, then ``run(session, hidden)`` -> (accepted,
+        token, new position). Returns those with the decode and compute seconds and the KV bytes."""
+        sess = self._get(session_id)
         with sess.lock:
             if sess.closed:
-                raise SplitError(Status.NOT_FOUND, f"session {msg.session_id:#x} is closed or expired")
+                raise SplitError(Status.NOT_FOUND, f"session {session_id:#x} is closed or expired")
             sess.last_active = time.monotonic()
-            if msg.seq != sess.seq:
-                raise SplitError(Status.INVALID_ARGUMENT, f"step sequence number {msg.seq}, expected {sess.seq}")
+            if seq != sess.seq:
+                raise SplitError(Status.INVALID_ARGUMENT, f"step sequence number {seq}, expected {sess.seq}")
             t0 = time.perf_counter()
             try:
-                encoded = from_bytes(msg.frame)
+                encoded = from_bytes(frame)
             except FrameError as exc:
                 raise SplitError(Status.INVALID_ARGUMENT, f"bad frame: {exc}") from None
             tokens, d = encoded.shape
@@ -167,6 +195,9 @@ class SessionManager:
                                  f"frame has d={d}, the split layer's hidden size is {self.server.adapter.hidden_size}")
             if tokens == 0:
                 raise SplitError(Status.INVALID_ARGUMENT, "frame holds no tokens")
+            if tokens < drafts + 1:
+                raise SplitError(Status.INVALID_ARGUMENT,
+                                 f"frame holds {tokens} rows, {drafts} drafts need at least {drafts + 1}")
             if sess.position + tokens > sess.max_seq_len:
                 raise SplitError(Status.RESOURCE_EXHAUSTED,
                                  f"sequence length {sess.position + tokens} exceeds the limit {sess.max_seq_len}")
@@ -178,17 +209,16 @@ class SessionManager:
             hidden = decode(encoded.to(self.server.device))  # decode where the layers run (GPU kernels)
             t1 = time.perf_counter()
             try:
-                logits = self.server.forward(hidden, sess.cache, sess.position)
-                token = sample(logits, sess.open_msg.sampling, sess.generator)
+                accepted, token, position = run(sess, hidden)
             except Exception as exc:  # the cache may be half-updated: this session cannot go on
                 self._drop(sess)
                 raise SplitError(Status.INTERNAL, f"server segment failed: {type(exc).__name__}: {exc}") from exc
             t2 = time.perf_counter()
-            sess.position += tokens
+            sess.position = position
             sess.seq += 1
             sess.kv_bytes = cache_nbytes(sess.cache)
             sess.last_active = time.monotonic()
-            return TokenReply(sess.id, msg.seq, token, sess.position, t1 - t0, t2 - t1, sess.kv_bytes)
+            return accepted, token, position, t1 - t0, t2 - t1, sess.kv_bytes
 
     def close(self, session_id: int) -> bool:
         """Free a session; False if it was not open."""
@@ -207,6 +237,8 @@ class SessionManager:
             return encode_message(self.open(msg))
         if isinstance(msg, Step):
             return encode_message(self.step(msg))
+        if isinstance(msg, Verify):
+            return encode_message(self.verify(msg))
         if isinstance(msg, Close):
             self.close(msg.session_id)
             return None
