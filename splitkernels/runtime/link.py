@@ -20,7 +20,12 @@ class _LinkSession(SessionHandle):
         self.session_id, self.max_seq_len = inner.session_id, inner.max_seq_len
 
     def step(self, seq: int, frame: bytes) -> Exchange:
-        ex = self._inner.step(seq, frame)
+        return self._delayed(self._inner.step(seq, frame))
+
+    def verify(self, seq: int, drafts: tuple[int, ...], frame: bytes) -> Exchange:
+        return self._delayed(self._inner.verify(seq, drafts, frame))
+
+    def _delayed(self, ex: Exchange) -> Exchange:
         delay = self._link.delay(ex.bytes_up, ex.bytes_down)
         virtual = ex.virtual_link_s + (0.0 if self._link.sleep else delay)
         return Exchange(ex.reply, ex.bytes_up, ex.bytes_down, virtual)

@@ -14,6 +14,11 @@ Kinds and payloads:
 * TOKEN (server -> edge): seq u32 | token u32 | position u32 (tokens the server has seen) |
   decode seconds f32 | server compute seconds f32 | session KV bytes u64
 * CLOSE (edge -> server): empty
+* VERIFY (edge -> server): seq u32 | drafts u16 (k) | reserved u16 (0) | k draft token ids u32 |
+  codec frame of n >= k + 1 rows whose last k rows are the drafts (speculative decoding: the
+  server scores the drafts and keeps the accepted ones in its KV cache)
+* VERDICT (server -> edge): seq u32 | accepted u16 | token u32 | position u32 | decode seconds f32 |
+  server compute seconds f32 | session KV bytes u64 (``token`` follows the accepted drafts)
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ _OPEN = struct.Struct("<16sBdIdBqI")
 _OPENED = struct.Struct("<I")
 _STEP = struct.Struct("<I")
 _TOKEN = struct.Struct("<IIIffQ")
+_VERIFY = struct.Struct("<IHH")
+_VERDICT = struct.Struct("<IHIIffQ")
+MAX_DRAFTS = 2**16 - 1
 
 
 class Kind(enum.IntEnum):
@@ -38,6 +46,8 @@ class Kind(enum.IntEnum):
     STEP = 3
     TOKEN = 4
     CLOSE = 5
+    VERIFY = 6
+    VERDICT = 7
 
 
 class Status(enum.Enum):
@@ -130,7 +140,32 @@ class Close:
     session_id: int
 
 
-Message = Open | Opened | Step | TokenReply | Close
+@dataclass(frozen=True)
+class Verify:
+    """A multi-token step: ``frame`` holds n rows, the last ``len(drafts)`` of them the edge's
+    draft tokens (whose ids are ``drafts``), the rows before them tokens already decided."""
+
+    session_id: int
+    seq: int
+    drafts: tuple[int, ...]
+    frame: bytes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How many drafts the server accepted, and the token it chose after them."""
+
+    session_id: int
+    seq: int
+    accepted: int
+    token: int
+    position: int
+    decode_s: float
+    compute_s: float
+    kv_bytes: int
+
+
+Message = Open | Opened | Step | TokenReply | Close | Verify | Verdict
 
 
 def _header(kind: Kind, session_id: int, payload: bytes) -> bytes:
@@ -155,6 +190,14 @@ def encode_message(msg: Message) -> bytes:
                                                               msg.compute_s, msg.kv_bytes))
     if isinstance(msg, Close):
         return _header(Kind.CLOSE, msg.session_id, b"")
+    if isinstance(msg, Verify):
+        if len(msg.drafts) > MAX_DRAFTS:
+            raise ValueError(f"drafts must hold at most {MAX_DRAFTS} tokens, got {len(msg.drafts)}")
+        body = _VERIFY.pack(msg.seq, len(msg.drafts), 0) + struct.pack(f"<{len(msg.drafts)}I", *msg.drafts)
+        return _header(Kind.VERIFY, msg.session_id, body + bytes(msg.frame))
+    if isinstance(msg, Verdict):
+        return _header(Kind.VERDICT, msg.session_id, _VERDICT.pack(msg.seq, msg.accepted, msg.token, msg.position,
+                                                                  msg.decode_s, msg.compute_s, msg.kv_bytes))
     raise TypeError(f"msg must be a protocol message, got {type(msg).__name__}")
 
 
@@ -203,5 +246,18 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
         return Step(session_id, seq, bytes(body[_STEP.size:]))
     if kind == Kind.TOKEN:
         return TokenReply(session_id, *_fixed(body, _TOKEN, kind))
+    if kind == Kind.VERIFY:
+        if len(body) < _VERIFY.size:
+            raise ProtocolError("VERIFY payload truncated")
+        seq, count, reserved = _VERIFY.unpack(body[: _VERIFY.size])
+        if reserved != 0:
+            raise ProtocolError(f"VERIFY reserved field must be 0, got {reserved}")
+        end = _VERIFY.size + 4 * count
+        if len(body) < end:
+            raise ProtocolError(f"VERIFY payload truncated: {count} draft ids need {4 * count} bytes")
+        drafts = struct.unpack(f"<{count}I", body[_VERIFY.size:end])
+        return Verify(session_id, seq, drafts, bytes(body[end:]))
+    if kind == Kind.VERDICT:
+        return Verdict(session_id, *_fixed(body, _VERDICT, kind))
     _fixed(body, struct.Struct(""), kind)
     return Close(session_id)

@@ -29,15 +29,21 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         raise ValueError(f"logits must be a non-empty 1-D tensor, got shape {tuple(logits.shape)}")
     if not params.do_sample:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution :func:`sample` draws from, for each row of ``logits [..., V]`` (fp32, CPU):
+    temperature, then top-k, then top-p, as described there. Speculative verification needs it
+    as a whole to accept or reject drafted tokens."""
     scores = logits.float().cpu() / params.temperature
-    if 0 < params.top_k < scores.numel():
-        kth = torch.topk(scores, params.top_k).values[-1]
+    if 0 < params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_scores, dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop = (cum - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
-        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.softmax(scores, dim=-1)

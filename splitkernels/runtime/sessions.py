@@ -15,10 +15,12 @@ import torch
 
 from ..codec import FrameError, FrameLimitError, FrameLimits, decode_frame
 from .protocol import (
-    FINGERPRINT_BYTES, Close, Open, Opened, SplitError, Status, Step, TokenReply, decode_message, encode_message,
+    FINGERPRINT_BYTES, Close, Open, Opened, SplitError, Status, Step, TokenReply, Verdict, Verify, decode_message,
+    encode_message,
 )
 from .sampling import make_generator, sample
 from .segments import Server, cache_nbytes
+from .verify import server_verify
 
 NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
 
@@ -149,29 +151,57 @@ class SessionManager:
         Everything is checked before the cache is touched, so a rejected step leaves the
         session as it was; only a failure inside the model closes the session.
         """
-        sess = self._get(msg.session_id)
+        def run(sess: _Session, hidden: torch.Tensor) -> tuple[int, int, int]:
+            logits = self.server.forward(hidden, sess.cache, sess.position)
+            return 0, sample(logits, sess.open_msg.sampling, sess.generator), sess.position + hidden.shape[0]
+
+        accepted, token, position, decode_s, compute_s, kv = self._run(msg.session_id, msg.seq, msg.frame, 0, run)
+        return TokenReply(msg.session_id, msg.seq, token, position, decode_s, compute_s, kv)
+
+    def verify(self, msg: Verify) -> Verdict:
+        """A multi-token step (speculative decoding): run the server layers on all rows at once,
+        accept a prefix of the drafts, pick the token after it, and cut the cache back to the
+        accepted rows. Checked and failing like :meth:`step`."""
+        vocab = getattr(self.server.adapter.config, "vocab_size", None)
+        if vocab is not None and any(not 0 <= d < vocab for d in msg.drafts):
+            raise SplitError(Status.INVALID_ARGUMENT, f"draft token ids must be in [0, {vocab})")
+
+        def run(sess: _Session, hidden: torch.Tensor) -> tuple[int, int, int]:
+            return server_verify(self.server, sess.cache, sess.position, hidden, msg.drafts,
+                                 sess.open_msg.sampling, sess.generator)
+
+        accepted, token, position, decode_s, compute_s, kv = self._run(msg.session_id, msg.seq, msg.frame,
+                                                                       len(msg.drafts), run)
+        return Verdict(msg.session_id, msg.seq, accepted, token, position, decode_s, compute_s, kv)
+
+    def _run(self, session_id: int, seq: int, frame: bytes, drafts: int, run) -> tuple:
+        """Check a step's frame against the session, then ``run(session, hidden)`` -> (accepted,
+        token, new position). Returns those with the decode and compute seconds and the KV bytes."""
+        sess = self._get(session_id)
         with sess.lock:
             if sess.closed:
-                raise SplitError(Status.NOT_FOUND, f"session {msg.session_id:#x} is closed or expired")
+                raise SplitError(Status.NOT_FOUND, f"session {session_id:#x} is closed or expired")
             sess.last_active = time.monotonic()
-            if msg.seq != sess.seq:
-                raise SplitError(Status.INVALID_ARGUMENT, f"step sequence number {msg.seq}, expected {sess.seq}")
+            if seq != sess.seq:
+                raise SplitError(Status.INVALID_ARGUMENT, f"step sequence number {seq}, expected {sess.seq}")
             t0 = time.perf_counter()
-            hidden = self._decode(msg.frame, sess)
+            hidden = self._decode(frame, sess)
             tokens = hidden.shape[0]
+            if tokens < drafts + 1:
+                raise SplitError(Status.INVALID_ARGUMENT,
+                                 f"frame holds {tokens} rows, {drafts} drafts need at least {drafts + 1}")
             t1 = time.perf_counter()
             try:
-                logits = self.server.forward(hidden, sess.cache, sess.position)
-                token = sample(logits, sess.open_msg.sampling, sess.generator)
+                accepted, token, position = run(sess, hidden)
             except Exception as exc:  # the cache may be half-updated: this session cannot go on
                 self._drop(sess)
                 raise SplitError(Status.INTERNAL, f"server segment failed: {type(exc).__name__}: {exc}") from exc
             t2 = time.perf_counter()
-            sess.position += tokens
+            sess.position = position
             sess.seq += 1
             sess.kv_bytes = cache_nbytes(sess.cache)
             sess.last_active = time.monotonic()
-            return TokenReply(sess.id, msg.seq, token, sess.position, t1 - t0, t2 - t1, sess.kv_bytes)
+            return accepted, token, position, t1 - t0, t2 - t1, sess.kv_bytes
 
     def _decode(self, frame: bytes, sess: _Session) -> torch.Tensor:
         """Decode a step's frame where the layers run, after its header passed this session's
@@ -218,6 +248,8 @@ class SessionManager:
             return encode_message(self.open(msg))
         if isinstance(msg, Step):
             return encode_message(self.step(msg))
+        if isinstance(msg, Verify):
+            return encode_message(self.verify(msg))
         if isinstance(msg, Close):
             self.close(msg.session_id)
             return None

@@ -6,16 +6,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from .protocol import Close, Open, Opened, ProtocolError, SplitError, Step, TokenReply, decode_message, encode_message
+from .protocol import (
+    Close, Open, Opened, ProtocolError, SplitError, Status, Step, TokenReply, Verdict, Verify, decode_message,
+    encode_message,
+)
 from .sessions import SessionManager
 
 
 @dataclass(frozen=True)
 class Exchange:
-    """One step's reply and what it cost on the way: message bytes each direction, and link time
-    an emulator reports without waiting for it (``LinkEmulator(sleep=False)``; else 0)."""
+    """One step's reply (a :class:`Verdict` for a multi-token step) and what it cost on the way:
+    message bytes each direction, and link time an emulator reports without waiting for it
+    (``LinkEmulator(sleep=False)``; else 0)."""
 
-    reply: TokenReply
+    reply: TokenReply | Verdict
     bytes_up: int
     bytes_down: int
     virtual_link_s: float = 0.0
@@ -30,6 +34,11 @@ class SessionHandle(ABC):
     @abstractmethod
     def step(self, seq: int, frame: bytes) -> Exchange:
         """Send codec frame number ``seq``; the server's token reply."""
+
+    def verify(self, seq: int, drafts: tuple[int, ...], frame: bytes) -> Exchange:
+        """Send a multi-token step: ``frame``'s last ``len(drafts)`` rows are drafts to verify."""
+        raise SplitError(Status.FAILED_PRECONDITION,
+                         f"{type(self).__name__} does not carry multi-token (speculative) steps")
 
     @abstractmethod
     def close(self) -> None:
@@ -85,6 +94,11 @@ class _InProcessSession(SessionHandle):
         request = encode_message(Step(self.session_id, seq, frame))
         reply = self._manager.handle(request)
         return Exchange(expect(reply, TokenReply, self.session_id), len(request), len(reply))
+
+    def verify(self, seq: int, drafts: tuple[int, ...], frame: bytes) -> Exchange:
+        request = encode_message(Verify(self.session_id, seq, tuple(drafts), frame))
+        reply = self._manager.handle(request)
+        return Exchange(expect(reply, Verdict, self.session_id), len(request), len(reply))
 
     def close(self) -> None:
         if not self._closed:

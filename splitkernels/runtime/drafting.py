@@ -1,0 +1,164 @@
+"""Drafting on the edge without waiting for the server, and how many drafts to send per round.
+
+Drafters are deterministic functions of the tokens so far (and the split layer's hidden state),
+so the draft distribution is a point mass and the server needs only the draft ids to verify:
+
+* :class:`PromptLookupDrafter` continues the latest earlier occurrence of the context's last
+  n-gram (free; strong wherever text repeats: code, lists, answers quoting the question);
+* :class:`EarlyExitDrafter` applies the model's own final norm and LM head to the split layer's
+  hidden state (one LM head product per draft on the edge);
+* :class:`ChainDrafter` asks each in turn (prompt lookup first, the early exit where it has nothing).
+
+:class:`DraftPolicy` picks ``k`` per round from the measured acceptance and round costs with the
+planner's model (:mod:`splitkernels.planner.speculation`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..planner.speculation import best_draft_length
+from .metrics import StepMetrics
+
+
+class Drafter:
+    """Proposes tokens to follow ``context``; ``last_hidden [d]`` is the split layer's output at
+    the context's last token (drafters that do not need it ignore it)."""
+
+    name = "drafter"
+
+    def propose(self, context: Sequence[int], k: int, last_hidden: torch.Tensor) -> list[int]:
+        """Up to ``k`` tokens (fewer, or none, when the drafter has no good guess)."""
+        raise NotImplementedError
+
+
+class PromptLookupDrafter(Drafter):
+    """Prompt lookup: find the latest earlier occurrence of the context's last ``n`` tokens
+    (longest ``n`` from ``max_ngram`` down to ``min_ngram``) and propose what followed it."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if isinstance(min_ngram, bool) or not isinstance(min_ngram, int) or min_ngram < 1:
+            raise ValueError(f"min_ngram must be an int >= 1, got {min_ngram!r}")
+        if isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or max_ngram < min_ngram:
+            raise ValueError(f"max_ngram must be an int >= min_ngram ({min_ngram}), got {max_ngram!r}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, context, k, last_hidden=None):
+        ctx = list(context)
+        for n in range(min(self.max_ngram, len(ctx) - 1), self.min_ngram - 1, -1):
+            suffix = ctx[-n:]
+            # Latest start j < len - n whose n tokens equal the suffix (so a continuation exists).
+            for j in range(len(ctx) - n - 1, -1, -1):
+                if ctx[j] == suffix[0] and ctx[j:j + n] == suffix:
+                    return ctx[j + n:j + n + k]
+        return []
+
+
+class EarlyExitDrafter(Drafter):
+    """The model's own head (final norm + LM head) on the split layer's hidden state: the greedy
+    choice of a model that stopped after the edge's layers. ``head`` maps ``[1, T, d]`` to
+    logits ``[1, T, V]`` (an adapter's ``head``)."""
+
+    name = "early-exit"
+
+    def __init__(self, head) -> None:
+        if not callable(head):
+            raise TypeError(f"head must be callable ([1, T, d] -> [1, T, V] logits), got {type(head).__name__}")
+        self.head = head
+
+    @torch.inference_mode()
+    def propose(self, context, k, last_hidden):
+        if k < 1:
+            return []
+        return [int(torch.argmax(self.head(last_hidden.reshape(1, 1, -1))[0, -1]))]
+
+
+class ChainDrafter(Drafter):
+    """The first of ``drafters`` that proposes anything."""
+
+    def __init__(self, *drafters: Drafter) -> None:
+        if not drafters or not all(isinstance(d, Drafter) for d in drafters):
+            raise TypeError("ChainDrafter needs one or more Drafter objects")
+        self.drafters = drafters
+        self.name = "+".join(d.name for d in drafters)
+
+    def propose(self, context, k, last_hidden):
+        for d in self.drafters:
+            tokens = d.propose(context, k, last_hidden)
+            if tokens:
+                return tokens
+        return []
+
+
+@dataclass
+class DraftPolicy:
+    """How many drafts to send per round.
+
+    ``fixed_k`` set: always that many. Otherwise adaptive: the acceptance rate is estimated from
+    the rounds so far (exponentially forgetting with ``decay``), and the round cost as a fixed part
+    plus a part per draft, both from the measured step times; ``k`` in ``k_min..k_max`` then
+    maximises expected tokens per second (:func:`best_draft_length`). ``k_min >= 1`` keeps
+    measuring acceptance even when drafting does not pay. ``row_transfer_s`` is the link's time
+    for one more row (its bytes over the bandwidth), if known.
+    """
+
+    k_max: int = 8
+    k_min: int = 1
+    fixed_k: int | None = None
+    decay: float = 0.9
+    row_transfer_s: float = 0.0
+    k_start: int = 4
+    _accepted: float = field(default=0.0, init=False)
+    _rejected: float = field(default=0.0, init=False)
+    _fixed_s: float | None = field(default=None, init=False)
+    _per_draft_s: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("k_max", "k_min", "k_start"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
+        if self.fixed_k is not None and (isinstance(self.fixed_k, bool) or not isinstance(self.fixed_k, int)
+                                         or self.fixed_k < 0):
+            raise ValueError(f"fixed_k must be None or an int >= 0, got {self.fixed_k!r}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay!r}")
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated probability that a draft is accepted (a prior of one accept, one reject)."""
+        return (self._accepted + 1.0) / (self._accepted + self._rejected + 2.0)
+
+    def k(self) -> int:
+        """Drafts to send this round."""
+        if self.fixed_k is not None:
+            return self.fixed_k
+        if self._fixed_s is None:
+            return min(max(self.k_start, self.k_min), self.k_max)
+        best = best_draft_length(self.acceptance, self._fixed_s, self._per_draft_s, self.k_max)
+        return max(best, self.k_min)
+
+    def observe(self, drafted: int, accepted: int, step: StepMetrics, draft_s: float) -> None:
+        """Learn from one round: ``accepted`` of ``drafted`` drafts and what the round cost."""
+        if drafted:
+            self._accepted = self.decay * self._accepted + accepted
+            self._rejected = self.decay * self._rejected + (accepted < drafted)
+        rows = step.tokens
+        per_row_edge = (step.edge_compute_s + step.encode_s + step.decode_s) / rows
+        # A batched pass over a few rows costs far less than that many one-row passes: count a
+        # quarter of the mean row cost as the server's extra work per draft.
+        per_draft = per_row_edge + draft_s / max(drafted, 1) + 0.25 * step.server_compute_s / rows \
+            + self.row_transfer_s
+        fixed = max(step.total_s - drafted * per_draft, 1e-6)
+        if self._fixed_s is None:
+            self._fixed_s, self._per_draft_s = fixed, per_draft
+        else:
+            a = 1.0 - self.decay
+            self._fixed_s += a * (fixed - self._fixed_s)
+            self._per_draft_s += a * (per_draft - self._per_draft_s)
