@@ -178,8 +178,9 @@ class SessionManager:
             hidden = decode(encoded.to(self.server.device))  # decode where the layers run (GPU kernels)
             t1 = time.perf_counter()
             try:
-                logits = self.server.forward(hidden, sess.cache, sess.position)
-                token = sample(logits, sess.open_msg.sampling, sess.generator)
+                token = self._compute(sess, hidden)
+            except SplitError:
+                raise  # refused before the cache was touched (a batching scheduler's admission)
             except Exception as exc:  # the cache may be half-updated: this session cannot go on
                 self._drop(sess)
                 raise SplitError(Status.INTERNAL, f"server segment failed: {type(exc).__name__}: {exc}") from exc
@@ -189,6 +190,12 @@ class SessionManager:
             sess.kv_bytes = cache_nbytes(sess.cache)
             sess.last_active = time.monotonic()
             return TokenReply(sess.id, msg.seq, token, sess.position, t1 - t0, t2 - t1, sess.kv_bytes)
+
+    def _compute(self, sess: _Session, hidden: torch.Tensor) -> int:
+        """Run the server layers on ``hidden`` ``[T, d]`` with the session's cache; the next token.
+        (:class:`~splitkernels.runtime.batching.BatchingSessionManager` batches this across sessions.)"""
+        logits = self.server.forward(hidden, sess.cache, sess.position)
+        return sample(logits, sess.open_msg.sampling, sess.generator)
 
     def close(self, session_id: int) -> bool:
         """Free a session; False if it was not open."""
