@@ -152,8 +152,7 @@ class SessionManager:
         session as it was; only a failure inside the model closes the session.
         """
         def run(sess: _Session, hidden: torch.Tensor) -> tuple[int, int, int]:
-            logits = self.server.forward(hidden, sess.cache, sess.position)
-            return 0, sample(logits, sess.open_msg.sampling, sess.generator), sess.position + hidden.shape[0]
+            return 0, self._compute(sess, hidden), sess.position + hidden.shape[0]
 
         accepted, token, position, decode_s, compute_s, kv = self._run(msg.session_id, msg.seq, msg.frame, 0, run)
         return TokenReply(msg.session_id, msg.seq, token, position, decode_s, compute_s, kv)
@@ -193,6 +192,8 @@ class SessionManager:
             t1 = time.perf_counter()
             try:
                 accepted, token, position = run(sess, hidden)
+            except SplitError:
+                raise  # refused before the cache was touched (a batching scheduler's admission)
             except Exception as exc:  # the cache may be half-updated: this session cannot go on
                 self._drop(sess)
                 raise SplitError(Status.INTERNAL, f"server segment failed: {type(exc).__name__}: {exc}") from exc
@@ -230,6 +231,12 @@ class SessionManager:
                 raise SplitError(Status.RESOURCE_EXHAUSTED,
                                  f"server KV cache budget of {self.limits.max_kv_bytes} bytes is spent")
         return hidden
+
+    def _compute(self, sess: _Session, hidden: torch.Tensor) -> int:
+        """Run the server layers on ``hidden`` ``[T, d]`` with the session's cache; the next token.
+        (:class:`~splitkernels.runtime.batching.BatchingSessionManager` batches this across sessions.)"""
+        logits = self.server.forward(hidden, sess.cache, sess.position)
+        return sample(logits, sess.open_msg.sampling, sess.generator)
 
     def close(self, session_id: int) -> bool:
         """Free a session; False if it was not open."""

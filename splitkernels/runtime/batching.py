@@ -1,0 +1,345 @@
+"""Continuous batching on the server: one scheduler thread runs the decode steps of many sessions
+as one forward of the server segment.
+
+Sessions keep their own KV cache (the segment's ``DynamicCache``, as on the unbatched path). For
+a batched decode step a :class:`_BatchView` stands in for the cache: each layer's ``update`` appends
+every session's new key/value to that session's own cache and hands the attention the caches
+left-padded to the longest one; the padding is masked by the model's own mask helper
+(``create_causal_mask`` with a 2-D padding mask). The layers, their attention and the LM head run
+once for the whole batch, so the weights are read once per step instead of once per session.
+
+Prefill frames (more than one token) run chunk by chunk through the unbatched segment forward,
+at most ``prefill_chunk`` tokens per scheduler iteration, between decode batches: a long prompt
+delays every other session by one chunk at most, not by the whole prompt.
+
+Exactness: every session's logits go through the same layers as on the unbatched server, but a
+batched matmul and a padded attention sum in a different order, so fp32 logits may differ in the
+last bits (the tests bound ``|batched - unbatched| / |unbatched|`` and check that the sampled
+tokens, greedy and seeded, are identical). Sampling is per session with its own generator.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from .adapters import FULL
+from .protocol import SamplingParams, SplitError, Status
+from .sampling import sample
+from .segments import Server
+from .sessions import NO_FINGERPRINT, Limits, SessionManager
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Scheduler settings.
+
+    * ``window_s``: after the first step arrives, wait at most this long for steps of other open
+      sessions before running the batch (the wait ends early once every open session has a step
+      queued). Default from ``bench/serve_load.py``.
+    * ``max_batch``: decode steps in one forward.
+    * ``prefill_chunk``: prefill tokens run per scheduler iteration.
+    * ``max_tokens_in_flight``: tokens queued or running over all sessions; a step past it is
+      refused with RESOURCE_EXHAUSTED (the session stays usable).
+    """
+
+    window_s: float = 0.002
+    max_batch: int = 64
+    prefill_chunk: int = 128
+    max_tokens_in_flight: int = 16384
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.window_s, (int, float)) and 0 <= self.window_s <= 1.0):
+            raise ValueError(f"window_s must be a number in [0, 1] seconds, got {self.window_s!r}")
+        for name in ("max_batch", "prefill_chunk", "max_tokens_in_flight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Counters the scheduler keeps (read with :meth:`Scheduler.stats`)."""
+
+    batches: int
+    decode_steps: int
+    prefill_chunks: int
+    max_batch_seen: int
+    tokens_in_flight: int
+    queue_s_total: float
+
+
+@dataclass(eq=False)  # identity: the queue removes a work item by itself, not by value
+class Work:
+    """One step of one session waiting for the scheduler.
+
+    ``hidden`` is the decoded frame ``[T, d]``; ``start`` the session's position (tokens already
+    in ``cache``). The scheduler sets ``token`` or ``error`` and then ``done``.
+    """
+
+    hidden: torch.Tensor
+    cache: object
+    start: int
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    key: int = 0  # who submitted it (a session id); used to end the batching window early
+    done_tokens: int = 0  # prefill tokens already run
+    token: int | None = None
+    error: BaseException | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+class _BatchView:
+    """A cache for one batched decode forward over per-session caches of different lengths.
+
+    ``update`` (called by each attention layer with ``[B, kv_heads, 1, head_dim]``) appends row
+    ``b`` to session ``b``'s own cache and returns all sessions' keys and values left-padded to
+    the longest, ``[B, kv_heads, L + 1, head_dim]``; the mask hides the padding.
+    """
+
+    is_compileable = False
+
+    def __init__(self, caches: list, lengths: list[int]) -> None:
+        self.caches, self.lengths = caches, lengths
+        self.past = max(lengths)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.past
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.past + query_length, 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        b, heads, q, dim = key_states.shape
+        total = self.past + q
+        keys = key_states.new_zeros(b, heads, total, dim)
+        values = value_states.new_zeros(b, heads, total, value_states.shape[-1])
+        for i, cache in enumerate(self.caches):
+            k, v = cache.update(key_states[i:i + 1], value_states[i:i + 1], layer_idx)
+            keys[i, :, total - k.shape[-2]:] = k[0]
+            values[i, :, total - v.shape[-2]:] = v[0]
+        return keys, values
+
+
+class Scheduler:
+    """Owns the batch: one thread takes queued :class:`Work` and runs it on ``server``.
+
+    ``expected`` returns how many sessions could submit right now (the open sessions); once that
+    many distinct sessions have work queued the window closes early.
+    """
+
+    def __init__(self, server: Server, config: BatchConfig | None = None,
+                 expected: Callable[[], int] | None = None) -> None:
+        if not isinstance(server, Server):
+            raise TypeError(f"server must be a Server segment, got {type(server).__name__}")
+        self.server = server
+        self.config = config or BatchConfig()
+        self._expected = expected or (lambda: 1 << 30)
+        self.batchable = all(server.adapter.layer_type(i) == FULL for i in range(server.first, server.last))
+        self._queue: deque[Work] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._in_flight = 0
+        self._batches = self._decode_steps = self._prefill_chunks = self._max_batch_seen = 0
+        self._queue_s = 0.0
+        self.on_batch: Callable[[int, list[float], float], None] | None = None  # (size, queue times, seconds)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="splitkernels-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread; queued work fails with UNAVAILABLE."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._cond:
+            pending, self._queue = list(self._queue), deque()
+        for w in pending:
+            self._finish(w, error=SplitError(Status.UNAVAILABLE, "server is shutting down"))
+
+    # -- submission ------------------------------------------------------------------------------
+    def submit(self, work: Work) -> Work:
+        """Queue ``work``; RESOURCE_EXHAUSTED past ``max_tokens_in_flight`` (nothing is queued then)."""
+        limit = self.config.max_tokens_in_flight
+        with self._cond:
+            if self._stop or self._thread is None:
+                raise SplitError(Status.UNAVAILABLE, "the batching scheduler is not running")
+            if self._in_flight + work.tokens > limit:
+                raise SplitError(Status.RESOURCE_EXHAUSTED,
+                                 f"{self._in_flight} tokens are in flight on the server and this step adds "
+                                 f"{work.tokens}; the limit is {limit} (max_tokens_in_flight)")
+            self._in_flight += work.tokens
+            self._queue.append(work)
+            self._cond.notify_all()
+        return work
+
+    def run(self, work: Work) -> int:
+        """Submit ``work`` and wait for its token; re-raises the error the scheduler hit."""
+        self.submit(work).done.wait()
+        if work.error is not None:
+            raise work.error
+        return work.token
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _take(self) -> tuple[list[Work], list[Work]] | None:
+        """Wait for work and for the window; split the queue into decodes (up to max_batch) and
+        prefills. None when stopping."""
+        with self._cond:
+            while not self._queue and not self._stop:
+                self._cond.wait(0.5)
+            if self._stop:
+                return None
+            deadline = time.perf_counter() + self.config.window_s
+            while not self._stop:
+                left = deadline - time.perf_counter()
+                if left <= 0 or len({w.key for w in self._queue}) >= self._expected():
+                    break
+                self._cond.wait(left)
+            decodes, prefills = [], []
+            for w in self._queue:
+                is_decode = w.tokens == 1 and self.batchable
+                if is_decode and len(decodes) < self.config.max_batch:
+                    decodes.append(w)
+                elif not is_decode:
+                    prefills.append(w)
+            return decodes, prefills
+
+    def _loop(self) -> None:
+        while (taken := self._take()) is not None:
+            decodes, prefills = taken
+            if decodes:
+                self._run_decodes(decodes)
+            budget = self.config.prefill_chunk
+            for w in prefills:
+                if budget <= 0:
+                    break
+                budget -= self._run_prefill_chunk(w, budget)
+
+    def _dequeue(self, works: list[Work]) -> None:
+        with self._cond:
+            for w in works:
+                self._queue.remove(w)
+                self._in_flight -= w.tokens
+
+    def _finish(self, work: Work, token: int | None = None, error: BaseException | None = None) -> None:
+        work.token, work.error = token, error
+        work.done.set()
+
+    def _run_decodes(self, works: list[Work]) -> None:
+        now = time.perf_counter()
+        queue_times = [now - w.enqueued for w in works]
+        self._dequeue(works)
+        try:
+            logits = self.forward_decode([w.hidden for w in works], [w.cache for w in works],
+                                         [w.start for w in works])
+            tokens = [sample(logits[i], w.sampling, w.generator) for i, w in enumerate(works)]
+        except Exception as exc:  # every cache in the batch may be half-updated
+            for w in works:
+                self._finish(w, error=exc)
+            return
+        seconds = time.perf_counter() - now
+        self._batches += 1
+        self._decode_steps += len(works)
+        self._max_batch_seen = max(self._max_batch_seen, len(works))
+        self._queue_s += sum(queue_times)
+        for w, t in zip(works, tokens):
+            self._finish(w, token=t)
+        if self.on_batch is not None:
+            self.on_batch(len(works), queue_times, seconds)
+
+    def _run_prefill_chunk(self, work: Work, budget: int) -> int:
+        """Run up to ``budget`` more tokens of ``work``'s prefill; returns how many ran."""
+        if work.started is None:
+            work.started = time.perf_counter()
+        a = work.done_tokens
+        b = min(work.tokens, a + budget)
+        last = b == work.tokens
+        try:
+            logits = self.server.forward(work.hidden[a:b], work.cache, work.start + a, last_only=True)
+            token = sample(logits, work.sampling, work.generator) if last else None
+        except Exception as exc:
+            self._dequeue([work])
+            self._finish(work, error=exc)
+            return b - a
+        work.done_tokens = b
+        self._prefill_chunks += 1
+        if last:
+            self._dequeue([work])
+            self._queue_s += work.started - work.enqueued
+            self._finish(work, token=token)
+            if self.on_batch is not None:
+                self.on_batch(1, [work.started - work.enqueued], time.perf_counter() - work.started)
+        return b - a
+
+    @torch.inference_mode()
+    def forward_decode(self, hiddens: list[torch.Tensor], caches: list, starts: list[int]) -> torch.Tensor:
+        """One token per session, ``hiddens[i]`` ``[1, d]`` at position ``starts[i]`` (= tokens in
+        ``caches[i]``), as one forward; logits ``[B, V]``. Appends to every cache."""
+        server = self.server
+        adapter = server.adapter
+        h = torch.cat(hiddens).to(device=server.device, dtype=server.dtype).unsqueeze(1)  # [B, 1, d]
+        batch = h.shape[0]
+        pos = torch.tensor(starts, device=h.device).unsqueeze(1)  # [B, 1]
+        view = _BatchView(caches, starts)
+        total = view.past + 1
+        # Session i's keys sit right-aligned in the padded cache: valid are the last starts[i] + 1.
+        idx = torch.arange(total, device=h.device).unsqueeze(0)
+        padding = idx >= (total - 1 - pos)  # [B, total]
+        mask = create_causal_mask(config=adapter.config, inputs_embeds=h, attention_mask=padding, cache=view,
+                                  position_ids=pos, layer_idx=server.first, allow_is_causal_skip=False)
+        pos_emb = adapter.position_embeddings(h, pos)
+        for layer in server.layers:
+            h = adapter.call_layer(layer, h, mask=mask, position_ids=pos, position_embeddings=pos_emb, cache=view)
+        return adapter.head(h)[:, -1]
+
+    def stats(self) -> BatchStats:
+        with self._cond:
+            in_flight = self._in_flight
+        return BatchStats(self._batches, self._decode_steps, self._prefill_chunks, self._max_batch_seen,
+                          in_flight, self._queue_s)
+
+
+class BatchingSessionManager(SessionManager):
+    """A :class:`SessionManager` whose steps run through a :class:`Scheduler` (one batched forward
+    for the decode steps of many sessions). Validation, limits, idle expiry and accounting are the
+    unbatched manager's; only the compute differs."""
+
+    def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT,
+                 batch: BatchConfig | None = None) -> None:
+        super().__init__(server, limits, fingerprint)
+        self.scheduler = Scheduler(server, batch, expected=lambda: self.num_sessions).start()
+
+    def _compute(self, sess, hidden: torch.Tensor) -> int:
+        return self.scheduler.run(Work(hidden, sess.cache, sess.position, sess.open_msg.sampling,
+                                       sess.generator, key=sess.id))
+
+    def shutdown(self) -> None:
+        """Stop the scheduler (queued steps fail UNAVAILABLE), then the reaper and the sessions."""
+        self.scheduler.stop()
+        super().shutdown()
+
+    def stats(self) -> dict:
+        return {**super().stats(), "batching": {**asdict(self.scheduler.config), **asdict(self.scheduler.stats())}}
