@@ -15,6 +15,7 @@
 #include "cpu/bitpack.h"
 #include "cpu/codec.h"
 #include "cpu/linear.h"
+#include "cpu/rans.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -108,6 +109,26 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("w"), py::arg("N"), py::arg("w_scale"),
       py::arg("bias"), py::arg("y"), nogil, "W8A8 linear (bias fp32 or 0).");
+
+  m.def(
+      "rans_encode",
+      [](std::uintptr_t sym, int64_t n, std::uintptr_t freq, int nsym, std::uintptr_t out, int64_t capacity) {
+        check(sk::rans_check_table(ptr<const uint32_t>(freq), nsym));
+        const int64_t len = sk::rans_encode(ptr<const uint8_t>(sym), n, ptr<const uint32_t>(freq), nsym,
+                                            ptr<uint8_t>(out), capacity);
+        if (len < 0) throw std::invalid_argument("rans_encode: a symbol is outside the table or out is too small");
+        return len;
+      },
+      py::arg("sym"), py::arg("n"), py::arg("freq"), py::arg("nsym"), py::arg("out"), py::arg("capacity"), nogil,
+      "Static-table rANS encode of n u8 symbols (freq u32[nsym]); returns the stream length in bytes.");
+
+  m.def(
+      "rans_decode",
+      [](std::uintptr_t data, int64_t len, int64_t n, std::uintptr_t freq, int nsym, std::uintptr_t out) {
+        return sk::rans_decode(ptr<const uint8_t>(data), len, n, ptr<const uint32_t>(freq), nsym, ptr<uint8_t>(out));
+      },
+      py::arg("data"), py::arg("len"), py::arg("n"), py::arg("freq"), py::arg("nsym"), py::arg("out"), nogil,
+      "Static-table rANS decode of exactly n symbols into out; returns '' or why the stream is invalid.");
 
   m.def("set_num_threads", [](int n) {
 #ifdef _OPENMP

@@ -1,0 +1,30 @@
+// Static-table rANS coder of codec v2 (docs/FORMATS.md section 5.3): 32-bit states kept in
+// [2^16, 2^32), 16-bit renormalisation words, 14-bit probabilities, 1 or 4 interleaved lanes.
+// Bit-exact with the Python reference splitkernels/codec/rans.py.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace sk {
+
+constexpr int kRansPrecBits = 14;
+constexpr uint32_t kRansM = 1u << kRansPrecBits;
+constexpr uint32_t kRansL = 1u << 16;
+constexpr int64_t kRansWideLanesFrom = 1 << 14;
+
+// Lanes for n symbols: 1 below kRansWideLanesFrom symbols, else 4.
+inline int rans_lanes(int64_t n) { return n >= kRansWideLanesFrom ? 4 : 1; }
+
+// Checks a frequency table (2..256 entries, each 1..kRansM/2, sum kRansM); "" when valid.
+std::string rans_check_table(const uint32_t* freq, int nsym);
+
+// Encodes n symbols (each < nsym) into out (capacity bytes; 4*lanes + 2*n always suffices).
+// Returns the stream length in bytes, or -1 when a symbol is out of range or out is too small.
+int64_t rans_encode(const uint8_t* sym, int64_t n, const uint32_t* freq, int nsym, uint8_t* out, int64_t capacity);
+
+// Decodes exactly n symbols from data[0, len). Returns "" or why the stream is invalid (too short,
+// wrong length, ends early, trailing words, final states differ from the initial state).
+std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const uint32_t* freq, int nsym, uint8_t* out);
+
+}  // namespace sk

@@ -1,0 +1,188 @@
+"""Fit a codec v2 configuration from split-layer hidden states (DESIGN §1, codec v2).
+
+What is fitted, from calibration hidden states ``[N, d]`` of one model and split layer:
+
+* **Channel centers.** The per-channel median of the calibration tokens is subtracted first, so a
+  channel with a large constant part (a massive activation) codes only its variation.
+* **Channel scales.** With a measured ``sensitivity`` (diagonal Fisher of the model's output with
+  respect to the split hidden state, :func:`splitkernels.codec.sensitivity.fisher_diagonal`), the
+  scale of channel ``c`` is ``F_c ** -0.5``: quantisation noise ``scale_c**2 * step**2 / 12`` then
+  costs the same KL in every channel, which minimises the second-order KL estimate
+  ``0.5 * sum_c F_c * noise_c`` at a given entropy-coded rate. Without one, every channel gets the
+  same scale (equal absolute noise, as v1 gives its inliers). Scales are clipped to
+  ``[1/64, 64]`` of their median so a few badly estimated channels cannot take all the bits.
+* **Sinks.** Tokens whose rms is above ``SINK_RATIO`` times the median token rms (the position-0
+  attention sink, for example) are left out of every statistic; at encode time their extreme
+  values escape (exact) and a token with more than ``raw_limit`` escapes travels raw.
+* **Global step and alphabet.** One step ``delta`` in the equalised domain, found by bisection so
+  that the estimated bits per element of 512-token frames (static-table entropy of the symbols,
+  escapes at the wire dtype, raw tokens, framing) meets ``bits``, and/or the KL proxy meets
+  ``max_kl_proxy``. ``kmax`` covers all but ``ESCAPE_RATE`` of the calibration values; everything
+  beyond escapes exact, so massive channels and heavy outliers are never clipped.
+* **rANS table** from the symbol counts at the chosen step.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import rans
+from .config_v2 import MAX_KMAX, CodecConfigV2
+from .frame_v2 import framing_bytes
+
+DEFAULT_BITS = 4.0
+SINK_RATIO = 8.0
+SCALE_CLIP = 64.0
+ESCAPE_RATE = 1e-4
+FRAME_TOKENS = 512
+RAW_FRACTION = 0.5
+_BISECT_STEPS = 40
+
+
+def _token_rms(x: torch.Tensor) -> torch.Tensor:
+    return x.double().pow(2).mean(1).sqrt()
+
+
+def sink_mask(hidden: torch.Tensor) -> torch.Tensor:
+    """Tokens whose rms exceeds ``SINK_RATIO`` x the median token rms (attention sinks)."""
+    r = _token_rms(hidden)
+    return r > SINK_RATIO * r.median()
+
+
+def channel_scales(hidden: torch.Tensor, sensitivity: torch.Tensor | None) -> np.ndarray:
+    """Relative per-channel scales (median 1): ``F ** -0.5`` clipped, or all ones without ``F``."""
+    d = hidden.shape[1]
+    if sensitivity is None:
+        return np.ones(d, dtype=np.float64)
+    f = sensitivity.detach().double().cpu().numpy()
+    if f.shape != (d,) or not np.isfinite(f).all() or (f < 0).any():
+        raise ValueError(f"sensitivity must be a finite non-negative tensor of shape [{d}]")
+    med = np.median(f)
+    if not med > 0:
+        raise ValueError("sensitivity is zero for more than half the channels; it carries no usable measurement")
+    s = np.sqrt(med / np.maximum(f, med / SCALE_CLIP**2))
+    return np.clip(s, 1.0 / SCALE_CLIP, SCALE_CLIP)
+
+
+class _Stats:
+    """Calibration values in the equalised domain and what each step setting costs there."""
+
+    def __init__(self, hidden: torch.Tensor, center: np.ndarray, scales: np.ndarray, value_bits: int,
+                 sensitivity: torch.Tensor | None) -> None:
+        self.z = (hidden.float() - torch.from_numpy(center)) / torch.from_numpy(scales).float()
+        self.scales = torch.from_numpy(scales).float()
+        self.d = hidden.shape[1]
+        self.value_bits = value_bits
+        self.fisher = None if sensitivity is None else sensitivity.detach().double().cpu()
+        self.framing = 8.0 * (framing_bytes(FRAME_TOKENS) + 3 + 4 * rans.WIDE_LANES) / (FRAME_TOKENS * self.d)
+        flat = self.z.abs().flatten()
+        sample = flat if flat.numel() <= 1 << 24 else flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
+        self.z_hi = float(torch.quantile(sample, 1.0 - ESCAPE_RATE))
+
+    def kmax(self, delta: float) -> int:
+        return int(min(MAX_KMAX, max(1, math.ceil(self.z_hi / delta))))
+
+    def symbols(self, delta: float) -> tuple[torch.Tensor, int]:
+        k = self.kmax(delta)
+        v = self.z / delta
+        esc = v.abs() > k
+        return torch.where(esc, torch.full_like(v, 2 * k + 1), torch.round(v.clamp(-k, k)) + k), k
+
+    def table(self, delta: float) -> tuple[tuple[int, ...], int, float]:
+        """(freqs, kmax, estimated bits per element) at ``delta`` for 512-token frames."""
+        sym, k = self.symbols(delta)
+        counts = torch.bincount(sym.flatten().long(), minlength=2 * k + 2).double().numpy()
+        freqs = rans.build_freqs(counts)
+        cost = -np.log2(np.asarray(freqs, dtype=np.float64) / rans.M)
+        n = counts.sum()
+        bits = float((counts * cost).sum() / n + counts[2 * k + 1] / n * self.value_bits) + self.framing
+        return freqs, k, bits
+
+    def kl_proxy(self, delta: float) -> float:
+        """``0.5 * sum_c F_c * mean_t err_tc**2`` of the quantisation error (escapes are exact)."""
+        if self.fisher is None:
+            raise ValueError("max_kl_proxy needs a measured sensitivity (diagonal Fisher) of the split hidden state")
+        k = self.kmax(delta)
+        v = self.z / delta
+        err = torch.where(v.abs() > k, torch.zeros_like(v), (torch.round(v.clamp(-k, k)) - v) * delta) * self.scales
+        return 0.5 * float((err.double().pow(2).mean(0) * self.fisher).sum())
+
+
+def _bisect(pred, lo: float, hi: float) -> tuple[float, float]:
+    """Bracket ``(a, b)`` on a log scale with pred(a) true and pred(b) false (pred true for small
+    deltas); ``(lo, lo)`` if pred(lo) is false, ``(hi, hi)`` if pred(hi) is true."""
+    if not pred(lo):
+        return lo, lo
+    if pred(hi):
+        return hi, hi
+    for _ in range(_BISECT_STEPS):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if pred(mid) else (lo, mid)
+    return lo, hi
+
+
+def calibrate(
+    hidden: torch.Tensor,
+    *,
+    bits: float | None = None,
+    max_kl_proxy: float | None = None,
+    base: CodecConfigV2 | None = None,
+    sensitivity: torch.Tensor | None = None,
+    wire_dtype: torch.dtype = torch.float16,
+) -> CodecConfigV2:
+    """Fit a :class:`CodecConfigV2` from split-layer hidden states ``[N, d]`` (module docstring).
+
+    ``bits``: target bits per element of 512-token frames (every frame byte counted); default
+    ``DEFAULT_BITS`` when neither target is given. ``max_kl_proxy``: target of the second-order KL
+    estimate (needs ``sensitivity``); with both, the coarsest step meeting the proxy is used unless
+    it costs more than ``bits``. ``base``: keep its relative channel scales and refit the rest.
+    ``sensitivity``: diagonal Fisher ``[d]`` of the model output w.r.t. the split hidden state.
+    ``wire_dtype``: dtype the edge sends (escape and raw values are charged at its width).
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[0] < 1 or hidden.shape[1] < 1:
+        raise ValueError(f"hidden must be a [N, d] tensor with N, d >= 1, got {getattr(hidden, 'shape', type(hidden))}")
+    if not hidden.is_floating_point() or not torch.isfinite(hidden).all():
+        raise ValueError("hidden must be a finite floating-point tensor")
+    if bits is not None and not (isinstance(bits, (int, float)) and 1.0 <= bits <= 16.0):
+        raise ValueError(f"bits must be a number in [1, 16], got {bits!r}")
+    if max_kl_proxy is not None and not (isinstance(max_kl_proxy, (int, float)) and max_kl_proxy > 0):
+        raise ValueError(f"max_kl_proxy must be a number > 0, got {max_kl_proxy!r}")
+    if base is not None and not isinstance(base, CodecConfigV2):
+        raise TypeError(f"base must be a CodecConfigV2, got {type(base).__name__}")
+    if base is not None and base.d != hidden.shape[1]:
+        raise ValueError(f"base has d = {base.d}, hidden has d = {hidden.shape[1]}")
+    if bits is None and max_kl_proxy is None:
+        bits = DEFAULT_BITS
+    d = hidden.shape[1]
+    hidden = hidden.detach().cpu().float()
+    sinks = sink_mask(hidden)
+    body = hidden[~sinks]
+    center = body.median(0).values.numpy().astype(np.float32)
+    if base is not None:
+        scales = base.step_array().astype(np.float64)
+        scales /= np.median(scales)
+    else:
+        scales = channel_scales(body, sensitivity)
+    value_bits = torch.empty((), dtype=wire_dtype).element_size() * 8
+    stats = _Stats(body, center, scales, value_bits, sensitivity)
+
+    spread = max(float(stats.z.pow(2).mean().sqrt()), 1e-30)
+    lo, hi = spread * 2.0**-16, spread * 4.0
+    deltas = []
+    if max_kl_proxy is not None:
+        deltas.append(_bisect(lambda dl: stats.kl_proxy(dl) <= max_kl_proxy, lo, hi)[0])
+    if bits is not None:
+        # The smallest probed step whose estimated cost is within the budget.
+        deltas.append(_bisect(lambda dl: stats.table(dl)[2] > bits, lo, hi)[1])
+    delta = max(deltas)
+    freqs, k, est_bits = stats.table(delta)
+    step = (scales * delta).astype(np.float32)
+    info = {"target_bits": bits, "max_kl_proxy": max_kl_proxy, "estimated_bits": est_bits, "delta": delta,
+            "kmax": k, "calibration_tokens": int(hidden.shape[0]), "sink_tokens": int(sinks.sum()),
+            "scales": "fisher" if sensitivity is not None and base is None else ("base" if base else "uniform"),
+            "wire_dtype": str(wire_dtype).replace("torch.", "")}
+    if sensitivity is not None:
+        info["kl_proxy"] = stats.kl_proxy(delta)
+    return CodecConfigV2(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=k, freqs=freqs, raw_limit=int(d * RAW_FRACTION), info=info)

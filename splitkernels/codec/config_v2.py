@@ -1,0 +1,118 @@
+"""Codec v2 settings: the calibrated, session-static part of the codec (docs/FORMATS.md §5).
+
+A :class:`CodecConfigV2` is produced by :func:`splitkernels.codec.calibrate` for one model and
+split layer. It is frozen, serialises to JSON (``to_json``/``from_json``) and has a fingerprint that
+every v2 frame carries, so a frame is never decoded with the wrong tables.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import rans
+
+CONFIG_VERSION = 2
+MAX_KMAX = (rans.MAX_SYMBOLS - 2) // 2  # symbols 0..2K are codes -K..K, 2K+1 is the escape
+
+
+@dataclass(frozen=True)
+class CodecConfigV2:
+    """Static codec v2 state for ``d`` channels.
+
+    * ``center``: per-channel offset (fp32, finite), the calibrated channel median.
+    * ``step``: per-channel quantiser step (fp32 values, > 0). A value ``x`` of channel ``c`` has
+      ``v = fp32(fp32(x) - center[c]) * fp32(1 / step[c])``; ``|v| <= kmax`` codes as ``rint(v)``, anything else is an
+      *escape*: the exact value travels in the input dtype. The step is the calibrated channel
+      scale times one global step in the equalised domain.
+    * ``kmax``: largest code magnitude (1..127); the alphabet is ``2 * kmax + 2`` symbols.
+    * ``freqs``: static rANS table over that alphabet (sum ``2**14``, each 1..``2**13``).
+    * ``raw_limit``: a token with more than this many escapes travels raw (attention sinks).
+    * ``info``: calibration notes (target bits, estimated bits, KL proxy); not part of the codec,
+      not in the fingerprint.
+    """
+
+    center: tuple[float, ...]
+    step: tuple[float, ...]
+    kmax: int
+    freqs: tuple[int, ...]
+    raw_limit: int
+    info: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        step = tuple(float(np.float32(s)) for s in self.step)
+        center = tuple(float(np.float32(c)) for c in self.center)
+        object.__setattr__(self, "step", step)
+        object.__setattr__(self, "center", center)
+        object.__setattr__(self, "freqs", tuple(int(f) for f in self.freqs))
+        if not step:
+            raise ValueError("step must have one entry per channel (d >= 1)")
+        if not all(math.isfinite(s) and s > 0 and math.isfinite(1.0 / s) for s in step):
+            raise ValueError("every step entry must be a finite fp32 value > 0 with a finite reciprocal")
+        if len(center) != len(step) or not all(math.isfinite(c) for c in center):
+            raise ValueError(f"center must have d = {len(step)} finite entries, got {len(center)}")
+        if isinstance(self.kmax, bool) or not isinstance(self.kmax, int) or not 1 <= self.kmax <= MAX_KMAX:
+            raise ValueError(f"kmax must be an int in [1, {MAX_KMAX}], got {self.kmax!r}")
+        if len(self.freqs) != 2 * self.kmax + 2:
+            raise ValueError(f"freqs must have 2 * kmax + 2 = {2 * self.kmax + 2} entries, got {len(self.freqs)}")
+        rans.check_freqs(self.freqs)
+        if isinstance(self.raw_limit, bool) or not isinstance(self.raw_limit, int) or not 0 <= self.raw_limit <= self.d:
+            raise ValueError(f"raw_limit must be an int in [0, d={self.d}], got {self.raw_limit!r}")
+
+    @property
+    def d(self) -> int:
+        return len(self.step)
+
+    @property
+    def escape_symbol(self) -> int:
+        return 2 * self.kmax + 1
+
+    def center_array(self) -> np.ndarray:
+        return np.asarray(self.center, dtype=np.float32)
+
+    def step_array(self) -> np.ndarray:
+        return np.asarray(self.step, dtype=np.float32)
+
+    def inv_step_array(self) -> np.ndarray:
+        """``fp32(1 / step)`` with one IEEE fp32 division per channel (the encoder multiplies by it)."""
+        return np.float32(1.0) / self.step_array()
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes the fingerprint hashes: version, d, kmax, raw_limit, centers and steps (f32), freqs (u16)."""
+        head = struct.pack("<BIII", CONFIG_VERSION, self.d, self.kmax, self.raw_limit)
+        return head + self.center_array().astype("<f4").tobytes() + self.step_array().astype("<f4").tobytes() + np.asarray(self.freqs, dtype="<u2").tobytes()
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of :meth:`canonical_bytes`; frames carry its first 4 bytes."""
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+    @property
+    def frame_tag(self) -> int:
+        """The u32 that v2 frames carry: the first 4 fingerprint bytes, little-endian."""
+        return int.from_bytes(bytes.fromhex(self.fingerprint[:8]), "little")
+
+    def to_dict(self) -> dict:
+        return {"version": CONFIG_VERSION, "center": list(self.center), "step": list(self.step), "kmax": self.kmax, "freqs": list(self.freqs),
+                "raw_limit": self.raw_limit, "info": dict(self.info), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CodecConfigV2":
+        if d.get("version") != CONFIG_VERSION:
+            raise ValueError(f"codec config version must be {CONFIG_VERSION}, got {d.get('version')!r}")
+        cfg = cls(center=tuple(d["center"]), step=tuple(d["step"]), kmax=d["kmax"], freqs=tuple(d["freqs"]), raw_limit=d["raw_limit"],
+                  info=dict(d.get("info", {})))
+        if "fingerprint" in d and d["fingerprint"] != cfg.fingerprint:
+            raise ValueError("codec config fingerprint does not match its contents")
+        return cfg
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "CodecConfigV2":
+        return cls.from_dict(json.loads(text))

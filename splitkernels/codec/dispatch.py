@@ -1,0 +1,44 @@
+"""Version dispatch of the public codec API: v1 (self-describing TS + TAB-Q) and v2 (calibrated).
+
+The configuration type picks the encoder; the frame's version byte picks the parser. v1 frames
+decode as before without a config; v2 frames need the session's :class:`CodecConfigV2`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import encoded as v1
+from .config import CodecConfig
+from .config_v2 import CodecConfigV2
+from .frame import MAGIC, FrameError
+from .frame_v2 import FRAME_VERSION_V2, read_frame_v2
+from .v2 import EncodedV2, decode_v2, encode_v2
+
+
+def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None) -> v1.Encoded | EncodedV2:
+    """Encode ``x [T, d]``: v2 with a :class:`CodecConfigV2`, else v1 (default :class:`CodecConfig`)."""
+    if isinstance(config, CodecConfigV2):
+        return encode_v2(x, config)
+    return v1.encode(x, config)
+
+
+def decode(encoded: v1.Encoded | EncodedV2) -> torch.Tensor:
+    """Reconstruct ``[T, d]`` from a v1 or v2 encoded tensor."""
+    if isinstance(encoded, EncodedV2):
+        return decode_v2(encoded)
+    return v1.decode(encoded)
+
+
+def from_bytes(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None = None) -> v1.Encoded | EncodedV2:
+    """Parse a wire frame; raises :class:`FrameError` on anything malformed.
+
+    v2 frames need ``config`` (the session's calibrated config) and raise FrameError when it is
+    missing or is not the one the frame was encoded with; v1 frames ignore it.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        head = bytes(memoryview(data).cast("B")[:5])
+        if len(head) == 5 and head[:4] == MAGIC and head[4] == FRAME_VERSION_V2:
+            return read_frame_v2(data, config)
+    if config is not None and not isinstance(config, CodecConfigV2):
+        raise FrameError(f"config must be a CodecConfigV2 or None, got {type(config).__name__}")
+    return v1.from_bytes(data)

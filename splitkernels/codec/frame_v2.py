@@ -1,0 +1,157 @@
+"""The codec v2 wire frame (docs/FORMATS.md §5.4). The static part (steps, rANS table) travels
+once per session as a :class:`CodecConfigV2`; a frame carries only per-token data and the first 4
+bytes of the config fingerprint.
+
+Layout (little-endian):
+
+    magic "SKTQ" | version u8 = 2 | dtype u8 | tag u32 | T varint | escapes varint
+    raw bitmap ceil(T/8) bytes | escape values dtype[escapes] | raw tokens dtype[n_raw * d]
+    rANS stream of the (T - n_raw) * d symbols (the rest) | crc32 u32 of every byte before it
+
+The parser validates every field and bound before allocating anything sized by the frame (the
+largest allocation is bounded by ``rans.max_symbols`` of the stream plus the raw section's own
+bytes) and raises :class:`FrameError` on anything wrong.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from . import rans
+from .config_v2 import CodecConfigV2
+from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError
+from .v2 import EncodedV2
+
+FRAME_VERSION_V2 = 2
+HEAD = struct.Struct("<4sBBI")
+CRC_BYTES = 4
+MAX_VARINT_BYTES = 5
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int, end: int, what: str) -> tuple[int, int]:
+    """Canonical LEB128 (no redundant trailing zero groups), at most 5 bytes."""
+    n = shift = 0
+    for i in range(MAX_VARINT_BYTES):
+        if pos + i >= end:
+            raise FrameError(f"frame truncated inside {what}")
+        b = buf[pos + i]
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            if i and b == 0:
+                raise FrameError(f"{what} is not minimally encoded")
+            return n, pos + i + 1
+    raise FrameError(f"{what} is longer than {MAX_VARINT_BYTES} bytes")
+
+
+def framing_bytes(t: int) -> int:
+    """Bytes of a frame that are neither symbols, escape values nor raw tokens (header, bitmap, CRC)."""
+    return HEAD.size + len(_varint(t)) + (t + 7) // 8 + CRC_BYTES  # + varint(escapes), counted by the caller
+
+
+def write_frame_v2(enc: EncodedV2) -> bytes:
+    cfg = enc.config
+    t, d = enc.shape
+    raw = enc.raw.numpy().astype(bool)
+    coded_sym = enc.symbols.numpy()[~raw]
+    stream = rans.encode(coded_sym, cfg.freqs)
+    parts = [
+        HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[enc.dtype], cfg.frame_tag),
+        _varint(t),
+        _varint(int(enc.escapes.numel())),
+        np.packbits(raw, bitorder="little").tobytes(),
+        enc.escapes.contiguous().view(torch.uint8).numpy().tobytes(),
+        enc.raw_values.contiguous().view(torch.uint8).numpy().tobytes(),
+        stream,
+    ]
+    body = b"".join(parts)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _values(raw_bytes: memoryview, dtype: torch.dtype, what: str) -> torch.Tensor:
+    vals = torch.frombuffer(bytearray(raw_bytes), dtype=torch.uint8).view(dtype) if len(raw_bytes) else torch.empty(0, dtype=dtype)
+    if not torch.isfinite(vals).all():
+        raise FrameError(f"{what}: a value is not finite")
+    return vals
+
+
+def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None) -> EncodedV2:
+    """Parse and validate a v2 frame against the session's ``config``; :class:`FrameError` if anything is wrong."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise FrameError(f"a frame must be bytes, got {type(data).__name__}")
+    if config is None:
+        raise FrameError("a v2 frame needs the session's CodecConfigV2 (config=...) to be decoded")
+    if not isinstance(config, CodecConfigV2):
+        raise FrameError(f"config must be a CodecConfigV2 for a v2 frame, got {type(config).__name__}")
+    buf = memoryview(data).cast("B")
+    if len(buf) < HEAD.size + 2 + CRC_BYTES:
+        raise FrameError(f"frame truncated: {len(buf)} bytes, a v2 header needs at least {HEAD.size + 2 + CRC_BYTES}")
+    magic, version, dtype_code, tag = HEAD.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise FrameError(f"not a codec frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version != FRAME_VERSION_V2:
+        raise FrameError(f"frame version {version} is not a v2 frame")
+    if dtype_code not in CODE_DTYPES:
+        raise FrameError(f"unknown dtype code {dtype_code}")
+    crc_at = len(buf) - CRC_BYTES
+    (crc,) = struct.unpack_from("<I", buf, crc_at)
+    if zlib.crc32(buf[:crc_at]) != crc:
+        raise FrameError("frame CRC mismatch (corrupted or truncated frame)")
+    if tag != config.frame_tag:
+        raise FrameError(f"frame was encoded with codec config {tag:08x}, the session's is {config.frame_tag:08x}")
+
+    dtype = CODE_DTYPES[dtype_code]
+    item = torch.empty((), dtype=dtype).element_size()
+    d = config.d
+    t, pos = _read_varint(buf, HEAD.size, crc_at, "T")
+    n_esc, pos = _read_varint(buf, pos, crc_at, "escape count")
+    if t > MAX_T:
+        raise FrameError(f"frame claims T = {t} tokens, more than {MAX_T}")
+
+    def take(n: int, what: str) -> memoryview:
+        nonlocal pos
+        if pos + n > crc_at:
+            raise FrameError(f"frame truncated: {what} needs {n} bytes at offset {pos}, frame body ends at {crc_at}")
+        view = buf[pos : pos + n]
+        pos += n
+        return view
+
+    bitmap = np.frombuffer(take((t + 7) // 8, "raw bitmap"), dtype=np.uint8)
+    raw = np.unpackbits(bitmap, bitorder="little")[:t].astype(bool)
+    if t % 8 and int(bitmap[-1]) >> (t % 8):
+        raise FrameError("raw bitmap has bits set beyond T")
+    n_raw = int(raw.sum())
+    n_sym = (t - n_raw) * d
+    if n_esc > n_sym:
+        raise FrameError(f"frame claims {n_esc} escapes for {n_sym} coded values")
+    escapes = _values(take(n_esc * item, "escape values"), dtype, "escape values")
+    raw_bytes = take(n_raw * d * item, "raw tokens")
+    stream = buf[pos:crc_at]
+    if n_sym > rans.max_symbols(len(stream)):
+        raise FrameError(f"frame claims {n_sym} coded values, more than a {len(stream)}-byte stream can hold")
+    try:
+        sym = rans.decode(stream, config.freqs, n_sym)
+    except rans.RansError as exc:
+        raise FrameError(f"symbol stream invalid: {exc}") from None
+    if int((sym == config.escape_symbol).sum()) != n_esc:
+        raise FrameError(f"escape count {n_esc} does not match the escape symbols in the stream")
+    raw_values = _values(raw_bytes, dtype, "raw tokens").reshape(n_raw, d)
+    symbols = torch.zeros(t, d, dtype=torch.uint8)
+    raw_t = torch.from_numpy(raw)
+    symbols[~raw_t] = torch.from_numpy(sym).reshape(t - n_raw, d)
+    return EncodedV2(symbols, raw_t, escapes, raw_values, config)

@@ -1,0 +1,181 @@
+"""Static-table rANS: the entropy stage of codec v2 (docs/FORMATS.md §5.3).
+
+This module is the plain-Python reference coder (ground truth for tests and golden vectors) plus
+the table builder. ``encode``/``decode`` use the C++ coder (``splitkernels._C``) when it is built
+and fall back to the reference otherwise; both produce identical bytes.
+
+Parameters (fixed by the format): probabilities in units of ``1 / 2**PREC_BITS``, a 32-bit state
+kept in ``[2**16, 2**32)``, 16-bit renormalisation words, ``lanes(n)`` interleaved states.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .._native import load
+
+PREC_BITS = 14
+M = 1 << PREC_BITS
+RANS_L = 1 << 16
+MAX_SYMBOLS = 256
+# No symbol may have probability above 1/2, so every symbol costs at least about one bit: a frame
+# cannot claim more symbols than ``max_symbols(stream_bytes)`` (bounded decoder allocation).
+MAX_FREQ = M // 2
+LANES_MIN_SYMBOLS = 1 << 14
+WIDE_LANES = 4
+
+_C, _ = load("_C")
+
+
+class RansError(ValueError):
+    """An rANS stream is inconsistent with its table or symbol count."""
+
+
+def lanes(n: int) -> int:
+    """Interleaved states for ``n`` symbols: 1 for short streams (one-token frames), else 4."""
+    return WIDE_LANES if n >= LANES_MIN_SYMBOLS else 1
+
+
+def max_symbols(stream_bytes: int) -> int:
+    """Most symbols a valid stream of ``stream_bytes`` bytes can hold.
+
+    Every symbol has probability <= 1/2 and each coding step at least multiplies the state by 1.5
+    (floor and renormalisation losses included), so a symbol costs more than 0.58 bit; 16 symbols
+    per byte (plus the states) is a safe bound that no valid stream exceeds.
+    """
+    return 16 * stream_bytes + 64
+
+
+def check_freqs(freqs: Sequence[int]) -> None:
+    """Raise ValueError unless ``freqs`` is a valid table: 2..256 entries, each 1..MAX_FREQ, sum M."""
+    f = list(freqs)
+    if not 2 <= len(f) <= MAX_SYMBOLS:
+        raise ValueError(f"freqs must have 2..{MAX_SYMBOLS} entries, got {len(f)}")
+    if any(not isinstance(v, (int, np.integer)) or not 1 <= v <= MAX_FREQ for v in f):
+        raise ValueError(f"every freqs entry must be an int in [1, {MAX_FREQ}]")
+    if sum(f) != M:
+        raise ValueError(f"freqs must sum to {M}, got {sum(f)}")
+
+
+def build_freqs(counts: Sequence[int] | np.ndarray) -> tuple[int, ...]:
+    """Normalise symbol counts to a table summing to ``M``; every symbol >= 1, none above MAX_FREQ.
+
+    Deterministic (ties broken by symbol index) so that a calibration reproduces its table.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    n = c.shape[0]
+    if not 2 <= n <= MAX_SYMBOLS:
+        raise ValueError(f"counts must have 2..{MAX_SYMBOLS} entries, got {n}")
+    if (c < 0).any() or not np.isfinite(c).all():
+        raise ValueError("counts must be finite and non-negative")
+    total = c.sum()
+    p = c / total if total > 0 else np.full(n, 1.0 / n)
+    f = np.maximum(1, np.floor(p * (M - n)).astype(np.int64) + 1)
+    f = np.minimum(f, MAX_FREQ)
+    # Hand out (or take back) the rounding remainder one unit at a time, largest expected gain first.
+    while f.sum() != M:
+        if f.sum() < M:
+            gain = np.where(f < MAX_FREQ, p / f, -1.0)
+            f[int(np.argmax(gain))] += 1
+        else:
+            loss = np.where(f > 1, p / (f - 1), np.inf)
+            f[int(np.argmin(loss))] -= 1
+    return tuple(int(v) for v in f)
+
+
+def _cum(freqs: Sequence[int]) -> list[int]:
+    out, acc = [], 0
+    for v in freqs:
+        out.append(acc)
+        acc += v
+    return out
+
+
+def encode_reference(symbols: np.ndarray, freqs: Sequence[int]) -> bytes:
+    """Reference encoder: ``lanes(n)`` u32 states then u16 words, all little-endian, in decode order."""
+    sym = np.asarray(symbols, dtype=np.uint8).ravel()
+    n, nl = sym.shape[0], lanes(sym.shape[0])
+    if n == 0:
+        return b""
+    if int(sym.max()) >= len(freqs):
+        raise ValueError(f"symbol {int(sym.max())} is outside the table of {len(freqs)} symbols")
+    cum = _cum(freqs)
+    state = [RANS_L] * nl
+    words: list[int] = []  # emitted in reverse decode order
+    for i in range(n - 1, -1, -1):
+        j = i % nl
+        s = int(sym[i])
+        f = freqs[s]
+        x = state[j]
+        if x >= f << (32 - PREC_BITS):  # ((RANS_L >> PREC_BITS) << 16) * f
+            words.append(x & 0xFFFF)
+            x >>= 16
+        state[j] = (x // f << PREC_BITS) + x % f + cum[s]
+    head = np.array(state, dtype="<u4").tobytes()
+    return head + np.array(words[::-1], dtype="<u2").tobytes()
+
+
+def decode_reference(data: bytes | memoryview, freqs: Sequence[int], n: int) -> np.ndarray:
+    """Reference decoder; raises :class:`RansError` unless the stream holds exactly ``n`` symbols."""
+    buf = bytes(data)
+    if n == 0:
+        if buf:
+            raise RansError(f"an empty symbol stream must have 0 bytes, got {len(buf)}")
+        return np.zeros(0, dtype=np.uint8)
+    nl = lanes(n)
+    if len(buf) < 4 * nl or (len(buf) - 4 * nl) % 2:
+        raise RansError(f"rANS stream of {len(buf)} bytes is not {nl} states plus 16-bit words")
+    if n > max_symbols(len(buf)):
+        raise RansError(f"{n} symbols cannot fit in a {len(buf)}-byte rANS stream")
+    state = [int(v) for v in np.frombuffer(buf[: 4 * nl], dtype="<u4")]
+    words = np.frombuffer(buf[4 * nl :], dtype="<u2")
+    if any(x < RANS_L for x in state):
+        raise RansError("rANS initial state below the renormalisation bound")
+    slot_sym = np.repeat(np.arange(len(freqs), dtype=np.uint8), freqs)
+    cum = _cum(freqs)
+    out = np.empty(n, dtype=np.uint8)
+    pos = 0
+    for i in range(n):
+        j = i % nl
+        x = state[j]
+        slot = x & (M - 1)
+        s = int(slot_sym[slot])
+        x = freqs[s] * (x >> PREC_BITS) + slot - cum[s]
+        if x < RANS_L:
+            if pos >= words.shape[0]:
+                raise RansError("rANS stream ends early")
+            x = (x << 16) | int(words[pos])
+            pos += 1
+        state[j] = x
+        out[i] = s
+    if pos != words.shape[0] or any(x != RANS_L for x in state):
+        raise RansError("rANS stream does not end in the initial state (corrupted or wrong table)")
+    return out
+
+
+def encode(symbols: np.ndarray, freqs: Sequence[int]) -> bytes:
+    """Encode u8 ``symbols`` with the static table (C++ coder when built, else the reference)."""
+    sym = np.ascontiguousarray(np.asarray(symbols, dtype=np.uint8).ravel())
+    if _C is None or not hasattr(_C, "rans_encode"):
+        return encode_reference(sym, freqs)
+    table = np.ascontiguousarray(np.asarray(freqs, dtype=np.uint32))
+    out = np.empty(4 * lanes(sym.shape[0]) + 4 * sym.shape[0] + 16, dtype=np.uint8)
+    n_out = _C.rans_encode(sym.ctypes.data, sym.shape[0], table.ctypes.data, table.shape[0], out.ctypes.data,
+                           out.shape[0])
+    return out[:n_out].tobytes()
+
+
+def decode(data: bytes | memoryview, freqs: Sequence[int], n: int) -> np.ndarray:
+    """Decode ``n`` symbols (C++ coder when built, else the reference); :class:`RansError` if invalid."""
+    if _C is None or not hasattr(_C, "rans_decode"):
+        return decode_reference(data, freqs, n)
+    buf = np.frombuffer(bytes(data), dtype=np.uint8)
+    if n > max_symbols(buf.shape[0]):
+        raise RansError(f"{n} symbols cannot fit in a {buf.shape[0]}-byte rANS stream")
+    table = np.ascontiguousarray(np.asarray(freqs, dtype=np.uint32))
+    out = np.empty(n, dtype=np.uint8)
+    err = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, table.ctypes.data, table.shape[0], out.ctypes.data)
+    if err:
+        raise RansError(err)
+    return out

@@ -1,0 +1,64 @@
+"""Measured sensitivity of a model's output to noise in the split-layer hidden state.
+
+The diagonal Fisher ``F_c = E_t E_{y ~ p(.|h)} [(d log p(y|h) / d h_tc)^2]`` gives the second-order
+KL of a perturbation ``delta`` of the split hidden state: ``KL ~= 0.5 * sum_c F_c * delta_c^2`` per
+scored position, averaged over tokens. :func:`splitkernels.codec.calibrate` allocates precision by
+it. Labels are sampled from the model's own distribution (the true Fisher, not the empirical one),
+so no text labels are needed.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_layer: int, *, skip_first: int = 1,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal Fisher ``[d]`` of the split hidden state and the hidden states ``[N, d]`` themselves.
+
+    ``windows``: token id tensors ``[T]`` (one forward/backward each). ``split_layer``: 1-based, the
+    hidden state after that decoder layer. The first ``skip_first`` positions of each window (the
+    attention sink, which the codec keeps exact) are left out of the average; the returned hidden
+    states include them (:func:`calibrate` detects sinks itself).
+    """
+    from ..opsc import decoder_layers  # the codec itself does not depend on model code
+
+    layers = decoder_layers(model)
+    if not 1 <= split_layer < len(layers):
+        raise ValueError(f"split_layer must be in [1, {len(layers) - 1}], got {split_layer}")
+    gen = torch.Generator().manual_seed(seed)
+    leaf: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        h = hidden.detach().requires_grad_(True)
+        leaf.append(h)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    total, count, states = None, 0, []
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handle = layers[split_layer - 1].register_forward_hook(hook)
+    try:
+        for ids in windows:
+            leaf.clear()
+            with torch.enable_grad():
+                logits = model(ids.reshape(1, -1)).logits.float()
+                logp = torch.log_softmax(logits, -1)
+                y = torch.multinomial(logp.detach().exp()[0], 1, generator=gen)[:, 0]
+                loss = -logp[0].gather(-1, y[:, None]).sum()
+                (grad,) = torch.autograd.grad(loss, leaf[0])
+            g = grad[0, skip_first:].double()
+            total = g.pow(2).sum(0) if total is None else total + g.pow(2).sum(0)
+            count += g.shape[0]
+            states.append(leaf[0].detach()[0])
+    finally:
+        handle.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    if not count:
+        raise ValueError("windows must hold at least one window longer than skip_first tokens")
+    return (total / count).float(), torch.cat(states)

@@ -1,0 +1,109 @@
+"""Codec v2 reference encoder/decoder: equalise, split off exact escapes, quantise (docs/FORMATS.md §5).
+
+Per value ``x`` of channel ``c``: ``v = fp32(fp32(x) - center[c]) * inv_step[c]``. ``|v| <= kmax`` -> symbol
+``rint_half_even(v) + kmax``; otherwise the escape symbol and the exact value travels in the input
+dtype. A token with more than ``raw_limit`` escapes travels raw (every value exact). The threshold
+is per channel and static (``kmax * step[c]``), so no single channel or token sets the step of
+the others. Entropy coding of the symbols happens when the frame is written (``frame_v2``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.checks import FLOAT_DTYPES, check_tensor
+from .config_v2 import CodecConfigV2
+
+
+@dataclass
+class EncodedV2:
+    """One v2-encoded tensor ``[T, d]`` (host tensors).
+
+    ``symbols`` u8 ``[T, d]`` (rows of raw tokens are 0 and not coded), ``raw`` bool ``[T]``,
+    ``escapes`` the exact escaped values of the coded tokens in token-major channel order,
+    ``raw_values`` ``[n_raw, d]``; both in the input dtype.
+    """
+
+    symbols: torch.Tensor
+    raw: torch.Tensor
+    escapes: torch.Tensor
+    raw_values: torch.Tensor
+    config: CodecConfigV2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.escapes.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.symbols.shape)
+
+    def to_bytes(self) -> bytes:
+        """Serialise into a v2 wire frame (entropy-codes the symbols)."""
+        from .frame_v2 import write_frame_v2
+
+        return write_frame_v2(self)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of :meth:`to_bytes` (runs the entropy coder)."""
+        return len(self.to_bytes())
+
+    @property
+    def bits_per_element(self) -> float:
+        t, d = self.shape
+        return 8.0 * self.nbytes / max(t * d, 1)
+
+
+def _check_input(x: torch.Tensor, config: CodecConfigV2) -> None:
+    check_tensor("x", x, FLOAT_DTYPES, ndim=2)
+    if x.shape[1] != config.d:
+        raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
+
+
+def quantise(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symbols u8 ``[T, d]`` (escape symbol where ``|v| > kmax``) and the escape mask, before the raw rule."""
+    inv = torch.from_numpy(config.inv_step_array()).to(x.device)
+    center = torch.from_numpy(config.center_array()).to(x.device)
+    v = (x.float() - center) * inv
+    k = config.kmax
+    esc = ~(v.abs() <= k)
+    q = torch.round(v.clamp(-k, k))  # round half to even
+    sym = torch.where(esc, torch.full_like(q, config.escape_symbol), q + k).to(torch.uint8)
+    return sym, esc
+
+
+def encode_v2(x: torch.Tensor, config: CodecConfigV2) -> EncodedV2:
+    """Reference v2 encode of ``x [T, d]`` (fp32/fp16/bf16, finite) with a calibrated config."""
+    if not isinstance(config, CodecConfigV2):
+        raise TypeError(f"config must be a CodecConfigV2, got {type(config).__name__}")
+    _check_input(x, config)
+    x = x.detach().cpu()
+    sym, esc = quantise(x, config)
+    raw = esc.sum(1) > config.raw_limit
+    sym[raw] = 0
+    coded = ~raw
+    escapes = x[coded][esc[coded]].contiguous()
+    return EncodedV2(sym, raw, escapes, x[raw].contiguous(), config)
+
+
+def decode_v2(enc: EncodedV2) -> torch.Tensor:
+    """Reference v2 decode: ``fp32(fp32((s - kmax) * step) + center)`` rounded to the dtype (no FMA);
+    escapes and raw tokens exact."""
+    if not isinstance(enc, EncodedV2):
+        raise TypeError(f"encoded must be an EncodedV2, got {type(enc).__name__}")
+    cfg = enc.config
+    step = torch.from_numpy(cfg.step_array())
+    sym = enc.symbols
+    esc = sym == cfg.escape_symbol
+    center = torch.from_numpy(cfg.center_array())
+    y = ((sym.to(torch.int32) - cfg.kmax).float() * step + center).to(enc.dtype)
+    coded = ~enc.raw
+    rows = y[coded]
+    rows[esc[coded]] = enc.escapes
+    y[coded] = rows
+    y[enc.raw] = enc.raw_values
+    return y
