@@ -58,9 +58,9 @@ def test_limits_name_the_field_and_come_before_the_crc():
                 decode_frame(data, limits)
             assert e.value.field == field
         with pytest.raises(FrameLimitError):
-            codec.from_bytes(frame, limits)
+            codec.from_bytes(frame, limits=limits)
     ok = FrameLimits(d=d, dtypes=frozenset({torch.float32}), max_tokens=t, max_outliers=t * 4)
-    assert torch.equal(decode_frame(frame, ok), codec.decode(codec.from_bytes(frame, ok)))
+    assert torch.equal(decode_frame(frame, ok), codec.decode(codec.from_bytes(frame, limits=ok)))
     with pytest.raises(FrameError, match="CRC"):
         decode_frame(broken_crc, ok)
 

@@ -10,7 +10,7 @@ import torch
 from . import encoded as v1
 from .config import CodecConfig
 from .config_v2 import CodecConfigV2
-from .frame import MAGIC, FrameError
+from .frame import MAGIC, FrameError, FrameLimits
 from .frame_v2 import FRAME_VERSION_V2, read_frame_v2
 from .v2 import EncodedV2, decode_v2, encode_v2
 
@@ -29,11 +29,13 @@ def decode(encoded: v1.Encoded | EncodedV2) -> torch.Tensor:
     return v1.decode(encoded)
 
 
-def from_bytes(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None = None) -> v1.Encoded | EncodedV2:
+def from_bytes(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None = None, *,
+               limits: FrameLimits | None = None) -> v1.Encoded | EncodedV2:
     """Parse a wire frame; raises :class:`FrameError` on anything malformed.
 
     v2 frames need ``config`` (the session's calibrated config) and raise FrameError when it is
-    missing or is not the one the frame was encoded with; v1 frames ignore it.
+    missing or is not the one the frame was encoded with; v1 frames ignore it. ``limits`` (v1) are
+    the receiver's limits, checked against the header before anything is allocated.
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         head = bytes(memoryview(data).cast("B")[:5])
@@ -41,4 +43,4 @@ def from_bytes(data: bytes | bytearray | memoryview, config: CodecConfigV2 | Non
             return read_frame_v2(data, config)
     if config is not None and not isinstance(config, CodecConfigV2):
         raise FrameError(f"config must be a CodecConfigV2 or None, got {type(config).__name__}")
-    return v1.from_bytes(data)
+    return v1.from_bytes(data, limits)
