@@ -163,6 +163,9 @@ class SessionManager:
             try:
                 logits = self.server.forward(hidden, sess.cache, sess.position)
                 token = sample(logits, sess.open_msg.sampling, sess.generator)
+            except (MemoryError, torch.OutOfMemoryError) as exc:  # the cache may be half-updated: drop it
+                self._drop(sess)
+                raise SplitError(Status.RESOURCE_EXHAUSTED, f"server out of memory running the step: {exc}") from None
             except Exception as exc:  # the cache may be half-updated: this session cannot go on
                 self._drop(sess)
                 raise SplitError(Status.INTERNAL, f"server segment failed: {type(exc).__name__}: {exc}") from exc
