@@ -277,3 +277,18 @@ def test_allocation_failures_are_resource_exhausted(model, monkeypatch):
                     session.step(0, frame)
             assert e.value.status is Status.RESOURCE_EXHAUSTED and "out of memory" in e.value.message
         assert sm.generate(_prompt(4, 3), 2, transport=client).shape[1] == 5
+
+
+def test_per_client_session_cap(model):
+    sm = split_model(model, 1, limits=Limits(max_sessions=8))
+    with GrpcServer(sm.manager, max_sessions_per_client=2) as server, GrpcTransport(server.address) as client:
+        held = [client.open(Open(SamplingParams())) for _ in range(2)]
+        with pytest.raises(SplitError) as e:
+            client.open(Open(SamplingParams()))
+        assert e.value.status is Status.RESOURCE_EXHAUSTED and "per-client limit" in e.value.message
+        held.pop().close()
+        deadline = time.monotonic() + 20
+        while sm.manager.num_sessions > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client.open(Open(SamplingParams())).close()
+        held[0].close()
