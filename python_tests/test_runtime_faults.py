@@ -104,7 +104,7 @@ class _Silent:
 
 def test_unopened_streams_lock_out_neither_info_nor_new_sessions(model):
     sm = split_model(model, 1, limits=Limits(max_sessions=4, max_seq_len=64))
-    open_timeout = 3.0
+    open_timeout = 5.0
     with GrpcServer(sm.manager, open_timeout_s=open_timeout) as server, GrpcTransport(server.address) as client:
         flood = [_Silent(server.address) for _ in range(8)]  # 2x max_sessions, never send OPEN
         try:
