@@ -162,3 +162,20 @@ def test_an_unmet_budget_warns(capsys):
     _warn_unmet_budget(CodecConfig(mode="budget", avg_bits=3.0), {"bits_per_element_decode": 3.01})
     _warn_unmet_budget(CodecConfig(), {"bits_per_element_decode": 9.0})
     assert capsys.readouterr().err == ""
+
+
+def test_exposed_server_warns_without_tls(capsys):
+    from argparse import Namespace
+
+    from splitkernels.cli.errors import UsageError
+    from splitkernels.cli.serve import _check_exposure, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
+    _check_exposure(Namespace(host="10.1.2.3", token="t", insecure=False, tls_cert=None))
+    assert capsys.readouterr().err.startswith("warning: serving on 10.1.2.3 without TLS")
+    _check_exposure(Namespace(host="10.1.2.3", token=None, insecure=True, tls_cert="cert.pem"))
+    _check_exposure(Namespace(host="127.0.0.1", token=None, insecure=False, tls_cert=None))
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UsageError, match="--insecure"):
+        _check_exposure(Namespace(host="example.org", token=None, insecure=False, tls_cert=None))
