@@ -400,5 +400,5 @@ def test_cli_plan_json_and_runner_ups(tmp_path, tiny, capsys):
 def test_cli_plan_infeasible_explains(tmp_path, tiny, capsys):
     table = _cli_table(tmp_path, tiny)
     rc = cli_main(["plan", "--model", "tiny", "--quality", table, "--rtt-ms", "50", "--max-token-ms", "10"])
-    assert rc == 2
+    assert rc == 7  # splitkernels.cli.Exit.INFEASIBLE: its own status, apart from usage errors (2)
     assert "per-token latency is the binding constraint" in capsys.readouterr().out

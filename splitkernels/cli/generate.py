@@ -14,7 +14,7 @@ from ..codec import CodecConfig
 from ..runtime.protocol import SplitError
 from . import args as types
 from .common import add_connection_args, message_bytes
-from .errors import UsageError, from_split_error
+from .errors import from_split_error
 from .files import read_bytes
 from .models import LoadedModel, SplitSettings, add_codec_args, add_model_args, load_model, split_settings
 

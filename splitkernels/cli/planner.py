@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from importlib import resources
 
@@ -88,7 +87,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"feasible": False, "binding": exc.binding, "explanation": exc.explanation}, indent=2))
         else:
-            print(f"no plan: {exc.explanation}", file=sys.stderr)
+            print(exc.explanation)  # the search's answer, not a failure of the command
         return Exit.INFEASIBLE
     if args.out:
         _write(args.out, result.plan.to_json(), "plan (--out)")

@@ -57,6 +57,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         server = GrpcServer(sm.manager, args.host, args.port, token=args.token, tls=tls,
                             max_message_bytes=message_bytes(args), open_timeout_s=args.open_timeout,
+                            max_sessions_per_client=args.max_sessions_per_client,
                             info={"model": loaded.name, "split_layer": sm.split_layer,
                                   "hidden_size": sm.adapter.hidden_size})
     except OSError as exc:
@@ -96,6 +97,8 @@ def register(subparsers) -> None:
                    help="OPSC: server layers' weight bits (8), default dense")
     add_connection_args(p, server=True)
     p.add_argument("--max-sessions", type=types.positive_int, default=64)
+    p.add_argument("--max-sessions-per-client", type=types.positive_int, default=None,
+                   help="sessions one client address may hold (default: --max-sessions)")
     p.add_argument("--max-seq-len", type=types.positive_int, default=None,
                    help=f"tokens per session (default: the plan's, else {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--idle-timeout", type=types.positive, default=300.0,

@@ -1,6 +1,7 @@
 """encode / decode between tensors, fixed-capacity buffers and wire frames."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,28 +132,40 @@ def _stream_offsets(c: FrameContents) -> tuple[np.ndarray, np.ndarray, int]:
     return nbytes, np.cumsum(nbytes) - nbytes, raw_bits
 
 
-def _fill_codes(codes: np.ndarray, c: FrameContents, rows: slice, nbytes: np.ndarray, offsets: np.ndarray) -> None:
-    """Copy the bit streams of tokens ``rows`` into the padded rows ``codes`` (one row per token).
+def _streams_on(c: FrameContents, device: torch.device) -> torch.Tensor:
+    """The frame's compact bit streams as a uint8 tensor on ``device`` (only the used bytes move)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only view of the frame; never written
+        host = torch.from_numpy(c.streams)
+    return host.to(device)
+
+
+def _fill_codes(codes: torch.Tensor, streams: torch.Tensor, c: FrameContents, rows: slice, nbytes: np.ndarray,
+                offsets: np.ndarray) -> None:
+    """Copy the bit streams of tokens ``rows`` into the padded rows ``codes`` (one row per token),
+    on the device both tensors are on.
 
     Tokens of one width have streams of one length, so each width is one gather; its index
     matrix is built a bounded number of rows at a time.
     """
+    device = codes.device
     bits = c.bits[rows]
     for b in np.unique(bits):
         local = np.flatnonzero(bits == b)
         length = int(nbytes[rows][local[0]])
         if length == 0:
             continue
-        lane = np.arange(length, dtype=np.int64)
+        lane = torch.arange(length, device=device)
         per = max(1, _CHUNK_BYTES // (8 * length))
         for i in range(0, local.size, per):
             sel = local[i : i + per]
-            codes[sel, :length] = c.streams[offsets[rows][sel][:, None] + lane]
+            starts = torch.from_numpy(offsets[rows][sel]).to(device)
+            codes[torch.from_numpy(sel).to(device), :length] = streams[starts[:, None] + lane]
 
 
 def _check_raw_rows(codes: torch.Tensor, c: FrameContents, rows: slice, raw_bits: int) -> None:
     raw = np.flatnonzero(c.bits[rows] == raw_bits)
-    if raw.size and not torch.isfinite(codes[torch.from_numpy(raw)].view(c.dtype)).all():
+    if raw.size and not torch.isfinite(codes[torch.from_numpy(raw).to(codes.device)].view(c.dtype)).all():
         raise FrameError("a raw token holds a non-finite value")
 
 
@@ -168,7 +181,7 @@ def from_bytes(data: bytes | bytearray | memoryview, limits: FrameLimits | None 
     t, d = c.bits.shape[0], c.d
     nbytes, offsets, raw_bits = _stream_offsets(c)
     codes = torch.zeros(t, d * raw_bits // 8, dtype=torch.uint8)
-    _fill_codes(codes.numpy(), c, slice(0, t), nbytes, offsets)
+    _fill_codes(codes, _streams_on(c, codes.device), c, slice(0, t), nbytes, offsets)
     _check_raw_rows(codes, c, slice(0, t), raw_bits)
     capacity = int(c.counts.max()) if t else 0
     idx = torch.zeros(t, capacity, dtype=torch.int32)
@@ -201,9 +214,10 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | Non
     """Validate and decode a wire frame straight to ``[T, d]`` on ``device`` (default CPU).
 
     Equal to ``decode(from_bytes(data).to(device))``, but memory stays within the frame, the
-    output tensor and a fixed scratch size: tokens are decoded a bounded chunk at a time and the
-    outliers are written into the output afterwards, without padded ``[T, capacity]`` buffers.
-    This is the decoder a server runs on untrusted frames.
+    output tensor and a fixed scratch size: only the frame's used bytes are copied to the device,
+    tokens are expanded into the kernels' padded rows and decoded there a bounded chunk at a time,
+    and the outliers are written into the output afterwards, without padded ``[T, capacity]``
+    buffers. This is the decoder a server runs on untrusted frames.
     """
     c = read_frame(data, frozenset(ops.CODEC_BITS), limits)
     t, d = c.bits.shape[0], c.d
@@ -211,17 +225,18 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | Non
     nbytes, offsets, raw_bits = _stream_offsets(c)
     row_bytes = d * raw_bits // 8
     out = torch.empty(t, d, dtype=c.dtype, device=device)
+    streams = _streams_on(c, device)
     chunk = max(1, _CHUNK_BYTES // row_bytes)
     for start in range(0, t, chunk):
         rows = slice(start, min(start + chunk, t))
         n = rows.stop - rows.start
-        codes = torch.zeros(n, row_bytes, dtype=torch.uint8)
-        _fill_codes(codes.numpy(), c, rows, nbytes, offsets)
+        codes = torch.zeros(n, row_bytes, dtype=torch.uint8, device=device)  # padded rows, built on the device
+        _fill_codes(codes, streams, c, rows, nbytes, offsets)
         _check_raw_rows(codes, c, rows, raw_bits)
-        host = (torch.from_numpy(c.bits[rows]), torch.from_numpy(c.lo[rows]), torch.from_numpy(c.step[rows]),
-                torch.zeros(n, dtype=torch.int32), torch.zeros(n, 0, dtype=torch.int32), torch.zeros(n, 0, dtype=c.dtype),
-                codes)
-        out[rows] = ops.ts_tabq_decode(*(x.to(device) for x in host), d)
+        meta = [torch.from_numpy(a[rows]).to(device) for a in (c.bits, c.lo, c.step)]
+        none = torch.zeros(n, 0, dtype=torch.int32, device=device)  # outliers are written afterwards
+        out[rows] = ops.ts_tabq_decode(*meta, torch.zeros(n, dtype=torch.int32, device=device), none,
+                                       none.to(c.dtype), codes, d)
     if c.indices.size:
         out[_outlier_tokens(c.counts).to(device), torch.from_numpy(c.indices).long().to(device)] = c.values.to(device)
     return out

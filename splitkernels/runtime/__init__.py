@@ -4,6 +4,7 @@ from .adapters import Adapter, adapter_for, register_adapter, supported_families
 from .link import LinkEmulator
 from .metrics import GenerationMetrics, StepMetrics
 from .protocol import SamplingParams, SplitError, Status
+from .resume import ResumingTransport, RetryPolicy
 from .segments import Edge, Server
 from .sessions import Limits, SessionManager
 from .split_model import GenerationResult, SplitModel, generate_split, model_fingerprint, split_model
@@ -13,5 +14,5 @@ __all__ = [
     "Adapter", "adapter_for", "register_adapter", "supported_families", "LinkEmulator", "GenerationMetrics",
     "StepMetrics", "SamplingParams", "SplitError", "Status", "Edge", "Server", "Limits", "SessionManager",
     "GenerationResult", "SplitModel", "generate_split", "model_fingerprint", "split_model", "Exchange",
-    "InProcessTransport", "SessionHandle", "Transport",
+    "InProcessTransport", "SessionHandle", "Transport", "ResumingTransport", "RetryPolicy",
 ]

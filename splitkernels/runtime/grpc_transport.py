@@ -134,8 +134,10 @@ class GrpcServer:
     holds is an error (no port sharing). ``token`` makes every call present ``authorization:
     Bearer <token>``. ``tls`` (cert chain + key) switches to TLS. ``max_message_bytes`` bounds a
     message either way. A new stream must send OPEN within ``open_timeout_s``; at most
-    ``max_waiting`` streams (``max_waiting_per_client`` per client address) wait for theirs, and
-    a client holds at most ``max_sessions_per_client`` sessions (default: the manager's limit).
+    ``max_waiting`` streams (default: the manager's session limit) wait for theirs, at most
+    ``max_waiting_per_client`` (default half that) per client address, and a client holds at
+    most ``max_sessions_per_client`` sessions (default: the manager's limit). The worker pool
+    has a thread for every session and waiting stream plus ``INFO_WORKERS`` for Info.
     """
 
     def __init__(self, manager: SessionManager, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
@@ -353,15 +355,7 @@ class _GrpcSession(SessionHandle):
         if self._closed:
             raise SplitError(Status.FAILED_PRECONDITION, "session is closed")
         self._requests.put(data)
-        try:
-            reply = next(self._call)
-        except grpc.RpcError as exc:
-            self._finish()
-            raise _status_of(exc) from None
-        except StopIteration:
-            self._finish()
-            raise SplitError(Status.UNAVAILABLE, "server ended the session stream") from None
-        return expect(reply, kind, session_id), reply
+        return self._receive(kind, session_id)
 
     def step(self, seq: int, frame: bytes) -> Exchange:
         request = encode_message(Step(self.session_id, seq, frame))
@@ -376,12 +370,10 @@ class _GrpcSession(SessionHandle):
                 raise SplitError(Status.FAILED_PRECONDITION, "session is closed")
             for seq, frame in enumerate(frames):
                 self._requests.put(encode_message(Step(self.session_id, seq, frame)))
-            replies = []
-            for _ in frames:
-                replies.append(self._receive(TokenReply, self.session_id))
-            return replies
+            return [self._receive(TokenReply, self.session_id)[0] for _ in frames]
 
     def _receive(self, kind: type, session_id: int | None):
+        """The next reply, parsed and checked, with its bytes."""
         try:
             reply = next(self._call)
         except grpc.RpcError as exc:
@@ -390,7 +382,7 @@ class _GrpcSession(SessionHandle):
         except StopIteration:
             self._finish()
             raise SplitError(Status.UNAVAILABLE, "server ended the session stream") from None
-        return expect(reply, kind, session_id)
+        return expect(reply, kind, session_id), reply
 
     def _finish(self) -> None:
         self._closed = True

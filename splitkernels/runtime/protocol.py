@@ -121,7 +121,7 @@ class Opened:
 class Step:
     session_id: int
     seq: int
-    frame: bytes
+    frame: bytes | memoryview  # parsed: a view into the message, so a large frame is not copied
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
         if len(body) < _STEP.size:
             raise ProtocolError("STEP payload truncated")
         (seq,) = _STEP.unpack(body[: _STEP.size])
-        return Step(session_id, seq, bytes(body[_STEP.size:]))
+        return Step(session_id, seq, body[_STEP.size:])
     if kind == Kind.TOKEN:
         return TokenReply(session_id, *_fixed(body, _TOKEN, kind))
     if kind == Kind.VERIFY:

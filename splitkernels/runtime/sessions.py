@@ -194,6 +194,9 @@ class SessionManager:
                 accepted, token, position = run(sess, hidden)
             except SplitError:
                 raise  # refused before the cache was touched (a batching scheduler's admission)
+            except (MemoryError, torch.OutOfMemoryError) as exc:  # the cache may be half-updated: drop it
+                self._drop(sess)
+                raise SplitError(Status.RESOURCE_EXHAUSTED, f"server out of memory running the step: {exc}") from None
             except Exception as exc:  # the cache may be half-updated: this session cannot go on
                 self._drop(sess)
                 raise SplitError(Status.INTERNAL, f"server segment failed: {type(exc).__name__}: {exc}") from exc
