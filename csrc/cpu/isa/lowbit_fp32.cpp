@@ -352,30 +352,42 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// Decode order back to natural order: code c of unit u of a group sits at c * units + u.
+template <int CPU>
+void to_natural(const float* row, int64_t K, int64_t g, float* out) {
+  const int64_t units = g / CPU;
+  for (int64_t g0 = 0; g0 < K; g0 += g)
+    for (int64_t u = 0; u < units; ++u)
+      for (int c = 0; c < CPU; ++c) out[g0 + u * CPU + c] = row[g0 + c * units + u];
+}
+
 // Rows of W dequantised in natural order (fp32 or bf16), for the large-M BLAS path.
 void dequantize(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t K = p.K, g = p.group_size;
-  thread_local std::vector<float> sz, row;
+  thread_local std::vector<float> sz, row, nat;
   thread_local std::vector<uint8_t> qbuf;
   sz.resize(2 * p.G);
   row.resize(K);
+  nat.resize(K);
   qbuf.resize(p.phased ? 0 : K);
-  const int64_t cpu = p.bits == 3 ? 8 : 8 / p.bits;  // codes per unit
-  const int64_t per_phase = g / cpu;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    decode_row(p, n, sz.data(), qbuf.data(), row.data());
-    float* dst32 = static_cast<float*>(p.w_out) + n * K;
-    uint16_t* dst16 = static_cast<uint16_t*>(p.w_out) + n * K;
-    for (int64_t g0 = 0; g0 < K; g0 += g)
-      for (int64_t ph = 0; ph < (p.phased ? cpu : 1); ++ph)
-        for (int64_t j = 0; j < (p.phased ? per_phase : g); ++j) {
-          const float v = row[g0 + ph * per_phase + j];
-          const int64_t k = g0 + (p.phased ? j * cpu + ph : j);
-          if (p.w_dtype == kFloat32)
-            dst32[k] = v;
-          else
-            dst16[k] = float_to_bf16(v);
-        }
+    float* dst32 = p.w_dtype == kFloat32 ? static_cast<float*>(p.w_out) + n * K : nat.data();
+    decode_row(p, n, sz.data(), qbuf.data(), p.phased ? row.data() : dst32);
+    if (p.phased) switch (p.bits) {
+        case 2: to_natural<4>(row.data(), K, g, dst32); break;
+        case 4: to_natural<2>(row.data(), K, g, dst32); break;
+        case 8: to_natural<1>(row.data(), K, g, dst32); break;
+        default: to_natural<8>(row.data(), K, g, dst32); break;
+      }
+    if (p.w_dtype != kFloat32) {
+      // Round to nearest even (weights are finite: the NaN case of float_to_bf16 is not needed).
+      uint16_t* dst16 = static_cast<uint16_t*>(p.w_out) + n * K;
+      for (int64_t k = 0; k < K; ++k) {
+        uint32_t u;
+        std::memcpy(&u, dst32 + k, 4);
+        dst16[k] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+      }
+    }
   }
 }
 
