@@ -4,6 +4,7 @@
 #include <sched.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -94,7 +95,12 @@ class Pool {
     }
   }
 
+  // SPLITKERNELS_NUM_THREADS if set, else the CPUs this process may run on.
   static int usable_cpus() {
+    if (const char* env = std::getenv("SPLITKERNELS_NUM_THREADS")) {
+      const int n = std::atoi(env);
+      if (n > 0) return n;
+    }
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
     return std::max(1u, std::thread::hardware_concurrency());

@@ -17,7 +17,8 @@ namespace sk {
 // included). Calls made while the pool is busy (another Python thread, or nested) run inline.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body);
 
-// Threads parallel_for uses, the caller included (default: the hardware threads).
+// Threads parallel_for uses, the caller included (default: SPLITKERNELS_NUM_THREADS, else the
+// CPUs this process may run on).
 void set_num_threads(int n);
 int num_threads();
 
