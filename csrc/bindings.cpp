@@ -16,6 +16,7 @@
 #include "cpu/codec.h"
 #include "cpu/linear.h"
 #include "cpu/rans.h"
+#include "cpu/thread_pool.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -130,17 +131,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("data"), py::arg("len"), py::arg("n"), py::arg("freq"), py::arg("nsym"), py::arg("out"), nogil,
       "Static-table rANS decode of exactly n symbols into out; returns '' or why the stream is invalid.");
 
+  m.def(
+      "lowbit_dequantize",
+      [](std::uintptr_t qweight, int64_t N, int64_t words, int64_t K, std::uintptr_t scale, std::uintptr_t zero,
+         int scale_dtype, int bits, int64_t group_size, std::uintptr_t out, int out_dtype) {
+        check(sk::lowbit_dequantize(ptr<const int32_t>(qweight), N, words, K, ptr<const void>(scale),
+                                    ptr<const void>(zero), scale_dtype, bits, group_size, ptr<void>(out), out_dtype));
+      },
+      py::arg("qweight"), py::arg("N"), py::arg("words"), py::arg("K"), py::arg("scale"), py::arg("zero"),
+      py::arg("scale_dtype"), py::arg("bits"), py::arg("group_size"), py::arg("out"), py::arg("out_dtype"), nogil,
+      "Dequantise W into out [N, K] of out_dtype (float32 or bfloat16 code).");
+
+  m.def("lowbit_isas", &sk::lowbit_isas, "Instruction sets of the lowbit kernels this CPU supports, best last.");
+  m.def("lowbit_isa", &sk::lowbit_isa, "Instruction set the lowbit kernels use now.");
+  m.def(
+      "set_lowbit_isa", [](const std::string& name) { check(sk::set_lowbit_isa(name)); }, py::arg("name"),
+      "Use the lowbit kernels of one instruction set (tests and benchmarks).");
+
   m.def("set_num_threads", [](int n) {
+    sk::set_num_threads(n);
 #ifdef _OPENMP
     omp_set_num_threads(n < 1 ? 1 : n);
 #endif
-  }, py::arg("n"), "Set the OpenMP threads of later kernel calls from this Python thread.");
+  }, py::arg("n"), "Threads of later kernel calls (the worker pool, and OpenMP for this Python thread).");
 
-  m.def("num_threads", []() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  }, "OpenMP threads the kernels use (1 when built without OpenMP).");
+  m.def("num_threads", &sk::num_threads, "Threads the lowbit and int8 kernels use, the caller included.");
 }

@@ -390,3 +390,88 @@ def test_int8_linear_bit_identical(dtype, shape):
 def test_int8_linear_empty():
     wq, ws = quantize_weight_int8(torch.randn(4, 8))
     assert cpp.int8_linear(torch.randn(0, 8), wq, ws, None).shape == (0, 4)
+
+
+# ---- instruction-set paths, decode orders, BLAS path, worker pool ---------------------------
+
+
+@pytest.fixture
+def each_isa():
+    """Runs the test body once per instruction set this CPU supports, restoring the default."""
+    default = cpp._C.lowbit_isa()
+    yield cpp._C.lowbit_isas()
+    cpp._C.set_lowbit_isa(default)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("bits,group,k", [(2, 256, 512), (3, 128, 384), (4, 128, 384), (4, 64, 192), (8, 64, 128), (4, 3, 96)])
+@pytest.mark.parametrize("m", (1, 4, 5, 7, 13))
+def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, group, k, m):
+    # n = 45: a short last tile for every row tiling (4, 2, 32-row panels); odd m leaves short row tiles.
+    x, qw, b = _lowbit_case(45, k, m, bits, group, dtype, bias=True, seed=bits * 100 + m)
+    want64 = _lowbit_want64(x, qw, b)
+    outs = {}
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        outs[isa] = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
+        assert _rel_err(outs[isa], want64) <= TOL[dtype], isa
+    # Paths differ only in summation order: they agree with the scalar build far inside the tolerance.
+    for isa, y in outs.items():
+        assert _rel_err(y, outs["generic"].double()) <= TOL[dtype], isa
+
+
+def test_isa_choice_errors():
+    with pytest.raises(ValueError, match="isa must be one of"):
+        cpp._C.set_lowbit_isa("sse9")
+    assert cpp._C.lowbit_isa() in cpp._C.lowbit_isas() and cpp._C.lowbit_isas()[0] == "generic"
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("bits", (3, 4))
+def test_lowbit_linear_blas_path(monkeypatch, dtype, bits):
+    monkeypatch.setattr(cpp, "BLAS_MIN_ROWS", 8)
+    monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_BYTES", 40 * 256 * 4)  # several row blocks, a short last one
+    x, qw, b = _lowbit_case(100, 256, 9, bits, 128, dtype, bias=True, seed=bits, lead=(2,))
+    y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, b)
+    assert y.shape == (2, 9, 100) and y.dtype == dtype
+    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= (1e-5 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (3, 64), (4, 128), (8, 32), (4, 3)])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_lowbit_dequantize_matches_reference(bits, group, dtype):
+    k = group * 3
+    qw = quantize_weight(torch.randn(7, k), bits, group)
+    want = ref.dequantize_weight(qw.qweight, qw.scale, qw.zero, bits, group, k)
+    out = torch.empty(7, k, dtype=dtype)
+    cpp._C.lowbit_dequantize(qw.qweight.data_ptr(), 7, qw.qweight.shape[1], k, qw.scale.data_ptr(),
+                             qw.zero.data_ptr(), 0, bits, group, out.data_ptr(), 0 if dtype == torch.float32 else 2)
+    # One FMA instead of a rounded product and sum: within an ulp of the reference values.
+    torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -8, atol=1e-6)
+
+
+def test_worker_pool_threads_and_concurrent_callers():
+    import threading
+
+    x, qw, _ = _lowbit_case(300, 256, 3, 4, 128, torch.float32, bias=False, seed=1)
+    want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+    before = cpp._C.num_threads()
+    try:
+        for threads in (1, 3):
+            cpp._C.set_num_threads(threads)
+            assert cpp._C.num_threads() == threads
+            assert torch.equal(cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None), want)
+        # Callers on other Python threads while the pool is busy run inline: same result.
+        results = [None] * 4
+
+        def call(i):
+            results[i] = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+
+        workers = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert all(torch.equal(r, want) for r in results)
+    finally:
+        cpp._C.set_num_threads(before)

@@ -430,3 +430,30 @@ def test_cuda_graph_replay_of_one_token_codec(dtype):
         assert torch.equal(bits_of(a), bits_of(b)), name
     assert torch.equal(bits_of(dec), bits_of(ref.ts_tabq_decode(*[want[i] for i in (0, 1, 2, 4, 5, 6, 7)], 4096)))
     assert not torch.equal(bits_of(dec), bits_of(eager_dec))  # the replay really used the new input
+
+
+@pytest.mark.parametrize("offset,pad", [(1, 0), (0, 3), (3, 1)])
+def test_decode_raw_rows_are_loaded_aligned(monkeypatch, offset, pad):
+    # Offset views and odd row strides must reach the kernel element-aligned (a GPU faults on a
+    # misaligned 2-byte load), and decode as the reference does.
+    x = activations(4, 40, torch.float16, seed=21)
+    bits, lo, step, _, cnt, idx, val, codes, _ = ref.ts_tabq_encode(x, False, 1.0, 2, [3], 0.1, torch.tensor(
+        [16, 3, 16, 3], dtype=torch.uint8, device=DEVICE))
+    storage = torch.zeros(4 * (codes.shape[1] + pad) + offset, dtype=torch.uint8, device=DEVICE)
+    view = storage[offset:].view(4, codes.shape[1] + pad)[:, : codes.shape[1]]
+    view.copy_(codes)
+    seen = []
+    real = codec._decode_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((args[6].data_ptr(), args[10]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(codec, "_decode_kernel", Spy())
+    got = codec.ts_tabq_decode(bits, lo, step, cnt, idx, val, view, 40)
+    ptr, stride = seen[0]
+    assert ptr % 2 == 0 and stride % 2 == 0
+    assert torch.equal(bits_of(got), bits_of(ref.ts_tabq_decode(bits, lo, step, cnt, idx, val, codes, 40)))

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace sk {
 
@@ -12,6 +13,18 @@ namespace sk {
 std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const int32_t* qweight, int64_t N,
                           int64_t words, const void* scale, const void* zero, int scale_dtype, int bits,
                           int64_t group_size, const float* bias, void* y);
+
+// Dequantises W into out [N, K] (natural order) of out_dtype (float32 or bfloat16), for the
+// large-M path that hands the matmul to a BLAS.
+std::string lowbit_dequantize(const int32_t* qweight, int64_t N, int64_t words, int64_t K, const void* scale,
+                              const void* zero, int scale_dtype, int bits, int64_t group_size, void* out,
+                              int out_dtype);
+
+// Instruction sets of the lowbit kernels: those this CPU supports (best last), the one in use,
+// and a switch for tests and benchmarks (returns "" or an error message).
+std::vector<std::string> lowbit_isas();
+std::string lowbit_isa();
+std::string set_lowbit_isa(const std::string& name);
 
 // W8A8: x rows quantised to symmetric int8 (absmax / 127, round half to even), exact int32
 // dot products with w [N, K] int8, y = acc * s_x * s_w (+ bias), each step an fp32 operation

@@ -15,12 +15,18 @@ Agreement with :mod:`splitkernels.ops.reference`:
   a value lies within one float64 ulp of a decision boundary.
 * ``int8_linear``: bit-identical to the reference (exact int32 accumulation, then the same fp32
   operations in the same order), for K < 133143 (larger K raises: an int32 sum could overflow).
-* ``lowbit_linear``: for M <= 4 activation rows the codes feed the FMAs directly and each
-  group's scale and zero are applied to its partial sums (``s * sum(q*x) + z * sum(x)``); for
-  larger M weight rows are dequantised like the reference (``q*scale + zero``) and dotted.
-  Both accumulate in fp32 in their own order, so the result agrees with a float64
-  computation (``x.double() @ dequant(W).double().T``) within a relative Frobenius error of
-  1e-5 for fp32 activations and 2e-3 for fp16/bf16 activations (mostly the output rounding).
+* ``lowbit_linear``: kernels per instruction set, picked at run time (``_C.lowbit_isa()``).
+  bf16 activations on AVX-512 BF16 CPUs multiply the exact integer codes with the bf16
+  activations (vdpbf16ps) and apply each group's scale and zero to its sums
+  (``s * sum(q*x) + z * sum(x)``); fp32 activations (and fp16, converted) use FMA kernels that
+  do the same for M <= 4 and dequantise weight rows (``q*scale + zero``, one FMA) otherwise.
+  From ``BLAS_MIN_ROWS`` activation rows on, the matmul is compute-bound: W is dequantised in
+  row blocks (fp32, or bf16 for bf16 activations) and torch's matmul does the rest. All paths
+  accumulate in fp32, so the result agrees with a float64 computation
+  (``x.double() @ dequant(W).double().T``) within a relative Frobenius error of 1e-5 for fp32
+  activations and 2e-3 for fp16/bf16 activations (the output rounding); the BLAS path with
+  bf16 activations also rounds the dequantised weight to bf16, like the reference op and a
+  dense bf16 ``F.linear``: 4e-3.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import math
 import torch
 
 from .. import _native
-from ..formats import dtype_code, empty_encode_buffers, packed_nbytes
+from ..formats import DTYPE_CODE, dtype_code, empty_encode_buffers, packed_nbytes
 from ..registry import declare_backend
 
 _C, _reason = _native.load("_C")
@@ -120,6 +126,33 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.contiguous().float()
 
 
+# Activation rows from which lowbit_linear dequantises W and calls torch's matmul: measured with
+# bench/ops/lowbit_linear.py, the kernels win at M = 64 and the BLAS at M = 512.
+BLAS_MIN_ROWS = 256
+_DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
+
+
+def _dequant_matmul(
+    x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scale_code: int, bits: int,
+    group_size: int, bias: torch.Tensor | None, y: torch.Tensor,
+) -> None:
+    """y [M, N] = x2d @ dequant(W)^T + bias, W dequantised block by block of rows."""
+    n, k = qweight.shape[0], x2d.shape[1]
+    wdtype = torch.bfloat16 if x2d.dtype == torch.bfloat16 else torch.float32
+    xm = x2d if x2d.dtype == wdtype else x2d.float()
+    rows = max(1, _DEQUANT_BLOCK_BYTES // (k * wdtype.itemsize))
+    w = torch.empty(min(rows, n), k, dtype=wdtype)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        wb = w[: n1 - n0]
+        _C.lowbit_dequantize(
+            _ptr(qweight[n0:n1]), n1 - n0, qweight.shape[1], k, _ptr(scale[n0:n1]), _ptr(zero[n0:n1]), scale_code,
+            bits, group_size, _ptr(wb), DTYPE_CODE[wdtype],
+        )
+        part = torch.nn.functional.linear(xm, wb, None if bias is None else bias[n0:n1].to(wdtype))
+        y[:, n0:n1] = part
+
+
 @_kernel("lowbit_linear", _CPU)
 def lowbit_linear(
     x: torch.Tensor,
@@ -141,7 +174,9 @@ def lowbit_linear(
     bias32 = _bias32(bias)
     m = math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    if m and n:
+    if m >= BLAS_MIN_ROWS and n:
+        _dequant_matmul(x.reshape(m, k), qweight, scale, zero, scale_code, bits, group_size, bias32, y.view(m, n))
+    elif m and n:
         _C.lowbit_linear(
             _ptr(x), code, m, k, _ptr(qweight), n, qweight.shape[1], _ptr(scale), _ptr(zero), scale_code, bits,
             group_size, _ptr(bias32), _ptr(y),

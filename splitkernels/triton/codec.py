@@ -235,9 +235,15 @@ def ts_tabq_decode(
     capacity = idx.shape[1]
     block_d = max(8, triton.next_power_of_2(d))
     codes = codes if codes.stride(-1) == 1 else codes.contiguous()
+    width, elem = codes.shape[1], val.element_size()
+    if codes.stride(0) % elem or codes.data_ptr() % elem:
+        # Raw rows are loaded as whole elements at codes + row * stride: both must be element-aligned.
+        aligned = torch.zeros(t, -(-width // elem) * elem, dtype=torch.uint8, device=codes.device)
+        aligned[:, :width] = codes
+        codes = aligned
     _decode_kernel[(t,)](
         bits.contiguous(), lo.contiguous(), step.contiguous(), cnt.contiguous(), idx.contiguous(), val.contiguous(),
-        codes, out, d, capacity, codes.stride(0), codes.shape[1],
+        codes, out, d, capacity, codes.stride(0), width,
         RAW=raw_width(val.dtype), OUT_BF16=val.dtype == torch.bfloat16, BLOCK_D=block_d, BLOCK_C=max(1, triton.next_power_of_2(capacity)),
         num_warps=_row_warps(block_d), enable_fp_fusion=False,
     )

@@ -1,0 +1,171 @@
+"""lowbit_linear on the CPU beside PyTorch's own kernels, in one run on one machine.
+
+For each weight shape (N x K), activation dtype and batch size M, in the same process and in
+interleaved rounds: ``splitkernels.ops.lowbit_linear`` (W2/W3/W4/W8, group 128, or 64 where
+128 does not divide K) under the chosen backend, and PyTorch's ``F.linear`` in fp32 and bf16
+(dense weights), ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (int4, group 128, what torchao
+uses on CPU) and ``torch.ops.aten._weight_int8pack_mm`` (int8 per channel). Each thread count
+runs in its own process (``SPLITKERNELS_NUM_THREADS`` and ``torch.set_num_threads``); with
+``--busy N`` a second pass repeats everything while N other processes spin, to show whether
+the kernels' threads collapse when a core is taken.
+
+"of copy" is (bytes the op must read: packed weight, scales, zeros, x) / time / copy bandwidth
+(read + write of a large ``Tensor.copy_`` on all threads, measured in the same run): the
+fraction of the memory-bandwidth limit, meaningful where the op is memory-bound (small M).
+
+Usage: python bench/ops/lowbit_linear.py --out DIR [--backend cpp] [--threads 1,all]
+       [--m 1,4,16,64,512] [--shapes 4096x4096,1536x576,576x1536] [--bits 2,3,4,8]
+       [--dtypes float32,bfloat16] [--busy 1] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timing  # noqa: E402  (bench/timing.py)
+
+import splitkernels  # noqa: E402
+from splitkernels import ops  # noqa: E402
+from splitkernels.quant import quantize_weight  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCH = ("F.linear fp32", "F.linear bf16", "torch int4pack", "torch int8pack")
+
+
+def group_for(k: int) -> int:
+    return 128 if k % 128 == 0 else 64
+
+
+def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
+    """Every (shape, dtype, M) in this process with `threads` threads."""
+    torch.set_num_threads(threads)
+    rows = []
+    for shape in args.shapes:
+        n, k = shape
+        g = torch.Generator().manual_seed(n + k)
+        w = torch.randn(n, k, generator=g)
+        group = group_for(k)
+        qws = {b: quantize_weight(w, b, group) for b in args.bits}
+        w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
+        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            dense = {"F.linear fp32": w, "F.linear bf16": w.bfloat16()}
+            q_dt = {b: quantize_weight(w, b, group, dtype=dt) if dt != torch.float32 else q for b, q in qws.items()}
+            sz4 = torch.randn(k // group, n, 2, dtype=dt)
+            s8 = torch.rand(n, dtype=dt)
+            for m in args.m:
+                x = torch.randn(m, k, generator=g).to(dt)
+                xs = {"F.linear fp32": x.float(), "F.linear bf16": x.bfloat16()}
+                fns = {name: (lambda name=name: torch.nn.functional.linear(xs[name], dense[name])) for name in dense}
+                fns["torch int4pack"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, group, sz4)
+                fns["torch int8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(x, w8, s8)
+                with splitkernels.use_backend(args.backend):
+                    for b, q in q_dt.items():
+                        fns[f"W{b}"] = lambda q=q: ops.lowbit_linear(x, q)
+                    r = timing.compare(fns, budget_s=args.budget)
+                xbytes = m * k * x.element_size()
+                moved = {"F.linear fp32": n * k * 4 + m * k * 4, "F.linear bf16": n * k * 2 + m * k * 2,
+                         "torch int4pack": n * k // 2 + sz4.numel() * sz4.element_size() + xbytes,
+                         "torch int8pack": n * k + n * s8.element_size() + xbytes,
+                         **{f"W{b}": q.nbytes + xbytes for b, q in q_dt.items()}}
+                for name, t in r.items():
+                    rows.append({"threads": threads, "N": n, "K": k, "group": group, "dtype": dname, "M": m,
+                                 "method": name, "seconds": t["median"], "min_s": t["min"], "max_s": t["max"],
+                                 "reps": t["reps"], "bytes": moved[name]})
+                best = min(TORCH, key=lambda nm: r[nm]["median"])
+                timing.progress(f"[{threads} thr] {n}x{k} {dname} M={m}: " + "  ".join(
+                    f"{nm}={t['median']*1e3:.2f}" for nm, t in r.items()) + f"  (best torch: {best})")
+    return rows
+
+
+def render(result: dict) -> str:
+    mc, bw = result["machine"], result["copy_bandwidth_gbps"]
+    out = [
+        "# lowbit_linear (CPU) beside PyTorch's own kernels",
+        "",
+        f"Machine: {mc['cpu']} ({', '.join(mc['cpu_flags'])}), {mc['logical_cpus']} logical CPUs, torch {mc['torch']}, "
+        f"kernel ISA {mc.get('kernel_isa')}; backend `{result['backend']}`; load average at start "
+        f"{mc['loadavg_start'][0]:.1f}. Copy bandwidth (read + write, all threads): {bw:.1f} GB/s. "
+        f"Medians of interleaved rounds after warm-up; {result['note']}",
+        "",
+        "Times in ms. **ours/best** = our fastest of W4 and W8 / PyTorch's fastest of the four kernels "
+        "at that row (< 1 means ours is faster). W2/W3 move fewer bytes than W4.",
+    ]
+    methods = [m for m in result["methods"]]
+    keyed: dict[tuple, dict[str, dict]] = {}
+    for r in result["rows"]:
+        keyed.setdefault((r["busy"], r["threads"], r["N"], r["K"], r["dtype"]), {}).setdefault(r["M"], {})[r["method"]] = r
+    for (busy, threads, n, k, dname), by_m in keyed.items():
+        out += ["", f"## {n} x {k}, {dname} activations, {threads} thread(s)"
+                + (f", {busy} competing busy process(es)" if busy else ""), ""]
+        out.append("| M | " + " | ".join(methods) + " | ours/best | W4 of copy |")
+        out.append("|---|" + "---|" * (len(methods) + 2))
+        for m, rs in by_m.items():
+            cells = [f"{rs[x]['seconds']*1e3:.3f}" if x in rs else "-" for x in methods]
+            best_torch = min(rs[x]["seconds"] for x in TORCH)
+            ours = min(rs[x]["seconds"] for x in ("W4", "W8") if x in rs)
+            w4 = rs.get("W4")
+            frac = f"{w4['bytes'] / w4['seconds'] / (bw * 1e9):.0%}" if w4 else "-"
+            out.append(f"| {m} | " + " | ".join(cells) + f" | {ours / best_torch:.2f} | {frac} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "out" / "ops")
+    p.add_argument("--backend", default="cpp")
+    p.add_argument("--threads", default="1,all", help="comma list of thread counts, 'all' = every CPU")
+    p.add_argument("--m", default="1,4,16,64,512")
+    p.add_argument("--shapes", default="4096x4096,1536x576,576x1536", help="N x K list")
+    p.add_argument("--bits", default="2,3,4,8")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--busy", type=int, default=0, help="also run with this many spinning processes")
+    p.add_argument("--budget", type=float, default=0.8, help="seconds of timed calls per row")
+    p.add_argument("--quick", action="store_true", help="4096x4096, W4/W8, M = 1 and 16, bf16 only")
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.quick:
+        a.shapes, a.bits, a.m, a.dtypes = "4096x4096", "4,8", "1,16", "bfloat16"
+    a.shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    a.bits = [int(b) for b in a.bits.split(",")]
+    a.m = [int(m) for m in a.m.split(",")]
+    a.dtypes = a.dtypes.split(",")
+    if a.worker:
+        a.worker_out.write_text(json.dumps(run_config(a, a.worker)))
+        return
+
+    start = time.perf_counter()
+    result = {"machine": timing.machine(), "backend": a.backend, "copy_bandwidth_gbps": timing.copy_bandwidth() / 1e9,
+              "methods": list(TORCH) + [f"W{b}" for b in a.bits], "rows": []}
+    counts = [os.cpu_count() or 1 if t == "all" else int(t) for t in a.threads.split(",")]
+    for busy in [0] + ([a.busy] if a.busy else []):
+        for threads in counts:
+            timing.progress(f"== {threads} thread(s), {busy} busy process(es)")
+            with tempfile.TemporaryDirectory() as tmp, timing.BusyCores(busy):
+                out = Path(tmp) / "rows.json"
+                argv = [sys.executable, __file__, "--worker", str(threads), "--worker-out", str(out),
+                        "--backend", a.backend, "--m", ",".join(map(str, a.m)),
+                        "--shapes", ",".join(f"{n}x{k}" for n, k in a.shapes), "--bits", ",".join(map(str, a.bits)),
+                        "--dtypes", ",".join(a.dtypes), "--budget", str(a.budget)]
+                subprocess.run(argv, check=True, env={**os.environ, "SPLITKERNELS_NUM_THREADS": str(threads)})
+                result["rows"] += [{**r, "busy": busy} for r in json.loads(out.read_text())]
+    result["loadavg_end"] = os.getloadavg()
+    result["wall_s"] = time.perf_counter() - start
+    result["note"] = (f"run took {result['wall_s']:.0f} s, load average at end {result['loadavg_end'][0]:.1f} "
+                      "(on a shared machine absolute times are noisy; compare within a row).")
+    timing.write(a.out, "lowbit_linear", result, render(result))
+
+
+if __name__ == "__main__":
+    main()

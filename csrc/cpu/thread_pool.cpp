@@ -1,0 +1,153 @@
+#include "cpu/thread_pool.h"
+
+#include <algorithm>
+#include <sched.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace sk {
+namespace {
+
+struct Job {
+  const std::function<void(int64_t, int64_t)>* body = nullptr;
+  int64_t n = 0, grain = 1, chunks = 0;
+  std::atomic<int64_t> next{0};  // next chunk to claim
+  std::atomic<int64_t> done{0};  // chunks finished
+};
+
+// Claims and runs chunks until none are left.
+void drain(Job& job) {
+  for (;;) {
+    const int64_t c = job.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= job.chunks) return;
+    const int64_t begin = c * job.grain;
+    (*job.body)(begin, std::min(job.n, begin + job.grain));
+    job.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+class Pool {
+ public:
+  Pool() : threads_(usable_cpus()) {}
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  void set_threads(int n) {
+    std::lock_guard<std::mutex> lock(busy_mu_);
+    threads_ = std::max(1, n);
+  }
+  int threads() const { return threads_; }
+
+  void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
+    grain = std::max<int64_t>(1, grain);
+    const int64_t chunks = (n + grain - 1) / grain;
+    std::unique_lock<std::mutex> busy(busy_mu_, std::try_to_lock);
+    if (chunks <= 1 || threads_ <= 1 || !busy.owns_lock()) {
+      if (n > 0) body(0, n);
+      return;
+    }
+    start_workers(threads_ - 1);
+    Job job;
+    job.body = &body;
+    job.n = n;
+    job.grain = grain;
+    job.chunks = chunks;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &job;
+      active_ = threads_ - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    drain(job);
+    // Wait for chunks that workers claimed; a bounded spin first (they are short), then sleep.
+    for (int spin = 0; job.done.load(std::memory_order_acquire) < chunks; ++spin) {
+      if (spin < 2000) {
+        std::this_thread::yield();
+      } else {
+        std::unique_lock<std::mutex> lock(mu_);
+        finished_.wait_for(lock, std::chrono::microseconds(200),
+                           [&] { return job.done.load(std::memory_order_acquire) >= chunks; });
+      }
+    }
+    // Retire the job; workers still holding it only find the counter exhausted.
+    std::unique_lock<std::mutex> lock(mu_);
+    job_ = nullptr;
+    finished_.wait(lock, [&] { return holders_ == 0; });
+  }
+
+ private:
+  void start_workers(int want) {
+    while (static_cast<int>(workers_.size()) < want) {
+      const int index = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, index] { loop(index); });
+    }
+  }
+
+  // SPLITKERNELS_NUM_THREADS if set, else the CPUs this process may run on.
+  static int usable_cpus() {
+    if (const char* env = std::getenv("SPLITKERNELS_NUM_THREADS")) {
+      const int n = std::atoi(env);
+      if (n > 0) return n;
+    }
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
+  }
+
+  // Worker `index` takes part in jobs while index < active_ (set_num_threads may shrink the team).
+  void loop(int index) {
+    unsigned long seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [&] { return stop_ || (job_ != nullptr && generation_ != seen && index < active_); });
+      if (stop_) return;
+      seen = generation_;
+      Job* job = job_;
+      ++holders_;
+      lock.unlock();
+      drain(*job);
+      lock.lock();
+      --holders_;
+      finished_.notify_all();
+    }
+  }
+
+  std::mutex busy_mu_;  // one parallel_for at a time; others run inline
+  std::mutex mu_;
+  std::condition_variable wake_, finished_;
+  std::vector<std::thread> workers_;
+  Job* job_ = nullptr;
+  unsigned long generation_ = 0;
+  int holders_ = 0;
+  int active_ = 0;
+  bool stop_ = false;
+  int threads_;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: workers may outlive static destruction order
+  return *p;
+}
+
+}  // namespace
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
+  pool().run(n, grain, body);
+}
+
+void set_num_threads(int n) { pool().set_threads(n); }
+int num_threads() { return pool().threads(); }
+
+}  // namespace sk
