@@ -160,8 +160,9 @@ def test_save_pretrained_from_pretrained_in_a_fresh_process(tmp_path):
         torch.save(ids, d / "ids.pt")
         saved = json.loads((d / "config.json").read_text())["quantization_config"]
         assert saved["quant_method"] == "splitkernels" and saved["modules"]
-        expected[str(d)] = (logits(model, ids), {n: [k, m.bits, m.group_size] for n, m in model.named_modules()
-                                                  for k in [type(m).__name__] if k in ("QuantLinear", "QuantEmbedding")})
+        layout = {n: [type(m).__name__, m.bits, m.group_size] for n, m in model.named_modules()
+                  if isinstance(m, (QuantLinear, QuantEmbedding))}
+        expected[str(d)] = (logits(model, ids), layout)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run([sys.executable, "-c", _LOAD, *expected], capture_output=True, text=True, env=env,
                          timeout=600)
