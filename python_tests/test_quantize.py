@@ -34,6 +34,12 @@ def tiny_llama(seed: int, tie: bool = True) -> nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def tiny_gpt2(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
@@ -144,6 +150,7 @@ def test_save_pretrained_from_pretrained_in_a_fresh_process(tmp_path):
         "plain": (tiny_llama(0), QuantConfig(4, 32)),
         # A quantised input table with a tied head: the head must come back dense and untied.
         "opsc": (tiny_llama(1), OPSCConfig(2, QuantConfig(3, 32), QuantConfig(8, 64), quantize_embedding=True)),
+        "gpt2": (tiny_gpt2(2), QuantConfig(4, 32)),  # Conv1D projections, weight stored [in, out]
     }
     expected = {}
     for name, (model, config) in cases.items():
@@ -153,8 +160,9 @@ def test_save_pretrained_from_pretrained_in_a_fresh_process(tmp_path):
         torch.save(ids, d / "ids.pt")
         saved = json.loads((d / "config.json").read_text())["quantization_config"]
         assert saved["quant_method"] == "splitkernels" and saved["modules"]
-        expected[str(d)] = (logits(model, ids), {n: [k, m.bits, m.group_size] for n, m in model.named_modules()
-                                                  for k in [type(m).__name__] if k in ("QuantLinear", "QuantEmbedding")})
+        layout = {n: [type(m).__name__, m.bits, m.group_size] for n, m in model.named_modules()
+                  if isinstance(m, (QuantLinear, QuantEmbedding))}
+        expected[str(d)] = (logits(model, ids), layout)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run([sys.executable, "-c", _LOAD, *expected], capture_output=True, text=True, env=env,
                          timeout=600)

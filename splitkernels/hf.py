@@ -30,7 +30,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .formats import WEIGHT_FORMAT_VERSION
-from .nn.linear import QuantEmbedding, QuantLinear
+from .nn.linear import QuantEmbedding, QuantLinear, is_conv1d
 
 METHOD = "splitkernels"
 
@@ -86,6 +86,10 @@ class SplitkernelsHfQuantizer(HfQuantizer):
             parent = model.get_submodule(parent_name) if parent_name else model
             dense = getattr(parent, child)
             setattr(parent, child, _empty_like(name, dense, spec))
+            # Some families' weight init reaches into children by name (GPT-2 rescales
+            # ``c_proj.weight`` from the attention block); the checkpoint sets every tensor here.
+            if parent is not model:
+                parent._is_hf_initialized = True
         # transformers loads tensors by attribute name; the layouts come from the config instead.
         _write_layouts(model, False)
         return model
@@ -118,10 +122,13 @@ def _empty_like(name: str, dense: nn.Module, spec: dict[str, Any]) -> nn.Module:
         if not isinstance(dense, nn.Embedding):
             raise TypeError(f"quantization_config names {name} as an embedding, the model has a {type(dense).__name__}")
         return QuantEmbedding(dense.num_embeddings, dense.embedding_dim, bits, group, weight.dtype, weight.device)
-    if not isinstance(dense, nn.Linear):
+    if isinstance(dense, nn.Linear):
+        n, k = dense.out_features, dense.in_features
+    elif is_conv1d(dense):  # GPT-2 style, weight stored [in, out]
+        k, n = weight.shape
+    else:
         raise TypeError(f"quantization_config names {name} as a linear layer, the model has a {type(dense).__name__}")
-    return QuantLinear(dense.in_features, dense.out_features, dense.bias is not None, bits, group, weight.dtype,
-                       weight.device)
+    return QuantLinear(k, n, dense.bias is not None, bits, group, weight.dtype, weight.device)
 
 
 def untie_head(model: nn.Module) -> None:

@@ -47,7 +47,8 @@ def quantize_(
             record["overrides"] = {k: None if v is None else v.to_dict() for k, v in overrides.items()}
     elif isinstance(config, OPSCConfig):
         if filter_fn is not None or overrides:
-            raise ValueError("filter_fn and overrides apply to a QuantConfig; an OPSCConfig chooses layers by split_layer")
+            raise ValueError("filter_fn and overrides apply to a QuantConfig; "
+                             "an OPSCConfig chooses layers by split_layer")
         from .opsc import apply_opsc
 
         apply_opsc(model, config.split_layer, config.front, config.back, config.quantize_embedding)

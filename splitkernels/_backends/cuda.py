@@ -2,8 +2,8 @@
 
 The compiled module is torch-free; this file is its torch side: arguments arrive checked by the
 op layer (:mod:`splitkernels.ops`), this file allocates outputs on the input's device and
-launches on the current stream (no host sync). Available when the module imports, torch sees a CUDA device and the
-module's own CUDA runtime can use the driver. Never raises at import.
+launches on the current stream (no host sync). Available when the module imports, torch sees a
+CUDA device and the module's own CUDA runtime can use the driver. Never raises at import.
 
 Ops: pack_bits, unpack_bits, ts_tabq_encode, ts_tabq_decode, lowbit_linear (GEMV for
 M = 1..8 with group_size % 32 == 0; other shapes dequantise with a CUDA kernel and call

@@ -195,7 +195,8 @@ def ts_tabq_encode(
 ) -> EncodedBuffers:
     """Fused TS + TAB-Q encode of finite ``x [T, d]`` into fixed-capacity buffers, no host sync.
 
-    Returns :class:`splitkernels.formats.EncodedBuffers`; docs/FORMATS.md has the rules. Most users want :func:`splitkernels.codec.encode`, which validates values too.
+    Returns :class:`splitkernels.formats.EncodedBuffers`; docs/FORMATS.md has the rules. Most
+    users want :func:`splitkernels.codec.encode`, which validates values too.
     """
     check_tensor("x", x, FLOAT_DTYPES, ndim=2)
     if not 0 <= capacity <= x.shape[1]:

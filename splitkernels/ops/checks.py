@@ -43,3 +43,6 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
         listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
         raise ValueError(f"all tensors must be on one device: {listing}")
     return next(iter(devices))
+
+
+__all__ = ["FLOAT_DTYPES", "check_tensor", "check_choice", "check_same_device"]

@@ -1,7 +1,11 @@
-"""Re-export of :func:`splitkernels.formats.round_down_fp16` / ``round_up_fp16`` (their old home).
+"""Deprecated: :func:`round_down_fp16` / :func:`round_up_fp16` moved to :mod:`splitkernels.formats`;
+this module re-exports them."""
+import warnings
 
-Deprecated: import them from :mod:`splitkernels.formats`.
-"""
 from ..formats.activations import round_down_fp16, round_up_fp16
+
+warnings.warn(
+    "splitkernels.ops.fp16_rounding is deprecated; use splitkernels.formats", DeprecationWarning, stacklevel=2
+)
 
 __all__ = ["round_down_fp16", "round_up_fp16"]

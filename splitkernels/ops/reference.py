@@ -230,4 +230,5 @@ __all__ = [
     "pack_bits", "unpack_bits", "pack_weight_codes", "unpack_weight_codes", "dequantize_weight",
     "lowbit_linear", "quantize_rows_int8", "int8_linear", "ts_tabq_encode", "ts_tabq_decode",
     "packed_nbytes", "packed_words", "raw_width", "step_for", "estimated_sq_error", "empty_encode_buffers",
+    "round_down_fp16", "round_up_fp16",
 ]
