@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import grpc
 
 from .metrics import process_rss_bytes
+from .proto_service import add_services
 from .protocol import Close, Open, Opened, SplitError, Status, Step, TokenReply, decode_message, encode_message
 from .sessions import SessionManager
 from .transport import Exchange, SessionHandle, Transport, expect
@@ -100,6 +101,8 @@ class GrpcServer:
             "Info": grpc.unary_unary_rpc_method_handler(self._info),
         }
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        # The same sessions through the .proto service, plus gRPC health and reflection (proto_service.py).
+        self.health = add_services(self._server, manager, self._authenticate, self._info_body, (SERVICE,))
         address = f"{host}:{port}"
         if tls is None:
             self.port = self._server.add_insecure_port(address)
@@ -120,6 +123,7 @@ class GrpcServer:
 
     def stop(self, grace_s: float | None = 1.0) -> None:
         """Stop serving (in-flight calls get ``grace_s``) and free every session."""
+        self.health.enter_graceful_shutdown()
         self._server.stop(grace_s).wait()
         self.manager.shutdown()
 
@@ -139,11 +143,13 @@ class GrpcServer:
         if not hmac.compare_digest(str(presented).encode(), f"Bearer {self.token}".encode()):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
+    def _info_body(self) -> dict:
+        return {**self.info_extra, "fingerprint": self.manager.fingerprint.hex(), "rss_bytes": process_rss_bytes(),
+                **self.manager.stats()}
+
     def _info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._authenticate(context)
-        body = {**self.info_extra, "fingerprint": self.manager.fingerprint.hex(), "rss_bytes": process_rss_bytes(),
-                **self.manager.stats()}
-        return json.dumps(body).encode()
+        return json.dumps(self._info_body()).encode()
 
     def _session(self, requests, context: grpc.ServicerContext):
         self._authenticate(context)
