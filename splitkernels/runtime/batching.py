@@ -330,7 +330,10 @@ class BatchingSessionManager(SessionManager):
     def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT,
                  batch: BatchConfig | None = None) -> None:
         super().__init__(server, limits, fingerprint)
-        self.scheduler = Scheduler(server, batch, expected=lambda: self.num_sessions).start()
+        self.scheduler = Scheduler(server, batch, expected=lambda: self.num_sessions)
+        self.scheduler.on_batch = lambda size, queue_s, seconds: self._event("batch", size=size, queue_s=queue_s,
+                                                                               seconds=seconds)
+        self.scheduler.start()
 
     def _compute(self, sess, hidden: torch.Tensor) -> int:
         return self.scheduler.run(Work(hidden, sess.cache, sess.position, sess.open_msg.sampling,
