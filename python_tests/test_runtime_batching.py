@@ -42,15 +42,21 @@ def _wait_for(predicate, timeout_s: float = 20.0) -> bool:
     return predicate()
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def sm(request):
-    return split_model(tiny_model(request.param, seed=5, num_layers=3, hidden=32), 1,
+def _split(family: str):
+    return split_model(tiny_model(family, seed=5, num_layers=3, hidden=32), 1,
                        limits=Limits(max_sessions=16, max_seq_len=256))
 
 
+@pytest.fixture(scope="module")
+def sm():
+    return _split("llama")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "qwen2"])
 @pytest.mark.parametrize("lengths", [[7, 1, 19, 0, 33], [0], [4, 4]])
-def test_batched_decode_matches_unbatched(sm, lengths):
+def test_batched_decode_matches_unbatched(family, lengths):
     """One batched forward over caches of different lengths (0 included) = each session alone."""
+    sm = _split(family)
     d = sm.adapter.hidden_size
     gen = torch.Generator().manual_seed(len(lengths))
     prompts = [torch.randn(n, d, generator=gen) for n in lengths]

@@ -17,6 +17,7 @@ import torch
 from ..codec import CodecConfig
 from .grpc_transport import GrpcServer, GrpcTransport, TlsFiles
 from .link import LinkEmulator
+from .serve_options import add_serving_args, build_manager
 from .sessions import Limits
 from .split_model import SplitModel, split_model
 from .transport import Transport
@@ -248,8 +249,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sm = split_model(loaded.model, _split_layer(args, loaded), opsc=_opsc_from_args(args, "server"),
                      limits=Limits(args.max_sessions, args.max_seq_len, args.idle_timeout))
     sm.release("edge")
+    manager, metrics = build_manager(sm.manager, args)
     tls = TlsFiles.from_paths(args.tls_cert, args.tls_key) if args.tls_cert else None
-    server = GrpcServer(sm.manager, args.host, args.port, token=args.token, tls=tls,
+    server = GrpcServer(manager, args.host, args.port, token=args.token, tls=tls,
                         max_message_bytes=int(args.max_message_mb * 2**20),
                         info={"model": loaded.name, "split_layer": sm.split_layer,
                               "hidden_size": sm.adapter.hidden_size}).start()
@@ -257,6 +259,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           f"{server.address} ({'TLS' if tls else 'plaintext'}, {'token' if args.token else 'no'} auth)", flush=True)
     if loaded.note:
         print(f"note: {loaded.note}", flush=True)
+    if args.metrics_port is not None:
+        http, _ = metrics.serve(args.metrics_port, args.host)
+        print(f"metrics on http://{args.host}:{http.server_port}/metrics", flush=True)
     try:
         server.wait()
     except KeyboardInterrupt:
@@ -338,6 +343,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is freed")
+    add_serving_args(p)
     p.set_defaults(func=_cmd_serve)
 
     p = subparsers.add_parser("edge", help="run the edge half and generate against `splitkernels serve`")
