@@ -191,3 +191,27 @@ def test_grpc_batched_server_killed_client_frees_slot(sm):
             assert client.info()["batching"]["max_batch_seen"] >= 1
     finally:
         server.stop(0)
+
+
+def test_a_failing_batch_ends_its_sessions_and_the_server_goes_on(sm, monkeypatch):
+    manager = BatchingSessionManager(sm.server, sm.manager.limits, sm.fingerprint)
+    try:
+        transport = InProcessTransport(manager)
+        d = sm.adapter.hidden_size
+        frame = lambda n: encode(torch.randn(n, d), CodecConfig.passthrough()).to_bytes()  # noqa: E731
+        session = transport.open(Open(SamplingParams()))
+        session.step(0, frame(3))
+
+        def broken(*args):
+            raise RuntimeError("injected fault")
+
+        monkeypatch.setattr(manager.scheduler, "forward_decode", broken)
+        with pytest.raises(SplitError) as e:
+            session.step(1, frame(1))
+        assert e.value.status == Status.INTERNAL and "injected fault" in e.value.message
+        assert manager.num_sessions == 0  # its cache may be half-updated: the session is gone
+        monkeypatch.undo()
+        ids = _prompt(8, 5)
+        assert torch.equal(sm.generate(ids, 4, transport=transport), sm.generate(ids, 4))
+    finally:
+        manager.shutdown()

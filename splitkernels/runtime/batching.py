@@ -230,13 +230,19 @@ class Scheduler:
     def _loop(self) -> None:
         while (taken := self._take()) is not None:
             decodes, prefills = taken
-            if decodes:
-                self._run_decodes(decodes)
-            budget = self.config.prefill_chunk
-            for w in prefills:
-                if budget <= 0:
-                    break
-                budget -= self._run_prefill_chunk(w, budget)
+            try:
+                if decodes:
+                    self._run_decodes(decodes)
+                budget = self.config.prefill_chunk
+                for w in prefills:
+                    if budget <= 0:
+                        break
+                    budget -= self._run_prefill_chunk(w, budget)
+            except Exception as exc:  # a fault outside the model must not leave steps waiting forever
+                with self._cond:
+                    pending, self._queue, self._in_flight = list(self._queue), deque(), 0
+                for w in pending:
+                    self._finish(w, error=exc)
 
     def _dequeue(self, works: list[Work]) -> None:
         with self._cond:
