@@ -88,7 +88,8 @@ def make_frames(model, split_layer: int, prompt_tokens: int, steps: int) -> tupl
 
 def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, __file__, "--serve", mode, "--model", args.model, "--split-layer", str(args.split_layer),
-           "--sessions", args.sessions, "--threads", str(args.threads), "--window-ms", str(args.window_ms), "--max-batch", str(args.max_batch)]
+           "--sessions", args.sessions, "--threads", str(args.threads), "--window-ms", str(args.window_ms),
+           "--max-batch", str(args.max_batch)]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
@@ -199,8 +200,8 @@ def main() -> int:
         "window_ms": args.window_ms, "max_batch": args.max_batch, "hidden_size": hidden, "results": results,
     }
     lines = [f"# Server load: {name}, split after layer {args.split_layer}, {args.steps} decode steps per session",
-             "", f"{report['machine']['cores']} cores ({report['machine']['note']}); server torch threads {args.threads}; "
-             f"window {args.window_ms} ms", "",
+             "", f"{report['machine']['cores']} cores ({report['machine']['note']}); "
+             f"server torch threads {args.threads}; window {args.window_ms} ms", "",
              "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up |", "|---|---|---|---|---|---|---|"]
     base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}
     for mode in modes:
