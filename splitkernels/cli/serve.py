@@ -13,6 +13,7 @@ from .common import add_connection_args, message_bytes
 from .errors import ConnectionFailure, UsageError
 from .files import read_bytes
 from .models import add_model_args, load_model, split_settings
+from ..runtime.serve_options import add_serving_args
 
 DEFAULT_MAX_SEQ_LEN = 2048
 
@@ -40,6 +41,7 @@ def _check_exposure(args: argparse.Namespace) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ..runtime.grpc_transport import GrpcServer, TlsFiles
+    from ..runtime.serve_options import build_manager
     from ..runtime.sessions import Limits
     from ..runtime.split_model import split_model
 
@@ -55,7 +57,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      limits=Limits(args.max_sessions, max_seq_len, args.idle_timeout))
     sm.release("edge")
     try:
-        server = GrpcServer(sm.manager, args.host, args.port, token=args.token, tls=tls,
+        manager, metrics = build_manager(sm.manager, args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        server = GrpcServer(manager, args.host, args.port, token=args.token, tls=tls,
                             max_message_bytes=message_bytes(args), open_timeout_s=args.open_timeout,
                             max_sessions_per_client=args.max_sessions_per_client,
                             info={"model": loaded.name, "split_layer": sm.split_layer,
@@ -77,11 +83,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           f"max_seq_len {sm.manager.max_seq_len})", flush=True)
     if loaded.note:
         print(f"note: {loaded.note}", flush=True)
+    if args.metrics_port is not None:
+        http, _ = metrics.serve(args.metrics_port, args.host)
+        print(f"metrics on http://{args.host}:{http.server_port}/metrics", flush=True)
     try:
         while not stop.wait(1.0):
             pass
     finally:
-        sessions = sm.manager.num_sessions
+        sessions = manager.num_sessions
         print(f"{received[0] if received else 'stop'}: draining {sessions} session(s) for up to {args.drain:g} s",
               flush=True)
         server.stop(args.drain)
@@ -107,4 +116,5 @@ def register(subparsers) -> None:
                    help="seconds a new stream may take to open its session")
     p.add_argument("--drain", type=types.non_negative, default=10.0,
                    help="on SIGINT/SIGTERM, seconds sessions in flight get to finish")
+    add_serving_args(p)
     p.set_defaults(func=_cmd_serve)

@@ -230,13 +230,19 @@ class Scheduler:
     def _loop(self) -> None:
         while (taken := self._take()) is not None:
             decodes, prefills = taken
-            if decodes:
-                self._run_decodes(decodes)
-            budget = self.config.prefill_chunk
-            for w in prefills:
-                if budget <= 0:
-                    break
-                budget -= self._run_prefill_chunk(w, budget)
+            try:
+                if decodes:
+                    self._run_decodes(decodes)
+                budget = self.config.prefill_chunk
+                for w in prefills:
+                    if budget <= 0:
+                        break
+                    budget -= self._run_prefill_chunk(w, budget)
+            except Exception as exc:  # a fault outside the model must not leave steps waiting forever
+                with self._cond:
+                    pending, self._queue, self._in_flight = list(self._queue), deque(), 0
+                for w in pending:
+                    self._finish(w, error=exc)
 
     def _dequeue(self, works: list[Work]) -> None:
         with self._cond:
@@ -330,7 +336,10 @@ class BatchingSessionManager(SessionManager):
     def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT,
                  batch: BatchConfig | None = None) -> None:
         super().__init__(server, limits, fingerprint)
-        self.scheduler = Scheduler(server, batch, expected=lambda: self.num_sessions).start()
+        self.scheduler = Scheduler(server, batch, expected=lambda: self.num_sessions)
+        self.scheduler.on_batch = lambda size, queue_s, seconds: self._event("batch", size=size, queue_s=queue_s,
+                                                                               seconds=seconds)
+        self.scheduler.start()
 
     def _compute(self, sess, hidden: torch.Tensor) -> int:
         return self.scheduler.run(Work(hidden, sess.cache, sess.position, sess.open_msg.sampling,

@@ -33,6 +33,7 @@ from typing import Callable
 import grpc
 
 from .metrics import process_rss_bytes
+from .proto_service import add_services
 from .protocol import Close, Open, Opened, SplitError, Status, Step, TokenReply, decode_message, encode_message
 from .sessions import SessionManager
 from .transport import Exchange, SessionHandle, Transport, expect
@@ -182,6 +183,8 @@ class GrpcServer:
             "Info": grpc.unary_unary_rpc_method_handler(self._info),
         }
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        # The same sessions through the .proto service, plus gRPC health and reflection (proto_service.py).
+        self.health = add_services(self._server, manager, self._authenticate, self._info_body, (SERVICE,))
         address = f"{host}:{port}"
         try:
             if tls is None:
@@ -207,6 +210,7 @@ class GrpcServer:
     def stop(self, grace_s: float | None = 1.0) -> None:
         """Stop serving: new calls are refused at once, calls in flight get ``grace_s`` seconds
         (a drain), then every session is freed."""
+        self.health.enter_graceful_shutdown()
         self._server.stop(grace_s).wait()
         self.manager.shutdown()
 
@@ -226,12 +230,14 @@ class GrpcServer:
         if not hmac.compare_digest(str(presented).encode(), f"Bearer {self.token}".encode()):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
-    def _info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._authenticate(context)
-        body = {**self.info_extra, "fingerprint": self.manager.fingerprint.hex(), "rss_bytes": process_rss_bytes(),
+    def _info_body(self) -> dict:
+        return {**self.info_extra, "fingerprint": self.manager.fingerprint.hex(), "rss_bytes": process_rss_bytes(),
                 "waiting_streams": len(self._waiting), "evicted_streams": self._waiting.evicted,
                 **self.manager.stats()}
-        return json.dumps(body).encode()
+
+    def _info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._authenticate(context)
+        return json.dumps(self._info_body()).encode()
 
     @staticmethod
     def _read(requests, inbox: queue.Queue, slots: threading.Semaphore, finished: threading.Event) -> None:

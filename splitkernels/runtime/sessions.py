@@ -90,6 +90,12 @@ class SessionManager:
         self._reaper: threading.Thread | None = None
         self.sessions_opened = 0
         self.sessions_expired = 0
+        # Called as observer(event, fields) on "opened", "step", "closed", "expired" (metrics, logs).
+        self.observer: Callable[[str, dict], None] | None = None
+
+    def _event(self, name: str, **fields) -> None:
+        if self.observer is not None:
+            self.observer(name, fields)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_reaper(self) -> None:
@@ -136,6 +142,7 @@ class SessionManager:
             self._sessions[sid] = _Session(sid, msg, self.max_seq_len, self.server.new_cache(),
                                            make_generator(msg.sampling), on_expire=on_expire)
             self.sessions_opened += 1
+        self._event("opened", session=sid)
         return Opened(sid, self.max_seq_len)
 
     def _get(self, session_id: int) -> _Session:
@@ -205,7 +212,9 @@ class SessionManager:
             sess.seq += 1
             sess.kv_bytes = cache_nbytes(sess.cache)
             sess.last_active = time.monotonic()
-            return accepted, token, position, t1 - t0, t2 - t1, sess.kv_bytes
+            result = accepted, token, position, t1 - t0, t2 - t1, sess.kv_bytes
+        self._event("step", session=sess.id, tokens=tokens, frame_bytes=len(frame), seconds=time.perf_counter() - t0)
+        return result
 
     def _decode(self, frame: bytes, sess: _Session) -> torch.Tensor:
         """Decode a step's frame where the layers run, after its header passed this session's
@@ -249,6 +258,7 @@ class SessionManager:
             return False
         with sess.lock:
             self._free(sess)
+        self._event("closed", session=session_id, position=sess.position)
         return True
 
     def handle(self, data: bytes) -> bytes | None:
@@ -294,6 +304,7 @@ class SessionManager:
             finally:
                 sess.lock.release()
         for sess in expired:
+            self._event("expired", session=sess.id, position=sess.position)
             if sess.on_expire is not None:
                 sess.on_expire()
         self.sessions_expired += len(expired)

@@ -1,0 +1,221 @@
+"""Server load: aggregate decode steps/s and per-step latency with 1/4/16/64 concurrent sessions,
+continuous batching on vs off, in the same run on the same machine.
+
+Each mode runs the server half in its own process (so its compute has its own interpreter and the
+load generator's threads do not share its GIL). The load generator holds one gRPC channel (the
+package's own transport) and one thread per session. Every session sends a prefill frame, all
+sessions meet at a barrier, then each sends ``--steps`` one-token frames back to back (closed
+loop: the next step leaves when the previous token arrives). The frames are real codec frames of
+the edge half's hidden states for a text, computed once up front, so the measurement is the
+server's alone (the edge's compute would otherwise share this machine's cores with the server).
+
+    PYTHONPATH=. python bench/serve_load.py --model smollm2 --out /tmp/serve_load
+
+Writes ``serve_load.json`` and ``serve_load.md`` (table) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from splitkernels.codec import CodecConfig, encode  # noqa: E402
+from splitkernels.runtime.grpc_transport import GrpcTransport  # noqa: E402
+from splitkernels.runtime.protocol import Open, SamplingParams  # noqa: E402
+
+
+def load(model: str):
+    """(model, name): SmolLM2-135M-Instruct or a tiny random Llama."""
+    from splitkernels.models import load_smollm2, tiny_model
+
+    if model == "smollm2":
+        return load_smollm2()[0], "SmolLM2-135M-Instruct"
+    return tiny_model("llama", seed=0, num_layers=6, hidden=128, vocab=256), "tiny random llama"
+
+
+def serve_child(args: argparse.Namespace) -> int:
+    """The server process: load, split, serve on loopback, print the address, run until stdin closes."""
+    from splitkernels.runtime import Limits, split_model
+    from splitkernels.runtime.batching import BatchConfig, BatchingSessionManager
+    from splitkernels.runtime.grpc_transport import GrpcServer
+
+    torch.set_num_threads(args.threads)
+    model, _ = load(args.model)
+    sm = split_model(model, args.split_layer, limits=Limits(max_sessions=max(args.sessions_list), max_seq_len=4096))
+    manager = sm.manager
+    if args.serve == "batched":
+        manager = BatchingSessionManager(sm.server, manager.limits, sm.fingerprint,
+                                         BatchConfig(window_s=args.window_ms / 1000, max_batch=args.max_batch))
+    server = GrpcServer(manager, "127.0.0.1", 0).start()
+    print(f"listening on {server.address}", flush=True)
+    sys.stdin.read()  # the parent closes our stdin to stop us
+    server.stop(0)
+    return 0
+
+
+def make_frames(model, split_layer: int, prompt_tokens: int, steps: int) -> tuple[bytes, list[bytes], int]:
+    """The prefill frame and ``steps`` one-token frames of the edge half's hidden states for a text."""
+    from splitkernels.eval.text import load_text
+    from splitkernels.runtime import split_model
+
+    sm = split_model(model, split_layer)
+    vocab = int(model.config.vocab_size)
+    text = load_text().encode()
+    ids = torch.tensor([[b % vocab for b in text[: prompt_tokens + steps]]], dtype=torch.long)
+    if vocab > 256:  # a real tokenizer's ids for a real model
+        from splitkernels.models import load_smollm2
+        ids = load_smollm2()[1](load_text()[:8000], return_tensors="pt").input_ids[:, : prompt_tokens + steps]
+    cache = sm.edge.new_cache()
+    codec = CodecConfig()
+    prefill = encode(sm.edge.forward(ids[:, :prompt_tokens], cache, 0), codec).to_bytes()
+    decodes = [encode(sm.edge.forward(ids[:, p:p + 1], cache, p), codec).to_bytes()
+               for p in range(prompt_tokens, prompt_tokens + steps)]
+    return prefill, decodes, sm.adapter.hidden_size
+
+
+def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, __file__, "--serve", mode, "--model", args.model, "--split-layer", str(args.split_layer),
+           "--sessions", args.sessions, "--threads", str(args.threads), "--window-ms", str(args.window_ms),
+           "--max-batch", str(args.max_batch)]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    match = re.search(r"on (127\.0\.0\.1:\d+)", line)
+    if not match:
+        proc.kill()
+        raise RuntimeError(f"server ({mode}) did not start: {line!r}")
+    return proc, match.group(1)
+
+
+def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes]) -> dict:
+    """``sessions`` concurrent sessions: prefill, barrier, then ``len(decodes)`` timed steps each."""
+    barrier = threading.Barrier(sessions + 1)
+    lat: list[list[float]] = [[] for _ in range(sessions)]
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with client.open(Open(SamplingParams(), max_len=0)) as s:
+                s.step(0, prefill)
+                barrier.wait(timeout=600)
+                for seq, frame in enumerate(decodes, start=1):
+                    t0 = time.perf_counter()
+                    s.step(seq, frame)
+                    lat[i].append(time.perf_counter() - t0)
+        except BaseException as exc:  # reported after the run
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(sessions)]
+    for t in threads:
+        t.start()
+    barrier.wait(timeout=600)
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    flat = sorted(x for row in lat for x in row)
+
+    def pct(q: float) -> float:
+        return flat[min(len(flat) - 1, int(q * len(flat)))]
+
+    return {"sessions": sessions, "steps": len(flat), "wall_s": wall, "steps_per_s": len(flat) / wall,
+            "p50_ms": 1000 * statistics.median(flat), "p99_ms": 1000 * pct(0.99), "max_ms": 1000 * flat[-1]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="output folder for serve_load.json and serve_load.md (required)")
+    ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    ap.add_argument("--split-layer", type=int, default=None, help="edge keeps layers 1..N (default: a third)")
+    ap.add_argument("--sessions", default="1,4,16,64", help="comma-separated concurrency levels")
+    ap.add_argument("--steps", type=int, default=24, help="timed decode steps per session")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--modes", default="unbatched,batched")
+    ap.add_argument("--window-ms", type=float, default=2.0, help="batching window")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the server (both modes; on a shared machine 2+ OpenMP threads stall)")
+    ap.add_argument("--serve", choices=("batched", "unbatched"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    try:
+        args.sessions_list = [int(x) for x in args.sessions.split(",")]
+        if not args.sessions_list or min(args.sessions_list) < 1:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--sessions must be comma-separated ints >= 1, got {args.sessions!r}")
+    if args.split_layer is None:
+        args.split_layer = 10 if args.model == "smollm2" else 2
+    if args.serve:
+        return serve_child(args)
+    if not args.out:
+        ap.error("--out DIR is required")
+    modes = args.modes.split(",")
+    if not set(modes) <= {"batched", "unbatched"}:
+        ap.error(f"--modes must be batched and/or unbatched, got {args.modes!r}")
+
+    model, name = load(args.model)
+    prefill, decodes, hidden = make_frames(model, args.split_layer, args.prompt_tokens, args.steps)
+    del model
+    results: dict[str, list[dict]] = {}
+    for mode in modes:
+        proc, address = start_server(args, mode)
+        try:
+            with GrpcTransport(address, timeout_s=900) as client:
+                run_level(client, 1, prefill, decodes[:4])  # warm-up
+                results[mode] = []
+                for n in args.sessions_list:
+                    row = run_level(client, n, prefill, decodes)
+                    results[mode].append(row)
+                    print(f"{mode:9s} {n:3d} sessions: {row['steps_per_s']:7.1f} steps/s  "
+                          f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms", flush=True)
+                info = client.info()
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+        results[mode + "_server"] = {k: info.get(k) for k in ("weight_bytes", "batching")}
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "server_torch_threads": args.threads, "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "note": "shared with other jobs during the run: timings are noisy"},
+        "model": name, "split_layer": args.split_layer, "prompt_tokens": args.prompt_tokens,
+        "decode_steps_per_session": args.steps, "frame_bytes": {"prefill": len(prefill),
+                                                                "decode_mean": sum(map(len, decodes)) / len(decodes)},
+        "window_ms": args.window_ms, "max_batch": args.max_batch, "hidden_size": hidden, "results": results,
+    }
+    lines = [f"# Server load: {name}, split after layer {args.split_layer}, {args.steps} decode steps per session",
+             "", f"{report['machine']['cores']} cores ({report['machine']['note']}); "
+             f"server torch threads {args.threads}; window {args.window_ms} ms", "",
+             "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up |", "|---|---|---|---|---|---|---|"]
+    base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}
+    for mode in modes:
+        for r in results[mode]:
+            up = r["steps_per_s"] / base[r["sessions"]] if r["sessions"] in base else float("nan")
+            lines.append(f"| {r['sessions']} | {mode} | {r['steps_per_s']:.1f} | {r['p50_ms']:.1f} | "
+                         f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {up:.2f}x |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_load.json").write_text(json.dumps(report, indent=2))
+    (out / "serve_load.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

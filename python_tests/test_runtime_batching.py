@@ -1,0 +1,217 @@
+"""Continuous batching: batched decode logits match the unbatched segment, per-session outputs are
+identical with batching on and off (greedy and seeded sampling, sessions of different lengths
+joining and leaving mid-batch), chunked prefill does not stall decodes, admission refusals, and a
+killed gRPC client frees its slot.
+
+Tolerance policy: fp32 tiny models; a batched matmul and a padded attention may round differently
+from the one-session path, so logits are compared with ||batched - unbatched|| / ||unbatched||
+<= 1e-5 and sampled tokens must be identical."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from splitkernels.codec import CodecConfig, encode
+from splitkernels.models import tiny_model
+from splitkernels.runtime import Limits, SplitError, Status, split_model
+from splitkernels.runtime.batching import BatchConfig, BatchingSessionManager, Scheduler, Work
+from splitkernels.runtime.grpc_transport import GrpcServer, GrpcTransport
+from splitkernels.runtime.protocol import Open, SamplingParams
+from splitkernels.runtime.transport import InProcessTransport
+
+RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _prompt(seed: int, length: int) -> torch.Tensor:
+    return torch.randint(0, 255, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _wait_for(predicate, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def _split(family: str):
+    return split_model(tiny_model(family, seed=5, num_layers=3, hidden=32), 1,
+                       limits=Limits(max_sessions=16, max_seq_len=256))
+
+
+@pytest.fixture(scope="module")
+def sm():
+    return _split("llama")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "qwen2"])
+@pytest.mark.parametrize("lengths", [[7, 1, 19, 0, 33], [0], [4, 4]])
+def test_batched_decode_matches_unbatched(family, lengths):
+    """One batched forward over caches of different lengths (0 included) = each session alone."""
+    sm = _split(family)
+    d = sm.adapter.hidden_size
+    gen = torch.Generator().manual_seed(len(lengths))
+    prompts = [torch.randn(n, d, generator=gen) for n in lengths]
+    step = torch.randn(len(lengths), 1, d, generator=gen)
+    batched_caches, alone_caches = [], []
+    for p in prompts:
+        for caches in (batched_caches, alone_caches):
+            c = sm.server.new_cache()
+            if p.shape[0]:
+                sm.server.forward(p, c, 0)
+            caches.append(c)
+    logits = Scheduler(sm.server).forward_decode(list(step), batched_caches, lengths)
+    for i, n in enumerate(lengths):
+        alone = sm.server.forward(step[i], alone_caches[i], n)
+        assert _rel(logits[i], alone) <= RTOL
+        assert int(logits[i].argmax()) == int(alone.argmax())
+        layer = sm.server.first
+        assert batched_caches[i].get_seq_length(layer) == n + 1
+        assert _rel(batched_caches[i].layers[layer].keys, alone_caches[i].layers[layer].keys) <= RTOL
+
+
+def _run_sessions(sm, transport, specs, stagger_s: float):
+    """Generate ``specs`` [(prompt, new tokens, sampling kwargs)] concurrently, session i starting
+    ``i * stagger_s`` after the first (they join while others decode and leave at different times)."""
+    out: list = [None] * len(specs)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        time.sleep(i * stagger_s)
+        prompt, new, kw = specs[i]
+        try:
+            out[i] = sm.generate(prompt, new, transport=transport, **kw)
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(specs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def test_outputs_identical_with_batching_on_and_off(sm):
+    specs = [(_prompt(i, 2 + 5 * i), 4 + 3 * (i % 4),
+              {"do_sample": True, "top_k": 30, "temperature": 0.9, "seed": 100 + i} if i % 2 else {})
+             for i in range(8)]
+    expected = [sm.generate(p, n, **kw) for p, n, kw in specs]  # the unbatched in-process server
+    manager = BatchingSessionManager(sm.server, sm.manager.limits, sm.fingerprint,
+                                     BatchConfig(window_s=0.02, prefill_chunk=6))
+    try:
+        got = _run_sessions(sm, InProcessTransport(manager), specs, stagger_s=0.01)
+        stats = manager.scheduler.stats()
+    finally:
+        manager.shutdown()
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+    assert stats.max_batch_seen >= 2, "no two sessions ever shared a forward"
+    assert stats.prefill_chunks > len(specs), "no prefill was chunked"
+    assert stats.tokens_in_flight == 0 and manager.num_sessions == 0
+
+
+def test_long_prefill_does_not_stall_decodes(sm):
+    d = sm.adapter.hidden_size
+    scheduler = Scheduler(sm.server, BatchConfig(window_s=0.0, prefill_chunk=4)).start()
+    try:
+        greedy = SamplingParams()
+        long_cache, short_cache, ref_cache = sm.server.new_cache(), sm.server.new_cache(), sm.server.new_cache()
+        sm.server.forward(torch.randn(5, d), short_cache, 0)
+        long_hidden = torch.randn(200, d, generator=torch.Generator().manual_seed(1))
+        prefill = scheduler.submit(Work(long_hidden, long_cache, 0, greedy, None, key=1))
+        assert _wait_for(lambda: prefill.done_tokens > 0)
+        decode = scheduler.submit(Work(torch.randn(1, d), short_cache, 5, greedy, None, key=2))
+        assert decode.done.wait(20) and decode.error is None
+        assert not prefill.done.is_set(), "the decode waited for the whole prefill"
+        assert prefill.done.wait(60) and prefill.error is None
+        assert prefill.token == int(sm.server.forward(long_hidden, ref_cache, 0).argmax())
+    finally:
+        scheduler.stop()
+
+
+def test_admission_refuses_past_tokens_in_flight_and_session_survives(sm):
+    manager = BatchingSessionManager(sm.server, Limits(max_sessions=1, max_seq_len=256), sm.fingerprint,
+                                     BatchConfig(max_tokens_in_flight=8))
+    try:
+        transport = InProcessTransport(manager)
+        d = sm.adapter.hidden_size
+        frame = lambda n: encode(torch.randn(n, d), CodecConfig.passthrough()).to_bytes()  # noqa: E731
+        session = transport.open(Open(SamplingParams()))
+        with pytest.raises(SplitError) as e:
+            session.step(0, frame(9))
+        assert e.value.status == Status.RESOURCE_EXHAUSTED and "max_tokens_in_flight" in e.value.message
+        assert session.step(0, frame(8)).reply.position == 8  # refused before the cache was touched
+        with pytest.raises(SplitError) as e:
+            transport.open(Open(SamplingParams()))
+        assert e.value.status == Status.RESOURCE_EXHAUSTED
+        session.close()
+    finally:
+        manager.shutdown()
+
+
+@pytest.mark.parametrize("kw, match", [({"window_s": -1}, "window_s"), ({"max_batch": 0}, "max_batch"),
+                                       ({"prefill_chunk": 1.5}, "prefill_chunk"),
+                                       ({"max_tokens_in_flight": True}, "max_tokens_in_flight")])
+def test_batch_config_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        BatchConfig(**kw)
+
+
+def test_grpc_batched_server_killed_client_frees_slot(sm):
+    manager = BatchingSessionManager(sm.server, Limits(max_sessions=2, max_seq_len=256), sm.fingerprint,
+                                     BatchConfig(window_s=0.005))
+    server = GrpcServer(manager).start()
+    try:
+        with GrpcTransport(server.address) as client:
+            ids = _prompt(3, 9)
+            expected = sm.generate(ids, 10)
+            doomed = client.open(Open(SamplingParams()))
+            d = sm.adapter.hidden_size
+            doomed.step(0, encode(torch.randn(3, d), CodecConfig.passthrough()).to_bytes())
+            got: list = []
+            survivor = threading.Thread(target=lambda: got.append(sm.generate(ids, 10, transport=client)))
+            survivor.start()
+            doomed.cancel()  # the client dies mid-session, its stream is gone
+            survivor.join(timeout=60)
+            assert got and torch.equal(got[0], expected)
+            assert _wait_for(lambda: manager.num_sessions == 0)
+            for _ in range(2):  # both slots are free again
+                assert torch.equal(sm.generate(ids, 10, transport=client), expected)
+            assert client.info()["batching"]["max_batch_seen"] >= 1
+    finally:
+        server.stop(0)
+
+
+def test_a_failing_batch_ends_its_sessions_and_the_server_goes_on(sm, monkeypatch):
+    manager = BatchingSessionManager(sm.server, sm.manager.limits, sm.fingerprint)
+    try:
+        transport = InProcessTransport(manager)
+        d = sm.adapter.hidden_size
+        frame = lambda n: encode(torch.randn(n, d), CodecConfig.passthrough()).to_bytes()  # noqa: E731
+        session = transport.open(Open(SamplingParams()))
+        session.step(0, frame(3))
+
+        def broken(*args):
+            raise RuntimeError("injected fault")
+
+        monkeypatch.setattr(manager.scheduler, "forward_decode", broken)
+        with pytest.raises(SplitError) as e:
+            session.step(1, frame(1))
+        assert e.value.status == Status.INTERNAL and "injected fault" in e.value.message
+        assert manager.num_sessions == 0  # its cache may be half-updated: the session is gone
+        monkeypatch.undo()
+        ids = _prompt(8, 5)
+        assert torch.equal(sm.generate(ids, 4, transport=transport), sm.generate(ids, 4))
+    finally:
+        manager.shutdown()
