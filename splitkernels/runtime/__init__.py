@@ -1,5 +1,6 @@
 """Split runtime: edge and server segments with their KV caches, the codec between them,
-sessions, in-process and gRPC transports, a link emulator, and measurements."""
+sessions, in-process and gRPC transports, a link emulator, speculative decoding across the
+split, and measurements."""
 from .adapters import Adapter, adapter_for, register_adapter, supported_families
 from .link import LinkEmulator
 from .metrics import GenerationMetrics, StepMetrics
@@ -8,11 +9,13 @@ from .resume import ResumingTransport, RetryPolicy
 from .segments import Edge, Server
 from .sessions import Limits, SessionManager
 from .split_model import GenerationResult, SplitModel, generate_split, model_fingerprint, split_model
+from .speculative import SpeculativeResult, generate_speculative, speculate
 from .transport import Exchange, InProcessTransport, SessionHandle, Transport
 
 __all__ = [
     "Adapter", "adapter_for", "register_adapter", "supported_families", "LinkEmulator", "GenerationMetrics",
     "StepMetrics", "SamplingParams", "SplitError", "Status", "Edge", "Server", "Limits", "SessionManager",
     "GenerationResult", "SplitModel", "generate_split", "model_fingerprint", "split_model", "Exchange",
-    "InProcessTransport", "SessionHandle", "Transport", "ResumingTransport", "RetryPolicy",
+    "InProcessTransport", "SessionHandle", "Transport", "ResumingTransport", "RetryPolicy", "SpeculativeResult",
+    "generate_speculative", "speculate",
 ]

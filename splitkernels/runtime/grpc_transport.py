@@ -34,7 +34,9 @@ import grpc
 
 from .metrics import process_rss_bytes
 from .proto_service import add_services
-from .protocol import Close, Open, Opened, SplitError, Status, Step, TokenReply, decode_message, encode_message
+from .protocol import (
+    Close, Open, Opened, SplitError, Status, Step, TokenReply, Verdict, Verify, decode_message, encode_message,
+)
 from .sessions import SessionManager
 from .transport import Exchange, SessionHandle, Transport, expect
 
@@ -324,11 +326,12 @@ class GrpcServer:
                         with lock:
                             owned.append(opened.session_id)
                         yield encode_message(opened)
-                    elif isinstance(msg, Step):
+                    elif isinstance(msg, (Step, Verify)):
                         if not owned or msg.session_id != owned[0]:
                             raise SplitError(Status.NOT_FOUND,
                                              f"session {msg.session_id:#x} is not open on this stream")
-                        yield encode_message(self.manager.step(msg))
+                        run = self.manager.step if isinstance(msg, Step) else self.manager.verify
+                        yield encode_message(run(msg))
                     elif isinstance(msg, Close):
                         return
                     else:
@@ -389,6 +392,12 @@ class _GrpcSession(SessionHandle):
             self._finish()
             raise SplitError(Status.UNAVAILABLE, "server ended the session stream") from None
         return expect(reply, kind, session_id), reply
+
+    def verify(self, seq: int, drafts: tuple[int, ...], frame: bytes) -> Exchange:
+        request = encode_message(Verify(self.session_id, seq, tuple(drafts), frame))
+        with self._lock:
+            msg, reply = self._exchange(request, Verdict, self.session_id)
+        return Exchange(msg, len(request), len(reply))
 
     def _finish(self) -> None:
         self._closed = True

@@ -117,15 +117,18 @@ class Server(_Segment):
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, cache: DynamicCache | None, start: int,
-                last_only: bool = True) -> torch.Tensor:
+                last_only: bool = True, tail: int | None = None) -> torch.Tensor:
         """Run the split-layer hidden state ``[T, d]`` at positions ``start..``; logits.
 
         ``last_only``: logits of the last position ``[V]`` (the LM head on one row, as a model's
-        ``generate`` does), else ``[1, T, V]``.
+        ``generate`` does), else ``[1, T, V]``; ``tail``: of the last ``tail`` positions only,
+        ``[1, tail, V]`` (speculative verification scores the drafts, not the whole prompt).
         """
         h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
         pos = _positions(start, h.shape[1], h.device)
         h = self._run_layers(h, pos, cache)
+        if tail is not None:
+            return self.adapter.head(h[:, -tail:, :])
         if last_only:
             return self.adapter.head(h[:, -1:, :])[0, -1]
         return self.adapter.head(h)

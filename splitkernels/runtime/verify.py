@@ -80,7 +80,7 @@ def server_verify(server: Server, cache, position: int, hidden: torch.Tensor, dr
     """
     k = len(drafts)
     enable_rollback(cache)
-    logits = server.forward(hidden, cache, position, last_only=False)[0, -(k + 1):]
+    logits = server.forward(hidden, cache, position, tail=k + 1)[0]
     accepted, token = verify_drafts(logits, drafts, params, generator)
     length = position + hidden.shape[0] - k + accepted
     truncate_cache(cache, length)
