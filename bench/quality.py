@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--standard-stride", type=int, default=512)
     parser.add_argument("--calib-rows", type=int, default=16, help=f"calibration rows of {CALIBRATION_SEQ_LEN} tokens")
     parser.add_argument("--calib-start", type=int, default=16384, help="first calibration token in Botchan")
+    parser.add_argument("--skip-prefix-check", action="store_true",
+                        help="skip re-running apply_opsc at the first split to check the front is a prefix")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default; 1 is faster on a heavily shared machine)")
     args = parser.parse_args()
@@ -175,7 +177,7 @@ def main() -> None:
                 weights = front_weights(model, last_split)
                 front_mib = {s: split_weight_bytes(model, s)[0] / MIB for s in args.splits}
                 del model
-                if method != "rtn" and not checked:
+                if method != "rtn" and not checked and not args.skip_prefix_check:
                     check_prefix(base, config, calibration, min(args.splits), weights)
                     checked = True
                 for split in args.splits:
