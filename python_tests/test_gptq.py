@@ -155,13 +155,25 @@ def layer_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]
     return seen
 
 
-def test_sequential_calibration_matches_per_layer_gptq():
-    """Each linear is GPTQ of its own weight on the inputs it sees with every earlier linear quantised."""
+def sliding_qwen2() -> nn.Module:
+    """Qwen2 whose second layer attends through a sliding window: its mask differs from the first's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
-    model = tiny_model("llama", num_layers=2)
+    config = Qwen2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                         use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "sliding_attention"])
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("llama", num_layers=2), sliding_qwen2], ids=["llama", "qwen2-sliding"])
+def test_sequential_calibration_matches_per_layer_gptq(make):
+    """Each linear is GPTQ of its own weight on the inputs it sees with every earlier linear quantised
+    (with each layer's own mask: the second Qwen2 layer uses a sliding window)."""
+    torch.manual_seed(0)
+    model = make()
     ids = torch.randint(0, 256, (2, 40))
-    calibrated = replace_linear(tiny_model("llama", num_layers=2), 4, 16, method="gptq", calibration=ids,
-                                progress=False)
+    calibrated = replace_linear(make(), 4, 16, method="gptq", calibration=ids, progress=False)
     inputs = layer_inputs(calibrated, ids)  # inputs to each quantised linear in the calibrated model
     for name, module in calibrated.named_modules():
         if isinstance(module, QuantLinear):

@@ -402,3 +402,40 @@ def test_cli_plan_infeasible_explains(tmp_path, tiny, capsys):
     rc = cli_main(["plan", "--model", "tiny", "--quality", table, "--rtt-ms", "50", "--max-token-ms", "10"])
     assert rc == 7  # splitkernels.cli.Exit.INFEASIBLE: its own status, apart from usage errors (2)
     assert "per-token latency is the binding constraint" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- front quantisation method
+
+
+def test_method_is_a_table_dimension_and_old_tables_load_as_rtn(tiny, ids):
+    ev = SplitEvaluator(tiny, ids, context=32, group_size=32, calibration=torch.randint(0, 256, (8, 32)))
+    rtn = ev.measure(3, 3, None, None)
+    gptq = ev.measure(3, 3, None, None, front_method="gptq")
+    assert (rtn.front_method, gptq.front_method) == ("rtn", "gptq")
+    assert gptq.kl != rtn.kl and gptq.kl > 0
+    table = QualityTable("tiny", "synthetic", 32, 32)
+    table.add(rtn)
+    table.add(gptq)
+    assert len(table.points) == 2
+    assert table.get(3, 3, None, None).kl == rtn.kl
+    assert table.get(3, 3, None, None, "gptq").kl == gptq.kl
+    # A table written before the method existed: no front_method field, RTN keys.
+    old = json.loads(table.to_json())
+    old["points"] = [{k: v for k, v in p.items() if k != "front_method"} for p in old["points"][:1]]
+    loaded = QualityTable.from_json(json.dumps(old))
+    assert loaded.get(3, 3, None, None).front_method == "rtn"
+    with pytest.raises(ValueError, match="calibration token ids"):
+        SplitEvaluator(tiny, ids, context=32, group_size=32).measure(2, 4, None, None, front_method="gptq")
+
+
+def test_planner_considers_calibrated_fronts_only_when_asked():
+    t = _table(lossless=False)
+    for split in (4, 10, 15, 22):
+        p = _point(split, 4, 8, CodecConfig(eps=0.04), 0.0001, code_bits=5.0)
+        p.front_method = "gptq"
+        t.add(p)
+    limits = Limits(edge_memory_bytes=2 * 2**30)
+    assert plan(_scenario(), t, limits).plan.front == QuantConfig(8, 64)
+    best = plan(_scenario(), t, limits, front_methods=("rtn", "gptq")).plan
+    assert best.front == QuantConfig(4, 64, method="gptq")
+    assert Plan.from_dict(json.loads(json.dumps(best.to_dict()))).front.method == "gptq"

@@ -1,9 +1,11 @@
 """Calibrated quantisation of a model's decoder layers, streamed one layer at a time.
 
 Only one decoder layer's inputs are held at a time (edge-sized memory): the calibration token ids
-are run through the model up to the first layer, then for each layer in turn its linears are
-quantised and the calibration batch is pushed through the quantised layer to become the next
-layer's inputs, so every layer is fitted to what the already-quantised layers before it produce.
+are run once through the dense model to record the first layer's hidden state and the other
+arguments each layer is called with (masks and position embeddings may differ per layer, e.g. for
+sliding-window layers), then for each layer in turn its linears are quantised and the calibration
+batch is pushed through the quantised layer to become the next layer's inputs, so every layer is
+fitted to what the already-quantised layers before it produce.
 
 Inside a layer the linears are quantised stage by stage in the order the layer uses them: linears
 that read the same input tensor form one stage (in a Llama layer q/k/v, then o, then gate/up,
@@ -80,40 +82,54 @@ def _run_model(model: nn.Module, ids: torch.Tensor) -> None:
 
 
 class _LayerCall:
-    """One batch's call of a layer: the hidden state plus the other arguments the model passed."""
+    """One batch through the layer stack: the current hidden state, and the other arguments the
+    model passed to each layer (recorded once; they do not depend on the hidden state)."""
 
-    def __init__(self, args: tuple, kwargs: dict) -> None:
-        self.in_kwargs = not args
-        self.hidden = kwargs["hidden_states"] if self.in_kwargs else args[0]
-        self.args, self.kwargs = args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    def __init__(self) -> None:
+        self.hidden: torch.Tensor | None = None
+        self.arguments: dict[int, tuple[bool, tuple, dict]] = {}
 
-    def run(self, layer: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.hidden if hidden is None else hidden
-        out = layer(*self.args, hidden_states=hidden, **self.kwargs) if self.in_kwargs else \
-            layer(hidden, *self.args, **self.kwargs)
+    def record(self, index: int, args: tuple, kwargs: dict) -> None:
+        in_kwargs = not args
+        if self.hidden is None:
+            self.hidden = kwargs["hidden_states"] if in_kwargs else args[0]
+        self.arguments[index] = (in_kwargs, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    def run(self, index: int, layer: nn.Module) -> torch.Tensor:
+        """Layer ``index``'s output for the current hidden state."""
+        in_kwargs, args, kwargs = self.arguments[index]
+        out = layer(*args, hidden_states=self.hidden, **kwargs) if in_kwargs else layer(self.hidden, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _capture_first_layer(model: nn.Module, first: nn.Module, rows: torch.Tensor) -> list[_LayerCall]:
+def _capture_calls(model: nn.Module, layers: nn.ModuleList, last: int, rows: torch.Tensor) -> list[_LayerCall]:
+    """Run the dense model on ``rows`` (in batches) up to layer ``last``, recording each layer's call."""
     calls: list[_LayerCall] = []
 
-    def hook(_module, args, kwargs):
-        calls.append(_LayerCall(args, kwargs))
-        raise _Stop
+    def watch(index):
+        def hook(_module, args, kwargs):
+            calls[-1].record(index, args, kwargs)
+            if index == last:
+                raise _Stop
+        return hook
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layers[i].register_forward_pre_hook(watch(i), with_kwargs=True) for i in range(last + 1)]
     try:
         for start in range(0, rows.shape[0], _ROWS_PER_PASS):
+            calls.append(_LayerCall())
             try:
                 _run_model(model, rows[start:start + _ROWS_PER_PASS].to(_device(model)))
             except _Stop:
                 pass
+            if len(calls[-1].arguments) != last + 1:
+                raise ValueError(f"the model did not call layers 0..{last} of the layer stack in one forward pass")
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return calls
 
 
-def _stages(layer: nn.Module, linears: Mapping[str, nn.Module], call: _LayerCall) -> list[list[str]]:
+def _stages(index: int, layer: nn.Module, linears: Mapping[str, nn.Module], call: _LayerCall) -> list[list[str]]:
     """Names of ``linears`` grouped by the input tensor they read, in the order the layer reads them
     (linears the layer never calls come last, as one stage)."""
     seen: list[tuple[torch.Tensor, list[str]]] = []
@@ -131,7 +147,7 @@ def _stages(layer: nn.Module, linears: Mapping[str, nn.Module], call: _LayerCall
     for name, module in linears.items():
         handles.append(module.register_forward_pre_hook(watch(name)))
     try:
-        call.run(layer)
+        call.run(index, layer)
     finally:
         for handle in handles:
             handle.remove()
@@ -154,11 +170,11 @@ def _set_dense(module: nn.Module, qw: QuantizedWeight) -> None:
     module.weight.data = w.t().contiguous() if is_conv1d(module) else w
 
 
-def _quantize_layer(layer: nn.Module, plan: Mapping[str, QuantConfig],
+def _quantize_layer(index: int, layer: nn.Module, plan: Mapping[str, QuantConfig],
                     calls: Sequence[_LayerCall]) -> dict[str, QuantizedWeight]:
     linears = {name: layer.get_submodule(name) for name in plan}
     done: dict[str, QuantizedWeight] = {}
-    for stage in _stages(layer, linears, calls[0]):
+    for stage in _stages(index, layer, linears, calls[0]):
         hessian = HessianAccumulator(dense_weight(linears[stage[0]])[0].shape[1], _device(layer))
         if any(plan[name].method == "gptq" for name in stage):
             def collect(_module, args):
@@ -169,7 +185,7 @@ def _quantize_layer(layer: nn.Module, plan: Mapping[str, QuantConfig],
             try:
                 for call in calls:
                     try:
-                        call.run(layer)
+                        call.run(index, layer)
                     except _Stop:
                         pass
             finally:
@@ -207,15 +223,15 @@ def quantize_layers(model: nn.Module, layers: nn.ModuleList, plan: LayerPlan, ca
     todo = sorted(i for i, names in plan.items() if names)
     if not todo:
         return model
-    calls = _capture_first_layer(model, layers[0], rows)
+    calls = _capture_calls(model, layers, todo[-1], rows)
     quantised: dict[int, dict[str, QuantizedWeight]] = {}
     for index in tqdm(range(todo[-1] + 1), desc="calibrating", unit="layer", disable=not progress):
         layer = layers[index]
         if plan.get(index):
-            quantised[index] = _quantize_layer(layer, plan[index], calls)
+            quantised[index] = _quantize_layer(index, layer, plan[index], calls)
         if index < todo[-1]:
             for call in calls:
-                call.hidden = call.run(layer)
+                call.hidden = call.run(index, layer)
     for index, done in quantised.items():
         for name, qw in done.items():
             _, bias = dense_weight(layers[index].get_submodule(name))

@@ -87,24 +87,31 @@ def replace_linear(
         plan.append((name, config))
 
     if any(config.method != "rtn" for _, config in plan):
-        plan = _calibrate(model, plan, calibration, progress)
+        _calibrate(model, candidates, plan, calibration, progress)
+    else:
+        _round(model, candidates, plan, progress)
+    return model
 
+
+def _round(model: nn.Module, candidates: dict[str, nn.Module], plan: list[tuple[str, QuantConfig]],
+           progress: bool) -> None:
+    """Round-to-nearest quantisation of the planned linears (no data needed)."""
     from tqdm.auto import tqdm
 
-    for name, config in tqdm(plan, desc="quantising", unit="layer", disable=not progress):
+    for name, config in tqdm(plan, desc="quantising", unit="layer", disable=not progress or not plan):
         module = candidates[name]
         weight, _ = dense_weight(module)
         layer = QuantLinear.from_linear(module, config.bits, config.group_size_for(weight.shape[1]),
                                         config.clip_search)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    return model
 
 
-def _calibrate(model: nn.Module, plan: list[tuple[str, QuantConfig]], calibration: torch.Tensor | None,
-               progress: bool) -> list[tuple[str, QuantConfig]]:
-    """Quantise the planned linears of the decoder layers up to the last calibrated one on
-    ``calibration``; return the rest of the plan (plain rounding, no data needed)."""
+def _calibrate(model: nn.Module, candidates: dict[str, nn.Module], plan: list[tuple[str, QuantConfig]],
+               calibration: torch.Tensor | None, progress: bool) -> None:
+    """Round the planned linears outside the decoder layers first (so calibration sees, e.g., a
+    quantised input projection), then quantise the layers up to the last calibrated one in turn
+    on ``calibration``, then round the layers after it."""
     from ..calibration import find_layer_stack, quantize_layers  # calibration builds on this package
 
     if calibration is None:
@@ -123,5 +130,7 @@ def _calibrate(model: nn.Module, plan: list[tuple[str, QuantConfig]], calibratio
     for index, inner, _, config in located:
         if index is not None and index <= last:
             layer_plan.setdefault(index, {})[inner] = config
+    _round(model, candidates, [(name, config) for index, _, name, config in located if index is None], progress)
     quantize_layers(model, layers, layer_plan, calibration, progress=progress)
-    return [(name, config) for index, _, name, config in located if index is None or index > last]
+    _round(model, candidates, [(name, config) for index, _, name, config in located
+                               if index is not None and index > last], progress)

@@ -177,8 +177,8 @@ class PlanResult:
     candidates_scored: int
 
 
-def _quant(bits: int | None, group_size: int) -> QuantConfig | None:
-    return None if bits is None else QuantConfig(bits, group_size)
+def _quant(bits: int | None, group_size: int, method: str = "rtn") -> QuantConfig | None:
+    return None if bits is None else QuantConfig(bits, group_size, method=method)
 
 
 def _usable_codec(point: QualityPoint) -> bool:
@@ -191,7 +191,7 @@ def to_plan(c: Candidate, group_size: int, sessions: int) -> Plan:
     lat, mem, q = c.latency, c.memory, c.quality
     return Plan(
         split_layer=c.split_layer,
-        front=_quant(c.front_bits, group_size),
+        front=_quant(c.front_bits, group_size, c.quality.front_method),
         back=_quant(c.back_bits, group_size),
         codec=c.codec,
         max_seq_len=c.max_seq_len,
@@ -222,13 +222,16 @@ def plan(
     objective: str = "quality",
     seq_lens: tuple[int, ...] = (512, 1024, 2048, 4096, 8192),
     alternatives: int = 3,
+    front_methods: tuple[str, ...] = ("rtn",),
 ) -> PlanResult:
     """Search every calibrated (split, front bits, back bits, codec) with every sequence length.
 
     Objective ``"quality"``: lowest KL (then lower latency) under the latency and memory limits;
     ``"latency"``: lowest per-token latency (then lower KL) under the quality and memory limits.
     Each (split, widths, codec) gets the longest length in ``seq_lens`` that fits; ties prefer
-    the longer length. Raises :class:`Infeasible` naming the binding constraint.
+    the longer length. Only points whose front was quantised with one of ``front_methods`` are
+    candidates (a ``"gptq"`` plan needs calibration ids when it is applied). Raises
+    :class:`Infeasible` naming the binding constraint.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -237,7 +240,8 @@ def plan(
         raise Infeasible("max_seq_len", f"no candidate sequence length in {sorted(seq_lens)} reaches the "
                                         f"required min_seq_len {limits.min_seq_len}")
     shape = scenario.shape
-    points = [p for p in table.points.values() if _usable_codec(p) and 1 <= p.split_layer < shape.num_layers]
+    points = [p for p in table.points.values() if _usable_codec(p) and 1 <= p.split_layer < shape.num_layers
+              and p.front_method in front_methods]
     if not points:
         raise Infeasible("calibration", "the calibration table has no usable points for this model "
                                         "(mode-'error' or lossless codecs at split layers inside the model)")
@@ -254,8 +258,9 @@ def plan(
     feasible: list[Candidate] = []
     scored = 0
     for p in points:
-        front, back = _quant(p.front_bits, table.group_size), _quant(p.back_bits, table.group_size)
-        desc = f"split {p.split_layer}, front {p.front_bits or 16}-bit, back {p.back_bits or 16}-bit"
+        front, back = _quant(p.front_bits, table.group_size, p.front_method), _quant(p.back_bits, table.group_size)
+        method = "" if p.front_method == "rtn" else f" {p.front_method}"
+        desc = f"split {p.split_layer}, front {p.front_bits or 16}-bit{method}, back {p.back_bits or 16}-bit"
         chosen = None
         for n in lens:
             key = (p.split_layer, p.front_bits, p.back_bits, n)

@@ -1,5 +1,5 @@
 """Quality model: measured perplexity change and KL divergence per (split layer, front bits, back
-bits, codec setting).
+bits, codec setting, front quantisation method).
 
 The effect of a split on teacher-forced logits is exact to simulate without the runtime: replace
 the hidden state after decoder layer ``l`` by what the server would decode from the wire
@@ -25,7 +25,8 @@ from torch import nn
 
 from ..codec import CodecConfig, decode, encode
 from ..eval import compare_logits
-from ..nn import QuantConfig
+from ..calibration import quantize_layers
+from ..nn import QuantConfig, QuantLinear
 from ..opsc import decoder_layers
 from ..quant import quantize_weight
 
@@ -90,20 +91,45 @@ class SegmentQuantizer:
 
     The dequantised weights equal what a low-bit kernel multiplies by (up to matmul rounding),
     so quality is measured without the packed kernels. Dequantised copies are cached per
-    (layer, bits), so sweeping split layers quantises each layer once per width.
+    (layer, bits, method), so sweeping split layers quantises each layer once per width.
+
+    A front with ``method="gptq"`` is calibrated on ``calibration`` token ids over every layer
+    but the last (on a copy of the model, once per width): the front of a split at ``l`` is its
+    first ``l`` layers, which is what ``apply_opsc`` makes at that split.
     """
 
-    def __init__(self, model: nn.Module, group_size: int = 64) -> None:
+    def __init__(self, model: nn.Module, group_size: int = 64, calibration: torch.Tensor | None = None) -> None:
         self.model = model
         self.group_size = group_size
-        self._cache: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.calibration = calibration
+        self._cache: dict[tuple[int, int, str], list[torch.Tensor]] = {}
 
     @staticmethod
     def _linears(layer: nn.Module) -> list[nn.Linear]:
         return [m for m in layer.modules() if isinstance(m, nn.Linear)]
 
-    def _quantised(self, index: int, bits: int) -> list[torch.Tensor]:
-        key = (index, bits)
+    def _calibrate(self, bits: int, method: str) -> None:
+        if self.calibration is None:
+            raise ValueError(f"front method {method!r} needs calibration token ids (calibration=...)")
+        import copy
+
+        model = copy.deepcopy(self.model)
+        layers = decoder_layers(model)
+        config = QuantConfig(bits, self.group_size, method=method)
+        plan = {i: {name: config for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+                for i, layer in enumerate(layers) if i < len(layers) - 1}
+        quantize_layers(model, layers, plan, self.calibration, progress=False)
+        for i in plan:
+            dtype = next(self.model.parameters()).dtype
+            self._cache[(i, bits, method)] = [m.dequantize(dtype)
+                                              for m in layers[i].modules() if isinstance(m, QuantLinear)]
+
+    def _quantised(self, index: int, bits: int, method: str = "rtn") -> list[torch.Tensor]:
+        if method != "rtn":
+            if (index, bits, method) not in self._cache:
+                self._calibrate(bits, method)
+            return self._cache[(index, bits, method)]
+        key = (index, bits, method)
         if key not in self._cache:
             layer = decoder_layers(self.model)[index]
             self._cache[key] = [
@@ -114,9 +140,10 @@ class SegmentQuantizer:
         return self._cache[key]
 
     @contextmanager
-    def segments(self, split_layer: int, front_bits: int | None, back_bits: int | None) -> Iterator[None]:
-        """Within the block, layers ``1..split_layer`` run at ``front_bits`` and the rest at
-        ``back_bits`` (``None``: unchanged weights)."""
+    def segments(self, split_layer: int, front_bits: int | None, back_bits: int | None,
+                 front_method: str = "rtn") -> Iterator[None]:
+        """Within the block, layers ``1..split_layer`` run at ``front_bits`` (quantised with
+        ``front_method``) and the rest at ``back_bits`` (RTN) (``None``: unchanged weights)."""
         layers = decoder_layers(self.model)
         saved = []
         try:
@@ -124,7 +151,8 @@ class SegmentQuantizer:
                 bits = front_bits if i < split_layer else back_bits
                 if bits is None:
                     continue
-                for lin, w in zip(self._linears(layer), self._quantised(i, bits)):
+                method = front_method if i < split_layer else "rtn"
+                for lin, w in zip(self._linears(layer), self._quantised(i, bits, method)):
                     saved.append((lin, lin.weight.data))
                     lin.weight.data = w
             yield
@@ -135,7 +163,8 @@ class SegmentQuantizer:
 
 @dataclass
 class QualityPoint:
-    """One measured configuration. ``ppl_change`` is relative (0.01 = +1%); KL is mean nats/token."""
+    """One measured configuration. ``ppl_change`` is relative (0.01 = +1%); KL is mean nats/token.
+    ``front_method`` is how the front weights were quantised (QuantConfig.method; the back is RTN)."""
 
     split_layer: int
     front_bits: int | None
@@ -149,21 +178,24 @@ class QualityPoint:
     code_bits: float  # mean per-token code width (raw tokens at their raw width)
     outliers_per_token: float
     tokens: int
+    front_method: str = "rtn"
 
     @property
     def ppl_change(self) -> float:
         return self.ppl / self.ppl_reference - 1.0
 
     def key(self) -> str:
-        return point_key(self.split_layer, self.front_bits, self.back_bits, self.codec)
+        return point_key(self.split_layer, self.front_bits, self.back_bits, self.codec, self.front_method)
 
 
 def point_key(split_layer: int, front_bits: int | None, back_bits: int | None,
-              codec: dict | CodecConfig | None) -> str:
-    """Canonical cache key of a calibration point."""
+              codec: dict | CodecConfig | None, front_method: str = "rtn") -> str:
+    """Canonical cache key of a calibration point (an RTN point keeps the key tables had before
+    the method became a dimension)."""
     if isinstance(codec, CodecConfig):
         codec = codec.to_dict()
-    return json.dumps([split_layer, front_bits, back_bits, codec], sort_keys=True)
+    method = [] if front_method == "rtn" else [front_method]
+    return json.dumps([split_layer, front_bits, back_bits, codec, *method], sort_keys=True)
 
 
 @dataclass
@@ -177,8 +209,8 @@ class QualityTable:
     points: dict[str, QualityPoint] = field(default_factory=dict)
 
     def get(self, split_layer: int, front_bits: int | None, back_bits: int | None,
-            codec: CodecConfig | dict | None) -> QualityPoint | None:
-        return self.points.get(point_key(split_layer, front_bits, back_bits, codec))
+            codec: CodecConfig | dict | None, front_method: str = "rtn") -> QualityPoint | None:
+        return self.points.get(point_key(split_layer, front_bits, back_bits, codec, front_method))
 
     def add(self, point: QualityPoint) -> None:
         self.points[point.key()] = point
@@ -227,7 +259,8 @@ class SplitEvaluator:
     compares with :func:`splitkernels.eval.compare_logits`.
     """
 
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, context: int, group_size: int = 64) -> None:
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, context: int, group_size: int = 64,
+                 calibration: torch.Tensor | None = None) -> None:
         if input_ids.ndim == 2:
             if input_ids.shape[0] != 1:
                 raise ValueError(f"input_ids must be one sequence, got batch {input_ids.shape[0]}")
@@ -241,7 +274,7 @@ class SplitEvaluator:
         self.model = model
         self.windows = input_ids[: n * context].reshape(n, context)
         self.targets = self.windows[:, 1:].reshape(-1)
-        self.quantizer = SegmentQuantizer(model, group_size)
+        self.quantizer = SegmentQuantizer(model, group_size, calibration)
         self._reference = self._logits()
         self.tokens = self.targets.shape[0]
         self.ppl_reference = compare_logits(self._reference, self._reference, self.targets).ppl_reference
@@ -257,12 +290,14 @@ class SplitEvaluator:
         back_bits: int | None,
         codec: CodecConfig | None,
         transform: Transform | None = None,
+        front_method: str = "rtn",
     ) -> QualityPoint:
-        """Quality of one configuration; ``transform`` overrides the codec round trip (baselines)."""
+        """Quality of one configuration; ``transform`` overrides the codec round trip (baselines);
+        ``front_method`` other than ``"rtn"`` needs the evaluator's calibration ids."""
         if transform is None:
             transform = codec_transform(codec) if codec is not None else fp16_transfer
         log: list[TransferResult] = []
-        with self.quantizer.segments(split_layer, front_bits, back_bits), \
+        with self.quantizer.segments(split_layer, front_bits, back_bits, front_method), \
                 split_point(self.model, split_layer, transform, log):
             report = compare_logits(self._reference, self._logits(), self.targets)
         elements = sum(r.x_hat.numel() for r in log)
@@ -280,6 +315,7 @@ class SplitEvaluator:
             code_bits=sum(r.code_bits for r in log) / rows,
             outliers_per_token=sum(r.outliers for r in log) / rows,
             tokens=report.tokens,
+            front_method=front_method,
         )
 
 
@@ -302,8 +338,12 @@ def calibrate(
     text_name: str = "text",
     cache: str | os.PathLike | None = None,
     progress: Callable[[QualityPoint], None] | None = None,
+    front_methods: Iterable[str] = ("rtn",),
+    calibration: torch.Tensor | None = None,
 ) -> QualityTable:
-    """Measure every (split layer, front bits, back bits, codec) point not already in ``cache``.
+    """Measure every (split layer, front bits, back bits, codec, front method) point not already
+    in ``cache``; a front method other than ``"rtn"`` needs ``calibration`` token ids (disjoint
+    from ``input_ids``).
 
     ``None`` in ``front_bits``/``back_bits`` means unquantised weights on that side; ``None``
     in ``codecs`` means fp16 transfer. A cache measured on another model, text, context or
@@ -316,13 +356,13 @@ def calibrate(
         if (old.model, old.text, old.context, old.group_size) == (model_name, text_name, context, group_size):
             table = old
     todo = [
-        (l, f, b, c) for l in split_layers for f in front_bits for b in back_bits for c in codecs
-        if table.get(l, f, b, c) is None
+        (l, f, b, c, m) for l in split_layers for f in front_bits for b in back_bits for c in codecs
+        for m in front_methods if (f is not None or m == "rtn") and table.get(l, f, b, c, m) is None
     ]
     if todo:
-        evaluator = SplitEvaluator(model, input_ids, context, group_size)
-        for l, f, b, c in todo:
-            point = evaluator.measure(l, f, b, c)
+        evaluator = SplitEvaluator(model, input_ids, context, group_size, calibration)
+        for l, f, b, c, m in todo:
+            point = evaluator.measure(l, f, b, c, front_method=m)
             table.add(point)
             if progress is not None:
                 progress(point)
