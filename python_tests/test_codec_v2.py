@@ -9,6 +9,7 @@ from splitkernels.codec import (
     CodecConfig, CodecConfigV2, EncodedV2, FrameError, calibrate, decode, encode, from_bytes, rans,
 )
 from splitkernels.codec.frame_v2 import HEAD
+from splitkernels.codec import v2 as v2mod
 from splitkernels.codec.v2 import decode_v2, encode_v2
 
 HAS_CPP = rans._C is not None and hasattr(rans._C, "rans_encode")
@@ -146,7 +147,7 @@ def test_calibrate_is_robust_to_sinks_and_massive_channels():
     y = decode(enc)
     ok = ~(enc.symbols == heavy.escape_symbol) & ~enc.raw[:, None]
     err = (y - x).abs()
-    assert (err <= torch.from_numpy(heavy.step_array()) * 0.5 * (1 + 1e-5) + 1e-3)[ok].all()
+    assert (err <= torch.tensor(heavy.step_array()) * 0.5 * (1 + 1e-5) + 1e-3)[ok].all()
     assert torch.equal(y[~ok], x[~ok])
 
 
@@ -210,15 +211,15 @@ def test_encode_decode_frame_round_trip(cfg64, dtype, t):
         assert bool(enc.raw[4])
     # Every other value is within half a step (plus the dtype's rounding of the result).
     coded = ~esc & ~enc.raw[:, None]
-    bound = torch.from_numpy(cfg64.step_array()) * 0.5 + x.float().abs() * 2**-7 + 1e-6
+    bound = torch.tensor(cfg64.step_array()) * 0.5 + x.float().abs() * 2**-7 + 1e-6
     assert ((y.float() - x.float()).abs() <= bound.expand_as(x))[coded].all()
 
 
 def test_reference_decode_follows_the_formula(cfg64):
     x = activations(9, 64, seed=11)[1:]
     enc = encode_v2(x, cfg64)
-    step, center = torch.from_numpy(cfg64.step_array()), torch.from_numpy(cfg64.center_array())
-    v = (x - center) * torch.from_numpy(cfg64.inv_step_array())
+    step, center = torch.tensor(cfg64.step_array()), torch.tensor(cfg64.center_array())
+    v = (x - center) * torch.tensor(cfg64.inv_step_array())
     k = cfg64.kmax
     expect_sym = torch.where(v.abs() > k, torch.tensor(2 * k + 1.0), torch.round(v.clamp(-k, k)) + k).to(torch.uint8)
     assert torch.equal(enc.symbols, expect_sym)
@@ -340,3 +341,27 @@ def test_fuzz_forged_headers_cannot_force_large_allocations(cfg64):
         forged = _reseal(HEAD.pack(magic, version, dtype, cfg64.frame_tag) + data[HEAD.size : -4])
         with pytest.raises(FrameError):
             from_bytes(forged, config=cfg64)
+
+
+# ---------------------------------------------------------------- fused C++ path
+
+
+@pytest.mark.skipif(not HAS_CPP or not v2mod.has_fused(), reason="C++ extension not built (pip install . builds it)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 64), (17, 64)])
+def test_fused_quantise_and_dequantise_match_reference(cfg64, dtype, shape):
+    g = torch.Generator().manual_seed(shape[0])
+    x = activations(shape[0] + 1, 64, seed=shape[0], massive=800.0)[1:]
+    # Exact ties (half steps) and exact escape boundaries exercise rounding and the <= test.
+    step, center = torch.tensor(cfg64.step_array()), torch.tensor(cfg64.center_array())
+    k = torch.randint(-2 * cfg64.kmax, 2 * cfg64.kmax, x.shape, generator=g).float() / 2
+    ties = center + k * step
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.3, ties, x)
+    x[0, :40] *= 50.0  # a raw token
+    x = x.to(dtype)
+    for fused in (True, False):
+        sym, raw = v2mod.quantise(x, cfg64, fused=fused)
+        if fused:
+            sym_f, raw_f = sym, raw
+    assert torch.equal(sym_f, sym) and torch.equal(raw_f, raw)
+    assert torch.equal(v2mod.dequantise(sym, cfg64, dtype, fused=True), v2mod.dequantise(sym, cfg64, dtype, fused=False))
