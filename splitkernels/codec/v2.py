@@ -132,10 +132,9 @@ def encode_v2(x: torch.Tensor, config: CodecConfigV2) -> EncodedV2:
     _check_input(x, config)
     x = x.detach().cpu().contiguous()
     sym, raw = quantise(x, config)
-    esc = sym == config.escape_symbol
-    coded = ~raw
-    escapes = x[coded][esc[coded]].contiguous()
-    return EncodedV2(sym, raw, escapes, x[raw].contiguous(), config)
+    esc = sym == config.escape_symbol  # raw rows hold no escape symbols
+    escapes = x[esc]
+    return EncodedV2(sym, raw, escapes, x[raw] if raw.any() else x[:0], config)
 
 
 def decode_v2(enc: EncodedV2) -> torch.Tensor:
@@ -147,9 +146,7 @@ def decode_v2(enc: EncodedV2) -> torch.Tensor:
     sym = enc.symbols
     esc = sym == cfg.escape_symbol
     y = dequantise(sym, cfg, enc.dtype)
-    coded = ~enc.raw
-    rows = y[coded]
-    rows[esc[coded]] = enc.escapes
-    y[coded] = rows
-    y[enc.raw] = enc.raw_values
+    y.masked_scatter_(esc, enc.escapes)  # raw rows hold no escape symbols
+    if enc.raw_values.shape[0]:
+        y[enc.raw] = enc.raw_values
     return y
