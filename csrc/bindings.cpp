@@ -14,6 +14,7 @@
 
 #include "cpu/bitpack.h"
 #include "cpu/codec.h"
+#include "cpu/codec_v2.h"
 #include "cpu/linear.h"
 #include "cpu/rans.h"
 #include "cpu/thread_pool.h"
@@ -110,6 +111,27 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("w"), py::arg("N"), py::arg("w_scale"),
       py::arg("bias"), py::arg("y"), nogil, "W8A8 linear (bias fp32 or 0).");
+
+  m.def(
+      "v2_quantise",
+      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, std::uintptr_t center, std::uintptr_t inv, int kmax,
+         int64_t raw_limit, std::uintptr_t sym, std::uintptr_t n_esc, std::uintptr_t raw) {
+        check(sk::v2_quantise(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv), kmax,
+                              raw_limit, ptr<uint8_t>(sym), ptr<int32_t>(n_esc), ptr<uint8_t>(raw)));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("center"), py::arg("inv"), py::arg("kmax"),
+      py::arg("raw_limit"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"), nogil,
+      "Codec v2 fused quantise of x [T, d] into symbols u8 [T, d], escape counts i32 [T], raw flags u8 [T].");
+
+  m.def(
+      "v2_dequantise",
+      [](std::uintptr_t sym, int64_t T, int64_t d, std::uintptr_t step, std::uintptr_t center, int kmax, int dtype,
+         std::uintptr_t out) {
+        check(sk::v2_dequantise(ptr<const uint8_t>(sym), T, d, ptr<const float>(step), ptr<const float>(center), kmax,
+                                dtype, ptr<void>(out)));
+      },
+      py::arg("sym"), py::arg("T"), py::arg("d"), py::arg("step"), py::arg("center"), py::arg("kmax"),
+      py::arg("dtype"), py::arg("out"), nogil, "Codec v2 dequantise of symbols u8 [T, d] into out [T, d].");
 
   m.def(
       "rans_encode",

@@ -38,7 +38,7 @@ SCALE_CLIP = 64.0
 ESCAPE_RATE = 1e-4
 FRAME_TOKENS = 512
 RAW_FRACTION = 0.5
-_BISECT_STEPS = 40
+_BISECT_STEPS = 30
 
 
 def _token_rms(x: torch.Tensor) -> torch.Tensor:

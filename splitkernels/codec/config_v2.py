@@ -62,6 +62,12 @@ class CodecConfigV2:
         rans.check_freqs(self.freqs)
         if isinstance(self.raw_limit, bool) or not isinstance(self.raw_limit, int) or not 0 <= self.raw_limit <= self.d:
             raise ValueError(f"raw_limit must be an int in [0, d={self.d}], got {self.raw_limit!r}")
+        # Read-only fp32 arrays, built once: encoders use them on every call.
+        arrays = {"center": np.asarray(center, dtype=np.float32), "step": np.asarray(step, dtype=np.float32)}
+        arrays["inv"] = np.float32(1.0) / arrays["step"]
+        for a in arrays.values():
+            a.setflags(write=False)
+        object.__setattr__(self, "_arrays", arrays)
 
     @property
     def d(self) -> int:
@@ -72,14 +78,16 @@ class CodecConfigV2:
         return 2 * self.kmax + 1
 
     def center_array(self) -> np.ndarray:
-        return np.asarray(self.center, dtype=np.float32)
+        """``center`` as a read-only fp32 array."""
+        return self._arrays["center"]
 
     def step_array(self) -> np.ndarray:
-        return np.asarray(self.step, dtype=np.float32)
+        """``step`` as a read-only fp32 array."""
+        return self._arrays["step"]
 
     def inv_step_array(self) -> np.ndarray:
         """``fp32(1 / step)`` with one IEEE fp32 division per channel (the encoder multiplies by it)."""
-        return np.float32(1.0) / self.step_array()
+        return self._arrays["inv"]
 
     def canonical_bytes(self) -> bytes:
         """The bytes the fingerprint hashes: version, d, kmax, raw_limit, centers and steps (f32), freqs (u16)."""

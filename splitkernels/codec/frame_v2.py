@@ -68,7 +68,7 @@ def write_frame_v2(enc: EncodedV2) -> bytes:
     cfg = enc.config
     t, d = enc.shape
     raw = enc.raw.numpy().astype(bool)
-    coded_sym = enc.symbols.numpy()[~raw]
+    coded_sym = enc.symbols.numpy()[~raw] if raw.any() else enc.symbols.numpy()
     stream = rans.encode(coded_sym, cfg.freqs)
     parts = [
         HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[enc.dtype], cfg.frame_tag),
@@ -151,7 +151,10 @@ def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | 
     if int((sym == config.escape_symbol).sum()) != n_esc:
         raise FrameError(f"escape count {n_esc} does not match the escape symbols in the stream")
     raw_values = _values(raw_bytes, dtype, "raw tokens").reshape(n_raw, d)
-    symbols = torch.zeros(t, d, dtype=torch.uint8)
     raw_t = torch.from_numpy(raw)
-    symbols[~raw_t] = torch.from_numpy(sym).reshape(t - n_raw, d)
+    if n_raw:
+        symbols = torch.zeros(t, d, dtype=torch.uint8)
+        symbols[~raw_t] = torch.from_numpy(sym).reshape(t - n_raw, d)
+    else:
+        symbols = torch.from_numpy(sym).reshape(t, d)
     return EncodedV2(symbols, raw_t, escapes, raw_values, config)

@@ -5,6 +5,10 @@ Per value ``x`` of channel ``c``: ``v = fp32(fp32(x) - center[c]) * inv_step[c]`
 dtype. A token with more than ``raw_limit`` escapes travels raw (every value exact). The threshold
 is per channel and static (``kmax * step[c]``), so no single channel or token sets the step of
 the others. Entropy coding of the symbols happens when the frame is written (``frame_v2``).
+
+The quantiser and dequantiser run as one fused C++ pass on the host when the extension is built
+(bit-exact with the PyTorch reference kept here); there is no CUDA/Triton v2 kernel yet, so GPU
+tensors are copied to the host first.
 """
 from __future__ import annotations
 
@@ -12,8 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .._native import load
 from ..ops.checks import FLOAT_DTYPES, check_tensor
 from .config_v2 import CodecConfigV2
+from .frame import DTYPE_CODES
+
+_C, _ = load("_C")
 
 
 @dataclass
@@ -64,10 +72,15 @@ def _check_input(x: torch.Tensor, config: CodecConfigV2) -> None:
         raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
 
 
-def quantise(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Tensor, torch.Tensor]:
+def has_fused() -> bool:
+    """True when the C++ extension provides the fused v2 quantiser and dequantiser."""
+    return _C is not None and hasattr(_C, "v2_quantise")
+
+
+def quantise_reference(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Tensor, torch.Tensor]:
     """Symbols u8 ``[T, d]`` (escape symbol where ``|v| > kmax``) and the escape mask, before the raw rule."""
-    inv = torch.from_numpy(config.inv_step_array()).to(x.device)
-    center = torch.from_numpy(config.center_array()).to(x.device)
+    inv = torch.tensor(config.inv_step_array()).to(x.device)
+    center = torch.tensor(config.center_array()).to(x.device)
     v = (x.float() - center) * inv
     k = config.kmax
     esc = ~(v.abs() <= k)
@@ -76,18 +89,52 @@ def quantise(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Tensor, torc
     return sym, esc
 
 
+def quantise(x: torch.Tensor, config: CodecConfigV2, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symbols u8 ``[T, d]`` after the raw rule (raw rows all 0) and the raw flags ``[T]``.
+
+    ``fused``: the one-pass C++ kernel (default when built) or the PyTorch reference; bit-exact.
+    """
+    t, d = x.shape
+    if fused is None:
+        fused = has_fused()
+    if not fused:
+        sym, esc = quantise_reference(x, config)
+        raw = esc.sum(1) > config.raw_limit
+        sym[raw] = 0
+        return sym, raw
+    sym = torch.empty(t, d, dtype=torch.uint8)
+    n_esc = torch.empty(t, dtype=torch.int32)
+    raw = torch.empty(t, dtype=torch.uint8)
+    center, inv = config.center_array(), config.inv_step_array()
+    _C.v2_quantise(x.data_ptr(), DTYPE_CODES[x.dtype], t, d, center.ctypes.data, inv.ctypes.data, config.kmax,
+                   config.raw_limit, sym.data_ptr(), n_esc.data_ptr(), raw.data_ptr())
+    return sym, raw.bool()
+
+
+def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fused: bool | None = None) -> torch.Tensor:
+    """``fp32(fp32((sym - kmax) * step) + center)`` in ``dtype`` for every value (no exact overwrites)."""
+    if fused is None:
+        fused = has_fused()
+    step, center = config.step_array(), config.center_array()
+    if not fused:
+        return ((sym.to(torch.int32) - config.kmax).float() * torch.tensor(step) + torch.tensor(center)).to(dtype)
+    sym = sym.contiguous()
+    out = torch.empty(sym.shape, dtype=dtype)
+    _C.v2_dequantise(sym.data_ptr(), sym.shape[0], sym.shape[1], step.ctypes.data, center.ctypes.data, config.kmax,
+                     DTYPE_CODES[dtype], out.data_ptr())
+    return out
+
+
 def encode_v2(x: torch.Tensor, config: CodecConfigV2) -> EncodedV2:
     """Reference v2 encode of ``x [T, d]`` (fp32/fp16/bf16, finite) with a calibrated config."""
     if not isinstance(config, CodecConfigV2):
         raise TypeError(f"config must be a CodecConfigV2, got {type(config).__name__}")
     _check_input(x, config)
-    x = x.detach().cpu()
-    sym, esc = quantise(x, config)
-    raw = esc.sum(1) > config.raw_limit
-    sym[raw] = 0
-    coded = ~raw
-    escapes = x[coded][esc[coded]].contiguous()
-    return EncodedV2(sym, raw, escapes, x[raw].contiguous(), config)
+    x = x.detach().cpu().contiguous()
+    sym, raw = quantise(x, config)
+    esc = sym == config.escape_symbol  # raw rows hold no escape symbols
+    escapes = x[esc]
+    return EncodedV2(sym, raw, escapes, x[raw] if raw.any() else x[:0], config)
 
 
 def decode_v2(enc: EncodedV2) -> torch.Tensor:
@@ -96,14 +143,10 @@ def decode_v2(enc: EncodedV2) -> torch.Tensor:
     if not isinstance(enc, EncodedV2):
         raise TypeError(f"encoded must be an EncodedV2, got {type(enc).__name__}")
     cfg = enc.config
-    step = torch.from_numpy(cfg.step_array())
     sym = enc.symbols
     esc = sym == cfg.escape_symbol
-    center = torch.from_numpy(cfg.center_array())
-    y = ((sym.to(torch.int32) - cfg.kmax).float() * step + center).to(enc.dtype)
-    coded = ~enc.raw
-    rows = y[coded]
-    rows[esc[coded]] = enc.escapes
-    y[coded] = rows
-    y[enc.raw] = enc.raw_values
+    y = dequantise(sym, cfg, enc.dtype)
+    y.masked_scatter_(esc, enc.escapes)  # raw rows hold no escape symbols
+    if enc.raw_values.shape[0]:
+        y[enc.raw] = enc.raw_values
     return y

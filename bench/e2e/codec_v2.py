@@ -1,0 +1,146 @@
+"""Codec v2 beside v1 and Atom-style: KL to the unsplit logits and perplexity change vs bits/element.
+
+    python bench/e2e/codec_v2.py --out DIR [--massive 1000] [--layers 4 10 15 22]
+
+For each split layer: hidden states and the diagonal Fisher of the split hidden state are measured
+on calibration windows (Botchan tokens disjoint from the evaluation tokens), v2 configs are
+calibrated at several bit targets, and every codec is scored on the evaluation windows. Bits per
+element are given for 512-token frames (one frame per window) and for one-token decode frames
+(every token in its own frame: header, bitmap/per-token fields and CRC counted each time). v1 and
+v2 code each token independently of the others in its frame, so one reconstruction serves both
+frame sizes. ``--massive F`` runs the massive-activation fixture (bench/e2e/massive.py) instead,
+sending bf16 (its hidden state leaves the fp16 range).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import atom_transfer
+from common import CONTEXT, SPLIT_LAYERS
+from massive import massive_channel_copy
+
+from splitkernels.codec import CodecConfig, calibrate, decode, encode
+from splitkernels.codec.frame import frame_nbytes
+from splitkernels.codec.sensitivity import fisher_diagonal
+from splitkernels.eval import load_text
+from splitkernels.models import load_smollm2
+from splitkernels.planner.quality import SplitEvaluator, TransferResult
+
+CALIB_OFFSET = 8192  # calibration tokens start here; evaluation uses the first --tokens tokens
+MASSIVE_CHANNEL = 247  # SmolLM2's heaviest channel (consistent sign, ~10x rms at layer 10)
+
+
+class Recorder:
+    """A transform that also keeps the one-token-frame byte count of every window it saw."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.decode_bytes, self.elements = fn, 0, 0
+
+    def __call__(self, x: torch.Tensor) -> TransferResult:
+        res, per_token = self.fn(x)
+        self.decode_bytes += per_token
+        self.elements += x.numel()
+        return res
+
+
+def v2_transform(cfg, wire: torch.dtype):
+    def run(x: torch.Tensor):
+        xw = x.to(wire)
+        enc = encode(xw, cfg)
+        y = decode(enc).to(x.dtype)
+        per_token = sum(encode(xw[t : t + 1], cfg).nbytes for t in range(x.shape[0]))
+        return TransferResult(y, enc.nbytes, 0.0, int(enc.escapes.numel())), per_token
+    return run
+
+
+def v1_transform(cfg: CodecConfig, wire: torch.dtype):
+    def run(x: torch.Tensor):
+        enc = encode(x.to(wire), cfg)
+        y = decode(enc).to(x.dtype)
+        per_token = sum(frame_nbytes(1, x.shape[1], wire, int(c), int(b))
+                        for c, b in zip(enc.num_outliers.tolist(), enc.code_bytes.tolist()))
+        return TransferResult(y, enc.nbytes, float(enc.token_bits.double().sum()), int(enc.num_outliers.sum())), per_token
+    return run
+
+
+def atom(wire: torch.dtype):
+    def run(x: torch.Tensor):
+        res = atom_transfer(x.to(wire).float())
+        # One-token frames: the per-token bytes plus the channel list (u16 each), which every frame carries.
+        per_token = res.nbytes + x.shape[0] * 2 * min(16, x.shape[1])
+        return TransferResult(res.x_hat.to(x.dtype), res.nbytes, res.code_bits, 0), per_token
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="output folder (results.json, table.md)")
+    ap.add_argument("--layers", type=int, nargs="*", default=list(SPLIT_LAYERS))
+    ap.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of 512)")
+    ap.add_argument("--calib-tokens", type=int, default=1024)
+    ap.add_argument("--bits", type=float, nargs="*", default=[3.5, 4.0, 4.5], help="v2 bit targets")
+    ap.add_argument("--uniform-bits", type=float, nargs="*", default=[4.0],
+                    help="v2 bit targets calibrated without the Fisher (uniform channel scales)")
+    ap.add_argument("--massive", type=float, default=None, help="massive-activation fixture: channel factor")
+    ap.add_argument("--no-baselines", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model, tok = load_smollm2()
+    wire = torch.float16
+    if args.massive:
+        massive_channel_copy(model, MASSIVE_CHANNEL, args.massive)
+        wire = torch.bfloat16
+    model.eval()
+    ids = tok(load_text("botchan"), return_tensors="pt").input_ids[0]
+    calib = ids[CALIB_OFFSET : CALIB_OFFSET + args.calib_tokens].reshape(-1, CONTEXT)
+    t0 = time.time()
+    with torch.no_grad():
+        ev = SplitEvaluator(model, ids[: args.tokens], CONTEXT)
+    results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "model": "SmolLM2-135M-Instruct" + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
+               "wire": str(wire), "tokens": ev.tokens, "ppl_reference": ev.ppl_reference, "rows": []}
+
+    def record(layer: int, name: str, fn, extra: dict | None = None) -> None:
+        rec = Recorder(fn)
+        with torch.no_grad():
+            p = ev.measure(layer, None, None, None, rec)
+        row = {"layer": layer, "codec": name, "bits_512": p.bits_per_element,
+               "bits_1": 8.0 * rec.decode_bytes / rec.elements, "kl": p.kl, "ppl_change": p.ppl_change,
+               "top1": p.top1_agreement, **(extra or {})}
+        results["rows"].append(row)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"[{time.time() - t0:5.0f}s] l={layer:2d} {name:28s} bits512={row['bits_512']:.3f} "
+              f"bits1={row['bits_1']:.3f} kl={p.kl:.4f} ppl={p.ppl_change * 100:+.2f}%", flush=True)
+
+    for layer in args.layers:
+        fisher, hidden = fisher_diagonal(model, calib, layer)
+        for b in args.bits:
+            cfg = calibrate(hidden, bits=b, sensitivity=fisher, wire_dtype=wire)
+            record(layer, f"v2 fisher {b:g}", v2_transform(cfg, wire), {"info": cfg.info})
+        for b in args.uniform_bits:
+            cfg = calibrate(hidden, bits=b, wire_dtype=wire)
+            record(layer, f"v2 uniform {b:g}", v2_transform(cfg, wire), {"info": cfg.info})
+        if not args.no_baselines:
+            record(layer, "v1 eps 0.22", v1_transform(CodecConfig(eps=0.22), wire))
+            record(layer, "Atom-style 4-bit g32", atom(wire))
+    lines = [f"# codec v2 vs v1 vs Atom-style: {results['model']}, wire {wire}, {ev.tokens} scored tokens", "",
+             "| layer | codec | bits/elem 512-token frames | bits/elem 1-token frames | KL | ppl change |",
+             "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['layer']} | {r['codec']} | {r['bits_512']:.3f} | {r['bits_1']:.3f} | {r['kl']:.4f} | "
+                     f"{r['ppl_change'] * 100:+.2f}% |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

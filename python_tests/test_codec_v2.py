@@ -1,0 +1,367 @@
+"""Codec v2: rANS coder (reference vs C++), calibration, encode/decode, v2 frames, dispatch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from splitkernels.codec import (
+    CodecConfig, CodecConfigV2, EncodedV2, FrameError, calibrate, decode, encode, from_bytes, rans,
+)
+from splitkernels.codec.frame_v2 import HEAD
+from splitkernels.codec import v2 as v2mod
+from splitkernels.codec.v2 import decode_v2, encode_v2
+
+HAS_CPP = rans._C is not None and hasattr(rans._C, "rans_encode")
+
+
+def random_table(rng: np.random.Generator, n: int) -> tuple[int, ...]:
+    return rans.build_freqs(rng.dirichlet(np.full(n, 0.3)) * 1000)
+
+
+# ---------------------------------------------------------------- rANS
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 577, rans.LANES_MIN_SYMBOLS - 1, rans.LANES_MIN_SYMBOLS,
+                               rans.LANES_MIN_SYMBOLS + 3])
+def test_rans_reference_round_trip(n):
+    rng = np.random.default_rng(n)
+    nsym = int(rng.integers(2, 257))
+    freqs = random_table(rng, nsym)
+    sym = rng.choice(nsym, size=n, p=np.asarray(freqs) / rans.M).astype(np.uint8)
+    data = rans.encode_reference(sym, freqs)
+    assert np.array_equal(rans.decode_reference(data, freqs, n), sym)
+    if n:
+        # Within a few bytes of the ideal code length of the table.
+        ideal = -np.log2(np.asarray(freqs, dtype=np.float64)[sym] / rans.M).sum() / 8
+        assert ideal - 1 <= len(data) <= ideal + 4 * rans.lanes(n) + 2
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built (pip install . builds splitkernels._C)")
+@pytest.mark.parametrize("seed", range(6))
+def test_rans_cpp_matches_reference(seed):
+    rng = np.random.default_rng(100 + seed)
+    nsym = int(rng.integers(2, 257))
+    freqs = random_table(rng, nsym)
+    n = int(rng.choice([1, 3, 576, rans.LANES_MIN_SYMBOLS + int(rng.integers(0, 9))]))
+    sym = rng.integers(0, nsym, size=n).astype(np.uint8)  # any symbol, however unlikely
+    ref = rans.encode_reference(sym, freqs)
+    assert rans.encode(sym, freqs) == ref
+    assert np.array_equal(rans.decode(ref, freqs, n), sym)
+
+
+@pytest.mark.parametrize("decoder", ["reference", "default"])
+def test_rans_rejects_corruption(decoder):
+    rng = np.random.default_rng(7)
+    freqs = random_table(rng, 20)
+    sym = rng.integers(0, 20, size=300).astype(np.uint8)
+    data = bytearray(rans.encode_reference(sym, freqs))
+    dec = rans.decode_reference if decoder == "reference" else rans.decode
+    with pytest.raises(rans.RansError):
+        dec(bytes(data[:-2]), freqs, 300)
+    with pytest.raises(rans.RansError):
+        dec(bytes(data) + b"\0\0", freqs, 300)
+    with pytest.raises(rans.RansError):
+        dec(bytes(data), freqs, 299)
+    flipped = 0
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x10
+        try:
+            out = dec(bytes(bad), freqs, 300)
+        except rans.RansError:
+            flipped += 1
+            continue
+        assert out.shape == (300,)
+    assert flipped > len(data) // 2  # the end-state check catches most corruptions by itself
+
+
+def test_rans_symbol_bound_holds_for_the_most_skewed_table():
+    freqs = rans.build_freqs([1e9] + [0] * 255)
+    assert max(freqs) == rans.MAX_FREQ
+    for n in (100, 5000, 40000):
+        data = rans.encode(np.zeros(n, dtype=np.uint8), freqs)
+        assert n <= rans.max_symbols(len(data))
+
+
+def test_build_freqs_properties():
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 17, 256):
+        f = rans.build_freqs(rng.random(n) ** 4 * 1e6)
+        rans.check_freqs(f)
+    assert rans.build_freqs([0, 0, 0]) == rans.build_freqs([1, 1, 1])
+    with pytest.raises(ValueError, match="entries"):
+        rans.build_freqs([1.0])
+    with pytest.raises(ValueError, match="sum"):
+        rans.check_freqs([1, 2])
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def activations(n: int, d: int, seed: int = 0, massive: float | None = None) -> torch.Tensor:
+    """Gaussian tokens with a few heavy channels, a sink at row 0, optionally a massive channel."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[:, 1] *= 12.0
+    x[:, d // 2] += 4.0
+    if massive is not None:
+        x[:, 2] = massive * (1 + 0.05 * torch.randn(n, generator=g))
+    x[0] *= 300.0
+    return x
+
+
+def test_calibrate_config_is_frozen_serialisable_and_deterministic():
+    h = activations(800, 96)
+    a, b = calibrate(h, bits=4.0), calibrate(h, bits=4.0)
+    assert a == b and a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
+    back = CodecConfigV2.from_json(a.to_json())
+    assert back == a and back.fingerprint == a.fingerprint
+    assert calibrate(h, bits=3.0).fingerprint != a.fingerprint
+    with pytest.raises(Exception):
+        a.kmax = 3
+    d = a.to_dict()
+    d["step"] = d["step"][:-1] + [d["step"][-1] * 2]
+    with pytest.raises(ValueError, match="fingerprint"):
+        CodecConfigV2.from_dict(d)
+
+
+@pytest.mark.parametrize("target", [3.0, 4.0, 5.0])
+def test_calibrate_meets_bit_target_on_fresh_data(target):
+    cfg = calibrate(activations(2048, 128, seed=1), bits=target)
+    fresh = activations(512, 128, seed=2)
+    bits = encode(fresh.half(), cfg).bits_per_element
+    assert abs(bits - target) < 0.25, bits
+
+
+def test_calibrate_is_robust_to_sinks_and_massive_channels():
+    plain = calibrate(activations(1000, 64, seed=3), bits=4.0)
+    heavy = calibrate(activations(1000, 64, seed=3, massive=3000.0), bits=4.0)
+    assert heavy.info["sink_tokens"] >= 1
+    # The massive channel's constant part goes into its center, and the other channels keep their step.
+    assert abs(heavy.center[2] - 3000.0) < 50
+    ratio = heavy.step_array()[3:] / plain.step_array()[3:]
+    assert np.all((ratio > 0.8) & (ratio < 1.25)), ratio
+    x = activations(64, 64, seed=4, massive=3000.0)
+    enc = encode(x, heavy)
+    y = decode(enc)
+    ok = ~(enc.symbols == heavy.escape_symbol) & ~enc.raw[:, None]
+    err = (y - x).abs()
+    assert (err <= torch.tensor(heavy.step_array()) * 0.5 * (1 + 1e-5) + 1e-3)[ok].all()
+    assert torch.equal(y[~ok], x[~ok])
+
+
+def test_calibrate_with_sensitivity_and_kl_proxy():
+    h = activations(1000, 64, seed=5)
+    f = torch.ones(64)
+    f[7] = 100.0  # channel 7 matters 100x more: a 10x finer step there
+    cfg = calibrate(h, bits=4.0, sensitivity=f)
+    s = cfg.step_array()
+    assert s[7] == pytest.approx(s[8] / 10, rel=1e-3)
+    tight = calibrate(h, max_kl_proxy=1e-4, sensitivity=f)
+    loose = calibrate(h, max_kl_proxy=1e-2, sensitivity=f)
+    assert tight.info["kl_proxy"] <= 1e-4 and loose.info["kl_proxy"] <= 1e-2
+    assert tight.step_array()[0] < loose.step_array()[0]
+    capped = calibrate(h, bits=3.0, max_kl_proxy=1e-6, sensitivity=f)  # budget wins
+    assert capped.info["estimated_bits"] <= 3.0
+    refit = calibrate(h, bits=3.0, base=cfg)
+    assert np.allclose(refit.step_array() / refit.step_array()[0], s / s[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=0.5), "bits"), (dict(max_kl_proxy=-1.0, sensitivity=torch.ones(8)), "max_kl_proxy"),
+    (dict(max_kl_proxy=0.01), "sensitivity"), (dict(sensitivity=torch.ones(7)), "sensitivity"),
+    (dict(base="x"), "base"),
+])
+def test_calibrate_rejects_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        calibrate(torch.randn(32, 8), **kwargs)
+    with pytest.raises(ValueError, match="hidden"):
+        calibrate(torch.randn(8))
+    with pytest.raises(ValueError, match="finite"):
+        calibrate(torch.full((4, 8), float("nan")))
+
+
+# ---------------------------------------------------------------- encode / decode / frames
+
+
+@pytest.fixture(scope="module")
+def cfg64() -> CodecConfigV2:
+    return calibrate(activations(1000, 64, seed=9, massive=800.0), bits=4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [1, 2, 13])
+def test_encode_decode_frame_round_trip(cfg64, dtype, t):
+    x = activations(t + 1, 64, seed=t, massive=800.0)[1:] if t > 1 else activations(2, 64, seed=t)[1:]
+    if t == 13:
+        x[4] = x[4] * 40.0 + 3000.0  # a sink in the middle: travels raw
+    x = x.to(dtype)
+    enc = encode(x, cfg64)
+    assert isinstance(enc, EncodedV2)
+    y = decode(enc)
+    assert y.dtype == dtype and y.shape == x.shape
+    data = enc.to_bytes()
+    back = from_bytes(data, config=cfg64)
+    assert torch.equal(back.symbols, enc.symbols) and torch.equal(back.raw, enc.raw)
+    assert torch.equal(decode(back), y)
+    esc = enc.symbols == cfg64.escape_symbol
+    assert torch.equal(y[esc], x[esc]) and torch.equal(y[enc.raw], x[enc.raw])
+    if t == 13:
+        assert bool(enc.raw[4])
+    # Every other value is within half a step (plus the dtype's rounding of the result).
+    coded = ~esc & ~enc.raw[:, None]
+    bound = torch.tensor(cfg64.step_array()) * 0.5 + x.float().abs() * 2**-7 + 1e-6
+    assert ((y.float() - x.float()).abs() <= bound.expand_as(x))[coded].all()
+
+
+def test_reference_decode_follows_the_formula(cfg64):
+    x = activations(9, 64, seed=11)[1:]
+    enc = encode_v2(x, cfg64)
+    step, center = torch.tensor(cfg64.step_array()), torch.tensor(cfg64.center_array())
+    v = (x - center) * torch.tensor(cfg64.inv_step_array())
+    k = cfg64.kmax
+    expect_sym = torch.where(v.abs() > k, torch.tensor(2 * k + 1.0), torch.round(v.clamp(-k, k)) + k).to(torch.uint8)
+    assert torch.equal(enc.symbols, expect_sym)
+    q = expect_sym.int() - k
+    y = decode_v2(enc)
+    plain = (q.float() * step) + center
+    esc = expect_sym == 2 * k + 1
+    assert torch.equal(y[~esc], plain[~esc]) and torch.equal(y[esc], x[esc])
+
+
+def test_one_token_frame_framing_is_at_most_a_quarter_bit_at_d576():
+    cfg = calibrate(activations(600, 576, seed=12), bits=4.0)
+    x = activations(3, 576, seed=13)[1:2].half()
+    enc = encode(x, cfg)
+    data = enc.to_bytes()
+    payload = len(rans.encode(enc.symbols.numpy(), cfg.freqs)) + 2 * enc.escapes.numel()
+    framing_bits = 8 * (len(data) - payload)
+    assert framing_bits / 576 <= 0.25
+    assert enc.bits_per_element < 5.0
+
+
+def test_v2_frames_need_the_matching_config(cfg64):
+    data = encode(activations(4, 64)[1:].half(), cfg64).to_bytes()
+    with pytest.raises(FrameError, match="needs the session"):
+        from_bytes(data)
+    other = calibrate(activations(500, 64, seed=99), bits=4.0)
+    with pytest.raises(FrameError, match="codec config"):
+        from_bytes(data, config=other)
+    with pytest.raises(FrameError, match="CodecConfigV2"):
+        from_bytes(data, config=CodecConfig())
+
+
+def test_v1_frames_still_decode_through_the_dispatch(cfg64):
+    x = torch.randn(5, 64).half()
+    enc = encode(x, CodecConfig())
+    data = enc.to_bytes()
+    for cfg in (None, cfg64):
+        back = from_bytes(data, config=cfg)
+        assert torch.equal(decode(back), decode(enc))
+
+
+def test_encode_rejects_bad_input(cfg64):
+    with pytest.raises(ValueError, match="d = 64"):
+        encode(torch.randn(2, 63), cfg64)
+    with pytest.raises(ValueError, match="finite"):
+        encode(torch.full((2, 64), float("inf")), cfg64)
+
+
+# ---------------------------------------------------------------- fuzzing
+
+
+def _reseal(body: bytes) -> bytes:
+    import zlib
+
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def _parse_or_frame_error(data: bytes, cfg: CodecConfigV2) -> None:
+    try:
+        enc = from_bytes(data, config=cfg)
+    except FrameError:
+        return
+    y = decode(enc)
+    # Bounded allocation: the decoded tensor is a small multiple of the frame's own size.
+    assert y.numel() * y.element_size() <= 64 * len(data) + 1024
+
+
+def test_fuzz_truncations_and_bit_flips(cfg64):
+    x = activations(6, 64, seed=21, massive=800.0)[1:].half()
+    x[2] *= 40.0
+    data = encode(x, cfg64).to_bytes()
+    for n in range(len(data)):
+        with pytest.raises(FrameError):
+            from_bytes(data[:n], config=cfg64)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        bad = bytearray(data)
+        i = int(rng.integers(len(bad)))
+        bad[i] ^= 1 << int(rng.integers(8))
+        with pytest.raises(FrameError):
+            from_bytes(bytes(bad), config=cfg64)
+
+
+def test_fuzz_resealed_mutations_raise_only_frame_error(cfg64):
+    x = activations(6, 64, seed=22, massive=800.0)[1:].float()
+    x[3] *= 500.0
+    data = encode(x, cfg64).to_bytes()
+    body = data[:-4]
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        bad = bytearray(body)
+        kind = int(rng.integers(3))
+        if kind == 0:
+            bad[int(rng.integers(len(bad)))] = int(rng.integers(256))
+        elif kind == 1:
+            del bad[int(rng.integers(len(bad)))]
+        else:
+            bad.insert(int(rng.integers(len(bad) + 1)), int(rng.integers(256)))
+        _parse_or_frame_error(_reseal(bytes(bad)), cfg64)
+
+
+def test_fuzz_forged_headers_cannot_force_large_allocations(cfg64):
+    x = activations(3, 64, seed=23)[1:].half()
+    data = encode(x, cfg64).to_bytes()
+    head = data[: HEAD.size]
+    rest = data[HEAD.size + 2 : -4]  # after T and escape varints (both one byte here)
+    for t in (3, 255, 1 << 20, (1 << 24) + 1, (1 << 35) - 1):
+        for n_esc in (0, 1, 1 << 30):
+            from splitkernels.codec.frame_v2 import _varint
+
+            forged = _reseal(head + _varint(t) + _varint(n_esc) + rest)
+            _parse_or_frame_error(forged, cfg64)
+    # A claimed huge T with a tiny stream is refused before anything T-sized is allocated.
+    forged = _reseal(head + _varint(1 << 24) + _varint(0) + bytes((1 << 24) // 8) + b"\1" * 8)
+    with pytest.raises(FrameError, match="stream can hold"):
+        from_bytes(forged, config=cfg64)
+    for version_or_dtype in ((b"SKTQ", 3, 1), (b"SKTQ", 2, 9), (b"SKTX", 2, 1)):
+        magic, version, dtype = version_or_dtype
+        forged = _reseal(HEAD.pack(magic, version, dtype, cfg64.frame_tag) + data[HEAD.size : -4])
+        with pytest.raises(FrameError):
+            from_bytes(forged, config=cfg64)
+
+
+# ---------------------------------------------------------------- fused C++ path
+
+
+@pytest.mark.skipif(not HAS_CPP or not v2mod.has_fused(), reason="C++ extension not built (pip install . builds it)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 64), (17, 64)])
+def test_fused_quantise_and_dequantise_match_reference(cfg64, dtype, shape):
+    g = torch.Generator().manual_seed(shape[0])
+    x = activations(shape[0] + 1, 64, seed=shape[0], massive=800.0)[1:]
+    # Exact ties (half steps) and exact escape boundaries exercise rounding and the <= test.
+    step, center = torch.tensor(cfg64.step_array()), torch.tensor(cfg64.center_array())
+    k = torch.randint(-2 * cfg64.kmax, 2 * cfg64.kmax, x.shape, generator=g).float() / 2
+    ties = center + k * step
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.3, ties, x)
+    x[0, :40] *= 50.0  # a raw token
+    x = x.to(dtype)
+    for fused in (True, False):
+        sym, raw = v2mod.quantise(x, cfg64, fused=fused)
+        if fused:
+            sym_f, raw_f = sym, raw
+    assert torch.equal(sym_f, sym) and torch.equal(raw_f, raw)
+    assert torch.equal(v2mod.dequantise(sym, cfg64, dtype, fused=True), v2mod.dequantise(sym, cfg64, dtype, fused=False))

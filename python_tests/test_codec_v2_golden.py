@@ -1,0 +1,35 @@
+"""Golden vector of codec v2 (docs/FORMATS.md §5.4): pins the quantiser, the rANS stream and the frame."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from splitkernels.codec import CodecConfigV2, decode, encode, from_bytes, rans
+
+CONFIG = CodecConfigV2(center=(0.0, 1.0, -2.0, 100.0), step=(0.5, 0.25, 1.0, 2.0), kmax=2,
+                       freqs=(1024, 3072, 8192, 3072, 1023, 1), raw_limit=2)
+X = torch.tensor([[0.3, 1.2, -5.5, 101.0], [-0.75, 0.0, 7.0, 96.0], [9.0, -9.0, 9.0, 90.0]], dtype=torch.float16)
+FRAME = bytes.fromhex("534b54510201b2a9227c03030480c500000047804880c88048a055ff331d01ff93ff3f00005fd2fd63")
+
+
+def test_golden_config_tag():
+    assert CONFIG.frame_tag == 0x7C22A9B2
+
+
+def test_golden_symbols_and_frame():
+    enc = encode(X, CONFIG)
+    # 0.3/0.5 -> 1; (1.2-1)/0.25 -> 1; -3.5 escapes; 0.5 rounds half to even -> 0; -1.5 -> -2; ...
+    assert enc.symbols[:2].tolist() == [[3, 3, 5, 2], [0, 5, 5, 0]]
+    assert enc.raw.tolist() == [False, False, True]
+    assert enc.escapes.tolist() == [-5.5, 0.0, 7.0]
+    assert enc.to_bytes() == FRAME
+    assert decode(from_bytes(FRAME, config=CONFIG)).tolist() == [
+        [0.5, 1.25, -5.5, 100.0], [-1.0, 0.0, 7.0, 96.0], [9.0, -9.0, 9.0, 90.0]]
+
+
+def test_golden_rans_stream_reference_and_default_coder():
+    sym = np.array([3, 3, 5, 2, 0, 5, 5, 0], dtype=np.uint8)
+    stream = FRAME[27:-4]  # after 10 header, 2 varint, 1 bitmap, 6 escape and 8 raw bytes
+    assert rans.encode_reference(sym, CONFIG.freqs) == stream
+    assert rans.encode(sym, CONFIG.freqs) == stream
+    assert rans.decode_reference(stream, CONFIG.freqs, 8).tolist() == sym.tolist()
