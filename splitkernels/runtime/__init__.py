@@ -6,12 +6,12 @@ from .metrics import GenerationMetrics, StepMetrics
 from .protocol import SamplingParams, SplitError, Status
 from .segments import Edge, Server
 from .sessions import Limits, SessionManager
-from .split_model import GenerationResult, SplitModel, generate_split, model_fingerprint, split_model
+from .split_model import GenerationResult, SplitConfig, SplitModel, generate_split, model_fingerprint, split_model
 from .transport import Exchange, InProcessTransport, SessionHandle, Transport
 
 __all__ = [
     "Adapter", "adapter_for", "register_adapter", "supported_families", "LinkEmulator", "GenerationMetrics",
     "StepMetrics", "SamplingParams", "SplitError", "Status", "Edge", "Server", "Limits", "SessionManager",
-    "GenerationResult", "SplitModel", "generate_split", "model_fingerprint", "split_model", "Exchange",
+    "GenerationResult", "SplitConfig", "SplitModel", "generate_split", "model_fingerprint", "split_model", "Exchange",
     "InProcessTransport", "SessionHandle", "Transport",
 ]
