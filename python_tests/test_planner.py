@@ -92,9 +92,7 @@ def test_memory_weights_match_opsc_bytes(tiny, split, front, back):
     model = copy.deepcopy(tiny)
     report = apply_opsc(model, split, front, back)
     mem = memory(shape, split, front, back, max_seq_len=64)
-    # The rotary-embedding frequency buffers (a few dozen bytes) are not modelled.
-    rotary = sum(b.numel() * b.element_size() for b in model.model.rotary_emb.buffers())
-    assert mem.edge_weights == report.front_weight_bytes - rotary
+    assert mem.edge_weights == report.front_weight_bytes
     assert mem.server_weights == report.back_weight_bytes
 
 

@@ -13,10 +13,11 @@ from splitkernels.codec import CodecConfig, encode
 from splitkernels.models import FAMILIES, tiny_model
 from splitkernels.nn import QuantConfig
 from splitkernels.opsc import apply_opsc
+from splitkernels.models.split import _ADAPTERS
 from splitkernels.runtime import (
-    Limits, LinkEmulator, SessionManager, SplitError, Status, adapter_for, register_adapter, split_model,
+    Adapter, Limits, LinkEmulator, SessionManager, SplitConfig, SplitError, Status, adapter_for, register_adapter,
+    split_model, supported_families,
 )
-from splitkernels.runtime.adapters import LlamaStyleAdapter
 from splitkernels.runtime.protocol import (
     Close, Open, Opened, ProtocolError, SamplingParams, Step, TokenReply, decode_message, encode_message,
 )
@@ -201,15 +202,26 @@ def test_bad_arguments_are_refused():
 
 def test_adapter_registry():
     model = tiny_model("llama", seed=1, num_layers=2)
-    with pytest.raises(TypeError, match="register_adapter"):
+    with pytest.raises(TypeError, match="causal LM"):
         adapter_for(torch.nn.Linear(2, 2))
-    model.config.model_type = "my-llama"
-    with pytest.raises(TypeError, match="my-llama"):
-        adapter_for(model)
-    register_adapter("my-llama", LlamaStyleAdapter)
-    assert isinstance(adapter_for(model), LlamaStyleAdapter)
+    model.config.model_type = "my-llama"  # unknown families take the generic path
+    assert type(adapter_for(model)) is Adapter
+
+    class Marked(Adapter):
+        pass
+
+    register_adapter("my-llama", Marked)
+    try:
+        assert isinstance(adapter_for(model), Marked) and "my-llama" in supported_families()
+    finally:
+        _ADAPTERS.pop("my-llama")
     with pytest.raises(ValueError, match="model_type"):
-        register_adapter("", LlamaStyleAdapter)
+        register_adapter("", Marked)
+    with pytest.raises(TypeError, match="factory"):
+        register_adapter("x", 3)
+    with pytest.warns(DeprecationWarning, match="generic"):
+        from splitkernels.runtime.adapters import LlamaStyleAdapter
+    assert LlamaStyleAdapter is Adapter
 
 
 # -- sessions and the server core -----------------------------------------------------------------
@@ -267,7 +279,7 @@ def test_idle_session_is_freed(small):
     assert mgr.reap_idle() == 1
     assert mgr.num_sessions == 0 and mgr.stats()["sessions_expired"] == 1
     with pytest.raises(SplitError) as e:
-        mgr.step(Step(opened.session_id, 1, _frame(sm, _prompt(2, 1), start=4)))
+        mgr.step(Step(opened.session_id, 1, _frame(sm, _prompt(2, 1))))
     assert e.value.status is Status.NOT_FOUND
 
 

@@ -14,51 +14,14 @@ import torch
 from torch import nn
 
 from .calibration import is_linear, quantize_layers
+from .models import adapter_for, decoder_layers
+from .models.layout import tensors_nbytes
 from .nn import QuantConfig, QuantEmbedding, replace_linear
-
-# (path to the decoder layer list, paths of the modules after the last layer) per architecture;
-# the first path that resolves on a model wins. Paths are relative to the *ForCausalLM model.
-_LAYOUTS = (
-    ("model.layers", ("model.norm",)),  # llama, mistral, qwen2
-    ("transformer.h", ("transformer.ln_f",)),  # gpt2
-    ("model.decoder.layers", ("model.decoder.final_layer_norm", "model.decoder.project_out")),  # opt
-)
-
-
-def _resolve(model: nn.Module, path: str) -> nn.Module | None:
-    module = model
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
-
-def _layout(model: nn.Module) -> tuple[str, nn.ModuleList, list[str]]:
-    for path, tail in _LAYOUTS:
-        layers = _resolve(model, path)
-        if isinstance(layers, nn.ModuleList):
-            return path, layers, [p for p in tail if isinstance(_resolve(model, p), nn.Module)]
-    raise ValueError(
-        f"model must be a decoder-only *ForCausalLM with its layers at one of "
-        f"{[p for p, _ in _LAYOUTS]}; {type(model).__name__} has none"
-    )
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder layers of a Llama/Mistral/Qwen2, GPT-2 or OPT causal LM."""
-    return _layout(model)[1]
 
 
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer of ``module``, each shared tensor counted once."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in (*module.parameters(), *module.buffers()):
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
+    return tensors_nbytes([*module.parameters(), *module.buffers()])
 
 
 @dataclass
@@ -93,24 +56,14 @@ class OPSCReport:
 
 
 def split_weight_bytes(model: nn.Module, split_layer: int) -> tuple[int, int]:
-    """(front, back) weight bytes of ``model`` cut after ``split_layer`` layers, as in :class:`OPSCReport`."""
-    path, layers, tail = _layout(model)
-    _check_split(split_layer, len(layers))
-    back = [f"{path}.{i}." for i in range(split_layer, len(layers))] + [p + "." for p in tail]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    back += [name + "." for name, module in model.named_modules(remove_duplicate=False) if module is head]
-    back_prefixes = tuple(back)
-    seen: tuple[set[int], set[int]] = (set(), set())
-    totals = [0, 0]
-    # Tied tensors are listed under every name, so a table shared by embedding and head lands
-    # on both sides.
-    named = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
-    for name, tensor in named:
-        side = 1 if name.startswith(back_prefixes) else 0
-        if id(tensor) not in seen[side]:
-            seen[side].add(id(tensor))
-            totals[side] += tensor.numel() * tensor.element_size()
-    return totals[0], totals[1]
+    """(front, back) weight bytes of ``model`` cut after ``split_layer`` layers, as in :class:`OPSCReport`.
+
+    What each side holds is what it runs (found by tracing the model, see
+    :meth:`splitkernels.models.Adapter.weight_bytes`), so this holds for every family.
+    """
+    adapter = adapter_for(model)
+    _check_split(split_layer, adapter.num_layers)
+    return adapter.weight_bytes(0, split_layer), adapter.weight_bytes(split_layer, adapter.num_layers)
 
 
 def _check_split(split_layer: int, num_layers: int) -> None:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..codec import CodecConfig, decode, encode, from_bytes
-from .adapters import Adapter, adapter_for
+from ..nn import QuantConfig
+from ..models.split import Adapter, adapter_for
 from .metrics import GenerationMetrics, StepMetrics
 from .protocol import FINGERPRINT_BYTES, Open, ProtocolError, SamplingParams
 from .segments import Edge, Server, cache_nbytes
@@ -26,16 +27,17 @@ def model_fingerprint(adapter: Adapter, split_layer: int) -> bytes:
 
     Taken before OPSC so both sides agree whatever precision each stores its half in.
     """
-    c = adapter.config
-    shape = {"model_type": c.model_type, "hidden": adapter.hidden_size, "layers": adapter.num_layers,
-             "vocab": getattr(c, "vocab_size", None), "split": split_layer}
+    shape = {"model_type": adapter.config.model_type, "hidden": adapter.hidden_size, "layers": adapter.num_layers,
+             "vocab": adapter.vocab_size, "split": split_layer}
     h = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
-    weight = adapter.front_modules()[0].weight
+    weight = adapter.model.get_input_embeddings().weight
     h.update(weight.detach().flatten()[:4096].float().cpu().numpy().tobytes())
     return h.digest()[:FINGERPRINT_BYTES]
 
 
 def _opsc_configs(opsc: Any) -> tuple[Any, Any]:
+    if opsc is None:
+        return None, None
     if isinstance(opsc, dict):
         return opsc.get("front"), opsc.get("back")
     if isinstance(opsc, (tuple, list)) and len(opsc) == 2:
@@ -46,16 +48,52 @@ def _opsc_configs(opsc: Any) -> tuple[Any, Any]:
                     f"or an object with .front/.back; got {type(opsc).__name__}")
 
 
-def _apply_opsc(model: nn.Module, split_layer: int, opsc: Any) -> None:
-    front, back = _opsc_configs(opsc)
-    if front is None and back is None:
-        return
+@dataclass(frozen=True)
+class SplitConfig:
+    """Where to cut and how to store and send each half, as data.
+
+    * ``split_layer``: the edge keeps decoder layers ``1..split_layer`` (1 <= it < the model's depth).
+    * ``codec``: activation codec for the split-layer hidden state (None = lossless passthrough).
+    * ``front`` / ``back``: OPSC weight formats of the edge / server layers (None = dense).
+    * ``quantize_embedding``: also store the input embedding at ``front`` (OPSC).
+    """
+
+    split_layer: int
+    codec: CodecConfig | None = None
+    front: QuantConfig | None = None
+    back: QuantConfig | None = None
+    quantize_embedding: bool = False
+
+    def __post_init__(self) -> None:
+        l = self.split_layer
+        if isinstance(l, bool) or not isinstance(l, int) or l < 1:
+            raise ValueError(f"split_layer must be an int >= 1 (the edge keeps layers 1..split_layer), got {l!r}")
+        if self.codec is not None and not isinstance(self.codec, CodecConfig):
+            raise TypeError(f"codec must be a CodecConfig or None, got {type(self.codec).__name__}")
+        for name in ("front", "back"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, QuantConfig):
+                raise TypeError(f"{name} must be a QuantConfig or None, got {type(value).__name__}")
+        if not isinstance(self.quantize_embedding, bool):
+            raise TypeError(f"quantize_embedding must be a bool, got {type(self.quantize_embedding).__name__}")
+        if self.quantize_embedding and self.front is None:
+            raise ValueError("quantize_embedding needs a front QuantConfig (front is None)")
+
+    @classmethod
+    def from_legacy(cls, split_layer: int, codec: CodecConfig | None = None, opsc: Any = None) -> SplitConfig:
+        """From the older ``split_model(model, split_layer, codec=, opsc=)`` arguments."""
+        front, back = _opsc_configs(opsc)
+        return cls(split_layer, codec, front, back)
+
+
+def _apply_opsc(model: nn.Module, config: SplitConfig) -> None:
     try:
         from ..opsc import apply_opsc
     except ImportError as exc:
         raise RuntimeError("opsc needs splitkernels.opsc (one-point split compression), "
                            f"which this build lacks: {exc}") from exc
-    apply_opsc(model, split_layer, front=front, back=back)
+    apply_opsc(model, config.split_layer, front=config.front, back=config.back,
+               quantize_embedding=config.quantize_embedding)
 
 
 @dataclass
@@ -104,7 +142,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    vocab = getattr(edge.adapter.config, "vocab_size", None)
+    vocab = edge.adapter.vocab_size
     ids = _check_input_ids(input_ids, vocab)
     eos = _eos_set(eos_token_id)
     # The last new token is never fed back, so the server sees prompt + new - 1 positions; it refuses
@@ -158,24 +196,26 @@ class SplitModel:
     quality evaluation.
     """
 
-    def __init__(self, model: nn.Module, split_layer: int, codec: CodecConfig | None = None, opsc: Any = None,
-                 limits: Limits | None = None) -> None:
+    def __init__(self, model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | None = None,
+                 opsc: Any = None, limits: Limits | None = None) -> None:
+        config = split_layer if isinstance(split_layer, SplitConfig) else SplitConfig.from_legacy(split_layer, codec, opsc)
+        if isinstance(split_layer, SplitConfig) and (codec is not None or opsc is not None):
+            raise TypeError("pass codec and OPSC settings inside the SplitConfig, not beside it")
         adapter = adapter_for(model)
-        if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 1 <= split_layer < adapter.num_layers:
+        if not config.split_layer < adapter.num_layers:
             raise ValueError(f"split_layer must be an int in [1, {adapter.num_layers - 1}] "
-                             f"(the edge keeps layers 1..split_layer), got {split_layer!r}")
-        if codec is not None and not isinstance(codec, CodecConfig):
-            raise TypeError(f"codec must be a CodecConfig or None, got {type(codec).__name__}")
+                             f"(the edge keeps layers 1..split_layer), got {config.split_layer!r}")
+        self.config = config
         self.model = model
-        self.split_layer = split_layer
-        self.codec = codec or CodecConfig.passthrough()
-        self.fingerprint = model_fingerprint(adapter, split_layer)
-        if opsc is not None:
-            _apply_opsc(model, split_layer, opsc)
+        self.split_layer = config.split_layer
+        self.codec = config.codec or CodecConfig.passthrough()
+        self.fingerprint = model_fingerprint(adapter, self.split_layer)
+        if config.front is not None or config.back is not None:
+            _apply_opsc(model, config)
             adapter = adapter_for(model)
         self.adapter = adapter
-        self.edge = Edge(adapter, split_layer)
-        self.server = Server(adapter, split_layer)
+        self.edge = Edge(adapter, self.split_layer)
+        self.server = Server(adapter, self.split_layer)
         self.manager = SessionManager(self.server, limits, self.fingerprint)
         self.transport: Transport = InProcessTransport(self.manager)
         self.last_metrics: GenerationMetrics | None = None
@@ -205,7 +245,7 @@ class SplitModel:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``[1, T, V]``: edge, codec frame (through its bytes), server; no cache."""
-        ids = _check_input_ids(input_ids, getattr(self.adapter.config, "vocab_size", None))
+        ids = _check_input_ids(input_ids, self.adapter.vocab_size)
         hidden = self._require("edge").forward(ids, None, 0)
         hidden = decode(from_bytes(encode(hidden, self.codec).to_bytes()))
         return self._require("server").forward(hidden, None, 0, last_only=False)
@@ -238,13 +278,13 @@ class SplitModel:
             self.manager.shutdown()
 
 
-def split_model(model: nn.Module, split_layer: int, codec: CodecConfig | None = None, opsc: Any = None,
+def split_model(model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | None = None, opsc: Any = None,
                 limits: Limits | None = None) -> SplitModel:
-    """Split ``model`` (a supported Hugging Face ``*ForCausalLM``) after decoder layer ``split_layer``.
+    """Split ``model`` (a Hugging Face decoder-only ``*ForCausalLM`` of any family) after a decoder layer.
 
-    * ``codec``: the activation codec for the split-layer hidden state (None = lossless).
-    * ``opsc``: None, or ``(front, back)`` :class:`splitkernels.nn.QuantConfig` (either may be None)
-      to store the edge / server halves at low precision; applied to ``model`` in place.
-    * ``limits``: limits of the built-in in-process server.
+    ``split_layer`` is a :class:`SplitConfig` (split layer, codec, OPSC formats), or, in the older
+    form, the split layer with ``codec`` (None = lossless) and ``opsc`` (None, or ``(front,
+    back)`` :class:`splitkernels.nn.QuantConfig`, either may be None) beside it. OPSC is applied
+    to ``model`` in place. ``limits``: limits of the built-in in-process server.
     """
     return SplitModel(model, split_layer, codec, opsc, limits)

