@@ -214,16 +214,17 @@ class Adapter:
         raise RuntimeError(f"{type(self.model).__name__}.forward returned without running its decoder layers")
 
     def run_back(self, view: nn.Module, hidden: torch.Tensor, cache, last_only: bool,
-                 tail: int | None = None) -> torch.Tensor:
-        """Split-layer output ``[1, T, d]`` -> logits ``[V]`` of the last position (``last_only``),
-        of the last ``tail`` positions ``[1, tail, V]`` (``tail`` given), or ``[1, T, V]``, as the
-        model's own forward computes them (soft-capping included)."""
+                 tail: int | None = None, **inputs) -> torch.Tensor:
+        """Split-layer output ``[B, T, d]`` -> logits ``[V]`` of the last position (``last_only``),
+        of the last ``tail`` positions ``[B, tail, V]`` (``tail`` given), or ``[B, T, V]``, as the
+        model's own forward computes them (soft-capping included). ``inputs`` go to that forward
+        as they are (``attention_mask``, ``position_ids``: a batched decode over padded caches)."""
         zeros = hidden.new_zeros(*hidden.shape[:-1], self.embedding_dim)
         keep = tail if tail is not None else (1 if last_only else None)
         extra = {"logits_to_keep": keep} if keep is not None and self._logits_to_keep else {}
         self._slot.hidden = hidden
         try:
-            logits = self._call(view, cache, inputs_embeds=zeros, **extra).logits
+            logits = self._call(view, cache, inputs_embeds=zeros, **inputs, **extra).logits
         finally:
             self._slot.hidden = None
         if tail is not None:

@@ -26,9 +26,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import DynamicLayer
 
-from .adapters import FULL
 from .protocol import SamplingParams, SplitError, Status
 from .sampling import sample
 from .segments import Server
@@ -149,7 +148,10 @@ class Scheduler:
         self.server = server
         self.config = config or BatchConfig()
         self._expected = expected or (lambda: 1 << 30)
-        self.batchable = all(server.adapter.layer_type(i) == FULL for i in range(server.first, server.last))
+        # Only plain full-attention caches can be padded into one batch; sliding-window, chunked and
+        # recurrent layers run session by session.
+        probe = server.adapter.new_cache(server.first, server.last).layers
+        self.batchable = all(i < len(probe) and type(probe[i]) is DynamicLayer for i in range(server.first, server.last))
         self._queue: deque[Work] = deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -307,19 +309,15 @@ class Scheduler:
         server = self.server
         adapter = server.adapter
         h = torch.cat(hiddens).to(device=server.device, dtype=server.dtype).unsqueeze(1)  # [B, 1, d]
-        batch = h.shape[0]
         pos = torch.tensor(starts, device=h.device).unsqueeze(1)  # [B, 1]
         view = _BatchView(caches, starts)
         total = view.past + 1
         # Session i's keys sit right-aligned in the padded cache: valid are the last starts[i] + 1.
         idx = torch.arange(total, device=h.device).unsqueeze(0)
         padding = idx >= (total - 1 - pos)  # [B, total]
-        mask = create_causal_mask(config=adapter.config, inputs_embeds=h, attention_mask=padding, cache=view,
-                                  position_ids=pos, layer_idx=server.first, allow_is_causal_skip=False)
-        pos_emb = adapter.position_embeddings(h, pos)
-        for layer in server.layers:
-            h = adapter.call_layer(layer, h, mask=mask, position_ids=pos, position_embeddings=pos_emb, cache=view)
-        return adapter.head(h)[:, -1]
+        # The model's own forward on the padded batch: its mask helper combines causality and padding.
+        return adapter.run_back(server.view, h, view, last_only=False, tail=1, attention_mask=padding,
+                                position_ids=pos)[:, -1]
 
     def stats(self) -> BatchStats:
         with self._cond:
