@@ -17,6 +17,7 @@ def scratch(monkeypatch):
     """Declare throw-away backends; they vanish from the registry after the test."""
     registry.backends()  # discover the real ones first
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    monkeypatch.setattr(registry, "_best", {})
     return registry.declare_backend
 
 

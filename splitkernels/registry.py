@@ -83,6 +83,7 @@ class Backend:
 
         def register(fn: Callable) -> Callable:
             self.entries[op] = KernelEntry(op, self.name, fn, dict(priority))
+            _best.clear()
             return fn
 
         return register
@@ -95,6 +96,8 @@ class Backend:
 
 
 _registry: dict[str, Backend] = {}
+# (op, device type) -> the default kernel; every op call looks here, so it is cached.
+_best: dict[tuple[str, str], Callable] = {}
 _local = threading.local()
 _loaded = False
 _load_lock = threading.RLock()
@@ -106,6 +109,7 @@ def declare_backend(name: str, unavailable_reason: str | None = None, install_hi
         raise ValueError(f"backend {name!r} is declared twice")
     backend = Backend(name, unavailable_reason, install_hint)
     _registry[name] = backend
+    _best.clear()
     return backend
 
 
@@ -193,16 +197,23 @@ def resolve(op: str, device: torch.device) -> Callable:
         if entry.priority_for(device.type) is None:
             raise RuntimeError(f"backend {forced!r} does not serve {device.type} tensors (op {op})")
         return entry.fn
+    kernel = _best.get((op, device.type))
+    if kernel is None:
+        kernel = _best[(op, device.type)] = _highest_priority(op, device.type)
+    return kernel
+
+
+def _highest_priority(op: str, device_type: str) -> Callable:
     best: tuple[int, Callable] | None = None
     for backend in _registry.values():
         entry = backend.entries.get(op)
         if entry is None or not backend.available:
             continue
-        priority = entry.priority_for(device.type)
+        priority = entry.priority_for(device_type)
         if priority is not None and priority >= 0 and (best is None or priority > best[0]):
             best = (priority, entry.fn)
     if best is None:
-        raise RuntimeError(f"no kernel for op {op!r} on {device.type} tensors")
+        raise RuntimeError(f"no kernel for op {op!r} on {device_type} tensors")
     return best[1]
 
 
