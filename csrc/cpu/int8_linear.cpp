@@ -53,7 +53,7 @@ std::string int8_linear(const void* x, int dtype, int64_t M, int64_t K, const in
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xm = xq.data() + m * K;
         int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-  #pragma omp simd reduction(+ : a0, a1, a2, a3)
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
         for (int64_t k = 0; k < K; ++k) {
           const int32_t xv = xm[k];
           a0 += wr[0][k] * xv;
