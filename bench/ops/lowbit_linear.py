@@ -94,6 +94,8 @@ def render(result: dict) -> str:
     out = [
         "# lowbit_linear (CPU) beside PyTorch's own kernels",
         "",
+        f"Command: `{result.get('command', '')}`",
+        "",
         f"Machine: {mc['cpu']} ({', '.join(mc['cpu_flags'])}), {mc['logical_cpus']} logical CPUs, torch {mc['torch']}, "
         f"kernel ISA {mc.get('kernel_isa')}; backend `{result['backend']}`; load average at start "
         f"{mc['loadavg_start'][0]:.1f}. Copy bandwidth (read + write, all threads): {bw:.1f} GB/s. "
@@ -153,7 +155,7 @@ def main() -> None:
         return
 
     start = time.perf_counter()
-    result = {"machine": timing.machine(), "backend": a.backend, "clock": a.clock, "copy_bandwidth_gbps": timing.copy_bandwidth() / 1e9,
+    result = {"command": "python " + " ".join(sys.argv), "machine": timing.machine(), "backend": a.backend, "clock": a.clock, "copy_bandwidth_gbps": timing.copy_bandwidth() / 1e9,
               "methods": list(TORCH) + [f"W{b}" for b in a.bits], "rows": []}
     counts = [os.cpu_count() or 1 if t == "all" else int(t) for t in a.threads.split(",")]
     for busy in [0] + ([a.busy] if a.busy else []):
