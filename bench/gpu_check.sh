@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU machine (no network; torch with CUDA already installed).
-# Builds the extensions in-tree for this card, runs the GPU tests (cuda and triton backends)
-# and the GPU microbenchmarks, and leaves logs, JSON and markdown tables under $OUT
+# Checks the driver against the toolkit, builds the extensions in-tree for this card, runs the
+# GPU tests (cuda and triton backends), runs compute-sanitizer (memcheck, racecheck, synccheck)
+# over the cuda kernels' GPU tests, and the GPU microbenchmarks (against cuBLAS fp16 via
+# F.linear, with roofline fractions), leaving logs, JSON and markdown tables under $OUT
 # (default bench/results/gpu-<date>). Every step has a timeout; the whole run fits in 8 minutes.
 #
 # Usage (from the repository root): OUT=/some/dir bash bench/gpu_check.sh [--quick]
@@ -51,11 +53,22 @@ EOF
   echo '```'
 } | tee -a "$SUMMARY"
 
+# 0. Driver: a CUDA runtime needs a driver at least as new as its major version (CUDA 12: R525,
+#    CUDA 13: R580). The build links the toolkit's runtime statically, so nvcc's version counts.
+DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+CUDA_MAJOR=$(command -v nvcc >/dev/null && nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p' || echo "")
+NEED=$([ "$CUDA_MAJOR" = "13" ] && echo 580 || echo 525)
+if [ -n "$DRIVER" ] && [ "${DRIVER%%.*}" -lt "$NEED" ]; then
+  note "- driver: $DRIVER is older than R$NEED, which CUDA $CUDA_MAJOR needs: build with a CUDA toolkit the driver supports"
+else
+  note "- driver: ${DRIVER:-unknown} (toolkit CUDA ${CUDA_MAJOR:-?} needs >= R$NEED)"
+fi
+
 # 1. Build both extension modules in-tree, only for this card's architecture (fast compile).
 ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(0); print(f'{m}{n}')" 2>/dev/null || echo 90)
 GEN=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")
 if command -v nvcc >/dev/null && command -v cmake >/dev/null; then
-  step build 200 bash -c "cmake -S . -B build/gpu-check -G '$GEN' -DPython_EXECUTABLE=\$(command -v $PY) \
+  step build 150 bash -c "cmake -S . -B build/gpu-check -G '$GEN' -DPython_EXECUTABLE=\$(command -v $PY) \
       -DSPLITKERNELS_OUTPUT_DIR=$ROOT/splitkernels -DSPLITKERNELS_CUDA=1 -DCMAKE_CUDA_ARCHITECTURES=$ARCH \
       && cmake --build build/gpu-check -j $(nproc)"
 elif ls splitkernels/_C_cuda*.so >/dev/null 2>&1; then
@@ -67,7 +80,19 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import json, splitkernels; print(json.dumps(splitkernels.backends(), indent=1))" 2>&1 | tee "$OUT/backends.json"
 
 # 2. GPU tests of every GPU backend.
-step tests 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/tests.xml" python_tests
+step tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/tests.xml" python_tests
+
+# 2b. compute-sanitizer over the cuda backend's GPU tests (small shapes): out-of-bounds and
+#     misaligned accesses, shared-memory races, invalid barriers.
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck synccheck; do
+    step "sanitizer_$tool" 50 compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
+      "$PY" -m pytest -m gpu -q -p no:cacheprovider -x python_tests/test_cuda_backend.py \
+      -k "gpu_pack or gpu_codec_matches or gpu_lowbit_linear"
+  done
+else
+  note "- compute-sanitizer: not found (it ships with the CUDA toolkit, in \$CUDA_HOME/bin)"
+fi
 
 # 3. Microbenchmarks (the triton one is written separately; run it when present).
 REMAIN=$(( 470 - ($(date +%s) - START) ))

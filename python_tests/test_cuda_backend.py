@@ -17,6 +17,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,14 +119,16 @@ def _cuda_include() -> Path | None:
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """The kernels compiled for the host under csrc/cuda/emulation (needs g++ and the CUDA headers)."""
+    return _build_emulation(ROOT / "csrc", tmp_path_factory.mktemp("cuda_emulation") / "sk_cuda_emulation.so")
+
+
+def _build_emulation(csrc: Path, lib: Path) -> ctypes.CDLL:
     include = _cuda_include()
     cxx = shutil.which("g++") or shutil.which("c++")
     if include is None or cxx is None:
         pytest.skip("the CUDA emulation needs a C++20 compiler and the CUDA toolkit headers")
-    lib = tmp_path_factory.mktemp("cuda_emulation") / "sk_cuda_emulation.so"
     cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-Wno-unknown-pragmas",
-           f"-I{include}", f"-I{ROOT / 'csrc'}", str(ROOT / "csrc/cuda/emulation/emulation.cpp"), "-o", str(lib),
-           "-lpthread"]
+           f"-I{include}", f"-I{csrc}", str(csrc / "cuda/emulation/emulation.cpp"), "-o", str(lib), "-lpthread"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     return ctypes.CDLL(str(lib))
 
@@ -449,3 +452,53 @@ def test_gpu_offset_views_and_streams(cuda_backend):
     got = ops.lowbit_linear(xs, qw)
     want = reference.lowbit_linear(xs.cpu(), qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), 4, 128, None)
     assert rel_err(got, want) <= 1e-3
+
+
+BARRIER_MUTANTS = {
+    # block_ops.cuh: a thread reads the per-warp partials before every warp has written its slot.
+    "all_reduce partials": ("cuda/block_ops.cuh", "    __syncthreads();\n    T r = scratch[0];", "    T r = scratch[0];"),
+    "exclusive_count partials": pytest.param(
+        ("cuda/block_ops.cuh", "    __syncthreads();\n    int before = 0, all = 0;", "    int before = 0, all = 0;"),
+        marks=pytest.mark.slow),  # a second compile of the emulation: half a minute
+}
+
+
+def _encode_matches_reference(lib_path: str, seed: int) -> bool:
+    """One emulated encode with a given interleaving seed, compared with the reference."""
+    lib = ctypes.CDLL(lib_path)
+    lib.emu_set_seed(ctypes.c_uint64(seed))
+    x = activations(6, 300, torch.float32, "heavy", seed=5)
+    want = reference.ts_tabq_encode(x, False, 4.0, 2, [2, 3, 4, 5, 6, 8], 0.02, None)
+    try:
+        assert_encode_equal(_emu_encode(lib, x, False, 4.0, 2, [2, 3, 4, 5, 6, 8], 0.02, None), want)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_emulation_interleavings_agree(emu):
+    # The intact kernels give the reference result under every interleaving seed.
+    for seed in range(1, 7):
+        assert _encode_matches_reference(emu._name, seed), seed
+
+
+@pytest.mark.parametrize("mutant", list(BARRIER_MUTANTS.values()), ids=list(BARRIER_MUTANTS))
+def test_emulation_catches_a_missing_barrier(tmp_path, mutant):
+    # The emulation interleaves threads at random between sync points: the kernel source with a
+    # needed __syncthreads() deleted must give a wrong result (or crash) for some seed. Each run
+    # is a child process, since a broken kernel may write out of bounds.
+    path, line, replacement = mutant
+    csrc = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc)
+    text = (csrc / path).read_text()
+    assert text.count(line) == 1, "the mutant no longer matches the source; update BARRIER_MUTANTS"
+    (csrc / path).write_text(text.replace(line, replacement))
+    broken = _build_emulation(csrc, tmp_path / "broken.so")
+    script = ("import sys; sys.path.insert(0, {tests!r}); import test_cuda_backend as t; "
+              "sys.exit(0 if t._encode_matches_reference(sys.argv[1], int(sys.argv[2])) else 3)")
+    for seed in range(1, 7):
+        run = subprocess.run([sys.executable, "-c", script.format(tests=str(ROOT / "python_tests")), broken._name,
+                              str(seed)], capture_output=True, timeout=300)
+        if run.returncode != 0:
+            return
+    pytest.fail(f"no seed exposed the missing barrier ({mutant})")

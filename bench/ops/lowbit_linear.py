@@ -72,7 +72,8 @@ def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
                 with splitkernels.use_backend(args.backend):
                     for b, q in q_dt.items():
                         fns[f"W{b}"] = lambda q=q: ops.lowbit_linear(x, q)
-                    r = timing.compare(fns, budget_s=args.budget)
+                    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+                    r = timing.compare(fns, budget_s=args.budget, clock=clock)
                 xbytes = m * k * x.element_size()
                 moved = {"F.linear fp32": n * k * 4 + m * k * 4, "F.linear bf16": n * k * 2 + m * k * 2,
                          "torch int4pack": n * k // 2 + sz4.numel() * sz4.element_size() + xbytes,
@@ -93,10 +94,13 @@ def render(result: dict) -> str:
     out = [
         "# lowbit_linear (CPU) beside PyTorch's own kernels",
         "",
+        f"Command: `{result.get('command', '')}`",
+        "",
         f"Machine: {mc['cpu']} ({', '.join(mc['cpu_flags'])}), {mc['logical_cpus']} logical CPUs, torch {mc['torch']}, "
         f"kernel ISA {mc.get('kernel_isa')}; backend `{result['backend']}`; load average at start "
         f"{mc['loadavg_start'][0]:.1f}. Copy bandwidth (read + write, all threads): {bw:.1f} GB/s. "
-        f"Medians of interleaved rounds after warm-up; {result['note']}",
+        f"Medians of interleaved rounds after warm-up, clock: {result['clock']}"
+        + (" (CPU time of the calling thread)" if result["clock"] == "thread" else " (wall)") + f"; {result['note']}",
         "",
         "Times in ms. **ours/best** = our fastest of W4 and W8 / PyTorch's fastest of the four kernels "
         "at that row (< 1 means ours is faster). W2/W3 move fewer bytes than W4.",
@@ -131,6 +135,9 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--busy", type=int, default=0, help="also run with this many spinning processes")
     p.add_argument("--budget", type=float, default=0.8, help="seconds of timed calls per row")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: CPU time of the calling thread, robust to other processes on a shared "
+                        "machine; only with --threads 1 (every kernel then runs on the calling thread)")
     p.add_argument("--quick", action="store_true", help="4096x4096, W4/W8, M = 1 and 16, bf16 only")
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -141,12 +148,14 @@ def main() -> None:
     a.bits = [int(b) for b in a.bits.split(",")]
     a.m = [int(m) for m in a.m.split(",")]
     a.dtypes = a.dtypes.split(",")
+    if a.clock == "thread" and a.threads != "1" and not a.worker:
+        p.error("--clock thread needs --threads 1: other threads' CPU time would not be counted")
     if a.worker:
         a.worker_out.write_text(json.dumps(run_config(a, a.worker)))
         return
 
     start = time.perf_counter()
-    result = {"machine": timing.machine(), "backend": a.backend, "copy_bandwidth_gbps": timing.copy_bandwidth() / 1e9,
+    result = {"command": "python " + " ".join(sys.argv), "machine": timing.machine(), "backend": a.backend, "clock": a.clock, "copy_bandwidth_gbps": timing.copy_bandwidth() / 1e9,
               "methods": list(TORCH) + [f"W{b}" for b in a.bits], "rows": []}
     counts = [os.cpu_count() or 1 if t == "all" else int(t) for t in a.threads.split(",")]
     for busy in [0] + ([a.busy] if a.busy else []):
@@ -157,7 +166,7 @@ def main() -> None:
                 argv = [sys.executable, __file__, "--worker", str(threads), "--worker-out", str(out),
                         "--backend", a.backend, "--m", ",".join(map(str, a.m)),
                         "--shapes", ",".join(f"{n}x{k}" for n, k in a.shapes), "--bits", ",".join(map(str, a.bits)),
-                        "--dtypes", ",".join(a.dtypes), "--budget", str(a.budget)]
+                        "--dtypes", ",".join(a.dtypes), "--budget", str(a.budget), "--clock", a.clock]
                 subprocess.run(argv, check=True, env={**os.environ, "SPLITKERNELS_NUM_THREADS": str(threads)})
                 result["rows"] += [{**r, "busy": busy} for r in json.loads(out.read_text())]
     result["loadavg_end"] = os.getloadavg()

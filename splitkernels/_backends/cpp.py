@@ -1,4 +1,4 @@
-"""The ``cpp`` backend: OpenMP C++ kernels from the torch-free extension ``splitkernels._C``.
+"""The ``cpp`` backend: C++ CPU kernels from the torch-free extension ``splitkernels._C``.
 
 The default backend for CPU tensors when the extension is built. This module is the torch
 glue: it makes inputs contiguous, allocates outputs with ``torch.empty`` and hands data

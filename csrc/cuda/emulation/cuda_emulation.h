@@ -1,11 +1,17 @@
 // Host-side emulation of the few CUDA features the kernels in csrc/cuda use, so the CPU tests
 // can run the exact kernel source against the reference where no GPU exists.
 //
-// Each CUDA thread of a block is a fiber (ucontext) on the calling OS thread; a block barrier
-// or a warp exchange switches to the next fiber until every member has arrived. Blocks run one
-// after another, so `__shared__` variables become function statics. A barrier that some
-// threads never reach (a divergent __syncthreads) is reported and aborts instead of hanging.
-// Meant for small shapes in tests, one launch at a time per process.
+// Each CUDA thread of a block is a fiber (ucontext) on the calling OS thread. Fibers switch at
+// the sync primitives (block barriers, warp exchanges and votes) and after every atomic, and
+// the scheduler then resumes a *random* runnable fiber (seed: SK_EMU_SEED, default 1), so a
+// thread may run many barrier-free steps ahead of another: a missing __syncthreads() or
+// __syncwarp() shows up as wrong results for some seed. Blocks run one after another: the
+// dynamic shared memory is refilled with 0xA5 bytes before each block, so a kernel that reads
+// it before writing sees garbage, but static `__shared__` variables are function statics that
+// keep the previous block's values (GCC will not move template statics into one section that
+// could be poisoned). A barrier that some threads never reach (a divergent __syncthreads) is
+// reported and aborts instead of hanging. Meant for small shapes in tests, one launch at a time
+// per process.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,7 +26,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <random>
 #include <vector>
+
 
 #undef __global__
 #undef __device__
@@ -50,70 +58,91 @@ struct Fiber {
   ucontext_t context;
   std::vector<char> stack = std::vector<char>(256 * 1024);
   bool done = false;
+  int waiting = -1;  // group the fiber waits on, or -1 when runnable
+  unsigned long wait_generation = 0;
 };
 
 inline ucontext_t scheduler;
 inline std::vector<Fiber> fibers;
 inline std::vector<Group> groups;
 inline int current = 0;
-inline bool progress = false;
 inline std::function<void()> kernel_body;
+inline std::mt19937_64 rng{1};
 
 inline void yield() { swapcontext(&fibers[current].context, &scheduler); }
 
 inline void group_sync(int id) {
   Group& g = groups[id];
-  const unsigned long mine = g.generation;
-  progress = true;
+  Fiber& self = fibers[current];
+  self.waiting = id;
+  self.wait_generation = g.generation;
   if (++g.arrived == g.members) {
     g.arrived = 0;
     ++g.generation;
   }
-  while (g.generation == mine) yield();
+  yield();  // the scheduler resumes this fiber once the group's generation has moved on
 }
+
+// A switch point without waiting (after atomics): another fiber may run in between.
+inline void preempt() { yield(); }
 
 inline void fiber_main() {
   kernel_body();
   fibers[current].done = true;
-  progress = true;
   // returning resumes uc_link, the scheduler
 }
 
-// Runs `body` for every thread of every block, blocks in order.
+inline bool runnable(const Fiber& f) {
+  return !f.done && (f.waiting < 0 || groups[f.waiting].generation != f.wait_generation);
+}
+
+// Fresh dynamic shared memory for a block, poisoned: kernels must write before reading.
+inline void poison_shared(std::size_t dynamic_bytes) { dynamic_shared_memory.assign(dynamic_bytes + 16, 0xA5); }
+
+// Runs `body` for every thread of every block, blocks in order, threads in a random interleaving.
 template <typename Body>
 void launch(unsigned grid, unsigned block, std::size_t shared_bytes, Body body) {
+  static const bool seeded = [] {
+    if (const char* seed = std::getenv("SK_EMU_SEED")) rng.seed(std::strtoull(seed, nullptr, 10));
+    return true;
+  }();
+  (void)seeded;
   block_dim = dim3(block, 1, 1);
   kernel_body = body;
   fibers.resize(block);
+  std::vector<int> ready;
   for (unsigned b = 0; b < grid; ++b) {
     block_index = dim3(b, 1, 1);
-    dynamic_shared_memory.assign(shared_bytes + 16, 0xA5);  // poisoned: kernels must write before reading
+    poison_shared(shared_bytes);
     groups.assign(1 + (block + 31) / 32, Group{});
     groups[0].members = static_cast<int>(block);
     for (unsigned w = 0; w < (block + 31) / 32; ++w) groups[1 + w].members = static_cast<int>(std::min(32u, block - 32 * w));
     for (unsigned t = 0; t < block; ++t) {
       Fiber& f = fibers[t];
       f.done = false;
+      f.waiting = -1;
       getcontext(&f.context);
       f.context.uc_stack.ss_sp = f.stack.data();
       f.context.uc_stack.ss_size = f.stack.size();
       f.context.uc_link = &scheduler;
       makecontext(&f.context, fiber_main, 0);
     }
-    for (unsigned remaining = block; remaining > 0;) {
-      progress = false;
-      remaining = 0;
+    for (;;) {
+      ready.clear();
+      bool all_done = true;
       for (unsigned t = 0; t < block; ++t) {
-        if (fibers[t].done) continue;
-        current = static_cast<int>(t);
-        thread_index = dim3(t, 1, 1);
-        swapcontext(&scheduler, &fibers[t].context);
-        remaining += !fibers[t].done;
+        all_done &= fibers[t].done;
+        if (runnable(fibers[t])) ready.push_back(static_cast<int>(t));
       }
-      if (remaining > 0 && !progress) {
+      if (all_done) break;
+      if (ready.empty()) {
         std::fprintf(stderr, "cuda emulation: block %u deadlocked (a barrier not reached by every thread)\n", b);
         std::abort();
       }
+      current = ready[std::uniform_int_distribution<std::size_t>(0, ready.size() - 1)(rng)];
+      fibers[current].waiting = -1;
+      thread_index = dim3(static_cast<unsigned>(current), 1, 1);
+      swapcontext(&scheduler, &fibers[current].context);
     }
   }
 }
@@ -173,10 +202,12 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
   sk_emu::group_sync(1 + static_cast<int>(warp));
   return out;
 }
-// Fibers switch only inside the sync primitives, so a plain add is atomic here.
+// Fibers switch only at sync points, so the read-modify-write itself is atomic; the switch
+// after it lets other threads interleave between atomics as they would on a GPU.
 inline int atomicAdd(int* p, int v) {
   const int old = *p;
   *p = old + v;
+  sk_emu::preempt();
   return old;
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }

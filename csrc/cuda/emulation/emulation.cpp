@@ -23,6 +23,9 @@ void by_dtype(int dtype, F f) {
 
 extern "C" {
 
+// Seeds the random interleaving of threads (SK_EMU_SEED sets the first one).
+void emu_set_seed(std::uint64_t seed) { sk_emu::rng.seed(seed); }
+
 void emu_pack_bits(const std::uint8_t* codes, std::uint8_t* packed, std::int64_t rows, std::int64_t n, int bits) {
   const std::int64_t nbytes = (n * bits + 7) / 8;
   sk_emu::launch((rows * nbytes + kPackThreads - 1) / kPackThreads, kPackThreads, 0,
