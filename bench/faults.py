@@ -225,7 +225,8 @@ def restart_probe(port: int, server: list) -> dict:
     sm = _edge_model()
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     with GrpcTransport(f"127.0.0.1:{port}", timeout_s=300) as client:
-        resuming = ResumingTransport(client, RetryPolicy(attempts=30, initial_s=0.1, max_s=1.0))
+        # ~5 minutes of retries: a loaded machine starts the new server slowly.
+        resuming = ResumingTransport(client, RetryPolicy(attempts=300, initial_s=0.1, max_s=1.0))
         session = resuming.open(Open(SamplingParams(), max_len=40))
         cache, step_ids, position = sm.edge.new_cache(), ids, 0
         marks = {}

@@ -159,7 +159,8 @@ class _ServeProcess:
 
 class _KillServerAt(Transport):
     """Passes sessions through; when ``sessions`` sessions have all reached step ``at``, it
-    SIGKILLs the server and starts a new one on the same port, so each of them must resume."""
+    SIGKILLs the server and starts a new one on the same port (waiting until it listens), so
+    each of them finds its stream broken and must resume."""
 
     def __init__(self, inner: Transport, at: int, sessions: int, server: list[_ServeProcess], port: int) -> None:
         self.inner, self.at, self.server, self.port = inner, at, server, port
@@ -174,6 +175,9 @@ class _KillServerAt(Transport):
                 self.killed = True
                 self.server[0].kill()
                 self.server[0] = _ServeProcess(self.port)
+                # Waiting keeps the retry budget independent of how slowly a loaded machine starts
+                # a process; a server that stays down for a while is covered in test_resume.py.
+                self.server[0].ready()
 
     def open(self, request: Open) -> SessionHandle:
         outer, handle = self, self.inner.open(request)
