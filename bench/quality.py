@@ -156,9 +156,10 @@ def main() -> None:
         grid=dict(tokens=args.tokens, context=args.context, stride=args.stride),
         standard=dict(tokens=args.standard_tokens, context=args.standard_context, stride=args.standard_stride),
         calibration=dict(start=args.calib_start, end=calib_end, rows=args.calib_rows, seq_len=CALIBRATION_SEQ_LEN),
-        front_layers=max(args.splits), machine=machine_name(), threads=torch.get_num_threads(), command="python bench/quality.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()))
+        front_layers=max(args.splits), machine=machine_name(), threads=torch.get_num_threads(),
+        command="python bench/quality.py " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+            for k, v in vars(args).items() if v is not None and v is not False))
     result: dict = dict(meta=meta, dense=None, rows=[], standard=[], quantise_s={})
     out.mkdir(parents=True, exist_ok=True)
 
