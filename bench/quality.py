@@ -3,7 +3,9 @@ calibrated (GPTQ-style) front weights, per bit width, group size and split layer
 
     python bench/quality.py --out DIR
 
-Writes DIR/quality.json and DIR/quality.md and refuses to overwrite them. Two scorings:
+Writes DIR/quality.json and DIR/quality.md and refuses to overwrite them. ``--merge A B ...``
+instead joins the results of runs with the same scoring and calibration (e.g. one process per
+bit width, run side by side on a shared machine) into DIR. Two scorings:
 
 * Grid: every (method, bits, group, split) on the first ``--tokens`` tokens of Botchan in windows
   of ``--context`` every ``--stride`` (splitkernels.eval.compare: perplexity, KL(fp32 || config)
@@ -104,6 +106,7 @@ def parse_point(text: str) -> tuple[int, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (quality.json, quality.md; never overwritten)")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", help="join the results in these folders into --out")
     parser.add_argument("--tokens", type=int, default=2048, help="grid scoring: first tokens of Botchan")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=1024)
@@ -129,6 +132,10 @@ def main() -> None:
     for name in ("quality.json", "quality.md"):
         if (out / name).exists():
             raise SystemExit(f"{out / name} exists; choose a new --out (results are never overwritten)")
+    if args.merge:
+        out.mkdir(parents=True, exist_ok=True)
+        write(out, merge([json.loads((Path(d) / "quality.json").read_text()) for d in args.merge]))
+        return
     standard = [parse_point(p) for p in args.standard]
     torch.set_grad_enabled(False)
     started = time.time()
@@ -149,9 +156,10 @@ def main() -> None:
         grid=dict(tokens=args.tokens, context=args.context, stride=args.stride),
         standard=dict(tokens=args.standard_tokens, context=args.standard_context, stride=args.standard_stride),
         calibration=dict(start=args.calib_start, end=calib_end, rows=args.calib_rows, seq_len=CALIBRATION_SEQ_LEN),
-        machine=machine_name(), threads=torch.get_num_threads(), command="python bench/quality.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()))
+        front_layers=max(args.splits), machine=machine_name(), threads=torch.get_num_threads(),
+        command="python bench/quality.py " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+            for k, v in vars(args).items() if v is not None and v is not False))
     result: dict = dict(meta=meta, dense=None, rows=[], standard=[], quantise_s={})
     out.mkdir(parents=True, exist_ok=True)
 
@@ -201,6 +209,32 @@ def main() -> None:
     print(f"done in {(time.time() - started) / 60:.1f} min", flush=True)
 
 
+def merge(results: list[dict]) -> dict:
+    """One result from runs that scored and calibrated the same way (their commands are kept)."""
+    first = results[0]
+    same = ("model", "text", "grid", "standard", "calibration")
+    for r in results[1:]:
+        if any(r["meta"][k] != first["meta"][k] for k in same) or r["dense"]["ppl"] != first["dense"]["ppl"]:
+            raise SystemExit("--merge needs runs with the same model, text, scoring and calibration")
+    meta = dict(first["meta"], command=" ; ".join(r["meta"]["command"] for r in results),
+                minutes=max(r["meta"].get("minutes", 0) for r in results))
+    dense = dict(first["dense"])
+    for r in results:  # a run without standard points has no standard fp32 perplexity
+        dense["ppl_standard"] = dense["ppl_standard"] or r["dense"]["ppl_standard"]
+    quantise_s = {}
+    for r in results:
+        for key, seconds in r["quantise_s"].items():
+            layers = r["meta"].get("front_layers", 22)
+            quantise_s[f"{key} ({layers} layers)"] = seconds
+    rows = [dict(row, quantise_key=f"{row['method']} {row['bits']}b g{row['group']} "
+                                   f"({r['meta'].get('front_layers', 22)} layers)")
+            for r in results for row in r["rows"]]
+    rows.sort(key=lambda row: (-row["bits"], row["group"], row["split"], row["method"]))
+    standard = sorted((p for r in results for p in r["standard"]),
+                      key=lambda p: (-p["bits"], p["group"], p["split"], p["method"]))
+    return dict(meta=meta, dense=dense, rows=rows, standard=standard, quantise_s=quantise_s)
+
+
 def check_prefix(base: nn.Module, config: QuantConfig, calibration: torch.Tensor, split: int,
                  weights: dict[tuple[int, str], torch.Tensor]) -> None:
     """apply_opsc at ``split`` must give the first ``split`` layers of the largest split's front."""
@@ -226,6 +260,8 @@ STANDARD_TARGETS = {(4, 64, 10): 0.03, (4, 64, 22): 0.10, (3, 64, 10): 0.15}
 def write(out: Path, result: dict) -> None:
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     meta, dense = result["meta"], result["dense"]
+    if dense is None:
+        return
     grid, std, cal = meta["grid"], meta["standard"], meta["calibration"]
     lines = [
         "# OPSC front quality: round-to-nearest vs calibrated (GPTQ) weights",
@@ -235,7 +271,8 @@ def write(out: Path, result: dict) -> None:
         "packed format of docs/FORMATS.md §2 for both methods.",
         "",
         f"Calibration (gptq rows): Botchan tokens [{cal['start']}, {cal['end']}) as {cal['rows']} rows of "
-        f"{cal['seq_len']}, disjoint from every evaluated token. `quantise s` = time for layers 1..22.",
+        f"{cal['seq_len']}, disjoint from every evaluated token. `quantise s` = wall time to quantise the "
+        "front layers (the whole front of the largest split measured).",
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}, {meta['threads']} torch thread(s); shared with other jobs; "
@@ -274,7 +311,7 @@ def write(out: Path, result: dict) -> None:
         "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        seconds = result["quantise_s"][f"{r['method']} {r['bits']}b g{r['group']}"]
+        seconds = result["quantise_s"][r.get("quantise_key", f"{r['method']} {r['bits']}b g{r['group']}")]
         lines.append(f"| {r['bits']} | {r['group']} | {r['split']} | {r['method']} | {r['front_mib']:.1f} | "
                      f"{r['weight_error']:.4f} | {r['ppl_candidate']:.3f} | {100 * r['ppl_change']:+.2f}% | "
                      f"{r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% | {seconds:.0f} |")

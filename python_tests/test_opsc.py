@@ -126,3 +126,57 @@ def test_report_str_and_bad_args():
         apply_opsc(tiny_model("opt"), 1, 4, None)
     with pytest.raises(ValueError, match="quantize_embedding"):
         apply_opsc(tiny_model("opt"), 1, None, None, quantize_embedding=True)
+
+
+# ---------------------------------------------------------------- calibrated front (method="gptq")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@torch.no_grad()
+def test_calibrated_front_beats_rtn_front_and_leaves_back_dense(family):
+    torch.manual_seed(2)
+    calibration = torch.randint(0, 256, (16, 64))
+    held_out = torch.randint(0, 256, (4, 64))
+    ref = tiny_model(family)(held_out).logits
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_model(family)
+        report = apply_opsc(model, 3, QuantConfig(4, 16, method=method), None, calibration=calibration,
+                            progress=False)
+        layers = decoder_layers(model)
+        assert all(any(isinstance(m, QuantLinear) for m in layer.modules()) for layer in layers[:3])
+        assert not any(isinstance(m, QuantLinear) for m in layers[3].modules())
+        assert report.front.method == method
+        errors[method] = float((model(held_out).logits - ref).norm())
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+
+
+def test_calibrated_front_is_a_prefix_of_a_longer_front():
+    """Each layer is fitted on what the layers before it produce, so a split's front does not
+    depend on where the split is (bench/quality.py relies on this)."""
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    config = QuantConfig(3, 16, method="gptq")
+    short, long = tiny_model("llama"), tiny_model("llama")
+    apply_opsc(short, 2, config, None, calibration=calibration, progress=False)
+    apply_opsc(long, 4, config, None, calibration=calibration, progress=False)
+    for a, b in zip(decoder_layers(short)[:2].modules(), decoder_layers(long)[:2].modules()):
+        if isinstance(a, QuantLinear):
+            assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale)
+
+
+def test_calibrated_front_with_quantised_embedding_and_rtn_back():
+    model = tiny_model("llama")
+    calibration = torch.randint(0, 256, (2, 32))
+    report = apply_opsc(model, 2, QuantConfig(4, 16, method="gptq"), QuantConfig(8, 16), quantize_embedding=True,
+                        calibration=calibration, progress=False)
+    assert isinstance(model.get_input_embeddings(), QuantEmbedding)
+    assert all(isinstance(m, QuantLinear) for layer in decoder_layers(model)
+               for m in layer.modules() if isinstance(m, (nn.Linear, QuantLinear)))
+    assert report.back == QuantConfig(8, 16)
+
+
+def test_calibrated_front_needs_calibration_ids():
+    with pytest.raises(ValueError, match="calibration token ids are required"):
+        apply_opsc(tiny_model("llama"), 2, QuantConfig(4, 16, method="gptq"), None)
+    with pytest.raises(TypeError, match="calibration must be"):
+        apply_opsc(tiny_model("llama"), 2, QuantConfig(4, 16, method="gptq"), None, calibration=torch.zeros(8))

@@ -61,8 +61,12 @@ class QuantConfig:
         return in_features
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-serialisable)."""
-        return asdict(self)
+        """Plain dict (JSON-serialisable); an RTN config leaves ``method`` out, so it reads exactly
+        as it did before the field existed."""
+        data = asdict(self)
+        if self.method == "rtn":
+            del data["method"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
