@@ -100,8 +100,20 @@ def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen,
     return proc, match.group(1)
 
 
-def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes]) -> dict:
-    """``sessions`` concurrent sessions: prefill, barrier, then ``len(decodes)`` timed steps each."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes], server_pid: int) -> dict:
+    """``sessions`` concurrent sessions: prefill, barrier, then ``len(decodes)`` timed steps each.
+
+    Besides wall-clock rates, the server's own CPU seconds per decode step: on a machine shared with
+    other jobs the scheduler hands out CPU per runnable thread, so a server running many threads
+    (unbatched) gets a larger share than one scheduler thread; CPU per step compares the work.
+    """
     barrier = threading.Barrier(sessions + 1)
     lat: list[list[float]] = [[] for _ in range(sessions)]
     errors: list[BaseException] = []
@@ -123,10 +135,10 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
     for t in threads:
         t.start()
     barrier.wait(timeout=600)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), cpu_seconds(server_pid)
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_seconds(server_pid) - cpu0
     if errors:
         raise errors[0]
     flat = sorted(x for row in lat for x in row)
@@ -135,7 +147,8 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
         return flat[min(len(flat) - 1, int(q * len(flat)))]
 
     return {"sessions": sessions, "steps": len(flat), "wall_s": wall, "steps_per_s": len(flat) / wall,
-            "p50_ms": 1000 * statistics.median(flat), "p99_ms": 1000 * pct(0.99), "max_ms": 1000 * flat[-1]}
+            "p50_ms": 1000 * statistics.median(flat), "p99_ms": 1000 * pct(0.99), "max_ms": 1000 * flat[-1],
+            "server_cpu_s": cpu, "server_cpu_ms_per_step": 1000 * cpu / len(flat)}
 
 
 def main() -> int:
@@ -177,13 +190,14 @@ def main() -> int:
         proc, address = start_server(args, mode)
         try:
             with GrpcTransport(address, timeout_s=900) as client:
-                run_level(client, 1, prefill, decodes[:4])  # warm-up
+                run_level(client, 1, prefill, decodes[:4], proc.pid)  # warm-up
                 results[mode] = []
                 for n in args.sessions_list:
-                    row = run_level(client, n, prefill, decodes)
+                    row = run_level(client, n, prefill, decodes, proc.pid)
                     results[mode].append(row)
                     print(f"{mode:9s} {n:3d} sessions: {row['steps_per_s']:7.1f} steps/s  "
-                          f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms", flush=True)
+                          f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                          f"server CPU {row['server_cpu_ms_per_step']:6.1f} ms/step", flush=True)
                 info = client.info()
         finally:
             proc.stdin.close()
@@ -202,13 +216,17 @@ def main() -> int:
     lines = [f"# Server load: {name}, split after layer {args.split_layer}, {args.steps} decode steps per session",
              "", f"{report['machine']['cores']} cores ({report['machine']['note']}); "
              f"server torch threads {args.threads}; window {args.window_ms} ms", "",
-             "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up |", "|---|---|---|---|---|---|---|"]
+             "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step | CPU gain |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}
+    base_cpu = {r["sessions"]: r["server_cpu_ms_per_step"] for r in results.get("unbatched", [])}
     for mode in modes:
         for r in results[mode]:
             up = r["steps_per_s"] / base[r["sessions"]] if r["sessions"] in base else float("nan")
+            gain = base_cpu[r["sessions"]] / r["server_cpu_ms_per_step"] if r["sessions"] in base_cpu else float("nan")
             lines.append(f"| {r['sessions']} | {mode} | {r['steps_per_s']:.1f} | {r['p50_ms']:.1f} | "
-                         f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {up:.2f}x |")
+                         f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {up:.2f}x | "
+                         f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(report, indent=2))
