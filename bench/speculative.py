@@ -104,7 +104,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rtt-ms", type=float, nargs="+", default=[20.0, 50.0])
     ap.add_argument("--mbps", type=float, default=100.0)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 behaves best on a shared CPU)")
     ap.add_argument("--methods", nargs="+", default=["lookup k=adaptive", "lookup+early-exit k=adaptive"],
                     help="DRAFTER k=N|adaptive, DRAFTER one of lookup, early-exit, lookup+early-exit")
@@ -141,7 +141,9 @@ def main() -> int:
             base_tps = statistics.median(r["tokens_per_s"] for r in runs[methods[0]])
             modelled_base = None
             for method in methods:
-                med = sorted(runs[method], key=lambda r: r["tokens_per_s"])[len(runs[method]) // 2]
+                # The run at the (lower) median speaks for the method; tokens/s is the true median.
+                med = dict(sorted(runs[method], key=lambda r: r["tokens_per_s"])[(len(runs[method]) - 1) // 2])
+                med["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs[method])
                 model_s = modelled_token_s(shape, args.split_layer, rtt, args.mbps, ids.shape[1], med,
                                            "early-exit" in method)
                 modelled_base = modelled_base or model_s
