@@ -236,7 +236,7 @@ def test_verify_is_checked_and_old_steps_still_work():
     sid = opened.session_id
     ids = _prompt(5, 4)
     frame = encode(sm.edge.forward(ids, None, 0), CodecConfig.passthrough()).to_bytes()
-    with pytest.raises(SplitError, match="2 drafts need at least 3") as e:
+    with pytest.raises(SplitError, match="4 drafts need at least 5") as e:
         m.verify(Verify(sid, 0, (1, 2, 3, 4), frame))
     assert e.value.status == Status.INVALID_ARGUMENT
     with pytest.raises(SplitError, match="draft token ids"):
@@ -294,6 +294,7 @@ def test_prompt_lookup_and_chain_drafters():
     head = lambda h: torch.nn.functional.one_hot(torch.tensor([[7]]), 10).float()  # noqa: E731
     chain = ChainDrafter(d, EarlyExitDrafter(head))
     assert chain.propose([1, 2, 3], 4, torch.zeros(4)) == [7]
+    assert chain.propose([1, 2, 3], 4, None) == []  # the early exit waits for the hidden state
     assert chain.propose([1, 2, 1], 4, torch.zeros(4)) == [2, 1]
     assert chain.name == "lookup+early-exit"
     with pytest.raises(ValueError, match="max_ngram"):
@@ -315,10 +316,13 @@ def test_draft_policy_adapts_to_acceptance_and_round_trip():
         slow_link.observe(4, 4, _step(5, 0.055), 0.0)
     assert fast_link.acceptance > 0.9
     assert slow_link.k() == 8  # drafts always right, round trip dear: send as many as allowed
-    bad = DraftPolicy(k_max=8)
-    for _ in range(30):
-        bad.observe(4, 0, _step(5, 0.055), 0.0)
-    assert bad.acceptance < 0.1 and bad.k() == bad.k_min == 1
+    bad = DraftPolicy(k_max=8, probe_every=4)
+    ks = []
+    for _ in range(32):
+        bad.observe(4, 0, _step(5, 0.055), 0.04)  # 10 ms per draft: dear at this acceptance
+        ks.append(bad.k())
+    assert bad.acceptance < 0.1
+    assert ks.count(1) == 8 and ks.count(0) == 24  # drafting does not pay; a probe every 4th round
     assert DraftPolicy(fixed_k=3).k() == 3
     with pytest.raises(ValueError, match="k_min"):
         DraftPolicy(k_min=5, k_max=2)

@@ -49,9 +49,9 @@ def best_draft_length(alpha: float, fixed_s: float, per_draft_s: float, k_max: i
     return max(range(k_max + 1), key=lambda k: (rates[k], -k))
 
 
-def speculative_token_s(lat: LatencyEstimate, alpha: float, k: int, server_row_fraction: float = 0.25) -> float:
-    """Seconds per generated token of a split deployment (``lat`` from :func:`split_latency`) that
-    drafts ``k`` tokens per round at acceptance ``alpha``.
+def round_costs(lat: LatencyEstimate, server_row_fraction: float = 0.25) -> tuple[float, float]:
+    """(fixed seconds per round, seconds per draft) of a split deployment (``lat`` from
+    :func:`split_latency`) that sends drafts.
 
     Each draft adds the edge's per-token work, its frame bytes on the link and, on the server,
     ``server_row_fraction`` of a one-row pass (a batched pass over a few rows is memory bound, so
@@ -61,10 +61,15 @@ def speculative_token_s(lat: LatencyEstimate, alpha: float, k: int, server_row_f
     """
     if not 0.0 <= server_row_fraction <= 1.0:
         raise ValueError(f"server_row_fraction must be in [0, 1], got {server_row_fraction!r}")
-    fixed = lat.token_s
     # transfer_s covers the step message and the reply; a draft adds only its frame row.
     frame_share = max(lat.token_bytes - MESSAGE_OVERHEAD_BYTES - REPLY_BYTES, 0) / max(lat.token_bytes, 1)
     per_draft = lat.edge_s + lat.encode_s + lat.decode_s + lat.transfer_s * frame_share \
         + server_row_fraction * lat.server_s
-    return (fixed + _check_k(k) * per_draft) / expected_tokens_per_round(alpha, k)
+    return lat.token_s, per_draft
 
+
+def speculative_token_s(lat: LatencyEstimate, alpha: float, k: int, server_row_fraction: float = 0.25) -> float:
+    """Seconds per generated token with ``k`` drafts per round at acceptance ``alpha`` (costs as in
+    :func:`round_costs`)."""
+    fixed, per_draft = round_costs(lat, server_row_fraction)
+    return (fixed + _check_k(k) * per_draft) / expected_tokens_per_round(alpha, k)

@@ -25,7 +25,8 @@ from .metrics import StepMetrics
 
 class Drafter:
     """Proposes tokens to follow ``context``; ``last_hidden [d]`` is the split layer's output at
-    the context's last token (drafters that do not need it ignore it)."""
+    the context's last token, or None when the edge has not run it yet (drafters that need it
+    then propose nothing, and are asked again once it exists)."""
 
     name = "drafter"
 
@@ -72,7 +73,7 @@ class EarlyExitDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, context, k, last_hidden):
-        if k < 1:
+        if k < 1 or last_hidden is None:
             return []
         return [int(torch.argmax(self.head(last_hidden.reshape(1, 1, -1))[0, -1]))]
 
@@ -101,24 +102,26 @@ class DraftPolicy:
     ``fixed_k`` set: always that many. Otherwise adaptive: the acceptance rate is estimated from
     the rounds so far (exponentially forgetting with ``decay``), and the round cost as a fixed part
     plus a part per draft, both from the measured step times; ``k`` in ``k_min..k_max`` then
-    maximises expected tokens per second (:func:`best_draft_length`). ``k_min >= 1`` keeps
-    measuring acceptance even when drafting does not pay. ``row_transfer_s`` is the link's time
-    for one more row (its bytes over the bandwidth), if known.
+    maximises expected tokens per second (:func:`best_draft_length`). When no drafts pay, every
+    ``probe_every``-th round still sends one so the acceptance estimate can recover.
+    ``row_transfer_s`` is the link's time for one more row (its bytes over the bandwidth), if known.
     """
 
     k_max: int = 8
-    k_min: int = 1
+    k_min: int = 0
+    probe_every: int = 8
     fixed_k: int | None = None
     decay: float = 0.9
     row_transfer_s: float = 0.0
     k_start: int = 4
+    _rounds: int = field(default=0, init=False)
     _accepted: float = field(default=0.0, init=False)
     _rejected: float = field(default=0.0, init=False)
     _fixed_s: float | None = field(default=None, init=False)
     _per_draft_s: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        for name in ("k_max", "k_min", "k_start"):
+        for name in ("k_max", "k_min", "k_start", "probe_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -141,11 +144,14 @@ class DraftPolicy:
             return self.fixed_k
         if self._fixed_s is None:
             return min(max(self.k_start, self.k_min), self.k_max)
-        best = best_draft_length(self.acceptance, self._fixed_s, self._per_draft_s, self.k_max)
-        return max(best, self.k_min)
+        best = max(best_draft_length(self.acceptance, self._fixed_s, self._per_draft_s, self.k_max), self.k_min)
+        if best == 0 and self.probe_every and self._rounds % self.probe_every == 0:
+            return 1
+        return best
 
     def observe(self, drafted: int, accepted: int, step: StepMetrics, draft_s: float) -> None:
         """Learn from one round: ``accepted`` of ``drafted`` drafts and what the round cost."""
+        self._rounds += 1
         if drafted:
             self._accepted = self.decay * self._accepted + accepted
             self._rejected = self.decay * self._rejected + (accepted < drafted)

@@ -145,10 +145,18 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
         pending, position, seq = ids, 0, 0
         while True:
             t0 = time.perf_counter()
-            hidden = edge.forward(pending, cache, position)
             n = pending.shape[1]
             k = min(policy.k(), max_new_tokens - len(new) - 1) if seq > 0 else 0
-            drafts, rows, draft_s = _draft(edge, cache, drafter, context, k, hidden[-1], position + n)
+            # Drafts that need no hidden state (prompt lookup) ride in the same front-layer pass
+            # as the pending token; the rest follow one pass each.
+            drafts = list(drafter.propose(context, k, None))[:k] if k else []
+            draft_s = time.perf_counter() - t0
+            feed = torch.cat([pending, torch.tensor([drafts], dtype=torch.long)], dim=1) if drafts else pending
+            hidden = edge.forward(feed, cache, position)
+            more, rows, more_s = _draft(edge, cache, drafter, context + drafts, k - len(drafts), hidden[-1],
+                                        position + feed.shape[1])
+            drafts += more
+            draft_s += more_s
             if rows:
                 hidden = torch.cat([hidden, *rows])
             t1 = time.perf_counter()
