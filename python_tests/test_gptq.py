@@ -76,7 +76,9 @@ def test_packed_format_and_odd_shapes(n, k, group, bits, act_order):
     # The layer computes with exactly this weight.
     layer = QuantLinear.from_quantized(qw)
     x = torch.randn(3, k, generator=g)
-    torch.testing.assert_close(layer(x), x @ qw.dequantize().t(), rtol=1e-5, atol=1e-5)
+    ref = x.double() @ qw.dequantize().double().t()
+    # The kernels' stated fp32 tolerance: relative Frobenius error against float64.
+    assert ((layer(x).double() - ref).norm() / ref.norm()).item() <= 1e-5
 
 
 def test_half_precision_scales():
