@@ -16,16 +16,12 @@ DEFAULT_QUALITY = "smollm2_quality.json"
 
 
 def _load_model(name: str):
-    """(model, shape) for ``smollm2`` or ``tiny`` (a random 4-layer Llama, for smoke tests)."""
-    from ..models import load_smollm2, tiny_model
+    """(model, shape) for ``smollm2``, ``tiny`` (a random 4-layer Llama, for smoke tests) or the
+    path of a local Hugging Face folder or GGUF file."""
+    from ..models import load_model, tiny_model
 
-    if name == "smollm2":
-        model, _ = load_smollm2()
-    elif name == "tiny":
-        model = tiny_model("llama")
-    else:
-        raise ValueError(f"--model must be 'smollm2' or 'tiny', got {name!r}")
-    return model, ModelShape.from_config(model.config, name=name)
+    model = tiny_model("llama") if name == "tiny" else load_model(name).model
+    return model, ModelShape.from_model(model, name=name)
 
 
 def _compute(device_name: str, profile_path: str | None, shape: ModelShape):
@@ -119,7 +115,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="choose split layer, weight bits, codec and max sequence length",
                               description="Search split settings under memory, latency and quality limits. "
                                           "Latency and memory are modelled; quality comes from a calibration table.")
-    p.add_argument("--model", default="smollm2", help="smollm2 (default) or tiny")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a model folder or .gguf file")
     p.add_argument("--quality", help="calibration table JSON (default: the shipped SmolLM2 table)")
     p.add_argument("--edge", default="jetson-orin-nano-8gb", choices=edge_names)
     p.add_argument("--server", default="nvidia-a100-80gb", choices=server_names)
@@ -145,7 +141,7 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("profile", help="measure per-layer and codec times on this machine",
                               description="Time decoder layers (prefill and decode) per weight format, "
                                           "the LM head and the codec; writes JSON for plan --edge-profile.")
-    q.add_argument("--model", default="smollm2", help="smollm2 (default) or tiny")
+    q.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a model folder or .gguf file")
     q.add_argument("--formats", default="dense,4,8", help="comma-separated: dense and/or weight bits (group 64)")
     q.add_argument("--prompt-tokens", type=int, default=128)
     q.add_argument("--decode-steps", type=int, default=16)

@@ -8,13 +8,12 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..codec import CodecConfig
+from ..models import LoadedModel
 from .grpc_transport import GrpcServer, GrpcTransport, TlsFiles
 from .link import LinkEmulator
 from .sessions import Limits
@@ -27,48 +26,12 @@ DEFAULT_CODEC = CodecConfig()
 TOKEN_ENV = "SPLITKERNELS_TOKEN"
 
 
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any  # None for the tiny random model (bytes stand in for tokens)
-    name: str
-    note: str = ""
-
-    def encode_text(self, text: str) -> torch.Tensor:
-        if self.tokenizer is None:
-            vocab = self.model.config.vocab_size
-            return torch.tensor([[b % vocab for b in text.encode()]], dtype=torch.long)
-        return self.tokenizer(text, return_tensors="pt").input_ids
-
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
-        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return self.encode_text(text)
-        return self.encode_text(prompt)
-
-    def decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return " ".join(str(i) for i in ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    @property
-    def eos_token_id(self):
-        return None if self.tokenizer is None else self.tokenizer.eos_token_id
-
-
 def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
-    """``smollm2``, ``tiny`` (random, ``family``/``seed``) or ``auto`` (SmolLM2 when installed)."""
-    from ..models import SMOLLM2_INSTALL, load_smollm2, smollm2_available, tiny_model
+    """``smollm2``, ``tiny`` (random, ``family``/``seed``), ``auto`` (SmolLM2 when installed), or
+    the path of a local Hugging Face folder or GGUF file (see :func:`splitkernels.models.load_model`)."""
+    from ..models import load_model as load
 
-    if which == "smollm2" or (which == "auto" and smollm2_available()):
-        model, tok = load_smollm2()
-        return LoadedModel(model, tok, "SmolLM2-135M-Instruct")
-    note = ""
-    if which == "auto":
-        note = f"SmolLM2 is not installed ({SMOLLM2_INSTALL}): using a tiny random model instead"
-    model = tiny_model(family, seed=seed, num_layers=6, hidden=128, vocab=256)
-    return LoadedModel(model, None, f"tiny random {family} (seed {seed})", note)
+    return load(which, family, seed)
 
 
 def _plan(args: argparse.Namespace):
@@ -117,8 +80,9 @@ def _split_layer(args: argparse.Namespace, loaded: LoadedModel) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=("auto", "smollm2", "tiny"), default="auto",
-                   help="auto: SmolLM2-135M when its package is installed, else a tiny random model")
+    g.add_argument("--model", default="auto",
+                   help="auto (SmolLM2-135M when its package is installed, else tiny), smollm2, tiny, or the path of "
+                        "a local Hugging Face model folder (save_pretrained) or .gguf file")
     g.add_argument("--family", default="llama", help="family of the tiny model (llama/mistral/qwen2/gpt2/opt)")
     g.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights")
     g.add_argument("--split-layer", type=int, default=None, help="edge keeps layers 1..N (default: a third of depth)")
