@@ -46,7 +46,8 @@ def tiny_overrides(defaults: dict[str, Any], num_layers: int = 4, hidden: int = 
     put(_EXPERT_FFN, hidden)
     put(_LAYERS, num_layers)
     put(_HEADS, heads)
-    put(_KV_HEADS, heads // 2)
+    # Grouped-query attention, except with latent attention (MLA), whose keys and values are per head.
+    put(_KV_HEADS, heads if "kv_lora_rank" in defaults else heads // 2)
     put(("head_dim", "attention_head_size", "kv_channels"), head_dim)
     put(_POSITIONS, 256)
     put(_EXPERTS, 4)
