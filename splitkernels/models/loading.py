@@ -164,7 +164,9 @@ def load_model(spec: str, family: str = "llama", seed: int = 0, dtype: torch.dty
             raise ValueError(f"model must be one of {BUILT_IN} or an existing model folder or .gguf file; "
                              f"{spec!r} is neither")
         return _load_local(path, dtype)
-    if spec == "smollm2" or (spec == "auto" and smollm2_available()):
+    from . import smollm2_available as installed  # the package's public name, which callers may replace
+
+    if spec == "smollm2" or (spec == "auto" and installed()):
         model, tok = load_smollm2(dtype)
         return LoadedModel(model, tok, "SmolLM2-135M-Instruct")
     note = ""
