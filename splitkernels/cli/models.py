@@ -4,83 +4,48 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..codec import CodecConfig
 from ..codec.frame import count_width
+from ..models import LoadedModel
+from ..models.loading import BUILT_IN
 from . import args as types
 from .errors import InputFileError, UsageError
 from .files import load_plan
 
-MODEL_CHOICES = ("auto", "smollm2", "tiny")
 # The codec defaults are CodecConfig's own (measured choice, see splitkernels/codec/config.py).
 DEFAULT_CODEC = CodecConfig()
 
 
-@dataclass
-class LoadedModel:
-    model: Any
-    tokenizer: Any  # None for the tiny random model (bytes stand in for tokens)
-    name: str
-    note: str = ""
-
-    def encode_text(self, text: str) -> torch.Tensor:
-        if self.tokenizer is None:
-            vocab = self.model.config.vocab_size
-            return torch.tensor([[b % vocab for b in text.encode()]], dtype=torch.long)
-        return self.tokenizer(text, return_tensors="pt").input_ids
-
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
-        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return self.encode_text(text)
-        return self.encode_text(prompt)
-
-    def decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return " ".join(str(i) for i in ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    @property
-    def eos_token_id(self):
-        return None if self.tokenizer is None else self.tokenizer.eos_token_id
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
-
-
 def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
-    """``smollm2``, ``tiny`` (random, ``family``/``seed``) or ``auto`` (SmolLM2 when installed)."""
-    from ..models import FAMILIES, SMOLLM2_INSTALL, load_smollm2, smollm2_available, tiny_model
+    """``smollm2``, ``tiny`` (random, ``family``/``seed``), ``auto`` (SmolLM2 when installed) or the
+    path of a local Hugging Face folder or ``.gguf`` file (:func:`splitkernels.models.load_model`),
+    with the command line's errors: a bad name or flag is a usage error, an unreadable model an
+    input-file error."""
+    from .. import models
 
-    if which not in MODEL_CHOICES:
-        raise UsageError(f"--model must be one of {list(MODEL_CHOICES)}, got {which!r}")
-    if which == "smollm2" and not smollm2_available():
-        raise UsageError(f"--model smollm2: the SmolLM2 package is not installed ({SMOLLM2_INSTALL})")
-    if which == "smollm2" or (which == "auto" and smollm2_available()):
-        model, tok = load_smollm2()
-        return LoadedModel(model, tok, "SmolLM2-135M-Instruct")
-    if family not in FAMILIES:
-        raise UsageError(f"--family must be one of {list(FAMILIES)}, got {family!r}")
-    note = ""
-    if which == "auto":
-        note = f"SmolLM2 is not installed ({SMOLLM2_INSTALL}): using a tiny random model instead"
-    model = tiny_model(family, seed=seed, num_layers=6, hidden=128, vocab=256)
-    return LoadedModel(model, None, f"tiny random {family} (seed {seed})", note)
+    if which in BUILT_IN:
+        if which == "smollm2" and not models.smollm2_available():
+            raise UsageError(f"--model smollm2: the SmolLM2 package is not installed ({models.SMOLLM2_INSTALL})")
+        if which != "smollm2" and family not in models.FAMILIES:
+            raise UsageError(f"--family must be one of {list(models.FAMILIES)}, got {family!r}")
+    elif not Path(which).expanduser().exists():
+        raise UsageError(f"--model must be one of {list(BUILT_IN)} or an existing model folder or .gguf "
+                         f"file; {which!r} is neither")
+    try:
+        return models.load_model(which, family, seed)
+    except (ValueError, OSError) as exc:
+        raise InputFileError(f"--model {which}: {exc}") from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODEL_CHOICES, default="auto",
-                   help="auto: SmolLM2-135M when its package is installed, else a tiny random model")
+    g.add_argument("--model", default="auto",
+                   help="auto (SmolLM2-135M when its package is installed, else a tiny random model), smollm2, "
+                        "tiny, or the path of a model folder (save_pretrained) or .gguf file")
     g.add_argument("--family", default="llama", help="family of the tiny model (llama/mistral/qwen2/gpt2/opt)")
     g.add_argument("--seed", type=types.integer(0, 2**63 - 1), default=0, help="seed of the tiny model's weights")
     g.add_argument("--split-layer", type=types.positive_int, default=None,

@@ -7,26 +7,21 @@ import time
 from importlib import resources
 
 from . import args as types
-from .errors import Exit, InputFileError, UsageError
+from .errors import Exit, InputFileError
 from .files import load_profile, load_quality
 
-PLANNER_MODELS = ("smollm2", "tiny")
 # Calibration shipped with the package: SmolLM2-135M on Botchan (bench/e2e/run.py writes it).
 DEFAULT_QUALITY = "smollm2_quality.json"
 
 
 def _load_model(name: str):
-    """(model, shape) for ``smollm2`` or ``tiny`` (a random 4-layer Llama, for smoke tests)."""
-    from ..models import SMOLLM2_INSTALL, load_smollm2, smollm2_available, tiny_model
-    from ..planner.costs import ModelShape
+    """(model, shape) for ``smollm2``, ``tiny`` (a random 4-layer Llama, for smoke tests) or the
+    path of a local Hugging Face folder or GGUF file."""
+    from ..models import ModelShape, tiny_model
+    from .models import load_model
 
-    if name == "smollm2":
-        if not smollm2_available():
-            raise UsageError(f"--model smollm2: the SmolLM2 package is not installed ({SMOLLM2_INSTALL})")
-        model, _ = load_smollm2()
-    else:
-        model = tiny_model("llama")
-    return model, ModelShape.from_config(model.config, name=name)
+    model = tiny_model("llama") if name == "tiny" else load_model(name).model
+    return model, ModelShape.from_model(model, name=name)
 
 
 def _compute(device_name: str, profile_path: str | None, flag: str, shape):
@@ -150,7 +145,7 @@ def register(subparsers) -> None:
                                           "Latency and memory are modelled; quality comes from a calibration table. "
                                           f"Exit status {int(Exit.INFEASIBLE)} when no configuration meets the "
                                           "limits.")
-    p.add_argument("--model", choices=PLANNER_MODELS, default="smollm2", help="smollm2 (default) or tiny")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a model folder or .gguf file")
     p.add_argument("--quality", help="calibration table JSON (default: the shipped SmolLM2 table)")
     p.add_argument("--edge", default="jetson-orin-nano-8gb", choices=edge_names)
     p.add_argument("--server", default="nvidia-a100-80gb", choices=server_names)
@@ -176,7 +171,7 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("profile", help="measure per-layer and codec times on this machine",
                               description="Time decoder layers (prefill and decode) per weight format, "
                                           "the LM head and the codec; writes JSON for plan --edge-profile.")
-    q.add_argument("--model", choices=PLANNER_MODELS, default="smollm2", help="smollm2 (default) or tiny")
+    q.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a model folder or .gguf file")
     q.add_argument("--formats", type=_formats, default="dense,4,8",
                    help="comma-separated: dense and/or weight bits (group 64)")
     q.add_argument("--prompt-tokens", type=types.positive_int, default=128)

@@ -7,10 +7,11 @@ from .loading import (
     FAMILIES, SMOLLM2_FILE, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, LoadedModel, load_model, load_smollm2, smollm2_available,
     tiny_model,
 )
-from .split import Adapter, adapter_for, register_adapter, supported_families
+from .shape import ModelShape
+from .split import Adapter, UnsupportedModel, adapter_for, register_adapter, supported_families
 
 __all__ = [
     "cache_nbytes", "decoder_layers", "find_decoder_layers", "text_config", "FAMILIES", "SMOLLM2_FILE",
     "SMOLLM2_INSTALL", "SMOLLM2_PACKAGE", "LoadedModel", "load_model", "load_smollm2", "smollm2_available",
-    "tiny_model", "Adapter", "adapter_for", "register_adapter", "supported_families",
+    "tiny_model", "ModelShape", "UnsupportedModel", "Adapter", "adapter_for", "register_adapter", "supported_families",
 ]

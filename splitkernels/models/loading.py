@@ -120,6 +120,7 @@ class LoadedModel:
 
 
 BUILT_IN = ("auto", "smollm2", "tiny")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
@@ -138,12 +139,13 @@ def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
     if extra:  # weights from GGUF come dequantised: drop the marker so the model acts as a plain one
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
-    note = ""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-    except (OSError, ValueError, TypeError) as exc:
-        tokenizer = None
-        note = f"no tokenizer in {str(path)!r} ({type(exc).__name__}): bytes stand in for tokens"
+    tokenizer, note = None, f"no tokenizer in {str(path)!r}: bytes stand in for tokens"
+    # A GGUF file carries its tokenizer; a folder has one only if save_pretrained wrote its files.
+    if extra or any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        try:
+            tokenizer, note = AutoTokenizer.from_pretrained(folder, **extra), ""
+        except (OSError, ValueError, TypeError) as exc:
+            note = f"the tokenizer in {str(path)!r} does not load ({type(exc).__name__}): bytes stand in for tokens"
     return LoadedModel(model.to(dtype).eval(), tokenizer, path.name, note)
 
 
@@ -162,7 +164,9 @@ def load_model(spec: str, family: str = "llama", seed: int = 0, dtype: torch.dty
             raise ValueError(f"model must be one of {BUILT_IN} or an existing model folder or .gguf file; "
                              f"{spec!r} is neither")
         return _load_local(path, dtype)
-    if spec == "smollm2" or (spec == "auto" and smollm2_available()):
+    from . import smollm2_available as installed  # the package's public name, which callers may replace
+
+    if spec == "smollm2" or (spec == "auto" and installed()):
         model, tok = load_smollm2(dtype)
         return LoadedModel(model, tok, "SmolLM2-135M-Instruct")
     note = ""

@@ -132,6 +132,8 @@ class Adapter:
         params = inspect.signature(model.forward).parameters
         # transformers 5 renamed ``past_key_values`` to ``cache``; take whichever the model accepts.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        if self._cache_arg not in params:  # each step would recompute the whole sequence: no split to make
+            raise UnsupportedModel(f"{type(model).__name__}.forward takes no KV cache, which each half needs")
         # As generate() does: the LM head on the last position only where the model allows it.
         self._logits_to_keep = "logits_to_keep" in params
         if "inputs_embeds" not in params:
@@ -181,7 +183,9 @@ class Adapter:
             own = [layers[j] for j in range(first, last)]
             for i in [i for i in range(self.num_layers) if not first <= i < last]:
                 kind = (type(layers[i]), getattr(layers[i], "sliding_window", None))
-                layers[i] = next((o for o in own if (type(o), getattr(o, "sliding_window", None)) == kind), own[0])
+                # A kind this half lacks (say attention, on a half of only recurrent layers) stays an
+                # empty layer of its own: none of this half's layers reads it.
+                layers[i] = next((o for o in own if (type(o), getattr(o, "sliding_window", None)) == kind), layers[i])
         return cache
 
     # -- the two halves ----------------------------------------------------------------------------

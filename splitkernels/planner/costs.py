@@ -14,69 +14,15 @@ and time to first token the same with the whole prompt in one frame. Compute tim
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from ..codec.frame import frame_nbytes
+from ..models.shape import ModelShape
 from ..nn import QuantConfig
 from .devices import Device
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the cost models need to know about a decoder-only LM.
-
-    ``linears`` are the ``(out, in)`` shapes of the linear layers of one decoder layer (all
-    layers alike); ``layer_other_params`` counts norms and biases per layer; ``dtype_bytes`` is
-    the width of dense weights, activations and the KV cache in deployment (2 = fp16).
-    """
-
-    name: str
-    num_layers: int
-    hidden: int
-    vocab: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    linears: tuple[tuple[int, int], ...]
-    layer_other_params: int
-    tied_embeddings: bool = True
-    dtype_bytes: int = 2
-
-    @classmethod
-    def from_config(cls, config, name: str | None = None, dtype_bytes: int = 2) -> ModelShape:
-        """From a Llama-style Hugging Face config (llama, mistral, qwen2, SmolLM2)."""
-        h, i = config.hidden_size, config.intermediate_size
-        heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        hd = getattr(config, "head_dim", None) or h // heads
-        linears = ((heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd), (i, h), (i, h), (h, i))
-        return cls(
-            name=name or getattr(config, "name_or_path", "") or config.model_type,
-            num_layers=config.num_hidden_layers, hidden=h, vocab=config.vocab_size, num_heads=heads,
-            num_kv_heads=kv, head_dim=hd, linears=linears, layer_other_params=2 * h,
-            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), dtype_bytes=dtype_bytes,
-        )
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["linears"] = [list(x) for x in self.linears]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelShape:
-        return cls(**{**d, "linears": tuple(tuple(x) for x in d["linears"])})
-
-    @property
-    def layer_params(self) -> int:
-        return sum(n * k for n, k in self.linears) + self.layer_other_params
-
-    @property
-    def kv_bytes_per_token_layer(self) -> int:
-        """K and V of one token in one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
 
 def linear_weight_bytes(out_features: int, in_features: int, quant: QuantConfig | None, dtype_bytes: int = 2) -> int:
@@ -102,7 +48,7 @@ def working_bytes(shape: ModelShape, tokens: int, context: int) -> int:
     largest term for long prompts; a fused attention kernel makes it smaller, so this is an
     upper estimate.
     """
-    inter = max(n for n, _ in shape.linears)
+    inter = max((n for n, _ in shape.linears), default=shape.hidden)  # a layer may have no nn.Linear
     acts = tokens * (4 * shape.hidden + 2 * inter) * shape.dtype_bytes
     scores = shape.num_heads * tokens * context * 4
     return acts + scores

@@ -4,6 +4,7 @@ against its own KV cache (see :mod:`splitkernels.models.split`)."""
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import CacheLayerMixin
 
 from ..models.layout import cache_nbytes
 from ..models.split import Adapter
@@ -62,7 +63,7 @@ class Edge(_Segment):
         self.view = adapter.front_view(split_layer)
 
     def _probe(self, cache) -> None:
-        self.forward(torch.zeros(1, 1, dtype=torch.long), cache, _cached(cache))
+        self.forward(torch.zeros(1, 1, dtype=torch.long), cache, _cached(cache, self.first, self.last) or 0)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache, start: int) -> torch.Tensor:
@@ -71,7 +72,7 @@ class Edge(_Segment):
         ``start`` must equal the number of positions ``cache`` holds; with ``cache=None`` nothing
         is cached (teacher-forced full forward, ``start`` must be 0).
         """
-        _check_start(cache, start)
+        _check_start(cache, start, self.first, self.last)
         return self.adapter.run_front(self.view, input_ids.to(self.device), cache)[0]
 
 
@@ -83,7 +84,8 @@ class Server(_Segment):
         self.view = adapter.back_view(split_layer)
 
     def _probe(self, cache) -> None:
-        self.forward(torch.zeros(1, self.adapter.hidden_size, dtype=self.dtype), cache, _cached(cache))
+        start = _cached(cache, self.first, self.last) or 0
+        self.forward(torch.zeros(1, self.adapter.hidden_size, dtype=self.dtype), cache, start)
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, cache, start: int, last_only: bool = True,
@@ -94,23 +96,23 @@ class Server(_Segment):
         ``generate`` does), else ``[1, T, V]``; ``tail``: of the last ``tail`` positions only,
         ``[1, tail, V]`` (speculative verification scores the drafts, not the whole prompt).
         """
-        _check_start(cache, start)
+        _check_start(cache, start, self.first, self.last)
         h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
         return self.adapter.run_back(self.view, h, cache, last_only, tail)
 
 
-def _cached(cache) -> int | None:
-    """Positions ``cache`` holds (None where the cache does not count them, e.g. only recurrent state)."""
+def _cached(cache, first: int = 0, last: int | None = None) -> int | None:
+    """Positions the attention layers ``first..last-1`` of ``cache`` hold (None where they keep
+    no per-position state, e.g. only recurrent layers)."""
     if cache is None:
         return 0
-    try:
-        return int(cache.get_seq_length())
-    except ValueError:
-        return None
+    layers = cache.layers[first:last]
+    held = [layer.get_seq_length() for layer in layers if isinstance(layer, CacheLayerMixin)]
+    return int(max(held)) if held else None
 
 
-def _check_start(cache, start: int) -> None:
+def _check_start(cache, start: int, first: int, last: int) -> None:
     # The model's forward takes positions from the cache; a caller's different idea is a bug.
-    held = _cached(cache)
+    held = _cached(cache, first, last)
     if held is not None and start != held:
         raise ValueError(f"start must equal the positions already cached ({held}), got {start}")

