@@ -82,6 +82,25 @@ def test_opsc_config_matches_apply_opsc():
     assert OPSCConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+def test_calibrated_configs_take_calibration_ids():
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    calibration = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(4))
+    front = QuantConfig(4, 32, method="gptq")
+    a, b = tiny_llama(0), tiny_llama(0)
+    quantize_(a, OPSCConfig(2, front=front), calibration=calibration)
+    apply_opsc(b, 2, front, None, calibration=calibration, progress=False)
+    assert torch.equal(logits(a, ids), logits(b, ids))
+    c, d = tiny_llama(0), tiny_llama(0)
+    quantize_(c, front, calibration=calibration)
+    replace_linear(d, 4, 32, progress=False, method="gptq", calibration=calibration)
+    assert torch.equal(logits(c, ids), logits(d, ids))
+    rtn = tiny_llama(0)
+    quantize_(rtn, QuantConfig(4, 32))
+    assert not torch.equal(logits(c, ids), logits(rtn, ids))  # the method was not dropped on the way
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_(tiny_llama(0), front)
+
+
 def test_bad_configs_name_the_argument():
     model = tiny_llama(0)
     with pytest.raises(TypeError, match="config must be a QuantConfig or an OPSCConfig"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Mapping
 
+import torch
 from torch import nn
 
 from .nn import OPSCConfig, QuantConfig, replace_linear
@@ -28,11 +29,14 @@ def quantize_(
     config: QuantConfig | OPSCConfig,
     filter_fn: FilterFn | None = None,
     overrides: Mapping[str, QuantConfig | None] | None = None,
+    *,
+    calibration: torch.Tensor | None = None,
 ) -> nn.Module:
     """Quantise ``model`` in place according to ``config`` and return it.
 
     ``filter_fn(module, qualified_name) -> bool`` (QuantConfig only) limits which linear layers
-    are considered; ``overrides`` (QuantConfig only) gives per-module configs by glob pattern.
+    are considered; ``overrides`` (QuantConfig only) gives per-module configs by glob pattern;
+    ``calibration`` token ids feed a config with ``method="gptq"`` (see :mod:`splitkernels.gptq`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -41,7 +45,8 @@ def quantize_(
     if isinstance(config, QuantConfig):
         keep = None if filter_fn is None else (lambda name, module: bool(filter_fn(module, name)))
         replace_linear(model, config.bits, config.group_size, filter=keep, overrides=overrides,
-                       clip_search=config.clip_search, progress=False)
+                       clip_search=config.clip_search, progress=False, method=config.method,
+                       calibration=calibration)
         record = {"type": "QuantConfig", **config.to_dict()}
         if overrides:
             record["overrides"] = {k: None if v is None else v.to_dict() for k, v in overrides.items()}
@@ -51,7 +56,8 @@ def quantize_(
                              "an OPSCConfig chooses layers by split_layer")
         from .opsc import apply_opsc
 
-        apply_opsc(model, config.split_layer, config.front, config.back, config.quantize_embedding)
+        apply_opsc(model, config.split_layer, config.front, config.back, config.quantize_embedding,
+                   calibration=calibration, progress=False)
         record = {"type": "OPSCConfig", **config.to_dict()}
     else:
         raise TypeError(f"config must be a QuantConfig or an OPSCConfig, got {type(config).__name__}")
