@@ -12,56 +12,15 @@ tensors are copied to the host first.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .._native import load
 from ..ops.checks import FLOAT_DTYPES, check_tensor
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES
+from .frame_v2 import EncodedV2
 
 _C, _ = load("_C")
-
-
-@dataclass
-class EncodedV2:
-    """One v2-encoded tensor ``[T, d]`` (host tensors).
-
-    ``symbols`` u8 ``[T, d]`` (rows of raw tokens are 0 and not coded), ``raw`` bool ``[T]``,
-    ``escapes`` the exact escaped values of the coded tokens in token-major channel order,
-    ``raw_values`` ``[n_raw, d]``; both in the input dtype.
-    """
-
-    symbols: torch.Tensor
-    raw: torch.Tensor
-    escapes: torch.Tensor
-    raw_values: torch.Tensor
-    config: CodecConfigV2
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.escapes.dtype
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.symbols.shape)
-
-    def to_bytes(self) -> bytes:
-        """Serialise into a v2 wire frame (entropy-codes the symbols)."""
-        from .frame_v2 import write_frame_v2
-
-        return write_frame_v2(self)
-
-    @property
-    def nbytes(self) -> int:
-        """Size of :meth:`to_bytes` (runs the entropy coder)."""
-        return len(self.to_bytes())
-
-    @property
-    def bits_per_element(self) -> float:
-        t, d = self.shape
-        return 8.0 * self.nbytes / max(t * d, 1)
 
 
 def _check_input(x: torch.Tensor, config: CodecConfigV2) -> None:
