@@ -37,6 +37,10 @@ KNOWN_LIMITS = {
     "minimax": "its forward refuses a DynamicCache: it needs a cache class of its own (a family adapter)",
     "hy_v4": "its layers pass more than the hidden state from one to the next (a family adapter)",
     "lfm3": "hybrid convolution/attention: the split after layer 2 differs from generate (not yet understood)",
+    "deepseek_v4": "hyper-connections: its layers pass several residual streams, not one hidden state (a family "
+                   "adapter that sends the streams across the split)",
+    "glm_moe_dsa": "its sparse-attention indexer reads state the skipped layers would have left in the cache "
+                   "(a family adapter)",
 }
 
 

@@ -502,7 +502,7 @@ def test_demo_runs_on_a_folder_saved_with_save_pretrained(tmp_path):
     from contextlib import redirect_stdout
 
     from splitkernels.cli import main
-    from splitkernels.runtime.cli import DEFAULT_PROMPT
+    from splitkernels.cli.generate import DEFAULT_PROMPT
 
     model, folder = _saved_model(tmp_path)
     out = io.StringIO()

@@ -21,7 +21,7 @@ from torch import nn
 
 from .gptq import HessianAccumulator, gptq_quantize
 from .nn.config import QuantConfig
-from .nn.linear import QuantLinear, dense_weight, is_conv1d
+from .nn.linear import QuantLinear, dense_weight, is_conv1d, is_plain_linear
 from .quant import QuantizedWeight, quantize_weight
 
 # A 1-D stream of calibration ids is cut into rows of this many tokens.
@@ -51,8 +51,8 @@ def calibration_rows(calibration: torch.Tensor, seq_len: int = CALIBRATION_SEQ_L
 
 
 def is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` or a transformers ``Conv1D``: the layers this module quantises."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """The layers this module quantises: those ``replace_linear`` would (:func:`is_plain_linear`)."""
+    return is_plain_linear(module)
 
 
 def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:

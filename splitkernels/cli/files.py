@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ..codec.config import BIT_MODES, THRESHOLD_MODES
+from ..nn.config import METHODS
 from ..ops import CODEC_BITS, WEIGHT_BITS
 from .errors import InputFileError
 
@@ -179,6 +180,8 @@ def load_quality(path: str):
         c.integer(p, "split_layer", f, low=1)
         c.integer(p, "front_bits", f, optional=True, choices=tuple(WEIGHT_BITS))
         c.integer(p, "back_bits", f, optional=True, choices=tuple(WEIGHT_BITS))
+        if "front_method" in p:
+            c.string(p, "front_method", f, choices=METHODS)
         if c.get(p, "codec", f) is not None:
             _check_codec(c, p["codec"], f"{f}.codec")
         for key in ("ppl_reference", "ppl"):
@@ -188,7 +191,8 @@ def load_quality(path: str):
         c.number(p, "top1_agreement", f, low=0.0, high=1.0)
         c.integer(p, "tokens", f, low=1)
         extra = set(p) - {"split_layer", "front_bits", "back_bits", "codec", "ppl_reference", "ppl", "kl",
-                          "top1_agreement", "bits_per_element", "code_bits", "outliers_per_token", "tokens"}
+                          "top1_agreement", "bits_per_element", "code_bits", "outliers_per_token", "tokens",
+                          "front_method"}
         if extra:
             raise c.fail(f"{f}.{sorted(extra)[0]}", "is not a field of a calibration point")
     return QualityTable.from_json(json.dumps(d))

@@ -45,7 +45,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) < n or not name:
             continue
-        if not all(any(True for _ in m.parameters()) for m in list(module)[:n]):
+        # Parameters or buffers: a layer of low-bit linears and weightless norms holds only buffers.
+        if not all(any(True for _ in m.parameters()) or any(True for _ in m.buffers()) for m in list(module)[:n]):
             continue
         depth = name.count(".")
         if best is None or depth < best[0]:

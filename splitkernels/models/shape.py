@@ -15,6 +15,18 @@ def _linears(layer: nn.Module) -> list[nn.Module]:
     return [m for m in layer.modules() if isinstance(m, nn.Linear)]
 
 
+def _widest(config, name: str):
+    """``config.<name>``; where a heterogeneous config keeps it per layer (reading the global value
+    raises), the largest of the layers' values, so memory is not under-counted."""
+    try:
+        return getattr(config, name, None)
+    except Exception:
+        per_layer = getattr(config, "per_layer_config", None) or ()
+        layers = per_layer.values() if isinstance(per_layer, dict) else per_layer
+        values = [v for v in (getattr(c, name, None) for c in layers) if v is not None]
+        return max(values, default=None)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the cost models need to know about a decoder-only LM.
@@ -47,9 +59,9 @@ class ModelShape:
         total = sum(p.numel() for p in layer.parameters())
         other = total - sum(n * k for n, k in linears)
         h = int(config.hidden_size)
-        heads = int(getattr(config, "num_attention_heads", None) or 1)
-        kv = int(getattr(config, "num_key_value_heads", None) or heads)
-        hd = int(getattr(config, "head_dim", None) or h // heads)
+        heads = int(_widest(config, "num_attention_heads") or 1)
+        kv = int(_widest(config, "num_key_value_heads") or heads)
+        hd = int(_widest(config, "head_dim") or h // heads)
         tied = getattr(model.config, "tie_word_embeddings", None)
         if tied is None:
             tied = getattr(config, "tie_word_embeddings", False)

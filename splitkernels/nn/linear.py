@@ -48,6 +48,15 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (or ``Conv1D``) that computes only ``x @ W^T + b``: what QuantLinear can
+    stand in for. Subclasses with their own ``forward`` (MoE routers that also return indices,
+    say) are left alone."""
+    if is_conv1d(module):
+        return True
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 class _PackedWeightModule(nn.Module):
     """Shared storage and (de)serialisation of a packed weight held as buffers.
 

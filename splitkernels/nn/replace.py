@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .linear import QuantLinear, dense_weight, is_conv1d
+from .linear import QuantLinear, dense_weight, is_conv1d, is_plain_linear
 
 ModuleFilter = Callable[[str, nn.Module], bool]
 
@@ -76,7 +76,7 @@ def replace_linear(
 
     candidates = {
         name: module for name, module in model.named_modules()
-        if (isinstance(module, nn.Linear) or is_conv1d(module)) and (filter is None or filter(name, module))
+        if is_plain_linear(module) and (filter is None or filter(name, module))
     }
     heads = _output_embedding_names(model, candidates)
     plan = []

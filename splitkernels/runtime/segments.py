@@ -22,7 +22,12 @@ class _Segment:
         self._kv_per_token: int | None = None
 
     def _first_parameter(self) -> torch.Tensor:
-        return next(p for m in self.layers for p in m.parameters())
+        # Low-bit layers with weightless norms hold only buffers: their float scales tell the dtype.
+        for tensors in (lambda m: m.parameters(), lambda m: (b for b in m.buffers() if b.is_floating_point())):
+            found = next((t for m in self.layers for t in tensors(m)), None)
+            if found is not None:
+                return found
+        return self.adapter.parameter()
 
     @property
     def device(self) -> torch.device:
