@@ -117,7 +117,7 @@ def _token_bytes(d: int, bits: int) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs /proc/self/clear_refs")
-def test_forged_frames_up_to_the_message_limit_stay_within_4x_their_size():
+def test_forged_frames_up_to_the_message_limit_stay_within_4x_their_size(tmp_path):
     fixed = HEADER.size + 4
     cases = [
         (62 << 20, 31, 1 << 24, 1),  # the reported attack: d = 2^24, 1-bit codes
@@ -127,8 +127,9 @@ def test_forged_frames_up_to_the_message_limit_stay_within_4x_their_size():
         (fixed + 2048 * (7 + 576 * 4), 2048, 576, 32),  # raw fp32 tokens
         (fixed + 2048 * _token_bytes(576, 8), 2048, 576, 8),
     ]
+    # cwd: from the repository root ``python -c`` would import the source tree, not the install.
     probe = subprocess.run([sys.executable, "-c", textwrap.dedent(MEMORY_PROBE), json.dumps(cases)],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert probe.returncode == 0, probe.stderr
     results = json.loads(probe.stdout)
     for r in results:

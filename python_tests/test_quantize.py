@@ -183,8 +183,10 @@ def test_save_pretrained_from_pretrained_in_a_fresh_process(tmp_path):
                   if isinstance(m, (QuantLinear, QuantEmbedding))}
         expected[str(d)] = (logits(model, ids), layout)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # cwd: ``python -c`` puts the working directory first on sys.path, and from the repository root
+    # that would import the source tree (without its compiled extension) instead of the install.
     run = subprocess.run([sys.executable, "-c", _LOAD, *expected], capture_output=True, text=True, env=env,
-                         timeout=600)
+                         timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     layouts = json.loads(run.stdout.strip().splitlines()[-1])
     for d, (want, want_layout) in expected.items():
