@@ -57,6 +57,12 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / t
 
 
+def new_result(backend: str) -> tuple[dict, float]:
+    """The start of a result file (machine, backend, copy bandwidth, empty rows) and that bandwidth."""
+    bw = copy_bandwidth()
+    return {"machine": machine(), "backend": backend, "copy_bandwidth_gbps": bw / 1e9, "rows": []}, bw
+
+
 def machine() -> dict:
     """CPU model, flags that matter to the kernels, versions and load: named in every result."""
     model, flags = platform.processor(), []

@@ -34,8 +34,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.5, help="seconds per width")
     a = p.parse_args()
     start = time.perf_counter()
-    bw = timing.copy_bandwidth()
-    result = {"machine": timing.machine(), "backend": a.backend, "copy_bandwidth_gbps": bw / 1e9, "rows": []}
+    result, bw = timing.new_result(a.backend)
     lines = [f"# pack_bits / unpack_bits, {a.rows} x {a.cols} codes ({result['machine']['cpu']}, copy "
              f"{bw / 1e9:.1f} GB/s)", "", "| bits | op | backend ms | reference ms | speedup | of copy |",
              "|---|---|---|---|---|---|"]

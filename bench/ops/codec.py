@@ -46,8 +46,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.5)
     a = p.parse_args()
     start = time.perf_counter()
-    bw = timing.copy_bandwidth()
-    result = {"machine": timing.machine(), "backend": a.backend, "copy_bandwidth_gbps": bw / 1e9, "rows": []}
+    result, bw = timing.new_result(a.backend)
     cfg = CodecConfig()
     for t in (int(v) for v in a.tokens.split(",")):
         for d in (int(v) for v in a.dims.split(",")):

@@ -57,8 +57,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.5, help="seconds per shape and M")
     a = p.parse_args()
     start = time.perf_counter()
-    bw = timing.copy_bandwidth()
-    result = {"machine": timing.machine(), "backend": a.backend, "copy_bandwidth_gbps": bw / 1e9, "rows": []}
+    result, bw = timing.new_result(a.backend)
     lines = [f"# int8_linear vs PyTorch (CPU, {result['machine']['cpu']}, threads "
              f"{torch.get_num_threads()}, copy {bw / 1e9:.1f} GB/s)", "",
              "| N x K | M | kernel | median ms | weight GB/s | of copy |", "|---|---|---|---|---|---|"]
