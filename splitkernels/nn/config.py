@@ -83,6 +83,18 @@ class QuantConfig:
         return f"{self.bits}-bit {group}" + (" clip" if self.clip_search else "") + method
 
 
+def check_opsc_sides(front: QuantConfig | None, back: QuantConfig | None, quantize_embedding: bool) -> None:
+    """The OPSC settings of any config that carries them: each side a QuantConfig or None, and a
+    quantised embedding only with a front config. Raises TypeError/ValueError naming the field."""
+    for name, value in (("front", front), ("back", back)):
+        if value is not None and not isinstance(value, QuantConfig):
+            raise TypeError(f"{name} must be a QuantConfig or None, got {type(value).__name__}")
+    if not isinstance(quantize_embedding, bool):
+        raise TypeError(f"quantize_embedding must be a bool, got {type(quantize_embedding).__name__}")
+    if quantize_embedding and front is None:
+        raise ValueError("quantize_embedding needs a front QuantConfig (front is None)")
+
+
 @dataclass(frozen=True)
 class OPSCConfig:
     """One-point split compression as data: decoder layers ``1..split_layer`` at ``front``, the
@@ -99,14 +111,7 @@ class OPSCConfig:
         s = self.split_layer
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ValueError(f"split_layer must be a non-negative int (number of front layers), got {s!r}")
-        for name in ("front", "back"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, QuantConfig):
-                raise TypeError(f"{name} must be a QuantConfig or None, got {type(value).__name__}")
-        if not isinstance(self.quantize_embedding, bool):
-            raise TypeError(f"quantize_embedding must be a bool, got {type(self.quantize_embedding).__name__}")
-        if self.quantize_embedding and self.front is None:
-            raise ValueError("quantize_embedding needs a front QuantConfig (front is None)")
+        check_opsc_sides(self.front, self.back, self.quantize_embedding)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable); the sides are nested QuantConfig dicts or None."""

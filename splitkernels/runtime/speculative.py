@@ -21,7 +21,7 @@ from .drafting import ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, Prom
 from .metrics import GenerationMetrics, StepMetrics
 from .protocol import FINGERPRINT_BYTES, Open, ProtocolError, SamplingParams
 from .segments import Edge, cache_nbytes
-from .split_model import _check_input_ids, _eos_set
+from .split_model import GenerationResult, _check_input_ids, _eos_set
 from .transport import Transport
 from .verify import enable_rollback, truncate_cache
 
@@ -81,15 +81,10 @@ class SpeculativeMetrics(GenerationMetrics):
 
 
 @dataclass
-class SpeculativeResult:
+class SpeculativeResult(GenerationResult):
     """Token ids ``[1, prompt + new]`` and the metrics of a speculative generation."""
 
-    sequences: torch.Tensor
     metrics: SpeculativeMetrics
-
-    @property
-    def new_tokens(self) -> list[int]:
-        return self.sequences[0, self.metrics.steps[0].tokens:].tolist() if self.metrics.steps else []
 
 
 def _draft(edge: Edge, cache, drafter: Drafter, context: list[int], k: int, last_hidden: torch.Tensor,

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..codec import CodecConfig, decode, encode, from_bytes
 from ..nn import QuantConfig
+from ..nn.config import check_opsc_sides
 from ..models.split import Adapter, adapter_for
 from .metrics import GenerationMetrics, StepMetrics
 from .protocol import FINGERPRINT_BYTES, Open, ProtocolError, SamplingParams
@@ -70,14 +71,7 @@ class SplitConfig:
             raise ValueError(f"split_layer must be an int >= 1 (the edge keeps layers 1..split_layer), got {l!r}")
         if self.codec is not None and not isinstance(self.codec, CodecConfig):
             raise TypeError(f"codec must be a CodecConfig or None, got {type(self.codec).__name__}")
-        for name in ("front", "back"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, QuantConfig):
-                raise TypeError(f"{name} must be a QuantConfig or None, got {type(value).__name__}")
-        if not isinstance(self.quantize_embedding, bool):
-            raise TypeError(f"quantize_embedding must be a bool, got {type(self.quantize_embedding).__name__}")
-        if self.quantize_embedding and self.front is None:
-            raise ValueError("quantize_embedding needs a front QuantConfig (front is None)")
+        check_opsc_sides(self.front, self.back, self.quantize_embedding)
 
     @classmethod
     def from_legacy(cls, split_layer: int, codec: CodecConfig | None = None, opsc: Any = None) -> SplitConfig:
