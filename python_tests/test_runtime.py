@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from runtime_helpers import prompt as _prompt
 from splitkernels.codec import CodecConfig, encode
 from splitkernels.models import FAMILIES, tiny_model
 from splitkernels.nn import QuantConfig
@@ -30,11 +31,6 @@ NUM_LAYERS = 4
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request):
     return request.param, tiny_model(request.param, seed=3, num_layers=NUM_LAYERS)
-
-
-def _prompt(seed: int, length: int, vocab: int = 256) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab - 1, (1, length), generator=g)
 
 
 def _hf_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:

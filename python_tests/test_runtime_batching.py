@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from runtime_helpers import prompt as _prompt, wait_for as _wait_for
 from splitkernels.codec import CodecConfig, encode
 from splitkernels.models import tiny_model
 from splitkernels.runtime import Limits, SplitError, Status, split_model
@@ -27,19 +28,6 @@ RTOL = 1e-5
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def _prompt(seed: int, length: int) -> torch.Tensor:
-    return torch.randint(0, 255, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _wait_for(predicate, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def _split(family: str):

@@ -16,6 +16,7 @@ import grpc
 import pytest
 import torch
 
+from runtime_helpers import prompt as _prompt
 from splitkernels.cli.models import load_model
 from splitkernels.codec import encode
 from splitkernels.codec.frame import HEADER, MAGIC
@@ -27,10 +28,6 @@ from splitkernels.runtime.resume import ResumingTransport, RetryPolicy
 from splitkernels.runtime.transport import Exchange, SessionHandle, Transport
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _prompt(seed: int, length: int) -> torch.Tensor:
-    return torch.randint(0, 255, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime_helpers import prompt as _prompt, wait_for as _wait_for
 from splitkernels.codec import encode
 from splitkernels.models import tiny_model
 from splitkernels.runtime import Limits, SessionManager, SplitError, Status, split_model
@@ -21,20 +22,6 @@ from splitkernels.runtime.grpc_transport import GrpcServer, GrpcTransport, TlsFi
 from splitkernels.runtime.protocol import Open, SamplingParams, Step, TokenReply, encode_message
 
 TOKEN = "s3cret-token"
-
-
-def _prompt(seed: int, length: int) -> torch.Tensor:
-    return torch.randint(0, 255, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _wait_for(predicate, timeout_s: float = 20.0) -> bool:
-    """Poll ``predicate`` (bounded in time: the server frees sessions asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture(scope="module")

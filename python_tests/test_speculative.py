@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from runtime_helpers import prompt as _prompt
 from splitkernels.models import FAMILIES, tiny_model
 from splitkernels.planner.costs import LatencyEstimate
 from splitkernels.planner.speculation import (
@@ -26,11 +27,6 @@ from splitkernels.runtime.speculative import speculate
 from splitkernels.runtime.verify import enable_rollback, truncate_cache, verify_drafts
 
 NUM_LAYERS = 4
-
-
-def _prompt(seed: int, length: int, vocab: int = 256) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab - 1, (1, length), generator=g)
 
 
 def _hf_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
