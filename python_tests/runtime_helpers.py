@@ -19,3 +19,16 @@ def wait_for(predicate, timeout_s: float = 20.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+def sliding_window_models(num_layers: int = 4, window: int = 5) -> list:
+    """A Mistral whose every layer slides over ``window`` positions and a Qwen2 whose layers after
+    the second slide while the first two attend to everything (hybrid), tiny and seeded."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(15)
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128)
+    return [MistralForCausalLM(MistralConfig(**common, sliding_window=window)).eval(),
+            Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=window,
+                                         max_window_layers=2)).eval()]

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from runtime_helpers import prompt as _prompt
+from runtime_helpers import prompt as _prompt, sliding_window_models
 from splitkernels.codec import CodecConfig, encode
 from splitkernels.models import FAMILIES, tiny_model
 from splitkernels.nn import QuantConfig
@@ -436,15 +436,8 @@ def test_release_keeps_one_half():
 
 
 def test_sliding_window_and_hybrid_layers_match_generate():
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(15)
-    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128)
-    models = [MistralForCausalLM(MistralConfig(**common, sliding_window=5)).eval(),
-              # layers 3-4 slide, 1-2 attend to everything: each half of the split sizes its own masks
-              Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=5,
-                                           max_window_layers=2)).eval()]
+    # Qwen2: layers 3-4 slide, 1-2 attend to everything: each half of the split sizes its own masks
+    models = sliding_window_models(NUM_LAYERS, window=5)
     ids = _prompt(10, 9)
     for model in models:
         expected = _hf_greedy(model, ids, 10)

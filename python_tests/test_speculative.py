@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from runtime_helpers import prompt as _prompt
+from runtime_helpers import prompt as _prompt, sliding_window_models
 from splitkernels.models import FAMILIES, tiny_model
 from splitkernels.planner.costs import LatencyEstimate
 from splitkernels.planner.speculation import (
@@ -76,14 +76,7 @@ def test_greedy_equals_generate_with_every_drafter(family):
 
 @pytest.mark.parametrize("split", [1, 3])
 def test_greedy_equals_generate_with_sliding_windows(split):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(15)
-    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128)
-    models = [MistralForCausalLM(MistralConfig(**common, sliding_window=5)).eval(),
-              Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=5,
-                                           max_window_layers=2)).eval()]
+    models = sliding_window_models(NUM_LAYERS, window=5)
     ids = _prompt(10, 9)
     for model in models:
         expected = _hf_greedy(model, ids, 16)
