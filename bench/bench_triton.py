@@ -16,7 +16,8 @@ Times are medians of CUDA-event GPU time per call after warm-up, with L2 flushed
 call (a large memset in the same stream, which also hides the Python launch overhead). "GB/s"
 counts the bytes a kernel must move at least; "of copy" divides by the measured copy bandwidth
 (bytes read + written per second by a large ``Tensor.copy_``). Autotuning is on; its cache is
-kept in ``--out``/autotune so the chosen configs come back with the results.
+kept in ``--out``/autotune and exported as ``--out``/tuned.json (the format shipped in
+splitkernels/triton/tuned/) so the chosen configs come back with the results.
 
 Usage: python bench/bench_triton.py --out DIR [--quick] [--all-bits] [--install-table]
 """
@@ -255,13 +256,13 @@ def main() -> int:
         print("bench_triton: no CUDA device, nothing measured", file=sys.stderr)
         return 1
     ns.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("SPLITKERNELS_CACHE_DIR", str(ns.out / "autotune"))
+    os.environ["SPLITKERNELS_CACHE"] = str(ns.out / "autotune")
     # A timeout's SIGTERM unwinds through the saves below instead of losing the finished sections.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
 
     import triton
 
-    from splitkernels.triton import dispatch
+    from splitkernels.triton import autotune_cache, dispatch
 
     timer = Timer(reps=20 if ns.quick else 50, warmup=3 if ns.quick else 10)
     copy_bw = copy_bandwidth(timer)
@@ -289,6 +290,7 @@ def main() -> int:
             shutil.copyfile(ns.out / "dispatch_table.json", dest)
     finally:
         save()
+        (ns.out / "tuned.json").write_text(json.dumps(autotune_cache.export(meta["card"]), indent=1, sort_keys=True))
     print(markdown(meta, rows, sweep))
     return 0
 

@@ -19,8 +19,8 @@ try:
     import triton  # noqa: E402
 except ImportError as exc:
     unavailable(f"triton does not import ({exc})")
-if INTERPRET and "splitkernels.triton.codec" in sys.modules and not hasattr(
-    sys.modules["splitkernels.triton.codec"]._encode_kernel, "rewriter"
+if INTERPRET and "splitkernels.triton.codec_encode" in sys.modules and not hasattr(
+    sys.modules["splitkernels.triton.codec_encode"]._encode_kernel, "rewriter"
 ):
     unavailable("splitkernels.triton was imported before TRITON_INTERPRET=1 was set; export it before pytest starts")
 if not INTERPRET and not torch.cuda.is_available():
@@ -33,7 +33,7 @@ from splitkernels import ops, registry  # noqa: E402
 from splitkernels.ops import reference as ref  # noqa: E402
 from splitkernels.formats import round_down_fp16, round_up_fp16  # noqa: E402
 from splitkernels.quant import quantize_weight, quantize_weight_int8  # noqa: E402
-from splitkernels.triton import autotune_cache, codec, dispatch, rounding  # noqa: E402
+from splitkernels.triton import autotune_cache, codec_decode, dispatch, rounding  # noqa: E402
 from splitkernels.triton import lowbit_gemm as lg  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
@@ -204,7 +204,7 @@ def test_decode_never_writes_outside_its_row():
     bits, lo, step, _, cnt, idx, val, codes, _ = enc
     bad = idx.clone()
     bad[:, -1] = torch.tensor([24, -1, 1 << 20], dtype=torch.int32)  # out of range in every last used slot
-    got = codec.ts_tabq_decode(bits, lo, step, torch.full_like(cnt, 4), bad, val, codes, 24)
+    got = codec_decode.ts_tabq_decode(bits, lo, step, torch.full_like(cnt, 4), bad, val, codes, 24)
     want = ref.ts_tabq_decode(bits, lo, step, torch.full_like(cnt, 3), idx, val, codes, 24)
     assert torch.equal(bits_of(got), bits_of(want))
 
@@ -349,6 +349,29 @@ def test_autotune_cache_uses_stored_configs(monkeypatch, tmp_path):
     assert autotune_cache.pick("k", "key", cands, calls.append, cpu) == {"a": 2}
 
 
+def test_shipped_configs_fill_in_for_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPLITKERNELS_CACHE", str(tmp_path / "home"))
+    monkeypatch.setattr(autotune_cache, "_cache", None)
+    monkeypatch.setattr(autotune_cache, "shipped_dir", lambda: tmp_path)
+    autotune_cache.shipped.cache_clear()
+    try:
+        (tmp_path / "cpu.json").write_text(json.dumps({"version": 1, "gpu": "cpu", "configs": {"k/key": {"a": 3}}}))
+        cands, cpu = [{"a": 1}, {"a": 2}], torch.device("cpu")
+        assert autotune_cache.pick("k", "key", cands, None, cpu) == {"a": 3}
+        assert autotune_cache.pick("k", "other", cands, None, cpu) == {"a": 1}
+        (tmp_path / "home").mkdir()
+        (tmp_path / "home" / "triton_autotune.json").write_text(json.dumps({"cpu": {"k/key": {"a": 2}}}))
+        monkeypatch.setattr(autotune_cache, "_cache", None)
+        assert autotune_cache.pick("k", "key", cands, None, cpu) == {"a": 2}  # the user's own tuning wins
+        assert autotune_cache.export("cpu") == {"version": 1, "gpu": "cpu", "configs": {"k/key": {"a": 2}}}
+        (tmp_path / "bad.json").write_text(json.dumps({"version": 9, "gpu": "x", "configs": {}}))
+        autotune_cache.shipped.cache_clear()
+        with pytest.raises(ValueError, match="version"):
+            autotune_cache.shipped()
+    finally:
+        autotune_cache.shipped.cache_clear()
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_with_exact_rounding():
     """The compiler (not the interpreter) accepts every kernel family; the PTX divides with div.rn."""
@@ -443,7 +466,7 @@ def test_decode_raw_rows_are_loaded_aligned(monkeypatch, offset, pad):
     view = storage[offset:].view(4, codes.shape[1] + pad)[:, : codes.shape[1]]
     view.copy_(codes)
     seen = []
-    real = codec._decode_kernel
+    real = codec_decode._decode_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -452,8 +475,8 @@ def test_decode_raw_rows_are_loaded_aligned(monkeypatch, offset, pad):
                 return real[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(codec, "_decode_kernel", Spy())
-    got = codec.ts_tabq_decode(bits, lo, step, cnt, idx, val, view, 40)
+    monkeypatch.setattr(codec_decode, "_decode_kernel", Spy())
+    got = codec_decode.ts_tabq_decode(bits, lo, step, cnt, idx, val, view, 40)
     ptr, stride = seen[0]
     assert ptr % 2 == 0 and stride % 2 == 0
     assert torch.equal(bits_of(got), bits_of(ref.ts_tabq_decode(bits, lo, step, cnt, idx, val, codes, 40)))

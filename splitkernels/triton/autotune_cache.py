@@ -1,14 +1,17 @@
 """Launch configurations: a small candidate list per kernel, tuned once per GPU and shape key.
 
-Tuning happens lazily on the first call with a new key (never at import), times each candidate
-with ``triton.testing.do_bench`` for a few milliseconds, and stores the winner in
-``~/.cache/splitkernels/triton_autotune.json`` (``SPLITKERNELS_CACHE`` moves it) under the
-GPU name, so later processes start tuned. ``SPLITKERNELS_AUTOTUNE=0`` disables tuning: the
-first candidate (the hand-picked default) runs, or a config cached earlier. The interpreter and
-CUDA graph capture never tune.
+Lookup order for a (GPU, kernel, key): the user's cache ``~/.cache/splitkernels/triton_autotune.json``
+(``SPLITKERNELS_CACHE`` moves it), then the configs shipped with the package for that GPU name
+(``splitkernels/triton/tuned/*.json``, written by ``bench/bench_triton.py --out DIR`` as
+``DIR/tuned.json``), then tuning, then the first candidate (the hand-picked default). Tuning happens
+lazily on the first call with a new key (never at import), times each candidate with
+``triton.testing.do_bench`` for a few milliseconds, and stores the winner in the user's cache, so
+later processes start tuned. ``SPLITKERNELS_AUTOTUNE=0`` disables tuning. The interpreter and CUDA
+graph capture never tune.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -37,6 +40,33 @@ def tuning_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
 
+SHIPPED_VERSION = 1
+
+
+def shipped_dir() -> Path:
+    """The package folder of tuned configs, one JSON file per GPU name."""
+    return Path(__file__).with_name("tuned")
+
+
+@functools.lru_cache(maxsize=1)
+def shipped() -> dict[str, dict[str, dict]]:
+    """Configs shipped with the package: ``{gpu name: {"kernel/key": config}}``."""
+    tables: dict[str, dict[str, dict]] = {}
+    for path in sorted(shipped_dir().glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("version") != SHIPPED_VERSION:
+            raise ValueError(f"{path}: tuned-config version {data.get('version')!r}, expected {SHIPPED_VERSION}")
+        tables.setdefault(data["gpu"], {}).update(data["configs"])
+    return tables
+
+
+def export(gpu: str) -> dict:
+    """The user's tuned configs for ``gpu`` in the shipped format (for ``tuned/<name>.json``)."""
+    with _lock:
+        configs = dict(_load().get(gpu, {}))
+    return {"version": SHIPPED_VERSION, "gpu": gpu, "configs": configs}
+
+
 def _load() -> dict:
     global _cache
     if _cache is None:
@@ -63,13 +93,15 @@ def _save(data: dict) -> None:
 def pick(
     kernel: str, key: str, candidates: list[dict], run: Callable[[dict], None], device: torch.device
 ) -> dict:
-    """The config for ``kernel`` at ``key``: cached, else tuned over ``candidates``, else the first.
+    """The config for ``kernel`` at ``key``: cached, else shipped, else tuned over ``candidates``, else the first.
 
     ``run(config)`` launches the kernel once with that config (outputs may be scratch).
     """
     gpu = device_name(device)
     with _lock:
         cached = _load().get(gpu, {}).get(f"{kernel}/{key}")
+    if cached is None:
+        cached = shipped().get(gpu, {}).get(f"{kernel}/{key}")
     if cached is not None:
         return cached
     if not tuning_enabled(device) or len(candidates) == 1:

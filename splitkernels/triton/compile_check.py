@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import bitpack, codec, int8_gemm, lowbit_gemm
+from . import bitpack, codec_decode, codec_encode, int8_gemm, lowbit_dequant, lowbit_gemv, lowbit_tiled
 
 _P8 = "*u8"
 _GEMM = {"x_ptr": "*fp16", "qw_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "bias_ptr": "*fp16",
@@ -57,22 +57,22 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
          {"BITS": 3, "G": 128}, {}),
         ("unpack", bitpack._unpack_kernel, {"packed_ptr": _P8, "out_ptr": _P8, "n": "i32", "row_stride": "i32",
                                             "nbytes": "i32"}, {"BITS": 5, "BLOCK": 1024}, {}),
-        ("encode fp16", codec._encode_kernel, _encode_sig("fp16"),
+        ("encode fp16", codec_encode._encode_kernel, _encode_sig("fp16"),
          {"ABS_MODE": False, "FORCED": False, "RAW": 16, "BLOCK_D": 4096, "BLOCK_C": 16}, nofuse),
-        ("encode fp32 forced abs", codec._encode_kernel, _encode_sig("fp32"),
+        ("encode fp32 forced abs", codec_encode._encode_kernel, _encode_sig("fp32"),
          {"ABS_MODE": True, "FORCED": True, "RAW": 32, "BLOCK_D": 1024, "BLOCK_C": 1}, nofuse),
-        ("decode bf16", codec._decode_kernel, _decode_sig("bf16"),
+        ("decode bf16", codec_decode._decode_kernel, _decode_sig("bf16"),
          {"RAW": 16, "OUT_BF16": True, "BLOCK_D": 4096, "BLOCK_C": 16}, nofuse),
-        ("gemv W4 word tiles", lowbit_gemm._gemv_kernel, _gemm_sig("fp16"),
+        ("gemv W4 word tiles", lowbit_gemv._gemv_kernel, _gemm_sig("fp16"),
          {**gemv, "BITS": 4, "SPLIT_K": 1, "WORD_TILE": True}, {}),
-        ("gemv W3 split-K", lowbit_gemm._gemv_kernel, _gemm_sig("fp16", "fp32"),
+        ("gemv W3 split-K", lowbit_gemv._gemv_kernel, _gemm_sig("fp16", "fp32"),
          {**gemv, "BITS": 3, "SPLIT_K": 2, "WORD_TILE": False}, {}),
-        ("tiled W4 fp16", lowbit_gemm._tiled_kernel, _gemm_sig("fp16"), {**tiled, "BITS": 4}, {"num_stages": 3}),
-        ("tiled W3 bf16 tf32", lowbit_gemm._tiled_kernel, _gemm_sig("bf16"),
+        ("tiled W4 fp16", lowbit_tiled._tiled_kernel, _gemm_sig("fp16"), {**tiled, "BITS": 4}, {"num_stages": 3}),
+        ("tiled W3 bf16 tf32", lowbit_tiled._tiled_kernel, _gemm_sig("bf16"),
          {**tiled, "BITS": 3, "OUT_BF16": True, "DOT_FP16": False, "PRECISION": "tf32", "WORD_TILE": False,
           "BLOCK_M": 64},
          {"num_stages": 3}),
-        ("dequant W8", lowbit_gemm._dequant_kernel,
+        ("dequant W8", lowbit_dequant._dequant_kernel,
          {"qw_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "w_ptr": "*fp16", "N": "i32", "K": "i32",
           "W": "i32", "NG": "i32", "GROUP": "i32"}, {"BITS": 8, "BLOCK_N": 32, "BLOCK_K": 128},
          {"enable_fp_fusion": False}),
