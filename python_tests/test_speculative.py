@@ -16,7 +16,7 @@ from splitkernels.planner.speculation import (
 )
 from splitkernels.runtime import LinkEmulator, SplitError, Status, split_model
 from splitkernels.runtime.drafting import (
-    ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, PromptLookupDrafter,
+    ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, ModelDrafter, PromptLookupDrafter,
 )
 from splitkernels.runtime.metrics import StepMetrics
 from splitkernels.runtime.protocol import (
@@ -63,7 +63,8 @@ def test_greedy_equals_generate_with_every_drafter(family):
     expected = _hf_greedy(model, ids, 16)
     truth = expected[0].tolist()
     sm = split_model(model, 2)
-    cases = [("lookup", None), ("early-exit", 2), ("lookup+early-exit", None), (NoisyOracle(truth, 0.3, 1), 5),
+    cases = [("lookup", None), ("early-exit", 2), ("lookup+early-exit", None), ("draft-model", 3),
+             ("lookup+draft-model", None), (NoisyOracle(truth, 0.3, 1), 5),
              (NoisyOracle(truth, 0.3, 2), 2), (NoisyOracle(truth, 1.0, 3), 1)]
     partial = 0
     for drafter, k in cases:
@@ -290,6 +291,35 @@ def test_prompt_lookup_and_chain_drafters():
         PromptLookupDrafter(max_ngram=0)
     with pytest.raises(TypeError, match="head"):
         EarlyExitDrafter(None)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_model_drafter_continues_greedily_and_rewinds(family):
+    model = tiny_model(family, seed=5, num_layers=NUM_LAYERS)
+    ids = _prompt(9, 13)
+    truth = _hf_greedy(model, ids, 8)[0].tolist()
+    d = ModelDrafter(model)  # the model itself as its own draft: every draft is the greedy token
+    n = ids.shape[1]
+    assert d.propose(truth[:n], 4, None) == truth[n:n + 4]
+    assert d.propose(truth[:n + 2], 3, None) == truth[n + 2:n + 5]  # reuses the cache past a partial accept
+    assert d.propose(truth[:n + 1], 2, None) == truth[n + 1:n + 3]  # shorter context: cut back
+    other = truth[:n - 3] + [(truth[n - 3] + 1) % 256]
+    expected = _hf_greedy(model, torch.tensor([other]), 3)[0].tolist()[len(other):]
+    assert d.propose(other, 3, None) == expected  # a diverged context
+    assert d.propose(truth[:n + 5], 0, None) == [] and d.propose([], 2, None) == []
+    with pytest.raises(TypeError, match="nn.Module"):
+        ModelDrafter(object())
+
+
+def test_draft_model_drafter_needs_the_whole_model():
+    from splitkernels.runtime.speculative import make_drafter
+
+    sm = split_model(tiny_model("llama", seed=1, num_layers=NUM_LAYERS), 2)
+    sm.edge.adapter.layers[3] = None  # as an edge-only process that dropped the server's layers
+    with pytest.raises(ValueError, match="whole model"):
+        make_drafter("draft-model", sm.edge)
+    with pytest.raises(ValueError, match="drafter must be one of"):
+        make_drafter("oracle", sm.edge)
 
 
 def _step(rows: int, total: float, server: float = 0.001) -> StepMetrics:

@@ -235,6 +235,12 @@ class Adapter:
             return logits[:, -tail:]
         return logits[0, -1] if last_only else logits
 
+    def next_logits(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """The whole model on ``input_ids [1, T]`` (appending to ``cache`` from :meth:`new_cache`
+        over every layer): logits ``[V]`` of the last position."""
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        return self._call(self.model, cache, input_ids=input_ids, **extra).logits[0, -1]
+
     def head_view(self) -> nn.Module:
         """The model's own forward with every decoder layer handing over a given hidden state:
         only the final norm, the LM head and any soft-capping run (early-exit drafting)."""

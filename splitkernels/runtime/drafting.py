@@ -7,6 +7,9 @@ so the draft distribution is a point mass and the server needs only the draft id
   n-gram (free; strong wherever text repeats: code, lists, answers quoting the question);
 * :class:`EarlyExitDrafter` applies the model's own final norm and LM head to the split layer's
   hidden state (one LM head product per draft on the edge);
+* :class:`ModelDrafter` runs a draft model greedily: any causal LM with the same vocabulary, e.g. a
+  low-bit copy of the whole model held by the edge (:func:`low_bit_draft_model`), which agrees with
+  the full model far more often than an early exit;
 * :class:`ChainDrafter` asks each in turn (prompt lookup first, the early exit where it has nothing).
 
 :class:`DraftPolicy` picks ``k`` per round from the measured acceptance and round costs with the
@@ -14,10 +17,12 @@ planner's model (:mod:`splitkernels.planner.speculation`).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from ..planner.speculation import best_draft_length
 from .metrics import StepMetrics
@@ -76,6 +81,71 @@ class EarlyExitDrafter(Drafter):
         if k < 1 or last_hidden is None:
             return []
         return [int(torch.argmax(self.head(last_hidden.reshape(1, 1, -1))[0, -1]))]
+
+
+class ModelDrafter(Drafter):
+    """Greedy continuation by a draft model (a causal LM over the same vocabulary) with its own KV
+    cache. Each call reuses the cache for the longest prefix it shares with ``context`` and cuts
+    the rest, so rejected drafts need no separate rollback."""
+
+    name = "draft-model"
+
+    def __init__(self, model: nn.Module) -> None:
+        from ..models import adapter_for
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a causal LM nn.Module, got {type(model).__name__}")
+        self.adapter = adapter_for(model.eval())
+        self._tokens: list[int] = []
+        self._cache = None
+        self._logits: torch.Tensor | None = None  # at the last token in the cache
+
+    def _feed(self, tokens: list[int]) -> None:
+        if self._cache is None:
+            self._cache = self.adapter.new_cache(0, self.adapter.num_layers)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.adapter.parameter().device)
+        self._logits = self.adapter.next_logits(ids, self._cache)
+        self._tokens += tokens
+
+    def _rewind(self, context: list[int]) -> None:
+        """Keep the cached prefix shared with ``context`` (at most all but its last token), feed the rest."""
+        from .verify import truncate_cache
+
+        keep = 0
+        limit = min(len(self._tokens), len(context))
+        while keep < limit and self._tokens[keep] == context[keep]:
+            keep += 1
+        if keep == len(self._tokens) == len(context):
+            return  # the cache and its last logits are exactly the context's
+        keep = min(keep, len(context) - 1)
+        if keep == 0:
+            self._cache, self._tokens, self._logits = None, [], None
+        elif keep < len(self._tokens):
+            truncate_cache(self._cache, keep)
+            del self._tokens[keep:]
+        self._feed(context[keep:])
+
+    @torch.inference_mode()
+    def propose(self, context, k, last_hidden=None):
+        context = list(context)
+        if k < 1 or not context:
+            return []
+        self._rewind(context)
+        drafts: list[int] = []
+        while True:
+            drafts.append(int(torch.argmax(self._logits)))
+            if len(drafts) == k:
+                return drafts
+            self._feed(drafts[-1:])
+
+
+def low_bit_draft_model(model: nn.Module, bits: int = 4, group_size: int = 32) -> nn.Module:
+    """A low-bit copy of ``model`` (every linear layer at ``bits``, round to nearest) to draft with."""
+    from ..nn import QuantConfig
+    from ..quantize import quantize_
+
+    draft = copy.deepcopy(model)
+    return quantize_(draft, QuantConfig(bits=bits, group_size=group_size)).eval()
 
 
 class ChainDrafter(Drafter):

@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 
 from ..codec import CodecConfig, encode
-from .drafting import ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, PromptLookupDrafter
+from .drafting import (ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, ModelDrafter, PromptLookupDrafter,
+                       low_bit_draft_model)
 from .metrics import GenerationMetrics, StepMetrics
 from .protocol import FINGERPRINT_BYTES, Open, ProtocolError, SamplingParams
 from .segments import Edge, cache_nbytes
@@ -197,18 +198,26 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
     return SpeculativeResult(torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1), metrics)
 
 
-DRAFTERS = ("lookup", "early-exit", "lookup+early-exit")
+DRAFTERS = ("lookup", "early-exit", "lookup+early-exit", "draft-model", "lookup+draft-model")
 
 
-def make_drafter(name: str, edge: Edge) -> Drafter:
-    """A drafter by name (see :data:`DRAFTERS`); the early exit uses ``edge``'s model head."""
-    if name == "lookup":
-        return PromptLookupDrafter()
-    if name == "early-exit":
-        return EarlyExitDrafter(edge.adapter.head)
-    if name == "lookup+early-exit":
-        return ChainDrafter(PromptLookupDrafter(), EarlyExitDrafter(edge.adapter.head))
-    raise ValueError(f"drafter must be one of {DRAFTERS}, got {name!r}")
+def make_drafter(name: str, edge: Edge, draft_bits: int = 4) -> Drafter:
+    """A drafter by name (see :data:`DRAFTERS`): the early exit uses ``edge``'s model head; the
+    draft model is a ``draft_bits`` copy of ``edge``'s whole model (which must still hold every
+    layer: an edge that dropped the server's layers passes its own :class:`ModelDrafter`)."""
+    if name not in DRAFTERS:
+        raise ValueError(f"drafter must be one of {DRAFTERS}, got {name!r}")
+    drafters: list[Drafter] = []
+    if name.startswith("lookup"):
+        drafters.append(PromptLookupDrafter())
+    if name.endswith("early-exit"):
+        drafters.append(EarlyExitDrafter(edge.adapter.head))
+    if name.endswith("draft-model"):
+        if any(layer is None for layer in edge.adapter.layers):
+            raise ValueError("drafter 'draft-model' needs the whole model on the edge; this edge dropped the "
+                             "server's layers (pass a ModelDrafter over a draft model instead)")
+        drafters.append(ModelDrafter(low_bit_draft_model(edge.adapter.model, draft_bits)))
+    return drafters[0] if len(drafters) == 1 else ChainDrafter(*drafters)
 
 
 def speculate(split, input_ids: torch.Tensor, max_new_tokens: int, drafter: str | Drafter = "lookup",
