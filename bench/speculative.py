@@ -24,12 +24,14 @@ import torch
 from splitkernels.codec import CodecConfig
 from splitkernels.eval import load_text
 from splitkernels.models import load_smollm2
+from splitkernels.nn import QuantConfig
 from splitkernels.planner import Link, ModelShape, Roofline, get_device, split_latency
 from splitkernels.planner.speculation import round_costs
 from splitkernels.runtime import LinkEmulator, split_model
-from splitkernels.runtime.speculative import speculate
+from splitkernels.runtime.speculative import DRAFTERS, make_drafter, speculate
 
 MODEL_EDGE, MODEL_SERVER = "jetson-orin-nano-8gb", "nvidia-a100-80gb"
+DRAFT_QUANT = QuantConfig(bits=4, group_size=32)  # the draft model make_drafter builds
 
 
 def prompts(tok) -> dict[str, torch.Tensor]:
@@ -60,6 +62,9 @@ def prompts(tok) -> dict[str, torch.Tensor]:
     }
 
 
+_drafters: dict = {}
+
+
 def one(sm, ids, new, link, method, eos):
     if method == "one token per round trip":
         result = sm.run(ids, new, transport=link, eos_token_id=eos)
@@ -71,8 +76,10 @@ def one(sm, ids, new, link, method, eos):
                    wire_bytes_per_token=sum(x.bytes_up + x.bytes_down for x in result.metrics.steps[1:])
                    / max(decode_tokens, 1))
     else:
-        drafter, k = method.split(" k=")
-        result = speculate(sm, ids, new, drafter=drafter, k=None if k == "adaptive" else int(k),
+        name, k = method.split(" k=")
+        if name not in _drafters:  # built once: a draft model is a quantised copy of the model
+            _drafters[name] = make_drafter(name, sm.edge)
+        result = speculate(sm, ids, new, drafter=_drafters[name], k=None if k == "adaptive" else int(k),
                            transport=link, eos_token_id=eos)
         s = result.metrics.summary()
         row = {key: s[key] for key in ("tokens_per_s", "per_token", "tokens_per_round_trip", "acceptance_rate",
@@ -85,15 +92,19 @@ def one(sm, ids, new, link, method, eos):
 
 
 def modelled_token_s(shape: ModelShape, split: int, rtt_ms: float, mbps: float, prompt_tokens: int, row: dict,
-                     early_exit: bool) -> float:
+                     method: str) -> float:
     """Seconds per token on a modelled edge board + server GPU (the planner's rooflines, fp16
     frames) with this row's measured drafts and tokens per round trip."""
     edge, server = Roofline(get_device(MODEL_EDGE), shape), Roofline(get_device(MODEL_SERVER), shape)
     lat = split_latency(shape, edge, server, Link(mbps, rtt_ms), split, None, None, 2 * shape.hidden,
                         2 * shape.hidden * prompt_tokens, prompt_tokens, prompt_tokens + 64)
     fixed, per_draft = round_costs(lat)
-    if early_exit:  # the early-exit head runs on the edge once per draft (an upper bound for a chain)
+    # Upper bounds for a chain: as if every draft came from its costlier member.
+    if "early-exit" in method:  # the head on the edge once per draft
         per_draft += edge.head_s(1)
+    if "draft-model" in method:  # a 4-bit copy of every layer and the head on the edge per draft
+        context = prompt_tokens + 64
+        per_draft += shape.num_layers * edge.layer_s(DRAFT_QUANT, 1, context) + edge.head_s(1)
     return (fixed + row["drafts_per_round"] * per_draft) / row["tokens_per_round_trip"]
 
 
@@ -106,8 +117,9 @@ def main() -> int:
     ap.add_argument("--mbps", type=float, default=100.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 behaves best on a shared CPU)")
-    ap.add_argument("--methods", nargs="+", default=["lookup k=adaptive", "lookup+early-exit k=adaptive"],
-                    help="DRAFTER k=N|adaptive, DRAFTER one of lookup, early-exit, lookup+early-exit")
+    ap.add_argument("--methods", nargs="+", default=["lookup k=adaptive", "lookup+early-exit k=adaptive",
+                                                     "lookup+draft-model k=adaptive"],
+                    help=f"DRAFTER k=N|adaptive, DRAFTER one of {', '.join(DRAFTERS)}")
     ap.add_argument("--sleep", action="store_true", help="really wait for the emulated link")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +157,7 @@ def main() -> int:
                 med = dict(sorted(runs[method], key=lambda r: r["tokens_per_s"])[(len(runs[method]) - 1) // 2])
                 med["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs[method])
                 model_s = modelled_token_s(shape, args.split_layer, rtt, args.mbps, ids.shape[1], med,
-                                           "early-exit" in method)
+                                           method)
                 modelled_base = modelled_base or model_s
                 rows.append(dict(modelled_tokens_per_s=1 / model_s, modelled_speedup=modelled_base / model_s,rtt_ms=rtt, mbps=args.mbps, prompt=kind, prompt_tokens=ids.shape[1], method=method,
                                  identical_to_baseline=bool(torch.equal(outputs[method], base)),
