@@ -31,7 +31,7 @@ from splitkernels.runtime import LinkEmulator, split_model
 from splitkernels.runtime.speculative import DRAFTERS, make_drafter, speculate
 
 MODEL_EDGE, MODEL_SERVER = "jetson-orin-nano-8gb", "nvidia-a100-80gb"
-DRAFT_QUANT = QuantConfig(bits=4, group_size=32)  # the draft model make_drafter builds
+DRAFT_GROUP = 32  # the draft model make_drafter builds
 
 
 def prompts(tok) -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ def prompts(tok) -> dict[str, torch.Tensor]:
 _drafters: dict = {}
 
 
-def one(sm, ids, new, link, method, eos):
+def one(sm, ids, new, link, method, eos, draft_bits=4):
     if method == "one token per round trip":
         result = sm.run(ids, new, transport=link, eos_token_id=eos)
         s = result.metrics.summary()
@@ -78,7 +78,7 @@ def one(sm, ids, new, link, method, eos):
     else:
         name, k = method.split(" k=")
         if name not in _drafters:  # built once: a draft model is a quantised copy of the model
-            _drafters[name] = make_drafter(name, sm.edge)
+            _drafters[name] = make_drafter(name, sm.edge, draft_bits)
         result = speculate(sm, ids, new, drafter=_drafters[name], k=None if k == "adaptive" else int(k),
                            transport=link, eos_token_id=eos)
         s = result.metrics.summary()
@@ -92,7 +92,7 @@ def one(sm, ids, new, link, method, eos):
 
 
 def modelled_token_s(shape: ModelShape, split: int, rtt_ms: float, mbps: float, prompt_tokens: int, row: dict,
-                     method: str) -> float:
+                     method: str, draft_bits: int) -> float:
     """Seconds per token on a modelled edge board + server GPU (the planner's rooflines, fp16
     frames) with this row's measured drafts and tokens per round trip."""
     edge, server = Roofline(get_device(MODEL_EDGE), shape), Roofline(get_device(MODEL_SERVER), shape)
@@ -104,7 +104,8 @@ def modelled_token_s(shape: ModelShape, split: int, rtt_ms: float, mbps: float, 
         per_draft += edge.head_s(1)
     if "draft-model" in method:  # a 4-bit copy of every layer and the head on the edge per draft
         context = prompt_tokens + 64
-        per_draft += shape.num_layers * edge.layer_s(DRAFT_QUANT, 1, context) + edge.head_s(1)
+        draft = QuantConfig(bits=draft_bits, group_size=DRAFT_GROUP)
+        per_draft += shape.num_layers * edge.layer_s(draft, 1, context) + edge.head_s(1)
     return (fixed + row["drafts_per_round"] * per_draft) / row["tokens_per_round_trip"]
 
 
@@ -120,6 +121,9 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["lookup k=adaptive", "lookup+early-exit k=adaptive",
                                                      "lookup+draft-model k=adaptive"],
                     help=f"DRAFTER k=N|adaptive, DRAFTER one of {', '.join(DRAFTERS)}")
+    ap.add_argument("--draft-bits", type=int, default=4,
+                    help="bits of the draft model's copy of the weights (SmolLM2 ships as 4-bit g32, so a 4-bit "
+                         "g32 copy is nearly the model itself: 3 shows a real quantiser's disagreement)")
     ap.add_argument("--sleep", action="store_true", help="really wait for the emulated link")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,12 +142,12 @@ def main() -> int:
         link = LinkEmulator(sm.transport, bandwidth_bps=args.mbps * 1e6, rtt_s=rtt / 1e3, sleep=args.sleep)
         for kind, ids in cases.items():
             for method in methods:  # warm-up
-                one(sm, ids, 4, link, method, eos)
+                one(sm, ids, 4, link, method, eos, args.draft_bits)
             runs: dict[str, list[dict]] = {m: [] for m in methods}
             outputs: dict[str, torch.Tensor] = {}
             for _ in range(args.repeats):
                 for method in methods:  # interleaved, so load changes hit every method alike
-                    seqs, row = one(sm, ids, args.new_tokens, link, method, eos)
+                    seqs, row = one(sm, ids, args.new_tokens, link, method, eos, args.draft_bits)
                     runs[method].append(row)
                     outputs.setdefault(method, seqs)
                     if not torch.equal(seqs, outputs[method]):
@@ -157,7 +161,7 @@ def main() -> int:
                 med = dict(sorted(runs[method], key=lambda r: r["tokens_per_s"])[(len(runs[method]) - 1) // 2])
                 med["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs[method])
                 model_s = modelled_token_s(shape, args.split_layer, rtt, args.mbps, ids.shape[1], med,
-                                           method)
+                                           method, args.draft_bits)
                 modelled_base = modelled_base or model_s
                 rows.append(dict(modelled_tokens_per_s=1 / model_s, modelled_speedup=modelled_base / model_s,rtt_ms=rtt, mbps=args.mbps, prompt=kind, prompt_tokens=ids.shape[1], method=method,
                                  identical_to_baseline=bool(torch.equal(outputs[method], base)),
@@ -166,7 +170,7 @@ def main() -> int:
                 print(f"[{time.time() - t_start:5.0f}s] RTT {rtt:g} ms, {kind}: {method}: "
                       f"{med['tokens_per_s']:.1f} tok/s ({rows[-1]['speedup']:.2f}x), identical "
                       f"{rows[-1]['identical_to_baseline']}", flush=True)
-    out = dict(model="SmolLM2-135M-Instruct (fp32)", split_layer=args.split_layer, codec="lossless (passthrough)",
+    out = dict(model="SmolLM2-135M-Instruct (fp32)", split_layer=args.split_layer, draft_bits=args.draft_bits, codec="lossless (passthrough)",
                new_tokens=args.new_tokens, repeats=args.repeats, link="emulated, " +
                ("sleeping" if args.sleep else "delay added to the measured times"),
                machine=f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), torch "
@@ -180,7 +184,8 @@ def main() -> int:
 
 def table(out: dict) -> str:
     lines = [f"Speculative decoding across the split: {out['model']}, split after layer {out['split_layer']}, "
-             f"{out['codec']} codec, {out['new_tokens']} new tokens (greedy, stops at EOS), median of "
+             f"{out['codec']} codec, {out['new_tokens']} new tokens (greedy, stops at EOS), draft model "
+             f"{out.get('draft_bits', 4)}-bit g32 copy of the model, median of "
              f"{out['repeats']}; link {out['link']}; {out['machine']}; load average at the end "
              f"{', '.join(f'{x:.1f}' for x in out['load_average_at_end'])}.", "",
              "Per-token times are means over the decode rounds (ms per generated token). *Modelled*: the "
