@@ -420,6 +420,29 @@ def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, grou
         assert _rel_err(y, outs["generic"].double()) <= TOL[dtype], isa
 
 
+@pytest.mark.parametrize("m", (1, 2, 5, 9))
+@pytest.mark.parametrize("n,k", [(1, 1), (13, 63), (37, 64), (21, 65), (9, 200), (70, 1030)])
+def test_int8_linear_every_isa_bit_identical(each_isa, m, n, k):
+    # K around the 64/32/16-byte vector steps (masked and scalar tails), N with short 4- and
+    # 8-row tiles, K = 1030 with several weight-row blocks; weights span the full int8 range
+    # (-128 included), activations a mix of magnitudes and a zero row.
+    g = _gen(m * 1000 + n * k)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    w[0, 0] = -128
+    ws = torch.rand(n, generator=g) + 0.5
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 3, k)
+    if m > 1:
+        x[1] = 0
+    bias = torch.randn(n, generator=g)
+    want = ref.int8_linear(x, w, ws, bias)
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert _bits_equal(cpp.int8_linear(x.to(dtype), w, ws, bias), ref.int8_linear(x.to(dtype), w, ws, bias)), (isa, dtype)
+        assert _bits_equal(cpp.int8_linear(x, w, ws, None), ref.int8_linear(x, w, ws, None)), isa
+    assert _bits_equal(cpp.int8_linear(x, w, ws, bias), want)
+
+
 def test_isa_choice_errors():
     with pytest.raises(ValueError, match="isa must be one of"):
         cpp._C.set_lowbit_isa("sse9")

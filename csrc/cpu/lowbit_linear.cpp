@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/linear.h"
 #include "cpu/lowbit_kernels.h"
 #include "cpu/thread_pool.h"
@@ -25,6 +26,7 @@ struct Isa {
   bool supported;
   const LowbitKernels* kernels;
   LowbitRowsFn bf16_rows;
+  const Int8Kernels* int8;
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -35,6 +37,7 @@ bool cpu_has(const char* what) {
   if (w == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  if (w == "avx512_vnni") return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
   if (w == "avx512_bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
   return false;
 }
@@ -44,11 +47,16 @@ bool cpu_has(const char*) { return false; }
 
 const std::vector<Isa>& isas() {
   static const std::vector<Isa> all = [] {
-    std::vector<Isa> v{{"generic", true, &isa_generic::lowbit_kernels(), nullptr}};
+    std::vector<Isa> v{{"generic", true, &isa_generic::lowbit_kernels(), nullptr, &isa_generic::int8_kernels()}};
 #if defined(SK_HAVE_X86_ISAS)
-    v.push_back({"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr});
-    v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr});
-    v.push_back({"avx512_bf16", cpu_has("avx512_bf16"), &isa_avx512::lowbit_kernels(), isa_avx512bf16::bf16_rows()});
+    v.push_back({"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, &isa_avx2::int8_kernels()});
+    v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512::int8_kernels()});
+    // VNNI speeds up the int8 kernels only; BF16 the lowbit kernels (and keeps VNNI where present).
+    const Int8Kernels* best512 = cpu_has("avx512_vnni") ? &isa_avx512vnni::int8_kernels() : &isa_avx512::int8_kernels();
+    v.push_back({"avx512_vnni", cpu_has("avx512_vnni"), &isa_avx512::lowbit_kernels(), nullptr,
+                 &isa_avx512vnni::int8_kernels()});
+    v.push_back({"avx512_bf16", cpu_has("avx512_bf16"), &isa_avx512::lowbit_kernels(), isa_avx512bf16::bf16_rows(),
+                 best512});
 #endif
     return v;
   }();
@@ -121,6 +129,8 @@ std::vector<std::string> lowbit_isas() {
 
 std::string lowbit_isa() { return isas()[chosen().load()].name; }
 
+const Int8Kernels& current_int8_kernels() { return *isas()[chosen().load()].int8; }
+
 std::string set_lowbit_isa(const std::string& name) {
   for (int i = 0; i < static_cast<int>(isas().size()); ++i)
     if (name == isas()[i].name) {
@@ -128,7 +138,7 @@ std::string set_lowbit_isa(const std::string& name) {
       chosen().store(i);
       return "";
     }
-  return "isa must be one of generic, avx2, avx512, avx512_bf16; got '" + name + "'";
+  return "isa must be one of generic, avx2, avx512, avx512_vnni, avx512_bf16; got '" + name + "'";
 }
 
 std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const int32_t* qweight, int64_t N,
