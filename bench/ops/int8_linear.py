@@ -46,8 +46,11 @@ def _candidates(m: int, n: int, k: int, backend: str) -> dict:
     xb, wb, sb = x.bfloat16(), w.bfloat16(), s8.bfloat16()
     x8 = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
 
+    kernels = {f"{OURS} ({backend})": lambda: ops.int8_linear(x, w8, s8)}
+    if backend == "cpp":  # the same kernel without the op layer (checks, torch.library dispatch)
+        kernels[f"{OURS} (cpp, kernel call only)"] = lambda: cpp.int8_linear(x, w8, s8, None)
     return {
-        f"{OURS} ({backend})": lambda: ops.int8_linear(x, w8, s8),
+        **kernels,
         "torch _weight_int8pack_mm (bf16)": lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, sb),
         "torch _int_mm (GEMM only)": lambda: torch._int_mm(x8, w8.t()),
         "fp32 F.linear": lambda: F.linear(x, w),
@@ -72,10 +75,12 @@ def main() -> None:
         p.error("--clock thread needs --threads 1: other threads' CPU time would not be counted")
     clock = time.thread_time if a.clock == "thread" else time.perf_counter
     start = time.perf_counter()
-    result, bw = timing.new_result(a.backend)
+    torch.set_num_threads(counts[0])  # the copy-bandwidth yardstick runs on the first thread count
+    result, bw = timing.new_result(a.backend, clock)
     result.update(command="python " + " ".join(sys.argv), clock=a.clock)
     lines = [f"# int8_linear vs PyTorch (CPU, {result['machine']['cpu']}, kernel ISA "
-             f"{result['machine'].get('kernel_isa')}, copy {bw / 1e9:.1f} GB/s, clock {a.clock})", "",
+             f"{result['machine'].get('kernel_isa')}, copy {bw / 1e9:.1f} GB/s at {counts[0]} thread(s), "
+             f"clock {a.clock})", "",
              f"Command: `{result['command']}`", "",
              "| N x K | M | threads | busy | kernel | median ms | weight GB/s | of copy | ours/int8pack |",
              "|---|---|---|---|---|---|---|---|---|"]
