@@ -49,17 +49,17 @@ def compare(fns: dict[str, Callable[[], object]], budget_s: float = 1.0, min_rep
     return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "reps": len(v)} for k, v in times.items()}
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 256 MiB fp32 ``Tensor.copy_`` (median), all threads."""
+def copy_bandwidth(clock: Callable[[], float] = time.perf_counter) -> float:
+    """Bytes read + written per second by a 256 MiB fp32 ``Tensor.copy_`` (median), torch's threads."""
     src = torch.randn(64 << 20)
     dst = torch.empty_like(src)
-    t = compare({"copy": lambda: dst.copy_(src)}, budget_s=1.0, min_reps=5, max_reps=9)["copy"]["median"]
+    t = compare({"copy": lambda: dst.copy_(src)}, budget_s=1.0, min_reps=5, max_reps=9, clock=clock)["copy"]["median"]
     return 2 * src.numel() * 4 / t
 
 
-def new_result(backend: str) -> tuple[dict, float]:
+def new_result(backend: str, clock: Callable[[], float] = time.perf_counter) -> tuple[dict, float]:
     """The start of a result file (machine, backend, copy bandwidth, empty rows) and that bandwidth."""
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(clock)
     return {"machine": machine(), "backend": backend, "copy_bandwidth_gbps": bw / 1e9, "rows": []}, bw
 
 

@@ -164,11 +164,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("scale_dtype"), py::arg("bits"), py::arg("group_size"), py::arg("out"), py::arg("out_dtype"), nogil,
       "Dequantise W into out [N, K] of out_dtype (float32 or bfloat16 code).");
 
-  m.def("lowbit_isas", &sk::lowbit_isas, "Instruction sets of the lowbit kernels this CPU supports, best last.");
-  m.def("lowbit_isa", &sk::lowbit_isa, "Instruction set the lowbit kernels use now.");
+  m.def("lowbit_isas", &sk::lowbit_isas, "Instruction sets of the lowbit and int8 kernels this CPU supports, best last.");
+  m.def("lowbit_isa", &sk::lowbit_isa, "Instruction set the lowbit and int8 kernels use now.");
   m.def(
       "set_lowbit_isa", [](const std::string& name) { check(sk::set_lowbit_isa(name)); }, py::arg("name"),
-      "Use the lowbit kernels of one instruction set (tests and benchmarks).");
+      "Use the lowbit and int8 kernels of one instruction set (tests and benchmarks).");
 
   m.def("set_num_threads", [](int n) {
     sk::set_num_threads(n);

@@ -404,10 +404,13 @@ def each_isa():
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-@pytest.mark.parametrize("bits,group,k", [(2, 256, 512), (3, 128, 384), (4, 128, 384), (4, 64, 192), (8, 64, 128), (4, 3, 96)])
+@pytest.mark.parametrize("bits,group,k", [(2, 256, 512), (3, 128, 384), (4, 128, 384), (4, 64, 192), (8, 64, 128), (4, 3, 96),
+                                           (4, 32, 224), (2, 16, 80), (8, 32, 96), (4, 64, 576)])
 @pytest.mark.parametrize("m", (1, 4, 5, 7, 13))
 def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, group, k, m):
     # n = 45: a short last tile for every row tiling (4, 2, 32-row panels); odd m leaves short row tiles.
+    # bf16, m <= 4: groups smaller than a 64-byte chunk (1 to 8 lanes each) and K ending inside
+    # a chunk (224 / 80 / 96 / 576 codes) exercise the per-lane scales and the partial last chunk.
     x, qw, b = _lowbit_case(45, k, m, bits, group, dtype, bias=True, seed=bits * 100 + m)
     want64 = _lowbit_want64(x, qw, b)
     outs = {}
@@ -418,6 +421,29 @@ def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, grou
     # Paths differ only in summation order: they agree with the scalar build far inside the tolerance.
     for isa, y in outs.items():
         assert _rel_err(y, outs["generic"].double()) <= TOL[dtype], isa
+
+
+@pytest.mark.parametrize("m", (1, 2, 5, 9))
+@pytest.mark.parametrize("n,k", [(1, 1), (13, 63), (37, 64), (21, 65), (9, 200), (70, 1030)])
+def test_int8_linear_every_isa_bit_identical(each_isa, m, n, k):
+    # K around the 64/32/16-byte vector steps (masked and scalar tails), N with short 4- and
+    # 8-row tiles, K = 1030 with several weight-row blocks; weights span the full int8 range
+    # (-128 included), activations a mix of magnitudes and a zero row.
+    g = _gen(m * 1000 + n * k)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    w[0, 0] = -128
+    ws = torch.rand(n, generator=g) + 0.5
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 3, k)
+    if m > 1:
+        x[1] = 0
+    bias = torch.randn(n, generator=g)
+    want = ref.int8_linear(x, w, ws, bias)
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert _bits_equal(cpp.int8_linear(x.to(dtype), w, ws, bias), ref.int8_linear(x.to(dtype), w, ws, bias)), (isa, dtype)
+        assert _bits_equal(cpp.int8_linear(x, w, ws, None), ref.int8_linear(x, w, ws, None)), isa
+    assert _bits_equal(cpp.int8_linear(x, w, ws, bias), want)
 
 
 def test_isa_choice_errors():

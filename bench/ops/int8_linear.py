@@ -7,11 +7,19 @@ activations, per-token int8 quantisation included) under ``--backend``; PyTorch'
 skips our quantise and rescale); and fp32 / bf16 ``F.linear``. "GB/s" counts the int8 weight bytes
 read once per call; "of copy" divides it by the bandwidth of a large ``Tensor.copy_`` in the same run.
 
-Usage: python bench/ops/int8_linear.py --out DIR [--backend cpp] [--m 1,16,64] [--shapes 4096x4096,1536x576]
+"ours/int8pack" is our median over PyTorch's ``_weight_int8pack_mm`` median in the same row
+(< 1: ours is faster). ``--threads`` runs every row once per thread count (ours and PyTorch set to
+the same count); ``--clock thread`` times the CPU time of the calling thread (robust to other
+processes on a shared machine, only with ``--threads 1``); ``--busy N`` repeats everything while
+N other processes spin, to show whether threads collapse when a core is taken.
+
+Usage: python bench/ops/int8_linear.py --out DIR [--backend cpp] [--m 1,8,32,128,512]
+       [--shapes 4096x4096,1536x576] [--threads 1,all] [--clock wall|thread] [--busy 1]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +32,10 @@ import timing  # noqa: E402  (bench/timing.py)
 
 import splitkernels  # noqa: E402
 from splitkernels import ops  # noqa: E402
+from splitkernels._backends import cpp  # noqa: E402
 from splitkernels.quant import quantize_weight_int8  # noqa: E402
+
+OURS, PEER = "ours", "torch _weight_int8pack_mm (bf16)"
 
 
 def _candidates(m: int, n: int, k: int, backend: str) -> dict:
@@ -35,12 +46,11 @@ def _candidates(m: int, n: int, k: int, backend: str) -> dict:
     xb, wb, sb = x.bfloat16(), w.bfloat16(), s8.bfloat16()
     x8 = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
 
-    def ours():
-        with splitkernels.use_backend(backend):
-            return ops.int8_linear(x, w8, s8)
-
+    kernels = {f"{OURS} ({backend})": lambda: ops.int8_linear(x, w8, s8)}
+    if backend == "cpp":  # the same kernel without the op layer (checks, torch.library dispatch)
+        kernels[f"{OURS} (cpp, kernel call only)"] = lambda: cpp.int8_linear(x, w8, s8, None)
     return {
-        f"ours ({backend})": ours,
+        **kernels,
         "torch _weight_int8pack_mm (bf16)": lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, sb),
         "torch _int_mm (GEMM only)": lambda: torch._int_mm(x8, w8.t()),
         "fp32 F.linear": lambda: F.linear(x, w),
@@ -52,25 +62,52 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for int8_linear.json / .md")
     p.add_argument("--backend", default="cpp")
-    p.add_argument("--m", default="1,16,64")
+    p.add_argument("--m", default="1,8,32,128,512")
     p.add_argument("--shapes", default="4096x4096,1536x576", help="NxK list")
+    p.add_argument("--threads", default="all", help="comma list of thread counts, 'all' = every CPU")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: CPU time of the calling thread; only with --threads 1")
+    p.add_argument("--busy", type=int, default=0, help="also run with this many spinning processes")
     p.add_argument("--budget", type=float, default=0.5, help="seconds per shape and M")
     a = p.parse_args()
+    counts = [os.cpu_count() or 1 if t == "all" else int(t) for t in a.threads.split(",")]
+    if a.clock == "thread" and counts != [1]:
+        p.error("--clock thread needs --threads 1: other threads' CPU time would not be counted")
+    clock = time.thread_time if a.clock == "thread" else time.perf_counter
     start = time.perf_counter()
-    result, bw = timing.new_result(a.backend)
-    lines = [f"# int8_linear vs PyTorch (CPU, {result['machine']['cpu']}, threads "
-             f"{torch.get_num_threads()}, copy {bw / 1e9:.1f} GB/s)", "",
-             "| N x K | M | kernel | median ms | weight GB/s | of copy |", "|---|---|---|---|---|---|"]
-    for shape in a.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
-        for m in (int(v) for v in a.m.split(",")):
-            timing.progress(f"[{time.perf_counter() - start:5.0f} s] {n}x{k} M={m}")
-            times = timing.compare(_candidates(m, n, k, a.backend), budget_s=a.budget)
-            for name, t in times.items():
-                gbps = n * k / t["median"] / 1e9
-                result["rows"].append({"n": n, "k": k, "m": m, "kernel": name, **t, "weight_gbps": gbps})
-                lines.append(f"| {n} x {k} | {m} | {name} | {t['median'] * 1e3:.3f} | {gbps:.1f} | "
-                             f"{gbps * 1e9 / bw:.0%} |")
+    torch.set_num_threads(counts[0])  # the copy-bandwidth yardstick runs on the first thread count
+    result, bw = timing.new_result(a.backend, clock)
+    result.update(command="python " + " ".join(sys.argv), clock=a.clock)
+    lines = [f"# int8_linear vs PyTorch (CPU, {result['machine']['cpu']}, kernel ISA "
+             f"{result['machine'].get('kernel_isa')}, copy {bw / 1e9:.1f} GB/s at {counts[0]} thread(s), "
+             f"clock {a.clock})", "",
+             f"Command: `{result['command']}`", "",
+             "| N x K | M | threads | busy | kernel | median ms | weight GB/s | of copy | ours/int8pack |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for busy in [0] + ([a.busy] if a.busy else []):
+        with timing.BusyCores(busy):
+            for threads in counts:
+                torch.set_num_threads(threads)
+                cpp._C.set_num_threads(threads)
+                for shape in a.shapes.split(","):
+                    n, k = (int(v) for v in shape.split("x"))
+                    for m in (int(v) for v in a.m.split(",")):
+                        timing.progress(f"[{time.perf_counter() - start:5.0f} s] {n}x{k} M={m} threads={threads} busy={busy}")
+                        fns = _candidates(m, n, k, a.backend)
+                        with splitkernels.use_backend(a.backend):  # the ops.* calls; torch's are unaffected
+                            times = timing.compare(fns, budget_s=a.budget, clock=clock)
+                        ratio = times[f"{OURS} ({a.backend})"]["median"] / times[PEER]["median"]
+                        for name, t in times.items():
+                            gbps = n * k / t["median"] / 1e9
+                            result["rows"].append({"n": n, "k": k, "m": m, "threads": threads, "busy": busy,
+                                                   "kernel": name, **t, "weight_gbps": gbps})
+                            mark = f"{ratio:.2f}" if name.startswith(OURS) else ""
+                            lines.append(f"| {n} x {k} | {m} | {threads} | {busy} | {name} | {t['median'] * 1e3:.3f} | "
+                                         f"{gbps:.1f} | {gbps * 1e9 / bw:.0%} | {mark} |")
+    result["loadavg_end"] = os.getloadavg()
+    result["wall_s"] = time.perf_counter() - start
+    lines += ["", f"Load average at start {result['machine']['loadavg_start'][0]:.1f}, at end "
+              f"{result['loadavg_end'][0]:.1f}; run took {result['wall_s']:.0f} s."]
     timing.write(a.out, "int8_linear", result, "\n".join(lines) + "\n")
 
 

@@ -7,11 +7,14 @@
 
 #include "common/half.h"
 #include "cpu/bitpack.h"
+#include "cpu/thread_pool.h"
 
 namespace sk {
 namespace {
 
-// Per-thread scratch, sized once per call.
+constexpr int64_t kRowsPerChunk = 4;  // tokens per work item of the pool
+
+// Per-chunk scratch, sized once per work item.
 struct RowScratch {
   std::vector<float> xf;
   std::vector<uint8_t> outlier;
@@ -168,14 +171,13 @@ std::string ts_tabq_encode(const void* x, int dtype, int64_t T, int64_t d, bool 
   widths.erase(std::unique(widths.begin(), widths.end()), widths.end());
   const uint8_t* xb = static_cast<const uint8_t*>(x);
   const int64_t row_bytes = d * dtype_size(dtype);
-#pragma omp parallel if (T > 1)
-  {
+  // The worker pool, not OpenMP: its waits never spin on a core another process holds.
+  parallel_for(T, kRowsPerChunk, [&](int64_t t0, int64_t t1) {
     RowScratch s(d);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t t = t0; t < t1; ++t)
       encode_row(xb + t * row_bytes, dtype, d, abs_threshold, threshold, capacity, widths, eps,
                  forced ? forced[t] : -1, raw, s, t, out);
-  }
+  });
   return "";
 }
 
@@ -202,12 +204,10 @@ std::string ts_tabq_decode(const int32_t* bits, const float* lo, const float* st
   }
   uint8_t* ob = static_cast<uint8_t*>(out);
   const uint8_t* vb = static_cast<const uint8_t*>(val);
-#pragma omp parallel if (T > 1)
-  {
+  parallel_for(T, kRowsPerChunk, [&](int64_t t0, int64_t t1) {
     std::vector<uint8_t> q(d);
     std::vector<float> y(d);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       const int b = bits[t];
       uint8_t* orow = ob + t * d * isz;
       const uint8_t* crow = codes + t * codes_stride;
@@ -228,7 +228,7 @@ std::string ts_tabq_decode(const int32_t* bits, const float* lo, const float* st
       for (int32_t j = 0; j < cnt[t]; ++j)
         std::memcpy(orow + static_cast<int64_t>(idx[t * capacity + j]) * isz, vb + (t * capacity + j) * isz, isz);
     }
-  }
+  });
   return "";
 }
 

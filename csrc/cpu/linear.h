@@ -20,8 +20,8 @@ std::string lowbit_dequantize(const int32_t* qweight, int64_t N, int64_t words, 
                               const void* zero, int scale_dtype, int bits, int64_t group_size, void* out,
                               int out_dtype);
 
-// Instruction sets of the lowbit kernels: those this CPU supports (best last), the one in use,
-// and a switch for tests and benchmarks (returns "" or an error message).
+// Instruction sets of the lowbit and int8 kernels: those this CPU supports (best last), the one
+// in use, and a switch for tests and benchmarks (returns "" or an error message).
 std::vector<std::string> lowbit_isas();
 std::string lowbit_isa();
 std::string set_lowbit_isa(const std::string& name);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/linear.h"
 #include "cpu/lowbit_kernels.h"
 #include "cpu/thread_pool.h"
@@ -25,6 +26,7 @@ struct Isa {
   bool supported;
   const LowbitKernels* kernels;
   LowbitRowsFn bf16_rows;
+  const Int8Kernels* int8;
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -35,6 +37,7 @@ bool cpu_has(const char* what) {
   if (w == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  if (w == "avx512_vnni") return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
   if (w == "avx512_bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
   return false;
 }
@@ -44,11 +47,16 @@ bool cpu_has(const char*) { return false; }
 
 const std::vector<Isa>& isas() {
   static const std::vector<Isa> all = [] {
-    std::vector<Isa> v{{"generic", true, &isa_generic::lowbit_kernels(), nullptr}};
+    std::vector<Isa> v{{"generic", true, &isa_generic::lowbit_kernels(), nullptr, &isa_generic::int8_kernels()}};
 #if defined(SK_HAVE_X86_ISAS)
-    v.push_back({"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr});
-    v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr});
-    v.push_back({"avx512_bf16", cpu_has("avx512_bf16"), &isa_avx512::lowbit_kernels(), isa_avx512bf16::bf16_rows()});
+    v.push_back({"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, &isa_avx2::int8_kernels()});
+    v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512::int8_kernels()});
+    // VNNI speeds up the int8 kernels only; BF16 the lowbit kernels (and keeps VNNI where present).
+    const Int8Kernels* best512 = cpu_has("avx512_vnni") ? &isa_avx512vnni::int8_kernels() : &isa_avx512::int8_kernels();
+    v.push_back({"avx512_vnni", cpu_has("avx512_vnni"), &isa_avx512::lowbit_kernels(), nullptr,
+                 &isa_avx512vnni::int8_kernels()});
+    v.push_back({"avx512_bf16", cpu_has("avx512_bf16"), &isa_avx512::lowbit_kernels(), isa_avx512bf16::bf16_rows(),
+                 best512});
 #endif
     return v;
   }();
@@ -68,10 +76,14 @@ std::atomic<int>& chosen() {
 // Decode-order position of natural index j within a group (see isa/lowbit_fp32.cpp):
 // code c of unit u (units of 8/b codes in a byte, or 8 codes in three bytes for 3 bits)
 // goes to c * units + u.
+// per_unit is a power of two (1, 2, 4 or 8): shifts and masks, not divisions, per activation.
 struct DecodeOrder {
   bool phased;
   int64_t per_unit, units;
-  int64_t operator()(int64_t j) const { return phased ? (j % per_unit) * units + j / per_unit : j; }
+  int64_t operator()(int64_t j) const {
+    const int shift = __builtin_ctzll(static_cast<unsigned long long>(per_unit));
+    return phased ? (j & (per_unit - 1)) * units + (j >> shift) : j;
+  }
 };
 
 bool phase_layout(int bits, int64_t group_size) {
@@ -121,6 +133,8 @@ std::vector<std::string> lowbit_isas() {
 
 std::string lowbit_isa() { return isas()[chosen().load()].name; }
 
+const Int8Kernels& current_int8_kernels() { return *isas()[chosen().load()].int8; }
+
 std::string set_lowbit_isa(const std::string& name) {
   for (int i = 0; i < static_cast<int>(isas().size()); ++i)
     if (name == isas()[i].name) {
@@ -128,7 +142,7 @@ std::string set_lowbit_isa(const std::string& name) {
       chosen().store(i);
       return "";
     }
-  return "isa must be one of generic, avx2, avx512, avx512_bf16; got '" + name + "'";
+  return "isa must be one of generic, avx2, avx512, avx512_vnni, avx512_bf16; got '" + name + "'";
 }
 
 std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const int32_t* qweight, int64_t N,
@@ -140,13 +154,14 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   LowbitProblem p = weight_problem(K, qweight, N, words, scale, zero, scale_dtype, bits, group_size);
   p.M = M;
   const int64_t G = p.G;
-  const bool bf16 = dtype == kBFloat16 && isa.bf16_rows != nullptr && bf16_kernel_layout(bits, group_size);
+  const bool bf16 = dtype == kBFloat16 && isa.bf16_rows != nullptr && bf16_kernel_layout(bits, group_size, M);
+  const int64_t K16 = bf16 ? bf16_row_codes(bits, K) : 0;  // codes per row of x16 (zero padding)
   const int64_t per_unit = bits == 3 ? 8 : 8 / bits;
   const DecodeOrder order{p.phased, per_unit, group_size / per_unit};
 
   // Activations in decode order (bf16 kept as is, anything else as fp32), with group sums.
   std::vector<float> x32(bf16 ? 0 : M * K), xsum(M * G);
-  std::vector<uint16_t> x16(bf16 ? M * K : 0);
+  std::vector<uint16_t> x16(M * K16);
   {
     std::vector<float> row(K);
     for (int64_t m = 0; m < M; ++m) {
@@ -156,7 +171,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
         float sum = 0.f;
         for (int64_t j = 0; j < group_size; ++j) {
           if (bf16)
-            x16[m * K + g0 + bf16_pair_position(bits, j)] = raw[g0 + j];
+            x16[m * K16 + bf16_pair_position(bits, g0 + j)] = raw[g0 + j];
           else
             x32[m * K + g0 + order(j)] = row[g0 + j];
           sum += row[g0 + j];
@@ -174,9 +189,13 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   const LowbitRowsFn rows = bf16 ? isa.bf16_rows : isa.kernels->fp32_rows;
   parallel_for(N, chunk_rows(N), [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
 
-  if (bias || dtype != kFloat32)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) store_from_float(y, dtype, m * N + n, p.y[m * N + n] + (bias ? bias[n] : 0.f));
+  // Bias and output dtype, row by row in loops that vectorise (fp32 output: p.y is y).
+  for (int64_t m = 0; m < M && (bias || dtype != kFloat32); ++m) {
+    float* row = p.y + m * N;
+    if (bias)
+      for (int64_t n = 0; n < N; ++n) row[n] += bias[n];
+    if (dtype != kFloat32) from_float(row, N, dtype, static_cast<uint16_t*>(y) + m * N);
+  }
   return "";
 }
 

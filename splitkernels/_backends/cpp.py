@@ -14,9 +14,12 @@ Agreement with :mod:`splitkernels.ops.reference`:
   the error budget) are added in a different order than torch's, which can only matter when
   a value lies within one float64 ulp of a decision boundary.
 * ``int8_linear``: bit-identical to the reference (exact int32 accumulation, then the same fp32
-  operations in the same order), for K < 133143 (larger K raises: an int32 sum could overflow).
+  operations in the same order), for K < 133143 (larger K raises: an int32 sum could overflow), on
+  every instruction set (``_C.lowbit_isa()`` picks the int8 kernels too: vpdpbusd on AVX-512 VNNI,
+  vpmaddwd on AVX2 / AVX-512, plain loops otherwise).
 * ``lowbit_linear``: kernels per instruction set, picked at run time (``_C.lowbit_isa()``).
-  bf16 activations on AVX-512 BF16 CPUs multiply the exact integer codes with the bf16
+  bf16 activations on AVX-512 BF16 CPUs (bits 2/4/8; groups of whole 64-byte chunks, or for
+  M <= 4 any group of 4..32 bytes) multiply the exact integer codes with the bf16
   activations (vdpbf16ps) and apply each group's scale and zero to its sums
   (``s * sum(q*x) + z * sum(x)``); fp32 activations (and fp16, converted) use FMA kernels that
   do the same for M <= 4 and dequantise weight rows (``q*scale + zero``, one FMA) otherwise.

@@ -4,13 +4,15 @@
 // Codes are integers below 256, exact in bf16; vdpbf16ps forms exact products with the bf16
 // activations and adds them in fp32, so each group's sum_k q_k x_k is exact up to fp32
 // accumulation, and the group's scale and zero are applied afterwards:
-// y = sum_g s_g * sum_k q_k x_k + sum_g z_g * sum_k x_k. Nothing is rounded but x itself.
+// y = sum_g s_g * sum_k q_k x_k + sum_g z_g * sum_k x_k. Nothing is rounded but x itself
+// (and the fp32 sums).
 //
-// Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each). vpermw
-// looks up a 16-bit lane's low five bits in a 32-entry table of bf16 integers, so one shift
-// and one lookup turn a lane into the pair (code of byte t, code of byte t+2): four bytes give
+// Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each). One shift
+// and one bitwise select (or, for 8 bits, integer-to-float conversions) turn a lane into the
+// pair (code of byte t, code of byte t+2) in bf16 (see code_bias): four bytes give
 // 2 * (8 / bits) pairs, and the activations are laid out in that pair order
-// (bf16_pair_position in lowbit_kernels.h), which needs groups of whole 64-byte chunks.
+// (bf16_pair_position in lowbit_kernels.h). The panel form needs groups of whole 64-byte
+// chunks; the dot form also takes groups that tile a chunk in whole u32 lanes.
 //
 // Two forms:
 // * few activation rows (M < kPanelMinRows): decode each row's chunk into registers and dot it
@@ -31,21 +33,18 @@ namespace sk {
 namespace isa_avx512bf16 {
 namespace {
 
-constexpr int64_t kPanelMinRows = 5;
+constexpr int64_t kPanelMinRows = kBf16PanelMinRows;
 constexpr int kDotRows = kPanelMinRows - 1;
 constexpr int kBlockN = 32;
 constexpr int kPanelM = 6;  // 12 group sums + 12 totals + 2 panel vectors + 1 broadcast: 27 zmm
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
-// bf16 bits of an integer 1..255 (exact): exponent of its top bit, the next 7 bits as mantissa.
-constexpr uint16_t bf16_of_small_int(int v) {
-  int e = 0;
-  while ((v >> (e + 1)) != 0) ++e;
-  return static_cast<uint16_t>(((127 + e) << 7) | (((v << 7) >> e) & 0x7f));
-}
-static_assert(bf16_of_small_int(1) == 0x3f80 && bf16_of_small_int(3) == 0x4040 && bf16_of_small_int(15) == 0x4170,
-              "bf16 bit patterns");
+// Codes of 2 and 4 bits are decoded as 128 + q: bf16 has 7 mantissa bits below the 2^7 of
+// 0x4300, so OR-ing q into those bits is the exact bf16 value of 128 + q (one vpternlogd, no
+// table lookup). The kernels take the offset back through the zero term:
+// s * sum (128 + q) x + (z - 128 s) * sum x = s * sum q x + z * sum x.
+constexpr float code_bias(int bits) { return bits == 8 ? 0.f : 128.f; }
 
 // Pair vectors of one 64-byte chunk (or 16 gathered quads): out[ph * 2 + t] holds, per u32
 // lane, the bf16 codes of phase ph from bytes t and t + 2 of the lane's four bytes.
@@ -63,62 +62,100 @@ inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
       out[t] = _mm512_or_si512(_mm512_srli_epi32(f0, 16), _mm512_and_si512(f1, top));
     }
   } else {
-    // bf16 bit patterns of (i & mask) for i in 0..31: vpermw reads five index bits.
-    alignas(64) static const uint16_t table[32] = {
-#define SK_BF16_INT(i) static_cast<uint16_t>(((i) & ((1 << B) - 1)) == 0 ? 0 : bf16_of_small_int((i) & ((1 << B) - 1)))
-        SK_BF16_INT(0),  SK_BF16_INT(1),  SK_BF16_INT(2),  SK_BF16_INT(3),  SK_BF16_INT(4),  SK_BF16_INT(5),
-        SK_BF16_INT(6),  SK_BF16_INT(7),  SK_BF16_INT(8),  SK_BF16_INT(9),  SK_BF16_INT(10), SK_BF16_INT(11),
-        SK_BF16_INT(12), SK_BF16_INT(13), SK_BF16_INT(14), SK_BF16_INT(15), SK_BF16_INT(16), SK_BF16_INT(17),
-        SK_BF16_INT(18), SK_BF16_INT(19), SK_BF16_INT(20), SK_BF16_INT(21), SK_BF16_INT(22), SK_BF16_INT(23),
-        SK_BF16_INT(24), SK_BF16_INT(25), SK_BF16_INT(26), SK_BF16_INT(27), SK_BF16_INT(28), SK_BF16_INT(29),
-        SK_BF16_INT(30), SK_BF16_INT(31)};
-#undef SK_BF16_INT
-    const __m512i tbl = _mm512_load_si512(table);
+    const __m512i mask = _mm512_set1_epi32(((1 << B) - 1) * 0x10001), bias = _mm512_set1_epi32(0x43004300);
     for (int ph = 0; ph < cpb; ++ph)
-      for (int t = 0; t < 2; ++t) out[ph * 2 + t] = _mm512_permutexvar_epi16(_mm512_srli_epi32(v, 8 * t + B * ph), tbl);
+      for (int t = 0; t < 2; ++t)  // (shifted & mask) | bias
+        out[ph * 2 + t] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8 * t + B * ph), mask, bias, 0xEA);
   }
 }
 
 // ---- Few activation rows: decode in registers, dot over k -------------------------------
-template <int B, int MR>
-void dot_row(const LowbitProblem& p, const uint16_t* x16, const float* xsum, int64_t n, float* out) {
+// NR weight rows at once (rows n .. n + NR - 1): each row's sums are an independent
+// accumulator chain, so the vdpbf16ps latency is hidden and the memory streams overlap; the
+// next NR rows are prefetched (rows of a few hundred bytes are too short for the hardware
+// prefetcher to ramp up on).
+//
+// Scales are applied once per `period` chunks: a group's worth when groups span whole chunks,
+// else every chunk with a vector holding, in each u32 lane, the scale of the group that lane's
+// four bytes belong to (groups of 4..32 bytes tile a chunk in whole lanes). A row's last
+// chunk may be partial: its missing lanes load as code 0 and meet zero-padded activations.
+template <int B, int MR, int NR>
+void dot_rows(const LowbitProblem& p, const uint16_t* x16, const float* xsum, int64_t n, float out[][4]) {
   constexpr int nv = 2 * (8 / B);
-  const int64_t K = p.K, G = p.G, chunk_codes = 64 * (8 / B);
+  constexpr int64_t chunk_codes = 64 * (8 / B);
+  const int64_t K = p.K, G = p.G, g = p.group_size, K16 = bf16_row_codes(B, K);
+  const int64_t row_lanes = K * B / 32, chunks = K16 / chunk_codes;
+  const int64_t group_bytes = g * B / 8;
+  const int64_t period = std::max<int64_t>(1, group_bytes / 64);
+  const int64_t lanes_per_group = std::min<int64_t>(16, group_bytes / 4);
+  const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               __builtin_ctzll(lanes_per_group));
   const uint8_t* rb = p.qweight + n * p.row_bytes;
-  __m512 tot[MR];
-  for (int m = 0; m < MR; ++m) tot[m] = _mm512_setzero_ps();
-  float zt[MR] = {};
-  for (int64_t grp = 0; grp < G; ++grp) {
-    __m512 acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k0 = grp * p.group_size; k0 < (grp + 1) * p.group_size; k0 += chunk_codes) {
-      __m512i q[nv];
-      decode_quads<B>(_mm512_loadu_si512(rb + k0 * B / 8), q);
-      for (int v = 0; v < nv; ++v)
-        for (int m = 0; m < MR; ++m)
-          acc[m] = _mm512_dpbf16_ps(acc[m], as_bh(q[v]), as_bh(_mm512_loadu_si512(x16 + m * K + k0 + 32 * v)));
+  const int64_t pf_rows = std::min<int64_t>(NR, p.N - 1 - n);  // rows after the last are not prefetched
+  // Scales of the NR rows as fp32, 16 zeros past the end (the lane lookups read ahead).
+  thread_local std::vector<float> sbuf;
+  sbuf.assign(NR * (G + 16), 0.f);
+  float zt[MR][NR] = {};
+  for (int r = 0; r < NR; ++r)
+    for (int64_t grp = 0; grp < G; ++grp) {
+      const float sc = load_as_float(p.scale, p.scale_dtype, (n + r) * G + grp);
+      const float z = load_as_float(p.zero, p.scale_dtype, (n + r) * G + grp) - code_bias(B) * sc;
+      sbuf[r * (G + 16) + grp] = sc;
+      for (int m = 0; m < MR; ++m) zt[m][r] += z * xsum[m * G + grp];
     }
-    const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, n * G + grp));
-    const float z = load_as_float(p.zero, p.scale_dtype, n * G + grp);
-    for (int m = 0; m < MR; ++m) {
-      tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
-      zt[m] += z * xsum[m * G + grp];
+  __m512 tot[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) tot[m][r] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < chunks; c0 += period) {
+    __m512 acc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t c = c0; c < c0 + period; ++c) {
+      const int64_t lanes = std::min<int64_t>(16, row_lanes - 16 * c);
+      const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
+      const int64_t k0 = c * chunk_codes;
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* chunk = rb + r * p.row_bytes + 64 * c;
+        _mm_prefetch(reinterpret_cast<const char*>(chunk + pf_rows * p.row_bytes), _MM_HINT_T0);
+        __m512i q[nv];
+        decode_quads<B>(_mm512_maskz_loadu_epi32(mask, chunk), q);
+        for (int v = 0; v < nv; ++v)
+          for (int m = 0; m < MR; ++m)
+            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], as_bh(q[v]), as_bh(_mm512_loadu_si512(x16 + m * K16 + k0 + 32 * v)));
+      }
+    }
+    const int64_t first_group = c0 * 64 / group_bytes;
+    for (int r = 0; r < NR; ++r) {
+      const float* s = sbuf.data() + r * (G + 16) + first_group;
+      const __m512 sv = period > 1 || lanes_per_group == 16 ? _mm512_set1_ps(*s)
+                                                            : _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(s));
+      for (int m = 0; m < MR; ++m) tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
     }
   }
-  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(tot[m]) + zt[m];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) out[m][r] = _mm512_reduce_add_ps(tot[m][r]) + zt[m][r];
 }
 
-// Rows [n_begin, n_end) for activation rows [m0, m0 + mr), mr <= MR.
+// Rows [n_begin, n_end) for activation rows [m0, m0 + mr), mr <= MR: four weight rows per step
+// for one activation row, two for more (at least four accumulator chains).
 template <int B, int MR>
 void dot_rows_t(const LowbitProblem& p, int64_t m0, int64_t mr, int64_t n_begin, int64_t n_end) {
   if (mr != MR) {
     if constexpr (MR > 1) dot_rows_t<B, MR - 1>(p, m0, mr, n_begin, n_end);
     return;
   }
-  float out[MR];
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    dot_row<B, MR>(p, p.x16 + m0 * p.K, p.xsum + m0 * p.G, n, out);
-    for (int m = 0; m < MR; ++m) p.y[(m0 + m) * p.N + n] = out[m];
+  constexpr int NR = MR == 1 ? 4 : 2;
+  const uint16_t* x16 = p.x16 + m0 * bf16_row_codes(B, p.K);
+  float out[MR][4];
+  int64_t n = n_begin;
+  for (; n + NR <= n_end; n += NR) {
+    dot_rows<B, MR, NR>(p, x16, p.xsum + m0 * p.G, n, out);
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) p.y[(m0 + m) * p.N + n + r] = out[m][r];
+  }
+  for (; n < n_end; ++n) {
+    dot_rows<B, MR, 1>(p, x16, p.xsum + m0 * p.G, n, out);
+    for (int m = 0; m < MR; ++m) p.y[(m0 + m) * p.N + n] = out[m][0];
   }
 }
 
@@ -206,7 +243,7 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t n = n0 + (r < rows ? r : 0);
         sT[g * kBlockN + r] = load_as_float(p.scale, p.scale_dtype, n * G + g);
-        zT[g * kBlockN + r] = load_as_float(p.zero, p.scale_dtype, n * G + g);
+        zT[g * kBlockN + r] = load_as_float(p.zero, p.scale_dtype, n * G + g) - code_bias(p.bits) * sT[g * kBlockN + r];
       }
     // Full blocks store straight into y; a short last block goes through a 32-wide buffer.
     const bool full = rows == kBlockN;

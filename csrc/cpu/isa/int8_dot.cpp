@@ -1,0 +1,275 @@
+// W8A8 kernels, compiled once per instruction set (CMakeLists.txt builds this file with
+// -DSK_ISA_NS=isa_generic / isa_avx2 / isa_avx512 / isa_avx512vnni and the matching -m flags).
+//
+// The int8 x int8 dot products are exact in int32 on every path:
+// * AVX-512 VNNI: vpdpbusd multiplies unsigned by signed bytes, so the weight bytes are
+//   offset to u = w + 128 (one xor with 0x80) and the offset is taken back at the end:
+//   sum u*x = sum w*x + 128 * sum x, with sum x computed once per activation row. int32 lanes
+//   wrap, but the true result fits int32 (the caller bounds K), so the modular result is it.
+// * AVX-512 / AVX2 without VNNI: both operands sign-extended to int16, vpmaddwd (pairs of
+//   products below 2^15 each, summed in int32).
+// * generic: plain integer loops.
+//
+// Register tiles: MR activation rows x NR weight rows (NR a multiple of 4), one int32 vector
+// accumulator per pair, summed across lanes four at a time at the end. Weight rows are walked in blocks that stay in L2 while every
+// activation tile passes over them, so each weight byte is read from memory once per call.
+//
+// Rescaling repeats the reference's fp32 operations in its order, (acc * s_x) * s_w + bias,
+// so this file is built with -ffp-contract=off (no fused multiply-add may change a rounding).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "common/half.h"
+#include "cpu/int8_kernels.h"
+
+#ifndef SK_ISA_NS
+#error "build with -DSK_ISA_NS=<namespace>"
+#endif
+
+namespace sk {
+namespace SK_ISA_NS {
+namespace {
+
+// SK_INT8_SIMD: 0 scalar, 1 vpmaddwd (AVX2 / AVX-512), 2 vpdpbusd (AVX-512 VNNI).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SK_INT8_SIMD 2
+constexpr int kStep = 64;  // bytes of K per vector step
+using Acc = __m512i;
+#elif defined(__AVX512BW__)
+#define SK_INT8_SIMD 1
+constexpr int kStep = 32;
+using Acc = __m512i;
+#elif defined(__AVX2__)
+#define SK_INT8_SIMD 1
+constexpr int kStep = 16;
+using Acc = __m256i;
+#else
+#define SK_INT8_SIMD 0
+#endif
+
+constexpr int kMaxMR = 4, kMaxNR = 8;
+constexpr int64_t kBlockBytes = 128 << 10;  // weight rows per block: about half an L2
+
+#if SK_INT8_SIMD > 0
+inline Acc zero() {
+#if defined(__AVX512F__)
+  return _mm512_setzero_si512();
+#else
+  return _mm256_setzero_si256();
+#endif
+}
+
+// The lane sums of four accumulators as one vector {sum a, sum b, sum c, sum d}: two rounds
+// of interleave-and-add leave each 128-bit lane holding partial sums of a, b, c, d in order.
+inline __m128i reduce4(Acc a, Acc b, Acc c, Acc d) {
+#if defined(__AVX512F__)
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+#else
+  const __m256i ab = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+  const __m256i cd = _mm256_add_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+  const __m256i h = _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+#endif
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+#endif
+
+#if SK_INT8_SIMD == 2
+// One step of K: acc[m][r] += x[m] . w[r] over 64 bytes (mask: the K tail, zeros elsewhere;
+// a masked-out weight byte becomes 0x80 after the flip and meets a zero activation).
+template <int MR, int NR>
+inline void step(Acc acc[MR][NR], const int8_t* x, int64_t K, const int8_t* const* wr, const int8_t* const* pf,
+                 int64_t k, __mmask64 mask) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i wv[NR];
+  for (int r = 0; r < NR; ++r) {
+    wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr[r] + k), flip);
+    _mm_prefetch(reinterpret_cast<const char*>(pf[r] + k), _MM_HINT_T0);
+  }
+  for (int m = 0; m < MR; ++m) {
+    const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + m * K + k);
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], wv[r], xv);
+  }
+}
+#elif SK_INT8_SIMD == 1
+inline Acc widen(const int8_t* p) {
+#if defined(__AVX512BW__)
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+}
+
+inline Acc madd_add(Acc acc, Acc a, Acc b) {
+#if defined(__AVX512BW__)
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+#endif
+
+// out[m][r] = exact dot(x row m, w row r) over K for an MR x NR tile; the rows pf (the next
+// tile's) are prefetched on the way: rows a few hundred bytes long are too short for the
+// hardware prefetcher to ramp up on.
+template <int MR, int NR>
+void dot_tile(const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* const* wr, const int8_t* const* pf,
+              int32_t out[kMaxMR][kMaxNR]) {
+#if SK_INT8_SIMD > 0
+  Acc acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = zero();
+#if SK_INT8_SIMD == 2
+  int64_t k = 0;
+  for (; k + kStep <= K; k += kStep) step<MR, NR>(acc, x, K, wr, pf, k, ~__mmask64{0});
+  if (k < K) step<MR, NR>(acc, x, K, wr, pf, k, ~__mmask64{0} >> (kStep - (K - k)));
+  for (int m = 0; m < MR; ++m) {
+    const __m128i offset = _mm_set1_epi32(static_cast<int32_t>(128u * static_cast<uint32_t>(xsum[m])));
+    for (int r = 0; r < NR; r += 4) {
+      const __m128i t = reduce4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&out[m][r]), _mm_sub_epi32(t, offset));
+    }
+  }
+#else
+  (void)xsum;
+  const int64_t vec_end = K / kStep * kStep;
+  for (int64_t k = 0; k < vec_end; k += kStep) {
+    Acc wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      wv[r] = widen(wr[r] + k);
+      _mm_prefetch(reinterpret_cast<const char*>(pf[r] + k), _MM_HINT_T0);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const Acc xv = widen(x + m * K + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = madd_add(acc[m][r], wv[r], xv);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; r += 4) {
+      const __m128i t = reduce4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&out[m][r]), t);
+      for (int i = r; i < r + 4; ++i)
+        for (int64_t k = vec_end; k < K; ++k) out[m][i] += int32_t{x[m * K + k]} * wr[i][k];
+    }
+#endif
+#else
+  (void)xsum;
+  (void)pf;
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* xm = x + m * K;
+      const int8_t* w = wr[r];
+      int32_t t = 0;
+      for (int64_t k = 0; k < K; ++k) t += int32_t{xm[k]} * w[k];
+      out[m][r] = t;
+    }
+#endif
+}
+
+// dot_tile for the runtime row count mr <= MR.
+template <int MR, int NR>
+void dot_tile_upto(int64_t mr, const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* const* wr,
+                   const int8_t* const* pf, int32_t out[kMaxMR][kMaxNR]) {
+  if (mr == MR) {
+    dot_tile<MR, NR>(x, xsum, K, wr, pf, out);
+  } else if constexpr (MR > 1) {
+    dot_tile_upto<MR - 1, NR>(mr, x, xsum, K, wr, pf, out);
+  }
+}
+
+// y = (acc * s_x) * s_w (+ bias), each step one rounded fp32 operation, as in the reference.
+void store_tile(const Int8Problem& p, int64_t m0, int64_t mr, int64_t n0, int64_t nr, const int32_t out[kMaxMR][kMaxNR]) {
+  for (int64_t m = 0; m < mr; ++m)
+    for (int64_t r = 0; r < nr; ++r) {
+      float v = static_cast<float>(out[m][r]) * p.xs[m0 + m];
+      v = v * p.w_scale[n0 + r];
+      if (p.bias) v = v + p.bias[n0 + r];
+      store_from_float(p.y, p.dtype, (m0 + m) * p.N + n0 + r, v);
+    }
+}
+
+// Columns [n_begin, n_end): weight rows in L2-sized blocks; per block, every activation tile
+// meets every NR-row weight tile.
+template <int MR, int NR>
+void rows_t(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
+  const int64_t K = p.K;
+  const int64_t block = std::max<int64_t>(NR, kBlockBytes / std::max<int64_t>(K, 1) / NR * NR);
+  int32_t out[kMaxMR][kMaxNR];
+  for (int64_t b0 = n_begin; b0 < n_end; b0 += block) {
+    const int64_t b1 = std::min(n_end, b0 + block);
+    for (int64_t m0 = 0; m0 < p.M; m0 += MR) {
+      const int64_t mr = std::min<int64_t>(MR, p.M - m0);
+      for (int64_t n0 = b0; n0 < b1; n0 += NR) {
+        const int64_t nr = std::min<int64_t>(NR, b1 - n0);
+        // A short last tile repeats its first row: computed, never stored.
+        const int8_t *wr[NR], *pf[NR];
+        for (int r = 0; r < NR; ++r) {
+          wr[r] = p.w + (n0 + (r < nr ? r : 0)) * K;
+          pf[r] = p.w + std::min(n0 + NR + r, p.N - 1) * K;  // the next tile (prefetches do not fault)
+        }
+        dot_tile_upto<MR, NR>(mr, p.xq + m0 * K, p.xsum + m0, K, wr, pf, out);
+        store_tile(p, m0, mr, n0, nr, out);
+      }
+    }
+  }
+}
+
+void rows(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
+  // One activation row streams eight weight rows at a time; more rows share 4 x 4 tiles.
+  if (p.M == 1)
+    rows_t<1, 8>(p, n_begin, n_end);
+  else
+    rows_t<4, 4>(p, n_begin, n_end);
+}
+
+// q = clamp(round_half_even(x / s), -127, 127) with s = amax / 127: an IEEE division per
+// element, as the reference computes it (a reciprocal would round differently).
+float quantize_row(const float* x, int64_t K, int8_t* q, int32_t* qsum) {
+  int64_t k = 0;
+  float amax = 0.f;
+#if defined(__AVX512F__)
+  __m512 vmax = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  amax = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  float s = amax / 127.0f;
+  if (!(s > 0.0f)) s = 1.0f;
+  k = 0;
+  int32_t sum = 0;
+#if defined(__AVX512F__)
+  const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  __m512i vsum = _mm512_setzero_si512();
+  for (; k + 16 <= K; k += 16) {
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i qi = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+    vsum = _mm512_add_epi32(vsum, qi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(qi));
+  }
+  sum = _mm512_reduce_add_epi32(vsum);
+#endif
+  for (; k < K; ++k) {
+    const float v = std::nearbyint(x[k] / s);
+    q[k] = static_cast<int8_t>(std::min(std::max(v, -127.0f), 127.0f));
+    sum += q[k];
+  }
+  *qsum = sum;
+  return s;
+}
+
+}  // namespace
+
+const Int8Kernels& int8_kernels() {
+  static const Int8Kernels k{quantize_row, rows};
+  return k;
+}
+
+}  // namespace SK_ISA_NS
+}  // namespace sk
