@@ -37,7 +37,8 @@ class NativeDecoder:
     call per token. Holds the tensors the C++ side points at; the model must outlive it.
 
     ``head``: None (the range ends at a split), ``"int8"`` (the LM head as per-row int8 weights,
-    fp32 activations) or ``"fp32"`` (the dense head as it is). A low-bit LM head (OPSC) runs as stored.
+    fp32 activations; the fused argmax still equals the fp32 head's, see csrc/cpu/decode/decode.h)
+    or ``"fp32"`` (the dense head as it is). A low-bit LM head (OPSC) runs as stored.
     """
 
     def __init__(self, model: nn.Module, first: int, last: int, head: str | None = None) -> None:
@@ -90,8 +91,10 @@ class NativeDecoder:
             return self._linear(module)
         codes, scales = quantize_rows_int8(module.weight)
         bias = getattr(module, "bias", None)
+        # The fp32 weight (the model's own, not a copy) lets the fused argmax be the fp32 head's.
         return {"kind": _INT8, "N": int(module.out_features), "K": int(module.in_features),
                 "w8": _ptr(self._hold(codes)), "w8_scale": _ptr(self._hold(scales)),
+                "weight": _ptr(self._hold(module.weight.float())),
                 "bias": 0 if bias is None else _ptr(self._hold(bias.float()))}
 
     # -- rotary table ------------------------------------------------------------------------------

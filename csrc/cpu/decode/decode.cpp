@@ -136,6 +136,29 @@ void rotary(float* x, int64_t heads, int64_t hd, const float* cos, const float* 
   }
 }
 
+// Row n of an int8 head differs from the fp32 one by at most bound[n] = scale[n] * |x|_1 / 2
+// (each code is off by at most half a step), plus fp32 rounding of both sums (at most
+// K * 2^-23 * sum |w x| each, with |w| <= 127 * scale[n]). Rows whose upper bound reaches the
+// best lower bound are recomputed from the fp32 weight; the first maximum of those is the fp32
+// head's argmax. Returns it and leaves the exact logits of the recomputed rows in `out`.
+int64_t exact_argmax(const DecodeLinear& l, const float* x, float* out) {
+  float l1 = 0.f;
+  for (int64_t k = 0; k < l.K; ++k) l1 += std::fabs(x[k]);
+  const float slack = 0.5f + 2.f * 127.f * static_cast<float>(l.K) * 1.2e-7f;
+  auto bound = [&](int64_t n) { return l.w8_scale[n] * l1 * slack * 1.001f; };
+  float floor = -std::numeric_limits<float>::infinity();
+  for (int64_t n = 0; n < l.N; ++n) floor = std::max(floor, out[n] - bound(n));
+  std::vector<int64_t> cand;
+  for (int64_t n = 0; n < l.N; ++n)
+    if (out[n] + bound(n) >= floor) cand.push_back(n);
+  int64_t best = cand[0];
+  for (int64_t n : cand) {
+    vec().f32_rows(l.weight, l.K, x, l.bias, out, n, n + 1);
+    if (out[n] > out[best]) best = n;
+  }
+  return best;
+}
+
 struct Scratch {
   std::vector<float> xn, q, k, v, attn, tmp, gate, up;
 };
@@ -269,6 +292,7 @@ std::string DecodeStack::step(float* h, int64_t pos, float* kv, int64_t capacity
   int64_t b = best[0];
   for (int64_t c = 1; c < chunks; ++c)
     if (out[best[c]] > out[b]) b = best[c];
+  if (head_.kind == DecodeLinear::kInt8 && head_.weight) b = exact_argmax(head_, t.xn.data(), out);
   if (token) *token = b;
   return "";
 }

@@ -25,9 +25,11 @@ struct DecodeLinear {
   int scale_dtype = 0;
   int bits = 0;
   int64_t group_size = 0;
-  // kDense: fp32 [N, K].
+  // kDense: fp32 [N, K]. With kInt8 (LM head only, optional): the fp32 weight the int8 codes
+  // were rounded from, so the argmax can be made exact (see DecodeStack::step).
   const float* weight = nullptr;
-  // kInt8: int8 [N, K] with one fp32 scale per row (weight-only; activations stay fp32).
+  // kInt8: int8 [N, K] with one fp32 scale per row (weight-only; activations stay fp32),
+  // codes = round(W / scale), scale = absmax / 127 (|W - codes * scale| <= scale / 2).
   const int8_t* w8 = nullptr;
   const float* w8_scale = nullptr;
 };
@@ -58,7 +60,9 @@ class DecodeStack {
 
   // Runs h [hidden] (fp32, in place) at position `pos` through every layer, writing each
   // layer's key and value at `pos` of `kv`. cos/sin: rotary tables' rows for `pos` [head_dim].
-  // With a head: logits [vocab] (may be null) and the first argmax into *token.
+  // With a head: logits [vocab] (may be null) and the first argmax into *token. An int8 head
+  // with its fp32 weight gives the fp32 head's argmax: every row whose int8 logit is within the
+  // rounding bound of the best is recomputed in fp32 (those logits are then exact too).
   std::string step(float* h, int64_t pos, float* kv, int64_t capacity, const float* cos, const float* sin,
                    float* logits, int64_t* token) const;
 

@@ -3,6 +3,10 @@
 // four xmm registers per vector).
 #include <cstring>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/decode/vec.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector helpers are internal to this file
@@ -25,10 +29,24 @@ inline f32x16 loadf(const float* p) {
   return v;
 }
 
+// 16 int8 as fp32 lanes (GCC lowers the generic conversion byte by byte, hence the intrinsics).
 inline f32x16 load_i8(const int8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<f32x16>(
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+  f32x16 v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
   i8x16 v;
   std::memcpy(&v, p, sizeof v);
   return __builtin_convertvector(v, f32x16);
+#endif
 }
 
 inline float hsum(f32x16 v) {
