@@ -112,10 +112,10 @@ class NativeDecoder:
         self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
 
     # -- decoding ----------------------------------------------------------------------------------
-    def new_cache(self, new_dynamic) -> FastCache:
+    def new_cache(self, new_dynamic, min_capacity: int = 64) -> FastCache:
         """An empty cache for one sequence; ``new_dynamic()`` makes the eager path's cache (prefill)."""
         d = self.description
-        return FastCache(new_dynamic, self.first, self.last, d.kv_heads, d.head_dim)
+        return FastCache(new_dynamic, self.first, self.last, d.kv_heads, d.head_dim, min_capacity)
 
     def step(self, hidden: torch.Tensor, cache: FastCache, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """One token: ``hidden [d]`` (the layer range's input) at position ``cache.length``.
