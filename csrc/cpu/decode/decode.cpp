@@ -64,11 +64,12 @@ std::string linear_rows(const DecodeLinear& l, const float* x, float* y, int64_t
   }
 }
 
-// Rows per chunk: the whole matrix on one thread (a low-bit call prepares x once per chunk),
-// else about four chunks per thread in whole 32-row tiles, so a late worker delays little.
-int64_t chunk_rows(int64_t N, int threads) {
-  if (threads <= 1) return std::max<int64_t>(N, 1);
-  const int64_t want = N / (4 * threads);
+// Rows per chunk of a phase holding `total` rows: the whole matrix on one thread (each
+// low-bit chunk prepares x once, so fewer chunks cost less), else about two chunks per thread
+// in whole 32-row tiles, so a late worker delays little.
+int64_t chunk_rows(int64_t total, int threads) {
+  if (threads <= 1) return std::max<int64_t>(total, 1);
+  const int64_t want = (total + 2 * threads - 1) / (2 * threads);
   return std::max<int64_t>(32, (want + 31) / 32 * 32);
 }
 
@@ -93,8 +94,11 @@ std::string run_parts(const std::vector<Part>& parts, bool paired,
     const int64_t N = parts[0].l->N, rows = chunk_rows(N, threads);
     for (int64_t n0 = 0; n0 < N; n0 += rows) chunks.push_back({-1, n0, std::min(N, n0 + rows)});
   } else {
+    int64_t total = 0;
+    for (const Part& p : parts) total += p.l->N;
+    const int64_t rows = chunk_rows(total, threads);
     for (int i = 0; i < static_cast<int>(parts.size()); ++i) {
-      const int64_t N = parts[i].l->N, rows = chunk_rows(N, threads);
+      const int64_t N = parts[i].l->N;
       for (int64_t n0 = 0; n0 < N; n0 += rows) chunks.push_back({i, n0, std::min(N, n0 + rows)});
     }
   }
