@@ -182,6 +182,18 @@ def test_decode_stack_rejects_bad_sizes():
         stack.step(1, 8, 1, 8, 1, 1)
 
 
+def test_native_step_rejects_bad_tensors():
+    model = tiny_model("llama", seed=1, num_layers=2, hidden=64, vocab=128)
+    decoder = NativeDecoder(model, 0, 2, head="int8")
+    cache = decoder.new_cache(lambda: DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="logits must be a contiguous float32 tensor of the head's 128 rows"):
+        decoder.step(torch.zeros(64), cache, torch.empty(127))
+    with pytest.raises(ValueError, match="hidden must hold 64 values"):
+        decoder.step(torch.zeros(63), cache)
+    with pytest.raises(ValueError, match="head must be None or one of"):
+        NativeDecoder(model, 0, 2, head="int4")
+
+
 @pytest.mark.parametrize("head", ["int8", "fp32"])
 def test_split_greedy_equals_eager_split(head):
     model = tiny_model("llama", seed=7, num_layers=4)

@@ -98,10 +98,12 @@ class NativeDecoder:
                 "bias": 0 if bias is None else _ptr(self._hold(bias.float()))}
 
     # -- rotary table ------------------------------------------------------------------------------
-    def _rope_rows(self, capacity: int) -> None:
-        """cos/sin of positions ``0..capacity-1`` from the model's own rotary module."""
-        if self._cos.shape[0] >= capacity:
-            return
+    def _rope_rows(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[>= capacity, head_dim]`` of positions ``0..`` from the model's own rotary
+        module (returned, so a step keeps its tables alive while another session grows them)."""
+        cos, sin = self._cos, self._sin
+        if cos.shape[0] >= capacity:
+            return cos, sin
         d = self.description
         positions = torch.arange(capacity).unsqueeze(0)
         probe = torch.zeros(1, 1, d.head_dim, dtype=torch.float32)
@@ -110,6 +112,7 @@ class NativeDecoder:
         if cos.shape[-1] != d.head_dim:
             raise FastPathUnsupported(f"the rotary table is {cos.shape[-1]} wide, not head_dim = {d.head_dim}")
         self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        return self._cos, self._sin
 
     # -- decoding ----------------------------------------------------------------------------------
     def new_cache(self, new_dynamic, min_capacity: int = 64) -> FastCache:
@@ -123,10 +126,15 @@ class NativeDecoder:
         fills ``logits [vocab]`` fp32 when given (a head is needed)."""
         pos = cache.length
         kv, capacity = cache.static(pos + 1)
-        self._rope_rows(capacity)
+        cos, sin = self._rope_rows(capacity)
         h = hidden.detach().reshape(-1).to(torch.float32, copy=True)
+        if logits is not None and (logits.dtype != torch.float32 or not logits.is_contiguous()
+                                   or logits.numel() != getattr(self, "vocab", -1)):
+            raise ValueError(f"logits must be a contiguous float32 tensor of the head's {getattr(self, 'vocab', 0)} "
+                             "rows (and the decoder must have a head)")
+        if h.numel() != self.description.hidden:
+            raise ValueError(f"hidden must hold {self.description.hidden} values, got {h.numel()}")
         hd = self.description.head_dim
-        token = self.stack.step(_ptr(h), pos, _ptr(kv), capacity, _ptr(self._cos) + pos * hd * 4,
-                                _ptr(self._sin) + pos * hd * 4, _ptr(logits))
+        token = self.stack.step(_ptr(h), pos, _ptr(kv), capacity, _ptr(cos[pos]), _ptr(sin[pos]), _ptr(logits))
         cache.advance()
         return h, token
