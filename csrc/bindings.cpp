@@ -38,6 +38,8 @@ void check(const std::string& err) {
 
 }  // namespace
 
+void bind_decode(py::module_& m);  // csrc/decode_bindings.cpp
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "splitkernels CPU kernels (torch-free; pointers and sizes in, see splitkernels/backends/cpp.py)";
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -178,4 +180,6 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("n"), "Threads of later kernel calls (the worker pool, and OpenMP for this Python thread).");
 
   m.def("num_threads", &sk::num_threads, "Threads the lowbit and int8 kernels use, the caller included.");
+
+  bind_decode(m);
 }

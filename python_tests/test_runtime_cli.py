@@ -43,6 +43,13 @@ def test_demo_json_on_tiny_model():
     q = report["quality"]
     assert q["tokens"] == 39 and q["kl"] >= 0 and 0 <= q["top1_agreement"] <= 1
     assert report["split_layer"] == 2 and report["server"]["sessions"] == 0
+    assert report["decode_path"] == {"edge": "native fast path", "server": "native fast path"}
+
+
+def test_demo_eager_flag_forces_the_eager_path():
+    report = json.loads(_run_cli("demo", "--model", "tiny", "--max-new-tokens", "2", "--eval-tokens", "0",
+                                 "--eager", "--json"))
+    assert all("eager" in path and "fast=False" in path for path in report["decode_path"].values())
 
 
 def test_demo_text_report_and_lossless_option():
@@ -52,6 +59,7 @@ def test_demo_text_report_and_lossless_option():
         assert label in text
     assert "+0.00%" in text and "KL 0.00000" in text  # lossless codec: the split model is the model
     assert "emulated link" in text
+    assert "decode:   edge eager (model family 'gpt2'" in text
 
 
 def test_serve_and_edge_as_separate_processes():

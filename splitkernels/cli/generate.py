@@ -33,6 +33,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bandwidth-mbps", type=types.positive, default=None, help="emulate a link of this bandwidth")
     g.add_argument("--rtt-ms", type=types.non_negative, default=0.0, help="emulated round-trip time (with --bandwidth-mbps)")
     g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.add_argument("--eager", action="store_true",
+                   help="run every step through the model's own forward (default: the native decode path "
+                        "where it covers the model)")
 
 
 def _with_link(transport, args: argparse.Namespace):
@@ -74,6 +77,7 @@ def _print_report(report: dict) -> None:
     sides = [f"{side} {c['bits']}-bit g{c['group_size']}" for side, c in opsc.items() if c]
     print(f"codec:    {report['codec_text']}; OPSC weights: {', '.join(sides) or 'dense'}")
     print(f"link:     {report['transport']}")
+    print(f"decode:   edge {report['decode_path']['edge']}; server {report['decode_path'].get('server', 'remote')}")
     print(f"prompt:   {report['prompt']!r}")
     print(f"output:   {report['text']!r}")
     print(f"wire:     {s['bytes_per_token']:.1f} bytes/token vs {s['fp16_bytes_per_token']} fp16 "
@@ -122,8 +126,19 @@ def _base_report(loaded: LoadedModel, sm, settings: SplitSettings, args: argpars
         "tokens": result.new_tokens,
         "text": loaded.decode(result.new_tokens),
         "generation": result.metrics.summary(),
+        "decode_path": _decode_paths(sm),
         "note": loaded.note,
     }
+
+
+def _decode_paths(sm) -> dict:
+    """How each segment held here runs its one-token steps: native, or eager with the reason."""
+    out = {}
+    for side in ("edge", "server"):
+        segment = getattr(sm, side)
+        if segment is not None:
+            out[side] = "native fast path" if segment.fast else f"eager ({segment.fast_reason})"
+    return out
 
 
 def _emit(report: dict, args: argparse.Namespace, codec: CodecConfig) -> None:
@@ -142,7 +157,8 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     tls = TlsFiles(root_certificates=read_bytes(args.tls_ca, "CA certificate (--tls-ca)")) if args.tls_ca else None
     loaded = load_model(args.model, args.family, args.seed)
     settings = split_settings(args, loaded)
-    sm = split_model(loaded.model, settings.split_layer, codec=settings.codec, opsc=settings.opsc("edge"))
+    sm = split_model(loaded.model, settings.split_layer, codec=settings.codec, opsc=settings.opsc("edge"),
+                     fast=not args.eager)
     sm.release("server")
     grpc_transport = GrpcTransport(args.server, token=args.token, tls=tls, timeout_s=args.timeout,
                                    max_message_bytes=message_bytes(args), server_name=args.server_name)
@@ -175,7 +191,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # OPSC quantises in place: keep an untouched copy as the quality reference.
     reference = load_model(args.model, args.family, args.seed).model if opsc else loaded.model
     sm = split_model(loaded.model, settings.split_layer, codec=settings.codec, opsc=opsc,
-                     limits=Limits(max_sessions=4, max_seq_len=4096))
+                     limits=Limits(max_sessions=4, max_seq_len=4096), fast=not args.eager)
     token = secrets.token_hex(16)
     server = GrpcServer(sm.manager, "127.0.0.1", 0, token=token,
                         info={"model": loaded.name, "split_layer": sm.split_layer,

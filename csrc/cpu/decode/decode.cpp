@@ -1,0 +1,304 @@
+// The decode step of decode.h. Each layer is five thread-pool phases: Q|K|V rows, attention,
+// output rows, gate|up rows with the SiLU product, down rows. A phase splits the rows of its
+// projections into chunks (a low-bit chunk is one sk::lowbit_linear call on a row slice of the
+// packed weight; inside a pool job that call runs inline on the claiming thread), so one
+// wake-up of the pool serves all of a phase's matrices.
+#include "cpu/decode/decode.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <mutex>
+
+#include "common/half.h"
+#include "cpu/decode/vec.h"
+#include "cpu/linear.h"
+#include "cpu/thread_pool.h"
+
+namespace sk {
+namespace {
+
+const DecodeVec& vec() {
+#if defined(SK_HAVE_X86_ISAS)
+  // Follows the low-bit kernels' choice, so set_lowbit_isa("generic") tests both.
+  const std::string isa = lowbit_isa();
+  if (isa.rfind("avx512", 0) == 0) return isa_avx512::decode_vec();
+  if (isa == "avx2") return isa_avx2::decode_vec();
+#endif
+  return isa_generic::decode_vec();
+}
+
+std::string check_linear(const char* name, const DecodeLinear& l, int64_t N, int64_t K) {
+  const std::string n = name;
+  if (l.N != N || l.K != K)
+    return n + " must be [" + std::to_string(N) + ", " + std::to_string(K) + "], got [" + std::to_string(l.N) +
+           ", " + std::to_string(l.K) + "]";
+  switch (l.kind) {
+    case DecodeLinear::kLowbit:
+      if (!l.qweight || !l.scale || !l.zero) return n + ": low-bit weight needs qweight, scale and zero";
+      if (!(l.bits == 2 || l.bits == 3 || l.bits == 4 || l.bits == 8)) return n + ": bits must be one of (2, 3, 4, 8)";
+      if (l.group_size <= 0 || K % l.group_size) return n + ": group_size must divide K";
+      if (l.words * 32 < K * l.bits) return n + ": qweight has too few words per row";
+      if (l.scale_dtype < kFloat32 || l.scale_dtype > kBFloat16) return n + ": scale dtype must be fp32, fp16 or bf16";
+      return "";
+    case DecodeLinear::kDense: return l.weight ? "" : n + ": dense weight is null";
+    case DecodeLinear::kInt8: return l.w8 && l.w8_scale ? "" : n + ": int8 weight needs w8 and w8_scale";
+    default: return n + ": kind must be 0 (low-bit), 1 (dense fp32) or 2 (int8)";
+  }
+}
+
+// y[n0:n1) of one projection on the calling thread.
+std::string linear_rows(const DecodeLinear& l, const float* x, float* y, int64_t n0, int64_t n1) {
+  const float* bias = l.bias ? l.bias + n0 : nullptr;
+  switch (l.kind) {
+    case DecodeLinear::kLowbit: {
+      const int64_t G = l.K / l.group_size, ss = dtype_size(l.scale_dtype);
+      return lowbit_linear(x, kFloat32, 1, l.K, l.qweight + n0 * l.words, n1 - n0, l.words,
+                           static_cast<const uint8_t*>(l.scale) + n0 * G * ss,
+                           static_cast<const uint8_t*>(l.zero) + n0 * G * ss, l.scale_dtype, l.bits, l.group_size,
+                           bias, y + n0);
+    }
+    case DecodeLinear::kDense: vec().f32_rows(l.weight, l.K, x, l.bias, y, n0, n1); return "";
+    default: vec().i8_rows(l.w8, l.w8_scale, l.K, x, l.bias, y, n0, n1); return "";
+  }
+}
+
+// Rows per chunk of a phase holding `total` rows: the whole matrix on one thread (each
+// low-bit chunk prepares x once, so fewer chunks cost less), else about two chunks per thread
+// in whole 32-row tiles, so a late worker delays little.
+int64_t chunk_rows(int64_t total, int threads) {
+  if (threads <= 1) return std::max<int64_t>(total, 1);
+  const int64_t want = (total + 2 * threads - 1) / (2 * threads);
+  return std::max<int64_t>(32, (want + 31) / 32 * 32);
+}
+
+struct Part {
+  const DecodeLinear* l;
+  const float* x;
+  float* y;
+};
+
+// Runs the projections of one phase over the pool; `after(i, n0, n1)` runs on the same
+// thread right after part i's rows [n0, n1) (parts listed together share their row ranges
+// when `paired`: chunk c of every part covers the same rows, and `after` sees all of them).
+std::string run_parts(const std::vector<Part>& parts, bool paired,
+                      const std::function<void(int64_t, int64_t)>& after = nullptr) {
+  const int threads = num_threads();
+  struct Chunk {
+    int part;
+    int64_t n0, n1;
+  };
+  std::vector<Chunk> chunks;
+  if (paired) {
+    const int64_t N = parts[0].l->N, rows = chunk_rows(N, threads);
+    for (int64_t n0 = 0; n0 < N; n0 += rows) chunks.push_back({-1, n0, std::min(N, n0 + rows)});
+  } else {
+    int64_t total = 0;
+    for (const Part& p : parts) total += p.l->N;
+    const int64_t rows = chunk_rows(total, threads);
+    for (int i = 0; i < static_cast<int>(parts.size()); ++i) {
+      const int64_t N = parts[i].l->N;
+      for (int64_t n0 = 0; n0 < N; n0 += rows) chunks.push_back({i, n0, std::min(N, n0 + rows)});
+    }
+  }
+  std::mutex mu;
+  std::string err;
+  parallel_for(static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& ch = chunks[c];
+      for (int i = 0; i < static_cast<int>(parts.size()); ++i) {
+        if (ch.part >= 0 && ch.part != i) continue;
+        std::string e = linear_rows(*parts[i].l, parts[i].x, parts[i].y, ch.n0, ch.n1);
+        if (!e.empty()) {
+          std::lock_guard<std::mutex> lock(mu);
+          err = e;
+        }
+      }
+      if (after) after(ch.n0, ch.n1);
+    }
+  });
+  return err;
+}
+
+void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) {
+  const float var = vec().dot(x, x, n) / static_cast<float>(n);
+  const float inv = 1.0f / std::sqrt(var + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+// x [heads, hd] rotated in place, rotate-half convention: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
+void rotary(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * hd;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+// Row n of an int8 head differs from the fp32 one by at most bound[n] = scale[n] * |x|_1 / 2
+// (each code is off by at most half a step), plus fp32 rounding of both sums (at most
+// K * 2^-23 * sum |w x| each, with |w| <= 127 * scale[n]). Rows whose upper bound reaches the
+// best lower bound are recomputed from the fp32 weight; the first maximum of those is the fp32
+// head's argmax. Returns it and leaves the exact logits of the recomputed rows in `out`.
+int64_t exact_argmax(const DecodeLinear& l, const float* x, float* out) {
+  float l1 = 0.f;
+  for (int64_t k = 0; k < l.K; ++k) l1 += std::fabs(x[k]);
+  const float slack = 0.5f + 2.f * 127.f * static_cast<float>(l.K) * 1.2e-7f;
+  auto bound = [&](int64_t n) { return l.w8_scale[n] * l1 * slack * 1.001f; };
+  float floor = -std::numeric_limits<float>::infinity();
+  for (int64_t n = 0; n < l.N; ++n) floor = std::max(floor, out[n] - bound(n));
+  std::vector<int64_t> cand;
+  for (int64_t n = 0; n < l.N; ++n)
+    if (out[n] + bound(n) >= floor) cand.push_back(n);
+  int64_t best = cand[0];
+  for (int64_t n : cand) {
+    vec().f32_rows(l.weight, l.K, x, l.bias, out, n, n + 1);
+    if (out[n] > out[best]) best = n;
+  }
+  return best;
+}
+
+struct Scratch {
+  std::vector<float> xn, q, k, v, attn, tmp, gate, up;
+};
+
+}  // namespace
+
+std::string decode_isa() { return vec().name; }
+
+std::string DecodeStack::add_layer(const DecodeLayer& l) {
+  const DecodeShape& s = shape_;
+  if (!l.input_norm || !l.post_norm) return "layer norms must not be null";
+  const int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
+  std::string e;
+  if (!(e = check_linear("q_proj", l.q, qd, s.hidden)).empty() || !(e = check_linear("k_proj", l.k, kvd, s.hidden)).empty() ||
+      !(e = check_linear("v_proj", l.v, kvd, s.hidden)).empty() || !(e = check_linear("o_proj", l.o, s.hidden, qd)).empty() ||
+      !(e = check_linear("gate_proj", l.gate, s.intermediate, s.hidden)).empty() ||
+      !(e = check_linear("up_proj", l.up, s.intermediate, s.hidden)).empty() ||
+      !(e = check_linear("down_proj", l.down, s.hidden, s.intermediate)).empty())
+    return e;
+  layers_.push_back(l);
+  return "";
+}
+
+std::string DecodeStack::set_head(const float* norm, float eps, const DecodeLinear& head) {
+  if (!norm) return "head norm must not be null";
+  if (head.N <= 0) return "head must have at least one row";
+  std::string e = check_linear("lm_head", head, head.N, shape_.hidden);
+  if (!e.empty()) return e;
+  head_norm_ = norm;
+  head_eps_ = eps;
+  head_ = head;
+  return "";
+}
+
+std::string DecodeStack::step(float* h, int64_t pos, float* kv, int64_t capacity, const float* cos, const float* sin,
+                              float* logits, int64_t* token) const {
+  const DecodeShape& s = shape_;
+  if (pos < 0 || pos >= capacity) return "pos must be in [0, capacity)";
+  if (!layers_.empty() && (!kv || !cos || !sin)) return "kv, cos and sin must not be null";
+  const int64_t hd = s.head_dim, qd = s.heads * hd, kvd = s.kv_heads * hd, group = s.heads / s.kv_heads;
+  thread_local Scratch scratch;
+  Scratch& t = scratch;  // a reference: lambdas run on pool threads must see this thread's buffers
+  t.xn.resize(s.hidden);
+  t.q.resize(qd);
+  t.k.resize(kvd);
+  t.v.resize(kvd);
+  t.attn.resize(qd);
+  t.tmp.resize(std::max(s.hidden, has_head() ? head_.N : 0));
+  t.gate.resize(s.intermediate);
+  t.up.resize(s.intermediate);
+  const DecodeVec& V = vec();
+  const int64_t plane = s.kv_heads * capacity * hd;  // one of K or V of one layer
+  std::string err;
+
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    const DecodeLayer& L = layers_[li];
+    float* kc = kv + static_cast<int64_t>(li) * 2 * plane;
+    float* vc = kc + plane;
+
+    rms_norm(h, L.input_norm, L.eps, s.hidden, t.xn.data());
+    if (!(err = run_parts({{&L.q, t.xn.data(), t.q.data()}, {&L.k, t.xn.data(), t.k.data()},
+                           {&L.v, t.xn.data(), t.v.data()}}, false)).empty())
+      return err;
+    rotary(t.q.data(), s.heads, hd, cos, sin);
+    rotary(t.k.data(), s.kv_heads, hd, cos, sin);
+    for (int64_t g = 0; g < s.kv_heads; ++g) {
+      std::copy_n(t.k.data() + g * hd, hd, kc + (g * capacity + pos) * hd);
+      std::copy_n(t.v.data() + g * hd, hd, vc + (g * capacity + pos) * hd);
+    }
+
+    // Attention of each query head over positions 0..pos of its key/value head.
+    const int64_t n = pos + 1;
+    auto heads = [&](int64_t h0, int64_t h1) {
+      std::vector<float> p(n);
+      for (int64_t head = h0; head < h1; ++head) {
+        const float* qh = t.q.data() + head * hd;
+        const float* kh = kc + (head / group) * capacity * hd;
+        const float* vh = vc + (head / group) * capacity * hd;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          p[j] = V.dot(qh, kh + j * hd, hd) * s.attn_scale;
+          m = std::max(m, p[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
+        float* out = t.attn.data() + head * hd;
+        std::fill_n(out, hd, 0.f);
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < n; ++j) V.axpy(p[j] * inv, vh + j * hd, out, hd);
+      }
+    };
+    // Threads pay off only once the context is long (a pool wake-up costs microseconds).
+    if (n * s.heads * hd >= (int64_t{1} << 16))
+      parallel_for(s.heads, 1, heads);
+    else
+      heads(0, s.heads);
+
+    if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, false)).empty()) return err;
+    for (int64_t i = 0; i < s.hidden; ++i) h[i] += t.tmp[i];
+
+    rms_norm(h, L.post_norm, L.eps, s.hidden, t.xn.data());
+    float* gate = t.gate.data();
+    const float* up = t.up.data();
+    if (!(err = run_parts({{&L.gate, t.xn.data(), gate}, {&L.up, t.xn.data(), t.up.data()}}, true,
+                          [&](int64_t n0, int64_t n1) {
+                            for (int64_t i = n0; i < n1; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+                          }))
+             .empty())
+      return err;
+    if (!(err = run_parts({{&L.down, gate, t.tmp.data()}}, false)).empty()) return err;
+    for (int64_t i = 0; i < s.hidden; ++i) h[i] += t.tmp[i];
+  }
+
+  if (!has_head()) return "";
+  rms_norm(h, head_norm_, head_eps_, s.hidden, t.xn.data());
+  float* out = logits ? logits : t.tmp.data();
+  // Argmax fused into the head's chunks: each keeps its own first maximum, merged in row order.
+  const int64_t rows = chunk_rows(head_.N, num_threads());
+  const int64_t chunks = (head_.N + rows - 1) / rows;
+  std::vector<int64_t> best(chunks, -1);
+  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * rows, n1 = std::min(head_.N, n0 + rows);
+      linear_rows(head_, t.xn.data(), out, n0, n1);  // dense and int8 rows cannot fail
+      int64_t b = n0;
+      for (int64_t i = n0 + 1; i < n1; ++i)
+        if (out[i] > out[b]) b = i;
+      best[c] = b;
+    }
+  });
+  int64_t b = best[0];
+  for (int64_t c = 1; c < chunks; ++c)
+    if (out[best[c]] > out[b]) b = best[c];
+  if (head_.kind == DecodeLinear::kInt8 && head_.weight) b = exact_argmax(head_, t.xn.data(), out);
+  if (token) *token = b;
+  return "";
+}
+
+}  // namespace sk

@@ -1,0 +1,84 @@
+// Native decode step of llama-style decoder layers on the CPU: one call runs a token through a
+// stack of layers (RMSNorm, Q/K/V projections, rotary, grouped-query attention over a static
+// KV cache, output projection, gated SiLU MLP, residuals) and optionally the final norm and LM
+// head with a fused argmax. The Python driver (splitkernels/fastpath/) decides which models
+// this covers and keeps every tensor alive; here are only pointers and sizes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sk {
+
+// One projection y [N] = x [K] @ W^T (+ bias), in one of three weight formats.
+struct DecodeLinear {
+  enum Kind : int { kLowbit = 0, kDense = 1, kInt8 = 2 };
+  int kind = kDense;
+  int64_t N = 0, K = 0;
+  const float* bias = nullptr;  // fp32 [N] or null
+  // kLowbit: the packed weight of docs/FORMATS.md section 2 (computed by sk::lowbit_linear).
+  const int32_t* qweight = nullptr;
+  int64_t words = 0;
+  const void* scale = nullptr;
+  const void* zero = nullptr;
+  int scale_dtype = 0;
+  int bits = 0;
+  int64_t group_size = 0;
+  // kDense: fp32 [N, K]. With kInt8 (LM head only, optional): the fp32 weight the int8 codes
+  // were rounded from, so the argmax can be made exact (see DecodeStack::step).
+  const float* weight = nullptr;
+  // kInt8: int8 [N, K] with one fp32 scale per row (weight-only; activations stay fp32),
+  // codes = round(W / scale), scale = absmax / 127 (|W - codes * scale| <= scale / 2).
+  const int8_t* w8 = nullptr;
+  const float* w8_scale = nullptr;
+};
+
+struct DecodeShape {
+  int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0;
+  float attn_scale = 1.f;
+};
+
+struct DecodeLayer {
+  const float* input_norm = nullptr;  // fp32 [hidden] RMSNorm weights
+  const float* post_norm = nullptr;
+  float eps = 1e-6f;
+  DecodeLinear q, k, v, o, gate, up, down;
+};
+
+// A stack of decoder layers (and an optional head) sharing one shape. The KV cache of a
+// sequence is fp32 [layers, 2, kv_heads, capacity, head_dim] (keys after rotary), owned by the
+// caller so that prefill can fill it from another cache.
+class DecodeStack {
+ public:
+  explicit DecodeStack(const DecodeShape& shape) : shape_(shape) {}
+
+  // Checks a layer's sizes against the shape; "" or an error naming the field.
+  std::string add_layer(const DecodeLayer& layer);
+  // Final RMSNorm weights fp32 [hidden] and the LM head (K = hidden).
+  std::string set_head(const float* norm, float eps, const DecodeLinear& head);
+
+  // Runs h [hidden] (fp32, in place) at position `pos` through every layer, writing each
+  // layer's key and value at `pos` of `kv`. cos/sin: rotary tables' rows for `pos` [head_dim].
+  // With a head: logits [vocab] (may be null) and the first argmax into *token. An int8 head
+  // with its fp32 weight gives the fp32 head's argmax: every row whose int8 logit is within the
+  // rounding bound of the best is recomputed in fp32 (those logits are then exact too).
+  std::string step(float* h, int64_t pos, float* kv, int64_t capacity, const float* cos, const float* sin,
+                   float* logits, int64_t* token) const;
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  bool has_head() const { return head_norm_ != nullptr; }
+  const DecodeShape& shape() const { return shape_; }
+
+ private:
+  DecodeShape shape_;
+  std::vector<DecodeLayer> layers_;
+  const float* head_norm_ = nullptr;
+  float head_eps_ = 1e-6f;
+  DecodeLinear head_;
+};
+
+// Name of the vector primitives in use (follows the low-bit kernels' instruction set).
+std::string decode_isa();
+
+}  // namespace sk

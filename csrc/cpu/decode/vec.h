@@ -1,0 +1,28 @@
+// Vector primitives of the native decode step (csrc/cpu/decode/decode.cpp), compiled once per
+// instruction set like the low-bit kernels (CMakeLists.txt builds vec.cpp with
+// -DSK_ISA_NS=isa_generic / isa_avx2 / isa_avx512) and picked at run time from what the CPU
+// reports. They promise a tolerance, not bit equality (FMA contraction is on).
+#pragma once
+
+#include <cstdint>
+
+namespace sk {
+
+struct DecodeVec {
+  const char* name;
+  // sum_i a[i] * b[i]
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // y[n] = dot(W[n], x) (+ bias[n]) for rows [n0, n1) of a dense fp32 W [N, K].
+  void (*f32_rows)(const float* w, int64_t K, const float* x, const float* bias, float* y, int64_t n0, int64_t n1);
+  // y[n] = scale[n] * dot(W[n], x) (+ bias[n]) for rows [n0, n1) of an int8 W [N, K].
+  void (*i8_rows)(const int8_t* w, const float* scale, int64_t K, const float* x, const float* bias, float* y,
+                  int64_t n0, int64_t n1);
+  // y[i] += a * x[i]
+  void (*axpy)(float a, const float* x, float* y, int64_t n);
+};
+
+namespace isa_generic { const DecodeVec& decode_vec(); }
+namespace isa_avx2 { const DecodeVec& decode_vec(); }
+namespace isa_avx512 { const DecodeVec& decode_vec(); }
+
+}  // namespace sk

@@ -1,0 +1,106 @@
+// pybind11 bindings of the native decode step (csrc/cpu/decode/): the DecodeStack class of
+// splitkernels._C. Weights cross as dicts of integer data pointers and sizes; the Python
+// driver (splitkernels/fastpath/native.py) keeps the tensors alive and checks dtypes.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/decode/decode.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void check(const std::string& err) {
+  if (!err.empty()) throw std::invalid_argument(err);
+}
+
+template <typename T>
+T get(const py::dict& d, const char* key, T fallback) {
+  return d.contains(key) ? d[key].cast<T>() : fallback;
+}
+
+sk::DecodeLinear linear(const py::dict& d) {
+  sk::DecodeLinear l;
+  l.kind = get<int>(d, "kind", sk::DecodeLinear::kDense);
+  l.N = get<int64_t>(d, "N", 0);
+  l.K = get<int64_t>(d, "K", 0);
+  l.bias = ptr<const float>(get<std::uintptr_t>(d, "bias", 0));
+  l.qweight = ptr<const int32_t>(get<std::uintptr_t>(d, "qweight", 0));
+  l.words = get<int64_t>(d, "words", 0);
+  l.scale = ptr<const void>(get<std::uintptr_t>(d, "scale", 0));
+  l.zero = ptr<const void>(get<std::uintptr_t>(d, "zero", 0));
+  l.scale_dtype = get<int>(d, "scale_dtype", 0);
+  l.bits = get<int>(d, "bits", 0);
+  l.group_size = get<int64_t>(d, "group_size", 0);
+  l.weight = ptr<const float>(get<std::uintptr_t>(d, "weight", 0));
+  l.w8 = ptr<const int8_t>(get<std::uintptr_t>(d, "w8", 0));
+  l.w8_scale = ptr<const float>(get<std::uintptr_t>(d, "w8_scale", 0));
+  return l;
+}
+
+}  // namespace
+
+void bind_decode(py::module_& m) {
+  py::class_<sk::DecodeStack>(m, "DecodeStack",
+                              "Native decode step of llama-style layers (see csrc/cpu/decode/decode.h).")
+      .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
+                       float attn_scale) {
+             if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || intermediate <= 0)
+               throw std::invalid_argument("hidden, heads, kv_heads, head_dim and intermediate must be positive");
+             if (heads % kv_heads) throw std::invalid_argument("heads must be a multiple of kv_heads");
+             if (head_dim % 2) throw std::invalid_argument("head_dim must be even (rotary halves)");
+             return sk::DecodeStack(sk::DecodeShape{hidden, heads, kv_heads, head_dim, intermediate, attn_scale});
+           }),
+           py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
+           py::arg("attn_scale"))
+      .def(
+          "add_layer",
+          [](sk::DecodeStack& s, std::uintptr_t input_norm, std::uintptr_t post_norm, float eps, const py::dict& q,
+             const py::dict& k, const py::dict& v, const py::dict& o, const py::dict& gate, const py::dict& up,
+             const py::dict& down) {
+            sk::DecodeLayer l;
+            l.input_norm = ptr<const float>(input_norm);
+            l.post_norm = ptr<const float>(post_norm);
+            l.eps = eps;
+            l.q = linear(q), l.k = linear(k), l.v = linear(v), l.o = linear(o);
+            l.gate = linear(gate), l.up = linear(up), l.down = linear(down);
+            check(s.add_layer(l));
+          },
+          py::arg("input_norm"), py::arg("post_norm"), py::arg("eps"), py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"))
+      .def(
+          "set_head",
+          [](sk::DecodeStack& s, std::uintptr_t norm, float eps, const py::dict& head) {
+            check(s.set_head(ptr<const float>(norm), eps, linear(head)));
+          },
+          py::arg("norm"), py::arg("eps"), py::arg("head"))
+      .def(
+          "step",
+          [](const sk::DecodeStack& s, std::uintptr_t h, int64_t pos, std::uintptr_t kv, int64_t capacity,
+             std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t logits) {
+            int64_t token = -1;
+            std::string err;
+            {
+              py::gil_scoped_release nogil;
+              err = s.step(ptr<float>(h), pos, ptr<float>(kv), capacity, ptr<const float>(cos), ptr<const float>(sin),
+                           ptr<float>(logits), &token);
+            }
+            check(err);
+            return token;
+          },
+          py::arg("h"), py::arg("pos"), py::arg("kv"), py::arg("capacity"), py::arg("cos"), py::arg("sin"),
+          py::arg("logits") = 0,
+          "Run h [hidden] fp32 (in place) at pos through the layers (and head); the argmax token or -1.")
+      .def_property_readonly("num_layers", &sk::DecodeStack::num_layers)
+      .def_property_readonly("has_head", &sk::DecodeStack::has_head);
+  m.def("decode_isa", &sk::decode_isa, "Instruction set of the decode step's vector primitives.");
+}

@@ -1,0 +1,233 @@
+"""The native decode step (csrc/cpu/decode/, splitkernels.fastpath) against the model's own eager
+forward: hidden states and logits within ||out - ref|| / ||ref|| < 1e-5 (fp32 weights and low-bit
+ones alike: both paths dequantise the same codes), exact argmax of the int8 head against the fp32
+head, the fast/eager cache hand-over, declined layouts, and greedy split generation identical
+to the eager split."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import splitkernels._C as _C
+from runtime_helpers import prompt as _prompt
+from splitkernels.fastpath import FastPathUnsupported, NativeDecoder, describe, quantize_rows_int8
+from splitkernels.models import smollm2_available, tiny_model
+from splitkernels.nn import QuantConfig, replace_linear
+from splitkernels.runtime import SplitConfig, split_model
+
+TOL = 1e-5  # ||out - ref|| / ||ref||: fp32 sums in another order
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+def _llama(seed: int = 0, hidden: int = 64, layers: int = 3, **extra) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=3 * hidden, max_position_embeddings=512, **extra)
+    return LlamaForCausalLM(config).eval()
+
+
+def _compare_steps(model, first: int, last: int, head: str | None, steps: int = 5, prompt: int = 6,
+                   min_capacity: int = 64) -> list[tuple[float, int, int]]:
+    """Prefill eagerly, then run ``steps`` tokens natively and eagerly; per step (relative error
+    of the hidden state or logits, native argmax, eager argmax)."""
+    decoder = NativeDecoder(model, first, last, head=head)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt))
+    ref_cache = DynamicCache(config=model.config)
+    fast = decoder.new_cache(lambda: DynamicCache(config=model.config), min_capacity)
+    out = []
+    with torch.inference_mode():
+        model(input_ids=ids, cache=ref_cache, use_cache=True)
+        model(input_ids=ids, cache=fast.dynamic(), use_cache=True)
+        for _ in range(steps):
+            tok = torch.randint(0, vocab, (1, 1))
+            ref = model(input_ids=tok, cache=ref_cache, use_cache=True, output_hidden_states=True)
+            emb = model.get_input_embeddings()(tok)[0, 0]
+            if head is None:
+                hidden, token = decoder.step(emb, fast)
+                out.append((_rel(hidden, ref.hidden_states[last][0, -1]), token, -1))
+            else:
+                logits = torch.empty(vocab)
+                _, token = decoder.step(emb, fast, logits)
+                ref_logits = ref.logits[0, -1]
+                out.append((_rel(logits, ref_logits), token, int(ref_logits.argmax())))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("bits", [None, 4, 3])
+def test_native_layers_match_eager(family, bits):
+    model = tiny_model(family, seed=1, num_layers=3, hidden=64, vocab=128)
+    if bits:
+        replace_linear(model, bits=bits, group_size=32 if bits != 3 else 64)
+    for err, token, ref_token in _compare_steps(model, 0, 3, head="fp32"):
+        assert err < TOL and token == ref_token
+    # A range ending at a split returns the split layer's output.
+    for err, _, _ in _compare_steps(model, 0, 2, head=None):
+        assert err < TOL
+
+
+def test_odd_widths_biases_and_generic_isa():
+    # head_dim 12 and intermediate 144: no vector divides them, so every tail path runs; Q/K/V biases.
+    model = _llama(seed=2, hidden=48, attention_bias=True)
+    replace_linear(model, bits=4, group_size=16)
+    before = _C.lowbit_isa()
+    try:
+        for isa in _C.lowbit_isas():
+            _C.set_lowbit_isa(isa)
+            assert _C.decode_isa() in isa or (isa == "generic" and _C.decode_isa() == "generic")
+            for err, token, ref_token in _compare_steps(model, 0, 3, head="fp32"):
+                assert err < TOL and token == ref_token
+    finally:
+        _C.set_lowbit_isa(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_context_grows_the_cache_and_threads_agree(threads):
+    # 70 positions from a capacity of 4: the buffer doubles five times; attention over > 64
+    # positions takes the threaded path.
+    model = tiny_model("llama", seed=4, num_layers=2, hidden=64, vocab=128)
+    before = _C.num_threads()
+    _C.set_num_threads(threads)
+    try:
+        for err, token, ref_token in _compare_steps(model, 0, 2, head="fp32", steps=70, prompt=3, min_capacity=4):
+            assert err < TOL and token == ref_token
+    finally:
+        _C.set_num_threads(before)
+
+
+def test_int8_head_logits_and_exact_argmax():
+    model = tiny_model("llama", seed=5, num_layers=2, hidden=64, vocab=128)
+    # Near-ties the int8 rounding cannot tell apart: pairs of rows closer than an int8 step
+    # (about 5e-4 here) yet far above fp32 rounding.
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[1::2] = w[0::2] + 1e-4 * torch.randn_like(w[0::2])
+    for err, token, ref_token in _compare_steps(model, 0, 2, head="int8", steps=30):
+        assert err < 2e-2  # int8 rows, fp32 activations
+        assert token == ref_token
+
+
+def test_quantize_rows_int8():
+    w = torch.randn(37, 50) * torch.rand(37, 1)
+    w[3] = 0
+    codes, scale = quantize_rows_int8(w)
+    assert codes.dtype == torch.int8 and scale.shape == (37,) and scale[3] == 1
+    assert int(codes.abs().max()) == 127
+    assert ((codes.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_cache_hands_over_between_eager_and_native():
+    # prefill (eager) -> 3 native steps -> a 3-token eager step (rebuilds the eager cache from the
+    # buffer) -> 3 native steps (refills the buffer): every hidden state as the eager model's.
+    model = tiny_model("llama", seed=6, num_layers=2, hidden=64, vocab=128)
+    decoder = NativeDecoder(model, 0, 2, head="fp32")
+    ref_cache = DynamicCache(config=model.config)
+    fast = decoder.new_cache(lambda: DynamicCache(config=model.config))
+    seq = torch.randint(0, 128, (1, 14))
+    plan = [5, 1, 1, 1, 3, 1, 1, 1]
+    pos = 0
+    with torch.inference_mode():
+        for n in plan:
+            ids = seq[:, pos:pos + n]
+            ref = model(input_ids=ids, cache=ref_cache, use_cache=True).logits[0, -1]
+            if n == 1:
+                logits = torch.empty(128)
+                decoder.step(model.get_input_embeddings()(ids)[0, 0], fast, logits)
+            else:
+                logits = model(input_ids=ids, cache=fast.dynamic(), use_cache=True).logits[0, -1]
+            pos += n
+            assert fast.length == pos
+            assert _rel(logits, ref) < TOL
+    assert fast.nbytes() == pos * 2 * 2 * 2 * 16 * 4  # layers, K and V, kv heads, head_dim, fp32
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: tiny_model("gpt2"), "family 'gpt2'"),
+    (lambda: _llama(hidden_act="gelu"), "activation is 'gelu'"),
+    (lambda: _llama().to(torch.bfloat16), "runs in torch.bfloat16"),
+    (lambda: _llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+     "rotary type 'dynamic'"),
+    (lambda: MistralForCausalLM(MistralConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                              sliding_window=4)), "sliding-window"),
+])
+def test_declines_uncovered_layouts_with_a_reason(build, reason):
+    with pytest.raises(FastPathUnsupported, match=reason):
+        describe(build())
+
+
+def test_declines_a_layer_with_extra_weights():
+    model = _llama()
+    model.model.layers[1].self_attn.q_norm = torch.nn.LayerNorm(16)
+    describe(model, 0, 1)  # only layer 0 is asked for
+    with pytest.raises(FastPathUnsupported, match="layer 1 attention has weights.*q_norm"):
+        describe(model)
+
+
+def test_decode_stack_rejects_bad_sizes():
+    stack = _C.DecodeStack(64, 4, 2, 16, 128, 0.25)
+    good = {"kind": 1, "N": 64, "K": 64, "weight": 1}
+    with pytest.raises(ValueError, match=r"k_proj must be \[32, 64\], got \[64, 64\]"):
+        stack.add_layer(1, 1, 1e-6, good, good, good, good, good, good, good)
+    with pytest.raises(ValueError, match="heads must be a multiple of kv_heads"):
+        _C.DecodeStack(64, 4, 3, 16, 128, 0.25)
+    with pytest.raises(ValueError, match="pos must be in"):
+        stack.step(1, 8, 1, 8, 1, 1)
+
+
+def test_native_step_rejects_bad_tensors():
+    model = tiny_model("llama", seed=1, num_layers=2, hidden=64, vocab=128)
+    decoder = NativeDecoder(model, 0, 2, head="int8")
+    cache = decoder.new_cache(lambda: DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="logits must be a contiguous float32 tensor of the head's 128 rows"):
+        decoder.step(torch.zeros(64), cache, torch.empty(127))
+    with pytest.raises(ValueError, match="hidden must hold 64 values"):
+        decoder.step(torch.zeros(63), cache)
+    with pytest.raises(ValueError, match="head must be None or one of"):
+        NativeDecoder(model, 0, 2, head="int4")
+
+
+@pytest.mark.parametrize("head", ["int8", "fp32"])
+def test_split_greedy_equals_eager_split(head):
+    model = tiny_model("llama", seed=7, num_layers=4)
+    ids = _prompt(8, 6)
+    config = SplitConfig(2, front=QuantConfig(bits=4, group_size=32))
+    eager = split_model(copy.deepcopy(model), config, fast=False)
+    fast = split_model(copy.deepcopy(model), config, fast_head=head)
+    assert fast.edge.fast and fast.server.fast and not eager.edge.fast
+    assert "fast=False" in eager.edge.fast_reason
+    assert torch.equal(fast.generate(ids, 16), eager.generate(ids, 16))
+    # Sampling takes the native logits through the same sampler; a seed makes it repeatable.
+    a = fast.generate(ids, 8, do_sample=True, top_k=5, seed=11)
+    b = fast.generate(ids, 8, do_sample=True, top_k=5, seed=11)
+    assert torch.equal(a, b)
+    assert fast.last_metrics.edge_kv_bytes > 0
+
+
+def test_split_of_an_uncovered_family_stays_eager():
+    sm = split_model(tiny_model("gpt2", seed=1, num_layers=4), 2)
+    assert not sm.edge.fast and "gpt2" in sm.edge.fast_reason
+    assert sm.generate(_prompt(5, 5), 4).shape == (1, 9)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="SmolLM2 package not installed")
+def test_smollm2_split_greedy_equals_eager_split():
+    from splitkernels.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    config = SplitConfig(29, front=QuantConfig(bits=4, group_size=32))
+    fast = split_model(model, config)
+    assert fast.edge.fast and fast.server.fast
+    out = fast.generate(ids, 12)
+    fast.close()
+    eager = split_model(model, SplitConfig(29), fast=False)  # already quantised in place
+    assert torch.equal(out, eager.generate(ids, 12))

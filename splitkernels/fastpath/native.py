@@ -1,0 +1,140 @@
+"""The native decode step over a range of decoder layers (and optionally the final norm and LM
+head), built from a :class:`~.spec.DecoderDescription`: each token is one C++ call
+(``splitkernels._C.DecodeStack.step``) for all the layers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._native import load
+from ..formats.dtypes import DTYPE_CODE
+from ..nn.linear import QuantLinear
+from .cache import FastCache
+from .spec import DecoderDescription, FastPathUnsupported, describe
+
+_C, _C_ERROR = load("_C")
+
+HEAD_FORMATS = ("int8", "fp32")
+_LOWBIT, _DENSE, _INT8 = 0, 1, 2
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of ``weight [N, K]``: (codes int8 [N, K], scales fp32 [N]) with
+    ``weight ~= codes * scales[:, None]`` (scale = absmax / 127; an all-zero row gets scale 1)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes.contiguous(), scale.contiguous()
+
+
+class NativeDecoder:
+    """Layers ``first..last-1`` of a model (and its head when ``head`` is a format) as one native
+    call per token. Holds the tensors the C++ side points at; the model must outlive it.
+
+    ``head``: None (the range ends at a split), ``"int8"`` (the LM head as per-row int8 weights,
+    fp32 activations; the fused argmax still equals the fp32 head's, see csrc/cpu/decode/decode.h)
+    or ``"fp32"`` (the dense head as it is). A low-bit LM head (OPSC) runs as stored.
+    """
+
+    def __init__(self, model: nn.Module, first: int, last: int, head: str | None = None) -> None:
+        if _C is None:
+            raise FastPathUnsupported(f"the native decode step is not built: {_C_ERROR}")
+        if head is not None and head not in HEAD_FORMATS:
+            raise ValueError(f"head must be None or one of {HEAD_FORMATS}, got {head!r}")
+        d: DecoderDescription = describe(model, first, last)
+        self.description = d
+        self.first, self.last = first, last
+        self.head = head
+        self._keep: list[torch.Tensor] = []  # everything the C++ side points at
+        self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale)
+        for i in range(first, last):
+            m = d.layers[i]
+            self.stack.add_layer(self._vector(m.input_norm.weight), self._vector(m.post_norm.weight),
+                                 float(m.input_norm.variance_epsilon), self._linear(m.q), self._linear(m.k),
+                                 self._linear(m.v), self._linear(m.o), self._linear(m.gate), self._linear(m.up),
+                                 self._linear(m.down))
+        if head is not None:
+            self.stack.set_head(self._vector(d.final_norm.weight), float(d.final_norm.variance_epsilon),
+                                self._head(d.lm_head, head))
+            self.vocab = int(d.lm_head.out_features)
+        self._cos = self._sin = torch.empty(0)
+
+    # -- weights ---------------------------------------------------------------------------------
+    def _hold(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().contiguous()
+        self._keep.append(t)
+        return t
+
+    def _vector(self, t: torch.Tensor) -> int:
+        return _ptr(self._hold(t.float()))
+
+    def _linear(self, module: nn.Module) -> dict:
+        bias = getattr(module, "bias", None)
+        out = {"N": int(module.out_features), "K": int(module.in_features),
+               "bias": 0 if bias is None else _ptr(self._hold(bias.float()))}
+        if isinstance(module, QuantLinear):
+            qw = module.quantized_weight()
+            out.update(kind=_LOWBIT, qweight=_ptr(self._hold(qw.qweight)), words=int(qw.qweight.shape[1]),
+                       scale=_ptr(self._hold(qw.scale)), zero=_ptr(self._hold(qw.zero)),
+                       scale_dtype=DTYPE_CODE[qw.scale.dtype], bits=int(qw.bits), group_size=int(qw.group_size))
+        else:
+            out.update(kind=_DENSE, weight=_ptr(self._hold(module.weight.float())))
+        return out
+
+    def _head(self, module: nn.Module, fmt: str) -> dict:
+        if isinstance(module, QuantLinear) or fmt == "fp32":
+            return self._linear(module)
+        codes, scales = quantize_rows_int8(module.weight)
+        bias = getattr(module, "bias", None)
+        # The fp32 weight (the model's own, not a copy) lets the fused argmax be the fp32 head's.
+        return {"kind": _INT8, "N": int(module.out_features), "K": int(module.in_features),
+                "w8": _ptr(self._hold(codes)), "w8_scale": _ptr(self._hold(scales)),
+                "weight": _ptr(self._hold(module.weight.float())),
+                "bias": 0 if bias is None else _ptr(self._hold(bias.float()))}
+
+    # -- rotary table ------------------------------------------------------------------------------
+    def _rope_rows(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[>= capacity, head_dim]`` of positions ``0..`` from the model's own rotary
+        module (returned, so a step keeps its tables alive while another session grows them)."""
+        cos, sin = self._cos, self._sin
+        if cos.shape[0] >= capacity:
+            return cos, sin
+        d = self.description
+        positions = torch.arange(capacity).unsqueeze(0)
+        probe = torch.zeros(1, 1, d.head_dim, dtype=torch.float32)
+        with torch.inference_mode():
+            cos, sin = d.rotary(probe, positions)
+        if cos.shape[-1] != d.head_dim:
+            raise FastPathUnsupported(f"the rotary table is {cos.shape[-1]} wide, not head_dim = {d.head_dim}")
+        self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        return self._cos, self._sin
+
+    # -- decoding ----------------------------------------------------------------------------------
+    def new_cache(self, new_dynamic, min_capacity: int = 64) -> FastCache:
+        """An empty cache for one sequence; ``new_dynamic()`` makes the eager path's cache (prefill)."""
+        d = self.description
+        return FastCache(new_dynamic, self.first, self.last, d.kv_heads, d.head_dim, min_capacity)
+
+    def step(self, hidden: torch.Tensor, cache: FastCache, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """One token: ``hidden [d]`` (the layer range's input) at position ``cache.length``.
+        Returns (the range's output ``[d]`` fp32, the argmax token or -1 without a head);
+        fills ``logits [vocab]`` fp32 when given (a head is needed)."""
+        pos = cache.length
+        kv, capacity = cache.static(pos + 1)
+        cos, sin = self._rope_rows(capacity)
+        h = hidden.detach().reshape(-1).to(torch.float32, copy=True)
+        if logits is not None and (logits.dtype != torch.float32 or not logits.is_contiguous()
+                                   or logits.numel() != getattr(self, "vocab", -1)):
+            raise ValueError(f"logits must be a contiguous float32 tensor of the head's {getattr(self, 'vocab', 0)} "
+                             "rows (and the decoder must have a head)")
+        if h.numel() != self.description.hidden:
+            raise ValueError(f"hidden must hold {self.description.hidden} values, got {h.numel()}")
+        hd = self.description.head_dim
+        token = self.stack.step(_ptr(h), pos, _ptr(kv), capacity, _ptr(cos[pos]), _ptr(sin[pos]), _ptr(logits))
+        cache.advance()
+        return h, token

@@ -1,0 +1,175 @@
+"""Which models the native decode step covers, read from the model's own modules and config.
+
+The native step (csrc/cpu/decode/) implements one layer shape: pre-norm RMSNorm, Q/K/V
+projections (biases allowed), rotate-half rotary embeddings from a position-independent
+frequency table, grouped-query softmax attention over every earlier position, an output
+projection, and a gated SiLU MLP (``down(silu(gate(x)) * up(x))``), with residuals. A model is
+described only when every layer of the requested range has exactly that shape; otherwise
+:class:`FastPathUnsupported` says why, and the caller keeps the model's own (eager) forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.layout import decoder_layers, find_decoder_layers, text_config
+from ..nn.linear import QuantLinear, is_plain_linear
+
+# Families whose decoder layer's forward was checked against the native step (tests compare
+# the two). Another family with the same module names may still differ in its forward (scaled
+# embeddings, norms of 1 + w, extra norms), so it is declined rather than guessed at.
+FAST_FAMILIES = ("llama", "mistral", "qwen2")
+# Rotary types whose cos/sin depend on the position only (so one table serves every step).
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+class FastPathUnsupported(ValueError):
+    """The model (or the requested layers) has a shape the native decode step does not cover;
+    the message says what, and the eager path runs instead."""
+
+
+@dataclass(frozen=True)
+class LayerModules:
+    """The modules of one decoder layer the native step reads."""
+
+    input_norm: nn.Module
+    post_norm: nn.Module
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+
+
+@dataclass(frozen=True)
+class DecoderDescription:
+    """Sizes and modules of a model's decoder as the native step needs them."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    attn_scale: float
+    layers: tuple[LayerModules | None, ...]  # None: a layer this process freed
+    rotary: nn.Module
+    final_norm: nn.Module
+    lm_head: nn.Module
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return "default"
+    if params and all(isinstance(v, dict) for v in params.values()):  # per layer type: not one table
+        return "per-layer-type"
+    return str(params.get("rope_type", params.get("type", "default")))
+
+
+def _linear_ok(name: str, module: nn.Module, out_features: int, in_features: int) -> None:
+    if isinstance(module, QuantLinear):
+        n, k = module.out_features, module.in_features
+    elif is_plain_linear(module) and isinstance(module, nn.Linear):
+        n, k = module.out_features, module.in_features
+    else:
+        raise FastPathUnsupported(f"{name} is a {type(module).__name__}, not an nn.Linear or QuantLinear")
+    if (n, k) != (out_features, in_features):
+        raise FastPathUnsupported(f"{name} is [{n}, {k}], expected [{out_features}, {in_features}]")
+
+
+def _rms_norm_ok(name: str, module: nn.Module, hidden: int) -> None:
+    weight = getattr(module, "weight", None)
+    if not type(module).__name__.endswith("RMSNorm") or not hasattr(module, "variance_epsilon") or \
+            not isinstance(weight, torch.Tensor) or weight.shape != (hidden,):
+        raise FastPathUnsupported(f"{name} is a {type(module).__name__}, not an RMSNorm of width {hidden}")
+
+
+def _layer_modules(i: int, layer: nn.Module, d: dict) -> LayerModules:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = {"self_attn": attn, "mlp": mlp, "input_layernorm": getattr(layer, "input_layernorm", None),
+             "post_attention_layernorm": getattr(layer, "post_attention_layernorm", None)}
+    missing = [n for n, m in names.items() if m is None]
+    if missing:
+        raise FastPathUnsupported(f"layer {i} has no {', '.join(missing)}")
+    extra = sorted(set(dict(layer.named_children())) - set(names))
+    if extra:
+        raise FastPathUnsupported(f"layer {i} has modules the native step lacks: {', '.join(extra)}")
+    attn_children = {n for n, m in attn.named_children() if any(True for _ in m.parameters()) or
+                     any(True for _ in m.buffers())}
+    if attn_children - {"q_proj", "k_proj", "v_proj", "o_proj"}:
+        raise FastPathUnsupported(f"layer {i} attention has weights the native step lacks: "
+                                  f"{', '.join(sorted(attn_children - {'q_proj', 'k_proj', 'v_proj', 'o_proj'}))}")
+    mlp_children = {n for n, m in mlp.named_children() if any(True for _ in m.parameters()) or
+                    any(True for _ in m.buffers())}
+    if mlp_children != {"gate_proj", "up_proj", "down_proj"}:
+        raise FastPathUnsupported(f"layer {i} MLP is not a gated MLP of gate_proj, up_proj and down_proj "
+                                  f"(has {', '.join(sorted(mlp_children)) or 'nothing'})")
+    h, qd, kvd, f = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
+    for name, module, shape in (("q_proj", attn.q_proj, (qd, h)), ("k_proj", attn.k_proj, (kvd, h)),
+                                ("v_proj", attn.v_proj, (kvd, h)), ("o_proj", attn.o_proj, (h, qd)),
+                                ("gate_proj", mlp.gate_proj, (f, h)), ("up_proj", mlp.up_proj, (f, h)),
+                                ("down_proj", mlp.down_proj, (h, f))):
+        _linear_ok(f"layer {i} {name}", module, *shape)
+    _rms_norm_ok(f"layer {i} input_layernorm", layer.input_layernorm, h)
+    _rms_norm_ok(f"layer {i} post_attention_layernorm", layer.post_attention_layernorm, h)
+    scaling = getattr(attn, "scaling", None)
+    if not isinstance(scaling, float) or abs(scaling - d["attn_scale"]) > 1e-12 * d["attn_scale"]:
+        raise FastPathUnsupported(f"layer {i} attention scaling is {scaling!r}, expected head_dim ** -0.5")
+    return LayerModules(layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
+                        attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+
+def describe(model: nn.Module, first: int = 0, last: int | None = None) -> DecoderDescription:
+    """Describe ``model``'s decoder for the native step, checking layers ``first..last-1``
+    (default: all). :class:`FastPathUnsupported` with the reason when it is not covered."""
+    config = text_config(model.config)
+    family = getattr(model.config, "model_type", None)
+    if family not in FAST_FAMILIES:
+        raise FastPathUnsupported(f"model family {family!r} is not checked against the native step "
+                                  f"(covered: {', '.join(FAST_FAMILIES)})")
+    embedding = model.get_input_embeddings()
+    weight = getattr(embedding, "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else getattr(getattr(embedding, "scale", None), "dtype", None)
+    if dtype != torch.float32:
+        raise FastPathUnsupported(f"the native step computes in float32; the model runs in {dtype}")
+    act = getattr(config, "hidden_act", None)
+    if act != "silu":
+        raise FastPathUnsupported(f"the MLP activation is {act!r}; the native step has silu only")
+    types = getattr(config, "layer_types", None) or ()
+    if any(t != "full_attention" for t in types) or (
+            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
+        raise FastPathUnsupported("sliding-window attention is not covered by the native step")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, cap, None):
+            raise FastPathUnsupported(f"{cap} is not covered by the native step")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise FastPathUnsupported("partial rotary embeddings are not covered by the native step")
+    rope = _rope_type(config)
+    if rope not in _STATIC_ROPE:
+        raise FastPathUnsupported(f"rotary type {rope!r} depends on the sequence length; the native step "
+                                  f"covers {', '.join(_STATIC_ROPE)}")
+    hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    if heads % kv_heads or head_dim % 2:
+        raise FastPathUnsupported(f"{heads} query heads over {kv_heads} key/value heads of width {head_dim} "
+                                  "are not a grouped-query layout of even head width")
+    d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+             intermediate=int(config.intermediate_size), attn_scale=head_dim ** -0.5)
+    layers = decoder_layers(model)
+    last = len(layers) if last is None else last
+    described = tuple(_layer_modules(i, layers[i], d) if first <= i < last and isinstance(layers[i], nn.Module)
+                      and not isinstance(layers[i], nn.Identity) else None for i in range(len(layers)))
+    path = find_decoder_layers(model)[0]
+    base = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    rotary = getattr(base, "rotary_emb", None)
+    norm = getattr(base, "norm", None)
+    head = model.get_output_embeddings()
+    if rotary is None or norm is None or head is None:
+        raise FastPathUnsupported("the model has no rotary_emb, final norm or LM head where the native step looks")
+    _rms_norm_ok("final norm", norm, hidden)
+    return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head)
