@@ -23,7 +23,7 @@ import torch
 
 from . import rans
 from .config_v2 import CodecConfigV2
-from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError
+from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
 
 FRAME_VERSION_V2 = 2
 HEAD = struct.Struct("<4sBBI")
@@ -128,8 +128,12 @@ def _values(raw_bytes: memoryview, dtype: torch.dtype, what: str) -> torch.Tenso
     return vals
 
 
-def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None) -> EncodedV2:
-    """Parse and validate a v2 frame against the session's ``config``; :class:`FrameError` if anything is wrong."""
+def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
+                  limits: FrameLimits | None = None) -> EncodedV2:
+    """Parse and validate a v2 frame against the session's ``config``; :class:`FrameError` if anything is wrong.
+
+    ``limits``: the receiver's limits (d, dtypes, most tokens, most escapes as outliers), checked
+    against the header before anything sized by it is allocated (:class:`FrameLimitError`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FrameError(f"a frame must be bytes, got {type(data).__name__}")
     if config is None:
@@ -160,6 +164,8 @@ def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | 
     n_esc, pos = _read_varint(buf, pos, crc_at, "escape count")
     if t > MAX_T:
         raise FrameError(f"frame claims T = {t} tokens, more than {MAX_T}")
+    if limits is not None:
+        limits.check(t, d, dtype, n_esc)
 
     def take(n: int, what: str) -> memoryview:
         nonlocal pos
