@@ -117,8 +117,11 @@ def write_frame_v2(enc: EncodedV2) -> bytes:
         enc.raw_values.contiguous().view(torch.uint8).numpy().tobytes(),
         stream,
     ]
-    body = b"".join(parts)
-    return body + struct.pack("<I", zlib.crc32(body))
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    parts.append(struct.pack("<I", crc))
+    return b"".join(parts)
 
 
 def _values(raw_bytes: memoryview, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -189,10 +192,10 @@ def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | 
     if n_sym > rans.max_symbols(len(stream)):
         raise FrameError(f"frame claims {n_sym} coded values, more than a {len(stream)}-byte stream can hold")
     try:
-        sym = rans.decode(stream, config.freqs, n_sym)
+        sym, n_esc_sym = rans.decode(stream, config.freqs, n_sym, count_of=config.escape_symbol)
     except rans.RansError as exc:
         raise FrameError(f"symbol stream invalid: {exc}") from None
-    if int((sym == config.escape_symbol).sum()) != n_esc:
+    if n_esc_sym != n_esc:
         raise FrameError(f"escape count {n_esc} does not match the escape symbols in the stream")
     raw_values = _values(raw_bytes, dtype, "raw tokens").reshape(n_raw, d)
     raw_t = torch.from_numpy(raw)
