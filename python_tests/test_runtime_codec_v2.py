@@ -180,3 +180,15 @@ def test_sessions_share_one_parsed_config(model, config):
     b = sm.manager.open(open_request(SamplingParams(), bytes(16), 8, config))
     assert sm.manager._get(a.session_id).codec is sm.manager._get(b.session_id).codec
     sm.close()
+
+
+def test_speculative_rounds_carry_v2_frames(model, config):
+    from splitkernels.runtime.speculative import speculate
+
+    sm = split_model(model, SplitConfig(SPLIT, codec=config))
+    ids = prompt(6, 6)
+    plain = sm.generate(ids, 8)
+    result = speculate(sm, ids, 8, drafter="early-exit", k=3)
+    assert torch.equal(result.sequences, plain)
+    assert sum(r.drafted for r in result.metrics.rounds) > 0  # drafts went through the codec
+    sm.close()
