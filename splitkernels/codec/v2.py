@@ -67,7 +67,7 @@ def quantise(x: torch.Tensor, config: CodecConfigV2, fused: bool | None = None) 
         raw = esc.sum(1) > config.raw_limit
         sym[raw] = 0
         return sym, raw
-    sym, raw, _, _ = _fused_pass(x.contiguous(), config)
+    sym, raw, _, _ = _fused_pass(x.detach().cpu().contiguous(), config)
     return sym, raw
 
 
@@ -78,7 +78,7 @@ def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fus
     step, center = config.step_array(), config.center_array()
     if not fused:
         return ((sym.to(torch.int32) - config.kmax).float() * torch.tensor(step) + torch.tensor(center)).to(dtype)
-    sym = sym.contiguous()
+    sym = sym.cpu().contiguous()
     out = torch.empty(sym.shape, dtype=dtype)
     _C.v2_dequantise(sym.data_ptr(), sym.shape[0], sym.shape[1], step.ctypes.data, center.ctypes.data, config.kmax,
                      DTYPE_CODES[dtype], out.data_ptr(), 0, 0, -1)
