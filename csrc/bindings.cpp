@@ -117,43 +117,69 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "v2_quantise",
       [](std::uintptr_t x, int dtype, int64_t T, int64_t d, std::uintptr_t center, std::uintptr_t inv, int kmax,
-         int64_t raw_limit, std::uintptr_t sym, std::uintptr_t n_esc, std::uintptr_t raw) {
+         int64_t raw_limit, std::uintptr_t sym, std::uintptr_t n_esc, std::uintptr_t raw, std::uintptr_t escapes) {
+        int64_t totals[2] = {0, 0};
         check(sk::v2_quantise(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv), kmax,
-                              raw_limit, ptr<uint8_t>(sym), ptr<int32_t>(n_esc), ptr<uint8_t>(raw)));
+                              raw_limit, ptr<uint8_t>(sym), ptr<int32_t>(n_esc), ptr<uint8_t>(raw), ptr<void>(escapes),
+                              totals));
+        return std::make_pair(totals[0], totals[1]);
       },
       py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("center"), py::arg("inv"), py::arg("kmax"),
-      py::arg("raw_limit"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"), nogil,
-      "Codec v2 fused quantise of x [T, d] into symbols u8 [T, d], escape counts i32 [T], raw flags u8 [T].");
+      py::arg("raw_limit"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"), py::arg("escapes"), nogil,
+      "Codec v2 fused quantise of x [T, d] into symbols u8 [T, d], escape counts i32 [T], raw flags u8 [T] and "
+      "(escapes != 0) the escaped values; returns (escapes written, non-finite inputs).");
 
   m.def(
       "v2_dequantise",
       [](std::uintptr_t sym, int64_t T, int64_t d, std::uintptr_t step, std::uintptr_t center, int kmax, int dtype,
-         std::uintptr_t out) {
+         std::uintptr_t out, std::uintptr_t raw, std::uintptr_t escapes, int64_t n_escapes) {
         check(sk::v2_dequantise(ptr<const uint8_t>(sym), T, d, ptr<const float>(step), ptr<const float>(center), kmax,
-                                dtype, ptr<void>(out)));
+                                dtype, ptr<void>(out), ptr<const uint8_t>(raw), ptr<const void>(escapes), n_escapes));
       },
       py::arg("sym"), py::arg("T"), py::arg("d"), py::arg("step"), py::arg("center"), py::arg("kmax"),
-      py::arg("dtype"), py::arg("out"), nogil, "Codec v2 dequantise of symbols u8 [T, d] into out [T, d].");
+      py::arg("dtype"), py::arg("out"), py::arg("raw"), py::arg("escapes"), py::arg("n_escapes"), nogil,
+      "Codec v2 dequantise of symbols u8 [T, d] into out [T, d], skipping raw rows (raw != 0), the n_escapes "
+      "exact values placed at escape symbols (n_escapes < 0: none placed).");
+
+  m.def("v2_isas", &sk::v2_isas, "Instruction sets of the codec v2 passes this CPU supports, best last.");
+  m.def("v2_isa", &sk::v2_isa, "Instruction set the codec v2 passes use now.");
+  m.def(
+      "set_v2_isa", [](const std::string& name) { check(sk::set_v2_isa(name)); }, py::arg("name"),
+      "Use the codec v2 passes of this instruction set (scalar or avx2).");
+
+  m.def("rans_tables_bytes", []() { return static_cast<int64_t>(sizeof(sk::RansTables)); },
+        "Bytes of the rANS coder tables of one frequency table (allocate, then rans_build_tables).");
+  m.def(
+      "rans_build_tables",
+      [](std::uintptr_t freq, int nsym, std::uintptr_t tables) {
+        check(sk::rans_build_tables(ptr<const uint32_t>(freq), nsym, ptr<sk::RansTables>(tables)));
+      },
+      py::arg("freq"), py::arg("nsym"), py::arg("tables"), nogil,
+      "Build the encode/decode tables of freq u32[nsym] into rans_tables_bytes() bytes at tables (8-aligned).");
 
   m.def(
       "rans_encode",
-      [](std::uintptr_t sym, int64_t n, std::uintptr_t freq, int nsym, std::uintptr_t out, int64_t capacity) {
-        check(sk::rans_check_table(ptr<const uint32_t>(freq), nsym));
-        const int64_t len = sk::rans_encode(ptr<const uint8_t>(sym), n, ptr<const uint32_t>(freq), nsym,
+      [](std::uintptr_t sym, int64_t n, std::uintptr_t tables, std::uintptr_t out, int64_t capacity) {
+        const int64_t len = sk::rans_encode(ptr<const uint8_t>(sym), n, *ptr<const sk::RansTables>(tables),
                                             ptr<uint8_t>(out), capacity);
         if (len < 0) throw std::invalid_argument("rans_encode: a symbol is outside the table or out is too small");
         return len;
       },
-      py::arg("sym"), py::arg("n"), py::arg("freq"), py::arg("nsym"), py::arg("out"), py::arg("capacity"), nogil,
-      "Static-table rANS encode of n u8 symbols (freq u32[nsym]); returns the stream length in bytes.");
+      py::arg("sym"), py::arg("n"), py::arg("tables"), py::arg("out"), py::arg("capacity"), nogil,
+      "Static-table rANS encode of n u8 symbols with built tables; returns the stream length in bytes.");
 
   m.def(
       "rans_decode",
-      [](std::uintptr_t data, int64_t len, int64_t n, std::uintptr_t freq, int nsym, std::uintptr_t out) {
-        return sk::rans_decode(ptr<const uint8_t>(data), len, n, ptr<const uint32_t>(freq), nsym, ptr<uint8_t>(out));
+      [](std::uintptr_t data, int64_t len, int64_t n, std::uintptr_t tables, std::uintptr_t out, int count_of) {
+        int64_t count = 0;
+        std::string err = sk::rans_decode(ptr<const uint8_t>(data), len, n, *ptr<const sk::RansTables>(tables),
+                                          ptr<uint8_t>(out), count_of, &count);
+        return std::make_pair(err, count);
       },
-      py::arg("data"), py::arg("len"), py::arg("n"), py::arg("freq"), py::arg("nsym"), py::arg("out"), nogil,
-      "Static-table rANS decode of exactly n symbols into out; returns '' or why the stream is invalid.");
+      py::arg("data"), py::arg("len"), py::arg("n"), py::arg("tables"), py::arg("out"), py::arg("count_of") = -1,
+      nogil,
+      "Static-table rANS decode of exactly n symbols into out; returns ('' or why the stream is invalid, how many "
+      "decoded symbols equal count_of).");
 
   m.def(
       "lowbit_dequantize",

@@ -66,6 +66,9 @@ def test_bad_flags_are_usage_errors():
     fails(Exit.USAGE, "profile", "--formats", "dense,5", says=("--formats", "'5'"))
     fails(Exit.USAGE, "edge", "--no-such-flag", says=("--no-such-flag",))
     fails(Exit.USAGE, "demo", "--model", "tiny", "--split-layer", "6", says=("--split-layer", "[1, 5]"))
+    fails(Exit.USAGE, "demo", "--model", "tiny", "--codec", "v2", "--avg-bits", "4", says=("--avg-bits", "--bits"))
+    fails(Exit.USAGE, "demo", "--model", "tiny", "--codec", "v1", "--lossless", says=("--lossless", "--codec v1"))
+    fails(Exit.USAGE, "demo", "--model", "tiny", "--bits", "0.5", says=("--bits",))
 
 
 def test_a_budget_below_the_codec_floor_is_refused():

@@ -365,3 +365,76 @@ def test_fused_quantise_and_dequantise_match_reference(cfg64, dtype, shape):
             sym_f, raw_f = sym, raw
     assert torch.equal(sym_f, sym) and torch.equal(raw_f, raw)
     assert torch.equal(v2mod.dequantise(sym, cfg64, dtype, fused=True), v2mod.dequantise(sym, cfg64, dtype, fused=False))
+
+
+@pytest.fixture(params=rans._C.v2_isas() if HAS_CPP and hasattr(rans._C, "v2_isas") else ["none"])
+def v2_isa(request):
+    """Each instruction set of the fused v2 passes in turn (restored afterwards)."""
+    if request.param == "none":
+        pytest.skip("C++ extension not built (pip install . builds it)")
+    before = rans._C.v2_isa()
+    rans._C.set_v2_isa(request.param)
+    yield request.param
+    rans._C.set_v2_isa(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t, d", [(1, 1), (3, 31), (4, 32), (5, 45), (2, 100)])
+def test_fused_passes_match_reference_on_every_isa(v2_isa, dtype, t, d):
+    """Odd widths (vector tails), ties, escape boundaries, tiny values near the fp16/bf16 subnormal
+    range and a raw token: the fused encode/decode equal the reference bit for bit on each ISA."""
+    g = torch.Generator().manual_seed(1000 * t + d)
+    center = torch.randn(d, generator=g) * 0.01
+    step = torch.rand(d, generator=g) * 0.05 + 1e-3
+    step[0] = 3e-7  # a channel whose codes land on fp16 subnormals when decoded
+    kmax = 11
+    freqs = rans.build_freqs(np.ones(2 * kmax + 2))
+    cfg = CodecConfigV2(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=kmax, freqs=freqs,
+                        raw_limit=d // 3)
+    st, ce = torch.tensor(cfg.step_array()), torch.tensor(cfg.center_array())
+    k = torch.randint(-2 * kmax - 4, 2 * kmax + 5, (t + 1, d), generator=g).float() / 2  # ties and escapes
+    x = ce + k * st
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.5, x + torch.randn(x.shape, generator=g) * st, x)
+    x[:, 0] = torch.randn(t + 1, generator=g) * 1e-6
+    x[-1] = x[-1] * 1e4 + 50.0  # every value escapes: a raw token
+    x = x.to(dtype)
+    sym_ref, raw_ref = v2mod.quantise(x, cfg, fused=False)
+    sym, raw = v2mod.quantise(x, cfg, fused=True)
+    assert torch.equal(sym, sym_ref) and torch.equal(raw, raw_ref) and bool(raw[-1])
+    enc = encode_v2(x, cfg)
+    assert torch.equal(enc.escapes, x[~raw][sym_ref[~raw] == cfg.escape_symbol])
+    assert torch.equal(v2mod.dequantise(sym, cfg, dtype, fused=True), v2mod.dequantise(sym, cfg, dtype, fused=False))
+    back = from_bytes(enc.to_bytes(), config=cfg)
+    y = decode_v2(back)
+    ref = v2mod.dequantise(sym_ref, cfg, dtype, fused=False)
+    esc = sym_ref == cfg.escape_symbol
+    ref[esc] = x[esc]
+    ref[raw_ref] = x[raw_ref]
+    assert torch.equal(y.view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_fused_encode_rejects_non_finite_values(cfg64, v2_isa):
+    for bad in (float("nan"), float("inf")):
+        x = activations(4, 64, seed=1)[1:].half()
+        x[1, 37] = bad
+        with pytest.raises(ValueError, match="finite"):
+            encode(x, cfg64)
+
+
+def test_fused_decode_checks_the_escape_count(cfg64):
+    if not v2mod.has_fused():
+        pytest.skip("C++ extension not built (pip install . builds it)")
+    enc = encode(activations(6, 64, seed=4, massive=800.0)[1:].half(), cfg64)
+    assert enc.escapes.numel() > 0
+    for escapes in (enc.escapes[:-1], torch.cat([enc.escapes, enc.escapes[:1]])):
+        with pytest.raises(ValueError, match="escape"):
+            decode_v2(EncodedV2(enc.symbols, enc.raw, escapes, enc.raw_values, cfg64))
+
+
+def test_rans_tables_are_built_once_per_table():
+    if not rans.has_native():
+        pytest.skip("C++ extension not built (pip install . builds it)")
+    freqs = rans.build_freqs(np.arange(1, 9))
+    assert rans.native_tables(freqs) is rans.native_tables(tuple(freqs))
+    with pytest.raises(ValueError, match="sum"):
+        rans.native_tables((1, 2, 3))

@@ -32,12 +32,16 @@ def _run_cli(*argv: str) -> str:
 
 def test_demo_json_on_tiny_model():
     report = json.loads(_run_cli("demo", "--model", "tiny", "--max-new-tokens", "5", "--eval-tokens", "40",
-                                 "--front-bits", "4", "--json"))
+                                 "--front-bits", "4", "--calib-tokens", "256", "--json"))
     assert report["opsc"] == {"front": {"bits": 4, "group_size": 64, "clip_search": False}, "back": None}
+    codec = report["codec"]  # v2 by default, calibrated after the evaluation tokens
+    assert codec["kind"] == "v2" and len(codec["fingerprint"]) == 64 and codec["d"] == 128
+    assert codec["calibration"]["sensitivity"] == "fisher" and codec["calibration"]["first_token"] >= 40
     g = report["generation"]
     assert g["steps"] == 5 and len(report["tokens"]) == 5
     assert g["prompt_tokens"] == len(DEFAULT_PROMPT.encode())
     assert 0 < g["bits_per_element_decode"] < 16 and g["compression_vs_fp16"] > 1
+    assert 0 < g["bits_per_element_prefill"] < g["bits_per_element_decode"]  # framing amortised over the prompt
     for part in ("edge_compute_s", "encode_s", "link_s", "decode_s", "server_compute_s"):
         assert g["decode_mean"][part] >= 0
     q = report["quality"]
@@ -105,7 +109,7 @@ def test_demo_falls_back_to_a_tiny_model_and_says_so(monkeypatch):
     import splitkernels.models
 
     monkeypatch.setattr(splitkernels.models, "smollm2_available", lambda: False)
-    report = json.loads(_run_cli("demo", "--max-new-tokens", "2", "--eval-tokens", "0", "--json"))
+    report = json.loads(_run_cli("demo", "--max-new-tokens", "2", "--eval-tokens", "0", "--codec", "v1", "--json"))
     assert report["model"].startswith("tiny random") and "SmolLM2 is not installed" in report["note"]
     assert "quality" not in report
 

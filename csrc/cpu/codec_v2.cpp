@@ -1,64 +1,278 @@
 #include "cpu/codec_v2.h"
 
+#include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SK_V2_X86 1
+#endif
 
 #include "common/half.h"
 
 namespace sk {
+namespace {
 
-std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
-                        int kmax, int64_t raw_limit, uint8_t* sym, int32_t* n_esc, uint8_t* raw) {
-  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) return "v2_quantise: unknown dtype";
-  if (kmax < 1 || kmax > 127) return "v2_quantise: kmax must be in [1, 127]";
-  if (T < 0 || d < 1) return "v2_quantise: need T >= 0 and d >= 1";
+// ---------------------------------------------------------------------------------------- scalar
+
+// One value of the quantiser (FORMATS 5.2); returns true when it escapes.
+inline bool quantise_one(float xf, float center, float inv, float k, uint8_t& s, uint8_t esc_sym) {
+  const float v = (xf - center) * inv;  // -ffp-contract=off: two roundings
+  if (!(std::fabs(v) <= k)) {
+    s = esc_sym;
+    return true;
+  }
+  s = static_cast<uint8_t>(std::nearbyint(v) + k);  // ties to even (default rounding mode)
+  return false;
+}
+
+// Symbols of values [c0, d) of one row; escaped values' bytes appended to ebuf. Returns escapes.
+int64_t quantise_tail(const uint8_t* xr, int dtype, int64_t c0, int64_t d, const float* center, const float* inv,
+                      int kmax, uint8_t* s, uint8_t* ebuf, int64_t& nonfinite) {
+  const int item = dtype_size(dtype);
   const float k = static_cast<float>(kmax);
   const uint8_t esc_sym = static_cast<uint8_t>(2 * kmax + 1);
-  const int item = dtype_size(dtype);
-#pragma omp parallel
-  {
-    std::vector<float> row(d);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      to_float(static_cast<const uint8_t*>(x) + t * d * item, dtype, d, row.data());
-      uint8_t* s = sym + t * d;
-      int32_t count = 0;
-#pragma omp simd reduction(+ : count)
-      for (int64_t c = 0; c < d; ++c) {
-        const float v = (row[c] - center[c]) * inv[c];  // -ffp-contract=off: two roundings
-        const bool esc = !(std::fabs(v) <= k);
-        const float q = std::nearbyint(std::fmin(std::fmax(v, -k), k)) + k;  // ties to even
-        s[c] = esc ? esc_sym : static_cast<uint8_t>(q);
-        count += esc;
-      }
-      n_esc[t] = count;
-      raw[t] = count > raw_limit;
-      if (raw[t])
-        for (int64_t c = 0; c < d; ++c) s[c] = 0;
+  int64_t count = 0;
+  for (int64_t c = c0; c < d; ++c) {
+    const float xf = load_as_float(xr, dtype, c);
+    nonfinite += !(std::fabs(xf) <= FLT_MAX);
+    if (quantise_one(xf, center[c], inv[c], k, s[c], esc_sym)) {
+      std::memcpy(ebuf + count * item, xr + c * item, item);
+      ++count;
     }
   }
+  return count;
+}
+
+int64_t quantise_row_scalar(const uint8_t* xr, int dtype, int64_t d, const float* center, const float* inv, int kmax,
+                            uint8_t* s, uint8_t* ebuf, int64_t& nonfinite) {
+  return quantise_tail(xr, dtype, 0, d, center, inv, kmax, s, ebuf, nonfinite);
+}
+
+inline float dequantise_one(uint8_t s, int kmax, float step, float center) {
+  const float prod = static_cast<float>(static_cast<int>(s) - kmax) * step;
+  return prod + center;  // two roundings, no FMA
+}
+
+// Values [c0, d) of one row; escapes take the next exact value. False when escapes run out.
+bool dequantise_tail(const uint8_t* s, int64_t c0, int64_t d, const float* step, const float* center, int kmax,
+                     int dtype, uint8_t* out, const uint8_t* escapes, int64_t n_escapes, int64_t& used) {
+  const int item = dtype_size(dtype);
+  const uint8_t esc_sym = static_cast<uint8_t>(2 * kmax + 1);
+  for (int64_t c = c0; c < d; ++c) {
+    if (n_escapes >= 0 && s[c] == esc_sym) {
+      if (used >= n_escapes) return false;
+      std::memcpy(out + c * item, escapes + used * item, item);
+      ++used;
+    } else {
+      store_from_float(out, dtype, c, dequantise_one(s[c], kmax, step[c], center[c]));
+    }
+  }
+  return true;
+}
+
+bool dequantise_row_scalar(const uint8_t* s, int64_t d, const float* step, const float* center, int kmax, int dtype,
+                           uint8_t* out, const uint8_t* escapes, int64_t n_escapes, int64_t& used) {
+  return dequantise_tail(s, 0, d, step, center, kmax, dtype, out, escapes, n_escapes, used);
+}
+
+// ------------------------------------------------------------------------------------ AVX2 + F16C
+#ifdef SK_V2_X86
+
+__attribute__((target("avx2,f16c"))) inline __m256 load8(const uint8_t* xr, int dtype, int64_t c) {
+  if (dtype == kFloat32) return _mm256_loadu_ps(reinterpret_cast<const float*>(xr) + c);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + 2 * c));
+  if (dtype == kFloat16) return _mm256_cvtph_ps(h);  // exact, subnormals included
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2,f16c"))) int64_t quantise_row_avx2(const uint8_t* xr, int dtype, int64_t d,
+                                                                 const float* center, const float* inv, int kmax,
+                                                                 uint8_t* s, uint8_t* ebuf, int64_t& nonfinite) {
+  const int item = dtype_size(dtype);
+  const __m256 k = _mm256_set1_ps(static_cast<float>(kmax));
+  const __m256 nk = _mm256_set1_ps(-static_cast<float>(kmax));
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 maxf = _mm256_set1_ps(FLT_MAX);
+  const __m256i esc = _mm256_set1_epi32(2 * kmax + 1);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t count = 0;
+  int64_t c = 0;
+  for (; c + 32 <= d; c += 32) {
+    __m256i q[4];
+    uint32_t escbits = 0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t at = c + 8 * j;
+      const __m256 xf = load8(xr, dtype, at);
+      // Not finite: |x| > FLT_MAX or NaN (unordered).
+      nonfinite += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(xf, absmask), maxf, _CMP_NLE_UQ)));
+      const __m256 v = _mm256_mul_ps(_mm256_sub_ps(xf, _mm256_loadu_ps(center + at)), _mm256_loadu_ps(inv + at));
+      const __m256 ok = _mm256_cmp_ps(_mm256_and_ps(v, absmask), k, _CMP_LE_OQ);  // false for NaN: escape
+      const __m256 r = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(v, nk), k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i code = _mm256_cvttps_epi32(_mm256_add_ps(r, k));
+      q[j] = _mm256_blendv_epi8(esc, code, _mm256_castps_si256(ok));
+      escbits |= static_cast<uint32_t>(~_mm256_movemask_ps(ok) & 0xff) << (8 * j);
+    }
+    // 4 x 8 int32 codes (0..255) -> 32 bytes in order: saturating packs, then undo their lane interleave.
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(s + c), _mm256_permutevar8x32_epi32(bytes, order));
+    while (escbits) {
+      const int i = __builtin_ctz(escbits);
+      escbits &= escbits - 1;
+      std::memcpy(ebuf + count * item, xr + (c + i) * item, item);
+      ++count;
+    }
+  }
+  return count + quantise_tail(xr, dtype, c, d, center, inv, kmax, s, ebuf + count * item, nonfinite);
+}
+
+__attribute__((target("avx2,f16c"))) bool dequantise_row_avx2(const uint8_t* s, int64_t d, const float* step,
+                                                                const float* center, int kmax, int dtype, uint8_t* out,
+                                                                const uint8_t* escapes, int64_t n_escapes,
+                                                                int64_t& used) {
+  const int item = dtype_size(dtype);
+  const __m256i kv = _mm256_set1_epi32(kmax);
+  const __m256i esc = _mm256_set1_epi8(static_cast<char>(2 * kmax + 1));
+  const __m256i half_even = _mm256_set1_epi32(0x7fff);
+  const __m256i one = _mm256_set1_epi32(1);
+  int64_t c = 0;
+  for (; c + 32 <= d; c += 32) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + c));
+    uint32_t escbits = n_escapes >= 0 ? static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(b, esc))) : 0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t at = c + 8 * j;
+      const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + at)));
+      const __m256 qf = _mm256_cvtepi32_ps(_mm256_sub_epi32(w, kv));
+      const __m256 y = _mm256_add_ps(_mm256_mul_ps(qf, _mm256_loadu_ps(step + at)), _mm256_loadu_ps(center + at));
+      if (dtype == kFloat32) {
+        _mm256_storeu_ps(reinterpret_cast<float*>(out) + at, y);
+      } else if (dtype == kFloat16) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * at),
+                         _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      } else {  // bf16, round to nearest even (y is finite)
+        __m256i u = _mm256_castps_si256(y);
+        u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(half_even, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * at), _mm256_castsi256_si128(packed));
+      }
+    }
+    while (escbits) {
+      const int i = __builtin_ctz(escbits);
+      escbits &= escbits - 1;
+      if (used >= n_escapes) return false;
+      std::memcpy(out + (c + i) * item, escapes + used * item, item);
+      ++used;
+    }
+  }
+  return dequantise_tail(s, c, d, step, center, kmax, dtype, out, escapes, n_escapes, used);
+}
+
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"); }
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+using QuantiseRow = int64_t (*)(const uint8_t*, int, int64_t, const float*, const float*, int, uint8_t*, uint8_t*,
+                                int64_t&);
+using DequantiseRow = bool (*)(const uint8_t*, int64_t, const float*, const float*, int, int, uint8_t*, const uint8_t*,
+                               int64_t, int64_t&);
+
+struct Isa {
+  const char* name;
+  QuantiseRow quantise;
+  DequantiseRow dequantise;
+};
+
+const Isa kScalar{"scalar", quantise_row_scalar, dequantise_row_scalar};
+#ifdef SK_V2_X86
+const Isa kAvx2{"avx2", quantise_row_avx2, dequantise_row_avx2};
+#endif
+
+const Isa* best_isa() {
+#ifdef SK_V2_X86
+  if (cpu_has_avx2()) return &kAvx2;
+#endif
+  return &kScalar;
+}
+
+const Isa* g_isa = best_isa();
+
+std::string check_dtype(int dtype, const char* who) {
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) return std::string(who) + ": unknown dtype";
+  return "";
+}
+
+}  // namespace
+
+std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                        int kmax, int64_t raw_limit, uint8_t* sym, int32_t* n_esc, uint8_t* raw, void* escapes,
+                        int64_t* totals) {
+  std::string err = check_dtype(dtype, "v2_quantise");
+  if (!err.empty()) return err;
+  if (kmax < 1 || kmax > 127) return "v2_quantise: kmax must be in [1, 127]";
+  if (T < 0 || d < 1) return "v2_quantise: need T >= 0 and d >= 1";
+  const int item = dtype_size(dtype);
+  const Isa* isa = g_isa;
+  std::vector<uint8_t> row_escapes(static_cast<size_t>(d) * item);  // one row's escaped values
+  int64_t written = 0, nonfinite = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* xr = static_cast<const uint8_t*>(x) + t * d * item;
+    uint8_t* s = sym + t * d;
+    const int64_t count = isa->quantise(xr, dtype, d, center, inv, kmax, s, row_escapes.data(), nonfinite);
+    n_esc[t] = static_cast<int32_t>(count);
+    raw[t] = count > raw_limit;
+    if (raw[t]) {
+      std::memset(s, 0, d);
+    } else if (escapes && count) {
+      std::memcpy(static_cast<uint8_t*>(escapes) + written * item, row_escapes.data(), count * item);
+      written += count;
+    }
+  }
+  totals[0] = written;
+  totals[1] = nonfinite;
   return "";
 }
 
 std::string v2_dequantise(const uint8_t* sym, int64_t T, int64_t d, const float* step, const float* center, int kmax,
-                          int dtype, void* out) {
-  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) return "v2_dequantise: unknown dtype";
+                          int dtype, void* out, const uint8_t* raw, const void* escapes, int64_t n_escapes) {
+  std::string err = check_dtype(dtype, "v2_dequantise");
+  if (!err.empty()) return err;
+  if (kmax < 1 || kmax > 127) return "v2_dequantise: kmax must be in [1, 127]";
   const int item = dtype_size(dtype);
-#pragma omp parallel
-  {
-    std::vector<float> row(d);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      const uint8_t* s = sym + t * d;
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) {
-        const float prod = static_cast<float>(static_cast<int>(s[c]) - kmax) * step[c];
-        row[c] = prod + center[c];
-      }
-      from_float(row.data(), d, dtype, static_cast<uint8_t*>(out) + t * d * item);
-    }
+  const Isa* isa = g_isa;
+  int64_t used = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (raw && raw[t]) continue;
+    if (!isa->dequantise(sym + t * d, d, step, center, kmax, dtype, static_cast<uint8_t*>(out) + t * d * item,
+                         static_cast<const uint8_t*>(escapes), n_escapes, used))
+      return "v2_dequantise: more escape symbols than escaped values";
   }
+  if (n_escapes >= 0 && used != n_escapes) return "v2_dequantise: fewer escape symbols than escaped values";
   return "";
+}
+
+std::vector<std::string> v2_isas() {
+  std::vector<std::string> out{"scalar"};
+  if (cpu_has_avx2()) out.push_back("avx2");
+  return out;
+}
+
+std::string v2_isa() { return g_isa->name; }
+
+std::string set_v2_isa(const std::string& name) {
+  if (name == "scalar") {
+    g_isa = &kScalar;
+    return "";
+  }
+#ifdef SK_V2_X86
+  if (name == "avx2" && cpu_has_avx2()) {
+    g_isa = &kAvx2;
+    return "";
+  }
+#endif
+  return "v2 isa must be one of the supported ones (see v2_isas()), got '" + name + "'";
 }
 
 }  // namespace sk

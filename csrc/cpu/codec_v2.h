@@ -1,20 +1,37 @@
 // Codec v2 quantiser on the CPU (docs/FORMATS.md section 5.2), bit-exact with splitkernels/codec/v2.py.
+//
+// Each pass is one sweep over the rows with an AVX2 + F16C path and a scalar fallback, chosen at run
+// time (cpuid; set_v2_isa forces one for tests and benchmarks). Both give identical bytes: IEEE fp32
+// subtraction and multiplication (no FMA), round-half-to-even, exact fp16/bf16 conversions.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace sk {
 
 // One fused pass over x [T, d] (dtype per sk::DType): v = (fp32(x) - center) * inv, escape symbol
-// 2*kmax+1 where !(|v| <= kmax), else rint_half_even(v) + kmax; per-token escape counts, and
-// tokens with more than raw_limit escapes marked raw with an all-zero symbol row.
+// 2*kmax+1 where !(|v| <= kmax), else rint_half_even(v) + kmax; per-token escape counts n_esc, and
+// tokens with more than raw_limit escapes marked raw (raw[t] = 1) with an all-zero symbol row.
+// When escapes is not null, the exact escaped values of the coded (not raw) tokens are written
+// there in the input dtype, token-major, channel ascending (room for T*d values suffices).
+// totals[0] = escaped values written, totals[1] = non-finite inputs seen (the caller rejects > 0).
 std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
-                        int kmax, int64_t raw_limit, uint8_t* sym, int32_t* n_esc, uint8_t* raw);
+                        int kmax, int64_t raw_limit, uint8_t* sym, int32_t* n_esc, uint8_t* raw, void* escapes,
+                        int64_t* totals);
 
-// out [T, d] (dtype) = fp32(fp32((sym - kmax) * step) + center) for every value; escape positions
-// and raw rows are written the same way and are the caller's to overwrite with exact values.
+// out [T, d] (dtype) = fp32(fp32((sym - kmax) * step) + center) for every coded value. Rows with
+// raw[t] != 0 are skipped (raw may be null: no raw rows). When n_escapes >= 0, escape symbols take
+// the next of the n_escapes exact values at escapes (dtype) in token-major order instead, and using
+// other than exactly n_escapes of them is an error; n_escapes < 0 places none.
 std::string v2_dequantise(const uint8_t* sym, int64_t T, int64_t d, const float* step, const float* center, int kmax,
-                          int dtype, void* out);
+                          int dtype, void* out, const uint8_t* raw, const void* escapes, int64_t n_escapes);
+
+// Instruction sets the v2 passes can use here ("scalar", then "avx2" when supported), the one in use,
+// and a switch between them ("" or why not).
+std::vector<std::string> v2_isas();
+std::string v2_isa();
+std::string set_v2_isa(const std::string& name);
 
 }  // namespace sk

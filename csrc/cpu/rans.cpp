@@ -1,42 +1,9 @@
 #include "cpu/rans.h"
 
 #include <cstring>
-#include <vector>
 
 namespace sk {
 namespace {
-
-// Exact division of a 32-bit state by a frequency f < 2^14 with one 128-bit multiply
-// (Granlund-Montgomery: m = ceil(2^(32+l) / f), l = ceil(log2 f), m < 2^33).
-struct EncSymbol {
-  uint64_t mul;
-  uint32_t shift;
-  uint32_t freq;
-  uint32_t cum;
-  uint32_t x_max;  // renormalise when the state reaches f << 18
-};
-
-EncSymbol make_enc(uint32_t f, uint32_t cum) {
-  uint32_t l = 0;
-  while ((1u << l) < f) ++l;
-  const uint32_t shift = 32 + l;
-  const unsigned __int128 one = 1;
-  const uint64_t mul = static_cast<uint64_t>(((one << shift) + f - 1) / f);
-  return {mul, shift, f, cum, f << (32 - kRansPrecBits)};
-}
-
-inline uint32_t div_by(uint32_t x, const EncSymbol& s) {
-  return static_cast<uint32_t>((static_cast<unsigned __int128>(x) * s.mul) >> s.shift);
-}
-
-inline void enc_put(uint32_t& x, const EncSymbol& s, uint16_t*& words) {
-  if (x >= s.x_max) {
-    *--words = static_cast<uint16_t>(x & 0xFFFF);
-    x >>= 16;
-  }
-  const uint32_t q = div_by(x, s);
-  x = (q << kRansPrecBits) + (x - q * s.freq) + s.cum;
-}
 
 inline void store_u32(uint8_t* p, uint32_t v) {
   p[0] = static_cast<uint8_t>(v);
@@ -47,6 +14,32 @@ inline void store_u32(uint8_t* p, uint32_t v) {
 
 inline uint32_t load_u32(const uint8_t* p) {
   return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+}
+
+inline uint32_t load_u16(const uint8_t* p) { return uint32_t(p[0]) | uint32_t(p[1]) << 8; }
+
+// One encoder step. The word is written unconditionally one below `words` and kept only when the
+// state renormalises (no unpredictable branch); the slot below the first word is the states'
+// area of the output, overwritten at the end.
+inline void enc_put(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
+  const bool emit = x >= s.x_max;
+  words[-1] = static_cast<uint16_t>(x);
+  words -= emit;
+  x = emit ? x >> 16 : x;
+  const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(x) * s.rcp_freq) >> 32) >> s.rcp_shift;
+  x = x + s.bias + q * s.cmpl_freq;
+}
+
+// One decoder step with its renormalisation; `w` must have 2 readable bytes (the caller checks).
+inline uint8_t dec_get(uint32_t& x, const RansTables& t, const uint8_t*& w) {
+  const uint32_t slot = x & (kRansM - 1);
+  const uint32_t e = t.dec[slot];
+  x = (e >> 16) * (x >> kRansPrecBits) + (e & 0xFFFF);
+  const bool renorm = x < kRansL;
+  const uint32_t next = (x << 16) | load_u16(w);
+  x = renorm ? next : x;
+  w += 2 * renorm;
+  return t.sym[slot];
 }
 
 }  // namespace
@@ -62,33 +55,59 @@ std::string rans_check_table(const uint32_t* freq, int nsym) {
   return "";
 }
 
-int64_t rans_encode(const uint8_t* sym, int64_t n, const uint32_t* freq, int nsym, uint8_t* out, int64_t capacity) {
+std::string rans_build_tables(const uint32_t* freq, int nsym, RansTables* t) {
+  std::string err = rans_check_table(freq, nsym);
+  if (!err.empty()) return err;
+  std::memset(t, 0, sizeof(RansTables));
+  t->nsym = nsym;
+  uint32_t cum = 0;
+  for (int s = 0; s < nsym; ++s) {
+    const uint32_t f = freq[s];
+    RansEncSymbol& e = t->enc[s];
+    e.x_max = f << (32 - kRansPrecBits);
+    e.cmpl_freq = static_cast<uint16_t>(kRansM - f);
+    if (f < 2) {
+      // q = x - 1 for every x >= 1: x + bias + q * (M - 1) = x * M + cum.
+      e.rcp_freq = ~0u;
+      e.rcp_shift = 0;
+      e.bias = cum + kRansM - 1;
+    } else {
+      uint32_t shift = 0;
+      while (f > (1u << shift)) ++shift;
+      e.rcp_freq = static_cast<uint32_t>(((uint64_t(1) << (shift + 31)) + f - 1) / f);
+      e.rcp_shift = static_cast<uint16_t>(shift - 1);
+      e.bias = cum;
+    }
+    for (uint32_t slot = cum; slot < cum + f; ++slot) {
+      t->dec[slot] = f << 16 | (slot - cum);
+      t->sym[slot] = static_cast<uint8_t>(s);
+    }
+    cum += f;
+  }
+  return "";
+}
+
+int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables& t, uint8_t* out, int64_t capacity) {
   if (n == 0) return 0;
   const int lanes = rans_lanes(n);
   if (capacity < 4 * lanes + 2 * n) return -1;
-  EncSymbol table[256];
-  uint32_t cum = 0;
-  for (int s = 0; s < nsym; ++s) {
-    table[s] = make_enc(freq[s], cum);
-    cum += freq[s];
-  }
   for (int64_t i = 0; i < n; ++i)
-    if (sym[i] >= nsym) return -1;
-  // Words are written backwards from the end of out, then moved behind the states.
+    if (sym[i] >= t.nsym) return -1;
+  // Words are written backwards from the end of the word area, then moved behind the states.
   uint16_t* const end = reinterpret_cast<uint16_t*>(out + 4 * lanes) + n;
   uint16_t* words = end;
   uint32_t x[4] = {kRansL, kRansL, kRansL, kRansL};
   int64_t i = n - 1;
   if (lanes == 1) {
-    for (; i >= 0; --i) enc_put(x[0], table[sym[i]], words);
+    for (; i >= 0; --i) enc_put(x[0], t.enc[sym[i]], words);
   } else {
     // Symbol i belongs to lane i % 4; peel the tail so the main loop runs whole groups 3,2,1,0.
-    for (; i >= 0 && (i % 4) != 3; --i) enc_put(x[i % 4], table[sym[i]], words);
+    for (; i >= 0 && (i % 4) != 3; --i) enc_put(x[i % 4], t.enc[sym[i]], words);
     for (; i >= 3; i -= 4) {
-      enc_put(x[3], table[sym[i]], words);
-      enc_put(x[2], table[sym[i - 1]], words);
-      enc_put(x[1], table[sym[i - 2]], words);
-      enc_put(x[0], table[sym[i - 3]], words);
+      enc_put(x[3], t.enc[sym[i]], words);
+      enc_put(x[2], t.enc[sym[i - 1]], words);
+      enc_put(x[1], t.enc[sym[i - 2]], words);
+      enc_put(x[0], t.enc[sym[i - 3]], words);
     }
   }
   const int64_t nwords = end - words;
@@ -98,20 +117,11 @@ int64_t rans_encode(const uint8_t* sym, int64_t n, const uint32_t* freq, int nsy
   return 4 * lanes + 2 * nwords;
 }
 
-std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const uint32_t* freq, int nsym, uint8_t* out) {
-  std::string err = rans_check_table(freq, nsym);
-  if (!err.empty()) return err;
+std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansTables& t, uint8_t* out, int count_of,
+                        int64_t* count) {
   if (n == 0) return len == 0 ? "" : "an empty symbol stream must have 0 bytes";
   const int lanes = rans_lanes(n);
   if (len < 4 * lanes || (len - 4 * lanes) % 2) return "rANS stream is not its states plus 16-bit words";
-  std::vector<uint8_t> slot_sym(kRansM);
-  uint32_t cum[256];
-  uint32_t c = 0;
-  for (int s = 0; s < nsym; ++s) {
-    cum[s] = c;
-    std::memset(slot_sym.data() + c, s, freq[s]);
-    c += freq[s];
-  }
   uint32_t x[4];
   for (int j = 0; j < lanes; ++j) {
     x[j] = load_u32(data + 4 * j);
@@ -119,22 +129,38 @@ std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const uint3
   }
   const uint8_t* w = data + 4 * lanes;
   const uint8_t* const wend = data + len;
-  const uint8_t* tab = slot_sym.data();
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  // Each step reads at most one word: while 4 words remain, a group of 4 steps needs no checks.
+  if (lanes == 4) {
+    for (; i + 4 <= n && wend - w >= 8; i += 4) {
+      out[i] = dec_get(x[0], t, w);
+      out[i + 1] = dec_get(x[1], t, w);
+      out[i + 2] = dec_get(x[2], t, w);
+      out[i + 3] = dec_get(x[3], t, w);
+    }
+  } else {
+    for (; i < n && wend - w >= 2; ++i) out[i] = dec_get(x[0], t, w);
+  }
+  for (; i < n; ++i) {  // the last words: checked steps
     uint32_t& s = x[lanes == 1 ? 0 : (i & 3)];
     const uint32_t slot = s & (kRansM - 1);
-    const uint8_t sym = tab[slot];
-    s = freq[sym] * (s >> kRansPrecBits) + slot - cum[sym];
+    const uint32_t e = t.dec[slot];
+    s = (e >> 16) * (s >> kRansPrecBits) + (e & 0xFFFF);
     if (s < kRansL) {
       if (w >= wend) return "rANS stream ends early";
-      s = (s << 16) | uint32_t(w[0]) | uint32_t(w[1]) << 8;
+      s = (s << 16) | load_u16(w);
       w += 2;
     }
-    out[i] = sym;
+    out[i] = t.sym[slot];
   }
   if (w != wend) return "rANS stream has unread words";
   for (int j = 0; j < lanes; ++j)
     if (x[j] != kRansL) return "rANS stream does not end in the initial state (corrupted or wrong table)";
+  if (count && count_of >= 0 && count_of < 256) {
+    int64_t c = 0;
+    for (int64_t k = 0; k < n; ++k) c += out[k] == count_of;
+    *count = c;
+  }
   return "";
 }
 

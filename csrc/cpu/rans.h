@@ -1,6 +1,9 @@
 // Static-table rANS coder of codec v2 (docs/FORMATS.md section 5.3): 32-bit states kept in
 // [2^16, 2^32), 16-bit renormalisation words, 14-bit probabilities, 1 or 4 interleaved lanes.
 // Bit-exact with the Python reference splitkernels/codec/rans.py.
+//
+// The tables are built once per frequency table (RansTables, owned by the caller, e.g. cached per
+// codec config) so a one-token frame pays nothing per call for them.
 #pragma once
 
 #include <cstdint>
@@ -16,15 +19,37 @@ constexpr int64_t kRansWideLanesFrom = 1 << 14;
 // Lanes for n symbols: 1 below kRansWideLanesFrom symbols, else 4.
 inline int rans_lanes(int64_t n) { return n >= kRansWideLanesFrom ? 4 : 1; }
 
+// Encoder entry of one symbol: x -> x + bias + q * cmpl_freq with q = floor(x / freq) computed by a
+// 32-bit reciprocal, exact for every x < 2^31 (the state is below freq << 18 <= 2^31 when coded).
+struct RansEncSymbol {
+  uint32_t x_max;  // renormalise (emit 16 bits) when the state reaches freq << 18
+  uint32_t rcp_freq;
+  uint32_t bias;
+  uint16_t cmpl_freq;
+  uint16_t rcp_shift;
+};
+
+struct RansTables {
+  RansEncSymbol enc[256];
+  uint32_t dec[kRansM];  // per slot: freq << 16 | (slot - cum)
+  uint8_t sym[kRansM];   // per slot: the symbol
+  int32_t nsym;
+};
+
 // Checks a frequency table (2..256 entries, each 1..kRansM/2, sum kRansM); "" when valid.
 std::string rans_check_table(const uint32_t* freq, int nsym);
 
+// Fills tables for a valid frequency table; "" or why the table is invalid.
+std::string rans_build_tables(const uint32_t* freq, int nsym, RansTables* tables);
+
 // Encodes n symbols (each < nsym) into out (capacity bytes; 4*lanes + 2*n always suffices).
 // Returns the stream length in bytes, or -1 when a symbol is out of range or out is too small.
-int64_t rans_encode(const uint8_t* sym, int64_t n, const uint32_t* freq, int nsym, uint8_t* out, int64_t capacity);
+int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables& tables, uint8_t* out, int64_t capacity);
 
 // Decodes exactly n symbols from data[0, len). Returns "" or why the stream is invalid (too short,
-// wrong length, ends early, trailing words, final states differ from the initial state).
-std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const uint32_t* freq, int nsym, uint8_t* out);
+// wrong length, ends early, trailing words, final states differ from the initial state). When
+// count_of is in [0, 256), *count receives how many decoded symbols equal it.
+std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansTables& tables, uint8_t* out,
+                        int count_of, int64_t* count);
 
 }  // namespace sk

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..codec import CodecConfig
+from ..codec import CodecConfig, CodecConfigV2
 from ..runtime.protocol import SplitError
 from . import args as types
 from .common import add_connection_args, message_bytes
@@ -56,9 +56,9 @@ def _generate(sm, loaded: LoadedModel, transport, args: argparse.Namespace):
     return ids, result
 
 
-def _warn_unmet_budget(codec: CodecConfig, summary: dict) -> None:
+def _warn_unmet_budget(codec: CodecConfig | CodecConfigV2, summary: dict) -> None:
     """A budget the frames did not meet (too few bits for the metadata) is said, not hidden."""
-    if codec.mode != "budget":
+    if not isinstance(codec, CodecConfig) or codec.mode != "budget":
         return
     sent = summary["bits_per_element_decode"]
     if sent > codec.avg_bits * 1.02:
@@ -103,11 +103,26 @@ def _print_report(report: dict) -> None:
         print(f"note:     {report['note']}")
 
 
-def _codec_text(codec: CodecConfig) -> str:
+def _codec_text(codec: CodecConfig | CodecConfigV2, calibration: dict | None) -> str:
+    if isinstance(codec, CodecConfigV2):
+        c = calibration or {}
+        how = (f", calibrated on {c['tokens']} {c['text']} tokens from token {c['first_token']} (disjoint from the "
+               f"evaluation text) with {c['sensitivity']} sensitivity in {c['seconds']:.1f} s") if c else ""
+        return (f"v2 (calibrated equalisation + static rANS), target {codec.info.get('target_bits')} bits/element, "
+                f"kmax {codec.kmax}{how}, config {codec.fingerprint[:8]}")
     if codec.mode == "passthrough":
         return "lossless passthrough"
     target = f"eps {codec.eps}" if codec.mode == "error" else f"budget {codec.avg_bits} bits/element"
     return f"TS+TAB-Q, alpha {codec.alpha}, capacity {codec.capacity}, {target}, widths {list(codec.bit_choices)}"
+
+
+def _codec_report(codec: CodecConfig | CodecConfigV2, calibration: dict | None) -> dict:
+    """The codec as the report shows it: v1 settings, or v2's summary (its arrays stay out)."""
+    if not isinstance(codec, CodecConfigV2):
+        return codec.to_dict()
+    return {"kind": "v2", "fingerprint": codec.fingerprint, "d": codec.d, "kmax": codec.kmax,
+            "raw_limit": codec.raw_limit, "config_bytes": len(codec.canonical_bytes()), "calibration": calibration,
+            "info": codec.info}
 
 
 def _base_report(loaded: LoadedModel, sm, settings: SplitSettings, args: argparse.Namespace, transport_text: str,
@@ -117,8 +132,8 @@ def _base_report(loaded: LoadedModel, sm, settings: SplitSettings, args: argpars
         "model": loaded.name,
         "num_layers": sm.adapter.num_layers,
         "split_layer": sm.split_layer,
-        "codec": sm.codec.to_dict(),
-        "codec_text": _codec_text(sm.codec),
+        "codec": _codec_report(sm.codec, settings.calibration),
+        "codec_text": _codec_text(sm.codec, settings.calibration),
         "opsc": None if opsc is None else {k: (c.to_dict() if c else None) for k, c in zip(("front", "back"), opsc)},
         "transport": transport_text,
         "prompt": args.prompt,
@@ -141,7 +156,7 @@ def _decode_paths(sm) -> dict:
     return out
 
 
-def _emit(report: dict, args: argparse.Namespace, codec: CodecConfig) -> None:
+def _emit(report: dict, args: argparse.Namespace, codec: CodecConfig | CodecConfigV2) -> None:
     _warn_unmet_budget(codec, report["generation"])
     if args.json:
         print(json.dumps(report, indent=2))
@@ -240,7 +255,7 @@ def register(subparsers) -> None:
                    help="OPSC: edge layers' weight bits (2/3/4/8)")
     p.add_argument("--back-bits", type=int, choices=(2, 3, 4, 8), default=None,
                    help="OPSC: server layers' weight bits (8)")
-    add_codec_args(p)
+    add_codec_args(p, default="v2")
     _add_generation_args(p)
     p.add_argument("--eval-tokens", type=types.non_negative_int, default=384,
                    help="Botchan tokens for perplexity/KL vs the unsplit model (0 = skip)")

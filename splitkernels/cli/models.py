@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 
-from ..codec import CodecConfig
+from ..codec import CodecConfig, CodecConfigV2
+from ..codec.calibrate import DEFAULT_BITS
 from ..codec.frame import count_width
 from ..models import LoadedModel
 from ..models.loading import BUILT_IN
@@ -16,8 +17,12 @@ from . import args as types
 from .errors import InputFileError, UsageError
 from .files import load_plan
 
-# The codec defaults are CodecConfig's own (measured choice, see splitkernels/codec/config.py).
+# The v1 codec defaults are CodecConfig's own (measured choice, see splitkernels/codec/config.py).
 DEFAULT_CODEC = CodecConfig()
+CODEC_KINDS = ("v2", "v1", "passthrough")
+# Codec v2 calibration text: Botchan tokens from here on, after any evaluation tokens (disjoint).
+CALIB_OFFSET = 8192
+CALIB_WINDOW = 512
 
 
 def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
@@ -56,13 +61,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "the server's max sequence length")
 
 
-def add_codec_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("codec (TS + TAB-Q)")
-    g.add_argument("--alpha", type=types.positive, default=DEFAULT_CODEC.alpha, help="outlier threshold, in token rms")
+def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
+    """Codec flags; ``default`` is the command's codec when neither --codec nor a v1-only flag says."""
+    g = p.add_argument_group("codec")
+    g.add_argument("--codec", choices=CODEC_KINDS, default=None,
+                   help=f"v2 (calibrated equalisation + static rANS, calibrated here on Botchan text disjoint from "
+                        f"the evaluation text), v1 (TS + TAB-Q) or passthrough (lossless); default {default}"
+                        + (" (v1 when --avg-bits is given)" if default != "v1" else ""))
+    g.add_argument("--bits", type=types.number(1.0, 16.0), default=DEFAULT_BITS,
+                   help="v2: target bits per element of 512-token frames")
+    g.add_argument("--sensitivity", choices=("fisher", "uniform"), default="fisher",
+                   help="v2: channel precision from a diagonal Fisher of the calibration text (one backward "
+                        "pass per window) or uniform (forward passes only)")
+    g.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=1024,
+                   help="v2: calibration tokens (Botchan, after the evaluation tokens)")
+    p.set_defaults(codec_default=default)
+    g.add_argument("--alpha", type=types.positive, default=DEFAULT_CODEC.alpha, help="v1: outlier threshold, in token rms")
     g.add_argument("--capacity", type=types.non_negative_int, default=DEFAULT_CODEC.capacity,
-                   help="max outliers per token")
-    g.add_argument("--eps", type=types.positive, default=DEFAULT_CODEC.eps, help="relative error target (mode error)")
-    g.add_argument("--avg-bits", type=types.positive, default=None, help="bits per element budget (mode budget)")
+                   help="v1: max outliers per token")
+    g.add_argument("--eps", type=types.positive, default=DEFAULT_CODEC.eps, help="v1: relative error target (mode error)")
+    g.add_argument("--avg-bits", type=types.positive, default=None, help="v1: bits per element budget (mode budget)")
     g.add_argument("--lossless", action="store_true", help="send hidden states raw (passthrough codec)")
 
 
@@ -71,11 +89,12 @@ class SplitSettings:
     """How a command splits its model: from ``--plan`` when given, else from the flags."""
 
     split_layer: int
-    codec: CodecConfig
+    codec: CodecConfig | CodecConfigV2
     front: Any  # QuantConfig | None
     back: Any
     max_seq_len: int | None  # the plan's, None without a plan
     plan_path: str | None
+    calibration: dict | None = None  # how a v2 codec was calibrated (text, tokens, sensitivity, seconds)
 
     def opsc(self, side: str):
         """The OPSC weight configs a ``side`` ("edge", "server" or "both") quantises, or None."""
@@ -108,10 +127,14 @@ def split_settings(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettin
     front_bits, back_bits = getattr(args, "front_bits", None), getattr(args, "back_bits", None)
     front = QuantConfig(front_bits, args.group_size) if front_bits else None
     back = QuantConfig(back_bits, args.group_size) if back_bits else None
-    if not hasattr(args, "lossless"):  # a server: the edge chooses the codec
+    kind = codec_kind(args)
+    if kind is None:  # a server: the edge chooses the codec
         codec = DEFAULT_CODEC
-    elif args.lossless:
+    elif kind == "passthrough":
         codec = CodecConfig.passthrough()
+    elif kind == "v2":
+        codec, calibration = calibrate_v2(args, loaded, split)
+        return SplitSettings(split, codec, front, back, None, None, calibration)
     elif args.avg_bits is not None:
         codec = CodecConfig(alpha=args.alpha, capacity=args.capacity, mode="budget", avg_bits=args.avg_bits)
         floor = budget_floor(loaded.hidden_size, codec.bit_choices)
@@ -123,3 +146,49 @@ def split_settings(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettin
     else:
         codec = CodecConfig(alpha=args.alpha, capacity=args.capacity, eps=args.eps)
     return SplitSettings(split, codec, front, back, None, None)
+
+
+def codec_kind(args: argparse.Namespace) -> str | None:
+    """The codec a command line asks for (None on a server, which has no codec flags)."""
+    if not hasattr(args, "lossless"):
+        return None
+    kind = args.codec
+    if args.lossless:
+        if kind not in (None, "passthrough"):
+            raise UsageError(f"--lossless sends raw values; it cannot be combined with --codec {kind}")
+        return "passthrough"
+    if args.avg_bits is not None:
+        if kind not in (None, "v1"):
+            raise UsageError(f"--avg-bits is a v1 budget; with --codec {kind} use --bits (v2) or drop it")
+        return "v1"
+    return kind or args.codec_default
+
+
+def calibrate_v2(args: argparse.Namespace, loaded: LoadedModel, split: int) -> tuple[CodecConfigV2, dict]:
+    """Calibrate codec v2 for ``loaded`` split after ``split`` on Botchan tokens that start after
+    the evaluation tokens (``--eval-tokens``, if the command has it), so the two never overlap."""
+    import time
+
+    import torch
+
+    from ..codec.spec import config_for_model
+    from ..eval import load_text
+    from ..models import text_config
+
+    ids = loaded.encode_text(load_text("botchan"))[0]
+    start = max(CALIB_OFFSET, getattr(args, "eval_tokens", 0))
+    if ids.numel() < start + args.calib_tokens:
+        raise UsageError(f"--calib-tokens {args.calib_tokens}: the calibration text has only "
+                         f"{max(ids.numel() - start, 0)} tokens after the first {start} (kept for evaluation)")
+    positions = getattr(text_config(loaded.model.config), "max_position_embeddings", None) or CALIB_WINDOW
+    window = min(CALIB_WINDOW, positions, args.calib_tokens)
+    dtype = next(loaded.model.parameters()).dtype
+    wire = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+    spec = {"kind": "v2", "bits": args.bits, "sensitivity": args.sensitivity}
+    t0 = time.perf_counter()
+    config = config_for_model(spec, loaded.model, split, ids[start: start + args.calib_tokens], window=window,
+                              wire_dtype=wire)
+    calibration = {"text": "Botchan", "first_token": start, "tokens": args.calib_tokens, "window": window,
+                   "sensitivity": args.sensitivity, "target_bits": args.bits,
+                   "estimated_bits": config.info.get("estimated_bits"), "seconds": time.perf_counter() - t0}
+    return config, calibration

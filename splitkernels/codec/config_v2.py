@@ -18,6 +18,8 @@ from . import rans
 
 CONFIG_VERSION = 2
 MAX_KMAX = (rans.MAX_SYMBOLS - 2) // 2  # symbols 0..2K are codes -K..K, 2K+1 is the escape
+MAX_D = 1 << 20  # widest hidden state a serialised config may describe
+_CANON_HEAD = struct.Struct("<BIII")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class CodecConfigV2:
         for a in arrays.values():
             a.setflags(write=False)
         object.__setattr__(self, "_arrays", arrays)
+        # Hashed once: every frame carries (and every parse checks) the tag.
+        object.__setattr__(self, "_digest", hashlib.sha256(self.canonical_bytes()).digest())
 
     @property
     def d(self) -> int:
@@ -91,18 +95,46 @@ class CodecConfigV2:
 
     def canonical_bytes(self) -> bytes:
         """The bytes the fingerprint hashes: version, d, kmax, raw_limit, centers and steps (f32), freqs (u16)."""
-        head = struct.pack("<BIII", CONFIG_VERSION, self.d, self.kmax, self.raw_limit)
+        head = _CANON_HEAD.pack(CONFIG_VERSION, self.d, self.kmax, self.raw_limit)
         return head + self.center_array().astype("<f4").tobytes() + self.step_array().astype("<f4").tobytes() + np.asarray(self.freqs, dtype="<u2").tobytes()
 
     @property
     def fingerprint(self) -> str:
         """SHA-256 (hex) of :meth:`canonical_bytes`; frames carry its first 4 bytes."""
-        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+        return self._digest.hex()
 
     @property
     def frame_tag(self) -> int:
         """The u32 that v2 frames carry: the first 4 fingerprint bytes, little-endian."""
-        return int.from_bytes(bytes.fromhex(self.fingerprint[:8]), "little")
+        return int.from_bytes(self._digest[:4], "little")
+
+    @property
+    def digest(self) -> bytes:
+        """The 32-byte SHA-256 digest of :meth:`canonical_bytes` (``fingerprint`` in bytes)."""
+        return self._digest
+
+    @classmethod
+    def from_canonical_bytes(cls, data: bytes | bytearray | memoryview, *, max_d: int = MAX_D) -> "CodecConfigV2":
+        """Parse :meth:`canonical_bytes` (how a session OPEN carries the config); ValueError on
+        anything malformed. ``d`` is checked against ``max_d`` before the arrays are read."""
+        buf = bytes(data)
+        if len(buf) < _CANON_HEAD.size:
+            raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the header needs {_CANON_HEAD.size}")
+        version, d, kmax, raw_limit = _CANON_HEAD.unpack_from(buf)
+        if version != CONFIG_VERSION:
+            raise ValueError(f"codec config version must be {CONFIG_VERSION}, got {version}")
+        if not 1 <= d <= max_d or not 1 <= kmax <= MAX_KMAX:
+            raise ValueError(f"codec config has d = {d} (allowed 1..{max_d}) and kmax = {kmax} (allowed 1..{MAX_KMAX})")
+        n = 2 * kmax + 2
+        want = _CANON_HEAD.size + 8 * d + 2 * n
+        if len(buf) != want:
+            raise ValueError(f"codec config bytes for d = {d}, kmax = {kmax} must be {want} bytes, got {len(buf)}")
+        at = _CANON_HEAD.size
+        center = np.frombuffer(buf, dtype="<f4", count=d, offset=at)
+        step = np.frombuffer(buf, dtype="<f4", count=d, offset=at + 4 * d)
+        freqs = np.frombuffer(buf, dtype="<u2", count=n, offset=at + 8 * d)
+        return cls(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=int(kmax),
+                   freqs=tuple(int(f) for f in freqs), raw_limit=int(raw_limit))
 
     def to_dict(self) -> dict:
         return {"version": CONFIG_VERSION, "center": list(self.center), "step": list(self.step), "kmax": self.kmax, "freqs": list(self.freqs),

@@ -37,10 +37,30 @@ def from_bytes(data: bytes | bytearray | memoryview, config: CodecConfigV2 | Non
     missing or is not the one the frame was encoded with; v1 frames ignore it. ``limits`` (v1) are
     the receiver's limits, checked against the header before anything is allocated.
     """
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        head = bytes(memoryview(data).cast("B")[:5])
-        if len(head) == 5 and head[:4] == MAGIC and head[4] == FRAME_VERSION_V2:
-            return read_frame_v2(data, config)
+    if is_v2_frame(data):
+        return read_frame_v2(data, config, limits)
     if config is not None and not isinstance(config, CodecConfigV2):
         raise FrameError(f"config must be a CodecConfigV2 or None, got {type(config).__name__}")
     return v1.from_bytes(data, limits)
+
+
+def is_v2_frame(data: object) -> bool:
+    """True when ``data`` starts like a v2 frame (magic and version byte); nothing else is checked."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return False
+    head = bytes(memoryview(data).cast("B")[:5])
+    return len(head) == 5 and head[:4] == MAGIC and head[4] == FRAME_VERSION_V2
+
+
+def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | None = None,
+                 device: torch.device | str | None = None, *, config: CodecConfigV2 | None = None) -> torch.Tensor:
+    """Validate and decode an untrusted wire frame straight to ``[T, d]`` on ``device`` (what a server runs).
+
+    v1 frames go through :func:`splitkernels.codec.encoded.decode_frame` (bounded scratch); v2
+    frames need the session's ``config`` (FrameError when it is missing or not the frame's) and
+    are decoded on the host, their allocations bounded by the frame's own size, then moved.
+    """
+    if is_v2_frame(data):
+        out = decode_v2(read_frame_v2(data, config, limits))
+        return out if device is None else out.to(device)
+    return v1.decode_frame(data, limits, device)

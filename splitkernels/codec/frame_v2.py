@@ -23,7 +23,7 @@ import torch
 
 from . import rans
 from .config_v2 import CodecConfigV2
-from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError
+from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
 
 FRAME_VERSION_V2 = 2
 HEAD = struct.Struct("<4sBBI")
@@ -117,8 +117,11 @@ def write_frame_v2(enc: EncodedV2) -> bytes:
         enc.raw_values.contiguous().view(torch.uint8).numpy().tobytes(),
         stream,
     ]
-    body = b"".join(parts)
-    return body + struct.pack("<I", zlib.crc32(body))
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    parts.append(struct.pack("<I", crc))
+    return b"".join(parts)
 
 
 def _values(raw_bytes: memoryview, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -128,8 +131,12 @@ def _values(raw_bytes: memoryview, dtype: torch.dtype, what: str) -> torch.Tenso
     return vals
 
 
-def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None) -> EncodedV2:
-    """Parse and validate a v2 frame against the session's ``config``; :class:`FrameError` if anything is wrong."""
+def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
+                  limits: FrameLimits | None = None) -> EncodedV2:
+    """Parse and validate a v2 frame against the session's ``config``; :class:`FrameError` if anything is wrong.
+
+    ``limits``: the receiver's limits (d, dtypes, most tokens, most escapes as outliers), checked
+    against the header before anything sized by it is allocated (:class:`FrameLimitError`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FrameError(f"a frame must be bytes, got {type(data).__name__}")
     if config is None:
@@ -160,6 +167,8 @@ def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | 
     n_esc, pos = _read_varint(buf, pos, crc_at, "escape count")
     if t > MAX_T:
         raise FrameError(f"frame claims T = {t} tokens, more than {MAX_T}")
+    if limits is not None:
+        limits.check(t, d, dtype, n_esc)
 
     def take(n: int, what: str) -> memoryview:
         nonlocal pos
@@ -183,10 +192,10 @@ def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | 
     if n_sym > rans.max_symbols(len(stream)):
         raise FrameError(f"frame claims {n_sym} coded values, more than a {len(stream)}-byte stream can hold")
     try:
-        sym = rans.decode(stream, config.freqs, n_sym)
+        sym, n_esc_sym = rans.decode(stream, config.freqs, n_sym, count_of=config.escape_symbol)
     except rans.RansError as exc:
         raise FrameError(f"symbol stream invalid: {exc}") from None
-    if int((sym == config.escape_symbol).sum()) != n_esc:
+    if n_esc_sym != n_esc:
         raise FrameError(f"escape count {n_esc} does not match the escape symbols in the stream")
     raw_values = _values(raw_bytes, dtype, "raw tokens").reshape(n_raw, d)
     raw_t = torch.from_numpy(raw)

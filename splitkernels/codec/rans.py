@@ -9,6 +9,7 @@ kept in ``[2**16, 2**32)``, 16-bit renormalisation words, ``lanes(n)`` interleav
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -154,28 +155,49 @@ def decode_reference(data: bytes | memoryview, freqs: Sequence[int], n: int) -> 
     return out
 
 
+def has_native() -> bool:
+    """True when the C++ coder (``splitkernels._C``) is built."""
+    return _C is not None and hasattr(_C, "rans_build_tables")
+
+
+@functools.lru_cache(maxsize=64)
+def native_tables(freqs: tuple[int, ...]) -> np.ndarray:
+    """The C++ coder's encode/decode tables of ``freqs``, built once per table (one-token frames
+    then pay nothing for them); a read-only byte array the coder reads through its address."""
+    table = np.ascontiguousarray(np.asarray(freqs, dtype=np.uint32))
+    blob = np.empty(_C.rans_tables_bytes() // 8 + 1, dtype=np.uint64)  # 8-byte aligned
+    _C.rans_build_tables(table.ctypes.data, table.shape[0], blob.ctypes.data)
+    blob.setflags(write=False)
+    return blob
+
+
 def encode(symbols: np.ndarray, freqs: Sequence[int]) -> bytes:
     """Encode u8 ``symbols`` with the static table (C++ coder when built, else the reference)."""
     sym = np.ascontiguousarray(np.asarray(symbols, dtype=np.uint8).ravel())
-    if _C is None or not hasattr(_C, "rans_encode"):
+    if not has_native():
         return encode_reference(sym, freqs)
-    table = np.ascontiguousarray(np.asarray(freqs, dtype=np.uint32))
-    out = np.empty(4 * lanes(sym.shape[0]) + 4 * sym.shape[0] + 16, dtype=np.uint8)
-    n_out = _C.rans_encode(sym.ctypes.data, sym.shape[0], table.ctypes.data, table.shape[0], out.ctypes.data,
-                           out.shape[0])
+    if sym.shape[0] and int(sym.max()) >= len(freqs):
+        raise ValueError(f"symbol {int(sym.max())} is outside the table of {len(freqs)} symbols")
+    tables = native_tables(tuple(freqs))
+    out = np.empty(4 * lanes(sym.shape[0]) + 2 * sym.shape[0], dtype=np.uint8)
+    n_out = _C.rans_encode(sym.ctypes.data, sym.shape[0], tables.ctypes.data, out.ctypes.data, out.shape[0])
     return out[:n_out].tobytes()
 
 
-def decode(data: bytes | memoryview, freqs: Sequence[int], n: int) -> np.ndarray:
-    """Decode ``n`` symbols (C++ coder when built, else the reference); :class:`RansError` if invalid."""
-    if _C is None or not hasattr(_C, "rans_decode"):
-        return decode_reference(data, freqs, n)
-    buf = np.frombuffer(bytes(data), dtype=np.uint8)
+def decode(data: bytes | memoryview, freqs: Sequence[int], n: int, count_of: int = -1) -> np.ndarray | tuple[np.ndarray, int]:
+    """Decode ``n`` symbols (C++ coder when built, else the reference); :class:`RansError` if invalid.
+
+    With ``count_of`` >= 0, also return how many decoded symbols equal it (counted by the coder).
+    """
+    if not has_native():
+        out = decode_reference(data, freqs, n)
+        return out if count_of < 0 else (out, int((out == count_of).sum()))
+    buf = np.frombuffer(data, dtype=np.uint8)
     if n > max_symbols(buf.shape[0]):
         raise RansError(f"{n} symbols cannot fit in a {buf.shape[0]}-byte rANS stream")
-    table = np.ascontiguousarray(np.asarray(freqs, dtype=np.uint32))
+    tables = native_tables(tuple(freqs))
     out = np.empty(n, dtype=np.uint8)
-    err = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, table.ctypes.data, table.shape[0], out.ctypes.data)
+    err, count = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, tables.ctypes.data, out.ctypes.data, count_of)
     if err:
         raise RansError(err)
-    return out
+    return out if count_of < 0 else (out, count)

@@ -62,3 +62,28 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
     if not count:
         raise ValueError("windows must hold at least one window longer than skip_first tokens")
     return (total / count).float(), torch.cat(states)
+
+
+@torch.no_grad()
+def split_hidden_states(model: nn.Module, windows: Iterable[torch.Tensor], split_layer: int) -> torch.Tensor:
+    """The hidden states ``[N, d]`` after decoder layer ``split_layer`` (1-based) of each window
+    ``[T]`` of token ids, concatenated: forward passes only (what a uniform calibration needs)."""
+    from ..opsc import decoder_layers
+
+    layers = decoder_layers(model)
+    if not 1 <= split_layer < len(layers):
+        raise ValueError(f"split_layer must be in [1, {len(layers) - 1}], got {split_layer}")
+    states: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        states.append((output[0] if isinstance(output, tuple) else output).detach()[0].float().cpu())
+
+    handle = layers[split_layer - 1].register_forward_hook(hook)
+    try:
+        for ids in windows:
+            model(ids.reshape(1, -1))
+    finally:
+        handle.remove()
+    if not states:
+        raise ValueError("windows must hold at least one window")
+    return torch.cat(states)

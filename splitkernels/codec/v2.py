@@ -23,14 +23,6 @@ from .frame_v2 import EncodedV2
 _C, _ = load("_C")
 
 
-def _check_input(x: torch.Tensor, config: CodecConfigV2) -> None:
-    check_tensor("x", x, FLOAT_DTYPES, ndim=2)
-    if x.shape[1] != config.d:
-        raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
-
-
 def has_fused() -> bool:
     """True when the C++ extension provides the fused v2 quantiser and dequantiser."""
     return _C is not None and hasattr(_C, "v2_quantise")
@@ -48,12 +40,26 @@ def quantise_reference(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Te
     return sym, esc
 
 
+def _fused_pass(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The one-pass C++ quantiser on contiguous host ``x``: symbols (raw rows 0), raw flags, the
+    escaped values of the coded tokens (input dtype) and how many inputs were not finite."""
+    t, d = x.shape
+    sym = torch.empty(t, d, dtype=torch.uint8)
+    n_esc = torch.empty(t, dtype=torch.int32)
+    raw = torch.empty(t, dtype=torch.uint8)
+    escapes = torch.empty(t * d, dtype=x.dtype)  # never touched beyond what is written
+    center, inv = config.center_array(), config.inv_step_array()
+    written, nonfinite = _C.v2_quantise(x.data_ptr(), DTYPE_CODES[x.dtype], t, d, center.ctypes.data, inv.ctypes.data,
+                                        config.kmax, config.raw_limit, sym.data_ptr(), n_esc.data_ptr(), raw.data_ptr(),
+                                        escapes.data_ptr())
+    return sym, raw.bool(), escapes[:written], nonfinite
+
+
 def quantise(x: torch.Tensor, config: CodecConfigV2, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symbols u8 ``[T, d]`` after the raw rule (raw rows all 0) and the raw flags ``[T]``.
 
     ``fused``: the one-pass C++ kernel (default when built) or the PyTorch reference; bit-exact.
     """
-    t, d = x.shape
     if fused is None:
         fused = has_fused()
     if not fused:
@@ -61,13 +67,8 @@ def quantise(x: torch.Tensor, config: CodecConfigV2, fused: bool | None = None) 
         raw = esc.sum(1) > config.raw_limit
         sym[raw] = 0
         return sym, raw
-    sym = torch.empty(t, d, dtype=torch.uint8)
-    n_esc = torch.empty(t, dtype=torch.int32)
-    raw = torch.empty(t, dtype=torch.uint8)
-    center, inv = config.center_array(), config.inv_step_array()
-    _C.v2_quantise(x.data_ptr(), DTYPE_CODES[x.dtype], t, d, center.ctypes.data, inv.ctypes.data, config.kmax,
-                   config.raw_limit, sym.data_ptr(), n_esc.data_ptr(), raw.data_ptr())
-    return sym, raw.bool()
+    sym, raw, _, _ = _fused_pass(x.detach().cpu().contiguous(), config)
+    return sym, raw
 
 
 def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fused: bool | None = None) -> torch.Tensor:
@@ -77,35 +78,50 @@ def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fus
     step, center = config.step_array(), config.center_array()
     if not fused:
         return ((sym.to(torch.int32) - config.kmax).float() * torch.tensor(step) + torch.tensor(center)).to(dtype)
-    sym = sym.contiguous()
+    sym = sym.cpu().contiguous()
     out = torch.empty(sym.shape, dtype=dtype)
     _C.v2_dequantise(sym.data_ptr(), sym.shape[0], sym.shape[1], step.ctypes.data, center.ctypes.data, config.kmax,
-                     DTYPE_CODES[dtype], out.data_ptr())
+                     DTYPE_CODES[dtype], out.data_ptr(), 0, 0, -1)
     return out
 
 
 def encode_v2(x: torch.Tensor, config: CodecConfigV2) -> EncodedV2:
-    """Reference v2 encode of ``x [T, d]`` (fp32/fp16/bf16, finite) with a calibrated config."""
+    """v2 encode of ``x [T, d]`` (fp32/fp16/bf16, finite) with a calibrated config: one fused C++
+    pass when built (quantise, count escapes, gather them, check finiteness), else the reference."""
     if not isinstance(config, CodecConfigV2):
         raise TypeError(f"config must be a CodecConfigV2, got {type(config).__name__}")
-    _check_input(x, config)
+    check_tensor("x", x, FLOAT_DTYPES, ndim=2)
+    if x.shape[1] != config.d:
+        raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
     x = x.detach().cpu().contiguous()
-    sym, raw = quantise(x, config)
-    esc = sym == config.escape_symbol  # raw rows hold no escape symbols
-    escapes = x[esc]
+    if has_fused():
+        sym, raw, escapes, nonfinite = _fused_pass(x, config)
+    else:
+        nonfinite = int((~torch.isfinite(x)).sum())
+        sym, raw = quantise(x, config, fused=False)
+        escapes = x[sym == config.escape_symbol]  # raw rows hold no escape symbols
+    if nonfinite:
+        raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
     return EncodedV2(sym, raw, escapes, x[raw] if raw.any() else x[:0], config)
 
 
 def decode_v2(enc: EncodedV2) -> torch.Tensor:
-    """Reference v2 decode: ``fp32(fp32((s - kmax) * step) + center)`` rounded to the dtype (no FMA);
-    escapes and raw tokens exact."""
+    """v2 decode: ``fp32(fp32((s - kmax) * step) + center)`` rounded to the dtype (no FMA); escapes
+    and raw tokens exact. One fused C++ pass when built (escapes placed in it), else the reference."""
     if not isinstance(enc, EncodedV2):
         raise TypeError(f"encoded must be an EncodedV2, got {type(enc).__name__}")
     cfg = enc.config
-    sym = enc.symbols
-    esc = sym == cfg.escape_symbol
-    y = dequantise(sym, cfg, enc.dtype)
-    y.masked_scatter_(esc, enc.escapes)  # raw rows hold no escape symbols
+    sym = enc.symbols.contiguous()
+    if has_fused():
+        y = torch.empty(sym.shape, dtype=enc.dtype)
+        raw = enc.raw.to(torch.uint8).contiguous()
+        escapes = enc.escapes.contiguous()
+        _C.v2_dequantise(sym.data_ptr(), sym.shape[0], sym.shape[1], cfg.step_array().ctypes.data,
+                         cfg.center_array().ctypes.data, cfg.kmax, DTYPE_CODES[enc.dtype], y.data_ptr(), raw.data_ptr(),
+                         escapes.data_ptr(), escapes.numel())
+    else:
+        y = dequantise(sym, cfg, enc.dtype, fused=False)
+        y.masked_scatter_(sym == cfg.escape_symbol, enc.escapes)  # raw rows hold no escape symbols
     if enc.raw_values.shape[0]:
         y[enc.raw] = enc.raw_values
     return y

@@ -40,7 +40,7 @@ def _open(msg: split_pb2.Open) -> Open:
     if len(fp) != FINGERPRINT_BYTES:
         raise SplitError(Status.INVALID_ARGUMENT,
                          f"Open.fingerprint must be {FINGERPRINT_BYTES} bytes or empty, got {len(fp)}")
-    return Open(_sampling(msg.sampling), fp, msg.max_len)
+    return Open(_sampling(msg.sampling), fp, msg.max_len, codec_config=msg.codec_config)
 
 
 class SplitServicer(split_pb2_grpc.SplitServicer):

@@ -8,7 +8,10 @@ Header (little-endian, 20 bytes)::
 Kinds and payloads:
 
 * OPEN (edge -> server): model fingerprint 16 bytes | do_sample u8 | temperature f64 | top_k u32 |
-  top_p f64 | has_seed u8 | seed i64 | max_len u32 (prompt + new tokens the edge will send, 0 = unsaid)
+  top_p f64 | has_seed u8 | seed i64 | max_len u32 (prompt + new tokens the edge will send, 0 = unsaid);
+  with header flag ``FLAG_CODEC_CONFIG`` (bit 0, OPEN only) then: SHA-256 of the config 32 bytes |
+  the session's codec v2 config in its canonical bytes (docs/FORMATS.md §5.1), the rest of the
+  payload. A receiver that predates the flag refuses such an OPEN ("unknown message flags").
 * OPENED (server -> edge): max_seq_len u32 (the server's limit for this session)
 * STEP (edge -> server): seq u32 | codec frame (docs/FORMATS.md)
 * TOKEN (server -> edge): seq u32 | token u32 | position u32 (tokens the server has seen) |
@@ -23,6 +26,7 @@ Kinds and payloads:
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import struct
 from dataclasses import dataclass
@@ -31,6 +35,8 @@ MAGIC = b"SKRP"
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<4sBBHQI")
 FINGERPRINT_BYTES = 16
+FLAG_CODEC_CONFIG = 0x1  # OPEN carries a codec config after its fixed fields
+DIGEST_BYTES = 32
 _OPEN = struct.Struct("<16sBdIdBqI")
 _OPENED = struct.Struct("<I")
 _STEP = struct.Struct("<I")
@@ -105,10 +111,15 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Open:
+    """Open a session. ``codec_config``: the session's static codec v2 config as its canonical
+    bytes (:meth:`splitkernels.codec.CodecConfigV2.canonical_bytes`), or empty (v1 frames only);
+    the server decodes the session's v2 frames with it."""
+
     sampling: SamplingParams
     fingerprint: bytes = bytes(FINGERPRINT_BYTES)
     max_len: int = 0
     session_id: int = 0
+    codec_config: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -168,8 +179,8 @@ class Verdict:
 Message = Open | Opened | Step | TokenReply | Close | Verify | Verdict
 
 
-def _header(kind: Kind, session_id: int, payload: bytes) -> bytes:
-    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, 0, session_id, len(payload)) + payload
+def _header(kind: Kind, session_id: int, payload: bytes, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, flags, session_id, len(payload)) + payload
 
 
 def encode_message(msg: Message) -> bytes:
@@ -180,7 +191,10 @@ def encode_message(msg: Message) -> bytes:
             raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes, got {len(msg.fingerprint)}")
         body = _OPEN.pack(msg.fingerprint, int(s.do_sample), s.temperature, s.top_k, s.top_p,
                           int(s.seed is not None), s.seed or 0, msg.max_len)
-        return _header(Kind.OPEN, msg.session_id, body)
+        if not msg.codec_config:
+            return _header(Kind.OPEN, msg.session_id, body)
+        config = bytes(msg.codec_config)
+        return _header(Kind.OPEN, msg.session_id, body + hashlib.sha256(config).digest() + config, FLAG_CODEC_CONFIG)
     if isinstance(msg, Opened):
         return _header(Kind.OPENED, msg.session_id, _OPENED.pack(msg.max_seq_len))
     if isinstance(msg, Step):
@@ -219,7 +233,7 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(f"not a runtime message (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
-    if flags != 0:
+    if flags & ~FLAG_CODEC_CONFIG or (flags and kind != Kind.OPEN):
         raise ProtocolError(f"unknown message flags {flags:#x}")
     if length != len(buf) - HEADER.size:
         raise ProtocolError(f"payload length {length} does not match the {len(buf) - HEADER.size} bytes received")
@@ -229,6 +243,14 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(f"unknown message kind {kind}") from None
     body = buf[HEADER.size:]
     if kind == Kind.OPEN:
+        codec_config = b""
+        if flags & FLAG_CODEC_CONFIG:
+            body, codec_config = body[: _OPEN.size], body[_OPEN.size:]
+            if len(codec_config) <= DIGEST_BYTES:
+                raise ProtocolError("OPEN codec config truncated: it needs a 32-byte digest and the config bytes")
+            digest, codec_config = bytes(codec_config[:DIGEST_BYTES]), bytes(codec_config[DIGEST_BYTES:])
+            if hashlib.sha256(codec_config).digest() != digest:
+                raise ProtocolError("OPEN codec config does not match its SHA-256 digest (corrupted)")
         fp, do_sample, temperature, top_k, top_p, has_seed, seed, max_len = _fixed(body, _OPEN, kind)
         if do_sample > 1 or has_seed > 1:
             raise ProtocolError("OPEN flags must be 0 or 1")
@@ -236,7 +258,7 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
             sampling = SamplingParams(bool(do_sample), temperature, top_k, top_p, seed if has_seed else None)
         except ValueError as exc:
             raise ProtocolError(f"bad sampling parameters: {exc}") from None
-        return Open(sampling, bytes(fp), max_len, session_id)
+        return Open(sampling, bytes(fp), max_len, session_id, codec_config)
     if kind == Kind.OPENED:
         return Opened(session_id, *_fixed(body, _OPENED, kind))
     if kind == Kind.STEP:

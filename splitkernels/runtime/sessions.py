@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..codec import FrameError, FrameLimitError, FrameLimits, decode_frame
+from ..codec import CodecConfigV2, FrameError, FrameLimitError, FrameLimits, decode_frame
 from ..fastpath import FastCache
 from .protocol import (
     FINGERPRINT_BYTES, Close, Open, Opened, SplitError, Status, Step, TokenReply, Verdict, Verify, decode_message,
@@ -24,6 +24,7 @@ from .segments import Server, cache_nbytes
 from .verify import server_verify
 
 NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
+MAX_CODEC_CONFIGS = 16  # distinct codec configs kept parsed at once
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class _Session:
     last_active: float = field(default_factory=time.monotonic)
     closed: bool = False
     on_expire: Callable[[], object] | None = None
+    codec: CodecConfigV2 | None = None  # the session's codec v2 config (from OPEN); None = v1 frames only
 
 
 class SessionManager:
@@ -90,6 +92,7 @@ class SessionManager:
         self.max_seq_len = min(self.limits.max_seq_len, model_limit) if model_limit else self.limits.max_seq_len
         self.kv_bytes_per_token = server.kv_bytes_per_token()
         self._sessions: dict[int, _Session] = {}
+        self._codec_configs: dict[bytes, CodecConfigV2] = {}  # by canonical bytes, oldest first
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -136,6 +139,7 @@ class SessionManager:
         if msg.max_len > self.max_seq_len:
             raise SplitError(Status.RESOURCE_EXHAUSTED,
                              f"requested sequence length {msg.max_len} exceeds the server limit {self.max_seq_len}")
+        codec = self._codec_config(msg.codec_config)
         self.reap_idle()
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
@@ -146,10 +150,33 @@ class SessionManager:
                 sid = secrets.randbits(64)
             cache = self.server.new_decode_cache() if self.decode_caches else self.server.new_cache()
             self._sessions[sid] = _Session(sid, msg, self.max_seq_len, cache,
-                                           make_generator(msg.sampling), on_expire=on_expire)
+                                           make_generator(msg.sampling), on_expire=on_expire, codec=codec)
             self.sessions_opened += 1
         self._event("opened", session=sid)
         return Opened(sid, self.max_seq_len)
+
+    def _codec_config(self, raw: bytes) -> CodecConfigV2 | None:
+        """The session's codec v2 config from its OPEN bytes (None without one); one parsed
+        object per distinct config, shared by the sessions that send it (its tables are built once)."""
+        if not raw:
+            return None
+        d = self.server.adapter.hidden_size
+        with self._lock:
+            cached = self._codec_configs.get(raw)
+        if cached is not None:
+            return cached
+        try:
+            config = CodecConfigV2.from_canonical_bytes(raw, max_d=d)
+        except ValueError as exc:
+            raise SplitError(Status.INVALID_ARGUMENT, f"OPEN codec config is invalid: {exc}") from None
+        if config.d != d:
+            raise SplitError(Status.INVALID_ARGUMENT,
+                             f"OPEN codec config is for d = {config.d}, this server's hidden size is {d}")
+        with self._lock:
+            if len(self._codec_configs) >= MAX_CODEC_CONFIGS:
+                self._codec_configs.pop(next(iter(self._codec_configs)))
+            self._codec_configs[raw] = config
+        return config
 
     def _get(self, session_id: int) -> _Session:
         with self._lock:
@@ -229,7 +256,7 @@ class SessionManager:
         room = sess.max_seq_len - sess.position
         limits = FrameLimits(d=self.server.adapter.hidden_size, max_tokens=room)
         try:
-            hidden = decode_frame(frame, limits, self.server.device)
+            hidden = decode_frame(frame, limits, self.server.device, config=sess.codec)
         except FrameLimitError as exc:
             status = Status.INVALID_ARGUMENT if exc.field in ("d", "dtype") else Status.RESOURCE_EXHAUSTED
             raise SplitError(status, f"frame refused: {exc} (session at position {sess.position} of "

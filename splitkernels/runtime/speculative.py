@@ -16,13 +16,13 @@ from typing import Sequence
 
 import torch
 
-from ..codec import CodecConfig, encode
+from ..codec import CodecConfig, CodecConfigV2, encode
 from .drafting import (ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, ModelDrafter, PromptLookupDrafter,
                        low_bit_draft_model)
 from .metrics import GenerationMetrics, StepMetrics
-from .protocol import FINGERPRINT_BYTES, Open, ProtocolError, SamplingParams
+from .protocol import FINGERPRINT_BYTES, ProtocolError, SamplingParams
 from .segments import Edge, cache_nbytes
-from .split_model import GenerationResult, _check_input_ids, _eos_set
+from .split_model import GenerationResult, _check_input_ids, _eos_set, open_request
 from .transport import Transport
 from .verify import enable_rollback, truncate_cache
 
@@ -109,7 +109,7 @@ def _draft(edge: Edge, cache, drafter: Drafter, context: list[int], k: int, last
 
 
 def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tensor, max_new_tokens: int,
-                         codec: CodecConfig, sampling: SamplingParams, drafter: Drafter,
+                         codec: CodecConfig | CodecConfigV2, sampling: SamplingParams, drafter: Drafter,
                          policy: DraftPolicy | None = None, eos_token_id: int | Sequence[int] | None = None,
                          fingerprint: bytes = bytes(FINGERPRINT_BYTES)) -> SpeculativeResult:
     """Generate through ``edge`` and the server behind ``transport``, ``drafter`` proposing tokens
@@ -134,7 +134,7 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
     new: list[int] = []
     virtual = 0.0
     start = time.perf_counter()
-    session = transport.open(Open(sampling, fingerprint, seq_len))
+    session = transport.open(open_request(sampling, fingerprint, seq_len, codec))
     try:
         cache = edge.new_cache()
         enable_rollback(cache)

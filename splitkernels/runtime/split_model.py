@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..codec import CodecConfig, decode, encode, from_bytes
+from ..codec import CodecConfig, CodecConfigV2, decode, encode, from_bytes
 from ..nn import QuantConfig
 from ..nn.config import check_opsc_sides
 from ..models.split import Adapter, adapter_for
@@ -54,13 +54,14 @@ class SplitConfig:
     """Where to cut and how to store and send each half, as data.
 
     * ``split_layer``: the edge keeps decoder layers ``1..split_layer`` (1 <= it < the model's depth).
-    * ``codec``: activation codec for the split-layer hidden state (None = lossless passthrough).
+    * ``codec``: activation codec for the split-layer hidden state: a v1 :class:`CodecConfig`, a
+      calibrated v2 :class:`CodecConfigV2` (sent once per session in OPEN), or None (lossless).
     * ``front`` / ``back``: OPSC weight formats of the edge / server layers (None = dense).
     * ``quantize_embedding``: also store the input embedding at ``front`` (OPSC).
     """
 
     split_layer: int
-    codec: CodecConfig | None = None
+    codec: CodecConfig | CodecConfigV2 | None = None
     front: QuantConfig | None = None
     back: QuantConfig | None = None
     quantize_embedding: bool = False
@@ -69,12 +70,13 @@ class SplitConfig:
         l = self.split_layer
         if isinstance(l, bool) or not isinstance(l, int) or l < 1:
             raise ValueError(f"split_layer must be an int >= 1 (the edge keeps layers 1..split_layer), got {l!r}")
-        if self.codec is not None and not isinstance(self.codec, CodecConfig):
-            raise TypeError(f"codec must be a CodecConfig or None, got {type(self.codec).__name__}")
+        if self.codec is not None and not isinstance(self.codec, (CodecConfig, CodecConfigV2)):
+            raise TypeError(f"codec must be a CodecConfig, a CodecConfigV2 or None, got {type(self.codec).__name__}")
         check_opsc_sides(self.front, self.back, self.quantize_embedding)
 
     @classmethod
-    def from_legacy(cls, split_layer: int, codec: CodecConfig | None = None, opsc: Any = None) -> SplitConfig:
+    def from_legacy(cls, split_layer: int, codec: CodecConfig | CodecConfigV2 | None = None,
+                    opsc: Any = None) -> SplitConfig:
         """From the older ``split_model(model, split_layer, codec=, opsc=)`` arguments."""
         front, back = _opsc_configs(opsc)
         return cls(split_layer, codec, front, back)
@@ -126,8 +128,15 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
     raise TypeError(f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
 
 
+def open_request(sampling: SamplingParams, fingerprint: bytes, seq_len: int,
+                 codec: CodecConfig | CodecConfigV2) -> Open:
+    """The OPEN of a session; a v2 codec's static config travels in it, once per session."""
+    config = codec.canonical_bytes() if isinstance(codec, CodecConfigV2) else b""
+    return Open(sampling, fingerprint, seq_len, codec_config=config)
+
+
 def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, max_new_tokens: int,
-                   codec: CodecConfig, sampling: SamplingParams, eos_token_id: int | Sequence[int] | None = None,
+                   codec: CodecConfig | CodecConfigV2, sampling: SamplingParams, eos_token_id: int | Sequence[int] | None = None,
                    fingerprint: bytes = bytes(FINGERPRINT_BYTES)) -> GenerationResult:
     """Run one generation: the edge segment here, the server behind ``transport``.
 
@@ -146,7 +155,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     tokens: list[int] = []
     virtual = 0.0  # link time an emulator reported without waiting
     start = time.perf_counter()
-    session = transport.open(Open(sampling, fingerprint, seq_len))
+    session = transport.open(open_request(sampling, fingerprint, seq_len, codec))
     try:
         cache = edge.new_decode_cache()
         step_ids, position = ids, 0
@@ -196,8 +205,9 @@ class SplitModel:
     ``"fp32"`` (the model's own weights).
     """
 
-    def __init__(self, model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | None = None,
-                 opsc: Any = None, limits: Limits | None = None, fast: bool = True, fast_head: str = "int8") -> None:
+    def __init__(self, model: nn.Module, split_layer: int | SplitConfig,
+                 codec: CodecConfig | CodecConfigV2 | None = None, opsc: Any = None,
+                 limits: Limits | None = None, fast: bool = True, fast_head: str = "int8") -> None:
         config = split_layer if isinstance(split_layer, SplitConfig) else SplitConfig.from_legacy(split_layer, codec, opsc)
         if isinstance(split_layer, SplitConfig) and (codec is not None or opsc is not None):
             raise TypeError("pass codec and OPSC settings inside the SplitConfig, not beside it")
@@ -210,6 +220,9 @@ class SplitModel:
         self.split_layer = config.split_layer
         self.codec = config.codec or CodecConfig.passthrough()
         self.fingerprint = model_fingerprint(adapter, self.split_layer)
+        if isinstance(self.codec, CodecConfigV2) and self.codec.d != adapter.hidden_size:
+            raise ValueError(f"codec is a CodecConfigV2 for d = {self.codec.d}, the model's hidden size is "
+                             f"{adapter.hidden_size}")
         if config.front is not None or config.back is not None:
             _apply_opsc(model, config)
             adapter = adapter_for(model)
@@ -247,7 +260,8 @@ class SplitModel:
         """Teacher-forced logits ``[1, T, V]``: edge, codec frame (through its bytes), server; no cache."""
         ids = _check_input_ids(input_ids, self.adapter.vocab_size)
         hidden = self._require("edge").forward(ids, None, 0)
-        hidden = decode(from_bytes(encode(hidden, self.codec).to_bytes()))
+        config = self.codec if isinstance(self.codec, CodecConfigV2) else None
+        hidden = decode(from_bytes(encode(hidden, self.codec).to_bytes(), config)).to(hidden.device)
         return self._require("server").forward(hidden, None, 0, last_only=False)
 
     def release(self, side: str) -> None:
@@ -278,8 +292,8 @@ class SplitModel:
             self.manager.shutdown()
 
 
-def split_model(model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | None = None, opsc: Any = None,
-                limits: Limits | None = None, fast: bool = True, fast_head: str = "int8") -> SplitModel:
+def split_model(model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | CodecConfigV2 | None = None,
+                opsc: Any = None, limits: Limits | None = None, fast: bool = True, fast_head: str = "int8") -> SplitModel:
     """Split ``model`` (a Hugging Face decoder-only ``*ForCausalLM`` of any family) after a decoder layer.
 
     ``split_layer`` is a :class:`SplitConfig` (split layer, codec, OPSC formats), or, in the older

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&splitkernels/runtime/proto/split.proto\x12\x17splitkernels.runtime.v1\"l\n\x08Sampling\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"a\n\x04Open\x12\x33\n\x08sampling\x18\x01 \x01(\x0b\x32!.splitkernels.runtime.v1.Sampling\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x0f\n\x07max_len\x18\x03 \x01(\r\"1\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\x06\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\"\"\n\x04Step\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\"l\n\x05Token\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x02\x12\x11\n\tcompute_s\x18\x05 \x01(\x02\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\"\x07\n\x05\x43lose\"\xa0\x01\n\x07Request\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.splitkernels.runtime.v1.OpenH\x00\x12-\n\x04step\x18\x02 \x01(\x0b\x32\x1d.splitkernels.runtime.v1.StepH\x00\x12/\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1e.splitkernels.runtime.v1.CloseH\x00\x42\x06\n\x04kind\"s\n\x05Reply\x12\x31\n\x06opened\x18\x01 \x01(\x0b\x32\x1f.splitkernels.runtime.v1.OpenedH\x00\x12/\n\x05token\x18\x02 \x01(\x0b\x32\x1e.splitkernels.runtime.v1.TokenH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"\x19\n\tInfoReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xaa\x01\n\x05Split\x12O\n\x07Session\x12 .splitkernels.runtime.v1.Request\x1a\x1e.splitkernels.runtime.v1.Reply(\x01\x30\x01\x12P\n\x04Info\x12$.splitkernels.runtime.v1.InfoRequest\x1a\".splitkernels.runtime.v1.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&splitkernels/runtime/proto/split.proto\x12\x17splitkernels.runtime.v1\"l\n\x08Sampling\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"w\n\x04Open\x12\x33\n\x08sampling\x18\x01 \x01(\x0b\x32!.splitkernels.runtime.v1.Sampling\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x0f\n\x07max_len\x18\x03 \x01(\r\x12\x14\n\x0c\x63odec_config\x18\x04 \x01(\x0c\"1\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\x06\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\"\"\n\x04Step\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\"l\n\x05Token\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x02\x12\x11\n\tcompute_s\x18\x05 \x01(\x02\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\"\x07\n\x05\x43lose\"\xa0\x01\n\x07Request\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.splitkernels.runtime.v1.OpenH\x00\x12-\n\x04step\x18\x02 \x01(\x0b\x32\x1d.splitkernels.runtime.v1.StepH\x00\x12/\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1e.splitkernels.runtime.v1.CloseH\x00\x42\x06\n\x04kind\"s\n\x05Reply\x12\x31\n\x06opened\x18\x01 \x01(\x0b\x32\x1f.splitkernels.runtime.v1.OpenedH\x00\x12/\n\x05token\x18\x02 \x01(\x0b\x32\x1e.splitkernels.runtime.v1.TokenH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"\x19\n\tInfoReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xaa\x01\n\x05Split\x12O\n\x07Session\x12 .splitkernels.runtime.v1.Request\x1a\x1e.splitkernels.runtime.v1.Reply(\x01\x30\x01\x12P\n\x04Info\x12$.splitkernels.runtime.v1.InfoRequest\x1a\".splitkernels.runtime.v1.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING']._serialized_start=67
   _globals['_SAMPLING']._serialized_end=175
   _globals['_OPEN']._serialized_start=177
-  _globals['_OPEN']._serialized_end=274
-  _globals['_OPENED']._serialized_start=276
-  _globals['_OPENED']._serialized_end=325
-  _globals['_STEP']._serialized_start=327
-  _globals['_STEP']._serialized_end=361
-  _globals['_TOKEN']._serialized_start=363
-  _globals['_TOKEN']._serialized_end=471
-  _globals['_CLOSE']._serialized_start=473
-  _globals['_CLOSE']._serialized_end=480
-  _globals['_REQUEST']._serialized_start=483
-  _globals['_REQUEST']._serialized_end=643
-  _globals['_REPLY']._serialized_start=645
-  _globals['_REPLY']._serialized_end=760
-  _globals['_INFOREQUEST']._serialized_start=762
-  _globals['_INFOREQUEST']._serialized_end=775
-  _globals['_INFOREPLY']._serialized_start=777
-  _globals['_INFOREPLY']._serialized_end=802
-  _globals['_SPLIT']._serialized_start=805
-  _globals['_SPLIT']._serialized_end=975
+  _globals['_OPEN']._serialized_end=296
+  _globals['_OPENED']._serialized_start=298
+  _globals['_OPENED']._serialized_end=347
+  _globals['_STEP']._serialized_start=349
+  _globals['_STEP']._serialized_end=383
+  _globals['_TOKEN']._serialized_start=385
+  _globals['_TOKEN']._serialized_end=493
+  _globals['_CLOSE']._serialized_start=495
+  _globals['_CLOSE']._serialized_end=502
+  _globals['_REQUEST']._serialized_start=505
+  _globals['_REQUEST']._serialized_end=665
+  _globals['_REPLY']._serialized_start=667
+  _globals['_REPLY']._serialized_end=782
+  _globals['_INFOREQUEST']._serialized_start=784
+  _globals['_INFOREQUEST']._serialized_end=797
+  _globals['_INFOREPLY']._serialized_start=799
+  _globals['_INFOREPLY']._serialized_end=824
+  _globals['_SPLIT']._serialized_start=827
+  _globals['_SPLIT']._serialized_end=997
 # @@protoc_insertion_point(module_scope)

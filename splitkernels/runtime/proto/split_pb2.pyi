@@ -20,14 +20,16 @@ class Sampling(_message.Message):
     def __init__(self, do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("sampling", "fingerprint", "max_len")
+    __slots__ = ("sampling", "fingerprint", "max_len", "codec_config")
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_LEN_FIELD_NUMBER: _ClassVar[int]
+    CODEC_CONFIG_FIELD_NUMBER: _ClassVar[int]
     sampling: Sampling
     fingerprint: bytes
     max_len: int
-    def __init__(self, sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fingerprint: _Optional[bytes] = ..., max_len: _Optional[int] = ...) -> None: ...
+    codec_config: bytes
+    def __init__(self, sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fingerprint: _Optional[bytes] = ..., max_len: _Optional[int] = ..., codec_config: _Optional[bytes] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("session_id", "max_seq_len")

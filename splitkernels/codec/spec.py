@@ -1,0 +1,106 @@
+"""Codec specs: the small JSON form in which a plan or a command line names a codec, and the one
+function that turns it into a codec configuration.
+
+A spec is a dict with ``kind``:
+
+* ``{"kind": "v2", "bits": 4.0, "sensitivity": "fisher" | "uniform"}``: codec v2, calibrated on
+  split-layer hidden states at about ``bits`` bits per element (default 4.0; ``sensitivity``
+  default ``"uniform"``; ``"fisher"`` needs the measured diagonal Fisher).
+* ``{"kind": "v1", ...}``: codec v1; the other keys are :class:`CodecConfig` fields.
+* ``{"kind": "passthrough"}``: lossless (raw fp16/bf16/fp32 values).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibrate import DEFAULT_BITS, calibrate
+from .config import CodecConfig
+from .config_v2 import CodecConfigV2
+
+KINDS = ("v2", "v1", "passthrough")
+SENSITIVITIES = ("uniform", "fisher")
+
+
+def check_spec(spec: Any) -> dict:
+    """Return ``spec`` as a dict after checking its shape; ValueError naming the bad key otherwise."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"codec spec must be a dict with 'kind' in {list(KINDS)}, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"codec spec 'kind' must be one of {list(KINDS)}, got {kind!r}")
+    if kind == "v2":
+        extra = set(spec) - {"kind", "bits", "sensitivity"}
+        if extra:
+            raise ValueError(f"codec spec of kind 'v2' takes 'bits' and 'sensitivity', not {sorted(extra)}")
+        bits = spec.get("bits", DEFAULT_BITS)
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 1.0 <= bits <= 16.0:
+            raise ValueError(f"codec spec 'bits' must be a number in [1, 16], got {bits!r}")
+        if spec.get("sensitivity", "uniform") not in SENSITIVITIES:
+            raise ValueError(f"codec spec 'sensitivity' must be one of {list(SENSITIVITIES)}, "
+                             f"got {spec.get('sensitivity')!r}")
+    elif kind == "passthrough" and set(spec) != {"kind"}:
+        raise ValueError(f"codec spec of kind 'passthrough' takes no other keys, got {sorted(set(spec) - {'kind'})}")
+    return spec
+
+
+def needs_calibration(spec: dict) -> bool:
+    """True when :func:`config_from_spec` needs hidden states (and, for fisher, a sensitivity)."""
+    return check_spec(spec)["kind"] == "v2"
+
+
+def config_from_spec(spec: dict, hidden: torch.Tensor | None = None, *, sensitivity: torch.Tensor | None = None,
+                     wire_dtype: torch.dtype = torch.float16) -> CodecConfig | CodecConfigV2:
+    """The codec configuration a spec names.
+
+    ``hidden``: split-layer hidden states ``[N, d]`` of calibration text (required for ``v2``, which
+    calibrates on them; keep that text disjoint from any evaluation text). ``sensitivity``: the
+    diagonal Fisher ``[d]`` (:func:`splitkernels.codec.sensitivity.fisher_diagonal`), required for
+    ``"sensitivity": "fisher"``. ``wire_dtype``: the dtype the edge sends.
+    """
+    spec = check_spec(spec)
+    kind = spec["kind"]
+    if kind == "passthrough":
+        return CodecConfig.passthrough()
+    if kind == "v1":
+        try:
+            return CodecConfig.from_dict({k: v for k, v in spec.items() if k != "kind"})
+        except TypeError as exc:  # an unknown key
+            raise ValueError(f"codec spec of kind 'v1': {exc}") from None
+    if hidden is None:
+        raise ValueError("codec spec of kind 'v2' needs calibration hidden states (hidden=[N, d])")
+    fisher = spec.get("sensitivity", "uniform") == "fisher"
+    if fisher and sensitivity is None:
+        raise ValueError("codec spec with 'sensitivity': 'fisher' needs the measured Fisher (sensitivity=[d])")
+    return calibrate(hidden, bits=float(spec.get("bits", DEFAULT_BITS)), sensitivity=sensitivity if fisher else None,
+                     wire_dtype=wire_dtype)
+
+
+def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.Tensor, *, window: int = 512,
+                     wire_dtype: torch.dtype = torch.float16) -> CodecConfig | CodecConfigV2:
+    """:func:`config_from_spec` for ``model`` split after ``split_layer``, calibrated on the token ids
+    ``ids`` ``[N]`` (cut into windows of at most ``window`` tokens; a last partial window is dropped
+    when there is a full one). Forward passes only for ``"uniform"``, forward and backward
+    (diagonal Fisher) for ``"fisher"``. The caller keeps ``ids`` disjoint from evaluation text."""
+    from .sensitivity import fisher_diagonal, split_hidden_states
+
+    if not needs_calibration(spec):
+        return config_from_spec(spec)
+    ids = ids.reshape(-1)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an int >= 2, got {window!r}")
+    if ids.numel() < 2:
+        raise ValueError(f"calibration needs at least 2 token ids, got {ids.numel()}")
+    full = ids.numel() // window
+    windows = list(ids[: full * window].reshape(full, window)) if full else [ids]
+    was_training = model.training
+    model.eval()
+    try:
+        if spec.get("sensitivity", "uniform") == "fisher":
+            fisher, hidden = fisher_diagonal(model, windows, split_layer)
+            return config_from_spec(spec, hidden, sensitivity=fisher, wire_dtype=wire_dtype)
+        return config_from_spec(spec, split_hidden_states(model, windows, split_layer), wire_dtype=wire_dtype)
+    finally:
+        model.train(was_training)
