@@ -106,7 +106,8 @@ def memory(shape: ModelShape, split_layer: int, front: QuantConfig | None, back:
     """Memory of each side for a split after ``split_layer`` layers and contexts up to ``max_seq_len``.
 
     The edge holds the (dense) token embedding and layers ``1..l``; the server holds layers
-    ``l+1..L``, the final norm and the LM head (its own copy when the head is tied to the embedding).
+    ``l+1..L``, the final norm and the LM head (its own copy when the head is tied to the embedding);
+    position embeddings, where a model learns them, on both.
     Working buffers are those of one forward of a ``prompt_tokens``-token prompt (default: the
     whole ``max_seq_len`` in one forward, the upper bound) or of one decode step at
     ``max_seq_len`` positions, whichever is larger: the runtime runs the prompt in one forward,
@@ -117,8 +118,11 @@ def memory(shape: ModelShape, split_layer: int, front: QuantConfig | None, back:
     if prompt < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens!r}")
     emb = shape.vocab * shape.hidden * shape.dtype_bytes
-    edge_w = emb + split_layer * layer_weight_bytes(shape, front)
-    server_w = (shape.num_layers - split_layer) * layer_weight_bytes(shape, back) + emb + shape.hidden * shape.dtype_bytes
+    # Position embeddings and the final norm: both halves hold the former, the server the latter;
+    # counted on both sides (a norm is a few KiB).
+    outer = shape.outer * shape.dtype_bytes
+    edge_w = emb + outer + split_layer * layer_weight_bytes(shape, front)
+    server_w = (shape.num_layers - split_layer) * layer_weight_bytes(shape, back) + emb + outer
     kv = shape.kv_bytes_per_token_layer * max_seq_len
     work = max(working_bytes(shape, prompt, prompt), working_bytes(shape, 1, max_seq_len))
     # The server also holds the prompt's logits row only for the last position: vocab floats.
@@ -129,7 +133,7 @@ def memory(shape: ModelShape, split_layer: int, front: QuantConfig | None, back:
         server_weights=server_w,
         server_session=(shape.num_layers - split_layer) * kv,
         server_working=work + shape.vocab * 4,
-        edge_embedding=emb,
+        edge_embedding=emb + outer,
         edge_overhead=overhead_bytes,
         prompt_tokens=prompt,
         max_seq_len=max_seq_len,
@@ -155,6 +159,13 @@ class ComputeModel(Protocol):
 
     def decode_s(self, tokens: int) -> float:
         """Codec decode of a ``tokens``-row frame."""
+
+
+def _call_s(compute: ComputeModel, tokens: int) -> float:
+    # A measured Profile knows what one segment call costs besides its layers (embedding,
+    # positions, masks, cache bookkeeping); the roofline folds that into layer_overhead_us.
+    call = getattr(compute, "call_s", None)
+    return call(tokens) if call is not None else 0.0
 
 
 class Roofline:
@@ -271,13 +282,14 @@ def split_latency(
     frame, and the reply)."""
     _check_split(shape, split_layer)
     n_back = shape.num_layers - split_layer
-    edge_tok = split_layer * edge.layer_s(front, 1, context)
-    server_tok = n_back * server.layer_s(back, 1, context) + server.head_s(1)
+    edge_tok = split_layer * edge.layer_s(front, 1, context) + _call_s(edge, 1)
+    server_tok = n_back * server.layer_s(back, 1, context) + server.head_s(1) + _call_s(server, 1)
     enc, dec = edge.encode_s(1), server.decode_s(1)
     token_bytes_total = token_bytes + MESSAGE_OVERHEAD_BYTES
     prompt_bytes_total = prompt_bytes + MESSAGE_OVERHEAD_BYTES
     ttft = (
-        split_layer * edge.layer_s(front, prompt_tokens, prompt_tokens)
+        _call_s(edge, prompt_tokens) + _call_s(server, prompt_tokens)
+        + split_layer * edge.layer_s(front, prompt_tokens, prompt_tokens)
         + edge.encode_s(prompt_tokens)
         + link.transfer_s(prompt_bytes_total + REPLY_BYTES)
         + link.rtt_ms * 1e-3
@@ -295,6 +307,7 @@ def split_latency(
 def local_latency(shape: ModelShape, compute: ComputeModel, quant: QuantConfig | None, prompt_tokens: int,
                   context: int) -> tuple[float, float]:
     """(seconds per token, TTFT) of the whole model on one machine (edge-only or the server part of cloud-only)."""
-    token = shape.num_layers * compute.layer_s(quant, 1, context) + compute.head_s(1)
-    ttft = shape.num_layers * compute.layer_s(quant, prompt_tokens, prompt_tokens) + compute.head_s(1)
+    token = shape.num_layers * compute.layer_s(quant, 1, context) + compute.head_s(1) + _call_s(compute, 1)
+    ttft = shape.num_layers * compute.layer_s(quant, prompt_tokens, prompt_tokens) + compute.head_s(1) + \
+        _call_s(compute, prompt_tokens)
     return token, ttft

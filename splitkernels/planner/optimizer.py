@@ -141,7 +141,12 @@ class Plan:
         dtype = _dtype(self.dtype, "dtype")
         if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
             model.to(dtype)
-        return split_model(model, self.split_config(), limits=limits)
+        split = split_model(model, self.split_config(), limits=limits)
+        if split.manager.max_seq_len < self.max_seq_len:
+            split.close()
+            raise ValueError(f"max_seq_len {self.max_seq_len} is more positions than the model holds "
+                             f"({split.manager.max_seq_len})")
+        return split
 
     def to_dict(self) -> dict[str, Any]:
         return {
