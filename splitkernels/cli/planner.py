@@ -124,8 +124,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
               f"memory modelled, quality measured by calibration)")
         if verification is not None:
             info = verification.info
-            print(f"verify on this machine ({info['profile_machine']}, {info['threads']} threads; the plan run by the "
-                  f"runtime, {info['new_tokens']} decoded tokens, link emulated):")
+            print(f"verify on this machine ({info['profile_machine']}, {info['threads']} threads, {info['clock']} "
+                  f"clock; the plan run by the runtime, {info['new_tokens']} decoded tokens, link emulated):")
             print(verification.table())
     if verification is not None and not verification.sizes_ok:
         return Exit.INTERNAL
@@ -151,7 +151,8 @@ def _verify(plan, link, args: argparse.Namespace):
         return load_model(args.model).model
 
     context = min(512, args.verify_eval_tokens) if args.verify_eval_tokens else 512
-    return verify_plan(plan, fresh, link, prompt, args.verify_tokens, evaluation, context, profile)
+    return verify_plan(plan, fresh, link, prompt, args.verify_tokens, evaluation, context, profile,
+                       clock=args.verify_clock)
 
 
 def _limit(kind):
@@ -239,6 +240,9 @@ def register(subparsers) -> None:
                         f"exit status {int(Exit.INTERNAL)} when bytes or memory are off by more than 5 percent "
                         "(latency, judged at 25 percent, is reported only: timings depend on the machine's load)")
     p.add_argument("--verify-tokens", type=types.positive_int, default=16, help="tokens decoded by --verify")
+    p.add_argument("--verify-clock", choices=("wall", "cpu"), default="wall",
+                   help="time --verify's profile and run in elapsed time (wall, default) or in this process's CPU "
+                        "time (cpu: on a machine shared with other work; run single-threaded, OMP_NUM_THREADS=1)")
     p.add_argument("--verify-eval-tokens", type=types.non_negative_int, default=1024,
                    help="Botchan tokens --verify scores for KL and perplexity (0: skip)")
     p.add_argument("--alternatives", type=types.non_negative_int, default=3)

@@ -24,6 +24,7 @@ from ..nn import QuantConfig
 from ..opsc import apply_opsc, decoder_layers
 
 PROFILE_VERSION = 1
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def format_name(quant: QuantConfig | None) -> str:
@@ -32,17 +33,17 @@ def format_name(quant: QuantConfig | None) -> str:
 
 
 @contextmanager
-def _layer_timers(model: nn.Module, sink: dict[str, list[float]]) -> Iterator[None]:
+def _layer_timers(model: nn.Module, sink: dict[str, list[float]], clock: Callable[[], float]) -> Iterator[None]:
     """Wall time of every decoder layer call (``sink['layer']``) and LM head call (``sink['head']``)."""
     start: dict[int, float] = {}
     handles = []
 
     def pre(module, _args):
-        start[id(module)] = time.perf_counter()
+        start[id(module)] = clock()
 
     def post(kind):
         def hook(module, _args, _out):
-            sink[kind].append(time.perf_counter() - start[id(module)])
+            sink[kind].append(clock() - start[id(module)])
         return hook
 
     head = model.get_output_embeddings()
@@ -57,7 +58,11 @@ def _layer_timers(model: nn.Module, sink: dict[str, list[float]]) -> Iterator[No
 
 
 @torch.inference_mode()
-def _measure_model(model: nn.Module, prompt_tokens: int, decode_steps: int, repeats: int) -> dict:
+def measure_forward(model: nn.Module, prompt_tokens: int, decode_steps: int, repeats: int,
+                    clock: Callable[[], float] = time.perf_counter) -> dict:
+    """One weight format's entry of a profile: per-layer prefill/decode times, LM head times and
+    the time a forward spends outside them, best of ``repeats``, for ``model`` as it is, read
+    from ``clock``."""
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=gen)
@@ -67,16 +72,16 @@ def _measure_model(model: nn.Module, prompt_tokens: int, decode_steps: int, repe
     for _ in range(repeats):
         sink = {"layer": [], "head": []}
         calls = []
-        with _layer_timers(model, sink):
-            t0 = time.perf_counter()
+        with _layer_timers(model, sink, clock):
+            t0 = clock()
             out = model(ids, use_cache=True)
-            calls.append(time.perf_counter() - t0)
+            calls.append(clock() - t0)
             cache = out.cache
             nxt = out.logits[:, -1:].argmax(-1)
             for _ in range(decode_steps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 out = model(nxt, cache=cache, use_cache=True)
-                calls.append(time.perf_counter() - t0)
+                calls.append(clock() - t0)
                 cache = out.cache
                 nxt = out.logits[:, -1:].argmax(-1)
         prefill = sink["layer"][:layers]
@@ -93,12 +98,12 @@ def _measure_model(model: nn.Module, prompt_tokens: int, decode_steps: int, repe
     return best
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
+def _time(fn: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
@@ -111,6 +116,7 @@ def measure_profile(
     codec: CodecConfig | None = None,
     name: str = "model",
     wire_dtype: torch.dtype | None = None,
+    clock: str = "wall",
 ) -> dict:
     """Measure per-layer prefill/decode times for each weight format and the codec's encode/decode.
 
@@ -118,9 +124,14 @@ def measure_profile(
     averages over ``decode_steps`` steps at contexts ``prompt_tokens..prompt_tokens+steps``.
     ``model`` is not modified (each quantised format runs on a copy). Codec times are of whole
     wire frames (encode to bytes; parse and decode) of ``wire_dtype`` values (default: the model's).
+    ``clock``: ``"wall"`` (elapsed time) or ``"cpu"`` (this process's CPU time: on a machine
+    shared with other work, what the machine alone would take, for single-threaded runs).
     """
     if prompt_tokens < 1 or decode_steps < 1 or repeats < 1:
         raise ValueError("prompt_tokens, decode_steps and repeats must all be >= 1")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    timer = CLOCKS[clock]
     formats_out = {}
     n_layers = len(decoder_layers(model))
     for quant in formats:
@@ -128,7 +139,7 @@ def measure_profile(
         if quant is not None:
             m = copy.deepcopy(model)
             apply_opsc(m, n_layers, quant, None)
-        formats_out[format_name(quant)] = _measure_model(m, prompt_tokens, decode_steps, repeats)
+        formats_out[format_name(quant)] = measure_forward(m, prompt_tokens, decode_steps, repeats, timer)
     hidden = model.get_input_embeddings().embedding_dim
     codec = codec or CodecConfig()
     gen = torch.Generator().manual_seed(1)
@@ -139,8 +150,8 @@ def measure_profile(
         frame = encode(x, codec).to_bytes()
         # What the runtime does per frame: encode to wire bytes; parse (CRC and limits) and decode.
         codec_out[str(t)] = {
-            "encode_s": _time(lambda x=x: encode(x, codec).to_bytes(), repeats),
-            "decode_s": _time(lambda frame=frame: decode(from_bytes(frame)), repeats),
+            "encode_s": _time(lambda x=x: encode(x, codec).to_bytes(), repeats, timer),
+            "decode_s": _time(lambda frame=frame: decode(from_bytes(frame)), repeats, timer),
         }
     return {
         "version": PROFILE_VERSION,
@@ -148,6 +159,7 @@ def measure_profile(
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "clock": clock,
         "dtype": str(dtype).replace("torch.", ""),
         "backends": sorted(n for n, b in backends().items() if b["available"]),
         "prompt_tokens": prompt_tokens,
