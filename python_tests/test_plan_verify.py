@@ -145,7 +145,26 @@ def test_verify_smollm2_codec_and_passthrough_plans():
     profile = measure_profile(model, [QuantConfig(8, 64)], 64, 2, 1)
     del model
     for objective in ("latency", "lossless"):
-        p = plan(scenario, table, Limits(), objective=objective, seq_lens=(1024,), dtype="float32").plan
+        p = plan(scenario, table, Limits(max_kl=0.01), objective=objective, seq_lens=(1024,), dtype="float32").plan
         assert (p.codec.mode == "passthrough") == (objective == "lossless")
         v = verify_plan(p, lambda: load_smollm2()[0], LINK, ids[:64], new_tokens=4, profile=profile)
         _sizes_within(v)
+
+
+def test_demo_runs_a_plan_as_written(tmp_path, capsys):
+    from splitkernels.codec.frame import frame_nbytes
+
+    p = Plan(2, None, None, CodecConfig.passthrough(), 256, dtype="float32", wire_dtype="bfloat16")
+    path = tmp_path / "plan.json"
+    path.write_text(p.to_json())
+    assert cli_main(["demo", "--model", "tiny", "--plan", str(path), "--max-new-tokens", "3", "--eval-tokens", "0",
+                     "--json"]) == 0
+    g = json.loads(capsys.readouterr().out)["generation"]
+    d = 128  # the CLI's tiny model
+    # An fp32 model on a bf16 wire: raw frames of two bytes per element, as the plan says.
+    assert g["bytes_per_token"] == frame_nbytes(1, d, torch.bfloat16, 0, 2 * d)
+    too_long = Plan(2, None, None, CodecConfig.passthrough(), 4096, dtype="float32")
+    path.write_text(too_long.to_json())
+    assert cli_main(["demo", "--model", "tiny", "--plan", str(path), "--max-new-tokens", "3", "--eval-tokens",
+                     "0"]) == 2
+    assert "max_seq_len 4096 is more positions" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def write_report(results: dict, out: Path) -> None:
                      f"{_ms(d['encode_s'])} | {_ms(d['decode_s'])} | {_ms(d['server_compute_s'])} | "
                      f"{s['bytes_per_token']:.0f} | {s['compression_vs_fp16']:.2f} |")
     prof = results["profile"]
-    lines += ["", f"CPU profile ({prof['machine']}, {prof['torch_threads']} threads, backends {prof['backends']}): "
+    lines += ["", f"CPU profile ({prof['machine']}, {prof['torch_threads']} threads, {prof.get('clock', 'wall')} clock, backends {prof['backends']}): "
               + ", ".join(f"{k}: decode {_ms(v['decode_layer_s'])} ms/layer, prefill {_ms(v['prefill_layer_s'])} ms/layer"
                           for k, v in prof["formats"].items()), ""]
 

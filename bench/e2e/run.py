@@ -51,7 +51,7 @@ from splitkernels.planner.costs import (
 )
 from splitkernels.planner.devices import get_device
 from splitkernels.planner.optimizer import Infeasible, Limits, Plan, Scenario, plan
-from splitkernels.planner.profile import Profile, measure_forward, measure_profile
+from splitkernels.planner.profile import CLOCKS, Profile, measure_forward, measure_profile
 from splitkernels.planner.quality import SplitEvaluator, calibrate, point_key
 
 GROUP = 64
@@ -297,6 +297,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of 512)")
     ap.add_argument("--grid", type=Path, nargs="*", default=[], help="codec_grid.py JSON files to include in the report")
     ap.add_argument("--repeats", type=int, default=3, help="profile repeats (best of)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                    help="profile clock: cpu (process CPU time; steady on a shared machine, run with "
+                         "OMP_NUM_THREADS=1) or wall")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
@@ -316,10 +319,10 @@ def main() -> None:
 
     def profile():
         data = measure_profile(model, [None, FRONT, BACK, SQ_WEIGHTS], prompt_tokens=PROMPT, decode_steps=8,
-                               repeats=args.repeats, name="SmolLM2-135M-Instruct")
+                               repeats=args.repeats, name="SmolLM2-135M-Instruct", clock=args.clock)
         # The SmoothQuant-style baseline on the project's fastest W8A8 kernel, in the same run.
         data["formats"]["w8a8 int8_linear"] = measure_forward(w8a8_int8_model(model, ids[:256]), PROMPT, 8,
-                                                              args.repeats)
+                                                              args.repeats, CLOCKS[args.clock])
         return data
 
     prof_data = _json_cache(args.out / "profile.json", profile)

@@ -118,11 +118,11 @@ def memory(shape: ModelShape, split_layer: int, front: QuantConfig | None, back:
     if prompt < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens!r}")
     emb = shape.vocab * shape.hidden * shape.dtype_bytes
-    # Position embeddings and the final norm: both halves hold the former, the server the latter;
-    # counted on both sides (a norm is a few KiB).
-    outer = shape.outer * shape.dtype_bytes
-    edge_w = emb + outer + split_layer * layer_weight_bytes(shape, front)
-    server_w = (shape.num_layers - split_layer) * layer_weight_bytes(shape, back) + emb + outer
+    # Learned position embeddings: both halves hold them; the final norm: the server.
+    positions = shape.position_params * shape.dtype_bytes
+    edge_w = emb + positions + split_layer * layer_weight_bytes(shape, front)
+    server_w = (shape.num_layers - split_layer) * layer_weight_bytes(shape, back) + emb + \
+        shape.outer * shape.dtype_bytes
     kv = shape.kv_bytes_per_token_layer * max_seq_len
     work = max(working_bytes(shape, prompt, prompt), working_bytes(shape, 1, max_seq_len))
     # The server also holds the prompt's logits row only for the last position: vocab floats.
@@ -133,7 +133,7 @@ def memory(shape: ModelShape, split_layer: int, front: QuantConfig | None, back:
         server_weights=server_w,
         server_session=(shape.num_layers - split_layer) * kv,
         server_working=work + shape.vocab * 4,
-        edge_embedding=emb + outer,
+        edge_embedding=emb + positions,
         edge_overhead=overhead_bytes,
         prompt_tokens=prompt,
         max_seq_len=max_seq_len,

@@ -9,8 +9,9 @@ measured:
   messages, counted by the runtime's metrics;
 * memory: weights per side and KV cache at the planned ``max_seq_len`` by tensor byte accounting
   (the KV bytes per position measured on the run's own cache), the edge's activations as the peak
-  of live tensor bytes during a prefill of the planned prompt length, and the resident-memory
-  (RSS) growth of the process over that prefill beside them;
+  of live tensor bytes during a prefill of the planned prompt length, and the process's resident
+  memory beside the runtime overhead plus both halves (reported, not judged: the process also
+  holds what loading the model left behind);
 * latency: the cost model evaluated with a profile of *this* machine for both sides (measured
   first, :func:`~splitkernels.planner.profile.measure_profile`) against the runtime's per-token time;
 * quality: the calibration's KL and perplexity change against the runtime's teacher-forced logits.
@@ -20,7 +21,6 @@ the frames it sent.
 """
 from __future__ import annotations
 
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..codec.frame import frame_nbytes
 from ..models.shape import ModelShape
+from ..runtime.metrics import process_rss_bytes
 from .costs import Link, RUNTIME_OVERHEAD_BYTES, memory, split_latency
 from .optimizer import DTYPES, Plan
 
@@ -134,7 +135,8 @@ class PeakTensorBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            # A view allocates nothing (its storage may be a buffer made long before the block).
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t._is_view():
                 continue
             storage = t.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
@@ -146,25 +148,6 @@ class PeakTensorBytes(TorchDispatchMode):
             # Views share the storage; it is freed when the last tensor on it goes.
             weakref.finalize(t, self._release, key, nbytes)
         return out
-
-
-def _rss_and_peak() -> tuple[int, int] | None:
-    """(current, peak since the last reset) resident bytes of this process, Linux only."""
-    try:
-        with open(f"/proc/{os.getpid()}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 def predicted_frames(plan: Plan, hidden: int) -> tuple[int, int]:
@@ -256,7 +239,7 @@ def verify_plan(
         positions = prompt_ids.shape[-1] + len(decode)
         kv_edge = steps.edge_kv_bytes / positions * plan.max_seq_len
         kv_server = steps.server_kv_bytes / positions * plan.max_seq_len
-        work, rss_growth = _edge_prefill_memory(split, prompt_ids)
+        work = _edge_prefill_peak(split, prompt_ids)
         checks = [
             Check("prefill frame bytes", prompt_frame, steps.steps[0].frame_bytes, "B", BYTES_TOLERANCE),
             Check("decode frame bytes per token", token_frame, _mean(s.frame_bytes for s in decode), "B",
@@ -276,14 +259,9 @@ def verify_plan(
             Check("server weights", mem.server_weights, split.server.weight_bytes(), "MiB", BYTES_TOLERANCE),
             Check("server KV cache at max_seq_len", mem.server_session, kv_server, "MiB", BYTES_TOLERANCE),
         ]
-        if rss_growth is not None:
-            checks.append(Check("edge RSS growth over the prefill", mem.edge_working + mem.edge_kv *
-                                plan.prompt_tokens / plan.max_seq_len, rss_growth, "MiB", None,
-                                "activations + prompt KV vs peak resident growth"))
-        rss = _rss_and_peak()
-        if rss is not None:
-            checks.append(Check("process resident memory", RUNTIME_OVERHEAD_BYTES + mem.edge_model + mem.server_total(),
-                                rss[0], "MiB", None, "both halves and the reference live in this process"))
+        rss = process_rss_bytes()
+        checks.append(Check("process resident memory", RUNTIME_OVERHEAD_BYTES + mem.edge_model + mem.server_total(),
+                            rss, "MiB", None, "runtime + both halves; the unsplit copies loaded stay mapped"))
         if clock == "cpu":
             wire = _mean(link_delay(s.bytes_up, s.bytes_down, link.mbps * 1e6, link.rtt_ms / 1e3) for s in decode)
             compute, how = cpu[best], f"CPU time per decoded token, best of {len(runs)} runs"
@@ -329,16 +307,10 @@ def _mean(values) -> float:
 
 
 @torch.inference_mode()
-def _edge_prefill_memory(split, prompt_ids: torch.Tensor) -> tuple[int, int | None]:
-    """(peak live tensor bytes, peak RSS growth or None) of the edge's prefill with a fresh cache."""
+def _edge_prefill_peak(split, prompt_ids: torch.Tensor) -> int:
+    """Peak live tensor bytes of the edge's prefill of ``prompt_ids`` with a fresh cache."""
     edge = split.edge
     cache = edge.new_cache()
     with PeakTensorBytes() as peak:
         edge.forward(prompt_ids, cache, 0)
-    del cache
-    cache = edge.new_cache()
-    before = _rss_and_peak() if _reset_peak_rss() else None
-    edge.forward(prompt_ids, cache, 0)
-    after = _rss_and_peak()
-    growth = None if before is None or after is None else max(after[1] - before[0], 0)
-    return peak.peak, growth
+    return peak.peak
