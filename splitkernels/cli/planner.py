@@ -188,7 +188,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     model, _ = _load_model(args.model)
     data = measure_profile(model, args.formats, args.prompt_tokens, args.decode_steps, args.repeats,
-                           name=args.model)
+                           name=args.model, clock=args.clock)
     text = json.dumps(data, indent=2)
     if args.out:
         _write(args.out, text, "profile (--out)")
@@ -259,5 +259,8 @@ def register(subparsers) -> None:
     q.add_argument("--prompt-tokens", type=types.positive_int, default=128)
     q.add_argument("--decode-steps", type=types.positive_int, default=16)
     q.add_argument("--repeats", type=types.positive_int, default=2)
+    q.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="elapsed time (wall) or this process's CPU time (cpu: steadier on a shared machine, "
+                        "with OMP_NUM_THREADS=1)")
     q.add_argument("--out", help="write the profile JSON here")
     q.set_defaults(func=_cmd_profile)
