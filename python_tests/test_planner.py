@@ -10,6 +10,7 @@ import torch
 
 from splitkernels.cli import main as cli_main
 from splitkernels.codec import CodecConfig, encode
+from splitkernels.codec.frame import frame_nbytes
 from splitkernels.models import tiny_model
 from splitkernels.nn import QuantConfig
 from splitkernels.opsc import apply_opsc
@@ -126,6 +127,14 @@ def _shape() -> ModelShape:
                       ((576, h), (192, h), (192, h), (h, 576), (i, h), (i, h), (h, i)), 2 * h)
 
 
+def test_message_overheads_are_the_protocols():
+    from splitkernels.planner.costs import MESSAGE_OVERHEAD_BYTES, REPLY_BYTES
+    from splitkernels.runtime.protocol import Step, TokenReply, encode_message
+
+    assert len(encode_message(Step(1, 2, b"abc"))) == MESSAGE_OVERHEAD_BYTES + 3
+    assert len(encode_message(TokenReply(1, 2, 3, 4, 0.5, 0.25, 99))) == REPLY_BYTES
+
+
 def test_frame_bytes_equals_encoded_size():
     x = torch.randn(9, 576, generator=torch.Generator().manual_seed(2)).half()
     cfg = CodecConfig(mode="budget", avg_bits=16.0, bit_choices=(4,), capacity=8, alpha=3.0)
@@ -215,13 +224,16 @@ def _scenario(mbps=10.0, rtt=20.0, edge="jetson-orin-nano-4gb") -> Scenario:
 
 
 def test_quality_objective_picks_lowest_kl_that_fits():
-    res = plan(_scenario(), _table(), Limits(edge_memory_bytes=2 * 2**30))
+    res = plan(_scenario(), _table(), Limits(edge_memory_bytes=2 * 2**30), objective="quality")
     best = res.plan
     assert best.codec.mode == "passthrough" and best.front is None  # KL 0 fits 2 GiB for a 135M model
-    # The longest length that fits: 8192 does not (eager attention scores alone need 2.4 GiB).
+    # Activations are those of the 128-token prompt (or one decode step), not of a whole
+    # 8192-token prefill, whose eager attention scores alone would need 2.4 GiB.
     cap = 2 * 2**30
     assert memory(_shape(), best.split_layer, None, None, 8192).edge_total > cap
-    assert best.max_seq_len == 4096
+    assert memory(_shape(), best.split_layer, None, None, 8192, prompt_tokens=128).edge_total < cap
+    assert best.max_seq_len == 8192
+    assert best.predicted["constraints"]["binding"].startswith("none")
     kls = [best.predicted["kl"]] + [a.predicted["kl"] for a in res.alternatives]
     assert kls == sorted(kls)
     assert all(p.codec.mode != "budget" for p in [best, *res.alternatives])
@@ -238,6 +250,48 @@ def test_latency_objective_under_quality_limit():
     loose = plan(_scenario(mbps=1.0), _table(), Limits(max_kl=0.02), objective="latency").plan
     assert loose.codec.eps == 0.10
     assert loose.predicted["token_latency_s"] < p.predicted["token_latency_s"]
+
+
+def test_default_objective_is_fastest_within_quality_and_lossless_only_when_fastest():
+    bounds = Limits(max_kl=0.01, max_ppl_change=0.5)
+    slow = plan(_scenario(mbps=1.0), _table(), bounds)  # default objective: latency
+    assert slow.plan.codec.mode == "error" and slow.plan.predicted["kl"] <= 0.01
+    assert slow.plan.predicted["constraints"]["binding"] in ("KL divergence", "perplexity change")
+    lossless = plan(_scenario(mbps=1.0), _table(), bounds, objective="lossless")
+    assert lossless.plan.codec.mode == "passthrough"
+    assert lossless.plan.predicted["token_latency_s"] > slow.plan.predicted["token_latency_s"]
+    # Lossless wins the default objective only where it is the fastest: a table of lossless points.
+    t = QualityTable("smollm2-like", "synthetic", 512, 64)
+    for split in (4, 10):
+        t.add(_point(split, 8, 8, None, 0.001, code_bits=16.0, outliers=0.0))
+    assert plan(_scenario(mbps=1.0), t, bounds).plan.codec.mode == "passthrough"
+
+
+def test_plan_states_binding_constraint_and_margins():
+    limits = Limits(edge_memory_bytes=2 * 2**30, max_kl=0.006, max_token_latency_s=0.5)
+    p = plan(_scenario(mbps=1.0), _table(), limits).plan
+    cons = p.predicted["constraints"]
+    # The cheaper codec (eps 0.10, KL ~0.01) is faster: the KL limit is what keeps it out.
+    assert cons["binding"] == "KL divergence"
+    assert set(cons["margins"]) == {"edge memory", "per-token latency", "KL divergence"}
+    kl = cons["margins"]["KL divergence"]
+    assert kl["value"] == pytest.approx(p.predicted["kl"]) and kl["margin"] == pytest.approx(0.006 - kl["value"])
+    assert cons["margins"]["edge memory"]["margin"] == 2 * 2**30 - p.predicted["edge_memory_bytes"]
+    text = p.summary()
+    assert "binding: KL divergence" in text and "edge memory" in text and "KV cache" in text
+
+
+def test_wire_dtype_sets_passthrough_bytes_and_dtype_must_match_shape():
+    t = _table()
+    fp16 = plan(_scenario(), t, Limits(), objective="lossless").plan
+    fp32 = plan(_scenario(), t, Limits(), objective="lossless", wire_dtype="float32").plan
+    assert fp16.wire_dtype == "float16" and fp32.wire_dtype == "float32"
+    d = _shape().hidden
+    assert fp32.predicted["frame_bytes_token"] - fp16.predicted["frame_bytes_token"] == 2 * d
+    with pytest.raises(ValueError, match="dtype float32 is 4 bytes"):
+        plan(_scenario(), t, Limits(), dtype="float32")
+    with pytest.raises(ValueError, match="wire_dtype must be one of"):
+        plan(_scenario(), t, Limits(), wire_dtype="int8")
 
 
 def test_latency_limit_excludes_slow_plans():
@@ -274,15 +328,39 @@ def test_plan_json_round_trip_and_version():
     p = plan(_scenario(), _table(), Limits(max_kl=0.006)).plan
     q = Plan.from_json(p.to_json())
     assert (q.split_layer, q.front, q.back, q.codec, q.max_seq_len) == (p.split_layer, p.front, p.back, p.codec, p.max_seq_len)
+    assert (q.dtype, q.wire_dtype, q.prompt_tokens) == ("float16", "float16", 128)
     assert q.predicted == p.predicted
+    old = {k: v for k, v in p.to_dict().items() if k not in ("dtype", "wire_dtype", "prompt_tokens")}
+    assert Plan.from_dict(old).wire_dtype == "float16"  # what plans assumed before the field existed
     d = p.to_dict()
     d["version"] = 99
     with pytest.raises(ValueError, match="version"):
         Plan.from_dict(d)
 
 
+def test_plan_apply_honours_dtype_wire_and_length(tiny):
+    from splitkernels.runtime import Limits as RuntimeLimits
+
+    p = Plan(2, None, None, CodecConfig.passthrough(), 64, dtype="float32", wire_dtype="float16", prompt_tokens=8)
+    split = p.apply(copy.deepcopy(tiny))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    m = split.run(ids, 3).metrics
+    d = tiny.config.hidden_size
+    # fp32 model, fp16 wire: two bytes per element (plus per-token metadata and the frame header).
+    assert [s.frame_bytes for s in m.steps] == [frame_nbytes(s.tokens, d, torch.float16, 0, 2 * d * s.tokens)
+                                                for s in m.steps]
+    assert split.manager.max_seq_len == 64
+    with pytest.raises(ValueError, match="max_seq_len 32 differs"):
+        p.apply(copy.deepcopy(tiny), RuntimeLimits(max_seq_len=32))
+    half = Plan(2, None, None, CodecConfig.passthrough(), 64, dtype="bfloat16", wire_dtype="bfloat16")
+    split = half.apply(copy.deepcopy(tiny))
+    assert split.edge.dtype == torch.bfloat16 and split.server.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="wire_dtype must be one of"):
+        Plan(2, None, None, CodecConfig.passthrough(), 64, wire_dtype="float64")
+
+
 def test_plan_apply_runs_the_split(tiny):
-    p = Plan(2, QuantConfig(4, 32), QuantConfig(8, 64), CodecConfig.passthrough(), 256)
+    p = Plan(2, QuantConfig(4, 32), QuantConfig(8, 64), CodecConfig.passthrough(), 256, dtype="float32")
     model = copy.deepcopy(tiny)
     x = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -433,7 +511,7 @@ def test_planner_considers_calibrated_fronts_only_when_asked():
         p.front_method = "gptq"
         t.add(p)
     limits = Limits(edge_memory_bytes=2 * 2**30)
-    assert plan(_scenario(), t, limits).plan.front == QuantConfig(8, 64)
-    best = plan(_scenario(), t, limits, front_methods=("rtn", "gptq")).plan
+    assert plan(_scenario(), t, limits, objective="quality").plan.front == QuantConfig(8, 64)
+    best = plan(_scenario(), t, limits, front_methods=("rtn", "gptq"), objective="quality").plan
     assert best.front == QuantConfig(4, 64, method="gptq")
     assert Plan.from_dict(json.loads(json.dumps(best.to_dict()))).front.method == "gptq"

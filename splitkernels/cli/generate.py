@@ -14,7 +14,7 @@ from ..codec import CodecConfig, CodecConfigV2
 from ..runtime.protocol import SplitError
 from . import args as types
 from .common import add_connection_args, message_bytes
-from .errors import from_split_error
+from .errors import UsageError, from_split_error
 from .files import read_bytes
 from .models import LoadedModel, SplitSettings, add_codec_args, add_model_args, load_model, split_settings
 
@@ -172,8 +172,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     tls = TlsFiles(root_certificates=read_bytes(args.tls_ca, "CA certificate (--tls-ca)")) if args.tls_ca else None
     loaded = load_model(args.model, args.family, args.seed)
     settings = split_settings(args, loaded)
-    sm = split_model(loaded.model, settings.split_layer, codec=settings.codec, opsc=settings.opsc("edge"),
-                     fast=not args.eager)
+    sm = split_model(settings.prepare(loaded.model), settings.split_config("edge"), fast=not args.eager)
     sm.release("server")
     grpc_transport = GrpcTransport(args.server, token=args.token, tls=tls, timeout_s=args.timeout,
                                    max_message_bytes=message_bytes(args), server_name=args.server_name)
@@ -205,8 +204,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     opsc = settings.opsc("both")
     # OPSC quantises in place: keep an untouched copy as the quality reference.
     reference = load_model(args.model, args.family, args.seed).model if opsc else loaded.model
-    sm = split_model(loaded.model, settings.split_layer, codec=settings.codec, opsc=opsc,
-                     limits=Limits(max_sessions=4, max_seq_len=4096), fast=not args.eager)
+    # A plan's maximum length is the server's limit (and must be one the model holds).
+    max_seq_len = settings.max_seq_len or 4096
+    sm = split_model(settings.prepare(loaded.model), settings.split_config("both"),
+                     limits=Limits(max_sessions=4, max_seq_len=max_seq_len), fast=not args.eager)
+    if settings.max_seq_len is not None and sm.manager.max_seq_len < max_seq_len:
+        raise UsageError(f"--plan: max_seq_len {max_seq_len} is more positions than {loaded.name} holds "
+                         f"({sm.manager.max_seq_len})")
     token = secrets.token_hex(16)
     server = GrpcServer(sm.manager, "127.0.0.1", 0, token=token,
                         info={"model": loaded.name, "split_layer": sm.split_layer,

@@ -95,6 +95,23 @@ class SplitSettings:
     max_seq_len: int | None  # the plan's, None without a plan
     plan_path: str | None
     calibration: dict | None = None  # how a v2 codec was calibrated (text, tokens, sensitivity, seconds)
+    dtype: Any = None  # torch dtype the plan sizes the model for; None: as loaded
+    wire_dtype: Any = None  # torch dtype of hidden states on the wire; None: the model's
+
+    def split_config(self, side: str):
+        """The runtime's SplitConfig for ``side`` ("edge", "server" or "both"): only that side's
+        OPSC weights, the plan's wire dtype."""
+        from ..runtime import SplitConfig
+
+        front, back = self.opsc(side) or (None, None)
+        return SplitConfig(self.split_layer, self.codec, front, back, wire_dtype=self.wire_dtype)
+
+    def prepare(self, model):
+        """Cast ``model`` to the plan's dtype (what its memory was planned for); the model itself
+        without a plan."""
+        if self.dtype is not None:
+            model.to(self.dtype)
+        return model
 
     def opsc(self, side: str):
         """The OPSC weight configs a ``side`` ("edge", "server" or "both") quantises, or None."""
@@ -119,7 +136,10 @@ def split_settings(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettin
         if not 1 <= plan.split_layer < layers:
             raise InputFileError(args.plan, f"must be in [1, {layers - 1}] for {loaded.name} ({layers} layers), "
                                             f"got {plan.split_layer}", "split_layer")
-        return SplitSettings(plan.split_layer, plan.codec, plan.front, plan.back, plan.max_seq_len, args.plan)
+        from ..planner.optimizer import DTYPES
+
+        return SplitSettings(plan.split_layer, plan.codec, plan.front, plan.back, plan.max_seq_len, args.plan,
+                             dtype=DTYPES[plan.dtype], wire_dtype=DTYPES[plan.wire_dtype])
     split = args.split_layer if args.split_layer is not None else max(1, round(layers / 3))
     if not 1 <= split < layers:
         raise UsageError(f"--split-layer must be in [1, {layers - 1}] for {loaded.name} ({layers} layers), "

@@ -14,14 +14,26 @@ from .files import load_profile, load_quality
 DEFAULT_QUALITY = "smollm2_quality.json"
 
 
-def _load_model(name: str):
-    """(model, shape) for ``smollm2``, ``tiny`` (a random 4-layer Llama, for smoke tests) or the
-    path of a local Hugging Face folder or GGUF file."""
-    from ..models import ModelShape, tiny_model
+def _load_model(name: str, dtype_bytes: int = 2):
+    """(model, shape) for ``smollm2``, ``tiny`` (the random Llama of ``splitkernels demo --model
+    tiny``, for smoke tests) or the path of a local Hugging Face folder or GGUF file; the shape
+    counts ``dtype_bytes``-wide values."""
+    from ..models import ModelShape
     from .models import load_model
 
-    model = tiny_model("llama") if name == "tiny" else load_model(name).model
-    return model, ModelShape.from_model(model, name=name)
+    model = load_model(name).model
+    return model, ModelShape.from_model(model, name=name, dtype_bytes=dtype_bytes)
+
+
+SEQ_LENS = (512, 1024, 2048, 4096, 8192)
+
+
+def _seq_lens(model) -> tuple[int, ...]:
+    """The candidate maximum lengths the model's positions allow."""
+    from ..models import text_config
+
+    limit = getattr(text_config(model.config), "max_position_embeddings", None)
+    return tuple(n for n in SEQ_LENS if limit is None or n <= limit) or (int(limit),)
 
 
 def _compute(device_name: str, profile_path: str | None, flag: str, shape):
@@ -53,11 +65,13 @@ def _write(path: str, text: str, what: str) -> None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from ..planner.costs import Link
     from ..planner.devices import GIB, get_device
-    from ..planner.optimizer import Infeasible, Limits, Scenario, plan
+    from ..planner.optimizer import DTYPES, Infeasible, Limits, Scenario, plan
 
     t0 = time.perf_counter()
     table = _quality_table(args.quality)
-    _, shape = _load_model(args.model)
+    model, shape = _load_model(args.model, DTYPES[args.dtype].itemsize)
+    seq_lens = _seq_lens(model)
+    del model
     edge, edge_name = _compute(args.edge, args.edge_profile, "--edge-profile", shape)
     server, server_name = _compute(args.server, args.server_profile, "--server-profile", shape)
     edge_mem = int(args.edge_memory_gib * GIB) if args.edge_memory_gib else (
@@ -77,7 +91,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     scenario = Scenario(shape, edge, server, Link(args.link_mbps, args.rtt_ms), args.prompt_tokens,
                         edge_name, server_name)
     try:
-        result = plan(scenario, table, limits, args.objective, alternatives=args.alternatives)
+        result = plan(scenario, table, limits, args.objective, seq_lens, alternatives=args.alternatives,
+                      dtype=args.dtype, wire_dtype=args.wire_dtype)
     except Infeasible as exc:
         if args.json:
             print(json.dumps({"feasible": False, "binding": exc.binding, "explanation": exc.explanation}, indent=2))
@@ -86,20 +101,68 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return Exit.INFEASIBLE
     if args.out:
         _write(args.out, result.plan.to_json(), "plan (--out)")
+    verification = _verify(result.plan, scenario.link, args) if args.verify else None
     if args.json:
-        print(json.dumps({"feasible": True, "plan": result.plan.to_dict(),
-                          "alternatives": [p.to_dict() for p in result.alternatives]}, indent=2))
-        return 0
-    print(f"{shape.name}: edge {edge_name}, server {server_name}, link {scenario.link}, "
-          f"prompt {args.prompt_tokens} tokens, objective {args.objective}")
-    print("plan:")
-    print(result.plan.summary())
-    for i, alt in enumerate(result.alternatives, 1):
-        print(f"runner-up {i}:")
-        print(alt.summary())
-    print(f"({result.candidates_scored} candidates scored in {time.perf_counter() - t0:.2f} s; latency and memory "
-          f"modelled, quality measured by calibration)")
+        out = {"feasible": True, "plan": result.plan.to_dict(),
+               "alternatives": [p.to_dict() for p in result.alternatives]}
+        if verification is not None:
+            out["verification"] = verification.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        bounds = ", ".join(text for text, v in (
+            (f"KL <= {args.max_kl}", args.max_kl), (f"perplexity <= +{args.max_ppl_change}%", args.max_ppl_change),
+            (f"per token <= {args.max_token_ms} ms", args.max_token_ms)) if v is not None) or "none"
+        print(f"{shape.name}: edge {edge_name}, server {server_name}, link {scenario.link}, "
+              f"prompt {args.prompt_tokens} tokens, {args.dtype} weights, {args.wire_dtype} wire, objective "
+              f"{args.objective} (limits: {bounds})")
+        print("plan:")
+        print(result.plan.summary())
+        for i, alt in enumerate(result.alternatives, 1):
+            print(f"runner-up {i}:")
+            print(alt.summary())
+        print(f"({result.candidates_scored} candidates scored in {time.perf_counter() - t0:.2f} s; latency and "
+              f"memory modelled, quality measured by calibration)")
+        if verification is not None:
+            info = verification.info
+            print(f"verify on this machine ({info['profile_machine']}, {info['threads']} threads, {info['clock']} "
+                  f"clock; the plan run by the runtime, {info['new_tokens']} decoded tokens, link emulated):")
+            print(verification.table())
+    if verification is not None and not verification.sizes_ok:
+        return Exit.INTERNAL
     return 0
+
+
+def _verify(plan, link, args: argparse.Namespace):
+    """Run ``plan`` through the runtime here and compare (``--verify``)."""
+    from ..eval import load_text
+    from ..planner.verify import verify_plan
+    from .models import load_model
+
+    loaded = load_model(args.model)
+    text = loaded.encode_text(load_text("botchan"))[0]
+    need = plan.prompt_tokens + args.verify_eval_tokens
+    if text.shape[0] < need:
+        text = text.repeat(-(-need // text.shape[0]))
+    prompt = text[: plan.prompt_tokens].unsqueeze(0)
+    evaluation = text[plan.prompt_tokens: need] if args.verify_eval_tokens else None
+    profile = load_profile(args.edge_profile, "--edge-profile").data if args.edge_profile else None
+
+    def fresh():
+        return load_model(args.model).model
+
+    context = min(512, args.verify_eval_tokens) if args.verify_eval_tokens else 512
+    return verify_plan(plan, fresh, link, prompt, args.verify_tokens, evaluation, context, profile,
+                       clock=args.verify_clock)
+
+
+def _limit(kind):
+    """An argparse type: ``kind`` or ``none`` (the limit is off)."""
+
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _formats(text: str):
@@ -125,7 +188,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     model, _ = _load_model(args.model)
     data = measure_profile(model, args.formats, args.prompt_tokens, args.decode_steps, args.repeats,
-                           name=args.model)
+                           name=args.model, clock=args.clock)
     text = json.dumps(data, indent=2)
     if args.out:
         _write(args.out, text, "profile (--out)")
@@ -136,7 +199,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add the ``plan`` and ``profile`` subcommands."""
     from ..planner.devices import devices
-    from ..planner.optimizer import OBJECTIVES
+    from ..planner.optimizer import DEFAULT_MAX_KL, DEFAULT_MAX_PPL_CHANGE, DEFAULT_OBJECTIVE, DTYPES, OBJECTIVES
 
     edge_names = sorted(devices("edge"))
     server_names = sorted(devices("server"))
@@ -158,11 +221,30 @@ def register(subparsers) -> None:
     p.add_argument("--server-memory-gib", type=types.positive)
     p.add_argument("--max-token-ms", type=types.positive, help="per-token latency limit")
     p.add_argument("--max-ttft-ms", type=types.positive, help="time-to-first-token limit")
-    p.add_argument("--max-ppl-change", type=types.non_negative, help="perplexity increase limit in percent")
-    p.add_argument("--max-kl", type=types.non_negative, help="KL divergence limit (nats/token)")
+    p.add_argument("--max-ppl-change", type=_limit(types.non_negative), default=100 * DEFAULT_MAX_PPL_CHANGE,
+                   help=f"perplexity increase limit in percent (default {100 * DEFAULT_MAX_PPL_CHANGE:g}; 'none': off)")
+    p.add_argument("--max-kl", type=_limit(types.non_negative), default=DEFAULT_MAX_KL,
+                   help=f"KL divergence limit in nats/token (default {DEFAULT_MAX_KL:g}; 'none': off)")
     p.add_argument("--min-seq-len", type=types.positive_int, default=512)
     p.add_argument("--sessions", type=types.positive_int, default=1, help="concurrent sessions the server must hold")
-    p.add_argument("--objective", choices=OBJECTIVES, default="quality")
+    p.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                   help="latency (default): fastest plan within the quality limits; quality: lowest KL within the "
+                        "latency and memory limits; lossless: fastest plan with lossless transfer")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
+                   help="precision of dense weights, activations and KV caches on both sides (default float16)")
+    p.add_argument("--wire-dtype", choices=sorted(DTYPES), default="float16",
+                   help="precision the edge sends hidden states in (default float16)")
+    p.add_argument("--verify", action="store_true",
+                   help="run the chosen plan through the runtime on this machine and print predicted vs measured "
+                        "bytes, memory, latency (with this machine's profile, or --edge-profile) and quality; "
+                        f"exit status {int(Exit.INTERNAL)} when bytes or memory are off by more than 5 percent "
+                        "(latency, judged at 25 percent, is reported only: timings depend on the machine's load)")
+    p.add_argument("--verify-tokens", type=types.positive_int, default=16, help="tokens decoded by --verify")
+    p.add_argument("--verify-clock", choices=("wall", "cpu"), default="wall",
+                   help="time --verify's profile and run in elapsed time (wall, default) or in this process's CPU "
+                        "time (cpu: on a machine shared with other work; run single-threaded, OMP_NUM_THREADS=1)")
+    p.add_argument("--verify-eval-tokens", type=types.non_negative_int, default=1024,
+                   help="Botchan tokens --verify scores for KL and perplexity (0: skip)")
     p.add_argument("--alternatives", type=types.non_negative_int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON (plan and alternatives)")
     p.add_argument("--out", help="write the plan JSON here (the runtime accepts it: --plan FILE)")
@@ -177,5 +259,8 @@ def register(subparsers) -> None:
     q.add_argument("--prompt-tokens", type=types.positive_int, default=128)
     q.add_argument("--decode-steps", type=types.positive_int, default=16)
     q.add_argument("--repeats", type=types.positive_int, default=2)
+    q.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="elapsed time (wall) or this process's CPU time (cpu: steadier on a shared machine, "
+                        "with OMP_NUM_THREADS=1)")
     q.add_argument("--out", help="write the profile JSON here")
     q.set_defaults(func=_cmd_profile)

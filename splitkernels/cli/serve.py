@@ -53,7 +53,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.family, args.seed)
     settings = split_settings(args, loaded)
     max_seq_len = args.max_seq_len or settings.max_seq_len or DEFAULT_MAX_SEQ_LEN
-    sm = split_model(loaded.model, settings.split_layer, opsc=settings.opsc("server"),
+    sm = split_model(settings.prepare(loaded.model), settings.split_config("server"),
                      limits=Limits(args.max_sessions, max_seq_len, args.idle_timeout), fast=not args.eager)
     sm.release("edge")
     try:

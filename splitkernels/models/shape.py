@@ -35,7 +35,11 @@ class ModelShape:
     layers alike; for a model whose layers differ, those of its largest layer, so that memory is
     not underestimated); ``layer_other_params`` counts the layer's other parameters (norms,
     biases, fused expert tables), which stay dense; ``dtype_bytes`` is the width of dense weights,
-    activations and the KV cache in deployment (2 = fp16).
+    activations and the KV cache in deployment (2 = fp16); ``outer_params`` counts the parameters
+    outside the decoder layers besides the token embedding and the LM head -- learned position
+    embeddings and the final norm (None: a final norm of ``hidden``), which the server holds;
+    ``position_params`` is the part of them in embedding tables (learned positions), which the
+    edge holds too.
     """
 
     name: str
@@ -49,6 +53,8 @@ class ModelShape:
     layer_other_params: int
     tied_embeddings: bool = True
     dtype_bytes: int = 2
+    outer_params: int | None = None
+    position_params: int = 0
 
     @classmethod
     def from_model(cls, model: nn.Module, name: str | None = None, dtype_bytes: int = 2) -> ModelShape:
@@ -65,11 +71,18 @@ class ModelShape:
         tied = getattr(model.config, "tie_word_embeddings", None)
         if tied is None:
             tied = getattr(config, "tie_word_embeddings", False)
+        seen = {id(p) for layer_ in decoder_layers(model) for p in layer_.parameters()}
+        for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+            seen |= {id(p) for p in (m.parameters() if m is not None else ())}
+        outer = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+        positions = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
+                        for p in m.parameters(recurse=False) if id(p) not in seen)
         return cls(
             name=name or getattr(model.config, "name_or_path", "") or model.config.model_type,
             num_layers=len(decoder_layers(model)), hidden=h, vocab=int(config.vocab_size), num_heads=heads,
             num_kv_heads=kv, head_dim=hd, linears=linears, layer_other_params=int(other),
-            tied_embeddings=bool(tied), dtype_bytes=dtype_bytes,
+            tied_embeddings=bool(tied), dtype_bytes=dtype_bytes, outer_params=int(outer),
+            position_params=int(positions),
         )
 
     @classmethod
@@ -90,6 +103,11 @@ class ModelShape:
     @classmethod
     def from_dict(cls, d: dict) -> ModelShape:
         return cls(**{**d, "linears": tuple(tuple(x) for x in d["linears"])})
+
+    @property
+    def outer(self) -> int:
+        """Parameters outside the layers, embedding and head (:attr:`outer_params`, else a final norm)."""
+        return self.hidden if self.outer_params is None else self.outer_params
 
     @property
     def layer_params(self) -> int:

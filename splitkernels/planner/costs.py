@@ -54,9 +54,23 @@ def working_bytes(shape: ModelShape, tokens: int, context: int) -> int:
     return acts + scores
 
 
+# Resident memory of this runtime before any real model weights: Python, torch, transformers and
+# splitkernels with the code a first split generation loads lazily, and their allocator arenas.
+# Measured with process_rss_bytes on the 2-core x86-64 development VM (CPU torch 2.13, 2026-11-30):
+# 240 MiB after the imports, 435 MiB after one split generation of a tiny model. A device runtime
+# (a C++ server, a trimmed build) keeps less; this is the figure for this one.
+RUNTIME_OVERHEAD_BYTES = 440 * 2**20
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per side. ``server_session`` is what each extra session adds on the server."""
+    """Bytes per side. ``server_session`` is what each extra session adds on the server.
+
+    ``edge_embedding`` is the part of ``edge_weights`` held before the first layer (the token
+    embedding); ``edge_working`` holds the activations of the larger of a prefill of
+    ``prompt_tokens`` tokens and a one-token decode step at ``max_seq_len`` positions;
+    ``edge_overhead`` is the runtime's own resident memory (:data:`RUNTIME_OVERHEAD_BYTES`).
+    """
 
     edge_weights: int
     edge_kv: int
@@ -64,28 +78,54 @@ class MemoryEstimate:
     server_weights: int
     server_session: int
     server_working: int
+    edge_embedding: int = 0
+    edge_overhead: int = 0
+    prompt_tokens: int = 0
+    max_seq_len: int = 0
+
+    @property
+    def edge_model(self) -> int:
+        """What the model itself needs on the edge: weights, KV cache and activations."""
+        return self.edge_weights + self.edge_kv + self.edge_working
 
     @property
     def edge_total(self) -> int:
-        return self.edge_weights + self.edge_kv + self.edge_working
+        return self.edge_model + self.edge_overhead
 
     def server_total(self, sessions: int = 1) -> int:
         return self.server_weights + sessions * self.server_session + self.server_working
 
+    def breakdown(self) -> dict[str, int]:
+        """Edge bytes by kind, the parts of :attr:`edge_total`."""
+        return {"embedding": self.edge_embedding, "layer_weights": self.edge_weights - self.edge_embedding,
+                "kv_cache": self.edge_kv, "activations": self.edge_working, "runtime_overhead": self.edge_overhead}
+
 
 def memory(shape: ModelShape, split_layer: int, front: QuantConfig | None, back: QuantConfig | None,
-           max_seq_len: int) -> MemoryEstimate:
+           max_seq_len: int, prompt_tokens: int | None = None,
+           overhead_bytes: int = RUNTIME_OVERHEAD_BYTES) -> MemoryEstimate:
     """Memory of each side for a split after ``split_layer`` layers and contexts up to ``max_seq_len``.
 
     The edge holds the (dense) token embedding and layers ``1..l``; the server holds layers
-    ``l+1..L``, the final norm and the LM head (its own copy when the head is tied to the embedding).
+    ``l+1..L``, the final norm and the LM head (its own copy when the head is tied to the embedding);
+    position embeddings, where a model learns them, on both.
+    Working buffers are those of one forward of a ``prompt_tokens``-token prompt (default: the
+    whole ``max_seq_len`` in one forward, the upper bound) or of one decode step at
+    ``max_seq_len`` positions, whichever is larger: the runtime runs the prompt in one forward,
+    then one token at a time.
     """
     _check_split(shape, split_layer)
+    prompt = max_seq_len if prompt_tokens is None else min(int(prompt_tokens), max_seq_len)
+    if prompt < 1:
+        raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens!r}")
     emb = shape.vocab * shape.hidden * shape.dtype_bytes
-    edge_w = emb + split_layer * layer_weight_bytes(shape, front)
-    server_w = (shape.num_layers - split_layer) * layer_weight_bytes(shape, back) + emb + shape.hidden * shape.dtype_bytes
+    # Learned position embeddings: both halves hold them; the final norm: the server.
+    positions = shape.position_params * shape.dtype_bytes
+    edge_w = emb + positions + split_layer * layer_weight_bytes(shape, front)
+    server_w = (shape.num_layers - split_layer) * layer_weight_bytes(shape, back) + emb + \
+        shape.outer * shape.dtype_bytes
     kv = shape.kv_bytes_per_token_layer * max_seq_len
-    work = working_bytes(shape, max_seq_len, max_seq_len)
+    work = max(working_bytes(shape, prompt, prompt), working_bytes(shape, 1, max_seq_len))
     # The server also holds the prompt's logits row only for the last position: vocab floats.
     return MemoryEstimate(
         edge_weights=edge_w,
@@ -94,6 +134,10 @@ def memory(shape: ModelShape, split_layer: int, front: QuantConfig | None, back:
         server_weights=server_w,
         server_session=(shape.num_layers - split_layer) * kv,
         server_working=work + shape.vocab * 4,
+        edge_embedding=emb + positions,
+        edge_overhead=overhead_bytes,
+        prompt_tokens=prompt,
+        max_seq_len=max_seq_len,
     )
 
 
@@ -116,6 +160,13 @@ class ComputeModel(Protocol):
 
     def decode_s(self, tokens: int) -> float:
         """Codec decode of a ``tokens``-row frame."""
+
+
+def _call_s(compute: ComputeModel, tokens: int) -> float:
+    # A measured Profile knows what one segment call costs besides its layers (embedding,
+    # positions, masks, cache bookkeeping); the roofline folds that into layer_overhead_us.
+    call = getattr(compute, "call_s", None)
+    return call(tokens) if call is not None else 0.0
 
 
 class Roofline:
@@ -172,11 +223,12 @@ class Link:
         return f"{self.mbps:g} Mbit/s, RTT {self.rtt_ms:g} ms"
 
 
-# Per message on the wire besides the frame: the runtime's message header and framing
-# (session id, kind, lengths) plus TCP/IP headers -- an estimate.
-MESSAGE_OVERHEAD_BYTES = 64
-# The server's reply per step: token id plus the same overheads.
-REPLY_BYTES = MESSAGE_OVERHEAD_BYTES + 8
+# Per message on the wire besides the frame (header 20 B + sequence number 4 B) and the server's
+# reply per step (header 20 B + token, position, timings, KV bytes 28 B): exact for the runtime's
+# messages (runtime/protocol.py; python_tests/test_planner.py holds them equal). Transport framing
+# below them (gRPC/HTTP2, TCP/IP) is not counted, as the runtime's metrics do not count it.
+MESSAGE_OVERHEAD_BYTES = 24
+REPLY_BYTES = 48
 
 
 def frame_bytes(tokens: int, hidden: int, code_bits: float, outliers_per_token: float,
@@ -226,16 +278,19 @@ def split_latency(
     context: int,
 ) -> LatencyEstimate:
     """Latency of a split deployment; per-token figures at ``context`` positions of KV cache
-    (the worst case is ``max_seq_len``). ``token_bytes``/``prompt_bytes`` are the frame sizes."""
+    (the worst case is ``max_seq_len``). ``token_bytes``/``prompt_bytes`` are the frame sizes; the
+    estimate's ``token_bytes``/``prompt_bytes`` are both messages of the exchange (request with the
+    frame, and the reply)."""
     _check_split(shape, split_layer)
     n_back = shape.num_layers - split_layer
-    edge_tok = split_layer * edge.layer_s(front, 1, context)
-    server_tok = n_back * server.layer_s(back, 1, context) + server.head_s(1)
+    edge_tok = split_layer * edge.layer_s(front, 1, context) + _call_s(edge, 1)
+    server_tok = n_back * server.layer_s(back, 1, context) + server.head_s(1) + _call_s(server, 1)
     enc, dec = edge.encode_s(1), server.decode_s(1)
     token_bytes_total = token_bytes + MESSAGE_OVERHEAD_BYTES
     prompt_bytes_total = prompt_bytes + MESSAGE_OVERHEAD_BYTES
     ttft = (
-        split_layer * edge.layer_s(front, prompt_tokens, prompt_tokens)
+        _call_s(edge, prompt_tokens) + _call_s(server, prompt_tokens)
+        + split_layer * edge.layer_s(front, prompt_tokens, prompt_tokens)
         + edge.encode_s(prompt_tokens)
         + link.transfer_s(prompt_bytes_total + REPLY_BYTES)
         + link.rtt_ms * 1e-3
@@ -253,6 +308,7 @@ def split_latency(
 def local_latency(shape: ModelShape, compute: ComputeModel, quant: QuantConfig | None, prompt_tokens: int,
                   context: int) -> tuple[float, float]:
     """(seconds per token, TTFT) of the whole model on one machine (edge-only or the server part of cloud-only)."""
-    token = shape.num_layers * compute.layer_s(quant, 1, context) + compute.head_s(1)
-    ttft = shape.num_layers * compute.layer_s(quant, prompt_tokens, prompt_tokens) + compute.head_s(1)
+    token = shape.num_layers * compute.layer_s(quant, 1, context) + compute.head_s(1) + _call_s(compute, 1)
+    ttft = shape.num_layers * compute.layer_s(quant, prompt_tokens, prompt_tokens) + compute.head_s(1) + \
+        _call_s(compute, prompt_tokens)
     return token, ttft

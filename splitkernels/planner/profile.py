@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from .. import backends
-from ..codec import CodecConfig, decode, encode
+from ..codec import CodecConfig, decode, encode, from_bytes
 from ..nn import QuantConfig
 from ..opsc import apply_opsc, decoder_layers
 
 PROFILE_VERSION = 1
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def format_name(quant: QuantConfig | None) -> str:
@@ -32,17 +33,17 @@ def format_name(quant: QuantConfig | None) -> str:
 
 
 @contextmanager
-def _layer_timers(model: nn.Module, sink: dict[str, list[float]]) -> Iterator[None]:
+def _layer_timers(model: nn.Module, sink: dict[str, list[float]], clock: Callable[[], float]) -> Iterator[None]:
     """Wall time of every decoder layer call (``sink['layer']``) and LM head call (``sink['head']``)."""
     start: dict[int, float] = {}
     handles = []
 
     def pre(module, _args):
-        start[id(module)] = time.perf_counter()
+        start[id(module)] = clock()
 
     def post(kind):
         def hook(module, _args, _out):
-            sink[kind].append(time.perf_counter() - start[id(module)])
+            sink[kind].append(clock() - start[id(module)])
         return hook
 
     head = model.get_output_embeddings()
@@ -57,42 +58,52 @@ def _layer_timers(model: nn.Module, sink: dict[str, list[float]]) -> Iterator[No
 
 
 @torch.inference_mode()
-def _measure_model(model: nn.Module, prompt_tokens: int, decode_steps: int, repeats: int) -> dict:
+def measure_forward(model: nn.Module, prompt_tokens: int, decode_steps: int, repeats: int,
+                    clock: Callable[[], float] = time.perf_counter) -> dict:
+    """One weight format's entry of a profile: per-layer prefill/decode times, LM head times and
+    the time a forward spends outside them, best of ``repeats``, for ``model`` as it is, read
+    from ``clock``."""
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=gen)
     layers = len(decoder_layers(model))
-    best_prefill, best_decode, best_head_p, best_head_d = float("inf"), float("inf"), float("inf"), float("inf")
+    best = {k: float("inf") for k in ("prefill_layer_s", "decode_layer_s", "prefill_head_s", "decode_head_s",
+                                      "prefill_other_s", "decode_other_s")}
     for _ in range(repeats):
         sink = {"layer": [], "head": []}
-        with _layer_timers(model, sink):
+        calls = []
+        with _layer_timers(model, sink, clock):
+            t0 = clock()
             out = model(ids, use_cache=True)
+            calls.append(clock() - t0)
             cache = out.cache
             nxt = out.logits[:, -1:].argmax(-1)
             for _ in range(decode_steps):
+                t0 = clock()
                 out = model(nxt, cache=cache, use_cache=True)
+                calls.append(clock() - t0)
                 cache = out.cache
                 nxt = out.logits[:, -1:].argmax(-1)
         prefill = sink["layer"][:layers]
         dec = sink["layer"][layers:]
-        best_prefill = min(best_prefill, sum(prefill) / layers)
-        best_decode = min(best_decode, sum(dec) / max(len(dec), 1))
-        best_head_p = min(best_head_p, sink["head"][0])
-        best_head_d = min(best_head_d, sum(sink["head"][1:]) / max(decode_steps, 1))
-    return {
-        "prefill_layer_s": best_prefill,
-        "decode_layer_s": best_decode,
-        "prefill_head_s": best_head_p,
-        "decode_head_s": best_head_d,
-    }
+        # What a forward spends outside its decoder layers and head: embedding, positions, masks,
+        # the cache and the framework's own bookkeeping -- per call, whatever the model's size.
+        other_p = calls[0] - sum(prefill) - sink["head"][0]
+        other_d = (sum(calls[1:]) - sum(dec) - sum(sink["head"][1:])) / max(decode_steps, 1)
+        for key, value in (("prefill_layer_s", sum(prefill) / layers), ("decode_layer_s", sum(dec) / max(len(dec), 1)),
+                           ("prefill_head_s", sink["head"][0]),
+                           ("decode_head_s", sum(sink["head"][1:]) / max(decode_steps, 1)),
+                           ("prefill_other_s", max(other_p, 0.0)), ("decode_other_s", max(other_d, 0.0))):
+            best[key] = min(best[key], value)
+    return best
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
+def _time(fn: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
@@ -104,15 +115,23 @@ def measure_profile(
     repeats: int = 2,
     codec: CodecConfig | None = None,
     name: str = "model",
+    wire_dtype: torch.dtype | None = None,
+    clock: str = "wall",
 ) -> dict:
     """Measure per-layer prefill/decode times for each weight format and the codec's encode/decode.
 
     Times are the best of ``repeats`` runs (the least disturbed by other load). Decode times are
     averages over ``decode_steps`` steps at contexts ``prompt_tokens..prompt_tokens+steps``.
-    ``model`` is not modified (each quantised format runs on a copy).
+    ``model`` is not modified (each quantised format runs on a copy). Codec times are of whole
+    wire frames (encode to bytes; parse and decode) of ``wire_dtype`` values (default: the model's).
+    ``clock``: ``"wall"`` (elapsed time) or ``"cpu"`` (this process's CPU time: on a machine
+    shared with other work, what the machine alone would take, for single-threaded runs).
     """
     if prompt_tokens < 1 or decode_steps < 1 or repeats < 1:
         raise ValueError("prompt_tokens, decode_steps and repeats must all be >= 1")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    timer = CLOCKS[clock]
     formats_out = {}
     n_layers = len(decoder_layers(model))
     for quant in formats:
@@ -120,18 +139,19 @@ def measure_profile(
         if quant is not None:
             m = copy.deepcopy(model)
             apply_opsc(m, n_layers, quant, None)
-        formats_out[format_name(quant)] = _measure_model(m, prompt_tokens, decode_steps, repeats)
+        formats_out[format_name(quant)] = measure_forward(m, prompt_tokens, decode_steps, repeats, timer)
     hidden = model.get_input_embeddings().embedding_dim
     codec = codec or CodecConfig()
     gen = torch.Generator().manual_seed(1)
     dtype = next(model.parameters()).dtype
     codec_out = {}
     for t in (1, prompt_tokens):
-        x = torch.randn(t, hidden, generator=gen).to(dtype)
-        enc = encode(x, codec)
+        x = torch.randn(t, hidden, generator=gen).to(wire_dtype or dtype)
+        frame = encode(x, codec).to_bytes()
+        # What the runtime does per frame: encode to wire bytes; parse (CRC and limits) and decode.
         codec_out[str(t)] = {
-            "encode_s": _time(lambda x=x: encode(x, codec), repeats),
-            "decode_s": _time(lambda enc=enc: decode(enc), repeats),
+            "encode_s": _time(lambda x=x: encode(x, codec).to_bytes(), repeats, timer),
+            "decode_s": _time(lambda frame=frame: decode(from_bytes(frame)), repeats, timer),
         }
     return {
         "version": PROFILE_VERSION,
@@ -139,6 +159,7 @@ def measure_profile(
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "clock": clock,
         "dtype": str(dtype).replace("torch.", ""),
         "backends": sorted(n for n, b in backends().items() if b["available"]),
         "prompt_tokens": prompt_tokens,
@@ -183,6 +204,13 @@ class Profile:
         # The head stays dense in every format (OPSC quantises decoder layers only): any entry will do.
         f = next(iter(self.data["formats"].values()))
         return f["decode_head_s"] if tokens == 1 else f["prefill_head_s"] * tokens / self.prompt_tokens
+
+    def call_s(self, tokens: int) -> float:
+        """Time one forward call spends outside its layers and head (profiles from before this
+        was measured: 0)."""
+        f = next(iter(self.data["formats"].values()))
+        key = "decode_other_s" if tokens == 1 else "prefill_other_s"
+        return f.get(key, 0.0)
 
     def _codec(self, which: str, tokens: int) -> float:
         frames = self.data["codec"]["frames"]

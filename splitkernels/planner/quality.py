@@ -278,6 +278,10 @@ class SplitEvaluator:
         self._reference = self._logits()
         self.tokens = self.targets.shape[0]
         self.ppl_reference = compare_logits(self._reference, self._reference, self.targets).ppl_reference
+        # Per scored token, for confidence intervals over windows (bench/e2e): the unsplit model's
+        # negative log-likelihood, and that of the last configuration measured.
+        self.reference_nll = _token_nll(self._reference, self.targets)
+        self.last_nll: torch.Tensor | None = None
 
     @torch.no_grad()
     def _logits(self) -> torch.Tensor:
@@ -299,7 +303,9 @@ class SplitEvaluator:
         log: list[TransferResult] = []
         with self.quantizer.segments(split_layer, front_bits, back_bits, front_method), \
                 split_point(self.model, split_layer, transform, log):
-            report = compare_logits(self._reference, self._logits(), self.targets)
+            logits = self._logits()
+            report = compare_logits(self._reference, logits, self.targets)
+            self.last_nll = _token_nll(logits, self.targets)
         elements = sum(r.x_hat.numel() for r in log)
         rows = sum(r.x_hat.shape[0] for r in log)
         return QualityPoint(
@@ -317,6 +323,10 @@ class SplitEvaluator:
             tokens=report.tokens,
             front_method=front_method,
         )
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def fp16_transfer(x: torch.Tensor) -> TransferResult:

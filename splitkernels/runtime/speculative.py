@@ -22,7 +22,7 @@ from .drafting import (ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, Mod
 from .metrics import GenerationMetrics, StepMetrics
 from .protocol import FINGERPRINT_BYTES, ProtocolError, SamplingParams
 from .segments import Edge, cache_nbytes
-from .split_model import GenerationResult, _check_input_ids, _eos_set, open_request
+from .split_model import GenerationResult, _check_input_ids, _eos_set, open_request, to_wire
 from .transport import Transport
 from .verify import enable_rollback, truncate_cache
 
@@ -111,13 +111,15 @@ def _draft(edge: Edge, cache, drafter: Drafter, context: list[int], k: int, last
 def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tensor, max_new_tokens: int,
                          codec: CodecConfig | CodecConfigV2, sampling: SamplingParams, drafter: Drafter,
                          policy: DraftPolicy | None = None, eos_token_id: int | Sequence[int] | None = None,
-                         fingerprint: bytes = bytes(FINGERPRINT_BYTES)) -> SpeculativeResult:
+                         fingerprint: bytes = bytes(FINGERPRINT_BYTES),
+                         wire_dtype: torch.dtype | None = None) -> SpeculativeResult:
     """Generate through ``edge`` and the server behind ``transport``, ``drafter`` proposing tokens
     and ``policy`` (default :class:`DraftPolicy`) choosing how many per round.
 
     The prompt goes in a plain round; every later round sends the last token plus its drafts.
     Stops after ``max_new_tokens`` or at an EOS token (kept). Needs a transport whose sessions
-    carry multi-token steps (``SessionHandle.verify``).
+    carry multi-token steps (``SessionHandle.verify``). Hidden states travel in ``wire_dtype``
+    (None: the edge's dtype).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -156,7 +158,7 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
             if rows:
                 hidden = torch.cat([hidden, *rows])
             t1 = time.perf_counter()
-            frame = encode(hidden, codec).to_bytes()
+            frame = encode(to_wire(hidden, wire_dtype), codec).to_bytes()
             t2 = time.perf_counter()
             ex = session.verify(seq, tuple(drafts), frame)
             t3 = time.perf_counter()
@@ -233,4 +235,5 @@ def speculate(split, input_ids: torch.Tensor, max_new_tokens: int, drafter: str 
     policy = policy or DraftPolicy(fixed_k=k)
     sampling = SamplingParams(bool(do_sample), float(temperature), top_k, float(top_p), seed)
     return generate_speculative(edge, transport or split._require("transport"), input_ids, max_new_tokens,
-                                split.codec, sampling, drafter, policy, eos_token_id, split.fingerprint)
+                                split.codec, sampling, drafter, policy, eos_token_id, split.fingerprint,
+                                split.config.wire_dtype)

@@ -36,6 +36,22 @@ def model_fingerprint(adapter: Adapter, split_layer: int) -> bytes:
     return h.digest()[:FINGERPRINT_BYTES]
 
 
+WIRE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def to_wire(hidden: torch.Tensor, wire_dtype: torch.dtype | None) -> torch.Tensor:
+    """``hidden`` cast to the wire dtype; a value the cast cannot hold (beyond fp16's range) is an
+    error, not a silent infinity on the server."""
+    if wire_dtype is None or hidden.dtype == wire_dtype:
+        return hidden
+    out = hidden.to(wire_dtype)
+    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(hidden).all()):
+        peak = float(hidden.abs().max())
+        raise ValueError(f"wire_dtype {str(wire_dtype).replace('torch.', '')} cannot hold the split-layer hidden "
+                         f"state (|x| up to {peak:.4g}); send bfloat16 or float32")
+    return out
+
+
 def _opsc_configs(opsc: Any) -> tuple[Any, Any]:
     if opsc is None:
         return None, None
@@ -58,6 +74,8 @@ class SplitConfig:
       calibrated v2 :class:`CodecConfigV2` (sent once per session in OPEN), or None (lossless).
     * ``front`` / ``back``: OPSC weight formats of the edge / server layers (None = dense).
     * ``quantize_embedding``: also store the input embedding at ``front`` (OPSC).
+    * ``wire_dtype``: dtype the edge casts the hidden state to before the codec (None = the
+      edge's compute dtype); an fp32 model sends fp16 or bf16 when a plan says so.
     """
 
     split_layer: int
@@ -65,6 +83,7 @@ class SplitConfig:
     front: QuantConfig | None = None
     back: QuantConfig | None = None
     quantize_embedding: bool = False
+    wire_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         l = self.split_layer
@@ -73,6 +92,8 @@ class SplitConfig:
         if self.codec is not None and not isinstance(self.codec, (CodecConfig, CodecConfigV2)):
             raise TypeError(f"codec must be a CodecConfig, a CodecConfigV2 or None, got {type(self.codec).__name__}")
         check_opsc_sides(self.front, self.back, self.quantize_embedding)
+        if self.wire_dtype is not None and self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be None or one of {[str(d) for d in WIRE_DTYPES]}, got {self.wire_dtype!r}")
 
     @classmethod
     def from_legacy(cls, split_layer: int, codec: CodecConfig | CodecConfigV2 | None = None,
@@ -137,11 +158,13 @@ def open_request(sampling: SamplingParams, fingerprint: bytes, seq_len: int,
 
 def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, max_new_tokens: int,
                    codec: CodecConfig | CodecConfigV2, sampling: SamplingParams, eos_token_id: int | Sequence[int] | None = None,
-                   fingerprint: bytes = bytes(FINGERPRINT_BYTES)) -> GenerationResult:
+                   fingerprint: bytes = bytes(FINGERPRINT_BYTES),
+                   wire_dtype: torch.dtype | None = None) -> GenerationResult:
     """Run one generation: the edge segment here, the server behind ``transport``.
 
     The prompt's split-layer hidden states go in one frame, then one frame per new token; the
     server replies with each token id. Stops after ``max_new_tokens`` or at an EOS token (kept).
+    Hidden states travel in ``wire_dtype`` (None: the edge's dtype).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -163,7 +186,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
             t0 = time.perf_counter()
             hidden = edge.forward(step_ids, cache, position)
             t1 = time.perf_counter()
-            frame = encode(hidden, codec).to_bytes()
+            frame = encode(to_wire(hidden, wire_dtype), codec).to_bytes()
             t2 = time.perf_counter()
             ex = session.step(seq, frame)
             t3 = time.perf_counter()
@@ -239,7 +262,8 @@ class SplitModel:
         """Generate and return ids and metrics (see :meth:`generate`)."""
         sampling = SamplingParams(bool(do_sample), float(temperature), top_k, float(top_p), seed)
         result = generate_split(self._require("edge"), transport or self._require("transport"), input_ids,
-                                max_new_tokens, self.codec, sampling, eos_token_id, self.fingerprint)
+                                max_new_tokens, self.codec, sampling, eos_token_id, self.fingerprint,
+                                self.config.wire_dtype)
         self.last_metrics = result.metrics
         return result
 
@@ -261,7 +285,8 @@ class SplitModel:
         ids = _check_input_ids(input_ids, self.adapter.vocab_size)
         hidden = self._require("edge").forward(ids, None, 0)
         config = self.codec if isinstance(self.codec, CodecConfigV2) else None
-        hidden = decode(from_bytes(encode(hidden, self.codec).to_bytes(), config)).to(hidden.device)
+        wire = to_wire(hidden, self.config.wire_dtype)
+        hidden = decode(from_bytes(encode(wire, self.codec).to_bytes(), config)).to(hidden.device)
         return self._require("server").forward(hidden, None, 0, last_only=False)
 
     def release(self, side: str) -> None:
