@@ -16,7 +16,8 @@ from . import args as types
 from .common import add_connection_args, message_bytes
 from .errors import from_split_error
 from .files import read_bytes
-from .models import LoadedModel, SplitSettings, add_codec_args, add_model_args, load_model, split_settings
+from .models import (LoadedModel, SplitSettings, add_codec_args, add_front_args, add_model_args, calibration_ids,
+                     load_model, split_settings)
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -71,7 +72,8 @@ def _print_report(report: dict) -> None:
     s = report["generation"]
     print(f"model:    {report['model']}, split after layer {report['split_layer']} of {report['num_layers']}")
     opsc = report["opsc"] or {}
-    sides = [f"{side} {c['bits']}-bit g{c['group_size']}" for side, c in opsc.items() if c]
+    sides = [f"{side} {c['bits']}-bit g{c['group_size']}" + (f" {c['method']}" if "method" in c else "")
+             for side, c in opsc.items() if c]
     print(f"codec:    {report['codec_text']}; OPSC weights: {', '.join(sides) or 'dense'}")
     print(f"link:     {report['transport']}")
     print(f"prompt:   {report['prompt']!r}")
@@ -142,7 +144,8 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     tls = TlsFiles(root_certificates=read_bytes(args.tls_ca, "CA certificate (--tls-ca)")) if args.tls_ca else None
     loaded = load_model(args.model, args.family, args.seed)
     settings = split_settings(args, loaded)
-    sm = split_model(loaded.model, settings.split_layer, codec=settings.codec, opsc=settings.opsc("edge"))
+    sm = split_model(loaded.model, settings.split_layer, codec=settings.codec, opsc=settings.opsc("edge"),
+                     calibration=calibration_ids(settings, "edge", args, loaded))
     sm.release("server")
     grpc_transport = GrpcTransport(args.server, token=args.token, tls=tls, timeout_s=args.timeout,
                                    max_message_bytes=message_bytes(args), server_name=args.server_name)
@@ -175,7 +178,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # OPSC quantises in place: keep an untouched copy as the quality reference.
     reference = load_model(args.model, args.family, args.seed).model if opsc else loaded.model
     sm = split_model(loaded.model, settings.split_layer, codec=settings.codec, opsc=opsc,
-                     limits=Limits(max_sessions=4, max_seq_len=4096))
+                     limits=Limits(max_sessions=4, max_seq_len=4096),
+                     calibration=calibration_ids(settings, "both", args, loaded))
     token = secrets.token_hex(16)
     server = GrpcServer(sm.manager, "127.0.0.1", 0, token=token,
                         info={"model": loaded.name, "split_layer": sm.split_layer,
@@ -209,8 +213,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("edge", help="run the edge half and generate against `splitkernels serve`")
     add_model_args(p)
-    p.add_argument("--front-bits", type=int, choices=(2, 3, 4, 8), default=None,
-                   help="OPSC: edge layers' weight bits (2/3/4/8)")
+    add_front_args(p)
     add_codec_args(p)
     _add_generation_args(p)
     add_connection_args(p, server=False)
@@ -220,8 +223,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("demo", help="split generation over gRPC on loopback, with bytes, latency, quality")
     add_model_args(p)
-    p.add_argument("--front-bits", type=int, choices=(2, 3, 4, 8), default=None,
-                   help="OPSC: edge layers' weight bits (2/3/4/8)")
+    add_front_args(p)
     p.add_argument("--back-bits", type=int, choices=(2, 3, 4, 8), default=None,
                    help="OPSC: server layers' weight bits (8)")
     add_codec_args(p)

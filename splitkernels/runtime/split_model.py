@@ -80,14 +80,14 @@ class SplitConfig:
         return cls(split_layer, codec, front, back)
 
 
-def _apply_opsc(model: nn.Module, config: SplitConfig) -> None:
+def _apply_opsc(model: nn.Module, config: SplitConfig, calibration: torch.Tensor | None) -> None:
     try:
         from ..opsc import apply_opsc
     except ImportError as exc:
         raise RuntimeError("opsc needs splitkernels.opsc (one-point split compression), "
                            f"which this build lacks: {exc}") from exc
     apply_opsc(model, config.split_layer, front=config.front, back=config.back,
-               quantize_embedding=config.quantize_embedding)
+               quantize_embedding=config.quantize_embedding, calibration=calibration)
 
 
 @dataclass
@@ -187,11 +187,12 @@ class SplitModel:
 
     ``generate`` talks to its own in-process server (or to ``transport=`` any other, e.g. gRPC);
     calling the object runs a teacher-forced forward through edge -> codec -> server for
-    quality evaluation.
+    quality evaluation. ``calibration``: token ids for a side with ``method="gptq"``
+    (:func:`splitkernels.opsc.apply_opsc`).
     """
 
     def __init__(self, model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | None = None,
-                 opsc: Any = None, limits: Limits | None = None) -> None:
+                 opsc: Any = None, limits: Limits | None = None, *, calibration: torch.Tensor | None = None) -> None:
         config = split_layer if isinstance(split_layer, SplitConfig) else SplitConfig.from_legacy(split_layer, codec, opsc)
         if isinstance(split_layer, SplitConfig) and (codec is not None or opsc is not None):
             raise TypeError("pass codec and OPSC settings inside the SplitConfig, not beside it")
@@ -205,7 +206,7 @@ class SplitModel:
         self.codec = config.codec or CodecConfig.passthrough()
         self.fingerprint = model_fingerprint(adapter, self.split_layer)
         if config.front is not None or config.back is not None:
-            _apply_opsc(model, config)
+            _apply_opsc(model, config, calibration)
             adapter = adapter_for(model)
         self.adapter = adapter
         self.edge = Edge(adapter, self.split_layer)
@@ -273,12 +274,13 @@ class SplitModel:
 
 
 def split_model(model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | None = None, opsc: Any = None,
-                limits: Limits | None = None) -> SplitModel:
+                limits: Limits | None = None, *, calibration: torch.Tensor | None = None) -> SplitModel:
     """Split ``model`` (a Hugging Face decoder-only ``*ForCausalLM`` of any family) after a decoder layer.
 
     ``split_layer`` is a :class:`SplitConfig` (split layer, codec, OPSC formats), or, in the older
     form, the split layer with ``codec`` (None = lossless) and ``opsc`` (None, or ``(front,
     back)`` :class:`splitkernels.nn.QuantConfig`, either may be None) beside it. OPSC is applied
-    to ``model`` in place. ``limits``: limits of the built-in in-process server.
+    to ``model`` in place; a side with ``method="gptq"`` is calibrated on ``calibration`` token
+    ids (text disjoint from what is evaluated). ``limits``: limits of the built-in in-process server.
     """
-    return SplitModel(model, split_layer, codec, opsc, limits)
+    return SplitModel(model, split_layer, codec, opsc, limits, calibration=calibration)
