@@ -227,9 +227,10 @@ def merge(results: list[dict]) -> dict:
     for r in results:
         for key, seconds in r["quantise_s"].items():
             layers = r["meta"].get("front_layers", 22)
-            quantise_s[f"{key} ({layers} layers)"] = seconds
-    rows = [dict(row, quantise_key=f"{row['method']} {row['bits']}b g{row['group']} "
-                                   f"({r['meta'].get('front_layers', 22)} layers)")
+            # A merged result's keys already name their layers (merging merged results).
+            quantise_s[key if key.endswith(" layers)") else f"{key} ({layers} layers)"] = seconds
+    rows = [dict(row, quantise_key=row.get("quantise_key") or f"{row['method']} {row['bits']}b g{row['group']} "
+                                                             f"({r['meta'].get('front_layers', 22)} layers)")
             for r in results for row in r["rows"]]
     rows.sort(key=lambda row: (-row["bits"], row["group"], row["split"], row["method"]))
     standard = sorted((p for r in results for p in r["standard"]),
