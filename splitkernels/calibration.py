@@ -7,6 +7,13 @@ sliding-window layers), then for each layer in turn its linears are quantised an
 batch is pushed through the quantised layer to become the next layer's inputs, so every layer is
 fitted to what the already-quantised layers before it produce.
 
+The same batch also runs through the dense layers (a second hidden state per batch, no copy of
+the weights: each layer runs dense before it is quantised). A calibrated linear is then fitted
+not to reproduce its own dense output on the quantised path's inputs, but to match what the
+dense model computes there (:func:`~splitkernels.gptq.dense_output_target`), so each layer also
+corrects part of the error the layers before it left; this is what keeps a deep front (split 22
+of 30 in SmolLM2) from accumulating error layer after layer.
+
 Inside a layer the linears are quantised stage by stage in the order the layer uses them: linears
 that read the same input tensor form one stage (in a Llama layer q/k/v, then o, then gate/up,
 then down) and share one Hessian, collected by running the layer with the earlier stages already
@@ -19,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .gptq import HessianAccumulator, gptq_quantize
+from .gptq import HessianAccumulator, dense_output_target, gptq_quantize
 from .nn.config import QuantConfig
 from .nn.linear import QuantLinear, dense_weight, is_conv1d, is_plain_linear
 from .quant import QuantizedWeight, quantize_weight
@@ -87,6 +94,8 @@ class _LayerCall:
 
     def __init__(self) -> None:
         self.hidden: torch.Tensor | None = None
+        # The same batch through the dense layers (when calibrated layers match dense outputs).
+        self.dense_hidden: torch.Tensor | None = None
         self.arguments: dict[int, tuple[bool, tuple, dict]] = {}
 
     def record(self, index: int, args: tuple, kwargs: dict) -> None:
@@ -95,10 +104,11 @@ class _LayerCall:
             self.hidden = kwargs["hidden_states"] if in_kwargs else args[0]
         self.arguments[index] = (in_kwargs, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
-    def run(self, index: int, layer: nn.Module) -> torch.Tensor:
-        """Layer ``index``'s output for the current hidden state."""
+    def run(self, index: int, layer: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer ``index``'s output for the current hidden state (or for ``hidden``)."""
         in_kwargs, args, kwargs = self.arguments[index]
-        out = layer(*args, hidden_states=self.hidden, **kwargs) if in_kwargs else layer(self.hidden, *args, **kwargs)
+        hidden = self.hidden if hidden is None else hidden
+        out = layer(*args, hidden_states=hidden, **kwargs) if in_kwargs else layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -156,10 +166,36 @@ def _stages(index: int, layer: nn.Module, linears: Mapping[str, nn.Module], call
     return stages + ([unused] if unused else [])
 
 
+def _dense_pass(index: int, layer: nn.Module, linears: Mapping[str, nn.Module],
+                calls: Sequence[_LayerCall]) -> list[dict[str, torch.Tensor]]:
+    """Run the still-dense layer on each call's dense hidden state: the input every linear in
+    ``linears`` sees on the dense path (per call), and each call's next dense hidden state."""
+    inputs: list[dict[str, torch.Tensor]] = []
+    handles = []
+
+    def watch(name):
+        def hook(_module, args):
+            inputs[-1][name] = args[0]
+        return hook
+
+    for name, module in linears.items():
+        handles.append(module.register_forward_pre_hook(watch(name)))
+    try:
+        for call in calls:
+            inputs.append({})
+            call.dense_hidden = call.run(index, layer, call.dense_hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
 def _quantize(module: nn.Module, config: QuantConfig, hessian: HessianAccumulator) -> QuantizedWeight:
     weight, _ = dense_weight(module)
     group = config.group_size_for(weight.shape[1])
     if config.method == "gptq" and hessian.rows:
+        if hessian.cross is not None:
+            weight = dense_output_target(weight, hessian.hessian, hessian.cross)
         return gptq_quantize(weight, hessian.hessian, config.bits, group, clip_search=config.clip_search)
     return quantize_weight(weight, config.bits, group, clip_search=config.clip_search)
 
@@ -171,19 +207,23 @@ def _set_dense(module: nn.Module, qw: QuantizedWeight) -> None:
 
 
 def _quantize_layer(index: int, layer: nn.Module, plan: Mapping[str, QuantConfig],
-                    calls: Sequence[_LayerCall]) -> dict[str, QuantizedWeight]:
+                    calls: Sequence[_LayerCall], match_dense: bool) -> dict[str, QuantizedWeight]:
     linears = {name: layer.get_submodule(name) for name in plan}
+    stages = _stages(index, layer, linears, calls[0])
+    dense_inputs = _dense_pass(index, layer, linears, calls) if match_dense else None
     done: dict[str, QuantizedWeight] = {}
-    for stage in _stages(index, layer, linears, calls[0]):
+    for stage in stages:
         hessian = HessianAccumulator(dense_weight(linears[stage[0]])[0].shape[1], _device(layer))
         if any(plan[name].method == "gptq" for name in stage):
+            current = 0
+
             def collect(_module, args):
-                hessian.add(args[0])
+                hessian.add(args[0], None if dense_inputs is None else dense_inputs[current][stage[0]])
                 raise _Stop  # every linear of the stage reads this same input
 
             handle = linears[stage[0]].register_forward_pre_hook(collect)
             try:
-                for call in calls:
+                for current, call in enumerate(calls):
                     try:
                         call.run(index, layer)
                     except _Stop:
@@ -204,7 +244,8 @@ def quantize_layers(model: nn.Module, layers: nn.ModuleList, plan: LayerPlan, ca
 
     ``calibration`` is token ids, ``[L]`` (cut into rows of :data:`CALIBRATION_SEQ_LEN`) or
     ``[n, L]``. Configs with ``method="gptq"`` are fitted to the inputs their linear sees when the
-    calibration rows run through the model with every earlier linear already quantised; ``"rtn"``
+    calibration rows run through the model with every earlier linear already quantised, towards the
+    outputs the dense model's linear gives at the same positions; ``"rtn"``
     configs are rounded to nearest (and still feed quantised inputs to the layers after them).
     ``progress`` shows a tqdm bar over the layers. Returns ``model``.
     """
@@ -224,11 +265,17 @@ def quantize_layers(model: nn.Module, layers: nn.ModuleList, plan: LayerPlan, ca
     if not todo:
         return model
     calls = _capture_calls(model, layers, todo[-1], rows)
+    match_dense = any(config.method == "gptq" for names in plan.values() for config in names.values())
+    for call in calls:
+        call.dense_hidden = call.hidden if match_dense else None
     quantised: dict[int, dict[str, QuantizedWeight]] = {}
     for index in tqdm(range(todo[-1] + 1), desc="calibrating", unit="layer", disable=not progress):
         layer = layers[index]
         if plan.get(index):
-            quantised[index] = _quantize_layer(index, layer, plan[index], calls)
+            quantised[index] = _quantize_layer(index, layer, plan[index], calls, match_dense)
+        elif match_dense:
+            for call in calls:
+                call.dense_hidden = call.run(index, layer, call.dense_hidden)
         if index < todo[-1]:
             for call in calls:
                 call.hidden = call.run(index, layer)

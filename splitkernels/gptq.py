@@ -33,22 +33,41 @@ _BLOCK = 128
 
 
 class HessianAccumulator:
-    """Running ``H = X^T X / n`` over every input row a linear layer sees (``[..., K]`` batches)."""
+    """Running ``H = X^T X / n`` over every input row a linear layer sees (``[..., K]`` batches).
+
+    Rows may come with the input the dense model gives the same layer at the same position
+    (``reference``); then ``cross = X^T (X_ref - X) / n`` is kept too, for
+    :func:`dense_output_target`. Either every ``add`` has a reference or none does.
+    """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.cross_sum: torch.Tensor | None = None
         self.rows = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add the rows of ``x [..., K]``."""
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x [..., K]`` (and of ``reference``, the same shape)."""
+        if (reference is None) != (self.cross_sum is None) and self.rows:
+            raise ValueError("reference must be given with every batch or with none")
         x = x.detach().reshape(-1, self.sum.shape[0]).float()
         self.sum.addmm_(x.t(), x)
+        if reference is not None:
+            if tuple(reference.shape[-1:]) != (self.sum.shape[0],) or reference.numel() != x.numel():
+                raise ValueError(f"reference must have the shape of x {tuple(x.shape)}, got {tuple(reference.shape)}")
+            if self.cross_sum is None:
+                self.cross_sum = torch.zeros_like(self.sum)
+            self.cross_sum.addmm_(x.t(), reference.detach().reshape(x.shape).float() - x)
         self.rows += x.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
         """The mean ``X^T X / n`` (all zero before any rows were added)."""
         return self.sum / max(self.rows, 1)
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        """The mean ``X^T (X_ref - X) / n``, or None when no reference inputs were added."""
+        return None if self.cross_sum is None else self.cross_sum / max(self.rows, 1)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -65,12 +84,36 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
                      "pass more (or more varied) calibration data")
 
 
-def _check_hessian(hessian: torch.Tensor, k: int) -> None:
-    check_tensor("hessian", hessian, FLOAT_DTYPES + (torch.float64,), ndim=2)
+def dense_output_target(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                        damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """The weight whose outputs on the inputs ``X`` a layer really sees (with earlier layers
+    quantised) best match the dense model's outputs ``X_ref W^T`` (least squares, damped).
+
+    ``hessian = X^T X / n`` and ``cross = X^T (X_ref - X) / n`` (:class:`HessianAccumulator`
+    with references). For any ``Q``, ``||X Q^T - X_ref W^T||^2`` is ``||X (Q - W')^T||^2`` plus a
+    constant, ``W' = W + W cross^T H^-1``, so quantising ``W'`` with :func:`gptq_quantize` on ``H``
+    also undoes part of the error the quantised layers before this one left in ``X``, instead of
+    reproducing ``W`` on inputs that are already off. ``W' = W`` when ``X = X_ref``.
+    """
+    k = w.shape[1]
+    _check_hessian(hessian, k)
+    _check_hessian(cross, k, "cross")
+    h = hessian.to(device=w.device, dtype=torch.float64)
+    h = h + damp * float(h.diagonal().mean()) * torch.eye(k, dtype=h.dtype, device=h.device)
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        return w  # no usable inverse: fall back to reproducing the dense weight
+    wt = w.to(torch.float64).t()
+    shift = torch.cholesky_solve(cross.to(device=w.device, dtype=torch.float64) @ wt, factor)
+    return (wt + shift).t().to(w.dtype)
+
+
+def _check_hessian(hessian: torch.Tensor, k: int, name: str = "hessian") -> None:
+    check_tensor(name, hessian, FLOAT_DTYPES + (torch.float64,), ndim=2)
     if tuple(hessian.shape) != (k, k):
-        raise ValueError(f"hessian must be [K, K] = [{k}, {k}] for w [N, {k}], got {tuple(hessian.shape)}")
+        raise ValueError(f"{name} must be [K, K] = [{k}, {k}] for w [N, {k}], got {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
-        raise ValueError("hessian must be finite (found NaN or Inf)")
+        raise ValueError(f"{name} must be finite (found NaN or Inf)")
 
 
 def gptq_quantize(
@@ -140,4 +183,4 @@ def gptq_quantize(
     return QuantizedWeight(qweight, scale.to(dtype), zero.to(dtype), bits, group_size, k)
 
 
-__all__ = ["gptq_quantize", "HessianAccumulator", "DEFAULT_DAMP"]
+__all__ = ["gptq_quantize", "dense_output_target", "HessianAccumulator", "DEFAULT_DAMP"]

@@ -16,7 +16,8 @@ from . import args as types
 from .common import add_connection_args, message_bytes
 from .errors import UsageError, from_split_error
 from .files import read_bytes
-from .models import LoadedModel, SplitSettings, add_codec_args, add_model_args, load_model, split_settings
+from .models import (LoadedModel, SplitSettings, add_codec_args, add_front_args, add_model_args, calibration_ids,
+                     load_model, split_settings)
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -74,7 +75,8 @@ def _print_report(report: dict) -> None:
     s = report["generation"]
     print(f"model:    {report['model']}, split after layer {report['split_layer']} of {report['num_layers']}")
     opsc = report["opsc"] or {}
-    sides = [f"{side} {c['bits']}-bit g{c['group_size']}" for side, c in opsc.items() if c]
+    sides = [f"{side} {c['bits']}-bit g{c['group_size']}" + (f" {c['method']}" if "method" in c else "")
+             for side, c in opsc.items() if c]
     print(f"codec:    {report['codec_text']}; OPSC weights: {', '.join(sides) or 'dense'}")
     print(f"link:     {report['transport']}")
     print(f"decode:   edge {report['decode_path']['edge']}; server {report['decode_path'].get('server', 'remote')}")
@@ -172,7 +174,8 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     tls = TlsFiles(root_certificates=read_bytes(args.tls_ca, "CA certificate (--tls-ca)")) if args.tls_ca else None
     loaded = load_model(args.model, args.family, args.seed)
     settings = split_settings(args, loaded)
-    sm = split_model(settings.prepare(loaded.model), settings.split_config("edge"), fast=not args.eager)
+    sm = split_model(settings.prepare(loaded.model), settings.split_config("edge"), fast=not args.eager,
+                     calibration=calibration_ids(settings, "edge", args, loaded))
     sm.release("server")
     grpc_transport = GrpcTransport(args.server, token=args.token, tls=tls, timeout_s=args.timeout,
                                    max_message_bytes=message_bytes(args), server_name=args.server_name)
@@ -207,7 +210,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # A plan's maximum length is the server's limit (and must be one the model holds).
     max_seq_len = settings.max_seq_len or 4096
     sm = split_model(settings.prepare(loaded.model), settings.split_config("both"),
-                     limits=Limits(max_sessions=4, max_seq_len=max_seq_len), fast=not args.eager)
+                     limits=Limits(max_sessions=4, max_seq_len=max_seq_len), fast=not args.eager,
+                     calibration=calibration_ids(settings, "both", args, loaded))
     if settings.max_seq_len is not None and sm.manager.max_seq_len < max_seq_len:
         raise UsageError(f"--plan: max_seq_len {max_seq_len} is more positions than {loaded.name} holds "
                          f"({sm.manager.max_seq_len})")
@@ -244,8 +248,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("edge", help="run the edge half and generate against `splitkernels serve`")
     add_model_args(p)
-    p.add_argument("--front-bits", type=int, choices=(2, 3, 4, 8), default=None,
-                   help="OPSC: edge layers' weight bits (2/3/4/8)")
+    add_front_args(p)
     add_codec_args(p)
     _add_generation_args(p)
     add_connection_args(p, server=False)
@@ -255,8 +258,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("demo", help="split generation over gRPC on loopback, with bytes, latency, quality")
     add_model_args(p)
-    p.add_argument("--front-bits", type=int, choices=(2, 3, 4, 8), default=None,
-                   help="OPSC: edge layers' weight bits (2/3/4/8)")
+    add_front_args(p)
     p.add_argument("--back-bits", type=int, choices=(2, 3, 4, 8), default=None,
                    help="OPSC: server layers' weight bits (8)")
     add_codec_args(p, default="v2")

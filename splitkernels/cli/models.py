@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from ..codec import CodecConfig, CodecConfigV2
 from ..codec.calibrate import DEFAULT_BITS
@@ -15,8 +16,11 @@ from ..models import LoadedModel
 from ..models.loading import BUILT_IN
 from . import args as types
 from .errors import InputFileError, UsageError
-from .files import load_plan
+from .files import load_plan, read_bytes
 
+# Default calibration text for a gptq front: Botchan tokens [16384, 16384 + 8192), after every
+# token the demo (--eval-tokens) and the project's perplexity scoring (8192 tokens) read.
+CALIBRATION_START, CALIBRATION_TOKENS = 16384, 8192
 # The v1 codec defaults are CodecConfig's own (measured choice, see splitkernels/codec/config.py).
 DEFAULT_CODEC = CodecConfig()
 CODEC_KINDS = ("v2", "v1", "passthrough")
@@ -59,6 +63,43 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plan", default=None,
                    help="plan JSON from `splitkernels plan --out`: sets split layer, codec, OPSC weights and "
                         "the server's max sequence length")
+
+
+def add_front_args(p: argparse.ArgumentParser) -> None:
+    """The edge's OPSC weights: bits, quantiser and (for a calibrated quantiser) its text."""
+    p.add_argument("--front-bits", type=int, choices=(2, 3, 4, 8), default=None,
+                   help="OPSC: edge layers' weight bits (2/3/4/8)")
+    p.add_argument("--front-method", choices=("rtn", "gptq"), default=None,
+                   help="OPSC: edge weight quantiser, rtn (round to nearest, default) or gptq (calibrated on "
+                        "--calibration; a plan's own choice otherwise)")
+    p.add_argument("--calibration", default=None,
+                   help="UTF-8 text file whose tokens calibrate a gptq front (default: Botchan from token "
+                        f"{CALIBRATION_START}, after every token the demo scores)")
+    p.add_argument("--calibration-tokens", type=types.integer(2), default=CALIBRATION_TOKENS,
+                   help="calibration tokens taken from the text")
+
+
+def calibration_ids(settings: SplitSettings, side: str, args: argparse.Namespace,
+                    loaded: LoadedModel) -> torch.Tensor | None:
+    """Calibration token ids for the OPSC weights ``side`` quantises, or None when no config there
+    is calibrated (method other than ``"rtn"``)."""
+    configs = settings.opsc(side) or ()
+    if not any(c is not None and c.method != "rtn" for c in configs):
+        return None
+    path, count = getattr(args, "calibration", None), args.calibration_tokens
+    if path is None:
+        from ..eval import load_text
+
+        ids = loaded.encode_text(load_text("botchan"))[0, CALIBRATION_START:CALIBRATION_START + count]
+        scored = getattr(args, "eval_tokens", 0)
+        if scored > CALIBRATION_START:
+            raise UsageError(f"--eval-tokens {scored} would score the default calibration text (Botchan from "
+                             f"token {CALIBRATION_START}); pass --calibration FILE or fewer --eval-tokens")
+    else:
+        ids = loaded.encode_text(read_bytes(path, "calibration text (--calibration)").decode("utf-8", "replace"))[0, :count]
+    if ids.shape[0] < 2:
+        raise InputFileError(path or "botchan", f"has {ids.shape[0]} tokens; calibration needs at least 2")
+    return ids
 
 
 def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
@@ -132,6 +173,8 @@ def split_settings(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettin
 
     layers = loaded.num_layers
     if getattr(args, "plan", None) is not None:
+        if getattr(args, "front_method", None) is not None:
+            raise UsageError("--front-method and --plan: the plan sets the edge's quantiser (its front.method)")
         plan = load_plan(args.plan)
         if not 1 <= plan.split_layer < layers:
             raise InputFileError(args.plan, f"must be in [1, {layers - 1}] for {loaded.name} ({layers} layers), "
@@ -145,7 +188,10 @@ def split_settings(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettin
         raise UsageError(f"--split-layer must be in [1, {layers - 1}] for {loaded.name} ({layers} layers), "
                          f"got {split}")
     front_bits, back_bits = getattr(args, "front_bits", None), getattr(args, "back_bits", None)
-    front = QuantConfig(front_bits, args.group_size) if front_bits else None
+    front_method = getattr(args, "front_method", None)
+    if front_method is not None and not front_bits:
+        raise UsageError(f"--front-method {front_method} needs --front-bits (the edge weights it quantises)")
+    front = QuantConfig(front_bits, args.group_size, method=front_method or "rtn") if front_bits else None
     back = QuantConfig(back_bits, args.group_size) if back_bits else None
     kind = codec_kind(args)
     if kind is None:  # a server: the edge chooses the codec

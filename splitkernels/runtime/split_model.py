@@ -103,14 +103,14 @@ class SplitConfig:
         return cls(split_layer, codec, front, back)
 
 
-def _apply_opsc(model: nn.Module, config: SplitConfig) -> None:
+def _apply_opsc(model: nn.Module, config: SplitConfig, calibration: torch.Tensor | None) -> None:
     try:
         from ..opsc import apply_opsc
     except ImportError as exc:
         raise RuntimeError("opsc needs splitkernels.opsc (one-point split compression), "
                            f"which this build lacks: {exc}") from exc
     apply_opsc(model, config.split_layer, front=config.front, back=config.back,
-               quantize_embedding=config.quantize_embedding)
+               quantize_embedding=config.quantize_embedding, calibration=calibration)
 
 
 @dataclass
@@ -219,7 +219,8 @@ class SplitModel:
 
     ``generate`` talks to its own in-process server (or to ``transport=`` any other, e.g. gRPC);
     calling the object runs a teacher-forced forward through edge -> codec -> server for
-    quality evaluation.
+    quality evaluation. ``calibration``: token ids for a side with ``method="gptq"``
+    (:func:`splitkernels.opsc.apply_opsc`).
 
     ``fast`` (default True): each segment whose layers the native decode step covers runs
     one-token steps natively (:mod:`splitkernels.fastpath`; ``edge.fast_reason`` /
@@ -230,7 +231,8 @@ class SplitModel:
 
     def __init__(self, model: nn.Module, split_layer: int | SplitConfig,
                  codec: CodecConfig | CodecConfigV2 | None = None, opsc: Any = None,
-                 limits: Limits | None = None, fast: bool = True, fast_head: str = "int8") -> None:
+                 limits: Limits | None = None, fast: bool = True, fast_head: str = "int8", *,
+                 calibration: torch.Tensor | None = None) -> None:
         config = split_layer if isinstance(split_layer, SplitConfig) else SplitConfig.from_legacy(split_layer, codec, opsc)
         if isinstance(split_layer, SplitConfig) and (codec is not None or opsc is not None):
             raise TypeError("pass codec and OPSC settings inside the SplitConfig, not beside it")
@@ -247,7 +249,7 @@ class SplitModel:
             raise ValueError(f"codec is a CodecConfigV2 for d = {self.codec.d}, the model's hidden size is "
                              f"{adapter.hidden_size}")
         if config.front is not None or config.back is not None:
-            _apply_opsc(model, config)
+            _apply_opsc(model, config, calibration)
             adapter = adapter_for(model)
         self.adapter = adapter
         self.edge = Edge(adapter, self.split_layer, fast)
@@ -318,13 +320,15 @@ class SplitModel:
 
 
 def split_model(model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | CodecConfigV2 | None = None,
-                opsc: Any = None, limits: Limits | None = None, fast: bool = True, fast_head: str = "int8") -> SplitModel:
+                opsc: Any = None, limits: Limits | None = None, fast: bool = True, fast_head: str = "int8", *,
+                calibration: torch.Tensor | None = None) -> SplitModel:
     """Split ``model`` (a Hugging Face decoder-only ``*ForCausalLM`` of any family) after a decoder layer.
 
     ``split_layer`` is a :class:`SplitConfig` (split layer, codec, OPSC formats), or, in the older
     form, the split layer with ``codec`` (None = lossless) and ``opsc`` (None, or ``(front,
     back)`` :class:`splitkernels.nn.QuantConfig`, either may be None) beside it. OPSC is applied
-    to ``model`` in place. ``limits``: limits of the built-in in-process server. ``fast`` /
-    ``fast_head``: the native decode path (see :class:`SplitModel`).
+    to ``model`` in place; a side with ``method="gptq"`` is calibrated on ``calibration`` token
+    ids (text disjoint from what is evaluated). ``limits``: limits of the built-in in-process server.
+    ``fast`` / ``fast_head``: the native decode path (see :class:`SplitModel`).
     """
-    return SplitModel(model, split_layer, codec, opsc, limits, fast, fast_head)
+    return SplitModel(model, split_layer, codec, opsc, limits, fast, fast_head, calibration=calibration)
