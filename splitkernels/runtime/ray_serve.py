@@ -15,8 +15,8 @@ Serve routes a new stream only to a replica with a free session slot (the less l
 power-of-two choice); when every replica is full, at most ``max_waiting`` new streams wait in the
 proxy for a slot and any more are refused with RESOURCE_EXHAUSTED. Nothing evicts a live session:
 a session ends only when its stream ends (Close, client gone, deadline), its idle timeout expires
-(the stream is then ended with CANCELLED) or its replica dies (the stream fails with UNAVAILABLE;
-the edge resumes on another replica, see ``resume.py``). Serve's model multiplexing was not used
+(the stream is then ended with CANCELLED) or its replica dies (the stream fails; the edge may
+reopen it elsewhere, see ``resume.py``). Serve's model multiplexing was not used
 because its LRU cache unloads the least recently used id when a replica is full and its routing
 is best effort (a busy replica's ids are routed elsewhere after a timeout).
 
