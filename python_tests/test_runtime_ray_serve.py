@@ -1,10 +1,13 @@
 """Replicas on Ray Serve: ``splitkernels cluster`` (one command) starts a local Ray cluster with two
 replicas of a tiny model behind one gRPC address; sessions run concurrently through that address,
-each gives the in-process split's tokens, and they land on both replicas. Without Ray Serve (the
-optional ``cluster`` extra, which CI does not install) the cluster test is skipped; the
-configuration and command-line checks run everywhere."""
+each gives the in-process split's tokens, and they land on both replicas; past every replica's
+session limit new sessions wait, then are refused. Without Ray Serve (the optional ``cluster``
+extra, which CI does not install) that test is skipped; the replica's session service (driven here
+as Ray drives it), the configuration and command-line checks run everywhere."""
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -16,15 +19,107 @@ import time
 import pytest
 import torch
 
-from runtime_helpers import prompt
+from runtime_helpers import prompt, wait_for
 from splitkernels.cli import main
-from splitkernels.models import load_model
-from splitkernels.runtime import SplitError, Status, split_model
-from splitkernels.runtime.protocol import Open, SamplingParams
-from splitkernels.runtime.ray_serve import ClusterConfig, ray_serve_available, transport
+from splitkernels.codec import CodecConfig, encode
+from splitkernels.models import load_model, tiny_model
+from splitkernels.runtime import Limits, SplitError, Status, split_model
+from splitkernels.runtime.proto import split_pb2
+from splitkernels.runtime.protocol import Open, SamplingParams, Step
+from splitkernels.runtime.ray_serve import ClusterConfig, ReplicaSessions, ray_serve_available, transport
 
 TOKEN = "cluster-token"
 SEED, SPLIT = 11, 1
+
+
+class _Context:
+    """What a replica sees of a call: its metadata, and the status it sets."""
+
+    def __init__(self, token: str | None = TOKEN) -> None:
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.code = self.details = None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
+def _requests(*items, hold: float | None = None):
+    """An async request stream of ``items``; with ``hold``, it then stays open that long."""
+    async def stream():
+        for item in items:
+            yield item
+        if hold is not None:
+            await asyncio.sleep(hold)
+    return stream()
+
+
+def _open(max_len: int = 0) -> split_pb2.Request:
+    return split_pb2.Request(open=split_pb2.Open(sampling=split_pb2.Sampling(), max_len=max_len))
+
+
+def _step(seq: int, frame: bytes) -> split_pb2.Request:
+    return split_pb2.Request(step=split_pb2.Step(seq=seq, frame=frame))
+
+
+async def _drive(service: ReplicaSessions, requests, context: _Context) -> tuple[list, str | None]:
+    """Run one Session call as Ray Serve does; its replies and the status it ended with."""
+    replies = []
+    try:
+        async for reply in service.Session(requests, context):
+            replies.append(reply)
+    except Exception:
+        assert context.code is not None, "a refusal must set its status"
+        return replies, context.code.name
+    return replies, None
+
+
+@pytest.fixture()
+def service():
+    sm = split_model(tiny_model("llama", seed=3, num_layers=3, hidden=32), 1,
+                     limits=Limits(max_sessions=2, max_seq_len=32, idle_timeout_s=0.3))
+    sm.manager.start_reaper()
+    s = ReplicaSessions(sm.manager, {"model": "tiny"}, TOKEN, open_timeout_s=0.3)
+    yield sm, s
+    s.shutdown()
+
+
+def test_replica_sessions_serve_the_proto_service(service):
+    sm, s = service
+    frames = [encode(torch.randn(n, sm.adapter.hidden_size), CodecConfig.passthrough()).to_bytes() for n in (3, 1, 1)]
+    reference = sm.manager.open(Open(SamplingParams()))
+    expected = [sm.manager.step(Step(reference.session_id, i, f)).token for i, f in enumerate(frames)]
+    sm.manager.close(reference.session_id)
+    close = split_pb2.Request(close=split_pb2.Close())
+    replies, status = asyncio.run(_drive(s, _requests(_open(8), *(_step(i, f) for i, f in enumerate(frames)), close),
+                                         _Context()))
+    assert status is None and replies[0].opened.max_seq_len == 32
+    assert [r.token.token for r in replies[1:]] == expected and replies[-1].token.position == 5
+    assert sm.manager.num_sessions == 0
+    info = json.loads(asyncio.run(s.Info(split_pb2.InfoRequest(), _Context())).json)
+    assert info["model"] == "tiny" and info["sessions_opened"] == 2 and info["fingerprint"] == sm.fingerprint.hex()
+
+    # Refusals end the stream with their status and free the session.
+    for requests, context, want in (
+            (_requests(_open()), _Context("wrong"), "UNAUTHENTICATED"),
+            (_requests(_step(0, frames[0])), _Context(), "FAILED_PRECONDITION"),
+            (_requests(_open(100)), _Context(), "RESOURCE_EXHAUSTED"),
+            (_requests(_open(), _step(1, frames[0])), _Context(), "INVALID_ARGUMENT"),
+            (_requests(_open(), _open()), _Context(), "FAILED_PRECONDITION"),
+            (_requests(hold=5), _Context(), "DEADLINE_EXCEEDED"),  # no Open within open_timeout_s
+            (_requests(_open(), hold=5), _Context(), "CANCELLED")):  # idle: the session expires
+        replies, status = asyncio.run(_drive(s, requests, context))
+        assert status == want, context.details
+        assert wait_for(lambda: sm.manager.num_sessions == 0, 5)
+    assert "expired" in context.details
+    # A stream that just ends (the client went away) frees its session.
+    replies, status = asyncio.run(_drive(s, _requests(_open(), _step(0, frames[0])), _Context()))
+    assert status is None and len(replies) == 2 and wait_for(lambda: sm.manager.num_sessions == 0, 5)
 
 
 def test_cluster_config_is_checked():
@@ -63,7 +158,8 @@ def cluster():
     port, http_port = _free_ports(2)
     cmd = [sys.executable, "-m", "splitkernels", "cluster", "--model", "tiny", "--seed", str(SEED),
            "--split-layer", str(SPLIT), "--replicas", "2", "--max-sessions", "4", "--max-seq-len", "64",
-           "--port", str(port), "--http-port", str(http_port), "--token", TOKEN, "--replica-cpus", "1"]
+           "--port", str(port), "--http-port", str(http_port), "--token", TOKEN, "--replica-cpus", "1",
+           "--max-waiting", "1"]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -141,6 +237,23 @@ def test_two_replicas_behind_one_address(cluster):
         while time.monotonic() < deadline and sum(client.info()["sessions"] for _ in range(4)):
             time.sleep(0.2)
         assert all(client.info()["sessions"] == 0 for _ in range(6))
+
+        # Every replica full (2 x 4 sessions): one more session waits for a slot (--max-waiting 1),
+        # the next is refused, and the waiting one opens when a session closes.
+        held = [client.open(Open(SamplingParams())) for _ in range(8)]
+        waiting: list = []
+        waiter = threading.Thread(target=lambda: waiting.append(client.open(Open(SamplingParams()))))
+        waiter.start()
+        time.sleep(2.0)
+        assert not waiting, "a ninth session opened although both replicas hold 4 (--max-sessions)"
+        with pytest.raises(SplitError) as e:
+            client.open(Open(SamplingParams()))
+        assert e.value.status is Status.RESOURCE_EXHAUSTED
+        held.pop().close()
+        waiter.join(60)
+        assert len(waiting) == 1
+        for session in held + waiting:
+            session.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 0
     assert "stopped" in "".join(lines[-5:])

@@ -120,26 +120,20 @@ def _refuse(grpc_context: Any, status: Status, message: str) -> _Refused:
     return _Refused(f"{status.value}: {message}")
 
 
-class SplitReplica:
-    """One Ray Serve replica: ``build()`` -> (SessionManager, info dict), served as the ``.proto``
-    service's ``Session`` (bidirectional stream) and ``Info`` methods.
+class ReplicaSessions:
+    """The ``.proto`` service of one replica over ``manager``, as Ray Serve calls it: ``Session``
+    gets an async iterator of requests and yields replies, ``Info`` answers once; refusals set the
+    status on ``grpc_context`` and raise. Ray-free, so it is tested without a cluster.
 
     Steps run on a thread pool with a thread per session, so a batching manager sees the steps of
-    different sessions at once and the replica's event loop keeps reading other streams.
+    different sessions at once and the event loop keeps reading other streams.
     """
 
-    def __init__(self, build: Callable[[], tuple[SessionManager, dict]], token: str | None = None,
-                 open_timeout_s: float = 10.0, threads: int = 1) -> None:
-        import torch
-        from ray import serve
-
-        torch.set_num_threads(max(1, threads))
-        self.manager, info = build()
-        self.manager.start_reaper()
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        self.info = {**info, "replica": self.replica, "fingerprint": self.manager.fingerprint.hex()}
-        self.token, self.open_timeout_s = token, open_timeout_s
-        self._pool = ThreadPoolExecutor(self.manager.limits.max_sessions + 1, thread_name_prefix="splitkernels")
+    def __init__(self, manager: SessionManager, info: dict, token: str | None = None,
+                 open_timeout_s: float = 10.0) -> None:
+        self.manager, self.token, self.open_timeout_s = manager, token, open_timeout_s
+        self.info = {**info, "fingerprint": manager.fingerprint.hex()}
+        self._pool = ThreadPoolExecutor(manager.limits.max_sessions + 1, thread_name_prefix="splitkernels")
 
     def _authenticate(self, grpc_context: Any) -> None:
         if self.token is None:
@@ -206,10 +200,30 @@ class SplitReplica:
                 # On the pool: a step still running (a cancelled stream) holds the session's lock.
                 await asyncio.shield(loop.run_in_executor(self._pool, self.manager.close, session))
 
-    def __del__(self) -> None:
-        manager = getattr(self, "manager", None)
-        if manager is not None:
-            manager.shutdown()
+    def shutdown(self) -> None:
+        """Free every session and stop the pool."""
+        self.manager.shutdown()
+        self._pool.shutdown(wait=False)
+
+
+class SplitReplica(ReplicaSessions):
+    """One Ray Serve replica: ``build()`` -> (SessionManager, info dict), run in the replica (so
+    the model loads there), served by :class:`ReplicaSessions` with the replica's id in Info."""
+
+    def __init__(self, build: Callable[[], tuple[SessionManager, dict]], token: str | None = None,
+                 open_timeout_s: float = 10.0, threads: int = 1) -> None:
+        import torch
+        from ray import serve
+
+        torch.set_num_threads(max(1, threads))
+        manager, info = build()
+        manager.start_reaper()
+        super().__init__(manager, {**info, "replica": serve.get_replica_context().replica_id.unique_id}, token,
+                         open_timeout_s)
+
+    def __del__(self) -> None:  # Serve calls it when it stops the replica
+        if hasattr(self, "manager"):
+            self.shutdown()
 
 
 def _port_is_free(port: int) -> bool:
@@ -289,5 +303,5 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-__all__ = ["CLUSTER_INSTALL", "ClusterConfig", "SplitReplica", "deploy", "ray_serve_available", "shutdown",
-           "start_local_ray", "transport", "wait_ready"]
+__all__ = ["CLUSTER_INSTALL", "ClusterConfig", "ReplicaSessions", "SplitReplica", "deploy", "ray_serve_available",
+           "shutdown", "start_local_ray", "transport", "wait_ready"]
