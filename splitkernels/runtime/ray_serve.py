@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -218,8 +219,8 @@ class SplitReplica(ReplicaSessions):
         torch.set_num_threads(max(1, threads))
         manager, info = build()
         manager.start_reaper()
-        super().__init__(manager, {**info, "replica": serve.get_replica_context().replica_id.unique_id}, token,
-                         open_timeout_s)
+        replica = serve.get_replica_context().replica_id.unique_id
+        super().__init__(manager, {**info, "replica": replica, "pid": os.getpid()}, token, open_timeout_s)
 
     def __del__(self) -> None:  # Serve calls it when it stops the replica
         if hasattr(self, "manager"):
