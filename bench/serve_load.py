@@ -278,8 +278,6 @@ def main() -> int:
                                                        if "cluster" in modes else "") + f"; window {args.window_ms} ms", "",
              "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step | CPU gain |",
              "|---|---|---|---|---|---|---|---|---|"]
-    if "cluster" in modes:
-        lines += ["", "Mode cluster: server CPU counts the replicas' processes, not Ray Serve's proxy and controller."]
     base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}
     base_cpu = {r["sessions"]: r["server_cpu_ms_per_step"] for r in results.get("unbatched", [])}
     for mode in modes:
@@ -289,6 +287,8 @@ def main() -> int:
             lines.append(f"| {r['sessions']} | {mode} | {r['steps_per_s']:.1f} | {r['p50_ms']:.1f} | "
                          f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {up:.2f}x | "
                          f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x |")
+    if "cluster" in modes:
+        lines += ["", "Mode cluster: server CPU counts the replicas' processes, not Ray Serve's proxy and controller."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(report, indent=2))
