@@ -51,7 +51,10 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     if args.ray_address is None:
         ray_serve.start_local_ray(args.num_cpus or config.replicas * config.replica_cpus)
     else:
-        ray.init(address=args.ray_address, configure_logging=False, log_to_driver=False)
+        try:
+            ray.init(address=args.ray_address, configure_logging=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as exc:
+            raise ConnectionFailure(f"--ray-address {args.ray_address}: {exc}") from None
     stop = threading.Event()
     received: list[str] = []
 
@@ -61,14 +64,14 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
     try:
         try:
-            address = ray_serve.deploy(functools.partial(build_replica, args), config)
+            address, info = ray_serve.deploy(functools.partial(build_replica, args), config)
         except OSError as exc:
             raise ConnectionFailure(str(exc)) from None
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
-        print(f"serving {config.replicas} replica(s) of {args.model} on {address} (Ray Serve gRPC proxy, application "
-              f"{config.app_name!r}, plaintext, {'token' if args.token else 'no'} auth, {config.max_sessions} sessions "
-              f"per replica)", flush=True)
+        print(f"serving {config.replicas} replica(s) of {info['model']} (the layers after {info['split_layer']}) on "
+              f"{address} (Ray Serve gRPC proxy, application {config.app_name!r}, plaintext, "
+              f"{'token' if args.token else 'no'} auth, {config.max_sessions} sessions per replica)", flush=True)
         while not stop.wait(1.0):
             pass
         print(f"{received[0] if received else 'stop'}: shutting the replicas down", flush=True)

@@ -248,11 +248,11 @@ def start_local_ray(num_cpus: float, object_store_mb: int = 128) -> None:
 
 
 def deploy(build: Callable[[], tuple[SessionManager, dict]], config: ClusterConfig, ready_timeout_s: float = 300.0,
-           address_host: str = "127.0.0.1") -> str:
+           address_host: str = "127.0.0.1") -> tuple[str, dict]:
     """Start Serve's gRPC proxy on ``config.port`` in the connected Ray cluster, run
     ``config.replicas`` :class:`SplitReplica` replicas built by ``build`` and wait until the
-    address answers; returns ``host:port``. The caller has called ``ray.init`` (or
-    :func:`start_local_ray`); :func:`shutdown` stops it all."""
+    address answers; returns ``host:port`` and the Info of the replica that answered first. The
+    caller has called ``ray.init`` (or :func:`start_local_ray`); :func:`shutdown` stops it all."""
     require_ray_serve()
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -268,8 +268,7 @@ def deploy(build: Callable[[], tuple[SessionManager, dict]], config: ClusterConf
     app = deployment.bind(build, config.token, config.open_timeout_s, max(1, int(config.replica_cpus)))
     serve.run(app, name=config.app_name, route_prefix=f"/{config.app_name}")
     address = f"{address_host}:{config.port}"
-    wait_ready(address, config.app_name, config.token, ready_timeout_s)
-    return address
+    return address, wait_ready(address, config.app_name, config.token, ready_timeout_s)
 
 
 def wait_ready(address: str, app_name: str, token: str | None = None, timeout_s: float = 300.0) -> dict:
