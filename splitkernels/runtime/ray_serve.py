@@ -3,8 +3,9 @@
 
 How it fits Ray Serve: Serve's gRPC proxy listens on one port and forwards each call of the
 ``.proto`` service (``splitkernels.runtime.v1.Split``, registered with the proxy by its generated
-``add_SplitServicer_to_server``) to one replica of a deployment; since Ray 2.60 this includes
-bidirectional streams. A session is one ``Session`` stream (Open, Step..., Close), so the proxy's
+``add_SplitServicer_to_server``) to one replica of a deployment, bidirectional streams included
+(the ``cluster`` extra asks for ray 2.60, the release this was built and tested with; older
+releases forwarded unary and server-streaming calls only). A session is one ``Session`` stream (Open, Step..., Close), so the proxy's
 choice of replica for the stream *is* the session's affinity: every step of a session reaches the
 replica that holds its KV cache, without multiplexed model ids, session headers or a routing
 table. Each replica is :class:`SplitReplica`: the same :class:`SessionManager` (batching or not)
@@ -74,7 +75,8 @@ class ClusterConfig:
     * ``replicas``: server replicas (each loads the model once).
     * ``port``: the gRPC port of Serve's proxy, the one address edges connect to.
     * ``http_port``: Serve's HTTP proxy (unused by the edge; Serve always starts it, on loopback).
-    * ``max_sessions``: sessions per replica (its ``max_ongoing_requests``; the manager's limit).
+    * ``max_sessions``: sessions per replica (its ``max_ongoing_requests``); ``build``'s manager
+      should allow as many (fewer: the surplus streams are refused with RESOURCE_EXHAUSTED).
     * ``max_waiting``: new streams that may wait for a free session slot while every replica is
       full; past it RESOURCE_EXHAUSTED.
     * ``replica_cpus``: CPUs Ray reserves per replica, also its torch threads.
