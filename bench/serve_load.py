@@ -5,13 +5,14 @@ needs ``pip install ".[cluster]"``) ``--replicas`` batching replicas on Ray Serv
 
 Each mode runs the server half in its own process (so its compute has its own interpreter and the
 load generator's threads do not share its GIL). The load generator holds one gRPC channel (the
-package's own transport; the ``.proto`` client for the cluster) and one thread per session. Every session sends a prefill frame, all
-sessions meet at a barrier, then each sends ``--steps`` one-token frames back to back (closed
-loop: the next step leaves when the previous token arrives). The frames are real codec frames of
+package's own transport; the ``.proto`` client for the cluster) and one thread per session.
+Every session sends a prefill frame, all sessions meet at a barrier, then each sends ``--steps``
+one-token frames back to back (closed loop: the next step leaves when the previous token arrives). The frames are real codec frames of
 the edge half's hidden states for a text, computed once up front, so the measurement is the
 server's alone (the edge's compute would otherwise share this machine's cores with the server).
 
     PYTHONPATH=. python bench/serve_load.py --model smollm2 --out /tmp/serve_load
+    PYTHONPATH=. python bench/serve_load.py --modes unbatched,batched,cluster --out /tmp/serve_load
 
 Writes ``serve_load.json`` and ``serve_load.md`` (table) to ``--out``.
 """
@@ -274,8 +275,9 @@ def main() -> int:
     }
     lines = [f"# Server load: {name}, split after layer {args.split_layer}, {args.steps} decode steps per session",
              "", f"{report['machine']['cores']} cores ({report['machine']['note']}); "
-             f"server torch threads {args.threads}" + (f" (per replica, {args.replicas} replicas in mode cluster)"
-                                                       if "cluster" in modes else "") + f"; window {args.window_ms} ms", "",
+             f"server torch threads {args.threads}"
+             + (f" (per replica, {args.replicas} replicas in mode cluster)" if "cluster" in modes else "")
+             + f"; window {args.window_ms} ms", "",
              "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step | CPU gain |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}

@@ -19,7 +19,8 @@ TOKEN = "proto-token"
 
 @pytest.fixture(scope="module")
 def served():
-    sm = split_model(tiny_model("qwen2", seed=5, num_layers=3, hidden=32), 2, limits=Limits(max_sessions=3, max_seq_len=64))
+    sm = split_model(tiny_model("qwen2", seed=5, num_layers=3, hidden=32), 2,
+                     limits=Limits(max_sessions=3, max_seq_len=64))
     server = GrpcServer(sm.manager, token=TOKEN).start()
     yield sm, server
     server.stop(0)

@@ -189,11 +189,12 @@ def cluster():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not ray_serve_available(),
-                    reason='Ray Serve (ray[serve] >= 2.60) is not installed: the optional extra, pip install ".[cluster]"')
+                    reason='Ray Serve (ray[serve] >= 2.60, the optional extra: pip install ".[cluster]") is not installed')
 def test_two_replicas_behind_one_address(cluster):
     address, proc, lines = cluster
     sm = split_model(load_model("tiny", "llama", SEED).model, SPLIT)  # the same seeded model, in process
-    runs = [(length, new, None if length % 3 else length) for length, new in zip(range(1, 9), (12, 3, 7, 9, 1, 5, 10, 4))]
+    # (prompt length, new tokens, sampling seed or None for greedy): 8 sessions of different lengths.
+    runs = [(n, new, None if n % 3 else n) for n, new in zip(range(1, 9), (12, 3, 7, 9, 1, 5, 10, 4))]
     results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     errors: list[BaseException] = []
     with transport(address, token=TOKEN, timeout_s=120) as client:

@@ -5,8 +5,8 @@ How it fits Ray Serve: Serve's gRPC proxy listens on one port and forwards each 
 ``.proto`` service (``splitkernels.runtime.v1.Split``, registered with the proxy by its generated
 ``add_SplitServicer_to_server``) to one replica of a deployment, bidirectional streams included
 (the ``cluster`` extra asks for ray 2.60, the release this was built and tested with; older
-releases forwarded unary and server-streaming calls only). A session is one ``Session`` stream (Open, Step..., Close), so the proxy's
-choice of replica for the stream *is* the session's affinity: every step of a session reaches the
+releases forwarded unary and server-streaming calls only). A session is one ``Session`` stream
+(Open, Step..., Close), so the proxy's choice of replica for the stream *is* the session's affinity: every step of a session reaches the
 replica that holds its KV cache, without multiplexed model ids, session headers or a routing
 table. Each replica is :class:`SplitReplica`: the same :class:`SessionManager` (batching or not)
 that ``splitkernels serve`` runs, built in the replica by a picklable ``build`` callable.
@@ -166,7 +166,8 @@ class ReplicaSessions:
                 return None
         nxt.cancel()
         if not opened:
-            raise SplitError(Status.DEADLINE_EXCEEDED, f"no Open within {self.open_timeout_s:g} s of the stream's start")
+            raise SplitError(Status.DEADLINE_EXCEEDED,
+                             f"no Open within {self.open_timeout_s:g} s of the stream's start")
         raise SplitError(Status.CANCELLED,
                          f"session expired: no request for {self.manager.limits.idle_timeout_s:g} s (the server's "
                          f"idle timeout), its KV cache was freed; open a new session")
