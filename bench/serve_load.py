@@ -1,15 +1,18 @@
 """Server load: aggregate decode steps/s and per-step latency with 1/4/16/64 concurrent sessions,
-continuous batching on vs off, in the same run on the same machine.
+continuous batching on vs off, in the same run on the same machine; optionally (mode ``cluster``,
+needs ``pip install ".[cluster]"``) ``--replicas`` batching replicas on Ray Serve behind one address
+(``splitkernels cluster``), each with ``--threads`` torch threads.
 
 Each mode runs the server half in its own process (so its compute has its own interpreter and the
 load generator's threads do not share its GIL). The load generator holds one gRPC channel (the
-package's own transport) and one thread per session. Every session sends a prefill frame, all
-sessions meet at a barrier, then each sends ``--steps`` one-token frames back to back (closed
-loop: the next step leaves when the previous token arrives). The frames are real codec frames of
+package's own transport; the ``.proto`` client for the cluster) and one thread per session.
+Every session sends a prefill frame, all sessions meet at a barrier, then each sends ``--steps``
+one-token frames back to back (closed loop: the next step leaves when the previous token arrives). The frames are real codec frames of
 the edge half's hidden states for a text, computed once up front, so the measurement is the
 server's alone (the edge's compute would otherwise share this machine's cores with the server).
 
     PYTHONPATH=. python bench/serve_load.py --model smollm2 --out /tmp/serve_load
+    PYTHONPATH=. python bench/serve_load.py --modes unbatched,batched,cluster --out /tmp/serve_load
 
 Writes ``serve_load.json`` and ``serve_load.md`` (table) to ``--out``.
 """
@@ -20,6 +23,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from splitkernels.codec import CodecConfig, encode  # noqa: E402
+from splitkernels.runtime import ray_serve  # noqa: E402
 from splitkernels.runtime.grpc_transport import GrpcTransport  # noqa: E402
 from splitkernels.runtime.protocol import Open, SamplingParams  # noqa: E402
 
@@ -86,7 +91,38 @@ def make_frames(model, split_layer: int, prompt_tokens: int, steps: int) -> tupl
     return prefill, decodes, sm.adapter.hidden_size
 
 
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_cluster(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """``splitkernels cluster`` with ``--replicas`` batching replicas of the same split."""
+    port, http_port = free_ports(2)
+    cmd = [sys.executable, "-m", "splitkernels", "cluster", "--model", args.model, "--split-layer",
+           str(args.split_layer), "--replicas", str(args.replicas), "--replica-cpus", str(args.threads),
+           "--port", str(port), "--http-port", str(http_port), "--insecure", "--max-sessions",
+           str(max(args.sessions_list)), "--max-seq-len", "4096", "--batch-window-ms", str(args.window_ms),
+           "--max-batch", str(args.max_batch)]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:
+        match = re.match(r"serving .* on (127\.0\.0\.1:\d+)", line)
+        if match:
+            return proc, match.group(1)
+    raise RuntimeError(f"cluster did not start (exit status {proc.wait()})")
+
+
 def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen, str]:
+    if mode == "cluster":
+        return start_cluster(args)
     cmd = [sys.executable, __file__, "--serve", mode, "--model", args.model, "--split-layer", str(args.split_layer),
            "--sessions", args.sessions, "--threads", str(args.threads), "--window-ms", str(args.window_ms),
            "--max-batch", str(args.max_batch)]
@@ -100,14 +136,30 @@ def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen,
     return proc, match.group(1)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes ``pids`` so far (Linux /proc)."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes], server_pid: int) -> dict:
+def server_pids(client, proc: subprocess.Popen, mode: str, replicas: int) -> list[int]:
+    """The processes that run the server layers: the server, or the cluster's replicas (from Info,
+    which any replica may answer)."""
+    if mode != "cluster":
+        return [proc.pid]
+    pids: set[int] = set()
+    for _ in range(200):
+        pids.add(client.info()["pid"])
+        if len(pids) == replicas:
+            return sorted(pids)
+    raise RuntimeError(f"found {len(pids)} of {replicas} replicas through Info")
+
+
+def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes], pids: list[int]) -> dict:
     """``sessions`` concurrent sessions: prefill, barrier, then ``len(decodes)`` timed steps each.
 
     Besides wall-clock rates, the server's own CPU seconds per decode step: on a machine shared with
@@ -135,10 +187,10 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
     for t in threads:
         t.start()
     barrier.wait(timeout=600)
-    start, cpu0 = time.perf_counter(), cpu_seconds(server_pid)
+    start, cpu0 = time.perf_counter(), cpu_seconds(pids)
     for t in threads:
         t.join()
-    wall, cpu = time.perf_counter() - start, cpu_seconds(server_pid) - cpu0
+    wall, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu0
     if errors:
         raise errors[0]
     flat = sorted(x for row in lat for x in row)
@@ -164,6 +216,7 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the server (both modes; on a shared machine 2+ OpenMP threads stall)")
+    ap.add_argument("--replicas", type=int, default=2, help="replicas of mode cluster")
     ap.add_argument("--serve", choices=("batched", "unbatched"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     try:
@@ -179,8 +232,8 @@ def main() -> int:
     if not args.out:
         ap.error("--out DIR is required")
     modes = args.modes.split(",")
-    if not set(modes) <= {"batched", "unbatched"}:
-        ap.error(f"--modes must be batched and/or unbatched, got {args.modes!r}")
+    if not set(modes) <= {"batched", "unbatched", "cluster"}:
+        ap.error(f"--modes must be among batched, unbatched and cluster, got {args.modes!r}")
 
     model, name = load(args.model)
     prefill, decodes, hidden = make_frames(model, args.split_layer, args.prompt_tokens, args.steps)
@@ -188,24 +241,31 @@ def main() -> int:
     results: dict[str, list[dict]] = {}
     for mode in modes:
         proc, address = start_server(args, mode)
+        connect = ray_serve.transport if mode == "cluster" else GrpcTransport
         try:
-            with GrpcTransport(address, timeout_s=900) as client:
-                run_level(client, 1, prefill, decodes[:4], proc.pid)  # warm-up
+            with connect(address, timeout_s=900) as client:
+                pids = server_pids(client, proc, mode, args.replicas)
+                for _ in range(2 * args.replicas if mode == "cluster" else 1):  # warm-up (each replica)
+                    run_level(client, 1, prefill, decodes[:4], pids)
                 results[mode] = []
                 for n in args.sessions_list:
-                    row = run_level(client, n, prefill, decodes, proc.pid)
+                    row = run_level(client, n, prefill, decodes, pids)
                     results[mode].append(row)
                     print(f"{mode:9s} {n:3d} sessions: {row['steps_per_s']:7.1f} steps/s  "
                           f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                           f"server CPU {row['server_cpu_ms_per_step']:6.1f} ms/step", flush=True)
                 info = client.info()
         finally:
-            proc.stdin.close()
-            proc.wait(timeout=60)
+            if mode == "cluster":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                proc.stdin.close()
+            proc.wait(timeout=120)
         results[mode + "_server"] = {k: info.get(k) for k in ("weight_bytes", "batching")}
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "server_torch_threads": args.threads, "python": platform.python_version(),
+                    "cluster_replicas": args.replicas if "cluster" in modes else None,
                     "torch": torch.__version__,
                     "note": "shared with other jobs during the run: timings are noisy"},
         "model": name, "split_layer": args.split_layer, "prompt_tokens": args.prompt_tokens,
@@ -215,7 +275,9 @@ def main() -> int:
     }
     lines = [f"# Server load: {name}, split after layer {args.split_layer}, {args.steps} decode steps per session",
              "", f"{report['machine']['cores']} cores ({report['machine']['note']}); "
-             f"server torch threads {args.threads}; window {args.window_ms} ms", "",
+             f"server torch threads {args.threads}"
+             + (f" (per replica, {args.replicas} replicas in mode cluster)" if "cluster" in modes else "")
+             + f"; window {args.window_ms} ms", "",
              "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step | CPU gain |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}
@@ -227,6 +289,8 @@ def main() -> int:
             lines.append(f"| {r['sessions']} | {mode} | {r['steps_per_s']:.1f} | {r['p50_ms']:.1f} | "
                          f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {up:.2f}x | "
                          f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x |")
+    if "cluster" in modes:
+        lines += ["", "Mode cluster: server CPU counts the replicas' processes, not Ray Serve's proxy and controller."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(report, indent=2))

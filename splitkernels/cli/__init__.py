@@ -1,4 +1,4 @@
-"""``splitkernels`` command line: ``serve``, ``edge``, ``demo``, ``plan``, ``profile``, ``backends``.
+"""``splitkernels`` command line: ``serve``, ``cluster``, ``edge``, ``demo``, ``plan``, ``profile``, ``backends``.
 
 Each command group lives in its own module with a ``register(subparsers)`` function. Every
 failure is one line on stderr with an exit status per class (:mod:`.errors`); ``--debug`` adds
@@ -11,11 +11,11 @@ import sys
 import traceback
 
 from ..runtime.protocol import SplitError
-from . import backends, generate, planner, serve
+from . import backends, cluster, generate, planner, serve
 from .args import ArgumentParser
 from .errors import CliError, Exit, from_split_error
 
-_GROUPS = (generate, serve, planner, backends)
+_GROUPS = (generate, serve, cluster, planner, backends)
 _EXIT_HELP = ("exit status: 0 success, 1 internal error, 2 usage (a flag), 3 input file, 4 connection, 5 auth "
               "(token), 6 refused by the server, 7 plan: no configuration meets the limits")
 

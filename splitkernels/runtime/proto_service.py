@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .proto import split_pb2, split_pb2_grpc
-from .protocol import FINGERPRINT_BYTES, Open, SamplingParams, SplitError, Status, Step
+from .protocol import FINGERPRINT_BYTES, Open, Opened, SamplingParams, SplitError, Status, Step, TokenReply
 from .sessions import NO_FINGERPRINT, SessionManager
 
 SERVICE = split_pb2.DESCRIPTOR.services_by_name["Split"].full_name
@@ -35,12 +35,22 @@ def _sampling(msg: split_pb2.Sampling) -> SamplingParams:
         raise SplitError(Status.INVALID_ARGUMENT, f"Open.sampling: {exc}") from None
 
 
-def _open(msg: split_pb2.Open) -> Open:
+def open_request(msg: split_pb2.Open) -> Open:
+    """The protocol OPEN a ``.proto`` Open asks for; INVALID_ARGUMENT naming the bad field."""
     fp = msg.fingerprint or NO_FINGERPRINT
     if len(fp) != FINGERPRINT_BYTES:
         raise SplitError(Status.INVALID_ARGUMENT,
                          f"Open.fingerprint must be {FINGERPRINT_BYTES} bytes or empty, got {len(fp)}")
     return Open(_sampling(msg.sampling), fp, msg.max_len, codec_config=msg.codec_config)
+
+
+def opened_reply(opened: Opened) -> split_pb2.Reply:
+    return split_pb2.Reply(opened=split_pb2.Opened(session_id=opened.session_id, max_seq_len=opened.max_seq_len))
+
+
+def token_reply(r: TokenReply) -> split_pb2.Reply:
+    return split_pb2.Reply(token=split_pb2.Token(seq=r.seq, token=r.token, position=r.position, decode_s=r.decode_s,
+                                                 compute_s=r.compute_s, kv_bytes=r.kv_bytes))
 
 
 class SplitServicer(split_pb2_grpc.SplitServicer):
@@ -73,17 +83,13 @@ class SplitServicer(split_pb2_grpc.SplitServicer):
                     if kind == "open":
                         if owned:
                             raise SplitError(Status.FAILED_PRECONDITION, "this stream already has a session")
-                        opened = self.manager.open(_open(request.open), on_expire=context.cancel)
+                        opened = self.manager.open(open_request(request.open), on_expire=context.cancel)
                         owned.append(opened.session_id)
-                        yield split_pb2.Reply(opened=split_pb2.Opened(session_id=opened.session_id,
-                                                                      max_seq_len=opened.max_seq_len))
+                        yield opened_reply(opened)
                     elif kind == "step":
                         if not owned:
                             raise SplitError(Status.FAILED_PRECONDITION, "Step before Open on this stream")
-                        r = self.manager.step(Step(owned[0], request.step.seq, request.step.frame))
-                        yield split_pb2.Reply(token=split_pb2.Token(
-                            seq=r.seq, token=r.token, position=r.position, decode_s=r.decode_s,
-                            compute_s=r.compute_s, kv_bytes=r.kv_bytes))
+                        yield token_reply(self.manager.step(Step(owned[0], request.step.seq, request.step.frame)))
                     elif kind == "close":
                         return
                     else:
