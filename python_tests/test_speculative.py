@@ -27,6 +27,11 @@ from splitkernels.runtime.speculative import speculate
 from splitkernels.runtime.verify import enable_rollback, truncate_cache, verify_drafts
 
 NUM_LAYERS = 4
+try:  # the native decode step needs the C++ extension (CI always builds it)
+    import splitkernels._C  # noqa: F401
+    NATIVE = True
+except ImportError:
+    NATIVE = False
 
 
 def _hf_greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
@@ -293,12 +298,14 @@ def test_prompt_lookup_and_chain_drafters():
         EarlyExitDrafter(None)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_model_drafter_continues_greedily_and_rewinds(family):
+@pytest.mark.parametrize("family,fast", [("llama", True), ("llama", False), ("gpt2", True)])
+def test_model_drafter_continues_greedily_and_rewinds(family, fast):
     model = tiny_model(family, seed=5, num_layers=NUM_LAYERS)
     ids = _prompt(9, 13)
     truth = _hf_greedy(model, ids, 8)[0].tolist()
-    d = ModelDrafter(model)  # the model itself as its own draft: every draft is the greedy token
+    d = ModelDrafter(model, fast=fast)  # the model itself as its own draft: every draft is the greedy token
+    # The native step covers llama-style layers (when the extension is built), never GPT-2's.
+    assert (d.native is not None) == (fast and family == "llama" and NATIVE), d.fast_reason
     n = ids.shape[1]
     assert d.propose(truth[:n], 4, None) == truth[n:n + 4]
     assert d.propose(truth[:n + 2], 3, None) == truth[n + 2:n + 5]  # reuses the cache past a partial accept

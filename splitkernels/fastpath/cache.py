@@ -60,6 +60,18 @@ class FastCache:
         self._ensure(need)
         return self._kv, self._kv.shape[3]
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (speculative drafts past a rejection are dropped)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if self._dynamic is not None:
+            for i in range(self.first, self.last):
+                layer = self._dynamic.layers[i]
+                if layer.get_seq_length() > length:
+                    layer.crop(length)
+        else:
+            self._static_len = length
+
     def advance(self) -> None:
         """One more position was written into the static buffer."""
         self._static_len += 1

@@ -86,43 +86,71 @@ class EarlyExitDrafter(Drafter):
 class ModelDrafter(Drafter):
     """Greedy continuation by a draft model (a causal LM over the same vocabulary) with its own KV
     cache. Each call reuses the cache for the longest prefix it shares with ``context`` and cuts
-    the rest, so rejected drafts need no separate rollback."""
+    the rest, so rejected drafts need no separate rollback. ``fast``: one-token steps run on the
+    native decode path (:mod:`splitkernels.fastpath`) where it covers the draft model
+    (``fast_reason`` says why not); prompts always take the model's own forward."""
 
     name = "draft-model"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fast: bool = True) -> None:
+        from ..fastpath import FastPathUnsupported, NativeDecoder
         from ..models import adapter_for
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a causal LM nn.Module, got {type(model).__name__}")
         self.adapter = adapter_for(model.eval())
+        # One-token steps on the native decode path where it covers the model (prompts stay eager).
+        self.native: NativeDecoder | None = None
+        self.fast_reason: str | None = "the eager path was requested (fast=False)"
+        if fast:
+            try:
+                self.native = NativeDecoder(model, 0, self.adapter.num_layers, head="int8")
+                self.fast_reason = None
+            except FastPathUnsupported as exc:
+                self.fast_reason = str(exc)
         self._tokens: list[int] = []
         self._cache = None
-        self._logits: torch.Tensor | None = None  # at the last token in the cache
+        self._next: int | None = None  # the greedy token after the last one in the cache
+
+    def _new_cache(self):
+        eager = lambda: self.adapter.new_cache(0, self.adapter.num_layers)  # noqa: E731
+        return self.native.new_cache(eager) if self.native is not None else eager()
 
     def _feed(self, tokens: list[int]) -> None:
         if self._cache is None:
-            self._cache = self.adapter.new_cache(0, self.adapter.num_layers)
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.adapter.parameter().device)
-        self._logits = self.adapter.next_logits(ids, self._cache)
+            self._cache = self._new_cache()
+        device = self.adapter.parameter().device
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        if self.native is not None and len(tokens) == 1:
+            embedded = self.adapter.model.get_input_embeddings()(ids)
+            _, self._next = self.native.step(embedded.reshape(-1), self._cache)
+        else:
+            cache = self._cache.dynamic() if self.native is not None else self._cache
+            self._next = int(torch.argmax(self.adapter.next_logits(ids, cache)))
         self._tokens += tokens
+
+    def _truncate(self, length: int) -> None:
+        from .verify import truncate_cache
+
+        if self.native is not None:
+            self._cache.truncate(length)
+        else:
+            truncate_cache(self._cache, length)
+        del self._tokens[length:]
 
     def _rewind(self, context: list[int]) -> None:
         """Keep the cached prefix shared with ``context`` (at most all but its last token), feed the rest."""
-        from .verify import truncate_cache
-
         keep = 0
         limit = min(len(self._tokens), len(context))
         while keep < limit and self._tokens[keep] == context[keep]:
             keep += 1
         if keep == len(self._tokens) == len(context):
-            return  # the cache and its last logits are exactly the context's
+            return  # the cache and its next token are exactly the context's
         keep = min(keep, len(context) - 1)
         if keep == 0:
-            self._cache, self._tokens, self._logits = None, [], None
+            self._cache, self._tokens, self._next = None, [], None
         elif keep < len(self._tokens):
-            truncate_cache(self._cache, keep)
-            del self._tokens[keep:]
+            self._truncate(keep)
         self._feed(context[keep:])
 
     @torch.inference_mode()
@@ -133,7 +161,7 @@ class ModelDrafter(Drafter):
         self._rewind(context)
         drafts: list[int] = []
         while True:
-            drafts.append(int(torch.argmax(self._logits)))
+            drafts.append(self._next)
             if len(drafts) == k:
                 return drafts
             self._feed(drafts[-1:])
