@@ -43,13 +43,19 @@ def layer_weight_bytes(shape: ModelShape, quant: QuantConfig | None) -> int:
 def working_bytes(shape: ModelShape, tokens: int, context: int) -> int:
     """Activation buffers of one forward of ``tokens`` tokens attending to ``context`` positions.
 
-    Hidden state, residual, q/k/v and attention output (about 4 * hidden wide), the MLP's two
-    intermediate tensors, and eager attention scores in fp32 (heads * tokens * context) -- the
-    largest term for long prompts; a fused attention kernel makes it smaller, so this is an
-    upper estimate.
+    At the peak of a decoder layer (its MLP) a forward holds the residual stream, the normed input
+    and two more hidden-wide tensors (about 4 * hidden), three intermediate-wide tensors in a
+    gated MLP (the activated gate, the up projection and their product; two in a plain one) and
+    the rotary cos/sin tables (2 *
+    head_dim) -- the peak of live tensor bytes measured on Llama- and OPT-family forwards
+    (splitkernels.planner.verify) -- plus eager attention scores in fp32 (heads * tokens *
+    context), which a fused attention (SDPA) does not materialise, so they are an upper estimate.
     """
     inter = max((n for n, _ in shape.linears), default=shape.hidden)  # a layer may have no nn.Linear
-    acts = tokens * (4 * shape.hidden + 2 * inter) * shape.dtype_bytes
+    # A gated MLP (two projections up to the intermediate width) holds three intermediate-wide
+    # tensors at its peak; a plain one (fc1, activation, fc2) two.
+    wide = 3 if sum(n == inter for n, _ in shape.linears) >= 2 else 2
+    acts = tokens * (4 * shape.hidden + wide * inter + 2 * shape.head_dim) * shape.dtype_bytes
     scores = shape.num_heads * tokens * context * 4
     return acts + scores
 

@@ -9,7 +9,8 @@ measured:
   messages, counted by the runtime's metrics;
 * memory: weights per side and KV cache at the planned ``max_seq_len`` by tensor byte accounting
   (the KV bytes per position measured on the run's own cache), the edge's activations as the peak
-  of live tensor bytes during a prefill of the planned prompt length, and the process's resident
+  of live tensor bytes during a prefill of the planned prompt length less the KV cache it leaves,
+  and the process's resident
   memory beside the runtime overhead plus both halves (reported, not judged: the process also
   holds what loading the model left behind);
 * latency: the cost model evaluated with a profile of *this* machine for both sides (measured
@@ -308,9 +309,12 @@ def _mean(values) -> float:
 
 @torch.inference_mode()
 def _edge_prefill_peak(split, prompt_ids: torch.Tensor) -> int:
-    """Peak live tensor bytes of the edge's prefill of ``prompt_ids`` with a fresh cache."""
+    """Peak live tensor bytes of the edge's prefill of ``prompt_ids`` with a fresh cache, less the
+    KV cache the prefill leaves (counted as KV cache, not as activations)."""
+    from ..models import cache_nbytes
+
     edge = split.edge
     cache = edge.new_cache()
     with PeakTensorBytes() as peak:
         edge.forward(prompt_ids, cache, 0)
-    return peak.peak
+    return peak.peak - cache_nbytes(cache)
