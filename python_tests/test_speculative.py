@@ -313,6 +313,8 @@ def test_model_drafter_continues_greedily_and_rewinds(family, fast):
     other = truth[:n - 3] + [(truth[n - 3] + 1) % 256]
     expected = _hf_greedy(model, torch.tensor([other]), 3)[0].tolist()[len(other):]
     assert d.propose(other, 3, None) == expected  # a diverged context
+    assert d.propose(truth[:n + 6], 1, None) == [truth[n + 6]]  # many new tokens: the eager forward's cache
+    assert d.propose(truth[:n + 3], 1, None) == [truth[n + 3]]  # cut back inside that cache
     assert d.propose(truth[:n + 5], 0, None) == [] and d.propose([], 2, None) == []
     with pytest.raises(TypeError, match="nn.Module"):
         ModelDrafter(object())

@@ -67,8 +67,9 @@ class FastCache:
         if self._dynamic is not None:
             for i in range(self.first, self.last):
                 layer = self._dynamic.layers[i]
-                if layer.get_seq_length() > length:
-                    layer.crop(length)
+                extra = layer.get_seq_length() - length
+                if extra > 0:
+                    layer.crop(-extra)  # transformers' crop takes the count to drop, as a negative
         else:
             self._static_len = length
 
