@@ -159,7 +159,7 @@ def cluster():
     cmd = [sys.executable, "-m", "splitkernels", "cluster", "--model", "tiny", "--seed", str(SEED),
            "--split-layer", str(SPLIT), "--replicas", "2", "--max-sessions", "4", "--max-seq-len", "64",
            "--port", str(port), "--http-port", str(http_port), "--token", TOKEN, "--replica-cpus", "1",
-           "--max-waiting", "1"]
+           "--max-waiting", "8"]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -239,21 +239,26 @@ def test_two_replicas_behind_one_address(cluster):
             time.sleep(0.2)
         assert all(client.info()["sessions"] == 0 for _ in range(6))
 
-        # Every replica full (2 x 4 sessions): one more session waits for a slot (--max-waiting 1),
-        # the next is refused, and the waiting one opens when a session closes.
+        # Every replica full (2 x 4 sessions): 8 more sessions wait for a slot (--max-waiting 8; it
+        # also bounds a burst of new sessions, which wait in the proxy while it routes them), the
+        # next is refused, and the waiting ones open as sessions close.
         held = [client.open(Open(SamplingParams())) for _ in range(8)]
         waiting: list = []
-        waiter = threading.Thread(target=lambda: waiting.append(client.open(Open(SamplingParams()))))
-        waiter.start()
-        time.sleep(2.0)
+        waiters = [threading.Thread(target=lambda: waiting.append(client.open(Open(SamplingParams()))))
+                   for _ in range(8)]
+        for w in waiters:
+            w.start()
+        time.sleep(3.0)
         assert not waiting, "a ninth session opened although both replicas hold 4 (--max-sessions)"
         with pytest.raises(SplitError) as e:
             client.open(Open(SamplingParams()))
         assert e.value.status is Status.RESOURCE_EXHAUSTED
-        held.pop().close()
-        waiter.join(60)
-        assert len(waiting) == 1
-        for session in held + waiting:
+        for session in held:
+            session.close()
+        for w in waiters:
+            w.join(60)
+        assert len(waiting) == 8
+        for session in waiting:
             session.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 0

@@ -78,7 +78,8 @@ class ClusterConfig:
     * ``max_sessions``: sessions per replica (its ``max_ongoing_requests``); ``build``'s manager
       should allow as many (fewer: the surplus streams are refused with RESOURCE_EXHAUSTED).
     * ``max_waiting``: new streams that may wait for a free session slot while every replica is
-      full; past it RESOURCE_EXHAUSTED.
+      full; past it RESOURCE_EXHAUSTED. Streams also wait while the proxy routes them, so it must
+      cover the largest burst of simultaneous opens.
     * ``replica_cpus``: CPUs Ray reserves per replica, also its torch threads.
     * ``token``: required as ``authorization: Bearer <token>`` when set.
     * ``open_timeout_s``: a stream that sends no Open this long is ended (DEADLINE_EXCEEDED).
