@@ -345,8 +345,12 @@ class GrpcServer:
             release()
 
 
-class _GrpcSession(SessionHandle):
-    def __init__(self, transport: "GrpcTransport", request: Open) -> None:
+class StreamSession(SessionHandle):
+    """A client session on one bidirectional gRPC stream: requests go through a queue the call
+    reads, replies are read in order. Subclasses say how to open, step and close in their wire
+    encoding (the struct protocol here, the ``.proto`` messages in :mod:`.proto_client`)."""
+
+    def __init__(self, start_call: Callable) -> None:
         self._requests: queue.Queue = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()
@@ -355,49 +359,26 @@ class _GrpcSession(SessionHandle):
             while (item := self._requests.get()) is not None:
                 yield item
 
-        self._call = transport._session_call(requests(), timeout=transport.timeout_s,
-                                             metadata=transport._metadata)
-        opened = self._exchange(encode_message(request), Opened)[0]
-        self.session_id, self.max_seq_len = opened.session_id, opened.max_seq_len
+        self._call = start_call(requests())
 
-    def _exchange(self, data: bytes, kind: type, session_id: int | None = None):
+    def _send(self, request) -> None:
         if self._closed:
             raise SplitError(Status.FAILED_PRECONDITION, "session is closed")
-        self._requests.put(data)
-        return self._receive(kind, session_id)
+        self._requests.put(request)
 
-    def step(self, seq: int, frame: bytes) -> Exchange:
-        request = encode_message(Step(self.session_id, seq, frame))
-        with self._lock:
-            msg, reply = self._exchange(request, TokenReply, self.session_id)
-        return Exchange(msg, len(request), len(reply))
-
-    def replay(self, frames: list[bytes]) -> list[TokenReply]:
-        """Pipelined: every step goes out before the first reply is awaited (one round trip)."""
-        with self._lock:
-            if self._closed:
-                raise SplitError(Status.FAILED_PRECONDITION, "session is closed")
-            for seq, frame in enumerate(frames):
-                self._requests.put(encode_message(Step(self.session_id, seq, frame)))
-            return [self._receive(TokenReply, self.session_id)[0] for _ in frames]
-
-    def _receive(self, kind: type, session_id: int | None):
-        """The next reply, parsed and checked, with its bytes."""
+    def _next_reply(self):
+        """The next reply off the stream; a broken or ended stream closes the session."""
         try:
-            reply = next(self._call)
+            return next(self._call)
         except grpc.RpcError as exc:
             self._finish()
             raise _status_of(exc) from None
         except StopIteration:
             self._finish()
             raise SplitError(Status.UNAVAILABLE, "server ended the session stream") from None
-        return expect(reply, kind, session_id), reply
 
-    def verify(self, seq: int, drafts: tuple[int, ...], frame: bytes) -> Exchange:
-        request = encode_message(Verify(self.session_id, seq, tuple(drafts), frame))
-        with self._lock:
-            msg, reply = self._exchange(request, Verdict, self.session_id)
-        return Exchange(msg, len(request), len(reply))
+    def _close_request(self):
+        raise NotImplementedError
 
     def _finish(self) -> None:
         self._closed = True
@@ -406,7 +387,7 @@ class _GrpcSession(SessionHandle):
     def close(self) -> None:
         if self._closed:
             return
-        self._requests.put(encode_message(Close(self.session_id)))
+        self._requests.put(self._close_request())
         self._finish()
         try:
             for _ in self._call:
@@ -418,6 +399,45 @@ class _GrpcSession(SessionHandle):
         """Drop the stream without a goodbye (the server frees the session)."""
         self._finish()
         self._call.cancel()
+
+
+class _GrpcSession(StreamSession):
+    def __init__(self, transport: "GrpcTransport", request: Open) -> None:
+        super().__init__(lambda requests: transport._session_call(requests, timeout=transport.timeout_s,
+                                                                  metadata=transport._metadata))
+        opened = self._exchange(encode_message(request), Opened)[0]
+        self.session_id, self.max_seq_len = opened.session_id, opened.max_seq_len
+
+    def _exchange(self, data: bytes, kind: type, session_id: int | None = None):
+        self._send(data)
+        return self._receive(kind, session_id)
+
+    def step(self, seq: int, frame: bytes) -> Exchange:
+        request = encode_message(Step(self.session_id, seq, frame))
+        with self._lock:
+            msg, reply = self._exchange(request, TokenReply, self.session_id)
+        return Exchange(msg, len(request), len(reply))
+
+    def replay(self, frames: list[bytes]) -> list[TokenReply]:
+        """Pipelined: every step goes out before the first reply is awaited (one round trip)."""
+        with self._lock:
+            for seq, frame in enumerate(frames):
+                self._send(encode_message(Step(self.session_id, seq, frame)))
+            return [self._receive(TokenReply, self.session_id)[0] for _ in frames]
+
+    def _receive(self, kind: type, session_id: int | None):
+        """The next reply, parsed and checked, with its bytes."""
+        reply = self._next_reply()
+        return expect(reply, kind, session_id), reply
+
+    def verify(self, seq: int, drafts: tuple[int, ...], frame: bytes) -> Exchange:
+        request = encode_message(Verify(self.session_id, seq, tuple(drafts), frame))
+        with self._lock:
+            msg, reply = self._exchange(request, Verdict, self.session_id)
+        return Exchange(msg, len(request), len(reply))
+
+    def _close_request(self) -> bytes:
+        return encode_message(Close(self.session_id))
 
 
 class GrpcTransport(Transport):

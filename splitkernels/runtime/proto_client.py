@@ -10,15 +10,13 @@ steps only: a speculative (multi-token) step is refused with FAILED_PRECONDITION
 from __future__ import annotations
 
 import json
-import queue
-import threading
 
 import grpc
 
-from .grpc_transport import AUTH_KEY, DEFAULT_MAX_MESSAGE_BYTES, _status_of
+from .grpc_transport import AUTH_KEY, DEFAULT_MAX_MESSAGE_BYTES, StreamSession, _status_of
 from .proto import split_pb2, split_pb2_grpc
 from .protocol import Open, SplitError, Status, TokenReply
-from .transport import Exchange, SessionHandle, Transport
+from .transport import Exchange, Transport
 
 
 def proto_open(request: Open) -> split_pb2.Open:
@@ -30,33 +28,17 @@ def proto_open(request: Open) -> split_pb2.Open:
     return split_pb2.Open(sampling=sampling, fingerprint=request.fingerprint, max_len=request.max_len)
 
 
-class _ProtoSession(SessionHandle):
+class _ProtoSession(StreamSession):
     def __init__(self, transport: "ProtoTransport", request: Open) -> None:
-        self._requests: queue.Queue = queue.Queue()
-        self._closed = False
-        self._lock = threading.Lock()
-
-        def requests():
-            while (item := self._requests.get()) is not None:
-                yield item
-
-        self._call = transport._stub.Session(requests(), timeout=transport.timeout_s, metadata=transport.metadata)
+        super().__init__(lambda requests: transport._stub.Session(requests, timeout=transport.timeout_s,
+                                                                  metadata=transport.metadata))
         reply, _ = self._exchange(split_pb2.Request(open=proto_open(request)), "opened")
         self.session_id, self.max_seq_len = reply.opened.session_id, reply.opened.max_seq_len
 
     def _exchange(self, request: split_pb2.Request, kind: str) -> tuple[split_pb2.Reply, int]:
         """Send one request, wait for its reply of ``kind``; the reply and the request's size."""
-        if self._closed:
-            raise SplitError(Status.FAILED_PRECONDITION, "session is closed")
-        self._requests.put(request)
-        try:
-            reply = next(self._call)
-        except grpc.RpcError as exc:
-            self._finish()
-            raise _status_of(exc) from None
-        except StopIteration:
-            self._finish()
-            raise SplitError(Status.UNAVAILABLE, "server ended the session stream") from None
+        self._send(request)
+        reply = self._next_reply()
         if reply.WhichOneof("kind") != kind:
             self._finish()
             raise SplitError(Status.INTERNAL, f"expected a {kind} reply, got {reply.WhichOneof('kind')}")
@@ -71,25 +53,8 @@ class _ProtoSession(SessionHandle):
         return Exchange(TokenReply(self.session_id, t.seq, t.token, t.position, t.decode_s, t.compute_s, t.kv_bytes),
                         up, reply.ByteSize())
 
-    def _finish(self) -> None:
-        self._closed = True
-        self._requests.put(None)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._requests.put(split_pb2.Request(close=split_pb2.Close()))
-        self._finish()
-        try:
-            for _ in self._call:
-                pass
-        except grpc.RpcError:
-            pass  # the session is gone either way
-
-    def cancel(self) -> None:
-        """Drop the stream without a goodbye (the server frees the session)."""
-        self._finish()
-        self._call.cancel()
+    def _close_request(self) -> split_pb2.Request:
+        return split_pb2.Request(close=split_pb2.Close())
 
 
 class ProtoTransport(Transport):
