@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "binding_helpers.h"
 #include "cpu/bitpack.h"
 #include "cpu/codec.h"
 #include "cpu/codec_v2.h"
@@ -27,14 +28,8 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-void check(const std::string& err) {
-  if (!err.empty()) throw std::invalid_argument(err);
-}
+using sk::bind::check;
+using sk::bind::ptr;
 
 }  // namespace
 

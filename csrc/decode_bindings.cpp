@@ -8,20 +8,15 @@
 #include <stdexcept>
 #include <string>
 
+#include "binding_helpers.h"
 #include "cpu/decode/decode.h"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-void check(const std::string& err) {
-  if (!err.empty()) throw std::invalid_argument(err);
-}
+using sk::bind::check;
+using sk::bind::ptr;
 
 template <typename T>
 T get(const py::dict& d, const char* key, T fallback) {
