@@ -52,11 +52,6 @@ inline bool bf16_kernel_layout(int bits, int64_t group_size, int64_t M) {
   return M < kBf16PanelMinRows && group_bits >= 32 && 512 % group_bits == 0;
 }
 
-// The layout bf16_rows handles for every M (groups of whole 64-byte chunks).
-inline bool bf16_kernel_layout(int bits, int64_t group_size) {
-  return bf16_kernel_layout(bits, group_size, kBf16PanelMinRows);
-}
-
 // Activation codes per row in the bf16 kernels' layout: K rounded up to whole 64-byte chunks
 // of codes (the padding holds zeros; a row's last chunk may be partly past its K codes).
 inline int64_t bf16_row_codes(int bits, int64_t K) {
