@@ -4,12 +4,11 @@
 // Codes are integers below 256, exact in bf16; vdpbf16ps forms exact products with the bf16
 // activations and adds them in fp32, so each group's sum_k q_k x_k is exact up to fp32
 // accumulation, and the group's scale and zero are applied afterwards:
-// y = sum_g s_g * sum_k q_k x_k + sum_g z_g * sum_k x_k. Nothing is rounded but x itself
-// (and the fp32 sums).
+// y = sum_g s_g * sum_k q_k x_k + sum_g z_g * sum_k x_k. Nothing is rounded but x itself.
 //
-// Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each). One shift
-// and one bitwise select (or, for 8 bits, integer-to-float conversions) turn a lane into the
-// pair (code of byte t, code of byte t+2) in bf16 (see code_bias): four bytes give
+// Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each). vpermw
+// looks up a 16-bit lane's low five bits in a 32-entry table of bf16 integers, so one shift
+// and one lookup turn a lane into the pair (code of byte t, code of byte t+2): four bytes give
 // 2 * (8 / bits) pairs, and the activations are laid out in that pair order
 // (bf16_pair_position in lowbit_kernels.h). The panel form needs groups of whole 64-byte
 // chunks; the dot form also takes groups that tile a chunk in whole u32 lanes.
@@ -40,11 +39,14 @@ constexpr int kPanelM = 6;  // 12 group sums + 12 totals + 2 panel vectors + 1 b
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
-// Codes of 2 and 4 bits are decoded as 128 + q: bf16 has 7 mantissa bits below the 2^7 of
-// 0x4300, so OR-ing q into those bits is the exact bf16 value of 128 + q (one vpternlogd, no
-// table lookup). The kernels take the offset back through the zero term:
-// s * sum (128 + q) x + (z - 128 s) * sum x = s * sum q x + z * sum x.
-constexpr float code_bias(int bits) { return bits == 8 ? 0.f : 128.f; }
+// bf16 bits of an integer 1..255 (exact): exponent of its top bit, the next 7 bits as mantissa.
+constexpr uint16_t bf16_of_small_int(int v) {
+  int e = 0;
+  while ((v >> (e + 1)) != 0) ++e;
+  return static_cast<uint16_t>(((127 + e) << 7) | (((v << 7) >> e) & 0x7f));
+}
+static_assert(bf16_of_small_int(1) == 0x3f80 && bf16_of_small_int(3) == 0x4040 && bf16_of_small_int(15) == 0x4170,
+              "bf16 bit patterns");
 
 // Pair vectors of one 64-byte chunk (or 16 gathered quads): out[ph * 2 + t] holds, per u32
 // lane, the bf16 codes of phase ph from bytes t and t + 2 of the lane's four bytes.
@@ -62,10 +64,19 @@ inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
       out[t] = _mm512_or_si512(_mm512_srli_epi32(f0, 16), _mm512_and_si512(f1, top));
     }
   } else {
-    const __m512i mask = _mm512_set1_epi32(((1 << B) - 1) * 0x10001), bias = _mm512_set1_epi32(0x43004300);
+    // bf16 bit patterns of (i & mask) for i in 0..31: vpermw reads five index bits.
+    alignas(64) static const uint16_t table[32] = {
+#define SK_BF16_INT(i) static_cast<uint16_t>(((i) & ((1 << B) - 1)) == 0 ? 0 : bf16_of_small_int((i) & ((1 << B) - 1)))
+        SK_BF16_INT(0),  SK_BF16_INT(1),  SK_BF16_INT(2),  SK_BF16_INT(3),  SK_BF16_INT(4),  SK_BF16_INT(5),
+        SK_BF16_INT(6),  SK_BF16_INT(7),  SK_BF16_INT(8),  SK_BF16_INT(9),  SK_BF16_INT(10), SK_BF16_INT(11),
+        SK_BF16_INT(12), SK_BF16_INT(13), SK_BF16_INT(14), SK_BF16_INT(15), SK_BF16_INT(16), SK_BF16_INT(17),
+        SK_BF16_INT(18), SK_BF16_INT(19), SK_BF16_INT(20), SK_BF16_INT(21), SK_BF16_INT(22), SK_BF16_INT(23),
+        SK_BF16_INT(24), SK_BF16_INT(25), SK_BF16_INT(26), SK_BF16_INT(27), SK_BF16_INT(28), SK_BF16_INT(29),
+        SK_BF16_INT(30), SK_BF16_INT(31)};
+#undef SK_BF16_INT
+    const __m512i tbl = _mm512_load_si512(table);
     for (int ph = 0; ph < cpb; ++ph)
-      for (int t = 0; t < 2; ++t)  // (shifted & mask) | bias
-        out[ph * 2 + t] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8 * t + B * ph), mask, bias, 0xEA);
+      for (int t = 0; t < 2; ++t) out[ph * 2 + t] = _mm512_permutexvar_epi16(_mm512_srli_epi32(v, 8 * t + B * ph), tbl);
   }
 }
 
@@ -98,9 +109,8 @@ void dot_rows(const LowbitProblem& p, const uint16_t* x16, const float* xsum, in
   float zt[MR][NR] = {};
   for (int r = 0; r < NR; ++r)
     for (int64_t grp = 0; grp < G; ++grp) {
-      const float sc = load_as_float(p.scale, p.scale_dtype, (n + r) * G + grp);
-      const float z = load_as_float(p.zero, p.scale_dtype, (n + r) * G + grp) - code_bias(B) * sc;
-      sbuf[r * (G + 16) + grp] = sc;
+      sbuf[r * (G + 16) + grp] = load_as_float(p.scale, p.scale_dtype, (n + r) * G + grp);
+      const float z = load_as_float(p.zero, p.scale_dtype, (n + r) * G + grp);
       for (int m = 0; m < MR; ++m) zt[m][r] += z * xsum[m * G + grp];
     }
   __m512 tot[MR][NR];
@@ -243,7 +253,7 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t n = n0 + (r < rows ? r : 0);
         sT[g * kBlockN + r] = load_as_float(p.scale, p.scale_dtype, n * G + g);
-        zT[g * kBlockN + r] = load_as_float(p.zero, p.scale_dtype, n * G + g) - code_bias(p.bits) * sT[g * kBlockN + r];
+        zT[g * kBlockN + r] = load_as_float(p.zero, p.scale_dtype, n * G + g);
       }
     // Full blocks store straight into y; a short last block goes through a 32-wide buffer.
     const bool full = rows == kBlockN;
