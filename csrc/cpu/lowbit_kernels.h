@@ -38,36 +38,18 @@ struct LowbitKernels {
   LowbitRowsFn dequantize;   // writes w_out rows
 };
 
-// bf16_rows uses its panel kernel from this many activation rows on, and register-decode dot
-// kernels below it.
-constexpr int64_t kBf16PanelMinRows = 5;
-
-// Whether bf16_rows handles this layout for M activation rows: bits 2/4/8 and groups of whole
-// 64-byte chunks; below kBf16PanelMinRows rows also groups that tile a chunk in whole 4-byte
-// lanes (a group of 2^j bytes, 4 <= 2^j < 64), for any K.
-inline bool bf16_kernel_layout(int bits, int64_t group_size, int64_t M) {
-  if (!(bits == 2 || bits == 4 || bits == 8)) return false;
-  const int64_t group_bits = group_size * bits;
-  if (group_bits % 512 == 0) return true;
-  return M < kBf16PanelMinRows && group_bits >= 32 && 512 % group_bits == 0;
+// Whether bf16_rows handles this layout: bits 2/4/8 and groups of whole 64-byte chunks.
+inline bool bf16_kernel_layout(int bits, int64_t group_size) {
+  return (bits == 2 || bits == 4 || bits == 8) && (group_size * bits) % 512 == 0;
 }
 
-// Activation codes per row in the bf16 kernels' layout: K rounded up to whole 64-byte chunks
-// of codes (the padding holds zeros; a row's last chunk may be partly past its K codes).
-inline int64_t bf16_row_codes(int bits, int64_t K) {
-  const int64_t chunk_codes = 512 / bits;
-  return (K + chunk_codes - 1) / chunk_codes * chunk_codes;
-}
-
-// Position of a row's code j (natural order) in the bf16 kernels' activation order: within
+// Position of a group's code j (natural order) in the bf16 kernels' activation order: within
 // each 64-byte chunk, the pair vectors v = 2 * phase + t (t = 0, 1) hold, for each four-byte
 // quad q, the codes of that phase from bytes 4q + t and 4q + t + 2 (see isa/lowbit_bf16.cpp).
-// (Shifts and masks, not divisions: this runs for every activation of every call.)
 inline int64_t bf16_pair_position(int bits, int64_t j) {
-  const int log_cpb = bits == 2 ? 2 : bits == 4 ? 1 : 0;  // codes per byte: 8 / bits
-  const int64_t byte = j >> log_cpb, phase = j & ((1 << log_cpb) - 1);
-  const int64_t chunk = byte >> 6, in_chunk = byte & 63, quad = in_chunk >> 2, t = in_chunk & 1, h = (in_chunk >> 1) & 1;
-  return ((chunk << 6) << log_cpb) + (2 * phase + t) * 32 + 2 * quad + h;
+  const int64_t cpb = 8 / bits, byte = j / cpb, phase = j % cpb;
+  const int64_t chunk = byte / 64, in_chunk = byte % 64, quad = in_chunk / 4, t = in_chunk % 2, h = (in_chunk % 4) / 2;
+  return chunk * 64 * cpb + (2 * phase + t) * 32 + 2 * quad + h;
 }
 
 namespace isa_generic { const LowbitKernels& lowbit_kernels(); }

@@ -76,14 +76,10 @@ std::atomic<int>& chosen() {
 // Decode-order position of natural index j within a group (see isa/lowbit_fp32.cpp):
 // code c of unit u (units of 8/b codes in a byte, or 8 codes in three bytes for 3 bits)
 // goes to c * units + u.
-// per_unit is a power of two (1, 2, 4 or 8): shifts and masks, not divisions, per activation.
 struct DecodeOrder {
   bool phased;
   int64_t per_unit, units;
-  int64_t operator()(int64_t j) const {
-    const int shift = __builtin_ctzll(static_cast<unsigned long long>(per_unit));
-    return phased ? (j & (per_unit - 1)) * units + (j >> shift) : j;
-  }
+  int64_t operator()(int64_t j) const { return phased ? (j % per_unit) * units + j / per_unit : j; }
 };
 
 bool phase_layout(int bits, int64_t group_size) {
@@ -154,14 +150,13 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   LowbitProblem p = weight_problem(K, qweight, N, words, scale, zero, scale_dtype, bits, group_size);
   p.M = M;
   const int64_t G = p.G;
-  const bool bf16 = dtype == kBFloat16 && isa.bf16_rows != nullptr && bf16_kernel_layout(bits, group_size, M);
-  const int64_t K16 = bf16 ? bf16_row_codes(bits, K) : 0;  // codes per row of x16 (zero padding)
+  const bool bf16 = dtype == kBFloat16 && isa.bf16_rows != nullptr && bf16_kernel_layout(bits, group_size);
   const int64_t per_unit = bits == 3 ? 8 : 8 / bits;
   const DecodeOrder order{p.phased, per_unit, group_size / per_unit};
 
   // Activations in decode order (bf16 kept as is, anything else as fp32), with group sums.
   std::vector<float> x32(bf16 ? 0 : M * K), xsum(M * G);
-  std::vector<uint16_t> x16(M * K16);
+  std::vector<uint16_t> x16(bf16 ? M * K : 0);
   {
     std::vector<float> row(K);
     for (int64_t m = 0; m < M; ++m) {
@@ -171,7 +166,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
         float sum = 0.f;
         for (int64_t j = 0; j < group_size; ++j) {
           if (bf16)
-            x16[m * K16 + bf16_pair_position(bits, g0 + j)] = raw[g0 + j];
+            x16[m * K + g0 + bf16_pair_position(bits, j)] = raw[g0 + j];
           else
             x32[m * K + g0 + order(j)] = row[g0 + j];
           sum += row[g0 + j];
@@ -189,13 +184,9 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   const LowbitRowsFn rows = bf16 ? isa.bf16_rows : isa.kernels->fp32_rows;
   parallel_for(N, chunk_rows(N), [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
 
-  // Bias and output dtype, row by row in loops that vectorise (fp32 output: p.y is y).
-  for (int64_t m = 0; m < M && (bias || dtype != kFloat32); ++m) {
-    float* row = p.y + m * N;
-    if (bias)
-      for (int64_t n = 0; n < N; ++n) row[n] += bias[n];
-    if (dtype != kFloat32) from_float(row, N, dtype, static_cast<uint16_t*>(y) + m * N);
-  }
+  if (bias || dtype != kFloat32)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) store_from_float(y, dtype, m * N + n, p.y[m * N + n] + (bias ? bias[n] : 0.f));
   return "";
 }
 

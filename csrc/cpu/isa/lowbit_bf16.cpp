@@ -10,8 +10,7 @@
 // looks up a 16-bit lane's low five bits in a 32-entry table of bf16 integers, so one shift
 // and one lookup turn a lane into the pair (code of byte t, code of byte t+2): four bytes give
 // 2 * (8 / bits) pairs, and the activations are laid out in that pair order
-// (bf16_pair_position in lowbit_kernels.h). The panel form needs groups of whole 64-byte
-// chunks; the dot form also takes groups that tile a chunk in whole u32 lanes.
+// (bf16_pair_position in lowbit_kernels.h), which needs groups of whole 64-byte chunks.
 //
 // Two forms:
 // * few activation rows (M < kPanelMinRows): decode each row's chunk into registers and dot it
@@ -32,7 +31,7 @@ namespace sk {
 namespace isa_avx512bf16 {
 namespace {
 
-constexpr int64_t kPanelMinRows = kBf16PanelMinRows;
+constexpr int64_t kPanelMinRows = 5;
 constexpr int kDotRows = kPanelMinRows - 1;
 constexpr int kBlockN = 32;
 constexpr int kPanelM = 6;  // 12 group sums + 12 totals + 2 panel vectors + 1 broadcast: 27 zmm
@@ -85,86 +84,62 @@ inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
 // accumulator chain, so the vdpbf16ps latency is hidden and the memory streams overlap; the
 // next NR rows are prefetched (rows of a few hundred bytes are too short for the hardware
 // prefetcher to ramp up on).
-//
-// Scales are applied once per `period` chunks: a group's worth when groups span whole chunks,
-// else every chunk with a vector holding, in each u32 lane, the scale of the group that lane's
-// four bytes belong to (groups of 4..32 bytes tile a chunk in whole lanes). A row's last
-// chunk may be partial: its missing lanes load as code 0 and meet zero-padded activations.
 template <int B, int MR, int NR>
 void dot_rows(const LowbitProblem& p, const uint16_t* x16, const float* xsum, int64_t n, float out[][4]) {
   constexpr int nv = 2 * (8 / B);
-  constexpr int64_t chunk_codes = 64 * (8 / B);
-  const int64_t K = p.K, G = p.G, g = p.group_size, K16 = bf16_row_codes(B, K);
-  const int64_t row_lanes = K * B / 32, chunks = K16 / chunk_codes;
-  const int64_t group_bytes = g * B / 8;
-  const int64_t period = std::max<int64_t>(1, group_bytes / 64);
-  const int64_t lanes_per_group = std::min<int64_t>(16, group_bytes / 4);
-  const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               __builtin_ctzll(lanes_per_group));
+  const int64_t K = p.K, G = p.G, chunk_codes = 64 * (8 / B);
   const uint8_t* rb = p.qweight + n * p.row_bytes;
   const int64_t pf_rows = std::min<int64_t>(NR, p.N - 1 - n);  // rows after the last are not prefetched
-  // Scales of the NR rows as fp32, 16 zeros past the end (the lane lookups read ahead).
-  thread_local std::vector<float> sbuf;
-  sbuf.assign(NR * (G + 16), 0.f);
-  float zt[MR][NR] = {};
-  for (int r = 0; r < NR; ++r)
-    for (int64_t grp = 0; grp < G; ++grp) {
-      sbuf[r * (G + 16) + grp] = load_as_float(p.scale, p.scale_dtype, (n + r) * G + grp);
-      const float z = load_as_float(p.zero, p.scale_dtype, (n + r) * G + grp);
-      for (int m = 0; m < MR; ++m) zt[m][r] += z * xsum[m * G + grp];
-    }
   __m512 tot[MR][NR];
+  float zt[MR][NR] = {};
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) tot[m][r] = _mm512_setzero_ps();
-  for (int64_t c0 = 0; c0 < chunks; c0 += period) {
+  for (int64_t grp = 0; grp < G; ++grp) {
     __m512 acc[MR][NR];
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t c = c0; c < c0 + period; ++c) {
-      const int64_t lanes = std::min<int64_t>(16, row_lanes - 16 * c);
-      const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
-      const int64_t k0 = c * chunk_codes;
+    for (int64_t k0 = grp * p.group_size; k0 < (grp + 1) * p.group_size; k0 += chunk_codes) {
       for (int r = 0; r < NR; ++r) {
-        const uint8_t* chunk = rb + r * p.row_bytes + 64 * c;
+        const uint8_t* chunk = rb + r * p.row_bytes + k0 * B / 8;
         _mm_prefetch(reinterpret_cast<const char*>(chunk + pf_rows * p.row_bytes), _MM_HINT_T0);
         __m512i q[nv];
-        decode_quads<B>(_mm512_maskz_loadu_epi32(mask, chunk), q);
+        decode_quads<B>(_mm512_loadu_si512(chunk), q);
         for (int v = 0; v < nv; ++v)
           for (int m = 0; m < MR; ++m)
-            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], as_bh(q[v]), as_bh(_mm512_loadu_si512(x16 + m * K16 + k0 + 32 * v)));
+            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], as_bh(q[v]), as_bh(_mm512_loadu_si512(x16 + m * K + k0 + 32 * v)));
       }
     }
-    const int64_t first_group = c0 * 64 / group_bytes;
     for (int r = 0; r < NR; ++r) {
-      const float* s = sbuf.data() + r * (G + 16) + first_group;
-      const __m512 sv = period > 1 || lanes_per_group == 16 ? _mm512_set1_ps(*s)
-                                                            : _mm512_permutexvar_ps(lane_group, _mm512_loadu_ps(s));
-      for (int m = 0; m < MR; ++m) tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
+      const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, (n + r) * G + grp));
+      const float z = load_as_float(p.zero, p.scale_dtype, (n + r) * G + grp);
+      for (int m = 0; m < MR; ++m) {
+        tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
+        zt[m][r] += z * xsum[m * G + grp];
+      }
     }
   }
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) out[m][r] = _mm512_reduce_add_ps(tot[m][r]) + zt[m][r];
 }
 
-// Rows [n_begin, n_end) for activation rows [m0, m0 + mr), mr <= MR: four weight rows per step
-// for one activation row, two for more (at least four accumulator chains).
+// Rows [n_begin, n_end) for activation rows [m0, m0 + mr), mr <= MR: four accumulator chains
+// per weight-row step (4 rows for one activation row, 2 for two, 1 from three on).
 template <int B, int MR>
 void dot_rows_t(const LowbitProblem& p, int64_t m0, int64_t mr, int64_t n_begin, int64_t n_end) {
   if (mr != MR) {
     if constexpr (MR > 1) dot_rows_t<B, MR - 1>(p, m0, mr, n_begin, n_end);
     return;
   }
-  constexpr int NR = MR == 1 ? 4 : 2;
-  const uint16_t* x16 = p.x16 + m0 * bf16_row_codes(B, p.K);
+  constexpr int NR = MR >= 3 ? 1 : 4 / MR;
   float out[MR][4];
   int64_t n = n_begin;
   for (; n + NR <= n_end; n += NR) {
-    dot_rows<B, MR, NR>(p, x16, p.xsum + m0 * p.G, n, out);
+    dot_rows<B, MR, NR>(p, p.x16 + m0 * p.K, p.xsum + m0 * p.G, n, out);
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < NR; ++r) p.y[(m0 + m) * p.N + n + r] = out[m][r];
   }
   for (; n < n_end; ++n) {
-    dot_rows<B, MR, 1>(p, x16, p.xsum + m0 * p.G, n, out);
+    dot_rows<B, MR, 1>(p, p.x16 + m0 * p.K, p.xsum + m0 * p.G, n, out);
     for (int m = 0; m < MR; ++m) p.y[(m0 + m) * p.N + n] = out[m][0];
   }
 }
