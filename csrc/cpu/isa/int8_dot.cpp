@@ -85,14 +85,10 @@ inline __m128i reduce4(Acc a, Acc b, Acc c, Acc d) {
 // One step of K: acc[m][r] += x[m] . w[r] over 64 bytes (mask: the K tail, zeros elsewhere;
 // a masked-out weight byte becomes 0x80 after the flip and meets a zero activation).
 template <int MR, int NR>
-inline void step(Acc acc[MR][NR], const int8_t* x, int64_t K, const int8_t* const* wr, const int8_t* const* pf,
-                 int64_t k, __mmask64 mask) {
+inline void step(Acc acc[MR][NR], const int8_t* x, int64_t K, const int8_t* const* wr, int64_t k, __mmask64 mask) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i wv[NR];
-  for (int r = 0; r < NR; ++r) {
-    wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr[r] + k), flip);
-    _mm_prefetch(reinterpret_cast<const char*>(pf[r] + k), _MM_HINT_T0);
-  }
+  for (int r = 0; r < NR; ++r) wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr[r] + k), flip);
   for (int m = 0; m < MR; ++m) {
     const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + m * K + k);
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], wv[r], xv);
@@ -116,20 +112,17 @@ inline Acc madd_add(Acc acc, Acc a, Acc b) {
 }
 #endif
 
-// out[m][r] = exact dot(x row m, w row r) over K for an MR x NR tile; the rows pf (the next
-// tile's) are prefetched on the way: rows a few hundred bytes long are too short for the
-// hardware prefetcher to ramp up on.
+// out[m][r] = exact dot(x row m, w row r) over K for an MR x NR tile.
 template <int MR, int NR>
-void dot_tile(const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* const* wr, const int8_t* const* pf,
-              int32_t out[kMaxMR][kMaxNR]) {
+void dot_tile(const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* const* wr, int32_t out[kMaxMR][kMaxNR]) {
 #if SK_INT8_SIMD > 0
   Acc acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = zero();
 #if SK_INT8_SIMD == 2
   int64_t k = 0;
-  for (; k + kStep <= K; k += kStep) step<MR, NR>(acc, x, K, wr, pf, k, ~__mmask64{0});
-  if (k < K) step<MR, NR>(acc, x, K, wr, pf, k, ~__mmask64{0} >> (kStep - (K - k)));
+  for (; k + kStep <= K; k += kStep) step<MR, NR>(acc, x, K, wr, k, ~__mmask64{0});
+  if (k < K) step<MR, NR>(acc, x, K, wr, k, ~__mmask64{0} >> (kStep - (K - k)));
   for (int m = 0; m < MR; ++m) {
     const __m128i offset = _mm_set1_epi32(static_cast<int32_t>(128u * static_cast<uint32_t>(xsum[m])));
     for (int r = 0; r < NR; r += 4) {
@@ -142,10 +135,7 @@ void dot_tile(const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* con
   const int64_t vec_end = K / kStep * kStep;
   for (int64_t k = 0; k < vec_end; k += kStep) {
     Acc wv[NR];
-    for (int r = 0; r < NR; ++r) {
-      wv[r] = widen(wr[r] + k);
-      _mm_prefetch(reinterpret_cast<const char*>(pf[r] + k), _MM_HINT_T0);
-    }
+    for (int r = 0; r < NR; ++r) wv[r] = widen(wr[r] + k);
     for (int m = 0; m < MR; ++m) {
       const Acc xv = widen(x + m * K + k);
       for (int r = 0; r < NR; ++r) acc[m][r] = madd_add(acc[m][r], wv[r], xv);
@@ -161,7 +151,6 @@ void dot_tile(const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* con
 #endif
 #else
   (void)xsum;
-  (void)pf;
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) {
       const int8_t* xm = x + m * K;
@@ -176,11 +165,11 @@ void dot_tile(const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* con
 // dot_tile for the runtime row count mr <= MR.
 template <int MR, int NR>
 void dot_tile_upto(int64_t mr, const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* const* wr,
-                   const int8_t* const* pf, int32_t out[kMaxMR][kMaxNR]) {
+                   int32_t out[kMaxMR][kMaxNR]) {
   if (mr == MR) {
-    dot_tile<MR, NR>(x, xsum, K, wr, pf, out);
+    dot_tile<MR, NR>(x, xsum, K, wr, out);
   } else if constexpr (MR > 1) {
-    dot_tile_upto<MR - 1, NR>(mr, x, xsum, K, wr, pf, out);
+    dot_tile_upto<MR - 1, NR>(mr, x, xsum, K, wr, out);
   }
 }
 
@@ -209,12 +198,9 @@ void rows_t(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
       for (int64_t n0 = b0; n0 < b1; n0 += NR) {
         const int64_t nr = std::min<int64_t>(NR, b1 - n0);
         // A short last tile repeats its first row: computed, never stored.
-        const int8_t *wr[NR], *pf[NR];
-        for (int r = 0; r < NR; ++r) {
-          wr[r] = p.w + (n0 + (r < nr ? r : 0)) * K;
-          pf[r] = p.w + std::min(n0 + NR + r, p.N - 1) * K;  // the next tile (prefetches do not fault)
-        }
-        dot_tile_upto<MR, NR>(mr, p.xq + m0 * K, p.xsum + m0, K, wr, pf, out);
+        const int8_t* wr[NR];
+        for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + (r < nr ? r : 0)) * K;
+        dot_tile_upto<MR, NR>(mr, p.xq + m0 * K, p.xsum + m0, K, wr, out);
         store_tile(p, m0, mr, n0, nr, out);
       }
     }

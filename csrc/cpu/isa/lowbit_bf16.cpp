@@ -80,67 +80,45 @@ inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
 }
 
 // ---- Few activation rows: decode in registers, dot over k -------------------------------
-// NR weight rows at once (rows n .. n + NR - 1): each row's sums are an independent
-// accumulator chain, so the vdpbf16ps latency is hidden and the memory streams overlap; the
-// next NR rows are prefetched (rows of a few hundred bytes are too short for the hardware
-// prefetcher to ramp up on).
-template <int B, int MR, int NR>
-void dot_rows(const LowbitProblem& p, const uint16_t* x16, const float* xsum, int64_t n, float out[][4]) {
+template <int B, int MR>
+void dot_row(const LowbitProblem& p, const uint16_t* x16, const float* xsum, int64_t n, float* out) {
   constexpr int nv = 2 * (8 / B);
   const int64_t K = p.K, G = p.G, chunk_codes = 64 * (8 / B);
   const uint8_t* rb = p.qweight + n * p.row_bytes;
-  const int64_t pf_rows = std::min<int64_t>(NR, p.N - 1 - n);  // rows after the last are not prefetched
-  __m512 tot[MR][NR];
-  float zt[MR][NR] = {};
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) tot[m][r] = _mm512_setzero_ps();
+  __m512 tot[MR];
+  for (int m = 0; m < MR; ++m) tot[m] = _mm512_setzero_ps();
+  float zt[MR] = {};
   for (int64_t grp = 0; grp < G; ++grp) {
-    __m512 acc[MR][NR];
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+    __m512 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t k0 = grp * p.group_size; k0 < (grp + 1) * p.group_size; k0 += chunk_codes) {
-      for (int r = 0; r < NR; ++r) {
-        const uint8_t* chunk = rb + r * p.row_bytes + k0 * B / 8;
-        _mm_prefetch(reinterpret_cast<const char*>(chunk + pf_rows * p.row_bytes), _MM_HINT_T0);
-        __m512i q[nv];
-        decode_quads<B>(_mm512_loadu_si512(chunk), q);
-        for (int v = 0; v < nv; ++v)
-          for (int m = 0; m < MR; ++m)
-            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], as_bh(q[v]), as_bh(_mm512_loadu_si512(x16 + m * K + k0 + 32 * v)));
-      }
+      __m512i q[nv];
+      decode_quads<B>(_mm512_loadu_si512(rb + k0 * B / 8), q);
+      for (int v = 0; v < nv; ++v)
+        for (int m = 0; m < MR; ++m)
+          acc[m] = _mm512_dpbf16_ps(acc[m], as_bh(q[v]), as_bh(_mm512_loadu_si512(x16 + m * K + k0 + 32 * v)));
     }
-    for (int r = 0; r < NR; ++r) {
-      const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, (n + r) * G + grp));
-      const float z = load_as_float(p.zero, p.scale_dtype, (n + r) * G + grp);
-      for (int m = 0; m < MR; ++m) {
-        tot[m][r] = _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]);
-        zt[m][r] += z * xsum[m * G + grp];
-      }
+    const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, n * G + grp));
+    const float z = load_as_float(p.zero, p.scale_dtype, n * G + grp);
+    for (int m = 0; m < MR; ++m) {
+      tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
+      zt[m] += z * xsum[m * G + grp];
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) out[m][r] = _mm512_reduce_add_ps(tot[m][r]) + zt[m][r];
+  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(tot[m]) + zt[m];
 }
 
-// Rows [n_begin, n_end) for activation rows [m0, m0 + mr), mr <= MR: four accumulator chains
-// per weight-row step (4 rows for one activation row, 2 for two, 1 from three on).
+// Rows [n_begin, n_end) for activation rows [m0, m0 + mr), mr <= MR.
 template <int B, int MR>
 void dot_rows_t(const LowbitProblem& p, int64_t m0, int64_t mr, int64_t n_begin, int64_t n_end) {
   if (mr != MR) {
     if constexpr (MR > 1) dot_rows_t<B, MR - 1>(p, m0, mr, n_begin, n_end);
     return;
   }
-  constexpr int NR = MR >= 3 ? 1 : 4 / MR;
-  float out[MR][4];
-  int64_t n = n_begin;
-  for (; n + NR <= n_end; n += NR) {
-    dot_rows<B, MR, NR>(p, p.x16 + m0 * p.K, p.xsum + m0 * p.G, n, out);
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < NR; ++r) p.y[(m0 + m) * p.N + n + r] = out[m][r];
-  }
-  for (; n < n_end; ++n) {
-    dot_rows<B, MR, 1>(p, p.x16 + m0 * p.K, p.xsum + m0 * p.G, n, out);
-    for (int m = 0; m < MR; ++m) p.y[(m0 + m) * p.N + n] = out[m][0];
+  float out[MR];
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    dot_row<B, MR>(p, p.x16 + m0 * p.K, p.xsum + m0 * p.G, n, out);
+    for (int m = 0; m < MR; ++m) p.y[(m0 + m) * p.N + n] = out[m];
   }
 }
 

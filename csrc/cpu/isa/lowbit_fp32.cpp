@@ -113,55 +113,48 @@ void load_affine(const LowbitProblem& p, int64_t n, float* sz) {
   }
 }
 
-// Phase layout of bits B: a group is `units` units (a byte of 8/B codes, or for 3 bits three
-// bytes of 8 codes), and code c of unit u sits at decode position c * units + u.
-template <int B>
-struct Phases {
-  static constexpr int kCodes = B == 3 ? 8 : 8 / B;  // codes per unit
-  static constexpr int kBytes = B == 3 ? 3 : 1;      // bytes per unit
-  static constexpr int kRead = B == 3 ? 64 : 16;     // bytes that load16 reads
-  static constexpr uint32_t kMask = (1u << B) - 1;
-  // Sixteen units from p, one per uint32 lane.
-  static u32x16 load16(const uint8_t* p) {
-    if constexpr (B == 3)
-      return units16(p);
-    else
-      return widen16(p);
-  }
-  static uint32_t load1(const uint8_t* p) {
-    if constexpr (B == 3)
-      return load_unit3(p);
-    else
-      return *p;
-  }
-  // Whether sixteen units from unit u of a group at byte `offset` can be loaded within the row.
-  static bool vector_fits(int64_t u, int64_t units, int64_t offset, int64_t row_bytes) {
-    return u + 16 <= units && offset + kBytes * u + kRead <= row_bytes;
-  }
-};
-
-template <int B>
-void decode_row_phase(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s, const float* z,
-                      float* w) {
-  using L = Phases<B>;
-  const int64_t units = g / L::kCodes;
+void decode_row_phase3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s, const float* z,
+                       float* w) {
+  const int64_t units = g / 8;
   for (int64_t grp = 0; grp < K / g; ++grp) {
-    const int64_t offset = grp * units * L::kBytes;
+    const int64_t offset = grp * units * 3;
     const uint8_t* gb = rb + offset;
     float* wg = w + grp * g;
     const float sc = s[grp], ze = z[grp];
     int64_t u = 0;
-    for (; L::vector_fits(u, units, offset, row_bytes); u += 16) {
-      const u32x16 wv = L::load16(gb + L::kBytes * u);
-      for (int ph = 0; ph < L::kCodes; ++ph) {
-        const f32x16 v = __builtin_convertvector((wv >> (ph * B)) & L::kMask, f32x16) * sc + ze;
+    for (; u + 16 <= units && offset + 3 * u + 64 <= row_bytes; u += 16) {
+      const u32x16 wv = units16(gb + 3 * u);
+      for (int ph = 0; ph < 8; ++ph) {
+        const f32x16 v = __builtin_convertvector((wv >> (3 * ph)) & 7u, f32x16) * sc + ze;
         std::memcpy(wg + ph * units + u, &v, sizeof v);
       }
     }
     for (; u < units; ++u) {
-      const uint32_t v = L::load1(gb + L::kBytes * u);
-      for (int ph = 0; ph < L::kCodes; ++ph) wg[ph * units + u] = static_cast<float>((v >> (ph * B)) & L::kMask) * sc + ze;
+      const uint32_t v = load_unit3(gb + 3 * u);
+      for (int ph = 0; ph < 8; ++ph) wg[ph * units + u] = static_cast<float>((v >> (3 * ph)) & 7u) * sc + ze;
     }
+  }
+}
+
+template <int B>
+void decode_row_phase(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, float* w) {
+  constexpr int cpb = 8 / B;
+  constexpr unsigned mask = (1u << B) - 1;
+  const int64_t per_phase = g / cpb;
+  const int64_t vec_end = per_phase / 16 * 16;
+  for (int64_t grp = 0; grp < K / g; ++grp) {
+    const uint8_t* gb = rb + grp * per_phase;
+    float* wg = w + grp * g;
+    const float sc = s[grp], ze = z[grp];
+    for (int64_t j = 0; j < vec_end; j += 16) {
+      const u32x16 wv = widen16(gb + j);
+      for (int ph = 0; ph < cpb; ++ph) {
+        const f32x16 v = __builtin_convertvector((wv >> (ph * B)) & mask, f32x16) * sc + ze;
+        std::memcpy(wg + ph * per_phase + j, &v, sizeof v);
+      }
+    }
+    for (int64_t j = vec_end; j < per_phase; ++j)
+      for (int ph = 0; ph < cpb; ++ph) wg[ph * per_phase + j] = static_cast<float>((gb[j] >> (ph * B)) & mask) * sc + ze;
   }
 }
 
@@ -182,33 +175,22 @@ void decode_row(const LowbitProblem& p, int64_t n, float* sz, uint8_t* qbuf, flo
   const uint8_t* rb = p.qweight + n * p.row_bytes;
   const float *s = sz, *z = sz + p.G;
   switch (p.phased ? p.bits : 0) {
-    case 2: decode_row_phase<2>(rb, p.row_bytes, p.K, p.group_size, s, z, w); break;
-    case 3: decode_row_phase<3>(rb, p.row_bytes, p.K, p.group_size, s, z, w); break;
-    case 4: decode_row_phase<4>(rb, p.row_bytes, p.K, p.group_size, s, z, w); break;
-    case 8: decode_row_phase<8>(rb, p.row_bytes, p.K, p.group_size, s, z, w); break;
+    case 2: decode_row_phase<2>(rb, p.K, p.group_size, s, z, w); break;
+    case 3: decode_row_phase3(rb, p.row_bytes, p.K, p.group_size, s, z, w); break;
+    case 4: decode_row_phase<4>(rb, p.K, p.group_size, s, z, w); break;
+    case 8: decode_row_phase<8>(rb, p.K, p.group_size, s, z, w); break;
     default: decode_row_natural(rb, p.K, p.bits, p.group_size, s, z, qbuf, w);
   }
 }
 
-// Independent FMA chains per activation row in the fused kernels: with one or two rows, a
-// single chain would wait on the FMA latency at every code vector.
-template <int MB>
-constexpr int kChains = MB == 1 ? 4 : MB == 2 ? 2 : 1;
-
-template <int MB>
-inline f32x16 chain_sum(const f32x16 (&dv)[kChains<MB>]) {
-  f32x16 t = dv[0];
-  for (int c = 1; c < kChains<MB>; ++c) t += dv[c];
-  return t;
-}
-
 // Few activation rows, phase layout: codes straight into the FMAs, one group at a time.
 template <int B, int MB>
-void fused_rows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s, const float* z,
-                const float* xp, const float* xsum, int64_t G, float* acc) {
-  using L = Phases<B>;
-  constexpr int C = kChains<MB>;
-  const int64_t units = g / L::kCodes;
+void fused_rows(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, const float* xp,
+                const float* xsum, int64_t G, float* acc) {
+  constexpr int cpb = 8 / B;
+  constexpr uint32_t mask = (1u << B) - 1;
+  const int64_t per_phase = g / cpb;
+  const int64_t vec_end = per_phase / 16 * 16;
   f32x16 yv[MB];
   float ys[MB];
   for (int m = 0; m < MB; ++m) {
@@ -216,32 +198,69 @@ void fused_rows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, cons
     ys[m] = 0.f;
   }
   for (int64_t grp = 0; grp < G; ++grp) {
-    const int64_t offset = grp * units * L::kBytes;
+    const uint8_t* gb = rb + grp * per_phase;
+    const float* xg = xp + grp * g;
+    f32x16 dv[MB];
+    for (int m = 0; m < MB; ++m) dv[m] = f32x16{};
+    for (int64_t j = 0; j < vec_end; j += 16) {
+      const u32x16 wv = widen16(gb + j);
+      for (int ph = 0; ph < cpb; ++ph) {
+        const f32x16 q = __builtin_convertvector((wv >> (ph * B)) & mask, f32x16);
+        for (int m = 0; m < MB; ++m) dv[m] = q * load<f32x16>(xg + m * K + ph * per_phase + j) + dv[m];
+      }
+    }
+    float dt[MB];
+    for (int m = 0; m < MB; ++m) dt[m] = 0.f;
+    for (int64_t j = vec_end; j < per_phase; ++j)
+      for (int ph = 0; ph < cpb; ++ph) {
+        const float q = static_cast<float>((gb[j] >> (ph * B)) & mask);
+        for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * per_phase + j] + dt[m];
+      }
+    for (int m = 0; m < MB; ++m) {
+      yv[m] = s[grp] * dv[m] + yv[m];
+      ys[m] += s[grp] * dt[m] + z[grp] * xsum[m * G + grp];
+    }
+  }
+  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
+}
+
+// fused_rows for 3 bits: sixteen units (128 codes) per vector step, units past the last
+// 64 readable bytes of the row one at a time.
+template <int MB>
+void fused_rows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s, const float* z,
+                 const float* xp, const float* xsum, int64_t G, float* acc) {
+  const int64_t units = g / 8;
+  f32x16 yv[MB];
+  float ys[MB];
+  for (int m = 0; m < MB; ++m) {
+    yv[m] = f32x16{};
+    ys[m] = 0.f;
+  }
+  for (int64_t grp = 0; grp < G; ++grp) {
+    const int64_t offset = grp * units * 3;
     const uint8_t* gb = rb + offset;
     const float* xg = xp + grp * g;
-    f32x16 dv[MB][C];
-    for (int m = 0; m < MB; ++m)
-      for (int c = 0; c < C; ++c) dv[m][c] = f32x16{};
+    f32x16 dv[MB];
+    for (int m = 0; m < MB; ++m) dv[m] = f32x16{};
     int64_t u = 0;
-    for (; L::vector_fits(u, units, offset, row_bytes); u += 16) {
-      const u32x16 wv = L::load16(gb + L::kBytes * u);
-      for (int ph = 0; ph < L::kCodes; ++ph) {
-        const f32x16 q = __builtin_convertvector((wv >> (ph * B)) & L::kMask, f32x16);
-        const int c = (u / 16 * L::kCodes + ph) % C;
-        for (int m = 0; m < MB; ++m) dv[m][c] = q * load<f32x16>(xg + m * K + ph * units + u) + dv[m][c];
+    for (; u + 16 <= units && offset + 3 * u + 64 <= row_bytes; u += 16) {
+      const u32x16 wv = units16(gb + 3 * u);
+      for (int ph = 0; ph < 8; ++ph) {
+        const f32x16 q = __builtin_convertvector((wv >> (3 * ph)) & 7u, f32x16);
+        for (int m = 0; m < MB; ++m) dv[m] = q * load<f32x16>(xg + m * K + ph * units + u) + dv[m];
       }
     }
     float dt[MB];
     for (int m = 0; m < MB; ++m) dt[m] = 0.f;
     for (; u < units; ++u) {
-      const uint32_t v = L::load1(gb + L::kBytes * u);
-      for (int ph = 0; ph < L::kCodes; ++ph) {
-        const float q = static_cast<float>((v >> (ph * B)) & L::kMask);
+      const uint32_t v = load_unit3(gb + 3 * u);
+      for (int ph = 0; ph < 8; ++ph) {
+        const float q = static_cast<float>((v >> (3 * ph)) & 7u);
         for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * units + u] + dt[m];
       }
     }
     for (int m = 0; m < MB; ++m) {
-      yv[m] = s[grp] * chain_sum<MB>(dv[m]) + yv[m];
+      yv[m] = s[grp] * dv[m] + yv[m];
       ys[m] += s[grp] * dt[m] + z[grp] * xsum[m * G + grp];
     }
   }
@@ -253,10 +272,10 @@ void fused_row(const LowbitProblem& p, const float* sz, const float* xsum, int64
   const uint8_t* rb = p.qweight + n * p.row_bytes;
   const float *s = sz, *z = sz + p.G;
   switch (p.bits) {
-    case 2: fused_rows<2, MB>(rb, p.row_bytes, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
-    case 3: fused_rows<3, MB>(rb, p.row_bytes, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
-    case 4: fused_rows<4, MB>(rb, p.row_bytes, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
-    default: fused_rows<8, MB>(rb, p.row_bytes, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
+    case 2: fused_rows<2, MB>(rb, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
+    case 3: fused_rows3<MB>(rb, p.row_bytes, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
+    case 4: fused_rows<4, MB>(rb, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
+    default: fused_rows<8, MB>(rb, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
   }
 }
 
