@@ -1,4 +1,5 @@
-"""Helpers shared by the runtime tests: seeded prompts and bounded polling."""
+"""Helpers shared by the runtime tests: seeded prompts, bounded polling and free ports."""
+import socket
 import time
 
 import torch
@@ -32,3 +33,14 @@ def sliding_window_models(num_layers: int = 4, window: int = 5) -> list:
     return [MistralForCausalLM(MistralConfig(**common, sliding_window=window)).eval(),
             Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=window,
                                          max_window_layers=2)).eval()]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free right now (all held open together while chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-from runtime_helpers import prompt as _prompt
+from runtime_helpers import free_ports, prompt as _prompt
 from splitkernels.cli.models import load_model
 from splitkernels.codec import encode
 from splitkernels.codec.frame import HEADER, MAGIC
@@ -128,12 +127,6 @@ def test_unopened_streams_lock_out_neither_info_nor_new_sessions(model):
 
 
 # -- restarts -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _ServeProcess:
     """``splitkernels serve --model tiny`` on a fixed loopback port, as a subprocess."""
 
@@ -201,7 +194,7 @@ class _KillServerAt(Transport):
 
 def test_a_server_killed_mid_generation_is_resumed_with_identical_output():
     """A greedy and a seeded-sampling generation, both in flight when the server is killed."""
-    port = _free_port()
+    (port,) = free_ports(1)
     server = [_ServeProcess(port)]
     try:
         server[0].ready()
@@ -235,7 +228,7 @@ def test_a_server_killed_mid_generation_is_resumed_with_identical_output():
 
 
 def test_sigterm_drains_sessions_in_flight():
-    port = _free_port()
+    (port,) = free_ports(1)
     server = _ServeProcess(port, "--drain", "20")
     try:
         server.ready()

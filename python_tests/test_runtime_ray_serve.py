@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import time
 import pytest
 import torch
 
-from runtime_helpers import prompt, wait_for
+from runtime_helpers import free_ports, prompt, wait_for
 from splitkernels.cli import main
 from splitkernels.codec import CodecConfig, encode
 from splitkernels.models import load_model, tiny_model
@@ -141,21 +140,11 @@ def test_cluster_command_refuses_bad_flags(capsys):
     assert "differ" in capsys.readouterr().err
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """``splitkernels cluster`` with two replicas of the tiny model, in its own process group; yields
     (address, the process, its output so far)."""
-    port, http_port = _free_ports(2)
+    port, http_port = free_ports(2)
     cmd = [sys.executable, "-m", "splitkernels", "cluster", "--model", "tiny", "--seed", str(SEED),
            "--split-layer", str(SPLIT), "--replicas", "2", "--max-sessions", "4", "--max-seq-len", "64",
            "--port", str(port), "--http-port", str(http_port), "--token", TOKEN, "--replica-cpus", "1",
