@@ -192,6 +192,13 @@ def test_native_step_rejects_bad_tensors():
         decoder.step(torch.zeros(63), cache)
     with pytest.raises(ValueError, match="head must be None or one of"):
         NativeDecoder(model, 0, 2, head="int4")
+    with pytest.raises(ValueError, match="cannot truncate a cache of 0 positions to 1"):
+        cache.truncate(1)
+    decoder.step(torch.zeros(64), cache)
+    with pytest.raises(ValueError, match="cannot truncate a cache of 1 positions to -1"):
+        cache.truncate(-1)
+    cache.truncate(0)
+    assert cache.length == 0
 
 
 @pytest.mark.parametrize("head", ["int8", "fp32"])
