@@ -8,8 +8,9 @@ Rows, each at 1 and 2 threads (or ``--threads``):
   ours fast (embedding, 30 native layers at 4 bits g32, int8 head with the fused argmax);
   ours eager (the model's own forward with a DynamicCache, ``replace_linear(bits=4, g32)``).
 * edge: the split's edge segment, embedding + layers 1..29 at 4 bits (fast and eager).
-* server: layer 30 (dense fp32) + final norm + LM head + greedy token (fast: int8 head with
-  the exact fused argmax; eager: the model's own forward and ``argmax``).
+* server: layer 30 (dense fp32) + final norm + LM head + greedy token (fast: the W8A8 int8
+  head with the exact fused argmax; eager: the model's own forward and ``argmax``), and the
+  fast path sampling (temperature 0.8, top-k 50, top-p 0.95) from the head's fused exact top 50.
 
 Besides the wall-clock median (the figure the checks use), each row reports the median CPU
 time of the process per step (all its threads): on a machine shared with other jobs a thread
@@ -50,11 +51,14 @@ from splitkernels.models import SMOLLM2_FILE, SMOLLM2_PACKAGE, adapter_for, load
 from splitkernels.nn import QuantConfig, replace_linear  # noqa: E402
 from splitkernels.runtime import SplitConfig, split_model  # noqa: E402
 from splitkernels.runtime.protocol import SamplingParams  # noqa: E402
+from splitkernels.runtime.sampling import make_generator  # noqa: E402
 from splitkernels.runtime.segments import Edge, Server  # noqa: E402
 
 SPLIT = 29
 PROMPT_TOKENS = 32
 GREEDY = SamplingParams(False, 1.0, 0, 1.0, None)
+TOP_K = SamplingParams(True, 0.8, 50, 0.95, 0)
+SAMPLED = "ours fast, top-50 sampling"  # the native head's fused top k, then the sampler
 
 
 def gguf_path() -> Path:
@@ -109,11 +113,15 @@ def whole_rows(model_q, prompt: torch.Tensor) -> list[Row]:
     return [Row("ours fast", reset_fast, step_fast), Row("ours eager", reset_eager, step_eager)]
 
 
-def segment_rows(kind: str, segments: dict[str, object], prompt_input: torch.Tensor) -> list[Row]:
-    """Rows of an Edge (input: token ids) or a Server (input: split-layer hidden states)."""
+def segment_rows(kind: str, segments: dict[str, object], prompt_input: torch.Tensor,
+                 sampling: dict[str, SamplingParams] | None = None) -> list[Row]:
+    """Rows of an Edge (input: token ids) or a Server (input: split-layer hidden states; each
+    server row picks its token with ``sampling[name]``, greedy by default)."""
     rows = []
     for name, seg in segments.items():
         state: dict = {}
+        params = (sampling or {}).get(name, GREEDY)
+        generator = make_generator(params)
 
         def reset(seg=seg, state=state):
             state["cache"] = seg.new_decode_cache()
@@ -122,7 +130,7 @@ def segment_rows(kind: str, segments: dict[str, object], prompt_input: torch.Ten
                 if kind == "edge":
                     seg.forward(prompt_input, state["cache"], 0)
                 else:
-                    seg.next_token(prompt_input, state["cache"], 0, GREEDY)
+                    seg.next_token(prompt_input, state["cache"], 0, params, generator)
             state["pos"] = prompt_input.shape[-2 if kind == "server" else -1]
             state["h"] = torch.randn(1, prompt_input.shape[-1]) if kind == "server" else None
 
@@ -131,7 +139,7 @@ def segment_rows(kind: str, segments: dict[str, object], prompt_input: torch.Ten
                 if kind == "edge":
                     out = seg.forward(torch.tensor([[tok]]), state["cache"], state["pos"])
                 else:
-                    out = seg.next_token(state["h"], state["cache"], state["pos"], GREEDY)
+                    out = seg.next_token(state["h"], state["cache"], state["pos"], params, generator)
             state["pos"] += 1
             return out
 
@@ -226,6 +234,7 @@ def main() -> int:
     adapter = adapter_for(split)
     edges = {"ours fast": Edge(adapter, SPLIT), "ours eager": Edge(adapter, SPLIT, fast=False)}
     servers = {"ours fast": Server(adapter, SPLIT), "ours eager": Server(adapter, SPLIT, fast=False)}
+    servers[SAMPLED] = servers["ours fast"]
     assert all(s.fast for s in (edges["ours fast"], servers["ours fast"])), "the fast path declined SmolLM2"
     with torch.inference_mode():
         split_hidden = edges["ours eager"].forward(prompt, edges["ours eager"].new_cache(), 0)
@@ -238,7 +247,7 @@ def main() -> int:
         timing.progress(f"{t} thread(s)")
         parts = {"whole model": whole_rows(model_q, prompt),
                  f"edge: layers 1-{SPLIT}": segment_rows("edge", edges, prompt),
-                 f"server: layer {SPLIT + 1} + head": segment_rows("server", servers, split_hidden)}
+                 f"server: layer {SPLIT + 1} + head": segment_rows("server", servers, split_hidden, {SAMPLED: TOP_K})}
         if llama_version is not None:
             parts["whole model"].insert(0, llama_cpp_row(gguf_path(), t, prompt[0].tolist()))
         for part, rows in parts.items():
@@ -252,8 +261,10 @@ def main() -> int:
             result["checks"].append({"what": f"{t} thread(s): edge 29 layers fast / llama.cpp whole model <= 1.25",
                                      "value": f"{edge_ms:.2f} / {ref:.2f} ms = {edge_ms / ref:.2f}x",
                                      "met": edge_ms / ref <= 1.25})
-        result["checks"].append({"what": f"{t} thread(s): server 1 layer + head fast < 6 ms",
-                                 "value": f"{server_ms:.2f} ms", "met": server_ms < 6.0})
+        sampled_ms = by[(f"server: layer {SPLIT + 1} + head", SAMPLED)]
+        result["checks"].append({"what": f"{t} thread(s): server 1 layer + head fast < 6 ms (greedy / top-k sampling)",
+                                 "value": f"{server_ms:.2f} / {sampled_ms:.2f} ms",
+                                 "met": max(server_ms, sampled_ms) < 6.0})
     del model_q, split, edges, servers
     timing.progress("greedy check")
     _C.set_num_threads(threads[-1])

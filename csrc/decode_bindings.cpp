@@ -81,20 +81,22 @@ void bind_decode(py::module_& m) {
       .def(
           "step",
           [](const sk::DecodeStack& s, std::uintptr_t h, int64_t pos, std::uintptr_t kv, int64_t capacity,
-             std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t logits) {
+             std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t logits, int64_t k, std::uintptr_t ids,
+             std::uintptr_t vals) {
             int64_t token = -1;
             std::string err;
             {
               py::gil_scoped_release nogil;
               err = s.step(ptr<float>(h), pos, ptr<float>(kv), capacity, ptr<const float>(cos), ptr<const float>(sin),
-                           ptr<float>(logits), &token);
+                           ptr<float>(logits), k, ids ? ptr<int64_t>(ids) : &token, ptr<float>(vals));
             }
             check(err);
-            return token;
+            return ids && s.has_head() ? ptr<int64_t>(ids)[0] : token;
           },
           py::arg("h"), py::arg("pos"), py::arg("kv"), py::arg("capacity"), py::arg("cos"), py::arg("sin"),
-          py::arg("logits") = 0,
-          "Run h [hidden] fp32 (in place) at pos through the layers (and head); the argmax token or -1.")
+          py::arg("logits") = 0, py::arg("k") = 1, py::arg("ids") = 0, py::arg("vals") = 0,
+          "Run h [hidden] fp32 (in place) at pos through the layers (and head); the argmax token or -1.\n"
+          "With a head and k > 1: the top k rows into ids [k] int64 and vals [k] fp32 (see decode.h).")
       .def_property_readonly("num_layers", &sk::DecodeStack::num_layers)
       .def_property_readonly("has_head", &sk::DecodeStack::has_head);
   m.def("decode_isa", &sk::decode_isa, "Instruction set of the decode step's vector primitives.");

@@ -1,7 +1,7 @@
 """The native decode step (csrc/cpu/decode/, splitkernels.fastpath) against the model's own eager
 forward: hidden states and logits within ||out - ref|| / ||ref|| < 1e-5 (fp32 weights and low-bit
-ones alike: both paths dequantise the same codes), exact argmax of the int8 head against the fp32
-head, the fast/eager cache hand-over, declined layouts, and greedy split generation identical
+ones alike: both paths dequantise the same codes), exact argmax and top k of the W8A8 head against
+the fp32 head, the fast/eager cache hand-over, declined layouts, and greedy split generation identical
 to the eager split."""
 from __future__ import annotations
 
@@ -104,14 +104,57 @@ def test_long_context_grows_the_cache_and_threads_agree(threads):
 
 def test_int8_head_logits_and_exact_argmax():
     model = tiny_model("llama", seed=5, num_layers=2, hidden=64, vocab=128)
-    # Near-ties the int8 rounding cannot tell apart: pairs of rows closer than an int8 step
-    # (about 5e-4 here) yet far above fp32 rounding.
+    _near_tied_head(model)
+    for err, token, ref_token in _compare_steps(model, 0, 2, head="int8", steps=30):
+        assert err < 2e-2  # int8 rows, activations as two int8 rows
+        assert token == ref_token
+
+
+def _near_tied_head(model) -> None:
+    """Pairs of LM-head rows closer than an int8 step (about 5e-4 here) yet far above fp32
+    rounding, so the W8A8 logits cannot order them and the exact fix-up must."""
     with torch.no_grad():
         w = model.lm_head.weight
         w[1::2] = w[0::2] + 1e-4 * torch.randn_like(w[0::2])
-    for err, token, ref_token in _compare_steps(model, 0, 2, head="int8", steps=30):
-        assert err < 2e-2  # int8 rows, fp32 activations
-        assert token == ref_token
+
+
+@pytest.mark.parametrize("head, bits", [("int8", None), ("fp32", None), ("fp32", 4)])
+def test_native_top_k_is_the_heads_exact_top_k(head, bits):
+    model = tiny_model("llama", seed=6, num_layers=2, hidden=64, vocab=128)
+    _near_tied_head(model)
+    if bits:  # a low-bit (OPSC) head runs as stored: its top k is the dequantised head's
+        replace_linear(model, bits=bits, group_size=32)
+    decoder = NativeDecoder(model, 2, 2, head=head)
+    cache = decoder.new_cache(lambda: DynamicCache(config=model.config))
+    before = _C.lowbit_isa()
+    try:
+        for step, isa in enumerate(_C.lowbit_isas() * 3):  # every int8 kernel, three hidden states each
+            _C.set_lowbit_isa(isa)
+            hidden = torch.randn(64) * (1 + step)
+            with torch.no_grad():
+                ref = model.lm_head(model.model.norm(hidden))
+            for k in (1, 7, 40, 128):
+                cache.truncate(0)
+                _, ids, values = decoder.step_top(hidden, cache, k)
+                ref_values, ref_ids = torch.topk(ref, k)
+                assert torch.equal(ids, ref_ids), (isa, k)
+                torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-5)
+            cache.truncate(0)
+            assert decoder.step(hidden, cache)[1] == int(ref.argmax())
+    finally:
+        _C.set_lowbit_isa(before)
+
+
+def test_native_top_k_rejects_bad_k():
+    model = tiny_model("llama", seed=1, num_layers=2, hidden=64, vocab=128)
+    decoder = NativeDecoder(model, 0, 2, head="int8")
+    cache = decoder.new_cache(lambda: DynamicCache(config=model.config))
+    for k in (0, 129, True, 2.0):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 128\]"):
+            decoder.step_top(torch.zeros(64), cache, k)
+    with pytest.raises(ValueError, match="step_top needs a decoder with a head"):
+        NativeDecoder(model, 0, 2).step_top(torch.zeros(64), cache, 1)
+    assert cache.length == 0  # refused before the step ran
 
 
 def test_quantize_rows_int8():
@@ -211,10 +254,11 @@ def test_split_greedy_equals_eager_split(head):
     assert fast.edge.fast and fast.server.fast and not eager.edge.fast
     assert "fast=False" in eager.edge.fast_reason
     assert torch.equal(fast.generate(ids, 16), eager.generate(ids, 16))
-    # Sampling takes the native logits through the same sampler; a seed makes it repeatable.
-    a = fast.generate(ids, 8, do_sample=True, top_k=5, seed=11)
-    b = fast.generate(ids, 8, do_sample=True, top_k=5, seed=11)
-    assert torch.equal(a, b)
+    # Top-k sampling: the native head's exact top k through the same sampler as the eager
+    # split's full logits, so a seed draws the same tokens.
+    a = fast.generate(ids, 12, do_sample=True, top_k=5, temperature=1.5, seed=11)
+    assert torch.equal(a, eager.generate(ids, 12, do_sample=True, top_k=5, temperature=1.5, seed=11))
+    assert torch.equal(a, fast.generate(ids, 12, do_sample=True, top_k=5, temperature=1.5, seed=11))
     assert fast.last_metrics.edge_kv_bytes > 0
 
 

@@ -22,7 +22,7 @@ from splitkernels.runtime import (
 from splitkernels.runtime.protocol import (
     Close, Open, Opened, ProtocolError, SamplingParams, Step, TokenReply, decode_message, encode_message,
 )
-from splitkernels.runtime.sampling import make_generator, sample
+from splitkernels.runtime.sampling import make_generator, probabilities, sample, sample_top, top_probabilities
 from splitkernels.runtime.transport import Exchange, InProcessTransport, SessionHandle, Transport
 
 NUM_LAYERS = 4
@@ -157,6 +157,14 @@ def test_sampling_is_seeded_and_respects_top_k_top_p():
     gen = make_generator(params)
     drawn = {sample(logits, params, gen) for _ in range(300)}
     assert drawn <= set(order[:nucleus].tolist())
+    # The top-k draw over the k largest logits alone has the full sampler's distribution.
+    for params in (SamplingParams(True, 0.7, 9, 1.0), SamplingParams(True, 1.3, 20, 0.6)):
+        values, ids = torch.topk(logits, params.top_k)
+        full = probabilities(logits, params)
+        torch.testing.assert_close(top_probabilities(values, params), full[ids])
+        assert float(full[ids].sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="ids and logits must be non-empty 1-D tensors of one length"):
+        sample_top(torch.arange(3), torch.zeros(2), params)
     assert sample(logits, SamplingParams()) == int(logits.argmax())
     with pytest.raises(ValueError, match="logits"):
         sample(torch.zeros(2, 3), SamplingParams())

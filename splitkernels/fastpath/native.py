@@ -36,8 +36,9 @@ class NativeDecoder:
     """Layers ``first..last-1`` of a model (and its head when ``head`` is a format) as one native
     call per token. Holds the tensors the C++ side points at; the model must outlive it.
 
-    ``head``: None (the range ends at a split), ``"int8"`` (the LM head as per-row int8 weights,
-    fp32 activations; the fused argmax still equals the fp32 head's, see csrc/cpu/decode/decode.h)
+    ``head``: None (the range ends at a split), ``"int8"`` (the LM head as per-row int8 weights
+    run W8A8 on the CPU's int8 dot instructions; the fused argmax and top k still equal the fp32
+    head's, see csrc/cpu/decode/decode.h)
     or ``"fp32"`` (the dense head as it is). A low-bit LM head (OPSC) runs as stored.
     """
 
@@ -124,6 +125,25 @@ class NativeDecoder:
         """One token: ``hidden [d]`` (the layer range's input) at position ``cache.length``.
         Returns (the range's output ``[d]`` fp32, the argmax token or -1 without a head);
         fills ``logits [vocab]`` fp32 when given (a head is needed)."""
+        h, token = self._run(hidden, cache, logits, 1, None, None)
+        return h, token
+
+    def step_top(self, hidden: torch.Tensor, cache: FastCache, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token as :meth:`step`, returning (output ``[d]``, the ``k`` token ids of largest
+        logit ``[k]`` int64, their logits ``[k]`` fp32), largest first, ties by lower id. The
+        logits are the fp32 head's (an int8 head recomputes its top rows in fp32), so a top-k
+        sampler over them draws from the same distribution as over the full fp32 logits."""
+        if not getattr(self, "vocab", 0):
+            raise ValueError("step_top needs a decoder with a head")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.vocab:
+            raise ValueError(f"k must be an int in [1, {self.vocab}], got {k!r}")
+        ids = torch.empty(k, dtype=torch.int64)
+        vals = torch.empty(k, dtype=torch.float32)
+        h, _ = self._run(hidden, cache, None, k, ids, vals)
+        return h, ids, vals
+
+    def _run(self, hidden: torch.Tensor, cache: FastCache, logits: torch.Tensor | None, k: int,
+             ids: torch.Tensor | None, vals: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         pos = cache.length
         kv, capacity = cache.static(pos + 1)
         cos, sin = self._rope_rows(capacity)
@@ -134,7 +154,7 @@ class NativeDecoder:
                              "rows (and the decoder must have a head)")
         if h.numel() != self.description.hidden:
             raise ValueError(f"hidden must hold {self.description.hidden} values, got {h.numel()}")
-        hd = self.description.head_dim
-        token = self.stack.step(_ptr(h), pos, _ptr(kv), capacity, _ptr(cos[pos]), _ptr(sin[pos]), _ptr(logits))
+        token = self.stack.step(_ptr(h), pos, _ptr(kv), capacity, _ptr(cos[pos]), _ptr(sin[pos]), _ptr(logits),
+                                k, _ptr(ids), _ptr(vals))
         cache.advance()
         return h, token

@@ -16,7 +16,7 @@ from ..fastpath import FastCache, FastPathUnsupported, NativeDecoder
 from ..models.layout import cache_nbytes as _layout_cache_nbytes
 from ..models.split import Adapter
 from .protocol import SamplingParams
-from .sampling import sample
+from .sampling import FUSED_TOP_K, sample, sample_top
 
 __all__ = ["Edge", "Server", "cache_nbytes"]
 
@@ -153,11 +153,17 @@ class Server(_Segment):
     def next_token(self, hidden: torch.Tensor, cache, start: int, sampling: SamplingParams,
                    generator: torch.Generator | None = None) -> int:
         """The token after ``hidden [T, d]`` at positions ``start..``: :meth:`forward`, then
-        :func:`~splitkernels.runtime.sampling.sample`; a greedy one-token step on the fast path
-        takes the argmax fused into the native head instead."""
-        if isinstance(cache, FastCache) and hidden.shape[0] == 1 and not sampling.do_sample:
-            _check_start(cache, start, self.first, self.last)
-            return self.native.step(hidden[0], cache)[1]
+        :func:`~splitkernels.runtime.sampling.sample`. A one-token step on the fast path takes
+        the argmax (greedy) or the top ``top_k`` rows (sampling with ``top_k`` up to
+        ``FUSED_TOP_K``) from the native head, which selects them itself, instead of all logits."""
+        if isinstance(cache, FastCache) and hidden.shape[0] == 1:
+            if not sampling.do_sample:
+                _check_start(cache, start, self.first, self.last)
+                return self.native.step(hidden[0], cache)[1]
+            if 0 < sampling.top_k <= min(FUSED_TOP_K, self.native.vocab - 1):
+                _check_start(cache, start, self.first, self.last)
+                _, ids, values = self.native.step_top(hidden[0], cache, sampling.top_k)
+                return sample_top(ids, values, sampling, generator)
         return sample(self.forward(hidden, cache, start), sampling, generator)
 
 

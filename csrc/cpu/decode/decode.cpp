@@ -13,6 +13,7 @@
 
 #include "common/half.h"
 #include "cpu/decode/vec.h"
+#include "cpu/int8_kernels.h"
 #include "cpu/linear.h"
 #include "cpu/thread_pool.h"
 
@@ -29,7 +30,7 @@ const DecodeVec& vec() {
   return isa_generic::decode_vec();
 }
 
-std::string check_linear(const char* name, const DecodeLinear& l, int64_t N, int64_t K) {
+std::string check_linear(const char* name, const DecodeLinear& l, int64_t N, int64_t K, bool head = false) {
   const std::string n = name;
   if (l.N != N || l.K != K)
     return n + " must be [" + std::to_string(N) + ", " + std::to_string(K) + "], got [" + std::to_string(l.N) +
@@ -43,7 +44,10 @@ std::string check_linear(const char* name, const DecodeLinear& l, int64_t N, int
       if (l.scale_dtype < kFloat32 || l.scale_dtype > kBFloat16) return n + ": scale dtype must be fp32, fp16 or bf16";
       return "";
     case DecodeLinear::kDense: return l.weight ? "" : n + ": dense weight is null";
-    case DecodeLinear::kInt8: return l.w8 && l.w8_scale ? "" : n + ": int8 weight needs w8 and w8_scale";
+    case DecodeLinear::kInt8:
+      if (!head) return n + ": int8 weights are for the LM head only";
+      if (K >= (int64_t{1} << 31) / (127 * 127)) return n + ": K is too large for exact int32 sums";
+      return l.w8 && l.w8_scale ? "" : n + ": int8 weight needs w8 and w8_scale";
     default: return n + ": kind must be 0 (low-bit), 1 (dense fp32) or 2 (int8)";
   }
 }
@@ -60,7 +64,7 @@ std::string linear_rows(const DecodeLinear& l, const float* x, float* y, int64_t
                            bias, y + n0);
     }
     case DecodeLinear::kDense: vec().f32_rows(l.weight, l.K, x, l.bias, y, n0, n1); return "";
-    default: vec().i8_rows(l.w8, l.w8_scale, l.K, x, l.bias, y, n0, n1); return "";
+    default: return "int8 weights run only in the head";
   }
 }
 
@@ -140,31 +144,75 @@ void rotary(float* x, int64_t heads, int64_t hd, const float* cos, const float* 
   }
 }
 
-// Row n of an int8 head differs from the fp32 one by at most bound[n] = scale[n] * |x|_1 / 2
-// (each code is off by at most half a step), plus fp32 rounding of both sums (at most
-// K * 2^-23 * sum |w x| each, with |w| <= 127 * scale[n]). Rows whose upper bound reaches the
-// best lower bound are recomputed from the fp32 weight; the first maximum of those is the fp32
-// head's argmax. Returns it and leaves the exact logits of the recomputed rows in `out`.
-int64_t exact_argmax(const DecodeLinear& l, const float* x, float* out) {
-  float l1 = 0.f;
-  for (int64_t k = 0; k < l.K; ++k) l1 += std::fabs(x[k]);
-  const float slack = 0.5f + 2.f * 127.f * static_cast<float>(l.K) * 1.2e-7f;
-  auto bound = [&](int64_t n) { return l.w8_scale[n] * l1 * slack * 1.001f; };
-  float floor = -std::numeric_limits<float>::infinity();
-  for (int64_t n = 0; n < l.N; ++n) floor = std::max(floor, out[n] - bound(n));
+// The int8 head is W8A8: the normed hidden state x is split into two int8 rows, x ~= s0 p0 +
+// s1 p1 (p1 quantises the residual of p0, so x - (s0 p0 + s1 p1) is ~1/254 of one step of p0),
+// and one pass of the VNNI kernels over the weight computes both dot products. Its logit A[n]
+// differs from the fp32 one, L[n] = W[n] . x, by at most
+//   sw[n] * (|x|_1 / 2                  each weight code is off by half a step
+//            + 127 * |x - x~|_1)        each |code| <= 127 meets the activation residual
+// plus fp32 rounding of both sides (K * 2^-23 * sum |w x| each, with |w| <= 127 sw[n], and a
+// few ulps of A[n]). See exact_top.
+struct HeadBound {
+  float x_l1 = 0.f, act_err = 0.f;
+  float operator()(const DecodeLinear& l, int64_t n, float approx) const {
+    if (l.kind != DecodeLinear::kInt8) return 0.f;  // dense and low-bit heads are exact as stored
+    const float slack = 0.5f + 2.f * 127.f * static_cast<float>(l.K) * 1.2e-7f;
+    return (l.w8_scale[n] * (x_l1 * slack + 127.f * act_err) + 4.8e-7f * std::fabs(approx)) * 1.001f;
+  }
+};
+
+// Splits x [K] into xq [2, K] int8 rows with scales xs [2] and sums xsum [2] (see HeadBound);
+// returns the bound's activation terms.
+HeadBound split_activation(const Int8Kernels& k8, const float* x, int64_t K, int8_t* xq, float* xs, int32_t* xsum,
+                           float* r) {
+  HeadBound b;
+  xs[0] = k8.quantize_row(x, K, xq, &xsum[0]);
+  for (int64_t i = 0; i < K; ++i) r[i] = x[i] - xs[0] * static_cast<float>(xq[i]);
+  xs[1] = k8.quantize_row(r, K, xq + K, &xsum[1]);
+  for (int64_t i = 0; i < K; ++i) {
+    b.x_l1 += std::fabs(x[i]);
+    b.act_err += std::fabs(r[i] - xs[1] * static_cast<float>(xq[K + i]));
+  }
+  b.act_err += 1e-6f * b.x_l1;  // the residuals' own fp32 rounding
+  return b;
+}
+
+// The k rows of largest fp32 logit (ties: lower row first), from approximate logits `out`
+// [N] within bound(n) of the fp32 ones. Every row whose upper bound reaches the k-th largest
+// lower bound is a candidate (the true top k are among them); candidates of an int8 head are
+// recomputed from the fp32 weight, so their logits in `out` become exact. Writes ids/vals [k].
+void exact_top(const DecodeLinear& l, const HeadBound& bound, const float* x, float* out, int64_t k, int64_t* ids,
+               float* vals) {
+  std::vector<float> lower_heap;  // min-heap of the k largest lower bounds
+  lower_heap.reserve(k);
+  for (int64_t n = 0; n < l.N; ++n) {
+    const float lo = out[n] - bound(l, n, out[n]);
+    if (static_cast<int64_t>(lower_heap.size()) < k) {
+      lower_heap.push_back(lo);
+      std::push_heap(lower_heap.begin(), lower_heap.end(), std::greater<float>());
+    } else if (lo > lower_heap.front()) {
+      std::pop_heap(lower_heap.begin(), lower_heap.end(), std::greater<float>());
+      lower_heap.back() = lo;
+      std::push_heap(lower_heap.begin(), lower_heap.end(), std::greater<float>());
+    }
+  }
+  const float floor = lower_heap.front();
   std::vector<int64_t> cand;
   for (int64_t n = 0; n < l.N; ++n)
-    if (out[n] + bound(n) >= floor) cand.push_back(n);
-  int64_t best = cand[0];
-  for (int64_t n : cand) {
-    vec().f32_rows(l.weight, l.K, x, l.bias, out, n, n + 1);
-    if (out[n] > out[best]) best = n;
+    if (out[n] + bound(l, n, out[n]) >= floor) cand.push_back(n);
+  if (l.kind == DecodeLinear::kInt8 && l.weight)
+    for (int64_t n : cand) vec().f32_rows(l.weight, l.K, x, l.bias, out, n, n + 1);
+  std::partial_sort(cand.begin(), cand.begin() + k, cand.end(),
+                    [&](int64_t a, int64_t b) { return out[a] > out[b] || (out[a] == out[b] && a < b); });
+  for (int64_t i = 0; i < k; ++i) {
+    ids[i] = cand[i];
+    if (vals) vals[i] = out[cand[i]];
   }
-  return best;
 }
 
 struct Scratch {
-  std::vector<float> xn, q, k, v, attn, tmp, gate, up;
+  std::vector<float> xn, q, k, v, attn, tmp, gate, up, head2, resid;
+  std::vector<int8_t> xq;
 };
 
 }  // namespace
@@ -189,7 +237,7 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
 std::string DecodeStack::set_head(const float* norm, float eps, const DecodeLinear& head) {
   if (!norm) return "head norm must not be null";
   if (head.N <= 0) return "head must have at least one row";
-  std::string e = check_linear("lm_head", head, head.N, shape_.hidden);
+  std::string e = check_linear("lm_head", head, head.N, shape_.hidden, true);
   if (!e.empty()) return e;
   head_norm_ = norm;
   head_eps_ = eps;
@@ -198,9 +246,11 @@ std::string DecodeStack::set_head(const float* norm, float eps, const DecodeLine
 }
 
 std::string DecodeStack::step(float* h, int64_t pos, float* kv, int64_t capacity, const float* cos, const float* sin,
-                              float* logits, int64_t* token) const {
+                              float* logits, int64_t k, int64_t* ids, float* vals) const {
   const DecodeShape& s = shape_;
   if (pos < 0 || pos >= capacity) return "pos must be in [0, capacity)";
+  if (has_head() && (k < 1 || k > head_.N || !ids))
+    return "top k must be in [1, " + std::to_string(head_.N) + "] with an ids buffer";
   if (!layers_.empty() && (!kv || !cos || !sin)) return "kv, cos and sin must not be null";
   const int64_t hd = s.head_dim, qd = s.heads * hd, kvd = s.kv_heads * hd, group = s.heads / s.kv_heads;
   thread_local Scratch scratch;
@@ -279,25 +329,28 @@ std::string DecodeStack::step(float* h, int64_t pos, float* kv, int64_t capacity
   if (!has_head()) return "";
   rms_norm(h, head_norm_, head_eps_, s.hidden, t.xn.data());
   float* out = logits ? logits : t.tmp.data();
-  // Argmax fused into the head's chunks: each keeps its own first maximum, merged in row order.
-  const int64_t rows = chunk_rows(head_.N, num_threads());
-  const int64_t chunks = (head_.N + rows - 1) / rows;
-  std::vector<int64_t> best(chunks, -1);
-  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n0 = c * rows, n1 = std::min(head_.N, n0 + rows);
-      linear_rows(head_, t.xn.data(), out, n0, n1);  // dense and int8 rows cannot fail
-      int64_t b = n0;
-      for (int64_t i = n0 + 1; i < n1; ++i)
-        if (out[i] > out[b]) b = i;
-      best[c] = b;
-    }
-  });
-  int64_t b = best[0];
-  for (int64_t c = 1; c < chunks; ++c)
-    if (out[best[c]] > out[b]) b = best[c];
-  if (head_.kind == DecodeLinear::kInt8 && head_.weight) b = exact_argmax(head_, t.xn.data(), out);
-  if (token) *token = b;
+  const int64_t N = head_.N, rows = chunk_rows(N, num_threads());
+  HeadBound bound;
+  if (head_.kind == DecodeLinear::kInt8) {
+    const Int8Kernels& k8 = current_int8_kernels();
+    t.xq.resize(2 * s.hidden);
+    t.resid.resize(s.hidden);
+    t.head2.resize(2 * N);
+    float xs[2];
+    int32_t xsum[2];
+    bound = split_activation(k8, t.xn.data(), s.hidden, t.xq.data(), xs, xsum, t.resid.data());
+    const Int8Problem p{t.xq.data(), xsum, xs, head_.w8, head_.w8_scale, nullptr, 2, N, s.hidden,
+                        t.head2.data(), kFloat32};
+    const float* y = t.head2.data();
+    parallel_for((N + rows - 1) / rows, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t n0 = c0 * rows, n1 = std::min(N, c1 * rows);
+      k8.rows(p, n0, n1);
+      for (int64_t n = n0; n < n1; ++n) out[n] = y[n] + y[N + n] + (head_.bias ? head_.bias[n] : 0.f);
+    });
+  } else if (!(err = run_parts({{&head_, t.xn.data(), out}}, false)).empty()) {
+    return err;
+  }
+  exact_top(head_, bound, t.xn.data(), out, k, ids, vals);
   return "";
 }
 

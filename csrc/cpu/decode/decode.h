@@ -26,9 +26,10 @@ struct DecodeLinear {
   int bits = 0;
   int64_t group_size = 0;
   // kDense: fp32 [N, K]. With kInt8 (LM head only, optional): the fp32 weight the int8 codes
-  // were rounded from, so the argmax can be made exact (see DecodeStack::step).
+  // were rounded from, so the top k can be made exact (see DecodeStack::step).
   const float* weight = nullptr;
-  // kInt8: int8 [N, K] with one fp32 scale per row (weight-only; activations stay fp32),
+  // kInt8 (LM head only): int8 [N, K] with one fp32 scale per row (activations are split into
+  // two int8 rows, see decode.cpp),
   // codes = round(W / scale), scale = absmax / 127 (|W - codes * scale| <= scale / 2).
   const int8_t* w8 = nullptr;
   const float* w8_scale = nullptr;
@@ -60,11 +61,13 @@ class DecodeStack {
 
   // Runs h [hidden] (fp32, in place) at position `pos` through every layer, writing each
   // layer's key and value at `pos` of `kv`. cos/sin: rotary tables' rows for `pos` [head_dim].
-  // With a head: logits [vocab] (may be null) and the first argmax into *token. An int8 head
-  // with its fp32 weight gives the fp32 head's argmax: every row whose int8 logit is within the
-  // rounding bound of the best is recomputed in fp32 (those logits are then exact too).
+  // With a head: fills logits [vocab] (may be null) and the k rows of largest logit, largest
+  // first (ties: lower row first), into ids [k] and vals [k] (may be null); ids[0] is the argmax.
+  // An int8 head (W8A8 on VNNI) with its fp32 weight gives the fp32 head's top k exactly:
+  // every row whose W8A8 logit is within the rounding bound of the k-th best is recomputed in
+  // fp32 (those logits are then exact too; the others in `logits` are W8A8 approximations).
   std::string step(float* h, int64_t pos, float* kv, int64_t capacity, const float* cos, const float* sin,
-                   float* logits, int64_t* token) const;
+                   float* logits, int64_t k, int64_t* ids, float* vals) const;
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   bool has_head() const { return head_norm_ != nullptr; }

@@ -14,9 +14,6 @@ struct DecodeVec {
   float (*dot)(const float* a, const float* b, int64_t n);
   // y[n] = dot(W[n], x) (+ bias[n]) for rows [n0, n1) of a dense fp32 W [N, K].
   void (*f32_rows)(const float* w, int64_t K, const float* x, const float* bias, float* y, int64_t n0, int64_t n1);
-  // y[n] = scale[n] * dot(W[n], x) (+ bias[n]) for rows [n0, n1) of an int8 W [N, K].
-  void (*i8_rows)(const int8_t* w, const float* scale, int64_t K, const float* x, const float* bias, float* y,
-                  int64_t n0, int64_t n1);
   // y[i] += a * x[i]
   void (*axpy)(float a, const float* x, float* y, int64_t n);
 };
