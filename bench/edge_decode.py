@@ -58,6 +58,7 @@ SPLIT = 29
 PROMPT_TOKENS = 32
 GREEDY = SamplingParams(False, 1.0, 0, 1.0, None)
 TOP_K = SamplingParams(True, 0.8, 50, 0.95, 0)
+PART_LAYERS = {"whole model": 30, f"edge: layers 1-{SPLIT}": SPLIT}  # decoder layers per part
 SAMPLED = "ours fast, top-50 sampling"  # the native head's fused top k, then the sampler
 
 
@@ -189,10 +190,14 @@ def table(result: dict) -> str:
         lines += [f"llama.cpp: llama-cpp-python {result['llama_cpp']}, file {SMOLLM2_FILE}", ""]
     else:
         lines += ["**llama.cpp rows missing: llama-cpp-python is not installed** (`pip install '.[bench]'`).", ""]
-    lines += ["| threads | part | path | ms/token | tok/s | CPU ms/token |", "|---|---|---|---|---|---|"]
+    lines += ["| threads | part | path | ms/token | tok/s | CPU ms/token | ms/layer |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        per_layer = r["median_ms"] / PART_LAYERS[r["part"]] if r["part"] in PART_LAYERS else None
         lines.append(f"| {r['threads']} | {r['part']} | {r['path']} | {r['median_ms']:.2f} | "
-                     f"{1e3 / r['median_ms']:.1f} | {r['cpu_median_ms']:.2f} |")
+                     f"{1e3 / r['median_ms']:.1f} | {r['cpu_median_ms']:.2f} | "
+                     f"{'-' if per_layer is None else f'{per_layer:.3f}'} |")
+    lines += ["", "ms/layer: the part's time over its decoder layers (the whole model's share includes the "
+              "embedding and the head; the server rows are one layer plus the head).", ""]
     lines += ["", "## Done-when checks", ""]
     for c in result["checks"]:
         lines.append(f"* {c['what']}: {c['value']} -> **{'met' if c['met'] else 'NOT met'}**")
