@@ -24,9 +24,8 @@ import torch
 from splitkernels.codec import CodecConfig
 from splitkernels.eval import load_text
 from splitkernels.models import load_smollm2
-from splitkernels.nn import QuantConfig
 from splitkernels.planner import Link, ModelShape, Roofline, get_device, split_latency
-from splitkernels.planner.speculation import round_costs
+from splitkernels.planner.speculation import draft_model_option, round_costs
 from splitkernels.runtime import LinkEmulator, split_model
 from splitkernels.runtime.speculative import DRAFTERS, make_drafter, speculate
 
@@ -102,10 +101,8 @@ def modelled_token_s(shape: ModelShape, split: int, rtt_ms: float, mbps: float, 
     # Upper bounds for a chain: as if every draft came from its costlier member.
     if "early-exit" in method:  # the head on the edge once per draft
         per_draft += edge.head_s(1)
-    if "draft-model" in method:  # a 4-bit copy of every layer and the head on the edge per draft
-        context = prompt_tokens + 64
-        draft = QuantConfig(bits=draft_bits, group_size=DRAFT_GROUP)
-        per_draft += shape.num_layers * edge.layer_s(draft, 1, context) + edge.head_s(1)
+    if "draft-model" in method:  # a low-bit copy of every layer and the head on the edge per draft
+        per_draft += draft_model_option(shape, edge, draft_bits, 1.0, prompt_tokens + 64, DRAFT_GROUP).draft_s
     return (fixed + row["drafts_per_round"] * per_draft) / row["tokens_per_round_trip"]
 
 

@@ -10,8 +10,11 @@ import torch
 
 from runtime_helpers import prompt as _prompt, sliding_window_models
 from splitkernels.models import FAMILIES, tiny_model
-from splitkernels.planner.costs import LatencyEstimate
+from splitkernels.nn import QuantConfig
+from splitkernels.planner import ModelShape, Roofline, get_device
+from splitkernels.planner.costs import LatencyEstimate, layer_weight_bytes
 from splitkernels.planner.speculation import (
+    DraftOption, choose_speculation, draft_model_option, round_costs,
     best_draft_length, expected_tokens_per_round, speculative_token_s, tokens_per_second,
 )
 from splitkernels.runtime import LinkEmulator, SplitError, Status, split_model
@@ -397,3 +400,37 @@ def test_speculation_over_grpc_equals_in_process():
                                speculate(sm, ids, 12, **kw).sequences)
     finally:
         server.stop(0)
+
+
+def test_planner_chooses_the_drafter_and_k():
+    lat = LatencyEstimate(edge_s=0.004, encode_s=0.0, transfer_s=0.0005, rtt_s=0.02, decode_s=0.0, server_s=0.002,
+                          ttft_s=0.1, token_bytes=300, prompt_bytes=1000)
+    fixed, per_draft = round_costs(lat)
+    options = [DraftOption("lookup", 0.2), DraftOption("model", 0.9, draft_s=0.006, edge_bytes=10**8)]
+    choice = choose_speculation(lat, options, k_max=8)
+    # Brute force over every option and k: the choice is the minimum (and beats no speculation).
+    costs = {(o.name, k): (fixed + k * (per_draft + o.draft_s)) / expected_tokens_per_round(o.acceptance, k)
+             for o in options for k in range(1, 9)}
+    (name, k), best = min(costs.items(), key=lambda kv: kv[1])
+    assert (choice.drafter, choice.k) == (name, k) and choice.token_s == pytest.approx(best)
+    assert best < lat.token_s
+    assert choice.tokens_per_round == pytest.approx(expected_tokens_per_round(0.9, k))
+    # Without memory for the draft model the lookup drafter (or nothing) remains.
+    assert choose_speculation(lat, options, edge_bytes_free=10**6).drafter in ("lookup", None)
+    # Drafts nobody accepts never pay.
+    none = choose_speculation(lat, [DraftOption("never", 0.0, draft_s=0.001)])
+    assert (none.drafter, none.k, none.token_s) == (None, 0, lat.token_s)
+    with pytest.raises(ValueError, match="alpha"):
+        DraftOption("bad", 1.2)
+    with pytest.raises(ValueError, match="draft_s"):
+        DraftOption("bad", 0.5, draft_s=-1.0)
+
+
+def test_draft_model_option_costs_every_layer_and_the_head():
+    shape = ModelShape.from_config(tiny_model("llama", seed=0, num_layers=4).config)
+    edge = Roofline(get_device("jetson-orin-nano-8gb"), shape)
+    option = draft_model_option(shape, edge, 4, 0.8, 128)
+    quant = QuantConfig(bits=4, group_size=32)
+    assert option.draft_s == pytest.approx(4 * edge.layer_s(quant, 1, 128) + edge.head_s(1))
+    assert option.edge_bytes > shape.num_layers * layer_weight_bytes(shape, quant)
+    assert option.name == "draft-model 4-bit" and option.acceptance == 0.8

@@ -15,7 +15,7 @@ PROTOCOL_BYTES = MESSAGE_OVERHEAD_BYTES + REPLY_BYTES
 GOAL_SPEEDUP = 1.49
 GOAL_BYTES = 4.0
 SPLIT_BASELINES = ("split fp16", "SmoothQuant W8A8 + int8", "Atom-style 4-bit + int8 outliers")
-METHODS = ("cloud-only", "edge-only (fp16)", *SPLIT_BASELINES, "ours (planner)")
+METHODS = ("cloud-only", "edge-only (fp16)", *SPLIT_BASELINES, "ours (planner)", "ours + speculation (planner)")
 
 
 def _ms(x: float) -> str:
@@ -172,6 +172,14 @@ def write_report(results: dict, out: Path) -> None:
                           for k, v in prof["formats"].items()), ""]
 
     lines += ["## Scenarios (latency modelled, quality measured)", ""]
+    if results.get("drafts"):
+        lines += ["*ours + speculation*: the planner's split with the drafter and k that "
+                  "`planner.speculation.choose_speculation` picks for the scenario, from the acceptances "
+                  "measured by bench/speculative.py (" + ", ".join(
+                      f"{n}{'' if b is None else f' {b}-bit'}: {a:.2f}" for n, a, b in results["drafts"])
+                  + "); greedy output equals one token per round trip, so its quality is ours'. The 4-bit "
+                  "draft model accepts every draft only because SmolLM2 ships as 4-bit groups of 32 (a 4-bit "
+                  "copy re-quantises it almost exactly).", ""]
     for sc in results["scenarios"]:
         lines += [f"### {sc['edge']} ({sc['how']}), {sc['mbps']:g} Mbit/s, RTT {sc['rtt_ms']:g} ms", "",
                   f"| method | split | per token ms | TTFT ms | bytes/token | ppl change [{100 * LEVEL:.0f}% CI] | KL |",
@@ -183,7 +191,8 @@ def write_report(results: dict, out: Path) -> None:
                 lines.append(f"| {m} | {'no plan: ' + why.splitlines()[0] if why else 'does not fit'} | | | | | |")
                 continue
             ppl = fmt_ci(r["ppl_ci"]) if r.get("ppl_ci") else f"{100 * r['ppl_change']:+.2f}%"
-            lines.append(f"| {m} | {r['split'] or '-'} | {_ms(r['token_s'])} | {_ms(r['ttft_s'])} | {r['token_bytes']} | "
+            label = f"{m}: {r['drafter']}, k = {r['k']}" if "drafter" in r else m
+            lines.append(f"| {label} | {r['split'] or '-'} | {_ms(r['token_s'])} | {_ms(r['ttft_s'])} | {r['token_bytes']} | "
                          f"{ppl} | {r['kl']:.4f} |")
         lines.append("")
 

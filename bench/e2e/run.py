@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from splitkernels.planner.costs import (
     MESSAGE_OVERHEAD_BYTES,
     REPLY_BYTES,
     RUNTIME_OVERHEAD_BYTES,
+    LatencyEstimate,
     Link,
     ModelShape,
     Roofline,
@@ -53,6 +55,7 @@ from splitkernels.planner.devices import get_device
 from splitkernels.planner.optimizer import Infeasible, Limits, Plan, Scenario, plan
 from splitkernels.planner.profile import CLOCKS, Profile, measure_forward, measure_profile
 from splitkernels.planner.quality import SplitEvaluator, calibrate, point_key
+from splitkernels.planner.speculation import DraftOption, choose_speculation, draft_model_option
 
 GROUP = 64
 FRONT, BACK = QuantConfig(4, GROUP), QuantConfig(8, GROUP)
@@ -175,9 +178,47 @@ def atom_token_bytes(d: int) -> int:
     return (n_in * 4 + 7) // 8 + 4 * -(-n_in // ATOM_GROUP) + ATOM_OUTLIERS + 2 + 2 * ATOM_OUTLIERS
 
 
+def draft_acceptance(paths: list[Path]) -> list[tuple[str, float, int | None]]:
+    """(drafter, acceptance, draft bits) measured by bench/speculative.py: per file and drafter
+    (prompt lookup, or a draft model of the file's bits), the median acceptance over its rows.
+    Chains of drafters are left out (their cost per draft mixes their members')."""
+    found: dict[tuple[str, int | None], list[float]] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        for row in data["rows"]:
+            name = row["method"].split(" k=")[0]
+            if name in ("lookup", "draft-model") and row["acceptance_rate"] is not None:
+                bits = data.get("draft_bits", 4) if name == "draft-model" else None
+                found.setdefault((name, bits), []).append(row["acceptance_rate"])
+    return [(name, statistics.median(v), bits) for (name, bits), v in sorted(found.items(), key=str)]
+
+
+def speculation_row(shape: ModelShape, ours: dict, lat: LatencyEstimate, edge_compute, edge_free: int, context: int,
+                    drafts: list[tuple[str, float, int | None]]) -> dict:
+    """Ours (the planner's split) with the drafter and k :func:`choose_speculation` picks from the
+    measured acceptances, on the modelled costs of this scenario. Greedy output is the same as
+    one token per round trip, so the quality is ours'; bytes per token count every drafted row."""
+    options = []
+    for name, alpha, bits in drafts:
+        if name == "lookup":
+            options.append(DraftOption("prompt lookup", alpha))
+            continue
+        try:
+            options.append(draft_model_option(shape, edge_compute, bits, alpha, context, GROUP))
+        except ValueError:  # a measured profile without that weight format
+            continue
+    choice = choose_speculation(lat, options, edge_bytes_free=edge_free)
+    row = {k: v for k, v in ours.items() if k not in ("breakdown", "token_s", "token_bytes")}
+    row.update(token_s=choice.token_s, drafter=choice.drafter or "none pays", k=choice.k,
+               tokens_per_round=choice.tokens_per_round,
+               token_bytes=round(lat.token_bytes * (choice.k + 1) / choice.tokens_per_round))
+    return row
+
+
 def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute, edge_mem: int, server,
-                  link: Link) -> dict:
-    """Latency / bytes / quality of every method in one (edge, link) scenario."""
+                  link: Link, drafts: list[tuple[str, float, int | None]] = ()) -> dict:
+    """Latency / bytes / quality of every method in one (edge, link) scenario (with ``drafts``,
+    the measured drafters' acceptances, also ours with speculative decoding)."""
     d, rows = shape.hidden, {}
     srv_mem = get_device(SERVER).usable_bytes
     ids_bytes = 4 * PROMPT + MESSAGE_OVERHEAD_BYTES
@@ -248,6 +289,13 @@ def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute,
                                   breakdown=p["breakdown"], codec=cand.codec.to_dict(), front=str(cand.front),
                                   back=str(cand.back), ppl_ci=ppl_change_ci(nll["reference"], nll[key]),
                                   vs_base_ci=diff, nll=nll[key])
+    if drafts:
+        b = p["breakdown"]  # the plan's own one-token-per-round-trip costs
+        lat = LatencyEstimate(b["edge"], b["encode"], b["transfer"], b["rtt"], b["decode"], b["server"], p["ttft_s"],
+                              p["token_bytes"], 0)
+        mem = memory(shape, cand.split_layer, cand.front, cand.back, cand.max_seq_len, PROMPT)
+        rows["ours + speculation (planner)"] = speculation_row(shape, rows["ours (planner)"], lat, edge_compute,
+                                                               edge_mem - mem.edge_total, cand.max_seq_len, drafts)
     return rows
 
 
@@ -300,8 +348,11 @@ def main() -> None:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                     help="profile clock: cpu (process CPU time; steady on a shared machine, run with "
                          "OMP_NUM_THREADS=1) or wall")
+    ap.add_argument("--speculative", type=Path, nargs="*", default=[],
+                    help="bench/speculative.py JSON files whose measured acceptances the speculation rows use")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    drafts = draft_acceptance(args.speculative)
     torch.set_grad_enabled(False)
     t0 = time.time()
 
@@ -334,14 +385,14 @@ def main() -> None:
     edges.append(("this machine (CPU, fp32)", W8A8Profile(prof_data), 16 * 2**30, "measured profile"))
     for edge_name, edge_compute, edge_mem, how in edges:
         for link in LINKS:
-            rows = scenario_rows(shape, table, base, nll, edge_compute, edge_mem, server, link)
+            rows = scenario_rows(shape, table, base, nll, edge_compute, edge_mem, server, link, drafts)
             for r in rows.values():
                 r.pop("nll", None)  # per-token arrays stay in nll.json
             scenarios.append(dict(edge=edge_name, how=how, mbps=link.mbps, rtt_ms=link.rtt_ms, rows=rows))
     grids = [json.loads(p.read_text()) for p in args.grid]
     results = dict(shape=shape.to_dict(), quality=json.loads(table.to_json()), baselines=base, profile=prof_data,
                    runtime=runs, scenarios=scenarios, grids=grids, server=SERVER, prompt_tokens=PROMPT,
-                   scaling=scaling_rows(table))
+                   scaling=scaling_rows(table), drafts=drafts)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(results, args.out)
     print(f"report: {args.out / 'report.md'} ({time.time() - t0:.0f} s)")

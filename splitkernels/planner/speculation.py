@@ -10,8 +10,11 @@ part per draft (drafting and front layers on the edge, the row's bytes, the serv
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
-from .costs import MESSAGE_OVERHEAD_BYTES, REPLY_BYTES, LatencyEstimate
+from ..nn import QuantConfig
+from .costs import MESSAGE_OVERHEAD_BYTES, REPLY_BYTES, ComputeModel, LatencyEstimate, ModelShape, layer_weight_bytes
 
 
 def _check_alpha(alpha: float) -> float:
@@ -73,3 +76,61 @@ def speculative_token_s(lat: LatencyEstimate, alpha: float, k: int, server_row_f
     :func:`round_costs`)."""
     fixed, per_draft = round_costs(lat, server_row_fraction)
     return (fixed + _check_k(k) * per_draft) / expected_tokens_per_round(alpha, k)
+
+
+@dataclass(frozen=True)
+class DraftOption:
+    """A way to draft on the edge: its measured per-draft ``acceptance``, the edge seconds it
+    adds per draft besides the front layers (``draft_s``: a draft model's whole pass, the
+    early exit's head, 0 for prompt lookup) and the edge memory it holds (``edge_bytes``)."""
+
+    name: str
+    acceptance: float
+    draft_s: float = 0.0
+    edge_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.acceptance)
+        if not (math.isfinite(self.draft_s) and self.draft_s >= 0):
+            raise ValueError(f"draft_s must be a finite number >= 0, got {self.draft_s!r}")
+
+
+@dataclass(frozen=True)
+class SpeculationChoice:
+    """What :func:`choose_speculation` picked: ``drafter`` None (one token per round trip) or a
+    :class:`DraftOption` name, ``k`` drafts per round and the modelled seconds per token."""
+
+    drafter: str | None
+    k: int
+    token_s: float
+    tokens_per_round: float
+
+
+def draft_model_option(shape: ModelShape, edge: ComputeModel, bits: int, acceptance: float, context: int,
+                       group_size: int = 32) -> DraftOption:
+    """A ``bits``-bit copy of the whole model (group ``group_size``) as the edge's draft model:
+    every layer and the head once per draft, its weights held on the edge."""
+    quant = QuantConfig(bits=bits, group_size=group_size)
+    draft_s = shape.num_layers * edge.layer_s(quant, 1, context) + edge.head_s(1)
+    edge_bytes = shape.num_layers * layer_weight_bytes(shape, quant) + shape.vocab * shape.hidden
+    return DraftOption(f"draft-model {bits}-bit", acceptance, draft_s, edge_bytes)
+
+
+def choose_speculation(lat: LatencyEstimate, options: Sequence[DraftOption], k_max: int = 8,
+                       edge_bytes_free: int | None = None, server_row_fraction: float = 0.25) -> SpeculationChoice:
+    """The drafter and ``k`` (up to ``k_max``) with the fewest modelled seconds per token for a
+    split whose one-token-per-round-trip costs are ``lat``, or no speculation when none pays.
+    Options needing more edge memory than ``edge_bytes_free`` are skipped."""
+    best = SpeculationChoice(None, 0, lat.token_s, 1.0)
+    fixed, per_draft = round_costs(lat, server_row_fraction)
+    for option in options:
+        if edge_bytes_free is not None and option.edge_bytes > edge_bytes_free:
+            continue
+        k = best_draft_length(option.acceptance, fixed, per_draft + option.draft_s, k_max)
+        if k == 0:
+            continue
+        tokens = expected_tokens_per_round(option.acceptance, k)
+        token_s = (fixed + k * (per_draft + option.draft_s)) / tokens
+        if token_s < best.token_s:
+            best = SpeculationChoice(option.name, k, token_s, tokens)
+    return best
