@@ -19,7 +19,7 @@ from splitkernels.planner.speculation import (
 )
 from splitkernels.runtime import LinkEmulator, SplitError, Status, split_model
 from splitkernels.runtime.drafting import (
-    ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, ModelDrafter, PromptLookupDrafter,
+    NATIVE_FEED_MAX, ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, ModelDrafter, PromptLookupDrafter,
 )
 from splitkernels.runtime.metrics import StepMetrics
 from splitkernels.runtime.protocol import (
@@ -108,6 +108,24 @@ def test_lossy_codec_speculation_matches_one_token_steps():
     assert torch.equal(got.sequences, plain)
     assert [r.new_tokens for r in got.metrics.rounds] == [1, 5, 5, 1]
     assert got.metrics.summary()["acceptance_rate"] == 1.0
+
+
+def test_drafter_takes_the_prompt_in_the_prefill_round():
+    class Recording(NoisyOracle):
+        def prepare(self, context):
+            self.prepared.append((list(context), len(self.rounds_seen)))
+
+        def propose(self, context, k, last_hidden):
+            self.rounds_seen.append(len(context))
+            return super().propose(context, k, last_hidden)
+
+    sm = split_model(tiny_model("llama", seed=4, num_layers=NUM_LAYERS), 2)
+    ids = _prompt(3, 7)
+    plain = sm.generate(ids, 8)
+    drafter = Recording(plain[0].tolist(), 0.0, 0)
+    drafter.rounds_seen, drafter.prepared = [], []
+    assert torch.equal(speculate(sm, ids, 8, drafter=drafter, k=3).sequences, plain)
+    assert drafter.prepared == [(ids[0].tolist(), 0)]  # once, with the prompt, before any proposal
 
 
 def test_eos_inside_accepted_drafts_stops_there():
@@ -305,7 +323,7 @@ def test_prompt_lookup_and_chain_drafters():
 def test_model_drafter_continues_greedily_and_rewinds(family, fast):
     model = tiny_model(family, seed=5, num_layers=NUM_LAYERS)
     ids = _prompt(9, 13)
-    truth = _hf_greedy(model, ids, 8)[0].tolist()
+    truth = _hf_greedy(model, ids, NATIVE_FEED_MAX + 8)[0].tolist()
     d = ModelDrafter(model, fast=fast)  # the model itself as its own draft: every draft is the greedy token
     # The native step covers llama-style layers (when the extension is built), never GPT-2's.
     assert (d.native is not None) == (fast and family == "llama" and NATIVE), d.fast_reason
@@ -316,8 +334,14 @@ def test_model_drafter_continues_greedily_and_rewinds(family, fast):
     other = truth[:n - 3] + [(truth[n - 3] + 1) % 256]
     expected = _hf_greedy(model, torch.tensor([other]), 3)[0].tolist()[len(other):]
     assert d.propose(other, 3, None) == expected  # a diverged context
-    assert d.propose(truth[:n + 6], 1, None) == [truth[n + 6]]  # many new tokens: the eager forward's cache
+    assert d.propose(truth[:n + 6], 1, None) == [truth[n + 6]]  # a few new tokens: one-token steps
+    far = n + NATIVE_FEED_MAX + 4
+    assert d.propose(truth[:far], 1, None) == [truth[far]]  # more than NATIVE_FEED_MAX: one eager forward
     assert d.propose(truth[:n + 3], 1, None) == [truth[n + 3]]  # cut back inside that cache
+    # prepare() takes the prompt in, so the first proposal only continues it.
+    fresh = ModelDrafter(model, fast=fast)
+    fresh.prepare(truth[:n])
+    assert fresh._tokens == truth[:n] and fresh.propose(truth[:n], 2, None) == truth[n:n + 2]
     assert d.propose(truth[:n + 5], 0, None) == [] and d.propose([], 2, None) == []
     with pytest.raises(TypeError, match="nn.Module"):
         ModelDrafter(object())

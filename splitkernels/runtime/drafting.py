@@ -27,6 +27,8 @@ from torch import nn
 from ..planner.speculation import best_draft_length
 from .metrics import StepMetrics
 
+NATIVE_FEED_MAX = 16  # tokens a draft model takes in as native one-token steps (more: one eager forward)
+
 
 class Drafter:
     """Proposes tokens to follow ``context``; ``last_hidden [d]`` is the split layer's output at
@@ -38,6 +40,10 @@ class Drafter:
     def propose(self, context: Sequence[int], k: int, last_hidden: torch.Tensor) -> list[int]:
         """Up to ``k`` tokens (fewer, or none, when the drafter has no good guess)."""
         raise NotImplementedError
+
+    def prepare(self, context: Sequence[int]) -> None:
+        """Called with the prompt in the prefill round, so that a drafter with state (a draft
+        model's cache) takes it in there rather than in the first decode round."""
 
 
 class PromptLookupDrafter(Drafter):
@@ -121,9 +127,12 @@ class ModelDrafter(Drafter):
             self._cache = self._new_cache()
         device = self.adapter.parameter().device
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        if self.native is not None and len(tokens) == 1:
-            embedded = self.adapter.model.get_input_embeddings()(ids)
-            _, self._next = self.native.step(embedded.reshape(-1), self._cache)
+        if self.native is not None and len(tokens) <= NATIVE_FEED_MAX:
+            # A few tokens (a round's accepted drafts and the server's token) cost less as native
+            # one-token steps than as one eager forward; prompts go eager.
+            embedded = self.adapter.model.get_input_embeddings()(ids)[0]
+            for row in embedded:
+                _, self._next = self.native.step(row, self._cache)
         else:
             cache = self._cache.dynamic() if self.native is not None else self._cache
             self._next = int(torch.argmax(self.adapter.next_logits(ids, cache)))
@@ -152,6 +161,11 @@ class ModelDrafter(Drafter):
         elif keep < len(self._tokens):
             self._truncate(keep)
         self._feed(context[keep:])
+
+    @torch.inference_mode()
+    def prepare(self, context):
+        if context:
+            self._rewind(list(context))
 
     @torch.inference_mode()
     def propose(self, context, k, last_hidden=None):
@@ -191,6 +205,10 @@ class ChainDrafter(Drafter):
             if tokens:
                 return tokens
         return []
+
+    def prepare(self, context):
+        for d in self.drafters:
+            d.prepare(context)
 
 
 @dataclass

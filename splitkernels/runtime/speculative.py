@@ -155,6 +155,10 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
                                         position + feed.shape[1])
             drafts += more
             draft_s += more_s
+            if seq == 0:  # the drafter takes in the prompt in the prefill round (time to first token)
+                t_prep = time.perf_counter()
+                drafter.prepare(context)
+                draft_s += time.perf_counter() - t_prep
             if rows:
                 hidden = torch.cat([hidden, *rows])
             t1 = time.perf_counter()
