@@ -5,7 +5,7 @@ Rows, each at 1 and 2 threads (or ``--threads``):
 
 * whole model, one token through every layer and the LM head:
   llama.cpp (``llama-cpp-python``, the Q4_1 GGUF as shipped: ``Llama.eval`` of one token);
-  ours fast (embedding, 30 native layers at 4 bits g32, int8 head with the fused argmax);
+  ours fast (embedding, 30 native layers at 4 bits g32, W8A8 int8 head with the fused argmax);
   ours eager (the model's own forward with a DynamicCache, ``replace_linear(bits=4, g32)``).
 * edge: the split's edge segment, embedding + layers 1..29 at 4 bits (fast and eager).
 * server: layer 30 (dense fp32) + final norm + LM head + greedy token (fast: the W8A8 int8

@@ -1,5 +1,5 @@
 """A native decode path for llama-style decoder layers on the CPU: one C++ call per token for a
-whole range of layers (and the LM head with a fused argmax), over a static KV cache. Models it
+whole range of layers (and the LM head with a fused exact top k), over a static KV cache. Models it
 does not cover keep their own eager forward; :func:`describe` says why."""
 from .cache import FastCache
 from .native import HEAD_FORMATS, NativeDecoder, quantize_rows_int8
