@@ -6,7 +6,9 @@ per-token latency breakdown, with every method's greedy output checked against t
 
 Everything runs in this process (in-process server behind ``LinkEmulator``); by default the
 emulator adds each exchange's link time (RTT + bytes at the bandwidth) to the measured times
-instead of sleeping (``--sleep`` waits for real). Writes ``speculative.json`` and ``speculative.md``.
+instead of sleeping (``--sleep`` waits for real, so that the edge's drafting of the next round
+during the round trip, on by default, overlaps the link as it would on a real one).
+Writes ``speculative.json`` and ``speculative.md``.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import splitkernels._C as _C
 from splitkernels.codec import CodecConfig
 from splitkernels.eval import load_text
 from splitkernels.models import load_smollm2
@@ -64,7 +67,7 @@ def prompts(tok) -> dict[str, torch.Tensor]:
 _drafters: dict = {}
 
 
-def one(sm, ids, new, link, method, eos, draft_bits=4):
+def one(sm, ids, new, link, method, eos, draft_bits=4, overlap=True):
     if method == "one token per round trip":
         result = sm.run(ids, new, transport=link, eos_token_id=eos)
         s = result.metrics.summary()
@@ -79,7 +82,7 @@ def one(sm, ids, new, link, method, eos, draft_bits=4):
         if name not in _drafters:  # built once: a draft model is a quantised copy of the model
             _drafters[name] = make_drafter(name, sm.edge, draft_bits)
         result = speculate(sm, ids, new, drafter=_drafters[name], k=None if k == "adaptive" else int(k),
-                           transport=link, eos_token_id=eos)
+                           transport=link, eos_token_id=eos, overlap=overlap)
         s = result.metrics.summary()
         row = {key: s[key] for key in ("tokens_per_s", "per_token", "tokens_per_round_trip", "acceptance_rate",
                                        "bytes_per_token", "wire_bytes_per_token")}
@@ -121,11 +124,15 @@ def main() -> int:
     ap.add_argument("--draft-bits", type=int, default=4,
                     help="bits of the draft model's copy of the weights (SmolLM2 ships as 4-bit g32, so a 4-bit "
                          "g32 copy is nearly the model itself: 3 shows a real quantiser's disagreement)")
-    ap.add_argument("--sleep", action="store_true", help="really wait for the emulated link")
+    ap.add_argument("--sleep", action="store_true",
+                    help="really wait for the emulated link (then drafting during the round trip overlaps it)")
+    ap.add_argument("--no-overlap", dest="overlap", action="store_false",
+                    help="draft only after each reply (default: draft the next round during the round trip)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
+    _C.set_num_threads(args.threads)  # the native decode steps (edge, server and draft model)
     model, tok = load_smollm2()
     sm = split_model(model, args.split_layer, codec=CodecConfig.passthrough())
     eos = tok.eos_token_id
@@ -139,12 +146,12 @@ def main() -> int:
         link = LinkEmulator(sm.transport, bandwidth_bps=args.mbps * 1e6, rtt_s=rtt / 1e3, sleep=args.sleep)
         for kind, ids in cases.items():
             for method in methods:  # warm-up
-                one(sm, ids, 4, link, method, eos, args.draft_bits)
+                one(sm, ids, 4, link, method, eos, args.draft_bits, args.overlap)
             runs: dict[str, list[dict]] = {m: [] for m in methods}
             outputs: dict[str, torch.Tensor] = {}
             for _ in range(args.repeats):
                 for method in methods:  # interleaved, so load changes hit every method alike
-                    seqs, row = one(sm, ids, args.new_tokens, link, method, eos, args.draft_bits)
+                    seqs, row = one(sm, ids, args.new_tokens, link, method, eos, args.draft_bits, args.overlap)
                     runs[method].append(row)
                     outputs.setdefault(method, seqs)
                     if not torch.equal(seqs, outputs[method]):
@@ -167,7 +174,8 @@ def main() -> int:
                 print(f"[{time.time() - t_start:5.0f}s] RTT {rtt:g} ms, {kind}: {method}: "
                       f"{med['tokens_per_s']:.1f} tok/s ({rows[-1]['speedup']:.2f}x), identical "
                       f"{rows[-1]['identical_to_baseline']}", flush=True)
-    out = dict(model="SmolLM2-135M-Instruct (fp32)", split_layer=args.split_layer, draft_bits=args.draft_bits, codec="lossless (passthrough)",
+    out = dict(model="SmolLM2-135M-Instruct (fp32)", split_layer=args.split_layer, draft_bits=args.draft_bits,
+               overlap=args.overlap, codec="lossless (passthrough)",
                new_tokens=args.new_tokens, repeats=args.repeats, link="emulated, " +
                ("sleeping" if args.sleep else "delay added to the measured times"),
                machine=f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), torch "
@@ -182,7 +190,8 @@ def main() -> int:
 def table(out: dict) -> str:
     lines = [f"Speculative decoding across the split: {out['model']}, split after layer {out['split_layer']}, "
              f"{out['codec']} codec, {out['new_tokens']} new tokens (greedy, stops at EOS), draft model "
-             f"{out.get('draft_bits', 4)}-bit g32 copy of the model, median of "
+             f"{out.get('draft_bits', 4)}-bit g32 copy of the model, drafting "
+             f"{'during the round trip' if out.get('overlap', False) else 'after each reply'}, median of "
              f"{out['repeats']}; link {out['link']}; {out['machine']}; load average at the end "
              f"{', '.join(f'{x:.1f}' for x in out['load_average_at_end'])}.", "",
              "Per-token times are means over the decode rounds (ms per generated token). *Modelled*: the "

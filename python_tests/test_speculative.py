@@ -458,3 +458,33 @@ def test_draft_model_option_costs_every_layer_and_the_head():
     assert option.draft_s == pytest.approx(4 * edge.layer_s(quant, 1, 128) + edge.head_s(1))
     assert option.edge_bytes > shape.num_layers * layer_weight_bytes(shape, quant)
     assert option.name == "draft-model 4-bit" and option.acceptance == 0.8
+
+
+@pytest.mark.parametrize("error", [0.0, 0.3])
+def test_drafting_during_the_round_trip(error):
+    import threading
+
+    class Threads(NoisyOracle):
+        def propose(self, context, k, last_hidden):
+            self.calls.append(threading.current_thread().name.startswith("drafter"))
+            return super().propose(context, k, last_hidden)
+
+    sm = split_model(tiny_model("llama", seed=4, num_layers=NUM_LAYERS), 2)
+    ids = _prompt(5, 7)
+    plain = sm.generate(ids, 20)
+    runs = {}
+    for overlap in (False, True):
+        drafter = Threads(plain[0].tolist(), error, seed=3)
+        drafter.calls = []
+        runs[overlap] = speculate(sm, ids, 20, drafter=drafter, k=3, overlap=overlap)
+        assert torch.equal(runs[overlap].sequences, plain)  # wrong guesses and wrong drafts alike
+        if not overlap:
+            assert not any(drafter.calls)
+        elif error == 0.0:
+            # Every guess of the server's token is right: after the first round, every round's
+            # drafts were proposed in the background while the previous round was away.
+            assert drafter.calls[0] is False and drafter.calls.count(False) == 1 and sum(drafter.calls) >= 3
+        else:
+            assert True in drafter.calls
+    if error == 0.0:  # (with noise, the extra background proposals draw other noise)
+        assert [r.new_tokens for r in runs[True].metrics.rounds] == [r.new_tokens for r in runs[False].metrics.rounds]

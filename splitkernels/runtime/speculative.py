@@ -11,6 +11,7 @@ sampling, the accept/reject rule keeps the output distribution unchanged.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -108,11 +109,24 @@ def _draft(edge: Edge, cache, drafter: Drafter, context: list[int], k: int, last
     return drafts, rows, draft_s
 
 
+def _drafts_ahead(ahead: tuple[list[int], Future] | None, context: list[int], k: int) -> list[int]:
+    """The drafts computed during the last round trip, if its guess came true: ``ahead`` assumed
+    the context ``base`` and proposed ``[guess, d1, d2, ...]``; they continue ``context`` when
+    it is ``base + [guess]`` (every draft accepted and the server's token guessed)."""
+    if ahead is None:
+        return []
+    base, future = ahead
+    proposal = list(future.result())
+    if not k or not proposal or context != base + proposal[:1]:
+        return []
+    return proposal[1:1 + k]
+
+
 def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tensor, max_new_tokens: int,
                          codec: CodecConfig | CodecConfigV2, sampling: SamplingParams, drafter: Drafter,
                          policy: DraftPolicy | None = None, eos_token_id: int | Sequence[int] | None = None,
                          fingerprint: bytes = bytes(FINGERPRINT_BYTES),
-                         wire_dtype: torch.dtype | None = None) -> SpeculativeResult:
+                         wire_dtype: torch.dtype | None = None, overlap: bool = True) -> SpeculativeResult:
     """Generate through ``edge`` and the server behind ``transport``, ``drafter`` proposing tokens
     and ``policy`` (default :class:`DraftPolicy`) choosing how many per round.
 
@@ -120,6 +134,12 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
     Stops after ``max_new_tokens`` or at an EOS token (kept). Needs a transport whose sessions
     carry multi-token steps (``SessionHandle.verify``). Hidden states travel in ``wire_dtype``
     (None: the edge's dtype).
+
+    ``overlap``: while a round is with the server, a background thread asks the drafter to
+    continue as if every draft were accepted (its first token is then its guess of the server's);
+    when the reply confirms that guess, the next round's drafts are ready. Only the drafts are
+    computed ahead (the drafter's own state, never the edge's cache), so a wrong guess costs
+    nothing but the thread's work.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -137,6 +157,8 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
     virtual = 0.0
     start = time.perf_counter()
     session = transport.open(open_request(sampling, fingerprint, seq_len, codec))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="drafter") if overlap else None
+    ahead: tuple[list[int], Future] | None = None  # (the context it assumed, its drafts)
     try:
         cache = edge.new_cache()
         enable_rollback(cache)
@@ -145,9 +167,12 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
             t0 = time.perf_counter()
             n = pending.shape[1]
             k = min(policy.k(), max_new_tokens - len(new) - 1) if seq > 0 else 0
-            # Drafts that need no hidden state (prompt lookup) ride in the same front-layer pass
-            # as the pending token; the rest follow one pass each.
-            drafts = list(drafter.propose(context, k, None))[:k] if k else []
+            # Drafts that need no hidden state (prompt lookup, a draft model) ride in the same
+            # front-layer pass as the pending token; the rest follow one pass each.
+            drafts = _drafts_ahead(ahead, context, k)
+            ahead = None
+            if len(drafts) < k:
+                drafts += list(drafter.propose(context + drafts, k - len(drafts), None))[: k - len(drafts)]
             draft_s = time.perf_counter() - t0
             feed = torch.cat([pending, torch.tensor([drafts], dtype=torch.long)], dim=1) if drafts else pending
             hidden = edge.forward(feed, cache, position)
@@ -164,6 +189,10 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
             t1 = time.perf_counter()
             frame = encode(to_wire(hidden, wire_dtype), codec).to_bytes()
             t2 = time.perf_counter()
+            ahead_k = min(policy.k(), max_new_tokens - len(new) - len(drafts) - 2)
+            if pool is not None and seq > 0 and ahead_k > 0:
+                base = context + drafts
+                ahead = (base, pool.submit(drafter.propose, base, ahead_k + 1, None))
             ex = session.verify(seq, tuple(drafts), frame)
             t3 = time.perf_counter()
             r = ex.reply
@@ -199,6 +228,8 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
             pending = torch.tensor([[r.token]], dtype=torch.long)
         metrics.edge_kv_bytes = cache_nbytes(cache)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)  # the drafter is not left running after we return
         session.close()
     metrics.total_s = time.perf_counter() - start + virtual
     return SpeculativeResult(torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1), metrics)
@@ -229,10 +260,12 @@ def make_drafter(name: str, edge: Edge, draft_bits: int = 4) -> Drafter:
 def speculate(split, input_ids: torch.Tensor, max_new_tokens: int, drafter: str | Drafter = "lookup",
               k: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
               top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
-              transport: Transport | None = None, policy: DraftPolicy | None = None) -> SpeculativeResult:
+              transport: Transport | None = None, policy: DraftPolicy | None = None,
+              overlap: bool = True) -> SpeculativeResult:
     """Speculative generation with a :class:`~splitkernels.runtime.SplitModel` (its edge, codec and
     fingerprint; its in-process server unless ``transport=``). ``k`` fixes the drafts per round;
-    None adapts it (``policy`` overrides both)."""
+    None adapts it (``policy`` overrides both); ``overlap`` drafts during the round trip (see
+    :func:`generate_speculative`)."""
     edge = split._require("edge")
     if isinstance(drafter, str):
         drafter = make_drafter(drafter, edge)
@@ -240,4 +273,4 @@ def speculate(split, input_ids: torch.Tensor, max_new_tokens: int, drafter: str 
     sampling = SamplingParams(bool(do_sample), float(temperature), top_k, float(top_p), seed)
     return generate_speculative(edge, transport or split._require("transport"), input_ids, max_new_tokens,
                                 split.codec, sampling, drafter, policy, eos_token_id, split.fingerprint,
-                                split.config.wire_dtype)
+                                split.config.wire_dtype, overlap)
