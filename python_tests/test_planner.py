@@ -27,6 +27,7 @@ from splitkernels.planner.costs import (
 from splitkernels.planner.devices import Device, devices, get_device
 from splitkernels.planner.optimizer import Infeasible, Limits, Plan, Scenario, plan
 from splitkernels.planner.profile import Profile, measure_profile
+from splitkernels.planner.speculation import DraftOption, draft_model_option
 from splitkernels.planner.quality import (
     QualityPoint,
     QualityTable,
@@ -317,6 +318,24 @@ def test_infeasible_names_binding_constraint(limits, binding):
 def test_min_seq_len_beyond_candidates_is_infeasible():
     with pytest.raises(Infeasible, match="min_seq_len"):
         plan(_scenario(), _table(), Limits(min_seq_len=100_000))
+
+
+def test_plan_records_the_drafter_and_k_for_speculative_decoding():
+    sc = _scenario(mbps=10.0, rtt=50.0)
+    options = [DraftOption("prompt lookup", 0.3), draft_model_option(sc.shape, sc.edge, 4, 0.9, 2048)]
+    plain = plan(sc, _table(), Limits())
+    res = plan(sc, _table(), Limits(), drafters=options)
+    assert "speculation" not in plain.plan.predicted
+    for p in (res.plan, *res.alternatives):
+        spec = p.predicted["speculation"]
+        assert spec["token_latency_s"] <= p.predicted["token_latency_s"]
+        if spec["drafter"] is not None:
+            assert spec["k"] >= 1 and spec["tokens_per_round"] > 1
+    # The ranking stays by one token per round trip: the same plans in the same order.
+    assert [p.to_dict() | {"predicted": {}} for p in (res.plan, *res.alternatives)] == \
+        [p.to_dict() | {"predicted": {}} for p in (plain.plan, *plain.alternatives)]
+    # At RTT 50 ms a 0.9-acceptance draft model pays on this board.
+    assert res.plan.predicted["speculation"]["drafter"] == "draft-model 4-bit"
 
 
 def test_bad_objective():

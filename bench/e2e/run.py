@@ -40,7 +40,6 @@ from splitkernels.planner.costs import (
     MESSAGE_OVERHEAD_BYTES,
     REPLY_BYTES,
     RUNTIME_OVERHEAD_BYTES,
-    LatencyEstimate,
     Link,
     ModelShape,
     Roofline,
@@ -55,7 +54,7 @@ from splitkernels.planner.devices import get_device
 from splitkernels.planner.optimizer import Infeasible, Limits, Plan, Scenario, plan
 from splitkernels.planner.profile import CLOCKS, Profile, measure_forward, measure_profile
 from splitkernels.planner.quality import SplitEvaluator, calibrate, point_key
-from splitkernels.planner.speculation import DraftOption, choose_speculation, draft_model_option
+from splitkernels.planner.speculation import DraftOption, draft_model_option
 
 GROUP = 64
 FRONT, BACK = QuantConfig(4, GROUP), QuantConfig(8, GROUP)
@@ -193,11 +192,10 @@ def draft_acceptance(paths: list[Path]) -> list[tuple[str, float, int | None]]:
     return [(name, statistics.median(v), bits) for (name, bits), v in sorted(found.items(), key=str)]
 
 
-def speculation_row(shape: ModelShape, ours: dict, lat: LatencyEstimate, edge_compute, edge_free: int, context: int,
-                    drafts: list[tuple[str, float, int | None]]) -> dict:
-    """Ours (the planner's split) with the drafter and k :func:`choose_speculation` picks from the
-    measured acceptances, on the modelled costs of this scenario. Greedy output is the same as
-    one token per round trip, so the quality is ours'; bytes per token count every drafted row."""
+def draft_options(shape: ModelShape, edge_compute, context: int,
+                  drafts: list[tuple[str, float, int | None]]) -> list[DraftOption]:
+    """The planner's drafting options for one edge from the measured acceptances (a draft
+    model's cost on this edge; a measured profile lacking its weight format leaves it out)."""
     options = []
     for name, alpha, bits in drafts:
         if name == "lookup":
@@ -205,14 +203,9 @@ def speculation_row(shape: ModelShape, ours: dict, lat: LatencyEstimate, edge_co
             continue
         try:
             options.append(draft_model_option(shape, edge_compute, bits, alpha, context, GROUP))
-        except ValueError:  # a measured profile without that weight format
+        except ValueError:
             continue
-    choice = choose_speculation(lat, options, edge_bytes_free=edge_free)
-    row = {k: v for k, v in ours.items() if k not in ("breakdown", "token_s", "token_bytes")}
-    row.update(token_s=choice.token_s, drafter=choice.drafter or "none pays", k=choice.k,
-               tokens_per_round=choice.tokens_per_round,
-               token_bytes=round(lat.token_bytes * (choice.k + 1) / choice.tokens_per_round))
-    return row
+    return options
 
 
 def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute, edge_mem: int, server,
@@ -267,7 +260,7 @@ def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute,
                     max_kl=None, max_ppl_change=None)
     try:
         res = plan(Scenario(shape, edge_compute, server, link, PROMPT), table, limits, objective="latency",
-                   seq_lens=(2048,), alternatives=10**6)
+                   seq_lens=(2048,), alternatives=10**6, drafters=draft_options(shape, edge_compute, 2048, drafts))
     except Infeasible as exc:
         rows["ours (planner)"] = dict(fits=False, why=exc.explanation)
         return rows
@@ -290,12 +283,15 @@ def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute,
                                   back=str(cand.back), ppl_ci=ppl_change_ci(nll["reference"], nll[key]),
                                   vs_base_ci=diff, nll=nll[key])
     if drafts:
-        b = p["breakdown"]  # the plan's own one-token-per-round-trip costs
-        lat = LatencyEstimate(b["edge"], b["encode"], b["transfer"], b["rtt"], b["decode"], b["server"], p["ttft_s"],
-                              p["token_bytes"], 0)
-        mem = memory(shape, cand.split_layer, cand.front, cand.back, cand.max_seq_len, PROMPT)
-        rows["ours + speculation (planner)"] = speculation_row(shape, rows["ours (planner)"], lat, edge_compute,
-                                                               edge_mem - mem.edge_total, cand.max_seq_len, drafts)
+        # Ours with speculative decoding: the drafter and k the planner picked for this plan. Greedy
+        # output equals one token per round trip, so the quality is ours'; bytes per token count
+        # every drafted row.
+        spec = p["speculation"]
+        row = {k: v for k, v in rows["ours (planner)"].items() if k not in ("breakdown", "token_s", "token_bytes")}
+        row.update(token_s=spec["token_latency_s"], drafter=spec["drafter"] or "none pays", k=spec["k"],
+                   tokens_per_round=spec["tokens_per_round"],
+                   token_bytes=round(p["token_bytes"] * (spec["k"] + 1) / spec["tokens_per_round"]))
+        rows["ours + speculation (planner)"] = row
     return rows
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -28,6 +28,7 @@ from .costs import (
     split_latency,
 )
 from .quality import QualityPoint, QualityTable
+from .speculation import DraftOption, SpeculationChoice, choose_speculation
 
 # "latency": the fastest plan within the quality limits (the default); "quality": the lowest KL
 # within the latency and memory limits; "lossless": the fastest plan whose transfer is lossless.
@@ -273,8 +274,12 @@ def _usable_codec(point: QualityPoint) -> bool:
 
 
 def to_plan(c: Candidate, group_size: int, sessions: int, dtype: str = "float16", wire_dtype: str = "float16",
-            prompt_tokens: int = 128, constraints: dict | None = None) -> Plan:
+            prompt_tokens: int = 128, constraints: dict | None = None,
+            speculation: SpeculationChoice | None = None) -> Plan:
     lat, mem, q = c.latency, c.memory, c.quality
+    extra = {} if speculation is None else {"speculation": {
+        "drafter": speculation.drafter, "k": speculation.k, "token_latency_s": speculation.token_s,
+        "tokens_per_round": speculation.tokens_per_round}}
     return Plan(
         split_layer=c.split_layer,
         front=_quant(c.front_bits, group_size, c.quality.front_method),
@@ -302,8 +307,15 @@ def to_plan(c: Candidate, group_size: int, sessions: int, dtype: str = "float16"
             "bits_per_element": q.bits_per_element,
             "constraints": constraints or {},
             "modelled": "latency and memory are modelled (costs.py); quality is measured (calibration table)",
+            **extra,
         },
     )
+
+
+def _speculation(c: Candidate, drafters: Sequence[DraftOption], limits: Limits) -> SpeculationChoice:
+    """The drafter and k for candidate ``c``, among drafters that fit in the edge memory it leaves."""
+    free = None if limits.edge_memory_bytes is None else limits.edge_memory_bytes - c.memory.edge_total
+    return choose_speculation(c.latency, drafters, edge_bytes_free=free)
 
 
 def _codec_of(point: QualityPoint) -> CodecConfig:
@@ -371,6 +383,7 @@ def plan(
     front_methods: tuple[str, ...] = ("rtn",),
     dtype: str = "float16",
     wire_dtype: str = "float16",
+    drafters: Sequence[DraftOption] = (),
 ) -> PlanResult:
     """Search every calibrated (split, front bits, back bits, codec) with every sequence length.
 
@@ -383,8 +396,12 @@ def plan(
     ``front_methods`` are candidates (a ``"gptq"`` plan needs calibration ids when it is applied).
     ``dtype`` is the precision of dense weights, activations and KV caches (``scenario.shape``'s
     ``dtype_bytes`` must match it); hidden states go on the wire as ``wire_dtype``. Every plan
-    records its binding constraint and its margins (``predicted["constraints"]``). Raises
-    :class:`Infeasible` naming the binding constraint.
+    records its binding constraint and its margins (``predicted["constraints"]``). With
+    ``drafters`` (measured acceptances, :class:`~.speculation.DraftOption`), each plan also
+    records the drafter and drafts per round that speculative decoding should use with it and the
+    per-token latency that buys (``predicted["speculation"]``, see
+    :func:`~.speculation.choose_speculation`; the ranking stays by one token per round trip).
+    Raises :class:`Infeasible` naming the binding constraint.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -442,7 +459,8 @@ def plan(
     key = _objective_key(objective)
     feasible.sort(key=key)
     plans = [to_plan(c, table.group_size, limits.sessions, dtype, wire_dtype, scenario.prompt_tokens,
-                     _constraints(c, rejected, limits, objective))
+                     _constraints(c, rejected, limits, objective),
+                     _speculation(c, drafters, limits) if drafters else None)
              for c in feasible[: 1 + alternatives]]
     return PlanResult(plans[0], plans[1:], scored)
 
