@@ -238,3 +238,27 @@ def test_decode_buffer_errors_name_the_argument():
     for change, error, message in cases:
         with pytest.raises(error, match=message):
             ops.ts_tabq_decode(**{**good, **change})
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_keep_it(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = []
+    op = ops._int8_linear
+    monkeypatch.setattr(ops, "_int8_linear", lambda *a: calls.append(1) or op(*a))
+    w, s = quantize_weight_int8(torch.randn(48, 40))
+    x = torch.randn(3, 40)
+    eager = ops.int8_linear(x, w, s)
+    assert calls == [] and torch.equal(eager, op(x, w, s, None))  # the same kernel without the dispatcher
+    graded = ops.int8_linear(x.clone().requires_grad_(), w, s)
+    assert calls == [1] and graded.requires_grad  # autograd sees the op
+    with torch.no_grad():
+        ops.int8_linear(x.clone().requires_grad_(), w, s)
+    assert calls == [1]
+    with FakeTensorMode() as mode:
+        fake = ops.int8_linear(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(s))
+    assert calls == [1, 1] and fake.shape == (3, 48)
+    assert ops.int8_linear(x.to("meta"), w.to("meta"), s.to("meta")).shape == (3, 48) and calls == [1, 1, 1]
+    # torch.compile traces the public wrapper through the op (its fake kernel).
+    compiled = torch.compile(lambda t: ops.int8_linear(t, w, s) * 2, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), eager * 2)

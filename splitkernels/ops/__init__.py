@@ -3,7 +3,8 @@
 Each op is a ``torch.library`` custom op (with a fake kernel, so ``torch.compile`` traces it)
 whose kernel is chosen per call by :func:`splitkernels.registry.resolve`. The wrappers here
 validate arguments; the kernels behind them (one module per backend under
-``splitkernels/_backends/``) may assume valid input.
+``splitkernels/_backends/``) may assume valid input. A plain eager call skips the custom op's
+dispatcher and calls the same kernel (:func:`_run`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..formats import (
     BIT_STREAM_WIDTHS,
@@ -25,6 +27,21 @@ from ..formats import (
 from ..registry import resolve
 from . import reference
 from .checks import FLOAT_DTYPES, check_choice, check_same_device, check_tensor
+
+
+def _run(op, name: str, device: torch.device, *args):
+    """``op(*args)``, or in a plain eager call the kernel :func:`resolve` picks for ``name`` on
+    ``device``, which is all the op's body does: torch.library's dispatcher costs about 50 us a
+    call, more than a decode-sized kernel. The op itself runs under ``torch.compile``/export
+    tracing, on fake or meta tensors, and where autograd would record."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, Tensor) and (a.device.type == "meta" or isinstance(a, FakeTensor)
+                                      or (grad and a.requires_grad)):
+            return op(*args)
+    return resolve(name, device)(*args)
 
 
 # ---------------------------------------------------------------- pack / unpack
@@ -60,7 +77,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     check_choice("bits", bits, BIT_STREAM_WIDTHS)
     if codes.numel() and bits < 8 and int(codes.max()) >= (1 << bits):
         raise ValueError(f"codes must be < 2**bits = {1 << bits}, got a code {int(codes.max())}")
-    return _pack_bits(codes.contiguous(), bits)
+    return _run(_pack_bits, "pack_bits", codes.device, codes.contiguous(), bits)
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -72,7 +89,7 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     need = packed_nbytes(n, bits)
     if packed.shape[-1] < need:
         raise ValueError(f"packed has {packed.shape[-1]} bytes per row, {n} codes of {bits} bits need {need}")
-    return _unpack_bits(packed.contiguous(), bits, n)
+    return _run(_unpack_bits, "unpack_bits", packed.device, packed.contiguous(), bits, n)
 
 
 # ---------------------------------------------------------------- low-bit linear
@@ -113,7 +130,8 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
         scale, zero = scale.to(x.dtype), zero.to(x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    return _lowbit_linear(x.contiguous(), qweight.qweight, scale, zero, qweight.bits, qweight.group_size, bias)
+    return _run(_lowbit_linear, "lowbit_linear", x.device, x.contiguous(), qweight.qweight, scale, zero,
+                qweight.bits, qweight.group_size, bias)
 
 
 # ---------------------------------------------------------------- int8 W8A8
@@ -147,7 +165,7 @@ def int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tenso
         if bias.shape[0] != w_int8.shape[0]:
             raise ValueError(f"bias must have {w_int8.shape[0]} entries, got {bias.shape[0]}")
     check_same_device(x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
-    return _int8_linear(x.contiguous(), w_int8.contiguous(), w_scale.contiguous(), bias)
+    return _run(_int8_linear, "int8_linear", x.device, x.contiguous(), w_int8.contiguous(), w_scale.contiguous(), bias)
 
 
 # ---------------------------------------------------------------- fused TS + TAB-Q codec
@@ -212,9 +230,9 @@ def ts_tabq_encode(
         if bad:
             raise ValueError(f"forced_bits entries must be in {sorted(allowed)}, got {sorted(bad)}")
     check_same_device(x=x, forced_bits=forced_bits)
-    return EncodedBuffers(*_ts_tabq_encode(
-        x.contiguous(), bool(abs_threshold), float(threshold), int(capacity), [int(b) for b in bit_choices],
-        float(eps), forced_bits,
+    return EncodedBuffers(*_run(
+        _ts_tabq_encode, "ts_tabq_encode", x.device, x.contiguous(), bool(abs_threshold), float(threshold),
+        int(capacity), [int(b) for b in bit_choices], float(eps), forced_bits,
     ))
 
 
@@ -242,7 +260,7 @@ def ts_tabq_decode(
     if tuple(codes.shape) != (t, d * val.element_size()):
         raise ValueError(f"codes must be [T={t}, d*itemsize={d * val.element_size()}], got {tuple(codes.shape)}")
     check_same_device(bits=bits, lo=lo, step=step, cnt=cnt, idx=idx, val=val, codes=codes)
-    return _ts_tabq_decode(bits, lo, step, cnt, idx, val, codes, d)
+    return _run(_ts_tabq_decode, "ts_tabq_decode", codes.device, bits, lo, step, cnt, idx, val, codes, d)
 
 
 __all__ = [
