@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from splitkernels.codec import CodecConfig, encode  # noqa: E402
 from splitkernels.runtime import ray_serve  # noqa: E402
+from splitkernels.runtime.batching import BatchConfig  # noqa: E402
 from splitkernels.runtime.grpc_transport import GrpcTransport  # noqa: E402
 from splitkernels.runtime.protocol import Open, SamplingParams  # noqa: E402
 
@@ -54,10 +55,12 @@ def load(model: str):
 def serve_child(args: argparse.Namespace) -> int:
     """The server process: load, split, serve on loopback, print the address, run until stdin closes."""
     from splitkernels.runtime import Limits, split_model
-    from splitkernels.runtime.batching import BatchConfig, BatchingSessionManager
+    from splitkernels.runtime.batching import BatchingSessionManager
     from splitkernels.runtime.grpc_transport import GrpcServer
 
     torch.set_num_threads(args.threads)
+    if os.environ.get("SK_SWITCH"):
+        sys.setswitchinterval(float(os.environ["SK_SWITCH"]))
     model, _ = load(args.model)
     sm = split_model(model, args.split_layer, limits=Limits(max_sessions=max(args.sessions_list), max_seq_len=4096))
     manager = sm.manager
@@ -159,6 +162,11 @@ def server_pids(client, proc: subprocess.Popen, mode: str, replicas: int) -> lis
     raise RuntimeError(f"found {len(pids)} of {replicas} replicas through Info")
 
 
+def batching_counters(client) -> dict | None:
+    """The batching scheduler's counters from Info (None for an unbatched server)."""
+    return client.info().get("batching")
+
+
 def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes], pids: list[int]) -> dict:
     """``sessions`` concurrent sessions: prefill, barrier, then ``len(decodes)`` timed steps each.
 
@@ -187,10 +195,14 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
     for t in threads:
         t.start()
     barrier.wait(timeout=600)
+    before = batching_counters(client)
+    load0 = os.getloadavg()[0]
     start, cpu0 = time.perf_counter(), cpu_seconds(pids)
     for t in threads:
         t.join()
     wall, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu0
+    load1 = os.getloadavg()[0]
+    after = batching_counters(client)
     if errors:
         raise errors[0]
     flat = sorted(x for row in lat for x in row)
@@ -198,9 +210,15 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
     def pct(q: float) -> float:
         return flat[min(len(flat) - 1, int(q * len(flat)))]
 
-    return {"sessions": sessions, "steps": len(flat), "wall_s": wall, "steps_per_s": len(flat) / wall,
-            "p50_ms": 1000 * statistics.median(flat), "p99_ms": 1000 * pct(0.99), "max_ms": 1000 * flat[-1],
-            "server_cpu_s": cpu, "server_cpu_ms_per_step": 1000 * cpu / len(flat)}
+    row = {"sessions": sessions, "steps": len(flat), "wall_s": wall, "steps_per_s": len(flat) / wall,
+           "p50_ms": 1000 * statistics.median(flat), "p99_ms": 1000 * pct(0.99), "max_ms": 1000 * flat[-1],
+           "server_cpu_s": cpu, "server_cpu_ms_per_step": 1000 * cpu / len(flat), "loadavg_1m": [load0, load1]}
+    if before is not None and after is not None:  # one replica's scheduler (mode cluster: whichever answered)
+        batches = after["batches"] - before["batches"]
+        steps = after["decode_steps"] - before["decode_steps"]
+        row["mean_batch"] = steps / batches if batches else 0.0
+        row["scheduler_busy"] = (after.get("busy_s_total", 0.0) - before.get("busy_s_total", 0.0)) / wall
+    return row
 
 
 def main() -> int:
@@ -212,7 +230,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps per session")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--modes", default="unbatched,batched")
-    ap.add_argument("--window-ms", type=float, default=2.0, help="batching window")
+    ap.add_argument("--window-ms", type=float, default=BatchConfig().window_s * 1000, help="batching window")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the server (both modes; on a shared machine 2+ OpenMP threads stall)")
@@ -278,17 +296,24 @@ def main() -> int:
              f"server torch threads {args.threads}"
              + (f" (per replica, {args.replicas} replicas in mode cluster)" if "cluster" in modes else "")
              + f"; window {args.window_ms} ms", "",
-             "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step | CPU gain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step | CPU gain "
+             "| mean batch | scheduler busy | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}
     base_cpu = {r["sessions"]: r["server_cpu_ms_per_step"] for r in results.get("unbatched", [])}
     for mode in modes:
         for r in results[mode]:
             up = r["steps_per_s"] / base[r["sessions"]] if r["sessions"] in base else float("nan")
-            gain = base_cpu[r["sessions"]] / r["server_cpu_ms_per_step"] if r["sessions"] in base_cpu else float("nan")
+            gain = (base_cpu[r["sessions"]] / r["server_cpu_ms_per_step"]
+                    if r["sessions"] in base_cpu and r["server_cpu_ms_per_step"] > 0 else float("nan"))
             lines.append(f"| {r['sessions']} | {mode} | {r['steps_per_s']:.1f} | {r['p50_ms']:.1f} | "
                          f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {up:.2f}x | "
-                         f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x |")
+                         f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x | "
+                         + (f"{r['mean_batch']:.1f} | {100 * r['scheduler_busy']:.0f}% | " if "mean_batch" in r else "- | - | ")
+                         + "{:.1f}-{:.1f} |".format(*r["loadavg_1m"]))
+    lines += ["", "Mean batch: decode steps per batched forward; scheduler busy: share of the wall time the "
+                  "scheduler thread ran forwards; load avg: the machine's 1-minute load average at the level's "
+                  "start and end (2 cores, shared with other jobs)."]
     if "cluster" in modes:
         lines += ["", "Mode cluster: server CPU counts the replicas' processes, not Ray Serve's proxy and controller."]
     out = Path(args.out)

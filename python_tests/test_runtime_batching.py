@@ -193,7 +193,7 @@ def test_a_failing_batch_ends_its_sessions_and_the_server_goes_on(sm, monkeypatc
         def broken(*args):
             raise RuntimeError("injected fault")
 
-        monkeypatch.setattr(manager.scheduler, "forward_decode", broken)
+        monkeypatch.setattr(manager.scheduler, "decode_tokens", broken)
         with pytest.raises(SplitError) as e:
             session.step(1, frame(1))
         assert e.value.status == Status.INTERNAL and "injected fault" in e.value.message

@@ -12,6 +12,12 @@ Prefill frames (more than one token) run chunk by chunk through the unbatched se
 at most ``prefill_chunk`` tokens per scheduler iteration, between decode batches: a long prompt
 delays every other session by one chunk at most, not by the whole prompt.
 
+The LM head runs on the final hidden states of the batch (the model's forward with its head left
+out) where the model's logits are exactly ``lm_head(final hidden)`` (the families the native
+decode step covers, with an fp32 ``nn.Linear`` head): greedy rows take the fp32 head's argmax from
+a bf16 pass with an exact fp32 fix-up (:mod:`.batch_head`), rows that sample take fp32 logits.
+Other models run their own head on every row.
+
 Exactness: every session's logits go through the same layers as on the unbatched server, but a
 batched matmul and a padded attention sum in a different order, so fp32 logits may differ in the
 last bits (the tests bound ``|batched - unbatched| / |unbatched|`` and check that the sampled
@@ -26,8 +32,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from ..fastpath import FastPathUnsupported, describe
+from ..models.layout import UnsupportedModel, view_with_layers
+from ..nn.linear import is_plain_linear
+from .batch_head import BatchHead
 from .protocol import SamplingParams, SplitError, Status
 from .sampling import sample
 from .segments import Server
@@ -38,23 +49,32 @@ from .sessions import NO_FINGERPRINT, Limits, SessionManager
 class BatchConfig:
     """Scheduler settings.
 
-    * ``window_s``: after the first step arrives, wait at most this long for steps of other open
-      sessions before running the batch (the wait ends early once every open session has a step
-      queued). Default from ``bench/serve_load.py``.
+    * ``window_s``: once a step is queued and the scheduler is free, wait at most this long for
+      the steps of the sessions that are stepping (those served by the last two batches and still
+      open) before running the batch; the wait ends early once all of them, or every open session,
+      have a step queued. Closed-loop clients come back one round trip after their token, so a
+      window shorter than that round trip splits the sessions into cohorts that take turns, each
+      batch half as large at almost the same cost. Default from ``bench/serve_load.py``.
     * ``max_batch``: decode steps in one forward.
     * ``prefill_chunk``: prefill tokens run per scheduler iteration.
     * ``max_tokens_in_flight``: tokens queued or running over all sessions; a step past it is
       refused with RESOURCE_EXHAUSTED (the session stays usable).
+    * ``window_fraction``: the wait may stretch to this fraction of the last decode batch's time
+      when that is longer than ``window_s`` (many sessions: their steps take longer to come back,
+      and a batch that waits for them saves a whole forward).
     """
 
-    window_s: float = 0.002
+    window_s: float = 0.02
     max_batch: int = 64
     prefill_chunk: int = 128
     max_tokens_in_flight: int = 16384
+    window_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if not (isinstance(self.window_s, (int, float)) and 0 <= self.window_s <= 1.0):
             raise ValueError(f"window_s must be a number in [0, 1] seconds, got {self.window_s!r}")
+        if not (isinstance(self.window_fraction, (int, float)) and 0 <= self.window_fraction <= 1.0):
+            raise ValueError(f"window_fraction must be a number in [0, 1], got {self.window_fraction!r}")
         for name in ("max_batch", "prefill_chunk", "max_tokens_in_flight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -71,6 +91,7 @@ class BatchStats:
     max_batch_seen: int
     tokens_in_flight: int
     queue_s_total: float
+    busy_s_total: float  # seconds the scheduler spent running forwards (decode batches and prefill chunks)
 
 
 @dataclass(eq=False)  # identity: the queue removes a work item by itself, not by value
@@ -152,13 +173,17 @@ class Scheduler:
         # recurrent layers run session by session.
         probe = server.adapter.new_cache(server.first, server.last).layers
         self.batchable = all(i < len(probe) and type(probe[i]) is DynamicLayer for i in range(server.first, server.last))
+        self._head, self._headless = _batch_head(server)
         self._queue: deque[Work] = deque()
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._in_flight = 0
         self._batches = self._decode_steps = self._prefill_chunks = self._max_batch_seen = 0
-        self._queue_s = 0.0
+        self._queue_s = self._busy_s = 0.0
+        # Sessions served by the last two decode batches (still open): whose steps a window waits for.
+        self._served: tuple[set[int], set[int]] = (set(), set())
+        self._last_batch_s = 0.0
         self.on_batch: Callable[[int, list[float], float], None] | None = None  # (size, queue times, seconds)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -181,6 +206,13 @@ class Scheduler:
             pending, self._queue = list(self._queue), deque()
         for w in pending:
             self._finish(w, error=SplitError(Status.UNAVAILABLE, "server is shutting down"))
+
+    def forget(self, key: int) -> None:
+        """``key``'s session closed: no window waits for its next step."""
+        with self._cond:
+            for served in self._served:
+                served.discard(key)
+            self._cond.notify_all()
 
     # -- submission ------------------------------------------------------------------------------
     def submit(self, work: Work) -> Work:
@@ -214,10 +246,14 @@ class Scheduler:
                 self._cond.wait(0.5)
             if self._stop:
                 return None
-            deadline = time.perf_counter() + self.config.window_s
+            window = max(self.config.window_s, self.config.window_fraction * self._last_batch_s)
+            deadline = time.perf_counter() + window
             while not self._stop:
                 left = deadline - time.perf_counter()
-                if left <= 0 or len({w.key for w in self._queue}) >= self._expected():
+                queued = {w.key for w in self._queue}
+                stepping = self._served[0] | self._served[1]
+                if left <= 0 or len(queued) >= min(self._expected(), self.config.max_batch) or \
+                        (stepping and stepping <= queued):
                     break
                 self._cond.wait(left)
             decodes, prefills = [], []
@@ -261,18 +297,20 @@ class Scheduler:
         queue_times = [now - w.enqueued for w in works]
         self._dequeue(works)
         try:
-            logits = self.forward_decode([w.hidden for w in works], [w.cache for w in works],
-                                         [w.start for w in works])
-            tokens = [sample(logits[i], w.sampling, w.generator) for i, w in enumerate(works)]
+            tokens = self.decode_tokens(works)
         except Exception as exc:  # every cache in the batch may be half-updated
             for w in works:
                 self._finish(w, error=exc)
             return
         seconds = time.perf_counter() - now
+        self._busy_s += seconds
+        self._last_batch_s = seconds
         self._batches += 1
         self._decode_steps += len(works)
         self._max_batch_seen = max(self._max_batch_seen, len(works))
         self._queue_s += sum(queue_times)
+        with self._cond:
+            self._served = (self._served[1], {w.key for w in works})
         for w, t in zip(works, tokens):
             self._finish(w, token=t)
         if self.on_batch is not None:
@@ -284,6 +322,7 @@ class Scheduler:
             work.started = time.perf_counter()
         a = work.done_tokens
         b = min(work.tokens, a + budget)
+        t0 = time.perf_counter()
         last = b == work.tokens
         try:
             logits = self.server.forward(work.hidden[a:b], work.cache, work.start + a, last_only=True)
@@ -294,6 +333,7 @@ class Scheduler:
             return b - a
         work.done_tokens = b
         self._prefill_chunks += 1
+        self._busy_s += time.perf_counter() - t0
         if last:
             self._dequeue([work])
             self._queue_s += work.started - work.enqueued
@@ -306,8 +346,36 @@ class Scheduler:
     def forward_decode(self, hiddens: list[torch.Tensor], caches: list, starts: list[int]) -> torch.Tensor:
         """One token per session, ``hiddens[i]`` ``[1, d]`` at position ``starts[i]`` (= tokens in
         ``caches[i]``), as one forward; logits ``[B, V]``. Appends to every cache."""
+        if self._head is None:
+            return self._forward(self.server.view, hiddens, caches, starts)
+        return self._head.logits(self._forward(self._headless, hiddens, caches, starts))
+
+    @torch.inference_mode()
+    def decode_tokens(self, works: list[Work]) -> list[int]:
+        """The next token of every decode step in ``works`` from one batched forward (appends to
+        every cache); each session samples with its own parameters and generator."""
+        hiddens, caches, starts = [w.hidden for w in works], [w.cache for w in works], [w.start for w in works]
+        if self._head is None:
+            logits = self._forward(self.server.view, hiddens, caches, starts)
+            return [sample(logits[i], w.sampling, w.generator) for i, w in enumerate(works)]
+        final = self._forward(self._headless, hiddens, caches, starts)  # [B, d]
+        tokens: list[int] = [0] * len(works)
+        greedy = [i for i, w in enumerate(works) if not w.sampling.do_sample]
+        if greedy:
+            for i, t in zip(greedy, self._head.argmax(final[greedy]).tolist()):
+                tokens[i] = t
+        sampled = [i for i, w in enumerate(works) if w.sampling.do_sample]
+        if sampled:
+            logits = self._head.logits(final[sampled])
+            for row, i in enumerate(sampled):
+                tokens[i] = sample(logits[row], works[i].sampling, works[i].generator)
+        return tokens
+
+    def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], caches: list,
+                 starts: list[int]) -> torch.Tensor:
+        """``view_model``'s output at the new position of every session, ``[B, V]`` (logits) or
+        ``[B, d]`` (the final hidden states of the headless view)."""
         server = self.server
-        adapter = server.adapter
         h = torch.cat(hiddens).to(device=server.device, dtype=server.dtype).unsqueeze(1)  # [B, 1, d]
         pos = torch.tensor(starts, device=h.device).unsqueeze(1)  # [B, 1]
         view = _BatchView(caches, starts)
@@ -316,14 +384,36 @@ class Scheduler:
         idx = torch.arange(total, device=h.device).unsqueeze(0)
         padding = idx >= (total - 1 - pos)  # [B, total]
         # The model's own forward on the padded batch: its mask helper combines causality and padding.
-        return adapter.run_back(server.view, h, view, last_only=False, tail=1, attention_mask=padding,
-                                position_ids=pos)[:, -1]
+        return server.adapter.run_back(view_model, h, view, last_only=False, tail=1, attention_mask=padding,
+                                       position_ids=pos)[:, -1]
 
     def stats(self) -> BatchStats:
         with self._cond:
             in_flight = self._in_flight
         return BatchStats(self._batches, self._decode_steps, self._prefill_chunks, self._max_batch_seen,
-                          in_flight, self._queue_s)
+                          in_flight, self._queue_s, self._busy_s)
+
+
+def _batch_head(server: Server) -> tuple[BatchHead | None, nn.Module | None]:
+    """(the batch head, the server view with an identity in place of its LM head) where the
+    model's logits are exactly ``lm_head(final hidden state)``: a family the native decode step
+    covers (checked layer by layer, no soft-capping) with a plain fp32 head. Else (None, None)."""
+    model = server.adapter.model
+    if server.native is None:
+        try:
+            describe(model, server.first, server.last)
+        except (FastPathUnsupported, UnsupportedModel):
+            return None, None
+    head = model.get_output_embeddings()
+    if not is_plain_linear(head) or not isinstance(head, nn.Linear) or head.weight.dtype != torch.float32:
+        return None, None
+    name = next((n for n, m in server.view._modules.items() if m is head), None)
+    if name is None:  # the head is not a direct child: leave the model's forward whole
+        return None, None
+    path = server.adapter.path
+    headless = view_with_layers(server.view, path, server.view.get_submodule(path))
+    headless._modules[name] = nn.Identity()
+    return BatchHead(head), headless
 
 
 class BatchingSessionManager(SessionManager):
@@ -344,6 +434,10 @@ class BatchingSessionManager(SessionManager):
     def _compute(self, sess, hidden: torch.Tensor) -> int:
         return self.scheduler.run(Work(hidden, sess.cache, sess.position, sess.open_msg.sampling,
                                        sess.generator, key=sess.id))
+
+    def _free(self, sess) -> None:
+        super()._free(sess)
+        self.scheduler.forget(sess.id)
 
     def shutdown(self) -> None:
         """Stop the scheduler (queued steps fail UNAVAILABLE), then the reaper and the sessions."""
