@@ -1,12 +1,16 @@
 """Continuous batching on the server: one scheduler thread runs the decode steps of many sessions
 as one forward of the server segment.
 
-Sessions keep their own KV cache (the segment's ``DynamicCache``, as on the unbatched path). For
-a batched decode step a :class:`_BatchView` stands in for the cache: each layer's ``update`` appends
-every session's new key/value to that session's own cache and hands the attention the caches
-left-padded to the longest one; the padding is masked by the model's own mask helper
-(``create_causal_mask`` with a 2-D padding mask). The layers, their attention and the LM head run
-once for the whole batch, so the weights are read once per step instead of once per session.
+Sessions keep their own KV cache (the segment's ``DynamicCache``, as on the unbatched path). A
+batched decode step gathers the caches of its sessions once into padded rows (:class:`_Resident`,
+one buffer per layer, each session right-aligned, the padding masked by the model's own mask
+helper: ``create_causal_mask`` with a 2-D padding mask) and runs the model's own forward on them:
+every layer's attention gets all sessions' keys and values with one copy per layer, no loop over
+sessions. The rows stay there while the same sessions keep stepping together (closed-loop edges
+do), each step appending one column; they are written back into the sessions' caches when the
+batch's sessions change, before a prefill chunk or a speculative step reads one of those caches,
+and at shutdown. The layers, their attention and the LM head run once for the whole batch, so the
+weights are read once per step instead of once per session.
 
 Prefill frames (more than one token) run chunk by chunk through the unbatched segment forward,
 at most ``prefill_chunk`` tokens per scheduler iteration, between decode batches: a long prompt
@@ -120,39 +124,83 @@ class Work:
         return int(self.hidden.shape[0])
 
 
-class _BatchView:
-    """A cache for one batched decode forward over per-session caches of different lengths.
+class _Resident:
+    """The keys and values of the sessions of one decode batch, padded into one buffer per layer
+    and kept there from batch to batch while the same sessions step together.
 
-    ``update`` (called by each attention layer with ``[B, kv_heads, 1, head_dim]``) appends row
-    ``b`` to session ``b``'s own cache and returns all sessions' keys and values left-padded to
-    the longest, ``[B, kv_heads, L + 1, head_dim]``; the mask hides the padding.
+    Rows are right-aligned: session ``i``'s ``lengths[i]`` positions sit in columns
+    ``[width - lengths[i], width)``, the padding before them is zeros (masked). A decode step
+    writes every session's new key and value into column ``width`` with one copy per layer and
+    hands the attention columns ``[0, width]``; no per-session work. The sessions' own caches are
+    stale while their rows live here: :meth:`flush` writes the rows back (the scheduler does it
+    before anything else reads those caches, and when the batch's sessions change).
+
+    Also the cache object the model's forward gets (``update`` per attention layer).
     """
 
     is_compileable = False
 
-    def __init__(self, caches: list, lengths: list[int]) -> None:
-        self.caches, self.lengths = caches, lengths
-        self.past = max(lengths)
+    def __init__(self, keys: list[int], caches: list, lengths: list[int]) -> None:
+        self.keys, self.caches, self.lengths = keys, caches, list(lengths)
+        self.width = max(lengths)
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
 
+    def matches(self, keys: list[int], caches: list, lengths: list[int]) -> bool:
+        """Whether a batch of these sessions (in this order, at these lengths) can run on these rows."""
+        return keys == self.keys and lengths == self.lengths and all(a is b for a, b in zip(caches, self.caches))
+
+    # -- the cache interface the model's forward uses ----------------------------------------------
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.past
+        return self.width
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.past + query_length, 0
+        return self.width + query_length, 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.past
+        return self.width
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        b, heads, q, dim = key_states.shape
-        total = self.past + q
-        keys = key_states.new_zeros(b, heads, total, dim)
-        values = value_states.new_zeros(b, heads, total, value_states.shape[-1])
-        for i, cache in enumerate(self.caches):
-            k, v = cache.update(key_states[i:i + 1], value_states[i:i + 1], layer_idx)
-            keys[i, :, total - k.shape[-2]:] = k[0]
-            values[i, :, total - v.shape[-2]:] = v[0]
+        """``[B, kv_heads, 1, head_dim]`` new keys and values -> all of them ``[B, kv_heads, width + 1, head_dim]``."""
+        keys, values = self._k.get(layer_idx), self._v.get(layer_idx)
+        if keys is None:  # first step of this batch: gather the sessions' caches once
+            keys, values = self._gather(layer_idx, key_states, value_states)
+        elif keys.shape[2] <= self.width:  # full: double the columns
+            keys, values = (torch.cat([t, torch.zeros_like(t)], dim=2) for t in (keys, values))
+        keys[:, :, self.width] = key_states[:, :, 0]
+        values[:, :, self.width] = value_states[:, :, 0]
+        self._k[layer_idx], self._v[layer_idx] = keys, values
+        return keys[:, :, :self.width + 1], values[:, :, :self.width + 1]
+
+    def _gather(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        b, heads, _, dim = key_states.shape
+        columns = self.width + max(16, self.width // 2)  # room to grow before the first doubling
+        keys = key_states.new_zeros(b, heads, columns, dim)
+        values = value_states.new_zeros(b, heads, columns, value_states.shape[-1])
+        for i, (cache, n) in enumerate(zip(self.caches, self.lengths)):
+            if n:
+                layer = cache.layers[layer_idx]
+                keys[i, :, self.width - n:self.width] = layer.keys[0]
+                values[i, :, self.width - n:self.width] = layer.values[0]
         return keys, values
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def advance(self) -> None:
+        """The step's forward completed: every row holds one more position."""
+        self.width += 1
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def flush(self) -> None:
+        """Write every row back into its session's own cache (copies, so the buffers are freed)."""
+        for i, (cache, n) in enumerate(zip(self.caches, self.lengths)):
+            for layer_idx, keys in self._k.items():
+                layer = cache.layers[layer_idx]
+                k = keys[i:i + 1, :, self.width - n:self.width].clone()
+                v = self._v[layer_idx][i:i + 1, :, self.width - n:self.width].clone()
+                if not layer.is_initialized:
+                    layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+        self._k, self._v = {}, {}
 
 
 class Scheduler:
@@ -184,6 +232,10 @@ class Scheduler:
         # Sessions served by the last two decode batches (still open): whose steps a window waits for.
         self._served: tuple[set[int], set[int]] = (set(), set())
         self._last_batch_s = 0.0
+        # The rows of the last decode batch, kept padded while the same sessions step together;
+        # the lock keeps a forward and a release (another thread needing a session's cache) apart.
+        self._resident: _Resident | None = None
+        self._resident_lock = threading.Lock()
         self.on_batch: Callable[[int, list[float], float], None] | None = None  # (size, queue times, seconds)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -206,6 +258,17 @@ class Scheduler:
             pending, self._queue = list(self._queue), deque()
         for w in pending:
             self._finish(w, error=SplitError(Status.UNAVAILABLE, "server is shutting down"))
+        self.release()
+
+    def release(self, cache: object | None = None) -> None:
+        """Write the rows of the last decode batch back into the sessions' own caches if ``cache``
+        is one of them (None: in any case), so another reader of that cache sees all of it. Waits
+        for a batch that is running."""
+        with self._resident_lock:
+            r = self._resident
+            if r is not None and (cache is None or any(c is cache for c in r.caches)):
+                r.flush()
+                self._resident = None
 
     def forget(self, key: int) -> None:
         """``key``'s session closed: no window waits for its next step."""
@@ -277,6 +340,7 @@ class Scheduler:
                         break
                     budget -= self._run_prefill_chunk(w, budget)
             except Exception as exc:  # a fault outside the model must not leave steps waiting forever
+                self._resident = None  # its sessions' caches are lost with their steps
                 with self._cond:
                     pending, self._queue, self._in_flight = list(self._queue), deque(), 0
                 for w in pending:
@@ -325,6 +389,7 @@ class Scheduler:
         t0 = time.perf_counter()
         last = b == work.tokens
         try:
+            self.release(work.cache)
             logits = self.server.forward(work.hidden[a:b], work.cache, work.start + a, last_only=True)
             token = sample(logits, work.sampling, work.generator) if last else None
         except Exception as exc:
@@ -346,45 +411,61 @@ class Scheduler:
     def forward_decode(self, hiddens: list[torch.Tensor], caches: list, starts: list[int]) -> torch.Tensor:
         """One token per session, ``hiddens[i]`` ``[1, d]`` at position ``starts[i]`` (= tokens in
         ``caches[i]``), as one forward; logits ``[B, V]``. Appends to every cache."""
+        self.release()
+        rows = _Resident(list(range(len(caches))), caches, starts)
         if self._head is None:
-            return self._forward(self.server.view, hiddens, caches, starts)
-        return self._head.logits(self._forward(self._headless, hiddens, caches, starts))
+            logits = self._forward(self.server.view, hiddens, rows)
+        else:
+            logits = self._head.logits(self._forward(self._headless, hiddens, rows))
+        rows.advance()
+        rows.flush()
+        return logits
 
     @torch.inference_mode()
     def decode_tokens(self, works: list[Work]) -> list[int]:
         """The next token of every decode step in ``works`` from one batched forward (appends to
-        every cache); each session samples with its own parameters and generator."""
-        hiddens, caches, starts = [w.hidden for w in works], [w.cache for w in works], [w.start for w in works]
+        every cache; a batch of the same sessions as the last one reuses its padded rows); each
+        session samples with its own parameters and generator."""
+        hiddens = [w.hidden for w in works]
+        keys, caches, starts = [w.key for w in works], [w.cache for w in works], [w.start for w in works]
+        with self._resident_lock:
+            rows = self._resident
+            if rows is None or not rows.matches(keys, caches, starts):
+                if rows is not None:
+                    rows.flush()
+                rows = self._resident = _Resident(keys, caches, starts)
+            try:
+                out = self._forward(self.server.view if self._head is None else self._headless, hiddens, rows)
+            except BaseException:
+                self._resident = None  # half-updated: these sessions fail with this batch
+                raise
+            rows.advance()
         if self._head is None:
-            logits = self._forward(self.server.view, hiddens, caches, starts)
-            return [sample(logits[i], w.sampling, w.generator) for i, w in enumerate(works)]
-        final = self._forward(self._headless, hiddens, caches, starts)  # [B, d]
+            return [sample(out[i], w.sampling, w.generator) for i, w in enumerate(works)]
         tokens: list[int] = [0] * len(works)
         greedy = [i for i, w in enumerate(works) if not w.sampling.do_sample]
         if greedy:
-            for i, t in zip(greedy, self._head.argmax(final[greedy]).tolist()):
+            for i, t in zip(greedy, self._head.argmax(out[greedy]).tolist()):
                 tokens[i] = t
         sampled = [i for i, w in enumerate(works) if w.sampling.do_sample]
         if sampled:
-            logits = self._head.logits(final[sampled])
+            logits = self._head.logits(out[sampled])
             for row, i in enumerate(sampled):
                 tokens[i] = sample(logits[row], works[i].sampling, works[i].generator)
         return tokens
 
-    def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], caches: list,
-                 starts: list[int]) -> torch.Tensor:
-        """``view_model``'s output at the new position of every session, ``[B, V]`` (logits) or
-        ``[B, d]`` (the final hidden states of the headless view)."""
+    def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], rows: _Resident) -> torch.Tensor:
+        """``view_model``'s output at the new position of every session of ``rows``, ``[B, V]``
+        (logits) or ``[B, d]`` (the final hidden states of the headless view)."""
         server = self.server
         h = torch.cat(hiddens).to(device=server.device, dtype=server.dtype).unsqueeze(1)  # [B, 1, d]
-        pos = torch.tensor(starts, device=h.device).unsqueeze(1)  # [B, 1]
-        view = _BatchView(caches, starts)
-        total = view.past + 1
-        # Session i's keys sit right-aligned in the padded cache: valid are the last starts[i] + 1.
+        pos = torch.tensor(rows.lengths, device=h.device).unsqueeze(1)  # [B, 1]
+        total = rows.width + 1
+        # Session i's keys sit right-aligned in the padded rows: valid are the last lengths[i] + 1.
         idx = torch.arange(total, device=h.device).unsqueeze(0)
         padding = idx >= (total - 1 - pos)  # [B, total]
         # The model's own forward on the padded batch: its mask helper combines causality and padding.
-        return server.adapter.run_back(view_model, h, view, last_only=False, tail=1, attention_mask=padding,
+        return server.adapter.run_back(view_model, h, rows, last_only=False, tail=1, attention_mask=padding,
                                        position_ids=pos)[:, -1]
 
     def stats(self) -> BatchStats:
@@ -438,6 +519,17 @@ class BatchingSessionManager(SessionManager):
     def _free(self, sess) -> None:
         super()._free(sess)
         self.scheduler.forget(sess.id)
+
+    def _eager_cache(self, sess):
+        self.scheduler.release(sess.cache)  # its newest positions may live in the scheduler's batch rows
+        return super()._eager_cache(sess)
+
+    def _cache_bytes(self, sess) -> int:
+        if not self.scheduler.batchable:
+            return super()._cache_bytes(sess)
+        # Full-attention layers: a fixed number of bytes per position, counted without reading the
+        # cache (its newest rows may be in the scheduler's batch).
+        return sess.position * self.kv_bytes_per_token
 
     def shutdown(self) -> None:
         """Stop the scheduler (queued steps fail UNAVAILABLE), then the reaper and the sessions."""
