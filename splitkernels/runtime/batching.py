@@ -10,7 +10,9 @@ sessions. The rows stay there while the same sessions keep stepping together (cl
 do), each step appending one column; they are written back into the sessions' caches when the
 batch's sessions change, before a prefill chunk or a speculative step reads one of those caches,
 and at shutdown. The layers, their attention and the LM head run once for the whole batch, so the
-weights are read once per step instead of once per session.
+weights are read once per step instead of once per session. A batch of one session runs the
+segment's native one-token step (:mod:`splitkernels.fastpath`) where it has one, as the unbatched
+server does.
 
 Prefill frames (more than one token) run chunk by chunk through the unbatched segment forward,
 at most ``prefill_chunk`` tokens per scheduler iteration, between decode batches: a long prompt
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from ..fastpath import FastPathUnsupported, describe
+from ..fastpath import FastCache, FastPathUnsupported, describe
 from ..models.layout import UnsupportedModel, view_with_layers
 from ..nn.linear import is_plain_linear
 from .batch_head import BatchHead
@@ -124,6 +126,11 @@ class Work:
         return int(self.hidden.shape[0])
 
 
+def _eager(cache):
+    """The transformers cache behind a session cache (a fast-path cache hands out its eager form)."""
+    return cache.dynamic() if isinstance(cache, FastCache) else cache
+
+
 class _Resident:
     """The keys and values of the sessions of one decode batch, padded into one buffer per layer
     and kept there from batch to batch while the same sessions step together.
@@ -179,7 +186,7 @@ class _Resident:
         values = value_states.new_zeros(b, heads, columns, value_states.shape[-1])
         for i, (cache, n) in enumerate(zip(self.caches, self.lengths)):
             if n:
-                layer = cache.layers[layer_idx]
+                layer = _eager(cache).layers[layer_idx]
                 keys[i, :, self.width - n:self.width] = layer.keys[0]
                 values[i, :, self.width - n:self.width] = layer.values[0]
         return keys, values
@@ -193,8 +200,9 @@ class _Resident:
     def flush(self) -> None:
         """Write every row back into its session's own cache (copies, so the buffers are freed)."""
         for i, (cache, n) in enumerate(zip(self.caches, self.lengths)):
+            eager = _eager(cache)
             for layer_idx, keys in self._k.items():
-                layer = cache.layers[layer_idx]
+                layer = eager.layers[layer_idx]
                 k = keys[i:i + 1, :, self.width - n:self.width].clone()
                 v = self._v[layer_idx][i:i + 1, :, self.width - n:self.width].clone()
                 if not layer.is_initialized:
@@ -426,6 +434,10 @@ class Scheduler:
         """The next token of every decode step in ``works`` from one batched forward (appends to
         every cache; a batch of the same sessions as the last one reuses its padded rows); each
         session samples with its own parameters and generator."""
+        if len(works) == 1 and isinstance(works[0].cache, FastCache):  # one session: the native step
+            w = works[0]
+            self.release(w.cache)
+            return [self.server.next_token(w.hidden, w.cache, w.start, w.sampling, w.generator)]
         hiddens = [w.hidden for w in works]
         keys, caches, starts = [w.key for w in works], [w.cache for w in works], [w.start for w in works]
         with self._resident_lock:
@@ -502,7 +514,6 @@ class BatchingSessionManager(SessionManager):
     for the decode steps of many sessions). Validation, limits, idle expiry and accounting are the
     unbatched manager's; only the compute differs."""
 
-    decode_caches = False  # the scheduler's batched forward appends to eager caches
 
     def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT,
                  batch: BatchConfig | None = None) -> None:

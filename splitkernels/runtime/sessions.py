@@ -78,10 +78,6 @@ class SessionManager:
     non-zero fingerprint is refused with FAILED_PRECONDITION.
     """
 
-    # Sessions decode on the server's fast path where it has one (a subclass that hands the
-    # caches to its own batched forward needs the eager caches).
-    decode_caches = True
-
     def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT) -> None:
         if not isinstance(server, Server):
             raise TypeError(f"server must be a Server segment, got {type(server).__name__}")
@@ -148,7 +144,7 @@ class SessionManager:
             sid = 0
             while sid == 0 or sid in self._sessions:
                 sid = secrets.randbits(64)
-            cache = self.server.new_decode_cache() if self.decode_caches else self.server.new_cache()
+            cache = self.server.new_decode_cache()  # the fast path's where the segment has one
             self._sessions[sid] = _Session(sid, msg, self.max_seq_len, cache,
                                            make_generator(msg.sampling), on_expire=on_expire, codec=codec)
             self.sessions_opened += 1
