@@ -61,8 +61,6 @@ def serve_child(args: argparse.Namespace) -> int:
     from splitkernels.runtime.grpc_transport import GrpcServer
 
     torch.set_num_threads(args.threads)
-    if os.environ.get("SK_SWITCH"):
-        sys.setswitchinterval(float(os.environ["SK_SWITCH"]))
     model, _ = load(args.model)
     sm = split_model(model, args.split_layer, limits=Limits(max_sessions=max(args.sessions_list), max_seq_len=4096))
     manager = sm.manager
