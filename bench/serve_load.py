@@ -10,6 +10,8 @@ Every session sends a prefill frame, all sessions meet at a barrier, then each s
 one-token frames back to back (closed loop: the next step leaves when the previous token arrives). The frames are real codec frames of
 the edge half's hidden states for a text, computed once up front, so the measurement is the
 server's alone (the edge's compute would otherwise share this machine's cores with the server).
+All modes' servers run for the whole benchmark; ``--rounds`` rounds each run every level on every
+mode in turn (the order flips every round), and each row is the round with the median steps/s.
 
     PYTHONPATH=. python bench/serve_load.py --model smollm2 --out /tmp/serve_load
     PYTHONPATH=. python bench/serve_load.py --modes unbatched,batched,cluster --out /tmp/serve_load
@@ -38,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from splitkernels.codec import CodecConfig, encode  # noqa: E402
 from splitkernels.runtime import ray_serve  # noqa: E402
+from splitkernels.runtime.batching import BatchConfig  # noqa: E402
 from splitkernels.runtime.grpc_transport import GrpcTransport  # noqa: E402
 from splitkernels.runtime.protocol import Open, SamplingParams  # noqa: E402
 
@@ -54,7 +57,7 @@ def load(model: str):
 def serve_child(args: argparse.Namespace) -> int:
     """The server process: load, split, serve on loopback, print the address, run until stdin closes."""
     from splitkernels.runtime import Limits, split_model
-    from splitkernels.runtime.batching import BatchConfig, BatchingSessionManager
+    from splitkernels.runtime.batching import BatchingSessionManager
     from splitkernels.runtime.grpc_transport import GrpcServer
 
     torch.set_num_threads(args.threads)
@@ -159,6 +162,11 @@ def server_pids(client, proc: subprocess.Popen, mode: str, replicas: int) -> lis
     raise RuntimeError(f"found {len(pids)} of {replicas} replicas through Info")
 
 
+def batching_counters(client) -> dict | None:
+    """The batching scheduler's counters from Info (None for an unbatched server)."""
+    return client.info().get("batching")
+
+
 def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes], pids: list[int]) -> dict:
     """``sessions`` concurrent sessions: prefill, barrier, then ``len(decodes)`` timed steps each.
 
@@ -187,10 +195,14 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
     for t in threads:
         t.start()
     barrier.wait(timeout=600)
+    before = batching_counters(client)
+    load0 = os.getloadavg()[0]
     start, cpu0 = time.perf_counter(), cpu_seconds(pids)
     for t in threads:
         t.join()
     wall, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu0
+    load1 = os.getloadavg()[0]
+    after = batching_counters(client)
     if errors:
         raise errors[0]
     flat = sorted(x for row in lat for x in row)
@@ -198,9 +210,22 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
     def pct(q: float) -> float:
         return flat[min(len(flat) - 1, int(q * len(flat)))]
 
-    return {"sessions": sessions, "steps": len(flat), "wall_s": wall, "steps_per_s": len(flat) / wall,
-            "p50_ms": 1000 * statistics.median(flat), "p99_ms": 1000 * pct(0.99), "max_ms": 1000 * flat[-1],
-            "server_cpu_s": cpu, "server_cpu_ms_per_step": 1000 * cpu / len(flat)}
+    row = {"sessions": sessions, "steps": len(flat), "wall_s": wall, "steps_per_s": len(flat) / wall,
+           "p50_ms": 1000 * statistics.median(flat), "p99_ms": 1000 * pct(0.99), "max_ms": 1000 * flat[-1],
+           "server_cpu_s": cpu, "server_cpu_ms_per_step": 1000 * cpu / len(flat), "loadavg_1m": [load0, load1]}
+    if before is not None and after is not None:  # one replica's scheduler (mode cluster: whichever answered)
+        batches = after["batches"] - before["batches"]
+        steps = after["decode_steps"] - before["decode_steps"]
+        row["mean_batch"] = steps / batches if batches else 0.0
+        row["scheduler_busy"] = (after.get("busy_s_total", 0.0) - before.get("busy_s_total", 0.0)) / wall
+    return row
+
+
+def median_round(rows: list[dict]) -> dict:
+    """The round with the median aggregate steps/s (the lower middle one of an even count), with
+    every round's steps/s beside it."""
+    ranked = sorted(rows, key=lambda r: r["steps_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "rounds_steps_per_s": [r["steps_per_s"] for r in rows]}
 
 
 def main() -> int:
@@ -212,7 +237,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps per session")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--modes", default="unbatched,batched")
-    ap.add_argument("--window-ms", type=float, default=2.0, help="batching window")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of every level on every mode; the median round is reported")
+    ap.add_argument("--window-ms", type=float, default=BatchConfig().window_s * 1000, help="batching window")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the server (both modes; on a shared machine 2+ OpenMP threads stall)")
@@ -238,30 +265,41 @@ def main() -> int:
     model, name = load(args.model)
     prefill, decodes, hidden = make_frames(model, args.split_layer, args.prompt_tokens, args.steps)
     del model
+    # Every mode's server runs for the whole benchmark; each round runs every level on every mode,
+    # taking turns (the order flips each round), so load from other jobs hits all modes alike.
+    servers: dict[str, tuple[subprocess.Popen, object, list[int]]] = {}
+    rounds: dict[str, dict[int, list[dict]]] = {mode: {n: [] for n in args.sessions_list} for mode in modes}
     results: dict[str, list[dict]] = {}
-    for mode in modes:
-        proc, address = start_server(args, mode)
-        connect = ray_serve.transport if mode == "cluster" else GrpcTransport
-        try:
-            with connect(address, timeout_s=900) as client:
-                pids = server_pids(client, proc, mode, args.replicas)
-                for _ in range(2 * args.replicas if mode == "cluster" else 1):  # warm-up (each replica)
-                    run_level(client, 1, prefill, decodes[:4], pids)
-                results[mode] = []
-                for n in args.sessions_list:
+    try:
+        for mode in modes:
+            proc, address = start_server(args, mode)
+            connect = ray_serve.transport if mode == "cluster" else GrpcTransport
+            client = connect(address, timeout_s=900)
+            servers[mode] = proc, client, []
+            servers[mode][2].extend(server_pids(client, proc, mode, args.replicas))
+            for _ in range(2 * args.replicas if mode == "cluster" else 1):  # warm-up (each replica)
+                run_level(client, 1, prefill, decodes[:4], servers[mode][2])
+        for r in range(args.rounds):
+            for n in args.sessions_list:
+                for mode in (modes if r % 2 == 0 else modes[::-1]):
+                    _, client, pids = servers[mode]
                     row = run_level(client, n, prefill, decodes, pids)
-                    results[mode].append(row)
-                    print(f"{mode:9s} {n:3d} sessions: {row['steps_per_s']:7.1f} steps/s  "
+                    rounds[mode][n].append(row)
+                    print(f"round {r + 1} {mode:9s} {n:3d} sessions: {row['steps_per_s']:7.1f} steps/s  "
                           f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                           f"server CPU {row['server_cpu_ms_per_step']:6.1f} ms/step", flush=True)
-                info = client.info()
-        finally:
+        for mode in modes:
+            results[mode] = [median_round(rounds[mode][n]) for n in args.sessions_list]
+            info = servers[mode][1].info()
+            results[mode + "_server"] = {k: info.get(k) for k in ("weight_bytes", "batching")}
+    finally:
+        for mode, (proc, client, _) in servers.items():
+            client.close()
             if mode == "cluster":
                 proc.send_signal(signal.SIGTERM)
             else:
                 proc.stdin.close()
             proc.wait(timeout=120)
-        results[mode + "_server"] = {k: info.get(k) for k in ("weight_bytes", "batching")}
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "server_torch_threads": args.threads, "python": platform.python_version(),
@@ -271,24 +309,34 @@ def main() -> int:
         "model": name, "split_layer": args.split_layer, "prompt_tokens": args.prompt_tokens,
         "decode_steps_per_session": args.steps, "frame_bytes": {"prefill": len(prefill),
                                                                 "decode_mean": sum(map(len, decodes)) / len(decodes)},
-        "window_ms": args.window_ms, "max_batch": args.max_batch, "hidden_size": hidden, "results": results,
+        "rounds": args.rounds, "window_ms": args.window_ms, "max_batch": args.max_batch, "hidden_size": hidden,
+        "results": results,
     }
     lines = [f"# Server load: {name}, split after layer {args.split_layer}, {args.steps} decode steps per session",
              "", f"{report['machine']['cores']} cores ({report['machine']['note']}); "
              f"server torch threads {args.threads}"
              + (f" (per replica, {args.replicas} replicas in mode cluster)" if "cluster" in modes else "")
-             + f"; window {args.window_ms} ms", "",
-             "| sessions | mode | steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step | CPU gain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             + f"; window {args.window_ms} ms; median of {args.rounds} rounds (modes taking turns)", "",
+             "| sessions | mode | steps/s | rounds' steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step "
+             "| CPU gain | mean batch | scheduler busy | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}
     base_cpu = {r["sessions"]: r["server_cpu_ms_per_step"] for r in results.get("unbatched", [])}
     for mode in modes:
         for r in results[mode]:
             up = r["steps_per_s"] / base[r["sessions"]] if r["sessions"] in base else float("nan")
-            gain = base_cpu[r["sessions"]] / r["server_cpu_ms_per_step"] if r["sessions"] in base_cpu else float("nan")
-            lines.append(f"| {r['sessions']} | {mode} | {r['steps_per_s']:.1f} | {r['p50_ms']:.1f} | "
+            gain = (base_cpu[r["sessions"]] / r["server_cpu_ms_per_step"]
+                    if r["sessions"] in base_cpu and r["server_cpu_ms_per_step"] > 0 else float("nan"))
+            each = ", ".join(f"{x:.1f}" for x in r["rounds_steps_per_s"])
+            lines.append(f"| {r['sessions']} | {mode} | {r['steps_per_s']:.1f} | {each} | {r['p50_ms']:.1f} | "
                          f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {up:.2f}x | "
-                         f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x |")
+                         f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x | "
+                         + (f"{r['mean_batch']:.1f} | {100 * r['scheduler_busy']:.0f}% | " if "mean_batch" in r else "- | - | ")
+                         + "{:.1f}-{:.1f} |".format(*r["loadavg_1m"]))
+    lines += ["", "Mean batch: decode steps per batched forward; scheduler busy: share of the wall time the "
+                  "scheduler thread ran forwards; load avg: the machine's 1-minute load average at the level's "
+                  "start and end (2 cores, shared with other jobs), of the median round. Speed-up and CPU gain: "
+                  "against the unbatched server's median round at the same level."]
     if "cluster" in modes:
         lines += ["", "Mode cluster: server CPU counts the replicas' processes, not Ray Serve's proxy and controller."]
     out = Path(args.out)

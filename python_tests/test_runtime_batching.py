@@ -20,7 +20,7 @@ from splitkernels.models import tiny_model
 from splitkernels.runtime import Limits, SplitError, Status, split_model
 from splitkernels.runtime.batching import BatchConfig, BatchingSessionManager, Scheduler, Work
 from splitkernels.runtime.grpc_transport import GrpcServer, GrpcTransport
-from splitkernels.runtime.protocol import Open, SamplingParams
+from splitkernels.runtime.protocol import Open, SamplingParams, Step, Verify
 from splitkernels.runtime.transport import InProcessTransport
 
 RTOL = 1e-5
@@ -193,7 +193,7 @@ def test_a_failing_batch_ends_its_sessions_and_the_server_goes_on(sm, monkeypatc
         def broken(*args):
             raise RuntimeError("injected fault")
 
-        monkeypatch.setattr(manager.scheduler, "forward_decode", broken)
+        monkeypatch.setattr(manager.scheduler, "decode_tokens", broken)
         with pytest.raises(SplitError) as e:
             session.step(1, frame(1))
         assert e.value.status == Status.INTERNAL and "injected fault" in e.value.message
@@ -203,3 +203,61 @@ def test_a_failing_batch_ends_its_sessions_and_the_server_goes_on(sm, monkeypatc
         assert torch.equal(sm.generate(ids, 4, transport=transport), sm.generate(ids, 4))
     finally:
         manager.shutdown()
+
+
+def test_batch_rows_persist_between_steps_and_are_written_back(sm):
+    """Decode steps of the same sessions reuse the scheduler's padded rows; a release writes them
+    back: tokens, caches and a different batch afterwards all equal the unbatched segment's."""
+    d = sm.adapter.hidden_size
+    gen = torch.Generator().manual_seed(9)
+    lengths = [3, 0, 9]
+    batched, alone = [], []
+    for n in lengths:
+        p = torch.randn(n, d, generator=gen)
+        for caches in (batched, alone):
+            c = sm.server.new_cache()
+            if n:
+                sm.server.forward(p, c, 0)
+            caches.append(c)
+    scheduler = Scheduler(sm.server)  # driven directly, no thread
+    greedy = SamplingParams()
+    for members in ([0, 1, 2], [0, 1, 2], [0, 1, 2], [2, 0], [2, 0], [1]):  # the same, then other sessions
+        hs = torch.randn(len(members), 1, d, generator=gen)
+        works = [Work(hs[j], batched[i], lengths[i], greedy, None, key=i) for j, i in enumerate(members)]
+        tokens = scheduler.decode_tokens(works)
+        for j, i in enumerate(members):
+            assert tokens[j] == int(sm.server.forward(hs[j], alone[i], lengths[i]).argmax())
+            lengths[i] += 1
+    scheduler.release(batched[1])
+    layer = sm.server.first
+    for b, a, n in zip(batched, alone, lengths):
+        assert b.get_seq_length(layer) == n
+        assert _rel(b.layers[layer].keys, a.layers[layer].keys) <= RTOL
+        assert _rel(b.layers[layer].values, a.layers[layer].values) <= RTOL
+
+
+def test_verify_after_batched_steps_sees_the_whole_cache(sm):
+    """A speculative (multi-token) step on the batching server right after batched decode steps
+    gets the same verdict as on the unbatched server (the rows are written back first)."""
+    d = sm.adapter.hidden_size
+    gen = torch.Generator().manual_seed(4)
+    frames = [encode(torch.randn(n, d, generator=gen), CodecConfig.passthrough()).to_bytes() for n in (5, 1, 1, 1)]
+    spec = encode(torch.randn(3, d, generator=gen), CodecConfig.passthrough()).to_bytes()
+    batching = BatchingSessionManager(sm.server, sm.manager.limits, sm.fingerprint, BatchConfig(window_s=0.0))
+    try:
+        verdicts = []
+        for manager in (sm.manager, batching):
+            sid = manager.open(Open(SamplingParams())).session_id
+            other = manager.open(Open(SamplingParams())).session_id  # a second session in the batches
+            for seq, frame in enumerate(frames):  # the last batch before the verify holds sid's rows
+                manager.step(Step(other, seq, frame))
+                last = manager.step(Step(sid, seq, frame)).token
+            verdicts.append(manager.verify(Verify(sid, len(frames), (last, 7), spec)))
+            verdicts.append(manager.step(Step(sid, len(frames) + 1, frames[2])))
+            manager.close(sid)
+            manager.close(other)
+        ref, ref_next, got, got_next = verdicts
+        assert (got.accepted, got.token, got.position) == (ref.accepted, ref.token, ref.position)
+        assert (got_next.token, got_next.position) == (ref_next.token, ref_next.position)
+    finally:
+        batching.shutdown()

@@ -1,7 +1,7 @@
 """Replicas on Ray Serve: ``splitkernels cluster`` (one command) starts a local Ray cluster with two
 replicas of a tiny model behind one gRPC address; sessions run concurrently through that address,
 each gives the in-process split's tokens, and they land on both replicas; past every replica's
-session limit new sessions wait, then are refused. Without Ray Serve (the optional ``cluster``
+session limit new sessions wait, then are refused; a killed replica fails only its own sessions. Without Ray Serve (the optional ``cluster``
 extra, which CI does not install) that test is skipped; the replica's session service (driven here
 as Ray drives it), the configuration and command-line checks run everywhere."""
 from __future__ import annotations
@@ -249,6 +249,66 @@ def test_two_replicas_behind_one_address(cluster):
         assert len(waiting) == 8
         for session in waiting:
             session.close()
+
+
+def _by_replica(client, sessions: set[int], timeout_s: float = 60) -> dict[int, int]:
+    """Replica pid of each of ``sessions``, from the replicas' Info (any replica answers; poll
+    until every session is placed)."""
+    owner: dict[int, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while not sessions <= set(owner) and time.monotonic() < deadline:
+        info = client.info()
+        owner.update({int(s["id"], 16): info["pid"] for s in info["per_session"]})
+    assert sessions <= set(owner), f"sessions not found in any replica's Info: {sessions - set(owner)}"
+    return owner
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ray_serve_available(),
+                    reason='Ray Serve (ray[serve] >= 2.60, the optional extra: pip install ".[cluster]") is not installed')
+def test_a_killed_replica_fails_only_its_sessions(cluster):
+    """SIGKILL one replica: its sessions' next steps fail at once with a clear status, the other
+    replica's sessions go on with the right tokens, and new sessions open on a live replica."""
+    address, proc, lines = cluster
+    sm = split_model(load_model("tiny", "llama", SEED).model, SPLIT)
+    d = sm.adapter.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    frames = [encode(torch.randn(n, d, generator=gen), CodecConfig.passthrough()).to_bytes() for n in (3, 1, 1)]
+    reference = sm.manager.open(Open(SamplingParams()))
+    expected = [sm.manager.step(Step(reference.session_id, i, f)).token for i, f in enumerate(frames)]
+    with transport(address, token=TOKEN, timeout_s=120) as client:
+        # 6 sessions on replicas of 4 slots each: both replicas hold some.
+        sessions = [client.open(Open(SamplingParams())) for _ in range(6)]
+        for s in sessions:
+            assert s.step(0, frames[0]).reply.token == expected[0]
+        owner = _by_replica(client, {s.session_id for s in sessions})
+        victim = owner[sessions[0].session_id]
+        doomed = [s for s in sessions if owner[s.session_id] == victim]
+        alive = [s for s in sessions if owner[s.session_id] != victim]
+        assert doomed and alive, f"sessions per replica: {owner}"
+        os.kill(victim, signal.SIGKILL)
+        for s in doomed:
+            t0 = time.monotonic()
+            with pytest.raises(SplitError) as e:
+                s.step(1, frames[1])
+            assert time.monotonic() - t0 < 30, "a step on the dead replica hung"
+            # Ray Serve's proxy ends the stream with INTERNAL "The actor died unexpectedly ...".
+            assert e.value.status in (Status.UNAVAILABLE, Status.INTERNAL) and "died" in e.value.message, e.value
+        for s in alive:
+            assert [s.step(i, f).reply.token for i, f in enumerate(frames[1:], start=1)] == expected[1:]
+        fresh = [client.open(Open(SamplingParams())) for _ in range(2)]  # on a live replica: their steps work
+        for s in fresh:
+            assert [s.step(i, f).reply.token for i, f in enumerate(frames)] == expected
+        assert all(client.info()["pid"] != victim for _ in range(4))
+        for s in alive + fresh:
+            s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ray_serve_available(),
+                    reason='Ray Serve (ray[serve] >= 2.60, the optional extra: pip install ".[cluster]") is not installed')
+def test_cluster_stops_on_sigterm(cluster):
+    address, proc, lines = cluster
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 0
     assert "stopped" in "".join(lines[-5:])

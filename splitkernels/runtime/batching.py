@@ -1,16 +1,28 @@
 """Continuous batching on the server: one scheduler thread runs the decode steps of many sessions
 as one forward of the server segment.
 
-Sessions keep their own KV cache (the segment's ``DynamicCache``, as on the unbatched path). For
-a batched decode step a :class:`_BatchView` stands in for the cache: each layer's ``update`` appends
-every session's new key/value to that session's own cache and hands the attention the caches
-left-padded to the longest one; the padding is masked by the model's own mask helper
-(``create_causal_mask`` with a 2-D padding mask). The layers, their attention and the LM head run
-once for the whole batch, so the weights are read once per step instead of once per session.
+Sessions keep their own KV cache (the segment's ``DynamicCache``, as on the unbatched path). A
+batched decode step gathers the caches of its sessions once into padded rows (:class:`_Resident`,
+one buffer per layer, each session right-aligned, the padding masked by the model's own mask
+helper: ``create_causal_mask`` with a 2-D padding mask) and runs the model's own forward on them:
+every layer's attention gets all sessions' keys and values with one copy per layer, no loop over
+sessions. The rows stay there while the same sessions keep stepping together (closed-loop edges
+do), each step appending one column; they are written back into the sessions' caches when the
+batch's sessions change, before a prefill chunk or a speculative step reads one of those caches,
+and at shutdown. The layers, their attention and the LM head run once for the whole batch, so the
+weights are read once per step instead of once per session. A batch of one session runs the
+segment's native one-token step (:mod:`splitkernels.fastpath`) where it has one, as the unbatched
+server does.
 
 Prefill frames (more than one token) run chunk by chunk through the unbatched segment forward,
 at most ``prefill_chunk`` tokens per scheduler iteration, between decode batches: a long prompt
 delays every other session by one chunk at most, not by the whole prompt.
+
+The LM head runs on the final hidden states of the batch (the model's forward with its head left
+out) where the model's logits are exactly ``lm_head(final hidden)`` (the families the native
+decode step covers, with an fp32 ``nn.Linear`` head): greedy rows take the fp32 head's argmax from
+a bf16 pass with an exact fp32 fix-up (:mod:`.batch_head`), rows that sample take fp32 logits.
+Other models run their own head on every row.
 
 Exactness: every session's logits go through the same layers as on the unbatched server, but a
 batched matmul and a padded attention sum in a different order, so fp32 logits may differ in the
@@ -26,8 +38,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from ..fastpath import FastCache, FastPathUnsupported, describe
+from ..models.layout import UnsupportedModel, view_with_layers
+from ..nn.linear import is_plain_linear
+from .batch_head import BatchHead
 from .protocol import SamplingParams, SplitError, Status
 from .sampling import sample
 from .segments import Server
@@ -38,23 +55,32 @@ from .sessions import NO_FINGERPRINT, Limits, SessionManager
 class BatchConfig:
     """Scheduler settings.
 
-    * ``window_s``: after the first step arrives, wait at most this long for steps of other open
-      sessions before running the batch (the wait ends early once every open session has a step
-      queued). Default from ``bench/serve_load.py``.
+    * ``window_s``: once a step is queued and the scheduler is free, wait at most this long for
+      the steps of the sessions that are stepping (those served by the last two batches and still
+      open) before running the batch; the wait ends early once all of them, or every open session,
+      have a step queued. Closed-loop clients come back one round trip after their token, so a
+      window shorter than that round trip splits the sessions into cohorts that take turns, each
+      batch half as large at almost the same cost. Default from ``bench/serve_load.py``.
     * ``max_batch``: decode steps in one forward.
     * ``prefill_chunk``: prefill tokens run per scheduler iteration.
     * ``max_tokens_in_flight``: tokens queued or running over all sessions; a step past it is
       refused with RESOURCE_EXHAUSTED (the session stays usable).
+    * ``window_fraction``: the wait may stretch to this fraction of the last decode batch's time
+      when that is longer than ``window_s`` (many sessions: their steps take longer to come back,
+      and a batch that waits for them saves a whole forward).
     """
 
-    window_s: float = 0.002
+    window_s: float = 0.02
     max_batch: int = 64
     prefill_chunk: int = 128
     max_tokens_in_flight: int = 16384
+    window_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if not (isinstance(self.window_s, (int, float)) and 0 <= self.window_s <= 1.0):
             raise ValueError(f"window_s must be a number in [0, 1] seconds, got {self.window_s!r}")
+        if not (isinstance(self.window_fraction, (int, float)) and 0 <= self.window_fraction <= 1.0):
+            raise ValueError(f"window_fraction must be a number in [0, 1], got {self.window_fraction!r}")
         for name in ("max_batch", "prefill_chunk", "max_tokens_in_flight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -71,6 +97,7 @@ class BatchStats:
     max_batch_seen: int
     tokens_in_flight: int
     queue_s_total: float
+    busy_s_total: float  # seconds the scheduler spent running forwards (decode batches and prefill chunks)
 
 
 @dataclass(eq=False)  # identity: the queue removes a work item by itself, not by value
@@ -99,39 +126,89 @@ class Work:
         return int(self.hidden.shape[0])
 
 
-class _BatchView:
-    """A cache for one batched decode forward over per-session caches of different lengths.
+def _eager(cache):
+    """The transformers cache behind a session cache (a fast-path cache hands out its eager form)."""
+    return cache.dynamic() if isinstance(cache, FastCache) else cache
 
-    ``update`` (called by each attention layer with ``[B, kv_heads, 1, head_dim]``) appends row
-    ``b`` to session ``b``'s own cache and returns all sessions' keys and values left-padded to
-    the longest, ``[B, kv_heads, L + 1, head_dim]``; the mask hides the padding.
+
+class _Resident:
+    """The keys and values of the sessions of one decode batch, padded into one buffer per layer
+    and kept there from batch to batch while the same sessions step together.
+
+    Rows are right-aligned: session ``i``'s ``lengths[i]`` positions sit in columns
+    ``[width - lengths[i], width)``, the padding before them is zeros (masked). A decode step
+    writes every session's new key and value into column ``width`` with one copy per layer and
+    hands the attention columns ``[0, width]``; no per-session work. The sessions' own caches are
+    stale while their rows live here: :meth:`flush` writes the rows back (the scheduler does it
+    before anything else reads those caches, and when the batch's sessions change).
+
+    Also the cache object the model's forward gets (``update`` per attention layer).
     """
 
     is_compileable = False
 
-    def __init__(self, caches: list, lengths: list[int]) -> None:
-        self.caches, self.lengths = caches, lengths
-        self.past = max(lengths)
+    def __init__(self, keys: list[int], caches: list, lengths: list[int]) -> None:
+        self.keys, self.caches, self.lengths = keys, caches, list(lengths)
+        self.width = max(lengths)
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
 
+    def matches(self, keys: list[int], caches: list, lengths: list[int]) -> bool:
+        """Whether a batch of these sessions (in this order, at these lengths) can run on these rows."""
+        return keys == self.keys and lengths == self.lengths and all(a is b for a, b in zip(caches, self.caches))
+
+    # -- the cache interface the model's forward uses ----------------------------------------------
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.past
+        return self.width
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.past + query_length, 0
+        return self.width + query_length, 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.past
+        return self.width
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        b, heads, q, dim = key_states.shape
-        total = self.past + q
-        keys = key_states.new_zeros(b, heads, total, dim)
-        values = value_states.new_zeros(b, heads, total, value_states.shape[-1])
-        for i, cache in enumerate(self.caches):
-            k, v = cache.update(key_states[i:i + 1], value_states[i:i + 1], layer_idx)
-            keys[i, :, total - k.shape[-2]:] = k[0]
-            values[i, :, total - v.shape[-2]:] = v[0]
+        """``[B, kv_heads, 1, head_dim]`` new keys and values -> all of them ``[B, kv_heads, width + 1, head_dim]``."""
+        keys, values = self._k.get(layer_idx), self._v.get(layer_idx)
+        if keys is None:  # first step of this batch: gather the sessions' caches once
+            keys, values = self._gather(layer_idx, key_states, value_states)
+        elif keys.shape[2] <= self.width:  # full: double the columns
+            keys, values = (torch.cat([t, torch.zeros_like(t)], dim=2) for t in (keys, values))
+        keys[:, :, self.width] = key_states[:, :, 0]
+        values[:, :, self.width] = value_states[:, :, 0]
+        self._k[layer_idx], self._v[layer_idx] = keys, values
+        return keys[:, :, :self.width + 1], values[:, :, :self.width + 1]
+
+    def _gather(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        b, heads, _, dim = key_states.shape
+        columns = self.width + max(16, self.width // 2)  # room to grow before the first doubling
+        keys = key_states.new_zeros(b, heads, columns, dim)
+        values = value_states.new_zeros(b, heads, columns, value_states.shape[-1])
+        for i, (cache, n) in enumerate(zip(self.caches, self.lengths)):
+            if n:
+                layer = _eager(cache).layers[layer_idx]
+                keys[i, :, self.width - n:self.width] = layer.keys[0]
+                values[i, :, self.width - n:self.width] = layer.values[0]
         return keys, values
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def advance(self) -> None:
+        """The step's forward completed: every row holds one more position."""
+        self.width += 1
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def flush(self) -> None:
+        """Write every row back into its session's own cache (copies, so the buffers are freed)."""
+        for i, (cache, n) in enumerate(zip(self.caches, self.lengths)):
+            eager = _eager(cache)
+            for layer_idx, keys in self._k.items():
+                layer = eager.layers[layer_idx]
+                k = keys[i:i + 1, :, self.width - n:self.width].clone()
+                v = self._v[layer_idx][i:i + 1, :, self.width - n:self.width].clone()
+                if not layer.is_initialized:
+                    layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+        self._k, self._v = {}, {}
 
 
 class Scheduler:
@@ -152,13 +229,21 @@ class Scheduler:
         # recurrent layers run session by session.
         probe = server.adapter.new_cache(server.first, server.last).layers
         self.batchable = all(i < len(probe) and type(probe[i]) is DynamicLayer for i in range(server.first, server.last))
+        self._head, self._headless = _batch_head(server)
         self._queue: deque[Work] = deque()
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._in_flight = 0
         self._batches = self._decode_steps = self._prefill_chunks = self._max_batch_seen = 0
-        self._queue_s = 0.0
+        self._queue_s = self._busy_s = 0.0
+        # Sessions served by the last two decode batches (still open): whose steps a window waits for.
+        self._served: tuple[set[int], set[int]] = (set(), set())
+        self._last_batch_s = 0.0
+        # The rows of the last decode batch, kept padded while the same sessions step together;
+        # the lock keeps a forward and a release (another thread needing a session's cache) apart.
+        self._resident: _Resident | None = None
+        self._resident_lock = threading.Lock()
         self.on_batch: Callable[[int, list[float], float], None] | None = None  # (size, queue times, seconds)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -181,6 +266,24 @@ class Scheduler:
             pending, self._queue = list(self._queue), deque()
         for w in pending:
             self._finish(w, error=SplitError(Status.UNAVAILABLE, "server is shutting down"))
+        self.release()
+
+    def release(self, cache: object | None = None) -> None:
+        """Write the rows of the last decode batch back into the sessions' own caches if ``cache``
+        is one of them (None: in any case), so another reader of that cache sees all of it. Waits
+        for a batch that is running."""
+        with self._resident_lock:
+            r = self._resident
+            if r is not None and (cache is None or any(c is cache for c in r.caches)):
+                r.flush()
+                self._resident = None
+
+    def forget(self, key: int) -> None:
+        """``key``'s session closed: no window waits for its next step."""
+        with self._cond:
+            for served in self._served:
+                served.discard(key)
+            self._cond.notify_all()
 
     # -- submission ------------------------------------------------------------------------------
     def submit(self, work: Work) -> Work:
@@ -214,10 +317,14 @@ class Scheduler:
                 self._cond.wait(0.5)
             if self._stop:
                 return None
-            deadline = time.perf_counter() + self.config.window_s
+            window = max(self.config.window_s, self.config.window_fraction * self._last_batch_s)
+            deadline = time.perf_counter() + window
             while not self._stop:
                 left = deadline - time.perf_counter()
-                if left <= 0 or len({w.key for w in self._queue}) >= self._expected():
+                queued = {w.key for w in self._queue}
+                stepping = self._served[0] | self._served[1]
+                if left <= 0 or len(queued) >= min(self._expected(), self.config.max_batch) or \
+                        (stepping and stepping <= queued):
                     break
                 self._cond.wait(left)
             decodes, prefills = [], []
@@ -241,6 +348,7 @@ class Scheduler:
                         break
                     budget -= self._run_prefill_chunk(w, budget)
             except Exception as exc:  # a fault outside the model must not leave steps waiting forever
+                self._resident = None  # its sessions' caches are lost with their steps
                 with self._cond:
                     pending, self._queue, self._in_flight = list(self._queue), deque(), 0
                 for w in pending:
@@ -261,18 +369,20 @@ class Scheduler:
         queue_times = [now - w.enqueued for w in works]
         self._dequeue(works)
         try:
-            logits = self.forward_decode([w.hidden for w in works], [w.cache for w in works],
-                                         [w.start for w in works])
-            tokens = [sample(logits[i], w.sampling, w.generator) for i, w in enumerate(works)]
+            tokens = self.decode_tokens(works)
         except Exception as exc:  # every cache in the batch may be half-updated
             for w in works:
                 self._finish(w, error=exc)
             return
         seconds = time.perf_counter() - now
+        self._busy_s += seconds
+        self._last_batch_s = seconds
         self._batches += 1
         self._decode_steps += len(works)
         self._max_batch_seen = max(self._max_batch_seen, len(works))
         self._queue_s += sum(queue_times)
+        with self._cond:
+            self._served = (self._served[1], {w.key for w in works})
         for w, t in zip(works, tokens):
             self._finish(w, token=t)
         if self.on_batch is not None:
@@ -284,8 +394,10 @@ class Scheduler:
             work.started = time.perf_counter()
         a = work.done_tokens
         b = min(work.tokens, a + budget)
+        t0 = time.perf_counter()
         last = b == work.tokens
         try:
+            self.release(work.cache)
             logits = self.server.forward(work.hidden[a:b], work.cache, work.start + a, last_only=True)
             token = sample(logits, work.sampling, work.generator) if last else None
         except Exception as exc:
@@ -294,6 +406,7 @@ class Scheduler:
             return b - a
         work.done_tokens = b
         self._prefill_chunks += 1
+        self._busy_s += time.perf_counter() - t0
         if last:
             self._dequeue([work])
             self._queue_s += work.started - work.enqueued
@@ -306,24 +419,94 @@ class Scheduler:
     def forward_decode(self, hiddens: list[torch.Tensor], caches: list, starts: list[int]) -> torch.Tensor:
         """One token per session, ``hiddens[i]`` ``[1, d]`` at position ``starts[i]`` (= tokens in
         ``caches[i]``), as one forward; logits ``[B, V]``. Appends to every cache."""
+        self.release()
+        rows = _Resident(list(range(len(caches))), caches, starts)
+        if self._head is None:
+            logits = self._forward(self.server.view, hiddens, rows)
+        else:
+            logits = self._head.logits(self._forward(self._headless, hiddens, rows))
+        rows.advance()
+        rows.flush()
+        return logits
+
+    @torch.inference_mode()
+    def decode_tokens(self, works: list[Work]) -> list[int]:
+        """The next token of every decode step in ``works`` from one batched forward (appends to
+        every cache; a batch of the same sessions as the last one reuses its padded rows); each
+        session samples with its own parameters and generator."""
+        if len(works) == 1 and isinstance(works[0].cache, FastCache):  # one session: the native step
+            w = works[0]
+            self.release(w.cache)
+            return [self.server.next_token(w.hidden, w.cache, w.start, w.sampling, w.generator)]
+        hiddens = [w.hidden for w in works]
+        keys, caches, starts = [w.key for w in works], [w.cache for w in works], [w.start for w in works]
+        with self._resident_lock:
+            rows = self._resident
+            if rows is None or not rows.matches(keys, caches, starts):
+                if rows is not None:
+                    rows.flush()
+                rows = self._resident = _Resident(keys, caches, starts)
+            try:
+                out = self._forward(self.server.view if self._head is None else self._headless, hiddens, rows)
+            except BaseException:
+                self._resident = None  # half-updated: these sessions fail with this batch
+                raise
+            rows.advance()
+        if self._head is None:
+            return [sample(out[i], w.sampling, w.generator) for i, w in enumerate(works)]
+        tokens: list[int] = [0] * len(works)
+        greedy = [i for i, w in enumerate(works) if not w.sampling.do_sample]
+        if greedy:
+            for i, t in zip(greedy, self._head.argmax(out[greedy]).tolist()):
+                tokens[i] = t
+        sampled = [i for i, w in enumerate(works) if w.sampling.do_sample]
+        if sampled:
+            logits = self._head.logits(out[sampled])
+            for row, i in enumerate(sampled):
+                tokens[i] = sample(logits[row], works[i].sampling, works[i].generator)
+        return tokens
+
+    def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], rows: _Resident) -> torch.Tensor:
+        """``view_model``'s output at the new position of every session of ``rows``, ``[B, V]``
+        (logits) or ``[B, d]`` (the final hidden states of the headless view)."""
         server = self.server
-        adapter = server.adapter
         h = torch.cat(hiddens).to(device=server.device, dtype=server.dtype).unsqueeze(1)  # [B, 1, d]
-        pos = torch.tensor(starts, device=h.device).unsqueeze(1)  # [B, 1]
-        view = _BatchView(caches, starts)
-        total = view.past + 1
-        # Session i's keys sit right-aligned in the padded cache: valid are the last starts[i] + 1.
+        pos = torch.tensor(rows.lengths, device=h.device).unsqueeze(1)  # [B, 1]
+        total = rows.width + 1
+        # Session i's keys sit right-aligned in the padded rows: valid are the last lengths[i] + 1.
         idx = torch.arange(total, device=h.device).unsqueeze(0)
         padding = idx >= (total - 1 - pos)  # [B, total]
         # The model's own forward on the padded batch: its mask helper combines causality and padding.
-        return adapter.run_back(server.view, h, view, last_only=False, tail=1, attention_mask=padding,
-                                position_ids=pos)[:, -1]
+        return server.adapter.run_back(view_model, h, rows, last_only=False, tail=1, attention_mask=padding,
+                                       position_ids=pos)[:, -1]
 
     def stats(self) -> BatchStats:
         with self._cond:
             in_flight = self._in_flight
         return BatchStats(self._batches, self._decode_steps, self._prefill_chunks, self._max_batch_seen,
-                          in_flight, self._queue_s)
+                          in_flight, self._queue_s, self._busy_s)
+
+
+def _batch_head(server: Server) -> tuple[BatchHead | None, nn.Module | None]:
+    """(the batch head, the server view with an identity in place of its LM head) where the
+    model's logits are exactly ``lm_head(final hidden state)``: a family the native decode step
+    covers (checked layer by layer, no soft-capping) with a plain fp32 head. Else (None, None)."""
+    model = server.adapter.model
+    if server.native is None:
+        try:
+            describe(model, server.first, server.last)
+        except (FastPathUnsupported, UnsupportedModel):
+            return None, None
+    head = model.get_output_embeddings()
+    if not is_plain_linear(head) or not isinstance(head, nn.Linear) or head.weight.dtype != torch.float32:
+        return None, None
+    name = next((n for n, m in server.view._modules.items() if m is head), None)
+    if name is None:  # the head is not a direct child: leave the model's forward whole
+        return None, None
+    path = server.adapter.path
+    headless = view_with_layers(server.view, path, server.view.get_submodule(path))
+    headless._modules[name] = nn.Identity()
+    return BatchHead(head), headless
 
 
 class BatchingSessionManager(SessionManager):
@@ -331,7 +514,6 @@ class BatchingSessionManager(SessionManager):
     for the decode steps of many sessions). Validation, limits, idle expiry and accounting are the
     unbatched manager's; only the compute differs."""
 
-    decode_caches = False  # the scheduler's batched forward appends to eager caches
 
     def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT,
                  batch: BatchConfig | None = None) -> None:
@@ -344,6 +526,21 @@ class BatchingSessionManager(SessionManager):
     def _compute(self, sess, hidden: torch.Tensor) -> int:
         return self.scheduler.run(Work(hidden, sess.cache, sess.position, sess.open_msg.sampling,
                                        sess.generator, key=sess.id))
+
+    def _free(self, sess) -> None:
+        super()._free(sess)
+        self.scheduler.forget(sess.id)
+
+    def _eager_cache(self, sess):
+        self.scheduler.release(sess.cache)  # its newest positions may live in the scheduler's batch rows
+        return super()._eager_cache(sess)
+
+    def _cache_bytes(self, sess) -> int:
+        if not self.scheduler.batchable:
+            return super()._cache_bytes(sess)
+        # Full-attention layers: a fixed number of bytes per position, counted without reading the
+        # cache (its newest rows may be in the scheduler's batch).
+        return sess.position * self.kv_bytes_per_token
 
     def shutdown(self) -> None:
         """Stop the scheduler (queued steps fail UNAVAILABLE), then the reaper and the sessions."""

@@ -19,7 +19,9 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batching", choices=("on", "off"), default="on",
                    help="continuous batching of decode steps across sessions (bench/serve_load.py)")
     g.add_argument("--batch-window-ms", type=float, default=_DEFAULT.window_s * 1000,
-                   help="wait at most this long for other sessions' steps before a batch")
+                   help="wait at most this long for the stepping sessions' steps before a batch")
+    g.add_argument("--batch-window-fraction", type=float, default=_DEFAULT.window_fraction,
+                   help="the wait may stretch to this fraction of the last batch's time")
     g.add_argument("--max-batch", type=int, default=_DEFAULT.max_batch, help="decode steps per forward")
     g.add_argument("--prefill-chunk", type=int, default=_DEFAULT.prefill_chunk,
                    help="prefill tokens run between two decode batches")
@@ -37,7 +39,7 @@ def build_manager(base: SessionManager, args: argparse.Namespace) -> tuple[Sessi
     if args.batching == "on":
         try:
             config = BatchConfig(args.batch_window_ms / 1000, args.max_batch, args.prefill_chunk,
-                                 args.max_tokens_in_flight)
+                                 args.max_tokens_in_flight, args.batch_window_fraction)
         except ValueError as exc:
             raise ValueError(f"batching options: {exc}") from None
         manager = BatchingSessionManager(base.server, base.limits, base.fingerprint, config)

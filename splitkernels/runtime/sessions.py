@@ -78,10 +78,6 @@ class SessionManager:
     non-zero fingerprint is refused with FAILED_PRECONDITION.
     """
 
-    # Sessions decode on the server's fast path where it has one (a subclass that hands the
-    # caches to its own batched forward needs the eager caches).
-    decode_caches = True
-
     def __init__(self, server: Server, limits: Limits | None = None, fingerprint: bytes = NO_FINGERPRINT) -> None:
         if not isinstance(server, Server):
             raise TypeError(f"server must be a Server segment, got {type(server).__name__}")
@@ -148,7 +144,7 @@ class SessionManager:
             sid = 0
             while sid == 0 or sid in self._sessions:
                 sid = secrets.randbits(64)
-            cache = self.server.new_decode_cache() if self.decode_caches else self.server.new_cache()
+            cache = self.server.new_decode_cache()  # the fast path's where the segment has one
             self._sessions[sid] = _Session(sid, msg, self.max_seq_len, cache,
                                            make_generator(msg.sampling), on_expire=on_expire, codec=codec)
             self.sessions_opened += 1
@@ -206,8 +202,7 @@ class SessionManager:
             raise SplitError(Status.INVALID_ARGUMENT, f"draft token ids must be in [0, {vocab})")
 
         def run(sess: _Session, hidden: torch.Tensor) -> tuple[int, int, int]:
-            cache = sess.cache.dynamic() if isinstance(sess.cache, FastCache) else sess.cache
-            return server_verify(self.server, cache, sess.position, hidden, msg.drafts,
+            return server_verify(self.server, self._eager_cache(sess), sess.position, hidden, msg.drafts,
                                  sess.open_msg.sampling, sess.generator)
 
         accepted, token, position, decode_s, compute_s, kv = self._run(msg.session_id, msg.seq, msg.frame,
@@ -244,7 +239,7 @@ class SessionManager:
             t2 = time.perf_counter()
             sess.position = position
             sess.seq += 1
-            sess.kv_bytes = cache_nbytes(sess.cache)
+            sess.kv_bytes = self._cache_bytes(sess)
             sess.last_active = time.monotonic()
             result = accepted, token, position, t1 - t0, t2 - t1, sess.kv_bytes
         self._event("step", session=sess.id, tokens=tokens, frame_bytes=len(frame), seconds=time.perf_counter() - t0)
@@ -277,6 +272,14 @@ class SessionManager:
                 raise SplitError(Status.RESOURCE_EXHAUSTED,
                                  f"server KV cache budget of {self.limits.max_kv_bytes} bytes is spent")
         return hidden
+
+    def _eager_cache(self, sess: _Session):
+        """The session's cache as the model's own (transformers) cache, holding every position."""
+        return sess.cache.dynamic() if isinstance(sess.cache, FastCache) else sess.cache
+
+    def _cache_bytes(self, sess: _Session) -> int:
+        """Bytes the session's KV cache holds."""
+        return cache_nbytes(sess.cache)
 
     def _compute(self, sess: _Session, hidden: torch.Tensor) -> int:
         """Run the server layers on ``hidden`` ``[T, d]`` with the session's cache; the next token.
