@@ -106,7 +106,7 @@ def test_int8_head_logits_and_exact_argmax():
     model = tiny_model("llama", seed=5, num_layers=2, hidden=64, vocab=128)
     _near_tied_head(model)
     for err, token, ref_token in _compare_steps(model, 0, 2, head="int8", steps=30):
-        assert err < 2e-2  # int8 rows, activations as two int8 rows
+        assert err < TOL  # asked for the logits, the int8 head computes them from the fp32 weight
         assert token == ref_token
 
 

@@ -124,7 +124,8 @@ class NativeDecoder:
     def step(self, hidden: torch.Tensor, cache: FastCache, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """One token: ``hidden [d]`` (the layer range's input) at position ``cache.length``.
         Returns (the range's output ``[d]`` fp32, the argmax token or -1 without a head);
-        fills ``logits [vocab]`` fp32 when given (a head is needed)."""
+        fills ``logits [vocab]`` fp32 when given (a head is needed; an int8 head then computes
+        them from the fp32 weight, so they are the model's own)."""
         h, token = self._run(hidden, cache, logits, 1, None, None)
         return h, token
 

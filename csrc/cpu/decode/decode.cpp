@@ -331,7 +331,13 @@ std::string DecodeStack::step(float* h, int64_t pos, float* kv, int64_t capacity
   float* out = logits ? logits : t.tmp.data();
   const int64_t N = head_.N, rows = chunk_rows(N, num_threads());
   HeadBound bound;
-  if (head_.kind == DecodeLinear::kInt8) {
+  // Asked for all logits, an int8 head with its fp32 weight computes them in fp32: sampling
+  // from the full distribution then sees the model's own logits.
+  DecodeLinear dense = head_;
+  const bool all_fp32 = logits && head_.kind == DecodeLinear::kInt8 && head_.weight;
+  if (all_fp32) dense.kind = DecodeLinear::kDense;
+  const DecodeLinear& head = all_fp32 ? dense : head_;
+  if (head.kind == DecodeLinear::kInt8) {
     const Int8Kernels& k8 = current_int8_kernels();
     t.xq.resize(2 * s.hidden);
     t.resid.resize(s.hidden);
@@ -347,10 +353,10 @@ std::string DecodeStack::step(float* h, int64_t pos, float* kv, int64_t capacity
       k8.rows(p, n0, n1);
       for (int64_t n = n0; n < n1; ++n) out[n] = y[n] + y[N + n] + (head_.bias ? head_.bias[n] : 0.f);
     });
-  } else if (!(err = run_parts({{&head_, t.xn.data(), out}}, false)).empty()) {
+  } else if (!(err = run_parts({{&head, t.xn.data(), out}}, false)).empty()) {
     return err;
   }
-  exact_top(head_, bound, t.xn.data(), out, k, ids, vals);
+  exact_top(head, bound, t.xn.data(), out, k, ids, vals);
   return "";
 }
 

@@ -65,7 +65,8 @@ class DecodeStack {
   // first (ties: lower row first), into ids [k] and vals [k] (may be null); ids[0] is the argmax.
   // An int8 head (W8A8 on VNNI) with its fp32 weight gives the fp32 head's top k exactly:
   // every row whose W8A8 logit is within the rounding bound of the k-th best is recomputed in
-  // fp32 (those logits are then exact too; the others in `logits` are W8A8 approximations).
+  // fp32. With `logits` it computes every row from the fp32 weight instead (full logits are
+  // for sampling from the whole distribution, which must be the model's).
   std::string step(float* h, int64_t pos, float* kv, int64_t capacity, const float* cos, const float* sin,
                    float* logits, int64_t k, int64_t* ids, float* vals) const;
 
