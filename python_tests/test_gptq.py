@@ -56,7 +56,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group, act_order):
 @pytest.mark.parametrize("act_order", [True, False])
 def test_identity_hessian_gives_rtn(act_order):
     w = torch.randn(17, 96, generator=torch.Generator().manual_seed(3))
-    got = gptq_quantize(w, torch.eye(96), 4, 32, act_order=act_order, range_search=False, refit=False)
+    got = gptq_quantize(w, torch.eye(96), 4, 32, act_order=act_order, range_search=False)
     want = quantize_weight(w, 4, 32)
     assert torch.equal(got.qweight, want.qweight)
     assert torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)
@@ -67,7 +67,7 @@ def test_identity_hessian_with_range_search_rounds_on_searched_ranges(act_order)
     """With H = I (no error feedback, equal weights) the codes are round-to-nearest on the scales
     and zeros of the unweighted range search."""
     w = torch.randn(13, 96, generator=torch.Generator().manual_seed(4))
-    got = gptq_quantize(w, 2.5 * torch.eye(96), 3, 32, act_order=act_order, refit=False)
+    got = gptq_quantize(w, 2.5 * torch.eye(96), 3, 32, act_order=act_order)
     scale, zero = search_group_ranges(w, 3, 32)
     assert torch.equal(got.scale, scale) and torch.equal(got.zero, zero)
     codes = torch.clamp(torch.round((w - zero.repeat_interleave(32, 1)) / scale.repeat_interleave(32, 1)), 0, 7)
@@ -117,7 +117,7 @@ def test_refit_is_the_per_row_least_squares_fit():
     x = correlated_inputs(512, k, seed=21)
     h = hessian_of(x).double() + 1e-3 * torch.eye(k, dtype=torch.float64)
     w = torch.randn(n, k, generator=g)
-    qw = gptq_quantize(w, h.float(), bits, group, refit=False)
+    qw = gptq_quantize(w, h.float(), bits, group)
     codes = reference.unpack_weight_codes(qw.qweight, bits, k)
     scale, zero = refit_group_params(w, codes, h, qw.scale, qw.zero, group)
     chol = torch.linalg.cholesky(h)  # (w - A t) H (w - A t)^T = ||L^T (w - A t)||^2
@@ -135,7 +135,7 @@ def test_refit_is_the_per_row_least_squares_fit():
 
     assert output_error(scale, zero) < output_error(qw.scale, qw.zero)
     # gptq_quantize refits on the Hessian it used: damped by DEFAULT_DAMP times its mean diagonal.
-    refitted = gptq_quantize(w, h.float(), bits, group)
+    refitted = gptq_quantize(w, h.float(), bits, group, refit=True)
     assert torch.equal(refitted.qweight, qw.qweight)
     damped = h + DEFAULT_DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
     want_scale, want_zero = refit_group_params(w, codes, damped, qw.scale, qw.zero, group)
@@ -199,7 +199,7 @@ def test_singular_hessian_is_damped():
     assert_on_grid(qw)
     assert output_error(x, w, qw) < output_error(x, w, quantize_weight(w, 4, 16))
     # An all-zero Hessian (no data reached the layer) is plain rounding.
-    assert torch.equal(gptq_quantize(w, torch.zeros(k, k), 4, 16, range_search=False, refit=False).qweight,
+    assert torch.equal(gptq_quantize(w, torch.zeros(k, k), 4, 16, range_search=False).qweight,
                        quantize_weight(w, 4, 16).qweight)
 
 
