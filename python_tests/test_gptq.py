@@ -148,6 +148,18 @@ def test_refit_is_the_per_row_least_squares_fit():
     assert bool((s > 0).all()) and torch.isfinite(z).all()
 
 
+def test_range_search_half_precision_and_tiny_ranges():
+    """Scales are stored in the requested dtype and stay positive where a group's range is below
+    that dtype's resolution (codes stay finite)."""
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(9))
+    w[1, :32] *= 1e-9
+    scale, zero = search_group_ranges(w, 3, 32, dtype=torch.float16)
+    assert scale.dtype == zero.dtype == torch.float16 and bool((scale > 0).all())
+    qw = gptq_quantize(w, hessian_of(correlated_inputs(256, 64, seed=9)), 3, 32, dtype=torch.float16)
+    assert torch.isfinite(qw.dequantize(torch.float32)).all()
+    assert_on_grid(qw)
+
+
 def test_range_search_bad_arguments():
     w = torch.randn(4, 32)
     with pytest.raises(ValueError, match="importance must be"):

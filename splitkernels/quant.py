@@ -117,6 +117,7 @@ def search_group_ranges(
             lo, hi = lo0 * a, hi0 * b
             scale = (hi - lo) / qmax
             scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(dtype).float()
+            scale = scale.clamp_min(torch.finfo(dtype).tiny)  # a range below the dtype's resolution
             lo = lo.to(dtype).float()
             q = torch.clamp(torch.round((wg - lo.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, qmax)
             err = ((q * scale.unsqueeze(-1) + lo.unsqueeze(-1) - wg) ** 2 * weight).sum(-1)
