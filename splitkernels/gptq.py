@@ -182,9 +182,9 @@ def gptq_quantize(
     column's rounding error weighted by ``diag(H)`` (the energy of its input), instead of the
     group's min/max. ``refit`` then re-solves the scales and zeros for the codes found
     (:func:`refit_group_params` on the damped Hessian; off by default: on SmolLM2 it lowered the
-    KL to the dense model by ~3% but raised perplexity, bench/results/quality_calibrated_v3). ``dtype`` is the dtype of scale and zero
-    (default: w's). With ``H = I`` and no refit the codes are those of round-to-nearest on the same
-    scales and zeros.
+    KL to the dense model by ~3% but raised perplexity, bench/results/quality_calibrated_v3).
+    ``dtype`` is the dtype of scale and zero (default: w's). With ``H = I`` and no refit the codes
+    are those of round-to-nearest on the same scales and zeros.
     """
     # Validates w, bits and group_size.
     rtn = quantize_weight(w, bits, group_size, dtype=dtype)
@@ -217,7 +217,8 @@ def gptq_quantize(
     # With act_order the visiting order does not follow the groups, so every group's scale and
     # zero are fixed before the first column is visited, from the weight as given (static groups);
     # without it each group is fitted to the error-updated weight when its first column is reached.
-    scale, zero = (t.float().clone() for t in (fit(w.float(), slice(None)) if act_order else (rtn.scale, rtn.zero)))
+    scale, zero = fit(w.float(), slice(None)) if act_order else (rtn.scale, rtn.zero)
+    scale, zero = scale.float().clone(), zero.float().clone()
     # Without act_order blocks hold whole groups, so a group's columns are all up to date when
     # its parameters are fitted.
     block = _BLOCK if act_order else max(group_size, _BLOCK - _BLOCK % group_size)
