@@ -13,8 +13,9 @@ bit width, run side by side on a shared machine) into DIR. Two scorings:
 * Standard: the "Done when" points (``--standard``) with the project's perplexity scoring (DESIGN
   §6: 8192 tokens, windows of 1024 every 512, splitkernels.eval.perplexity), RTN beside GPTQ.
 
-Calibrated (``gptq``) fronts are what ``apply_opsc`` makes: activation order, static groups, damping
-0.01, each layer fitted on the quantised path's inputs towards the dense model's outputs.
+Calibrated (``gptq``) fronts are what ``apply_opsc`` makes: activation order, static groups whose
+ranges are searched under the Hessian's diagonal, damping 0.01, each layer fitted on the quantised
+path's inputs towards the dense model's outputs.
 Calibration ids are ``--calib-rows`` rows of 512 tokens of Botchan starting at token
 ``--calib-start``, after every evaluated token (checked), so calibration and evaluation text are
 disjoint. The back (layers after the split, norm, head) stays fp32 and the embedding dense: the
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--standard-tokens", type=int, default=8192)
     parser.add_argument("--standard-context", type=int, default=1024)
     parser.add_argument("--standard-stride", type=int, default=512)
-    parser.add_argument("--calib-rows", type=int, default=16, help=f"calibration rows of {CALIBRATION_SEQ_LEN} tokens")
+    parser.add_argument("--calib-rows", type=int, default=32, help=f"calibration rows of {CALIBRATION_SEQ_LEN} tokens")
     parser.add_argument("--calib-start", type=int, default=16384, help="first calibration token in Botchan")
     parser.add_argument("--skip-prefix-check", action="store_true",
                         help="skip re-running apply_opsc at the first split to check the front is a prefix")

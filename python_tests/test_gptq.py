@@ -4,11 +4,12 @@ import torch
 from torch import nn
 
 from splitkernels.calibration import calibration_rows, find_layer_stack, quantize_layers
-from splitkernels.gptq import HessianAccumulator, dense_output_target, gptq_quantize
+from splitkernels.gptq import (DEFAULT_DAMP, HessianAccumulator, dense_output_target, gptq_quantize,
+                               refit_group_params)
 from splitkernels.models import tiny_model
 from splitkernels.nn import QuantConfig, QuantLinear, replace_linear
 from splitkernels.ops import reference
-from splitkernels.quant import QuantizedWeight, quantize_weight
+from splitkernels.quant import QuantizedWeight, quantize_weight, search_group_ranges
 
 
 def correlated_inputs(n: int, k: int, seed: int) -> torch.Tensor:
@@ -55,10 +56,120 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group, act_order):
 @pytest.mark.parametrize("act_order", [True, False])
 def test_identity_hessian_gives_rtn(act_order):
     w = torch.randn(17, 96, generator=torch.Generator().manual_seed(3))
-    got = gptq_quantize(w, torch.eye(96), 4, 32, act_order=act_order)
+    got = gptq_quantize(w, torch.eye(96), 4, 32, act_order=act_order, range_search=False)
     want = quantize_weight(w, 4, 32)
     assert torch.equal(got.qweight, want.qweight)
     assert torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_identity_hessian_with_range_search_rounds_on_searched_ranges(act_order):
+    """With H = I (no error feedback, equal weights) the codes are round-to-nearest on the scales
+    and zeros of the unweighted range search."""
+    w = torch.randn(13, 96, generator=torch.Generator().manual_seed(4))
+    got = gptq_quantize(w, 2.5 * torch.eye(96), 3, 32, act_order=act_order)
+    scale, zero = search_group_ranges(w, 3, 32)
+    assert torch.equal(got.scale, scale) and torch.equal(got.zero, zero)
+    codes = torch.clamp(torch.round((w - zero.repeat_interleave(32, 1)) / scale.repeat_interleave(32, 1)), 0, 7)
+    assert torch.equal(got.qweight, reference.pack_weight_codes(codes.to(torch.uint8), 3))
+
+
+def test_range_search_picks_the_grid_optimum():
+    """Each group's (lower, upper) factors are the weighted-error minimum over the grid, found
+    here by trying every pair for every group in plain Python."""
+    g = torch.Generator().manual_seed(8)
+    n, k, group, bits = 3, 12, 4, 2
+    w = torch.randn(n, k, generator=g)
+    w[0, :4] += 3.0  # an all-positive group: shrinking its lower end widens the range
+    importance = torch.rand(k, generator=g) * 10
+    grid = (1.0, 0.9, 0.75, 0.6)
+    scale, zero = search_group_ranges(w, bits, group, importance=importance, grid=grid)
+    for r in range(n):
+        for gi in range(k // group):
+            cols = slice(gi * group, (gi + 1) * group)
+            v, imp = w[r, cols].tolist(), importance[cols].tolist()
+            best = None
+            for a in grid:
+                for b in grid:
+                    lo, hi = min(v) * a, max(v) * b
+                    s = (hi - lo) / (2**bits - 1)
+                    deq = [min(max(round((x - lo) / s), 0), 2**bits - 1) * s + lo for x in v]
+                    err = sum(i * (x - d) ** 2 for i, x, d in zip(imp, v, deq))
+                    if best is None or err < best[0] - 1e-9:
+                        best = (err, s, lo)
+            assert abs(float(scale[r, gi]) - best[1]) < 1e-5 and abs(float(zero[r, gi]) - best[2]) < 1e-5, (r, gi)
+    # The search never does worse than min/max (1.0 is on the grid), and keeps an exact group exact.
+    plain = quantize_weight(w, bits, group)
+    deq = (torch.round((w - zero.repeat_interleave(group, 1)) / scale.repeat_interleave(group, 1))
+           .clamp(0, 2**bits - 1) * scale.repeat_interleave(group, 1) + zero.repeat_interleave(group, 1))
+    weighted = lambda d: ((d - w) ** 2 * importance).reshape(n, -1, group).sum(-1)  # noqa: E731
+    assert bool((weighted(deq) <= weighted(plain.dequantize(torch.float32)) + 1e-6).all())
+    exact = torch.tensor([[0.0, 1.0, 2.0, 3.0] * 2]) * 0.5 - 0.7
+    s, z = search_group_ranges(exact, 2, 4)
+    assert torch.equal(s, torch.full((1, 2), 0.5)) and torch.allclose(z, torch.full((1, 2), -0.7))
+
+
+def test_refit_is_the_per_row_least_squares_fit():
+    """With the codes kept, each row's scales and zeros solve min (w - w^) H (w - w^)^T: checked
+    against a dense least-squares solve of the same problem (Cholesky-whitened) row by row."""
+    g = torch.Generator().manual_seed(21)
+    n, k, group, bits = 5, 48, 16, 3
+    x = correlated_inputs(512, k, seed=21)
+    h = hessian_of(x).double() + 1e-3 * torch.eye(k, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g)
+    qw = gptq_quantize(w, h.float(), bits, group)
+    codes = reference.unpack_weight_codes(qw.qweight, bits, k)
+    scale, zero = refit_group_params(w, codes, h, qw.scale, qw.zero, group)
+    chol = torch.linalg.cholesky(h)  # (w - A t) H (w - A t)^T = ||L^T (w - A t)||^2
+    ones = torch.zeros(k, k // group, dtype=torch.float64)
+    ones[torch.arange(k), torch.arange(k) // group] = 1
+    for r in range(n):
+        a = torch.cat([codes[r].double()[:, None] * ones, ones], 1)
+        want = torch.linalg.lstsq(chol.t() @ a, chol.t() @ w[r].double()).solution
+        torch.testing.assert_close(scale[r].double(), want[: k // group], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(zero[r].double(), want[k // group:], rtol=1e-4, atol=1e-6)
+
+    def output_error(s, z):
+        d = (codes.float() * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1) - w).double()
+        return float(((d @ h) * d).sum())
+
+    assert output_error(scale, zero) < output_error(qw.scale, qw.zero)
+    # gptq_quantize refits on the Hessian it used: damped by DEFAULT_DAMP times its mean diagonal.
+    refitted = gptq_quantize(w, h.float(), bits, group, refit=True)
+    assert torch.equal(refitted.qweight, qw.qweight)
+    damped = h + DEFAULT_DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    want_scale, want_zero = refit_group_params(w, codes, damped, qw.scale, qw.zero, group)
+    torch.testing.assert_close(refitted.scale, want_scale, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(refitted.zero, want_zero, rtol=1e-4, atol=1e-6)
+    # Codes all equal in a group leave its scale free: the row keeps a positive, finite fit.
+    flat = codes.clone()
+    flat[:, :group] = 2
+    s, z = refit_group_params(w, flat, h, qw.scale, qw.zero, group)
+    assert bool((s > 0).all()) and torch.isfinite(z).all()
+
+
+def test_range_search_half_precision_and_tiny_ranges():
+    """Scales are stored in the requested dtype and stay positive where a group's range is below
+    that dtype's resolution (codes stay finite)."""
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(9))
+    w[1, :32] *= 1e-9
+    scale, zero = search_group_ranges(w, 3, 32, dtype=torch.float16)
+    assert scale.dtype == zero.dtype == torch.float16 and bool((scale > 0).all())
+    qw = gptq_quantize(w, hessian_of(correlated_inputs(256, 64, seed=9)), 3, 32, dtype=torch.float16)
+    assert torch.isfinite(qw.dequantize(torch.float32)).all()
+    assert_on_grid(qw)
+
+
+def test_range_search_bad_arguments():
+    w = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="importance must be"):
+        search_group_ranges(w, 4, 16, importance=torch.ones(31))
+    with pytest.raises(ValueError, match="importance must be"):
+        search_group_ranges(w, 4, 16, importance=-torch.ones(32))
+    with pytest.raises(ValueError, match="grid must be"):
+        search_group_ranges(w, 4, 16, grid=(1.0, 0.0))
+    with pytest.raises(ValueError, match="group_size"):
+        search_group_ranges(w, 4, 12)
 
 
 @pytest.mark.parametrize("n,k,group,bits", [(1, 8, 8, 4), (5, 24, 8, 3), (7, 200, 40, 4), (3, 136, 136, 2),
@@ -100,7 +211,8 @@ def test_singular_hessian_is_damped():
     assert_on_grid(qw)
     assert output_error(x, w, qw) < output_error(x, w, quantize_weight(w, 4, 16))
     # An all-zero Hessian (no data reached the layer) is plain rounding.
-    assert torch.equal(gptq_quantize(w, torch.zeros(k, k), 4, 16).qweight, quantize_weight(w, 4, 16).qweight)
+    assert torch.equal(gptq_quantize(w, torch.zeros(k, k), 4, 16, range_search=False).qweight,
+                       quantize_weight(w, 4, 16).qweight)
 
 
 def test_bad_arguments():

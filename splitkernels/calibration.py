@@ -196,7 +196,7 @@ def _quantize(module: nn.Module, config: QuantConfig, hessian: HessianAccumulato
     if config.method == "gptq" and hessian.rows:
         if hessian.cross is not None:
             weight = dense_output_target(weight, hessian.hessian, hessian.cross)
-        return gptq_quantize(weight, hessian.hessian, config.bits, group, clip_search=config.clip_search)
+        return gptq_quantize(weight, hessian.hessian, config.bits, group)
     return quantize_weight(weight, config.bits, group, clip_search=config.clip_search)
 
 

@@ -20,7 +20,9 @@ class QuantConfig:
     channel (the whole input dimension K); ``clip_search`` shrinks each group's range to the
     least-squares best (helps at 2-3 bits, slower to quantise). ``method`` is ``"rtn"``
     (round to nearest, no data needed) or ``"gptq"`` (calibrated error feedback; needs
-    calibration token ids, see :func:`splitkernels.calibration.quantize_layers`).
+    calibration token ids, see :func:`splitkernels.calibration.quantize_layers`). A ``"gptq"``
+    config always searches each group's range, weighted by its calibration Hessian
+    (:func:`splitkernels.gptq.gptq_quantize`); ``clip_search`` only changes ``"rtn"``.
 
     A group size that does not divide a layer's K is adapted per layer by
     :meth:`group_size_for`; the size actually used is recorded on each ``QuantLinear``.
