@@ -7,9 +7,7 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector helpers are internal to this file
 
-#ifndef SK_ISA_NS
-#error "build with -DSK_ISA_NS=<namespace>"
-#endif
+#include "cpu/isa_build.h"
 
 namespace sk {
 namespace SK_ISA_NS {
@@ -90,9 +88,7 @@ void axpy(float a, const float* x, float* y, int64_t n) {
 }  // namespace
 
 const DecodeVec& decode_vec() {
-#define SK_STR2(x) #x
-#define SK_STR(x) SK_STR2(x)
-  static const DecodeVec v{SK_STR(SK_ISA_NS) + 4, dot, f32_rows, axpy};  // name without "isa_"
+  static const DecodeVec v{SK_ISA_NAME, dot, f32_rows, axpy};
   return v;
 }
 

@@ -27,9 +27,7 @@
 #include "common/half.h"
 #include "cpu/int8_kernels.h"
 
-#ifndef SK_ISA_NS
-#error "build with -DSK_ISA_NS=<namespace>"
-#endif
+#include "cpu/isa_build.h"
 
 namespace sk {
 namespace SK_ISA_NS {

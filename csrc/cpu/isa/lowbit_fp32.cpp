@@ -32,9 +32,7 @@
 #include "cpu/bitpack.h"
 #include "cpu/lowbit_kernels.h"
 
-#ifndef SK_ISA_NS
-#error "build with -DSK_ISA_NS=<namespace>"
-#endif
+#include "cpu/isa_build.h"
 
 namespace sk {
 namespace SK_ISA_NS {
@@ -394,9 +392,7 @@ void dequantize(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 }  // namespace
 
 const LowbitKernels& lowbit_kernels() {
-#define SK_STR2(x) #x
-#define SK_STR(x) SK_STR2(x)
-  static const LowbitKernels k{SK_STR(SK_ISA_NS) + 4, fp32_rows, kFusedRows, nullptr, dequantize};  // name without "isa_"
+  static const LowbitKernels k{SK_ISA_NAME, fp32_rows, kFusedRows, nullptr, dequantize};
   return k;
 }
 
