@@ -6,6 +6,9 @@
 
 namespace sk {
 
+// Largest K (exclusive) whose int8 x int8 dot products are exact in int32.
+constexpr int64_t kInt8MaxK = (int64_t{1} << 31) / (127 * 127);
+
 // One y[M, N] = (xq @ w^T) * xs * w_scale (+ bias) problem with exact int32 dot products.
 struct Int8Problem {
   const int8_t* xq;       // [M, K] quantised activations

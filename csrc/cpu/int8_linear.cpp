@@ -14,7 +14,7 @@ namespace sk {
 
 std::string int8_linear(const void* x, int dtype, int64_t M, int64_t K, const int8_t* w, int64_t N,
                         const float* w_scale, const float* bias, void* y) {
-  if (K >= (int64_t{1} << 31) / (127 * 127)) return "K is too large for exact int32 accumulation";
+  if (K >= kInt8MaxK) return "K is too large for exact int32 accumulation";
   const Int8Kernels& kernels = current_int8_kernels();
   std::vector<int8_t> xq(static_cast<size_t>(M * K));
   std::vector<float> xs(M);

@@ -46,7 +46,7 @@ std::string check_linear(const char* name, const DecodeLinear& l, int64_t N, int
     case DecodeLinear::kDense: return l.weight ? "" : n + ": dense weight is null";
     case DecodeLinear::kInt8:
       if (!head) return n + ": int8 weights are for the LM head only";
-      if (K >= (int64_t{1} << 31) / (127 * 127)) return n + ": K is too large for exact int32 sums";
+      if (K >= kInt8MaxK) return n + ": K is too large for exact int32 sums";
       return l.w8 && l.w8_scale ? "" : n + ": int8 weight needs w8 and w8_scale";
     default: return n + ": kind must be 0 (low-bit), 1 (dense fp32) or 2 (int8)";
   }
