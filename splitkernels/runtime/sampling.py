@@ -57,10 +57,15 @@ def top_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     for ties at the k-th logit, which :func:`probabilities` keeps in."""
     scores = logits.float() / params.temperature
     if params.top_p < 1.0:
-        probs = torch.softmax(scores, dim=-1)
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        scores = scores.masked_fill(drop, float("-inf"))
+        scores = _nucleus(scores, params.top_p)
     return torch.softmax(scores, dim=-1)
+
+
+def _nucleus(sorted_scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``sorted_scores [..., n]`` (largest first) with -inf where the tokens before already reach
+    probability ``top_p``; the first always stays."""
+    probs = torch.softmax(sorted_scores, dim=-1)
+    return sorted_scores.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -73,8 +78,5 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_scores, dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        scores = scores.scatter(-1, order, _nucleus(sorted_scores, params.top_p))
     return torch.softmax(scores, dim=-1)
