@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -36,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
+from loopback import free_ports  # noqa: E402  (bench/loopback.py)
 import torch  # noqa: E402
 
 from splitkernels.codec import encode  # noqa: E402
@@ -63,12 +63,6 @@ server.wait()
 
 def _edge_model():
     return split_model(tiny_model("llama", seed=5, num_layers=2, hidden=HIDDEN, vocab=256), 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int) -> subprocess.Popen:
@@ -264,7 +258,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_ports(1)[0]
     server = [start_server(port)]
     address = f"127.0.0.1:{port}"
     try:

@@ -38,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from loopback import free_ports  # noqa: E402  (bench/loopback.py)
 from splitkernels.codec import CodecConfig, encode  # noqa: E402
 from splitkernels.runtime import ray_serve  # noqa: E402
 from splitkernels.runtime.batching import BatchConfig  # noqa: E402
@@ -92,18 +93,6 @@ def make_frames(model, split_layer: int, prompt_tokens: int, steps: int) -> tupl
     decodes = [encode(sm.edge.forward(ids[:, p:p + 1], cache, p), codec).to_bytes()
                for p in range(prompt_tokens, prompt_tokens + steps)]
     return prefill, decodes, sm.adapter.hidden_size
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def start_cluster(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
