@@ -118,9 +118,11 @@ def _near_tied_head(model) -> None:
         w[1::2] = w[0::2] + 1e-4 * torch.randn_like(w[0::2])
 
 
-@pytest.mark.parametrize("head, bits", [("int8", None), ("fp32", None), ("fp32", 4)])
-def test_native_top_k_is_the_heads_exact_top_k(head, bits):
-    model = tiny_model("llama", seed=6, num_layers=2, hidden=64, vocab=128)
+@pytest.mark.parametrize("family, head, bits", [("llama", "int8", None), ("mistral", "int8", None),
+                                                 ("qwen2", "int8", None), ("llama", "fp32", None),
+                                                 ("llama", "fp32", 4)])
+def test_native_top_k_is_the_heads_exact_top_k(family, head, bits):
+    model = tiny_model(family, seed=6, num_layers=2, hidden=64, vocab=128)
     _near_tied_head(model)
     if bits:  # a low-bit (OPSC) head runs as stored: its top k is the dequantised head's
         replace_linear(model, bits=bits, group_size=32)
