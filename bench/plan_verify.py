@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from splitkernels.codec import CodecConfig
+from splitkernels.codec.spec import config_from_dict
 from splitkernels.models import ModelShape, tiny_model
 from splitkernels.nn import QuantConfig
 from splitkernels.planner.costs import Link
-from splitkernels.planner.optimizer import Limits, Scenario, plan
+from splitkernels.planner.optimizer import Limits, Scenario, codec_text, plan
 from splitkernels.planner.profile import Profile, measure_profile
 from splitkernels.planner.quality import QualityTable, calibrate
 from splitkernels.planner.verify import verify_plan
@@ -94,7 +95,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         c = {x["name"]: x for x in r["verification"]["checks"]}
         p = r["plan"]
-        codec = "passthrough" if p["codec"]["mode"] == "passthrough" else f"v1 eps {p['codec']['eps']:g}"
+        codec = codec_text(config_from_dict(p["codec"]))
         what = f"split {p['split_layer']}, {codec}, {p['wire_dtype']} wire, max {p['max_seq_len']}"
         fb, em = c["decode frame bytes per token"], c["edge weights + KV + activations"]
         sw, sk = c["server weights"], c["server KV cache at max_seq_len"]

@@ -534,3 +534,83 @@ def test_planner_considers_calibrated_fronts_only_when_asked():
     best = plan(_scenario(), t, limits, front_methods=("rtn", "gptq"), objective="quality").plan
     assert best.front == QuantConfig(4, 64, method="gptq")
     assert Plan.from_dict(json.loads(json.dumps(best.to_dict()))).front.method == "gptq"
+
+
+# ---------------------------------------------------------------- codec v2 in the planner
+
+V2_SPEC = {"kind": "v2", "bits": 4.0, "sensitivity": "uniform"}
+
+
+@pytest.mark.parametrize("tokens", [1, 9, 40])
+def test_frame_bytes_v2_equals_encoded_size(tokens):
+    from splitkernels.codec import calibrate as fit
+    from splitkernels.planner.costs import frame_bytes_v2
+
+    gen = torch.Generator().manual_seed(tokens)
+    cfg = fit(torch.randn(400, 48, generator=gen), bits=4.0)
+    x = torch.randn(tokens, 48, generator=gen)
+    x[0, 3] = 1e3  # an escape
+    r = codec_transform(cfg)(x)
+    assert r.outliers >= 1
+    # One frame: the point's per-token averages are this frame's totals over its tokens.
+    assert frame_bytes_v2(tokens, 48, r.code_bits / tokens, r.outliers / tokens) == r.nbytes
+
+
+def test_v2_points_are_calibrated_per_split_and_plans_store_the_config(tiny, ids):
+    from splitkernels.codec import CodecConfigV2
+    from splitkernels.codec.spec import config_for_model
+
+    cal = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(6))
+    with pytest.raises(ValueError, match="calibration token ids"):
+        calibrate(tiny, ids, [2], [None], [None], [V2_SPEC], context=32)
+    table = calibrate(tiny, ids, [1, 2], [None], [None], [V2_SPEC, CodecConfig.passthrough()], context=32,
+                      calibration=cal)
+    v2 = table.get(2, None, None, V2_SPEC)
+    assert v2 is not None and v2.codec == V2_SPEC and 0 < v2.kl < 0.05 and 3.5 < v2.bits_per_element < 6
+    shape = ModelShape.from_model(tiny, dtype_bytes=4)
+    scenario = Scenario(shape, Roofline(get_device("jetson-orin-nano-8gb"), shape),
+                        Roofline(get_device("nvidia-a100-80gb"), shape), Link(0.1, 20), 8)
+    limits = Limits(max_kl=1.0, max_ppl_change=10.0)
+    # Without a calibrator the v2 points cannot become plans: the best is what remains.
+    assert plan(scenario, table, limits, seq_lens=(256,), dtype="float32").plan.codec.mode == "passthrough"
+    calls = []
+
+    def fit(split, spec):
+        calls.append((split, spec))
+        return config_for_model(spec, tiny, split, cal, window=32)
+
+    res = plan(scenario, table, limits, seq_lens=(256,), dtype="float32", calibrate_codec=fit)
+    assert isinstance(res.plan.codec, CodecConfigV2)  # a slow link: the fewest bytes win
+    assert len(calls) == len({(s, json.dumps(p, sort_keys=True)) for s, p in calls}) <= 1 + 3
+    assert "codec v2" in res.plan.summary()
+    again = Plan.from_json(res.plan.to_json())
+    assert again.codec == res.plan.codec and again.codec.fingerprint == res.plan.codec.fingerprint
+    split = res.plan.apply(copy.deepcopy(tiny))
+    try:
+        steps = split.run(ids[None, :8], 6).metrics.steps
+    finally:
+        split.close()
+    decode = [s.frame_bytes for s in steps[1:]]
+    predicted = res.plan.predicted["frame_bytes_token"]
+    # Entropy-coded one-token frames vary around the calibrated rate.
+    assert abs(sum(decode) / len(decode) - predicted) <= 0.15 * predicted, (decode, predicted)
+
+
+def test_cli_plan_writes_a_v2_plan_that_demo_runs(tmp_path, tiny, capsys):
+    cal = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(6))
+    model = tiny_model("llama", seed=0, num_layers=6, hidden=128, vocab=256)  # what --model tiny loads
+    text = torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(7))
+    table = calibrate(model, text, [2], [None], [None], [V2_SPEC], context=32, calibration=cal,
+                      model_name="tiny", text_name="random")
+    path = tmp_path / "q.json"
+    table.save(path)
+    out = tmp_path / "plan.json"
+    assert cli_main(["plan", "--model", "tiny", "--quality", str(path), "--dtype", "float32", "--link-mbps", "0.1",
+                     "--max-kl", "1", "--max-ppl-change", "1000", "--calib-tokens", "64", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["codec"]["kind"] == "v2" and len(saved["codec"]["step"]) == 128
+    capsys.readouterr()
+    assert cli_main(["demo", "--model", "tiny", "--plan", str(out), "--max-new-tokens", "3", "--eval-tokens", "0",
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["codec"]["kind"] == "v2" and report["codec"]["fingerprint"] == saved["codec"]["fingerprint"]

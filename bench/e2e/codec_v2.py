@@ -1,6 +1,6 @@
 """Codec v2 beside v1 and Atom-style: KL to the unsplit logits and perplexity change vs bits/element.
 
-    python bench/e2e/codec_v2.py --out DIR [--massive 1000] [--layers 4 10 15 22]
+    python bench/e2e/codec_v2.py --out DIR [--model smollm2|gemma3] [--massive 1000] [--layers 4 10 15 22]
 
 For each split layer: hidden states and the diagonal Fisher of the split hidden state are measured
 on calibration windows (Botchan tokens disjoint from the evaluation tokens), v2 configs are
@@ -8,8 +8,10 @@ calibrated at several bit targets, and every codec is scored on the evaluation w
 element are given for 512-token frames (one frame per window) and for one-token decode frames
 (every token in its own frame: header, bitmap/per-token fields and CRC counted each time). v1 and
 v2 code each token independently of the others in its frame, so one reconstruction serves both
-frame sizes. ``--massive F`` runs the massive-activation fixture (bench/e2e/massive.py) instead,
-sending bf16 (its hidden state leaves the fp16 range).
+frame sizes. ``--model gemma3`` scores Gemma 3 270M, a family the codec was not tuned on, whose
+residual stream carries massive activations of its own (one channel near 1e5 in middle layers).
+``--massive F`` runs the massive-activation fixture (bench/e2e/massive.py) on SmolLM2 instead. The
+wire is fp16 unless a calibration hidden state leaves its range; then bf16.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from splitkernels.codec import CodecConfig, calibrate, decode, encode
 from splitkernels.codec.frame import frame_nbytes
 from splitkernels.codec.sensitivity import fisher_diagonal
 from splitkernels.eval import load_text
-from splitkernels.models import load_smollm2
+from splitkernels.models import PACKAGED, load_packaged
 from splitkernels.planner.quality import SplitEvaluator, TransferResult
 
 CALIB_OFFSET = 8192  # calibration tokens start here; evaluation uses the first --tokens tokens
@@ -80,10 +82,26 @@ def atom(wire: torch.dtype):
     return run
 
 
+def default_layers(num_layers: int) -> list[int]:
+    """SPLIT_LAYERS on SmolLM2's 30 layers, else the same fractions of depth."""
+    return sorted({max(1, min(num_layers - 1, round(layer * num_layers / 30))) for layer in SPLIT_LAYERS})
+
+
+def wire_dtype(model, calib: torch.Tensor, layers: list[int]) -> torch.dtype:
+    """fp16 when every split layer's calibration hidden state fits it with a 2x margin, else bf16."""
+    with torch.no_grad():
+        hs = model(calib[:1], output_hidden_states=True).hidden_states
+    peak = max(float(hs[layer].abs().max()) for layer in layers)
+    return torch.float16 if peak <= torch.finfo(torch.float16).max / 2 else torch.bfloat16
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (results.json, table.md)")
-    ap.add_argument("--layers", type=int, nargs="*", default=list(SPLIT_LAYERS))
+    ap.add_argument("--model", choices=sorted(PACKAGED), default="smollm2")
+    ap.add_argument("--layers", type=int, nargs="*", default=None,
+                    help=f"split layers (default: {' '.join(map(str, SPLIT_LAYERS))} on SmolLM2, the same depth "
+                         "fractions on another model)")
     ap.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of 512)")
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--bits", type=float, nargs="*", default=[3.5, 4.0, 4.5], help="v2 bit targets")
@@ -95,19 +113,21 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model, tok = load_smollm2()
-    wire = torch.float16
+    model, tok = load_packaged(args.model)
     if args.massive:
+        if args.model != "smollm2":
+            ap.error("--massive is a SmolLM2 fixture (its channel 247)")
         massive_channel_copy(model, MASSIVE_CHANNEL, args.massive)
-        wire = torch.bfloat16
     model.eval()
+    layers = args.layers or default_layers(model.config.num_hidden_layers)
     ids = tok(load_text("botchan"), return_tensors="pt").input_ids[0]
     calib = ids[CALIB_OFFSET : CALIB_OFFSET + args.calib_tokens].reshape(-1, CONTEXT)
+    wire = wire_dtype(model, calib, layers)
     t0 = time.time()
     with torch.no_grad():
         ev = SplitEvaluator(model, ids[: args.tokens], CONTEXT)
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "model": "SmolLM2-135M-Instruct" + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
+               "model": PACKAGED[args.model].name + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
                "wire": str(wire), "tokens": ev.tokens, "ppl_reference": ev.ppl_reference, "rows": []}
 
     def record(layer: int, name: str, fn, extra: dict | None = None) -> None:
@@ -122,7 +142,7 @@ def main() -> None:
         print(f"[{time.time() - t0:5.0f}s] l={layer:2d} {name:28s} bits512={row['bits_512']:.3f} "
               f"bits1={row['bits_1']:.3f} kl={p.kl:.4f} ppl={p.ppl_change * 100:+.2f}%", flush=True)
 
-    for layer in args.layers:
+    for layer in layers:
         fisher, hidden = fisher_diagonal(model, calib, layer)
         for b in args.bits:
             cfg = calibrate(hidden, bits=b, sensitivity=fisher, wire_dtype=wire)

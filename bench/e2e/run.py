@@ -34,6 +34,7 @@ from report import write_report
 from stats import not_worse, ppl_change_ci
 
 from splitkernels.codec import CodecConfig
+from splitkernels.codec.spec import is_v2_spec
 from splitkernels.models import load_smollm2
 from splitkernels.nn import PER_CHANNEL, QuantConfig
 from splitkernels.planner.costs import (
@@ -65,6 +66,11 @@ OUR_CODECS = (
     CodecConfig(alpha=3.0, capacity=16, mode="error", eps=0.26),
     CodecConfig(alpha=3.0, capacity=16, mode="error", eps=0.12),
 )
+# Codec v2 as the CLI calibrates it by default (4 bits, Fisher scales), on Botchan tokens from
+# CALIB_OFFSET on (disjoint from the scored text). The scenarios below plan without a codec
+# calibrator, so these points serve `splitkernels plan` (which calibrates the chosen plan).
+V2_CODEC = {"kind": "v2", "bits": 4.0, "sensitivity": "fisher"}
+CALIB_OFFSET, CALIB_TOKENS = 8192, 1024
 EDGES = ("jetson-orin-nano-4gb", "jetson-orin-nano-8gb", "raspberry-pi-5-8gb")
 SERVER = "nvidia-a100-80gb"
 LINKS = tuple(Link(m, r) for m in (1.0, 10.0, 100.0) for r in (5.0, 20.0, 50.0))
@@ -79,16 +85,21 @@ def _json_cache(path: Path, compute):
     return value
 
 
-def calibration(model, ids, out: Path, log):
+def calibration_ids(tokenizer) -> torch.Tensor:
+    """The tokens that calibrate codec v2 points: Botchan from CALIB_OFFSET, disjoint from the scored text."""
+    return botchan_ids(tokenizer, CALIB_OFFSET + CALIB_TOKENS)[CALIB_OFFSET:]
+
+
+def calibration(model, tokenizer, ids, out: Path, log):
     """Our configurations: front 8-bit g64 and back 8-bit at every split layer with the two codec
-    operating points and with lossless (fp16) frames; front 4-bit g64 only at splits 4 and 10 --
+    v1 operating points, codec v2 and lossless (fp16) frames; front 4-bit g64 only at splits 4 and 10 --
     4-bit round-to-nearest front weights alone cost +4% to +11% perplexity on this model, so
     the CPU budget went to the 8-bit points."""
     kw = dict(context=CONTEXT, group_size=GROUP, model_name="SmolLM2-135M-Instruct", text_name="botchan",
-              cache=out / "quality.json", progress=log)
-    calibrate(model, ids, SPLIT_LAYERS[:1], [4], [8], [*OUR_CODECS, CodecConfig.passthrough()], **kw)
-    calibrate(model, ids, SPLIT_LAYERS[1:2], [4], [8], OUR_CODECS[:1], **kw)
-    return calibrate(model, ids, SPLIT_LAYERS, [8], [8], [*OUR_CODECS, CodecConfig.passthrough()], **kw)
+              cache=out / "quality.json", progress=log, calibration=calibration_ids(tokenizer))
+    calibrate(model, ids, SPLIT_LAYERS[:1], [4], [8], [*OUR_CODECS, V2_CODEC, CodecConfig.passthrough()], **kw)
+    calibrate(model, ids, SPLIT_LAYERS[1:2], [4], [8], [*OUR_CODECS[:1], V2_CODEC], **kw)
+    return calibrate(model, ids, SPLIT_LAYERS, [8], [8], [*OUR_CODECS, V2_CODEC, CodecConfig.passthrough()], **kw)
 
 
 def baseline_quality(model, ids, out: Path, log) -> dict:
@@ -115,7 +126,7 @@ def baseline_quality(model, ids, out: Path, log) -> dict:
     return rows
 
 
-def token_nll(model, ids, table, out: Path, log) -> dict:
+def token_nll(model, ids, table, out: Path, log, calib: torch.Tensor) -> dict:
     """Per scored token negative log-likelihoods of the unsplit model (``"reference"``), of every
     calibration point (by its table key) and of the baselines (``"sq/<l>"``, ``"atom/<l>"``), for
     the confidence intervals. Cached in ``nll.json``."""
@@ -125,7 +136,7 @@ def token_nll(model, ids, table, out: Path, log) -> dict:
     layers = [layer for layer in SPLIT_LAYERS if f"sq/{layer}" not in rows or f"atom/{layer}" not in rows]
     if not points and not layers and "reference" in rows:
         return rows
-    ev = SplitEvaluator(model, ids, CONTEXT, GROUP)
+    ev = SplitEvaluator(model, ids, CONTEXT, GROUP, calib)
     rows["reference"] = ev.reference_nll.tolist()
 
     def keep(key: str, p) -> None:
@@ -134,7 +145,7 @@ def token_nll(model, ids, table, out: Path, log) -> dict:
         log(p)
 
     for p in points:
-        codec = None if p.codec is None else CodecConfig.from_dict(p.codec)
+        codec = None if p.codec is None else p.codec if is_v2_spec(p.codec) else CodecConfig.from_dict(p.codec)
         keep(p.key(), ev.measure(p.split_layer, p.front_bits, p.back_bits, codec, front_method=p.front_method))
     for layer in layers:
         with w8a8(model):
@@ -354,15 +365,15 @@ def main() -> None:
 
     def log(p):
         print(f"[{time.time() - t0:6.0f}s] split {p.split_layer} front {p.front_bits} back {p.back_bits} "
-              f"codec {p.codec and p.codec.get('mode')} bits {p.bits_per_element:.3f} "
+              f"codec {p.codec and (p.codec.get('mode') or p.codec.get('kind'))} bits {p.bits_per_element:.3f} "
               f"ppl {100 * p.ppl_change:+.2f}% kl {p.kl:.4f}", flush=True)
 
     model, tok = load_smollm2()
     ids = botchan_ids(tok, args.tokens)
     shape = ModelShape.from_config(model.config, name="SmolLM2-135M-Instruct")
-    table = calibration(model, ids, args.out, log)
+    table = calibration(model, tok, ids, args.out, log)
     base = baseline_quality(model, ids, args.out, log)
-    nll = token_nll(model, ids, table, args.out, log)
+    nll = token_nll(model, ids, table, args.out, log, calibration_ids(tok))
 
     def profile():
         data = measure_profile(model, [None, FRONT, BACK, SQ_WEIGHTS], prompt_tokens=PROMPT, decode_steps=8,

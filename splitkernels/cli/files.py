@@ -122,6 +122,8 @@ def _check_quant(c: _Checker, v: Any, field: str) -> None:
 
 def _check_codec(c: _Checker, v: Any, field: str) -> None:
     codec = c.obj(v, field)
+    if codec.get("kind") == "v2":  # a calibrated v2 config: from_dict checks every array and its fingerprint
+        return
     c.string(codec, "threshold", field, THRESHOLD_MODES)
     c.string(codec, "mode", field, BIT_MODES)
     c.number(codec, "alpha", field, positive=True)
@@ -138,7 +140,7 @@ def _check_codec(c: _Checker, v: Any, field: str) -> None:
 
 def load_plan(path: str):
     """A :class:`~splitkernels.planner.Plan` from ``splitkernels plan --out``, schema-checked."""
-    from ..codec import CodecConfig
+    from ..codec.spec import config_from_dict
     from ..planner import Plan
     from ..planner.optimizer import PLAN_VERSION
 
@@ -154,7 +156,7 @@ def load_plan(path: str):
     if predicted is not None:
         c.obj(predicted, "predicted")
     try:
-        CodecConfig.from_dict(d["codec"])
+        config_from_dict(d["codec"])
     except (TypeError, ValueError) as exc:
         raise c.fail("codec", str(exc)) from None
     return Plan.from_dict(d)

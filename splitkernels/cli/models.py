@@ -32,16 +32,16 @@ CALIB_WINDOW = 512
 
 
 def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
-    """``smollm2``, ``tiny`` (random, ``family``/``seed``), ``auto`` (SmolLM2 when installed) or the
+    """``smollm2``, ``gemma3``, ``tiny`` (random, ``family``/``seed``), ``auto`` (SmolLM2 when installed) or the
     path of a local Hugging Face folder or ``.gguf`` file (:func:`splitkernels.models.load_model`),
     with the command line's errors: a bad name or flag is a usage error, an unreadable model an
     input-file error."""
     from .. import models
 
     if which in BUILT_IN:
-        if which == "smollm2" and not models.smollm2_available():
-            raise UsageError(f"--model smollm2: the SmolLM2 package is not installed ({models.SMOLLM2_INSTALL})")
-        if which != "smollm2" and family not in models.FAMILIES:
+        if which in models.PACKAGED and not models.packaged_available(which):
+            raise UsageError(f"--model {which}: its package is not installed ({models.PACKAGED[which].install})")
+        if which not in models.PACKAGED and family not in models.FAMILIES:
             raise UsageError(f"--family must be one of {list(models.FAMILIES)}, got {family!r}")
     elif not Path(which).expanduser().exists():
         raise UsageError(f"--model must be one of {list(BUILT_IN)} or an existing model folder or .gguf "
@@ -56,7 +56,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="auto",
                    help="auto (SmolLM2-135M when its package is installed, else a tiny random model), smollm2, "
-                        "tiny, or the path of a model folder (save_pretrained) or .gguf file")
+                        "gemma3 (Gemma 3 270M, from its package), tiny, or the path of a model folder (save_pretrained) or .gguf file")
     g.add_argument("--family", default="llama", help="family of the tiny model (llama/mistral/qwen2/gpt2/opt)")
     g.add_argument("--seed", type=types.integer(0, 2**63 - 1), default=0, help="seed of the tiny model's weights")
     g.add_argument("--split-layer", type=types.positive_int, default=None,
@@ -202,7 +202,8 @@ def split_settings(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettin
         codec = CodecConfig.passthrough()
     elif kind == "v2":
         codec, calibration = calibrate_v2(args, loaded, split)
-        return SplitSettings(split, codec, front, back, None, None, calibration)
+        return SplitSettings(split, codec, front, back, None, None, calibration,
+                             wire_dtype=getattr(torch, calibration["wire_dtype"]))
     elif args.avg_bits is not None:
         codec = CodecConfig(alpha=args.alpha, capacity=args.capacity, mode="budget", avg_bits=args.avg_bits)
         floor = budget_floor(loaded.hidden_size, codec.bit_choices)
@@ -235,28 +236,46 @@ def codec_kind(args: argparse.Namespace) -> str | None:
 def calibrate_v2(args: argparse.Namespace, loaded: LoadedModel, split: int) -> tuple[CodecConfigV2, dict]:
     """Calibrate codec v2 for ``loaded`` split after ``split`` on Botchan tokens that start after
     the evaluation tokens (``--eval-tokens``, if the command has it), so the two never overlap."""
-    import time
+    spec = {"kind": "v2", "bits": args.bits, "sensitivity": args.sensitivity}
+    return calibrate_spec(loaded, split, spec, args.calib_tokens, max(CALIB_OFFSET, getattr(args, "eval_tokens", 0)))
 
-    import torch
+
+def calibrate_spec(loaded: LoadedModel, split: int, spec: dict, tokens: int, start: int = CALIB_OFFSET,
+                   wire: torch.dtype | None = None) -> tuple[CodecConfigV2, dict]:
+    """Calibrate the v2 ``spec`` for ``loaded`` split after ``split`` on ``tokens`` Botchan tokens
+    from token ``start``. ``wire`` (None: :func:`wire_dtype_for` chooses) is the dtype the edge
+    sends. Returns the config and how it was calibrated (for reports)."""
+    import time
 
     from ..codec.spec import config_for_model
     from ..eval import load_text
     from ..models import text_config
 
     ids = loaded.encode_text(load_text("botchan"))[0]
-    start = max(CALIB_OFFSET, getattr(args, "eval_tokens", 0))
-    if ids.numel() < start + args.calib_tokens:
-        raise UsageError(f"--calib-tokens {args.calib_tokens}: the calibration text has only "
+    if ids.numel() < start + tokens:
+        raise UsageError(f"--calib-tokens {tokens}: the calibration text has only "
                          f"{max(ids.numel() - start, 0)} tokens after the first {start} (kept for evaluation)")
     positions = getattr(text_config(loaded.model.config), "max_position_embeddings", None) or CALIB_WINDOW
-    window = min(CALIB_WINDOW, positions, args.calib_tokens)
-    dtype = next(loaded.model.parameters()).dtype
-    wire = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-    spec = {"kind": "v2", "bits": args.bits, "sensitivity": args.sensitivity}
+    window = min(CALIB_WINDOW, positions, tokens)
+    calib = ids[start: start + tokens]
     t0 = time.perf_counter()
-    config = config_for_model(spec, loaded.model, split, ids[start: start + args.calib_tokens], window=window,
-                              wire_dtype=wire)
-    calibration = {"text": "Botchan", "first_token": start, "tokens": args.calib_tokens, "window": window,
-                   "sensitivity": args.sensitivity, "target_bits": args.bits,
-                   "estimated_bits": config.info.get("estimated_bits"), "seconds": time.perf_counter() - t0}
+    wire = wire or wire_dtype_for(loaded.model, split, calib[:window])
+    config = config_for_model(spec, loaded.model, split, calib, window=window, wire_dtype=wire)
+    calibration = {"text": "Botchan", "first_token": start, "tokens": tokens, "window": window,
+                   "sensitivity": spec.get("sensitivity", "uniform"), "target_bits": spec.get("bits"),
+                   "estimated_bits": config.info.get("estimated_bits"), "wire_dtype": str(wire).replace("torch.", ""),
+                   "seconds": time.perf_counter() - t0}
     return config, calibration
+
+
+def wire_dtype_for(model, split: int, ids: torch.Tensor) -> torch.dtype:
+    """The dtype the edge sends: the model's own when it is 16-bit, else fp16 -- unless the split
+    hidden state of ``ids`` comes within 2x of fp16's largest value; then bf16."""
+    from ..codec.sensitivity import split_hidden_states
+
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    with torch.no_grad():
+        peak = float(split_hidden_states(model, [ids], split).abs().max())
+    return torch.float16 if peak <= torch.finfo(torch.float16).max / 2 else torch.bfloat16

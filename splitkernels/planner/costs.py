@@ -19,7 +19,9 @@ from typing import Protocol
 
 import torch
 
+from ..codec import rans
 from ..codec.frame import frame_nbytes
+from ..codec.frame_v2 import framing_bytes
 from ..models.shape import ModelShape
 from ..nn import QuantConfig
 from .devices import Device
@@ -245,6 +247,17 @@ def frame_bytes(tokens: int, hidden: int, code_bits: float, outliers_per_token: 
     """
     stream = tokens * -(-round(hidden * code_bits) // 8)
     return frame_nbytes(tokens, hidden, wire_dtype, round(outliers_per_token * tokens), stream)
+
+
+def frame_bytes_v2(tokens: int, hidden: int, code_bits: float, escapes_per_token: float,
+                   wire_dtype: torch.dtype = torch.float16) -> int:
+    """Expected codec v2 frame size for ``tokens`` rows (docs/FORMATS.md §5.4), from a calibration's
+    per-element symbol bits (``code_bits``, the entropy-coded stream) and escapes per token."""
+    escapes = round(escapes_per_token * tokens)
+    n = tokens * hidden
+    stream = -(-round(n * code_bits) // 8) + 4 * rans.lanes(n)
+    escape_count_bytes = max(1, -(-escapes.bit_length() // 7))  # its LEB128 varint
+    return framing_bytes(tokens) + escape_count_bytes + escapes * wire_dtype.itemsize + stream
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..codec import CodecConfig
+from ..codec import CodecConfig, CodecConfigV2
+from ..codec.spec import config_from_dict, config_to_dict, is_v2_spec
 from ..nn import QuantConfig
 from .costs import (
     ComputeModel,
@@ -24,6 +25,7 @@ from .costs import (
     MemoryEstimate,
     ModelShape,
     frame_bytes,
+    frame_bytes_v2,
     memory,
     split_latency,
 )
@@ -102,7 +104,7 @@ class Plan:
     split_layer: int
     front: QuantConfig | None
     back: QuantConfig | None
-    codec: CodecConfig
+    codec: CodecConfig | CodecConfigV2  # v2: calibrated for this model and split, stored whole
     max_seq_len: int
     predicted: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float16"
@@ -155,7 +157,7 @@ class Plan:
             "split_layer": self.split_layer,
             "front": None if self.front is None else self.front.to_dict(),
             "back": None if self.back is None else self.back.to_dict(),
-            "codec": self.codec.to_dict(),
+            "codec": config_to_dict(self.codec),
             "max_seq_len": self.max_seq_len,
             "dtype": self.dtype,
             "wire_dtype": self.wire_dtype,
@@ -176,7 +178,7 @@ class Plan:
             split_layer=int(d["split_layer"]),
             front=None if d["front"] is None else QuantConfig.from_dict(d["front"]),
             back=None if d["back"] is None else QuantConfig.from_dict(d["back"]),
-            codec=CodecConfig.from_dict(d["codec"]),
+            codec=config_from_dict(d["codec"]),
             max_seq_len=int(d["max_seq_len"]),
             predicted=dict(d.get("predicted", {})),
             dtype=d.get("dtype", "float16"),
@@ -194,10 +196,7 @@ class Plan:
         def side(q):
             return f"dense {self.dtype}" if q is None else str(q)
 
-        c = self.codec
-        codec = "passthrough" if c.mode == "passthrough" else (
-            f"TS alpha {c.alpha:g} C {c.capacity} + TAB-Q {c.mode}"
-            + (f" eps {c.eps:g}" if c.mode == "error" else f" avg {c.avg_bits:g} bits"))
+        codec = codec_text(self.codec)
         lines = [
             f"split after layer {self.split_layer}; front {side(self.front)}, back {side(self.back)}; "
             f"codec {codec} on a {self.wire_dtype} wire; max_seq_len {self.max_seq_len}",
@@ -230,14 +229,32 @@ class Plan:
         return "\n".join(lines)
 
 
+def codec_text(c: CodecConfig | CodecConfigV2 | dict) -> str:
+    """A codec configuration (or a calibration table's v2 spec) in a few words."""
+    if isinstance(c, CodecConfigV2):
+        return (f"v2 ({c.info.get('scales', 'calibrated')} scales, kmax {c.kmax}, about "
+                f"{c.info.get('estimated_bits', float('nan')):.2f} bits/element, fingerprint {c.fingerprint[:12]})")
+    if isinstance(c, dict):
+        return f"v2 ({c.get('sensitivity', 'uniform')} scales, {c.get('bits', 4.0):g} bits/element)"
+    if c.mode == "passthrough":
+        return "passthrough"
+    return (f"TS alpha {c.alpha:g} C {c.capacity} + TAB-Q {c.mode}"
+            + (f" eps {c.eps:g}" if c.mode == "error" else f" avg {c.avg_bits:g} bits"))
+
+
+# Calibrates a v2 spec (a calibration table point's codec) for the model at a split layer.
+CodecCalibrator = Callable[[int, dict], CodecConfigV2]
+
+
 @dataclass
 class Candidate:
-    """One scored configuration (internal to the search, exposed for reports)."""
+    """One scored configuration (internal to the search, exposed for reports). A v2 candidate's
+    ``codec`` is its spec until the plan is made (:func:`plan` calibrates the chosen ones)."""
 
     split_layer: int
     front_bits: int | None
     back_bits: int | None
-    codec: CodecConfig
+    codec: CodecConfig | dict
     max_seq_len: int
     memory: MemoryEstimate
     latency: LatencyEstimate
@@ -318,8 +335,26 @@ def _speculation(c: Candidate, drafters: Sequence[DraftOption], limits: Limits) 
     return choose_speculation(c.latency, drafters, edge_bytes_free=free)
 
 
-def _codec_of(point: QualityPoint) -> CodecConfig:
-    return CodecConfig.passthrough() if point.codec is None else CodecConfig.from_dict(point.codec)
+def _codec_of(point: QualityPoint) -> CodecConfig | dict:
+    if point.codec is None:
+        return CodecConfig.passthrough()
+    return dict(point.codec) if is_v2_spec(point.codec) else CodecConfig.from_dict(point.codec)
+
+
+def _is_passthrough(codec: CodecConfig | dict) -> bool:
+    return isinstance(codec, CodecConfig) and codec.mode == "passthrough"
+
+
+def _frame_sizes(p: QualityPoint, codec: CodecConfig | dict, hidden: int, prompt_tokens: int,
+                 wire: torch.dtype) -> tuple[int, int]:
+    """(one-token frame, prompt frame) bytes for a calibration point."""
+    if isinstance(codec, dict):
+        return (frame_bytes_v2(1, hidden, p.code_bits, p.outliers_per_token, wire),
+                frame_bytes_v2(prompt_tokens, hidden, p.code_bits, p.outliers_per_token, wire))
+    # A raw (passthrough) token is as wide as the wire dtype, whatever the calibration sent.
+    code_bits = 8.0 * wire.itemsize if codec.mode == "passthrough" else p.code_bits
+    return (frame_bytes(1, hidden, code_bits, p.outliers_per_token, wire),
+            frame_bytes(prompt_tokens, hidden, code_bits, p.outliers_per_token, wire))
 
 
 # Constraints in the order they are checked, with what a candidate has for each.
@@ -384,6 +419,7 @@ def plan(
     dtype: str = "float16",
     wire_dtype: str = "float16",
     drafters: Sequence[DraftOption] = (),
+    calibrate_codec: CodecCalibrator | None = None,
 ) -> PlanResult:
     """Search every calibrated (split, front bits, back bits, codec) with every sequence length.
 
@@ -401,6 +437,8 @@ def plan(
     records the drafter and drafts per round that speculative decoding should use with it and the
     per-token latency that buys (``predicted["speculation"]``, see
     :func:`~.speculation.choose_speculation`; the ranking stays by one token per round trip).
+    Codec v2 points of the table are candidates only with ``calibrate_codec(split_layer, spec)``,
+    which fits the chosen plans' v2 configs for the model (each plan stores its config whole).
     Raises :class:`Infeasible` naming the binding constraint.
     """
     if objective not in OBJECTIVES:
@@ -416,11 +454,12 @@ def plan(
                                         f"required min_seq_len {limits.min_seq_len}")
     shape = scenario.shape
     points = [p for p in table.points.values() if _usable_codec(p) and 1 <= p.split_layer < shape.num_layers
-              and p.front_method in front_methods and (objective != "lossless" or p.codec is None
-                                                       or p.codec.get("mode") == "passthrough")]
+              and p.front_method in front_methods and (calibrate_codec is not None or not is_v2_spec(p.codec))
+              and (objective != "lossless" or p.codec is None or p.codec.get("mode") == "passthrough")]
     if not points:
         raise Infeasible("calibration", "the calibration table has no usable points for this model "
-                                        "(mode-'error' or lossless codecs at split layers inside the model)")
+                                        "(mode-'error' or lossless codecs at split layers inside the model; "
+                                        "v2 points only with calibrate_codec)")
     # Closest misses per constraint, for the explanation when nothing survives.
     miss: dict[str, tuple[float, str]] = {}
     memo: dict[tuple, MemoryEstimate] = {}
@@ -432,10 +471,7 @@ def plan(
         method = "" if p.front_method == "rtn" else f" {p.front_method}"
         desc = f"split {p.split_layer}, front {p.front_bits or 16}-bit{method}, back {p.back_bits or 16}-bit"
         codec = _codec_of(p)
-        # A raw (passthrough) token is as wide as the wire dtype, whatever the calibration sent.
-        code_bits = 8.0 * wire.itemsize if codec.mode == "passthrough" else p.code_bits
-        token_b = frame_bytes(1, shape.hidden, code_bits, p.outliers_per_token, wire)
-        prompt_b = frame_bytes(scenario.prompt_tokens, shape.hidden, code_bits, p.outliers_per_token, wire)
+        token_b, prompt_b = _frame_sizes(p, codec, shape.hidden, scenario.prompt_tokens, wire)
         for n in lens:
             key = (p.split_layer, p.front_bits, p.back_bits, n)
             if key not in memo:
@@ -458,10 +494,18 @@ def plan(
         raise _explain(miss, limits)
     key = _objective_key(objective)
     feasible.sort(key=key)
+    chosen = feasible[: 1 + alternatives]
+    configs: dict[tuple, CodecConfigV2] = {}
+    for c in chosen:
+        if isinstance(c.codec, dict):  # calibrated once per (split, spec), stored whole in the plan
+            key = (c.split_layer, json.dumps(c.codec, sort_keys=True))
+            if key not in configs:
+                configs[key] = calibrate_codec(c.split_layer, dict(c.codec))
+            c.codec = configs[key]
     plans = [to_plan(c, table.group_size, limits.sessions, dtype, wire_dtype, scenario.prompt_tokens,
                      _constraints(c, rejected, limits, objective),
                      _speculation(c, drafters, limits) if drafters else None)
-             for c in feasible[: 1 + alternatives]]
+             for c in chosen]
     return PlanResult(plans[0], plans[1:], scored)
 
 

@@ -8,7 +8,9 @@ measures that for every point of a small grid on a short text and caches the res
 the optimiser never runs the model.
 
 Codec settings in mode ``error`` choose each token's width from that token alone, so the quality
-measured on teacher-forced windows is also the quality of token-by-token decoding. Mode
+measured on teacher-forced windows is also the quality of token-by-token decoding; so does codec
+v2, whose points name a spec (``{"kind": "v2", "bits": ..., "sensitivity": ...}``): the evaluator
+calibrates it at each split on its calibration ids (with the point's OPSC weights in place). Mode
 ``budget`` allocates across the tokens of one frame; at decode time a frame holds one token, so
 its measured quality describes prefill frames only.
 """
@@ -23,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..codec import CodecConfig, decode, encode
+from ..codec import CodecConfig, CodecConfigV2, decode, encode, rans
+from ..codec.frame_v2 import framing_bytes
+from ..codec.spec import config_for_model, is_v2_spec
 from ..eval import compare_logits
 from ..calibration import quantize_layers
 from ..nn import QuantConfig, QuantLinear
@@ -45,11 +49,22 @@ class TransferResult:
     outliers: int = 0
 
 
-def codec_transform(config: CodecConfig, wire_dtype: torch.dtype = torch.float16) -> Transform:
-    """Round trip through the TS + TAB-Q codec, sending ``wire_dtype`` (what an fp16 edge sends)."""
+def codec_transform(config: CodecConfig | CodecConfigV2, wire_dtype: torch.dtype = torch.float16) -> Transform:
+    """Round trip through the codec (v1 TS + TAB-Q, or v2), sending ``wire_dtype`` (what an fp16
+    edge sends). For v2, ``code_bits`` sums the entropy-coded symbol bits per token (raw tokens at
+    the wire width) and ``outliers`` counts escapes: what :func:`~.costs.frame_bytes_v2` needs."""
 
     def run(x: torch.Tensor) -> TransferResult:
         enc = encode(x.to(wire_dtype), config)
+        if isinstance(config, CodecConfigV2):
+            t, d = enc.shape
+            n_esc, n_raw = int(enc.escapes.numel()), int(enc.raw.sum())
+            nbytes = len(enc.to_bytes())
+            coded = (t - n_raw) * d
+            stream = nbytes - framing_bytes(t) - max(1, -(-n_esc.bit_length() // 7)) - \
+                (n_esc + n_raw * d) * wire_dtype.itemsize - (4 * rans.lanes(coded) if coded else 0)
+            code_bits = 8.0 * stream / d + n_raw * 8.0 * wire_dtype.itemsize
+            return TransferResult(decode(enc).to(x.dtype), nbytes, code_bits, n_esc)
         return TransferResult(
             decode(enc).to(x.dtype), enc.nbytes, float(enc.token_bits.double().sum()), int(enc.num_outliers.sum())
         )
@@ -169,13 +184,13 @@ class QualityPoint:
     split_layer: int
     front_bits: int | None
     back_bits: int | None
-    codec: dict | None  # CodecConfig.to_dict(); None = lossless transfer
+    codec: dict | None  # CodecConfig.to_dict() or a v2 spec; None = lossless transfer
     ppl_reference: float
     ppl: float
     kl: float
     top1_agreement: float
     bits_per_element: float  # measured frame bits / element at the calibration frame length
-    code_bits: float  # mean per-token code width (raw tokens at their raw width)
+    code_bits: float  # mean per-token code width (v2: entropy-coded bits/element); raw tokens at their raw width
     outliers_per_token: float
     tokens: int
     front_method: str = "rtn"
@@ -260,7 +275,7 @@ class SplitEvaluator:
     """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, context: int, group_size: int = 64,
-                 calibration: torch.Tensor | None = None) -> None:
+                 calibration: torch.Tensor | None = None, wire_dtype: torch.dtype = torch.float16) -> None:
         if input_ids.ndim == 2:
             if input_ids.shape[0] != 1:
                 raise ValueError(f"input_ids must be one sequence, got batch {input_ids.shape[0]}")
@@ -275,6 +290,8 @@ class SplitEvaluator:
         self.windows = input_ids[: n * context].reshape(n, context)
         self.targets = self.windows[:, 1:].reshape(-1)
         self.quantizer = SegmentQuantizer(model, group_size, calibration)
+        self.context = context
+        self.wire_dtype = wire_dtype
         self._reference = self._logits()
         self.tokens = self.targets.shape[0]
         self.ppl_reference = compare_logits(self._reference, self._reference, self.targets).ppl_reference
@@ -287,32 +304,46 @@ class SplitEvaluator:
     def _logits(self) -> torch.Tensor:
         return torch.cat([self.model(w.unsqueeze(0)).logits[0, :-1].float() for w in self.windows])
 
+    def v2_config(self, split_layer: int, spec: dict) -> CodecConfigV2:
+        """Calibrate the v2 ``spec`` at ``split_layer`` on the evaluator's calibration ids, with
+        whatever weights are in place (inside :meth:`SegmentQuantizer.segments`: the point's)."""
+        ids = self.quantizer.calibration
+        if ids is None:
+            raise ValueError("a codec v2 point needs calibration token ids (calibration=...), disjoint from the text")
+        with torch.enable_grad():
+            return config_for_model(spec, self.model, split_layer, ids, window=self.context,
+                                    wire_dtype=self.wire_dtype)
+
     def measure(
         self,
         split_layer: int,
         front_bits: int | None,
         back_bits: int | None,
-        codec: CodecConfig | None,
+        codec: CodecConfig | dict | None,
         transform: Transform | None = None,
         front_method: str = "rtn",
     ) -> QualityPoint:
         """Quality of one configuration; ``transform`` overrides the codec round trip (baselines);
-        ``front_method`` other than ``"rtn"`` needs the evaluator's calibration ids."""
-        if transform is None:
-            transform = codec_transform(codec) if codec is not None else fp16_transfer
+        ``front_method`` other than ``"rtn"`` and a v2 spec as ``codec`` need the evaluator's
+        calibration ids."""
         log: list[TransferResult] = []
-        with self.quantizer.segments(split_layer, front_bits, back_bits, front_method), \
-                split_point(self.model, split_layer, transform, log):
-            logits = self._logits()
-            report = compare_logits(self._reference, logits, self.targets)
-            self.last_nll = _token_nll(logits, self.targets)
+        with self.quantizer.segments(split_layer, front_bits, back_bits, front_method):
+            if transform is None and codec is None:
+                transform = fp16_transfer
+            elif transform is None:
+                config = self.v2_config(split_layer, codec) if is_v2_spec(codec) else codec
+                transform = codec_transform(config, self.wire_dtype)
+            with split_point(self.model, split_layer, transform, log):
+                logits = self._logits()
+                report = compare_logits(self._reference, logits, self.targets)
+                self.last_nll = _token_nll(logits, self.targets)
         elements = sum(r.x_hat.numel() for r in log)
         rows = sum(r.x_hat.shape[0] for r in log)
         return QualityPoint(
             split_layer=split_layer,
             front_bits=front_bits,
             back_bits=back_bits,
-            codec=codec.to_dict() if codec is not None else None,
+            codec=None if codec is None else dict(codec) if isinstance(codec, dict) else codec.to_dict(),
             ppl_reference=report.ppl_reference,
             ppl=report.ppl_candidate,
             kl=report.kl,
@@ -340,7 +371,7 @@ def calibrate(
     split_layers: Iterable[int],
     front_bits: Iterable[int | None],
     back_bits: Iterable[int | None],
-    codecs: Iterable[CodecConfig | None],
+    codecs: Iterable[CodecConfig | dict | None],
     *,
     context: int = 512,
     group_size: int = 64,
@@ -350,13 +381,14 @@ def calibrate(
     progress: Callable[[QualityPoint], None] | None = None,
     front_methods: Iterable[str] = ("rtn",),
     calibration: torch.Tensor | None = None,
+    wire_dtype: torch.dtype = torch.float16,
 ) -> QualityTable:
     """Measure every (split layer, front bits, back bits, codec, front method) point not already
     in ``cache``; a front method other than ``"rtn"`` needs ``calibration`` token ids (disjoint
     from ``input_ids``).
 
     ``None`` in ``front_bits``/``back_bits`` means unquantised weights on that side; ``None``
-    in ``codecs`` means fp16 transfer. A cache measured on another model, text, context or
+    in ``codecs`` means fp16 transfer; a v2 spec is calibrated per point on ``calibration`` ids. A cache measured on another model, text, context or
     group size is ignored (and overwritten). Saves after every point, so an interrupted run
     resumes where it stopped.
     """
@@ -370,7 +402,7 @@ def calibrate(
         for m in front_methods if (f is not None or m == "rtn") and table.get(l, f, b, c, m) is None
     ]
     if todo:
-        evaluator = SplitEvaluator(model, input_ids, context, group_size, calibration)
+        evaluator = SplitEvaluator(model, input_ids, context, group_size, calibration, wire_dtype)
         for l, f, b, c, m in todo:
             point = evaluator.measure(l, f, b, c, front_method=m)
             table.add(point)

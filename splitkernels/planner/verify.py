@@ -32,11 +32,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..codec import CodecConfig
 from ..codec.frame import frame_nbytes
 from ..models.shape import ModelShape
 from ..runtime.metrics import process_rss_bytes
 from .costs import Link, RUNTIME_OVERHEAD_BYTES, memory, split_latency
-from .optimizer import DTYPES, Plan
+from .optimizer import DTYPES, Plan, codec_text
 
 # The tolerance the tests and the issue hold bytes and memory to, and per-token latency.
 BYTES_TOLERANCE = 0.05
@@ -157,7 +158,7 @@ def predicted_frames(plan: Plan, hidden: int) -> tuple[int, int]:
     p = plan.predicted
     if "frame_bytes_token" in p and "frame_bytes_prompt" in p:
         return int(p["frame_bytes_token"]), int(p["frame_bytes_prompt"])
-    if plan.codec.mode != "passthrough":
+    if not (isinstance(plan.codec, CodecConfig) and plan.codec.mode == "passthrough"):
         raise ValueError("the plan has no predicted frame sizes (predicted.frame_bytes_token/frame_bytes_prompt); "
                          "write it with `splitkernels plan --out`")
     wire = DTYPES[plan.wire_dtype]
@@ -290,7 +291,7 @@ def verify_plan(
     finally:
         split.close()
     info = {"model": shape.name, "dtype": plan.dtype, "wire_dtype": plan.wire_dtype, "split_layer": plan.split_layer,
-            "codec": plan.codec.to_dict(), "max_seq_len": plan.max_seq_len, "prompt_tokens": plan.prompt_tokens,
+            "codec": codec_text(plan.codec), "max_seq_len": plan.max_seq_len, "prompt_tokens": plan.prompt_tokens,
             "new_tokens": len(decode), "link": str(link), "profile_machine": profile.get("machine"),
             "threads": torch.get_num_threads(), "clock": clock}
     return Verification(checks, info)
