@@ -36,7 +36,8 @@ ROOT_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_GPU = torch.cuda.is_available()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-RUNNERS = ("cuda-emulation", "triton", "cuda")
+# The GPU-capable runners carry the gpu mark, so bench/gpu_check.sh's `pytest -m gpu` runs them.
+RUNNERS = ("cuda-emulation", pytest.param("triton", marks=pytest.mark.gpu), pytest.param("cuda", marks=pytest.mark.gpu))
 
 
 @pytest.fixture(autouse=True)
@@ -279,6 +280,7 @@ def test_one_copy_unless_the_values_overflow_the_allowance(runner, monkeypatch):
 # ---------------------------------------------------------------- wiring
 
 
+@pytest.mark.gpu
 def test_public_codec_uses_the_device_pass(monkeypatch):
     """encode_v2 / decode_v2(device=...) / decode_frame go through the registered device kernels:
     Triton's on CPU tensors inside use_backend("triton") with the interpreter, the best GPU

@@ -64,7 +64,8 @@ void dequantize_weight(ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t w, int dtyp
 constexpr std::int64_t kV2HeaderBytes = 32;
 
 // x [T, d] -> packed: symbols (escape symbol 2*kmax+1, raw tokens' rows 0), raw flags, header and
-// values; center/inv are fp32 [d]. Every byte up to val_off and every value written is set.
+// values; center/inv are fp32 [d]. The header's three words, the flags, every symbol and the
+// values up to the header's counts are written; alignment padding is not.
 void v2_encode(ptr_t x, int dtype, std::int64_t t, std::int64_t d, ptr_t center, ptr_t inv, int kmax,
                std::int64_t raw_limit, ptr_t packed, std::int64_t sym_off, std::int64_t val_off, ptr_t scratch,
                ptr_t stream);
