@@ -291,7 +291,8 @@ def test_public_codec_uses_the_device_pass(monkeypatch):
     calls = []
     for name in ("encode", "decode"):
         real = getattr(v2_device, name)
-        monkeypatch.setattr(v2_device, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+        monkeypatch.setattr(v2_device, name,
+                            lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
     cal = torch.randn(200, 48, generator=torch.Generator().manual_seed(3))
     cal[:, 7] *= 30.0
     cfg = calibrate(cal, bits=4.0)
@@ -332,3 +333,24 @@ def test_layout_offsets_are_aligned_and_match_the_cuda_header():
     module, _ = load("_C_cuda")
     if module is not None:  # the built extension's constant (launchers.h)
         assert module.V2_HEADER_BYTES == v2_device.HEADER_BYTES
+
+
+def test_cuda_launchers_validate_before_launching():
+    """The compiled launchers reject bad sizes and offsets on the host (no GPU needed to check)."""
+    from splitkernels._native import load
+
+    module, reason = load("_C_cuda")
+    if module is None:
+        pytest.skip(f"the CUDA extension is not built here ({reason})")
+    enc = dict(x=0, dtype=1, t=2, d=8, center=0, inv=0, kmax=7, raw_limit=2, packed=0, sym_off=48, val_off=64,
+               scratch=0, stream=0)
+    for bad, match in ((dict(t=0), "T"), (dict(d=0), "d"), (dict(kmax=0), "kmax"), (dict(raw_limit=9), "raw_limit"),
+                       (dict(dtype=7), "dtype"), (dict(sym_off=40), "offsets"), (dict(val_off=48), "offsets")):
+        with pytest.raises(ValueError, match=match):
+            module.v2_encode(**{**enc, **bad})
+    dec = dict(packed=0, sym_off=48, val_off=64, n_escapes=0, t=2, d=8, step=0, center=0, kmax=7, dtype=0, out=0,
+               scratch=0, stream=0)
+    for bad, match in ((dict(n_escapes=-1), "n_escapes"), (dict(kmax=128), "kmax"), (dict(dtype=3), "dtype"),
+                       (dict(sym_off=32), "offsets")):
+        with pytest.raises(ValueError, match=match):
+            module.v2_decode(**{**dec, **bad})

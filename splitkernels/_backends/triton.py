@@ -19,7 +19,8 @@ _HINT = "Install Triton (Linux x86_64) and use a CUDA GPU, or set TRITON_INTERPR
 def _declare() -> None:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     try:
-        from ..triton import bitpack, codec_decode, codec_encode, codec_v2_dequantise, codec_v2_quantise, int8_gemm, lowbit_gemm
+        from ..triton import (bitpack, codec_decode, codec_encode, codec_v2_dequantise, codec_v2_quantise, int8_gemm,
+                              lowbit_gemm)
     except ImportError as exc:
         declare_backend("triton", f"triton does not import ({exc})", _HINT)
         return

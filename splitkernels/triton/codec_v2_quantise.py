@@ -68,5 +68,6 @@ def codec_v2_encode(x: torch.Tensor, center: torch.Tensor, inv_step: torch.Tenso
     _quantise_kernel[(t,)](x.view(bits) if x_bf16 else x, center, inv_step, raw, sym, scratch[0], scratch[1], d, kmax,
                            raw_limit, X_BF16=x_bf16, BLOCK_D=bd, num_warps=row_warps(bd), enable_fp_fusion=False)
     scan(raw, scratch, header, with_nonfinite=True)
-    _gather_kernel[(t,)](x.view(bits), raw, sym, scratch[0], scratch[2], scratch[3], header, packed[val_off:].view(bits),
-                         d, kmax, BLOCK_D=bd, num_warps=row_warps(bd))
+    values = packed[val_off:].view(bits)
+    _gather_kernel[(t,)](x.view(bits), raw, sym, scratch[0], scratch[2], scratch[3], header, values, d, kmax,
+                         BLOCK_D=bd, num_warps=row_warps(bd))
