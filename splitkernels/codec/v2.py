@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from .._native import load
-from . import v2_device
 from ..ops.checks import FLOAT_DTYPES, check_tensor
+from . import v2_device
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES
 from .frame_v2 import EncodedV2
