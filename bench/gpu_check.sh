@@ -2,8 +2,8 @@
 # One prepared check for a lent GPU machine (no network; torch with CUDA already installed).
 # Checks the driver against the toolkit, builds the extensions in-tree for this card, runs the
 # GPU tests (cuda and triton backends), runs compute-sanitizer (memcheck, racecheck, synccheck)
-# over the cuda kernels' GPU tests, and the GPU microbenchmarks (against cuBLAS fp16 via
-# F.linear, with roofline fractions), leaving logs, JSON and markdown tables under $OUT
+# over the cuda kernels' GPU tests, and the GPU microbenchmarks (codec v2 device pass beside the
+# host path; against cuBLAS fp16 via F.linear, with roofline fractions), leaving logs, JSON and markdown tables under $OUT
 # (default bench/results/gpu-<date>). Every step has a timeout; the whole run fits in 8 minutes.
 #
 # Usage (from the repository root): OUT=/some/dir bash bench/gpu_check.sh [--quick]
@@ -88,13 +88,22 @@ if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
     step "sanitizer_$tool" 50 compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
       "$PY" -m pytest -m gpu -q -p no:cacheprovider -x python_tests/test_cuda_backend.py \
-      -k "gpu_pack or gpu_codec_matches or gpu_lowbit_linear"
+      python_tests/test_codec_v2_device.py \
+      -k "gpu_pack or gpu_codec_matches or gpu_lowbit_linear or (device_pass_matches and cuda-)"
   done
 else
   note "- compute-sanitizer: not found (it ships with the CUDA toolkit, in \$CUDA_HOME/bin)"
 fi
 
-# 3. Microbenchmarks (the triton one is written separately; run it when present).
+# 3. Microbenchmarks (the triton one is written separately; run it when present). First the
+#    codec v2 device pass (kernels, per-token and T=512 frames with host copies, vs the host path).
+REMAIN=$(( 470 - ($(date +%s) - START) ))
+if [ "$REMAIN" -gt 120 ]; then
+  step bench_codec_v2_gpu 90 "$PY" bench/bench_codec_v2_gpu.py --out "$OUT" $QUICK
+  [ -f "$OUT/bench_codec_v2_gpu.md" ] && cat "$OUT/bench_codec_v2_gpu.md" >> "$SUMMARY"
+else
+  note "- bench_codec_v2_gpu: skipped, only $REMAIN s left"
+fi
 REMAIN=$(( 470 - ($(date +%s) - START) ))
 if [ -f bench/bench_triton.py ]; then
   BUDGET=$(( REMAIN / 2 ))

@@ -268,6 +268,22 @@ class EmulatedModule:
             I64(capacity), I64(stride), ctypes.c_void_p(out),
         )
 
+    V2_HEADER_BYTES = 32
+
+    def v2_encode(self, x, dtype, t, d, center, inv, kmax, raw_limit, packed, sym_off, val_off, scratch, stream):
+        self.lib.emu_v2_encode(
+            ctypes.c_void_p(x), ctypes.c_int(dtype), I64(t), I64(d), ctypes.c_void_p(center), ctypes.c_void_p(inv),
+            ctypes.c_int(kmax), I64(raw_limit), ctypes.c_void_p(packed), I64(sym_off), I64(val_off),
+            ctypes.c_void_p(scratch),
+        )
+
+    def v2_decode(self, packed, sym_off, val_off, n_escapes, t, d, step, center, kmax, dtype, out, scratch, stream):
+        self.lib.emu_v2_decode(
+            ctypes.c_void_p(packed), I64(sym_off), I64(val_off), I64(n_escapes), I64(t), I64(d), ctypes.c_void_p(step),
+            ctypes.c_void_p(center), ctypes.c_int(kmax), ctypes.c_int(dtype), ctypes.c_void_p(out),
+            ctypes.c_void_p(scratch),
+        )
+
     def lowbit_gemv(self, x, qweight, scale, zero, bias, y, dtype, m, n, k, bits, group_size, stream):
         self.lib.emu_lowbit_gemv(
             *(ctypes.c_void_p(a) for a in (x, qweight, scale, zero, bias, y)), ctypes.c_int(dtype), I64(m), I64(n),

@@ -11,6 +11,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "splitkernels CUDA kernels (raw device pointers; use splitkernels.ops, not this module)";
   m.attr("GEMV_MAX_M") = kGemvMaxM;
   m.attr("CODEC_MAX_D") = kCodecMaxD;
+  m.attr("V2_HEADER_BYTES") = kV2HeaderBytes;
   m.def("device_count", &device_count, "Devices visible to this module's CUDA runtime (raises with the reason)");
   m.def("version_string", &version_string, "CUDA runtime and driver versions as seen by this module");
   // Launchers only enqueue work, but they validate on the host first: keep the GIL-free window
@@ -28,6 +29,12 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("idx"), py::arg("val"), py::arg("codes"), py::arg("dtype"), py::arg("t"), py::arg("d"),
         py::arg("capacity"), py::arg("codes_stride"), py::arg("out"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("v2_encode", &v2_encode, py::arg("x"), py::arg("dtype"), py::arg("t"), py::arg("d"), py::arg("center"),
+        py::arg("inv"), py::arg("kmax"), py::arg("raw_limit"), py::arg("packed"), py::arg("sym_off"),
+        py::arg("val_off"), py::arg("scratch"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("v2_decode", &v2_decode, py::arg("packed"), py::arg("sym_off"), py::arg("val_off"), py::arg("n_escapes"),
+        py::arg("t"), py::arg("d"), py::arg("step"), py::arg("center"), py::arg("kmax"), py::arg("dtype"),
+        py::arg("out"), py::arg("scratch"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("lowbit_gemv", &lowbit_gemv, py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"),
         py::arg("bias"), py::arg("y"), py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"),
         py::arg("group_size"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());

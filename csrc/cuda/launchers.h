@@ -55,5 +55,27 @@ void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, pt
 void dequantize_weight(ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t w, int dtype, std::int64_t n, std::int64_t k,
                        int bits, std::int64_t group_size, ptr_t stream);
 
+// Codec v2 (docs/FORMATS.md sections 5.2 and 5.5). Both directions work on one packed byte
+// buffer laid out by splitkernels/codec/v2_device.py: an int64 header (escapes, raw tokens,
+// non-finite inputs) in the first kV2HeaderBytes, raw flags u8 [T] right after, symbols u8 [T, d]
+// at sym_off, then the values (dtype) at val_off: the escaped values of the coded tokens
+// token-major in channel order, followed by the raw tokens. Offsets are multiples of 16.
+// scratch is int64 [4 * T] on the device.
+constexpr std::int64_t kV2HeaderBytes = 32;
+
+// x [T, d] -> packed: symbols (escape symbol 2*kmax+1, raw tokens' rows 0), raw flags, header and
+// values; center/inv are fp32 [d]. The header's three words, the flags, every symbol and the
+// values up to the header's counts are written; alignment padding is not.
+void v2_encode(ptr_t x, int dtype, std::int64_t t, std::int64_t d, ptr_t center, ptr_t inv, int kmax,
+               std::int64_t raw_limit, ptr_t packed, std::int64_t sym_off, std::int64_t val_off, ptr_t scratch,
+               ptr_t stream);
+
+// packed (raw flags, symbols, n_escapes escaped values then the raw tokens) -> out [T, d] (dtype):
+// fp32(fp32((s - kmax) * step) + center) rounded to dtype, escapes and raw tokens exact. The
+// header's first two words are overwritten with the counts the kernels find.
+void v2_decode(ptr_t packed, std::int64_t sym_off, std::int64_t val_off, std::int64_t n_escapes, std::int64_t t,
+               std::int64_t d, ptr_t step, ptr_t center, int kmax, int dtype, ptr_t out, ptr_t scratch,
+               ptr_t stream);
+
 }  // namespace cuda
 }  // namespace sk

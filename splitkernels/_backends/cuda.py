@@ -9,7 +9,9 @@ Ops: pack_bits, unpack_bits, ts_tabq_encode, ts_tabq_decode, lowbit_linear (GEMV
 M = 1..8 with group_size % 32 == 0; other shapes dequantise with a CUDA kernel and call
 ``torch.nn.functional.linear`` in fp32, the reference's arithmetic). ``int8_linear`` is not
 implemented here, so the resolver falls back to the next backend for it. Priority on CUDA
-tensors: below ``triton``, above ``reference``.
+tensors: below ``triton``, above ``reference``; except the codec v2 device pass
+(codec_v2_encode, codec_v2_decode: :mod:`splitkernels.codec.v2_device`), which prefers this
+backend over ``triton``.
 """
 from __future__ import annotations
 
@@ -193,6 +195,28 @@ def ts_tabq_decode(
     return out
 
 
+def codec_v2_encode(x: torch.Tensor, center: torch.Tensor, inv_step: torch.Tensor, kmax: int, raw_limit: int,
+                    packed: torch.Tensor, sym_off: int, val_off: int) -> None:
+    """Codec v2 quantise of ``x [T >= 1, d]`` into ``packed`` (layout: :mod:`splitkernels.codec.v2_device`)."""
+    _require_cuda("x", x)
+    t, d = x.shape
+    scratch = torch.empty(4 * t, dtype=torch.int64, device=x.device)
+    with torch.cuda.device(x.device):
+        _C.v2_encode(x.data_ptr(), DTYPE_CODE[x.dtype], t, d, center.data_ptr(), inv_step.data_ptr(), kmax, raw_limit,
+                     packed.data_ptr(), sym_off, val_off, scratch.data_ptr(), _stream(x.device))
+
+
+def codec_v2_decode(packed: torch.Tensor, sym_off: int, val_off: int, n_escapes: int, step: torch.Tensor,
+                    center: torch.Tensor, kmax: int, out: torch.Tensor) -> None:
+    """Codec v2 dequantise of ``packed`` (:mod:`splitkernels.codec.v2_device`) into ``out [T >= 1, d]``."""
+    _require_cuda("out", out)
+    t, d = out.shape
+    scratch = torch.empty(4 * t, dtype=torch.int64, device=out.device)
+    with torch.cuda.device(out.device):
+        _C.v2_decode(packed.data_ptr(), sym_off, val_off, n_escapes, t, d, step.data_ptr(), center.data_ptr(), kmax,
+                     DTYPE_CODE[out.dtype], out.data_ptr(), scratch.data_ptr(), _stream(out.device))
+
+
 def _load() -> str | None:
     """Load the extension into ``_C``; the reason the backend cannot run here, or None."""
     global _C
@@ -220,4 +244,4 @@ declare_backend("cuda", unavailable_reason=_load(), install_hint=_HINT).add_kern
         "ts_tabq_decode": ts_tabq_decode,
     },
     priority=_CUDA,
-)
+).add_kernels({"codec_v2_encode": codec_v2_encode, "codec_v2_decode": codec_v2_decode}, priority={"cuda": 40})

@@ -19,7 +19,8 @@ _HINT = "Install Triton (Linux x86_64) and use a CUDA GPU, or set TRITON_INTERPR
 def _declare() -> None:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     try:
-        from ..triton import bitpack, codec_decode, codec_encode, int8_gemm, lowbit_gemm
+        from ..triton import (bitpack, codec_decode, codec_encode, codec_v2_dequantise, codec_v2_quantise, int8_gemm,
+                              lowbit_gemm)
     except ImportError as exc:
         declare_backend("triton", f"triton does not import ({exc})", _HINT)
         return
@@ -35,6 +36,8 @@ def _declare() -> None:
             "int8_linear": int8_gemm.int8_linear,
             "ts_tabq_encode": codec_encode.ts_tabq_encode,
             "ts_tabq_decode": codec_decode.ts_tabq_decode,
+            "codec_v2_encode": codec_v2_quantise.codec_v2_encode,
+            "codec_v2_decode": codec_v2_dequantise.codec_v2_decode,
         },
         priority=priority,
     )

@@ -57,10 +57,10 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | Non
     """Validate and decode an untrusted wire frame straight to ``[T, d]`` on ``device`` (what a server runs).
 
     v1 frames go through :func:`splitkernels.codec.encoded.decode_frame` (bounded scratch); v2
-    frames need the session's ``config`` (FrameError when it is missing or not the frame's) and
-    are decoded on the host, their allocations bounded by the frame's own size, then moved.
+    frames need the session's ``config`` (FrameError when it is missing or not the frame's); their
+    host allocations are bounded by the frame's own size, and they are dequantised on ``device``
+    (the device pass on a GPU, after one host-to-device copy).
     """
     if is_v2_frame(data):
-        out = decode_v2(read_frame_v2(data, config, limits))
-        return out if device is None else out.to(device)
+        return decode_v2(read_frame_v2(data, config, limits), device)
     return v1.decode_frame(data, limits, device)

@@ -7,8 +7,9 @@ is per channel and static (``kmax * step[c]``), so no single channel or token se
 the others. Entropy coding of the symbols happens when the frame is written (``frame_v2``).
 
 The quantiser and dequantiser run as one fused C++ pass on the host when the extension is built
-(bit-exact with the PyTorch reference kept here); there is no CUDA/Triton v2 kernel yet, so GPU
-tensors are copied to the host first.
+(bit-exact with the PyTorch reference kept here). GPU tensors run the fused device pass of the
+cuda or triton backend and come back in one compact copy (:mod:`.v2_device`); without one they
+are copied to the host first.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from .._native import load
 from ..ops.checks import FLOAT_DTYPES, check_tensor
+from . import v2_device
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES
 from .frame_v2 import EncodedV2
@@ -86,31 +88,44 @@ def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fus
 
 
 def encode_v2(x: torch.Tensor, config: CodecConfigV2) -> EncodedV2:
-    """v2 encode of ``x [T, d]`` (fp32/fp16/bf16, finite) with a calibrated config: one fused C++
-    pass when built (quantise, count escapes, gather them, check finiteness), else the reference."""
+    """v2 encode of ``x [T, d]`` (fp32/fp16/bf16, finite) with a calibrated config: the device pass
+    of the cuda/triton backend for GPU tensors, else one fused C++ pass when built (quantise, count
+    escapes, gather them, check finiteness), else the reference. The result holds host tensors."""
     if not isinstance(config, CodecConfigV2):
         raise TypeError(f"config must be a CodecConfigV2, got {type(config).__name__}")
     check_tensor("x", x, FLOAT_DTYPES, ndim=2)
     if x.shape[1] != config.d:
         raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
-    x = x.detach().cpu().contiguous()
-    if has_fused():
-        sym, raw, escapes, nonfinite = _fused_pass(x, config)
+    run = v2_device.kernel(v2_device.ENCODE_OP, x.device)
+    if run is not None:
+        sym, raw, escapes, raw_values, nonfinite = v2_device.encode(x.detach(), config, run)
     else:
-        nonfinite = int((~torch.isfinite(x)).sum())
-        sym, raw = quantise(x, config, fused=False)
-        escapes = x[sym == config.escape_symbol]  # raw rows hold no escape symbols
+        x = x.detach().cpu().contiguous()
+        if has_fused():
+            sym, raw, escapes, nonfinite = _fused_pass(x, config)
+        else:
+            nonfinite = int((~torch.isfinite(x)).sum())
+            sym, raw = quantise(x, config, fused=False)
+            escapes = x[sym == config.escape_symbol]  # raw rows hold no escape symbols
+        raw_values = x[raw] if raw.any() else x[:0]
     if nonfinite:
         raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
-    return EncodedV2(sym, raw, escapes, x[raw] if raw.any() else x[:0], config)
+    return EncodedV2(sym, raw, escapes, raw_values, config)
 
 
-def decode_v2(enc: EncodedV2) -> torch.Tensor:
+def decode_v2(enc: EncodedV2, device: torch.device | str | None = None) -> torch.Tensor:
     """v2 decode: ``fp32(fp32((s - kmax) * step) + center)`` rounded to the dtype (no FMA); escapes
-    and raw tokens exact. One fused C++ pass when built (escapes placed in it), else the reference."""
+    and raw tokens exact. On ``device`` (default: the host): a GPU runs the device pass of the
+    cuda/triton backend after one host-to-device copy; the host runs one fused C++ pass when built
+    (escapes placed in it), else the reference, and the result is then moved to ``device``."""
     if not isinstance(enc, EncodedV2):
         raise TypeError(f"encoded must be an EncodedV2, got {type(enc).__name__}")
     cfg = enc.config
+    if device is not None:
+        device = torch.device(device)
+        run = v2_device.kernel(v2_device.DECODE_OP, device)
+        if run is not None:
+            return v2_device.decode(enc.symbols, enc.raw, enc.escapes, enc.raw_values, cfg, device, run)
     sym = enc.symbols.contiguous()
     if has_fused():
         y = torch.empty(sym.shape, dtype=enc.dtype)
@@ -124,4 +139,4 @@ def decode_v2(enc: EncodedV2) -> torch.Tensor:
         y.masked_scatter_(sym == cfg.escape_symbol, enc.escapes)  # raw rows hold no escape symbols
     if enc.raw_values.shape[0]:
         y[enc.raw] = enc.raw_values
-    return y
+    return y if device is None else y.to(device)

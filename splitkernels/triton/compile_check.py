@@ -4,7 +4,7 @@ The interpreter runs the kernels' arithmetic on CPU but not the compiler, so cod
 compiler rejects (a non-constexpr global, a type that differs between branches) would first
 fail on a GPU. Triton ships ptxas, so every kernel family can be compiled to a cubin here, and
 the PTX shows that the codec divides with ``div.rn.f32`` (never the approximate default) and
-that decode has no fused multiply-add.
+that decode and the v2 quantiser/dequantiser have no fused multiply-add.
 
 Usage: TRITON_INTERPRET=0 python -m splitkernels.triton.compile_check [--arch 90]
 """
@@ -19,7 +19,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import bitpack, codec_decode, codec_encode, int8_gemm, lowbit_dequant, lowbit_gemv, lowbit_tiled
+from . import (bitpack, codec_decode, codec_encode, codec_v2_count, codec_v2_dequantise, codec_v2_gather,
+               codec_v2_quantise, codec_v2_scan, int8_gemm, lowbit_dequant, lowbit_gemv, lowbit_tiled)
 
 _P8 = "*u8"
 _GEMM = {"x_ptr": "*fp16", "qw_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "bias_ptr": "*fp16",
@@ -37,6 +38,21 @@ def _decode_sig(dt: str) -> dict:
     return {"bits_ptr": _P8, "lo_ptr": "*fp16", "step_ptr": "*fp16", "cnt_ptr": "*i32", "idx_ptr": "*i32",
             "val_ptr": "*" + dt, "codes_ptr": _P8, "out_ptr": "*" + dt, "d": "i32", "C": "i32", "codes_stride": "i32",
             "codes_width": "i32"}
+
+
+_I64 = "*i64"
+_V2_ROW = {"d": "i32", "kmax": "i32"}
+
+
+def _v2_quantise_sig(dt: str) -> dict:
+    return {"x_ptr": "*" + dt, "center_ptr": "*fp32", "inv_ptr": "*fp32", "raw_ptr": _P8, "sym_ptr": _P8,
+            "cnt_ptr": _I64, "bad_ptr": _I64, **_V2_ROW, "raw_limit": "i32"}
+
+
+def _v2_dequantise_sig(bits: str) -> dict:
+    return {"raw_ptr": _P8, "sym_ptr": _P8, "step_ptr": "*fp32", "center_ptr": "*fp32", "val_ptr": bits,
+            "cnt_ptr": _I64, "esc_off_ptr": _I64, "raw_off_ptr": _I64, "out_ptr": bits, **_V2_ROW,
+            "n_escapes": "i64"}
 
 
 def _gemm_sig(dt: str, out: str | None = None) -> dict:
@@ -63,6 +79,22 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
          {"ABS_MODE": True, "FORCED": True, "RAW": 32, "BLOCK_D": 1024, "BLOCK_C": 1}, nofuse),
         ("decode bf16", codec_decode._decode_kernel, _decode_sig("bf16"),
          {"RAW": 16, "OUT_BF16": True, "BLOCK_D": 4096, "BLOCK_C": 16}, nofuse),
+        ("v2 quantise fp16", codec_v2_quantise._quantise_kernel, _v2_quantise_sig("fp16"),
+         {"X_BF16": False, "BLOCK_D": 4096}, nofuse),
+        ("v2 quantise bf16 bits", codec_v2_quantise._quantise_kernel, _v2_quantise_sig("i16"),
+         {"X_BF16": True, "BLOCK_D": 1024}, nofuse),
+        ("v2 scan", codec_v2_scan._scan_kernel,
+         {"raw_ptr": _P8, "cnt_ptr": _I64, "bad_ptr": _I64, "esc_off_ptr": _I64, "raw_off_ptr": _I64,
+          "header_ptr": _I64, "t": "i32"}, {"HAS_BAD": True, "BLOCK_T": 1024}, {"num_warps": 4}),
+        ("v2 gather", codec_v2_gather._gather_kernel,
+         {"x_ptr": "*i16", "raw_ptr": _P8, "sym_ptr": _P8, "cnt_ptr": _I64, "esc_off_ptr": _I64,
+          "raw_off_ptr": _I64, "header_ptr": _I64, "val_ptr": "*i16", **_V2_ROW}, {"BLOCK_D": 4096}, nofuse),
+        ("v2 count", codec_v2_count._count_kernel, {"sym_ptr": _P8, "raw_ptr": _P8, "cnt_ptr": _I64, **_V2_ROW},
+         {"BLOCK_D": 4096}, nofuse),
+        ("v2 dequantise fp32", codec_v2_dequantise._dequantise_kernel, _v2_dequantise_sig("*i32"),
+         {"OUT": 0, "BLOCK_D": 4096}, nofuse),
+        ("v2 dequantise bf16", codec_v2_dequantise._dequantise_kernel, _v2_dequantise_sig("*i16"),
+         {"OUT": 2, "BLOCK_D": 1024}, nofuse),
         ("gemv W4 word tiles", lowbit_gemv._gemv_kernel, _gemm_sig("fp16"),
          {**gemv, "BITS": 4, "SPLIT_K": 1, "WORD_TILE": True}, {}),
         ("gemv W3 split-K", lowbit_gemv._gemv_kernel, _gemm_sig("fp16", "fp32"),
@@ -109,6 +141,8 @@ def check_rounding(ptx: dict[str, str]) -> list[str]:
                 problems.append(f"{name}: approximate square root")
         if name.startswith(("decode", "dequant")) and "fma.rn.f32" in text:
             problems.append(f"{name}: q * step + lo was fused into an FMA")
+        if name.startswith(("v2 quantise", "v2 dequantise")) and "fma.rn.f32" in text:
+            problems.append(f"{name}: a v2 multiply and add were fused into an FMA")
     return problems
 
 

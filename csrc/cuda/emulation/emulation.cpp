@@ -4,6 +4,7 @@
 
 #include "../bitpack.cuh"
 #include "../codec.cuh"
+#include "../codec_v2.cuh"
 #include "../launchers.h"
 #include "../lowbit_gemv.cuh"
 
@@ -100,6 +101,48 @@ void emu_dequantize_weight(const std::uint32_t* qweight, const void* scale, cons
     sk_emu::launch(static_cast<unsigned>((n * k + kGemvThreads - 1) / kGemvThreads), kGemvThreads, 0, [=] {
       dequantize_kernel<T>(qweight, static_cast<const T*>(scale), static_cast<const T*>(zero), w, n, k, bits,
                            group_size);
+    });
+  });
+}
+
+// The launch sequences of v2_encode / v2_decode (csrc/cuda/codec_v2.cu) on the packed layout of
+// launchers.h; scratch is int64 [4 * T].
+void emu_v2_encode(const void* x, int dtype, std::int64_t t, std::int64_t d, const float* center, const float* inv,
+                   int kmax, std::int64_t raw_limit, std::uint8_t* packed, std::int64_t sym_off, std::int64_t val_off,
+                   std::int64_t* scratch) {
+  auto* header = reinterpret_cast<std::int64_t*>(packed);
+  std::uint8_t* raw = packed + kV2HeaderBytes;
+  std::uint8_t* sym = packed + sym_off;
+  std::int64_t *cnt = scratch, *bad = scratch + t, *esc_off = scratch + 2 * t, *raw_off = scratch + 3 * t;
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* xp = static_cast<const T*>(x);
+    auto* values = reinterpret_cast<T*>(packed + val_off);
+    const int di = static_cast<int>(d), rl = static_cast<int>(raw_limit);
+    sk_emu::launch(static_cast<unsigned>(t), kV2Threads, 0,
+                   [=] { v2_quantise_kernel<T>(xp, di, center, inv, kmax, rl, raw, sym, cnt, bad); });
+    sk_emu::launch(1, kV2Threads, 0, [=] { v2_scan_kernel(t, raw, cnt, bad, esc_off, raw_off, header); });
+    sk_emu::launch(static_cast<unsigned>(t), kV2Threads, 0,
+                   [=] { v2_gather_kernel<T>(xp, di, kmax, raw, sym, cnt, esc_off, raw_off, header, values); });
+  });
+}
+
+void emu_v2_decode(std::uint8_t* packed, std::int64_t sym_off, std::int64_t val_off, std::int64_t n_escapes,
+                   std::int64_t t, std::int64_t d, const float* step, const float* center, int kmax, int dtype, void* out,
+                   std::int64_t* scratch) {
+  auto* header = reinterpret_cast<std::int64_t*>(packed);
+  const std::uint8_t* raw = packed + kV2HeaderBytes;
+  const std::uint8_t* sym = packed + sym_off;
+  std::int64_t *cnt = scratch, *esc_off = scratch + 2 * t, *raw_off = scratch + 3 * t;
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* values = reinterpret_cast<const T*>(packed + val_off);
+    auto* op = static_cast<T*>(out);
+    const int di = static_cast<int>(d);
+    sk_emu::launch(static_cast<unsigned>(t), kV2Threads, 0, [=] { v2_count_kernel(sym, di, kmax, raw, cnt); });
+    sk_emu::launch(1, kV2Threads, 0, [=] { v2_scan_kernel(t, raw, cnt, nullptr, esc_off, raw_off, header); });
+    sk_emu::launch(static_cast<unsigned>(t), kV2Threads, 0, [=] {
+      v2_dequantise_kernel<T>(raw, sym, di, step, center, kmax, values, n_escapes, cnt, esc_off, raw_off, op);
     });
   });
 }
