@@ -11,7 +11,8 @@ v2 code each token independently of the others in its frame, so one reconstructi
 frame sizes. ``--model gemma3`` scores Gemma 3 270M, a family the codec was not tuned on, whose
 residual stream carries massive activations of its own (one channel near 1e5 in middle layers).
 ``--massive F`` runs the massive-activation fixture (bench/e2e/massive.py) on SmolLM2 instead. The
-wire is fp16 unless a calibration hidden state leaves its range; then bf16.
+wire is fp16 where a split layer's calibration hidden state fits it, else fp32 (the massive fixture
+sends bf16, as a bf16 edge would).
 """
 from __future__ import annotations
 
@@ -87,12 +88,14 @@ def default_layers(num_layers: int) -> list[int]:
     return sorted({max(1, min(num_layers - 1, round(layer * num_layers / 30))) for layer in SPLIT_LAYERS})
 
 
-def wire_dtype(model, calib: torch.Tensor, layers: list[int]) -> torch.dtype:
-    """fp16 when every split layer's calibration hidden state fits it with a 2x margin, else bf16."""
+def wire_dtypes(model, calib: torch.Tensor, layers: list[int]) -> dict[int, torch.dtype]:
+    """Per split layer, fp16 when the calibration hidden state fits it with a 2x margin, else fp32
+    (the model's own precision: only escapes and raw tokens travel at this width, and bf16 would
+    round every value before the quantiser sees it)."""
     with torch.no_grad():
         hs = model(calib[:1], output_hidden_states=True).hidden_states
-    peak = max(float(hs[layer].abs().max()) for layer in layers)
-    return torch.float16 if peak <= torch.finfo(torch.float16).max / 2 else torch.bfloat16
+    fits = {layer: float(hs[layer].abs().max()) <= torch.finfo(torch.float16).max / 2 for layer in layers}
+    return {layer: torch.float16 if ok else torch.float32 for layer, ok in fits.items()}
 
 
 def main() -> None:
@@ -122,13 +125,15 @@ def main() -> None:
     layers = args.layers or default_layers(model.config.num_hidden_layers)
     ids = tok(load_text("botchan"), return_tensors="pt").input_ids[0]
     calib = ids[CALIB_OFFSET : CALIB_OFFSET + args.calib_tokens].reshape(-1, CONTEXT)
-    wire = wire_dtype(model, calib, layers)
+    wires = wire_dtypes(model, calib, layers)
+    if args.massive:
+        wires = dict.fromkeys(layers, torch.bfloat16)  # the fixture's published rows: a bf16 edge
     t0 = time.time()
     with torch.no_grad():
         ev = SplitEvaluator(model, ids[: args.tokens], CONTEXT)
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "model": PACKAGED[args.model].name + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
-               "wire": str(wire), "tokens": ev.tokens, "ppl_reference": ev.ppl_reference, "rows": []}
+               "wire": {layer: str(w) for layer, w in wires.items()}, "tokens": ev.tokens, "ppl_reference": ev.ppl_reference, "rows": []}
 
     def record(layer: int, name: str, fn, extra: dict | None = None) -> None:
         rec = Recorder(fn)
@@ -143,6 +148,7 @@ def main() -> None:
               f"bits1={row['bits_1']:.3f} kl={p.kl:.4f} ppl={p.ppl_change * 100:+.2f}%", flush=True)
 
     for layer in layers:
+        wire = wires[layer]
         fisher, hidden = fisher_diagonal(model, calib, layer)
         for b in args.bits:
             cfg = calibrate(hidden, bits=b, sensitivity=fisher, wire_dtype=wire)
@@ -153,11 +159,11 @@ def main() -> None:
         if not args.no_baselines:
             record(layer, "v1 eps 0.22", v1_transform(CodecConfig(eps=0.22), wire))
             record(layer, "Atom-style 4-bit g32", atom(wire))
-    lines = [f"# codec v2 vs v1 vs Atom-style: {results['model']}, wire {wire}, {ev.tokens} scored tokens", "",
-             "| layer | codec | bits/elem 512-token frames | bits/elem 1-token frames | KL | ppl change |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"# codec v2 vs v1 vs Atom-style: {results['model']}, {ev.tokens} scored tokens", "",
+             "| layer | wire | codec | bits/elem 512-token frames | bits/elem 1-token frames | KL | ppl change |",
+             "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['layer']} | {r['codec']} | {r['bits_512']:.3f} | {r['bits_1']:.3f} | {r['kl']:.4f} | "
+        lines.append(f"| {r['layer']} | {str(wires[r['layer']]).replace('torch.', '')} | {r['codec']} | {r['bits_512']:.3f} | {r['bits_1']:.3f} | {r['kl']:.4f} | "
                      f"{r['ppl_change'] * 100:+.2f}% |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 

@@ -270,7 +270,9 @@ def calibrate_spec(loaded: LoadedModel, split: int, spec: dict, tokens: int, sta
 
 def wire_dtype_for(model, split: int, ids: torch.Tensor) -> torch.dtype:
     """The dtype the edge sends: the model's own when it is 16-bit, else fp16 -- unless the split
-    hidden state of ``ids`` comes within 2x of fp16's largest value; then bf16."""
+    hidden state of ``ids`` comes within 2x of fp16's largest value (massive activations); then the
+    model's fp32. Codec v2 quantises the values in this dtype and sends only escapes and raw tokens
+    at its width, so fp32 costs a few bytes per frame where bf16 would round every value first."""
     from ..codec.sensitivity import split_hidden_states
 
     dtype = next(model.parameters()).dtype
@@ -278,4 +280,4 @@ def wire_dtype_for(model, split: int, ids: torch.Tensor) -> torch.dtype:
         return dtype
     with torch.no_grad():
         peak = float(split_hidden_states(model, [ids], split).abs().max())
-    return torch.float16 if peak <= torch.finfo(torch.float16).max / 2 else torch.bfloat16
+    return torch.float16 if peak <= torch.finfo(torch.float16).max / 2 else dtype
