@@ -16,7 +16,9 @@
 #include "cpu/bitpack.h"
 #include "cpu/codec.h"
 #include "cpu/codec_v2.h"
+#include "cpu/crc32.h"
 #include "cpu/linear.h"
+#include "cpu/nibble.h"
 #include "cpu/rans.h"
 #include "cpu/thread_pool.h"
 
@@ -175,6 +177,46 @@ PYBIND11_MODULE(_C, m) {
       nogil,
       "Static-table rANS decode of exactly n symbols into out; returns ('' or why the stream is invalid, how many "
       "decoded symbols equal count_of).");
+
+  m.def("nibble_capacity", [](int64_t rows, int64_t d) { return sk::nibble_capacity(rows, d) + sk::kNibbleSlack; },
+        py::arg("rows"), py::arg("d"), "Bytes of out that nibble_encode needs for rows coded rows of d symbols.");
+  m.def(
+      "nibble_encode",
+      [](std::uintptr_t sym, int64_t T, int64_t d, std::uintptr_t raw, int nsym, int a, std::uintptr_t out,
+         int64_t capacity) {
+        const int64_t len = sk::nibble_encode(ptr<const uint8_t>(sym), T, d, ptr<const uint8_t>(raw), nsym, a,
+                                              ptr<uint8_t>(out), capacity);
+        if (len < 0) throw std::invalid_argument("nibble_encode: a symbol is outside the table or out is too small");
+        return len;
+      },
+      py::arg("sym"), py::arg("T"), py::arg("d"), py::arg("raw"), py::arg("nsym"), py::arg("a"), py::arg("out"),
+      py::arg("capacity"), nogil,
+      "Nibble-code the rows of sym u8 [T, d] whose raw flag is 0 (raw may be 0); returns the stream length.");
+  m.def(
+      "nibble_decode",
+      [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, int nsym, int a,
+         std::uintptr_t out, int count_of) {
+        int64_t count = 0;
+        std::string err = sk::nibble_decode(ptr<const uint8_t>(data), len, T, d, ptr<const uint8_t>(raw), nsym, a,
+                                            ptr<uint8_t>(out), count_of, &count);
+        return std::make_pair(err, count);
+      },
+      py::arg("data"), py::arg("len"), py::arg("T"), py::arg("d"), py::arg("raw"), py::arg("nsym"), py::arg("a"),
+      py::arg("out"), py::arg("count_of") = -1, nogil,
+      "Decode a nibble stream of exactly len bytes into out u8 [T, d] (raw rows 0); returns ('' or why it is "
+      "invalid, how many symbols equal count_of).");
+  m.def("nibble_isas", &sk::nibble_isas, "Instruction sets of the nibble coder this CPU supports, best last.");
+  m.def("nibble_isa", &sk::nibble_isa, "Instruction set the nibble coder uses now.");
+  m.def(
+      "set_nibble_isa", [](const std::string& name) { check(sk::set_nibble_isa(name)); }, py::arg("name"),
+      "Use the nibble coder of this instruction set (scalar or avx512).");
+  m.def(
+      "crc32",
+      [](std::uintptr_t data, int64_t n, uint32_t crc, bool table_only) {
+        return table_only ? sk::crc32_table(crc, ptr<const uint8_t>(data), n) : sk::crc32(crc, ptr<const uint8_t>(data), n);
+      },
+      py::arg("data"), py::arg("n"), py::arg("crc") = 0, py::arg("table_only") = false, nogil,
+      "zlib-compatible CRC-32 of n bytes continuing crc (carry-less multiply when the CPU has it).");
 
   m.def(
       "lowbit_dequantize",
