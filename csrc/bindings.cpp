@@ -138,11 +138,41 @@ PYBIND11_MODULE(_C, m) {
       "Codec v2 dequantise of symbols u8 [T, d] into out [T, d], skipping raw rows (raw != 0), the n_escapes "
       "exact values placed at escape symbols (n_escapes < 0: none placed).");
 
+  m.def(
+      "v2_encode_nibble",
+      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, std::uintptr_t center, std::uintptr_t inv, int kmax,
+         int64_t raw_limit, int a, std::uintptr_t sym, std::uintptr_t n_esc, std::uintptr_t raw,
+         std::uintptr_t escapes, std::uintptr_t out, int64_t capacity) {
+        int64_t totals[3] = {0, 0, 0};
+        check(sk::v2_encode_nibble(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv),
+                                   kmax, raw_limit, a, ptr<uint8_t>(sym), ptr<int32_t>(n_esc), ptr<uint8_t>(raw),
+                                   ptr<void>(escapes), ptr<uint8_t>(out), capacity, totals));
+        return std::make_tuple(totals[0], totals[1], totals[2]);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("center"), py::arg("inv"), py::arg("kmax"),
+      py::arg("raw_limit"), py::arg("a"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"), py::arg("escapes"),
+      py::arg("out"), py::arg("capacity"), nogil,
+      "v2_quantise with the nibble coder fused (sym may be 0); returns (escapes written, non-finite inputs, "
+      "stream length).");
+  m.def(
+      "v2_decode_nibble",
+      [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, int a, std::uintptr_t step,
+         std::uintptr_t center, int kmax, int dtype, std::uintptr_t out, std::uintptr_t escapes, int64_t n_escapes) {
+        return sk::v2_decode_nibble(ptr<const uint8_t>(data), len, T, d, ptr<const uint8_t>(raw), a,
+                                    ptr<const float>(step), ptr<const float>(center), kmax, dtype, ptr<void>(out),
+                                    ptr<const void>(escapes), n_escapes);
+      },
+      py::arg("data"), py::arg("len"), py::arg("T"), py::arg("d"), py::arg("raw"), py::arg("a"), py::arg("step"),
+      py::arg("center"), py::arg("kmax"), py::arg("dtype"), py::arg("out"), py::arg("escapes"),
+      py::arg("n_escapes"), nogil,
+      "Decode and dequantise a nibble stream row by row into out [T, d] (coded rows only); returns '' or why the "
+      "stream is invalid.");
+
   m.def("v2_isas", &sk::v2_isas, "Instruction sets of the codec v2 passes this CPU supports, best last.");
   m.def("v2_isa", &sk::v2_isa, "Instruction set the codec v2 passes use now.");
   m.def(
       "set_v2_isa", [](const std::string& name) { check(sk::set_v2_isa(name)); }, py::arg("name"),
-      "Use the codec v2 passes of this instruction set (scalar or avx2).");
+      "Use the codec v2 passes of this instruction set (scalar, avx2 or avx512).");
 
   m.def("rans_tables_bytes", []() { return static_cast<int64_t>(sizeof(sk::RansTables)); },
         "Bytes of the rANS coder tables of one frequency table (allocate, then rans_build_tables).");

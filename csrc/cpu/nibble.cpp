@@ -115,9 +115,12 @@ bool decode_row_scalar(const uint8_t* l1, int64_t d, const Params& p, const uint
 #ifdef SK_NIB_X86
 #define SK_NIB_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 
-// 64 nibbles (u8 < 16 each) -> 32 bytes, the earlier of each pair in the low half.
+// 64 nibbles (u8 < 16 each) -> 32 bytes, the earlier of each pair in the low half. The asm keeps
+// vpmovwb in its register form: with a memory operand it is microcoded and slow on AMD Zen 4.
 SK_NIB_TARGET inline __m256i pack64(__m512i nib) {
-  return _mm512_cvtepi16_epi8(_mm512_or_si512(nib, _mm512_srli_epi16(nib, 4)));
+  __m256i r = _mm512_cvtepi16_epi8(_mm512_or_si512(nib, _mm512_srli_epi16(nib, 4)));
+  asm("" : "+v"(r));
+  return r;
 }
 
 // 32 bytes -> their 64 nibbles in stream order.
@@ -239,7 +242,9 @@ bool decode_level2_scalar_all(const uint8_t* l2, int64_t n, const uint8_t* l3, i
   return decode_level2_scalar(l2, 0, n, l3, n_xx, nl, p, xs);
 }
 
-struct Isa {
+}  // namespace
+
+struct NibbleIsa {
   const char* name;
   void (*encode_row)(const uint8_t*, int64_t, const Params&, uint8_t*, uint8_t*, int64_t&, int&);
   void (*encode_level2)(const uint8_t*, int64_t, int, uint8_t*, uint8_t*, int64_t&);
@@ -247,21 +252,24 @@ struct Isa {
   bool (*decode_row)(const uint8_t*, int64_t, const Params&, const uint8_t*, int64_t, int64_t&, uint8_t*, int64_t&);
 };
 
-const Isa kScalar{"scalar", encode_row_scalar, encode_level2_scalar_all, decode_level2_scalar_all, decode_row_scalar};
+namespace {
+
+
+const NibbleIsa kScalar{"scalar", encode_row_scalar, encode_level2_scalar_all, decode_level2_scalar_all, decode_row_scalar};
 #ifdef SK_NIB_X86
-const Isa kAvx512{"avx512", encode_row_avx512, encode_level2_avx512, decode_level2_avx512, decode_row_avx512};
+const NibbleIsa kAvx512{"avx512", encode_row_avx512, encode_level2_avx512, decode_level2_avx512, decode_row_avx512};
 #endif
 
-const Isa* best_isa() {
+const NibbleIsa* best_isa() {
 #ifdef SK_NIB_X86
   if (cpu_has_avx512()) return &kAvx512;
 #endif
   return &kScalar;
 }
 
-const Isa* g_isa = best_isa();
+const NibbleIsa* g_isa = best_isa();
 
-inline void store_u32(uint8_t* p, uint32_t v) {
+void store_u32(uint8_t* p, uint32_t v) {
   for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
 }
 
@@ -282,73 +290,110 @@ int64_t coded_rows(int64_t T, const uint8_t* raw) {
 
 }  // namespace
 
-int64_t nibble_encode(const uint8_t* sym, int64_t T, int64_t d, const uint8_t* raw, int nsym, int a, uint8_t* out,
-                      int64_t capacity) {
-  if (T < 0 || d < 1 || !valid_table(nsym, a)) return -1;
-  const int64_t rows = coded_rows(T, raw);
-  if (capacity < nibble_capacity(rows, d) + kNibbleSlack) return -1;
-  const Isa* isa = g_isa;
-  const Params p{nsym, a, -1};
-  const int64_t rb = nibble_row_bytes(d);
-  uint8_t* l1 = out + kNibbleHead;
-  uint8_t* xs = scratch(rows * d);
-  int64_t nx = 0;
-  int maxsym = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    if (raw && raw[t]) continue;
-    isa->encode_row(sym + t * d, d, p, l1, xs, nx, maxsym);
-    l1 += rb;
-  }
-  if (maxsym >= nsym) return -1;
-  uint8_t* l2 = l1;
-  int64_t nl = 0;
-  isa->encode_level2(xs, nx, a, l2, l2 + (nx + 1) / 2, nl);
-  store_u32(out, static_cast<uint32_t>(nx));
-  store_u32(out + 4, static_cast<uint32_t>(nl));
-  return kNibbleHead + rows * rb + (nx + 1) / 2 + nl;
+std::string NibbleWriter::open(int64_t max_rows, int64_t d, int nsym, int a, uint8_t* out, int64_t capacity) {
+  if (max_rows < 0 || d < 1 || !valid_table(nsym, a)) return "nibble encode: T, d or the table are out of range";
+  if (capacity < nibble_capacity(max_rows, d) + kNibbleSlack) return "nibble encode: output buffer too small";
+  isa_ = g_isa;
+  d_ = d;
+  nsym_ = nsym;
+  a_ = a;
+  out_ = out;
+  l1_ = out + kNibbleHead;
+  xs_ = scratch(max_rows * d);
+  nx_ = 0;
+  maxsym_ = 0;
+  return "";
 }
 
-std::string nibble_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw, int nsym, int a,
-                          uint8_t* out, int count_of, int64_t* count) {
-  if (T < 0 || d < 1 || !valid_table(nsym, a)) return "nibble_decode: T, d, or the table are out of range";
+void NibbleWriter::row(const uint8_t* sym) {
+  const Params p{nsym_, a_, -1};
+  isa_->encode_row(sym, d_, p, l1_, xs_, nx_, maxsym_);
+  l1_ += nibble_row_bytes(d_);
+}
+
+int64_t NibbleWriter::close() {
+  if (maxsym_ >= nsym_) return -1;
+  int64_t nl = 0;
+  isa_->encode_level2(xs_, nx_, a_, l1_, l1_ + (nx_ + 1) / 2, nl);
+  store_u32(out_, static_cast<uint32_t>(nx_));
+  store_u32(out_ + 4, static_cast<uint32_t>(nl));
+  return (l1_ - out_) + (nx_ + 1) / 2 + nl;
+}
+
+std::string NibbleReader::open(const uint8_t* data, int64_t len, int64_t rows, int64_t d, int nsym, int a,
+                               int count_of) {
+  if (rows < 0 || d < 1 || !valid_table(nsym, a)) return "nibble decode: T, d or the table are out of range";
   if (len < kNibbleHead) return "nibble stream shorter than its 8-byte head";
-  const int64_t rows = coded_rows(T, raw);
   const int64_t rb = nibble_row_bytes(d);
   if (rows > (len - kNibbleHead) / rb) return "nibble stream too short for its rows";
   const int64_t n_x = load_u32(data), n_xx = load_u32(data + 4);
   if (n_x > rows * d || n_xx > n_x || len != kNibbleHead + rows * rb + (n_x + 1) / 2 + n_xx)
     return "nibble stream length does not match its rows and exception counts";
-  const Isa* isa = g_isa;
-  const Params p{nsym, a, count_of >= 0 && count_of < 256 ? count_of : -1};
-  const uint8_t* l1 = data + kNibbleHead;
-  const uint8_t* l2 = l1 + rows * rb;
-  const uint8_t* l3_in = l2 + (n_x + 1) / 2;
+  isa_ = g_isa;
+  d_ = d;
+  nsym_ = nsym;
+  a_ = a;
+  count_of_ = count_of >= 0 && count_of < 256 ? count_of : -1;
+  l1_ = data + kNibbleHead;
+  const uint8_t* l2 = l1_ + rows * rb;
   // Exceptions, then a copy of level 3: whole-vector loads may read 64 bytes past either.
   uint8_t* xs = scratch(n_x + 64 + n_xx);
   uint8_t* l3 = xs + n_x + 64;
-  std::memcpy(l3, l3_in, n_xx);
+  std::memcpy(l3, l2 + (n_x + 1) / 2, n_xx);
   for (int64_t i = 0; i < n_xx; ++i) {  // canonical long exceptions: distance >= 15, inside the table
     if (l3[i] >= nsym || level2_of(l3[i], a) != 15) return "nibble stream: a long exception is not canonical";
   }
   if ((n_x & 1) && (l2[n_x >> 1] >> 4)) return "nibble stream: level-2 padding nibble is not 0";
   int64_t nl = 0;
-  if (!isa->decode_level2(l2, n_x, l3, n_xx, nl, p, xs) || nl != n_xx)
+  if (!isa_->decode_level2(l2, n_x, l3, n_xx, nl, Params{nsym, a, -1}, xs) || nl != n_xx)
     return "nibble stream: level 2 names a symbol outside the table or disagrees with its long count";
-  int64_t xi = 0, c = 0;
+  xs_ = xs;
+  n_x_ = n_x;
+  xi_ = 0;
+  count_ = 0;
+  return "";
+}
+
+bool NibbleReader::row(uint8_t* out) {
+  if (!isa_->decode_row(l1_, d_, Params{nsym_, a_, count_of_}, xs_, n_x_, xi_, out, count_)) return false;
+  l1_ += nibble_row_bytes(d_);
+  return true;
+}
+
+std::string NibbleReader::close(int64_t* count) {
+  if (xi_ != n_x_) return "nibble stream: level 1 holds fewer exceptions than its head says";
+  if (count && count_of_ >= 0) *count = count_;
+  return "";
+}
+
+const char* const kNibbleRowError =
+    "nibble stream: level 1 disagrees with its exception count, names a symbol outside the table or has a padding "
+    "nibble set";
+
+int64_t nibble_encode(const uint8_t* sym, int64_t T, int64_t d, const uint8_t* raw, int nsym, int a, uint8_t* out,
+                      int64_t capacity) {
+  NibbleWriter w;
+  if (T < 0 || !w.open(coded_rows(T, raw), d, nsym, a, out, capacity).empty()) return -1;
+  for (int64_t t = 0; t < T; ++t)
+    if (!(raw && raw[t])) w.row(sym + t * d);
+  return w.close();
+}
+
+std::string nibble_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw, int nsym, int a,
+                          uint8_t* out, int count_of, int64_t* count) {
+  if (T < 0) return "nibble decode: T must be >= 0";
+  NibbleReader r;
+  std::string err = r.open(data, len, coded_rows(T, raw), d, nsym, a, count_of);
+  if (!err.empty()) return err;
   for (int64_t t = 0; t < T; ++t) {
     uint8_t* o = out + t * d;
     if (raw && raw[t]) {
       std::memset(o, 0, d);
-      continue;
+    } else if (!r.row(o)) {
+      return kNibbleRowError;
     }
-    if (!isa->decode_row(l1, d, p, xs, n_x, xi, o, c))
-      return "nibble stream: level 1 disagrees with its exception count, names a symbol outside the table or "
-             "has a padding nibble set";
-    l1 += rb;
   }
-  if (xi != n_x) return "nibble stream: level 1 holds fewer exceptions than its head says";
-  if (count && p.count_of >= 0) *count = c;
-  return "";
+  return r.close(count);
 }
 
 std::vector<std::string> nibble_isas() {

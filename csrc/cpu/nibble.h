@@ -25,6 +25,42 @@ inline int64_t nibble_capacity(int64_t rows, int64_t d) {
   return kNibbleHead + rows * nibble_row_bytes(d) + (s + 1) / 2 + s;
 }
 
+struct NibbleIsa;  // the row kernels of one instruction set (nibble.cpp)
+
+// Row-at-a-time encoder, so a pass can code each row while it is in L1: open (room for max_rows
+// rows), row() per coded row in order, close() -> stream length (-1: a symbol was >= nsym). The
+// exception scratch is per thread: one writer or reader per thread at a time.
+class NibbleWriter {
+ public:
+  std::string open(int64_t max_rows, int64_t d, int nsym, int a, uint8_t* out, int64_t capacity);
+  void row(const uint8_t* sym);
+  int64_t close();
+
+ private:
+  const NibbleIsa* isa_ = nullptr;
+  int64_t d_ = 0, nx_ = 0;
+  int nsym_ = 0, a_ = 0, maxsym_ = 0;
+  uint8_t *out_ = nullptr, *l1_ = nullptr, *xs_ = nullptr;
+};
+
+// Row-at-a-time decoder: open validates the head, the sizes and levels 2 and 3 (every exception
+// decoded); row() writes the next coded row's d symbols (false: the stream is invalid); close()
+// checks every exception was used and reports how many symbols equal count_of.
+class NibbleReader {
+ public:
+  std::string open(const uint8_t* data, int64_t len, int64_t rows, int64_t d, int nsym, int a, int count_of);
+  bool row(uint8_t* out);
+  std::string close(int64_t* count);
+
+ private:
+  const NibbleIsa* isa_ = nullptr;
+  int64_t d_ = 0, n_x_ = 0, xi_ = 0, count_ = 0;
+  int nsym_ = 0, a_ = 0, count_of_ = -1;
+  const uint8_t *l1_ = nullptr, *xs_ = nullptr;
+};
+
+extern const char* const kNibbleRowError;  // why NibbleReader::row failed
+
 // Encodes the rows of sym [T, d] whose raw[t] is 0 (raw may be null: every row) with window start
 // a of an nsym-symbol table. Returns the stream length, or -1 when a symbol is >= nsym, the
 // arguments are out of range or out (capacity bytes) is smaller than nibble_capacity + kNibbleSlack.

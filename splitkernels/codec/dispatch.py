@@ -13,6 +13,7 @@ from .config_v2 import CodecConfigV2
 from .frame import MAGIC, FrameError, FrameLimits
 from .frame_v2 import FRAME_VERSION_V2, read_frame_v2
 from .v2 import EncodedV2, decode_v2, encode_v2
+from .wire_v2 import decode_frame_v2, encode_frame_v2
 
 
 def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None) -> v1.Encoded | EncodedV2:
@@ -20,6 +21,14 @@ def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None) -
     if isinstance(config, CodecConfigV2):
         return encode_v2(x, config)
     return v1.encode(x, config)
+
+
+def encode_frame(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None) -> bytes:
+    """The wire frame of ``x [T, d]``, the bytes of ``encode(x, config).to_bytes()``; v2 long frames
+    take the fused quantise-and-code pass (no symbol matrix)."""
+    if isinstance(config, CodecConfigV2):
+        return encode_frame_v2(x, config)
+    return v1.encode(x, config).to_bytes()
 
 
 def decode(encoded: v1.Encoded | EncodedV2) -> torch.Tensor:
@@ -61,6 +70,6 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | Non
     are decoded on the host, their allocations bounded by the frame's own size, then moved.
     """
     if is_v2_frame(data):
-        out = decode_v2(read_frame_v2(data, config, limits))
+        out = decode_frame_v2(data, config, limits)
         return out if device is None else out.to(device)
     return v1.decode_frame(data, limits, device)

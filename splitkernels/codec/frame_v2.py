@@ -20,6 +20,7 @@ raw section's own bytes) and raises :class:`FrameError` on anything wrong.
 """
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from dataclasses import dataclass
@@ -58,18 +59,29 @@ def crc32(parts: list[bytes | memoryview], crc: int = 0) -> int:
     return crc
 
 
+@functools.lru_cache(maxsize=64)
 def table_entropy(freqs: tuple[int, ...]) -> float:
     """Bits per symbol of static rANS on symbols drawn from ``freqs`` (the table's entropy)."""
     p = np.asarray(freqs, dtype=np.float64) / rans.M
     return float(-(p * np.log2(p)).sum())
 
 
-def choose_coder(n_symbols: int, config: CodecConfigV2) -> int:
-    """The encoder's rule: nibble for long frames whose table suits it, else rANS."""
-    if n_symbols < NIBBLE_MIN_SYMBOLS:
+def choose_coder(n_elements: int, config: CodecConfigV2) -> int:
+    """The encoder's rule for a frame of ``n_elements = T * d`` values: the nibble coder for long
+    frames whose table suits it, else rANS."""
+    if n_elements < NIBBLE_MIN_SYMBOLS:
         return CODER_RANS
     extra = nibble.expected_bits(config.freqs) - table_entropy(config.freqs)
     return CODER_NIBBLE if extra <= NIBBLE_MAX_EXTRA_BITS else CODER_RANS
+
+
+def resolve_coder(coder: str | None, n_elements: int, config: CodecConfigV2) -> int:
+    """The coder id of ``coder`` ("rans", "nibble", or None: ``choose_coder``)."""
+    if coder is None:
+        return choose_coder(n_elements, config)
+    if coder not in CODERS:
+        raise ValueError(f"coder must be one of {sorted(CODERS)} or None, got {coder!r}")
+    return CODERS[coder]
 
 
 @dataclass
@@ -148,23 +160,24 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
     t, d = enc.shape
     raw = enc.raw.numpy().astype(bool)
     n_raw = int(raw.sum())
-    if coder is None:
-        code = choose_coder((t - n_raw) * d, cfg)
-    elif coder in CODERS:
-        code = CODERS[coder]
-    else:
-        raise ValueError(f"coder must be one of {sorted(CODERS)} or None, got {coder!r}")
+    code = resolve_coder(coder, t * d, cfg)
     if code == CODER_NIBBLE:
         stream = nibble.encode(enc.symbols.numpy(), raw if n_raw else None, cfg.freqs)
     else:
         stream = rans.encode(enc.symbols.numpy()[~raw] if n_raw else enc.symbols.numpy(), cfg.freqs)
+    return assemble_frame(cfg, code, t, raw, enc.escapes, enc.raw_values, stream)
+
+
+def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, escapes: torch.Tensor,
+                   raw_values: torch.Tensor, stream: bytes | memoryview) -> bytes:
+    """The frame bytes around an already coded symbol ``stream`` (header, sections, CRC)."""
     parts = [
-        HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[enc.dtype] | code << 4, cfg.frame_tag),
+        HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4, config.frame_tag),
         _varint(t),
-        _varint(int(enc.escapes.numel())),
+        _varint(int(escapes.numel())),
         np.packbits(raw, bitorder="little").tobytes(),
-        enc.escapes.contiguous().view(torch.uint8).numpy().tobytes(),
-        enc.raw_values.contiguous().view(torch.uint8).numpy().tobytes(),
+        escapes.contiguous().view(torch.uint8).numpy().tobytes(),
+        raw_values.contiguous().view(torch.uint8).numpy().tobytes(),
         stream,
     ]
     parts.append(struct.pack("<I", crc32(parts)))
@@ -178,9 +191,31 @@ def _values(raw_bytes: memoryview, dtype: torch.dtype, what: str) -> torch.Tenso
     return vals
 
 
-def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
-                  limits: FrameLimits | None = None) -> EncodedV2:
-    """Parse and validate a v2 frame against the session's ``config``; :class:`FrameError` if anything is wrong.
+@dataclass
+class ParsedV2:
+    """A v2 frame whose header, sections and CRC are validated; the symbol stream is not decoded yet."""
+
+    t: int
+    dtype: torch.dtype
+    coder: int
+    raw: np.ndarray  # bool [T]
+    escapes: torch.Tensor  # exact values, checked finite
+    raw_bytes: memoryview  # n_raw * d values of dtype, not yet checked
+    stream: memoryview
+
+    @property
+    def n_raw(self) -> int:
+        return int(self.raw.sum())
+
+    def raw_values(self, d: int) -> torch.Tensor:
+        """The raw tokens ``[n_raw, d]``; FrameError if a value is not finite."""
+        return _values(self.raw_bytes, self.dtype, "raw tokens").reshape(self.n_raw, d)
+
+
+def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
+                   limits: FrameLimits | None = None) -> ParsedV2:
+    """Validate a v2 frame's header, section sizes and CRC against the session's ``config``
+    (:class:`FrameError` if anything is wrong); the symbol stream is left for the caller to decode.
 
     ``limits``: the receiver's limits (d, dtypes, most tokens, most escapes as outliers), checked
     against the header before anything sized by it is allocated (:class:`FrameLimitError`)."""
@@ -238,19 +273,33 @@ def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | 
         raise FrameError(f"frame claims {n_esc} escapes for {n_sym} coded values")
     escapes = _values(take(n_esc * item, "escape values"), dtype, "escape values")
     raw_bytes = take(n_raw * d * item, "raw tokens")
-    stream = buf[pos:crc_at]
-    raw_t = torch.from_numpy(raw)
     if coder == CODER_NIBBLE:
+        if t - n_raw > nibble.max_rows(crc_at - pos, d):
+            raise FrameError(f"frame claims {t - n_raw} coded tokens, more than a {crc_at - pos}-byte stream can hold")
+    elif n_sym > rans.max_symbols(crc_at - pos):
+        raise FrameError(f"frame claims {n_sym} coded values, more than a {crc_at - pos}-byte stream can hold")
+    return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at])
+
+
+def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
+                  limits: FrameLimits | None = None) -> EncodedV2:
+    """Parse and validate a v2 frame and decode its symbols (:func:`parse_frame_v2`); FrameError if anything is wrong."""
+    return decode_symbols(parse_frame_v2(data, config, limits), config)
+
+
+def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
+    """The :class:`EncodedV2` of a parsed frame: its symbol stream decoded and checked; FrameError if invalid."""
+    d, t, raw, n_raw = config.d, p.t, p.raw, p.n_raw
+    raw_t = torch.from_numpy(raw)
+    if p.coder == CODER_NIBBLE:
         try:
-            sym, n_esc_sym = nibble.decode(stream, config.freqs, raw, d, count_of=config.escape_symbol)
+            sym, n_esc_sym = nibble.decode(p.stream, config.freqs, raw, d, count_of=config.escape_symbol)
         except nibble.NibbleError as exc:
             raise FrameError(f"symbol stream invalid: {exc}") from None
         symbols = torch.from_numpy(sym)
     else:
-        if n_sym > rans.max_symbols(len(stream)):
-            raise FrameError(f"frame claims {n_sym} coded values, more than a {len(stream)}-byte stream can hold")
         try:
-            sym, n_esc_sym = rans.decode(stream, config.freqs, n_sym, count_of=config.escape_symbol)
+            sym, n_esc_sym = rans.decode(p.stream, config.freqs, (t - n_raw) * d, count_of=config.escape_symbol)
         except rans.RansError as exc:
             raise FrameError(f"symbol stream invalid: {exc}") from None
         if n_raw:
@@ -258,7 +307,6 @@ def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | 
             symbols[~raw_t] = torch.from_numpy(sym).reshape(t - n_raw, d)
         else:
             symbols = torch.from_numpy(sym).reshape(t, d)
-    if n_esc_sym != n_esc:
-        raise FrameError(f"escape count {n_esc} does not match the escape symbols in the stream")
-    raw_values = _values(raw_bytes, dtype, "raw tokens").reshape(n_raw, d)
-    return EncodedV2(symbols, raw_t, escapes, raw_values, config)
+    if n_esc_sym != p.escapes.numel():
+        raise FrameError(f"escape count {p.escapes.numel()} does not match the escape symbols in the stream")
+    return EncodedV2(symbols, raw_t, p.escapes, p.raw_values(d), config)

@@ -163,7 +163,8 @@ def encode(symbols: np.ndarray, raw: np.ndarray | None, freqs: Sequence[int]) ->
     if d == 0:
         raise ValueError("symbols must have d >= 1 channels")
     flags = None if raw is None else np.ascontiguousarray(raw, dtype=np.uint8)
-    out = np.empty(_C.nibble_capacity(coded.shape[0], d), dtype=np.uint8)
+    rows = t if flags is None else t - int(flags.sum())
+    out = np.empty(_C.nibble_capacity(rows, d), dtype=np.uint8)
     try:
         n = _C.nibble_encode(sym.ctypes.data, t, d, 0 if flags is None else flags.ctypes.data, len(freqs),
                              window_start(tuple(freqs)), out.ctypes.data, out.shape[0])
