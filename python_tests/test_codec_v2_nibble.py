@@ -194,7 +194,7 @@ def test_expected_bits_matches_a_large_sample():
 @NEEDS_CPP
 def test_crc32_matches_zlib_on_both_paths():
     rng = np.random.default_rng(5)
-    for n in [0, 1, 15, 16, 63, 64, 65, 127, 128, 129, 1000, 4095, 4096, 65537]:
+    for n in [0, 1, 15, 16, 63, 64, 65, 127, 128, 129, 255, 256, 257, 320, 511, 1000, 4095, 4096, 65537]:
         data = rng.integers(0, 256, n, dtype=np.uint8)
         crc = int(rng.integers(0, 1 << 32))
         for table_only in (False, True):

@@ -1,5 +1,6 @@
-// zlib-compatible CRC-32 (reflected polynomial 0xEDB88320) of codec frames: PCLMULQDQ folding,
-// picked at run time by cpuid, and a table fallback. crc32(crc, p, n) == zlib.crc32(p[0:n], crc).
+// zlib-compatible CRC-32 (reflected polynomial 0xEDB88320) of codec frames: carry-less-multiply
+// folding (VPCLMULQDQ on 512-bit registers, else PCLMULQDQ) picked at run time by cpuid, and a
+// table fallback. crc32(crc, p, n) == zlib.crc32(p[0:n], crc).
 #pragma once
 
 #include <cstdint>
