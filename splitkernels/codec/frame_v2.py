@@ -39,7 +39,7 @@ CRC_BYTES = 4
 MAX_VARINT_BYTES = 5
 CODER_RANS, CODER_NIBBLE = 0, 1
 CODERS = {"rans": CODER_RANS, "nibble": CODER_NIBBLE}
-# choose_coder: the nibble coder for frames of at least this many coded symbols (a 512-token
+# choose_coder: the nibble coder for frames of at least this many values T * d (a 512-token
 # prefill frame; never a one-token decode frame, where bytes matter most and rANS costs
 # microseconds) when the table says it costs at most NIBBLE_MAX_EXTRA_BITS per symbol more than rANS.
 NIBBLE_MIN_SYMBOLS = 1 << 16
