@@ -1,15 +1,24 @@
-"""Codec v2 speed on one CPU core: each stage, encode+decode vs memcpy, one-token frames.
+"""Codec v2 speed on one CPU core: encode, decode and total per symbol coder, beside memcpy.
 
-    python bench/bench_codec_v2.py --out DIR [--repeats 15]
+    python bench/bench_codec_v2.py --out DIR [--repeats 31]
 
 Symbols come from a config calibrated on Gaussian activations with a few heavy channels at about 4
-bits per element, so the table and the escape rate are realistic. Throughput counts input bytes
-(fp16) per second of encode (quantise + rANS + frame) plus decode (parse + rANS + dequantise) at
-T = 512, d = 4096, beside two single-threaded copies measured in the same run: of the same 4 MiB
-tensor (it stays in the last-level cache) and of a 256 MiB buffer (larger than any LLC, so DRAM
-bandwidth). Every fused pass runs once per instruction set (scalar fallback and AVX2). Warm-up,
-then the median of ``--repeats`` in thread CPU time, so a busy shared machine does not count time
-spent waiting for a core.
+bits per element, so the table and the escape rate are realistic (the bits per element of real
+activations, where the nibble coder costs more, come from bench/e2e/codec_v2.py). At T = 512,
+d = 4096 (fp16, 4 MiB) it times, per instruction set of the v2 passes:
+
+* each coder (static rANS, nibble) through the general API: encode = ``encode(x, cfg).to_bytes(coder)``,
+  decode = ``decode(from_bytes(frame, config=cfg))``;
+* the nibble coder through the fused path the runtime can take: ``encode_frame(x, cfg)`` and
+  ``decode_frame(frame, config=cfg)`` (what the server runs), same bytes and tensors;
+
+and the entropy stage alone (M symbols/s of each coder on the 2 M symbols), a one-token frame at
+d = 576, and two single-threaded copies in the same run: of the same 4 MiB tensor (it stays in the
+last-level cache) and of a 256 MiB buffer (DRAM). Throughput counts input bytes per second of encode
+plus decode, each timed on its own (caches warm for it, as the memcpy baselines are); the round trip
+(encode then decode of the same frame in one timed call, the two competing for the caches) is given
+beside. Warm-up, then the median (and the best) of ``--repeats`` in thread CPU time, so a busy shared
+machine does not count time spent waiting for a core; it does still slow what runs.
 """
 from __future__ import annotations
 
@@ -24,21 +33,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitkernels.codec import calibrate, decode, encode, from_bytes, rans
+from splitkernels.codec import calibrate, decode, decode_frame, encode, encode_frame, from_bytes, nibble, rans
 from splitkernels.codec import v2 as v2mod
 
 BIG_COPY_BYTES = 256 << 20
+T, D = 512, 4096
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median CPU time of this thread per call (everything runs on the calling thread)."""
+def times(fn, repeats: int) -> list[float]:
+    """Thread CPU seconds of each of ``repeats`` calls after one warm-up call."""
     fn()
-    times = []
+    out = []
     for _ in range(repeats):
         t0 = time.thread_time()
         fn()
-        times.append(time.thread_time() - t0)
-    return statistics.median(times)
+        out.append(time.thread_time() - t0)
+    return out
+
+
+def median_time(fn, repeats: int) -> float:
+    return statistics.median(times(fn, repeats))
 
 
 def activations(t: int, d: int, seed: int) -> torch.Tensor:
@@ -54,92 +68,112 @@ def memcpy_gb_s(nbytes: int, repeats: int) -> float:
     return nbytes / median_time(lambda: np.copyto(dst, src), repeats) / 1e9
 
 
-def stages(x: torch.Tensor, cfg, repeats: int) -> dict:
-    """Milliseconds of each stage and of encode / decode as the runtime calls them."""
-    enc = encode(x, cfg)
-    data = enc.to_bytes()
-    parsed = from_bytes(data, config=cfg)
-    coded = np.ascontiguousarray(enc.symbols.numpy().ravel())
-    stream = rans.encode(coded, cfg.freqs)
+def pipelines(x: torch.Tensor, cfg) -> dict:
+    """name -> (encode fn, decode fn of its frame, frame bytes)."""
+    out = {}
+    for coder in ("rans", "nibble"):
+        frame = encode(x, cfg).to_bytes(coder)
+        out[f"{coder} (encode().to_bytes / decode(from_bytes))"] = (
+            lambda c=coder: encode(x, cfg).to_bytes(c), lambda f=frame: decode(from_bytes(f, config=cfg)), frame)
+    frame = encode_frame(x, cfg, "nibble")
+    assert frame == out["nibble (encode().to_bytes / decode(from_bytes))"][2]
+    out["nibble fused (encode_frame / decode_frame)"] = (
+        lambda: encode_frame(x, cfg, "nibble"), lambda: decode_frame(frame, config=cfg), frame)
+    return out
+
+
+def entropy_stage(sym: np.ndarray, cfg, repeats: int) -> dict:
+    """M symbols/s of each coder alone on the symbols of one frame."""
+    n = sym.size
+    flat = np.ascontiguousarray(sym.ravel())
+    stream = rans.encode(flat, cfg.freqs)
+    no_raw = np.zeros(sym.shape[0], dtype=bool)
+    nib = nibble.encode(sym, None, cfg.freqs)
     ms = {
-        "encode(): fused quantise": median_time(lambda: encode(x, cfg), repeats),
-        "rANS encode": median_time(lambda: rans.encode(coded, cfg.freqs), repeats),
-        "frame write (incl. rANS)": median_time(lambda: enc.to_bytes(), repeats),
-        "rANS decode": median_time(lambda: rans.decode(stream, cfg.freqs, coded.size), repeats),
-        "frame parse (incl. rANS)": median_time(lambda: from_bytes(data, config=cfg), repeats),
-        "decode(): fused dequantise": median_time(lambda: decode(parsed), repeats),
-        "encode total": median_time(lambda: encode(x, cfg).to_bytes(), repeats),
-        "decode total": median_time(lambda: decode(from_bytes(data, config=cfg)), repeats),
+        "rans": (median_time(lambda: rans.encode(flat, cfg.freqs), repeats),
+                 median_time(lambda: rans.decode(stream, cfg.freqs, n), repeats)),
+        "nibble": (median_time(lambda: nibble.encode(sym, None, cfg.freqs), repeats),
+                   median_time(lambda: nibble.decode(nib, cfg.freqs, no_raw, sym.shape[1]), repeats)),
     }
-    return {k: v * 1e3 for k, v in ms.items()}
+    return {k: {"symbols": n, "encode_msym_s": n / e / 1e6, "decode_msym_s": n / d / 1e6,
+                "bits_per_symbol": 8 * len(stream if k == "rans" else nib) / n} for k, (e, d) in ms.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (codec_v2_speed.json, codec_v2_speed.md)")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=31)
     ap.add_argument("--bits", type=float, default=4.0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    native = rans.has_native() and v2mod.has_fused()
-    isas = rans._C.v2_isas() if native else ["reference"]
-    t, d = 512, 4096
-    cfg = calibrate(activations(1024, d, 0), bits=args.bits)
-    x = activations(t, d, 1).half()
+    native = rans.has_native() and v2mod.has_fused() and nibble.has_native()
+    _C = rans._C
+    isas = _C.v2_isas() if native else ["reference"]
+    cfg = calibrate(activations(1024, D, 0), bits=args.bits)
+    x = activations(T, D, 1).half()
     nbytes = x.numel() * x.element_size()
-    frame = encode(x, cfg).to_bytes()
     copy_llc = memcpy_gb_s(nbytes, args.repeats * 4)
-    copy_dram = memcpy_gb_s(BIG_COPY_BYTES, max(3, args.repeats // 3))
+    copy_dram = memcpy_gb_s(BIG_COPY_BYTES, max(3, args.repeats // 5))
     result = {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-              "note": "one thread, thread CPU time; shared machine (other agents running), timings noisy",
-              "native": native, "T": t, "d": d, "input_bytes": nbytes, "frame_bytes": len(frame),
-              "bits_per_element": 8 * len(frame) / x.numel(), "memcpy_4MiB_gb_s": copy_llc,
-              "memcpy_256MiB_gb_s": copy_dram, "by_isa": {}}
-    before = rans._C.v2_isa() if native else None
+              "note": "one thread, thread CPU time, median (and best) of repeats; shared machine (other agents "
+                      "running), timings noisy",
+              "native": native, "T": T, "d": D, "dtype": "float16", "input_bytes": nbytes,
+              "memcpy_4MiB_gb_s": copy_llc, "memcpy_256MiB_gb_s": copy_dram, "by_isa": {}}
+    before = (_C.v2_isa(), _C.nibble_isa()) if native else None
+    cfg576 = calibrate(activations(1024, 576, 2), bits=args.bits)
+    one = x[:1, :576].contiguous()
     for isa in isas:
         if native:
-            rans._C.set_v2_isa(isa)
-        ms = stages(x, cfg, args.repeats)
-        gb_s = nbytes / ((ms["encode total"] + ms["decode total"]) / 1e3) / 1e9
-        one = x[:1, :576].contiguous()
-        cfg576 = calibrate(activations(1024, 576, 2), bits=args.bits)
+            _C.set_v2_isa(isa)
+            _C.set_nibble_isa("avx512" if isa == "avx512" else "scalar")
+        rows = {}
+        for name, (enc_fn, dec_fn, frame) in pipelines(x, cfg).items():
+            te, td = times(enc_fn, args.repeats), times(dec_fn, args.repeats)
+            e, d = statistics.median(te), statistics.median(td)
+            trip = median_time(lambda: (enc_fn(), dec_fn()), args.repeats)
+            gb_s = nbytes / (e + d) / 1e9
+            rows[name] = {"encode_ms": e * 1e3, "decode_ms": d * 1e3, "total_ms": (e + d) * 1e3,
+                          "best_total_ms": (min(te) + min(td)) * 1e3, "round_trip_ms": trip * 1e3, "gb_s": gb_s,
+                          "ratio_to_memcpy_4MiB": gb_s / copy_llc, "ratio_to_memcpy_256MiB": gb_s / copy_dram,
+                          "bits_per_element": 8 * len(frame) / x.numel(), "frame_bytes": len(frame)}
         one_frame = encode(one, cfg576).to_bytes()
-        tok_enc = median_time(lambda: encode(one, cfg576).to_bytes(), args.repeats * 20)
-        tok_dec = median_time(lambda: decode(from_bytes(one_frame, config=cfg576)), args.repeats * 20)
-        result["by_isa"][isa] = {"ms": ms, "codec_gb_s": gb_s, "ratio_to_memcpy_4MiB": gb_s / copy_llc,
-                                 "ratio_to_memcpy_256MiB": gb_s / copy_dram,
-                                 "one_token_d576": {"encode_us": tok_enc * 1e6, "decode_us": tok_dec * 1e6,
-                                                    "frame_bytes": len(one_frame)}}
+        result["by_isa"][isa] = {
+            "nibble_isa": _C.nibble_isa() if native else "reference", "pipelines": rows,
+            "one_token_d576": {"encode_us": median_time(lambda: encode(one, cfg576).to_bytes(), args.repeats * 10) * 1e6,
+                               "decode_us": median_time(lambda: decode_frame(one_frame, config=cfg576), args.repeats * 10) * 1e6,
+                               "frame_bytes": len(one_frame), "coder": "rans" if one_frame[5] >> 4 == 0 else "nibble"},
+            "entropy_stage": entropy_stage(encode(x, cfg).symbols.numpy(), cfg, max(5, args.repeats // 3)),
+        }
     if native:
-        rans._C.set_v2_isa(before)
-    sym = np.ascontiguousarray(encode(x, cfg).symbols.numpy().ravel())
-    result["rans_msym_s"] = {}
-    for name, n in (("T=512 d=4096", t * d), ("T=1 d=576", 576)):
-        s = sym[:n]
-        stream = rans.encode(s, cfg.freqs)
-        te = median_time(lambda: rans.encode(s, cfg.freqs), args.repeats * (1 if n > 576 else 20))
-        td = median_time(lambda: rans.decode(stream, cfg.freqs, n), args.repeats * (1 if n > 576 else 20))
-        result["rans_msym_s"][name] = {"symbols": n, "lanes": rans.lanes(n), "encode": n / te / 1e6,
-                                       "decode": n / td / 1e6}
+        _C.set_v2_isa(before[0])
+        _C.set_nibble_isa(before[1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "codec_v2_speed.json").write_text(json.dumps(result, indent=1))
-    lines = [f"T={t} d={d} fp16 ({nbytes / 2**20:.0f} MiB), frame {result['bits_per_element']:.2f} bits/element; "
-             f"memcpy one thread: {copy_llc:.1f} GB/s (same 4 MiB tensor, cache-resident), "
-             f"{copy_dram:.1f} GB/s (256 MiB, beyond the LLC)", "",
-             "| ISA | " + " | ".join(next(iter(result["by_isa"].values()))["ms"]) + " |",
-             "|---|" + "---|" * len(next(iter(result["by_isa"].values()))["ms"])]
+    lines = [f"T={T} d={D} fp16 ({nbytes / 2**20:.0f} MiB input), one thread, thread CPU time, median of "
+             f"{args.repeats}; memcpy one thread in the same run: {copy_llc:.1f} GB/s (same 4 MiB tensor, "
+             f"cache-resident), {copy_dram:.1f} GB/s (256 MiB, DRAM). Machine: {result['machine']}, "
+             f"{result['cpu_count']} cores, shared.", "",
+             "| v2 passes ISA | nibble ISA | pipeline | bits/elem | encode ms | decode ms | total ms (best) | "
+             "round trip ms | GB/s | vs memcpy 4 MiB | vs memcpy DRAM |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for isa, r in result["by_isa"].items():
-        lines.append(f"| {isa} | " + " | ".join(f"{v:.2f} ms" for v in r["ms"].values()) + " |")
-    lines += ["", "| ISA | codec enc+dec GB/s | vs memcpy 4 MiB | vs memcpy 256 MiB | 1-token d=576 encode us | "
-              "1-token decode us |", "|---|---|---|---|---|---|"]
+        for name, p in r["pipelines"].items():
+            lines.append(f"| {isa} | {r['nibble_isa']} | {name} | {p['bits_per_element']:.3f} | {p['encode_ms']:.3f} | "
+                         f"{p['decode_ms']:.3f} | {p['total_ms']:.3f} ({p['best_total_ms']:.3f}) | "
+                         f"{p['round_trip_ms']:.3f} | {p['gb_s']:.2f} | "
+                         f"{100 * p['ratio_to_memcpy_4MiB']:.1f}% | {100 * p['ratio_to_memcpy_256MiB']:.1f}% |")
+    lines += ["", "| v2 passes ISA | nibble ISA | coder alone (2 M symbols) | bits/symbol | encode M sym/s | "
+              "decode M sym/s |", "|---|---|---|---|---|---|"]
+    for isa, r in result["by_isa"].items():
+        for name, e in r["entropy_stage"].items():
+            lines.append(f"| {isa} | {r['nibble_isa']} | {name} | {e['bits_per_symbol']:.3f} | "
+                         f"{e['encode_msym_s']:.0f} | {e['decode_msym_s']:.0f} |")
+    lines += ["", "| v2 passes ISA | one-token frame d=576 | coder | bytes | encode us | decode us |",
+              "|---|---|---|---|---|---|"]
     for isa, r in result["by_isa"].items():
         o = r["one_token_d576"]
-        lines.append(f"| {isa} | {r['codec_gb_s']:.3f} | {100 * r['ratio_to_memcpy_4MiB']:.1f}% | "
-                     f"{100 * r['ratio_to_memcpy_256MiB']:.1f}% | {o['encode_us']:.0f} | {o['decode_us']:.0f} |")
-    lines += ["", "| rANS stream | symbols | lanes | encode M sym/s | decode M sym/s |", "|---|---|---|---|---|"]
-    for name, r in result["rans_msym_s"].items():
-        lines.append(f"| {name} | {r['symbols']} | {r['lanes']} | {r['encode']:.0f} | {r['decode']:.0f} |")
+        lines.append(f"| {isa} | encode().to_bytes / decode_frame | {o['coder']} | {o['frame_bytes']} | "
+                     f"{o['encode_us']:.0f} | {o['decode_us']:.0f} |")
     (out / "codec_v2_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -16,7 +16,9 @@
 #include "cpu/bitpack.h"
 #include "cpu/codec.h"
 #include "cpu/codec_v2.h"
+#include "cpu/crc32.h"
 #include "cpu/linear.h"
+#include "cpu/nibble.h"
 #include "cpu/rans.h"
 #include "cpu/thread_pool.h"
 
@@ -136,11 +138,41 @@ PYBIND11_MODULE(_C, m) {
       "Codec v2 dequantise of symbols u8 [T, d] into out [T, d], skipping raw rows (raw != 0), the n_escapes "
       "exact values placed at escape symbols (n_escapes < 0: none placed).");
 
+  m.def(
+      "v2_encode_nibble",
+      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, std::uintptr_t center, std::uintptr_t inv, int kmax,
+         int64_t raw_limit, int a, std::uintptr_t sym, std::uintptr_t n_esc, std::uintptr_t raw,
+         std::uintptr_t escapes, std::uintptr_t out, int64_t capacity) {
+        int64_t totals[3] = {0, 0, 0};
+        check(sk::v2_encode_nibble(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv),
+                                   kmax, raw_limit, a, ptr<uint8_t>(sym), ptr<int32_t>(n_esc), ptr<uint8_t>(raw),
+                                   ptr<void>(escapes), ptr<uint8_t>(out), capacity, totals));
+        return std::make_tuple(totals[0], totals[1], totals[2]);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("center"), py::arg("inv"), py::arg("kmax"),
+      py::arg("raw_limit"), py::arg("a"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"), py::arg("escapes"),
+      py::arg("out"), py::arg("capacity"), nogil,
+      "v2_quantise with the nibble coder fused (sym may be 0); returns (escapes written, non-finite inputs, "
+      "stream length).");
+  m.def(
+      "v2_decode_nibble",
+      [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, int a, std::uintptr_t step,
+         std::uintptr_t center, int kmax, int dtype, std::uintptr_t out, std::uintptr_t escapes, int64_t n_escapes) {
+        return sk::v2_decode_nibble(ptr<const uint8_t>(data), len, T, d, ptr<const uint8_t>(raw), a,
+                                    ptr<const float>(step), ptr<const float>(center), kmax, dtype, ptr<void>(out),
+                                    ptr<const void>(escapes), n_escapes);
+      },
+      py::arg("data"), py::arg("len"), py::arg("T"), py::arg("d"), py::arg("raw"), py::arg("a"), py::arg("step"),
+      py::arg("center"), py::arg("kmax"), py::arg("dtype"), py::arg("out"), py::arg("escapes"),
+      py::arg("n_escapes"), nogil,
+      "Decode and dequantise a nibble stream row by row into out [T, d] (coded rows only); returns '' or why the "
+      "stream is invalid.");
+
   m.def("v2_isas", &sk::v2_isas, "Instruction sets of the codec v2 passes this CPU supports, best last.");
   m.def("v2_isa", &sk::v2_isa, "Instruction set the codec v2 passes use now.");
   m.def(
       "set_v2_isa", [](const std::string& name) { check(sk::set_v2_isa(name)); }, py::arg("name"),
-      "Use the codec v2 passes of this instruction set (scalar or avx2).");
+      "Use the codec v2 passes of this instruction set (scalar, avx2 or avx512).");
 
   m.def("rans_tables_bytes", []() { return static_cast<int64_t>(sizeof(sk::RansTables)); },
         "Bytes of the rANS coder tables of one frequency table (allocate, then rans_build_tables).");
@@ -175,6 +207,46 @@ PYBIND11_MODULE(_C, m) {
       nogil,
       "Static-table rANS decode of exactly n symbols into out; returns ('' or why the stream is invalid, how many "
       "decoded symbols equal count_of).");
+
+  m.def("nibble_capacity", [](int64_t rows, int64_t d) { return sk::nibble_capacity(rows, d) + sk::kNibbleSlack; },
+        py::arg("rows"), py::arg("d"), "Bytes of out that nibble_encode needs for rows coded rows of d symbols.");
+  m.def(
+      "nibble_encode",
+      [](std::uintptr_t sym, int64_t T, int64_t d, std::uintptr_t raw, int nsym, int a, std::uintptr_t out,
+         int64_t capacity) {
+        const int64_t len = sk::nibble_encode(ptr<const uint8_t>(sym), T, d, ptr<const uint8_t>(raw), nsym, a,
+                                              ptr<uint8_t>(out), capacity);
+        if (len < 0) throw std::invalid_argument("nibble_encode: a symbol is outside the table or out is too small");
+        return len;
+      },
+      py::arg("sym"), py::arg("T"), py::arg("d"), py::arg("raw"), py::arg("nsym"), py::arg("a"), py::arg("out"),
+      py::arg("capacity"), nogil,
+      "Nibble-code the rows of sym u8 [T, d] whose raw flag is 0 (raw may be 0); returns the stream length.");
+  m.def(
+      "nibble_decode",
+      [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, int nsym, int a,
+         std::uintptr_t out, int count_of) {
+        int64_t count = 0;
+        std::string err = sk::nibble_decode(ptr<const uint8_t>(data), len, T, d, ptr<const uint8_t>(raw), nsym, a,
+                                            ptr<uint8_t>(out), count_of, &count);
+        return std::make_pair(err, count);
+      },
+      py::arg("data"), py::arg("len"), py::arg("T"), py::arg("d"), py::arg("raw"), py::arg("nsym"), py::arg("a"),
+      py::arg("out"), py::arg("count_of") = -1, nogil,
+      "Decode a nibble stream of exactly len bytes into out u8 [T, d] (raw rows 0); returns ('' or why it is "
+      "invalid, how many symbols equal count_of).");
+  m.def("nibble_isas", &sk::nibble_isas, "Instruction sets of the nibble coder this CPU supports, best last.");
+  m.def("nibble_isa", &sk::nibble_isa, "Instruction set the nibble coder uses now.");
+  m.def(
+      "set_nibble_isa", [](const std::string& name) { check(sk::set_nibble_isa(name)); }, py::arg("name"),
+      "Use the nibble coder of this instruction set (scalar or avx512).");
+  m.def(
+      "crc32",
+      [](std::uintptr_t data, int64_t n, uint32_t crc, bool table_only) {
+        return table_only ? sk::crc32_table(crc, ptr<const uint8_t>(data), n) : sk::crc32(crc, ptr<const uint8_t>(data), n);
+      },
+      py::arg("data"), py::arg("n"), py::arg("crc") = 0, py::arg("table_only") = false, nogil,
+      "zlib-compatible CRC-32 of n bytes continuing crc (carry-less multiply when the CPU has it).");
 
   m.def(
       "lowbit_dequantize",

@@ -130,7 +130,7 @@ def test_calibrate_config_is_frozen_serialisable_and_deterministic():
 def test_calibrate_meets_bit_target_on_fresh_data(target):
     cfg = calibrate(activations(2048, 128, seed=1), bits=target)
     fresh = activations(512, 128, seed=2)
-    bits = encode(fresh.half(), cfg).bits_per_element
+    bits = 8 * len(encode(fresh.half(), cfg).to_bytes("rans")) / fresh.numel()  # calibrate aims at the rANS rate
     assert abs(bits - target) < 0.25, bits
 
 

@@ -11,6 +11,7 @@
 #endif
 
 #include "common/half.h"
+#include "cpu/nibble.h"
 
 namespace sk {
 namespace {
@@ -170,8 +171,106 @@ __attribute__((target("avx2,f16c"))) bool dequantise_row_avx2(const uint8_t* s, 
 }
 
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"); }
+
+// --------------------------------------------------------------------------------- AVX-512 (F + BW)
+#define SK_V2_AVX512 __attribute__((target("avx512f,avx512bw,avx2,f16c")))
+
+// The narrowing conversions (vcvtps2ph, vpmov*) with a memory operand are microcoded and slow on
+// some cores (AMD Zen 4); keeping the result in a register first makes the compiler emit the
+// register form and a plain store.
+template <typename V>
+SK_V2_AVX512 inline V in_register(V v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+SK_V2_AVX512 inline __m512 load16(const uint8_t* xr, int dtype, int64_t c) {
+  if (dtype == kFloat32) return _mm512_loadu_ps(reinterpret_cast<const float*>(xr) + c);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 2 * c));
+  if (dtype == kFloat16) return _mm512_cvtph_ps(h);  // exact, subnormals included
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Fewer operations than the AVX2 pass: a non-finite input always escapes (v is NaN or infinite),
+// so finiteness is checked on the escaped values only; and rint + convert is one conversion with
+// embedded round-to-nearest-even, exact for every |v| <= kmax (other lanes are replaced by the
+// escape symbol).
+SK_V2_AVX512 int64_t quantise_row_avx512(const uint8_t* xr, int dtype, int64_t d, const float* center,
+                                         const float* inv, int kmax, uint8_t* s, uint8_t* ebuf, int64_t& nonfinite) {
+  const int item = dtype_size(dtype);
+  const __m512 k = _mm512_set1_ps(static_cast<float>(kmax));
+  const __m512i kv = _mm512_set1_epi32(kmax);
+  const __m512i esc = _mm512_set1_epi32(2 * kmax + 1);
+  int64_t count = 0;
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64) {
+    uint64_t escbits = 0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t at = c + 16 * j;
+      const __m512 v = _mm512_mul_ps(_mm512_sub_ps(load16(xr, dtype, at), _mm512_loadu_ps(center + at)),
+                                     _mm512_loadu_ps(inv + at));
+      const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(v), k, _CMP_LE_OQ);  // false for NaN: escape
+      const __m512i q = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i code = _mm512_mask_blend_epi32(ok, esc, _mm512_add_epi32(q, kv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(s + at), in_register(_mm512_cvtepi32_epi8(code)));
+      escbits |= static_cast<uint64_t>(static_cast<uint16_t>(~ok)) << (16 * j);
+    }
+    while (escbits) {
+      const int i = __builtin_ctzll(escbits);
+      escbits &= escbits - 1;
+      nonfinite += !(std::fabs(load_as_float(xr, dtype, c + i)) <= FLT_MAX);
+      std::memcpy(ebuf + count * item, xr + (c + i) * item, item);
+      ++count;
+    }
+  }
+  return count + quantise_tail(xr, dtype, c, d, center, inv, kmax, s, ebuf + count * item, nonfinite);
+}
+
+SK_V2_AVX512 bool dequantise_row_avx512(const uint8_t* s, int64_t d, const float* step, const float* center, int kmax,
+                                        int dtype, uint8_t* out, const uint8_t* escapes, int64_t n_escapes,
+                                        int64_t& used) {
+  const int item = dtype_size(dtype);
+  const __m512i kv = _mm512_set1_epi32(kmax);
+  const __m512i esc = _mm512_set1_epi8(static_cast<char>(2 * kmax + 1));
+  const __m512i half_even = _mm512_set1_epi32(0x7fff);
+  const __m512i one = _mm512_set1_epi32(1);
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64) {
+    uint64_t escbits = n_escapes >= 0 ? _mm512_cmpeq_epi8_mask(_mm512_loadu_si512(s + c), esc) : 0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t at = c + 16 * j;
+      const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + at)));
+      const __m512 qf = _mm512_cvtepi32_ps(_mm512_sub_epi32(w, kv));
+      const __m512 y = _mm512_add_ps(_mm512_mul_ps(qf, _mm512_loadu_ps(step + at)), _mm512_loadu_ps(center + at));
+      if (dtype == kFloat32) {
+        _mm512_storeu_ps(reinterpret_cast<float*>(out) + at, y);
+      } else if (dtype == kFloat16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * at),
+                            in_register(_mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+      } else {  // bf16, round to nearest even (y is finite)
+        const __m512i u = _mm512_castps_si512(y);
+        const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(half_even, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * at),
+                            in_register(_mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16))));
+      }
+    }
+    while (escbits) {
+      const int i = __builtin_ctzll(escbits);
+      escbits &= escbits - 1;
+      if (used >= n_escapes) return false;
+      std::memcpy(out + (c + i) * item, escapes + used * item, item);
+      ++used;
+    }
+  }
+  return dequantise_tail(s, c, d, step, center, kmax, dtype, out, escapes, n_escapes, used);
+}
+
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
 #else
 bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
 #endif
 
 using QuantiseRow = int64_t (*)(const uint8_t*, int, int64_t, const float*, const float*, int, uint8_t*, uint8_t*,
@@ -188,10 +287,12 @@ struct Isa {
 const Isa kScalar{"scalar", quantise_row_scalar, dequantise_row_scalar};
 #ifdef SK_V2_X86
 const Isa kAvx2{"avx2", quantise_row_avx2, dequantise_row_avx2};
+const Isa kAvx512{"avx512", quantise_row_avx512, dequantise_row_avx512};
 #endif
 
 const Isa* best_isa() {
 #ifdef SK_V2_X86
+  if (cpu_has_avx512()) return &kAvx512;
   if (cpu_has_avx2()) return &kAvx2;
 #endif
   return &kScalar;
@@ -206,9 +307,13 @@ std::string check_dtype(int dtype, const char* who) {
 
 }  // namespace
 
-std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
-                        int kmax, int64_t raw_limit, uint8_t* sym, int32_t* n_esc, uint8_t* raw, void* escapes,
-                        int64_t* totals) {
+namespace {
+
+// The quantise pass of v2_quantise. Each row's symbols go to sym (when not null) and, for a coded
+// row, to the nibble writer (when not null) while the row is still in L1.
+std::string quantise_rows(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                          int kmax, int64_t raw_limit, uint8_t* sym, NibbleWriter* writer, int32_t* n_esc,
+                          uint8_t* raw, void* escapes, int64_t* totals) {
   std::string err = check_dtype(dtype, "v2_quantise");
   if (!err.empty()) return err;
   if (kmax < 1 || kmax > 127) return "v2_quantise: kmax must be in [1, 127]";
@@ -216,16 +321,20 @@ std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const fl
   const int item = dtype_size(dtype);
   const Isa* isa = g_isa;
   std::vector<uint8_t> row_escapes(static_cast<size_t>(d) * item);  // one row's escaped values
+  std::vector<uint8_t> row_sym(sym ? 0 : static_cast<size_t>(d));  // one row's symbols when sym is null
   int64_t written = 0, nonfinite = 0;
   for (int64_t t = 0; t < T; ++t) {
     const uint8_t* xr = static_cast<const uint8_t*>(x) + t * d * item;
-    uint8_t* s = sym + t * d;
+    uint8_t* s = sym ? sym + t * d : row_sym.data();
     const int64_t count = isa->quantise(xr, dtype, d, center, inv, kmax, s, row_escapes.data(), nonfinite);
     n_esc[t] = static_cast<int32_t>(count);
     raw[t] = count > raw_limit;
     if (raw[t]) {
-      std::memset(s, 0, d);
-    } else if (escapes && count) {
+      if (sym) std::memset(s, 0, d);
+      continue;
+    }
+    if (writer) writer->row(s);
+    if (escapes && count) {
       std::memcpy(static_cast<uint8_t*>(escapes) + written * item, row_escapes.data(), count * item);
       written += count;
     }
@@ -233,6 +342,14 @@ std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const fl
   totals[0] = written;
   totals[1] = nonfinite;
   return "";
+}
+
+}  // namespace
+
+std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                        int kmax, int64_t raw_limit, uint8_t* sym, int32_t* n_esc, uint8_t* raw, void* escapes,
+                        int64_t* totals) {
+  return quantise_rows(x, dtype, T, d, center, inv, kmax, raw_limit, sym, nullptr, n_esc, raw, escapes, totals);
 }
 
 std::string v2_dequantise(const uint8_t* sym, int64_t T, int64_t d, const float* step, const float* center, int kmax,
@@ -253,9 +370,51 @@ std::string v2_dequantise(const uint8_t* sym, int64_t T, int64_t d, const float*
   return "";
 }
 
+std::string v2_encode_nibble(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                             int kmax, int64_t raw_limit, int a, uint8_t* sym, int32_t* n_esc, uint8_t* raw,
+                             void* escapes, uint8_t* out, int64_t capacity, int64_t* totals) {
+  if (kmax < 1 || kmax > 127) return "v2_encode_nibble: kmax must be in [1, 127]";
+  NibbleWriter writer;
+  std::string err = writer.open(T, d, 2 * kmax + 2, a, out, capacity);
+  if (!err.empty()) return err;
+  err = quantise_rows(x, dtype, T, d, center, inv, kmax, raw_limit, sym, &writer, n_esc, raw, escapes, totals);
+  if (!err.empty()) return err;
+  totals[2] = writer.close();  // the quantiser's symbols are always < 2*kmax+2
+  return "";
+}
+
+std::string v2_decode_nibble(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw, int a,
+                             const float* step, const float* center, int kmax, int dtype, void* out,
+                             const void* escapes, int64_t n_escapes) {
+  std::string err = check_dtype(dtype, "v2_decode_nibble");
+  if (!err.empty()) return err;
+  if (kmax < 1 || kmax > 127 || T < 0 || d < 1) return "v2_decode_nibble: kmax, T or d out of range";
+  int64_t rows = 0;
+  for (int64_t t = 0; t < T; ++t) rows += !(raw && raw[t]);
+  NibbleReader reader;
+  err = reader.open(data, len, rows, d, 2 * kmax + 2, a, -1);
+  if (!err.empty()) return err;
+  const int item = dtype_size(dtype);
+  const Isa* isa = g_isa;
+  std::vector<uint8_t> row_sym(static_cast<size_t>(d));
+  int64_t used = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (raw && raw[t]) continue;
+    if (!reader.row(row_sym.data())) return kNibbleRowError;
+    if (!isa->dequantise(row_sym.data(), d, step, center, kmax, dtype, static_cast<uint8_t*>(out) + t * d * item,
+                         static_cast<const uint8_t*>(escapes), n_escapes, used))
+      return "escape count does not match the escape symbols in the stream";
+  }
+  err = reader.close(nullptr);
+  if (!err.empty()) return err;
+  if (used != n_escapes) return "escape count does not match the escape symbols in the stream";
+  return "";
+}
+
 std::vector<std::string> v2_isas() {
   std::vector<std::string> out{"scalar"};
   if (cpu_has_avx2()) out.push_back("avx2");
+  if (cpu_has_avx512()) out.push_back("avx512");
   return out;
 }
 
@@ -269,6 +428,10 @@ std::string set_v2_isa(const std::string& name) {
 #ifdef SK_V2_X86
   if (name == "avx2" && cpu_has_avx2()) {
     g_isa = &kAvx2;
+    return "";
+  }
+  if (name == "avx512" && cpu_has_avx512()) {
+    g_isa = &kAvx512;
     return "";
   }
 #endif

@@ -28,7 +28,21 @@ std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const fl
 std::string v2_dequantise(const uint8_t* sym, int64_t T, int64_t d, const float* step, const float* center, int kmax,
                           int dtype, void* out, const uint8_t* raw, const void* escapes, int64_t n_escapes);
 
-// Instruction sets the v2 passes can use here ("scalar", then "avx2" when supported), the one in use,
+// v2_quantise with the nibble coder (window start a) fused in: each coded row is nibble-coded while
+// in L1, the stream goes to out (capacity >= nibble_capacity(T, d) + kNibbleSlack). sym may be null
+// (no symbol matrix). totals[2] = stream length.
+std::string v2_encode_nibble(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                             int kmax, int64_t raw_limit, int a, uint8_t* sym, int32_t* n_esc, uint8_t* raw,
+                             void* escapes, uint8_t* out, int64_t capacity, int64_t* totals);
+
+// A nibble stream of exactly len bytes decoded and dequantised row by row into out [T, d] (dtype):
+// coded rows (raw[t] == 0; raw may be null) only, the n_escapes exact values placed at escape
+// symbols. "" or why the stream is invalid (as nibble_decode, or an escape count mismatch).
+std::string v2_decode_nibble(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw, int a,
+                             const float* step, const float* center, int kmax, int dtype, void* out,
+                             const void* escapes, int64_t n_escapes);
+
+// Instruction sets the v2 passes can use here ("scalar", then "avx2" and "avx512" when supported), the one in use,
 // and a switch between them ("" or why not).
 std::vector<std::string> v2_isas();
 std::string v2_isa();

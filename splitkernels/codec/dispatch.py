@@ -13,6 +13,7 @@ from .config_v2 import CodecConfigV2
 from .frame import MAGIC, FrameError, FrameLimits
 from .frame_v2 import FRAME_VERSION_V2, read_frame_v2
 from .v2 import EncodedV2, decode_v2, encode_v2
+from .wire_v2 import decode_frame_v2, encode_frame_v2
 
 
 def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None) -> v1.Encoded | EncodedV2:
@@ -20,6 +21,18 @@ def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None) -
     if isinstance(config, CodecConfigV2):
         return encode_v2(x, config)
     return v1.encode(x, config)
+
+
+def encode_frame(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None,
+                 coder: str | None = None) -> bytes:
+    """The wire frame of ``x [T, d]``, the bytes of ``encode(x, config).to_bytes(coder)``; v2 frames
+    with the nibble coder (``coder`` "nibble", or "auto" for long frames) take the fused
+    quantise-and-code pass (no symbol matrix)."""
+    if isinstance(config, CodecConfigV2):
+        return encode_frame_v2(x, config, coder)
+    if coder is not None:
+        raise ValueError("coder applies to codec v2 frames only")
+    return v1.encode(x, config).to_bytes()
 
 
 def decode(encoded: v1.Encoded | EncodedV2) -> torch.Tensor:
@@ -58,9 +71,12 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | Non
 
     v1 frames go through :func:`splitkernels.codec.encoded.decode_frame` (bounded scratch); v2
     frames need the session's ``config`` (FrameError when it is missing or not the frame's); their
-    host allocations are bounded by the frame's own size, and they are dequantised on ``device``
-    (the device pass on a GPU, after one host-to-device copy).
+    host allocations are bounded by the frame's own size. On the host they run the fused pass
+    (entropy decode + dequantise per row); on a GPU they are dequantised there (the device pass,
+    after one host-to-device copy).
     """
     if is_v2_frame(data):
+        if device is None or torch.device(device).type == "cpu":
+            return decode_frame_v2(data, config, limits)  # the fused host pass, no symbol matrix
         return decode_v2(read_frame_v2(data, config, limits), device)
     return v1.decode_frame(data, limits, device)

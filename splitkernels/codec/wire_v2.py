@@ -1,0 +1,77 @@
+"""Codec v2 straight from a tensor to frame bytes and back (docs/FORMATS.md §5.4-§5.6).
+
+``encode_frame_v2(x, config, coder)`` gives the bytes of ``encode_v2(x, config).to_bytes(coder)`` and
+``decode_frame_v2(data, config, limits)`` the tensor of ``decode_v2(read_frame_v2(data, config,
+limits))``, exactly (and raises FrameError on the same frames). For nibble frames with the C++ extension built, quantisation and coding run as
+one pass each way, every row coded or decoded while it is still in L1, and no ``[T, d]`` symbol
+matrix is built: this is the fast path of long prefill frames. Everything else takes the general
+path above.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._native import load
+from ..ops.checks import FLOAT_DTYPES, check_tensor
+from . import nibble
+from .config_v2 import CodecConfigV2
+from .frame import DTYPE_CODES, FrameError, FrameLimits
+from .frame_v2 import CODER_NIBBLE, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
+from .v2 import decode_v2, encode_v2
+
+_C, _ = load("_C")
+
+
+def has_fused() -> bool:
+    """True when the C++ extension provides the fused nibble encode and decode passes."""
+    return _C is not None and hasattr(_C, "v2_encode_nibble")
+
+
+def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = None) -> bytes:
+    """The v2 frame of ``x [T, d]`` (fp32/fp16/bf16, finite); ``coder`` as :meth:`EncodedV2.to_bytes`."""
+    if not isinstance(config, CodecConfigV2):
+        raise TypeError(f"config must be a CodecConfigV2, got {type(config).__name__}")
+    check_tensor("x", x, FLOAT_DTYPES, ndim=2)
+    if x.shape[1] != config.d:
+        raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
+    t, d = x.shape
+    code = resolve_coder(coder, t * d, config)
+    if code != CODER_NIBBLE or not has_fused():
+        return encode_v2(x, config).to_bytes(coder)
+    x = x.detach().cpu().contiguous()
+    n_esc = torch.empty(t, dtype=torch.int32)
+    raw = torch.empty(t, dtype=torch.uint8)
+    escapes = torch.empty(t * min(d, config.raw_limit), dtype=x.dtype)  # a coded row has <= raw_limit escapes
+    out = np.empty(_C.nibble_capacity(t, d), dtype=np.uint8)
+    written, nonfinite, n = _C.v2_encode_nibble(
+        x.data_ptr(), DTYPE_CODES[x.dtype], t, d, config.center_array().ctypes.data, config.inv_step_array().ctypes.data,
+        config.kmax, config.raw_limit, nibble.window_start(config.freqs), 0, n_esc.data_ptr(), raw.data_ptr(),
+        escapes.data_ptr(), out.ctypes.data, out.shape[0])
+    if nonfinite:
+        raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
+    flags = raw.numpy().astype(bool)
+    raw_values = x[torch.from_numpy(flags)] if flags.any() else x[:0]
+    return assemble_frame(config, code, t, flags, escapes[:written], raw_values, memoryview(out[:n]))
+
+
+def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
+                    limits: FrameLimits | None = None) -> torch.Tensor:
+    """Validate and decode a v2 frame to ``[T, d]`` on the host; :class:`FrameError` if anything is wrong."""
+    p = parse_frame_v2(data, config, limits)
+    if p.coder != CODER_NIBBLE or not has_fused():
+        return decode_v2(decode_symbols(p, config))
+    d = config.d
+    out = torch.empty(p.t, d, dtype=p.dtype)
+    flags = np.ascontiguousarray(p.raw, dtype=np.uint8)
+    stream = np.frombuffer(p.stream, dtype=np.uint8)
+    escapes = p.escapes.contiguous()
+    err = _C.v2_decode_nibble(stream.ctypes.data, stream.shape[0], p.t, d, flags.ctypes.data,
+                              nibble.window_start(config.freqs), config.step_array().ctypes.data,
+                              config.center_array().ctypes.data, config.kmax, DTYPE_CODES[p.dtype], out.data_ptr(),
+                              escapes.data_ptr(), escapes.numel())
+    if err:
+        raise FrameError(f"symbol stream invalid: {err}")
+    if p.n_raw:
+        out[torch.from_numpy(p.raw)] = p.raw_values(d)
+    return out
