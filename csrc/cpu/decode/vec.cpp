@@ -14,6 +14,8 @@ namespace SK_ISA_NS {
 namespace {
 
 typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
 constexpr int kRows = 4;  // weight rows per pass: each activation load feeds four FMAs
 
 inline f32x16 loadf(const float* p) {
@@ -23,10 +25,18 @@ inline f32x16 loadf(const float* p) {
 }
 
 inline float hsum(f32x16 v) {
-  // Once per output row, so a plain loop is cheap enough.
-  float t = 0.f;
-  for (int i = 0; i < 16; ++i) t += v[i];
-  return t;
+  // A fixed tree of lane-wise halvings: a few vector adds on every register width instead of a
+  // chain of 16 dependent scalar adds (once per output element, which adds up when a batched
+  // step computes many rows per weight row), and the same order for every element.
+  f32x8 a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  const f32x8 s8 = a + b;
+  f32x4 c, d;
+  std::memcpy(&c, &s8, sizeof c);
+  std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof c, sizeof d);
+  const f32x4 s4 = c + d;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 float dot(const float* a, const float* b, int64_t n) {
