@@ -39,8 +39,8 @@ from transformers.cache_utils import DynamicLayer
 
 from ..fastpath import FastCache
 from .protocol import SamplingParams, SplitError, Status
-from .sampling import FUSED_TOP_K, sample, sample_top
-from .segments import Server
+from .sampling import sample
+from .segments import Server, pick_token
 from .sessions import NO_FINGERPRINT, Limits, SessionManager
 
 
@@ -445,28 +445,18 @@ class Scheduler:
 
     def _native_tokens(self, works: list[Work]) -> list[int]:
         """Tokens of one native batched step, chosen as ``Server.next_token`` chooses them for one
-        session: greedy rows take the head's exact argmax, rows that sample with ``top_k`` up to
-        ``FUSED_TOP_K`` sample from the exact top ``top_k`` rows, other sampling rows from all fp32
-        logits (computed for the whole batch then)."""
-        native = self.server.native
-        fused = min(FUSED_TOP_K, native.vocab - 1)
-        ks = [1 if not w.sampling.do_sample else w.sampling.top_k if 0 < w.sampling.top_k <= fused else 0
-              for w in works]
+        session (``Server.fused_k``, ``pick_token``); all fp32 logits are computed for the batch
+        only when a row samples from the whole distribution."""
+        server = self.server
+        ks = [server.fused_k(w.sampling) for w in works]
         for w in works:
             if w.start != w.cache.length:  # the manager's position and the cache disagree: a bug
                 raise ValueError(f"start must equal the positions already cached ({w.cache.length}), got {w.start}")
             self.release(w.cache)  # a model-forward batch may hold its newest rows
         hidden = torch.cat([w.hidden for w in works])
-        _, ids, vals, logits = native.step_batch(hidden, [w.cache for w in works], max(ks), logits=0 in ks)
-        tokens = []
-        for i, (w, k) in enumerate(zip(works, ks)):
-            if not w.sampling.do_sample:
-                tokens.append(int(ids[i, 0]))
-            elif k:
-                tokens.append(sample_top(ids[i, :k], vals[i, :k], w.sampling, w.generator))
-            else:
-                tokens.append(sample(logits[i].to(self.server.dtype), w.sampling, w.generator))
-        return tokens
+        _, ids, vals, logits = server.native.step_batch(hidden, [w.cache for w in works], max(ks), logits=0 in ks)
+        return [pick_token(w.sampling, w.generator, k, ids[i], vals[i], None if logits is None else
+                           logits[i].to(server.dtype)) for i, (w, k) in enumerate(zip(works, ks))]
 
     def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], rows: _Resident) -> torch.Tensor:
         """``view_model``'s logits at the new position of every session of ``rows``, ``[B, V]``."""
