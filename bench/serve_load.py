@@ -162,6 +162,8 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
     Besides wall-clock rates, the server's own CPU seconds per decode step: on a machine shared with
     other jobs the scheduler hands out CPU per runnable thread, so a server running many threads
     (unbatched) gets a larger share than one scheduler thread; CPU per step compares the work.
+    The load generator's own CPU per step (this process: the clients' gRPC calls, which share the
+    machine's cores with the server) is reported beside it.
     """
     barrier = threading.Barrier(sessions + 1)
     lat: list[list[float]] = [[] for _ in range(sessions)]
@@ -186,10 +188,11 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
     barrier.wait(timeout=600)
     before = batching_counters(client)
     load0 = os.getloadavg()[0]
-    start, cpu0 = time.perf_counter(), cpu_seconds(pids)
+    start, cpu0, client0 = time.perf_counter(), cpu_seconds(pids), cpu_seconds([os.getpid()])
     for t in threads:
         t.join()
     wall, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu0
+    client_cpu = cpu_seconds([os.getpid()]) - client0
     load1 = os.getloadavg()[0]
     after = batching_counters(client)
     if errors:
@@ -201,7 +204,8 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
 
     row = {"sessions": sessions, "steps": len(flat), "wall_s": wall, "steps_per_s": len(flat) / wall,
            "p50_ms": 1000 * statistics.median(flat), "p99_ms": 1000 * pct(0.99), "max_ms": 1000 * flat[-1],
-           "server_cpu_s": cpu, "server_cpu_ms_per_step": 1000 * cpu / len(flat), "loadavg_1m": [load0, load1]}
+           "server_cpu_s": cpu, "server_cpu_ms_per_step": 1000 * cpu / len(flat),
+           "client_cpu_ms_per_step": 1000 * client_cpu / len(flat), "loadavg_1m": [load0, load1]}
     if before is not None and after is not None:  # one replica's scheduler (mode cluster: whichever answered)
         batches = after["batches"] - before["batches"]
         steps = after["decode_steps"] - before["decode_steps"]
@@ -307,8 +311,8 @@ def main() -> int:
              + (f" (per replica, {args.replicas} replicas in mode cluster)" if "cluster" in modes else "")
              + f"; window {args.window_ms} ms; median of {args.rounds} rounds (modes taking turns)", "",
              "| sessions | mode | steps/s | rounds' steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step "
-             "| CPU gain | mean batch | scheduler busy | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU gain | client CPU ms/step | mean batch | scheduler busy | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}
     base_cpu = {r["sessions"]: r["server_cpu_ms_per_step"] for r in results.get("unbatched", [])}
     for mode in modes:
@@ -319,13 +323,14 @@ def main() -> int:
             each = ", ".join(f"{x:.1f}" for x in r["rounds_steps_per_s"])
             lines.append(f"| {r['sessions']} | {mode} | {r['steps_per_s']:.1f} | {each} | {r['p50_ms']:.1f} | "
                          f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {up:.2f}x | "
-                         f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x | "
+                         f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x | {r['client_cpu_ms_per_step']:.1f} | "
                          + (f"{r['mean_batch']:.1f} | {100 * r['scheduler_busy']:.0f}% | " if "mean_batch" in r else "- | - | ")
                          + "{:.1f}-{:.1f} |".format(*r["loadavg_1m"]))
     lines += ["", "Mean batch: decode steps per batched forward; scheduler busy: share of the wall time the "
                   "scheduler thread ran forwards; load avg: the machine's 1-minute load average at the level's "
                   "start and end (2 cores, shared with other jobs), of the median round. Speed-up and CPU gain: "
-                  "against the unbatched server's median round at the same level."]
+                  "against the unbatched server's median round at the same level. Client CPU: the load "
+                  "generator's process (every session's gRPC client), which shares the cores with the server."]
     if "cluster" in modes:
         lines += ["", "Mode cluster: server CPU counts the replicas' processes, not Ray Serve's proxy and controller."]
     out = Path(args.out)

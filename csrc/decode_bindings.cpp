@@ -97,6 +97,29 @@ void bind_decode(py::module_& m) {
           py::arg("logits") = 0, py::arg("k") = 1, py::arg("ids") = 0, py::arg("vals") = 0,
           "Run h [hidden] fp32 (in place) at pos through the layers (and head); the argmax token or -1.\n"
           "With a head and k > 1: the top k rows into ids [k] int64 and vals [k] fp32 (see decode.h).")
+      .def(
+          "step_batch",
+          [](const sk::DecodeStack& s, std::uintptr_t h, int64_t rows, std::uintptr_t pos, std::uintptr_t kv,
+             std::uintptr_t capacity, std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t logits, int64_t k,
+             std::uintptr_t ids, std::uintptr_t vals) {
+            if (rows < 1 || !pos || !kv || !capacity || !cos || !sin)
+              throw std::invalid_argument("step_batch needs rows >= 1 and the pos, kv, capacity, cos and sin arrays");
+            std::string err;
+            {
+              py::gil_scoped_release nogil;
+              err = s.step_batch(ptr<float>(h), rows, ptr<const int64_t>(pos), ptr<float* const>(kv),
+                                 ptr<const int64_t>(capacity), ptr<const float* const>(cos),
+                                 ptr<const float* const>(sin), ptr<float>(logits), k, ptr<int64_t>(ids),
+                                 ptr<float>(vals));
+            }
+            check(err);
+          },
+          py::arg("h"), py::arg("rows"), py::arg("pos"), py::arg("kv"), py::arg("capacity"), py::arg("cos"),
+          py::arg("sin"), py::arg("logits"), py::arg("k"), py::arg("ids"), py::arg("vals"),
+          "Run `rows` sequences' tokens h [rows, hidden] fp32 (in place) as one step; pos, capacity [rows] int64\n"
+          "and kv, cos, sin [rows] arrays of data pointers (one cache and rotary row per sequence). With a head:\n"
+          "the top k of each row into ids [rows, k] (vals [rows, k] may be 0), all logits [rows, vocab] when\n"
+          "logits is given (see decode.h).")
       .def_property_readonly("num_layers", &sk::DecodeStack::num_layers)
       .def_property_readonly("has_head", &sk::DecodeStack::has_head);
   m.def("decode_isa", &sk::decode_isa, "Instruction set of the decode step's vector primitives.");

@@ -261,3 +261,43 @@ def test_verify_after_batched_steps_sees_the_whole_cache(sm):
         assert (got_next.token, got_next.position) == (ref_next.token, ref_next.position)
     finally:
         batching.shutdown()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_native_batched_step_equals_next_token_alone(family):
+    """Sessions on the native path (their caches are the fast path's) run as one native batched
+    step; greedy rows, top-k sampling rows and full-distribution sampling rows (top_k 0) get the
+    unbatched server's tokens exactly (same generators, same draws), at different lengths, and the
+    caches equal the unbatched ones bit for bit."""
+    sm = _split(family)
+    server = sm.server
+    assert server.native is not None
+    d = sm.adapter.hidden_size
+    gen = torch.Generator().manual_seed(12)
+    modes = [SamplingParams(), SamplingParams(do_sample=True, top_k=5, temperature=0.8, seed=1),
+             SamplingParams(do_sample=True, top_k=0, top_p=0.9, seed=2), SamplingParams(),
+             SamplingParams(do_sample=True, top_k=40, seed=3)]
+    lengths = [6, 1, 11, 3, 8]
+    batched, alone = [], []
+    for n in lengths:
+        p = torch.randn(n, d, generator=gen)
+        pair = [server.new_decode_cache() for _ in range(2)]
+        for c in pair:
+            server.forward(p, c, 0)
+        batched.append(pair[0])
+        alone.append(pair[1])
+    gens_b = [torch.Generator().manual_seed(50 + i) for i in range(len(modes))]
+    gens_a = [torch.Generator().manual_seed(50 + i) for i in range(len(modes))]
+    scheduler = Scheduler(server)  # driven directly, no thread
+    for members in ([0, 1, 2, 3, 4], [4, 2, 0], [1, 3], [0, 1, 2, 3, 4]):
+        hs = torch.randn(len(members), 1, d, generator=gen)
+        works = [Work(hs[j], batched[i], lengths[i], modes[i], gens_b[i], key=i) for j, i in enumerate(members)]
+        tokens = scheduler.decode_tokens(works)
+        for j, i in enumerate(members):
+            assert tokens[j] == server.next_token(hs[j], alone[i], lengths[i], modes[i], gens_a[i])
+            lengths[i] += 1
+    for b, a, n in zip(batched, alone, lengths):
+        assert b.length == a.length == n
+        assert torch.equal(b.static(n)[0][..., :n, :], a.static(n)[0][..., :n, :])
+    with pytest.raises(ValueError, match="start must equal the positions already cached"):
+        scheduler.decode_tokens([Work(hs[0], batched[0], lengths[0] - 1, modes[0], None)])

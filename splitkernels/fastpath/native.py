@@ -143,6 +143,42 @@ class NativeDecoder:
         h, _ = self._run(hidden, cache, None, k, ids, vals)
         return h, ids, vals
 
+    def step_batch(self, hidden: torch.Tensor, caches: list[FastCache], k: int, logits: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One token of each of M sequences as one native call (continuous batching): row ``m``
+        of ``hidden [M, d]`` at position ``caches[m].length``; every weight is read once for all
+        rows. Returns (outputs ``[M, d]`` fp32, the top ``k`` ids ``[M, k]`` int64 and their fp32
+        logits ``[M, k]`` as :meth:`step_top`, all fp32 logits ``[M, vocab]`` when ``logits`` else
+        None). Each row equals :meth:`step_top` (and :meth:`step` with logits) on that row alone,
+        bit for bit: the native sums run in the same order."""
+        vocab = getattr(self, "vocab", 0)
+        if not vocab:
+            raise ValueError("step_batch needs a decoder with a head")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+            raise ValueError(f"k must be an int in [1, {vocab}], got {k!r}")
+        rows = len(caches)
+        if rows < 1 or hidden.dim() != 2 or tuple(hidden.shape) != (rows, self.description.hidden):
+            raise ValueError(f"hidden must be [{rows}, {self.description.hidden}] for {rows} caches (at least one), "
+                             f"got {list(hidden.shape)}")
+        if len({id(c) for c in caches}) != rows:
+            raise ValueError("caches must be distinct (one row per sequence)")
+        pos = [c.length for c in caches]
+        statics = [c.static(p + 1) for c, p in zip(caches, pos)]
+        cos, sin = self._rope_rows(max(cap for _, cap in statics))
+        row_bytes = cos.stride(0) * cos.element_size()
+        h = hidden.detach().to(torch.float32, copy=True).contiguous()
+        pointers = torch.tensor([pos, [cap for _, cap in statics], [kv.data_ptr() for kv, _ in statics],
+                                 [cos.data_ptr() + p * row_bytes for p in pos],
+                                 [sin.data_ptr() + p * row_bytes for p in pos]], dtype=torch.int64)
+        ids = torch.empty(rows, k, dtype=torch.int64)
+        vals = torch.empty(rows, k, dtype=torch.float32)
+        full = torch.empty(rows, vocab, dtype=torch.float32) if logits else None
+        self.stack.step_batch(_ptr(h), rows, _ptr(pointers[0]), _ptr(pointers[2]), _ptr(pointers[1]),
+                              _ptr(pointers[3]), _ptr(pointers[4]), _ptr(full), k, _ptr(ids), _ptr(vals))
+        for c in caches:
+            c.advance()
+        return h, ids, vals, full
+
     def _run(self, hidden: torch.Tensor, cache: FastCache, logits: torch.Tensor | None, k: int,
              ids: torch.Tensor | None, vals: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         pos = cache.length

@@ -1,33 +1,29 @@
 """Continuous batching on the server: one scheduler thread runs the decode steps of many sessions
 as one forward of the server segment.
 
-Sessions keep their own KV cache (the segment's ``DynamicCache``, as on the unbatched path). A
-batched decode step gathers the caches of its sessions once into padded rows (:class:`_Resident`,
-one buffer per layer, each session right-aligned, the padding masked by the model's own mask
-helper: ``create_causal_mask`` with a 2-D padding mask) and runs the model's own forward on them:
-every layer's attention gets all sessions' keys and values with one copy per layer, no loop over
-sessions. The rows stay there while the same sessions keep stepping together (closed-loop edges
-do), each step appending one column; they are written back into the sessions' caches when the
-batch's sessions change, before a prefill chunk or a speculative step reads one of those caches,
-and at shutdown. The layers, their attention and the LM head run once for the whole batch, so the
-weights are read once per step instead of once per session. A batch of one session runs the
-segment's native one-token step (:mod:`splitkernels.fastpath`) where it has one, as the unbatched
-server does.
+Where the segment has the native decode step (:mod:`splitkernels.fastpath`, the families it
+covers), a batched decode step is one native call for all its sessions
+(``NativeDecoder.step_batch``): every weight is read once for the batch, each session attends
+over its own cache of its own length (no padding), the pool runs it on all cores, and the LM
+head's exact top k (W8A8 with an fp32 fix-up) serves every row. Each session's result is
+bit-identical to its step on the unbatched server (the native sums run in the same order), so
+greedy and seeded sampled tokens are the same with batching on and off.
+
+Other segments (families the native step does not cover, ``fast=False``) run the model's own
+forward on the batch: the sessions' caches (the segment's ``DynamicCache``) are gathered once
+into padded rows (:class:`_Resident`, one buffer per layer, each session right-aligned, the
+padding masked by the model's own mask helper: ``create_causal_mask`` with a 2-D padding mask).
+The rows stay there while the same sessions keep stepping together (closed-loop edges do), each
+step appending one column; they are written back into the sessions' caches when the batch's
+sessions change, before a prefill chunk or a speculative step reads one of those caches, and at
+shutdown. A batched matmul and a padded attention sum in a different order from the one-session
+forward, so those logits may differ in the last bits (the tests bound ``|batched - unbatched| /
+|unbatched|`` and check that the sampled tokens are identical).
 
 Prefill frames (more than one token) run chunk by chunk through the unbatched segment forward,
 at most ``prefill_chunk`` tokens per scheduler iteration, between decode batches: a long prompt
-delays every other session by one chunk at most, not by the whole prompt.
-
-The LM head runs on the final hidden states of the batch (the model's forward with its head left
-out) where the model's logits are exactly ``lm_head(final hidden)`` (the families the native
-decode step covers, with an fp32 ``nn.Linear`` head): greedy rows take the fp32 head's argmax from
-a bf16 pass with an exact fp32 fix-up (:mod:`.batch_head`), rows that sample take fp32 logits.
-Other models run their own head on every row.
-
-Exactness: every session's logits go through the same layers as on the unbatched server, but a
-batched matmul and a padded attention sum in a different order, so fp32 logits may differ in the
-last bits (the tests bound ``|batched - unbatched| / |unbatched|`` and check that the sampled
-tokens, greedy and seeded, are identical). Sampling is per session with its own generator.
+delays every other session by one chunk at most, not by the whole prompt. Sampling is per
+session with its own generator.
 """
 from __future__ import annotations
 
@@ -41,13 +37,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from ..fastpath import FastCache, FastPathUnsupported, describe
-from ..models.layout import UnsupportedModel, view_with_layers
-from ..nn.linear import is_plain_linear
-from .batch_head import BatchHead
+from ..fastpath import FastCache
 from .protocol import SamplingParams, SplitError, Status
 from .sampling import sample
-from .segments import Server
+from .segments import Server, pick_token
 from .sessions import NO_FINGERPRINT, Limits, SessionManager
 
 
@@ -229,7 +222,6 @@ class Scheduler:
         # recurrent layers run session by session.
         probe = server.adapter.new_cache(server.first, server.last).layers
         self.batchable = all(i < len(probe) and type(probe[i]) is DynamicLayer for i in range(server.first, server.last))
-        self._head, self._headless = _batch_head(server)
         self._queue: deque[Work] = deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -418,13 +410,11 @@ class Scheduler:
     @torch.inference_mode()
     def forward_decode(self, hiddens: list[torch.Tensor], caches: list, starts: list[int]) -> torch.Tensor:
         """One token per session, ``hiddens[i]`` ``[1, d]`` at position ``starts[i]`` (= tokens in
-        ``caches[i]``), as one forward; logits ``[B, V]``. Appends to every cache."""
+        ``caches[i]``, the model's own caches), as one forward of the model on padded rows; logits
+        ``[B, V]``. Appends to every cache."""
         self.release()
         rows = _Resident(list(range(len(caches))), caches, starts)
-        if self._head is None:
-            logits = self._forward(self.server.view, hiddens, rows)
-        else:
-            logits = self._head.logits(self._forward(self._headless, hiddens, rows))
+        logits = self._forward(self.server.view, hiddens, rows)
         rows.advance()
         rows.flush()
         return logits
@@ -432,12 +422,11 @@ class Scheduler:
     @torch.inference_mode()
     def decode_tokens(self, works: list[Work]) -> list[int]:
         """The next token of every decode step in ``works`` from one batched forward (appends to
-        every cache; a batch of the same sessions as the last one reuses its padded rows); each
-        session samples with its own parameters and generator."""
-        if len(works) == 1 and isinstance(works[0].cache, FastCache):  # one session: the native step
-            w = works[0]
-            self.release(w.cache)
-            return [self.server.next_token(w.hidden, w.cache, w.start, w.sampling, w.generator)]
+        every cache): the native batched step where the segment has one and the sessions hold
+        its caches, else the model's forward on padded rows (a batch of the same sessions as the
+        last one reuses them); each session samples with its own parameters and generator."""
+        if self.server.native is not None and all(isinstance(w.cache, FastCache) for w in works):
+            return self._native_tokens(works)
         hiddens = [w.hidden for w in works]
         keys, caches, starts = [w.key for w in works], [w.cache for w in works], [w.start for w in works]
         with self._resident_lock:
@@ -447,28 +436,30 @@ class Scheduler:
                     rows.flush()
                 rows = self._resident = _Resident(keys, caches, starts)
             try:
-                out = self._forward(self.server.view if self._head is None else self._headless, hiddens, rows)
+                out = self._forward(self.server.view, hiddens, rows)
             except BaseException:
                 self._resident = None  # half-updated: these sessions fail with this batch
                 raise
             rows.advance()
-        if self._head is None:
-            return [sample(out[i], w.sampling, w.generator) for i, w in enumerate(works)]
-        tokens: list[int] = [0] * len(works)
-        greedy = [i for i, w in enumerate(works) if not w.sampling.do_sample]
-        if greedy:
-            for i, t in zip(greedy, self._head.argmax(out[greedy]).tolist()):
-                tokens[i] = t
-        sampled = [i for i, w in enumerate(works) if w.sampling.do_sample]
-        if sampled:
-            logits = self._head.logits(out[sampled])
-            for row, i in enumerate(sampled):
-                tokens[i] = sample(logits[row], works[i].sampling, works[i].generator)
-        return tokens
+        return [sample(out[i], w.sampling, w.generator) for i, w in enumerate(works)]
+
+    def _native_tokens(self, works: list[Work]) -> list[int]:
+        """Tokens of one native batched step, chosen as ``Server.next_token`` chooses them for one
+        session (``Server.fused_k``, ``pick_token``); all fp32 logits are computed for the batch
+        only when a row samples from the whole distribution."""
+        server = self.server
+        ks = [server.fused_k(w.sampling) for w in works]
+        for w in works:
+            if w.start != w.cache.length:  # the manager's position and the cache disagree: a bug
+                raise ValueError(f"start must equal the positions already cached ({w.cache.length}), got {w.start}")
+            self.release(w.cache)  # a model-forward batch may hold its newest rows
+        hidden = torch.cat([w.hidden for w in works])
+        _, ids, vals, logits = server.native.step_batch(hidden, [w.cache for w in works], max(ks), logits=0 in ks)
+        return [pick_token(w.sampling, w.generator, k, ids[i], vals[i], None if logits is None else
+                           logits[i].to(server.dtype)) for i, (w, k) in enumerate(zip(works, ks))]
 
     def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], rows: _Resident) -> torch.Tensor:
-        """``view_model``'s output at the new position of every session of ``rows``, ``[B, V]``
-        (logits) or ``[B, d]`` (the final hidden states of the headless view)."""
+        """``view_model``'s logits at the new position of every session of ``rows``, ``[B, V]``."""
         server = self.server
         h = torch.cat(hiddens).to(device=server.device, dtype=server.dtype).unsqueeze(1)  # [B, 1, d]
         pos = torch.tensor(rows.lengths, device=h.device).unsqueeze(1)  # [B, 1]
@@ -485,28 +476,6 @@ class Scheduler:
             in_flight = self._in_flight
         return BatchStats(self._batches, self._decode_steps, self._prefill_chunks, self._max_batch_seen,
                           in_flight, self._queue_s, self._busy_s)
-
-
-def _batch_head(server: Server) -> tuple[BatchHead | None, nn.Module | None]:
-    """(the batch head, the server view with an identity in place of its LM head) where the
-    model's logits are exactly ``lm_head(final hidden state)``: a family the native decode step
-    covers (checked layer by layer, no soft-capping) with a plain fp32 head. Else (None, None)."""
-    model = server.adapter.model
-    if server.native is None:
-        try:
-            describe(model, server.first, server.last)
-        except (FastPathUnsupported, UnsupportedModel):
-            return None, None
-    head = model.get_output_embeddings()
-    if not is_plain_linear(head) or not isinstance(head, nn.Linear) or head.weight.dtype != torch.float32:
-        return None, None
-    name = next((n for n, m in server.view._modules.items() if m is head), None)
-    if name is None:  # the head is not a direct child: leave the model's forward whole
-        return None, None
-    path = server.adapter.path
-    headless = view_with_layers(server.view, path, server.view.get_submodule(path))
-    headless._modules[name] = nn.Identity()
-    return BatchHead(head), headless
 
 
 class BatchingSessionManager(SessionManager):

@@ -18,7 +18,7 @@ from ..models.split import Adapter
 from .protocol import SamplingParams
 from .sampling import FUSED_TOP_K, sample, sample_top
 
-__all__ = ["Edge", "Server", "cache_nbytes"]
+__all__ = ["Edge", "Server", "cache_nbytes", "pick_token"]
 
 
 def cache_nbytes(cache) -> int:
@@ -149,22 +149,42 @@ class Server(_Segment):
         h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
         return self.adapter.run_back(self.view, h, cache, last_only, tail)
 
+    def fused_k(self, sampling: SamplingParams) -> int:
+        """Rows of the native head's exact top k a one-token step with ``sampling`` needs: 1
+        (greedy: the argmax), ``top_k`` (top-k sampling with ``top_k`` up to ``FUSED_TOP_K``), or
+        0 (any other sampling needs all logits). Needs the fast path."""
+        if not sampling.do_sample:
+            return 1
+        return sampling.top_k if 0 < sampling.top_k <= min(FUSED_TOP_K, self.native.vocab - 1) else 0
+
     @torch.inference_mode()
     def next_token(self, hidden: torch.Tensor, cache, start: int, sampling: SamplingParams,
                    generator: torch.Generator | None = None) -> int:
         """The token after ``hidden [T, d]`` at positions ``start..``: :meth:`forward`, then
         :func:`~splitkernels.runtime.sampling.sample`. A one-token step on the fast path takes
         the argmax (greedy) or the top ``top_k`` rows (sampling with ``top_k`` up to
-        ``FUSED_TOP_K``) from the native head, which selects them itself, instead of all logits."""
+        ``FUSED_TOP_K``) from the native head, which selects them itself, instead of all logits
+        (:meth:`fused_k`, :func:`pick_token`)."""
         if isinstance(cache, FastCache) and hidden.shape[0] == 1:
-            if not sampling.do_sample:
+            k = self.fused_k(sampling)
+            if k:
                 _check_start(cache, start, self.first, self.last)
-                return self.native.step(hidden[0], cache)[1]
-            if 0 < sampling.top_k <= min(FUSED_TOP_K, self.native.vocab - 1):
-                _check_start(cache, start, self.first, self.last)
-                _, ids, values = self.native.step_top(hidden[0], cache, sampling.top_k)
-                return sample_top(ids, values, sampling, generator)
+                _, ids, values = self.native.step_top(hidden[0], cache, k)
+                return pick_token(sampling, generator, k, ids, values, None)
         return sample(self.forward(hidden, cache, start), sampling, generator)
+
+
+def pick_token(sampling: SamplingParams, generator: torch.Generator | None, k: int, ids: torch.Tensor,
+               values: torch.Tensor, logits: torch.Tensor | None) -> int:
+    """A native step's token, ``k`` from :meth:`Server.fused_k`: greedy takes the head's exact
+    argmax ``ids[0]``, top-k sampling draws from its exact top ``ids[:k]``/``values[:k]`` (largest
+    first), other sampling (``k`` 0) from all ``logits``; draws as :func:`sample` makes them over
+    full logits with ``generator``."""
+    if not sampling.do_sample:
+        return int(ids[0])
+    if k:
+        return sample_top(ids[:k], values[:k], sampling, generator)
+    return sample(logits, sampling, generator)
 
 
 def _cached(cache, first: int = 0, last: int | None = None) -> int | None:

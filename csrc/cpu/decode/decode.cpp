@@ -52,18 +52,23 @@ std::string check_linear(const char* name, const DecodeLinear& l, int64_t N, int
   }
 }
 
-// y[n0:n1) of one projection on the calling thread.
-std::string linear_rows(const DecodeLinear& l, const float* x, float* y, int64_t n0, int64_t n1) {
-  const float* bias = l.bias ? l.bias + n0 : nullptr;
+// y[m, n0:n1) of one projection for the M rows of x [M, K] (y is [M, N]) on the calling thread.
+std::string linear_rows(const DecodeLinear& l, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
   switch (l.kind) {
     case DecodeLinear::kLowbit: {
+      // Row by row: a one-row call is what a single step makes, so a batched row equals it.
       const int64_t G = l.K / l.group_size, ss = dtype_size(l.scale_dtype);
-      return lowbit_linear(x, kFloat32, 1, l.K, l.qweight + n0 * l.words, n1 - n0, l.words,
-                           static_cast<const uint8_t*>(l.scale) + n0 * G * ss,
-                           static_cast<const uint8_t*>(l.zero) + n0 * G * ss, l.scale_dtype, l.bits, l.group_size,
-                           bias, y + n0);
+      const float* bias = l.bias ? l.bias + n0 : nullptr;
+      for (int64_t m = 0; m < M; ++m) {
+        std::string e = lowbit_linear(x + m * l.K, kFloat32, 1, l.K, l.qweight + n0 * l.words, n1 - n0, l.words,
+                                      static_cast<const uint8_t*>(l.scale) + n0 * G * ss,
+                                      static_cast<const uint8_t*>(l.zero) + n0 * G * ss, l.scale_dtype, l.bits,
+                                      l.group_size, bias, y + m * l.N + n0);
+        if (!e.empty()) return e;
+      }
+      return "";
     }
-    case DecodeLinear::kDense: vec().f32_rows(l.weight, l.K, x, l.bias, y, n0, n1); return "";
+    case DecodeLinear::kDense: vec().f32_rows_m(l.weight, l.K, x, l.K, M, l.bias, y, l.N, n0, n1); return "";
     default: return "int8 weights run only in the head";
   }
 }
@@ -79,14 +84,15 @@ int64_t chunk_rows(int64_t total, int threads) {
 
 struct Part {
   const DecodeLinear* l;
-  const float* x;
-  float* y;
+  const float* x;  // [M, l->K]
+  float* y;        // [M, l->N]
 };
 
-// Runs the projections of one phase over the pool; `after(i, n0, n1)` runs on the same
-// thread right after part i's rows [n0, n1) (parts listed together share their row ranges
-// when `paired`: chunk c of every part covers the same rows, and `after` sees all of them).
-std::string run_parts(const std::vector<Part>& parts, bool paired,
+// Runs the projections of one phase for M activation rows over the pool (a chunk is a range
+// of weight rows for all M activation rows, so each weight is read once); `after(n0, n1)` runs
+// on the same thread right after a chunk's rows [n0, n1) (parts listed together share their row
+// ranges when `paired`: chunk c of every part covers the same rows, and `after` sees all of them).
+std::string run_parts(const std::vector<Part>& parts, int64_t M, bool paired,
                       const std::function<void(int64_t, int64_t)>& after = nullptr) {
   const int threads = num_threads();
   struct Chunk {
@@ -113,7 +119,7 @@ std::string run_parts(const std::vector<Part>& parts, bool paired,
       const Chunk& ch = chunks[c];
       for (int i = 0; i < static_cast<int>(parts.size()); ++i) {
         if (ch.part >= 0 && ch.part != i) continue;
-        std::string e = linear_rows(*parts[i].l, parts[i].x, parts[i].y, ch.n0, ch.n1);
+        std::string e = linear_rows(*parts[i].l, parts[i].x, M, parts[i].y, ch.n0, ch.n1);
         if (!e.empty()) {
           std::lock_guard<std::mutex> lock(mu);
           err = e;
@@ -247,90 +253,108 @@ std::string DecodeStack::set_head(const float* norm, float eps, const DecodeLine
 
 std::string DecodeStack::step(float* h, int64_t pos, float* kv, int64_t capacity, const float* cos, const float* sin,
                               float* logits, int64_t k, int64_t* ids, float* vals) const {
+  return step_batch(h, 1, &pos, &kv, &capacity, &cos, &sin, logits, k, ids, vals);
+}
+
+std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, float* const* kv,
+                                    const int64_t* capacity, const float* const* cos, const float* const* sin,
+                                    float* logits, int64_t k, int64_t* ids, float* vals) const {
   const DecodeShape& s = shape_;
-  if (pos < 0 || pos >= capacity) return "pos must be in [0, capacity)";
+  if (M < 1) return "rows must be >= 1";
+  for (int64_t m = 0; m < M; ++m) {
+    if (pos[m] < 0 || pos[m] >= capacity[m]) return "pos must be in [0, capacity) in every row";
+    if (!layers_.empty() && (!kv[m] || !cos[m] || !sin[m])) return "kv, cos and sin must not be null";
+  }
   if (has_head() && (k < 1 || k > head_.N || !ids))
     return "top k must be in [1, " + std::to_string(head_.N) + "] with an ids buffer";
-  if (!layers_.empty() && (!kv || !cos || !sin)) return "kv, cos and sin must not be null";
-  const int64_t hd = s.head_dim, qd = s.heads * hd, kvd = s.kv_heads * hd, group = s.heads / s.kv_heads;
+  const int64_t H = s.hidden, hd = s.head_dim, qd = s.heads * hd, kvd = s.kv_heads * hd, group = s.heads / s.kv_heads;
+  const int64_t I = s.intermediate;
   thread_local Scratch scratch;
   Scratch& t = scratch;  // a reference: lambdas run on pool threads must see this thread's buffers
-  t.xn.resize(s.hidden);
-  t.q.resize(qd);
-  t.k.resize(kvd);
-  t.v.resize(kvd);
-  t.attn.resize(qd);
-  t.tmp.resize(std::max(s.hidden, has_head() ? head_.N : 0));
-  t.gate.resize(s.intermediate);
-  t.up.resize(s.intermediate);
+  t.xn.resize(M * H);
+  t.q.resize(M * qd);
+  t.k.resize(M * kvd);
+  t.v.resize(M * kvd);
+  t.attn.resize(M * qd);
+  t.tmp.resize(M * std::max(H, has_head() ? head_.N : 0));
+  t.gate.resize(M * I);
+  t.up.resize(M * I);
   const DecodeVec& V = vec();
-  const int64_t plane = s.kv_heads * capacity * hd;  // one of K or V of one layer
+  int64_t context = 0;  // positions attended over all rows (decides whether attention threads)
+  for (int64_t m = 0; m < M; ++m) context += pos[m] + 1;
   std::string err;
 
   for (size_t li = 0; li < layers_.size(); ++li) {
     const DecodeLayer& L = layers_[li];
-    float* kc = kv + static_cast<int64_t>(li) * 2 * plane;
-    float* vc = kc + plane;
-
-    rms_norm(h, L.input_norm, L.eps, s.hidden, t.xn.data());
+    for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, L.input_norm, L.eps, H, t.xn.data() + m * H);
     if (!(err = run_parts({{&L.q, t.xn.data(), t.q.data()}, {&L.k, t.xn.data(), t.k.data()},
-                           {&L.v, t.xn.data(), t.v.data()}}, false)).empty())
+                           {&L.v, t.xn.data(), t.v.data()}}, M, false)).empty())
       return err;
-    rotary(t.q.data(), s.heads, hd, cos, sin);
-    rotary(t.k.data(), s.kv_heads, hd, cos, sin);
-    for (int64_t g = 0; g < s.kv_heads; ++g) {
-      std::copy_n(t.k.data() + g * hd, hd, kc + (g * capacity + pos) * hd);
-      std::copy_n(t.v.data() + g * hd, hd, vc + (g * capacity + pos) * hd);
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t plane = s.kv_heads * capacity[m] * hd;  // one of K or V of one layer
+      float* kc = kv[m] + static_cast<int64_t>(li) * 2 * plane;
+      float* vc = kc + plane;
+      rotary(t.q.data() + m * qd, s.heads, hd, cos[m], sin[m]);
+      rotary(t.k.data() + m * kvd, s.kv_heads, hd, cos[m], sin[m]);
+      for (int64_t g = 0; g < s.kv_heads; ++g) {
+        std::copy_n(t.k.data() + m * kvd + g * hd, hd, kc + (g * capacity[m] + pos[m]) * hd);
+        std::copy_n(t.v.data() + m * kvd + g * hd, hd, vc + (g * capacity[m] + pos[m]) * hd);
+      }
     }
 
-    // Attention of each query head over positions 0..pos of its key/value head.
-    const int64_t n = pos + 1;
-    auto heads = [&](int64_t h0, int64_t h1) {
-      std::vector<float> p(n);
-      for (int64_t head = h0; head < h1; ++head) {
-        const float* qh = t.q.data() + head * hd;
-        const float* kh = kc + (head / group) * capacity * hd;
-        const float* vh = vc + (head / group) * capacity * hd;
-        float m = -std::numeric_limits<float>::infinity();
+    // Attention of each (row, query head) over positions 0..pos of its key/value head.
+    auto heads = [&](int64_t i0, int64_t i1) {
+      std::vector<float> p;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m = i / s.heads, head = i % s.heads, n = pos[m] + 1;
+        const int64_t plane = s.kv_heads * capacity[m] * hd;
+        const float* kc = kv[m] + static_cast<int64_t>(li) * 2 * plane;
+        const float* qh = t.q.data() + m * qd + head * hd;
+        const float* kh = kc + (head / group) * capacity[m] * hd;
+        const float* vh = kc + plane + (head / group) * capacity[m] * hd;
+        p.resize(n);
+        float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < n; ++j) {
           p[j] = V.dot(qh, kh + j * hd, hd) * s.attn_scale;
-          m = std::max(m, p[j]);
+          mx = std::max(mx, p[j]);
         }
         float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
-        float* out = t.attn.data() + head * hd;
+        for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        float* out = t.attn.data() + m * qd + head * hd;
         std::fill_n(out, hd, 0.f);
         const float inv = 1.0f / sum;
         for (int64_t j = 0; j < n; ++j) V.axpy(p[j] * inv, vh + j * hd, out, hd);
       }
     };
-    // Threads pay off only once the context is long (a pool wake-up costs microseconds).
-    if (n * s.heads * hd >= (int64_t{1} << 16))
-      parallel_for(s.heads, 1, heads);
+    // Threads pay off only once there is enough context (a pool wake-up costs microseconds).
+    if (context * s.heads * hd >= (int64_t{1} << 16))
+      parallel_for(M * s.heads, 1, heads);
     else
-      heads(0, s.heads);
+      heads(0, M * s.heads);
 
-    if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, false)).empty()) return err;
-    for (int64_t i = 0; i < s.hidden; ++i) h[i] += t.tmp[i];
+    if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, M, false)).empty()) return err;
+    for (int64_t i = 0; i < M * H; ++i) h[i] += t.tmp[i];
 
-    rms_norm(h, L.post_norm, L.eps, s.hidden, t.xn.data());
+    for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, L.post_norm, L.eps, H, t.xn.data() + m * H);
     float* gate = t.gate.data();
     const float* up = t.up.data();
-    if (!(err = run_parts({{&L.gate, t.xn.data(), gate}, {&L.up, t.xn.data(), t.up.data()}}, true,
+    if (!(err = run_parts({{&L.gate, t.xn.data(), gate}, {&L.up, t.xn.data(), t.up.data()}}, M, true,
                           [&](int64_t n0, int64_t n1) {
-                            for (int64_t i = n0; i < n1; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+                            for (int64_t m = 0; m < M; ++m)
+                              for (int64_t i = m * I + n0; i < m * I + n1; ++i)
+                                gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
                           }))
              .empty())
       return err;
-    if (!(err = run_parts({{&L.down, gate, t.tmp.data()}}, false)).empty()) return err;
-    for (int64_t i = 0; i < s.hidden; ++i) h[i] += t.tmp[i];
+    if (!(err = run_parts({{&L.down, gate, t.tmp.data()}}, M, false)).empty()) return err;
+    for (int64_t i = 0; i < M * H; ++i) h[i] += t.tmp[i];
   }
 
   if (!has_head()) return "";
-  rms_norm(h, head_norm_, head_eps_, s.hidden, t.xn.data());
-  float* out = logits ? logits : t.tmp.data();
+  for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, head_norm_, head_eps_, H, t.xn.data() + m * H);
   const int64_t N = head_.N, rows = chunk_rows(N, num_threads());
-  HeadBound bound;
+  float* out = logits ? logits : t.tmp.data();  // [M, N]
+  std::vector<HeadBound> bound(M);
   // Asked for all logits, an int8 head with its fp32 weight computes them in fp32: sampling
   // from the full distribution then sees the model's own logits.
   DecodeLinear dense = head_;
@@ -339,24 +363,33 @@ std::string DecodeStack::step(float* h, int64_t pos, float* kv, int64_t capacity
   const DecodeLinear& head = all_fp32 ? dense : head_;
   if (head.kind == DecodeLinear::kInt8) {
     const Int8Kernels& k8 = current_int8_kernels();
-    t.xq.resize(2 * s.hidden);
-    t.resid.resize(s.hidden);
-    t.head2.resize(2 * N);
-    float xs[2];
-    int32_t xsum[2];
-    bound = split_activation(k8, t.xn.data(), s.hidden, t.xq.data(), xs, xsum, t.resid.data());
-    const Int8Problem p{t.xq.data(), xsum, xs, head_.w8, head_.w8_scale, nullptr, 2, N, s.hidden,
+    t.xq.resize(2 * M * H);
+    t.resid.resize(H);
+    t.head2.resize(2 * M * N);
+    std::vector<float> xs(2 * M);
+    std::vector<int32_t> xsum(2 * M);
+    for (int64_t m = 0; m < M; ++m)
+      bound[m] = split_activation(k8, t.xn.data() + m * H, H, t.xq.data() + 2 * m * H, xs.data() + 2 * m,
+                                  xsum.data() + 2 * m, t.resid.data());
+    // Row m's two int8 rows are activation rows 2m and 2m + 1 of one pass over the weight.
+    const Int8Problem p{t.xq.data(), xsum.data(), xs.data(), head_.w8, head_.w8_scale, nullptr, 2 * M, N, H,
                         t.head2.data(), kFloat32};
     const float* y = t.head2.data();
     parallel_for((N + rows - 1) / rows, 1, [&](int64_t c0, int64_t c1) {
       const int64_t n0 = c0 * rows, n1 = std::min(N, c1 * rows);
       k8.rows(p, n0, n1);
-      for (int64_t n = n0; n < n1; ++n) out[n] = y[n] + y[N + n] + (head_.bias ? head_.bias[n] : 0.f);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* y0 = y + 2 * m * N;
+        for (int64_t n = n0; n < n1; ++n) out[m * N + n] = y0[n] + y0[N + n] + (head_.bias ? head_.bias[n] : 0.f);
+      }
     });
-  } else if (!(err = run_parts({{&head, t.xn.data(), out}}, false)).empty()) {
+  } else if (!(err = run_parts({{&head, t.xn.data(), out}}, M, false)).empty()) {
     return err;
   }
-  exact_top(head, bound, t.xn.data(), out, k, ids, vals);
+  parallel_for(M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      exact_top(head, bound[m], t.xn.data() + m * H, out + m * N, k, ids + m * k, vals ? vals + m * k : nullptr);
+  });
   return "";
 }
 

@@ -69,6 +69,14 @@ class DecodeStack {
   // for sampling from the whole distribution, which must be the model's).
   std::string step(float* h, int64_t pos, float* kv, int64_t capacity, const float* cos, const float* sin,
                    float* logits, int64_t k, int64_t* ids, float* vals) const;
+  // The step of M sequences at once (continuous batching on the server): row m of h [M, hidden]
+  // at position pos[m] of its own cache kv[m] (capacity[m]), with its rotary rows cos[m]/sin[m].
+  // Every weight is read once for all rows. Each row's results (h, cache, logits, top k) are
+  // bit-identical to step() on that row alone: every sum runs in the same order. logits is
+  // [M, vocab] (may be null), ids and vals [M, k]. step() is this with M = 1.
+  std::string step_batch(float* h, int64_t M, const int64_t* pos, float* const* kv, const int64_t* capacity,
+                         const float* const* cos, const float* const* sin, float* logits, int64_t k, int64_t* ids,
+                         float* vals) const;
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   bool has_head() const { return head_norm_ != nullptr; }

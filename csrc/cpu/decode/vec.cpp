@@ -14,6 +14,8 @@ namespace SK_ISA_NS {
 namespace {
 
 typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
 constexpr int kRows = 4;  // weight rows per pass: each activation load feeds four FMAs
 
 inline f32x16 loadf(const float* p) {
@@ -23,10 +25,18 @@ inline f32x16 loadf(const float* p) {
 }
 
 inline float hsum(f32x16 v) {
-  // Once per output row, so a plain loop is cheap enough.
-  float t = 0.f;
-  for (int i = 0; i < 16; ++i) t += v[i];
-  return t;
+  // A fixed tree of lane-wise halvings: a few vector adds on every register width instead of a
+  // chain of 16 dependent scalar adds (once per output element, which adds up when a batched
+  // step computes many rows per weight row), and the same order for every element.
+  f32x8 a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  const f32x8 s8 = a + b;
+  f32x4 c, d;
+  std::memcpy(&c, &s8, sizeof c);
+  std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof c, sizeof d);
+  const f32x4 s4 = c + d;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -42,37 +52,62 @@ float dot(const float* a, const float* b, int64_t n) {
   return t;
 }
 
-void rows_kernel(const float* w, int64_t K, const float* x, float* out, int64_t n0, int64_t n1) {
+// One tile of y: R weight rows x C activation rows. Every y element is summed the same way
+// whatever the tile (one 16-lane accumulator over K in order, then its lanes in order, then
+// the tail), so a row's results do not depend on how many rows share the pass: a batched step
+// equals each row's step alone, bit for bit.
+template <int R, int C>
+inline void tile(const float* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n,
+                 int64_t m) {
   const int64_t vec_end = K / 16 * 16;
+  const float* r[R];
+  const float* a[C];
+  for (int j = 0; j < R; ++j) r[j] = w + (n + j) * K;
+  for (int c = 0; c < C; ++c) a[c] = x + (m + c) * ldx;
+  f32x16 acc[R][C] = {};
+  for (int64_t k = 0; k < vec_end; k += 16) {
+    f32x16 wv[R];
+    for (int j = 0; j < R; ++j) wv[j] = loadf(r[j] + k);
+    for (int c = 0; c < C; ++c) {
+      const f32x16 xv = loadf(a[c] + k);
+      for (int j = 0; j < R; ++j) acc[j][c] = wv[j] * xv + acc[j][c];
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int c = 0; c < C; ++c) {
+      float t = hsum(acc[j][c]);
+      for (int64_t k = vec_end; k < K; ++k) t += r[j][k] * a[c][k];
+      y[(m + c) * ldy + n + j] = t;
+    }
+}
+
+// Activation rows per tile: each weight load feeds C FMAs (kRows x kCols accumulators must
+// fit the vector registers: 16 of 32 zmm; with ymm or xmm halves fewer).
+#if defined(__AVX512F__)
+constexpr int kCols = 4;
+#else
+constexpr int kCols = 2;
+#endif
+
+template <int R>
+void row_block(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n) {
+  int64_t m = 0;
+  for (; m + kCols <= M; m += kCols) tile<R, kCols>(w, K, x, ldx, y, ldy, n, m);
+  for (; m < M; ++m) tile<R, 1>(w, K, x, ldx, y, ldy, n, m);
+}
+
+void f32_rows_m(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, const float* bias, float* y,
+                int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) {
-    const float* r[kRows];
-    for (int j = 0; j < kRows; ++j) r[j] = w + (n + j) * K;
-    f32x16 acc[kRows] = {};
-    for (int64_t k = 0; k < vec_end; k += 16) {
-      const f32x16 xv = loadf(x + k);
-      for (int j = 0; j < kRows; ++j) acc[j] = loadf(r[j] + k) * xv + acc[j];
-    }
-    for (int j = 0; j < kRows; ++j) {
-      float t = hsum(acc[j]);
-      for (int64_t k = vec_end; k < K; ++k) t += r[j][k] * x[k];
-      out[n + j] = t;
-    }
-  }
-  for (; n < n1; ++n) {
-    const float* r = w + n * K;
-    f32x16 acc{};
-    for (int64_t k = 0; k < vec_end; k += 16) acc = loadf(r + k) * loadf(x + k) + acc;
-    float t = hsum(acc);
-    for (int64_t k = vec_end; k < K; ++k) t += r[k] * x[k];
-    out[n] = t;
-  }
+  for (; n + kRows <= n1; n += kRows) row_block<kRows>(w, K, x, ldx, M, y, ldy, n);
+  for (; n < n1; ++n) row_block<1>(w, K, x, ldx, M, y, ldy, n);
+  if (bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = n0; i < n1; ++i) y[m * ldy + i] += bias[i];
 }
 
 void f32_rows(const float* w, int64_t K, const float* x, const float* bias, float* y, int64_t n0, int64_t n1) {
-  rows_kernel(w, K, x, y, n0, n1);
-  if (bias)
-    for (int64_t n = n0; n < n1; ++n) y[n] += bias[n];
+  f32_rows_m(w, K, x, K, 1, bias, y, 0, n0, n1);
 }
 
 void axpy(float a, const float* x, float* y, int64_t n) {
@@ -88,7 +123,7 @@ void axpy(float a, const float* x, float* y, int64_t n) {
 }  // namespace
 
 const DecodeVec& decode_vec() {
-  static const DecodeVec v{SK_ISA_NAME, dot, f32_rows, axpy};
+  static const DecodeVec v{SK_ISA_NAME, dot, f32_rows, f32_rows_m, axpy};
   return v;
 }
 

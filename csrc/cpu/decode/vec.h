@@ -14,6 +14,10 @@ struct DecodeVec {
   float (*dot)(const float* a, const float* b, int64_t n);
   // y[n] = dot(W[n], x) (+ bias[n]) for rows [n0, n1) of a dense fp32 W [N, K].
   void (*f32_rows)(const float* w, int64_t K, const float* x, const float* bias, float* y, int64_t n0, int64_t n1);
+  // The same for M activation rows x [M, ldx] -> y [M, ldy] (columns [n0, n1) of each row), one
+  // pass over the weight rows; each y element equals f32_rows' for that row alone, bit for bit.
+  void (*f32_rows_m)(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, const float* bias, float* y,
+                     int64_t ldy, int64_t n0, int64_t n1);
   // y[i] += a * x[i]
   void (*axpy)(float a, const float* x, float* y, int64_t n);
 };
