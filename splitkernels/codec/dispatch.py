@@ -12,6 +12,7 @@ from .config import CodecConfig
 from .config_v2 import CodecConfigV2
 from .frame import MAGIC, FrameError, FrameLimits
 from .frame_v2 import FRAME_VERSION_V2, read_frame_v2
+from . import v2_device
 from .v2 import EncodedV2, decode_v2, encode_v2
 from .wire_v2 import decode_frame_v2, encode_frame_v2
 
@@ -76,7 +77,8 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | Non
     after one host-to-device copy).
     """
     if is_v2_frame(data):
-        if device is None or torch.device(device).type == "cpu":
-            return decode_frame_v2(data, config, limits)  # the fused host pass, no symbol matrix
-        return decode_v2(read_frame_v2(data, config, limits), device)
+        if device is not None and v2_device.kernel(v2_device.DECODE_OP, torch.device(device)) is not None:
+            return decode_v2(read_frame_v2(data, config, limits), device)  # the device pass
+        out = decode_frame_v2(data, config, limits)  # the fused host pass, no symbol matrix
+        return out if device is None else out.to(device)
     return v1.decode_frame(data, limits, device)
