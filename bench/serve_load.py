@@ -8,7 +8,7 @@ load generator's threads do not share its GIL). The load generator holds one gRP
 package's own transport; the ``.proto`` client for the cluster) and one thread per session.
 Every session sends a prefill frame, all sessions meet at a barrier, then each sends ``--steps``
 one-token frames back to back (closed loop: the next step leaves when the previous token arrives). The frames are real codec frames of
-the edge half's hidden states for a text, computed once up front, so the measurement is the
+the edge half's hidden states for a text (``--codec``: v2, the runtime's default, or v1), computed once up front, so the measurement is the
 server's alone (the edge's compute would otherwise share this machine's cores with the server).
 All modes' servers run for the whole benchmark; ``--rounds`` rounds each run every level on every
 mode in turn (the order flips every round), and each row is the round with the median steps/s.
@@ -75,24 +75,38 @@ def serve_child(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_frames(model, split_layer: int, prompt_tokens: int, steps: int) -> tuple[bytes, list[bytes], int]:
-    """The prefill frame and ``steps`` one-token frames of the edge half's hidden states for a text."""
+# Codec v2 calibration text for the frames: these tokens on, disjoint from the frames' own text.
+CALIB_START, CALIB_TOKENS = 8192, 1024
+
+
+def make_frames(model, split_layer: int, prompt_tokens: int, steps: int,
+                codec_kind: str = "v2") -> tuple[bytes, list[bytes], int, bytes]:
+    """The prefill frame and ``steps`` one-token frames of the edge half's hidden states for a text,
+    and the session's codec config bytes for OPEN (empty for v1). v2 is calibrated as the CLI does
+    (4 bits, Fisher) on tokens after the frames' text."""
+    from splitkernels.codec.spec import config_for_model
     from splitkernels.eval.text import load_text
     from splitkernels.runtime import split_model
 
-    sm = split_model(model, split_layer)
     vocab = int(model.config.vocab_size)
     text = load_text().encode()
-    ids = torch.tensor([[b % vocab for b in text[: prompt_tokens + steps]]], dtype=torch.long)
+    ids = torch.tensor([[b % vocab for b in text[: CALIB_START + CALIB_TOKENS]]], dtype=torch.long)
     if vocab > 256:  # a real tokenizer's ids for a real model
         from splitkernels.models import load_smollm2
-        ids = load_smollm2()[1](load_text()[:8000], return_tensors="pt").input_ids[:, : prompt_tokens + steps]
+        ids = load_smollm2()[1](load_text(), return_tensors="pt").input_ids
+    codec, open_config = CodecConfig(), b""
+    if codec_kind == "v2":
+        calib = ids[0, CALIB_START: CALIB_START + CALIB_TOKENS]
+        codec = config_for_model({"kind": "v2", "bits": 4.0, "sensitivity": "fisher"}, model, split_layer, calib,
+                                 window=min(512, calib.numel()))
+        open_config = codec.canonical_bytes()
+    ids = ids[:, : prompt_tokens + steps]
+    sm = split_model(model, split_layer)
     cache = sm.edge.new_cache()
-    codec = CodecConfig()
     prefill = encode(sm.edge.forward(ids[:, :prompt_tokens], cache, 0), codec).to_bytes()
     decodes = [encode(sm.edge.forward(ids[:, p:p + 1], cache, p), codec).to_bytes()
                for p in range(prompt_tokens, prompt_tokens + steps)]
-    return prefill, decodes, sm.adapter.hidden_size
+    return prefill, decodes, sm.adapter.hidden_size, open_config
 
 
 def start_cluster(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -156,7 +170,8 @@ def batching_counters(client) -> dict | None:
     return client.info().get("batching")
 
 
-def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes], pids: list[int]) -> dict:
+def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes], pids: list[int],
+              codec_config: bytes = b"") -> dict:
     """``sessions`` concurrent sessions: prefill, barrier, then ``len(decodes)`` timed steps each.
 
     Besides wall-clock rates, the server's own CPU seconds per decode step: on a machine shared with
@@ -171,7 +186,7 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
 
     def worker(i: int) -> None:
         try:
-            with client.open(Open(SamplingParams(), max_len=0)) as s:
+            with client.open(Open(SamplingParams(), max_len=0, codec_config=codec_config)) as s:
                 s.step(0, prefill)
                 barrier.wait(timeout=600)
                 for seq, frame in enumerate(decodes, start=1):
@@ -234,6 +249,9 @@ def main() -> int:
                     help="rounds of every level on every mode; the median round is reported")
     ap.add_argument("--window-ms", type=float, default=BatchConfig().window_s * 1000, help="batching window")
     ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--codec", choices=("v2", "v1"), default="v2",
+                    help="codec of the frames: v2 (the runtime's default, calibrated here; its config travels "
+                         "in OPEN) or v1")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the server (both modes; on a shared machine 2+ OpenMP threads stall)")
     ap.add_argument("--replicas", type=int, default=2, help="replicas of mode cluster")
@@ -256,7 +274,8 @@ def main() -> int:
         ap.error(f"--modes must be among batched, unbatched and cluster, got {args.modes!r}")
 
     model, name = load(args.model)
-    prefill, decodes, hidden = make_frames(model, args.split_layer, args.prompt_tokens, args.steps)
+    prefill, decodes, hidden, codec_config = make_frames(model, args.split_layer, args.prompt_tokens, args.steps,
+                                                         args.codec)
     del model
     # Every mode's server runs for the whole benchmark; each round runs every level on every mode,
     # taking turns (the order flips each round), so load from other jobs hits all modes alike.
@@ -271,12 +290,12 @@ def main() -> int:
             servers[mode] = proc, client, []
             servers[mode][2].extend(server_pids(client, proc, mode, args.replicas))
             for _ in range(2 * args.replicas if mode == "cluster" else 1):  # warm-up (each replica)
-                run_level(client, 1, prefill, decodes[:4], servers[mode][2])
+                run_level(client, 1, prefill, decodes[:4], servers[mode][2], codec_config)
         for r in range(args.rounds):
             for n in args.sessions_list:
                 for mode in (modes if r % 2 == 0 else modes[::-1]):
                     _, client, pids = servers[mode]
-                    row = run_level(client, n, prefill, decodes, pids)
+                    row = run_level(client, n, prefill, decodes, pids, codec_config)
                     rounds[mode][n].append(row)
                     print(f"round {r + 1} {mode:9s} {n:3d} sessions: {row['steps_per_s']:7.1f} steps/s  "
                           f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
@@ -299,13 +318,14 @@ def main() -> int:
                     "cluster_replicas": args.replicas if "cluster" in modes else None,
                     "torch": torch.__version__,
                     "note": "shared with other jobs during the run: timings are noisy"},
-        "model": name, "split_layer": args.split_layer, "prompt_tokens": args.prompt_tokens,
+        "model": name, "split_layer": args.split_layer, "prompt_tokens": args.prompt_tokens, "codec": args.codec,
         "decode_steps_per_session": args.steps, "frame_bytes": {"prefill": len(prefill),
                                                                 "decode_mean": sum(map(len, decodes)) / len(decodes)},
         "rounds": args.rounds, "window_ms": args.window_ms, "max_batch": args.max_batch, "hidden_size": hidden,
         "results": results,
     }
-    lines = [f"# Server load: {name}, split after layer {args.split_layer}, {args.steps} decode steps per session",
+    lines = [f"# Server load: {name}, split after layer {args.split_layer}, codec {args.codec}, {args.steps} decode "
+             "steps per session",
              "", f"{report['machine']['cores']} cores ({report['machine']['note']}); "
              f"server torch threads {args.threads}"
              + (f" (per replica, {args.replicas} replicas in mode cluster)" if "cluster" in modes else "")
