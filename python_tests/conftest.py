@@ -32,3 +32,18 @@ def backend(request):
     """Runs the test once per CPU-capable backend, with that backend forced."""
     with splitkernels.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """``torch.empty`` hands out buffers full of 0xA5 bytes, so a byte a kernel forgets to write
+    cannot pass as zero (bool tensors excepted: 0xA5 is not a valid bool)."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.numel() and t.dtype != torch.bool:
+            t.view(-1).view(torch.uint8).fill_(0xA5)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)

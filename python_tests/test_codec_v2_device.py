@@ -41,18 +41,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RUNNERS = ("cuda-emulation", pytest.param("triton", marks=pytest.mark.gpu), pytest.param("cuda", marks=pytest.mark.gpu))
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Buffers start as 0xA5 bytes, so a byte the device pass forgets to write cannot pass as zero."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.numel() and t.dtype != torch.bool:
-            t.view(-1).view(torch.uint8).fill_(0xA5)
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # conftest: torch.empty hands out 0xA5 bytes
 
 
 @pytest.fixture(scope="module")

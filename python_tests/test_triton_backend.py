@@ -41,18 +41,7 @@ gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device, TRITON_INTERPRET=0")
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Outputs the kernels allocate start as garbage, so an unwritten byte cannot pass as zero."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.numel() and t.dtype != torch.bool:
-            t.view(-1).view(torch.uint8).fill_(0xA5)
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # conftest: torch.empty hands out 0xA5 bytes
 
 
 def run(backend, fn, *args):
