@@ -1,4 +1,4 @@
-"""Loopback ports for the benchmarks that start servers (bench/serve_load.py, bench/faults.py)."""
+"""Loopback ports for whatever starts servers: the benchmarks (bench/serve_load.py, bench/faults.py) and the runtime tests."""
 from __future__ import annotations
 
 import socket

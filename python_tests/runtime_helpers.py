@@ -1,8 +1,13 @@
-"""Helpers shared by the runtime tests: seeded prompts, bounded polling and free ports."""
-import socket
+"""Helpers shared by the runtime tests: seeded prompts, bounded polling and free ports (the
+benchmarks' own helper, bench/loopback.py)."""
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from loopback import free_ports  # noqa: E402,F401  (re-exported for the runtime tests)
 
 
 def prompt(seed: int, length: int, vocab: int = 256) -> torch.Tensor:
@@ -33,14 +38,3 @@ def sliding_window_models(num_layers: int = 4, window: int = 5) -> list:
     return [MistralForCausalLM(MistralConfig(**common, sliding_window=window)).eval(),
             Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=window,
                                          max_window_layers=2)).eval()]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free right now (all held open together while chosen)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
