@@ -1,4 +1,4 @@
-"""Loopback ports for whatever starts servers: the benchmarks (bench/serve_load.py, bench/faults.py) and the runtime tests."""
+"""Loopback ports for what starts servers: bench/serve_load.py, bench/faults.py and the runtime tests."""
 from __future__ import annotations
 
 import socket
