@@ -256,8 +256,7 @@ def frame_bytes_v2(tokens: int, hidden: int, code_bits: float, escapes_per_token
     escapes = round(escapes_per_token * tokens)
     n = tokens * hidden
     stream = -(-round(n * code_bits) // 8) + 4 * rans.lanes(n)
-    escape_count_bytes = max(1, -(-escapes.bit_length() // 7))  # its LEB128 varint
-    return framing_bytes(tokens) + escape_count_bytes + escapes * wire_dtype.itemsize + stream
+    return framing_bytes(tokens, escapes) + escapes * wire_dtype.itemsize + stream
 
 
 @dataclass(frozen=True)

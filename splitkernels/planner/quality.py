@@ -61,8 +61,8 @@ def codec_transform(config: CodecConfig | CodecConfigV2, wire_dtype: torch.dtype
             n_esc, n_raw = int(enc.escapes.numel()), int(enc.raw.sum())
             nbytes = len(enc.to_bytes())
             coded = (t - n_raw) * d
-            stream = nbytes - framing_bytes(t) - max(1, -(-n_esc.bit_length() // 7)) - \
-                (n_esc + n_raw * d) * wire_dtype.itemsize - (4 * rans.lanes(coded) if coded else 0)
+            stream = nbytes - framing_bytes(t, n_esc) - (n_esc + n_raw * d) * wire_dtype.itemsize - \
+                (4 * rans.lanes(coded) if coded else 0)
             code_bits = 8.0 * stream / d + n_raw * 8.0 * wire_dtype.itemsize
             return TransferResult(decode(enc).to(x.dtype), nbytes, code_bits, n_esc)
         return TransferResult(
