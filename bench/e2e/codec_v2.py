@@ -30,6 +30,7 @@ from baselines import atom_transfer
 from common import CONTEXT, SPLIT_LAYERS
 from massive import massive_channel_copy
 
+from splitkernels.cli.models import wire_dtype_for
 from splitkernels.codec import CodecConfig, calibrate, decode, encode
 from splitkernels.codec.frame import frame_nbytes
 from splitkernels.codec.sensitivity import fisher_diagonal
@@ -89,13 +90,9 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 def wire_dtypes(model, calib: torch.Tensor, layers: list[int]) -> dict[int, torch.dtype]:
-    """Per split layer, fp16 when the calibration hidden state fits it with a 2x margin, else fp32
-    (the model's own precision: only escapes and raw tokens travel at this width, and bf16 would
-    round every value before the quantiser sees it)."""
-    with torch.no_grad():
-        hs = model(calib[:1], output_hidden_states=True).hidden_states
-    fits = {layer: float(hs[layer].abs().max()) <= torch.finfo(torch.float16).max / 2 for layer in layers}
-    return {layer: torch.float16 if ok else torch.float32 for layer, ok in fits.items()}
+    """Per split layer, what the CLI's edge sends (:func:`splitkernels.cli.models.wire_dtype_for`):
+    fp16 where the calibration hidden state fits it with a 2x margin, else the fp32 model's own."""
+    return {layer: wire_dtype_for(model, layer, calib[0]) for layer in layers}
 
 
 def main() -> None:

@@ -341,10 +341,6 @@ def _codec_of(point: QualityPoint) -> CodecConfig | dict:
     return dict(point.codec) if is_v2_spec(point.codec) else CodecConfig.from_dict(point.codec)
 
 
-def _is_passthrough(codec: CodecConfig | dict) -> bool:
-    return isinstance(codec, CodecConfig) and codec.mode == "passthrough"
-
-
 def _frame_sizes(p: QualityPoint, codec: CodecConfig | dict, hidden: int, prompt_tokens: int,
                  wire: torch.dtype) -> tuple[int, int]:
     """(one-token frame, prompt frame) bytes for a calibration point."""
