@@ -229,13 +229,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def codec_text(c: CodecConfig | CodecConfigV2 | dict) -> str:
-    """A codec configuration (or a calibration table's v2 spec) in a few words."""
+def codec_text(c: CodecConfig | CodecConfigV2) -> str:
+    """A plan's codec configuration in a few words."""
     if isinstance(c, CodecConfigV2):
         return (f"v2 ({c.info.get('scales', 'calibrated')} scales, kmax {c.kmax}, about "
                 f"{c.info.get('estimated_bits', float('nan')):.2f} bits/element, fingerprint {c.fingerprint[:12]})")
-    if isinstance(c, dict):
-        return f"v2 ({c.get('sensitivity', 'uniform')} scales, {c.get('bits', 4.0):g} bits/element)"
     if c.mode == "passthrough":
         return "passthrough"
     return (f"TS alpha {c.alpha:g} C {c.capacity} + TAB-Q {c.mode}"
