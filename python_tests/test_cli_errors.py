@@ -14,6 +14,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 
 from splitkernels.cli import Exit, main
 from splitkernels.cli.models import load_model
@@ -97,6 +98,26 @@ def test_plan_files_are_checked_against_the_schema(tmp_path):
     }
     for name, (path, words) in cases.items():
         fails(Exit.INPUT_FILE, "demo", "--model", "tiny", "--plan", path, says=(path, words))
+
+
+def test_v2_codecs_in_plan_files_are_checked(tmp_path):
+    from splitkernels.codec import calibrate
+    from splitkernels.codec.spec import config_to_dict
+
+    v2 = config_to_dict(calibrate(torch.randn(300, 128, generator=torch.Generator().manual_seed(1)), bits=4.0))
+    forged = {**v2, "step": [2 * s for s in v2["step"]]}  # the fingerprint no longer matches
+    cases = {
+        "forged": (_plan(codec=forged), "fingerprint"),
+        "no steps": (_plan(codec={k: v for k, v in v2.items() if k != "step"}), "'codec'"),
+        "bad kmax": (_plan(codec={**v2, "kmax": 0, "fingerprint": None}), "kmax"),
+    }
+    for name, (plan, words) in cases.items():
+        path = _write(tmp_path, f"{name}.json", plan)
+        fails(Exit.INPUT_FILE, "demo", "--model", "tiny", "--plan", path, says=(path, words))
+    narrow = config_to_dict(calibrate(torch.randn(300, 64, generator=torch.Generator().manual_seed(2)), bits=4.0))
+    path = _write(tmp_path, "narrow.json", _plan(codec=narrow))  # d = 64 for a 128-wide model
+    code, _, err = run("demo", "--model", "tiny", "--plan", path, "--max-new-tokens", "1", "--eval-tokens", "0")
+    assert code != 0 and err.count("\n") == 1 and "d = 64" in err, (code, err)
 
 
 def test_quality_and_profile_files_name_their_field(tmp_path):
