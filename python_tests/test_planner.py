@@ -614,3 +614,37 @@ def test_cli_plan_writes_a_v2_plan_that_demo_runs(tmp_path, tiny, capsys):
                      "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["codec"]["kind"] == "v2" and report["codec"]["fingerprint"] == saved["codec"]["fingerprint"]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gpt2", "opt", "gemma3_text"])
+def test_a_v2_plan_runs_on_other_families(model_type):
+    """Calibrated per split (Fisher), stored in a plan, applied: on families other than llama the
+    split's logits stay near the unsplit model's, and nearer with more bits."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from splitkernels.codec import CodecConfigV2
+    from splitkernels.codec.spec import config_for_model
+    from splitkernels.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    model = cls(tiny_config(model_type, num_layers=3, hidden=64, vocab=128)).eval()
+    cal = torch.randint(0, 128, (128,), generator=torch.Generator().manual_seed(6))
+    x = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(x).logits
+    errors = []
+    for bits in (4.0, 6.0):
+        cfg = config_for_model({"kind": "v2", "bits": bits, "sensitivity": "fisher"}, model, 1, cal, window=32)
+        p = Plan.from_json(Plan(1, None, None, cfg, 64, dtype="float32", wire_dtype="float32").to_json())
+        assert isinstance(p.codec, CodecConfigV2) and p.codec == cfg
+        with torch.no_grad():
+            split = p.apply(copy.deepcopy(model))
+            try:
+                got = split(x)
+            finally:
+                split.close()
+        errors.append(((got - ref).norm() / ref.norm()).item())
+    # Measured 0.054-0.077 at 4 bits on these random 64-wide models.
+    assert errors[0] < 0.15 and errors[1] < errors[0] / 2, (model_type, errors)
