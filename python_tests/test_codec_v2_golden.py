@@ -33,3 +33,21 @@ def test_golden_rans_stream_reference_and_default_coder():
     assert rans.encode_reference(sym, CONFIG.freqs) == stream
     assert rans.encode(sym, CONFIG.freqs) == stream
     assert rans.decode_reference(stream, CONFIG.freqs, 8).tolist() == sym.tolist()
+
+
+# Channel classes (docs/FORMATS.md §5.1, §5.3): channels 0 and 3 code with table 0, 1 and 2 with table 1.
+CLASS_CONFIG = CodecConfigV2(center=CONFIG.center, step=CONFIG.step, kmax=2, freqs=CONFIG.freqs, raw_limit=2,
+                             class_freqs=(CONFIG.freqs, (2048, 2048, 4096, 2048, 2048, 4096)), channel_class=(0, 1, 1, 0))
+CLASS_FRAME = bytes.fromhex("534b5451020116fbaaba03030480c500000047804880c88048a055783016000070e494fa05")
+
+
+def test_golden_class_tables_frame_and_stream():
+    assert CLASS_CONFIG.frame_tag == 0xBAAAFB16
+    assert CLASS_CONFIG.canonical_bytes()[0] == 3
+    assert encode(X, CLASS_CONFIG).to_bytes() == CLASS_FRAME
+    sym = np.array([3, 3, 5, 2, 0, 5, 5, 0], dtype=np.uint8)
+    stream = CLASS_FRAME[27:-4]
+    assert rans.encode_reference(sym, CLASS_CONFIG.rans_tables) == stream
+    assert rans.encode(sym, CLASS_CONFIG.rans_tables) == stream
+    assert rans.decode_reference(stream, CLASS_CONFIG.rans_tables, 8).tolist() == sym.tolist()
+    assert decode(from_bytes(CLASS_FRAME, config=CLASS_CONFIG)).tolist() == decode(from_bytes(FRAME, config=CONFIG)).tolist()

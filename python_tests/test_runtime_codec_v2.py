@@ -71,7 +71,7 @@ def test_canonical_bytes_round_trip_and_are_checked(config):
     back = CodecConfigV2.from_canonical_bytes(raw)
     assert back == config and back.fingerprint == config.fingerprint
     for bad, words in ((raw[:10], "truncated"), (raw[:-1], "must be"), (raw + b"\0", "must be"),
-                       (b"\x03" + raw[1:], "version")):
+                       (b"\x09" + raw[1:], "version")):
         with pytest.raises(ValueError, match=words):
             CodecConfigV2.from_canonical_bytes(bad)
     with pytest.raises(ValueError, match="d = 48"):

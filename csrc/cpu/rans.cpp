@@ -87,27 +87,39 @@ std::string rans_build_tables(const uint32_t* freq, int nsym, RansTables* t) {
   return "";
 }
 
-int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables& t, uint8_t* out, int64_t capacity) {
-  if (n == 0) return 0;
+namespace {
+
+// The table of each position: one table (kClasses false) or the table of channel i % period.
+template <bool kClasses>
+struct TableCursor {
+  const RansTables* const* tabs;
+  int64_t period;
+  int64_t c;  // channel of the current position
+  const RansTables& get() const { return kClasses ? *tabs[c] : *tabs[0]; }
+  void next() {
+    if (kClasses && ++c == period) c = 0;
+  }
+  void prev() {
+    if (kClasses && c-- == 0) c = period - 1;
+  }
+};
+
+template <bool kClasses>
+int64_t encode_impl(const uint8_t* sym, int64_t n, TableCursor<kClasses> tc, uint8_t* out) {
   const int lanes = rans_lanes(n);
-  if (capacity < 4 * lanes + 2 * n) return -1;
-  for (int64_t i = 0; i < n; ++i)
-    if (sym[i] >= t.nsym) return -1;
   // Words are written backwards from the end of the word area, then moved behind the states.
   uint16_t* const end = reinterpret_cast<uint16_t*>(out + 4 * lanes) + n;
   uint16_t* words = end;
   uint32_t x[4] = {kRansL, kRansL, kRansL, kRansL};
   int64_t i = n - 1;
+  tc.c = kClasses ? i % tc.period : 0;
   if (lanes == 1) {
-    for (; i >= 0; --i) enc_put(x[0], t.enc[sym[i]], words);
+    for (; i >= 0; --i, tc.prev()) enc_put(x[0], tc.get().enc[sym[i]], words);
   } else {
     // Symbol i belongs to lane i % 4; peel the tail so the main loop runs whole groups 3,2,1,0.
-    for (; i >= 0 && (i % 4) != 3; --i) enc_put(x[i % 4], t.enc[sym[i]], words);
+    for (; i >= 0 && (i % 4) != 3; --i, tc.prev()) enc_put(x[i % 4], tc.get().enc[sym[i]], words);
     for (; i >= 3; i -= 4) {
-      enc_put(x[3], t.enc[sym[i]], words);
-      enc_put(x[2], t.enc[sym[i - 1]], words);
-      enc_put(x[1], t.enc[sym[i - 2]], words);
-      enc_put(x[0], t.enc[sym[i - 3]], words);
+      for (int j = 3; j >= 0; --j, tc.prev()) enc_put(x[j], tc.get().enc[sym[i - 3 + j]], words);
     }
   }
   const int64_t nwords = end - words;
@@ -117,9 +129,23 @@ int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables& t, uint8_t*
   return 4 * lanes + 2 * nwords;
 }
 
-std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansTables& t, uint8_t* out, int count_of,
-                        int64_t* count) {
-  if (n == 0) return len == 0 ? "" : "an empty symbol stream must have 0 bytes";
+}  // namespace
+
+int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables* const* tables, int64_t period, uint8_t* out,
+                    int64_t capacity) {
+  if (n == 0) return 0;
+  if (period < 1 || capacity < 4 * rans_lanes(n) + 2 * n) return -1;
+  const int nsym = tables[0]->nsym;
+  for (int64_t i = 0; i < n; ++i)
+    if (sym[i] >= nsym) return -1;
+  if (period == 1) return encode_impl<false>(sym, n, TableCursor<false>{tables, 1, 0}, out);
+  return encode_impl<true>(sym, n, TableCursor<true>{tables, period, 0}, out);
+}
+
+namespace {
+
+template <bool kClasses>
+std::string decode_impl(const uint8_t* data, int64_t len, int64_t n, TableCursor<kClasses> tc, uint8_t* out) {
   const int lanes = rans_lanes(n);
   if (len < 4 * lanes || (len - 4 * lanes) % 2) return "rANS stream is not its states plus 16-bit words";
   uint32_t x[4];
@@ -133,15 +159,13 @@ std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansT
   // Each step reads at most one word: while 4 words remain, a group of 4 steps needs no checks.
   if (lanes == 4) {
     for (; i + 4 <= n && wend - w >= 8; i += 4) {
-      out[i] = dec_get(x[0], t, w);
-      out[i + 1] = dec_get(x[1], t, w);
-      out[i + 2] = dec_get(x[2], t, w);
-      out[i + 3] = dec_get(x[3], t, w);
+      for (int j = 0; j < 4; ++j, tc.next()) out[i + j] = dec_get(x[j], tc.get(), w);
     }
   } else {
-    for (; i < n && wend - w >= 2; ++i) out[i] = dec_get(x[0], t, w);
+    for (; i < n && wend - w >= 2; ++i, tc.next()) out[i] = dec_get(x[0], tc.get(), w);
   }
-  for (; i < n; ++i) {  // the last words: checked steps
+  for (; i < n; ++i, tc.next()) {  // the last words: checked steps
+    const RansTables& t = tc.get();
     uint32_t& s = x[lanes == 1 ? 0 : (i & 3)];
     const uint32_t slot = s & (kRansM - 1);
     const uint32_t e = t.dec[slot];
@@ -156,6 +180,18 @@ std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansT
   if (w != wend) return "rANS stream has unread words";
   for (int j = 0; j < lanes; ++j)
     if (x[j] != kRansL) return "rANS stream does not end in the initial state (corrupted or wrong table)";
+  return "";
+}
+
+}  // namespace
+
+std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansTables* const* tables, int64_t period,
+                        uint8_t* out, int count_of, int64_t* count) {
+  if (n == 0) return len == 0 ? "" : "an empty symbol stream must have 0 bytes";
+  if (period < 1) return "rANS table period must be >= 1";
+  std::string err = period == 1 ? decode_impl<false>(data, len, n, TableCursor<false>{tables, 1, 0}, out)
+                                : decode_impl<true>(data, len, n, TableCursor<true>{tables, period, 0}, out);
+  if (!err.empty()) return err;
   if (count && count_of >= 0 && count_of < 256) {
     int64_t c = 0;
     for (int64_t k = 0; k < n; ++k) c += out[k] == count_of;

@@ -3,7 +3,8 @@
 // Bit-exact with the Python reference splitkernels/codec/rans.py.
 //
 // The tables are built once per frequency table (RansTables, owned by the caller, e.g. cached per
-// codec config) so a one-token frame pays nothing per call for them.
+// codec config) so a one-token frame pays nothing per call for them. A config with channel classes
+// codes each channel with its class's table (the coder gets one table pointer per channel).
 #pragma once
 
 #include <cstdint>
@@ -42,14 +43,17 @@ std::string rans_check_table(const uint32_t* freq, int nsym);
 // Fills tables for a valid frequency table; "" or why the table is invalid.
 std::string rans_build_tables(const uint32_t* freq, int nsym, RansTables* tables);
 
-// Encodes n symbols (each < nsym) into out (capacity bytes; 4*lanes + 2*n always suffices).
-// Returns the stream length in bytes, or -1 when a symbol is out of range or out is too small.
-int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables& tables, uint8_t* out, int64_t capacity);
+// Encodes n symbols (each < nsym) into out (capacity bytes; 4*lanes + 2*n always suffices). Symbol i
+// is coded with *tables[i % period]: period 1 is one table, period d one table per channel of
+// token-major [T, d] symbols (every table has the same nsym). Returns the stream length in bytes,
+// or -1 when a symbol is out of range, period < 1 or out is too small.
+int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables* const* tables, int64_t period, uint8_t* out,
+                    int64_t capacity);
 
-// Decodes exactly n symbols from data[0, len). Returns "" or why the stream is invalid (too short,
+// Decodes exactly n symbols from data[0, len), symbol i with *tables[i % period]. Returns "" or why the stream is invalid (too short,
 // wrong length, ends early, trailing words, final states differ from the initial state). When
 // count_of is in [0, 256), *count receives how many decoded symbols equal it.
-std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansTables& tables, uint8_t* out,
-                        int count_of, int64_t* count);
+std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansTables* const* tables, int64_t period,
+                        uint8_t* out, int count_of, int64_t* count);
 
 }  // namespace sk

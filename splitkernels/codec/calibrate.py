@@ -19,7 +19,11 @@ What is fitted, from calibration hidden states ``[N, d]`` of one model and split
   escapes at the wire dtype, raw tokens, framing) meets ``bits``, and/or the KL proxy meets
   ``max_kl_proxy``. ``kmax`` covers all but ``ESCAPE_RATE`` of the calibration values; everything
   beyond escapes exact, so massive channels and heavy outliers are never clipped.
-* **rANS table** from the symbol counts at the chosen step.
+* **rANS tables** from the symbol counts at the chosen step: one pooled table, and ``classes``
+  tables for groups of channels of alike spread (channels sorted by their mean code magnitude,
+  cut into equal groups), so a channel that is nearly always 0 does not pay for the tails of a
+  busy one. Measured on Gemma 3 270M split 2, out of sample: 0.09 (4 classes) to 0.11 bit (16)
+  per element below one table; per-channel tables overfit 1024 calibration tokens.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ SCALE_CLIP = 64.0
 ESCAPE_RATE = 1e-4
 FRAME_TOKENS = 512
 RAW_FRACTION = 0.5
+DEFAULT_CLASSES = 16
+MIN_CLASS_CHANNELS = 16  # fewer channels per class than this: fewer classes
 _BISECT_STEPS = 30
 
 
@@ -70,7 +76,8 @@ class _Stats:
     """Calibration values in the equalised domain and what each step setting costs there."""
 
     def __init__(self, hidden: torch.Tensor, center: np.ndarray, scales: np.ndarray, value_bits: int,
-                 sensitivity: torch.Tensor | None) -> None:
+                 sensitivity: torch.Tensor | None, classes: int) -> None:
+        self.classes = classes
         self.z = (hidden.float() - torch.from_numpy(center)) / torch.from_numpy(scales).float()
         self.scales = torch.from_numpy(scales).float()
         self.d = hidden.shape[1]
@@ -90,15 +97,33 @@ class _Stats:
         esc = v.abs() > k
         return torch.where(esc, torch.full_like(v, 2 * k + 1), torch.round(v.clamp(-k, k)) + k), k
 
-    def table(self, delta: float) -> tuple[tuple[int, ...], int, float]:
-        """(freqs, kmax, estimated bits per element) at ``delta`` for 512-token frames."""
+    def table(self, delta: float) -> tuple[tuple[int, ...], int, float, tuple, tuple]:
+        """(pooled freqs, kmax, estimated bits per element at ``delta`` for 512-token frames, class
+        tables, channel classes); no class tables when ``classes`` < 2."""
         sym, k = self.symbols(delta)
-        counts = torch.bincount(sym.flatten().long(), minlength=2 * k + 2).double().numpy()
+        n_sym = 2 * k + 2
+        per_channel = torch.zeros(self.d, n_sym, dtype=torch.float64)
+        per_channel.scatter_add_(1, sym.long().T.contiguous(), torch.ones(self.d, sym.shape[0], dtype=torch.float64))
+        per_channel = per_channel.numpy()
+        counts = per_channel.sum(0)
         freqs = rans.build_freqs(counts)
-        cost = -np.log2(np.asarray(freqs, dtype=np.float64) / rans.M)
+        tables, table_of = (), ()
+        if self.classes >= 2:
+            magnitude = np.abs(np.arange(n_sym) - k).astype(np.float64)
+            magnitude[-1] = k + 1  # the escape
+            spread = per_channel @ magnitude
+            rank = np.empty(self.d, dtype=np.int64)
+            rank[np.argsort(spread, kind="stable")] = np.arange(self.d)
+            table_of = tuple((rank * self.classes // self.d).tolist())
+            groups = np.zeros((self.classes, n_sym))
+            np.add.at(groups, np.asarray(table_of), per_channel)
+            tables = tuple(rans.build_freqs(g) for g in groups)
+            coded = sum(float((g * -np.log2(np.asarray(t, dtype=np.float64) / rans.M)).sum()) for g, t in zip(groups, tables))
+        else:
+            coded = float((counts * -np.log2(np.asarray(freqs, dtype=np.float64) / rans.M)).sum())
         n = counts.sum()
-        bits = float((counts * cost).sum() / n + counts[2 * k + 1] / n * self.value_bits) + self.framing
-        return freqs, k, bits
+        bits = coded / n + float(counts[2 * k + 1] / n * self.value_bits) + self.framing
+        return freqs, k, bits, tables, table_of
 
     def kl_proxy(self, delta: float) -> float:
         """``0.5 * sum_c F_c * mean_t err_tc**2`` of the quantisation error (escapes are exact)."""
@@ -131,6 +156,7 @@ def calibrate(
     base: CodecConfigV2 | None = None,
     sensitivity: torch.Tensor | None = None,
     wire_dtype: torch.dtype = torch.float16,
+    classes: int = DEFAULT_CLASSES,
 ) -> CodecConfigV2:
     """Fit a :class:`CodecConfigV2` from split-layer hidden states ``[N, d]`` (module docstring).
 
@@ -140,6 +166,8 @@ def calibrate(
     it costs more than ``bits``. ``base``: keep its relative channel scales and refit the rest.
     ``sensitivity``: diagonal Fisher ``[d]`` of the model output w.r.t. the split hidden state.
     ``wire_dtype``: dtype the edge sends (escape and raw values are charged at its width).
+    ``classes``: rANS tables for channel classes (fewer when ``d`` is small: at least
+    ``MIN_CLASS_CHANNELS`` channels per class; 1 = one table for every channel).
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[0] < 1 or hidden.shape[1] < 1:
         raise ValueError(f"hidden must be a [N, d] tensor with N, d >= 1, got {getattr(hidden, 'shape', type(hidden))}")
@@ -153,6 +181,8 @@ def calibrate(
         raise TypeError(f"base must be a CodecConfigV2, got {type(base).__name__}")
     if base is not None and base.d != hidden.shape[1]:
         raise ValueError(f"base has d = {base.d}, hidden has d = {hidden.shape[1]}")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= rans.MAX_CLASSES:
+        raise ValueError(f"classes must be an int in [1, {rans.MAX_CLASSES}], got {classes!r}")
     if bits is None and max_kl_proxy is None:
         bits = DEFAULT_BITS
     d = hidden.shape[1]
@@ -166,7 +196,7 @@ def calibrate(
     else:
         scales = channel_scales(body, sensitivity)
     value_bits = torch.empty((), dtype=wire_dtype).element_size() * 8
-    stats = _Stats(body, center, scales, value_bits, sensitivity)
+    stats = _Stats(body, center, scales, value_bits, sensitivity, min(classes, d // MIN_CLASS_CHANNELS))
 
     spread = max(float(stats.z.pow(2).mean().sqrt()), 1e-30)
     lo, hi = spread * 2.0**-16, spread * 4.0
@@ -177,12 +207,13 @@ def calibrate(
         # The smallest probed step whose estimated cost is within the budget.
         deltas.append(_bisect(lambda dl: stats.table(dl)[2] > bits, lo, hi)[1])
     delta = max(deltas)
-    freqs, k, est_bits = stats.table(delta)
+    freqs, k, est_bits, tables, table_of = stats.table(delta)
     step = (scales * delta).astype(np.float32)
     info = {"target_bits": bits, "max_kl_proxy": max_kl_proxy, "estimated_bits": est_bits, "delta": delta,
-            "kmax": k, "calibration_tokens": int(hidden.shape[0]), "sink_tokens": int(sinks.sum()),
+            "kmax": k, "classes": max(1, len(tables)), "calibration_tokens": int(hidden.shape[0]), "sink_tokens": int(sinks.sum()),
             "scales": "fisher" if sensitivity is not None and base is None else ("base" if base else "uniform"),
             "wire_dtype": str(wire_dtype).replace("torch.", "")}
     if sensitivity is not None:
         info["kl_proxy"] = stats.kl_proxy(delta)
-    return CodecConfigV2(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=k, freqs=freqs, raw_limit=int(d * RAW_FRACTION), info=info)
+    return CodecConfigV2(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=k, freqs=freqs, raw_limit=int(d * RAW_FRACTION),
+                         class_freqs=tables, channel_class=table_of, info=info)

@@ -17,9 +17,11 @@ import numpy as np
 from . import rans
 
 CONFIG_VERSION = 2
+CONFIG_VERSION_CLASSES = 3  # the canonical layout with channel-class tables
 MAX_KMAX = (rans.MAX_SYMBOLS - 2) // 2  # symbols 0..2K are codes -K..K, 2K+1 is the escape
 MAX_D = 1 << 20  # widest hidden state a serialised config may describe
 _CANON_HEAD = struct.Struct("<BIII")
+_CLASS_COUNT = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,11 @@ class CodecConfigV2:
       *escape*: the exact value travels in the input dtype. The step is the calibrated channel
       scale times one global step in the equalised domain.
     * ``kmax``: largest code magnitude (1..127); the alphabet is ``2 * kmax + 2`` symbols.
-    * ``freqs``: static rANS table over that alphabet (sum ``2**14``, each 1..``2**13``).
+    * ``freqs``: static rANS table over that alphabet (sum ``2**14``, each 1..``2**13``): the table of
+      every channel when there are no classes, and the nibble coder's window either way.
+    * ``class_freqs``, ``channel_class``: optional channel classes, ``K`` tables over the same
+      alphabet and the class of each of the ``d`` channels; rANS then codes channel ``c`` with
+      ``class_freqs[channel_class[c]]``. Empty (the default) means one table for all.
     * ``raw_limit``: a token with more than this many escapes travels raw (attention sinks).
     * ``info``: calibration notes (target bits, estimated bits, KL proxy); not part of the codec,
       not in the fingerprint.
@@ -43,6 +49,8 @@ class CodecConfigV2:
     kmax: int
     freqs: tuple[int, ...]
     raw_limit: int
+    class_freqs: tuple[tuple[int, ...], ...] = ()
+    channel_class: tuple[int, ...] = ()
     info: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +72,17 @@ class CodecConfigV2:
         rans.check_freqs(self.freqs)
         if isinstance(self.raw_limit, bool) or not isinstance(self.raw_limit, int) or not 0 <= self.raw_limit <= self.d:
             raise ValueError(f"raw_limit must be an int in [0, d={self.d}], got {self.raw_limit!r}")
+        if bool(self.class_freqs) != bool(self.channel_class):
+            raise ValueError("class_freqs and channel_class must be given together")
+        if self.class_freqs:
+            if len(self.channel_class) != self.d:
+                raise ValueError(f"channel_class must have d = {self.d} entries, got {len(self.channel_class)}")
+            if any(len(t) != len(self.freqs) for t in self.class_freqs):
+                raise ValueError(f"every class_freqs table must have 2 * kmax + 2 = {len(self.freqs)} entries")
+            classes = rans.ClassTables(self.class_freqs, self.channel_class)
+            object.__setattr__(self, "class_freqs", classes.tables)
+            object.__setattr__(self, "channel_class", classes.table_of)
+        object.__setattr__(self, "_rans", classes if self.class_freqs else self.freqs)
         # Read-only fp32 arrays, built once: encoders use them on every call.
         arrays = {"center": np.asarray(center, dtype=np.float32), "step": np.asarray(step, dtype=np.float32)}
         arrays["inv"] = np.float32(1.0) / arrays["step"]
@@ -81,6 +100,11 @@ class CodecConfigV2:
     def escape_symbol(self) -> int:
         return 2 * self.kmax + 1
 
+    @property
+    def rans_tables(self) -> tuple[int, ...] | rans.ClassTables:
+        """What the rANS coder codes with: ``freqs``, or the channel-class tables when there are any."""
+        return self._rans
+
     def center_array(self) -> np.ndarray:
         """``center`` as a read-only fp32 array."""
         return self._arrays["center"]
@@ -93,10 +117,20 @@ class CodecConfigV2:
         """``fp32(1 / step)`` with one IEEE fp32 division per channel (the encoder multiplies by it)."""
         return self._arrays["inv"]
 
+    @property
+    def version(self) -> int:
+        """Canonical layout: 2 (one table) or 3 (channel-class tables)."""
+        return CONFIG_VERSION_CLASSES if self.class_freqs else CONFIG_VERSION
+
     def canonical_bytes(self) -> bytes:
-        """The bytes the fingerprint hashes: version, d, kmax, raw_limit, centers and steps (f32), freqs (u16)."""
-        head = _CANON_HEAD.pack(CONFIG_VERSION, self.d, self.kmax, self.raw_limit)
-        return head + self.center_array().astype("<f4").tobytes() + self.step_array().astype("<f4").tobytes() + np.asarray(self.freqs, dtype="<u2").tobytes()
+        """The bytes the fingerprint hashes: version, d, kmax, raw_limit, centers and steps (f32),
+        freqs (u16); with classes also their count (u32), the channel classes (u8) and their tables (u16)."""
+        head = _CANON_HEAD.pack(self.version, self.d, self.kmax, self.raw_limit)
+        out = head + self.center_array().astype("<f4").tobytes() + self.step_array().astype("<f4").tobytes() + np.asarray(self.freqs, dtype="<u2").tobytes()
+        if self.class_freqs:
+            out += _CLASS_COUNT.pack(len(self.class_freqs)) + np.asarray(self.channel_class, dtype=np.uint8).tobytes() + \
+                np.asarray(self.class_freqs, dtype="<u2").tobytes()
+        return out
 
     @property
     def fingerprint(self) -> str:
@@ -121,30 +155,52 @@ class CodecConfigV2:
         if len(buf) < _CANON_HEAD.size:
             raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the header needs {_CANON_HEAD.size}")
         version, d, kmax, raw_limit = _CANON_HEAD.unpack_from(buf)
-        if version != CONFIG_VERSION:
-            raise ValueError(f"codec config version must be {CONFIG_VERSION}, got {version}")
+        if version not in (CONFIG_VERSION, CONFIG_VERSION_CLASSES):
+            raise ValueError(f"codec config version must be {CONFIG_VERSION} or {CONFIG_VERSION_CLASSES}, got {version}")
         if not 1 <= d <= max_d or not 1 <= kmax <= MAX_KMAX:
             raise ValueError(f"codec config has d = {d} (allowed 1..{max_d}) and kmax = {kmax} (allowed 1..{MAX_KMAX})")
         n = 2 * kmax + 2
-        want = _CANON_HEAD.size + 8 * d + 2 * n
+        base = _CANON_HEAD.size + 8 * d + 2 * n
+        k = 0
+        if version == CONFIG_VERSION_CLASSES:
+            if len(buf) < base + _CLASS_COUNT.size:
+                raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the class count ends at {base + _CLASS_COUNT.size}")
+            (k,) = _CLASS_COUNT.unpack_from(buf, base)
+            if not 1 <= k <= rans.MAX_CLASSES:
+                raise ValueError(f"codec config has {k} channel classes (allowed 1..{rans.MAX_CLASSES})")
+        want = base + (_CLASS_COUNT.size + d + 2 * n * k if version == CONFIG_VERSION_CLASSES else 0)
         if len(buf) != want:
-            raise ValueError(f"codec config bytes for d = {d}, kmax = {kmax} must be {want} bytes, got {len(buf)}")
+            raise ValueError(f"codec config bytes for d = {d}, kmax = {kmax}, {k} classes must be {want} bytes, got {len(buf)}")
         at = _CANON_HEAD.size
         center = np.frombuffer(buf, dtype="<f4", count=d, offset=at)
         step = np.frombuffer(buf, dtype="<f4", count=d, offset=at + 4 * d)
         freqs = np.frombuffer(buf, dtype="<u2", count=n, offset=at + 8 * d)
+        classes, tables = (), ()
+        if k:
+            classes = tuple(np.frombuffer(buf, dtype=np.uint8, count=d, offset=base + _CLASS_COUNT.size).tolist())
+            flat = np.frombuffer(buf, dtype="<u2", count=n * k, offset=base + _CLASS_COUNT.size + d)
+            tables = tuple(tuple(row) for row in flat.reshape(k, n).tolist())
         return cls(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=int(kmax),
-                   freqs=tuple(int(f) for f in freqs), raw_limit=int(raw_limit))
+                   freqs=tuple(int(f) for f in freqs), raw_limit=int(raw_limit), class_freqs=tables, channel_class=classes)
 
     def to_dict(self) -> dict:
-        return {"version": CONFIG_VERSION, "center": list(self.center), "step": list(self.step), "kmax": self.kmax, "freqs": list(self.freqs),
-                "raw_limit": self.raw_limit, "info": dict(self.info), "fingerprint": self.fingerprint}
+        out = {"version": self.version, "center": list(self.center), "step": list(self.step), "kmax": self.kmax, "freqs": list(self.freqs),
+               "raw_limit": self.raw_limit, "info": dict(self.info), "fingerprint": self.fingerprint}
+        if self.class_freqs:
+            out["class_freqs"] = [list(t) for t in self.class_freqs]
+            out["channel_class"] = list(self.channel_class)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "CodecConfigV2":
-        if d.get("version") != CONFIG_VERSION:
-            raise ValueError(f"codec config version must be {CONFIG_VERSION}, got {d.get('version')!r}")
+        version = d.get("version")
+        if version not in (CONFIG_VERSION, CONFIG_VERSION_CLASSES):
+            raise ValueError(f"codec config version must be {CONFIG_VERSION} or {CONFIG_VERSION_CLASSES}, got {version!r}")
+        classes = version == CONFIG_VERSION_CLASSES
+        if classes != ("class_freqs" in d):
+            raise ValueError(f"a version {version} codec config must {'' if classes else 'not '}have class_freqs")
         cfg = cls(center=tuple(d["center"]), step=tuple(d["step"]), kmax=d["kmax"], freqs=tuple(d["freqs"]), raw_limit=d["raw_limit"],
+                  class_freqs=tuple(tuple(t) for t in d.get("class_freqs", ())), channel_class=tuple(d.get("channel_class", ())),
                   info=dict(d.get("info", {})))
         if "fingerprint" in d and d["fingerprint"] != cfg.fingerprint:
             raise ValueError("codec config fingerprint does not match its contents")

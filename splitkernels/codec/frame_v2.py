@@ -172,7 +172,7 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
     if code == CODER_NIBBLE:
         stream = nibble.encode(enc.symbols.numpy(), raw if n_raw else None, cfg.freqs)
     else:
-        stream = rans.encode(enc.symbols.numpy()[~raw] if n_raw else enc.symbols.numpy(), cfg.freqs)
+        stream = rans.encode(enc.symbols.numpy()[~raw] if n_raw else enc.symbols.numpy(), cfg.rans_tables)
     return assemble_frame(cfg, code, t, raw, enc.escapes, enc.raw_values, stream)
 
 
@@ -307,7 +307,7 @@ def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
         symbols = torch.from_numpy(sym)
     else:
         try:
-            sym, n_esc_sym = rans.decode(p.stream, config.freqs, (t - n_raw) * d, count_of=config.escape_symbol)
+            sym, n_esc_sym = rans.decode(p.stream, config.rans_tables, (t - n_raw) * d, count_of=config.escape_symbol)
         except rans.RansError as exc:
             raise FrameError(f"symbol stream invalid: {exc}") from None
         if n_raw:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,6 +26,7 @@ MAX_SYMBOLS = 256
 MAX_FREQ = M // 2
 LANES_MIN_SYMBOLS = 1 << 14
 WIDE_LANES = 4
+MAX_CLASSES = 64  # tables of one ClassTables (their native tables take ~86 KB each)
 
 _C, _ = load("_C")
 
@@ -85,6 +87,60 @@ def build_freqs(counts: Sequence[int] | np.ndarray) -> tuple[int, ...]:
     return tuple(int(v) for v in f)
 
 
+@dataclass(frozen=True, eq=False)
+class ClassTables:
+    """One static table per channel class: position ``i`` of a token-major ``[T, d]`` symbol stream
+    is coded with ``tables[table_of[i % d]]`` (``d = len(table_of)``).
+
+    Channels whose symbols spread alike share a class, so a channel that is nearly always 0 does not
+    pay for the tails of one that is not. Every table covers the same alphabet.
+    """
+
+    tables: tuple[tuple[int, ...], ...]
+    table_of: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        tables = tuple(tuple(int(v) for v in t) for t in self.tables)
+        table_of = np.asarray(self.table_of, dtype=np.int64).ravel()
+        object.__setattr__(self, "tables", tables)
+        object.__setattr__(self, "table_of", tuple(int(v) for v in table_of))
+        if not 1 <= len(tables) <= MAX_CLASSES:
+            raise ValueError(f"class tables must number 1..{MAX_CLASSES}, got {len(tables)}")
+        for t in tables:
+            check_freqs(t)
+            if len(t) != len(tables[0]):
+                raise ValueError(f"every class table must have {len(tables[0])} entries, got {len(t)}")
+        if table_of.size < 1 or table_of.min() < 0 or table_of.max() >= len(tables):
+            raise ValueError(f"table_of must hold at least one table index in [0, {len(tables)})")
+
+    @property
+    def nsym(self) -> int:
+        return len(self.tables[0])
+
+    @functools.cached_property
+    def _slot_tables(self) -> list[tuple[np.ndarray, list[int]]]:
+        return [(np.repeat(np.arange(len(f), dtype=np.uint8), f), _cum(f)) for f in self.tables]
+
+    @functools.cached_property
+    def native(self) -> np.ndarray:
+        """One pointer per channel to the C++ coder's tables of its class (built once per object)."""
+        blobs = [native_tables(t) for t in self.tables]
+        ptrs = np.asarray([blobs[c].ctypes.data for c in self.table_of], dtype=np.uint64)
+        ptrs.setflags(write=False)
+        object.__setattr__(self, "_blobs", blobs)  # keeps the tables alive as long as the pointers
+        return ptrs
+
+
+def as_class_tables(freqs: Sequence[int] | ClassTables) -> ClassTables:
+    """``freqs`` itself, or one frequency table as a single class."""
+    return freqs if isinstance(freqs, ClassTables) else _single(tuple(int(v) for v in freqs))
+
+
+@functools.lru_cache(maxsize=64)
+def _single(freqs: tuple[int, ...]) -> ClassTables:
+    return ClassTables((freqs,), (0,))
+
+
 def _cum(freqs: Sequence[int]) -> list[int]:
     out, acc = [], 0
     for v in freqs:
@@ -93,21 +149,25 @@ def _cum(freqs: Sequence[int]) -> list[int]:
     return out
 
 
-def encode_reference(symbols: np.ndarray, freqs: Sequence[int]) -> bytes:
-    """Reference encoder: ``lanes(n)`` u32 states then u16 words, all little-endian, in decode order."""
+def encode_reference(symbols: np.ndarray, freqs: Sequence[int] | ClassTables) -> bytes:
+    """Reference encoder: ``lanes(n)`` u32 states then u16 words, all little-endian, in decode order.
+    ``freqs``: one table, or :class:`ClassTables` (symbol ``i`` with its channel's table)."""
+    ct = as_class_tables(freqs)
     sym = np.asarray(symbols, dtype=np.uint8).ravel()
     n, nl = sym.shape[0], lanes(sym.shape[0])
     if n == 0:
         return b""
-    if int(sym.max()) >= len(freqs):
-        raise ValueError(f"symbol {int(sym.max())} is outside the table of {len(freqs)} symbols")
-    cum = _cum(freqs)
+    if int(sym.max()) >= ct.nsym:
+        raise ValueError(f"symbol {int(sym.max())} is outside the table of {ct.nsym} symbols")
+    cums = [_cum(t) for t in ct.tables]
+    period = len(ct.table_of)
     state = [RANS_L] * nl
     words: list[int] = []  # emitted in reverse decode order
     for i in range(n - 1, -1, -1):
         j = i % nl
         s = int(sym[i])
-        f = freqs[s]
+        c = ct.table_of[i % period]
+        f, cum = ct.tables[c][s], cums[c]
         x = state[j]
         if x >= f << (32 - PREC_BITS):  # ((RANS_L >> PREC_BITS) << 16) * f
             words.append(x & 0xFFFF)
@@ -117,8 +177,9 @@ def encode_reference(symbols: np.ndarray, freqs: Sequence[int]) -> bytes:
     return head + np.array(words[::-1], dtype="<u2").tobytes()
 
 
-def decode_reference(data: bytes | memoryview, freqs: Sequence[int], n: int) -> np.ndarray:
+def decode_reference(data: bytes | memoryview, freqs: Sequence[int] | ClassTables, n: int) -> np.ndarray:
     """Reference decoder; raises :class:`RansError` unless the stream holds exactly ``n`` symbols."""
+    ct = as_class_tables(freqs)
     buf = bytes(data)
     if n == 0:
         if buf:
@@ -133,16 +194,17 @@ def decode_reference(data: bytes | memoryview, freqs: Sequence[int], n: int) -> 
     words = np.frombuffer(buf[4 * nl :], dtype="<u2")
     if any(x < RANS_L for x in state):
         raise RansError("rANS initial state below the renormalisation bound")
-    slot_sym = np.repeat(np.arange(len(freqs), dtype=np.uint8), freqs)
-    cum = _cum(freqs)
+    period = len(ct.table_of)
     out = np.empty(n, dtype=np.uint8)
     pos = 0
     for i in range(n):
         j = i % nl
         x = state[j]
+        c = ct.table_of[i % period]
+        slot_sym, cum = ct._slot_tables[c]
         slot = x & (M - 1)
         s = int(slot_sym[slot])
-        x = freqs[s] * (x >> PREC_BITS) + slot - cum[s]
+        x = ct.tables[c][s] * (x >> PREC_BITS) + slot - cum[s]
         if x < RANS_L:
             if pos >= words.shape[0]:
                 raise RansError("rANS stream ends early")
@@ -171,33 +233,38 @@ def native_tables(freqs: tuple[int, ...]) -> np.ndarray:
     return blob
 
 
-def encode(symbols: np.ndarray, freqs: Sequence[int]) -> bytes:
-    """Encode u8 ``symbols`` with the static table (C++ coder when built, else the reference)."""
+def encode(symbols: np.ndarray, freqs: Sequence[int] | ClassTables) -> bytes:
+    """Encode u8 ``symbols`` with one static table or :class:`ClassTables` (C++ coder when built,
+    else the reference)."""
+    ct = as_class_tables(freqs)
     sym = np.ascontiguousarray(np.asarray(symbols, dtype=np.uint8).ravel())
     if not has_native():
-        return encode_reference(sym, freqs)
-    if sym.shape[0] and int(sym.max()) >= len(freqs):
-        raise ValueError(f"symbol {int(sym.max())} is outside the table of {len(freqs)} symbols")
-    tables = native_tables(tuple(freqs))
+        return encode_reference(sym, ct)
+    if sym.shape[0] and int(sym.max()) >= ct.nsym:
+        raise ValueError(f"symbol {int(sym.max())} is outside the table of {ct.nsym} symbols")
+    ptrs = ct.native
     out = np.empty(4 * lanes(sym.shape[0]) + 2 * sym.shape[0], dtype=np.uint8)
-    n_out = _C.rans_encode(sym.ctypes.data, sym.shape[0], tables.ctypes.data, out.ctypes.data, out.shape[0])
+    n_out = _C.rans_encode(sym.ctypes.data, sym.shape[0], ptrs.ctypes.data, ptrs.shape[0], out.ctypes.data, out.shape[0])
     return out[:n_out].tobytes()
 
 
-def decode(data: bytes | memoryview, freqs: Sequence[int], n: int, count_of: int = -1) -> np.ndarray | tuple[np.ndarray, int]:
-    """Decode ``n`` symbols (C++ coder when built, else the reference); :class:`RansError` if invalid.
+def decode(data: bytes | memoryview, freqs: Sequence[int] | ClassTables, n: int,
+           count_of: int = -1) -> np.ndarray | tuple[np.ndarray, int]:
+    """Decode ``n`` symbols with one table or :class:`ClassTables` (C++ coder when built, else the
+    reference); :class:`RansError` if invalid.
 
     With ``count_of`` >= 0, also return how many decoded symbols equal it (counted by the coder).
     """
+    ct = as_class_tables(freqs)
     if not has_native():
-        out = decode_reference(data, freqs, n)
+        out = decode_reference(data, ct, n)
         return out if count_of < 0 else (out, int((out == count_of).sum()))
     buf = np.frombuffer(data, dtype=np.uint8)
     if n > max_symbols(buf.shape[0]):
         raise RansError(f"{n} symbols cannot fit in a {buf.shape[0]}-byte rANS stream")
-    tables = native_tables(tuple(freqs))
+    ptrs = ct.native
     out = np.empty(n, dtype=np.uint8)
-    err, count = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, tables.ctypes.data, out.ctypes.data, count_of)
+    err, count = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, ptrs.ctypes.data, ptrs.shape[0], out.ctypes.data, count_of)
     if err:
         raise RansError(err)
     return out if count_of < 0 else (out, count)
