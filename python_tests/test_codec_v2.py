@@ -168,6 +168,26 @@ def test_calibrate_with_sensitivity_and_kl_proxy():
     assert np.allclose(refit.step_array() / refit.step_array()[0], s / s[0], rtol=1e-5)
 
 
+def test_calibrate_default_rule_follows_the_measured_sensitivity():
+    from splitkernels.codec.calibrate import DEFAULT_BITS, DEFAULT_KL_PROXY, default_bits_ceiling
+
+    # The ceiling leaves a one-token frame (17 bytes of header, CRC and rANS state) near 4.45 bits.
+    assert default_bits_ceiling(640) == pytest.approx(4.45 - 8 * 17 / 640, abs=0.02)
+    assert default_bits_ceiling(16) == DEFAULT_BITS < default_bits_ceiling(576) < default_bits_ceiling(4096) < 4.45
+    h = activations(1000, 640, seed=6)
+    assert calibrate(h).info["target_bits"] == DEFAULT_BITS  # no sensitivity: a fixed rate
+    for scale, capped in ((1e-3, False), (1e3, True)):
+        # An insensitive layer meets the KL target at a low rate; a sensitive one stops at the ceiling.
+        cfg = calibrate(h, sensitivity=torch.full((640,), scale))
+        assert cfg.info["max_kl_proxy"] == DEFAULT_KL_PROXY
+        assert cfg.info["estimated_bits"] <= default_bits_ceiling(640) + 1e-6
+        if capped:
+            assert cfg.info["kl_proxy"] > DEFAULT_KL_PROXY
+            assert cfg.info["estimated_bits"] == pytest.approx(default_bits_ceiling(640), abs=0.01)
+        else:
+            assert cfg.info["kl_proxy"] <= DEFAULT_KL_PROXY and cfg.info["estimated_bits"] < 3.8
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(bits=0.5), "bits"), (dict(max_kl_proxy=-1.0, sensitivity=torch.ones(8)), "max_kl_proxy"),
     (dict(max_kl_proxy=0.01), "sensitivity"), (dict(sensitivity=torch.ones(7)), "sensitivity"),
@@ -271,10 +291,11 @@ def test_encode_rejects_bad_input(cfg64):
 # ---------------------------------------------------------------- fuzzing
 
 
-def _reseal(body: bytes) -> bytes:
+def _reseal(body: bytes, cfg: CodecConfigV2) -> bytes:
     import zlib
 
-    return body + zlib.crc32(body).to_bytes(4, "little")
+    """``body`` with a valid CRC for frames of ``cfg`` (the CRC starts from the config's digest)."""
+    return body + zlib.crc32(body, cfg.crc_seed).to_bytes(4, "little")
 
 
 def _parse_or_frame_error(data: bytes, cfg: CodecConfigV2) -> None:
@@ -318,7 +339,7 @@ def test_fuzz_resealed_mutations_raise_only_frame_error(cfg64):
             del bad[int(rng.integers(len(bad)))]
         else:
             bad.insert(int(rng.integers(len(bad) + 1)), int(rng.integers(256)))
-        _parse_or_frame_error(_reseal(bytes(bad)), cfg64)
+        _parse_or_frame_error(_reseal(bytes(bad), cfg64), cfg64)
 
 
 def test_fuzz_forged_headers_cannot_force_large_allocations(cfg64):
@@ -330,15 +351,15 @@ def test_fuzz_forged_headers_cannot_force_large_allocations(cfg64):
         for n_esc in (0, 1, 1 << 30):
             from splitkernels.codec.frame_v2 import _varint
 
-            forged = _reseal(head + _varint(t) + _varint(n_esc) + rest)
+            forged = _reseal(head + _varint(t) + _varint(n_esc) + rest, cfg64)
             _parse_or_frame_error(forged, cfg64)
     # A claimed huge T with a tiny stream is refused before anything T-sized is allocated.
-    forged = _reseal(head + _varint(1 << 24) + _varint(0) + bytes((1 << 24) // 8) + b"\1" * 8)
+    forged = _reseal(head + _varint(1 << 24) + _varint(0) + bytes((1 << 24) // 8) + b"\1" * 8, cfg64)
     with pytest.raises(FrameError, match="stream can hold"):
         from_bytes(forged, config=cfg64)
     for version_or_dtype in ((b"SKTQ", 3, 1), (b"SKTQ", 2, 9), (b"SKTX", 2, 1)):
         magic, version, dtype = version_or_dtype
-        forged = _reseal(HEAD.pack(magic, version, dtype, cfg64.frame_tag) + data[HEAD.size : -4])
+        forged = _reseal(HEAD.pack(magic, version, dtype) + data[HEAD.size : -4], cfg64)
         with pytest.raises(FrameError):
             from_bytes(forged, config=cfg64)
 

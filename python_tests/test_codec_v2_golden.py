@@ -9,11 +9,12 @@ from splitkernels.codec import CodecConfigV2, decode, encode, from_bytes, rans
 CONFIG = CodecConfigV2(center=(0.0, 1.0, -2.0, 100.0), step=(0.5, 0.25, 1.0, 2.0), kmax=2,
                        freqs=(1024, 3072, 8192, 3072, 1023, 1), raw_limit=2)
 X = torch.tensor([[0.3, 1.2, -5.5, 101.0], [-0.75, 0.0, 7.0, 96.0], [9.0, -9.0, 9.0, 90.0]], dtype=torch.float16)
-FRAME = bytes.fromhex("534b54510201b2a9227c03030480c500000047804880c88048a055ff331d01ff93ff3f00005fd2fd63")
+FRAME = bytes.fromhex("534b5451020103030480c500000047804880c88048a055ff331d01ff93ff3f000077605098")
 
 
-def test_golden_config_tag():
-    assert CONFIG.frame_tag == 0x7C22A9B2
+def test_golden_config_fingerprint_and_crc_seed():
+    assert CONFIG.fingerprint.startswith("b2a9227c")
+    assert CONFIG.crc_seed == 0x8FA876CD
 
 
 def test_golden_symbols_and_frame():
@@ -29,7 +30,7 @@ def test_golden_symbols_and_frame():
 
 def test_golden_rans_stream_reference_and_default_coder():
     sym = np.array([3, 3, 5, 2, 0, 5, 5, 0], dtype=np.uint8)
-    stream = FRAME[27:-4]  # after 10 header, 2 varint, 1 bitmap, 6 escape and 8 raw bytes
+    stream = FRAME[23:-4]  # after 6 header, 2 varint, 1 bitmap, 6 escape and 8 raw bytes
     assert rans.encode_reference(sym, CONFIG.freqs) == stream
     assert rans.encode(sym, CONFIG.freqs) == stream
     assert rans.decode_reference(stream, CONFIG.freqs, 8).tolist() == sym.tolist()
@@ -38,15 +39,15 @@ def test_golden_rans_stream_reference_and_default_coder():
 # Channel classes (docs/FORMATS.md §5.1, §5.3): channels 0 and 3 code with table 0, 1 and 2 with table 1.
 CLASS_CONFIG = CodecConfigV2(center=CONFIG.center, step=CONFIG.step, kmax=2, freqs=CONFIG.freqs, raw_limit=2,
                              class_freqs=(CONFIG.freqs, (2048, 2048, 4096, 2048, 2048, 4096)), channel_class=(0, 1, 1, 0))
-CLASS_FRAME = bytes.fromhex("534b5451020116fbaaba03030480c500000047804880c88048a055783016000070e494fa05")
+CLASS_FRAME = bytes.fromhex("534b5451020103030480c500000047804880c88048a055783016000070b8ffe769")
 
 
 def test_golden_class_tables_frame_and_stream():
-    assert CLASS_CONFIG.frame_tag == 0xBAAAFB16
+    assert CLASS_CONFIG.crc_seed == 0x72EAFC00
     assert CLASS_CONFIG.canonical_bytes()[0] == 3
     assert encode(X, CLASS_CONFIG).to_bytes() == CLASS_FRAME
     sym = np.array([3, 3, 5, 2, 0, 5, 5, 0], dtype=np.uint8)
-    stream = CLASS_FRAME[27:-4]
+    stream = CLASS_FRAME[23:-4]
     assert rans.encode_reference(sym, CLASS_CONFIG.rans_tables) == stream
     assert rans.encode(sym, CLASS_CONFIG.rans_tables) == stream
     assert rans.decode_reference(stream, CLASS_CONFIG.rans_tables, 8).tolist() == sym.tolist()

@@ -287,8 +287,9 @@ def test_long_frames_round_trip_through_the_public_api(cfg):
 # ---------------------------------------------------------------- fuzzing nibble frames
 
 
-def _reseal(body: bytes) -> bytes:
-    return body + zlib.crc32(body).to_bytes(4, "little")
+def _reseal(body: bytes, cfg: CodecConfigV2) -> bytes:
+    """``body`` with a valid CRC for frames of ``cfg`` (the CRC starts from the config's digest)."""
+    return body + zlib.crc32(body, cfg.crc_seed).to_bytes(4, "little")
 
 
 def _decode_both_or_frame_error(data: bytes, cfg: CodecConfigV2) -> None:
@@ -345,7 +346,7 @@ def test_fuzz_resealed_nibble_frames_raise_only_frame_error(cfg):
         else:  # flip a nibble of the stream only
             at = int(rng.integers(len(bad) - 200, len(bad)))
             bad[at] ^= 0x0F << (4 * int(rng.integers(2)))
-        _decode_both_or_frame_error(_reseal(bytes(bad)), cfg)
+        _decode_both_or_frame_error(_reseal(bytes(bad), cfg), cfg)
 
 
 def test_fuzz_forged_nibble_headers_cannot_force_large_allocations(cfg):
@@ -355,14 +356,14 @@ def test_fuzz_forged_nibble_headers_cannot_force_large_allocations(cfg):
     rest = data[HEAD.size + 2 : -4]  # after the T and escape varints (one byte each here)
     for t in (3, 255, 1 << 20, (1 << 24) + 1, (1 << 35) - 1):
         for n_esc in (0, 1, 1 << 30):
-            _decode_both_or_frame_error(_reseal(head + _varint(t) + _varint(n_esc) + rest), cfg)
+            _decode_both_or_frame_error(_reseal(head + _varint(t) + _varint(n_esc) + rest, cfg), cfg)
     # A huge T with a tiny stream is refused before anything T-sized is allocated.
-    forged = _reseal(head + _varint(1 << 24) + _varint(0) + bytes((1 << 24) // 8) + b"\1" * 40)
+    forged = _reseal(head + _varint(1 << 24) + _varint(0) + bytes((1 << 24) // 8) + b"\1" * 40, cfg)
     for fn in (lambda: from_bytes(forged, config=cfg), lambda: wire_v2.decode_frame_v2(forged, cfg)):
         with pytest.raises(FrameError, match="stream can hold"):
             fn()
     for coder in (2, 15):  # unknown coders
-        forged = _reseal(HEAD.pack(b"SKTQ", 2, 1 | coder << 4, cfg.frame_tag) + data[HEAD.size : -4])
+        forged = _reseal(HEAD.pack(b"SKTQ", 2, 1 | coder << 4) + data[HEAD.size : -4], cfg)
         with pytest.raises(FrameError, match="unknown symbol coder"):
             from_bytes(forged, config=cfg)
 
@@ -379,12 +380,12 @@ GOLDEN = CodecConfigV2(center=(0.0,) * 5, step=(1.0,) * 5, kmax=18, freqs=GOLDEN
 GOLDEN_X = torch.tensor([[0.0, 3.0, -7.0, 8.5, 16.0], [-8.0, -15.0, 100.0, 2.5, 0.5], [50.0, -60.0, 1.0, 2.0, 3.0]],
                         dtype=torch.float16)
 GOLDEN_FRAME = bytes.fromhex(
-    "534b5451" "02" "11" "6963ec2a"  # magic, version 2, fp16 + coder 1 (nibble), tag 0x2aec6369
+    "534b5451" "02" "11"  # magic, version 2, fp16 + coder 1 (nibble)
     "03" "01" "04"  # T = 3, 1 escape, raw bitmap: token 2
     "4056"  # escape value 100 (fp16)
     "4052" "80d3" "003c" "0040" "0042"  # raw token 2 (fp16)
     "0500000003000000a7f00fff9f07f0f10f220325"  # nibble stream
-    "9811555b"  # crc32
+    "064768a0"  # crc32, continued from the config's crc_seed 0x5bdfe08a
 )
 
 
@@ -399,7 +400,7 @@ def test_golden_nibble_frame():
         "f0f1" "0f"  # level 2: 0, 15, 1, 15, 15 (+ padding 0)
         "220325"  # level 3: 34, 3, 37
     )
-    assert GOLDEN.frame_tag == 0x2AEC6369
+    assert GOLDEN.crc_seed == 0x5BDFE08A
     assert nibble.encode_reference(enc.symbols[:2].numpy(), GOLDEN.freqs) == stream
     assert GOLDEN_FRAME[-4 - len(stream) : -4] == stream
     assert enc.to_bytes("nibble") == GOLDEN_FRAME

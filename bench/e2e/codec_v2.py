@@ -104,7 +104,8 @@ def main() -> None:
                          "fractions on another model)")
     ap.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of 512)")
     ap.add_argument("--calib-tokens", type=int, default=1024)
-    ap.add_argument("--bits", type=float, nargs="*", default=[3.5, 4.0, 4.5], help="v2 bit targets")
+    ap.add_argument("--bits", nargs="*", default=["default", "3.5", "4.0", "4.5"],
+                    help="v2 bit targets; 'default' is calibrate's own rule (KL proxy within a decode-frame ceiling)")
     ap.add_argument("--uniform-bits", type=float, nargs="*", default=[4.0],
                     help="v2 bit targets calibrated without the Fisher (uniform channel scales)")
     ap.add_argument("--massive", type=float, default=None, help="massive-activation fixture: channel factor")
@@ -148,8 +149,8 @@ def main() -> None:
         wire = wires[layer]
         fisher, hidden = fisher_diagonal(model, calib, layer)
         for b in args.bits:
-            cfg = calibrate(hidden, bits=b, sensitivity=fisher, wire_dtype=wire)
-            record(layer, f"v2 fisher {b:g}", v2_transform(cfg, wire), {"info": cfg.info})
+            cfg = calibrate(hidden, bits=None if b == "default" else float(b), sensitivity=fisher, wire_dtype=wire)
+            record(layer, f"v2 fisher {b if b == 'default' else f'{float(b):g}'}", v2_transform(cfg, wire), {"info": cfg.info})
         for b in args.uniform_bits:
             cfg = calibrate(hidden, bits=b, wire_dtype=wire)
             record(layer, f"v2 uniform {b:g}", v2_transform(cfg, wire), {"info": cfg.info})

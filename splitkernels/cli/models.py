@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..codec import CodecConfig, CodecConfigV2
-from ..codec.calibrate import DEFAULT_BITS
+from ..codec.calibrate import DECODE_FRAME_BITS, DEFAULT_KL_PROXY
 from ..codec.frame import count_width
 from ..models import LoadedModel
 from ..models.loading import BUILT_IN
@@ -111,8 +111,10 @@ def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
                    help=f"v2 (calibrated equalisation + static rANS, calibrated here on Botchan text disjoint from "
                         f"the evaluation text), v1 (TS + TAB-Q) or passthrough (lossless); default {default}"
                         + (" (v1 when --avg-bits is given)" if default != "v1" else ""))
-    g.add_argument("--bits", type=types.number(1.0, 16.0), default=DEFAULT_BITS,
-                   help="v2: target bits per element of 512-token frames")
+    g.add_argument("--bits", type=types.number(1.0, 16.0), default=None,
+                   help="v2: target bits per element of 512-token frames (default: with --sensitivity fisher, the "
+                        f"rate at which the Fisher's KL estimate is {DEFAULT_KL_PROXY}, one-token frames at most about "
+                        f"{DECODE_FRAME_BITS} bits; uniform: 4.0)")
     g.add_argument("--sensitivity", choices=("fisher", "uniform"), default="fisher",
                    help="v2: channel precision from a diagonal Fisher of the calibration text (one backward "
                         "pass per window) or uniform (forward passes only)")
@@ -236,7 +238,7 @@ def codec_kind(args: argparse.Namespace) -> str | None:
 def calibrate_v2(args: argparse.Namespace, loaded: LoadedModel, split: int) -> tuple[CodecConfigV2, dict]:
     """Calibrate codec v2 for ``loaded`` split after ``split`` on Botchan tokens that start after
     the evaluation tokens (``--eval-tokens``, if the command has it), so the two never overlap."""
-    spec = {"kind": "v2", "bits": args.bits, "sensitivity": args.sensitivity}
+    spec = {"kind": "v2", "sensitivity": args.sensitivity, **({} if args.bits is None else {"bits": args.bits})}
     return calibrate_spec(loaded, split, spec, args.calib_tokens, max(CALIB_OFFSET, getattr(args, "eval_tokens", 0)))
 
 

@@ -17,7 +17,11 @@ What is fitted, from calibration hidden states ``[N, d]`` of one model and split
 * **Global step and alphabet.** One step ``delta`` in the equalised domain, found by bisection so
   that the estimated bits per element of 512-token frames (static-table entropy of the symbols,
   escapes at the wire dtype, raw tokens, framing) meets ``bits``, and/or the KL proxy meets
-  ``max_kl_proxy``. ``kmax`` covers all but ``ESCAPE_RATE`` of the calibration values; everything
+  ``max_kl_proxy``. With a measured sensitivity and no target, the default aims at the KL
+  proxy ``DEFAULT_KL_PROXY`` within a ceiling that keeps one-token decode frames at about
+  ``DECODE_FRAME_BITS`` bits per element (:func:`default_bits_ceiling`): each split layer gets the
+  rate its own sensitivity asks for (measured KL / proxy: 0.8-1.2 on SmolLM2 and Gemma 3 splits
+  6-13, 2.1-2.5 at Gemma 3 split 2, where the ceiling decides), instead of one rate for all. ``kmax`` covers all but ``ESCAPE_RATE`` of the calibration values; everything
   beyond escapes exact, so massive channels and heavy outliers are never clipped.
 * **rANS tables** from the symbol counts at the chosen step: one pooled table, and ``classes``
   tables for groups of channels of alike spread (channels sorted by their mean code magnitude,
@@ -36,7 +40,9 @@ from . import rans
 from .config_v2 import MAX_KMAX, CodecConfigV2
 from .frame_v2 import framing_bytes
 
-DEFAULT_BITS = 4.0
+DEFAULT_BITS = 4.0  # without a measured sensitivity
+DEFAULT_KL_PROXY = 0.004
+DECODE_FRAME_BITS = 4.45
 SINK_RATIO = 8.0
 SCALE_CLIP = 64.0
 ESCAPE_RATE = 1e-4
@@ -135,6 +141,15 @@ class _Stats:
         return 0.5 * float((err.double().pow(2).mean(0) * self.fisher).sum())
 
 
+def default_bits_ceiling(d: int) -> float:
+    """Bits per element of 512-token frames (as :func:`calibrate` estimates them) that leave a
+    one-token frame of ``d`` values, whose header, CRC and rANS state weigh ``8 * 17 / d`` bits per
+    element, at about ``DECODE_FRAME_BITS``; never below ``DEFAULT_BITS``."""
+    one_token = 8.0 * (framing_bytes(1, 0) + 4) / d
+    long_frame = 8.0 * (framing_bytes(FRAME_TOKENS) + 3 + 4 * rans.WIDE_LANES) / (FRAME_TOKENS * d)
+    return max(DEFAULT_BITS, DECODE_FRAME_BITS - one_token + long_frame)
+
+
 def _bisect(pred, lo: float, hi: float) -> tuple[float, float]:
     """Bracket ``(a, b)`` on a log scale with pred(a) true and pred(b) false (pred true for small
     deltas); ``(lo, lo)`` if pred(lo) is false, ``(hi, hi)`` if pred(hi) is true."""
@@ -160,8 +175,9 @@ def calibrate(
 ) -> CodecConfigV2:
     """Fit a :class:`CodecConfigV2` from split-layer hidden states ``[N, d]`` (module docstring).
 
-    ``bits``: target bits per element of 512-token frames (every frame byte counted); default
-    ``DEFAULT_BITS`` when neither target is given. ``max_kl_proxy``: target of the second-order KL
+    ``bits``: target bits per element of 512-token frames (every frame byte counted). When neither
+    target is given: with ``sensitivity``, ``max_kl_proxy = DEFAULT_KL_PROXY`` within
+    ``bits = default_bits_ceiling(d)``; without, ``bits = DEFAULT_BITS``. ``max_kl_proxy``: target of the second-order KL
     estimate (needs ``sensitivity``); with both, the coarsest step meeting the proxy is used unless
     it costs more than ``bits``. ``base``: keep its relative channel scales and refit the rest.
     ``sensitivity``: diagonal Fisher ``[d]`` of the model output w.r.t. the split hidden state.
@@ -183,9 +199,12 @@ def calibrate(
         raise ValueError(f"base has d = {base.d}, hidden has d = {hidden.shape[1]}")
     if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= rans.MAX_CLASSES:
         raise ValueError(f"classes must be an int in [1, {rans.MAX_CLASSES}], got {classes!r}")
-    if bits is None and max_kl_proxy is None:
-        bits = DEFAULT_BITS
     d = hidden.shape[1]
+    if bits is None and max_kl_proxy is None:
+        if sensitivity is None:
+            bits = DEFAULT_BITS
+        else:
+            bits, max_kl_proxy = default_bits_ceiling(d), DEFAULT_KL_PROXY
     hidden = hidden.detach().cpu().float()
     sinks = sink_mask(hidden)
     body = hidden[~sinks]

@@ -2,7 +2,7 @@
 
 A :class:`CodecConfigV2` is produced by :func:`splitkernels.codec.calibrate` for one model and
 split layer. It is frozen, serialises to JSON (``to_json``/``from_json``) and has a fingerprint that
-every v2 frame carries, so a frame is never decoded with the wrong tables.
+every v2 frame's CRC covers, so a frame is never decoded with the wrong tables.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,8 +90,9 @@ class CodecConfigV2:
         for a in arrays.values():
             a.setflags(write=False)
         object.__setattr__(self, "_arrays", arrays)
-        # Hashed once: every frame carries (and every parse checks) the tag.
+        # Hashed once: every frame's CRC starts from the digest.
         object.__setattr__(self, "_digest", hashlib.sha256(self.canonical_bytes()).digest())
+        object.__setattr__(self, "_crc_seed", zlib.crc32(self._digest))
 
     @property
     def d(self) -> int:
@@ -134,13 +136,14 @@ class CodecConfigV2:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 (hex) of :meth:`canonical_bytes`; frames carry its first 4 bytes."""
+        """SHA-256 (hex) of :meth:`canonical_bytes`; every v2 frame's CRC starts from it."""
         return self._digest.hex()
 
     @property
-    def frame_tag(self) -> int:
-        """The u32 that v2 frames carry: the first 4 fingerprint bytes, little-endian."""
-        return int.from_bytes(self._digest[:4], "little")
+    def crc_seed(self) -> int:
+        """CRC-32 of the 32-byte digest: a v2 frame's CRC continues from it, so a frame checks only
+        against the config it was encoded with (no tag field: 4 bytes less per frame)."""
+        return self._crc_seed
 
     @property
     def digest(self) -> bytes:

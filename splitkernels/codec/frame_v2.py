@@ -1,13 +1,13 @@
-"""The codec v2 wire frame (docs/FORMATS.md §5.4). The static part (steps, rANS table) travels
-once per session as a :class:`CodecConfigV2`; a frame carries only per-token data and the first 4
-bytes of the config fingerprint.
+"""The codec v2 wire frame (docs/FORMATS.md §5.4). The static part (steps, rANS tables) travels
+once per session as a :class:`CodecConfigV2`; a frame carries only per-token data, and its CRC
+starts from the config's digest, so it checks only against the config it was encoded with.
 
 Layout (little-endian):
 
-    magic "SKTQ" | version u8 = 2 | dtype u8 (low 4 bits) + coder (high 4 bits) | tag u32
+    magic "SKTQ" | version u8 = 2 | dtype u8 (low 4 bits) + coder (high 4 bits)
     T varint | escapes varint | raw bitmap ceil(T/8) bytes | escape values dtype[escapes]
     raw tokens dtype[n_raw * d] | symbol stream of the (T - n_raw) * d coded symbols (the rest)
-    crc32 u32 of every byte before it
+    crc32 u32 of the config's 32-byte digest followed by every byte before it
 
 The coder is per frame: 0 static rANS (``rans``, smallest; one-token frames), 1 the nibble coder
 (``nibble``, about 0.4 bit per element more on real activations but at memory speed; long
@@ -36,7 +36,7 @@ from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
 
 FRAME_VERSION_V2 = 2
-HEAD = struct.Struct("<4sBBI")
+HEAD = struct.Struct("<4sBB")
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 5
 CODER_RANS, CODER_NIBBLE = 0, 1
@@ -180,7 +180,7 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
                    raw_values: torch.Tensor, stream: bytes | memoryview) -> bytes:
     """The frame bytes around an already coded symbol ``stream`` (header, sections, CRC)."""
     parts = [
-        HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4, config.frame_tag),
+        HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4),
         _varint(t),
         _varint(int(escapes.numel())),
         np.packbits(raw, bitorder="little").tobytes(),
@@ -188,7 +188,7 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
         raw_values.contiguous().view(torch.uint8).numpy().tobytes(),
         stream,
     ]
-    parts.append(struct.pack("<I", crc32(parts)))
+    parts.append(struct.pack("<I", crc32(parts, config.crc_seed)))
     return b"".join(parts)
 
 
@@ -236,7 +236,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     buf = memoryview(data).cast("B")
     if len(buf) < HEAD.size + 2 + CRC_BYTES:
         raise FrameError(f"frame truncated: {len(buf)} bytes, a v2 header needs at least {HEAD.size + 2 + CRC_BYTES}")
-    magic, version, dtype_byte, tag = HEAD.unpack_from(buf, 0)
+    magic, version, dtype_byte = HEAD.unpack_from(buf, 0)
     dtype_code, coder = dtype_byte & 0x0F, dtype_byte >> 4
     if magic != MAGIC:
         raise FrameError(f"not a codec frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
@@ -248,10 +248,9 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
         raise FrameError(f"unknown symbol coder {coder} (0 rANS, 1 nibble)")
     crc_at = len(buf) - CRC_BYTES
     (crc,) = struct.unpack_from("<I", buf, crc_at)
-    if crc32([buf[:crc_at]]) != crc:
-        raise FrameError("frame CRC mismatch (corrupted or truncated frame)")
-    if tag != config.frame_tag:
-        raise FrameError(f"frame was encoded with codec config {tag:08x}, the session's is {config.frame_tag:08x}")
+    if crc32([buf[:crc_at]], config.crc_seed) != crc:
+        raise FrameError(f"frame CRC mismatch: corrupted, truncated, or encoded with another codec config than "
+                         f"{config.fingerprint[:8]}")
 
     dtype = CODE_DTYPES[dtype_code]
     item = torch.empty((), dtype=dtype).element_size()

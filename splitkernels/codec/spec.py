@@ -4,8 +4,10 @@ function that turns it into a codec configuration.
 A spec is a dict with ``kind``:
 
 * ``{"kind": "v2", "bits": 4.0, "sensitivity": "fisher" | "uniform"}``: codec v2, calibrated on
-  split-layer hidden states at about ``bits`` bits per element (default 4.0; ``sensitivity``
-  default ``"uniform"``; ``"fisher"`` needs the measured diagonal Fisher).
+  split-layer hidden states at about ``bits`` bits per element (``sensitivity`` default
+  ``"uniform"``; ``"fisher"`` needs the measured diagonal Fisher). Without ``bits``,
+  :func:`~splitkernels.codec.calibrate`'s default: with the Fisher, the rate the layer's measured
+  sensitivity asks for (a KL proxy target within a decode-frame ceiling), else 4.0.
 * ``{"kind": "v1", ...}``: codec v1; the other keys are :class:`CodecConfig` fields.
 * ``{"kind": "passthrough"}``: lossless (raw fp16/bf16/fp32 values).
 
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import DEFAULT_BITS, calibrate
+from .calibrate import calibrate
 from .config import CodecConfig
 from .config_v2 import CodecConfigV2
 
@@ -39,8 +41,8 @@ def check_spec(spec: Any) -> dict:
         extra = set(spec) - {"kind", "bits", "sensitivity"}
         if extra:
             raise ValueError(f"codec spec of kind 'v2' takes 'bits' and 'sensitivity', not {sorted(extra)}")
-        bits = spec.get("bits", DEFAULT_BITS)
-        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 1.0 <= bits <= 16.0:
+        bits = spec.get("bits")
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 1.0 <= bits <= 16.0):
             raise ValueError(f"codec spec 'bits' must be a number in [1, 16], got {bits!r}")
         if spec.get("sensitivity", "uniform") not in SENSITIVITIES:
             raise ValueError(f"codec spec 'sensitivity' must be one of {list(SENSITIVITIES)}, "
@@ -107,7 +109,8 @@ def config_from_spec(spec: dict, hidden: torch.Tensor | None = None, *, sensitiv
     fisher = spec.get("sensitivity", "uniform") == "fisher"
     if fisher and sensitivity is None:
         raise ValueError("codec spec with 'sensitivity': 'fisher' needs the measured Fisher (sensitivity=[d])")
-    return calibrate(hidden, bits=float(spec.get("bits", DEFAULT_BITS)), sensitivity=sensitivity if fisher else None,
+    bits = spec.get("bits")
+    return calibrate(hidden, bits=None if bits is None else float(bits), sensitivity=sensitivity if fisher else None,
                      wire_dtype=wire_dtype)
 
 
