@@ -37,6 +37,9 @@ namespace isa_avx512bf16 {
 namespace {
 
 constexpr int kDotRows = static_cast<int>(kBf16PanelMinRows) - 1;
+// The dot form reads R weight rows side by side (R streams a row apart); each is prefetched
+// this far ahead.
+constexpr int64_t kPrefetchBytes = 512;
 constexpr int kBlockN = 32;
 constexpr int kPanelM = 6;  // 12 group sums + 12 totals + 2 panel vectors + 1 broadcast: 27 zmm
 
@@ -128,9 +131,13 @@ inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
 // bytes 32 v + 2 l and 32 v + 2 l + 1 (vcvtne2ps2bf16 rounds nothing: codes are below 256).
 // Bytes past `bytes` read as zero.
 inline void decode_natural8(const uint8_t* chunk, __mmask64 bytes, __m512i out[2]) {
-  const __m512i raw = _mm512_maskz_loadu_epi8(bytes, chunk);
   __m512 f[4];
-  for (int i = 0; i < 4; ++i) f[i] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(raw, i)));
+  for (int i = 0; i < 4; ++i) {
+    const uint8_t* part = chunk + 16 * i;
+    const __m128i raw = bytes == ~0ull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(part))
+                                       : _mm_maskz_loadu_epi8(static_cast<__mmask16>(bytes >> (16 * i)), part);
+    f[i] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
+  }
   out[0] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0]));
   out[1] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[3], f[2]));
 }
@@ -161,6 +168,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R
       for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
         const uint16_t* xc = x + c * 64 * cpb;
         for (int r = 0; r < R; ++r) {
+          if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + kPrefetchBytes), _MM_HINT_T0);
           __m512i q[nv];
           if constexpr (B == 8)
             decode_natural8(rows[r] + 64 * c, ~0ull, q);
@@ -193,6 +201,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R
       const __mmask16 gm = static_cast<__mmask16>((1u << groups) - 1);
       const uint16_t* xc = x + c * 64 * cpb;
       for (int r = 0; r < R; ++r) {
+        if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + kPrefetchBytes), _MM_HINT_T0);
         const __m512 sc = load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups);
         __m512i q[nv];
         if constexpr (B == 8) {
@@ -246,9 +255,8 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R
 }
 
 // Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time.
-template <int B, int MR>
+template <int B, int MR, int R>
 void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
-  constexpr int R = MR == 1 ? 8 : MR == 2 ? 4 : 2;  // accumulators: 2 * R * MR zmm at most
   int64_t n = n_begin;
   for (; n + R <= n_end; n += R) {
     __m128 out[MR][(R + 3) / 4];
@@ -264,13 +272,21 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
   }
 }
 
+// Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length
+// apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows, memory-bound)
+// eight of them made the M = 1 call 1.7x slower than one row at a time.
+constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  // Short rows: R = 8 / 4 / 2 rows per block (accumulators: 2 * R * M zmm at most) keep the
+  // vdpbf16ps chains and the per-row sums busy; a long row has chains enough by itself.
+  const bool long_rows = p.row_bytes >= kLongRowBytes;
   switch (p.M) {
-    case 1: dot_rows<B, 1>(p, 0, n_begin, n_end); break;
-    case 2: dot_rows<B, 2>(p, 0, n_begin, n_end); break;
-    case 3: dot_rows<B, 3>(p, 0, n_begin, n_end); break;
-    default: dot_rows<B, kDotRows>(p, 0, n_begin, n_end); break;
+    case 1: long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end); break;
+    case 2: long_rows ? dot_rows<B, 2, 2>(p, 0, n_begin, n_end) : dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
+    case 3: long_rows ? dot_rows<B, 3, 2>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end); break;
+    default:
+      long_rows ? dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end) : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
   }
 }
 
