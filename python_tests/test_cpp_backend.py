@@ -525,13 +525,14 @@ def test_lowbit_linear_blas_path(monkeypatch, dtype, bits):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_lowbit_dequantize_matches_reference(bits, group, dtype):
     k = group * 3
-    qw = quantize_weight(torch.randn(7, k), bits, group)
+    qw = quantize_weight(torch.randn(7, k, generator=_gen(bits * 100 + group)), bits, group)
     want = ref.dequantize_weight(qw.qweight, qw.scale, qw.zero, bits, group, k)
     out = torch.empty(7, k, dtype=dtype)
     cpp._C.lowbit_dequantize(qw.qweight.data_ptr(), 7, qw.qweight.shape[1], k, qw.scale.data_ptr(),
                              qw.zero.data_ptr(), 0, bits, group, out.data_ptr(), 0 if dtype == torch.float32 else 2)
-    # One FMA instead of a rounded product and sum: within an ulp of the reference values.
-    torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -8, atol=1e-6)
+    # One FMA instead of a rounded product and sum: within an fp32 ulp of the reference values,
+    # which can move a value across a bf16 rounding boundary: one bf16 ulp (up to 2^-7 relative).
+    torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -7, atol=1e-6)
 
 
 def test_worker_pool_threads_and_concurrent_callers():
