@@ -420,6 +420,16 @@ def test_lowbit_bf16_kernels_scale_dtypes_and_offset_activations(scale_dtype, bi
     assert _rel_err(y, _lowbit_want64(x, qw, None)) <= TOL[torch.bfloat16]
 
 
+def test_lowbit_linear_no_rows_writes_nothing():
+    # M = 0 or N = 0 straight into the extension (the Python glue never sends them): no kernel runs.
+    x, qw, _ = _lowbit_case(45, 576, 1, 4, 64, torch.bfloat16, bias=False, seed=5)
+    y = torch.full((1, 45), 7.0, dtype=torch.bfloat16)
+    for m, n in ((0, 45), (1, 0)):
+        cpp._C.lowbit_linear(x.data_ptr(), 2, m, 576, qw.qweight.data_ptr(), n, qw.qweight.shape[1],
+                             qw.scale.data_ptr(), qw.zero.data_ptr(), 2, 4, 64, 0, y.data_ptr())
+    assert bool((y == 7).all())
+
+
 def test_lowbit_bf16_kernel_choice():
     _needs_bf16_kernels()
     assert cpp._C.lowbit_bf16_kernel(2, 4, 128) and cpp._C.lowbit_bf16_kernel(2, 2, 16)

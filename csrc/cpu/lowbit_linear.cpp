@@ -204,6 +204,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
                           int64_t group_size, const float* bias, void* y) {
   std::string err = check_weight(K, words, bits, group_size);
   if (!err.empty()) return err;
+  if (M <= 0 || N <= 0) return "";  // nothing to compute (the kernels assume a row of each)
   const Isa& isa = isas()[chosen().load()];
   LowbitProblem p = weight_problem(K, qweight, N, words, scale, zero, scale_dtype, bits, group_size);
   p.M = M;
