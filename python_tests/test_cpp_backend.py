@@ -369,6 +369,76 @@ def test_lowbit_linear_empty_and_errors():
         ops.lowbit_linear(x, bad_group)
 
 
+# The bf16-activation kernels (AVX-512 BF16): every group width they take (4..32 bytes, one or
+# two 64-byte chunks), rows whose codes end inside a 64-byte chunk, M on both sides of the dot /
+# panel switch, N with short 8-, 4-, 2-row and 32-row tails.
+_BF16_LAYOUTS = [
+    (2, 16, 208), (2, 32, 288), (2, 64, 576), (2, 128, 384), (2, 256, 768),
+    (4, 8, 296), (4, 16, 176), (4, 32, 224), (4, 64, 576), (4, 128, 384), (4, 256, 512),
+    (8, 4, 84), (8, 8, 72), (8, 16, 80), (8, 32, 224), (8, 64, 576), (8, 128, 384),
+]
+
+
+def _needs_bf16_kernels() -> None:
+    if "avx512_bf16" not in cpp._C.lowbit_isas():
+        pytest.skip("this CPU has no AVX-512 BF16: the bf16 kernels never run here")
+
+
+@pytest.mark.parametrize("bits,group,k", _BF16_LAYOUTS)
+@pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 9))
+def test_lowbit_bf16_kernels_every_layout(bits, group, k, m):
+    _needs_bf16_kernels()
+    assert cpp._C.lowbit_bf16_kernel(2, bits, group)
+    n = 45
+    x, qw, b = _lowbit_case(n, k, m, bits, group, torch.bfloat16, bias=m % 2 == 1, seed=bits * 1000 + group + m)
+    want64 = _lowbit_want64(x, qw, b)
+    # Called on a poisoned output: every element must be written.
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    b32 = None if b is None else b.float()
+    cpp._C.lowbit_linear(
+        x.data_ptr(), 2, m, k, qw.qweight.data_ptr(), n, qw.qweight.shape[1], qw.scale.data_ptr(), qw.zero.data_ptr(),
+        2, bits, group, 0 if b32 is None else b32.data_ptr(), y.data_ptr(),
+    )
+    assert torch.isfinite(y).all()
+    assert _rel_err(y, want64) <= TOL[torch.bfloat16]
+    # The public op takes the same path.
+    assert _rel_err(ops.lowbit_linear(x, qw, b), want64) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("scale_dtype", (torch.float32, torch.float16))
+@pytest.mark.parametrize("bits,group,k", [(4, 32, 224), (8, 128, 384), (2, 64, 576)])
+@pytest.mark.parametrize("m", (1, 6))
+def test_lowbit_bf16_kernels_scale_dtypes_and_offset_activations(scale_dtype, bits, group, k, m):
+    # Scales in another dtype than x are read as they are; activations far from zero make the
+    # 2/4-bit decode's code offset (128 + q, folded into the zero point) cancel in large sums.
+    _needs_bf16_kernels()
+    g = _gen(bits + group + m)
+    qw = quantize_weight(torch.randn(37, k, generator=g), bits, group, dtype=scale_dtype)
+    x = (torch.randn(m, k, generator=g) + 30).bfloat16()
+    y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, None)
+    assert y.dtype == torch.bfloat16
+    assert _rel_err(y, _lowbit_want64(x, qw, None)) <= TOL[torch.bfloat16]
+
+
+def test_lowbit_linear_no_rows_writes_nothing():
+    # M = 0 or N = 0 straight into the extension (the Python glue never sends them): no kernel runs.
+    x, qw, _ = _lowbit_case(45, 576, 1, 4, 64, torch.bfloat16, bias=False, seed=5)
+    y = torch.full((1, 45), 7.0, dtype=torch.bfloat16)
+    for m, n in ((0, 45), (1, 0)):
+        cpp._C.lowbit_linear(x.data_ptr(), 2, m, 576, qw.qweight.data_ptr(), n, qw.qweight.shape[1],
+                             qw.scale.data_ptr(), qw.zero.data_ptr(), 2, 4, 64, 0, y.data_ptr())
+    assert bool((y == 7).all())
+
+
+def test_lowbit_bf16_kernel_choice():
+    _needs_bf16_kernels()
+    assert cpp._C.lowbit_bf16_kernel(2, 4, 128) and cpp._C.lowbit_bf16_kernel(2, 2, 16)
+    assert not cpp._C.lowbit_bf16_kernel(0, 4, 128)  # fp32 activations
+    assert not cpp._C.lowbit_bf16_kernel(2, 3, 128)  # 3 bits
+    assert not cpp._C.lowbit_bf16_kernel(2, 4, 96)  # 48-byte groups: neither divide nor fill 64 bytes
+    assert not cpp._C.lowbit_bf16_kernel(2, 8, 2)  # 2-byte groups: part of a four-byte lane
+
+
 # ---------------------------------------------------------------- int8 linear
 
 
@@ -452,6 +522,7 @@ def test_isa_choice_errors():
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("bits", (3, 4))
 def test_lowbit_linear_blas_path(monkeypatch, dtype, bits):
+    # bf16 with 4 bits runs the bf16 kernels at every M where the CPU has them (the BLAS path otherwise).
     monkeypatch.setattr(cpp, "BLAS_MIN_ROWS", 8)
     monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_BYTES", 40 * 256 * 4)  # several row blocks, a short last one
     x, qw, b = _lowbit_case(100, 256, 9, bits, 128, dtype, bias=True, seed=bits, lead=(2,))
@@ -464,13 +535,14 @@ def test_lowbit_linear_blas_path(monkeypatch, dtype, bits):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_lowbit_dequantize_matches_reference(bits, group, dtype):
     k = group * 3
-    qw = quantize_weight(torch.randn(7, k), bits, group)
+    qw = quantize_weight(torch.randn(7, k, generator=_gen(bits * 100 + group)), bits, group)
     want = ref.dequantize_weight(qw.qweight, qw.scale, qw.zero, bits, group, k)
     out = torch.empty(7, k, dtype=dtype)
     cpp._C.lowbit_dequantize(qw.qweight.data_ptr(), 7, qw.qweight.shape[1], k, qw.scale.data_ptr(),
                              qw.zero.data_ptr(), 0, bits, group, out.data_ptr(), 0 if dtype == torch.float32 else 2)
-    # One FMA instead of a rounded product and sum: within an ulp of the reference values.
-    torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -8, atol=1e-6)
+    # One FMA instead of a rounded product and sum: within an fp32 ulp of the reference values,
+    # which can move a value across a bf16 rounding boundary: one bf16 ulp (up to 2^-7 relative).
+    torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -7, atol=1e-6)
 
 
 def test_worker_pool_threads_and_concurrent_callers():

@@ -104,8 +104,9 @@ def render(result: dict) -> str:
         f"Medians of interleaved rounds after warm-up, clock: {result['clock']}"
         + (" (CPU time of the calling thread)" if result["clock"] == "thread" else " (wall)") + f"; {result['note']}",
         "",
-        "Times in ms. **ours/best** = our fastest of W4 and W8 / PyTorch's fastest of the four kernels "
-        "at that row (< 1 means ours is faster). W2/W3 move fewer bytes than W4.",
+        "Times in ms. **Wb/best** = our b-bit time / PyTorch's fastest of the four kernels at that row "
+        "(< 1 means ours is faster; **bold** where ours is slower). W2/W3 move fewer bytes than W4 and W8 "
+        "more (int4pack reads half of W8's bytes: W8/int8pack compares like with like).",
     ]
     methods = [m for m in result["methods"]]
     keyed: dict[tuple, dict[str, dict]] = {}
@@ -114,15 +115,19 @@ def render(result: dict) -> str:
     for (busy, threads, n, k, dname), by_m in keyed.items():
         out += ["", f"## {n} x {k}, {dname} activations, {threads} thread(s)"
                 + (f", {busy} competing busy process(es)" if busy else ""), ""]
-        out.append("| M | " + " | ".join(methods) + " | ours/best | W4 of copy |")
-        out.append("|---|" + "---|" * (len(methods) + 2))
+        ours = [x for x in methods if x not in TORCH]
+        out.append("| M | " + " | ".join(methods) + " | " + " | ".join(f"{x}/best" for x in ours)
+                   + " | W8/int8pack | W4 of copy |")
+        out.append("|---|" + "---|" * (len(methods) + len(ours) + 2))
         for m, rs in by_m.items():
             cells = [f"{rs[x]['seconds']*1e3:.3f}" if x in rs else "-" for x in methods]
             best_torch = min(rs[x]["seconds"] for x in TORCH)
-            ours = min(rs[x]["seconds"] for x in ("W4", "W8") if x in rs)
+            ratios = [rs[x]["seconds"] / best_torch for x in ours if x in rs]
+            w8 = f"{rs['W8']['seconds'] / rs['torch int8pack']['seconds']:.2f}" if "W8" in rs else "-"
             w4 = rs.get("W4")
             frac = f"{w4['bytes'] / w4['seconds'] / (bw * 1e9):.0%}" if w4 else "-"
-            out.append(f"| {m} | " + " | ".join(cells) + f" | {ours / best_torch:.2f} | {frac} |")
+            out.append(f"| {m} | " + " | ".join(cells) + " | "
+                       + " | ".join(f"**{r:.2f}**" if r > 1 else f"{r:.2f}" for r in ratios) + f" | {w8} | {frac} |")
     return "\n".join(out) + "\n"
 
 

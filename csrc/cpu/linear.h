@@ -14,6 +14,10 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
                           int64_t words, const void* scale, const void* zero, int scale_dtype, int bits,
                           int64_t group_size, const float* bias, void* y);
 
+// Whether lowbit_linear runs the bf16-activation kernels (exact codes x bf16 with vdpbf16ps,
+// at every M) for this activation dtype and layout with the instruction set in use.
+bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size);
+
 // Dequantises W into out [N, K] (natural order) of out_dtype (float32 or bfloat16), for the
 // large-M path that hands the matmul to a BLAS.
 std::string lowbit_dequantize(const int32_t* qweight, int64_t N, int64_t words, int64_t K, const void* scale,

@@ -3,6 +3,7 @@
 // instruction set and picked at run time from what the CPU reports.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace sk {
@@ -20,9 +21,12 @@ struct LowbitProblem {
   int scale_dtype;
   int64_t M;
   const float* x32;        // [M, K] fp32 in decode order (fp32 kernels)
-  const uint16_t* x16;     // [M, K] bf16 in decode order (bf16 kernels)
+  const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
+  int64_t x_stride;
   const float* xsum;       // [M, G] group sums of the activations the kernel reads
-  float* y;                // [M, N] fp32 result (before bias and the output dtype)
+  float* y;                // [M, N] fp32 result (fp32 kernels: before bias and the output dtype)
+  uint16_t* y16;           // [M, N] bf16 result, bias added (bf16 kernels write it directly)
+  const float* bias;       // fp32 [N] or null (bf16 kernels)
   void* w_out;             // [N, K] dequantised weight in natural order (dequantise)
   int w_dtype;             // kFloat32 or kBFloat16 (dequantise)
 };
@@ -38,18 +42,38 @@ struct LowbitKernels {
   LowbitRowsFn dequantize;   // writes w_out rows
 };
 
-// Whether bf16_rows handles this layout: bits 2/4/8 and groups of whole 64-byte chunks.
+// Whether bf16_rows handles this layout: bits 2/4/8 and groups of g * bits / 8 bytes that are a
+// multiple of 64 (whole 64-byte chunks) or divide 64 into whole four-byte lanes (4..32 bytes).
 inline bool bf16_kernel_layout(int bits, int64_t group_size) {
-  return (bits == 2 || bits == 4 || bits == 8) && (group_size * bits) % 512 == 0;
+  if (!(bits == 2 || bits == 4 || bits == 8)) return false;
+  const int64_t group_bits = group_size * bits;
+  return group_bits % 512 == 0 || (group_bits >= 32 && 512 % group_bits == 0);
 }
 
-// Position of a group's code j (natural order) in the bf16 kernels' activation order: within
-// each 64-byte chunk, the pair vectors v = 2 * phase + t (t = 0, 1) hold, for each four-byte
-// quad q, the codes of that phase from bytes 4q + t and 4q + t + 2 (see isa/lowbit_bf16.cpp).
-inline int64_t bf16_pair_position(int bits, int64_t j) {
-  const int64_t cpb = 8 / bits, byte = j / cpb, phase = j % cpb;
+// From this many activation rows the bf16 kernels use the panel form (see isa/lowbit_bf16.cpp).
+constexpr int64_t kBf16PanelMinRows = 5;
+
+// Activation values per row the bf16 kernels read: the row's codes in whole 64-byte chunks.
+inline int64_t bf16_row_stride(int bits, int64_t K) { return (K * bits + 511) / 512 * 512 / bits; }
+
+// Position of a row's code k (natural order) in the bf16 kernels' activation order. A 64-byte
+// chunk of a weight row is 16 four-byte lanes (quads); the decode makes 2 * (8 / bits) pair
+// vectors v = 2 * phase + t whose u32 lane `quad` holds the codes of that phase from bytes
+// 4 * quad + t and 4 * quad + t + 2 (h = 0, 1), see isa/lowbit_bf16.cpp.
+// * dot form (M < kBf16PanelMinRows): activations line up with the vector lanes, so pair
+//   vector v of a chunk reads 32 consecutive values: v * 32 + 2 * quad + h; 8-bit codes are
+//   decoded in natural order there (k itself);
+// * panel form: each pair is broadcast, so the pairs of one group are kept together (a chunk
+//   holding several small groups lists group by group): the pair index is
+//   (gi * nv + v) * lanes + ql for quad = gi * lanes + ql, lanes = quads per group (<= 16).
+// Both are the same when groups are whole chunks.
+inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k) {
+  const int64_t cpb = 8 / bits, byte = k / cpb, phase = k % cpb;
   const int64_t chunk = byte / 64, in_chunk = byte % 64, quad = in_chunk / 4, t = in_chunk % 2, h = (in_chunk % 4) / 2;
-  return chunk * 64 * cpb + (2 * phase + t) * 32 + 2 * quad + h;
+  const int64_t v = 2 * phase + t, base = chunk * 64 * cpb;
+  if (!panel) return bits == 8 ? k : base + v * 32 + 2 * quad + h;
+  const int64_t lanes = std::min<int64_t>(16, group_size * bits / 32), gi = quad / lanes, ql = quad % lanes;
+  return base + 2 * ((gi * 2 * cpb + v) * lanes + ql) + h;
 }
 
 namespace isa_generic { const LowbitKernels& lowbit_kernels(); }

@@ -2,10 +2,12 @@
 // instruction set. The kernels live in csrc/cpu/isa/ (one build per instruction set), and
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
-// Paths (the Python glue sends large M to lowbit_dequantize + a BLAS matmul instead):
-// * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with whole 32-code vectors per phase:
-//   exact integer codes x bf16 activations with vdpbf16ps (isa/lowbit_bf16.cpp).
-// * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp.
+// Paths:
+// * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
+//   64-byte chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
+//   (isa/lowbit_bf16.cpp), at every M; the kernels write the bf16 output themselves.
+// * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp (the Python glue
+//   sends large M to lowbit_dequantize + a BLAS matmul instead).
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -118,6 +120,58 @@ int64_t chunk_rows(int64_t N) {
   return std::max<int64_t>(32, (want + 31) / 32 * 32);
 }
 
+// Where each code of a row sits in the bf16 kernels' activation order (bf16_position), for
+// the few layouts a process uses: computing the position per element per call costs several
+// integer divisions each, as much as the M = 1 kernel at SmolLM2's sizes.
+const std::vector<int32_t>& bf16_positions(int bits, int64_t group_size, bool panel, int64_t K) {
+  struct Entry {
+    int bits;
+    int64_t group_size, K;
+    bool panel;
+    std::vector<int32_t> pos;
+  };
+  thread_local std::vector<Entry> cache;
+  for (const Entry& e : cache)
+    if (e.bits == bits && e.group_size == group_size && e.K == K && e.panel == panel) return e.pos;
+  if (cache.size() >= 16) cache.erase(cache.begin());
+  Entry e{bits, group_size, K, panel, std::vector<int32_t>(K)};
+  for (int64_t k = 0; k < K; ++k) e.pos[k] = static_cast<int32_t>(bf16_position(bits, group_size, panel, k));
+  cache.push_back(std::move(e));
+  return cache.back().pos;
+}
+
+// Sum of n bf16 values in fp32, in eight interleaved partial sums (so the adds vectorise and
+// do not wait on each other; the kernels promise a tolerance, not one summation order).
+float sum_bf16(const uint16_t* v, int64_t n) {
+  float part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += bf16_to_float(v[i + j]);
+  float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  for (; i < n; ++i) sum += bf16_to_float(v[i]);
+  return sum;
+}
+
+// Fills p.x16 (bf16 activations in the kernels' order, rows zero-padded to whole chunks),
+// p.x_stride and p.xsum (fp32 group sums) from x [M, K] bf16, in per-thread buffers.
+void bf16_activations(const uint16_t* x, int64_t M, int64_t K, int bits, int64_t group_size, LowbitProblem& p) {
+  thread_local std::vector<uint16_t> x16;
+  thread_local std::vector<float> xsum;
+  const int64_t stride = bf16_row_stride(bits, K), G = K / group_size;
+  const std::vector<int32_t>& pos = bf16_positions(bits, group_size, M >= kBf16PanelMinRows, K);
+  x16.assign(M * stride, 0);
+  xsum.resize(M * G);
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* row = x + m * K;
+    uint16_t* dst = x16.data() + m * stride;
+    for (int64_t k = 0; k < K; ++k) dst[pos[k]] = row[k];
+    for (int64_t g = 0; g < G; ++g) xsum[m * G + g] = sum_bf16(row + g * group_size, group_size);
+  }
+  p.x16 = x16.data();
+  p.x_stride = stride;
+  p.xsum = xsum.data();
+}
+
 }  // namespace
 
 std::vector<std::string> lowbit_isas() {
@@ -141,34 +195,40 @@ std::string set_lowbit_isa(const std::string& name) {
   return "isa must be one of generic, avx2, avx512, avx512_vnni, avx512_bf16; got '" + name + "'";
 }
 
+bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {
+  return dtype == kBFloat16 && isas()[chosen().load()].bf16_rows != nullptr && bf16_kernel_layout(bits, group_size);
+}
+
 std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const int32_t* qweight, int64_t N,
                           int64_t words, const void* scale, const void* zero, int scale_dtype, int bits,
                           int64_t group_size, const float* bias, void* y) {
   std::string err = check_weight(K, words, bits, group_size);
   if (!err.empty()) return err;
+  if (M <= 0 || N <= 0) return "";  // nothing to compute (the kernels assume a row of each)
   const Isa& isa = isas()[chosen().load()];
   LowbitProblem p = weight_problem(K, qweight, N, words, scale, zero, scale_dtype, bits, group_size);
   p.M = M;
+  if (lowbit_bf16_kernel(dtype, bits, group_size)) {
+    bf16_activations(static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
+    p.y16 = static_cast<uint16_t*>(y);
+    p.bias = bias;
+    parallel_for(N, chunk_rows(N), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
+    return "";
+  }
   const int64_t G = p.G;
-  const bool bf16 = dtype == kBFloat16 && isa.bf16_rows != nullptr && bf16_kernel_layout(bits, group_size);
   const int64_t per_unit = bits == 3 ? 8 : 8 / bits;
   const DecodeOrder order{p.phased, per_unit, group_size / per_unit};
 
-  // Activations in decode order (bf16 kept as is, anything else as fp32), with group sums.
-  std::vector<float> x32(bf16 ? 0 : M * K), xsum(M * G);
-  std::vector<uint16_t> x16(bf16 ? M * K : 0);
+  // Activations in decode order as fp32, with group sums.
+  std::vector<float> x32(M * K), xsum(M * G);
   {
     std::vector<float> row(K);
     for (int64_t m = 0; m < M; ++m) {
       to_float(static_cast<const uint8_t*>(x) + m * K * dtype_size(dtype), dtype, K, row.data());
-      const uint16_t* raw = static_cast<const uint16_t*>(x) + m * K;
       for (int64_t g0 = 0; g0 < K; g0 += group_size) {
         float sum = 0.f;
         for (int64_t j = 0; j < group_size; ++j) {
-          if (bf16)
-            x16[m * K + g0 + bf16_pair_position(bits, j)] = raw[g0 + j];
-          else
-            x32[m * K + g0 + order(j)] = row[g0 + j];
+          x32[m * K + g0 + order(j)] = row[g0 + j];
           sum += row[g0 + j];
         }
         xsum[m * G + g0 / group_size] = sum;
@@ -176,13 +236,11 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     }
   }
   p.x32 = x32.data();
-  p.x16 = x16.data();
   p.xsum = xsum.data();
   std::vector<float> y32(dtype == kFloat32 ? 0 : M * N);
   p.y = dtype == kFloat32 ? static_cast<float*>(y) : y32.data();
 
-  const LowbitRowsFn rows = bf16 ? isa.bf16_rows : isa.kernels->fp32_rows;
-  parallel_for(N, chunk_rows(N), [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
+  parallel_for(N, chunk_rows(N), [&](int64_t n0, int64_t n1) { isa.kernels->fp32_rows(p, n0, n1); });
 
   if (bias || dtype != kFloat32)
     for (int64_t m = 0; m < M; ++m)

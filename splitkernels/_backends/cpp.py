@@ -18,18 +18,18 @@ Agreement with :mod:`splitkernels.ops.reference`:
   every instruction set (``_C.lowbit_isa()`` picks the int8 kernels too: vpdpbusd on AVX-512 VNNI,
   vpmaddwd on AVX2 / AVX-512, plain loops otherwise).
 * ``lowbit_linear``: kernels per instruction set, picked at run time (``_C.lowbit_isa()``).
-  bf16 activations on AVX-512 BF16 CPUs (bits 2/4/8; groups of whole 64-byte chunks, or for
-  M <= 4 any group of 4..32 bytes) multiply the exact integer codes with the bf16
+  bf16 activations on AVX-512 BF16 CPUs (bits 2/4/8; groups of 4..32 bytes or of whole 64-byte
+  chunks, ``_C.lowbit_bf16_kernel``) multiply the exact integer codes with the bf16
   activations (vdpbf16ps) and apply each group's scale and zero to its sums
-  (``s * sum(q*x) + z * sum(x)``); fp32 activations (and fp16, converted) use FMA kernels that
-  do the same for M <= 4 and dequantise weight rows (``q*scale + zero``, one FMA) otherwise.
-  From ``BLAS_MIN_ROWS`` activation rows on, the matmul is compute-bound: W is dequantised in
-  row blocks (fp32, or bf16 for bf16 activations) and torch's matmul does the rest. All paths
-  accumulate in fp32, so the result agrees with a float64 computation
-  (``x.double() @ dequant(W).double().T``) within a relative Frobenius error of 1e-5 for fp32
-  activations and 2e-3 for fp16/bf16 activations (the output rounding); the BLAS path with
-  bf16 activations also rounds the dequantised weight to bf16, like the reference op and a
-  dense bf16 ``F.linear``: 4e-3.
+  (``s * sum(q*x) + z * sum(x)``), at every M (no dense weight copy); fp32 activations (and fp16,
+  converted) use FMA kernels that do the same for M <= 4 and dequantise weight rows
+  (``q*scale + zero``, one FMA) otherwise. From ``BLAS_MIN_ROWS`` activation rows on, where the
+  bf16 kernels do not apply, the matmul is compute-bound: W is dequantised in row blocks (fp32,
+  or bf16 for bf16 activations) and torch's matmul does the rest. All paths accumulate in fp32,
+  so the result agrees with a float64 computation (``x.double() @ dequant(W).double().T``)
+  within a relative Frobenius error of 1e-5 for fp32 activations and 2e-3 for fp16/bf16
+  activations (the output rounding); the BLAS path with bf16 activations also rounds the
+  dequantised weight to bf16, like the reference op and a dense bf16 ``F.linear``: 4e-3.
 """
 from __future__ import annotations
 
@@ -129,8 +129,10 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.contiguous().float()
 
 
-# Activation rows from which lowbit_linear dequantises W and calls torch's matmul: measured with
-# bench/ops/lowbit_linear.py, the kernels win at M = 64 and the BLAS at M = 512.
+# Activation rows from which lowbit_linear dequantises W and calls torch's matmul, where the
+# fp32 kernels would run (measured with bench/ops/lowbit_linear.py: they win at M = 64 and the
+# BLAS at M = 512). The bf16 kernels (``_C.lowbit_bf16_kernel``) run at every M: at M = 512 they
+# match dequantise + bf16 matmul without its temporary weight copy.
 BLAS_MIN_ROWS = 256
 _DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
 
@@ -175,14 +177,16 @@ def lowbit_linear(
     k = x.shape[-1]
     n = qweight.shape[0]
     bias32 = _bias32(bias)
-    m = math.prod(x.shape[:-1])
-    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    if m >= BLAS_MIN_ROWS and n:
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    y = torch.empty(*lead, n, dtype=x.dtype)
+    if m >= BLAS_MIN_ROWS and n and not _C.lowbit_bf16_kernel(code, bits, group_size):
         _dequant_matmul(x.reshape(m, k), qweight, scale, zero, scale_code, bits, group_size, bias32, y.view(m, n))
     elif m and n:
+        # Every tensor here is non-empty (k, n >= 1 and m >= 1), so data_ptr() is the pointer.
         _C.lowbit_linear(
-            _ptr(x), code, m, k, _ptr(qweight), n, qweight.shape[1], _ptr(scale), _ptr(zero), scale_code, bits,
-            group_size, _ptr(bias32), _ptr(y),
+            x.data_ptr(), code, m, k, qweight.data_ptr(), n, qweight.shape[1], scale.data_ptr(), zero.data_ptr(),
+            scale_code, bits, group_size, _ptr(bias32), y.data_ptr(),
         )
     return y
 

@@ -33,13 +33,16 @@ def _run(op, name: str, device: torch.device, *args):
     """``op(*args)``, or in a plain eager call the kernel :func:`resolve` picks for ``name`` on
     ``device``, which is all the op's body does: torch.library's dispatcher costs about 50 us a
     call, more than a decode-sized kernel. The op itself runs under ``torch.compile``/export
-    tracing, on fake or meta tensors, and where autograd would record."""
-    if torch.compiler.is_compiling():
+    tracing, on fake or meta tensors, and where autograd would record. ``device`` is every
+    tensor argument's device (the callers check that first)."""
+    if device.type == "meta" or torch.compiler.is_compiling():
         return op(*args)
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, Tensor) and (a.device.type == "meta" or isinstance(a, FakeTensor)
-                                      or (grad and a.requires_grad)):
+        # type() first: the isinstance checks are the costly part of a plain call.
+        if type(a) is not Tensor and isinstance(a, FakeTensor):
+            return op(*args)
+        if grad and isinstance(a, Tensor) and a.requires_grad:
             return op(*args)
     return resolve(name, device)(*args)
 
@@ -124,13 +127,16 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
         check_tensor("bias", bias, FLOAT_DTYPES, ndim=1)
         if bias.shape[0] != qweight.out_features:
             raise ValueError(f"bias must have {qweight.out_features} entries, got {bias.shape[0]}")
-    check_same_device(x=x, qweight=qweight.qweight, scale=qweight.scale, zero=qweight.zero, bias=bias)
     scale, zero = qweight.scale, qweight.zero
+    device = x.device
+    if not (qweight.qweight.device == device and scale.device == device and zero.device == device
+            and (bias is None or bias.device == device)):  # the common case without building the listing
+        check_same_device(x=x, qweight=qweight.qweight, scale=scale, zero=zero, bias=bias)
     if scale.dtype != x.dtype:
         scale, zero = scale.to(x.dtype), zero.to(x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    return _run(_lowbit_linear, "lowbit_linear", x.device, x.contiguous(), qweight.qweight, scale, zero,
+    return _run(_lowbit_linear, "lowbit_linear", device, x.contiguous(), qweight.qweight, scale, zero,
                 qweight.bits, qweight.group_size, bias)
 
 

@@ -9,15 +9,20 @@
 // Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each). vpermw
 // looks up a 16-bit lane's low five bits in a 32-entry table of bf16 integers, so one shift
 // and one lookup turn a lane into the pair (code of byte t, code of byte t+2): four bytes give
-// 2 * (8 / bits) pairs, and the activations are laid out in that pair order
-// (bf16_pair_position in lowbit_kernels.h), which needs groups of whole 64-byte chunks.
+// 2 * (8 / bits) pairs, and the activations are laid out in that pair order (bf16_position in
+// lowbit_kernels.h). Groups are whole 64-byte chunks, or 4..32 bytes: then a chunk's lanes
+// belong to several groups, and each lane's sum is scaled by its own group's scale (a vector
+// of scales per chunk). A row's last chunk may be partial (masked loads; x is zero-padded).
 //
 // Two forms:
-// * few activation rows (M < kPanelMinRows): decode each row's chunk into registers and dot it
-//   with every activation row (vdpbf16ps over k, horizontal sums at the end);
+// * few activation rows (M < kBf16PanelMinRows): decode a chunk of R weight rows into
+//   registers and dot it with every activation row (vdpbf16ps over k, horizontal sums at the
+//   end); R rows at a time keep R * M independent accumulation chains in flight, where one
+//   row's chain alone is bound by the vdpbf16ps latency;
 // * more rows: gather the same pairs for 32 weight rows into a panel (u32 element (kp, n))
 //   and run an MR x 32 outer-product micro-kernel that broadcasts one activation pair per row;
 //   the 32 rows' scales sit in vector lanes, so groups are scaled in registers.
+// Both write the bf16 output (bias added) themselves.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -31,24 +36,74 @@ namespace sk {
 namespace isa_avx512bf16 {
 namespace {
 
-constexpr int64_t kPanelMinRows = 5;
-constexpr int kDotRows = kPanelMinRows - 1;
+constexpr int kDotRows = static_cast<int>(kBf16PanelMinRows) - 1;
+// The dot form reads R weight rows side by side (R streams a row apart); each is prefetched
+// this far ahead.
+constexpr int64_t kPrefetchBytes = 512;
 constexpr int kBlockN = 32;
 constexpr int kPanelM = 6;  // 12 group sums + 12 totals + 2 panel vectors + 1 broadcast: 27 zmm
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
-// bf16 bits of an integer 1..255 (exact): exponent of its top bit, the next 7 bits as mantissa.
-constexpr uint16_t bf16_of_small_int(int v) {
-  int e = 0;
-  while ((v >> (e + 1)) != 0) ++e;
-  return static_cast<uint16_t>(((127 + e) << 7) | (((v << 7) >> e) & 0x7f));
+// Sixteen fp32 values to bf16, round to nearest even, NaN kept quiet (as float_to_bf16).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one))),
+      16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
 }
-static_assert(bf16_of_small_int(1) == 0x3f80 && bf16_of_small_int(3) == 0x4040 && bf16_of_small_int(15) == 0x4170,
-              "bf16 bit patterns");
+
+// y16[0, count) = bf16(v + bias[0, count)), count <= 16 (bias may be null).
+inline void store_bf16(uint16_t* y16, const float* v, const float* bias, int64_t count) {
+  const __mmask16 m = static_cast<__mmask16>((1u << count) - 1);
+  __m512 t = _mm512_maskz_loadu_ps(m, v);
+  if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias));
+  _mm256_mask_storeu_epi16(y16, m, to_bf16(t));
+}
+
+// Sixteen (or `count` < 16) values of dtype at src + i as fp32.
+inline __m512 load_as_f32x16(const void* src, int dtype, int64_t i, int64_t count) {
+  const __mmask16 m = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
+  switch (dtype) {
+    case kBFloat16:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i)), 16));
+    case kFloat16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i));
+    default: return _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + i);
+  }
+}
+
+// y16[0, count) = bf16(lanes [0, count) of v + bias), count <= 4 (bias may be null).
+inline void store_bf16x4(uint16_t* y16, __m128 v, const float* bias, int count) {
+  const __mmask16 m = static_cast<__mmask16>((1u << count) - 1);
+  __m512 t = _mm512_castps128_ps512(v);
+  if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias));
+  _mm256_mask_storeu_epi16(y16, m, to_bf16(t));
+}
+
+// Lane r (r < 4) = the sum of v[r]'s sixteen lanes.
+inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));  // v0 v1 v0 v1 per 128
+  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  const __m512 c = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xee));  // v0 v1 v2 v3
+  const __m256 d = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+}
+
+// The 2- and 4-bit decode yields 128 + q instead of q: bf16 0x4300 | q is exactly 128 + q for
+// q < 128 (eight significant bits), so a code becomes its bf16 value with one shift and one
+// and-or (vpternlogd), no table lookup. The kernels fold the offset into the zero point:
+// s * sum (128 + q) x + (z - 128 s) * sum x = s * sum q x + z * sum x.
+template <int B>
+constexpr float kCodeOffset = B == 8 ? 0.f : 128.f;
 
 // Pair vectors of one 64-byte chunk (or 16 gathered quads): out[ph * 2 + t] holds, per u32
-// lane, the bf16 codes of phase ph from bytes t and t + 2 of the lane's four bytes.
+// lane, the bf16 codes (plus kCodeOffset) of phase ph from bytes t and t + 2 of the lane's
+// four bytes.
 template <int B>
 inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
   constexpr int cpb = 8 / B;
@@ -63,62 +118,175 @@ inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
       out[t] = _mm512_or_si512(_mm512_srli_epi32(f0, 16), _mm512_and_si512(f1, top));
     }
   } else {
-    // bf16 bit patterns of (i & mask) for i in 0..31: vpermw reads five index bits.
-    alignas(64) static const uint16_t table[32] = {
-#define SK_BF16_INT(i) static_cast<uint16_t>(((i) & ((1 << B) - 1)) == 0 ? 0 : bf16_of_small_int((i) & ((1 << B) - 1)))
-        SK_BF16_INT(0),  SK_BF16_INT(1),  SK_BF16_INT(2),  SK_BF16_INT(3),  SK_BF16_INT(4),  SK_BF16_INT(5),
-        SK_BF16_INT(6),  SK_BF16_INT(7),  SK_BF16_INT(8),  SK_BF16_INT(9),  SK_BF16_INT(10), SK_BF16_INT(11),
-        SK_BF16_INT(12), SK_BF16_INT(13), SK_BF16_INT(14), SK_BF16_INT(15), SK_BF16_INT(16), SK_BF16_INT(17),
-        SK_BF16_INT(18), SK_BF16_INT(19), SK_BF16_INT(20), SK_BF16_INT(21), SK_BF16_INT(22), SK_BF16_INT(23),
-        SK_BF16_INT(24), SK_BF16_INT(25), SK_BF16_INT(26), SK_BF16_INT(27), SK_BF16_INT(28), SK_BF16_INT(29),
-        SK_BF16_INT(30), SK_BF16_INT(31)};
-#undef SK_BF16_INT
-    const __m512i tbl = _mm512_load_si512(table);
+    constexpr uint32_t mask = (1u << B) - 1;
+    const __m512i code_bits = _mm512_set1_epi32(static_cast<int>(mask << 16 | mask));
+    const __m512i offset = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves
     for (int ph = 0; ph < cpb; ++ph)
-      for (int t = 0; t < 2; ++t) out[ph * 2 + t] = _mm512_permutexvar_epi16(_mm512_srli_epi32(v, 8 * t + B * ph), tbl);
+      for (int t = 0; t < 2; ++t)  // (shifted & code_bits) | offset
+        out[ph * 2 + t] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8 * t + B * ph), code_bits, offset, 0xea);
   }
+}
+
+// The dot form's 8-bit decode, in natural order: pair vector v's u32 lane l holds the codes of
+// bytes 32 v + 2 l and 32 v + 2 l + 1 (vcvtne2ps2bf16 rounds nothing: codes are below 256).
+// Bytes past `bytes` read as zero.
+inline void decode_natural8(const uint8_t* chunk, __mmask64 bytes, __m512i out[2]) {
+  __m512 f[4];
+  for (int i = 0; i < 4; ++i) {
+    const uint8_t* part = chunk + 16 * i;
+    const __m128i raw = bytes == ~0ull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(part))
+                                       : _mm_maskz_loadu_epi8(static_cast<__mmask16>(bytes >> (16 * i)), part);
+    f[i] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
+  }
+  out[0] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0]));
+  out[1] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[3], f[2]));
 }
 
 // ---- Few activation rows: decode in registers, dot over k -------------------------------
-template <int B, int MR>
-void dot_row(const LowbitProblem& p, const uint16_t* x16, const float* xsum, int64_t n, float* out) {
-  constexpr int nv = 2 * (8 / B);
-  const int64_t K = p.K, G = p.G, chunk_codes = 64 * (8 / B);
-  const uint8_t* rb = p.qweight + n * p.row_bytes;
-  __m512 tot[MR];
-  for (int m = 0; m < MR; ++m) tot[m] = _mm512_setzero_ps();
-  float zt[MR] = {};
-  for (int64_t grp = 0; grp < G; ++grp) {
-    __m512 acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k0 = grp * p.group_size; k0 < (grp + 1) * p.group_size; k0 += chunk_codes) {
-      __m512i q[nv];
-      decode_quads<B>(_mm512_loadu_si512(rb + k0 * B / 8), q);
-      for (int v = 0; v < nv; ++v)
-        for (int m = 0; m < MR; ++m)
-          acc[m] = _mm512_dpbf16_ps(acc[m], as_bh(q[v]), as_bh(_mm512_loadu_si512(x16 + m * K + k0 + 32 * v)));
+
+// Lane r of out[m] = y of weight row n0 + r (r < R <= 4) for activation row m0 + m (m < MR),
+// before bias. Scales and zeros are read straight from p.scale / p.zero (a copy converted to
+// fp32 just before would be read back through masked loads that wait for the stores).
+template <int B, int MR, int R>
+void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R + 3) / 4]) {
+  constexpr int cpb = 8 / B, nv = 2 * cpb;
+  const int64_t G = p.G, xs = p.x_stride, code_bytes = p.K * B / 8, gbytes = p.group_size * B / 8;
+  const uint16_t* x = p.x16 + m0 * xs;
+  const float* xsum = p.xsum + m0 * G;
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = p.qweight + (n0 + r) * p.row_bytes;
+  __m512 tot[R][MR];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
+  if (gbytes >= 64) {
+    // Whole chunks per group: sum a group's chunks, then scale.
+    const int64_t per_group = gbytes / 64;
+    for (int64_t grp = 0; grp < G; ++grp) {
+      __m512 acc[R][MR];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
+        const uint16_t* xc = x + c * 64 * cpb;
+        for (int r = 0; r < R; ++r) {
+          if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + kPrefetchBytes), _MM_HINT_T0);
+          __m512i q[nv];
+          if constexpr (B == 8)
+            decode_natural8(rows[r] + 64 * c, ~0ull, q);
+          else
+            decode_quads<B>(_mm512_loadu_si512(rows[r] + 64 * c), q);
+          for (int v = 0; v < nv; ++v)
+            for (int m = 0; m < MR; ++m)
+              acc[r][m] = _mm512_dpbf16_ps(acc[r][m], as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp));
+        for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
+      }
     }
-    const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, n * G + grp));
-    const float z = load_as_float(p.zero, p.scale_dtype, n * G + grp);
-    for (int m = 0; m < MR; ++m) {
-      tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
-      zt[m] += z * xsum[m * G + grp];
+  } else {
+    // Several groups per chunk: each u32 lane of a pair vector holds codes of one group, and
+    // its sum is scaled by that group's scale (a permuted vector of the chunk's scales). The
+    // lane's group: quad l / lanes for the quad decode, byte (32 v + 2 l) / gbytes for 8 bits.
+    const int64_t per_chunk = 64 / gbytes, chunks = (code_bytes + 63) / 64;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m128i log_gbytes = _mm_cvtsi32_si128(__builtin_ctzll(gbytes));
+    const __m512i lane_group = _mm512_srl_epi32(_mm512_slli_epi32(lane, 2), log_gbytes);
+    const __m512i lane_group8[2] = {_mm512_srl_epi32(_mm512_slli_epi32(lane, 1), log_gbytes),
+                                    _mm512_srl_epi32(_mm512_add_epi32(_mm512_slli_epi32(lane, 1), _mm512_set1_epi32(32)),
+                                                     log_gbytes)};
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t left = std::min<int64_t>(64, code_bytes - 64 * c);
+      const int64_t groups = std::min<int64_t>(per_chunk, G - c * per_chunk);
+      const __mmask16 gm = static_cast<__mmask16>((1u << groups) - 1);
+      const uint16_t* xc = x + c * 64 * cpb;
+      for (int r = 0; r < R; ++r) {
+        if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + kPrefetchBytes), _MM_HINT_T0);
+        const __m512 sc = load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups);
+        __m512i q[nv];
+        if constexpr (B == 8) {
+          decode_natural8(rows[r] + 64 * c, left == 64 ? ~0ull : (1ull << left) - 1, q);
+          const __m512 s0 = _mm512_permutexvar_ps(lane_group8[0], sc), s1 = _mm512_permutexvar_ps(lane_group8[1], sc);
+          for (int m = 0; m < MR; ++m) {
+            const __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
+            const __m512 a1 =
+                _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32)));
+            tot[r][m] = _mm512_fmadd_ps(a1, s1, _mm512_fmadd_ps(a0, s0, tot[r][m]));
+          }
+        } else {
+          const __mmask16 lm = static_cast<__mmask16>(left == 64 ? 0xffff : (1u << (left / 4)) - 1);
+          decode_quads<B>(_mm512_maskz_loadu_epi32(lm, rows[r] + 64 * c), q);
+          const __m512 sv = _mm512_permutexvar_ps(lane_group, sc);
+          for (int m = 0; m < MR; ++m) {
+            // Two partial sums halve the chain of dependent vdpbf16ps per chunk.
+            __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
+            __m512 a1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32)));
+            for (int v = 2; v < nv; v += 2) {
+              a0 = _mm512_dpbf16_ps(a0, as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
+              a1 = _mm512_dpbf16_ps(a1, as_bh(q[v + 1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v + 32)));
+            }
+            tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), sv, tot[r][m]);
+          }
+        }
+      }
     }
   }
-  for (int m = 0; m < MR; ++m) out[m] = _mm512_reduce_add_ps(tot[m]) + zt[m];
+  // Zero points (with the code offset folded in): sum_g (z_g - offset * s_g) * sum_k x_k,
+  // sixteen groups at a time into the same totals.
+  const __m512 off = _mm512_set1_ps(kCodeOffset<B>);
+  for (int64_t g = 0; g < G; g += 16) {
+    const int64_t count = std::min<int64_t>(16, G - g);
+    const __mmask16 gm = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (n0 + r) * G + g;
+      const __m512 zv = _mm512_fnmadd_ps(off, load_as_f32x16(p.scale, p.scale_dtype, i, count),
+                                         load_as_f32x16(p.zero, p.scale_dtype, i, count));
+      for (int m = 0; m < MR; ++m)
+        tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * G + g), tot[r][m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r4 = 0; r4 < (R + 3) / 4; ++r4) {
+      const int r = 4 * r4;
+      out[m][r4] = R == 1 ? _mm_set_ss(_mm512_reduce_add_ps(tot[0][m]))
+                          : reduce4(tot[r][m], tot[std::min(r + 1, R - 1)][m], tot[std::min(r + 2, R - 1)][m],
+                                    tot[std::min(r + 3, R - 1)][m]);
+    }
 }
 
-// Rows [n_begin, n_end) for activation rows [m0, m0 + mr), mr <= MR.
-template <int B, int MR>
-void dot_rows_t(const LowbitProblem& p, int64_t m0, int64_t mr, int64_t n_begin, int64_t n_end) {
-  if (mr != MR) {
-    if constexpr (MR > 1) dot_rows_t<B, MR - 1>(p, m0, mr, n_begin, n_end);
-    return;
+// Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time.
+template <int B, int MR, int R>
+void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) {
+    __m128 out[MR][(R + 3) / 4];
+    dot_block<B, MR, R>(p, m0, n, out);
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < R; r += 4)
+        store_bf16x4(p.y16 + (m0 + m) * p.N + n + r, out[m][r / 4], p.bias ? p.bias + n + r : nullptr, std::min(4, R - r));
   }
-  float out[MR];
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    dot_row<B, MR>(p, p.x16 + m0 * p.K, p.xsum + m0 * p.G, n, out);
-    for (int m = 0; m < MR; ++m) p.y[(m0 + m) * p.N + n] = out[m];
+  for (; n < n_end; ++n) {
+    __m128 out[MR][1];
+    dot_block<B, MR, 1>(p, m0, n, out);
+    for (int m = 0; m < MR; ++m) store_bf16x4(p.y16 + (m0 + m) * p.N + n, out[m][0], p.bias ? p.bias + n : nullptr, 1);
+  }
+}
+
+// Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length
+// apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows, memory-bound)
+// eight of them made the M = 1 call 1.7x slower than one row at a time.
+constexpr int64_t kLongRowBytes = 2048;
+template <int B>
+void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  // Short rows: R = 8 / 4 / 2 rows per block (accumulators: 2 * R * M zmm at most) keep the
+  // vdpbf16ps chains and the per-row sums busy; a long row has chains enough by itself.
+  const bool long_rows = p.row_bytes >= kLongRowBytes;
+  switch (p.M) {
+    case 1: long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end); break;
+    case 2: long_rows ? dot_rows<B, 2, 2>(p, 0, n_begin, n_end) : dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
+    case 3: long_rows ? dot_rows<B, 3, 2>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end); break;
+    default:
+      long_rows ? dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end) : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
   }
 }
 
@@ -131,22 +299,30 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pan
   alignas(64) uint8_t stage[kBlockN * 64];
   const __m512i lane_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                   _mm512_set1_epi32(64));
-  const int64_t chunks = p.K * B / 512;  // 64-byte chunks per row
+  const int64_t code_bytes = p.K * B / 8, chunks = (code_bytes + 63) / 64;
+  const int64_t lanes = std::min<int64_t>(16, p.group_size * B / 32);
   for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t left = std::min<int64_t>(64, code_bytes - 64 * c);
+    const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
     for (int64_t r = 0; r < kBlockN; ++r)  // rows past the end repeat the first
-      _mm512_store_si512(stage + 64 * r, _mm512_loadu_si512(p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + 64 * c));
-    for (int quad = 0; quad < 16; ++quad)
+      _mm512_store_si512(stage + 64 * r,
+                         _mm512_maskz_loadu_epi8(bytes, p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + 64 * c));
+    for (int quad = 0; quad < 16; ++quad) {
+      // Pair index of (v, quad) in the panel form of bf16_position.
+      const int64_t gi = quad / lanes, ql = quad % lanes;
+      uint32_t* dst = panel + (c * nv * 16 + gi * nv * lanes + ql) * kBlockN;
       for (int h = 0; h < 2; ++h) {
         __m512i q[nv];
         decode_quads<B>(_mm512_i32gather_epi32(lane_offsets, stage + 16 * 64 * h + 4 * quad, 1), q);
-        for (int v = 0; v < nv; ++v) _mm512_storeu_si512(panel + ((c * nv + v) * 16 + quad) * kBlockN + 16 * h, q[v]);
+        for (int v = 0; v < nv; ++v) _mm512_storeu_si512(dst + v * lanes * kBlockN + 16 * h, q[v]);
       }
+    }
   }
 }
 
 template <int MR>
-void panel_tile(const uint32_t* panel, const uint16_t* x, const float* xsum, const float* sT, const float* zT,
-                int64_t K, int64_t G, int64_t g, float* y, int64_t ldy) {
+void panel_tile(const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum, const float* sT,
+                const float* zT, int64_t G, int64_t g, float* y) {
   __m512 tot[MR][2];
   for (int m = 0; m < MR; ++m) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < G; ++grp) {
@@ -157,7 +333,7 @@ void panel_tile(const uint32_t* panel, const uint16_t* x, const float* xsum, con
       const __m512bh b1 = as_bh(_mm512_loadu_si512(panel + kp * kBlockN + 16));
       for (int m = 0; m < MR; ++m) {
         uint32_t pair;
-        std::memcpy(&pair, x + m * K + 2 * kp, 4);
+        std::memcpy(&pair, x + m * xs + 2 * kp, 4);
         const __m512bh xb = as_bh(_mm512_set1_epi32(static_cast<int>(pair)));
         acc[m][0] = _mm512_dpbf16_ps(acc[m][0], b0, xb);
         acc[m][1] = _mm512_dpbf16_ps(acc[m][1], b1, xb);
@@ -166,35 +342,36 @@ void panel_tile(const uint32_t* panel, const uint16_t* x, const float* xsum, con
     const __m512 s0 = _mm512_loadu_ps(sT + grp * kBlockN), s1 = _mm512_loadu_ps(sT + grp * kBlockN + 16);
     const __m512 z0 = _mm512_loadu_ps(zT + grp * kBlockN), z1 = _mm512_loadu_ps(zT + grp * kBlockN + 16);
     for (int m = 0; m < MR; ++m) {
-      const __m512 xs = _mm512_set1_ps(xsum[m * G + grp]);
-      tot[m][0] = _mm512_fmadd_ps(z0, xs, _mm512_fmadd_ps(acc[m][0], s0, tot[m][0]));
-      tot[m][1] = _mm512_fmadd_ps(z1, xs, _mm512_fmadd_ps(acc[m][1], s1, tot[m][1]));
+      const __m512 xsv = _mm512_set1_ps(xsum[m * G + grp]);
+      tot[m][0] = _mm512_fmadd_ps(z0, xsv, _mm512_fmadd_ps(acc[m][0], s0, tot[m][0]));
+      tot[m][1] = _mm512_fmadd_ps(z1, xsv, _mm512_fmadd_ps(acc[m][1], s1, tot[m][1]));
     }
   }
   for (int m = 0; m < MR; ++m) {
-    _mm512_storeu_ps(y + m * ldy, tot[m][0]);
-    _mm512_storeu_ps(y + m * ldy + 16, tot[m][1]);
+    _mm512_storeu_ps(y + m * kBlockN, tot[m][0]);
+    _mm512_storeu_ps(y + m * kBlockN + 16, tot[m][1]);
   }
 }
 
 template <int MR>
-void panel_tile_upto(int64_t mr, const uint32_t* panel, const uint16_t* x, const float* xsum, const float* sT,
-                     const float* zT, int64_t K, int64_t G, int64_t g, float* y, int64_t ldy) {
+void panel_tile_upto(int64_t mr, const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum,
+                     const float* sT, const float* zT, int64_t G, int64_t g, float* y) {
   if (mr == MR) {
-    panel_tile<MR>(panel, x, xsum, sT, zT, K, G, g, y, ldy);
+    panel_tile<MR>(panel, x, xs, xsum, sT, zT, G, g, y);
   } else if constexpr (MR > 1) {
-    panel_tile_upto<MR - 1>(mr, panel, x, xsum, sT, zT, K, G, g, y, ldy);
+    panel_tile_upto<MR - 1>(mr, panel, x, xs, xsum, sT, zT, G, g, y);
   }
 }
 
 void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  const int64_t K = p.K, G = p.G, M = p.M;
+  const int64_t G = p.G, M = p.M, xs = p.x_stride;
   thread_local std::vector<uint32_t> panel;
   thread_local std::vector<float> sT, zT, ybuf;
-  panel.resize(K / 2 * kBlockN);
+  panel.resize(xs / 2 * kBlockN);
   sT.resize(G * kBlockN);
   zT.resize(G * kBlockN);
   ybuf.resize(kPanelM * kBlockN);
+  const float offset = p.bits == 8 ? kCodeOffset<8> : kCodeOffset<4>;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlockN) {
     const int64_t rows = std::min<int64_t>(kBlockN, n_end - n0);
     switch (p.bits) {
@@ -205,29 +382,28 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     for (int64_t r = 0; r < kBlockN; ++r)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t n = n0 + (r < rows ? r : 0);
-        sT[g * kBlockN + r] = load_as_float(p.scale, p.scale_dtype, n * G + g);
-        zT[g * kBlockN + r] = load_as_float(p.zero, p.scale_dtype, n * G + g);
+        const float sc = load_as_float(p.scale, p.scale_dtype, n * G + g);
+        sT[g * kBlockN + r] = sc;
+        zT[g * kBlockN + r] = load_as_float(p.zero, p.scale_dtype, n * G + g) - offset * sc;
       }
-    // Full blocks store straight into y; a short last block goes through a 32-wide buffer.
-    const bool full = rows == kBlockN;
     for (int64_t m0 = 0; m0 < M; m0 += kPanelM) {
       const int64_t mr = std::min<int64_t>(kPanelM, M - m0);
-      float* dst = full ? p.y + m0 * p.N + n0 : ybuf.data();
-      panel_tile_upto<kPanelM>(mr, panel.data(), p.x16 + m0 * K, p.xsum + m0 * G, sT.data(), zT.data(), K, G,
-                               p.group_size, dst, full ? p.N : kBlockN);
-      if (!full)
-        for (int64_t m = 0; m < mr; ++m)
-          for (int64_t r = 0; r < rows; ++r) p.y[(m0 + m) * p.N + n0 + r] = ybuf[m * kBlockN + r];
+      panel_tile_upto<kPanelM>(mr, panel.data(), p.x16 + m0 * xs, xs, p.xsum + m0 * G, sT.data(), zT.data(), G,
+                               p.group_size, ybuf.data());
+      for (int64_t m = 0; m < mr; ++m)
+        for (int64_t r = 0; r < rows; r += 16)
+          store_bf16(p.y16 + (m0 + m) * p.N + n0 + r, ybuf.data() + m * kBlockN + r, p.bias ? p.bias + n0 + r : nullptr,
+                     std::min<int64_t>(16, rows - r));
     }
   }
 }
 
 template <int B>
 void rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.M >= kPanelMinRows)
+  if (p.M >= kBf16PanelMinRows)
     panel_rows(p, n_begin, n_end);
   else
-    dot_rows_t<B, kDotRows>(p, 0, p.M, n_begin, n_end);
+    dot_rows_m<B>(p, n_begin, n_end);
 }
 
 void run_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
