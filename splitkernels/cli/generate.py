@@ -110,8 +110,15 @@ def _codec_text(codec: CodecConfig | CodecConfigV2, calibration: dict | None) ->
         c = calibration or {}
         how = (f", calibrated on {c['tokens']} {c['text']} tokens from token {c['first_token']} (disjoint from the "
                f"evaluation text) with {c['sensitivity']} sensitivity in {c['seconds']:.1f} s") if c else ""
-        return (f"v2 (calibrated equalisation + static rANS), target {codec.info.get('target_bits')} bits/element, "
-                f"kmax {codec.kmax}{how}, config {codec.fingerprint[:8]}")
+        info = codec.info
+        if info.get("max_kl_proxy") is not None:
+            rate = f"rate for KL estimate <= {info['max_kl_proxy']:g} (got {info.get('kl_proxy', float('nan')):.4f})"
+            if info.get("target_bits") is not None:
+                rate += f" within {info['target_bits']:.2f} bits/element"
+        else:
+            rate = f"target {info.get('target_bits')} bits/element"
+        return (f"v2 (calibrated equalisation + static rANS, {max(1, len(codec.class_freqs))} channel classes), {rate}, "
+                f"estimated {info.get('estimated_bits', float('nan')):.2f}, kmax {codec.kmax}{how}, config {codec.fingerprint[:8]}")
     if codec.mode == "passthrough":
         return "lossless passthrough"
     target = f"eps {codec.eps}" if codec.mode == "error" else f"budget {codec.avg_bits} bits/element"
