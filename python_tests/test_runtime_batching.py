@@ -128,6 +128,28 @@ def test_long_prefill_does_not_stall_decodes(sm):
         scheduler.stop()
 
 
+def test_window_closes_when_the_expected_steps_are_queued(sm):
+    # A long window (1 s) and three sessions that could submit: two queued steps wait for the
+    # third, which closes the window at once (its submit wakes the scheduler), one batch of three.
+    d = sm.adapter.hidden_size
+    scheduler = Scheduler(sm.server, BatchConfig(window_s=1.0), expected=lambda: 3).start()
+    try:
+        works = [Work(torch.randn(1, d), sm.server.new_decode_cache(), 0, SamplingParams(), None, key=k)
+                 for k in range(3)]
+        for w in works[:2]:
+            scheduler.submit(w)
+        time.sleep(0.2)
+        assert not any(w.done.is_set() for w in works[:2]), "the window closed before the expected steps came"
+        t0 = time.perf_counter()
+        scheduler.submit(works[2])
+        assert all(w.done.wait(20) and w.error is None for w in works)
+        assert time.perf_counter() - t0 < 0.6, "the last expected step did not close the window"
+        stats = scheduler.stats()
+        assert (stats.batches, stats.max_batch_seen, stats.tokens_in_flight) == (1, 3, 0)
+    finally:
+        scheduler.stop()
+
+
 def test_admission_refuses_past_tokens_in_flight_and_session_survives(sm):
     manager = BatchingSessionManager(sm.server, Limits(max_sessions=1, max_seq_len=256), sm.fingerprint,
                                      BatchConfig(max_tokens_in_flight=8))

@@ -223,6 +223,7 @@ class Scheduler:
         probe = server.adapter.new_cache(server.first, server.last).layers
         self.batchable = all(i < len(probe) and type(probe[i]) is DynamicLayer for i in range(server.first, server.last))
         self._queue: deque[Work] = deque()
+        self._queued: dict[int, int] = {}  # key -> its queued works (the window's test, kept as works come and go)
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -256,6 +257,7 @@ class Scheduler:
             self._thread = None
         with self._cond:
             pending, self._queue = list(self._queue), deque()
+            self._queued.clear()
         for w in pending:
             self._finish(w, error=SplitError(Status.UNAVAILABLE, "server is shutting down"))
         self.release()
@@ -290,7 +292,12 @@ class Scheduler:
                                  f"{work.tokens}; the limit is {limit} (max_tokens_in_flight)")
             self._in_flight += work.tokens
             self._queue.append(work)
-            self._cond.notify_all()
+            self._queued[work.key] = self._queued.get(work.key, 0) + 1
+            # Wake the scheduler only when this step can end its wait (the first step queued, or the
+            # window's last expected one): each wake-up costs a thread switch and the GIL, and a
+            # batch of 16 sessions would otherwise wake it 16 times.
+            if len(self._queue) == 1 or self._window_full():
+                self._cond.notify_all()
         return work
 
     def run(self, work: Work) -> int:
@@ -313,10 +320,7 @@ class Scheduler:
             deadline = time.perf_counter() + window
             while not self._stop:
                 left = deadline - time.perf_counter()
-                queued = {w.key for w in self._queue}
-                stepping = self._served[0] | self._served[1]
-                if left <= 0 or len(queued) >= min(self._expected(), self.config.max_batch) or \
-                        (stepping and stepping <= queued):
+                if left <= 0 or self._window_full():
                     break
                 self._cond.wait(left)
             decodes, prefills = [], []
@@ -327,6 +331,15 @@ class Scheduler:
                 elif not is_decode:
                     prefills.append(w)
             return decodes, prefills
+
+    def _window_full(self) -> bool:
+        """Whether the window can close now: as many sessions have a step queued as could submit
+        (up to ``max_batch``), or every session that is stepping has one. Under ``_cond``."""
+        queued = self._queued
+        if len(queued) >= min(self._expected(), self.config.max_batch):
+            return True
+        stepping = self._served[0] | self._served[1]
+        return bool(stepping) and all(key in queued for key in stepping)
 
     def _loop(self) -> None:
         while (taken := self._take()) is not None:
@@ -343,6 +356,7 @@ class Scheduler:
                 self._resident = None  # its sessions' caches are lost with their steps
                 with self._cond:
                     pending, self._queue, self._in_flight = list(self._queue), deque(), 0
+                    self._queued.clear()
                 for w in pending:
                     self._finish(w, error=exc)
 
@@ -351,6 +365,11 @@ class Scheduler:
             for w in works:
                 self._queue.remove(w)
                 self._in_flight -= w.tokens
+                left = self._queued[w.key] - 1
+                if left:
+                    self._queued[w.key] = left
+                else:
+                    del self._queued[w.key]
 
     def _finish(self, work: Work, token: int | None = None, error: BaseException | None = None) -> None:
         work.token, work.error = token, error
@@ -455,7 +474,9 @@ class Scheduler:
             self.release(w.cache)  # a model-forward batch may hold its newest rows
         hidden = torch.cat([w.hidden for w in works])
         _, ids, vals, logits = server.native.step_batch(hidden, [w.cache for w in works], max(ks), logits=0 in ks)
-        return [pick_token(w.sampling, w.generator, k, ids[i], vals[i], None if logits is None else
+        firsts = ids[:, 0].tolist()  # the argmax of every row: a greedy row's token, read without a tensor per row
+        return [firsts[i] if not w.sampling.do_sample else
+                pick_token(w.sampling, w.generator, k, ids[i], vals[i], None if logits is None else
                            logits[i].to(server.dtype)) for i, (w, k) in enumerate(zip(works, ks))]
 
     def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], rows: _Resident) -> torch.Tensor:

@@ -87,6 +87,8 @@ class SessionManager:
         model_limit = server.adapter.max_positions
         self.max_seq_len = min(self.limits.max_seq_len, model_limit) if model_limit else self.limits.max_seq_len
         self.kv_bytes_per_token = server.kv_bytes_per_token()
+        # Fixed for the server's life; read per step (the model config's attribute lookups cost microseconds).
+        self._hidden_size, self._device = server.adapter.hidden_size, server.device
         self._sessions: dict[int, _Session] = {}
         self._codec_configs: dict[bytes, CodecConfigV2] = {}  # by canonical bytes, oldest first
         self._lock = threading.Lock()
@@ -249,9 +251,9 @@ class SessionManager:
         """Decode a step's frame where the layers run, after its header passed this session's
         limits (hidden size, tokens left, KV budget): a forged header costs no allocation."""
         room = sess.max_seq_len - sess.position
-        limits = FrameLimits(d=self.server.adapter.hidden_size, max_tokens=room)
+        limits = FrameLimits(d=self._hidden_size, max_tokens=room)
         try:
-            hidden = decode_frame(frame, limits, self.server.device, config=sess.codec)
+            hidden = decode_frame(frame, limits, self._device, config=sess.codec)
         except FrameLimitError as exc:
             status = Status.INVALID_ARGUMENT if exc.field in ("d", "dtype") else Status.RESOURCE_EXHAUSTED
             raise SplitError(status, f"frame refused: {exc} (session at position {sess.position} of "
