@@ -1,6 +1,8 @@
 """Codec v2: rANS coder (reference vs C++), calibration, encode/decode, v2 frames, dispatch."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -292,8 +294,6 @@ def test_encode_rejects_bad_input(cfg64):
 
 
 def _reseal(body: bytes, cfg: CodecConfigV2) -> bytes:
-    import zlib
-
     """``body`` with a valid CRC for frames of ``cfg`` (the CRC starts from the config's digest)."""
     return body + zlib.crc32(body, cfg.crc_seed).to_bytes(4, "little")
 

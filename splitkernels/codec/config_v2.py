@@ -75,6 +75,8 @@ class CodecConfigV2:
             raise ValueError(f"raw_limit must be an int in [0, d={self.d}], got {self.raw_limit!r}")
         if bool(self.class_freqs) != bool(self.channel_class):
             raise ValueError("class_freqs and channel_class must be given together")
+        # What the rANS coder codes with, built once (one-token frames then pay nothing for it).
+        object.__setattr__(self, "_rans", rans.as_class_tables(self.freqs))
         if self.class_freqs:
             if len(self.channel_class) != self.d:
                 raise ValueError(f"channel_class must have d = {self.d} entries, got {len(self.channel_class)}")
@@ -83,7 +85,7 @@ class CodecConfigV2:
             classes = rans.ClassTables(self.class_freqs, self.channel_class)
             object.__setattr__(self, "class_freqs", classes.tables)
             object.__setattr__(self, "channel_class", classes.table_of)
-        object.__setattr__(self, "_rans", classes if self.class_freqs else self.freqs)
+            object.__setattr__(self, "_rans", classes)
         # Read-only fp32 arrays, built once: encoders use them on every call.
         arrays = {"center": np.asarray(center, dtype=np.float32), "step": np.asarray(step, dtype=np.float32)}
         arrays["inv"] = np.float32(1.0) / arrays["step"]
@@ -103,8 +105,8 @@ class CodecConfigV2:
         return 2 * self.kmax + 1
 
     @property
-    def rans_tables(self) -> tuple[int, ...] | rans.ClassTables:
-        """What the rANS coder codes with: ``freqs``, or the channel-class tables when there are any."""
+    def rans_tables(self) -> rans.ClassTables:
+        """What the rANS coder codes with: ``freqs`` as one class, or the channel-class tables."""
         return self._rans
 
     def center_array(self) -> np.ndarray:
