@@ -91,8 +91,8 @@ def main() -> None:
         model.eval()
         ids = tok(load_text("botchan"), return_tensors="pt").input_ids[0]
         calib = ids[CALIB_OFFSET : CALIB_OFFSET + 1024].reshape(-1, CONTEXT)
-        fisher, hidden = fisher_diagonal(model, calib, layer)
-        cfg = calibrate(hidden, bits=4.0, sensitivity=fisher, wire_dtype=wire)
+        fisher = fisher_diagonal(model, calib, layer)
+        cfg = calibrate(fisher.hidden, bits=4.0, sensitivity=fisher.channel, wire_dtype=wire)
         with torch.no_grad():
             h = model(ids[:CONTEXT][None], output_hidden_states=True).hidden_states[layer][0]
         enc = encode(h.to(wire), cfg)

@@ -196,7 +196,7 @@ def resume_probe(client: GrpcTransport, sm, histories: tuple[int, ...]) -> list[
         ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(h))
         cache, frames, step_ids, position = sm.edge.new_cache(), [], ids, 0
         for _ in range(h):  # the frames a generation of h steps sent (greedy tokens from the server)
-            frames.append(encode(sm.edge.forward(step_ids, cache, position), sm.codec).to_bytes())
+            frames.append(encode(sm.edge.forward(step_ids, cache, position), sm.codec, start=position).to_bytes())
             position += step_ids.shape[1]
             step_ids = torch.tensor([[int(torch.randint(0, 256, (1,)))]])
         timing = {}
@@ -225,7 +225,7 @@ def restart_probe(port: int, server: list) -> dict:
         cache, step_ids, position = sm.edge.new_cache(), ids, 0
         marks = {}
         for seq in range(12):
-            frame = encode(sm.edge.forward(step_ids, cache, position), sm.codec).to_bytes()
+            frame = encode(sm.edge.forward(step_ids, cache, position), sm.codec, start=position).to_bytes()
             if seq == 6:
                 server[0].send_signal(signal.SIGKILL)
                 server[0].wait()

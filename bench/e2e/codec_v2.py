@@ -58,9 +58,9 @@ class Recorder:
 def v2_transform(cfg, wire: torch.dtype):
     def run(x: torch.Tensor):
         xw = x.to(wire)
-        enc = encode(xw, cfg)
+        enc = encode(xw, cfg, start=0)  # every window starts a sequence
         y = decode(enc).to(x.dtype)
-        per_token = sum(encode(xw[t : t + 1], cfg).nbytes for t in range(x.shape[0]))
+        per_token = sum(encode(xw[t : t + 1], cfg, start=t).nbytes for t in range(x.shape[0]))
         return TransferResult(y, enc.nbytes, 0.0, int(enc.escapes.numel())), per_token
     return run
 
@@ -108,6 +108,8 @@ def main() -> None:
                     help="v2 bit targets; 'default' is calibrate's own rule (KL proxy within a decode-frame ceiling)")
     ap.add_argument("--uniform-bits", type=float, nargs="*", default=[4.0],
                     help="v2 bit targets calibrated without the Fisher (uniform channel scales)")
+    ap.add_argument("--compare-positions", action="store_true",
+                    help="also score every Fisher target without position shifts (one step for every position)")
     ap.add_argument("--massive", type=float, default=None, help="massive-activation fixture: channel factor")
     ap.add_argument("--no-baselines", action="store_true")
     args = ap.parse_args()
@@ -147,12 +149,15 @@ def main() -> None:
 
     for layer in layers:
         wire = wires[layer]
-        fisher, hidden = fisher_diagonal(model, calib, layer)
+        fisher = fisher_diagonal(model, calib, layer)
         for b in args.bits:
-            cfg = calibrate(hidden, bits=None if b == "default" else float(b), sensitivity=fisher, wire_dtype=wire)
-            record(layer, f"v2 fisher {b if b == 'default' else f'{float(b):g}'}", v2_transform(cfg, wire), {"info": cfg.info})
+            for positions in (True, False) if args.compare_positions else (True,):
+                cfg = calibrate(fisher.hidden, bits=None if b == "default" else float(b), sensitivity=fisher.channel,
+                                position_sensitivity=fisher.position if positions else None, wire_dtype=wire)
+                name = f"v2 fisher {b if b == 'default' else f'{float(b):g}'}{'' if positions else ', no position shifts'}"
+                record(layer, name, v2_transform(cfg, wire), {"info": cfg.info})
         for b in args.uniform_bits:
-            cfg = calibrate(hidden, bits=b, wire_dtype=wire)
+            cfg = calibrate(fisher.hidden, bits=b, wire_dtype=wire)
             record(layer, f"v2 uniform {b:g}", v2_transform(cfg, wire), {"info": cfg.info})
         if not args.no_baselines:
             record(layer, "v1 eps 0.22", v1_transform(CodecConfig(eps=0.22), wire))

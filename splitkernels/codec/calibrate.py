@@ -23,6 +23,13 @@ What is fitted, from calibration hidden states ``[N, d]`` of one model and split
   rate its own sensitivity asks for (measured KL / proxy: 0.8-1.2 on SmolLM2 and Gemma 3 splits
   6-13, 2.1-2.5 at Gemma 3 split 2, where the ceiling decides), instead of one rate for all. ``kmax`` covers all but ``ESCAPE_RATE`` of the calibration values; everything
   beyond escapes exact, so massive channels and heavy outliers are never clipped.
+* **Position shifts.** With a measured ``position_sensitivity`` (the Fisher trace per position of
+  the calibration windows), each position band (position 0, then ``[2**(b-1), 2**b)``) gets the
+  step of the late positions divided by ``2**shift``, ``shift = rint(0.5 * log2(F_band / F_late))``
+  (noise costs ``F * step**2``, so that equalises the KL per token, as the channel scales do per
+  channel). Early tokens are read by every later token through attention: on Gemma 3 270M split 2
+  positions 1-7 weigh 90-440x a late one, and these shifts cut the measured KL 2.5-3x at the same
+  bits of 512-token frames. One-token decode frames (late positions) pay nothing for them.
 * **rANS tables** from the symbol counts at the chosen step: one pooled table, and ``classes``
   tables for groups of channels of alike spread (channels sorted by their mean code magnitude,
   cut into equal groups), so a channel that is nearly always 0 does not pay for the tails of a
@@ -37,7 +44,7 @@ import numpy as np
 import torch
 
 from . import rans
-from .config_v2 import MAX_KMAX, CodecConfigV2
+from .config_v2 import MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, CodecConfigV2, position_band
 from .frame_v2 import framing_bytes
 
 DEFAULT_BITS = 4.0  # without a measured sensitivity
@@ -51,6 +58,7 @@ RAW_FRACTION = 0.5
 DEFAULT_CLASSES = 16
 MIN_CLASS_CHANNELS = 16  # fewer channels per class than this: fewer classes
 _BISECT_STEPS = 30
+MIN_PROFILE_POSITIONS = 16  # a shorter position profile sets no position shifts
 
 
 def _token_rms(x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +149,43 @@ class _Stats:
         return 0.5 * float((err.double().pow(2).mean(0) * self.fisher).sum())
 
 
+def position_shifts(profile: torch.Tensor) -> tuple[int, ...]:
+    """Position shifts (``CodecConfigV2.position_shift``) from the mean Fisher trace per position
+    ``profile [P]`` of calibration windows: band ``b`` gets ``rint(0.5 * log2(mean over the band /
+    mean over positions [P/2, P)))`` in ``[0, MAX_SHIFT]``; bands beyond ``P`` get 0."""
+    a = profile.detach().double().cpu()
+    if a.dim() != 1 or not torch.isfinite(a).all() or (a < 0).any():
+        raise ValueError(f"position_sensitivity must be a finite non-negative 1-D tensor, got shape {tuple(a.shape)}")
+    p = a.shape[0]
+    late = float(a[p // 2 :].mean()) if p else 0.0
+    if p < MIN_PROFILE_POSITIONS or not late > 0:
+        return ()
+    shifts = []
+    for band in range(min(MAX_POSITION_BANDS, position_band(p - 1) + 1)):
+        lo, hi = (0, 1) if band == 0 else (1 << (band - 1), min(p, 1 << band))
+        ratio = float(a[lo:hi].mean()) / late
+        shifts.append(int(min(MAX_SHIFT, max(0, round(0.5 * math.log2(ratio))))) if ratio > 0 else 0)
+    while shifts and shifts[-1] == 0:
+        shifts.pop()
+    return tuple(shifts)
+
+
+def _shift_costs(shifts: tuple[int, ...], profile: torch.Tensor | None, sink_first: bool) -> tuple[float, float]:
+    """(extra bits per element of a 512-token frame from position 0 for the residuals, factor on
+    the KL proxy: the Fisher-weighted mean of ``4**-shift`` over positions >= 1 of the profile)."""
+    if not shifts:
+        return 0.0, 1.0
+    table = list(shifts) + [0]
+
+    def shift(pos: int) -> int:
+        return table[min(position_band(pos), len(table) - 1)]
+
+    extra = sum(shift(p) for p in range(1 if sink_first else 0, FRAME_TOKENS)) / FRAME_TOKENS
+    a = profile.detach().double().cpu()[1:]
+    weights = torch.tensor([4.0 ** -shift(p) for p in range(1, a.shape[0] + 1)], dtype=torch.float64)
+    return extra, float((a * weights).sum() / a.sum()) if float(a.sum()) > 0 else 1.0
+
+
 def default_bits_ceiling(d: int) -> float:
     """Bits per element of 512-token frames (as :func:`calibrate` estimates them) that leave a
     one-token frame of ``d`` values, whose header, CRC and rANS state weigh ``8 * 17 / d`` bits per
@@ -172,6 +217,7 @@ def calibrate(
     sensitivity: torch.Tensor | None = None,
     wire_dtype: torch.dtype = torch.float16,
     classes: int = DEFAULT_CLASSES,
+    position_sensitivity: torch.Tensor | None = None,
 ) -> CodecConfigV2:
     """Fit a :class:`CodecConfigV2` from split-layer hidden states ``[N, d]`` (module docstring).
 
@@ -184,6 +230,10 @@ def calibrate(
     ``wire_dtype``: dtype the edge sends (escape and raw values are charged at its width).
     ``classes``: rANS tables for channel classes (fewer when ``d`` is small: at least
     ``MIN_CLASS_CHANNELS`` channels per class; 1 = one table for every channel).
+    ``position_sensitivity``: the Fisher trace per position ``[P]`` of the calibration windows
+    (:attr:`splitkernels.codec.sensitivity.Fisher.position`; ``hidden`` is then ``N / P`` such
+    windows, each from position 0): sets the position shifts, and ``bits`` then counts their
+    residuals in 512-token frames from position 0.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[0] < 1 or hidden.shape[1] < 1:
         raise ValueError(f"hidden must be a [N, d] tensor with N, d >= 1, got {getattr(hidden, 'shape', type(hidden))}")
@@ -200,14 +250,22 @@ def calibrate(
     if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= rans.MAX_CLASSES:
         raise ValueError(f"classes must be an int in [1, {rans.MAX_CLASSES}], got {classes!r}")
     d = hidden.shape[1]
+    shifts: tuple[int, ...] = ()
+    if position_sensitivity is not None:
+        shifts = position_shifts(position_sensitivity)
+        if hidden.shape[0] % position_sensitivity.shape[0]:
+            raise ValueError(f"hidden must hold whole windows of the position profile's {position_sensitivity.shape[0]} "
+                             f"positions, got {hidden.shape[0]} tokens")
+    hidden = hidden.detach().cpu().float()
+    sinks = sink_mask(hidden)
+    body = hidden[~sinks]
+    sink_first = bool(shifts) and bool(sinks[:: position_sensitivity.shape[0]].float().mean() > 0.5)
+    extra, kl_gain = _shift_costs(shifts, position_sensitivity, sink_first)
     if bits is None and max_kl_proxy is None:
         if sensitivity is None:
             bits = DEFAULT_BITS
         else:
             bits, max_kl_proxy = default_bits_ceiling(d), DEFAULT_KL_PROXY
-    hidden = hidden.detach().cpu().float()
-    sinks = sink_mask(hidden)
-    body = hidden[~sinks]
     center = body.median(0).values.numpy().astype(np.float32)
     if base is not None:
         scales = base.step_array().astype(np.float64)
@@ -221,18 +279,19 @@ def calibrate(
     lo, hi = spread * 2.0**-16, spread * 4.0
     deltas = []
     if max_kl_proxy is not None:
-        deltas.append(_bisect(lambda dl: stats.kl_proxy(dl) <= max_kl_proxy, lo, hi)[0])
+        deltas.append(_bisect(lambda dl: stats.kl_proxy(dl) * kl_gain <= max_kl_proxy, lo, hi)[0])
     if bits is not None:
-        # The smallest probed step whose estimated cost is within the budget.
-        deltas.append(_bisect(lambda dl: stats.table(dl)[2] > bits, lo, hi)[1])
+        # The smallest probed step whose estimated cost (residuals of early positions included) is within the budget.
+        deltas.append(_bisect(lambda dl: stats.table(dl)[2] + extra > bits, lo, hi)[1])
     delta = max(deltas)
     freqs, k, est_bits, tables, table_of = stats.table(delta)
     step = (scales * delta).astype(np.float32)
-    info = {"target_bits": bits, "max_kl_proxy": max_kl_proxy, "estimated_bits": est_bits, "delta": delta,
+    info = {"target_bits": bits, "max_kl_proxy": max_kl_proxy, "estimated_bits": est_bits + extra, "delta": delta,
+            "estimated_bits_late": est_bits, "position_shift": list(shifts),
             "kmax": k, "classes": max(1, len(tables)), "calibration_tokens": int(hidden.shape[0]), "sink_tokens": int(sinks.sum()),
             "scales": "fisher" if sensitivity is not None and base is None else ("base" if base else "uniform"),
             "wire_dtype": str(wire_dtype).replace("torch.", "")}
     if sensitivity is not None:
-        info["kl_proxy"] = stats.kl_proxy(delta)
+        info["kl_proxy"] = stats.kl_proxy(delta) * kl_gain
     return CodecConfigV2(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=k, freqs=freqs, raw_limit=int(d * RAW_FRACTION),
-                         class_freqs=tables, channel_class=table_of, info=info)
+                         class_freqs=tables, channel_class=table_of, position_shift=shifts, info=info)

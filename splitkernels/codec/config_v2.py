@@ -19,10 +19,20 @@ from . import rans
 
 CONFIG_VERSION = 2
 CONFIG_VERSION_CLASSES = 3  # the canonical layout with channel-class tables
+CONFIG_VERSION_POSITIONS = 4  # version 3's layout (0 classes allowed) plus position shifts
+MAX_POSITION_BANDS = 16  # band 0 is position 0, band b >= 1 positions [2**(b-1), 2**b)
+MAX_SHIFT = 6  # a shifted value's fine code stays within +-127 * 2**6 (exact in fp32)
 MAX_KMAX = (rans.MAX_SYMBOLS - 2) // 2  # symbols 0..2K are codes -K..K, 2K+1 is the escape
 MAX_D = 1 << 20  # widest hidden state a serialised config may describe
 _CANON_HEAD = struct.Struct("<BIII")
 _CLASS_COUNT = struct.Struct("<I")
+_BAND_COUNT = struct.Struct("<B")
+
+
+def position_band(position: int) -> int:
+    """Band of a token position: 0 for position 0, else ``position.bit_length()`` (band ``b`` holds
+    positions ``[2**(b-1), 2**b)``)."""
+    return int(position).bit_length()
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,10 @@ class CodecConfigV2:
       alphabet and the class of each of the ``d`` channels; rANS then codes channel ``c`` with
       ``class_freqs[channel_class[c]]``. Empty (the default) means one table for all.
     * ``raw_limit``: a token with more than this many escapes travels raw (attention sinks).
+    * ``position_shift``: optional finer steps for early positions: entry ``b`` (0..``MAX_SHIFT``)
+      divides the step of every token in position band ``b`` (:func:`position_band`) by ``2**b``;
+      the extra ``shift`` low bits of each code travel as a residual beside the coarse symbol.
+      Empty (the default) means one step for every position; the last entry is never 0.
     * ``info``: calibration notes (target bits, estimated bits, KL proxy); not part of the codec,
       not in the fingerprint.
     """
@@ -52,6 +66,7 @@ class CodecConfigV2:
     raw_limit: int
     class_freqs: tuple[tuple[int, ...], ...] = ()
     channel_class: tuple[int, ...] = ()
+    position_shift: tuple[int, ...] = ()
     info: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +90,15 @@ class CodecConfigV2:
             raise ValueError(f"raw_limit must be an int in [0, d={self.d}], got {self.raw_limit!r}")
         if bool(self.class_freqs) != bool(self.channel_class):
             raise ValueError("class_freqs and channel_class must be given together")
+        shifts = tuple(self.position_shift)
+        if len(shifts) > MAX_POSITION_BANDS or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SHIFT
+                                                   for v in shifts):
+            raise ValueError(f"position_shift must hold at most {MAX_POSITION_BANDS} ints in [0, {MAX_SHIFT}], got {shifts!r}")
+        if shifts and shifts[-1] == 0:
+            raise ValueError("position_shift must not end in 0 (trailing bands of shift 0 are implied)")
+        if shifts and min(step) * 2.0 ** -max(shifts) < float(np.finfo(np.float32).tiny):
+            raise ValueError("position_shift would make a step subnormal (the finer steps must stay exact fp32 values)")
+        object.__setattr__(self, "position_shift", shifts)
         # What the rANS coder codes with, built once (one-token frames then pay nothing for it).
         object.__setattr__(self, "_rans", rans.as_class_tables(self.freqs))
         if self.class_freqs:
@@ -101,6 +125,20 @@ class CodecConfigV2:
         return len(self.step)
 
     @property
+    def shift_end(self) -> int:
+        """First position from which every token has shift 0 (0 without position shifts)."""
+        n = len(self.position_shift)
+        return 0 if n == 0 else 1 << (n - 1)
+
+    def row_shifts(self, start: int, t: int) -> np.ndarray:
+        """Shifts (int64) of the leading rows of a frame of ``t`` tokens from position ``start`` that
+        lie before :attr:`shift_end` (an empty array when none does)."""
+        n = max(0, min(t, self.shift_end - start))
+        table = np.asarray(self.position_shift + (0,), dtype=np.int64)
+        bands = np.array([position_band(p) for p in range(start, start + n)], dtype=np.int64)
+        return table[np.minimum(bands, len(table) - 1)]
+
+    @property
     def escape_symbol(self) -> int:
         return 2 * self.kmax + 1
 
@@ -123,17 +161,23 @@ class CodecConfigV2:
 
     @property
     def version(self) -> int:
-        """Canonical layout: 2 (one table) or 3 (channel-class tables)."""
+        """Canonical layout: 2 (one table), 3 (channel-class tables) or 4 (position shifts)."""
+        if self.position_shift:
+            return CONFIG_VERSION_POSITIONS
         return CONFIG_VERSION_CLASSES if self.class_freqs else CONFIG_VERSION
 
     def canonical_bytes(self) -> bytes:
         """The bytes the fingerprint hashes: version, d, kmax, raw_limit, centers and steps (f32),
-        freqs (u16); with classes also their count (u32), the channel classes (u8) and their tables (u16)."""
+        freqs (u16); with classes (or position shifts) also the class count (u32), the channel classes (u8)
+        and their tables (u16); with position shifts then the band count (u8) and the shifts (u8)."""
         head = _CANON_HEAD.pack(self.version, self.d, self.kmax, self.raw_limit)
         out = head + self.center_array().astype("<f4").tobytes() + self.step_array().astype("<f4").tobytes() + np.asarray(self.freqs, dtype="<u2").tobytes()
+        if self.class_freqs or self.position_shift:
+            out += _CLASS_COUNT.pack(len(self.class_freqs))
         if self.class_freqs:
-            out += _CLASS_COUNT.pack(len(self.class_freqs)) + np.asarray(self.channel_class, dtype=np.uint8).tobytes() + \
-                np.asarray(self.class_freqs, dtype="<u2").tobytes()
+            out += np.asarray(self.channel_class, dtype=np.uint8).tobytes() + np.asarray(self.class_freqs, dtype="<u2").tobytes()
+        if self.position_shift:
+            out += _BAND_COUNT.pack(len(self.position_shift)) + bytes(self.position_shift)
         return out
 
     @property
@@ -160,33 +204,47 @@ class CodecConfigV2:
         if len(buf) < _CANON_HEAD.size:
             raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the header needs {_CANON_HEAD.size}")
         version, d, kmax, raw_limit = _CANON_HEAD.unpack_from(buf)
-        if version not in (CONFIG_VERSION, CONFIG_VERSION_CLASSES):
-            raise ValueError(f"codec config version must be {CONFIG_VERSION} or {CONFIG_VERSION_CLASSES}, got {version}")
+        versions = (CONFIG_VERSION, CONFIG_VERSION_CLASSES, CONFIG_VERSION_POSITIONS)
+        if version not in versions:
+            raise ValueError(f"codec config version must be one of {versions}, got {version}")
         if not 1 <= d <= max_d or not 1 <= kmax <= MAX_KMAX:
             raise ValueError(f"codec config has d = {d} (allowed 1..{max_d}) and kmax = {kmax} (allowed 1..{MAX_KMAX})")
         n = 2 * kmax + 2
-        base = _CANON_HEAD.size + 8 * d + 2 * n
-        k = 0
-        if version == CONFIG_VERSION_CLASSES:
-            if len(buf) < base + _CLASS_COUNT.size:
-                raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the class count ends at {base + _CLASS_COUNT.size}")
-            (k,) = _CLASS_COUNT.unpack_from(buf, base)
-            if not 1 <= k <= rans.MAX_CLASSES:
-                raise ValueError(f"codec config has {k} channel classes (allowed 1..{rans.MAX_CLASSES})")
-        want = base + (_CLASS_COUNT.size + d + 2 * n * k if version == CONFIG_VERSION_CLASSES else 0)
-        if len(buf) != want:
-            raise ValueError(f"codec config bytes for d = {d}, kmax = {kmax}, {k} classes must be {want} bytes, got {len(buf)}")
-        at = _CANON_HEAD.size
-        center = np.frombuffer(buf, dtype="<f4", count=d, offset=at)
-        step = np.frombuffer(buf, dtype="<f4", count=d, offset=at + 4 * d)
-        freqs = np.frombuffer(buf, dtype="<u2", count=n, offset=at + 8 * d)
+        at = _CANON_HEAD.size + 8 * d + 2 * n
+        k, bands = 0, 0
+        if version != CONFIG_VERSION:
+            if len(buf) < at + _CLASS_COUNT.size:
+                raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the class count ends at {at + _CLASS_COUNT.size}")
+            (k,) = _CLASS_COUNT.unpack_from(buf, at)
+            at += _CLASS_COUNT.size
+            least = 1 if version == CONFIG_VERSION_CLASSES else 0
+            if not least <= k <= rans.MAX_CLASSES:
+                raise ValueError(f"codec config has {k} channel classes (allowed {least}..{rans.MAX_CLASSES})")
+        class_at = at
+        if k:
+            at += d + 2 * n * k
+        if version == CONFIG_VERSION_POSITIONS:
+            if len(buf) < at + _BAND_COUNT.size:
+                raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the band count ends at {at + _BAND_COUNT.size}")
+            (bands,) = _BAND_COUNT.unpack_from(buf, at)
+            at += _BAND_COUNT.size
+            if not 1 <= bands <= MAX_POSITION_BANDS:
+                raise ValueError(f"codec config has {bands} position bands (allowed 1..{MAX_POSITION_BANDS})")
+        if len(buf) != at + bands:
+            raise ValueError(f"codec config bytes for d = {d}, kmax = {kmax}, {k} classes, {bands} position bands must be "
+                             f"{at + bands} bytes, got {len(buf)}")
+        head = _CANON_HEAD.size
+        center = np.frombuffer(buf, dtype="<f4", count=d, offset=head)
+        step = np.frombuffer(buf, dtype="<f4", count=d, offset=head + 4 * d)
+        freqs = np.frombuffer(buf, dtype="<u2", count=n, offset=head + 8 * d)
         classes, tables = (), ()
         if k:
-            classes = tuple(np.frombuffer(buf, dtype=np.uint8, count=d, offset=base + _CLASS_COUNT.size).tolist())
-            flat = np.frombuffer(buf, dtype="<u2", count=n * k, offset=base + _CLASS_COUNT.size + d)
+            classes = tuple(np.frombuffer(buf, dtype=np.uint8, count=d, offset=class_at).tolist())
+            flat = np.frombuffer(buf, dtype="<u2", count=n * k, offset=class_at + d)
             tables = tuple(tuple(row) for row in flat.reshape(k, n).tolist())
         return cls(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=int(kmax),
-                   freqs=tuple(int(f) for f in freqs), raw_limit=int(raw_limit), class_freqs=tables, channel_class=classes)
+                   freqs=tuple(int(f) for f in freqs), raw_limit=int(raw_limit), class_freqs=tables, channel_class=classes,
+                   position_shift=tuple(buf[at : at + bands]))
 
     def to_dict(self) -> dict:
         out = {"version": self.version, "center": list(self.center), "step": list(self.step), "kmax": self.kmax, "freqs": list(self.freqs),
@@ -194,19 +252,23 @@ class CodecConfigV2:
         if self.class_freqs:
             out["class_freqs"] = [list(t) for t in self.class_freqs]
             out["channel_class"] = list(self.channel_class)
+        if self.position_shift:
+            out["position_shift"] = list(self.position_shift)
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "CodecConfigV2":
         version = d.get("version")
-        if version not in (CONFIG_VERSION, CONFIG_VERSION_CLASSES):
-            raise ValueError(f"codec config version must be {CONFIG_VERSION} or {CONFIG_VERSION_CLASSES}, got {version!r}")
-        classes = version == CONFIG_VERSION_CLASSES
-        if classes != ("class_freqs" in d):
-            raise ValueError(f"a version {version} codec config must {'' if classes else 'not '}have class_freqs")
+        versions = (CONFIG_VERSION, CONFIG_VERSION_CLASSES, CONFIG_VERSION_POSITIONS)
+        if version not in versions:
+            raise ValueError(f"codec config version must be one of {versions}, got {version!r}")
+        if (version == CONFIG_VERSION_CLASSES) != ("class_freqs" in d) and version != CONFIG_VERSION_POSITIONS:
+            raise ValueError(f"a version {version} codec config must {'' if version == CONFIG_VERSION_CLASSES else 'not '}have class_freqs")
+        if (version == CONFIG_VERSION_POSITIONS) != ("position_shift" in d):
+            raise ValueError(f"a version {version} codec config must {'' if version == CONFIG_VERSION_POSITIONS else 'not '}have position_shift")
         cfg = cls(center=tuple(d["center"]), step=tuple(d["step"]), kmax=d["kmax"], freqs=tuple(d["freqs"]), raw_limit=d["raw_limit"],
                   class_freqs=tuple(tuple(t) for t in d.get("class_freqs", ())), channel_class=tuple(d.get("channel_class", ())),
-                  info=dict(d.get("info", {})))
+                  position_shift=tuple(d.get("position_shift", ())), info=dict(d.get("info", {})))
         if "fingerprint" in d and d["fingerprint"] != cfg.fingerprint:
             raise ValueError("codec config fingerprint does not match its contents")
         return cfg

@@ -17,20 +17,23 @@ from .v2 import EncodedV2, decode_v2, encode_v2
 from .wire_v2 import decode_frame_v2, encode_frame_v2
 
 
-def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None) -> v1.Encoded | EncodedV2:
-    """Encode ``x [T, d]``: v2 with a :class:`CodecConfigV2`, else v1 (default :class:`CodecConfig`)."""
+def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None, *,
+           start: int = 0) -> v1.Encoded | EncodedV2:
+    """Encode ``x [T, d]``: v2 with a :class:`CodecConfigV2`, else v1 (default :class:`CodecConfig`).
+    ``start``: the sequence position of ``x``'s first token (v2 codes early positions finer when
+    the config has position shifts; v1 ignores it)."""
     if isinstance(config, CodecConfigV2):
-        return encode_v2(x, config)
+        return encode_v2(x, config, start)
     return v1.encode(x, config)
 
 
 def encode_frame(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None,
-                 coder: str | None = None) -> bytes:
-    """The wire frame of ``x [T, d]``, the bytes of ``encode(x, config).to_bytes(coder)``; v2 frames
-    with the nibble coder (``coder`` "nibble", or "auto" for long frames) take the fused
-    quantise-and-code pass (no symbol matrix)."""
+                 coder: str | None = None, *, start: int = 0) -> bytes:
+    """The wire frame of ``x [T, d]``, the bytes of ``encode(x, config, start=start).to_bytes(coder)``;
+    v2 frames with the nibble coder (``coder`` "nibble", or "auto" for long frames) take the fused
+    quantise-and-code pass (no symbol matrix) unless they have shifted rows."""
     if isinstance(config, CodecConfigV2):
-        return encode_frame_v2(x, config, coder)
+        return encode_frame_v2(x, config, coder, start)
     if coder is not None:
         raise ValueError("coder applies to codec v2 frames only")
     return v1.encode(x, config).to_bytes()

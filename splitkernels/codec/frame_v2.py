@@ -37,6 +37,8 @@ from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimi
 
 FRAME_VERSION_V2 = 2
 HEAD = struct.Struct("<4sBB")
+SHIFTED_FLAG = 0x80  # dtype byte: the frame carries a start position and residuals (position shifts)
+MAX_POSITION = (1 << 31) - 1
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 5
 CODER_RANS, CODER_NIBBLE = 0, 1
@@ -96,7 +98,10 @@ class EncodedV2:
 
     ``symbols`` u8 ``[T, d]`` (rows of raw tokens are 0 and not coded), ``raw`` bool ``[T]``,
     ``escapes`` the exact escaped values of the coded tokens in token-major channel order,
-    ``raw_values`` ``[n_raw, d]``; both in the input dtype.
+    ``raw_values`` ``[n_raw, d]``; both in the input dtype. With a config's position shifts, a
+    frame from position ``start`` whose leading rows have a shift > 0 also carries ``residuals``
+    i8 ``[T_s, d]``, the low bits of the fine codes of its first ``T_s`` rows (0 at escapes and
+    raw rows, docs/FORMATS.md §5.2); else both are None (no row of the frame is shifted).
     """
 
     symbols: torch.Tensor
@@ -104,6 +109,8 @@ class EncodedV2:
     escapes: torch.Tensor
     raw_values: torch.Tensor
     config: CodecConfigV2
+    start: int | None = None
+    residuals: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -173,19 +180,70 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
         stream = nibble.encode(enc.symbols.numpy(), raw if n_raw else None, cfg.freqs)
     else:
         stream = rans.encode(enc.symbols.numpy()[~raw] if n_raw else enc.symbols.numpy(), cfg.rans_tables)
-    return assemble_frame(cfg, code, t, raw, enc.escapes, enc.raw_values, stream)
+    shifted = None
+    if enc.residuals is not None:
+        shifted = (enc.start, pack_residuals(enc.residuals.numpy(), cfg.row_shifts(enc.start, t), raw))
+    return assemble_frame(cfg, code, t, raw, enc.escapes, enc.raw_values, stream, shifted)
+
+
+def _shift_runs(shifts: np.ndarray, raw: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(first row, end row, shift)`` of the runs of equal shift > 0 among the shifted rows, raw
+    rows left out: the rows whose residuals a frame carries, in order."""
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(shifts.tolist()):
+        if s == 0 or raw[i]:
+            continue
+        if runs and runs[-1][1] == i and runs[-1][2] == s:
+            runs[-1] = (runs[-1][0], i + 1, s)
+        else:
+            runs.append((i, i + 1, s))
+    return runs
+
+
+def residual_bytes(shifts: np.ndarray, raw: np.ndarray, d: int) -> int:
+    """Size of the residual section: ``shift`` bits per value of every shifted coded row, padded to a byte."""
+    return (sum((b - a) * s for a, b, s in _shift_runs(shifts, raw)) * d + 7) // 8
+
+
+def pack_residuals(residuals: np.ndarray, shifts: np.ndarray, raw: np.ndarray) -> bytes:
+    """The residual section: each residual ``r`` of a row with shift ``s`` as the ``s``-bit field
+    ``r + 2**(s-1)``, least significant bit first, row-major, rows in order, zero-padded to a byte."""
+    bits = [((residuals[a:b].astype(np.int32) + (1 << (s - 1)))[..., None] >> np.arange(s)).astype(np.uint8).reshape(-1) & 1
+            for a, b, s in _shift_runs(shifts, raw)]
+    return np.packbits(np.concatenate(bits), bitorder="little").tobytes() if bits else b""
+
+
+def unpack_residuals(section: memoryview, shifts: np.ndarray, raw: np.ndarray, d: int) -> np.ndarray:
+    """The residuals i8 ``[len(shifts), d]`` of a residual section (0 in unshifted and raw rows);
+    FrameError if a padding bit is set."""
+    out = np.zeros((shifts.shape[0], d), dtype=np.int8)
+    bits = np.unpackbits(np.frombuffer(section, dtype=np.uint8), bitorder="little")
+    at = 0
+    for a, b, s in _shift_runs(shifts, raw):
+        n = (b - a) * d * s
+        fields = bits[at : at + n].reshape(b - a, d, s).astype(np.int32) << np.arange(s)
+        out[a:b] = fields.sum(-1) - (1 << (s - 1))
+        at += n
+    if bits[at:].any():
+        raise FrameError("residual section has padding bits set")
+    return out
 
 
 def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, escapes: torch.Tensor,
-                   raw_values: torch.Tensor, stream: bytes | memoryview) -> bytes:
-    """The frame bytes around an already coded symbol ``stream`` (header, sections, CRC)."""
+                   raw_values: torch.Tensor, stream: bytes | memoryview,
+                   shifted: tuple[int, bytes] | None = None) -> bytes:
+    """The frame bytes around an already coded symbol ``stream`` (header, sections, CRC);
+    ``shifted``: the start position and packed residual section of a frame with shifted rows."""
+    flag = 0 if shifted is None else SHIFTED_FLAG
     parts = [
-        HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4),
+        HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4 | flag),
         _varint(t),
+        *([] if shifted is None else [_varint(shifted[0])]),
         _varint(int(escapes.numel())),
         np.packbits(raw, bitorder="little").tobytes(),
         escapes.contiguous().view(torch.uint8).numpy().tobytes(),
         raw_values.contiguous().view(torch.uint8).numpy().tobytes(),
+        *([] if shifted is None else [shifted[1]]),
         stream,
     ]
     parts.append(struct.pack("<I", crc32(parts, config.crc_seed)))
@@ -210,6 +268,8 @@ class ParsedV2:
     escapes: torch.Tensor  # exact values, checked finite
     raw_bytes: memoryview  # n_raw * d values of dtype, not yet checked
     stream: memoryview
+    start: int | None = None  # set when the frame has shifted rows
+    residual_section: memoryview | None = None
 
     @property
     def n_raw(self) -> int:
@@ -237,7 +297,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if len(buf) < HEAD.size + 2 + CRC_BYTES:
         raise FrameError(f"frame truncated: {len(buf)} bytes, a v2 header needs at least {HEAD.size + 2 + CRC_BYTES}")
     magic, version, dtype_byte = HEAD.unpack_from(buf, 0)
-    dtype_code, coder = dtype_byte & 0x0F, dtype_byte >> 4
+    dtype_code, coder, shifted = dtype_byte & 0x0F, (dtype_byte & 0x7F) >> 4, bool(dtype_byte & SHIFTED_FLAG)
     if magic != MAGIC:
         raise FrameError(f"not a codec frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != FRAME_VERSION_V2:
@@ -256,6 +316,13 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     item = torch.empty((), dtype=dtype).element_size()
     d = config.d
     t, pos = _read_varint(buf, HEAD.size, crc_at, "T")
+    start = None
+    if shifted:
+        start, pos = _read_varint(buf, pos, crc_at, "start position")
+        if not config.position_shift:
+            raise FrameError(f"frame has shifted rows but the codec config {config.fingerprint[:8]} has no position shifts")
+        if start > MAX_POSITION:
+            raise FrameError(f"frame claims start position {start}, more than {MAX_POSITION}")
     n_esc, pos = _read_varint(buf, pos, crc_at, "escape count")
     if t > MAX_T:
         raise FrameError(f"frame claims T = {t} tokens, more than {MAX_T}")
@@ -280,12 +347,16 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
         raise FrameError(f"frame claims {n_esc} escapes for {n_sym} coded values")
     escapes = _values(take(n_esc * item, "escape values"), dtype, "escape values")
     raw_bytes = take(n_raw * d * item, "raw tokens")
+    section = None
+    if shifted:
+        shifts = config.row_shifts(start, t)
+        section = take(residual_bytes(shifts, raw[: shifts.shape[0]], d), "residual section")
     if coder == CODER_NIBBLE:
         if t - n_raw > nibble.max_rows(crc_at - pos, d):
             raise FrameError(f"frame claims {t - n_raw} coded tokens, more than a {crc_at - pos}-byte stream can hold")
     elif n_sym > rans.max_symbols(crc_at - pos):
         raise FrameError(f"frame claims {n_sym} coded values, more than a {crc_at - pos}-byte stream can hold")
-    return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at])
+    return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at], start, section)
 
 
 def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
@@ -316,4 +387,11 @@ def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
             symbols = torch.from_numpy(sym).reshape(t, d)
     if n_esc_sym != p.escapes.numel():
         raise FrameError(f"escape count {p.escapes.numel()} does not match the escape symbols in the stream")
-    return EncodedV2(symbols, raw_t, p.escapes, p.raw_values(d), config)
+    residuals = None
+    if p.residual_section is not None:
+        shifts = config.row_shifts(p.start, t)
+        res = unpack_residuals(p.residual_section, shifts, raw[: shifts.shape[0]], d)
+        if (res[symbols[: shifts.shape[0]].numpy() == config.escape_symbol] != 0).any():
+            raise FrameError("residual of an escaped value is not 0")
+        residuals = torch.from_numpy(res)
+    return EncodedV2(symbols, raw_t, p.escapes, p.raw_values(d), config, p.start, residuals)

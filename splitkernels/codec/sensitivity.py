@@ -9,19 +9,31 @@ so no text labels are needed.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 
-def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_layer: int, *, skip_first: int = 1,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diagonal Fisher ``[d]`` of the split hidden state and the hidden states ``[N, d]`` themselves.
+class Fisher(NamedTuple):
+    """What :func:`fisher_diagonal` measures."""
 
-    ``windows``: token id tensors ``[T]`` (one forward/backward each). ``split_layer``: 1-based, the
-    hidden state after that decoder layer. The first ``skip_first`` positions of each window (the
-    attention sink, which the codec keeps exact) are left out of the average; the returned hidden
-    states include them (:func:`calibrate` detects sinks itself).
+    channel: torch.Tensor  # [d] diagonal Fisher per channel, positions >= skip_first
+    hidden: torch.Tensor  # [N, d] the split hidden states of every window, concatenated
+    position: torch.Tensor  # [T] Fisher trace (sum over channels) per position, mean over windows
+
+
+def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_layer: int, *, skip_first: int = 1,
+                    seed: int = 0) -> Fisher:
+    """Diagonal Fisher of the split hidden state per channel and per position, and the hidden
+    states ``[N, d]`` themselves (:class:`Fisher`).
+
+    ``windows``: token id tensors ``[T]`` (one forward/backward each), each starting a sequence
+    (position 0). ``split_layer``: 1-based, the hidden state after that decoder layer. The first
+    ``skip_first`` positions of each window (the attention sink, which the codec keeps exact) are
+    left out of the channel average; the returned hidden states include them (:func:`calibrate`
+    detects sinks itself). The per-position trace says how much more an early token's error costs
+    (every later token attends to it); ``calibrate`` turns it into position shifts.
     """
     from ..opsc import decoder_layers  # the codec itself does not depend on model code
 
@@ -38,6 +50,8 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     total, count, states = None, 0, []
+    trace = torch.zeros(0, dtype=torch.float64)
+    seen = torch.zeros(0, dtype=torch.float64)
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -51,6 +65,12 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
                 y = torch.multinomial(logp.detach().exp()[0], 1, generator=gen)[:, 0]
                 loss = -logp[0].gather(-1, y[:, None]).sum()
                 (grad,) = torch.autograd.grad(loss, leaf[0])
+            per_token = grad[0].double().pow(2).sum(1)
+            if per_token.shape[0] > trace.shape[0]:
+                grow = per_token.shape[0] - trace.shape[0]
+                trace, seen = torch.cat([trace, trace.new_zeros(grow)]), torch.cat([seen, seen.new_zeros(grow)])
+            trace[: per_token.shape[0]] += per_token
+            seen[: per_token.shape[0]] += 1
             g = grad[0, skip_first:].double()
             total = g.pow(2).sum(0) if total is None else total + g.pow(2).sum(0)
             count += g.shape[0]
@@ -61,7 +81,7 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
             p.requires_grad_(f)
     if not count:
         raise ValueError("windows must hold at least one window longer than skip_first tokens")
-    return (total / count).float(), torch.cat(states)
+    return Fisher((total / count).float(), torch.cat(states), (trace / seen).float())
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ A spec is a dict with ``kind``:
   split-layer hidden states at about ``bits`` bits per element (``sensitivity`` default
   ``"uniform"``; ``"fisher"`` needs the measured diagonal Fisher). Without ``bits``,
   :func:`~splitkernels.codec.calibrate`'s default: with the Fisher, the rate the layer's measured
-  sensitivity asks for (a KL proxy target within a decode-frame ceiling), else 4.0.
+  sensitivity asks for (a KL proxy target within a decode-frame ceiling), else 4.0. With the
+  Fisher, early positions also get finer steps by their measured weight (position shifts).
 * ``{"kind": "v1", ...}``: codec v1; the other keys are :class:`CodecConfig` fields.
 * ``{"kind": "passthrough"}``: lossless (raw fp16/bf16/fp32 values).
 
@@ -87,13 +88,14 @@ def needs_calibration(spec: dict) -> bool:
 
 
 def config_from_spec(spec: dict, hidden: torch.Tensor | None = None, *, sensitivity: torch.Tensor | None = None,
-                     wire_dtype: torch.dtype = torch.float16) -> CodecConfig | CodecConfigV2:
+                     position_sensitivity: torch.Tensor | None = None, wire_dtype: torch.dtype = torch.float16) -> CodecConfig | CodecConfigV2:
     """The codec configuration a spec names.
 
     ``hidden``: split-layer hidden states ``[N, d]`` of calibration text (required for ``v2``, which
     calibrates on them; keep that text disjoint from any evaluation text). ``sensitivity``: the
     diagonal Fisher ``[d]`` (:func:`splitkernels.codec.sensitivity.fisher_diagonal`), required for
-    ``"sensitivity": "fisher"``. ``wire_dtype``: the dtype the edge sends.
+    ``"sensitivity": "fisher"``; ``position_sensitivity`` its trace per position (position shifts,
+    used with the Fisher only). ``wire_dtype``: the dtype the edge sends.
     """
     spec = check_spec(spec)
     kind = spec["kind"]
@@ -111,7 +113,7 @@ def config_from_spec(spec: dict, hidden: torch.Tensor | None = None, *, sensitiv
         raise ValueError("codec spec with 'sensitivity': 'fisher' needs the measured Fisher (sensitivity=[d])")
     bits = spec.get("bits")
     return calibrate(hidden, bits=None if bits is None else float(bits), sensitivity=sensitivity if fisher else None,
-                     wire_dtype=wire_dtype)
+                     position_sensitivity=position_sensitivity if fisher else None, wire_dtype=wire_dtype)
 
 
 def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.Tensor, *, window: int = 512,
@@ -135,8 +137,9 @@ def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.
     model.eval()
     try:
         if spec.get("sensitivity", "uniform") == "fisher":
-            fisher, hidden = fisher_diagonal(model, windows, split_layer)
-            return config_from_spec(spec, hidden, sensitivity=fisher, wire_dtype=wire_dtype)
+            fisher = fisher_diagonal(model, windows, split_layer)
+            return config_from_spec(spec, fisher.hidden, sensitivity=fisher.channel, position_sensitivity=fisher.position,
+                                    wire_dtype=wire_dtype)
         return config_from_spec(spec, split_hidden_states(model, windows, split_layer), wire_dtype=wire_dtype)
     finally:
         model.train(was_training)

@@ -20,7 +20,7 @@ from ..ops.checks import FLOAT_DTYPES, check_tensor
 from . import v2_device
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES
-from .frame_v2 import EncodedV2
+from .frame_v2 import MAX_POSITION, EncodedV2
 
 _C, _ = load("_C")
 
@@ -87,15 +87,57 @@ def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fus
     return out
 
 
-def encode_v2(x: torch.Tensor, config: CodecConfigV2) -> EncodedV2:
+def refine(x: torch.Tensor, sym: torch.Tensor, raw: torch.Tensor, config: CodecConfigV2,
+           start: int) -> torch.Tensor | None:
+    """Fine codes of the leading rows of ``x [T, d]`` (first token at position ``start``) that the
+    config's position shifts make finer (docs/FORMATS.md §5.2): ``fine = rint(v * 2**s)`` splits into
+    the coarse code ``(fine + 2**(s-1)) >> s``, written over those rows of ``sym`` in place, and the
+    residual ``fine - (coarse << s)`` returned as i8 ``[T_s, d]`` (0 at escapes and raw rows). None
+    when no row of the frame is shifted. Escapes are unchanged (same test as the plain quantiser)."""
+    shifts = config.row_shifts(start, x.shape[0])
+    if not shifts.any():
+        return None
+    n, k = shifts.shape[0], config.kmax
+    v = (x[:n].detach().cpu().float() - torch.tensor(config.center_array())) * torch.tensor(config.inv_step_array())
+    s = torch.from_numpy(shifts)[:, None].to(torch.int32)
+    fine = torch.round(v.clamp(-k, k) * torch.exp2(s.float())).to(torch.int32)  # times 2**s: exact
+    coarse = (fine + ((1 << s) >> 1)) >> s  # arithmetic shift: floor
+    keep = (v.abs() <= k) & ~raw[:n, None]
+    sym[:n] = torch.where(keep, (coarse + k).to(torch.uint8), sym[:n])
+    return torch.where(keep, fine - (coarse << s), 0).to(torch.int8)
+
+
+def apply_residuals(y: torch.Tensor, enc: EncodedV2) -> torch.Tensor:
+    """Overwrite the shifted rows of the decoded ``y`` with their fine values (escapes and raw rows
+    stay): ``fp32(fp32(fine * fp32(step * 2**-s)) + center)`` in ``y``'s dtype."""
+    if enc.residuals is None:
+        return y
+    cfg = enc.config
+    n = enc.residuals.shape[0]
+    s = torch.from_numpy(cfg.row_shifts(enc.start, enc.shape[0]))[:, None].to(torch.int32)
+    sym = enc.symbols[:n].to(torch.int32)
+    keep = (sym != cfg.escape_symbol) & ~enc.raw[:n, None] & (s > 0)
+    fine = ((sym - cfg.kmax) << s) + enc.residuals.to(torch.int32)
+    step = torch.tensor(cfg.step_array())[None, :] * torch.exp2(-s.float())  # exact: no shift makes a step subnormal
+    value = (fine.float() * step + torch.tensor(cfg.center_array())).to(y.dtype)  # two roundings, as the plain decode
+    y[:n] = torch.where(keep.to(y.device), value.to(y.device), y[:n])
+    return y
+
+
+def encode_v2(x: torch.Tensor, config: CodecConfigV2, start: int = 0) -> EncodedV2:
     """v2 encode of ``x [T, d]`` (fp32/fp16/bf16, finite) with a calibrated config: the device pass
     of the cuda/triton backend for GPU tensors, else one fused C++ pass when built (quantise, count
-    escapes, gather them, check finiteness), else the reference. The result holds host tensors."""
+    escapes, gather them, check finiteness), else the reference. The result holds host tensors.
+
+    ``start``: the sequence position of ``x``'s first token (0: ``x`` starts a sequence); with the
+    config's position shifts, early positions get finer codes (:func:`refine`)."""
     if not isinstance(config, CodecConfigV2):
         raise TypeError(f"config must be a CodecConfigV2, got {type(config).__name__}")
     check_tensor("x", x, FLOAT_DTYPES, ndim=2)
     if x.shape[1] != config.d:
         raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= MAX_POSITION:
+        raise ValueError(f"start must be an int position in [0, {MAX_POSITION}], got {start!r}")
     run = v2_device.kernel(v2_device.ENCODE_OP, x.device)
     if run is not None:
         sym, raw, escapes, raw_values, nonfinite = v2_device.encode(x.detach(), config, run)
@@ -110,7 +152,8 @@ def encode_v2(x: torch.Tensor, config: CodecConfigV2) -> EncodedV2:
         raw_values = x[raw] if raw.any() else x[:0]
     if nonfinite:
         raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
-    return EncodedV2(sym, raw, escapes, raw_values, config)
+    residuals = refine(x, sym, raw, config, start)
+    return EncodedV2(sym, raw, escapes, raw_values, config, None if residuals is None else start, residuals)
 
 
 def decode_v2(enc: EncodedV2, device: torch.device | str | None = None) -> torch.Tensor:
@@ -125,7 +168,7 @@ def decode_v2(enc: EncodedV2, device: torch.device | str | None = None) -> torch
         device = torch.device(device)
         run = v2_device.kernel(v2_device.DECODE_OP, device)
         if run is not None:
-            return v2_device.decode(enc.symbols, enc.raw, enc.escapes, enc.raw_values, cfg, device, run)
+            return apply_residuals(v2_device.decode(enc.symbols, enc.raw, enc.escapes, enc.raw_values, cfg, device, run), enc)
     sym = enc.symbols.contiguous()
     if has_fused():
         y = torch.empty(sym.shape, dtype=enc.dtype)
@@ -139,4 +182,5 @@ def decode_v2(enc: EncodedV2, device: torch.device | str | None = None) -> torch
         y.masked_scatter_(sym == cfg.escape_symbol, enc.escapes)  # raw rows hold no escape symbols
     if enc.raw_values.shape[0]:
         y[enc.raw] = enc.raw_values
+    y = apply_residuals(y, enc)
     return y if device is None else y.to(device)

@@ -28,8 +28,9 @@ def has_fused() -> bool:
     return _C is not None and hasattr(_C, "v2_encode_nibble")
 
 
-def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = None) -> bytes:
-    """The v2 frame of ``x [T, d]`` (fp32/fp16/bf16, finite); ``coder`` as :meth:`EncodedV2.to_bytes`."""
+def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = None, start: int = 0) -> bytes:
+    """The v2 frame of ``x [T, d]`` (fp32/fp16/bf16, finite) whose first token is at sequence
+    position ``start``; ``coder`` as :meth:`EncodedV2.to_bytes`."""
     if not isinstance(config, CodecConfigV2):
         raise TypeError(f"config must be a CodecConfigV2, got {type(config).__name__}")
     check_tensor("x", x, FLOAT_DTYPES, ndim=2)
@@ -37,8 +38,8 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
         raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
     t, d = x.shape
     code = resolve_coder(coder, t * d, config)
-    if code != CODER_NIBBLE or not has_fused():
-        return encode_v2(x, config).to_bytes(coder)
+    if code != CODER_NIBBLE or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
+        return encode_v2(x, config, start).to_bytes(coder)  # also validates start
     x = x.detach().cpu().contiguous()
     n_esc = torch.empty(t, dtype=torch.int32)
     raw = torch.empty(t, dtype=torch.uint8)
@@ -59,7 +60,7 @@ def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 
                     limits: FrameLimits | None = None) -> torch.Tensor:
     """Validate and decode a v2 frame to ``[T, d]`` on the host; :class:`FrameError` if anything is wrong."""
     p = parse_frame_v2(data, config, limits)
-    if p.coder != CODER_NIBBLE or not has_fused():
+    if p.coder != CODER_NIBBLE or not has_fused() or p.residual_section is not None:
         return decode_v2(decode_symbols(p, config))
     d = config.d
     out = torch.empty(p.t, d, dtype=p.dtype)

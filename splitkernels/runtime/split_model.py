@@ -186,7 +186,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
             t0 = time.perf_counter()
             hidden = edge.forward(step_ids, cache, position)
             t1 = time.perf_counter()
-            frame = encode(to_wire(hidden, wire_dtype), codec).to_bytes()
+            frame = encode(to_wire(hidden, wire_dtype), codec, start=position).to_bytes()
             t2 = time.perf_counter()
             ex = session.step(seq, frame)
             t3 = time.perf_counter()
