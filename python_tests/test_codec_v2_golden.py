@@ -52,3 +52,21 @@ def test_golden_class_tables_frame_and_stream():
     assert rans.encode(sym, CLASS_CONFIG.rans_tables) == stream
     assert rans.decode_reference(stream, CLASS_CONFIG.rans_tables, 8).tolist() == sym.tolist()
     assert decode(from_bytes(CLASS_FRAME, config=CLASS_CONFIG)).tolist() == decode(from_bytes(FRAME, config=CONFIG)).tolist()
+
+
+# Position shifts (docs/FORMATS.md §5.2, §5.4): position 1 codes with the step / 4 (shift 2).
+SHIFT_CONFIG = CodecConfigV2(center=CONFIG.center, step=CONFIG.step, kmax=2, freqs=CONFIG.freqs, raw_limit=2, position_shift=(0, 2))
+SHIFT_FRAME = bytes.fromhex("534b545102810300030480c500000047804880c88048a055a8fff36300ff1bff3f0000aecc606c")
+
+
+def test_golden_position_shift_frame():
+    assert SHIFT_CONFIG.crc_seed == 0xA9022FFB and SHIFT_CONFIG.canonical_bytes()[0] == 4
+    enc = encode(X, SHIFT_CONFIG, start=0)
+    # Token 1, channel 0: v = -1.5, fine = rint(-1.5 * 4) = -6 = coarse -1 (symbol 1) * 4 + residual -2.
+    assert enc.symbols[:2].tolist() == [[3, 3, 5, 2], [1, 5, 5, 0]]
+    assert enc.residuals.tolist() == [[0, 0, 0, 0], [-2, 0, 0, 0]]
+    assert enc.to_bytes() == SHIFT_FRAME
+    assert SHIFT_FRAME[24] == 0xA8  # the residual section: fields 0, 2, 2, 2 of 2 bits, LSB first
+    assert decode(from_bytes(SHIFT_FRAME, config=SHIFT_CONFIG)).tolist() == [
+        [0.5, 1.25, -5.5, 100.0], [-0.75, 0.0, 7.0, 96.0], [9.0, -9.0, 9.0, 90.0]]
+    assert encode(X, SHIFT_CONFIG, start=2).to_bytes()[5] & 0x80 == 0  # no shifted row: plain layout

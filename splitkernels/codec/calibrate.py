@@ -48,7 +48,7 @@ from .config_v2 import MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, CodecConfigV2, p
 from .frame_v2 import framing_bytes
 
 DEFAULT_BITS = 4.0  # without a measured sensitivity
-DEFAULT_KL_PROXY = 0.004
+DEFAULT_KL_PROXY = 0.0035
 DECODE_FRAME_BITS = 4.45
 SINK_RATIO = 8.0
 SCALE_CLIP = 64.0

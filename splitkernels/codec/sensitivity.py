@@ -18,7 +18,7 @@ from torch import nn
 class Fisher(NamedTuple):
     """What :func:`fisher_diagonal` measures."""
 
-    channel: torch.Tensor  # [d] diagonal Fisher per channel, positions >= skip_first
+    channel: torch.Tensor  # [d] diagonal Fisher per channel, positions >= skip_first, each at its mean trace
     hidden: torch.Tensor  # [N, d] the split hidden states of every window, concatenated
     position: torch.Tensor  # [T] Fisher trace (sum over channels) per position, mean over windows
 
@@ -31,8 +31,9 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
     ``windows``: token id tensors ``[T]`` (one forward/backward each), each starting a sequence
     (position 0). ``split_layer``: 1-based, the hidden state after that decoder layer. The first
     ``skip_first`` positions of each window (the attention sink, which the codec keeps exact) are
-    left out of the channel average; the returned hidden states include them (:func:`calibrate`
-    detects sinks itself). The per-position trace says how much more an early token's error costs
+    left out of the channel average, which weighs every position alike (each position's channel
+    profile is normalised to its Fisher trace first); the returned hidden states include them
+    (:func:`calibrate` detects sinks itself). The per-position trace says how much more an early token's error costs
     (every later token attends to it); ``calibrate`` turns it into position shifts.
     """
     from ..opsc import decoder_layers  # the codec itself does not depend on model code
@@ -49,9 +50,10 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
         leaf.append(h)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
-    total, count, states = None, 0, []
-    trace = torch.zeros(0, dtype=torch.float64)
+    # Squared gradients summed per position and channel over windows (windows may differ in length).
+    per_position = torch.zeros(0, 0, dtype=torch.float64)
     seen = torch.zeros(0, dtype=torch.float64)
+    states = []
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -65,23 +67,29 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
                 y = torch.multinomial(logp.detach().exp()[0], 1, generator=gen)[:, 0]
                 loss = -logp[0].gather(-1, y[:, None]).sum()
                 (grad,) = torch.autograd.grad(loss, leaf[0])
-            per_token = grad[0].double().pow(2).sum(1)
-            if per_token.shape[0] > trace.shape[0]:
-                grow = per_token.shape[0] - trace.shape[0]
-                trace, seen = torch.cat([trace, trace.new_zeros(grow)]), torch.cat([seen, seen.new_zeros(grow)])
-            trace[: per_token.shape[0]] += per_token
-            seen[: per_token.shape[0]] += 1
-            g = grad[0, skip_first:].double()
-            total = g.pow(2).sum(0) if total is None else total + g.pow(2).sum(0)
-            count += g.shape[0]
+            sq = grad[0].double().pow(2)
+            if sq.shape[0] > seen.shape[0]:
+                grow = sq.shape[0] - seen.shape[0]
+                per_position = torch.cat([per_position.reshape(-1, sq.shape[1]), sq.new_zeros(grow, sq.shape[1])])
+                seen = torch.cat([seen, seen.new_zeros(grow)])
+            per_position[: sq.shape[0]] += sq
+            seen[: sq.shape[0]] += 1
             states.append(leaf[0].detach()[0])
     finally:
         handle.remove()
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
-    if not count:
+    if seen.shape[0] <= skip_first:
         raise ValueError("windows must hold at least one window longer than skip_first tokens")
-    return Fisher((total / count).float(), torch.cat(states), (trace / seen).float())
+    mean = per_position / seen[:, None]
+    trace = mean.sum(1)
+    # Each position's channel profile at unit trace, averaged, at the mean trace: the channel
+    # shape of a typical token, which a few heavy early positions (their own position shifts
+    # take care of them) do not dominate. Separable model F[p, c] = trace[p] * f[c].
+    body, body_trace = mean[skip_first:], trace[skip_first:]
+    live = body_trace > 0
+    shape = (body[live] / body_trace[live, None]).mean(0) if bool(live.any()) else body.mean(0)
+    return Fisher((shape * body_trace.mean()).float(), torch.cat(states), trace.float())
 
 
 @torch.no_grad()
