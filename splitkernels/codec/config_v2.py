@@ -51,8 +51,8 @@ class CodecConfigV2:
       alphabet and the class of each of the ``d`` channels; rANS then codes channel ``c`` with
       ``class_freqs[channel_class[c]]``. Empty (the default) means one table for all.
     * ``raw_limit``: a token with more than this many escapes travels raw (attention sinks).
-    * ``position_shift``: optional finer steps for early positions: entry ``b`` (0..``MAX_SHIFT``)
-      divides the step of every token in position band ``b`` (:func:`position_band`) by ``2**b``;
+    * ``position_shift``: optional finer steps for early positions: entry ``b``, ``s`` in
+      0..``MAX_SHIFT``, divides the step of every token in position band ``b`` (:func:`position_band`) by ``2**s``;
       the extra ``shift`` low bits of each code travel as a residual beside the coarse symbol.
       Empty (the default) means one step for every position; the last entry is never 0.
     * ``info``: calibration notes (target bits, estimated bits, KL proxy); not part of the codec,
