@@ -171,11 +171,11 @@ def test_calibrate_with_sensitivity_and_kl_proxy():
 
 
 def test_calibrate_default_rule_follows_the_measured_sensitivity():
-    from splitkernels.codec.calibrate import DEFAULT_BITS, DEFAULT_KL_PROXY, default_bits_ceiling
+    from splitkernels.codec.calibrate import DECODE_FRAME_BITS, DEFAULT_BITS, DEFAULT_KL_PROXY, default_bits_ceiling
 
-    # The ceiling leaves a one-token frame (17 bytes of header, CRC and rANS state) near 4.45 bits.
-    assert default_bits_ceiling(640) == pytest.approx(4.45 - 8 * 17 / 640, abs=0.02)
-    assert default_bits_ceiling(16) == DEFAULT_BITS < default_bits_ceiling(576) < default_bits_ceiling(4096) < 4.45
+    # The ceiling leaves a one-token frame (17 bytes of header, CRC and rANS state) near DECODE_FRAME_BITS.
+    assert default_bits_ceiling(640) == pytest.approx(DECODE_FRAME_BITS - 8 * 17 / 640, abs=0.02)
+    assert default_bits_ceiling(16) == DEFAULT_BITS < default_bits_ceiling(576) < default_bits_ceiling(4096) < DECODE_FRAME_BITS
     h = activations(1000, 640, seed=6)
     assert calibrate(h).info["target_bits"] == DEFAULT_BITS  # no sensitivity: a fixed rate
     for scale, capped in ((1e-3, False), (1e3, True)):

@@ -103,6 +103,9 @@ def main() -> None:
                     help=f"split layers (default: {' '.join(map(str, SPLIT_LAYERS))} on SmolLM2, the same depth "
                          "fractions on another model)")
     ap.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of 512)")
+    ap.add_argument("--eval-file", default=None,
+                    help="score this UTF-8 text file instead of Botchan's first tokens (calibration stays on Botchan): "
+                         "a text of another kind than the calibration's")
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--bits", nargs="*", default=["default", "3.5", "4.0", "4.5"],
                     help="v2 bit targets; 'default' is calibrate's own rule (KL proxy within a decode-frame ceiling)")
@@ -129,10 +132,12 @@ def main() -> None:
     if args.massive:
         wires = dict.fromkeys(layers, torch.bfloat16)  # the fixture's published rows: a bf16 edge
     t0 = time.time()
+    scored = ids if args.eval_file is None else \
+        tok(Path(args.eval_file).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     with torch.no_grad():
-        ev = SplitEvaluator(model, ids[: args.tokens], CONTEXT)
+        ev = SplitEvaluator(model, scored[: args.tokens], CONTEXT)
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "model": PACKAGED[args.model].name + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
+               "eval_text": args.eval_file or "botchan", "model": PACKAGED[args.model].name + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
                "wire": {layer: str(w) for layer, w in wires.items()}, "tokens": ev.tokens, "ppl_reference": ev.ppl_reference, "rows": []}
 
     def record(layer: int, name: str, fn, extra: dict | None = None) -> None:

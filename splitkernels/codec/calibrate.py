@@ -49,7 +49,7 @@ from .frame_v2 import framing_bytes
 
 DEFAULT_BITS = 4.0  # without a measured sensitivity
 DEFAULT_KL_PROXY = 0.0035
-DECODE_FRAME_BITS = 4.45
+DECODE_FRAME_BITS = 4.4  # 0.1 bit under the goal: scored text has heavier tails than calibration text
 SINK_RATIO = 8.0
 SCALE_CLIP = 64.0
 ESCAPE_RATE = 1e-4
