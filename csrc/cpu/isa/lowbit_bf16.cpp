@@ -20,7 +20,7 @@
 //   end); R rows at a time keep R * M independent accumulation chains in flight, where one
 //   row's chain alone is bound by the vdpbf16ps latency. Where the M rows of x outgrow a
 //   share of L1 (M >= 2 with long K), K is read in slices of whole groups, every weight row
-//   meeting one slice of x while it stays in L1 (see dot_rows_sliced);
+//   meeting one slice of x while it stays in L1 (see dot_rows);
 // * more rows: gather the same pairs for 32 weight rows into a panel (u32 element (kp, n))
 //   and run an MR x 32 outer-product micro-kernel that broadcasts one activation pair per row;
 //   the 32 rows' scales sit in vector lanes, so groups are scaled in registers.
@@ -77,14 +77,6 @@ inline __m512 load_as_f32x16(const void* src, int dtype, int64_t i, int64_t coun
     case kFloat16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i));
     default: return _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + i);
   }
-}
-
-// y16[0, count) = bf16(lanes [0, count) of v + bias), count <= 4 (bias may be null).
-inline void store_bf16x4(uint16_t* y16, __m128 v, const float* bias, int count) {
-  const __mmask16 m = static_cast<__mmask16>((1u << count) - 1);
-  __m512 t = _mm512_castps128_ps512(v);
-  if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias));
-  _mm256_mask_storeu_epi16(y16, m, to_bf16(t));
 }
 
 // Lane r (r < 4) = the sum of v[r]'s sixteen lanes.
@@ -154,12 +146,12 @@ struct DotSlice {
   int64_t prefetch;
 };
 
-// Lane r of out[m] = y of weight row n0 + r (r < R <= 4) for activation row m0 + m (m < MR),
-// over the slice's groups, before bias. Scales and zeros are read straight from p.scale /
+// out[m * ld + r] (+)= y of weight row n0 + r for activation row m0 + m (m < MR, r < R), over
+// the slice's groups, before bias; added to out where `add`, else written. Scales and zeros are read straight from p.scale /
 // p.zero (a copy converted to fp32 just before would be read back through masked loads that
 // wait for the stores).
 template <int B, int MR, int R>
-void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& slice, __m128 out[MR][(R + 3) / 4]) {
+void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& slice, float* out, int64_t ld, bool add) {
   constexpr int cpb = 8 / B, nv = 2 * cpb;
   const int64_t G = p.G, xs = p.x_stride, code_bytes = p.K * B / 8, gbytes = p.group_size * B / 8;
   const uint16_t* x = p.x16 + m0 * xs;
@@ -265,31 +257,22 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * G + g), tot[r][m]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r4 = 0; r4 < (R + 3) / 4; ++r4) {
-      const int r = 4 * r4;
-      out[m][r4] = R == 1 ? _mm_set_ss(_mm512_reduce_add_ps(tot[0][m]))
-                          : reduce4(tot[r][m], tot[std::min(r + 1, R - 1)][m], tot[std::min(r + 2, R - 1)][m],
-                                    tot[std::min(r + 3, R - 1)][m]);
+  // The R * MR totals, flattened as i = m * R + r, reduced four at a time (with R = 2 one
+  // reduction serves two activation rows; one per row and four rows wasted three quarters).
+  constexpr int T = R * MR;
+  if constexpr (T == 1) {
+    const float v = _mm512_reduce_add_ps(tot[0][0]);
+    out[0] = add ? out[0] + v : v;
+  } else {
+    for (int i0 = 0; i0 < T; i0 += 4) {
+      const auto t = [&](int i) { i = std::min(i, T - 1); return tot[i % R][i / R]; };
+      alignas(16) float lanes[4];
+      _mm_store_ps(lanes, reduce4(t(i0), t(i0 + 1), t(i0 + 2), t(i0 + 3)));
+      for (int j = 0; j < 4 && i0 + j < T; ++j) {
+        float* d = out + (i0 + j) / R * ld + (i0 + j) % R;
+        *d = add ? *d + lanes[j] : lanes[j];
+      }
     }
-}
-
-// Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time.
-template <int B, int MR, int R>
-void dot_rows_whole(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
-  const DotSlice all{0, p.G, true, kPrefetchBytes};
-  int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) {
-    __m128 out[MR][(R + 3) / 4];
-    dot_block<B, MR, R>(p, m0, n, all, out);
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < R; r += 4)
-        store_bf16x4(p.y16 + (m0 + m) * p.N + n + r, out[m][r / 4], p.bias ? p.bias + n + r : nullptr, std::min(4, R - r));
-  }
-  for (; n < n_end; ++n) {
-    __m128 out[MR][1];
-    dot_block<B, MR, 1>(p, m0, n, all, out);
-    for (int m = 0; m < MR; ++m) store_bf16x4(p.y16 + (m0 + m) * p.N + n, out[m][0], p.bias ? p.bias + n : nullptr, 1);
   }
 }
 
@@ -298,48 +281,29 @@ void dot_rows_whole(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t
 // large as L1, and reloading it from L2 for each weight row cost a quarter of the call.
 constexpr int64_t kSliceBytes = 8 << 10;
 
-// dot_rows_whole, K slice by K slice (groups of whole chunks): every row of [n_begin, n_end)
-// meets the slice of x while it sits in L1; sums add up in fp32 per (m, n) and the bf16
-// output is written after the last slice. Each row's chunk is prefetched R rows ahead (the
-// next chunk of the same row belongs to the next slice).
+// Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time, into fp32
+// sums per (m, n); the bf16 output (bias added) is written sixteen values at a time at the end.
+// Where x outgrows kSliceBytes (and groups are whole chunks: the small-group path reads every
+// group), K is read slice by slice: every row of the range meets the slice of x while it sits
+// in L1, and each row's chunk is prefetched R rows ahead (its next chunk belongs to the next
+// slice).
 template <int B, int MR, int R>
-void dot_rows_sliced(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
+void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
   const int64_t rows = n_end - n_begin;
-  const int64_t per_slice = std::max<int64_t>(1, kSliceBytes / (MR * p.group_size * 2));
+  const bool sliced = MR > 1 && p.group_size * B >= 512 && MR * p.x_stride * 2 > kSliceBytes;
+  const int64_t per_slice = sliced ? std::max<int64_t>(1, kSliceBytes / (MR * p.group_size * 2)) : p.G;
   thread_local std::vector<float> sums;
-  sums.assign(MR * rows, 0.f);
+  sums.resize(MR * rows);
   for (int64_t g0 = 0; g0 < p.G; g0 += per_slice) {
-    const DotSlice slice{g0, std::min(p.G, g0 + per_slice), g0 == 0, R * p.row_bytes};
+    const DotSlice slice{g0, std::min(p.G, g0 + per_slice), g0 == 0, sliced ? R * p.row_bytes : kPrefetchBytes};
     int64_t n = n_begin;
-    for (; n + R <= n_end; n += R) {
-      __m128 out[MR][(R + 3) / 4];
-      dot_block<B, MR, R>(p, m0, n, slice, out);
-      for (int m = 0; m < MR; ++m)
-        for (int r = 0; r < R; r += 4) {
-          const __mmask8 k = static_cast<__mmask8>((1u << std::min(4, R - r)) - 1);
-          float* dst = sums.data() + m * rows + (n - n_begin) + r;
-          _mm_mask_storeu_ps(dst, k, _mm_add_ps(_mm_maskz_loadu_ps(k, dst), out[m][r / 4]));
-        }
-    }
-    for (; n < n_end; ++n) {
-      __m128 out[MR][1];
-      dot_block<B, MR, 1>(p, m0, n, slice, out);
-      for (int m = 0; m < MR; ++m) sums[m * rows + (n - n_begin)] += _mm_cvtss_f32(out[m][0]);
-    }
+    for (; n + R <= n_end; n += R) dot_block<B, MR, R>(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
+    for (; n < n_end; ++n) dot_block<B, MR, 1>(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
   }
   for (int m = 0; m < MR; ++m)
     for (int64_t r = 0; r < rows; r += 16)
       store_bf16(p.y16 + (m0 + m) * p.N + n_begin + r, sums.data() + m * rows + r, p.bias ? p.bias + n_begin + r : nullptr,
                  std::min<int64_t>(16, rows - r));
-}
-
-template <int B, int MR, int R>
-void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
-  // Slicing needs whole-chunk groups (dot_block's small-group path reads every group).
-  if (MR > 1 && p.group_size * B >= 512 && MR * p.x_stride * 2 > kSliceBytes)
-    dot_rows_sliced<B, MR, R>(p, m0, n_begin, n_end);
-  else
-    dot_rows_whole<B, MR, R>(p, m0, n_begin, n_end);
 }
 
 // Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length
