@@ -147,9 +147,9 @@ struct DotSlice {
 };
 
 // out[m * ld + r] (+)= y of weight row n0 + r for activation row m0 + m (m < MR, r < R), over
-// the slice's groups, before bias; added to out where `add`, else written. Scales and zeros are read straight from p.scale /
-// p.zero (a copy converted to fp32 just before would be read back through masked loads that
-// wait for the stores).
+// the slice's groups, before bias: added to out where `add`, else written. Scales and zeros
+// are read straight from p.scale / p.zero (a copy converted to fp32 just before would be read
+// back through masked loads that wait for the stores).
 template <int B, int MR, int R>
 void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& slice, float* out, int64_t ld, bool add) {
   constexpr int cpb = 8 / B, nv = 2 * cpb;
@@ -257,8 +257,8 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * G + g), tot[r][m]);
     }
   }
-  // The R * MR totals, flattened as i = m * R + r, reduced four at a time (with R = 2 one
-  // reduction serves two activation rows; one per row and four rows wasted three quarters).
+  // The R * MR totals, flattened as i = m * R + r, reduced four at a time: with R = 2 one
+  // reduction serves two activation rows (one per activation row left half its lanes idle).
   constexpr int T = R * MR;
   if constexpr (T == 1) {
     const float v = _mm512_reduce_add_ps(tot[0][0]);
