@@ -405,6 +405,29 @@ def test_lowbit_bf16_kernels_every_layout(bits, group, k, m):
     assert _rel_err(ops.lowbit_linear(x, qw, b), want64) <= TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("bits,group", [(2, 256), (4, 128), (8, 64), (8, 128)])
+@pytest.mark.parametrize("m", (2, 3, 4))
+def test_lowbit_bf16_kernels_k_slices(bits, group, m):
+    # Few rows with a long K: the dot form reads K in slices of whole groups that keep x in L1
+    # (more than 8 KiB of activations), the last slice a short one (K = 2304: 9, 18 or 36
+    # groups), the zero-point term once, and writes each output after the last slice.
+    _needs_bf16_kernels()
+    n, k = 45, 2304
+    x, qw, b = _lowbit_case(n, k, m, bits, group, torch.bfloat16, bias=m != 3, seed=bits * 7 + group + m)
+    x = x + 3  # a code offset that does not cancel within one slice
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    b32 = None if b is None else b.float()
+    cpp._C.lowbit_linear(
+        x.data_ptr(), 2, m, k, qw.qweight.data_ptr(), n, qw.qweight.shape[1], qw.scale.data_ptr(), qw.zero.data_ptr(),
+        2, bits, group, 0 if b32 is None else b32.data_ptr(), y.data_ptr(),
+    )
+    assert torch.isfinite(y).all()
+    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.bfloat16]
+    # Row by row (M = 1 never slices) agrees far inside the tolerance.
+    rows = torch.cat([cpp.lowbit_linear(x[i : i + 1], qw.qweight, qw.scale, qw.zero, bits, group, b) for i in range(m)])
+    assert _rel_err(y, rows.double()) <= TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("scale_dtype", (torch.float32, torch.float16))
 @pytest.mark.parametrize("bits,group,k", [(4, 32, 224), (8, 128, 384), (2, 64, 576)])
 @pytest.mark.parametrize("m", (1, 6))

@@ -18,7 +18,9 @@
 // * few activation rows (M < kBf16PanelMinRows): decode a chunk of R weight rows into
 //   registers and dot it with every activation row (vdpbf16ps over k, horizontal sums at the
 //   end); R rows at a time keep R * M independent accumulation chains in flight, where one
-//   row's chain alone is bound by the vdpbf16ps latency;
+//   row's chain alone is bound by the vdpbf16ps latency. Where the M rows of x outgrow a
+//   share of L1 (M >= 2 with long K), K is read in slices of whole groups, every weight row
+//   meeting one slice of x while it stays in L1 (see dot_rows);
 // * more rows: gather the same pairs for 32 weight rows into a panel (u32 element (kp, n))
 //   and run an MR x 32 outer-product micro-kernel that broadcasts one activation pair per row;
 //   the 32 rows' scales sit in vector lanes, so groups are scaled in registers.
@@ -75,14 +77,6 @@ inline __m512 load_as_f32x16(const void* src, int dtype, int64_t i, int64_t coun
     case kFloat16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i));
     default: return _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + i);
   }
-}
-
-// y16[0, count) = bf16(lanes [0, count) of v + bias), count <= 4 (bias may be null).
-inline void store_bf16x4(uint16_t* y16, __m128 v, const float* bias, int count) {
-  const __mmask16 m = static_cast<__mmask16>((1u << count) - 1);
-  __m512 t = _mm512_castps128_ps512(v);
-  if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias));
-  _mm256_mask_storeu_epi16(y16, m, to_bf16(t));
 }
 
 // Lane r (r < 4) = the sum of v[r]'s sixteen lanes.
@@ -144,11 +138,20 @@ inline void decode_natural8(const uint8_t* chunk, __mmask64 bytes, __m512i out[2
 
 // ---- Few activation rows: decode in registers, dot over k -------------------------------
 
-// Lane r of out[m] = y of weight row n0 + r (r < R <= 4) for activation row m0 + m (m < MR),
-// before bias. Scales and zeros are read straight from p.scale / p.zero (a copy converted to
-// fp32 just before would be read back through masked loads that wait for the stores).
+// Where dot_block reads: groups [g_begin, g_end) (whole-chunk groups only; otherwise all),
+// the zero-point term too or not, and how far ahead each row's chunk is prefetched.
+struct DotSlice {
+  int64_t g_begin, g_end;
+  bool zeros;
+  int64_t prefetch;
+};
+
+// out[m * ld + r] (+)= y of weight row n0 + r for activation row m0 + m (m < MR, r < R), over
+// the slice's groups, before bias: added to out where `add`, else written. Scales and zeros
+// are read straight from p.scale / p.zero (a copy converted to fp32 just before would be read
+// back through masked loads that wait for the stores).
 template <int B, int MR, int R>
-void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R + 3) / 4]) {
+void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& slice, float* out, int64_t ld, bool add) {
   constexpr int cpb = 8 / B, nv = 2 * cpb;
   const int64_t G = p.G, xs = p.x_stride, code_bytes = p.K * B / 8, gbytes = p.group_size * B / 8;
   const uint16_t* x = p.x16 + m0 * xs;
@@ -161,14 +164,14 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R
   if (gbytes >= 64) {
     // Whole chunks per group: sum a group's chunks, then scale.
     const int64_t per_group = gbytes / 64;
-    for (int64_t grp = 0; grp < G; ++grp) {
+    for (int64_t grp = slice.g_begin; grp < slice.g_end; ++grp) {
       __m512 acc[R][MR];
       for (int r = 0; r < R; ++r)
         for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
       for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
         const uint16_t* xc = x + c * 64 * cpb;
         for (int r = 0; r < R; ++r) {
-          if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + kPrefetchBytes), _MM_HINT_T0);
+          if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
           __m512i q[nv];
           if constexpr (B == 8)
             decode_natural8(rows[r] + 64 * c, ~0ull, q);
@@ -201,7 +204,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R
       const __mmask16 gm = static_cast<__mmask16>((1u << groups) - 1);
       const uint16_t* xc = x + c * 64 * cpb;
       for (int r = 0; r < R; ++r) {
-        if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + kPrefetchBytes), _MM_HINT_T0);
+        if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
         const __m512 sc = load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups);
         __m512i q[nv];
         if constexpr (B == 8) {
@@ -218,14 +221,23 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R
           decode_quads<B>(_mm512_maskz_loadu_epi32(lm, rows[r] + 64 * c), q);
           const __m512 sv = _mm512_permutexvar_ps(lane_group, sc);
           for (int m = 0; m < MR; ++m) {
-            // Two partial sums halve the chain of dependent vdpbf16ps per chunk.
-            __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
-            __m512 a1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32)));
-            for (int v = 2; v < nv; v += 2) {
-              a0 = _mm512_dpbf16_ps(a0, as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
-              a1 = _mm512_dpbf16_ps(a1, as_bh(q[v + 1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v + 32)));
+            if constexpr (R * MR >= 8) {
+              // Chains enough across (r, m): one chain per chunk saves the add.
+              __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
+              for (int v = 1; v < nv; ++v)
+                a = _mm512_dpbf16_ps(a, as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
+              tot[r][m] = _mm512_fmadd_ps(a, sv, tot[r][m]);
+            } else {
+              // Two partial sums halve the chain of dependent vdpbf16ps per chunk.
+              __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
+              __m512 a1 =
+                  _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32)));
+              for (int v = 2; v < nv; v += 2) {
+                a0 = _mm512_dpbf16_ps(a0, as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
+                a1 = _mm512_dpbf16_ps(a1, as_bh(q[v + 1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v + 32)));
+              }
+              tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), sv, tot[r][m]);
             }
-            tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), sv, tot[r][m]);
           }
         }
       }
@@ -234,7 +246,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R
   // Zero points (with the code offset folded in): sum_g (z_g - offset * s_g) * sum_k x_k,
   // sixteen groups at a time into the same totals.
   const __m512 off = _mm512_set1_ps(kCodeOffset<B>);
-  for (int64_t g = 0; g < G; g += 16) {
+  for (int64_t g = 0; slice.zeros && g < G; g += 16) {
     const int64_t count = std::min<int64_t>(16, G - g);
     const __mmask16 gm = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
     for (int r = 0; r < R; ++r) {
@@ -245,31 +257,53 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, __m128 out[MR][(R
         tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * G + g), tot[r][m]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r4 = 0; r4 < (R + 3) / 4; ++r4) {
-      const int r = 4 * r4;
-      out[m][r4] = R == 1 ? _mm_set_ss(_mm512_reduce_add_ps(tot[0][m]))
-                          : reduce4(tot[r][m], tot[std::min(r + 1, R - 1)][m], tot[std::min(r + 2, R - 1)][m],
-                                    tot[std::min(r + 3, R - 1)][m]);
+  // The R * MR totals, flattened as i = m * R + r, reduced four at a time: with R = 2 one
+  // reduction serves two activation rows (one per activation row left half its lanes idle).
+  constexpr int T = R * MR;
+  if constexpr (T == 1) {
+    const float v = _mm512_reduce_add_ps(tot[0][0]);
+    out[0] = add ? out[0] + v : v;
+  } else {
+    for (int i0 = 0; i0 < T; i0 += 4) {
+      const auto t = [&](int i) { i = std::min(i, T - 1); return tot[i % R][i / R]; };
+      alignas(16) float lanes[4];
+      _mm_store_ps(lanes, reduce4(t(i0), t(i0 + 1), t(i0 + 2), t(i0 + 3)));
+      for (int j = 0; j < 4 && i0 + j < T; ++j) {
+        float* d = out + (i0 + j) / R * ld + (i0 + j) % R;
+        *d = add ? *d + lanes[j] : lanes[j];
+      }
     }
+  }
 }
 
-// Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time.
+// Activation bytes (all MR rows) one K slice may hold: with room left in L1 for the weight
+// stream, every x load of the slice hits L1. A whole row of x at M = 4, K = 4096 is 32 KiB, as
+// large as L1, and reloading it from L2 for each weight row cost a quarter of the call.
+constexpr int64_t kSliceBytes = 8 << 10;
+
+// Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time, into fp32
+// sums per (m, n); the bf16 output (bias added) is written sixteen values at a time at the end.
+// Where x outgrows kSliceBytes (and groups are whole chunks: the small-group path reads every
+// group), K is read slice by slice: every row of the range meets the slice of x while it sits
+// in L1, and each row's chunk is prefetched R rows ahead (its next chunk belongs to the next
+// slice).
 template <int B, int MR, int R>
 void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
-  int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) {
-    __m128 out[MR][(R + 3) / 4];
-    dot_block<B, MR, R>(p, m0, n, out);
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < R; r += 4)
-        store_bf16x4(p.y16 + (m0 + m) * p.N + n + r, out[m][r / 4], p.bias ? p.bias + n + r : nullptr, std::min(4, R - r));
+  const int64_t rows = n_end - n_begin;
+  const bool sliced = MR > 1 && p.group_size * B >= 512 && MR * p.x_stride * 2 > kSliceBytes;
+  const int64_t per_slice = sliced ? std::max<int64_t>(1, kSliceBytes / (MR * p.group_size * 2)) : p.G;
+  thread_local std::vector<float> sums;
+  sums.resize(MR * rows);
+  for (int64_t g0 = 0; g0 < p.G; g0 += per_slice) {
+    const DotSlice slice{g0, std::min(p.G, g0 + per_slice), g0 == 0, sliced ? R * p.row_bytes : kPrefetchBytes};
+    int64_t n = n_begin;
+    for (; n + R <= n_end; n += R) dot_block<B, MR, R>(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
+    for (; n < n_end; ++n) dot_block<B, MR, 1>(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
   }
-  for (; n < n_end; ++n) {
-    __m128 out[MR][1];
-    dot_block<B, MR, 1>(p, m0, n, out);
-    for (int m = 0; m < MR; ++m) store_bf16x4(p.y16 + (m0 + m) * p.N + n, out[m][0], p.bias ? p.bias + n : nullptr, 1);
-  }
+  for (int m = 0; m < MR; ++m)
+    for (int64_t r = 0; r < rows; r += 16)
+      store_bf16(p.y16 + (m0 + m) * p.N + n_begin + r, sums.data() + m * rows + r, p.bias ? p.bias + n_begin + r : nullptr,
+                 std::min<int64_t>(16, rows - r));
 }
 
 // Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length
