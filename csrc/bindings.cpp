@@ -298,6 +298,9 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("n"), "Threads of later kernel calls (the worker pool, and OpenMP for this Python thread).");
 
   m.def("num_threads", &sk::num_threads, "Threads the lowbit and int8 kernels use, the caller included.");
+  m.def("set_spin_us", &sk::set_spin_us, py::arg("us"),
+        "How long an idle pool worker spins for the next job before it sleeps (microseconds, 0..10000).");
+  m.def("spin_us", &sk::spin_us, "The pool workers' spin before they sleep, in microseconds.");
 
   bind_decode(m);
 }

@@ -4,8 +4,10 @@
 // OS has not scheduled yet; on a machine where another process holds a core that turns a 1 ms
 // kernel into several time slices. Here the calling thread takes part, work is handed out in
 // chunks through an atomic counter, and the caller waits only for chunks that were claimed:
-// a worker that wakes late finds nothing left and goes back to sleep. Idle workers sleep on a
-// condition variable after a short bounded spin, so they never compete with other processes.
+// a worker that wakes late finds nothing left and goes back to sleep. An idle worker watches for
+// the next job for a bounded spin (SPLITKERNELS_SPIN_US, default 100 us: back-to-back jobs then
+// start without a wake-up) and then sleeps on a condition variable, so it never holds a core
+// long when no job comes.
 #pragma once
 
 #include <cstdint>
@@ -21,5 +23,10 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
 // CPUs this process may run on).
 void set_num_threads(int n);
 int num_threads();
+
+// How long an idle worker spins for the next job before it sleeps, in microseconds (0..10000;
+// default: SPLITKERNELS_SPIN_US, else 100).
+void set_spin_us(int us);
+int spin_us();
 
 }  // namespace sk
