@@ -44,19 +44,20 @@ inline void cpu_relax() {
 }
 
 // How long an idle worker watches for the next job before it sleeps (SPLITKERNELS_SPIN_US,
-// default 100 us). A native decode step is ~100 jobs back to back, each a few hundred
-// microseconds; a worker that slept between them paid a futex wake-up (and on a VM an idle
-// vCPU's wake-up) at the start of every one while the caller ran that job's chunks alone. The
-// spin is bounded, so a worker never holds a core longer than this when no job comes, and a
-// worker that another process keeps off its core only finds the job late (the caller takes the
-// chunks meanwhile, as before).
+// default 0: sleep at once). A native decode step is ~100 jobs back to back, each a few hundred
+// microseconds; a sleeping worker pays a futex wake-up (on a VM an idle vCPU's wake-up) at the
+// start of every one while the caller runs that job's chunks alone, which a spin of ~100 us
+// avoids on an otherwise idle machine. The spin is bounded and yields the core every few pauses,
+// but on a machine busy with other processes a yielding worker can wait a whole time slice for
+// its turn where a woken one would run at once: in measurements there it was neutral to 40%
+// slower (bench/server_step_parts.py), so it is off unless asked for.
 constexpr int kMaxSpinUs = 10000;
 int spin_us_from_env() {
   if (const char* env = std::getenv("SPLITKERNELS_SPIN_US")) {
     const int n = std::atoi(env);
     if (n >= 0) return std::min(n, kMaxSpinUs);
   }
-  return 100;
+  return 0;
 }
 
 class Pool {

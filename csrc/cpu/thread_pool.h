@@ -4,10 +4,9 @@
 // OS has not scheduled yet; on a machine where another process holds a core that turns a 1 ms
 // kernel into several time slices. Here the calling thread takes part, work is handed out in
 // chunks through an atomic counter, and the caller waits only for chunks that were claimed:
-// a worker that wakes late finds nothing left and goes back to sleep. An idle worker watches for
-// the next job for a bounded spin (SPLITKERNELS_SPIN_US, default 100 us: back-to-back jobs then
-// start without a wake-up) and then sleeps on a condition variable, so it never holds a core
-// long when no job comes.
+// a worker that wakes late finds nothing left and goes back to sleep. Idle workers sleep on a
+// condition variable, optionally after a bounded spin for the next job (SPLITKERNELS_SPIN_US,
+// default 0; back-to-back jobs then start without a wake-up on an idle machine).
 #pragma once
 
 #include <cstdint>
@@ -25,7 +24,7 @@ void set_num_threads(int n);
 int num_threads();
 
 // How long an idle worker spins for the next job before it sleeps, in microseconds (0..10000;
-// default: SPLITKERNELS_SPIN_US, else 100).
+// default: SPLITKERNELS_SPIN_US, else 0).
 void set_spin_us(int us);
 int spin_us();
 
