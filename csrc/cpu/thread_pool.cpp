@@ -139,7 +139,7 @@ class Pool {
     return std::max(1u, std::thread::hardware_concurrency());
   }
 
-  // Spins up to spin_ for a job newer than `seen`; true when one was posted.
+  // Spins up to spin_us() for a job newer than `seen`; true when one was posted.
   bool spin_for_job(unsigned long seen) const {
     const int us = spin_us();
     if (us <= 0) return false;

@@ -38,8 +38,8 @@ def _config_args(config: CodecConfigV2) -> tuple:
     ptrs = config.rans_tables.native
     args = (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.step_array().ctypes.data,
             config.center_array().ctypes.data)
-    if len(_ARGS) >= _MAX_CONFIGS:
-        _ARGS.pop(next(iter(_ARGS)))
+    if len(_ARGS) >= _MAX_CONFIGS:  # many configs in turn: start over (no iteration while other threads insert)
+        _ARGS.clear()
     _ARGS[id(config)] = (config, args)
     return args
 
