@@ -103,8 +103,8 @@ def make_frames(model, split_layer: int, prompt_tokens: int, steps: int,
     ids = ids[:, : prompt_tokens + steps]
     sm = split_model(model, split_layer)
     cache = sm.edge.new_cache()
-    prefill = encode(sm.edge.forward(ids[:, :prompt_tokens], cache, 0), codec).to_bytes()
-    decodes = [encode(sm.edge.forward(ids[:, p:p + 1], cache, p), codec).to_bytes()
+    prefill = encode(sm.edge.forward(ids[:, :prompt_tokens], cache, 0), codec, start=0).to_bytes()
+    decodes = [encode(sm.edge.forward(ids[:, p:p + 1], cache, p), codec, start=p).to_bytes()
                for p in range(prompt_tokens, prompt_tokens + steps)]
     return prefill, decodes, sm.adapter.hidden_size, open_config
 

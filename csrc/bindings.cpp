@@ -21,6 +21,7 @@
 #include "cpu/nibble.h"
 #include "cpu/rans.h"
 #include "cpu/thread_pool.h"
+#include "cpu/token_frame.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -243,6 +244,26 @@ PYBIND11_MODULE(_C, m) {
       "set_nibble_isa", [](const std::string& name) { check(sk::set_nibble_isa(name)); }, py::arg("name"),
       "Use the nibble coder of this instruction set (scalar or avx512).");
   m.def(
+      "v2_decode_token_frame",
+      [](py::buffer frame, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
+         std::uintptr_t step, std::uintptr_t center, int dtype, int64_t max_escapes, std::uintptr_t out) {
+        const py::buffer_info info = frame.request();
+        if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
+          throw std::invalid_argument("frame must be a contiguous byte buffer");
+        }
+        const sk::TokenFrameConfig config{crc_seed, d, kmax, ptr<const sk::RansTables* const>(tables), period,
+                                          ptr<const float>(step), ptr<const float>(center)};
+        py::gil_scoped_release nogil;
+        return sk::v2_decode_token_frame(static_cast<const uint8_t*>(info.ptr), info.size, config, dtype, max_escapes,
+                                         ptr<void>(out));
+      },
+      py::arg("frame"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
+      py::arg("step"), py::arg("center"), py::arg("dtype"), py::arg("max_escapes"), py::arg("out"),
+      "A codec v2 frame of one rANS-coded token of dtype (the session config's CRC seed, d, kmax, rANS table "
+      "pointers, step and center) decoded into out [1, d]; False when it is anything else or invalid (the caller "
+      "then runs the reference parser).");
+
+  m.def(
       "crc32",
       [](std::uintptr_t data, int64_t n, uint32_t crc, bool table_only) {
         return table_only ? sk::crc32_table(crc, ptr<const uint8_t>(data), n) : sk::crc32(crc, ptr<const uint8_t>(data), n);
@@ -277,6 +298,9 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("n"), "Threads of later kernel calls (the worker pool, and OpenMP for this Python thread).");
 
   m.def("num_threads", &sk::num_threads, "Threads the lowbit and int8 kernels use, the caller included.");
+  m.def("set_spin_us", &sk::set_spin_us, py::arg("us"),
+        "How long an idle pool worker spins for the next job before it sleeps (microseconds, 0..10000).");
+  m.def("spin_us", &sk::spin_us, "The pool workers' spin before they sleep, in microseconds.");
 
   bind_decode(m);
 }

@@ -568,6 +568,33 @@ def test_lowbit_dequantize_matches_reference(bits, group, dtype):
     torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -7, atol=1e-6)
 
 
+def test_worker_pool_spin_setting_keeps_results_and_workers_go_back_to_sleep():
+    import time
+
+    x, qw, _ = _lowbit_case(300, 256, 3, 4, 128, torch.float32, bias=False, seed=2)
+    want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+    threads, spin = cpp._C.num_threads(), cpp._C.spin_us()
+    try:
+        cpp._C.set_num_threads(3)
+        cpp._C.set_spin_us(-1)
+        assert cpp._C.spin_us() == 0
+        cpp._C.set_spin_us(1 << 30)
+        assert cpp._C.spin_us() == 10000
+        # Workers between spinning and sleeping while jobs come back to back and after pauses.
+        for i, us in enumerate((0, 10000, 50, 0, 200, 10000, 1) * 3):
+            cpp._C.set_spin_us(us)
+            if i % 3 == 0:
+                time.sleep(0.002)
+            assert torch.equal(cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None), want)
+        # The spin is bounded: idle workers stop using the CPU (10 ms spin, 300 ms idle, 2 workers).
+        cpu0 = time.process_time()
+        time.sleep(0.3)
+        assert time.process_time() - cpu0 < 0.1
+    finally:
+        cpp._C.set_num_threads(threads)
+        cpp._C.set_spin_us(spin)
+
+
 def test_worker_pool_threads_and_concurrent_callers():
     import threading
 

@@ -5,7 +5,8 @@
 // kernel into several time slices. Here the calling thread takes part, work is handed out in
 // chunks through an atomic counter, and the caller waits only for chunks that were claimed:
 // a worker that wakes late finds nothing left and goes back to sleep. Idle workers sleep on a
-// condition variable after a short bounded spin, so they never compete with other processes.
+// condition variable, optionally after a bounded spin for the next job (SPLITKERNELS_SPIN_US,
+// default 0; back-to-back jobs then start without a wake-up on an idle machine).
 #pragma once
 
 #include <cstdint>
@@ -21,5 +22,10 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
 // CPUs this process may run on).
 void set_num_threads(int n);
 int num_threads();
+
+// How long an idle worker spins for the next job before it sleeps, in microseconds (0..10000;
+// default: SPLITKERNELS_SPIN_US, else 0).
+void set_spin_us(int us);
+int spin_us();
 
 }  // namespace sk

@@ -13,6 +13,7 @@ from .config_v2 import CodecConfigV2
 from .frame import MAGIC, FrameError, FrameLimits
 from .frame_v2 import FRAME_VERSION_V2, read_frame_v2
 from . import v2_device
+from .token_frame import decode_token_frame
 from .v2 import EncodedV2, decode_v2, encode_v2
 from .wire_v2 import decode_frame_v2, encode_frame_v2
 
@@ -75,11 +76,17 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | Non
 
     v1 frames go through :func:`splitkernels.codec.encoded.decode_frame` (bounded scratch); v2
     frames need the session's ``config`` (FrameError when it is missing or not the frame's); their
-    host allocations are bounded by the frame's own size. On the host they run the fused pass
+    host allocations are bounded by the frame's own size. A one-token rANS frame decoded on the
+    host takes one C++ call (:mod:`.token_frame`; anything it declines takes the path below, the
+    reference). Otherwise on the host they run the fused pass
     (entropy decode + dequantise per row); on a GPU they are dequantised there (the device pass,
     after one host-to-device copy).
     """
     if is_v2_frame(data):
+        if device is None or torch.device(device).type == "cpu":
+            out = decode_token_frame(data, config, limits)  # one token, rANS: one C++ call; None: the general path
+            if out is not None:
+                return out
         if device is not None and v2_device.kernel(v2_device.DECODE_OP, torch.device(device)) is not None:
             return decode_v2(read_frame_v2(data, config, limits), device)  # the device pass
         out = decode_frame_v2(data, config, limits)  # the fused host pass, no symbol matrix

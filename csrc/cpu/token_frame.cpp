@@ -1,0 +1,107 @@
+#include "cpu/token_frame.h"
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/half.h"
+#include "cpu/codec_v2.h"
+#include "cpu/crc32.h"
+
+namespace sk {
+namespace {
+
+constexpr uint8_t kMagic[4] = {'S', 'K', 'T', 'Q'};
+constexpr uint8_t kVersion = 2;
+constexpr int64_t kHead = 6;      // magic, version, dtype/coder byte
+constexpr int64_t kCrcBytes = 4;
+constexpr int kMaxVarintBytes = 5;
+
+// Canonical LEB128 of at most 5 bytes (no redundant zero group), as frame_v2._read_varint.
+bool read_varint(const uint8_t* p, int64_t& pos, int64_t end, uint64_t& value) {
+  uint64_t n = 0;
+  for (int i = 0; i < kMaxVarintBytes; ++i) {
+    if (pos + i >= end) return false;
+    const uint8_t b = p[pos + i];
+    n |= static_cast<uint64_t>(b & 0x7F) << (7 * i);
+    if (!(b & 0x80)) {
+      if (i && b == 0) return false;
+      value = n;
+      pos += i + 1;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Whether every one of n values of `dtype` at p is finite (exponent not all ones), as torch.isfinite.
+bool all_finite(const uint8_t* p, int64_t n, int dtype) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype == kFloat32) {
+      uint32_t v;
+      std::memcpy(&v, p + 4 * i, 4);
+      if ((v & 0x7F800000u) == 0x7F800000u) return false;
+    } else {
+      uint16_t v;
+      std::memcpy(&v, p + 2 * i, 2);
+      const uint16_t exp = dtype == kFloat16 ? 0x7C00 : 0x7F80;
+      if ((v & exp) == exp) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& cfg, int dtype,
+                           int64_t max_escapes, void* out) {
+  if (dtype < kFloat32 || dtype > kBFloat16 || cfg.d < 1 || len < kHead + 2 + kCrcBytes) return false;
+  // Header: magic, version 2, the dtype code with coder 0 (rANS) and no flag bit.
+  if (std::memcmp(data, kMagic, 4) != 0 || data[4] != kVersion || data[5] != dtype) return false;
+  const int64_t crc_at = len - kCrcBytes;
+  uint32_t crc;
+  std::memcpy(&crc, data + crc_at, 4);
+  if (crc32(cfg.crc_seed, data, crc_at) != crc) return false;
+  // T = 1 is the single byte 1 (any other encoding is not minimal), then the escape count.
+  int64_t pos = kHead;
+  if (data[pos++] != 1) return false;
+  uint64_t n_esc;
+  if (!read_varint(data, pos, crc_at, n_esc)) return false;
+  // Raw bitmap: one byte, only bit 0 (the token) may be set.
+  if (pos + 1 > crc_at || (data[pos] >> 1) != 0) return false;
+  const bool raw = data[pos++] & 1;
+  const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2;
+  const int64_t n_sym = raw ? 0 : d;
+  if (n_esc > static_cast<uint64_t>(n_sym) || (max_escapes >= 0 && n_esc > static_cast<uint64_t>(max_escapes))) {
+    return false;
+  }
+  const int64_t esc_bytes = static_cast<int64_t>(n_esc) * item, raw_bytes = raw ? d * item : 0;
+  if (pos + esc_bytes + raw_bytes > crc_at) return false;
+  const uint8_t* escapes = data + pos;
+  const uint8_t* raw_values = escapes + esc_bytes;
+  const uint8_t* stream = raw_values + raw_bytes;
+  const int64_t stream_len = crc_at - (pos + esc_bytes + raw_bytes);
+  if (!all_finite(escapes, static_cast<int64_t>(n_esc), dtype)) return false;
+  if (n_sym > 16 * stream_len + 64) return false;  // rans.max_symbols
+  if (raw) {  // the token travels exact: no symbols, no escapes
+    if (stream_len != 0 || !all_finite(raw_values, d, dtype)) return false;
+    std::memcpy(out, raw_values, d * item);
+    return true;
+  }
+  thread_local std::vector<uint8_t> sym;
+  thread_local std::vector<uint32_t> esc;  // the escape values, aligned for the dequantiser
+  sym.resize(d);
+  esc.resize((esc_bytes + 3) / 4);
+  std::memcpy(esc.data(), escapes, esc_bytes);
+  int64_t escape_symbols = -1;
+  if (!rans_decode(stream, stream_len, n_sym, cfg.tables, cfg.period, sym.data(), 2 * cfg.kmax + 1, &escape_symbols)
+           .empty() ||
+      escape_symbols != static_cast<int64_t>(n_esc)) {
+    return false;
+  }
+  return v2_dequantise(sym.data(), 1, d, cfg.step, cfg.center, cfg.kmax, dtype, out, nullptr, esc.data(),
+                       static_cast<int64_t>(n_esc))
+      .empty();
+}
+
+}  // namespace sk

@@ -1,0 +1,33 @@
+// The server's commonest frame in one call: a codec v2 frame of one token whose symbols are rANS
+// coded (docs/FORMATS.md section 5.4; the dtype/coder byte is a dtype code with the coder and
+// flag bits clear) parsed, checked, entropy decoded and dequantised.
+//
+// The Python parser (splitkernels/codec/frame_v2.py) stays the reference: this path accepts only
+// frames it accepts and gives the same bits, and it declines everything else (another token
+// count, another coder, a flag bit, any defect), after which the caller runs the reference,
+// which raises the reference error. It never reports why it declined.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/rans.h"
+
+namespace sk {
+
+struct TokenFrameConfig {
+  uint32_t crc_seed;               // CRC-32 of the session config's digest (every frame's CRC starts there)
+  int64_t d;                       // channels
+  int kmax;                        // symbols 0..2*kmax are codes, 2*kmax+1 the escape
+  const RansTables* const* tables;  // one table per channel of a period-`period` cycle
+  int64_t period;
+  const float* step;               // [d] fp32
+  const float* center;             // [d] fp32
+};
+
+// Decodes `data[0, len)` into out [1, d] of `dtype` (0 fp32, 1 fp16, 2 bf16) when it is a valid
+// one-token rANS frame of that dtype with at most max_escapes escapes (< 0: any); true then.
+// false: declined, out may be partly written.
+bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& config, int dtype,
+                           int64_t max_escapes, void* out);
+
+}  // namespace sk

@@ -1,0 +1,183 @@
+"""The one-token rANS fast path of codec v2 frames (splitkernels/codec/token_frame.py) against the
+reference parser and decoder: same bits for every frame it takes, None (and the reference's
+FrameError through decode_frame) for everything else."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from splitkernels.codec import FrameError, FrameLimitError, FrameLimits, calibrate, decode_frame, encode
+from splitkernels.codec import token_frame
+from splitkernels.codec.frame_v2 import HEAD, _varint, read_frame_v2
+from splitkernels.codec.v2 import decode_v2
+
+pytestmark = pytest.mark.skipif(not token_frame.has_native(),
+                                reason="C++ extension not built (pip install . builds splitkernels._C)")
+D = 96
+
+
+def hidden(n: int, seed: int) -> torch.Tensor:
+    """Gaussian tokens with a heavy channel and an offset one (escapes), like a split layer's."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g)
+    x[:, 1] *= 12.0
+    x[:, D // 2] += 4.0
+    return x
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["one-table", "classes"])
+def cfg(request):
+    return calibrate(hidden(800, 0), bits=4.0, classes=request.param)
+
+
+def reference(data: bytes, config, limits=None) -> torch.Tensor:
+    return decode_v2(read_frame_v2(data, config, limits))
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32 if x.element_size() == 4 else torch.int16)
+
+
+def reseal(body: bytes, config) -> bytes:
+    """``body`` with a valid CRC for frames of ``config``."""
+    return body + zlib.crc32(body, config.crc_seed).to_bytes(4, "little")
+
+
+def one_token(config, seed: int, dtype: torch.dtype, kind: str = "plain") -> tuple[torch.Tensor, bytes]:
+    x = hidden(1, seed)
+    if kind == "escapes":
+        x[0, :5] *= 200.0
+    elif kind == "raw":  # more escapes than raw_limit: the token travels exact
+        x[0] *= 500.0
+    x = x.to(dtype)
+    return x, encode(x, config).to_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["plain", "escapes", "raw"])
+def test_same_bits_as_the_reference(cfg, dtype, kind):
+    for seed in range(8):
+        x, data = one_token(cfg, seed, dtype, kind)
+        enc = read_frame_v2(data, cfg)
+        assert bool(enc.raw[0]) == (kind == "raw") and (kind != "escapes" or enc.escapes.numel() > 0)
+        out = token_frame.decode_token_frame(data, cfg, FrameLimits(d=D, max_tokens=4))
+        ref = reference(data, cfg)
+        assert out is not None and out.dtype == dtype and out.shape == (1, D)
+        assert torch.equal(bits(out), bits(ref))
+        # Through the server's entry point, from a view into a larger message as the protocol hands it.
+        view = memoryview(b"xx" + data)[2:]
+        assert torch.equal(bits(decode_frame(view, FrameLimits(d=D), "cpu", config=cfg)), bits(ref))
+
+
+def test_declines_what_it_does_not_cover(cfg):
+    x = hidden(3, 5).half()
+    two = encode(x[:2], cfg).to_bytes()
+    assert token_frame.decode_token_frame(two, cfg) is None
+    assert torch.equal(decode_frame(two, config=cfg), reference(two, cfg))  # the general path
+    nibble = encode(x[:1], cfg).to_bytes("nibble")
+    assert token_frame.decode_token_frame(nibble, cfg) is None
+    assert torch.equal(decode_frame(nibble, config=cfg), reference(nibble, cfg))
+    _, data = one_token(cfg, 1, torch.float16)
+    flagged = reseal(data[:5] + bytes([data[5] | 0x80]) + data[6:-4], cfg)  # bit 7: a section it does not know
+    assert token_frame.decode_token_frame(flagged, cfg) is None
+    assert token_frame.decode_token_frame(data, None) is None
+    assert token_frame.decode_token_frame(np.frombuffer(data, dtype=np.uint8), cfg) is None  # not bytes
+    strided = memoryview(data + data)[::2]
+    assert token_frame.decode_token_frame(strided, cfg) is None
+
+
+def test_without_the_extension_it_declines(cfg, monkeypatch):
+    _, data = one_token(cfg, 2, torch.float16)
+    monkeypatch.setattr(token_frame, "_C", None)
+    assert token_frame.decode_token_frame(data, cfg) is None
+    assert torch.equal(decode_frame(data, config=cfg), reference(data, cfg))
+
+
+def test_limits_are_the_references(cfg):
+    _, data = one_token(cfg, 3, torch.float16, "escapes")
+    n_esc = read_frame_v2(data, cfg).escapes.numel()
+    for limits, field in ((FrameLimits(d=D + 1), "d"), (FrameLimits(dtypes=frozenset({torch.float32})), "dtype"),
+                          (FrameLimits(max_tokens=0), "tokens"), (FrameLimits(max_outliers=n_esc - 1), "outliers")):
+        assert token_frame.decode_token_frame(data, cfg, limits) is None
+        with pytest.raises(FrameLimitError) as exc:
+            decode_frame(data, limits, config=cfg)
+        assert exc.value.field == field
+    out = token_frame.decode_token_frame(data, cfg, FrameLimits(d=D, max_tokens=1, max_outliers=n_esc))
+    assert out is not None
+
+
+def test_truncations_and_bit_flips_are_declined(cfg):
+    _, data = one_token(cfg, 4, torch.float16, "escapes")
+    for n in range(len(data)):
+        assert token_frame.decode_token_frame(data[:n], cfg) is None
+        with pytest.raises(FrameError):
+            decode_frame(data[:n], config=cfg)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        bad = bytearray(data)
+        i = int(rng.integers(len(bad)))
+        bad[i] ^= 1 << int(rng.integers(8))
+        assert token_frame.decode_token_frame(bytes(bad), cfg) is None
+        with pytest.raises(FrameError):
+            decode_frame(bytes(bad), config=cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_resealed_mutations_agree_with_the_reference(cfg, dtype):
+    """Frames with a valid CRC but changed contents: the fast path decodes exactly those the
+    reference decodes, to the same bits, and declines the rest (which raise FrameError)."""
+    rng = np.random.default_rng(1)
+    decoded = 0
+    for trial in range(400):
+        _, data = one_token(cfg, trial % 7, dtype, ("plain", "escapes", "raw")[trial % 3])
+        bad = bytearray(data[:-4])
+        kind = int(rng.integers(3))
+        i = int(rng.integers(HEAD.size, len(bad)))  # past the header (its fields are tested above)
+        if kind == 0:
+            bad[i] = int(rng.integers(256))
+        elif kind == 1:
+            del bad[i]
+        else:
+            bad.insert(i, int(rng.integers(256)))
+        frame = reseal(bytes(bad), cfg)
+        out = token_frame.decode_token_frame(frame, cfg)
+        try:
+            ref = reference(frame, cfg)
+        except FrameError:
+            assert out is None
+            with pytest.raises(FrameError):
+                decode_frame(frame, config=cfg)
+            continue
+        assert out is not None and torch.equal(bits(out), bits(ref))
+        decoded += 1
+    assert decoded > 0  # some mutations (a changed escape value) stay valid frames
+
+
+def test_forged_fields_are_declined(cfg):
+    x, data = one_token(cfg, 6, torch.float16, "escapes")
+    enc = read_frame_v2(data, cfg)
+    n_esc = enc.escapes.numel()
+    head, rest = data[: HEAD.size], data[HEAD.size + 2: -4]  # T and escape count are one byte each here
+    nan = torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
+    forged = {
+        "T not minimal": head + b"\x81\x00" + _varint(n_esc) + rest,
+        "T = 2": head + _varint(2) + _varint(n_esc) + rest,
+        "escape count not minimal": head + _varint(1) + bytes([0x80 | n_esc, 0]) + rest,
+        "one escape too few": head + _varint(1) + _varint(n_esc - 1) + rest[:1] + rest[3:],
+        "bitmap bit beyond T": head + _varint(1) + _varint(n_esc) + bytes([rest[0] | 2]) + rest[1:],
+        "escape not finite": head + _varint(1) + _varint(n_esc) + rest[:1] + nan + rest[3:],
+        "trailing stream byte": head + _varint(1) + _varint(n_esc) + rest + b"\0\0",
+        "escapes beyond the symbols": head + _varint(1) + _varint(D + 1) + rest,
+    }
+    _, raw = one_token(cfg, 6, torch.float16, "raw")
+    raw_rest = raw[HEAD.size + 2: -4]
+    forged["raw token not finite"] = head + _varint(1) + _varint(0) + raw_rest[:1] + nan + raw_rest[3:]
+    forged["raw token with a stream"] = head + _varint(1) + _varint(0) + raw_rest + b"\1\0\0\1"
+    for what, body in forged.items():
+        frame = reseal(body, cfg)
+        assert token_frame.decode_token_frame(frame, cfg) is None, what
+        with pytest.raises(FrameError):
+            decode_frame(frame, config=cfg)
