@@ -12,6 +12,8 @@ the edge half's hidden states for a text (``--codec``: v2, the runtime's default
 server's alone (the edge's compute would otherwise share this machine's cores with the server).
 All modes' servers run for the whole benchmark; ``--rounds`` rounds each run every level on every
 mode in turn (the order flips every round), and each row is the round with the median steps/s.
+Latency percentiles are of the steady state: each session's first ``--warmup-steps`` steps after the
+synchronized start (which all wait for the batch to be formed) are reported on their own.
 
     PYTHONPATH=. python bench/serve_load.py --model smollm2 --out /tmp/serve_load
     PYTHONPATH=. python bench/serve_load.py --modes unbatched,batched,cluster --out /tmp/serve_load
@@ -171,8 +173,13 @@ def batching_counters(client) -> dict | None:
 
 
 def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: list[bytes], pids: list[int],
-              codec_config: bytes = b"") -> dict:
+              codec_config: bytes = b"", warmup: int = 0) -> dict:
     """``sessions`` concurrent sessions: prefill, barrier, then ``len(decodes)`` timed steps each.
+
+    Latency percentiles leave out each session's first ``warmup`` steps: after the synchronized
+    start every session's first step waits for the batch to be formed (the padded rows built
+    from the sessions' caches), which a server whose sessions come and go pays once per session;
+    their median is reported beside (``first_p50_ms``). Rates count every step.
 
     Besides wall-clock rates, the server's own CPU seconds per decode step: on a machine shared with
     other jobs the scheduler hands out CPU per runnable thread, so a server running many threads
@@ -212,15 +219,18 @@ def run_level(client: GrpcTransport, sessions: int, prefill: bytes, decodes: lis
     after = batching_counters(client)
     if errors:
         raise errors[0]
-    flat = sorted(x for row in lat for x in row)
+    flat = sorted(x for row in lat for x in row[warmup:])
+    first = [x for row in lat for x in row[:warmup]]
 
     def pct(q: float) -> float:
         return flat[min(len(flat) - 1, int(q * len(flat)))]
 
-    row = {"sessions": sessions, "steps": len(flat), "wall_s": wall, "steps_per_s": len(flat) / wall,
+    steps = sum(map(len, lat))
+    row = {"sessions": sessions, "steps": steps, "wall_s": wall, "steps_per_s": steps / wall, "warmup_steps": warmup,
+           "first_p50_ms": 1000 * statistics.median(first) if first else None,
            "p50_ms": 1000 * statistics.median(flat), "p99_ms": 1000 * pct(0.99), "max_ms": 1000 * flat[-1],
-           "server_cpu_s": cpu, "server_cpu_ms_per_step": 1000 * cpu / len(flat),
-           "client_cpu_ms_per_step": 1000 * client_cpu / len(flat), "loadavg_1m": [load0, load1]}
+           "server_cpu_s": cpu, "server_cpu_ms_per_step": 1000 * cpu / steps,
+           "client_cpu_ms_per_step": 1000 * client_cpu / steps, "loadavg_1m": [load0, load1]}
     if before is not None and after is not None:  # one replica's scheduler (mode cluster: whichever answered)
         batches = after["batches"] - before["batches"]
         steps = after["decode_steps"] - before["decode_steps"]
@@ -243,6 +253,8 @@ def main() -> int:
     ap.add_argument("--split-layer", type=int, default=None, help="edge keeps layers 1..N (default: a third)")
     ap.add_argument("--sessions", default="1,4,16,64", help="comma-separated concurrency levels")
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps per session")
+    ap.add_argument("--warmup-steps", type=int, default=1,
+                    help="each session's first decode steps left out of p50/p99 (reported as 'first step p50')")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--modes", default="unbatched,batched")
     ap.add_argument("--rounds", type=int, default=3,
@@ -257,6 +269,8 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=2, help="replicas of mode cluster")
     ap.add_argument("--serve", choices=("batched", "unbatched"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not 0 <= args.warmup_steps < args.steps:
+        ap.error(f"--warmup-steps must be in [0, --steps), got {args.warmup_steps}")
     try:
         args.sessions_list = [int(x) for x in args.sessions.split(",")]
         if not args.sessions_list or min(args.sessions_list) < 1:
@@ -295,7 +309,7 @@ def main() -> int:
             for n in args.sessions_list:
                 for mode in (modes if r % 2 == 0 else modes[::-1]):
                     _, client, pids = servers[mode]
-                    row = run_level(client, n, prefill, decodes, pids, codec_config)
+                    row = run_level(client, n, prefill, decodes, pids, codec_config, args.warmup_steps)
                     rounds[mode][n].append(row)
                     print(f"round {r + 1} {mode:9s} {n:3d} sessions: {row['steps_per_s']:7.1f} steps/s  "
                           f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
@@ -319,7 +333,7 @@ def main() -> int:
                     "torch": torch.__version__,
                     "note": "shared with other jobs during the run: timings are noisy"},
         "model": name, "split_layer": args.split_layer, "prompt_tokens": args.prompt_tokens, "codec": args.codec,
-        "decode_steps_per_session": args.steps, "frame_bytes": {"prefill": len(prefill),
+        "decode_steps_per_session": args.steps, "warmup_steps": args.warmup_steps, "frame_bytes": {"prefill": len(prefill),
                                                                 "decode_mean": sum(map(len, decodes)) / len(decodes)},
         "rounds": args.rounds, "window_ms": args.window_ms, "max_batch": args.max_batch, "hidden_size": hidden,
         "results": results,
@@ -330,9 +344,9 @@ def main() -> int:
              f"server torch threads {args.threads}"
              + (f" (per replica, {args.replicas} replicas in mode cluster)" if "cluster" in modes else "")
              + f"; window {args.window_ms} ms; median of {args.rounds} rounds (modes taking turns)", "",
-             "| sessions | mode | steps/s | rounds' steps/s | p50 ms | p99 ms | p99/p50 | speed-up | server CPU ms/step "
+             "| sessions | mode | steps/s | rounds' steps/s | p50 ms | p99 ms | p99/p50 | first step p50 ms | speed-up | server CPU ms/step "
              "| CPU gain | client CPU ms/step | mean batch | scheduler busy | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["sessions"]: r["steps_per_s"] for r in results.get("unbatched", [])}
     base_cpu = {r["sessions"]: r["server_cpu_ms_per_step"] for r in results.get("unbatched", [])}
     for mode in modes:
@@ -342,11 +356,14 @@ def main() -> int:
                     if r["sessions"] in base_cpu and r["server_cpu_ms_per_step"] > 0 else float("nan"))
             each = ", ".join(f"{x:.1f}" for x in r["rounds_steps_per_s"])
             lines.append(f"| {r['sessions']} | {mode} | {r['steps_per_s']:.1f} | {each} | {r['p50_ms']:.1f} | "
-                         f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {up:.2f}x | "
+                         f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | "
+                         + ("-" if r.get("first_p50_ms") is None else f"{r['first_p50_ms']:.1f}") + f" | {up:.2f}x | "
                          f"{r['server_cpu_ms_per_step']:.1f} | {gain:.2f}x | {r['client_cpu_ms_per_step']:.1f} | "
                          + (f"{r['mean_batch']:.1f} | {100 * r['scheduler_busy']:.0f}% | " if "mean_batch" in r else "- | - | ")
                          + "{:.1f}-{:.1f} |".format(*r["loadavg_1m"]))
-    lines += ["", "Mean batch: decode steps per batched forward; scheduler busy: share of the wall time the "
+    lines += ["", f"p50/p99: every session's decode steps after its first {args.warmup_steps} (steady state); "
+                  "first step p50: the median latency of those first steps after the synchronized start. "
+                  "Mean batch: decode steps per batched forward; scheduler busy: share of the wall time the "
                   "scheduler thread ran forwards; load avg: the machine's 1-minute load average at the level's "
                   "start and end (2 cores, shared with other jobs), of the median round. Speed-up and CPU gain: "
                   "against the unbatched server's median round at the same level. Client CPU: the load "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, encode, from_bytes
+from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, decode_frame, encode, from_bytes
 from splitkernels.codec.calibrate import _shift_costs, position_shifts
 from splitkernels.codec.config_v2 import MAX_POSITION_BANDS, MAX_SHIFT, position_band
 from splitkernels.codec.frame_v2 import HEAD, SHIFTED_FLAG
@@ -109,6 +109,7 @@ def test_round_trip_follows_the_spec(plain, shifted, dtype, start, t):
         data = enc.to_bytes(coder)
         assert torch.equal(decode(from_bytes(data, config=shifted)).view(torch.uint8), want.view(torch.uint8))
         assert torch.equal(decode_frame_v2(data, shifted).view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(decode_frame(data, config=shifted).view(torch.uint8), want.view(torch.uint8))  # server path
         assert encode_frame_v2(x, shifted, coder, start) == data
     shifted_rows = shifted.row_shifts(start, t)
     assert (enc.residuals is None) == (not shifted_rows.any())
