@@ -384,6 +384,20 @@ def _needs_bf16_kernels() -> None:
         pytest.skip("this CPU has no AVX-512 BF16: the bf16 kernels never run here")
 
 
+def _bf16_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+    """The extension's bf16 ``lowbit_linear`` of ``x [M, K]`` straight into a NaN-filled output,
+    which it must overwrite completely (asserted here)."""
+    (m, k), n = x.shape, qw.qweight.shape[0]
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    b32 = None if b is None else b.float()
+    cpp._C.lowbit_linear(
+        x.data_ptr(), 2, m, k, qw.qweight.data_ptr(), n, qw.qweight.shape[1], qw.scale.data_ptr(), qw.zero.data_ptr(),
+        2, bits, group, 0 if b32 is None else b32.data_ptr(), y.data_ptr(),
+    )
+    assert torch.isfinite(y).all()
+    return y
+
+
 @pytest.mark.parametrize("bits,group,k", _BF16_LAYOUTS)
 @pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 9))
 def test_lowbit_bf16_kernels_every_layout(bits, group, k, m):
@@ -392,14 +406,7 @@ def test_lowbit_bf16_kernels_every_layout(bits, group, k, m):
     n = 45
     x, qw, b = _lowbit_case(n, k, m, bits, group, torch.bfloat16, bias=m % 2 == 1, seed=bits * 1000 + group + m)
     want64 = _lowbit_want64(x, qw, b)
-    # Called on a poisoned output: every element must be written.
-    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
-    b32 = None if b is None else b.float()
-    cpp._C.lowbit_linear(
-        x.data_ptr(), 2, m, k, qw.qweight.data_ptr(), n, qw.qweight.shape[1], qw.scale.data_ptr(), qw.zero.data_ptr(),
-        2, bits, group, 0 if b32 is None else b32.data_ptr(), y.data_ptr(),
-    )
-    assert torch.isfinite(y).all()
+    y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
     assert _rel_err(y, want64) <= TOL[torch.bfloat16]
     # The public op takes the same path.
     assert _rel_err(ops.lowbit_linear(x, qw, b), want64) <= TOL[torch.bfloat16]
@@ -415,13 +422,7 @@ def test_lowbit_bf16_kernels_k_slices(bits, group, m):
     n, k = 45, 2304
     x, qw, b = _lowbit_case(n, k, m, bits, group, torch.bfloat16, bias=m != 3, seed=bits * 7 + group + m)
     x = x + 3  # a code offset that does not cancel within one slice
-    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
-    b32 = None if b is None else b.float()
-    cpp._C.lowbit_linear(
-        x.data_ptr(), 2, m, k, qw.qweight.data_ptr(), n, qw.qweight.shape[1], qw.scale.data_ptr(), qw.zero.data_ptr(),
-        2, bits, group, 0 if b32 is None else b32.data_ptr(), y.data_ptr(),
-    )
-    assert torch.isfinite(y).all()
+    y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
     assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.bfloat16]
     # Row by row (M = 1 never slices) agrees far inside the tolerance.
     rows = torch.cat([cpp.lowbit_linear(x[i : i + 1], qw.qweight, qw.scale, qw.zero, bits, group, b) for i in range(m)])
