@@ -28,7 +28,7 @@ What is fitted, from calibration hidden states ``[N, d]`` of one model and split
   step of the late positions divided by ``2**shift``, ``shift = rint(0.5 * log2(F_band / F_late))``
   (noise costs ``F * step**2``, so that equalises the KL per token, as the channel scales do per
   channel). Early tokens are read by every later token through attention: on Gemma 3 270M split 2
-  positions 1-7 weigh 90-440x a late one, and these shifts cut the measured KL 2.5-3x at the same
+  positions 1-7 weigh 90-440x a late one, and these shifts cut the measured KL from 0.0060 to 0.0034 at the same
   bits of 512-token frames. One-token decode frames (late positions) pay nothing for them.
 * **rANS tables** from the symbol counts at the chosen step: one pooled table, and ``classes``
   tables for groups of channels of alike spread (channels sorted by their mean code magnitude,
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from . import rans
-from .config_v2 import MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, CodecConfigV2, position_band
+from .config_v2 import MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, CodecConfigV2, band_shifts, position_band
 from .frame_v2 import framing_bytes
 
 DEFAULT_BITS = 4.0  # without a measured sensitivity
@@ -175,14 +175,10 @@ def _shift_costs(shifts: tuple[int, ...], profile: torch.Tensor | None, sink_fir
     the KL proxy: the Fisher-weighted mean of ``4**-shift`` over positions >= 1 of the profile)."""
     if not shifts:
         return 0.0, 1.0
-    table = list(shifts) + [0]
-
-    def shift(pos: int) -> int:
-        return table[min(position_band(pos), len(table) - 1)]
-
-    extra = sum(shift(p) for p in range(1 if sink_first else 0, FRAME_TOKENS)) / FRAME_TOKENS
+    first = 1 if sink_first else 0
+    extra = float(band_shifts(shifts, first, FRAME_TOKENS - first).sum()) / FRAME_TOKENS
     a = profile.detach().double().cpu()[1:]
-    weights = torch.tensor([4.0 ** -shift(p) for p in range(1, a.shape[0] + 1)], dtype=torch.float64)
+    weights = torch.from_numpy(4.0 ** -band_shifts(shifts, 1, a.shape[0]).astype(np.float64))
     return extra, float((a * weights).sum() / a.sum()) if float(a.sum()) > 0 else 1.0
 
 

@@ -35,6 +35,13 @@ def position_band(position: int) -> int:
     return int(position).bit_length()
 
 
+def band_shifts(position_shift: tuple[int, ...], start: int, n: int) -> np.ndarray:
+    """Shifts (int64) of positions ``start .. start + n - 1`` under ``position_shift`` (0 beyond it)."""
+    table = np.asarray(tuple(position_shift) + (0,), dtype=np.int64)
+    bands = np.array([position_band(p) for p in range(start, start + n)], dtype=np.int64)
+    return table[np.minimum(bands, len(table) - 1)]
+
+
 @dataclass(frozen=True)
 class CodecConfigV2:
     """Static codec v2 state for ``d`` channels.
@@ -133,10 +140,7 @@ class CodecConfigV2:
     def row_shifts(self, start: int, t: int) -> np.ndarray:
         """Shifts (int64) of the leading rows of a frame of ``t`` tokens from position ``start`` that
         lie before :attr:`shift_end` (an empty array when none does)."""
-        n = max(0, min(t, self.shift_end - start))
-        table = np.asarray(self.position_shift + (0,), dtype=np.int64)
-        bands = np.array([position_band(p) for p in range(start, start + n)], dtype=np.int64)
-        return table[np.minimum(bands, len(table) - 1)]
+        return band_shifts(self.position_shift, start, max(0, min(t, self.shift_end - start)))
 
     @property
     def escape_symbol(self) -> int:
