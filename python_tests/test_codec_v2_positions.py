@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, decode_frame, encode, from_bytes
-from splitkernels.codec.calibrate import _shift_costs, position_shifts
+from splitkernels.codec.calibrate import SINK_BANDS, _shift_costs, position_shifts
 from splitkernels.codec.config_v2 import MAX_POSITION_BANDS, MAX_SHIFT, position_band
 from splitkernels.codec.frame_v2 import HEAD, SHIFTED_FLAG
 from splitkernels.codec.wire_v2 import decode_frame_v2, encode_frame_v2
@@ -183,8 +183,17 @@ def test_padding_bits_of_the_residual_section_are_rejected():
 def test_position_shifts_follow_the_profile():
     profile = torch.ones(64)
     profile[0], profile[1], profile[2:4], profile[4:8] = 1e6, 64.0, 16.0, 3.0
-    # ratios to the late half: 1e6 -> capped, 64 -> 3, 16 -> 2, 3 -> 0.79 -> 1, 1 -> 0
-    assert position_shifts(profile) == (MAX_SHIFT, 3, 2, 1)
+    # ratios to the late half: 1e6 -> capped, 64 -> 3, 16 -> 2, 3 -> 0.79 -> 1, 1 -> 0; then every
+    # band below SINK_BANDS (positions < 32) is raised to the largest shift of bands 1..5 (3).
+    assert SINK_BANDS == 6
+    assert position_shifts(profile) == (MAX_SHIFT, 3, 3, 3, 3, 3)
+    longer = torch.ones(128)
+    longer[:64] = profile
+    longer[32:64] = 16.0  # band 6 is past the sink bands: its own shift, and it raises none
+    assert position_shifts(longer) == (MAX_SHIFT, 3, 3, 3, 3, 3, 2)
+    lone_sink = torch.ones(64)
+    lone_sink[0] = 1e4  # position 0 alone (the usual sink) sets no floor
+    assert position_shifts(lone_sink) == (MAX_SHIFT,)
     assert position_shifts(torch.ones(64)) == ()
     assert position_shifts(torch.ones(8) * 5) == ()  # too short a profile
     with pytest.raises(ValueError, match="position_sensitivity"):
@@ -197,7 +206,7 @@ def test_calibrate_with_a_position_profile_counts_the_residuals():
     profile[1:8] = 100.0
     fisher = torch.ones(D)
     cfg = calibrate(h, bits=4.0, sensitivity=fisher, position_sensitivity=profile)
-    assert cfg.position_shift == position_shifts(profile) and cfg.shift_end == 8
+    assert cfg.position_shift == position_shifts(profile) and cfg.shift_end == 32
     plain = calibrate(h, bits=4.0, sensitivity=fisher)
     extra = sum(cfg.row_shifts(0, 512).tolist()) / 512
     assert cfg.info["estimated_bits"] <= 4.0 + 1e-9 and cfg.info["estimated_bits"] == pytest.approx(cfg.info["estimated_bits_late"] + extra)
@@ -209,11 +218,12 @@ def test_calibrate_with_a_position_profile_counts_the_residuals():
 def test_shift_costs_weigh_positions_by_their_fisher():
     profile = torch.ones(64)
     profile[1:8] = 100.0
-    shifts = position_shifts(profile)  # 0.5 * log2(100) -> 3 for bands 1-3 (positions 1-7)
-    assert shifts == (0, 3, 3, 3)
+    shifts = position_shifts(profile)  # 0.5 * log2(100) -> 3 for bands 1-3 (positions 1-7), floor to 31
+    assert shifts == (3, 3, 3, 3, 3, 3)
     extra, gain = _shift_costs(shifts, profile, sink_first=False)
-    assert extra == pytest.approx(7 * 3 / 512)
-    # KL proxy factor: positions 1-7 carry 700 of the 756 Fisher weight and get 1/64 of the noise.
-    assert gain == pytest.approx((700 / 64 + 56) / 756)
+    assert extra == pytest.approx(32 * 3 / 512)
+    # KL proxy factor: positions 1-7 carry 700 of the 756 Fisher weight and, with positions 8-31,
+    # get 1/64 of the noise.
+    assert gain == pytest.approx((700 / 64 + 24 / 64 + 32) / 756)
     assert _shift_costs((), profile, sink_first=False) == (0.0, 1.0)
     assert _shift_costs((4, 1), profile, sink_first=True)[0] == pytest.approx(1 / 512)  # a raw sink pays no residuals

@@ -36,7 +36,8 @@ def test_demo_json_on_tiny_model():
     assert report["opsc"] == {"front": {"bits": 4, "group_size": 64, "clip_search": False}, "back": None}
     codec = report["codec"]  # v2 by default, calibrated after the evaluation tokens
     assert codec["kind"] == "v2" and len(codec["fingerprint"]) == 64 and codec["d"] == 128
-    assert codec["calibration"]["sensitivity"] == "fisher" and codec["calibration"]["first_token"] >= 40
+    calibration = codec["calibration"]
+    assert calibration["sensitivity"] == "fisher" and calibration["texts"]["prose"][0] >= 40
     g = report["generation"]
     assert g["steps"] == 5 and len(report["tokens"]) == 5
     assert g["prompt_tokens"] == len(DEFAULT_PROMPT.encode())

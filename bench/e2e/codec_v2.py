@@ -3,7 +3,8 @@
     python bench/e2e/codec_v2.py --out DIR [--model smollm2|gemma3] [--massive 1000] [--layers 4 10 15 22]
 
 For each split layer: hidden states and the diagonal Fisher of the split hidden state are measured
-on calibration windows (Botchan tokens disjoint from the evaluation tokens), v2 configs are
+on calibration windows (prose -- Botchan tokens disjoint from the evaluation tokens --, Python
+source and Python's reference docs, as the CLI calibrates; ``--calib-text botchan``: prose only), v2 configs are
 calibrated at several bit targets, and every codec is scored on the evaluation windows. Bits per
 element are given for 512-token frames (one frame per window) and for one-token decode frames
 (every token in its own frame: header, bitmap/per-token fields and CRC counted each time). v1 and
@@ -35,6 +36,7 @@ from splitkernels.codec import CodecConfig, calibrate, decode, encode
 from splitkernels.codec.frame import frame_nbytes
 from splitkernels.codec.sensitivity import fisher_diagonal
 from splitkernels.eval import load_text
+from splitkernels.eval.calibration_text import calibration_windows
 from splitkernels.models import PACKAGED, load_packaged
 from splitkernels.planner.quality import SplitEvaluator, TransferResult
 
@@ -104,9 +106,12 @@ def main() -> None:
                          "fractions on another model)")
     ap.add_argument("--tokens", type=int, default=1024, help="evaluation tokens (windows of 512)")
     ap.add_argument("--eval-file", default=None,
-                    help="score this UTF-8 text file instead of Botchan's first tokens (calibration stays on Botchan): "
-                         "a text of another kind than the calibration's")
-    ap.add_argument("--calib-tokens", type=int, default=1024)
+                    help="score this UTF-8 text file instead of Botchan's first tokens (the calibration text is "
+                         "unchanged): a text the calibration did not see")
+    ap.add_argument("--calib-tokens", type=int, default=1536)
+    ap.add_argument("--calib-text", choices=("mixed", "botchan"), default="mixed",
+                    help="calibration windows: prose (Botchan), Python source and Python's reference docs in turn, as "
+                         "the CLI calibrates (splitkernels.eval.calibration_text), or Botchan only")
     ap.add_argument("--bits", nargs="*", default=["default", "3.5", "4.0", "4.5"],
                     help="v2 bit targets; 'default' is calibrate's own rule (KL proxy within a decode-frame ceiling)")
     ap.add_argument("--uniform-bits", type=float, nargs="*", default=[4.0],
@@ -127,7 +132,12 @@ def main() -> None:
     model.eval()
     layers = args.layers or default_layers(model.config.num_hidden_layers)
     ids = tok(load_text("botchan"), return_tensors="pt").input_ids[0]
-    calib = ids[CALIB_OFFSET : CALIB_OFFSET + args.calib_tokens].reshape(-1, CONTEXT)
+    if args.calib_text == "mixed":
+        calib, calib_used = calibration_windows(lambda t: tok(t, return_tensors="pt").input_ids[0], args.calib_tokens,
+                                                CONTEXT, prose_start=CALIB_OFFSET)
+    else:
+        calib = ids[CALIB_OFFSET : CALIB_OFFSET + args.calib_tokens].reshape(-1, CONTEXT)
+        calib_used = {"prose": [CALIB_OFFSET, args.calib_tokens]}
     wires = wire_dtypes(model, calib, layers)
     if args.massive:
         wires = dict.fromkeys(layers, torch.bfloat16)  # the fixture's published rows: a bf16 edge
@@ -137,7 +147,7 @@ def main() -> None:
     with torch.no_grad():
         ev = SplitEvaluator(model, scored[: args.tokens], CONTEXT)
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "eval_text": args.eval_file or "botchan", "model": PACKAGED[args.model].name + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
+               "eval_text": args.eval_file or "botchan", "calibration": calib_used, "model": PACKAGED[args.model].name + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
                "wire": {layer: str(w) for layer, w in wires.items()}, "tokens": ev.tokens, "ppl_reference": ev.ppl_reference, "rows": []}
 
     def record(layer: int, name: str, fn, extra: dict | None = None) -> None:

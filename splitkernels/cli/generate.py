@@ -108,8 +108,10 @@ def _print_report(report: dict) -> None:
 def _codec_text(codec: CodecConfig | CodecConfigV2, calibration: dict | None) -> str:
     if isinstance(codec, CodecConfigV2):
         c = calibration or {}
-        how = (f", calibrated on {c['tokens']} {c['text']} tokens from token {c['first_token']} (disjoint from the "
-               f"evaluation text) with {c['sensitivity']} sensitivity in {c['seconds']:.1f} s") if c else ""
+        texts = ", ".join(f"{kind} {n}" + (f" (Botchan from token {first}, disjoint from the evaluation text)"
+                                           if kind == "prose" else "") for kind, (first, n) in c.get("texts", {}).items())
+        how = (f", calibrated on {c['tokens']} tokens ({texts}) with {c['sensitivity']} sensitivity in "
+               f"{c['seconds']:.1f} s") if c else ""
         info = codec.info
         if info.get("max_kl_proxy") is not None:
             rate = f"rate for KL estimate <= {info['max_kl_proxy']:g} (got {info.get('kl_proxy', float('nan')):.4f})"

@@ -29,6 +29,7 @@ CODEC_KINDS = ("v2", "v1", "passthrough")
 # Codec v2 calibration text: Botchan tokens from here on, after any evaluation tokens (disjoint).
 CALIB_OFFSET = 8192
 CALIB_WINDOW = 512
+CALIB_TOKENS_V2 = 3 * CALIB_WINDOW  # one window of each kind of calibration text
 
 
 def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
@@ -236,34 +237,36 @@ def codec_kind(args: argparse.Namespace) -> str | None:
 
 
 def calibrate_v2(args: argparse.Namespace, loaded: LoadedModel, split: int) -> tuple[CodecConfigV2, dict]:
-    """Calibrate codec v2 for ``loaded`` split after ``split`` on Botchan tokens that start after
-    the evaluation tokens (``--eval-tokens``, if the command has it), so the two never overlap."""
+    """Calibrate codec v2 for ``loaded`` split after ``split`` on the mixed calibration text, whose
+    prose starts after the evaluation tokens (``--eval-tokens``, if the command has it), so the two
+    never overlap."""
     spec = {"kind": "v2", "sensitivity": args.sensitivity, **({} if args.bits is None else {"bits": args.bits})}
     return calibrate_spec(loaded, split, spec, args.calib_tokens, max(CALIB_OFFSET, getattr(args, "eval_tokens", 0)))
 
 
 def calibrate_spec(loaded: LoadedModel, split: int, spec: dict, tokens: int, start: int = CALIB_OFFSET,
                    wire: torch.dtype | None = None) -> tuple[CodecConfigV2, dict]:
-    """Calibrate the v2 ``spec`` for ``loaded`` split after ``split`` on ``tokens`` Botchan tokens
-    from token ``start``. ``wire`` (None: :func:`wire_dtype_for` chooses) is the dtype the edge
-    sends. Returns the config and how it was calibrated (for reports)."""
+    """Calibrate the v2 ``spec`` for ``loaded`` split after ``split`` on ``tokens`` tokens of the
+    mixed calibration text (:mod:`splitkernels.eval.calibration_text`: windows of prose -- Botchan
+    from token ``start`` --, Python source and Python's reference docs in turn). ``wire`` (None:
+    :func:`wire_dtype_for` chooses) is the dtype the edge sends. Returns the config and how it was
+    calibrated (for reports)."""
     import time
 
     from ..codec.spec import config_for_model
-    from ..eval import load_text
+    from ..eval.calibration_text import calibration_windows
     from ..models import text_config
 
-    ids = loaded.encode_text(load_text("botchan"))[0]
-    if ids.numel() < start + tokens:
-        raise UsageError(f"--calib-tokens {tokens}: the calibration text has only "
-                         f"{max(ids.numel() - start, 0)} tokens after the first {start} (kept for evaluation)")
     positions = getattr(text_config(loaded.model.config), "max_position_embeddings", None) or CALIB_WINDOW
     window = min(CALIB_WINDOW, positions, tokens)
-    calib = ids[start: start + tokens]
+    try:
+        windows, used = calibration_windows(lambda text: loaded.encode_text(text)[0], tokens, window, prose_start=start)
+    except ValueError as exc:
+        raise UsageError(f"--calib-tokens {tokens}: {exc}") from None
     t0 = time.perf_counter()
-    wire = wire or wire_dtype_for(loaded.model, split, calib[:window])
-    config = config_for_model(spec, loaded.model, split, calib, window=window, wire_dtype=wire)
-    calibration = {"text": "Botchan", "first_token": start, "tokens": tokens, "window": window,
+    wire = wire or wire_dtype_for(loaded.model, split, windows[0])
+    config = config_for_model(spec, loaded.model, split, windows, wire_dtype=wire)
+    calibration = {"texts": used, "tokens": tokens, "window": window,
                    "sensitivity": spec.get("sensitivity", "uniform"), "target_bits": spec.get("bits"),
                    "estimated_bits": config.info.get("estimated_bits"), "wire_dtype": str(wire).replace("torch.", ""),
                    "seconds": time.perf_counter() - t0}

@@ -18,6 +18,7 @@ arrays and fingerprint; :func:`config_from_dict` reads either back.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -116,23 +117,29 @@ def config_from_spec(spec: dict, hidden: torch.Tensor | None = None, *, sensitiv
                      position_sensitivity=position_sensitivity if fisher else None, wire_dtype=wire_dtype)
 
 
-def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.Tensor, *, window: int = 512,
-                     wire_dtype: torch.dtype = torch.float16) -> CodecConfig | CodecConfigV2:
+def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.Tensor | Sequence[torch.Tensor], *,
+                     window: int = 512, wire_dtype: torch.dtype = torch.float16) -> CodecConfig | CodecConfigV2:
     """:func:`config_from_spec` for ``model`` split after ``split_layer``, calibrated on the token ids
     ``ids`` ``[N]`` (cut into windows of at most ``window`` tokens; a last partial window is dropped
-    when there is a full one). Forward passes only for ``"uniform"``, forward and backward
+    when there is a full one), or on ready windows (a sequence of ``[T]`` id tensors, each starting
+    a sequence, e.g. :func:`splitkernels.eval.calibration_text.calibration_windows`). Forward passes only for ``"uniform"``, forward and backward
     (diagonal Fisher) for ``"fisher"``. The caller keeps ``ids`` disjoint from evaluation text."""
     from .sensitivity import fisher_diagonal, split_hidden_states
 
     if not needs_calibration(spec):
         return config_from_spec(spec)
-    ids = ids.reshape(-1)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an int >= 2, got {window!r}")
-    if ids.numel() < 2:
-        raise ValueError(f"calibration needs at least 2 token ids, got {ids.numel()}")
-    full = ids.numel() // window
-    windows = list(ids[: full * window].reshape(full, window)) if full else [ids]
+    if isinstance(ids, torch.Tensor):
+        ids = ids.reshape(-1)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an int >= 2, got {window!r}")
+        if ids.numel() < 2:
+            raise ValueError(f"calibration needs at least 2 token ids, got {ids.numel()}")
+        full = ids.numel() // window
+        windows = list(ids[: full * window].reshape(full, window)) if full else [ids]
+    else:
+        windows = [w.reshape(-1) for w in ids]
+        if not windows or any(w.numel() < 2 for w in windows):
+            raise ValueError("calibration windows must be a non-empty sequence of token id tensors of at least 2 ids each")
     was_training = model.training
     model.eval()
     try:
