@@ -2,6 +2,8 @@
 config layout and calibration from a per-position Fisher profile (docs/FORMATS.md §5.1, §5.2, §5.4)."""
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -227,3 +229,17 @@ def test_shift_costs_weigh_positions_by_their_fisher():
     assert gain == pytest.approx((700 / 64 + 24 / 64 + 32) / 756)
     assert _shift_costs((), profile, sink_first=False) == (0.0, 1.0)
     assert _shift_costs((4, 1), profile, sink_first=True)[0] == pytest.approx(1 / 512)  # a raw sink pays no residuals
+
+
+def test_the_sink_floor_costs_bits_but_leaves_the_late_step(monkeypatch):
+    h = hidden_states(4 * 64, seed=12)
+    profile = torch.ones(64)
+    profile[1:8] = 100.0
+    fisher = torch.ones(D)
+    floored = calibrate(h, max_kl_proxy=0.01, sensitivity=fisher, position_sensitivity=profile)
+    # the module, not the function the package exports under its name
+    monkeypatch.setattr(importlib.import_module("splitkernels.codec.calibrate"), "SINK_BANDS", 0)  # no floor
+    plain = calibrate(h, max_kl_proxy=0.01, sensitivity=fisher, position_sensitivity=profile)
+    assert floored.position_shift == (3, 3, 3, 3, 3, 3) and plain.position_shift == (0, 3, 3, 3)
+    assert floored.step_array().tolist() == plain.step_array().tolist()
+    assert floored.info["estimated_bits"] > plain.info["estimated_bits"]
