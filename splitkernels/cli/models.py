@@ -26,7 +26,7 @@ CALIBRATION_START, CALIBRATION_TOKENS = 16384, 16384
 # The v1 codec defaults are CodecConfig's own (measured choice, see splitkernels/codec/config.py).
 DEFAULT_CODEC = CodecConfig()
 CODEC_KINDS = ("v2", "v1", "passthrough")
-# Codec v2 calibration text: Botchan tokens from here on, after any evaluation tokens (disjoint).
+# Codec v2 calibration: its prose (Botchan) starts here, after any evaluation tokens (disjoint).
 CALIB_OFFSET = 8192
 CALIB_WINDOW = 512
 CALIB_TOKENS_V2 = 3 * CALIB_WINDOW  # one window of each kind of calibration text
@@ -119,8 +119,9 @@ def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
     g.add_argument("--sensitivity", choices=("fisher", "uniform"), default="fisher",
                    help="v2: channel precision from a diagonal Fisher of the calibration text (one backward "
                         "pass per window) or uniform (forward passes only)")
-    g.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=1024,
-                   help="v2: calibration tokens (Botchan, after the evaluation tokens)")
+    g.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=CALIB_TOKENS_V2,
+                   help="v2: calibration tokens, windows of prose (Botchan, after the evaluation tokens), "
+                        "Python source and Python's reference docs in turn")
     p.set_defaults(codec_default=default)
     g.add_argument("--alpha", type=types.positive, default=DEFAULT_CODEC.alpha, help="v1: outlier threshold, in token rms")
     g.add_argument("--capacity", type=types.non_negative_int, default=DEFAULT_CODEC.capacity,

@@ -9,7 +9,7 @@ from importlib import resources
 from . import args as types
 from .errors import Exit, InputFileError
 from .files import load_profile, load_quality
-from .models import calibrate_spec
+from .models import CALIB_TOKENS_V2, calibrate_spec
 
 # Calibration shipped with the package: SmolLM2-135M on Botchan (bench/e2e/run.py writes it).
 DEFAULT_QUALITY = "smollm2_quality.json"
@@ -248,8 +248,9 @@ def register(subparsers) -> None:
     p.add_argument("--verify-eval-tokens", type=types.non_negative_int, default=1024,
                    help="Botchan tokens --verify scores for KL and perplexity (0: skip)")
     p.add_argument("--alternatives", type=types.non_negative_int, default=3)
-    p.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=1024,
-                   help="tokens (Botchan, disjoint from the table's text) that calibrate a chosen codec v2 plan")
+    p.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=CALIB_TOKENS_V2,
+                   help="tokens that calibrate a chosen codec v2 plan: windows of prose (Botchan, disjoint from the "
+                        "table's text), Python source and Python's reference docs in turn")
     p.add_argument("--json", action="store_true", help="print JSON (plan and alternatives)")
     p.add_argument("--out", help="write the plan JSON here (the runtime accepts it: --plan FILE)")
     p.set_defaults(func=_cmd_plan)
