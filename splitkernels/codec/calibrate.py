@@ -32,7 +32,8 @@ What is fitted, from calibration hidden states ``[N, d]`` of one model and split
   bits of 512-token frames. One-token decode frames (late positions) pay nothing for them. Every
   band below position 32 gets at least the largest shift of bands 1-5 (:data:`SINK_BANDS`): a
   window that does not start with a sink token makes some of its first content tokens sinks, and
-  which ones depends on the text.
+  which ones depends on the text. That floor costs its bits, but the late step is set as without
+  it (an insurance, not a measured gain).
 * **rANS tables** from the symbol counts at the chosen step: one pooled table, and ``classes``
   tables for groups of channels of alike spread (channels sorted by their mean code magnitude,
   cut into equal groups), so a channel that is nearly always 0 does not pay for the tails of a
