@@ -467,9 +467,9 @@ def test_lowbit_bf16_kernel_choice():
 
 
 # The 8-bit VNNI path (AVX-512 VNNI, M = 1, groups of whole 64-byte chunks): the activation row
-# as three signed bytes of a per-group 22-bit fixed point against the codes as packed. Short
-# rows (four at a time, tails of 1..3), long rows (one at a time), groups of one to three chunks.
-_W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 2304), (9, 128, 4096), (3, 64, 64)]
+# as three signed bytes of a per-group 22-bit fixed point against the codes as packed, for
+# K < 2048. Rows four at a time (tails of 1..3), groups of one to four chunks, the longest K.
+_W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792), (33, 128, 1920), (3, 64, 64)]
 
 
 def _needs_w8_vnni() -> None:
@@ -479,19 +479,20 @@ def _needs_w8_vnni() -> None:
 
 def test_lowbit_w8_vnni_choice():
     _needs_w8_vnni()
-    assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1) and cpp._C.lowbit_w8_vnni(2, 8, 192, 1)
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 2)  # M >= 2: the bf16 kernels
-    assert not cpp._C.lowbit_w8_vnni(0, 8, 128, 1)  # fp32 activations
-    assert not cpp._C.lowbit_w8_vnni(2, 4, 128, 1)  # 4-bit codes
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 32, 1)  # groups of part of a 64-byte chunk
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 96, 1)
+    assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 8, 192, 1, 576)
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 2, 1536)  # M >= 2: the bf16 kernels
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long rows: the bf16 kernels
+    assert not cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536)  # fp32 activations
+    assert not cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536)  # 4-bit codes
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 32, 1, 1536)  # groups of part of a 64-byte chunk
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 96, 1, 576)
 
 
 @pytest.mark.parametrize("n,group,k", _W8_VNNI_LAYOUTS)
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 def test_lowbit_w8_vnni_layouts(n, group, k, scale_dtype):
     _needs_w8_vnni()
-    assert cpp._C.lowbit_w8_vnni(2, 8, group, 1)
+    assert cpp._C.lowbit_w8_vnni(2, 8, group, 1, k)
     g = _gen(n + group + k)
     qw = quantize_weight(torch.randn(n, k, generator=g), 8, group, dtype=scale_dtype)
     x = (torch.randn(1, k, generator=g) + 0.5).bfloat16()

@@ -3,8 +3,8 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one bf16 activation row (M = 1) with 8-bit codes on AVX-512 VNNI CPUs, groups of whole
-//   64-byte chunks (lowbit_w8_vnni): the row as three signed bytes of a per-group 22-bit fixed
+// * one bf16 activation row (M = 1, K < 2048) with 8-bit codes on AVX-512 VNNI CPUs, groups of
+//   whole 64-byte chunks (lowbit_w8_vnni): the row as three signed bytes of a per-group 22-bit fixed
 //   point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
@@ -200,8 +200,8 @@ std::string set_lowbit_isa(const std::string& name) {
   return "isa must be one of generic, avx2, avx512, avx512_vnni, avx512_bf16; got '" + name + "'";
 }
 
-bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M) {
-  return dtype == kBFloat16 && isas()[chosen().load()].w8_vnni && w8_vnni_layout(bits, group_size, M);
+bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
+  return dtype == kBFloat16 && isas()[chosen().load()].w8_vnni && w8_vnni_layout(bits, group_size, M, K);
 }
 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {
@@ -217,7 +217,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   const Isa& isa = isas()[chosen().load()];
   LowbitProblem p = weight_problem(K, qweight, N, words, scale, zero, scale_dtype, bits, group_size);
   p.M = M;
-  if (lowbit_w8_vnni(dtype, bits, group_size, M)) {
+  if (lowbit_w8_vnni(dtype, bits, group_size, M, K)) {
     thread_local W8Activations act;
     if (isa_avx512vnni::w8_activations(static_cast<const uint16_t*>(x), K, group_size, act)) {
       p.x8 = act.x8.data();

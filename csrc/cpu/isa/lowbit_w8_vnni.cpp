@@ -19,7 +19,10 @@
 // digits stay within 4e-4, the bf16 kernels' own level.)
 //
 // Three digits cost three vpdpbusd per 64 codes and activation row; at M >= 2 that is more
-// than the bf16 kernels' decode saves (measured), so the path is for M = 1 only.
+// than the bf16 kernels' decode saves (measured), so the path is for M = 1 only, and for rows
+// shorter than 2 KiB: with longer rows (4096 x 4096) the weight streams from DRAM, and there
+// this kernel was 1.1-1.7x slower than the bf16 one (a single 64-byte load per chunk and less
+// work between loads; not resolved).
 // Layouts: bits 8, groups of whole 64-byte chunks (w8_vnni_layout in lowbit_kernels.h).
 #include <immintrin.h>
 
@@ -39,12 +42,8 @@ namespace {
 constexpr int kW8Parts = 3;
 // How far ahead each row's next chunk is prefetched when rows are read side by side.
 constexpr int64_t kPrefetchBytes = 512;
-// Rows from this length on are read one at a time: R rows a power-of-two length apart are R
-// streams on the same few L1 sets (isa/lowbit_bf16.cpp); at 4096 x 4096 one row at a time was
-// 5-40% faster than two or four, at 1536 x 576 and 576 x 1536 four rows were 15-75% faster
-// than two, three or six.
-constexpr int64_t kLongRowBytes = 2048;
-
+// Rows per block: four (measured at 1536 x 576 and 576 x 1536: 15-75% faster than two, three
+// or six).
 // out[r] = y of weight row n0 + r (r < R) before bias.
 template <int R>
 void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
@@ -97,12 +96,7 @@ void w8_rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   sliced_rows<1, R>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes, w8_block<R>, w8_block<1>);
 }
 
-void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.row_bytes >= kLongRowBytes)
-    w8_rows_t<1>(p, n_begin, n_end);
-  else
-    w8_rows_t<4>(p, n_begin, n_end);
-}
+void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) { w8_rows_t<4>(p, n_begin, n_end); }
 
 // Sixteen bf16 values as fp32.
 inline __m512 load_bf16x16(const uint16_t* src) {
