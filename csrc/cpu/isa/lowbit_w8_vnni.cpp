@@ -6,9 +6,10 @@
 //
 // The activation row becomes integers per group: x = u * v with u a power of two chosen so
 // that the group's largest |x| / u lies in [2^21, 2^22), v = round(x / u), written as three
-// signed base-256 digits v = 65536 hi + 256 mid + lo (|hi| <= 64). Per group the three sums
-// sum_k q_k digit_k are exact in int32 (a lane adds group_size / 16 products of at most
-// 255 * 128: below 2^31 for groups up to kW8VnniMaxGroup = 2^20 codes), and
+// signed base-256 digits v = 65536 hi + 256 mid + lo (|hi| <= 64). Per group the sums
+// sum_k q_k hi_k and sum_k q_k (256 mid_k + lo_k) are exact in int32 (a lane adds
+// group_size / 16 products of at most 255 * 32896: below 2^31 for groups below 4096 codes,
+// and the path takes K < kW8VnniMaxK = 2048), and
 // y = sum_g u * (s_g * sum_k q_k v_k + z_g * sum_k v_k) is the layer applied to x~ = u * v up
 // to fp32 rounding. A bf16 value carries eight
 // significant bits, so every value of at least 2^-14 of its group's largest is exact; smaller
@@ -56,7 +57,7 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
   for (int r = 0; r < R; ++r) rows[r] = p.qweight + (n0 + r) * p.row_bytes;
   __m512 tot[R][1];
   for (int r = 0; r < R; ++r) tot[r][0] = _mm512_setzero_ps();
-  const __m512 f16 = _mm512_set1_ps(65536.f), f8 = _mm512_set1_ps(256.f);
+  const __m512 f16 = _mm512_set1_ps(65536.f);
   for (int64_t grp = slice.g_begin; grp < slice.g_end; ++grp) {
     __m512i acc[R][kW8Parts];
     for (int r = 0; r < R; ++r)
@@ -69,13 +70,12 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
         for (int t = 0; t < kW8Parts; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w, _mm512_loadu_si512(xc + 64 * t));
       }
     }
-    const __m512 u = _mm512_set1_ps(unit[grp]);
+    const float u = unit[grp];
     for (int r = 0; r < R; ++r) {
-      // 65536 hi + 256 mid + lo, in fp32 (each int32 sum is exact; their sum need not fit).
-      const __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), f16,
-                                       _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), f8, _mm512_cvtepi32_ps(acc[r][2])));
-      const __m512 s = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp));
-      tot[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(q, u), s, tot[r][0]);
+      // 65536 hi + (256 mid + lo), the second sum in int32 (see the top).
+      const __m512i low = _mm512_add_epi32(_mm512_slli_epi32(acc[r][1], 8), acc[r][2]);
+      const __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), f16, _mm512_cvtepi32_ps(low));
+      tot[r][0] = _mm512_fmadd_ps(q, _mm512_set1_ps(u * load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp)), tot[r][0]);
     }
   }
   // Zero points: sum_g z_g * sum_k x~_k, sixteen groups at a time into the same totals.
