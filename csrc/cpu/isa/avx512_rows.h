@@ -88,16 +88,16 @@ struct DotSlice {
 };
 
 // Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR) into fp32 sums per (m, n)
-// through Block<MR, R> (R rows at a time, Block<MR, 1> for the tail), then the bf16 output
+// through `block` (R rows at a time; `tail`, one row, for the rest), then the bf16 output
 // (bias added), sixteen values at a time. Where `x_group_bytes` (the activation bytes of one
 // group, all MR rows) times the groups outgrows `slice_bytes`, K is read slice by slice: every
 // row of the range meets the slice of x while it sits in L1 (a whole row of x at M = 4,
 // K = 4096 is 32 KiB, as large as L1, and reloading it from L2 for each weight row cost a
 // quarter of the call), and each row's chunk is prefetched R rows ahead (its next chunk
 // belongs to the next slice); otherwise `prefetch` bytes ahead.
-template <int MR, int R, class Block, class Tail>
+template <int MR, int R, auto block, auto tail>
 void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, int64_t x_group_bytes,
-                 int64_t slice_bytes, int64_t prefetch, Block block, Tail tail) {
+                 int64_t slice_bytes, int64_t prefetch) {
   const int64_t rows = n_end - n_begin;
   const bool sliced = x_group_bytes > 0 && x_group_bytes * p.G > slice_bytes;
   const int64_t per_slice = sliced ? std::max<int64_t>(1, slice_bytes / x_group_bytes) : p.G;

@@ -222,8 +222,8 @@ constexpr int64_t kSliceBytes = 8 << 10;
 template <int B, int MR, int R>
 void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
   const int64_t x_group_bytes = MR > 1 && p.group_size * B >= 512 ? MR * p.group_size * 2 : 0;
-  sliced_rows<MR, R>(p, m0, n_begin, n_end, x_group_bytes, kSliceBytes, kPrefetchBytes, dot_block<B, MR, R>,
-                     dot_block<B, MR, 1>);
+  sliced_rows<MR, R, dot_block<B, MR, R>, dot_block<B, MR, 1>>(p, m0, n_begin, n_end, x_group_bytes, kSliceBytes,
+                                                               kPrefetchBytes);
 }
 
 // Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length

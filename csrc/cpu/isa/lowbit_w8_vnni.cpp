@@ -93,7 +93,7 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
 template <int R>
 void w8_rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // One activation row never outgrows L1: no K slices (x_group_bytes 0).
-  sliced_rows<1, R>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes, w8_block<R>, w8_block<1>);
+  sliced_rows<1, R, w8_block<R>, w8_block<1>>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes);
 }
 
 void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) { w8_rows_t<4>(p, n_begin, n_end); }
