@@ -486,6 +486,14 @@ def test_lowbit_w8_vnni_choice():
     assert not cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536)  # 4-bit codes
     assert not cpp._C.lowbit_w8_vnni(2, 8, 32, 1, 1536)  # groups of part of a 64-byte chunk
     assert not cpp._C.lowbit_w8_vnni(2, 8, 96, 1, 576)
+    # By cpuid: the VNNI instruction sets take it (also without BF16), the others never.
+    default = cpp._C.lowbit_isa()
+    try:
+        for isa in cpp._C.lowbit_isas():
+            cpp._C.set_lowbit_isa(isa)
+            assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) == (isa in ("avx512_vnni", "avx512_bf16")), isa
+    finally:
+        cpp._C.set_lowbit_isa(default)
 
 
 @pytest.mark.parametrize("n,group,k", _W8_VNNI_LAYOUTS)

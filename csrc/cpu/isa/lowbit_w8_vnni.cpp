@@ -43,8 +43,8 @@ namespace {
 constexpr int kW8Parts = 3;
 // How far ahead each row's next chunk is prefetched when rows are read side by side.
 constexpr int64_t kPrefetchBytes = 512;
-// Rows per block: four (measured at 1536 x 576 and 576 x 1536: 15-75% faster than two, three
-// or six).
+// Rows per block: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than two, 0-40%
+// faster than three, twice as fast as six).
 // out[r] = y of weight row n0 + r (r < R) before bias.
 template <int R>
 void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
