@@ -53,10 +53,12 @@ bool cpu_has(const char*) { return false; }
 
 const std::vector<Isa>& isas() {
   static const std::vector<Isa> all = [] {
-    std::vector<Isa> v{{"generic", true, &isa_generic::lowbit_kernels(), nullptr, &isa_generic::int8_kernels(), false}};
+    std::vector<Isa> v{
+        {"generic", true, &isa_generic::lowbit_kernels(), nullptr, &isa_generic::int8_kernels(), false}};
 #if defined(SK_HAVE_X86_ISAS)
     v.push_back({"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, &isa_avx2::int8_kernels(), false});
-    v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512::int8_kernels(), false});
+    v.push_back(
+        {"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512::int8_kernels(), false});
     // VNNI speeds up the int8 kernels and the 8-bit lowbit path; BF16 the other lowbit kernels
     // (and keeps VNNI where present).
     const bool vnni = cpu_has("avx512_vnni");

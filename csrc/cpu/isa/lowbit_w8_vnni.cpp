@@ -67,7 +67,8 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
       for (int r = 0; r < R; ++r) {
         if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
         const __m512i w = _mm512_loadu_si512(rows[r] + 64 * c);
-        for (int t = 0; t < kW8Parts; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w, _mm512_loadu_si512(xc + 64 * t));
+        for (int t = 0; t < kW8Parts; ++t)
+          acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w, _mm512_loadu_si512(xc + 64 * t));
       }
     }
     const float u = unit[grp];
@@ -75,7 +76,8 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
       // 65536 hi + (256 mid + lo), the second sum in int32 (see the top).
       const __m512i low = _mm512_add_epi32(_mm512_slli_epi32(acc[r][1], 8), acc[r][2]);
       const __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), f16, _mm512_cvtepi32_ps(low));
-      tot[r][0] = _mm512_fmadd_ps(q, _mm512_set1_ps(u * load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp)), tot[r][0]);
+      const float su = u * load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
+      tot[r][0] = _mm512_fmadd_ps(q, _mm512_set1_ps(su), tot[r][0]);
     }
   }
   // Zero points: sum_g z_g * sum_k x~_k, sixteen groups at a time into the same totals.
