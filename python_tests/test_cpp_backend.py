@@ -384,17 +384,20 @@ def _needs_bf16_kernels() -> None:
         pytest.skip("this CPU has no AVX-512 BF16: the bf16 kernels never run here")
 
 
-def _bf16_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
-    """The extension's bf16 ``lowbit_linear`` of ``x [M, K]`` straight into a NaN-filled output,
-    which it must overwrite completely (asserted here)."""
+def _bf16_kernel_on_poisoned_output(
+    x: torch.Tensor, qw, b: torch.Tensor | None, bits: int, group: int, finite: bool = True
+) -> torch.Tensor:
+    """The extension's bf16 ``lowbit_linear`` of ``x [M, K]`` straight into a poisoned output,
+    which it must overwrite completely: NaN-filled and asserted finite after, or (``finite``
+    false, for non-finite x) filled with 7 and asserted changed everywhere."""
     (m, k), n = x.shape, qw.qweight.shape[0]
-    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    y = torch.full((m, n), float("nan") if finite else 7.0, dtype=torch.bfloat16)
     b32 = None if b is None else b.float()
     cpp._C.lowbit_linear(
         x.data_ptr(), 2, m, k, qw.qweight.data_ptr(), n, qw.qweight.shape[1], qw.scale.data_ptr(), qw.zero.data_ptr(),
-        2, bits, group, 0 if b32 is None else b32.data_ptr(), y.data_ptr(),
+        cpp.DTYPE_CODE[qw.scale.dtype], bits, group, 0 if b32 is None else b32.data_ptr(), y.data_ptr(),
     )
-    assert torch.isfinite(y).all()
+    assert torch.isfinite(y).all() if finite else not (y == 7).any()
     return y
 
 
@@ -461,6 +464,110 @@ def test_lowbit_bf16_kernel_choice():
     assert not cpp._C.lowbit_bf16_kernel(2, 3, 128)  # 3 bits
     assert not cpp._C.lowbit_bf16_kernel(2, 4, 96)  # 48-byte groups: neither divide nor fill 64 bytes
     assert not cpp._C.lowbit_bf16_kernel(2, 8, 2)  # 2-byte groups: part of a four-byte lane
+
+
+# The 8-bit VNNI path (AVX-512 VNNI, M = 1, groups of whole 64-byte chunks): the activation row
+# as three signed bytes of a per-group 22-bit fixed point against the codes as packed, for
+# K < 2048. Rows four at a time (tails of 1..3), groups of one to four chunks, the longest K.
+_W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792), (33, 128, 1920), (3, 64, 64)]
+
+
+def _needs_w8_vnni() -> None:
+    if "avx512_vnni" not in cpp._C.lowbit_isas():
+        pytest.skip("this CPU has no AVX-512 VNNI: the 8-bit VNNI path never runs here")
+
+
+def test_lowbit_w8_vnni_choice():
+    _needs_w8_vnni()
+    assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 8, 192, 1, 576)
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 2, 1536)  # M >= 2: the bf16 kernels
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long rows: the bf16 kernels
+    assert not cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536)  # fp32 activations
+    assert not cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536)  # 4-bit codes
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 32, 1, 1536)  # groups of part of a 64-byte chunk
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 96, 1, 576)
+    # By cpuid: the VNNI instruction sets take it (also without BF16), the others never.
+    default = cpp._C.lowbit_isa()
+    try:
+        for isa in cpp._C.lowbit_isas():
+            cpp._C.set_lowbit_isa(isa)
+            assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) == (isa in ("avx512_vnni", "avx512_bf16")), isa
+    finally:
+        cpp._C.set_lowbit_isa(default)
+
+
+@pytest.mark.parametrize("n,group,k", _W8_VNNI_LAYOUTS)
+@pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
+def test_lowbit_w8_vnni_layouts(n, group, k, scale_dtype):
+    _needs_w8_vnni()
+    assert cpp._C.lowbit_w8_vnni(2, 8, group, 1, k)
+    g = _gen(n + group + k)
+    qw = quantize_weight(torch.randn(n, k, generator=g), 8, group, dtype=scale_dtype)
+    x = (torch.randn(1, k, generator=g) + 0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if scale_dtype == torch.bfloat16 else None
+    y = _bf16_kernel_on_poisoned_output(x, qw, b, 8, group)
+    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= _w8_tolerance(_lowbit_want64(x, qw, b))
+    want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 8, group, b)
+    assert _rel_err(y, want.double()) <= 1e-3
+
+
+def _w8_tolerance(want64: torch.Tensor) -> float:
+    """Error against the exact result allowed to a bf16 output: its own rounding (a few outputs
+    alone can exceed TOL) plus 1e-3."""
+    return _rel_err(want64.bfloat16(), want64) + 1e-3
+
+
+def _hard_rows(k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Activation rows [1, k] that stress a per-group fixed point (group 128 or 64)."""
+    r = lambda: torch.randn(1, k, generator=g)  # noqa: E731
+    outlier_every_group = r()
+    outlier_every_group[:, ::64] = 1e4
+    big_and_tiny = r() * 1e-3
+    big_and_tiny[:, ::64] = torch.randn(1, k // 64, generator=g) * 100
+    zero_groups = r()
+    zero_groups[:, 64:192] = 0
+    return {
+        "log-uniform magnitudes 2^-30..2^10": r() * torch.exp2(torch.randint(-30, 10, (1, k), generator=g).float()),
+        "groups scaled 2^-60..2^60": r() * torch.exp2((torch.arange(k) // 64 % 21) * 6.0 - 60),
+        "a few outlier columns": r().index_fill_(1, torch.randint(0, k, (3,), generator=g), 3000.0),
+        "an outlier in every group": outlier_every_group,
+        "large and tiny in one group": big_and_tiny,
+        "zero groups and subnormal bf16": torch.cat([zero_groups[:, : k // 2], r()[:, k // 2 :] * 1e-39], 1),
+        "far from zero": r() + 300,
+    }
+
+
+@pytest.mark.parametrize("n,group,k", [(64, 128, 1536), (64, 64, 576)])
+def test_lowbit_w8_vnni_hard_activations(n, group, k):
+    # The fixed point keeps every value of at least 2^-14 of its group's largest exactly and
+    # moves smaller ones by at most 2^-22 of it: against the reference op (both round to bf16)
+    # the error must stay well inside the op's 1e-3 promise (bf16 roundings that flip make
+    # up most of it), and against the exact result within 1e-3 beyond the output's rounding.
+    _needs_w8_vnni()
+    g = _gen(k + group)
+    qw = quantize_weight(torch.randn(n, k, generator=g), 8, group, dtype=torch.bfloat16)
+    for name, x in _hard_rows(k, g).items():
+        x = x.bfloat16()
+        y = _bf16_kernel_on_poisoned_output(x, qw, None, 8, group)
+        want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 8, group, None).double()
+        assert _rel_err(y, want) <= 5e-4, name
+        want64 = _lowbit_want64(x, qw, None)
+        assert _rel_err(y, want64) <= _w8_tolerance(want64), name
+
+
+def test_lowbit_w8_vnni_non_finite_activations():
+    # NaN or infinity in x: the fixed point has no room for them, so the bf16 kernels run and
+    # no output is finite (the reference gives NaN or +-inf; the bf16 kernels' s * sum(q x) +
+    # z * sum(x) turns an infinity into NaN).
+    _needs_w8_vnni()
+    g = _gen(11)
+    qw = quantize_weight(torch.randn(32, 256, generator=g), 8, 128, dtype=torch.bfloat16)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1, 256, generator=g).bfloat16()
+        x[0, 200] = bad
+        y = _bf16_kernel_on_poisoned_output(x, qw, None, 8, 128, finite=False)
+        assert not torch.isfinite(y).any()
+        assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 8, 128, None)).any()
 
 
 # ---------------------------------------------------------------- int8 linear

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace sk {
 
@@ -24,6 +25,8 @@ struct LowbitProblem {
   const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
   int64_t x_stride;
   const float* xsum;       // [M, G] group sums of the activations the kernel reads
+  const int8_t* x8;        // 8-bit VNNI path (M = 1): [K / 64, 3, 64] digits of x / unit, chunk by chunk
+  const float* x8_unit;    // 8-bit VNNI path: [G] power-of-two unit of each group
   float* y;                // [M, N] fp32 result (fp32 kernels: before bias and the output dtype)
   uint16_t* y16;           // [M, N] bf16 result, bias added (bf16 kernels write it directly)
   const float* bias;       // fp32 [N] or null (bf16 kernels)
@@ -76,10 +79,31 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k
   return base + 2 * ((gi * 2 * cpb + v) * lanes + ql) + h;
 }
 
+// The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): one bf16 activation row as three signed bytes
+// of a per-group fixed point against the 8-bit codes as they are packed (vpdpbusd), groups of
+// whole 64-byte chunks, rows of fewer than kW8VnniMaxK codes (which also keeps its int32 sums
+// exact). At M >= 2, and for longer rows, the bf16 kernels are faster (measured).
+constexpr int64_t kW8VnniMaxK = 2048;
+inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K) {
+  return bits == 8 && group_size % 64 == 0 && M == 1 && K < kW8VnniMaxK;
+}
+
+// Activations of the 8-bit VNNI path (see LowbitProblem::x8, x8_unit, xsum).
+struct W8Activations {
+  std::vector<int8_t> x8;
+  std::vector<float> unit, xsum;
+};
+
 namespace isa_generic { const LowbitKernels& lowbit_kernels(); }
 namespace isa_avx2 { const LowbitKernels& lowbit_kernels(); }
 namespace isa_avx512 { const LowbitKernels& lowbit_kernels(); }
 // AVX-512 BF16 adds bf16_rows to the AVX-512 fp32 kernels.
 namespace isa_avx512bf16 { LowbitRowsFn bf16_rows(); }
+// AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from one row x [K] bf16
+// (w8_vnni_layout); false (and nothing to run) when x holds a NaN or an infinity.
+namespace isa_avx512vnni {
+bool w8_activations(const uint16_t* x, int64_t K, int64_t group_size, W8Activations& out);
+LowbitRowsFn w8_rows();
+}
 
 }  // namespace sk

@@ -3,6 +3,9 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
+// * one bf16 activation row (M = 1, K < 2048) with 8-bit codes on AVX-512 VNNI CPUs, groups of
+//   whole 64-byte chunks (lowbit_w8_vnni): the row as three signed bytes of a per-group 22-bit fixed
+//   point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
 //   (isa/lowbit_bf16.cpp), at every M; the kernels write the bf16 output themselves.
@@ -29,6 +32,7 @@ struct Isa {
   const LowbitKernels* kernels;
   LowbitRowsFn bf16_rows;
   const Int8Kernels* int8;
+  bool w8_vnni;  // the 8-bit VNNI path (isa/lowbit_w8_vnni.cpp) for bf16 activations
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -49,16 +53,19 @@ bool cpu_has(const char*) { return false; }
 
 const std::vector<Isa>& isas() {
   static const std::vector<Isa> all = [] {
-    std::vector<Isa> v{{"generic", true, &isa_generic::lowbit_kernels(), nullptr, &isa_generic::int8_kernels()}};
+    std::vector<Isa> v{
+        {"generic", true, &isa_generic::lowbit_kernels(), nullptr, &isa_generic::int8_kernels(), false}};
 #if defined(SK_HAVE_X86_ISAS)
-    v.push_back({"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, &isa_avx2::int8_kernels()});
-    v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512::int8_kernels()});
-    // VNNI speeds up the int8 kernels only; BF16 the lowbit kernels (and keeps VNNI where present).
-    const Int8Kernels* best512 = cpu_has("avx512_vnni") ? &isa_avx512vnni::int8_kernels() : &isa_avx512::int8_kernels();
-    v.push_back({"avx512_vnni", cpu_has("avx512_vnni"), &isa_avx512::lowbit_kernels(), nullptr,
-                 &isa_avx512vnni::int8_kernels()});
+    v.push_back({"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, &isa_avx2::int8_kernels(), false});
+    v.push_back(
+        {"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512::int8_kernels(), false});
+    // VNNI speeds up the int8 kernels and the 8-bit lowbit path; BF16 the other lowbit kernels
+    // (and keeps VNNI where present).
+    const bool vnni = cpu_has("avx512_vnni");
+    const Int8Kernels* best512 = vnni ? &isa_avx512vnni::int8_kernels() : &isa_avx512::int8_kernels();
+    v.push_back({"avx512_vnni", vnni, &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512vnni::int8_kernels(), vnni});
     v.push_back({"avx512_bf16", cpu_has("avx512_bf16"), &isa_avx512::lowbit_kernels(), isa_avx512bf16::bf16_rows(),
-                 best512});
+                 best512, vnni});
 #endif
     return v;
   }();
@@ -195,6 +202,10 @@ std::string set_lowbit_isa(const std::string& name) {
   return "isa must be one of generic, avx2, avx512, avx512_vnni, avx512_bf16; got '" + name + "'";
 }
 
+bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
+  return dtype == kBFloat16 && isas()[chosen().load()].w8_vnni && w8_vnni_layout(bits, group_size, M, K);
+}
+
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {
   return dtype == kBFloat16 && isas()[chosen().load()].bf16_rows != nullptr && bf16_kernel_layout(bits, group_size);
 }
@@ -208,6 +219,19 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   const Isa& isa = isas()[chosen().load()];
   LowbitProblem p = weight_problem(K, qweight, N, words, scale, zero, scale_dtype, bits, group_size);
   p.M = M;
+  if (lowbit_w8_vnni(dtype, bits, group_size, M, K)) {
+    thread_local W8Activations act;
+    if (isa_avx512vnni::w8_activations(static_cast<const uint16_t*>(x), K, group_size, act)) {
+      p.x8 = act.x8.data();
+      p.x8_unit = act.unit.data();
+      p.xsum = act.xsum.data();
+      p.y16 = static_cast<uint16_t*>(y);
+      p.bias = bias;
+      const LowbitRowsFn rows = isa_avx512vnni::w8_rows();
+      parallel_for(N, chunk_rows(N), [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
+      return "";
+    }  // NaN or infinity in x: the kernels below carry it through
+  }
   if (lowbit_bf16_kernel(dtype, bits, group_size)) {
     bf16_activations(static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
     p.y16 = static_cast<uint16_t*>(y);

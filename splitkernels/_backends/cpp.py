@@ -21,7 +21,11 @@ Agreement with :mod:`splitkernels.ops.reference`:
   bf16 activations on AVX-512 BF16 CPUs (bits 2/4/8; groups of 4..32 bytes or of whole 64-byte
   chunks, ``_C.lowbit_bf16_kernel``) multiply the exact integer codes with the bf16
   activations (vdpbf16ps) and apply each group's scale and zero to its sums
-  (``s * sum(q*x) + z * sum(x)``), at every M (no dense weight copy); fp32 activations (and fp16,
+  (``s * sum(q*x) + z * sum(x)``), at every M (no dense weight copy). One bf16 row (M = 1)
+  against 8-bit codes (groups of whole 64-byte chunks) on AVX-512 VNNI CPUs
+  (``_C.lowbit_w8_vnni``) goes as three signed bytes of a per-group 22-bit fixed point
+  (values of at least 2^-14 of their group's largest exact, smaller ones within 2^-22 of it)
+  against the codes as packed (vpdpbusd), with no decode; fp32 activations (and fp16,
   converted) use FMA kernels that do the same for M <= 4 and dequantise weight rows
   (``q*scale + zero``, one FMA) otherwise. From ``BLAS_MIN_ROWS`` activation rows on, where the
   bf16 kernels do not apply, the matmul is compute-bound: W is dequantised in row blocks (fp32,

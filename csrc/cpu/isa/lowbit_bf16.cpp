@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "cpu/isa/avx512_rows.h"
 #include "cpu/lowbit_kernels.h"
 
 namespace sk {
@@ -46,47 +47,6 @@ constexpr int kBlockN = 32;
 constexpr int kPanelM = 6;  // 12 group sums + 12 totals + 2 panel vectors + 1 broadcast: 27 zmm
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-
-// Sixteen fp32 values to bf16, round to nearest even, NaN kept quiet (as float_to_bf16).
-inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one))),
-      16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-// y16[0, count) = bf16(v + bias[0, count)), count <= 16 (bias may be null).
-inline void store_bf16(uint16_t* y16, const float* v, const float* bias, int64_t count) {
-  const __mmask16 m = static_cast<__mmask16>((1u << count) - 1);
-  __m512 t = _mm512_maskz_loadu_ps(m, v);
-  if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias));
-  _mm256_mask_storeu_epi16(y16, m, to_bf16(t));
-}
-
-// Sixteen (or `count` < 16) values of dtype at src + i as fp32.
-inline __m512 load_as_f32x16(const void* src, int dtype, int64_t i, int64_t count) {
-  const __mmask16 m = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
-  switch (dtype) {
-    case kBFloat16:
-      return _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i)), 16));
-    case kFloat16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i));
-    default: return _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + i);
-  }
-}
-
-// Lane r (r < 4) = the sum of v[r]'s sixteen lanes.
-inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
-  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));  // v0 v1 v0 v1 per 128
-  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
-  const __m512 c = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xee));  // v0 v1 v2 v3
-  const __m256 d = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
-}
 
 // The 2- and 4-bit decode yields 128 + q instead of q: bf16 0x4300 | q is exactly 128 + q for
 // q < 128 (eight significant bits), so a code becomes its bf16 value with one shift and one
@@ -137,14 +97,6 @@ inline void decode_natural8(const uint8_t* chunk, __mmask64 bytes, __m512i out[2
 }
 
 // ---- Few activation rows: decode in registers, dot over k -------------------------------
-
-// Where dot_block reads: groups [g_begin, g_end) (whole-chunk groups only; otherwise all),
-// the zero-point term too or not, and how far ahead each row's chunk is prefetched.
-struct DotSlice {
-  int64_t g_begin, g_end;
-  bool zeros;
-  int64_t prefetch;
-};
 
 // out[m * ld + r] (+)= y of weight row n0 + r for activation row m0 + m (m < MR, r < R), over
 // the slice's groups, before bias: added to out where `add`, else written. Scales and zeros
@@ -257,53 +209,21 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * G + g), tot[r][m]);
     }
   }
-  // The R * MR totals, flattened as i = m * R + r, reduced four at a time: with R = 2 one
-  // reduction serves two activation rows (one per activation row left half its lanes idle).
-  constexpr int T = R * MR;
-  if constexpr (T == 1) {
-    const float v = _mm512_reduce_add_ps(tot[0][0]);
-    out[0] = add ? out[0] + v : v;
-  } else {
-    for (int i0 = 0; i0 < T; i0 += 4) {
-      const auto t = [&](int i) { i = std::min(i, T - 1); return tot[i % R][i / R]; };
-      alignas(16) float lanes[4];
-      _mm_store_ps(lanes, reduce4(t(i0), t(i0 + 1), t(i0 + 2), t(i0 + 3)));
-      for (int j = 0; j < 4 && i0 + j < T; ++j) {
-        float* d = out + (i0 + j) / R * ld + (i0 + j) % R;
-        *d = add ? *d + lanes[j] : lanes[j];
-      }
-    }
-  }
+  write_totals<R, MR>(tot, out, ld, add);
 }
 
-// Activation bytes (all MR rows) one K slice may hold: with room left in L1 for the weight
-// stream, every x load of the slice hits L1. A whole row of x at M = 4, K = 4096 is 32 KiB, as
-// large as L1, and reloading it from L2 for each weight row cost a quarter of the call.
+// Activation bytes one K slice may hold (see sliced_rows): with room left in L1 for the weight
+// stream, every x load of the slice hits L1.
 constexpr int64_t kSliceBytes = 8 << 10;
 
-// Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time, into fp32
-// sums per (m, n); the bf16 output (bias added) is written sixteen values at a time at the end.
-// Where x outgrows kSliceBytes (and groups are whole chunks: the small-group path reads every
-// group), K is read slice by slice: every row of the range meets the slice of x while it sits
-// in L1, and each row's chunk is prefetched R rows ahead (its next chunk belongs to the next
-// slice).
+// Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time (see
+// sliced_rows): K is read in slices where x outgrows kSliceBytes and groups are whole chunks
+// (the small-group path reads every group).
 template <int B, int MR, int R>
 void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
-  const int64_t rows = n_end - n_begin;
-  const bool sliced = MR > 1 && p.group_size * B >= 512 && MR * p.x_stride * 2 > kSliceBytes;
-  const int64_t per_slice = sliced ? std::max<int64_t>(1, kSliceBytes / (MR * p.group_size * 2)) : p.G;
-  thread_local std::vector<float> sums;
-  sums.resize(MR * rows);
-  for (int64_t g0 = 0; g0 < p.G; g0 += per_slice) {
-    const DotSlice slice{g0, std::min(p.G, g0 + per_slice), g0 == 0, sliced ? R * p.row_bytes : kPrefetchBytes};
-    int64_t n = n_begin;
-    for (; n + R <= n_end; n += R) dot_block<B, MR, R>(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
-    for (; n < n_end; ++n) dot_block<B, MR, 1>(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int64_t r = 0; r < rows; r += 16)
-      store_bf16(p.y16 + (m0 + m) * p.N + n_begin + r, sums.data() + m * rows + r, p.bias ? p.bias + n_begin + r : nullptr,
-                 std::min<int64_t>(16, rows - r));
+  const int64_t x_group_bytes = MR > 1 && p.group_size * B >= 512 ? MR * p.group_size * 2 : 0;
+  sliced_rows<MR, R, dot_block<B, MR, R>, dot_block<B, MR, 1>>(p, m0, n_begin, n_end, x_group_bytes, kSliceBytes,
+                                                               kPrefetchBytes);
 }
 
 // Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length

@@ -1,0 +1,119 @@
+// AVX-512 helpers shared by the dot-form low-bit kernels (isa/lowbit_bf16.cpp and
+// isa/lowbit_w8_vnni.cpp): fp32 -> bf16 output stores, scale loads, reductions of the per-row
+// totals. Every function has internal linkage (anonymous namespace), so each kernel file gets
+// its own copy compiled with its own -m flags.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/half.h"
+#include "cpu/lowbit_kernels.h"
+
+namespace sk {
+namespace {
+
+// Sixteen fp32 values to bf16, round to nearest even, NaN kept quiet (as float_to_bf16).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one))),
+      16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// y16[0, count) = bf16(v + bias[0, count)), count <= 16 (bias may be null).
+inline void store_bf16(uint16_t* y16, const float* v, const float* bias, int64_t count) {
+  const __mmask16 m = static_cast<__mmask16>((1u << count) - 1);
+  __m512 t = _mm512_maskz_loadu_ps(m, v);
+  if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias));
+  _mm256_mask_storeu_epi16(y16, m, to_bf16(t));
+}
+
+// Sixteen (or `count` < 16) values of dtype at src + i as fp32.
+inline __m512 load_as_f32x16(const void* src, int dtype, int64_t i, int64_t count) {
+  const __mmask16 m = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
+  switch (dtype) {
+    case kBFloat16:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i)), 16));
+    case kFloat16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i));
+    default: return _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + i);
+  }
+}
+
+// Lane r (r < 4) = the sum of v[r]'s sixteen lanes.
+inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));  // v0 v1 v0 v1 per 128
+  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  const __m512 c = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xee));  // v0 v1 v2 v3
+  const __m256 d = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+}
+
+// out[m * ld + r] (+)= the lane sum of tot[r][m] (added where `add`, else written). The R * MR
+// totals, flattened as i = m * R + r, are reduced four at a time: with R = 2 one reduction
+// serves two activation rows (one per activation row left half its lanes idle).
+template <int R, int MR>
+inline void write_totals(const __m512 (&tot)[R][MR], float* out, int64_t ld, bool add) {
+  constexpr int T = R * MR;
+  if constexpr (T == 1) {
+    const float v = _mm512_reduce_add_ps(tot[0][0]);
+    out[0] = add ? out[0] + v : v;
+  } else {
+    for (int i0 = 0; i0 < T; i0 += 4) {
+      const auto t = [&](int i) { i = std::min(i, T - 1); return tot[i % R][i / R]; };
+      alignas(16) float lanes[4];
+      _mm_store_ps(lanes, reduce4(t(i0), t(i0 + 1), t(i0 + 2), t(i0 + 3)));
+      for (int j = 0; j < 4 && i0 + j < T; ++j) {
+        float* d = out + (i0 + j) / R * ld + (i0 + j) % R;
+        *d = add ? *d + lanes[j] : lanes[j];
+      }
+    }
+  }
+}
+
+// Where a dot-form block reads: groups [g_begin, g_end), the zero-point term too or not, and
+// how far ahead each row's chunk is prefetched.
+struct DotSlice {
+  int64_t g_begin, g_end;
+  bool zeros;
+  int64_t prefetch;
+};
+
+// Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR) into fp32 sums per (m, n)
+// through `block` (R rows at a time; `tail`, one row, for the rest), then the bf16 output
+// (bias added), sixteen values at a time. Where `x_group_bytes` (the activation bytes of one
+// group, all MR rows) times the groups outgrows `slice_bytes`, K is read slice by slice: every
+// row of the range meets the slice of x while it sits in L1 (a whole row of x at M = 4,
+// K = 4096 is 32 KiB, as large as L1, and reloading it from L2 for each weight row cost a
+// quarter of the call), and each row's chunk is prefetched R rows ahead (its next chunk
+// belongs to the next slice); otherwise `prefetch` bytes ahead.
+template <int MR, int R, auto block, auto tail>
+void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, int64_t x_group_bytes,
+                 int64_t slice_bytes, int64_t prefetch) {
+  const int64_t rows = n_end - n_begin;
+  const bool sliced = x_group_bytes > 0 && x_group_bytes * p.G > slice_bytes;
+  const int64_t per_slice = sliced ? std::max<int64_t>(1, slice_bytes / x_group_bytes) : p.G;
+  thread_local std::vector<float> sums;
+  sums.resize(MR * rows);
+  for (int64_t g0 = 0; g0 < p.G; g0 += per_slice) {
+    const DotSlice slice{g0, std::min(p.G, g0 + per_slice), g0 == 0, sliced ? R * p.row_bytes : prefetch};
+    int64_t n = n_begin;
+    for (; n + R <= n_end; n += R) block(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
+    for (; n < n_end; ++n) tail(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int64_t r = 0; r < rows; r += 16)
+      store_bf16(p.y16 + (m0 + m) * p.N + n_begin + r, sums.data() + m * rows + r, p.bias ? p.bias + n_begin + r : nullptr,
+                 std::min<int64_t>(16, rows - r));
+}
+
+}  // namespace
+}  // namespace sk
