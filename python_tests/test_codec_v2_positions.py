@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, decode_frame, encode, from_bytes
-from splitkernels.codec.calibrate import SINK_BANDS, _shift_costs, position_shifts
+from splitkernels.codec.calibrate import SINK_BANDS, SINK_FLOOR_MIN, _shift_costs, position_shifts
 from splitkernels.codec.config_v2 import MAX_POSITION_BANDS, MAX_SHIFT, position_band
 from splitkernels.codec.frame_v2 import HEAD, SHIFTED_FLAG
 from splitkernels.codec.wire_v2 import decode_frame_v2, encode_frame_v2
@@ -193,6 +193,9 @@ def test_position_shifts_follow_the_profile():
     longer[:64] = profile
     longer[32:64] = 16.0  # band 6 is past the sink bands: its own shift, and it raises none
     assert position_shifts(longer) == (MAX_SHIFT, 3, 3, 3, 3, 3, 2)
+    mild = torch.ones(64)
+    mild[1:8] = 16.0  # shift 2 early: under SINK_FLOOR_MIN, no floor (short prompts keep their bits)
+    assert SINK_FLOOR_MIN == 3 and position_shifts(mild) == (0, 2, 2, 2)
     lone_sink = torch.ones(64)
     lone_sink[0] = 1e4  # position 0 alone (the usual sink) sets no floor
     assert position_shifts(lone_sink) == (MAX_SHIFT,)

@@ -30,7 +30,8 @@ What is fitted, from calibration hidden states ``[N, d]`` of one model and split
   channel). Early tokens are read by every later token through attention: on Gemma 3 270M split 2
   positions 1-7 weigh 90-440x a late one, and these shifts cut the measured KL from 0.0060 to 0.0034 at the same
   bits of 512-token frames. One-token decode frames (late positions) pay nothing for them. Every
-  band below position 32 gets at least the largest shift of bands 1-5 (:data:`SINK_BANDS`): a
+  band below position 32 gets at least the largest shift of bands 1-5 (:data:`SINK_BANDS`) when
+  that shift is 3 or more (:data:`SINK_FLOOR_MIN`): a
   window that does not start with a sink token makes some of its first content tokens sinks, and
   which ones depends on the text. That floor costs its bits, but the late step is set as without
   it (an insurance, not a measured gain).
@@ -63,7 +64,8 @@ DEFAULT_CLASSES = 16
 MIN_CLASS_CHANNELS = 16  # fewer channels per class than this: fewer classes
 _BISECT_STEPS = 30
 MIN_PROFILE_POSITIONS = 16  # a shorter position profile sets no position shifts
-SINK_BANDS = 6  # positions below 2**(SINK_BANDS - 1) = 32 share the largest of their shifts
+SINK_BANDS = 6  # positions below 2**(SINK_BANDS - 1) = 32 share the largest of their shifts ...
+SINK_FLOOR_MIN = 3  # ... when that shift is at least this
 
 
 def _token_rms(x: torch.Tensor) -> torch.Tensor:
@@ -158,8 +160,8 @@ def position_shifts(profile: torch.Tensor, *, sink_floor: bool = True) -> tuple[
     """Position shifts (``CodecConfigV2.position_shift``) from the mean Fisher trace per position
     ``profile [P]`` of calibration windows: band ``b`` gets ``rint(0.5 * log2(mean over the band /
     mean over positions [P/2, P)))`` in ``[0, MAX_SHIFT]``, with ``sink_floor`` raised to the
-    largest of bands 1 .. SINK_BANDS - 1 for every band below :data:`SINK_BANDS`; bands beyond
-    ``P`` get 0."""
+    largest of bands 1 .. SINK_BANDS - 1 for every band below :data:`SINK_BANDS` when that is at
+    least :data:`SINK_FLOOR_MIN`; bands beyond ``P`` get 0."""
     a = profile.detach().double().cpu()
     if a.dim() != 1 or not torch.isfinite(a).all() or (a < 0).any():
         raise ValueError(f"position_sensitivity must be a finite non-negative 1-D tensor, got shape {tuple(a.shape)}")
@@ -177,8 +179,11 @@ def position_shifts(profile: torch.Tensor, *, sink_floor: bool = True) -> tuple[
     # is 1000x a late token's (Gemma 3 270M split 2 on Python source: KL 0.023 in such a window, 0.0066
     # with positions below 32 exact). Calibration text shows such sinks at some early positions but
     # not at all, so every band below SINK_BANDS gets at least the largest shift of bands 1 .. SINK_BANDS - 1.
-    if sink_floor:
-        floor = max(shifts[1:SINK_BANDS], default=0)  # position 0 is the usual sink (and often sent raw)
+    # Only where early tokens weigh 4**SINK_FLOOR_MIN = 64 late ones or more: below that, one
+    # unprotected sink costs little KL, and the floor's bits (up to 32 shifted tokens) weigh on
+    # short prompts (SmolLM2's 42-token demo prompt: 4.10 -> 4.63 bits per element with floor 1).
+    floor = max(shifts[1:SINK_BANDS], default=0)  # position 0 is the usual sink (and often sent raw)
+    if sink_floor and floor >= SINK_FLOOR_MIN:
         shifts[:SINK_BANDS] = [max(s, floor) for s in shifts[:SINK_BANDS]]
     while shifts and shifts[-1] == 0:
         shifts.pop()
