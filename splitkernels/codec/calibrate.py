@@ -276,12 +276,12 @@ def calibrate(
     sinks = sink_mask(hidden)
     body = hidden[~sinks]
     sink_first = bool(shifts) and bool(sinks[:: position_sensitivity.shape[0]].float().mean() > 0.5)
-    extra, kl_gain = _shift_costs(shifts, position_sensitivity, sink_first)
-    if shifts:
-        # The sink floor insures against sinks the calibration text did not show: it costs its bits
-        # but the late step is set as without it, or the late tokens would pay for the insurance
-        # (Gemma 3 270M split 6 on Python source: KL 0.0052 -> 0.0076 when they did).
-        kl_gain = _shift_costs(position_shifts(position_sensitivity, sink_floor=False), position_sensitivity, sink_first)[1]
+    # The sink floor insures against sinks the calibration text did not show: it costs its bits
+    # but the late step is set as without it, or the late tokens would pay for the insurance
+    # (Gemma 3 270M split 6 on Python source: KL 0.0052 -> 0.0076 when they did).
+    extra = _shift_costs(shifts, position_sensitivity, sink_first)[0]
+    measured = position_shifts(position_sensitivity, sink_floor=False) if shifts else ()
+    kl_gain = _shift_costs(measured, position_sensitivity, sink_first)[1]
     if bits is None and max_kl_proxy is None:
         if sensitivity is None:
             bits = DEFAULT_BITS
