@@ -53,3 +53,12 @@ def test_bad_arguments_and_too_little_text_say_what_is_wrong(monkeypatch):
     monkeypatch.setattr(calibration_text, "kind_text", lambda kind: "short text")
     with pytest.raises(ValueError, match="hold fewer than 128 tokens in windows of 64"):
         calibration_windows(byte_ids, 128, 64, prose_start=0)
+
+
+def test_config_for_model_rejects_empty_or_too_short_windows():
+    from splitkernels.codec.spec import config_for_model
+
+    spec = {"kind": "v2", "bits": 4.0}
+    for windows in ([], [torch.tensor([5])], [torch.arange(8), torch.tensor([], dtype=torch.long)]):
+        with pytest.raises(ValueError, match="calibration windows must be a non-empty sequence"):
+            config_for_model(spec, None, 1, windows)  # checked before the model is touched
