@@ -25,6 +25,7 @@ import torch
 
 import splitkernels
 from splitkernels import ops
+from splitkernels.formats.dtypes import raw_width
 from splitkernels.ops import reference
 from splitkernels.quant import quantize_weight
 
@@ -206,7 +207,7 @@ def test_emulated_codec_forced_widths(emu, dtype):
     x = activations(6, 75, dtype, "heavy", seed=5)
     x[5] = 0.0
     x[4, 0] = 60000.0  # lo/step of some widths overflow fp16: those tokens fall back to raw
-    forced = torch.tensor([1, 3, 8, 5, 2, 0], dtype=torch.uint8)
+    forced = torch.tensor([1, 3, 8, 5, 2, raw_width(dtype)], dtype=torch.uint8)
     want = reference.ts_tabq_encode(x, False, 3.0, 2, [], 0.0, forced)
     got = _emu_encode(emu, x, False, 3.0, 2, [], 0.0, forced)
     assert_encode_equal(got, want)
@@ -406,7 +407,7 @@ def test_gpu_codec_forced_widths_and_public_codec(cuda_backend, dtype):
     x = activations(6, 75, dtype, "heavy", seed=5)
     x[5] = 0.0
     x[4, 0] = 60000.0
-    forced = torch.tensor([1, 3, 8, 5, 2, 0], dtype=torch.uint8)
+    forced = torch.tensor([1, 3, 8, 5, 2, raw_width(dtype)], dtype=torch.uint8)
     want = reference.ts_tabq_encode(x, False, 3.0, 2, [], 0.0, forced)
     got = ops.ts_tabq_encode(x.cuda(), False, 3.0, 2, [], 0.0, forced.cuda())
     assert_encode_equal(got, want)

@@ -398,10 +398,14 @@ def test_gpu_cross_check_at_model_sizes():
     for bits, n, k in ((4, 4096, 4096), (3, 1024, 2048), (2, 512, 1024), (8, 512, 1024)):
         for dtype in (torch.float16, torch.bfloat16):
             qw = weight(n, k, bits, 128, dtype, seed=bits)
+            # A bf16 output differs from the bf16-rounded reference by its own rounding noise
+            # (~1e-3 relative) once the tiled path's tf32 weights move a sum across a rounding
+            # boundary: one bf16 ulp (2^-8) is the bound there, 1e-3 for fp16.
+            tol = 2**-8 if dtype == torch.bfloat16 else 1e-3
             for m in (1, 16, 300):
                 x = torch.randn(m, k, device="cuda").to(dtype)
                 want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, None)
-                assert rel_err(run("triton", ops.lowbit_linear, x, qw), want) < 1e-3, (bits, dtype, m)
+                assert rel_err(run("triton", ops.lowbit_linear, x, qw), want) < tol, (bits, dtype, m)
 
 
 @gpu
