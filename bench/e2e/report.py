@@ -25,6 +25,8 @@ def _ms(x: float) -> str:
 def _codec_name(c: dict | None) -> str:
     if c is None:
         return "fp16"
+    if c.get("kind") == "v2":
+        return f"v2 {c['bits']:g} bits, {c.get('sensitivity', 'uniform')} scales"
     if c["mode"] == "passthrough":
         return "passthrough (fp16 frame)"
     rest = f"eps {c['eps']:g}" if c["mode"] == "error" else f"avg {c['avg_bits']:g} bits"
@@ -192,6 +194,8 @@ def write_report(results: dict, out: Path) -> None:
                 continue
             ppl = fmt_ci(r["ppl_ci"]) if r.get("ppl_ci") else f"{100 * r['ppl_change']:+.2f}%"
             label = f"{m}: {r['drafter']}, k = {r['k']}" if "drafter" in r else m
+            if r.get("codec"):
+                label += f" ({_codec_name(r['codec'])})"
             lines.append(f"| {label} | {r['split'] or '-'} | {_ms(r['token_s'])} | {_ms(r['ttft_s'])} | {r['token_bytes']} | "
                          f"{ppl} | {r['kl']:.4f} |")
         lines.append("")

@@ -34,7 +34,7 @@ from report import write_report
 from stats import not_worse, ppl_change_ci
 
 from splitkernels.codec import CodecConfig
-from splitkernels.codec.spec import is_v2_spec
+from splitkernels.codec.spec import config_for_model, is_v2_spec
 from splitkernels.models import load_smollm2
 from splitkernels.nn import PER_CHANNEL, QuantConfig
 from splitkernels.planner.costs import (
@@ -66,9 +66,9 @@ OUR_CODECS = (
     CodecConfig(alpha=3.0, capacity=16, mode="error", eps=0.26),
     CodecConfig(alpha=3.0, capacity=16, mode="error", eps=0.12),
 )
-# Codec v2 as the CLI calibrates it by default (4 bits, Fisher scales), on Botchan tokens from
-# CALIB_OFFSET on (disjoint from the scored text). The scenarios below plan without a codec
-# calibrator, so these points serve `splitkernels plan` (which calibrates the chosen plan).
+# Codec v2 at the CLI's default spec (4 bits, Fisher scales), calibrated on Botchan tokens from
+# CALIB_OFFSET on (disjoint from the scored text; the CLI calibrates on mixed text, whose numbers
+# are in e2e.md section 1). The scenarios plan with these points beside v1's (V2Calibrator).
 V2_CODEC = {"kind": "v2", "bits": 4.0, "sensitivity": "fisher"}
 CALIB_OFFSET, CALIB_TOKENS = 8192, 1024
 EDGES = ("jetson-orin-nano-4gb", "jetson-orin-nano-8gb", "raspberry-pi-5-8gb")
@@ -100,6 +100,32 @@ def calibration(model, tokenizer, ids, out: Path, log):
     calibrate(model, ids, SPLIT_LAYERS[:1], [4], [8], [*OUR_CODECS, V2_CODEC, CodecConfig.passthrough()], **kw)
     calibrate(model, ids, SPLIT_LAYERS[1:2], [4], [8], [*OUR_CODECS[:1], V2_CODEC], **kw)
     return calibrate(model, ids, SPLIT_LAYERS, [8], [8], [*OUR_CODECS, V2_CODEC, CodecConfig.passthrough()], **kw)
+
+
+class V2Calibrator:
+    """``plan``'s codec calibrator: fits a table point's v2 spec for the model at a split on the
+    calibration ids, once per (split, spec) across every scenario, and remembers which spec each
+    config came from (the key of the point's measured quality and likelihoods). The quality point
+    was calibrated with its quantised front in place, this config with the model's own weights:
+    the plan stores it, the report's quality is the point's."""
+
+    def __init__(self, model, ids: torch.Tensor) -> None:
+        self.model, self.ids = model, ids
+        self.configs: dict[tuple[int, str], object] = {}
+        self.specs: dict[str, dict] = {}
+
+    def __call__(self, split_layer: int, spec: dict):
+        key = (split_layer, json.dumps(spec, sort_keys=True))
+        if key not in self.configs:
+            with torch.enable_grad():
+                config = config_for_model(spec, self.model, split_layer, self.ids, window=CONTEXT,
+                                          wire_dtype=torch.float16)
+            self.configs[key], self.specs[config.fingerprint] = config, spec
+        return self.configs[key]
+
+    def spec(self, codec):
+        """The table spec of a calibrated v2 ``codec``; a v1 config as it is."""
+        return self.specs[codec.fingerprint] if hasattr(codec, "fingerprint") else codec
 
 
 def baseline_quality(model, ids, out: Path, log) -> dict:
@@ -220,9 +246,10 @@ def draft_options(shape: ModelShape, edge_compute, context: int,
 
 
 def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute, edge_mem: int, server,
-                  link: Link, drafts: list[tuple[str, float, int | None]] = ()) -> dict:
+                  link: Link, calibrator: V2Calibrator, drafts: list[tuple[str, float, int | None]] = ()) -> dict:
     """Latency / bytes / quality of every method in one (edge, link) scenario (with ``drafts``,
-    the measured drafters' acceptances, also ours with speculative decoding)."""
+    the measured drafters' acceptances, also ours with speculative decoding); ours plans with the
+    table's v1 and v2 codec points."""
     d, rows = shape.hidden, {}
     srv_mem = get_device(SERVER).usable_bytes
     ids_bytes = 4 * PROMPT + MESSAGE_OVERHEAD_BYTES
@@ -271,14 +298,15 @@ def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute,
                     max_kl=None, max_ppl_change=None)
     try:
         res = plan(Scenario(shape, edge_compute, server, link, PROMPT), table, limits, objective="latency",
-                   seq_lens=(2048,), alternatives=10**6, drafters=draft_options(shape, edge_compute, 2048, drafts))
+                   seq_lens=(2048,), alternatives=10**6, drafters=draft_options(shape, edge_compute, 2048, drafts),
+                   calibrate_codec=calibrator)
     except Infeasible as exc:
         rows["ours (planner)"] = dict(fits=False, why=exc.explanation)
         return rows
     chosen, why = None, "no plan is within the noise of the fastest baseline's perplexity"
     for cand in [res.plan, *res.alternatives]:
         key = point_key(cand.split_layer, cand.front and cand.front.bits, cand.back and cand.back.bits,
-                        cand.codec, cand.front.method if cand.front else "rtn")
+                        calibrator.spec(cand.codec), cand.front.method if cand.front else "rtn")
         ok, diff = (True, None) if best_base is None else not_worse(nll["reference"], nll[key], best_base["nll"])
         if ok:
             chosen = (cand, key, diff)
@@ -290,7 +318,8 @@ def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute,
     p = cand.predicted
     rows["ours (planner)"] = dict(token_s=p["token_latency_s"], ttft_s=p["ttft_s"], token_bytes=p["token_bytes"],
                                   ppl_change=p["ppl_change"], kl=p["kl"], split=cand.split_layer, fits=True,
-                                  breakdown=p["breakdown"], codec=cand.codec.to_dict(), front=str(cand.front),
+                                  breakdown=p["breakdown"], codec=_codec_summary(cand.codec, calibrator),
+                                  front=str(cand.front),
                                   back=str(cand.back), ppl_ci=ppl_change_ci(nll["reference"], nll[key]),
                                   vs_base_ci=diff, nll=nll[key])
     if drafts:
@@ -304,6 +333,14 @@ def scenario_rows(shape: ModelShape, table, base: dict, nll: dict, edge_compute,
                    token_bytes=round(p["token_bytes"] * (spec["k"] + 1) / spec["tokens_per_round"]))
         rows["ours + speculation (planner)"] = row
     return rows
+
+
+def _codec_summary(codec, calibrator: V2Calibrator) -> dict:
+    """A plan's codec for the report: a v1 config whole, a v2 one as its spec and fingerprint
+    (its per-channel arrays would fill results.json once per scenario)."""
+    if hasattr(codec, "fingerprint"):
+        return dict(calibrator.spec(codec), fingerprint=codec.fingerprint)
+    return codec.to_dict()
 
 
 # A 7B-class Llama shape (Llama-2-7B's published config) for the modelled-only scaling section.
@@ -390,9 +427,10 @@ def main() -> None:
     edges = [(name, Roofline(get_device(name), shape), get_device(name).usable_bytes, "modelled (roofline)")
              for name in EDGES]
     edges.append(("this machine (CPU, fp32)", W8A8Profile(prof_data), 16 * 2**30, "measured profile"))
+    calibrator = V2Calibrator(model, calibration_ids(tok))
     for edge_name, edge_compute, edge_mem, how in edges:
         for link in LINKS:
-            rows = scenario_rows(shape, table, base, nll, edge_compute, edge_mem, server, link, drafts)
+            rows = scenario_rows(shape, table, base, nll, edge_compute, edge_mem, server, link, calibrator, drafts)
             for r in rows.values():
                 r.pop("nll", None)  # per-token arrays stay in nll.json
             scenarios.append(dict(edge=edge_name, how=how, mbps=link.mbps, rtt_ms=link.rtt_ms, rows=rows))
