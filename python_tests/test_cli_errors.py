@@ -127,6 +127,11 @@ def test_quality_and_profile_files_name_their_field(tmp_path):
     table["points"][3]["tokens"] = "many"
     path = _write(tmp_path, "q.json", table)
     fails(Exit.INPUT_FILE, "plan", "--model", "tiny", "--quality", path, says=(path, "'points[3].tokens'"))
+    table["points"][3]["tokens"] = 1022
+    for shifts in ([3, 0], [7], "3", [True]):
+        table["points"][2]["position_shift"] = shifts
+        path = _write(tmp_path, "q.json", table)
+        fails(Exit.INPUT_FILE, "plan", "--model", "tiny", "--quality", path, says=(path, "'points[2].position_shift'"))
     profile = {"version": 1, "prompt_tokens": 8, "formats": {"dense": {"decode_layer_s": 1e-3}},
                "codec": {"frames": {}}}
     path = _write(tmp_path, "p.json", profile)

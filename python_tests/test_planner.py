@@ -556,6 +556,52 @@ def test_frame_bytes_v2_equals_encoded_size(tokens):
     assert frame_bytes_v2(tokens, 48, r.code_bits / tokens, r.outliers / tokens) == r.nbytes
 
 
+@pytest.mark.parametrize("tokens,start", [(1, 0), (9, 0), (40, 0), (1, 3), (1, 16), (5, 6), (3, 30), (1, 200)])
+def test_frame_bytes_v2_counts_the_residuals_of_early_positions(tokens, start):
+    from splitkernels.codec import calibrate as fit
+    from splitkernels.codec.v2 import encode_v2
+    from splitkernels.planner.costs import frame_bytes_v2
+    from splitkernels.planner.quality import v2_code_bits
+
+    gen = torch.Generator().manual_seed(100 * tokens + start)
+    shifts = (4, 3, 3, 2, 2, 1)  # positions 0 .. 31
+    cfg = dataclasses.replace(fit(torch.randn(400, 48, generator=gen), bits=4.0), position_shift=shifts)
+    x = torch.randn(tokens, 48, generator=gen).half()
+    x[0, 5] = 900.0  # an escape
+    enc = encode_v2(x, cfg, start=start)
+    nbytes = len(enc.to_bytes())
+    bits, escapes = v2_code_bits(enc, nbytes) / tokens, enc.escapes.numel() / tokens
+    assert escapes > 0
+    assert frame_bytes_v2(tokens, 48, bits, escapes, position_shift=shifts, start=start) == nbytes
+    residual = sum(cfg.row_shifts(start, tokens).tolist()) * 48
+    unshifted = frame_bytes_v2(tokens, 48, bits, escapes)
+    # Rows before position 32 carry their shift's bits per value (and the frame its start position).
+    assert nbytes - unshifted == (0 if start >= 32 else -(-residual // 8) + 1)
+
+
+def test_v2_prompt_frames_are_sized_by_their_positions():
+    """A v2 point's early-position shifts weigh on a short prompt's frame, not on decode frames
+    past them, and survive the table's JSON."""
+    from splitkernels.codec import calibrate as fit
+    from splitkernels.planner.costs import frame_bytes_v2
+
+    shifts = (4, 3, 3, 2, 2, 1)
+    t = QualityTable("smollm2-like", "synthetic", 512, 64)
+    t.add(QualityPoint(4, 8, 8, V2_SPEC, 20.0, 20.1, 0.003, 0.99, 4.2, 4.0, 0.5, 1000, position_shift=shifts))
+    t = QualityTable.from_json(t.to_json())
+    assert t.get(4, 8, 8, V2_SPEC).position_shift == shifts
+    cfg = fit(torch.randn(400, 576, generator=torch.Generator().manual_seed(3)), bits=4.0)
+    for prompt in (8, 128):
+        scenario = dataclasses.replace(_scenario(), prompt_tokens=prompt)
+        p = plan(scenario, t, Limits(edge_memory_bytes=2 * 2**30), calibrate_codec=lambda split, spec: cfg).plan
+        hidden = scenario.shape.hidden
+        residual = -(-sum(shifts[pos.bit_length()] for pos in range(min(prompt, 32))) * hidden // 8)
+        assert p.predicted["frame_bytes_prompt"] == frame_bytes_v2(prompt, hidden, 4.0, 0.5) + residual + 1
+        # The first decode position is past every shifted band for 128 tokens, not for 8.
+        extra = p.predicted["frame_bytes_token"] - frame_bytes_v2(1, hidden, 4.0, 0.5)
+        assert extra == (0 if prompt >= 32 else -(-shifts[prompt.bit_length()] * hidden // 8) + 1)
+
+
 def test_v2_points_are_calibrated_per_split_and_plans_store_the_config(tiny, ids):
     from splitkernels.codec import CodecConfigV2
     from splitkernels.codec.spec import config_for_model

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ..codec.config import BIT_MODES, THRESHOLD_MODES
+from ..codec.config_v2 import MAX_POSITION_BANDS, MAX_SHIFT
 from ..nn.config import METHODS
 from ..ops import CODEC_BITS, WEIGHT_BITS
 from .errors import InputFileError
@@ -192,12 +193,24 @@ def load_quality(path: str):
             c.number(p, key, f, low=0.0)
         c.number(p, "top1_agreement", f, low=0.0, high=1.0)
         c.integer(p, "tokens", f, low=1)
+        if "position_shift" in p:
+            _check_position_shift(c, p["position_shift"], f"{f}.position_shift")
         extra = set(p) - {"split_layer", "front_bits", "back_bits", "codec", "ppl_reference", "ppl", "kl",
                           "top1_agreement", "bits_per_element", "code_bits", "outliers_per_token", "tokens",
-                          "front_method"}
+                          "front_method", "position_shift"}
         if extra:
             raise c.fail(f"{f}.{sorted(extra)[0]}", "is not a field of a calibration point")
     return QualityTable.from_json(json.dumps(d))
+
+
+def _check_position_shift(c: _Checker, value: Any, field: str) -> None:
+    """A calibration point's per-band shifts: what CodecConfigV2.position_shift allows."""
+    ok = isinstance(value, list) and len(value) <= MAX_POSITION_BANDS and \
+        all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SHIFT for s in value) and \
+        (not value or value[-1] != 0)
+    if not ok:
+        raise c.fail(field, f"must be a list of at most {MAX_POSITION_BANDS} ints in [0, {MAX_SHIFT}] not ending "
+                            f"in 0, got {json.dumps(value)[:40]}")
 
 
 def load_profile(path: str, flag: str):

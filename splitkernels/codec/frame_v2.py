@@ -163,11 +163,13 @@ def _read_varint(buf: memoryview, pos: int, end: int, what: str) -> tuple[int, i
     raise FrameError(f"{what} is longer than {MAX_VARINT_BYTES} bytes")
 
 
-def framing_bytes(t: int, escapes: int | None = None) -> int:
-    """Bytes of a frame that are neither symbols, escape values nor raw tokens (header, bitmap, CRC),
-    with the escape count's varint when ``escapes`` is given (else the caller counts it)."""
+def framing_bytes(t: int, escapes: int | None = None, start: int | None = None) -> int:
+    """Bytes of a frame that are neither symbols, escape values, raw tokens nor residuals (header,
+    bitmap, CRC), with the escape count's varint when ``escapes`` is given (else the caller counts
+    it) and the start position's varint when ``start`` is given (a frame with shifted rows)."""
     count = 0 if escapes is None else len(_varint(escapes))
-    return HEAD.size + len(_varint(t)) + count + (t + 7) // 8 + CRC_BYTES
+    position = 0 if start is None else len(_varint(start))
+    return HEAD.size + len(_varint(t)) + position + count + (t + 7) // 8 + CRC_BYTES
 
 
 def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:

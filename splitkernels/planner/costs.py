@@ -17,11 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..codec import rans
 from ..codec.frame import frame_nbytes
-from ..codec.frame_v2 import framing_bytes
+from ..codec.config_v2 import band_shifts
+from ..codec.frame_v2 import framing_bytes, residual_bytes
 from ..models.shape import ModelShape
 from ..nn import QuantConfig
 from .devices import Device
@@ -250,13 +252,20 @@ def frame_bytes(tokens: int, hidden: int, code_bits: float, outliers_per_token: 
 
 
 def frame_bytes_v2(tokens: int, hidden: int, code_bits: float, escapes_per_token: float,
-                   wire_dtype: torch.dtype = torch.float16) -> int:
-    """Expected codec v2 frame size for ``tokens`` rows (docs/FORMATS.md §5.4), from a calibration's
-    per-element symbol bits (``code_bits``, the entropy-coded stream) and escapes per token."""
+                   wire_dtype: torch.dtype = torch.float16, *, position_shift: tuple[int, ...] = (),
+                   start: int = 0) -> int:
+    """Expected codec v2 frame size for ``tokens`` rows from position ``start`` (docs/FORMATS.md
+    §5.4), from a calibration's per-element symbol bits (``code_bits``, the entropy-coded stream)
+    and escapes per token. ``position_shift`` (the config's) adds the residual bits of the frame's
+    early rows, so a short prompt costs what its own positions cost, not the calibration's average."""
     escapes = round(escapes_per_token * tokens)
     n = tokens * hidden
     stream = -(-round(n * code_bits) // 8) + 4 * rans.lanes(n)
-    return framing_bytes(tokens, escapes) + escapes * wire_dtype.itemsize + stream
+    shift_end = 1 << (len(position_shift) - 1) if position_shift else 0
+    shifts = band_shifts(tuple(position_shift), start, max(0, min(tokens, shift_end - start)))
+    residuals = residual_bytes(shifts, np.zeros(len(shifts), dtype=bool), hidden)
+    framing = framing_bytes(tokens, escapes, start if residuals else None)
+    return framing + escapes * wire_dtype.itemsize + residuals + stream
 
 
 @dataclass(frozen=True)

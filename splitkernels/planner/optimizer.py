@@ -341,10 +341,13 @@ def _codec_of(point: QualityPoint) -> CodecConfig | dict:
 
 def _frame_sizes(p: QualityPoint, codec: CodecConfig | dict, hidden: int, prompt_tokens: int,
                  wire: torch.dtype) -> tuple[int, int]:
-    """(one-token frame, prompt frame) bytes for a calibration point."""
+    """(one-token frame, prompt frame) bytes for a calibration point; a v2 one-token frame at the
+    first decode position (the position shifts only fall after it), the prompt from position 0."""
     if isinstance(codec, dict):
-        return (frame_bytes_v2(1, hidden, p.code_bits, p.outliers_per_token, wire),
-                frame_bytes_v2(prompt_tokens, hidden, p.code_bits, p.outliers_per_token, wire))
+        shifts = p.position_shift
+        return (frame_bytes_v2(1, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts,
+                               start=prompt_tokens),
+                frame_bytes_v2(prompt_tokens, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts))
     # A raw (passthrough) token is as wide as the wire dtype, whatever the calibration sent.
     code_bits = 8.0 * wire.itemsize if codec.mode == "passthrough" else p.code_bits
     return (frame_bytes(1, hidden, code_bits, p.outliers_per_token, wire),

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..codec import CodecConfig, CodecConfigV2, decode, encode, rans
-from ..codec.frame_v2 import framing_bytes
+from ..codec.frame_v2 import EncodedV2, framing_bytes, residual_bytes
 from ..codec.spec import config_for_model, is_v2_spec
 from ..eval import compare_logits
 from ..calibration import quantize_layers
@@ -49,22 +49,33 @@ class TransferResult:
     outliers: int = 0
 
 
+def v2_code_bits(enc: EncodedV2, nbytes: int) -> float:
+    """The entropy-coded symbol bits per element of a v2 frame of ``nbytes``, summed over its
+    tokens (raw tokens at their width): what is left of the frame without framing, escapes, raw
+    values, residuals and rANS state flushes. :func:`~.costs.frame_bytes_v2` rebuilds ``nbytes``
+    from it."""
+    t, d = enc.shape
+    width = enc.raw_values.element_size()
+    n_esc, n_raw = int(enc.escapes.numel()), int(enc.raw.sum())
+    coded = (t - n_raw) * d
+    shifts = None if enc.start is None else enc.config.row_shifts(enc.start, t)
+    residuals = 0 if shifts is None else residual_bytes(shifts, enc.raw.numpy()[: len(shifts)], d)
+    stream = nbytes - framing_bytes(t, n_esc, enc.start) - (n_esc + n_raw * d) * width - residuals - \
+        (4 * rans.lanes(coded) if coded else 0)
+    return 8.0 * stream / d + n_raw * 8.0 * width
+
+
 def codec_transform(config: CodecConfig | CodecConfigV2, wire_dtype: torch.dtype = torch.float16) -> Transform:
     """Round trip through the codec (v1 TS + TAB-Q, or v2), sending ``wire_dtype`` (what an fp16
-    edge sends). For v2, ``code_bits`` sums the entropy-coded symbol bits per token (raw tokens at
-    the wire width) and ``outliers`` counts escapes: what :func:`~.costs.frame_bytes_v2` needs."""
+    edge sends). For v2, ``code_bits`` is :func:`v2_code_bits` (the residuals of early positions
+    left out: the planner adds them per position from the config's ``position_shift``) and
+    ``outliers`` counts escapes: what :func:`~.costs.frame_bytes_v2` needs."""
 
     def run(x: torch.Tensor) -> TransferResult:
         enc = encode(x.to(wire_dtype), config)
         if isinstance(config, CodecConfigV2):
-            t, d = enc.shape
-            n_esc, n_raw = int(enc.escapes.numel()), int(enc.raw.sum())
             nbytes = len(enc.to_bytes())
-            coded = (t - n_raw) * d
-            stream = nbytes - framing_bytes(t, n_esc) - (n_esc + n_raw * d) * wire_dtype.itemsize - \
-                (4 * rans.lanes(coded) if coded else 0)
-            code_bits = 8.0 * stream / d + n_raw * 8.0 * wire_dtype.itemsize
-            return TransferResult(decode(enc).to(x.dtype), nbytes, code_bits, n_esc)
+            return TransferResult(decode(enc).to(x.dtype), nbytes, v2_code_bits(enc, nbytes), int(enc.escapes.numel()))
         return TransferResult(
             decode(enc).to(x.dtype), enc.nbytes, float(enc.token_bits.double().sum()), int(enc.num_outliers.sum())
         )
@@ -179,7 +190,10 @@ class SegmentQuantizer:
 @dataclass
 class QualityPoint:
     """One measured configuration. ``ppl_change`` is relative (0.01 = +1%); KL is mean nats/token.
-    ``front_method`` is how the front weights were quantised (QuantConfig.method; the back is RTN)."""
+    ``front_method`` is how the front weights were quantised (QuantConfig.method; the back is RTN).
+    ``position_shift`` is a v2 point's calibrated per-position-band shift (its early positions'
+    residual bits, which ``code_bits`` leaves out); empty for v1 and for tables measured before it
+    was recorded, whose ``code_bits`` average the residuals in."""
 
     split_layer: int
     front_bits: int | None
@@ -194,6 +208,10 @@ class QualityPoint:
     outliers_per_token: float
     tokens: int
     front_method: str = "rtn"
+    position_shift: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.position_shift = tuple(int(s) for s in self.position_shift)  # a JSON list when loaded
 
     @property
     def ppl_change(self) -> float:
@@ -327,12 +345,14 @@ class SplitEvaluator:
         ``front_method`` other than ``"rtn"`` and a v2 spec as ``codec`` need the evaluator's
         calibration ids."""
         log: list[TransferResult] = []
+        position_shift: tuple[int, ...] = ()
         with self.quantizer.segments(split_layer, front_bits, back_bits, front_method):
             if transform is None and codec is None:
                 transform = fp16_transfer
             elif transform is None:
                 config = self.v2_config(split_layer, codec) if is_v2_spec(codec) else codec
                 transform = codec_transform(config, self.wire_dtype)
+                position_shift = getattr(config, "position_shift", ())
             with split_point(self.model, split_layer, transform, log):
                 logits = self._logits()
                 report = compare_logits(self._reference, logits, self.targets)
@@ -353,6 +373,7 @@ class SplitEvaluator:
             outliers_per_token=sum(r.outliers for r in log) / rows,
             tokens=report.tokens,
             front_method=front_method,
+            position_shift=position_shift,
         )
 
 
