@@ -100,8 +100,10 @@ else
   note "- compute-sanitizer: not found (it ships with the CUDA toolkit, in \$CUDA_HOME/bin)"
 fi
 
-# 3. Microbenchmarks (the triton one is written separately; run it when present). First the
+# 3. Microbenchmarks. First the timing method's own check (one cuBLAS GEMV after a read and
+#    after a write L2 flush), then (the triton one is written separately; run it when present) the
 #    codec v2 device pass (kernels, per-token and T=512 frames with host copies, vs the host path).
+step timing_method 60 "$PY" bench/gpu_timing.py && cat "$OUT/timing_method.log" >> "$SUMMARY"
 REMAIN=$(( 470 - ($(date +%s) - START) ))
 if [ "$REMAIN" -gt 120 ]; then
   step bench_codec_v2_gpu 90 "$PY" bench/bench_codec_v2_gpu.py --out "$OUT" $QUICK
