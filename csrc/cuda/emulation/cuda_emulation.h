@@ -239,6 +239,11 @@ inline float __double2float_rd(double v) {
 }
 template <typename T>
 T __ldcs(const T* p) { return *p; }
+template <typename T>
+T __ldcg(const T* p) { return *p; }
+// Blocks run one after another and fibers share one memory: every write is visible at once, so a
+// fence only marks a point where another thread may run.
+inline void __threadfence() { sk_emu::preempt(); }
 using std::isfinite;
 using std::max;
 using std::min;
