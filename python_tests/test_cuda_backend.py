@@ -214,6 +214,19 @@ def test_emulated_codec_forced_widths(emu, dtype):
     assert torch.equal(_emu_decode(emu, got, 75), reference.ts_tabq_decode(*want[:3], *want[4:8], 75))
 
 
+def _emu_gemv(emu, x, q, bias, splits):
+    """One emulated GEMV launch; returns y and the tile counters, which must be zero again."""
+    m, k = x.shape
+    n = q.qweight.shape[0]
+    y = _poisoned(m, n, dtype=x.dtype)
+    partial = _poisoned(splits, m, n, dtype=torch.float32)  # every partial is written before it is read
+    tile_done = torch.zeros(-(-n // 16), dtype=torch.int32)
+    emu.emu_lowbit_gemv(_p(x), _p(q.qweight), _p(q.scale), _p(q.zero), _p(bias), _p(y),
+                        ctypes.c_int(DTYPE_CODE[x.dtype]), I64(m), I64(n), I64(k), ctypes.c_int(q.bits),
+                        I64(q.group_size), ctypes.c_int(splits), _p(partial), _p(tile_done))
+    return y, tile_done
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_gemv_and_dequant_match_reference(emu, bits, dtype):
@@ -229,22 +242,51 @@ def test_emulated_gemv_and_dequant_match_reference(emu, bits, dtype):
     bias = torch.randn(n, generator=g).to(dtype)
     # K = 4160: 130 chunks of 32 codes, so lanes take several unrolled chunks and some fall short.
     long_qw = quantize_weight(torch.randn(n, 4160, generator=g), bits, 64, dtype=dtype)
-    for m, b, q in ((1, None, qw), (3, bias, qw), (8, None, qw), (8, bias, qw), (1, bias, long_qw), (3, None, long_qw)):
-        k = q.in_features
-        x = torch.randn(m, k, generator=g).to(dtype)
-        y = _poisoned(m, n, dtype=dtype)
-        emu.emu_lowbit_gemv(_p(x), _p(q.qweight), _p(q.scale), _p(q.zero), _p(b), _p(y),
-                            ctypes.c_int(DTYPE_CODE[dtype]), I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(64))
+    for m, b, q in ((1, None, qw), (3, bias, qw), (8, None, qw), (16, bias, qw), (1, bias, long_qw),
+                    (3, None, long_qw)):
+        x = torch.randn(m, q.in_features, generator=g).to(dtype)
+        y, _ = _emu_gemv(emu, x, q, b, 1)
         want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, bits, 64, b)
-        assert rel_err(y, want) <= MATMUL_TOL[dtype], (m, k, b is None)
+        assert rel_err(y, want) <= MATMUL_TOL[dtype], (m, q.in_features, b is None)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_emulated_gemv_every_m_and_split_k(emu, bits):
+    # N = 37: two full row tiles and a third whose last warp has one row; K = 2048 (64 chunks)
+    # splits in two; 3 and 16 splits normalise to 2 and 2; every M bucket (1, 2, 3..4, 5..8, 9..16).
+    g = torch.Generator().manual_seed(40 + bits)
+    n, k = 37, 2048
+    for dtype in (torch.float32, torch.float16):
+        q = quantize_weight(torch.randn(n, k, generator=g), bits, 128 if bits != 3 else 64, dtype=dtype)
+        bias = torch.randn(n, generator=g).to(dtype)
+        for m, splits, b in ((1, 1, None), (1, 2, bias), (2, 3, None), (4, 2, bias), (5, 1, bias), (8, 2, None),
+                             (9, 16, bias), (12, 1, None), (16, 2, bias)):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            y, tile_done = _emu_gemv(emu, x, q, b, splits)
+            want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, bits, q.group_size, b)
+            assert rel_err(y, want) <= MATMUL_TOL[dtype], (dtype, m, splits, b is None)
+            assert not tile_done.any(), "split-K must leave its tile counters at zero"
+
+
+def test_emulated_gemv_split_policy(emu):
+    splits = emu.emu_gemv_splits
+    # 4096 x 4096 on 132 SMs: 256 row tiles of 4 warps want 2 splits (64 chunks each).
+    assert splits(I64(4096), I64(4096), 132) == 2
+    assert splits(I64(4096), I64(14336), 132) == 3
+    assert splits(I64(14336), I64(4096), 132) == 1  # enough rows alone
+    assert splits(I64(576), I64(1536), 132) == 1  # under 32 chunks per split
+    assert splits(I64(16), I64(1 << 20), 1000) == 16  # at most 16
+    assert splits(I64(4096), I64(4096), 1) == 1
 
 
 class EmulatedModule:
     """Stands in for splitkernels._C_cuda with the emulated kernels, so the torch glue in
     splitkernels/_backends/cuda.py (argument order, allocation, shapes, fallbacks) runs on CPU tensors."""
 
-    GEMV_MAX_M = 8
+    GEMV_MAX_M = 16
+    GEMV_TILE_ROWS = 16
     CODEC_MAX_D = 40 * 1024 * 8
+    SM_COUNT = 2  # a small device, so the glue's small shapes take the split-K path too
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
@@ -285,10 +327,15 @@ class EmulatedModule:
             ctypes.c_void_p(scratch),
         )
 
-    def lowbit_gemv(self, x, qweight, scale, zero, bias, y, dtype, m, n, k, bits, group_size, stream):
+    def gemv_splits(self, n, k):
+        return self.lib.emu_gemv_splits(I64(n), I64(k), self.SM_COUNT)
+
+    def lowbit_gemv(self, x, qweight, scale, zero, bias, y, dtype, m, n, k, bits, group_size, splits, partial,
+                    tile_done, stream):
         self.lib.emu_lowbit_gemv(
             *(ctypes.c_void_p(a) for a in (x, qweight, scale, zero, bias, y)), ctypes.c_int(dtype), I64(m), I64(n),
-            I64(k), ctypes.c_int(bits), I64(group_size),
+            I64(k), ctypes.c_int(bits), I64(group_size), ctypes.c_int(splits), ctypes.c_void_p(partial),
+            ctypes.c_void_p(tile_done),
         )
 
     def dequantize_weight(self, qweight, scale, zero, w, dtype, n, k, bits, group_size, stream):
@@ -308,6 +355,9 @@ def glue(emu, monkeypatch):
     monkeypatch.setattr(glue_module, "_C", EmulatedModule(emu))
     monkeypatch.setattr(glue_module, "_require_cuda", lambda name, t: None)
     monkeypatch.setattr(glue_module, "_stream", lambda device: 0)
+    monkeypatch.setattr(glue_module, "_capturing", lambda: False)
+    monkeypatch.setattr(glue_module, "_GEMV_SPLITS", {})
+    monkeypatch.setattr(glue_module, "_GEMV_TILE_DONE", {})
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     return glue_module
 
@@ -332,13 +382,17 @@ def test_glue_with_emulated_kernels(glue):
         codes_odd[:, : got[7].shape[1]] = got[7]
         dec = glue.ts_tabq_decode(*got[:3], *got[4:7], codes_odd, 130)
         assert torch.equal(dec, reference.ts_tabq_decode(*want[:3], *want[4:8], 130))
-    for m, group in ((2, 64), (9, 64), (1, 48)):  # GEMV, then the dequantise + matmul fallbacks
-        qw = quantize_weight(torch.randn(10, 192, generator=g), 3, group, dtype=torch.float16)
-        x = torch.randn(m, 192, generator=g).half()
+    # GEMV (K = 2048 splits K in two on the emulated device, twice to reuse the tile counters),
+    # then the dequantise + matmul fallbacks (M over 16, a group size the GEMV does not take).
+    for m, k, group in ((2, 192, 64), (16, 192, 64), (3, 2048, 64), (3, 2048, 64), (17, 192, 64), (1, 192, 48)):
+        qw = quantize_weight(torch.randn(10, k, generator=g), 3, group, dtype=torch.float16)
+        x = torch.randn(m, k, generator=g).half()
         bias = torch.randn(10, generator=g).half()
         got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
         want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
-        assert got.dtype == torch.float16 and rel_err(got, want) <= MATMUL_TOL[torch.float16], (m, group)
+        assert got.dtype == torch.float16 and rel_err(got, want) <= MATMUL_TOL[torch.float16], (m, k, group)
+    assert glue._GEMV_SPLITS[(None, 10, 2048)] == 2
+    assert all(not done.any() for done in glue._GEMV_TILE_DONE.values()) and glue._GEMV_TILE_DONE
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -425,11 +479,12 @@ def test_gpu_codec_forced_widths_and_public_codec(cuda_backend, dtype):
 def test_gpu_lowbit_linear(cuda_backend, bits, dtype):
     g = torch.Generator().manual_seed(10 + bits)
     # (N, K, group): GEMV shapes, then group sizes the GEMV does not take (dequantise + matmul).
-    for n, k, group in ((1536, 576, 64), (257, 1024, 128), (40, 96, 32), (24, 60, 12)):
+    # (300, 4096, 128) splits K on any GPU with 5 or more SMs.
+    for n, k, group in ((1536, 576, 64), (257, 1024, 128), (300, 4096, 128), (40, 96, 32), (24, 60, 12)):
         w = torch.randn(n, k, generator=g)
         qw = quantize_weight(w, bits, group, dtype=dtype).to("cuda")
         bias = torch.randn(n, generator=g).to(dtype)
-        for m in (1, 2, 5, 8, 9, 64):
+        for m in (1, 2, 5, 8, 9, 16, 17, 64):
             x = torch.randn(m, k, generator=g).to(dtype)
             for b in (None, bias):
                 _poison_allocator()

@@ -32,11 +32,10 @@ constexpr int kDequantThreads = 256;
 // Chunks each lane loads per step: 16-byte weight loads at W4 and W8, and about 128 bytes in
 // flight per lane over the warp's rows; halved for the widest M, whose accumulators fill the
 // register file.
+template <int kBits>
+constexpr int kGemvUnrollBase = kBits == 2 ? 4 : kBits == 8 ? 1 : 2;
 template <int kBits, int kMaxM>
-constexpr int gemv_unroll() {
-  constexpr int base = kBits == 2 ? 4 : kBits == 8 ? 1 : 2;
-  return kMaxM >= 8 && base > 1 ? base / 2 : base;
-}
+constexpr int kGemvUnroll = kMaxM >= 8 && kGemvUnrollBase<kBits> > 1 ? kGemvUnrollBase<kBits> / 2 : kGemvUnrollBase<kBits>;
 
 // How the K range of a launch is split: `splits` blocks per row tile, each taking `chunks`
 // 32-code chunks (a multiple of 32, so lanes get equal shares; the last split may get fewer).
@@ -130,12 +129,15 @@ __device__ __forceinline__ constexpr int code_exp(int j) {
 }
 
 // Bits [start, start + 32) of a chunk held in `kBits` words (start is known at compile time once
-// the loops are unrolled, so this is a register move or one funnel shift).
+// the loops are unrolled, so this is a register move or one funnel shift). Plain shifts rather
+// than the __funnelshift_r intrinsic, whose inline assembly the compiler would not merge across
+// the codes of one window.
 template <int kBits>
 __device__ __forceinline__ std::uint32_t chunk_window(const std::uint32_t* w, int start) {
   const int word = start >> 5, shift = start & 31;
   if (shift == 0) return w[word];
-  return __funnelshift_r(w[word], word + 1 < kBits ? w[word + 1] : 0u, shift);
+  const std::uint32_t hi = word + 1 < kBits ? w[word + 1] : 0u;
+  return (w[word] >> shift) | (hi << (32 - shift));
 }
 
 // q_j * s * 2^code_exp(j) for code j (0..31) of a chunk; neg_big_s = -2^23 * s.
@@ -198,7 +200,7 @@ __global__ void __launch_bounds__(kGemvThreads)
                 int* __restrict__ tile_done, int m, std::int64_t n, int k, int group_size, int splits,
                 int split_chunks) {
   constexpr int kR = kGemvRows;
-  constexpr int kU = gemv_unroll<kBits, kMaxM>();
+  constexpr int kU = kGemvUnroll<kBits, kMaxM>;
   const int lane = threadIdx.x & 31;
   const std::int64_t tiles = (n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock;
   const std::int64_t tile = blockIdx.x % tiles;

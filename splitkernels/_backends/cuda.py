@@ -5,9 +5,10 @@ op layer (:mod:`splitkernels.ops`), this file allocates outputs on the input's d
 launches on the current stream (no host sync). Available when the module imports, torch sees a
 CUDA device and the module's own CUDA runtime can use the driver. Never raises at import.
 
-Ops: pack_bits, unpack_bits, ts_tabq_encode, ts_tabq_decode, lowbit_linear (GEMV for
-M = 1..8 with group_size % 32 == 0; other shapes dequantise with a CUDA kernel and call
-``torch.nn.functional.linear`` in fp32, the reference's arithmetic). ``int8_linear`` is not
+Ops: pack_bits, unpack_bits, ts_tabq_encode, ts_tabq_decode, lowbit_linear (fused GEMV for
+M = 1..16 with group_size % 32 == 0, splitting K over several blocks when N alone gives too few
+warps; other shapes dequantise with a CUDA kernel and call ``torch.nn.functional.linear`` in
+fp32, the reference's arithmetic). ``int8_linear`` is not
 implemented here, so the resolver falls back to the next backend for it. Priority on CUDA
 tensors: below ``triton``, above ``reference``; except the codec v2 device pass
 (codec_v2_encode, codec_v2_decode: :mod:`splitkernels.codec.v2_device`), which prefers this
@@ -30,6 +31,10 @@ _HINT = f"The cuda backend needs a CUDA GPU and the CUDA extension: {BUILD_HINT}
 _CUDA = {"cuda": 20}
 
 _C: ModuleType | None = None
+# GEMV split-K: the split count per (device, N, K), and per (device, stream) the kernel's
+# finished-split counters, which it leaves zero after every launch.
+_GEMV_SPLITS: dict[tuple[int | None, int, int], int] = {}
+_GEMV_TILE_DONE: dict[tuple[int | None, int], torch.Tensor] = {}
 
 
 def _stream(device: torch.device) -> int:
@@ -40,6 +45,10 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous and 16-byte aligned (a fresh copy only for offset views)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
 
 
 def _require_cuda(name: str, t: torch.Tensor) -> None:
@@ -76,6 +85,27 @@ def _gemv_shape_ok(m: int, k: int, bits: int, group_size: int) -> bool:
         1 <= m <= _C.GEMV_MAX_M and bits in (2, 3, 4, 8) and group_size % 32 == 0 and k > 0
         and k % group_size == 0 and k < 2**31
     )
+
+
+def _gemv_workspace(device: torch.device, m: int, n: int, k: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """Split count of an M x N x K GEMV and its workspaces (fp32 partials, tile counters)."""
+    key = (device.index, n, k)
+    splits = _GEMV_SPLITS.get(key)
+    if splits is None:
+        splits = _GEMV_SPLITS[key] = _C.gemv_splits(n, k)
+    if splits == 1:
+        return 1, None, None
+    tiles = -(-n // _C.GEMV_TILE_ROWS)
+    stream_key = (device.index, _stream(device))
+    done = _GEMV_TILE_DONE.get(stream_key)
+    if done is None or done.numel() < tiles:
+        if _capturing():
+            # Memory allocated while a CUDA graph captures belongs to that graph: no cached
+            # counters from here, so no split-K either.
+            return 1, None, None
+        done = torch.zeros(max(tiles, 256), dtype=torch.int32, device=device)
+        _GEMV_TILE_DONE[stream_key] = done
+    return splits, torch.empty(splits, m, n, dtype=torch.float32, device=device), done
 
 
 def dequantize_weight(
@@ -118,9 +148,11 @@ def lowbit_linear(
         bias = bias.to(dtype).contiguous()
     y = torch.empty(m, n, dtype=dtype, device=x.device)
     with torch.cuda.device(x.device):
+        splits, partial, done = _gemv_workspace(x.device, m, n, k)
         _C.lowbit_gemv(
             x2.data_ptr(), _aligned(qweight).data_ptr(), scale.data_ptr(), zero.data_ptr(),
             0 if bias is None else bias.data_ptr(), y.data_ptr(), DTYPE_CODE[dtype], m, n, k, bits, group_size,
+            splits, 0 if partial is None else partial.data_ptr(), 0 if done is None else done.data_ptr(),
             _stream(x.device),
         )
     return y.reshape(*x.shape[:-1], n)
