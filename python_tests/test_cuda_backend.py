@@ -268,15 +268,40 @@ def test_emulated_gemv_every_m_and_split_k(emu, bits):
             assert not tile_done.any(), "split-K must leave its tile counters at zero"
 
 
+def test_emulated_tensor_core_gemv(emu):
+    # W4 with fp16/bf16 activations, M >= 5 and group_size % 128 == 0 runs on tensor cores: N = 70
+    # leaves the second 64-row tile's last warp with rows past N; K = 2048 with 2 splits; groups
+    # of 128 (one per 128-code block) and 256 (two blocks each); tokens g + 8 absent below M = 9.
+    g = torch.Generator().manual_seed(77)
+    n, k = 70, 2048
+    for dtype in (torch.float16, torch.bfloat16):
+        for group in (128, 256):
+            q = quantize_weight(torch.randn(n, k, generator=g), 4, group, dtype=dtype)
+            bias = torch.randn(n, generator=g).to(dtype)
+            for m, splits, b in ((5, 1, bias), (8, 2, None), (9, 2, bias), (16, 1, None), (16, 2, bias)):
+                x = torch.randn(m, k, generator=g).to(dtype)
+                x[:, 5] *= 30  # a heavy channel, as in real hidden states
+                y, tile_done = _emu_gemv(emu, x, q, b, splits)
+                want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, 4, group, b)
+                assert rel_err(y, want) <= MATMUL_TOL[dtype], (dtype, group, m, splits, b is None)
+                assert not tile_done.any()
+
+
 def test_emulated_gemv_split_policy(emu):
-    splits = emu.emu_gemv_splits
+    def splits(m, n, k, bits=4, group=128, dtype=1, sms=132):
+        return emu.emu_gemv_splits(I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(group), ctypes.c_int(dtype), sms)
+
     # 4096 x 4096 on 132 SMs: 256 row tiles of 4 warps want 2 splits (64 chunks each).
-    assert splits(I64(4096), I64(4096), 132) == 2
-    assert splits(I64(4096), I64(14336), 132) == 3
-    assert splits(I64(14336), I64(4096), 132) == 1  # enough rows alone
-    assert splits(I64(576), I64(1536), 132) == 1  # under 32 chunks per split
-    assert splits(I64(16), I64(1 << 20), 1000) == 16  # at most 16
-    assert splits(I64(4096), I64(4096), 1) == 1
+    assert splits(1, 4096, 4096) == 2
+    assert splits(1, 4096, 14336) == 3
+    assert splits(1, 14336, 4096) == 1  # enough rows alone
+    assert splits(1, 576, 1536, group=64) == 1  # under 32 chunks per split
+    assert splits(1, 16, 1 << 20, sms=1000) == 16  # at most 16
+    assert splits(1, 4096, 4096, sms=1) == 1
+    # The tensor-core kernel's blocks take 64 rows: fewer warps, more splits.
+    assert splits(16, 4096, 4096) == 4
+    assert splits(16, 4096, 4096, dtype=0) == 2  # fp32 activations stay on CUDA cores
+    assert splits(16, 4096, 4096, group=64) == 2
 
 
 class EmulatedModule:
@@ -327,8 +352,9 @@ class EmulatedModule:
             ctypes.c_void_p(scratch),
         )
 
-    def gemv_splits(self, n, k):
-        return self.lib.emu_gemv_splits(I64(n), I64(k), self.SM_COUNT)
+    def gemv_splits(self, m, n, k, bits, group_size, dtype):
+        return self.lib.emu_gemv_splits(I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(group_size),
+                                        ctypes.c_int(dtype), self.SM_COUNT)
 
     def lowbit_gemv(self, x, qweight, scale, zero, bias, y, dtype, m, n, k, bits, group_size, splits, partial,
                     tile_done, stream):
@@ -391,7 +417,14 @@ def test_glue_with_emulated_kernels(glue):
         got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
         want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
         assert got.dtype == torch.float16 and rel_err(got, want) <= MATMUL_TOL[torch.float16], (m, k, group)
-    assert glue._GEMV_SPLITS[(None, 10, 2048)] == 2
+    assert glue._GEMV_SPLITS[(None, 3, 10, 2048, 3, 64, 1)] == 2
+    # W4, fp16, M = 8, group 128: the tensor-core kernel, split in two.
+    qw = quantize_weight(torch.randn(10, 2048, generator=g), 4, 128, dtype=torch.float16)
+    x = torch.randn(8, 2048, generator=g).half()
+    got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+    want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+    assert rel_err(got, want) <= MATMUL_TOL[torch.float16]
+    assert glue._GEMV_SPLITS[(None, 8, 10, 2048, 4, 128, 1)] == 2
     assert all(not done.any() for done in glue._GEMV_TILE_DONE.values()) and glue._GEMV_TILE_DONE
 
 

@@ -40,7 +40,8 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("bias"), py::arg("y"), py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"),
         py::arg("group_size"), py::arg("splits"), py::arg("partial"), py::arg("tile_done"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("gemv_splits", &gemv_splits, py::arg("n"), py::arg("k"),
+  m.def("gemv_splits", &gemv_splits, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"),
+        py::arg("dtype"),
         "Blocks the GEMV splits K over on the current device (1 = no split-K)");
   m.def("dequantize_weight", &dequantize_weight, py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("w"),
         py::arg("dtype"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("stream"),

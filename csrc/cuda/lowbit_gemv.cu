@@ -34,6 +34,17 @@ struct GemvArgs {
   cudaStream_t stream;
 };
 
+template <typename T>
+void launch_gemv_tc(const GemvArgs& a) {
+  const std::int64_t tiles = (a.n + kTcRowsPerBlock - 1) / kTcRowsPerBlock;
+  const unsigned grid = static_cast<unsigned>(tiles * a.split.splits);
+  gemv_tc_kernel<T><<<grid, kTcThreads, 0, a.stream>>>(
+      reinterpret_cast<const T*>(a.x), reinterpret_cast<const std::uint32_t*>(a.qweight),
+      reinterpret_cast<const T*>(a.scale), reinterpret_cast<const T*>(a.zero), reinterpret_cast<const T*>(a.bias),
+      reinterpret_cast<T*>(a.y), reinterpret_cast<float*>(a.partial), reinterpret_cast<int*>(a.tile_done), a.m, a.n,
+      a.k, a.group_size, a.split.splits, a.split.chunks);
+}
+
 template <typename T, int kBits, int kMaxM>
 void launch_gemv_m(const GemvArgs& a) {
   const std::int64_t tiles = (a.n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock;
@@ -68,7 +79,9 @@ void launch_gemv(const GemvArgs& a, int bits) {
 
 }  // namespace
 
-int gemv_splits(std::int64_t n, std::int64_t k) { return gemv_splits_for(n, k, sm_count()); }
+int gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
+  return gemv_splits_for_shape(m, n, k, bits, group_size, dtype, sm_count());
+}
 
 void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, ptr_t y, int dtype, std::int64_t m,
                  std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int splits, ptr_t partial,
@@ -91,6 +104,12 @@ void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, pt
   }
   const GemvArgs a{x, qweight, scale, zero, bias, y, partial, tile_done, static_cast<int>(m), static_cast<int>(k),
                    static_cast<int>(group_size), n, split, as_stream(stream)};
+  if (gemv_uses_tc(m, bits, group_size, dtype)) {
+    if (dtype == kFloat16) launch_gemv_tc<__half>(a);
+    else launch_gemv_tc<__nv_bfloat16>(a);
+    check_launch("lowbit_gemv launch");
+    return;
+  }
   switch (dtype) {
     case kFloat32: launch_gemv<float>(a, bits); break;
     case kFloat16: launch_gemv<__half>(a, bits); break;

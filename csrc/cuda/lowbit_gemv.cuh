@@ -12,7 +12,10 @@
 //   each writes fp32 partials, and the last block of a row tile to finish adds them.
 #pragma once
 
+#include <cstring>
+
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace sk {
 namespace cuda {
@@ -54,10 +57,11 @@ inline GemvSplit gemv_split(std::int64_t k, int requested) {
   return {chunks == 0 ? 1 : (chunks + per - 1) / per, per};
 }
 
-// Splits for an M x N x K GEMV on a device with `sm_count` SMs: enough blocks for about
-// kGemvTargetWarpsPerSm warps per SM, at least kGemvMinSplitChunks chunks per split.
-inline int gemv_splits_for(std::int64_t n, std::int64_t k, int sm_count) {
-  const std::int64_t tiles = (n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock;
+// Splits for an N x K GEMV whose blocks of 4 warps take rows_per_block rows, on a device with
+// `sm_count` SMs: enough blocks for about kGemvTargetWarpsPerSm warps per SM, at least
+// kGemvMinSplitChunks chunks per split.
+inline int gemv_splits_for(std::int64_t n, std::int64_t k, int rows_per_block, int sm_count) {
+  const std::int64_t tiles = (n + rows_per_block - 1) / rows_per_block;
   const std::int64_t warps = tiles * kGemvWarps;
   const std::int64_t want = static_cast<std::int64_t>(sm_count) * kGemvTargetWarpsPerSm;
   std::int64_t s = warps > 0 ? (want + warps - 1) / warps : 1;
@@ -188,6 +192,32 @@ __device__ __forceinline__ int gemv_reduced_index(int lane) {
   return index;
 }
 
+// Split-K epilogue of a block whose fp32 partials [splits, M, N] are written: the block that
+// completes its row tile's count adds the tile's partials in split order (+ bias) into y and
+// leaves the count at zero for the next launch on the stream. Every thread of the block calls it.
+template <int kRowsPerBlock, typename T>
+__device__ __forceinline__ void finish_split(const float* __restrict__ partial, int* __restrict__ tile_done,
+                                             const T* __restrict__ bias, T* __restrict__ y, int m, std::int64_t n,
+                                             std::int64_t tile, int splits) {
+  __shared__ int last;
+  __threadfence();  // this block's partials are visible device-wide before its count
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(tile_done + tile, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int t = threadIdx.x; t < kRowsPerBlock * m; t += blockDim.x) {
+    const int i = t / kRowsPerBlock;
+    const std::int64_t row = tile * kRowsPerBlock + t % kRowsPerBlock;
+    if (row < n) {
+      float sum = 0.0f;
+      for (int sp = 0; sp < splits; ++sp) sum += __ldcg(partial + (static_cast<std::int64_t>(sp) * m + i) * n + row);
+      store_f32(y, static_cast<std::int64_t>(i) * n + row, sum + (bias != nullptr ? load_f32(bias, row) : 0.0f));
+    }
+  }
+  if (threadIdx.x == 0) tile_done[tile] = 0;
+}
+
 // Block b takes row tile b % tiles (kGemvRowsPerBlock rows; warp w its rows 4w..4w+3) and
 // chunks [split * split_chunks, (split + 1) * split_chunks) of K, split = b / tiles. With one
 // split it writes y (+ bias); otherwise fp32 partials [splits, M, N] and a count per tile in
@@ -305,6 +335,8 @@ __global__ void __launch_bounds__(kGemvThreads)
   constexpr int kLeft = kValues >= 32 ? kValues / 32 : 1;
   // With fewer than 32 values, lanes that differ only in the low bits hold copies of one sum.
   const bool owner = kValues >= 32 || (lane & (32 / kValues - 1)) == 0;
+  // splits is uniform over the grid, so either every thread of a block reaches finish_split's
+  // barriers or none does.
   const int first = gemv_reduced_index<kValues>(lane);
 #pragma unroll
   for (int t = 0; t < kLeft; ++t) {
@@ -318,25 +350,200 @@ __global__ void __launch_bounds__(kGemvThreads)
       }
     }
   }
-  if (splits == 1) return;  // uniform over the grid: no block waits at the barriers below
+  if (splits > 1) finish_split<kGemvRowsPerBlock>(partial, tile_done, bias, y, m, n, tile, splits);
+}
 
-  __shared__ int last;
-  __threadfence();  // this block's partials are visible device-wide before its count
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(tile_done + tile, 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int t = threadIdx.x; t < kGemvRowsPerBlock * m; t += kGemvThreads) {
-    const int i = t / kGemvRowsPerBlock;
-    const std::int64_t row = tile * kGemvRowsPerBlock + t % kGemvRowsPerBlock;
-    if (row < n) {
-      float sum = 0.0f;
-      for (int sp = 0; sp < splits; ++sp) sum += __ldcg(partial + (static_cast<std::int64_t>(sp) * m + i) * n + row);
-      store_f32(y, static_cast<std::int64_t>(i) * n + row, sum + (bias != nullptr ? load_f32(bias, row) : 0.0f));
+// ---- Tensor-core GEMV: W4, fp16/bf16 activations, group_size % 128 == 0, kGemvTcMinM <= M <= 16.
+// With M tokens the CUDA-core kernel above spends M FFMAs per weight; here the tokens are the 16
+// rows of an m16n8k16 MMA (mma.cuh) and each warp owns kTcTiles tiles of 8 weight rows. A step
+// of the K loop is a block of 128 codes, which lies in one group: lane (g, t) of the warp loads
+// the 16-byte chunk t of the block of row 8 * tile + g, and it feeds the MMA's k slots 2t, 2t+1,
+// 2t+8, 2t+9 from its own chunk (the order of k inside an MMA is free as long as A and B agree):
+// step 2w + h (w = word 0..3, h = 0, 1) takes codes {2h, 2h+4} and {2h+1, 2h+5} of word w. Those
+// pairs are exact fp16/bf16 integers from one LOP3 (the 2^10 / 2^7 magic) and one subtraction,
+// and the activations at the same k come from one 16-byte load per word and a byte permute.
+// Products q * x are exact in the fp32 accumulator; per block and row, the group's scale
+// multiplies the MMA sum and its zero the activation sum, which one more MMA against ones gives.
+
+constexpr int kGemvTcMinM = 5;
+constexpr int kTcWarps = 4;
+constexpr int kTcThreads = 32 * kTcWarps;
+constexpr int kTcTiles = 2;  // 8-row tiles per warp
+constexpr int kTcRowsPerBlock = kTcWarps * kTcTiles * 8;
+constexpr int kTcUnroll = 2;  // 128-code blocks in flight per step
+
+// Whether an M x K GEMV with these codes and activations takes the tensor-core kernel.
+inline bool gemv_uses_tc(std::int64_t m, int bits, std::int64_t group_size, int dtype) {
+  return m >= kGemvTcMinM && m <= 16 && bits == 4 && group_size % 128 == 0 && (dtype == kFloat16 || dtype == kBFloat16);
+}
+
+// Rows per block and split count of the kernel an M x N x K GEMV takes (the launcher's choice).
+inline int gemv_rows_per_block(std::int64_t m, int bits, std::int64_t group_size, int dtype) {
+  return gemv_uses_tc(m, bits, group_size, dtype) ? kTcRowsPerBlock : kGemvRowsPerBlock;
+}
+inline int gemv_splits_for_shape(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size,
+                                 int dtype, int sm_count) {
+  return gemv_splits_for(n, k, gemv_rows_per_block(m, bits, group_size, dtype), sm_count);
+}
+
+template <typename T>
+struct TcCodes;
+template <>
+struct TcCodes<__half> {
+  using T2 = __half2;
+  static constexpr std::uint32_t kMagic = 0x64006400u;  // (1024, 1024): codes in the low mantissa bits
+  static constexpr std::uint32_t kOnes = 0x3C003C00u;
+};
+template <>
+struct TcCodes<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr std::uint32_t kMagic = 0x43004300u;  // (128, 128)
+  static constexpr std::uint32_t kOnes = 0x3F803F80u;
+};
+
+// Codes (i, i + 4) of an 8-code word as a pair of exact T values.
+template <typename T>
+__device__ __forceinline__ std::uint32_t tc_code_pair(std::uint32_t word, int i) {
+  using C = TcCodes<T>;
+  const std::uint32_t v = ((word >> (4 * i)) & 0x000F000Fu) | C::kMagic, base = C::kMagic;
+  typename C::T2 h, magic;
+  memcpy(&h, &v, 4);
+  memcpy(&magic, &base, 4);
+  h = __hsub2(h, magic);
+  std::uint32_t out;
+  memcpy(&out, &h, 4);
+  return out;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTcThreads)
+    gemv_tc_kernel(const T* __restrict__ x, const std::uint32_t* __restrict__ qweight, const T* __restrict__ scale,
+                   const T* __restrict__ zero, const T* __restrict__ bias, T* __restrict__ y,
+                   float* __restrict__ partial, int* __restrict__ tile_done, int m, std::int64_t n, int k,
+                   int group_size, int splits, int split_chunks) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const std::int64_t tiles = (n + kTcRowsPerBlock - 1) / kTcRowsPerBlock;
+  const std::int64_t tile = blockIdx.x % tiles;
+  const int split = static_cast<int>(blockIdx.x / tiles);
+  const std::int64_t warp_row0 = tile * kTcRowsPerBlock + (threadIdx.x >> 5) * (kTcTiles * 8);
+  const int groups = k / group_size;
+  const int blocks_per_group = group_size / 128;
+  // split_chunks is a multiple of 32 chunks, so splits end on 128-code blocks.
+  const int b_begin = split * (split_chunks / 4);
+  const int b_end = min(k / 128, b_begin + split_chunks / 4);
+  const std::int64_t words = k / 8;
+
+  // B side: row 8 * tile + g; accumulator side: rows 8 * tile + 2t + e. Rows past N read row
+  // N - 1 and are never stored: every lane stays for the MMAs.
+  const std::uint32_t* wrow[kTcTiles];
+  const T* srow[kTcTiles][2];
+  const T* zrow[kTcTiles][2];
+#pragma unroll
+  for (int tl = 0; tl < kTcTiles; ++tl) {
+    wrow[tl] = qweight + min(warp_row0 + 8 * tl + g, n - 1) * words + 4 * t;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const std::int64_t row = min(warp_row0 + 8 * tl + 2 * t + e, n - 1);
+      srow[tl][e] = scale + row * groups;
+      zrow[tl][e] = zero + row * groups;
     }
   }
-  if (threadIdx.x == 0) tile_done[tile] = 0;  // ready for the next launch on this stream
+  // A side: tokens g and g + 8 (absent tokens are zeros), the chunk t of each block.
+  const bool has_lo = g < m, has_hi = g + 8 < m;
+  const T* x_lo = x + static_cast<std::int64_t>(has_lo ? g : 0) * k + 32 * t;
+  const T* x_hi = x + static_cast<std::int64_t>(has_hi ? g + 8 : 0) * k + 32 * t;
+  std::uint32_t ones[2];
+  ones[0] = ones[1] = TcCodes<T>::kOnes;
+
+  float acc[kTcTiles][4];
+#pragma unroll
+  for (int tl = 0; tl < kTcTiles; ++tl) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[tl][c] = 0.0f;
+  }
+
+  for (int b0 = b_begin; b0 < b_end; b0 += kTcUnroll) {
+    std::uint32_t w[kTcUnroll][kTcTiles][4];
+    float s[kTcUnroll][kTcTiles][2], z[kTcUnroll][kTcTiles][2];
+#pragma unroll
+    for (int u = 0; u < kTcUnroll; ++u) {
+      const int b = b0 + u;
+      if (b < b_end) {
+        const int gi = b / blocks_per_group;
+#pragma unroll
+        for (int tl = 0; tl < kTcTiles; ++tl) {
+          const uint4 v = __ldcs(reinterpret_cast<const uint4*>(wrow[tl] + 16 * static_cast<std::int64_t>(b)));
+          w[u][tl][0] = v.x; w[u][tl][1] = v.y; w[u][tl][2] = v.z; w[u][tl][3] = v.w;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            s[u][tl][e] = load_f32(srow[tl][e], gi);
+            z[u][tl][e] = load_f32(zrow[tl][e], gi);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kTcUnroll; ++u) {
+      const int b = b0 + u;
+      if (b >= b_end) break;  // uniform over the warp
+      float dq[kTcTiles][4], dsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int tl = 0; tl < kTcTiles; ++tl) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dq[tl][c] = 0.0f;
+      }
+#pragma unroll
+      for (int wd = 0; wd < 4; ++wd) {
+        uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = make_uint4(0u, 0u, 0u, 0u);
+        if (has_lo) lo = *reinterpret_cast<const uint4*>(x_lo + 128 * static_cast<std::int64_t>(b) + 8 * wd);
+        if (has_hi) hi = *reinterpret_cast<const uint4*>(x_hi + 128 * static_cast<std::int64_t>(b) + 8 * wd);
+        const std::uint32_t xl[4] = {lo.x, lo.y, lo.z, lo.w}, xh[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // k slots (2t, 2t+1) = codes (2h, 2h+4), slots (2t+8, 2t+9) = codes (2h+1, 2h+5) of word wd.
+          std::uint32_t a[4];
+          a[0] = __byte_perm(xl[h], xl[h + 2], 0x5410);
+          a[1] = __byte_perm(xh[h], xh[h + 2], 0x5410);
+          a[2] = __byte_perm(xl[h], xl[h + 2], 0x7632);
+          a[3] = __byte_perm(xh[h], xh[h + 2], 0x7632);
+#pragma unroll
+          for (int tl = 0; tl < kTcTiles; ++tl) {
+            std::uint32_t bq[2];
+            bq[0] = tc_code_pair<T>(w[u][tl][wd], 2 * h);
+            bq[1] = tc_code_pair<T>(w[u][tl][wd], 2 * h + 1);
+            mma_m16n8k16<T>(dq[tl], a, bq);
+          }
+          mma_m16n8k16<T>(dsum, a, ones);
+        }
+      }
+      // d[e] is token g, row 2t + e; d[2 + e] token g + 8, the same row.
+#pragma unroll
+      for (int tl = 0; tl < kTcTiles; ++tl) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          acc[tl][c] = fmaf(s[u][tl][c & 1], dq[tl][c], fmaf(z[u][tl][c & 1], dsum[c], acc[tl][c]));
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int tl = 0; tl < kTcTiles; ++tl) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int i = c < 2 ? g : g + 8;
+      const std::int64_t row = warp_row0 + 8 * tl + 2 * t + (c & 1);
+      if (i < m && row < n) {
+        if (splits == 1) {
+          store_f32(y, static_cast<std::int64_t>(i) * n + row,
+                    acc[tl][c] + (bias != nullptr ? load_f32(bias, row) : 0.0f));
+        } else {
+          partial[(static_cast<std::int64_t>(split) * m + i) * n + row] = acc[tl][c];
+        }
+      }
+    }
+  }
+  if (splits > 1) finish_split<kTcRowsPerBlock>(partial, tile_done, bias, y, m, n, tile, splits);
 }
 
 // One thread per weight; the reference's two roundings (q * scale, then + zero), no FMA.

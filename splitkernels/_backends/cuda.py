@@ -6,9 +6,10 @@ launches on the current stream (no host sync). Available when the module imports
 CUDA device and the module's own CUDA runtime can use the driver. Never raises at import.
 
 Ops: pack_bits, unpack_bits, ts_tabq_encode, ts_tabq_decode, lowbit_linear (fused GEMV for
-M = 1..16 with group_size % 32 == 0, splitting K over several blocks when N alone gives too few
-warps; other shapes dequantise with a CUDA kernel and call ``torch.nn.functional.linear`` in
-fp32, the reference's arithmetic). ``int8_linear`` is not
+M = 1..16 with group_size % 32 == 0, on tensor cores for W4 with fp16/bf16 activations, M >= 5
+and group_size % 128 == 0, splitting K over several blocks when N alone gives too few warps;
+other shapes dequantise with a CUDA kernel and call ``torch.nn.functional.linear`` in fp32, the
+reference's arithmetic). ``int8_linear`` is not
 implemented here, so the resolver falls back to the next backend for it. Priority on CUDA
 tensors: below ``triton``, above ``reference``; except the codec v2 device pass
 (codec_v2_encode, codec_v2_decode: :mod:`splitkernels.codec.v2_device`), which prefers this
@@ -31,9 +32,9 @@ _HINT = f"The cuda backend needs a CUDA GPU and the CUDA extension: {BUILD_HINT}
 _CUDA = {"cuda": 20}
 
 _C: ModuleType | None = None
-# GEMV split-K: the split count per (device, N, K), and per (device, stream) the kernel's
-# finished-split counters, which it leaves zero after every launch.
-_GEMV_SPLITS: dict[tuple[int | None, int, int], int] = {}
+# GEMV split-K: the split count per (device, M, N, K, bits, group_size, dtype), and per (device,
+# stream) the kernel's finished-split counters, which it leaves zero after every launch.
+_GEMV_SPLITS: dict[tuple, int] = {}
 _GEMV_TILE_DONE: dict[tuple[int | None, int], torch.Tensor] = {}
 
 
@@ -87,12 +88,14 @@ def _gemv_shape_ok(m: int, k: int, bits: int, group_size: int) -> bool:
     )
 
 
-def _gemv_workspace(device: torch.device, m: int, n: int, k: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+def _gemv_workspace(
+    device: torch.device, m: int, n: int, k: int, bits: int, group_size: int, dtype: int
+) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
     """Split count of an M x N x K GEMV and its workspaces (fp32 partials, tile counters)."""
-    key = (device.index, n, k)
+    key = (device.index, m, n, k, bits, group_size, dtype)
     splits = _GEMV_SPLITS.get(key)
     if splits is None:
-        splits = _GEMV_SPLITS[key] = _C.gemv_splits(n, k)
+        splits = _GEMV_SPLITS[key] = _C.gemv_splits(m, n, k, bits, group_size, dtype)
     if splits == 1:
         return 1, None, None
     tiles = -(-n // _C.GEMV_TILE_ROWS)
@@ -148,7 +151,7 @@ def lowbit_linear(
         bias = bias.to(dtype).contiguous()
     y = torch.empty(m, n, dtype=dtype, device=x.device)
     with torch.cuda.device(x.device):
-        splits, partial, done = _gemv_workspace(x.device, m, n, k)
+        splits, partial, done = _gemv_workspace(x.device, m, n, k, bits, group_size, DTYPE_CODE[dtype])
         _C.lowbit_gemv(
             x2.data_ptr(), _aligned(qweight).data_ptr(), scale.data_ptr(), zero.data_ptr(),
             0 if bias is None else bias.data_ptr(), y.data_ptr(), DTYPE_CODE[dtype], m, n, k, bits, group_size,

@@ -67,13 +67,35 @@ void emu_ts_tabq_decode(const std::uint8_t* bits, const void* lo, const void* st
 }
 
 // The GEMV with `splits` as the launcher normalises it (partial: fp32 [splits, M, N], tile_done:
-// int32 [ceil(N / 16)], zero); emu_gemv_splits is the launcher's choice for a device of sm_count SMs.
-int emu_gemv_splits(std::int64_t n, std::int64_t k, int sm_count) { return gemv_splits_for(n, k, sm_count); }
+// int32 [ceil(N / 16)], zero), on the kernel the launcher picks; emu_gemv_splits is the
+// launcher's split count for a device of sm_count SMs.
+int emu_gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype,
+                    int sm_count) {
+  return gemv_splits_for_shape(m, n, k, bits, group_size, dtype, sm_count);
+}
 
 void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* scale, const void* zero,
                      const void* bias, void* y, int dtype, std::int64_t m, std::int64_t n, std::int64_t k, int bits,
                      std::int64_t group_size, int splits, float* partial, int* tile_done) {
   const GemvSplit split = gemv_split(k, splits);
+  const int mi = static_cast<int>(m), ki = static_cast<int>(k), gi = static_cast<int>(group_size);
+  if (gemv_uses_tc(m, bits, group_size, dtype)) {
+    const unsigned grid = static_cast<unsigned>((n + kTcRowsPerBlock - 1) / kTcRowsPerBlock * split.splits);
+    auto run_tc = [&](auto tag) {
+      using T = decltype(tag);
+      const auto* xp = static_cast<const T*>(x);
+      const auto* sp = static_cast<const T*>(scale);
+      const auto* zp = static_cast<const T*>(zero);
+      const auto* bp = static_cast<const T*>(bias);
+      auto* yp = static_cast<T*>(y);
+      sk_emu::launch(grid, kTcThreads, 0, [=] {
+        gemv_tc_kernel<T>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits, split.chunks);
+      });
+    };
+    if (dtype == kFloat16) run_tc(__half{});
+    else run_tc(__nv_bfloat16{});
+    return;
+  }
   const unsigned grid = static_cast<unsigned>((n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock * split.splits);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -82,7 +104,6 @@ void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* sc
     const auto* zp = static_cast<const T*>(zero);
     const auto* bp = static_cast<const T*>(bias);
     auto* yp = static_cast<T*>(y);
-    const int mi = static_cast<int>(m), ki = static_cast<int>(k), gi = static_cast<int>(group_size);
     auto run = [&](auto bits_tag, auto m_tag) {
       constexpr int B = decltype(bits_tag)::value, kMaxM = decltype(m_tag)::value;
       sk_emu::launch(grid, kGemvThreads, 0, [=] {
