@@ -96,16 +96,14 @@ def _gemv_workspace(
     splits = _GEMV_SPLITS.get(key)
     if splits is None:
         splits = _GEMV_SPLITS[key] = _C.gemv_splits(m, n, k, bits, group_size, dtype)
-    if splits == 1:
+    if splits == 1 or _capturing():
+        # A captured graph may be replayed on any stream, beside launches that use this stream's
+        # counters: graphs get the unsplit kernel.
         return 1, None, None
     tiles = -(-n // _C.GEMV_TILE_ROWS)
     stream_key = (device.index, _stream(device))
     done = _GEMV_TILE_DONE.get(stream_key)
     if done is None or done.numel() < tiles:
-        if _capturing():
-            # Memory allocated while a CUDA graph captures belongs to that graph: no cached
-            # counters from here, so no split-K either.
-            return 1, None, None
         done = torch.zeros(max(tiles, 256), dtype=torch.int32, device=device)
         _GEMV_TILE_DONE[stream_key] = done
     return splits, torch.empty(splits, m, n, dtype=torch.float32, device=device), done
