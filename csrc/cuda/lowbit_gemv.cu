@@ -1,6 +1,6 @@
-// Launchers of the low-bit GEMV and dequantisation kernels.
-#include "lowbit_gemv.cuh"
-#include "launchers.h"
+// Launchers of the low-bit GEMV (checks and dispatch; the kernels are instantiated per dtype in
+// lowbit_gemv_{f32,f16,bf16}.cu) and of the dequantisation kernel.
+#include "lowbit_gemv_launch.cuh"
 
 #include <atomic>
 
@@ -9,6 +9,8 @@ namespace cuda {
 namespace {
 
 using namespace kernels;
+using gemv_launch::GemvArgs;
+using gemv_launch::launch_gemv;
 static_assert(kGemvRowsPerBlock == kGemvTileRows, "launchers.h tells the glue the GEMV's tile height");
 
 // The SM count of the current device, asked once per device.
@@ -24,57 +26,6 @@ int sm_count() {
     cache[device].store(count, std::memory_order_relaxed);
   }
   return count;
-}
-
-struct GemvArgs {
-  ptr_t x, qweight, scale, zero, bias, y, partial, tile_done;
-  int m, k, group_size;
-  std::int64_t n;
-  GemvSplit split;
-  cudaStream_t stream;
-};
-
-template <typename T>
-void launch_gemv_tc(const GemvArgs& a) {
-  const std::int64_t tiles = (a.n + kTcRowsPerBlock - 1) / kTcRowsPerBlock;
-  const unsigned grid = static_cast<unsigned>(tiles * a.split.splits);
-  gemv_tc_kernel<T><<<grid, kTcThreads, 0, a.stream>>>(
-      reinterpret_cast<const T*>(a.x), reinterpret_cast<const std::uint32_t*>(a.qweight),
-      reinterpret_cast<const T*>(a.scale), reinterpret_cast<const T*>(a.zero), reinterpret_cast<const T*>(a.bias),
-      reinterpret_cast<T*>(a.y), reinterpret_cast<float*>(a.partial), reinterpret_cast<int*>(a.tile_done), a.m, a.n,
-      a.k, a.group_size, a.split.splits, a.split.chunks);
-}
-
-template <typename T, int kBits, int kMaxM>
-void launch_gemv_m(const GemvArgs& a) {
-  const std::int64_t tiles = (a.n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock;
-  const unsigned grid = static_cast<unsigned>(tiles * a.split.splits);
-  gemv_kernel<T, kBits, kMaxM><<<grid, kGemvThreads, 0, a.stream>>>(
-      reinterpret_cast<const T*>(a.x), reinterpret_cast<const std::uint32_t*>(a.qweight),
-      reinterpret_cast<const T*>(a.scale), reinterpret_cast<const T*>(a.zero), reinterpret_cast<const T*>(a.bias),
-      reinterpret_cast<T*>(a.y), reinterpret_cast<float*>(a.partial), reinterpret_cast<int*>(a.tile_done), a.m, a.n,
-      a.k, a.group_size, a.split.splits, a.split.chunks);
-}
-
-// One kernel per accumulator budget: M = 1 (the decode step), 2, 3..4, 5..8, 9..16.
-template <typename T, int kBits>
-void launch_gemv_bits(const GemvArgs& a) {
-  if (a.m == 1) return launch_gemv_m<T, kBits, 1>(a);
-  if (a.m == 2) return launch_gemv_m<T, kBits, 2>(a);
-  if (a.m <= 4) return launch_gemv_m<T, kBits, 4>(a);
-  if (a.m <= 8) return launch_gemv_m<T, kBits, 8>(a);
-  return launch_gemv_m<T, kBits, 16>(a);
-}
-
-template <typename T>
-void launch_gemv(const GemvArgs& a, int bits) {
-  switch (bits) {
-    case 2: return launch_gemv_bits<T, 2>(a);
-    case 3: return launch_gemv_bits<T, 3>(a);
-    case 4: return launch_gemv_bits<T, 4>(a);
-    case 8: return launch_gemv_bits<T, 8>(a);
-    default: throw std::invalid_argument("lowbit_gemv: bits must be 2, 3, 4 or 8, got " + std::to_string(bits));
-  }
 }
 
 }  // namespace
@@ -104,16 +55,11 @@ void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, pt
   }
   const GemvArgs a{x, qweight, scale, zero, bias, y, partial, tile_done, static_cast<int>(m), static_cast<int>(k),
                    static_cast<int>(group_size), n, split, as_stream(stream)};
-  if (gemv_uses_tc(m, bits, group_size, dtype)) {
-    if (dtype == kFloat16) launch_gemv_tc<__half>(a);
-    else launch_gemv_tc<__nv_bfloat16>(a);
-    check_launch("lowbit_gemv launch");
-    return;
-  }
+  const bool tc = gemv_uses_tc(m, bits, group_size, dtype);
   switch (dtype) {
-    case kFloat32: launch_gemv<float>(a, bits); break;
-    case kFloat16: launch_gemv<__half>(a, bits); break;
-    case kBFloat16: launch_gemv<__nv_bfloat16>(a, bits); break;
+    case kFloat32: launch_gemv<float>(a, bits, tc); break;
+    case kFloat16: launch_gemv<__half>(a, bits, tc); break;
+    case kBFloat16: launch_gemv<__nv_bfloat16>(a, bits, tc); break;
     default: throw std::invalid_argument("lowbit_gemv: unknown dtype code " + std::to_string(dtype));
   }
   check_launch("lowbit_gemv launch");
