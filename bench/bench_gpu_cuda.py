@@ -225,7 +225,8 @@ def main() -> int:
                   (14336, 4096, 4, 128, all_m, True), (576, 1536, 4, 64, (1, 16), False),
                   (1536, 576, 4, 64, (1, 16), False), (576, 1536, 4, 32, (1,), False)]
     gemv_cases += [(4096, 4096, b, 128, (1,) if args.quick else (1, 16), False) for b in (2, 3, 8)]
-    for n, k, bits, group, ms, triton_at_m1 in gemv_cases:
+    for i, (n, k, bits, group, ms, triton_at_m1) in enumerate(gemv_cases):
+        triton_at_m1 = triton_at_m1 and (i == 0 or not args.quick)  # triton compiles per shape: once in --quick
         rows += bench_gemv(timer, copy_bw, peak, n, k, bits, group, ms, triton_at_m1)
         save()
         print(f"gemv N={n} K={k} W{bits} g{group} done", flush=True)

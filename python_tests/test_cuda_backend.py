@@ -269,16 +269,18 @@ def test_emulated_gemv_every_m_and_split_k(emu, bits):
 
 
 def test_emulated_tensor_core_gemv(emu):
-    # W4 with fp16/bf16 activations, M >= 5 and group_size % 128 == 0 runs on tensor cores: N = 70
-    # leaves the second 64-row tile's last warp with rows past N; K = 2048 with 2 splits; groups
-    # of 128 (one per 128-code block) and 256 (two blocks each); tokens g + 8 absent below M = 9.
+    # W4 with fp16/bf16 activations, M = 5..32 and group_size % 128 == 0 runs on tensor cores (above
+    # 16 tokens in passes of 16): N = 70 leaves the second 64-row tile's last warp with rows past N;
+    # K = 2048 with 2 splits; groups of 128 (one per 128-code block) and 256 (two blocks each);
+    # tokens g + 8 absent below M = 9 and in the last pass of M = 24.
     g = torch.Generator().manual_seed(77)
     n, k = 70, 2048
     for dtype in (torch.float16, torch.bfloat16):
         for group in (128, 256):
             q = quantize_weight(torch.randn(n, k, generator=g), 4, group, dtype=dtype)
             bias = torch.randn(n, generator=g).to(dtype)
-            for m, splits, b in ((5, 1, bias), (8, 2, None), (9, 2, bias), (16, 1, None), (16, 2, bias)):
+            for m, splits, b in ((5, 1, bias), (8, 2, None), (9, 2, bias), (16, 1, None), (16, 2, bias),
+                                 (24, 2, bias), (32, 1, None)):
                 x = torch.randn(m, k, generator=g).to(dtype)
                 x[:, 5] *= 30  # a heavy channel, as in real hidden states
                 y, tile_done = _emu_gemv(emu, x, q, b, splits)
@@ -308,7 +310,6 @@ class EmulatedModule:
     """Stands in for splitkernels._C_cuda with the emulated kernels, so the torch glue in
     splitkernels/_backends/cuda.py (argument order, allocation, shapes, fallbacks) runs on CPU tensors."""
 
-    GEMV_MAX_M = 16
     GEMV_TILE_ROWS = 16
     CODEC_MAX_D = 40 * 1024 * 8
     SM_COUNT = 2  # a small device, so the glue's small shapes take the split-K path too
@@ -352,6 +353,10 @@ class EmulatedModule:
             ctypes.c_void_p(scratch),
         )
 
+    def gemv_fused(self, m, k, bits, group_size, dtype):
+        self.lib.emu_gemv_fused.restype = ctypes.c_bool
+        return self.lib.emu_gemv_fused(I64(m), I64(k), ctypes.c_int(bits), I64(group_size), ctypes.c_int(dtype))
+
     def gemv_splits(self, m, n, k, bits, group_size, dtype):
         return self.lib.emu_gemv_splits(I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(group_size),
                                         ctypes.c_int(dtype), self.SM_COUNT)
@@ -383,6 +388,7 @@ def glue(emu, monkeypatch):
     monkeypatch.setattr(glue_module, "_stream", lambda device: 0)
     monkeypatch.setattr(glue_module, "_capturing", lambda: False)
     monkeypatch.setattr(glue_module, "_GEMV_SPLITS", {})
+    monkeypatch.setattr(glue_module, "_GEMV_FUSED", {})
     monkeypatch.setattr(glue_module, "_GEMV_TILE_DONE", {})
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     return glue_module
@@ -425,6 +431,14 @@ def test_glue_with_emulated_kernels(glue):
     want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
     assert rel_err(got, want) <= MATMUL_TOL[torch.float16]
     assert glue._GEMV_SPLITS[(None, 8, 10, 2048, 4, 128, 1)] == 2
+    # Above 16 tokens only that kernel stays fused (two passes of 16), up to 32.
+    for m, fused in ((20, True), (32, True), (33, False)):
+        x = torch.randn(m, 2048, generator=g).half()
+        got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+        want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+        assert rel_err(got, want) <= MATMUL_TOL[torch.float16], m
+        assert glue._GEMV_FUSED[(m, 2048, 4, 128, torch.float16)] is fused
+    assert not glue._gemv_shape_ok(17, 2048, 4, 128, torch.float32)
     assert all(not done.any() for done in glue._GEMV_TILE_DONE.values()) and glue._GEMV_TILE_DONE
 
 
@@ -517,7 +531,7 @@ def test_gpu_lowbit_linear(cuda_backend, bits, dtype):
         w = torch.randn(n, k, generator=g)
         qw = quantize_weight(w, bits, group, dtype=dtype).to("cuda")
         bias = torch.randn(n, generator=g).to(dtype)
-        for m in (1, 2, 5, 8, 9, 16, 17, 64):
+        for m in (1, 2, 5, 8, 9, 16, 17, 32, 33, 64):
             x = torch.randn(m, k, generator=g).to(dtype)
             for b in (None, bias):
                 _poison_allocator()

@@ -30,6 +30,10 @@ int sm_count() {
 
 }  // namespace
 
+bool gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
+  return gemv_supports(m, k, bits, group_size, dtype);
+}
+
 int gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
   return gemv_splits_for_shape(m, n, k, bits, group_size, dtype, sm_count());
 }
@@ -37,9 +41,12 @@ int gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::i
 void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, ptr_t y, int dtype, std::int64_t m,
                  std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int splits, ptr_t partial,
                  ptr_t tile_done, ptr_t stream) {
-  if (m < 1 || m > kGemvMaxM) throw std::invalid_argument("lowbit_gemv: M must be in 1..16, got " + std::to_string(m));
-  if (group_size <= 0 || group_size % 32 != 0 || k % group_size != 0 || k >= (std::int64_t{1} << 31)) {
-    throw std::invalid_argument("lowbit_gemv: needs group_size % 32 == 0, group_size | K and K < 2^31");
+  if (!gemv_supports(m, k, bits, group_size, dtype)) {
+    throw std::invalid_argument(
+        "lowbit_gemv: takes bits 2, 3, 4 or 8, M in 1..16 (up to 32 for W4 with fp16/bf16 activations and "
+        "group_size % 128 == 0), group_size % 32 == 0, group_size | K and K < 2^31; got M = " + std::to_string(m) +
+        ", K = " + std::to_string(k) + ", bits = " + std::to_string(bits) + ", group_size = " +
+        std::to_string(group_size));
   }
   if (splits < 1 || splits > kGemvMaxSplits) {
     throw std::invalid_argument("lowbit_gemv: splits must be in 1..16, got " + std::to_string(splits));
@@ -76,24 +83,16 @@ void dequantize_weight(ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t w, int dtyp
   const auto* qp = reinterpret_cast<const std::uint32_t*>(qweight);
   auto* wp = reinterpret_cast<float*>(w);
   const cudaStream_t s = as_stream(stream);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_kernel<T><<<grid, kDequantThreads, 0, s>>>(qp, reinterpret_cast<const T*>(scale),
+                                                        reinterpret_cast<const T*>(zero), wp, n, k, bits, group_size);
+  };
   switch (dtype) {
-    case kFloat32:
-      dequantize_kernel<float><<<grid, kDequantThreads, 0, s>>>(qp, reinterpret_cast<const float*>(scale),
-                                                          reinterpret_cast<const float*>(zero), wp, n, k, bits,
-                                                          group_size);
-      break;
-    case kFloat16:
-      dequantize_kernel<__half><<<grid, kDequantThreads, 0, s>>>(qp, reinterpret_cast<const __half*>(scale),
-                                                           reinterpret_cast<const __half*>(zero), wp, n, k, bits,
-                                                           group_size);
-      break;
-    case kBFloat16:
-      dequantize_kernel<__nv_bfloat16><<<grid, kDequantThreads, 0, s>>>(qp, reinterpret_cast<const __nv_bfloat16*>(scale),
-                                                                  reinterpret_cast<const __nv_bfloat16*>(zero), wp, n,
-                                                                  k, bits, group_size);
-      break;
-    default:
-      throw std::invalid_argument("dequantize_weight: unknown dtype code " + std::to_string(dtype));
+    case kFloat32: launch(float{}); break;
+    case kFloat16: launch(__half{}); break;
+    case kBFloat16: launch(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("dequantize_weight: unknown dtype code " + std::to_string(dtype));
   }
   check_launch("dequantize_weight launch");
 }

@@ -38,7 +38,8 @@ constexpr int kDequantThreads = 256;
 template <int kBits>
 constexpr int kGemvUnrollBase = kBits == 2 ? 4 : kBits == 8 ? 1 : 2;
 template <int kBits, int kMaxM>
-constexpr int kGemvUnroll = kMaxM >= 8 && kGemvUnrollBase<kBits> > 1 ? kGemvUnrollBase<kBits> / 2 : kGemvUnrollBase<kBits>;
+constexpr int kGemvUnroll =
+    kMaxM >= 8 && kGemvUnrollBase<kBits> > 1 ? kGemvUnrollBase<kBits> / 2 : kGemvUnrollBase<kBits>;
 
 // How the K range of a launch is split: `splits` blocks per row tile, each taking `chunks`
 // 32-code chunks (a multiple of 32, so lanes get equal shares; the last split may get fewer).
@@ -353,7 +354,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   if (splits > 1) finish_split<kGemvRowsPerBlock>(partial, tile_done, bias, y, m, n, tile, splits);
 }
 
-// ---- Tensor-core GEMV: W4, fp16/bf16 activations, group_size % 128 == 0, kGemvTcMinM <= M <= 16.
+// ---- Tensor-core GEMV: W4, fp16/bf16 activations, group_size % 128 == 0, kGemvTcMinM <= M <= kGemvTcMaxM.
 // With M tokens the CUDA-core kernel above spends M FFMAs per weight; here the tokens are the 16
 // rows of an m16n8k16 MMA (mma.cuh) and each warp owns kTcTiles tiles of 8 weight rows. A step
 // of the K loop is a block of 128 codes, which lies in one group: lane (g, t) of the warp loads
@@ -372,9 +373,21 @@ constexpr int kTcTiles = 2;  // 8-row tiles per warp
 constexpr int kTcRowsPerBlock = kTcWarps * kTcTiles * 8;
 constexpr int kTcUnroll = 2;  // 128-code blocks in flight per step
 
+// M above 16 reads the weights once per 16 tokens, the second time mostly from L2: still ahead of
+// a dense fp16 matmul at 32 tokens.
+constexpr int kGemvTcMaxM = 32;
+
 // Whether an M x K GEMV with these codes and activations takes the tensor-core kernel.
 inline bool gemv_uses_tc(std::int64_t m, int bits, std::int64_t group_size, int dtype) {
-  return m >= kGemvTcMinM && m <= 16 && bits == 4 && group_size % 128 == 0 && (dtype == kFloat16 || dtype == kBFloat16);
+  return m >= kGemvTcMinM && m <= kGemvTcMaxM && bits == 4 && group_size % 128 == 0 &&
+         (dtype == kFloat16 || dtype == kBFloat16);
+}
+
+// Whether the fused GEMV takes an M x K product (else: dequantise and a library matmul).
+inline bool gemv_supports(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
+  const bool shape = k > 0 && group_size > 0 && group_size % 32 == 0 && k % group_size == 0 &&
+                     k < (std::int64_t{1} << 31) && (bits == 2 || bits == 3 || bits == 4 || bits == 8);
+  return shape && m >= 1 && (m <= 16 || gemv_uses_tc(m, bits, group_size, dtype));
 }
 
 // Rows per block and split count of the kernel an M x N x K GEMV takes (the launcher's choice).
@@ -448,97 +461,101 @@ __global__ void __launch_bounds__(kTcThreads)
       zrow[tl][e] = zero + row * groups;
     }
   }
-  // A side: tokens g and g + 8 (absent tokens are zeros), the chunk t of each block.
-  const bool has_lo = g < m, has_hi = g + 8 < m;
-  const T* x_lo = x + static_cast<std::int64_t>(has_lo ? g : 0) * k + 32 * t;
-  const T* x_hi = x + static_cast<std::int64_t>(has_hi ? g + 8 : 0) * k + 32 * t;
   std::uint32_t ones[2];
   ones[0] = ones[1] = TcCodes<T>::kOnes;
 
-  float acc[kTcTiles][4];
-#pragma unroll
-  for (int tl = 0; tl < kTcTiles; ++tl) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[tl][c] = 0.0f;
-  }
+  // Up to 16 tokens per pass over the weights (later passes mostly hit L2).
+  for (int m0 = 0; m0 < m; m0 += 16) {
+    // A side: tokens m0 + g and m0 + g + 8 (absent tokens are zeros), the chunk t of each block.
+    const bool has_lo = m0 + g < m, has_hi = m0 + g + 8 < m;
+    const T* x_lo = x + static_cast<std::int64_t>(has_lo ? m0 + g : 0) * k + 32 * t;
+    const T* x_hi = x + static_cast<std::int64_t>(has_hi ? m0 + g + 8 : 0) * k + 32 * t;
 
-  for (int b0 = b_begin; b0 < b_end; b0 += kTcUnroll) {
-    std::uint32_t w[kTcUnroll][kTcTiles][4];
-    float s[kTcUnroll][kTcTiles][2], z[kTcUnroll][kTcTiles][2];
+    float acc[kTcTiles][4];
 #pragma unroll
-    for (int u = 0; u < kTcUnroll; ++u) {
-      const int b = b0 + u;
-      if (b < b_end) {
-        const int gi = b / blocks_per_group;
+    for (int tl = 0; tl < kTcTiles; ++tl) {
 #pragma unroll
-        for (int tl = 0; tl < kTcTiles; ++tl) {
-          const uint4 v = __ldcs(reinterpret_cast<const uint4*>(wrow[tl] + 16 * static_cast<std::int64_t>(b)));
-          w[u][tl][0] = v.x; w[u][tl][1] = v.y; w[u][tl][2] = v.z; w[u][tl][3] = v.w;
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            s[u][tl][e] = load_f32(srow[tl][e], gi);
-            z[u][tl][e] = load_f32(zrow[tl][e], gi);
-          }
-        }
-      }
+      for (int c = 0; c < 4; ++c) acc[tl][c] = 0.0f;
     }
+
+    for (int b0 = b_begin; b0 < b_end; b0 += kTcUnroll) {
+      std::uint32_t w[kTcUnroll][kTcTiles][4];
+      float s[kTcUnroll][kTcTiles][2], z[kTcUnroll][kTcTiles][2];
 #pragma unroll
-    for (int u = 0; u < kTcUnroll; ++u) {
-      const int b = b0 + u;
-      if (b >= b_end) break;  // uniform over the warp
-      float dq[kTcTiles][4], dsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int tl = 0; tl < kTcTiles; ++tl) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) dq[tl][c] = 0.0f;
-      }
-#pragma unroll
-      for (int wd = 0; wd < 4; ++wd) {
-        uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = make_uint4(0u, 0u, 0u, 0u);
-        if (has_lo) lo = *reinterpret_cast<const uint4*>(x_lo + 128 * static_cast<std::int64_t>(b) + 8 * wd);
-        if (has_hi) hi = *reinterpret_cast<const uint4*>(x_hi + 128 * static_cast<std::int64_t>(b) + 8 * wd);
-        const std::uint32_t xl[4] = {lo.x, lo.y, lo.z, lo.w}, xh[4] = {hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // k slots (2t, 2t+1) = codes (2h, 2h+4), slots (2t+8, 2t+9) = codes (2h+1, 2h+5) of word wd.
-          std::uint32_t a[4];
-          a[0] = __byte_perm(xl[h], xl[h + 2], 0x5410);
-          a[1] = __byte_perm(xh[h], xh[h + 2], 0x5410);
-          a[2] = __byte_perm(xl[h], xl[h + 2], 0x7632);
-          a[3] = __byte_perm(xh[h], xh[h + 2], 0x7632);
+      for (int u = 0; u < kTcUnroll; ++u) {
+        const int b = b0 + u;
+        if (b < b_end) {
+          const int gi = b / blocks_per_group;
 #pragma unroll
           for (int tl = 0; tl < kTcTiles; ++tl) {
-            std::uint32_t bq[2];
-            bq[0] = tc_code_pair<T>(w[u][tl][wd], 2 * h);
-            bq[1] = tc_code_pair<T>(w[u][tl][wd], 2 * h + 1);
-            mma_m16n8k16<T>(dq[tl], a, bq);
+            const uint4 v = __ldcs(reinterpret_cast<const uint4*>(wrow[tl] + 16 * static_cast<std::int64_t>(b)));
+            w[u][tl][0] = v.x; w[u][tl][1] = v.y; w[u][tl][2] = v.z; w[u][tl][3] = v.w;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              s[u][tl][e] = load_f32(srow[tl][e], gi);
+              z[u][tl][e] = load_f32(zrow[tl][e], gi);
+            }
           }
-          mma_m16n8k16<T>(dsum, a, ones);
         }
       }
-      // d[e] is token g, row 2t + e; d[2 + e] token g + 8, the same row.
 #pragma unroll
-      for (int tl = 0; tl < kTcTiles; ++tl) {
+      for (int u = 0; u < kTcUnroll; ++u) {
+        const int b = b0 + u;
+        if (b >= b_end) break;  // uniform over the warp
+        float dq[kTcTiles][4], dsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          acc[tl][c] = fmaf(s[u][tl][c & 1], dq[tl][c], fmaf(z[u][tl][c & 1], dsum[c], acc[tl][c]));
+        for (int tl = 0; tl < kTcTiles; ++tl) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) dq[tl][c] = 0.0f;
+        }
+#pragma unroll
+        for (int wd = 0; wd < 4; ++wd) {
+          uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = make_uint4(0u, 0u, 0u, 0u);
+          if (has_lo) lo = *reinterpret_cast<const uint4*>(x_lo + 128 * static_cast<std::int64_t>(b) + 8 * wd);
+          if (has_hi) hi = *reinterpret_cast<const uint4*>(x_hi + 128 * static_cast<std::int64_t>(b) + 8 * wd);
+          const std::uint32_t xl[4] = {lo.x, lo.y, lo.z, lo.w}, xh[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            // k slots (2t, 2t+1) = codes (2h, 2h+4), slots (2t+8, 2t+9) = codes (2h+1, 2h+5) of word wd.
+            std::uint32_t a[4];
+            a[0] = __byte_perm(xl[h], xl[h + 2], 0x5410);
+            a[1] = __byte_perm(xh[h], xh[h + 2], 0x5410);
+            a[2] = __byte_perm(xl[h], xl[h + 2], 0x7632);
+            a[3] = __byte_perm(xh[h], xh[h + 2], 0x7632);
+#pragma unroll
+            for (int tl = 0; tl < kTcTiles; ++tl) {
+              std::uint32_t bq[2];
+              bq[0] = tc_code_pair<T>(w[u][tl][wd], 2 * h);
+              bq[1] = tc_code_pair<T>(w[u][tl][wd], 2 * h + 1);
+              mma_m16n8k16<T>(dq[tl], a, bq);
+            }
+            mma_m16n8k16<T>(dsum, a, ones);
+          }
+        }
+        // d[e] is token g, row 2t + e; d[2 + e] token g + 8, the same row.
+#pragma unroll
+        for (int tl = 0; tl < kTcTiles; ++tl) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            acc[tl][c] = fmaf(s[u][tl][c & 1], dq[tl][c], fmaf(z[u][tl][c & 1], dsum[c], acc[tl][c]));
+          }
         }
       }
     }
-  }
 
 #pragma unroll
-  for (int tl = 0; tl < kTcTiles; ++tl) {
+    for (int tl = 0; tl < kTcTiles; ++tl) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int i = c < 2 ? g : g + 8;
-      const std::int64_t row = warp_row0 + 8 * tl + 2 * t + (c & 1);
-      if (i < m && row < n) {
-        if (splits == 1) {
-          store_f32(y, static_cast<std::int64_t>(i) * n + row,
-                    acc[tl][c] + (bias != nullptr ? load_f32(bias, row) : 0.0f));
-        } else {
-          partial[(static_cast<std::int64_t>(split) * m + i) * n + row] = acc[tl][c];
+      for (int c = 0; c < 4; ++c) {
+        const int i = m0 + (c < 2 ? g : g + 8);
+        const std::int64_t row = warp_row0 + 8 * tl + 2 * t + (c & 1);
+        if (i < m && row < n) {
+          if (splits == 1) {
+            store_f32(y, static_cast<std::int64_t>(i) * n + row,
+                      acc[tl][c] + (bias != nullptr ? load_f32(bias, row) : 0.0f));
+          } else {
+            partial[(static_cast<std::int64_t>(split) * m + i) * n + row] = acc[tl][c];
+          }
         }
       }
     }

@@ -6,7 +6,7 @@ launches on the current stream (no host sync). Available when the module imports
 CUDA device and the module's own CUDA runtime can use the driver. Never raises at import.
 
 Ops: pack_bits, unpack_bits, ts_tabq_encode, ts_tabq_decode, lowbit_linear (fused GEMV for
-M = 1..16 with group_size % 32 == 0, on tensor cores for W4 with fp16/bf16 activations, M >= 5
+M = 1..16 with group_size % 32 == 0, on tensor cores for W4 with fp16/bf16 activations, M = 5..32
 and group_size % 128 == 0, splitting K over several blocks when N alone gives too few warps;
 other shapes dequantise with a CUDA kernel and call ``torch.nn.functional.linear`` in fp32, the
 reference's arithmetic). ``int8_linear`` is not
@@ -35,6 +35,7 @@ _C: ModuleType | None = None
 # GEMV split-K: the split count per (device, M, N, K, bits, group_size, dtype), and per (device,
 # stream) the kernel's finished-split counters, which it leaves zero after every launch.
 _GEMV_SPLITS: dict[tuple, int] = {}
+_GEMV_FUSED: dict[tuple, bool] = {}
 _GEMV_TILE_DONE: dict[tuple[int | None, int], torch.Tensor] = {}
 
 
@@ -81,11 +82,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return out
 
 
-def _gemv_shape_ok(m: int, k: int, bits: int, group_size: int) -> bool:
-    return (
-        1 <= m <= _C.GEMV_MAX_M and bits in (2, 3, 4, 8) and group_size % 32 == 0 and k > 0
-        and k % group_size == 0 and k < 2**31
-    )
+def _gemv_shape_ok(m: int, k: int, bits: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether the fused GEMV takes this product (the launcher's own rule, cached)."""
+    if m < 1 or dtype not in DTYPE_CODE:
+        return False
+    key = (m, k, bits, group_size, dtype)
+    ok = _GEMV_FUSED.get(key)
+    if ok is None:
+        ok = _GEMV_FUSED[key] = bool(_C.gemv_fused(m, k, bits, group_size, DTYPE_CODE[dtype]))
+    return ok
 
 
 def _gemv_workspace(
@@ -138,7 +143,7 @@ def lowbit_linear(
     k = x.shape[-1]
     n = qweight.shape[0]
     m = x.numel() // k if k else 0
-    if not _gemv_shape_ok(m, k, bits, group_size):
+    if not _gemv_shape_ok(m, k, bits, group_size, x.dtype):
         w = dequantize_weight(qweight, scale, zero, bits, group_size, k)
         y = F.linear(x.float(), w, None if bias is None else bias.float())
         return y.to(x.dtype)

@@ -69,6 +69,10 @@ void emu_ts_tabq_decode(const std::uint8_t* bits, const void* lo, const void* st
 // The GEMV with `splits` as the launcher normalises it (partial: fp32 [splits, M, N], tile_done:
 // int32 [ceil(N / 16)], zero), on the kernel the launcher picks; emu_gemv_splits is the
 // launcher's split count for a device of sm_count SMs.
+bool emu_gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
+  return gemv_supports(m, k, bits, group_size, dtype);
+}
+
 int emu_gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype,
                     int sm_count) {
   return gemv_splits_for_shape(m, n, k, bits, group_size, dtype, sm_count);
