@@ -5,9 +5,10 @@
   Target: encode+decode at >= 70% of the measured device-to-device copy bandwidth.
 * Codec step: T = 1 encode + decode replayed in a CUDA graph (the per-token cost at decode time).
 * GEMV: W4 g128 on (N, K) = (4096, 4096), (4096, 14336) and (14336, 4096) at M = 1, 2, 4, 8,
-  16 and 32 (above the fused kernel's 16: dequantise + matmul), fp16 activations, against cuBLAS
-  fp16 (``F.linear`` on the fp16 weight) in the same run (issue #13 targets: >= 3x and >= 70% of
-  HBM peak at M = 1, >= 2.5x at M = 16, never slower). The triton backend beside it at M = 1;
+  16, 32 (the fused kernel's last, two passes of 16 tokens) and 64 (dequantise + matmul), fp16
+  activations, against cuBLAS fp16 (``F.linear`` on the fp16 weight) in the same run (issue #13
+  targets: >= 3x and >= 70% of HBM peak at M = 1, >= 2.5x at M = 16, never slower). The triton
+  backend beside it at M = 1;
   W2/W3/W8 at 4096^2; SmolLM2-135M's narrow layers (576 <-> 1536, groups 64 and 32), where the
   rows alone give few warps.
 
@@ -219,7 +220,7 @@ def main() -> int:
     if args.hbm_peak:
         env["hbm_peak_GBps"] = args.hbm_peak
     peak = env["hbm_peak_GBps"] * 1e9 if env["hbm_peak_GBps"] else None
-    all_m = (1, 2, 4, 8, 16, 32)
+    all_m = (1, 2, 4, 8, 16, 32, 64)
     # (N, K, bits, group, Ms, triton at M = 1)
     gemv_cases = [(4096, 4096, 4, 128, all_m, True), (4096, 14336, 4, 128, all_m, True),
                   (14336, 4096, 4, 128, all_m, True), (576, 1536, 4, 64, (1, 16), False),
