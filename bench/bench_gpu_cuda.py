@@ -7,8 +7,8 @@
 * GEMV: W4 g128 on (N, K) = (4096, 4096), (4096, 14336) and (14336, 4096) at M = 1, 2, 4, 8,
   16, 32 (the fused kernel's last, two passes of 16 tokens) and 64 (dequantise + matmul), fp16
   activations, against cuBLAS fp16 (``F.linear`` on the fp16 weight) in the same run (issue #13
-  targets: >= 3x and >= 70% of HBM peak at M = 1, >= 2.5x at M = 16, never slower). The triton
-  backend beside it at M = 1;
+  targets: >= 3x and >= 70% of HBM peak at M = 1, >= 2.5x at M = 16, never slower). At M < 5
+  also the tensor-core kernel the launcher keeps for M >= 5; the triton backend at M = 1;
   W2/W3/W8 at 4096^2; SmolLM2-135M's narrow layers (576 <-> 1536, groups 64 and 32), where the
   rows alone give few warps.
 
@@ -140,7 +140,26 @@ def bench_gemv(timer: Timer, copy_bw: float, peak: float | None, n: int, k: int,
                 ops.lowbit_linear(x, qw)
                 seconds = timer(lambda: ops.lowbit_linear(x, qw))
             rows.append(row("gemv", shape, impl, seconds, qw.nbytes + io, copy_bw, base, peak))
+            if impl == "cuda" and m < 5 and bits == 4 and group % 128 == 0:
+                # Below M = 5 the launcher picks the CUDA-core kernel; the tensor-core one beside it.
+                seconds = time_with_tc_from_m1(timer, lambda: ops.lowbit_linear(x, qw))
+                rows.append(row("gemv", shape, "cuda, tensor cores", seconds, qw.nbytes + io, copy_bw, base, peak))
     return rows
+
+
+def time_with_tc_from_m1(timer: Timer, fn) -> float:
+    """fn's time with the cuda backend's tensor-core GEMV taking every M (its threshold restored after)."""
+    from splitkernels._backends import cuda as glue
+
+    old = glue._C.gemv_tc_min_m(1)
+    glue._GEMV_SPLITS.clear()  # split counts depend on the kernel
+    try:
+        with splitkernels.use_backend("cuda"):
+            fn()
+            return timer(fn)
+    finally:
+        glue._C.gemv_tc_min_m(old)
+        glue._GEMV_SPLITS.clear()
 
 
 def environment() -> dict:

@@ -289,6 +289,24 @@ def test_emulated_tensor_core_gemv(emu):
                 assert not tile_done.any()
 
 
+def test_emulated_tensor_core_gemv_small_m(emu):
+    # The launcher sends M >= 5 to tensor cores, but benchmarks move the threshold down: the kernel
+    # must be right for M = 1..4 too (tokens 4..15 of the MMA absent).
+    g = torch.Generator().manual_seed(78)
+    q = quantize_weight(torch.randn(21, 1024, generator=g), 4, 128, dtype=torch.bfloat16)
+    bias = torch.randn(21, generator=g).bfloat16()
+    emu.emu_set_tc_min_m(1)
+    try:
+        assert emu.emu_gemv_splits(I64(1), I64(21), I64(1024), 4, I64(128), 2, 132) == 1
+        for m, splits in ((1, 1), (2, 1), (3, 1), (4, 1)):
+            x = torch.randn(m, 1024, generator=g).bfloat16()
+            y, tile_done = _emu_gemv(emu, x, q, bias, splits)
+            want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, 4, 128, bias)
+            assert rel_err(y, want) <= MATMUL_TOL[torch.bfloat16], m
+    finally:
+        emu.emu_set_tc_min_m(5)
+
+
 def test_emulated_gemv_split_policy(emu):
     def splits(m, n, k, bits=4, group=128, dtype=1, sms=132):
         return emu.emu_gemv_splits(I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(group), ctypes.c_int(dtype), sms)
@@ -600,6 +618,29 @@ def test_gpu_gemv_split_k_on_streams_and_graphs(cuda_backend, m):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(static, want) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_gpu_tensor_core_gemv_at_small_m(cuda_backend, dtype):
+    """The tensor-core GEMV with its threshold moved to M = 1 (as bench_gpu_cuda.py does)."""
+    from splitkernels._backends import cuda as glue
+
+    g = torch.Generator().manual_seed(6)
+    qw = quantize_weight(torch.randn(300, 4096, generator=g), 4, 128, dtype=dtype).to("cuda")
+    bias = torch.randn(300, generator=g).to(dtype)
+    old = glue._C.gemv_tc_min_m(1)
+    glue._GEMV_SPLITS.clear()
+    try:
+        for m in (1, 2, 3, 4):
+            x = torch.randn(m, 4096, generator=g).to(dtype)
+            _poison_allocator()
+            got = ops.lowbit_linear(x.cuda(), qw, bias.cuda())
+            want = reference.lowbit_linear(x, qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), 4, 128, bias)
+            assert rel_err(got, want) <= MATMUL_TOL[dtype], m
+    finally:
+        glue._C.gemv_tc_min_m(old)
+        glue._GEMV_SPLITS.clear()
 
 
 BARRIER_MUTANTS = {

@@ -41,6 +41,8 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("gemv_fused", &gemv_fused, py::arg("m"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("dtype"),
         "Whether lowbit_gemv takes this product (else dequantise and a library matmul)");
+  m.def("gemv_tc_min_m", &gemv_tc_min_m, py::arg("value"),
+        "Smallest M for the W4 tensor-core GEMV; value > 0 sets it (benchmarks), 0 reads; returns the old value");
   m.def("gemv_splits", &gemv_splits, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"),
         py::arg("dtype"),
         "Blocks the GEMV splits K over on the current device (1 = no split-K)");

@@ -28,14 +28,24 @@ int sm_count() {
   return count;
 }
 
+// The smallest M the tensor-core kernel takes (gemv_tc_min_m moves it for benchmarks).
+std::atomic<int> tc_min_m{kGemvTcMinM};
+
 }  // namespace
+
+int gemv_tc_min_m(int value) {
+  if (value < 0 || value > kGemvTcMaxM + 1) {
+    throw std::invalid_argument("gemv_tc_min_m: value must be in 0..33 (0 reads), got " + std::to_string(value));
+  }
+  return value > 0 ? tc_min_m.exchange(value) : tc_min_m.load();
+}
 
 bool gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
   return gemv_supports(m, k, bits, group_size, dtype);
 }
 
 int gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
-  return gemv_splits_for_shape(m, n, k, bits, group_size, dtype, sm_count());
+  return gemv_splits_for_shape(m, n, k, bits, group_size, dtype, sm_count(), tc_min_m.load());
 }
 
 void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, ptr_t y, int dtype, std::int64_t m,
@@ -62,7 +72,7 @@ void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, pt
   }
   const GemvArgs a{x, qweight, scale, zero, bias, y, partial, tile_done, static_cast<int>(m), static_cast<int>(k),
                    static_cast<int>(group_size), n, split, as_stream(stream)};
-  const bool tc = gemv_uses_tc(m, bits, group_size, dtype);
+  const bool tc = gemv_uses_tc(m, bits, group_size, dtype, tc_min_m.load());
   switch (dtype) {
     case kFloat32: launch_gemv<float>(a, bits, tc); break;
     case kFloat16: launch_gemv<__half>(a, bits, tc); break;

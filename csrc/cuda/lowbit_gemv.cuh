@@ -377,9 +377,10 @@ constexpr int kTcUnroll = 2;  // 128-code blocks in flight per step
 // a dense fp16 matmul at 32 tokens.
 constexpr int kGemvTcMaxM = 32;
 
-// Whether an M x K GEMV with these codes and activations takes the tensor-core kernel.
-inline bool gemv_uses_tc(std::int64_t m, int bits, std::int64_t group_size, int dtype) {
-  return m >= kGemvTcMinM && m <= kGemvTcMaxM && bits == 4 && group_size % 128 == 0 &&
+// Whether an M x K GEMV with these codes and activations takes the tensor-core kernel; min_m is
+// kGemvTcMinM unless a benchmark moves it (the kernel is correct for any M >= 1).
+inline bool gemv_uses_tc(std::int64_t m, int bits, std::int64_t group_size, int dtype, int min_m = kGemvTcMinM) {
+  return m >= min_m && m <= kGemvTcMaxM && bits == 4 && group_size % 128 == 0 &&
          (dtype == kFloat16 || dtype == kBFloat16);
 }
 
@@ -391,12 +392,12 @@ inline bool gemv_supports(std::int64_t m, std::int64_t k, int bits, std::int64_t
 }
 
 // Rows per block and split count of the kernel an M x N x K GEMV takes (the launcher's choice).
-inline int gemv_rows_per_block(std::int64_t m, int bits, std::int64_t group_size, int dtype) {
-  return gemv_uses_tc(m, bits, group_size, dtype) ? kTcRowsPerBlock : kGemvRowsPerBlock;
+inline int gemv_rows_per_block(std::int64_t m, int bits, std::int64_t group_size, int dtype, int min_m) {
+  return gemv_uses_tc(m, bits, group_size, dtype, min_m) ? kTcRowsPerBlock : kGemvRowsPerBlock;
 }
 inline int gemv_splits_for_shape(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size,
-                                 int dtype, int sm_count) {
-  return gemv_splits_for(n, k, gemv_rows_per_block(m, bits, group_size, dtype), sm_count);
+                                 int dtype, int sm_count, int min_m = kGemvTcMinM) {
+  return gemv_splits_for(n, k, gemv_rows_per_block(m, bits, group_size, dtype, min_m), sm_count);
 }
 
 template <typename T>

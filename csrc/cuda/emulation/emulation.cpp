@@ -69,13 +69,17 @@ void emu_ts_tabq_decode(const std::uint8_t* bits, const void* lo, const void* st
 // The GEMV with `splits` as the launcher normalises it (partial: fp32 [splits, M, N], tile_done:
 // int32 [ceil(N / 16)], zero), on the kernel the launcher picks; emu_gemv_splits is the
 // launcher's split count for a device of sm_count SMs.
+// The launcher's tensor-core threshold (lowbit_gemv.cu: gemv_tc_min_m), for tests of small M.
+static int emu_tc_min_m = kGemvTcMinM;
+void emu_set_tc_min_m(int value) { emu_tc_min_m = value; }
+
 bool emu_gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
   return gemv_supports(m, k, bits, group_size, dtype);
 }
 
 int emu_gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype,
                     int sm_count) {
-  return gemv_splits_for_shape(m, n, k, bits, group_size, dtype, sm_count);
+  return gemv_splits_for_shape(m, n, k, bits, group_size, dtype, sm_count, emu_tc_min_m);
 }
 
 void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* scale, const void* zero,
@@ -83,7 +87,7 @@ void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* sc
                      std::int64_t group_size, int splits, float* partial, int* tile_done) {
   const GemvSplit split = gemv_split(k, splits);
   const int mi = static_cast<int>(m), ki = static_cast<int>(k), gi = static_cast<int>(group_size);
-  if (gemv_uses_tc(m, bits, group_size, dtype)) {
+  if (gemv_uses_tc(m, bits, group_size, dtype, emu_tc_min_m)) {
     const unsigned grid = static_cast<unsigned>((n + kTcRowsPerBlock - 1) / kTcRowsPerBlock * split.splits);
     auto run_tc = [&](auto tag) {
       using T = decltype(tag);
