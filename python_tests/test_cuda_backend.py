@@ -324,6 +324,25 @@ def test_emulated_gemv_split_policy(emu):
     assert splits(16, 4096, 4096, group=64) == 2
 
 
+def test_cuda_gemv_launcher_validates_before_launching():
+    """The compiled GEMV launcher rejects what its kernels do not take, on the host (no GPU needed)."""
+    from splitkernels._native import load
+
+    module, reason = load("_C_cuda")
+    if module is None:
+        pytest.skip(f"the CUDA extension is not built here ({reason})")
+    args = dict(x=0, qweight=0, scale=0, zero=0, bias=0, y=0, dtype=1, m=1, n=8, k=256, bits=4, group_size=128,
+                splits=1, partial=0, tile_done=0, stream=0)
+    for bad, match in ((dict(m=17, bits=3), "M in 1..16"), (dict(m=33), "M in 1..16"),
+                       (dict(m=20, dtype=0), "M in 1..16"), (dict(bits=5), "bits"), (dict(group_size=48), "group_size"), (dict(k=200), "group_size"),
+                       (dict(splits=0), "splits"), (dict(splits=17), "splits"), (dict(k=4096, splits=2), "split-K"),
+                       (dict(x=8), "aligned")):
+        with pytest.raises(ValueError, match=match):
+            module.lowbit_gemv(**{**args, **bad})
+    assert module.gemv_fused(32, 4096, 4, 128, 1) and not module.gemv_fused(33, 4096, 4, 128, 1)
+    assert module.gemv_fused(16, 4096, 3, 64, 0) and not module.gemv_fused(17, 4096, 4, 128, 0)
+
+
 class EmulatedModule:
     """Stands in for splitkernels._C_cuda with the emulated kernels, so the torch glue in
     splitkernels/_backends/cuda.py (argument order, allocation, shapes, fallbacks) runs on CPU tensors."""
