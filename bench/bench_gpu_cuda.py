@@ -153,6 +153,7 @@ def time_with_tc_from_m1(timer: Timer, fn) -> float:
 
     old = glue._C.gemv_tc_min_m(1)
     glue._GEMV_SPLITS.clear()  # split counts depend on the kernel
+    glue._GEMV_FUSED.clear()
     try:
         with splitkernels.use_backend("cuda"):
             fn()
@@ -160,6 +161,7 @@ def time_with_tc_from_m1(timer: Timer, fn) -> float:
     finally:
         glue._C.gemv_tc_min_m(old)
         glue._GEMV_SPLITS.clear()
+        glue._GEMV_FUSED.clear()
 
 
 def environment() -> dict:

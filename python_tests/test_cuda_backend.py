@@ -303,6 +303,10 @@ def test_emulated_tensor_core_gemv_small_m(emu):
             y, tile_done = _emu_gemv(emu, x, q, bias, splits)
             want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, 4, 128, bias)
             assert rel_err(y, want) <= MATMUL_TOL[torch.bfloat16], m
+        emu.emu_set_tc_min_m(33)  # tensor cores off: above 16 tokens nothing is fused
+        emu.emu_gemv_fused.restype = ctypes.c_bool
+        assert not emu.emu_gemv_fused(I64(20), I64(1024), 4, I64(128), 2)
+        assert emu.emu_gemv_fused(I64(16), I64(1024), 4, I64(128), 2)
     finally:
         emu.emu_set_tc_min_m(5)
 
@@ -650,6 +654,7 @@ def test_gpu_tensor_core_gemv_at_small_m(cuda_backend, dtype):
     bias = torch.randn(300, generator=g).to(dtype)
     old = glue._C.gemv_tc_min_m(1)
     glue._GEMV_SPLITS.clear()
+    glue._GEMV_FUSED.clear()
     try:
         for m in (1, 2, 3, 4):
             x = torch.randn(m, 4096, generator=g).to(dtype)
@@ -660,6 +665,7 @@ def test_gpu_tensor_core_gemv_at_small_m(cuda_backend, dtype):
     finally:
         glue._C.gemv_tc_min_m(old)
         glue._GEMV_SPLITS.clear()
+        glue._GEMV_FUSED.clear()
 
 
 BARRIER_MUTANTS = {

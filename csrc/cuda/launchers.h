@@ -51,8 +51,10 @@ constexpr int kGemvTileRows = 16;
 // K < 2^31 and M <= kGemvMaxM, or M <= 32 for W4 with fp16/bf16 activations and group_size % 128 == 0.
 bool gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype);
 
-// The smallest M that W4 fp16/bf16 products send to the tensor-core kernel (default 5). value > 0
-// sets it (benchmarks compare both kernels at small M), 0 only reads; returns the previous value.
+// The smallest M that W4 fp16/bf16 products send to the tensor-core kernel (default 5; 33 turns
+// it off, and M 17..32 then falls back too). value > 0 sets it (benchmarks compare both kernels at
+// small M), 0 only reads; returns the previous value. gemv_fused and gemv_splits follow it, so a
+// caller that caches their answers clears those caches.
 int gemv_tc_min_m(int value);
 
 // How many blocks the GEMV splits K over for an M x N x K product on the current device

@@ -41,7 +41,7 @@ int gemv_tc_min_m(int value) {
 }
 
 bool gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
-  return gemv_supports(m, k, bits, group_size, dtype);
+  return gemv_supports(m, k, bits, group_size, dtype, tc_min_m.load());
 }
 
 int gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
@@ -51,7 +51,8 @@ int gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::i
 void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, ptr_t y, int dtype, std::int64_t m,
                  std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int splits, ptr_t partial,
                  ptr_t tile_done, ptr_t stream) {
-  if (!gemv_supports(m, k, bits, group_size, dtype)) {
+  const int min_m = tc_min_m.load();
+  if (!gemv_supports(m, k, bits, group_size, dtype, min_m)) {
     throw std::invalid_argument(
         "lowbit_gemv: takes bits 2, 3, 4 or 8, M in 1..16 (up to 32 for W4 with fp16/bf16 activations and "
         "group_size % 128 == 0), group_size % 32 == 0, group_size | K and K < 2^31; got M = " + std::to_string(m) +
@@ -72,7 +73,7 @@ void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, pt
   }
   const GemvArgs a{x, qweight, scale, zero, bias, y, partial, tile_done, static_cast<int>(m), static_cast<int>(k),
                    static_cast<int>(group_size), n, split, as_stream(stream)};
-  const bool tc = gemv_uses_tc(m, bits, group_size, dtype, tc_min_m.load());
+  const bool tc = gemv_uses_tc(m, bits, group_size, dtype, min_m);
   switch (dtype) {
     case kFloat32: launch_gemv<float>(a, bits, tc); break;
     case kFloat16: launch_gemv<__half>(a, bits, tc); break;

@@ -385,10 +385,11 @@ inline bool gemv_uses_tc(std::int64_t m, int bits, std::int64_t group_size, int 
 }
 
 // Whether the fused GEMV takes an M x K product (else: dequantise and a library matmul).
-inline bool gemv_supports(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
+inline bool gemv_supports(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype,
+                          int min_m = kGemvTcMinM) {
   const bool shape = k > 0 && group_size > 0 && group_size % 32 == 0 && k % group_size == 0 &&
                      k < (std::int64_t{1} << 31) && (bits == 2 || bits == 3 || bits == 4 || bits == 8);
-  return shape && m >= 1 && (m <= 16 || gemv_uses_tc(m, bits, group_size, dtype));
+  return shape && m >= 1 && (m <= 16 || gemv_uses_tc(m, bits, group_size, dtype, min_m));
 }
 
 // Rows per block and split count of the kernel an M x N x K GEMV takes (the launcher's choice).

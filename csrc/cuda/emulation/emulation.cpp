@@ -74,7 +74,7 @@ static int emu_tc_min_m = kGemvTcMinM;
 void emu_set_tc_min_m(int value) { emu_tc_min_m = value; }
 
 bool emu_gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
-  return gemv_supports(m, k, bits, group_size, dtype);
+  return gemv_supports(m, k, bits, group_size, dtype, emu_tc_min_m);
 }
 
 int emu_gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype,
