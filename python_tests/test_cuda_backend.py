@@ -214,6 +214,19 @@ def test_emulated_codec_forced_widths(emu, dtype):
     assert torch.equal(_emu_decode(emu, got, 75), reference.ts_tabq_decode(*want[:3], *want[4:8], 75))
 
 
+def _emu_gemv(emu, x, q, bias, splits):
+    """One emulated GEMV launch; returns y and the tile counters, which must be zero again."""
+    m, k = x.shape
+    n = q.qweight.shape[0]
+    y = _poisoned(m, n, dtype=x.dtype)
+    partial = _poisoned(splits, m, n, dtype=torch.float32)  # every partial is written before it is read
+    tile_done = torch.zeros(-(-n // 16), dtype=torch.int32)
+    emu.emu_lowbit_gemv(_p(x), _p(q.qweight), _p(q.scale), _p(q.zero), _p(bias), _p(y),
+                        ctypes.c_int(DTYPE_CODE[x.dtype]), I64(m), I64(n), I64(k), ctypes.c_int(q.bits),
+                        I64(q.group_size), ctypes.c_int(splits), _p(partial), _p(tile_done))
+    return y, tile_done
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_gemv_and_dequant_match_reference(emu, bits, dtype):
@@ -229,22 +242,118 @@ def test_emulated_gemv_and_dequant_match_reference(emu, bits, dtype):
     bias = torch.randn(n, generator=g).to(dtype)
     # K = 4160: 130 chunks of 32 codes, so lanes take several unrolled chunks and some fall short.
     long_qw = quantize_weight(torch.randn(n, 4160, generator=g), bits, 64, dtype=dtype)
-    for m, b, q in ((1, None, qw), (3, bias, qw), (8, None, qw), (8, bias, qw), (1, bias, long_qw), (3, None, long_qw)):
-        k = q.in_features
-        x = torch.randn(m, k, generator=g).to(dtype)
-        y = _poisoned(m, n, dtype=dtype)
-        emu.emu_lowbit_gemv(_p(x), _p(q.qweight), _p(q.scale), _p(q.zero), _p(b), _p(y),
-                            ctypes.c_int(DTYPE_CODE[dtype]), I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(64))
+    for m, b, q in ((1, None, qw), (3, bias, qw), (8, None, qw), (16, bias, qw), (1, bias, long_qw),
+                    (3, None, long_qw)):
+        x = torch.randn(m, q.in_features, generator=g).to(dtype)
+        y, _ = _emu_gemv(emu, x, q, b, 1)
         want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, bits, 64, b)
-        assert rel_err(y, want) <= MATMUL_TOL[dtype], (m, k, b is None)
+        assert rel_err(y, want) <= MATMUL_TOL[dtype], (m, q.in_features, b is None)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_emulated_gemv_every_m_and_split_k(emu, bits):
+    # N = 37: two full row tiles and a third whose last warp has one row; K = 2048 (64 chunks)
+    # splits in two; 3 and 16 splits normalise to 2 and 2; every M bucket (1, 2, 3..4, 5..8, 9..16).
+    g = torch.Generator().manual_seed(40 + bits)
+    n, k = 37, 2048
+    for dtype in (torch.float32, torch.float16):
+        q = quantize_weight(torch.randn(n, k, generator=g), bits, 128 if bits != 3 else 64, dtype=dtype)
+        bias = torch.randn(n, generator=g).to(dtype)
+        for m, splits, b in ((1, 1, None), (1, 2, bias), (2, 3, None), (4, 2, bias), (5, 1, bias), (8, 2, None),
+                             (9, 16, bias), (12, 1, None), (16, 2, bias)):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            y, tile_done = _emu_gemv(emu, x, q, b, splits)
+            want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, bits, q.group_size, b)
+            assert rel_err(y, want) <= MATMUL_TOL[dtype], (dtype, m, splits, b is None)
+            assert not tile_done.any(), "split-K must leave its tile counters at zero"
+
+
+def test_emulated_tensor_core_gemv(emu):
+    # W4 with fp16/bf16 activations, M = 5..32 and group_size % 128 == 0 runs on tensor cores (above
+    # 16 tokens in passes of 16): N = 70 leaves the second 64-row tile's last warp with rows past N;
+    # K = 2048 with 2 splits; groups of 128 (one per 128-code block) and 256 (two blocks each);
+    # tokens g + 8 absent below M = 9 and in the last pass of M = 24.
+    g = torch.Generator().manual_seed(77)
+    n, k = 70, 2048
+    for dtype in (torch.float16, torch.bfloat16):
+        for group in (128, 256):
+            q = quantize_weight(torch.randn(n, k, generator=g), 4, group, dtype=dtype)
+            bias = torch.randn(n, generator=g).to(dtype)
+            for m, splits, b in ((5, 1, bias), (8, 2, None), (9, 2, bias), (16, 1, None), (16, 2, bias),
+                                 (24, 2, bias), (32, 1, None)):
+                x = torch.randn(m, k, generator=g).to(dtype)
+                x[:, 5] *= 30  # a heavy channel, as in real hidden states
+                y, tile_done = _emu_gemv(emu, x, q, b, splits)
+                want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, 4, group, b)
+                assert rel_err(y, want) <= MATMUL_TOL[dtype], (dtype, group, m, splits, b is None)
+                assert not tile_done.any()
+
+
+def test_emulated_tensor_core_gemv_small_m(emu):
+    # The launcher sends M >= 5 to tensor cores, but benchmarks move the threshold down: the kernel
+    # must be right for M = 1..4 too (tokens 4..15 of the MMA absent).
+    g = torch.Generator().manual_seed(78)
+    q = quantize_weight(torch.randn(21, 1024, generator=g), 4, 128, dtype=torch.bfloat16)
+    bias = torch.randn(21, generator=g).bfloat16()
+    emu.emu_set_tc_min_m(1)
+    try:
+        assert emu.emu_gemv_splits(I64(1), I64(21), I64(1024), 4, I64(128), 2, 132) == 1
+        for m, splits in ((1, 1), (2, 1), (3, 1), (4, 1)):
+            x = torch.randn(m, 1024, generator=g).bfloat16()
+            y, tile_done = _emu_gemv(emu, x, q, bias, splits)
+            want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, 4, 128, bias)
+            assert rel_err(y, want) <= MATMUL_TOL[torch.bfloat16], m
+        emu.emu_set_tc_min_m(33)  # tensor cores off: above 16 tokens nothing is fused
+        emu.emu_gemv_fused.restype = ctypes.c_bool
+        assert not emu.emu_gemv_fused(I64(20), I64(1024), 4, I64(128), 2)
+        assert emu.emu_gemv_fused(I64(16), I64(1024), 4, I64(128), 2)
+    finally:
+        emu.emu_set_tc_min_m(5)
+
+
+def test_emulated_gemv_split_policy(emu):
+    def splits(m, n, k, bits=4, group=128, dtype=1, sms=132):
+        return emu.emu_gemv_splits(I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(group), ctypes.c_int(dtype), sms)
+
+    # 4096 x 4096 on 132 SMs: 256 row tiles of 4 warps want 2 splits (64 chunks each).
+    assert splits(1, 4096, 4096) == 2
+    assert splits(1, 4096, 14336) == 3
+    assert splits(1, 14336, 4096) == 1  # enough rows alone
+    assert splits(1, 576, 1536, group=64) == 1  # under 32 chunks per split
+    assert splits(1, 16, 1 << 20, sms=1000) == 16  # at most 16
+    assert splits(1, 4096, 4096, sms=1) == 1
+    # The tensor-core kernel's blocks take 64 rows: fewer warps, more splits.
+    assert splits(16, 4096, 4096) == 4
+    assert splits(16, 4096, 4096, dtype=0) == 2  # fp32 activations stay on CUDA cores
+    assert splits(16, 4096, 4096, group=64) == 2
+
+
+def test_cuda_gemv_launcher_validates_before_launching():
+    """The compiled GEMV launcher rejects what its kernels do not take, on the host (no GPU needed)."""
+    from splitkernels._native import load
+
+    module, reason = load("_C_cuda")
+    if module is None:
+        pytest.skip(f"the CUDA extension is not built here ({reason})")
+    args = dict(x=0, qweight=0, scale=0, zero=0, bias=0, y=0, dtype=1, m=1, n=8, k=256, bits=4, group_size=128,
+                splits=1, partial=0, tile_done=0, stream=0)
+    for bad, match in ((dict(m=17, bits=3), "M in 1..16"), (dict(m=33), "M in 1..16"),
+                       (dict(m=20, dtype=0), "M in 1..16"), (dict(bits=5), "bits"), (dict(group_size=48), "group_size"),
+                       (dict(k=200), "group_size"), (dict(splits=0), "splits"), (dict(splits=17), "splits"),
+                       (dict(k=4096, splits=2), "split-K"), (dict(x=8), "aligned")):
+        with pytest.raises(ValueError, match=match):
+            module.lowbit_gemv(**{**args, **bad})
+    assert module.gemv_fused(32, 4096, 4, 128, 1) and not module.gemv_fused(33, 4096, 4, 128, 1)
+    assert module.gemv_fused(16, 4096, 3, 64, 0) and not module.gemv_fused(17, 4096, 4, 128, 0)
 
 
 class EmulatedModule:
     """Stands in for splitkernels._C_cuda with the emulated kernels, so the torch glue in
     splitkernels/_backends/cuda.py (argument order, allocation, shapes, fallbacks) runs on CPU tensors."""
 
-    GEMV_MAX_M = 8
+    GEMV_TILE_ROWS = 16
     CODEC_MAX_D = 40 * 1024 * 8
+    SM_COUNT = 2  # a small device, so the glue's small shapes take the split-K path too
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
@@ -285,10 +394,20 @@ class EmulatedModule:
             ctypes.c_void_p(scratch),
         )
 
-    def lowbit_gemv(self, x, qweight, scale, zero, bias, y, dtype, m, n, k, bits, group_size, stream):
+    def gemv_fused(self, m, k, bits, group_size, dtype):
+        self.lib.emu_gemv_fused.restype = ctypes.c_bool
+        return self.lib.emu_gemv_fused(I64(m), I64(k), ctypes.c_int(bits), I64(group_size), ctypes.c_int(dtype))
+
+    def gemv_splits(self, m, n, k, bits, group_size, dtype):
+        return self.lib.emu_gemv_splits(I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(group_size),
+                                        ctypes.c_int(dtype), self.SM_COUNT)
+
+    def lowbit_gemv(self, x, qweight, scale, zero, bias, y, dtype, m, n, k, bits, group_size, splits, partial,
+                    tile_done, stream):
         self.lib.emu_lowbit_gemv(
             *(ctypes.c_void_p(a) for a in (x, qweight, scale, zero, bias, y)), ctypes.c_int(dtype), I64(m), I64(n),
-            I64(k), ctypes.c_int(bits), I64(group_size),
+            I64(k), ctypes.c_int(bits), I64(group_size), ctypes.c_int(splits), ctypes.c_void_p(partial),
+            ctypes.c_void_p(tile_done),
         )
 
     def dequantize_weight(self, qweight, scale, zero, w, dtype, n, k, bits, group_size, stream):
@@ -308,6 +427,10 @@ def glue(emu, monkeypatch):
     monkeypatch.setattr(glue_module, "_C", EmulatedModule(emu))
     monkeypatch.setattr(glue_module, "_require_cuda", lambda name, t: None)
     monkeypatch.setattr(glue_module, "_stream", lambda device: 0)
+    monkeypatch.setattr(glue_module, "_capturing", lambda: False)
+    monkeypatch.setattr(glue_module, "_GEMV_SPLITS", {})
+    monkeypatch.setattr(glue_module, "_GEMV_FUSED", {})
+    monkeypatch.setattr(glue_module, "_GEMV_TILE_DONE", {})
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     return glue_module
 
@@ -332,13 +455,32 @@ def test_glue_with_emulated_kernels(glue):
         codes_odd[:, : got[7].shape[1]] = got[7]
         dec = glue.ts_tabq_decode(*got[:3], *got[4:7], codes_odd, 130)
         assert torch.equal(dec, reference.ts_tabq_decode(*want[:3], *want[4:8], 130))
-    for m, group in ((2, 64), (9, 64), (1, 48)):  # GEMV, then the dequantise + matmul fallbacks
-        qw = quantize_weight(torch.randn(10, 192, generator=g), 3, group, dtype=torch.float16)
-        x = torch.randn(m, 192, generator=g).half()
+    # GEMV (K = 2048 splits K in two on the emulated device, twice to reuse the tile counters),
+    # then the dequantise + matmul fallbacks (M over 16, a group size the GEMV does not take).
+    for m, k, group in ((2, 192, 64), (16, 192, 64), (3, 2048, 64), (3, 2048, 64), (17, 192, 64), (1, 192, 48)):
+        qw = quantize_weight(torch.randn(10, k, generator=g), 3, group, dtype=torch.float16)
+        x = torch.randn(m, k, generator=g).half()
         bias = torch.randn(10, generator=g).half()
         got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
         want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
-        assert got.dtype == torch.float16 and rel_err(got, want) <= MATMUL_TOL[torch.float16], (m, group)
+        assert got.dtype == torch.float16 and rel_err(got, want) <= MATMUL_TOL[torch.float16], (m, k, group)
+    assert glue._GEMV_SPLITS[(None, 3, 10, 2048, 3, 64, 1)] == 2
+    # W4, fp16, M = 8, group 128: the tensor-core kernel, split in two.
+    qw = quantize_weight(torch.randn(10, 2048, generator=g), 4, 128, dtype=torch.float16)
+    x = torch.randn(8, 2048, generator=g).half()
+    got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+    want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+    assert rel_err(got, want) <= MATMUL_TOL[torch.float16]
+    assert glue._GEMV_SPLITS[(None, 8, 10, 2048, 4, 128, 1)] == 2
+    # Above 16 tokens only that kernel stays fused (two passes of 16), up to 32.
+    for m, fused in ((20, True), (32, True), (33, False)):
+        x = torch.randn(m, 2048, generator=g).half()
+        got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+        want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+        assert rel_err(got, want) <= MATMUL_TOL[torch.float16], m
+        assert glue._GEMV_FUSED[(m, 2048, 4, 128, torch.float16)] is fused
+    assert not glue._gemv_shape_ok(17, 2048, 4, 128, torch.float32)
+    assert all(not done.any() for done in glue._GEMV_TILE_DONE.values()) and glue._GEMV_TILE_DONE
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -425,11 +567,12 @@ def test_gpu_codec_forced_widths_and_public_codec(cuda_backend, dtype):
 def test_gpu_lowbit_linear(cuda_backend, bits, dtype):
     g = torch.Generator().manual_seed(10 + bits)
     # (N, K, group): GEMV shapes, then group sizes the GEMV does not take (dequantise + matmul).
-    for n, k, group in ((1536, 576, 64), (257, 1024, 128), (40, 96, 32), (24, 60, 12)):
+    # (300, 4096, 128) splits K on any GPU with 5 or more SMs.
+    for n, k, group in ((1536, 576, 64), (257, 1024, 128), (300, 4096, 128), (40, 96, 32), (24, 60, 12)):
         w = torch.randn(n, k, generator=g)
         qw = quantize_weight(w, bits, group, dtype=dtype).to("cuda")
         bias = torch.randn(n, generator=g).to(dtype)
-        for m in (1, 2, 5, 8, 9, 64):
+        for m in (1, 2, 5, 9, 16, 17, 32, 33):  # every kernel bucket, two tensor-core passes, the fallback
             x = torch.randn(m, k, generator=g).to(dtype)
             for b in (None, bias):
                 _poison_allocator()
@@ -469,6 +612,60 @@ def test_gpu_offset_views_and_streams(cuda_backend):
     got = ops.lowbit_linear(xs, qw)
     want = reference.lowbit_linear(xs.cpu(), qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), 4, 128, None)
     assert rel_err(got, want) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", (1, 8))  # the CUDA-core and the tensor-core kernel
+def test_gpu_gemv_split_k_on_streams_and_graphs(cuda_backend, m):
+    """Split-K's tile counters are per stream and reset by the kernel; under graph capture the
+    GEMV runs unsplit, and replays give the same result."""
+    g = torch.Generator().manual_seed(5)
+    qw = quantize_weight(torch.randn(96, 8192, generator=g), 4, 128, dtype=torch.float16).to("cuda")
+    x = torch.randn(m, 8192, generator=g).half()
+    want = reference.lowbit_linear(x, qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), 4, 128, None)
+    xc = x.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    outs = []
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            outs.append(ops.lowbit_linear(xc, qw))
+    side.synchronize()
+    outs.append(ops.lowbit_linear(xc, qw))
+    for got in outs:
+        assert rel_err(got, want) <= 1e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = ops.lowbit_linear(xc, qw)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static, want) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_gpu_tensor_core_gemv_at_small_m(cuda_backend, dtype):
+    """The tensor-core GEMV with its threshold moved to M = 1 (as bench_gpu_cuda.py does)."""
+    from splitkernels._backends import cuda as glue
+
+    g = torch.Generator().manual_seed(6)
+    qw = quantize_weight(torch.randn(300, 4096, generator=g), 4, 128, dtype=dtype).to("cuda")
+    bias = torch.randn(300, generator=g).to(dtype)
+    old = glue._C.gemv_tc_min_m(1)
+    glue._GEMV_SPLITS.clear()
+    glue._GEMV_FUSED.clear()
+    try:
+        for m in (1, 2, 3, 4):
+            x = torch.randn(m, 4096, generator=g).to(dtype)
+            _poison_allocator()
+            got = ops.lowbit_linear(x.cuda(), qw, bias.cuda())
+            want = reference.lowbit_linear(x, qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), 4, 128, bias)
+            assert rel_err(got, want) <= MATMUL_TOL[dtype], m
+    finally:
+        glue._C.gemv_tc_min_m(old)
+        glue._GEMV_SPLITS.clear()
+        glue._GEMV_FUSED.clear()
 
 
 BARRIER_MUTANTS = {

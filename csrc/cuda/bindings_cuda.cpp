@@ -9,7 +9,7 @@ using namespace sk::cuda;
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "splitkernels CUDA kernels (raw device pointers; use splitkernels.ops, not this module)";
-  m.attr("GEMV_MAX_M") = kGemvMaxM;
+  m.attr("GEMV_TILE_ROWS") = kGemvTileRows;
   m.attr("CODEC_MAX_D") = kCodecMaxD;
   m.attr("V2_HEADER_BYTES") = kV2HeaderBytes;
   m.def("device_count", &device_count, "Devices visible to this module's CUDA runtime (raises with the reason)");
@@ -37,7 +37,15 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("out"), py::arg("scratch"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("lowbit_gemv", &lowbit_gemv, py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"),
         py::arg("bias"), py::arg("y"), py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"),
-        py::arg("group_size"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+        py::arg("group_size"), py::arg("splits"), py::arg("partial"), py::arg("tile_done"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gemv_fused", &gemv_fused, py::arg("m"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("dtype"),
+        "Whether lowbit_gemv takes this product (else dequantise and a library matmul)");
+  m.def("gemv_tc_min_m", &gemv_tc_min_m, py::arg("value"),
+        "Smallest M for the W4 tensor-core GEMV; value > 0 sets it (benchmarks), 0 reads; returns the old value");
+  m.def("gemv_splits", &gemv_splits, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"),
+        py::arg("dtype"),
+        "Blocks the GEMV splits K over on the current device (1 = no split-K)");
   m.def("dequantize_weight", &dequantize_weight, py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("w"),
         py::arg("dtype"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());

@@ -41,14 +41,35 @@ void ts_tabq_decode(ptr_t bits, ptr_t lo, ptr_t step, ptr_t cnt, ptr_t idx, ptr_
                     std::int64_t t, std::int64_t d, std::int64_t capacity, std::int64_t codes_stride, ptr_t out,
                     ptr_t stream);
 
-// Largest M the GEMV handles; larger M dequantises and uses a library matmul.
-constexpr int kGemvMaxM = 8;
+// Largest M the GEMV handles for every width and dtype (gemv_fused says which larger M it takes);
+// larger M dequantises and uses a library matmul.
+constexpr int kGemvMaxM = 16;
+// Fewest output rows per GEMV block (a row tile); split-K counts finished splits per tile.
+constexpr int kGemvTileRows = 16;
 
-// y [M, N] = x [M, K] @ dequant(W).T (+ bias), fp32 accumulation, for 1 <= M <= kGemvMaxM, bits in
-// {2, 3, 4, 8}, group_size % 32 == 0 and group_size | K. x, scale, zero, bias and y share `dtype`;
-// bias may be 0. All pointers 16-byte aligned.
+// Whether lowbit_gemv takes an M x K product: bits 2, 3, 4, 8, group_size % 32 == 0, group_size | K,
+// K < 2^31 and M <= kGemvMaxM, or M <= 32 for W4 with fp16/bf16 activations and group_size % 128 == 0.
+bool gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype);
+
+// The smallest M that W4 fp16/bf16 products send to the tensor-core kernel (default 5; 33 turns
+// it off, and M 17..32 then falls back too). value > 0 sets it (benchmarks compare both kernels at
+// small M), 0 only reads; returns the previous value. gemv_fused and gemv_splits follow it, so a
+// caller that caches their answers clears those caches.
+int gemv_tc_min_m(int value);
+
+// How many blocks the GEMV splits K over for an M x N x K product on the current device
+// (1..16): enough warps to fill its SMs (the SM count is asked once per device).
+int gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype);
+
+// y [M, N] = x [M, K] @ dequant(W).T (+ bias), fp32 accumulation, for the shapes gemv_fused
+// takes. W4 with fp16/bf16 activations, M >= 5 and group_size % 128 == 0 runs on tensor cores (exact products, fp32 sums), the rest on CUDA
+// cores. x, scale, zero, bias and y share `dtype`; bias may be 0. All pointers but bias 16-byte
+// aligned. With splits > 1 (from gemv_splits) the kernel needs partial, fp32 [splits, M, N], and
+// tile_done, int32 [>= ceil(N / kGemvTileRows)] all zero, which it leaves zero again (one
+// tile_done per stream: launches on one stream run in order).
 void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, ptr_t y, int dtype, std::int64_t m,
-                 std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, ptr_t stream);
+                 std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int splits, ptr_t partial,
+                 ptr_t tile_done, ptr_t stream);
 
 // w [N, K] fp32 = q * scale + zero for any bits in {2, 3, 4, 8} and any group_size dividing K;
 // scale/zero in `dtype`.

@@ -5,9 +5,11 @@ op layer (:mod:`splitkernels.ops`), this file allocates outputs on the input's d
 launches on the current stream (no host sync). Available when the module imports, torch sees a
 CUDA device and the module's own CUDA runtime can use the driver. Never raises at import.
 
-Ops: pack_bits, unpack_bits, ts_tabq_encode, ts_tabq_decode, lowbit_linear (GEMV for
-M = 1..8 with group_size % 32 == 0; other shapes dequantise with a CUDA kernel and call
-``torch.nn.functional.linear`` in fp32, the reference's arithmetic). ``int8_linear`` is not
+Ops: pack_bits, unpack_bits, ts_tabq_encode, ts_tabq_decode, lowbit_linear (fused GEMV for
+M = 1..16 with group_size % 32 == 0, on tensor cores for W4 with fp16/bf16 activations, M = 5..32
+and group_size % 128 == 0, splitting K over several blocks when N alone gives too few warps;
+other shapes dequantise with a CUDA kernel and call ``torch.nn.functional.linear`` in fp32, the
+reference's arithmetic). ``int8_linear`` is not
 implemented here, so the resolver falls back to the next backend for it. Priority on CUDA
 tensors: below ``triton``, above ``reference``; except the codec v2 device pass
 (codec_v2_encode, codec_v2_decode: :mod:`splitkernels.codec.v2_device`), which prefers this
@@ -30,6 +32,11 @@ _HINT = f"The cuda backend needs a CUDA GPU and the CUDA extension: {BUILD_HINT}
 _CUDA = {"cuda": 20}
 
 _C: ModuleType | None = None
+# GEMV split-K: the split count per (device, M, N, K, bits, group_size, dtype), and per (device,
+# stream) the kernel's finished-split counters, which it leaves zero after every launch.
+_GEMV_SPLITS: dict[tuple, int] = {}
+_GEMV_FUSED: dict[tuple, bool] = {}
+_GEMV_TILE_DONE: dict[tuple[int | None, int], torch.Tensor] = {}
 
 
 def _stream(device: torch.device) -> int:
@@ -40,6 +47,10 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous and 16-byte aligned (a fresh copy only for offset views)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
 
 
 def _require_cuda(name: str, t: torch.Tensor) -> None:
@@ -71,11 +82,36 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return out
 
 
-def _gemv_shape_ok(m: int, k: int, bits: int, group_size: int) -> bool:
-    return (
-        1 <= m <= _C.GEMV_MAX_M and bits in (2, 3, 4, 8) and group_size % 32 == 0 and k > 0
-        and k % group_size == 0 and k < 2**31
-    )
+def _gemv_shape_ok(m: int, k: int, bits: int, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether the fused GEMV takes this product (the launcher's own rule, cached)."""
+    if m < 1 or dtype not in DTYPE_CODE:
+        return False
+    key = (m, k, bits, group_size, dtype)
+    ok = _GEMV_FUSED.get(key)
+    if ok is None:
+        ok = _GEMV_FUSED[key] = bool(_C.gemv_fused(m, k, bits, group_size, DTYPE_CODE[dtype]))
+    return ok
+
+
+def _gemv_workspace(
+    device: torch.device, m: int, n: int, k: int, bits: int, group_size: int, dtype: int
+) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """Split count of an M x N x K GEMV and its workspaces (fp32 partials, tile counters)."""
+    key = (device.index, m, n, k, bits, group_size, dtype)
+    splits = _GEMV_SPLITS.get(key)
+    if splits is None:
+        splits = _GEMV_SPLITS[key] = _C.gemv_splits(m, n, k, bits, group_size, dtype)
+    if splits == 1 or _capturing():
+        # A captured graph may be replayed on any stream, beside launches that use this stream's
+        # counters: graphs get the unsplit kernel.
+        return 1, None, None
+    tiles = -(-n // _C.GEMV_TILE_ROWS)
+    stream_key = (device.index, _stream(device))
+    done = _GEMV_TILE_DONE.get(stream_key)
+    if done is None or done.numel() < tiles:
+        done = torch.zeros(max(tiles, 256), dtype=torch.int32, device=device)
+        _GEMV_TILE_DONE[stream_key] = done
+    return splits, torch.empty(splits, m, n, dtype=torch.float32, device=device), done
 
 
 def dequantize_weight(
@@ -107,7 +143,7 @@ def lowbit_linear(
     k = x.shape[-1]
     n = qweight.shape[0]
     m = x.numel() // k if k else 0
-    if not _gemv_shape_ok(m, k, bits, group_size):
+    if not _gemv_shape_ok(m, k, bits, group_size, x.dtype):
         w = dequantize_weight(qweight, scale, zero, bits, group_size, k)
         y = F.linear(x.float(), w, None if bias is None else bias.float())
         return y.to(x.dtype)
@@ -118,9 +154,11 @@ def lowbit_linear(
         bias = bias.to(dtype).contiguous()
     y = torch.empty(m, n, dtype=dtype, device=x.device)
     with torch.cuda.device(x.device):
+        splits, partial, done = _gemv_workspace(x.device, m, n, k, bits, group_size, DTYPE_CODE[dtype])
         _C.lowbit_gemv(
             x2.data_ptr(), _aligned(qweight).data_ptr(), scale.data_ptr(), zero.data_ptr(),
             0 if bias is None else bias.data_ptr(), y.data_ptr(), DTYPE_CODE[dtype], m, n, k, bits, group_size,
+            splits, 0 if partial is None else partial.data_ptr(), 0 if done is None else done.data_ptr(),
             _stream(x.device),
         )
     return y.reshape(*x.shape[:-1], n)

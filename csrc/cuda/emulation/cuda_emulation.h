@@ -211,6 +211,13 @@ inline int atomicAdd(int* p, int v) {
   return old;
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+// Byte i of the result is byte (s >> 4i) & 7 of the 8 bytes {y, x} (x the low word).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const std::uint64_t v = (static_cast<std::uint64_t>(y) << 32) | x;
+  unsigned out = 0;
+  for (int i = 0; i < 4; ++i) out |= static_cast<unsigned>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return out;
+}
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
   return static_cast<unsigned>(((static_cast<std::uint64_t>(hi) << 32) | lo) >> (shift & 31));
 }
@@ -239,6 +246,52 @@ inline float __double2float_rd(double v) {
 }
 template <typename T>
 T __ldcs(const T* p) { return *p; }
+template <typename T>
+T __ldcg(const T* p) { return *p; }
+// Blocks run one after another and fibers share one memory: every write is visible at once, so a
+// fence only marks a point where another thread may run.
+inline void __threadfence() { sk_emu::preempt(); }
+// The warp's m16n8k16 MMA (csrc/cuda/mma.cuh gives the fragment layout): every lane posts its
+// A and B registers, meets the warp, and computes its own four accumulators from everyone's
+// registers, products and sums in fp32 in k order.
+#define SK_MMA_EMULATED
+namespace sk_emu {
+template <typename T>
+float mma_element(std::uint32_t pair, int which) {
+  const std::uint16_t bits = static_cast<std::uint16_t>(which ? pair >> 16 : pair & 0xFFFF);
+  T v;
+  std::memcpy(&v, &bits, 2);
+  return static_cast<float>(v);
+}
+}  // namespace sk_emu
+namespace sk {
+namespace cuda {
+template <typename T>
+void mma_m16n8k16(float* d, const std::uint32_t* a, const std::uint32_t* b) {
+  static std::uint32_t slots[32][32][6];  // [warp][lane][a0..a3, b0, b1]
+  const int warp = static_cast<int>(sk_emu::thread_index.x / 32), lane = static_cast<int>(sk_emu::thread_index.x % 32);
+  for (int r = 0; r < 4; ++r) slots[warp][lane][r] = a[r];
+  slots[warp][lane][4] = b[0];
+  slots[warp][lane][5] = b[1];
+  sk_emu::group_sync(1 + warp);
+  const int g = lane / 4, t = lane % 4;
+  auto A = [&](int row, int col) {  // A[row][col], row 0..15, col 0..15
+    const int reg = (row >= 8 ? 1 : 0) + (col >= 8 ? 2 : 0);
+    return sk_emu::mma_element<T>(slots[warp][4 * (row % 8) + (col % 8) / 2][reg], col % 2);
+  };
+  auto B = [&](int row, int col) {  // B[row][col], row (k) 0..15, col (n) 0..7
+    return sk_emu::mma_element<T>(slots[warp][4 * col + (row % 8) / 2][4 + (row >= 8 ? 1 : 0)], row % 2);
+  };
+  for (int c = 0; c < 4; ++c) {
+    const int row = c < 2 ? g : g + 8, col = 2 * t + (c & 1);
+    float sum = 0.0f;
+    for (int kk = 0; kk < 16; ++kk) sum += A(row, kk) * B(kk, col);
+    d[c] += sum;
+  }
+  sk_emu::group_sync(1 + warp);  // the slots are read before any lane posts its next MMA
+}
+}  // namespace cuda
+}  // namespace sk
 using std::isfinite;
 using std::max;
 using std::min;

@@ -66,31 +66,70 @@ void emu_ts_tabq_decode(const std::uint8_t* bits, const void* lo, const void* st
   });
 }
 
+// The GEMV with `splits` as the launcher normalises it (partial: fp32 [splits, M, N], tile_done:
+// int32 [ceil(N / 16)], zero), on the kernel the launcher picks; emu_gemv_splits is the
+// launcher's split count for a device of sm_count SMs.
+// The launcher's tensor-core threshold (lowbit_gemv.cu: gemv_tc_min_m), for tests of small M.
+static int emu_tc_min_m = kGemvTcMinM;
+void emu_set_tc_min_m(int value) { emu_tc_min_m = value; }
+
+bool emu_gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
+  return gemv_supports(m, k, bits, group_size, dtype, emu_tc_min_m);
+}
+
+int emu_gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype,
+                    int sm_count) {
+  return gemv_splits_for_shape(m, n, k, bits, group_size, dtype, sm_count, emu_tc_min_m);
+}
+
 void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* scale, const void* zero,
                      const void* bias, void* y, int dtype, std::int64_t m, std::int64_t n, std::int64_t k, int bits,
-                     std::int64_t group_size) {
-  by_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const unsigned grid = static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock);
-    auto run = [&](auto bits_tag) {
-      constexpr int B = decltype(bits_tag)::value;
+                     std::int64_t group_size, int splits, float* partial, int* tile_done) {
+  const GemvSplit split = gemv_split(k, splits);
+  const int mi = static_cast<int>(m), ki = static_cast<int>(k), gi = static_cast<int>(group_size);
+  if (gemv_uses_tc(m, bits, group_size, dtype, emu_tc_min_m)) {
+    const unsigned grid = static_cast<unsigned>((n + kTcRowsPerBlock - 1) / kTcRowsPerBlock * split.splits);
+    auto run_tc = [&](auto tag) {
+      using T = decltype(tag);
       const auto* xp = static_cast<const T*>(x);
       const auto* sp = static_cast<const T*>(scale);
       const auto* zp = static_cast<const T*>(zero);
       const auto* bp = static_cast<const T*>(bias);
       auto* yp = static_cast<T*>(y);
-      const int mi = static_cast<int>(m), ki = static_cast<int>(k), gi = static_cast<int>(group_size);
-      if (m == 1) {
-        sk_emu::launch(grid, kGemvThreads, 0, [=] { gemv_kernel<T, B, 1>(xp, qweight, sp, zp, bp, yp, mi, n, ki, gi); });
-      } else {
-        sk_emu::launch(grid, kGemvThreads, 0,
-                       [=] { gemv_kernel<T, B, kGemvMaxM>(xp, qweight, sp, zp, bp, yp, mi, n, ki, gi); });
-      }
+      sk_emu::launch(grid, kTcThreads, 0, [=] {
+        gemv_tc_kernel<T>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits, split.chunks);
+      });
     };
-    if (bits == 2) run(std::integral_constant<int, 2>{});
-    if (bits == 3) run(std::integral_constant<int, 3>{});
-    if (bits == 4) run(std::integral_constant<int, 4>{});
-    if (bits == 8) run(std::integral_constant<int, 8>{});
+    if (dtype == kFloat16) run_tc(__half{});
+    else run_tc(__nv_bfloat16{});
+    return;
+  }
+  const unsigned grid = static_cast<unsigned>((n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock * split.splits);
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* xp = static_cast<const T*>(x);
+    const auto* sp = static_cast<const T*>(scale);
+    const auto* zp = static_cast<const T*>(zero);
+    const auto* bp = static_cast<const T*>(bias);
+    auto* yp = static_cast<T*>(y);
+    auto run = [&](auto bits_tag, auto m_tag) {
+      constexpr int B = decltype(bits_tag)::value, kMaxM = decltype(m_tag)::value;
+      sk_emu::launch(grid, kGemvThreads, 0, [=] {
+        gemv_kernel<T, B, kMaxM>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits,
+                                 split.chunks);
+      });
+    };
+    auto by_m = [&](auto bits_tag) {  // the launcher's M buckets
+      if (m == 1) run(bits_tag, std::integral_constant<int, 1>{});
+      else if (m == 2) run(bits_tag, std::integral_constant<int, 2>{});
+      else if (m <= 4) run(bits_tag, std::integral_constant<int, 4>{});
+      else if (m <= 8) run(bits_tag, std::integral_constant<int, 8>{});
+      else run(bits_tag, std::integral_constant<int, 16>{});
+    };
+    if (bits == 2) by_m(std::integral_constant<int, 2>{});
+    if (bits == 3) by_m(std::integral_constant<int, 3>{});
+    if (bits == 4) by_m(std::integral_constant<int, 4>{});
+    if (bits == 8) by_m(std::integral_constant<int, 8>{});
   });
 }
 
@@ -98,7 +137,7 @@ void emu_dequantize_weight(const std::uint32_t* qweight, const void* scale, cons
                            std::int64_t n, std::int64_t k, int bits, std::int64_t group_size) {
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    sk_emu::launch(static_cast<unsigned>((n * k + kGemvThreads - 1) / kGemvThreads), kGemvThreads, 0, [=] {
+    sk_emu::launch(static_cast<unsigned>((n * k + kDequantThreads - 1) / kDequantThreads), kDequantThreads, 0, [=] {
       dequantize_kernel<T>(qweight, static_cast<const T*>(scale), static_cast<const T*>(zero), w, n, k, bits,
                            group_size);
     });
