@@ -269,7 +269,7 @@ def test_emulated_gemv_every_m_and_split_k(emu, bits):
 
 
 def test_emulated_tensor_core_gemv(emu):
-    # W4 with fp16/bf16 activations, M = 5..32 and group_size % 128 == 0 runs on tensor cores (above
+    # W4 with fp16/bf16 activations, M = 2..32 and group_size % 128 == 0 runs on tensor cores (above
     # 16 tokens in passes of 16): N = 70 leaves the second 64-row tile's last warp with rows past N;
     # K = 2048 with 2 splits; groups of 128 (one per 128-code block) and 256 (two blocks each);
     # tokens g + 8 absent below M = 9 and in the last pass of M = 24.
@@ -290,7 +290,7 @@ def test_emulated_tensor_core_gemv(emu):
 
 
 def test_emulated_tensor_core_gemv_small_m(emu):
-    # The launcher sends M >= 5 to tensor cores, but benchmarks move the threshold down: the kernel
+    # The launcher sends M >= 2 to tensor cores, but the threshold can move (to 1): the kernel
     # must be right for M = 1..4 too (tokens 4..15 of the MMA absent).
     g = torch.Generator().manual_seed(78)
     q = quantize_weight(torch.randn(21, 1024, generator=g), 4, 128, dtype=torch.bfloat16)
@@ -308,7 +308,7 @@ def test_emulated_tensor_core_gemv_small_m(emu):
         assert not emu.emu_gemv_fused(I64(20), I64(1024), 4, I64(128), 2)
         assert emu.emu_gemv_fused(I64(16), I64(1024), 4, I64(128), 2)
     finally:
-        emu.emu_set_tc_min_m(5)
+        emu.emu_set_tc_min_m(2)  # the launcher's kGemvTcMinM
 
 
 def test_emulated_gemv_split_policy(emu):
@@ -556,9 +556,21 @@ def test_gpu_codec_forced_widths_and_public_codec(cuda_backend, dtype):
     y = activations(33, 576, dtype, "sink", seed=9)
     for config in (CodecConfig(), CodecConfig.passthrough()):
         frame = encode(y.cuda(), config).to_bytes()
-        with splitkernels.use_backend("reference"):
+        with splitkernels.use_backend("reference"):  # the CPU side: this test forces cuda
             assert frame == encode(y, config).to_bytes()
-        assert torch.equal(decode(encode(y.cuda(), config)).cpu(), decode(encode(y, config)))
+            want = decode(encode(y, config))
+        assert torch.equal(decode(encode(y.cuda(), config)).cpu(), want)
+
+
+def test_cuda_glue_hands_prefill_sizes_to_triton_unless_a_backend_is_forced():
+    from splitkernels._backends import cuda as glue
+    from splitkernels.registry import get_backend
+
+    # Products the fused GEMV does not take go to Triton's lowbit_linear where it exists
+    # (unavailable Triton: None, the glue's own dequantise + matmul); a forced backend keeps its own.
+    assert glue._larger_m_kernel() is get_backend("triton").kernels.get("lowbit_linear")
+    with splitkernels.use_backend("reference"):
+        assert glue._larger_m_kernel() is None
 
 
 @pytest.mark.gpu

@@ -366,7 +366,9 @@ __global__ void __launch_bounds__(kGemvThreads)
 // Products q * x are exact in the fp32 accumulator; per block and row, the group's scale
 // multiplies the MMA sum and its zero the activation sum, which one more MMA against ones gives.
 
-constexpr int kGemvTcMinM = 5;
+// From two tokens on: on an H200 (bench/results/gpu-20261130/run3) the tensor-core kernel beat the
+// CUDA-core one at M = 2 and 4 on every W4 shape (15.7 vs 18.5 us at 4096^2, M = 2), not at M = 1.
+constexpr int kGemvTcMinM = 2;
 constexpr int kTcWarps = 4;
 constexpr int kTcThreads = 32 * kTcWarps;
 constexpr int kTcTiles = 2;  // 8-row tiles per warp

@@ -6,14 +6,15 @@ launches on the current stream (no host sync). Available when the module imports
 CUDA device and the module's own CUDA runtime can use the driver. Never raises at import.
 
 Ops: pack_bits, unpack_bits, ts_tabq_encode, ts_tabq_decode, lowbit_linear (fused GEMV for
-M = 1..16 with group_size % 32 == 0, on tensor cores for W4 with fp16/bf16 activations, M = 5..32
+M = 1..16 with group_size % 32 == 0, on tensor cores for W4 with fp16/bf16 activations, M = 2..32
 and group_size % 128 == 0, splitting K over several blocks when N alone gives too few warps;
-other shapes dequantise with a CUDA kernel and call ``torch.nn.functional.linear`` in fp32, the
+other shapes go to Triton's lowbit_linear when Triton is available and no backend is forced,
+else dequantise with a CUDA kernel and call ``torch.nn.functional.linear`` in fp32, the
 reference's arithmetic). ``int8_linear`` is not
 implemented here, so the resolver falls back to the next backend for it. Priority on CUDA
-tensors: below ``triton``, above ``reference``; except the codec v2 device pass
-(codec_v2_encode, codec_v2_decode: :mod:`splitkernels.codec.v2_device`), which prefers this
-backend over ``triton``.
+tensors: below ``triton``, above ``reference``; except lowbit_linear and the codec v2 device
+pass (codec_v2_encode, codec_v2_decode: :mod:`splitkernels.codec.v2_device`), where this
+backend comes first (measured on an H200, bench/results/gpu-20261130).
 """
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ import torch.nn.functional as F
 from .._native import BUILD_HINT, load
 from ..formats import DTYPE_CODE, empty_encode_buffers, packed_nbytes
 from ..ops import reference
-from ..registry import declare_backend
+from ..registry import current_backend, declare_backend, get_backend
 
 _HINT = f"The cuda backend needs a CUDA GPU and the CUDA extension: {BUILD_HINT}."
 _CUDA = {"cuda": 20}
+# lowbit_linear prefers this backend on CUDA tensors: its fused GEMV beat Triton's at every M it
+# takes on an H200 (bench/results/gpu-20261130/run3: 12.6 vs 18.0 us at M = 1, 4096^2, W4).
+_CUDA_GEMV = {"cuda": 40}
 
 _C: ModuleType | None = None
 # GEMV split-K: the split count per (device, M, N, K, bits, group_size, dtype), and per (device,
@@ -144,6 +148,9 @@ def lowbit_linear(
     n = qweight.shape[0]
     m = x.numel() // k if k else 0
     if not _gemv_shape_ok(m, k, bits, group_size, x.dtype):
+        larger = _larger_m_kernel()
+        if larger is not None:
+            return larger(x, qweight, scale, zero, bits, group_size, bias)
         w = dequantize_weight(qweight, scale, zero, bits, group_size, k)
         y = F.linear(x.float(), w, None if bias is None else bias.float())
         return y.to(x.dtype)
@@ -162,6 +169,16 @@ def lowbit_linear(
             _stream(x.device),
         )
     return y.reshape(*x.shape[:-1], n)
+
+
+def _larger_m_kernel():
+    """Triton's lowbit_linear for the products the fused GEMV does not take (prefill-sized M),
+    unless this backend is forced or Triton is unavailable: its tiled and cached-dequantise paths
+    beat this module's dequantise + fp32 matmul (H200: 42 vs 181 us at M = 64, 4096^2, W4)."""
+    if current_backend() is not None:
+        return None
+    triton = get_backend("triton")
+    return triton.kernels.get("lowbit_linear")
 
 
 def ts_tabq_encode(
@@ -277,9 +294,11 @@ declare_backend("cuda", unavailable_reason=_load(), install_hint=_HINT).add_kern
     {
         "pack_bits": pack_bits,
         "unpack_bits": unpack_bits,
-        "lowbit_linear": lowbit_linear,
         "ts_tabq_encode": ts_tabq_encode,
         "ts_tabq_decode": ts_tabq_decode,
     },
     priority=_CUDA,
-).add_kernels({"codec_v2_encode": codec_v2_encode, "codec_v2_decode": codec_v2_decode}, priority={"cuda": 40})
+).add_kernels(
+    {"lowbit_linear": lowbit_linear, "codec_v2_encode": codec_v2_encode, "codec_v2_decode": codec_v2_decode},
+    priority=_CUDA_GEMV,
+)
