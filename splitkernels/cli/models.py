@@ -109,8 +109,9 @@ def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
     """Codec flags; ``default`` is the command's codec when neither --codec nor a v1-only flag says."""
     g = p.add_argument_group("codec")
     g.add_argument("--codec", choices=CODEC_KINDS, default=None,
-                   help=f"v2 (calibrated equalisation + static rANS, calibrated here on Botchan text disjoint from "
-                        f"the evaluation text), v1 (TS + TAB-Q) or passthrough (lossless); default {default}"
+                   help=f"v2 (calibrated equalisation + static rANS, calibrated here on prose, Python source and "
+                        f"Python's docs, disjoint from the evaluation text), v1 (TS + TAB-Q) or passthrough "
+                        f"(lossless); default {default}"
                         + (" (v1 when --avg-bits is given)" if default != "v1" else ""))
     g.add_argument("--bits", type=types.number(1.0, 16.0), default=None,
                    help="v2: target bits per element of 512-token frames (default: with --sensitivity fisher, the "
