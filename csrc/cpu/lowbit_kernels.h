@@ -72,8 +72,8 @@ inline int64_t bf16_row_stride(int bits, int64_t K) {
 // * 2/4/8 bits: 64 bytes are 16 four-byte lanes (quads); the decode makes nv = 2 * (8 / bits)
 //   pair vectors v = 2 * phase + t whose lane `quad` holds the codes of that phase from bytes
 //   4 * quad + t and 4 * quad + t + 2 (h = 0, 1), see isa/lowbit_bf16.cpp;
-// * 3 bits: 128 codes, 16 per qword i (8 of them); pair vector v = j (nv = 4) holds codes
-//   16 i + 4 j + w (w = 0..3) in its 16-bit lanes 4 i + w: lane 2 i + w / 2, h = w % 2.
+// * 3 bits: 128 codes in 16 byte triples t (8 codes each); pair vector v = j (nv = 4) holds in
+//   lane 2 a + p, half h the code 8 t + 4 p + j of triple t = 2 a + h (isa/lowbit_bf16.cpp).
 // Then:
 // * dot form (M < kBf16PanelMinRows): activations line up with the vector lanes, so pair
 //   vector v of a chunk reads 32 consecutive values: v * 32 + 2 * lane + h; 8-bit codes are
@@ -85,8 +85,8 @@ inline int64_t bf16_row_stride(int bits, int64_t K) {
 inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k) {
   int64_t base, v, lane, h, nv;
   if (bits == 3) {
-    const int64_t kk = k % 128, i = kk / 16, w = kk % 4;
-    base = k / 128 * 128, v = kk % 16 / 4, lane = 2 * i + w / 2, h = w % 2, nv = 4;
+    const int64_t kk = k % 128, t = kk / 8, par = kk % 8 / 4;
+    base = k / 128 * 128, v = kk % 4, lane = t / 2 * 2 + par, h = t % 2, nv = 4;
   } else {
     const int64_t cpb = 8 / bits, byte = k / cpb, phase = k % cpb, in_chunk = byte % 64;
     base = byte / 64 * 64 * cpb, v = 2 * phase + in_chunk % 2, lane = in_chunk / 4, h = (in_chunk % 4) / 2;

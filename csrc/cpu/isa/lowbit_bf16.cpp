@@ -67,33 +67,40 @@ template <int B>
 constexpr float kCodeOffset = B == 8 ? 0.f : 128.f;
 
 #if defined(__AVX512VBMI__)
-// 3-bit codes of one chunk (48 bytes, 128 codes, in the low bytes of v) into four pair vectors:
-// vpermb gives qword i the six bytes of codes 16 i .. 16 i + 15 (48 bits, in stream order),
-// then for pair vector j vpmultishiftqb takes, into byte 2 w of each qword, the eight bits from
-// code 16 i + 4 j + w's first bit on; and-or with (7, 0x4300) per 16-bit lane leaves bf16
-// 128 + q there (lane 4 i + w; bf16_position).
-inline void decode_chunk3(__m512i v, __m512i out[4]) {
-  alignas(64) static constexpr auto tables = [] {
+// 3-bit codes: a chunk is 16 triples of bytes (8 codes each); in triple t, codes 8 t .. 8 t + 3
+// are bits 0..11 of bytes (3 t, 3 t + 1) and codes 8 t + 4 .. 8 t + 7 bits 4..15 of bytes
+// (3 t + 1, 3 t + 2). vpermb (arrange3) puts into u32 lane l = 2 a + p (p = 0, 1) the byte pair
+// of parity p from triple 2 a (low half) and from triple 2 a + 1 (high half), so that in both
+// halves the four codes sit at the same bit offsets 4 p + 3 j: one shift of the lane by
+// 4 p + 3 j and one and-or (vpternlogd) give pair vector j, as in the 2/4-bit decode. Lanes
+// 2 a and 2 a + 1 hold codes 16 a .. 16 a + 15 (bf16_position).
+inline __m512i arrange3(__m512i raw) {
+  alignas(64) static constexpr auto order = [] {
     struct {
-      uint8_t spread[64], shift[4][64];
+      uint8_t b[64];
     } t{};
-    for (int i = 0; i < 8; ++i)
-      for (int b = 0; b < 8; ++b) {
-        t.spread[8 * i + b] = static_cast<uint8_t>(b < 6 ? 6 * i + b : 0);
-        for (int j = 0; j < 4; ++j) t.shift[j][8 * i + b] = static_cast<uint8_t>(b % 2 ? 0 : 12 * j + 3 * (b / 2));
-      }
+    for (int l = 0; l < 16; ++l)
+      for (int h = 0; h < 2; ++h)
+        for (int i = 0; i < 2; ++i) t.b[4 * l + 2 * h + i] = static_cast<uint8_t>(3 * (l / 2 * 2 + h) + l % 2 + i);
     return t;
   }();
-  const __m512i spread = _mm512_permutexvar_epi8(_mm512_load_si512(tables.spread), v);
+  return _mm512_permutexvar_epi8(_mm512_load_si512(order.b), raw);
+}
+
+// Pair vectors j = 0..3 of arranged lanes v: shifts 4 p + 3 j, with 4 p per lane in `parity`.
+inline void decode_lanes3(__m512i v, __m512i parity, __m512i out[4]) {
   const __m512i code_bits = _mm512_set1_epi32(0x00070007), offset = _mm512_set1_epi32(0x43004300);
-  for (int j = 0; j < 4; ++j)  // (window & code_bits) | offset
-    out[j] = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(_mm512_load_si512(tables.shift[j]), spread),
+  for (int j = 0; j < 4; ++j)  // (shifted & code_bits) | offset
+    out[j] = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(v, _mm512_add_epi32(parity, _mm512_set1_epi32(3 * j))),
                                        code_bits, offset, 0xea);
 }
+
+// 4 p of each lane of a chunk (lanes alternate p = 0, 1).
+inline __m512i lane_parity3() { return _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0); }
 #endif
 
 // Loads chunk c of a row (bytes past `bytes` read as zero, and never touched) and decodes it
-// into kPairs<B> pair vectors (2/4 bits: decode_quads; 3 bits: decode_chunk3).
+// into kPairs<B> pair vectors (2/4 bits: decode_quads; 3 bits: arrange3 + decode_lanes3).
 template <int B>
 inline void decode_chunk(const uint8_t* chunk, int64_t bytes, __m512i* out);
 
@@ -127,7 +134,7 @@ template <int B>
 inline void decode_chunk(const uint8_t* chunk, int64_t bytes, __m512i* out) {
   if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-    decode_chunk3(_mm512_maskz_loadu_epi8((1ull << bytes) - 1, chunk), out);
+    decode_lanes3(arrange3(_mm512_maskz_loadu_epi8((1ull << bytes) - 1, chunk)), lane_parity3(), out);
 #endif
   } else {
     const __mmask16 lm = static_cast<__mmask16>((1u << (bytes / 4)) - 1);
@@ -283,13 +290,14 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
 
 // Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length
 // apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows, memory-bound)
-// eight of them made the M = 1 call 1.7x slower than one row at a time.
+// eight of them made the M = 1 call 1.7x slower than one row at a time. 3-bit rows from 1 KiB
+// on (K >= 2731) too: at 4096 x 4096 (1.5 KiB rows) one row at a time was 1.2x faster.
 constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // Short rows: R = 8 / 4 / 2 rows per block (accumulators: 2 * R * M zmm at most) keep the
   // vdpbf16ps chains and the per-row sums busy; a long row has chains enough by itself.
-  const bool long_rows = p.row_bytes >= kLongRowBytes;
+  const bool long_rows = p.row_bytes >= kLongRowBytes || (B == 3 && p.row_bytes >= 1024);
   switch (p.M) {
     case 1: long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end); break;
     case 2: long_rows ? dot_rows<B, 2, 2>(p, 0, n_begin, n_end) : dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
@@ -304,45 +312,39 @@ template <int B>
 void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* panel) {
   constexpr int nv = kPairs<B>;
   constexpr int64_t cb = kChunkBytes<B>;
-  // The 32 rows' current chunk is first copied side by side: rows of a power-of-two byte
-  // stride share a few L1 sets, and gathering from them directly misses on every lane.
-  // 3 bits: the rows' chunks are decoded into `stage` row by row instead, and the gathers
-  // collect one pair (u32) of sixteen rows at a time.
-  alignas(64) uint8_t stage[kBlockN * 64 * (B == 3 ? 4 : 1)];
-  const int64_t row_stage = B == 3 ? 64 * 4 : 64;
+  // The 32 rows' current chunk is first copied side by side (3 bits: arranged, arrange3): rows
+  // of a power-of-two byte stride share a few L1 sets, and gathering from them directly misses
+  // on every lane.
+  alignas(64) uint8_t stage[kBlockN * 64];
   const __m512i lane_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32(static_cast<int>(row_stage)));
+                                                  _mm512_set1_epi32(64));
   const int64_t code_bytes = p.K * B / 8, chunks = (code_bytes + cb - 1) / cb;
   const int64_t lanes = std::min<int64_t>(16, p.group_size / (kChunkCodes<B> / 16));
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
-    if constexpr (B == 3) {
-      for (int64_t r = 0; r < kBlockN; ++r) {  // rows past the end repeat the first
-        __m512i q[nv];
-        decode_chunk<B>(p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + cb * c, left, q);
-        for (int v = 0; v < nv; ++v) _mm512_store_si512(stage + row_stage * r + 64 * v, q[v]);
-      }
-    } else {
-      const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
-      for (int64_t r = 0; r < kBlockN; ++r)
-        _mm512_store_si512(stage + 64 * r,
-                           _mm512_maskz_loadu_epi8(bytes, p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + 64 * c));
+    const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
+    for (int64_t r = 0; r < kBlockN; ++r) {  // rows past the end repeat the first
+      __m512i raw = _mm512_maskz_loadu_epi8(bytes, p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + cb * c);
+#if defined(__AVX512VBMI__)
+      if constexpr (B == 3) raw = arrange3(raw);
+#endif
+      _mm512_store_si512(stage + 64 * r, raw);
     }
     for (int quad = 0; quad < 16; ++quad) {
       // Pair index of (v, quad) in the panel form of bf16_position.
       const int64_t gi = quad / lanes, ql = quad % lanes;
       uint32_t* dst = panel + (c * nv * 16 + gi * nv * lanes + ql) * kBlockN;
       for (int h = 0; h < 2; ++h) {
-        const uint8_t* rows16 = stage + 16 * row_stage * h;
+        const __m512i v = _mm512_i32gather_epi32(lane_offsets, stage + 16 * 64 * h + 4 * quad, 1);
+        __m512i q[nv];
         if constexpr (B == 3) {
-          for (int v = 0; v < nv; ++v)
-            _mm512_storeu_si512(dst + v * lanes * kBlockN + 16 * h,
-                                _mm512_i32gather_epi32(lane_offsets, rows16 + 64 * v + 4 * quad, 1));
+#if defined(__AVX512VBMI__)
+          decode_lanes3(v, _mm512_set1_epi32(4 * (quad % 2)), q);
+#endif
         } else {
-          __m512i q[nv];
-          decode_quads<B>(_mm512_i32gather_epi32(lane_offsets, rows16 + 4 * quad, 1), q);
-          for (int v = 0; v < nv; ++v) _mm512_storeu_si512(dst + v * lanes * kBlockN + 16 * h, q[v]);
+          decode_quads<B>(v, q);
         }
+        for (int v = 0; v < nv; ++v) _mm512_storeu_si512(dst + v * lanes * kBlockN + 16 * h, q[v]);
       }
     }
   }
