@@ -477,8 +477,9 @@ def test_lowbit_bf16_kernel_choice(each_isa):
 
 # The 3-bit bf16 kernels (AVX-512 BF16 + VBMI): chunks of 128 codes in 48 bytes, groups of 16, 32
 # or 64 codes (several per chunk) or whole chunks; rows ending inside a chunk (K = 208, 288, 576,
-# 64), M on both sides of the dot / panel switch, N with short row tails.
-_W3_LAYOUTS = [(16, 208), (32, 288), (64, 576), (64, 64), (128, 384), (256, 768), (384, 1152)]
+# 64), M on both sides of the dot / panel switch, N with short row tails, rows of 1 KiB or more
+# (K = 3072: read one or two at a time).
+_W3_LAYOUTS = [(16, 208), (32, 288), (64, 576), (64, 64), (128, 384), (256, 768), (384, 1152), (128, 3072)]
 
 
 def _needs_w3_kernels() -> None:
