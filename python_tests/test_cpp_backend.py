@@ -495,13 +495,14 @@ def test_lowbit_bf16_w3_every_layout(group, k, m):
     n = 45
     x, qw, b = _lowbit_case(n, k, m, 3, group, torch.bfloat16, bias=m % 2 == 1, seed=3000 + group + k + m)
     want64 = _lowbit_want64(x, qw, b)
+    rounding = _rel_err(want64.bfloat16(), want64)  # a bf16 output's own error (near 2e-3 for some rows)
     y = _bf16_kernel_on_poisoned_output(x, qw, b, 3, group)
-    assert _rel_err(y, want64) <= TOL[torch.bfloat16]
-    # Against the reference op (both outputs rounded to bf16, so up to an ulp apart per value).
+    assert _rel_err(y, want64) <= rounding + 1e-3
+    # Against the reference op: both outputs are rounded to bf16.
     want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, b)
-    assert _rel_err(y, want.double()) <= TOL[torch.bfloat16]
+    assert _rel_err(y, want.double()) <= 2 * rounding + 1e-3
     # The public op takes the same path.
-    assert _rel_err(ops.lowbit_linear(x, qw, b), want64) <= TOL[torch.bfloat16]
+    assert torch.equal(ops.lowbit_linear(x, qw, b), y)
 
 
 @pytest.mark.parametrize("group,k", [(16, 208), (64, 576), (128, 384)])
