@@ -6,13 +6,15 @@
 // accumulation, and the group's scale and zero are applied afterwards:
 // y = sum_g s_g * sum_k q_k x_k + sum_g z_g * sum_k x_k. Nothing is rounded but x itself.
 //
-// Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each). vpermw
-// looks up a 16-bit lane's low five bits in a 32-entry table of bf16 integers, so one shift
-// and one lookup turn a lane into the pair (code of byte t, code of byte t+2): four bytes give
-// 2 * (8 / bits) pairs, and the activations are laid out in that pair order (bf16_position in
-// lowbit_kernels.h). Groups are whole 64-byte chunks, or 4..32 bytes: then a chunk's lanes
-// belong to several groups, and each lane's sum is scaled by its own group's scale (a vector
-// of scales per chunk). A row's last chunk may be partial (masked loads; x is zero-padded).
+// Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each); one shift
+// and one and-or (vpternlogd, see kCodeOffset) turn a lane into the pair (code of byte t, code
+// of byte t+2): four bytes give 2 * (8 / bits) pairs, and the activations are laid out in that
+// pair order (bf16_position in lowbit_kernels.h). 3-bit codes (the build with VBMI only,
+// isa_avx512bf16vbmi) come in chunks of 128 codes (48 bytes): one vpermb sorts the bytes so
+// that the same shift-and-mask steps apply (arrange3, decode_lanes3). Groups are whole chunks,
+// or 4..32 bytes (3 bits: 16, 32 or 64 codes): then a chunk's lanes belong to several groups,
+// and each lane's sum is scaled by its own group's scale (a vector of scales per chunk). A
+// row's last chunk may be partial (masked loads; x is zero-padded).
 //
 // Two forms:
 // * few activation rows (M < kBf16PanelMinRows): decode a chunk of R weight rows into
