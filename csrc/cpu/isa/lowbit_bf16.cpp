@@ -293,8 +293,8 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
 // Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length
 // apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows, memory-bound)
 // eight of them made the M = 1 call 1.7x slower than one row at a time. 3-bit rows from 1 KiB
-// on (K >= 2731) too, two at a time at M = 1 (their decode takes one more step, and a second
-// chain hides it): at 4096 x 4096 (1.5 KiB rows) 1.25x faster than eight, 1.07x than one.
+// on (K >= 2731) too: at 4096 x 4096 (1.5 KiB rows, weights not in cache) one row at a time
+// took 0.64-0.72 ms against 0.96-1.0 with two and 1.0 with eight (bench/ops/lowbit_linear.py).
 constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
@@ -303,7 +303,7 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const bool long_rows = p.row_bytes >= kLongRowBytes || (B == 3 && p.row_bytes >= 1024);
   switch (p.M) {
     case 1:
-      long_rows ? dot_rows<B, 1, B == 3 ? 2 : 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
+      long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
       break;
     case 2: long_rows ? dot_rows<B, 2, 2>(p, 0, n_begin, n_end) : dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
     case 3: long_rows ? dot_rows<B, 3, 2>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end); break;
