@@ -294,7 +294,7 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
 // apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows, memory-bound)
 // eight of them made the M = 1 call 1.7x slower than one row at a time. 3-bit rows from 1 KiB
 // on (K >= 2731) too: at 4096 x 4096 (1.5 KiB rows, weights not in cache) one row at a time
-// took 0.64-0.72 ms against 0.96-1.0 with two and 1.0 with eight (bench/ops/lowbit_linear.py).
+// took 0.64-0.72 ms against 0.96-1.0 with two (bench/ops/lowbit_linear.py, interleaved runs).
 constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
