@@ -42,7 +42,6 @@ namespace sk {
 namespace SK_ISA_NS {
 namespace {
 
-
 constexpr int kDotRows = static_cast<int>(kBf16PanelMinRows) - 1;
 // The dot form reads R weight rows side by side (R streams a row apart); each is prefetched
 // this far ahead.
@@ -101,11 +100,6 @@ inline void decode_lanes3(__m512i v, __m512i parity, __m512i out[4]) {
 inline __m512i lane_parity3() { return _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0); }
 #endif
 
-// Loads chunk c of a row (bytes past `bytes` read as zero, and never touched) and decodes it
-// into kPairs<B> pair vectors (2/4 bits: decode_quads; 3 bits: arrange3 + decode_lanes3).
-template <int B>
-inline void decode_chunk(const uint8_t* chunk, int64_t bytes, __m512i* out);
-
 // Pair vectors of one 64-byte chunk (or 16 gathered quads): out[ph * 2 + t] holds, per u32
 // lane, the bf16 codes (plus kCodeOffset) of phase ph from bytes t and t + 2 of the lane's
 // four bytes.
@@ -132,6 +126,8 @@ inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
   }
 }
 
+// Loads a chunk of a row (bytes past `bytes` read as zero, and never touched) and decodes it
+// into kPairs<B> pair vectors (2/4 bits: decode_quads; 3 bits: arrange3 + decode_lanes3).
 template <int B>
 inline void decode_chunk(const uint8_t* chunk, int64_t bytes, __m512i* out) {
   if constexpr (B == 3) {
@@ -206,8 +202,8 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
   } else {
     // Several groups per chunk: each u32 lane of a pair vector holds codes of one group, and
     // its sum is scaled by that group's scale (a permuted vector of the chunk's scales). The
-    // lane's group: lane l * (codes per lane) / g for the quad and 3-bit decodes, byte
-    // (32 v + 2 l) / gbytes for 8 bits.
+    // lane's group: l * (chunk codes / 16) / g for the quad and 3-bit decodes (3 bits: lanes
+    // 2 a, 2 a + 1 hold codes 16 a .. 16 a + 15, and g >= 16), byte (32 v + 2 l) / gbytes for 8 bits.
     const int64_t gbytes = gsize * B / 8, per_chunk = cc / gsize, chunks = (p.K + cc - 1) / cc;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m128i log_gbytes = _mm_cvtsi32_si128(__builtin_ctzll(gbytes));
@@ -340,14 +336,14 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pan
       const int64_t gi = quad / lanes, ql = quad % lanes;
       uint32_t* dst = panel + (c * nv * 16 + gi * nv * lanes + ql) * kBlockN;
       for (int h = 0; h < 2; ++h) {
-        const __m512i v = _mm512_i32gather_epi32(lane_offsets, stage + 16 * 64 * h + 4 * quad, 1);
+        const __m512i gathered = _mm512_i32gather_epi32(lane_offsets, stage + 16 * 64 * h + 4 * quad, 1);
         __m512i q[nv];
         if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-          decode_lanes3(v, _mm512_set1_epi32(4 * (quad % 2)), q);
+          decode_lanes3(gathered, _mm512_set1_epi32(4 * (quad % 2)), q);
 #endif
         } else {
-          decode_quads<B>(v, q);
+          decode_quads<B>(gathered, q);
         }
         for (int v = 0; v < nv; ++v) _mm512_storeu_si512(dst + v * lanes * kBlockN + 16 * h, q[v]);
       }
