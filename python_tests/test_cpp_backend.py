@@ -18,7 +18,7 @@ import splitkernels
 from splitkernels import codec, ops, registry
 from splitkernels._backends import cpp
 from splitkernels.ops import reference as ref
-from splitkernels.quant import QuantizedWeight, quantize_weight, quantize_weight_int8
+from splitkernels.quant import QuantizedWeight, pack_weight_codes, quantize_weight, quantize_weight_int8
 
 if not registry.get_backend("cpp").available:
     unavailable(f"cpp backend not built: {registry.get_backend('cpp').unavailable_reason}")
@@ -457,13 +457,119 @@ def test_lowbit_linear_no_rows_writes_nothing():
     assert bool((y == 7).all())
 
 
-def test_lowbit_bf16_kernel_choice():
+def test_lowbit_bf16_kernel_choice(each_isa):
     _needs_bf16_kernels()
     assert cpp._C.lowbit_bf16_kernel(2, 4, 128) and cpp._C.lowbit_bf16_kernel(2, 2, 16)
     assert not cpp._C.lowbit_bf16_kernel(0, 4, 128)  # fp32 activations
-    assert not cpp._C.lowbit_bf16_kernel(2, 3, 128)  # 3 bits
     assert not cpp._C.lowbit_bf16_kernel(2, 4, 96)  # 48-byte groups: neither divide nor fill 64 bytes
     assert not cpp._C.lowbit_bf16_kernel(2, 8, 2)  # 2-byte groups: part of a four-byte lane
+    # 3 bits: only the build with VBMI decodes them, in chunks of 128 codes (runs of 16 codes).
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        assert cpp._C.lowbit_bf16_kernel(2, 3, 128) == (isa == "avx512_bf16_vbmi"), isa
+    if "avx512_bf16_vbmi" in each_isa:
+        for group in (16, 32, 64, 128, 256, 384):
+            assert cpp._C.lowbit_bf16_kernel(2, 3, group), group
+        for group in (8, 48, 96, 160, 3):  # part of a 16-code run, or neither divide nor fill a chunk
+            assert not cpp._C.lowbit_bf16_kernel(2, 3, group), group
+        assert not cpp._C.lowbit_bf16_kernel(0, 3, 128)  # fp32 activations
+
+
+# The 3-bit bf16 kernels (AVX-512 BF16 + VBMI): chunks of 128 codes in 48 bytes, groups of 16, 32
+# or 64 codes (several per chunk) or whole chunks; rows ending inside a chunk (K = 208, 288, 576,
+# 64), M on both sides of the dot / panel switch, N with short row tails, rows of 1 KiB or more
+# (K = 3072: read one or two at a time).
+_W3_LAYOUTS = [(16, 208), (32, 288), (64, 576), (64, 64), (128, 384), (256, 768), (384, 1152), (128, 3072)]
+
+
+def _needs_w3_kernels() -> None:
+    if "avx512_bf16_vbmi" not in cpp._C.lowbit_isas():
+        pytest.skip("this CPU lacks AVX-512 BF16 or VBMI: the 3-bit bf16 kernels never run here")
+
+
+@pytest.mark.parametrize("group,k", _W3_LAYOUTS)
+@pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 9, 19))
+def test_lowbit_bf16_w3_every_layout(group, k, m):
+    _needs_w3_kernels()
+    assert cpp._C.lowbit_bf16_kernel(2, 3, group)
+    n = 45
+    x, qw, b = _lowbit_case(n, k, m, 3, group, torch.bfloat16, bias=m % 2 == 1, seed=3000 + group + k + m)
+    want64 = _lowbit_want64(x, qw, b)
+    rounding = _rel_err(want64.bfloat16(), want64)  # a bf16 output's own error (near 2e-3 for some rows)
+    y = _bf16_kernel_on_poisoned_output(x, qw, b, 3, group)
+    assert _rel_err(y, want64) <= rounding + 1e-3
+    # Against the reference op: both outputs are rounded to bf16.
+    want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, b)
+    assert _rel_err(y, want.double()) <= 2 * rounding + 1e-3
+    # The public op takes the same path.
+    assert torch.equal(ops.lowbit_linear(x, qw, b), y)
+
+
+@pytest.mark.parametrize("group,k", [(16, 208), (64, 576), (128, 384)])
+@pytest.mark.parametrize("m", (1, 3, 4, 7))
+def test_lowbit_bf16_w3_decode_is_exact(group, k, m):
+    # Scale 1, zero 0 and one-hot activation rows: every output is one code, exactly (the code
+    # offset 128 cancels exactly in fp32), so a misplaced bit or lane cannot hide in a tolerance.
+    _needs_w3_kernels()
+    n = 37
+    g = _gen(k + group + m)
+    codes = torch.randint(0, 8, (n, k), dtype=torch.uint8, generator=g)
+    codes[0] = 7  # all bits set: a window that reaches into the next code shows
+    qw = QuantizedWeight(pack_weight_codes(codes, 3), torch.ones(n, k // group, dtype=torch.bfloat16),
+                         torch.zeros(n, k // group, dtype=torch.bfloat16), 3, group, k)
+    for start in range(0, k, m):  # every column k, m of them per call
+        cols = torch.arange(start, min(k, start + m))
+        x = torch.zeros(len(cols), k, dtype=torch.bfloat16)
+        x[torch.arange(len(cols)), cols] = 1
+        y = _bf16_kernel_on_poisoned_output(x, qw, None, 3, group)
+        assert torch.equal(y.float(), codes[:, cols].T.float()), (start, m)
+
+
+def test_lowbit_bf16_w3_k_slices_and_offset_activations():
+    # Few rows with a long K: the dot form reads K in slices of whole groups (18 groups of 128:
+    # more than 8 KiB of activations at M >= 2); activations far from zero make the code
+    # offset (128 + q, folded into the zero point) cancel in large sums; fp16 scales.
+    _needs_w3_kernels()
+    n, k, group = 45, 2304, 128
+    g = _gen(77)
+    qw = quantize_weight(torch.randn(n, k, generator=g), 3, group, dtype=torch.float16)
+    b = torch.randn(n, generator=g).bfloat16()
+    for m in (1, 2, 4, 6):
+        x = (torch.randn(m, k, generator=g) + 30).bfloat16()
+        y = _bf16_kernel_on_poisoned_output(x, qw, b, 3, group)
+        assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.bfloat16], m
+    rows = torch.cat([cpp.lowbit_linear(x[i : i + 1], qw.qweight, qw.scale, qw.zero, 3, group, b) for i in range(6)])
+    assert _rel_err(y, rows.double()) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("group,k", [(8, 96), (48, 192), (96, 384), (160, 320)])
+def test_lowbit_bf16_w3_declined_groups_fall_back(group, k):
+    # Groups the 3-bit bf16 kernels decline run the fp32 kernels, at every M, still correct.
+    _needs_w3_kernels()
+    assert not cpp._C.lowbit_bf16_kernel(2, 3, group)
+    for m in (1, 6):
+        x, qw, b = _lowbit_case(29, k, m, 3, group, torch.bfloat16, bias=True, seed=group + m)
+        want64 = _lowbit_want64(x, qw, b)
+        assert _rel_err(ops.lowbit_linear(x, qw, b), want64) <= _w8_tolerance(want64)
+
+
+@pytest.mark.parametrize("m", (1, 6))
+def test_lowbit_bf16_w3_non_finite_activations(m):
+    # NaN or infinity in x: as the 2/4-bit kernels, vdpbf16ps carries it through, and s * sum(q x)
+    # + z * sum(x) makes every output of the rows holding it non-finite (as the reference).
+    _needs_w3_kernels()
+    g = _gen(12 + m)
+    qw = quantize_weight(torch.randn(32, 576, generator=g), 3, 64, dtype=torch.bfloat16)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(m, 576, generator=g).bfloat16()
+        x[m - 1, 200] = bad
+        y = torch.full((m, 32), float("nan"), dtype=torch.bfloat16)  # poisons every output overwrites:
+        y[m - 1] = 7  # NaN for the finite rows, 7 for the row holding `bad`
+        cpp._C.lowbit_linear(x.data_ptr(), 2, m, 576, qw.qweight.data_ptr(), 32, qw.qweight.shape[1],
+                             qw.scale.data_ptr(), qw.zero.data_ptr(), 2, 3, 64, 0, y.data_ptr())
+        assert torch.isfinite(y[: m - 1]).all() and not (y[m - 1] == 7).any()
+        assert not torch.isfinite(y[m - 1]).any()
+        assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, 64, None)[m - 1]).any()
 
 
 # The 8-bit VNNI path (AVX-512 VNNI, M = 1, groups of whole 64-byte chunks): the activation row
@@ -491,7 +597,7 @@ def test_lowbit_w8_vnni_choice():
     try:
         for isa in cpp._C.lowbit_isas():
             cpp._C.set_lowbit_isa(isa)
-            assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) == (isa in ("avx512_vnni", "avx512_bf16")), isa
+            assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) == (isa.startswith(("avx512_vnni", "avx512_bf16"))), isa
     finally:
         cpp._C.set_lowbit_isa(default)
 
@@ -513,7 +619,7 @@ def test_lowbit_w8_vnni_layouts(n, group, k, scale_dtype):
 
 def _w8_tolerance(want64: torch.Tensor) -> float:
     """Error against the exact result allowed to a bf16 output: its own rounding (a few outputs
-    alone can exceed TOL) plus 1e-3."""
+    alone can exceed TOL) plus 1e-3 (also used by the 3-bit fallback test)."""
     return _rel_err(want64.bfloat16(), want64) + 1e-3
 
 

@@ -45,38 +45,57 @@ struct LowbitKernels {
   LowbitRowsFn dequantize;   // writes w_out rows
 };
 
-// Whether bf16_rows handles this layout: bits 2/4/8 and groups of g * bits / 8 bytes that are a
-// multiple of 64 (whole 64-byte chunks) or divide 64 into whole four-byte lanes (4..32 bytes).
+// Whether bf16_rows handles this layout. A chunk is 64 bytes of codes (2/4/8 bits) or 128 codes
+// in 48 bytes (3 bits, decoded with AVX-512 VBMI: only the *_vbmi build takes them). Its pair
+// vectors' 16 lanes each hold codes of one run of `unit` codes: four bytes (32 / bits codes),
+// or for 3 bits one of 8 runs of 16 (two lanes per run, see bf16_position). Groups must be
+// whole chunks or divide a chunk into whole runs: 2/4/8 bits groups of 4..32 bytes or
+// multiples of 64 bytes, 3 bits groups of 16, 32 or 64 codes or multiples of 128.
+inline int64_t bf16_chunk_codes(int bits) { return bits == 3 ? 128 : 512 / bits; }
 inline bool bf16_kernel_layout(int bits, int64_t group_size) {
-  if (!(bits == 2 || bits == 4 || bits == 8)) return false;
-  const int64_t group_bits = group_size * bits;
-  return group_bits % 512 == 0 || (group_bits >= 32 && 512 % group_bits == 0);
+  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8) || group_size <= 0) return false;
+  const int64_t chunk = bf16_chunk_codes(bits), unit = bits == 3 ? 16 : chunk / 16;
+  return group_size % chunk == 0 || (group_size >= unit && chunk % group_size == 0);
 }
 
 // From this many activation rows the bf16 kernels use the panel form (see isa/lowbit_bf16.cpp).
 constexpr int64_t kBf16PanelMinRows = 5;
 
-// Activation values per row the bf16 kernels read: the row's codes in whole 64-byte chunks.
-inline int64_t bf16_row_stride(int bits, int64_t K) { return (K * bits + 511) / 512 * 512 / bits; }
+// Activation values per row the bf16 kernels read: the row's codes in whole chunks.
+inline int64_t bf16_row_stride(int bits, int64_t K) {
+  const int64_t chunk = bf16_chunk_codes(bits);
+  return (K + chunk - 1) / chunk * chunk;
+}
 
-// Position of a row's code k (natural order) in the bf16 kernels' activation order. A 64-byte
-// chunk of a weight row is 16 four-byte lanes (quads); the decode makes 2 * (8 / bits) pair
-// vectors v = 2 * phase + t whose u32 lane `quad` holds the codes of that phase from bytes
-// 4 * quad + t and 4 * quad + t + 2 (h = 0, 1), see isa/lowbit_bf16.cpp.
+// Position of a row's code k (natural order) in the bf16 kernels' activation order. A chunk of
+// a weight row decodes into nv pair vectors of 16 u32 lanes (two bf16 codes per lane):
+// * 2/4/8 bits: 64 bytes are 16 four-byte lanes (quads); the decode makes nv = 2 * (8 / bits)
+//   pair vectors v = 2 * phase + t whose lane `quad` holds the codes of that phase from bytes
+//   4 * quad + t and 4 * quad + t + 2 (h = 0, 1), see isa/lowbit_bf16.cpp;
+// * 3 bits: 128 codes in 16 byte triples t (8 codes each); pair vector v = j (nv = 4) holds in
+//   lane 2 a + p, half h the code 8 t + 4 p + j of triple t = 2 a + h (isa/lowbit_bf16.cpp).
+// Then:
 // * dot form (M < kBf16PanelMinRows): activations line up with the vector lanes, so pair
-//   vector v of a chunk reads 32 consecutive values: v * 32 + 2 * quad + h; 8-bit codes are
+//   vector v of a chunk reads 32 consecutive values: v * 32 + 2 * lane + h; 8-bit codes are
 //   decoded in natural order there (k itself);
 // * panel form: each pair is broadcast, so the pairs of one group are kept together (a chunk
 //   holding several small groups lists group by group): the pair index is
-//   (gi * nv + v) * lanes + ql for quad = gi * lanes + ql, lanes = quads per group (<= 16).
+//   (gi * nv + v) * lanes + ql for lane = gi * lanes + ql, lanes = lanes per group (<= 16).
 // Both are the same when groups are whole chunks.
 inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k) {
-  const int64_t cpb = 8 / bits, byte = k / cpb, phase = k % cpb;
-  const int64_t chunk = byte / 64, in_chunk = byte % 64, quad = in_chunk / 4, t = in_chunk % 2, h = (in_chunk % 4) / 2;
-  const int64_t v = 2 * phase + t, base = chunk * 64 * cpb;
-  if (!panel) return bits == 8 ? k : base + v * 32 + 2 * quad + h;
-  const int64_t lanes = std::min<int64_t>(16, group_size * bits / 32), gi = quad / lanes, ql = quad % lanes;
-  return base + 2 * ((gi * 2 * cpb + v) * lanes + ql) + h;
+  int64_t base, v, lane, h, nv;
+  if (bits == 3) {
+    const int64_t kk = k % 128, t = kk / 8, par = kk % 8 / 4;
+    base = k / 128 * 128, v = kk % 4, lane = t / 2 * 2 + par, h = t % 2, nv = 4;
+  } else {
+    const int64_t cpb = 8 / bits, byte = k / cpb, phase = k % cpb, in_chunk = byte % 64;
+    base = byte / 64 * 64 * cpb, v = 2 * phase + in_chunk % 2, lane = in_chunk / 4, h = (in_chunk % 4) / 2;
+    nv = 2 * cpb;
+  }
+  if (!panel) return bits == 8 ? k : base + v * 32 + 2 * lane + h;
+  const int64_t lanes = std::min<int64_t>(16, group_size / (bf16_chunk_codes(bits) / 16)), gi = lane / lanes,
+                ql = lane % lanes;
+  return base + 2 * ((gi * nv + v) * lanes + ql) + h;
 }
 
 // The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): one bf16 activation row as three signed bytes
@@ -97,8 +116,10 @@ struct W8Activations {
 namespace isa_generic { const LowbitKernels& lowbit_kernels(); }
 namespace isa_avx2 { const LowbitKernels& lowbit_kernels(); }
 namespace isa_avx512 { const LowbitKernels& lowbit_kernels(); }
-// AVX-512 BF16 adds bf16_rows to the AVX-512 fp32 kernels.
+// AVX-512 BF16 adds bf16_rows to the AVX-512 fp32 kernels; the same source built with VBMI
+// too (isa_avx512bf16vbmi) also takes 3-bit codes.
 namespace isa_avx512bf16 { LowbitRowsFn bf16_rows(); }
+namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); }
 // AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from one row x [K] bf16
 // (w8_vnni_layout); false (and nothing to run) when x holds a NaN or an infinity.
 namespace isa_avx512vnni {

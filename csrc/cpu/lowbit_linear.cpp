@@ -7,7 +7,8 @@
 //   whole 64-byte chunks (lowbit_w8_vnni): the row as three signed bytes of a per-group 22-bit fixed
 //   point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
-//   64-byte chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
+//   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
+//   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
 //   (isa/lowbit_bf16.cpp), at every M; the kernels write the bf16 output themselves.
 // * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp (the Python glue
 //   sends large M to lowbit_dequantize + a BLAS matmul instead).
@@ -33,6 +34,7 @@ struct Isa {
   LowbitRowsFn bf16_rows;
   const Int8Kernels* int8;
   bool w8_vnni;  // the 8-bit VNNI path (isa/lowbit_w8_vnni.cpp) for bf16 activations
+  bool bf16_w3;  // bf16_rows takes 3-bit codes (built with VBMI)
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -45,6 +47,7 @@ bool cpu_has(const char* what) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
   if (w == "avx512_vnni") return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
   if (w == "avx512_bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
+  if (w == "avx512_bf16_vbmi") return cpu_has("avx512_bf16") && __builtin_cpu_supports("avx512vbmi");
   return false;
 }
 #else
@@ -54,18 +57,23 @@ bool cpu_has(const char*) { return false; }
 const std::vector<Isa>& isas() {
   static const std::vector<Isa> all = [] {
     std::vector<Isa> v{
-        {"generic", true, &isa_generic::lowbit_kernels(), nullptr, &isa_generic::int8_kernels(), false}};
+        {"generic", true, &isa_generic::lowbit_kernels(), nullptr, &isa_generic::int8_kernels(), false, false}};
 #if defined(SK_HAVE_X86_ISAS)
-    v.push_back({"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, &isa_avx2::int8_kernels(), false});
     v.push_back(
-        {"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512::int8_kernels(), false});
+        {"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, &isa_avx2::int8_kernels(), false, false});
+    v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512::int8_kernels(),
+                 false, false});
     // VNNI speeds up the int8 kernels and the 8-bit lowbit path; BF16 the other lowbit kernels
     // (and keeps VNNI where present).
     const bool vnni = cpu_has("avx512_vnni");
     const Int8Kernels* best512 = vnni ? &isa_avx512vnni::int8_kernels() : &isa_avx512::int8_kernels();
-    v.push_back({"avx512_vnni", vnni, &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512vnni::int8_kernels(), vnni});
+    v.push_back(
+        {"avx512_vnni", vnni, &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512vnni::int8_kernels(), vnni, false});
     v.push_back({"avx512_bf16", cpu_has("avx512_bf16"), &isa_avx512::lowbit_kernels(), isa_avx512bf16::bf16_rows(),
-                 best512, vnni});
+                 best512, vnni, false});
+    // VBMI adds the 3-bit decode to the bf16 kernels (the same source built with -mavx512vbmi).
+    v.push_back({"avx512_bf16_vbmi", cpu_has("avx512_bf16_vbmi"), &isa_avx512::lowbit_kernels(),
+                 isa_avx512bf16vbmi::bf16_rows(), best512, vnni, true});
 #endif
     return v;
   }();
@@ -199,7 +207,7 @@ std::string set_lowbit_isa(const std::string& name) {
       chosen().store(i);
       return "";
     }
-  return "isa must be one of generic, avx2, avx512, avx512_vnni, avx512_bf16; got '" + name + "'";
+  return "isa must be one of generic, avx2, avx512, avx512_vnni, avx512_bf16, avx512_bf16_vbmi; got '" + name + "'";
 }
 
 bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
@@ -207,7 +215,9 @@ bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t 
 }
 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {
-  return dtype == kBFloat16 && isas()[chosen().load()].bf16_rows != nullptr && bf16_kernel_layout(bits, group_size);
+  const Isa& isa = isas()[chosen().load()];
+  return dtype == kBFloat16 && isa.bf16_rows != nullptr && (bits != 3 || isa.bf16_w3) &&
+         bf16_kernel_layout(bits, group_size);
 }
 
 std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const int32_t* qweight, int64_t N,

@@ -18,8 +18,9 @@ Agreement with :mod:`splitkernels.ops.reference`:
   every instruction set (``_C.lowbit_isa()`` picks the int8 kernels too: vpdpbusd on AVX-512 VNNI,
   vpmaddwd on AVX2 / AVX-512, plain loops otherwise).
 * ``lowbit_linear``: kernels per instruction set, picked at run time (``_C.lowbit_isa()``).
-  bf16 activations on AVX-512 BF16 CPUs (bits 2/4/8; groups of 4..32 bytes or of whole 64-byte
-  chunks, ``_C.lowbit_bf16_kernel``) multiply the exact integer codes with the bf16
+  bf16 activations on AVX-512 BF16 CPUs (bits 2/4/8, groups of 4..32 bytes or of whole 64-byte
+  chunks; on CPUs with AVX-512 VBMI too also bits 3, groups of 16/32/64 codes or of whole 128-code
+  chunks: ``_C.lowbit_bf16_kernel``) multiply the exact integer codes with the bf16
   activations (vdpbf16ps) and apply each group's scale and zero to its sums
   (``s * sum(q*x) + z * sum(x)``), at every M (no dense weight copy). One bf16 row (M = 1)
   against 8-bit codes (groups of whole 64-byte chunks) on AVX-512 VNNI CPUs

@@ -6,13 +6,15 @@
 // accumulation, and the group's scale and zero are applied afterwards:
 // y = sum_g s_g * sum_k q_k x_k + sum_g z_g * sum_k x_k. Nothing is rounded but x itself.
 //
-// Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each). vpermw
-// looks up a 16-bit lane's low five bits in a 32-entry table of bf16 integers, so one shift
-// and one lookup turn a lane into the pair (code of byte t, code of byte t+2): four bytes give
-// 2 * (8 / bits) pairs, and the activations are laid out in that pair order (bf16_position in
-// lowbit_kernels.h). Groups are whole 64-byte chunks, or 4..32 bytes: then a chunk's lanes
-// belong to several groups, and each lane's sum is scaled by its own group's scale (a vector
-// of scales per chunk). A row's last chunk may be partial (masked loads; x is zero-padded).
+// Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each); one shift
+// and one and-or (vpternlogd, see kCodeOffset) turn a lane into the pair (code of byte t, code
+// of byte t+2): four bytes give 2 * (8 / bits) pairs, and the activations are laid out in that
+// pair order (bf16_position in lowbit_kernels.h). 3-bit codes (the build with VBMI only,
+// isa_avx512bf16vbmi) come in chunks of 128 codes (48 bytes): one vpermb sorts the bytes so
+// that the same shift-and-mask steps apply (arrange3, decode_lanes3). Groups are whole chunks,
+// or 4..32 bytes (3 bits: 16, 32 or 64 codes): then a chunk's lanes belong to several groups,
+// and each lane's sum is scaled by its own group's scale (a vector of scales per chunk). A
+// row's last chunk may be partial (masked loads; x is zero-padded).
 //
 // Two forms:
 // * few activation rows (M < kBf16PanelMinRows): decode a chunk of R weight rows into
@@ -33,10 +35,11 @@
 
 #include "common/half.h"
 #include "cpu/isa/avx512_rows.h"
+#include "cpu/isa_build.h"
 #include "cpu/lowbit_kernels.h"
 
 namespace sk {
-namespace isa_avx512bf16 {
+namespace SK_ISA_NS {
 namespace {
 
 constexpr int kDotRows = static_cast<int>(kBf16PanelMinRows) - 1;
@@ -48,12 +51,54 @@ constexpr int kPanelM = 6;  // 12 group sums + 12 totals + 2 panel vectors + 1 b
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
-// The 2- and 4-bit decode yields 128 + q instead of q: bf16 0x4300 | q is exactly 128 + q for
+// Codes per chunk (64 bytes; 3 bits: 128 codes in 48 bytes), bytes per chunk and pair vectors
+// per chunk (see bf16_position in lowbit_kernels.h).
+template <int B>
+constexpr int64_t kChunkCodes = B == 3 ? 128 : 512 / B;
+template <int B>
+constexpr int64_t kChunkBytes = kChunkCodes<B> * B / 8;
+template <int B>
+constexpr int kPairs = static_cast<int>(kChunkCodes<B> / 32);
+
+// The 2-, 3- and 4-bit decode yields 128 + q instead of q: bf16 0x4300 | q is exactly 128 + q for
 // q < 128 (eight significant bits), so a code becomes its bf16 value with one shift and one
 // and-or (vpternlogd), no table lookup. The kernels fold the offset into the zero point:
 // s * sum (128 + q) x + (z - 128 s) * sum x = s * sum q x + z * sum x.
 template <int B>
 constexpr float kCodeOffset = B == 8 ? 0.f : 128.f;
+
+#if defined(__AVX512VBMI__)
+// 3-bit codes: a chunk is 16 triples of bytes (8 codes each); in triple t, codes 8 t .. 8 t + 3
+// are bits 0..11 of bytes (3 t, 3 t + 1) and codes 8 t + 4 .. 8 t + 7 bits 4..15 of bytes
+// (3 t + 1, 3 t + 2). vpermb (arrange3) puts into u32 lane l = 2 a + p (p = 0, 1) the byte pair
+// of parity p from triple 2 a (low half) and from triple 2 a + 1 (high half), so that in both
+// halves the four codes sit at the same bit offsets 4 p + 3 j: one shift of the lane by
+// 4 p + 3 j and one and-or (vpternlogd) give pair vector j, as in the 2/4-bit decode. Lanes
+// 2 a and 2 a + 1 hold codes 16 a .. 16 a + 15 (bf16_position).
+inline __m512i arrange3(__m512i raw) {
+  alignas(64) static constexpr auto order = [] {
+    struct {
+      uint8_t b[64];
+    } t{};
+    for (int l = 0; l < 16; ++l)
+      for (int h = 0; h < 2; ++h)
+        for (int i = 0; i < 2; ++i) t.b[4 * l + 2 * h + i] = static_cast<uint8_t>(3 * (l / 2 * 2 + h) + l % 2 + i);
+    return t;
+  }();
+  return _mm512_permutexvar_epi8(_mm512_load_si512(order.b), raw);
+}
+
+// Pair vectors j = 0..3 of arranged lanes v: shifts 4 p + 3 j, with 4 p per lane in `parity`.
+inline void decode_lanes3(__m512i v, __m512i parity, __m512i out[4]) {
+  const __m512i code_bits = _mm512_set1_epi32(0x00070007), offset = _mm512_set1_epi32(0x43004300);
+  for (int j = 0; j < 4; ++j)  // (shifted & code_bits) | offset
+    out[j] = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(v, _mm512_add_epi32(parity, _mm512_set1_epi32(3 * j))),
+                                       code_bits, offset, 0xea);
+}
+
+// 4 p of each lane of a chunk (lanes alternate p = 0, 1).
+inline __m512i lane_parity3() { return _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0); }
+#endif
 
 // Pair vectors of one 64-byte chunk (or 16 gathered quads): out[ph * 2 + t] holds, per u32
 // lane, the bf16 codes (plus kCodeOffset) of phase ph from bytes t and t + 2 of the lane's
@@ -81,6 +126,20 @@ inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
   }
 }
 
+// Loads a chunk of a row (bytes past `bytes` read as zero, and never touched) and decodes it
+// into kPairs<B> pair vectors (2/4 bits: decode_quads; 3 bits: arrange3 + decode_lanes3).
+template <int B>
+inline void decode_chunk(const uint8_t* chunk, int64_t bytes, __m512i* out) {
+  if constexpr (B == 3) {
+#if defined(__AVX512VBMI__)
+    decode_lanes3(arrange3(_mm512_maskz_loadu_epi8((1ull << bytes) - 1, chunk)), lane_parity3(), out);
+#endif
+  } else {
+    const __mmask16 lm = static_cast<__mmask16>((1u << (bytes / 4)) - 1);
+    decode_quads<B>(bytes >= 64 ? _mm512_loadu_si512(chunk) : _mm512_maskz_loadu_epi32(lm, chunk), out);
+  }
+}
+
 // The dot form's 8-bit decode, in natural order: pair vector v's u32 lane l holds the codes of
 // bytes 32 v + 2 l and 32 v + 2 l + 1 (vcvtne2ps2bf16 rounds nothing: codes are below 256).
 // Bytes past `bytes` read as zero.
@@ -104,8 +163,9 @@ inline void decode_natural8(const uint8_t* chunk, __mmask64 bytes, __m512i out[2
 // back through masked loads that wait for the stores).
 template <int B, int MR, int R>
 void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& slice, float* out, int64_t ld, bool add) {
-  constexpr int cpb = 8 / B, nv = 2 * cpb;
-  const int64_t G = p.G, xs = p.x_stride, code_bytes = p.K * B / 8, gbytes = p.group_size * B / 8;
+  constexpr int nv = kPairs<B>;
+  constexpr int64_t cc = kChunkCodes<B>, cb = kChunkBytes<B>;
+  const int64_t G = p.G, xs = p.x_stride, code_bytes = p.K * B / 8, gsize = p.group_size;
   const uint16_t* x = p.x16 + m0 * xs;
   const float* xsum = p.xsum + m0 * G;
   const uint8_t* rows[R];
@@ -113,22 +173,22 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
   __m512 tot[R][MR];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
-  if (gbytes >= 64) {
+  if (gsize >= cc) {
     // Whole chunks per group: sum a group's chunks, then scale.
-    const int64_t per_group = gbytes / 64;
+    const int64_t per_group = gsize / cc;
     for (int64_t grp = slice.g_begin; grp < slice.g_end; ++grp) {
       __m512 acc[R][MR];
       for (int r = 0; r < R; ++r)
         for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
       for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
-        const uint16_t* xc = x + c * 64 * cpb;
+        const uint16_t* xc = x + c * cc;
         for (int r = 0; r < R; ++r) {
-          if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
+          if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
           __m512i q[nv];
           if constexpr (B == 8)
             decode_natural8(rows[r] + 64 * c, ~0ull, q);
           else
-            decode_quads<B>(_mm512_loadu_si512(rows[r] + 64 * c), q);
+            decode_chunk<B>(rows[r] + cb * c, cb, q);
           for (int v = 0; v < nv; ++v)
             for (int m = 0; m < MR; ++m)
               acc[r][m] = _mm512_dpbf16_ps(acc[r][m], as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
@@ -142,21 +202,22 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
   } else {
     // Several groups per chunk: each u32 lane of a pair vector holds codes of one group, and
     // its sum is scaled by that group's scale (a permuted vector of the chunk's scales). The
-    // lane's group: quad l / lanes for the quad decode, byte (32 v + 2 l) / gbytes for 8 bits.
-    const int64_t per_chunk = 64 / gbytes, chunks = (code_bytes + 63) / 64;
+    // lane's group: l * (chunk codes / 16) / g for the quad and 3-bit decodes (3 bits: lanes
+    // 2 a, 2 a + 1 hold codes 16 a .. 16 a + 15, and g >= 16), byte (32 v + 2 l) / gbytes for 8 bits.
+    const int64_t gbytes = gsize * B / 8, per_chunk = cc / gsize, chunks = (p.K + cc - 1) / cc;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m128i log_gbytes = _mm_cvtsi32_si128(__builtin_ctzll(gbytes));
-    const __m512i lane_group = _mm512_srl_epi32(_mm512_slli_epi32(lane, 2), log_gbytes);
+    const __m512i lane_group = _mm512_srl_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(cc / 16))),
+                                                _mm_cvtsi32_si128(__builtin_ctzll(gsize)));
     const __m512i lane_group8[2] = {_mm512_srl_epi32(_mm512_slli_epi32(lane, 1), log_gbytes),
                                     _mm512_srl_epi32(_mm512_add_epi32(_mm512_slli_epi32(lane, 1), _mm512_set1_epi32(32)),
                                                      log_gbytes)};
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t left = std::min<int64_t>(64, code_bytes - 64 * c);
+      const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
       const int64_t groups = std::min<int64_t>(per_chunk, G - c * per_chunk);
-      const __mmask16 gm = static_cast<__mmask16>((1u << groups) - 1);
-      const uint16_t* xc = x + c * 64 * cpb;
+      const uint16_t* xc = x + c * cc;
       for (int r = 0; r < R; ++r) {
-        if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
+        if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
         const __m512 sc = load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups);
         __m512i q[nv];
         if constexpr (B == 8) {
@@ -169,8 +230,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
             tot[r][m] = _mm512_fmadd_ps(a1, s1, _mm512_fmadd_ps(a0, s0, tot[r][m]));
           }
         } else {
-          const __mmask16 lm = static_cast<__mmask16>(left == 64 ? 0xffff : (1u << (left / 4)) - 1);
-          decode_quads<B>(_mm512_maskz_loadu_epi32(lm, rows[r] + 64 * c), q);
+          decode_chunk<B>(rows[r] + cb * c, left, q);
           const __m512 sv = _mm512_permutexvar_ps(lane_group, sc);
           for (int m = 0; m < MR; ++m) {
             if constexpr (R * MR >= 8) {
@@ -221,22 +281,26 @@ constexpr int64_t kSliceBytes = 8 << 10;
 // (the small-group path reads every group).
 template <int B, int MR, int R>
 void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
-  const int64_t x_group_bytes = MR > 1 && p.group_size * B >= 512 ? MR * p.group_size * 2 : 0;
+  const int64_t x_group_bytes = MR > 1 && p.group_size >= kChunkCodes<B> ? MR * p.group_size * 2 : 0;
   sliced_rows<MR, R, dot_block<B, MR, R>, dot_block<B, MR, 1>>(p, m0, n_begin, n_end, x_group_bytes, kSliceBytes,
                                                                kPrefetchBytes);
 }
 
 // Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length
 // apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows, memory-bound)
-// eight of them made the M = 1 call 1.7x slower than one row at a time.
+// eight of them made the M = 1 call 1.7x slower than one row at a time. 3-bit rows from 1 KiB
+// on (K >= 2731) too: at 4096 x 4096 (1.5 KiB rows, weights not in cache) one row at a time
+// took 0.64-0.72 ms against 0.96-1.0 with two (bench/ops/lowbit_linear.py, interleaved runs).
 constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // Short rows: R = 8 / 4 / 2 rows per block (accumulators: 2 * R * M zmm at most) keep the
   // vdpbf16ps chains and the per-row sums busy; a long row has chains enough by itself.
-  const bool long_rows = p.row_bytes >= kLongRowBytes;
+  const bool long_rows = p.row_bytes >= kLongRowBytes || (B == 3 && p.row_bytes >= 1024);
   switch (p.M) {
-    case 1: long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end); break;
+    case 1:
+      long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
+      break;
     case 2: long_rows ? dot_rows<B, 2, 2>(p, 0, n_begin, n_end) : dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
     case 3: long_rows ? dot_rows<B, 3, 2>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end); break;
     default:
@@ -247,27 +311,40 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 // ---- More activation rows: panel of 32 weight rows, outer-product micro-kernel -----------
 template <int B>
 void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* panel) {
-  constexpr int nv = 2 * (8 / B);
-  // The 32 rows' current chunk is first copied side by side: rows of a power-of-two byte
-  // stride share a few L1 sets, and gathering from them directly misses on every lane.
+  constexpr int nv = kPairs<B>;
+  constexpr int64_t cb = kChunkBytes<B>;
+  // The 32 rows' current chunk is first copied side by side (3 bits: arranged, arrange3): rows
+  // of a power-of-two byte stride share a few L1 sets, and gathering from them directly misses
+  // on every lane.
   alignas(64) uint8_t stage[kBlockN * 64];
   const __m512i lane_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                   _mm512_set1_epi32(64));
-  const int64_t code_bytes = p.K * B / 8, chunks = (code_bytes + 63) / 64;
-  const int64_t lanes = std::min<int64_t>(16, p.group_size * B / 32);
+  const int64_t code_bytes = p.K * B / 8, chunks = (code_bytes + cb - 1) / cb;
+  const int64_t lanes = std::min<int64_t>(16, p.group_size / (kChunkCodes<B> / 16));
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t left = std::min<int64_t>(64, code_bytes - 64 * c);
+    const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
     const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
-    for (int64_t r = 0; r < kBlockN; ++r)  // rows past the end repeat the first
-      _mm512_store_si512(stage + 64 * r,
-                         _mm512_maskz_loadu_epi8(bytes, p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + 64 * c));
+    for (int64_t r = 0; r < kBlockN; ++r) {  // rows past the end repeat the first
+      __m512i raw = _mm512_maskz_loadu_epi8(bytes, p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + cb * c);
+#if defined(__AVX512VBMI__)
+      if constexpr (B == 3) raw = arrange3(raw);
+#endif
+      _mm512_store_si512(stage + 64 * r, raw);
+    }
     for (int quad = 0; quad < 16; ++quad) {
       // Pair index of (v, quad) in the panel form of bf16_position.
       const int64_t gi = quad / lanes, ql = quad % lanes;
       uint32_t* dst = panel + (c * nv * 16 + gi * nv * lanes + ql) * kBlockN;
       for (int h = 0; h < 2; ++h) {
+        const __m512i gathered = _mm512_i32gather_epi32(lane_offsets, stage + 16 * 64 * h + 4 * quad, 1);
         __m512i q[nv];
-        decode_quads<B>(_mm512_i32gather_epi32(lane_offsets, stage + 16 * 64 * h + 4 * quad, 1), q);
+        if constexpr (B == 3) {
+#if defined(__AVX512VBMI__)
+          decode_lanes3(gathered, _mm512_set1_epi32(4 * (quad % 2)), q);
+#endif
+        } else {
+          decode_quads<B>(gathered, q);
+        }
         for (int v = 0; v < nv; ++v) _mm512_storeu_si512(dst + v * lanes * kBlockN + 16 * h, q[v]);
       }
     }
@@ -325,11 +402,14 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   sT.resize(G * kBlockN);
   zT.resize(G * kBlockN);
   ybuf.resize(kPanelM * kBlockN);
-  const float offset = p.bits == 8 ? kCodeOffset<8> : kCodeOffset<4>;
+  const float offset = p.bits == 8 ? kCodeOffset<8> : kCodeOffset<4>;  // 2, 3, 4 bits: 128
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlockN) {
     const int64_t rows = std::min<int64_t>(kBlockN, n_end - n0);
     switch (p.bits) {
       case 2: build_panel<2>(p, n0, rows, panel.data()); break;
+#if defined(__AVX512VBMI__)  // 3-bit codes: only the build with VBMI takes them
+      case 3: build_panel<3>(p, n0, rows, panel.data()); break;
+#endif
       case 4: build_panel<4>(p, n0, rows, panel.data()); break;
       default: build_panel<8>(p, n0, rows, panel.data()); break;
     }
@@ -363,6 +443,9 @@ void rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 void run_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.bits) {
     case 2: rows_t<2>(p, n_begin, n_end); break;
+#if defined(__AVX512VBMI__)  // 3-bit codes: only the build with VBMI takes them
+    case 3: rows_t<3>(p, n_begin, n_end); break;
+#endif
     case 4: rows_t<4>(p, n_begin, n_end); break;
     default: rows_t<8>(p, n_begin, n_end); break;
   }
@@ -372,5 +455,5 @@ void run_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 
 LowbitRowsFn bf16_rows() { return &run_rows; }
 
-}  // namespace isa_avx512bf16
+}  // namespace SK_ISA_NS
 }  // namespace sk
