@@ -66,7 +66,8 @@ OUR_CODECS = (
     CodecConfig(alpha=3.0, capacity=16, mode="error", eps=0.26),
     CodecConfig(alpha=3.0, capacity=16, mode="error", eps=0.12),
 )
-# Codec v2 at the CLI's default spec (4 bits, Fisher scales), calibrated on Botchan tokens from
+# Codec v2 at a 4-bit target (Fisher scales; the CLI's default instead sets the rate by the KL
+# estimate, see e2e.md section 1), calibrated on Botchan tokens from
 # CALIB_OFFSET on (disjoint from the scored text; the CLI calibrates on mixed text, whose numbers
 # are in e2e.md section 1). The scenarios plan with these points beside v1's (V2Calibrator).
 V2_CODEC = {"kind": "v2", "bits": 4.0, "sensitivity": "fisher"}
