@@ -2,6 +2,8 @@
 // the real launchers (csrc/cuda/*.cu). Loaded with ctypes by python_tests/test_cuda_backend.py.
 #include "cuda_emulation.h"
 
+#include <type_traits>
+
 #include "../bitpack.cuh"
 #include "../codec.cuh"
 #include "../codec_v2.cuh"
@@ -87,24 +89,6 @@ void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* sc
                      std::int64_t group_size, int splits, float* partial, int* tile_done) {
   const GemvSplit split = gemv_split(k, splits);
   const int mi = static_cast<int>(m), ki = static_cast<int>(k), gi = static_cast<int>(group_size);
-  if (gemv_uses_tc(m, bits, group_size, dtype, emu_tc_min_m)) {
-    const unsigned grid = static_cast<unsigned>((n + kTcRowsPerBlock - 1) / kTcRowsPerBlock * split.splits);
-    auto run_tc = [&](auto tag) {
-      using T = decltype(tag);
-      const auto* xp = static_cast<const T*>(x);
-      const auto* sp = static_cast<const T*>(scale);
-      const auto* zp = static_cast<const T*>(zero);
-      const auto* bp = static_cast<const T*>(bias);
-      auto* yp = static_cast<T*>(y);
-      sk_emu::launch(grid, kTcThreads, 0, [=] {
-        gemv_tc_kernel<T>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits, split.chunks);
-      });
-    };
-    if (dtype == kFloat16) run_tc(__half{});
-    else run_tc(__nv_bfloat16{});
-    return;
-  }
-  const unsigned grid = static_cast<unsigned>((n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock * split.splits);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto* xp = static_cast<const T*>(x);
@@ -112,6 +96,17 @@ void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* sc
     const auto* zp = static_cast<const T*>(zero);
     const auto* bp = static_cast<const T*>(bias);
     auto* yp = static_cast<T*>(y);
+    if constexpr (!std::is_same_v<T, float>) {  // the tensor-core kernel takes fp16/bf16 only
+      if (gemv_uses_tc(m, bits, group_size, dtype, emu_tc_min_m)) {
+        const unsigned grid = static_cast<unsigned>((n + kTcRowsPerBlock - 1) / kTcRowsPerBlock * split.splits);
+        sk_emu::launch(grid, kTcThreads, 0, [=] {
+          gemv_tc_kernel<T>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits,
+                            split.chunks);
+        });
+        return;
+      }
+    }
+    const unsigned grid = static_cast<unsigned>((n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock * split.splits);
     auto run = [&](auto bits_tag, auto m_tag) {
       constexpr int B = decltype(bits_tag)::value, kMaxM = decltype(m_tag)::value;
       sk_emu::launch(grid, kGemvThreads, 0, [=] {
