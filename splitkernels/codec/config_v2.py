@@ -42,6 +42,23 @@ def band_shifts(position_shift: tuple[int, ...], start: int, n: int) -> np.ndarr
     return table[np.minimum(bands, len(table) - 1)]
 
 
+def check_position_shift(position_shift) -> tuple[int, ...]:
+    """``position_shift`` as a tuple, or ValueError unless it holds at most ``MAX_POSITION_BANDS``
+    ints in [0, ``MAX_SHIFT``] and does not end in 0."""
+    shifts = tuple(position_shift)
+    if len(shifts) > MAX_POSITION_BANDS or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SHIFT
+                                               for v in shifts):
+        raise ValueError(f"position_shift must hold at most {MAX_POSITION_BANDS} ints in [0, {MAX_SHIFT}], got {shifts!r}")
+    if shifts and shifts[-1] == 0:
+        raise ValueError("position_shift must not end in 0 (trailing bands of shift 0 are implied)")
+    return shifts
+
+
+def shift_end_of(position_shift: tuple[int, ...]) -> int:
+    """First position from which every token has shift 0 under ``position_shift`` (0 when empty)."""
+    return 1 << (len(position_shift) - 1) if position_shift else 0
+
+
 @dataclass(frozen=True)
 class CodecConfigV2:
     """Static codec v2 state for ``d`` channels.
@@ -97,12 +114,7 @@ class CodecConfigV2:
             raise ValueError(f"raw_limit must be an int in [0, d={self.d}], got {self.raw_limit!r}")
         if bool(self.class_freqs) != bool(self.channel_class):
             raise ValueError("class_freqs and channel_class must be given together")
-        shifts = tuple(self.position_shift)
-        if len(shifts) > MAX_POSITION_BANDS or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SHIFT
-                                                   for v in shifts):
-            raise ValueError(f"position_shift must hold at most {MAX_POSITION_BANDS} ints in [0, {MAX_SHIFT}], got {shifts!r}")
-        if shifts and shifts[-1] == 0:
-            raise ValueError("position_shift must not end in 0 (trailing bands of shift 0 are implied)")
+        shifts = check_position_shift(self.position_shift)
         if shifts and min(step) * 2.0 ** -max(shifts) < float(np.finfo(np.float32).tiny):
             raise ValueError("position_shift would make a step subnormal (the finer steps must stay exact fp32 values)")
         object.__setattr__(self, "position_shift", shifts)
@@ -134,8 +146,7 @@ class CodecConfigV2:
     @property
     def shift_end(self) -> int:
         """First position from which every token has shift 0 (0 without position shifts)."""
-        n = len(self.position_shift)
-        return 0 if n == 0 else 1 << (n - 1)
+        return shift_end_of(self.position_shift)
 
     def row_shifts(self, start: int, t: int) -> np.ndarray:
         """Shifts (int64) of the leading rows of a frame of ``t`` tokens from position ``start`` that

@@ -22,7 +22,7 @@ import torch
 
 from ..codec import rans
 from ..codec.frame import frame_nbytes
-from ..codec.config_v2 import band_shifts
+from ..codec.config_v2 import band_shifts, shift_end_of
 from ..codec.frame_v2 import framing_bytes, residual_bytes
 from ..models.shape import ModelShape
 from ..nn import QuantConfig
@@ -261,8 +261,8 @@ def frame_bytes_v2(tokens: int, hidden: int, code_bits: float, escapes_per_token
     escapes = round(escapes_per_token * tokens)
     n = tokens * hidden
     stream = -(-round(n * code_bits) // 8) + 4 * rans.lanes(n)
-    shift_end = 1 << (len(position_shift) - 1) if position_shift else 0
-    shifts = band_shifts(tuple(position_shift), start, max(0, min(tokens, shift_end - start)))
+    position_shift = tuple(position_shift)
+    shifts = band_shifts(position_shift, start, max(0, min(tokens, shift_end_of(position_shift) - start)))
     residuals = residual_bytes(shifts, np.zeros(len(shifts), dtype=bool), hidden)
     framing = framing_bytes(tokens, escapes, start if residuals else None)
     return framing + escapes * wire_dtype.itemsize + residuals + stream
