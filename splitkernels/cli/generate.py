@@ -114,7 +114,11 @@ def _codec_text(codec: CodecConfig | CodecConfigV2, calibration: dict | None) ->
                f"{c['seconds']:.1f} s") if c else ""
         info = codec.info
         if info.get("max_kl_proxy") is not None:
-            rate = f"rate for KL estimate <= {info['max_kl_proxy']:g} (got {info.get('kl_proxy', float('nan')):.4f})"
+            if info.get("kl_target") is not None:
+                rate = (f"rate for KL <= {info['kl_target']:g} as measured on the calibration windows (measured / "
+                        f"Fisher estimate {info['kl_ratio']:.2f})")
+            else:
+                rate = f"rate for KL estimate <= {info['max_kl_proxy']:g} (got {info.get('kl_proxy', float('nan')):.4f})"
             if info.get("target_bits") is not None:
                 rate += f" within {info['target_bits']:.2f} bits/element"
         else:

@@ -7,7 +7,8 @@ A spec is a dict with ``kind``:
   split-layer hidden states at about ``bits`` bits per element (``sensitivity`` default
   ``"uniform"``; ``"fisher"`` needs the measured diagonal Fisher). Without ``bits``,
   :func:`~splitkernels.codec.calibrate`'s default: with the Fisher, the rate the layer's measured
-  sensitivity asks for (a KL proxy target within a decode-frame ceiling), else 4.0. With the
+  sensitivity asks for (a KL proxy target within a decode-frame ceiling; :func:`config_for_model`
+  corrects the target by the KL it measures through the model), else 4.0. With the
   Fisher, early positions also get finer steps by their measured weight (position shifts).
 * ``{"kind": "v1", ...}``: codec v1; the other keys are :class:`CodecConfig` fields.
 * ``{"kind": "passthrough"}``: lossless (raw fp16/bf16/fp32 values).
@@ -118,12 +119,16 @@ def config_from_spec(spec: dict, hidden: torch.Tensor | None = None, *, sensitiv
 
 
 def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.Tensor | Sequence[torch.Tensor], *,
-                     window: int = 512, wire_dtype: torch.dtype = torch.float16) -> CodecConfig | CodecConfigV2:
+                     window: int = 512, wire_dtype: torch.dtype = torch.float16, measure_kl: bool = True) -> CodecConfig | CodecConfigV2:
     """:func:`config_from_spec` for ``model`` split after ``split_layer``, calibrated on the token ids
     ``ids`` ``[N]`` (cut into windows of at most ``window`` tokens; a last partial window is dropped
     when there is a full one), or on ready windows (a sequence of ``[T]`` id tensors, each starting
     a sequence, e.g. :func:`splitkernels.eval.calibration_text.calibration_windows`). Forward passes only for ``"uniform"``, forward and backward
-    (diagonal Fisher) for ``"fisher"``. The caller keeps ``ids`` disjoint from evaluation text."""
+    (diagonal Fisher) for ``"fisher"``. A ``"fisher"`` spec without ``bits`` aims at its KL target
+    as measured through the model on the calibration windows (:func:`~splitkernels.codec.measured.calibrate_measured`,
+    two more forward passes per window) unless ``measure_kl`` is False (then as estimated from the
+    Fisher alone). The caller keeps ``ids`` disjoint from evaluation text."""
+    from .measured import calibrate_measured
     from .sensitivity import fisher_diagonal, split_hidden_states
 
     if not needs_calibration(spec):
@@ -145,6 +150,8 @@ def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.
     try:
         if spec.get("sensitivity", "uniform") == "fisher":
             fisher = fisher_diagonal(model, windows, split_layer)
+            if measure_kl and spec.get("bits") is None:
+                return calibrate_measured(model, windows, split_layer, fisher, wire_dtype=wire_dtype)
             return config_from_spec(spec, fisher.hidden, sensitivity=fisher.channel, position_sensitivity=fisher.position,
                                     wire_dtype=wire_dtype)
         return config_from_spec(spec, split_hidden_states(model, windows, split_layer), wire_dtype=wire_dtype)
