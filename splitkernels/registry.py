@@ -12,7 +12,7 @@ CPU tensors, used by tests).
 A kernel may also come with a ``prepare`` function (:meth:`Backend.kernel`): given the
 arguments that belong to a weight, it returns a callable that takes the per-call arguments and
 does what the kernel would, with the work that depends on the weight alone done once. The op
-layer keeps such prepared calls per weight (:mod:`splitkernels.ops.linear_plan`) and asks
+layer keeps such prepared calls per weight (:mod:`splitkernels.ops.weight_plan`) and asks
 :func:`dispatch_state` whether :func:`resolve` could now answer differently.
 
 Kernels receive arguments already checked by the op layer (:mod:`splitkernels.ops`), where

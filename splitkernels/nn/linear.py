@@ -91,7 +91,7 @@ class _PackedWeightModule(nn.Module):
 
     def _forward_weight(self) -> QuantizedWeight:
         """:meth:`quantized_weight`, one object while the buffers and layout stay the same: ops
-        keep their per-weight work (``ops.linear_plan``) on it, which a new object per call loses.
+        keep their per-weight work (``ops.weight_plan``) on it, which a new object per call loses.
         Loading a checkpoint, ``.to()`` or assigning a buffer makes a new one."""
         qw = self.__dict__.get("_forward_qw")
         buffers = self._buffers

@@ -28,7 +28,7 @@ from ..formats import (
 from ..registry import resolve
 from . import reference
 from .checks import FLOAT_DTYPES, check_choice, check_same_device, check_tensor
-from .linear_plan import linear_plan
+from .weight_plan import linear_plan
 
 
 def _run(op, name: str, device: torch.device, *args):
@@ -121,7 +121,7 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
 
     What depends on the weight alone (its layout check, device, the kernel picked and what
     the kernel prepares) is kept per weight and reused while the weight is unchanged
-    (:mod:`splitkernels.ops.linear_plan`); ``x`` and ``bias`` are checked on every call.
+    (:mod:`splitkernels.ops.weight_plan`); ``x`` and ``bias`` are checked on every call.
     """
     if type(x) is not Tensor or x.dtype not in DTYPE_CODE or not x.ndim:
         check_tensor("x", x, FLOAT_DTYPES, min_ndim=1)  # raises, except for a valid tensor subclass

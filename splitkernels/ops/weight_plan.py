@@ -73,8 +73,9 @@ class LinearPlan:
     def current(self, qw: QuantizedWeight) -> bool:
         """Whether this plan still describes ``qw`` (same tensors, layout, storage, versions)."""
         q, s, z = self.qweight, self.scale, self.zero
-        if (qw.qweight is not q or qw.scale is not s or qw.zero is not z
-                or (qw.bits, qw.group_size, qw.in_features) != self.layout):
+        bits, group_size, in_features = self.layout
+        if not (qw.qweight is q and qw.scale is s and qw.zero is z and qw.bits == bits
+                and qw.group_size == group_size and qw.in_features == in_features):
             return False
         if not self.eager:
             return True
