@@ -27,7 +27,6 @@ from __future__ import annotations
 import weakref
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from ..formats import QuantizedWeight
@@ -89,8 +88,8 @@ class LinearPlan:
         state = dispatch_state()
         call = self._calls.get(state)
         if call is None:
-            for old in [k for k in self._calls if k[0] != state[0]]:  # an older kernel table
-                del self._calls[old]
+            for old in [k for k in list(self._calls) if k[0] != state[0]]:  # an older kernel table
+                self._calls.pop(old, None)  # (list() and pop: another thread may be here too)
             call = self._calls[state] = self._prepare()
         return call
 
