@@ -131,29 +131,30 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
         qweight.check()
         plan = None
         q, scale, zero, k = qweight.qweight, qweight.scale, qweight.zero, qweight.in_features
+        device = q.device
     else:
         plan = linear_plan(qweight)
-        q, scale, zero, k = plan.qweight, plan.scale, plan.zero, plan.in_features
+        q, scale, zero, k, device = plan.qweight, plan.scale, plan.zero, plan.in_features, plan.device
+    dtype = x.dtype
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, qweight expects in_features = {k}")
     if bias is not None:
         check_tensor("bias", bias, FLOAT_DTYPES, ndim=1)
         if bias.shape[0] != q.shape[0]:
             raise ValueError(f"bias must have {q.shape[0]} entries, got {bias.shape[0]}")
-        if bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-    device = q.device
+        if bias.dtype != dtype:
+            bias = bias.to(dtype)
     if (plan is None or plan.mixed_devices or x.device != device
             or (bias is not None and bias.device != device)):  # the listing only when it is needed
         check_same_device(x=x, qweight=q, scale=scale, zero=zero, bias=bias)
-    if (plan is not None and plan.eager and type(x) is Tensor and x.dtype == scale.dtype
+    if (plan is not None and plan.eager and type(x) is Tensor and dtype == plan.dtype
             and (bias is None or type(bias) is Tensor)
             and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
         return plan.prepared()(x.contiguous(), bias)
     # Autograd, fake or meta tensors, tracing, or scales to convert to x's dtype first.
-    if scale.dtype != x.dtype:
-        scale, zero = scale.to(x.dtype), zero.to(x.dtype)
+    if scale.dtype != dtype:
+        scale, zero = scale.to(dtype), zero.to(dtype)
     return _run(_lowbit_linear, "lowbit_linear", device, x.contiguous(), q, scale, zero,
                 qweight.bits, qweight.group_size, bias)
 
