@@ -12,8 +12,10 @@ fp32 activations, group 64:
   (int8 per channel) and ``_weight_int4pack_mm_for_cpu`` (int4, group 64), given x in the row's
   dtype; ``torch.empty`` of the output (the floor of any op that returns a new tensor).
 
-With ``--before DIR`` (a copy of another build's ``splitkernels`` package, e.g. main's) the same
-rows are measured in a second process importing that package, the two processes taking turns
+With ``--before DIR`` (a folder holding another build's ``splitkernels`` package with its built
+``_C`` extension, e.g. ``git archive main splitkernels | tar -x -C DIR`` plus a build of main's C++,
+or this build's ``_C*.so`` where the C++ sources are the same) the same rows are measured in a
+second process importing that package, the two processes taking turns
 round by round (load on a shared machine hits both alike); with ``--decode`` each process also
 decodes tokens through SmolLM2-135M's edge segment (embedding + layers 1-29, the model's eager
 forward with every linear layer a 4-bit g32 QuantLinear, as ``bench/edge_decode.py``'s "ours
@@ -176,10 +178,9 @@ def start_worker(args: argparse.Namespace, package_dir: Path | None) -> tuple[su
     if args.decode:
         argv.append("--decode")
     env = {**os.environ, "SPLITKERNELS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    if package_dir is not None:  # the copy's package first, and a working directory without one
+    if package_dir is not None:  # the copy's package ahead of the installed one
         env["PYTHONPATH"] = os.pathsep.join([str(package_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                            cwd=str(package_dir) if package_dir is not None else str(BENCH))
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     hello = json.loads(proc.stdout.readline())
     return proc, hello["package"]
 

@@ -144,8 +144,8 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
             raise ValueError(f"bias must have {q.shape[0]} entries, got {bias.shape[0]}")
         if bias.dtype != dtype:
             bias = bias.to(dtype)
-    if (plan is None or plan.mixed_devices or x.device != device
-            or (bias is not None and bias.device != device)):  # the listing only when it is needed
+    mixed = plan.mixed_devices if plan is not None else scale.device != device or zero.device != device
+    if mixed or x.device != device or (bias is not None and bias.device != device):  # the listing only when needed
         check_same_device(x=x, qweight=q, scale=scale, zero=zero, bias=bias)
     if (plan is not None and plan.eager and type(x) is Tensor and dtype == plan.dtype
             and (bias is None or type(bias) is Tensor)
