@@ -13,12 +13,15 @@ from splitkernels.ops import reference as ref
 
 
 @pytest.fixture
-def scratch(monkeypatch):
-    """Declare throw-away backends; they vanish from the registry after the test."""
+def scratch():
+    """Declare throw-away backends; they vanish from the registry after the test (a change
+    of the kernel table like any other, so kernels prepared meanwhile are not reused)."""
     registry.backends()  # discover the real ones first
-    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
-    monkeypatch.setattr(registry, "_best", {})
-    return registry.declare_backend
+    saved = dict(registry._registry)
+    yield registry.declare_backend
+    registry._registry.clear()
+    registry._registry.update(saved)
+    registry._changed()
 
 
 def test_highest_available_priority_wins_and_negative_means_forced_only(scratch):

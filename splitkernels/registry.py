@@ -9,6 +9,12 @@ kernel with the highest priority for the tensor's device (``reference``, priorit
 every device). A negative priority means "only when forced" (e.g. the Triton interpreter on
 CPU tensors, used by tests).
 
+A kernel may also come with a ``prepare`` function (:meth:`Backend.kernel`): given the
+arguments that belong to a weight, it returns a callable that takes the per-call arguments and
+does what the kernel would, with the work that depends on the weight alone done once. The op
+layer keeps such prepared calls per weight (:mod:`splitkernels.ops.weight_plan`) and asks
+:func:`dispatch_state` whether :func:`resolve` could now answer differently.
+
 Kernels receive arguments already checked by the op layer (:mod:`splitkernels.ops`), where
 each op's schema and checks are written once.
 """
@@ -34,6 +40,8 @@ class KernelEntry:
     backend: str
     fn: Callable
     priority: Mapping[str, int]  # device type (or "*") -> priority
+    # (weight arguments) -> callable(per-call arguments); None: the op layer binds fn itself.
+    prepare: Callable | None = None
 
     def priority_for(self, device_type: str) -> int | None:
         """Priority on ``device_type``, or None when this kernel does not serve it."""
@@ -70,11 +78,17 @@ class Backend:
             seen.update(dict.fromkeys(entry.priority))
         return tuple(seen)
 
-    def kernel(self, op: str, priority: Mapping[str, int]) -> Callable[[Callable], Callable]:
+    def kernel(
+        self, op: str, priority: Mapping[str, int], prepare: Callable | None = None
+    ) -> Callable[[Callable], Callable]:
         """Decorator: register the function as this backend's kernel for ``op``.
 
         ``priority`` maps the device types served (``"cpu"``, ``"cuda"``, ``"*"`` for any) to a
         priority: the highest available one wins, a negative one runs only when forced.
+        ``prepare`` (optional; ops that take a weight, see the op's wrapper for its split of the
+        arguments) returns, for a weight, a callable of the per-call arguments that may be
+        reused while the weight's tensors keep their storage, shape, strides and dtype (their
+        values may change in place between calls).
         """
         if op in self.entries:
             raise ValueError(f"backend {self.name!r} already has a kernel for op {op!r}")
@@ -82,8 +96,8 @@ class Backend:
             raise TypeError(f"priority must map device types to ints, got {priority!r}")
 
         def register(fn: Callable) -> Callable:
-            self.entries[op] = KernelEntry(op, self.name, fn, dict(priority))
-            _best.clear()
+            self.entries[op] = KernelEntry(op, self.name, fn, dict(priority), prepare)
+            _changed()
             return fn
 
         return register
@@ -96,11 +110,28 @@ class Backend:
 
 
 _registry: dict[str, Backend] = {}
-# (op, device type) -> the default kernel; every op call looks here, so it is cached.
-_best: dict[tuple[str, str], Callable] = {}
-_local = threading.local()
+# (op, device type) -> the default kernel's entry; every op call looks here, so it is cached.
+_best: dict[tuple[str, str], KernelEntry] = {}
+# Bumped whenever a backend or kernel is added: what resolve answers may have changed.
+_generation = 0
+
+
+class _Forced(threading.local):
+    """The backend forced by ``use_backend`` in this thread (a class default, so that reading it
+    where none was ever forced costs no AttributeError)."""
+
+    forced: str | None = None
+
+
+_local = _Forced()
 _loaded = False
 _load_lock = threading.RLock()
+
+
+def _changed() -> None:
+    global _generation
+    _best.clear()
+    _generation += 1
 
 
 def declare_backend(name: str, unavailable_reason: str | None = None, install_hint: str = "") -> Backend:
@@ -109,7 +140,7 @@ def declare_backend(name: str, unavailable_reason: str | None = None, install_hi
         raise ValueError(f"backend {name!r} is declared twice")
     backend = Backend(name, unavailable_reason, install_hint)
     _registry[name] = backend
-    _best.clear()
+    _changed()
     return backend
 
 
@@ -173,7 +204,7 @@ def use_backend(name: str) -> Iterator[None]:
         raise RuntimeError(
             f"backend {name!r} is not available: {backend.unavailable_reason}. {backend.install_hint}".strip()
         )
-    previous = getattr(_local, "forced", None)
+    previous = _local.forced
     _local.forced = name
     try:
         yield
@@ -183,11 +214,23 @@ def use_backend(name: str) -> Iterator[None]:
 
 def current_backend() -> str | None:
     """The backend forced by the innermost ``use_backend`` block, or None."""
-    return getattr(_local, "forced", None)
+    return _local.forced
+
+
+def dispatch_state() -> tuple[int, str | None]:
+    """What :func:`resolve`'s answer depends on besides the op and device type, in this thread:
+    the kernel table's generation and the forced backend. A caller that keeps a resolved (or
+    prepared) kernel may reuse it while this stays equal."""
+    return _generation, _local.forced
 
 
 def resolve(op: str, device: torch.device) -> Callable:
     """Return the kernel for ``op`` on ``device``: the forced backend, else the best available."""
+    return resolve_entry(op, device).fn
+
+
+def resolve_entry(op: str, device: torch.device) -> KernelEntry:
+    """The :class:`KernelEntry` :func:`resolve` picks (its ``prepare`` too)."""
     _ensure_loaded()
     forced = current_backend()
     if forced is not None:
@@ -196,28 +239,28 @@ def resolve(op: str, device: torch.device) -> Callable:
             raise RuntimeError(f"backend {forced!r} has no kernel for op {op!r}")
         if entry.priority_for(device.type) is None:
             raise RuntimeError(f"backend {forced!r} does not serve {device.type} tensors (op {op})")
-        return entry.fn
-    kernel = _best.get((op, device.type))
-    if kernel is None:
-        kernel = _best[(op, device.type)] = _highest_priority(op, device.type)
-    return kernel
+        return entry
+    entry = _best.get((op, device.type))
+    if entry is None:
+        entry = _best[(op, device.type)] = _highest_priority(op, device.type)
+    return entry
 
 
-def _highest_priority(op: str, device_type: str) -> Callable:
-    best: tuple[int, Callable] | None = None
+def _highest_priority(op: str, device_type: str) -> KernelEntry:
+    best: KernelEntry | None = None
     for backend in _registry.values():
         entry = backend.entries.get(op)
         if entry is None or not backend.available:
             continue
         priority = entry.priority_for(device_type)
-        if priority is not None and priority >= 0 and (best is None or priority > best[0]):
-            best = (priority, entry.fn)
+        if priority is not None and priority >= 0 and (best is None or priority > best.priority_for(device_type)):
+            best = entry
     if best is None:
         raise RuntimeError(f"no kernel for op {op!r} on {device_type} tensors")
-    return best[1]
+    return best
 
 
 __all__ = [
     "Backend", "KernelEntry", "declare_backend", "backends", "backend_names", "get_backend", "use_backend",
-    "current_backend", "resolve",
+    "current_backend", "resolve", "resolve_entry", "dispatch_state",
 ]

@@ -39,6 +39,7 @@ Agreement with :mod:`splitkernels.ops.reference`:
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -163,7 +164,49 @@ def _dequant_matmul(
         y[:, n0:n1] = part
 
 
-@_kernel("lowbit_linear", _CPU)
+def prepare_lowbit_linear(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
+) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """``(x, bias) -> y`` for one weight (x contiguous), its pointers, sizes and scale dtype code read once.
+
+    The op layer keeps the result while the weight keeps its storage, shape, strides and dtype
+    (:mod:`splitkernels.ops.weight_plan`); values may change between calls. A non-contiguous
+    weight is made contiguous on every call, as nothing here may hold a copy of its values.
+    """
+    if not (qweight.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()):
+        return lambda x, bias: prepare_lowbit_linear(
+            qweight.contiguous(), scale.contiguous(), zero.contiguous(), bits, group_size)(x, bias)
+    n, words = qweight.shape
+    qp, sp, zp = _ptr(qweight), _ptr(scale), _ptr(zero)
+    scale_code = dtype_code("scale", scale)
+    linear, bf16_kernel = _C.lowbit_linear, _C.lowbit_bf16_kernel
+
+    def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x and bias come checked (the op layer): x contiguous in a float dtype, x.shape[-1] == K >= 1.
+        dtype = x.dtype
+        code = DTYPE_CODE[dtype]
+        shape = x.shape
+        k = shape[-1]
+        if len(shape) == 2:  # torch.empty parses separate sizes ~0.4 us faster than x.shape[:-1] unpacked
+            m = shape[0]
+            y = torch.empty(m, n, dtype=dtype)
+        else:
+            m = x.numel() // k
+            y = torch.empty(size=(*shape[:-1], n), dtype=dtype)
+        bias32 = None if bias is None else bias.contiguous().float()
+        # The instruction set (and so the bf16 kernels' reach) may change between calls: asked each time.
+        if m >= BLAS_MIN_ROWS and n and not bf16_kernel(code, bits, group_size):
+            _dequant_matmul(x.view(m, k), qweight, scale, zero, scale_code, bits, group_size, bias32, y.view(m, n))
+        elif m and n:
+            # Every tensor here is non-empty (k, n >= 1 and m >= 1), so data_ptr() is the pointer.
+            linear(x.data_ptr(), code, m, k, qp, n, words, sp, zp, scale_code, bits, group_size,
+                   0 if bias32 is None else bias32.data_ptr(), y.data_ptr())
+        return y
+
+    return call
+
+
+@_kernel("lowbit_linear", _CPU, prepare=prepare_lowbit_linear)
 def lowbit_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -173,27 +216,7 @@ def lowbit_linear(
     group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    x = x.contiguous()
-    code = dtype_code("x", x)
-    qweight = qweight.contiguous()
-    scale = scale.contiguous()
-    zero = zero.contiguous()
-    scale_code = dtype_code("scale", scale)
-    k = x.shape[-1]
-    n = qweight.shape[0]
-    bias32 = _bias32(bias)
-    lead = x.shape[:-1]
-    m = math.prod(lead)
-    y = torch.empty(*lead, n, dtype=x.dtype)
-    if m >= BLAS_MIN_ROWS and n and not _C.lowbit_bf16_kernel(code, bits, group_size):
-        _dequant_matmul(x.reshape(m, k), qweight, scale, zero, scale_code, bits, group_size, bias32, y.view(m, n))
-    elif m and n:
-        # Every tensor here is non-empty (k, n >= 1 and m >= 1), so data_ptr() is the pointer.
-        _C.lowbit_linear(
-            x.data_ptr(), code, m, k, qweight.data_ptr(), n, qweight.shape[1], scale.data_ptr(), zero.data_ptr(),
-            scale_code, bits, group_size, _ptr(bias32), y.data_ptr(),
-        )
-    return y
+    return prepare_lowbit_linear(qweight, scale, zero, bits, group_size)(x.contiguous(), bias)
 
 
 @_kernel("int8_linear", _CPU)

@@ -89,6 +89,18 @@ class _PackedWeightModule(nn.Module):
         """The packed weight as a :class:`~splitkernels.quant.QuantizedWeight` (shares storage)."""
         return QuantizedWeight(self.qweight, self.scale, self.zero, self.bits, self.group_size, self.in_features)
 
+    def _forward_weight(self) -> QuantizedWeight:
+        """:meth:`quantized_weight`, one object while the buffers and layout stay the same: ops
+        keep their per-weight work (``ops.weight_plan``) on it, which a new object per call loses.
+        Loading a checkpoint, ``.to()`` or assigning a buffer makes a new one."""
+        qw = self.__dict__.get("_forward_qw")
+        buffers = self._buffers
+        if (qw is None or qw.qweight is not buffers["qweight"] or qw.scale is not buffers["scale"]
+                or qw.zero is not buffers["zero"] or qw.bits != self.bits or qw.group_size != self.group_size
+                or qw.in_features != self.in_features):
+            qw = self.__dict__["_forward_qw"] = self.quantized_weight()
+        return qw
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[out, in]`` this module computes with."""
         return self.quantized_weight().dequantize(dtype)
@@ -171,7 +183,7 @@ class QuantLinear(_PackedWeightModule):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lowbit_linear(x, self.quantized_weight(), self.bias)
+        return lowbit_linear(x, self._forward_weight(), self._buffers["bias"])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

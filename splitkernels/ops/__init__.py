@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..formats import (
     BIT_STREAM_WIDTHS,
     CODEC_BITS,
+    DTYPE_CODE,
     WEIGHT_BITS,
     EncodedBuffers,
     QuantizedWeight,
@@ -27,6 +28,7 @@ from ..formats import (
 from ..registry import resolve
 from . import reference
 from .checks import FLOAT_DTYPES, check_choice, check_same_device, check_tensor
+from .weight_plan import linear_plan
 
 
 def _run(op, name: str, device: torch.device, *args):
@@ -116,27 +118,44 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
     ``x`` is ``[..., K]`` in fp32, fp16 or bf16; the result has x's dtype and shape ``[..., N]``.
     Backends accumulate in fp32; they agree with the reference within a relative Frobenius
     error of 1e-3 (fp16/bf16 activations) or 1e-5 (fp32).
+
+    What depends on the weight alone (its layout check, device, the kernel picked and what
+    the kernel prepares) is kept per weight and reused while the weight is unchanged
+    (:mod:`splitkernels.ops.weight_plan`); ``x`` and ``bias`` are checked on every call.
     """
-    check_tensor("x", x, FLOAT_DTYPES, min_ndim=1)
-    if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
-    qweight.check()
-    if x.shape[-1] != qweight.in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, qweight expects in_features = {qweight.in_features}")
+    if type(x) is not Tensor or x.dtype not in DTYPE_CODE or not x.ndim:
+        check_tensor("x", x, FLOAT_DTYPES, min_ndim=1)  # raises, except for a valid tensor subclass
+    if torch.compiler.is_compiling():  # traced: check the layout each time, call the op
+        if not isinstance(qweight, QuantizedWeight):
+            raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
+        qweight.check()
+        plan = None
+        q, scale, zero, k = qweight.qweight, qweight.scale, qweight.zero, qweight.in_features
+        device = q.device
+    else:
+        plan = linear_plan(qweight)
+        q, scale, zero, k, device = plan.qweight, plan.scale, plan.zero, plan.in_features, plan.device
+    dtype = x.dtype
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, qweight expects in_features = {k}")
     if bias is not None:
         check_tensor("bias", bias, FLOAT_DTYPES, ndim=1)
-        if bias.shape[0] != qweight.out_features:
-            raise ValueError(f"bias must have {qweight.out_features} entries, got {bias.shape[0]}")
-    scale, zero = qweight.scale, qweight.zero
-    device = x.device
-    if not (qweight.qweight.device == device and scale.device == device and zero.device == device
-            and (bias is None or bias.device == device)):  # the common case without building the listing
-        check_same_device(x=x, qweight=qweight.qweight, scale=scale, zero=zero, bias=bias)
-    if scale.dtype != x.dtype:
-        scale, zero = scale.to(x.dtype), zero.to(x.dtype)
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    return _run(_lowbit_linear, "lowbit_linear", device, x.contiguous(), qweight.qweight, scale, zero,
+        if bias.shape[0] != q.shape[0]:
+            raise ValueError(f"bias must have {q.shape[0]} entries, got {bias.shape[0]}")
+        if bias.dtype != dtype:
+            bias = bias.to(dtype)
+    mixed = plan.mixed_devices if plan is not None else scale.device != device or zero.device != device
+    if mixed or x.device != device or (bias is not None and bias.device != device):  # the listing only when needed
+        check_same_device(x=x, qweight=q, scale=scale, zero=zero, bias=bias)
+    if (plan is not None and plan.eager and type(x) is Tensor and dtype == plan.dtype
+            and (bias is None or type(bias) is Tensor)
+            and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+        return plan.prepared()(x.contiguous(), bias)
+    # Autograd, fake or meta tensors, tracing, or scales to convert to x's dtype first.
+    if scale.dtype != dtype:
+        scale, zero = scale.to(dtype), zero.to(dtype)
+    return _run(_lowbit_linear, "lowbit_linear", device, x.contiguous(), q, scale, zero,
                 qweight.bits, qweight.group_size, bias)
 
 
