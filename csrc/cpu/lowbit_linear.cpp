@@ -129,10 +129,15 @@ LowbitProblem weight_problem(int64_t K, const int32_t* qweight, int64_t N, int64
 }
 
 // Rows per parallel_for chunk: about eight chunks per thread (so a descheduled thread delays
-// at most a small share), in whole 32-row tiles (every kernel's row tile divides 32).
-int64_t chunk_rows(int64_t N) {
-  const int64_t want = N / (8 * std::max(1, num_threads()));
-  return std::max<int64_t>(32, (want + 31) / 32 * 32);
+// at most a small share), in whole 32-row tiles (every kernel's row tile divides 32), and at
+// least kMinChunkMacs multiply-adds (M * K per row): waking a sleeping worker costs microseconds
+// (more on a VM whose other vCPU is busy), as much as a whole small layer, so a layer of fewer
+// than two such chunks runs on the calling thread alone.
+constexpr int64_t kMinChunkMacs = int64_t{1} << 16;
+int64_t chunk_rows(int64_t N, int64_t macs_per_row) {
+  const int64_t by_threads = N / (8 * std::max(1, num_threads()));
+  const int64_t by_work = (kMinChunkMacs + macs_per_row - 1) / std::max<int64_t>(1, macs_per_row);
+  return std::max<int64_t>(32, (std::max(by_threads, by_work) + 31) / 32 * 32);
 }
 
 // Where each code of a row sits in the bf16 kernels' activation order (bf16_position), for
@@ -238,7 +243,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       p.y16 = static_cast<uint16_t*>(y);
       p.bias = bias;
       const LowbitRowsFn rows = isa_avx512vnni::w8_rows();
-      parallel_for(N, chunk_rows(N), [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
+      parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
       return "";
     }  // NaN or infinity in x: the kernels below carry it through
   }
@@ -246,7 +251,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     bf16_activations(static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
     p.y16 = static_cast<uint16_t*>(y);
     p.bias = bias;
-    parallel_for(N, chunk_rows(N), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
+    parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
     return "";
   }
   const int64_t G = p.G;
@@ -274,7 +279,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   std::vector<float> y32(dtype == kFloat32 ? 0 : M * N);
   p.y = dtype == kFloat32 ? static_cast<float*>(y) : y32.data();
 
-  parallel_for(N, chunk_rows(N), [&](int64_t n0, int64_t n1) { isa.kernels->fp32_rows(p, n0, n1); });
+  parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.kernels->fp32_rows(p, n0, n1); });
 
   if (bias || dtype != kFloat32)
     for (int64_t m = 0; m < M; ++m)
