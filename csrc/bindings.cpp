@@ -15,6 +15,7 @@
 #include "binding_helpers.h"
 #include "cpu/bitpack.h"
 #include "cpu/codec.h"
+#include "common/half.h"
 #include "cpu/codec_v2.h"
 #include "cpu/crc32.h"
 #include "cpu/linear.h"
@@ -262,6 +263,29 @@ PYBIND11_MODULE(_C, m) {
       "A codec v2 frame of one rANS-coded token of dtype (the session config's CRC seed, d, kmax, rANS table "
       "pointers, step and center) decoded into out [1, d]; False when it is anything else or invalid (the caller "
       "then runs the reference parser).");
+
+  m.def(
+      "v2_encode_token_frame",
+      [](std::uintptr_t x, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
+         std::uintptr_t inv, std::uintptr_t center, int64_t raw_limit, int dtype) -> py::object {
+        if (d < 1 || dtype < sk::kFloat32 || dtype > sk::kBFloat16) throw std::invalid_argument("v2_encode_token_frame: bad d or dtype");
+        const sk::TokenFrameConfig config{crc_seed, d, kmax, ptr<const sk::RansTables* const>(tables), period, nullptr,
+                                          ptr<const float>(center)};
+        thread_local std::vector<uint8_t> out;
+        out.resize(sk::v2_token_frame_capacity(d, dtype));
+        int64_t len;
+        {
+          py::gil_scoped_release nogil;
+          len = sk::v2_encode_token_frame(ptr<const void>(x), config, ptr<const float>(inv), raw_limit, dtype, out.data());
+        }
+        if (len <= 0) return py::int_(len);
+        return py::bytes(reinterpret_cast<const char*>(out.data()), len);
+      },
+      py::arg("x"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
+      py::arg("inv"), py::arg("center"), py::arg("raw_limit"), py::arg("dtype"),
+      "One token x [1, d] of dtype (contiguous) as a codec v2 rANS frame (the session config's CRC seed, d, kmax, "
+      "rANS table pointers, 1/step and center): the frame's bytes, 0 when the token travels raw (more than "
+      "raw_limit escapes) or -1 when x is not finite (the caller's general path handles both).");
 
   m.def(
       "crc32",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitkernels.codec import FrameError, FrameLimitError, FrameLimits, calibrate, decode_frame, encode
+from splitkernels.codec import FrameError, FrameLimitError, FrameLimits, calibrate, decode_frame, encode, encode_frame
 from splitkernels.codec import token_frame
 from splitkernels.codec.frame_v2 import HEAD, _varint, read_frame_v2
 from splitkernels.codec.v2 import decode_v2
@@ -167,3 +167,56 @@ def test_forged_fields_are_declined(cfg):
         assert token_frame.decode_token_frame(frame, cfg) is None, what
         with pytest.raises(FrameError):
             decode_frame(frame, config=cfg)
+
+
+# The encoder: one C++ call gives the bytes of the general path, or declines to it.
+
+needs_encoder = pytest.mark.skipif(not token_frame.has_native_encoder(),
+                                   reason="C++ extension not built (pip install . builds splitkernels._C)")
+
+
+@needs_encoder
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["plain", "escapes"])
+def test_encoder_writes_the_general_paths_bytes(cfg, dtype, kind):
+    for seed in range(8):
+        x, general = one_token(cfg, 100 + seed, dtype, kind)
+        fast = token_frame.encode_token_frame(x, cfg, 7)
+        assert fast == general, (seed, len(fast or b""), len(general))
+        assert encode_frame(x, cfg, start=7) == general
+        assert torch.equal(bits(decode_frame(fast, config=cfg)), bits(reference(general, cfg)))
+
+
+@needs_encoder
+def test_encoder_declines_raw_tokens_and_non_finite_values(cfg):
+    x, general = one_token(cfg, 3, torch.float16, "raw")
+    assert token_frame.encode_token_frame(x, cfg, 0) is None
+    assert encode_frame(x, cfg) == general  # the general path writes the raw token
+    for bad in (float("nan"), float("inf")):
+        y = hidden(1, 4)
+        y[0, 9] = bad
+        assert token_frame.encode_token_frame(y, cfg, 0) is None
+        with pytest.raises(ValueError, match="finite"):
+            encode_frame(y, cfg)
+
+
+@needs_encoder
+def test_encoder_declines_shifted_positions():
+    shifted = calibrate(hidden(64 * 12, 5), bits=4.0, position_sensitivity=torch.tensor([50.0] * 8 + [1.0] * 56),
+                        sensitivity=torch.ones(D))
+    assert shifted.position_shift and shifted.shift_end > 1
+    x = hidden(1, 6)
+    assert token_frame.encode_token_frame(x, shifted, 1) is None
+    assert encode_frame(x, shifted, start=1) == encode(x, shifted, start=1).to_bytes()
+    late = shifted.shift_end
+    assert token_frame.encode_token_frame(x, shifted, late) == encode(x, shifted, start=late).to_bytes()
+
+
+@needs_encoder
+def test_encoder_takes_odd_widths_and_strided_tokens():
+    for d in (1, 3, 17, 130):
+        g = torch.Generator().manual_seed(d)
+        config = calibrate(torch.randn(400, d, generator=g) * 3, bits=3.0, classes=1)
+        wide = torch.randn(2, 2 * d, generator=g)
+        x = wide[:1, ::2]  # a strided view
+        assert token_frame.encode_token_frame(x, config, 0) == encode(x, config).to_bytes()

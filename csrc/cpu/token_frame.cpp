@@ -51,7 +51,56 @@ bool all_finite(const uint8_t* p, int64_t n, int dtype) {
   return true;
 }
 
+// LEB128 of n at out; the number of bytes written.
+int write_varint(uint64_t n, uint8_t* out) {
+  int i = 0;
+  for (; n >= 0x80; n >>= 7) out[i++] = static_cast<uint8_t>(n) | 0x80;
+  out[i++] = static_cast<uint8_t>(n);
+  return i;
+}
+
 }  // namespace
+
+int64_t v2_token_frame_capacity(int64_t d, int dtype) {
+  const int64_t item = dtype == kFloat32 ? 4 : 2;
+  // header, T, escape count, bitmap, escapes (at most d), rANS stream (rans_encode's bound), CRC
+  return kHead + 1 + kMaxVarintBytes + 1 + d * item + 4 * 32 + 2 * d + kCrcBytes;
+}
+
+int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const float* inv, int64_t raw_limit,
+                              int dtype, uint8_t* out) {
+  const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2;
+  thread_local std::vector<uint8_t> sym;
+  sym.resize(d);
+  int32_t n_esc = 0;
+  uint8_t raw = 0;
+  int64_t totals[2] = {0, 0};
+  int64_t pos = kHead + 1 + kMaxVarintBytes + 1;  // escapes go here first, moved down after the count
+  uint8_t* escapes = out + pos;
+  if (!v2_quantise(x, dtype, 1, d, cfg.center, inv, cfg.kmax, raw_limit, sym.data(), &n_esc, &raw, escapes, totals)
+           .empty()) {
+    return -1;
+  }
+  if (totals[1] > 0) return -1;
+  if (raw) return 0;
+  std::memcpy(out, kMagic, 4);
+  out[4] = kVersion;
+  out[5] = static_cast<uint8_t>(dtype);  // coder 0 (rANS), no flag bit
+  out[kHead] = 1;                        // T
+  pos = kHead + 1;
+  pos += write_varint(static_cast<uint64_t>(totals[0]), out + pos);
+  out[pos++] = 0;  // raw bitmap: the token is coded
+  const int64_t esc_bytes = totals[0] * item;
+  std::memmove(out + pos, escapes, esc_bytes);
+  pos += esc_bytes;
+  const int64_t cap = v2_token_frame_capacity(d, dtype) - pos - kCrcBytes;
+  const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, out + pos, cap);
+  if (len < 0) return -1;
+  pos += len;
+  const uint32_t crc = crc32(cfg.crc_seed, out, pos);
+  std::memcpy(out + pos, &crc, 4);
+  return pos + kCrcBytes;
+}
 
 bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& cfg, int dtype,
                            int64_t max_escapes, void* out) {

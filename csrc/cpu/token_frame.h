@@ -1,4 +1,4 @@
-// The server's commonest frame in one call: a codec v2 frame of one token whose symbols are rANS
+// The commonest frame in one call each way (a decode step's hidden state): a codec v2 frame of one token whose symbols are rANS
 // coded (docs/FORMATS.md section 5.4; the dtype/coder byte is a dtype code with the coder and
 // flag bits clear) parsed, checked, entropy decoded and dequantised.
 //
@@ -29,5 +29,14 @@ struct TokenFrameConfig {
 // false: declined, out may be partly written.
 bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& config, int dtype,
                            int64_t max_escapes, void* out);
+
+// The edge's side: x [1, d] of `dtype` (contiguous) as that frame -- quantised with inv (1/step,
+// [d] fp32), escapes counted and kept exact, rANS coded, CRC'd -- byte for byte what the Python
+// encoder writes. Returns the frame's length in out (capacity >= v2_token_frame_capacity(d, dtype)),
+// 0 when the token has more than raw_limit escapes (it travels raw: the caller's general path
+// writes it) and -1 when x holds a NaN or infinity (the caller rejects it).
+int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& config, const float* inv, int64_t raw_limit,
+                              int dtype, uint8_t* out);
+int64_t v2_token_frame_capacity(int64_t d, int dtype);
 
 }  // namespace sk

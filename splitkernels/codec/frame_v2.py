@@ -243,8 +243,8 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
         *([] if shifted is None else [_varint(shifted[0])]),
         _varint(int(escapes.numel())),
         np.packbits(raw, bitorder="little").tobytes(),
-        escapes.contiguous().view(torch.uint8).numpy().tobytes(),
-        raw_values.contiguous().view(torch.uint8).numpy().tobytes(),
+        escapes.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),  # reshape: an empty [0, 1] view
+        raw_values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),  # may keep a stride of 2
         *([] if shifted is None else [shifted[1]]),
         stream,
     ]

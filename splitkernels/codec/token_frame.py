@@ -1,8 +1,10 @@
-"""Fast path of the frame a server decodes most: a codec v2 frame of one token coded with rANS
-(every decode step of a session), parsed, checked, entropy decoded and dequantised by one C++ call
-(``csrc/cpu/token_frame.cpp``) instead of the Python parser, the rANS decoder and the
-dequantiser one after another (~90 us of Python per frame, paid under the server's GIL once per
-session per step).
+"""Fast path of the commonest frame: a codec v2 frame of one token coded with rANS (every decode
+step of a session). The server's :func:`decode_token_frame` parses, checks, entropy decodes and
+dequantises it in one C++ call (``csrc/cpu/token_frame.cpp``) instead of the Python parser, the rANS
+decoder and the dequantiser one after another (~90 us of Python per frame, paid under the server's
+GIL once per session per step). The edge's :func:`encode_token_frame` quantises, codes and frames
+it in one call: right after the edge's forward pass the Python path runs with cold caches (one
+token took 461 us after a 64 MiB copy against 80 us warm; bench/results/codec_v2/README.md).
 
 :func:`decode_token_frame` returns None for anything else (more tokens, the nibble coder, a flag
 bit of the dtype/coder byte, no C++ extension) and for any frame it finds invalid; the caller then
@@ -16,7 +18,7 @@ import torch
 
 from .._native import load
 from .config_v2 import CodecConfigV2
-from .frame import CODE_DTYPES, FrameLimits
+from .frame import CODE_DTYPES, DTYPE_CODES, FrameLimits
 
 _C, _ = load("_C")
 _MIN_BYTES = 12  # header, T, escape count, bitmap, CRC
@@ -24,6 +26,10 @@ _MAX_CONFIGS = 16
 # Per config (by identity, the config kept alive beside its addresses): the C++ call's arguments
 # after the frame, read once (numpy's ``.ctypes.data`` costs microseconds per call).
 _ARGS: dict[int, tuple[CodecConfigV2, tuple]] = {}
+
+
+# The same for the encoder: (crc seed, d, kmax, tables, period, 1/step, center, raw_limit).
+_ENC_ARGS: dict[int, tuple[CodecConfigV2, tuple]] = {}
 
 
 def has_native() -> bool:
@@ -76,3 +82,38 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
                                     out.data_ptr()):
         return None
     return out
+
+
+def has_native_encoder() -> bool:
+    """True when the C++ extension provides the one-token encoder."""
+    return _C is not None and hasattr(_C, "v2_encode_token_frame")
+
+
+def _encoder_args(config: CodecConfigV2) -> tuple:
+    entry = _ENC_ARGS.get(id(config))
+    if entry is not None and entry[0] is config:
+        return entry[1]
+    ptrs = config.rans_tables.native
+    args = (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.inv_step_array().ctypes.data,
+            config.center_array().ctypes.data, config.raw_limit)
+    if len(_ENC_ARGS) >= _MAX_CONFIGS:
+        _ENC_ARGS.clear()
+    _ENC_ARGS[id(config)] = (config, args)
+    return args
+
+
+def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int) -> bytes | None:
+    """The rANS v2 frame of one token ``x [1, d]`` (a checked host tensor of the config's ``d``)
+    at position ``start``, byte for byte as :func:`splitkernels.codec.v2.encode_v2` and
+    ``to_bytes()`` write it; None when the general path must write it: no C++ encoder, a shifted
+    position, a token with more than ``raw_limit`` escapes (sent raw) or a non-finite value (which
+    the general path rejects)."""
+    if not has_native_encoder() or type(config) is not CodecConfigV2 or x.device.type != "cpu":
+        return None
+    if start < config.shift_end and config.row_shifts(start, 1).any():
+        return None
+    x = x.detach().contiguous()
+    crc_seed, d, kmax, tables, period, inv, center, raw_limit = _encoder_args(config)
+    frame = _C.v2_encode_token_frame(x.data_ptr(), crc_seed, d, kmax, tables, period, inv, center, raw_limit,
+                                     DTYPE_CODES[x.dtype])
+    return frame if isinstance(frame, bytes) else None

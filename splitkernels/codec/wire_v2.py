@@ -4,8 +4,9 @@
 ``decode_frame_v2(data, config, limits)`` the tensor of ``decode_v2(read_frame_v2(data, config,
 limits))``, exactly (and raises FrameError on the same frames). For nibble frames with the C++ extension built, quantisation and coding run as
 one pass each way, every row coded or decoded while it is still in L1, and no ``[T, d]`` symbol
-matrix is built: this is the fast path of long prefill frames. Everything else takes the general
-path above.
+matrix is built: this is the fast path of long prefill frames. A one-token rANS frame (a decode
+step) is quantised, coded and framed by one C++ call (:func:`~splitkernels.codec.token_frame.encode_token_frame`).
+Everything else takes the general path above.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from ..ops.checks import FLOAT_DTYPES, check_tensor
 from . import nibble
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES, FrameError, FrameLimits
-from .frame_v2 import CODER_NIBBLE, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
+from .frame_v2 import CODER_NIBBLE, CODER_RANS, MAX_POSITION, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
+from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
 
 _C, _ = load("_C")
@@ -38,6 +40,10 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
         raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
     t, d = x.shape
     code = resolve_coder(coder, t * d, config)
+    if t == 1 and code == CODER_RANS and isinstance(start, int) and not isinstance(start, bool) and 0 <= start <= MAX_POSITION:
+        frame = encode_token_frame(x, config, start)
+        if frame is not None:
+            return frame
     if code != CODER_NIBBLE or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
         return encode_v2(x, config, start).to_bytes(coder)  # also validates start
     x = x.detach().cpu().contiguous()

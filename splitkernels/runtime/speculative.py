@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..codec import CodecConfig, CodecConfigV2, encode
+from ..codec import CodecConfig, CodecConfigV2, encode_frame
 from .drafting import (ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, ModelDrafter, PromptLookupDrafter,
                        low_bit_draft_model)
 from .metrics import GenerationMetrics, StepMetrics
@@ -187,7 +187,7 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
             if rows:
                 hidden = torch.cat([hidden, *rows])
             t1 = time.perf_counter()
-            frame = encode(to_wire(hidden, wire_dtype), codec, start=position).to_bytes()
+            frame = encode_frame(to_wire(hidden, wire_dtype), codec, start=position)
             t2 = time.perf_counter()
             ahead_k = min(policy.k(), max_new_tokens - len(new) - len(drafts) - 2)
             if pool is not None and seq > 0 and ahead_k > 0:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..codec import CodecConfig, CodecConfigV2, decode, encode, from_bytes
+from ..codec import CodecConfig, CodecConfigV2, decode, encode, encode_frame, from_bytes
 from ..nn import QuantConfig
 from ..nn.config import check_opsc_sides
 from ..models.split import Adapter, adapter_for
@@ -186,7 +186,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
             t0 = time.perf_counter()
             hidden = edge.forward(step_ids, cache, position)
             t1 = time.perf_counter()
-            frame = encode(to_wire(hidden, wire_dtype), codec, start=position).to_bytes()
+            frame = encode_frame(to_wire(hidden, wire_dtype), codec, start=position)
             t2 = time.perf_counter()
             ex = session.step(seq, frame)
             t3 = time.perf_counter()
