@@ -134,10 +134,14 @@ inline void decode_chunk(const uint8_t* chunk, int64_t bytes, __m512i* out) {
 // 16 pairs of 32 8-bit codes in natural order: u32 lane l holds the bf16 codes 2 l and 2 l + 1
 // (vcvtne2ps2bf16 rounds nothing: codes are below 256). Bytes past `bytes` read as zero.
 inline __m512i natural8_pairs(const uint8_t* src, __mmask32 bytes) {
-  const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(bytes), src)));
-  const __m512 f1 =
-      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(bytes >> 16), src + 16)));
-  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f1, f0));
+  __m512 f[2];
+  for (int i = 0; i < 2; ++i) {
+    const uint8_t* part = src + 16 * i;
+    const __m128i raw = bytes == ~0u ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(part))
+                                     : _mm_maskz_loadu_epi8(static_cast<__mmask16>(bytes >> (16 * i)), part);
+    f[i] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
+  }
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0]));
 }
 
 // The 8-bit decode of a 64-byte chunk, in natural order: pair vector v's u32 lane l holds the
