@@ -102,7 +102,8 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k
 // The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): one bf16 activation row as three signed bytes
 // of a per-group fixed point against the 8-bit codes as they are packed (vpdpbusd), groups of
 // whole 64-byte chunks, rows of fewer than kW8VnniMaxK codes (which also keeps its int32 sums
-// exact). At M >= 2, and for longer rows, the bf16 kernels are faster (measured).
+// exact). At M >= 2, and for longer rows, the bf16 kernels are faster (measured; at M >= 4 also
+// with a 16-bit fixed point, bench/results/ops/README.md, ninth session).
 constexpr int64_t kW8VnniMaxK = 2048;
 inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K) {
   return bits == 8 && group_size % 64 == 0 && M == 1 && K < kW8VnniMaxK;
