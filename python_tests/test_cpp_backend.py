@@ -586,23 +586,25 @@ def test_lowbit_bf16_w3_declined_groups_fall_back(group, k):
         assert _rel_err(ops.lowbit_linear(x, qw, b), want64) <= _w8_tolerance(want64)
 
 
-@pytest.mark.parametrize("m", (1, 6))
-def test_lowbit_bf16_w3_non_finite_activations(m):
+@pytest.mark.parametrize("bits", (3, 8))
+@pytest.mark.parametrize("m", (1, 6, 17))
+def test_lowbit_bf16_non_finite_activations(bits, m):
     # NaN or infinity in x: as the 2/4-bit kernels, vdpbf16ps carries it through, and s * sum(q x)
-    # + z * sum(x) makes every output of the rows holding it non-finite (as the reference).
-    _needs_w3_kernels()
-    g = _gen(12 + m)
-    qw = quantize_weight(torch.randn(32, 576, generator=g), 3, 64, dtype=torch.bfloat16)
+    # + z * sum(x) makes every output of the rows holding it non-finite (as the reference); for
+    # 8 bits at M >= 5 through the panel form (at M = 1 the VNNI path falls back to these kernels).
+    _needs_w3_kernels() if bits == 3 else _needs_bf16_kernels()
+    g = _gen(12 + m + bits)
+    qw = quantize_weight(torch.randn(32, 576, generator=g), bits, 64, dtype=torch.bfloat16)
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.randn(m, 576, generator=g).bfloat16()
         x[m - 1, 200] = bad
         y = torch.full((m, 32), float("nan"), dtype=torch.bfloat16)  # poisons every output overwrites:
         y[m - 1] = 7  # NaN for the finite rows, 7 for the row holding `bad`
         cpp._C.lowbit_linear(x.data_ptr(), 2, m, 576, qw.qweight.data_ptr(), 32, qw.qweight.shape[1],
-                             qw.scale.data_ptr(), qw.zero.data_ptr(), 2, 3, 64, 0, y.data_ptr())
+                             qw.scale.data_ptr(), qw.zero.data_ptr(), 2, bits, 64, 0, y.data_ptr())
         assert torch.isfinite(y[: m - 1]).all() and not (y[m - 1] == 7).any()
         assert not torch.isfinite(y[m - 1]).any()
-        assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, 64, None)[m - 1]).any()
+        assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, None)[m - 1]).any()
 
 
 # The 8-bit VNNI path (AVX-512 VNNI, M = 1, groups of whole 64-byte chunks): the activation row
