@@ -475,6 +475,39 @@ def test_lowbit_bf16_kernel_choice(each_isa):
         assert not cpp._C.lowbit_bf16_kernel(0, 3, 128)  # fp32 activations
 
 
+@pytest.mark.parametrize("group,k", [(4, 84), (16, 80), (64, 576), (128, 384)])
+@pytest.mark.parametrize("m", (1, 4, 5, 16, 17))
+def test_lowbit_bf16_w8_decode_is_exact(group, k, m):
+    # Scale 1, zero 0 and one-hot activation rows: every output is one 8-bit code, exactly (codes
+    # below 256 are exact in bf16), so a misplaced code in the dot form's natural order or in the
+    # panel's register transposes (M >= 5: 16 rows at a time, N = 50 ends inside the second
+    # 32-row block's second half) cannot hide in a tolerance; K = 84 and 80 end inside a chunk.
+    _needs_bf16_kernels()
+    n = 50
+    g = _gen(k + group + m)
+    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
+    codes[0] = 255
+    qw = QuantizedWeight(pack_weight_codes(codes, 8), torch.ones(n, k // group, dtype=torch.bfloat16),
+                         torch.zeros(n, k // group, dtype=torch.bfloat16), 8, group, k)
+    for start in range(0, k, m):  # every column k, m of them per call
+        cols = torch.arange(start, min(k, start + m))
+        x = torch.zeros(len(cols), k, dtype=torch.bfloat16)
+        x[torch.arange(len(cols)), cols] = 1
+        y = _bf16_kernel_on_poisoned_output(x, qw, None, 8, group)
+        assert torch.equal(y.float(), codes[:, cols].T.float()), (start, m)
+
+
+@pytest.mark.parametrize("bits,group,k", [(8, 128, 384), (8, 64, 576), (8, 8, 72)])
+@pytest.mark.parametrize("m", (16, 17, 33))
+def test_lowbit_bf16_panel_many_rows(bits, group, k, m):
+    # The panel form over several MR-row tiles (16 = 6 + 6 + 4, 17, 33), N with a short second
+    # 32-row block, bias, into a poisoned output.
+    _needs_bf16_kernels()
+    x, qw, b = _lowbit_case(50, k, m, bits, group, torch.bfloat16, bias=True, seed=bits + group + k + m)
+    y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
+    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.bfloat16]
+
+
 # The 3-bit bf16 kernels (AVX-512 BF16 + VBMI): chunks of 128 codes in 48 bytes, groups of 16, 32
 # or 64 codes (several per chunk) or whole chunks; rows ending inside a chunk (K = 208, 288, 576,
 # 64), M on both sides of the dot / panel switch, N with short row tails, rows of 1 KiB or more
@@ -553,23 +586,25 @@ def test_lowbit_bf16_w3_declined_groups_fall_back(group, k):
         assert _rel_err(ops.lowbit_linear(x, qw, b), want64) <= _w8_tolerance(want64)
 
 
-@pytest.mark.parametrize("m", (1, 6))
-def test_lowbit_bf16_w3_non_finite_activations(m):
+@pytest.mark.parametrize("bits", (3, 8))
+@pytest.mark.parametrize("m", (1, 6, 17))
+def test_lowbit_bf16_non_finite_activations(bits, m):
     # NaN or infinity in x: as the 2/4-bit kernels, vdpbf16ps carries it through, and s * sum(q x)
-    # + z * sum(x) makes every output of the rows holding it non-finite (as the reference).
-    _needs_w3_kernels()
-    g = _gen(12 + m)
-    qw = quantize_weight(torch.randn(32, 576, generator=g), 3, 64, dtype=torch.bfloat16)
+    # + z * sum(x) makes every output of the rows holding it non-finite (as the reference); for
+    # 8 bits at M >= 5 through the panel form (at M = 1 the VNNI path falls back to these kernels).
+    _needs_w3_kernels() if bits == 3 else _needs_bf16_kernels()
+    g = _gen(12 + m + bits)
+    qw = quantize_weight(torch.randn(32, 576, generator=g), bits, 64, dtype=torch.bfloat16)
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.randn(m, 576, generator=g).bfloat16()
         x[m - 1, 200] = bad
         y = torch.full((m, 32), float("nan"), dtype=torch.bfloat16)  # poisons every output overwrites:
         y[m - 1] = 7  # NaN for the finite rows, 7 for the row holding `bad`
         cpp._C.lowbit_linear(x.data_ptr(), 2, m, 576, qw.qweight.data_ptr(), 32, qw.qweight.shape[1],
-                             qw.scale.data_ptr(), qw.zero.data_ptr(), 2, 3, 64, 0, y.data_ptr())
+                             qw.scale.data_ptr(), qw.zero.data_ptr(), 2, bits, 64, 0, y.data_ptr())
         assert torch.isfinite(y[: m - 1]).all() and not (y[m - 1] == 7).any()
         assert not torch.isfinite(y[m - 1]).any()
-        assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, 64, None)[m - 1]).any()
+        assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, None)[m - 1]).any()
 
 
 # The 8-bit VNNI path (AVX-512 VNNI, M = 1, groups of whole 64-byte chunks): the activation row

@@ -69,20 +69,21 @@ inline int64_t bf16_row_stride(int bits, int64_t K) {
 
 // Position of a row's code k (natural order) in the bf16 kernels' activation order. A chunk of
 // a weight row decodes into nv pair vectors of 16 u32 lanes (two bf16 codes per lane):
-// * 2/4/8 bits: 64 bytes are 16 four-byte lanes (quads); the decode makes nv = 2 * (8 / bits)
+// * 2/4 bits: 64 bytes are 16 four-byte lanes (quads); the decode makes nv = 2 * (8 / bits)
 //   pair vectors v = 2 * phase + t whose lane `quad` holds the codes of that phase from bytes
 //   4 * quad + t and 4 * quad + t + 2 (h = 0, 1), see isa/lowbit_bf16.cpp;
+// * 8 bits: natural order in both forms (pair kp holds codes 2 kp and 2 kp + 1): k itself;
 // * 3 bits: 128 codes in 16 byte triples t (8 codes each); pair vector v = j (nv = 4) holds in
 //   lane 2 a + p, half h the code 8 t + 4 p + j of triple t = 2 a + h (isa/lowbit_bf16.cpp).
 // Then:
 // * dot form (M < kBf16PanelMinRows): activations line up with the vector lanes, so pair
-//   vector v of a chunk reads 32 consecutive values: v * 32 + 2 * lane + h; 8-bit codes are
-//   decoded in natural order there (k itself);
+//   vector v of a chunk reads 32 consecutive values: v * 32 + 2 * lane + h;
 // * panel form: each pair is broadcast, so the pairs of one group are kept together (a chunk
 //   holding several small groups lists group by group): the pair index is
 //   (gi * nv + v) * lanes + ql for lane = gi * lanes + ql, lanes = lanes per group (<= 16).
 // Both are the same when groups are whole chunks.
 inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k) {
+  if (bits == 8) return k;
   int64_t base, v, lane, h, nv;
   if (bits == 3) {
     const int64_t kk = k % 128, t = kk / 8, par = kk % 8 / 4;
@@ -92,7 +93,7 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k
     base = byte / 64 * 64 * cpb, v = 2 * phase + in_chunk % 2, lane = in_chunk / 4, h = (in_chunk % 4) / 2;
     nv = 2 * cpb;
   }
-  if (!panel) return bits == 8 ? k : base + v * 32 + 2 * lane + h;
+  if (!panel) return base + v * 32 + 2 * lane + h;
   const int64_t lanes = std::min<int64_t>(16, group_size / (bf16_chunk_codes(bits) / 16)), gi = lane / lanes,
                 ql = lane % lanes;
   return base + 2 * ((gi * nv + v) * lanes + ql) + h;
@@ -101,7 +102,8 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k
 // The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): one bf16 activation row as three signed bytes
 // of a per-group fixed point against the 8-bit codes as they are packed (vpdpbusd), groups of
 // whole 64-byte chunks, rows of fewer than kW8VnniMaxK codes (which also keeps its int32 sums
-// exact). At M >= 2, and for longer rows, the bf16 kernels are faster (measured).
+// exact). At M >= 2, and for longer rows, the bf16 kernels are faster (measured; at M >= 4 also
+// with a 16-bit fixed point, bench/results/ops/README.md, ninth session).
 constexpr int64_t kW8VnniMaxK = 2048;
 inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K) {
   return bits == 8 && group_size % 64 == 0 && M == 1 && K < kW8VnniMaxK;

@@ -6,10 +6,11 @@
 // accumulation, and the group's scale and zero are applied afterwards:
 // y = sum_g s_g * sum_k q_k x_k + sum_g z_g * sum_k x_k. Nothing is rounded but x itself.
 //
-// Decode: 64 packed bytes of a row are one 16-lane vector of u32 (four bytes each); one shift
-// and one and-or (vpternlogd, see kCodeOffset) turn a lane into the pair (code of byte t, code
-// of byte t+2): four bytes give 2 * (8 / bits) pairs, and the activations are laid out in that
-// pair order (bf16_position in lowbit_kernels.h). 3-bit codes (the build with VBMI only,
+// Decode: 64 packed bytes of 2- or 4-bit codes are one 16-lane vector of u32 (four bytes
+// each); one shift and one and-or (vpternlogd, see kCodeOffset) turn a lane into the pair (code
+// of byte t, code of byte t+2): four bytes give 2 * (8 / bits) pairs, and the activations are
+// laid out in that pair order (bf16_position in lowbit_kernels.h). 8-bit codes are converted
+// through fp32 in natural order (natural8_pairs). 3-bit codes (the build with VBMI only,
 // isa_avx512bf16vbmi) come in chunks of 128 codes (48 bytes): one vpermb sorts the bytes so
 // that the same shift-and-mask steps apply (arrange3, decode_lanes3). Groups are whole chunks,
 // or 4..32 bytes (3 bits: 16, 32 or 64 codes): then a chunk's lanes belong to several groups,
@@ -23,9 +24,10 @@
 //   row's chain alone is bound by the vdpbf16ps latency. Where the M rows of x outgrow a
 //   share of L1 (M >= 2 with long K), K is read in slices of whole groups, every weight row
 //   meeting one slice of x while it stays in L1 (see dot_rows);
-// * more rows: gather the same pairs for 32 weight rows into a panel (u32 element (kp, n))
-//   and run an MR x 32 outer-product micro-kernel that broadcasts one activation pair per row;
-//   the 32 rows' scales sit in vector lanes, so groups are scaled in registers.
+// * more rows: gather the same pairs for 32 weight rows into a panel (u32 element (kp, n);
+//   8 bits: decoded row by row and transposed in registers, build_panel8) and run an MR x 32
+//   outer-product micro-kernel that broadcasts one activation pair per row; the 32 rows'
+//   scales sit in vector lanes, so groups are scaled in registers.
 // Both write the bf16 output (bias added) themselves.
 #include <immintrin.h>
 
@@ -100,30 +102,19 @@ inline void decode_lanes3(__m512i v, __m512i parity, __m512i out[4]) {
 inline __m512i lane_parity3() { return _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0); }
 #endif
 
-// Pair vectors of one 64-byte chunk (or 16 gathered quads): out[ph * 2 + t] holds, per u32
-// lane, the bf16 codes (plus kCodeOffset) of phase ph from bytes t and t + 2 of the lane's
-// four bytes.
+// Pair vectors of one 64-byte chunk of 2- or 4-bit codes (or 16 gathered quads): out[ph * 2 + t]
+// holds, per u32 lane, the bf16 codes (plus kCodeOffset) of phase ph from bytes t and t + 2 of
+// the lane's four bytes. (8-bit codes are decoded in natural order: natural8_pairs.)
 template <int B>
 inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
+  static_assert(B == 2 || B == 4, "8-bit codes: natural8_pairs");
   constexpr int cpb = 8 / B;
-  if constexpr (B == 8) {
-    const __m512i lo8 = _mm512_set1_epi32(0xff), top = _mm512_set1_epi32(-65536);
-    for (int t = 0; t < 2; ++t) {
-      const __m512i c0 = _mm512_and_si512(_mm512_srli_epi32(v, 8 * t), lo8);
-      const __m512i c1 = _mm512_and_si512(_mm512_srli_epi32(v, 8 * t + 16), lo8);
-      // Integers below 256 are exact in bf16: the top half of their fp32 bits.
-      const __m512i f0 = _mm512_castps_si512(_mm512_cvtepi32_ps(c0));
-      const __m512i f1 = _mm512_castps_si512(_mm512_cvtepi32_ps(c1));
-      out[t] = _mm512_or_si512(_mm512_srli_epi32(f0, 16), _mm512_and_si512(f1, top));
-    }
-  } else {
-    constexpr uint32_t mask = (1u << B) - 1;
-    const __m512i code_bits = _mm512_set1_epi32(static_cast<int>(mask << 16 | mask));
-    const __m512i offset = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves
-    for (int ph = 0; ph < cpb; ++ph)
-      for (int t = 0; t < 2; ++t)  // (shifted & code_bits) | offset
-        out[ph * 2 + t] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8 * t + B * ph), code_bits, offset, 0xea);
-  }
+  constexpr uint32_t mask = (1u << B) - 1;
+  const __m512i code_bits = _mm512_set1_epi32(static_cast<int>(mask << 16 | mask));
+  const __m512i offset = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves
+  for (int ph = 0; ph < cpb; ++ph)
+    for (int t = 0; t < 2; ++t)  // (shifted & code_bits) | offset
+      out[ph * 2 + t] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8 * t + B * ph), code_bits, offset, 0xea);
 }
 
 // Loads a chunk of a row (bytes past `bytes` read as zero, and never touched) and decodes it
@@ -140,19 +131,24 @@ inline void decode_chunk(const uint8_t* chunk, int64_t bytes, __m512i* out) {
   }
 }
 
-// The dot form's 8-bit decode, in natural order: pair vector v's u32 lane l holds the codes of
-// bytes 32 v + 2 l and 32 v + 2 l + 1 (vcvtne2ps2bf16 rounds nothing: codes are below 256).
-// Bytes past `bytes` read as zero.
-inline void decode_natural8(const uint8_t* chunk, __mmask64 bytes, __m512i out[2]) {
-  __m512 f[4];
-  for (int i = 0; i < 4; ++i) {
-    const uint8_t* part = chunk + 16 * i;
-    const __m128i raw = bytes == ~0ull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(part))
-                                       : _mm_maskz_loadu_epi8(static_cast<__mmask16>(bytes >> (16 * i)), part);
+// 16 pairs of 32 8-bit codes in natural order: u32 lane l holds the bf16 codes 2 l and 2 l + 1
+// (vcvtne2ps2bf16 rounds nothing: codes are below 256). Bytes past `bytes` read as zero.
+inline __m512i natural8_pairs(const uint8_t* src, __mmask32 bytes) {
+  __m512 f[2];
+  for (int i = 0; i < 2; ++i) {
+    const uint8_t* part = src + 16 * i;
+    const __m128i raw = bytes == ~0u ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(part))
+                                     : _mm_maskz_loadu_epi8(static_cast<__mmask16>(bytes >> (16 * i)), part);
     f[i] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(raw));
   }
-  out[0] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0]));
-  out[1] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[3], f[2]));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0]));
+}
+
+// The 8-bit decode of a 64-byte chunk, in natural order: pair vector v's u32 lane l holds the
+// codes of bytes 32 v + 2 l and 32 v + 2 l + 1. Bytes past `bytes` read as zero.
+inline void decode_natural8(const uint8_t* chunk, __mmask64 bytes, __m512i out[2]) {
+  out[0] = natural8_pairs(chunk, static_cast<__mmask32>(bytes));
+  out[1] = natural8_pairs(chunk + 32, static_cast<__mmask32>(bytes >> 32));
 }
 
 // ---- Few activation rows: decode in registers, dot over k -------------------------------
@@ -309,6 +305,58 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 }
 
 // ---- More activation rows: panel of 32 weight rows, outer-product micro-kernel -----------
+// Transposes 16 x 16 u32 in place: v[j] lane i becomes the old v[i] lane j.
+inline void transpose16(__m512i v[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {  // 32-bit interleave within each 128-bit lane
+    a[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // b[g + c], 128-bit lane L: rows g..g+3 of column 4 L + c
+    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4 L + c: lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x88), x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xdd);
+    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x88), y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xdd);
+    v[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    v[8 + c] = _mm512_shuffle_i32x4(x0, y0, 0xdd);
+    v[4 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    v[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xdd);
+  }
+}
+
+// The 8-bit panel, in natural pair order (pair kp = codes 2 kp, 2 kp + 1; bf16_position): the
+// 32 rows' chunk is first copied side by side (as in build_panel: rows a power of two apart
+// share a few L1 sets), then each 16 rows' 32 codes become 16 pairs in natural order
+// (natural8_pairs) and are transposed in registers (transpose16), where gathering them cost
+// more than the micro-kernel itself at M = 16. Each row's chunk kPanelPrefetchBytes ahead is
+// prefetched into L2 (into L1 the 32 rows would evict each other).
+constexpr int64_t kPanelPrefetchBytes = 256;
+void build_panel8(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* panel) {
+  alignas(64) uint8_t stage[kBlockN * 64];
+  const int64_t chunks = (p.K + 63) / 64;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t left = std::min<int64_t>(64, p.K - 64 * c);
+    const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
+    for (int64_t r = 0; r < kBlockN; ++r) {  // rows past the end repeat the first
+      const uint8_t* src = p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + 64 * c;
+      if (64 * c + kPanelPrefetchBytes < p.row_bytes)
+        _mm_prefetch(reinterpret_cast<const char*>(src + kPanelPrefetchBytes), _MM_HINT_T1);
+      _mm512_store_si512(stage + 64 * r, _mm512_maskz_loadu_epi8(bytes, src));
+    }
+    for (int hc = 0; hc < 2 && 32 * hc < left; ++hc)
+      for (int64_t h = 0; h < kBlockN; h += 16) {
+        __m512i v[16];
+        for (int64_t r = 0; r < 16; ++r) v[r] = natural8_pairs(stage + 64 * (h + r) + 32 * hc, ~0u);
+        transpose16(v);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + ((2 * c + hc) * 16 + j) * kBlockN + h, v[j]);
+      }
+  }
+}
+
 template <int B>
 void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* panel) {
   constexpr int nv = kPairs<B>;
@@ -411,7 +459,7 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       case 3: build_panel<3>(p, n0, rows, panel.data()); break;
 #endif
       case 4: build_panel<4>(p, n0, rows, panel.data()); break;
-      default: build_panel<8>(p, n0, rows, panel.data()); break;
+      default: build_panel8(p, n0, rows, panel.data()); break;
     }
     for (int64_t r = 0; r < kBlockN; ++r)
       for (int64_t g = 0; g < G; ++g) {
