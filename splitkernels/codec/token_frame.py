@@ -14,6 +14,8 @@ accepts and gives the same bits (tested frame by frame, corrupted frames include
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .._native import load
@@ -26,10 +28,7 @@ _MAX_CONFIGS = 16
 # Per config (by identity, the config kept alive beside its addresses): the C++ call's arguments
 # after the frame, read once (numpy's ``.ctypes.data`` costs microseconds per call).
 _ARGS: dict[int, tuple[CodecConfigV2, tuple]] = {}
-
-
-# The same for the encoder: (crc seed, d, kmax, tables, period, 1/step, center, raw_limit).
-_ENC_ARGS: dict[int, tuple[CodecConfigV2, tuple]] = {}
+_ENC_ARGS: dict[int, tuple[CodecConfigV2, tuple]] = {}  # the same for the encoder
 
 
 def has_native() -> bool:
@@ -37,17 +36,28 @@ def has_native() -> bool:
     return _C is not None and hasattr(_C, "v2_decode_token_frame")
 
 
-def _config_args(config: CodecConfigV2) -> tuple:
-    entry = _ARGS.get(id(config))
+def _cached(cache: dict[int, tuple[CodecConfigV2, tuple]], config: CodecConfigV2,
+            build: Callable[[CodecConfigV2], tuple]) -> tuple:
+    entry = cache.get(id(config))
     if entry is not None and entry[0] is config:
         return entry[1]
-    ptrs = config.rans_tables.native
-    args = (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.step_array().ctypes.data,
-            config.center_array().ctypes.data)
-    if len(_ARGS) >= _MAX_CONFIGS:  # many configs in turn: start over (no iteration while other threads insert)
-        _ARGS.clear()
-    _ARGS[id(config)] = (config, args)
+    args = build(config)
+    if len(cache) >= _MAX_CONFIGS:  # many configs in turn: start over (no iteration while other threads insert)
+        cache.clear()
+    cache[id(config)] = (config, args)
     return args
+
+
+def _decoder_args(config: CodecConfigV2) -> tuple:
+    ptrs = config.rans_tables.native
+    return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.step_array().ctypes.data,
+            config.center_array().ctypes.data)
+
+
+def _encoder_args(config: CodecConfigV2) -> tuple:
+    ptrs = config.rans_tables.native
+    return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.inv_step_array().ctypes.data,
+            config.center_array().ctypes.data, config.raw_limit)
 
 
 def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
@@ -77,7 +87,7 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
         if limits.max_outliers is not None:
             max_escapes = limits.max_outliers
     out = torch.empty(1, config.d, dtype=dtype)
-    crc_seed, d, kmax, tables, period, step, center = _config_args(config)
+    crc_seed, d, kmax, tables, period, step, center = _cached(_ARGS, config, _decoder_args)
     if not _C.v2_decode_token_frame(data, crc_seed, d, kmax, tables, period, step, center, code, max_escapes,
                                     out.data_ptr()):
         return None
@@ -87,19 +97,6 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
 def has_native_encoder() -> bool:
     """True when the C++ extension provides the one-token encoder."""
     return _C is not None and hasattr(_C, "v2_encode_token_frame")
-
-
-def _encoder_args(config: CodecConfigV2) -> tuple:
-    entry = _ENC_ARGS.get(id(config))
-    if entry is not None and entry[0] is config:
-        return entry[1]
-    ptrs = config.rans_tables.native
-    args = (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.inv_step_array().ctypes.data,
-            config.center_array().ctypes.data, config.raw_limit)
-    if len(_ENC_ARGS) >= _MAX_CONFIGS:
-        _ENC_ARGS.clear()
-    _ENC_ARGS[id(config)] = (config, args)
-    return args
 
 
 def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int) -> bytes | None:
@@ -113,7 +110,7 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int) -> by
     if start < config.shift_end and config.row_shifts(start, 1).any():
         return None
     x = x.detach().contiguous()
-    crc_seed, d, kmax, tables, period, inv, center, raw_limit = _encoder_args(config)
+    crc_seed, d, kmax, tables, period, inv, center, raw_limit = _cached(_ENC_ARGS, config, _encoder_args)
     frame = _C.v2_encode_token_frame(x.data_ptr(), crc_seed, d, kmax, tables, period, inv, center, raw_limit,
                                      DTYPE_CODES[x.dtype])
     return frame if isinstance(frame, bytes) else None
