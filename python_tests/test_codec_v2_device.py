@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import splitkernels
-from splitkernels.codec import CodecConfigV2, calibrate, decode_frame, rans
+from splitkernels.codec import CodecConfigV2, calibrate, decode_frame, encode_frame, rans
 from splitkernels.codec import v2 as v2mod
 from splitkernels.codec import v2_device
 from splitkernels.codec.frame_v2 import EncodedV2
@@ -318,6 +318,19 @@ def test_public_codec_uses_the_device_pass(monkeypatch):
     x[2, 3] = float("nan")
     with forced(), pytest.raises(ValueError, match="finite"):
         encode_v2(x.to(device), cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device: a one-token frame of a GPU tensor")
+def test_one_token_frames_of_gpu_tensors_are_the_host_bytes():
+    """encode_frame sends a one-token GPU tensor through the host's one-call encoder: the same bytes
+    as the host path, shifted positions and raw tokens included (those take the general path)."""
+    cal = torch.randn(400, 48, generator=torch.Generator().manual_seed(5))
+    cal[:, 7] *= 30.0
+    cfg = calibrate(cal, bits=4.0, sensitivity=torch.ones(48), position_sensitivity=torch.tensor([40.0] * 4 + [1.0] * 16))
+    for seed, start, scale in ((0, 0, 1.0), (1, 2, 1.0), (2, 300, 1.0), (3, 300, 500.0)):
+        x = (torch.randn(1, 48, generator=torch.Generator().manual_seed(seed)) * scale).half()
+        assert encode_frame(x.cuda(), cfg, start=start) == encode_v2(x, cfg, start).to_bytes(), (seed, start)
 
 
 def test_without_a_device_kernel_the_host_path_runs():
