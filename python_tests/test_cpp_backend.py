@@ -475,6 +475,24 @@ def test_lowbit_bf16_kernel_choice(each_isa):
         assert not cpp._C.lowbit_bf16_kernel(0, 3, 128)  # fp32 activations
 
 
+def _assert_one_hot_decode_exact(bits: int, group: int, k: int, m: int, n: int) -> None:
+    """Scale 1, zero 0 and one-hot bf16 activation rows through the bf16 kernel: every output must
+    be one code exactly, for every column of K, m columns per call. Row 0 holds the largest code
+    (all bits set: a decode window that reaches into the next code shows)."""
+    g = _gen(k + group + m)
+    top = (1 << bits) - 1
+    codes = torch.randint(0, top + 1, (n, k), dtype=torch.uint8, generator=g)
+    codes[0] = top
+    qw = QuantizedWeight(pack_weight_codes(codes, bits), torch.ones(n, k // group, dtype=torch.bfloat16),
+                         torch.zeros(n, k // group, dtype=torch.bfloat16), bits, group, k)
+    for start in range(0, k, m):
+        cols = torch.arange(start, min(k, start + m))
+        x = torch.zeros(len(cols), k, dtype=torch.bfloat16)
+        x[torch.arange(len(cols)), cols] = 1
+        y = _bf16_kernel_on_poisoned_output(x, qw, None, bits, group)
+        assert torch.equal(y.float(), codes[:, cols].T.float()), (start, m)
+
+
 @pytest.mark.parametrize("group,k", [(4, 84), (16, 80), (64, 576), (128, 384)])
 @pytest.mark.parametrize("m", (1, 4, 5, 16, 17))
 def test_lowbit_bf16_w8_decode_is_exact(group, k, m):
@@ -483,18 +501,7 @@ def test_lowbit_bf16_w8_decode_is_exact(group, k, m):
     # panel's register transposes (M >= 5: 16 rows at a time, N = 50 ends inside the second
     # 32-row block's second half) cannot hide in a tolerance; K = 84 and 80 end inside a chunk.
     _needs_bf16_kernels()
-    n = 50
-    g = _gen(k + group + m)
-    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
-    codes[0] = 255
-    qw = QuantizedWeight(pack_weight_codes(codes, 8), torch.ones(n, k // group, dtype=torch.bfloat16),
-                         torch.zeros(n, k // group, dtype=torch.bfloat16), 8, group, k)
-    for start in range(0, k, m):  # every column k, m of them per call
-        cols = torch.arange(start, min(k, start + m))
-        x = torch.zeros(len(cols), k, dtype=torch.bfloat16)
-        x[torch.arange(len(cols)), cols] = 1
-        y = _bf16_kernel_on_poisoned_output(x, qw, None, 8, group)
-        assert torch.equal(y.float(), codes[:, cols].T.float()), (start, m)
+    _assert_one_hot_decode_exact(8, group, k, m, n=50)
 
 
 @pytest.mark.parametrize("bits,group,k", [(8, 128, 384), (8, 64, 576), (8, 8, 72)])
@@ -544,18 +551,7 @@ def test_lowbit_bf16_w3_decode_is_exact(group, k, m):
     # Scale 1, zero 0 and one-hot activation rows: every output is one code, exactly (the code
     # offset 128 cancels exactly in fp32), so a misplaced bit or lane cannot hide in a tolerance.
     _needs_w3_kernels()
-    n = 37
-    g = _gen(k + group + m)
-    codes = torch.randint(0, 8, (n, k), dtype=torch.uint8, generator=g)
-    codes[0] = 7  # all bits set: a window that reaches into the next code shows
-    qw = QuantizedWeight(pack_weight_codes(codes, 3), torch.ones(n, k // group, dtype=torch.bfloat16),
-                         torch.zeros(n, k // group, dtype=torch.bfloat16), 3, group, k)
-    for start in range(0, k, m):  # every column k, m of them per call
-        cols = torch.arange(start, min(k, start + m))
-        x = torch.zeros(len(cols), k, dtype=torch.bfloat16)
-        x[torch.arange(len(cols)), cols] = 1
-        y = _bf16_kernel_on_poisoned_output(x, qw, None, 3, group)
-        assert torch.equal(y.float(), codes[:, cols].T.float()), (start, m)
+    _assert_one_hot_decode_exact(3, group, k, m, n=37)
 
 
 def test_lowbit_bf16_w3_k_slices_and_offset_activations():
