@@ -64,7 +64,7 @@ int write_varint(uint64_t n, uint8_t* out) {
 int64_t v2_token_frame_capacity(int64_t d, int dtype) {
   const int64_t item = dtype == kFloat32 ? 4 : 2;
   // header, T, escape count, bitmap, escapes (at most d), rANS stream (rans_encode's bound), CRC
-  return kHead + 1 + kMaxVarintBytes + 1 + d * item + 4 * 32 + 2 * d + kCrcBytes;
+  return kHead + 1 + kMaxVarintBytes + 1 + d * item + 4 * rans_lanes(d) + 2 * d + kCrcBytes;
 }
 
 int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const float* inv, int64_t raw_limit,
