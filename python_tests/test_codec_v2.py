@@ -172,8 +172,8 @@ def test_calibrate_with_sensitivity_and_kl_proxy():
 def test_calibrate_default_rule_follows_the_measured_sensitivity():
     from splitkernels.codec.calibrate import DECODE_FRAME_BITS, DEFAULT_BITS, DEFAULT_KL_PROXY, default_bits_ceiling
 
-    # The ceiling leaves a one-token frame (17 bytes of header, CRC and rANS state) near DECODE_FRAME_BITS.
-    assert default_bits_ceiling(640) == pytest.approx(DECODE_FRAME_BITS - 8 * 17 / 640, abs=0.02)
+    # The ceiling leaves a one-token frame (10 bytes of tag, escape count, CRC and rANS state) near DECODE_FRAME_BITS.
+    assert default_bits_ceiling(640) == pytest.approx(DECODE_FRAME_BITS - 8 * 10 / 640, abs=0.02)
     assert default_bits_ceiling(16) == DEFAULT_BITS < default_bits_ceiling(576) < default_bits_ceiling(4096) < DECODE_FRAME_BITS
     h = activations(1000, 640, seed=6)
     assert calibrate(h).info["target_bits"] == DEFAULT_BITS  # no sensitivity: a fixed rate
@@ -349,6 +349,38 @@ def test_fuzz_forged_headers_cannot_force_large_allocations(cfg64):
         forged = reseal(HEAD.pack(magic, version, dtype) + data[HEAD.size : -4], cfg64)
         with pytest.raises(FrameError):
             from_bytes(forged, config=cfg64)
+
+
+@pytest.mark.parametrize("kind", ["coded", "raw"])
+def test_fuzz_token_form(cfg64, kind):
+    """One-token frames (the token form, docs/FORMATS.md §5.4.1): every truncation, bit flips, every
+    tag value and forged escape counts under a valid CRC, and resealed mutations raise only
+    FrameError or decode within the allocation bound."""
+    from splitkernels.codec.frame_v2 import _varint, is_token_tag
+
+    x = activations(2, 64, seed=24, massive=800.0)[1:]
+    if kind == "raw":
+        x *= 60.0  # more escapes than raw_limit (fp16 still finite)
+    x = x.half()
+    data = encode(x, cfg64).to_bytes()
+    assert is_token_tag(data[0]) and bool(data[0] & 0x04) == (kind == "raw")
+    for bad in (*truncations(data), *bit_flips(data, 200, seed=1)):
+        with pytest.raises(FrameError):
+            from_bytes(bad, config=cfg64)
+    body = data[:-4]
+    for tag in range(0xA0, 0xC0):
+        _parse_or_frame_error(reseal(bytes([tag]) + body[1:], cfg64), cfg64)
+    for n_esc in (0, 1, 64, 65, 1 << 30):
+        _parse_or_frame_error(reseal(body[:1] + _varint(n_esc) + body[2:], cfg64), cfg64)
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        bad = bytearray(body)
+        i = int(rng.integers(len(bad)))
+        if rng.integers(2):
+            bad[i] = int(rng.integers(256))
+        else:
+            del bad[i]
+        _parse_or_frame_error(reseal(bytes(bad), cfg64), cfg64)
 
 
 # ---------------------------------------------------------------- fused C++ path

@@ -70,3 +70,23 @@ def test_golden_position_shift_frame():
     assert decode(from_bytes(SHIFT_FRAME, config=SHIFT_CONFIG)).tolist() == [
         [0.5, 1.25, -5.5, 100.0], [-0.75, 0.0, 7.0, 96.0], [9.0, -9.0, 9.0, 90.0]]
     assert encode(X, SHIFT_CONFIG, start=2).to_bytes()[5] & 0x80 == 0  # no shifted row: plain layout
+
+
+# The token form (docs/FORMATS.md §5.4.1): every one-token frame. Tag 0xA1 (fp16, rANS), escape count,
+# the escape, the stream of test_golden_rans_stream's first four symbols, CRC.
+TOKEN_FRAME = bytes.fromhex("a10180c500b80f00ff3f8cf2ed2b")
+RAW_TOKEN_FRAME = bytes.fromhex("a500804880c88048a055588a2960")  # tag 0xA5 (raw bit): no escapes, 4 fp16 values, CRC
+SHIFT_TOKEN_FRAME = bytes.fromhex("a9010200000047a8ff8b0600ff3f000031275efa")  # tag 0xA9 (shifted bit), start 1, ...
+
+
+def test_golden_token_form():
+    assert encode(X[:1], CONFIG).to_bytes() == TOKEN_FRAME
+    assert TOKEN_FRAME[4:10] == rans.encode_reference(np.array([3, 3, 5, 2], dtype=np.uint8), CONFIG.freqs)
+    assert decode(from_bytes(TOKEN_FRAME, config=CONFIG)).tolist() == [[0.5, 1.25, -5.5, 100.0]]
+    assert encode(X[2:3], CONFIG).to_bytes() == RAW_TOKEN_FRAME  # three escapes > raw_limit: travels raw
+    assert decode(from_bytes(RAW_TOKEN_FRAME, config=CONFIG)).tolist() == [[9.0, -9.0, 9.0, 90.0]]
+    enc = encode(X[1:2], SHIFT_CONFIG, start=1)
+    assert enc.symbols.tolist() == [[1, 5, 5, 0]] and enc.residuals.tolist() == [[-2, 0, 0, 0]]
+    assert enc.to_bytes() == SHIFT_TOKEN_FRAME
+    assert SHIFT_TOKEN_FRAME[7] == 0xA8  # after tag, start, escape count and the two escapes: the residual section
+    assert decode(from_bytes(SHIFT_TOKEN_FRAME, config=SHIFT_CONFIG)).tolist() == [[-0.75, 0.0, 7.0, 96.0]]

@@ -11,7 +11,7 @@ import torch
 from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, decode_frame, encode, from_bytes
 from splitkernels.codec.calibrate import SINK_BANDS, SINK_FLOOR_MIN, _shift_costs, position_shifts
 from splitkernels.codec.config_v2 import MAX_POSITION_BANDS, MAX_SHIFT, position_band
-from splitkernels.codec.frame_v2 import HEAD, SHIFTED_FLAG
+from splitkernels.codec.frame_v2 import HEAD, SHIFTED_FLAG, TOKEN_SHIFTED
 from splitkernels.codec.wire_v2 import decode_frame_v2, encode_frame_v2
 from v2_frames import bit_flips, reseal, truncations
 
@@ -113,7 +113,8 @@ def test_round_trip_follows_the_spec(plain, shifted, dtype, start, t):
         assert encode_frame_v2(x, shifted, coder, start) == data
     shifted_rows = shifted.row_shifts(start, t)
     assert (enc.residuals is None) == (not shifted_rows.any())
-    assert bool(data[HEAD.size - 1] & SHIFTED_FLAG) == bool(shifted_rows.any())
+    flag = data[0] & TOKEN_SHIFTED if t == 1 else data[HEAD.size - 1] & SHIFTED_FLAG  # the token form's tag or the dtype byte
+    assert bool(flag) == bool(shifted_rows.any())
     if not shifted_rows.any():  # late rows code exactly as without shifts
         assert torch.equal(decode(enc), decode(encode(x, plain, start=start)))
         assert len(enc.to_bytes()) == len(encode(x, plain).to_bytes())
@@ -164,7 +165,7 @@ def test_residual_at_an_escape_or_in_the_padding_is_rejected(shifted):
     assert enc.residuals[0, 0] == 0 and enc.escapes.numel() >= 1
     data = bytearray(enc.to_bytes())
     n_esc = enc.escapes.numel()
-    at = HEAD.size + 3 + 1 + 2 * n_esc  # T, start and escape varints, bitmap, escape values
+    at = 1 + 2 + 2 * n_esc  # the token form's tag, start and escape varints, escape values
     bad = bytearray(data[:-4])
     bad[at] ^= 1  # the escape's residual field (the first one)
     with pytest.raises(FrameError, match="escaped value"):
@@ -175,7 +176,7 @@ def test_padding_bits_of_the_residual_section_are_rejected():
     cfg = CodecConfigV2(center=(0.0,) * 5, step=(1.0,) * 5, kmax=3, freqs=(2000, 2000, 2000, 4000, 2000, 2000, 2000, 384),
                         raw_limit=5, position_shift=(0, 1))
     data = encode(torch.tensor([[0.5, -0.5, 1.0, 0.0, 2.5]]), cfg, start=1).to_bytes()
-    at = HEAD.size + 3 + 1  # T, start and escape varints, then the bitmap; 5 residual bits, 3 of padding
+    at = 1 + 2  # the token form's tag, start and escape varints; 5 residual bits, 3 of padding
     bad = bytearray(data[:-4])
     bad[at] |= 0x80
     with pytest.raises(FrameError, match="padding"):

@@ -9,7 +9,8 @@ import torch
 
 from splitkernels.codec import FrameError, FrameLimitError, FrameLimits, calibrate, decode_frame, encode, encode_frame
 from splitkernels.codec import token_frame
-from splitkernels.codec.frame_v2 import HEAD, _varint, read_frame_v2
+from splitkernels.codec.frame import MAGIC
+from splitkernels.codec.frame_v2 import HEAD, TOKEN_CODER, TOKEN_RAW, TOKEN_SHIFTED, TOKEN_TAG, _varint, read_frame_v2
 from splitkernels.codec.v2 import decode_v2
 from v2_frames import bit_flips, reseal, truncations
 
@@ -74,9 +75,15 @@ def test_declines_what_it_does_not_cover(cfg):
     nibble = encode(x[:1], cfg).to_bytes("nibble")
     assert token_frame.decode_token_frame(nibble, cfg) is None
     assert torch.equal(decode_frame(nibble, config=cfg), reference(nibble, cfg))
+    assert nibble[0] == TOKEN_TAG | TOKEN_CODER | 1  # the token form, coder 1, fp16
     _, data = one_token(cfg, 1, torch.float16)
-    flagged = reseal(data[:5] + bytes([data[5] | 0x80]) + data[6:-4], cfg)  # bit 7: a section it does not know
+    flagged = reseal(bytes([data[0] | TOKEN_SHIFTED]) + data[1:-4], cfg)  # shifted rows: a section it does not know
     assert token_frame.decode_token_frame(flagged, cfg) is None
+    # A one-token frame in the long form (magic, version, dtype byte, T, bitmap), as written before
+    # the token form existed: the reference reads it, to the same values.
+    long_form = reseal(HEAD.pack(MAGIC, 2, 1) + _varint(1) + data[1:2] + b"\0" + data[2:-4], cfg)
+    assert token_frame.decode_token_frame(long_form, cfg) is None
+    assert torch.equal(decode_frame(long_form, config=cfg), reference(data, cfg))
     assert token_frame.decode_token_frame(data, None) is None
     assert token_frame.decode_token_frame(np.frombuffer(data, dtype=np.uint8), cfg) is None  # not bytes
     strided = memoryview(data + data)[::2]
@@ -121,7 +128,7 @@ def test_resealed_mutations_agree_with_the_reference(cfg, dtype):
         _, data = one_token(cfg, trial % 7, dtype, ("plain", "escapes", "raw")[trial % 3])
         bad = bytearray(data[:-4])
         kind = int(rng.integers(3))
-        i = int(rng.integers(HEAD.size, len(bad)))  # past the header (its fields are tested above)
+        i = int(rng.integers(1, len(bad)))  # past the tag (its fields are tested above)
         if kind == 0:
             bad[i] = int(rng.integers(256))
         elif kind == 1:
@@ -146,22 +153,24 @@ def test_forged_fields_are_declined(cfg):
     x, data = one_token(cfg, 6, torch.float16, "escapes")
     enc = read_frame_v2(data, cfg)
     n_esc = enc.escapes.numel()
-    head, rest = data[: HEAD.size], data[HEAD.size + 2: -4]  # T and escape count are one byte each here
+    tag, rest = data[:1], data[2:-4]  # the tag; after the escape count (one byte here): escapes, stream
     nan = torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8).numpy().tobytes()
     forged = {
-        "T not minimal": head + b"\x81\x00" + _varint(n_esc) + rest,
-        "T = 2": head + _varint(2) + _varint(n_esc) + rest,
-        "escape count not minimal": head + _varint(1) + bytes([0x80 | n_esc, 0]) + rest,
-        "one escape too few": head + _varint(1) + _varint(n_esc - 1) + rest[:1] + rest[3:],
-        "bitmap bit beyond T": head + _varint(1) + _varint(n_esc) + bytes([rest[0] | 2]) + rest[1:],
-        "escape not finite": head + _varint(1) + _varint(n_esc) + rest[:1] + nan + rest[3:],
-        "trailing stream byte": head + _varint(1) + _varint(n_esc) + rest + b"\0\0",
-        "escapes beyond the symbols": head + _varint(1) + _varint(D + 1) + rest,
+        "escape count not minimal": tag + bytes([0x80 | n_esc, 0]) + rest,
+        "one escape too few": tag + _varint(n_esc - 1) + rest[2:],
+        "escape not finite": tag + _varint(n_esc) + nan + rest[2:],
+        "trailing stream byte": tag + _varint(n_esc) + rest + b"\0\0",
+        "escapes beyond the symbols": tag + _varint(D + 1) + rest,
+        "dtype code 3": bytes([tag[0] | 3]) + _varint(n_esc) + rest,
+        "raw bit on a coded token": bytes([tag[0] | TOKEN_RAW]) + _varint(n_esc) + rest,
     }
     _, raw = one_token(cfg, 6, torch.float16, "raw")
-    raw_rest = raw[HEAD.size + 2: -4]
-    forged["raw token not finite"] = head + _varint(1) + _varint(0) + raw_rest[:1] + nan + raw_rest[3:]
-    forged["raw token with a stream"] = head + _varint(1) + _varint(0) + raw_rest + b"\1\0\0\1"
+    raw_tag, raw_rest = raw[:1], raw[2:-4]
+    assert raw_tag[0] == TOKEN_TAG | TOKEN_RAW | 1 and raw[1] == 0
+    forged["raw token not finite"] = raw_tag + _varint(0) + nan + raw_rest[2:]
+    forged["raw token with a stream"] = raw_tag + _varint(0) + raw_rest + b"\1\0\0\1"
+    forged["raw token with an escape"] = raw_tag + _varint(1) + raw_rest[:2] + raw_rest
+    forged["raw token, raw bit clear"] = bytes([raw_tag[0] & ~TOKEN_RAW]) + _varint(0) + raw_rest
     for what, body in forged.items():
         frame = reseal(body, cfg)
         assert token_frame.decode_token_frame(frame, cfg) is None, what

@@ -11,9 +11,11 @@
 namespace sk {
 namespace {
 
-constexpr uint8_t kMagic[4] = {'S', 'K', 'T', 'Q'};
-constexpr uint8_t kVersion = 2;
-constexpr int64_t kHead = 6;      // magic, version, dtype/coder byte
+// The token form (docs/FORMATS.md section 5.4.1): one tag byte, bits 7-5 101, then the coder (bit 4, 0 =
+// rANS), shifted (bit 3), raw (bit 2) and dtype (bits 1-0) fields, where a longer frame has magic,
+// version, dtype byte, T and bitmap.
+constexpr uint8_t kTokenTag = 0xA0;
+constexpr uint8_t kTokenRaw = 0x04;
 constexpr int64_t kCrcBytes = 4;
 constexpr int kMaxVarintBytes = 5;
 
@@ -63,8 +65,8 @@ int write_varint(uint64_t n, uint8_t* out) {
 
 int64_t v2_token_frame_capacity(int64_t d, int dtype) {
   const int64_t item = dtype == kFloat32 ? 4 : 2;
-  // header, T, escape count, bitmap, escapes (at most d), rANS stream (rans_encode's bound), CRC
-  return kHead + 1 + kMaxVarintBytes + 1 + d * item + 4 * rans_lanes(d) + 2 * d + kCrcBytes;
+  // tag, escape count, escapes (at most d), rANS stream (rans_encode's bound), CRC
+  return 1 + kMaxVarintBytes + d * item + 4 * rans_lanes(d) + 2 * d + kCrcBytes;
 }
 
 int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const float* inv, int64_t raw_limit,
@@ -75,7 +77,7 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   int32_t n_esc = 0;
   uint8_t raw = 0;
   int64_t totals[2] = {0, 0};
-  int64_t pos = kHead + 1 + kMaxVarintBytes + 1;  // escapes go here first, moved down after the count
+  int64_t pos = 1 + kMaxVarintBytes;  // escapes go here first, moved down after the count
   uint8_t* escapes = out + pos;
   if (!v2_quantise(x, dtype, 1, d, cfg.center, inv, cfg.kmax, raw_limit, sym.data(), &n_esc, &raw, escapes, totals)
            .empty()) {
@@ -83,13 +85,9 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   }
   if (totals[1] > 0) return -1;
   if (raw) return 0;
-  std::memcpy(out, kMagic, 4);
-  out[4] = kVersion;
-  out[5] = static_cast<uint8_t>(dtype);  // coder 0 (rANS), no flag bit
-  out[kHead] = 1;                        // T
-  pos = kHead + 1;
+  out[0] = static_cast<uint8_t>(kTokenTag | dtype);  // rANS, not shifted, coded
+  pos = 1;
   pos += write_varint(static_cast<uint64_t>(totals[0]), out + pos);
-  out[pos++] = 0;  // raw bitmap: the token is coded
   const int64_t esc_bytes = totals[0] * item;
   std::memmove(out + pos, escapes, esc_bytes);
   pos += esc_bytes;
@@ -104,21 +102,17 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
 
 bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& cfg, int dtype,
                            int64_t max_escapes, void* out) {
-  if (dtype < kFloat32 || dtype > kBFloat16 || cfg.d < 1 || len < kHead + 2 + kCrcBytes) return false;
-  // Header: magic, version 2, the dtype code with coder 0 (rANS) and no flag bit.
-  if (std::memcmp(data, kMagic, 4) != 0 || data[4] != kVersion || data[5] != dtype) return false;
+  if (dtype < kFloat32 || dtype > kBFloat16 || cfg.d < 1 || len < 2 + kCrcBytes) return false;
+  // The token-form tag of this dtype with coder 0 (rANS) and no shift; the raw bit either way.
+  if ((data[0] & ~kTokenRaw) != (kTokenTag | dtype)) return false;
+  const bool raw = data[0] & kTokenRaw;
   const int64_t crc_at = len - kCrcBytes;
   uint32_t crc;
   std::memcpy(&crc, data + crc_at, 4);
   if (crc32(cfg.crc_seed, data, crc_at) != crc) return false;
-  // T = 1 is the single byte 1 (any other encoding is not minimal), then the escape count.
-  int64_t pos = kHead;
-  if (data[pos++] != 1) return false;
+  int64_t pos = 1;
   uint64_t n_esc;
   if (!read_varint(data, pos, crc_at, n_esc)) return false;
-  // Raw bitmap: one byte, only bit 0 (the token) may be set.
-  if (pos + 1 > crc_at || (data[pos] >> 1) != 0) return false;
-  const bool raw = data[pos++] & 1;
   const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2;
   const int64_t n_sym = raw ? 0 : d;
   if (n_esc > static_cast<uint64_t>(n_sym) || (max_escapes >= 0 && n_esc > static_cast<uint64_t>(max_escapes))) {

@@ -1,6 +1,6 @@
 // The commonest frame in one call each way (a decode step's hidden state): a codec v2 frame of one token whose symbols are rANS
-// coded (docs/FORMATS.md section 5.4; the dtype/coder byte is a dtype code with the coder and
-// flag bits clear) parsed, checked, entropy decoded and dequantised.
+// coded (docs/FORMATS.md section 5.4.1, the token form, with the coder and shifted bits clear) parsed, checked,
+// entropy decoded and dequantised.
 //
 // The Python parser (splitkernels/codec/frame_v2.py) stays the reference: this path accepts only
 // frames it accepts and gives the same bits, and it declines everything else (another token

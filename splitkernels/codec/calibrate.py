@@ -209,7 +209,7 @@ def _shift_costs(shifts: tuple[int, ...], profile: torch.Tensor | None, sink_fir
 
 def default_bits_ceiling(d: int) -> float:
     """Bits per element of 512-token frames (as :func:`calibrate` estimates them) that leave a
-    one-token frame of ``d`` values, whose header, CRC and rANS state weigh ``8 * 17 / d`` bits per
+    one-token frame of ``d`` values, whose tag, escape count, CRC and rANS state weigh ``8 * 10 / d`` bits per
     element, at about ``DECODE_FRAME_BITS``; never below ``DEFAULT_BITS``."""
     one_token = 8.0 * (framing_bytes(1, 0) + 4) / d
     long_frame = 8.0 * (framing_bytes(FRAME_TOKENS) + 3 + 4 * rans.WIDE_LANES) / (FRAME_TOKENS * d)

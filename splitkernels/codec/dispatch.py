@@ -11,7 +11,7 @@ from . import encoded as v1
 from .config import CodecConfig
 from .config_v2 import CodecConfigV2
 from .frame import MAGIC, FrameError, FrameLimits
-from .frame_v2 import FRAME_VERSION_V2, read_frame_v2
+from .frame_v2 import FRAME_VERSION_V2, is_token_tag, read_frame_v2
 from . import v2_device
 from .token_frame import decode_token_frame
 from .v2 import EncodedV2, decode_v2, encode_v2
@@ -63,11 +63,12 @@ def from_bytes(data: bytes | bytearray | memoryview, config: CodecConfigV2 | Non
 
 
 def is_v2_frame(data: object) -> bool:
-    """True when ``data`` starts like a v2 frame (magic and version byte); nothing else is checked."""
+    """True when ``data`` starts like a v2 frame (magic and version byte, or a token-form tag); nothing
+    else is checked."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         return False
     head = bytes(memoryview(data).cast("B")[:5])
-    return len(head) == 5 and head[:4] == MAGIC and head[4] == FRAME_VERSION_V2
+    return (len(head) > 0 and is_token_tag(head[0])) or (len(head) == 5 and head[:4] == MAGIC and head[4] == FRAME_VERSION_V2)
 
 
 def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | None = None,

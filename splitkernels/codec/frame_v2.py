@@ -9,6 +9,11 @@ Layout (little-endian):
     raw tokens dtype[n_raw * d] | symbol stream of the (T - n_raw) * d coded symbols (the rest)
     crc32 u32 of the config's 32-byte digest followed by every byte before it
 
+A frame of one token (every decode step) takes the **token form** (§5.4.1): one tag byte
+(``0b101``, then the coder, shifted, raw and 2-bit dtype fields) replaces magic, version,
+dtype byte, T and bitmap, 7 of a one-token frame's 17 framing bytes (0.1 bit per element at
+d = 576). The sections after them are the same.
+
 The coder is per frame: 0 static rANS (``rans``, smallest; one-token frames), 1 the nibble coder
 (``nibble``, about 0.4 bit per element more on real activations but at memory speed; long
 frames). The encoder takes rANS unless asked: ``"nibble"``, or ``"auto"`` for ``choose_coder``'s
@@ -38,6 +43,9 @@ from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimi
 FRAME_VERSION_V2 = 2
 HEAD = struct.Struct("<4sBB")
 SHIFTED_FLAG = 0x80  # dtype byte: the frame carries a start position and residuals (position shifts)
+# Token form (one token): the tag byte's top three bits, then the coder, shifted and raw bits and the dtype code.
+TOKEN_TAG, TOKEN_TAG_MASK = 0xA0, 0xE0
+TOKEN_CODER, TOKEN_SHIFTED, TOKEN_RAW, TOKEN_DTYPE = 0x10, 0x08, 0x04, 0x03
 MAX_POSITION = (1 << 31) - 1
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 5
@@ -163,12 +171,20 @@ def _read_varint(buf: memoryview, pos: int, end: int, what: str) -> tuple[int, i
     raise FrameError(f"{what} is longer than {MAX_VARINT_BYTES} bytes")
 
 
+def is_token_tag(first_byte: int) -> bool:
+    """True when a frame's first byte is a token-form tag (§5.4.1)."""
+    return first_byte & TOKEN_TAG_MASK == TOKEN_TAG
+
+
 def framing_bytes(t: int, escapes: int | None = None, start: int | None = None) -> int:
     """Bytes of a frame that are neither symbols, escape values, raw tokens nor residuals (header,
-    bitmap, CRC), with the escape count's varint when ``escapes`` is given (else the caller counts
-    it) and the start position's varint when ``start`` is given (a frame with shifted rows)."""
+    bitmap, CRC; the tag and CRC of a one-token frame), with the escape count's varint when
+    ``escapes`` is given (else the caller counts it) and the start position's varint when
+    ``start`` is given (a frame with shifted rows)."""
     count = 0 if escapes is None else len(_varint(escapes))
     position = 0 if start is None else len(_varint(start))
+    if t == 1:
+        return 1 + position + count + CRC_BYTES
     return HEAD.size + len(_varint(t)) + position + count + (t + 7) // 8 + CRC_BYTES
 
 
@@ -234,15 +250,20 @@ def unpack_residuals(section: memoryview, shifts: np.ndarray, raw: np.ndarray, d
 def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, escapes: torch.Tensor,
                    raw_values: torch.Tensor, stream: bytes | memoryview,
                    shifted: tuple[int, bytes] | None = None) -> bytes:
-    """The frame bytes around an already coded symbol ``stream`` (header, sections, CRC);
-    ``shifted``: the start position and packed residual section of a frame with shifted rows."""
-    flag = 0 if shifted is None else SHIFTED_FLAG
+    """The frame bytes around an already coded symbol ``stream`` (header, sections, CRC; the token
+    form when ``t`` is 1); ``shifted``: the start position and packed residual section of a frame
+    with shifted rows."""
+    if t == 1:
+        head = [bytes([TOKEN_TAG | code * TOKEN_CODER | (0 if shifted is None else TOKEN_SHIFTED)
+                       | (TOKEN_RAW if raw[0] else 0) | DTYPE_CODES[escapes.dtype]])]
+    else:
+        flag = 0 if shifted is None else SHIFTED_FLAG
+        head = [HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4 | flag), _varint(t)]
     parts = [
-        HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4 | flag),
-        _varint(t),
+        *head,
         *([] if shifted is None else [_varint(shifted[0])]),
         _varint(int(escapes.numel())),
-        np.packbits(raw, bitorder="little").tobytes(),
+        *([] if t == 1 else [np.packbits(raw, bitorder="little").tobytes()]),
         escapes.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),  # reshape: an empty [0, 1] view
         raw_values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),  # may keep a stride of 2
         *([] if shifted is None else [shifted[1]]),
@@ -296,14 +317,20 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if not isinstance(config, CodecConfigV2):
         raise FrameError(f"config must be a CodecConfigV2 for a v2 frame, got {type(config).__name__}")
     buf = memoryview(data).cast("B")
-    if len(buf) < HEAD.size + 2 + CRC_BYTES:
-        raise FrameError(f"frame truncated: {len(buf)} bytes, a v2 header needs at least {HEAD.size + 2 + CRC_BYTES}")
-    magic, version, dtype_byte = HEAD.unpack_from(buf, 0)
-    dtype_code, coder, shifted = dtype_byte & 0x0F, (dtype_byte & 0x7F) >> 4, bool(dtype_byte & SHIFTED_FLAG)
-    if magic != MAGIC:
-        raise FrameError(f"not a codec frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
-    if version != FRAME_VERSION_V2:
-        raise FrameError(f"frame version {version} is not a v2 frame")
+    token = len(buf) > 0 and is_token_tag(buf[0])
+    least = 1 + 1 + CRC_BYTES if token else HEAD.size + 2 + CRC_BYTES
+    if len(buf) < least:
+        raise FrameError(f"frame truncated: {len(buf)} bytes, a v2 {'token ' if token else ''}header needs at least {least}")
+    if token:  # §5.4.1: T = 1, the raw flag in the tag instead of a bitmap
+        tag = buf[0]
+        dtype_code, coder, shifted = tag & TOKEN_DTYPE, int(bool(tag & TOKEN_CODER)), bool(tag & TOKEN_SHIFTED)
+    else:
+        magic, version, dtype_byte = HEAD.unpack_from(buf, 0)
+        dtype_code, coder, shifted = dtype_byte & 0x0F, (dtype_byte & 0x7F) >> 4, bool(dtype_byte & SHIFTED_FLAG)
+        if magic != MAGIC:
+            raise FrameError(f"not a codec frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
+        if version != FRAME_VERSION_V2:
+            raise FrameError(f"frame version {version} is not a v2 frame")
     if dtype_code not in CODE_DTYPES:
         raise FrameError(f"unknown dtype code {dtype_code}")
     if coder not in CODERS.values():
@@ -317,7 +344,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     dtype = CODE_DTYPES[dtype_code]
     item = torch.empty((), dtype=dtype).element_size()
     d = config.d
-    t, pos = _read_varint(buf, HEAD.size, crc_at, "T")
+    t, pos = (1, 1) if token else _read_varint(buf, HEAD.size, crc_at, "T")
     start = None
     if shifted:
         start, pos = _read_varint(buf, pos, crc_at, "start position")
@@ -339,10 +366,13 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
         pos += n
         return view
 
-    bitmap = np.frombuffer(take((t + 7) // 8, "raw bitmap"), dtype=np.uint8)
-    raw = np.unpackbits(bitmap, bitorder="little")[:t].astype(bool)
-    if t % 8 and int(bitmap[-1]) >> (t % 8):
-        raise FrameError("raw bitmap has bits set beyond T")
+    if token:
+        raw = np.array([bool(buf[0] & TOKEN_RAW)])
+    else:
+        bitmap = np.frombuffer(take((t + 7) // 8, "raw bitmap"), dtype=np.uint8)
+        raw = np.unpackbits(bitmap, bitorder="little")[:t].astype(bool)
+        if t % 8 and int(bitmap[-1]) >> (t % 8):
+            raise FrameError("raw bitmap has bits set beyond T")
     n_raw = int(raw.sum())
     n_sym = (t - n_raw) * d
     if n_esc > n_sym:

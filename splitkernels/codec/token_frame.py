@@ -7,7 +7,7 @@ it in one call: right after the edge's forward pass the Python path runs with co
 token took 461 us after a 64 MiB copy against 80 us warm; bench/results/codec_v2/README.md).
 
 :func:`decode_token_frame` returns None for anything else (more tokens, the nibble coder, a flag
-bit of the dtype/coder byte, no C++ extension) and for any frame it finds invalid; the caller then
+bit of the token form's tag, no C++ extension) and for any frame it finds invalid; the caller then
 runs the reference path (:func:`splitkernels.codec.frame_v2.parse_frame_v2` and the rest), which
 decodes or raises exactly as it always did. The fast path accepts only frames the reference
 accepts and gives the same bits (tested frame by frame, corrupted frames included).
@@ -21,9 +21,10 @@ import torch
 from .._native import load
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, FrameLimits
+from .frame_v2 import TOKEN_DTYPE, TOKEN_RAW, TOKEN_TAG
 
 _C, _ = load("_C")
-_MIN_BYTES = 12  # header, T, escape count, bitmap, CRC
+_MIN_BYTES = 6  # tag, escape count, CRC
 _MAX_CONFIGS = 16
 # Per config (by identity, the config kept alive beside its addresses): the C++ call's arguments
 # after the frame, read once (numpy's ``.ctypes.data`` costs microseconds per call).
@@ -75,7 +76,10 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
         return None
     if len(data) < _MIN_BYTES:
         return None
-    code = data[5]  # a dtype code with the coder (bits 4-6) and the flag bit (7) clear
+    tag = data[0]  # the token form's tag with the coder and shifted bits clear (the raw bit either way)
+    if tag & ~(TOKEN_RAW | TOKEN_DTYPE) != TOKEN_TAG:
+        return None
+    code = tag & TOKEN_DTYPE
     dtype = CODE_DTYPES.get(code)
     if dtype is None:
         return None
