@@ -504,6 +504,16 @@ def test_lowbit_bf16_w8_decode_is_exact(group, k, m):
     _assert_one_hot_decode_exact(8, group, k, m, n=50)
 
 
+@pytest.mark.parametrize("bits,group,k", [(4, 128, 384), (4, 16, 208), (4, 64, 192), (2, 256, 512), (2, 32, 288)])
+@pytest.mark.parametrize("m", (1, 4, 5, 16))
+def test_lowbit_bf16_w2_w4_decode_is_exact(bits, group, k, m):
+    # One-hot activation rows pin the activation order of 2- and 4-bit codes exactly in both
+    # forms: whole chunks go through the in-register rearrangement, a partial last chunk (K = 208,
+    # 192, 288) through the scalar one, and a misplaced value shows as a wrong code.
+    _needs_bf16_kernels()
+    _assert_one_hot_decode_exact(bits, group, k, m, n=40)
+
+
 @pytest.mark.parametrize("bits,group,k", [(8, 128, 384), (8, 64, 576), (8, 8, 72)])
 @pytest.mark.parametrize("m", (16, 17, 33))
 def test_lowbit_bf16_panel_many_rows(bits, group, k, m):

@@ -58,6 +58,13 @@ inline bool bf16_kernel_layout(int bits, int64_t group_size) {
   return group_size % chunk == 0 || (group_size >= unit && chunk % group_size == 0);
 }
 
+// Prepares bf16 activations x [M, K] for the bf16 kernels: out [M, stride] in their order
+// (out[m][pos[k]] = x[m][k], zeros in the padding, where pos (K entries, bf16_position) maps every
+// chunk of `period` = bf16_chunk_codes(bits) values into itself) and xsum [M, K / group_size], the
+// fp32 sum of each group.
+using Bf16PrepareFn = void (*)(const uint16_t* x, int64_t M, int64_t K, int64_t stride, const int32_t* pos,
+                               int64_t period, int64_t group_size, uint16_t* out, float* xsum);
+
 // From this many activation rows the bf16 kernels use the panel form (see isa/lowbit_bf16.cpp).
 constexpr int64_t kBf16PanelMinRows = 5;
 
@@ -120,8 +127,8 @@ namespace isa_avx2 { const LowbitKernels& lowbit_kernels(); }
 namespace isa_avx512 { const LowbitKernels& lowbit_kernels(); }
 // AVX-512 BF16 adds bf16_rows to the AVX-512 fp32 kernels; the same source built with VBMI
 // too (isa_avx512bf16vbmi) also takes 3-bit codes.
-namespace isa_avx512bf16 { LowbitRowsFn bf16_rows(); }
-namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); }
+namespace isa_avx512bf16 { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
+namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
 // AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from one row x [K] bf16
 // (w8_vnni_layout); false (and nothing to run) when x holds a NaN or an infinity.
 namespace isa_avx512vnni {

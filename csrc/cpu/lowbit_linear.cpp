@@ -32,6 +32,7 @@ struct Isa {
   bool supported;
   const LowbitKernels* kernels;
   LowbitRowsFn bf16_rows;
+  Bf16PrepareFn bf16_prepare;  // with bf16_rows: its activation order and group sums
   const Int8Kernels* int8;
   bool w8_vnni;  // the 8-bit VNNI path (isa/lowbit_w8_vnni.cpp) for bf16 activations
   bool bf16_w3;  // bf16_rows takes 3-bit codes (built with VBMI)
@@ -57,23 +58,25 @@ bool cpu_has(const char*) { return false; }
 const std::vector<Isa>& isas() {
   static const std::vector<Isa> all = [] {
     std::vector<Isa> v{
-        {"generic", true, &isa_generic::lowbit_kernels(), nullptr, &isa_generic::int8_kernels(), false, false}};
+        {"generic", true, &isa_generic::lowbit_kernels(), nullptr, nullptr, &isa_generic::int8_kernels(), false,
+         false}};
 #if defined(SK_HAVE_X86_ISAS)
     v.push_back(
-        {"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, &isa_avx2::int8_kernels(), false, false});
-    v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512::int8_kernels(),
-                 false, false});
+        {"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, nullptr, &isa_avx2::int8_kernels(), false, false});
+    v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, nullptr,
+                 &isa_avx512::int8_kernels(), false, false});
     // VNNI speeds up the int8 kernels and the 8-bit lowbit path; BF16 the other lowbit kernels
     // (and keeps VNNI where present).
     const bool vnni = cpu_has("avx512_vnni");
     const Int8Kernels* best512 = vnni ? &isa_avx512vnni::int8_kernels() : &isa_avx512::int8_kernels();
     v.push_back(
-        {"avx512_vnni", vnni, &isa_avx512::lowbit_kernels(), nullptr, &isa_avx512vnni::int8_kernels(), vnni, false});
+        {"avx512_vnni", vnni, &isa_avx512::lowbit_kernels(), nullptr, nullptr, &isa_avx512vnni::int8_kernels(), vnni,
+         false});
     v.push_back({"avx512_bf16", cpu_has("avx512_bf16"), &isa_avx512::lowbit_kernels(), isa_avx512bf16::bf16_rows(),
-                 best512, vnni, false});
+                 isa_avx512bf16::bf16_prepare(), best512, vnni, false});
     // VBMI adds the 3-bit decode to the bf16 kernels (the same source built with -mavx512vbmi).
     v.push_back({"avx512_bf16_vbmi", cpu_has("avx512_bf16_vbmi"), &isa_avx512::lowbit_kernels(),
-                 isa_avx512bf16vbmi::bf16_rows(), best512, vnni, true});
+                 isa_avx512bf16vbmi::bf16_rows(), isa_avx512bf16vbmi::bf16_prepare(), best512, vnni, true});
 #endif
     return v;
   }();
@@ -160,33 +163,17 @@ const std::vector<int32_t>& bf16_positions(int bits, int64_t group_size, bool pa
   return cache.back().pos;
 }
 
-// Sum of n bf16 values in fp32, in eight interleaved partial sums (so the adds vectorise and
-// do not wait on each other; the kernels promise a tolerance, not one summation order).
-float sum_bf16(const uint16_t* v, int64_t n) {
-  float part[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) part[j] += bf16_to_float(v[i + j]);
-  float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-  for (; i < n; ++i) sum += bf16_to_float(v[i]);
-  return sum;
-}
-
 // Fills p.x16 (bf16 activations in the kernels' order, rows zero-padded to whole chunks),
 // p.x_stride and p.xsum (fp32 group sums) from x [M, K] bf16, in per-thread buffers.
-void bf16_activations(const uint16_t* x, int64_t M, int64_t K, int bits, int64_t group_size, LowbitProblem& p) {
+void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, int bits, int64_t group_size,
+                      LowbitProblem& p) {
   thread_local std::vector<uint16_t> x16;
   thread_local std::vector<float> xsum;
   const int64_t stride = bf16_row_stride(bits, K), G = K / group_size;
   const std::vector<int32_t>& pos = bf16_positions(bits, group_size, M >= kBf16PanelMinRows, K);
-  x16.assign(M * stride, 0);
+  x16.resize(M * stride);
   xsum.resize(M * G);
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* row = x + m * K;
-    uint16_t* dst = x16.data() + m * stride;
-    for (int64_t k = 0; k < K; ++k) dst[pos[k]] = row[k];
-    for (int64_t g = 0; g < G; ++g) xsum[m * G + g] = sum_bf16(row + g * group_size, group_size);
-  }
+  isa.bf16_prepare(x, M, K, stride, pos.data(), bf16_chunk_codes(bits), group_size, x16.data(), xsum.data());
   p.x16 = x16.data();
   p.x_stride = stride;
   p.xsum = xsum.data();
@@ -248,7 +235,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     }  // NaN or infinity in x: the kernels below carry it through
   }
   if (lowbit_bf16_kernel(dtype, bits, group_size)) {
-    bf16_activations(static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
+    bf16_activations(isa, static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
     p.y16 = static_cast<uint16_t*>(y);
     p.bias = bias;
     parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });

@@ -499,9 +499,75 @@ void run_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// Bf16PrepareFn. The order permutes values only within a chunk, so each whole chunk (128 or 256
+// values: 4 or 8 vectors of 32) is rearranged in registers: every output vector takes its values
+// from each pair of input vectors with one two-source word permute, masked to the outputs whose
+// source lies in that pair. The scalar scatter this replaces cost ~0.6 ns per value, as much as
+// the products of a 4096-wide layer at M = 512 with N = 64 (bench/results/ops/README.md, tenth
+// session). A partial last chunk is zero-filled and scattered one value at a time. Group sums
+// take 16 values per add (groups of 16 or more), else eight interleaved scalar sums.
+float group_sum(const uint16_t* v, int64_t n) {
+  if (n % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16)
+      acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i))), 16)));
+    return _mm512_reduce_add_ps(acc);
+  }
+  float part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += bf16_to_float(v[i + j]);
+  float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  for (; i < n; ++i) sum += bf16_to_float(v[i]);
+  return sum;
+}
+
+void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t stride, const int32_t* pos, int64_t period,
+             int64_t group_size, uint16_t* out, float* xsum) {
+  constexpr int kMaxVectors = 256 / 32;
+  const bool vectorised = period % 64 == 0 && period / 32 <= kMaxVectors && K >= period;
+  const int64_t full = vectorised ? K / period : 0;
+  const int vectors = static_cast<int>(period / 32), pairs = vectors / 2;
+  alignas(64) uint16_t idx[kMaxVectors][kMaxVectors / 2][32];
+  __mmask32 mask[kMaxVectors][kMaxVectors / 2] = {};
+  if (vectorised) {
+    int32_t source[256];  // source[o]: the value of a chunk that lands at its position o
+    for (int64_t k = 0; k < period; ++k) source[pos[k]] = static_cast<int32_t>(k);
+    for (int q = 0; q < vectors; ++q)
+      for (int s = 0; s < pairs; ++s)
+        for (int j = 0; j < 32; ++j) {
+          const int32_t src = source[32 * q + j];
+          idx[q][s][j] = static_cast<uint16_t>(src & 63);
+          if (src / 64 == s) mask[q][s] |= 1u << j;
+        }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* row = x + m * K;
+    uint16_t* dst = out + m * stride;
+    for (int64_t c = 0; c < full; ++c) {
+      __m512i in[kMaxVectors];
+      for (int v = 0; v < vectors; ++v) in[v] = _mm512_loadu_si512(row + c * period + 32 * v);
+      for (int q = 0; q < vectors; ++q) {
+        __m512i r = _mm512_setzero_si512();
+        for (int s = 0; s < pairs; ++s)
+          r = _mm512_mask_mov_epi16(
+              r, mask[q][s], _mm512_permutex2var_epi16(in[2 * s], _mm512_load_si512(idx[q][s]), in[2 * s + 1]));
+        _mm512_storeu_si512(dst + c * period + 32 * q, r);
+      }
+    }
+    const int64_t done = full * period;
+    std::memset(dst + done, 0, static_cast<size_t>(stride - done) * sizeof(uint16_t));
+    for (int64_t k = done; k < K; ++k) dst[pos[k]] = row[k];
+    const int64_t G = K / group_size;
+    for (int64_t g = 0; g < G; ++g) xsum[m * G + g] = group_sum(row + g * group_size, group_size);
+  }
+}
+
 }  // namespace
 
 LowbitRowsFn bf16_rows() { return &run_rows; }
+Bf16PrepareFn bf16_prepare() { return &prepare; }
 
 }  // namespace SK_ISA_NS
 }  // namespace sk
