@@ -36,6 +36,7 @@ import torch
 
 from splitkernels.codec import calibrate, decode, decode_frame, encode, encode_frame, from_bytes, nibble, rans
 from splitkernels.codec import v2 as v2mod
+from splitkernels.codec.frame_v2 import CODER_RANS, parse_frame_v2
 
 BIG_COPY_BYTES = 256 << 20
 T, D = 512, 4096
@@ -143,7 +144,7 @@ def main() -> None:
             "one_token_d576": {"encode_us": median_time(lambda: encode(one, cfg576).to_bytes(), args.repeats * 10) * 1e6,
                                "encode_frame_us": median_time(lambda: encode_frame(one, cfg576), args.repeats * 10) * 1e6,
                                "decode_us": median_time(lambda: decode_frame(one_frame, config=cfg576), args.repeats * 10) * 1e6,
-                               "frame_bytes": len(one_frame), "coder": "rans" if one_frame[5] >> 4 == 0 else "nibble"},
+                               "frame_bytes": len(one_frame), "coder": "rans" if parse_frame_v2(one_frame, cfg576).coder == CODER_RANS else "nibble"},
             "entropy_stage": entropy_stage(encode(x, cfg).symbols.numpy(), cfg, max(5, args.repeats // 3)),
         }
     if native:
