@@ -3,7 +3,7 @@ hidden state single them out (norm, largest equalised value, escapes under the s
 import sys, torch, numpy as np
 from pathlib import Path
 from splitkernels.models import load_packaged
-from splitkernels.opsc import decoder_layers
+from token_fisher import token_fisher
 from splitkernels.codec import calibrate, encode
 from splitkernels.codec.sensitivity import fisher_diagonal
 from splitkernels.eval.calibration_text import calibration_windows
@@ -15,24 +15,7 @@ calib, _ = calibration_windows(enc_t, 1536, 512, prose_start=8192)
 fisher = fisher_diagonal(model, calib, layer)
 cfg = calibrate(fisher.hidden, sensitivity=fisher.channel, position_sensitivity=fisher.position, wire_dtype=torch.float16)
 w = enc_t(Path(path).read_text())[512:1024]
-layers = decoder_layers(model)
-leaf = []
-def hook(m, i, o):
-    h = (o[0] if isinstance(o, tuple) else o).detach().requires_grad_(True); leaf.append(h)
-    return (h, *o[1:]) if isinstance(o, tuple) else h
-for p in model.parameters(): p.requires_grad_(False)
-hd = layers[layer - 1].register_forward_hook(hook)
-gen = torch.Generator().manual_seed(0)
-with torch.enable_grad():
-    logp = torch.log_softmax(model(w[None]).logits.float(), -1)[0]
-    probs = logp.detach().exp(); F = torch.zeros(512, dtype=torch.float64)
-    for k in range(K):
-        y = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        (g,) = torch.autograd.grad(-logp.gather(-1, y[:, None]).sum(), leaf[0], retain_graph=True)
-        F += g[0].double().pow(2).sum(1)
-hd.remove()
-F /= K
-h = leaf[0].detach()[0].float()
+F, h = token_fisher(model, [w], layer, K)
 z = (h - torch.tensor(cfg.center)) / torch.tensor(cfg.step)
 e = encode(h.half(), cfg, start=0)
 esc = (e.symbols == cfg.escape_symbol).sum(1)

@@ -2,34 +2,14 @@
 import sys, math, torch, numpy as np
 from pathlib import Path
 from splitkernels.models import load_packaged
-from splitkernels.opsc import decoder_layers
+from token_fisher import token_fisher
 
 model_name, layer, K = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 text = Path(sys.argv[4]).read_text()
 model, tok = load_packaged(model_name); model.eval()
 ids = tok(text, return_tensors="pt").input_ids[0][:1024].reshape(2, 512)
-layers = decoder_layers(model)
-leaf = []
-def hook(m, i, o):
-    h = (o[0] if isinstance(o, tuple) else o).detach().requires_grad_(True); leaf.append(h)
-    return (h, *o[1:]) if isinstance(o, tuple) else h
-for p in model.parameters(): p.requires_grad_(False)
-hd = layers[layer - 1].register_forward_hook(hook)
-gen = torch.Generator().manual_seed(0)
-F, H = [], []
-for w in ids:
-    leaf.clear()
-    with torch.enable_grad():
-        logp = torch.log_softmax(model(w[None]).logits.float(), -1)[0]
-        probs = logp.detach().exp()
-        acc = torch.zeros(512, dtype=torch.float64)
-        for k in range(K):
-            y = torch.multinomial(probs, 1, generator=gen)[:, 0]
-            (g,) = torch.autograd.grad(-logp.gather(-1, y[:, None]).sum(), leaf[0], retain_graph=True)
-            acc += g[0].double().pow(2).sum(1)
-    F.append(acc / K); H.append(leaf[0].detach()[0].float())
-hd.remove()
-F = torch.cat(F).numpy(); H = torch.cat(H)
+F, H = token_fisher(model, ids, layer, K)
+F = F.numpy()
 pos = np.tile(np.arange(512), 2)
 band = np.array([0 if p == 0 else int(p).bit_length() for p in pos])
 med = H[pos > 0].median(0).values; rms = (H[pos > 0] - med).pow(2).mean(0).sqrt().clamp_min(1e-6)
