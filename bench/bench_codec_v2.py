@@ -14,7 +14,7 @@ d = 4096 (fp16, 4 MiB) it times, per instruction set of the v2 passes:
 
 and the entropy stage alone (M symbols/s of each coder on the 2 M symbols), a one-token frame at
 d = 576 (through the general API and through ``encode_frame``'s one C++ call, what the edge sends
-each decode step), and two single-threaded copies in the same run: of the same 4 MiB tensor (it stays in the
+each decode step) and one at d = 640 with a token prediction, and two single-threaded copies in the same run: of the same 4 MiB tensor (it stays in the
 last-level cache) and of a 256 MiB buffer (DRAM). Throughput counts input bytes per second of encode
 plus decode, each timed on its own (caches warm for it, as the memcpy baselines are); the round trip
 (encode then decode of the same frame in one timed call, the two competing for the caches) is given
@@ -40,6 +40,7 @@ from splitkernels.codec.frame_v2 import CODER_RANS, parse_frame_v2
 
 BIG_COPY_BYTES = 256 << 20
 T, D = 512, 4096
+PRED_VOCAB, PRED_D = 1 << 16, 640
 
 
 def times(fn, repeats: int) -> list[float]:
@@ -124,6 +125,13 @@ def main() -> None:
     before = (_C.v2_isa(), _C.nibble_isa()) if native else None
     cfg576 = calibrate(activations(1024, 576, 2), bits=args.bits)
     one = x[:1, :576].contiguous()
+    # A token prediction (docs/FORMATS.md §5.2.1) at Gemma 3 270M's width, from a random table of
+    # 2**16 rows (16-bit ids; Gemma's 2**18 rows cost one id byte more).
+    table = torch.randn(PRED_VOCAB, PRED_D, generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, PRED_VOCAB, (1024,), generator=torch.Generator().manual_seed(5))
+    h = 3.0 * table[ids] + activations(1024, PRED_D, 3)
+    cfg_pred = calibrate(h, bits=args.bits, tokens=ids, embedding=table)
+    one_pred, one_id = h[1:2].half(), ids[1:2]
     for isa in isas:
         if native:
             _C.set_v2_isa(isa)
@@ -139,12 +147,20 @@ def main() -> None:
                           "ratio_to_memcpy_4MiB": gb_s / copy_llc, "ratio_to_memcpy_256MiB": gb_s / copy_dram,
                           "bits_per_element": 8 * len(frame) / x.numel(), "frame_bytes": len(frame)}
         one_frame = encode(one, cfg576).to_bytes()
+        pred_frame = encode_frame(one_pred, cfg_pred, tokens=one_id, embedding=table)
         result["by_isa"][isa] = {
             "nibble_isa": _C.nibble_isa() if native else "reference", "pipelines": rows,
             "one_token_d576": {"encode_us": median_time(lambda: encode(one, cfg576).to_bytes(), args.repeats * 10) * 1e6,
                                "encode_frame_us": median_time(lambda: encode_frame(one, cfg576), args.repeats * 10) * 1e6,
                                "decode_us": median_time(lambda: decode_frame(one_frame, config=cfg576), args.repeats * 10) * 1e6,
                                "frame_bytes": len(one_frame), "coder": "rans" if parse_frame_v2(one_frame, cfg576).coder == CODER_RANS else "nibble"},
+            "one_token_d640_predicted": {
+                "encode_us": median_time(lambda: encode(one_pred, cfg_pred, tokens=one_id, embedding=table).to_bytes(),
+                                         args.repeats * 10) * 1e6,
+                "encode_frame_us": median_time(lambda: encode_frame(one_pred, cfg_pred, tokens=one_id, embedding=table),
+                                               args.repeats * 10) * 1e6,
+                "decode_us": median_time(lambda: decode_frame(pred_frame, config=cfg_pred, embedding=table), args.repeats * 10) * 1e6,
+                "frame_bytes": len(pred_frame), "coder": "rans", "predicted": cfg_pred.prediction is not None},
             "entropy_stage": entropy_stage(encode(x, cfg).symbols.numpy(), cfg, max(5, args.repeats // 3)),
         }
     if native:
@@ -171,12 +187,13 @@ def main() -> None:
         for name, e in r["entropy_stage"].items():
             lines.append(f"| {isa} | {r['nibble_isa']} | {name} | {e['bits_per_symbol']:.3f} | "
                          f"{e['encode_msym_s']:.0f} | {e['decode_msym_s']:.0f} |")
-    lines += ["", "| v2 passes ISA | one-token frame d=576 | coder | bytes | encode().to_bytes() us | "
+    lines += ["", "| v2 passes ISA | one-token frame (warm caches) | coder | bytes | encode().to_bytes() us | "
               "encode_frame us (one C++ call) | decode_frame us |", "|---|---|---|---|---|---|---|"]
     for isa, r in result["by_isa"].items():
-        o = r["one_token_d576"]
-        lines.append(f"| {isa} | warm caches | {o['coder']} | {o['frame_bytes']} | "
-                     f"{o['encode_us']:.0f} | {o['encode_frame_us']:.1f} | {o['decode_us']:.0f} |")
+        for name, key in (("d=576", "one_token_d576"), ("d=640, token prediction", "one_token_d640_predicted")):
+            o = r[key]
+            lines.append(f"| {isa} | {name} | {o['coder']} | {o['frame_bytes']} | "
+                         f"{o['encode_us']:.0f} | {o['encode_frame_us']:.1f} | {o['decode_us']:.0f} |")
     (out / "codec_v2_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

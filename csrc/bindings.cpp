@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "binding_helpers.h"
@@ -247,7 +248,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "v2_decode_token_frame",
       [](py::buffer frame, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
-         std::uintptr_t step, std::uintptr_t center, int dtype, int64_t max_escapes, std::uintptr_t out) {
+         std::uintptr_t step, std::uintptr_t center, int dtype, int64_t max_escapes, int64_t id_bytes,
+         std::uintptr_t out) {
         const py::buffer_info info = frame.request();
         if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
           throw std::invalid_argument("frame must be a contiguous byte buffer");
@@ -256,36 +258,41 @@ PYBIND11_MODULE(_C, m) {
                                           ptr<const float>(step), ptr<const float>(center)};
         py::gil_scoped_release nogil;
         return sk::v2_decode_token_frame(static_cast<const uint8_t*>(info.ptr), info.size, config, dtype, max_escapes,
-                                         ptr<void>(out));
+                                         id_bytes, ptr<void>(out));
       },
       py::arg("frame"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
-      py::arg("step"), py::arg("center"), py::arg("dtype"), py::arg("max_escapes"), py::arg("out"),
+      py::arg("step"), py::arg("center"), py::arg("dtype"), py::arg("max_escapes"), py::arg("id_bytes"), py::arg("out"),
       "A codec v2 frame of one rANS-coded token of dtype (the session config's CRC seed, d, kmax, rANS table "
-      "pointers, step and center) decoded into out [1, d]; False when it is anything else or invalid (the caller "
-      "then runs the reference parser).");
+      "pointers, step and center) decoded into out [1, d]; id_bytes of token ids after the escape count are "
+      "skipped (the caller reads them). False when it is anything else or invalid (the caller then runs the "
+      "reference parser).");
 
   m.def(
       "v2_encode_token_frame",
       [](std::uintptr_t x, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
-         std::uintptr_t inv, std::uintptr_t center, int64_t raw_limit, int dtype) -> py::object {
+         std::uintptr_t inv, std::uintptr_t center, int64_t raw_limit, int dtype, py::bytes ids) -> py::object {
         if (d < 1 || dtype < sk::kFloat32 || dtype > sk::kBFloat16) throw std::invalid_argument("v2_encode_token_frame: bad d or dtype");
         const sk::TokenFrameConfig config{crc_seed, d, kmax, ptr<const sk::RansTables* const>(tables), period, nullptr,
                                           ptr<const float>(center)};
+        const std::string_view id_section = ids;
+        const auto id_bytes = static_cast<int64_t>(id_section.size());
         thread_local std::vector<uint8_t> out;
-        out.resize(sk::v2_token_frame_capacity(d, dtype));
+        out.resize(sk::v2_token_frame_capacity(d, dtype, id_bytes));
         int64_t len;
         {
           py::gil_scoped_release nogil;
-          len = sk::v2_encode_token_frame(ptr<const void>(x), config, ptr<const float>(inv), raw_limit, dtype, out.data());
+          len = sk::v2_encode_token_frame(ptr<const void>(x), config, ptr<const float>(inv), raw_limit, dtype,
+                                          reinterpret_cast<const uint8_t*>(id_section.data()), id_bytes, out.data());
         }
         if (len <= 0) return py::int_(len);
         return py::bytes(reinterpret_cast<const char*>(out.data()), len);
       },
       py::arg("x"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
-      py::arg("inv"), py::arg("center"), py::arg("raw_limit"), py::arg("dtype"),
+      py::arg("inv"), py::arg("center"), py::arg("raw_limit"), py::arg("dtype"), py::arg("ids") = py::bytes(),
       "One token x [1, d] of dtype (contiguous) as a codec v2 rANS frame (the session config's CRC seed, d, kmax, "
-      "rANS table pointers, 1/step and center): the frame's bytes, 0 when the token travels raw (more than "
-      "raw_limit escapes) or -1 when x is not finite (the caller's general path handles both).");
+      "rANS table pointers, 1/step and center; ids: the token-id section of a config's prediction, x then the "
+      "residual): the frame's bytes, 0 when the token travels raw (more than raw_limit escapes) or -1 when x is "
+      "not finite (the caller's general path handles both).");
 
   m.def(
       "crc32",

@@ -9,6 +9,7 @@ import torch
 
 from splitkernels.codec import calibrate, decode, encode
 from splitkernels.codec.measured import RATIO_RANGE, calibrate_measured, split_kl
+from splitkernels.codec.calibrate import PREDICTION_MIN_SAVING
 from splitkernels.codec.sensitivity import fisher_diagonal
 from splitkernels.codec.spec import config_for_model
 from splitkernels.eval.quality import compare_logits
@@ -69,7 +70,7 @@ def test_split_kl_leaves_the_model_unhooked(setup):
 def test_calibrate_measured_meets_its_target_as_measured(setup):
     model, windows, fisher = setup
     target = 0.001
-    cfg = calibrate_measured(model, windows, LAYER, fisher, wire_dtype=torch.float32, max_kl=target, bits=6.0)
+    cfg = calibrate_measured(model, windows, LAYER, fisher, wire_dtype=torch.float32, max_kl=target, bits=6.0, predict=False)
     info = cfg.info
     assert info["kl_target"] == target and RATIO_RANGE[0] <= info["kl_ratio"] <= RATIO_RANGE[1]
     first = calibrate(fisher.hidden, bits=6.0, max_kl_proxy=target, sensitivity=fisher.channel,
@@ -83,6 +84,18 @@ def test_calibrate_measured_meets_its_target_as_measured(setup):
     # ... and its measured KL is nearer the target than the estimate's step gave (log distance).
     final = split_kl(model, windows, LAYER, cfg, torch.float32)
     assert abs(math.log(final / target)) < 0.5 * abs(math.log(info["kl_measured"] / target)), (final, info)
+
+
+def test_calibrate_measured_offers_the_token_prediction(setup):
+    model, windows, fisher = setup
+    cfg = calibrate_measured(model, windows, LAYER, fisher, wire_dtype=torch.float32, max_kl=0.001, bits=6.0)
+    tokens, table = torch.cat(list(windows)), model.get_input_embeddings().weight
+    again = calibrate(fisher.hidden, bits=6.0, max_kl_proxy=0.001 / cfg.info["kl_ratio"], sensitivity=fisher.channel,
+                      position_sensitivity=fisher.position, wire_dtype=torch.float32, tokens=tokens, embedding=table)
+    assert again.fingerprint == cfg.fingerprint
+    assert (cfg.prediction is not None) == (cfg.info["prediction_saving"] >= PREDICTION_MIN_SAVING)
+    kl = split_kl(model, windows, LAYER, cfg, torch.float32)  # sends each window with its ids
+    assert 0 <= kl < 10 * 0.001, kl
 
 
 def test_calibrate_measured_keeps_the_bits_ceiling(setup):

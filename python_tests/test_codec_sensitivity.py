@@ -33,9 +33,11 @@ def _kl_with_noise(model, windows, layer: int, noise_std: torch.Tensor, seed: in
 def test_fisher_predicts_kl_of_small_noise():
     model = tiny_model("llama", seed=1, num_layers=3, hidden=32, vocab=64)
     windows = [torch.randint(0, 64, (48,), generator=torch.Generator().manual_seed(i)) for i in range(6)]
-    fisher, hidden, position = fisher_diagonal(model, windows, 2)
-    assert fisher.shape == (32,) and hidden.shape == (6 * 48, 32) and position.shape == (48,)
+    fisher, hidden, position, token = fisher_diagonal(model, windows, 2)
+    assert fisher.shape == (32,) and hidden.shape == (6 * 48, 32) and position.shape == (48,) and token.shape == (6 * 48,)
     assert (position >= 0).all() and position.sum() > 0
+    # The per-token traces average, window by window, to the per-position trace.
+    assert torch.allclose(token.reshape(6, 48).double().mean(0), position.double(), rtol=1e-4)
     assert (fisher >= 0).all() and fisher.sum() > 0
     # Noise on one half of the channels only: the prediction must follow the per-channel weights.
     noise = torch.zeros(32)

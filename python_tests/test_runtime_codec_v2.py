@@ -11,8 +11,11 @@ import torch
 
 from runtime_helpers import prompt
 from splitkernels.codec import CodecConfig, CodecConfigV2, FrameError, config_from_spec, encode, from_bytes
+from splitkernels.codec.calibrate import PREDICTION_MIN_SAVING
+from splitkernels.codec.predict import EmbeddingPrediction, table_digest
 from splitkernels.codec.spec import config_for_model
 from splitkernels.models import tiny_model
+from splitkernels.nn import QuantConfig
 from splitkernels.runtime import SplitConfig, SplitError, Status, split_model
 from splitkernels.runtime.grpc_transport import GrpcServer, GrpcTransport
 from splitkernels.runtime.protocol import (
@@ -36,7 +39,8 @@ def calib_ids():
 
 @pytest.fixture(scope="module")
 def config(model, calib_ids) -> CodecConfigV2:
-    return config_for_model({"kind": "v2", "bits": 4.0, "sensitivity": "fisher"}, model, SPLIT, calib_ids, window=128)
+    return config_for_model({"kind": "v2", "bits": 4.0, "sensitivity": "fisher", "predict": False}, model, SPLIT, calib_ids,
+                            window=128)
 
 
 def _other_config(config: CodecConfigV2) -> CodecConfigV2:
@@ -192,3 +196,72 @@ def test_speculative_rounds_carry_v2_frames(model, config):
     assert torch.equal(result.sequences, plain)
     assert sum(r.drafted for r in result.metrics.rounds) > 0  # drafts went through the codec
     sm.close()
+
+
+def _predicting(model, config: CodecConfigV2, gain: float = 0.5) -> CodecConfigV2:
+    """``config`` with a token prediction from ``model``'s input table (the tiny model gains little
+    from one, so calibration would not keep it: these tests are about carrying it)."""
+    table = model.get_input_embeddings().weight
+    return dataclasses.replace(config, prediction=EmbeddingPrediction([gain] * config.d, table.shape[0], table_digest(table)))
+
+
+@pytest.fixture(scope="module")
+def predicting(model, calib_ids) -> CodecConfigV2:
+    return config_for_model({"kind": "v2", "bits": 4.0, "sensitivity": "fisher"}, model, SPLIT, calib_ids, window=128)
+
+
+def test_the_spec_predicts_where_it_pays(predicting, config):
+    # The tiny model's split-layer state is still much like its embedding: the prediction pays there.
+    assert predicting.prediction is not None and predicting.info["prediction_saving"] >= PREDICTION_MIN_SAVING
+    assert predicting.version == 5 and config.prediction is None and "prediction_saving" not in config.info
+    with pytest.raises(ValueError, match="'predict' must be true or false"):
+        config_from_spec({"kind": "v2", "predict": 1}, torch.randn(8, 4))
+
+
+@pytest.mark.parametrize("transport", ["in-process", "grpc"])
+def test_predicting_v2_generation_runs_through_bytes(model, predicting, transport):
+    sm = split_model(model, SplitConfig(SPLIT, codec=predicting))
+    ids = prompt(3, 7)
+    if transport == "grpc":
+        with GrpcServer(sm.manager) as server, GrpcTransport(server.address) as client:
+            result = sm.run(ids, 6, transport=client)
+    else:
+        result = sm.run(ids, 6)
+    new = result.new_tokens
+    # The teacher-forced path sends the same frames (its ids beside each row), so the same tokens.
+    logits = sm(result.sequences[:, :-1])
+    assert logits[0, ids.shape[1] - 1:].argmax(-1).tolist() == new
+    # Each decode frame carries its token id: the bytes differ from the plain config's by it.
+    id_bytes = predicting.prediction.id_bytes(1)
+    assert all(step.frame_bytes > id_bytes for step in result.metrics.steps)
+    spec = speculate_tokens(sm, ids)
+    assert torch.equal(spec, sm.generate(ids, 8))
+    sm.close()
+
+
+def speculate_tokens(sm, ids: torch.Tensor) -> torch.Tensor:
+    from splitkernels.runtime.speculative import speculate
+
+    result = speculate(sm, ids, 8, drafter="early-exit", k=3)
+    assert sum(r.drafted for r in result.metrics.rounds) > 0  # drafts went through the codec with their ids
+    return result.sequences
+
+
+def test_a_prediction_from_another_table_is_refused(model, config):
+    sm = split_model(model, SplitConfig(SPLIT, codec=config))
+    table = model.get_input_embeddings().weight
+    foreign = dataclasses.replace(config, prediction=EmbeddingPrediction([0.5] * config.d, table.shape[0], "0" * 64))
+    with pytest.raises(SplitError) as e:
+        sm.transport.open(open_request(SamplingParams(), bytes(16), 8, foreign))
+    assert e.value.status is Status.FAILED_PRECONDITION and "does not match" in e.value.message
+    with pytest.raises(ValueError, match="does not match"):
+        split_model(model, SplitConfig(SPLIT, codec=foreign))
+    sm.close()
+
+
+def test_a_quantised_embedding_cannot_predict():
+    fresh = tiny_model("llama", seed=5, num_layers=4, hidden=48)
+    predicting = _predicting(fresh, config_from_spec({"kind": "v2"}, torch.randn(256, 48)))
+    with pytest.raises(ValueError, match="no plain table"):
+        split_model(fresh, SplitConfig(SPLIT, codec=predicting, front=QuantConfig(bits=4, group_size=16),
+                                       quantize_embedding=True))

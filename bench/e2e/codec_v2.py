@@ -35,6 +35,7 @@ from splitkernels.cli.models import wire_dtype_for
 from splitkernels.codec import CodecConfig, calibrate, decode, encode
 from splitkernels.codec.frame import frame_nbytes
 from splitkernels.codec.measured import calibrate_measured
+from splitkernels.codec.predict import embedding_table
 from splitkernels.codec.sensitivity import fisher_diagonal
 from splitkernels.eval import load_text
 from splitkernels.eval.calibration_text import calibration_windows
@@ -58,12 +59,16 @@ class Recorder:
         return res
 
 
-def v2_transform(cfg, wire: torch.dtype):
+def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor):
+    """The v2 round trip of each window; ``tokens()`` gives the window's ids (a config with a
+    prediction sends them, and ``embedding`` is the model's input table)."""
     def run(x: torch.Tensor):
         xw = x.to(wire)
-        enc = encode(xw, cfg, start=0)  # every window starts a sequence
-        y = decode(enc).to(x.dtype)
-        per_token = sum(encode(xw[t : t + 1], cfg, start=t).nbytes for t in range(x.shape[0]))
+        ids = tokens()
+        enc = encode(xw, cfg, start=0, tokens=ids, embedding=embedding)  # every window starts a sequence
+        y = decode(enc, embedding=embedding).to(x.dtype)
+        per_token = sum(encode(xw[t : t + 1], cfg, start=t, tokens=ids[t : t + 1], embedding=embedding).nbytes
+                        for t in range(x.shape[0]))
         return TransferResult(y, enc.nbytes, 0.0, int(enc.escapes.numel())), per_token
     return run
 
@@ -122,6 +127,8 @@ def main() -> None:
                     help="also score every Fisher target without position shifts (one step for every position)")
     ap.add_argument("--massive", type=float, default=None, help="massive-activation fixture: channel factor")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--no-prediction", action="store_true",
+                    help="the measured rule without the token prediction (calibrate_measured(predict=False))")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +159,9 @@ def main() -> None:
                "eval_text": args.eval_file or "botchan", "calibration": calib_used, "model": PACKAGED[args.model].name + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
                "wire": {layer: str(w) for layer, w in wires.items()}, "tokens": ev.tokens, "ppl_reference": ev.ppl_reference, "rows": []}
 
+    table = embedding_table(model)
+    window_ids = lambda: ev.current_ids  # noqa: E731 - the window being sent
+
     def record(layer: int, name: str, fn, extra: dict | None = None) -> None:
         rec = Recorder(fn)
         with torch.no_grad():
@@ -169,17 +179,18 @@ def main() -> None:
         fisher = fisher_diagonal(model, calib, layer)
         for b in args.bits:
             if b == "measured":
-                cfg = calibrate_measured(model, list(calib), layer, fisher, wire_dtype=wire)
-                record(layer, "v2 fisher measured", v2_transform(cfg, wire), {"info": cfg.info})
+                cfg = calibrate_measured(model, list(calib), layer, fisher, wire_dtype=wire, predict=not args.no_prediction)
+                record(layer, "v2 fisher measured" + (" predicted" if cfg.prediction else ""),
+                       v2_transform(cfg, wire, window_ids, table), {"info": cfg.info})
                 continue
             for positions in (True, False) if args.compare_positions else (True,):
                 cfg = calibrate(fisher.hidden, bits=None if b == "default" else float(b), sensitivity=fisher.channel,
                                 position_sensitivity=fisher.position if positions else None, wire_dtype=wire)
                 name = f"v2 fisher {b if b == 'default' else f'{float(b):g}'}{'' if positions else ', no position shifts'}"
-                record(layer, name, v2_transform(cfg, wire), {"info": cfg.info})
+                record(layer, name, v2_transform(cfg, wire, window_ids, table), {"info": cfg.info})
         for b in args.uniform_bits:
             cfg = calibrate(fisher.hidden, bits=b, wire_dtype=wire)
-            record(layer, f"v2 uniform {b:g}", v2_transform(cfg, wire), {"info": cfg.info})
+            record(layer, f"v2 uniform {b:g}", v2_transform(cfg, wire, window_ids, table), {"info": cfg.info})
         if not args.no_baselines:
             record(layer, "v1 eps 0.22", v1_transform(CodecConfig(eps=0.22), wire))
             record(layer, "Atom-style 4-bit g32", atom(wire))

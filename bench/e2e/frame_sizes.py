@@ -50,7 +50,7 @@ def point_statistics(model, tok, cfg, layer: int, wire: torch.dtype) -> dict:
         enc = encode(window.to(wire), cfg)
         nbytes = len(enc.to_bytes())
         bits = v2_code_bits(enc, nbytes)
-        shifts = cfg.row_shifts(0, CONTEXT)
+        shifts = cfg.row_shifts(0, CONTEXT, enc.tokens)
         residual = residual_bytes(shifts, enc.raw.numpy()[: len(shifts)], d) if len(shifts) else 0
         now += bits
         before += bits + 8.0 * (residual + (1 if residual else 0)) / d  # residuals and the start varint

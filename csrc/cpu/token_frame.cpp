@@ -63,21 +63,21 @@ int write_varint(uint64_t n, uint8_t* out) {
 
 }  // namespace
 
-int64_t v2_token_frame_capacity(int64_t d, int dtype) {
+int64_t v2_token_frame_capacity(int64_t d, int dtype, int64_t id_bytes) {
   const int64_t item = dtype == kFloat32 ? 4 : 2;
-  // tag, escape count, escapes (at most d), rANS stream (rans_encode's bound), CRC
-  return 1 + kMaxVarintBytes + d * item + 4 * rans_lanes(d) + 2 * d + kCrcBytes;
+  // tag, escape count, token ids, escapes (at most d), rANS stream (rans_encode's bound), CRC
+  return 1 + kMaxVarintBytes + id_bytes + d * item + 4 * rans_lanes(d) + 2 * d + kCrcBytes;
 }
 
 int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const float* inv, int64_t raw_limit,
-                              int dtype, uint8_t* out) {
+                              int dtype, const uint8_t* ids, int64_t id_bytes, uint8_t* out) {
   const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2;
   thread_local std::vector<uint8_t> sym;
   sym.resize(d);
   int32_t n_esc = 0;
   uint8_t raw = 0;
   int64_t totals[2] = {0, 0};
-  int64_t pos = 1 + kMaxVarintBytes;  // escapes go here first, moved down after the count
+  int64_t pos = 1 + kMaxVarintBytes + id_bytes;  // escapes go here first, moved down after the count and ids
   uint8_t* escapes = out + pos;
   if (!v2_quantise(x, dtype, 1, d, cfg.center, inv, cfg.kmax, raw_limit, sym.data(), &n_esc, &raw, escapes, totals)
            .empty()) {
@@ -89,9 +89,10 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   pos = 1;
   pos += write_varint(static_cast<uint64_t>(totals[0]), out + pos);
   const int64_t esc_bytes = totals[0] * item;
-  std::memmove(out + pos, escapes, esc_bytes);
-  pos += esc_bytes;
-  const int64_t cap = v2_token_frame_capacity(d, dtype) - pos - kCrcBytes;
+  std::memmove(out + pos + id_bytes, escapes, esc_bytes);
+  if (id_bytes > 0) std::memcpy(out + pos, ids, id_bytes);
+  pos += id_bytes + esc_bytes;
+  const int64_t cap = v2_token_frame_capacity(d, dtype, id_bytes) - pos - kCrcBytes;
   const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, out + pos, cap);
   if (len < 0) return -1;
   pos += len;
@@ -101,8 +102,8 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
 }
 
 bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& cfg, int dtype,
-                           int64_t max_escapes, void* out) {
-  if (dtype < kFloat32 || dtype > kBFloat16 || cfg.d < 1 || len < 2 + kCrcBytes) return false;
+                           int64_t max_escapes, int64_t id_bytes, void* out) {
+  if (dtype < kFloat32 || dtype > kBFloat16 || cfg.d < 1 || id_bytes < 0 || len < 2 + kCrcBytes) return false;
   // The token-form tag of this dtype with coder 0 (rANS) and no shift; the raw bit either way.
   if ((data[0] & ~kTokenRaw) != (kTokenTag | dtype)) return false;
   const bool raw = data[0] & kTokenRaw;
@@ -113,6 +114,8 @@ bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameCon
   int64_t pos = 1;
   uint64_t n_esc;
   if (!read_varint(data, pos, crc_at, n_esc)) return false;
+  if (pos + id_bytes > crc_at) return false;
+  pos += id_bytes;
   const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2;
   const int64_t n_sym = raw ? 0 : d;
   if (n_esc > static_cast<uint64_t>(n_sym) || (max_escapes >= 0 && n_esc > static_cast<uint64_t>(max_escapes))) {

@@ -26,17 +26,19 @@ struct TokenFrameConfig {
 
 // Decodes `data[0, len)` into out [1, d] of `dtype` (0 fp32, 1 fp16, 2 bf16) when it is a valid
 // one-token rANS frame of that dtype with at most max_escapes escapes (< 0: any); true then.
-// false: declined, out may be partly written.
+// false: declined, out may be partly written. id_bytes: the length of the token-id section after
+// the escape count (a config's prediction; 0 without), skipped here: the caller reads and checks it.
 bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& config, int dtype,
-                           int64_t max_escapes, void* out);
+                           int64_t max_escapes, int64_t id_bytes, void* out);
 
 // The edge's side: x [1, d] of `dtype` (contiguous) as that frame -- quantised with inv (1/step,
 // [d] fp32), escapes counted and kept exact, rANS coded, CRC'd -- byte for byte what the Python
-// encoder writes. Returns the frame's length in out (capacity >= v2_token_frame_capacity(d, dtype)),
-// 0 when the token has more than raw_limit escapes (it travels raw: the caller's general path
-// writes it) and -1 when x holds a NaN or infinity (the caller rejects it).
+// encoder writes. Returns the frame's length in out (capacity >= v2_token_frame_capacity(d, dtype,
+// id_bytes)), 0 when the token has more than raw_limit escapes (it travels raw: the caller's general
+// path writes it) and -1 when x holds a NaN or infinity (the caller rejects it). ids[0, id_bytes):
+// the token-id section a config's prediction puts after the escape count (x is then the residual).
 int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& config, const float* inv, int64_t raw_limit,
-                              int dtype, uint8_t* out);
-int64_t v2_token_frame_capacity(int64_t d, int dtype);
+                              int dtype, const uint8_t* ids, int64_t id_bytes, uint8_t* out);
+int64_t v2_token_frame_capacity(int64_t d, int dtype, int64_t id_bytes);
 
 }  // namespace sk

@@ -195,9 +195,11 @@ def load_quality(path: str):
         c.integer(p, "tokens", f, low=1)
         if "position_shift" in p:
             _check_position_shift(c, p["position_shift"], f"{f}.position_shift")
+        if "id_bits" in p:
+            c.integer(p, "id_bits", f, low=0, high=24)
         extra = set(p) - {"split_layer", "front_bits", "back_bits", "codec", "ppl_reference", "ppl", "kl",
                           "top1_agreement", "bits_per_element", "code_bits", "outliers_per_token", "tokens",
-                          "front_method", "position_shift"}
+                          "front_method", "position_shift", "id_bits"}
         if extra:
             raise c.fail(f"{f}.{sorted(extra)[0]}", "is not a field of a calibration point")
     return QualityTable.from_json(json.dumps(d))

@@ -35,6 +35,21 @@ What is fitted, from calibration hidden states ``[N, d]`` of one model and split
   window that does not start with a sink token makes some of its first content tokens sinks, and
   which ones depends on the text. That floor costs its bits, but the late step is set as without
   it (an insurance, not a measured gain).
+* **Token prediction.** Given the calibration tokens' ids and the model's input ``embedding``
+  table, a per-channel gain fitted by least squares predicts each hidden state from its token's
+  embedding row; the codec then codes the residual and frames carry the ids (docs/FORMATS.md
+  §5.2.1). It is kept only when it saves at least :data:`PREDICTION_MIN_SAVING` bit per element
+  at the same step (ids and fp32 escapes counted): on Gemma 3 270M, whose embeddings are scaled by
+  ``sqrt(d)``, 0.35 bit at split 2 and nothing from split 4 on; nothing on SmolLM2.
+* **Token shifts.** With a prediction the frames carry token ids, so a step can depend on the
+  token: given the per-token Fisher trace (``token_sensitivity``), an id whose occurrences at
+  positions 1-127 (below :data:`~.config_v2.TOKEN_SHIFT_END`) weigh on average ``r`` late tokens
+  gets ``shift = rint(0.5 * log2(r)) + 1`` there when ``rint(0.5 * log2(r))`` is at least 2 (and
+  it occurs at least 3 times); where the position shifts give as much, it costs nothing. Why: in
+  a window without a BOS the model makes some newlines attention sinks, and which ones depends on
+  the text, and noise on a forming sink costs more than its Fisher weight says: on Gemma 3 270M
+  split 2, a reStructuredText window without BOS had KL 0.0122 with the position shifts alone,
+  0.0120 with the measured token shifts (newline: 2) and 0.0030 with one more.
 * **rANS tables** from the symbol counts at the chosen step: one pooled table, and ``classes``
   tables for groups of channels of alike spread (channels sorted by their mean code magnitude,
   cut into equal groups), so a channel that is nearly always 0 does not pay for the tails of a
@@ -49,17 +64,20 @@ import numpy as np
 import torch
 
 from . import rans
-from .config_v2 import MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, CodecConfigV2, band_shifts, position_band
+from .config_v2 import (MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, MAX_TOKEN_SHIFTS, TOKEN_SHIFT_END, CodecConfigV2,
+                        band_shifts, position_band)
 from .frame_v2 import framing_bytes
+from .predict import EmbeddingPrediction, fit_gain, table_digest
 
 DEFAULT_BITS = 4.0  # without a measured sensitivity
-# Scored text the calibration did not see (source code) runs at up to 1.4x the proxy's KL: at 0.0035,
-# +1.05% to +1.16% perplexity on Python source at three split layers; at 0.0028, all within +0.75%,
-# one-token frames still <= 4.5 bits (bench/results/codec_v2/README.md, session 8).
-DEFAULT_KL_PROXY = 0.0028
-# 0.15 bit under the goal: scored text the calibration did not see has heavier tails, and a split at
-# the ceiling landed up to 0.11 bit above it in one-token frames of source code (Gemma 3 270M).
-DECODE_FRAME_BITS = 4.35
+# Scored text the calibration did not see runs at up to 2.2x the KL measured on the calibration
+# windows (Gemma 3 270M split 2 on Python source; 1.0-1.4x elsewhere): at 0.0028 that split, once its
+# token prediction had freed the ceiling, measured KL 0.0061 (bench/results/codec_v2/README.md, session 11).
+DEFAULT_KL_PROXY = 0.0020
+# 0.25 bit under the goal: scored text the calibration did not see has heavier tails, and a split at
+# the ceiling landed up to 0.21 bit above it in one-token frames of source code (SmolLM2-135M split 10,
+# Gemma 3 270M split 6; bench/results/codec_v2/README.md, session 11).
+DECODE_FRAME_BITS = 4.25
 SINK_RATIO = 8.0
 SCALE_CLIP = 64.0
 ESCAPE_RATE = 1e-4
@@ -71,6 +89,13 @@ _BISECT_STEPS = 30
 MIN_PROFILE_POSITIONS = 16  # a shorter position profile sets no position shifts
 SINK_BANDS = 6  # positions below 2**(SINK_BANDS - 1) = 32 share the largest of their shifts ...
 SINK_FLOOR_MIN = 3  # ... when that shift is at least this
+# A prediction must save this much (bits per element of 512-token frames at the same step, its ids
+# counted) to be used: below it, the estimate's own error on unseen text.
+PREDICTION_MIN_SAVING = 0.05
+CEILING = "ceiling"  # calibrate(bits=CEILING): the decode-frame ceiling, ids counted when the config predicts
+TOKEN_SHIFT_MIN = 2  # token shifts are kept where the measured weight asks for this shift ...
+TOKEN_SHIFT_OCCURRENCES = 3  # ... for ids seen at least this often at positions 1-127 ...
+TOKEN_SHIFT_MARGIN = 1  # ... and set this much finer than it asks
 
 
 def _token_rms(x: torch.Tensor) -> torch.Tensor:
@@ -102,14 +127,14 @@ class _Stats:
     """Calibration values in the equalised domain and what each step setting costs there."""
 
     def __init__(self, hidden: torch.Tensor, center: np.ndarray, scales: np.ndarray, value_bits: int,
-                 sensitivity: torch.Tensor | None, classes: int) -> None:
+                 sensitivity: torch.Tensor | None, classes: int, id_bits: int = 0) -> None:
         self.classes = classes
         self.z = (hidden.float() - torch.from_numpy(center)) / torch.from_numpy(scales).float()
         self.scales = torch.from_numpy(scales).float()
         self.d = hidden.shape[1]
         self.value_bits = value_bits
         self.fisher = None if sensitivity is None else sensitivity.detach().double().cpu()
-        self.framing = 8.0 * (framing_bytes(FRAME_TOKENS) + 3 + 4 * rans.WIDE_LANES) / (FRAME_TOKENS * self.d)
+        self.framing = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.WIDE_LANES) / (FRAME_TOKENS * self.d)
         flat = self.z.abs().flatten()
         sample = flat if flat.numel() <= 1 << 24 else flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
         self.z_hi = float(torch.quantile(sample, 1.0 - ESCAPE_RATE))
@@ -195,6 +220,38 @@ def position_shifts(profile: torch.Tensor, *, sink_floor: bool = True) -> tuple[
     return tuple(shifts)
 
 
+def token_shifts(tokens: torch.Tensor, trace: torch.Tensor, profile: torch.Tensor,
+                 position_shift: tuple[int, ...]) -> tuple[tuple[tuple[int, int], ...], float]:
+    """(``CodecConfigV2.token_shift``, the residual bits per element they add to frames like the
+    calibration windows) from the ids ``tokens [N]`` of windows of ``P = len(profile)`` positions,
+    their per-token Fisher ``trace [N]`` and the position profile (module docstring)."""
+    p = profile.shape[0]
+    late = float(profile.detach().double()[p // 2 :].mean())
+    if p < MIN_PROFILE_POSITIONS or not late > 0:
+        return (), 0.0
+    ids = tokens.detach().cpu().reshape(-1).to(torch.int64)
+    trace = trace.detach().cpu().double().reshape(-1)
+    pos = torch.arange(ids.shape[0]) % p
+    band = (pos >= 1) & (pos < TOKEN_SHIFT_END)
+    found = []
+    for i in ids[band].unique().tolist():
+        sel = band & (ids == i)
+        n = int(sel.sum())
+        ratio = float(trace[sel].mean()) / late
+        if n >= TOKEN_SHIFT_OCCURRENCES and ratio > 0:
+            shift = int(min(MAX_SHIFT, max(0, round(0.5 * math.log2(ratio)))))
+            if shift >= TOKEN_SHIFT_MIN:
+                found.append((ratio, i, min(MAX_SHIFT, shift + TOKEN_SHIFT_MARGIN)))
+    pairs = tuple(sorted((i, shift) for _, i, shift in sorted(found, reverse=True)[:MAX_TOKEN_SHIFTS]))
+    if not pairs:
+        return (), 0.0
+    table = dict(pairs)
+    early = pos < TOKEN_SHIFT_END
+    given = torch.from_numpy(band_shifts(position_shift, 0, TOKEN_SHIFT_END))[pos[early]]
+    extra = torch.tensor([table.get(i, 0) for i in ids[early].tolist()], dtype=torch.int64) - given
+    return pairs, float(extra.clamp_min(0).sum()) / ids.shape[0]
+
+
 def _shift_costs(shifts: tuple[int, ...], profile: torch.Tensor | None, sink_first: bool) -> tuple[float, float]:
     """(extra bits per element of a 512-token frame from position 0 for the residuals, factor on
     the KL proxy: the Fisher-weighted mean of ``4**-shift`` over positions >= 1 of the profile)."""
@@ -207,12 +264,13 @@ def _shift_costs(shifts: tuple[int, ...], profile: torch.Tensor | None, sink_fir
     return extra, float((a * weights).sum() / a.sum()) if float(a.sum()) > 0 else 1.0
 
 
-def default_bits_ceiling(d: int) -> float:
+def default_bits_ceiling(d: int, id_bits: int = 0) -> float:
     """Bits per element of 512-token frames (as :func:`calibrate` estimates them) that leave a
     one-token frame of ``d`` values, whose tag, escape count, CRC and rANS state weigh ``8 * 10 / d`` bits per
-    element, at about ``DECODE_FRAME_BITS``; never below ``DEFAULT_BITS``."""
-    one_token = 8.0 * (framing_bytes(1, 0) + 4) / d
-    long_frame = 8.0 * (framing_bytes(FRAME_TOKENS) + 3 + 4 * rans.WIDE_LANES) / (FRAME_TOKENS * d)
+    element (plus its token id at ``id_bits`` with a prediction), at about ``DECODE_FRAME_BITS``;
+    never below ``DEFAULT_BITS``."""
+    one_token = 8.0 * (framing_bytes(1, 0, id_bits=id_bits) + 4) / d
+    long_frame = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.WIDE_LANES) / (FRAME_TOKENS * d)
     return max(DEFAULT_BITS, DECODE_FRAME_BITS - one_token + long_frame)
 
 
@@ -229,20 +287,39 @@ def _bisect(pred, lo: float, hi: float) -> tuple[float, float]:
     return lo, hi
 
 
+def _fit_prediction(hidden: torch.Tensor, sinks: torch.Tensor, tokens: torch.Tensor, embedding: torch.Tensor,
+                    scales: np.ndarray, value_bits: int, classes: int) -> tuple[EmbeddingPrediction, float]:
+    """The least-squares prediction of ``hidden`` from its tokens' embedding rows (sinks left
+    out) and the bits per element it saves at the step that gives the plain codec ``DEFAULT_BITS``."""
+    rows = embedding.detach()[tokens.to(embedding.device)].float().cpu()
+    pred = EmbeddingPrediction(fit_gain(hidden[~sinks], rows[~sinks]), int(embedding.shape[0]), table_digest(embedding))
+    resid = (hidden - pred.values(tokens, embedding, hidden.device))[~sinks]
+    body = hidden[~sinks]
+    plain = _Stats(body, body.median(0).values.numpy(), scales, value_bits, None, classes)
+    fitted = _Stats(resid, resid.median(0).values.numpy(), scales, 32, None, classes, pred.id_bits)
+    spread = max(float(plain.z.pow(2).mean().sqrt()), 1e-30)
+    delta = _bisect(lambda dl: plain.table(dl)[2] > DEFAULT_BITS, spread * 2.0**-16, spread * 4.0)[1]
+    return pred, plain.table(delta)[2] - fitted.table(delta)[2]
+
+
 def calibrate(
     hidden: torch.Tensor,
     *,
-    bits: float | None = None,
+    bits: float | str | None = None,
     max_kl_proxy: float | None = None,
     base: CodecConfigV2 | None = None,
     sensitivity: torch.Tensor | None = None,
     wire_dtype: torch.dtype = torch.float16,
     classes: int = DEFAULT_CLASSES,
     position_sensitivity: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    embedding: torch.Tensor | None = None,
+    token_sensitivity: torch.Tensor | None = None,
 ) -> CodecConfigV2:
     """Fit a :class:`CodecConfigV2` from split-layer hidden states ``[N, d]`` (module docstring).
 
-    ``bits``: target bits per element of 512-token frames (every frame byte counted). When neither
+    ``bits``: target bits per element of 512-token frames (every frame byte counted), or
+    :data:`CEILING` for :func:`default_bits_ceiling` (with the ids when the config predicts). When neither
     target is given: with ``sensitivity``, ``max_kl_proxy = DEFAULT_KL_PROXY`` within
     ``bits = default_bits_ceiling(d)``; without, ``bits = DEFAULT_BITS``. ``max_kl_proxy``: target of the second-order KL
     estimate (needs ``sensitivity``); with both, the coarsest step meeting the proxy is used unless
@@ -255,13 +332,18 @@ def calibrate(
     (:attr:`splitkernels.codec.sensitivity.Fisher.position`; ``hidden`` is then ``N / P`` such
     windows, each from position 0): sets the position shifts, and ``bits`` then counts their
     residuals in 512-token frames from position 0.
+    ``tokens`` (the ids ``[N]`` of ``hidden``'s tokens) and ``embedding`` (the model's input
+    embedding table ``[V, d]``): fit a token prediction and keep it where it pays (module docstring).
+    ``token_sensitivity``: the Fisher trace of each of ``hidden``'s tokens ``[N]``
+    (:attr:`~splitkernels.codec.sensitivity.Fisher.token`): with a kept prediction and
+    ``position_sensitivity``, sets the token shifts.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[0] < 1 or hidden.shape[1] < 1:
         raise ValueError(f"hidden must be a [N, d] tensor with N, d >= 1, got {getattr(hidden, 'shape', type(hidden))}")
     if not hidden.is_floating_point() or not torch.isfinite(hidden).all():
         raise ValueError("hidden must be a finite floating-point tensor")
-    if bits is not None and not (isinstance(bits, (int, float)) and 1.0 <= bits <= 16.0):
-        raise ValueError(f"bits must be a number in [1, 16], got {bits!r}")
+    if bits is not None and bits != CEILING and not (isinstance(bits, (int, float)) and 1.0 <= bits <= 16.0):
+        raise ValueError(f"bits must be a number in [1, 16] or {CEILING!r}, got {bits!r}")
     if max_kl_proxy is not None and not (isinstance(max_kl_proxy, (int, float)) and max_kl_proxy > 0):
         raise ValueError(f"max_kl_proxy must be a number > 0, got {max_kl_proxy!r}")
     if base is not None and not isinstance(base, CodecConfigV2):
@@ -271,6 +353,16 @@ def calibrate(
     if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= rans.MAX_CLASSES:
         raise ValueError(f"classes must be an int in [1, {rans.MAX_CLASSES}], got {classes!r}")
     d = hidden.shape[1]
+    if (tokens is None) != (embedding is None):
+        raise ValueError("tokens and embedding must be given together (a token prediction needs both)")
+    if embedding is not None:
+        if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2 or embedding.shape[1] != d \
+                or not embedding.is_floating_point():
+            raise ValueError(f"embedding must be a floating-point [V, {d}] table, got {getattr(embedding, 'shape', type(embedding))}")
+        tokens = torch.as_tensor(tokens).detach().cpu().reshape(-1)
+        if tokens.is_floating_point() or tokens.shape[0] != hidden.shape[0] or \
+                (tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < embedding.shape[0])):
+            raise ValueError(f"tokens must be {hidden.shape[0]} integer ids in [0, {embedding.shape[0]}), one per hidden state")
     shifts: tuple[int, ...] = ()
     if position_sensitivity is not None:
         shifts = position_shifts(position_sensitivity)
@@ -287,19 +379,38 @@ def calibrate(
     extra = _shift_costs(shifts, position_sensitivity, sink_first)[0]
     measured = position_shifts(position_sensitivity, sink_floor=False) if shifts else ()
     kl_gain = _shift_costs(measured, position_sensitivity, sink_first)[1]
-    if bits is None and max_kl_proxy is None:
-        if sensitivity is None:
-            bits = DEFAULT_BITS
-        else:
-            bits, max_kl_proxy = default_bits_ceiling(d), DEFAULT_KL_PROXY
-    center = body.median(0).values.numpy().astype(np.float32)
     if base is not None:
         scales = base.step_array().astype(np.float64)
         scales /= np.median(scales)
     else:
         scales = channel_scales(body, sensitivity)
     value_bits = torch.empty((), dtype=wire_dtype).element_size() * 8
-    stats = _Stats(body, center, scales, value_bits, sensitivity, min(classes, d // MIN_CLASS_CHANNELS))
+    n_classes = min(classes, d // MIN_CLASS_CHANNELS)
+    prediction, saving = None, None
+    if embedding is not None:
+        prediction, saving = _fit_prediction(hidden, sinks, tokens.to(torch.int64), embedding, scales, value_bits, n_classes)
+        if saving >= PREDICTION_MIN_SAVING:
+            body = (hidden - prediction.values(tokens.to(torch.int64), embedding, hidden.device))[~sinks]
+            value_bits = 32  # escapes and raw tokens of the residual travel in fp32
+        else:
+            prediction = None
+    id_bits = 0 if prediction is None else prediction.id_bits
+    pairs: tuple[tuple[int, int], ...] = ()
+    if prediction is not None and token_sensitivity is not None and position_sensitivity is not None:
+        if token_sensitivity.reshape(-1).shape[0] != hidden.shape[0]:
+            raise ValueError(f"token_sensitivity must hold one trace per hidden state ({hidden.shape[0]}), "
+                             f"got {token_sensitivity.reshape(-1).shape[0]}")
+        pairs, token_extra = token_shifts(tokens, token_sensitivity, position_sensitivity, shifts)
+        extra += token_extra
+    if bits == CEILING:
+        bits = default_bits_ceiling(d, id_bits)
+    if bits is None and max_kl_proxy is None:
+        if sensitivity is None:
+            bits = DEFAULT_BITS
+        else:
+            bits, max_kl_proxy = default_bits_ceiling(d, id_bits), DEFAULT_KL_PROXY
+    center = body.median(0).values.numpy().astype(np.float32)
+    stats = _Stats(body, center, scales, value_bits, sensitivity, n_classes, id_bits)
 
     spread = max(float(stats.z.pow(2).mean().sqrt()), 1e-30)
     lo, hi = spread * 2.0**-16, spread * 4.0
@@ -316,8 +427,11 @@ def calibrate(
             "estimated_bits_late": est_bits, "position_shift": list(shifts),
             "kmax": k, "classes": max(1, len(tables)), "calibration_tokens": int(hidden.shape[0]), "sink_tokens": int(sinks.sum()),
             "scales": "fisher" if sensitivity is not None and base is None else ("base" if base else "uniform"),
-            "wire_dtype": str(wire_dtype).replace("torch.", "")}
+            "wire_dtype": str(wire_dtype).replace("torch.", ""), "token_shift": [list(p) for p in pairs]}
+    if saving is not None:
+        info["prediction_saving"] = float(saving)
     if sensitivity is not None:
         info["kl_proxy"] = stats.kl_proxy(delta) * kl_gain
     return CodecConfigV2(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=k, freqs=freqs, raw_limit=int(d * RAW_FRACTION),
-                         class_freqs=tables, channel_class=table_of, position_shift=shifts, info=info)
+                         class_freqs=tables, channel_class=table_of, position_shift=shifts, prediction=prediction,
+                         token_shift=pairs, info=info)

@@ -14,16 +14,23 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from . import rans
+from .predict import EmbeddingPrediction
 
 CONFIG_VERSION = 2
 CONFIG_VERSION_CLASSES = 3  # the canonical layout with channel-class tables
 CONFIG_VERSION_POSITIONS = 4  # version 3's layout (0 classes allowed) plus position shifts
+CONFIG_VERSION_PREDICTION = 5  # version 4's layout (0 bands allowed) plus the token prediction
+CONFIG_VERSIONS = (CONFIG_VERSION, CONFIG_VERSION_CLASSES, CONFIG_VERSION_POSITIONS, CONFIG_VERSION_PREDICTION)
 MAX_POSITION_BANDS = 16  # band 0 is position 0, band b >= 1 positions [2**(b-1), 2**b)
 MAX_SHIFT = 6  # a shifted value's fine code stays within +-127 * 2**6 (exact in fp32)
 MAX_KMAX = (rans.MAX_SYMBOLS - 2) // 2  # symbols 0..2K are codes -K..K, 2K+1 is the escape
 MAX_D = 1 << 20  # widest hidden state a serialised config may describe
+TOKEN_SHIFT_END = 128  # token shifts apply to positions below this
+MAX_TOKEN_SHIFTS = 64
+_TOKEN_SHIFT = struct.Struct("<IB")
 _CANON_HEAD = struct.Struct("<BIII")
 _CLASS_COUNT = struct.Struct("<I")
 _BAND_COUNT = struct.Struct("<B")
@@ -79,6 +86,12 @@ class CodecConfigV2:
       0..``MAX_SHIFT``, divides the step of every token in position band ``b`` (:func:`position_band`) by ``2**s``;
       the extra ``shift`` low bits of each code travel as a residual beside the coarse symbol.
       Empty (the default) means one step for every position; the last entry is never 0.
+    * ``prediction``: optional :class:`~splitkernels.codec.predict.EmbeddingPrediction`: the codec
+      then codes ``fp32(fp32(x) - fp32(gain * E[token]))`` and every frame carries its token ids
+      (docs/FORMATS.md §5.2.1); encoder and decoder need the same embedding table ``E``.
+    * ``token_shift``: optional, with a prediction only: ``(id, shift)`` pairs, ids increasing: a
+      token with that id at a position below :data:`TOKEN_SHIFT_END` codes with the larger of its
+      position's shift and this one (§5.2.2; the ids travel in the frame, so both ends know them).
     * ``info``: calibration notes (target bits, estimated bits, KL proxy); not part of the codec,
       not in the fingerprint.
     """
@@ -91,6 +104,8 @@ class CodecConfigV2:
     class_freqs: tuple[tuple[int, ...], ...] = ()
     channel_class: tuple[int, ...] = ()
     position_shift: tuple[int, ...] = ()
+    prediction: EmbeddingPrediction | None = None
+    token_shift: tuple[tuple[int, int], ...] = ()
     info: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -118,6 +133,24 @@ class CodecConfigV2:
         if shifts and min(step) * 2.0 ** -max(shifts) < float(np.finfo(np.float32).tiny):
             raise ValueError("position_shift would make a step subnormal (the finer steps must stay exact fp32 values)")
         object.__setattr__(self, "position_shift", shifts)
+        if self.prediction is not None:
+            if not isinstance(self.prediction, EmbeddingPrediction):
+                raise ValueError(f"prediction must be an EmbeddingPrediction or None, got {type(self.prediction).__name__}")
+            if self.prediction.d != self.d:
+                raise ValueError(f"prediction gain must have d = {self.d} entries, got {self.prediction.d}")
+        pairs = tuple((int(i), int(v)) for i, v in self.token_shift)
+        if pairs:
+            if self.prediction is None:
+                raise ValueError("token_shift needs a prediction (the frames' token ids)")
+            ids = [i for i, _ in pairs]
+            if len(pairs) > MAX_TOKEN_SHIFTS or any(b <= a for a, b in zip(ids, ids[1:])) or ids[0] < 0 \
+                    or ids[-1] >= self.prediction.vocab or not all(1 <= v <= MAX_SHIFT for _, v in pairs):
+                raise ValueError(f"token_shift must hold at most {MAX_TOKEN_SHIFTS} (id, shift) pairs, ids increasing "
+                                 f"in [0, {self.prediction.vocab}), shifts in [1, {MAX_SHIFT}]")
+            if min(step) * 2.0 ** -max(v for _, v in pairs) < float(np.finfo(np.float32).tiny):
+                raise ValueError("token_shift would make a step subnormal (the finer steps must stay exact fp32 values)")
+        object.__setattr__(self, "token_shift", pairs)
+        object.__setattr__(self, "_token_shifts", dict(pairs))
         # What the rANS coder codes with, built once (one-token frames then pay nothing for it).
         object.__setattr__(self, "_rans", rans.as_class_tables(self.freqs))
         if self.class_freqs:
@@ -145,13 +178,23 @@ class CodecConfigV2:
 
     @property
     def shift_end(self) -> int:
-        """First position from which every token has shift 0 (0 without position shifts)."""
-        return shift_end_of(self.position_shift)
+        """First position from which every token has shift 0 (0 without position or token shifts)."""
+        return max(shift_end_of(self.position_shift), TOKEN_SHIFT_END if self.token_shift else 0)
 
-    def row_shifts(self, start: int, t: int) -> np.ndarray:
+    def row_shifts(self, start: int, t: int, tokens=None) -> np.ndarray:
         """Shifts (int64) of the leading rows of a frame of ``t`` tokens from position ``start`` that
-        lie before :attr:`shift_end` (an empty array when none does)."""
-        return band_shifts(self.position_shift, start, max(0, min(t, self.shift_end - start)))
+        lie before :attr:`shift_end` (an empty array when none does); with token shifts, ``tokens``
+        (the frame's ids) must be given."""
+        n = max(0, min(t, self.shift_end - start))
+        shifts = band_shifts(self.position_shift, start, n)
+        if self.token_shift and n:
+            if tokens is None:
+                raise ValueError("this codec config's token shifts need the frame's token ids")
+            table = self._token_shifts
+            ids = tokens.tolist() if isinstance(tokens, (torch.Tensor, np.ndarray)) else list(tokens)
+            for r in range(min(n, TOKEN_SHIFT_END - start)):
+                shifts[r] = max(shifts[r], table.get(ids[r], 0))
+        return shifts
 
     @property
     def escape_symbol(self) -> int:
@@ -176,7 +219,9 @@ class CodecConfigV2:
 
     @property
     def version(self) -> int:
-        """Canonical layout: 2 (one table), 3 (channel-class tables) or 4 (position shifts)."""
+        """Canonical layout: 2 (one table), 3 (channel-class tables), 4 (position shifts) or 5 (token prediction)."""
+        if self.prediction is not None:
+            return CONFIG_VERSION_PREDICTION
         if self.position_shift:
             return CONFIG_VERSION_POSITIONS
         return CONFIG_VERSION_CLASSES if self.class_freqs else CONFIG_VERSION
@@ -184,15 +229,20 @@ class CodecConfigV2:
     def canonical_bytes(self) -> bytes:
         """The bytes the fingerprint hashes: version, d, kmax, raw_limit, centers and steps (f32),
         freqs (u16); with classes (or position shifts) also the class count (u32), the channel classes (u8)
-        and their tables (u16); with position shifts then the band count (u8) and the shifts (u8)."""
+        and their tables (u16); with position shifts then the band count (u8) and the shifts (u8);
+        with a prediction the band count and shifts always, then the prediction's bytes, the token
+        shift count (u8) and each ``(u32 id, u8 shift)``."""
         head = _CANON_HEAD.pack(self.version, self.d, self.kmax, self.raw_limit)
         out = head + self.center_array().astype("<f4").tobytes() + self.step_array().astype("<f4").tobytes() + np.asarray(self.freqs, dtype="<u2").tobytes()
-        if self.class_freqs or self.position_shift:
+        if self.class_freqs or self.position_shift or self.prediction is not None:
             out += _CLASS_COUNT.pack(len(self.class_freqs))
         if self.class_freqs:
             out += np.asarray(self.channel_class, dtype=np.uint8).tobytes() + np.asarray(self.class_freqs, dtype="<u2").tobytes()
-        if self.position_shift:
+        if self.position_shift or self.prediction is not None:
             out += _BAND_COUNT.pack(len(self.position_shift)) + bytes(self.position_shift)
+        if self.prediction is not None:
+            out += self.prediction.canonical_bytes() + bytes([len(self.token_shift)])
+            out += b"".join(_TOKEN_SHIFT.pack(i, v) for i, v in self.token_shift)
         return out
 
     @property
@@ -219,9 +269,8 @@ class CodecConfigV2:
         if len(buf) < _CANON_HEAD.size:
             raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the header needs {_CANON_HEAD.size}")
         version, d, kmax, raw_limit = _CANON_HEAD.unpack_from(buf)
-        versions = (CONFIG_VERSION, CONFIG_VERSION_CLASSES, CONFIG_VERSION_POSITIONS)
-        if version not in versions:
-            raise ValueError(f"codec config version must be one of {versions}, got {version}")
+        if version not in CONFIG_VERSIONS:
+            raise ValueError(f"codec config version must be one of {CONFIG_VERSIONS}, got {version}")
         if not 1 <= d <= max_d or not 1 <= kmax <= MAX_KMAX:
             raise ValueError(f"codec config has d = {d} (allowed 1..{max_d}) and kmax = {kmax} (allowed 1..{MAX_KMAX})")
         n = 2 * kmax + 2
@@ -238,16 +287,27 @@ class CodecConfigV2:
         class_at = at
         if k:
             at += d + 2 * n * k
-        if version == CONFIG_VERSION_POSITIONS:
+        if version >= CONFIG_VERSION_POSITIONS:
             if len(buf) < at + _BAND_COUNT.size:
                 raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the band count ends at {at + _BAND_COUNT.size}")
             (bands,) = _BAND_COUNT.unpack_from(buf, at)
             at += _BAND_COUNT.size
-            if not 1 <= bands <= MAX_POSITION_BANDS:
-                raise ValueError(f"codec config has {bands} position bands (allowed 1..{MAX_POSITION_BANDS})")
-        if len(buf) != at + bands:
-            raise ValueError(f"codec config bytes for d = {d}, kmax = {kmax}, {k} classes, {bands} position bands must be "
-                             f"{at + bands} bytes, got {len(buf)}")
+            least = 1 if version == CONFIG_VERSION_POSITIONS else 0
+            if not least <= bands <= MAX_POSITION_BANDS:
+                raise ValueError(f"codec config has {bands} position bands (allowed {least}..{MAX_POSITION_BANDS})")
+        tail, pairs = 0, ()
+        if version == CONFIG_VERSION_PREDICTION:
+            tail = EmbeddingPrediction.size_of(d)
+            if len(buf) < at + bands + tail + 1:
+                raise ValueError(f"codec config bytes truncated: {len(buf)} bytes, the token shift count ends at "
+                                 f"{at + bands + tail + 1}")
+            count = buf[at + bands + tail]
+            pairs = tuple(_TOKEN_SHIFT.unpack_from(buf, at + bands + tail + 1 + _TOKEN_SHIFT.size * j)
+                          for j in range(count) if len(buf) >= at + bands + tail + 1 + _TOKEN_SHIFT.size * (j + 1))
+            tail += 1 + _TOKEN_SHIFT.size * count
+        if len(buf) != at + bands + tail:
+            raise ValueError(f"codec config bytes for d = {d}, kmax = {kmax}, {k} classes, {bands} position bands"
+                             f"{', a prediction' if tail else ''} must be {at + bands + tail} bytes, got {len(buf)}")
         head = _CANON_HEAD.size
         center = np.frombuffer(buf, dtype="<f4", count=d, offset=head)
         step = np.frombuffer(buf, dtype="<f4", count=d, offset=head + 4 * d)
@@ -257,9 +317,10 @@ class CodecConfigV2:
             classes = tuple(np.frombuffer(buf, dtype=np.uint8, count=d, offset=class_at).tolist())
             flat = np.frombuffer(buf, dtype="<u2", count=n * k, offset=class_at + d)
             tables = tuple(tuple(row) for row in flat.reshape(k, n).tolist())
+        prediction = EmbeddingPrediction.from_canonical_bytes(buf[at + bands :], d) if tail else None
         return cls(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=int(kmax),
                    freqs=tuple(int(f) for f in freqs), raw_limit=int(raw_limit), class_freqs=tables, channel_class=classes,
-                   position_shift=tuple(buf[at : at + bands]))
+                   position_shift=tuple(buf[at : at + bands]), prediction=prediction, token_shift=pairs)
 
     def to_dict(self) -> dict:
         out = {"version": self.version, "center": list(self.center), "step": list(self.step), "kmax": self.kmax, "freqs": list(self.freqs),
@@ -269,21 +330,28 @@ class CodecConfigV2:
             out["channel_class"] = list(self.channel_class)
         if self.position_shift:
             out["position_shift"] = list(self.position_shift)
+        if self.prediction is not None:
+            out["prediction"] = self.prediction.to_dict()
+        if self.token_shift:
+            out["token_shift"] = [list(p) for p in self.token_shift]
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "CodecConfigV2":
         version = d.get("version")
-        versions = (CONFIG_VERSION, CONFIG_VERSION_CLASSES, CONFIG_VERSION_POSITIONS)
-        if version not in versions:
-            raise ValueError(f"codec config version must be one of {versions}, got {version!r}")
-        if (version == CONFIG_VERSION_CLASSES) != ("class_freqs" in d) and version != CONFIG_VERSION_POSITIONS:
+        if version not in CONFIG_VERSIONS:
+            raise ValueError(f"codec config version must be one of {CONFIG_VERSIONS}, got {version!r}")
+        if (version == CONFIG_VERSION_CLASSES) != ("class_freqs" in d) and version < CONFIG_VERSION_POSITIONS:
             raise ValueError(f"a version {version} codec config must {'' if version == CONFIG_VERSION_CLASSES else 'not '}have class_freqs")
-        if (version == CONFIG_VERSION_POSITIONS) != ("position_shift" in d):
+        if (version == CONFIG_VERSION_POSITIONS) != ("position_shift" in d) and version != CONFIG_VERSION_PREDICTION:
             raise ValueError(f"a version {version} codec config must {'' if version == CONFIG_VERSION_POSITIONS else 'not '}have position_shift")
+        if (version == CONFIG_VERSION_PREDICTION) != ("prediction" in d):
+            raise ValueError(f"a version {version} codec config must {'' if version == CONFIG_VERSION_PREDICTION else 'not '}have prediction")
+        prediction = EmbeddingPrediction.from_dict(d["prediction"]) if "prediction" in d else None
         cfg = cls(center=tuple(d["center"]), step=tuple(d["step"]), kmax=d["kmax"], freqs=tuple(d["freqs"]), raw_limit=d["raw_limit"],
                   class_freqs=tuple(tuple(t) for t in d.get("class_freqs", ())), channel_class=tuple(d.get("channel_class", ())),
-                  position_shift=tuple(d.get("position_shift", ())), info=dict(d.get("info", {})))
+                  position_shift=tuple(d.get("position_shift", ())), prediction=prediction,
+                  token_shift=tuple(tuple(p) for p in d.get("token_shift", ())), info=dict(d.get("info", {})))
         if "fingerprint" in d and d["fingerprint"] != cfg.fingerprint:
             raise ValueError("codec config fingerprint does not match its contents")
         return cfg

@@ -19,31 +19,35 @@ from .wire_v2 import decode_frame_v2, encode_frame_v2
 
 
 def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None, *,
-           start: int = 0) -> v1.Encoded | EncodedV2:
+           start: int = 0, tokens=None, embedding: torch.Tensor | None = None) -> v1.Encoded | EncodedV2:
     """Encode ``x [T, d]``: v2 with a :class:`CodecConfigV2`, else v1 (default :class:`CodecConfig`).
     ``start``: the sequence position of ``x``'s first token (v2 codes early positions finer when
-    the config has position shifts; v1 ignores it)."""
+    the config has position shifts; v1 ignores it). ``tokens`` (the ``[T]`` token ids) and
+    ``embedding`` (the model's input embedding table): needed by a v2 config with a prediction,
+    ignored otherwise."""
     if isinstance(config, CodecConfigV2):
-        return encode_v2(x, config, start)
+        return encode_v2(x, config, start, tokens, embedding)
     return v1.encode(x, config)
 
 
 def encode_frame(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None,
-                 coder: str | None = None, *, start: int = 0) -> bytes:
-    """The wire frame of ``x [T, d]``, the bytes of ``encode(x, config, start=start).to_bytes(coder)``;
-    v2 frames with the nibble coder (``coder`` "nibble", or "auto" for long frames) take the fused
-    quantise-and-code pass (no symbol matrix) unless they have shifted rows."""
+                 coder: str | None = None, *, start: int = 0, tokens=None, embedding: torch.Tensor | None = None) -> bytes:
+    """The wire frame of ``x [T, d]``, the bytes of ``encode(x, config, start=start, tokens=tokens,
+    embedding=embedding).to_bytes(coder)``; v2 frames with the nibble coder (``coder`` "nibble", or
+    "auto" for long frames) take the fused quantise-and-code pass (no symbol matrix) unless they
+    have shifted rows or a prediction."""
     if isinstance(config, CodecConfigV2):
-        return encode_frame_v2(x, config, coder, start)
+        return encode_frame_v2(x, config, coder, start, tokens, embedding)
     if coder is not None:
         raise ValueError("coder applies to codec v2 frames only")
     return v1.encode(x, config).to_bytes()
 
 
-def decode(encoded: v1.Encoded | EncodedV2) -> torch.Tensor:
-    """Reconstruct ``[T, d]`` from a v1 or v2 encoded tensor."""
+def decode(encoded: v1.Encoded | EncodedV2, *, embedding: torch.Tensor | None = None) -> torch.Tensor:
+    """Reconstruct ``[T, d]`` from a v1 or v2 encoded tensor; ``embedding``: the input embedding
+    table, which a v2 config with a prediction needs (ignored otherwise)."""
     if isinstance(encoded, EncodedV2):
-        return decode_v2(encoded)
+        return decode_v2(encoded, embedding=embedding)
     return v1.decode(encoded)
 
 
@@ -72,7 +76,8 @@ def is_v2_frame(data: object) -> bool:
 
 
 def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | None = None,
-                 device: torch.device | str | None = None, *, config: CodecConfigV2 | None = None) -> torch.Tensor:
+                 device: torch.device | str | None = None, *, config: CodecConfigV2 | None = None,
+                 embedding: torch.Tensor | None = None) -> torch.Tensor:
     """Validate and decode an untrusted wire frame straight to ``[T, d]`` on ``device`` (what a server runs).
 
     v1 frames go through :func:`splitkernels.codec.encoded.decode_frame` (bounded scratch); v2
@@ -81,15 +86,16 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: FrameLimits | Non
     host takes one C++ call (:mod:`.token_frame`; anything it declines takes the path below, the
     reference). Otherwise on the host they run the fused pass
     (entropy decode + dequantise per row); on a GPU they are dequantised there (the device pass,
-    after one host-to-device copy).
+    after one host-to-device copy). A config with a prediction needs ``embedding``, the input
+    embedding table (its frames take the general path).
     """
     if is_v2_frame(data):
         if device is None or torch.device(device).type == "cpu":
-            out = decode_token_frame(data, config, limits)  # one token, rANS: one C++ call; None: the general path
+            out = decode_token_frame(data, config, limits, embedding)  # one token, rANS: one C++ call; None: the general path
             if out is not None:
                 return out
         if device is not None and v2_device.kernel(v2_device.DECODE_OP, torch.device(device)) is not None:
-            return decode_v2(read_frame_v2(data, config, limits), device)  # the device pass
-        out = decode_frame_v2(data, config, limits)  # the fused host pass, no symbol matrix
+            return decode_v2(read_frame_v2(data, config, limits), device, embedding)  # the device pass
+        out = decode_frame_v2(data, config, limits, embedding)  # the fused host pass, no symbol matrix
         return out if device is None else out.to(device)
     return v1.decode_frame(data, limits, device)

@@ -109,7 +109,9 @@ class EncodedV2:
     ``raw_values`` ``[n_raw, d]``; both in the input dtype. With a config's position shifts, a
     frame from position ``start`` whose leading rows have a shift > 0 also carries ``residuals``
     i8 ``[T_s, d]``, the low bits of the fine codes of its first ``T_s`` rows (0 at escapes and
-    raw rows, docs/FORMATS.md §5.2); else both are None (no row of the frame is shifted).
+    raw rows, docs/FORMATS.md §5.2); else both are None (no row of the frame is shifted). With a
+    config's prediction (§5.2.1) ``tokens`` holds the token ids (int64 ``[T]``) and every value
+    (symbols, escapes, raw tokens) is of the residual, in fp32; else it is None.
     """
 
     symbols: torch.Tensor
@@ -119,6 +121,7 @@ class EncodedV2:
     config: CodecConfigV2
     start: int | None = None
     residuals: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -176,16 +179,18 @@ def is_token_tag(first_byte: int) -> bool:
     return first_byte & TOKEN_TAG_MASK == TOKEN_TAG
 
 
-def framing_bytes(t: int, escapes: int | None = None, start: int | None = None) -> int:
+def framing_bytes(t: int, escapes: int | None = None, start: int | None = None, id_bits: int = 0) -> int:
     """Bytes of a frame that are neither symbols, escape values, raw tokens nor residuals (header,
     bitmap, CRC; the tag and CRC of a one-token frame), with the escape count's varint when
-    ``escapes`` is given (else the caller counts it) and the start position's varint when
-    ``start`` is given (a frame with shifted rows)."""
+    ``escapes`` is given (else the caller counts it), the start position's varint when
+    ``start`` is given (a frame with shifted rows) and the token ids at ``id_bits`` each (a
+    config's prediction)."""
     count = 0 if escapes is None else len(_varint(escapes))
     position = 0 if start is None else len(_varint(start))
+    ids = (t * id_bits + 7) // 8
     if t == 1:
-        return 1 + position + count + CRC_BYTES
-    return HEAD.size + len(_varint(t)) + position + count + (t + 7) // 8 + CRC_BYTES
+        return 1 + position + count + ids + CRC_BYTES
+    return HEAD.size + len(_varint(t)) + position + count + ids + (t + 7) // 8 + CRC_BYTES
 
 
 def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
@@ -200,8 +205,8 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
         stream = rans.encode(enc.symbols.numpy()[~raw] if n_raw else enc.symbols.numpy(), cfg.rans_tables)
     shifted = None
     if enc.residuals is not None:
-        shifted = (enc.start, pack_residuals(enc.residuals.numpy(), cfg.row_shifts(enc.start, t), raw))
-    return assemble_frame(cfg, code, t, raw, enc.escapes, enc.raw_values, stream, shifted)
+        shifted = (enc.start, pack_residuals(enc.residuals.numpy(), cfg.row_shifts(enc.start, t, enc.tokens), raw))
+    return assemble_frame(cfg, code, t, raw, enc.escapes, enc.raw_values, stream, shifted, enc.tokens)
 
 
 def _shift_runs(shifts: np.ndarray, raw: np.ndarray) -> list[tuple[int, int, int]]:
@@ -249,10 +254,12 @@ def unpack_residuals(section: memoryview, shifts: np.ndarray, raw: np.ndarray, d
 
 def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, escapes: torch.Tensor,
                    raw_values: torch.Tensor, stream: bytes | memoryview,
-                   shifted: tuple[int, bytes] | None = None) -> bytes:
+                   shifted: tuple[int, bytes] | None = None, tokens: torch.Tensor | None = None) -> bytes:
     """The frame bytes around an already coded symbol ``stream`` (header, sections, CRC; the token
     form when ``t`` is 1); ``shifted``: the start position and packed residual section of a frame
-    with shifted rows."""
+    with shifted rows; ``tokens``: the token ids, which a config with a prediction needs."""
+    if (config.prediction is not None) != (tokens is not None):
+        raise ValueError("a frame carries token ids exactly when its codec config has a prediction")
     if t == 1:
         head = [bytes([TOKEN_TAG | code * TOKEN_CODER | (0 if shifted is None else TOKEN_SHIFTED)
                        | (TOKEN_RAW if raw[0] else 0) | DTYPE_CODES[escapes.dtype]])]
@@ -263,6 +270,7 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
         *head,
         *([] if shifted is None else [_varint(shifted[0])]),
         _varint(int(escapes.numel())),
+        *([] if tokens is None else [config.prediction.pack_ids(tokens)]),
         *([] if t == 1 else [np.packbits(raw, bitorder="little").tobytes()]),
         escapes.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),  # reshape: an empty [0, 1] view
         raw_values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),  # may keep a stride of 2
@@ -293,6 +301,7 @@ class ParsedV2:
     stream: memoryview
     start: int | None = None  # set when the frame has shifted rows
     residual_section: memoryview | None = None
+    tokens: torch.Tensor | None = None  # the token ids, with a config's prediction
 
     @property
     def n_raw(self) -> int:
@@ -348,8 +357,9 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     start = None
     if shifted:
         start, pos = _read_varint(buf, pos, crc_at, "start position")
-        if not config.position_shift:
-            raise FrameError(f"frame has shifted rows but the codec config {config.fingerprint[:8]} has no position shifts")
+        if not config.shift_end:
+            raise FrameError(f"frame has shifted rows but the codec config {config.fingerprint[:8]} has no position or "
+                             f"token shifts")
         if start > MAX_POSITION:
             raise FrameError(f"frame claims start position {start}, more than {MAX_POSITION}")
     n_esc, pos = _read_varint(buf, pos, crc_at, "escape count")
@@ -366,6 +376,11 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
         pos += n
         return view
 
+    tokens = None
+    if config.prediction is not None:
+        tokens, wrong = config.prediction.unpack_ids(take(config.prediction.id_bytes(t), "token ids"), t)
+        if wrong:
+            raise FrameError(wrong)
     if token:
         raw = np.array([bool(buf[0] & TOKEN_RAW)])
     else:
@@ -381,14 +396,14 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     raw_bytes = take(n_raw * d * item, "raw tokens")
     section = None
     if shifted:
-        shifts = config.row_shifts(start, t)
+        shifts = config.row_shifts(start, t, tokens)
         section = take(residual_bytes(shifts, raw[: shifts.shape[0]], d), "residual section")
     if coder == CODER_NIBBLE:
         if t - n_raw > nibble.max_rows(crc_at - pos, d):
             raise FrameError(f"frame claims {t - n_raw} coded tokens, more than a {crc_at - pos}-byte stream can hold")
     elif n_sym > rans.max_symbols(crc_at - pos):
         raise FrameError(f"frame claims {n_sym} coded values, more than a {crc_at - pos}-byte stream can hold")
-    return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at], start, section)
+    return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at], start, section, tokens)
 
 
 def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
@@ -421,9 +436,9 @@ def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
         raise FrameError(f"escape count {p.escapes.numel()} does not match the escape symbols in the stream")
     residuals = None
     if p.residual_section is not None:
-        shifts = config.row_shifts(p.start, t)
+        shifts = config.row_shifts(p.start, t, p.tokens)
         res = unpack_residuals(p.residual_section, shifts, raw[: shifts.shape[0]], d)
         if (res[symbols[: shifts.shape[0]].numpy() == config.escape_symbol] != 0).any():
             raise FrameError("residual of an escaped value is not 0")
         residuals = torch.from_numpy(res)
-    return EncodedV2(symbols, raw_t, p.escapes, p.raw_values(d), config, p.start, residuals)
+    return EncodedV2(symbols, raw_t, p.escapes, p.raw_values(d), config, p.start, residuals, p.tokens)

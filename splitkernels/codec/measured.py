@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .calibrate import DEFAULT_KL_PROXY, calibrate, default_bits_ceiling
+from .calibrate import CEILING, DEFAULT_KL_PROXY, calibrate
 from .config_v2 import CodecConfigV2
+from .predict import embedding_table, table_for
 from .sensitivity import Fisher
 
 # The measured / estimated ratio is clipped to this range (one pass over a few windows: a ratio
@@ -42,20 +43,23 @@ def split_kl(model: nn.Module, windows: Sequence[torch.Tensor], split_layer: int
              wire_dtype: torch.dtype) -> float:
     """Mean KL (nats per position) of the next-token distributions with the split hidden state
     sent through ``config`` (in ``wire_dtype``) against the unsplit model, over every position of
-    ``windows`` (token id tensors ``[T]``, each starting a sequence at position 0)."""
+    ``windows`` (token id tensors ``[T]``, each starting a sequence at position 0). A config with a
+    prediction codes with the model's input embedding table and each window's ids."""
     from ..opsc import decoder_layers  # the codec itself does not depend on model code
     from .dispatch import decode, encode
 
     layers = decoder_layers(model)
     if not 1 <= split_layer < len(layers):
         raise ValueError(f"split_layer must be in [1, {len(layers) - 1}], got {split_layer}")
-    active = [False]
+    active: list = [None]  # the ids of the window whose forward pass sends through the codec
+    table = table_for(config.prediction, model)
 
     def hook(_module, _inputs, output):
-        if not active[0]:
+        if active[0] is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        sent = decode(encode(hidden[0].to(wire_dtype), config, start=0)).to(hidden.dtype)[None]
+        enc = encode(hidden[0].to(wire_dtype), config, start=0, tokens=active[0], embedding=table)
+        sent = decode(enc, embedding=table).to(hidden.dtype)[None]
         return (sent, *output[1:]) if isinstance(output, tuple) else sent
 
     total, positions = 0.0, 0
@@ -63,10 +67,11 @@ def split_kl(model: nn.Module, windows: Sequence[torch.Tensor], split_layer: int
     try:
         for ids in windows:
             ids = ids.reshape(1, -1)
-            active[0] = False
+            active[0] = None
             ref = model(ids).logits[0]
-            active[0] = True
+            active[0] = ids[0]
             cand = model(ids).logits[0]
+            active[0] = None
             total += _kl_sum(ref, cand)
             positions += ids.shape[1]
     finally:
@@ -77,20 +82,28 @@ def split_kl(model: nn.Module, windows: Sequence[torch.Tensor], split_layer: int
 
 
 def calibrate_measured(model: nn.Module, windows: Sequence[torch.Tensor], split_layer: int, fisher: Fisher, *,
-                       wire_dtype: torch.dtype, max_kl: float = DEFAULT_KL_PROXY, bits: float | None = None) -> CodecConfigV2:
+                       wire_dtype: torch.dtype, max_kl: float = DEFAULT_KL_PROXY, bits: float | None = None,
+                       predict: bool = True) -> CodecConfigV2:
     """:func:`calibrate` with the Fisher of ``windows`` (``fisher``, from
     :func:`~splitkernels.codec.sensitivity.fisher_diagonal` on the same windows) aiming at a
     *measured* KL of ``max_kl`` on those windows within ``bits`` (default: the decode-frame
     ceiling :func:`default_bits_ceiling`). One measurement at the estimate's step gives the ratio of
     measured to estimated KL; the config is then recalibrated with the estimate's target divided by
-    it. ``info`` records ``kl_measured`` (at the first step), ``kl_ratio`` and ``kl_target``."""
+    it. ``info`` records ``kl_measured`` (at the first step), ``kl_ratio`` and ``kl_target``.
+    ``predict``: offer :func:`calibrate` the windows' ids and the model's input embedding table
+    (a token prediction where it pays; the runtime then needs both ends to hold that table)."""
     if not (isinstance(max_kl, (int, float)) and max_kl > 0):
         raise ValueError(f"max_kl must be a number > 0, got {max_kl!r}")
-    ceiling = default_bits_ceiling(fisher.hidden.shape[1]) if bits is None else bits
+    ceiling = CEILING if bits is None else bits
+    table = embedding_table(model) if predict else None
+    tokens = None if table is None else torch.cat([w.reshape(-1) for w in windows])
+    if tokens is not None and tokens.shape[0] != fisher.hidden.shape[0]:
+        raise ValueError(f"fisher holds {fisher.hidden.shape[0]} hidden states, windows {tokens.shape[0]} tokens")
 
     def fit(target: float) -> CodecConfigV2:
         return calibrate(fisher.hidden, bits=ceiling, max_kl_proxy=target, sensitivity=fisher.channel,
-                         position_sensitivity=fisher.position, wire_dtype=wire_dtype)
+                         position_sensitivity=fisher.position, wire_dtype=wire_dtype, tokens=tokens, embedding=table,
+                         token_sensitivity=fisher.token)
 
     first = fit(max_kl)
     measured = split_kl(model, windows, split_layer, first, wire_dtype)

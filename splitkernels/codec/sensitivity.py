@@ -21,6 +21,7 @@ class Fisher(NamedTuple):
     channel: torch.Tensor  # [d] diagonal Fisher per channel, positions >= skip_first, each at its mean trace
     hidden: torch.Tensor  # [N, d] the split hidden states of every window, concatenated
     position: torch.Tensor  # [T] Fisher trace (sum over channels) per position, mean over windows
+    token: torch.Tensor  # [N] Fisher trace of each token of ``hidden`` (one label sample: noisy, for per-token-class means)
 
 
 def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_layer: int, *, skip_first: int = 1,
@@ -53,7 +54,7 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
     # Squared gradients summed per position and channel over windows (windows may differ in length).
     per_position = torch.zeros(0, 0, dtype=torch.float64)
     seen = torch.zeros(0, dtype=torch.float64)
-    states = []
+    states, traces = [], []
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -75,6 +76,7 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
             per_position[: sq.shape[0]] += sq
             seen[: sq.shape[0]] += 1
             states.append(leaf[0].detach()[0])
+            traces.append(sq.sum(1).float())
     finally:
         handle.remove()
         for p, f in zip(model.parameters(), flags):
@@ -89,7 +91,7 @@ def fisher_diagonal(model: nn.Module, windows: Iterable[torch.Tensor], split_lay
     body, body_trace = mean[skip_first:], trace[skip_first:]
     live = body_trace > 0
     shape = (body[live] / body_trace[live, None]).mean(0) if bool(live.any()) else body.mean(0)
-    return Fisher((shape * body_trace.mean()).float(), torch.cat(states), trace.float())
+    return Fisher((shape * body_trace.mean()).float(), torch.cat(states), trace.float(), torch.cat(traces))
 
 
 @torch.no_grad()

@@ -10,6 +10,9 @@ A spec is a dict with ``kind``:
   sensitivity asks for (a KL proxy target within a decode-frame ceiling; :func:`config_for_model`
   corrects the target by the KL it measures through the model), else 4.0. With the
   Fisher, early positions also get finer steps by their measured weight (position shifts).
+  ``"predict"`` (default true): :func:`config_for_model` offers the calibration the model's input
+  embedding table, and the config predicts each hidden state from its token's row where that
+  pays (docs/FORMATS.md §5.2.1; both ends then need that table); false never predicts.
 * ``{"kind": "v1", ...}``: codec v1; the other keys are :class:`CodecConfig` fields.
 * ``{"kind": "passthrough"}``: lossless (raw fp16/bf16/fp32 values).
 
@@ -41,9 +44,11 @@ def check_spec(spec: Any) -> dict:
     if kind not in KINDS:
         raise ValueError(f"codec spec 'kind' must be one of {list(KINDS)}, got {kind!r}")
     if kind == "v2":
-        extra = set(spec) - {"kind", "bits", "sensitivity"}
+        extra = set(spec) - {"kind", "bits", "sensitivity", "predict"}
         if extra:
-            raise ValueError(f"codec spec of kind 'v2' takes 'bits' and 'sensitivity', not {sorted(extra)}")
+            raise ValueError(f"codec spec of kind 'v2' takes 'bits', 'sensitivity' and 'predict', not {sorted(extra)}")
+        if not isinstance(spec.get("predict", True), bool):
+            raise ValueError(f"codec spec 'predict' must be true or false, got {spec.get('predict')!r}")
         bits = spec.get("bits")
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 1.0 <= bits <= 16.0):
             raise ValueError(f"codec spec 'bits' must be a number in [1, 16], got {bits!r}")
@@ -90,14 +95,19 @@ def needs_calibration(spec: dict) -> bool:
 
 
 def config_from_spec(spec: dict, hidden: torch.Tensor | None = None, *, sensitivity: torch.Tensor | None = None,
-                     position_sensitivity: torch.Tensor | None = None, wire_dtype: torch.dtype = torch.float16) -> CodecConfig | CodecConfigV2:
+                     position_sensitivity: torch.Tensor | None = None, wire_dtype: torch.dtype = torch.float16,
+                     tokens: torch.Tensor | None = None, embedding: torch.Tensor | None = None,
+                     token_sensitivity: torch.Tensor | None = None) -> CodecConfig | CodecConfigV2:
     """The codec configuration a spec names.
 
     ``hidden``: split-layer hidden states ``[N, d]`` of calibration text (required for ``v2``, which
     calibrates on them; keep that text disjoint from any evaluation text). ``sensitivity``: the
     diagonal Fisher ``[d]`` (:func:`splitkernels.codec.sensitivity.fisher_diagonal`), required for
     ``"sensitivity": "fisher"``; ``position_sensitivity`` its trace per position (position shifts,
-    used with the Fisher only). ``wire_dtype``: the dtype the edge sends.
+    used with the Fisher only). ``wire_dtype``: the dtype the edge sends. ``tokens`` (the ids of
+    ``hidden``'s rows) and ``embedding`` (the input embedding table): a token prediction where it
+    pays, unless the spec says ``"predict": false``; ``token_sensitivity`` (the Fisher trace per
+    token) then sets token shifts (with the Fisher only).
     """
     spec = check_spec(spec)
     kind = spec["kind"]
@@ -114,8 +124,11 @@ def config_from_spec(spec: dict, hidden: torch.Tensor | None = None, *, sensitiv
     if fisher and sensitivity is None:
         raise ValueError("codec spec with 'sensitivity': 'fisher' needs the measured Fisher (sensitivity=[d])")
     bits = spec.get("bits")
+    if not spec.get("predict", True):
+        tokens = embedding = None
     return calibrate(hidden, bits=None if bits is None else float(bits), sensitivity=sensitivity if fisher else None,
-                     position_sensitivity=position_sensitivity if fisher else None, wire_dtype=wire_dtype)
+                     position_sensitivity=position_sensitivity if fisher else None, wire_dtype=wire_dtype,
+                     tokens=tokens, embedding=embedding, token_sensitivity=token_sensitivity if fisher else None)
 
 
 def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.Tensor | Sequence[torch.Tensor], *,
@@ -129,6 +142,7 @@ def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.
     two more forward passes per window) unless ``measure_kl`` is False (then as estimated from the
     Fisher alone). The caller keeps ``ids`` disjoint from evaluation text."""
     from .measured import calibrate_measured
+    from .predict import embedding_table
     from .sensitivity import fisher_diagonal, split_hidden_states
 
     if not needs_calibration(spec):
@@ -145,15 +159,19 @@ def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.
         windows = [w.reshape(-1) for w in ids]
         if not windows or any(w.numel() < 2 for w in windows):
             raise ValueError("calibration windows must be a non-empty sequence of token id tensors of at least 2 ids each")
+    predict = spec.get("predict", True)
+    table = embedding_table(model) if predict else None
+    tokens = None if table is None else torch.cat(windows)
     was_training = model.training
     model.eval()
     try:
         if spec.get("sensitivity", "uniform") == "fisher":
             fisher = fisher_diagonal(model, windows, split_layer)
             if measure_kl and spec.get("bits") is None:
-                return calibrate_measured(model, windows, split_layer, fisher, wire_dtype=wire_dtype)
+                return calibrate_measured(model, windows, split_layer, fisher, wire_dtype=wire_dtype, predict=predict)
             return config_from_spec(spec, fisher.hidden, sensitivity=fisher.channel, position_sensitivity=fisher.position,
-                                    wire_dtype=wire_dtype)
-        return config_from_spec(spec, split_hidden_states(model, windows, split_layer), wire_dtype=wire_dtype)
+                                    wire_dtype=wire_dtype, tokens=tokens, embedding=table, token_sensitivity=fisher.token)
+        return config_from_spec(spec, split_hidden_states(model, windows, split_layer), wire_dtype=wire_dtype,
+                                tokens=tokens, embedding=table)
     finally:
         model.train(was_training)

@@ -10,7 +10,9 @@ token took 461 us after a 64 MiB copy against 80 us warm; bench/results/codec_v2
 bit of the token form's tag, no C++ extension) and for any frame it finds invalid; the caller then
 runs the reference path (:func:`splitkernels.codec.frame_v2.parse_frame_v2` and the rest), which
 decodes or raises exactly as it always did. The fast path accepts only frames the reference
-accepts and gives the same bits (tested frame by frame, corrupted frames included).
+accepts and gives the same bits (tested frame by frame, corrupted frames included). With a
+config's token prediction (docs/FORMATS.md §5.2.1) both sides code the residual in fp32 and the
+C++ call writes or skips the id section; the prediction itself is one fp32 multiply here.
 """
 from __future__ import annotations
 
@@ -61,12 +63,27 @@ def _encoder_args(config: CodecConfigV2) -> tuple:
             config.center_array().ctypes.data, config.raw_limit)
 
 
+def _token_id(data: bytes | bytearray | memoryview, config: CodecConfigV2) -> int | None:
+    """The id of a one-token frame under the config's prediction (after the tag and the escape
+    count's varint), or None when the frame is too short or the id invalid."""
+    pos = 1
+    while pos < len(data) and data[pos] & 0x80:
+        pos += 1
+    n = config.prediction.id_bytes(1)
+    if pos + 1 + n > len(data):
+        return None
+    return config.prediction.id_of_section(data[pos + 1 : pos + 1 + n])
+
+
 def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
-                       limits: FrameLimits | None = None) -> torch.Tensor | None:
+                       limits: FrameLimits | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor | None:
     """``[1, d]`` (the frame's dtype, on the host) of a valid one-token rANS v2 frame within
     ``limits``; None for any other frame, an invalid one, or without the C++ extension (then
-    the reference path decides)."""
+    the reference path decides). A config with a prediction needs ``embedding`` (else None)."""
     if not has_native() or type(config) is not CodecConfigV2:
+        return None
+    pred = config.prediction
+    if pred is not None and not isinstance(embedding, torch.Tensor):
         return None
     if isinstance(data, memoryview):
         if not data.c_contiguous:
@@ -92,10 +109,20 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
             max_escapes = limits.max_outliers
     out = torch.empty(1, config.d, dtype=dtype)
     crc_seed, d, kmax, tables, period, step, center = _cached(_ARGS, config, _decoder_args)
+    id_bytes = 0 if pred is None else pred.id_bytes(1)
     if not _C.v2_decode_token_frame(data, crc_seed, d, kmax, tables, period, step, center, code, max_escapes,
-                                    out.data_ptr()):
+                                    id_bytes, out.data_ptr()):
         return None
-    return out
+    if pred is None:
+        return out
+    token = _token_id(data, config)
+    if token is None:
+        return None
+    try:
+        pred.check_table(embedding)
+    except ValueError:
+        return None  # the general path raises it
+    return out.float() + pred.row_values(token, embedding, out.device)
 
 
 def has_native_encoder() -> bool:
@@ -103,20 +130,30 @@ def has_native_encoder() -> bool:
     return _C is not None and hasattr(_C, "v2_encode_token_frame")
 
 
-def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int) -> bytes | None:
+def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, tokens=None,
+                       embedding: torch.Tensor | None = None) -> bytes | None:
     """The rANS v2 frame of one token ``x [1, d]`` (a checked tensor of the config's ``d``) at
     position ``start``, byte for byte as :func:`splitkernels.codec.v2.encode_v2` and
     ``to_bytes()`` write it; None when the general path must write it: no C++ encoder, a shifted
-    position, a token with more than ``raw_limit`` escapes (sent raw) or a non-finite value (which
+    position or token, a token with more than ``raw_limit`` escapes (sent raw) or a non-finite value (which
     the general path rejects). A token on a GPU is copied to the host first (its d values): at
     T = 1 the device pass costs more in launches and copies than the host path (H200: 112 us
-    against 51 us, bench/results/gpu-20261130), and the codes are bit-exact across backends."""
+    against 51 us, bench/results/gpu-20261130), and the codes are bit-exact across backends.
+    With a prediction, ``tokens`` and ``embedding`` as :func:`~splitkernels.codec.v2.encode_v2`
+    (ValueError when they are missing or wrong)."""
     if not has_native_encoder() or type(config) is not CodecConfigV2:
         return None
-    if start < config.shift_end and config.row_shifts(start, 1).any():
+    pred = config.prediction
+    token = None if pred is None else pred.token_id(tokens)
+    if start < config.shift_end and config.row_shifts(start, 1, None if token is None else (token,)).any():
         return None
+    ids = b""
+    if pred is not None:
+        pred.check_table(embedding)
+        x = x.detach().float() - pred.row_values(token, embedding, x.device)
+        ids = pred.id_section(token)
     x = x.detach().cpu().contiguous()
     crc_seed, d, kmax, tables, period, inv, center, raw_limit = _cached(_ENC_ARGS, config, _encoder_args)
     frame = _C.v2_encode_token_frame(x.data_ptr(), crc_seed, d, kmax, tables, period, inv, center, raw_limit,
-                                     DTYPE_CODES[x.dtype])
+                                     DTYPE_CODES[x.dtype], ids)
     return frame if isinstance(frame, bytes) else None

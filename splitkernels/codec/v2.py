@@ -88,13 +88,14 @@ def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fus
 
 
 def refine(x: torch.Tensor, sym: torch.Tensor, raw: torch.Tensor, config: CodecConfigV2,
-           start: int) -> torch.Tensor | None:
+           start: int, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
     """Fine codes of the leading rows of ``x [T, d]`` (first token at position ``start``) that the
     config's position shifts make finer (docs/FORMATS.md §5.2): ``fine = rint(v * 2**s)`` splits into
     the coarse code ``(fine + 2**(s-1)) >> s``, written over those rows of ``sym`` in place, and the
     residual ``fine - (coarse << s)`` returned as i8 ``[T_s, d]`` (0 at escapes and raw rows). None
-    when no row of the frame is shifted. Escapes are unchanged (same test as the plain quantiser)."""
-    shifts = config.row_shifts(start, x.shape[0])
+    when no row of the frame is shifted. Escapes are unchanged (same test as the plain quantiser).
+    ``tokens``: the frame's ids, which a config's token shifts need (§5.2.2)."""
+    shifts = config.row_shifts(start, x.shape[0], tokens)
     if not shifts.any():
         return None
     n, k = shifts.shape[0], config.kmax
@@ -114,7 +115,7 @@ def apply_residuals(y: torch.Tensor, enc: EncodedV2) -> torch.Tensor:
         return y
     cfg = enc.config
     n = enc.residuals.shape[0]
-    s = torch.from_numpy(cfg.row_shifts(enc.start, enc.shape[0]))[:, None].to(torch.int32)
+    s = torch.from_numpy(cfg.row_shifts(enc.start, enc.shape[0], enc.tokens))[:, None].to(torch.int32)
     sym = enc.symbols[:n].to(torch.int32)
     keep = (sym != cfg.escape_symbol) & ~enc.raw[:n, None] & (s > 0)
     fine = ((sym - cfg.kmax) << s) + enc.residuals.to(torch.int32)
@@ -124,13 +125,36 @@ def apply_residuals(y: torch.Tensor, enc: EncodedV2) -> torch.Tensor:
     return y
 
 
-def encode_v2(x: torch.Tensor, config: CodecConfigV2, start: int = 0) -> EncodedV2:
+def predicted_input(x: torch.Tensor, config: CodecConfigV2, tokens, embedding) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the quantiser codes and the token ids a frame carries: ``(x, None)`` without a
+    prediction, else ``(fp32(fp32(x) - p), ids)`` with the config's prediction ``p`` (docs/FORMATS.md §5.2.1)."""
+    pred = config.prediction
+    if pred is None:
+        return x, None
+    ids = pred.check_tokens(tokens, x.shape[0])
+    pred.check_table(embedding)
+    return x.float() - pred.values(ids, embedding, x.device), ids
+
+
+def add_prediction(y: torch.Tensor, enc: EncodedV2, embedding) -> torch.Tensor:
+    """``fp32(y + p)`` of a decoded residual ``y`` under the config's prediction; ``y`` unchanged without one."""
+    pred = enc.config.prediction
+    if pred is None:
+        return y
+    pred.check_table(embedding)
+    return y.float() + pred.values(enc.tokens, embedding, y.device)
+
+
+def encode_v2(x: torch.Tensor, config: CodecConfigV2, start: int = 0, tokens=None,
+              embedding: torch.Tensor | None = None) -> EncodedV2:
     """v2 encode of ``x [T, d]`` (fp32/fp16/bf16, finite) with a calibrated config: the device pass
     of the cuda/triton backend for GPU tensors, else one fused C++ pass when built (quantise, count
     escapes, gather them, check finiteness), else the reference. The result holds host tensors.
 
     ``start``: the sequence position of ``x``'s first token (0: ``x`` starts a sequence); with the
-    config's position shifts, early positions get finer codes (:func:`refine`)."""
+    config's position shifts, early positions get finer codes (:func:`refine`). ``tokens`` (the
+    ``[T]`` token ids) and ``embedding`` (the input embedding table): needed when the config has
+    a prediction, which then codes the residual in fp32; ignored otherwise."""
     if not isinstance(config, CodecConfigV2):
         raise TypeError(f"config must be a CodecConfigV2, got {type(config).__name__}")
     check_tensor("x", x, FLOAT_DTYPES, ndim=2)
@@ -138,6 +162,7 @@ def encode_v2(x: torch.Tensor, config: CodecConfigV2, start: int = 0) -> Encoded
         raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= MAX_POSITION:
         raise ValueError(f"start must be an int position in [0, {MAX_POSITION}], got {start!r}")
+    x, ids = predicted_input(x, config, tokens, embedding)
     run = v2_device.kernel(v2_device.ENCODE_OP, x.device)
     if run is not None:
         sym, raw, escapes, raw_values, nonfinite = v2_device.encode(x.detach(), config, run)
@@ -152,15 +177,17 @@ def encode_v2(x: torch.Tensor, config: CodecConfigV2, start: int = 0) -> Encoded
         raw_values = x[raw] if raw.any() else x[:0]
     if nonfinite:
         raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
-    residuals = refine(x, sym, raw, config, start)
-    return EncodedV2(sym, raw, escapes, raw_values, config, None if residuals is None else start, residuals)
+    residuals = refine(x, sym, raw, config, start, ids)
+    return EncodedV2(sym, raw, escapes, raw_values, config, None if residuals is None else start, residuals, ids)
 
 
-def decode_v2(enc: EncodedV2, device: torch.device | str | None = None) -> torch.Tensor:
+def decode_v2(enc: EncodedV2, device: torch.device | str | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
     """v2 decode: ``fp32(fp32((s - kmax) * step) + center)`` rounded to the dtype (no FMA); escapes
     and raw tokens exact. On ``device`` (default: the host): a GPU runs the device pass of the
     cuda/triton backend after one host-to-device copy; the host runs one fused C++ pass when built
-    (escapes placed in it), else the reference, and the result is then moved to ``device``."""
+    (escapes placed in it), else the reference, and the result is then moved to ``device``.
+    With the config's prediction, ``embedding`` (the input embedding table) is needed and the
+    prediction is added to the decoded residual (fp32 result)."""
     if not isinstance(enc, EncodedV2):
         raise TypeError(f"encoded must be an EncodedV2, got {type(enc).__name__}")
     cfg = enc.config
@@ -168,7 +195,8 @@ def decode_v2(enc: EncodedV2, device: torch.device | str | None = None) -> torch
         device = torch.device(device)
         run = v2_device.kernel(v2_device.DECODE_OP, device)
         if run is not None:
-            return apply_residuals(v2_device.decode(enc.symbols, enc.raw, enc.escapes, enc.raw_values, cfg, device, run), enc)
+            y = apply_residuals(v2_device.decode(enc.symbols, enc.raw, enc.escapes, enc.raw_values, cfg, device, run), enc)
+            return add_prediction(y, enc, embedding)
     sym = enc.symbols.contiguous()
     if has_fused():
         y = torch.empty(sym.shape, dtype=enc.dtype)
@@ -182,5 +210,5 @@ def decode_v2(enc: EncodedV2, device: torch.device | str | None = None) -> torch
         y.masked_scatter_(sym == cfg.escape_symbol, enc.escapes)  # raw rows hold no escape symbols
     if enc.raw_values.shape[0]:
         y[enc.raw] = enc.raw_values
-    y = apply_residuals(y, enc)
+    y = add_prediction(apply_residuals(y, enc), enc, embedding)
     return y if device is None else y.to(device)

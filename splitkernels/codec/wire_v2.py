@@ -30,9 +30,11 @@ def has_fused() -> bool:
     return _C is not None and hasattr(_C, "v2_encode_nibble")
 
 
-def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = None, start: int = 0) -> bytes:
+def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = None, start: int = 0, tokens=None,
+                    embedding: torch.Tensor | None = None) -> bytes:
     """The v2 frame of ``x [T, d]`` (fp32/fp16/bf16, finite) whose first token is at sequence
-    position ``start``; ``coder`` as :meth:`EncodedV2.to_bytes`."""
+    position ``start``; ``coder`` as :meth:`EncodedV2.to_bytes`; ``tokens`` and ``embedding`` as
+    :func:`~splitkernels.codec.v2.encode_v2` (a config with a prediction takes the general path)."""
     if not isinstance(config, CodecConfigV2):
         raise TypeError(f"config must be a CodecConfigV2, got {type(config).__name__}")
     check_tensor("x", x, FLOAT_DTYPES, ndim=2)
@@ -41,9 +43,11 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
     t, d = x.shape
     code = resolve_coder(coder, t * d, config)
     if t == 1 and code == CODER_RANS and isinstance(start, int) and not isinstance(start, bool) and 0 <= start <= MAX_POSITION:
-        frame = encode_token_frame(x, config, start)
+        frame = encode_token_frame(x, config, start, tokens, embedding)
         if frame is not None:
             return frame
+    if config.prediction is not None:
+        return encode_v2(x, config, start, tokens, embedding).to_bytes(coder)
     if code != CODER_NIBBLE or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
         return encode_v2(x, config, start).to_bytes(coder)  # also validates start
     x = x.detach().cpu().contiguous()
@@ -63,11 +67,12 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
 
 
 def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
-                    limits: FrameLimits | None = None) -> torch.Tensor:
-    """Validate and decode a v2 frame to ``[T, d]`` on the host; :class:`FrameError` if anything is wrong."""
+                    limits: FrameLimits | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
+    """Validate and decode a v2 frame to ``[T, d]`` on the host; :class:`FrameError` if anything is
+    wrong. ``embedding``: the input embedding table, which a config with a prediction needs."""
     p = parse_frame_v2(data, config, limits)
-    if p.coder != CODER_NIBBLE or not has_fused() or p.residual_section is not None:
-        return decode_v2(decode_symbols(p, config))
+    if p.coder != CODER_NIBBLE or not has_fused() or p.residual_section is not None or p.tokens is not None:
+        return decode_v2(decode_symbols(p, config), embedding=embedding)
     d = config.d
     out = torch.empty(p.t, d, dtype=p.dtype)
     flags = np.ascontiguousarray(p.raw, dtype=np.uint8)

@@ -253,19 +253,22 @@ def frame_bytes(tokens: int, hidden: int, code_bits: float, outliers_per_token: 
 
 def frame_bytes_v2(tokens: int, hidden: int, code_bits: float, escapes_per_token: float,
                    wire_dtype: torch.dtype = torch.float16, *, position_shift: tuple[int, ...] = (),
-                   start: int = 0) -> int:
+                   start: int = 0, id_bits: int = 0) -> int:
     """Expected codec v2 frame size for ``tokens`` rows from position ``start`` (docs/FORMATS.md
     §5.4), from a calibration's per-element symbol bits (``code_bits``, the entropy-coded stream)
     and escapes per token. ``position_shift`` (the config's) adds the residual bits of the frame's
-    early rows, so a short prompt costs what its own positions cost, not the calibration's average."""
+    early rows, so a short prompt costs what its own positions cost, not the calibration's average.
+    ``id_bits`` (a config's prediction) adds the token ids; its escapes travel in fp32. Token
+    shifts (a few ids below position 128, text-dependent) are not counted: a few hundredths of a
+    bit per element of a prompt frame."""
     escapes = round(escapes_per_token * tokens)
     n = tokens * hidden
     stream = -(-round(n * code_bits) // 8) + 4 * rans.lanes(n)
     position_shift = tuple(position_shift)
     shifts = band_shifts(position_shift, start, max(0, min(tokens, shift_end_of(position_shift) - start)))
     residuals = residual_bytes(shifts, np.zeros(len(shifts), dtype=bool), hidden)
-    framing = framing_bytes(tokens, escapes, start if residuals else None)
-    return framing + escapes * wire_dtype.itemsize + residuals + stream
+    framing = framing_bytes(tokens, escapes, start if residuals else None, id_bits)
+    return framing + escapes * (4 if id_bits else wire_dtype.itemsize) + residuals + stream
 
 
 @dataclass(frozen=True)

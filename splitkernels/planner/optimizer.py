@@ -345,9 +345,10 @@ def _frame_sizes(p: QualityPoint, codec: CodecConfig | dict, hidden: int, prompt
     first decode position (the position shifts only fall after it), the prompt from position 0."""
     if isinstance(codec, dict):
         shifts = p.position_shift
-        return (frame_bytes_v2(1, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts,
+        return (frame_bytes_v2(1, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts, id_bits=p.id_bits,
                                start=prompt_tokens),
-                frame_bytes_v2(prompt_tokens, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts))
+                frame_bytes_v2(prompt_tokens, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts,
+                               id_bits=p.id_bits))
     # A raw (passthrough) token is as wide as the wire dtype, whatever the calibration sent.
     code_bits = 8.0 * wire.itemsize if codec.mode == "passthrough" else p.code_bits
     return (frame_bytes(1, hidden, code_bits, p.outliers_per_token, wire),

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..codec import CodecConfig, CodecConfigV2, decode, encode, rans
 from ..codec.frame_v2 import EncodedV2, framing_bytes, residual_bytes
+from ..codec.predict import table_for
 from ..codec.spec import config_for_model, is_v2_spec
 from ..eval import compare_logits
 from ..calibration import quantize_layers
@@ -58,24 +59,32 @@ def v2_code_bits(enc: EncodedV2, nbytes: int) -> float:
     width = enc.raw_values.element_size()
     n_esc, n_raw = int(enc.escapes.numel()), int(enc.raw.sum())
     coded = (t - n_raw) * d
-    shifts = None if enc.start is None else enc.config.row_shifts(enc.start, t)
+    shifts = None if enc.start is None else enc.config.row_shifts(enc.start, t, enc.tokens)
     residuals = 0 if shifts is None else residual_bytes(shifts, enc.raw.numpy()[: len(shifts)], d)
-    stream = nbytes - framing_bytes(t, n_esc, enc.start) - (n_esc + n_raw * d) * width - residuals - \
+    id_bits = 0 if enc.config.prediction is None else enc.config.prediction.id_bits
+    stream = nbytes - framing_bytes(t, n_esc, enc.start, id_bits) - (n_esc + n_raw * d) * width - residuals - \
         (4 * rans.lanes(coded) if coded else 0)
     return 8.0 * stream / d + n_raw * 8.0 * width
 
 
-def codec_transform(config: CodecConfig | CodecConfigV2, wire_dtype: torch.dtype = torch.float16) -> Transform:
+def codec_transform(config: CodecConfig | CodecConfigV2, wire_dtype: torch.dtype = torch.float16,
+                    tokens: Callable[[], torch.Tensor | None] | None = None,
+                    embedding: torch.Tensor | None = None) -> Transform:
     """Round trip through the codec (v1 TS + TAB-Q, or v2), sending ``wire_dtype`` (what an fp16
     edge sends). For v2, ``code_bits`` is :func:`v2_code_bits` (the residuals of early positions
     left out: the planner adds them per position from the config's ``position_shift``) and
-    ``outliers`` counts escapes: what :func:`~.costs.frame_bytes_v2` needs."""
+    ``outliers`` counts escapes: what :func:`~.costs.frame_bytes_v2` needs. A v2 config with a
+    prediction codes with ``embedding`` (the input embedding table) and the ids ``tokens()``
+    gives for the sequence being sent."""
 
     def run(x: torch.Tensor) -> TransferResult:
-        enc = encode(x.to(wire_dtype), config)
         if isinstance(config, CodecConfigV2):
+            ids = None if tokens is None else tokens()
+            enc = encode(x.to(wire_dtype), config, tokens=ids, embedding=embedding)
             nbytes = len(enc.to_bytes())
-            return TransferResult(decode(enc).to(x.dtype), nbytes, v2_code_bits(enc, nbytes), int(enc.escapes.numel()))
+            return TransferResult(decode(enc, embedding=embedding).to(x.dtype), nbytes, v2_code_bits(enc, nbytes),
+                                  int(enc.escapes.numel()))
+        enc = encode(x.to(wire_dtype), config)
         return TransferResult(
             decode(enc).to(x.dtype), enc.nbytes, float(enc.token_bits.double().sum()), int(enc.num_outliers.sum())
         )
@@ -193,7 +202,8 @@ class QualityPoint:
     ``front_method`` is how the front weights were quantised (QuantConfig.method; the back is RTN).
     ``position_shift`` is a v2 point's calibrated per-position-band shift (its early positions'
     residual bits, which ``code_bits`` leaves out); empty for v1 and for tables measured before it
-    was recorded, whose ``code_bits`` average the residuals in."""
+    was recorded, whose ``code_bits`` average the residuals in. ``id_bits``: the width of each
+    token id a v2 point's frames carry (its config's token prediction; 0 without)."""
 
     split_layer: int
     front_bits: int | None
@@ -209,6 +219,7 @@ class QualityPoint:
     tokens: int
     front_method: str = "rtn"
     position_shift: tuple[int, ...] = ()
+    id_bits: int = 0
 
     def __post_init__(self) -> None:
         self.position_shift = tuple(int(s) for s in self.position_shift)  # a JSON list when loaded
@@ -305,6 +316,7 @@ class SplitEvaluator:
             raise ValueError(f"input_ids must hold at least one window of context={context} tokens, "
                              f"got {input_ids.shape[0]}")
         self.model = model
+        self.current_ids: torch.Tensor | None = None
         self.windows = input_ids[: n * context].reshape(n, context)
         self.targets = self.windows[:, 1:].reshape(-1)
         self.quantizer = SegmentQuantizer(model, group_size, calibration)
@@ -320,7 +332,12 @@ class SplitEvaluator:
 
     @torch.no_grad()
     def _logits(self) -> torch.Tensor:
-        return torch.cat([self.model(w.unsqueeze(0)).logits[0, :-1].float() for w in self.windows])
+        out = []
+        for w in self.windows:
+            self.current_ids = w  # what a transform with a token prediction sends beside the window
+            out.append(self.model(w.unsqueeze(0)).logits[0, :-1].float())
+        self.current_ids = None
+        return torch.cat(out)
 
     def v2_config(self, split_layer: int, spec: dict) -> CodecConfigV2:
         """Calibrate the v2 ``spec`` at ``split_layer`` on the evaluator's calibration ids, with
@@ -346,13 +363,17 @@ class SplitEvaluator:
         calibration ids."""
         log: list[TransferResult] = []
         position_shift: tuple[int, ...] = ()
+        id_bits = 0
         with self.quantizer.segments(split_layer, front_bits, back_bits, front_method):
             if transform is None and codec is None:
                 transform = fp16_transfer
             elif transform is None:
                 config = self.v2_config(split_layer, codec) if is_v2_spec(codec) else codec
-                transform = codec_transform(config, self.wire_dtype)
+                prediction = getattr(config, "prediction", None)
+                transform = codec_transform(config, self.wire_dtype, lambda: self.current_ids,
+                                            table_for(prediction, self.model))
                 position_shift = getattr(config, "position_shift", ())
+                id_bits = 0 if prediction is None else prediction.id_bits
             with split_point(self.model, split_layer, transform, log):
                 logits = self._logits()
                 report = compare_logits(self._reference, logits, self.targets)
@@ -374,6 +395,7 @@ class SplitEvaluator:
             tokens=report.tokens,
             front_method=front_method,
             position_shift=position_shift,
+            id_bits=id_bits,
         )
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..codec import CodecConfigV2, FrameError, FrameLimitError, FrameLimits, decode_frame
+from ..codec.predict import table_for
 from ..fastpath import FastCache
 from .protocol import (
     FINGERPRINT_BYTES, Close, Open, Opened, SplitError, Status, Step, TokenReply, Verdict, Verify, decode_message,
@@ -91,6 +92,7 @@ class SessionManager:
         self._hidden_size, self._device = server.adapter.hidden_size, server.device
         self._sessions: dict[int, _Session] = {}
         self._codec_configs: dict[bytes, CodecConfigV2] = {}  # by canonical bytes, oldest first
+        self._table = None  # the input embedding table, once a codec config's token prediction was checked against it
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -170,6 +172,10 @@ class SessionManager:
         if config.d != d:
             raise SplitError(Status.INVALID_ARGUMENT,
                              f"OPEN codec config is for d = {config.d}, this server's hidden size is {d}")
+        try:
+            self._table = table_for(config.prediction, self.server.adapter.model) if config.prediction else self._table
+        except ValueError as exc:
+            raise SplitError(Status.FAILED_PRECONDITION, f"OPEN codec config: {exc}") from None
         with self._lock:
             if len(self._codec_configs) >= MAX_CODEC_CONFIGS:
                 self._codec_configs.pop(next(iter(self._codec_configs)))
@@ -253,7 +259,7 @@ class SessionManager:
         room = sess.max_seq_len - sess.position
         limits = FrameLimits(d=self._hidden_size, max_tokens=room)
         try:
-            hidden = decode_frame(frame, limits, self._device, config=sess.codec)
+            hidden = decode_frame(frame, limits, self._device, config=sess.codec, embedding=self._table)
         except FrameLimitError as exc:
             status = Status.INVALID_ARGUMENT if exc.field in ("d", "dtype") else Status.RESOURCE_EXHAUSTED
             raise SplitError(status, f"frame refused: {exc} (session at position {sess.position} of "

@@ -23,7 +23,7 @@ from .drafting import (ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, Mod
 from .metrics import GenerationMetrics, StepMetrics
 from .protocol import FINGERPRINT_BYTES, ProtocolError, SamplingParams
 from .segments import Edge, cache_nbytes
-from .split_model import GenerationResult, _check_input_ids, _eos_set, open_request, to_wire
+from .split_model import GenerationResult, _check_input_ids, _eos_set, codec_table, open_request, to_wire
 from .transport import Transport
 from .verify import enable_rollback, truncate_cache
 
@@ -149,6 +149,7 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
     vocab = getattr(edge.adapter.config, "vocab_size", None)
     ids = _check_input_ids(input_ids, vocab)
     eos = _eos_set(eos_token_id)
+    table = codec_table(codec, edge.adapter.model)
     # Drafts never run past max_new_tokens, so the server sees at most prompt + new - 1 positions.
     seq_len = ids.shape[1] + max_new_tokens - 1
     metrics = SpeculativeMetrics(hidden_size=edge.adapter.hidden_size)
@@ -187,7 +188,8 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
             if rows:
                 hidden = torch.cat([hidden, *rows])
             t1 = time.perf_counter()
-            frame = encode_frame(to_wire(hidden, wire_dtype), codec, start=position)
+            frame = encode_frame(to_wire(hidden, wire_dtype), codec, start=position, embedding=table,
+                                 tokens=torch.cat([pending[0], torch.tensor(drafts, dtype=torch.long)]))
             t2 = time.perf_counter()
             ahead_k = min(policy.k(), max_new_tokens - len(new) - len(drafts) - 2)
             if pool is not None and seq > 0 and ahead_k > 0:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..codec import CodecConfig, CodecConfigV2, decode, encode, encode_frame, from_bytes
+from ..codec.predict import table_for
 from ..nn import QuantConfig
 from ..nn.config import check_opsc_sides
 from ..models.split import Adapter, adapter_for
@@ -149,6 +150,12 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
     raise TypeError(f"eos_token_id must be None, an int or a list of ints, got {eos_token_id!r}")
 
 
+def codec_table(codec: CodecConfig | CodecConfigV2, model: nn.Module) -> torch.Tensor | None:
+    """The input embedding table a v2 codec's token prediction codes with, checked against
+    ``model``'s (ValueError when it does not hold it); None for a codec without a prediction."""
+    return table_for(codec.prediction, model) if isinstance(codec, CodecConfigV2) else None
+
+
 def open_request(sampling: SamplingParams, fingerprint: bytes, seq_len: int,
                  codec: CodecConfig | CodecConfigV2) -> Open:
     """The OPEN of a session; a v2 codec's static config travels in it, once per session."""
@@ -171,6 +178,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     vocab = edge.adapter.vocab_size
     ids = _check_input_ids(input_ids, vocab)
     eos = _eos_set(eos_token_id)
+    table = codec_table(codec, edge.adapter.model)
     # The last new token is never fed back, so the server sees prompt + new - 1 positions; it refuses
     # the session at OPEN (RESOURCE_EXHAUSTED) when that exceeds its limit.
     seq_len = ids.shape[1] + max_new_tokens - 1
@@ -186,7 +194,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
             t0 = time.perf_counter()
             hidden = edge.forward(step_ids, cache, position)
             t1 = time.perf_counter()
-            frame = encode_frame(to_wire(hidden, wire_dtype), codec, start=position)
+            frame = encode_frame(to_wire(hidden, wire_dtype), codec, start=position, tokens=step_ids[0], embedding=table)
             t2 = time.perf_counter()
             ex = session.step(seq, frame)
             t3 = time.perf_counter()
@@ -252,6 +260,7 @@ class SplitModel:
             _apply_opsc(model, config, calibration)
             adapter = adapter_for(model)
         self.adapter = adapter
+        self._table = codec_table(self.codec, model)  # after OPSC: a quantised embedding cannot predict
         self.edge = Edge(adapter, self.split_layer, fast)
         self.server = Server(adapter, self.split_layer, fast, fast_head)
         self.manager = SessionManager(self.server, limits, self.fingerprint)
@@ -288,7 +297,8 @@ class SplitModel:
         hidden = self._require("edge").forward(ids, None, 0)
         config = self.codec if isinstance(self.codec, CodecConfigV2) else None
         wire = to_wire(hidden, self.config.wire_dtype)
-        hidden = decode(from_bytes(encode(wire, self.codec).to_bytes(), config)).to(hidden.device)
+        frame = encode(wire, self.codec, tokens=ids[0], embedding=self._table).to_bytes()
+        hidden = decode(from_bytes(frame, config), embedding=self._table).to(hidden.device)
         return self._require("server").forward(hidden, None, 0, last_only=False)
 
     def release(self, side: str) -> None:
