@@ -2,8 +2,8 @@
 
 :func:`~splitkernels.codec.calibrate` sets the step from a second-order estimate of the KL (the
 diagonal Fisher of the split hidden state times the quantisation noise). How far the true KL lies
-from it is a property of the model and split layer: 0.8-1.2x on SmolLM2-135M and Gemma 3 270M
-splits 6-13, 2.1-2.5x at Gemma 3 split 2 (bench/results/codec_v2/README.md). A model family the
+from it is a property of the model and split layer: 0.95-1.17x on SmolLM2-135M and Gemma 3 270M
+(2.1-2.5x at Gemma 3 split 2 before its token prediction; bench/results/codec_v2/README.md). A model family the
 defaults were not tuned on may lie further still, so :func:`calibrate_measured` runs the
 calibration windows once through the model with the codec at the split, measures the KL to the
 unsplit model's next-token distributions, and recalibrates with the proxy target divided by the
