@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +14,7 @@ from splitkernels.codec.calibrate import CEILING, PREDICTION_MIN_SAVING, default
 from splitkernels.codec.config_v2 import TOKEN_SHIFT_END
 from splitkernels.codec.predict import EmbeddingPrediction, fit_gain, table_digest
 from splitkernels.planner.costs import frame_bytes_v2
+from v2_frames import bit_flips, reseal, truncations
 
 # The golden config of test_codec_v2_golden with a prediction: vocab 5 (3-bit ids).
 TABLE = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0.5, -1.0, 4.0, 5.0],
@@ -167,18 +168,14 @@ def test_decode_needs_the_same_table():
         decode(enc, embedding=changed)
 
 
-def _reseal(body: bytes, config: CodecConfigV2) -> bytes:
-    return body + struct.pack("<I", zlib.crc32(body, config.crc_seed))
-
-
 def test_forged_ids_raise_frame_error():
     body = bytearray(TOKEN_FRAME[:-4])
     body[2] = 5  # id 5 of a 5-id vocabulary
     with pytest.raises(FrameError, match="not below the vocabulary"):
-        from_bytes(_reseal(bytes(body), CONFIG), config=CONFIG)
+        from_bytes(reseal(bytes(body), CONFIG), config=CONFIG)
     body[2] = 0x08  # a padding bit above the 3-bit id
     with pytest.raises(FrameError, match="padding"):
-        from_bytes(_reseal(bytes(body), CONFIG), config=CONFIG)
+        from_bytes(reseal(bytes(body), CONFIG), config=CONFIG)
     # A frame of the plain config does not decode under the predicting one, nor the other way round.
     plain = dataclasses.replace(CONFIG, prediction=None)
     with pytest.raises(FrameError, match="CRC"):
@@ -242,7 +239,7 @@ def test_one_token_fast_path_writes_and_reads_the_general_paths_bytes(dtype):
     # A forged id (resealed): the fast path declines, the general one names it.
     body = bytearray(frame[:-4])
     body[2:5] = (70000).to_bytes(3, "little")
-    forged = _reseal(bytes(body), cfg)
+    forged = reseal(bytes(body), cfg)
     assert token_frame.decode_token_frame(forged, cfg, None, table) is None
     with pytest.raises(FrameError, match="not below the vocabulary"):
         decode_frame(forged, config=cfg, embedding=table)
@@ -290,3 +287,34 @@ def test_calibrate_sets_token_shifts_with_a_prediction_only():
     heavy = (ids[:p] == 7) & (torch.arange(p) < TOKEN_SHIFT_END)
     assert float(err[heavy].max()) < float(err[~heavy].max()) / 4  # step / 16 against step
     assert calibrate(hidden, **kwargs).token_shift == ()  # no ids in the frames: no token shifts
+
+
+@pytest.mark.parametrize("t", [1, 9])
+def test_fuzz_predicted_frames(t):
+    """Truncations and bit flips raise FrameError; resealed mutations (ids, shifted rows, sections)
+    decode to something bounded by the frame's size or raise FrameError, nothing else."""
+    torch.manual_seed(6)
+    table = torch.randn(300, 24)
+    ids = torch.randint(0, 300, (t,))
+    ids[0] = 7
+    hidden = 3.0 * table[torch.randint(0, 300, (400,))] + 0.1 * torch.randn(400, 24)
+    base = calibrate(hidden, bits=4.0, tokens=torch.randint(0, 300, (400,)), embedding=table)
+    cfg = dataclasses.replace(base, prediction=EmbeddingPrediction([3.0] * 24, 300, table_digest(table)),
+                              token_shift=((7, 3),))
+    x = (3.0 * table[ids] + 0.1 * torch.randn(t, 24)).half()
+    x[-1, 0] = 900.0  # an escape
+    data = encode(x, cfg, start=2, tokens=ids, embedding=table).to_bytes()
+    assert from_bytes(data, config=cfg).residuals is not None  # id 7 below position 128: shifted rows
+    for bad in (*truncations(data), *bit_flips(data, 200, seed=5)):
+        with pytest.raises(FrameError):
+            from_bytes(bad, config=cfg)
+    rng = np.random.default_rng(7)
+    body = data[:-4]
+    for _ in range(300):
+        bad = bytearray(body)
+        bad[int(rng.integers(len(bad)))] = int(rng.integers(256))
+        try:
+            y = decode(from_bytes(reseal(bytes(bad), cfg), config=cfg), embedding=table)
+        except FrameError:
+            continue
+        assert y.numel() * y.element_size() <= 64 * len(data) + 1024
