@@ -289,9 +289,10 @@ def _bisect(pred, lo: float, hi: float) -> tuple[float, float]:
 
 
 def _fit_prediction(hidden: torch.Tensor, sinks: torch.Tensor, tokens: torch.Tensor, embedding: torch.Tensor,
-                    scales: np.ndarray, value_bits: int, classes: int) -> tuple[EmbeddingPrediction, float]:
+                    scales: np.ndarray, value_bits: int, classes: int) -> tuple[EmbeddingPrediction, torch.Tensor, float]:
     """The least-squares prediction of ``hidden`` from its tokens' embedding rows (sinks left
-    out) and the bits per element it saves at the step that gives the plain codec ``DEFAULT_BITS``."""
+    out), the residual of the tokens that are not sinks, and the bits per element the prediction
+    saves at the step that gives the plain codec ``DEFAULT_BITS``."""
     rows = embedding.detach()[tokens.to(embedding.device)].float().cpu()
     pred = EmbeddingPrediction(fit_gain(hidden[~sinks], rows[~sinks]), int(embedding.shape[0]), table_digest(embedding))
     resid = (hidden - pred.values(tokens, embedding, hidden.device))[~sinks]
@@ -300,7 +301,7 @@ def _fit_prediction(hidden: torch.Tensor, sinks: torch.Tensor, tokens: torch.Ten
     fitted = _Stats(resid, resid.median(0).values.numpy(), scales, 32, None, classes, pred.id_bits)
     spread = max(float(plain.z.pow(2).mean().sqrt()), 1e-30)
     delta = _bisect(lambda dl: plain.table(dl)[2] > DEFAULT_BITS, spread * 2.0**-16, spread * 4.0)[1]
-    return pred, plain.table(delta)[2] - fitted.table(delta)[2]
+    return pred, resid, plain.table(delta)[2] - fitted.table(delta)[2]
 
 
 def calibrate(
@@ -364,6 +365,7 @@ def calibrate(
         if tokens.is_floating_point() or tokens.shape[0] != hidden.shape[0] or \
                 (tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < embedding.shape[0])):
             raise ValueError(f"tokens must be {hidden.shape[0]} integer ids in [0, {embedding.shape[0]}), one per hidden state")
+        tokens = tokens.to(torch.int64)
     shifts: tuple[int, ...] = ()
     if position_sensitivity is not None:
         shifts = position_shifts(position_sensitivity)
@@ -389,9 +391,9 @@ def calibrate(
     n_classes = min(classes, d // MIN_CLASS_CHANNELS)
     prediction, saving = None, None
     if embedding is not None:
-        prediction, saving = _fit_prediction(hidden, sinks, tokens.to(torch.int64), embedding, scales, value_bits, n_classes)
+        prediction, residual, saving = _fit_prediction(hidden, sinks, tokens, embedding, scales, value_bits, n_classes)
         if saving >= PREDICTION_MIN_SAVING:
-            body = (hidden - prediction.values(tokens.to(torch.int64), embedding, hidden.device))[~sinks]
+            body = residual
             value_bits = 32  # escapes and raw tokens of the residual travel in fp32
         else:
             prediction = None

@@ -157,12 +157,14 @@ class EmbeddingPrediction:
             raise ValueError(f"token ids must be in [0, {self.vocab}), got [{int(ids.min())}, {int(ids.max())}]")
         return ids
 
-    def values(self, tokens: torch.Tensor, embedding: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    def values(self, tokens: torch.Tensor | int, embedding: torch.Tensor,
+               device: torch.device | str | None = None) -> torch.Tensor:
         """``fp32(gain * fp32(E[tokens]))`` ``[T, d]`` on ``device`` (default: the table's); ``tokens``
-        checked by :meth:`check_tokens`, ``embedding`` by :meth:`check_table`."""
-        rows = embedding.detach()[tokens.to(embedding.device)].float()
-        gain = self._gain_t.to(rows.device)
-        out = rows * gain  # one fp32 rounding, no FMA: the same on every backend
+        checked by :meth:`check_tokens`, or one id from :meth:`token_id` (``[1, d]``: the per-step
+        path, no index tensor), ``embedding`` by :meth:`check_table`."""
+        index = tokens if isinstance(tokens, int) else tokens.to(embedding.device)
+        rows = embedding.detach()[index].float().reshape(-1, self.d)
+        out = rows * self._gain_t.to(rows.device)  # one fp32 rounding, no FMA: the same on every backend
         return out if device is None else out.to(device)
 
     def token_id(self, tokens) -> int:
@@ -178,12 +180,6 @@ class EmbeddingPrediction:
         if not 0 <= token < self.vocab:
             raise ValueError(f"token ids must be in [0, {self.vocab}), got [{token}, {token}]")
         return token
-
-    def row_values(self, token: int, embedding: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-        """:meth:`values` of one token id ``[1, d]``, the same bits."""
-        out = embedding.detach()[token].float() * self._gain_t.to(embedding.device)
-        out = out.reshape(1, -1)
-        return out if device is None else out.to(device)
 
     def id_section(self, token: int) -> bytes:
         """:meth:`pack_ids` of one id: the id in :attr:`id_bits` bits, least significant first, is its little-endian bytes."""

@@ -122,7 +122,7 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
         pred.check_table(embedding)
     except ValueError:
         return None  # the general path raises it
-    return out.float() + pred.row_values(token, embedding, out.device)
+    return out.float() + pred.values(token, embedding, out.device)
 
 
 def has_native_encoder() -> bool:
@@ -150,7 +150,7 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
     ids = b""
     if pred is not None:
         pred.check_table(embedding)
-        x = x.detach().float() - pred.row_values(token, embedding, x.device)
+        x = x.detach().float() - pred.values(token, embedding, x.device)
         ids = pred.id_section(token)
     x = x.detach().cpu().contiguous()
     crc_seed, d, kmax, tables, period, inv, center, raw_limit = _cached(_ENC_ARGS, config, _encoder_args)

@@ -172,10 +172,11 @@ class SessionManager:
         if config.d != d:
             raise SplitError(Status.INVALID_ARGUMENT,
                              f"OPEN codec config is for d = {config.d}, this server's hidden size is {d}")
-        try:
-            self._table = table_for(config.prediction, self.server.adapter.model) if config.prediction else self._table
-        except ValueError as exc:
-            raise SplitError(Status.FAILED_PRECONDITION, f"OPEN codec config: {exc}") from None
+        if config.prediction is not None:  # the model's one table, kept for every predicting session
+            try:
+                self._table = table_for(config.prediction, self.server.adapter.model)
+            except ValueError as exc:
+                raise SplitError(Status.FAILED_PRECONDITION, f"OPEN codec config: {exc}") from None
         with self._lock:
             if len(self._codec_configs) >= MAX_CODEC_CONFIGS:
                 self._codec_configs.pop(next(iter(self._codec_configs)))
