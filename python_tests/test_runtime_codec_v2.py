@@ -43,6 +43,11 @@ def config(model, calib_ids) -> CodecConfigV2:
                             window=128)
 
 
+@pytest.fixture(scope="module")
+def predicting(model, calib_ids) -> CodecConfigV2:
+    return config_for_model({"kind": "v2", "bits": 4.0, "sensitivity": "fisher"}, model, SPLIT, calib_ids, window=128)
+
+
 def _other_config(config: CodecConfigV2) -> CodecConfigV2:
     return dataclasses.replace(config, center=tuple(c + 1e-3 for c in config.center))
 
@@ -104,7 +109,9 @@ def test_open_carries_the_config_once_behind_a_flag(config):
 
 
 @pytest.mark.parametrize("transport", ["in-process", "grpc"])
-def test_greedy_v2_generation_runs_through_bytes(model, config, transport):
+@pytest.mark.parametrize("codec", ["config", "predicting"])
+def test_greedy_v2_generation_runs_through_bytes(model, codec, transport, request):
+    config = request.getfixturevalue(codec)
     sm = split_model(model, SplitConfig(SPLIT, codec=config))
     ids = prompt(3, 7)
     if transport == "grpc":
@@ -115,12 +122,16 @@ def test_greedy_v2_generation_runs_through_bytes(model, config, transport):
     new = result.new_tokens
     assert len(new) == 6
     # v2 codes every token on its own, so the teacher-forced split model (edge -> v2 frame bytes ->
-    # server, no cache) must pick the same greedy tokens as the cached generation did.
+    # server, no cache; with a prediction, its ids beside each row) must pick the same greedy
+    # tokens as the cached generation did.
     logits = sm(result.sequences[:, :-1])
     assert logits[0, ids.shape[1] - 1:].argmax(-1).tolist() == new
     s = result.metrics.summary()
     assert 1.0 < s["bits_per_element_prefill"] < 12 and 1.0 < s["bits_per_element_decode"] < 12
-    assert all(step.frame_bytes < 2 * 48 * step.tokens for step in result.metrics.steps)  # smaller than fp16
+    if config.prediction is None:
+        assert all(step.frame_bytes < 2 * 48 * step.tokens for step in result.metrics.steps)  # smaller than fp16
+    else:  # each frame carries its token ids
+        assert all(step.frame_bytes > config.prediction.id_bytes(step.tokens) for step in result.metrics.steps)
     sm.close()
 
 
@@ -186,15 +197,16 @@ def test_sessions_share_one_parsed_config(model, config):
     sm.close()
 
 
-def test_speculative_rounds_carry_v2_frames(model, config):
+@pytest.mark.parametrize("codec", ["config", "predicting"])
+def test_speculative_rounds_carry_v2_frames(model, codec, request):
     from splitkernels.runtime.speculative import speculate
 
-    sm = split_model(model, SplitConfig(SPLIT, codec=config))
+    sm = split_model(model, SplitConfig(SPLIT, codec=request.getfixturevalue(codec)))
     ids = prompt(6, 6)
     plain = sm.generate(ids, 8)
     result = speculate(sm, ids, 8, drafter="early-exit", k=3)
     assert torch.equal(result.sequences, plain)
-    assert sum(r.drafted for r in result.metrics.rounds) > 0  # drafts went through the codec
+    assert sum(r.drafted for r in result.metrics.rounds) > 0  # drafts went through the codec (with their ids)
     sm.close()
 
 
@@ -205,46 +217,12 @@ def _predicting(model, config: CodecConfigV2, gain: float = 0.5) -> CodecConfigV
     return dataclasses.replace(config, prediction=EmbeddingPrediction([gain] * config.d, table.shape[0], table_digest(table)))
 
 
-@pytest.fixture(scope="module")
-def predicting(model, calib_ids) -> CodecConfigV2:
-    return config_for_model({"kind": "v2", "bits": 4.0, "sensitivity": "fisher"}, model, SPLIT, calib_ids, window=128)
-
-
 def test_the_spec_predicts_where_it_pays(predicting, config):
     # The tiny model's split-layer state is still much like its embedding: the prediction pays there.
     assert predicting.prediction is not None and predicting.info["prediction_saving"] >= PREDICTION_MIN_SAVING
     assert predicting.version == 5 and config.prediction is None and "prediction_saving" not in config.info
     with pytest.raises(ValueError, match="'predict' must be true or false"):
         config_from_spec({"kind": "v2", "predict": 1}, torch.randn(8, 4))
-
-
-@pytest.mark.parametrize("transport", ["in-process", "grpc"])
-def test_predicting_v2_generation_runs_through_bytes(model, predicting, transport):
-    sm = split_model(model, SplitConfig(SPLIT, codec=predicting))
-    ids = prompt(3, 7)
-    if transport == "grpc":
-        with GrpcServer(sm.manager) as server, GrpcTransport(server.address) as client:
-            result = sm.run(ids, 6, transport=client)
-    else:
-        result = sm.run(ids, 6)
-    new = result.new_tokens
-    # The teacher-forced path sends the same frames (its ids beside each row), so the same tokens.
-    logits = sm(result.sequences[:, :-1])
-    assert logits[0, ids.shape[1] - 1:].argmax(-1).tolist() == new
-    # Each decode frame carries its token id: the bytes differ from the plain config's by it.
-    id_bytes = predicting.prediction.id_bytes(1)
-    assert all(step.frame_bytes > id_bytes for step in result.metrics.steps)
-    spec = speculate_tokens(sm, ids)
-    assert torch.equal(spec, sm.generate(ids, 8))
-    sm.close()
-
-
-def speculate_tokens(sm, ids: torch.Tensor) -> torch.Tensor:
-    from splitkernels.runtime.speculative import speculate
-
-    result = speculate(sm, ids, 8, drafter="early-exit", k=3)
-    assert sum(r.drafted for r in result.metrics.rounds) > 0  # drafts went through the codec with their ids
-    return result.sequences
 
 
 def test_a_prediction_from_another_table_is_refused(model, config):
