@@ -12,7 +12,7 @@ from splitkernels.codec import (CodecConfigV2, FrameError, FrameLimits, calibrat
                                 from_bytes, token_frame)
 from splitkernels.codec.calibrate import CEILING, PREDICTION_MIN_SAVING, default_bits_ceiling, token_shifts
 from splitkernels.codec.config_v2 import TOKEN_SHIFT_END
-from splitkernels.codec.predict import EmbeddingPrediction, fit_gain, table_digest
+from splitkernels.codec.predict import EmbeddingPrediction, embedding_table, fit_gain, table_digest
 from splitkernels.planner.costs import frame_bytes_v2
 from v2_frames import bit_flips, reseal, truncations
 
@@ -139,6 +139,17 @@ def test_calibrate_keeps_a_prediction_only_where_it_pays():
     predicted = calibrate(3.0 * table[ids] + 0.1 * unrelated, bits=CEILING, tokens=ids, embedding=table)
     assert predicted.prediction is not None
     assert predicted.info["target_bits"] == default_bits_ceiling(32, predicted.prediction.id_bits)
+
+
+def test_embedding_table_predicts_only_at_the_split_width():
+    model = torch.nn.Module()
+    model.emb = torch.nn.Embedding(10, 16)
+    model.get_input_embeddings = lambda: model.emb
+    assert embedding_table(model) is model.emb.weight and embedding_table(model, 16) is model.emb.weight
+    assert embedding_table(model, 32) is None  # a factorised embedding (projected up to 32 after it) cannot predict
+    model.emb = torch.nn.Linear(4, 4)  # no [V, d] table
+    model.emb.weight = torch.nn.Parameter(torch.zeros(4, 4, 2))
+    assert embedding_table(model) is None
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -95,7 +95,7 @@ def calibrate_measured(model: nn.Module, windows: Sequence[torch.Tensor], split_
     if not (isinstance(max_kl, (int, float)) and max_kl > 0):
         raise ValueError(f"max_kl must be a number > 0, got {max_kl!r}")
     ceiling = CEILING if bits is None else bits
-    table = embedding_table(model) if predict else None
+    table = embedding_table(model, fisher.hidden.shape[1]) if predict else None
     tokens = None if table is None else torch.cat([w.reshape(-1) for w in windows])
     if tokens is not None and tokens.shape[0] != fisher.hidden.shape[0]:
         raise ValueError(f"fisher holds {fisher.hidden.shape[0]} hidden states, windows {tokens.shape[0]} tokens")

@@ -209,13 +209,17 @@ class EmbeddingPrediction:
 
 
 
-def embedding_table(model) -> torch.Tensor | None:
+def embedding_table(model, width: int | None = None) -> torch.Tensor | None:
     """The input embedding table ``[V, d]`` of a model (``get_input_embeddings().weight``), or None
-    when it has no plain table (a quantised embedding, say): then nothing can predict from it."""
+    when it has no plain table (a quantised embedding, say) or, given ``width`` (the split hidden
+    state's), when its rows are not that wide (a factorised embedding that a projection widens, as
+    in ELECTRA): then nothing can predict from it."""
     get = getattr(model, "get_input_embeddings", None)
     module = get() if callable(get) else None
     weight = getattr(module, "weight", None)
-    return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point() else None
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()):
+        return None
+    return weight if width is None or weight.shape[1] == width else None
 
 
 def table_for(prediction: EmbeddingPrediction | None, model) -> torch.Tensor | None:

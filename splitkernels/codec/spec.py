@@ -160,8 +160,11 @@ def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.
         if not windows or any(w.numel() < 2 for w in windows):
             raise ValueError("calibration windows must be a non-empty sequence of token id tensors of at least 2 ids each")
     predict = spec.get("predict", True)
-    table = embedding_table(model) if predict else None
-    tokens = None if table is None else torch.cat(windows)
+
+    def offered(hidden: torch.Tensor) -> dict:  # the prediction's inputs, where the table can predict
+        table = embedding_table(model, hidden.shape[1]) if predict else None
+        return {"tokens": None if table is None else torch.cat(windows), "embedding": table}
+
     was_training = model.training
     model.eval()
     try:
@@ -170,8 +173,8 @@ def config_for_model(spec: dict, model: nn.Module, split_layer: int, ids: torch.
             if measure_kl and spec.get("bits") is None:
                 return calibrate_measured(model, windows, split_layer, fisher, wire_dtype=wire_dtype, predict=predict)
             return config_from_spec(spec, fisher.hidden, sensitivity=fisher.channel, position_sensitivity=fisher.position,
-                                    wire_dtype=wire_dtype, tokens=tokens, embedding=table, token_sensitivity=fisher.token)
-        return config_from_spec(spec, split_hidden_states(model, windows, split_layer), wire_dtype=wire_dtype,
-                                tokens=tokens, embedding=table)
+                                    wire_dtype=wire_dtype, token_sensitivity=fisher.token, **offered(fisher.hidden))
+        hidden = split_hidden_states(model, windows, split_layer)
+        return config_from_spec(spec, hidden, wire_dtype=wire_dtype, **offered(hidden))
     finally:
         model.train(was_training)
