@@ -24,7 +24,7 @@
 //   row's chain alone is bound by the vdpbf16ps latency. Where the M rows of x outgrow a
 //   share of L1 (M >= 2 with long K), K is read in slices of whole groups, every weight row
 //   meeting one slice of x while it stays in L1 (see dot_rows);
-// * more rows: gather the same pairs for 32 weight rows into a panel (u32 element (kp, n);
+// * more rows: collect the same pairs for 32 weight rows into a panel (u32 element (kp, n);
 //   8 bits: decoded row by row and transposed in registers, build_panel8) and run an MR x 32
 //   outer-product micro-kernel that broadcasts one activation pair per row; the 32 rows'
 //   scales sit in vector lanes, so groups are scaled in registers.
@@ -102,7 +102,7 @@ inline void decode_lanes3(__m512i v, __m512i parity, __m512i out[4]) {
 inline __m512i lane_parity3() { return _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0); }
 #endif
 
-// Pair vectors of one 64-byte chunk of 2- or 4-bit codes (or 16 gathered quads): out[ph * 2 + t]
+// Pair vectors of one 64-byte chunk of 2- or 4-bit codes (or 16 transposed quads): out[ph * 2 + t]
 // holds, per u32 lane, the bf16 codes (plus kCodeOffset) of phase ph from bytes t and t + 2 of
 // the lane's four bytes. (8-bit codes are decoded in natural order: natural8_pairs.)
 template <int B>
@@ -328,72 +328,74 @@ inline void transpose16(__m512i v[16]) {
   }
 }
 
-// The 8-bit panel, in natural pair order (pair kp = codes 2 kp, 2 kp + 1; bf16_position): the
-// 32 rows' chunk is first copied side by side (as in build_panel: rows a power of two apart
-// share a few L1 sets), then each 16 rows' 32 codes become 16 pairs in natural order
-// (natural8_pairs) and are transposed in registers (transpose16), where gathering them cost
-// more than the micro-kernel itself at M = 16. Each row's chunk kPanelPrefetchBytes ahead is
-// prefetched into L2 (into L1 the 32 rows would evict each other).
+// The 8-bit panel, in natural pair order (pair kp = codes 2 kp, 2 kp + 1; bf16_position): each
+// 16 rows' 32 codes become 16 pairs in natural order (natural8_pairs, loaded straight from the
+// rows) and are transposed in registers (transpose16), where gathering them cost more than the
+// micro-kernel itself at M = 16. Each row's chunk kPanelPrefetchBytes ahead is prefetched into
+// L2 (into L1 the 32 rows would evict each other).
 constexpr int64_t kPanelPrefetchBytes = 256;
 void build_panel8(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* panel) {
-  alignas(64) uint8_t stage[kBlockN * 64];
   const int64_t chunks = (p.K + 63) / 64;
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t left = std::min<int64_t>(64, p.K - 64 * c);
-    const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
-    for (int64_t r = 0; r < kBlockN; ++r) {  // rows past the end repeat the first
-      const uint8_t* src = p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + 64 * c;
-      if (64 * c + kPanelPrefetchBytes < p.row_bytes)
-        _mm_prefetch(reinterpret_cast<const char*>(src + kPanelPrefetchBytes), _MM_HINT_T1);
-      _mm512_store_si512(stage + 64 * r, _mm512_maskz_loadu_epi8(bytes, src));
-    }
-    for (int hc = 0; hc < 2 && 32 * hc < left; ++hc)
+    for (int hc = 0; hc < 2 && 32 * hc < left; ++hc) {
+      const int64_t n = std::min<int64_t>(32, left - 32 * hc);
+      const __mmask32 bytes = n == 32 ? ~0u : (1u << n) - 1;
       for (int64_t h = 0; h < kBlockN; h += 16) {
         __m512i v[16];
-        for (int64_t r = 0; r < 16; ++r) v[r] = natural8_pairs(stage + 64 * (h + r) + 32 * hc, ~0u);
+        for (int64_t r = 0; r < 16; ++r) {  // rows past the end repeat the first
+          const int64_t row = h + r;
+          const uint8_t* src = p.qweight + (n0 + (row < rows ? row : 0)) * p.row_bytes + 64 * c;
+          if (hc == 0 && 64 * c + kPanelPrefetchBytes < p.row_bytes)
+            _mm_prefetch(reinterpret_cast<const char*>(src + kPanelPrefetchBytes), _MM_HINT_T1);
+          v[r] = natural8_pairs(src + 32 * hc, bytes);
+        }
         transpose16(v);
         for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + ((2 * c + hc) * 16 + j) * kBlockN + h, v[j]);
       }
+    }
   }
 }
 
+// The 2-, 3- and 4-bit panel: each 16 rows' current chunk is loaded (3 bits: arranged, arrange3)
+// and transposed in registers (transpose16), which hands every quad (u32 lane) of the 16 rows to
+// the decode at once; per-lane gathers from a staged copy took 1.7 times as long, and at M = 64 the
+// panel was a sixth of the call. Each row's chunk kPanelPrefetchBytes ahead is prefetched into L2.
 template <int B>
 void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* panel) {
   constexpr int nv = kPairs<B>;
   constexpr int64_t cb = kChunkBytes<B>;
-  // The 32 rows' current chunk is first copied side by side (3 bits: arranged, arrange3): rows
-  // of a power-of-two byte stride share a few L1 sets, and gathering from them directly misses
-  // on every lane.
-  alignas(64) uint8_t stage[kBlockN * 64];
-  const __m512i lane_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32(64));
   const int64_t code_bytes = p.K * B / 8, chunks = (code_bytes + cb - 1) / cb;
   const int64_t lanes = std::min<int64_t>(16, p.group_size / (kChunkCodes<B> / 16));
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
     const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
-    for (int64_t r = 0; r < kBlockN; ++r) {  // rows past the end repeat the first
-      __m512i raw = _mm512_maskz_loadu_epi8(bytes, p.qweight + (n0 + (r < rows ? r : 0)) * p.row_bytes + cb * c);
+    for (int h = 0; h < 2; ++h) {
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) {  // rows past the end repeat the first
+        const int64_t row = 16 * h + r;
+        const uint8_t* src = p.qweight + (n0 + (row < rows ? row : 0)) * p.row_bytes + cb * c;
+        if (cb * c + kPanelPrefetchBytes < p.row_bytes)
+          _mm_prefetch(reinterpret_cast<const char*>(src + kPanelPrefetchBytes), _MM_HINT_T1);
+        v[r] = _mm512_maskz_loadu_epi8(bytes, src);
 #if defined(__AVX512VBMI__)
-      if constexpr (B == 3) raw = arrange3(raw);
+        if constexpr (B == 3) v[r] = arrange3(v[r]);
 #endif
-      _mm512_store_si512(stage + 64 * r, raw);
-    }
-    for (int quad = 0; quad < 16; ++quad) {
-      // Pair index of (v, quad) in the panel form of bf16_position.
-      const int64_t gi = quad / lanes, ql = quad % lanes;
-      uint32_t* dst = panel + (c * nv * 16 + gi * nv * lanes + ql) * kBlockN;
-      for (int h = 0; h < 2; ++h) {
-        const __m512i gathered = _mm512_i32gather_epi32(lane_offsets, stage + 16 * 64 * h + 4 * quad, 1);
+      }
+      transpose16(v);  // v[quad] lane r: u32 lane `quad` of row 16 h + r
+      for (int quad = 0; quad < 16; ++quad) {
+        // Pair index of (pair vector, quad) in the panel form of bf16_position.
+        const int64_t gi = quad / lanes, ql = quad % lanes;
+        uint32_t* dst = panel + (c * nv * 16 + gi * nv * lanes + ql) * kBlockN;
         __m512i q[nv];
         if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-          decode_lanes3(gathered, _mm512_set1_epi32(4 * (quad % 2)), q);
+          decode_lanes3(v[quad], _mm512_set1_epi32(4 * (quad % 2)), q);
 #endif
         } else {
-          decode_quads<B>(gathered, q);
+          decode_quads<B>(v[quad], q);
         }
-        for (int v = 0; v < nv; ++v) _mm512_storeu_si512(dst + v * lanes * kBlockN + 16 * h, q[v]);
+        for (int j = 0; j < nv; ++j) _mm512_storeu_si512(dst + j * lanes * kBlockN + 16 * h, q[j]);
       }
     }
   }
