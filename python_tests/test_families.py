@@ -158,7 +158,7 @@ def test_family_codec_v2_calibrates_and_generates(model_type, class_name):
     prediction offered) at the middle split of every family: every coded value of a fresh prompt's
     split hidden state lies within half its step, and greedy split generation through the v2
     frames picks the tokens the teacher-forced split model (each token's frame on its own, no
-    cache) picks."""
+    cache) ranks first."""
     ids = torch.randint(3, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(1))
     model, greedy, _ = _runnable(model_type, class_name, ids)
     if model_type in KNOWN_LIMITS:
@@ -189,6 +189,9 @@ def test_family_codec_v2_calibrates_and_generates(model_type, class_name):
         assert ((back - hidden).abs() <= (hidden.abs() + pred.abs()) * 2.0 ** -22)[~coded].all()
 
     result = sm.run(ids, NEW_TOKENS)
-    logits = sm(result.sequences[:, :-1])
-    assert logits[0, ids.shape[1] - 1:].argmax(-1).tolist() == result.new_tokens
+    forced = sm(result.sequences[:, :-1])[0, ids.shape[1] - 1:]
+    picked = forced.gather(1, torch.tensor(result.new_tokens)[:, None])[:, 0]
+    # The cached and the uncached forward may round differently, so a near-tie may go either way:
+    # each picked token is the teacher-forced argmax up to 1e-4 of the logits' scale.
+    assert (picked >= forced.max(-1).values - 1e-4 * forced.abs().max()).all(), (forced.argmax(-1), result.new_tokens)
     sm.close()
