@@ -85,6 +85,34 @@ def test_rans_symbol_bound_holds_for_the_most_skewed_table():
         assert n <= rans.max_symbols(len(data))
 
 
+def _freqs_one_unit_at_a_time(counts) -> tuple[int, ...]:
+    """build_freqs' rule in its plain form: every rounding unit handed out (or taken back) alone."""
+    c = np.asarray(counts, dtype=np.float64)
+    n, total = c.shape[0], c.sum()
+    p = c / total if total > 0 else np.full(n, 1.0 / n)
+    f = np.minimum(np.maximum(1, np.floor(p * (rans.M - n)).astype(np.int64) + 1), rans.MAX_FREQ)
+    while f.sum() != rans.M:
+        if f.sum() < rans.M:
+            f[int(np.argmax(np.where(f < rans.MAX_FREQ, p / f, -1.0)))] += 1
+        else:
+            f[int(np.argmin(np.where(f > 1, p / (f - 1), np.inf)))] -= 1
+    return tuple(int(v) for v in f)
+
+
+def test_build_freqs_equals_one_unit_at_a_time():
+    rng = np.random.default_rng(11)
+    cases = [[1e9] + [0] * 255, [0, 0, 0], [5, 5], [1, 0, 0, 1], [3.0] * 256, [1e9, 1e9, 1, 0, 0]]
+    for n in (2, 3, 6, 17, 64, 200, 256):
+        cases += [rng.random(n) ** 4 * 1e6, rng.dirichlet(np.full(n, 0.05)) * 1e5, np.bincount(
+            rng.integers(0, n, 7), minlength=n), np.where(rng.random(n) < 0.9, 0, rng.random(n))]
+        peaked = np.zeros(n)
+        peaked[n // 2] = 1e6
+        peaked[rng.integers(0, n, 3)] += rng.random(3) * 100  # one symbol capped, a few units elsewhere
+        cases.append(peaked)
+    for counts in cases:
+        assert rans.build_freqs(counts) == _freqs_one_unit_at_a_time(counts), counts
+
+
 def test_build_freqs_properties():
     rng = np.random.default_rng(3)
     for n in (2, 3, 17, 256):

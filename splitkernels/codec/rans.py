@@ -10,6 +10,8 @@ kept in ``[2**16, 2**32)``, 16-bit renormalisation words, ``lanes(n)`` interleav
 from __future__ import annotations
 
 import functools
+import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,15 +78,49 @@ def build_freqs(counts: Sequence[int] | np.ndarray) -> tuple[int, ...]:
     p = c / total if total > 0 else np.full(n, 1.0 / n)
     f = np.maximum(1, np.floor(p * (M - n)).astype(np.int64) + 1)
     f = np.minimum(f, MAX_FREQ)
-    # Hand out (or take back) the rounding remainder one unit at a time, largest expected gain first.
-    while f.sum() != M:
-        if f.sum() < M:
-            gain = np.where(f < MAX_FREQ, p / f, -1.0)
-            f[int(np.argmax(gain))] += 1
-        else:
-            loss = np.where(f > 1, p / (f - 1), np.inf)
-            f[int(np.argmin(loss))] -= 1
+    # Hand out the rounding remainder one unit at a time, largest expected gain p / f first (ties:
+    # the lower symbol), or take back a unit where the loss p / (f - 1) is least when rounding
+    # overshot. The hand-out runs in runs of units: a capped symbol (a peaked table) leaves
+    # thousands of units, which one at a time cost 50 ms per table.
+    short = M - int(f.sum())
+    if short > 0:
+        f = _hand_out(f, p, short)
+    while f.sum() > M:
+        loss = np.where(f > 1, p / (f - 1), np.inf)
+        f[int(np.argmin(loss))] -= 1
     return tuple(int(v) for v in f)
+
+
+def _hand_out(f: np.ndarray, p: np.ndarray, units: int) -> np.ndarray:
+    """``f`` after ``units`` single increments, each to the symbol of largest ``p / f`` below
+    MAX_FREQ (the lowest such symbol on a tie): the same table as one increment per step, with each
+    symbol's run of consecutive wins taken at once (a heap holds the others' keys)."""
+    f = [int(v) for v in f]
+    p = [float(v) for v in p]
+
+    def key(i: int, fi: int) -> tuple[float, int]:  # smallest first: largest gain, then lowest symbol
+        return (-(p[i] / fi), i) if fi < MAX_FREQ else (1.0, i)  # a capped symbol's gain is -1
+
+    heap = [key(i, fi) for i, fi in enumerate(f)]
+    heapq.heapify(heap)
+    while units:
+        _, i = heapq.heappop(heap)
+        rival = heap[0] if heap else (math.inf, len(f))
+        # i keeps winning while its key after t more units stays below the rival's (monotone in t);
+        # most runs are one unit long.
+        lo, hi = 1, min(units, MAX_FREQ - f[i])
+        if hi > 1 and not key(i, f[i] + 1) < rival:
+            hi = 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if key(i, f[i] + mid - 1) < rival:
+                lo = mid
+            else:
+                hi = mid - 1
+        f[i] += lo
+        units -= lo
+        heapq.heappush(heap, key(i, f[i]))
+    return np.asarray(f, dtype=np.int64)
 
 
 @dataclass(frozen=True, eq=False)
