@@ -163,9 +163,6 @@ def test_family_codec_v2_calibrates_and_generates(model_type, class_name):
     model, greedy, _ = _runnable(model_type, class_name, ids)
     if model_type in KNOWN_LIMITS:
         pytest.skip(f"the split itself does not run yet (test_family_split_equals_generate): {KNOWN_LIMITS[model_type]}")
-    if not torch.equal(greedy, _own_greedy(model, ids)):
-        pytest.skip("model.generate() disagrees with the model's own uncached forward, which the teacher-forced check "
-                    "below runs")
     _check_adapter(model)
     split = max(1, len(decoder_layers(model)) // 2)
     gen = torch.Generator().manual_seed(2)
@@ -193,5 +190,8 @@ def test_family_codec_v2_calibrates_and_generates(model_type, class_name):
     picked = forced.gather(1, torch.tensor(result.new_tokens)[:, None])[:, 0]
     # The cached and the uncached forward may round differently, so a near-tie may go either way:
     # each picked token is the teacher-forced argmax up to 1e-4 of the logits' scale.
-    assert (picked >= forced.max(-1).values - 1e-4 * forced.abs().max()).all(), (forced.argmax(-1), result.new_tokens)
+    ranked_first = bool((picked >= forced.max(-1).values - 1e-4 * forced.abs().max()).all())
     sm.close()
+    if not ranked_first and not torch.equal(greedy, _own_greedy(model, ids)):
+        pytest.skip("model.generate() disagrees with the model's own uncached forward, which the teacher-forced check runs")
+    assert ranked_first, (forced.argmax(-1).tolist(), result.new_tokens)
