@@ -80,8 +80,8 @@ def build_freqs(counts: Sequence[int] | np.ndarray) -> tuple[int, ...]:
     f = np.minimum(f, MAX_FREQ)
     # Hand out the rounding remainder one unit at a time, largest expected gain p / f first (ties:
     # the lower symbol), or take back a unit where the loss p / (f - 1) is least when rounding
-    # overshot. The hand-out runs in runs of units: a capped symbol (a peaked table) leaves
-    # thousands of units, which one at a time cost 50 ms per table.
+    # overshot. Units go out in runs (_hand_out): a capped symbol (a peaked table) leaves thousands
+    # of them, which one numpy pass each made 50 ms per table.
     short = M - int(f.sum())
     if short > 0:
         f = _hand_out(f, p, short)
