@@ -328,12 +328,23 @@ inline void transpose16(__m512i v[16]) {
   }
 }
 
+constexpr int64_t kPanelPrefetchBytes = 256;
+
+// Byte `offset` of row `row` of the panel's block at n0 (rows past the end repeat the first); with
+// `prefetch`, the row kPanelPrefetchBytes further on is prefetched into L2.
+inline const uint8_t* panel_row(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t row, int64_t offset,
+                                bool prefetch) {
+  const uint8_t* src = p.qweight + (n0 + (row < rows ? row : 0)) * p.row_bytes + offset;
+  if (prefetch && offset + kPanelPrefetchBytes < p.row_bytes)
+    _mm_prefetch(reinterpret_cast<const char*>(src + kPanelPrefetchBytes), _MM_HINT_T1);
+  return src;
+}
+
 // The 8-bit panel, in natural pair order (pair kp = codes 2 kp, 2 kp + 1; bf16_position): each
 // 16 rows' 32 codes become 16 pairs in natural order (natural8_pairs, loaded straight from the
 // rows) and are transposed in registers (transpose16), where gathering them cost more than the
 // micro-kernel itself at M = 16. Each row's chunk kPanelPrefetchBytes ahead is prefetched into
 // L2 (into L1 the 32 rows would evict each other).
-constexpr int64_t kPanelPrefetchBytes = 256;
 void build_panel8(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* panel) {
   const int64_t chunks = (p.K + 63) / 64;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -343,13 +354,8 @@ void build_panel8(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pa
       const __mmask32 bytes = n == 32 ? ~0u : (1u << n) - 1;
       for (int64_t h = 0; h < kBlockN; h += 16) {
         __m512i v[16];
-        for (int64_t r = 0; r < 16; ++r) {  // rows past the end repeat the first
-          const int64_t row = h + r;
-          const uint8_t* src = p.qweight + (n0 + (row < rows ? row : 0)) * p.row_bytes + 64 * c;
-          if (hc == 0 && 64 * c + kPanelPrefetchBytes < p.row_bytes)
-            _mm_prefetch(reinterpret_cast<const char*>(src + kPanelPrefetchBytes), _MM_HINT_T1);
-          v[r] = natural8_pairs(src + 32 * hc, bytes);
-        }
+        for (int64_t r = 0; r < 16; ++r)
+          v[r] = natural8_pairs(panel_row(p, n0, rows, h + r, 64 * c, hc == 0) + 32 * hc, bytes);
         transpose16(v);
         for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + ((2 * c + hc) * 16 + j) * kBlockN + h, v[j]);
       }
@@ -372,12 +378,8 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pan
     const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
     for (int h = 0; h < 2; ++h) {
       __m512i v[16];
-      for (int r = 0; r < 16; ++r) {  // rows past the end repeat the first
-        const int64_t row = 16 * h + r;
-        const uint8_t* src = p.qweight + (n0 + (row < rows ? row : 0)) * p.row_bytes + cb * c;
-        if (cb * c + kPanelPrefetchBytes < p.row_bytes)
-          _mm_prefetch(reinterpret_cast<const char*>(src + kPanelPrefetchBytes), _MM_HINT_T1);
-        v[r] = _mm512_maskz_loadu_epi8(bytes, src);
+      for (int r = 0; r < 16; ++r) {
+        v[r] = _mm512_maskz_loadu_epi8(bytes, panel_row(p, n0, rows, 16 * h + r, cb * c, true));
 #if defined(__AVX512VBMI__)
         if constexpr (B == 3) v[r] = arrange3(v[r]);
 #endif
