@@ -334,6 +334,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_spin_us", &sk::set_spin_us, py::arg("us"),
         "How long an idle pool worker spins for the next job before it sleeps (microseconds, 0..10000).");
   m.def("spin_us", &sk::spin_us, "The pool workers' spin before they sleep, in microseconds.");
+  m.def("team_stats", [] {
+    const sk::TeamStats s = sk::team_stats();
+#ifdef _OPENMP
+    const bool openmp = true;
+#else
+    const bool openmp = false;
+#endif
+    return py::dict(py::arg("openmp") = openmp, py::arg("team_calls") = s.team_calls,
+                    py::arg("pool_calls") = s.pool_calls);
+  }, "Whether parallel calls can run on torch's OpenMP team (built with OpenMP), and how many so far ran on "
+     "the calling thread's OpenMP team and on the worker pool.");
 
   bind_decode(m);
 }

@@ -823,14 +823,41 @@ def test_lowbit_dequantize_matches_reference(bits, group, dtype):
     torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -7, atol=1e-6)
 
 
+@pytest.mark.parametrize("team", ["openmp", "pool"])
+@pytest.mark.parametrize("n, m, dtype", [(300, 3, torch.float32), (576, 520, torch.bfloat16)])
+def test_parallel_calls_run_on_torch_openmp_team_or_the_pool(team, n, m, dtype):
+    """From a thread whose OpenMP team (torch's: torch.set_num_threads) has more than one thread, a
+    parallel kernel runs on that team; with torch at one thread, on the worker pool. Same result as
+    one thread (at M = 520 the bf16 activations are also prepared in parallel, 256 rows a chunk)."""
+    if team == "openmp" and not cpp._C.team_stats()["openmp"]:
+        pytest.skip("the extension was built without OpenMP: every parallel call runs on the pool")
+    x, qw, _ = _lowbit_case(n, 256, m, 4, 128, dtype, bias=False, seed=3)
+    threads, torch_threads = cpp._C.num_threads(), torch.get_num_threads()
+    try:
+        cpp._C.set_num_threads(1)
+        want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+        cpp._C.set_num_threads(3)
+        torch.set_num_threads(3 if team == "openmp" else 1)
+        before = cpp._C.team_stats()
+        for _ in range(3):
+            assert torch.equal(cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None), want)
+        after = cpp._C.team_stats()
+    finally:
+        cpp._C.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
+    used, unused = ("team_calls", "pool_calls") if team == "openmp" else ("pool_calls", "team_calls")
+    assert after[used] >= before[used] + 3 and after[unused] == before[unused]
+
+
 def test_worker_pool_spin_setting_keeps_results_and_workers_go_back_to_sleep():
     import time
 
     x, qw, _ = _lowbit_case(300, 256, 3, 4, 128, torch.float32, bias=False, seed=2)
     want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
-    threads, spin = cpp._C.num_threads(), cpp._C.spin_us()
+    threads, spin, torch_threads = cpp._C.num_threads(), cpp._C.spin_us(), torch.get_num_threads()
     try:
         cpp._C.set_num_threads(3)
+        torch.set_num_threads(1)  # the calls run on the pool, not on torch's OpenMP team
         cpp._C.set_spin_us(-1)
         assert cpp._C.spin_us() == 0
         cpp._C.set_spin_us(1 << 30)
@@ -848,6 +875,7 @@ def test_worker_pool_spin_setting_keeps_results_and_workers_go_back_to_sleep():
     finally:
         cpp._C.set_num_threads(threads)
         cpp._C.set_spin_us(spin)
+        torch.set_num_threads(torch_threads)
 
 
 def test_worker_pool_threads_and_concurrent_callers():
@@ -861,7 +889,8 @@ def test_worker_pool_threads_and_concurrent_callers():
             cpp._C.set_num_threads(threads)
             assert cpp._C.num_threads() == threads
             assert torch.equal(cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None), want)
-        # Callers on other Python threads while the pool is busy run inline: same result.
+        # Callers on other Python threads while a call runs (on the pool, or on their own OpenMP
+        # team) run inline: same result.
         results = [None] * 4
 
         def call(i):

@@ -86,7 +86,11 @@ def test_step_batch_of_one_and_threads_agree():
             _C.set_num_threads(threads)
             pairs = _caches(decoder, model, [30, 3, 0, 17], torch.Generator().manual_seed(1))
             hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+            stats = _C.team_stats()
             results.append(decoder.step_batch(hidden, [p[0] for p in pairs], 5)[:3])
+            # The step's phases run on the pool, never on torch's OpenMP team (decode.cpp says why).
+            assert _C.team_stats()["team_calls"] == stats["team_calls"]
+            assert _C.team_stats()["pool_calls"] > stats["pool_calls"] or threads == 1
             one = decoder.step_batch(hidden[1:2], [pairs[1][1]], 5)
             assert torch.equal(one[0][0], results[-1][0][1]) and torch.equal(one[1][0], results[-1][1][1])
     finally:

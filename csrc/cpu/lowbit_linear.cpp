@@ -13,6 +13,7 @@
 // * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp (the Python glue
 //   sends large M to lowbit_dequantize + a BLAS matmul instead).
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <cstring>
 #include <string>
@@ -135,12 +136,21 @@ LowbitProblem weight_problem(int64_t K, const int32_t* qweight, int64_t N, int64
 // at most a small share), in whole 32-row tiles (every kernel's row tile divides 32), and at
 // least kMinChunkMacs multiply-adds (M * K per row): waking a sleeping worker costs microseconds
 // (more on a VM whose other vCPU is busy), as much as a whole small layer, so a layer of fewer
-// than two such chunks runs on the calling thread alone.
+// than two such chunks runs on the calling thread alone. Of the sizes from that one to twice
+// it, the one whose chunks split most evenly over the threads: 576 rows in 64-row chunks left
+// one of two threads a fifth chunk (11% of an M = 512 call); 96-row chunks give each three.
 constexpr int64_t kMinChunkMacs = int64_t{1} << 16;
 int64_t chunk_rows(int64_t N, int64_t macs_per_row) {
-  const int64_t by_threads = N / (8 * std::max(1, num_threads()));
+  const int64_t threads = std::max(1, num_threads());
+  const int64_t by_threads = N / (8 * threads);
   const int64_t by_work = (kMinChunkMacs + macs_per_row - 1) / std::max<int64_t>(1, macs_per_row);
-  return std::max<int64_t>(32, (std::max(by_threads, by_work) + 31) / 32 * 32);
+  const int64_t tiles = (N + 31) / 32, first = std::max<int64_t>(1, (std::max(by_threads, by_work) + 31) / 32);
+  int64_t best = first, best_span = -1;
+  for (int64_t s = first; s <= 2 * first; ++s) {
+    const int64_t rounds = ((tiles + s - 1) / s + threads - 1) / threads;  // chunks on the busiest thread
+    if (best_span < 0 || rounds * s < best_span) best = s, best_span = rounds * s;
+  }
+  return best * 32;
 }
 
 // Where each code of a row sits in the bf16 kernels' activation order (bf16_position), for
@@ -165,6 +175,8 @@ const std::vector<int32_t>& bf16_positions(int bits, int64_t group_size, bool pa
 
 // Fills p.x16 (bf16 activations in the kernels' order, rows zero-padded to whole chunks),
 // p.x_stride and p.xsum (fp32 group sums) from x [M, K] bf16, in per-thread buffers.
+constexpr int64_t kPrepareChunkValues = int64_t{1} << 16;  // activation values per preparation chunk
+
 void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, int bits, int64_t group_size,
                       LowbitProblem& p) {
   thread_local std::vector<uint16_t> x16;
@@ -173,7 +185,16 @@ void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, i
   const std::vector<int32_t>& pos = bf16_positions(bits, group_size, M >= kBf16PanelMinRows, K);
   x16.resize(M * stride);
   xsum.resize(M * G);
-  isa.bf16_prepare(x, M, K, stride, pos.data(), bf16_chunk_codes(bits), group_size, x16.data(), xsum.data());
+  // Rows are prepared independently; a large M spreads them over the threads (at M = 512 the
+  // preparation is a tenth of a call, serial on the caller).
+  // (The buffers are thread_local: the body takes the caller's through pointers.)
+  uint16_t* out = x16.data();
+  float* sums = xsum.data();
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kPrepareChunkValues / K);
+  parallel_for(M, rows_per_chunk, [&](int64_t m0, int64_t m1) {
+    isa.bf16_prepare(x + m0 * K, m1 - m0, K, stride, pos.data(), bf16_chunk_codes(bits), group_size,
+                     out + m0 * stride, sums + m0 * G);
+  });
   p.x16 = x16.data();
   p.x_stride = stride;
   p.xsum = xsum.data();

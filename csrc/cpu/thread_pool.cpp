@@ -14,6 +14,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace sk {
 namespace {
@@ -80,7 +83,7 @@ class Pool {
   void set_spin_us(int us) { spin_us_.store(std::clamp(us, 0, kMaxSpinUs), std::memory_order_relaxed); }
   int spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
 
-  void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
+  void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body, Team team) {
     grain = std::max<int64_t>(1, grain);
     const int64_t chunks = (n + grain - 1) / grain;
     std::unique_lock<std::mutex> busy(busy_mu_, std::try_to_lock);
@@ -88,12 +91,17 @@ class Pool {
       if (n > 0) body(0, n);
       return;
     }
-    start_workers(threads_ - 1);
     Job job;
     job.body = &body;
     job.n = n;
     job.grain = grain;
     job.chunks = chunks;
+    if (team == Team::kAuto && on_openmp_team()) {
+      run_on_openmp_team(job);
+      return;
+    }
+    pool_calls_.fetch_add(1, std::memory_order_relaxed);
+    start_workers(threads_ - 1);
     bool sleeping;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -120,7 +128,25 @@ class Pool {
     finished_.wait(lock, [&] { return holders_ == 0; });
   }
 
+  TeamStats stats() const { return {team_calls_.load(), pool_calls_.load()}; }
+
  private:
+  // The calling thread's OpenMP team (torch's, where torch is loaded) has more than one thread.
+  static bool on_openmp_team() {
+#ifdef _OPENMP
+    return !omp_in_parallel() && omp_get_max_threads() > 1;
+#else
+    return false;
+#endif
+  }
+
+  // One OpenMP region drains the job; its threads claim chunks like the pool's.
+  void run_on_openmp_team(Job& job) {
+    team_calls_.fetch_add(1, std::memory_order_relaxed);
+#pragma omp parallel num_threads(threads_)
+    drain(job);
+  }
+
   void start_workers(int want) {
     while (static_cast<int>(workers_.size()) < want) {
       const int index = static_cast<int>(workers_.size());
@@ -197,6 +223,7 @@ class Pool {
   bool stop_ = false;
   int threads_;
   std::atomic<int> spin_us_;
+  std::atomic<int64_t> team_calls_{0}, pool_calls_{0};
 };
 
 Pool& pool() {
@@ -206,9 +233,11 @@ Pool& pool() {
 
 }  // namespace
 
-void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
-  pool().run(n, grain, body);
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body, Team team) {
+  pool().run(n, grain, body, team);
 }
+
+TeamStats team_stats() { return pool().stats(); }
 
 void set_num_threads(int n) { pool().set_threads(n); }
 int num_threads() { return pool().threads(); }

@@ -2,7 +2,9 @@
 // output rows, gate|up rows with the SiLU product, down rows. A phase splits the rows of its
 // projections into chunks (a low-bit chunk is one sk::lowbit_linear call on a row slice of the
 // packed weight; inside a pool job that call runs inline on the claiming thread), so one
-// wake-up of the pool serves all of a phase's matrices.
+// wake-up of the pool serves all of a phase's matrices. The phases always run on the pool, not on
+// torch's OpenMP team (thread_pool.h): a step's phases come back to back with no torch op between,
+// and the team's workers would spin for milliseconds after each step beside the server's threads.
 #include "cpu/decode/decode.h"
 
 #include <algorithm>
@@ -127,7 +129,7 @@ std::string run_parts(const std::vector<Part>& parts, int64_t M, bool paired,
       }
       if (after) after(ch.n0, ch.n1);
     }
-  });
+  }, Team::kPool);
   return err;
 }
 
@@ -328,7 +330,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
     };
     // Threads pay off only once there is enough context (a pool wake-up costs microseconds).
     if (context * s.heads * hd >= (int64_t{1} << 16))
-      parallel_for(M * s.heads, 1, heads);
+      parallel_for(M * s.heads, 1, heads, Team::kPool);
     else
       heads(0, M * s.heads);
 
@@ -382,14 +384,14 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
         const float* y0 = y + 2 * m * N;
         for (int64_t n = n0; n < n1; ++n) out[m * N + n] = y0[n] + y0[N + n] + (head_.bias ? head_.bias[n] : 0.f);
       }
-    });
+    }, Team::kPool);
   } else if (!(err = run_parts({{&head, t.xn.data(), out}}, M, false)).empty()) {
     return err;
   }
   parallel_for(M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       exact_top(head, bound[m], t.xn.data() + m * H, out + m * N, k, ids + m * k, vals ? vals + m * k : nullptr);
-  });
+  }, Team::kPool);
   return "";
 }
 
