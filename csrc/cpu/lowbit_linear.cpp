@@ -13,7 +13,6 @@
 // * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp (the Python glue
 //   sends large M to lowbit_dequantize + a BLAS matmul instead).
 #include <algorithm>
-#include <cstdlib>
 #include <atomic>
 #include <cstring>
 #include <string>
