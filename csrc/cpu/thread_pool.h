@@ -13,9 +13,9 @@
 // * The shared team. After each parallel torch op, GNU OpenMP's workers spin for the next region
 //   (about 9 ms here); pool workers started meanwhile share a core with them, and our kernels ran
 //   at one thread's speed between torch ops (bench/results/ops/README.md, session 13). A kernel
-//   called from a thread whose OpenMP team has more than one thread (torch.set_num_threads, which
-//   torch's libgomp shares with this module) therefore runs as an OpenMP region on that team,
-//   whose spinning workers join at once. Its end still waits for a worker the OS has not run,
+//   called from a thread whose OpenMP team has more than one thread (torch.set_num_threads; torch's
+//   Linux wheels load libgomp.so.1, so this module shares their runtime) therefore runs as an
+//   OpenMP region on that team, whose spinning workers join at once. Its end still waits for a worker the OS has not run,
 //   as torch's own ops do; beside a busy process that measured no worse than the pool, which
 //   then shares the second core with torch's spinning worker (same README).
 #pragma once
