@@ -1,9 +1,15 @@
 """Our W4/W8 lowbit_linear at 2 threads, with a bf16 F.linear (a parallel torch op) before each call
 or not, on an idle machine or beside one spinning process; mean / median / p90 per call (ms).
-Usage: python team_probe.py  (runs each SK_TEAM_MODE mode in its own process)"""
+Usage: python team_probe.py  (runs each SK_TEAM_MODE mode in its own process)
+
+SK_TEAM_MODE was a switch of this session's experiment build: none = always torch's OpenMP team,
+own = always the pool, pool = the team with a 200 ms fall-back to the pool after a region whose
+worker came late. The committed code has no switch and behaves as `none`; the output file is
+what this script printed under the experiment build."""
+from pathlib import Path
 import os, subprocess, sys, time, statistics, json
 if len(sys.argv) == 1:
-    sys.path.insert(0, "/work/main/bench")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # bench/, for timing.py
     import timing
     for busy in (0, 1):
         with timing.BusyCores(busy):
