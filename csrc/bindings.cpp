@@ -334,10 +334,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_spin_us", &sk::set_spin_us, py::arg("us"),
         "How long an idle pool worker spins for the next job before it sleeps (microseconds, 0..10000).");
   m.def("spin_us", &sk::spin_us, "The pool workers' spin before they sleep, in microseconds.");
-  m.def("set_openmp_team", &sk::set_openmp_team, py::arg("on"),
-        "Whether parallel kernels may run on the calling thread's OpenMP team (torch's) when it has more than one "
-        "thread; false: always on the worker pool (default from SPLITKERNELS_OPENMP_TEAM, 0 = off).");
-  m.def("openmp_team", &sk::openmp_team, "Whether parallel kernels may run on the calling thread's OpenMP team.");
   m.def("team_stats", [] {
     const sk::TeamStats s = sk::team_stats();
 #ifdef _OPENMP

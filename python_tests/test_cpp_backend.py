@@ -823,23 +823,21 @@ def test_lowbit_dequantize_matches_reference(bits, group, dtype):
     torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -7, atol=1e-6)
 
 
-@pytest.mark.parametrize("team", ["openmp", "pool: torch at one thread", "pool: team switched off"])
+@pytest.mark.parametrize("team", ["openmp", "pool"])
 @pytest.mark.parametrize("n, m, dtype", [(300, 3, torch.float32), (576, 520, torch.bfloat16)])
 def test_parallel_calls_run_on_torch_openmp_team_or_the_pool(team, n, m, dtype):
     """From a thread whose OpenMP team (torch's: torch.set_num_threads) has more than one thread, a
-    parallel kernel runs on that team; with torch at one thread, or with the team switched off
-    (set_openmp_team, SPLITKERNELS_OPENMP_TEAM=0), on the worker pool. Same result as one thread
-    (at M = 520 the bf16 activations are also prepared in parallel, 256 rows a chunk)."""
+    parallel kernel runs on that team; with torch at one thread, on the worker pool. Same result as
+    one thread (at M = 520 the bf16 activations are also prepared in parallel, 256 rows a chunk)."""
     if team == "openmp" and not cpp._C.team_stats()["openmp"]:
         pytest.skip("the extension was built without OpenMP: every parallel call runs on the pool")
     x, qw, _ = _lowbit_case(n, 256, m, 4, 128, dtype, bias=False, seed=3)
-    threads, torch_threads, allowed = cpp._C.num_threads(), torch.get_num_threads(), cpp._C.openmp_team()
+    threads, torch_threads = cpp._C.num_threads(), torch.get_num_threads()
     try:
         cpp._C.set_num_threads(1)
         want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
         cpp._C.set_num_threads(3)
-        torch.set_num_threads(1 if team == "pool: torch at one thread" else 3)
-        cpp._C.set_openmp_team(team != "pool: team switched off")
+        torch.set_num_threads(3 if team == "openmp" else 1)
         before = cpp._C.team_stats()
         for _ in range(3):
             assert torch.equal(cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None), want)
@@ -847,7 +845,6 @@ def test_parallel_calls_run_on_torch_openmp_team_or_the_pool(team, n, m, dtype):
     finally:
         cpp._C.set_num_threads(threads)
         torch.set_num_threads(torch_threads)
-        cpp._C.set_openmp_team(allowed)
     used, unused = ("team_calls", "pool_calls") if team == "openmp" else ("pool_calls", "team_calls")
     assert after[used] >= before[used] + 3 and after[unused] == before[unused]
 

@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <condition_variable>
 #include <mutex>
-#include <string>
 #include <thread>
 #include <vector>
 
@@ -64,16 +63,9 @@ int spin_us_from_env() {
   return 0;
 }
 
-// Whether calls may run on the caller's OpenMP team (SPLITKERNELS_OPENMP_TEAM=0: never; a machine
-// shared with busy processes may do better on the pool, bench/results/ops/README.md session 13).
-bool openmp_team_from_env() {
-  const char* env = std::getenv("SPLITKERNELS_OPENMP_TEAM");
-  return env == nullptr || std::string(env) != "0";
-}
-
 class Pool {
  public:
-  Pool() : threads_(usable_cpus()), spin_us_(spin_us_from_env()), openmp_team_(openmp_team_from_env()) {}
+  Pool() : threads_(usable_cpus()), spin_us_(spin_us_from_env()) {}
   ~Pool() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -90,8 +82,6 @@ class Pool {
   int threads() const { return threads_; }
   void set_spin_us(int us) { spin_us_.store(std::clamp(us, 0, kMaxSpinUs), std::memory_order_relaxed); }
   int spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
-  void set_openmp_team(bool on) { openmp_team_.store(on, std::memory_order_relaxed); }
-  bool openmp_team() const { return openmp_team_.load(std::memory_order_relaxed); }
 
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body, Team team) {
     grain = std::max<int64_t>(1, grain);
@@ -106,7 +96,7 @@ class Pool {
     job.n = n;
     job.grain = grain;
     job.chunks = chunks;
-    if (team == Team::kAuto && openmp_team() && on_openmp_team()) {
+    if (team == Team::kAuto && on_openmp_team()) {
       run_on_openmp_team(job);
       return;
     }
@@ -233,7 +223,6 @@ class Pool {
   bool stop_ = false;
   int threads_;
   std::atomic<int> spin_us_;
-  std::atomic<bool> openmp_team_;
   std::atomic<int64_t> team_calls_{0}, pool_calls_{0};
 };
 
@@ -249,8 +238,6 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
 }
 
 TeamStats team_stats() { return pool().stats(); }
-void set_openmp_team(bool on) { pool().set_openmp_team(on); }
-bool openmp_team() { return pool().openmp_team(); }
 
 void set_num_threads(int n) { pool().set_threads(n); }
 int num_threads() { return pool().threads(); }

@@ -36,11 +36,6 @@ enum class Team {
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body,
                   Team team = Team::kAuto);
 
-// Whether kAuto calls may use the calling thread's OpenMP team (default: true unless
-// SPLITKERNELS_OPENMP_TEAM=0); false sends every call to the pool.
-void set_openmp_team(bool on);
-bool openmp_team();
-
 // Parallel calls so far on the OpenMP team and on the pool (calls run inline are not counted).
 struct TeamStats {
   int64_t team_calls, pool_calls;
