@@ -15,9 +15,10 @@
 //   at one thread's speed between torch ops (bench/results/ops/README.md, session 13). A kernel
 //   called from a thread whose OpenMP team has more than one thread (torch.set_num_threads; torch's
 //   Linux wheels load libgomp.so.1, so this module shares their runtime) therefore runs as an
-//   OpenMP region on that team, whose spinning workers join at once. Its end still waits for a worker the OS has not run,
-//   as torch's own ops do; beside a busy process that measured no worse than the pool, which
-//   then shares the second core with torch's spinning worker (same README).
+//   OpenMP region on that team, whose spinning workers join at once. Its end still waits for a
+//   worker the OS has not run, as torch's own ops do: beside a busy process, at M = 16, that
+//   measured worse than the pool. There OMP_WAIT_POLICY=passive (every worker sleeps at once)
+//   keeps both from collapsing (same README).
 #pragma once
 
 #include <cstdint>
