@@ -79,6 +79,8 @@ def machine() -> dict:
         "cpu": model, "cpu_flags": flags, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
         "python": sys.version.split()[0], "splitkernels": splitkernels.__version__,
         "loadavg_start": os.getloadavg(), "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        # How idle OpenMP workers (torch's, and ours on its team) wait: spinning or asleep.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
     try:
         from splitkernels._backends import cpp

@@ -98,7 +98,8 @@ def render(result: dict) -> str:
         f"Command: `{result.get('command', '')}`",
         "",
         f"Machine: {mc['cpu']} ({', '.join(mc['cpu_flags'])}), {mc['logical_cpus']} logical CPUs, torch {mc['torch']}, "
-        f"kernel ISA {mc.get('kernel_isa')}; backend `{result['backend']}`; load average at start "
+        f"kernel ISA {mc.get('kernel_isa')}; backend `{result['backend']}`; OMP_WAIT_POLICY "
+        f"{mc.get('omp_wait_policy', 'default')}; load average at start "
         f"{mc['loadavg_start'][0]:.1f}. Copy bandwidth (read + write, "
         + ("one thread, thread clock" if result["clock"] == "thread" else "all threads") + f"): {bw:.1f} GB/s. "
         f"Medians of interleaved rounds after warm-up, clock: {result['clock']}"
