@@ -6,6 +6,7 @@ float64 computation with the tolerances documented in splitkernels/_backends/cpp
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -847,6 +848,41 @@ def test_parallel_calls_run_on_torch_openmp_team_or_the_pool(team, n, m, dtype):
         torch.set_num_threads(torch_threads)
     used, unused = ("team_calls", "pool_calls") if team == "openmp" else ("pool_calls", "team_calls")
     assert after[used] >= before[used] + 3 and after[unused] == before[unused]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_kernels_finish_in_a_child_forked_after_the_openmp_team_ran():
+    """GNU OpenMP cannot start a region in a child forked from a process whose team ran (torch's own
+    parallel ops hang there); the kernels then use the pool, which waits only for claimed chunks."""
+    import signal
+    import time
+
+    x, qw, _ = _lowbit_case(300, 256, 3, 4, 128, torch.float32, bias=False, seed=4)
+    threads, torch_threads = cpp._C.num_threads(), torch.get_num_threads()
+    try:
+        cpp._C.set_num_threads(2)
+        torch.set_num_threads(2)
+        want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 only for the right result, off the team
+            ok = False
+            try:
+                team = cpp._C.team_stats()["team_calls"]
+                got = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+                ok = torch.equal(got, want) and cpp._C.team_stats()["team_calls"] == team
+            finally:
+                os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the kernel call in the forked child did not finish within 60 s")
+            time.sleep(0.02)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        cpp._C.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
 
 
 def test_worker_pool_spin_setting_keeps_results_and_workers_go_back_to_sleep():

@@ -1,6 +1,7 @@
 #include "cpu/thread_pool.h"
 
 #include <algorithm>
+#include <pthread.h>
 #include <sched.h>
 
 #include <atomic>
@@ -38,6 +39,11 @@ void drain(Job& job) {
     job.done.fetch_add(1, std::memory_order_release);
   }
 }
+
+// Set in a child process after fork() (registered when the module loads, so a parent that forks
+// before its first kernel call is covered too).
+std::atomic<bool> forked_child{false};
+const int kAtforkRegistered = pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); });
 
 // One iteration of a busy wait: tells the core (and a hyper-threaded sibling) that this is a spin.
 inline void cpu_relax() {
@@ -131,10 +137,13 @@ class Pool {
   TeamStats stats() const { return {team_calls_.load(), pool_calls_.load()}; }
 
  private:
-  // The calling thread's OpenMP team (torch's, where torch is loaded) has more than one thread.
+  // The calling thread's OpenMP team (torch's, where torch is loaded) has more than one thread,
+  // and this is not a process forked from one that used it: GNU OpenMP cannot start a region in
+  // such a child (it waits for the parent's workers, which the child does not have), while the
+  // pool only ever waits for chunks that some thread claimed.
   static bool on_openmp_team() {
 #ifdef _OPENMP
-    return !omp_in_parallel() && omp_get_max_threads() > 1;
+    return !forked_child.load(std::memory_order_relaxed) && !omp_in_parallel() && omp_get_max_threads() > 1;
 #else
     return false;
 #endif
