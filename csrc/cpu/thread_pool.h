@@ -18,7 +18,8 @@
 //   OpenMP region on that team, whose spinning workers join at once. Its end still waits for a
 //   worker the OS has not run, as torch's own ops do: beside a busy process, at M = 16, that
 //   measured worse than the pool. There OMP_WAIT_POLICY=passive (every worker sleeps at once)
-//   keeps both from collapsing (same README).
+//   keeps both from collapsing (same README). A child forked after the team ran uses the pool:
+//   GNU OpenMP cannot start a region there.
 #pragma once
 
 #include <cstdint>
