@@ -43,7 +43,7 @@ void drain(Job& job) {
 // Set in a child process after fork() (registered when the module loads, so a parent that forks
 // before its first kernel call is covered too).
 std::atomic<bool> forked_child{false};
-const int kAtforkRegistered = pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); });
+[[maybe_unused]] const int kAtforkRegistered = pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); });
 
 // One iteration of a busy wait: tells the core (and a hyper-threaded sibling) that this is a spin.
 inline void cpu_relax() {
