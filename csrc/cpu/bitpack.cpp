@@ -29,31 +29,34 @@ void unpack_row_bitwise(const uint8_t* in, int64_t n, int bits, uint8_t* codes) 
 }
 
 namespace {
-// Rows per parallel chunk: about 64K codes, so small frames stay on the calling thread.
-int64_t rows_per_chunk(int64_t n) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, n)); }
+// Runs row(r) for every r < rows over the threads, in chunks of about 64K codes (n per row), so
+// small frames stay on the calling thread.
+template <class Row>
+void each_row(int64_t rows, int64_t n, const Row& row) {
+  const int64_t per_chunk = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, n));
+  parallel_for(rows, per_chunk, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row(r);
+  });
+}
 }  // namespace
 
 void pack_rows(const uint8_t* codes, int64_t rows, int64_t n, int bits, uint8_t* out, bool bitwise) {
   const int64_t nb = packed_nbytes(n, bits);
-  parallel_for(rows, rows_per_chunk(n), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (bitwise)
-        pack_row_bitwise(codes + r * n, n, bits, out + r * nb);
-      else
-        pack_row(codes + r * n, n, bits, out + r * nb);
-    }
+  each_row(rows, n, [&](int64_t r) {
+    if (bitwise)
+      pack_row_bitwise(codes + r * n, n, bits, out + r * nb);
+    else
+      pack_row(codes + r * n, n, bits, out + r * nb);
   });
 }
 
 void unpack_rows(const uint8_t* packed, int64_t rows, int64_t in_stride, int64_t n, int bits, uint8_t* codes,
                  bool bitwise) {
-  parallel_for(rows, rows_per_chunk(n), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (bitwise)
-        unpack_row_bitwise(packed + r * in_stride, n, bits, codes + r * n);
-      else
-        unpack_row(packed + r * in_stride, n, bits, codes + r * n);
-    }
+  each_row(rows, n, [&](int64_t r) {
+    if (bitwise)
+      unpack_row_bitwise(packed + r * in_stride, n, bits, codes + r * n);
+    else
+      unpack_row(packed + r * in_stride, n, bits, codes + r * n);
   });
 }
 
