@@ -144,11 +144,11 @@ int64_t chunk_rows(int64_t N, int64_t macs_per_row) {
   const int64_t by_threads = N / (8 * threads);
   const int64_t by_work = (kMinChunkMacs + macs_per_row - 1) / std::max<int64_t>(1, macs_per_row);
   const int64_t tiles = (N + 31) / 32, first = std::max<int64_t>(1, (std::max(by_threads, by_work) + 31) / 32);
-  int64_t best = first, best_span = -1;
-  for (int64_t s = first; s <= 2 * first; ++s) {
-    const int64_t rounds = ((tiles + s - 1) / s + threads - 1) / threads;  // chunks on the busiest thread
-    if (best_span < 0 || rounds * s < best_span) best = s, best_span = rounds * s;
-  }
+  // Tiles on the busiest thread with chunks of s tiles.
+  const auto span = [&](int64_t s) { return ((tiles + s - 1) / s + threads - 1) / threads * s; };
+  int64_t best = first;
+  for (int64_t s = first + 1; s <= 2 * first; ++s)
+    if (span(s) < span(best)) best = s;
   return best * 32;
 }
 
