@@ -6,6 +6,7 @@ float64 computation with the tolerances documented in splitkernels/_backends/cpp
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -824,6 +825,19 @@ def test_lowbit_dequantize_matches_reference(bits, group, dtype):
     torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -7, atol=1e-6)
 
 
+@contextlib.contextmanager
+def _thread_settings():
+    """Restores, on the way out, the kernels' threads, their pool's spin and torch's threads (which
+    ``_C.set_num_threads`` also sets, for this Python thread's OpenMP team)."""
+    threads, spin, torch_threads = cpp._C.num_threads(), cpp._C.spin_us(), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        cpp._C.set_num_threads(threads)
+        cpp._C.set_spin_us(spin)
+        torch.set_num_threads(torch_threads)
+
+
 @pytest.mark.parametrize("team", ["openmp", "pool"])
 @pytest.mark.parametrize("n, m, dtype", [(300, 3, torch.float32), (576, 520, torch.bfloat16)])
 def test_parallel_calls_run_on_torch_openmp_team_or_the_pool(team, n, m, dtype):
@@ -836,8 +850,7 @@ def test_parallel_calls_run_on_torch_openmp_team_or_the_pool(team, n, m, dtype):
         # Elsewhere bf16 at M = 520 goes to torch's matmul, whose rounding may follow its threads.
         _needs_bf16_kernels()
     x, qw, _ = _lowbit_case(n, 256, m, 4, 128, dtype, bias=False, seed=3)
-    threads, torch_threads = cpp._C.num_threads(), torch.get_num_threads()
-    try:
+    with _thread_settings():
         cpp._C.set_num_threads(1)
         want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
         cpp._C.set_num_threads(3)
@@ -846,9 +859,6 @@ def test_parallel_calls_run_on_torch_openmp_team_or_the_pool(team, n, m, dtype):
         for _ in range(3):
             assert torch.equal(cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None), want)
         after = cpp._C.team_stats()
-    finally:
-        cpp._C.set_num_threads(threads)
-        torch.set_num_threads(torch_threads)
     used, unused = ("team_calls", "pool_calls") if team == "openmp" else ("pool_calls", "team_calls")
     assert after[used] >= before[used] + 3 and after[unused] == before[unused]
 
@@ -861,8 +871,7 @@ def test_kernels_finish_in_a_child_forked_after_the_openmp_team_ran():
     import time
 
     x, qw, _ = _lowbit_case(300, 256, 3, 4, 128, torch.float32, bias=False, seed=4)
-    threads, torch_threads = cpp._C.num_threads(), torch.get_num_threads()
-    try:
+    with _thread_settings():
         cpp._C.set_num_threads(2)
         torch.set_num_threads(2)
         want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
@@ -883,9 +892,6 @@ def test_kernels_finish_in_a_child_forked_after_the_openmp_team_ran():
                 pytest.fail("the kernel call in the forked child did not finish within 60 s")
             time.sleep(0.02)
         assert os.waitstatus_to_exitcode(done[1]) == 0
-    finally:
-        cpp._C.set_num_threads(threads)
-        torch.set_num_threads(torch_threads)
 
 
 def test_worker_pool_spin_setting_keeps_results_and_workers_go_back_to_sleep():
@@ -893,8 +899,7 @@ def test_worker_pool_spin_setting_keeps_results_and_workers_go_back_to_sleep():
 
     x, qw, _ = _lowbit_case(300, 256, 3, 4, 128, torch.float32, bias=False, seed=2)
     want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
-    threads, spin, torch_threads = cpp._C.num_threads(), cpp._C.spin_us(), torch.get_num_threads()
-    try:
+    with _thread_settings():
         cpp._C.set_num_threads(3)
         torch.set_num_threads(1)  # the calls run on the pool, not on torch's OpenMP team
         cpp._C.set_spin_us(-1)
@@ -911,10 +916,6 @@ def test_worker_pool_spin_setting_keeps_results_and_workers_go_back_to_sleep():
         cpu0 = time.process_time()
         time.sleep(0.3)
         assert time.process_time() - cpu0 < 0.1
-    finally:
-        cpp._C.set_num_threads(threads)
-        cpp._C.set_spin_us(spin)
-        torch.set_num_threads(torch_threads)
 
 
 def test_worker_pool_threads_and_concurrent_callers():
@@ -922,8 +923,7 @@ def test_worker_pool_threads_and_concurrent_callers():
 
     x, qw, _ = _lowbit_case(300, 256, 3, 4, 128, torch.float32, bias=False, seed=1)
     want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
-    before = cpp._C.num_threads()
-    try:
+    with _thread_settings():
         for threads in (1, 3):
             cpp._C.set_num_threads(threads)
             assert cpp._C.num_threads() == threads
@@ -941,5 +941,3 @@ def test_worker_pool_threads_and_concurrent_callers():
         for t in workers:
             t.join()
         assert all(torch.equal(r, want) for r in results)
-    finally:
-        cpp._C.set_num_threads(before)
