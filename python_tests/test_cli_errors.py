@@ -70,6 +70,9 @@ def test_bad_flags_are_usage_errors():
     fails(Exit.USAGE, "demo", "--model", "tiny", "--codec", "v2", "--avg-bits", "4", says=("--avg-bits", "--bits"))
     fails(Exit.USAGE, "demo", "--model", "tiny", "--codec", "v1", "--lossless", says=("--lossless", "--codec v1"))
     fails(Exit.USAGE, "demo", "--model", "tiny", "--bits", "0.5", says=("--bits",))
+    fails(Exit.USAGE, "demo", "--model", "tiny", "--codec", "v1", "--coder", "auto", says=("--coder auto", "v2"))
+    fails(Exit.USAGE, "demo", "--model", "tiny", "--lossless", "--coder", "nibble", says=("--coder nibble", "v2"))
+    fails(Exit.USAGE, "demo", "--model", "tiny", "--coder", "huffman", says=("--coder", "'huffman'"))
 
 
 def test_a_budget_below_the_codec_floor_is_refused():

@@ -482,6 +482,41 @@ def test_split_config_is_frozen_data_and_equals_the_keyword_form():
         split_model(model, SplitConfig(NUM_LAYERS))
 
 
+def test_the_split_configs_coder_codes_every_v2_frame_and_changes_no_token(monkeypatch):
+    import importlib
+
+    from splitkernels.codec import calibrate
+    from splitkernels.codec.frame_v2 import CODER_NIBBLE, CODER_RANS, parse_frame_v2
+    from splitkernels.codec.sensitivity import split_hidden_states
+
+    runtime_split = importlib.import_module("splitkernels.runtime.split_model")  # the package's name is the function
+    model = tiny_model("llama", seed=17, num_layers=NUM_LAYERS)
+    codec = calibrate(split_hidden_states(model, [_prompt(40 + i, 64)[0] for i in range(4)], 2), bits=4.0)
+    ids = _prompt(18, 12)
+    sent = []
+    encode_frame = runtime_split.encode_frame
+    monkeypatch.setattr(runtime_split, "encode_frame",
+                        lambda *a, **k: sent.append(encode_frame(*a, **k)) or sent[-1])
+
+    def coders(coder):
+        sent.clear()
+        tokens = split_model(model, SplitConfig(2, codec, coder=coder)).generate(ids, 6)
+        return tokens, [parse_frame_v2(f, codec).coder for f in sent]
+
+    rans, rans_coders = coders(None)
+    nibble, nibble_coders = coders("nibble")
+    auto, auto_coders = coders("auto")
+    assert rans_coders == [CODER_RANS] * 6 and nibble_coders == [CODER_NIBBLE] * 6
+    assert auto_coders == [CODER_RANS] * 6  # 12 x 64 values: no frame is long enough for the nibble coder
+    assert torch.equal(nibble, rans) and torch.equal(auto, rans)  # both coders are lossless
+    with pytest.raises(ValueError, match="coder must be"):
+        SplitConfig(2, codec, coder="huffman")
+    for lossy_v1 in (CodecConfig(eps=0.05), None):
+        with pytest.raises(ValueError, match="needs a v2 codec"):
+            SplitConfig(2, lossy_v1, coder="auto")
+    assert SplitConfig(2, None, coder="rans").coder == "rans"
+
+
 def _saved_model(tmp_path):
     from splitkernels.models.tiny import tiny_config
     from transformers import AutoModelForCausalLM

@@ -105,7 +105,11 @@ def _print_report(report: dict) -> None:
         print(f"note:     {report['note']}")
 
 
-def _codec_text(codec: CodecConfig | CodecConfigV2, calibration: dict | None) -> str:
+_CODER_TEXT = {None: "static rANS", "rans": "static rANS", "auto": "static rANS, the nibble coder for long frames",
+               "nibble": "the nibble coder"}
+
+
+def _codec_text(codec: CodecConfig | CodecConfigV2, calibration: dict | None, coder: str | None) -> str:
     if isinstance(codec, CodecConfigV2):
         c = calibration or {}
         texts = ", ".join(f"{kind} {n}" + (f" (Botchan from token {first}, disjoint from the evaluation text)"
@@ -123,7 +127,7 @@ def _codec_text(codec: CodecConfig | CodecConfigV2, calibration: dict | None) ->
                 rate += f" within {info['target_bits']:.2f} bits/element"
         else:
             rate = f"target {info.get('target_bits')} bits/element"
-        return (f"v2 (calibrated equalisation + static rANS, {max(1, len(codec.class_freqs))} channel classes), {rate}, "
+        return (f"v2 (calibrated equalisation + {_CODER_TEXT[coder]}, {max(1, len(codec.class_freqs))} channel classes), {rate}, "
                 f"estimated {info.get('estimated_bits', float('nan')):.2f}, kmax {codec.kmax}{how}, config {codec.fingerprint[:8]}")
     if codec.mode == "passthrough":
         return "lossless passthrough"
@@ -131,13 +135,13 @@ def _codec_text(codec: CodecConfig | CodecConfigV2, calibration: dict | None) ->
     return f"TS+TAB-Q, alpha {codec.alpha}, capacity {codec.capacity}, {target}, widths {list(codec.bit_choices)}"
 
 
-def _codec_report(codec: CodecConfig | CodecConfigV2, calibration: dict | None) -> dict:
+def _codec_report(codec: CodecConfig | CodecConfigV2, calibration: dict | None, coder: str | None) -> dict:
     """The codec as the report shows it: v1 settings, or v2's summary (its arrays stay out)."""
     if not isinstance(codec, CodecConfigV2):
         return codec.to_dict()
     return {"kind": "v2", "fingerprint": codec.fingerprint, "d": codec.d, "kmax": codec.kmax,
             "raw_limit": codec.raw_limit, "config_bytes": len(codec.canonical_bytes()), "calibration": calibration,
-            "info": codec.info}
+            "coder": coder or "rans", "info": codec.info}
 
 
 def _base_report(loaded: LoadedModel, sm, settings: SplitSettings, args: argparse.Namespace, transport_text: str,
@@ -147,8 +151,8 @@ def _base_report(loaded: LoadedModel, sm, settings: SplitSettings, args: argpars
         "model": loaded.name,
         "num_layers": sm.adapter.num_layers,
         "split_layer": sm.split_layer,
-        "codec": _codec_report(sm.codec, settings.calibration),
-        "codec_text": _codec_text(sm.codec, settings.calibration),
+        "codec": _codec_report(sm.codec, settings.calibration, settings.coder),
+        "codec_text": _codec_text(sm.codec, settings.calibration, settings.coder),
         "opsc": None if opsc is None else {k: (c.to_dict() if c else None) for k, c in zip(("front", "back"), opsc)},
         "transport": transport_text,
         "prompt": args.prompt,

@@ -3,7 +3,7 @@ models (``--model``), so a new kind of model needs a change here only."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from ..codec import CodecConfig, CodecConfigV2
 from ..codec.calibrate import DECODE_FRAME_BITS, DEFAULT_KL_PROXY
 from ..codec.frame import count_width
+from ..codec.frame_v2 import FRAME_CODERS
 from ..models import LoadedModel
 from ..models.loading import BUILT_IN
 from . import args as types
@@ -121,6 +122,10 @@ def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
     g.add_argument("--sensitivity", choices=("fisher", "uniform"), default="fisher",
                    help="v2: channel precision from a diagonal Fisher of the calibration text (one backward "
                         "pass per window) or uniform (forward passes only)")
+    g.add_argument("--coder", choices=FRAME_CODERS, default=None,
+                   help="v2: symbol coder of the frames: rans (default, the fewest bytes), auto (the nibble coder for "
+                        "long prefill frames: ~0.4 bit per element more at memory speed, worth it on links above "
+                        "~70 Mbit/s) or nibble (every frame)")
     g.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=CALIB_TOKENS_V2,
                    help="v2: calibration tokens, windows of prose (Botchan, after the evaluation tokens), "
                         "Python source and Python's reference docs in turn")
@@ -146,6 +151,7 @@ class SplitSettings:
     calibration: dict | None = None  # how a v2 codec was calibrated (text, tokens, sensitivity, seconds)
     dtype: Any = None  # torch dtype the plan sizes the model for; None: as loaded
     wire_dtype: Any = None  # torch dtype of hidden states on the wire; None: the model's
+    coder: str | None = None  # v2 frames' symbol coder (--coder); None: rANS
 
     def split_config(self, side: str):
         """The runtime's SplitConfig for ``side`` ("edge", "server" or "both"): only that side's
@@ -153,7 +159,7 @@ class SplitSettings:
         from ..runtime import SplitConfig
 
         front, back = self.opsc(side) or (None, None)
-        return SplitConfig(self.split_layer, self.codec, front, back, wire_dtype=self.wire_dtype)
+        return SplitConfig(self.split_layer, self.codec, front, back, wire_dtype=self.wire_dtype, coder=self.coder)
 
     def prepare(self, model):
         """Cast ``model`` to the plan's dtype (what its memory was planned for); the model itself
@@ -176,7 +182,16 @@ def budget_floor(d: int, bit_choices: tuple[int, ...]) -> float:
 
 
 def split_settings(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettings:
-    """Resolve split layer, codec and OPSC weights for ``loaded``; errors name the flag or field."""
+    """Resolve split layer, codec, frame coder and OPSC weights for ``loaded``; errors name the flag
+    or field."""
+    settings = _split_and_codec(args, loaded)
+    coder = getattr(args, "coder", None)
+    if coder not in (None, "rans") and not isinstance(settings.codec, CodecConfigV2):
+        raise UsageError(f"--coder {coder} needs codec v2 (v1 and passthrough frames have one coder)")
+    return replace(settings, coder=coder)
+
+
+def _split_and_codec(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettings:
     from ..nn import QuantConfig
 
     layers = loaded.num_layers

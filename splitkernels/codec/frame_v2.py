@@ -52,6 +52,7 @@ MAX_VARINT_BYTES = 5
 CODER_RANS, CODER_NIBBLE = 0, 1
 CODERS = {"rans": CODER_RANS, "nibble": CODER_NIBBLE}
 AUTO = "auto"  # ask for choose_coder's rule
+FRAME_CODERS = (*CODERS, AUTO)  # what a frame's writer takes as its coder
 # choose_coder: the nibble coder for frames of at least this many values T * d (a 512-token
 # prefill frame; never a one-token decode frame, where bytes matter most and rANS costs
 # microseconds) when the table says it costs at most NIBBLE_MAX_EXTRA_BITS per symbol more than rANS.
@@ -96,7 +97,7 @@ def resolve_coder(coder: str | None, n_elements: int, config: CodecConfigV2) -> 
     if coder == AUTO:
         return choose_coder(n_elements, config)
     if coder not in CODERS:
-        raise ValueError(f"coder must be one of {sorted([*CODERS, AUTO])} or None, got {coder!r}")
+        raise ValueError(f"coder must be one of {sorted(FRAME_CODERS)} or None, got {coder!r}")
     return CODERS[coder]
 
 

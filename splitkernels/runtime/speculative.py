@@ -126,14 +126,15 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
                          codec: CodecConfig | CodecConfigV2, sampling: SamplingParams, drafter: Drafter,
                          policy: DraftPolicy | None = None, eos_token_id: int | Sequence[int] | None = None,
                          fingerprint: bytes = bytes(FINGERPRINT_BYTES),
-                         wire_dtype: torch.dtype | None = None, overlap: bool = True) -> SpeculativeResult:
+                         wire_dtype: torch.dtype | None = None, overlap: bool = True,
+                         coder: str | None = None) -> SpeculativeResult:
     """Generate through ``edge`` and the server behind ``transport``, ``drafter`` proposing tokens
     and ``policy`` (default :class:`DraftPolicy`) choosing how many per round.
 
     The prompt goes in a plain round; every later round sends the last token plus its drafts.
     Stops after ``max_new_tokens`` or at an EOS token (kept). Needs a transport whose sessions
     carry multi-token steps (``SessionHandle.verify``). Hidden states travel in ``wire_dtype``
-    (None: the edge's dtype).
+    (None: the edge's dtype); v2 frames are coded with ``coder`` (``SplitConfig.coder``).
 
     ``overlap``: while a round is with the server, a background thread asks the drafter to
     continue as if every draft were accepted (its first token is then its guess of the server's);
@@ -188,7 +189,7 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
             if rows:
                 hidden = torch.cat([hidden, *rows])
             t1 = time.perf_counter()
-            frame = encode_frame(to_wire(hidden, wire_dtype), codec, start=position, embedding=table,
+            frame = encode_frame(to_wire(hidden, wire_dtype), codec, coder, start=position, embedding=table,
                                  tokens=torch.cat([pending[0], torch.tensor(drafts, dtype=torch.long)]))
             t2 = time.perf_counter()
             ahead_k = min(policy.k(), max_new_tokens - len(new) - len(drafts) - 2)
@@ -275,4 +276,4 @@ def speculate(split, input_ids: torch.Tensor, max_new_tokens: int, drafter: str 
     sampling = SamplingParams(bool(do_sample), float(temperature), top_k, float(top_p), seed)
     return generate_speculative(edge, transport or split._require("transport"), input_ids, max_new_tokens,
                                 split.codec, sampling, drafter, policy, eos_token_id, split.fingerprint,
-                                split.config.wire_dtype, overlap)
+                                split.config.wire_dtype, overlap, split.config.coder)
