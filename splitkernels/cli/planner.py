@@ -210,7 +210,7 @@ def register(subparsers) -> None:
                                           "Latency and memory are modelled; quality comes from a calibration table. "
                                           f"Exit status {int(Exit.INFEASIBLE)} when no configuration meets the "
                                           "limits.")
-    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a model folder or .gguf file")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), gemma3, qwen2.5-coder, tiny, or a model folder or .gguf file")
     p.add_argument("--quality", help="calibration table JSON (default: the shipped SmolLM2 table)")
     p.add_argument("--edge", default="jetson-orin-nano-8gb", choices=edge_names)
     p.add_argument("--server", default="nvidia-a100-80gb", choices=server_names)
@@ -258,7 +258,7 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("profile", help="measure per-layer and codec times on this machine",
                               description="Time decoder layers (prefill and decode) per weight format, "
                                           "the LM head and the codec; writes JSON for plan --edge-profile.")
-    q.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a model folder or .gguf file")
+    q.add_argument("--model", default="smollm2", help="smollm2 (default), gemma3, qwen2.5-coder, tiny, or a model folder or .gguf file")
     q.add_argument("--formats", type=_formats, default="dense,4,8",
                    help="comma-separated: dense and/or weight bits (group 64)")
     q.add_argument("--prompt-tokens", type=types.positive_int, default=128)
