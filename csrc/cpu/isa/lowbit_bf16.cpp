@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "common/half.h"
@@ -62,12 +63,24 @@ constexpr int64_t kChunkBytes = kChunkCodes<B> * B / 8;
 template <int B>
 constexpr int kPairs = static_cast<int>(kChunkCodes<B> / 32);
 
-// The 2-, 3- and 4-bit decode yields 128 + q instead of q: bf16 0x4300 | q is exactly 128 + q for
-// q < 128 (eight significant bits), so a code becomes its bf16 value with one shift and one
-// and-or (vpternlogd), no table lookup. The kernels fold the offset into the zero point:
-// s * sum (128 + q) x + (z - 128 s) * sum x = s * sum q x + z * sum x.
-template <int B>
-constexpr float kCodeOffset = B == 8 ? 0.f : 128.f;
+// The 2-, 3- and 4-bit decode yields an offset plus q instead of q: bf16 0x4300 | q is exactly
+// 128 + q for q < 128 (eight significant bits), so a code becomes its bf16 value with one shift
+// and one and-or (vpternlogd), no table lookup. The kernels fold the offset into the zero point:
+// s * sum (128 + q) x + (z - 128 s) * sum x = s * sum q x + z * sum x. The offset's terms cancel
+// in fp32, which costs bits where fp32 is promised: the F ("fine") decode, for fp32 activations
+// sent as bf16 parts, uses 2^B, the bf16 of 2^B with q in the top B of its mantissa bits (2-bit
+// sums lost 1.5e-5 relative with 128, about 2e-6 with 2^B), at one rotate more per chunk.
+template <int B, bool F>
+constexpr int kOffsetExponent = F ? B : 7;
+template <int B, bool F = false>
+constexpr float kCodeOffset = B == 8 ? 0.f : static_cast<float>(1 << kOffsetExponent<B, F>);
+// kCodeOffset<B, F> in bf16 (its exponent, mantissa clear) in both halves of a u32 lane, and the
+// shift that puts a code from bit 0 at the top of its half's mantissa (0 for 128 + q).
+template <int B, bool F>
+constexpr uint32_t kOffsetBits = (0x3F80u + (kOffsetExponent<B, F> << 7)) * 0x10001u;
+template <int B, bool F>
+constexpr int kMantissaShift = F ? 7 - B : 0;
+
 
 #if defined(__AVX512VBMI__)
 // 3-bit codes: a chunk is 16 triples of bytes (8 codes each); in triple t, codes 8 t .. 8 t + 3
@@ -91,43 +104,64 @@ inline __m512i arrange3(__m512i raw) {
 }
 
 // Pair vectors j = 0..3 of arranged lanes v: shifts 4 p + 3 j, with 4 p per lane in `parity`.
+template <bool F>
 inline void decode_lanes3(__m512i v, __m512i parity, __m512i out[4]) {
-  const __m512i code_bits = _mm512_set1_epi32(0x00070007), offset = _mm512_set1_epi32(0x43004300);
-  for (int j = 0; j < 4; ++j)  // (shifted & code_bits) | offset
-    out[j] = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(v, _mm512_add_epi32(parity, _mm512_set1_epi32(3 * j))),
-                                       code_bits, offset, 0xea);
+  constexpr int shift = kMantissaShift<3, F>;
+  const __m512i code_bits = _mm512_set1_epi32(0x00070007 << shift);
+  const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<3, F>));
+  for (int j = 0; j < 4; ++j) {  // (shifted & code_bits) | offset; F: rotated (the wrapped bits are masked off)
+    const __m512i at = _mm512_add_epi32(parity, _mm512_set1_epi32(3 * j - shift));
+    const __m512i moved = F ? _mm512_rorv_epi32(v, _mm512_and_si512(at, _mm512_set1_epi32(31))) : _mm512_srlv_epi32(v, at);
+    out[j] = _mm512_ternarylogic_epi32(moved, code_bits, offset, 0xea);
+  }
 }
 
 // 4 p of each lane of a chunk (lanes alternate p = 0, 1).
 inline __m512i lane_parity3() { return _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0); }
 #endif
 
+// The codes at bit s of each half of v's u32 lanes moved to kMantissaShift<B, F>: a shift, or for F
+// a right or left rotate (the bits that wrap land outside both halves' code fields).
+template <int B, bool F, int S>
+inline __m512i code_at_mantissa(__m512i v) {
+  if constexpr (F)
+    return _mm512_ror_epi32(v, (S - kMantissaShift<B, F>) & 31);
+  else
+    return _mm512_srli_epi32(v, S);
+}
+
+// Pair vector i = 2 ph + t of decode_quads: the codes at bit 8 t + B ph, moved, then
+// (moved & code_bits) | offset; the shift counts are immediates.
+template <int B, bool F, int... I>
+inline void quad_pairs(__m512i v, __m512i code_bits, __m512i offset, __m512i* out, std::integer_sequence<int, I...>) {
+  ((out[I] = _mm512_ternarylogic_epi32(code_at_mantissa<B, F, 8 * (I % 2) + B * (I / 2)>(v), code_bits, offset, 0xea)),
+   ...);
+}
+
 // Pair vectors of one 64-byte chunk of 2- or 4-bit codes (or 16 transposed quads): out[ph * 2 + t]
 // holds, per u32 lane, the bf16 codes (plus kCodeOffset) of phase ph from bytes t and t + 2 of
 // the lane's four bytes. (8-bit codes are decoded in natural order: natural8_pairs.)
-template <int B>
+template <int B, bool F = false>
 inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
   static_assert(B == 2 || B == 4, "8-bit codes: natural8_pairs");
   constexpr int cpb = 8 / B;
   constexpr uint32_t mask = (1u << B) - 1;
-  const __m512i code_bits = _mm512_set1_epi32(static_cast<int>(mask << 16 | mask));
-  const __m512i offset = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves
-  for (int ph = 0; ph < cpb; ++ph)
-    for (int t = 0; t < 2; ++t)  // (shifted & code_bits) | offset
-      out[ph * 2 + t] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8 * t + B * ph), code_bits, offset, 0xea);
+  const __m512i code_bits = _mm512_set1_epi32(static_cast<int>((mask << 16 | mask) << kMantissaShift<B, F>));
+  const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<B, F>));
+  quad_pairs<B, F>(v, code_bits, offset, out, std::make_integer_sequence<int, 2 * cpb>{});
 }
 
 // Loads a chunk of a row (bytes past `bytes` read as zero, and never touched) and decodes it
 // into kPairs<B> pair vectors (2/4 bits: decode_quads; 3 bits: arrange3 + decode_lanes3).
-template <int B>
+template <int B, bool F>
 inline void decode_chunk(const uint8_t* chunk, int64_t bytes, __m512i* out) {
   if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-    decode_lanes3(arrange3(_mm512_maskz_loadu_epi8((1ull << bytes) - 1, chunk)), lane_parity3(), out);
+    decode_lanes3<F>(arrange3(_mm512_maskz_loadu_epi8((1ull << bytes) - 1, chunk)), lane_parity3(), out);
 #endif
   } else {
     const __mmask16 lm = static_cast<__mmask16>((1u << (bytes / 4)) - 1);
-    decode_quads<B>(bytes >= 64 ? _mm512_loadu_si512(chunk) : _mm512_maskz_loadu_epi32(lm, chunk), out);
+    decode_quads<B, F>(bytes >= 64 ? _mm512_loadu_si512(chunk) : _mm512_maskz_loadu_epi32(lm, chunk), out);
   }
 }
 
@@ -157,7 +191,7 @@ inline void decode_natural8(const uint8_t* chunk, __mmask64 bytes, __m512i out[2
 // the slice's groups, before bias: added to out where `add`, else written. Scales and zeros
 // are read straight from p.scale / p.zero (a copy converted to fp32 just before would be read
 // back through masked loads that wait for the stores).
-template <int B, int MR, int R>
+template <int B, int MR, int R, bool F>
 void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& slice, float* out, int64_t ld, bool add) {
   constexpr int nv = kPairs<B>;
   constexpr int64_t cc = kChunkCodes<B>, cb = kChunkBytes<B>;
@@ -184,7 +218,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
           if constexpr (B == 8)
             decode_natural8(rows[r] + 64 * c, ~0ull, q);
           else
-            decode_chunk<B>(rows[r] + cb * c, cb, q);
+            decode_chunk<B, F>(rows[r] + cb * c, cb, q);
           for (int v = 0; v < nv; ++v)
             for (int m = 0; m < MR; ++m)
               acc[r][m] = _mm512_dpbf16_ps(acc[r][m], as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
@@ -226,7 +260,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
             tot[r][m] = _mm512_fmadd_ps(a1, s1, _mm512_fmadd_ps(a0, s0, tot[r][m]));
           }
         } else {
-          decode_chunk<B>(rows[r] + cb * c, left, q);
+          decode_chunk<B, F>(rows[r] + cb * c, left, q);
           const __m512 sv = _mm512_permutexvar_ps(lane_group, sc);
           for (int m = 0; m < MR; ++m) {
             if constexpr (R * MR >= 8) {
@@ -253,7 +287,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
   }
   // Zero points (with the code offset folded in): sum_g (z_g - offset * s_g) * sum_k x_k,
   // sixteen groups at a time into the same totals.
-  const __m512 off = _mm512_set1_ps(kCodeOffset<B>);
+  const __m512 off = _mm512_set1_ps(kCodeOffset<B, F>);
   for (int64_t g = 0; slice.zeros && g < G; g += 16) {
     const int64_t count = std::min<int64_t>(16, G - g);
     const __mmask16 gm = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
@@ -274,12 +308,12 @@ constexpr int64_t kSliceBytes = 8 << 10;
 
 // Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time (see
 // sliced_rows): K is read in slices where x outgrows kSliceBytes and groups are whole chunks
-// (the small-group path reads every group).
-template <int B, int MR, int R>
+// (the small-group path reads every group). F: the fine decode (kCodeOffset).
+template <int B, int MR, int R, bool F = false>
 void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
   const int64_t x_group_bytes = MR > 1 && p.group_size >= kChunkCodes<B> ? MR * p.group_size * 2 : 0;
-  sliced_rows<MR, R, dot_block<B, MR, R>, dot_block<B, MR, 1>>(p, m0, n_begin, n_end, x_group_bytes, kSliceBytes,
-                                                               kPrefetchBytes);
+  sliced_rows<MR, R, dot_block<B, MR, R, F>, dot_block<B, MR, 1, F>>(p, m0, n_begin, n_end, x_group_bytes,
+                                                                     kSliceBytes, kPrefetchBytes);
 }
 
 // Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length
@@ -298,7 +332,9 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
       break;
     case 2: long_rows ? dot_rows<B, 2, 2>(p, 0, n_begin, n_end) : dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
-    case 3: long_rows ? dot_rows<B, 3, 2>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end); break;
+    case 3:  // also an fp32 row as three bf16 parts (p.y_parts), with the fine decode
+      p.y_parts ? dot_rows<B, 3, 2, true>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end);
+      break;
     default:
       long_rows ? dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end) : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
   }
@@ -392,7 +428,7 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pan
         __m512i q[nv];
         if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-          decode_lanes3(v[quad], _mm512_set1_epi32(4 * (quad % 2)), q);
+          decode_lanes3<false>(v[quad], _mm512_set1_epi32(4 * (quad % 2)), q);
 #endif
         } else {
           decode_quads<B>(v[quad], q);
