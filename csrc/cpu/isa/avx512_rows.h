@@ -96,7 +96,7 @@ struct DotSlice {
 // quarter of the call), and each row's chunk is prefetched R rows ahead (its next chunk
 // belongs to the next slice). So it is where R > 1 rows are short (under 4 `prefetch`): the
 // block's rows lie side by side, and `prefetch` bytes ahead would land in the block itself (at
-// 4864 x 896, 448-byte rows, M = 1 took 0.29-0.36 ms that way and 0.22-0.24 this way; long rows
+// 4864 x 896, 448-byte rows, M = 1 took 0.29-0.36 ms that way and 0.22-0.26 this way; long rows
 // kept `prefetch`, which measured no worse). Otherwise `prefetch` bytes ahead in the row.
 template <int MR, int R, auto block, auto tail>
 void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, int64_t x_group_bytes,

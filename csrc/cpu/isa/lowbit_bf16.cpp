@@ -81,7 +81,6 @@ constexpr uint32_t kOffsetBits = (0x3F80u + (kOffsetExponent<B, F> << 7)) * 0x10
 template <int B, bool F>
 constexpr int kMantissaShift = F ? 7 - B : 0;
 
-
 #if defined(__AVX512VBMI__)
 // 3-bit codes: a chunk is 16 triples of bytes (8 codes each); in triple t, codes 8 t .. 8 t + 3
 // are bits 0..11 of bytes (3 t, 3 t + 1) and codes 8 t + 4 .. 8 t + 7 bits 4..15 of bytes
