@@ -202,11 +202,11 @@ void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, i
 
 // One fp32 row as kFp32Parts bf16 rows, largest first, whose sum is x to within 2^-27 of each
 // value (each part holds the rounding error of the ones before): the bf16 kernels multiply exact
-// codes by every part and add the fp32 sums. At M = 1 with 2-4-bit codes that is 1.4-1.7x faster
-// than the fp32 kernels (three activation rows share each decoded weight chunk) and agrees with
-// them to ~5e-6 relative (the codes' offset of 128 costs the fp32 sums a few bits); 8-bit codes
-// gained nothing, so they stay on the fp32 kernels. False for a value that is not finite or
-// whose first part would overflow bf16.
+// codes by every part (with the fine decode, whose small code offset keeps the fp32 sums' bits:
+// isa/lowbit_bf16.cpp) and add the fp32 sums. At M = 1 that is 1.3-1.6x faster than the fp32
+// kernels with 4-bit codes and 7-10x with 2/3-bit ones (three activation rows share each decoded
+// weight chunk), within ~1.6e-6 relative of float64; 8-bit codes gained nothing, so they stay on
+// the fp32 kernels. False for a value that is not finite or whose first part would overflow bf16.
 constexpr int kFp32Parts = 3;
 bool split_fp32_row(const float* x, int64_t K, uint16_t* parts) {
   for (int64_t k = 0; k < K; ++k) {
