@@ -189,29 +189,38 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "rans_encode",
-      [](std::uintptr_t sym, int64_t n, std::uintptr_t tables, int64_t period, std::uintptr_t out, int64_t capacity) {
+      [](std::uintptr_t sym, int64_t n, std::uintptr_t tables, int64_t period, int lanes, std::uintptr_t out,
+         int64_t capacity) {
         const int64_t len = sk::rans_encode(ptr<const uint8_t>(sym), n, ptr<const sk::RansTables* const>(tables), period,
-                                            ptr<uint8_t>(out), capacity);
-        if (len < 0) throw std::invalid_argument("rans_encode: a symbol is outside the table, period < 1 or out is too small");
+                                            lanes, ptr<uint8_t>(out), capacity);
+        if (len < 0)
+          throw std::invalid_argument(
+              "rans_encode: a symbol is outside the table, lanes is not 1, 4 or 32, period < 1 or out is too small");
         return len;
       },
-      py::arg("sym"), py::arg("n"), py::arg("tables"), py::arg("period"), py::arg("out"), py::arg("capacity"), nogil,
-      "Static-table rANS encode of n u8 symbols; tables: period pointers to built tables, symbol i uses "
-      "tables[i % period]. Returns the stream length in bytes.");
+      py::arg("sym"), py::arg("n"), py::arg("tables"), py::arg("period"), py::arg("lanes"), py::arg("out"),
+      py::arg("capacity"), nogil,
+      "Static-table rANS encode of n u8 symbols on lanes (1, 4 or 32) states; tables: period pointers to built "
+      "tables, symbol i uses tables[i % period]. Returns the stream length in bytes.");
 
   m.def(
       "rans_decode",
-      [](std::uintptr_t data, int64_t len, int64_t n, std::uintptr_t tables, int64_t period, std::uintptr_t out,
-         int count_of) {
+      [](std::uintptr_t data, int64_t len, int64_t n, std::uintptr_t tables, int64_t period, int lanes,
+         std::uintptr_t out, int count_of) {
         int64_t count = 0;
         std::string err = sk::rans_decode(ptr<const uint8_t>(data), len, n, ptr<const sk::RansTables* const>(tables),
-                                          period, ptr<uint8_t>(out), count_of, &count);
+                                          period, lanes, ptr<uint8_t>(out), count_of, &count);
         return std::make_pair(err, count);
       },
-      py::arg("data"), py::arg("len"), py::arg("n"), py::arg("tables"), py::arg("period"), py::arg("out"),
-      py::arg("count_of") = -1, nogil,
-      "Static-table rANS decode of exactly n symbols into out (symbol i with tables[i % period]); returns ('' or why the stream is invalid, how many "
-      "decoded symbols equal count_of).");
+      py::arg("data"), py::arg("len"), py::arg("n"), py::arg("tables"), py::arg("period"), py::arg("lanes"),
+      py::arg("out"), py::arg("count_of") = -1, nogil,
+      "Static-table rANS decode of exactly n symbols on lanes (1, 4 or 32) states into out (symbol i with "
+      "tables[i % period]); returns ('' or why the stream is invalid, how many decoded symbols equal count_of).");
+  m.def("rans_isas", &sk::rans_isas, "Instruction sets of the wide (32-lane) rANS coder this CPU supports, best last.");
+  m.def("rans_isa", &sk::rans_isa, "Instruction set the wide rANS coder uses now.");
+  m.def(
+      "set_rans_isa", [](const std::string& name) { check(sk::set_rans_isa(name)); }, py::arg("name"),
+      "Use the wide rANS coder of this instruction set (scalar or avx512).");
 
   m.def("nibble_capacity", [](int64_t rows, int64_t d) { return sk::nibble_capacity(rows, d) + sk::kNibbleSlack; },
         py::arg("rows"), py::arg("d"), "Bytes of out that nibble_encode needs for rows coded rows of d symbols.");

@@ -503,6 +503,8 @@ def test_rans_tables_are_built_once_per_table():
     if not rans.has_native():
         pytest.skip("C++ extension not built (pip install . builds it)")
     freqs = rans.build_freqs(np.arange(1, 9))
-    assert rans.native_tables(freqs) is rans.native_tables(tuple(freqs))
+    tables = rans.as_class_tables(freqs)
+    assert tables is rans.as_class_tables(tuple(freqs))
+    assert tables.native is tables.native
     with pytest.raises(ValueError, match="sum"):
-        rans.native_tables((1, 2, 3))
+        rans.as_class_tables((1, 2, 3))

@@ -229,12 +229,15 @@ def test_coder_rule_and_explicit_coders(cfg):
     assert frame_coder(encode(small, cfg).to_bytes("auto")) == frame_v2.CODER_RANS  # one-token-sized frames: rANS
     t = frame_v2.NIBBLE_MIN_SYMBOLS // 64
     long = activations(t, 64, seed=3).half()
-    want = frame_v2.choose_coder(t * 64, cfg)
+    want = frame_v2.choose_coder(t, 64, cfg)
     assert want == frame_v2.CODER_NIBBLE  # this table suits the nibble coder
     assert frame_coder(encode(long, cfg).to_bytes("auto")) == want
     assert frame_coder(wire_v2.encode_frame_v2(long, cfg, "auto")) == want
-    # Without a coder, frames take rANS (the fewest bytes), long ones too.
-    assert frame_coder(encode(long, cfg).to_bytes()) == frame_coder(wire_v2.encode_frame_v2(long, cfg)) == frame_v2.CODER_RANS
+    # Without a coder, frames take rANS (the fewest bytes), long ones in the 32-lane layout.
+    wide = frame_v2.CODER_RANS_WIDE
+    assert frame_coder(encode(long, cfg).to_bytes()) == frame_coder(wire_v2.encode_frame_v2(long, cfg)) == wide
+    assert frame_coder(encode(long, cfg).to_bytes("rans")) == wide
+    assert frame_coder(encode(long[:-1], cfg).to_bytes("rans")) == frame_v2.CODER_RANS  # one token short of 2^16 values
     for name, code in frame_v2.CODERS.items():
         data = encode(small, cfg).to_bytes(name)
         assert frame_coder(data) == code
@@ -243,7 +246,7 @@ def test_coder_rule_and_explicit_coders(cfg):
         encode(small, cfg).to_bytes("huffman")
     # A table far from the nibble coder's sweet spot (a near-uniform alphabet of 256) stays on rANS.
     flat = CodecConfigV2(center=(0.0,) * 64, step=(1.0,) * 64, kmax=127, freqs=rans.build_freqs(np.ones(256)), raw_limit=32)
-    assert frame_v2.choose_coder(1 << 20, flat) == frame_v2.CODER_RANS
+    assert frame_v2.choose_coder(1 << 14, 64, flat) == frame_v2.CODER_RANS_WIDE
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -349,7 +352,7 @@ def test_fuzz_forged_nibble_headers_cannot_force_large_allocations(cfg):
     for fn in (lambda: from_bytes(forged, config=cfg), lambda: wire_v2.decode_frame_v2(forged, cfg)):
         with pytest.raises(FrameError, match="stream can hold"):
             fn()
-    for coder in (2, 15):  # unknown coders
+    for coder in (3, 15):  # unknown coders
         forged = reseal(HEAD.pack(b"SKTQ", 2, 1 | coder << 4) + data[HEAD.size : -4], cfg)
         with pytest.raises(FrameError, match="unknown symbol coder"):
             from_bytes(forged, config=cfg)

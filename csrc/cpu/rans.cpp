@@ -1,6 +1,11 @@
 #include "cpu/rans.h"
 
+#include <cstddef>
 #include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 namespace sk {
 namespace {
@@ -78,6 +83,7 @@ std::string rans_build_tables(const uint32_t* freq, int nsym, RansTables* t) {
       e.rcp_shift = static_cast<uint16_t>(shift - 1);
       e.bias = cum;
     }
+    t->wide_enc[s] = (f | e.bias << 16) | uint64_t(e.rcp_freq) << 32;
     for (uint32_t slot = cum; slot < cum + f; ++slot) {
       t->dec[slot] = f << 16 | (slot - cum);
       t->sym[slot] = static_cast<uint8_t>(s);
@@ -104,69 +110,42 @@ struct TableCursor {
   }
 };
 
-template <bool kClasses>
+// Symbol i is on lane i % kLanes; symbols are coded from the last to the first, so a stream's
+// words come out in the order the decoder reads them once reversed.
+template <bool kClasses, int kLanes>
 int64_t encode_impl(const uint8_t* sym, int64_t n, TableCursor<kClasses> tc, uint8_t* out) {
-  const int lanes = rans_lanes(n);
   // Words are written backwards from the end of the word area, then moved behind the states.
-  uint16_t* const end = reinterpret_cast<uint16_t*>(out + 4 * lanes) + n;
+  uint16_t* const end = reinterpret_cast<uint16_t*>(out + 4 * kLanes) + n;
   uint16_t* words = end;
-  uint32_t x[4] = {kRansL, kRansL, kRansL, kRansL};
-  int64_t i = n - 1;
-  tc.c = kClasses ? i % tc.period : 0;
-  if (lanes == 1) {
-    for (; i >= 0; --i, tc.prev()) enc_put(x[0], tc.get().enc[sym[i]], words);
-  } else {
-    // Symbol i belongs to lane i % 4; peel the tail so the main loop runs whole groups 3,2,1,0.
-    for (; i >= 0 && (i % 4) != 3; --i, tc.prev()) enc_put(x[i % 4], tc.get().enc[sym[i]], words);
-    for (; i >= 3; i -= 4) {
-      for (int j = 3; j >= 0; --j, tc.prev()) enc_put(x[j], tc.get().enc[sym[i - 3 + j]], words);
-    }
-  }
+  uint32_t x[kLanes];
+  for (int j = 0; j < kLanes; ++j) x[j] = kRansL;
+  tc.c = kClasses ? (n - 1) % tc.period : 0;
+  for (int64_t i = n - 1; i >= 0; --i, tc.prev()) enc_put(x[i % kLanes], tc.get().enc[sym[i]], words);
   const int64_t nwords = end - words;
-  for (int j = 0; j < lanes; ++j) store_u32(out + 4 * j, x[j]);
+  for (int j = 0; j < kLanes; ++j) store_u32(out + 4 * j, x[j]);
   // Little-endian u16 words; memmove because source and destination may overlap.
-  std::memmove(out + 4 * lanes, words, 2 * nwords);
-  return 4 * lanes + 2 * nwords;
+  std::memmove(out + 4 * kLanes, words, 2 * nwords);
+  return 4 * kLanes + 2 * nwords;
 }
 
-}  // namespace
-
-int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables* const* tables, int64_t period, uint8_t* out,
-                    int64_t capacity) {
-  if (n == 0) return 0;
-  if (period < 1 || capacity < 4 * rans_lanes(n) + 2 * n) return -1;
-  const int nsym = tables[0]->nsym;
-  for (int64_t i = 0; i < n; ++i)
-    if (sym[i] >= nsym) return -1;
-  if (period == 1) return encode_impl<false>(sym, n, TableCursor<false>{tables, 1, 0}, out);
-  return encode_impl<true>(sym, n, TableCursor<true>{tables, period, 0}, out);
-}
-
-namespace {
-
-template <bool kClasses>
+template <bool kClasses, int kLanes>
 std::string decode_impl(const uint8_t* data, int64_t len, int64_t n, TableCursor<kClasses> tc, uint8_t* out) {
-  const int lanes = rans_lanes(n);
-  if (len < 4 * lanes || (len - 4 * lanes) % 2) return "rANS stream is not its states plus 16-bit words";
-  uint32_t x[4];
-  for (int j = 0; j < lanes; ++j) {
+  if (len < 4 * kLanes || (len - 4 * kLanes) % 2) return "rANS stream is not its states plus 16-bit words";
+  uint32_t x[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
     x[j] = load_u32(data + 4 * j);
     if (x[j] < kRansL) return "rANS initial state below the renormalisation bound";
   }
-  const uint8_t* w = data + 4 * lanes;
+  const uint8_t* w = data + 4 * kLanes;
   const uint8_t* const wend = data + len;
   int64_t i = 0;
-  // Each step reads at most one word: while 4 words remain, a group of 4 steps needs no checks.
-  if (lanes == 4) {
-    for (; i + 4 <= n && wend - w >= 8; i += 4) {
-      for (int j = 0; j < 4; ++j, tc.next()) out[i + j] = dec_get(x[j], tc.get(), w);
-    }
-  } else {
-    for (; i < n && wend - w >= 2; ++i, tc.next()) out[i] = dec_get(x[0], tc.get(), w);
+  // Each step reads at most one word: while kLanes words remain, a group of kLanes steps needs no checks.
+  for (; i + kLanes <= n && wend - w >= 2 * kLanes; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j, tc.next()) out[i + j] = dec_get(x[j], tc.get(), w);
   }
   for (; i < n; ++i, tc.next()) {  // the last words: checked steps
     const RansTables& t = tc.get();
-    uint32_t& s = x[lanes == 1 ? 0 : (i & 3)];
+    uint32_t& s = x[i % kLanes];
     const uint32_t slot = s & (kRansM - 1);
     const uint32_t e = t.dec[slot];
     s = (e >> 16) * (s >> kRansPrecBits) + (e & 0xFFFF);
@@ -178,19 +157,252 @@ std::string decode_impl(const uint8_t* data, int64_t len, int64_t n, TableCursor
     out[i] = t.sym[slot];
   }
   if (w != wend) return "rANS stream has unread words";
-  for (int j = 0; j < lanes; ++j)
+  for (int j = 0; j < kLanes; ++j)
     if (x[j] != kRansL) return "rANS stream does not end in the initial state (corrupted or wrong table)";
   return "";
 }
 
+// The wide coder's view of the tables: byte offsets from the lowest table, per channel, repeated
+// so that 32 consecutive channels from any c < period read without wrapping.
+struct WideTables {
+  const uint8_t* base;
+  std::vector<int32_t> off;  // period + kRansWideLanes entries: offset of the table of channel k % period
+  int64_t period;
+};
+
+// False when the tables lie too far apart for 32-bit gather offsets (the caller then runs the
+// scalar coder; ClassTables allocates its tables in one block, so this does not happen there).
+bool wide_tables(const RansTables* const* tables, int64_t period, WideTables* w) {
+  uintptr_t lo = reinterpret_cast<uintptr_t>(tables[0]), hi = lo;
+  for (int64_t c = 1; c < period; ++c) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(tables[c]);
+    lo = p < lo ? p : lo;
+    hi = p > hi ? p : hi;
+  }
+  if (hi - lo > (uintptr_t(1) << 31) - 2 * sizeof(RansTables)) return false;
+  w->base = reinterpret_cast<const uint8_t*>(lo);
+  w->period = period;
+  w->off.resize(period + kRansWideLanes);
+  for (int64_t k = 0; k < period + kRansWideLanes; ++k)
+    w->off[k] = static_cast<int32_t>(reinterpret_cast<uintptr_t>(tables[k % period]) - lo);
+  return true;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SK_RANS_X86 1
+#define SK_RANS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512cd,avx512vbmi2")))
+
+// One encoder step of 16 lanes from their wide_enc entries e[0..16): the wide form of enc_put.
+// The words of the lanes that renormalise go below `words`, in lane order.
+SK_RANS_TARGET inline __m512i enc_step16(__m512i x, const uint64_t* e, uint16_t*& words) {
+  const __m512i e0 = _mm512_loadu_si512(e), e1 = _mm512_loadu_si512(e + 8);
+  const __m512i even_idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i fb = _mm512_permutex2var_epi32(e0, even_idx, e1);
+  const __m512i rcp = _mm512_permutex2var_epi32(e0, _mm512_add_epi32(even_idx, _mm512_set1_epi32(1)), e1);
+  const __m512i f = _mm512_and_si512(fb, _mm512_set1_epi32(0xFFFF));
+  const __mmask16 emit = _mm512_cmpge_epu32_mask(x, _mm512_slli_epi32(f, 32 - kRansPrecBits));
+  const int cnt = __builtin_popcount(emit);
+  // Compress in a register and store under a mask: a compressing store is microcoded on Zen 4.
+  const __m256i packed = _mm256_maskz_compress_epi16(emit, _mm512_cvtepi32_epi16(x));
+  words -= cnt;
+  _mm256_mask_storeu_epi16(words, static_cast<__mmask16>((1u << cnt) - 1), packed);
+  x = _mm512_mask_srli_epi32(x, emit, x, 16);
+  // q = floor(x * rcp / 2^32) >> shift, shift = ceil(log2 f) - 1 (0 for f = 1, whose rcp is ~0).
+  const __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(x, rcp), 32);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), _mm512_srli_epi64(rcp, 32));
+  __m512i q = _mm512_mask_blend_epi32(0xAAAA, even, odd);
+  const __m512i shift = _mm512_max_epi32(
+      _mm512_sub_epi32(_mm512_set1_epi32(31), _mm512_lzcnt_epi32(_mm512_sub_epi32(f, _mm512_set1_epi32(1)))),
+      _mm512_setzero_si512());
+  q = _mm512_srlv_epi32(q, shift);
+  const __m512i cmpl = _mm512_sub_epi32(_mm512_set1_epi32(kRansM), f);
+  return _mm512_add_epi32(_mm512_add_epi32(x, _mm512_srli_epi32(fb, 16)), _mm512_mullo_epi32(q, cmpl));
+}
+
+SK_RANS_TARGET inline __m512i load_off16(const int32_t* p) { return _mm512_loadu_si512(p); }
+
+// Symbols per block whose table entries are looked up before the block is coded: plain loads
+// beat AVX-512 gathers by far on Zen 4, and the lookups do not depend on the states.
+constexpr int64_t kWideBlock = 64 * kRansWideLanes;
+
+SK_RANS_TARGET int64_t encode_wide_avx512(const uint8_t* sym, int64_t n, const WideTables& wt, uint8_t* out) {
+  constexpr int L = kRansWideLanes;
+  uint16_t* const end = reinterpret_cast<uint16_t*>(out + 4 * L) + n;
+  uint16_t* words = end;
+  uint32_t x[L];
+  for (int j = 0; j < L; ++j) x[j] = kRansL;
+  const int64_t full = n / L * L;
+  // The last, partial group one symbol at a time (symbols are coded from the last).
+  for (int64_t i = n - 1; i >= full; --i)
+    enc_put(x[i % L], reinterpret_cast<const RansTables*>(wt.base + wt.off[i % wt.period])->enc[sym[i]], words);
+  constexpr int NV = L / 16;
+  __m512i xv[NV];
+  for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_si512(x + 16 * v);
+  alignas(64) uint64_t e[kWideBlock];
+  const uint8_t* const wide_enc = wt.base + offsetof(RansTables, wide_enc);
+  for (int64_t b1 = full; b1 > 0;) {
+    const int64_t b0 = b1 > kWideBlock ? b1 - kWideBlock : 0;
+    for (int64_t i = b0; i < b1;) {  // runs of channels that do not wrap
+      const int64_t c = i % wt.period;
+      const int64_t stop = b1 < i + (wt.period - c) ? b1 : i + (wt.period - c);
+      const int32_t* off = wt.off.data() + c - i;
+      for (; i < stop; ++i) e[i - b0] = *reinterpret_cast<const uint64_t*>(wide_enc + off[i] + 8 * sym[i]);
+    }
+    for (int64_t g = b1 - L; g >= b0; g -= L) {
+      // The highest lanes first: the scalar order codes lane L-1 down to 0, so their words lie above.
+      for (int v = NV - 1; v >= 0; --v) xv[v] = enc_step16(xv[v], e + (g - b0) + 16 * v, words);
+    }
+    b1 = b0;
+  }
+  for (int v = 0; v < NV; ++v) _mm512_storeu_si512(x + 16 * v, xv[v]);
+  const int64_t nwords = end - words;
+  for (int j = 0; j < L; ++j) store_u32(out + 4 * j, x[j]);
+  std::memmove(out + 4 * L, words, 2 * nwords);
+  return 4 * L + 2 * nwords;
+}
+
+// 16 u32 from byte offsets idx of p (the masked form: the plain one leaves GCC warning of an
+// uninitialised source).
+SK_RANS_TARGET inline __m512i gather32(__m512i idx, const uint8_t* p) {
+  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, idx, p, 1);
+}
+
+// One decoder step of 16 lanes; 16 words must be readable at w (the caller checks). Stores the 16
+// symbols at out.
+SK_RANS_TARGET inline __m512i dec_step16(__m512i x, __m512i off, const uint8_t* base, const uint8_t*& w,
+                                         uint8_t* out) {
+  const __m512i slot = _mm512_and_si512(x, _mm512_set1_epi32(kRansM - 1));
+  // Both lookups take the slot, so they run side by side. 4 bytes from sym[slot]: the arrays
+  // after sym keep the read inside the table.
+  const __m512i s = _mm512_and_si512(gather32(_mm512_add_epi32(off, slot), base + offsetof(RansTables, sym)),
+                                     _mm512_set1_epi32(0xFF));
+  const __m512i e = gather32(_mm512_add_epi32(off, _mm512_slli_epi32(slot, 2)), base + offsetof(RansTables, dec));
+  x = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(e, 16), _mm512_srli_epi32(x, kRansPrecBits)),
+                       _mm512_and_si512(e, _mm512_set1_epi32(0xFFFF)));
+  const __mmask16 renorm = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(kRansL));
+  const __m256i next = _mm256_maskz_expand_epi16(renorm, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  x = _mm512_mask_or_epi32(x, renorm, _mm512_slli_epi32(x, 16), _mm512_cvtepu16_epi32(next));
+  w += 2 * __builtin_popcount(renorm);
+  // vpmovdb in its register form (with a memory operand it is microcoded on Zen 4).
+  __m128i bytes = _mm512_cvtepi32_epi8(s);
+  asm("" : "+v"(bytes));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
+  return x;
+}
+
+// Decodes whole groups while 32 words remain; returns the symbols decoded (a multiple of 32) and
+// leaves the states in x and the read position in w for the checked scalar steps.
+SK_RANS_TARGET int64_t decode_wide_avx512(int64_t n, const WideTables& wt, uint32_t* x, const uint8_t*& w,
+                                          const uint8_t* wend, uint8_t* out) {
+  constexpr int L = kRansWideLanes, NV = L / 16;
+  __m512i xv[NV];
+  for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_si512(x + 16 * v);
+  int64_t g = 0;
+  for (; g + L <= n && wend - w >= 2 * L; g += L) {
+    const int32_t* off = wt.off.data() + g % wt.period;
+    for (int v = 0; v < NV; ++v) xv[v] = dec_step16(xv[v], load_off16(off + 16 * v), wt.base, w, out + g + 16 * v);
+  }
+  for (int v = 0; v < NV; ++v) _mm512_storeu_si512(x + 16 * v, xv[v]);
+  return g;
+}
+
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd") &&
+         __builtin_cpu_supports("avx512vbmi2");
+}
+#else
+bool cpu_has_avx512() { return false; }
+#endif
+
+bool g_wide_simd = cpu_has_avx512();
+
+template <bool kClasses>
+int64_t encode_lanes(const uint8_t* sym, int64_t n, TableCursor<kClasses> tc, int lanes, uint8_t* out) {
+  if (lanes == 1) return encode_impl<kClasses, 1>(sym, n, tc, out);
+  if (lanes == 4) return encode_impl<kClasses, 4>(sym, n, tc, out);
+  return encode_impl<kClasses, kRansWideLanes>(sym, n, tc, out);
+}
+
+template <bool kClasses>
+std::string decode_lanes(const uint8_t* data, int64_t len, int64_t n, TableCursor<kClasses> tc, int lanes,
+                         uint8_t* out) {
+  if (lanes == 1) return decode_impl<kClasses, 1>(data, len, n, tc, out);
+  if (lanes == 4) return decode_impl<kClasses, 4>(data, len, n, tc, out);
+  return decode_impl<kClasses, kRansWideLanes>(data, len, n, tc, out);
+}
+
+}  // namespace
+
+int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables* const* tables, int64_t period, int lanes,
+                    uint8_t* out, int64_t capacity) {
+  if (n == 0) return 0;
+  if (period < 1 || !rans_valid_lanes(lanes) || capacity < 4 * lanes + 2 * n) return -1;
+  uint8_t top = 0;  // a max rather than an early exit: the loop vectorises
+  for (int64_t i = 0; i < n; ++i) top = sym[i] > top ? sym[i] : top;
+  if (top >= tables[0]->nsym) return -1;
+#ifdef SK_RANS_X86
+  WideTables wt;
+  if (lanes == kRansWideLanes && g_wide_simd && wide_tables(tables, period, &wt)) return encode_wide_avx512(sym, n, wt, out);
+#endif
+  if (period == 1) return encode_lanes<false>(sym, n, TableCursor<false>{tables, 1, 0}, lanes, out);
+  return encode_lanes<true>(sym, n, TableCursor<true>{tables, period, 0}, lanes, out);
+}
+
+namespace {
+
+#ifdef SK_RANS_X86
+// The wide decoder: vector groups, then decode_impl's checked steps for the rest.
+std::string decode_wide(const uint8_t* data, int64_t len, int64_t n, const WideTables& wt,
+                        const RansTables* const* tables, uint8_t* out) {
+  constexpr int L = kRansWideLanes;
+  if (len < 4 * L || (len - 4 * L) % 2) return "rANS stream is not its states plus 16-bit words";
+  uint32_t x[L];
+  for (int j = 0; j < L; ++j) {
+    x[j] = load_u32(data + 4 * j);
+    if (x[j] < kRansL) return "rANS initial state below the renormalisation bound";
+  }
+  const uint8_t* w = data + 4 * L;
+  const uint8_t* const wend = data + len;
+  const int64_t done = decode_wide_avx512(n, wt, x, w, wend, out);
+  for (int64_t i = done; i < n; ++i) {  // the last words: checked steps
+    const RansTables& t = *tables[i % wt.period];
+    uint32_t& s = x[i % L];
+    const uint32_t slot = s & (kRansM - 1);
+    const uint32_t e = t.dec[slot];
+    s = (e >> 16) * (s >> kRansPrecBits) + (e & 0xFFFF);
+    if (s < kRansL) {
+      if (w >= wend) return "rANS stream ends early";
+      s = (s << 16) | load_u16(w);
+      w += 2;
+    }
+    out[i] = t.sym[slot];
+  }
+  if (w != wend) return "rANS stream has unread words";
+  for (int j = 0; j < L; ++j)
+    if (x[j] != kRansL) return "rANS stream does not end in the initial state (corrupted or wrong table)";
+  return "";
+}
+#endif
+
 }  // namespace
 
 std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansTables* const* tables, int64_t period,
-                        uint8_t* out, int count_of, int64_t* count) {
+                        int lanes, uint8_t* out, int count_of, int64_t* count) {
   if (n == 0) return len == 0 ? "" : "an empty symbol stream must have 0 bytes";
   if (period < 1) return "rANS table period must be >= 1";
-  std::string err = period == 1 ? decode_impl<false>(data, len, n, TableCursor<false>{tables, 1, 0}, out)
-                                : decode_impl<true>(data, len, n, TableCursor<true>{tables, period, 0}, out);
+  if (!rans_valid_lanes(lanes)) return "rANS lanes must be 1, 4 or 32";
+  std::string err;
+#ifdef SK_RANS_X86
+  WideTables wt;
+  if (lanes == kRansWideLanes && g_wide_simd && wide_tables(tables, period, &wt)) {
+    err = decode_wide(data, len, n, wt, tables, out);
+  } else
+#endif
+  {
+    err = period == 1 ? decode_lanes<false>(data, len, n, TableCursor<false>{tables, 1, 0}, lanes, out)
+                      : decode_lanes<true>(data, len, n, TableCursor<true>{tables, period, 0}, lanes, out);
+  }
   if (!err.empty()) return err;
   if (count && count_of >= 0 && count_of < 256) {
     int64_t c = 0;
@@ -198,6 +410,22 @@ std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansT
     *count = c;
   }
   return "";
+}
+
+std::vector<std::string> rans_isas() {
+  std::vector<std::string> out{"scalar"};
+  if (cpu_has_avx512()) out.push_back("avx512");
+  return out;
+}
+
+std::string rans_isa() { return g_wide_simd ? "avx512" : "scalar"; }
+
+std::string set_rans_isa(const std::string& name) {
+  if (name == "scalar" || (name == "avx512" && cpu_has_avx512())) {
+    g_wide_simd = name == "avx512";
+    return "";
+  }
+  return "rans isa must be one of the supported ones (see rans_isas()), got '" + name + "'";
 }
 
 }  // namespace sk

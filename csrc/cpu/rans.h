@@ -1,5 +1,6 @@
 // Static-table rANS coder of codec v2 (docs/FORMATS.md section 5.3): 32-bit states kept in
-// [2^16, 2^32), 16-bit renormalisation words, 14-bit probabilities, 1 or 4 interleaved lanes.
+// [2^16, 2^32), 16-bit renormalisation words, 14-bit probabilities, 1, 4 or 32 interleaved lanes
+// (32: the wide layout of long frames, coded 16 lanes per AVX-512 instruction where the CPU has it).
 // Bit-exact with the Python reference splitkernels/codec/rans.py.
 //
 // The tables are built once per frequency table (RansTables, owned by the caller, e.g. cached per
@@ -9,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace sk {
 
@@ -17,8 +19,13 @@ constexpr uint32_t kRansM = 1u << kRansPrecBits;
 constexpr uint32_t kRansL = 1u << 16;
 constexpr int64_t kRansWideLanesFrom = 1 << 14;
 
-// Lanes for n symbols: 1 below kRansWideLanesFrom symbols, else 4.
+constexpr int kRansWideLanes = 32;
+
+// Lanes of the narrow layout for n symbols: 1 below kRansWideLanesFrom symbols, else 4.
 inline int rans_lanes(int64_t n) { return n >= kRansWideLanesFrom ? 4 : 1; }
+
+// True for the lane counts a stream may have: 1, 4 or kRansWideLanes.
+inline bool rans_valid_lanes(int lanes) { return lanes == 1 || lanes == 4 || lanes == kRansWideLanes; }
 
 // Encoder entry of one symbol: x -> x + bias + q * cmpl_freq with q = floor(x / freq) computed by a
 // 32-bit reciprocal, exact for every x < 2^31 (the state is below freq << 18 <= 2^31 when coded).
@@ -33,7 +40,9 @@ struct RansEncSymbol {
 struct RansTables {
   RansEncSymbol enc[256];
   uint32_t dec[kRansM];  // per slot: freq << 16 | (slot - cum)
-  uint8_t sym[kRansM];   // per slot: the symbol
+  uint8_t sym[kRansM];   // per slot: the symbol (the wide decoder reads 4 bytes here: wide_enc follows)
+  // The wide encoder's entry per symbol, freq | bias << 16 | reciprocal << 32: one load per symbol.
+  uint64_t wide_enc[256];
   int32_t nsym;
 };
 
@@ -43,17 +52,25 @@ std::string rans_check_table(const uint32_t* freq, int nsym);
 // Fills tables for a valid frequency table; "" or why the table is invalid.
 std::string rans_build_tables(const uint32_t* freq, int nsym, RansTables* tables);
 
-// Encodes n symbols (each < nsym) into out (capacity bytes; 4*lanes + 2*n always suffices). Symbol i
-// is coded with *tables[i % period]: period 1 is one table, period d one table per channel of
-// token-major [T, d] symbols (every table has the same nsym). Returns the stream length in bytes,
-// or -1 when a symbol is out of range, period < 1 or out is too small.
-int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables* const* tables, int64_t period, uint8_t* out,
-                    int64_t capacity);
+// Encodes n symbols (each < nsym) on `lanes` interleaved states (rans_valid_lanes) into out
+// (capacity bytes; 4*lanes + 2*n always suffices). Symbol i is coded with *tables[i % period]:
+// period 1 is one table, period d one table per channel of token-major [T, d] symbols (every table
+// has the same nsym). Returns the stream length in bytes, or -1 when a symbol is out of range,
+// lanes is invalid, period < 1 or out is too small.
+int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables* const* tables, int64_t period, int lanes,
+                    uint8_t* out, int64_t capacity);
 
-// Decodes exactly n symbols from data[0, len), symbol i with *tables[i % period]. Returns "" or why the stream is invalid (too short,
-// wrong length, ends early, trailing words, final states differ from the initial state). When
-// count_of is in [0, 256), *count receives how many decoded symbols equal it.
+// Decodes exactly n symbols on `lanes` states from data[0, len), symbol i with *tables[i % period].
+// Returns "" or why the stream is invalid (too short, wrong length, ends early, trailing words,
+// final states differ from the initial state). When count_of is in [0, 256), *count receives how
+// many decoded symbols equal it.
 std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansTables* const* tables, int64_t period,
-                        uint8_t* out, int count_of, int64_t* count);
+                        int lanes, uint8_t* out, int count_of, int64_t* count);
+
+// Instruction sets of the wide (32-lane) coder this CPU supports, best last ("scalar", "avx512"),
+// the one in use, and a switch for tests and benchmarks ("" or why the name is not supported).
+std::vector<std::string> rans_isas();
+std::string rans_isa();
+std::string set_rans_isa(const std::string& name);
 
 }  // namespace sk

@@ -93,7 +93,7 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   if (id_bytes > 0) std::memcpy(out + pos, ids, id_bytes);
   pos += id_bytes + esc_bytes;
   const int64_t cap = v2_token_frame_capacity(d, dtype, id_bytes) - pos - kCrcBytes;
-  const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, out + pos, cap);
+  const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, rans_lanes(d), out + pos, cap);
   if (len < 0) return -1;
   pos += len;
   const uint32_t crc = crc32(cfg.crc_seed, out, pos);
@@ -140,7 +140,7 @@ bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameCon
   esc.resize((esc_bytes + 3) / 4);
   std::memcpy(esc.data(), escapes, esc_bytes);
   int64_t escape_symbols = -1;
-  if (!rans_decode(stream, stream_len, n_sym, cfg.tables, cfg.period, sym.data(), 2 * cfg.kmax + 1, &escape_symbols)
+  if (!rans_decode(stream, stream_len, n_sym, cfg.tables, cfg.period, rans_lanes(n_sym), sym.data(), 2 * cfg.kmax + 1, &escape_symbols)
            .empty() ||
       escape_symbols != static_cast<int64_t>(n_esc)) {
     return false;

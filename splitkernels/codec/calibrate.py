@@ -135,7 +135,7 @@ class _Stats:
         self.d = hidden.shape[1]
         self.value_bits = value_bits
         self.fisher = None if sensitivity is None else sensitivity.detach().double().cpu()
-        self.framing = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.WIDE_LANES) / (FRAME_TOKENS * self.d)
+        self.framing = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.LONG_LANES) / (FRAME_TOKENS * self.d)
         flat = self.z.abs().flatten()
         sample = flat if flat.numel() <= 1 << 24 else flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
         self.z_hi = float(torch.quantile(sample, 1.0 - ESCAPE_RATE))
@@ -271,7 +271,7 @@ def default_bits_ceiling(d: int, id_bits: int = 0) -> float:
     element (plus its token id at ``id_bits`` with a prediction), at about ``DECODE_FRAME_BITS``;
     never below ``DEFAULT_BITS``."""
     one_token = 8.0 * (framing_bytes(1, 0, id_bits=id_bits) + 4) / d
-    long_frame = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.WIDE_LANES) / (FRAME_TOKENS * d)
+    long_frame = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.LONG_LANES) / (FRAME_TOKENS * d)
     return max(DEFAULT_BITS, DECODE_FRAME_BITS - one_token + long_frame)
 
 

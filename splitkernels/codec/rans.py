@@ -5,7 +5,8 @@ the table builder. ``encode``/``decode`` use the C++ coder (``splitkernels._C``)
 and fall back to the reference otherwise; both produce identical bytes.
 
 Parameters (fixed by the format): probabilities in units of ``1 / 2**PREC_BITS``, a 32-bit state
-kept in ``[2**16, 2**32)``, 16-bit renormalisation words, ``lanes(n)`` interleaved states.
+kept in ``[2**16, 2**32)``, 16-bit renormalisation words, ``lanes(n)`` interleaved states, or
+``WIDE_LANES`` in the wide layout of long frames (16 lanes per AVX-512 instruction in the C++ coder).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ MAX_SYMBOLS = 256
 # cannot claim more symbols than ``max_symbols(stream_bytes)`` (bounded decoder allocation).
 MAX_FREQ = M // 2
 LANES_MIN_SYMBOLS = 1 << 14
-WIDE_LANES = 4
+LONG_LANES = 4  # lanes(n) from LANES_MIN_SYMBOLS symbols
+WIDE_LANES = 32  # the wide layout (frame coder "rans32")
 MAX_CLASSES = 64  # tables of one ClassTables (their native tables take ~86 KB each)
 
 _C, _ = load("_C")
@@ -38,8 +40,13 @@ class RansError(ValueError):
 
 
 def lanes(n: int) -> int:
-    """Interleaved states for ``n`` symbols: 1 for short streams (one-token frames), else 4."""
-    return WIDE_LANES if n >= LANES_MIN_SYMBOLS else 1
+    """Interleaved states of the narrow layout for ``n`` symbols: 1 for short streams (one-token
+    frames), else 4."""
+    return LONG_LANES if n >= LANES_MIN_SYMBOLS else 1
+
+
+def _lanes(n: int, wide: bool) -> int:
+    return WIDE_LANES if wide else lanes(n)
 
 
 def max_symbols(stream_bytes: int) -> int:
@@ -159,11 +166,18 @@ class ClassTables:
 
     @functools.cached_property
     def native(self) -> np.ndarray:
-        """One pointer per channel to the C++ coder's tables of its class (built once per object)."""
-        blobs = [native_tables(t) for t in self.tables]
-        ptrs = np.asarray([blobs[c].ctypes.data for c in self.table_of], dtype=np.uint64)
+        """One pointer per channel to the C++ coder's tables of its class (built once per object).
+
+        The class tables lie in one block, so the wide coder reaches them by 32-bit offsets."""
+        words = _C.rans_tables_bytes() // 8 + 1  # 8-byte aligned tables
+        block = np.empty(words * len(self.tables), dtype=np.uint64)
+        for k, t in enumerate(self.tables):
+            table = np.ascontiguousarray(np.asarray(t, dtype=np.uint32))
+            _C.rans_build_tables(table.ctypes.data, table.shape[0], block[k * words :].ctypes.data)
+        block.setflags(write=False)
+        ptrs = np.asarray([block[c * words :].ctypes.data for c in self.table_of], dtype=np.uint64)
         ptrs.setflags(write=False)
-        object.__setattr__(self, "_blobs", blobs)  # keeps the tables alive as long as the pointers
+        object.__setattr__(self, "_block", block)  # keeps the tables alive as long as the pointers
         return ptrs
 
 
@@ -185,12 +199,13 @@ def _cum(freqs: Sequence[int]) -> list[int]:
     return out
 
 
-def encode_reference(symbols: np.ndarray, freqs: Sequence[int] | ClassTables) -> bytes:
-    """Reference encoder: ``lanes(n)`` u32 states then u16 words, all little-endian, in decode order.
-    ``freqs``: one table, or :class:`ClassTables` (symbol ``i`` with its channel's table)."""
+def encode_reference(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, wide: bool = False) -> bytes:
+    """Reference encoder: ``lanes(n)`` (``WIDE_LANES`` when ``wide``) u32 states then u16 words, all
+    little-endian, in decode order. ``freqs``: one table, or :class:`ClassTables` (symbol ``i`` with
+    its channel's table)."""
     ct = as_class_tables(freqs)
     sym = np.asarray(symbols, dtype=np.uint8).ravel()
-    n, nl = sym.shape[0], lanes(sym.shape[0])
+    n, nl = sym.shape[0], _lanes(sym.shape[0], wide)
     if n == 0:
         return b""
     if int(sym.max()) >= ct.nsym:
@@ -213,15 +228,17 @@ def encode_reference(symbols: np.ndarray, freqs: Sequence[int] | ClassTables) ->
     return head + np.array(words[::-1], dtype="<u2").tobytes()
 
 
-def decode_reference(data: bytes | memoryview, freqs: Sequence[int] | ClassTables, n: int) -> np.ndarray:
-    """Reference decoder; raises :class:`RansError` unless the stream holds exactly ``n`` symbols."""
+def decode_reference(data: bytes | memoryview, freqs: Sequence[int] | ClassTables, n: int,
+                     wide: bool = False) -> np.ndarray:
+    """Reference decoder (``wide``: the 32-lane layout); raises :class:`RansError` unless the stream
+    holds exactly ``n`` symbols."""
     ct = as_class_tables(freqs)
     buf = bytes(data)
     if n == 0:
         if buf:
             raise RansError(f"an empty symbol stream must have 0 bytes, got {len(buf)}")
         return np.zeros(0, dtype=np.uint8)
-    nl = lanes(n)
+    nl = _lanes(n, wide)
     if len(buf) < 4 * nl or (len(buf) - 4 * nl) % 2:
         raise RansError(f"rANS stream of {len(buf)} bytes is not {nl} states plus 16-bit words")
     if n > max_symbols(len(buf)):
@@ -258,49 +275,41 @@ def has_native() -> bool:
     return _C is not None and hasattr(_C, "rans_build_tables")
 
 
-@functools.lru_cache(maxsize=64)
-def native_tables(freqs: tuple[int, ...]) -> np.ndarray:
-    """The C++ coder's encode/decode tables of ``freqs``, built once per table (one-token frames
-    then pay nothing for them); a read-only byte array the coder reads through its address."""
-    table = np.ascontiguousarray(np.asarray(freqs, dtype=np.uint32))
-    blob = np.empty(_C.rans_tables_bytes() // 8 + 1, dtype=np.uint64)  # 8-byte aligned
-    _C.rans_build_tables(table.ctypes.data, table.shape[0], blob.ctypes.data)
-    blob.setflags(write=False)
-    return blob
-
-
-def encode(symbols: np.ndarray, freqs: Sequence[int] | ClassTables) -> bytes:
+def encode(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, wide: bool = False) -> bytes:
     """Encode u8 ``symbols`` with one static table or :class:`ClassTables` (C++ coder when built,
-    else the reference)."""
+    else the reference); ``wide``: the 32-lane layout."""
     ct = as_class_tables(freqs)
     sym = np.ascontiguousarray(np.asarray(symbols, dtype=np.uint8).ravel())
     if not has_native():
-        return encode_reference(sym, ct)
+        return encode_reference(sym, ct, wide)
     if sym.shape[0] and int(sym.max()) >= ct.nsym:
         raise ValueError(f"symbol {int(sym.max())} is outside the table of {ct.nsym} symbols")
     ptrs = ct.native
-    out = np.empty(4 * lanes(sym.shape[0]) + 2 * sym.shape[0], dtype=np.uint8)
-    n_out = _C.rans_encode(sym.ctypes.data, sym.shape[0], ptrs.ctypes.data, ptrs.shape[0], out.ctypes.data, out.shape[0])
+    nl = _lanes(sym.shape[0], wide)
+    out = np.empty(4 * nl + 2 * sym.shape[0], dtype=np.uint8)
+    n_out = _C.rans_encode(sym.ctypes.data, sym.shape[0], ptrs.ctypes.data, ptrs.shape[0], nl, out.ctypes.data,
+                           out.shape[0])
     return out[:n_out].tobytes()
 
 
 def decode(data: bytes | memoryview, freqs: Sequence[int] | ClassTables, n: int,
-           count_of: int = -1) -> np.ndarray | tuple[np.ndarray, int]:
+           count_of: int = -1, wide: bool = False) -> np.ndarray | tuple[np.ndarray, int]:
     """Decode ``n`` symbols with one table or :class:`ClassTables` (C++ coder when built, else the
-    reference); :class:`RansError` if invalid.
+    reference); ``wide``: the 32-lane layout; :class:`RansError` if invalid.
 
     With ``count_of`` >= 0, also return how many decoded symbols equal it (counted by the coder).
     """
     ct = as_class_tables(freqs)
     if not has_native():
-        out = decode_reference(data, ct, n)
+        out = decode_reference(data, ct, n, wide)
         return out if count_of < 0 else (out, int((out == count_of).sum()))
     buf = np.frombuffer(data, dtype=np.uint8)
     if n > max_symbols(buf.shape[0]):
         raise RansError(f"{n} symbols cannot fit in a {buf.shape[0]}-byte rANS stream")
     ptrs = ct.native
     out = np.empty(n, dtype=np.uint8)
-    err, count = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, ptrs.ctypes.data, ptrs.shape[0], out.ctypes.data, count_of)
+    err, count = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, ptrs.ctypes.data, ptrs.shape[0], _lanes(n, wide),
+                                out.ctypes.data, count_of)
     if err:
         raise RansError(err)
     return out if count_of < 0 else (out, count)

@@ -41,7 +41,7 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
     if x.shape[1] != config.d:
         raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
     t, d = x.shape
-    code = resolve_coder(coder, t * d, config)
+    code = resolve_coder(coder, t, d, config)
     if t == 1 and code == CODER_RANS and isinstance(start, int) and not isinstance(start, bool) and 0 <= start <= MAX_POSITION:
         frame = encode_token_frame(x, config, start, tokens, embedding)
         if frame is not None:

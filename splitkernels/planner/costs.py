@@ -20,10 +20,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..codec import rans
 from ..codec.frame import frame_nbytes
 from ..codec.config_v2 import band_shifts, shift_end_of
-from ..codec.frame_v2 import framing_bytes, residual_bytes
+from ..codec.frame_v2 import framing_bytes, rans_coder, rans_stream_lanes, residual_bytes
 from ..models.shape import ModelShape
 from ..nn import QuantConfig
 from .devices import Device
@@ -263,7 +262,7 @@ def frame_bytes_v2(tokens: int, hidden: int, code_bits: float, escapes_per_token
     bit per element of a prompt frame."""
     escapes = round(escapes_per_token * tokens)
     n = tokens * hidden
-    stream = -(-round(n * code_bits) // 8) + 4 * rans.lanes(n)
+    stream = -(-round(n * code_bits) // 8) + 4 * rans_stream_lanes(rans_coder(tokens, hidden), n)
     position_shift = tuple(position_shift)
     shifts = band_shifts(position_shift, start, max(0, min(tokens, shift_end_of(position_shift) - start)))
     residuals = residual_bytes(shifts, np.zeros(len(shifts), dtype=bool), hidden)

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..codec import CodecConfig, CodecConfigV2, decode, encode, rans
-from ..codec.frame_v2 import EncodedV2, framing_bytes, residual_bytes
+from ..codec import CodecConfig, CodecConfigV2, decode, encode
+from ..codec.frame_v2 import EncodedV2, framing_bytes, rans_coder, rans_stream_lanes, residual_bytes
 from ..codec.predict import table_for
 from ..codec.spec import config_for_model, is_v2_spec
 from ..eval import compare_logits
@@ -63,7 +63,7 @@ def v2_code_bits(enc: EncodedV2, nbytes: int) -> float:
     residuals = 0 if shifts is None else residual_bytes(shifts, enc.raw.numpy()[: len(shifts)], d)
     id_bits = 0 if enc.config.prediction is None else enc.config.prediction.id_bits
     stream = nbytes - framing_bytes(t, n_esc, enc.start, id_bits) - (n_esc + n_raw * d) * width - residuals - \
-        (4 * rans.lanes(coded) if coded else 0)
+        (4 * rans_stream_lanes(rans_coder(t, d), coded) if coded else 0)
     return 8.0 * stream / d + n_raw * 8.0 * width
 
 
