@@ -191,8 +191,8 @@ PYBIND11_MODULE(_C, m) {
       "rans_encode",
       [](std::uintptr_t sym, int64_t n, std::uintptr_t tables, int64_t period, int lanes, std::uintptr_t out,
          int64_t capacity) {
-        const int64_t len = sk::rans_encode(ptr<const uint8_t>(sym), n, ptr<const sk::RansTables* const>(tables), period,
-                                            lanes, ptr<uint8_t>(out), capacity);
+        const int64_t len = sk::rans_encode(ptr<const uint8_t>(sym), n, ptr<const sk::RansTables* const>(tables),
+                                            period, lanes, ptr<uint8_t>(out), capacity);
         if (len < 0)
           throw std::invalid_argument(
               "rans_encode: a symbol is outside the table, lanes is not 1, 4 or 32, period < 1 or out is too small");

@@ -10,7 +10,7 @@ import torch
 from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, encode, frame_v2, from_bytes, rans, wire_v2
 from splitkernels.codec.frame_v2 import HEAD
 
-from v2_frames import bit_flips, reseal, truncations
+from v2_frames import bit_flips, reseal
 
 _C = rans._C
 HAS_CPP = rans.has_native()

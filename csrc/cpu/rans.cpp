@@ -343,7 +343,8 @@ int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables* const* tabl
   if (top >= tables[0]->nsym) return -1;
 #ifdef SK_RANS_X86
   WideTables wt;
-  if (lanes == kRansWideLanes && g_wide_simd && wide_tables(tables, period, &wt)) return encode_wide_avx512(sym, n, wt, out);
+  if (lanes == kRansWideLanes && g_wide_simd && wide_tables(tables, period, &wt))
+    return encode_wide_avx512(sym, n, wt, out);
 #endif
   if (period == 1) return encode_lanes<false>(sym, n, TableCursor<false>{tables, 1, 0}, lanes, out);
   return encode_lanes<true>(sym, n, TableCursor<true>{tables, period, 0}, lanes, out);

@@ -140,7 +140,8 @@ bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameCon
   esc.resize((esc_bytes + 3) / 4);
   std::memcpy(esc.data(), escapes, esc_bytes);
   int64_t escape_symbols = -1;
-  if (!rans_decode(stream, stream_len, n_sym, cfg.tables, cfg.period, rans_lanes(n_sym), sym.data(), 2 * cfg.kmax + 1, &escape_symbols)
+  if (!rans_decode(stream, stream_len, n_sym, cfg.tables, cfg.period, rans_lanes(n_sym), sym.data(),
+                   2 * cfg.kmax + 1, &escape_symbols)
            .empty() ||
       escape_symbols != static_cast<int64_t>(n_esc)) {
     return false;
