@@ -162,11 +162,14 @@ std::string decode_impl(const uint8_t* data, int64_t len, int64_t n, TableCursor
   return "";
 }
 
+// Symbols per block whose table entries the wide encoder looks up before coding the block.
+constexpr int64_t kWideBlock = 64 * kRansWideLanes;
+
 // The wide coder's view of the tables: byte offsets from the lowest table, per channel, repeated
-// so that 32 consecutive channels from any c < period read without wrapping.
+// so that a block of channels from any c < period reads without wrapping.
 struct WideTables {
   const uint8_t* base;
-  std::vector<int32_t> off;  // period + kRansWideLanes entries: offset of the table of channel k % period
+  std::vector<int32_t> off;  // period + kWideBlock entries: offset of the table of channel k % period
   int64_t period;
 };
 
@@ -182,8 +185,8 @@ bool wide_tables(const RansTables* const* tables, int64_t period, WideTables* w)
   if (hi - lo > (uintptr_t(1) << 31) - 2 * sizeof(RansTables)) return false;
   w->base = reinterpret_cast<const uint8_t*>(lo);
   w->period = period;
-  w->off.resize(period + kRansWideLanes);
-  for (int64_t k = 0; k < period + kRansWideLanes; ++k)
+  w->off.resize(period + kWideBlock);
+  for (int64_t k = 0; k < period + kWideBlock; ++k)
     w->off[k] = static_cast<int32_t>(reinterpret_cast<uintptr_t>(tables[k % period]) - lo);
   return true;
 }
@@ -221,9 +224,6 @@ SK_RANS_TARGET inline __m512i enc_step16(__m512i x, const uint64_t* e, uint16_t*
 
 SK_RANS_TARGET inline __m512i load_off16(const int32_t* p) { return _mm512_loadu_si512(p); }
 
-// Symbols per block whose table entries are looked up before the block is coded: plain loads
-// beat AVX-512 gathers by far on Zen 4, and the lookups do not depend on the states.
-constexpr int64_t kWideBlock = 64 * kRansWideLanes;
 
 SK_RANS_TARGET int64_t encode_wide_avx512(const uint8_t* sym, int64_t n, const WideTables& wt, uint8_t* out) {
   constexpr int L = kRansWideLanes;
@@ -242,12 +242,11 @@ SK_RANS_TARGET int64_t encode_wide_avx512(const uint8_t* sym, int64_t n, const W
   const uint8_t* const wide_enc = wt.base + offsetof(RansTables, wide_enc);
   for (int64_t b1 = full; b1 > 0;) {
     const int64_t b0 = b1 > kWideBlock ? b1 - kWideBlock : 0;
-    for (int64_t i = b0; i < b1;) {  // runs of channels that do not wrap
-      const int64_t c = i % wt.period;
-      const int64_t stop = b1 < i + (wt.period - c) ? b1 : i + (wt.period - c);
-      const int32_t* off = wt.off.data() + c - i;
-      for (; i < stop; ++i) e[i - b0] = *reinterpret_cast<const uint64_t*>(wide_enc + off[i] + 8 * sym[i]);
-    }
+    // The block's entries first, with plain loads: they beat AVX-512 gathers by far on Zen 4, and
+    // they do not depend on the states.
+    const int32_t* off = wt.off.data() + b0 % wt.period;
+    const uint8_t* s = sym + b0;
+    for (int64_t j = 0; j < b1 - b0; ++j) e[j] = *reinterpret_cast<const uint64_t*>(wide_enc + off[j] + 8 * s[j]);
     for (int64_t g = b1 - L; g >= b0; g -= L) {
       // The highest lanes first: the scalar order codes lane L-1 down to 0, so their words lie above.
       for (int v = NV - 1; v >= 0; --v) xv[v] = enc_step16(xv[v], e + (g - b0) + 16 * v, words);
@@ -297,10 +296,13 @@ SK_RANS_TARGET int64_t decode_wide_avx512(int64_t n, const WideTables& wt, uint3
   constexpr int L = kRansWideLanes, NV = L / 16;
   __m512i xv[NV];
   for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_si512(x + 16 * v);
-  int64_t g = 0;
+  int64_t g = 0, c = 0;  // c = g % period, kept without a division per group
+  const int64_t step = L % wt.period;
   for (; g + L <= n && wend - w >= 2 * L; g += L) {
-    const int32_t* off = wt.off.data() + g % wt.period;
+    const int32_t* off = wt.off.data() + c;
     for (int v = 0; v < NV; ++v) xv[v] = dec_step16(xv[v], load_off16(off + 16 * v), wt.base, w, out + g + 16 * v);
+    c += step;
+    c -= c >= wt.period ? wt.period : 0;
   }
   for (int v = 0; v < NV; ++v) _mm512_storeu_si512(x + 16 * v, xv[v]);
   return g;
