@@ -125,7 +125,7 @@ def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
     g.add_argument("--coder", choices=FRAME_CODERS, default=None,
                    help="v2: symbol coder of the frames: rans (default, the fewest bytes), auto (the nibble coder for "
                         "long prefill frames: ~0.4 bit per element more at memory speed, worth it on links above "
-                        "~70 Mbit/s) or nibble (every frame)")
+                        "~140 Mbit/s) or nibble (every frame)")
     g.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=CALIB_TOKENS_V2,
                    help="v2: calibration tokens, windows of prose (Botchan, after the evaluation tokens), "
                         "Python source and Python's reference docs in turn")

@@ -80,7 +80,7 @@ class SplitConfig:
       edge's compute dtype); an fp32 model sends fp16 or bf16 when a plan says so.
     * ``coder``: symbol coder of v2 frames: None or "rans" (the fewest bytes), "auto" (the nibble
       coder for long prefill frames whose table suits it: ~0.4 bit per element more at memory
-      speed, worth it on links above ~70 Mbit/s) or "nibble" (every frame).
+      speed, worth it on links above ~140 Mbit/s) or "nibble" (every frame).
     """
 
     split_layer: int
