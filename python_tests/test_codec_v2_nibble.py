@@ -399,3 +399,42 @@ def test_golden_nibble_frame():
     want = [[0.0, 3.0, -7.0, 8.0, 16.0], [-8.0, -15.0, 100.0, 2.0, 0.0], [50.0, -60.0, 1.0, 2.0, 3.0]]
     assert decode(from_bytes(data, config=GOLDEN)).tolist() == want
     assert wire_v2.decode_frame_v2(data, GOLDEN).tolist() == want
+
+
+# ---------------------------------------------------------------- calibrating for the nibble coder
+
+
+def test_symbol_bits_are_what_the_coder_spends():
+    rng = np.random.default_rng(5)
+    freqs = rans.build_freqs(rng.dirichlet(np.full(40, 0.5)) * 1000)
+    sym = rng.integers(0, 40, size=(64, 50)).astype(np.uint8)
+    stream = nibble.encode_reference(sym, freqs)
+    costs = nibble.symbol_bits(freqs)[sym]
+    n_x, n_xx = int((costs >= 8).sum()), int((costs == 16).sum())  # exceptions, long exceptions
+    assert set(np.unique(costs)) <= {4.0, 8.0, 16.0} and n_x > n_xx > 0
+    # Level 1: 4 bits per symbol (50 per row: no padding); level 2: a nibble per exception; level 3: a byte per long one.
+    assert len(stream) == nibble.HEAD_BYTES + sym.size // 2 + (n_x + 1) // 2 + n_xx
+    costs = nibble.symbol_bits(freqs)
+    assert nibble.expected_bits(freqs) == pytest.approx(float(np.asarray(freqs) @ costs) / rans.M)
+
+
+def test_calibrate_for_the_nibble_coder_meets_its_rate_in_nibble_frames():
+    x = activations(1600, 256, seed=21)
+    target = 4.25
+    by_coder = {coder: calibrate(x[:1024], bits=target, coder=coder) for coder in ("rans", "nibble")}
+    held_out = x[1024:1536].half()
+
+    def nibble_bits(cfg: CodecConfigV2) -> float:
+        return 8.0 * len(encode(held_out, cfg).to_bytes("nibble")) / held_out.numel()
+
+    # Aimed at rANS, the same target overshoots once the frames are nibble-coded; aimed at the
+    # nibble coder, the frames land on the target (a coarser step).
+    assert nibble_bits(by_coder["rans"]) > target + 0.2
+    assert nibble_bits(by_coder["nibble"]) == pytest.approx(target, abs=0.1)
+    assert by_coder["nibble"].info["delta"] > by_coder["rans"].info["delta"]
+    assert by_coder["nibble"].info["coder"] == "nibble" and "coder" not in by_coder["rans"].info
+    # The ceiling of a nibble calibration is NIBBLE_FRAME_BITS, whatever d.
+    from splitkernels.codec.calibrate import NIBBLE_FRAME_BITS
+    assert calibrate(x[:1024], bits="ceiling", coder="nibble").info["target_bits"] == NIBBLE_FRAME_BITS
+    with pytest.raises(ValueError, match="coder"):
+        calibrate(x[:1024], coder="huffman")
