@@ -10,6 +10,7 @@ import torch
 from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, encode, frame_v2, from_bytes, rans, wire_v2
 from splitkernels.codec.frame_v2 import HEAD
 
+from test_codec_v2_classes import random_classes
 from v2_frames import bit_flips, reseal
 
 _C = rans._C
@@ -29,11 +30,6 @@ def rans_isa(request):
     _C.set_rans_isa(request.param)
     yield request.param
     _C.set_rans_isa(before)
-
-
-def random_classes(rng: np.random.Generator, nsym: int, k: int, d: int) -> rans.ClassTables:
-    tables = [rans.build_freqs(rng.dirichlet(np.full(nsym, 0.3)) * 1000) for _ in range(k)]
-    return rans.ClassTables(tables, rng.integers(0, k, size=d))
 
 
 @pytest.mark.parametrize("n,d,k", [(1, 1, 1), (31, 7, 2), (32, 32, 1), (33, 5, 3), (1000, 37, 4), (4133, 640, 16),
