@@ -13,9 +13,7 @@ frame sizes. ``--model gemma3`` scores Gemma 3 270M, a family the codec was not 
 residual stream carries massive activations of its own (one channel near 1e5 in middle layers).
 ``--massive F`` runs the massive-activation fixture (bench/e2e/massive.py) on SmolLM2 instead. The
 wire is fp16 where a split layer's calibration hidden state fits it, else fp32 (the massive fixture
-sends bf16, as a bf16 edge would). ``--coder nibble`` calibrates the measured rule for nibble-coded
-512-token frames (``calibrate(coder="nibble")``) and counts those frames in the nibble coder (the
-frames' coder "auto": one-token frames stay rANS).
+sends bf16, as a bf16 edge would).
 """
 from __future__ import annotations
 
@@ -61,10 +59,9 @@ class Recorder:
         return res
 
 
-def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor, coder: str = "rans"):
+def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor):
     """The v2 round trip of each window; ``tokens()`` gives the window's ids (a config with a
-    prediction sends them, and ``embedding`` is the model's input table); the window's frame is
-    counted in ``coder``, one-token frames in rANS."""
+    prediction sends them, and ``embedding`` is the model's input table)."""
     def run(x: torch.Tensor):
         xw = x.to(wire)
         ids = tokens()
@@ -72,7 +69,7 @@ def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor, coder:
         y = decode(enc, embedding=embedding).to(x.dtype)
         per_token = sum(encode(xw[t : t + 1], cfg, start=t, tokens=ids[t : t + 1], embedding=embedding).nbytes
                         for t in range(x.shape[0]))
-        return TransferResult(y, len(enc.to_bytes(coder)), 0.0, int(enc.escapes.numel())), per_token
+        return TransferResult(y, enc.nbytes, 0.0, int(enc.escapes.numel())), per_token
     return run
 
 
@@ -134,9 +131,6 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--no-prediction", action="store_true",
                     help="the measured rule without the token prediction (calibrate_measured(predict=False))")
-    ap.add_argument("--coder", choices=("rans", "nibble"), default="rans",
-                    help="coder of the 512-token frames the measured rule aims at and is counted in (one-token "
-                         "frames: rANS)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,11 +186,9 @@ def main() -> None:
         fisher = fisher_diagonal(model, calib, layer)
         for b in args.bits:
             if b == "measured":
-                cfg = calibrate_measured(model, list(calib), layer, fisher, wire_dtype=wire, predict=not args.no_prediction,
-                                         coder=args.coder)
-                record(layer, "v2 fisher measured" + (" predicted" if cfg.prediction else "")
-                       + ("" if args.coder == "rans" else f", {args.coder} frames"),
-                       v2_transform(cfg, wire, window_ids, table, args.coder), {"info": cfg.info})
+                cfg = calibrate_measured(model, list(calib), layer, fisher, wire_dtype=wire, predict=not args.no_prediction)
+                record(layer, "v2 fisher measured" + (" predicted" if cfg.prediction else ""),
+                       v2_transform(cfg, wire, window_ids, table), {"info": cfg.info})
                 continue
             for positions in (True, False) if args.compare_positions else (True,):
                 cfg = calibrate(fisher.hidden, bits=None if b == "default" else float(b), sensitivity=fisher.channel,

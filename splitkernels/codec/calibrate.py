@@ -64,7 +64,7 @@ import math
 import numpy as np
 import torch
 
-from . import nibble, rans
+from . import rans
 from .config_v2 import (MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, MAX_TOKEN_SHIFTS, TOKEN_SHIFT_END, CodecConfigV2,
                         band_shifts, position_band)
 from .frame_v2 import framing_bytes
@@ -94,14 +94,6 @@ SINK_FLOOR_MIN = 3  # ... when that shift is at least this
 # counted) to be used: below it, the estimate's own error on unseen text.
 PREDICTION_MIN_SAVING = 0.05
 CEILING = "ceiling"  # calibrate(bits=CEILING): the decode-frame ceiling, ids counted when the config predicts
-# Long-frame coders calibrate() can aim its rate at: "rans" (entropy-coded) or "nibble" (512-token
-# frames in the nibble coder, one-token frames in rANS: the frames' coder "auto").
-LONG_FRAME_CODERS = ("rans", "nibble")
-# calibrate(coder="nibble", bits=CEILING): nibble-coded 512-token frames aim here, 0.25 bit under the
-# 4.5-bit goal as DECODE_FRAME_BITS is for one-token frames (heavier tails of unseen text cost
-# exceptions); one-token rANS frames then stay below it, since rANS codes the same symbols in
-# fewer bits than the nibble coder's 4 per symbol.
-NIBBLE_FRAME_BITS = 4.25
 TOKEN_SHIFT_MIN = 2  # token shifts are kept where the measured weight asks for this shift ...
 TOKEN_SHIFT_OCCURRENCES = 3  # ... for ids seen at least this often at positions 1-127 ...
 TOKEN_SHIFT_MARGIN = 1  # ... and set this much finer than it asks
@@ -136,16 +128,14 @@ class _Stats:
     """Calibration values in the equalised domain and what each step setting costs there."""
 
     def __init__(self, hidden: torch.Tensor, center: np.ndarray, scales: np.ndarray, value_bits: int,
-                 sensitivity: torch.Tensor | None, classes: int, id_bits: int = 0, coder: str = "rans") -> None:
+                 sensitivity: torch.Tensor | None, classes: int, id_bits: int = 0) -> None:
         self.classes = classes
-        self.coder = coder
         self.z = (hidden.float() - torch.from_numpy(center)) / torch.from_numpy(scales).float()
         self.scales = torch.from_numpy(scales).float()
         self.d = hidden.shape[1]
         self.value_bits = value_bits
         self.fisher = None if sensitivity is None else sensitivity.detach().double().cpu()
-        stream_head = nibble.HEAD_BYTES if coder == "nibble" else 4 * rans.LONG_LANES
-        self.framing = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + stream_head) / (FRAME_TOKENS * self.d)
+        self.framing = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.LONG_LANES) / (FRAME_TOKENS * self.d)
         flat = self.z.abs().flatten()
         sample = flat if flat.numel() <= 1 << 24 else flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
         self.z_hi = float(torch.quantile(sample, 1.0 - ESCAPE_RATE))
@@ -160,8 +150,8 @@ class _Stats:
         return torch.where(esc, torch.full_like(v, 2 * k + 1), torch.round(v.clamp(-k, k)) + k), k
 
     def table(self, delta: float) -> tuple[tuple[int, ...], int, float, tuple, tuple]:
-        """(pooled freqs, kmax, estimated bits per element at ``delta`` for 512-token frames in the
-        long-frame coder, class tables, channel classes); no class tables when ``classes`` < 2."""
+        """(pooled freqs, kmax, estimated bits per element at ``delta`` for 512-token frames, class
+        tables, channel classes); no class tables when ``classes`` < 2."""
         sym, k = self.symbols(delta)
         n_sym = 2 * k + 2
         per_channel = torch.zeros(self.d, n_sym, dtype=torch.float64)
@@ -183,8 +173,6 @@ class _Stats:
             coded = sum(float((g * -np.log2(np.asarray(t, dtype=np.float64) / rans.M)).sum()) for g, t in zip(groups, tables))
         else:
             coded = float((counts * -np.log2(np.asarray(freqs, dtype=np.float64) / rans.M)).sum())
-        if self.coder == "nibble":  # one window for every channel: the pooled table's
-            coded = float(counts @ nibble.symbol_bits(freqs))
         n = counts.sum()
         bits = coded / n + float(counts[2 * k + 1] / n * self.value_bits) + self.framing
         return freqs, k, bits, tables, table_of
@@ -329,13 +317,11 @@ def calibrate(
     tokens: torch.Tensor | None = None,
     embedding: torch.Tensor | None = None,
     token_sensitivity: torch.Tensor | None = None,
-    coder: str = "rans",
 ) -> CodecConfigV2:
     """Fit a :class:`CodecConfigV2` from split-layer hidden states ``[N, d]`` (module docstring).
 
     ``bits``: target bits per element of 512-token frames (every frame byte counted), or
-    :data:`CEILING` for :func:`default_bits_ceiling` (with the ids when the config predicts), or
-    :data:`NIBBLE_FRAME_BITS` with ``coder="nibble"``. When neither
+    :data:`CEILING` for :func:`default_bits_ceiling` (with the ids when the config predicts). When neither
     target is given: with ``sensitivity``, ``max_kl_proxy = DEFAULT_KL_PROXY`` within
     ``bits = default_bits_ceiling(d)``; without, ``bits = DEFAULT_BITS``. ``max_kl_proxy``: target of the second-order KL
     estimate (needs ``sensitivity``); with both, the coarsest step meeting the proxy is used unless
@@ -353,9 +339,6 @@ def calibrate(
     ``token_sensitivity``: the Fisher trace of each of ``hidden``'s tokens ``[N]``
     (:attr:`~splitkernels.codec.sensitivity.Fisher.token`): with a kept prediction and
     ``position_sensitivity``, sets the token shifts.
-    ``coder``: the coder of 512-token frames the rate is estimated for (:data:`LONG_FRAME_CODERS`):
-    "rans" (the table's entropy) or "nibble" (the nibble coder's bits per symbol; a session that
-    writes frames with the coder "auto" or "nibble"). The config itself is the same kind either way.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[0] < 1 or hidden.shape[1] < 1:
         raise ValueError(f"hidden must be a [N, d] tensor with N, d >= 1, got {getattr(hidden, 'shape', type(hidden))}")
@@ -371,8 +354,6 @@ def calibrate(
         raise ValueError(f"base has d = {base.d}, hidden has d = {hidden.shape[1]}")
     if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= rans.MAX_CLASSES:
         raise ValueError(f"classes must be an int in [1, {rans.MAX_CLASSES}], got {classes!r}")
-    if coder not in LONG_FRAME_CODERS:
-        raise ValueError(f"coder must be one of {list(LONG_FRAME_CODERS)}, got {coder!r}")
     d = hidden.shape[1]
     if (tokens is None) != (embedding is None):
         raise ValueError("tokens and embedding must be given together (a token prediction needs both)")
@@ -424,16 +405,15 @@ def calibrate(
                              f"got {token_sensitivity.reshape(-1).shape[0]}")
         pairs, token_extra = token_shifts(tokens, token_sensitivity, position_sensitivity, shifts)
         extra += token_extra
-    ceiling = NIBBLE_FRAME_BITS if coder == "nibble" else default_bits_ceiling(d, id_bits)
     if bits == CEILING:
-        bits = ceiling
+        bits = default_bits_ceiling(d, id_bits)
     if bits is None and max_kl_proxy is None:
         if sensitivity is None:
             bits = DEFAULT_BITS
         else:
-            bits, max_kl_proxy = ceiling, DEFAULT_KL_PROXY
+            bits, max_kl_proxy = default_bits_ceiling(d, id_bits), DEFAULT_KL_PROXY
     center = body.median(0).values.numpy().astype(np.float32)
-    stats = _Stats(body, center, scales, value_bits, sensitivity, n_classes, id_bits, coder)
+    stats = _Stats(body, center, scales, value_bits, sensitivity, n_classes, id_bits)
 
     spread = max(float(stats.z.pow(2).mean().sqrt()), 1e-30)
     lo, hi = spread * 2.0**-16, spread * 4.0
@@ -451,8 +431,6 @@ def calibrate(
             "kmax": k, "classes": max(1, len(tables)), "calibration_tokens": int(hidden.shape[0]), "sink_tokens": int(sinks.sum()),
             "scales": "fisher" if sensitivity is not None and base is None else ("base" if base else "uniform"),
             "wire_dtype": str(wire_dtype).replace("torch.", ""), "token_shift": [list(p) for p in pairs]}
-    if coder != "rans":
-        info["coder"] = coder
     if saving is not None:
         info["prediction_saving"] = float(saving)
     if sensitivity is not None:

@@ -83,7 +83,7 @@ def split_kl(model: nn.Module, windows: Sequence[torch.Tensor], split_layer: int
 
 def calibrate_measured(model: nn.Module, windows: Sequence[torch.Tensor], split_layer: int, fisher: Fisher, *,
                        wire_dtype: torch.dtype, max_kl: float = DEFAULT_KL_PROXY, bits: float | None = None,
-                       predict: bool = True, coder: str = "rans") -> CodecConfigV2:
+                       predict: bool = True) -> CodecConfigV2:
     """:func:`calibrate` with the Fisher of ``windows`` (``fisher``, from
     :func:`~splitkernels.codec.sensitivity.fisher_diagonal` on the same windows) aiming at a
     *measured* KL of ``max_kl`` on those windows within ``bits`` (default: the decode-frame
@@ -91,8 +91,7 @@ def calibrate_measured(model: nn.Module, windows: Sequence[torch.Tensor], split_
     measured to estimated KL; the config is then recalibrated with the estimate's target divided by
     it. ``info`` records ``kl_measured`` (at the first step), ``kl_ratio`` and ``kl_target``.
     ``predict``: offer :func:`calibrate` the windows' ids and the model's input embedding table
-    (a token prediction where it pays; the runtime then needs both ends to hold that table).
-    ``coder``: the coder of long frames the rate aims at, as :func:`calibrate`'s."""
+    (a token prediction where it pays; the runtime then needs both ends to hold that table)."""
     if not (isinstance(max_kl, (int, float)) and max_kl > 0):
         raise ValueError(f"max_kl must be a number > 0, got {max_kl!r}")
     ceiling = CEILING if bits is None else bits
@@ -104,7 +103,7 @@ def calibrate_measured(model: nn.Module, windows: Sequence[torch.Tensor], split_
     def fit(target: float) -> CodecConfigV2:
         return calibrate(fisher.hidden, bits=ceiling, max_kl_proxy=target, sensitivity=fisher.channel,
                          position_sensitivity=fisher.position, wire_dtype=wire_dtype, tokens=tokens, embedding=table,
-                         token_sensitivity=fisher.token, coder=coder)
+                         token_sensitivity=fisher.token)
 
     first = fit(max_kl)
     measured = split_kl(model, windows, split_layer, first, wire_dtype)

@@ -141,21 +141,15 @@ def has_native() -> bool:
     return _C is not None and hasattr(_C, "nibble_encode")
 
 
-def symbol_bits(freqs: tuple[int, ...]) -> np.ndarray:
-    """Bits this coder spends on each symbol of ``freqs``'s alphabet (4 in the window, 8 for a
-    short exception, 16 for a long one; head and padding aside)."""
-    a = window_start(freqs)
-    s = np.arange(len(freqs))
-    outside = (s < a) | (s >= a + WINDOW)
-    e = np.where(s >= a + WINDOW, 2 * (s - a - WINDOW), 2 * (a - 1 - s) + 1)
-    return 4.0 + 4.0 * outside + 8.0 * (outside & (e >= ESCAPE_NIBBLE))
-
-
 @functools.lru_cache(maxsize=64)
 def expected_bits(freqs: tuple[int, ...]) -> float:
     """Bits per symbol this coder spends on symbols drawn from ``freqs`` (head and padding aside)."""
     p = np.asarray(freqs, dtype=np.float64) / float(sum(freqs))
-    return float(p @ symbol_bits(tuple(freqs)))
+    a = window_start(freqs)
+    s = np.arange(len(freqs))
+    outside = (s < a) | (s >= a + WINDOW)
+    e = np.where(s >= a + WINDOW, 2 * (s - a - WINDOW), 2 * (a - 1 - s) + 1)
+    return float(4.0 + 4.0 * p[outside].sum() + 8.0 * p[outside & (e >= ESCAPE_NIBBLE)].sum())
 
 
 def encode(symbols: np.ndarray, raw: np.ndarray | None, freqs: Sequence[int]) -> bytes:
