@@ -128,8 +128,12 @@ int64_t encode_impl(const uint8_t* sym, int64_t n, TableCursor<kClasses> tc, uin
   return 4 * kLanes + 2 * nwords;
 }
 
-template <bool kClasses, int kLanes>
-std::string decode_impl(const uint8_t* data, int64_t len, int64_t n, TableCursor<kClasses> tc, uint8_t* out) {
+// Reads the kLanes states, runs `fast(x, w, wend)` (unchecked steps while enough words remain;
+// returns how many symbols it decoded), then one checked step per remaining symbol (the stream's
+// last words) and the checks that the stream ends where it should.
+template <int kLanes, class Fast>
+std::string decode_stream(const uint8_t* data, int64_t len, int64_t n, const RansTables* const* tables,
+                          int64_t period, uint8_t* out, Fast fast) {
   if (len < 4 * kLanes || (len - 4 * kLanes) % 2) return "rANS stream is not its states plus 16-bit words";
   uint32_t x[kLanes];
   for (int j = 0; j < kLanes; ++j) {
@@ -138,13 +142,8 @@ std::string decode_impl(const uint8_t* data, int64_t len, int64_t n, TableCursor
   }
   const uint8_t* w = data + 4 * kLanes;
   const uint8_t* const wend = data + len;
-  int64_t i = 0;
-  // Each step reads at most one word: while kLanes words remain, a group of kLanes steps needs no checks.
-  for (; i + kLanes <= n && wend - w >= 2 * kLanes; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j, tc.next()) out[i + j] = dec_get(x[j], tc.get(), w);
-  }
-  for (; i < n; ++i, tc.next()) {  // the last words: checked steps
-    const RansTables& t = tc.get();
+  for (int64_t i = fast(x, w, wend); i < n; ++i) {
+    const RansTables& t = *tables[i % period];
     uint32_t& s = x[i % kLanes];
     const uint32_t slot = s & (kRansM - 1);
     const uint32_t e = t.dec[slot];
@@ -160,6 +159,19 @@ std::string decode_impl(const uint8_t* data, int64_t len, int64_t n, TableCursor
   for (int j = 0; j < kLanes; ++j)
     if (x[j] != kRansL) return "rANS stream does not end in the initial state (corrupted or wrong table)";
   return "";
+}
+
+template <bool kClasses, int kLanes>
+std::string decode_impl(const uint8_t* data, int64_t len, int64_t n, TableCursor<kClasses> tc, uint8_t* out) {
+  return decode_stream<kLanes>(data, len, n, tc.tabs, tc.period, out,
+                               [&](uint32_t* x, const uint8_t*& w, const uint8_t* wend) {
+    // Each step reads at most one word: while kLanes words remain, a group of kLanes steps needs no checks.
+    int64_t i = 0;
+    for (; i + kLanes <= n && wend - w >= 2 * kLanes; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j, tc.next()) out[i + j] = dec_get(x[j], tc.get(), w);
+    }
+    return i;
+  });
 }
 
 // Symbols per block whose table entries the wide encoder looks up before coding the block.
@@ -260,11 +272,8 @@ SK_RANS_TARGET int64_t encode_wide_avx512(const uint8_t* sym, int64_t n, const W
   return 4 * L + 2 * nwords;
 }
 
-// 16 u32 from byte offsets idx of p (the masked form: the plain one leaves GCC warning of an
-// uninitialised source).
-SK_RANS_TARGET inline __m512i gather32(__m512i idx, const uint8_t* p) {
-  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, idx, p, 1);
-}
+// 16 u32 at byte offsets idx from p.
+SK_RANS_TARGET inline __m512i gather32(__m512i idx, const uint8_t* p) { return _mm512_i32gather_epi32(idx, p, 1); }
 
 // One decoder step of 16 lanes; 16 words must be readable at w (the caller checks). Stores the 16
 // symbols at out.
@@ -355,36 +364,13 @@ int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables* const* tabl
 namespace {
 
 #ifdef SK_RANS_X86
-// The wide decoder: vector groups, then decode_impl's checked steps for the rest.
+// The wide decoder: vector groups, then decode_stream's checked steps for the rest.
 std::string decode_wide(const uint8_t* data, int64_t len, int64_t n, const WideTables& wt,
                         const RansTables* const* tables, uint8_t* out) {
-  constexpr int L = kRansWideLanes;
-  if (len < 4 * L || (len - 4 * L) % 2) return "rANS stream is not its states plus 16-bit words";
-  uint32_t x[L];
-  for (int j = 0; j < L; ++j) {
-    x[j] = load_u32(data + 4 * j);
-    if (x[j] < kRansL) return "rANS initial state below the renormalisation bound";
-  }
-  const uint8_t* w = data + 4 * L;
-  const uint8_t* const wend = data + len;
-  const int64_t done = decode_wide_avx512(n, wt, x, w, wend, out);
-  for (int64_t i = done; i < n; ++i) {  // the last words: checked steps
-    const RansTables& t = *tables[i % wt.period];
-    uint32_t& s = x[i % L];
-    const uint32_t slot = s & (kRansM - 1);
-    const uint32_t e = t.dec[slot];
-    s = (e >> 16) * (s >> kRansPrecBits) + (e & 0xFFFF);
-    if (s < kRansL) {
-      if (w >= wend) return "rANS stream ends early";
-      s = (s << 16) | load_u16(w);
-      w += 2;
-    }
-    out[i] = t.sym[slot];
-  }
-  if (w != wend) return "rANS stream has unread words";
-  for (int j = 0; j < L; ++j)
-    if (x[j] != kRansL) return "rANS stream does not end in the initial state (corrupted or wrong table)";
-  return "";
+  return decode_stream<kRansWideLanes>(data, len, n, tables, wt.period, out,
+                                       [&](uint32_t* x, const uint8_t*& w, const uint8_t* wend) {
+    return decode_wide_avx512(n, wt, x, w, wend, out);
+  });
 }
 #endif
 
