@@ -236,7 +236,6 @@ SK_RANS_TARGET inline __m512i enc_step16(__m512i x, const uint64_t* e, uint16_t*
 
 SK_RANS_TARGET inline __m512i load_off16(const int32_t* p) { return _mm512_loadu_si512(p); }
 
-
 SK_RANS_TARGET int64_t encode_wide_avx512(const uint8_t* sym, int64_t n, const WideTables& wt, uint8_t* out) {
   constexpr int L = kRansWideLanes;
   uint16_t* const end = reinterpret_cast<uint16_t*>(out + 4 * L) + n;

@@ -16,7 +16,7 @@ d = 576). The sections after them are the same.
 
 The coder is per frame: 0 static rANS on 1 or 4 lanes (``rans``, smallest; one-token frames), 2
 the same on 32 lanes (what ``rans`` writes for frames of many tokens: 16 lanes per AVX-512
-instruction, ~3x faster, 112 bytes more), 1 the nibble coder (``nibble``, about 0.4 bit per
+instruction, 2-3x faster, 112 bytes more), 1 the nibble coder (``nibble``, about 0.4 bit per
 element more on real activations but at memory speed; long frames). The encoder takes rANS
 unless asked: ``"nibble"``, or ``"auto"`` for ``choose_coder``'s rule (the nibble coder only pays
 where the link is fast). The decoder reads any. Frames written before the coder field existed
@@ -87,7 +87,7 @@ def table_entropy(freqs: tuple[int, ...]) -> float:
 def rans_coder(t: int, d: int) -> int:
     """The rANS layout of a frame of ``t`` tokens of ``d`` values: 32 lanes from
     ``WIDE_RANS_MIN_SYMBOLS`` values (their 112 extra state bytes are at most 0.014 bit per element
-    there, and the C++ coder runs them ~3x faster), else 1 or 4. One-token frames (the token form,
+    there, and the C++ coder runs them 2-3x faster), else 1 or 4. One-token frames (the token form,
     whose tag has one coder bit) always take the narrow layout."""
     return CODER_RANS_WIDE if t > 1 and t * d >= WIDE_RANS_MIN_SYMBOLS else CODER_RANS
 
