@@ -205,7 +205,7 @@ bool wide_tables(const RansTables* const* tables, int64_t period, WideTables* w)
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define SK_RANS_X86 1
-#define SK_RANS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512cd,avx512vbmi2")))
+#define SK_RANS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512cd")))
 
 // One encoder step of 16 lanes from their wide_enc entries e[0..16): the wide form of enc_put.
 // The words of the lanes that renormalise go below `words`, in lane order.
@@ -217,8 +217,9 @@ SK_RANS_TARGET inline __m512i enc_step16(__m512i x, const uint64_t* e, uint16_t*
   const __m512i f = _mm512_and_si512(fb, _mm512_set1_epi32(0xFFFF));
   const __mmask16 emit = _mm512_cmpge_epu32_mask(x, _mm512_slli_epi32(f, 32 - kRansPrecBits));
   const int cnt = __builtin_popcount(emit);
-  // Compress in a register and store under a mask: a compressing store is microcoded on Zen 4.
-  const __m256i packed = _mm256_maskz_compress_epi16(emit, _mm512_cvtepi32_epi16(x));
+  // Compress in a register (dwords: AVX-512 F, no VBMI2 needed) and store under a mask: a
+  // compressing store is microcoded on Zen 4.
+  const __m256i packed = _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(emit, x));
   words -= cnt;
   _mm256_mask_storeu_epi16(words, static_cast<__mmask16>((1u << cnt) - 1), packed);
   x = _mm512_mask_srli_epi32(x, emit, x, 16);
@@ -287,8 +288,9 @@ SK_RANS_TARGET inline __m512i dec_step16(__m512i x, __m512i off, const uint8_t* 
   x = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(e, 16), _mm512_srli_epi32(x, kRansPrecBits)),
                        _mm512_and_si512(e, _mm512_set1_epi32(0xFFFF)));
   const __mmask16 renorm = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(kRansL));
-  const __m256i next = _mm256_maskz_expand_epi16(renorm, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-  x = _mm512_mask_or_epi32(x, renorm, _mm512_slli_epi32(x, 16), _mm512_cvtepu16_epi32(next));
+  const __m512i next = _mm512_maskz_expand_epi32(
+      renorm, _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))));
+  x = _mm512_mask_or_epi32(x, renorm, _mm512_slli_epi32(x, 16), next);
   w += 2 * __builtin_popcount(renorm);
   // vpmovdb in its register form (with a memory operand it is microcoded on Zen 4).
   __m128i bytes = _mm512_cvtepi32_epi8(s);
@@ -318,8 +320,7 @@ SK_RANS_TARGET int64_t decode_wide_avx512(int64_t n, const WideTables& wt, uint3
 
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd") &&
-         __builtin_cpu_supports("avx512vbmi2");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
 }
 #else
 bool cpu_has_avx512() { return false; }
