@@ -35,16 +35,27 @@ inline void enc_put(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
   x = x + s.bias + q * s.cmpl_freq;
 }
 
-// One decoder step with its renormalisation; `w` must have 2 readable bytes (the caller checks).
-inline uint8_t dec_get(uint32_t& x, const RansTables& t, const uint8_t*& w) {
+// One decoder step without its renormalisation.
+inline uint8_t dec_step(uint32_t& x, const RansTables& t) {
   const uint32_t slot = x & (kRansM - 1);
   const uint32_t e = t.dec[slot];
   x = (e >> 16) * (x >> kRansPrecBits) + (e & 0xFFFF);
+  return t.sym[slot];
+}
+
+// A step's renormalisation; `w` must have 2 readable bytes (the caller checks).
+inline void renormalise(uint32_t& x, const uint8_t*& w) {
   const bool renorm = x < kRansL;
   const uint32_t next = (x << 16) | load_u16(w);
   x = renorm ? next : x;
   w += 2 * renorm;
-  return t.sym[slot];
+}
+
+// One decoder step with its renormalisation.
+inline uint8_t dec_get(uint32_t& x, const RansTables& t, const uint8_t*& w) {
+  const uint8_t s = dec_step(x, t);
+  renormalise(x, w);
+  return s;
 }
 
 }  // namespace
@@ -168,7 +179,15 @@ std::string decode_impl(const uint8_t* data, int64_t len, int64_t n, TableCursor
     // Each step reads at most one word: while kLanes words remain, a group of kLanes steps needs no checks.
     int64_t i = 0;
     for (; i + kLanes <= n && wend - w >= 2 * kLanes; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j, tc.next()) out[i + j] = dec_get(x[j], tc.get(), w);
+      if constexpr (kLanes == 1) {
+        out[i] = dec_get(x[0], tc.get(), w);
+        tc.next();
+      } else {
+        // The lanes' table steps first, then their renormalisations: the word pointer is a serial
+        // chain, and keeping it out of the table steps lets those of all lanes overlap.
+        for (int j = 0; j < kLanes; ++j, tc.next()) out[i + j] = dec_step(x[j], tc.get());
+        for (int j = 0; j < kLanes; ++j) renormalise(x[j], w);
+      }
     }
     return i;
   });
