@@ -11,6 +11,7 @@ from splitkernels.codec import (
 from splitkernels.codec.frame_v2 import HEAD
 from splitkernels.codec import v2 as v2mod
 from splitkernels.codec.v2 import decode_v2, encode_v2
+from isa_switch import isa_fixture
 from v2_frames import bit_flips, reseal, truncations
 
 HAS_CPP = rans._C is not None and hasattr(rans._C, "rans_encode")
@@ -435,15 +436,7 @@ def test_fused_quantise_and_dequantise_match_reference(cfg64, dtype, shape):
     assert torch.equal(v2mod.dequantise(sym, cfg64, dtype, fused=True), v2mod.dequantise(sym, cfg64, dtype, fused=False))
 
 
-@pytest.fixture(params=rans._C.v2_isas() if HAS_CPP and hasattr(rans._C, "v2_isas") else ["none"])
-def v2_isa(request):
-    """Each instruction set of the fused v2 passes in turn (restored afterwards)."""
-    if request.param == "none":
-        pytest.skip("C++ extension not built (pip install . builds it)")
-    before = rans._C.v2_isa()
-    rans._C.set_v2_isa(request.param)
-    yield request.param
-    rans._C.set_v2_isa(before)
+v2_isa = isa_fixture("v2", "v2_isa", "the fused v2 passes")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

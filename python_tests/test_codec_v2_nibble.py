@@ -11,6 +11,7 @@ import torch
 from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, encode, from_bytes, nibble, rans
 from splitkernels.codec import frame_v2, wire_v2
 from splitkernels.codec.frame_v2 import HEAD, _varint
+from isa_switch import isa_fixture
 from v2_frames import bit_flips, reseal, truncations
 
 _C = nibble._C
@@ -19,30 +20,8 @@ HAS_FUSED = wire_v2.has_fused()
 NEEDS_CPP = pytest.mark.skipif(not HAS_NIB, reason="C++ extension not built (pip install . builds it)")
 
 
-def _isas(name: str) -> list[str]:
-    return getattr(_C, name)() if _C is not None and hasattr(_C, name) else ["none"]
-
-
-@pytest.fixture(params=_isas("nibble_isas"))
-def nib_isa(request):
-    """Each instruction set of the C++ nibble coder in turn (restored afterwards)."""
-    if request.param == "none":
-        pytest.skip("C++ extension not built (pip install . builds it)")
-    before = _C.nibble_isa()
-    _C.set_nibble_isa(request.param)
-    yield request.param
-    _C.set_nibble_isa(before)
-
-
-@pytest.fixture(params=_isas("v2_isas"))
-def v2_isa(request):
-    """Each instruction set of the fused v2 passes in turn (restored afterwards)."""
-    if request.param == "none":
-        pytest.skip("C++ extension not built (pip install . builds it)")
-    before = _C.v2_isa()
-    _C.set_v2_isa(request.param)
-    yield request.param
-    _C.set_v2_isa(before)
+nib_isa = isa_fixture("nibble", "nib_isa", "the C++ nibble coder")
+v2_isa = isa_fixture("v2", "v2_isa", "the fused v2 passes")
 
 
 def random_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:

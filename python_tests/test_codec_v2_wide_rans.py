@@ -10,26 +10,12 @@ import torch
 from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, encode, frame_v2, from_bytes, rans, wire_v2
 from splitkernels.codec.frame_v2 import HEAD
 
+from isa_switch import isa_fixture
 from test_codec_v2_classes import random_classes
 from v2_frames import bit_flips, reseal
 
-_C = rans._C
-HAS_CPP = rans.has_native()
 
-
-def _isas() -> list[str]:
-    return _C.rans_isas() if HAS_CPP and hasattr(_C, "rans_isas") else ["none"]
-
-
-@pytest.fixture(params=_isas())
-def rans_isa(request):
-    """Each instruction set of the C++ wide coder in turn (restored afterwards)."""
-    if request.param == "none":
-        pytest.skip("C++ extension not built (pip install . builds it)")
-    before = _C.rans_isa()
-    _C.set_rans_isa(request.param)
-    yield request.param
-    _C.set_rans_isa(before)
+rans_isa = isa_fixture("rans", "rans_isa", "the C++ wide rANS coder")
 
 
 @pytest.mark.parametrize("n,d,k", [(1, 1, 1), (31, 7, 2), (32, 32, 1), (33, 5, 3), (1000, 37, 4), (4133, 640, 16),
