@@ -94,7 +94,7 @@ def rans_coder(t: int, d: int) -> int:
 
 def rans_stream_lanes(code: int, coded: int) -> int:
     """Lanes of the rANS stream of ``coded`` symbols written with coder ``code``."""
-    return rans.WIDE_LANES if code == CODER_RANS_WIDE else rans.lanes(coded)
+    return rans.lanes(coded, wide=code == CODER_RANS_WIDE)
 
 
 def choose_coder(t: int, d: int, config: CodecConfigV2) -> int:

@@ -39,14 +39,12 @@ class RansError(ValueError):
     """An rANS stream is inconsistent with its table or symbol count."""
 
 
-def lanes(n: int) -> int:
-    """Interleaved states of the narrow layout for ``n`` symbols: 1 for short streams (one-token
-    frames), else 4."""
+def lanes(n: int, wide: bool = False) -> int:
+    """Interleaved states for ``n`` symbols: ``WIDE_LANES`` in the wide layout, else 1 for short
+    streams (one-token frames) and 4 for long ones."""
+    if wide:
+        return WIDE_LANES
     return LONG_LANES if n >= LANES_MIN_SYMBOLS else 1
-
-
-def _lanes(n: int, wide: bool) -> int:
-    return WIDE_LANES if wide else lanes(n)
 
 
 def max_symbols(stream_bytes: int) -> int:
@@ -205,7 +203,7 @@ def encode_reference(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, wi
     its channel's table)."""
     ct = as_class_tables(freqs)
     sym = np.asarray(symbols, dtype=np.uint8).ravel()
-    n, nl = sym.shape[0], _lanes(sym.shape[0], wide)
+    n, nl = sym.shape[0], lanes(sym.shape[0], wide)
     if n == 0:
         return b""
     if int(sym.max()) >= ct.nsym:
@@ -238,7 +236,7 @@ def decode_reference(data: bytes | memoryview, freqs: Sequence[int] | ClassTable
         if buf:
             raise RansError(f"an empty symbol stream must have 0 bytes, got {len(buf)}")
         return np.zeros(0, dtype=np.uint8)
-    nl = _lanes(n, wide)
+    nl = lanes(n, wide)
     if len(buf) < 4 * nl or (len(buf) - 4 * nl) % 2:
         raise RansError(f"rANS stream of {len(buf)} bytes is not {nl} states plus 16-bit words")
     if n > max_symbols(len(buf)):
@@ -285,7 +283,7 @@ def encode(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, wide: bool =
     if sym.shape[0] and int(sym.max()) >= ct.nsym:
         raise ValueError(f"symbol {int(sym.max())} is outside the table of {ct.nsym} symbols")
     ptrs = ct.native
-    nl = _lanes(sym.shape[0], wide)
+    nl = lanes(sym.shape[0], wide)
     out = np.empty(4 * nl + 2 * sym.shape[0], dtype=np.uint8)
     n_out = _C.rans_encode(sym.ctypes.data, sym.shape[0], ptrs.ctypes.data, ptrs.shape[0], nl, out.ctypes.data,
                            out.shape[0])
@@ -308,7 +306,7 @@ def decode(data: bytes | memoryview, freqs: Sequence[int] | ClassTables, n: int,
         raise RansError(f"{n} symbols cannot fit in a {buf.shape[0]}-byte rANS stream")
     ptrs = ct.native
     out = np.empty(n, dtype=np.uint8)
-    err, count = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, ptrs.ctypes.data, ptrs.shape[0], _lanes(n, wide),
+    err, count = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, ptrs.ctypes.data, ptrs.shape[0], lanes(n, wide),
                                 out.ctypes.data, count_of)
     if err:
         raise RansError(err)
