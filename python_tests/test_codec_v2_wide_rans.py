@@ -179,3 +179,13 @@ def test_forged_wide_header_cannot_force_large_allocations(cfg):
     forged = reseal(head + bytes([0x80, 0x80, 0x80, 0x08]) + b"\0" + bytes(1 << 21) + b"\1" * 200, cfg)
     with pytest.raises(FrameError, match="stream can hold"):
         from_bytes(forged, config=cfg)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_symbols_outside_the_table_are_refused(wide):
+    freqs = (1024, 3072, 8192, 3072, 1023, 1)
+    sym = np.zeros(70_000, dtype=np.uint8)
+    sym[-3] = 6  # one past the alphabet
+    for coder in (rans.encode, rans.encode_reference):
+        with pytest.raises(ValueError, match="symbol 6 is outside the table of 6 symbols"):
+            coder(sym, freqs, wide=wide)
