@@ -22,6 +22,7 @@
 #include "cpu/linear.h"
 #include "cpu/nibble.h"
 #include "cpu/rans.h"
+#include "cpu/rice.h"
 #include "cpu/thread_pool.h"
 #include "cpu/token_frame.h"
 
@@ -221,6 +222,40 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_rans_isa", [](const std::string& name) { check(sk::set_rans_isa(name)); }, py::arg("name"),
       "Use the wide rANS coder of this instruction set (scalar or avx512).");
+
+  m.def("rice_capacity", &sk::rice_capacity, py::arg("n"), "Bytes of out that rice_encode needs for n symbols.");
+  m.def(
+      "rice_encode",
+      [](std::uintptr_t sym, int64_t n, std::uintptr_t centre, std::uintptr_t k, int64_t period, int nsym,
+         std::uintptr_t out, int64_t capacity) {
+        const int64_t len = sk::rice_encode(ptr<const uint8_t>(sym), n, ptr<const uint8_t>(centre),
+                                            ptr<const uint8_t>(k), period, nsym, ptr<uint8_t>(out), capacity);
+        if (len < 0)
+          throw std::invalid_argument("rice_encode: a symbol or parameter is out of range or out is too small");
+        return len;
+      },
+      py::arg("sym"), py::arg("n"), py::arg("centre"), py::arg("k"), py::arg("period"), py::arg("nsym"),
+      py::arg("out"), py::arg("capacity"), nogil,
+      "Rice-code n u8 symbols on 32 lanes; symbol i uses centre[i % period] and k[i % period] (u8 arrays). "
+      "Returns the stream length in bytes.");
+  m.def(
+      "rice_decode",
+      [](std::uintptr_t data, int64_t len, int64_t n, std::uintptr_t centre, std::uintptr_t k, int64_t period,
+         int nsym, std::uintptr_t out, int count_of) {
+        int64_t count = 0;
+        std::string err = sk::rice_decode(ptr<const uint8_t>(data), len, n, ptr<const uint8_t>(centre),
+                                          ptr<const uint8_t>(k), period, nsym, ptr<uint8_t>(out), count_of, &count);
+        return std::make_pair(err, count);
+      },
+      py::arg("data"), py::arg("len"), py::arg("n"), py::arg("centre"), py::arg("k"), py::arg("period"),
+      py::arg("nsym"), py::arg("out"), py::arg("count_of") = -1, nogil,
+      "Decode exactly n Rice-coded symbols into out; returns ('' or why the stream is invalid, how many decoded "
+      "symbols equal count_of).");
+  m.def("rice_isas", &sk::rice_isas, "Instruction sets of the Rice coder this CPU supports, best last.");
+  m.def("rice_isa", &sk::rice_isa, "Instruction set the Rice coder uses now.");
+  m.def(
+      "set_rice_isa", [](const std::string& name) { check(sk::set_rice_isa(name)); }, py::arg("name"),
+      "Use the Rice coder of this instruction set (scalar or avx512).");
 
   m.def("nibble_capacity", [](int64_t rows, int64_t d) { return sk::nibble_capacity(rows, d) + sk::kNibbleSlack; },
         py::arg("rows"), py::arg("d"), "Bytes of out that nibble_encode needs for rows coded rows of d symbols.");

@@ -206,10 +206,10 @@ def frame_coder(data: bytes) -> int:
 def test_coder_rule_and_explicit_coders(cfg):
     small = activations(5, 64, seed=2).half()
     assert frame_coder(encode(small, cfg).to_bytes("auto")) == frame_v2.CODER_RANS  # one-token-sized frames: rANS
-    t = frame_v2.NIBBLE_MIN_SYMBOLS // 64
+    t = frame_v2.FAST_MIN_SYMBOLS // 64
     long = activations(t, 64, seed=3).half()
     want = frame_v2.choose_coder(t, 64, cfg)
-    assert want == frame_v2.CODER_NIBBLE  # this table suits the nibble coder
+    assert want == frame_v2.CODER_RICE  # this table suits the Rice coder
     assert frame_coder(encode(long, cfg).to_bytes("auto")) == want
     assert frame_coder(wire_v2.encode_frame_v2(long, cfg, "auto")) == want
     # Without a coder, frames take rANS (the fewest bytes), long ones in the 32-lane layout.
@@ -223,7 +223,7 @@ def test_coder_rule_and_explicit_coders(cfg):
         assert torch.equal(decode(from_bytes(data, config=cfg)), decode(encode(small, cfg)))
     with pytest.raises(ValueError, match="coder must be one of"):
         encode(small, cfg).to_bytes("huffman")
-    # A table far from the nibble coder's sweet spot (a near-uniform alphabet of 256) stays on rANS.
+    # A table far from the Rice coder's sweet spot (a near-uniform alphabet of 256) stays on rANS.
     flat = CodecConfigV2(center=(0.0,) * 64, step=(1.0,) * 64, kmax=127, freqs=rans.build_freqs(np.ones(256)), raw_limit=32)
     assert frame_v2.choose_coder(1 << 14, 64, flat) == frame_v2.CODER_RANS_WIDE
 
@@ -261,10 +261,11 @@ def test_reference_nibble_path_gives_the_same_frames(cfg, monkeypatch):
 def test_long_frames_round_trip_through_the_public_api(cfg):
     from splitkernels.codec import decode_frame, encode_frame
 
-    x = activations(frame_v2.NIBBLE_MIN_SYMBOLS // 64 + 3, 64, seed=6).half()
-    data = encode_frame(x, cfg, "auto")
-    assert data == encode(x, cfg).to_bytes("auto") and frame_coder(data) == frame_v2.CODER_NIBBLE
-    assert torch.equal(decode_frame(data, config=cfg), decode(encode(x, cfg)))
+    x = activations(frame_v2.FAST_MIN_SYMBOLS // 64 + 3, 64, seed=6).half()
+    for coder, code in (("nibble", frame_v2.CODER_NIBBLE), ("auto", frame_v2.CODER_RICE)):
+        data = encode_frame(x, cfg, coder)
+        assert data == encode(x, cfg).to_bytes(coder) and frame_coder(data) == code
+        assert torch.equal(decode_frame(data, config=cfg), decode(encode(x, cfg)))
 
 
 # ---------------------------------------------------------------- fuzzing nibble frames
@@ -331,7 +332,7 @@ def test_fuzz_forged_nibble_headers_cannot_force_large_allocations(cfg):
     for fn in (lambda: from_bytes(forged, config=cfg), lambda: wire_v2.decode_frame_v2(forged, cfg)):
         with pytest.raises(FrameError, match="stream can hold"):
             fn()
-    for coder in (3, 15):  # unknown coders
+    for coder in (4, 7):  # unknown coders
         forged = reseal(HEAD.pack(b"SKTQ", 2, 1 | coder << 4) + data[HEAD.size : -4], cfg)
         with pytest.raises(FrameError, match="unknown symbol coder"):
             from_bytes(forged, config=cfg)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import rans
+from . import rans, rice
 from .predict import EmbeddingPrediction
 
 CONFIG_VERSION = 2
@@ -204,6 +204,16 @@ class CodecConfigV2:
     def rans_tables(self) -> rans.ClassTables:
         """What the rANS coder codes with: ``freqs`` as one class, or the channel-class tables."""
         return self._rans
+
+    @property
+    def rice_params(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(centres, ks)`` (u8) of the Rice coder from the rANS coder's tables
+        (docs/FORMATS.md §5.7); one entry without channel classes. Built on first use."""
+        got = self.__dict__.get("_rice")
+        if got is None:
+            got = rice.channel_params(self._rans.tables, self._rans.table_of)
+            object.__setattr__(self, "_rice", got)
+        return got
 
     def center_array(self) -> np.ndarray:
         """``center`` as a read-only fp32 array."""

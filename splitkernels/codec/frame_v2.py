@@ -16,14 +16,15 @@ d = 576). The sections after them are the same.
 
 The coder is per frame: 0 static rANS on 1 or 4 lanes (``rans``, smallest; one-token frames), 2
 the same on 32 lanes (what ``rans`` writes for frames of many tokens: 16 lanes per AVX-512
-instruction, 2-3x faster, 112 bytes more), 1 the nibble coder (``nibble``, about 0.4 bit per
-element more on real activations but at memory speed; long frames). The encoder takes rANS
-unless asked: ``"nibble"``, or ``"auto"`` for ``choose_coder``'s rule (the nibble coder only pays
-where the link is fast). The decoder reads any. Frames written before the coder field existed
-have 0 there and read as before.
+instruction, 2-3x faster, 112 bytes more), 3 the Rice coder (``rice``, about 0.1 bit per element
+more on real activations, 2-3x faster again: no table lookups; long frames), 1 the nibble coder
+(``nibble``, about 0.4 bit per element more but at memory speed). The encoder takes rANS unless
+asked: ``"rice"``, ``"nibble"``, or ``"auto"`` for ``choose_coder``'s rule (the Rice coder for long
+frames). The decoder reads any. Frames written before the coder field existed have 0 there and
+read as before.
 
 The parser validates every field and bound before allocating anything sized by the frame (the
-largest allocation is bounded by ``rans.max_symbols`` or ``nibble.max_rows`` of the stream plus the
+largest allocation is bounded by ``rans.max_symbols``, ``rice.max_symbols`` or ``nibble.max_rows`` of the stream plus the
 raw section's own bytes) and raises :class:`FrameError` on anything wrong.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from .._native import load
-from . import nibble, rans
+from . import nibble, rans, rice
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
 
@@ -50,18 +51,20 @@ TOKEN_CODER, TOKEN_SHIFTED, TOKEN_RAW, TOKEN_DTYPE = 0x10, 0x08, 0x04, 0x03
 MAX_POSITION = (1 << 31) - 1
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 5
-CODER_RANS, CODER_NIBBLE, CODER_RANS_WIDE = 0, 1, 2
-CODERS = {"rans": CODER_RANS, "nibble": CODER_NIBBLE}  # names a writer takes ("rans": the layout by size)
-CODER_NAMES = {CODER_RANS: "rans", CODER_NIBBLE: "nibble", CODER_RANS_WIDE: "rans32"}  # every id a frame may carry
+CODER_RANS, CODER_NIBBLE, CODER_RANS_WIDE, CODER_RICE = 0, 1, 2, 3
+# Names a writer takes ("rans": the layout by size).
+CODERS = {"rans": CODER_RANS, "nibble": CODER_NIBBLE, "rice": CODER_RICE}
+# Every id a frame may carry.
+CODER_NAMES = {CODER_RANS: "rans", CODER_NIBBLE: "nibble", CODER_RANS_WIDE: "rans32", CODER_RICE: "rice"}
 # rans_coder: frames of more than one token and at least this many values take the 32-lane layout.
 WIDE_RANS_MIN_SYMBOLS = 1 << 16
 AUTO = "auto"  # ask for choose_coder's rule
 FRAME_CODERS = (*CODERS, AUTO)  # what a frame's writer takes as its coder
-# choose_coder: the nibble coder for frames of at least this many values T * d (a 512-token
-# prefill frame; never a one-token decode frame, where bytes matter most and rANS costs
-# microseconds) when the table says it costs at most NIBBLE_MAX_EXTRA_BITS per symbol more than rANS.
-NIBBLE_MIN_SYMBOLS = 1 << 16
-NIBBLE_MAX_EXTRA_BITS = 0.5
+# choose_coder: the Rice coder for frames of more than one token and at least this many values
+# T * d (a prefill frame; never a one-token decode frame, where bytes matter most and rANS costs
+# microseconds) when the tables say it costs at most RICE_MAX_EXTRA_BITS per symbol more than rANS.
+FAST_MIN_SYMBOLS = 1 << 16
+RICE_MAX_EXTRA_BITS = 0.25
 
 _C, _ = load("_C")
 
@@ -98,25 +101,29 @@ def rans_stream_lanes(code: int, coded: int) -> int:
 
 
 def choose_coder(t: int, d: int, config: CodecConfigV2) -> int:
-    """The encoder's rule for a frame of ``t`` tokens of ``d`` values: the nibble coder for long
-    frames whose table suits it, else rANS (``rans_coder``)."""
-    if t * d < NIBBLE_MIN_SYMBOLS:
+    """The encoder's rule for a frame of ``t`` tokens of ``d`` values: the Rice coder for long
+    frames whose tables suit it (Rice codes fit two-sided geometric tables, as calibrated ones
+    are), else rANS (``rans_coder``)."""
+    if t < 2 or t * d < FAST_MIN_SYMBOLS:
         return rans_coder(t, d)
-    extra = nibble.expected_bits(config.freqs) - table_entropy(config.freqs)
-    return CODER_NIBBLE if extra <= NIBBLE_MAX_EXTRA_BITS else rans_coder(t, d)
+    tables = config.rans_tables.tables
+    extra = rice.expected_bits(tables) - float(np.mean([table_entropy(f) for f in tables]))
+    return CODER_RICE if extra <= RICE_MAX_EXTRA_BITS else rans_coder(t, d)
 
 
 def resolve_coder(coder: str | None, t: int, d: int, config: CodecConfigV2) -> int:
     """The coder id of ``coder`` for a frame of ``t`` tokens of ``d`` values: "rans" (also None, the
-    default: the fewest bytes, ``rans_coder``'s layout), "nibble", or "auto" (``choose_coder``:
-    nibble for long frames whose table suits it)."""
+    default: the fewest bytes, ``rans_coder``'s layout), "rice" (rANS for a one-token frame),
+    "nibble", or "auto" (``choose_coder``: Rice for long frames whose tables suit it)."""
     if coder is None:
         return rans_coder(t, d)
     if coder == AUTO:
         return choose_coder(t, d, config)
     if coder not in CODERS:
         raise ValueError(f"coder must be one of {sorted(FRAME_CODERS)} or None, got {coder!r}")
-    return rans_coder(t, d) if CODERS[coder] == CODER_RANS else CODERS[coder]
+    if CODERS[coder] == CODER_RANS or (CODERS[coder] == CODER_RICE and t == 1):
+        return rans_coder(t, d)  # a one-token frame's tag has one coder bit: rANS or nibble
+    return CODERS[coder]
 
 
 @dataclass
@@ -151,7 +158,7 @@ class EncodedV2:
         return tuple(self.symbols.shape)
 
     def to_bytes(self, coder: str | None = None) -> bytes:
-        """Serialise into a v2 wire frame; ``coder`` "rans" (default), "nibble" or "auto" (``choose_coder``)."""
+        """Serialise into a v2 wire frame; ``coder`` "rans" (default), "rice", "nibble" or "auto" (``choose_coder``)."""
         return write_frame_v2(self, coder)
 
     @property
@@ -220,6 +227,9 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
     code = resolve_coder(coder, t, d, cfg)
     if code == CODER_NIBBLE:
         stream = nibble.encode(enc.symbols.numpy(), raw if n_raw else None, cfg.freqs)
+    elif code == CODER_RICE:
+        stream = rice.encode(enc.symbols.numpy()[~raw] if n_raw else enc.symbols.numpy(), *cfg.rice_params,
+                             len(cfg.freqs))
     else:
         stream = rans.encode(enc.symbols.numpy()[~raw] if n_raw else enc.symbols.numpy(), cfg.rans_tables,
                              wide=code == CODER_RANS_WIDE)
@@ -281,8 +291,8 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
     if (config.prediction is not None) != (tokens is not None):
         raise ValueError("a frame carries token ids exactly when its codec config has a prediction")
     if t == 1:
-        if code == CODER_RANS_WIDE:
-            raise ValueError("a one-token frame cannot carry the 32-lane rANS layout (its tag has one coder bit)")
+        if code in (CODER_RANS_WIDE, CODER_RICE):
+            raise ValueError(f"a one-token frame cannot carry the {CODER_NAMES[code]} coder (its tag has one coder bit)")
         head = [bytes([TOKEN_TAG | code * TOKEN_CODER | (0 if shifted is None else TOKEN_SHIFTED)
                        | (TOKEN_RAW if raw[0] else 0) | DTYPE_CODES[escapes.dtype]])]
     else:
@@ -365,7 +375,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if dtype_code not in CODE_DTYPES:
         raise FrameError(f"unknown dtype code {dtype_code}")
     if coder not in CODER_NAMES:
-        raise FrameError(f"unknown symbol coder {coder} (0 rANS, 1 nibble, 2 rANS on 32 lanes)")
+        raise FrameError(f"unknown symbol coder {coder} (0 rANS, 1 nibble, 2 rANS on 32 lanes, 3 Rice)")
     crc_at = len(buf) - CRC_BYTES
     (crc,) = struct.unpack_from("<I", buf, crc_at)
     if crc32([buf[:crc_at]], config.crc_seed) != crc:
@@ -423,7 +433,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if coder == CODER_NIBBLE:
         if t - n_raw > nibble.max_rows(crc_at - pos, d):
             raise FrameError(f"frame claims {t - n_raw} coded tokens, more than a {crc_at - pos}-byte stream can hold")
-    elif n_sym > rans.max_symbols(crc_at - pos):
+    elif n_sym > (rice.max_symbols if coder == CODER_RICE else rans.max_symbols)(crc_at - pos):
         raise FrameError(f"frame claims {n_sym} coded values, more than a {crc_at - pos}-byte stream can hold")
     return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at], start, section, tokens)
 
@@ -446,9 +456,13 @@ def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
         symbols = torch.from_numpy(sym)
     else:
         try:
-            sym, n_esc_sym = rans.decode(p.stream, config.rans_tables, (t - n_raw) * d, count_of=config.escape_symbol,
-                                         wide=p.coder == CODER_RANS_WIDE)
-        except rans.RansError as exc:
+            if p.coder == CODER_RICE:
+                sym, n_esc_sym = rice.decode(p.stream, (t - n_raw) * d, *config.rice_params, len(config.freqs),
+                                             count_of=config.escape_symbol)
+            else:
+                sym, n_esc_sym = rans.decode(p.stream, config.rans_tables, (t - n_raw) * d,
+                                             count_of=config.escape_symbol, wide=p.coder == CODER_RANS_WIDE)
+        except (rans.RansError, rice.RiceError) as exc:
             raise FrameError(f"symbol stream invalid: {exc}") from None
         if n_raw:
             symbols = torch.zeros(t, d, dtype=torch.uint8)

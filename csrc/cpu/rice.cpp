@@ -1,0 +1,325 @@
+// Rice coder of codec v2: see rice.h and docs/FORMATS.md section 5.7.
+#include "rice.h"
+
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace sk {
+namespace {
+
+constexpr uint32_t kL = 1u << 16;  // states live in [kL, 2^32)
+
+inline void store_u32(uint8_t* p, uint32_t v) {
+  for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(v >> (8 * b));
+}
+inline uint32_t load_u32(const uint8_t* p) {
+  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+}
+inline uint32_t load_u16(const uint8_t* p) { return uint32_t(p[0]) | uint32_t(p[1]) << 8; }
+
+// Branch-free: the sign of a code is a coin flip.
+inline uint32_t zigzag(int32_t v) { return (static_cast<uint32_t>(v) << 1) ^ static_cast<uint32_t>(v >> 31); }
+inline int32_t unzigzag(uint32_t u) { return static_cast<int32_t>(u >> 1) ^ -static_cast<int32_t>(u & 1); }
+
+// Pushes symbol s (centre c, parameter k) onto state x; an exception's byte goes below exc.
+inline void enc_put(uint32_t& x, uint32_t s, uint32_t c, uint32_t k, uint16_t*& words, uint8_t*& exc) {
+  const uint32_t u = zigzag(int32_t(s) - int32_t(c)), q = u >> k, top = 16 - k;
+  uint32_t code, len;
+  if (q < top) {
+    code = ((1u << q) - 1) | ((u & ((1u << k) - 1)) << (q + 1));
+    len = q + 1 + k;
+  } else {
+    code = (1u << top) - 1;
+    len = top;
+    *--exc = static_cast<uint8_t>(s);
+  }
+  // Renormalising is a coin flip for the branch predictor: store the word always (the slot below
+  // `words` is scratch until then; the head lies below the word area) and keep it when it counts.
+  const uint32_t emit = (x >> (32 - len)) != 0;
+  words[-1] = static_cast<uint16_t>(x);
+  words -= emit;
+  x >>= 16 * emit;
+  x = (x << len) | code;
+}
+
+// Pops one symbol from x into out; false when the stream is invalid there.
+inline bool dec_put(uint32_t& x, uint32_t c, uint32_t k, uint32_t nsym, const uint8_t*& exc,
+                    const uint8_t* exc_end, uint8_t* out) {
+  const uint32_t top = 16 - k, t = ~x;
+  const uint32_t q = t ? static_cast<uint32_t>(__builtin_ctz(t)) : 32u;
+  if (q >= top) {
+    if (exc == exc_end) return false;
+    const uint32_t s = *exc++;
+    if (s >= nsym || (zigzag(int32_t(s) - int32_t(c)) >> k) < top) return false;  // not canonical
+    *out = static_cast<uint8_t>(s);
+    x >>= top;
+    return true;
+  }
+  const uint32_t u = (q << k) | ((x >> (q + 1)) & ((1u << k) - 1));
+  const uint32_t s = c + static_cast<uint32_t>(unzigzag(u));
+  if (s >= nsym) return false;
+  *out = static_cast<uint8_t>(s);
+  x >>= q + 1 + k;
+  return true;
+}
+
+// Per-channel parameters repeated so that 32 channels from any c < period read without wrapping;
+// the vector steps load each as dwords (a load is cheaper than widening bytes and deriving them).
+struct Params {
+  std::vector<uint8_t> c, k;
+  std::vector<uint32_t> c32, k32, top32, rmask32;
+  int64_t period;
+  Params(const uint8_t* centre, const uint8_t* kk, int64_t p)
+      : c(p + kRiceLanes), k(p + kRiceLanes), c32(p + kRiceLanes), k32(p + kRiceLanes), top32(p + kRiceLanes),
+        rmask32(p + kRiceLanes), period(p) {
+    for (int64_t j = 0; j < p + kRiceLanes; ++j) {
+      c[j] = centre[j % p];
+      k[j] = kk[j % p];
+      c32[j] = c[j];
+      k32[j] = k[j];
+      top32[j] = 16u - k[j];
+      rmask32[j] = (1u << k[j]) - 1;
+    }
+  }
+};
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SK_RICE_X86 1
+#define SK_RICE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512cd")))
+
+SK_RICE_TARGET inline __m512i ld(const uint32_t* p) { return _mm512_loadu_si512(p); }
+
+// One encoder step of 16 lanes (enc_put on each) from channel j of p: exceptions' bytes and
+// renormalising lanes' words go below exc and words in lane order.
+SK_RICE_TARGET inline __m512i enc_step16(__m512i x, const uint8_t* sym, const Params& p, int64_t j, uint16_t*& words,
+                                         uint8_t*& exc) {
+  const __m512i one = _mm512_set1_epi32(1), k = ld(&p.k32[j]), top = ld(&p.top32[j]);
+  const __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sym)));
+  const __m512i v = _mm512_sub_epi32(s, ld(&p.c32[j]));
+  const __m512i u = _mm512_xor_si512(_mm512_slli_epi32(v, 1), _mm512_srai_epi32(v, 31));
+  const __m512i q = _mm512_srlv_epi32(u, k);
+  const __mmask16 is_exc = _mm512_cmpge_epu32_mask(q, top);
+  // code = ((2r + 1) << q) - 1: q ones, a zero, then r; an exception's code is top ones.
+  const __m512i r21 = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(u, ld(&p.rmask32[j])), 1), one);
+  const __m512i code = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_mask_mov_epi32(r21, is_exc, one),
+                                                          _mm512_mask_mov_epi32(q, is_exc, top)), one);
+  const __m512i len = _mm512_mask_mov_epi32(_mm512_add_epi32(_mm512_add_epi32(q, one), k), is_exc, top);
+  if (is_exc) {
+    const int cnt = __builtin_popcount(is_exc);
+    const __m128i packed = _mm512_cvtepi32_epi8(_mm512_maskz_compress_epi32(is_exc, s));
+    exc -= cnt;
+    _mm_mask_storeu_epi8(exc, static_cast<__mmask16>((1u << cnt) - 1), packed);
+  }
+  const __mmask16 emit = _mm512_test_epi32_mask(_mm512_srlv_epi32(x, _mm512_sub_epi32(_mm512_set1_epi32(32), len)),
+                                                _mm512_set1_epi32(-1));
+  const int cnt = __builtin_popcount(emit);
+  // Compress in a register and store under a mask: a compressing store is microcoded on Zen 4.
+  const __m256i packed = _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(emit, x));
+  words -= cnt;
+  _mm256_mask_storeu_epi16(words, static_cast<__mmask16>((1u << cnt) - 1), packed);
+  x = _mm512_mask_srli_epi32(x, emit, x, 16);
+  return _mm512_or_si512(_mm512_sllv_epi32(x, len), code);
+}
+
+// Codes the groups of 32 below `full` (a multiple of 32), from the last; x holds the 32 states.
+SK_RICE_TARGET void encode_avx512(const uint8_t* sym, int64_t full, const Params& p, uint32_t* x, uint16_t*& words,
+                                  uint8_t*& exc) {
+  __m512i lo = _mm512_loadu_si512(x), hi = _mm512_loadu_si512(x + 16);
+  int64_t c = full % p.period;
+  const int64_t step = kRiceLanes % p.period;
+  for (int64_t g = full - kRiceLanes; g >= 0; g -= kRiceLanes) {
+    c -= step;
+    c += c < 0 ? p.period : 0;
+    // The higher lanes first: the scalar order codes lane 31 down to 0, so their bytes lie above.
+    hi = enc_step16(hi, sym + g + 16, p, c + 16, words, exc);
+    lo = enc_step16(lo, sym + g, p, c, words, exc);
+  }
+  _mm512_storeu_si512(x, lo);
+  _mm512_storeu_si512(x + 16, hi);
+}
+
+// One decoder step of 16 lanes from channel j of p; 16 words must be readable at w. Stores 16
+// symbols at out (the exception lanes, flagged in is_exc, are for the caller to fill); flags
+// invalid symbols in bad.
+SK_RICE_TARGET inline __m512i dec_step16(__m512i x, const Params& p, int64_t j, __m512i nsym, const uint8_t*& w,
+                                         uint8_t* out, __mmask16& is_exc, __mmask16& bad) {
+  const __m512i one = _mm512_set1_epi32(1), k = ld(&p.k32[j]), top = ld(&p.top32[j]);
+  // Trailing ones of x: x ^ (x + 1) sets bits 0..q, so q = 31 - lzcnt (31 when x is all ones).
+  const __m512i tz = _mm512_sub_epi32(_mm512_set1_epi32(31),
+                                      _mm512_lzcnt_epi32(_mm512_xor_si512(x, _mm512_add_epi32(x, one))));
+  const __m512i q = _mm512_min_epu32(tz, top), q1 = _mm512_add_epi32(q, one);
+  is_exc = _mm512_cmpeq_epi32_mask(q, top);
+  const __m512i u = _mm512_or_si512(_mm512_sllv_epi32(q, k), _mm512_and_si512(_mm512_srlv_epi32(x, q1),
+                                                                              ld(&p.rmask32[j])));
+  // Zigzag back: (u >> 1) ^ -(u & 1).
+  const __m512i v = _mm512_xor_si512(_mm512_srli_epi32(u, 1), _mm512_srai_epi32(_mm512_slli_epi32(u, 31), 31));
+  const __m512i s = _mm512_add_epi32(ld(&p.c32[j]), v);
+  bad |= _mm512_mask_cmpge_epu32_mask(static_cast<__mmask16>(~is_exc), s, nsym);
+  x = _mm512_srlv_epi32(x, _mm512_mask_mov_epi32(_mm512_add_epi32(q1, k), is_exc, top));
+  const __mmask16 renorm = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(kL));
+  const __m512i next = _mm512_maskz_expand_epi32(
+      renorm, _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))));
+  x = _mm512_mask_or_epi32(x, renorm, _mm512_slli_epi32(x, 16), next);
+  w += 2 * __builtin_popcount(renorm);
+  // vpmovdb in its register form (with a memory operand it is microcoded on Zen 4).
+  __m128i bytes = _mm512_cvtepi32_epi8(s);
+  asm("" : "+v"(bytes));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
+  return x;
+}
+
+// Decodes whole groups while 32 words remain; returns the symbols decoded (a multiple of 32), or
+// -1 when a symbol is invalid, and leaves the states in x and the read positions in w and exc.
+SK_RICE_TARGET int64_t decode_avx512(int64_t n, const Params& p, uint32_t nsym, uint32_t* x, const uint8_t*& w,
+                                     const uint8_t* wend, const uint8_t*& exc, const uint8_t* exc_end, uint8_t* out) {
+  __m512i xv[2] = {_mm512_loadu_si512(x), _mm512_loadu_si512(x + 16)};
+  const __m512i ns = _mm512_set1_epi32(static_cast<int>(nsym));
+  int64_t g = 0, c = 0;
+  const int64_t step = kRiceLanes % p.period;
+  __mmask16 bad = 0;
+  for (; g + kRiceLanes <= n && wend - w >= 2 * kRiceLanes; g += kRiceLanes) {
+    for (int v = 0; v < 2; ++v) {
+      __mmask16 is_exc;
+      xv[v] = dec_step16(xv[v], p, c + 16 * v, ns, w, out + g + 16 * v, is_exc, bad);
+      for (unsigned m = is_exc; m; m &= m - 1) {  // exceptions are rare: their bytes one by one
+        const int j = __builtin_ctz(m);
+        const uint32_t s = exc < exc_end ? *exc++ : 256u, cj = p.c[c + 16 * v + j], kj = p.k[c + 16 * v + j];
+        if (s >= nsym || (zigzag(int32_t(s) - int32_t(cj)) >> kj) < 16 - kj) return -1;
+        out[g + 16 * v + j] = static_cast<uint8_t>(s);
+      }
+    }
+    if (bad) return -1;
+    c += step;
+    c -= c >= p.period ? p.period : 0;
+  }
+  _mm512_storeu_si512(x, xv[0]);
+  _mm512_storeu_si512(x + 16, xv[1]);
+  return g;
+}
+
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
+}
+#else
+bool cpu_has_avx512() { return false; }
+#endif
+
+bool g_simd = cpu_has_avx512();
+
+bool valid_params(const uint8_t* centre, const uint8_t* k, int64_t period, int nsym) {
+  if (period < 1 || nsym < 2 || nsym > 256) return false;
+  for (int64_t j = 0; j < period; ++j)
+    if (centre[j] >= nsym || k[j] > kRiceMaxK) return false;
+  return true;
+}
+
+}  // namespace
+
+int64_t rice_encode(const uint8_t* sym, int64_t n, const uint8_t* centre, const uint8_t* k, int64_t period, int nsym,
+                    uint8_t* out, int64_t capacity) {
+  if (n == 0) return 0;
+  if (!valid_params(centre, k, period, nsym) || capacity < rice_capacity(n)) return -1;
+  uint8_t most = 0;  // a max rather than an early exit: the loop vectorises
+  for (int64_t i = 0; i < n; ++i) most = sym[i] > most ? sym[i] : most;
+  if (most >= nsym) return -1;
+  const Params p(centre, k, period);
+  // Words grow down from the end of their area, exception bytes from the end of the buffer; both
+  // come out in the decoder's order and move behind the states at the end.
+  uint16_t* const wend = reinterpret_cast<uint16_t*>(out + kRiceHeadBytes) + n;
+  uint8_t* const eend = out + rice_capacity(n);
+  uint16_t* words = wend;
+  uint8_t* exc = eend;
+  uint32_t x[kRiceLanes];
+  for (uint32_t& s : x) s = kL;
+  const int64_t full = n / kRiceLanes * kRiceLanes;
+  for (int64_t i = n - 1; i >= full; --i)  // the last, partial group one symbol at a time
+    enc_put(x[i % kRiceLanes], sym[i], p.c[i % period], p.k[i % period], words, exc);
+#ifdef SK_RICE_X86
+  if (g_simd) {
+    encode_avx512(sym, full, p, x, words, exc);
+  } else
+#endif
+  {
+    int64_t c = full % period;
+    for (int64_t i = full - 1; i >= 0; --i) {
+      c = c == 0 ? period - 1 : c - 1;
+      enc_put(x[i % kRiceLanes], sym[i], p.c[c], p.k[c], words, exc);
+    }
+  }
+  const int64_t nwords = wend - words, nexc = eend - exc;
+  store_u32(out, static_cast<uint32_t>(nexc));
+  for (int j = 0; j < kRiceLanes; ++j) store_u32(out + 4 + 4 * j, x[j]);
+  // Little-endian u16 words; memmove because the areas may overlap.
+  std::memmove(out + kRiceHeadBytes, words, 2 * nwords);
+  std::memmove(out + kRiceHeadBytes + 2 * nwords, exc, nexc);
+  return kRiceHeadBytes + 2 * nwords + nexc;
+}
+
+std::string rice_decode(const uint8_t* data, int64_t len, int64_t n, const uint8_t* centre, const uint8_t* k,
+                        int64_t period, int nsym, uint8_t* out, int count_of, int64_t* count) {
+  if (n == 0) return len == 0 ? "" : "an empty symbol stream must have 0 bytes";
+  if (!valid_params(centre, k, period, nsym)) return "Rice parameters out of range";
+  if (len < kRiceHeadBytes) return "Rice stream is shorter than its exception count and states";
+  const int64_t nexc = load_u32(data);
+  if (nexc > n || nexc > len - kRiceHeadBytes || (len - kRiceHeadBytes - nexc) % 2)
+    return "Rice stream is not its states, 16-bit words and exception bytes";
+  uint32_t x[kRiceLanes];
+  for (int j = 0; j < kRiceLanes; ++j) {
+    x[j] = load_u32(data + 4 + 4 * j);
+    if (x[j] < kL) return "Rice initial state below the renormalisation bound";
+  }
+  const Params p(centre, k, period);
+  const uint8_t* w = data + kRiceHeadBytes;
+  const uint8_t* const wend = data + len - nexc;
+  const uint8_t* exc = wend;
+  const uint8_t* const exc_end = data + len;
+  int64_t i = 0;
+#ifdef SK_RICE_X86
+  if (g_simd) {
+    i = decode_avx512(n, p, static_cast<uint32_t>(nsym), x, w, wend, exc, exc_end, out);
+    if (i < 0) return "Rice stream names a symbol outside the table or an exception not coded canonically";
+  }
+#endif
+  for (int64_t c = i % period; i < n; ++i, c = c + 1 == period ? 0 : c + 1) {
+    uint32_t& s = x[i % kRiceLanes];
+    if (!dec_put(s, p.c[c], p.k[c], static_cast<uint32_t>(nsym), exc, exc_end, out + i))
+      return "Rice stream names a symbol outside the table or an exception not coded canonically";
+    if (s < kL) {
+      if (w >= wend) return "Rice stream ends early";
+      s = (s << 16) | load_u16(w);
+      w += 2;
+    }
+  }
+  if (w != wend) return "Rice stream has unread words";
+  if (exc != exc_end) return "Rice stream has unread exception bytes";
+  for (int j = 0; j < kRiceLanes; ++j)
+    if (x[j] != kL) return "Rice stream does not end in the initial state (corrupted or wrong config)";
+  if (count && count_of >= 0 && count_of < 256) {
+    int64_t cnt = 0;
+    for (int64_t j = 0; j < n; ++j) cnt += out[j] == count_of;
+    *count = cnt;
+  }
+  return "";
+}
+
+std::vector<std::string> rice_isas() {
+  std::vector<std::string> out{"scalar"};
+  if (cpu_has_avx512()) out.push_back("avx512");
+  return out;
+}
+
+std::string rice_isa() { return g_simd ? "avx512" : "scalar"; }
+
+std::string set_rice_isa(const std::string& name) {
+  if (name == "scalar" || (name == "avx512" && cpu_has_avx512())) {
+    g_simd = name == "avx512";
+    return "";
+  }
+  return "rice isa must be one of the supported ones (see rice_isas()), got '" + name + "'";
+}
+
+}  // namespace sk
