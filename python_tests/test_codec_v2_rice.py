@@ -213,12 +213,14 @@ def frame_coder(data: bytes) -> int:
     return (data[5] & 0x7F) >> 4
 
 
-def test_auto_takes_rice_for_long_frames_and_they_read_back(cfg, rice_isa):
+def test_auto_takes_rice_for_long_frames_where_it_runs_vectorised(cfg, rice_isa):
     x = long_input()
     enc = encode(x, cfg)
-    data = enc.to_bytes("auto")
-    assert frame_coder(data) == frame_v2.CODER_RICE
-    assert wire_v2.encode_frame_v2(x, cfg, "auto") == data == enc.to_bytes("rice")
+    want = frame_v2.CODER_RANS_WIDE if rice_isa == "scalar" else frame_v2.CODER_RICE
+    assert frame_v2.choose_coder(x.shape[0], 64, cfg) == want and rice.vectorised() == (rice_isa != "scalar")
+    assert frame_coder(enc.to_bytes("auto")) == frame_coder(wire_v2.encode_frame_v2(x, cfg, "auto")) == want
+    data = enc.to_bytes("rice")
+    assert frame_coder(data) == frame_v2.CODER_RICE and wire_v2.encode_frame_v2(x, cfg, "rice") == data
     want = decode(enc)
     assert torch.equal(decode(from_bytes(data, config=cfg)), want)
     assert torch.equal(wire_v2.decode_frame_v2(data, cfg), want)

@@ -59,9 +59,10 @@ class Recorder:
         return res
 
 
-def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor):
+def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor, coder: str | None = None):
     """The v2 round trip of each window; ``tokens()`` gives the window's ids (a config with a
-    prediction sends them, and ``embedding`` is the model's input table)."""
+    prediction sends them, and ``embedding`` is the model's input table). ``coder``: the symbol
+    coder of the 512-token frames (one-token frames always take rANS)."""
     def run(x: torch.Tensor):
         xw = x.to(wire)
         ids = tokens()
@@ -69,7 +70,7 @@ def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor):
         y = decode(enc, embedding=embedding).to(x.dtype)
         per_token = sum(encode(xw[t : t + 1], cfg, start=t, tokens=ids[t : t + 1], embedding=embedding).nbytes
                         for t in range(x.shape[0]))
-        return TransferResult(y, enc.nbytes, 0.0, int(enc.escapes.numel())), per_token
+        return TransferResult(y, len(enc.to_bytes(coder)), 0.0, int(enc.escapes.numel())), per_token
     return run
 
 
@@ -129,6 +130,8 @@ def main() -> None:
                     help="also score every Fisher target without position shifts (one step for every position)")
     ap.add_argument("--massive", type=float, default=None, help="massive-activation fixture: channel factor")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--coder", choices=("rans", "rice", "nibble", "auto"), default=None,
+                    help="symbol coder of the v2 512-token frames (default rans, the fewest bytes)")
     ap.add_argument("--no-prediction", action="store_true",
                     help="the measured rule without the token prediction (calibrate_measured(predict=False))")
     args = ap.parse_args()
@@ -187,8 +190,9 @@ def main() -> None:
         for b in args.bits:
             if b == "measured":
                 cfg = calibrate_measured(model, list(calib), layer, fisher, wire_dtype=wire, predict=not args.no_prediction)
-                record(layer, "v2 fisher measured" + (" predicted" if cfg.prediction else ""),
-                       v2_transform(cfg, wire, window_ids, table), {"info": cfg.info})
+                record(layer, "v2 fisher measured" + (" predicted" if cfg.prediction else "")
+                       + (f", {args.coder}" if args.coder else ""),
+                       v2_transform(cfg, wire, window_ids, table, args.coder), {"info": cfg.info})
                 continue
             for positions in (True, False) if args.compare_positions else (True,):
                 cfg = calibrate(fisher.hidden, bits=None if b == "default" else float(b), sensitivity=fisher.channel,

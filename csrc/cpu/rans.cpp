@@ -3,6 +3,8 @@
 #include <cstddef>
 #include <cstring>
 
+#include "cpu/count.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -401,9 +403,7 @@ std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansT
   }
   if (!err.empty()) return err;
   if (count && count_of >= 0 && count_of < 256) {
-    int64_t c = 0;
-    for (int64_t k = 0; k < n; ++k) c += out[k] == count_of;
-    *count = c;
+    *count = count_equal(out, n, static_cast<uint8_t>(count_of));
   }
   return "";
 }

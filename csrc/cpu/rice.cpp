@@ -1,7 +1,9 @@
 // Rice coder of codec v2: see rice.h and docs/FORMATS.md section 5.7.
-#include "rice.h"
+#include "cpu/rice.h"
 
 #include <cstring>
+
+#include "cpu/count.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -299,9 +301,7 @@ std::string rice_decode(const uint8_t* data, int64_t len, int64_t n, const uint8
   for (int j = 0; j < kRiceLanes; ++j)
     if (x[j] != kL) return "Rice stream does not end in the initial state (corrupted or wrong config)";
   if (count && count_of >= 0 && count_of < 256) {
-    int64_t cnt = 0;
-    for (int64_t j = 0; j < n; ++j) cnt += out[j] == count_of;
-    *count = cnt;
+    *count = count_equal(out, n, static_cast<uint8_t>(count_of));
   }
   return "";
 }

@@ -103,8 +103,8 @@ def rans_stream_lanes(code: int, coded: int) -> int:
 def choose_coder(t: int, d: int, config: CodecConfigV2) -> int:
     """The encoder's rule for a frame of ``t`` tokens of ``d`` values: the Rice coder for long
     frames whose tables suit it (Rice codes fit two-sided geometric tables, as calibrated ones
-    are), else rANS (``rans_coder``)."""
-    if t < 2 or t * d < FAST_MIN_SYMBOLS:
+    are) where this CPU runs its vector path, else rANS (``rans_coder``)."""
+    if t < 2 or t * d < FAST_MIN_SYMBOLS or not rice.vectorised():
         return rans_coder(t, d)
     tables = config.rans_tables.tables
     extra = rice.expected_bits(tables) - float(np.mean([table_entropy(f) for f in tables]))

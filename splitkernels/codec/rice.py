@@ -179,6 +179,13 @@ def has_native() -> bool:
     return _C is not None and hasattr(_C, "rice_encode")
 
 
+def vectorised() -> bool:
+    """True when the C++ coder runs its vector path here (AVX-512). The scalar coder is slower than
+    scalar rANS (one branchy step per symbol against rANS's table steps in sub-groups), so only a
+    vector path makes Rice the fast choice."""
+    return has_native() and _C.rice_isa() != "scalar"
+
+
 def encode(symbols: np.ndarray, centres: np.ndarray, ks: np.ndarray, nsym: int) -> bytes:
     """Stream of u8 ``symbols`` (flattened; C++ when built)."""
     sym = np.ascontiguousarray(np.asarray(symbols, dtype=np.uint8).reshape(-1))

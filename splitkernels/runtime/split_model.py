@@ -78,9 +78,10 @@ class SplitConfig:
     * ``quantize_embedding``: also store the input embedding at ``front`` (OPSC).
     * ``wire_dtype``: dtype the edge casts the hidden state to before the codec (None = the
       edge's compute dtype); an fp32 model sends fp16 or bf16 when a plan says so.
-    * ``coder``: symbol coder of v2 frames: None or "rans" (the fewest bytes), "auto" (the nibble
-      coder for long prefill frames whose table suits it: ~0.4 bit per element more at memory
-      speed, worth it on links above ~140 Mbit/s) or "nibble" (every frame).
+    * ``coder``: symbol coder of v2 frames: None or "rans" (the fewest bytes), "auto" (the Rice
+      coder for long prefill frames whose tables suit it: ~0.1 bit per element more, 2-3x faster,
+      worth it on links above ~40 Mbit/s), "rice" (every frame of several tokens) or "nibble"
+      (every frame: ~0.4 bit more at memory speed).
     """
 
     split_layer: int
