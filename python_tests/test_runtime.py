@@ -486,7 +486,7 @@ def test_the_split_configs_coder_codes_every_v2_frame_and_changes_no_token(monke
     import importlib
 
     from splitkernels.codec import calibrate
-    from splitkernels.codec.frame_v2 import CODER_NIBBLE, CODER_RANS, parse_frame_v2
+    from splitkernels.codec.frame_v2 import CODER_NIBBLE, CODER_RANS, CODER_RICE, parse_frame_v2
     from splitkernels.codec.sensitivity import split_hidden_states
 
     runtime_split = importlib.import_module("splitkernels.runtime.split_model")  # the package's name is the function
@@ -505,10 +505,12 @@ def test_the_split_configs_coder_codes_every_v2_frame_and_changes_no_token(monke
 
     rans, rans_coders = coders(None)
     nibble, nibble_coders = coders("nibble")
+    rice, rice_coders = coders("rice")
     auto, auto_coders = coders("auto")
     assert rans_coders == [CODER_RANS] * 6 and nibble_coders == [CODER_NIBBLE] * 6
-    assert auto_coders == [CODER_RANS] * 6  # 12 x 64 values: no frame is long enough for the nibble coder
-    assert torch.equal(nibble, rans) and torch.equal(auto, rans)  # both coders are lossless
+    assert rice_coders == [CODER_RICE] + [CODER_RANS] * 5  # the prompt's frame; one-token frames take rANS
+    assert auto_coders == [CODER_RANS] * 6  # 12 x 64 values: no frame is long enough for the fast coders
+    assert torch.equal(nibble, rans) and torch.equal(rice, rans) and torch.equal(auto, rans)  # all lossless
     with pytest.raises(ValueError, match="coder must be"):
         SplitConfig(2, codec, coder="huffman")
     for lossy_v1 in (CodecConfig(eps=0.05), None):

@@ -47,15 +47,19 @@ inline void enc_put(uint32_t& x, uint32_t s, uint32_t c, uint32_t k, uint16_t*& 
   x = (x << len) | code;
 }
 
+// An exception's byte, checked (< nsym, and canonical: its quotient reaches 16 - k); -1 if invalid.
+inline int exception_symbol(uint32_t s, uint32_t c, uint32_t k, uint32_t nsym) {
+  return s < nsym && (zigzag(int32_t(s) - int32_t(c)) >> k) >= 16 - k ? static_cast<int>(s) : -1;
+}
+
 // Pops one symbol from x into out; false when the stream is invalid there.
 inline bool dec_put(uint32_t& x, uint32_t c, uint32_t k, uint32_t nsym, const uint8_t*& exc,
                     const uint8_t* exc_end, uint8_t* out) {
   const uint32_t top = 16 - k, t = ~x;
   const uint32_t q = t ? static_cast<uint32_t>(__builtin_ctz(t)) : 32u;
   if (q >= top) {
-    if (exc == exc_end) return false;
-    const uint32_t s = *exc++;
-    if (s >= nsym || (zigzag(int32_t(s) - int32_t(c)) >> k) < top) return false;  // not canonical
+    const int s = exc < exc_end ? exception_symbol(*exc++, c, k, nsym) : -1;
+    if (s < 0) return false;
     *out = static_cast<uint8_t>(s);
     x >>= top;
     return true;
@@ -68,22 +72,24 @@ inline bool dec_put(uint32_t& x, uint32_t c, uint32_t k, uint32_t nsym, const ui
   return true;
 }
 
-// Per-channel parameters repeated so that 32 channels from any c < period read without wrapping;
-// the vector steps load each as dwords (a load is cheaper than widening bytes and deriving them).
+// Per-channel parameters repeated so that 32 channels from any c < period read without wrapping.
+// The vector steps read them as dwords from one table of four rows of `stride` entries (centre, k,
+// 16 - k, 2^k - 1): a load is cheaper than widening bytes and deriving them, and one base pointer
+// keeps the loops within the general registers.
 struct Params {
+  enum Row { kC, kK, kTop, kMask };
   std::vector<uint8_t> c, k;
-  std::vector<uint32_t> c32, k32, top32, rmask32;
-  int64_t period;
+  std::vector<uint32_t> lanes;
+  int64_t period, stride;
   Params(const uint8_t* centre, const uint8_t* kk, int64_t p)
-      : c(p + kRiceLanes), k(p + kRiceLanes), c32(p + kRiceLanes), k32(p + kRiceLanes), top32(p + kRiceLanes),
-        rmask32(p + kRiceLanes), period(p) {
-    for (int64_t j = 0; j < p + kRiceLanes; ++j) {
+      : c(p + kRiceLanes), k(p + kRiceLanes), lanes(4 * (p + kRiceLanes)), period(p), stride(p + kRiceLanes) {
+    for (int64_t j = 0; j < stride; ++j) {
       c[j] = centre[j % p];
       k[j] = kk[j % p];
-      c32[j] = c[j];
-      k32[j] = k[j];
-      top32[j] = 16u - k[j];
-      rmask32[j] = (1u << k[j]) - 1;
+      lanes[kC * stride + j] = c[j];
+      lanes[kK * stride + j] = k[j];
+      lanes[kTop * stride + j] = 16u - k[j];
+      lanes[kMask * stride + j] = (1u << k[j]) - 1;
     }
   }
 };
@@ -92,20 +98,23 @@ struct Params {
 #define SK_RICE_X86 1
 #define SK_RICE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512cd")))
 
-SK_RICE_TARGET inline __m512i ld(const uint32_t* p) { return _mm512_loadu_si512(p); }
+// The 16 entries of row r of the table from channel j: `at` points at entry j of row 0.
+SK_RICE_TARGET inline __m512i row(const uint32_t* at, int64_t stride, int r) {
+  return _mm512_loadu_si512(at + r * stride);
+}
 
-// One encoder step of 16 lanes (enc_put on each) from channel j of p: exceptions' bytes and
-// renormalising lanes' words go below exc and words in lane order.
-SK_RICE_TARGET inline __m512i enc_step16(__m512i x, const uint8_t* sym, const Params& p, int64_t j, uint16_t*& words,
-                                         uint8_t*& exc) {
-  const __m512i one = _mm512_set1_epi32(1), k = ld(&p.k32[j]), top = ld(&p.top32[j]);
+// One encoder step of 16 lanes (enc_put on each) from the table at channel `at`: exceptions' bytes
+// and renormalising lanes' words go below exc and words in lane order.
+SK_RICE_TARGET inline __m512i enc_step16(__m512i x, const uint8_t* sym, const uint32_t* at, int64_t stride,
+                                         uint16_t*& words, uint8_t*& exc) {
+  const __m512i one = _mm512_set1_epi32(1), k = row(at, stride, Params::kK), top = row(at, stride, Params::kTop);
   const __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sym)));
-  const __m512i v = _mm512_sub_epi32(s, ld(&p.c32[j]));
+  const __m512i v = _mm512_sub_epi32(s, row(at, stride, Params::kC));
   const __m512i u = _mm512_xor_si512(_mm512_slli_epi32(v, 1), _mm512_srai_epi32(v, 31));
   const __m512i q = _mm512_srlv_epi32(u, k);
   const __mmask16 is_exc = _mm512_cmpge_epu32_mask(q, top);
   // code = ((2r + 1) << q) - 1: q ones, a zero, then r; an exception's code is top ones.
-  const __m512i r21 = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(u, ld(&p.rmask32[j])), 1), one);
+  const __m512i r21 = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(u, row(at, stride, Params::kMask)), 1), one);
   const __m512i code = _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_mask_mov_epi32(r21, is_exc, one),
                                                           _mm512_mask_mov_epi32(q, is_exc, top)), one);
   const __m512i len = _mm512_mask_mov_epi32(_mm512_add_epi32(_mm512_add_epi32(q, one), k), is_exc, top);
@@ -127,38 +136,45 @@ SK_RICE_TARGET inline __m512i enc_step16(__m512i x, const uint8_t* sym, const Pa
 }
 
 // Codes the groups of 32 below `full` (a multiple of 32), from the last; x holds the 32 states.
-SK_RICE_TARGET void encode_avx512(const uint8_t* sym, int64_t full, const Params& p, uint32_t* x, uint16_t*& words,
-                                  uint8_t*& exc) {
+// Pointers live in locals: a byte store may alias any memory, so pointers read through references
+// would be reloaded after every store.
+SK_RICE_TARGET void encode_avx512(const uint8_t* sym, int64_t full, const Params& p, uint32_t* x, uint16_t*& words_io,
+                                  uint8_t*& exc_io) {
+  uint16_t* words = words_io;
+  uint8_t* exc = exc_io;
+  const uint32_t* const lanes = p.lanes.data();
+  const int64_t stride = p.stride, period = p.period, step = kRiceLanes % period;
   __m512i lo = _mm512_loadu_si512(x), hi = _mm512_loadu_si512(x + 16);
-  int64_t c = full % p.period;
-  const int64_t step = kRiceLanes % p.period;
+  int64_t c = full % period;
   for (int64_t g = full - kRiceLanes; g >= 0; g -= kRiceLanes) {
     c -= step;
-    c += c < 0 ? p.period : 0;
+    c += c < 0 ? period : 0;
     // The higher lanes first: the scalar order codes lane 31 down to 0, so their bytes lie above.
-    hi = enc_step16(hi, sym + g + 16, p, c + 16, words, exc);
-    lo = enc_step16(lo, sym + g, p, c, words, exc);
+    hi = enc_step16(hi, sym + g + 16, lanes + c + 16, stride, words, exc);
+    lo = enc_step16(lo, sym + g, lanes + c, stride, words, exc);
   }
   _mm512_storeu_si512(x, lo);
   _mm512_storeu_si512(x + 16, hi);
+  words_io = words;
+  exc_io = exc;
 }
 
-// One decoder step of 16 lanes from channel j of p; 16 words must be readable at w. Stores 16
-// symbols at out (the exception lanes, flagged in is_exc, are for the caller to fill); flags
-// invalid symbols in bad.
-SK_RICE_TARGET inline __m512i dec_step16(__m512i x, const Params& p, int64_t j, __m512i nsym, const uint8_t*& w,
-                                         uint8_t* out, __mmask16& is_exc, __mmask16& bad) {
-  const __m512i one = _mm512_set1_epi32(1), k = ld(&p.k32[j]), top = ld(&p.top32[j]);
+// One decoder step of 16 lanes from the table at channel `at`; 16 words must be readable at w.
+// Stores 16 symbols at out (the exception lanes, flagged in is_exc, are for the caller to fill);
+// flags invalid symbols in bad.
+SK_RICE_TARGET inline __m512i dec_step16(__m512i x, const uint32_t* at, int64_t stride, __m512i nsym,
+                                         const uint8_t*& w, uint8_t* out, __mmask16& is_exc, __mmask16& bad) {
+  const __m512i one = _mm512_set1_epi32(1), k = row(at, stride, Params::kK), top = row(at, stride, Params::kTop);
   // Trailing ones of x: x ^ (x + 1) sets bits 0..q, so q = 31 - lzcnt (31 when x is all ones).
   const __m512i tz = _mm512_sub_epi32(_mm512_set1_epi32(31),
                                       _mm512_lzcnt_epi32(_mm512_xor_si512(x, _mm512_add_epi32(x, one))));
   const __m512i q = _mm512_min_epu32(tz, top), q1 = _mm512_add_epi32(q, one);
   is_exc = _mm512_cmpeq_epi32_mask(q, top);
   const __m512i u = _mm512_or_si512(_mm512_sllv_epi32(q, k), _mm512_and_si512(_mm512_srlv_epi32(x, q1),
-                                                                              ld(&p.rmask32[j])));
+                                                                              row(at, stride, Params::kMask)));
   // Zigzag back: (u >> 1) ^ -(u & 1).
   const __m512i v = _mm512_xor_si512(_mm512_srli_epi32(u, 1), _mm512_srai_epi32(_mm512_slli_epi32(u, 31), 31));
-  const __m512i s = _mm512_add_epi32(ld(&p.c32[j]), v);
+  const __m512i s = _mm512_add_epi32(row(at, stride, Params::kC), v);
   bad |= _mm512_mask_cmpge_epu32_mask(static_cast<__mmask16>(~is_exc), s, nsym);
   x = _mm512_srlv_epi32(x, _mm512_mask_mov_epi32(_mm512_add_epi32(q1, k), is_exc, top));
   const __mmask16 renorm = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(kL));
@@ -173,32 +189,47 @@ SK_RICE_TARGET inline __m512i dec_step16(__m512i x, const Params& p, int64_t j, 
   return x;
 }
 
+// Fills the exception lanes (bit j of `lanes`: symbol out[j], channel c + j) from exc; returns the
+// next exception byte, or null when one is missing or invalid. Out of line: exceptions are rare.
+__attribute__((noinline)) const uint8_t* fill_exceptions(uint32_t lanes, uint8_t* out, const Params& p, int64_t c,
+                                                         uint32_t nsym, const uint8_t* exc, const uint8_t* exc_end) {
+  for (; lanes; lanes &= lanes - 1) {
+    const int j = __builtin_ctz(lanes);
+    const int s = exc < exc_end ? exception_symbol(*exc++, p.c[c + j], p.k[c + j], nsym) : -1;
+    if (s < 0) return nullptr;
+    out[j] = static_cast<uint8_t>(s);
+  }
+  return exc;
+}
+
 // Decodes whole groups while 32 words remain; returns the symbols decoded (a multiple of 32), or
 // -1 when a symbol is invalid, and leaves the states in x and the read positions in w and exc.
-SK_RICE_TARGET int64_t decode_avx512(int64_t n, const Params& p, uint32_t nsym, uint32_t* x, const uint8_t*& w,
-                                     const uint8_t* wend, const uint8_t*& exc, const uint8_t* exc_end, uint8_t* out) {
-  __m512i xv[2] = {_mm512_loadu_si512(x), _mm512_loadu_si512(x + 16)};
+SK_RICE_TARGET int64_t decode_avx512(int64_t n, const Params& p, uint32_t nsym, uint32_t* x, const uint8_t*& w_io,
+                                     const uint8_t* wend, const uint8_t*& exc_io, const uint8_t* exc_end, uint8_t* out) {
+  const uint8_t* w = w_io;  // locals, as in encode_avx512
+  const uint8_t* exc = exc_io;
+  const uint32_t* const lanes = p.lanes.data();
+  const int64_t stride = p.stride, period = p.period, step = kRiceLanes % period;
+  __m512i lo = _mm512_loadu_si512(x), hi = _mm512_loadu_si512(x + 16);
   const __m512i ns = _mm512_set1_epi32(static_cast<int>(nsym));
   int64_t g = 0, c = 0;
-  const int64_t step = kRiceLanes % p.period;
   __mmask16 bad = 0;
   for (; g + kRiceLanes <= n && wend - w >= 2 * kRiceLanes; g += kRiceLanes) {
-    for (int v = 0; v < 2; ++v) {
-      __mmask16 is_exc;
-      xv[v] = dec_step16(xv[v], p, c + 16 * v, ns, w, out + g + 16 * v, is_exc, bad);
-      for (unsigned m = is_exc; m; m &= m - 1) {  // exceptions are rare: their bytes one by one
-        const int j = __builtin_ctz(m);
-        const uint32_t s = exc < exc_end ? *exc++ : 256u, cj = p.c[c + 16 * v + j], kj = p.k[c + 16 * v + j];
-        if (s >= nsym || (zigzag(int32_t(s) - int32_t(cj)) >> kj) < 16 - kj) return -1;
-        out[g + 16 * v + j] = static_cast<uint8_t>(s);
-      }
+    __mmask16 exc_lo, exc_hi;
+    lo = dec_step16(lo, lanes + c, stride, ns, w, out + g, exc_lo, bad);
+    hi = dec_step16(hi, lanes + c + 16, stride, ns, w, out + g + 16, exc_hi, bad);
+    if (exc_lo | exc_hi) {
+      exc = fill_exceptions(exc_lo | uint32_t(exc_hi) << 16, out + g, p, c, nsym, exc, exc_end);
+      if (!exc) return -1;
     }
     if (bad) return -1;
     c += step;
-    c -= c >= p.period ? p.period : 0;
+    c -= c >= period ? period : 0;
   }
-  _mm512_storeu_si512(x, xv[0]);
-  _mm512_storeu_si512(x + 16, xv[1]);
+  _mm512_storeu_si512(x, lo);
+  _mm512_storeu_si512(x + 16, hi);
+  w_io = w;
+  exc_io = exc;
   return g;
 }
 
