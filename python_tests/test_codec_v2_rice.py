@@ -54,6 +54,20 @@ def test_a_wider_table_takes_a_larger_k():
     assert ks == sorted(ks) and ks[0] == 0 and ks[-1] >= 4
 
 
+def test_expected_bits_match_the_stream_and_classes_map_to_channels():
+    rng = np.random.default_rng(3)
+    tables = [tuple(rans.build_freqs(np.exp(-np.abs(np.arange(60) - 30) / w))) for w in (1.0, 4.0)]
+    table_of = [0, 1, 1, 0, 1]
+    centres, ks = rice.channel_params(tables, table_of)
+    assert [(int(c), int(k)) for c, k in zip(centres, ks)] == [rice.table_params(tables[i]) for i in table_of]
+    n = 200_000  # symbols drawn from each channel's table
+    p = [np.asarray(t, dtype=np.float64) / rans.M for t in tables]
+    sym = np.stack([rng.choice(60, size=n // 5, p=p[i]) for i in table_of], axis=1).astype(np.uint8).reshape(-1)
+    measured = 8 * len(rice.encode(sym, centres, ks, 60)) / sym.size
+    want = sum(rice.expected_bits([tables[i]]) for i in table_of) / len(table_of)
+    assert abs(measured - want) < 0.02
+
+
 # ---------------------------------------------------------------- the coder
 
 
