@@ -147,7 +147,7 @@ def main() -> None:
             _C.set_v2_isa(isa)
             _C.set_nibble_isa("avx512" if isa == "avx512" else "scalar")
             _C.set_rans_isa("avx512" if isa == "avx512" and "avx512" in _C.rans_isas() else "scalar")
-            _C.set_rice_isa("avx512" if isa == "avx512" and "avx512" in _C.rice_isas() else "scalar")
+            _C.set_rice_isa(isa if isa in _C.rice_isas() else "scalar")
         rows = {}
         for name, (enc_fn, dec_fn, frame) in pipelines(x, cfg).items():
             te, td = times(enc_fn, args.repeats), times(dec_fn, args.repeats)

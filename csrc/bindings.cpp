@@ -255,7 +255,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("rice_isa", &sk::rice_isa, "Instruction set the Rice coder uses now.");
   m.def(
       "set_rice_isa", [](const std::string& name) { check(sk::set_rice_isa(name)); }, py::arg("name"),
-      "Use the Rice coder of this instruction set (scalar or avx512).");
+      "Use the Rice coder of this instruction set (scalar, avx2 or avx512).");
 
   m.def("nibble_capacity", [](int64_t rows, int64_t d) { return sk::nibble_capacity(rows, d) + sk::kNibbleSlack; },
         py::arg("rows"), py::arg("d"), "Bytes of out that nibble_encode needs for rows coded rows of d symbols.");

@@ -233,15 +233,192 @@ SK_RICE_TARGET int64_t decode_avx512(int64_t n, const Params& p, uint32_t nsym, 
   return g;
 }
 
+#define SK_RICE_AVX2 __attribute__((target("avx2,popcnt")))
+
+// AVX2 has neither mask registers nor compress/expand: lane masks are 8-bit movemasks, and a
+// table per mask gives the permutation that packs the selected lanes at the top (the encoder's
+// words, written downwards) or spreads consecutive words onto the selected lanes (the decoder).
+struct Avx2Tables {
+  alignas(32) uint32_t pack_top[256][8];
+  alignas(32) uint32_t spread[256][8];
+  Avx2Tables() {
+    for (int m = 0; m < 256; ++m) {
+      const int cnt = __builtin_popcount(m);
+      int r = 0;
+      for (int j = 0; j < 8; ++j) {
+        pack_top[m][j] = 0;
+        spread[m][j] = 0;
+      }
+      for (int j = 0; j < 8; ++j) {
+        if (!(m >> j & 1)) continue;
+        pack_top[m][8 - cnt + r] = j;
+        spread[m][j] = r++;
+      }
+    }
+  }
+};
+const Avx2Tables kAvx2;
+
+SK_RICE_AVX2 inline __m256i row8(const uint32_t* at, int64_t stride, int r) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + r * stride));
+}
+
+SK_RICE_AVX2 inline int lane_mask(__m256i m) { return _mm256_movemask_ps(_mm256_castsi256_ps(m)); }
+
+// enc_step16 on 8 lanes.
+SK_RICE_AVX2 inline __m256i enc_step8(__m256i x, const uint8_t* sym, const uint32_t* at, int64_t stride,
+                                      uint16_t*& words, uint8_t*& exc) {
+  const __m256i one = _mm256_set1_epi32(1), k = row8(at, stride, Params::kK), top = row8(at, stride, Params::kTop);
+  const __m256i s = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sym)));
+  const __m256i v = _mm256_sub_epi32(s, row8(at, stride, Params::kC));
+  const __m256i u = _mm256_xor_si256(_mm256_slli_epi32(v, 1), _mm256_srai_epi32(v, 31));
+  const __m256i q = _mm256_srlv_epi32(u, k);
+  const __m256i is_exc = _mm256_xor_si256(_mm256_cmpgt_epi32(top, q), _mm256_set1_epi32(-1));  // q < 2^9: signed
+  const __m256i r21 = _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(u, row8(at, stride, Params::kMask)), 1), one);
+  const __m256i code = _mm256_sub_epi32(_mm256_sllv_epi32(_mm256_blendv_epi8(r21, one, is_exc),
+                                                          _mm256_blendv_epi8(q, top, is_exc)), one);
+  const __m256i len = _mm256_blendv_epi8(_mm256_add_epi32(_mm256_add_epi32(q, one), k), top, is_exc);
+  if (const int m = lane_mask(is_exc)) {  // rare: the exceptions' bytes one by one, in lane order
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
+    exc -= __builtin_popcount(m);
+    uint8_t* e = exc;
+    for (int j = 0; j < 8; ++j)
+      if (m >> j & 1) *e++ = static_cast<uint8_t>(lanes[j]);
+  }
+  const __m256i emit = _mm256_xor_si256(
+      _mm256_cmpeq_epi32(_mm256_srlv_epi32(x, _mm256_sub_epi32(_mm256_set1_epi32(32), len)), _mm256_setzero_si256()),
+      _mm256_set1_epi32(-1));
+  const int m = lane_mask(emit);
+  // The emitting lanes' low halves, packed at the top of 8 words stored just below `words`: the
+  // slots below the packed ones are scratch (still free, or the head, written last).
+  const __m256i packed = _mm256_permutevar8x32_epi32(
+      x, _mm256_load_si256(reinterpret_cast<const __m256i*>(kAvx2.pack_top[m])));
+  const __m256i halves = _mm256_shuffle_epi8(packed, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1,
+                                                                      -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1,
+                                                                      -1, -1, -1, -1));
+  const __m128i eight = _mm256_castsi256_si128(_mm256_permute4x64_epi64(halves, 0x08));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(words - 8), eight);
+  words -= __builtin_popcount(m);
+  x = _mm256_blendv_epi8(x, _mm256_srli_epi32(x, 16), emit);
+  return _mm256_or_si256(_mm256_sllv_epi32(x, len), code);
+}
+
+// encode_avx512 on four vectors of 8 lanes.
+SK_RICE_AVX2 void encode_avx2(const uint8_t* sym, int64_t full, const Params& p, uint32_t* x, uint16_t*& words_io,
+                              uint8_t*& exc_io) {
+  uint16_t* words = words_io;
+  uint8_t* exc = exc_io;
+  const uint32_t* const lanes = p.lanes.data();
+  const int64_t stride = p.stride, period = p.period, step = kRiceLanes % period;
+  __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)),
+          x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8)),
+          x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)),
+          x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 24));
+  int64_t c = full % period;
+  for (int64_t g = full - kRiceLanes; g >= 0; g -= kRiceLanes) {
+    c -= step;
+    c += c < 0 ? period : 0;
+    x3 = enc_step8(x3, sym + g + 24, lanes + c + 24, stride, words, exc);
+    x2 = enc_step8(x2, sym + g + 16, lanes + c + 16, stride, words, exc);
+    x1 = enc_step8(x1, sym + g + 8, lanes + c + 8, stride, words, exc);
+    x0 = enc_step8(x0, sym + g, lanes + c, stride, words, exc);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), x0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + 8), x1);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + 16), x2);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + 24), x3);
+  words_io = words;
+  exc_io = exc;
+}
+
+// dec_step16 on 8 lanes (`last`: the alphabet's last symbol in every lane); returns the exception
+// lanes' mask in *is_exc and ORs invalid lanes into bad.
+SK_RICE_AVX2 inline __m256i dec_step8(__m256i x, const uint32_t* at, int64_t stride, __m256i last, const uint8_t*& w,
+                                      uint8_t* out, int* is_exc, __m256i& bad) {
+  const __m256i one = _mm256_set1_epi32(1), k = row8(at, stride, Params::kK), top = row8(at, stride, Params::kTop);
+  // Trailing ones of x: (x ^ (x + 1)) >> 1 is 2^q - 1, so 2^q is exact in fp32 and q its exponent
+  // (2^31 converts as -2^31: the sign bit is masked off).
+  const __m256i y = _mm256_add_epi32(_mm256_srli_epi32(_mm256_xor_si256(x, _mm256_add_epi32(x, one)), 1), one);
+  const __m256i tz = _mm256_sub_epi32(
+      _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(y)), 23), _mm256_set1_epi32(0xFF)),
+      _mm256_set1_epi32(127));
+  const __m256i q = _mm256_min_epu32(tz, top), q1 = _mm256_add_epi32(q, one);
+  const __m256i exc_lanes = _mm256_cmpeq_epi32(q, top);
+  *is_exc = lane_mask(exc_lanes);
+  const __m256i u = _mm256_or_si256(_mm256_sllv_epi32(q, k), _mm256_and_si256(_mm256_srlv_epi32(x, q1),
+                                                                              row8(at, stride, Params::kMask)));
+  const __m256i v = _mm256_xor_si256(_mm256_srli_epi32(u, 1), _mm256_srai_epi32(_mm256_slli_epi32(u, 31), 31));
+  const __m256i s = _mm256_add_epi32(row8(at, stride, Params::kC), v);
+  // s is valid in [0, nsym): anything else is negative or above `last` as a signed value.
+  const __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_setzero_si256(), s), _mm256_cmpgt_epi32(s, last));
+  bad = _mm256_or_si256(bad, _mm256_andnot_si256(exc_lanes, outside));
+  x = _mm256_srlv_epi32(x, _mm256_blendv_epi8(_mm256_add_epi32(q1, k), top, exc_lanes));
+  const __m256i renorm = _mm256_cmpeq_epi32(_mm256_srli_epi32(x, 16), _mm256_setzero_si256());
+  const int m = lane_mask(renorm);
+  const __m256i next = _mm256_permutevar8x32_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))),
+      _mm256_load_si256(reinterpret_cast<const __m256i*>(kAvx2.spread[m])));
+  x = _mm256_blendv_epi8(x, _mm256_or_si256(_mm256_slli_epi32(x, 16), next), renorm);
+  w += 2 * __builtin_popcount(m);
+  const __m256i bytes = _mm256_shuffle_epi8(s, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                                -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                                -1, -1, -1, -1));
+  const __m256i low = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(low));
+  return x;
+}
+
+// decode_avx512 on four vectors of 8 lanes.
+SK_RICE_AVX2 int64_t decode_avx2(int64_t n, const Params& p, uint32_t nsym, uint32_t* x, const uint8_t*& w_io,
+                                 const uint8_t* wend, const uint8_t*& exc_io, const uint8_t* exc_end, uint8_t* out) {
+  const uint8_t* w = w_io;
+  const uint8_t* exc = exc_io;
+  const uint32_t* const lanes = p.lanes.data();
+  const int64_t stride = p.stride, period = p.period, step = kRiceLanes % period;
+  __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)),
+          x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8)),
+          x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)),
+          x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 24));
+  const __m256i last = _mm256_set1_epi32(static_cast<int>(nsym) - 1);
+  __m256i bad = _mm256_setzero_si256();
+  int64_t g = 0, c = 0;
+  for (; g + kRiceLanes <= n && wend - w >= 2 * kRiceLanes; g += kRiceLanes) {
+    int e0, e1, e2, e3;
+    x0 = dec_step8(x0, lanes + c, stride, last, w, out + g, &e0, bad);
+    x1 = dec_step8(x1, lanes + c + 8, stride, last, w, out + g + 8, &e1, bad);
+    x2 = dec_step8(x2, lanes + c + 16, stride, last, w, out + g + 16, &e2, bad);
+    x3 = dec_step8(x3, lanes + c + 24, stride, last, w, out + g + 24, &e3, bad);
+    if (const uint32_t e = uint32_t(e0) | uint32_t(e1) << 8 | uint32_t(e2) << 16 | uint32_t(e3) << 24) {
+      exc = fill_exceptions(e, out + g, p, c, nsym, exc, exc_end);
+      if (!exc) return -1;
+    }
+    if (!_mm256_testz_si256(bad, bad)) return -1;
+    c += step;
+    c -= c >= period ? period : 0;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), x0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + 8), x1);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + 16), x2);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + 24), x3);
+  w_io = w;
+  exc_io = exc;
+  return g;
+}
+
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"); }
+
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
 }
 #else
+bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
 #endif
 
-bool g_simd = cpu_has_avx512();
+enum class Isa { kScalar, kAvx2, kAvx512 };
+Isa g_isa = cpu_has_avx512() ? Isa::kAvx512 : cpu_has_avx2() ? Isa::kAvx2 : Isa::kScalar;
 
 bool valid_params(const uint8_t* centre, const uint8_t* k, int64_t period, int nsym) {
   if (period < 1 || nsym < 2 || nsym > 256) return false;
@@ -272,8 +449,10 @@ int64_t rice_encode(const uint8_t* sym, int64_t n, const uint8_t* centre, const 
   for (int64_t i = n - 1; i >= full; --i)  // the last, partial group one symbol at a time
     enc_put(x[i % kRiceLanes], sym[i], p.c[i % period], p.k[i % period], words, exc);
 #ifdef SK_RICE_X86
-  if (g_simd) {
+  if (g_isa == Isa::kAvx512) {
     encode_avx512(sym, full, p, x, words, exc);
+  } else if (g_isa == Isa::kAvx2) {
+    encode_avx2(sym, full, p, x, words, exc);
   } else
 #endif
   {
@@ -312,8 +491,9 @@ std::string rice_decode(const uint8_t* data, int64_t len, int64_t n, const uint8
   const uint8_t* const exc_end = data + len;
   int64_t i = 0;
 #ifdef SK_RICE_X86
-  if (g_simd) {
-    i = decode_avx512(n, p, static_cast<uint32_t>(nsym), x, w, wend, exc, exc_end, out);
+  if (g_isa != Isa::kScalar) {
+    i = (g_isa == Isa::kAvx512 ? decode_avx512 : decode_avx2)(n, p, static_cast<uint32_t>(nsym), x, w, wend, exc,
+                                                              exc_end, out);
     if (i < 0) return "Rice stream names a symbol outside the table or an exception not coded canonically";
   }
 #endif
@@ -339,15 +519,17 @@ std::string rice_decode(const uint8_t* data, int64_t len, int64_t n, const uint8
 
 std::vector<std::string> rice_isas() {
   std::vector<std::string> out{"scalar"};
+  if (cpu_has_avx2()) out.push_back("avx2");
   if (cpu_has_avx512()) out.push_back("avx512");
   return out;
 }
 
-std::string rice_isa() { return g_simd ? "avx512" : "scalar"; }
+std::string rice_isa() { return g_isa == Isa::kAvx512 ? "avx512" : g_isa == Isa::kAvx2 ? "avx2" : "scalar"; }
 
 std::string set_rice_isa(const std::string& name) {
-  if (name == "scalar" || (name == "avx512" && cpu_has_avx512())) {
-    g_simd = name == "avx512";
+  const bool known = name == "scalar" || (name == "avx2" && cpu_has_avx2()) || (name == "avx512" && cpu_has_avx512());
+  if (known) {
+    g_isa = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kScalar;
     return "";
   }
   return "rice isa must be one of the supported ones (see rice_isas()), got '" + name + "'";

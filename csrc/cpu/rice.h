@@ -3,7 +3,7 @@
 // 32-bit bit stacks kept in [2^16, 2^32) with 16-bit renormalisation words: rANS with dyadic
 // probabilities, so the layout and the word order are those of the wide rANS coder (section 5.3),
 // and a step needs no table lookup, only shifts and a leading-zero count (16 lanes per AVX-512
-// instruction where the CPU has it). Symbols whose quotient reaches 16 - k are exceptions sent as
+// instruction or 8 per AVX2 instruction where the CPU has them). Symbols whose quotient reaches 16 - k are exceptions sent as
 // bytes. Bit-exact with the Python reference splitkernels/codec/rice.py.
 #pragma once
 
@@ -30,7 +30,7 @@ int64_t rice_encode(const uint8_t* sym, int64_t n, const uint8_t* centre, const 
 std::string rice_decode(const uint8_t* data, int64_t len, int64_t n, const uint8_t* centre, const uint8_t* k,
                         int64_t period, int nsym, uint8_t* out, int count_of, int64_t* count);
 
-// Instruction sets of the coder this CPU supports, best last ("scalar", "avx512"), the one in
+// Instruction sets of the coder this CPU supports, best last ("scalar", "avx2", "avx512"), the one in
 // use, and a switch for tests and benchmarks ("" or why the name is not supported).
 std::vector<std::string> rice_isas();
 std::string rice_isa();

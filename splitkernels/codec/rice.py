@@ -180,9 +180,9 @@ def has_native() -> bool:
 
 
 def vectorised() -> bool:
-    """True when the C++ coder runs its vector path here (AVX-512). The scalar coder is slower than
-    scalar rANS (one branchy step per symbol against rANS's table steps in sub-groups), so only a
-    vector path makes Rice the fast choice."""
+    """True when the C++ coder runs a vector path here (AVX2 or AVX-512). The scalar coder is slower
+    than scalar rANS (one branchy step per symbol against rANS's table steps in sub-groups), so only
+    a vector path makes Rice the fast choice."""
     return has_native() and _C.rice_isa() != "scalar"
 
 
