@@ -125,7 +125,7 @@ def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
     g.add_argument("--coder", choices=FRAME_CODERS, default=None,
                    help="v2: symbol coder of the frames: rans (default, the fewest bytes), auto or rice (the Rice "
                         "coder for long prefill frames: ~0.1 bit per element more, 2-3x faster, worth it on links "
-                        "above ~60 Mbit/s) or nibble (every frame: ~0.4 bit more at memory speed)")
+                        "above ~50 Mbit/s) or nibble (every frame: ~0.4 bit more at memory speed)")
     g.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=CALIB_TOKENS_V2,
                    help="v2: calibration tokens, windows of prose (Botchan, after the evaluation tokens), "
                         "Python source and Python's reference docs in turn")

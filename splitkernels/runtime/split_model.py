@@ -80,7 +80,7 @@ class SplitConfig:
       edge's compute dtype); an fp32 model sends fp16 or bf16 when a plan says so.
     * ``coder``: symbol coder of v2 frames: None or "rans" (the fewest bytes), "auto" (the Rice
       coder for long prefill frames whose tables suit it: ~0.1 bit per element more, 2-3x faster,
-      worth it on links above ~60 Mbit/s), "rice" (every frame of several tokens) or "nibble"
+      worth it on links above ~50 Mbit/s), "rice" (every frame of several tokens) or "nibble"
       (every frame: ~0.4 bit more at memory speed).
     """
 
