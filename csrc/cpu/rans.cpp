@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "cpu/count.h"
+#include "cpu/lanes_avx512.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -214,24 +215,17 @@ bool wide_tables(const RansTables* const* tables, int64_t period, WideTables* w)
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define SK_RANS_X86 1
-#define SK_RANS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512cd")))
 
 // One encoder step of 16 lanes from their wide_enc entries e[0..16): the wide form of enc_put.
 // The words of the lanes that renormalise go below `words`, in lane order.
-SK_RANS_TARGET inline __m512i enc_step16(__m512i x, const uint64_t* e, uint16_t*& words) {
+SK_LANES_AVX512 inline __m512i enc_step16(__m512i x, const uint64_t* e, uint16_t*& words) {
   const __m512i e0 = _mm512_loadu_si512(e), e1 = _mm512_loadu_si512(e + 8);
   const __m512i even_idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i fb = _mm512_permutex2var_epi32(e0, even_idx, e1);
   const __m512i rcp = _mm512_permutex2var_epi32(e0, _mm512_add_epi32(even_idx, _mm512_set1_epi32(1)), e1);
   const __m512i f = _mm512_and_si512(fb, _mm512_set1_epi32(0xFFFF));
   const __mmask16 emit = _mm512_cmpge_epu32_mask(x, _mm512_slli_epi32(f, 32 - kRansPrecBits));
-  const int cnt = __builtin_popcount(emit);
-  // Compress in a register (dwords: AVX-512 F, no VBMI2 needed) and store under a mask: a
-  // compressing store is microcoded on Zen 4.
-  const __m256i packed = _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(emit, x));
-  words -= cnt;
-  _mm256_mask_storeu_epi16(words, static_cast<__mmask16>((1u << cnt) - 1), packed);
-  x = _mm512_mask_srli_epi32(x, emit, x, 16);
+  x = emit_words16(x, emit, words);
   // q = floor(x * rcp / 2^32) >> shift, shift = ceil(log2 f) - 1 (0 for f = 1, whose rcp is ~0).
   const __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(x, rcp), 32);
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), _mm512_srli_epi64(rcp, 32));
@@ -244,9 +238,9 @@ SK_RANS_TARGET inline __m512i enc_step16(__m512i x, const uint64_t* e, uint16_t*
   return _mm512_add_epi32(_mm512_add_epi32(x, _mm512_srli_epi32(fb, 16)), _mm512_mullo_epi32(q, cmpl));
 }
 
-SK_RANS_TARGET inline __m512i load_off16(const int32_t* p) { return _mm512_loadu_si512(p); }
+SK_LANES_AVX512 inline __m512i load_off16(const int32_t* p) { return _mm512_loadu_si512(p); }
 
-SK_RANS_TARGET int64_t encode_wide_avx512(const uint8_t* sym, int64_t n, const WideTables& wt, uint8_t* out) {
+SK_LANES_AVX512 int64_t encode_wide_avx512(const uint8_t* sym, int64_t n, const WideTables& wt, uint8_t* out) {
   constexpr int L = kRansWideLanes;
   uint16_t* const end = reinterpret_cast<uint16_t*>(out + 4 * L) + n;
   uint16_t* words = end;
@@ -282,11 +276,11 @@ SK_RANS_TARGET int64_t encode_wide_avx512(const uint8_t* sym, int64_t n, const W
 }
 
 // 16 u32 at byte offsets idx from p.
-SK_RANS_TARGET inline __m512i gather32(__m512i idx, const uint8_t* p) { return _mm512_i32gather_epi32(idx, p, 1); }
+SK_LANES_AVX512 inline __m512i gather32(__m512i idx, const uint8_t* p) { return _mm512_i32gather_epi32(idx, p, 1); }
 
 // One decoder step of 16 lanes; 16 words must be readable at w (the caller checks). Stores the 16
 // symbols at out.
-SK_RANS_TARGET inline __m512i dec_step16(__m512i x, __m512i off, const uint8_t* base, const uint8_t*& w,
+SK_LANES_AVX512 inline __m512i dec_step16(__m512i x, __m512i off, const uint8_t* base, const uint8_t*& w,
                                          uint8_t* out) {
   const __m512i slot = _mm512_and_si512(x, _mm512_set1_epi32(kRansM - 1));
   // Both lookups take the slot, so they run side by side. 4 bytes from sym[slot]: the arrays
@@ -296,21 +290,13 @@ SK_RANS_TARGET inline __m512i dec_step16(__m512i x, __m512i off, const uint8_t* 
   const __m512i e = gather32(_mm512_add_epi32(off, _mm512_slli_epi32(slot, 2)), base + offsetof(RansTables, dec));
   x = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(e, 16), _mm512_srli_epi32(x, kRansPrecBits)),
                        _mm512_and_si512(e, _mm512_set1_epi32(0xFFFF)));
-  const __mmask16 renorm = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(kRansL));
-  const __m512i next = _mm512_maskz_expand_epi32(
-      renorm, _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))));
-  x = _mm512_mask_or_epi32(x, renorm, _mm512_slli_epi32(x, 16), next);
-  w += 2 * __builtin_popcount(renorm);
-  // vpmovdb in its register form (with a memory operand it is microcoded on Zen 4).
-  __m128i bytes = _mm512_cvtepi32_epi8(s);
-  asm("" : "+v"(bytes));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
-  return x;
+  store_bytes16(s, out);
+  return refill16(x, w);
 }
 
 // Decodes whole groups while 32 words remain; returns the symbols decoded (a multiple of 32) and
 // leaves the states in x and the read position in w for the checked scalar steps.
-SK_RANS_TARGET int64_t decode_wide_avx512(int64_t n, const WideTables& wt, uint32_t* x, const uint8_t*& w,
+SK_LANES_AVX512 int64_t decode_wide_avx512(int64_t n, const WideTables& wt, uint32_t* x, const uint8_t*& w,
                                           const uint8_t* wend, uint8_t* out) {
   constexpr int L = kRansWideLanes, NV = L / 16;
   __m512i xv[NV];

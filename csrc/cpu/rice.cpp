@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "cpu/count.h"
+#include "cpu/lanes_avx512.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -94,18 +95,31 @@ struct Params {
   }
 };
 
+// The channel of the first symbol of each group of 32, stepped a group at a time without a division.
+struct GroupChannel {
+  int64_t c, step, period;
+  GroupChannel(int64_t first, int64_t p) : c(first % p), step(kRiceLanes % p), period(p) {}
+  void back() {
+    c -= step;
+    c += c < 0 ? period : 0;
+  }
+  void next() {
+    c += step;
+    c -= c >= period ? period : 0;
+  }
+};
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define SK_RICE_X86 1
-#define SK_RICE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512cd")))
 
 // The 16 entries of row r of the table from channel j: `at` points at entry j of row 0.
-SK_RICE_TARGET inline __m512i row(const uint32_t* at, int64_t stride, int r) {
+SK_LANES_AVX512 inline __m512i row(const uint32_t* at, int64_t stride, int r) {
   return _mm512_loadu_si512(at + r * stride);
 }
 
 // One encoder step of 16 lanes (enc_put on each) from the table at channel `at`: exceptions' bytes
 // and renormalising lanes' words go below exc and words in lane order.
-SK_RICE_TARGET inline __m512i enc_step16(__m512i x, const uint8_t* sym, const uint32_t* at, int64_t stride,
+SK_LANES_AVX512 inline __m512i enc_step16(__m512i x, const uint8_t* sym, const uint32_t* at, int64_t stride,
                                          uint16_t*& words, uint8_t*& exc) {
   const __m512i one = _mm512_set1_epi32(1), k = row(at, stride, Params::kK), top = row(at, stride, Params::kTop);
   const __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sym)));
@@ -126,29 +140,24 @@ SK_RICE_TARGET inline __m512i enc_step16(__m512i x, const uint8_t* sym, const ui
   }
   const __mmask16 emit = _mm512_test_epi32_mask(_mm512_srlv_epi32(x, _mm512_sub_epi32(_mm512_set1_epi32(32), len)),
                                                 _mm512_set1_epi32(-1));
-  const int cnt = __builtin_popcount(emit);
-  // Compress in a register and store under a mask: a compressing store is microcoded on Zen 4.
-  const __m256i packed = _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(emit, x));
-  words -= cnt;
-  _mm256_mask_storeu_epi16(words, static_cast<__mmask16>((1u << cnt) - 1), packed);
-  x = _mm512_mask_srli_epi32(x, emit, x, 16);
+  x = emit_words16(x, emit, words);
   return _mm512_or_si512(_mm512_sllv_epi32(x, len), code);
 }
 
 // Codes the groups of 32 below `full` (a multiple of 32), from the last; x holds the 32 states.
 // Pointers live in locals: a byte store may alias any memory, so pointers read through references
 // would be reloaded after every store.
-SK_RICE_TARGET void encode_avx512(const uint8_t* sym, int64_t full, const Params& p, uint32_t* x, uint16_t*& words_io,
+SK_LANES_AVX512 void encode_avx512(const uint8_t* sym, int64_t full, const Params& p, uint32_t* x, uint16_t*& words_io,
                                   uint8_t*& exc_io) {
   uint16_t* words = words_io;
   uint8_t* exc = exc_io;
   const uint32_t* const lanes = p.lanes.data();
-  const int64_t stride = p.stride, period = p.period, step = kRiceLanes % period;
+  const int64_t stride = p.stride;
   __m512i lo = _mm512_loadu_si512(x), hi = _mm512_loadu_si512(x + 16);
-  int64_t c = full % period;
+  GroupChannel ch(full, p.period);
   for (int64_t g = full - kRiceLanes; g >= 0; g -= kRiceLanes) {
-    c -= step;
-    c += c < 0 ? period : 0;
+    ch.back();
+    const int64_t c = ch.c;
     // The higher lanes first: the scalar order codes lane 31 down to 0, so their bytes lie above.
     hi = enc_step16(hi, sym + g + 16, lanes + c + 16, stride, words, exc);
     lo = enc_step16(lo, sym + g, lanes + c, stride, words, exc);
@@ -162,7 +171,7 @@ SK_RICE_TARGET void encode_avx512(const uint8_t* sym, int64_t full, const Params
 // One decoder step of 16 lanes from the table at channel `at`; 16 words must be readable at w.
 // Stores 16 symbols at out (the exception lanes, flagged in is_exc, are for the caller to fill);
 // flags invalid symbols in bad.
-SK_RICE_TARGET inline __m512i dec_step16(__m512i x, const uint32_t* at, int64_t stride, __m512i nsym,
+SK_LANES_AVX512 inline __m512i dec_step16(__m512i x, const uint32_t* at, int64_t stride, __m512i nsym,
                                          const uint8_t*& w, uint8_t* out, __mmask16& is_exc, __mmask16& bad) {
   const __m512i one = _mm512_set1_epi32(1), k = row(at, stride, Params::kK), top = row(at, stride, Params::kTop);
   // Trailing ones of x: x ^ (x + 1) sets bits 0..q, so q = 31 - lzcnt (31 when x is all ones).
@@ -176,17 +185,8 @@ SK_RICE_TARGET inline __m512i dec_step16(__m512i x, const uint32_t* at, int64_t 
   const __m512i v = _mm512_xor_si512(_mm512_srli_epi32(u, 1), _mm512_srai_epi32(_mm512_slli_epi32(u, 31), 31));
   const __m512i s = _mm512_add_epi32(row(at, stride, Params::kC), v);
   bad |= _mm512_mask_cmpge_epu32_mask(static_cast<__mmask16>(~is_exc), s, nsym);
-  x = _mm512_srlv_epi32(x, _mm512_mask_mov_epi32(_mm512_add_epi32(q1, k), is_exc, top));
-  const __mmask16 renorm = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(kL));
-  const __m512i next = _mm512_maskz_expand_epi32(
-      renorm, _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))));
-  x = _mm512_mask_or_epi32(x, renorm, _mm512_slli_epi32(x, 16), next);
-  w += 2 * __builtin_popcount(renorm);
-  // vpmovdb in its register form (with a memory operand it is microcoded on Zen 4).
-  __m128i bytes = _mm512_cvtepi32_epi8(s);
-  asm("" : "+v"(bytes));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
-  return x;
+  store_bytes16(s, out);
+  return refill16(_mm512_srlv_epi32(x, _mm512_mask_mov_epi32(_mm512_add_epi32(q1, k), is_exc, top)), w);
 }
 
 // Fills the exception lanes (bit j of `lanes`: symbol out[j], channel c + j) from exc; returns the
@@ -204,17 +204,18 @@ __attribute__((noinline)) const uint8_t* fill_exceptions(uint32_t lanes, uint8_t
 
 // Decodes whole groups while 32 words remain; returns the symbols decoded (a multiple of 32), or
 // -1 when a symbol is invalid, and leaves the states in x and the read positions in w and exc.
-SK_RICE_TARGET int64_t decode_avx512(int64_t n, const Params& p, uint32_t nsym, uint32_t* x, const uint8_t*& w_io,
+SK_LANES_AVX512 int64_t decode_avx512(int64_t n, const Params& p, uint32_t nsym, uint32_t* x, const uint8_t*& w_io,
                                      const uint8_t* wend, const uint8_t*& exc_io, const uint8_t* exc_end, uint8_t* out) {
   const uint8_t* w = w_io;  // locals, as in encode_avx512
   const uint8_t* exc = exc_io;
   const uint32_t* const lanes = p.lanes.data();
-  const int64_t stride = p.stride, period = p.period, step = kRiceLanes % period;
+  const int64_t stride = p.stride;
   __m512i lo = _mm512_loadu_si512(x), hi = _mm512_loadu_si512(x + 16);
   const __m512i ns = _mm512_set1_epi32(static_cast<int>(nsym));
-  int64_t g = 0, c = 0;
+  int64_t g = 0;
   __mmask16 bad = 0;
-  for (; g + kRiceLanes <= n && wend - w >= 2 * kRiceLanes; g += kRiceLanes) {
+  for (GroupChannel ch(0, p.period); g + kRiceLanes <= n && wend - w >= 2 * kRiceLanes; g += kRiceLanes, ch.next()) {
+    const int64_t c = ch.c;
     __mmask16 exc_lo, exc_hi;
     lo = dec_step16(lo, lanes + c, stride, ns, w, out + g, exc_lo, bad);
     hi = dec_step16(hi, lanes + c + 16, stride, ns, w, out + g + 16, exc_hi, bad);
@@ -223,8 +224,6 @@ SK_RICE_TARGET int64_t decode_avx512(int64_t n, const Params& p, uint32_t nsym, 
       if (!exc) return -1;
     }
     if (bad) return -1;
-    c += step;
-    c -= c >= period ? period : 0;
   }
   _mm512_storeu_si512(x, lo);
   _mm512_storeu_si512(x + 16, hi);
@@ -310,15 +309,15 @@ SK_RICE_AVX2 void encode_avx2(const uint8_t* sym, int64_t full, const Params& p,
   uint16_t* words = words_io;
   uint8_t* exc = exc_io;
   const uint32_t* const lanes = p.lanes.data();
-  const int64_t stride = p.stride, period = p.period, step = kRiceLanes % period;
+  const int64_t stride = p.stride;
   __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)),
           x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8)),
           x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)),
           x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 24));
-  int64_t c = full % period;
+  GroupChannel ch(full, p.period);
   for (int64_t g = full - kRiceLanes; g >= 0; g -= kRiceLanes) {
-    c -= step;
-    c += c < 0 ? period : 0;
+    ch.back();
+    const int64_t c = ch.c;
     x3 = enc_step8(x3, sym + g + 24, lanes + c + 24, stride, words, exc);
     x2 = enc_step8(x2, sym + g + 16, lanes + c + 16, stride, words, exc);
     x1 = enc_step8(x1, sym + g + 8, lanes + c + 8, stride, words, exc);
@@ -375,15 +374,16 @@ SK_RICE_AVX2 int64_t decode_avx2(int64_t n, const Params& p, uint32_t nsym, uint
   const uint8_t* w = w_io;
   const uint8_t* exc = exc_io;
   const uint32_t* const lanes = p.lanes.data();
-  const int64_t stride = p.stride, period = p.period, step = kRiceLanes % period;
+  const int64_t stride = p.stride;
   __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)),
           x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8)),
           x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)),
           x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 24));
   const __m256i last = _mm256_set1_epi32(static_cast<int>(nsym) - 1);
   __m256i bad = _mm256_setzero_si256();
-  int64_t g = 0, c = 0;
-  for (; g + kRiceLanes <= n && wend - w >= 2 * kRiceLanes; g += kRiceLanes) {
+  int64_t g = 0;
+  for (GroupChannel ch(0, p.period); g + kRiceLanes <= n && wend - w >= 2 * kRiceLanes; g += kRiceLanes, ch.next()) {
+    const int64_t c = ch.c;
     int e0, e1, e2, e3;
     x0 = dec_step8(x0, lanes + c, stride, last, w, out + g, &e0, bad);
     x1 = dec_step8(x1, lanes + c + 8, stride, last, w, out + g + 8, &e1, bad);
@@ -394,8 +394,6 @@ SK_RICE_AVX2 int64_t decode_avx2(int64_t n, const Params& p, uint32_t nsym, uint
       if (!exc) return -1;
     }
     if (!_mm256_testz_si256(bad, bad)) return -1;
-    c += step;
-    c -= c >= period ? period : 0;
   }
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), x0);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + 8), x1);
