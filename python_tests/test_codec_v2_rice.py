@@ -48,9 +48,13 @@ def test_table_params_pick_the_mode_and_the_cheapest_k():
 
 
 def test_a_wider_table_takes_a_larger_k():
-    ks = [rice.table_params(tuple(rans.build_freqs(np.exp(-np.abs(np.arange(101) - 50) / w))))[1]
-          for w in (0.5, 2.0, 8.0, 32.0)]
+    tables = [tuple(rans.build_freqs(np.exp(-np.abs(np.arange(101) - 50) / w))) for w in (0.5, 2.0, 8.0, 32.0)]
+    ks = [rice.table_params(t)[1] for t in tables]
     assert ks == sorted(ks) and ks[0] == 0 and ks[-1] >= 4
+    # Two-sided geometric tables are what Rice codes fit; a flat alphabet is not (the coder rule's guard).
+    # (Rice codes have power-of-two buckets, so such tables cost 0.1-0.22 bit over their entropy.)
+    assert all(0.0 < rice.extra_bits([t]) < frame_v2.RICE_MAX_EXTRA_BITS for t in tables)
+    assert rice.extra_bits([tuple(rans.build_freqs(np.ones(256)))]) > frame_v2.RICE_MAX_EXTRA_BITS
 
 
 def test_expected_bits_match_the_stream_and_classes_map_to_channels():

@@ -215,6 +215,16 @@ class CodecConfigV2:
             object.__setattr__(self, "_rice", got)
         return got
 
+    @property
+    def rice_extra_bits(self) -> float:
+        """Bits per symbol the Rice coder costs over static rANS on these tables
+        (``rice.extra_bits``); the coder rule asks on every long frame, so it is kept."""
+        got = self.__dict__.get("_rice_extra")
+        if got is None:
+            got = rice.extra_bits(self._rans.tables)
+            object.__setattr__(self, "_rice_extra", got)
+        return got
+
     def center_array(self) -> np.ndarray:
         """``center`` as a read-only fp32 array."""
         return self._arrays["center"]

@@ -29,7 +29,6 @@ raw section's own bytes) and raises :class:`FrameError` on anything wrong.
 """
 from __future__ import annotations
 
-import functools
 import struct
 import zlib
 from dataclasses import dataclass
@@ -80,13 +79,6 @@ def crc32(parts: list[bytes | memoryview], crc: int = 0) -> int:
     return crc
 
 
-@functools.lru_cache(maxsize=64)
-def table_entropy(freqs: tuple[int, ...]) -> float:
-    """Bits per symbol of static rANS on symbols drawn from ``freqs`` (the table's entropy)."""
-    p = np.asarray(freqs, dtype=np.float64) / rans.M
-    return float(-(p * np.log2(p)).sum())
-
-
 def rans_coder(t: int, d: int) -> int:
     """The rANS layout of a frame of ``t`` tokens of ``d`` values: 32 lanes from
     ``WIDE_RANS_MIN_SYMBOLS`` values (their 112 extra state bytes are at most 0.014 bit per element
@@ -106,9 +98,7 @@ def choose_coder(t: int, d: int, config: CodecConfigV2) -> int:
     are) where this CPU runs its vector path, else rANS (``rans_coder``)."""
     if t < 2 or t * d < FAST_MIN_SYMBOLS or not rice.vectorised():
         return rans_coder(t, d)
-    tables = config.rans_tables.tables
-    extra = rice.expected_bits(tables) - float(np.mean([table_entropy(f) for f in tables]))
-    return CODER_RICE if extra <= RICE_MAX_EXTRA_BITS else rans_coder(t, d)
+    return CODER_RICE if config.rice_extra_bits <= RICE_MAX_EXTRA_BITS else rans_coder(t, d)
 
 
 def resolve_coder(coder: str | None, t: int, d: int, config: CodecConfigV2) -> int:

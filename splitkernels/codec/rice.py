@@ -82,6 +82,16 @@ def expected_bits(tables: Sequence[Sequence[int]]) -> float:
     return float(np.mean(out))
 
 
+def extra_bits(tables: Sequence[Sequence[int]]) -> float:
+    """``expected_bits`` minus the tables' mean entropy: what the coder costs over static rANS."""
+    entropy = []
+    for t in tables:
+        p = np.asarray(t, dtype=np.float64)
+        p = p[p > 0] / p.sum()
+        entropy.append(float(-(p * np.log2(p)).sum()))
+    return expected_bits(tables) - float(np.mean(entropy))
+
+
 def max_symbols(stream_bytes: int) -> int:
     """Most symbols a stream of ``stream_bytes`` bytes can hold (every code has at least one bit and
     a state holds at most 15 bits above its bound): the bound checked before allocating."""
