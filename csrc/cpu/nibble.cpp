@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "cpu/le_bytes.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define SK_NIB_X86 1
@@ -268,14 +270,6 @@ const NibbleIsa* best_isa() {
 }
 
 const NibbleIsa* g_isa = best_isa();
-
-void store_u32(uint8_t* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-
-inline uint32_t load_u32(const uint8_t* p) {
-  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
-}
 
 bool valid_table(int nsym, int a) {
   const int a_max = nsym > kNibbleWindow ? nsym - kNibbleWindow : 0;

@@ -5,6 +5,7 @@
 
 #include "cpu/count.h"
 #include "cpu/lanes_avx512.h"
+#include "cpu/le_bytes.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -12,19 +13,6 @@
 
 namespace sk {
 namespace {
-
-inline void store_u32(uint8_t* p, uint32_t v) {
-  p[0] = static_cast<uint8_t>(v);
-  p[1] = static_cast<uint8_t>(v >> 8);
-  p[2] = static_cast<uint8_t>(v >> 16);
-  p[3] = static_cast<uint8_t>(v >> 24);
-}
-
-inline uint32_t load_u32(const uint8_t* p) {
-  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
-}
-
-inline uint32_t load_u16(const uint8_t* p) { return uint32_t(p[0]) | uint32_t(p[1]) << 8; }
 
 // One encoder step. The word is written unconditionally one below `words` and kept only when the
 // state renormalises (no unpredictable branch); the slot below the first word is the states'

@@ -5,6 +5,7 @@
 
 #include "cpu/count.h"
 #include "cpu/lanes_avx512.h"
+#include "cpu/le_bytes.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -14,14 +15,6 @@ namespace sk {
 namespace {
 
 constexpr uint32_t kL = 1u << 16;  // states live in [kL, 2^32)
-
-inline void store_u32(uint8_t* p, uint32_t v) {
-  for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(v >> (8 * b));
-}
-inline uint32_t load_u32(const uint8_t* p) {
-  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
-}
-inline uint32_t load_u16(const uint8_t* p) { return uint32_t(p[0]) | uint32_t(p[1]) << 8; }
 
 // Branch-free: the sign of a code is a coin flip.
 inline uint32_t zigzag(int32_t v) { return (static_cast<uint32_t>(v) << 1) ^ static_cast<uint32_t>(v >> 31); }

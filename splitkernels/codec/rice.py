@@ -64,12 +64,12 @@ def table_params(freqs: tuple[int, ...]) -> tuple[int, int]:
     return centre, int(np.argmin(costs))
 
 
-def channel_params(tables: Sequence[Sequence[int]], table_of: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel ``(centres, ks)`` (u8): channel ``c`` takes ``tables[table_of[c]]``; with no
-    ``table_of`` there is one table and one entry."""
+def channel_params(tables: Sequence[Sequence[int]], table_of: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(centres, ks)`` (u8): channel ``c`` takes ``tables[table_of[c]]`` (one entry
+    per channel, or ``table_of = [0]``: one table for every channel)."""
     params = [table_params(tuple(int(v) for v in t)) for t in tables]
-    idx = [0] if table_of is None else list(table_of)
-    return (np.array([params[i][0] for i in idx], dtype=np.uint8), np.array([params[i][1] for i in idx], dtype=np.uint8))
+    return (np.array([params[i][0] for i in table_of], dtype=np.uint8),
+            np.array([params[i][1] for i in table_of], dtype=np.uint8))
 
 
 def expected_bits(tables: Sequence[Sequence[int]]) -> float:
@@ -99,6 +99,7 @@ def max_symbols(stream_bytes: int) -> int:
 
 
 def _code(s: int, c: int, k: int) -> tuple[int, int, bool]:
+    """``(code, length, is_exception)`` of symbol ``s`` (centre ``c``, parameter ``k``)."""
     u = 2 * (s - c) if s >= c else 2 * (c - s) - 1
     q, top = u >> k, 16 - k
     if q < top:
