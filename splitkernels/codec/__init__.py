@@ -1,5 +1,5 @@
 """Activation codec: v1 threshold splitting (TS) then token-wise adaptive bit quantisation (TAB-Q);
-v2 calibrated equalisation, exact escapes and static-table rANS or the nibble coder (docs/FORMATS.md §3-§5)."""
+v2 calibrated equalisation, exact escapes and static-table rANS, Rice or nibble coding (docs/FORMATS.md §3-§5)."""
 from .calibrate import calibrate
 from .config import DEFAULT_BIT_CHOICES, CodecConfig
 from .config_v2 import CodecConfigV2

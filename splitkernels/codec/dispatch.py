@@ -33,9 +33,9 @@ def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None, *
 def encode_frame(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None,
                  coder: str | None = None, *, start: int = 0, tokens=None, embedding: torch.Tensor | None = None) -> bytes:
     """The wire frame of ``x [T, d]``, the bytes of ``encode(x, config, start=start, tokens=tokens,
-    embedding=embedding).to_bytes(coder)``; v2 frames with the nibble coder (``coder`` "nibble", or
-    "auto" for long frames) take the fused quantise-and-code pass (no symbol matrix) unless they
-    have shifted rows or a prediction."""
+    embedding=embedding).to_bytes(coder)``; v2 frames with the nibble coder (``coder`` "nibble")
+    take the fused quantise-and-code pass (no symbol matrix) unless they have shifted rows or a
+    prediction."""
     if isinstance(config, CodecConfigV2):
         return encode_frame_v2(x, config, coder, start, tokens, embedding)
     if coder is not None:
