@@ -11,6 +11,12 @@
 
 namespace sk {
 
+// True when this CPU has every feature SK_LANES_AVX512 compiles for.
+inline bool cpu_has_lanes_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
+}
+
 // Encoder: the low 16 bits of the lanes in `emit` go below `words` in lane order, and those lanes
 // shift right by 16. Compressed in a register and stored under a mask: a compressing store is
 // microcoded on Zen 4.

@@ -301,10 +301,7 @@ SK_LANES_AVX512 int64_t decode_wide_avx512(int64_t n, const WideTables& wt, uint
   return g;
 }
 
-bool cpu_has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
-}
+bool cpu_has_avx512() { return cpu_has_lanes_avx512(); }
 #else
 bool cpu_has_avx512() { return false; }
 #endif

@@ -399,10 +399,7 @@ SK_RICE_AVX2 int64_t decode_avx2(int64_t n, const Params& p, uint32_t nsym, uint
 
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"); }
 
-bool cpu_has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
-}
+bool cpu_has_avx512() { return cpu_has_lanes_avx512(); }
 #else
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
