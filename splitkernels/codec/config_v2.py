@@ -6,6 +6,7 @@ every v2 frame's CRC covers, so a frame is never decoded with the wrong tables.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -205,25 +206,17 @@ class CodecConfigV2:
         """What the rANS coder codes with: ``freqs`` as one class, or the channel-class tables."""
         return self._rans
 
-    @property
+    @functools.cached_property
     def rice_params(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel ``(centres, ks)`` (u8) of the Rice coder from the rANS coder's tables
         (docs/FORMATS.md §5.7); one entry without channel classes. Built on first use."""
-        got = self.__dict__.get("_rice")
-        if got is None:
-            got = rice.channel_params(self._rans.tables, self._rans.table_of)
-            object.__setattr__(self, "_rice", got)
-        return got
+        return rice.channel_params(self._rans.tables, self._rans.table_of)
 
-    @property
+    @functools.cached_property
     def rice_extra_bits(self) -> float:
         """Bits per symbol the Rice coder costs over static rANS on these tables
         (``rice.extra_bits``); the coder rule asks on every long frame, so it is kept."""
-        got = self.__dict__.get("_rice_extra")
-        if got is None:
-            got = rice.extra_bits(self._rans.tables)
-            object.__setattr__(self, "_rice_extra", got)
-        return got
+        return rice.extra_bits(self._rans.tables)
 
     def center_array(self) -> np.ndarray:
         """``center`` as a read-only fp32 array."""

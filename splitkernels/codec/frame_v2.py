@@ -215,14 +215,13 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
     raw = enc.raw.numpy().astype(bool)
     n_raw = int(raw.sum())
     code = resolve_coder(coder, t, d, cfg)
-    if code == CODER_NIBBLE:
-        stream = nibble.encode(enc.symbols.numpy(), raw if n_raw else None, cfg.freqs)
-    elif code == CODER_RICE:
-        stream = rice.encode(enc.symbols.numpy()[~raw] if n_raw else enc.symbols.numpy(), *cfg.rice_params,
-                             len(cfg.freqs))
+    symbols = enc.symbols.numpy()
+    if code == CODER_NIBBLE:  # skips raw rows itself
+        stream = nibble.encode(symbols, raw if n_raw else None, cfg.freqs)
     else:
-        stream = rans.encode(enc.symbols.numpy()[~raw] if n_raw else enc.symbols.numpy(), cfg.rans_tables,
-                             wide=code == CODER_RANS_WIDE)
+        coded = symbols[~raw] if n_raw else symbols
+        stream = (rice.encode(coded, *cfg.rice_params, len(cfg.freqs)) if code == CODER_RICE
+                  else rans.encode(coded, cfg.rans_tables, wide=code == CODER_RANS_WIDE))
     shifted = None
     if enc.residuals is not None:
         shifted = (enc.start, pack_residuals(enc.residuals.numpy(), cfg.row_shifts(enc.start, t, enc.tokens), raw))
