@@ -211,6 +211,17 @@ def test_bad_symbols_and_parameters_are_refused():
         rice.decode(b"\0" * 200, 10**7, centres, ks, 6)
 
 
+@pytest.mark.skipif(not rice.has_native(), reason="C++ extension not built (pip install . builds it)")
+def test_unknown_instruction_set_is_refused_and_changes_nothing():
+    from splitkernels._native import load
+
+    _C, _ = load("_C")
+    before = _C.rice_isa()
+    with pytest.raises(ValueError, match="rice isa must be one of the supported ones.*'neon'"):
+        _C.set_rice_isa("neon")
+    assert _C.rice_isa() == before and before in _C.rice_isas()
+
+
 # ---------------------------------------------------------------- frames
 
 
