@@ -96,14 +96,15 @@ PYBIND11_MODULE(_C, m) {
       "lowbit_linear",
       [](std::uintptr_t x, int dtype, int64_t M, int64_t K, std::uintptr_t qweight, int64_t N, int64_t words,
          std::uintptr_t scale, std::uintptr_t zero, int scale_dtype, int bits, int64_t group_size,
-         std::uintptr_t bias, std::uintptr_t y) {
+         std::uintptr_t bias, std::uintptr_t y, bool fp32_as_bf16) {
         check(sk::lowbit_linear(ptr<const void>(x), dtype, M, K, ptr<const int32_t>(qweight), N, words,
                                 ptr<const void>(scale), ptr<const void>(zero), scale_dtype, bits, group_size,
-                                ptr<const float>(bias), ptr<void>(y)));
+                                ptr<const float>(bias), ptr<void>(y), fp32_as_bf16));
       },
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("qweight"), py::arg("N"), py::arg("words"),
       py::arg("scale"), py::arg("zero"), py::arg("scale_dtype"), py::arg("bits"), py::arg("group_size"),
-      py::arg("bias"), py::arg("y"), nogil, "y = x @ dequant(W)^T + bias (bias fp32 or 0).");
+      py::arg("bias"), py::arg("y"), py::arg("fp32_as_bf16") = false, nogil,
+      "y = x @ dequant(W)^T + bias (bias fp32 or 0); fp32_as_bf16: fp32 rows may be multiplied as bf16 (M > 1).");
 
   m.def(
       "int8_linear",

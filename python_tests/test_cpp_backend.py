@@ -785,6 +785,72 @@ def test_one_fp32_row_runs_as_bf16_parts_on_the_bf16_kernels(each_isa, bits, gro
     assert worst <= 4e-6, worst
 
 
+@pytest.fixture
+def fp32_precision():
+    """Sets torch's fp32 matmul precision for the test body (``set(name)``), restoring it after."""
+    saved = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.parametrize("bits,group,k", [(2, 32, 384), (3, 128, 384), (4, 128, 384), (4, 32, 96), (8, 64, 128)])
+@pytest.mark.parametrize("m", (2, 5, 7, 300))
+def test_fp32_rows_as_bf16_where_torch_precision_allows(each_isa, fp32_precision, bits, group, k, m):
+    # Under torch's "medium" fp32 matmul precision, fp32 rows (M > 1) take the bf16 kernels rounded to
+    # bf16, with fp32 sums and output: the result is the exact product of the rounded activations
+    # (so neither the exact activations' nor a bf16 output's), at every row tiling and at M >= 256
+    # (where the exact path would hand the matmul to the BLAS).
+    _needs_bf16_kernels()
+    best = "avx512_bf16_vbmi" if "avx512_bf16_vbmi" in each_isa else "avx512_bf16"
+    if bits == 3 and best != "avx512_bf16_vbmi":
+        pytest.skip("3-bit codes take the bf16 kernels only with VBMI")
+    cpp._C.set_lowbit_isa(best)
+    x, qw, b = _lowbit_case(45, k, m, bits, group, torch.float32, bias=m % 2 == 1, seed=bits * 10 + m)
+    run = lambda v: cpp.lowbit_linear(v, qw.qweight, qw.scale, qw.zero, bits, group, b)  # noqa: E731
+    exact = run(x)
+    fp32_precision("medium")
+    assert cpp.fp32_matmul_allows_bf16()
+    y = run(x)
+    assert y.dtype == torch.float32 and y.shape == (m, 45)
+    # 2-bit sums lose ~1.5e-5 to the kernels' code offset (test_one_fp32_row_runs_as_bf16_parts...).
+    assert _rel_err(y, _lowbit_want64(x.bfloat16().float(), qw, b)) <= 3e-5
+    assert 1e-4 < _rel_err(y, _lowbit_want64(x, qw, b)) <= 4e-3
+    # A value that is not finite, or too large for bf16, keeps x on an exact path (at M >= 256 the
+    # fp32 kernels rather than the BLAS, so the bad row's non-finite pattern is compared).
+    for bad in (float("inf"), float("nan"), 3.4e38, 0x7FFFFFFF):  # the last: NaN bits that round to -0
+        xb = x.clone()
+        if isinstance(bad, int):
+            xb.view(torch.int32)[m - 1, k // 2] = bad
+        else:
+            xb[m - 1, k // 2] = bad
+        fp32_precision("highest")
+        want = run(xb)
+        fp32_precision("medium")
+        got = run(xb)
+        assert _rel_err(got[:-1], _lowbit_want64(x[:-1], qw, b)) <= TOL[torch.float32], bad
+        assert torch.equal(got[-1].isnan(), want[-1].isnan()) and torch.equal(got[-1].isinf(), want[-1].isinf()), bad
+    # Elsewhere (the default "highest", and "high": two bf16 parts ran no faster) x stays exact.
+    for name in ("highest", "high"):
+        fp32_precision(name)
+        assert not cpp.fp32_matmul_allows_bf16()
+        assert torch.equal(run(x), exact), name
+
+
+def test_fp32_precision_read_from_the_onednn_setting(fp32_precision):
+    # torch >= 2.9 sets precisions per backend; oneDNN's matmul setting is the one that counts here.
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if getattr(matmul, "fp32_precision", None) is None:
+        pytest.skip(f"torch {torch.__version__} has no per-backend fp32 precision (the legacy setting is read)")
+    try:
+        matmul.fp32_precision = "bf16"
+        assert cpp.fp32_matmul_allows_bf16()
+        matmul.fp32_precision = "tf32"
+        assert not cpp.fp32_matmul_allows_bf16()
+    finally:
+        matmul.fp32_precision = "none"
+    assert not cpp.fp32_matmul_allows_bf16()
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("bits,group,k", [(2, 256, 512), (3, 128, 384), (4, 128, 384), (4, 64, 192), (8, 64, 128), (4, 3, 96)])
 @pytest.mark.parametrize("m", (1, 4, 5, 7, 13))
@@ -831,16 +897,36 @@ def test_isa_choice_errors():
     assert cpp._C.lowbit_isa() in cpp._C.lowbit_isas() and cpp._C.lowbit_isas()[0] == "generic"
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_fp32_panel_gemm_over_several_row_blocks(each_isa):
+    # The fp32 kernels' panel GEMM takes activation rows in blocks of about 8 MiB (K = 1024: 2046
+    # or 2048 rows by the build's tile height), K in slices of whole groups and N in panels with a
+    # short last one: every row, block and column must come out right on every build.
+    x, qw, b = _lowbit_case(45, 1024, 2100, 4, 128, torch.float32, bias=True, seed=5)
+    want64 = _lowbit_want64(x, qw, b)
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, b)
+        row_err = ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max()
+        assert row_err <= 1e-5, isa
+
+
 @pytest.mark.parametrize("bits", (3, 4))
-def test_lowbit_linear_blas_path(monkeypatch, dtype, bits):
-    # bf16 with 4 bits runs the bf16 kernels at every M where the CPU has them (the BLAS path otherwise).
+def test_lowbit_linear_blas_path_only_for_bf16_the_bf16_kernels_do_not_take(each_isa, monkeypatch, bits):
+    # From BLAS_MIN_ROWS rows on, bf16 activations the bf16 kernels do not take (the generic build
+    # has none) go to torch's bf16 matmul on W dequantised to bf16 block by block of rows; fp32
+    # and fp16 activations stay on the fp32 kernels (their panel GEMM) at every M.
     monkeypatch.setattr(cpp, "BLAS_MIN_ROWS", 8)
-    monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_BYTES", 40 * 256 * 4)  # several row blocks, a short last one
-    x, qw, b = _lowbit_case(100, 256, 9, bits, 128, dtype, bias=True, seed=bits, lead=(2,))
-    y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, b)
-    assert y.shape == (2, 9, 100) and y.dtype == dtype
-    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= (1e-5 if dtype == torch.float32 else 4e-3)
+    monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_BYTES", 40 * 256 * 2)  # several row blocks, a short last one
+    blas = cpp._dequant_matmul
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x, qw, b = _lowbit_case(100, 256, 9, bits, 128, dtype, bias=True, seed=bits, lead=(2,))
+        calls = []
+        monkeypatch.setattr(cpp, "_dequant_matmul", lambda *a, calls=calls: calls.append(1) or blas(*a))
+        cpp._C.set_lowbit_isa("generic")
+        y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, b)
+        assert y.shape == (2, 9, 100) and y.dtype == dtype
+        assert len(calls) == (dtype == torch.bfloat16), dtype
+        assert _rel_err(y, _lowbit_want64(x, qw, b)) <= (TOL[dtype] if dtype != torch.bfloat16 else 4e-3), dtype
 
 
 @pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (3, 64), (4, 128), (8, 32), (4, 3)])

@@ -14,9 +14,12 @@ the kernels' threads collapse when a core is taken.
 measured in the same run): the
 fraction of the memory-bandwidth limit, meaningful where the op is memory-bound (small M).
 
+The dtype ``float32-medium`` is fp32 activations under ``torch.set_float32_matmul_precision("medium")``
+for every method alike: torch's fp32 ``F.linear`` may then compute in bf16, and so do ours from M = 2.
+
 Usage: python bench/ops/lowbit_linear.py --out DIR [--backend cpp] [--threads 1,all]
        [--m 1,4,16,64,512] [--shapes 4096x4096,1536x576,576x1536] [--bits 2,3,4,8]
-       [--dtypes float32,bfloat16] [--busy 1] [--quick]
+       [--dtypes float32,float32-medium,bfloat16] [--busy 1] [--quick]
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ import splitkernels  # noqa: E402
 from splitkernels import ops  # noqa: E402
 from splitkernels.quant import quantize_weight  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Activation dtype and torch's fp32 matmul precision while it is timed.
+DTYPES = {"float32": (torch.float32, "highest"), "float32-medium": (torch.float32, "medium"),
+          "bfloat16": (torch.bfloat16, "highest")}
 TORCH = ("F.linear fp32", "F.linear bf16", "torch int4pack", "torch int8pack")
 
 
@@ -59,7 +64,7 @@ def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
         w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
         w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         for dname in args.dtypes:
-            dt = DTYPES[dname]
+            dt, precision = DTYPES[dname]
             dense = {"F.linear fp32": w, "F.linear bf16": w.bfloat16()}
             q_dt = {b: quantize_weight(w, b, group, dtype=dt) if dt != torch.float32 else q for b, q in qws.items()}
             sz4 = torch.randn(k // group, n, 2, dtype=dt)
@@ -74,7 +79,11 @@ def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
                     for b, q in q_dt.items():
                         fns[f"W{b}"] = lambda q=q: ops.lowbit_linear(x, q)
                     clock = time.thread_time if args.clock == "thread" else time.perf_counter
-                    r = timing.compare(fns, budget_s=args.budget, clock=clock)
+                    torch.set_float32_matmul_precision(precision)
+                    try:
+                        r = timing.compare(fns, budget_s=args.budget, clock=clock)
+                    finally:
+                        torch.set_float32_matmul_precision("highest")
                 xbytes = m * k * x.element_size()
                 moved = {"F.linear fp32": n * k * 4 + m * k * 4, "F.linear bf16": n * k * 2 + m * k * 2,
                          "torch int4pack": n * k // 2 + sz4.numel() * sz4.element_size() + xbytes,
@@ -140,7 +149,7 @@ def main() -> None:
     p.add_argument("--m", default="1,4,16,64,512")
     p.add_argument("--shapes", default="4096x4096,1536x576,576x1536", help="N x K list")
     p.add_argument("--bits", default="2,3,4,8")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma list of {', '.join(DTYPES)}")
     p.add_argument("--busy", type=int, default=0, help="also run with this many spinning processes")
     p.add_argument("--budget", type=float, default=0.8, help="seconds of timed calls per row")
     p.add_argument("--clock", choices=("wall", "thread"), default="wall",
@@ -156,6 +165,8 @@ def main() -> None:
     a.bits = [int(b) for b in a.bits.split(",")]
     a.m = [int(m) for m in a.m.split(",")]
     a.dtypes = a.dtypes.split(",")
+    if not set(a.dtypes) <= set(DTYPES):
+        p.error(f"--dtypes must be a comma list of {', '.join(DTYPES)}, got {','.join(a.dtypes)}")
     if a.clock == "thread" and a.threads != "1" and not a.worker:
         p.error("--clock thread needs --threads 1: other threads' CPU time would not be counted")
     if a.worker:

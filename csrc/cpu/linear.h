@@ -10,9 +10,13 @@ namespace sk {
 // W is the packed low-bit weight of docs/FORMATS.md section 2: qweight int32 [N, words],
 // scale/zero [N, K/group_size] of `scale_dtype`. x and y are [M, K] / [M, N] of `dtype`;
 // bias (nullable) is fp32 [N]. Accumulates in fp32. Returns "" or an error message.
+// fp32_as_bf16 (fp32 activations, M > 1): the caller allows bf16 precision for the products (torch's
+// fp32 matmul precision "bf16"), so the bf16 kernels, where they take the layout, multiply the
+// activations rounded to bf16 and write fp32 sums. Activations holding a value that is not
+// finite or lies beyond bf16's range stay in fp32.
 std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const int32_t* qweight, int64_t N,
                           int64_t words, const void* scale, const void* zero, int scale_dtype, int bits,
-                          int64_t group_size, const float* bias, void* y);
+                          int64_t group_size, const float* bias, void* y, bool fp32_as_bf16 = false);
 
 // Whether lowbit_linear runs the bf16-activation kernels (exact codes x bf16 with vdpbf16ps,
 // at every M) for this activation dtype and layout with the instruction set in use.

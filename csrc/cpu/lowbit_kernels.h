@@ -21,7 +21,8 @@ struct LowbitProblem {
   const void* zero;
   int scale_dtype;
   int64_t M;
-  const float* x32;        // [M, K] fp32 in decode order (fp32 kernels)
+  const float* x32;        // [M, K] fp32 in decode order (fp32 kernels); packed where fp32_rows runs its
+                           // panel (fp32_packs_x): tiles of panel_rows rows as [K, panel_rows], zeros past M
   const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
   int64_t x_stride;
   const float* xsum;       // [M, G] group sums of the activations the kernel reads
@@ -30,6 +31,7 @@ struct LowbitProblem {
   float* y;                // [M, N] fp32 result (fp32 kernels: before bias and the output dtype)
   uint16_t* y16;           // [M, N] bf16 result, bias added (bf16 kernels write it directly)
   float* y_parts;          // or [1, N] fp32: one fp32 row sent as M bf16 parts (dot form), bias added
+  float* y32;              // or [M, N] fp32, bias added (bf16 kernels, fp32 activations rounded to bf16)
   const float* bias;       // fp32 [N] or null (bf16 kernels)
   void* w_out;             // [N, K] dequantised weight in natural order (dequantise)
   int w_dtype;             // kFloat32 or kBFloat16 (dequantise)
@@ -42,9 +44,13 @@ struct LowbitKernels {
   const char* name;
   LowbitRowsFn fp32_rows;    // fp32 activations, any bits/group layout
   int64_t fused_rows;        // fp32_rows reads codes straight into the FMAs up to this M (phase layouts)
+  int64_t panel_rows;        // above that (or in natural order) activation rows per tile of its panel
   LowbitRowsFn bf16_rows;    // bf16 activations, exact integer codes x bf16 (nullptr if absent)
   LowbitRowsFn dequantize;   // writes w_out rows
 };
+
+// Whether fp32_rows reads x32 packed in tiles of k.panel_rows rows (its panel path) for M rows.
+inline bool fp32_packs_x(const LowbitKernels& k, bool phased, int64_t M) { return !(phased && M <= k.fused_rows); }
 
 // Whether bf16_rows handles this layout. A chunk is 64 bytes of codes (2/4/8 bits) or 128 codes
 // in 48 bytes (3 bits, decoded with AVX-512 VBMI: only the *_vbmi build takes them). Its pair

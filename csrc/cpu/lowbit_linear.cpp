@@ -9,7 +9,8 @@
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
-//   (isa/lowbit_bf16.cpp), at every M; the kernels write the bf16 output themselves.
+//   (isa/lowbit_bf16.cpp), at every M; the kernels write the bf16 output themselves. fp32
+//   activations at M > 1 too where the caller allows bf16 precision (fp32_as_bf16; fp32 output);
 // * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp (the Python glue
 //   sends large M to lowbit_dequantize + a BLAS matmul instead).
 #include <algorithm>
@@ -153,22 +154,29 @@ int64_t chunk_rows(int64_t N, int64_t macs_per_row) {
   return best * 32;
 }
 
-// Where each code of a row sits in the bf16 kernels' activation order (bf16_position), for
-// the few layouts a process uses: computing the position per element per call costs several
-// integer divisions each, as much as the M = 1 kernel at SmolLM2's sizes.
-const std::vector<int32_t>& bf16_positions(int bits, int64_t group_size, bool panel, int64_t K) {
+// Where each code of a row sits in a kernel's activation order, for the few layouts a process
+// uses: computing the position per element per call costs several integer divisions each, as
+// much as the M = 1 kernel at SmolLM2's sizes. Orders: the fp32 kernels' decode order
+// (DecodeOrder), the bf16 kernels' (bf16_position) for their rows or their panel.
+enum class ActOrder { kFp32, kBf16Rows, kBf16Panel };
+const std::vector<int32_t>& act_positions(ActOrder order, int bits, int64_t group_size, int64_t K) {
   struct Entry {
+    ActOrder order;
     int bits;
     int64_t group_size, K;
-    bool panel;
     std::vector<int32_t> pos;
   };
   thread_local std::vector<Entry> cache;
   for (const Entry& e : cache)
-    if (e.bits == bits && e.group_size == group_size && e.K == K && e.panel == panel) return e.pos;
+    if (e.order == order && e.bits == bits && e.group_size == group_size && e.K == K) return e.pos;
   if (cache.size() >= 16) cache.erase(cache.begin());
-  Entry e{bits, group_size, K, panel, std::vector<int32_t>(K)};
-  for (int64_t k = 0; k < K; ++k) e.pos[k] = static_cast<int32_t>(bf16_position(bits, group_size, panel, k));
+  Entry e{order, bits, group_size, K, std::vector<int32_t>(K)};
+  const int64_t per_unit = bits == 3 ? 8 : 8 / bits;
+  const DecodeOrder fp32{phase_layout(bits, group_size), per_unit, group_size / per_unit};
+  for (int64_t k = 0; k < K; ++k)
+    e.pos[k] = static_cast<int32_t>(order == ActOrder::kFp32
+                                        ? k - k % group_size + fp32(k % group_size)
+                                        : bf16_position(bits, group_size, order == ActOrder::kBf16Panel, k));
   cache.push_back(std::move(e));
   return cache.back().pos;
 }
@@ -182,7 +190,8 @@ void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, i
   thread_local std::vector<uint16_t> x16;
   thread_local std::vector<float> xsum;
   const int64_t stride = bf16_row_stride(bits, K), G = K / group_size;
-  const std::vector<int32_t>& pos = bf16_positions(bits, group_size, M >= kBf16PanelMinRows, K);
+  const std::vector<int32_t>& pos =
+      act_positions(M >= kBf16PanelMinRows ? ActOrder::kBf16Panel : ActOrder::kBf16Rows, bits, group_size, K);
   x16.resize(M * stride);
   xsum.resize(M * G);
   // Rows are prepared independently; a large M spreads them over the threads (at M = 512 the
@@ -222,6 +231,25 @@ bool split_fp32_row(const float* x, int64_t K, uint16_t* parts) {
   return true;
 }
 
+// x [M, K] fp32 rounded to bf16 (to nearest even) into out, over the threads. False where a value
+// is not finite or rounds beyond bf16's range (then the fp32 kernels carry x). Branch-free, so
+// the compiler vectorises it (float_to_bf16 per value took 1.7 ns, a tenth of a 576-wide M = 512 call).
+bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
+  std::atomic<bool> ok{true};
+  parallel_for(M, std::max<int64_t>(1, kPrepareChunkValues / K), [&](int64_t m0, int64_t m1) {
+    uint32_t bad = 0;
+    for (int64_t i = m0 * K; i < m1 * K; ++i) {
+      uint32_t u;
+      std::memcpy(&u, x + i, 4);
+      const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      out[i] = static_cast<uint16_t>(r);
+      bad |= static_cast<uint32_t>((u & 0x7fffffffu) >= 0x7f800000u) | static_cast<uint32_t>((r & 0x7f80u) == 0x7f80u);
+    }
+    if (bad) ok = false;
+  });
+  return ok;
+}
+
 }  // namespace
 
 std::vector<std::string> lowbit_isas() {
@@ -257,7 +285,7 @@ bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {
 
 std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const int32_t* qweight, int64_t N,
                           int64_t words, const void* scale, const void* zero, int scale_dtype, int bits,
-                          int64_t group_size, const float* bias, void* y) {
+                          int64_t group_size, const float* bias, void* y, bool fp32_as_bf16) {
   std::string err = check_weight(K, words, bits, group_size);
   if (!err.empty()) return err;
   if (M <= 0 || N <= 0) return "";  // nothing to compute (the kernels assume a row of each)
@@ -284,6 +312,17 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
     return "";
   }
+  if (dtype == kFloat32 && fp32_as_bf16 && M > 1 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
+    thread_local std::vector<uint16_t> x16;
+    x16.resize(M * K);
+    if (fp32_rows_to_bf16(static_cast<const float*>(x), M, K, x16.data())) {
+      bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
+      p.y32 = static_cast<float*>(y);
+      p.bias = bias;
+      parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
+      return "";
+    }
+  }
   if (dtype == kFloat32 && M == 1 && bits < 8 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
     thread_local std::vector<uint16_t> parts;
     parts.resize(kFp32Parts * K);
@@ -296,25 +335,33 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       return "";
     }  // NaN, infinity or a value beyond bf16: the fp32 kernels carry it through
   }
+  // Activations in decode order as fp32 (rows, or packed in tiles for the panel), with group
+  // sums, rows spread over the threads. Buffers per thread: zeroed where a short tile needs it.
   const int64_t G = p.G;
-  const int64_t per_unit = bits == 3 ? 8 : 8 / bits;
-  const DecodeOrder order{p.phased, per_unit, group_size / per_unit};
-
-  // Activations in decode order as fp32, with group sums.
-  std::vector<float> x32(M * K), xsum(M * G);
+  const bool packed = fp32_packs_x(*isa.kernels, p.phased, M);
+  const int64_t MR = packed ? isa.kernels->panel_rows : 1, tiles = (M + MR - 1) / MR;
+  const std::vector<int32_t>& pos = act_positions(ActOrder::kFp32, bits, group_size, K);
+  thread_local std::vector<float> x32, xsum;
+  x32.resize(tiles * MR * K);
+  xsum.resize(M * G);
+  if (M % MR) std::fill(x32.begin() + (tiles - 1) * MR * K, x32.end(), 0.f);
   {
-    std::vector<float> row(K);
-    for (int64_t m = 0; m < M; ++m) {
-      to_float(static_cast<const uint8_t*>(x) + m * K * dtype_size(dtype), dtype, K, row.data());
-      for (int64_t g0 = 0; g0 < K; g0 += group_size) {
-        float sum = 0.f;
-        for (int64_t j = 0; j < group_size; ++j) {
-          x32[m * K + g0 + order(j)] = row[g0 + j];
-          sum += row[g0 + j];
+    float* xp = x32.data();
+    float* sums = xsum.data();
+    parallel_for(M, std::max<int64_t>(1, kPrepareChunkValues / K), [&](int64_t m0, int64_t m1) {
+      thread_local std::vector<float> row;
+      row.resize(K);
+      for (int64_t m = m0; m < m1; ++m) {
+        to_float(static_cast<const uint8_t*>(x) + m * K * dtype_size(dtype), dtype, K, row.data());
+        float* xt = xp + (m / MR) * MR * K + m % MR;  // value k of the row at xt[k * MR]
+        for (int64_t k = 0; k < K; ++k) xt[pos[k] * MR] = row[k];
+        for (int64_t g = 0; g < G; ++g) {
+          float sum = 0.f;
+          for (int64_t j = 0; j < group_size; ++j) sum += row[g * group_size + j];
+          sums[m * G + g] = sum;
         }
-        xsum[m * G + g0 / group_size] = sum;
       }
-    }
+    });
   }
   p.x32 = x32.data();
   p.xsum = xsum.data();

@@ -27,14 +27,17 @@ Agreement with :mod:`splitkernels.ops.reference`:
   (``_C.lowbit_w8_vnni``) goes as three signed bytes of a per-group 22-bit fixed point
   (values of at least 2^-14 of their group's largest exact, smaller ones within 2^-22 of it)
   against the codes as packed (vpdpbusd), with no decode; fp32 activations (and fp16,
-  converted) use FMA kernels that do the same for M <= 4 and dequantise weight rows
-  (``q*scale + zero``, one FMA) otherwise. From ``BLAS_MIN_ROWS`` activation rows on, where the
-  bf16 kernels do not apply, the matmul is compute-bound: W is dequantised in row blocks (fp32,
-  or bf16 for bf16 activations) and torch's matmul does the rest. All paths accumulate in fp32,
+  converted) use FMA kernels that do the same for M <= 4 and otherwise dequantise panels of
+  weight rows (``q*scale + zero``, one FMA) for a register-blocked GEMM micro-kernel. bf16
+  activations the bf16 kernels do not take go, from ``BLAS_MIN_ROWS`` rows on, to torch's bf16
+  matmul on W dequantised in row blocks (bf16). All paths accumulate in fp32,
   so the result agrees with a float64 computation (``x.double() @ dequant(W).double().T``)
   within a relative Frobenius error of 1e-5 for fp32 activations and 2e-3 for fp16/bf16
   activations (the output rounding); the BLAS path with bf16 activations also rounds the
   dequantised weight to bf16, like the reference op and a dense bf16 ``F.linear``: 4e-3.
+  Where torch's fp32 matmul precision allows bf16 (``torch.set_float32_matmul_precision("medium")``,
+  :func:`fp32_matmul_allows_bf16`), fp32 activations of more than one row take the bf16 kernels
+  rounded to bf16, with fp32 sums and output: 4e-3, about twice as fast from M = 4 on.
 """
 from __future__ import annotations
 
@@ -135,32 +138,44 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.contiguous().float()
 
 
-# Activation rows from which lowbit_linear dequantises W and calls torch's matmul, where the
-# fp32 kernels would run (measured with bench/ops/lowbit_linear.py: they win at M = 64 and the
-# BLAS at M = 512). The bf16 kernels (``_C.lowbit_bf16_kernel``) run at every M: at M = 512 they
-# match dequantise + bf16 matmul without its temporary weight copy.
+# bf16 activation rows from which lowbit_linear dequantises W to bf16 and calls torch's bf16
+# matmul, where the bf16 kernels (``_C.lowbit_bf16_kernel``) do not take the layout or the CPU has
+# none, instead of converting the activations for the fp32 kernels. fp32 and fp16 activations
+# stay on the fp32 kernels at every M: their panel GEMM ran at 0.87-1.24 of torch's fp32
+# F.linear from M = 256, at or ahead of dequantising to fp32 for it (bench/results/ops, session 17).
 BLAS_MIN_ROWS = 256
 _DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
+# torch's fp32 matmul precisions that allow bf16 products: oneDNN's setting (torch >= 2.9: "bf16"
+# after torch.set_float32_matmul_precision("medium") or torch.backends.fp32_precision = "bf16"), or
+# before that the legacy torch.get_float32_matmul_precision().
+_BF16_PRECISIONS = ("bf16", "medium")
+
+
+def fp32_matmul_allows_bf16() -> bool:
+    """Whether torch's fp32 matmul precision lets fp32 activations be multiplied as bf16 (~1 us)."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        precision = torch.get_float32_matmul_precision()
+    return precision in _BF16_PRECISIONS
 
 
 def _dequant_matmul(
     x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scale_code: int, bits: int,
     group_size: int, bias: torch.Tensor | None, y: torch.Tensor,
 ) -> None:
-    """y [M, N] = x2d @ dequant(W)^T + bias, W dequantised block by block of rows."""
+    """y [M, N] = x2d @ dequant(W)^T + bias for bf16 x2d, W dequantised to bf16 block by block of rows."""
     n, k = qweight.shape[0], x2d.shape[1]
-    wdtype = torch.bfloat16 if x2d.dtype == torch.bfloat16 else torch.float32
-    xm = x2d if x2d.dtype == wdtype else x2d.float()
-    rows = max(1, _DEQUANT_BLOCK_BYTES // (k * wdtype.itemsize))
-    w = torch.empty(min(rows, n), k, dtype=wdtype)
+    rows = max(1, _DEQUANT_BLOCK_BYTES // (k * 2))
+    w = torch.empty(min(rows, n), k, dtype=torch.bfloat16)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         wb = w[: n1 - n0]
         _C.lowbit_dequantize(
             _ptr(qweight[n0:n1]), n1 - n0, qweight.shape[1], k, _ptr(scale[n0:n1]), _ptr(zero[n0:n1]), scale_code,
-            bits, group_size, _ptr(wb), DTYPE_CODE[wdtype],
+            bits, group_size, _ptr(wb), DTYPE_CODE[torch.bfloat16],
         )
-        part = torch.nn.functional.linear(xm, wb, None if bias is None else bias[n0:n1].to(wdtype))
+        part = torch.nn.functional.linear(x2d, wb, None if bias is None else bias[n0:n1].to(torch.bfloat16))
         y[:, n0:n1] = part
 
 
@@ -180,6 +195,7 @@ def prepare_lowbit_linear(
     qp, sp, zp = _ptr(qweight), _ptr(scale), _ptr(zero)
     scale_code = dtype_code("scale", scale)
     linear, bf16_kernel = _C.lowbit_linear, _C.lowbit_bf16_kernel
+    bf16_code = DTYPE_CODE[torch.bfloat16]
 
     def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x and bias come checked (the op layer): x contiguous in a float dtype, x.shape[-1] == K >= 1.
@@ -195,12 +211,16 @@ def prepare_lowbit_linear(
             y = torch.empty(size=(*shape[:-1], n), dtype=dtype)
         bias32 = None if bias is None else bias.contiguous().float()
         # The instruction set (and so the bf16 kernels' reach) may change between calls: asked each time.
-        if m >= BLAS_MIN_ROWS and n and not bf16_kernel(code, bits, group_size):
+        # fp32 rows go to them, rounded to bf16, where torch's precision allows it; one row is
+        # memory-bound (its exact three-part path costs no more), so the read is left out there.
+        as_bf16 = (m > 1 and dtype is torch.float32 and bf16_kernel(bf16_code, bits, group_size)
+                   and fp32_matmul_allows_bf16())
+        if m >= BLAS_MIN_ROWS and n and dtype is torch.bfloat16 and not bf16_kernel(code, bits, group_size):
             _dequant_matmul(x.view(m, k), qweight, scale, zero, scale_code, bits, group_size, bias32, y.view(m, n))
         elif m and n:
             # Every tensor here is non-empty (k, n >= 1 and m >= 1), so data_ptr() is the pointer.
             linear(x.data_ptr(), code, m, k, qp, n, words, sp, zp, scale_code, bits, group_size,
-                   0 if bias32 is None else bias32.data_ptr(), y.data_ptr())
+                   0 if bias32 is None else bias32.data_ptr(), y.data_ptr(), as_bf16)
         return y
 
     return call

@@ -1,5 +1,5 @@
 // AVX-512 helpers shared by the dot-form low-bit kernels (isa/lowbit_bf16.cpp and
-// isa/lowbit_w8_vnni.cpp): fp32 -> bf16 output stores, scale loads, reductions of the per-row
+// isa/lowbit_w8_vnni.cpp): output stores (bf16, or fp32 on request), scale loads, reductions of the per-row
 // totals. Every function has internal linkage (anonymous namespace), so each kernel file gets
 // its own copy compiled with its own -m flags.
 #pragma once
@@ -34,6 +34,17 @@ inline void store_bf16(uint16_t* y16, const float* v, const float* bias, int64_t
   __m512 t = _mm512_maskz_loadu_ps(m, v);
   if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias));
   _mm256_mask_storeu_epi16(y16, m, to_bf16(t));
+}
+
+// Row m, columns [n, n + count) of the bf16 kernels' output (count <= 16): bf16 into y16, or fp32
+// into y32 where the caller asked for it; bias added.
+inline void store_out(const LowbitProblem& p, int64_t m, int64_t n, const float* v, int64_t count) {
+  const float* bias = p.bias ? p.bias + n : nullptr;
+  if (!p.y32) return store_bf16(p.y16 + m * p.N + n, v, bias, count);
+  const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
+  __m512 t = _mm512_maskz_loadu_ps(mask, v);
+  if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(mask, bias));
+  _mm512_mask_storeu_ps(p.y32 + m * p.N + n, mask, t);
 }
 
 // Sixteen (or `count` < 16) values of dtype at src + i as fp32.
@@ -88,8 +99,8 @@ struct DotSlice {
 };
 
 // Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR) into fp32 sums per (m, n)
-// through `block` (R rows at a time; `tail`, one row, for the rest), then the bf16 output
-// (bias added), sixteen values at a time. Where `x_group_bytes` (the activation bytes of one
+// through `block` (R rows at a time; `tail`, one row, for the rest), then the output (bias
+// added, store_out), sixteen values at a time. Where `x_group_bytes` (the activation bytes of one
 // group, all MR rows) times the groups outgrows `slice_bytes`, K is read slice by slice: every
 // row of the range meets the slice of x while it sits in L1 (a whole row of x at M = 4,
 // K = 4096 is 32 KiB, as large as L1, and reloading it from L2 for each weight row cost a
@@ -123,8 +134,7 @@ void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_
   }
   for (int m = 0; m < MR; ++m)
     for (int64_t r = 0; r < rows; r += 16)
-      store_bf16(p.y16 + (m0 + m) * p.N + n_begin + r, sums.data() + m * rows + r, p.bias ? p.bias + n_begin + r : nullptr,
-                 std::min<int64_t>(16, rows - r));
+      store_out(p, m0 + m, n_begin + r, sums.data() + m * rows + r, std::min<int64_t>(16, rows - r));
 }
 
 }  // namespace

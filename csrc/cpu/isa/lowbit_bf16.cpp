@@ -513,8 +513,7 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
                                p.group_size, ybuf.data());
       for (int64_t m = 0; m < mr; ++m)
         for (int64_t r = 0; r < rows; r += 16)
-          store_bf16(p.y16 + (m0 + m) * p.N + n0 + r, ybuf.data() + m * kBlockN + r, p.bias ? p.bias + n0 + r : nullptr,
-                     std::min<int64_t>(16, rows - r));
+          store_out(p, m0 + m, n0 + r, ybuf.data() + m * kBlockN + r, std::min<int64_t>(16, rows - r));
     }
   }
 }

@@ -12,9 +12,13 @@
 // * M <= kFusedRows: each code feeds the FMAs of every activation row directly and a group's
 //   scale and zero are applied to its partial sums: sum_k (q_k*s + z) x_k = s*sum q_k x_k +
 //   z*sum x_k. Only the packed weight, its scales and x are read.
-// * larger M: kTileN weight rows are dequantised into a cache-resident fp32 buffer once and
-//   dotted with every activation row by a kTileM x kTileN register-blocked micro-kernel, so
-//   each decoded weight is reused M times and each activation load feeds kTileN FMAs.
+// * larger M: kPanelN weight rows are dequantised, a slice of K at a time, into an L1-resident
+//   fp32 panel laid out K-major (kPanelN consecutive values per k), and an outer-product
+//   micro-kernel adds kPanelM activation rows (packed by the caller: LowbitProblem::x32) x
+//   kPanelN columns per k: two vector loads of the panel and one broadcast per activation row
+//   feed 2 kPanelM FMAs, with no horizontal sums. (The dot form it
+//   replaced, 4 x 4 rows dotted over K, re-read x for every 4 weight rows and ran at half the FMA
+//   rate at SmolLM2's sizes, 1.3-1.8x slower than torch's fp32 F.linear from M = 16.)
 //
 // Built with -ffp-contract=fast: a*b + c becomes one FMA (these kernels promise a tolerance,
 // not bit equality, see splitkernels/_backends/cpp.py).
@@ -39,16 +43,19 @@ namespace SK_ISA_NS {
 namespace {
 
 constexpr int kFusedRows = 4;
+// fp32 lanes of a vector, and the panel micro-kernel's activation rows: 2 kPanelM accumulators,
+// two panel vectors and a broadcast within the vector registers (32 zmm, 16 ymm / xmm).
 #if defined(__AVX512F__)
-constexpr int kVL = 16;  // fp32 lanes of the micro-kernel's vectors
-constexpr int kTileM = 4, kTileN = 4;
+constexpr int kVL = 16;
+constexpr int kPanelM = 8;
 #elif defined(__AVX2__)
 constexpr int kVL = 8;
-constexpr int kTileM = 4, kTileN = 2;
+constexpr int kPanelM = 6;
 #else
 constexpr int kVL = 4;
-constexpr int kTileM = 2, kTileN = 2;
+constexpr int kPanelM = 6;
 #endif
+constexpr int kPanelN = 2 * kVL;  // weight rows per panel
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
@@ -111,13 +118,14 @@ void load_affine(const LowbitProblem& p, int64_t n, float* sz) {
   }
 }
 
-void decode_row_phase3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s, const float* z,
-                       float* w) {
+// Groups [g0, g1) of a row (phase order) dequantised into w, from w[0].
+void decode_row_phase3(const uint8_t* rb, int64_t row_bytes, int64_t g0, int64_t g1, int64_t g, const float* s,
+                       const float* z, float* w) {
   const int64_t units = g / 8;
-  for (int64_t grp = 0; grp < K / g; ++grp) {
+  for (int64_t grp = g0; grp < g1; ++grp) {
     const int64_t offset = grp * units * 3;
     const uint8_t* gb = rb + offset;
-    float* wg = w + grp * g;
+    float* wg = w + (grp - g0) * g;
     const float sc = s[grp], ze = z[grp];
     int64_t u = 0;
     for (; u + 16 <= units && offset + 3 * u + 64 <= row_bytes; u += 16) {
@@ -135,14 +143,14 @@ void decode_row_phase3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t 
 }
 
 template <int B>
-void decode_row_phase(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, float* w) {
+void decode_row_phase(const uint8_t* rb, int64_t g0, int64_t g1, int64_t g, const float* s, const float* z, float* w) {
   constexpr int cpb = 8 / B;
   constexpr unsigned mask = (1u << B) - 1;
   const int64_t per_phase = g / cpb;
   const int64_t vec_end = per_phase / 16 * 16;
-  for (int64_t grp = 0; grp < K / g; ++grp) {
+  for (int64_t grp = g0; grp < g1; ++grp) {
     const uint8_t* gb = rb + grp * per_phase;
-    float* wg = w + grp * g;
+    float* wg = w + (grp - g0) * g;
     const float sc = s[grp], ze = z[grp];
     for (int64_t j = 0; j < vec_end; j += 16) {
       const u32x16 wv = widen16(gb + j);
@@ -167,18 +175,25 @@ void decode_row_natural(const uint8_t* rb, int64_t K, int bits, int64_t g, const
   }
 }
 
-// Row n of W, dequantised in decode order into w[K].
-void decode_row(const LowbitProblem& p, int64_t n, float* sz, uint8_t* qbuf, float* w) {
-  load_affine(p, n, sz);
+// Groups [g0, g1) of row n of W, dequantised in decode order into w (from w[0]), with the row's
+// scales and zeros in sz (load_affine). Natural layouts decode whole rows only (g0 = 0, g1 = G).
+void decode_groups(const LowbitProblem& p, int64_t n, int64_t g0, int64_t g1, const float* sz, uint8_t* qbuf,
+                   float* w) {
   const uint8_t* rb = p.qweight + n * p.row_bytes;
   const float *s = sz, *z = sz + p.G;
   switch (p.phased ? p.bits : 0) {
-    case 2: decode_row_phase<2>(rb, p.K, p.group_size, s, z, w); break;
-    case 3: decode_row_phase3(rb, p.row_bytes, p.K, p.group_size, s, z, w); break;
-    case 4: decode_row_phase<4>(rb, p.K, p.group_size, s, z, w); break;
-    case 8: decode_row_phase<8>(rb, p.K, p.group_size, s, z, w); break;
+    case 2: decode_row_phase<2>(rb, g0, g1, p.group_size, s, z, w); break;
+    case 3: decode_row_phase3(rb, p.row_bytes, g0, g1, p.group_size, s, z, w); break;
+    case 4: decode_row_phase<4>(rb, g0, g1, p.group_size, s, z, w); break;
+    case 8: decode_row_phase<8>(rb, g0, g1, p.group_size, s, z, w); break;
     default: decode_row_natural(rb, p.K, p.bits, p.group_size, s, z, qbuf, w);
   }
+}
+
+// Row n of W, dequantised in decode order into w[K].
+void decode_row(const LowbitProblem& p, int64_t n, float* sz, uint8_t* qbuf, float* w) {
+  load_affine(p, n, sz);
+  decode_groups(p, n, 0, p.G, sz, qbuf, w);
 }
 
 // Few activation rows, phase layout: codes straight into the FMAs, one group at a time.
@@ -277,45 +292,86 @@ void fused_row(const LowbitProblem& p, const float* sz, const float* xsum, int64
   }
 }
 
-// out[m][r] = dot(x row m, w row r) over K for an MR x NR tile (rows kVL-aligned or not).
-template <int MR, int NR>
-void dot_tile(const float* x, int64_t K, const float* w, float out[kTileM][kTileN]) {
-  vecf acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = vecf{};
-  const int64_t vec_end = K / kVL * kVL;
-  for (int64_t k = 0; k < vec_end; k += kVL) {
-    vecf wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = load<vecf>(w + r * K + k);
-    for (int m = 0; m < MR; ++m) {
-      const vecf xv = load<vecf>(x + m * K + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = xv * wv[r] + acc[m][r];
+// The panel is built and used a slice of whole groups, about kPanelK values, at a time: the
+// slice's decoded rows, its transposed copy (16 KiB each at AVX-512) and a tile's activations
+// stay in L1 from decode to the last tile. Whole 1536-long rows (a 192 KiB panel, decoded,
+// transposed and read through L2) cost as much as the products at M = 16 on SmolLM2's sizes.
+constexpr int64_t kPanelK = 128;
+// Activation rows are taken about kPanelXBytes of them at a time (panels decoded again for each
+// block): every panel reads all of the block's rows, which should come from the cache, not DRAM.
+constexpr int64_t kPanelXBytes = int64_t{8} << 20;
+
+// y[m][c] (row stride ld) = (add ? y[m][c] : 0) + sum_k x[k][m] panel[k][c], k < kc, for a tile
+// of kPanelM packed activation rows x [kc][kPanelM] and the panel's kPanelN columns: the first
+// `rows` rows and `cols` columns are read and written (a short tile's rows are zeros).
+void panel_tile(const float* x, int64_t kc, const float* panel, float* y, int64_t ld, int64_t rows, int64_t cols,
+                bool add) {
+  vecf acc[kPanelM][2];
+  for (int m = 0; m < kPanelM; ++m) acc[m][0] = acc[m][1] = vecf{};
+  alignas(64) float t[kPanelN] = {};
+  for (int64_t m = 0; add && m < rows; ++m) {
+    const float* src = y + m * ld;
+    if (cols < kPanelN) src = static_cast<const float*>(std::memcpy(t, src, cols * sizeof(float)));
+    acc[m][0] = load<vecf>(src);
+    acc[m][1] = load<vecf>(src + kVL);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const vecf p0 = load<vecf>(panel + k * kPanelN), p1 = load<vecf>(panel + k * kPanelN + kVL);
+    for (int m = 0; m < kPanelM; ++m) {
+      const float xv = x[k * kPanelM + m];
+      acc[m][0] = p0 * xv + acc[m][0];
+      acc[m][1] = p1 * xv + acc[m][1];
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) {
-      float t = hsum(acc[m][r]);
-      for (int64_t k = vec_end; k < K; ++k) t += x[m * K + k] * w[r * K + k];
-      out[m][r] = t;
-    }
+  for (int64_t m = 0; m < rows; ++m) {
+    float* dst = cols == kPanelN ? y + m * ld : t;
+    std::memcpy(dst, &acc[m][0], sizeof(vecf));
+    std::memcpy(dst + kVL, &acc[m][1], sizeof(vecf));
+    if (dst == t) std::memcpy(y + m * ld, t, cols * sizeof(float));
+  }
 }
 
-// dot_tile for the runtime row count mr <= MR.
-template <int MR>
-void dot_tile_upto(int64_t mr, const float* x, int64_t K, const float* w, float out[kTileM][kTileN]) {
-  if (mr == MR) {
-    dot_tile<MR, kTileN>(x, K, w, out);
-  } else if constexpr (MR > 1) {
-    dot_tile_upto<MR - 1>(mr, x, K, w, out);
-  }
+// rows[r][k] (kPanelN rows of K, row stride K) into panel[k][r].
+void transpose_rows(const float* rows, int64_t K, float* panel) {
+  int64_t k0 = 0;
+#if defined(__AVX512F__)
+  // 16 x 16 blocks in registers (scalar stores took as long as the products at M = 16).
+  for (; k0 + 16 <= K; k0 += 16)
+    for (int h = 0; h < kPanelN; h += 16) {
+      __m512 v[16];
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_ps(rows + (h + r) * K + k0);
+      __m512 a[16], b[16];
+      for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+        a[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+      }
+      for (int g = 0; g < 16; g += 4) {
+        b[g] = _mm512_shuffle_ps(a[g], a[g + 2], 0x44);
+        b[g + 1] = _mm512_shuffle_ps(a[g], a[g + 2], 0xee);
+        b[g + 2] = _mm512_shuffle_ps(a[g + 1], a[g + 3], 0x44);
+        b[g + 3] = _mm512_shuffle_ps(a[g + 1], a[g + 3], 0xee);
+      }
+      for (int c = 0; c < 4; ++c) {
+        const __m512 x0 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x88), x1 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xdd);
+        const __m512 y0 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x88);
+        const __m512 y1 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xdd);
+        v[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+        v[8 + c] = _mm512_shuffle_f32x4(x0, y0, 0xdd);
+        v[4 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+        v[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xdd);
+      }
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(panel + (k0 + j) * kPanelN + h, v[j]);
+    }
+#endif
+  for (; k0 < K; ++k0)
+    for (int r = 0; r < kPanelN; ++r) panel[k0 * kPanelN + r] = rows[r * K + k0];
 }
 
 void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t K = p.K, G = p.G, M = p.M;
-  thread_local std::vector<float> sz, wbuf;
-  thread_local std::vector<uint8_t> qbuf;
-  sz.resize(2 * G);
-  if (p.phased && M <= kFusedRows) {
+  if (!fp32_packs_x(lowbit_kernels(), p.phased, M)) {
+    thread_local std::vector<float> sz;
+    sz.resize(2 * G);
     float acc[kFusedRows];
     for (int64_t n = n_begin; n < n_end; ++n) {
       load_affine(p, n, sz.data());
@@ -329,25 +385,33 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     }
     return;
   }
-  wbuf.resize(kTileN * K);
+  // Slices of whole groups (natural layouts: the whole row, which decode_groups needs).
+  const int64_t g = p.group_size, per_slice = p.phased ? std::max<int64_t>(1, kPanelK / g) : G;
+  thread_local std::vector<float> wbuf, panel, affine;
+  thread_local std::vector<uint8_t> qbuf;
+  wbuf.resize(kPanelN * per_slice * g);
+  panel.resize(kPanelN * per_slice * g);
+  affine.resize(kPanelN * 2 * G);
   qbuf.resize(p.phased ? 0 : K);
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileN) {
-    const int64_t rows = std::min<int64_t>(kTileN, n_end - n0);
-    // A short last tile repeats its first row: computed, never stored.
-    for (int64_t r = 0; r < kTileN; ++r)
-      if (r < rows)
-        decode_row(p, n0 + r, sz.data(), qbuf.data(), wbuf.data() + r * K);
-      else
-        std::memcpy(wbuf.data() + r * K, wbuf.data(), K * sizeof(float));
-    float out[kTileM][kTileN];
-    for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-      const int64_t mr = std::min<int64_t>(kTileM, M - m0);
-      const float* x = p.x32 + m0 * K;
-      dot_tile_upto<kTileM>(mr, x, K, wbuf.data(), out);
-      for (int64_t m = 0; m < mr; ++m)
-        for (int64_t r = 0; r < rows; ++r) p.y[(m0 + m) * p.N + n0 + r] = out[m][r];
+  const int64_t block_rows = std::max<int64_t>(1, kPanelXBytes / (K * 4 * kPanelM)) * kPanelM;
+  for (int64_t b0 = 0; b0 < M; b0 += block_rows)
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelN) {
+      const int64_t rows = std::min<int64_t>(kPanelN, n_end - n0);
+      for (int64_t r = 0; r < rows; ++r) load_affine(p, n0 + r, affine.data() + r * 2 * G);
+      for (int64_t g0 = 0; g0 < G; g0 += per_slice) {
+        const int64_t g1 = std::min(G, g0 + per_slice), k0 = g0 * g, kc = (g1 - g0) * g;
+        // A short last panel repeats its first row: computed, never stored.
+        for (int64_t r = 0; r < kPanelN; ++r)
+          if (r < rows)
+            decode_groups(p, n0 + r, g0, g1, affine.data() + r * 2 * G, qbuf.data(), wbuf.data() + r * kc);
+          else
+            std::memcpy(wbuf.data() + r * kc, wbuf.data(), kc * sizeof(float));
+        transpose_rows(wbuf.data(), kc, panel.data());
+        for (int64_t m0 = b0; m0 < std::min(M, b0 + block_rows); m0 += kPanelM)
+          panel_tile(p.x32 + (m0 * K + k0 * kPanelM), kc, panel.data(), p.y + m0 * p.N + n0, p.N,
+                     std::min<int64_t>(kPanelM, M - m0), rows, g0 > 0);
+      }
     }
-  }
 }
 
 // Decode order back to natural order: code c of unit u of a group sits at c * units + u.
@@ -392,7 +456,7 @@ void dequantize(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 }  // namespace
 
 const LowbitKernels& lowbit_kernels() {
-  static const LowbitKernels k{SK_ISA_NAME, fp32_rows, kFusedRows, nullptr, dequantize};
+  static const LowbitKernels k{SK_ISA_NAME, fp32_rows, kFusedRows, kPanelM, nullptr, dequantize};
   return k;
 }
 
