@@ -387,6 +387,7 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   }
   // Slices of whole groups (natural layouts: the whole row, which decode_groups needs).
   const int64_t g = p.group_size, per_slice = p.phased ? std::max<int64_t>(1, kPanelK / g) : G;
+  const int64_t group_bytes = g * p.bits / 8;  // a group's packed bytes (phase layouts: whole bytes)
   thread_local std::vector<float> wbuf, panel, affine;
   thread_local std::vector<uint8_t> qbuf;
   wbuf.resize(kPanelN * per_slice * g);
@@ -400,12 +401,18 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       for (int64_t r = 0; r < rows; ++r) load_affine(p, n0 + r, affine.data() + r * 2 * G);
       for (int64_t g0 = 0; g0 < G; g0 += per_slice) {
         const int64_t g1 = std::min(G, g0 + per_slice), k0 = g0 * g, kc = (g1 - g0) * g;
-        // A short last panel repeats its first row: computed, never stored.
+        const int64_t next_bytes = (std::min(G, g1 + per_slice) - g1) * group_bytes;  // the next slice's
+        // A short last panel repeats its first row: computed, never stored. Each row's next
+        // slice is prefetched: kPanelN rows read side by side are more streams than the hardware
+        // prefetcher follows (W8 at 4096 x 4096, M = 16, took 1.8 times W4's time without).
         for (int64_t r = 0; r < kPanelN; ++r)
-          if (r < rows)
+          if (r < rows) {
+            const uint8_t* next = p.qweight + (n0 + r) * p.row_bytes + g1 * group_bytes;
+            for (int64_t b = 0; b < next_bytes; b += 64) __builtin_prefetch(next + b);
             decode_groups(p, n0 + r, g0, g1, affine.data() + r * 2 * G, qbuf.data(), wbuf.data() + r * kc);
-          else
+          } else {
             std::memcpy(wbuf.data() + r * kc, wbuf.data(), kc * sizeof(float));
+          }
         transpose_rows(wbuf.data(), kc, panel.data());
         for (int64_t m0 = b0; m0 < std::min(M, b0 + block_rows); m0 += kPanelM)
           panel_tile(p.x32 + (m0 * K + k0 * kPanelM), kc, panel.data(), p.y + m0 * p.N + n0, p.N,
