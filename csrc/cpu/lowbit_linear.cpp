@@ -11,8 +11,8 @@
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
 //   (isa/lowbit_bf16.cpp), at every M; the kernels write the bf16 output themselves. fp32
 //   activations at M > 1 too where the caller allows bf16 precision (fp32_as_bf16; fp32 output);
-// * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp (the Python glue
-//   sends large M to lowbit_dequantize + a BLAS matmul instead).
+// * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp, at every M (the
+//   Python glue sends bf16 activations of large M to lowbit_dequantize + torch's bf16 matmul).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -335,31 +335,37 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       return "";
     }  // NaN, infinity or a value beyond bf16: the fp32 kernels carry it through
   }
-  // Activations in decode order as fp32 (rows, or packed in tiles for the panel), with group
-  // sums, rows spread over the threads. Buffers per thread: zeroed where a short tile needs it.
+  // Activations in decode order as fp32, spread over the threads: rows with group sums for the
+  // fused path, or packed in tiles of MR rows for the panel (value k of row m at tile m / MR,
+  // [k][m % MR]: one row of MR values per k, so a tile's rows are converted together and each
+  // k stores MR values side by side). Buffers per thread; a short last tile is zero-padded.
   const int64_t G = p.G;
   const bool packed = fp32_packs_x(*isa.kernels, p.phased, M);
   const int64_t MR = packed ? isa.kernels->panel_rows : 1, tiles = (M + MR - 1) / MR;
   const std::vector<int32_t>& pos = act_positions(ActOrder::kFp32, bits, group_size, K);
   thread_local std::vector<float> x32, xsum;
   x32.resize(tiles * MR * K);
-  xsum.resize(M * G);
-  if (M % MR) std::fill(x32.begin() + (tiles - 1) * MR * K, x32.end(), 0.f);
+  xsum.resize(packed ? 0 : M * G);
   {
     float* xp = x32.data();
     float* sums = xsum.data();
-    parallel_for(M, std::max<int64_t>(1, kPrepareChunkValues / K), [&](int64_t m0, int64_t m1) {
-      thread_local std::vector<float> row;
-      row.resize(K);
-      for (int64_t m = m0; m < m1; ++m) {
-        to_float(static_cast<const uint8_t*>(x) + m * K * dtype_size(dtype), dtype, K, row.data());
-        float* xt = xp + (m / MR) * MR * K + m % MR;  // value k of the row at xt[k * MR]
-        for (int64_t k = 0; k < K; ++k) xt[pos[k] * MR] = row[k];
-        for (int64_t g = 0; g < G; ++g) {
-          float sum = 0.f;
-          for (int64_t j = 0; j < group_size; ++j) sum += row[g * group_size + j];
-          sums[m * G + g] = sum;
-        }
+    const size_t row_bytes = K * dtype_size(dtype);
+    parallel_for(tiles, std::max<int64_t>(1, kPrepareChunkValues / (MR * K)), [&](int64_t t0, int64_t t1) {
+      thread_local std::vector<float> rows;
+      rows.resize(MR * K);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t m0 = t * MR, mr = std::min(MR, M - m0);
+        to_float(static_cast<const uint8_t*>(x) + m0 * row_bytes, dtype, mr * K, rows.data());
+        std::fill(rows.begin() + mr * K, rows.end(), 0.f);
+        float* xt = xp + m0 * K;
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t r = 0; r < MR; ++r) xt[pos[k] * MR + r] = rows[r * K + k];
+        for (int64_t m = 0; !packed && m < mr; ++m)
+          for (int64_t g = 0; g < G; ++g) {
+            float sum = 0.f;
+            for (int64_t j = 0; j < group_size; ++j) sum += rows[m * K + g * group_size + j];
+            sums[(m0 + m) * G + g] = sum;
+          }
       }
     });
   }
