@@ -141,8 +141,8 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
 # bf16 activation rows from which lowbit_linear dequantises W to bf16 and calls torch's bf16
 # matmul, where the bf16 kernels (``_C.lowbit_bf16_kernel``) do not take the layout or the CPU has
 # none, instead of converting the activations for the fp32 kernels. fp32 and fp16 activations
-# stay on the fp32 kernels at every M: their panel GEMM ran at 0.87-1.24 of torch's fp32
-# F.linear from M = 256, at or ahead of dequantising to fp32 for it (bench/results/ops, session 17).
+# stay on the fp32 kernels at every M: their panel GEMM ran at 0.84-1.12 of torch's fp32
+# F.linear at M = 512, at or ahead of dequantising to fp32 for it (bench/results/ops, session 17).
 BLAS_MIN_ROWS = 256
 _DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
 # torch's fp32 matmul precisions that allow bf16 products: oneDNN's setting (torch >= 2.9: "bf16"
