@@ -56,11 +56,14 @@ inline uint16_t float_to_half(float f) {
 
 inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
+// The bf16 bits of the fp32 bits u, rounded to nearest even; not for NaN (its payload may carry
+// into the sign). Branch-free, so loops over it vectorise.
+inline uint32_t bf16_round_bits(uint32_t u) { return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; }
+
 inline uint16_t float_to_bf16(float f) {
-  uint32_t x = float_bits(f);
+  const uint32_t x = float_bits(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet NaN
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>(x >> 16);
+  return static_cast<uint16_t>(bf16_round_bits(x));
 }
 
 // Largest fp16 value <= v (as fp32; -inf below the fp16 range): the codec's `lo`.

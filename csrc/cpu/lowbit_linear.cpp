@@ -241,7 +241,7 @@ bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
     for (int64_t i = m0 * K; i < m1 * K; ++i) {
       uint32_t u;
       std::memcpy(&u, x + i, 4);
-      const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      const uint32_t r = bf16_round_bits(u);
       out[i] = static_cast<uint16_t>(r);
       bad |= static_cast<uint32_t>((u & 0x7fffffffu) >= 0x7f800000u) | static_cast<uint32_t>((r & 0x7f80u) == 0x7f80u);
     }

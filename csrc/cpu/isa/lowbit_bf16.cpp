@@ -38,6 +38,7 @@
 
 #include "common/half.h"
 #include "cpu/isa/avx512_rows.h"
+#include "cpu/isa/transpose16.h"
 #include "cpu/isa_build.h"
 #include "cpu/lowbit_kernels.h"
 
@@ -340,29 +341,6 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 }
 
 // ---- More activation rows: panel of 32 weight rows, outer-product micro-kernel -----------
-// Transposes 16 x 16 u32 in place: v[j] lane i becomes the old v[i] lane j.
-inline void transpose16(__m512i v[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 16; i += 2) {  // 32-bit interleave within each 128-bit lane
-    a[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-    a[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int g = 0; g < 16; g += 4) {  // b[g + c], 128-bit lane L: rows g..g+3 of column 4 L + c
-    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
-    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
-    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
-    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // column 4 L + c: lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
-    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x88), x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xdd);
-    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x88), y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xdd);
-    v[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
-    v[8 + c] = _mm512_shuffle_i32x4(x0, y0, 0xdd);
-    v[4 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
-    v[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xdd);
-  }
-}
-
 constexpr int64_t kPanelPrefetchBytes = 256;
 
 // Byte `offset` of row `row` of the panel's block at n0 (rows past the end repeat the first); with

@@ -37,6 +37,9 @@
 #include "cpu/lowbit_kernels.h"
 
 #include "cpu/isa_build.h"
+#if defined(__AVX512F__)
+#include "cpu/isa/transpose16.h"
+#endif
 
 namespace sk {
 namespace SK_ISA_NS {
@@ -338,29 +341,10 @@ void transpose_rows(const float* rows, int64_t K, float* panel) {
   // 16 x 16 blocks in registers (scalar stores took as long as the products at M = 16).
   for (; k0 + 16 <= K; k0 += 16)
     for (int h = 0; h < kPanelN; h += 16) {
-      __m512 v[16];
-      for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_ps(rows + (h + r) * K + k0);
-      __m512 a[16], b[16];
-      for (int i = 0; i < 16; i += 2) {
-        a[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
-        a[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
-      }
-      for (int g = 0; g < 16; g += 4) {
-        b[g] = _mm512_shuffle_ps(a[g], a[g + 2], 0x44);
-        b[g + 1] = _mm512_shuffle_ps(a[g], a[g + 2], 0xee);
-        b[g + 2] = _mm512_shuffle_ps(a[g + 1], a[g + 3], 0x44);
-        b[g + 3] = _mm512_shuffle_ps(a[g + 1], a[g + 3], 0xee);
-      }
-      for (int c = 0; c < 4; ++c) {
-        const __m512 x0 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x88), x1 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xdd);
-        const __m512 y0 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x88);
-        const __m512 y1 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xdd);
-        v[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
-        v[8 + c] = _mm512_shuffle_f32x4(x0, y0, 0xdd);
-        v[4 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
-        v[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xdd);
-      }
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(panel + (k0 + j) * kPanelN + h, v[j]);
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_si512(rows + (h + r) * K + k0);
+      transpose16(v);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (k0 + j) * kPanelN + h, v[j]);
     }
 #endif
   for (; k0 < K; ++k0)
@@ -454,7 +438,7 @@ void dequantize(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       for (int64_t k = 0; k < K; ++k) {
         uint32_t u;
         std::memcpy(&u, dst32 + k, 4);
-        dst16[k] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        dst16[k] = static_cast<uint16_t>(bf16_round_bits(u));
       }
     }
   }
