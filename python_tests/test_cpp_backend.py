@@ -851,9 +851,11 @@ def test_fp32_precision_read_from_the_onednn_setting(fp32_precision):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("bits,group,k", [(2, 256, 512), (3, 128, 384), (4, 128, 384), (4, 64, 192), (8, 64, 128), (4, 3, 96)])
-@pytest.mark.parametrize("m", (1, 4, 5, 7, 13))
+@pytest.mark.parametrize("m", (1, 4, 5, 7, 13, 21, 27, 33))
 def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, group, k, m):
-    # n = 45: a short last tile for every row tiling (4, 2, 32-row panels); odd m leaves short row tiles.
+    # n = 45: a short last block for every row tiling (4-, 8- and 32-row blocks); odd m leaves
+    # short activation tiles; 13 / 21 / 27 / 33 rows run the fp32 kernels' two- and three-tile
+    # steps and their mixes (2, 3, 3 + 1, 3 + 2 tiles of 8 rows).
     x, qw, b = _lowbit_case(45, k, m, bits, group, dtype, bias=True, seed=bits * 100 + m)
     want64 = _lowbit_want64(x, qw, b)
     outs = {}
@@ -895,10 +897,10 @@ def test_isa_choice_errors():
     assert cpp._C.lowbit_isa() in cpp._C.lowbit_isas() and cpp._C.lowbit_isas()[0] == "generic"
 
 
-def test_fp32_panel_gemm_over_several_row_blocks(each_isa):
-    # The fp32 kernels' panel GEMM takes activation rows in blocks of about 8 MiB (K = 1024: 2046
-    # or 2048 rows by the build's tile height), K in slices of whole groups and N in panels with a
-    # short last one: every row, block and column must come out right on every build.
+def test_fp32_gemm_over_several_row_blocks(each_isa):
+    # The fp32 kernels' GEMM (M > 4) takes activation rows in blocks of about 8 MiB (K = 1024:
+    # 2048 rows), K in slices of whole groups and N in blocks of weight rows with a short last
+    # one: every row, block and column must come out right on every build.
     x, qw, b = _lowbit_case(45, 1024, 2100, 4, 128, torch.float32, bias=True, seed=5)
     want64 = _lowbit_want64(x, qw, b)
     for isa in each_isa:

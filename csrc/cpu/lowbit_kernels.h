@@ -22,7 +22,7 @@ struct LowbitProblem {
   int scale_dtype;
   int64_t M;
   const float* x32;        // [M, K] fp32 in decode order (fp32 kernels); packed where fp32_rows runs its
-                           // panel (fp32_packs_x): tiles of panel_rows rows as [K, panel_rows], zeros past M
+                           // GEMM (fp32_packs_x): tiles of tile_rows rows as [K, tile_rows], zeros past M
   const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
   int64_t x_stride;
   const float* xsum;       // [M, G] group sums of the activations the kernel reads
@@ -44,12 +44,12 @@ struct LowbitKernels {
   const char* name;
   LowbitRowsFn fp32_rows;    // fp32 activations, any bits/group layout
   int64_t fused_rows;        // fp32_rows reads codes straight into the FMAs up to this M (phase layouts)
-  int64_t panel_rows;        // above that (or in natural order) activation rows per tile of its panel
+  int64_t tile_rows;         // above that (or in natural order) activation rows per tile of its GEMM
   LowbitRowsFn bf16_rows;    // bf16 activations, exact integer codes x bf16 (nullptr if absent)
   LowbitRowsFn dequantize;   // writes w_out rows
 };
 
-// Whether fp32_rows reads x32 packed in tiles of k.panel_rows rows (its panel path) for M rows.
+// Whether fp32_rows reads x32 packed in tiles of k.tile_rows rows (its GEMM) for M rows.
 inline bool fp32_packs_x(const LowbitKernels& k, bool phased, int64_t M) { return !(phased && M <= k.fused_rows); }
 
 // Whether bf16_rows handles this layout. A chunk is 64 bytes of codes (2/4/8 bits) or 128 codes

@@ -336,12 +336,12 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     }  // NaN, infinity or a value beyond bf16: the fp32 kernels carry it through
   }
   // Activations in decode order as fp32, spread over the threads: rows with group sums for the
-  // fused path, or packed in tiles of MR rows for the panel (value k of row m at tile m / MR,
+  // fused path, or packed in tiles of MR rows for the GEMM (value k of row m at tile m / MR,
   // [k][m % MR]: one row of MR values per k, so a tile's rows are converted together and each
   // k stores MR values side by side). Buffers per thread; a short last tile is zero-padded.
   const int64_t G = p.G;
   const bool packed = fp32_packs_x(*isa.kernels, p.phased, M);
-  const int64_t MR = packed ? isa.kernels->panel_rows : 1, tiles = (M + MR - 1) / MR;
+  const int64_t MR = packed ? isa.kernels->tile_rows : 1, tiles = (M + MR - 1) / MR;
   const std::vector<int32_t>& pos = act_positions(ActOrder::kFp32, bits, group_size, K);
   thread_local std::vector<float> x32, xsum;
   x32.resize(tiles * MR * K);

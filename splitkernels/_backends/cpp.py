@@ -27,8 +27,9 @@ Agreement with :mod:`splitkernels.ops.reference`:
   (``_C.lowbit_w8_vnni``) goes as three signed bytes of a per-group 22-bit fixed point
   (values of at least 2^-14 of their group's largest exact, smaller ones within 2^-22 of it)
   against the codes as packed (vpdpbusd), with no decode; fp32 activations (and fp16,
-  converted) use FMA kernels that do the same for M <= 4 and otherwise dequantise panels of
-  weight rows (``q*scale + zero``, one FMA) for a register-blocked GEMM micro-kernel. bf16
+  converted) use FMA kernels that do the same for M <= 4 and otherwise dequantise blocks of
+  weight rows (``q*scale + zero``, one FMA) a slice of K at a time for a register-blocked GEMM
+  micro-kernel that broadcasts each weight value against tiles of 8 activation rows. bf16
   activations the bf16 kernels do not take go, from ``BLAS_MIN_ROWS`` rows on, to torch's bf16
   matmul on W dequantised in row blocks (bf16). All paths accumulate in fp32,
   so the result agrees with a float64 computation (``x.double() @ dequant(W).double().T``)
@@ -141,8 +142,8 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
 # bf16 activation rows from which lowbit_linear dequantises W to bf16 and calls torch's bf16
 # matmul, where the bf16 kernels (``_C.lowbit_bf16_kernel``) do not take the layout or the CPU has
 # none, instead of converting the activations for the fp32 kernels. fp32 and fp16 activations
-# stay on the fp32 kernels at every M: their panel GEMM ran at 0.84-1.12 of torch's fp32
-# F.linear at M = 512, at or ahead of dequantising to fp32 for it (bench/results/ops, session 17).
+# stay on the fp32 kernels at every M: their GEMM ran at 0.84-1.12 of torch's fp32 F.linear at
+# M = 512, at or ahead of dequantising to fp32 for it (bench/results/ops, sessions 17-18).
 BLAS_MIN_ROWS = 256
 _DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
 # torch's fp32 matmul precisions that allow bf16 products: oneDNN's setting (torch >= 2.9: "bf16"

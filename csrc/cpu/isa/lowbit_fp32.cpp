@@ -12,13 +12,13 @@
 // * M <= kFusedRows: each code feeds the FMAs of every activation row directly and a group's
 //   scale and zero are applied to its partial sums: sum_k (q_k*s + z) x_k = s*sum q_k x_k +
 //   z*sum x_k. Only the packed weight, its scales and x are read.
-// * larger M: kPanelN weight rows are dequantised, a slice of K at a time, into an L1-resident
-//   fp32 panel laid out K-major (kPanelN consecutive values per k), and an outer-product
-//   micro-kernel adds kPanelM activation rows (packed by the caller: LowbitProblem::x32) x
-//   kPanelN columns per k: two vector loads of the panel and one broadcast per activation row
-//   feed 2 kPanelM FMAs, with no horizontal sums. (The dot form it
-//   replaced, 4 x 4 rows dotted over K, re-read x for every 4 weight rows and ran at half the FMA
-//   rate at SmolLM2's sizes, 1.3-1.8x slower than torch's fp32 F.linear from M = 16.)
+// * larger M: kBlockN weight rows are dequantised, a slice of K at a time, into an L1-resident
+//   buffer in row order, and each activation tile (kTileRows rows packed by the caller as
+//   [K][kTileRows], LowbitProblem::x32) is one vector per k: broadcasting a weight value into
+//   the FMA of every tile it meets gives kTileRows x kBlockN x tiles products per step with no
+//   horizontal sums and no transposition. (Two forms it replaced: a 4 x 4 dot form over K, which
+//   re-read x for every 4 weight rows, and a K-major panel of 32 weight rows, whose decode-side
+//   transposes cost as much as the products at M = 8-16.)
 //
 // Built with -ffp-contract=fast: a*b + c becomes one FMA (these kernels promise a tolerance,
 // not bit equality, see splitkernels/_backends/cpp.py).
@@ -37,33 +37,30 @@
 #include "cpu/lowbit_kernels.h"
 
 #include "cpu/isa_build.h"
-#if defined(__AVX512F__)
-#include "cpu/isa/transpose16.h"
-#endif
 
 namespace sk {
 namespace SK_ISA_NS {
 namespace {
 
 constexpr int kFusedRows = 4;
-// fp32 lanes of a vector, and the panel micro-kernel's activation rows: 2 kPanelM accumulators,
-// two panel vectors and a broadcast within the vector registers (32 zmm, 16 ymm / xmm).
+// Above kFusedRows the activations come packed in tiles of kTileRows rows, one vector of a tile
+// per k, and the products are kBlockN weight rows x up to kMaxTiles tiles per step (block_tiles):
+// kMaxTiles * kBlockN accumulators, kMaxTiles activation vectors and a broadcast within the vector
+// registers (32 at AVX-512, 16 at AVX2). Eight-lane vectors at AVX-512 too: Zen 4 runs two 256-bit
+// FMAs per cycle or one 512-bit one, and 8-row tiles waste no lanes at M = 8.
+constexpr int kTileRows = 8;
 #if defined(__AVX512F__)
-constexpr int kVL = 16;
-constexpr int kPanelM = 8;
-#elif defined(__AVX2__)
-constexpr int kVL = 8;
-constexpr int kPanelM = 6;
+constexpr int kBlockN = 8;
+constexpr int kMaxTiles = 3;
 #else
-constexpr int kVL = 4;
-constexpr int kPanelM = 6;
+constexpr int kBlockN = 4;
+constexpr int kMaxTiles = 2;
 #endif
-constexpr int kPanelN = 2 * kVL;  // weight rows per panel
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint8_t u8x64 __attribute__((vector_size(64)));
-typedef float vecf __attribute__((vector_size(kVL * 4)));
+typedef float vtile __attribute__((vector_size(kTileRows * 4)));
 
 template <typename V>
 inline V load(const float* p) {
@@ -295,60 +292,33 @@ void fused_row(const LowbitProblem& p, const float* sz, const float* xsum, int64
   }
 }
 
-// The panel is built and used a slice of whole groups, about kPanelK values, at a time: the
-// slice's decoded rows, its transposed copy (16 KiB each at AVX-512) and a tile's activations
-// stay in L1 from decode to the last tile. Whole 1536-long rows (a 192 KiB panel, decoded,
-// transposed and read through L2) cost as much as the products at M = 16 on SmolLM2's sizes.
-constexpr int64_t kPanelK = 128;
-// Activation rows are taken about kPanelXBytes of them at a time (panels decoded again for each
-// block): every panel reads all of the block's rows, which should come from the cache, not DRAM.
-constexpr int64_t kPanelXBytes = int64_t{8} << 20;
+// The weight is decoded a slice of whole groups, about kSliceK values, at a time: the slice of
+// kBlockN decoded rows (8 KiB at AVX-512) and a tile's activations stay in L1 while every tile of
+// the row block reads them (128 values per slice ran 3-8% slower at M = 8-64 on SmolLM2's
+// layers; 512 about as fast at M = 8-16 and up to 10% slower at M = 64).
+constexpr int64_t kSliceK = 256;
+// Activation rows are taken about kBlockXBytes of them at a time (weight slices decoded again for
+// each block): every slice reads all of the block's rows, which should come from the cache, not DRAM.
+constexpr int64_t kBlockXBytes = int64_t{8} << 20;
 
-// y[m][c] (row stride ld) = (add ? y[m][c] : 0) + sum_k x[k][m] panel[k][c], k < kc, for a tile
-// of kPanelM packed activation rows x [kc][kPanelM] and the panel's kPanelN columns: the first
-// `rows` rows and `cols` columns are read and written (a short tile's rows are zeros).
-void panel_tile(const float* x, int64_t kc, const float* panel, float* y, int64_t ld, int64_t rows, int64_t cols,
-                bool add) {
-  vecf acc[kPanelM][2];
-  for (int m = 0; m < kPanelM; ++m) acc[m][0] = acc[m][1] = vecf{};
-  alignas(64) float t[kPanelN] = {};
-  for (int64_t m = 0; add && m < rows; ++m) {
-    const float* src = y + m * ld;
-    if (cols < kPanelN) src = static_cast<const float*>(std::memcpy(t, src, cols * sizeof(float)));
-    acc[m][0] = load<vecf>(src);
-    acc[m][1] = load<vecf>(src + kVL);
-  }
+// acc[t][r][m] (tile t's activation row m, weight row r) += sum_k x_t[k][m] w[r][k], k < kc,
+// for T tiles of kTileRows packed activation rows (tile t at x + t * tile_stride, [k][kTileRows])
+// and kBlockN decoded weight rows w (row stride kc). Each weight value is broadcast into T FMAs.
+template <int T>
+void block_tiles(const float* x, int64_t tile_stride, int64_t kc, const float* w, float* acc) {
+  vtile a[T][kBlockN];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < kBlockN; ++r) a[t][r] = load<vtile>(acc + (t * kBlockN + r) * kTileRows);
   for (int64_t k = 0; k < kc; ++k) {
-    const vecf p0 = load<vecf>(panel + k * kPanelN), p1 = load<vecf>(panel + k * kPanelN + kVL);
-    for (int m = 0; m < kPanelM; ++m) {
-      const float xv = x[k * kPanelM + m];
-      acc[m][0] = p0 * xv + acc[m][0];
-      acc[m][1] = p1 * xv + acc[m][1];
+    vtile xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = load<vtile>(x + t * tile_stride + k * kTileRows);
+    for (int r = 0; r < kBlockN; ++r) {
+      const float wr = w[r * kc + k];
+      for (int t = 0; t < T; ++t) a[t][r] = xv[t] * wr + a[t][r];
     }
   }
-  for (int64_t m = 0; m < rows; ++m) {
-    float* dst = cols == kPanelN ? y + m * ld : t;
-    std::memcpy(dst, &acc[m][0], sizeof(vecf));
-    std::memcpy(dst + kVL, &acc[m][1], sizeof(vecf));
-    if (dst == t) std::memcpy(y + m * ld, t, cols * sizeof(float));
-  }
-}
-
-// rows[r][k] (kPanelN rows of K, row stride K) into panel[k][r].
-void transpose_rows(const float* rows, int64_t K, float* panel) {
-  int64_t k0 = 0;
-#if defined(__AVX512F__)
-  // 16 x 16 blocks in registers (scalar stores took as long as the products at M = 16).
-  for (; k0 + 16 <= K; k0 += 16)
-    for (int h = 0; h < kPanelN; h += 16) {
-      __m512i v[16];
-      for (int r = 0; r < 16; ++r) v[r] = _mm512_loadu_si512(rows + (h + r) * K + k0);
-      transpose16(v);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (k0 + j) * kPanelN + h, v[j]);
-    }
-#endif
-  for (; k0 < K; ++k0)
-    for (int r = 0; r < kPanelN; ++r) panel[k0 * kPanelN + r] = rows[r * K + k0];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < kBlockN; ++r) std::memcpy(acc + (t * kBlockN + r) * kTileRows, &a[t][r], sizeof(vtile));
 }
 
 void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
@@ -370,26 +340,30 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     return;
   }
   // Slices of whole groups (natural layouts: the whole row, which decode_groups needs).
-  const int64_t g = p.group_size, per_slice = p.phased ? std::max<int64_t>(1, kPanelK / g) : G;
+  const int64_t g = p.group_size, per_slice = p.phased ? std::max<int64_t>(1, kSliceK / g) : G;
   const int64_t group_bytes = g * p.bits / 8;  // a group's packed bytes (phase layouts: whole bytes)
-  thread_local std::vector<float> wbuf, panel, affine;
+  const int64_t tile_stride = K * kTileRows;
+  const int64_t block_tiles_n = std::max<int64_t>(1, kBlockXBytes / (K * 4 * kTileRows));
+  thread_local std::vector<float> wbuf, affine, acc;  // acc: [tile][kBlockN][kTileRows] sums of the block's tiles
   thread_local std::vector<uint8_t> qbuf;
-  wbuf.resize(kPanelN * per_slice * g);
-  panel.resize(kPanelN * per_slice * g);
-  affine.resize(kPanelN * 2 * G);
+  wbuf.resize(kBlockN * per_slice * g);
+  affine.resize(kBlockN * 2 * G);
   qbuf.resize(p.phased ? 0 : K);
-  const int64_t block_rows = std::max<int64_t>(1, kPanelXBytes / (K * 4 * kPanelM)) * kPanelM;
-  for (int64_t b0 = 0; b0 < M; b0 += block_rows)
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelN) {
-      const int64_t rows = std::min<int64_t>(kPanelN, n_end - n0);
+  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
+  acc.resize(std::min(tiles, block_tiles_n) * kBlockN * kTileRows);
+  for (int64_t t0 = 0; t0 < tiles; t0 += block_tiles_n) {
+    const int64_t t1 = std::min(tiles, t0 + block_tiles_n);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlockN) {
+      const int64_t rows = std::min<int64_t>(kBlockN, n_end - n0);
       for (int64_t r = 0; r < rows; ++r) load_affine(p, n0 + r, affine.data() + r * 2 * G);
+      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g0 = 0; g0 < G; g0 += per_slice) {
         const int64_t g1 = std::min(G, g0 + per_slice), k0 = g0 * g, kc = (g1 - g0) * g;
         const int64_t next_bytes = (std::min(G, g1 + per_slice) - g1) * group_bytes;  // the next slice's
-        // A short last panel repeats its first row: computed, never stored. Each row's next
-        // slice is prefetched: kPanelN rows read side by side are more streams than the hardware
-        // prefetcher follows (W8 at 4096 x 4096, M = 16, took 1.8 times W4's time without).
-        for (int64_t r = 0; r < kPanelN; ++r)
+        // A short last block repeats its first row: computed, never stored. Each row's next slice
+        // is prefetched: rows read side by side are more streams than the hardware prefetcher
+        // follows (W8 at 4096 x 4096, M = 16, took 1.8 times W4's time without).
+        for (int64_t r = 0; r < kBlockN; ++r)
           if (r < rows) {
             const uint8_t* next = p.qweight + (n0 + r) * p.row_bytes + g1 * group_bytes;
             for (int64_t b = 0; b < next_bytes; b += 64) __builtin_prefetch(next + b);
@@ -397,12 +371,25 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
           } else {
             std::memcpy(wbuf.data() + r * kc, wbuf.data(), kc * sizeof(float));
           }
-        transpose_rows(wbuf.data(), kc, panel.data());
-        for (int64_t m0 = b0; m0 < std::min(M, b0 + block_rows); m0 += kPanelM)
-          panel_tile(p.x32 + (m0 * K + k0 * kPanelM), kc, panel.data(), p.y + m0 * p.N + n0, p.N,
-                     std::min<int64_t>(kPanelM, M - m0), rows, g0 > 0);
+        const float* xs = p.x32 + k0 * kTileRows;
+        for (int64_t t = t0; t < t1; t += kMaxTiles) {
+          const float* xt = xs + t * tile_stride;
+          float* at = acc.data() + (t - t0) * kBlockN * kTileRows;
+          switch (std::min<int64_t>(kMaxTiles, t1 - t)) {
+            case 1: block_tiles<1>(xt, tile_stride, kc, wbuf.data(), at); break;
+            case 2: block_tiles<2>(xt, tile_stride, kc, wbuf.data(), at); break;
+            default: block_tiles<kMaxTiles>(xt, tile_stride, kc, wbuf.data(), at); break;
+          }
+        }
       }
+      // Sums to y: acc[t][r][m] is y[t * kTileRows + m][n0 + r].
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t m = 0; m < std::min<int64_t>(kTileRows, M - t * kTileRows); ++m) {
+          float* yr = p.y + (t * kTileRows + m) * p.N + n0;
+          for (int64_t r = 0; r < rows; ++r) yr[r] = acc[((t - t0) * kBlockN + r) * kTileRows + m];
+        }
     }
+  }
 }
 
 // Decode order back to natural order: code c of unit u of a group sits at c * units + u.
@@ -447,7 +434,7 @@ void dequantize(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 }  // namespace
 
 const LowbitKernels& lowbit_kernels() {
-  static const LowbitKernels k{SK_ISA_NAME, fp32_rows, kFusedRows, kPanelM, nullptr, dequantize};
+  static const LowbitKernels k{SK_ISA_NAME, fp32_rows, kFusedRows, kTileRows, nullptr, dequantize};
   return k;
 }
 
