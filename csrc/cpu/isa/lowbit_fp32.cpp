@@ -12,13 +12,13 @@
 // * M <= kFusedRows: each code feeds the FMAs of every activation row directly and a group's
 //   scale and zero are applied to its partial sums: sum_k (q_k*s + z) x_k = s*sum q_k x_k +
 //   z*sum x_k. Only the packed weight, its scales and x are read.
-// * larger M: kBlockN weight rows are dequantised, a slice of K at a time, into an L1-resident
-//   buffer in row order, and each activation tile (kTileRows rows packed by the caller as
-//   [K][kTileRows], LowbitProblem::x32) is one vector per k: broadcasting a weight value into
-//   the FMA of every tile it meets gives kTileRows x kBlockN x tiles products per step with no
-//   horizontal sums and no transposition. (Two forms it replaced: a 4 x 4 dot form over K, which
-//   re-read x for every 4 weight rows, and a K-major panel of 32 weight rows, whose decode-side
-//   transposes cost as much as the products at M = 8-16.)
+// * larger M: kPanelN weight rows are dequantised, a slice of K at a time, into a buffer in
+//   row order; for each block of kBlockN of them, each activation tile (kTileRows rows packed
+//   by the caller as [K][kTileRows], LowbitProblem::x32) is one vector per k, and broadcasting
+//   a weight value into the FMA of every tile it meets gives kTileRows x kBlockN x tiles
+//   products per step with no horizontal sums and no transposition. (Two forms it replaced: a
+//   4 x 4 dot form over K, which re-read x for every 4 weight rows, and a K-major panel, whose
+//   decode-side transposes cost as much as the products at M = 8-16.)
 //
 // Built with -ffp-contract=fast: a*b + c becomes one FMA (these kernels promise a tolerance,
 // not bit equality, see splitkernels/_backends/cpp.py).
@@ -56,6 +56,9 @@ constexpr int kMaxTiles = 3;
 constexpr int kBlockN = 4;
 constexpr int kMaxTiles = 2;
 #endif
+// Weight rows decoded per slice (kPanelN / kBlockN blocks): each block reads a slice of every
+// activation tile of the row block, which comes from L2 for the panel's other blocks.
+constexpr int kPanelN = 32;
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
@@ -292,10 +295,10 @@ void fused_row(const LowbitProblem& p, const float* sz, const float* xsum, int64
   }
 }
 
-// The weight is decoded a slice of whole groups, about kSliceK values, at a time: the slice of
-// kBlockN decoded rows (8 KiB at AVX-512) and a tile's activations stay in L1 while every tile of
-// the row block reads them (128 values per slice ran 3-8% slower at M = 8-64 on SmolLM2's
-// layers; 512 about as fast at M = 8-16 and up to 10% slower at M = 64).
+// The weight is decoded a slice of whole groups, about kSliceK values, at a time: a block's
+// decoded slice (8 KiB at AVX-512) stays in L1 and the row block's activation slice in L2 while
+// every tile and block reads them (128 values per slice ran 3-8% slower at M = 8-64 on
+// SmolLM2's layers; 512 about as fast at M = 8-16 and up to 10% slower at M = 64).
 constexpr int64_t kSliceK = 256;
 // Activation rows are taken about kBlockXBytes of them at a time (weight slices decoded again for
 // each block): every slice reads all of the block's rows, which should come from the cache, not DRAM.
@@ -342,28 +345,28 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // Slices of whole groups (natural layouts: the whole row, which decode_groups needs).
   const int64_t g = p.group_size, per_slice = p.phased ? std::max<int64_t>(1, kSliceK / g) : G;
   const int64_t group_bytes = g * p.bits / 8;  // a group's packed bytes (phase layouts: whole bytes)
-  const int64_t tile_stride = K * kTileRows;
-  const int64_t block_tiles_n = std::max<int64_t>(1, kBlockXBytes / (K * 4 * kTileRows));
-  thread_local std::vector<float> wbuf, affine, acc;  // acc: [tile][kBlockN][kTileRows] sums of the block's tiles
+  const int64_t tile_stride = K * kTileRows, tiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t block_tiles_n = std::min(tiles, std::max<int64_t>(1, kBlockXBytes / (K * 4 * kTileRows)));
+  constexpr int64_t kBlocks = kPanelN / kBlockN;
+  thread_local std::vector<float> wbuf, affine, acc;  // acc: [block][tile][kBlockN][kTileRows] sums
   thread_local std::vector<uint8_t> qbuf;
-  wbuf.resize(kBlockN * per_slice * g);
-  affine.resize(kBlockN * 2 * G);
+  wbuf.resize(kPanelN * per_slice * g);
+  affine.resize(kPanelN * 2 * G);
   qbuf.resize(p.phased ? 0 : K);
-  const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-  acc.resize(std::min(tiles, block_tiles_n) * kBlockN * kTileRows);
+  acc.resize(kBlocks * block_tiles_n * kBlockN * kTileRows);
   for (int64_t t0 = 0; t0 < tiles; t0 += block_tiles_n) {
-    const int64_t t1 = std::min(tiles, t0 + block_tiles_n);
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlockN) {
-      const int64_t rows = std::min<int64_t>(kBlockN, n_end - n0);
+    const int64_t t1 = std::min(tiles, t0 + block_tiles_n), nt = t1 - t0;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelN) {
+      const int64_t rows = std::min<int64_t>(kPanelN, n_end - n0), blocks = (rows + kBlockN - 1) / kBlockN;
       for (int64_t r = 0; r < rows; ++r) load_affine(p, n0 + r, affine.data() + r * 2 * G);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g0 = 0; g0 < G; g0 += per_slice) {
         const int64_t g1 = std::min(G, g0 + per_slice), k0 = g0 * g, kc = (g1 - g0) * g;
         const int64_t next_bytes = (std::min(G, g1 + per_slice) - g1) * group_bytes;  // the next slice's
-        // A short last block repeats its first row: computed, never stored. Each row's next slice
-        // is prefetched: rows read side by side are more streams than the hardware prefetcher
-        // follows (W8 at 4096 x 4096, M = 16, took 1.8 times W4's time without).
-        for (int64_t r = 0; r < kBlockN; ++r)
+        // A short last block repeats the panel's first row: computed, never stored. Each row's
+        // next slice is prefetched: rows read side by side are more streams than the hardware
+        // prefetcher follows (W8 at 4096 x 4096, M = 16, took 1.8 times W4's time without).
+        for (int64_t r = 0; r < blocks * kBlockN; ++r)
           if (r < rows) {
             const uint8_t* next = p.qweight + (n0 + r) * p.row_bytes + g1 * group_bytes;
             for (int64_t b = 0; b < next_bytes; b += 64) __builtin_prefetch(next + b);
@@ -372,22 +375,26 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
             std::memcpy(wbuf.data() + r * kc, wbuf.data(), kc * sizeof(float));
           }
         const float* xs = p.x32 + k0 * kTileRows;
-        for (int64_t t = t0; t < t1; t += kMaxTiles) {
-          const float* xt = xs + t * tile_stride;
-          float* at = acc.data() + (t - t0) * kBlockN * kTileRows;
-          switch (std::min<int64_t>(kMaxTiles, t1 - t)) {
-            case 1: block_tiles<1>(xt, tile_stride, kc, wbuf.data(), at); break;
-            case 2: block_tiles<2>(xt, tile_stride, kc, wbuf.data(), at); break;
-            default: block_tiles<kMaxTiles>(xt, tile_stride, kc, wbuf.data(), at); break;
+        for (int64_t b = 0; b < blocks; ++b)
+          for (int64_t t = t0; t < t1; t += kMaxTiles) {
+            const float* xt = xs + t * tile_stride;
+            const float* w = wbuf.data() + b * kBlockN * kc;
+            float* at = acc.data() + (b * nt + t - t0) * kBlockN * kTileRows;
+            switch (std::min<int64_t>(kMaxTiles, t1 - t)) {
+              case 1: block_tiles<1>(xt, tile_stride, kc, w, at); break;
+              case 2: block_tiles<2>(xt, tile_stride, kc, w, at); break;
+              default: block_tiles<kMaxTiles>(xt, tile_stride, kc, w, at); break;
+            }
           }
-        }
       }
-      // Sums to y: acc[t][r][m] is y[t * kTileRows + m][n0 + r].
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t m = 0; m < std::min<int64_t>(kTileRows, M - t * kTileRows); ++m) {
-          float* yr = p.y + (t * kTileRows + m) * p.N + n0;
-          for (int64_t r = 0; r < rows; ++r) yr[r] = acc[((t - t0) * kBlockN + r) * kTileRows + m];
-        }
+      // Sums to y: acc[b][t][r][m] is y[t * kTileRows + m][n0 + b * kBlockN + r].
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t m = 0; m < std::min<int64_t>(kTileRows, M - t * kTileRows); ++m) {
+            float* yr = p.y + (t * kTileRows + m) * p.N + n0 + b * kBlockN;
+            const float* a = acc.data() + (b * nt + t - t0) * kBlockN * kTileRows + m;
+            for (int64_t r = 0; r < std::min<int64_t>(kBlockN, rows - b * kBlockN); ++r) yr[r] = a[r * kTileRows];
+          }
     }
   }
 }
