@@ -897,6 +897,17 @@ def test_isa_choice_errors():
     assert cpp._C.lowbit_isa() in cpp._C.lowbit_isas() and cpp._C.lowbit_isas()[0] == "generic"
 
 
+def test_extension_exports_only_its_init_function():
+    # Kernel symbols left visible let a second copy of the extension in the same process (another
+    # install, a build under test) bind its calls to the first copy's kernels (CMakeLists.txt).
+    import ctypes
+
+    lib = ctypes.CDLL(cpp._C.__file__)
+    assert hasattr(lib, "PyInit__C")
+    for symbol in ("_ZN2sk11isa_generic14lowbit_kernelsEv", "_ZN2sk11isa_generic12int8_kernelsEv"):
+        assert not hasattr(lib, symbol), symbol
+
+
 def test_fp32_gemm_over_several_row_blocks(each_isa):
     # The fp32 kernels' GEMM (M > 4) takes activation rows in blocks of about 8 MiB (K = 1024:
     # 2048 rows), K in slices of whole groups and N in blocks of weight rows with a short last
