@@ -352,7 +352,7 @@ def test_lowbit_linear_scale_dtype_differs_from_x():
 
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 def test_lowbit_fused_and_buffered_paths_agree(bits):
-    # M <= 4 decodes codes straight into the FMAs; M > 4 dequantises rows into a buffer.
+    # M <= 6 decodes codes straight into the FMAs; M > 6 dequantises rows into a buffer.
     x, qw, _ = _lowbit_case(45, 512, 9, bits, 128, torch.float32, bias=False, seed=bits)
     big = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, None)
     rows = torch.cat([cpp.lowbit_linear(x[i : i + 1], qw.qweight, qw.scale, qw.zero, bits, 128, None) for i in range(9)])
@@ -851,11 +851,11 @@ def test_fp32_precision_read_from_the_onednn_setting(fp32_precision):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("bits,group,k", [(2, 256, 512), (3, 128, 384), (4, 128, 384), (4, 64, 192), (8, 64, 128), (4, 3, 96)])
-@pytest.mark.parametrize("m", (1, 4, 5, 7, 13, 21, 27, 33))
+@pytest.mark.parametrize("m", (1, 4, 5, 6, 7, 13, 21, 27, 33))
 def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, group, k, m):
-    # n = 45: a short last block for every row tiling (4-, 8- and 32-row blocks); odd m leaves
-    # short activation tiles; 13 / 21 / 27 / 33 rows run the fp32 kernels' two- and three-tile
-    # steps and their mixes (2, 3, 3 + 1, 3 + 2 tiles of 8 rows).
+    # n = 45: a short last block for every row tiling (4-, 8- and 32-row blocks); m = 5 and 6 take
+    # the fp32 kernels' fused path at its widest; odd m leaves short activation tiles; 13 / 21 /
+    # 27 / 33 rows run their GEMM's two- and three-tile steps and mixes (2, 3, 3 + 1, 3 + 2 tiles).
     x, qw, b = _lowbit_case(45, k, m, bits, group, dtype, bias=True, seed=bits * 100 + m)
     want64 = _lowbit_want64(x, qw, b)
     outs = {}
@@ -909,7 +909,7 @@ def test_extension_exports_only_its_init_function():
 
 
 def test_fp32_gemm_over_several_row_blocks(each_isa):
-    # The fp32 kernels' GEMM (M > 4) takes activation rows in blocks of about 8 MiB (K = 1024:
+    # The fp32 kernels' GEMM (M > 6) takes activation rows in blocks of about 8 MiB (K = 1024:
     # 2048 rows), K in slices of whole groups and N in blocks of weight rows with a short last
     # one: every row, block and column must come out right on every build.
     x, qw, b = _lowbit_case(45, 1024, 2100, 4, 128, torch.float32, bias=True, seed=5)

@@ -27,7 +27,7 @@ Agreement with :mod:`splitkernels.ops.reference`:
   (``_C.lowbit_w8_vnni``) goes as three signed bytes of a per-group 22-bit fixed point
   (values of at least 2^-14 of their group's largest exact, smaller ones within 2^-22 of it)
   against the codes as packed (vpdpbusd), with no decode; fp32 activations (and fp16,
-  converted) use FMA kernels that do the same for M <= 4 and otherwise dequantise blocks of
+  converted) use FMA kernels that do the same for M <= 6 and otherwise dequantise blocks of
   weight rows (``q*scale + zero``, one FMA) a slice of K at a time for a register-blocked GEMM
   micro-kernel that broadcasts each weight value against tiles of 8 activation rows. bf16
   activations the bf16 kernels do not take go, from ``BLAS_MIN_ROWS`` rows on, to torch's bf16
