@@ -54,6 +54,10 @@ def group_for(k: int) -> int:
 def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
     """Every (shape, dtype, M) in this process with `threads` threads."""
     torch.set_num_threads(threads)
+    if args.isa:
+        from splitkernels._backends import cpp
+
+        cpp._C.set_lowbit_isa(args.isa)
     rows = []
     for shape in args.shapes:
         n, k = shape
@@ -156,6 +160,8 @@ def main() -> None:
                    help="thread: CPU time of the calling thread, robust to other processes on a shared "
                         "machine; only with --threads 1 (every kernel then runs on the calling thread)")
     p.add_argument("--quick", action="store_true", help="4096x4096, W4/W8, M = 1 and 16, bf16 only")
+    p.add_argument("--isa", help="run our kernels as built for this instruction set (one of _C.lowbit_isas(), "
+                   "e.g. avx2 on an AVX-512 machine; PyTorch's kernels keep the machine's)")
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -177,7 +183,14 @@ def main() -> None:
     if a.clock == "thread":  # the yardstick on the same clock: one thread's copy bandwidth
         torch.set_num_threads(1)
     copy_clock = time.thread_time if a.clock == "thread" else time.perf_counter
-    result = {"command": "python " + " ".join(sys.argv), "machine": timing.machine(), "backend": a.backend, "clock": a.clock, "copy_bandwidth_gbps": timing.copy_bandwidth(copy_clock) / 1e9,
+    machine = timing.machine()
+    if a.isa:
+        from splitkernels._backends import cpp
+
+        if a.isa not in cpp._C.lowbit_isas():
+            p.error(f"--isa must be one of {', '.join(cpp._C.lowbit_isas())}, got {a.isa}")
+        machine["kernel_isa"] = f"{a.isa} (chosen; the CPU's own: {machine.get('kernel_isa')})"
+    result = {"command": "python " + " ".join(sys.argv), "machine": machine, "backend": a.backend, "clock": a.clock, "copy_bandwidth_gbps": timing.copy_bandwidth(copy_clock) / 1e9,
               "methods": list(TORCH) + [f"W{b}" for b in a.bits], "rows": []}
     counts = [os.cpu_count() or 1 if t == "all" else int(t) for t in a.threads.split(",")]
     for busy in [0] + ([a.busy] if a.busy else []):
@@ -189,6 +202,7 @@ def main() -> None:
                         "--backend", a.backend, "--m", ",".join(map(str, a.m)),
                         "--shapes", ",".join(f"{n}x{k}" for n, k in a.shapes), "--bits", ",".join(map(str, a.bits)),
                         "--dtypes", ",".join(a.dtypes), "--budget", str(a.budget), "--clock", a.clock]
+                argv += ["--isa", a.isa] if a.isa else []
                 subprocess.run(argv, check=True, env={**os.environ, "SPLITKERNELS_NUM_THREADS": str(threads)})
                 result["rows"] += [{**r, "busy": busy} for r in json.loads(out.read_text())]
     result["loadavg_end"] = os.getloadavg()

@@ -43,14 +43,14 @@ using LowbitRowsFn = void (*)(const LowbitProblem&, int64_t n_begin, int64_t n_e
 struct LowbitKernels {
   const char* name;
   LowbitRowsFn fp32_rows;    // fp32 activations, any bits/group layout
-  int64_t fused_rows;        // fp32_rows reads codes straight into the FMAs up to this M (phase layouts)
-  int64_t tile_rows;         // above that (or in natural order) activation rows per tile of its GEMM
+  int64_t fused_rows;        // fp32_rows reads x rows as they are up to this M (phase layouts: codes into the FMAs)
+  int64_t tile_rows;         // above that, activation rows per tile of its GEMM
   LowbitRowsFn bf16_rows;    // bf16 activations, exact integer codes x bf16 (nullptr if absent)
   LowbitRowsFn dequantize;   // writes w_out rows
 };
 
 // Whether fp32_rows reads x32 packed in tiles of k.tile_rows rows (its GEMM) for M rows.
-inline bool fp32_packs_x(const LowbitKernels& k, bool phased, int64_t M) { return !(phased && M <= k.fused_rows); }
+inline bool fp32_packs_x(const LowbitKernels& k, int64_t M) { return M > k.fused_rows; }
 
 // Whether bf16_rows handles this layout. A chunk is 64 bytes of codes (2/4/8 bits) or 128 codes
 // in 48 bytes (3 bits, decoded with AVX-512 VBMI: only the *_vbmi build takes them). Its pair

@@ -340,7 +340,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   // [k][m % MR]: one row of MR values per k, so a tile's rows are converted together and each
   // k stores MR values side by side). Buffers per thread; a short last tile is zero-padded.
   const int64_t G = p.G;
-  const bool packed = fp32_packs_x(*isa.kernels, p.phased, M);
+  const bool packed = fp32_packs_x(*isa.kernels, M);
   const int64_t MR = packed ? isa.kernels->tile_rows : 1, tiles = (M + MR - 1) / MR;
   const std::vector<int32_t>& pos = act_positions(ActOrder::kFp32, bits, group_size, K);
   thread_local std::vector<float> x32, xsum;

@@ -11,7 +11,8 @@
 // Two paths, by the number of activation rows M:
 // * M <= kFusedRows: each code feeds the FMAs of every activation row directly and a group's
 //   scale and zero are applied to its partial sums: sum_k (q_k*s + z) x_k = s*sum q_k x_k +
-//   z*sum x_k. Only the packed weight, its scales and x are read.
+//   z*sum x_k. Only the packed weight, its scales and x are read. (Natural layouts: each weight
+//   row is dequantised once and dotted with the M rows.)
 // * larger M: kPanelN weight rows are dequantised, a slice of K at a time, into a buffer in
 //   row order; for each block of kBlockN of them, each activation tile (kTileRows rows packed
 //   by the caller as [K][kTileRows], LowbitProblem::x32) is one vector per k, and broadcasting
@@ -24,6 +25,8 @@
 // not bit equality, see splitkernels/_backends/cpp.py).
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -53,9 +56,15 @@ constexpr int kFusedRows = 6;
 // FMAs per cycle or one 512-bit one, and 8-row tiles waste no lanes at M = 8.
 constexpr int kTileRows = 8;
 #if defined(__AVX512F__)
+constexpr int kVL = 16;  // fp32 lanes of a vector register
 constexpr int kBlockN = 8;
 constexpr int kMaxTiles = 3;
+#elif defined(__AVX2__)
+constexpr int kVL = 8;
+constexpr int kBlockN = 4;
+constexpr int kMaxTiles = 2;
 #else
+constexpr int kVL = 4;
 constexpr int kBlockN = 4;
 constexpr int kMaxTiles = 2;
 #endif
@@ -63,9 +72,11 @@ constexpr int kMaxTiles = 2;
 // activation tile of the row block, which comes from L2 for the panel's other blocks.
 constexpr int kPanelN = 32;
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint8_t u8x64 __attribute__((vector_size(64)));
+// Code vectors at the build's own width (kVL lanes): wider generic vectors than the registers
+// made GCC keep AVX2's accumulators on the stack, moved through general registers.
+typedef float vf __attribute__((vector_size(kVL * 4)));
+typedef uint32_t vu __attribute__((vector_size(kVL * 4)));
+typedef int32_t vi __attribute__((vector_size(kVL * 4)));
 typedef float vtile __attribute__((vector_size(kTileRows * 4)));
 
 template <typename V>
@@ -82,20 +93,29 @@ inline float hsum(V v) {
   return t;
 }
 
-// 16 bytes zero-extended to 16 uint32 lanes (GCC lowers the generic conversion byte by byte).
-inline u32x16 widen16(const uint8_t* p) {
+// f(std::integral_constant<int, i>) for i = 0 .. N - 1, unrolled at compile time.
+template <typename F, int... I>
+inline void unrolled_seq(F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+inline void unrolled(F&& f) {
+  unrolled_seq(f, std::make_integer_sequence<int, N>{});
+}
+
+// Codes (below 2^31) as floats through the signed conversion: below AVX-512 there is no unsigned
+// one, and GCC builds it from two conversions and an FMA per vector.
+inline vf codes_to_float(vu v) { return __builtin_convertvector(reinterpret_cast<vi>(v), vf); }
+
+// kVL bytes zero-extended to kVL uint32 lanes (GCC lowers the generic conversion byte by byte).
+inline vu widen(const uint8_t* p) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<u32x16>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  return reinterpret_cast<vu>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #elif defined(__AVX2__)
-  u32x16 v;
-  const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
+  return reinterpret_cast<vu>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
-  u32x16 v;
-  for (int i = 0; i < 16; ++i) v[i] = p[i];
+  vu v;
+  for (int i = 0; i < kVL; ++i) v[i] = p[i];
   return v;
 #endif
 }
@@ -104,16 +124,30 @@ inline uint32_t load_unit3(const uint8_t* p) {
   return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16;
 }
 
-// Sixteen 3-byte units from 64 readable bytes, one per uint32 lane (a byte shuffle; vpermb
-// where the target has AVX-512 VBMI). The fourth byte of a lane repeats the third and is
-// never read: codes sit at shifts 0..21.
-inline u32x16 units16(const uint8_t* p) {
+// kVL 3-byte units, one per uint32 lane, from 64 readable bytes. The fourth byte of a lane is
+// never read: codes sit at shifts 0..21. AVX-512: one byte shuffle (vpermb with VBMI).
+inline vu units3(const uint8_t* p) {
+#if defined(__AVX512F__)
+  typedef uint8_t u8x64 __attribute__((vector_size(64)));
   u8x64 raw;
   std::memcpy(&raw, p, sizeof raw);
   const u8x64 idx = {0,  1,  2,  2,  3,  4,  5,  5,  6,  7,  8,  8,  9,  10, 11, 11, 12, 13, 14, 14, 15, 16,
                      17, 17, 18, 19, 20, 20, 21, 22, 23, 23, 24, 25, 26, 26, 27, 28, 29, 29, 30, 31, 32, 32,
                      33, 34, 35, 35, 36, 37, 38, 38, 39, 40, 41, 41, 42, 43, 44, 44, 45, 46, 47, 47};
-  return reinterpret_cast<u32x16>(__builtin_shuffle(raw, idx));
+  return reinterpret_cast<vu>(__builtin_shuffle(raw, idx));
+#elif defined(__AVX2__)
+  // Dwords 0-2 (units 0-3) to the low 128 bits and 3-5 (units 4-7) to the high, then one
+  // in-lane byte shuffle per half.
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i halves = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6));
+  const __m256i idx = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1, 0, 1, 2, -1, 3, 4, 5, -1,
+                                       6, 7, 8, -1, 9, 10, 11, -1);
+  return reinterpret_cast<vu>(_mm256_shuffle_epi8(halves, idx));
+#else
+  vu v;
+  for (int i = 0; i < kVL; ++i) v[i] = load_unit3(p + 3 * i);
+  return v;
+#endif
 }
 
 // Scales and zeros of row n as fp32: sz[0, G) scales, sz[G, 2G) zeros.
@@ -134,10 +168,10 @@ void decode_row_phase3(const uint8_t* rb, int64_t row_bytes, int64_t g0, int64_t
     float* wg = w + (grp - g0) * g;
     const float sc = s[grp], ze = z[grp];
     int64_t u = 0;
-    for (; u + 16 <= units && offset + 3 * u + 64 <= row_bytes; u += 16) {
-      const u32x16 wv = units16(gb + 3 * u);
+    for (; u + kVL <= units && offset + 3 * u + 64 <= row_bytes; u += kVL) {
+      const vu wv = units3(gb + 3 * u);
       for (int ph = 0; ph < 8; ++ph) {
-        const f32x16 v = __builtin_convertvector((wv >> (3 * ph)) & 7u, f32x16) * sc + ze;
+        const vf v = codes_to_float((wv >> (3 * ph)) & 7u) * sc + ze;
         std::memcpy(wg + ph * units + u, &v, sizeof v);
       }
     }
@@ -153,15 +187,15 @@ void decode_row_phase(const uint8_t* rb, int64_t g0, int64_t g1, int64_t g, cons
   constexpr int cpb = 8 / B;
   constexpr unsigned mask = (1u << B) - 1;
   const int64_t per_phase = g / cpb;
-  const int64_t vec_end = per_phase / 16 * 16;
+  const int64_t vec_end = per_phase / kVL * kVL;
   for (int64_t grp = g0; grp < g1; ++grp) {
     const uint8_t* gb = rb + grp * per_phase;
     float* wg = w + (grp - g0) * g;
     const float sc = s[grp], ze = z[grp];
-    for (int64_t j = 0; j < vec_end; j += 16) {
-      const u32x16 wv = widen16(gb + j);
+    for (int64_t j = 0; j < vec_end; j += kVL) {
+      const vu wv = widen(gb + j);
       for (int ph = 0; ph < cpb; ++ph) {
-        const f32x16 v = __builtin_convertvector((wv >> (ph * B)) & mask, f32x16) * sc + ze;
+        const vf v = codes_to_float((wv >> (ph * B)) & mask) * sc + ze;
         std::memcpy(wg + ph * per_phase + j, &v, sizeof v);
       }
     }
@@ -202,71 +236,102 @@ void decode_row(const LowbitProblem& p, int64_t n, float* sz, uint8_t* qbuf, flo
   decode_groups(p, n, 0, p.G, sz, qbuf, w);
 }
 
+// sum_k a[k] b[k] in fp32, four vector chains (one would wait on the FMA latency).
+float dot(const float* a, const float* b, int64_t K) {
+  vf acc[4] = {};
+  int64_t k = 0;
+  for (; k + 4 * kVL <= K; k += 4 * kVL)
+    for (int c = 0; c < 4; ++c) acc[c] = load<vf>(a + k + c * kVL) * load<vf>(b + k + c * kVL) + acc[c];
+  for (; k + kVL <= K; k += kVL) acc[0] = load<vf>(a + k) * load<vf>(b + k) + acc[0];
+  float t = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; k < K; ++k) t += a[k] * b[k];
+  return t;
+}
+
+// Independent partial sums per activation row in the fused path: one row's products would
+// otherwise form a single FMA chain, bound by the FMA latency (4 cycles per code vector; W8 at
+// M = 1 ran at a third of the memory bandwidth).
+template <int MB>
+constexpr int kChains = 64 / (kVL * MB) > 1 ? 64 / (kVL * MB) : 1;  // about 64 lanes of sums in flight
+
 // Few activation rows, phase layout: codes straight into the FMAs, one group at a time.
 template <int B, int MB>
 void fused_rows(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, const float* xp,
                 const float* xsum, int64_t G, float* acc) {
-  constexpr int cpb = 8 / B;
+  constexpr int cpb = 8 / B, C = kChains<MB>, U = C > cpb ? C / cpb : 1;  // U: steps of kVL bytes per unrolled step
   constexpr uint32_t mask = (1u << B) - 1;
   const int64_t per_phase = g / cpb;
-  const int64_t vec_end = per_phase / 16 * 16;
-  f32x16 yv[MB];
+  const int64_t vec_end = per_phase / kVL * kVL;
+  vf yv[MB];
   float ys[MB];
   for (int m = 0; m < MB; ++m) {
-    yv[m] = f32x16{};
+    yv[m] = vf{};
     ys[m] = 0.f;
   }
   for (int64_t grp = 0; grp < G; ++grp) {
     const uint8_t* gb = rb + grp * per_phase;
     const float* xg = xp + grp * g;
-    f32x16 dv[MB];
-    for (int m = 0; m < MB; ++m) dv[m] = f32x16{};
-    for (int64_t j = 0; j < vec_end; j += 16) {
-      const u32x16 wv = widen16(gb + j);
+    vf dv[MB][C];
+    for (int m = 0; m < MB; ++m)
+      for (int c = 0; c < C; ++c) dv[m][c] = vf{};
+    // Steps of U * kVL bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
+    const auto step = [&](int64_t j, auto u) {
+      const vu wv = widen(gb + j);
       for (int ph = 0; ph < cpb; ++ph) {
-        const f32x16 q = __builtin_convertvector((wv >> (ph * B)) & mask, f32x16);
-        for (int m = 0; m < MB; ++m) dv[m] = q * load<f32x16>(xg + m * K + ph * per_phase + j) + dv[m];
+        const vf q = codes_to_float((wv >> (ph * B)) & mask);
+        constexpr int u0 = decltype(u)::value * cpb;
+        for (int m = 0; m < MB; ++m) {
+          vf& d = dv[m][(u0 + ph) % C];
+          d = q * load<vf>(xg + m * K + ph * per_phase + j) + d;
+        }
       }
-    }
+    };
+    int64_t j = 0;
+    for (; j + kVL * U <= vec_end; j += kVL * U) unrolled<U>([&](auto u) { step(j + kVL * decltype(u)::value, u); });
+    for (; j < vec_end; j += kVL) step(j, std::integral_constant<int, 0>{});
     float dt[MB];
     for (int m = 0; m < MB; ++m) dt[m] = 0.f;
-    for (int64_t j = vec_end; j < per_phase; ++j)
+    for (j = vec_end; j < per_phase; ++j)
       for (int ph = 0; ph < cpb; ++ph) {
         const float q = static_cast<float>((gb[j] >> (ph * B)) & mask);
         for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * per_phase + j] + dt[m];
       }
     for (int m = 0; m < MB; ++m) {
-      yv[m] = s[grp] * dv[m] + yv[m];
+      vf d = dv[m][0];
+      for (int c = 1; c < C; ++c) d += dv[m][c];
+      yv[m] = s[grp] * d + yv[m];
       ys[m] += s[grp] * dt[m] + z[grp] * xsum[m * G + grp];
     }
   }
   for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
 }
 
-// fused_rows for 3 bits: sixteen units (128 codes) per vector step, units past the last
-// 64 readable bytes of the row one at a time.
+// fused_rows for 3 bits: kVL units (8 kVL codes) per vector step, units past the last 64
+// readable bytes of the row one at a time; phase ph feeds chain ph % C.
 template <int MB>
 void fused_rows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s, const float* z,
                  const float* xp, const float* xsum, int64_t G, float* acc) {
+  constexpr int C = kChains<MB>;
   const int64_t units = g / 8;
-  f32x16 yv[MB];
+  vf yv[MB];
   float ys[MB];
   for (int m = 0; m < MB; ++m) {
-    yv[m] = f32x16{};
+    yv[m] = vf{};
     ys[m] = 0.f;
   }
   for (int64_t grp = 0; grp < G; ++grp) {
     const int64_t offset = grp * units * 3;
     const uint8_t* gb = rb + offset;
     const float* xg = xp + grp * g;
-    f32x16 dv[MB];
-    for (int m = 0; m < MB; ++m) dv[m] = f32x16{};
+    vf dv[MB][C];
+    for (int m = 0; m < MB; ++m)
+      for (int c = 0; c < C; ++c) dv[m][c] = vf{};
     int64_t u = 0;
-    for (; u + 16 <= units && offset + 3 * u + 64 <= row_bytes; u += 16) {
-      const u32x16 wv = units16(gb + 3 * u);
+    for (; u + kVL <= units && offset + 3 * u + 64 <= row_bytes; u += kVL) {
+      const vu wv = units3(gb + 3 * u);
       for (int ph = 0; ph < 8; ++ph) {
-        const f32x16 q = __builtin_convertvector((wv >> (3 * ph)) & 7u, f32x16);
-        for (int m = 0; m < MB; ++m) dv[m] = q * load<f32x16>(xg + m * K + ph * units + u) + dv[m];
+        const vf q = codes_to_float((wv >> (3 * ph)) & 7u);
+        for (int m = 0; m < MB; ++m) dv[m][ph % C] = q * load<vf>(xg + m * K + ph * units + u) + dv[m][ph % C];
       }
     }
     float dt[MB];
@@ -279,7 +344,9 @@ void fused_rows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, con
       }
     }
     for (int m = 0; m < MB; ++m) {
-      yv[m] = s[grp] * dv[m] + yv[m];
+      vf d = dv[m][0];
+      for (int c = 1; c < C; ++c) d += dv[m][c];
+      yv[m] = s[grp] * d + yv[m];
       ys[m] += s[grp] * dt[m] + z[grp] * xsum[m * G + grp];
     }
   }
@@ -329,12 +396,20 @@ void block_tiles(const float* x, int64_t tile_stride, int64_t kc, const float* w
 
 void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t K = p.K, G = p.G, M = p.M;
-  if (!fp32_packs_x(lowbit_kernels(), p.phased, M)) {
-    thread_local std::vector<float> sz;
+  if (!fp32_packs_x(lowbit_kernels(), M)) {
+    thread_local std::vector<float> sz, row;
+    thread_local std::vector<uint8_t> qbuf;
     sz.resize(2 * G);
     float acc[kFusedRows];
     for (int64_t n = n_begin; n < n_end; ++n) {
       load_affine(p, n, sz.data());
+      if (!p.phased) {  // natural order: the row dequantised, then dotted with each x row
+        row.resize(K);
+        qbuf.resize(K);
+        decode_groups(p, n, 0, G, sz.data(), qbuf.data(), row.data());
+        for (int64_t m = 0; m < M; ++m) p.y[m * p.N + n] = dot(row.data(), p.x32 + m * K, K);
+        continue;
+      }
       switch (M) {
         case 1: fused_row<1>(p, sz.data(), p.xsum, n, acc); break;
         case 2: fused_row<2>(p, sz.data(), p.xsum, n, acc); break;
