@@ -105,7 +105,7 @@ struct DecodeOrder {
 };
 
 bool phase_layout(int bits, int64_t group_size) {
-  if (bits == 3) return group_size % 128 == 0;  // whole 16-unit vector steps
+  if (bits == 3) return group_size % 8 == 0;  // whole units (the kernels finish a group's last units one by one)
   return (bits == 2 || bits == 4 || bits == 8) && group_size % (8 / bits) == 0;
 }
 

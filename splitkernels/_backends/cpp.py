@@ -33,8 +33,8 @@ Agreement with :mod:`splitkernels.ops.reference`:
   activations the bf16 kernels do not take go, from ``BLAS_MIN_ROWS`` rows on, to torch's bf16
   matmul on W dequantised in row blocks (bf16). All paths accumulate in fp32,
   so the result agrees with a float64 computation (``x.double() @ dequant(W).double().T``)
-  within a relative Frobenius error of 1e-5 for fp32 activations and 2e-3 for fp16/bf16
-  activations (the output rounding); the BLAS path with bf16 activations also rounds the
+  within a relative Frobenius error of 1e-5 for fp32 activations, 2e-3 for fp16 and 2^-8 for
+  bf16 activations (the output rounding); the BLAS path with bf16 activations also rounds the
   dequantised weight to bf16, like the reference op and a dense bf16 ``F.linear``: 4e-3.
   Where torch's fp32 matmul precision allows bf16 (``torch.set_float32_matmul_precision("medium")``,
   :func:`fp32_matmul_allows_bf16`), fp32 activations of more than one row take the bf16 kernels

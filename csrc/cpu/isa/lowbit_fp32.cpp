@@ -5,8 +5,8 @@
 // Decode order: for bits 2, 4 and 8 a byte holds 8/b whole codes; within each group the codes
 // are visited phase by phase (all low codes of the group's bytes, then the next codes, ...),
 // which makes decoding a shift-and-mask over consecutive bytes. For 3 bits the unit is three
-// bytes holding eight codes, with the same phase order over units (groups of a multiple of
-// 128 codes). Other layouts decode in natural order. The caller permutes x to match.
+// bytes holding eight codes, with the same phase order over units (groups of whole units).
+// Other layouts decode in natural order. The caller permutes x to match.
 //
 // Two paths, by the number of activation rows M:
 // * M <= kFusedRows: each code feeds the FMAs of every activation row directly and a group's
