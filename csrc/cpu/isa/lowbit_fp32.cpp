@@ -62,7 +62,7 @@ constexpr int kMaxTiles = 3;
 #elif defined(__AVX2__)
 constexpr int kVL = 8;
 constexpr int kBlockN = 4;
-constexpr int kMaxTiles = 2;
+constexpr int kMaxTiles = 3;
 #else
 constexpr int kVL = 4;
 constexpr int kBlockN = 4;
