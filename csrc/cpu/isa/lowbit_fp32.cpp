@@ -252,7 +252,7 @@ float dot(const float* a, const float* b, int64_t K) {
 // otherwise form a single FMA chain, bound by the FMA latency (4 cycles per code vector; W8 at
 // M = 1 ran at a third of the memory bandwidth).
 template <int MB>
-constexpr int kChains = 64 / (kVL * MB) > 1 ? 64 / (kVL * MB) : 1;  // about 64 lanes of sums in flight
+constexpr int kChains = std::max(1, std::min(8, 64 / (kVL * MB)));  // about 64 lanes of sums, <= 8 registers
 
 // Few activation rows, phase layout: codes straight into the FMAs, one group at a time.
 template <int B, int MB>
