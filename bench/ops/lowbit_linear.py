@@ -39,6 +39,7 @@ import timing  # noqa: E402  (bench/timing.py)
 
 import splitkernels  # noqa: E402
 from splitkernels import ops  # noqa: E402
+from splitkernels._backends import cpp  # noqa: E402
 from splitkernels.quant import quantize_weight  # noqa: E402
 
 # Activation dtype and torch's fp32 matmul precision while it is timed.
@@ -55,8 +56,6 @@ def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
     """Every (shape, dtype, M) in this process with `threads` threads."""
     torch.set_num_threads(threads)
     if args.isa:
-        from splitkernels._backends import cpp
-
         cpp._C.set_lowbit_isa(args.isa)
     rows = []
     for shape in args.shapes:
@@ -185,8 +184,6 @@ def main() -> None:
     copy_clock = time.thread_time if a.clock == "thread" else time.perf_counter
     machine = timing.machine()
     if a.isa:
-        from splitkernels._backends import cpp
-
         if a.isa not in cpp._C.lowbit_isas():
             p.error(f"--isa must be one of {', '.join(cpp._C.lowbit_isas())}, got {a.isa}")
         machine["kernel_isa"] = f"{a.isa} (chosen; the CPU's own: {machine.get('kernel_isa')})"

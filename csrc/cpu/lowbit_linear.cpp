@@ -335,17 +335,19 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       return "";
     }  // NaN, infinity or a value beyond bf16: the fp32 kernels carry it through
   }
-  // Activations in decode order as fp32, spread over the threads: rows with group sums for the
-  // fused path, or packed in tiles of MR rows for the GEMM (value k of row m at tile m / MR,
-  // [k][m % MR]: one row of MR values per k, so a tile's rows are converted together and each
-  // k stores MR values side by side). Buffers per thread; a short last tile is zero-padded.
+  // Activations in decode order as fp32, spread over the threads: rows for the fused path (with
+  // group sums where codes go straight into the FMAs: phase layouts), or packed in tiles of MR
+  // rows for the GEMM (value k of row m at tile m / MR, [k][m % MR]: one row of MR values per k,
+  // so a tile's rows are converted together and each k stores MR values side by side). Buffers
+  // per thread; a short last tile is zero-padded.
   const int64_t G = p.G;
   const bool packed = fp32_packs_x(*isa.kernels, M);
   const int64_t MR = packed ? isa.kernels->tile_rows : 1, tiles = (M + MR - 1) / MR;
   const std::vector<int32_t>& pos = act_positions(ActOrder::kFp32, bits, group_size, K);
   thread_local std::vector<float> x32, xsum;
   x32.resize(tiles * MR * K);
-  xsum.resize(packed ? 0 : M * G);
+  const bool with_sums = !packed && p.phased;
+  xsum.resize(with_sums ? M * G : 0);
   {
     float* xp = x32.data();
     float* sums = xsum.data();
@@ -360,7 +362,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
         float* xt = xp + m0 * K;
         for (int64_t k = 0; k < K; ++k)
           for (int64_t r = 0; r < MR; ++r) xt[pos[k] * MR + r] = rows[r * K + k];
-        for (int64_t m = 0; !packed && m < mr; ++m)
+        for (int64_t m = 0; with_sums && m < mr; ++m)
           for (int64_t g = 0; g < G; ++g) {
             float sum = 0.f;
             for (int64_t j = 0; j < group_size; ++j) sum += rows[m * K + g * group_size + j];

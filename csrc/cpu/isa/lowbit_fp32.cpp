@@ -400,16 +400,16 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     thread_local std::vector<float> sz, row;
     thread_local std::vector<uint8_t> qbuf;
     sz.resize(2 * G);
+    row.resize(p.phased ? 0 : K);
+    qbuf.resize(p.phased ? 0 : K);
     float acc[kFusedRows];
     for (int64_t n = n_begin; n < n_end; ++n) {
-      load_affine(p, n, sz.data());
       if (!p.phased) {  // natural order: the row dequantised, then dotted with each x row
-        row.resize(K);
-        qbuf.resize(K);
-        decode_groups(p, n, 0, G, sz.data(), qbuf.data(), row.data());
+        decode_row(p, n, sz.data(), qbuf.data(), row.data());
         for (int64_t m = 0; m < M; ++m) p.y[m * p.N + n] = dot(row.data(), p.x32 + m * K, K);
         continue;
       }
+      load_affine(p, n, sz.data());
       switch (M) {
         case 1: fused_row<1>(p, sz.data(), p.xsum, n, acc); break;
         case 2: fused_row<2>(p, sz.data(), p.xsum, n, acc); break;
