@@ -34,6 +34,7 @@ from massive import massive_channel_copy
 from splitkernels.cli.models import wire_dtype_for
 from splitkernels.codec import CodecConfig, calibrate, decode, encode
 from splitkernels.codec.frame import frame_nbytes
+from splitkernels.codec.frame_v2 import FRAME_CODERS
 from splitkernels.codec.measured import calibrate_measured
 from splitkernels.codec.predict import embedding_table
 from splitkernels.codec.sensitivity import fisher_diagonal
@@ -130,7 +131,7 @@ def main() -> None:
                     help="also score every Fisher target without position shifts (one step for every position)")
     ap.add_argument("--massive", type=float, default=None, help="massive-activation fixture: channel factor")
     ap.add_argument("--no-baselines", action="store_true")
-    ap.add_argument("--coder", choices=("rans", "rice", "nibble", "auto"), default=None,
+    ap.add_argument("--coder", choices=FRAME_CODERS, default=None,
                     help="symbol coder of the v2 512-token frames (default rans, the fewest bytes)")
     ap.add_argument("--no-prediction", action="store_true",
                     help="the measured rule without the token prediction (calibrate_measured(predict=False))")

@@ -12,6 +12,7 @@
 
 #include "common/half.h"
 #include "cpu/nibble.h"
+#include "cpu/planes.h"
 
 namespace sk {
 namespace {
@@ -310,9 +311,9 @@ std::string check_dtype(int dtype, const char* who) {
 namespace {
 
 // The quantise pass of v2_quantise. Each row's symbols go to sym (when not null) and, for a coded
-// row, to the nibble writer (when not null) while the row is still in L1.
+// row, to the row coder (when not null) while the row is still in L1.
 std::string quantise_rows(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
-                          int kmax, int64_t raw_limit, uint8_t* sym, NibbleWriter* writer, int32_t* n_esc,
+                          int kmax, int64_t raw_limit, uint8_t* sym, RowWriter* writer, int32_t* n_esc,
                           uint8_t* raw, void* escapes, int64_t* totals) {
   std::string err = check_dtype(dtype, "v2_quantise");
   if (!err.empty()) return err;
@@ -383,32 +384,75 @@ std::string v2_encode_nibble(const void* x, int dtype, int64_t T, int64_t d, con
   return "";
 }
 
+namespace {
+
+// The decode pass of the fused decoders: each coded row (raw[t] == 0; raw may be null) from the
+// opened reader, dequantised into out while its symbols are in L1, the n_escapes exact values
+// placed at escape symbols. "" or why the stream is invalid (row_error: the reader's reason).
+std::string dequantise_rows(RowReader& reader, const char* row_error, int64_t T, int64_t d, const uint8_t* raw,
+                            const float* step, const float* center, int kmax, int dtype, void* out,
+                            const void* escapes, int64_t n_escapes) {
+  const int item = dtype_size(dtype);
+  const Isa* isa = g_isa;
+  std::vector<uint8_t> row_sym(static_cast<size_t>(d) + 64);
+  int64_t used = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (raw && raw[t]) continue;
+    if (!reader.row(row_sym.data())) return row_error;
+    if (!isa->dequantise(row_sym.data(), d, step, center, kmax, dtype, static_cast<uint8_t*>(out) + t * d * item,
+                         static_cast<const uint8_t*>(escapes), n_escapes, used))
+      return "escape count does not match the escape symbols in the stream";
+  }
+  if (used != n_escapes) return "escape count does not match the escape symbols in the stream";
+  return "";
+}
+
+int64_t coded_rows(int64_t T, const uint8_t* raw) {
+  int64_t rows = 0;
+  for (int64_t t = 0; t < T; ++t) rows += !(raw && raw[t]);
+  return rows;
+}
+
+}  // namespace
+
 std::string v2_decode_nibble(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw, int a,
                              const float* step, const float* center, int kmax, int dtype, void* out,
                              const void* escapes, int64_t n_escapes) {
   std::string err = check_dtype(dtype, "v2_decode_nibble");
   if (!err.empty()) return err;
   if (kmax < 1 || kmax > 127 || T < 0 || d < 1) return "v2_decode_nibble: kmax, T or d out of range";
-  int64_t rows = 0;
-  for (int64_t t = 0; t < T; ++t) rows += !(raw && raw[t]);
   NibbleReader reader;
-  err = reader.open(data, len, rows, d, 2 * kmax + 2, a, -1);
+  err = reader.open(data, len, coded_rows(T, raw), d, 2 * kmax + 2, a, -1);
   if (!err.empty()) return err;
-  const int item = dtype_size(dtype);
-  const Isa* isa = g_isa;
-  std::vector<uint8_t> row_sym(static_cast<size_t>(d));
-  int64_t used = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    if (raw && raw[t]) continue;
-    if (!reader.row(row_sym.data())) return kNibbleRowError;
-    if (!isa->dequantise(row_sym.data(), d, step, center, kmax, dtype, static_cast<uint8_t*>(out) + t * d * item,
-                         static_cast<const uint8_t*>(escapes), n_escapes, used))
-      return "escape count does not match the escape symbols in the stream";
-  }
-  err = reader.close(nullptr);
+  err = dequantise_rows(reader, kNibbleRowError, T, d, raw, step, center, kmax, dtype, out, escapes, n_escapes);
+  return err.empty() ? reader.close(nullptr) : err;
+}
+
+std::string v2_encode_planes(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                             int kmax, int64_t raw_limit, const uint8_t* centre, const uint8_t* k, uint8_t* sym,
+                             int32_t* n_esc, uint8_t* raw, void* escapes, uint8_t* out, int64_t capacity,
+                             int64_t* totals) {
+  if (kmax < 1 || kmax > 127) return "v2_encode_planes: kmax must be in [1, 127]";
+  PlanesWriter writer;
+  std::string err = writer.open(T, d, centre, k, d, 2 * kmax + 2, out, capacity);
   if (!err.empty()) return err;
-  if (used != n_escapes) return "escape count does not match the escape symbols in the stream";
+  err = quantise_rows(x, dtype, T, d, center, inv, kmax, raw_limit, sym, &writer, n_esc, raw, escapes, totals);
+  if (!err.empty()) return err;
+  totals[2] = writer.close();  // the quantiser's symbols are always < 2*kmax+2
   return "";
+}
+
+std::string v2_decode_planes(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw,
+                             const uint8_t* centre, const uint8_t* k, const float* step, const float* center, int kmax,
+                             int dtype, void* out, const void* escapes, int64_t n_escapes) {
+  std::string err = check_dtype(dtype, "v2_decode_planes");
+  if (!err.empty()) return err;
+  if (kmax < 1 || kmax > 127 || T < 0 || d < 1) return "v2_decode_planes: kmax, T or d out of range";
+  PlanesReader reader;
+  err = reader.open(data, len, coded_rows(T, raw), d, centre, k, d, 2 * kmax + 2, -1);
+  if (!err.empty()) return err;
+  err = dequantise_rows(reader, kPlanesRowError, T, d, raw, step, center, kmax, dtype, out, escapes, n_escapes);
+  return err.empty() ? reader.close(nullptr) : err;
 }
 
 std::vector<std::string> v2_isas() {

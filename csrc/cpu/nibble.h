@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/row_coder.h"
+
 namespace sk {
 
 constexpr int kNibbleWindow = 15;
@@ -30,10 +32,10 @@ struct NibbleIsa;  // the row kernels of one instruction set (nibble.cpp)
 // Row-at-a-time encoder, so a pass can code each row while it is in L1: open (room for max_rows
 // rows), row() per coded row in order, close() -> stream length (-1: a symbol was >= nsym). The
 // exception scratch is per thread: one writer or reader per thread at a time.
-class NibbleWriter {
+class NibbleWriter : public RowWriter {
  public:
   std::string open(int64_t max_rows, int64_t d, int nsym, int a, uint8_t* out, int64_t capacity);
-  void row(const uint8_t* sym);
+  void row(const uint8_t* sym) override;
   int64_t close();
 
  private:
@@ -46,10 +48,10 @@ class NibbleWriter {
 // Row-at-a-time decoder: open validates the head, the sizes and levels 2 and 3 (every exception
 // decoded); row() writes the next coded row's d symbols (false: the stream is invalid); close()
 // checks every exception was used and reports how many symbols equal count_of.
-class NibbleReader {
+class NibbleReader : public RowReader {
  public:
   std::string open(const uint8_t* data, int64_t len, int64_t rows, int64_t d, int nsym, int a, int count_of);
-  bool row(uint8_t* out);
+  bool row(uint8_t* out) override;
   std::string close(int64_t* count);
 
  private:

@@ -17,14 +17,15 @@ d = 576). The sections after them are the same.
 The coder is per frame: 0 static rANS on 1 or 4 lanes (``rans``, smallest; one-token frames), 2
 the same on 32 lanes (what ``rans`` writes for frames of many tokens: 16 lanes per AVX-512
 instruction, 2-3x faster, 112 bytes more), 3 the Rice coder (``rice``, about 0.1 bit per element
-more on real activations, 2-3x faster again: no table lookups; long frames), 1 the nibble coder
-(``nibble``, about 0.4 bit per element more but at memory speed). The encoder takes rANS unless
-asked: ``"rice"``, ``"nibble"``, or ``"auto"`` for ``choose_coder``'s rule (the Rice coder for long
-frames). The decoder reads any. Frames written before the coder field existed have 0 there and
+more on real activations, 2-3x faster again: no table lookups; long frames), 4 the same Rice codes
+cut into bit planes (``planes``: 64 symbols per mask instruction where the CPU has AVX-512 VBMI2),
+1 the nibble coder (``nibble``, about 0.4 bit per element more, fixed 4-bit slots). The encoder
+takes rANS unless asked: ``"rice"``, ``"planes"``, ``"nibble"``, or ``"auto"`` for
+``choose_coder``'s rule (bit planes or Rice for long frames). The decoder reads any. Frames written before the coder field existed have 0 there and
 read as before.
 
 The parser validates every field and bound before allocating anything sized by the frame (the
-largest allocation is bounded by ``rans.max_symbols``, ``rice.max_symbols`` or ``nibble.max_rows`` of the stream plus the
+largest allocation is bounded by the coder's ``max_symbols`` (``nibble.max_rows``) of the stream plus the
 raw section's own bytes) and raises :class:`FrameError` on anything wrong.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from .._native import load
-from . import nibble, rans, rice
+from . import nibble, planes, rans, rice
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
 
@@ -50,16 +51,19 @@ TOKEN_CODER, TOKEN_SHIFTED, TOKEN_RAW, TOKEN_DTYPE = 0x10, 0x08, 0x04, 0x03
 MAX_POSITION = (1 << 31) - 1
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 5
-CODER_RANS, CODER_NIBBLE, CODER_RANS_WIDE, CODER_RICE = 0, 1, 2, 3
+CODER_RANS, CODER_NIBBLE, CODER_RANS_WIDE, CODER_RICE, CODER_PLANES = 0, 1, 2, 3, 4
 # Names a writer takes ("rans": the layout by size).
-CODERS = {"rans": CODER_RANS, "nibble": CODER_NIBBLE, "rice": CODER_RICE}
+CODERS = {"rans": CODER_RANS, "nibble": CODER_NIBBLE, "rice": CODER_RICE, "planes": CODER_PLANES}
 # Every id a frame may carry.
-CODER_NAMES = {CODER_RANS: "rans", CODER_NIBBLE: "nibble", CODER_RANS_WIDE: "rans32", CODER_RICE: "rice"}
+CODER_NAMES = {CODER_RANS: "rans", CODER_NIBBLE: "nibble", CODER_RANS_WIDE: "rans32", CODER_RICE: "rice",
+               CODER_PLANES: "planes"}
+# Coders whose codes are Rice codes (the config's rice_params), and those a one-token frame cannot carry.
+RICE_CODERS = (CODER_RICE, CODER_PLANES)
 # rans_coder: frames of more than one token and at least this many values take the 32-lane layout.
 WIDE_RANS_MIN_SYMBOLS = 1 << 16
 AUTO = "auto"  # ask for choose_coder's rule
 FRAME_CODERS = (*CODERS, AUTO)  # what a frame's writer takes as its coder
-# choose_coder: the Rice coder for frames of more than one token and at least this many values
+# choose_coder: Rice codes for frames of more than one token and at least this many values
 # T * d (a prefill frame; never a one-token decode frame, where bytes matter most and rANS costs
 # microseconds) when the tables say it costs at most RICE_MAX_EXTRA_BITS per symbol more than rANS.
 FAST_MIN_SYMBOLS = 1 << 16
@@ -93,25 +97,27 @@ def rans_stream_lanes(code: int, coded: int) -> int:
 
 
 def choose_coder(t: int, d: int, config: CodecConfigV2) -> int:
-    """The encoder's rule for a frame of ``t`` tokens of ``d`` values: the Rice coder for long
-    frames whose tables suit it (Rice codes fit two-sided geometric tables, as calibrated ones
-    are) where this CPU runs its vector path, else rANS (``rans_coder``)."""
-    if t < 2 or t * d < FAST_MIN_SYMBOLS or not rice.vectorised():
+    """The encoder's rule for a frame of ``t`` tokens of ``d`` values: Rice codes for long frames
+    whose tables suit them (Rice codes fit two-sided geometric tables, as calibrated ones are) where
+    this CPU runs a vector coder for them, as bit planes (2-4x faster) or else on the Rice coder's
+    lanes; otherwise rANS (``rans_coder``)."""
+    fast = CODER_PLANES if planes.vectorised() else CODER_RICE if rice.vectorised() else None
+    if t < 2 or t * d < FAST_MIN_SYMBOLS or fast is None or config.rice_extra_bits > RICE_MAX_EXTRA_BITS:
         return rans_coder(t, d)
-    return CODER_RICE if config.rice_extra_bits <= RICE_MAX_EXTRA_BITS else rans_coder(t, d)
+    return fast
 
 
 def resolve_coder(coder: str | None, t: int, d: int, config: CodecConfigV2) -> int:
     """The coder id of ``coder`` for a frame of ``t`` tokens of ``d`` values: "rans" (also None, the
-    default: the fewest bytes, ``rans_coder``'s layout), "rice" (rANS for a one-token frame),
-    "nibble", or "auto" (``choose_coder``: Rice for long frames whose tables suit it)."""
+    default: the fewest bytes, ``rans_coder``'s layout), "rice" or "planes" (rANS for a one-token
+    frame), "nibble", or "auto" (``choose_coder``: Rice codes for long frames whose tables suit them)."""
     if coder is None:
         return rans_coder(t, d)
     if coder == AUTO:
         return choose_coder(t, d, config)
     if coder not in CODERS:
         raise ValueError(f"coder must be one of {sorted(FRAME_CODERS)} or None, got {coder!r}")
-    if CODERS[coder] == CODER_RANS or (CODERS[coder] == CODER_RICE and t == 1):
+    if CODERS[coder] == CODER_RANS or (CODERS[coder] in RICE_CODERS and t == 1):
         return rans_coder(t, d)  # a one-token frame's tag has one coder bit: rANS or nibble
     return CODERS[coder]
 
@@ -218,6 +224,8 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
     symbols = enc.symbols.numpy()
     if code == CODER_NIBBLE:  # skips raw rows itself
         stream = nibble.encode(symbols, raw if n_raw else None, cfg.freqs)
+    elif code == CODER_PLANES:  # so does this one
+        stream = planes.encode(symbols, raw if n_raw else None, *cfg.rice_params, len(cfg.freqs))
     else:
         coded = symbols[~raw] if n_raw else symbols
         stream = (rice.encode(coded, *cfg.rice_params, len(cfg.freqs)) if code == CODER_RICE
@@ -280,7 +288,7 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
     if (config.prediction is not None) != (tokens is not None):
         raise ValueError("a frame carries token ids exactly when its codec config has a prediction")
     if t == 1:
-        if code in (CODER_RANS_WIDE, CODER_RICE):
+        if code in (CODER_RANS_WIDE, *RICE_CODERS):
             raise ValueError(f"a one-token frame cannot carry the {CODER_NAMES[code]} coder (its tag has one coder bit)")
         head = [bytes([TOKEN_TAG | code * TOKEN_CODER | (0 if shifted is None else TOKEN_SHIFTED)
                        | (TOKEN_RAW if raw[0] else 0) | DTYPE_CODES[escapes.dtype]])]
@@ -364,7 +372,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if dtype_code not in CODE_DTYPES:
         raise FrameError(f"unknown dtype code {dtype_code}")
     if coder not in CODER_NAMES:
-        raise FrameError(f"unknown symbol coder {coder} (0 rANS, 1 nibble, 2 rANS on 32 lanes, 3 Rice)")
+        raise FrameError(f"unknown symbol coder {coder} (0 rANS, 1 nibble, 2 rANS on 32 lanes, 3 Rice, 4 bit planes)")
     crc_at = len(buf) - CRC_BYTES
     (crc,) = struct.unpack_from("<I", buf, crc_at)
     if crc32([buf[:crc_at]], config.crc_seed) != crc:
@@ -422,7 +430,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if coder == CODER_NIBBLE:
         if t - n_raw > nibble.max_rows(crc_at - pos, d):
             raise FrameError(f"frame claims {t - n_raw} coded tokens, more than a {crc_at - pos}-byte stream can hold")
-    elif n_sym > (rice.max_symbols if coder == CODER_RICE else rans.max_symbols)(crc_at - pos):
+    elif n_sym > {CODER_RICE: rice.max_symbols, CODER_PLANES: planes.max_symbols}.get(coder, rans.max_symbols)(crc_at - pos):
         raise FrameError(f"frame claims {n_sym} coded values, more than a {crc_at - pos}-byte stream can hold")
     return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at], start, section, tokens)
 
@@ -441,6 +449,13 @@ def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
         try:
             sym, n_esc_sym = nibble.decode(p.stream, config.freqs, raw, d, count_of=config.escape_symbol)
         except nibble.NibbleError as exc:
+            raise FrameError(f"symbol stream invalid: {exc}") from None
+        symbols = torch.from_numpy(sym)
+    elif p.coder == CODER_PLANES:
+        try:
+            sym, n_esc_sym = planes.decode(p.stream, raw, *config.rice_params, len(config.freqs), d,
+                                           count_of=config.escape_symbol)
+        except planes.PlanesError as exc:
             raise FrameError(f"symbol stream invalid: {exc}") from None
         symbols = torch.from_numpy(sym)
     else:

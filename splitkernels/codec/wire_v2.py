@@ -2,9 +2,10 @@
 
 ``encode_frame_v2(x, config, coder)`` gives the bytes of ``encode_v2(x, config).to_bytes(coder)`` and
 ``decode_frame_v2(data, config, limits)`` the tensor of ``decode_v2(read_frame_v2(data, config,
-limits))``, exactly (and raises FrameError on the same frames). For nibble frames with the C++ extension built, quantisation and coding run as
-one pass each way, every row coded or decoded while it is still in L1, and no ``[T, d]`` symbol
-matrix is built: this is the fast path of long prefill frames. A one-token rANS frame (a decode
+limits))``, exactly (and raises FrameError on the same frames). For bit-plane and nibble frames with
+the C++ extension built, quantisation and coding run as one pass each way, every row coded or
+decoded while it is still in L1, and no ``[T, d]`` symbol matrix is built: this is the fast path of
+long prefill frames. A one-token rANS frame (a decode
 step) is quantised, coded and framed by one C++ call (:func:`~splitkernels.codec.token_frame.encode_token_frame`).
 Everything else takes the general path above.
 """
@@ -18,7 +19,7 @@ from ..ops.checks import FLOAT_DTYPES, check_tensor
 from . import nibble
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES, FrameError, FrameLimits
-from .frame_v2 import CODER_NIBBLE, CODER_RANS, MAX_POSITION, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
+from .frame_v2 import CODER_NIBBLE, CODER_PLANES, CODER_RANS, MAX_POSITION, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
 from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
 
@@ -26,8 +27,11 @@ _C, _ = load("_C")
 
 
 def has_fused() -> bool:
-    """True when the C++ extension provides the fused nibble encode and decode passes."""
-    return _C is not None and hasattr(_C, "v2_encode_nibble")
+    """True when the C++ extension provides the fused encode and decode passes (nibble and bit planes)."""
+    return _C is not None and hasattr(_C, "v2_encode_planes")
+
+
+FUSED_CODERS = (CODER_NIBBLE, CODER_PLANES)
 
 
 def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = None, start: int = 0, tokens=None,
@@ -48,17 +52,24 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
             return frame
     if config.prediction is not None:
         return encode_v2(x, config, start, tokens, embedding).to_bytes(coder)
-    if code != CODER_NIBBLE or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
+    if code not in FUSED_CODERS or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
         return encode_v2(x, config, start).to_bytes(coder)  # also validates start
     x = x.detach().cpu().contiguous()
     n_esc = torch.empty(t, dtype=torch.int32)
     raw = torch.empty(t, dtype=torch.uint8)
     escapes = torch.empty(t * min(d, config.raw_limit), dtype=x.dtype)  # a coded row has <= raw_limit escapes
-    out = np.empty(_C.nibble_capacity(t, d), dtype=np.uint8)
-    written, nonfinite, n = _C.v2_encode_nibble(
-        x.data_ptr(), DTYPE_CODES[x.dtype], t, d, config.center_array().ctypes.data, config.inv_step_array().ctypes.data,
-        config.kmax, config.raw_limit, nibble.window_start(config.freqs), 0, n_esc.data_ptr(), raw.data_ptr(),
-        escapes.data_ptr(), out.ctypes.data, out.shape[0])
+    quantiser = (x.data_ptr(), DTYPE_CODES[x.dtype], t, d, config.center_array().ctypes.data,
+                 config.inv_step_array().ctypes.data, config.kmax, config.raw_limit)
+    outputs = (0, n_esc.data_ptr(), raw.data_ptr(), escapes.data_ptr())
+    if code == CODER_NIBBLE:
+        out = np.empty(_C.nibble_capacity(t, d), dtype=np.uint8)
+        written, nonfinite, n = _C.v2_encode_nibble(*quantiser, nibble.window_start(config.freqs), *outputs,
+                                                    out.ctypes.data, out.shape[0])
+    else:
+        centre, k = _rice_arrays(config)
+        out = np.empty(_C.planes_capacity(t, d), dtype=np.uint8)
+        written, nonfinite, n = _C.v2_encode_planes(*quantiser, centre.ctypes.data, k.ctypes.data, *outputs,
+                                                    out.ctypes.data, out.shape[0])
     if nonfinite:
         raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
     flags = raw.numpy().astype(bool)
@@ -66,22 +77,34 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
     return assemble_frame(config, code, t, flags, escapes[:written], raw_values, memoryview(out[:n]))
 
 
+def _rice_arrays(config: CodecConfigV2) -> tuple[np.ndarray, np.ndarray]:
+    """The config's Rice ``(centres, ks)`` as u8 ``[d]`` (the fused passes take one entry per channel)."""
+    centre, k = config.rice_params
+    d = config.d
+    return (np.ascontiguousarray(np.broadcast_to(centre, (d,)), dtype=np.uint8),
+            np.ascontiguousarray(np.broadcast_to(k, (d,)), dtype=np.uint8))
+
+
 def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
                     limits: FrameLimits | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
     """Validate and decode a v2 frame to ``[T, d]`` on the host; :class:`FrameError` if anything is
     wrong. ``embedding``: the input embedding table, which a config with a prediction needs."""
     p = parse_frame_v2(data, config, limits)
-    if p.coder != CODER_NIBBLE or not has_fused() or p.residual_section is not None or p.tokens is not None:
+    if p.coder not in FUSED_CODERS or not has_fused() or p.residual_section is not None or p.tokens is not None:
         return decode_v2(decode_symbols(p, config), embedding=embedding)
     d = config.d
     out = torch.empty(p.t, d, dtype=p.dtype)
     flags = np.ascontiguousarray(p.raw, dtype=np.uint8)
     stream = np.frombuffer(p.stream, dtype=np.uint8)
     escapes = p.escapes.contiguous()
-    err = _C.v2_decode_nibble(stream.ctypes.data, stream.shape[0], p.t, d, flags.ctypes.data,
-                              nibble.window_start(config.freqs), config.step_array().ctypes.data,
-                              config.center_array().ctypes.data, config.kmax, DTYPE_CODES[p.dtype], out.data_ptr(),
-                              escapes.data_ptr(), escapes.numel())
+    head = (stream.ctypes.data, stream.shape[0], p.t, d, flags.ctypes.data)
+    dequantiser = (config.step_array().ctypes.data, config.center_array().ctypes.data, config.kmax,
+                   DTYPE_CODES[p.dtype], out.data_ptr(), escapes.data_ptr(), escapes.numel())
+    if p.coder == CODER_NIBBLE:
+        err = _C.v2_decode_nibble(*head, nibble.window_start(config.freqs), *dequantiser)
+    else:
+        centre, k = _rice_arrays(config)
+        err = _C.v2_decode_planes(*head, centre.ctypes.data, k.ctypes.data, *dequantiser)
     if err:
         raise FrameError(f"symbol stream invalid: {err}")
     if p.n_raw:
