@@ -71,11 +71,38 @@ struct BitReader {
     return low_bits(v, n);
   }
 
+  // The little-endian word at byte 8 * i (bytes past the end read as 0).
+  uint64_t word(int64_t i) const {
+    if (8 * i + 8 <= nbytes) return load_u64(data + 8 * i);
+    uint64_t v = 0;
+    for (int64_t b = 8 * i; b < nbytes && b < 8 * i + 8; ++b) v |= uint64_t{data[b]} << (8 * (b - 8 * i));
+    return v;
+  }
+
   uint64_t read(int n) {
     const uint64_t v = peek(pos, n);
     pos += n;
     return v;
   }
+};
+
+// Consecutive 64-bit chunks of the bits from position pos on: one word load and a funnel shift
+// each (the shift stays the same along a run).
+class BitChunks {
+ public:
+  BitChunks(const BitReader& r, int64_t pos) : r_(r), word_(pos >> 6), sh_(static_cast<int>(pos & 63)), lo_(r.word(word_)) {}
+  uint64_t next() {
+    const uint64_t hi = r_.word(++word_);
+    const uint64_t v = (lo_ >> sh_) | ((hi << 1) << (63 - sh_));
+    lo_ = hi;
+    return v;
+  }
+
+ private:
+  const BitReader& r_;
+  int64_t word_;
+  int sh_;
+  uint64_t lo_;
 };
 
 }  // namespace sk

@@ -52,6 +52,13 @@ inline uint64_t first_lanes(int64_t n) { return n >= kB ? ~uint64_t{0} : (uint64
 
 #ifdef SK_PLANES_VECTOR
 
+// Keeps a loaded vector in a register: vpexpandb with a memory operand is microcoded and slow on
+// some cores (AMD Zen 4), so the load stays a plain one.
+inline __m512i in_register(__m512i v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
 inline uint64_t pext(uint64_t v, uint64_t m) { return _pext_u64(v, m); }
 inline uint64_t pdep(uint64_t v, uint64_t m) { return _pdep_u64(v, m); }
 inline int popcount(uint64_t m) { return static_cast<int>(_mm_popcnt_u64(m)); }
@@ -131,7 +138,8 @@ void decode_remainders(const View& L, int64_t g, BitReader& r) {
   __m512i v = _mm512_setzero_si512();
   for (int l = 0; l < L.levels[g]; ++l) {
     const int i = static_cast<int>(g) * kPlanesLevels + l;
-    const uint64_t m = pdep(r.read(L.level_bits[i]), L.level[i]);
+    const int n = L.level_bits[i];
+    const uint64_t m = n == kB ? r.read(kB) : pdep(r.read(n), L.level[i]);
     v = _mm512_mask_add_epi8(v, m, v, _mm512_set1_epi8(static_cast<char>(1 << l)));  // distinct bits: add is or
   }
   _mm512_storeu_si512(L.rem + g * kB, v);
@@ -142,10 +150,10 @@ void decode_remainders(const View& L, int64_t g, BitReader& r) {
 void decode_plane(const BitReader& r, int64_t pos, int64_t n, const uint8_t* next, uint8_t* out) {
   const __m512i one = _mm512_set1_epi8(1);
   int64_t m = 0;
+  BitChunks bits(r, pos);
   for (int64_t b = 0; b < n; b += kB) {
-    const int cnt = static_cast<int>(std::min<int64_t>(kB, n - b));
-    const uint64_t more = r.peek(pos + b, cnt);
-    const __m512i x = _mm512_maskz_expand_epi8(more, _mm512_loadu_si512(next + m));
+    const uint64_t more = low_bits(bits.next(), static_cast<int>(std::min<int64_t>(kB, n - b)));
+    const __m512i x = _mm512_maskz_expand_epi8(more, in_register(_mm512_loadu_si512(next + m)));
     _mm512_storeu_si512(out + b, _mm512_mask_add_epi8(x, more, x, one));
     m += popcount(more);
   }
@@ -174,7 +182,7 @@ bool finish_block(const View& L, int64_t g, const uint8_t* xs, int64_t n_x, int6
   if (exc) {
     const int nx = popcount(exc);
     if (xi + nx > n_x) return false;
-    s = _mm512_mask_expand_epi8(s, exc, _mm512_loadu_si512(xs + xi));
+    s = _mm512_mask_expand_epi8(s, exc, in_register(_mm512_loadu_si512(xs + xi)));
     xi += nx;
     // Canonical exceptions: inside the table and at least edge away from the centre.
     bad |= exc & _mm512_cmplt_epu8_mask(zigzag64(s, c), edge);
@@ -253,9 +261,10 @@ void decode_remainders(const View& L, int64_t g, BitReader& r) {
 
 void decode_plane(const BitReader& r, int64_t pos, int64_t n, const uint8_t* next, uint8_t* out) {
   int64_t m = 0;
+  BitChunks bits(r, pos);
   for (int64_t b = 0; b < n; b += kB) {
     const int cnt = static_cast<int>(std::min<int64_t>(kB, n - b));
-    const uint64_t more = r.peek(pos + b, cnt);
+    const uint64_t more = low_bits(bits.next(), cnt);
     for (int i = 0; i < cnt; ++i) out[b + i] = (more >> i) & 1 ? static_cast<uint8_t>(1 + next[m++]) : 0;
   }
 }
@@ -325,7 +334,8 @@ bool decode_row(PlanesLayout& layout, BitReader& reader, const uint8_t* xs, int6
     pos[planes] = r.pos;
     size[planes++] = n;
     int64_t ones = 0;
-    for (int64_t b = 0; b < n; b += kB) ones += popcount(r.peek(r.pos + b, static_cast<int>(std::min<int64_t>(kB, n - b))));
+    BitChunks bits(r, r.pos);
+    for (int64_t b = 0; b < n; b += kB) ones += popcount(low_bits(bits.next(), static_cast<int>(std::min<int64_t>(kB, n - b))));
     r.pos += n;
     n = ones;
   }
