@@ -50,25 +50,29 @@ std::string PlanesLayout::build(int64_t d_, const uint8_t* centre_, const uint8_
 
 namespace {
 
-bool cpu_has_vector() {
+struct Build {
+  const char* name;
+  const PlanesRowKernels* kernels;
+};
+
+// The builds this CPU runs, best last.
+std::vector<Build> supported_builds() {
+  std::vector<Build> out{{"scalar", &isa_generic::planes_row_kernels()}};
 #if defined(__x86_64__) || defined(__i386__)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2");
-#else
-  return false;
+  if (__builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vbmi2"))
+    out.push_back({"avx512", &isa_avx512vbmi2::planes_row_kernels()});
 #endif
+  return out;
 }
 
-const PlanesRowKernels* generic() { return &isa_generic::planes_row_kernels(); }
-
-const PlanesRowKernels* vector() {
-#if defined(__x86_64__) || defined(__i386__)
-  if (cpu_has_vector()) return &isa_avx512vbmi2::planes_row_kernels();
-#endif
-  return nullptr;
+const std::vector<Build>& builds() {
+  static const std::vector<Build> all = supported_builds();
+  return all;
 }
 
-const PlanesRowKernels* g_kernels = vector() ? vector() : generic();
+const Build* g_build = &builds().back();
+const PlanesRowKernels* g_kernels = g_build->kernels;
 
 // Per-thread scratch of n bytes plus 64 for whole-vector stores and loads.
 uint8_t* scratch(int64_t n) {
@@ -183,17 +187,20 @@ std::string planes_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d
 }
 
 std::vector<std::string> planes_isas() {
-  std::vector<std::string> out{"scalar"};
-  if (vector()) out.push_back("avx512");
+  std::vector<std::string> out;
+  for (const Build& b : builds()) out.push_back(b.name);
   return out;
 }
 
-std::string planes_isa() { return g_kernels == generic() ? "scalar" : "avx512"; }
+std::string planes_isa() { return g_build->name; }
 
 std::string set_planes_isa(const std::string& name) {
-  if (name == "scalar" || (name == "avx512" && vector())) {
-    g_kernels = name == "scalar" ? generic() : vector();
-    return "";
+  for (const Build& b : builds()) {
+    if (name == b.name) {
+      g_build = &b;
+      g_kernels = b.kernels;
+      return "";
+    }
   }
   return "planes isa must be one of the supported ones (see planes_isas()), got '" + name + "'";
 }

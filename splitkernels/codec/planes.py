@@ -204,8 +204,9 @@ def has_native() -> bool:
 
 def vectorised() -> bool:
     """True when the C++ coder runs its vector path here (AVX-512 BW + VBMI2 and BMI2): 64 symbols
-    per mask instruction. Elsewhere the Rice coder is the fast choice."""
-    return has_native() and _C.planes_isa() != "scalar"
+    per mask instruction. Elsewhere the generic build goes lane by lane (about scalar Rice's speed)
+    and the Rice coder is the fast choice."""
+    return has_native() and _C.planes_isa() == "avx512"
 
 
 def _arrays(centres: np.ndarray, ks: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 // Row kernels of the bit-plane coder (docs/FORMATS.md section 5.8): the plane loops once, the block
 // steps per instruction set. Built with AVX-512 BW + VBMI2 and BMI2, a block step is a handful of
 // byte-vector instructions (a compare into a mask, a compress or an expand) and a pext / pdep per
-// remainder level; the generic build does the same lane by lane.
+// remainder level; the generic build does the same lane by lane, branch-free where the data
+// decides (about as fast as the scalar Rice coder).
 //
 // Quotient planes are coded on dense arrays: plane j's bits are those of the channels still alive
 // (q > j - 1) in channel order, so the encoder compresses the survivors' q - 1 after each plane
@@ -218,19 +219,18 @@ void encode_block(const uint8_t* sym, const View& L, int64_t g, BitWriter& w, ui
     const int64_t ch = at + i;
     const int s = sym[ch];
     maxsym = std::max(maxsym, s);
-    const int u = zigzag(s, L.centre[ch]);
-    int rem = u & L.low[ch];
-    if (u >= L.edge[ch]) {
-      xs[nx++] = static_cast<uint8_t>(s);
-      L.row[ch] = L.top[ch];
-      rem = 0;
-    } else {
-      L.row[ch] = static_cast<uint8_t>(u >> L.k[ch]);
-    }
-    for (int l = 0; rem >> l; ++l) bits[l] |= uint64_t((rem >> l) & 1) << i;
+    const int delta = s - L.centre[ch];
+    const int u = (delta * 2) ^ (delta >> 31);  // zigzag, branch-free
+    const bool exc = u >= L.edge[ch];
+    if (exc) xs[nx++] = static_cast<uint8_t>(s);  // rare
+    L.row[ch] = static_cast<uint8_t>(exc ? L.top[ch] : u >> L.k[ch]);
+    const int rem = exc ? 0 : u & L.low[ch];
+    for (int l = 0; l < L.k[ch]; ++l) bits[l] |= uint64_t((rem >> l) & 1) << i;
   }
-  for (int l = 0; l < L.levels[g]; ++l)
-    w.put(pext(bits[l], L.level[g * kPlanesLevels + l]), L.level_bits[g * kPlanesLevels + l]);
+  for (int l = 0; l < L.levels[g]; ++l) {
+    const int n = L.level_bits[g * kPlanesLevels + l];
+    w.put(n == kB ? bits[l] : pext(bits[l], L.level[g * kPlanesLevels + l]), n);
+  }
 }
 
 int64_t encode_plane(const uint8_t* v, int64_t n, uint8_t* out, BitWriter& w) {
@@ -238,11 +238,11 @@ int64_t encode_plane(const uint8_t* v, int64_t n, uint8_t* out, BitWriter& w) {
   for (int64_t b = 0; b < n; b += kB) {
     const int cnt = static_cast<int>(std::min<int64_t>(kB, n - b));
     uint64_t more = 0;
-    for (int i = 0; i < cnt; ++i) {
-      if (v[b + i]) {
-        more |= uint64_t{1} << i;
-        out[m++] = static_cast<uint8_t>(v[b + i] - 1);
-      }
+    for (int i = 0; i < cnt; ++i) {  // branch-free: half the survivors' bits are ones
+      const int x = v[b + i], alive = x != 0;
+      more |= uint64_t(alive) << i;
+      out[m] = static_cast<uint8_t>(x - 1);
+      m += alive;
     }
     w.put(more, cnt);
   }
@@ -254,8 +254,9 @@ void decode_remainders(const View& L, int64_t g, BitReader& r) {
   std::memset(u, 0, kB);
   for (int l = 0; l < L.levels[g]; ++l) {
     const int i = static_cast<int>(g) * kPlanesLevels + l;
-    for (uint64_t m = pdep(r.read(L.level_bits[i]), L.level[i]); m; m &= m - 1)
-      u[__builtin_ctzll(m)] |= static_cast<uint8_t>(1 << l);
+    const int n = L.level_bits[i];
+    const uint64_t m = n == kB ? r.read(kB) : pdep(r.read(n), L.level[i]);
+    for (int j = 0; j < kB; ++j) u[j] |= static_cast<uint8_t>(((m >> j) & 1) << l);
   }
 }
 
@@ -265,7 +266,11 @@ void decode_plane(const BitReader& r, int64_t pos, int64_t n, const uint8_t* nex
   for (int64_t b = 0; b < n; b += kB) {
     const int cnt = static_cast<int>(std::min<int64_t>(kB, n - b));
     const uint64_t more = low_bits(bits.next(), cnt);
-    for (int i = 0; i < cnt; ++i) out[b + i] = (more >> i) & 1 ? static_cast<uint8_t>(1 + next[m++]) : 0;
+    for (int i = 0; i < cnt; ++i) {
+      const int bit = (more >> i) & 1;
+      out[b + i] = static_cast<uint8_t>((1 + next[m]) & -bit);
+      m += bit;
+    }
   }
 }
 
@@ -284,7 +289,7 @@ bool finish_block(const View& L, int64_t g, const uint8_t* xs, int64_t n_x, int6
       s = xs[xi++];
       if (s >= L.nsym || zigzag(s, c) < edge) return false;
     } else {
-      s = (u & 1) ? c - ((u + 1) >> 1) : c + (u >> 1);
+      s = c + ((u >> 1) ^ -(u & 1));  // c + u / 2 (u even) or c - (u + 1) / 2 (odd), branch-free
       if (s < 0 || s >= L.nsym) return false;
     }
     count += s == count_of;
