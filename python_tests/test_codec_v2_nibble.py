@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from splitkernels.codec import CodecConfigV2, FrameError, calibrate, decode, encode, from_bytes, nibble, rans
-from splitkernels.codec import frame_v2, planes, rice, wire_v2
+from splitkernels.codec import frame_v2, rice, wire_v2
 from splitkernels.codec.frame_v2 import HEAD, _varint
 from isa_switch import isa_fixture
 from v2_frames import bit_flips, reseal, truncations
@@ -209,9 +209,8 @@ def test_coder_rule_and_explicit_coders(cfg):
     t = frame_v2.FAST_MIN_SYMBOLS // 64
     long = activations(t, 64, seed=3).half()
     want = frame_v2.choose_coder(t, 64, cfg)
-    # This table suits Rice codes, which "auto" takes where a coder for them runs vectorised.
-    fast = frame_v2.CODER_PLANES if planes.vectorised() else frame_v2.CODER_RICE if rice.vectorised() else None
-    assert want == (fast or frame_v2.CODER_RANS_WIDE)
+    # This table suits the Rice coder, which "auto" takes where it runs vectorised.
+    assert want == (frame_v2.CODER_RICE if rice.vectorised() else frame_v2.CODER_RANS_WIDE)
     assert frame_coder(encode(long, cfg).to_bytes("auto")) == want
     assert frame_coder(wire_v2.encode_frame_v2(long, cfg, "auto")) == want
     # Without a coder, frames take rANS (the fewest bytes), long ones in the 32-lane layout.

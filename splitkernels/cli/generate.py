@@ -105,7 +105,7 @@ def _print_report(report: dict) -> None:
         print(f"note:     {report['note']}")
 
 
-_CODER_TEXT = {None: "static rANS", "rans": "static rANS", "auto": "static rANS, Rice codes for long frames",
+_CODER_TEXT = {None: "static rANS", "rans": "static rANS", "auto": "static rANS, the Rice coder for long frames",
                "rice": "static rANS, the Rice coder for frames of several tokens",
                "planes": "static rANS, bit-plane Rice codes for frames of several tokens", "nibble": "the nibble coder"}
 

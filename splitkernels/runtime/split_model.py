@@ -78,11 +78,11 @@ class SplitConfig:
     * ``quantize_embedding``: also store the input embedding at ``front`` (OPSC).
     * ``wire_dtype``: dtype the edge casts the hidden state to before the codec (None = the
       edge's compute dtype); an fp32 model sends fp16 or bf16 when a plan says so.
-    * ``coder``: symbol coder of v2 frames: None or "rans" (the fewest bytes), "auto" (Rice codes
-      for long prefill frames whose tables suit them: ~0.1 bit per element more, as bit planes where
-      the CPU has AVX-512 VBMI2, else on the Rice coder's lanes; worth it on links above
-      ~50 Mbit/s), "rice" or "planes" (every frame of several tokens) or "nibble" (every frame:
-      ~0.4 bit more, fixed 4-bit slots).
+    * ``coder``: symbol coder of v2 frames: None or "rans" (the fewest bytes), "auto" (the Rice
+      coder for long prefill frames whose tables suit it: ~0.1 bit per element more, 2-3x faster,
+      worth it on links above ~50 Mbit/s), "rice" (every frame of several tokens), "planes" (the
+      same codes in bit planes: up to ~1.3x faster again where both ends have AVX-512 VBMI2) or
+      "nibble" (every frame: ~0.4 bit more, fixed 4-bit slots).
     """
 
     split_layer: int
