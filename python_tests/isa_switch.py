@@ -1,5 +1,6 @@
 """A fixture that runs a test once per instruction set of a C++ component (``_C.<component>_isas()``),
-setting it with ``_C.set_<component>_isa`` and restoring the previous one afterwards."""
+setting it with ``_C.set_<component>_isa`` and restoring the previous one afterwards, and the check
+that an unknown instruction set is refused."""
 from __future__ import annotations
 
 import pytest
@@ -26,3 +27,11 @@ def isa_fixture(component: str, name: str, what: str):
 
     fixture.__doc__ = f"Each instruction set of {what} in turn (restored afterwards)."
     return fixture
+
+
+def check_unknown_isa_refused(component: str) -> None:
+    """``_C.set_<component>_isa`` refuses an unknown name in one line naming it and changes nothing."""
+    before = getattr(_C, f"{component}_isa")()
+    with pytest.raises(ValueError, match=f"{component} isa must be one of the supported ones.*'neon'"):
+        getattr(_C, f"set_{component}_isa")("neon")
+    assert getattr(_C, f"{component}_isa")() == before and before in getattr(_C, f"{component}_isas")()

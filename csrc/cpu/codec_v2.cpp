@@ -407,12 +407,6 @@ std::string dequantise_rows(RowReader& reader, const char* row_error, int64_t T,
   return "";
 }
 
-int64_t coded_rows(int64_t T, const uint8_t* raw) {
-  int64_t rows = 0;
-  for (int64_t t = 0; t < T; ++t) rows += !(raw && raw[t]);
-  return rows;
-}
-
 }  // namespace
 
 std::string v2_decode_nibble(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw, int a,

@@ -276,11 +276,6 @@ bool valid_table(int nsym, int a) {
   return nsym >= 2 && nsym <= 256 && a >= 0 && a <= a_max;
 }
 
-int64_t coded_rows(int64_t T, const uint8_t* raw) {
-  int64_t rows = 0;
-  for (int64_t t = 0; t < T; ++t) rows += !(raw && raw[t]);
-  return rows;
-}
 
 }  // namespace
 
@@ -368,8 +363,7 @@ int64_t nibble_encode(const uint8_t* sym, int64_t T, int64_t d, const uint8_t* r
                       int64_t capacity) {
   NibbleWriter w;
   if (T < 0 || !w.open(coded_rows(T, raw), d, nsym, a, out, capacity).empty()) return -1;
-  for (int64_t t = 0; t < T; ++t)
-    if (!(raw && raw[t])) w.row(sym + t * d);
+  write_rows(w, sym, T, d, raw);
   return w.close();
 }
 
@@ -379,15 +373,7 @@ std::string nibble_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d
   NibbleReader r;
   std::string err = r.open(data, len, coded_rows(T, raw), d, nsym, a, count_of);
   if (!err.empty()) return err;
-  for (int64_t t = 0; t < T; ++t) {
-    uint8_t* o = out + t * d;
-    if (raw && raw[t]) {
-      std::memset(o, 0, d);
-    } else if (!r.row(o)) {
-      return kNibbleRowError;
-    }
-  }
-  return r.close(count);
+  return read_rows(r, T, d, raw, out) ? r.close(count) : kNibbleRowError;
 }
 
 std::vector<std::string> nibble_isas() {

@@ -81,11 +81,6 @@ uint8_t* scratch(int64_t n) {
   return buf.data();
 }
 
-int64_t coded_rows(int64_t T, const uint8_t* raw) {
-  int64_t rows = 0;
-  for (int64_t t = 0; t < T; ++t) rows += !(raw && raw[t]);
-  return rows;
-}
 
 }  // namespace
 
@@ -163,8 +158,7 @@ int64_t planes_encode(const uint8_t* sym, int64_t T, int64_t d, const uint8_t* r
                       const uint8_t* k, int64_t period, int nsym, uint8_t* out, int64_t capacity) {
   PlanesWriter w;
   if (T < 0 || !w.open(coded_rows(T, raw), d, centre, k, period, nsym, out, capacity).empty()) return -1;
-  for (int64_t t = 0; t < T; ++t)
-    if (!(raw && raw[t])) w.row(sym + t * d);
+  write_rows(w, sym, T, d, raw);
   return w.close();
 }
 
@@ -175,15 +169,7 @@ std::string planes_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d
   PlanesReader r;
   std::string err = r.open(data, len, coded_rows(T, raw), d, centre, k, period, nsym, count_of);
   if (!err.empty()) return err;
-  for (int64_t t = 0; t < T; ++t) {
-    uint8_t* o = out + t * d;
-    if (raw && raw[t]) {
-      std::memset(o, 0, d);
-    } else if (!r.row(o)) {
-      return kPlanesRowError;
-    }
-  }
-  return r.close(count);
+  return read_rows(r, T, d, raw, out) ? r.close(count) : kPlanesRowError;
 }
 
 std::vector<std::string> planes_isas() {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace sk {
 
@@ -18,5 +19,32 @@ class RowReader {
   virtual ~RowReader() = default;
   virtual bool row(uint8_t* out) = 0;  // the next coded row's d symbols; false: the stream is invalid
 };
+
+// Rows of [T, d] whose raw flag is 0 (raw may be null: every row).
+inline int64_t coded_rows(int64_t T, const uint8_t* raw) {
+  int64_t rows = 0;
+  for (int64_t t = 0; t < T; ++t) rows += !(raw && raw[t]);
+  return rows;
+}
+
+// The coded rows of sym [T, d] to an opened writer, in order.
+inline void write_rows(RowWriter& w, const uint8_t* sym, int64_t T, int64_t d, const uint8_t* raw) {
+  for (int64_t t = 0; t < T; ++t)
+    if (!(raw && raw[t])) w.row(sym + t * d);
+}
+
+// out [T, d] from an opened reader: coded rows decoded in order, raw rows set to 0. False when a
+// row is invalid.
+inline bool read_rows(RowReader& r, int64_t T, int64_t d, const uint8_t* raw, uint8_t* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    uint8_t* o = out + t * d;
+    if (raw && raw[t]) {
+      std::memset(o, 0, d);
+    } else if (!r.row(o)) {
+      return false;
+    }
+  }
+  return true;
+}
 
 }  // namespace sk
