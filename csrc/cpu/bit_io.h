@@ -49,27 +49,12 @@ struct BitWriter {
   }
 };
 
-// Reads a byte range; bits past its end read as 0 (the caller compares pos with 8 * nbytes).
+// A byte range of bits read through BitStream; bits past its end read as 0 (the caller compares
+// pos with 8 * nbytes).
 struct BitReader {
   const uint8_t* data = nullptr;
   int64_t nbytes = 0;
   int64_t pos = 0;  // bits read so far
-
-  // n bits (n in [0, 64]) at bit position at, without moving.
-  uint64_t peek(int64_t at, int n) const {
-    const int64_t byte = at >> 3;
-    const int sh = static_cast<int>(at & 7);
-    uint64_t v;
-    if (byte + 9 <= nbytes) {
-      v = (load_u64(data + byte) >> sh) | ((uint64_t{data[byte + 8]} << (63 - sh)) << 1);
-    } else {
-      v = 0;
-      for (int i = 0; i < 8 && byte + i < nbytes; ++i) v |= uint64_t{data[byte + i]} << (8 * i);
-      v >>= sh;
-      if (byte + 8 < nbytes) v |= (uint64_t{data[byte + 8]} << (63 - sh)) << 1;
-    }
-    return low_bits(v, n);
-  }
 
   // The little-endian word at byte 8 * i (bytes past the end read as 0).
   uint64_t word(int64_t i) const {
@@ -78,31 +63,32 @@ struct BitReader {
     for (int64_t b = 8 * i; b < nbytes && b < 8 * i + 8; ++b) v |= uint64_t{data[b]} << (8 * (b - 8 * i));
     return v;
   }
-
-  uint64_t read(int n) {
-    const uint64_t v = peek(pos, n);
-    pos += n;
-    return v;
-  }
 };
 
-// Consecutive 64-bit chunks of the bits from position pos on: one word load and a funnel shift
-// each (the shift stays the same along a run).
-class BitChunks {
+// Sequential reads of up to 64 bits from position pos on, from two words in registers: a funnel
+// shift per read and one word load each time 64 bits have been read (no bounds check per read).
+class BitStream {
  public:
-  BitChunks(const BitReader& r, int64_t pos) : r_(r), word_(pos >> 6), sh_(static_cast<int>(pos & 63)), lo_(r.word(word_)) {}
-  uint64_t next() {
-    const uint64_t hi = r_.word(++word_);
-    const uint64_t v = (lo_ >> sh_) | ((hi << 1) << (63 - sh_));
-    lo_ = hi;
+  BitStream(const BitReader& r, int64_t pos)
+      : r_(r), word_(pos >> 6), sh_(static_cast<int>(pos & 63)), lo_(r.word(word_)), hi_(r.word(word_ + 1)) {}
+  // n bits, n in [0, 64].
+  uint64_t read(int n) {
+    const uint64_t v = low_bits((lo_ >> sh_) | ((hi_ << 1) << (63 - sh_)), n);
+    sh_ += n;
+    if (sh_ >= 64) {
+      sh_ -= 64;
+      lo_ = hi_;
+      hi_ = r_.word(++word_ + 1);
+    }
     return v;
   }
+  int64_t pos() const { return word_ * 64 + sh_; }
 
  private:
   const BitReader& r_;
   int64_t word_;
   int sh_;
-  uint64_t lo_;
+  uint64_t lo_, hi_;
 };
 
 }  // namespace sk

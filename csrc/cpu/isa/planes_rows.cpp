@@ -135,7 +135,7 @@ int64_t encode_plane(const uint8_t* v, int64_t n, uint8_t* out, BitWriter& w) {
   return m;
 }
 
-void decode_remainders(const View& L, int64_t g, BitReader& r) {
+void decode_remainders(const View& L, int64_t g, BitStream& r) {
   __m512i v = _mm512_setzero_si512();
   for (int l = 0; l < L.levels[g]; ++l) {
     const int i = static_cast<int>(g) * kPlanesLevels + l;
@@ -151,9 +151,9 @@ void decode_remainders(const View& L, int64_t g, BitReader& r) {
 void decode_plane(const BitReader& r, int64_t pos, int64_t n, const uint8_t* next, uint8_t* out) {
   const __m512i one = _mm512_set1_epi8(1);
   int64_t m = 0;
-  BitChunks bits(r, pos);
+  BitStream bits(r, pos);
   for (int64_t b = 0; b < n; b += kB) {
-    const uint64_t more = low_bits(bits.next(), static_cast<int>(std::min<int64_t>(kB, n - b)));
+    const uint64_t more = bits.read(static_cast<int>(std::min<int64_t>(kB, n - b)));
     const __m512i x = _mm512_maskz_expand_epi8(more, in_register(_mm512_loadu_si512(next + m)));
     _mm512_storeu_si512(out + b, _mm512_mask_add_epi8(x, more, x, one));
     m += popcount(more);
@@ -249,7 +249,7 @@ int64_t encode_plane(const uint8_t* v, int64_t n, uint8_t* out, BitWriter& w) {
   return m;
 }
 
-void decode_remainders(const View& L, int64_t g, BitReader& r) {
+void decode_remainders(const View& L, int64_t g, BitStream& r) {
   uint8_t* u = L.rem + g * kB;
   std::memset(u, 0, kB);
   for (int l = 0; l < L.levels[g]; ++l) {
@@ -262,10 +262,10 @@ void decode_remainders(const View& L, int64_t g, BitReader& r) {
 
 void decode_plane(const BitReader& r, int64_t pos, int64_t n, const uint8_t* next, uint8_t* out) {
   int64_t m = 0;
-  BitChunks bits(r, pos);
+  BitStream bits(r, pos);
   for (int64_t b = 0; b < n; b += kB) {
     const int cnt = static_cast<int>(std::min<int64_t>(kB, n - b));
-    const uint64_t more = low_bits(bits.next(), cnt);
+    const uint64_t more = bits.read(cnt);
     for (int i = 0; i < cnt; ++i) {
       const int bit = (more >> i) & 1;
       out[b + i] = static_cast<uint8_t>((1 + next[m]) & -bit);
@@ -330,20 +330,20 @@ bool decode_row(PlanesLayout& layout, BitReader& reader, const uint8_t* xs, int6
                 int count_of, int64_t& count) {
   const View L = view_of(layout);
   BitReader r = reader;
-  for (int64_t g = 0; g < L.blocks; ++g) decode_remainders(L, g, r);
+  BitStream bits(r, r.pos);
+  for (int64_t g = 0; g < L.blocks; ++g) decode_remainders(L, g, bits);
   // Plane sizes: plane j + 1 has as many bits as plane j has ones; after top <= 16 ones a zero.
   int64_t pos[kPlanesMaxPlanes], size[kPlanesMaxPlanes];
   int planes = 0;
   for (int64_t n = L.d; n;) {
-    if (planes == kPlanesMaxPlanes || r.pos > 8 * r.nbytes) return false;
-    pos[planes] = r.pos;
+    if (planes == kPlanesMaxPlanes || bits.pos() > 8 * r.nbytes) return false;
+    pos[planes] = bits.pos();
     size[planes++] = n;
     int64_t ones = 0;
-    BitChunks bits(r, r.pos);
-    for (int64_t b = 0; b < n; b += kB) ones += popcount(low_bits(bits.next(), static_cast<int>(std::min<int64_t>(kB, n - b))));
-    r.pos += n;
+    for (int64_t b = 0; b < n; b += kB) ones += popcount(bits.read(static_cast<int>(std::min<int64_t>(kB, n - b))));
     n = ones;
   }
+  r.pos = bits.pos();
   reader = r;
   if (r.pos > 8 * r.nbytes) return false;  // read past the bits: truncated
   // Quotients from the deepest plane (all zeros) up; plane 0's land in L.row.
