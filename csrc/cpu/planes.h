@@ -3,8 +3,9 @@
 //
 // Each coded row (token) of d symbols is sent as Rice codes cut into bit planes: the k-bit
 // remainders of each block of 64 channels level by level, then the unary quotients plane by plane
-// (plane j: "q > j" for every channel still alive), so that 64 symbols move per mask instruction:
-// a byte compare into a 64-bit mask and pext on encode, pdep and a masked byte add on decode.
+// (plane j: "q > j" for every channel with q >= j), so that 64 symbols move per instruction: a byte
+// compare into a 64-bit mask, then pext (remainders) and a compress of the survivors (quotients)
+// on encode; pdep and an expand on decode.
 // Stream: n_x u32 | bits, zero-padded to a byte | n_x exception bytes.
 #pragma once
 
