@@ -394,7 +394,7 @@ std::string dequantise_rows(RowReader& reader, const char* row_error, int64_t T,
                             const void* escapes, int64_t n_escapes) {
   const int item = dtype_size(dtype);
   const Isa* isa = g_isa;
-  std::vector<uint8_t> row_sym(static_cast<size_t>(d) + 64);
+  std::vector<uint8_t> row_sym(static_cast<size_t>(d));
   int64_t used = 0;
   for (int64_t t = 0; t < T; ++t) {
     if (raw && raw[t]) continue;

@@ -19,15 +19,6 @@ struct Params {
   int count_of;  // -1: none
 };
 
-// Scratch of n bytes plus 64 of slack for whole-vector stores and loads (the exception symbols in
-// stream order, and in decode a copy of level 3). Kept per thread so a long frame does not
-// allocate every call.
-uint8_t* scratch(int64_t n) {
-  thread_local std::vector<uint8_t> buf;
-  if (static_cast<int64_t>(buf.size()) < n + 64) buf.resize(static_cast<size_t>(n + 64));
-  return buf.data();
-}
-
 // Distance of exception x from the window (x outside [a, a + 15)), as a level-2 nibble (15: long).
 inline int level2_of(int x, int a) {
   const int e = x >= a + kNibbleWindow ? 2 * (x - a - kNibbleWindow) : 2 * (a - 1 - x) + 1;
@@ -276,7 +267,6 @@ bool valid_table(int nsym, int a) {
   return nsym >= 2 && nsym <= 256 && a >= 0 && a <= a_max;
 }
 
-
 }  // namespace
 
 std::string NibbleWriter::open(int64_t max_rows, int64_t d, int nsym, int a, uint8_t* out, int64_t capacity) {
@@ -288,7 +278,7 @@ std::string NibbleWriter::open(int64_t max_rows, int64_t d, int nsym, int a, uin
   a_ = a;
   out_ = out;
   l1_ = out + kNibbleHead;
-  xs_ = scratch(max_rows * d);
+  xs_ = row_scratch(max_rows * d);
   nx_ = 0;
   maxsym_ = 0;
   return "";
@@ -326,7 +316,7 @@ std::string NibbleReader::open(const uint8_t* data, int64_t len, int64_t rows, i
   l1_ = data + kNibbleHead;
   const uint8_t* l2 = l1_ + rows * rb;
   // Exceptions, then a copy of level 3: whole-vector loads may read 64 bytes past either.
-  uint8_t* xs = scratch(n_x + 64 + n_xx);
+  uint8_t* xs = row_scratch(n_x + 64 + n_xx);
   uint8_t* l3 = xs + n_x + 64;
   std::memcpy(l3, l2 + (n_x + 1) / 2, n_xx);
   for (int64_t i = 0; i < n_xx; ++i) {  // canonical long exceptions: distance >= 15, inside the table

@@ -72,15 +72,6 @@ const std::vector<Build>& builds() {
 }
 
 const Build* g_build = &builds().back();
-const PlanesRowKernels* g_kernels = g_build->kernels;
-
-// Per-thread scratch of n bytes plus 64 for whole-vector stores and loads.
-uint8_t* scratch(int64_t n) {
-  thread_local std::vector<uint8_t> buf;
-  if (static_cast<int64_t>(buf.size()) < n + 64) buf.resize(static_cast<size_t>(n + 64));
-  return buf.data();
-}
-
 
 }  // namespace
 
@@ -93,10 +84,10 @@ std::string PlanesWriter::open(int64_t max_rows, int64_t d, const uint8_t* centr
   std::string err = layout_->build(d, centre, k, period, nsym);
   if (!err.empty()) return err;
   if (capacity < planes_capacity(max_rows, d)) return "bit-plane encode: output buffer too small";
-  kernels_ = g_kernels;
+  kernels_ = g_build->kernels;
   out_ = out;
   bits_.start(out + kPlanesHead);
-  xs_ = scratch(max_rows * d);
+  xs_ = row_scratch(max_rows * d);
   nx_ = 0;
   maxsym_ = 0;
   return "";
@@ -124,9 +115,9 @@ std::string PlanesReader::open(const uint8_t* data, int64_t len, int64_t rows, i
   if (rows * d > 8 * len) return "bit-plane stream too short for its rows";  // a symbol has >= 1 bit
   const int64_t n_x = load_u32(data);
   if (n_x > rows * d || n_x > len - kPlanesHead) return "bit-plane stream claims more exceptions than it can hold";
-  kernels_ = g_kernels;
+  kernels_ = g_build->kernels;
   bits_ = BitReader{data + kPlanesHead, len - kPlanesHead - n_x, 0};
-  uint8_t* xs = scratch(n_x);  // whole-vector loads may read 64 bytes past the exceptions
+  uint8_t* xs = row_scratch(n_x);  // whole-vector loads may read 64 bytes past the exceptions
   std::memcpy(xs, data + len - n_x, n_x);
   xs_ = xs;
   n_x_ = n_x;
@@ -184,7 +175,6 @@ std::string set_planes_isa(const std::string& name) {
   for (const Build& b : builds()) {
     if (name == b.name) {
       g_build = &b;
-      g_kernels = b.kernels;
       return "";
     }
   }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace sk {
 
@@ -19,6 +20,14 @@ class RowReader {
   virtual ~RowReader() = default;
   virtual bool row(uint8_t* out) = 0;  // the next coded row's d symbols; false: the stream is invalid
 };
+
+// Per-thread scratch of n bytes plus 64 for whole-vector stores and loads (the coders' exception
+// symbols), kept so a long frame does not allocate every call: one coder per thread at a time.
+inline uint8_t* row_scratch(int64_t n) {
+  thread_local std::vector<uint8_t> buf;
+  if (static_cast<int64_t>(buf.size()) < n + 64) buf.resize(static_cast<size_t>(n + 64));
+  return buf.data();
+}
 
 // Rows of [T, d] whose raw flag is 0 (raw may be null: every row).
 inline int64_t coded_rows(int64_t T, const uint8_t* raw) {

@@ -21,8 +21,8 @@ more on real activations, 2-3x faster again: no table lookups; long frames), 4 t
 cut into bit planes (``planes``: 64 symbols per mask instruction where the CPU has AVX-512 VBMI2),
 1 the nibble coder (``nibble``, about 0.4 bit per element more, fixed 4-bit slots). The encoder
 takes rANS unless asked: ``"rice"``, ``"planes"``, ``"nibble"``, or ``"auto"`` for
-``choose_coder``'s rule (the Rice coder for long frames). The decoder reads any. Frames written before the coder field existed have 0 there and
-read as before.
+``choose_coder``'s rule (the Rice coder for long frames). The decoder reads any. Frames written
+before the coder field existed have 0 there and read as before.
 
 The parser validates every field and bound before allocating anything sized by the frame (the
 largest allocation is bounded by the coder's ``max_symbols`` (``nibble.max_rows``) of the stream plus the

@@ -50,7 +50,7 @@ def tops(ks: np.ndarray) -> np.ndarray:
 
 def code_bits(freqs: Sequence[int], centre: int, k: int) -> np.ndarray:
     """Bits each symbol of a table of ``len(freqs)`` symbols costs (an exception: ``top + 1 + k`` bits and its byte)."""
-    u = rice._zigzag(np.arange(len(freqs), dtype=np.int64) - centre)
+    u = rice.zigzag(np.arange(len(freqs), dtype=np.int64) - centre)
     top = int(tops(np.array([k]))[0])
     return np.where(u >> k < top, (u >> k) + 1 + k, top + 1 + k + 8)
 
@@ -95,11 +95,6 @@ def _remainder_order(ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(chans), np.concatenate(levels)
 
 
-def _zigzag_u(sym: np.ndarray, c: np.ndarray) -> np.ndarray:
-    v = sym.astype(np.int64) - c
-    return np.where(v >= 0, 2 * v, -2 * v - 1)
-
-
 def encode_reference(symbols: np.ndarray, centres: np.ndarray, ks: np.ndarray, nsym: int) -> bytes:
     """Reference encoder of the u8 rows ``symbols [rows, d]`` (channel ``i`` with ``centres[i]``,
     ``ks[i]``, or one entry for every channel)."""
@@ -115,7 +110,7 @@ def encode_reference(symbols: np.ndarray, centres: np.ndarray, ks: np.ndarray, n
     bits: list[np.ndarray] = []
     excs: list[np.ndarray] = []
     for r in range(rows):
-        u = _zigzag_u(sym[r], c)
+        u = rice.zigzag(sym[r].astype(np.int64) - c)
         exc = u >= top << k
         excs.append(sym[r][exc])
         q = np.where(exc, top, u >> k)
@@ -184,7 +179,7 @@ def decode_reference(data: bytes | memoryview, rows: int, centres: np.ndarray, k
             raise PlanesError("bit-plane stream has fewer exception bytes than exceptions")
         xs = excs[e : e + n]
         e += n
-        if ((xs >= nsym) | (_zigzag_u(xs, c[exc]) < edge[exc])).any():
+        if ((xs >= nsym) | (rice.zigzag(xs - c[exc]) < edge[exc])).any():
             raise PlanesError("an exception names a symbol outside the table or is not coded canonically")
         s[exc] = xs
         if ((s < 0) | (s >= nsym)).any():
@@ -209,7 +204,9 @@ def vectorised() -> bool:
     return has_native() and _C.planes_isa() == "avx512"
 
 
-def _arrays(centres: np.ndarray, ks: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+def channel_arrays(centres: np.ndarray, ks: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """``centres`` and ``ks`` as contiguous u8 ``[d]``, what the C++ coder and the fused passes take
+    (one entry: the same for every channel); ValueError on a wrong length or a ``k`` above 7."""
     c, k = _per_channel(centres, ks, d)
     return np.ascontiguousarray(c, dtype=np.uint8), np.ascontiguousarray(k, dtype=np.uint8)
 
@@ -222,7 +219,7 @@ def encode(symbols: np.ndarray, raw: np.ndarray | None, centres: np.ndarray, ks:
     if not has_native():
         return encode_reference(sym if raw is None else sym[~raw], centres, ks, nsym)
     t, d = sym.shape
-    c, k = _arrays(centres, ks, d)
+    c, k = channel_arrays(centres, ks, d)
     flags = None if raw is None else np.ascontiguousarray(raw, dtype=np.uint8)
     rows = t if flags is None else t - int(flags.sum())
     out = np.empty(_C.planes_capacity(rows, d), dtype=np.uint8)
@@ -249,7 +246,7 @@ def decode(data: bytes | memoryview, raw: np.ndarray, centres: np.ndarray, ks: n
         out = np.zeros((t, d), dtype=np.uint8)
         out[~raw] = decode_reference(buf, rows, centres, ks, nsym, d)
         return out, int((out[~raw] == count_of).sum())
-    c, k = _arrays(centres, ks, d)
+    c, k = channel_arrays(centres, ks, d)
     flags = np.ascontiguousarray(raw, dtype=np.uint8)
     out = np.empty((t, d), dtype=np.uint8)
     err, count = _C.planes_decode(buf.ctypes.data, buf.shape[0], t, d, flags.ctypes.data, c.ctypes.data,

@@ -42,15 +42,15 @@ class RiceError(ValueError):
     """A Rice stream is inconsistent with its parameters or symbol count."""
 
 
-def _zigzag(v):
-    """Distance ``v`` from the centre -> ``u``: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
+def zigzag(v):
+    """Distance ``v`` from the centre -> ``u``: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ... (the Rice codes' ``u``)."""
     return np.where(v >= 0, 2 * v, -2 * v - 1)
 
 
 def code_bits(freqs: Sequence[int], centre: int, k: int) -> np.ndarray:
     """Bits each symbol of a table of ``len(freqs)`` symbols costs (an exception: its ``16 - k``
     code bits and its byte)."""
-    q = _zigzag(np.arange(len(freqs), dtype=np.int64) - centre) >> k
+    q = zigzag(np.arange(len(freqs), dtype=np.int64) - centre) >> k
     return np.where(q < 16 - k, q + 1 + k, 16 - k + 8)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .._native import load
 from ..ops.checks import FLOAT_DTYPES, check_tensor
-from . import nibble
+from . import nibble, planes
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES, FrameError, FrameLimits
 from .frame_v2 import CODER_NIBBLE, CODER_PLANES, CODER_RANS, MAX_POSITION, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
@@ -66,7 +66,7 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
         written, nonfinite, n = _C.v2_encode_nibble(*quantiser, nibble.window_start(config.freqs), *outputs,
                                                     out.ctypes.data, out.shape[0])
     else:
-        centre, k = _rice_arrays(config)
+        centre, k = planes.channel_arrays(*config.rice_params, config.d)
         out = np.empty(_C.planes_capacity(t, d), dtype=np.uint8)
         written, nonfinite, n = _C.v2_encode_planes(*quantiser, centre.ctypes.data, k.ctypes.data, *outputs,
                                                     out.ctypes.data, out.shape[0])
@@ -75,14 +75,6 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
     flags = raw.numpy().astype(bool)
     raw_values = x[torch.from_numpy(flags)] if flags.any() else x[:0]
     return assemble_frame(config, code, t, flags, escapes[:written], raw_values, memoryview(out[:n]))
-
-
-def _rice_arrays(config: CodecConfigV2) -> tuple[np.ndarray, np.ndarray]:
-    """The config's Rice ``(centres, ks)`` as u8 ``[d]`` (the fused passes take one entry per channel)."""
-    centre, k = config.rice_params
-    d = config.d
-    return (np.ascontiguousarray(np.broadcast_to(centre, (d,)), dtype=np.uint8),
-            np.ascontiguousarray(np.broadcast_to(k, (d,)), dtype=np.uint8))
 
 
 def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
@@ -103,7 +95,7 @@ def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 
     if p.coder == CODER_NIBBLE:
         err = _C.v2_decode_nibble(*head, nibble.window_start(config.freqs), *dequantiser)
     else:
-        centre, k = _rice_arrays(config)
+        centre, k = planes.channel_arrays(*config.rice_params, config.d)
         err = _C.v2_decode_planes(*head, centre.ctypes.data, k.ctypes.data, *dequantiser)
     if err:
         raise FrameError(f"symbol stream invalid: {err}")

@@ -47,18 +47,15 @@ View view_of(PlanesLayout& L) {
               L.row.data(),  L.rem.data(),      L.dense[0].data(), L.dense[1].data()};
 }
 
-inline int zigzag(int s, int c) { return s >= c ? 2 * (s - c) : 2 * (c - s) - 1; }
+// Zigzag distance of s from c (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...), branch-free.
+inline int zigzag(int s, int c) {
+  const int delta = s - c;
+  return (delta * 2) ^ (delta >> 31);
+}
 
 inline uint64_t first_lanes(int64_t n) { return n >= kB ? ~uint64_t{0} : (uint64_t{1} << n) - 1; }
 
 #ifdef SK_PLANES_VECTOR
-
-// Keeps a loaded vector in a register: vpexpandb with a memory operand is microcoded and slow on
-// some cores (AMD Zen 4), so the load stays a plain one.
-inline __m512i in_register(__m512i v) {
-  asm("" : "+v"(v));
-  return v;
-}
 
 inline uint64_t pext(uint64_t v, uint64_t m) { return _pext_u64(v, m); }
 inline uint64_t pdep(uint64_t v, uint64_t m) { return _pdep_u64(v, m); }
@@ -154,7 +151,7 @@ void decode_plane(const BitReader& r, int64_t pos, int64_t n, const uint8_t* nex
   BitStream bits(r, pos);
   for (int64_t b = 0; b < n; b += kB) {
     const uint64_t more = bits.read(static_cast<int>(std::min<int64_t>(kB, n - b)));
-    const __m512i x = _mm512_maskz_expand_epi8(more, in_register(_mm512_loadu_si512(next + m)));
+    const __m512i x = _mm512_maskz_expand_epi8(more, _mm512_loadu_si512(next + m));
     _mm512_storeu_si512(out + b, _mm512_mask_add_epi8(x, more, x, one));
     m += popcount(more);
   }
@@ -183,7 +180,7 @@ bool finish_block(const View& L, int64_t g, const uint8_t* xs, int64_t n_x, int6
   if (exc) {
     const int nx = popcount(exc);
     if (xi + nx > n_x) return false;
-    s = _mm512_mask_expand_epi8(s, exc, in_register(_mm512_loadu_si512(xs + xi)));
+    s = _mm512_mask_expand_epi8(s, exc, _mm512_loadu_si512(xs + xi));
     xi += nx;
     // Canonical exceptions: inside the table and at least edge away from the centre.
     bad |= exc & _mm512_cmplt_epu8_mask(zigzag64(s, c), edge);
@@ -219,8 +216,7 @@ void encode_block(const uint8_t* sym, const View& L, int64_t g, BitWriter& w, ui
     const int64_t ch = at + i;
     const int s = sym[ch];
     maxsym = std::max(maxsym, s);
-    const int delta = s - L.centre[ch];
-    const int u = (delta * 2) ^ (delta >> 31);  // zigzag, branch-free
+    const int u = zigzag(s, L.centre[ch]);
     const bool exc = u >= L.edge[ch];
     if (exc) xs[nx++] = static_cast<uint8_t>(s);  // rare
     L.row[ch] = static_cast<uint8_t>(exc ? L.top[ch] : u >> L.k[ch]);
