@@ -7,13 +7,13 @@ bits per element, so the table and the escape rate are realistic (the bits per e
 activations, where the nibble coder costs more, come from bench/e2e/codec_v2.py). At T = 512,
 d = 4096 (fp16, 4 MiB) it times, per instruction set of the v2 passes:
 
-* each coder (static rANS, which writes its 32-lane layout at this size, Rice, bit planes and nibble) through the
+* each coder (static rANS, which writes its 32-lane layout at this size, Rice, bit planes, slots and nibble) through the
   general API: encode = ``encode(x, cfg).to_bytes(coder)``, decode = ``decode(from_bytes(frame, config=cfg))``;
-* the bit-plane and nibble coders through the fused path the runtime takes: ``encode_frame(x, cfg,
+* the bit-plane, slot and nibble coders through the fused path the runtime takes: ``encode_frame(x, cfg,
   coder)`` and ``decode_frame(frame, config=cfg)`` (what the server runs), same bytes and tensors;
 
 and the entropy stage alone (M symbols/s of each coder on the 2 M symbols, one table: rANS on 4
-lanes, on 32 lanes, Rice, bit planes, nibble), a one-token frame at
+lanes, on 32 lanes, Rice, bit planes, slots, nibble), a one-token frame at
 d = 576 (through the general API and through ``encode_frame``'s one C++ call, what the edge sends
 each decode step) and one at d = 640 with a token prediction, and two single-threaded copies in the same run: of the same 4 MiB tensor (it stays in the
 last-level cache) and of a 256 MiB buffer (DRAM). Throughput counts input bytes per second of encode
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitkernels.codec import calibrate, decode, decode_frame, encode, encode_frame, from_bytes, nibble, planes, rans, rice
+from splitkernels.codec import calibrate, decode, decode_frame, encode, encode_frame, from_bytes, nibble, planes, rans, rice, slots
 from splitkernels.codec import v2 as v2mod
 from splitkernels.codec.frame_v2 import CODER_NAMES, parse_frame_v2
 
@@ -75,11 +75,11 @@ def memcpy_gb_s(nbytes: int, repeats: int) -> float:
 def pipelines(x: torch.Tensor, cfg) -> dict:
     """name -> (encode fn, decode fn of its frame, frame bytes)."""
     out = {}
-    for coder in ("rans", "rice", "planes", "nibble"):
+    for coder in ("rans", "rice", "planes", "slots", "nibble"):
         frame = encode(x, cfg).to_bytes(coder)
         out[f"{coder} (encode().to_bytes / decode(from_bytes))"] = (
             lambda c=coder: encode(x, cfg).to_bytes(c), lambda f=frame: decode(from_bytes(f, config=cfg)), frame)
-    for coder in ("planes", "nibble"):
+    for coder in ("planes", "slots", "nibble"):
         frame = encode_frame(x, cfg, coder)
         assert frame == out[f"{coder} (encode().to_bytes / decode(from_bytes))"][2]
         out[f"{coder} fused (encode_frame / decode_frame)"] = (
@@ -99,6 +99,8 @@ def entropy_stage(sym: np.ndarray, cfg, repeats: int) -> dict:
     nsym = len(cfg.freqs)
     ric = rice.encode(flat, centres, ks, nsym)
     pla = planes.encode(sym, None, centres, ks, nsym)
+    starts, widths = slots.channel_params([cfg.freqs], [0])
+    slo = slots.encode(sym, None, starts, widths, nsym)
     ms = {
         "rans": (median_time(lambda: rans.encode(flat, cfg.freqs), repeats),
                  median_time(lambda: rans.decode(stream, cfg.freqs, n), repeats)),
@@ -108,11 +110,14 @@ def entropy_stage(sym: np.ndarray, cfg, repeats: int) -> dict:
                  median_time(lambda: rice.decode(ric, n, centres, ks, nsym), repeats)),
         "planes": (median_time(lambda: planes.encode(sym, None, centres, ks, nsym), repeats),
                    median_time(lambda: planes.decode(pla, no_raw, centres, ks, nsym, sym.shape[1]), repeats)),
+        "slots": (median_time(lambda: slots.encode(sym, None, starts, widths, nsym), repeats),
+                  median_time(lambda: slots.decode(slo, no_raw, starts, widths, nsym, sym.shape[1]), repeats)),
         "nibble": (median_time(lambda: nibble.encode(sym, None, cfg.freqs), repeats),
                    median_time(lambda: nibble.decode(nib, cfg.freqs, no_raw, sym.shape[1]), repeats)),
     }
     return {k: {"symbols": n, "encode_msym_s": n / e / 1e6, "decode_msym_s": n / d / 1e6,
-                "bits_per_symbol": 8 * len({"rans": stream, "rans32": wide, "rice": ric, "planes": pla, "nibble": nib}[k]) / n}
+                "bits_per_symbol": 8 * len({"rans": stream, "rans32": wide, "rice": ric, "planes": pla, "slots": slo,
+                                                "nibble": nib}[k]) / n}
             for k, (e, d) in ms.items()}
 
 
@@ -124,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     native = (rans.has_native() and v2mod.has_fused() and nibble.has_native() and rice.has_native()
-              and planes.has_native())
+              and planes.has_native() and slots.has_native())
     _C = rans._C
     isas = _C.v2_isas() if native else ["reference"]
     cfg = calibrate(activations(1024, D, 0), bits=args.bits)
@@ -137,7 +142,7 @@ def main() -> None:
                       "running), timings noisy",
               "native": native, "T": T, "d": D, "dtype": "float16", "input_bytes": nbytes,
               "memcpy_4MiB_gb_s": copy_llc, "memcpy_256MiB_gb_s": copy_dram, "by_isa": {}}
-    before = (_C.v2_isa(), _C.nibble_isa(), _C.rans_isa(), _C.rice_isa(), _C.planes_isa()) if native else None
+    before = (_C.v2_isa(), _C.nibble_isa(), _C.rans_isa(), _C.rice_isa(), _C.planes_isa(), _C.slots_isa()) if native else None
     cfg576 = calibrate(activations(1024, 576, 2), bits=args.bits)
     one = x[:1, :576].contiguous()
     # A token prediction (docs/FORMATS.md §5.2.1) at Gemma 3 270M's width, from a random table of
@@ -154,6 +159,7 @@ def main() -> None:
             _C.set_rans_isa("avx512" if isa == "avx512" and "avx512" in _C.rans_isas() else "scalar")
             _C.set_rice_isa(isa if isa in _C.rice_isas() else "scalar")
             _C.set_planes_isa(isa if isa in _C.planes_isas() else "scalar")
+            _C.set_slots_isa(isa if isa in _C.slots_isas() else "scalar")
         rows = {}
         for name, (enc_fn, dec_fn, frame) in pipelines(x, cfg).items():
             te, td = times(enc_fn, args.repeats), times(dec_fn, args.repeats)
@@ -170,7 +176,8 @@ def main() -> None:
             "nibble_isa": _C.nibble_isa() if native else "reference",
             "rans_isa": _C.rans_isa() if native else "reference",
             "rice_isa": _C.rice_isa() if native else "reference",
-            "planes_isa": _C.planes_isa() if native else "reference", "pipelines": rows,
+            "planes_isa": _C.planes_isa() if native else "reference",
+            "slots_isa": _C.slots_isa() if native else "reference", "pipelines": rows,
             "one_token_d576": {"encode_us": median_time(lambda: encode(one, cfg576).to_bytes(), args.repeats * 10) * 1e6,
                                "encode_frame_us": median_time(lambda: encode_frame(one, cfg576), args.repeats * 10) * 1e6,
                                "decode_us": median_time(lambda: decode_frame(one_frame, config=cfg576), args.repeats * 10) * 1e6,
@@ -190,6 +197,7 @@ def main() -> None:
         _C.set_rans_isa(before[2])
         _C.set_rice_isa(before[3])
         _C.set_planes_isa(before[4])
+        _C.set_slots_isa(before[5])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "codec_v2_speed.json").write_text(json.dumps(result, indent=1))
@@ -197,20 +205,20 @@ def main() -> None:
              f"{args.repeats}; memcpy one thread in the same run: {copy_llc:.1f} GB/s (same 4 MiB tensor, "
              f"cache-resident), {copy_dram:.1f} GB/s (256 MiB, DRAM). Machine: {result['machine']}, "
              f"{result['cpu_count']} cores, shared.", "",
-             "| v2 passes ISA | nibble / rANS32 / Rice / planes ISA | pipeline | bits/elem | encode ms | decode ms | total ms (best) | "
+             "| v2 passes ISA | nibble / rANS32 / Rice / planes / slots ISA | pipeline | bits/elem | encode ms | decode ms | total ms (best) | "
              "round trip ms | GB/s | vs memcpy 4 MiB | vs memcpy DRAM |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for isa, r in result["by_isa"].items():
         for name, p in r["pipelines"].items():
-            lines.append(f"| {isa} | {r['nibble_isa']} / {r['rans_isa']} / {r['rice_isa']} / {r['planes_isa']} | {name} | {p['bits_per_element']:.3f} | "
+            lines.append(f"| {isa} | {r['nibble_isa']} / {r['rans_isa']} / {r['rice_isa']} / {r['planes_isa']} / {r['slots_isa']} | {name} | {p['bits_per_element']:.3f} | "
                          f"{p['encode_ms']:.3f} | "
                          f"{p['decode_ms']:.3f} | {p['total_ms']:.3f} ({p['best_total_ms']:.3f}) | "
                          f"{p['round_trip_ms']:.3f} | {p['gb_s']:.2f} | "
                          f"{100 * p['ratio_to_memcpy_4MiB']:.1f}% | {100 * p['ratio_to_memcpy_256MiB']:.1f}% |")
-    lines += ["", "| v2 passes ISA | nibble / rANS32 / Rice / planes ISA | coder alone (2 M symbols, one table) | bits/symbol | encode M sym/s | "
+    lines += ["", "| v2 passes ISA | nibble / rANS32 / Rice / planes / slots ISA | coder alone (2 M symbols, one table) | bits/symbol | encode M sym/s | "
               "decode M sym/s |", "|---|---|---|---|---|---|"]
     for isa, r in result["by_isa"].items():
         for name, e in r["entropy_stage"].items():
-            lines.append(f"| {isa} | {r['nibble_isa']} / {r['rans_isa']} / {r['rice_isa']} / {r['planes_isa']} | {name} | {e['bits_per_symbol']:.3f} | "
+            lines.append(f"| {isa} | {r['nibble_isa']} / {r['rans_isa']} / {r['rice_isa']} / {r['planes_isa']} / {r['slots_isa']} | {name} | {e['bits_per_symbol']:.3f} | "
                          f"{e['encode_msym_s']:.0f} | {e['decode_msym_s']:.0f} |")
     lines += ["", "| v2 passes ISA | one-token frame (warm caches) | coder | bytes | encode().to_bytes() us | "
               "encode_frame us (one C++ call) | decode_frame us |", "|---|---|---|---|---|---|---|"]

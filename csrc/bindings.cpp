@@ -23,6 +23,7 @@
 #include "cpu/nibble.h"
 #include "cpu/rans.h"
 #include "cpu/planes.h"
+#include "cpu/slots.h"
 #include "cpu/rice.h"
 #include "cpu/thread_pool.h"
 #include "cpu/token_frame.h"
@@ -207,6 +208,39 @@ PYBIND11_MODULE(_C, m) {
       "Decode and dequantise a bit-plane stream row by row into out [T, d] (coded rows only); returns '' or why the "
       "stream is invalid.");
 
+  m.def(
+      "v2_encode_slots",
+      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, std::uintptr_t center, std::uintptr_t inv, int kmax,
+         int64_t raw_limit, std::uintptr_t start, std::uintptr_t width, std::uintptr_t sym, std::uintptr_t n_esc,
+         std::uintptr_t raw, std::uintptr_t escapes, std::uintptr_t out, int64_t capacity) {
+        int64_t totals[3] = {0, 0, 0};
+        check(sk::v2_encode_slots(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv),
+                                  kmax, raw_limit, ptr<const uint8_t>(start), ptr<const uint8_t>(width),
+                                  ptr<uint8_t>(sym), ptr<int32_t>(n_esc), ptr<uint8_t>(raw), ptr<void>(escapes),
+                                  ptr<uint8_t>(out), capacity, totals));
+        return std::make_tuple(totals[0], totals[1], totals[2]);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("center"), py::arg("inv"), py::arg("kmax"),
+      py::arg("raw_limit"), py::arg("start"), py::arg("width"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"),
+      py::arg("escapes"), py::arg("out"), py::arg("capacity"), nogil,
+      "v2_quantise with the slot coder fused (window start and width per channel, u8 [d]; sym may be 0); returns "
+      "(escapes written, non-finite inputs, stream length).");
+  m.def(
+      "v2_decode_slots",
+      [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, std::uintptr_t start,
+         std::uintptr_t width, std::uintptr_t step, std::uintptr_t center, int kmax, int dtype, std::uintptr_t out,
+         std::uintptr_t escapes, int64_t n_escapes) {
+        return sk::v2_decode_slots(ptr<const uint8_t>(data), len, T, d, ptr<const uint8_t>(raw),
+                                   ptr<const uint8_t>(start), ptr<const uint8_t>(width), ptr<const float>(step),
+                                   ptr<const float>(center), kmax, dtype, ptr<void>(out), ptr<const void>(escapes),
+                                   n_escapes);
+      },
+      py::arg("data"), py::arg("len"), py::arg("T"), py::arg("d"), py::arg("raw"), py::arg("start"), py::arg("width"),
+      py::arg("step"), py::arg("center"), py::arg("kmax"), py::arg("dtype"), py::arg("out"), py::arg("escapes"),
+      py::arg("n_escapes"), nogil,
+      "Decode and dequantise a slot stream row by row into out [T, d] (coded rows only); returns '' or why the "
+      "stream is invalid.");
+
   m.def("v2_isas", &sk::v2_isas, "Instruction sets of the codec v2 passes this CPU supports, best last.");
   m.def("v2_isa", &sk::v2_isa, "Instruction set the codec v2 passes use now.");
   m.def(
@@ -328,6 +362,43 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_planes_isa", [](const std::string& name) { check(sk::set_planes_isa(name)); }, py::arg("name"),
       "Use the bit-plane coder of this instruction set (scalar or avx512).");
+
+  m.def("slots_capacity", &sk::slots_capacity, py::arg("rows"), py::arg("d"),
+        "Bytes of out that slots_encode needs for rows coded rows of d symbols.");
+  m.def(
+      "slots_encode",
+      [](std::uintptr_t sym, int64_t T, int64_t d, std::uintptr_t raw, std::uintptr_t start, std::uintptr_t width,
+         int nsym, std::uintptr_t out, int64_t capacity) {
+        const int64_t len = sk::slots_encode(ptr<const uint8_t>(sym), T, d, ptr<const uint8_t>(raw),
+                                             ptr<const uint8_t>(start), ptr<const uint8_t>(width), d, nsym,
+                                             ptr<uint8_t>(out), capacity);
+        if (len < 0)
+          throw std::invalid_argument("slots_encode: a symbol or parameter is out of range or out is too small");
+        return len;
+      },
+      py::arg("sym"), py::arg("T"), py::arg("d"), py::arg("raw"), py::arg("start"), py::arg("width"), py::arg("nsym"),
+      py::arg("out"), py::arg("capacity"), nogil,
+      "Slot code the rows of sym u8 [T, d] whose raw flag is 0 (raw may be 0); channel i uses window start[i] and "
+      "width[i] (u8 [d]). Returns the stream length.");
+  m.def(
+      "slots_decode",
+      [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, std::uintptr_t start,
+         std::uintptr_t width, int nsym, std::uintptr_t out, int count_of) {
+        int64_t count = 0;
+        std::string err = sk::slots_decode(ptr<const uint8_t>(data), len, T, d, ptr<const uint8_t>(raw),
+                                           ptr<const uint8_t>(start), ptr<const uint8_t>(width), d, nsym,
+                                           ptr<uint8_t>(out), count_of, &count);
+        return std::make_pair(err, count);
+      },
+      py::arg("data"), py::arg("len"), py::arg("T"), py::arg("d"), py::arg("raw"), py::arg("start"), py::arg("width"),
+      py::arg("nsym"), py::arg("out"), py::arg("count_of") = -1, nogil,
+      "Decode a slot stream of exactly len bytes into out u8 [T, d] (raw rows 0); returns ('' or why it is "
+      "invalid, how many symbols of coded rows equal count_of).");
+  m.def("slots_isas", &sk::slots_isas, "Instruction sets of the slot coder this CPU supports, best last.");
+  m.def("slots_isa", &sk::slots_isa, "Instruction set the slot coder uses now.");
+  m.def(
+      "set_slots_isa", [](const std::string& name) { check(sk::set_slots_isa(name)); }, py::arg("name"),
+      "Use the slot coder of this instruction set (scalar or avx512).");
 
   m.def("nibble_capacity", [](int64_t rows, int64_t d) { return sk::nibble_capacity(rows, d) + sk::kNibbleSlack; },
         py::arg("rows"), py::arg("d"), "Bytes of out that nibble_encode needs for rows coded rows of d symbols.");

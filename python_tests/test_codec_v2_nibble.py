@@ -333,7 +333,7 @@ def test_fuzz_forged_nibble_headers_cannot_force_large_allocations(cfg):
     for fn in (lambda: from_bytes(forged, config=cfg), lambda: wire_v2.decode_frame_v2(forged, cfg)):
         with pytest.raises(FrameError, match="stream can hold"):
             fn()
-    for coder in (5, 7):  # unknown coders
+    for coder in (6, 7):  # unknown coders
         forged = reseal(HEAD.pack(b"SKTQ", 2, 1 | coder << 4) + data[HEAD.size : -4], cfg)
         with pytest.raises(FrameError, match="unknown symbol coder"):
             from_bytes(forged, config=cfg)

@@ -13,6 +13,7 @@
 #include "common/half.h"
 #include "cpu/nibble.h"
 #include "cpu/planes.h"
+#include "cpu/slots.h"
 
 namespace sk {
 namespace {
@@ -446,6 +447,33 @@ std::string v2_decode_planes(const uint8_t* data, int64_t len, int64_t T, int64_
   err = reader.open(data, len, coded_rows(T, raw), d, centre, k, d, 2 * kmax + 2, -1);
   if (!err.empty()) return err;
   err = dequantise_rows(reader, kPlanesRowError, T, d, raw, step, center, kmax, dtype, out, escapes, n_escapes);
+  return err.empty() ? reader.close(nullptr) : err;
+}
+
+std::string v2_encode_slots(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                            int kmax, int64_t raw_limit, const uint8_t* start, const uint8_t* width, uint8_t* sym,
+                            int32_t* n_esc, uint8_t* raw, void* escapes, uint8_t* out, int64_t capacity,
+                            int64_t* totals) {
+  if (kmax < 1 || kmax > 127) return "v2_encode_slots: kmax must be in [1, 127]";
+  SlotsWriter writer;
+  std::string err = writer.open(T, d, start, width, d, 2 * kmax + 2, out, capacity);
+  if (!err.empty()) return err;
+  err = quantise_rows(x, dtype, T, d, center, inv, kmax, raw_limit, sym, &writer, n_esc, raw, escapes, totals);
+  if (!err.empty()) return err;
+  totals[2] = writer.close();  // the quantiser's symbols are always < 2*kmax+2
+  return "";
+}
+
+std::string v2_decode_slots(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw,
+                            const uint8_t* start, const uint8_t* width, const float* step, const float* center,
+                            int kmax, int dtype, void* out, const void* escapes, int64_t n_escapes) {
+  std::string err = check_dtype(dtype, "v2_decode_slots");
+  if (!err.empty()) return err;
+  if (kmax < 1 || kmax > 127 || T < 0 || d < 1) return "v2_decode_slots: kmax, T or d out of range";
+  SlotsReader reader;
+  err = reader.open(data, len, coded_rows(T, raw), d, start, width, d, 2 * kmax + 2, -1);
+  if (!err.empty()) return err;
+  err = dequantise_rows(reader, kSlotsRowError, T, d, raw, step, center, kmax, dtype, out, escapes, n_escapes);
   return err.empty() ? reader.close(nullptr) : err;
 }
 

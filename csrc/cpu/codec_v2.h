@@ -56,6 +56,19 @@ std::string v2_decode_planes(const uint8_t* data, int64_t len, int64_t T, int64_
                              const uint8_t* centre, const uint8_t* k, const float* step, const float* center, int kmax,
                              int dtype, void* out, const void* escapes, int64_t n_escapes);
 
+// v2_quantise with the slot coder fused in (channel i with window start[i], width[i]), as
+// v2_encode_planes (capacity >= slots_capacity(T, d)).
+std::string v2_encode_slots(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                            int kmax, int64_t raw_limit, const uint8_t* start, const uint8_t* width, uint8_t* sym,
+                            int32_t* n_esc, uint8_t* raw, void* escapes, uint8_t* out, int64_t capacity,
+                            int64_t* totals);
+
+// A slot stream of exactly len bytes decoded and dequantised row by row into out [T, d] (dtype),
+// as v2_decode_nibble.
+std::string v2_decode_slots(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw,
+                            const uint8_t* start, const uint8_t* width, const float* step, const float* center,
+                            int kmax, int dtype, void* out, const void* escapes, int64_t n_escapes);
+
 // Instruction sets the v2 passes can use here ("scalar", then "avx2" and "avx512" when supported), the one in use,
 // and a switch between them ("" or why not).
 std::vector<std::string> v2_isas();

@@ -107,7 +107,8 @@ def _print_report(report: dict) -> None:
 
 _CODER_TEXT = {None: "static rANS", "rans": "static rANS", "auto": "static rANS, the Rice coder for long frames",
                "rice": "static rANS, the Rice coder for frames of several tokens",
-               "planes": "static rANS, bit-plane Rice codes for frames of several tokens", "nibble": "the nibble coder"}
+               "planes": "static rANS, bit-plane Rice codes for frames of several tokens",
+               "slots": "static rANS, per-channel slots for frames of several tokens", "nibble": "the nibble coder"}
 
 
 def _codec_text(codec: CodecConfig | CodecConfigV2, calibration: dict | None, coder: str | None) -> str:

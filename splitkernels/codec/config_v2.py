@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import rans, rice
+from . import rans, rice, slots
 from .predict import EmbeddingPrediction
 
 CONFIG_VERSION = 2
@@ -211,6 +211,17 @@ class CodecConfigV2:
         """Per-channel ``(centres, ks)`` (u8) of the Rice coder from the rANS coder's tables
         (docs/FORMATS.md §5.7); one entry without channel classes. Built on first use."""
         return rice.channel_params(self._rans.tables, self._rans.table_of)
+
+    @functools.cached_property
+    def slot_params(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(starts, widths)`` (u8) of the slot coder from the rANS coder's tables
+        (docs/FORMATS.md §5.9); one entry without channel classes. Built on first use."""
+        return slots.channel_params(self._rans.tables, self._rans.table_of)
+
+    @functools.cached_property
+    def slot_row_bits(self) -> int:
+        """Slot bits of one coded row (``slots.row_bits``)."""
+        return slots.row_bits(self.slot_params[1], self.d)
 
     @functools.cached_property
     def rice_extra_bits(self) -> float:

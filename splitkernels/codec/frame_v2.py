@@ -19,8 +19,10 @@ the same on 32 lanes (what ``rans`` writes for frames of many tokens: 16 lanes p
 instruction, 2-3x faster, 112 bytes more), 3 the Rice coder (``rice``, about 0.1 bit per element
 more on real activations, 2-3x faster again: no table lookups; long frames), 4 the same Rice codes
 cut into bit planes (``planes``: 64 symbols per mask instruction where the CPU has AVX-512 VBMI2),
-1 the nibble coder (``nibble``, about 0.4 bit per element more, fixed 4-bit slots). The encoder
-takes rANS unless asked: ``"rice"``, ``"planes"``, ``"nibble"``, or ``"auto"`` for
+5 per-channel fixed-width slots (``slots``, about 0.2 bit per element more than Rice, a byte
+transpose per 8 tokens where the CPU has AVX-512 VBMI2 and GFNI), 1 the nibble coder (``nibble``,
+about 0.4 bit per element more, fixed 4-bit slots). The encoder
+takes rANS unless asked: ``"rice"``, ``"planes"``, ``"slots"``, ``"nibble"``, or ``"auto"`` for
 ``choose_coder``'s rule (the Rice coder for long frames). The decoder reads any. Frames written
 before the coder field existed have 0 there and read as before.
 
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 
 from .._native import load
-from . import nibble, planes, rans, rice
+from . import nibble, planes, rans, rice, slots
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
 
@@ -51,14 +53,15 @@ TOKEN_CODER, TOKEN_SHIFTED, TOKEN_RAW, TOKEN_DTYPE = 0x10, 0x08, 0x04, 0x03
 MAX_POSITION = (1 << 31) - 1
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 5
-CODER_RANS, CODER_NIBBLE, CODER_RANS_WIDE, CODER_RICE, CODER_PLANES = 0, 1, 2, 3, 4
+CODER_RANS, CODER_NIBBLE, CODER_RANS_WIDE, CODER_RICE, CODER_PLANES, CODER_SLOTS = 0, 1, 2, 3, 4, 5
 # Names a writer takes ("rans": the layout by size).
-CODERS = {"rans": CODER_RANS, "nibble": CODER_NIBBLE, "rice": CODER_RICE, "planes": CODER_PLANES}
+CODERS = {"rans": CODER_RANS, "nibble": CODER_NIBBLE, "rice": CODER_RICE, "planes": CODER_PLANES,
+          "slots": CODER_SLOTS}
 # Every id a frame may carry.
 CODER_NAMES = {CODER_RANS: "rans", CODER_NIBBLE: "nibble", CODER_RANS_WIDE: "rans32", CODER_RICE: "rice",
-               CODER_PLANES: "planes"}
-# Coders whose codes are Rice codes (the config's rice_params), and those a one-token frame cannot carry.
-RICE_CODERS = (CODER_RICE, CODER_PLANES)
+               CODER_PLANES: "planes", CODER_SLOTS: "slots"}
+# The coders a one-token frame can carry (its tag has one coder bit).
+TOKEN_FORM_CODERS = (CODER_RANS, CODER_NIBBLE)
 # rans_coder: frames of more than one token and at least this many values take the 32-lane layout.
 WIDE_RANS_MIN_SYMBOLS = 1 << 16
 AUTO = "auto"  # ask for choose_coder's rule
@@ -109,16 +112,16 @@ def choose_coder(t: int, d: int, config: CodecConfigV2) -> int:
 
 def resolve_coder(coder: str | None, t: int, d: int, config: CodecConfigV2) -> int:
     """The coder id of ``coder`` for a frame of ``t`` tokens of ``d`` values: "rans" (also None, the
-    default: the fewest bytes, ``rans_coder``'s layout), "rice" or "planes" (rANS for a one-token
-    frame), "nibble", or "auto" (``choose_coder``: Rice for long frames whose tables suit it)."""
+    default: the fewest bytes, ``rans_coder``'s layout), "rice", "planes" or "slots" (rANS for a
+    one-token frame), "nibble", or "auto" (``choose_coder``: Rice for long frames whose tables suit it)."""
     if coder is None:
         return rans_coder(t, d)
     if coder == AUTO:
         return choose_coder(t, d, config)
     if coder not in CODERS:
         raise ValueError(f"coder must be one of {sorted(FRAME_CODERS)} or None, got {coder!r}")
-    if CODERS[coder] == CODER_RANS or (CODERS[coder] in RICE_CODERS and t == 1):
-        return rans_coder(t, d)  # a one-token frame's tag has one coder bit: rANS or nibble
+    if CODERS[coder] == CODER_RANS or (t == 1 and CODERS[coder] not in TOKEN_FORM_CODERS):
+        return rans_coder(t, d)
     return CODERS[coder]
 
 
@@ -224,8 +227,10 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
     symbols = enc.symbols.numpy()
     if code == CODER_NIBBLE:  # skips raw rows itself
         stream = nibble.encode(symbols, raw if n_raw else None, cfg.freqs)
-    elif code == CODER_PLANES:  # so does this one
+    elif code == CODER_PLANES:  # so do these
         stream = planes.encode(symbols, raw if n_raw else None, *cfg.rice_params, len(cfg.freqs))
+    elif code == CODER_SLOTS:
+        stream = slots.encode(symbols, raw if n_raw else None, *cfg.slot_params, len(cfg.freqs))
     else:
         coded = symbols[~raw] if n_raw else symbols
         stream = (rice.encode(coded, *cfg.rice_params, len(cfg.freqs)) if code == CODER_RICE
@@ -288,7 +293,7 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
     if (config.prediction is not None) != (tokens is not None):
         raise ValueError("a frame carries token ids exactly when its codec config has a prediction")
     if t == 1:
-        if code in (CODER_RANS_WIDE, *RICE_CODERS):
+        if code not in TOKEN_FORM_CODERS:
             raise ValueError(f"a one-token frame cannot carry the {CODER_NAMES[code]} coder (its tag has one coder bit)")
         head = [bytes([TOKEN_TAG | code * TOKEN_CODER | (0 if shifted is None else TOKEN_SHIFTED)
                        | (TOKEN_RAW if raw[0] else 0) | DTYPE_CODES[escapes.dtype]])]
@@ -372,7 +377,8 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if dtype_code not in CODE_DTYPES:
         raise FrameError(f"unknown dtype code {dtype_code}")
     if coder not in CODER_NAMES:
-        raise FrameError(f"unknown symbol coder {coder} (0 rANS, 1 nibble, 2 rANS on 32 lanes, 3 Rice, 4 bit planes)")
+        raise FrameError(f"unknown symbol coder {coder} (0 rANS, 1 nibble, 2 rANS on 32 lanes, 3 Rice, 4 bit planes, "
+                         f"5 slots)")
     crc_at = len(buf) - CRC_BYTES
     (crc,) = struct.unpack_from("<I", buf, crc_at)
     if crc32([buf[:crc_at]], config.crc_seed) != crc:
@@ -427,8 +433,10 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if shifted:
         shifts = config.row_shifts(start, t, tokens)
         section = take(residual_bytes(shifts, raw[: shifts.shape[0]], d), "residual section")
-    if coder == CODER_NIBBLE:
-        if t - n_raw > nibble.max_rows(crc_at - pos, d):
+    if coder in (CODER_NIBBLE, CODER_SLOTS):
+        most = (nibble.max_rows(crc_at - pos, d) if coder == CODER_NIBBLE
+                else slots.max_rows(crc_at - pos, config.slot_row_bits))
+        if t - n_raw > most:
             raise FrameError(f"frame claims {t - n_raw} coded tokens, more than a {crc_at - pos}-byte stream can hold")
     elif n_sym > {CODER_RICE: rice.max_symbols, CODER_PLANES: planes.max_symbols}.get(coder, rans.max_symbols)(crc_at - pos):
         raise FrameError(f"frame claims {n_sym} coded values, more than a {crc_at - pos}-byte stream can hold")
@@ -451,11 +459,11 @@ def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
         except nibble.NibbleError as exc:
             raise FrameError(f"symbol stream invalid: {exc}") from None
         symbols = torch.from_numpy(sym)
-    elif p.coder == CODER_PLANES:
+    elif p.coder in (CODER_PLANES, CODER_SLOTS):
+        coder, params = (planes, config.rice_params) if p.coder == CODER_PLANES else (slots, config.slot_params)
         try:
-            sym, n_esc_sym = planes.decode(p.stream, raw, *config.rice_params, len(config.freqs), d,
-                                           count_of=config.escape_symbol)
-        except planes.PlanesError as exc:
+            sym, n_esc_sym = coder.decode(p.stream, raw, *params, len(config.freqs), d, count_of=config.escape_symbol)
+        except (planes.PlanesError, slots.SlotsError) as exc:
             raise FrameError(f"symbol stream invalid: {exc}") from None
         symbols = torch.from_numpy(sym)
     else:

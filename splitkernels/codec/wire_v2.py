@@ -2,7 +2,7 @@
 
 ``encode_frame_v2(x, config, coder)`` gives the bytes of ``encode_v2(x, config).to_bytes(coder)`` and
 ``decode_frame_v2(data, config, limits)`` the tensor of ``decode_v2(read_frame_v2(data, config,
-limits))``, exactly (and raises FrameError on the same frames). For bit-plane and nibble frames with
+limits))``, exactly (and raises FrameError on the same frames). For bit-plane, slot and nibble frames with
 the C++ extension built, quantisation and coding run as one pass each way, every row coded or
 decoded while it is still in L1, and no ``[T, d]`` symbol matrix is built: this is the fast path of
 long prefill frames. A one-token rANS frame (a decode
@@ -16,10 +16,10 @@ import torch
 
 from .._native import load
 from ..ops.checks import FLOAT_DTYPES, check_tensor
-from . import nibble, planes
+from . import nibble, planes, slots
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES, FrameError, FrameLimits
-from .frame_v2 import CODER_NIBBLE, CODER_PLANES, CODER_RANS, MAX_POSITION, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
+from .frame_v2 import CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, MAX_POSITION, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
 from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
 
@@ -27,11 +27,18 @@ _C, _ = load("_C")
 
 
 def has_fused() -> bool:
-    """True when the C++ extension provides the fused encode and decode passes (nibble and bit planes)."""
-    return _C is not None and hasattr(_C, "v2_encode_planes")
+    """True when the C++ extension provides the fused encode and decode passes (nibble, bit planes, slots)."""
+    return _C is not None and hasattr(_C, "v2_encode_slots")
 
 
-FUSED_CODERS = (CODER_NIBBLE, CODER_PLANES)
+FUSED_CODERS = (CODER_NIBBLE, CODER_PLANES, CODER_SLOTS)
+
+
+def _channel_arrays(code: int, config: CodecConfigV2) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel u8 parameters the fused passes of the bit-plane or slot coder take."""
+    if code == CODER_PLANES:
+        return planes.channel_arrays(*config.rice_params, config.d)
+    return slots.channel_arrays(*config.slot_params, config.d, len(config.freqs))
 
 
 def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = None, start: int = 0, tokens=None,
@@ -66,10 +73,12 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
         written, nonfinite, n = _C.v2_encode_nibble(*quantiser, nibble.window_start(config.freqs), *outputs,
                                                     out.ctypes.data, out.shape[0])
     else:
-        centre, k = planes.channel_arrays(*config.rice_params, config.d)
-        out = np.empty(_C.planes_capacity(t, d), dtype=np.uint8)
-        written, nonfinite, n = _C.v2_encode_planes(*quantiser, centre.ctypes.data, k.ctypes.data, *outputs,
-                                                    out.ctypes.data, out.shape[0])
+        first, second = _channel_arrays(code, config)
+        capacity, fused = ((_C.planes_capacity, _C.v2_encode_planes) if code == CODER_PLANES
+                           else (_C.slots_capacity, _C.v2_encode_slots))
+        out = np.empty(capacity(t, d), dtype=np.uint8)
+        written, nonfinite, n = fused(*quantiser, first.ctypes.data, second.ctypes.data, *outputs, out.ctypes.data,
+                                      out.shape[0])
     if nonfinite:
         raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
     flags = raw.numpy().astype(bool)
@@ -95,8 +104,9 @@ def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 
     if p.coder == CODER_NIBBLE:
         err = _C.v2_decode_nibble(*head, nibble.window_start(config.freqs), *dequantiser)
     else:
-        centre, k = planes.channel_arrays(*config.rice_params, config.d)
-        err = _C.v2_decode_planes(*head, centre.ctypes.data, k.ctypes.data, *dequantiser)
+        first, second = _channel_arrays(p.coder, config)
+        fused = _C.v2_decode_planes if p.coder == CODER_PLANES else _C.v2_decode_slots
+        err = fused(*head, first.ctypes.data, second.ctypes.data, *dequantiser)
     if err:
         raise FrameError(f"symbol stream invalid: {err}")
     if p.n_raw:

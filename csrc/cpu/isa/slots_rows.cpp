@@ -1,0 +1,293 @@
+// Row and group kernels of the slot coder (docs/FORMATS.md section 5.9). Built with AVX-512 BW +
+// VBMI + VBMI2 and GFNI, a row's slot values and a full group's chunks take a handful of vector
+// instructions per 64 channels (compress / expand for the escapes, a transpose for the group);
+// the generic build goes lane by lane.
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/slots_rows.h"
+
+#if defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__) && defined(__GFNI__)
+#include <immintrin.h>
+#define SK_SLOTS_VECTOR 1
+#endif
+
+#include "cpu/isa_build.h"
+
+namespace sk {
+namespace SK_ISA_NS {
+namespace {
+
+constexpr int kB = kSlotsBlock;
+
+#ifdef SK_SLOTS_VECTOR
+
+inline int popcount(uint64_t m) { return static_cast<int>(_mm_popcnt_u64(m)); }
+
+// A 64-byte load the compiler must not fold into the instruction that uses it: the memory forms of
+// vpexpandb are slower than a load and the register form on Zen 4.
+inline __m512i load_apart(const uint8_t* p) {
+  __m512i v = _mm512_loadu_si512(p);
+  asm("" : "+v"(v));
+  return v;
+}
+
+inline uint64_t full_lanes(const SlotsLayout& L, int64_t at) {
+  const int64_t n = L.d - at;
+  return n >= kB ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
+}
+
+void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes& x, int& maxsym) {
+  SlotsEscapes e = x;
+  __m512i maxv = _mm512_setzero_si512();
+  const __m512i one = _mm512_set1_epi8(1), far_nibble = _mm512_set1_epi8(kSlotsFar);
+  for (int64_t at = 0; at < L.stride; at += kB) {
+    const uint64_t full = full_lanes(L, at);
+    const __m512i s = _mm512_maskz_loadu_epi8(full, sym + at);
+    maxv = _mm512_max_epu8(maxv, s);
+    const __m512i a = _mm512_loadu_si512(L.start.data() + at), size = _mm512_loadu_si512(L.size.data() + at);
+    const __m512i r = _mm512_sub_epi8(s, a);
+    const __mmask64 inside = _mm512_cmplt_epu8_mask(r, size);
+    _mm512_storeu_si512(v + at, _mm512_mask_blend_epi8(inside, size, r));
+    // Escapes, branch-free (a block has some in most rows): the distance from the window,
+    // 2 (s - a - W) above it and 2 (a - s) - 1 below it, saturated at 15; far ones as bytes.
+    const __mmask64 esc = ~inside & full;
+    const __mmask64 up = _mm512_cmpge_epu8_mask(s, a);
+    const __m512i hi = _mm512_sub_epi8(r, size), lo = _mm512_sub_epi8(a, s);
+    const __m512i dist = _mm512_min_epu8(
+        _mm512_mask_blend_epi8(up, _mm512_sub_epi8(_mm512_adds_epu8(lo, lo), one), _mm512_adds_epu8(hi, hi)),
+        far_nibble);
+    _mm512_storeu_si512(e.dist + e.n_dist, _mm512_maskz_compress_epi8(esc, dist));
+    e.n_dist += popcount(esc);
+    const __mmask64 far = esc & _mm512_cmpeq_epi8_mask(dist, far_nibble);
+    _mm512_storeu_si512(e.far + e.n_far, _mm512_maskz_compress_epi8(far, s));
+    e.n_far += popcount(far);
+  }
+  alignas(64) uint8_t lanes[kB];
+  _mm512_store_si512(lanes, maxv);
+  maxsym = std::max<int>(maxsym, *std::max_element(lanes, lanes + kB));
+  x = e;
+}
+
+// 8 x 8 transpose of 8-byte words across the 8 registers (word j of r[i] <-> word i of r[j]).
+inline void transpose_words(__m512i r[8]) {
+  __m512i t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm512_unpacklo_epi64(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi64(r[i], r[i + 1]);
+  }
+  __m512i u[8];
+  for (int i = 0; i < 8; i += 4) {
+    for (int j = 0; j < 2; ++j) {
+      u[i + j] = _mm512_shuffle_i64x2(t[i + j], t[i + j + 2], 0x88);
+      u[i + j + 2] = _mm512_shuffle_i64x2(t[i + j], t[i + j + 2], 0xdd);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_i64x2(u[j], u[j + 4], 0x88);
+    r[j + 4] = _mm512_shuffle_i64x2(u[j], u[j + 4], 0xdd);
+  }
+}
+
+// Byte i of every 8-byte word holds 1 << i: the source of a bit-matrix transpose of each word.
+inline __m512i bit_rows() { return _mm512_set1_epi64(0x8040201008040201ULL); }
+
+uint8_t* pack_group(const uint8_t* v, const SlotsLayout& L, uint8_t* out) {
+  // Byte 8 k + (7 - i) <- byte 8 i + k: channel k's 8 rows, the first row highest (the transpose
+  // below reads the matrix's rows from the top byte down).
+  alignas(64) uint8_t idx[kB];
+  for (int k = 0; k < 8; ++k)
+    for (int i = 0; i < 8; ++i) idx[8 * k + 7 - i] = static_cast<uint8_t>(8 * i + k);
+  const __m512i to_channels = _mm512_load_si512(idx), rows = bit_rows();
+  for (int64_t b = 0; b < L.blocks; ++b) {
+    __m512i r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_si512(v + i * L.stride + b * kB);
+    transpose_words(r);  // r[j]: word j (8 channels) of the 8 rows
+    for (int j = 0; j < 8; ++j) {
+      // Channel words, then byte l of each = bit l of the channel's slot in rows 0..7.
+      const __m512i levels = _mm512_gf2p8affine_epi64_epi8(rows, _mm512_permutexvar_epi8(to_channels, r[j]), 0);
+      const int64_t at = b * 8 + j;
+      _mm512_storeu_si512(out, _mm512_maskz_compress_epi8(L.chunk_mask[at], levels));
+      out += L.chunk_bytes[at];
+    }
+  }
+  return out;
+}
+
+const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v) {
+  // Byte 8 i + k <- byte 8 k + i: row i's 8 channels.
+  alignas(64) uint8_t idx[kB], rev[kB];
+  for (int k = 0; k < 8; ++k)
+    for (int i = 0; i < 8; ++i) {
+      idx[8 * i + k] = static_cast<uint8_t>(8 * k + i);
+      rev[8 * k + i] = static_cast<uint8_t>(8 * k + 7 - i);
+    }
+  const __m512i to_rows = _mm512_load_si512(idx), reverse = _mm512_load_si512(rev), rows = bit_rows();
+  for (int64_t b = 0; b < L.blocks; ++b) {
+    __m512i r[8];
+    for (int j = 0; j < 8; ++j) {
+      const int64_t at = b * 8 + j;
+      // The channel's level bytes, top level first, then per byte i: row i's slot.
+      const __m512i levels = _mm512_maskz_expand_epi8(L.chunk_mask[at], load_apart(in));
+      in += L.chunk_bytes[at];
+      r[j] = _mm512_permutexvar_epi8(
+          to_rows, _mm512_gf2p8affine_epi64_epi8(rows, _mm512_shuffle_epi8(levels, reverse), 0));
+    }
+    transpose_words(r);
+    for (int i = 0; i < 8; ++i) _mm512_storeu_si512(v + i * L.stride + b * kB, r[i]);
+  }
+  return in;
+}
+
+// kRanges: check that in-window slots and distance nibbles name symbols of the table (not needed
+// when the layout is roomy).
+template <bool kRanges>
+bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of,
+                     int64_t& count) {
+  SlotsEscapes e = x;
+  int64_t c = 0;
+  const __m512i one = _mm512_set1_epi8(1), far_nibble = _mm512_set1_epi8(kSlotsFar), eight = _mm512_set1_epi8(8);
+  for (int64_t at = 0; at < L.stride; at += kB) {
+    const uint64_t full = full_lanes(L, at);
+    const __m512i slot = _mm512_loadu_si512(v + at);
+    const __m512i a = _mm512_loadu_si512(L.start.data() + at), size = _mm512_loadu_si512(L.size.data() + at);
+    const __mmask64 esc = _mm512_cmpeq_epi8_mask(slot, size) & full;
+    __mmask64 bad = 0;
+    if (kRanges) bad = ~esc & full & _mm512_cmpge_epu8_mask(slot, _mm512_loadu_si512(L.room.data() + at));
+    __m512i s = _mm512_add_epi8(a, slot);
+    if (esc) {
+      const int ne = popcount(esc);
+      if (e.dist_at + ne > e.n_dist) return false;
+      const __m512i dist = _mm512_maskz_expand_epi8(esc, load_apart(e.dist + e.dist_at));
+      e.dist_at += ne;
+      const __mmask64 far = esc & _mm512_cmpeq_epi8_mask(dist, far_nibble);
+      const __mmask64 odd = esc & ~far & _mm512_test_epi8_mask(dist, one);
+      const __mmask64 even = esc & ~far & ~odd;
+      const __m512i h = _mm512_and_si512(_mm512_srli_epi16(dist, 1), _mm512_set1_epi8(0x7f));
+      // Above the window: a + W + e / 2; below it: a - 1 - e / 2 (e odd); both inside the table.
+      s = _mm512_mask_mov_epi8(s, even, _mm512_add_epi8(_mm512_add_epi8(a, size), h));
+      s = _mm512_mask_mov_epi8(s, odd, _mm512_sub_epi8(_mm512_sub_epi8(a, h), one));
+      if (kRanges)
+        bad |= (even & _mm512_cmpge_epu8_mask(h, _mm512_loadu_si512(L.above.data() + at))) |
+               (odd & _mm512_cmpge_epu8_mask(h, a));
+      const int nf = popcount(far);
+      if (e.far_at + nf > e.n_far) return false;
+      const __m512i f = _mm512_maskz_expand_epi8(far, load_apart(e.far + e.far_at));
+      e.far_at += nf;
+      s = _mm512_mask_mov_epi8(s, far, f);
+      // Canonical far symbols: outside the window, at least 8 symbols away from it, in the table.
+      const __m512i r = _mm512_sub_epi8(f, a);
+      const __mmask64 up = _mm512_cmpge_epu8_mask(f, a);
+      bad |= far & (_mm512_cmplt_epu8_mask(r, size) | (up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(r, size), eight)) |
+                    (~up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(a, f), eight)));
+      if (L.nsym < 256) bad |= far & _mm512_cmpge_epu8_mask(f, _mm512_set1_epi8(static_cast<char>(L.nsym)));
+    }
+    if (bad) return false;
+    if (count_of >= 0) c += popcount(_mm512_cmpeq_epi8_mask(s, _mm512_set1_epi8(static_cast<char>(count_of))) & full);
+    _mm512_mask_storeu_epi8(out + at, full, s);
+  }
+  x = e;
+  count += c;
+  return true;
+}
+
+bool symbol_row(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of, int64_t& count) {
+  return L.roomy ? symbol_row_impl<false>(v, L, x, out, count_of, count)
+                 : symbol_row_impl<true>(v, L, x, out, count_of, count);
+}
+
+void pack(const uint8_t* v, int64_t n, uint8_t* out) {
+  const __m512i weights = _mm512_set1_epi16(0x1001);  // low byte * 1 + high byte * 16
+  int64_t i = 0;
+  for (; i + kB <= n; i += kB) {
+    const __m512i pairs = _mm512_maddubs_epi16(_mm512_loadu_si512(v + i), weights);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i / 2), _mm512_cvtepi16_epi8(pairs));
+  }
+  for (; i < n; i += 2) out[i / 2] = static_cast<uint8_t>(v[i] | (i + 1 < n ? v[i + 1] << 4 : 0));
+}
+
+bool unpack(const uint8_t* in, int64_t n, uint8_t* out) {
+  const __m512i low = _mm512_set1_epi16(0x000f), high = _mm512_set1_epi16(0x0f00);
+  int64_t i = 0;
+  for (; i + kB <= n; i += kB) {
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i / 2)));
+    _mm512_storeu_si512(out + i, _mm512_or_si512(_mm512_and_si512(b, low), _mm512_and_si512(_mm512_slli_epi16(b, 4), high)));
+  }
+  for (; i < n; ++i) out[i] = (in[i / 2] >> (4 * (i % 2))) & 15;
+  return n % 2 == 0 || (in[n / 2] >> 4) == 0;
+}
+
+#else  // lane by lane
+
+void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes& x, int& maxsym) {
+  for (int64_t c = 0; c < L.d; ++c) {
+    const int s = sym[c], a = L.start[c], size = L.size[c];
+    maxsym = std::max(maxsym, s);
+    const bool inside = s >= a && s - a < size;
+    v[c] = static_cast<uint8_t>(inside ? s - a : size);
+    if (!inside) {
+      const int e = std::min(s >= a ? 2 * (s - a - size) : 2 * (a - s) - 1, kSlotsFar);
+      x.dist[x.n_dist++] = static_cast<uint8_t>(e);
+      if (e == kSlotsFar) x.far[x.n_far++] = static_cast<uint8_t>(s);
+    }
+  }
+}
+
+uint8_t* pack_group(const uint8_t* v, const SlotsLayout& L, uint8_t* out) {
+  BitWriter w;
+  w.start(out);
+  pack_chunks(v, L, kSlotsGroup, w);
+  return w.finish();
+}
+
+const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v) {
+  BitReader r{in, L.row_bits, 0};
+  BitStream bits(r, 0);
+  unpack_chunks(bits, L, kSlotsGroup, v);
+  return in + L.row_bits;
+}
+
+bool symbol_row(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of, int64_t& count) {
+  for (int64_t c = 0; c < L.d; ++c) {
+    const int a = L.start[c], size = L.size[c];
+    int s;
+    if (v[c] != size) {
+      s = a + v[c];
+    } else {
+      if (x.dist_at >= x.n_dist) return false;
+      const int e = x.dist[x.dist_at++];
+      if (e != kSlotsFar) {
+        s = e % 2 ? a - 1 - e / 2 : a + size + e / 2;
+      } else {
+        if (x.far_at >= x.n_far) return false;
+        s = x.far[x.far_at++];
+        const bool inside = s >= a && s - a < size;
+        if (inside || (s >= a ? 2 * (s - a - size) : 2 * (a - s) - 1) < kSlotsFar) return false;
+      }
+    }
+    if (s < 0 || s >= L.nsym) return false;
+    count += s == count_of;
+    out[c] = static_cast<uint8_t>(s);
+  }
+  return true;
+}
+
+void pack(const uint8_t* v, int64_t n, uint8_t* out) {
+  for (int64_t i = 0; i < n; i += 2) out[i / 2] = static_cast<uint8_t>(v[i] | (i + 1 < n ? v[i + 1] << 4 : 0));
+}
+
+bool unpack(const uint8_t* in, int64_t n, uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = (in[i / 2] >> (4 * (i % 2))) & 15;
+  return n % 2 == 0 || (in[n / 2] >> 4) == 0;
+}
+
+#endif
+
+const SlotsRowKernels kKernels{slot_row, pack_group, unpack_group, symbol_row, pack, unpack};
+
+}  // namespace
+
+const SlotsRowKernels& slots_row_kernels() { return kKernels; }
+
+}  // namespace SK_ISA_NS
+}  // namespace sk

@@ -1,0 +1,209 @@
+#include "cpu/slots.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/le_bytes.h"
+
+namespace sk {
+
+std::string SlotsLayout::build(int64_t d_, const uint8_t* start_, const uint8_t* width_, int64_t period, int nsym_) {
+  if (d_ < 1 || (period != 1 && period != d_) || nsym_ < 2 || nsym_ > 256)
+    return "slot coder: d, the parameters' period or the table size is out of range";
+  d = d_;
+  nsym = nsym_;
+  blocks = (d + kSlotsBlock - 1) / kSlotsBlock;
+  stride = blocks * kSlotsBlock;
+  for (auto* v : {&start, &size, &room, &above, &width}) v->assign(stride, 0);
+  chunk_mask.assign(blocks * 8, 0);
+  chunk_bytes.assign(blocks * 8, 0);
+  row_bits = 0;
+  roomy = true;
+  for (int64_t i = 0; i < d; ++i) {
+    const int a = start_[i % period], w = width_[i % period];
+    const int W = (1 << w) - 1;
+    if (w < 1 || w > kSlotsLevels || a >= nsym || a + W > 256)
+      return "slot coder: a width is outside 1..8 or a window starts outside the table or ends past 255";
+    start[i] = static_cast<uint8_t>(a);
+    size[i] = static_cast<uint8_t>(W);
+    room[i] = static_cast<uint8_t>(std::min(nsym - a, 255));
+    above[i] = static_cast<uint8_t>(std::max(nsym - a - W, 0));
+    width[i] = static_cast<uint8_t>(w);
+    roomy = roomy && a >= 8 && a + W + 8 <= nsym;
+    row_bits += w;
+    // Channel i is byte (i % 8) of word (i / 8): its level chunks are that word's bytes 0 .. w - 1.
+    chunk_mask[i / 8] |= ((uint64_t{1} << w) - 1) << (8 * (i % 8));
+    chunk_bytes[i / 8] = static_cast<uint8_t>(chunk_bytes[i / 8] + w);
+  }
+  return "";
+}
+
+namespace {
+
+struct Build {
+  const char* name;
+  const SlotsRowKernels* kernels;
+};
+
+// The builds this CPU runs, best last.
+std::vector<Build> supported_builds() {
+  std::vector<Build> out{{"scalar", &isa_generic::slots_row_kernels()}};
+#if defined(__x86_64__) || defined(__i386__)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("gfni"))
+    out.push_back({"avx512", &isa_avx512gfni::slots_row_kernels()});
+#endif
+  return out;
+}
+
+const std::vector<Build>& builds() {
+  static const std::vector<Build> all = supported_builds();
+  return all;
+}
+
+const Build* g_build = &builds().back();
+
+}  // namespace
+
+std::string SlotsWriter::open(int64_t max_rows, int64_t d, const uint8_t* start, const uint8_t* width, int64_t period,
+                              int nsym, uint8_t* out, int64_t capacity) {
+  if (max_rows < 0) return "slot encode: T must be >= 0";
+  std::string err = layout_.build(d, start, width, period, nsym);
+  if (!err.empty()) return err;
+  if (capacity < slots_capacity(max_rows, d)) return "slot encode: output buffer too small";
+  kernels_ = g_build->kernels;
+  out_ = out;
+  at_ = out + kSlotsHead;
+  group_.assign(kSlotsGroup * layout_.stride + 64, 0);
+  rows_ = 0;
+  const int64_t room = max_rows * d + 64;
+  x_ = SlotsEscapes{row_scratch(2 * room), nullptr};
+  x_.far = x_.dist + room;
+  maxsym_ = 0;
+  return "";
+}
+
+void SlotsWriter::row(const uint8_t* sym) {
+  const int64_t i = rows_++ % kSlotsGroup;
+  kernels_->slot_row(sym, layout_, group_.data() + i * layout_.stride, x_, maxsym_);
+  if (i == kSlotsGroup - 1) at_ = kernels_->pack_group(group_.data(), layout_, at_);
+}
+
+int64_t SlotsWriter::close() {
+  if (maxsym_ >= layout_.nsym) return -1;
+  if (const int g = static_cast<int>(rows_ % kSlotsGroup)) {  // the last, short group
+    BitWriter w;
+    w.start(at_);
+    pack_chunks(group_.data(), layout_, g, w);
+    at_ = w.finish();
+  }
+  kernels_->pack(x_.dist, x_.n_dist, at_);
+  uint8_t* end = at_ + (x_.n_dist + 1) / 2;
+  std::memcpy(end, x_.far, x_.n_far);
+  store_u32(out_, static_cast<uint32_t>(x_.n_dist));
+  store_u32(out_ + 4, static_cast<uint32_t>(x_.n_far));
+  return (end - out_) + x_.n_far;
+}
+
+std::string SlotsReader::open(const uint8_t* data, int64_t len, int64_t rows, int64_t d, const uint8_t* start,
+                              const uint8_t* width, int64_t period, int nsym, int count_of) {
+  if (rows < 0) return "slot decode: T must be >= 0";
+  std::string err = layout_.build(d, start, width, period, nsym);
+  if (!err.empty()) return err;
+  if (len < kSlotsHead || rows > (8 * (len - kSlotsHead)) / layout_.row_bits)
+    return "slot stream too short for its rows";  // checked before rows * row_bits can overflow
+  const int64_t level1 = (rows * layout_.row_bits + 7) / 8;
+  const int64_t n_x = load_u32(data), n_xx = load_u32(data + 4);
+  if (n_x > rows * d || n_xx > n_x || len != kSlotsHead + level1 + (n_x + 1) / 2 + n_xx)
+    return "slot stream length does not match its rows and escape counts";
+  kernels_ = g_build->kernels;
+  in_ = data + kSlotsHead;
+  end_ = in_ + level1;
+  rows_ = rows;
+  row_ = 0;
+  group_.assign(kSlotsGroup * layout_.stride + 64, 0);
+  uint8_t* scratch = row_scratch(n_x + n_xx + 128);  // whole-vector loads may read 64 bytes past each part
+  if (!kernels_->unpack(end_, n_x, scratch)) return "slot stream: a padding nibble is set";
+  std::memcpy(scratch + n_x + 64, data + len - n_xx, n_xx);
+  x_ = SlotsEscapes{scratch, scratch + n_x + 64, n_x, n_xx};
+  count_ = 0;
+  count_of_ = count_of >= 0 && count_of < 256 ? count_of : -1;
+  return "";
+}
+
+void SlotsReader::next_group() {
+  const SlotsLayout& L = layout_;
+  const int64_t g = std::min<int64_t>(kSlotsGroup, rows_ - row_);
+  const int64_t bytes = L.row_bits;  // a full group: 8 bits per chunk
+  if (g == kSlotsGroup && in_ + bytes + 64 <= end_) {
+    in_ = kernels_->unpack_group(in_, L, group_.data());
+  } else if (g == kSlotsGroup) {  // the vector loads would read past the slots: from a copy
+    tail_.assign(bytes + 64, 0);
+    std::memcpy(tail_.data(), in_, bytes);
+    kernels_->unpack_group(tail_.data(), L, group_.data());
+    in_ += bytes;
+  } else {
+    BitReader r{in_, end_ - in_, 0};
+    BitStream bits(r, 0);
+    unpack_chunks(bits, L, static_cast<int>(g), group_.data());
+    tail_bits_ = g * L.row_bits;
+    in_ += (tail_bits_ + 7) / 8;
+  }
+}
+
+bool SlotsReader::row(uint8_t* out) {
+  const int64_t i = row_ % kSlotsGroup;
+  if (i == 0) next_group();
+  ++row_;
+  return kernels_->symbol_row(group_.data() + i * layout_.stride, layout_, x_, out, count_of_, count_);
+}
+
+std::string SlotsReader::close(int64_t* count) {
+  if (x_.dist_at != x_.n_dist || x_.far_at != x_.n_far) return "slot stream: fewer escapes decoded than its head says";
+  if (in_ != end_) return "slot stream: its slots end before their bytes do";
+  if (tail_bits_ % 8 && (end_[-1] >> (tail_bits_ % 8))) return "slot stream: padding bits are set";
+  if (count && count_of_ >= 0) *count = count_;
+  return "";
+}
+
+const char* const kSlotsRowError =
+    "slot stream: a row names a symbol outside the table, carries a non-canonical far symbol or has more escapes "
+    "than its head says";
+
+int64_t slots_encode(const uint8_t* sym, int64_t T, int64_t d, const uint8_t* raw, const uint8_t* start,
+                     const uint8_t* width, int64_t period, int nsym, uint8_t* out, int64_t capacity) {
+  SlotsWriter w;
+  if (T < 0 || !w.open(coded_rows(T, raw), d, start, width, period, nsym, out, capacity).empty()) return -1;
+  write_rows(w, sym, T, d, raw);
+  return w.close();
+}
+
+std::string slots_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw,
+                         const uint8_t* start, const uint8_t* width, int64_t period, int nsym, uint8_t* out,
+                         int count_of, int64_t* count) {
+  if (T < 0) return "slot decode: T must be >= 0";
+  SlotsReader r;
+  std::string err = r.open(data, len, coded_rows(T, raw), d, start, width, period, nsym, count_of);
+  if (!err.empty()) return err;
+  return read_rows(r, T, d, raw, out) ? r.close(count) : kSlotsRowError;
+}
+
+std::vector<std::string> slots_isas() {
+  std::vector<std::string> out;
+  for (const Build& b : builds()) out.push_back(b.name);
+  return out;
+}
+
+std::string slots_isa() { return g_build->name; }
+
+std::string set_slots_isa(const std::string& name) {
+  for (const Build& b : builds()) {
+    if (name == b.name) {
+      g_build = &b;
+      return "";
+    }
+  }
+  return "slots isa must be one of the supported ones (see slots_isas()), got '" + name + "'";
+}
+
+}  // namespace sk
