@@ -103,12 +103,14 @@ def test_reference_round_trip_and_native_bytes(slots_isa, rows, d, nsym):
     assert np.array_equal(out, sym) and count == int((sym == nsym - 1).sum())
 
 
-def test_roomy_windows_round_trip_and_still_refuse_non_canonical_far_bytes(slots_isa):
+@pytest.mark.parametrize("nsym", [60, 256])
+def test_roomy_windows_round_trip_and_still_refuse_non_canonical_far_bytes(slots_isa, nsym):
     # Every window at least 8 symbols from both ends of the table: the decoder skips its range
     # checks of in-window and near symbols, not its checks of far bytes.
     rng = np.random.default_rng(11)
-    d, nsym = 200, 60
-    starts, widths = rng.integers(8, 30, d).astype(np.uint8), rng.integers(1, 4, d).astype(np.uint8)
+    d = 200
+    starts = rng.integers(8, 30 if nsym == 60 else 230, d).astype(np.uint8)
+    widths = rng.integers(1, 4, d).astype(np.uint8)
     sym = rows_around(rng, 21, starts, widths, nsym)
     data = slots.encode_reference(sym, starts, widths, nsym)
     assert slots.encode(sym, None, starts, widths, nsym) == data
@@ -119,9 +121,14 @@ def test_roomy_windows_round_trip_and_still_refuse_non_canonical_far_bytes(slots
     far = outside & (slots.distance(s64, a64, w64) >= slots.FAR)
     assert n_xx == int(far.sum()) > 0
     first = int(np.argwhere(far)[0][1])  # the channel of the first far byte (row-major order)
-    forged = data[:-n_xx] + bytes([starts[first]]) + data[len(data) - n_xx + 1 :]  # inside its window
-    with pytest.raises(slots.SlotsError):
-        slots.decode(forged, np.zeros(21, dtype=bool), starts, widths, nsym, d)
+    a, top = int(starts[first]), int(starts[first]) + (1 << int(widths[first])) - 1
+    # Inside its window, near it below and above (distance < 15), outside the table.
+    for byte in (a, a - 1, a - 7, top, top + 7, *([nsym] if nsym < 256 else [])):
+        forged = data[:-n_xx] + bytes([byte]) + data[len(data) - n_xx + 1 :]
+        with pytest.raises(slots.SlotsError):
+            slots.decode(forged, np.zeros(21, dtype=bool), starts, widths, nsym, d)
+        with pytest.raises(slots.SlotsError):
+            slots.decode_reference(forged, 21, starts, widths, nsym, d)
 
 
 def test_raw_rows_are_skipped_and_decode_as_zero(slots_isa):

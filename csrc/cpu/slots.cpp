@@ -14,7 +14,7 @@ std::string SlotsLayout::build(int64_t d_, const uint8_t* start_, const uint8_t*
   nsym = nsym_;
   blocks = (d + kSlotsBlock - 1) / kSlotsBlock;
   stride = blocks * kSlotsBlock;
-  for (auto* v : {&start, &size, &room, &above, &width}) v->assign(stride, 0);
+  for (auto* v : {&start, &size, &room, &above, &width, &far_below, &far_above}) v->assign(stride, 0);
   chunk_mask.assign(blocks * 8, 0);
   chunk_bytes.assign(blocks * 8, 0);
   row_bits = 0;
@@ -29,7 +29,9 @@ std::string SlotsLayout::build(int64_t d_, const uint8_t* start_, const uint8_t*
     room[i] = static_cast<uint8_t>(std::min(nsym - a, 255));
     above[i] = static_cast<uint8_t>(std::max(nsym - a - W, 0));
     width[i] = static_cast<uint8_t>(w);
-    roomy = roomy && a >= 8 && a + W + 8 <= nsym;
+    roomy = roomy && a >= 8 && a + W + 8 <= std::min(nsym, 255);
+    far_below[i] = static_cast<uint8_t>(std::max(a - 7, 0));
+    far_above[i] = static_cast<uint8_t>(std::min(a + W + 8, 255));
     row_bits += w;
     // Channel i is byte (i % 8) of word (i / 8): its level chunks are that word's bytes 0 .. w - 1.
     chunk_mask[i / 8] |= ((uint64_t{1} << w) - 1) << (8 * (i % 8));

@@ -22,11 +22,13 @@ struct SlotsLayout {
   int64_t d = 0, blocks = 0, stride = 0, row_bits = 0;  // stride: blocks * 64, a row of slot values
   int nsym = 0;
   // Every window lies inside the table with 8 symbols of room on both sides (a >= 8 and
-  // a + W + 8 <= nsym): no in-window slot or distance nibble can name a symbol outside the table.
+  // a + W + 8 <= min(nsym, 255)): no in-window slot or distance nibble can name a symbol outside
+  // the table, and a far symbol f is canonical exactly when f < a - 7 or a + W + 8 <= f < nsym.
   bool roomy = false;
   // [stride]: start a, size W = 2^w - 1, room = min(nsym - a, 255) (a slot v < W needs v < room),
   // above = max(nsym - a - W, 0) (a symbol above the window is below a + W + above), width w
   std::vector<uint8_t> start, size, room, above, width;
+  std::vector<uint8_t> far_below, far_above;  // [stride], roomy layouts: a - 7 and a + W + 8
   // [blocks * 8]: for the 8 channels of each 8-byte word of a block, the bytes l < w of their words
   // (the level chunks a full group sends), and how many
   std::vector<uint64_t> chunk_mask;

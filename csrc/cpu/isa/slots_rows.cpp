@@ -176,11 +176,20 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
       e.far_at += nf;
       s = _mm512_mask_mov_epi8(s, far, f);
       // Canonical far symbols: outside the window, at least 8 symbols away from it, in the table.
-      const __m512i r = _mm512_sub_epi8(f, a);
-      const __mmask64 up = _mm512_cmpge_epu8_mask(f, a);
-      bad |= far & (_mm512_cmplt_epu8_mask(r, size) | (up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(r, size), eight)) |
-                    (~up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(a, f), eight)));
-      if (L.nsym < 256) bad |= far & _mm512_cmpge_epu8_mask(f, _mm512_set1_epi8(static_cast<char>(L.nsym)));
+      const __m512i nsym = _mm512_set1_epi8(static_cast<char>(L.nsym));
+      if (kRanges) {
+        const __m512i r = _mm512_sub_epi8(f, a);
+        const __mmask64 up = _mm512_cmpge_epu8_mask(f, a);
+        bad |= far & (_mm512_cmplt_epu8_mask(r, size) |
+                      (up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(r, size), eight)) |
+                      (~up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(a, f), eight)));
+        if (L.nsym < 256) bad |= far & _mm512_cmpge_epu8_mask(f, nsym);
+      } else {
+        const __mmask64 below = _mm512_mask_cmplt_epu8_mask(far, f, _mm512_loadu_si512(L.far_below.data() + at));
+        const __mmask64 in_table = L.nsym < 256 ? _mm512_mask_cmplt_epu8_mask(far, f, nsym) : far;
+        const __mmask64 above = _mm512_mask_cmpge_epu8_mask(in_table, f, _mm512_loadu_si512(L.far_above.data() + at));
+        bad |= far & ~(below | above);
+      }
     }
     if (bad) return false;
     if (count_of >= 0) c += popcount(_mm512_cmpeq_epi8_mask(s, _mm512_set1_epi8(static_cast<char>(count_of))) & full);
