@@ -132,14 +132,14 @@ def _group_bits(slot: np.ndarray, chan: np.ndarray, level: np.ndarray) -> np.nda
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def max_rows(stream_bytes_: int, row_bits_: int) -> int:
-    """Most coded rows of ``row_bits_`` slot bits a stream of ``stream_bytes_`` bytes can hold (bounded allocation)."""
-    return 8 * max(stream_bytes_ - HEAD_BYTES, 0) // max(row_bits_, 1)
+def max_rows(nbytes: int, bits_per_row: int) -> int:
+    """Most coded rows of ``bits_per_row`` slot bits a stream of ``nbytes`` bytes can hold (bounded allocation)."""
+    return 8 * max(nbytes - HEAD_BYTES, 0) // max(bits_per_row, 1)
 
 
-def stream_bytes(rows: int, row_bits_: int, n_x: int, n_xx: int) -> int:
-    """Length of a stream of ``rows`` rows of ``row_bits_`` slot bits with these escape counts."""
-    return HEAD_BYTES + (rows * row_bits_ + 7) // 8 + (n_x + 1) // 2 + n_xx
+def stream_bytes(rows: int, bits_per_row: int, n_x: int, n_xx: int) -> int:
+    """Length of a stream of ``rows`` rows of ``bits_per_row`` slot bits with these escape counts."""
+    return HEAD_BYTES + (rows * bits_per_row + 7) // 8 + (n_x + 1) // 2 + n_xx
 
 
 def encode_reference(symbols: np.ndarray, starts: np.ndarray, widths: np.ndarray, nsym: int) -> bytes:
