@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
+from bench_codec_v2 import median_time  # noqa: E402
 from codec_v2 import CALIB_OFFSET, MASSIVE_CHANNEL  # noqa: E402
 from common import CONTEXT  # noqa: E402
 from massive import massive_channel_copy  # noqa: E402
@@ -97,21 +96,12 @@ def speeds(sym: np.ndarray, cfg, repeats: int = 31) -> dict:
                    nibble.has_native()),
     }
 
-    def median(fn) -> float:
-        fn()
-        out = []
-        for _ in range(repeats):
-            t0 = time.thread_time()
-            fn()
-            out.append(time.thread_time() - t0)
-        return statistics.median(out)
-
     result = {}
     for name, (enc, dec, native) in coders.items():
         if native:
             data = enc()
-            result[name] = {"encode_msym_s": sym.size / median(enc) / 1e6,
-                            "decode_msym_s": sym.size / median(lambda: dec(data)) / 1e6}
+            result[name] = {"encode_msym_s": sym.size / median_time(enc, repeats) / 1e6,
+                            "decode_msym_s": sym.size / median_time(lambda: dec(data), repeats) / 1e6}
     return result
 
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/isa_choice.h"
 #include "cpu/le_bytes.h"
 #include "cpu/planes_rows.h"
 
@@ -50,28 +51,19 @@ std::string PlanesLayout::build(int64_t d_, const uint8_t* centre_, const uint8_
 
 namespace {
 
-struct Build {
-  const char* name;
-  const PlanesRowKernels* kernels;
-};
-
 // The builds this CPU runs, best last.
-std::vector<Build> supported_builds() {
-  std::vector<Build> out{{"scalar", &isa_generic::planes_row_kernels()}};
+IsaChoice<PlanesRowKernels>& choice() {
+  static IsaChoice<PlanesRowKernels> builds = [] {
+    std::vector<IsaChoice<PlanesRowKernels>::Build> out{{"scalar", &isa_generic::planes_row_kernels()}};
 #if defined(__x86_64__) || defined(__i386__)
-  if (__builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vbmi2"))
-    out.push_back({"avx512", &isa_avx512vbmi2::planes_row_kernels()});
+    if (__builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vbmi2"))
+      out.push_back({"avx512", &isa_avx512vbmi2::planes_row_kernels()});
 #endif
-  return out;
+    return IsaChoice<PlanesRowKernels>("planes", std::move(out));
+  }();
+  return builds;
 }
-
-const std::vector<Build>& builds() {
-  static const std::vector<Build> all = supported_builds();
-  return all;
-}
-
-const Build* g_build = &builds().back();
 
 }  // namespace
 
@@ -84,7 +76,7 @@ std::string PlanesWriter::open(int64_t max_rows, int64_t d, const uint8_t* centr
   std::string err = layout_->build(d, centre, k, period, nsym);
   if (!err.empty()) return err;
   if (capacity < planes_capacity(max_rows, d)) return "bit-plane encode: output buffer too small";
-  kernels_ = g_build->kernels;
+  kernels_ = choice().kernels();
   out_ = out;
   bits_.start(out + kPlanesHead);
   xs_ = row_scratch(max_rows * d);
@@ -115,7 +107,7 @@ std::string PlanesReader::open(const uint8_t* data, int64_t len, int64_t rows, i
   if (rows * d > 8 * len) return "bit-plane stream too short for its rows";  // a symbol has >= 1 bit
   const int64_t n_x = load_u32(data);
   if (n_x > rows * d || n_x > len - kPlanesHead) return "bit-plane stream claims more exceptions than it can hold";
-  kernels_ = g_build->kernels;
+  kernels_ = choice().kernels();
   bits_ = BitReader{data + kPlanesHead, len - kPlanesHead - n_x, 0};
   uint8_t* xs = row_scratch(n_x);  // whole-vector loads may read 64 bytes past the exceptions
   std::memcpy(xs, data + len - n_x, n_x);
@@ -163,22 +155,10 @@ std::string planes_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d
   return read_rows(r, T, d, raw, out) ? r.close(count) : kPlanesRowError;
 }
 
-std::vector<std::string> planes_isas() {
-  std::vector<std::string> out;
-  for (const Build& b : builds()) out.push_back(b.name);
-  return out;
-}
+std::vector<std::string> planes_isas() { return choice().names(); }
 
-std::string planes_isa() { return g_build->name; }
+std::string planes_isa() { return choice().name(); }
 
-std::string set_planes_isa(const std::string& name) {
-  for (const Build& b : builds()) {
-    if (name == b.name) {
-      g_build = &b;
-      return "";
-    }
-  }
-  return "planes isa must be one of the supported ones (see planes_isas()), got '" + name + "'";
-}
+std::string set_planes_isa(const std::string& name) { return choice().set(name); }
 
 }  // namespace sk

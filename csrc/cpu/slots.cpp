@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/isa_choice.h"
 #include "cpu/le_bytes.h"
 
 namespace sk {
@@ -42,28 +43,19 @@ std::string SlotsLayout::build(int64_t d_, const uint8_t* start_, const uint8_t*
 
 namespace {
 
-struct Build {
-  const char* name;
-  const SlotsRowKernels* kernels;
-};
-
 // The builds this CPU runs, best last.
-std::vector<Build> supported_builds() {
-  std::vector<Build> out{{"scalar", &isa_generic::slots_row_kernels()}};
+IsaChoice<SlotsRowKernels>& choice() {
+  static IsaChoice<SlotsRowKernels> builds = [] {
+    std::vector<IsaChoice<SlotsRowKernels>::Build> out{{"scalar", &isa_generic::slots_row_kernels()}};
 #if defined(__x86_64__) || defined(__i386__)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("gfni"))
-    out.push_back({"avx512", &isa_avx512gfni::slots_row_kernels()});
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("gfni"))
+      out.push_back({"avx512", &isa_avx512gfni::slots_row_kernels()});
 #endif
-  return out;
+    return IsaChoice<SlotsRowKernels>("slots", std::move(out));
+  }();
+  return builds;
 }
-
-const std::vector<Build>& builds() {
-  static const std::vector<Build> all = supported_builds();
-  return all;
-}
-
-const Build* g_build = &builds().back();
 
 }  // namespace
 
@@ -73,7 +65,7 @@ std::string SlotsWriter::open(int64_t max_rows, int64_t d, const uint8_t* start,
   std::string err = layout_.build(d, start, width, period, nsym);
   if (!err.empty()) return err;
   if (capacity < slots_capacity(max_rows, d)) return "slot encode: output buffer too small";
-  kernels_ = g_build->kernels;
+  kernels_ = choice().kernels();
   out_ = out;
   at_ = out + kSlotsHead;
   group_.assign(kSlotsGroup * layout_.stride + 64, 0);
@@ -118,7 +110,7 @@ std::string SlotsReader::open(const uint8_t* data, int64_t len, int64_t rows, in
   const int64_t n_x = load_u32(data), n_xx = load_u32(data + 4);
   if (n_x > rows * d || n_xx > n_x || len != kSlotsHead + level1 + (n_x + 1) / 2 + n_xx)
     return "slot stream length does not match its rows and escape counts";
-  kernels_ = g_build->kernels;
+  kernels_ = choice().kernels();
   in_ = data + kSlotsHead;
   end_ = in_ + level1;
   rows_ = rows;
@@ -190,22 +182,10 @@ std::string slots_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d,
   return read_rows(r, T, d, raw, out) ? r.close(count) : kSlotsRowError;
 }
 
-std::vector<std::string> slots_isas() {
-  std::vector<std::string> out;
-  for (const Build& b : builds()) out.push_back(b.name);
-  return out;
-}
+std::vector<std::string> slots_isas() { return choice().names(); }
 
-std::string slots_isa() { return g_build->name; }
+std::string slots_isa() { return choice().name(); }
 
-std::string set_slots_isa(const std::string& name) {
-  for (const Build& b : builds()) {
-    if (name == b.name) {
-      g_build = &b;
-      return "";
-    }
-  }
-  return "slots isa must be one of the supported ones (see slots_isas()), got '" + name + "'";
-}
+std::string set_slots_isa(const std::string& name) { return choice().set(name); }
 
 }  // namespace sk

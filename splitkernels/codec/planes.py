@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .._native import load
-from . import rice
+from . import rans, rice
 
 BLOCK = 64  # channels per remainder block
 MAX_K = rice.MAX_K
@@ -57,12 +57,7 @@ def code_bits(freqs: Sequence[int], centre: int, k: int) -> np.ndarray:
 
 def expected_bits(tables: Sequence[Sequence[int]]) -> float:
     """Bits per symbol this coder spends on symbols drawn from the tables, equally weighted (head aside)."""
-    out = []
-    for t in tables:
-        f = np.asarray(t, dtype=np.float64)
-        centre, k = rice.table_params(tuple(int(v) for v in t))
-        out.append(float((f * code_bits(t, centre, k)).sum() / f.sum()))
-    return float(np.mean(out))
+    return rans.mean_code_bits(tables, lambda t: code_bits(t, *rice.table_params(t)))
 
 
 def max_symbols(stream_bytes: int) -> int:

@@ -184,6 +184,24 @@ def as_class_tables(freqs: Sequence[int] | ClassTables) -> ClassTables:
     return freqs if isinstance(freqs, ClassTables) else _single(tuple(int(v) for v in freqs))
 
 
+def per_channel(table_params, tables: Sequence[Sequence[int]], table_of: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-channel u8 arrays from a coder's ``table_params(freqs) -> (x, y)`` of each channel's
+    class table ``tables[table_of[c]]`` (``table_of = [0]``: one entry for every channel)."""
+    params = [table_params(tuple(int(v) for v in t)) for t in tables]
+    return (np.array([params[i][0] for i in table_of], dtype=np.uint8),
+            np.array([params[i][1] for i in table_of], dtype=np.uint8))
+
+
+def mean_code_bits(tables: Sequence[Sequence[int]], code_bits_of) -> float:
+    """Bits per symbol a coder spends on symbols drawn from the tables, equally weighted, where
+    ``code_bits_of(freqs)`` gives the bits of each symbol of a table under that coder."""
+    out = []
+    for t in tables:
+        f = np.asarray(t, dtype=np.float64)
+        out.append(float((f * code_bits_of(tuple(int(v) for v in t))).sum() / f.sum()))
+    return float(np.mean(out))
+
+
 @functools.lru_cache(maxsize=64)
 def _single(freqs: tuple[int, ...]) -> ClassTables:
     return ClassTables((freqs,), (0,))

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .._native import load
+from . import rans
 
 LANES = 32
 MAX_K = 7
@@ -67,19 +68,12 @@ def table_params(freqs: tuple[int, ...]) -> tuple[int, int]:
 def channel_params(tables: Sequence[Sequence[int]], table_of: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel ``(centres, ks)`` (u8): channel ``c`` takes ``tables[table_of[c]]`` (one entry
     per channel, or ``table_of = [0]``: one table for every channel)."""
-    params = [table_params(tuple(int(v) for v in t)) for t in tables]
-    return (np.array([params[i][0] for i in table_of], dtype=np.uint8),
-            np.array([params[i][1] for i in table_of], dtype=np.uint8))
+    return rans.per_channel(table_params, tables, table_of)
 
 
 def expected_bits(tables: Sequence[Sequence[int]]) -> float:
     """Bits per symbol this coder spends on symbols drawn from the tables, equally weighted (head aside)."""
-    out = []
-    for t in tables:
-        f = np.asarray(t, dtype=np.float64)
-        centre, k = table_params(tuple(int(v) for v in t))
-        out.append(float((f * code_bits(t, centre, k)).sum() / f.sum()))
-    return float(np.mean(out))
+    return rans.mean_code_bits(tables, lambda t: code_bits(t, *table_params(t)))
 
 
 def extra_bits(tables: Sequence[Sequence[int]]) -> float:
