@@ -99,16 +99,20 @@ uint8_t* pack_group(const uint8_t* v, const SlotsLayout& L, uint8_t* out) {
   for (int k = 0; k < 8; ++k)
     for (int i = 0; i < 8; ++i) idx[8 * k + 7 - i] = static_cast<uint8_t>(8 * i + k);
   const __m512i to_channels = _mm512_load_si512(idx), rows = bit_rows();
+  // Locals: the stores through out would otherwise make the compiler reload the layout's pointers.
+  const uint64_t* chunk_mask = L.chunk_mask.data();
+  const uint8_t* chunk_bytes = L.chunk_bytes.data();
+  const int64_t stride = L.stride;
   for (int64_t b = 0; b < L.blocks; ++b) {
     __m512i r[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_si512(v + i * L.stride + b * kB);
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_si512(v + i * stride + b * kB);
     transpose_words(r);  // r[j]: word j (8 channels) of the 8 rows
     for (int j = 0; j < 8; ++j) {
       // Channel words, then byte l of each = bit l of the channel's slot in rows 0..7.
       const __m512i levels = _mm512_gf2p8affine_epi64_epi8(rows, _mm512_permutexvar_epi8(to_channels, r[j]), 0);
       const int64_t at = b * 8 + j;
-      _mm512_storeu_si512(out, _mm512_maskz_compress_epi8(L.chunk_mask[at], levels));
-      out += L.chunk_bytes[at];
+      _mm512_storeu_si512(out, _mm512_maskz_compress_epi8(chunk_mask[at], levels));
+      out += chunk_bytes[at];
     }
   }
   return out;
@@ -123,18 +127,21 @@ const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v)
       rev[8 * k + i] = static_cast<uint8_t>(8 * k + 7 - i);
     }
   const __m512i to_rows = _mm512_load_si512(idx), reverse = _mm512_load_si512(rev), rows = bit_rows();
+  const uint64_t* chunk_mask = L.chunk_mask.data();
+  const uint8_t* chunk_bytes = L.chunk_bytes.data();
+  const int64_t stride = L.stride;
   for (int64_t b = 0; b < L.blocks; ++b) {
     __m512i r[8];
     for (int j = 0; j < 8; ++j) {
       const int64_t at = b * 8 + j;
       // The channel's level bytes, top level first, then per byte i: row i's slot.
-      const __m512i levels = _mm512_maskz_expand_epi8(L.chunk_mask[at], load_apart(in));
-      in += L.chunk_bytes[at];
+      const __m512i levels = _mm512_maskz_expand_epi8(chunk_mask[at], load_apart(in));
+      in += chunk_bytes[at];
       r[j] = _mm512_permutexvar_epi8(
           to_rows, _mm512_gf2p8affine_epi64_epi8(rows, _mm512_shuffle_epi8(levels, reverse), 0));
     }
     transpose_words(r);
-    for (int i = 0; i < 8; ++i) _mm512_storeu_si512(v + i * L.stride + b * kB, r[i]);
+    for (int i = 0; i < 8; ++i) _mm512_storeu_si512(v + i * stride + b * kB, r[i]);
   }
   return in;
 }
@@ -147,6 +154,8 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
   SlotsEscapes e = x;
   int64_t c = 0;
   const __m512i one = _mm512_set1_epi8(1), far_nibble = _mm512_set1_epi8(kSlotsFar), eight = _mm512_set1_epi8(8);
+  // Per distance nibble e < 15: e / 2 (even e, above the window, plus W) or -1 - e / 2 (odd e).
+  const __m512i near_offset = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6, -7, 7, 0));
   for (int64_t at = 0; at < L.stride; at += kB) {
     const uint64_t full = full_lanes(L, at);
     const __m512i slot = _mm512_loadu_si512(v + at);
@@ -161,15 +170,17 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
       const __m512i dist = _mm512_maskz_expand_epi8(esc, load_apart(e.dist + e.dist_at));
       e.dist_at += ne;
       const __mmask64 far = esc & _mm512_cmpeq_epi8_mask(dist, far_nibble);
-      const __mmask64 odd = esc & ~far & _mm512_test_epi8_mask(dist, one);
-      const __mmask64 even = esc & ~far & ~odd;
-      const __m512i h = _mm512_and_si512(_mm512_srli_epi16(dist, 1), _mm512_set1_epi8(0x7f));
-      // Above the window: a + W + e / 2; below it: a - 1 - e / 2 (e odd); both inside the table.
-      s = _mm512_mask_mov_epi8(s, even, _mm512_add_epi8(_mm512_add_epi8(a, size), h));
-      s = _mm512_mask_mov_epi8(s, odd, _mm512_sub_epi8(_mm512_sub_epi8(a, h), one));
-      if (kRanges)
+      const __mmask64 near = esc & ~far;
+      const __mmask64 even = _mm512_mask_testn_epi8_mask(near, dist, one);
+      // Above the window: a + W + e / 2 (e even); below it: a - 1 - e / 2 (e odd). One table
+      // lookup gives e / 2 or -1 - e / 2, and the even ones add W.
+      s = _mm512_mask_add_epi8(s, near, a, _mm512_shuffle_epi8(near_offset, dist));
+      s = _mm512_mask_add_epi8(s, even, s, size);
+      if (kRanges) {  // both inside the table
+        const __m512i h = _mm512_and_si512(_mm512_srli_epi16(dist, 1), _mm512_set1_epi8(0x7f));
         bad |= (even & _mm512_cmpge_epu8_mask(h, _mm512_loadu_si512(L.above.data() + at))) |
-               (odd & _mm512_cmpge_epu8_mask(h, a));
+               (near & ~even & _mm512_cmpge_epu8_mask(h, a));
+      }
       const int nf = popcount(far);
       if (e.far_at + nf > e.n_far) return false;
       const __m512i f = _mm512_maskz_expand_epi8(far, load_apart(e.far + e.far_at));
