@@ -3,7 +3,6 @@
 // instructions per 64 channels (compress / expand for the escapes, a transpose for the group);
 // the generic build goes lane by lane.
 #include <algorithm>
-#include <cstring>
 
 #include "cpu/slots_rows.h"
 
@@ -23,14 +22,6 @@ constexpr int kB = kSlotsBlock;
 #ifdef SK_SLOTS_VECTOR
 
 inline int popcount(uint64_t m) { return static_cast<int>(_mm_popcnt_u64(m)); }
-
-// A 64-byte load the compiler must not fold into the instruction that uses it: the memory forms of
-// vpexpandb are slower than a load and the register form on Zen 4.
-inline __m512i load_apart(const uint8_t* p) {
-  __m512i v = _mm512_loadu_si512(p);
-  asm("" : "+v"(v));
-  return v;
-}
 
 inline uint64_t full_lanes(const SlotsLayout& L, int64_t at) {
   const int64_t n = L.d - at;
@@ -135,7 +126,7 @@ const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v)
     for (int j = 0; j < 8; ++j) {
       const int64_t at = b * 8 + j;
       // The channel's level bytes, top level first, then per byte i: row i's slot.
-      const __m512i levels = _mm512_maskz_expand_epi8(chunk_mask[at], load_apart(in));
+      const __m512i levels = _mm512_maskz_expand_epi8(chunk_mask[at], _mm512_loadu_si512(in));
       in += chunk_bytes[at];
       r[j] = _mm512_permutexvar_epi8(
           to_rows, _mm512_gf2p8affine_epi64_epi8(rows, _mm512_shuffle_epi8(levels, reverse), 0));
@@ -167,7 +158,7 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
     if (esc) {
       const int ne = popcount(esc);
       if (e.dist_at + ne > e.n_dist) return false;
-      const __m512i dist = _mm512_maskz_expand_epi8(esc, load_apart(e.dist + e.dist_at));
+      const __m512i dist = _mm512_maskz_expand_epi8(esc, _mm512_loadu_si512(e.dist + e.dist_at));
       e.dist_at += ne;
       const __mmask64 far = esc & _mm512_cmpeq_epi8_mask(dist, far_nibble);
       const __mmask64 near = esc & ~far;
@@ -183,7 +174,7 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
       }
       const int nf = popcount(far);
       if (e.far_at + nf > e.n_far) return false;
-      const __m512i f = _mm512_maskz_expand_epi8(far, load_apart(e.far + e.far_at));
+      const __m512i f = _mm512_maskz_expand_epi8(far, _mm512_loadu_si512(e.far + e.far_at));
       e.far_at += nf;
       s = _mm512_mask_mov_epi8(s, far, f);
       // Canonical far symbols: outside the window, at least 8 symbols away from it, in the table.
