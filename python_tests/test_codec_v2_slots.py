@@ -279,6 +279,30 @@ def test_non_canonical_and_out_of_table_streams_are_refused(slots_isa):
             dec(one[:-1] + bytes([one[-1] | 0xF0]))
 
 
+def test_mutated_streams_are_refused_or_canonical(slots_isa):
+    # Flipped bits, cuts and extra bytes: the decoder raises SlotsError, or what it accepts is the
+    # one stream of the symbols it returns (it re-encodes to the same bytes).
+    rng = np.random.default_rng(12)
+    refused = 0
+    for _ in range(300):
+        nsym, d, rows = int(rng.integers(2, 257)), int(rng.integers(1, 150)), int(rng.integers(0, 20))
+        starts, widths = params(rng, d, nsym)
+        data = bytearray(slots.encode(rows_around(rng, rows, starts, widths, nsym), None, starts, widths, nsym))
+        if data and rng.random() < 0.7:
+            data[int(rng.integers(0, len(data)))] ^= 1 << int(rng.integers(0, 8))
+        elif rng.random() < 0.5:
+            data = data[: int(rng.integers(0, len(data) + 1))]
+        else:
+            data += bytes([int(rng.integers(0, 256))])
+        try:
+            out, _ = slots.decode(bytes(data), np.zeros(rows, dtype=bool), starts, widths, nsym, d)
+        except slots.SlotsError:
+            refused += 1
+            continue
+        assert slots.encode(out, None, starts, widths, nsym) == bytes(data)
+    assert refused > 150
+
+
 def test_forged_counts_are_refused_before_allocating(slots_isa):
     starts, widths = np.zeros(1, dtype=np.uint8), np.ones(1, dtype=np.uint8)
     with pytest.raises(slots.SlotsError, match="cannot fit"):
