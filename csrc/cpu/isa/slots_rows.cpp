@@ -244,18 +244,36 @@ void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes
   }
 }
 
+// Transposes the 8 x 8 bit matrix whose row i is byte i of x (bit j of byte i <-> bit i of byte j).
+inline uint64_t transpose8(uint64_t x) {
+  uint64_t t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
+  x ^= t ^ (t << 7);
+  t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
+  x ^= t ^ (t << 14);
+  t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
+  return x ^ t ^ (t << 28);
+}
+
+// A full group channel by channel: the 8 rows' slots as the bytes of a word, one bit-matrix
+// transpose, and the first w bytes (levels 0 .. w - 1) out.
 uint8_t* pack_group(const uint8_t* v, const SlotsLayout& L, uint8_t* out) {
-  BitWriter w;
-  w.start(out);
-  pack_chunks(v, L, kSlotsGroup, w);
-  return w.finish();
+  for (int64_t c = 0; c < L.d; ++c) {
+    uint64_t rows = 0;
+    for (int i = 0; i < 8; ++i) rows |= uint64_t{v[i * L.stride + c]} << (8 * i);
+    const uint64_t levels = transpose8(rows);
+    for (int l = 0; l < L.width[c]; ++l) *out++ = static_cast<uint8_t>(levels >> (8 * l));
+  }
+  return out;
 }
 
 const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v) {
-  BitReader r{in, L.row_bits, 0};
-  BitStream bits(r, 0);
-  unpack_chunks(bits, L, kSlotsGroup, v);
-  return in + L.row_bits;
+  for (int64_t c = 0; c < L.d; ++c) {
+    uint64_t levels = 0;
+    for (int l = 0; l < L.width[c]; ++l) levels |= uint64_t{*in++} << (8 * l);
+    const uint64_t rows = transpose8(levels);
+    for (int i = 0; i < 8; ++i) v[i * L.stride + c] = static_cast<uint8_t>(rows >> (8 * i));
+  }
+  return in;
 }
 
 bool symbol_row(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of, int64_t& count) {
