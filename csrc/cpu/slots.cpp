@@ -48,6 +48,8 @@ IsaChoice<SlotsRowKernels>& choice() {
   static IsaChoice<SlotsRowKernels> builds = [] {
     std::vector<IsaChoice<SlotsRowKernels>::Build> out{{"scalar", &isa_generic::slots_row_kernels()}};
 #if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2"))
+      out.push_back({"avx2", &isa_avx2::slots_row_kernels()});
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("gfni"))
       out.push_back({"avx512", &isa_avx512gfni::slots_row_kernels()});

@@ -83,8 +83,8 @@ std::string slots_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d,
                          const uint8_t* start, const uint8_t* width, int64_t period, int nsym, uint8_t* out,
                          int count_of, int64_t* count);
 
-// Instruction sets of the coder ("scalar", then "avx512" where AVX-512 BW + VBMI + VBMI2 and GFNI run), the
-// one in use, and a switch between them ("" or why not).
+// Instruction sets of the coder ("scalar", "avx2" where AVX2 + BMI2 run, then "avx512" where AVX-512
+// BW + VBMI + VBMI2 and GFNI run), the one in use, and a switch between them ("" or why not).
 std::vector<std::string> slots_isas();
 std::string slots_isa();
 std::string set_slots_isa(const std::string& name);

@@ -1,6 +1,6 @@
 // Row and group kernels of the slot coder (slots.h), built once per instruction set from
-// csrc/cpu/isa/slots_rows.cpp (CMakeLists.txt: isa_generic, and isa_avx512gfni with AVX-512 BW +
-// VBMI + VBMI2 and GFNI) and picked at run time by slots.cpp.
+// csrc/cpu/isa/slots_rows.cpp (CMakeLists.txt: isa_generic, isa_avx2 with AVX2 + BMI2, and
+// isa_avx512gfni with AVX-512 BW + VBMI + VBMI2 and GFNI) and picked at run time by slots.cpp.
 #pragma once
 
 #include <cstdint>
@@ -91,6 +91,7 @@ inline void unpack_chunks(BitStream& r, const SlotsLayout& L, int g, uint8_t* v)
 }
 
 namespace isa_generic { const SlotsRowKernels& slots_row_kernels(); }
+namespace isa_avx2 { const SlotsRowKernels& slots_row_kernels(); }
 namespace isa_avx512gfni { const SlotsRowKernels& slots_row_kernels(); }
 
 }  // namespace sk

@@ -1,14 +1,21 @@
 // Row and group kernels of the slot coder (docs/FORMATS.md section 5.9). Built with AVX-512 BW +
 // VBMI + VBMI2 and GFNI, a row's slot values and a full group's chunks take a handful of vector
-// instructions per 64 channels (compress / expand for the escapes, a transpose for the group);
-// the generic build goes lane by lane.
+// instructions per 64 channels (compress / expand for the escapes, a transpose for the group).
+// Built with AVX2 + BMI2, the rows go 32 channels per step (escapes compressed and expanded 8 bytes
+// at a time with pext / pdep) and a group channel by channel as a 64-bit word; the generic build
+// goes lane by lane.
 #include <algorithm>
+#include <cstring>
 
+#include "cpu/le_bytes.h"
 #include "cpu/slots_rows.h"
 
 #if defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__) && defined(__GFNI__)
 #include <immintrin.h>
 #define SK_SLOTS_VECTOR 1
+#elif defined(__AVX2__) && defined(__BMI2__)
+#include <immintrin.h>
+#define SK_SLOTS_AVX2 1
 #endif
 
 #include "cpu/isa_build.h"
@@ -228,6 +235,188 @@ bool unpack(const uint8_t* in, int64_t n, uint8_t* out) {
   return n % 2 == 0 || (in[n / 2] >> 4) == 0;
 }
 
+#elif defined(SK_SLOTS_AVX2)
+
+constexpr int kH = 32;  // lanes per AVX2 step
+
+inline int popcount(uint64_t m) { return __builtin_popcountll(m); }
+
+// Lanes [at, at + 32) that are channels.
+inline uint32_t lanes_of(const SlotsLayout& L, int64_t at) {
+  const int64_t n = L.d - at;
+  return n >= kH ? ~uint32_t{0} : (uint32_t{1} << n) - 1;
+}
+
+// Byte masks from unsigned compares (AVX2 has only signed ones): x >= y.
+inline __m256i ge(__m256i x, __m256i y) { return _mm256_cmpeq_epi8(_mm256_max_epu8(x, y), x); }
+inline uint32_t bits(__m256i m) { return static_cast<uint32_t>(_mm256_movemask_epi8(m)); }
+
+// The bytes of v whose bit in m is set, packed to out (32 bytes of room past them); how many.
+inline int compress32(__m256i v, uint32_t m, uint8_t* out) {
+  alignas(32) uint64_t q[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(q), v);
+  int n = 0;
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t lanes = (m >> (8 * k)) & 0xff;
+    store_u64(out + n, _pext_u64(q[k], _pdep_u64(lanes, 0x0101010101010101ULL) * 0xff));
+    n += popcount(lanes);
+  }
+  return n;
+}
+
+// The inverse: the next popcount(m) bytes of in (32 readable bytes past them) to the lanes of m.
+inline __m256i expand32(const uint8_t* in, uint32_t m) {
+  uint64_t q[4];
+  int n = 0;
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t lanes = (m >> (8 * k)) & 0xff;
+    q[k] = _pdep_u64(load_u64(in + n), _pdep_u64(lanes, 0x0101010101010101ULL) * 0xff);
+    n += popcount(lanes);
+  }
+  return _mm256_setr_epi64x(static_cast<long long>(q[0]), static_cast<long long>(q[1]),
+                            static_cast<long long>(q[2]), static_cast<long long>(q[3]));
+}
+
+void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes& x, int& maxsym) {
+  SlotsEscapes e = x;
+  __m256i maxv = _mm256_setzero_si256();
+  const __m256i one = _mm256_set1_epi8(1), far_nibble = _mm256_set1_epi8(kSlotsFar);
+  for (int64_t at = 0; at < L.d; at += kH) {
+    const uint32_t full = lanes_of(L, at);
+    __m256i s;
+    if (full == ~uint32_t{0}) {
+      s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sym + at));
+    } else {  // the row's last channels: no read past them
+      alignas(32) uint8_t tail[kH] = {};
+      std::memcpy(tail, sym + at, L.d - at);
+      s = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    }
+    maxv = _mm256_max_epu8(maxv, s);
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.start.data() + at));
+    const __m256i size = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.size.data() + at));
+    const __m256i r = _mm256_sub_epi8(s, a);
+    const __m256i outside = ge(r, size);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + at), _mm256_blendv_epi8(r, size, outside));
+    // Escapes: the distance from the window, 2 (s - a - W) above it and 2 (a - s) - 1 below it,
+    // saturated at 15; far ones as bytes.
+    const uint32_t esc = bits(outside) & full;
+    const __m256i hi = _mm256_sub_epi8(r, size), lo = _mm256_sub_epi8(a, s);
+    const __m256i dist = _mm256_min_epu8(
+        _mm256_blendv_epi8(_mm256_sub_epi8(_mm256_adds_epu8(lo, lo), one), _mm256_adds_epu8(hi, hi), ge(s, a)),
+        far_nibble);
+    e.n_dist += compress32(dist, esc, e.dist + e.n_dist);
+    const uint32_t far = esc & bits(_mm256_cmpeq_epi8(dist, far_nibble));
+    e.n_far += compress32(s, far, e.far + e.n_far);
+  }
+  alignas(32) uint8_t lanes[kH];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), maxv);
+  maxsym = std::max<int>(maxsym, *std::max_element(lanes, lanes + kH));
+  x = e;
+}
+
+// kRanges: check that in-window slots and distance nibbles name symbols of the table (not needed
+// when the layout is roomy).
+template <bool kRanges>
+bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of,
+                     int64_t& count) {
+  SlotsEscapes e = x;
+  int64_t c = 0;
+  const __m256i one = _mm256_set1_epi8(1), far_nibble = _mm256_set1_epi8(kSlotsFar), eight = _mm256_set1_epi8(8);
+  const __m256i nsym = _mm256_set1_epi8(static_cast<char>(L.nsym));
+  // Per distance nibble e < 15: e / 2 (even e, above the window, plus W) or -1 - e / 2 (odd e).
+  const __m256i near_offset = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6, -7, 7, 0));
+  auto vec = [&](const std::vector<uint8_t>& arr, int64_t at) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arr.data() + at));
+  };
+  for (int64_t at = 0; at < L.d; at += kH) {
+    const uint32_t full = lanes_of(L, at);
+    const __m256i slot = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + at));
+    const __m256i a = vec(L.start, at), size = vec(L.size, at);
+    const __m256i esc_v = _mm256_cmpeq_epi8(slot, size);
+    const uint32_t esc = bits(esc_v) & full;
+    uint32_t bad = 0;
+    if (kRanges) bad = ~esc & full & bits(ge(slot, vec(L.room, at)));
+    __m256i s = _mm256_add_epi8(a, slot);
+    if (esc) {
+      const int ne = popcount(esc);
+      if (e.dist_at + ne > e.n_dist) return false;
+      const __m256i dist = expand32(e.dist + e.dist_at, esc);
+      e.dist_at += ne;
+      const __m256i far_v = _mm256_and_si256(esc_v, _mm256_cmpeq_epi8(dist, far_nibble));
+      const __m256i near_v = _mm256_andnot_si256(far_v, esc_v);
+      const __m256i even_v = _mm256_andnot_si256(_mm256_cmpeq_epi8(_mm256_and_si256(dist, one), one), near_v);
+      // Above the window: a + W + e / 2 (e even); below it: a - 1 - e / 2 (e odd).
+      s = _mm256_blendv_epi8(s, _mm256_add_epi8(a, _mm256_shuffle_epi8(near_offset, dist)), near_v);
+      s = _mm256_blendv_epi8(s, _mm256_add_epi8(s, size), even_v);
+      const uint32_t far = bits(far_v) & full, near = bits(near_v) & full, even = bits(even_v) & full;
+      if (kRanges) {  // both inside the table
+        const __m256i h = _mm256_and_si256(_mm256_srli_epi16(dist, 1), _mm256_set1_epi8(0x7f));
+        bad |= (even & bits(ge(h, vec(L.above, at)))) | (near & ~even & bits(ge(h, a)));
+      }
+      const int nf = popcount(far);
+      if (e.far_at + nf > e.n_far) return false;
+      const __m256i f = expand32(e.far + e.far_at, far);
+      e.far_at += nf;
+      s = _mm256_blendv_epi8(s, f, far_v);
+      // Canonical far symbols: outside the window, at least 8 symbols away from it, in the table.
+      const uint32_t in_table = L.nsym < 256 ? ~bits(ge(f, nsym)) : ~uint32_t{0};
+      if (kRanges) {
+        const __m256i r = _mm256_sub_epi8(f, a);
+        const uint32_t up = bits(ge(f, a));
+        bad |= far & (~bits(ge(r, size)) | (up & ~bits(ge(_mm256_sub_epi8(r, size), eight))) |
+                      (~up & ~bits(ge(_mm256_sub_epi8(a, f), eight))) | ~in_table);
+      } else {
+        const uint32_t below = ~bits(ge(f, vec(L.far_below, at)));
+        const uint32_t above = bits(ge(f, vec(L.far_above, at))) & in_table;
+        bad |= far & ~(below | above);
+      }
+    }
+    if (bad) return false;
+    if (count_of >= 0) c += popcount(bits(_mm256_cmpeq_epi8(s, _mm256_set1_epi8(static_cast<char>(count_of)))) & full);
+    if (full == ~uint32_t{0}) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at), s);
+    } else {
+      alignas(32) uint8_t tail[kH];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tail), s);
+      std::memcpy(out + at, tail, L.d - at);
+    }
+  }
+  x = e;
+  count += c;
+  return true;
+}
+
+bool symbol_row(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of, int64_t& count) {
+  return L.roomy ? symbol_row_impl<false>(v, L, x, out, count_of, count)
+                 : symbol_row_impl<true>(v, L, x, out, count_of, count);
+}
+
+void pack(const uint8_t* v, int64_t n, uint8_t* out) {
+  const __m256i weights = _mm256_set1_epi16(0x1001);  // low byte * 1 + high byte * 16
+  int64_t i = 0;
+  for (; i + 2 * kH <= n; i += 2 * kH) {
+    const __m256i lo = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i)), weights);
+    const __m256i hi = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i + kH)), weights);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i / 2),
+                        _mm256_permute4x64_epi64(_mm256_packus_epi16(lo, hi), 0xd8));
+  }
+  for (; i < n; i += 2) out[i / 2] = static_cast<uint8_t>(v[i] | (i + 1 < n ? v[i + 1] << 4 : 0));
+}
+
+bool unpack(const uint8_t* in, int64_t n, uint8_t* out) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  int64_t i = 0;
+  for (; i + 2 * kH <= n; i += 2 * kH) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i / 2));
+    const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+    const __m256i first = _mm256_unpacklo_epi8(lo, hi), second = _mm256_unpackhi_epi8(lo, hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permute2x128_si256(first, second, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + kH), _mm256_permute2x128_si256(first, second, 0x31));
+  }
+  for (; i < n; ++i) out[i] = (in[i / 2] >> (4 * (i % 2))) & 15;
+  return n % 2 == 0 || (in[n / 2] >> 4) == 0;
+}
+
 #else  // lane by lane
 
 void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes& x, int& maxsym) {
@@ -242,38 +431,6 @@ void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes
       if (e == kSlotsFar) x.far[x.n_far++] = static_cast<uint8_t>(s);
     }
   }
-}
-
-// Transposes the 8 x 8 bit matrix whose row i is byte i of x (bit j of byte i <-> bit i of byte j).
-inline uint64_t transpose8(uint64_t x) {
-  uint64_t t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
-  x ^= t ^ (t << 7);
-  t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
-  x ^= t ^ (t << 14);
-  t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
-  return x ^ t ^ (t << 28);
-}
-
-// A full group channel by channel: the 8 rows' slots as the bytes of a word, one bit-matrix
-// transpose, and the first w bytes (levels 0 .. w - 1) out.
-uint8_t* pack_group(const uint8_t* v, const SlotsLayout& L, uint8_t* out) {
-  for (int64_t c = 0; c < L.d; ++c) {
-    uint64_t rows = 0;
-    for (int i = 0; i < 8; ++i) rows |= uint64_t{v[i * L.stride + c]} << (8 * i);
-    const uint64_t levels = transpose8(rows);
-    for (int l = 0; l < L.width[c]; ++l) *out++ = static_cast<uint8_t>(levels >> (8 * l));
-  }
-  return out;
-}
-
-const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v) {
-  for (int64_t c = 0; c < L.d; ++c) {
-    uint64_t levels = 0;
-    for (int l = 0; l < L.width[c]; ++l) levels |= uint64_t{*in++} << (8 * l);
-    const uint64_t rows = transpose8(levels);
-    for (int i = 0; i < 8; ++i) v[i * L.stride + c] = static_cast<uint8_t>(rows >> (8 * i));
-  }
-  return in;
 }
 
 bool symbol_row(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of, int64_t& count) {
@@ -308,6 +465,42 @@ void pack(const uint8_t* v, int64_t n, uint8_t* out) {
 bool unpack(const uint8_t* in, int64_t n, uint8_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = (in[i / 2] >> (4 * (i % 2))) & 15;
   return n % 2 == 0 || (in[n / 2] >> 4) == 0;
+}
+
+#endif
+
+#ifndef SK_SLOTS_VECTOR
+
+// Transposes the 8 x 8 bit matrix whose row i is byte i of x (bit j of byte i <-> bit i of byte j).
+inline uint64_t transpose8(uint64_t x) {
+  uint64_t t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
+  x ^= t ^ (t << 7);
+  t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
+  x ^= t ^ (t << 14);
+  t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
+  return x ^ t ^ (t << 28);
+}
+
+// A full group channel by channel: the 8 rows' slots as the bytes of a word, one bit-matrix
+// transpose, and the first w bytes (levels 0 .. w - 1) out.
+uint8_t* pack_group(const uint8_t* v, const SlotsLayout& L, uint8_t* out) {
+  for (int64_t c = 0; c < L.d; ++c) {
+    uint64_t rows = 0;
+    for (int i = 0; i < 8; ++i) rows |= uint64_t{v[i * L.stride + c]} << (8 * i);
+    const uint64_t levels = transpose8(rows);
+    for (int l = 0; l < L.width[c]; ++l) *out++ = static_cast<uint8_t>(levels >> (8 * l));
+  }
+  return out;
+}
+
+const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v) {
+  for (int64_t c = 0; c < L.d; ++c) {
+    uint64_t levels = 0;
+    for (int l = 0; l < L.width[c]; ++l) levels |= uint64_t{*in++} << (8 * l);
+    const uint64_t rows = transpose8(levels);
+    for (int i = 0; i < 8; ++i) v[i * L.stride + c] = static_cast<uint8_t>(rows >> (8 * i));
+  }
+  return in;
 }
 
 #endif
