@@ -217,8 +217,8 @@ def has_native() -> bool:
 
 def vectorised() -> bool:
     """True when the C++ coder runs its fast vector path here (AVX-512 BW + VBMI + VBMI2 and GFNI: a
-    group of 512 slots per handful of instructions). The AVX2 build vectorises the rows only, at
-    about twice the generic build's speed."""
+    group of 512 slots per handful of instructions). The AVX2 + BMI2 build runs at about a quarter
+    of its speed, four times the generic build's."""
     return has_native() and _C.slots_isa() == "avx512"
 
 

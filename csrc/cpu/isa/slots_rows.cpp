@@ -391,6 +391,106 @@ bool symbol_row(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t
                  : symbol_row_impl<true>(v, L, x, out, count_of, count);
 }
 
+// A block of 32 channels of a full group: the 8 rows' registers become channel words (byte i = row
+// i) with three rounds of unpacks per 128-bit lane: register j then holds channels 2j, 2j + 1 of
+// each lane, so channel k sits in word kChannelWord[k] of the 32 in register order.
+inline void rows_to_channels(const __m256i r[8], __m256i c[8]) {
+  __m256i t[8], u[8];
+  t[0] = _mm256_unpacklo_epi8(r[0], r[1]);
+  t[1] = _mm256_unpackhi_epi8(r[0], r[1]);
+  t[2] = _mm256_unpacklo_epi8(r[2], r[3]);
+  t[3] = _mm256_unpackhi_epi8(r[2], r[3]);
+  t[4] = _mm256_unpacklo_epi8(r[4], r[5]);
+  t[5] = _mm256_unpackhi_epi8(r[4], r[5]);
+  t[6] = _mm256_unpacklo_epi8(r[6], r[7]);
+  t[7] = _mm256_unpackhi_epi8(r[6], r[7]);
+  for (int h = 0; h < 8; h += 4) {  // rows 0-3 (t0..t3), rows 4-7 (t4..t7)
+    u[h] = _mm256_unpacklo_epi16(t[h], t[h + 2]);
+    u[h + 1] = _mm256_unpackhi_epi16(t[h], t[h + 2]);
+    u[h + 2] = _mm256_unpacklo_epi16(t[h + 1], t[h + 3]);
+    u[h + 3] = _mm256_unpackhi_epi16(t[h + 1], t[h + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    c[2 * j] = _mm256_unpacklo_epi32(u[j], u[j + 4]);
+    c[2 * j + 1] = _mm256_unpackhi_epi32(u[j], u[j + 4]);
+  }
+}
+
+// The inverse: channel words back to the 8 rows' registers (de-interleaving dwords, words, bytes).
+inline void channels_to_rows(const __m256i c[8], __m256i r[8]) {
+  __m256i u[8], t[8];
+  for (int j = 0; j < 4; ++j) {
+    const __m256 lo = _mm256_castsi256_ps(c[2 * j]), hi = _mm256_castsi256_ps(c[2 * j + 1]);
+    u[j] = _mm256_castps_si256(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)));
+    u[j + 4] = _mm256_castps_si256(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  // Even 16-bit words to the low 8 bytes of each lane, odd ones to the high 8; then bytes alike.
+  const __m256i words = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+  const __m256i bytes = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  for (int h = 0; h < 8; h += 4) {
+    const __m256i a = _mm256_shuffle_epi8(u[h], words), b = _mm256_shuffle_epi8(u[h + 1], words);
+    const __m256i x = _mm256_shuffle_epi8(u[h + 2], words), y = _mm256_shuffle_epi8(u[h + 3], words);
+    t[h] = _mm256_unpacklo_epi64(a, b);
+    t[h + 2] = _mm256_unpackhi_epi64(a, b);
+    t[h + 1] = _mm256_unpacklo_epi64(x, y);
+    t[h + 3] = _mm256_unpackhi_epi64(x, y);
+  }
+  for (int i = 0; i < 8; i += 2) {
+    const __m256i a = _mm256_shuffle_epi8(t[i], bytes), b = _mm256_shuffle_epi8(t[i + 1], bytes);
+    r[i] = _mm256_unpacklo_epi64(a, b);
+    r[i + 1] = _mm256_unpackhi_epi64(a, b);
+  }
+}
+
+// transpose8 (below) on the four words of x.
+inline __m256i transpose8x4(__m256i x) {
+  __m256i t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 7)), _mm256_set1_epi64x(0x00AA00AA00AA00AALL));
+  x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 7)));
+  t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 14)), _mm256_set1_epi64x(0x0000CCCC0000CCCCLL));
+  x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 14)));
+  t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 28)), _mm256_set1_epi64x(0x00000000F0F0F0F0LL));
+  return _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 28)));
+}
+
+// Word of channel k (0..31) among the 32 words of c[0..7] in register order.
+inline int channel_word(int k) { return 4 * ((k % 16) / 2) + (k % 2) + 2 * (k / 16); }
+
+uint8_t* pack_group(const uint8_t* v, const SlotsLayout& L, uint8_t* out) {
+  const int64_t stride = L.stride;
+  const uint8_t* width = L.width.data();
+  for (int64_t at = 0; at < L.d; at += kH) {
+    __m256i r[8], c[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i * stride + at));
+    rows_to_channels(r, c);
+    alignas(32) uint64_t words[kH];
+    for (int j = 0; j < 8; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(words + 4 * j), transpose8x4(c[j]));
+    const int n = static_cast<int>(std::min<int64_t>(kH, L.d - at));
+    for (int k = 0; k < n; ++k) {  // levels 0 .. w - 1 of each channel (8 bytes stored, w kept)
+      store_u64(out, words[channel_word(k)]);
+      out += width[at + k];
+    }
+  }
+  return out;
+}
+
+const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v) {
+  const int64_t stride = L.stride;
+  const uint8_t* width = L.width.data();
+  for (int64_t at = 0; at < L.d; at += kH) {
+    alignas(32) uint64_t words[kH] = {};
+    const int n = static_cast<int>(std::min<int64_t>(kH, L.d - at));
+    for (int k = 0; k < n; ++k) {
+      words[channel_word(k)] = _bzhi_u64(load_u64(in), 8 * width[at + k]);
+      in += width[at + k];
+    }
+    __m256i c[8], r[8];
+    for (int j = 0; j < 8; ++j) c[j] = transpose8x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(words + 4 * j)));
+    channels_to_rows(c, r);
+    for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + i * stride + at), r[i]);
+  }
+  return in;
+}
+
 void pack(const uint8_t* v, int64_t n, uint8_t* out) {
   const __m256i weights = _mm256_set1_epi16(0x1001);  // low byte * 1 + high byte * 16
   int64_t i = 0;
@@ -469,7 +569,7 @@ bool unpack(const uint8_t* in, int64_t n, uint8_t* out) {
 
 #endif
 
-#ifndef SK_SLOTS_VECTOR
+#if !defined(SK_SLOTS_VECTOR) && !defined(SK_SLOTS_AVX2)
 
 // Transposes the 8 x 8 bit matrix whose row i is byte i of x (bit j of byte i <-> bit i of byte j).
 inline uint64_t transpose8(uint64_t x) {
