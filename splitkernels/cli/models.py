@@ -127,8 +127,8 @@ def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
                         "coder for long prefill frames: ~0.1 bit per element more, 2-3x faster, worth it on links "
                         "above ~50 Mbit/s), planes (the same codes in bit planes, up to ~1.3x faster again where "
                         "both ends have AVX-512 VBMI2), slots (long frames: ~0.2 bit more than rice, a fixed-width "
-                        "slot per channel, 1.2-2x faster than planes where both ends have AVX-512 VBMI2 and GFNI) "
-                        "or nibble (every frame: ~0.4 bit more, fixed 4-bit slots)")
+                        "slot per channel, 1.2-2x faster than planes with AVX-512 VBMI2 + GFNI, about rice's speed "
+                        "on AVX2) or nibble (every frame: ~0.4 bit more, fixed 4-bit slots)")
     g.add_argument("--calib-tokens", type=types.integer(2, 1 << 20), default=CALIB_TOKENS_V2,
                    help="v2: calibration tokens, windows of prose (Botchan, after the evaluation tokens), "
                         "Python source and Python's reference docs in turn")

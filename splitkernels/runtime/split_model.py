@@ -83,8 +83,8 @@ class SplitConfig:
       worth it on links above ~50 Mbit/s), "rice" (every frame of several tokens), "planes" (the
       same codes in bit planes: up to ~1.3x faster again where both ends have AVX-512 VBMI2),
       "slots" (frames of several tokens: ~0.2 bit more than "rice", a fixed-width slot per channel,
-      1.2-2x faster than "planes" where both ends have AVX-512 VBMI2 and GFNI) or "nibble" (every
-      frame: ~0.4 bit more, fixed 4-bit slots).
+      1.2-2x faster than "planes" with AVX-512 VBMI2 + GFNI, about "rice"'s speed on AVX2) or
+      "nibble" (every frame: ~0.4 bit more, fixed 4-bit slots).
     """
 
     split_layer: int
