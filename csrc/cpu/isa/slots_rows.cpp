@@ -209,11 +209,6 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
   return true;
 }
 
-bool symbol_row(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of, int64_t& count) {
-  return L.roomy ? symbol_row_impl<false>(v, L, x, out, count_of, count)
-                 : symbol_row_impl<true>(v, L, x, out, count_of, count);
-}
-
 void pack(const uint8_t* v, int64_t n, uint8_t* out) {
   const __m512i weights = _mm512_set1_epi16(0x1001);  // low byte * 1 + high byte * 16
   int64_t i = 0;
@@ -386,11 +381,6 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
   return true;
 }
 
-bool symbol_row(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of, int64_t& count) {
-  return L.roomy ? symbol_row_impl<false>(v, L, x, out, count_of, count)
-                 : symbol_row_impl<true>(v, L, x, out, count_of, count);
-}
-
 // A block of 32 channels of a full group: the 8 rows' registers become channel words (byte i = row
 // i) with three rounds of unpacks per 128-bit lane: register j then holds channels 2j, 2j + 1 of
 // each lane, so channel k sits in word kChannelWord[k] of the 32 in register order.
@@ -442,7 +432,8 @@ inline void channels_to_rows(const __m256i c[8], __m256i r[8]) {
   }
 }
 
-// transpose8 (below) on the four words of x.
+// Transposes the 8 x 8 bit matrix of each of the four words of x (bit j of byte i <-> bit i of
+// byte j), three delta swaps.
 inline __m256i transpose8x4(__m256i x) {
   __m256i t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 7)), _mm256_set1_epi64x(0x00AA00AA00AA00AALL));
   x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 7)));
@@ -569,7 +560,14 @@ bool unpack(const uint8_t* in, int64_t n, uint8_t* out) {
 
 #endif
 
-#if !defined(SK_SLOTS_VECTOR) && !defined(SK_SLOTS_AVX2)
+#if defined(SK_SLOTS_VECTOR) || defined(SK_SLOTS_AVX2)
+
+bool symbol_row(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of, int64_t& count) {
+  return L.roomy ? symbol_row_impl<false>(v, L, x, out, count_of, count)
+                 : symbol_row_impl<true>(v, L, x, out, count_of, count);
+}
+
+#else  // the generic build's group kernels
 
 // Transposes the 8 x 8 bit matrix whose row i is byte i of x (bit j of byte i <-> bit i of byte j).
 inline uint64_t transpose8(uint64_t x) {
