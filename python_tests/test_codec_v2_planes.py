@@ -217,6 +217,12 @@ def test_forged_counts_are_refused_before_allocating(planes_isa):
         planes.decode(b"\0" * 200, np.zeros(1 << 20, dtype=bool), centres, ks, 6, 4096)
     with pytest.raises(planes.PlanesError):
         planes.decode(b"\xff\xff\xff\x7f" + b"\0" * 100, np.zeros(4, dtype=bool), centres, ks, 6, 8)
+    # The C++ entry points refuse a negative row count in one line (no rows decode as nothing).
+    buf, out = np.zeros(16, dtype=np.uint8), np.zeros(64, dtype=np.uint8)
+    err, _ = planes._C.planes_decode(buf.ctypes.data, 16, -1, 1, 0, centres.ctypes.data, ks.ctypes.data, 6, out.ctypes.data)
+    assert "T must be >= 0" in err
+    with pytest.raises(ValueError, match="out of range"):
+        planes._C.planes_encode(out.ctypes.data, -1, 1, 0, centres.ctypes.data, ks.ctypes.data, 6, out.ctypes.data, 64)
 
 
 def test_bad_symbols_and_parameters_are_refused():

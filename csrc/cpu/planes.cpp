@@ -139,20 +139,14 @@ const char* const kPlanesRowError =
 
 int64_t planes_encode(const uint8_t* sym, int64_t T, int64_t d, const uint8_t* raw, const uint8_t* centre,
                       const uint8_t* k, int64_t period, int nsym, uint8_t* out, int64_t capacity) {
-  PlanesWriter w;
-  if (T < 0 || !w.open(coded_rows(T, raw), d, centre, k, period, nsym, out, capacity).empty()) return -1;
-  write_rows(w, sym, T, d, raw);
-  return w.close();
+  return encode_rows<PlanesWriter>(sym, T, d, raw, centre, k, period, nsym, out, capacity);
 }
 
 std::string planes_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw,
                           const uint8_t* centre, const uint8_t* k, int64_t period, int nsym, uint8_t* out,
                           int count_of, int64_t* count) {
-  if (T < 0) return "bit-plane decode: T must be >= 0";
-  PlanesReader r;
-  std::string err = r.open(data, len, coded_rows(T, raw), d, centre, k, period, nsym, count_of);
-  if (!err.empty()) return err;
-  return read_rows(r, T, d, raw, out) ? r.close(count) : kPlanesRowError;
+  return decode_rows<PlanesReader>(data, len, T, d, raw, centre, k, period, nsym, out, count_of, count,
+                                   kPlanesRowError);
 }
 
 std::vector<std::string> planes_isas() { return choice().names(); }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace sk {
@@ -54,6 +55,30 @@ inline bool read_rows(RowReader& r, int64_t T, int64_t d, const uint8_t* raw, ui
     }
   }
   return true;
+}
+
+// The coded rows of sym [T, d] through a fresh Writer whose open() takes two per-channel parameter
+// arrays (channel i takes entry i % period): the stream length, or -1 when T, a symbol or a
+// parameter is out of range or out (capacity bytes) is too small.
+template <class Writer>
+int64_t encode_rows(const uint8_t* sym, int64_t T, int64_t d, const uint8_t* raw, const uint8_t* first,
+                    const uint8_t* second, int64_t period, int nsym, uint8_t* out, int64_t capacity) {
+  Writer w;
+  if (!w.open(T < 0 ? -1 : coded_rows(T, raw), d, first, second, period, nsym, out, capacity).empty()) return -1;
+  write_rows(w, sym, T, d, raw);
+  return w.close();
+}
+
+// A stream of exactly len bytes into out [T, d] through a fresh Reader of the same parameters (raw
+// rows set to 0): "" or why it is invalid (row_error when a row is); *count as Reader::close.
+template <class Reader>
+std::string decode_rows(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw,
+                        const uint8_t* first, const uint8_t* second, int64_t period, int nsym, uint8_t* out,
+                        int count_of, int64_t* count, const char* row_error) {
+  Reader r;
+  std::string err = r.open(data, len, T < 0 ? -1 : coded_rows(T, raw), d, first, second, period, nsym, count_of);
+  if (!err.empty()) return err;
+  return read_rows(r, T, d, raw, out) ? r.close(count) : row_error;
 }
 
 }  // namespace sk

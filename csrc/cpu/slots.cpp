@@ -168,20 +168,14 @@ const char* const kSlotsRowError =
 
 int64_t slots_encode(const uint8_t* sym, int64_t T, int64_t d, const uint8_t* raw, const uint8_t* start,
                      const uint8_t* width, int64_t period, int nsym, uint8_t* out, int64_t capacity) {
-  SlotsWriter w;
-  if (T < 0 || !w.open(coded_rows(T, raw), d, start, width, period, nsym, out, capacity).empty()) return -1;
-  write_rows(w, sym, T, d, raw);
-  return w.close();
+  return encode_rows<SlotsWriter>(sym, T, d, raw, start, width, period, nsym, out, capacity);
 }
 
 std::string slots_decode(const uint8_t* data, int64_t len, int64_t T, int64_t d, const uint8_t* raw,
                          const uint8_t* start, const uint8_t* width, int64_t period, int nsym, uint8_t* out,
                          int count_of, int64_t* count) {
-  if (T < 0) return "slot decode: T must be >= 0";
-  SlotsReader r;
-  std::string err = r.open(data, len, coded_rows(T, raw), d, start, width, period, nsym, count_of);
-  if (!err.empty()) return err;
-  return read_rows(r, T, d, raw, out) ? r.close(count) : kSlotsRowError;
+  return decode_rows<SlotsReader>(data, len, T, d, raw, start, width, period, nsym, out, count_of, count,
+                                  kSlotsRowError);
 }
 
 std::vector<std::string> slots_isas() { return choice().names(); }
