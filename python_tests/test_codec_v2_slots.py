@@ -247,6 +247,24 @@ def test_native_decoder_never_reads_past_a_truncated_stream(slots_isa):
             slots.decode(data[:-cut], np.zeros(50, dtype=bool), starts, widths, 60, 300)
 
 
+@pytest.mark.parametrize("roomy", [False, True])
+def test_rows_with_more_escapes_than_the_head_are_refused(slots_isa, roomy):
+    # Every slot escapes but the head admits only a few escapes (the stream cut to match): the
+    # decoders check a row's escape counts at the row's end, having read past the escapes' end.
+    rows, d, nsym = 9, 300, 40
+    starts, widths = np.full(d, 10 if roomy else 0, dtype=np.uint8), np.full(d, 2, dtype=np.uint8)
+    sym = np.full((rows, d), 30 if roomy else 39, dtype=np.uint8)  # far above every window
+    data = slots.encode(sym, None, starts, widths, nsym)
+    slot_bytes = (rows * d * 2 + 7) // 8
+    for n_x, n_xx in ((0, 0), (3, 1), (d + 1, 2), (rows * d - 1, rows * d - 1)):
+        forged = (np.array([n_x, n_xx], "<u4").tobytes() + data[8 : 8 + slot_bytes]
+                  + bytes([0xFF] * ((n_x + 1) // 2 - (n_x % 2)) + [0x0F] * (n_x % 2)) + bytes([30] * n_xx))
+        for dec in (lambda b: slots.decode_reference(b, rows, starts, widths, nsym, d),
+                    lambda b: slots.decode(b, np.zeros(rows, dtype=bool), starts, widths, nsym, d)[0]):
+            with pytest.raises(slots.SlotsError):
+                dec(forged)
+
+
 def test_non_canonical_and_out_of_table_streams_are_refused(slots_isa):
     # 16 channels, a = 8, w = 2 (window 8..10), 24 symbols: every symbol 23 is far (e = 2 * 12).
     d = 16

@@ -21,7 +21,8 @@ std::string SlotsLayout::build(int64_t d_, const uint8_t* start_, const uint8_t*
   row_bits = 0;
   roomy = true;
   for (int64_t i = 0; i < d; ++i) {
-    const int a = start_[i % period], w = width_[i % period];
+    const int64_t j = period == 1 ? 0 : i;  // not i % period: a division per channel costs more than the rest
+    const int a = start_[j], w = width_[j];
     const int W = (1 << w) - 1;
     if (w < 1 || w > kSlotsLevels || a >= nsym || a + W > 256)
       return "slot coder: a width is outside 1..8 or a window starts outside the table or ends past 255";
@@ -118,10 +119,13 @@ std::string SlotsReader::open(const uint8_t* data, int64_t len, int64_t rows, in
   rows_ = rows;
   row_ = 0;
   group_.assign(kSlotsGroup * layout_.stride + 64, 0);
-  uint8_t* scratch = row_scratch(n_x + n_xx + 128);  // whole-vector loads may read 64 bytes past each part
+  // A row may read up to d escapes past each part's end before its check (slots_rows.h), plus 64
+  // bytes of whole-vector loads.
+  const int64_t slack = d + 64;
+  uint8_t* scratch = row_scratch(n_x + n_xx + 2 * slack);
   if (!kernels_->unpack(end_, n_x, scratch)) return "slot stream: a padding nibble is set";
-  std::memcpy(scratch + n_x + 64, data + len - n_xx, n_xx);
-  x_ = SlotsEscapes{scratch, scratch + n_x + 64, n_x, n_xx};
+  std::memcpy(scratch + n_x + slack, data + len - n_xx, n_xx);
+  x_ = SlotsEscapes{scratch, scratch + n_x + slack, n_x, n_xx};
   count_ = 0;
   count_of_ = count_of >= 0 && count_of < 256 ? count_of : -1;
   return "";

@@ -39,7 +39,8 @@ struct SlotsLayout {
 };
 
 // Where the escapes of rows go (encode) or come from (decode): distance bytes (one per escape,
-// min(e, 15)) and far symbols, each with 64 bytes of room past the end for whole-vector access.
+// min(e, 15)) and far symbols, each with d + 64 bytes of room past the end: a row's escapes and a
+// whole vector (a decoder checks a row's escape counts at the row's end).
 struct SlotsEscapes {
   uint8_t* dist;
   uint8_t* far;

@@ -145,29 +145,35 @@ const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v)
 }
 
 // kRanges: check that in-window slots and distance nibbles name symbols of the table (not needed
-// when the layout is roomy).
+// when the layout is roomy). The row's checks are gathered and tested once at its end: the escape
+// buffers have a row's worth of room past their ends (slots.h), so reading past them inside a
+// row is safe, and a row that does is rejected.
 template <bool kRanges>
 bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of,
                      int64_t& count) {
-  SlotsEscapes e = x;
+  const uint8_t *dist_in = x.dist + x.dist_at, *far_in = x.far + x.far_at;
+  // Locals: the stores through out would otherwise make the compiler reload the layout's pointers.
+  const uint8_t *start = L.start.data(), *sizes = L.size.data(), *room = L.room.data(), *above = L.above.data();
+  const uint8_t *far_below = L.far_below.data(), *far_above = L.far_above.data();
+  const int nsym_ = L.nsym;
+  const int64_t stride = L.stride;
   int64_t c = 0;
+  __mmask64 bad = 0;
   const __m512i one = _mm512_set1_epi8(1), far_nibble = _mm512_set1_epi8(kSlotsFar), eight = _mm512_set1_epi8(8);
+  const __m512i nsym = _mm512_set1_epi8(static_cast<char>(nsym_));
   // Per distance nibble e < 15: e / 2 (even e, above the window, plus W) or -1 - e / 2 (odd e).
   const __m512i near_offset = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6, -7, 7, 0));
-  for (int64_t at = 0; at < L.stride; at += kB) {
+  for (int64_t at = 0; at < stride; at += kB) {
     const uint64_t full = full_lanes(L, at);
     const __m512i slot = _mm512_loadu_si512(v + at);
-    const __m512i a = _mm512_loadu_si512(L.start.data() + at), size = _mm512_loadu_si512(L.size.data() + at);
-    const __mmask64 esc = _mm512_cmpeq_epi8_mask(slot, size) & full;
-    __mmask64 bad = 0;
-    if (kRanges) bad = ~esc & full & _mm512_cmpge_epu8_mask(slot, _mm512_loadu_si512(L.room.data() + at));
+    const __m512i a = _mm512_loadu_si512(start + at), size = _mm512_loadu_si512(sizes + at);
+    const __mmask64 esc = _mm512_mask_cmpeq_epi8_mask(full, slot, size);
+    if (kRanges) bad |= ~esc & full & _mm512_cmpge_epu8_mask(slot, _mm512_loadu_si512(room + at));
     __m512i s = _mm512_add_epi8(a, slot);
     if (esc) {
-      const int ne = popcount(esc);
-      if (e.dist_at + ne > e.n_dist) return false;
-      const __m512i dist = _mm512_maskz_expand_epi8(esc, _mm512_loadu_si512(e.dist + e.dist_at));
-      e.dist_at += ne;
-      const __mmask64 far = esc & _mm512_cmpeq_epi8_mask(dist, far_nibble);
+      const __m512i dist = _mm512_maskz_expand_epi8(esc, _mm512_loadu_si512(dist_in));
+      dist_in += popcount(esc);
+      const __mmask64 far = _mm512_mask_cmpeq_epi8_mask(esc, dist, far_nibble);
       const __mmask64 near = esc & ~far;
       const __mmask64 even = _mm512_mask_testn_epi8_mask(near, dist, one);
       // Above the window: a + W + e / 2 (e even); below it: a - 1 - e / 2 (e odd). One table
@@ -176,35 +182,36 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
       s = _mm512_mask_add_epi8(s, even, s, size);
       if (kRanges) {  // both inside the table
         const __m512i h = _mm512_and_si512(_mm512_srli_epi16(dist, 1), _mm512_set1_epi8(0x7f));
-        bad |= (even & _mm512_cmpge_epu8_mask(h, _mm512_loadu_si512(L.above.data() + at))) |
+        bad |= (even & _mm512_cmpge_epu8_mask(h, _mm512_loadu_si512(above + at))) |
                (near & ~even & _mm512_cmpge_epu8_mask(h, a));
       }
-      const int nf = popcount(far);
-      if (e.far_at + nf > e.n_far) return false;
-      const __m512i f = _mm512_maskz_expand_epi8(far, _mm512_loadu_si512(e.far + e.far_at));
-      e.far_at += nf;
-      s = _mm512_mask_mov_epi8(s, far, f);
-      // Canonical far symbols: outside the window, at least 8 symbols away from it, in the table.
-      const __m512i nsym = _mm512_set1_epi8(static_cast<char>(L.nsym));
-      if (kRanges) {
-        const __m512i r = _mm512_sub_epi8(f, a);
-        const __mmask64 up = _mm512_cmpge_epu8_mask(f, a);
-        bad |= far & (_mm512_cmplt_epu8_mask(r, size) |
-                      (up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(r, size), eight)) |
-                      (~up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(a, f), eight)));
-        if (L.nsym < 256) bad |= far & _mm512_cmpge_epu8_mask(f, nsym);
-      } else {
-        const __mmask64 below = _mm512_mask_cmplt_epu8_mask(far, f, _mm512_loadu_si512(L.far_below.data() + at));
-        const __mmask64 in_table = L.nsym < 256 ? _mm512_mask_cmplt_epu8_mask(far, f, nsym) : far;
-        const __mmask64 above = _mm512_mask_cmpge_epu8_mask(in_table, f, _mm512_loadu_si512(L.far_above.data() + at));
-        bad |= far & ~(below | above);
+      if (far) {  // rare on calibrated codes: a branch beats the work
+        const __m512i f = _mm512_maskz_expand_epi8(far, _mm512_loadu_si512(far_in));
+        far_in += popcount(far);
+        s = _mm512_mask_mov_epi8(s, far, f);
+        // Canonical far symbols: outside the window, at least 8 symbols away from it, in the table.
+        if (kRanges) {
+          const __m512i r = _mm512_sub_epi8(f, a);
+          const __mmask64 up = _mm512_cmpge_epu8_mask(f, a);
+          bad |= far & (_mm512_cmplt_epu8_mask(r, size) |
+                        (up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(r, size), eight)) |
+                        (~up & _mm512_cmplt_epu8_mask(_mm512_sub_epi8(a, f), eight)));
+          if (nsym_ < 256) bad |= far & _mm512_cmpge_epu8_mask(f, nsym);
+        } else {
+          const __mmask64 below = _mm512_mask_cmplt_epu8_mask(far, f, _mm512_loadu_si512(far_below + at));
+          const __mmask64 in_table = nsym_ < 256 ? _mm512_mask_cmplt_epu8_mask(far, f, nsym) : far;
+          const __mmask64 above_ = _mm512_mask_cmpge_epu8_mask(in_table, f, _mm512_loadu_si512(far_above + at));
+          bad |= far & ~(below | above_);
+        }
       }
     }
-    if (bad) return false;
     if (count_of >= 0) c += popcount(_mm512_cmpeq_epi8_mask(s, _mm512_set1_epi8(static_cast<char>(count_of))) & full);
     _mm512_mask_storeu_epi8(out + at, full, s);
   }
-  x = e;
+  const int64_t dist_at = dist_in - x.dist, far_at = far_in - x.far;
+  if (bad || dist_at > x.n_dist || far_at > x.n_far) return false;
+  x.dist_at = dist_at;
+  x.far_at = far_at;
   count += c;
   return true;
 }
