@@ -311,20 +311,6 @@ std::string check_dtype(int dtype, const char* who) {
 
 namespace {
 
-// Brings the n bytes at p towards the core ahead of use (write: about to be stored). The fused
-// passes fetch the next row while the row coder works on this one, so the row coder's arithmetic
-// overlaps the memory traffic that would otherwise stall the quantiser's loads and the
-// dequantiser's stores.
-inline void prefetch_row(const void* p, int64_t n, bool write) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < n; i += 64) {
-    if (write)
-      __builtin_prefetch(c + i, 1, 2);
-    else
-      __builtin_prefetch(c + i, 0, 2);
-  }
-}
-
 // The quantise pass of v2_quantise. Each row's symbols go to sym (when not null) and, for a coded
 // row, to the row coder (when not null) while the row is still in L1.
 std::string quantise_rows(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
@@ -349,10 +335,7 @@ std::string quantise_rows(const void* x, int dtype, int64_t T, int64_t d, const 
       if (sym) std::memset(s, 0, d);
       continue;
     }
-    if (writer) {
-      if (t + 1 < T) prefetch_row(xr + d * item, d * item, false);
-      writer->row(s);
-    }
+    if (writer) writer->row(s);
     if (escapes && count) {
       std::memcpy(static_cast<uint8_t*>(escapes) + written * item, row_escapes.data(), count * item);
       written += count;
@@ -416,7 +399,6 @@ std::string dequantise_rows(RowReader& reader, const char* row_error, int64_t T,
   int64_t used = 0;
   for (int64_t t = 0; t < T; ++t) {
     if (raw && raw[t]) continue;
-    prefetch_row(static_cast<uint8_t*>(out) + t * d * item, d * item, true);
     if (!reader.row(row_sym.data())) return row_error;
     if (!isa->dequantise(row_sym.data(), d, step, center, kmax, dtype, static_cast<uint8_t*>(out) + t * d * item,
                          static_cast<const uint8_t*>(escapes), n_escapes, used))
