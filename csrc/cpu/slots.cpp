@@ -18,27 +18,34 @@ std::string SlotsLayout::build(int64_t d_, const uint8_t* start_, const uint8_t*
   for (auto* v : {&start, &size, &room, &above, &width, &far_below, &far_above}) v->assign(stride, 0);
   chunk_mask.assign(blocks * 8, 0);
   chunk_bytes.assign(blocks * 8, 0);
-  row_bits = 0;
-  roomy = true;
-  for (int64_t i = 0; i < d; ++i) {
+  // Locals throughout: the byte stores would otherwise make the compiler reload every member.
+  uint8_t *st = start.data(), *sz = size.data(), *rm = room.data(), *ab = above.data(), *wd = width.data();
+  uint8_t *fb = far_below.data(), *fa = far_above.data(), *cb = chunk_bytes.data();
+  uint64_t* cm = chunk_mask.data();
+  const int n = nsym_, top = std::min(n, 255);
+  int64_t bits = 0;
+  bool all_roomy = true;
+  for (int64_t i = 0; i < d_; ++i) {
     const int64_t j = period == 1 ? 0 : i;  // not i % period: a division per channel costs more than the rest
     const int a = start_[j], w = width_[j];
     const int W = (1 << w) - 1;
-    if (w < 1 || w > kSlotsLevels || a >= nsym || a + W > 256)
+    if (w < 1 || w > kSlotsLevels || a >= n || a + W > 256)
       return "slot coder: a width is outside 1..8 or a window starts outside the table or ends past 255";
-    start[i] = static_cast<uint8_t>(a);
-    size[i] = static_cast<uint8_t>(W);
-    room[i] = static_cast<uint8_t>(std::min(nsym - a, 255));
-    above[i] = static_cast<uint8_t>(std::max(nsym - a - W, 0));
-    width[i] = static_cast<uint8_t>(w);
-    roomy = roomy && a >= 8 && a + W + 8 <= std::min(nsym, 255);
-    far_below[i] = static_cast<uint8_t>(std::max(a - 7, 0));
-    far_above[i] = static_cast<uint8_t>(std::min(a + W + 8, 255));
-    row_bits += w;
+    st[i] = static_cast<uint8_t>(a);
+    sz[i] = static_cast<uint8_t>(W);
+    rm[i] = static_cast<uint8_t>(std::min(n - a, 255));
+    ab[i] = static_cast<uint8_t>(std::max(n - a - W, 0));
+    wd[i] = static_cast<uint8_t>(w);
+    all_roomy = all_roomy && a >= 8 && a + W + 8 <= top;
+    fb[i] = static_cast<uint8_t>(std::max(a - 7, 0));
+    fa[i] = static_cast<uint8_t>(std::min(a + W + 8, 255));
+    bits += w;
     // Channel i is byte (i % 8) of word (i / 8): its level chunks are that word's bytes 0 .. w - 1.
-    chunk_mask[i / 8] |= ((uint64_t{1} << w) - 1) << (8 * (i % 8));
-    chunk_bytes[i / 8] = static_cast<uint8_t>(chunk_bytes[i / 8] + w);
+    cm[i / 8] |= ((uint64_t{1} << w) - 1) << (8 * (i % 8));
+    cb[i / 8] = static_cast<uint8_t>(cb[i / 8] + w);
   }
+  row_bits = bits;
+  roomy = all_roomy;
   return "";
 }
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import rans, rice, slots
+from . import planes, rans, rice, slots
 from .predict import EmbeddingPrediction
 
 CONFIG_VERSION = 2
@@ -217,6 +217,13 @@ class CodecConfigV2:
         """Per-channel ``(starts, widths)`` (u8) of the slot coder from the rANS coder's tables
         (docs/FORMATS.md §5.9); one entry without channel classes. Built on first use."""
         return slots.channel_params(self._rans.tables, self._rans.table_of)
+
+    @functools.cached_property
+    def fused_params(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The Rice (``"planes"``) and slot (``"slots"``) parameters as contiguous u8 ``[d]`` arrays,
+        what the fused C++ passes take; built once, since every long frame asks."""
+        return {"planes": planes.channel_arrays(*self.rice_params, self.d),
+                "slots": slots.channel_arrays(*self.slot_params, self.d, len(self.freqs))}
 
     @functools.cached_property
     def slot_row_bits(self) -> int:

@@ -16,10 +16,10 @@ import torch
 
 from .._native import load
 from ..ops.checks import FLOAT_DTYPES, check_tensor
-from . import nibble, planes, slots
+from . import nibble
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES, FrameError, FrameLimits
-from .frame_v2 import CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, MAX_POSITION, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
+from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, MAX_POSITION, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
 from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
 
@@ -32,13 +32,6 @@ def has_fused() -> bool:
 
 
 FUSED_CODERS = (CODER_NIBBLE, CODER_PLANES, CODER_SLOTS)
-
-
-def _channel_arrays(code: int, config: CodecConfigV2) -> tuple[np.ndarray, np.ndarray]:
-    """The per-channel u8 parameters the fused passes of the bit-plane or slot coder take."""
-    if code == CODER_PLANES:
-        return planes.channel_arrays(*config.rice_params, config.d)
-    return slots.channel_arrays(*config.slot_params, config.d, len(config.freqs))
 
 
 def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = None, start: int = 0, tokens=None,
@@ -73,7 +66,7 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
         written, nonfinite, n = _C.v2_encode_nibble(*quantiser, nibble.window_start(config.freqs), *outputs,
                                                     out.ctypes.data, out.shape[0])
     else:
-        first, second = _channel_arrays(code, config)
+        first, second = config.fused_params[CODER_NAMES[code]]
         capacity, fused = ((_C.planes_capacity, _C.v2_encode_planes) if code == CODER_PLANES
                            else (_C.slots_capacity, _C.v2_encode_slots))
         out = np.empty(capacity(t, d), dtype=np.uint8)
@@ -104,7 +97,7 @@ def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 
     if p.coder == CODER_NIBBLE:
         err = _C.v2_decode_nibble(*head, nibble.window_start(config.freqs), *dequantiser)
     else:
-        first, second = _channel_arrays(p.coder, config)
+        first, second = config.fused_params[CODER_NAMES[p.coder]]
         fused = _C.v2_decode_planes if p.coder == CODER_PLANES else _C.v2_decode_slots
         err = fused(*head, first.ctypes.data, second.ctypes.data, *dequantiser)
     if err:

@@ -57,13 +57,21 @@ void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes
         far_nibble);
     _mm512_storeu_si512(e.dist + e.n_dist, _mm512_maskz_compress_epi8(esc, dist));
     e.n_dist += popcount(esc);
-    const __mmask64 far = esc & _mm512_cmpeq_epi8_mask(dist, far_nibble);
-    _mm512_storeu_si512(e.far + e.n_far, _mm512_maskz_compress_epi8(far, s));
-    e.n_far += popcount(far);
+    const __mmask64 far = _mm512_mask_cmpeq_epi8_mask(esc, dist, far_nibble);
+    if (far) {  // rare on calibrated codes, and a compress is slow on some cores (Zen 4)
+      _mm512_storeu_si512(e.far + e.n_far, _mm512_maskz_compress_epi8(far, s));
+      e.n_far += popcount(far);
+    }
   }
-  alignas(64) uint8_t lanes[kB];
-  _mm512_store_si512(lanes, maxv);
-  maxsym = std::max<int>(maxsym, *std::max_element(lanes, lanes + kB));
+  // The largest of the 64 lanes: halve the vector six times.
+  maxv = _mm512_max_epu8(maxv, _mm512_shuffle_i64x2(maxv, maxv, 0x4e));
+  maxv = _mm512_max_epu8(maxv, _mm512_shuffle_i64x2(maxv, maxv, 0xb1));
+  __m128i m = _mm512_castsi512_si128(maxv);
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+  maxsym = std::max(maxsym, _mm_cvtsi128_si32(m) & 0xff);
   x = e;
 }
 
@@ -308,7 +316,7 @@ void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes
         far_nibble);
     e.n_dist += compress32(dist, esc, e.dist + e.n_dist);
     const uint32_t far = esc & bits(_mm256_cmpeq_epi8(dist, far_nibble));
-    e.n_far += compress32(s, far, e.far + e.n_far);
+    if (far) e.n_far += compress32(s, far, e.far + e.n_far);  // rare on calibrated codes
   }
   alignas(32) uint8_t lanes[kH];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), maxv);
