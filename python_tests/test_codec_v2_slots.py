@@ -160,6 +160,21 @@ def test_every_symbol_escaped_and_every_symbol_inside(slots_isa, w):
     assert np.array_equal(slots.decode(data, np.zeros(rows, dtype=bool), starts, widths, nsym, d)[0], inside)
 
 
+def test_parameters_changed_in_place_are_seen(slots_isa):
+    # The C++ coder keeps its last layout while the parameters stay the same: the same arrays,
+    # changed in place between calls, must give a new layout (one channel's window and width here).
+    rng = np.random.default_rng(14)
+    d, nsym = 130, 64
+    starts, widths = np.full(d, 20, dtype=np.uint8), np.full(d, 3, dtype=np.uint8)
+    sym = rows_around(rng, 12, starts, widths, nsym)
+    no_raw = np.zeros(12, dtype=bool)
+    for a, w in ((20, 3), (18, 4), (18, 4), (20, 3)):
+        starts[77], widths[77] = a, w
+        data = slots.encode(sym, None, starts, widths, nsym)
+        assert data == slots.encode_reference(sym, starts, widths, nsym)
+        assert np.array_equal(slots.decode(data, no_raw, starts, widths, nsym, d)[0], sym)
+
+
 def test_one_parameter_entry_serves_every_channel(slots_isa):
     rng = np.random.default_rng(6)
     start, width = np.array([14], dtype=np.uint8), np.array([4], dtype=np.uint8)

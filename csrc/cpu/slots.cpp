@@ -49,6 +49,26 @@ std::string SlotsLayout::build(int64_t d_, const uint8_t* start_, const uint8_t*
   return "";
 }
 
+std::shared_ptr<const SlotsLayout> SlotsLayout::shared(int64_t d, const uint8_t* start, const uint8_t* width,
+                                                       int64_t period, int nsym, std::string* err) {
+  struct Last {
+    int64_t d = 0, period = 0;
+    int nsym = 0;
+    std::vector<uint8_t> start, width;
+    std::shared_ptr<const SlotsLayout> layout;
+  };
+  thread_local Last last;
+  const bool same = last.layout && last.d == d && last.period == period && last.nsym == nsym && period >= 1 &&
+                    std::memcmp(last.start.data(), start, period) == 0 && std::memcmp(last.width.data(), width, period) == 0;
+  if (same) return last.layout;
+  auto layout = std::make_shared<SlotsLayout>();
+  *err = layout->build(d, start, width, period, nsym);
+  if (!err->empty()) return nullptr;
+  last = Last{d, period, nsym, std::vector<uint8_t>(start, start + period), std::vector<uint8_t>(width, width + period),
+              layout};
+  return layout;
+}
+
 namespace {
 
 // The builds this CPU runs, best last.
@@ -72,13 +92,14 @@ IsaChoice<SlotsRowKernels>& choice() {
 std::string SlotsWriter::open(int64_t max_rows, int64_t d, const uint8_t* start, const uint8_t* width, int64_t period,
                               int nsym, uint8_t* out, int64_t capacity) {
   if (max_rows < 0) return "slot encode: T must be >= 0";
-  std::string err = layout_.build(d, start, width, period, nsym);
-  if (!err.empty()) return err;
+  std::string err;
+  layout_ = SlotsLayout::shared(d, start, width, period, nsym, &err);
+  if (!layout_) return err;
   if (capacity < slots_capacity(max_rows, d)) return "slot encode: output buffer too small";
   kernels_ = choice().kernels();
   out_ = out;
   at_ = out + kSlotsHead;
-  group_.assign(kSlotsGroup * layout_.stride + 64, 0);
+  group_.assign(kSlotsGroup * layout_->stride + 64, 0);
   rows_ = 0;
   const int64_t room = max_rows * d + 64;
   x_ = SlotsEscapes{row_scratch(2 * room), nullptr};
@@ -89,16 +110,16 @@ std::string SlotsWriter::open(int64_t max_rows, int64_t d, const uint8_t* start,
 
 void SlotsWriter::row(const uint8_t* sym) {
   const int64_t i = rows_++ % kSlotsGroup;
-  kernels_->slot_row(sym, layout_, group_.data() + i * layout_.stride, x_, maxsym_);
-  if (i == kSlotsGroup - 1) at_ = kernels_->pack_group(group_.data(), layout_, at_);
+  kernels_->slot_row(sym, *layout_, group_.data() + i * layout_->stride, x_, maxsym_);
+  if (i == kSlotsGroup - 1) at_ = kernels_->pack_group(group_.data(), *layout_, at_);
 }
 
 int64_t SlotsWriter::close() {
-  if (maxsym_ >= layout_.nsym) return -1;
+  if (maxsym_ >= layout_->nsym) return -1;
   if (const int g = static_cast<int>(rows_ % kSlotsGroup)) {  // the last, short group
     BitWriter w;
     w.start(at_);
-    pack_chunks(group_.data(), layout_, g, w);
+    pack_chunks(group_.data(), *layout_, g, w);
     at_ = w.finish();
   }
   kernels_->pack(x_.dist, x_.n_dist, at_);
@@ -112,11 +133,12 @@ int64_t SlotsWriter::close() {
 std::string SlotsReader::open(const uint8_t* data, int64_t len, int64_t rows, int64_t d, const uint8_t* start,
                               const uint8_t* width, int64_t period, int nsym, int count_of) {
   if (rows < 0) return "slot decode: T must be >= 0";
-  std::string err = layout_.build(d, start, width, period, nsym);
-  if (!err.empty()) return err;
-  if (len < kSlotsHead || rows > (8 * (len - kSlotsHead)) / layout_.row_bits)
+  std::string err;
+  layout_ = SlotsLayout::shared(d, start, width, period, nsym, &err);
+  if (!layout_) return err;
+  if (len < kSlotsHead || rows > (8 * (len - kSlotsHead)) / layout_->row_bits)
     return "slot stream too short for its rows";  // checked before rows * row_bits can overflow
-  const int64_t level1 = (rows * layout_.row_bits + 7) / 8;
+  const int64_t level1 = (rows * layout_->row_bits + 7) / 8;
   const int64_t n_x = load_u32(data), n_xx = load_u32(data + 4);
   if (n_x > rows * d || n_xx > n_x || len != kSlotsHead + level1 + (n_x + 1) / 2 + n_xx)
     return "slot stream length does not match its rows and escape counts";
@@ -125,7 +147,7 @@ std::string SlotsReader::open(const uint8_t* data, int64_t len, int64_t rows, in
   end_ = in_ + level1;
   rows_ = rows;
   row_ = 0;
-  group_.assign(kSlotsGroup * layout_.stride + 64, 0);
+  group_.assign(kSlotsGroup * layout_->stride + 64, 0);
   // A row may read up to d escapes past each part's end before its check (slots_rows.h), plus 64
   // bytes of whole-vector loads.
   const int64_t slack = d + 64;
@@ -139,7 +161,7 @@ std::string SlotsReader::open(const uint8_t* data, int64_t len, int64_t rows, in
 }
 
 void SlotsReader::next_group() {
-  const SlotsLayout& L = layout_;
+  const SlotsLayout& L = *layout_;
   const int64_t g = std::min<int64_t>(kSlotsGroup, rows_ - row_);
   const int64_t bytes = L.row_bits;  // a full group: 8 bits per chunk
   if (g == kSlotsGroup && in_ + bytes + 64 <= end_) {
@@ -162,7 +184,7 @@ bool SlotsReader::row(uint8_t* out) {
   const int64_t i = row_ % kSlotsGroup;
   if (i == 0) next_group();
   ++row_;
-  return kernels_->symbol_row(group_.data() + i * layout_.stride, layout_, x_, out, count_of_, count_);
+  return kernels_->symbol_row(group_.data() + i * layout_->stride, *layout_, x_, out, count_of_, count_);
 }
 
 std::string SlotsReader::close(int64_t* count) {

@@ -37,7 +37,7 @@ class SlotsWriter : public RowWriter {
   int64_t close();
 
  private:
-  SlotsLayout layout_;
+  std::shared_ptr<const SlotsLayout> layout_;
   const SlotsRowKernels* kernels_ = nullptr;
   std::vector<uint8_t> group_;  // the slot values of the group's rows so far
   SlotsEscapes x_{};
@@ -59,7 +59,7 @@ class SlotsReader : public RowReader {
  private:
   void next_group();  // the next group's slot values into group_
 
-  SlotsLayout layout_;
+  std::shared_ptr<const SlotsLayout> layout_;
   const SlotsRowKernels* kernels_ = nullptr;
   std::vector<uint8_t> group_, tail_;  // the group's slot values; a copy of the last group's chunks
   SlotsEscapes x_{};

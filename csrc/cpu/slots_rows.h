@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,12 @@ struct SlotsLayout {
 
   // "" or why the parameters are out of range (channel i takes start[i % period], width[i % period]).
   std::string build(int64_t d, const uint8_t* start, const uint8_t* width, int64_t period, int nsym);
+
+  // The same, shared: the last layout built on this thread is handed out again while its
+  // parameters stay the same (every frame of a session has the same ones), since building one
+  // costs about as much as a row's coding. Null with *err set when the parameters are out of range.
+  static std::shared_ptr<const SlotsLayout> shared(int64_t d, const uint8_t* start, const uint8_t* width, int64_t period,
+                                                   int nsym, std::string* err);
 };
 
 // Where the escapes of rows go (encode) or come from (decode): distance bytes (one per escape,
