@@ -187,6 +187,8 @@ class CodecConfigV2:
         lie before :attr:`shift_end` (an empty array when none does); with token shifts, ``tokens``
         (the frame's ids) must be given."""
         n = max(0, min(t, self.shift_end - start))
+        if n == 0:  # the common case, kept cheap: every long frame asks
+            return np.zeros(0, dtype=np.int64)
         shifts = band_shifts(self.position_shift, start, n)
         if self.token_shift and n:
             if tokens is None:
