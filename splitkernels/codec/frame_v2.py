@@ -284,6 +284,13 @@ def unpack_residuals(section: memoryview, shifts: np.ndarray, raw: np.ndarray, d
     return out
 
 
+def _tensor_bytes(values: torch.Tensor) -> bytes:
+    """The bytes of ``values`` in row-major order (b"" at once when empty: most frames have no raw tokens)."""
+    if values.numel() == 0:
+        return b""
+    return values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # reshape: a [k, 1] view may keep a stride of 2
+
+
 def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, escapes: torch.Tensor,
                    raw_values: torch.Tensor, stream: bytes | memoryview,
                    shifted: tuple[int, bytes] | None = None, tokens: torch.Tensor | None = None) -> bytes:
@@ -306,8 +313,8 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
         _varint(int(escapes.numel())),
         *([] if tokens is None else [config.prediction.pack_ids(tokens)]),
         *([] if t == 1 else [np.packbits(raw, bitorder="little").tobytes()]),
-        escapes.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),  # reshape: an empty [0, 1] view
-        raw_values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),  # may keep a stride of 2
+        _tensor_bytes(escapes),
+        _tensor_bytes(raw_values),
         *([] if shifted is None else [shifted[1]]),
         stream,
     ]
@@ -339,7 +346,7 @@ class ParsedV2:
 
     @property
     def n_raw(self) -> int:
-        return int(self.raw.sum())
+        return int(np.count_nonzero(self.raw))
 
     def raw_values(self, d: int) -> torch.Tensor:
         """The raw tokens ``[n_raw, d]``; FrameError if a value is not finite."""
@@ -386,7 +393,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
                          f"{config.fingerprint[:8]}")
 
     dtype = CODE_DTYPES[dtype_code]
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     d = config.d
     t, pos = (1, 1) if token else _read_varint(buf, HEAD.size, crc_at, "T")
     start = None
@@ -423,7 +430,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
         raw = np.unpackbits(bitmap, bitorder="little")[:t].astype(bool)
         if t % 8 and int(bitmap[-1]) >> (t % 8):
             raise FrameError("raw bitmap has bits set beyond T")
-    n_raw = int(raw.sum())
+    n_raw = int(np.count_nonzero(raw))
     n_sym = (t - n_raw) * d
     if n_esc > n_sym:
         raise FrameError(f"frame claims {n_esc} escapes for {n_sym} coded values")
