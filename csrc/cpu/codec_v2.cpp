@@ -84,21 +84,25 @@ bool dequantise_row_scalar(const uint8_t* s, int64_t d, const float* step, const
 // ------------------------------------------------------------------------------------ AVX2 + F16C
 #ifdef SK_V2_X86
 
-__attribute__((target("avx2,f16c"))) inline __m256 load8(const uint8_t* xr, int dtype, int64_t c) {
-  if (dtype == kFloat32) return _mm256_loadu_ps(reinterpret_cast<const float*>(xr) + c);
+template <int kDtype>
+__attribute__((target("avx2,f16c"))) inline __m256 load8(const uint8_t* xr, int64_t c) {
+  if (kDtype == kFloat32) return _mm256_loadu_ps(reinterpret_cast<const float*>(xr) + c);
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + 2 * c));
-  if (dtype == kFloat16) return _mm256_cvtph_ps(h);  // exact, subnormals included
+  if (kDtype == kFloat16) return _mm256_cvtph_ps(h);  // exact, subnormals included
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-__attribute__((target("avx2,f16c"))) int64_t quantise_row_avx2(const uint8_t* xr, int dtype, int64_t d,
-                                                                 const float* center, const float* inv, int kmax,
-                                                                 uint8_t* s, uint8_t* ebuf, int64_t& nonfinite) {
-  const int item = dtype_size(dtype);
+// As the AVX-512 pass: a non-finite input always escapes (v is NaN or infinite), so finiteness is
+// checked on the escaped values only, and the lanes that escape need no clamping before the
+// conversion (whatever it gives them is replaced by the escape symbol); one instantiation per dtype.
+template <int kDtype>
+__attribute__((target("avx2,f16c"))) int64_t quantise_row_avx2_t(const uint8_t* xr, int64_t d, const float* center,
+                                                                   const float* inv, int kmax, uint8_t* s,
+                                                                   uint8_t* ebuf, int64_t& nonfinite) {
+  constexpr int item = kDtype == kFloat32 ? 4 : 2;
   const __m256 k = _mm256_set1_ps(static_cast<float>(kmax));
-  const __m256 nk = _mm256_set1_ps(-static_cast<float>(kmax));
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 maxf = _mm256_set1_ps(FLT_MAX);
+  const __m256i kv = _mm256_set1_epi32(kmax);
   const __m256i esc = _mm256_set1_epi32(2 * kmax + 1);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   int64_t count = 0;
@@ -108,14 +112,11 @@ __attribute__((target("avx2,f16c"))) int64_t quantise_row_avx2(const uint8_t* xr
     uint32_t escbits = 0;
     for (int j = 0; j < 4; ++j) {
       const int64_t at = c + 8 * j;
-      const __m256 xf = load8(xr, dtype, at);
-      // Not finite: |x| > FLT_MAX or NaN (unordered).
-      nonfinite += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(xf, absmask), maxf, _CMP_NLE_UQ)));
-      const __m256 v = _mm256_mul_ps(_mm256_sub_ps(xf, _mm256_loadu_ps(center + at)), _mm256_loadu_ps(inv + at));
+      const __m256 v = _mm256_mul_ps(_mm256_sub_ps(load8<kDtype>(xr, at), _mm256_loadu_ps(center + at)),
+                                     _mm256_loadu_ps(inv + at));
       const __m256 ok = _mm256_cmp_ps(_mm256_and_ps(v, absmask), k, _CMP_LE_OQ);  // false for NaN: escape
-      const __m256 r = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(v, nk), k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m256i code = _mm256_cvttps_epi32(_mm256_add_ps(r, k));
-      q[j] = _mm256_blendv_epi8(esc, code, _mm256_castps_si256(ok));
+      const __m256i r = _mm256_cvttps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      q[j] = _mm256_blendv_epi8(esc, _mm256_add_epi32(r, kv), _mm256_castps_si256(ok));
       escbits |= static_cast<uint32_t>(~_mm256_movemask_ps(ok) & 0xff) << (8 * j);
     }
     // 4 x 8 int32 codes (0..255) -> 32 bytes in order: saturating packs, then undo their lane interleave.
@@ -124,11 +125,20 @@ __attribute__((target("avx2,f16c"))) int64_t quantise_row_avx2(const uint8_t* xr
     while (escbits) {
       const int i = __builtin_ctz(escbits);
       escbits &= escbits - 1;
+      nonfinite += !(std::fabs(load_as_float(xr, kDtype, c + i)) <= FLT_MAX);
       std::memcpy(ebuf + count * item, xr + (c + i) * item, item);
       ++count;
     }
   }
-  return count + quantise_tail(xr, dtype, c, d, center, inv, kmax, s, ebuf + count * item, nonfinite);
+  return count + quantise_tail(xr, kDtype, c, d, center, inv, kmax, s, ebuf + count * item, nonfinite);
+}
+
+__attribute__((target("avx2,f16c"))) int64_t quantise_row_avx2(const uint8_t* xr, int dtype, int64_t d,
+                                                                 const float* center, const float* inv, int kmax,
+                                                                 uint8_t* s, uint8_t* ebuf, int64_t& nonfinite) {
+  if (dtype == kFloat16) return quantise_row_avx2_t<kFloat16>(xr, d, center, inv, kmax, s, ebuf, nonfinite);
+  if (dtype == kBFloat16) return quantise_row_avx2_t<kBFloat16>(xr, d, center, inv, kmax, s, ebuf, nonfinite);
+  return quantise_row_avx2_t<kFloat32>(xr, d, center, inv, kmax, s, ebuf, nonfinite);
 }
 
 __attribute__((target("avx2,f16c"))) bool dequantise_row_avx2(const uint8_t* s, int64_t d, const float* step,
