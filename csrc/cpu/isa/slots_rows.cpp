@@ -289,21 +289,24 @@ inline __m256i expand32(const uint8_t* in, uint32_t m) {
 
 void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes& x, int& maxsym) {
   SlotsEscapes e = x;
+  // Locals: the stores through v would otherwise make the compiler reload the layout's pointers.
+  const uint8_t *start = L.start.data(), *sizes = L.size.data();
+  const int64_t d = L.d;
   __m256i maxv = _mm256_setzero_si256();
   const __m256i one = _mm256_set1_epi8(1), far_nibble = _mm256_set1_epi8(kSlotsFar);
-  for (int64_t at = 0; at < L.d; at += kH) {
+  for (int64_t at = 0; at < d; at += kH) {
     const uint32_t full = lanes_of(L, at);
     __m256i s;
     if (full == ~uint32_t{0}) {
       s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sym + at));
     } else {  // the row's last channels: no read past them
       alignas(32) uint8_t tail[kH] = {};
-      std::memcpy(tail, sym + at, L.d - at);
+      std::memcpy(tail, sym + at, d - at);
       s = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
     }
     maxv = _mm256_max_epu8(maxv, s);
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.start.data() + at));
-    const __m256i size = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.size.data() + at));
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(start + at));
+    const __m256i size = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sizes + at));
     const __m256i r = _mm256_sub_epi8(s, a);
     const __m256i outside = ge(r, size);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + at), _mm256_blendv_epi8(r, size, outside));
@@ -318,80 +321,89 @@ void slot_row(const uint8_t* sym, const SlotsLayout& L, uint8_t* v, SlotsEscapes
     const uint32_t far = esc & bits(_mm256_cmpeq_epi8(dist, far_nibble));
     if (far) e.n_far += compress32(s, far, e.far + e.n_far);  // rare on calibrated codes
   }
-  alignas(32) uint8_t lanes[kH];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), maxv);
-  maxsym = std::max<int>(maxsym, *std::max_element(lanes, lanes + kH));
+  // The largest of the 32 lanes: halve the vector five times.
+  __m128i m = _mm_max_epu8(_mm256_castsi256_si128(maxv), _mm256_extracti128_si256(maxv, 1));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+  maxsym = std::max(maxsym, _mm_cvtsi128_si32(m) & 0xff);
   x = e;
 }
 
 // kRanges: check that in-window slots and distance nibbles name symbols of the table (not needed
-// when the layout is roomy).
+// when the layout is roomy). As the AVX-512 build, a row's checks are tested once at its end.
 template <bool kRanges>
 bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, uint8_t* out, int count_of,
                      int64_t& count) {
-  SlotsEscapes e = x;
+  const uint8_t *dist_in = x.dist + x.dist_at, *far_in = x.far + x.far_at;
+  // Locals: the stores through out would otherwise make the compiler reload the layout's pointers.
+  const uint8_t *start = L.start.data(), *sizes = L.size.data(), *room = L.room.data(), *above = L.above.data();
+  const uint8_t *far_below = L.far_below.data(), *far_above = L.far_above.data();
+  const int nsym_ = L.nsym;
+  const int64_t d = L.d;
   int64_t c = 0;
+  uint32_t bad = 0;
   const __m256i one = _mm256_set1_epi8(1), far_nibble = _mm256_set1_epi8(kSlotsFar), eight = _mm256_set1_epi8(8);
-  const __m256i nsym = _mm256_set1_epi8(static_cast<char>(L.nsym));
+  const __m256i nsym = _mm256_set1_epi8(static_cast<char>(nsym_));
   // Per distance nibble e < 15: e / 2 (even e, above the window, plus W) or -1 - e / 2 (odd e).
   const __m256i near_offset = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6, -7, 7, 0));
-  auto vec = [&](const std::vector<uint8_t>& arr, int64_t at) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arr.data() + at));
-  };
-  for (int64_t at = 0; at < L.d; at += kH) {
-    const uint32_t full = lanes_of(L, at);
-    const __m256i slot = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + at));
-    const __m256i a = vec(L.start, at), size = vec(L.size, at);
+  auto vec = [](const uint8_t* p, int64_t at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + at)); };
+  for (int64_t at = 0; at < d; at += kH) {
+    const int64_t n = d - at;
+    const uint32_t full = n >= kH ? ~uint32_t{0} : (uint32_t{1} << n) - 1;
+    const __m256i slot = vec(v, at);
+    const __m256i a = vec(start, at), size = vec(sizes, at);
     const __m256i esc_v = _mm256_cmpeq_epi8(slot, size);
     const uint32_t esc = bits(esc_v) & full;
-    uint32_t bad = 0;
-    if (kRanges) bad = ~esc & full & bits(ge(slot, vec(L.room, at)));
+    if (kRanges) bad |= ~esc & full & bits(ge(slot, vec(room, at)));
     __m256i s = _mm256_add_epi8(a, slot);
     if (esc) {
-      const int ne = popcount(esc);
-      if (e.dist_at + ne > e.n_dist) return false;
-      const __m256i dist = expand32(e.dist + e.dist_at, esc);
-      e.dist_at += ne;
+      const __m256i dist = expand32(dist_in, esc);
+      dist_in += popcount(esc);
       const __m256i far_v = _mm256_and_si256(esc_v, _mm256_cmpeq_epi8(dist, far_nibble));
       const __m256i near_v = _mm256_andnot_si256(far_v, esc_v);
       const __m256i even_v = _mm256_andnot_si256(_mm256_cmpeq_epi8(_mm256_and_si256(dist, one), one), near_v);
       // Above the window: a + W + e / 2 (e even); below it: a - 1 - e / 2 (e odd).
       s = _mm256_blendv_epi8(s, _mm256_add_epi8(a, _mm256_shuffle_epi8(near_offset, dist)), near_v);
       s = _mm256_blendv_epi8(s, _mm256_add_epi8(s, size), even_v);
-      const uint32_t far = bits(far_v) & full, near = bits(near_v) & full, even = bits(even_v) & full;
+      const uint32_t far = bits(far_v) & full;
       if (kRanges) {  // both inside the table
+        const uint32_t near = bits(near_v) & full, even = bits(even_v) & full;
         const __m256i h = _mm256_and_si256(_mm256_srli_epi16(dist, 1), _mm256_set1_epi8(0x7f));
-        bad |= (even & bits(ge(h, vec(L.above, at)))) | (near & ~even & bits(ge(h, a)));
+        bad |= (even & bits(ge(h, vec(above, at)))) | (near & ~even & bits(ge(h, a)));
       }
-      const int nf = popcount(far);
-      if (e.far_at + nf > e.n_far) return false;
-      const __m256i f = expand32(e.far + e.far_at, far);
-      e.far_at += nf;
-      s = _mm256_blendv_epi8(s, f, far_v);
-      // Canonical far symbols: outside the window, at least 8 symbols away from it, in the table.
-      const uint32_t in_table = L.nsym < 256 ? ~bits(ge(f, nsym)) : ~uint32_t{0};
-      if (kRanges) {
-        const __m256i r = _mm256_sub_epi8(f, a);
-        const uint32_t up = bits(ge(f, a));
-        bad |= far & (~bits(ge(r, size)) | (up & ~bits(ge(_mm256_sub_epi8(r, size), eight))) |
-                      (~up & ~bits(ge(_mm256_sub_epi8(a, f), eight))) | ~in_table);
-      } else {
-        const uint32_t below = ~bits(ge(f, vec(L.far_below, at)));
-        const uint32_t above = bits(ge(f, vec(L.far_above, at))) & in_table;
-        bad |= far & ~(below | above);
+      if (far) {  // rare on calibrated codes: a branch beats the work
+        const __m256i f = expand32(far_in, far);
+        far_in += popcount(far);
+        s = _mm256_blendv_epi8(s, f, far_v);
+        // Canonical far symbols: outside the window, at least 8 symbols away from it, in the table.
+        const uint32_t in_table = nsym_ < 256 ? ~bits(ge(f, nsym)) : ~uint32_t{0};
+        if (kRanges) {
+          const __m256i r = _mm256_sub_epi8(f, a);
+          const uint32_t up = bits(ge(f, a));
+          bad |= far & (~bits(ge(r, size)) | (up & ~bits(ge(_mm256_sub_epi8(r, size), eight))) |
+                        (~up & ~bits(ge(_mm256_sub_epi8(a, f), eight))) | ~in_table);
+        } else {
+          const uint32_t below = ~bits(ge(f, vec(far_below, at)));
+          const uint32_t above_ = bits(ge(f, vec(far_above, at))) & in_table;
+          bad |= far & ~(below | above_);
+        }
       }
     }
-    if (bad) return false;
     if (count_of >= 0) c += popcount(bits(_mm256_cmpeq_epi8(s, _mm256_set1_epi8(static_cast<char>(count_of)))) & full);
     if (full == ~uint32_t{0}) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at), s);
     } else {
       alignas(32) uint8_t tail[kH];
       _mm256_store_si256(reinterpret_cast<__m256i*>(tail), s);
-      std::memcpy(out + at, tail, L.d - at);
+      std::memcpy(out + at, tail, n);
     }
   }
-  x = e;
+  const int64_t dist_at = dist_in - x.dist, far_at = far_in - x.far;
+  if (bad || dist_at > x.n_dist || far_at > x.n_far) return false;
+  x.dist_at = dist_at;
+  x.far_at = far_at;
   count += c;
   return true;
 }
@@ -471,9 +483,17 @@ uint8_t* pack_group(const uint8_t* v, const SlotsLayout& L, uint8_t* out) {
     alignas(32) uint64_t words[kH];
     for (int j = 0; j < 8; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(words + 4 * j), transpose8x4(c[j]));
     const int n = static_cast<int>(std::min<int64_t>(kH, L.d - at));
-    for (int k = 0; k < n; ++k) {  // levels 0 .. w - 1 of each channel (8 bytes stored, w kept)
-      store_u64(out, words[channel_word(k)]);
-      out += width[at + k];
+    if (n == kH) {  // unrolled, so each channel's word index is a constant
+#pragma GCC unroll 32
+      for (int k = 0; k < kH; ++k) {  // levels 0 .. w - 1 of each channel (8 bytes stored, w kept)
+        store_u64(out, words[channel_word(k)]);
+        out += width[at + k];
+      }
+    } else {
+      for (int k = 0; k < n; ++k) {
+        store_u64(out, words[channel_word(k)]);
+        out += width[at + k];
+      }
     }
   }
   return out;
@@ -485,9 +505,17 @@ const uint8_t* unpack_group(const uint8_t* in, const SlotsLayout& L, uint8_t* v)
   for (int64_t at = 0; at < L.d; at += kH) {
     alignas(32) uint64_t words[kH] = {};
     const int n = static_cast<int>(std::min<int64_t>(kH, L.d - at));
-    for (int k = 0; k < n; ++k) {
-      words[channel_word(k)] = _bzhi_u64(load_u64(in), 8 * width[at + k]);
-      in += width[at + k];
+    if (n == kH) {  // unrolled, so each channel's word index is a constant
+#pragma GCC unroll 32
+      for (int k = 0; k < kH; ++k) {
+        words[channel_word(k)] = _bzhi_u64(load_u64(in), 8 * width[at + k]);
+        in += width[at + k];
+      }
+    } else {
+      for (int k = 0; k < n; ++k) {
+        words[channel_word(k)] = _bzhi_u64(load_u64(in), 8 * width[at + k]);
+        in += width[at + k];
+      }
     }
     __m256i c[8], r[8];
     for (int j = 0; j < 8; ++j) c[j] = transpose8x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(words + 4 * j)));
