@@ -26,6 +26,7 @@
 #include "cpu/slots.h"
 #include "cpu/rice.h"
 #include "cpu/thread_pool.h"
+#include "cpu/long_frame.h"
 #include "cpu/token_frame.h"
 
 #ifdef _OPENMP
@@ -146,22 +147,6 @@ PYBIND11_MODULE(_C, m) {
       "exact values placed at escape symbols (n_escapes < 0: none placed).");
 
   m.def(
-      "v2_encode_nibble",
-      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, std::uintptr_t center, std::uintptr_t inv, int kmax,
-         int64_t raw_limit, int a, std::uintptr_t sym, std::uintptr_t n_esc, std::uintptr_t raw,
-         std::uintptr_t escapes, std::uintptr_t out, int64_t capacity) {
-        int64_t totals[3] = {0, 0, 0};
-        check(sk::v2_encode_nibble(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv),
-                                   kmax, raw_limit, a, ptr<uint8_t>(sym), ptr<int32_t>(n_esc), ptr<uint8_t>(raw),
-                                   ptr<void>(escapes), ptr<uint8_t>(out), capacity, totals));
-        return std::make_tuple(totals[0], totals[1], totals[2]);
-      },
-      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("center"), py::arg("inv"), py::arg("kmax"),
-      py::arg("raw_limit"), py::arg("a"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"), py::arg("escapes"),
-      py::arg("out"), py::arg("capacity"), nogil,
-      "v2_quantise with the nibble coder fused (sym may be 0); returns (escapes written, non-finite inputs, "
-      "stream length).");
-  m.def(
       "v2_decode_nibble",
       [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, int a, std::uintptr_t step,
          std::uintptr_t center, int kmax, int dtype, std::uintptr_t out, std::uintptr_t escapes, int64_t n_escapes) {
@@ -175,23 +160,6 @@ PYBIND11_MODULE(_C, m) {
       "Decode and dequantise a nibble stream row by row into out [T, d] (coded rows only); returns '' or why the "
       "stream is invalid.");
 
-  m.def(
-      "v2_encode_planes",
-      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, std::uintptr_t center, std::uintptr_t inv, int kmax,
-         int64_t raw_limit, std::uintptr_t centre, std::uintptr_t k, std::uintptr_t sym, std::uintptr_t n_esc,
-         std::uintptr_t raw, std::uintptr_t escapes, std::uintptr_t out, int64_t capacity) {
-        int64_t totals[3] = {0, 0, 0};
-        check(sk::v2_encode_planes(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv),
-                                   kmax, raw_limit, ptr<const uint8_t>(centre), ptr<const uint8_t>(k),
-                                   ptr<uint8_t>(sym), ptr<int32_t>(n_esc), ptr<uint8_t>(raw), ptr<void>(escapes),
-                                   ptr<uint8_t>(out), capacity, totals));
-        return std::make_tuple(totals[0], totals[1], totals[2]);
-      },
-      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("center"), py::arg("inv"), py::arg("kmax"),
-      py::arg("raw_limit"), py::arg("centre"), py::arg("k"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"),
-      py::arg("escapes"), py::arg("out"), py::arg("capacity"), nogil,
-      "v2_quantise with the bit-plane coder fused (Rice centre and k per channel, u8 [d]; sym may be 0); returns "
-      "(escapes written, non-finite inputs, stream length).");
   m.def(
       "v2_decode_planes",
       [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, std::uintptr_t centre,
@@ -209,22 +177,36 @@ PYBIND11_MODULE(_C, m) {
       "stream is invalid.");
 
   m.def(
-      "v2_encode_slots",
-      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, std::uintptr_t center, std::uintptr_t inv, int kmax,
-         int64_t raw_limit, std::uintptr_t start, std::uintptr_t width, std::uintptr_t sym, std::uintptr_t n_esc,
-         std::uintptr_t raw, std::uintptr_t escapes, std::uintptr_t out, int64_t capacity) {
-        int64_t totals[3] = {0, 0, 0};
-        check(sk::v2_encode_slots(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv),
-                                  kmax, raw_limit, ptr<const uint8_t>(start), ptr<const uint8_t>(width),
-                                  ptr<uint8_t>(sym), ptr<int32_t>(n_esc), ptr<uint8_t>(raw), ptr<void>(escapes),
-                                  ptr<uint8_t>(out), capacity, totals));
-        return std::make_tuple(totals[0], totals[1], totals[2]);
+      "v2_encode_long_frame",
+      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, int coder, std::uintptr_t center, std::uintptr_t inv,
+         int kmax, int64_t raw_limit, int window, std::uintptr_t first, std::uintptr_t second,
+         uint32_t crc_seed) -> py::object {
+        const sk::FusedCoder fused{coder, window, ptr<const uint8_t>(first), ptr<const uint8_t>(second)};
+        sk::LongFrameParts parts;
+        bool nonfinite = false;
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = sk::encode_long_parts(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv),
+                                      kmax, raw_limit, fused, &parts, &nonfinite);
+        }
+        check(err);
+        if (nonfinite) return py::none();
+        PyObject* frame = PyBytes_FromStringAndSize(nullptr, sk::long_frame_size(parts));
+        if (!frame) throw py::error_already_set();
+        auto bytes = py::reinterpret_steal<py::bytes>(frame);
+        {
+          py::gil_scoped_release nogil;  // the bytes are not shared yet
+          sk::write_long_frame(parts, crc_seed, reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(frame)));
+        }
+        return bytes;
       },
-      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("center"), py::arg("inv"), py::arg("kmax"),
-      py::arg("raw_limit"), py::arg("start"), py::arg("width"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"),
-      py::arg("escapes"), py::arg("out"), py::arg("capacity"), nogil,
-      "v2_quantise with the slot coder fused (window start and width per channel, u8 [d]; sym may be 0); returns "
-      "(escapes written, non-finite inputs, stream length).");
+      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("coder"), py::arg("center"), py::arg("inv"),
+      py::arg("kmax"), py::arg("raw_limit"), py::arg("window"), py::arg("first"), py::arg("second"),
+      py::arg("crc_seed"),
+      "x [T, d] (contiguous, T >= 1) as a long codec v2 frame of a fused coder (1 nibble with its window start, "
+      "4 bit planes or 5 slots with their per-channel u8 [d] arrays first and second), quantised, coded and framed "
+      "in one call, its CRC continuing crc_seed; None when x holds a NaN or infinity.");
   m.def(
       "v2_decode_slots",
       [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, std::uintptr_t start,

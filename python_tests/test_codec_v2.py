@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from splitkernels.codec import (
-    CodecConfig, CodecConfigV2, EncodedV2, FrameError, calibrate, decode, encode, from_bytes, rans,
+    CodecConfig, CodecConfigV2, EncodedV2, FrameError, calibrate, decode, decode_frame, encode, encode_frame,
+    from_bytes, rans, wire_v2,
 )
 from splitkernels.codec.frame_v2 import HEAD
 from splitkernels.codec import v2 as v2mod
@@ -479,6 +480,37 @@ def test_fused_encode_rejects_non_finite_values(cfg64, v2_isa):
         x[1, 37] = bad
         with pytest.raises(ValueError, match="finite"):
             encode(x, cfg64)
+
+
+@pytest.mark.parametrize("coder", ["nibble", "planes", "slots"])
+def test_fused_frames_reject_non_finite_values_and_match_the_general_path(cfg64, v2_isa, coder):
+    # The fused coders' frames come from one C++ call (csrc/cpu/long_frame.cpp): byte for byte the
+    # general path's, raw tokens and escapes included, and NaN/Inf anywhere (a raw token too) refused.
+    x = activations(9, 64, seed=3, massive=800.0)[1:].half()
+    x[2] += 5000.0  # a raw token: every value escapes
+    for t in (1, 2, 8):
+        want = encode(x[:t], cfg64).to_bytes(coder)
+        assert encode_frame(x[:t], cfg64, coder) == want
+        assert torch.equal(decode_frame(want, config=cfg64).view(torch.uint8),
+                           decode(from_bytes(want, config=cfg64)).view(torch.uint8))
+    for row, bad in ((1, float("nan")), (2, float("inf")), (5, -float("inf"))):
+        y = x.clone()
+        y[row, 37] = bad
+        with pytest.raises(ValueError, match="finite"):
+            encode_frame(y, cfg64, coder)
+
+
+def test_long_frame_encoder_refuses_what_has_no_frame(cfg64):
+    if not v2mod.has_fused():
+        pytest.skip("C++ extension not built (pip install . builds it)")
+    x = activations(2, 64, seed=3).half()
+    args = cfg64.fused_frame_args["slots"]
+    with pytest.raises(ValueError, match="one-token frame cannot carry"):
+        wire_v2._C.v2_encode_long_frame(x.data_ptr(), 1, 1, 64, 5, *args)
+    with pytest.raises(ValueError, match="coder must be"):
+        wire_v2._C.v2_encode_long_frame(x.data_ptr(), 1, 2, 64, 3, *args)
+    with pytest.raises(ValueError, match="out of range"):
+        wire_v2._C.v2_encode_long_frame(x.data_ptr(), 7, 2, 64, 5, *args)
 
 
 def test_fused_decode_checks_the_escape_count(cfg64):

@@ -7,6 +7,7 @@
 #include "common/half.h"
 #include "cpu/codec_v2.h"
 #include "cpu/crc32.h"
+#include "cpu/varint.h"
 
 namespace sk {
 namespace {
@@ -17,24 +18,6 @@ namespace {
 constexpr uint8_t kTokenTag = 0xA0;
 constexpr uint8_t kTokenRaw = 0x04;
 constexpr int64_t kCrcBytes = 4;
-constexpr int kMaxVarintBytes = 5;
-
-// Canonical LEB128 of at most 5 bytes (no redundant zero group), as frame_v2._read_varint.
-bool read_varint(const uint8_t* p, int64_t& pos, int64_t end, uint64_t& value) {
-  uint64_t n = 0;
-  for (int i = 0; i < kMaxVarintBytes; ++i) {
-    if (pos + i >= end) return false;
-    const uint8_t b = p[pos + i];
-    n |= static_cast<uint64_t>(b & 0x7F) << (7 * i);
-    if (!(b & 0x80)) {
-      if (i && b == 0) return false;
-      value = n;
-      pos += i + 1;
-      return true;
-    }
-  }
-  return false;
-}
 
 // Whether every one of n values of `dtype` at p is finite (exponent not all ones), as torch.isfinite.
 bool all_finite(const uint8_t* p, int64_t n, int dtype) {
@@ -51,14 +34,6 @@ bool all_finite(const uint8_t* p, int64_t n, int dtype) {
     }
   }
   return true;
-}
-
-// LEB128 of n at out; the number of bytes written.
-int write_varint(uint64_t n, uint8_t* out) {
-  int i = 0;
-  for (; n >= 0x80; n >>= 7) out[i++] = static_cast<uint8_t>(n) | 0x80;
-  out[i++] = static_cast<uint8_t>(n);
-  return i;
 }
 
 }  // namespace

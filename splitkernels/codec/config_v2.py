@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import planes, rans, rice, slots
+from . import nibble, planes, rans, rice, slots
 from .predict import EmbeddingPrediction
 
 CONFIG_VERSION = 2
@@ -226,6 +226,18 @@ class CodecConfigV2:
         what the fused C++ passes take; built once, since every long frame asks."""
         return {"planes": planes.channel_arrays(*self.rice_params, self.d),
                 "slots": slots.channel_arrays(*self.slot_params, self.d, len(self.freqs))}
+
+    @functools.cached_property
+    def fused_frame_args(self) -> dict[str, tuple]:
+        """Per fused coder (``"nibble"``, ``"planes"``, ``"slots"``), the arguments after ``x, dtype,
+        T, d, coder`` of the C++ long-frame encoder (``_C.v2_encode_long_frame``): the addresses of
+        this config's arrays (kept alive by it), kmax, raw_limit, the coder's parameters and the CRC
+        seed. Read once: numpy's ``.ctypes.data`` costs a microsecond per array per call."""
+        head = (self.center_array().ctypes.data, self.inv_step_array().ctypes.data, self.kmax, self.raw_limit)
+        args = {"nibble": head + (nibble.window_start(self.freqs), 0, 0, self.crc_seed)}
+        for name, (first, second) in self.fused_params.items():
+            args[name] = head + (0, first.ctypes.data, second.ctypes.data, self.crc_seed)
+        return args
 
     @functools.cached_property
     def slot_row_bits(self) -> int:

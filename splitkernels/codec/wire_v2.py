@@ -19,7 +19,7 @@ from ..ops.checks import FLOAT_DTYPES, check_tensor
 from . import nibble
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES, FrameError, FrameLimits
-from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, MAX_POSITION, assemble_frame, decode_symbols, parse_frame_v2, resolve_coder
+from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, MAX_POSITION, decode_symbols, parse_frame_v2, resolve_coder
 from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
 
@@ -28,7 +28,7 @@ _C, _ = load("_C")
 
 def has_fused() -> bool:
     """True when the C++ extension provides the fused encode and decode passes (nibble, bit planes, slots)."""
-    return _C is not None and hasattr(_C, "v2_encode_slots")
+    return _C is not None and hasattr(_C, "v2_encode_long_frame")
 
 
 FUSED_CODERS = (CODER_NIBBLE, CODER_PLANES, CODER_SLOTS)
@@ -55,28 +55,11 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
     if code not in FUSED_CODERS or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
         return encode_v2(x, config, start).to_bytes(coder)  # also validates start
     x = x.detach().cpu().contiguous()
-    n_esc = torch.empty(t, dtype=torch.int32)
-    raw = torch.empty(t, dtype=torch.uint8)
-    escapes = torch.empty(t * min(d, config.raw_limit), dtype=x.dtype)  # a coded row has <= raw_limit escapes
-    quantiser = (x.data_ptr(), DTYPE_CODES[x.dtype], t, d, config.center_array().ctypes.data,
-                 config.inv_step_array().ctypes.data, config.kmax, config.raw_limit)
-    outputs = (0, n_esc.data_ptr(), raw.data_ptr(), escapes.data_ptr())
-    if code == CODER_NIBBLE:
-        out = np.empty(_C.nibble_capacity(t, d), dtype=np.uint8)
-        written, nonfinite, n = _C.v2_encode_nibble(*quantiser, nibble.window_start(config.freqs), *outputs,
-                                                    out.ctypes.data, out.shape[0])
-    else:
-        first, second = config.fused_params[CODER_NAMES[code]]
-        capacity, fused = ((_C.planes_capacity, _C.v2_encode_planes) if code == CODER_PLANES
-                           else (_C.slots_capacity, _C.v2_encode_slots))
-        out = np.empty(capacity(t, d), dtype=np.uint8)
-        written, nonfinite, n = fused(*quantiser, first.ctypes.data, second.ctypes.data, *outputs, out.ctypes.data,
-                                      out.shape[0])
-    if nonfinite:
+    frame = _C.v2_encode_long_frame(x.data_ptr(), DTYPE_CODES[x.dtype], t, d, code,
+                                    *config.fused_frame_args[CODER_NAMES[code]])
+    if frame is None:
         raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
-    flags = raw.numpy().astype(bool)
-    raw_values = x[torch.from_numpy(flags)] if flags.any() else x[:0]
-    return assemble_frame(config, code, t, flags, escapes[:written], raw_values, memoryview(out[:n]))
+    return frame
 
 
 def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,

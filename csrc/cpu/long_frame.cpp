@@ -1,0 +1,108 @@
+#include "cpu/long_frame.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/half.h"
+#include "cpu/codec_v2.h"
+#include "cpu/crc32.h"
+#include "cpu/nibble.h"
+#include "cpu/planes.h"
+#include "cpu/slots.h"
+#include "cpu/varint.h"
+
+namespace sk {
+namespace {
+
+constexpr uint8_t kMagic[4] = {'S', 'K', 'T', 'Q'};
+constexpr uint8_t kVersion = 2;
+constexpr int64_t kHeadBytes = 6, kCrcBytes = 4;
+// The token form of one-token frames (section 5.4.1): a tag byte instead of magic, version,
+// dtype byte, T and bitmap.
+constexpr uint8_t kTokenTag = 0xA0, kTokenCoder = 0x10, kTokenRaw = 0x04;
+
+int64_t raw_rows(const LongFrameParts& p) { return std::count(p.raw, p.raw + p.T, uint8_t{1}); }
+
+}  // namespace
+
+std::string encode_long_parts(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                              int kmax, int64_t raw_limit, const FusedCoder& coder, LongFrameParts* parts,
+                              bool* nonfinite) {
+  if (dtype < kFloat32 || dtype > kBFloat16 || T < 1 || d < 1 || raw_limit < 0)
+    return "v2 long frame: unknown dtype, or T, d or raw_limit out of range";
+  if (T == 1 && coder.code != kCoderNibble)
+    return "v2 long frame: a one-token frame cannot carry the bit-plane or slot coder (its tag has one coder bit)";
+  const int64_t item = dtype == kFloat32 ? 4 : 2;
+  thread_local std::vector<int32_t> n_esc;
+  thread_local std::vector<uint8_t> raw, escapes, stream;
+  n_esc.resize(T);
+  raw.resize(T);
+  escapes.resize(T * std::min(d, raw_limit) * item + item);  // a coded row has at most raw_limit escapes
+  int64_t totals[3] = {0, 0, 0};
+  std::string err;
+  if (coder.code == kCoderNibble) {
+    stream.resize(nibble_capacity(T, d) + kNibbleSlack);
+    err = v2_encode_nibble(x, dtype, T, d, center, inv, kmax, raw_limit, coder.window, nullptr, n_esc.data(),
+                           raw.data(), escapes.data(), stream.data(), static_cast<int64_t>(stream.size()), totals);
+  } else if (coder.code == kCoderPlanes) {
+    stream.resize(planes_capacity(T, d));
+    err = v2_encode_planes(x, dtype, T, d, center, inv, kmax, raw_limit, coder.first, coder.second, nullptr,
+                           n_esc.data(), raw.data(), escapes.data(), stream.data(), static_cast<int64_t>(stream.size()),
+                           totals);
+  } else if (coder.code == kCoderSlots) {
+    stream.resize(slots_capacity(T, d));
+    err = v2_encode_slots(x, dtype, T, d, center, inv, kmax, raw_limit, coder.first, coder.second, nullptr,
+                          n_esc.data(), raw.data(), escapes.data(), stream.data(), static_cast<int64_t>(stream.size()),
+                          totals);
+  } else {
+    return "v2 long frame: the coder must be nibble (1), bit planes (4) or slots (5)";
+  }
+  if (!err.empty()) return err;
+  *nonfinite = totals[1] > 0;
+  if (totals[2] < 0) return "v2 long frame: a coder parameter is out of range";
+  *parts = LongFrameParts{dtype, coder.code, T, d, raw.data(), escapes.data(), totals[0],
+                          static_cast<const uint8_t*>(x), stream.data(), totals[2]};
+  return "";
+}
+
+int64_t long_frame_size(const LongFrameParts& p) {
+  const int64_t item = p.dtype == kFloat32 ? 4 : 2;
+  const int64_t head = p.T == 1 ? 1 : kHeadBytes + varint_bytes(p.T) + (p.T + 7) / 8;
+  return head + varint_bytes(p.n_escapes) + p.n_escapes * item + raw_rows(p) * p.d * item + p.stream_len + kCrcBytes;
+}
+
+void write_long_frame(const LongFrameParts& p, uint32_t crc_seed, uint8_t* out) {
+  const int64_t item = p.dtype == kFloat32 ? 4 : 2, row = p.d * item;
+  uint8_t* at = out;
+  if (p.T == 1) {  // the token form (only the nibble coder of the fused ones has a tag: T = 1 takes rANS otherwise)
+    *at++ = static_cast<uint8_t>(kTokenTag | (p.code == kCoderNibble ? kTokenCoder : 0) | (p.raw[0] ? kTokenRaw : 0) |
+                                 p.dtype);
+    at += write_varint(p.n_escapes, at);
+  } else {
+    std::memcpy(at, kMagic, 4);
+    at[4] = kVersion;
+    at[5] = static_cast<uint8_t>(p.dtype | p.code << 4);
+    at += kHeadBytes;
+    at += write_varint(p.T, at);
+    at += write_varint(p.n_escapes, at);
+    for (int64_t t = 0; t < p.T; t += 8) {  // the raw bitmap, the first token lowest
+      uint8_t byte = 0;
+      for (int64_t i = t; i < std::min(t + 8, p.T); ++i) byte |= static_cast<uint8_t>((p.raw[i] != 0) << (i - t));
+      *at++ = byte;
+    }
+  }
+  std::memcpy(at, p.escapes, p.n_escapes * item);
+  at += p.n_escapes * item;
+  for (int64_t t = 0; t < p.T; ++t) {
+    if (!p.raw[t]) continue;
+    std::memcpy(at, p.x + t * row, row);
+    at += row;
+  }
+  std::memcpy(at, p.stream, p.stream_len);
+  at += p.stream_len;
+  const uint32_t crc = crc32(crc_seed, out, at - out);
+  for (int i = 0; i < 4; ++i) at[i] = static_cast<uint8_t>(crc >> (8 * i));
+}
+
+}  // namespace sk

@@ -1,0 +1,51 @@
+// The long form of a codec v2 frame (docs/FORMATS.md section 5.4) in one C++ call for the fused
+// coders (nibble, bit planes, slots): quantised and coded row by row (codec_v2.h), then framed --
+// magic, version, dtype and coder byte, T, escape count, raw bitmap, escape values, raw rows, symbol
+// stream, CRC; a one-token frame in the token form -- byte for byte as
+// splitkernels/codec/frame_v2.assemble_frame (the reference) frames the same parts. Only frames
+// without shifted rows or token ids take it (the caller checks).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace sk {
+
+constexpr int kCoderNibble = 1, kCoderPlanes = 4, kCoderSlots = 5;  // frame_v2.CODER_*
+
+// The fused coder and its parameters: the nibble coder's window start, or the bit-plane (Rice
+// centre, k) or slot (window start, width) coder's per-channel u8 [d] arrays.
+struct FusedCoder {
+  int code = kCoderSlots;
+  int window = 0;
+  const uint8_t* first = nullptr;
+  const uint8_t* second = nullptr;
+};
+
+// What a long frame holds around its header; the pointers are into the caller's x and this
+// thread's scratch (valid until the thread's next encode_long_parts).
+struct LongFrameParts {
+  int dtype = 0, code = 0;
+  int64_t T = 0, d = 0;
+  const uint8_t* raw = nullptr;  // [T] flags
+  const uint8_t* escapes = nullptr;
+  int64_t n_escapes = 0;
+  const uint8_t* x = nullptr;  // [T, d] of dtype: the raw rows' values
+  const uint8_t* stream = nullptr;
+  int64_t stream_len = 0;
+};
+
+// Quantises and codes x [T, d] (dtype 0 fp32, 1 fp16, 2 bf16, contiguous) with the coder into this
+// thread's scratch and describes the frame's parts: "" or why the arguments are out of range;
+// *nonfinite set (and no parts) when x holds a NaN or infinity.
+std::string encode_long_parts(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                              int kmax, int64_t raw_limit, const FusedCoder& coder, LongFrameParts* parts,
+                              bool* nonfinite);
+
+// Bytes of the frame of these parts.
+int64_t long_frame_size(const LongFrameParts& parts);
+
+// Writes the frame (exactly long_frame_size bytes) with its CRC continuing crc_seed.
+void write_long_frame(const LongFrameParts& parts, uint32_t crc_seed, uint8_t* out);
+
+}  // namespace sk
