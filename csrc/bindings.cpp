@@ -177,6 +177,28 @@ PYBIND11_MODULE(_C, m) {
       "stream is invalid.");
 
   m.def(
+      "v2_decode_long_frame",
+      [](py::buffer frame, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t step, std::uintptr_t center,
+         int window, std::uintptr_t planes_centre, std::uintptr_t planes_k, std::uintptr_t slots_start,
+         std::uintptr_t slots_width, int dtype, int64_t T, int64_t max_escapes, std::uintptr_t out) {
+        const py::buffer_info info = frame.request();
+        if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
+          throw std::invalid_argument("frame must be a contiguous byte buffer");
+        }
+        const sk::LongFrameConfig config{crc_seed,   d, kmax, ptr<const float>(step), ptr<const float>(center), window,
+                                         ptr<const uint8_t>(planes_centre), ptr<const uint8_t>(planes_k),
+                                         ptr<const uint8_t>(slots_start), ptr<const uint8_t>(slots_width)};
+        py::gil_scoped_release nogil;
+        return sk::v2_decode_long_frame(static_cast<const uint8_t*>(info.ptr), info.size, config, dtype, T, max_escapes,
+                                        ptr<void>(out));
+      },
+      py::arg("frame"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("step"), py::arg("center"),
+      py::arg("window"), py::arg("planes_centre"), py::arg("planes_k"), py::arg("slots_start"), py::arg("slots_width"),
+      py::arg("dtype"), py::arg("T"), py::arg("max_escapes"), py::arg("out"),
+      "A long codec v2 frame of a fused coder (nibble, bit planes or slots) with T tokens of dtype decoded into "
+      "out [T, d] (the session config's CRC seed, d, kmax, step, center and the coders' parameters); False when it "
+      "is anything else or invalid (the caller then runs the reference parser).");
+  m.def(
       "v2_encode_long_frame",
       [](std::uintptr_t x, int dtype, int64_t T, int64_t d, int coder, std::uintptr_t center, std::uintptr_t inv,
          int kmax, int64_t raw_limit, int window, std::uintptr_t first, std::uintptr_t second,

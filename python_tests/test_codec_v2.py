@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from splitkernels.codec import (
-    CodecConfig, CodecConfigV2, EncodedV2, FrameError, calibrate, decode, decode_frame, encode, encode_frame,
-    from_bytes, rans, wire_v2,
+    CodecConfig, CodecConfigV2, EncodedV2, FrameError, FrameLimits, calibrate, decode, decode_frame, encode,
+    encode_frame, from_bytes, rans, wire_v2,
 )
 from splitkernels.codec.frame_v2 import HEAD
 from splitkernels.codec import v2 as v2mod
@@ -498,6 +498,48 @@ def test_fused_frames_reject_non_finite_values_and_match_the_general_path(cfg64,
         y[row, 37] = bad
         with pytest.raises(ValueError, match="finite"):
             encode_frame(y, cfg64, coder)
+
+
+@pytest.mark.parametrize("coder", ["nibble", "planes", "slots"])
+def test_one_call_decoder_accepts_only_what_the_reference_accepts(cfg64, coder, monkeypatch):
+    # Resealed single-bit flips anywhere in a fused coder's frame (header, bitmap, escapes, raw
+    # token, stream) and frames under receiver limits: whatever the one-call C++ decoder accepts,
+    # the reference parser accepts with the same bits; what it declines, the reference decides.
+    if not v2mod.has_fused():
+        pytest.skip("C++ extension not built (pip install . builds it)")
+    x = activations(13, 64, seed=5, massive=800.0)[1:].half()
+    x[4] += 5000.0  # a raw token
+    data = encode_frame(x, cfg64, coder)
+    assert wire_v2._decode_fused_frame(data, cfg64, None) is not None
+
+    def reference(frame, limits=None):
+        with monkeypatch.context() as m:
+            m.setattr(wire_v2, "_decode_fused_frame", lambda *a: None)
+            return wire_v2.decode_frame_v2(frame, cfg64, limits)
+
+    rng = np.random.default_rng(7)
+    body = data[:-4]
+    accepted = declined = 0
+    for _ in range(400):
+        bad = bytearray(body)
+        i = int(rng.integers(len(bad)))
+        bad[i] ^= 1 << int(rng.integers(8))
+        frame = reseal(bytes(bad), cfg64)
+        fast = wire_v2._decode_fused_frame(frame, cfg64, None)
+        if fast is None:
+            declined += 1
+            continue
+        accepted += 1
+        assert torch.equal(fast.view(torch.uint8), reference(frame).view(torch.uint8))
+    assert accepted > 20 and declined > 20
+    n_esc = encode(x, cfg64).escapes.numel()
+    for limits, ok in ((FrameLimits(max_tokens=12, max_outliers=n_esc), True), (FrameLimits(max_tokens=11), False),
+                       (FrameLimits(max_outliers=n_esc - 1), False), (FrameLimits(d=65), False),
+                       (FrameLimits(dtypes={torch.bfloat16}), False)):
+        assert (wire_v2._decode_fused_frame(data, cfg64, limits) is not None) == ok
+        if not ok:
+            with pytest.raises(FrameError):
+                reference(data, limits)
 
 
 def test_long_frame_encoder_refuses_what_has_no_frame(cfg64):

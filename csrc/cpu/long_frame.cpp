@@ -10,7 +10,8 @@
 #include "cpu/nibble.h"
 #include "cpu/planes.h"
 #include "cpu/slots.h"
-#include "cpu/varint.h"
+#include "cpu/frame_bytes.h"
+#include "cpu/le_bytes.h"
 
 namespace sk {
 namespace {
@@ -103,6 +104,56 @@ void write_long_frame(const LongFrameParts& p, uint32_t crc_seed, uint8_t* out) 
   at += p.stream_len;
   const uint32_t crc = crc32(crc_seed, out, at - out);
   for (int i = 0; i < 4; ++i) at[i] = static_cast<uint8_t>(crc >> (8 * i));
+}
+
+bool v2_decode_long_frame(const uint8_t* data, int64_t len, const LongFrameConfig& cfg, int dtype, int64_t T,
+                          int64_t max_escapes, void* out) {
+  const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2, row = d * item;
+  if (len < kHeadBytes + 2 + kCrcBytes || std::memcmp(data, kMagic, 4) != 0 || data[4] != kVersion) return false;
+  const int code = data[5] >> 4;  // the shifted flag (bit 7) declines too: its frames take the reference
+  if ((data[5] & 0x0F) != dtype || (code != kCoderNibble && code != kCoderPlanes && code != kCoderSlots)) return false;
+  const int64_t crc_at = len - kCrcBytes;
+  if (crc32(cfg.crc_seed, data, crc_at) != load_u32(data + crc_at)) return false;
+  int64_t pos = kHeadBytes;
+  uint64_t t = 0, n_esc = 0;
+  if (!read_varint(data, pos, crc_at, t) || static_cast<int64_t>(t) != T || T < 1) return false;
+  if (!read_varint(data, pos, crc_at, n_esc) || (max_escapes >= 0 && static_cast<int64_t>(n_esc) > max_escapes))
+    return false;
+  const int64_t map_bytes = (T + 7) / 8;
+  if (pos + map_bytes > crc_at) return false;
+  thread_local std::vector<uint8_t> raw;
+  raw.resize(T);
+  for (int64_t i = 0; i < T; ++i) raw[i] = (data[pos + i / 8] >> (i % 8)) & 1;
+  if (T % 8 && (data[pos + map_bytes - 1] >> (T % 8))) return false;  // bits beyond T
+  pos += map_bytes;
+  const int64_t n_raw = std::count(raw.begin(), raw.end(), uint8_t{1});
+  if (static_cast<int64_t>(n_esc) > (T - n_raw) * d) return false;
+  const int64_t esc_bytes = static_cast<int64_t>(n_esc) * item, raw_bytes = n_raw * row;
+  if (esc_bytes > crc_at - pos || raw_bytes > crc_at - pos - esc_bytes) return false;
+  const uint8_t* escapes = data + pos;
+  const uint8_t* raw_values = escapes + esc_bytes;
+  if (!all_finite(escapes, static_cast<int64_t>(n_esc), dtype) || !all_finite(raw_values, n_raw * d, dtype)) return false;
+  const uint8_t* stream = raw_values + raw_bytes;
+  const int64_t stream_len = crc_at - (pos + esc_bytes + raw_bytes);
+  std::string err;
+  if (code == kCoderNibble) {
+    err = v2_decode_nibble(stream, stream_len, T, d, raw.data(), cfg.window, cfg.step, cfg.center, cfg.kmax, dtype,
+                           out, escapes, static_cast<int64_t>(n_esc));
+  } else if (code == kCoderPlanes) {
+    err = v2_decode_planes(stream, stream_len, T, d, raw.data(), cfg.planes_centre, cfg.planes_k, cfg.step, cfg.center,
+                           cfg.kmax, dtype, out, escapes, static_cast<int64_t>(n_esc));
+  } else {
+    err = v2_decode_slots(stream, stream_len, T, d, raw.data(), cfg.slots_start, cfg.slots_width, cfg.step, cfg.center,
+                          cfg.kmax, dtype, out, escapes, static_cast<int64_t>(n_esc));
+  }
+  if (!err.empty()) return false;
+  const uint8_t* src = raw_values;
+  for (int64_t i = 0; i < T; ++i) {
+    if (!raw[i]) continue;
+    std::memcpy(static_cast<uint8_t*>(out) + i * row, src, row);
+    src += row;
+  }
+  return true;
 }
 
 }  // namespace sk

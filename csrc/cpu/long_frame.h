@@ -48,4 +48,26 @@ int64_t long_frame_size(const LongFrameParts& parts);
 // Writes the frame (exactly long_frame_size bytes) with its CRC continuing crc_seed.
 void write_long_frame(const LongFrameParts& parts, uint32_t crc_seed, uint8_t* out);
 
+// A session config's side of the decoder: its CRC seed, d, kmax, step and center ([d] fp32) and
+// each fused coder's parameters (the nibble window start; the bit planes' Rice centre and k; the
+// slots' window start and width; u8 [d] each).
+struct LongFrameConfig {
+  uint32_t crc_seed = 0;
+  int64_t d = 0;
+  int kmax = 0;
+  const float* step = nullptr;
+  const float* center = nullptr;
+  int window = 0;
+  const uint8_t *planes_centre = nullptr, *planes_k = nullptr, *slots_start = nullptr, *slots_width = nullptr;
+};
+
+// Decodes data[0, len) into out [T, d] of `dtype` when it is a valid long frame of a fused coder
+// with T tokens, no shifted rows and at most max_escapes escapes (< 0: any): true then. As the
+// one-token path (token_frame.h), the Python parser stays the reference: this accepts only frames
+// it accepts, with the same values, and declines (false, out maybe partly written) everything
+// else, after which the caller runs the reference, which decodes or raises its own error. The
+// caller bounds T * d by the frame's size before allocating out.
+bool v2_decode_long_frame(const uint8_t* data, int64_t len, const LongFrameConfig& config, int dtype, int64_t T,
+                          int64_t max_escapes, void* out);
+
 }  // namespace sk

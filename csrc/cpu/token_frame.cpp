@@ -7,7 +7,7 @@
 #include "common/half.h"
 #include "cpu/codec_v2.h"
 #include "cpu/crc32.h"
-#include "cpu/varint.h"
+#include "cpu/frame_bytes.h"
 
 namespace sk {
 namespace {
@@ -18,23 +18,6 @@ namespace {
 constexpr uint8_t kTokenTag = 0xA0;
 constexpr uint8_t kTokenRaw = 0x04;
 constexpr int64_t kCrcBytes = 4;
-
-// Whether every one of n values of `dtype` at p is finite (exponent not all ones), as torch.isfinite.
-bool all_finite(const uint8_t* p, int64_t n, int dtype) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (dtype == kFloat32) {
-      uint32_t v;
-      std::memcpy(&v, p + 4 * i, 4);
-      if ((v & 0x7F800000u) == 0x7F800000u) return false;
-    } else {
-      uint16_t v;
-      std::memcpy(&v, p + 2 * i, 2);
-      const uint16_t exp = dtype == kFloat16 ? 0x7C00 : 0x7F80;
-      if ((v & exp) == exp) return false;
-    }
-  }
-  return true;
-}
 
 }  // namespace
 

@@ -240,6 +240,16 @@ class CodecConfigV2:
         return args
 
     @functools.cached_property
+    def fused_decode_args(self) -> tuple:
+        """The arguments after the frame of the C++ long-frame decoder (``_C.v2_decode_long_frame``):
+        the CRC seed, d, kmax, the addresses of step and center, the nibble window start and the
+        addresses of the bit planes' and slots' per-channel arrays; read once, as :attr:`fused_frame_args`."""
+        (centre, k), (start, width) = self.fused_params["planes"], self.fused_params["slots"]
+        return (self.crc_seed, self.d, self.kmax, self.step_array().ctypes.data, self.center_array().ctypes.data,
+                nibble.window_start(self.freqs), centre.ctypes.data, k.ctypes.data, start.ctypes.data,
+                width.ctypes.data)
+
+    @functools.cached_property
     def slot_row_bits(self) -> int:
         """Slot bits of one coded row (``slots.row_bits``)."""
         return slots.row_bits(self.slot_params[1], self.d)

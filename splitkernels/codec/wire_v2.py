@@ -18,8 +18,8 @@ from .._native import load
 from ..ops.checks import FLOAT_DTYPES, check_tensor
 from . import nibble
 from .config_v2 import CodecConfigV2
-from .frame import DTYPE_CODES, FrameError, FrameLimits
-from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, MAX_POSITION, decode_symbols, parse_frame_v2, resolve_coder
+from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
+from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, FRAME_VERSION_V2, MAX_POSITION, decode_symbols, parse_frame_v2, resolve_coder
 from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
 
@@ -62,10 +62,53 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
     return frame
 
 
+def _decode_fused_frame(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
+                        limits: FrameLimits | None) -> torch.Tensor | None:
+    """``[T, d]`` of a valid long frame of a fused coder (nibble, bit planes, slots) without shifted
+    rows or token ids, within ``limits``, in one C++ call (``csrc/cpu/long_frame.cpp``): the header
+    read here only to size the output, every check made there. None for any other frame, an invalid
+    one, or without the C++ extension: the reference path then decodes it or raises its error."""
+    if not has_fused() or type(config) is not CodecConfigV2 or config.prediction is not None:
+        return None
+    if isinstance(data, memoryview):
+        if not data.c_contiguous:
+            return None
+        data = data.cast("B")
+    elif not isinstance(data, (bytes, bytearray)):
+        return None
+    if len(data) < 12 or data[:4] != MAGIC or data[4] != FRAME_VERSION_V2:
+        return None
+    dtype = CODE_DTYPES.get(data[5] & 0x0F)
+    t, shift, pos = 0, 0, 6
+    while pos < 11 and data[pos] & 0x80:
+        t |= (data[pos] & 0x7F) << shift
+        shift, pos = shift + 7, pos + 1
+    t |= (data[pos] & 0x7F) << shift
+    d = config.d
+    # Every coded value costs at least a bit and a raw one 16: an output beyond 8 values per frame
+    # byte is a forged header, which the reference reports (and nothing that large is allocated).
+    if dtype is None or not 1 <= t <= MAX_T or t * d > 8 * len(data):
+        return None
+    max_escapes = -1
+    if limits is not None:
+        if ((limits.d is not None and limits.d != d) or (limits.dtypes is not None and dtype not in limits.dtypes)
+                or (limits.max_tokens is not None and t > limits.max_tokens)):
+            return None
+        if limits.max_outliers is not None:
+            max_escapes = limits.max_outliers
+    out = torch.empty(t, d, dtype=dtype)
+    if not _C.v2_decode_long_frame(data, *config.fused_decode_args, DTYPE_CODES[dtype], t, max_escapes, out.data_ptr()):
+        return None
+    return out
+
+
 def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
                     limits: FrameLimits | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
     """Validate and decode a v2 frame to ``[T, d]`` on the host; :class:`FrameError` if anything is
     wrong. ``embedding``: the input embedding table, which a config with a prediction needs."""
+    out = _decode_fused_frame(data, config, limits)
+    if out is not None:
+        return out
     p = parse_frame_v2(data, config, limits)
     if p.coder not in FUSED_CODERS or not has_fused() or p.residual_section is not None or p.tokens is not None:
         return decode_v2(decode_symbols(p, config), embedding=embedding)

@@ -1,8 +1,12 @@
-// LEB128 varints of codec v2 frames (docs/FORMATS.md section 5.4), as splitkernels/codec/frame_v2.py
-// writes and reads them: shared by the one-token and long frame paths.
+// Byte-level pieces of codec v2 frames (docs/FORMATS.md section 5.4) shared by the one-token and
+// long frame paths: LEB128 varints as splitkernels/codec/frame_v2.py writes and reads them, and the
+// finiteness of exact values as the reference checks it.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+
+#include "common/half.h"
 
 namespace sk {
 
@@ -39,6 +43,23 @@ inline bool read_varint(const uint8_t* p, int64_t& pos, int64_t end, uint64_t& v
     }
   }
   return false;
+}
+
+// Whether every one of n values of `dtype` at p is finite (exponent not all ones), as torch.isfinite.
+inline bool all_finite(const uint8_t* p, int64_t n, int dtype) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype == kFloat32) {
+      uint32_t v;
+      std::memcpy(&v, p + 4 * i, 4);
+      if ((v & 0x7F800000u) == 0x7F800000u) return false;
+    } else {
+      uint16_t v;
+      std::memcpy(&v, p + 2 * i, 2);
+      const uint16_t exp = dtype == kFloat16 ? 0x7C00 : 0x7F80;
+      if ((v & exp) == exp) return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace sk
