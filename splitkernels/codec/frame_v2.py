@@ -199,6 +199,26 @@ def _read_varint(buf: memoryview, pos: int, end: int, what: str) -> tuple[int, i
     raise FrameError(f"{what} is longer than {MAX_VARINT_BYTES} bytes")
 
 
+def flat_frame(data) -> bytes | bytearray | memoryview | None:
+    """``data`` as a flat byte buffer for the C++ fast paths, or None when it is not bytes, a
+    bytearray or a contiguous memoryview (the reference parser then decides)."""
+    if isinstance(data, memoryview):
+        return data.cast("B") if data.c_contiguous else None
+    return data if isinstance(data, (bytes, bytearray)) else None
+
+
+def escape_limit(limits: FrameLimits | None, d: int, dtype: torch.dtype, t: int) -> int | None:
+    """The escape count a C++ fast path may accept (-1: any) in a frame of ``t`` tokens of ``d``
+    values of ``dtype`` under the receiver's ``limits``; None when the header is already beyond
+    them (the reference parser then raises the limit's error)."""
+    if limits is None:
+        return -1
+    if ((limits.d is not None and limits.d != d) or (limits.dtypes is not None and dtype not in limits.dtypes)
+            or (limits.max_tokens is not None and t > limits.max_tokens)):
+        return None
+    return -1 if limits.max_outliers is None else limits.max_outliers
+
+
 def is_token_tag(first_byte: int) -> bool:
     """True when a frame's first byte is a token-form tag (§5.4.1)."""
     return first_byte & TOKEN_TAG_MASK == TOKEN_TAG

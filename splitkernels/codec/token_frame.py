@@ -23,7 +23,7 @@ import torch
 from .._native import load
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, FrameLimits
-from .frame_v2 import TOKEN_DTYPE, TOKEN_RAW, TOKEN_TAG
+from .frame_v2 import TOKEN_DTYPE, TOKEN_RAW, TOKEN_TAG, escape_limit, flat_frame
 
 _C, _ = load("_C")
 _MIN_BYTES = 6  # tag, escape count, CRC
@@ -85,13 +85,8 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
     pred = config.prediction
     if pred is not None and not isinstance(embedding, torch.Tensor):
         return None
-    if isinstance(data, memoryview):
-        if not data.c_contiguous:
-            return None
-        data = data.cast("B")
-    elif not isinstance(data, (bytes, bytearray)):
-        return None
-    if len(data) < _MIN_BYTES:
+    data = flat_frame(data)
+    if data is None or len(data) < _MIN_BYTES:
         return None
     tag = data[0]  # the token form's tag with the coder and shifted bits clear (the raw bit either way)
     if tag & ~(TOKEN_RAW | TOKEN_DTYPE) != TOKEN_TAG:
@@ -100,13 +95,9 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
     dtype = CODE_DTYPES.get(code)
     if dtype is None:
         return None
-    max_escapes = -1
-    if limits is not None:
-        if ((limits.d is not None and limits.d != config.d) or (limits.dtypes is not None and dtype not in limits.dtypes)
-                or (limits.max_tokens is not None and limits.max_tokens < 1)):
-            return None
-        if limits.max_outliers is not None:
-            max_escapes = limits.max_outliers
+    max_escapes = escape_limit(limits, config.d, dtype, 1)
+    if max_escapes is None:
+        return None
     out = torch.empty(1, config.d, dtype=dtype)
     crc_seed, d, kmax, tables, period, step, center = _cached(_ARGS, config, _decoder_args)
     id_bytes = 0 if pred is None else pred.id_bytes(1)

@@ -19,7 +19,7 @@ from ..ops.checks import FLOAT_DTYPES, check_tensor
 from . import nibble
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
-from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, FRAME_VERSION_V2, MAX_POSITION, decode_symbols, parse_frame_v2, resolve_coder
+from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, FRAME_VERSION_V2, MAX_POSITION, decode_symbols, escape_limit, flat_frame, parse_frame_v2, resolve_coder
 from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
 
@@ -70,13 +70,8 @@ def _decode_fused_frame(data: bytes | bytearray | memoryview, config: CodecConfi
     one, or without the C++ extension: the reference path then decodes it or raises its error."""
     if not has_fused() or type(config) is not CodecConfigV2 or config.prediction is not None:
         return None
-    if isinstance(data, memoryview):
-        if not data.c_contiguous:
-            return None
-        data = data.cast("B")
-    elif not isinstance(data, (bytes, bytearray)):
-        return None
-    if len(data) < 12 or data[:4] != MAGIC or data[4] != FRAME_VERSION_V2:
+    data = flat_frame(data)
+    if data is None or len(data) < 12 or data[:4] != MAGIC or data[4] != FRAME_VERSION_V2:
         return None
     dtype = CODE_DTYPES.get(data[5] & 0x0F)
     t, shift, pos = 0, 0, 6
@@ -89,13 +84,9 @@ def _decode_fused_frame(data: bytes | bytearray | memoryview, config: CodecConfi
     # byte is a forged header, which the reference reports (and nothing that large is allocated).
     if dtype is None or not 1 <= t <= MAX_T or t * d > 8 * len(data):
         return None
-    max_escapes = -1
-    if limits is not None:
-        if ((limits.d is not None and limits.d != d) or (limits.dtypes is not None and dtype not in limits.dtypes)
-                or (limits.max_tokens is not None and t > limits.max_tokens)):
-            return None
-        if limits.max_outliers is not None:
-            max_escapes = limits.max_outliers
+    max_escapes = escape_limit(limits, d, dtype, t)
+    if max_escapes is None:
+        return None
     out = torch.empty(t, d, dtype=dtype)
     if not _C.v2_decode_long_frame(data, *config.fused_decode_args, DTYPE_CODES[dtype], t, max_escapes, out.data_ptr()):
         return None
