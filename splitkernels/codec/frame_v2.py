@@ -308,7 +308,7 @@ def _tensor_bytes(values: torch.Tensor) -> bytes:
     """The bytes of ``values`` in row-major order (b"" at once when empty: most frames have no raw tokens)."""
     if values.numel() == 0:
         return b""
-    return values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # reshape: a [k, 1] view may keep a stride of 2
+    return values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # reshape: a [k, 1] view may keep its stride
 
 
 def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, escapes: torch.Tensor,
