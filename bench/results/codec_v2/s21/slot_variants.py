@@ -7,9 +7,10 @@ The codes of bench/coder_bits.py (SmolLM2 layer 15, fp16 wire; the massive-activ
 costed as the slot coder writes it (w bits inside its channel's window, w + D for a distance below
 2^D - 1, w + D + 8 for a far byte; D = 4 is the coder's format, docs/FORMATS.md 5.9), with each
 channel's (a, w) fitted to its calibrated class table: the coder's own rule for D = 4 (its total is
-checked against the stream's length), other distance widths, a per-channel choice of D, and an
-oracle whose (a, w) is fitted to the window's own counts (what frame-adaptive windows could reach
-before their per-frame cost). Prints bits per symbol of the symbol stream.
+checked against the stream's length), other distance widths, a per-channel choice of D; then (a, w)
+fitted per channel to the calibration tokens' codes (what a config could store), and an oracle
+fitted to the window's own counts (what frame-adaptive windows could reach before their per-frame
+cost). Prints bits per symbol of the symbol stream.
 """
 from __future__ import annotations
 
@@ -64,11 +65,12 @@ def bits_per_symbol(sym: np.ndarray, cfg, rules) -> float:
     return total / sym.size
 
 
-def oracle_bits(sym: np.ndarray, nsym: int) -> float:
-    """(a, w) per channel fitted to the channel's own counts in this window, D = 4."""
+def fitted_bits(sym: np.ndarray, fit_on: np.ndarray, nsym: int) -> float:
+    """(a, w) per channel fitted to the channel's counts in ``fit_on`` (each symbol counted at least
+    once, so none is impossible), D = 4, costed on ``sym``."""
     rule, total = cost_rule(4), 0
     for c in range(sym.shape[1]):
-        _, a, w = fit(np.bincount(sym[:, c], minlength=nsym), rule)
+        _, a, w = fit(16 * np.bincount(fit_on[:, c], minlength=nsym) + 1, rule)
         total += rule(nsym, a, w)[sym[:, c]].sum()
     return total / sym.size
 
@@ -95,5 +97,8 @@ for name, factor, layer in (("SmolLM2-135M", None, 15), ("massive fixture", 1000
     sym = enc.symbols.numpy()[~enc.raw.numpy()].astype(np.int64)
     stream = 8 * len(slots.encode(sym.astype(np.uint8), None, *cfg.slot_params, len(cfg.freqs))) / sym.size
     row = {k: round(float(bits_per_symbol(sym, cfg, rules)), 4) for k, rules in VARIANTS.items()}
-    row["oracle fit (D=4)"] = round(float(oracle_bits(sym, len(cfg.freqs))), 4)
+    cal = encode(fisher.hidden.to(wire), cfg)
+    calib_sym = cal.symbols.numpy()[~cal.raw.numpy()].astype(np.int64)
+    row["fitted per channel on the calibration tokens (D=4)"] = round(float(fitted_bits(sym, calib_sym, len(cfg.freqs))), 4)
+    row["oracle: fitted on this window (D=4)"] = round(float(fitted_bits(sym, sym, len(cfg.freqs))), 4)
     print(f"{name} layer {layer}: the coder's stream {stream:.4f}", row, flush=True)
