@@ -40,6 +40,15 @@ namespace {
 using sk::bind::check;
 using sk::bind::ptr;
 
+// A frame argument's bytes: any contiguous one-dimensional byte buffer (bytes, bytearray, memoryview).
+py::buffer_info frame_bytes(const py::buffer& frame) {
+  py::buffer_info info = frame.request();
+  if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
+    throw std::invalid_argument("frame must be a contiguous byte buffer");
+  }
+  return info;
+}
+
 }  // namespace
 
 void bind_decode(py::module_& m);  // csrc/decode_bindings.cpp
@@ -181,10 +190,7 @@ PYBIND11_MODULE(_C, m) {
       [](py::buffer frame, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t step, std::uintptr_t center,
          int window, std::uintptr_t planes_centre, std::uintptr_t planes_k, std::uintptr_t slots_start,
          std::uintptr_t slots_width, int dtype, int64_t T, int64_t max_escapes, std::uintptr_t out) {
-        const py::buffer_info info = frame.request();
-        if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
-          throw std::invalid_argument("frame must be a contiguous byte buffer");
-        }
+        const py::buffer_info info = frame_bytes(frame);
         const sk::LongFrameConfig config{crc_seed,   d, kmax, ptr<const float>(step), ptr<const float>(center), window,
                                          ptr<const uint8_t>(planes_centre), ptr<const uint8_t>(planes_k),
                                          ptr<const uint8_t>(slots_start), ptr<const uint8_t>(slots_width)};
@@ -441,10 +447,7 @@ PYBIND11_MODULE(_C, m) {
       [](py::buffer frame, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
          std::uintptr_t step, std::uintptr_t center, int dtype, int64_t max_escapes, int64_t id_bytes,
          std::uintptr_t out) {
-        const py::buffer_info info = frame.request();
-        if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1) {
-          throw std::invalid_argument("frame must be a contiguous byte buffer");
-        }
+        const py::buffer_info info = frame_bytes(frame);
         const sk::TokenFrameConfig config{crc_seed, d, kmax, ptr<const sk::RansTables* const>(tables), period,
                                           ptr<const float>(step), ptr<const float>(center)};
         py::gil_scoped_release nogil;

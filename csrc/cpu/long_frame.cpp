@@ -18,10 +18,7 @@ namespace {
 
 constexpr uint8_t kMagic[4] = {'S', 'K', 'T', 'Q'};
 constexpr uint8_t kVersion = 2;
-constexpr int64_t kHeadBytes = 6, kCrcBytes = 4;
-// The token form of one-token frames (section 5.4.1): a tag byte instead of magic, version,
-// dtype byte, T and bitmap.
-constexpr uint8_t kTokenTag = 0xA0, kTokenCoder = 0x10, kTokenRaw = 0x04;
+constexpr int64_t kHeadBytes = 6;
 
 int64_t raw_rows(const LongFrameParts& p) { return std::count(p.raw, p.raw + p.T, uint8_t{1}); }
 

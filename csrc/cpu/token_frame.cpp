@@ -10,17 +10,6 @@
 #include "cpu/frame_bytes.h"
 
 namespace sk {
-namespace {
-
-// The token form (docs/FORMATS.md section 5.4.1): one tag byte, bits 7-5 101, then the coder (bit 4, 0 =
-// rANS), shifted (bit 3), raw (bit 2) and dtype (bits 1-0) fields, where a longer frame has magic,
-// version, dtype byte, T and bitmap.
-constexpr uint8_t kTokenTag = 0xA0;
-constexpr uint8_t kTokenRaw = 0x04;
-constexpr int64_t kCrcBytes = 4;
-
-}  // namespace
-
 int64_t v2_token_frame_capacity(int64_t d, int dtype, int64_t id_bytes) {
   const int64_t item = dtype == kFloat32 ? 4 : 2;
   // tag, escape count, token ids, escapes (at most d), rANS stream (rans_encode's bound), CRC

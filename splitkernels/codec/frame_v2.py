@@ -183,8 +183,9 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(buf: memoryview, pos: int, end: int, what: str) -> tuple[int, int]:
-    """Canonical LEB128 (no redundant trailing zero groups), at most 5 bytes."""
+def read_varint(buf: bytes | bytearray | memoryview, pos: int, end: int, what: str) -> tuple[int, int]:
+    """Canonical LEB128 (no redundant trailing zero groups), at most 5 bytes, ending before ``end``:
+    ``(value, position after it)``; FrameError otherwise."""
     n = shift = 0
     for i in range(MAX_VARINT_BYTES):
         if pos + i >= end:
@@ -415,16 +416,16 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     dtype = CODE_DTYPES[dtype_code]
     item = dtype.itemsize
     d = config.d
-    t, pos = (1, 1) if token else _read_varint(buf, HEAD.size, crc_at, "T")
+    t, pos = (1, 1) if token else read_varint(buf, HEAD.size, crc_at, "T")
     start = None
     if shifted:
-        start, pos = _read_varint(buf, pos, crc_at, "start position")
+        start, pos = read_varint(buf, pos, crc_at, "start position")
         if not config.shift_end:
             raise FrameError(f"frame has shifted rows but the codec config {config.fingerprint[:8]} has no position or "
                              f"token shifts")
         if start > MAX_POSITION:
             raise FrameError(f"frame claims start position {start}, more than {MAX_POSITION}")
-    n_esc, pos = _read_varint(buf, pos, crc_at, "escape count")
+    n_esc, pos = read_varint(buf, pos, crc_at, "escape count")
     if t > MAX_T:
         raise FrameError(f"frame claims T = {t} tokens, more than {MAX_T}")
     if limits is not None:

@@ -19,7 +19,7 @@ from ..ops.checks import FLOAT_DTYPES, check_tensor
 from . import nibble
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
-from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, FRAME_VERSION_V2, MAX_POSITION, decode_symbols, escape_limit, flat_frame, parse_frame_v2, resolve_coder
+from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, FRAME_VERSION_V2, HEAD, MAX_POSITION, decode_symbols, escape_limit, flat_frame, parse_frame_v2, read_varint, resolve_coder
 from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
 
@@ -74,11 +74,10 @@ def _decode_fused_frame(data: bytes | bytearray | memoryview, config: CodecConfi
     if data is None or len(data) < 12 or data[:4] != MAGIC or data[4] != FRAME_VERSION_V2:
         return None
     dtype = CODE_DTYPES.get(data[5] & 0x0F)
-    t, shift, pos = 0, 0, 6
-    while pos < 11 and data[pos] & 0x80:
-        t |= (data[pos] & 0x7F) << shift
-        shift, pos = shift + 7, pos + 1
-    t |= (data[pos] & 0x7F) << shift
+    try:
+        t, _ = read_varint(data, HEAD.size, len(data), "T")
+    except FrameError:
+        return None
     d = config.d
     # Every coded value costs at least a bit and a raw one 16: an output beyond 8 values per frame
     # byte is a forged header, which the reference reports (and nothing that large is allocated).

@@ -350,8 +350,7 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
   const __m256i near_offset = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6, -7, 7, 0));
   auto vec = [](const uint8_t* p, int64_t at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + at)); };
   for (int64_t at = 0; at < d; at += kH) {
-    const int64_t n = d - at;
-    const uint32_t full = n >= kH ? ~uint32_t{0} : (uint32_t{1} << n) - 1;
+    const uint32_t full = lanes_of(L, at);
     const __m256i slot = vec(v, at);
     const __m256i a = vec(start, at), size = vec(sizes, at);
     const __m256i esc_v = _mm256_cmpeq_epi8(slot, size);
@@ -397,7 +396,7 @@ bool symbol_row_impl(const uint8_t* v, const SlotsLayout& L, SlotsEscapes& x, ui
     } else {
       alignas(32) uint8_t tail[kH];
       _mm256_store_si256(reinterpret_cast<__m256i*>(tail), s);
-      std::memcpy(out + at, tail, n);
+      std::memcpy(out + at, tail, d - at);
     }
   }
   const int64_t dist_at = dist_in - x.dist, far_at = far_in - x.far;
