@@ -71,7 +71,8 @@ def _decode_fused_frame(data: bytes | bytearray | memoryview, config: CodecConfi
     if not has_fused() or type(config) is not CodecConfigV2 or config.prediction is not None:
         return None
     data = flat_frame(data)
-    if data is None or len(data) < 12 or data[:4] != MAGIC or data[4] != FRAME_VERSION_V2:
+    if (data is None or len(data) < 12 or data[:4] != MAGIC or data[4] != FRAME_VERSION_V2
+            or data[5] >> 4 not in FUSED_CODERS):  # another coder, or the shifted flag: no output allocated for it
         return None
     dtype = CODE_DTYPES.get(data[5] & 0x0F)
     try:
