@@ -40,13 +40,14 @@ import numpy as np
 import torch
 
 from .._native import load
-from . import nibble, planes, rans, rice, slots
+from . import frame_center, nibble, planes, rans, rice, slots
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
 
 FRAME_VERSION_V2 = 2
 HEAD = struct.Struct("<4sBB")
 SHIFTED_FLAG = 0x80  # dtype byte: the frame carries a start position and residuals (position shifts)
+CENTER_FLAG = 0x08  # dtype byte: the frame carries center offsets (long form only, §5.4.2)
 # Token form (one token): the tag byte's top three bits, then the coder, shifted and raw bits and the dtype code.
 TOKEN_TAG, TOKEN_TAG_MASK = 0xA0, 0xE0
 TOKEN_CODER, TOKEN_SHIFTED, TOKEN_RAW, TOKEN_DTYPE = 0x10, 0x08, 0x04, 0x03
@@ -136,7 +137,9 @@ class EncodedV2:
     i8 ``[T_s, d]``, the low bits of the fine codes of its first ``T_s`` rows (0 at escapes and
     raw rows, docs/FORMATS.md §5.2); else both are None (no row of the frame is shifted). With a
     config's prediction (§5.2.1) ``tokens`` holds the token ids (int64 ``[T]``) and every value
-    (symbols, escapes, raw tokens) is of the residual, in fp32; else it is None.
+    (symbols, escapes, raw tokens) is of the residual, in fp32; else it is None. ``center_offset``:
+    the frame's center offsets (i8 ``[d]``, §5.4.2; every value coded around
+    :meth:`center_array`), or None.
     """
 
     symbols: torch.Tensor
@@ -147,10 +150,15 @@ class EncodedV2:
     start: int | None = None
     residuals: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    center_offset: np.ndarray | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.escapes.dtype
+
+    def center_array(self) -> np.ndarray:
+        """The centers this tensor's values are coded around (fp32 ``[d]``): the config's, moved by the center offsets."""
+        return frame_center.centers(self.config, self.center_offset)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -259,7 +267,8 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
     shifted = None
     if enc.residuals is not None:
         shifted = (enc.start, pack_residuals(enc.residuals.numpy(), cfg.row_shifts(enc.start, t, enc.tokens), raw))
-    return assemble_frame(cfg, code, t, raw, enc.escapes, enc.raw_values, stream, shifted, enc.tokens)
+    return assemble_frame(cfg, code, t, raw, enc.escapes, enc.raw_values, stream, shifted, enc.tokens,
+                          enc.center_offset)
 
 
 def _shift_runs(shifts: np.ndarray, raw: np.ndarray) -> list[tuple[int, int, int]]:
@@ -314,19 +323,23 @@ def _tensor_bytes(values: torch.Tensor) -> bytes:
 
 def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, escapes: torch.Tensor,
                    raw_values: torch.Tensor, stream: bytes | memoryview,
-                   shifted: tuple[int, bytes] | None = None, tokens: torch.Tensor | None = None) -> bytes:
+                   shifted: tuple[int, bytes] | None = None, tokens: torch.Tensor | None = None,
+                   offsets: np.ndarray | None = None) -> bytes:
     """The frame bytes around an already coded symbol ``stream`` (header, sections, CRC; the token
     form when ``t`` is 1); ``shifted``: the start position and packed residual section of a frame
-    with shifted rows; ``tokens``: the token ids, which a config with a prediction needs."""
+    with shifted rows; ``tokens``: the token ids, which a config with a prediction needs;
+    ``offsets``: the frame's center offsets (long frames only)."""
     if (config.prediction is not None) != (tokens is not None):
         raise ValueError("a frame carries token ids exactly when its codec config has a prediction")
+    if offsets is not None and (t == 1 or not np.asarray(offsets).any()):
+        raise ValueError("center offsets travel only in long frames, and only when one is not 0")
     if t == 1:
         if code not in TOKEN_FORM_CODERS:
             raise ValueError(f"a one-token frame cannot carry the {CODER_NAMES[code]} coder (its tag has one coder bit)")
         head = [bytes([TOKEN_TAG | code * TOKEN_CODER | (0 if shifted is None else TOKEN_SHIFTED)
                        | (TOKEN_RAW if raw[0] else 0) | DTYPE_CODES[escapes.dtype]])]
     else:
-        flag = 0 if shifted is None else SHIFTED_FLAG
+        flag = (0 if shifted is None else SHIFTED_FLAG) | (0 if offsets is None else CENTER_FLAG)
         head = [HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4 | flag), _varint(t)]
     parts = [
         *head,
@@ -334,6 +347,7 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
         _varint(int(escapes.numel())),
         *([] if tokens is None else [config.prediction.pack_ids(tokens)]),
         *([] if t == 1 else [np.packbits(raw, bitorder="little").tobytes()]),
+        *([] if offsets is None else [frame_center.pack(offsets)]),
         _tensor_bytes(escapes),
         _tensor_bytes(raw_values),
         *([] if shifted is None else [shifted[1]]),
@@ -364,6 +378,7 @@ class ParsedV2:
     start: int | None = None  # set when the frame has shifted rows
     residual_section: memoryview | None = None
     tokens: torch.Tensor | None = None  # the token ids, with a config's prediction
+    center_offset: np.ndarray | None = None  # i8 [d], when the frame carries center offsets
 
     @property
     def n_raw(self) -> int:
@@ -392,12 +407,14 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     least = 1 + 1 + CRC_BYTES if token else HEAD.size + 2 + CRC_BYTES
     if len(buf) < least:
         raise FrameError(f"frame truncated: {len(buf)} bytes, a v2 {'token ' if token else ''}header needs at least {least}")
+    centered = False
     if token:  # §5.4.1: T = 1, the raw flag in the tag instead of a bitmap
         tag = buf[0]
         dtype_code, coder, shifted = tag & TOKEN_DTYPE, int(bool(tag & TOKEN_CODER)), bool(tag & TOKEN_SHIFTED)
     else:
         magic, version, dtype_byte = HEAD.unpack_from(buf, 0)
-        dtype_code, coder, shifted = dtype_byte & 0x0F, (dtype_byte & 0x7F) >> 4, bool(dtype_byte & SHIFTED_FLAG)
+        dtype_code, coder, shifted = dtype_byte & 0x07, (dtype_byte & 0x7F) >> 4, bool(dtype_byte & SHIFTED_FLAG)
+        centered = bool(dtype_byte & CENTER_FLAG)
         if magic != MAGIC:
             raise FrameError(f"not a codec frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
         if version != FRAME_VERSION_V2:
@@ -451,6 +468,15 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
         raw = np.unpackbits(bitmap, bitorder="little")[:t].astype(bool)
         if t % 8 and int(bitmap[-1]) >> (t % 8):
             raise FrameError("raw bitmap has bits set beyond T")
+    offsets = None
+    if centered:
+        if t == 1:
+            raise FrameError("a one-token frame carries no center offsets")
+        offsets, wrong = frame_center.unpack(take(frame_center.section_bytes(d), "center offsets"), d)
+        if wrong:
+            raise FrameError(wrong)
+        if not np.isfinite(frame_center.centers(config, offsets)).all():
+            raise FrameError("a center offset moves a center beyond the fp32 range")
     n_raw = int(np.count_nonzero(raw))
     n_sym = (t - n_raw) * d
     if n_esc > n_sym:
@@ -468,7 +494,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
             raise FrameError(f"frame claims {t - n_raw} coded tokens, more than a {crc_at - pos}-byte stream can hold")
     elif n_sym > {CODER_RICE: rice.max_symbols, CODER_PLANES: planes.max_symbols}.get(coder, rans.max_symbols)(crc_at - pos):
         raise FrameError(f"frame claims {n_sym} coded values, more than a {crc_at - pos}-byte stream can hold")
-    return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at], start, section, tokens)
+    return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at], start, section, tokens, offsets)
 
 
 def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
@@ -518,4 +544,4 @@ def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
         if (res[symbols[: shifts.shape[0]].numpy() == config.escape_symbol] != 0).any():
             raise FrameError("residual of an escaped value is not 0")
         residuals = torch.from_numpy(res)
-    return EncodedV2(symbols, raw_t, p.escapes, p.raw_values(d), config, p.start, residuals, p.tokens)
+    return EncodedV2(symbols, raw_t, p.escapes, p.raw_values(d), config, p.start, residuals, p.tokens, p.center_offset)

@@ -13,11 +13,12 @@ are copied to the host first.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .._native import load
 from ..ops.checks import FLOAT_DTYPES, check_tensor
-from . import v2_device
+from . import frame_center, v2_device
 from .config_v2 import CodecConfigV2
 from .frame import DTYPE_CODES
 from .frame_v2 import MAX_POSITION, EncodedV2
@@ -30,10 +31,12 @@ def has_fused() -> bool:
     return _C is not None and hasattr(_C, "v2_quantise")
 
 
-def quantise_reference(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symbols u8 ``[T, d]`` (escape symbol where ``|v| > kmax``) and the escape mask, before the raw rule."""
+def quantise_reference(x: torch.Tensor, config: CodecConfigV2,
+                       center: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symbols u8 ``[T, d]`` (escape symbol where ``|v| > kmax``) and the escape mask, before the
+    raw rule; ``center``: a frame's centers (:mod:`.frame_center`) instead of the config's."""
     inv = torch.tensor(config.inv_step_array()).to(x.device)
-    center = torch.tensor(config.center_array()).to(x.device)
+    center = torch.tensor(config.center_array() if center is None else center).to(x.device)
     v = (x.float() - center) * inv
     k = config.kmax
     esc = ~(v.abs() <= k)
@@ -42,7 +45,8 @@ def quantise_reference(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Te
     return sym, esc
 
 
-def _fused_pass(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _fused_pass(x: torch.Tensor, config: CodecConfigV2,
+                center: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The one-pass C++ quantiser on contiguous host ``x``: symbols (raw rows 0), raw flags, the
     escaped values of the coded tokens (input dtype) and how many inputs were not finite."""
     t, d = x.shape
@@ -50,34 +54,38 @@ def _fused_pass(x: torch.Tensor, config: CodecConfigV2) -> tuple[torch.Tensor, t
     n_esc = torch.empty(t, dtype=torch.int32)
     raw = torch.empty(t, dtype=torch.uint8)
     escapes = torch.empty(t * d, dtype=x.dtype)  # never touched beyond what is written
-    center, inv = config.center_array(), config.inv_step_array()
+    center, inv = config.center_array() if center is None else center, config.inv_step_array()
     written, nonfinite = _C.v2_quantise(x.data_ptr(), DTYPE_CODES[x.dtype], t, d, center.ctypes.data, inv.ctypes.data,
                                         config.kmax, config.raw_limit, sym.data_ptr(), n_esc.data_ptr(), raw.data_ptr(),
                                         escapes.data_ptr())
     return sym, raw.bool(), escapes[:written], nonfinite
 
 
-def quantise(x: torch.Tensor, config: CodecConfigV2, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantise(x: torch.Tensor, config: CodecConfigV2, fused: bool | None = None,
+             center: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symbols u8 ``[T, d]`` after the raw rule (raw rows all 0) and the raw flags ``[T]``.
 
     ``fused``: the one-pass C++ kernel (default when built) or the PyTorch reference; bit-exact.
+    ``center``: a frame's centers instead of the config's.
     """
     if fused is None:
         fused = has_fused()
     if not fused:
-        sym, esc = quantise_reference(x, config)
+        sym, esc = quantise_reference(x, config, center)
         raw = esc.sum(1) > config.raw_limit
         sym[raw] = 0
         return sym, raw
-    sym, raw, _, _ = _fused_pass(x.detach().cpu().contiguous(), config)
+    sym, raw, _, _ = _fused_pass(x.detach().cpu().contiguous(), config, center)
     return sym, raw
 
 
-def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fused: bool | None = None) -> torch.Tensor:
-    """``fp32(fp32((sym - kmax) * step) + center)`` in ``dtype`` for every value (no exact overwrites)."""
+def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fused: bool | None = None,
+               center: np.ndarray | None = None) -> torch.Tensor:
+    """``fp32(fp32((sym - kmax) * step) + center)`` in ``dtype`` for every value (no exact
+    overwrites); ``center``: a frame's centers instead of the config's."""
     if fused is None:
         fused = has_fused()
-    step, center = config.step_array(), config.center_array()
+    step, center = config.step_array(), config.center_array() if center is None else center
     if not fused:
         return ((sym.to(torch.int32) - config.kmax).float() * torch.tensor(step) + torch.tensor(center)).to(dtype)
     sym = sym.cpu().contiguous()
@@ -88,18 +96,20 @@ def dequantise(sym: torch.Tensor, config: CodecConfigV2, dtype: torch.dtype, fus
 
 
 def refine(x: torch.Tensor, sym: torch.Tensor, raw: torch.Tensor, config: CodecConfigV2,
-           start: int, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+           start: int, tokens: torch.Tensor | None = None, center: np.ndarray | None = None) -> torch.Tensor | None:
     """Fine codes of the leading rows of ``x [T, d]`` (first token at position ``start``) that the
     config's position shifts make finer (docs/FORMATS.md §5.2): ``fine = rint(v * 2**s)`` splits into
     the coarse code ``(fine + 2**(s-1)) >> s``, written over those rows of ``sym`` in place, and the
     residual ``fine - (coarse << s)`` returned as i8 ``[T_s, d]`` (0 at escapes and raw rows). None
     when no row of the frame is shifted. Escapes are unchanged (same test as the plain quantiser).
-    ``tokens``: the frame's ids, which a config's token shifts need (§5.2.2)."""
+    ``tokens``: the frame's ids, which a config's token shifts need (§5.2.2); ``center``: the
+    frame's centers when it has center offsets."""
     shifts = config.row_shifts(start, x.shape[0], tokens)
     if not shifts.any():
         return None
     n, k = shifts.shape[0], config.kmax
-    v = (x[:n].detach().cpu().float() - torch.tensor(config.center_array())) * torch.tensor(config.inv_step_array())
+    center = config.center_array() if center is None else center
+    v = (x[:n].detach().cpu().float() - torch.tensor(center)) * torch.tensor(config.inv_step_array())
     s = torch.from_numpy(shifts)[:, None].to(torch.int32)
     fine = torch.round(v.clamp(-k, k) * torch.exp2(s.float())).to(torch.int32)  # times 2**s: exact
     coarse = (fine + ((1 << s) >> 1)) >> s  # arithmetic shift: floor
@@ -120,7 +130,7 @@ def apply_residuals(y: torch.Tensor, enc: EncodedV2) -> torch.Tensor:
     keep = (sym != cfg.escape_symbol) & ~enc.raw[:n, None] & (s > 0)
     fine = ((sym - cfg.kmax) << s) + enc.residuals.to(torch.int32)
     step = torch.tensor(cfg.step_array())[None, :] * torch.exp2(-s.float())  # exact: no shift makes a step subnormal
-    value = (fine.float() * step + torch.tensor(cfg.center_array())).to(y.dtype)  # two roundings, as the plain decode
+    value = (fine.float() * step + torch.tensor(enc.center_array())).to(y.dtype)  # two roundings, as the plain decode
     y[:n] = torch.where(keep.to(y.device), value.to(y.device), y[:n])
     return y
 
@@ -164,21 +174,35 @@ def encode_v2(x: torch.Tensor, config: CodecConfigV2, start: int = 0, tokens=Non
         raise ValueError(f"start must be an int position in [0, {MAX_POSITION}], got {start!r}")
     x, ids = predicted_input(x, config, tokens, embedding)
     run = v2_device.kernel(v2_device.ENCODE_OP, x.device)
-    if run is not None:
-        sym, raw, escapes, raw_values, nonfinite = v2_device.encode(x.detach(), config, run)
-    else:
+    if run is None:
         x = x.detach().cpu().contiguous()
+    offsets = _center_offsets(x, config, run)
+    center = None if offsets is None else frame_center.centers(config, offsets)
+    if run is not None:
+        sym, raw, escapes, raw_values, nonfinite = v2_device.encode(x.detach(), config, run, center)
+    else:
         if has_fused():
-            sym, raw, escapes, nonfinite = _fused_pass(x, config)
+            sym, raw, escapes, nonfinite = _fused_pass(x, config, center)
         else:
             nonfinite = int((~torch.isfinite(x)).sum())
-            sym, raw = quantise(x, config, fused=False)
+            sym, raw = quantise(x, config, fused=False, center=center)
             escapes = x[sym == config.escape_symbol]  # raw rows hold no escape symbols
         raw_values = x[raw] if raw.any() else x[:0]
     if nonfinite:
         raise ValueError("x must be finite: NaN/Inf activations are rejected by the codec")
-    residuals = refine(x, sym, raw, config, start, ids)
-    return EncodedV2(sym, raw, escapes, raw_values, config, None if residuals is None else start, residuals, ids)
+    residuals = refine(x, sym, raw, config, start, ids, center)
+    return EncodedV2(sym, raw, escapes, raw_values, config, None if residuals is None else start, residuals, ids,
+                     offsets)
+
+
+def _center_offsets(x: torch.Tensor, config: CodecConfigV2, run) -> np.ndarray | None:
+    """The center offsets of a frame of ``x`` (:func:`frame_center.fit` on its sampled tokens, quantised
+    with the config's center by the device kernel ``run`` or on the host); None for short frames."""
+    if x.shape[0] < frame_center.MIN_TOKENS:
+        return None
+    sample = x[torch.from_numpy(frame_center.sample_rows(x.shape[0])).to(x.device)].detach()
+    sym, raw = v2_device.encode(sample, config, run)[:2] if run is not None else quantise(sample, config)
+    return frame_center.fit(sym.numpy(), raw.numpy(), config.kmax)
 
 
 def decode_v2(enc: EncodedV2, device: torch.device | str | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,11 +215,14 @@ def decode_v2(enc: EncodedV2, device: torch.device | str | None = None, embeddin
     if not isinstance(enc, EncodedV2):
         raise TypeError(f"encoded must be an EncodedV2, got {type(enc).__name__}")
     cfg = enc.config
+    center = enc.center_array()
     if device is not None:
         device = torch.device(device)
         run = v2_device.kernel(v2_device.DECODE_OP, device)
         if run is not None:
-            y = apply_residuals(v2_device.decode(enc.symbols, enc.raw, enc.escapes, enc.raw_values, cfg, device, run), enc)
+            y = v2_device.decode(enc.symbols, enc.raw, enc.escapes, enc.raw_values, cfg, device, run,
+                                 None if enc.center_offset is None else center)
+            y = apply_residuals(y, enc)
             return add_prediction(y, enc, embedding)
     sym = enc.symbols.contiguous()
     if has_fused():
@@ -203,10 +230,10 @@ def decode_v2(enc: EncodedV2, device: torch.device | str | None = None, embeddin
         raw = enc.raw.to(torch.uint8).contiguous()
         escapes = enc.escapes.contiguous()
         _C.v2_dequantise(sym.data_ptr(), sym.shape[0], sym.shape[1], cfg.step_array().ctypes.data,
-                         cfg.center_array().ctypes.data, cfg.kmax, DTYPE_CODES[enc.dtype], y.data_ptr(), raw.data_ptr(),
+                         center.ctypes.data, cfg.kmax, DTYPE_CODES[enc.dtype], y.data_ptr(), raw.data_ptr(),
                          escapes.data_ptr(), escapes.numel())
     else:
-        y = dequantise(sym, cfg, enc.dtype, fused=False)
+        y = dequantise(sym, cfg, enc.dtype, fused=False, center=center)
         y.masked_scatter_(sym == cfg.escape_symbol, enc.escapes)  # raw rows hold no escape symbols
     if enc.raw_values.shape[0]:
         y[enc.raw] = enc.raw_values

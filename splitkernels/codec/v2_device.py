@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 
 from ..registry import resolve
@@ -107,17 +108,19 @@ def _to_host(src: torch.Tensor, dst: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-def encode(x: torch.Tensor, config: CodecConfigV2, run: Callable) -> tuple[torch.Tensor, ...]:
+def encode(x: torch.Tensor, config: CodecConfigV2, run: Callable, center: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
     """Quantise ``x [T, d]`` on its device with the kernel ``run``; host ``(symbols, raw, escapes,
-    raw_values, nonfinite)`` as the frame writer needs them (views of one pinned buffer)."""
+    raw_values, nonfinite)`` as the frame writer needs them (views of one pinned buffer).
+    ``center``: a frame's centers (fp32 ``[d]``) instead of the config's."""
     t, d = x.shape
     lay = layout(t, d, x.element_size())
     if t == 0:
         empty = x.new_empty((0,), device="cpu")
         return torch.empty(0, d, dtype=torch.uint8), torch.zeros(0, dtype=torch.bool), empty, empty.reshape(0, d), 0
     arrays = config_arrays(config, x.device)
+    centers = arrays["center"] if center is None else torch.from_numpy(center).to(x.device)
     packed = torch.empty(lay.capacity, dtype=torch.uint8, device=x.device)
-    run(x.contiguous(), arrays["center"], arrays["inv_step"], config.kmax, config.raw_limit, packed, lay.sym_off,
+    run(x.contiguous(), centers, arrays["inv_step"], config.kmax, config.raw_limit, packed, lay.sym_off,
         lay.val_off)
     first = lay.val_off + spill_bytes(lay)
     host = _host_buffer(lay.capacity if first == lay.capacity else first, x.device)
@@ -136,9 +139,10 @@ def encode(x: torch.Tensor, config: CodecConfigV2, run: Callable) -> tuple[torch
 
 
 def decode(symbols: torch.Tensor, raw: torch.Tensor, escapes: torch.Tensor, raw_values: torch.Tensor,
-           config: CodecConfigV2, device: torch.device, run: Callable) -> torch.Tensor:
+           config: CodecConfigV2, device: torch.device, run: Callable, center: np.ndarray | None = None) -> torch.Tensor:
     """Dequantise host ``symbols``/``raw``/``escapes``/``raw_values`` on ``device`` with the kernel
-    ``run`` after one host-to-device copy. The counts are checked on the host first."""
+    ``run`` after one host-to-device copy. The counts are checked on the host first. ``center``:
+    a frame's centers instead of the config's."""
     t, d = symbols.shape
     dtype = escapes.dtype
     n_esc, n_raw = escapes.numel(), raw_values.shape[0]
@@ -161,5 +165,6 @@ def decode(symbols: torch.Tensor, raw: torch.Tensor, escapes: torch.Tensor, raw_
     values[n_esc:] = raw_values.reshape(-1)
     packed = host.to(device, non_blocking=True) if device.type == "cuda" else host
     arrays = config_arrays(config, device)
-    run(packed, lay.sym_off, lay.val_off, n_esc, arrays["step"], arrays["center"], config.kmax, out)
+    centers = arrays["center"] if center is None else torch.from_numpy(center).to(device)
+    run(packed, lay.sym_off, lay.val_off, n_esc, arrays["step"], centers, config.kmax, out)
     return out

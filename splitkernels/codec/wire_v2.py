@@ -16,7 +16,7 @@ import torch
 
 from .._native import load
 from ..ops.checks import FLOAT_DTYPES, check_tensor
-from . import nibble
+from . import frame_center, nibble
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
 from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, FRAME_VERSION_V2, HEAD, MAX_POSITION, decode_symbols, escape_limit, flat_frame, parse_frame_v2, read_varint, resolve_coder
@@ -52,7 +52,8 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
             return frame
     if config.prediction is not None:
         return encode_v2(x, config, start, tokens, embedding).to_bytes(coder)
-    if code not in FUSED_CODERS or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
+    if (code not in FUSED_CODERS or not has_fused() or t >= frame_center.MIN_TOKENS
+            or (isinstance(start, int) and config.row_shifts(start, t).any())):
         return encode_v2(x, config, start).to_bytes(coder)  # also validates start
     x = x.detach().cpu().contiguous()
     frame = _C.v2_encode_long_frame(x.data_ptr(), DTYPE_CODES[x.dtype], t, d, code,
@@ -109,7 +110,8 @@ def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 
     stream = np.frombuffer(p.stream, dtype=np.uint8)
     escapes = p.escapes.contiguous()
     head = (stream.ctypes.data, stream.shape[0], p.t, d, flags.ctypes.data)
-    dequantiser = (config.step_array().ctypes.data, config.center_array().ctypes.data, config.kmax,
+    center = frame_center.centers(config, p.center_offset)
+    dequantiser = (config.step_array().ctypes.data, center.ctypes.data, config.kmax,
                    DTYPE_CODES[p.dtype], out.data_ptr(), escapes.data_ptr(), escapes.numel())
     if p.coder == CODER_NIBBLE:
         err = _C.v2_decode_nibble(*head, nibble.window_start(config.freqs), *dequantiser)

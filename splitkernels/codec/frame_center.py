@@ -1,0 +1,79 @@
+"""Per-frame center offsets of codec v2 long frames (docs/FORMATS.md §5.4.2).
+
+A config's ``center`` is each channel's median on the calibration text, so its tables expect the
+channel's median code at ``kmax``. On another text the channels drift: on Gemma 3 270M split 13,
+74% of the channels of a Botchan window had their median code away from ``kmax`` (SmolLM2 split
+15: 56%), and every coder paid for it (the cost model of bench/results/codec_v2/s22: 0.11 bit
+per element with rANS or slots on Gemma 3, 0.02-0.03 on SmolLM2). A long frame may therefore
+carry one offset ``o_c`` in ``[-8, 7]`` steps per channel, and all its values then code and decode
+around ``fp32(center_c + fp32(o_c * step_c))`` instead of ``center_c``.
+
+The encoder's rule (any offsets decode; this is the rule both encoders here follow, so their
+frames are byte for byte the same): frames of at least :data:`MIN_TOKENS` tokens sample every
+``T // 64``-th token (:func:`sample_rows`), quantise those with the config's center, and take per
+channel the lower median of the sampled coded tokens' symbols minus ``kmax``, clipped to the range
+(:func:`fit`). Frames of all-zero offsets, or shorter ones, carry none: the section costs 4 bits
+per channel (0.0078 bit per element at 512 tokens, 0.016 at 256, where SmolLM2 still gains).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config_v2 import CodecConfigV2
+
+MIN_TOKENS = 256  # shorter frames carry no offsets
+SAMPLE_ROWS = 64  # about this many tokens are sampled
+LOW, HIGH = -8, 7  # an offset is one signed nibble
+
+
+def sample_rows(t: int) -> np.ndarray:
+    """Indices of the tokens a frame of ``t`` tokens samples: every ``max(1, t // SAMPLE_ROWS)``-th from 0."""
+    return np.arange(0, t, max(1, t // SAMPLE_ROWS))
+
+
+def fit(symbols: np.ndarray, raw: np.ndarray, kmax: int) -> np.ndarray | None:
+    """Offsets (i8 ``[d]``) from the symbols ``[n, d]`` of the sampled tokens quantised with the
+    config's center and their raw flags ``[n]``: the lower median of the coded tokens' symbols
+    minus ``kmax``, clipped to ``[LOW, HIGH]``; None when every offset is 0 or no sampled token is coded."""
+    coded = np.asarray(symbols)[~np.asarray(raw, dtype=bool)]
+    if coded.shape[0] == 0:
+        return None
+    median = np.sort(coded, axis=0)[(coded.shape[0] - 1) // 2].astype(np.int64)
+    offsets = np.clip(median - kmax, LOW, HIGH).astype(np.int8)
+    return offsets if offsets.any() else None
+
+
+def centers(config: CodecConfigV2, offsets: np.ndarray | None) -> np.ndarray:
+    """The frame's centers: ``fp32(center + fp32(offset * step))`` per channel (fp32 ``[d]``, two
+    IEEE roundings, no fused multiply-add), or the config's own without offsets."""
+    if offsets is None:
+        return config.center_array()
+    with np.errstate(over="ignore"):  # a forged offset may overflow; the parser checks finiteness
+        return config.center_array() + np.asarray(offsets, dtype=np.float32) * config.step_array()
+
+
+def section_bytes(d: int) -> int:
+    """Bytes of the offset section of ``d`` channels: one nibble each."""
+    return (d + 1) // 2
+
+
+def pack(offsets: np.ndarray) -> bytes:
+    """The section: offset ``c`` as a two's complement nibble, the even channel in the low nibble,
+    a last padding nibble 0."""
+    nib = (np.asarray(offsets, dtype=np.int8).astype(np.uint8) & 15)
+    if nib.shape[0] % 2:
+        nib = np.append(nib, np.uint8(0))
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack(section: bytes | memoryview, d: int) -> tuple[np.ndarray | None, str]:
+    """The offsets (i8 ``[d]``) of a section of :func:`section_bytes` bytes, and "" or why it is
+    invalid (a set padding nibble, or every offset 0: such a frame carries no section)."""
+    raw = np.frombuffer(section, dtype=np.uint8)
+    nib = np.stack([raw & 15, raw >> 4], axis=1).reshape(-1)
+    if d % 2 and nib[d]:
+        return None, "center offset section's padding nibble is set"
+    offsets = ((nib[:d].astype(np.int16) ^ 8) - 8).astype(np.int8)
+    if not offsets.any():
+        return None, "center offset section holds only zeros (such a frame carries none)"
+    return offsets, ""
