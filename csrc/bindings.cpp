@@ -207,7 +207,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "v2_encode_long_frame",
       [](std::uintptr_t x, int dtype, int64_t T, int64_t d, int coder, std::uintptr_t center, std::uintptr_t inv,
-         int kmax, int64_t raw_limit, int window, std::uintptr_t first, std::uintptr_t second,
+         std::uintptr_t step, int kmax, int64_t raw_limit, int window, std::uintptr_t first, std::uintptr_t second,
          uint32_t crc_seed) -> py::object {
         const sk::FusedCoder fused{coder, window, ptr<const uint8_t>(first), ptr<const uint8_t>(second)};
         sk::LongFrameParts parts;
@@ -216,7 +216,7 @@ PYBIND11_MODULE(_C, m) {
         {
           py::gil_scoped_release nogil;
           err = sk::encode_long_parts(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv),
-                                      kmax, raw_limit, fused, &parts, &nonfinite);
+                                      ptr<const float>(step), kmax, raw_limit, fused, &parts, &nonfinite);
         }
         check(err);
         if (nonfinite) return py::none();
@@ -230,11 +230,12 @@ PYBIND11_MODULE(_C, m) {
         return bytes;
       },
       py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("coder"), py::arg("center"), py::arg("inv"),
-      py::arg("kmax"), py::arg("raw_limit"), py::arg("window"), py::arg("first"), py::arg("second"),
+      py::arg("step"), py::arg("kmax"), py::arg("raw_limit"), py::arg("window"), py::arg("first"), py::arg("second"),
       py::arg("crc_seed"),
       "x [T, d] (contiguous, T >= 1) as a long codec v2 frame of a fused coder (1 nibble with its window start, "
-      "4 bit planes or 5 slots with their per-channel u8 [d] arrays first and second), quantised, coded and framed "
-      "in one call, its CRC continuing crc_seed; None when x holds a NaN or infinity.");
+      "4 bit planes or 5 slots with their per-channel u8 [d] arrays first and second), quantised around its center "
+      "offsets where it takes them, coded and framed in one call, its CRC continuing crc_seed; None when x holds a "
+      "NaN or infinity.");
   m.def(
       "v2_decode_slots",
       [](std::uintptr_t data, int64_t len, int64_t T, int64_t d, std::uintptr_t raw, std::uintptr_t start,

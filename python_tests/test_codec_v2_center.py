@@ -12,7 +12,8 @@ import torch
 from splitkernels.codec import CodecConfigV2, FrameError, decode, decode_frame, encode, encode_frame, from_bytes
 from splitkernels.codec import frame_center, rans
 from splitkernels.codec.frame_v2 import CENTER_FLAG, CRC_BYTES, FRAME_CODERS, HEAD, crc32
-from splitkernels.codec.v2 import quantise
+from splitkernels.codec.v2 import has_fused, quantise
+from splitkernels.codec.wire_v2 import _decode_fused_frame
 
 from test_codec_v2_golden import CONFIG
 
@@ -93,9 +94,22 @@ def test_every_coder_round_trips_offset_frames(coder, dtype):
     assert encode_frame(x, cfg, coder) == frame  # the one-call writer follows the same rule
     for got in (decode(from_bytes(frame, config=cfg)), decode_frame(frame, config=cfg)):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    if has_fused() and coder in ("nibble", "planes", "slots"):  # the one-call C++ decoder takes these frames
+        assert torch.equal(_decode_fused_frame(frame, cfg, None).view(torch.uint8), want.view(torch.uint8))
     # Every value decodes within half a step of the input (the offsets move the center, not the step).
     coded = ~enc.raw
     assert ((want[coded].float() - x[coded].float()).abs() <= 0.125 + 1e-2 * x[coded].float().abs()).all()
+
+
+@pytest.mark.parametrize("t", [255, 256, 383, 1000])
+def test_one_call_encoder_follows_the_rule_at_every_sample_stride(t):
+    cfg, x = _drifted(t, 40, [(3 * c) % 17 - 8 for c in range(40)], seed=t)
+    x[::7, 3] = 500.0  # escapes in sampled and unsampled tokens
+    x[4] *= 80  # a raw sampled token
+    enc = encode(x, cfg)
+    assert (enc.center_offset is None) == (t < frame_center.MIN_TOKENS)
+    for coder in ("nibble", "planes", "slots"):
+        assert encode_frame(x, cfg, coder) == enc.to_bytes(coder)
 
 
 def test_reference_and_fused_quantisers_agree_with_offsets():
@@ -155,3 +169,5 @@ def test_golden_center_offset_frame():
     assert enc.escapes.numel() == 0 and not enc.raw.any()
     assert hashlib.sha256(frame).hexdigest() == GOLDEN_SHA256, (len(frame), frame.hex())
     assert torch.equal(decode(from_bytes(frame, config=CONFIG)), GOLDEN_X)
+    for coder in ("nibble", "planes", "slots"):  # kmax 2: thresholds below symbol 0 in the C++ bisection
+        assert encode_frame(GOLDEN_X, CONFIG, coder) == enc.to_bytes(coder)

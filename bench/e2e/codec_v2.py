@@ -51,19 +51,23 @@ class Recorder:
     """A transform that also keeps the one-token-frame byte count of every window it saw."""
 
     def __init__(self, fn) -> None:
-        self.fn, self.decode_bytes, self.elements = fn, 0, 0
+        self.fn, self.decode_bytes, self.elements, self.coder_bytes = fn, 0, 0, {}
 
     def __call__(self, x: torch.Tensor) -> TransferResult:
-        res, per_token = self.fn(x)
+        res, per_token, *by_coder = self.fn(x)
         self.decode_bytes += per_token
         self.elements += x.numel()
+        for coder, n in (by_coder[0] if by_coder else {}).items():
+            self.coder_bytes[coder] = self.coder_bytes.get(coder, 0) + n
         return res
 
 
-def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor, coder: str | None = None):
+def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor, coder: str | None = None,
+                 also: tuple[str, ...] = ()):
     """The v2 round trip of each window; ``tokens()`` gives the window's ids (a config with a
     prediction sends them, and ``embedding`` is the model's input table). ``coder``: the symbol
-    coder of the 512-token frames (one-token frames always take rANS)."""
+    coder of the 512-token frames (one-token frames always take rANS); ``also``: other coders whose
+    512-token frame bytes are recorded beside it."""
     def run(x: torch.Tensor):
         xw = x.to(wire)
         ids = tokens()
@@ -71,7 +75,8 @@ def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor, coder:
         y = decode(enc, embedding=embedding).to(x.dtype)
         per_token = sum(encode(xw[t : t + 1], cfg, start=t, tokens=ids[t : t + 1], embedding=embedding).nbytes
                         for t in range(x.shape[0]))
-        return TransferResult(y, len(enc.to_bytes(coder)), 0.0, int(enc.escapes.numel())), per_token
+        others = {c: len(enc.to_bytes(c)) for c in also}
+        return TransferResult(y, len(enc.to_bytes(coder)), 0.0, int(enc.escapes.numel())), per_token, others
     return run
 
 
@@ -133,6 +138,8 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--coder", choices=FRAME_CODERS, default=None,
                     help="symbol coder of the v2 512-token frames (default rans, the fewest bytes)")
+    ap.add_argument("--also-coders", nargs="*", choices=FRAME_CODERS, default=[],
+                    help="with --bits measured: also record the 512-token frame bits of these coders (bits_512_by_coder)")
     ap.add_argument("--no-prediction", action="store_true",
                     help="the measured rule without the token prediction (calibrate_measured(predict=False))")
     args = ap.parse_args()
@@ -177,13 +184,16 @@ def main() -> None:
         rec = Recorder(fn)
         with torch.no_grad():
             p = ev.measure(layer, None, None, None, rec)
+        if rec.coder_bytes:
+            extra = {**(extra or {}), "bits_512_by_coder": {c: 8.0 * n / rec.elements for c, n in rec.coder_bytes.items()}}
         row = {"layer": layer, "codec": name, "bits_512": p.bits_per_element,
                "bits_1": 8.0 * rec.decode_bytes / rec.elements, "kl": p.kl, "ppl_change": p.ppl_change,
                "top1": p.top1_agreement, **(extra or {})}
         results["rows"].append(row)
         (out / "results.json").write_text(json.dumps(results, indent=1))
+        others = " ".join(f"{c}={b:.3f}" for c, b in row.get("bits_512_by_coder", {}).items())
         print(f"[{time.time() - t0:5.0f}s] l={layer:2d} {name:28s} bits512={row['bits_512']:.3f} "
-              f"bits1={row['bits_1']:.3f} kl={p.kl:.4f} ppl={p.ppl_change * 100:+.2f}%", flush=True)
+              f"bits1={row['bits_1']:.3f} kl={p.kl:.4f} ppl={p.ppl_change * 100:+.2f}% {others}", flush=True)
 
     for layer in layers:
         wire = wires[layer]
@@ -193,7 +203,7 @@ def main() -> None:
                 cfg = calibrate_measured(model, list(calib), layer, fisher, wire_dtype=wire, predict=not args.no_prediction)
                 record(layer, "v2 fisher measured" + (" predicted" if cfg.prediction else "")
                        + (f", {args.coder}" if args.coder else ""),
-                       v2_transform(cfg, wire, window_ids, table, args.coder), {"info": cfg.info})
+                       v2_transform(cfg, wire, window_ids, table, args.coder, tuple(args.also_coders)), {"info": cfg.info})
                 continue
             for positions in (True, False) if args.compare_positions else (True,):
                 cfg = calibrate(fisher.hidden, bits=None if b == "default" else float(b), sensitivity=fisher.channel,

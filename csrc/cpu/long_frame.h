@@ -33,14 +33,16 @@ struct LongFrameParts {
   const uint8_t* x = nullptr;  // [T, d] of dtype: the raw rows' values
   const uint8_t* stream = nullptr;
   int64_t stream_len = 0;
+  const int8_t* offsets = nullptr;  // [d] center offsets (frame_center.h), or null
 };
 
 // Quantises and codes x [T, d] (dtype 0 fp32, 1 fp16, 2 bf16, contiguous) with the coder into this
-// thread's scratch and describes the frame's parts: "" or why the arguments are out of range;
-// *nonfinite set (and no parts) when x holds a NaN or infinity.
+// thread's scratch, around the frame's center offsets where it takes them (frame_center.h), and
+// describes the frame's parts: "" or why the arguments are out of range; *nonfinite set (and no
+// parts) when x holds a NaN or infinity.
 std::string encode_long_parts(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
-                              int kmax, int64_t raw_limit, const FusedCoder& coder, LongFrameParts* parts,
-                              bool* nonfinite);
+                              const float* step, int kmax, int64_t raw_limit, const FusedCoder& coder,
+                              LongFrameParts* parts, bool* nonfinite);
 
 // Bytes of the frame of these parts.
 int64_t long_frame_size(const LongFrameParts& parts);
@@ -62,7 +64,7 @@ struct LongFrameConfig {
 };
 
 // Decodes data[0, len) into out [T, d] of `dtype` when it is a valid long frame of a fused coder
-// with T tokens, no shifted rows and at most max_escapes escapes (< 0: any): true then. As the
+// with T tokens (center offsets or not), no shifted rows and at most max_escapes escapes (< 0: any): true then. As the
 // one-token path (token_frame.h), the Python parser stays the reference: this accepts only frames
 // it accepts, with the same values, and declines (false, out maybe partly written) everything
 // else, after which the caller runs the reference, which decodes or raises its own error. The

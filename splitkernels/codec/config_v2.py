@@ -231,9 +231,10 @@ class CodecConfigV2:
     def fused_frame_args(self) -> dict[str, tuple]:
         """Per fused coder (``"nibble"``, ``"planes"``, ``"slots"``), the arguments after ``x, dtype,
         T, d, coder`` of the C++ long-frame encoder (``_C.v2_encode_long_frame``): the addresses of
-        this config's arrays (kept alive by it), kmax, raw_limit, the coder's parameters and the CRC
-        seed. Read once: numpy's ``.ctypes.data`` costs a microsecond per array per call."""
-        head = (self.center_array().ctypes.data, self.inv_step_array().ctypes.data, self.kmax, self.raw_limit)
+        this config's center, inverse step and step arrays (kept alive by it), kmax, raw_limit, the
+        coder's parameters and the CRC seed. Read once: numpy's ``.ctypes.data`` costs a microsecond per array per call."""
+        head = (self.center_array().ctypes.data, self.inv_step_array().ctypes.data, self.step_array().ctypes.data,
+                self.kmax, self.raw_limit)
         args = {"nibble": head + (nibble.window_start(self.freqs), 0, 0, self.crc_seed)}
         for name, (first, second) in self.fused_params.items():
             args[name] = head + (0, first.ctypes.data, second.ctypes.data, self.crc_seed)

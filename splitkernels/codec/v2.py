@@ -202,7 +202,8 @@ def _center_offsets(x: torch.Tensor, config: CodecConfigV2, run) -> np.ndarray |
         return None
     sample = x[torch.from_numpy(frame_center.sample_rows(x.shape[0])).to(x.device)].detach()
     sym, raw = v2_device.encode(sample, config, run)[:2] if run is not None else quantise(sample, config)
-    return frame_center.fit(sym.numpy(), raw.numpy(), config.kmax)
+    offsets = frame_center.fit(sym.numpy(), raw.numpy(), config.kmax)
+    return offsets if offsets is not None and np.isfinite(frame_center.centers(config, offsets)).all() else None
 
 
 def decode_v2(enc: EncodedV2, device: torch.device | str | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:

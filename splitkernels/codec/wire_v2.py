@@ -52,8 +52,7 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
             return frame
     if config.prediction is not None:
         return encode_v2(x, config, start, tokens, embedding).to_bytes(coder)
-    if (code not in FUSED_CODERS or not has_fused() or t >= frame_center.MIN_TOKENS
-            or (isinstance(start, int) and config.row_shifts(start, t).any())):
+    if code not in FUSED_CODERS or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
         return encode_v2(x, config, start).to_bytes(coder)  # also validates start
     x = x.detach().cpu().contiguous()
     frame = _C.v2_encode_long_frame(x.data_ptr(), DTYPE_CODES[x.dtype], t, d, code,
@@ -75,7 +74,7 @@ def _decode_fused_frame(data: bytes | bytearray | memoryview, config: CodecConfi
     if (data is None or len(data) < 12 or data[:4] != MAGIC or data[4] != FRAME_VERSION_V2
             or data[5] >> 4 not in FUSED_CODERS):  # another coder, or the shifted flag: no output allocated for it
         return None
-    dtype = CODE_DTYPES.get(data[5] & 0x0F)
+    dtype = CODE_DTYPES.get(data[5] & 0x07)  # bit 3: center offsets, decoded there too
     try:
         t, _ = read_varint(data, HEAD.size, len(data), "T")
     except FrameError:
