@@ -340,7 +340,7 @@ namespace {
 // row, to the row coder (when not null) while the row is still in L1.
 std::string quantise_rows(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
                           int kmax, int64_t raw_limit, uint8_t* sym, RowWriter* writer, int32_t* n_esc,
-                          uint8_t* raw, void* escapes, int64_t* totals) {
+                          uint8_t* raw, void* escapes, int64_t* totals, int64_t row_step = 1) {
   std::string err = check_dtype(dtype, "v2_quantise");
   if (!err.empty()) return err;
   if (kmax < 1 || kmax > 127) return "v2_quantise: kmax must be in [1, 127]";
@@ -351,7 +351,7 @@ std::string quantise_rows(const void* x, int dtype, int64_t T, int64_t d, const 
   std::vector<uint8_t> row_sym(sym ? 0 : static_cast<size_t>(d));  // one row's symbols when sym is null
   int64_t written = 0, nonfinite = 0;
   for (int64_t t = 0; t < T; ++t) {
-    const uint8_t* xr = static_cast<const uint8_t*>(x) + t * d * item;
+    const uint8_t* xr = static_cast<const uint8_t*>(x) + t * row_step * d * item;
     uint8_t* s = sym ? sym + t * d : row_sym.data();
     const int64_t count = isa->quantise(xr, dtype, d, center, inv, kmax, s, row_escapes.data(), nonfinite);
     n_esc[t] = static_cast<int32_t>(count);
@@ -375,8 +375,9 @@ std::string quantise_rows(const void* x, int dtype, int64_t T, int64_t d, const 
 
 std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
                         int kmax, int64_t raw_limit, uint8_t* sym, int32_t* n_esc, uint8_t* raw, void* escapes,
-                        int64_t* totals) {
-  return quantise_rows(x, dtype, T, d, center, inv, kmax, raw_limit, sym, nullptr, n_esc, raw, escapes, totals);
+                        int64_t* totals, int64_t row_step) {
+  return quantise_rows(x, dtype, T, d, center, inv, kmax, raw_limit, sym, nullptr, n_esc, raw, escapes, totals,
+                       row_step);
 }
 
 std::string v2_dequantise(const uint8_t* sym, int64_t T, int64_t d, const float* step, const float* center, int kmax,

@@ -17,9 +17,10 @@ namespace sk {
 // When escapes is not null, the exact escaped values of the coded (not raw) tokens are written
 // there in the input dtype, token-major, channel ascending (room for T*d values suffices).
 // totals[0] = escaped values written, totals[1] = non-finite inputs seen (the caller rejects > 0).
+// row_step > 1: the T rows quantised are rows 0, row_step, 2 * row_step, ... of x (a sample).
 std::string v2_quantise(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
                         int kmax, int64_t raw_limit, uint8_t* sym, int32_t* n_esc, uint8_t* raw, void* escapes,
-                        int64_t* totals);
+                        int64_t* totals, int64_t row_step = 1);
 
 // out [T, d] (dtype) = fp32(fp32((sym - kmax) * step) + center) for every coded value. Rows with
 // raw[t] != 0 are skipped (raw may be null: no raw rows). When n_escapes >= 0, escape symbols take

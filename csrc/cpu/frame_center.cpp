@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common/half.h"
@@ -12,45 +13,59 @@ namespace sk {
 bool fit_center_offsets(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
                         int kmax, int64_t raw_limit, int8_t* offsets) {
   if (T < kCenterMinTokens) return false;
-  const int64_t stride = std::max<int64_t>(1, T / kCenterSamples), item = dtype == kFloat32 ? 4 : 2;
-  thread_local std::vector<uint8_t> sample, escapes;
-  sample.resize(((T + stride - 1) / stride) * d);
-  escapes.resize(d * item);
-  int64_t n = 0;  // coded sampled tokens
-  for (int64_t t = 0; t < T; t += stride) {
-    int32_t n_esc = 0;
-    uint8_t raw = 0;
-    int64_t totals[3] = {0, 0, 0};
-    const std::string err = v2_quantise(static_cast<const uint8_t*>(x) + t * d * item, dtype, 1, d, center, inv, kmax,
-                                        raw_limit, sample.data() + n * d, &n_esc, &raw, escapes.data(), totals);
-    if (!err.empty()) return false;
-    n += raw ? 0 : 1;
+  const int64_t stride = std::max<int64_t>(1, T / kCenterSamples);
+  const int64_t rows = (T + stride - 1) / stride;
+  thread_local std::vector<uint8_t> sample, raw;
+  thread_local std::vector<int32_t> n_esc;
+  sample.resize(rows * d);
+  raw.resize(rows);
+  n_esc.resize(rows);
+  int64_t totals[3] = {0, 0, 0};
+  if (!v2_quantise(x, dtype, rows, d, center, inv, kmax, raw_limit, sample.data(), n_esc.data(), raw.data(), nullptr,
+                   totals, stride)
+           .empty())
+    return false;
+  int64_t n = 0;  // the coded sampled tokens, packed to the front
+  for (int64_t r = 0; r < rows; ++r) {
+    if (raw[r]) continue;
+    if (n != r) std::memcpy(sample.data() + n * d, sample.data() + r * d, d);
+    ++n;
   }
   if (n == 0) return false;
   // Per channel the smallest offset o in [-8, 7) whose count of symbols <= kmax + o reaches the
-  // lower median's rank, else 7: a bisection over the 16 offsets, all channels at once.
-  const int64_t rank = (n - 1) / 2 + 1;
-  std::vector<int8_t> lo(d, kCenterLow), hi(d, kCenterHigh);
-  std::vector<int16_t> threshold(d);
-  std::vector<uint8_t> count(d);
+  // lower median's rank, else 7: a bisection over the 16 offsets, all channels at once, in bytes
+  // (symbols < limit, limit = kmax + o + 1 in [0, 135]) so that the count loop is a byte compare.
+  const uint8_t rank8 = static_cast<uint8_t>((n - 1) / 2 + 1);  // n <= 128
+  thread_local std::vector<int8_t> lo_v, hi_v;
+  thread_local std::vector<uint8_t> limit_v, count_v;
+  lo_v.assign(d, kCenterLow);
+  hi_v.assign(d, kCenterHigh);
+  limit_v.resize(d);
+  count_v.resize(d);
+  // Local restrict pointers: the thread-local vectors' data would otherwise be reloaded per channel.
+  int8_t* __restrict lo = lo_v.data();
+  int8_t* __restrict hi = hi_v.data();
+  uint8_t* __restrict limit = limit_v.data();
+  uint8_t* __restrict count = count_v.data();
   for (int step = 0; step < 4; ++step) {
-    for (int64_t c = 0; c < d; ++c) threshold[c] = static_cast<int16_t>(kmax + ((lo[c] + hi[c]) >> 1));
-    std::fill(count.begin(), count.end(), uint8_t{0});
-    for (int64_t r = 0; r < n; ++r) {
-      const uint8_t* s = sample.data() + r * d;
-      for (int64_t c = 0; c < d; ++c) count[c] += static_cast<uint8_t>(s[c] <= threshold[c]);
-    }
     for (int64_t c = 0; c < d; ++c) {
+      const int bound = kmax + ((lo[c] + hi[c]) >> 1) + 1;
+      limit[c] = static_cast<uint8_t>(bound < 0 ? 0 : bound);
+    }
+    std::memset(count, 0, d);
+    for (int64_t r = 0; r < n; ++r) {
+      const uint8_t* __restrict s = sample.data() + r * d;
+      for (int64_t c = 0; c < d; ++c) count[c] = static_cast<uint8_t>(count[c] + (s[c] < limit[c]));
+    }
+    for (int64_t c = 0; c < d; ++c) {  // branch-free, so that it vectorises: reached ? hi = mid : lo = mid + 1
       const int8_t mid = static_cast<int8_t>((lo[c] + hi[c]) >> 1);
-      if (count[c] >= rank) hi[c] = mid; else lo[c] = static_cast<int8_t>(mid + 1);
+      const int8_t reached = static_cast<int8_t>(-static_cast<int8_t>(count[c] >= rank8));
+      hi[c] = static_cast<int8_t>((mid & reached) | (hi[c] & ~reached));
+      lo[c] = static_cast<int8_t>(((mid + 1) & ~reached) | (lo[c] & reached));
     }
   }
-  bool any = false;
-  for (int64_t c = 0; c < d; ++c) {
-    offsets[c] = lo[c];
-    any |= lo[c] != 0;
-  }
-  return any;
+  std::memcpy(offsets, lo, d);
+  return std::any_of(lo, lo + d, [](int8_t o) { return o != 0; });
 }
 
 bool frame_centers(const float* center, const float* step, const int8_t* offsets, int64_t d, float* out) {
