@@ -18,6 +18,7 @@
 #include "cpu/codec.h"
 #include "common/half.h"
 #include "cpu/codec_v2.h"
+#include "cpu/frame_center.h"
 #include "cpu/crc32.h"
 #include "cpu/linear.h"
 #include "cpu/nibble.h"
@@ -26,6 +27,7 @@
 #include "cpu/slots.h"
 #include "cpu/rice.h"
 #include "cpu/thread_pool.h"
+#include "cpu/frame_center.h"
 #include "cpu/long_frame.h"
 #include "cpu/token_frame.h"
 
@@ -142,6 +144,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("raw_limit"), py::arg("sym"), py::arg("n_esc"), py::arg("raw"), py::arg("escapes"), nogil,
       "Codec v2 fused quantise of x [T, d] into symbols u8 [T, d], escape counts i32 [T], raw flags u8 [T] and "
       "(escapes != 0) the escaped values; returns (escapes written, non-finite inputs).");
+
+  m.def(
+      "v2_center_offsets",
+      [](std::uintptr_t x, int dtype, int64_t T, int64_t d, std::uintptr_t center, std::uintptr_t inv, int kmax,
+         int64_t raw_limit, std::uintptr_t offsets) {
+        if (dtype < sk::kFloat32 || dtype > sk::kBFloat16 || kmax < 1 || kmax > 127 || T < 0 || d < 1)
+          throw std::invalid_argument("v2_center_offsets: unknown dtype, or kmax, T or d out of range");
+        return sk::fit_center_offsets(ptr<const void>(x), dtype, T, d, ptr<const float>(center), ptr<const float>(inv),
+                                      kmax, raw_limit, ptr<int8_t>(offsets));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("center"), py::arg("inv"), py::arg("kmax"),
+      py::arg("raw_limit"), py::arg("offsets"), nogil,
+      "The center offsets (i8 [d] into offsets) of a codec v2 frame of x [T, d] by the encoder's rule "
+      "(docs/FORMATS.md 5.4.2); True when the frame carries them.");
 
   m.def(
       "v2_dequantise",

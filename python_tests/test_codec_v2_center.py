@@ -105,9 +105,13 @@ def test_every_coder_round_trips_offset_frames(coder, dtype):
 def test_one_call_encoder_follows_the_rule_at_every_sample_stride(t):
     cfg, x = _drifted(t, 40, [(3 * c) % 17 - 8 for c in range(40)], seed=t)
     x[::7, 3] = 500.0  # escapes in sampled and unsampled tokens
-    x[4] *= 80  # a raw sampled token
+    x[max(1, t // 64)] *= 80  # a raw token, the second sampled one
     enc = encode(x, cfg)
     assert (enc.center_offset is None) == (t < frame_center.MIN_TOKENS)
+    if t >= frame_center.MIN_TOKENS:  # the C++ fit (when built) against the plain one on the reference quantiser's codes
+        rows = frame_center.sample_rows(t)
+        sym, raw = quantise(x[rows], cfg, fused=False)
+        assert raw[1] and enc.center_offset.tolist() == frame_center.fit(sym.numpy(), raw.numpy(), cfg.kmax).tolist()
     for coder in ("nibble", "planes", "slots"):
         assert encode_frame(x, cfg, coder) == enc.to_bytes(coder)
 

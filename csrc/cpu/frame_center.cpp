@@ -12,7 +12,7 @@ namespace sk {
 
 bool fit_center_offsets(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
                         int kmax, int64_t raw_limit, int8_t* offsets) {
-  if (T < kCenterMinTokens) return false;
+  if (T < kCenterMinTokens || d < 1) return false;
   const int64_t stride = std::max<int64_t>(1, T / kCenterSamples);
   const int64_t rows = (T + stride - 1) / stride;
   thread_local std::vector<uint8_t> sample, raw;
@@ -52,7 +52,7 @@ bool fit_center_offsets(const void* x, int dtype, int64_t T, int64_t d, const fl
       const int bound = kmax + ((lo[c] + hi[c]) >> 1) + 1;
       limit[c] = static_cast<uint8_t>(bound < 0 ? 0 : bound);
     }
-    std::memset(count, 0, d);
+    std::memset(count, 0, static_cast<size_t>(d));
     for (int64_t r = 0; r < n; ++r) {
       const uint8_t* __restrict s = sample.data() + r * d;
       for (int64_t c = 0; c < d; ++c) count[c] = static_cast<uint8_t>(count[c] + (s[c] < limit[c]));

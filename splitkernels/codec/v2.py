@@ -197,9 +197,16 @@ def encode_v2(x: torch.Tensor, config: CodecConfigV2, start: int = 0, tokens=Non
 
 def _center_offsets(x: torch.Tensor, config: CodecConfigV2, run) -> np.ndarray | None:
     """The center offsets of a frame of ``x`` (:func:`frame_center.fit` on its sampled tokens, quantised
-    with the config's center by the device kernel ``run`` or on the host); None for short frames."""
+    with the config's center by the device kernel ``run`` or on the host: in one C++ call when
+    built); None for short frames."""
     if x.shape[0] < frame_center.MIN_TOKENS:
         return None
+    if run is None and has_fused():
+        offsets = np.empty(config.d, dtype=np.int8)
+        if not _C.v2_center_offsets(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], config.d, config.center_array().ctypes.data,
+                                    config.inv_step_array().ctypes.data, config.kmax, config.raw_limit, offsets.ctypes.data):
+            return None
+        return offsets if np.isfinite(frame_center.centers(config, offsets)).all() else None
     sample = x[torch.from_numpy(frame_center.sample_rows(x.shape[0])).to(x.device)].detach()
     sym, raw = v2_device.encode(sample, config, run)[:2] if run is not None else quantise(sample, config)
     offsets = frame_center.fit(sym.numpy(), raw.numpy(), config.kmax)
