@@ -15,7 +15,10 @@ from splitkernels.codec.frame_v2 import CENTER_FLAG, CRC_BYTES, FRAME_CODERS, HE
 from splitkernels.codec.v2 import has_fused, quantise
 from splitkernels.codec.wire_v2 import _decode_fused_frame
 
+from isa_switch import isa_fixture
 from test_codec_v2_golden import CONFIG
+
+v2_isa = isa_fixture("v2", "v2_isa", "the fused v2 passes (and the offsets' count pass)")
 
 
 def _drifted(t: int, d: int, offsets, seed: int = 0, dtype=torch.float16) -> tuple[CodecConfigV2, torch.Tensor]:
@@ -123,6 +126,17 @@ def test_reference_and_fused_quantisers_agree_with_offsets():
     sym, raw = quantise(x, cfg, fused=True, center=center)
     assert torch.equal(sym, ref_sym) and torch.equal(raw, ref_raw)
     assert (ref_sym[~ref_raw] != cfg.escape_symbol).float().mean() > 0.9  # the moved center fits
+
+
+def test_offsets_are_the_same_on_every_isa(v2_isa):
+    # d = 200: three 64-channel blocks (AVX-512) or six of 32 (AVX2) and a tail channel by channel.
+    cfg, x = _drifted(1000, 200, [(5 * c) % 19 - 9 for c in range(200)], seed=5, dtype=torch.bfloat16)
+    enc = encode(x, cfg)
+    rows = frame_center.sample_rows(1000)
+    sym, raw = quantise(x[rows], cfg, fused=False)
+    assert enc.center_offset.tolist() == frame_center.fit(sym.numpy(), raw.numpy(), cfg.kmax).tolist()
+    assert {-8, 7} <= set(enc.center_offset.tolist())  # both clips reached
+    assert encode_frame(x, cfg, "slots") == enc.to_bytes("slots")
 
 
 def _reseal(frame: bytes, cfg: CodecConfigV2) -> bytes:
