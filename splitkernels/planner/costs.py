@@ -20,8 +20,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..codec.frame import frame_nbytes
+from ..codec import frame_center
 from ..codec.config_v2 import band_shifts, shift_end_of
+from ..codec.frame import frame_nbytes
 from ..codec.frame_v2 import framing_bytes, rans_coder, rans_stream_lanes, residual_bytes
 from ..models.shape import ModelShape
 from ..nn import QuantConfig
@@ -259,7 +260,8 @@ def frame_bytes_v2(tokens: int, hidden: int, code_bits: float, escapes_per_token
     early rows, so a short prompt costs what its own positions cost, not the calibration's average.
     ``id_bits`` (a config's prediction) adds the token ids; its escapes travel in fp32. Token
     shifts (a few ids below position 128, text-dependent) are not counted: a few hundredths of a
-    bit per element of a prompt frame."""
+    bit per element of a prompt frame. Frames of ``frame_center.MIN_TOKENS`` or more count the center
+    offset section (docs/FORMATS.md §5.4.2), which they carry where the text drifts."""
     escapes = round(escapes_per_token * tokens)
     n = tokens * hidden
     stream = -(-round(n * code_bits) // 8) + 4 * rans_stream_lanes(rans_coder(tokens, hidden), n)
@@ -267,6 +269,8 @@ def frame_bytes_v2(tokens: int, hidden: int, code_bits: float, escapes_per_token
     shifts = band_shifts(position_shift, start, max(0, min(tokens, shift_end_of(position_shift) - start)))
     residuals = residual_bytes(shifts, np.zeros(len(shifts), dtype=bool), hidden)
     framing = framing_bytes(tokens, escapes, start if residuals else None, id_bits)
+    if tokens >= frame_center.MIN_TOKENS:  # counted as if the frame carries center offsets (at most 4 bits a channel)
+        framing += frame_center.section_bytes(hidden)
     return framing + escapes * (4 if id_bits else wire_dtype.itemsize) + residuals + stream
 
 

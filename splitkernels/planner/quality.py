@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..codec import CodecConfig, CodecConfigV2, decode, encode
+from ..codec import CodecConfig, CodecConfigV2, decode, encode, frame_center
 from ..codec.frame_v2 import EncodedV2, framing_bytes, rans_coder, rans_stream_lanes, residual_bytes
 from ..codec.predict import table_for
 from ..codec.spec import config_for_model, is_v2_spec
@@ -53,7 +53,7 @@ class TransferResult:
 def v2_code_bits(enc: EncodedV2, nbytes: int) -> float:
     """The entropy-coded symbol bits per element of a v2 frame of ``nbytes``, summed over its
     tokens (raw tokens at their width): what is left of the frame without framing, escapes, raw
-    values, residuals and rANS state flushes. :func:`~.costs.frame_bytes_v2` rebuilds ``nbytes``
+    values, center offsets, residuals and rANS state flushes. :func:`~.costs.frame_bytes_v2` rebuilds ``nbytes``
     from it."""
     t, d = enc.shape
     width = enc.raw_values.element_size()
@@ -62,7 +62,8 @@ def v2_code_bits(enc: EncodedV2, nbytes: int) -> float:
     shifts = None if enc.start is None else enc.config.row_shifts(enc.start, t, enc.tokens)
     residuals = 0 if shifts is None else residual_bytes(shifts, enc.raw.numpy()[: len(shifts)], d)
     id_bits = 0 if enc.config.prediction is None else enc.config.prediction.id_bits
-    stream = nbytes - framing_bytes(t, n_esc, enc.start, id_bits) - (n_esc + n_raw * d) * width - residuals - \
+    offsets = 0 if enc.center_offset is None else frame_center.section_bytes(d)
+    stream = nbytes - framing_bytes(t, n_esc, enc.start, id_bits) - offsets - (n_esc + n_raw * d) * width - residuals - \
         (4 * rans_stream_lanes(rans_coder(t, d), coded) if coded else 0)
     return 8.0 * stream / d + n_raw * 8.0 * width
 
