@@ -27,7 +27,7 @@ import torch
 import splitkernels
 from splitkernels.codec import CodecConfigV2, calibrate, decode_frame, encode_frame, rans
 from splitkernels.codec import v2 as v2mod
-from splitkernels.codec import v2_device
+from splitkernels.codec import frame_center, v2_device
 from splitkernels.codec.frame_v2 import EncodedV2
 from splitkernels.codec.v2 import decode_v2, encode_v2
 
@@ -193,6 +193,23 @@ def test_device_pass_matches_reference_and_cpp(runner, dtype, t, d):
     y = runner.decode(enc)
     assert y.dtype == dtype and y.shape == (t, d)
     assert torch.equal(bits(y), bits(reference_decode(x, want[0], want[1], cfg)))
+    assert torch.equal(bits(y), bits(decode_v2(enc)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_device_pass_codes_around_a_frames_center_offsets(runner, dtype):
+    """The moved centers of a frame with center offsets (docs/FORMATS.md §5.4.2) on the device are
+    the host's: the same symbols as the reference quantiser around them, the same decode."""
+    cfg = make_config(45, seed=11)
+    x = make_input(6, cfg, dtype, seed=12)
+    offsets = np.array([(c % 16) - 8 for c in range(45)], dtype=np.int8)
+    center = frame_center.centers(cfg, offsets)
+    got = v2_device.encode(x.to(runner.device), cfg, runner.encode_kernel, center)
+    sym, raw = v2mod.quantise(x, cfg, fused=False, center=center)
+    assert torch.equal(got[0], sym) and torch.equal(got[1], raw)
+    enc = EncodedV2(*(t.clone() for t in got[:4]), cfg, center_offset=offsets)
+    y = v2_device.decode(enc.symbols, enc.raw, enc.escapes, enc.raw_values, cfg, runner.device, runner.decode_kernel,
+                         center).cpu()
     assert torch.equal(bits(y), bits(decode_v2(enc)))
 
 
