@@ -65,7 +65,7 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
 def _decode_fused_frame(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
                         limits: FrameLimits | None) -> torch.Tensor | None:
     """``[T, d]`` of a valid long frame of a fused coder (nibble, bit planes, slots) without shifted
-    rows or token ids, within ``limits``, in one C++ call (``csrc/cpu/long_frame.cpp``): the header
+    rows or token ids (with center offsets or not), within ``limits``, in one C++ call (``csrc/cpu/long_frame.cpp``): the header
     read here only to size the output, every check made there. None for any other frame, an invalid
     one, or without the C++ extension: the reference path then decodes it or raises its error."""
     if not has_fused() or type(config) is not CodecConfigV2 or config.prediction is not None:
