@@ -6,7 +6,6 @@
 #include <string>
 #include <vector>
 
-#include "common/half.h"
 #include "cpu/codec_v2.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
