@@ -16,3 +16,15 @@ python bench/e2e/codec_v2.py --out "$out/e2e_unseen/gemma3_ndarraytypes" --model
   --no-baselines --coder slots --also-coders rans rice nibble \
   --eval-file "$(python -c 'import numpy, pathlib; print(pathlib.Path(numpy.get_include()) / "numpy" / "ndarraytypes.h")')" \
   | tee "$out/e2e_unseen/gemma3_ndarraytypes.log"
+# The same without center offsets (no frame carries any when MIN_TOKENS is out of reach).
+python - "$out" <<'PY'
+import pathlib, runpy, sys
+import numpy
+import splitkernels.codec.frame_center as frame_center
+frame_center.MIN_TOKENS = 1 << 30
+text = pathlib.Path(numpy.get_include()) / "numpy" / "ndarraytypes.h"
+sys.argv = ["bench/e2e/codec_v2.py", "--out", f"{sys.argv[1]}/e2e_unseen/gemma3_ndarraytypes_no_offsets", "--model",
+            "gemma3", "--bits", "measured", "--uniform-bits", "--no-baselines", "--coder", "slots", "--also-coders",
+            "rans", "rice", "nibble", "--eval-file", str(text)]
+runpy.run_path("bench/e2e/codec_v2.py", run_name="__main__")
+PY
