@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config_v2 import CodecConfigV2
+from .nibble import NibbleError, pack_nibbles, unpack_nibbles
 
 MIN_TOKENS = 256  # shorter frames carry no offsets
 SAMPLE_ROWS = 64  # about this many tokens are sampled
@@ -61,20 +62,17 @@ def section_bytes(d: int) -> int:
 def pack(offsets: np.ndarray) -> bytes:
     """The section: offset ``c`` as a two's complement nibble, the even channel in the low nibble,
     a last padding nibble 0."""
-    nib = (np.asarray(offsets, dtype=np.int8).astype(np.uint8) & 15)
-    if nib.shape[0] % 2:
-        nib = np.append(nib, np.uint8(0))
-    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+    return pack_nibbles((np.asarray(offsets, dtype=np.int8).astype(np.uint8) & 15)[None, :]).tobytes()
 
 
 def unpack(section: bytes | memoryview, d: int) -> tuple[np.ndarray | None, str]:
     """The offsets (i8 ``[d]``) of a section of :func:`section_bytes` bytes, and "" or why it is
     invalid (a set padding nibble, or every offset 0: such a frame carries no section)."""
-    raw = np.frombuffer(section, dtype=np.uint8)
-    nib = np.stack([raw & 15, raw >> 4], axis=1).reshape(-1)
-    if d % 2 and nib[d]:
-        return None, "center offset section's padding nibble is set"
-    offsets = ((nib[:d].astype(np.int16) ^ 8) - 8).astype(np.int8)
+    try:
+        nib = unpack_nibbles(np.frombuffer(section, dtype=np.uint8), 1, d, "center offset section")[0]
+    except NibbleError as exc:
+        return None, str(exc)
+    offsets = ((nib.astype(np.int16) ^ 8) - 8).astype(np.int8)
     if not offsets.any():
         return None, "center offset section holds only zeros (such a frame carries none)"
     return offsets, ""

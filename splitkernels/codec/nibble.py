@@ -60,7 +60,7 @@ def max_rows(stream_bytes: int, d: int) -> int:
     return max(stream_bytes - HEAD_BYTES, 0) // ((d + 1) // 2)
 
 
-def _pack(nibbles: np.ndarray) -> np.ndarray:
+def pack_nibbles(nibbles: np.ndarray) -> np.ndarray:
     """Rows of nibbles (u8 < 16) -> bytes, two per byte, low half first, a padding nibble 0 per odd row."""
     rows, n = nibbles.shape
     if n % 2:
@@ -68,7 +68,7 @@ def _pack(nibbles: np.ndarray) -> np.ndarray:
     return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
 
 
-def _unpack(data: np.ndarray, rows: int, n: int, what: str) -> np.ndarray:
+def unpack_nibbles(data: np.ndarray, rows: int, n: int, what: str) -> np.ndarray:
     """Bytes -> ``[rows, n]`` nibbles; NibbleError when a padding nibble is not 0."""
     b = data.reshape(rows, (n + 1) // 2)
     out = np.empty((rows, 2 * b.shape[1]), dtype=np.uint8)
@@ -95,7 +95,7 @@ def encode_reference(symbols: np.ndarray, freqs: Sequence[int]) -> bytes:
     level2 = np.minimum(e, ESCAPE_NIBBLE).astype(np.uint8)
     level3 = x[e >= ESCAPE_NIBBLE].astype(np.uint8)
     head = np.array([x.size, level3.size], dtype="<u4").tobytes()
-    return head + _pack(level1).tobytes() + _pack(level2[None, :]).tobytes() + level3.tobytes()
+    return head + pack_nibbles(level1).tobytes() + pack_nibbles(level2[None, :]).tobytes() + level3.tobytes()
 
 
 def decode_reference(data: bytes | memoryview, freqs: Sequence[int], rows: int, d: int) -> np.ndarray:
@@ -112,9 +112,9 @@ def decode_reference(data: bytes | memoryview, freqs: Sequence[int], rows: int, 
     if n_x > rows * d or n_xx > n_x or buf.size != HEAD_BYTES + l1 + (n_x + 1) // 2 + n_xx:
         raise NibbleError(f"nibble stream of {buf.size} bytes does not match {rows} rows of {d}, "
                           f"{n_x} exceptions and {n_xx} long ones")
-    level1 = _unpack(buf[HEAD_BYTES : HEAD_BYTES + l1], rows, d, "level 1")
+    level1 = unpack_nibbles(buf[HEAD_BYTES : HEAD_BYTES + l1], rows, d, "level 1")
     at = HEAD_BYTES + l1
-    level2 = _unpack(buf[at : at + (n_x + 1) // 2], 1, n_x, "level 2")[0].astype(np.int64)
+    level2 = unpack_nibbles(buf[at : at + (n_x + 1) // 2], 1, n_x, "level 2")[0].astype(np.int64)
     level3 = buf[at + (n_x + 1) // 2 :].astype(np.int64)
     is_x = level1 == ESCAPE_NIBBLE
     if int(is_x.sum()) != n_x:

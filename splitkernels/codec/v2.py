@@ -176,8 +176,7 @@ def encode_v2(x: torch.Tensor, config: CodecConfigV2, start: int = 0, tokens=Non
     run = v2_device.kernel(v2_device.ENCODE_OP, x.device)
     if run is None:
         x = x.detach().cpu().contiguous()
-    offsets = _center_offsets(x, config, run)
-    center = None if offsets is None else frame_center.centers(config, offsets)
+    offsets, center = _center_offsets(x, config, run)
     if run is not None:
         sym, raw, escapes, raw_values, nonfinite = v2_device.encode(x.detach(), config, run, center)
     else:
@@ -195,22 +194,25 @@ def encode_v2(x: torch.Tensor, config: CodecConfigV2, start: int = 0, tokens=Non
                      offsets)
 
 
-def _center_offsets(x: torch.Tensor, config: CodecConfigV2, run) -> np.ndarray | None:
-    """The center offsets of a frame of ``x`` (:func:`frame_center.fit` on its sampled tokens, quantised
-    with the config's center by the device kernel ``run`` or on the host: in one C++ call when
-    built); None for short frames."""
+def _center_offsets(x: torch.Tensor, config: CodecConfigV2, run) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The center offsets of a frame of ``x`` and the centers they give (:func:`frame_center.fit`
+    on its sampled tokens, quantised with the config's center by the device kernel ``run`` or on
+    the host: in one C++ call when built); ``(None, None)`` when the frame carries none."""
     if x.shape[0] < frame_center.MIN_TOKENS:
-        return None
+        return None, None
     if run is None and has_fused():
         offsets = np.empty(config.d, dtype=np.int8)
         if not _C.v2_center_offsets(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], config.d, config.center_array().ctypes.data,
                                     config.inv_step_array().ctypes.data, config.kmax, config.raw_limit, offsets.ctypes.data):
-            return None
-        return offsets if np.isfinite(frame_center.centers(config, offsets)).all() else None
-    sample = x[torch.from_numpy(frame_center.sample_rows(x.shape[0])).to(x.device)].detach()
-    sym, raw = v2_device.encode(sample, config, run)[:2] if run is not None else quantise(sample, config)
-    offsets = frame_center.fit(sym.numpy(), raw.numpy(), config.kmax)
-    return offsets if offsets is not None and np.isfinite(frame_center.centers(config, offsets)).all() else None
+            offsets = None
+    else:
+        sample = x[torch.from_numpy(frame_center.sample_rows(x.shape[0])).to(x.device)].detach()
+        sym, raw = v2_device.encode(sample, config, run)[:2] if run is not None else quantise(sample, config)
+        offsets = frame_center.fit(sym.numpy(), raw.numpy(), config.kmax)
+    if offsets is None:
+        return None, None
+    center = frame_center.centers(config, offsets)
+    return (offsets, center) if np.isfinite(center).all() else (None, None)
 
 
 def decode_v2(enc: EncodedV2, device: torch.device | str | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
