@@ -189,3 +189,15 @@ def test_golden_center_offset_frame():
     assert torch.equal(decode(from_bytes(frame, config=CONFIG)), GOLDEN_X)
     for coder in ("nibble", "planes", "slots"):  # kmax 2: thresholds below symbol 0 in the C++ bisection
         assert encode_frame(GOLDEN_X, CONFIG, coder) == enc.to_bytes(coder)
+
+
+@pytest.mark.skipif(not has_fused(), reason="the C++ fit needs the extension (pip install . builds it)")
+def test_cpp_fit_refuses_bad_arguments_in_one_line():
+    from splitkernels.codec.v2 import _C
+
+    cfg, x = _drifted(256, 8, [1] * 8)
+    offsets = np.empty(8, np.int8)
+    args = (cfg.center_array().ctypes.data, cfg.inv_step_array().ctypes.data)
+    for dtype, kmax, t in ((7, 15, 256), (1, 0, 256), (1, 128, 256), (1, 15, -1)):
+        with pytest.raises(ValueError, match="v2_center_offsets: unknown dtype, or kmax, T or d out of range"):
+            _C.v2_center_offsets(x.data_ptr(), dtype, t, 8, *args, kmax, cfg.raw_limit, offsets.ctypes.data)
