@@ -15,8 +15,9 @@ d = 4096 (fp16, 4 MiB) it times, per instruction set of the v2 passes:
 and the entropy stage alone (M symbols/s of each coder on the 2 M symbols, one table: rANS on 4
 lanes, on 32 lanes, Rice, bit planes, slots, nibble), a one-token frame at
 d = 576 (through the general API and through ``encode_frame``'s one C++ call, what the edge sends
-each decode step) and one at d = 640 with a token prediction, and two single-threaded copies in the same run: of the same 4 MiB tensor (it stays in the
-last-level cache) and of a 256 MiB buffer (DRAM). Throughput counts input bytes per second of encode
+each decode step) and one at d = 640 with a token prediction, the fused slot and nibble pipelines at
+the best instruction sets on the same activations in fp16, bf16 and fp32 (the wire dtypes), and two
+single-threaded copies in the same run: of the same 4 MiB tensor (it stays in the last-level cache) and of a 256 MiB buffer (DRAM). Throughput counts input bytes per second of encode
 plus decode, each timed on its own (caches warm for it, as the memcpy baselines are); the round trip
 (encode then decode of the same frame in one timed call, the two competing for the caches) is given
 beside. Warm-up, then the median (and the best) of ``--repeats`` in thread CPU time, so a busy shared
@@ -121,6 +122,24 @@ def entropy_stage(sym: np.ndarray, cfg, repeats: int) -> dict:
             for k, (e, d) in ms.items()}
 
 
+def fused_by_dtype(cfg, repeats: int, copy_dram: float) -> dict:
+    """The fused slot and nibble pipelines at the best instruction sets on the same activations in
+    each wire dtype: fp16 (what the CLI sends for fp32 models), bf16 (a bf16 edge) and fp32 (what it
+    sends for a model whose split activations come near fp16's range, such as Gemma 3)."""
+    out = {}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        xd = activations(T, D, 1).to(dtype)
+        nbytes = xd.numel() * xd.element_size()
+        for coder in ("slots", "nibble"):
+            frame = encode_frame(xd, cfg, coder)
+            e = median_time(lambda: encode_frame(xd, cfg, coder), repeats)
+            d = median_time(lambda: decode_frame(frame, config=cfg), repeats)
+            out[f"{str(dtype).removeprefix('torch.')} {coder}"] = {
+                "input_bytes": nbytes, "encode_ms": e * 1e3, "decode_ms": d * 1e3, "gb_s": nbytes / (e + d) / 1e9,
+                "ratio_to_memcpy_256MiB": nbytes / (e + d) / 1e9 / copy_dram, "bits_per_element": 8 * len(frame) / xd.numel()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (codec_v2_speed.json, codec_v2_speed.md)")
@@ -198,6 +217,7 @@ def main() -> None:
         _C.set_rice_isa(before[3])
         _C.set_planes_isa(before[4])
         _C.set_slots_isa(before[5])
+    result["fused_by_dtype"] = fused_by_dtype(cfg, args.repeats, copy_dram)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "codec_v2_speed.json").write_text(json.dumps(result, indent=1))
@@ -227,6 +247,11 @@ def main() -> None:
             o = r[key]
             lines.append(f"| {isa} | {name} | {o['coder']} | {o['frame_bytes']} | "
                          f"{o['encode_us']:.0f} | {o['encode_frame_us']:.1f} | {o['decode_us']:.0f} |")
+    lines += ["", "| fused pipeline, best ISA, by wire dtype | input MiB | bits/elem | encode ms | decode ms | GB/s | "
+              "vs memcpy DRAM |", "|---|---|---|---|---|---|---|"]
+    for name, p in result["fused_by_dtype"].items():
+        lines.append(f"| {name} | {p['input_bytes'] / 2**20:.0f} | {p['bits_per_element']:.3f} | {p['encode_ms']:.3f} | "
+                     f"{p['decode_ms']:.3f} | {p['gb_s']:.2f} | {100 * p['ratio_to_memcpy_256MiB']:.1f}% |")
     (out / "codec_v2_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -39,8 +39,7 @@ std::string encode_long_parts(const void* x, int dtype, int64_t T, int64_t d, co
   thread_local std::vector<float> centers;
   offsets.resize(d);
   centers.resize(d);
-  const bool centered = kmax >= 1 && kmax <= 127 &&
-                        fit_center_offsets(x, dtype, T, d, center, inv, kmax, raw_limit, offsets.data()) &&
+  const bool centered = fit_center_offsets(x, dtype, T, d, center, inv, kmax, raw_limit, offsets.data()) &&
                         frame_centers(center, step, offsets.data(), d, centers.data());
   if (centered) center = centers.data();
   n_esc.resize(T);

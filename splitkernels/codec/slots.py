@@ -35,6 +35,7 @@ import numpy as np
 
 from .._native import load
 from . import rans
+from .nibble import NibbleError, pack_nibbles, unpack_nibbles
 
 GROUP = 8  # rows per group
 MAX_WIDTH = 8
@@ -154,9 +155,8 @@ def encode_reference(symbols: np.ndarray, starts: np.ndarray, widths: np.ndarray
     bits = _group_bits(slot, chan, level).astype(np.uint8)
     e = np.minimum(distance(s, a, w), FAR)[~inside]  # row-major: the escapes in stream order
     far = s[~inside][e == FAR].astype(np.uint8)
-    nib = np.concatenate([e, np.zeros(e.size % 2, dtype=np.int64)]).astype(np.uint8)
     return (np.array([e.size, far.size], dtype="<u4").tobytes() + np.packbits(bits, bitorder="little").tobytes()
-            + (nib[0::2] | (nib[1::2] << 4)).tobytes() + far.tobytes())
+            + pack_nibbles(e.astype(np.uint8)[None, :]).tobytes() + far.tobytes())
 
 
 def decode_reference(data: bytes | memoryview, rows: int, starts: np.ndarray, widths: np.ndarray, nsym: int,
@@ -187,10 +187,10 @@ def decode_reference(data: bytes | memoryview, rows: int, starts: np.ndarray, wi
     if int((~inside).sum()) != n_x:
         raise SlotsError("slot stream's escape count does not match its escaped slots")
     nibbles = buf[HEAD_BYTES + level1 : HEAD_BYTES + level1 + (n_x + 1) // 2]
-    e = np.stack([nibbles & 15, nibbles >> 4], axis=1).reshape(-1).astype(np.int64)
-    if n_x % 2 and e[-1]:
-        raise SlotsError("slot stream's padding nibble is set")
-    e = e[:n_x]
+    try:
+        e = unpack_nibbles(nibbles, 1, n_x, "slot stream")[0].astype(np.int64)
+    except NibbleError as err:
+        raise SlotsError(str(err)) from None
     far = buf[buf.size - n_xx :].astype(np.int64)
     if int((e == FAR).sum()) != n_xx:
         raise SlotsError("slot stream's far count does not match its distance nibbles")
