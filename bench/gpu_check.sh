@@ -3,7 +3,8 @@
 # Checks the driver against the toolkit, builds the extensions in-tree for this card, runs the
 # GPU tests (cuda and triton backends), runs compute-sanitizer (memcheck, racecheck, synccheck)
 # over the cuda kernels' GPU tests, and the GPU microbenchmarks (codec v2 device pass beside the
-# host path; against cuBLAS fp16 via F.linear, with roofline fractions), leaving logs, JSON and markdown tables under $OUT
+# host path; against cuBLAS fp16 via F.linear, with roofline fractions; Nsight Compute sections of
+# the decode GEMV where ncu is installed), leaving logs, JSON and markdown tables under $OUT
 # (default bench/results/gpu-<date>). Every step has a timeout; the whole run fits in 8 minutes.
 #
 # Usage (from the repository root): OUT=/some/dir bash bench/gpu_check.sh [--quick]
@@ -110,6 +111,17 @@ if [ "$REMAIN" -gt 120 ]; then
   [ -f "$OUT/bench_codec_v2_gpu.md" ] && cat "$OUT/bench_codec_v2_gpu.md" >> "$SUMMARY"
 else
   note "- bench_codec_v2_gpu: skipped, only $REMAIN s left"
+fi
+# 3b. Why the decode GEMV moves 15-27% of HBM bandwidth (first run, H200): Nsight Compute's
+#     speed-of-light, memory, warp-state and scheduler sections of the warm W4 GEMV at M = 1 and 16.
+if command -v ncu >/dev/null; then
+  for case in 1x4096x4096 16x4096x4096; do
+    step "ncu_gemv_$case" 50 ncu --target-processes all --kernel-name regex:gemv --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      --section Occupancy --section LaunchStats "$PY" bench/gpu_profile_gemv.py --cases "$case"
+  done
+else
+  note "- ncu: not found (Nsight Compute ships with the CUDA toolkit, in \$CUDA_HOME/bin)"
 fi
 REMAIN=$(( 470 - ($(date +%s) - START) ))
 if [ -f bench/bench_triton.py ]; then
