@@ -20,7 +20,8 @@ the best instruction sets on the same activations in fp16, bf16 and fp32 (the wi
 single-threaded copies in the same run: of the same 4 MiB tensor (it stays in the last-level cache)
 and of a 256 MiB buffer (DRAM). Throughput counts input bytes per second of encode plus decode, each
 timed on its own (caches warm for it, as the memcpy baselines are); the round trip (encode then
-decode of the same frame in one timed call, the two competing for the caches) is given beside. Warm-up, then the median (and the best) of ``--repeats`` in thread CPU time, so a busy shared
+decode of the same frame in one timed call, the two competing for the caches) is given beside.
+Warm-up, then the median (and the best) of ``--repeats`` in thread CPU time, so a busy shared
 machine does not count time spent waiting for a core; it does still slow what runs.
 """
 from __future__ import annotations
