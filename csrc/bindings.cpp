@@ -27,7 +27,6 @@
 #include "cpu/slots.h"
 #include "cpu/rice.h"
 #include "cpu/thread_pool.h"
-#include "cpu/frame_center.h"
 #include "cpu/long_frame.h"
 #include "cpu/token_frame.h"
 
