@@ -6,6 +6,7 @@ every v2 frame's CRC covers, so a frame is never decoded with the wrong tables.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -35,6 +36,17 @@ _TOKEN_SHIFT = struct.Struct("<IB")
 _CANON_HEAD = struct.Struct("<BIII")
 _CLASS_COUNT = struct.Struct("<I")
 _BAND_COUNT = struct.Struct("<B")
+# A frame's step scale ``g`` (docs/FORMATS.md §5.4.3) multiplies every step by fp32(2**(g/4)): a
+# quarter octave changes the codes' entropy by about a quarter bit per element.
+MAX_FRAME_SCALE = 8
+FRAME_SCALES = tuple(range(-MAX_FRAME_SCALE, MAX_FRAME_SCALE + 1))
+
+
+def scale_factor(scale: int) -> np.float32:
+    """``fp32(2**(scale/4))``: what a frame scale multiplies every step by (§5.4.3)."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or not -MAX_FRAME_SCALE <= scale <= MAX_FRAME_SCALE:
+        raise ValueError(f"frame scale must be an int in [-{MAX_FRAME_SCALE}, {MAX_FRAME_SCALE}], got {scale!r}")
+    return np.float32(2.0 ** (scale / 4))
 
 
 def position_band(position: int) -> int:
@@ -172,6 +184,42 @@ class CodecConfigV2:
         # Hashed once: every frame's CRC starts from the digest.
         object.__setattr__(self, "_digest", hashlib.sha256(self.canonical_bytes()).digest())
         object.__setattr__(self, "_crc_seed", zlib.crc32(self._digest))
+        object.__setattr__(self, "_frame_scale", 0)
+        object.__setattr__(self, "_views", {0: self})
+
+    def scaled(self, scale: int) -> "CodecConfigV2":
+        """The view of this config that codes a frame with step scale ``scale`` (§5.4.3): every
+        step is ``fp32(step * scale_factor(scale))``, everything else (tables, shifts, prediction,
+        digest and CRC seed) is this config's. Built once per scale; ``scaled(0)`` is the config
+        itself. ValueError when the scale is out of range or makes a step invalid (not finite,
+        no finite reciprocal, subnormal under the config's largest shift). A view only codes
+        frames: it is not a session config (:meth:`to_dict` refuses it)."""
+        base = self.base
+        view = base._views.get(scale)
+        if view is not None:
+            return view
+        factor = scale_factor(scale)
+        step = tuple((base.step_array() * factor).tolist())  # one fp32 multiply per channel
+        try:
+            view = dataclasses.replace(base, step=step, info={})
+        except ValueError as exc:
+            raise ValueError(f"frame scale {scale} makes a step of codec config {base.fingerprint[:8]} invalid: {exc}") from None
+        object.__setattr__(view, "_digest", base._digest)
+        object.__setattr__(view, "_crc_seed", base._crc_seed)
+        object.__setattr__(view, "_frame_scale", scale)
+        object.__setattr__(view, "_base", base)
+        base._views[scale] = view
+        return view
+
+    @property
+    def frame_scale(self) -> int:
+        """The frame scale this config codes with: 0 for a session config, ``g`` for :meth:`scaled` (``g``)."""
+        return self._frame_scale
+
+    @property
+    def base(self) -> "CodecConfigV2":
+        """The session config this is a frame view of (itself when it is one)."""
+        return getattr(self, "_base", self)
 
     @property
     def d(self) -> int:
@@ -379,6 +427,8 @@ class CodecConfigV2:
                    position_shift=tuple(buf[at : at + bands]), prediction=prediction, token_shift=pairs)
 
     def to_dict(self) -> dict:
+        if self.frame_scale:
+            raise ValueError(f"a frame view (scale {self.frame_scale}) is not a session config: serialise its base")
         out = {"version": self.version, "center": list(self.center), "step": list(self.step), "kmax": self.kmax, "freqs": list(self.freqs),
                "raw_limit": self.raw_limit, "info": dict(self.info), "fingerprint": self.fingerprint}
         if self.class_freqs:

@@ -45,15 +45,18 @@ import torch
 
 from .._native import load
 from . import frame_center, nibble, planes, rans, rice, slots
-from .config_v2 import CodecConfigV2
+from .config_v2 import MAX_FRAME_SCALE, CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
 
 FRAME_VERSION_V2 = 2
 HEAD = struct.Struct("<4sBB")
 SHIFTED_FLAG = 0x80  # dtype byte: the frame carries a start position and residuals (position shifts)
 CENTER_FLAG = 0x08  # dtype byte: the frame carries center offsets (long form only, §5.4.2)
-# Token form (one token): the tag byte's top three bits, then the coder, shifted and raw bits and the dtype code.
-TOKEN_TAG, TOKEN_TAG_MASK = 0xA0, 0xE0
+SCALE_FLAG = 0x04  # dtype byte: a step scale byte follows it (§5.4.3)
+DTYPE_MASK = 0x03  # dtype byte: the dtype code
+# Token form (one token): the tag byte's top three bits, then the coder, shifted and raw bits and the dtype code;
+# a scaled frame's tag starts 0b110 and its step scale byte follows the tag (§5.4.3).
+TOKEN_TAG, TOKEN_TAG_MASK, SCALED_TOKEN_TAG = 0xA0, 0xE0, 0xC0
 TOKEN_CODER, TOKEN_SHIFTED, TOKEN_RAW, TOKEN_DTYPE = 0x10, 0x08, 0x04, 0x03
 MAX_POSITION = (1 << 31) - 1
 CRC_BYTES = 4
@@ -233,8 +236,20 @@ def escape_limit(limits: FrameLimits | None, d: int, dtype: torch.dtype, t: int)
 
 
 def is_token_tag(first_byte: int) -> bool:
-    """True when a frame's first byte is a token-form tag (§5.4.1)."""
-    return first_byte & TOKEN_TAG_MASK == TOKEN_TAG
+    """True when a frame's first byte is a token-form tag (§5.4.1), scaled or not (§5.4.3)."""
+    return first_byte & TOKEN_TAG_MASK in (TOKEN_TAG, SCALED_TOKEN_TAG)
+
+
+def read_scale(byte: int, config: CodecConfigV2) -> CodecConfigV2:
+    """The frame view of ``config`` for a frame's step scale byte (§5.4.3); FrameError when the
+    scale is 0 (a frame without a scale has no byte), out of range, or makes a step invalid."""
+    scale = byte - 256 if byte >= 128 else byte
+    if scale == 0 or not -MAX_FRAME_SCALE <= scale <= MAX_FRAME_SCALE:
+        raise FrameError(f"frame step scale {scale} is not in [-{MAX_FRAME_SCALE}, {MAX_FRAME_SCALE}] without 0")
+    try:
+        return config.scaled(scale)
+    except ValueError as exc:
+        raise FrameError(str(exc)) from None
 
 
 def framing_bytes(t: int, escapes: int | None = None, start: int | None = None, id_bits: int = 0) -> int:
@@ -249,6 +264,11 @@ def framing_bytes(t: int, escapes: int | None = None, start: int | None = None, 
     if t == 1:
         return 1 + position + count + ids + CRC_BYTES
     return HEAD.size + len(_varint(t)) + position + count + ids + (t + 7) // 8 + CRC_BYTES
+
+
+def scale_bytes(config: CodecConfigV2) -> bytes:
+    """The step scale byte of a frame coded with ``config`` (§5.4.3), or nothing at scale 0."""
+    return bytes([config.frame_scale & 0xFF]) if config.frame_scale else b""
 
 
 def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
@@ -337,14 +357,16 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
         raise ValueError("a frame carries token ids exactly when its codec config has a prediction")
     if offsets is not None and (t == 1 or not np.asarray(offsets).any()):
         raise ValueError("center offsets travel only in long frames, and only when one is not 0")
+    scale = scale_bytes(config)
     if t == 1:
         if code not in TOKEN_FORM_CODERS:
             raise ValueError(f"a one-token frame cannot carry the {CODER_NAMES[code]} coder (its tag has one coder bit)")
-        head = [bytes([TOKEN_TAG | code * TOKEN_CODER | (0 if shifted is None else TOKEN_SHIFTED)
-                       | (TOKEN_RAW if raw[0] else 0) | DTYPE_CODES[escapes.dtype]])]
+        head = [bytes([(SCALED_TOKEN_TAG if scale else TOKEN_TAG) | code * TOKEN_CODER
+                       | (0 if shifted is None else TOKEN_SHIFTED) | (TOKEN_RAW if raw[0] else 0)
+                       | DTYPE_CODES[escapes.dtype]]), scale]
     else:
-        flag = (0 if shifted is None else SHIFTED_FLAG) | (0 if offsets is None else CENTER_FLAG)
-        head = [HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4 | flag), _varint(t)]
+        flag = (0 if shifted is None else SHIFTED_FLAG) | (0 if offsets is None else CENTER_FLAG) | (SCALE_FLAG if scale else 0)
+        head = [HEAD.pack(MAGIC, FRAME_VERSION_V2, DTYPE_CODES[escapes.dtype] | code << 4 | flag), scale, _varint(t)]
     parts = [
         *head,
         *([] if shifted is None else [_varint(shifted[0])]),
@@ -383,6 +405,7 @@ class ParsedV2:
     residual_section: memoryview | None = None
     tokens: torch.Tensor | None = None  # the token ids, with a config's prediction
     center_offset: np.ndarray | None = None  # i8 [d], when the frame carries center offsets
+    scale: int = 0  # the frame's step scale (§5.4.3)
 
     @property
     def n_raw(self) -> int:
@@ -415,10 +438,11 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if token:  # §5.4.1: T = 1, the raw flag in the tag instead of a bitmap
         tag = buf[0]
         dtype_code, coder, shifted = tag & TOKEN_DTYPE, int(bool(tag & TOKEN_CODER)), bool(tag & TOKEN_SHIFTED)
+        scaled, pos = tag & TOKEN_TAG_MASK == SCALED_TOKEN_TAG, 1
     else:
         magic, version, dtype_byte = HEAD.unpack_from(buf, 0)
-        dtype_code, coder, shifted = dtype_byte & 0x07, (dtype_byte & 0x7F) >> 4, bool(dtype_byte & SHIFTED_FLAG)
-        centered = bool(dtype_byte & CENTER_FLAG)
+        dtype_code, coder, shifted = dtype_byte & DTYPE_MASK, (dtype_byte & 0x7F) >> 4, bool(dtype_byte & SHIFTED_FLAG)
+        centered, scaled, pos = bool(dtype_byte & CENTER_FLAG), bool(dtype_byte & SCALE_FLAG), HEAD.size
         if magic != MAGIC:
             raise FrameError(f"not a codec frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
         if version != FRAME_VERSION_V2:
@@ -437,7 +461,12 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     dtype = CODE_DTYPES[dtype_code]
     item = dtype.itemsize
     d = config.d
-    t, pos = (1, 1) if token else read_varint(buf, HEAD.size, crc_at, "T")
+    if scaled:  # every step below is the frame's (§5.4.3)
+        if pos >= crc_at:
+            raise FrameError("frame truncated inside the step scale")
+        config = read_scale(buf[pos], config)
+        pos += 1
+    t, pos = (1, pos) if token else read_varint(buf, pos, crc_at, "T")
     start = None
     if shifted:
         start, pos = read_varint(buf, pos, crc_at, "start position")
@@ -498,7 +527,8 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
             raise FrameError(f"frame claims {t - n_raw} coded tokens, more than a {crc_at - pos}-byte stream can hold")
     elif n_sym > {CODER_RICE: rice.max_symbols, CODER_PLANES: planes.max_symbols}.get(coder, rans.max_symbols)(crc_at - pos):
         raise FrameError(f"frame claims {n_sym} coded values, more than a {crc_at - pos}-byte stream can hold")
-    return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at], start, section, tokens, offsets)
+    return ParsedV2(t, dtype, coder, raw, escapes, raw_bytes, buf[pos:crc_at], start, section, tokens, offsets,
+                    config.frame_scale)
 
 
 def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
@@ -508,7 +538,9 @@ def read_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 | 
 
 
 def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
-    """The :class:`EncodedV2` of a parsed frame: its symbol stream decoded and checked; FrameError if invalid."""
+    """The :class:`EncodedV2` of a parsed frame (its values coded with ``config`` at the frame's step
+    scale): its symbol stream decoded and checked; FrameError if invalid."""
+    config = config.scaled(p.scale)  # checked by the parser
     d, t, raw, n_raw = config.d, p.t, p.raw, p.n_raw
     raw_t = torch.from_numpy(raw)
     if p.coder == CODER_NIBBLE:

@@ -132,7 +132,7 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
     against 51 us, bench/results/gpu-20261130), and the codes are bit-exact across backends.
     With a prediction, ``tokens`` and ``embedding`` as :func:`~splitkernels.codec.v2.encode_v2`
     (ValueError when they are missing or wrong)."""
-    if not has_native_encoder() or type(config) is not CodecConfigV2:
+    if not has_native_encoder() or type(config) is not CodecConfigV2 or config.frame_scale:
         return None
     pred = config.prediction
     token = None if pred is None else pred.token_id(tokens)

@@ -52,7 +52,8 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
             return frame
     if config.prediction is not None:
         return encode_v2(x, config, start, tokens, embedding).to_bytes(coder)
-    if code not in FUSED_CODERS or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
+    if (code not in FUSED_CODERS or not has_fused() or config.frame_scale
+            or (isinstance(start, int) and config.row_shifts(start, t).any())):
         return encode_v2(x, config, start).to_bytes(coder)  # also validates start
     x = x.detach().cpu().contiguous()
     frame = _C.v2_encode_long_frame(x.data_ptr(), DTYPE_CODES[x.dtype], t, d, code,
@@ -74,7 +75,7 @@ def _decode_fused_frame(data: bytes | bytearray | memoryview, config: CodecConfi
     if (data is None or len(data) < 12 or data[:4] != MAGIC or data[4] != FRAME_VERSION_V2
             or data[5] >> 4 not in FUSED_CODERS):  # another coder, or the shifted flag: no output allocated for it
         return None
-    dtype = CODE_DTYPES.get(data[5] & 0x07)  # bit 3: center offsets, decoded there too
+    dtype = CODE_DTYPES.get(data[5] & 0x07)  # bit 3: center offsets, decoded there too; bit 2 (a step scale): None
     try:
         t, _ = read_varint(data, HEAD.size, len(data), "T")
     except FrameError:
@@ -101,6 +102,7 @@ def decode_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 
     if out is not None:
         return out
     p = parse_frame_v2(data, config, limits)
+    config = config.scaled(p.scale)  # checked by the parser
     if p.coder not in FUSED_CODERS or not has_fused() or p.residual_section is not None or p.tokens is not None:
         return decode_v2(decode_symbols(p, config), embedding=embedding)
     d = config.d
