@@ -32,11 +32,12 @@ from common import CONTEXT, SPLIT_LAYERS
 from massive import massive_channel_copy
 
 from splitkernels.cli.models import wire_dtype_for
-from splitkernels.codec import CodecConfig, calibrate, decode, encode
+from splitkernels.codec import CodecConfig, calibrate, decode, decode_frame, encode, from_bytes
 from splitkernels.codec.frame import frame_nbytes
 from splitkernels.codec.frame_v2 import FRAME_CODERS
 from splitkernels.codec.measured import calibrate_measured
 from splitkernels.codec.predict import embedding_table
+from splitkernels.codec.rate import RateControl, policy_of
 from splitkernels.codec.sensitivity import fisher_diagonal
 from splitkernels.eval import load_text
 from splitkernels.eval.calibration_text import calibration_windows
@@ -48,35 +49,62 @@ MASSIVE_CHANNEL = 247  # SmolLM2's heaviest channel (consistent sign, ~10x rms a
 
 
 class Recorder:
-    """A transform that also keeps the one-token-frame byte count of every window it saw."""
+    """A transform that also keeps the one-token-frame byte count of every window it saw, and
+    (under rate control) the windows as the one-token frames reconstruct them and the frames' scales."""
 
     def __init__(self, fn) -> None:
         self.fn, self.decode_bytes, self.elements, self.coder_bytes = fn, 0, 0, {}
+        self.token_windows: list[torch.Tensor] = []
+        self.scales: list[int] = []
 
     def __call__(self, x: torch.Tensor) -> TransferResult:
-        res, per_token, *by_coder = self.fn(x)
+        res, per_token, by_coder, *rated = self.fn(x)
         self.decode_bytes += per_token
         self.elements += x.numel()
-        for coder, n in (by_coder[0] if by_coder else {}).items():
+        for coder, n in by_coder.items():
             self.coder_bytes[coder] = self.coder_bytes.get(coder, 0) + n
+        if rated:
+            self.token_windows.append(rated[0])
+            self.scales += rated[1]
         return res
+
+    def replay(self):
+        """A transform giving back, window by window, the one-token frames' reconstructions."""
+        windows = iter(self.token_windows)
+        return lambda x: TransferResult(next(windows).to(x.dtype), 0, 0.0, 0)
 
 
 def v2_transform(cfg, wire: torch.dtype, tokens, embedding: torch.Tensor, coder: str | None = None,
-                 also: tuple[str, ...] = ()):
+                 also: tuple[str, ...] = (), rated: bool = False):
     """The v2 round trip of each window; ``tokens()`` gives the window's ids (a config with a
     prediction sends them, and ``embedding`` is the model's input table). ``coder``: the symbol
     coder of the 512-token frames (one-token frames always take rANS); ``also``: other coders whose
-    512-token frame bytes are recorded beside it."""
+    512-token frame bytes are recorded beside it. ``rated``: every window is a session under the
+    config's rate policy (splitkernels.codec.rate): its 512-token frame, then each token in its own
+    frame, as an edge sends them; the score is of the 512-token frame's reconstruction, and the
+    one-token frames' reconstruction is kept for a second score."""
     def run(x: torch.Tensor):
         xw = x.to(wire)
         ids = tokens()
+        if rated:
+            return run_rated(xw, ids, x.dtype)
         enc = encode(xw, cfg, start=0, tokens=ids, embedding=embedding)  # every window starts a sequence
         y = decode(enc, embedding=embedding).to(x.dtype)
         per_token = sum(encode(xw[t : t + 1], cfg, start=t, tokens=ids[t : t + 1], embedding=embedding).nbytes
                         for t in range(x.shape[0]))
         others = {c: len(enc.to_bytes(c)) for c in also}
         return TransferResult(y, len(enc.to_bytes(coder)), 0.0, int(enc.escapes.numel())), per_token, others
+
+    def run_rated(xw: torch.Tensor, ids, dtype: torch.dtype):
+        rate = RateControl(cfg, policy_of(cfg))
+        frame = rate.encode_frame(xw, coder, 0, ids, embedding)
+        enc = from_bytes(frame, config=cfg)
+        y = decode(enc, embedding=embedding).to(dtype)
+        others = {c: len(enc.to_bytes(c)) for c in also}  # at the scale the primary coder's control chose
+        frames = [rate.encode_frame(xw[t : t + 1], None, t, ids[t : t + 1], embedding) for t in range(xw.shape[0])]
+        y1 = torch.cat([decode_frame(f, config=cfg, embedding=embedding).to(dtype) for f in frames])
+        escapes = int(enc.escapes.numel())
+        return TransferResult(y, len(frame), 0.0, escapes), sum(map(len, frames)), others, y1, rate.scales
     return run
 
 
@@ -86,7 +114,7 @@ def v1_transform(cfg: CodecConfig, wire: torch.dtype):
         y = decode(enc).to(x.dtype)
         per_token = sum(frame_nbytes(1, x.shape[1], wire, int(c), int(b))
                         for c, b in zip(enc.num_outliers.tolist(), enc.code_bytes.tolist()))
-        return TransferResult(y, enc.nbytes, float(enc.token_bits.double().sum()), int(enc.num_outliers.sum())), per_token
+        return TransferResult(y, enc.nbytes, float(enc.token_bits.double().sum()), int(enc.num_outliers.sum())), per_token, {}
     return run
 
 
@@ -95,7 +123,7 @@ def atom(wire: torch.dtype):
         res = atom_transfer(x.to(wire).float())
         # One-token frames: the per-token bytes plus the channel list (u16 each), which every frame carries.
         per_token = res.nbytes + x.shape[0] * 2 * min(16, x.shape[1])
-        return TransferResult(res.x_hat.to(x.dtype), res.nbytes, res.code_bits, 0), per_token
+        return TransferResult(res.x_hat.to(x.dtype), res.nbytes, res.code_bits, 0), per_token, {}
     return run
 
 
@@ -140,6 +168,8 @@ def main() -> None:
                     help="symbol coder of the v2 512-token frames (default rans, the fewest bytes)")
     ap.add_argument("--also-coders", nargs="*", choices=FRAME_CODERS, default=[],
                     help="with --bits measured: also record the 512-token frame bits of these coders (bits_512_by_coder)")
+    ap.add_argument("--no-rate", action="store_true",
+                    help="the measured rule's frames at the calibrated step (no per-frame rate control)")
     ap.add_argument("--no-prediction", action="store_true",
                     help="the measured rule without the token prediction (calibrate_measured(predict=False))")
     args = ap.parse_args()
@@ -186,14 +216,22 @@ def main() -> None:
             p = ev.measure(layer, None, None, None, rec)
         if rec.coder_bytes:
             extra = {**(extra or {}), "bits_512_by_coder": {c: 8.0 * n / rec.elements for c, n in rec.coder_bytes.items()}}
+        if rec.token_windows:  # the one-token frames' own reconstruction, scored the same way
+            with torch.no_grad():
+                p1 = ev.measure(layer, None, None, None, rec.replay())
+            scales = torch.tensor(rec.scales, dtype=torch.float64)
+            extra = {**(extra or {}), "kl_1": p1.kl, "ppl_change_1": p1.ppl_change,
+                     "scales": {"mean": float(scales.mean()), "min": int(scales.min()), "max": int(scales.max())}}
         row = {"layer": layer, "codec": name, "bits_512": p.bits_per_element,
                "bits_1": 8.0 * rec.decode_bytes / rec.elements, "kl": p.kl, "ppl_change": p.ppl_change,
                "top1": p.top1_agreement, **(extra or {})}
         results["rows"].append(row)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         others = " ".join(f"{c}={b:.3f}" for c, b in row.get("bits_512_by_coder", {}).items())
+        decode_frames = (f" kl1={row['kl_1']:.4f} ppl1={row['ppl_change_1'] * 100:+.2f}% scale={row['scales']['mean']:+.2f}"
+                         if "kl_1" in row else "")
         print(f"[{time.time() - t0:5.0f}s] l={layer:2d} {name:28s} bits512={row['bits_512']:.3f} "
-              f"bits1={row['bits_1']:.3f} kl={p.kl:.4f} ppl={p.ppl_change * 100:+.2f}% {others}", flush=True)
+              f"bits1={row['bits_1']:.3f} kl={p.kl:.4f} ppl={p.ppl_change * 100:+.2f}%{decode_frames} {others}", flush=True)
 
     for layer in layers:
         wire = wires[layer]
@@ -201,9 +239,11 @@ def main() -> None:
         for b in args.bits:
             if b == "measured":
                 cfg = calibrate_measured(model, list(calib), layer, fisher, wire_dtype=wire, predict=not args.no_prediction)
+                rated = not args.no_rate and policy_of(cfg) is not None
                 record(layer, "v2 fisher measured" + (" predicted" if cfg.prediction else "")
-                       + (f", {args.coder}" if args.coder else ""),
-                       v2_transform(cfg, wire, window_ids, table, args.coder, tuple(args.also_coders)), {"info": cfg.info})
+                       + (f", {args.coder}" if args.coder else "") + (", rate control" if rated else ""),
+                       v2_transform(cfg, wire, window_ids, table, args.coder, tuple(args.also_coders), rated),
+                       {"info": cfg.info})
                 continue
             for positions in (True, False) if args.compare_positions else (True,):
                 cfg = calibrate(fisher.hidden, bits=None if b == "default" else float(b), sensitivity=fisher.channel,
@@ -217,11 +257,13 @@ def main() -> None:
             record(layer, "v1 eps 0.22", v1_transform(CodecConfig(eps=0.22), wire))
             record(layer, "Atom-style 4-bit g32", atom(wire))
     lines = [f"# codec v2 vs v1 vs Atom-style: {results['model']}, {ev.tokens} scored tokens", "",
-             "| layer | wire | codec | bits/elem 512-token frames | bits/elem 1-token frames | KL | ppl change |",
-             "|---|---|---|---|---|---|---|"]
+             "| layer | wire | codec | bits/elem 512-token frames | bits/elem 1-token frames | KL | ppl change | "
+             "KL, 1-token frames | ppl change, 1-token frames |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(f"| {r['layer']} | {str(wires[r['layer']]).replace('torch.', '')} | {r['codec']} | {r['bits_512']:.3f} | {r['bits_1']:.3f} | {r['kl']:.4f} | "
-                     f"{r['ppl_change'] * 100:+.2f}% |")
+                     f"{r['ppl_change'] * 100:+.2f}% | " + (f"{r['kl_1']:.4f} | {r['ppl_change_1'] * 100:+.2f}% |"
+                                                             if "kl_1" in r else "| |"))
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 

@@ -22,7 +22,10 @@ What is fitted, from calibration hidden states ``[N, d]`` of one model and split
   ``DECODE_FRAME_BITS`` bits per element (:func:`default_bits_ceiling`): each split layer gets the
   rate its own sensitivity asks for (measured KL / proxy: 0.95-1.17 on SmolLM2 and Gemma 3,
   2.1-2.5 at Gemma 3 split 2 before its token prediction), instead of one rate for all; at the
-  default target most splits of both models reach the ceiling. ``kmax`` covers all but ``ESCAPE_RATE`` of the calibration values; everything
+  default target most splits of both models reach the ceiling. The default rule also stores a
+  rate policy (``info["rate"]``, :mod:`.rate`): the edge's frames then meet ``RATE_BITS`` on any
+  text by a per-frame step scale, going finer than the calibrated step down to the KL target's
+  where the text leaves bits. ``kmax`` covers all but ``ESCAPE_RATE`` of the calibration values; everything
   beyond escapes exact, so massive channels and heavy outliers are never clipped.
 * **Position shifts.** With a measured ``position_sensitivity`` (the Fisher trace per position of
   the calibration windows), each position band (position 0, then ``[2**(b-1), 2**b)``) gets the
@@ -65,10 +68,11 @@ import numpy as np
 import torch
 
 from . import rans
-from .config_v2 import (MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, MAX_TOKEN_SHIFTS, TOKEN_SHIFT_END, CodecConfigV2,
+from .config_v2 import (MAX_FRAME_SCALE, MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, MAX_TOKEN_SHIFTS, TOKEN_SHIFT_END, CodecConfigV2,
                         band_shifts, position_band)
 from .frame_v2 import framing_bytes
 from .predict import EmbeddingPrediction, fit_gain, table_digest
+from .rate import RATE_BITS, RatePolicy
 
 DEFAULT_BITS = 4.0  # without a measured sensitivity
 # Scored text the calibration did not see runs at up to 2.5x the KL measured on the calibration
@@ -408,6 +412,7 @@ def calibrate(
                              f"got {token_sensitivity.reshape(-1).shape[0]}")
         pairs, token_extra = token_shifts(tokens, token_sensitivity, position_sensitivity, shifts)
         extra += token_extra
+    ceiling = bits == CEILING or (bits is None and max_kl_proxy is None and sensitivity is not None)
     if bits == CEILING:
         bits = default_bits_ceiling(d, id_bits)
     if bits is None and max_kl_proxy is None:
@@ -438,6 +443,10 @@ def calibrate(
         info["prediction_saving"] = float(saving)
     if sensitivity is not None:
         info["kl_proxy"] = stats.kl_proxy(delta) * kl_gain
+    if ceiling and max_kl_proxy is not None:
+        # Frames then meet RATE_BITS on any text (rate.py), and spend bits the text leaves down to the KL target's step.
+        finest = max(-MAX_FRAME_SCALE, min(0, math.floor(4 * math.log2(deltas[0] / delta) + 1e-9)))
+        info["rate"] = RatePolicy(RATE_BITS, finest).to_dict()
     return CodecConfigV2(center=tuple(center.tolist()), step=tuple(step.tolist()), kmax=k, freqs=freqs, raw_limit=int(d * RAW_FRACTION),
                          class_freqs=tables, channel_class=table_of, position_shift=shifts, prediction=prediction,
                          token_shift=pairs, info=info)

@@ -199,7 +199,8 @@ class CodecConfigV2:
         if view is not None:
             return view
         factor = scale_factor(scale)
-        step = tuple((base.step_array() * factor).tolist())  # one fp32 multiply per channel
+        with np.errstate(over="ignore"):  # an overflow is refused below
+            step = tuple((base.step_array() * factor).tolist())  # one fp32 multiply per channel
         try:
             view = dataclasses.replace(base, step=step, info={})
         except ValueError as exc:

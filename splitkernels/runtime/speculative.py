@@ -17,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from ..codec import CodecConfig, CodecConfigV2, encode_frame
+from ..codec import CodecConfig, CodecConfigV2
+from ..codec.rate import session_encoder
 from .drafting import (ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, ModelDrafter, PromptLookupDrafter,
                        low_bit_draft_model)
 from .metrics import GenerationMetrics, StepMetrics
@@ -159,6 +160,7 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
     virtual = 0.0
     start = time.perf_counter()
     session = transport.open(open_request(sampling, fingerprint, seq_len, codec))
+    encode_step = session_encoder(codec)  # per-frame rate control where the config carries a policy
     pool = ThreadPoolExecutor(1, thread_name_prefix="drafter") if overlap else None
     ahead: tuple[list[int], Future] | None = None  # (the context it assumed, its drafts)
     try:
@@ -189,8 +191,8 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
             if rows:
                 hidden = torch.cat([hidden, *rows])
             t1 = time.perf_counter()
-            frame = encode_frame(to_wire(hidden, wire_dtype), codec, coder, start=position, embedding=table,
-                                 tokens=torch.cat([pending[0], torch.tensor(drafts, dtype=torch.long)]))
+            frame = encode_step(to_wire(hidden, wire_dtype), coder, position,
+                                torch.cat([pending[0], torch.tensor(drafts, dtype=torch.long)]), table)
             t2 = time.perf_counter()
             ahead_k = min(policy.k(), max_new_tokens - len(new) - len(drafts) - 2)
             if pool is not None and seq > 0 and ahead_k > 0:

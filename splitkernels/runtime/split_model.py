@@ -11,9 +11,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..codec import CodecConfig, CodecConfigV2, decode, encode, encode_frame, from_bytes
+from ..codec import CodecConfig, CodecConfigV2, decode, encode, from_bytes
 from ..codec.frame_v2 import FRAME_CODERS
 from ..codec.predict import table_for
+from ..codec.rate import session_encoder
 from ..nn import QuantConfig
 from ..nn.config import check_opsc_sides
 from ..models.split import Adapter, adapter_for
@@ -202,6 +203,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     virtual = 0.0  # link time an emulator reported without waiting
     start = time.perf_counter()
     session = transport.open(open_request(sampling, fingerprint, seq_len, codec))
+    encode_step = session_encoder(codec)  # per-frame rate control where the config carries a policy
     try:
         cache = edge.new_decode_cache()
         step_ids, position = ids, 0
@@ -209,8 +211,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
             t0 = time.perf_counter()
             hidden = edge.forward(step_ids, cache, position)
             t1 = time.perf_counter()
-            frame = encode_frame(to_wire(hidden, wire_dtype), codec, coder, start=position, tokens=step_ids[0],
-                                 embedding=table)
+            frame = encode_step(to_wire(hidden, wire_dtype), coder, position, step_ids[0], table)
             t2 = time.perf_counter()
             ex = session.step(seq, frame)
             t3 = time.perf_counter()
