@@ -12,6 +12,7 @@ from v2_frames import reseal
 from splitkernels.codec import FrameError, calibrate, decode, decode_frame, encode, encode_frame, from_bytes
 from splitkernels.codec.config_v2 import MAX_FRAME_SCALE, CodecConfigV2, scale_factor
 from splitkernels.codec.rate import RateControl, RatePolicy, policy_of, rate_control, session_encoder
+from splitkernels.codec.token_frame import decode_token_frame, encode_token_frame, has_native
 
 # The golden config at scale 4 (every step x 2): 0.3 / 1 -> 0, 0.2 / 0.5 -> 0, -3.5 / 2 -> -2 (decodes
 # to -6), 1 / 4 -> 0; token 1: 7 + 2 = 9 escapes (4.5 > kmax); token 2 raw. Dtype byte 0x05: fp16 and the scale flag.
@@ -187,3 +188,22 @@ def test_policy_rejects_bad_values(kwargs, match):
 def test_controller_needs_a_session_config(cfg64):
     with pytest.raises(TypeError, match="session CodecConfigV2"):
         RateControl(cfg64.scaled(1), RatePolicy())
+
+
+@pytest.mark.skipif(not has_native(), reason="the one-call C++ token path is part of the extension, not built here")
+def test_one_call_token_path_takes_scaled_frames(cfg64):
+    """The server's and the edge's one-call paths handle scaled one-token frames themselves (rate
+    control scales most decode steps), byte for byte and bit for bit as the reference."""
+    x = (torch.randn(1, 64) * 2).half()
+    for scale in (-8, -1, 3, 8):
+        view = cfg64.scaled(scale)
+        frame = encode_token_frame(x, view, start=5)
+        assert frame is not None and frame == encode(x, view, start=5).to_bytes()
+        out = decode_token_frame(frame, cfg64)
+        assert out is not None and torch.equal(out, decode(encode(x, view)))
+        bad = bytearray(frame[:-4])
+        bad[1] = -scale & 0xFF  # another valid scale: the stream decodes at that one
+        assert torch.equal(decode_token_frame(reseal(bytes(bad), cfg64), cfg64),
+                           decode(from_bytes(reseal(bytes(bad), cfg64), config=cfg64)))
+        bad[1] = 9  # out of range: declined (the reference raises)
+        assert decode_token_frame(reseal(bytes(bad), cfg64), cfg64) is None

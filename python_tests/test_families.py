@@ -170,7 +170,9 @@ def test_family_codec_v2_calibrates_and_generates(model_type, class_name):
     config = config_for_model({"kind": "v2", "sensitivity": "fisher"}, model, split, windows, window=CALIBRATION_WINDOW)
     assert isinstance(config, CodecConfigV2) and config.info["scales"] == "fisher"
 
-    sm = split_model(model, SplitConfig(split, codec=config))
+    # Every frame at the calibrated step, as the teacher-forced pass below codes them (rate control
+    # would pick other steps for the generation's frames: test_codec_v2_rate.py).
+    sm = split_model(model, SplitConfig(split, codec=config, rate_control=False))
     prompt = torch.randint(3, VOCAB - 1, (1, 12), generator=gen)
     hidden = sm.edge.forward(prompt, None, 0)  # [T, d] fp32: the tiny models send their own dtype
     table = table_for(config.prediction, model)

@@ -12,8 +12,8 @@
 namespace sk {
 int64_t v2_token_frame_capacity(int64_t d, int dtype, int64_t id_bytes) {
   const int64_t item = dtype == kFloat32 ? 4 : 2;
-  // tag, escape count, token ids, escapes (at most d), rANS stream (rans_encode's bound), CRC
-  return 1 + kMaxVarintBytes + id_bytes + d * item + 4 * rans_lanes(d) + 2 * d + kCrcBytes;
+  // tag, scale, escape count, token ids, escapes (at most d), rANS stream (rans_encode's bound), CRC
+  return 2 + kMaxVarintBytes + id_bytes + d * item + 4 * rans_lanes(d) + 2 * d + kCrcBytes;
 }
 
 int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const float* inv, int64_t raw_limit,
@@ -24,7 +24,8 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   int32_t n_esc = 0;
   uint8_t raw = 0;
   int64_t totals[2] = {0, 0};
-  int64_t pos = 1 + kMaxVarintBytes + id_bytes;  // escapes go here first, moved down after the count and ids
+  const int64_t head = cfg.scale ? 2 : 1;  // the tag, and the scale byte of a scaled frame
+  int64_t pos = head + kMaxVarintBytes + id_bytes;  // escapes go here first, moved down after the count and ids
   uint8_t* escapes = out + pos;
   if (!v2_quantise(x, dtype, 1, d, cfg.center, inv, cfg.kmax, raw_limit, sym.data(), &n_esc, &raw, escapes, totals)
            .empty()) {
@@ -32,8 +33,9 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   }
   if (totals[1] > 0) return -1;
   if (raw) return 0;
-  out[0] = static_cast<uint8_t>(kTokenTag | dtype);  // rANS, not shifted, coded
-  pos = 1;
+  out[0] = static_cast<uint8_t>((cfg.scale ? kScaledTokenTag : kTokenTag) | dtype);  // rANS, not shifted, coded
+  out[1] = static_cast<uint8_t>(cfg.scale);  // overwritten by the escape count when there is no scale
+  pos = head;
   pos += write_varint(static_cast<uint64_t>(totals[0]), out + pos);
   const int64_t esc_bytes = totals[0] * item;
   std::memmove(out + pos + id_bytes, escapes, esc_bytes);
@@ -50,15 +52,17 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
 
 bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& cfg, int dtype,
                            int64_t max_escapes, int64_t id_bytes, void* out) {
-  if (dtype < kFloat32 || dtype > kBFloat16 || cfg.d < 1 || id_bytes < 0 || len < 2 + kCrcBytes) return false;
-  // The token-form tag of this dtype with coder 0 (rANS) and no shift; the raw bit either way.
-  if ((data[0] & ~kTokenRaw) != (kTokenTag | dtype)) return false;
+  const int64_t head = cfg.scale ? 2 : 1;
+  if (dtype < kFloat32 || dtype > kBFloat16 || cfg.d < 1 || id_bytes < 0 || len < head + 1 + kCrcBytes) return false;
+  // The token-form tag of this dtype (scaled as the config says) with coder 0 (rANS) and no shift; the raw bit either way.
+  if ((data[0] & ~kTokenRaw) != ((cfg.scale ? kScaledTokenTag : kTokenTag) | dtype)) return false;
+  if (cfg.scale && data[1] != static_cast<uint8_t>(cfg.scale)) return false;
   const bool raw = data[0] & kTokenRaw;
   const int64_t crc_at = len - kCrcBytes;
   uint32_t crc;
   std::memcpy(&crc, data + crc_at, 4);
   if (crc32(cfg.crc_seed, data, crc_at) != crc) return false;
-  int64_t pos = 1;
+  int64_t pos = head;
   uint64_t n_esc;
   if (!read_varint(data, pos, crc_at, n_esc)) return false;
   if (pos + id_bytes > crc_at) return false;

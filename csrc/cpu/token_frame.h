@@ -20,12 +20,13 @@ struct TokenFrameConfig {
   int kmax;                        // symbols 0..2*kmax are codes, 2*kmax+1 the escape
   const RansTables* const* tables;  // one table per channel of a period-`period` cycle
   int64_t period;
-  const float* step;               // [d] fp32
+  const float* step;               // [d] fp32 (already scaled by the frame's scale)
   const float* center;             // [d] fp32
+  int scale;                       // the frame's step scale (section 5.4.3): 0, or the byte after a 0b110 tag
 };
 
 // Decodes `data[0, len)` into out [1, d] of `dtype` (0 fp32, 1 fp16, 2 bf16) when it is a valid
-// one-token rANS frame of that dtype with at most max_escapes escapes (< 0: any); true then.
+// one-token rANS frame of that dtype and of config.scale with at most max_escapes escapes (< 0: any); true then.
 // false: declined, out may be partly written. id_bytes: the length of the token-id section after
 // the escape count (a config's prediction; 0 without), skipped here: the caller reads and checks it.
 bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& config, int dtype,

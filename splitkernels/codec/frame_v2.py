@@ -4,8 +4,8 @@ starts from the config's digest, so it checks only against the config it was enc
 
 Layout (little-endian):
 
-    magic "SKTQ" | version u8 = 2 | dtype u8 (low 3 bits, bit 3 center offsets) + coder (bits 4-6)
-    T varint | escapes varint | raw bitmap ceil(T/8) bytes | [center offsets ceil(d/2) bytes]
+    magic "SKTQ" | version u8 = 2 | dtype u8 (bits 0-1, bit 2 step scale, bit 3 center offsets) + coder (bits 4-6)
+    [step scale i8] | T varint | escapes varint | raw bitmap ceil(T/8) bytes | [center offsets ceil(d/2) bytes]
     escape values dtype[escapes]
     raw tokens dtype[n_raw * d] | symbol stream of the (T - n_raw) * d coded symbols (the rest)
     crc32 u32 of the config's 32-byte digest followed by every byte before it
@@ -13,8 +13,11 @@ Layout (little-endian):
 A frame of 256 tokens or more whose channels drift from the calibrated centers carries one offset
 per channel (§5.4.2, :mod:`.frame_center`), and its values code around the moved centers.
 
+A frame may code with every step scaled by ``2**(g/4)`` (§5.4.3: the edge's rate control); its
+``g`` travels in one byte, and the parser hands the rest the config's view at that scale.
+
 A frame of one token (every decode step) takes the **token form** (§5.4.1): one tag byte
-(``0b101``, then the coder, shifted, raw and 2-bit dtype fields) replaces magic, version,
+(``0b101``, or ``0b110`` and a scale byte, then the coder, shifted, raw and 2-bit dtype fields) replaces magic, version,
 dtype byte, T and bitmap, 7 of a one-token frame's 17 framing bytes (0.1 bit per element at
 d = 576). The sections after them are the same.
 

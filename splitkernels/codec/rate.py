@@ -83,6 +83,15 @@ def framing_bits(t: int, d: int) -> float:
     return 8.0 * (framing_bytes(t, escapes=0) + 1 + 4 * lanes) / (t * d)
 
 
+def expected_bits(bits_at_step: float, policy: RatePolicy) -> float:
+    """Bits per element a session's frames settle at under ``policy`` when they cost
+    ``bits_at_step`` at the calibrated step: the target where that is dearer, else the calibrated
+    cost plus what the finer scales down to ``policy.finest`` add (about ``SLOPE`` each), at most the target."""
+    if bits_at_step >= policy.bits:
+        return policy.bits
+    return min(policy.bits, bits_at_step - SLOPE * policy.finest)
+
+
 def _valid(config: CodecConfigV2, scale: int) -> bool:
     try:
         config.scaled(scale)
@@ -166,11 +175,11 @@ def rate_control(config, policy: RatePolicy | None = None) -> RateControl | None
     return None if policy is None else RateControl(config, policy)
 
 
-def session_encoder(codec) -> Callable[..., bytes]:
+def session_encoder(codec, rated: bool = True) -> Callable[..., bytes]:
     """What an edge session encodes its frames with, in order: ``(x, coder, start, tokens,
-    embedding) -> bytes``, through a :class:`RateControl` when the v2 config carries a rate
-    policy, else :func:`splitkernels.codec.encode_frame` as it is."""
-    rate = rate_control(codec)
+    embedding) -> bytes``, through a :class:`RateControl` when ``rated`` and the v2 config carries
+    a rate policy, else :func:`splitkernels.codec.encode_frame` as it is."""
+    rate = rate_control(codec) if rated else None
     if rate is not None:
         return rate.encode_frame
     from .dispatch import encode_frame  # the codec package's entry point (imports this module's users)

@@ -22,8 +22,8 @@ import torch
 
 from .._native import load
 from .config_v2 import CodecConfigV2
-from .frame import CODE_DTYPES, DTYPE_CODES, FrameLimits
-from .frame_v2 import TOKEN_DTYPE, TOKEN_RAW, TOKEN_TAG, escape_limit, flat_frame
+from .frame import CODE_DTYPES, DTYPE_CODES, FrameError, FrameLimits
+from .frame_v2 import SCALED_TOKEN_TAG, TOKEN_DTYPE, TOKEN_RAW, TOKEN_TAG, escape_limit, flat_frame, read_scale
 
 _C, _ = load("_C")
 _MIN_BYTES = 6  # tag, escape count, CRC
@@ -54,19 +54,19 @@ def _cached(cache: dict[int, tuple[CodecConfigV2, tuple]], config: CodecConfigV2
 def _decoder_args(config: CodecConfigV2) -> tuple:
     ptrs = config.rans_tables.native
     return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.step_array().ctypes.data,
-            config.center_array().ctypes.data)
+            config.center_array().ctypes.data, config.frame_scale)
 
 
 def _encoder_args(config: CodecConfigV2) -> tuple:
     ptrs = config.rans_tables.native
     return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.inv_step_array().ctypes.data,
-            config.center_array().ctypes.data, config.raw_limit)
+            config.center_array().ctypes.data, config.frame_scale, config.raw_limit)
 
 
 def _token_id(data: bytes | bytearray | memoryview, config: CodecConfigV2) -> int | None:
-    """The id of a one-token frame under the config's prediction (after the tag and the escape
-    count's varint), or None when the frame is too short or the id invalid."""
-    pos = 1
+    """The id of a one-token frame under the config's prediction (after the tag, the scale byte
+    of a scaled frame and the escape count's varint), or None when the frame is too short or the id invalid."""
+    pos = 2 if config.frame_scale else 1
     while pos < len(data) and data[pos] & 0x80:
         pos += 1
     n = config.prediction.id_bytes(1)
@@ -89,7 +89,12 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
     if data is None or len(data) < _MIN_BYTES:
         return None
     tag = data[0]  # the token form's tag with the coder and shifted bits clear (the raw bit either way)
-    if tag & ~(TOKEN_RAW | TOKEN_DTYPE) != TOKEN_TAG:
+    if tag & ~(TOKEN_RAW | TOKEN_DTYPE) == SCALED_TOKEN_TAG:  # the view at the frame's scale (§5.4.3)
+        try:
+            config = read_scale(data[1], config)
+        except FrameError:
+            return None
+    elif tag & ~(TOKEN_RAW | TOKEN_DTYPE) != TOKEN_TAG:
         return None
     code = tag & TOKEN_DTYPE
     dtype = CODE_DTYPES.get(code)
@@ -99,9 +104,9 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
     if max_escapes is None:
         return None
     out = torch.empty(1, config.d, dtype=dtype)
-    crc_seed, d, kmax, tables, period, step, center = _cached(_ARGS, config, _decoder_args)
+    crc_seed, d, kmax, tables, period, step, center, scale = _cached(_ARGS, config, _decoder_args)
     id_bytes = 0 if pred is None else pred.id_bytes(1)
-    if not _C.v2_decode_token_frame(data, crc_seed, d, kmax, tables, period, step, center, code, max_escapes,
+    if not _C.v2_decode_token_frame(data, crc_seed, d, kmax, tables, period, step, center, scale, code, max_escapes,
                                     id_bytes, out.data_ptr()):
         return None
     if pred is None:
@@ -132,7 +137,7 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
     against 51 us, bench/results/gpu-20261130), and the codes are bit-exact across backends.
     With a prediction, ``tokens`` and ``embedding`` as :func:`~splitkernels.codec.v2.encode_v2`
     (ValueError when they are missing or wrong)."""
-    if not has_native_encoder() or type(config) is not CodecConfigV2 or config.frame_scale:
+    if not has_native_encoder() or type(config) is not CodecConfigV2:
         return None
     pred = config.prediction
     token = None if pred is None else pred.token_id(tokens)
@@ -144,7 +149,7 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
         x = x.detach().float() - pred.values(token, embedding, x.device)
         ids = pred.id_section(token)
     x = x.detach().cpu().contiguous()
-    crc_seed, d, kmax, tables, period, inv, center, raw_limit = _cached(_ENC_ARGS, config, _encoder_args)
-    frame = _C.v2_encode_token_frame(x.data_ptr(), crc_seed, d, kmax, tables, period, inv, center, raw_limit,
+    crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit = _cached(_ENC_ARGS, config, _encoder_args)
+    frame = _C.v2_encode_token_frame(x.data_ptr(), crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit,
                                      DTYPE_CODES[x.dtype], ids)
     return frame if isinstance(frame, bytes) else None

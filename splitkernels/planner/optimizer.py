@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..codec import CodecConfig, CodecConfigV2
+from ..codec.rate import RatePolicy, expected_bits
 from ..codec.spec import config_from_dict, config_to_dict, is_v2_spec
 from ..nn import QuantConfig
 from .costs import (
@@ -345,10 +346,17 @@ def _frame_sizes(p: QualityPoint, codec: CodecConfig | dict, hidden: int, prompt
     first decode position (the position shifts only fall after it), the prompt from position 0."""
     if isinstance(codec, dict):
         shifts = p.position_shift
-        return (frame_bytes_v2(1, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts, id_bits=p.id_bits,
-                               start=prompt_tokens),
-                frame_bytes_v2(prompt_tokens, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts,
-                               id_bits=p.id_bits))
+        sizes = (frame_bytes_v2(1, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts, id_bits=p.id_bits,
+                                start=prompt_tokens),
+                 frame_bytes_v2(prompt_tokens, hidden, p.code_bits, p.outliers_per_token, wire, position_shift=shifts,
+                                id_bits=p.id_bits))
+        rate = codec.get("info", {}).get("rate")
+        if rate is None:
+            return sizes
+        # The edge's rate control moves every frame towards the policy's bits (splitkernels.codec.rate).
+        policy = RatePolicy.from_dict(rate)
+        return tuple(round(n * expected_bits(8.0 * n / (t * hidden), policy) / (8.0 * n / (t * hidden)))
+                     for n, t in zip(sizes, (1, prompt_tokens)))
     # A raw (passthrough) token is as wide as the wire dtype, whatever the calibration sent.
     code_bits = 8.0 * wire.itemsize if codec.mode == "passthrough" else p.code_bits
     return (frame_bytes(1, hidden, code_bits, p.outliers_per_token, wire),

@@ -128,14 +128,15 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
                          policy: DraftPolicy | None = None, eos_token_id: int | Sequence[int] | None = None,
                          fingerprint: bytes = bytes(FINGERPRINT_BYTES),
                          wire_dtype: torch.dtype | None = None, overlap: bool = True,
-                         coder: str | None = None) -> SpeculativeResult:
+                         coder: str | None = None, rate_control: bool = True) -> SpeculativeResult:
     """Generate through ``edge`` and the server behind ``transport``, ``drafter`` proposing tokens
     and ``policy`` (default :class:`DraftPolicy`) choosing how many per round.
 
     The prompt goes in a plain round; every later round sends the last token plus its drafts.
     Stops after ``max_new_tokens`` or at an EOS token (kept). Needs a transport whose sessions
     carry multi-token steps (``SessionHandle.verify``). Hidden states travel in ``wire_dtype``
-    (None: the edge's dtype); v2 frames are coded with ``coder`` (``SplitConfig.coder``).
+    (None: the edge's dtype); v2 frames are coded with ``coder`` (``SplitConfig.coder``), under the
+    codec's rate policy unless ``rate_control`` is False (``SplitConfig.rate_control``).
 
     ``overlap``: while a round is with the server, a background thread asks the drafter to
     continue as if every draft were accepted (its first token is then its guess of the server's);
@@ -160,7 +161,7 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
     virtual = 0.0
     start = time.perf_counter()
     session = transport.open(open_request(sampling, fingerprint, seq_len, codec))
-    encode_step = session_encoder(codec)  # per-frame rate control where the config carries a policy
+    encode_step = session_encoder(codec, rate_control)
     pool = ThreadPoolExecutor(1, thread_name_prefix="drafter") if overlap else None
     ahead: tuple[list[int], Future] | None = None  # (the context it assumed, its drafts)
     try:
@@ -278,4 +279,4 @@ def speculate(split, input_ids: torch.Tensor, max_new_tokens: int, drafter: str 
     sampling = SamplingParams(bool(do_sample), float(temperature), top_k, float(top_p), seed)
     return generate_speculative(edge, transport or split._require("transport"), input_ids, max_new_tokens,
                                 split.codec, sampling, drafter, policy, eos_token_id, split.fingerprint,
-                                split.config.wire_dtype, overlap, split.config.coder)
+                                split.config.wire_dtype, overlap, split.config.coder, split.config.rate_control)

@@ -86,6 +86,10 @@ class SplitConfig:
       "slots" (frames of several tokens: ~0.2 bit more than "rice", a fixed-width slot per channel,
       1.2-2x faster than "planes" with AVX-512 VBMI2 + GFNI, about "rice"'s speed on AVX2) or
       "nibble" (every frame: ~0.4 bit more, fixed 4-bit slots).
+    * ``rate_control``: with a v2 codec that carries a rate policy (``calibrate``'s default rule),
+      the edge picks each frame's step scale so that frames cost the policy's bits on whatever
+      text a session sends (:mod:`splitkernels.codec.rate`); False sends every frame at the
+      calibrated step (frames then match a teacher-forced pass's exactly).
     """
 
     split_layer: int
@@ -95,6 +99,7 @@ class SplitConfig:
     quantize_embedding: bool = False
     wire_dtype: torch.dtype | None = None
     coder: str | None = None
+    rate_control: bool = True
 
     def __post_init__(self) -> None:
         l = self.split_layer
@@ -103,6 +108,8 @@ class SplitConfig:
         if self.codec is not None and not isinstance(self.codec, (CodecConfig, CodecConfigV2)):
             raise TypeError(f"codec must be a CodecConfig, a CodecConfigV2 or None, got {type(self.codec).__name__}")
         check_opsc_sides(self.front, self.back, self.quantize_embedding)
+        if not isinstance(self.rate_control, bool):
+            raise TypeError(f"rate_control must be a bool, got {type(self.rate_control).__name__}")
         if self.wire_dtype is not None and self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be None or one of {[str(d) for d in WIRE_DTYPES]}, got {self.wire_dtype!r}")
         if self.coder not in (None, *FRAME_CODERS):
@@ -181,13 +188,14 @@ def open_request(sampling: SamplingParams, fingerprint: bytes, seq_len: int,
 def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, max_new_tokens: int,
                    codec: CodecConfig | CodecConfigV2, sampling: SamplingParams, eos_token_id: int | Sequence[int] | None = None,
                    fingerprint: bytes = bytes(FINGERPRINT_BYTES),
-                   wire_dtype: torch.dtype | None = None, coder: str | None = None) -> GenerationResult:
+                   wire_dtype: torch.dtype | None = None, coder: str | None = None,
+                   rate_control: bool = True) -> GenerationResult:
     """Run one generation: the edge segment here, the server behind ``transport``.
 
     The prompt's split-layer hidden states go in one frame, then one frame per new token; the
     server replies with each token id. Stops after ``max_new_tokens`` or at an EOS token (kept).
     Hidden states travel in ``wire_dtype`` (None: the edge's dtype); v2 frames are coded with
-    ``coder`` (:class:`SplitConfig`).
+    ``coder``, under the codec's rate policy unless ``rate_control`` is False (:class:`SplitConfig`).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -203,7 +211,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     virtual = 0.0  # link time an emulator reported without waiting
     start = time.perf_counter()
     session = transport.open(open_request(sampling, fingerprint, seq_len, codec))
-    encode_step = session_encoder(codec)  # per-frame rate control where the config carries a policy
+    encode_step = session_encoder(codec, rate_control)
     try:
         cache = edge.new_decode_cache()
         step_ids, position = ids, 0
@@ -291,7 +299,7 @@ class SplitModel:
         sampling = SamplingParams(bool(do_sample), float(temperature), top_k, float(top_p), seed)
         result = generate_split(self._require("edge"), transport or self._require("transport"), input_ids,
                                 max_new_tokens, self.codec, sampling, eos_token_id, self.fingerprint,
-                                self.config.wire_dtype, self.config.coder)
+                                self.config.wire_dtype, self.config.coder, self.config.rate_control)
         self.last_metrics = result.metrics
         return result
 
