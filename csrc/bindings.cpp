@@ -204,26 +204,28 @@ PYBIND11_MODULE(_C, m) {
       "v2_decode_long_frame",
       [](py::buffer frame, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t step, std::uintptr_t center,
          int window, std::uintptr_t planes_centre, std::uintptr_t planes_k, std::uintptr_t slots_start,
-         std::uintptr_t slots_width, int dtype, int64_t T, int64_t max_escapes, std::uintptr_t out) {
+         std::uintptr_t slots_width, int scale, int dtype, int64_t T, int64_t max_escapes, std::uintptr_t out) {
         const py::buffer_info info = frame_bytes(frame);
         const sk::LongFrameConfig config{crc_seed,   d, kmax, ptr<const float>(step), ptr<const float>(center), window,
                                          ptr<const uint8_t>(planes_centre), ptr<const uint8_t>(planes_k),
-                                         ptr<const uint8_t>(slots_start), ptr<const uint8_t>(slots_width)};
+                                         ptr<const uint8_t>(slots_start), ptr<const uint8_t>(slots_width), scale};
         py::gil_scoped_release nogil;
         return sk::v2_decode_long_frame(static_cast<const uint8_t*>(info.ptr), info.size, config, dtype, T, max_escapes,
                                         ptr<void>(out));
       },
       py::arg("frame"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("step"), py::arg("center"),
       py::arg("window"), py::arg("planes_centre"), py::arg("planes_k"), py::arg("slots_start"), py::arg("slots_width"),
-      py::arg("dtype"), py::arg("T"), py::arg("max_escapes"), py::arg("out"),
+      py::arg("scale"), py::arg("dtype"), py::arg("T"), py::arg("max_escapes"), py::arg("out"),
       "A long codec v2 frame of a fused coder (nibble, bit planes or slots) with T tokens of dtype decoded into "
-      "out [T, d] (the session config's CRC seed, d, kmax, step, center and the coders' parameters); False when it "
+      "out [T, d] (the session config's CRC seed, d, kmax, step and center at the frame's step scale, the coders' "
+      "parameters and that scale, 0 for none); False when it "
       "is anything else or invalid (the caller then runs the reference parser).");
   m.def(
       "v2_encode_long_frame",
       [](std::uintptr_t x, int dtype, int64_t T, int64_t d, int coder, std::uintptr_t center, std::uintptr_t inv,
          std::uintptr_t step, int kmax, int64_t raw_limit, int window, std::uintptr_t first, std::uintptr_t second,
-         uint32_t crc_seed) -> py::object {
+         uint32_t crc_seed, int scale) -> py::object {
+        if (scale < -128 || scale > 127) throw std::invalid_argument("v2_encode_long_frame: scale is not an i8");
         const sk::FusedCoder fused{coder, window, ptr<const uint8_t>(first), ptr<const uint8_t>(second)};
         sk::LongFrameParts parts;
         bool nonfinite = false;
@@ -235,6 +237,7 @@ PYBIND11_MODULE(_C, m) {
         }
         check(err);
         if (nonfinite) return py::none();
+        parts.scale = scale;
         PyObject* frame = PyBytes_FromStringAndSize(nullptr, sk::long_frame_size(parts));
         if (!frame) throw py::error_already_set();
         auto bytes = py::reinterpret_steal<py::bytes>(frame);
@@ -246,8 +249,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("dtype"), py::arg("T"), py::arg("d"), py::arg("coder"), py::arg("center"), py::arg("inv"),
       py::arg("step"), py::arg("kmax"), py::arg("raw_limit"), py::arg("window"), py::arg("first"), py::arg("second"),
-      py::arg("crc_seed"),
-      "x [T, d] (contiguous, T >= 1) as a long codec v2 frame of a fused coder (1 nibble with its window start, "
+      py::arg("crc_seed"), py::arg("scale"),
+      "x [T, d] (contiguous, T >= 1; center, inv and step at the frame's step scale, 0 for none) as a long codec v2 "
+      "frame of a fused coder (1 nibble with its window start, "
       "4 bit planes or 5 slots with their per-channel u8 [d] arrays first and second), quantised around its center "
       "offsets where it takes them, coded and framed in one call, its CRC continuing crc_seed; None when x holds a "
       "NaN or infinity.");

@@ -10,6 +10,7 @@ from test_codec_v2_golden import CONFIG, X
 from v2_frames import reseal
 
 from splitkernels.codec import FrameError, calibrate, decode, decode_frame, encode, encode_frame, from_bytes
+from splitkernels.codec import wire_v2
 from splitkernels.codec.config_v2 import MAX_FRAME_SCALE, CodecConfigV2, scale_factor
 from splitkernels.codec.rate import RateControl, RatePolicy, policy_of, rate_control, session_encoder
 from splitkernels.codec.token_frame import decode_token_frame, encode_token_frame, has_native
@@ -207,3 +208,22 @@ def test_one_call_token_path_takes_scaled_frames(cfg64):
                            decode(from_bytes(reseal(bytes(bad), cfg64), config=cfg64)))
         bad[1] = 9  # out of range: declined (the reference raises)
         assert decode_token_frame(reseal(bytes(bad), cfg64), cfg64) is None
+
+
+@pytest.mark.skipif(not wire_v2.has_fused(), reason="the fused long-frame passes are part of the extension, not built here")
+@pytest.mark.parametrize("coder", ["nibble", "planes", "slots"])
+def test_fused_long_frames_carry_the_scale(cfg64, coder):
+    """A scaled prefill frame of a fused coder is written and read in one C++ call each way, the
+    same bytes and values as the reference."""
+    x = (torch.randn(300, 64) * 2).half()
+    for scale in (-5, 2):
+        view = cfg64.scaled(scale)
+        frame = wire_v2.encode_frame_v2(x, view, coder)
+        assert frame == encode(x, view).to_bytes(coder)
+        out = wire_v2._decode_fused_frame(frame, cfg64, None)
+        assert out is not None and torch.equal(out, decode(encode(x, view)))
+        bad = bytearray(frame[:-4])
+        bad[6] = 0  # a scale flag with scale 0: declined here, refused by the reference
+        assert wire_v2._decode_fused_frame(reseal(bytes(bad), cfg64), cfg64, None) is None
+        with pytest.raises(FrameError, match="step scale 0"):
+            decode_frame(reseal(bytes(bad), cfg64), config=cfg64)

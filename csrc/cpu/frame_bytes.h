@@ -18,6 +18,7 @@ constexpr int64_t kCrcBytes = 4;  // every frame ends in its CRC-32, little-endi
 // longer frame has magic, version, dtype byte, T and bitmap. A frame with a step scale (5.4.3) has
 // 0b110 instead of 0b101, and the scale byte follows the tag.
 constexpr uint8_t kTokenTag = 0xA0, kScaledTokenTag = 0xC0, kTokenCoder = 0x10, kTokenRaw = 0x04;
+constexpr uint8_t kScaleFlag = 0x04;  // in the long form's dtype byte: the scale byte follows it
 
 // LEB128 of n at out; the number of bytes written.
 inline int write_varint(uint64_t n, uint8_t* out) {

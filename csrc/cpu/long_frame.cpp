@@ -75,7 +75,7 @@ std::string encode_long_parts(const void* x, int dtype, int64_t T, int64_t d, co
 
 int64_t long_frame_size(const LongFrameParts& p) {
   const int64_t item = p.dtype == kFloat32 ? 4 : 2;
-  const int64_t head = (p.T == 1 ? 1 : kHeadBytes + varint_bytes(p.T) + (p.T + 7) / 8) +
+  const int64_t head = (p.T == 1 ? 1 : kHeadBytes + varint_bytes(p.T) + (p.T + 7) / 8) + (p.scale ? 1 : 0) +
                        (p.offsets ? center_section_bytes(p.d) : 0);
   return head + varint_bytes(p.n_escapes) + p.n_escapes * item + raw_rows(p) * p.d * item + p.stream_len + kCrcBytes;
 }
@@ -84,14 +84,16 @@ void write_long_frame(const LongFrameParts& p, uint32_t crc_seed, uint8_t* out) 
   const int64_t item = p.dtype == kFloat32 ? 4 : 2, row = p.d * item;
   uint8_t* at = out;
   if (p.T == 1) {  // the token form (only the nibble coder of the fused ones has a tag: T = 1 takes rANS otherwise)
-    *at++ = static_cast<uint8_t>(kTokenTag | (p.code == kCoderNibble ? kTokenCoder : 0) | (p.raw[0] ? kTokenRaw : 0) |
-                                 p.dtype);
+    *at++ = static_cast<uint8_t>((p.scale ? kScaledTokenTag : kTokenTag) | (p.code == kCoderNibble ? kTokenCoder : 0) |
+                                 (p.raw[0] ? kTokenRaw : 0) | p.dtype);
+    if (p.scale) *at++ = static_cast<uint8_t>(p.scale);
     at += write_varint(p.n_escapes, at);
   } else {
     std::memcpy(at, kMagic, 4);
     at[4] = kVersion;
-    at[5] = static_cast<uint8_t>(p.dtype | p.code << 4 | (p.offsets ? kCenterFlag : 0));
+    at[5] = static_cast<uint8_t>(p.dtype | p.code << 4 | (p.offsets ? kCenterFlag : 0) | (p.scale ? kScaleFlag : 0));
     at += kHeadBytes;
+    if (p.scale) *at++ = static_cast<uint8_t>(p.scale);
     at += write_varint(p.T, at);
     at += write_varint(p.n_escapes, at);
     for (int64_t t = 0; t < p.T; t += 8) {  // the raw bitmap, the first token lowest
@@ -123,10 +125,12 @@ bool v2_decode_long_frame(const uint8_t* data, int64_t len, const LongFrameConfi
   if (len < kHeadBytes + 2 + kCrcBytes || std::memcmp(data, kMagic, 4) != 0 || data[4] != kVersion) return false;
   const int code = data[5] >> 4;  // the shifted flag (bit 7) declines too: its frames take the reference
   const bool centered = data[5] & kCenterFlag;
-  if ((data[5] & 0x07) != dtype || (code != kCoderNibble && code != kCoderPlanes && code != kCoderSlots)) return false;
+  if ((data[5] & 0x03) != dtype || (code != kCoderNibble && code != kCoderPlanes && code != kCoderSlots)) return false;
+  if (((data[5] & kScaleFlag) != 0) != (cfg.scale != 0) || (cfg.scale && data[6] != static_cast<uint8_t>(cfg.scale)))
+    return false;
   const int64_t crc_at = len - kCrcBytes;
   if (crc32(cfg.crc_seed, data, crc_at) != load_u32(data + crc_at)) return false;
-  int64_t pos = kHeadBytes;
+  int64_t pos = kHeadBytes + (cfg.scale ? 1 : 0);
   uint64_t t = 0, n_esc = 0;
   if (!read_varint(data, pos, crc_at, t) || static_cast<int64_t>(t) != T || T < 1) return false;
   if (!read_varint(data, pos, crc_at, n_esc) || (max_escapes >= 0 && static_cast<int64_t>(n_esc) > max_escapes))

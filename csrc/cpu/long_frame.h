@@ -34,6 +34,7 @@ struct LongFrameParts {
   const uint8_t* stream = nullptr;
   int64_t stream_len = 0;
   const int8_t* offsets = nullptr;  // [d] center offsets (frame_center.h), or null
+  int scale = 0;                    // the frame's step scale (section 5.4.3; x was coded with steps at it), 0 for none
 };
 
 // Quantises and codes x [T, d] (dtype 0 fp32, 1 fp16, 2 bf16, contiguous) with the coder into this
@@ -61,6 +62,7 @@ struct LongFrameConfig {
   const float* center = nullptr;
   int window = 0;
   const uint8_t *planes_centre = nullptr, *planes_k = nullptr, *slots_start = nullptr, *slots_width = nullptr;
+  int scale = 0;  // the step scale the frame must carry (step is already at it), 0 for none (section 5.4.3)
 };
 
 // Decodes data[0, len) into out [T, d] of `dtype` when it is a valid long frame of a fused coder

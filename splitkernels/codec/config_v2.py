@@ -281,23 +281,23 @@ class CodecConfigV2:
         """Per fused coder (``"nibble"``, ``"planes"``, ``"slots"``), the arguments after ``x, dtype,
         T, d, coder`` of the C++ long-frame encoder (``_C.v2_encode_long_frame``): the addresses of
         this config's center, inverse step and step arrays (kept alive by it), kmax, raw_limit, the
-        coder's parameters and the CRC seed. Read once: numpy's ``.ctypes.data`` costs a microsecond per array per call."""
+        coder's parameters, the CRC seed and the frame scale. Read once: numpy's ``.ctypes.data`` costs a microsecond per array per call."""
         head = (self.center_array().ctypes.data, self.inv_step_array().ctypes.data, self.step_array().ctypes.data,
                 self.kmax, self.raw_limit)
-        args = {"nibble": head + (nibble.window_start(self.freqs), 0, 0, self.crc_seed)}
+        args = {"nibble": head + (nibble.window_start(self.freqs), 0, 0, self.crc_seed, self.frame_scale)}
         for name, (first, second) in self.fused_params.items():
-            args[name] = head + (0, first.ctypes.data, second.ctypes.data, self.crc_seed)
+            args[name] = head + (0, first.ctypes.data, second.ctypes.data, self.crc_seed, self.frame_scale)
         return args
 
     @functools.cached_property
     def fused_decode_args(self) -> tuple:
         """The arguments after the frame of the C++ long-frame decoder (``_C.v2_decode_long_frame``):
         the CRC seed, d, kmax, the addresses of step and center, the nibble window start and the
-        addresses of the bit planes' and slots' per-channel arrays; read once, as :attr:`fused_frame_args`."""
+        addresses of the bit planes' and slots' per-channel arrays and the frame scale; read once, as :attr:`fused_frame_args`."""
         (centre, k), (start, width) = self.fused_params["planes"], self.fused_params["slots"]
         return (self.crc_seed, self.d, self.kmax, self.step_array().ctypes.data, self.center_array().ctypes.data,
                 nibble.window_start(self.freqs), centre.ctypes.data, k.ctypes.data, start.ctypes.data,
-                width.ctypes.data)
+                width.ctypes.data, self.frame_scale)
 
     @functools.cached_property
     def slot_row_bits(self) -> int:

@@ -19,7 +19,9 @@ from ..ops.checks import FLOAT_DTYPES, check_tensor
 from . import frame_center, nibble
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
-from .frame_v2 import CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, FRAME_VERSION_V2, HEAD, MAX_POSITION, decode_symbols, escape_limit, flat_frame, parse_frame_v2, read_varint, resolve_coder
+from .frame_v2 import (CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, DTYPE_MASK, FRAME_VERSION_V2, HEAD,
+                       MAX_POSITION, SCALE_FLAG, decode_symbols, escape_limit, flat_frame, parse_frame_v2, read_scale,
+                       read_varint, resolve_coder)
 from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
 
@@ -52,8 +54,7 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
             return frame
     if config.prediction is not None:
         return encode_v2(x, config, start, tokens, embedding).to_bytes(coder)
-    if (code not in FUSED_CODERS or not has_fused() or config.frame_scale
-            or (isinstance(start, int) and config.row_shifts(start, t).any())):
+    if code not in FUSED_CODERS or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):
         return encode_v2(x, config, start).to_bytes(coder)  # also validates start
     x = x.detach().cpu().contiguous()
     frame = _C.v2_encode_long_frame(x.data_ptr(), DTYPE_CODES[x.dtype], t, d, code,
@@ -75,9 +76,11 @@ def _decode_fused_frame(data: bytes | bytearray | memoryview, config: CodecConfi
     if (data is None or len(data) < 12 or data[:4] != MAGIC or data[4] != FRAME_VERSION_V2
             or data[5] >> 4 not in FUSED_CODERS):  # another coder, or the shifted flag: no output allocated for it
         return None
-    dtype = CODE_DTYPES.get(data[5] & 0x07)  # bit 3: center offsets, decoded there too; bit 2 (a step scale): None
+    dtype = CODE_DTYPES.get(data[5] & DTYPE_MASK)  # bit 3: center offsets, decoded there too
     try:
-        t, _ = read_varint(data, HEAD.size, len(data), "T")
+        if data[5] & SCALE_FLAG:  # the view at the frame's step scale (§5.4.3)
+            config = read_scale(data[HEAD.size], config)
+        t, _ = read_varint(data, HEAD.size + bool(data[5] & SCALE_FLAG), len(data), "T")
     except FrameError:
         return None
     d = config.d
