@@ -243,3 +243,21 @@ def test_a_quantised_embedding_cannot_predict():
     with pytest.raises(ValueError, match="no plain table"):
         split_model(fresh, SplitConfig(SPLIT, codec=predicting, front=QuantConfig(bits=4, group_size=16),
                                        quantize_embedding=True))
+
+
+def test_generation_frames_follow_the_rate_policy(model, config):
+    """With a rate policy in the config, the edge's frames move to its bits (scaled frames, which the
+    server decodes with the session's config); ``rate_control=False`` keeps the calibrated step."""
+    ids = prompt(3, 7)
+
+    def decode_bits(codec, rated: bool) -> float:
+        sm = split_model(model, SplitConfig(SPLIT, codec=codec, rate_control=rated))
+        steps = sm.run(ids, 12).metrics.steps[2:]  # after the prefill and the first decode step
+        sm.close()
+        return 8.0 * sum(s.frame_bytes for s in steps) / (len(steps) * 48)
+
+    plain = decode_bits(config, False)
+    target = plain - 1.0
+    rated_config = dataclasses.replace(config, info={**config.info, "rate": {"bits": target, "finest": 0}})
+    assert abs(decode_bits(rated_config, False) - plain) < 1e-9  # rate control off: the calibrated step
+    assert abs(decode_bits(rated_config, True) - target) < 0.4

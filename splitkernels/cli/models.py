@@ -13,6 +13,7 @@ from ..codec import CodecConfig, CodecConfigV2
 from ..codec.calibrate import DECODE_FRAME_BITS, DEFAULT_KL_PROXY
 from ..codec.frame import count_width
 from ..codec.frame_v2 import FRAME_CODERS
+from ..codec.rate import RATE_BITS
 from ..models import LoadedModel
 from ..models.loading import BUILT_IN
 from . import args as types
@@ -118,7 +119,11 @@ def add_codec_args(p: argparse.ArgumentParser, default: str = "v1") -> None:
     g.add_argument("--bits", type=types.number(1.0, 16.0), default=None,
                    help="v2: target bits per element of 512-token frames (default: with --sensitivity fisher, the "
                         f"rate at which the Fisher's KL estimate is {DEFAULT_KL_PROXY}, one-token frames at most about "
-                        f"{DECODE_FRAME_BITS} bits; uniform: 4.0)")
+                        f"{DECODE_FRAME_BITS} bits at the calibrated step, and per-frame rate control holding every "
+                        f"frame at {RATE_BITS} on any text; uniform: 4.0)")
+    g.add_argument("--no-rate-control", action="store_true",
+                   help="v2: send every frame at the calibrated step (default: where the codec's calibration stored "
+                        "a rate policy, the edge scales each frame's step to meet it on the text it sends)")
     g.add_argument("--sensitivity", choices=("fisher", "uniform"), default="fisher",
                    help="v2: channel precision from a diagonal Fisher of the calibration text (one backward "
                         "pass per window) or uniform (forward passes only)")
@@ -155,6 +160,7 @@ class SplitSettings:
     dtype: Any = None  # torch dtype the plan sizes the model for; None: as loaded
     wire_dtype: Any = None  # torch dtype of hidden states on the wire; None: the model's
     coder: str | None = None  # v2 frames' symbol coder (--coder); None: rANS
+    rate_control: bool = True  # per-frame rate control where the v2 codec carries a policy (--no-rate-control)
 
     def split_config(self, side: str):
         """The runtime's SplitConfig for ``side`` ("edge", "server" or "both"): only that side's
@@ -162,7 +168,8 @@ class SplitSettings:
         from ..runtime import SplitConfig
 
         front, back = self.opsc(side) or (None, None)
-        return SplitConfig(self.split_layer, self.codec, front, back, wire_dtype=self.wire_dtype, coder=self.coder)
+        return SplitConfig(self.split_layer, self.codec, front, back, wire_dtype=self.wire_dtype, coder=self.coder,
+                           rate_control=self.rate_control)
 
     def prepare(self, model):
         """Cast ``model`` to the plan's dtype (what its memory was planned for); the model itself
@@ -191,7 +198,7 @@ def split_settings(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettin
     coder = getattr(args, "coder", None)
     if coder not in (None, "rans") and not isinstance(settings.codec, CodecConfigV2):
         raise UsageError(f"--coder {coder} needs codec v2 (v1 and passthrough frames have one coder)")
-    return replace(settings, coder=coder)
+    return replace(settings, coder=coder, rate_control=not getattr(args, "no_rate_control", False))
 
 
 def _split_and_codec(args: argparse.Namespace, loaded: LoadedModel) -> SplitSettings:
