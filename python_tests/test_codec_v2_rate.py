@@ -227,3 +227,13 @@ def test_fused_long_frames_carry_the_scale(cfg64, coder):
         assert wire_v2._decode_fused_frame(reseal(bytes(bad), cfg64), cfg64, None) is None
         with pytest.raises(FrameError, match="step scale 0"):
             decode_frame(reseal(bytes(bad), cfg64), config=cfg64)
+
+
+def test_controller_rejects_bad_input(cfg64):
+    rate = RateControl(cfg64, RatePolicy())
+    for bad, err, match in ((torch.randn(64), ValueError, "x"), (torch.ones(2, 64, dtype=torch.int32), TypeError, "x"),
+                            (torch.randn(0, 64), ValueError, "at least one token"),
+                            (torch.randn(2, 63), ValueError, "d = 64")):
+        with pytest.raises(err, match=match):
+            rate.encode_frame(bad)
+    assert rate.scales == [] and rate.level is None  # nothing learnt from a refused frame

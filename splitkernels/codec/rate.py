@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from . import rans
+from ..ops.checks import FLOAT_DTYPES, check_tensor
 from .config_v2 import MAX_FRAME_SCALE, CodecConfigV2
 from .frame_v2 import framing_bytes, rans_coder, rans_stream_lanes
 from .wire_v2 import encode_frame_v2
@@ -147,7 +147,10 @@ class RateControl:
     def encode_frame(self, x: torch.Tensor, coder: str | None = None, start: int = 0, tokens=None,
                      embedding: torch.Tensor | None = None) -> bytes:
         """The frame of ``x [T, d]`` at the scale the session's measurements ask for (see the module)."""
+        check_tensor("x", x, FLOAT_DTYPES, ndim=2)
         t, d = int(x.shape[0]), int(x.shape[1])
+        if t == 0:
+            raise ValueError("x must hold at least one token")
 
         def at(scale: int) -> bytes:
             return encode_frame_v2(x, self.config.scaled(scale), coder, start, tokens, embedding)
