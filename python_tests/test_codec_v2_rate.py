@@ -237,3 +237,42 @@ def test_controller_rejects_bad_input(cfg64):
         with pytest.raises(err, match=match):
             rate.encode_frame(bad)
     assert rate.scales == [] and rate.level is None  # nothing learnt from a refused frame
+
+
+def _decodes_within_bounds_or_frame_error(data: bytes, cfg: CodecConfigV2) -> None:
+    try:
+        y = decode_frame(data, config=cfg)
+    except FrameError:
+        return
+    assert y.numel() * y.element_size() <= 64 * len(data) + 1024  # bounded by the frame's own size
+
+
+@pytest.mark.parametrize("t", [1, 6])
+def test_fuzz_scaled_frames(cfg64, t):
+    """Scaled frames (long and token form): every truncation and bit flips raise FrameError; every
+    tag or dtype byte, every scale byte and random resealed mutations raise only FrameError or
+    decode within the allocation bound."""
+    from v2_frames import bit_flips, truncations
+
+    gen = torch.Generator().manual_seed(30 + t)
+    x = (torch.randn(t, 64, generator=gen) * 3).half()
+    data = encode_frame(x, cfg64.scaled(-3))
+    for bad in (*truncations(data), *bit_flips(data, 200, seed=t)):
+        with pytest.raises(FrameError):
+            decode_frame(bad, config=cfg64)
+    body = data[:-4]
+    at = 0 if t == 1 else 5  # the tag, or the dtype byte
+    for value in range(256):
+        for where in (at, at + 1):  # the tag or dtype byte, then the scale byte
+            bad = bytearray(body)
+            bad[where] = value
+            _decodes_within_bounds_or_frame_error(reseal(bytes(bad), cfg64), cfg64)
+    rng = np.random.default_rng(t)
+    for _ in range(300):
+        bad = bytearray(body)
+        i = int(rng.integers(len(bad)))
+        if rng.integers(2):
+            bad[i] = int(rng.integers(256))
+        else:
+            del bad[i]
+        _decodes_within_bounds_or_frame_error(reseal(bytes(bad), cfg64), cfg64)
