@@ -84,7 +84,9 @@ DEFAULT_KL_PROXY = 0.0010
 # 0.25 bit under the goal: scored text the calibration did not see has heavier tails, and a split at
 # the ceiling landed up to 0.21 bit above it in one-token frames of source code (SmolLM2-135M split 10,
 # Gemma 3 270M split 6; bench/results/codec_v2/README.md, session 11), and 0.34 above it (4.59 bits,
-# over the goal) on the GPL-3 text (Qwen2.5-Coder split 18, session 23).
+# over the goal) on the GPL-3 text (Qwen2.5-Coder split 18, session 23). With the rate policy the
+# default rule stores (rate.py) this is where a session's frames start and what frames cost without
+# rate control; the controller then holds them at RATE_BITS on whatever text it sends.
 DECODE_FRAME_BITS = 4.25
 SINK_RATIO = 8.0
 SCALE_CLIP = 64.0
