@@ -39,7 +39,6 @@ _BAND_COUNT = struct.Struct("<B")
 # A frame's step scale ``g`` (docs/FORMATS.md §5.4.3) multiplies every step by fp32(2**(g/4)): a
 # quarter octave changes the codes' entropy by about a quarter bit per element.
 MAX_FRAME_SCALE = 8
-FRAME_SCALES = tuple(range(-MAX_FRAME_SCALE, MAX_FRAME_SCALE + 1))
 
 
 def scale_factor(scale: int) -> np.float32:
