@@ -11,14 +11,19 @@ frames and moves the step by quarter octaves instead.
 The rule (deterministic: the same hidden states give the same frames):
 
 * ``level``: the session's estimated bits per element of a frame's symbols and values at scale 0,
-  framing left out. After each frame the measured bits plus ``SLOPE`` per scale step is blended
-  in with weight ``1 - exp(-T / MEMORY_TOKENS)`` (a 512-token prefill frame replaces it; a
-  one-token frame moves it 3%).
-* A frame's wanted scale is ``(level + framing - target) / SLOPE``. Decode frames (fewer than
-  ``SEARCH_MIN_TOKENS`` tokens: one token, or a few speculative ones) take it by error diffusion
-  (the integer scales average to the wanted one, so the session's average meets the target) in
-  one encode; a prefill frame is encoded at the rounded-up scale, then at the scale its own bits
-  ask for, at most ``LONG_TRIES`` times in all, and the finest one within the target is sent.
+  framing and the residuals of early positions (§5.2) left out. After each frame the measured
+  bits plus ``SLOPE`` per scale step is blended in with weight ``1 - exp(-T / MEMORY_TOKENS)`` (a
+  512-token prefill frame replaces it; a one-token frame moves it 3%).
+* Decode frames (fewer than ``SEARCH_MIN_TOKENS`` tokens: one token, or a few speculative ones)
+  take the wanted scale ``(level + framing - target) / SLOPE``, rounded, plus what pays back the
+  ``debt`` (the bits they spent beyond the target so far) over ``REPAY_TOKENS`` tokens: an
+  integral control, so the session's decode frames average the target. A frame with rows at early
+  positions (finer steps, a residual section) is never coded coarser than calibrated: those
+  tokens weigh most on every later one (Gemma 3 270M split 2 on the GPL-3 text: one-token frames
+  at KL 0.011 when the controller coarsened them to pay for their own residuals, 0.0025 when later
+  frames pay); later frames pay.
+* A prefill frame is encoded at the rounded-up wanted scale, then at the scale its own bits ask
+  for, at most ``LONG_TRIES`` times in all, and the finest one within the target is sent.
 * The scale stays within ``[finest, MAX_FRAME_SCALE]``: ``finest`` (<= 0, from ``calibrate``) is
   the step the KL target asks for, so the controller spends unused bits on quality only down to
   that step, and a split whose KL target is cheaper than the target never goes finer than its
@@ -33,16 +38,18 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..ops.checks import FLOAT_DTYPES, check_tensor
 from .config_v2 import MAX_FRAME_SCALE, CodecConfigV2
-from .frame_v2 import framing_bytes, rans_coder, rans_stream_lanes
+from .frame_v2 import framing_bytes, rans_coder, rans_stream_lanes, residual_bytes
 from .wire_v2 import encode_frame_v2
 
 RATE_BITS = 4.4  # default target (the goal is 4.5 bits per element of every frame, framing counted)
 SLOPE = 0.25  # bits per element one quarter-octave scale step saves (about 1 bit per octave at 4 bits)
 MEMORY_TOKENS = 32.0  # the level follows the text over about this many tokens
+REPAY_TOKENS = 128.0  # decode frames pay back bits spent beyond the target over about this many tokens
 LONG_TRIES = 3  # encodes a long frame may take to meet the target ...
 SEARCH_MIN_TOKENS = 64  # ... when it has this many tokens (shorter ones: one encode, as decode steps)
 
@@ -114,24 +121,29 @@ class RateControl:
         self._lo = next(g for g in range(policy.finest, 1) if _valid(config, g))
         self._hi = next(g for g in range(MAX_FRAME_SCALE, -1, -1) if _valid(config, g))
         self.level: float | None = None
-        self._carry = 0.0
+        self.debt = 0.0  # decode frames' bits beyond the target so far, in bit-elements
         self.scales: list[int] = []
 
     def _clamp(self, scale: int) -> int:
         return max(self._lo, min(self._hi, scale))
 
+    def _residual_bits(self, t: int, d: int, start: int, tokens) -> float:
+        """Bits per element of the frame's residual section (its rows at early positions; §5.2)."""
+        shifts = self.config.row_shifts(start, t, tokens)
+        return 8.0 * residual_bytes(shifts, np.zeros(len(shifts), dtype=bool), d) / (t * d) if len(shifts) else 0.0
+
     def _wanted(self, t: int, d: int) -> float:
         return (self.level + framing_bits(t, d) - self.policy.bits) / SLOPE
 
-    def _learn(self, nbytes: int, t: int, d: int, scale: int) -> None:
-        sample = 8.0 * nbytes / (t * d) - framing_bits(t, d) + SLOPE * scale
+    def _learn(self, bits: float, t: int, scale: int) -> None:
+        sample = bits + SLOPE * scale
         weight = 1.0 - math.exp(-t / MEMORY_TOKENS)
         self.level = sample if self.level is None else self.level + weight * (sample - self.level)
 
-    def _long_frame(self, at, t: int, d: int) -> tuple[int, bytes]:
+    def _long_frame(self, at, t: int, d: int, extra: float) -> tuple[int, bytes]:
         """The finest scale (and its frame) within ``LONG_TRIES`` encodes that meets the target,
         starting from the level's guess (scale 0 before any frame); the coarsest tried when none does."""
-        scale = 0 if self.level is None else self._clamp(math.ceil(self._wanted(t, d) - 1e-9))
+        scale = 0 if self.level is None else self._clamp(math.ceil(self._wanted(t, d) + extra / SLOPE - 1e-9))
         tried: dict[int, bytes] = {}
         for _ in range(LONG_TRIES):
             frame = tried[scale] = at(scale)
@@ -151,6 +163,7 @@ class RateControl:
         t, d = int(x.shape[0]), int(x.shape[1])
         if t == 0:
             raise ValueError("x must hold at least one token")
+        extra = self._residual_bits(t, d, start, tokens)
 
         def at(scale: int) -> bytes:
             return encode_frame_v2(x, self.config.scaled(scale), coder, start, tokens, embedding)
@@ -158,13 +171,14 @@ class RateControl:
         if t < SEARCH_MIN_TOKENS:
             scale = 0
             if self.level is not None:
-                wanted = self._wanted(t, d) + self._carry
-                scale = self._clamp(round(wanted))
-                self._carry = wanted - scale if scale == round(wanted) else 0.0  # no wind-up at the bounds
+                scale = self._clamp(round(self._wanted(t, d) + self.debt / (REPAY_TOKENS * d * SLOPE)))
+                if extra:  # early positions: never coarser than calibrated, later frames pay
+                    scale = min(scale, max(self._lo, 0))
             frame = at(scale)
+            self.debt += 8.0 * len(frame) - self.policy.bits * t * d
         else:
-            scale, frame = self._long_frame(at, t, d)
-        self._learn(len(frame), t, d, scale)
+            scale, frame = self._long_frame(at, t, d, extra)
+        self._learn(8.0 * len(frame) / (t * d) - framing_bits(t, d) - extra, t, scale)
         self.scales.append(scale)
         return frame
 
