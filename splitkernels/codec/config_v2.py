@@ -41,6 +41,16 @@ _BAND_COUNT = struct.Struct("<B")
 MAX_FRAME_SCALE = 8
 
 
+STEP_RULE = "every step entry must be a finite fp32 value > 0 with a finite fp32 reciprocal"
+# A view's own per-step caches (addresses of its step arrays); everything else it shares with its config.
+_STEP_CACHES = ("fused_frame_args", "fused_decode_args")
+
+
+def _steps_valid(step: np.ndarray) -> bool:
+    with np.errstate(divide="ignore", over="ignore"):
+        return bool(np.isfinite(step).all() and (step > 0).all() and np.isfinite(np.float32(1.0) / step).all())
+
+
 def scale_factor(scale: int) -> np.float32:
     """``fp32(2**(scale/4))``: what a frame scale multiplies every step by (§5.4.3)."""
     if isinstance(scale, bool) or not isinstance(scale, int) or not -MAX_FRAME_SCALE <= scale <= MAX_FRAME_SCALE:
@@ -128,8 +138,8 @@ class CodecConfigV2:
         object.__setattr__(self, "freqs", tuple(int(f) for f in self.freqs))
         if not step:
             raise ValueError("step must have one entry per channel (d >= 1)")
-        if not all(math.isfinite(s) and s > 0 and math.isfinite(1.0 / s) for s in step):
-            raise ValueError("every step entry must be a finite fp32 value > 0 with a finite reciprocal")
+        if not _steps_valid(np.asarray(step, dtype=np.float32)):
+            raise ValueError(STEP_RULE)
         if len(center) != len(step) or not all(math.isfinite(c) for c in center):
             raise ValueError(f"center must have d = {len(step)} finite entries, got {len(center)}")
         if isinstance(self.kmax, bool) or not isinstance(self.kmax, int) or not 1 <= self.kmax <= MAX_KMAX:
@@ -197,17 +207,20 @@ class CodecConfigV2:
         view = base._views.get(scale)
         if view is not None:
             return view
-        factor = scale_factor(scale)
         with np.errstate(over="ignore"):  # an overflow is refused below
-            step = tuple((base.step_array() * factor).tolist())  # one fp32 multiply per channel
-        try:
-            view = dataclasses.replace(base, step=step, info={})
-        except ValueError as exc:
-            raise ValueError(f"frame scale {scale} makes a step of codec config {base.fingerprint[:8]} invalid: {exc}") from None
-        object.__setattr__(view, "_digest", base._digest)
-        object.__setattr__(view, "_crc_seed", base._crc_seed)
-        object.__setattr__(view, "_frame_scale", scale)
-        object.__setattr__(view, "_base", base)
+            step = base.step_array() * scale_factor(scale)  # one fp32 multiply per channel
+        largest_shift = max((*base.position_shift, *(v for _, v in base.token_shift)), default=0)
+        if not _steps_valid(step) or float(step.min()) * 2.0 ** -largest_shift < float(np.finfo(np.float32).tiny):
+            raise ValueError(f"frame scale {scale} makes a step of codec config {base.fingerprint[:8]} invalid: "
+                             f"{STEP_RULE}, not subnormal under the config's largest shift")
+        # The tables, coder parameters and their caches are the config's; only the steps differ.
+        view = object.__new__(CodecConfigV2)
+        view.__dict__.update({k: v for k, v in base.__dict__.items() if k not in _STEP_CACHES})
+        inv = np.float32(1.0) / step
+        step.setflags(write=False)
+        inv.setflags(write=False)
+        view.__dict__.update(step=tuple(step.tolist()), info={}, _frame_scale=scale, _base=base, _views={},
+                             _arrays={"center": base.center_array(), "step": step, "inv": inv})
         base._views[scale] = view
         return view
 
