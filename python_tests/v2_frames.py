@@ -29,6 +29,19 @@ def bit_flips(data: bytes, count: int, seed: int) -> Iterator[bytes]:
         yield bytes(bad)
 
 
+def byte_mutations(body: bytes, count: int, seed: int) -> Iterator[bytes]:
+    """``count`` copies of ``body`` with one random byte replaced or deleted each (to reseal)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        bad = bytearray(body)
+        i = int(rng.integers(len(bad)))
+        if rng.integers(2):
+            bad[i] = int(rng.integers(256))
+        else:
+            del bad[i]
+        yield bytes(bad)
+
+
 def fuzz_long_frame(data: bytes, config, decode_bytes, shape) -> None:
     """A long frame's truncations (the head and the last 300 bytes), 150 bit flips and 150 resealed
     flips in its last 2000 body bytes: ``decode_bytes`` raises only FrameError, and what decodes

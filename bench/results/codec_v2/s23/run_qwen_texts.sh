@@ -5,15 +5,7 @@
 set -euo pipefail
 out=${1:?usage: run_qwen_texts.sh OUT}
 mkdir -p "$out/qwen_texts"
-texts=$(python - <<'PY'
-import glob, pathlib, numpy, torch
-found = [sorted(glob.glob("/usr/share/vim/vim*/doc/todo.txt"))[-1:],
-         [str(pathlib.Path(numpy.get_include()) / "numpy" / "ndarraytypes.h")],
-         sorted(glob.glob("/usr/share/cmake*/Help/command/cmake_path.rst"))[-1:],
-         [str(pathlib.Path(torch.__file__).parent / "nn" / "modules" / "module.py")]]
-print(" ".join(p for group in found for p in group))
-PY
-)
+texts=$(python bench/e2e/unseen_texts.py)
 for text in $texts; do
   name=$(basename "$text" | tr . _)
   python bench/e2e/codec_v2.py --out "$out/qwen_texts/$name" --model qwen2.5-coder --bits measured --uniform-bits \

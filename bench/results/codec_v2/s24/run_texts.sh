@@ -7,15 +7,7 @@ out=${1:?usage: run_texts.sh OUT [MODEL...]}
 shift
 models=${*:-qwen2.5-coder}
 mkdir -p "$out"
-texts=$(python - <<'PY'
-import glob, pathlib, numpy, torch
-found = [sorted(glob.glob("/usr/share/vim/vim*/doc/todo.txt"))[-1:],
-         [str(pathlib.Path(numpy.get_include()) / "numpy" / "ndarraytypes.h")],
-         sorted(glob.glob("/usr/share/cmake*/Help/command/cmake_path.rst"))[-1:],
-         [str(pathlib.Path(torch.__file__).parent / "nn" / "modules" / "module.py")]]
-print(" ".join(p for group in found for p in group))
-PY
-)
+texts=$(python bench/e2e/unseen_texts.py)
 for m in $models; do
   for text in $texts; do
     name=${m}_$(basename "$text" | tr . _)
