@@ -494,9 +494,12 @@ def test_the_split_configs_coder_codes_every_v2_frame_and_changes_no_token(monke
     codec = calibrate(split_hidden_states(model, [_prompt(40 + i, 64)[0] for i in range(4)], 2), bits=4.0)
     ids = _prompt(18, 12)
     sent = []
-    encode_frame = runtime_split.encode_frame
-    monkeypatch.setattr(runtime_split, "encode_frame",
-                        lambda *a, **k: sent.append(encode_frame(*a, **k)) or sent[-1])
+    session_encoder = runtime_split.session_encoder
+
+    def recording(*args, **kwargs):  # every frame a generation sends
+        encode = session_encoder(*args, **kwargs)
+        return lambda *a, **k: sent.append(encode(*a, **k)) or sent[-1]
+    monkeypatch.setattr(runtime_split, "session_encoder", recording)
 
     def coders(coder):
         sent.clear()
