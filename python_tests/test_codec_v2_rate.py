@@ -186,6 +186,13 @@ def test_policy_rejects_bad_values(kwargs, match):
         RatePolicy(**kwargs)
 
 
+@pytest.mark.parametrize("entry", [{"bits": 4.4}, {"bits": "4.4", "finest": 0}, {"bits": 4.4, "finest": 0.5}, [4.4, 0]])
+def test_a_malformed_stored_policy_is_refused(cfg64, entry):
+    cfg = CodecConfigV2.from_dict({**cfg64.to_dict(), "info": {"rate": entry}})
+    with pytest.raises(ValueError, match="rate|finest"):
+        policy_of(cfg)
+
+
 def test_controller_needs_a_session_config(cfg64):
     with pytest.raises(TypeError, match="session CodecConfigV2"):
         RateControl(cfg64.scaled(1), RatePolicy())

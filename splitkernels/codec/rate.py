@@ -73,7 +73,10 @@ class RatePolicy:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RatePolicy":
-        return cls(float(d["bits"]), int(d["finest"]))
+        """The policy of :meth:`to_dict`'s form; ValueError naming what is wrong (a hand-edited plan)."""
+        if not isinstance(d, dict) or set(d) != {"bits", "finest"}:
+            raise ValueError(f"a rate policy must be {{'bits': number, 'finest': int}}, got {d!r}")
+        return cls(d["bits"], d["finest"])
 
 
 def policy_of(config: CodecConfigV2) -> RatePolicy | None:
