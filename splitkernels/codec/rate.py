@@ -176,7 +176,7 @@ class RateControl:
             if self.level is not None:
                 scale = self._clamp(round(self._wanted(t, d) + self.debt / (REPAY_TOKENS * d * SLOPE)))
                 if extra:  # early positions: never coarser than calibrated, later frames pay
-                    scale = min(scale, max(self._lo, 0))
+                    scale = min(scale, 0)  # scale 0 is always valid (_lo <= 0)
             frame = at(scale)
             self.debt += 8.0 * len(frame) - self.policy.bits * t * d
         else:

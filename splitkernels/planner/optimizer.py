@@ -355,7 +355,7 @@ def _frame_sizes(p: QualityPoint, codec: CodecConfig | dict, hidden: int, prompt
             return sizes
         # The edge's rate control moves every frame towards the policy's bits (splitkernels.codec.rate).
         policy = RatePolicy.from_dict(rate)
-        return tuple(round(n * expected_bits(8.0 * n / (t * hidden), policy) / (8.0 * n / (t * hidden)))
+        return tuple(round(expected_bits(8.0 * n / (t * hidden), policy) * t * hidden / 8.0)
                      for n, t in zip(sizes, (1, prompt_tokens)))
     # A raw (passthrough) token is as wide as the wire dtype, whatever the calibration sent.
     code_bits = 8.0 * wire.itemsize if codec.mode == "passthrough" else p.code_bits
