@@ -854,14 +854,18 @@ def test_fp32_precision_read_from_the_onednn_setting(fp32_precision):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize(
     "bits,group,k",
-    [(2, 256, 512), (3, 128, 384), (3, 64, 192), (3, 24, 96), (4, 128, 384), (4, 64, 192), (8, 64, 128), (4, 3, 96)],
+    [(2, 256, 512), (3, 128, 384), (3, 64, 192), (3, 24, 96), (4, 128, 384), (4, 64, 192), (8, 64, 128), (4, 3, 96),
+     (2, 32, 160), (3, 32, 96), (3, 96, 288), (2, 48, 144), (8, 24, 72)],
 )
 @pytest.mark.parametrize("m", (1, 4, 5, 6, 7, 13, 21, 27, 33))
 def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, group, k, m):
     # n = 45: a short last block for every row tiling (4-, 8- and 32-row blocks); m = 5 and 6 take
     # the fp32 kernels' fused path at its widest (groups of 3: natural order, a decoded row dotted
-    # with each x row; 3 bits in groups of 64 and 24: vector steps short of a group or none, the
-    # units left one by one); odd m leaves short activation tiles; 13 / 21 /
+    # with each x row); the fp32 kernels step through a group's phases (3 bits: units) at 16, 8 or
+    # 4 lanes, the widest that divides them (2 bits in groups of 32, 3 bits in groups of 64: 8
+    # lanes on AVX-512; 2 bits in groups of 48, 3 bits in groups of 32 and 96: 4 lanes; 8 bits in
+    # groups of 24: 8), and 3 bits in groups of 24 have 3 units, left one by one; the last group
+    # of a 3-bit row is read with masked loads; odd m leaves short activation tiles; 13 / 21 /
     # 27 / 33 rows run their GEMM's two- and three-tile steps and mixes (2, 3, 3 + 1, 3 + 2 tiles).
     x, qw, b = _lowbit_case(45, k, m, bits, group, dtype, bias=True, seed=bits * 100 + m)
     want64 = _lowbit_want64(x, qw, b)

@@ -73,11 +73,47 @@ constexpr int kMaxTiles = 2;
 constexpr int kPanelN = 32;
 
 // Code vectors at the build's own width (kVL lanes): wider generic vectors than the registers
-// made GCC keep AVX2's accumulators on the stack, moved through general registers.
-typedef float vf __attribute__((vector_size(kVL * 4)));
-typedef uint32_t vu __attribute__((vector_size(kVL * 4)));
-typedef int32_t vi __attribute__((vector_size(kVL * 4)));
+// made GCC keep AVX2's accumulators on the stack, moved through general registers. Groups whose
+// phases (3 bits: units) are not whole kVL-lane steps decode at half or a quarter of that width
+// (kMinVL lanes at least), as one short step per group cost a scalar loop over the group: W2 in
+// groups of 32 and W3 in groups of 64 at M = 2-4 took 4-7 times W4's time. On Zen 4 two 256-bit
+// FMAs issue per cycle, so the half width costs nothing there.
+template <int L>
+struct Lanes {
+  typedef float f __attribute__((vector_size(L * 4)));
+  typedef uint32_t u __attribute__((vector_size(L * 4)));
+  typedef int32_t i __attribute__((vector_size(L * 4)));
+};
+#if defined(__AVX2__) || defined(__AVX512F__)
+constexpr int kMinVL = 4;
+#else
+constexpr int kMinVL = kVL;
+#endif
+typedef Lanes<kVL>::f vf;
 typedef float vtile __attribute__((vector_size(kTileRows * 4)));
+
+// The step width for phases (or 3-bit units) of `per_phase` bytes: the widest of kVL, kVL / 2,
+// ..., kMinVL that divides it, else kVL (its steps take what fits, the rest goes one by one).
+inline int step_lanes(int64_t per_phase) {
+  for (int l = kVL; l >= kMinVL; l /= 2)
+    if (per_phase % l == 0) return l;
+  return kVL;
+}
+
+// f(std::integral_constant<int, L>{}) for L = step_lanes(per_phase).
+template <typename F>
+inline void with_step_lanes(int64_t per_phase, F&& f) {
+  switch (step_lanes(per_phase)) {
+    case kVL: f(std::integral_constant<int, kVL>{}); break;
+#if defined(__AVX512F__)
+    case 8: f(std::integral_constant<int, 8>{}); break;
+#endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+    case 4: f(std::integral_constant<int, 4>{}); break;
+#endif
+    default: f(std::integral_constant<int, kVL>{}); break;
+  }
+}
 
 template <typename V>
 inline V load(const float* p) {
@@ -105,49 +141,81 @@ inline void unrolled(F&& f) {
 
 // Codes (below 2^31) as floats through the signed conversion: below AVX-512 there is no unsigned
 // one, and GCC builds it from two conversions and an FMA per vector.
-inline vf codes_to_float(vu v) { return __builtin_convertvector(reinterpret_cast<vi>(v), vf); }
+template <int L>
+inline typename Lanes<L>::f codes_to_float(typename Lanes<L>::u v) {
+  return __builtin_convertvector(reinterpret_cast<typename Lanes<L>::i>(v), typename Lanes<L>::f);
+}
 
-// kVL bytes zero-extended to kVL uint32 lanes (GCC lowers the generic conversion byte by byte).
-inline vu widen(const uint8_t* p) {
+// L bytes zero-extended to L uint32 lanes (GCC lowers the generic conversion byte by byte).
+template <int L>
+inline typename Lanes<L>::u widen(const uint8_t* p) {
+  typename Lanes<L>::u v;
 #if defined(__AVX512F__)
-  return reinterpret_cast<vu>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
-  return reinterpret_cast<vu>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#else
-  vu v;
-  for (int i = 0; i < kVL; ++i) v[i] = p[i];
-  return v;
+  if constexpr (L == 16) {
+    const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  }
 #endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+  if constexpr (L == 8) {
+    const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  }
+  if constexpr (L == 4) {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    const __m128i w = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(four));
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  }
+#endif
+  for (int i = 0; i < L; ++i) v[i] = p[i];
+  return v;
 }
 
 inline uint32_t load_unit3(const uint8_t* p) {
   return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16;
 }
 
-// kVL 3-byte units, one per uint32 lane, from 64 readable bytes. The fourth byte of a lane is
-// never read: codes sit at shifts 0..21. AVX-512: one byte shuffle (vpermb with VBMI).
-inline vu units3(const uint8_t* p) {
+// L 3-byte units, one per uint32 lane, reading exactly their 3L bytes (masked loads), so a row's
+// last group needs no scalar tail. The fourth byte of a lane is zero: codes sit at shifts 0..21.
+// Dwords holding each 128-bit lane's four units are gathered with one dword permute, then one
+// in-lane byte shuffle spreads them.
+template <int L>
+inline typename Lanes<L>::u units3(const uint8_t* p) {
+  typename Lanes<L>::u v;
 #if defined(__AVX512F__)
-  typedef uint8_t u8x64 __attribute__((vector_size(64)));
-  u8x64 raw;
-  std::memcpy(&raw, p, sizeof raw);
-  const u8x64 idx = {0,  1,  2,  2,  3,  4,  5,  5,  6,  7,  8,  8,  9,  10, 11, 11, 12, 13, 14, 14, 15, 16,
-                     17, 17, 18, 19, 20, 20, 21, 22, 23, 23, 24, 25, 26, 26, 27, 28, 29, 29, 30, 31, 32, 32,
-                     33, 34, 35, 35, 36, 37, 38, 38, 39, 40, 41, 41, 42, 43, 44, 44, 45, 46, 47, 47};
-  return reinterpret_cast<vu>(__builtin_shuffle(raw, idx));
-#elif defined(__AVX2__)
-  // Dwords 0-2 (units 0-3) to the low 128 bits and 3-5 (units 4-7) to the high, then one
-  // in-lane byte shuffle per half.
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i halves = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6));
-  const __m256i idx = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1, 0, 1, 2, -1, 3, 4, 5, -1,
-                                       6, 7, 8, -1, 9, 10, 11, -1);
-  return reinterpret_cast<vu>(_mm256_shuffle_epi8(halves, idx));
-#else
-  vu v;
-  for (int i = 0; i < kVL; ++i) v[i] = load_unit3(p + 3 * i);
-  return v;
+  if constexpr (L == 16) {
+    const __m512i raw = _mm512_maskz_loadu_epi32(0x0fff, p);
+    const __m512i quads = _mm512_permutexvar_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12), raw);
+    const __m512i idx = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
+    const __m512i w = _mm512_shuffle_epi8(quads, idx);
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  }
 #endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+  if constexpr (L == 8) {
+    const __m256i raw = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
+    const __m256i halves = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6));
+    const __m256i idx = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1, 0, 1, 2, -1, 3, 4, 5, -1,
+                                         6, 7, 8, -1, 9, 10, 11, -1);
+    const __m256i w = _mm256_shuffle_epi8(halves, idx);
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  }
+  if constexpr (L == 4) {
+    const __m128i raw = _mm_maskload_epi32(reinterpret_cast<const int*>(p), _mm_setr_epi32(-1, -1, -1, 0));
+    const __m128i w = _mm_shuffle_epi8(raw, _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  }
+#endif
+  for (int i = 0; i < L; ++i) v[i] = load_unit3(p + 3 * i);
+  return v;
 }
 
 // Scales and zeros of row n as fp32: sz[0, G) scales, sz[G, 2G) zeros.
@@ -158,20 +226,20 @@ void load_affine(const LowbitProblem& p, int64_t n, float* sz) {
   }
 }
 
-// Groups [g0, g1) of a row (phase order) dequantised into w, from w[0].
-void decode_row_phase3(const uint8_t* rb, int64_t row_bytes, int64_t g0, int64_t g1, int64_t g, const float* s,
-                       const float* z, float* w) {
+// Groups [g0, g1) of a row (phase order) dequantised into w, from w[0]; steps of L units.
+template <int L>
+void decode_row_phase3(const uint8_t* rb, int64_t g0, int64_t g1, int64_t g, const float* s, const float* z, float* w) {
+  typedef typename Lanes<L>::f F;
   const int64_t units = g / 8;
   for (int64_t grp = g0; grp < g1; ++grp) {
-    const int64_t offset = grp * units * 3;
-    const uint8_t* gb = rb + offset;
+    const uint8_t* gb = rb + grp * units * 3;
     float* wg = w + (grp - g0) * g;
     const float sc = s[grp], ze = z[grp];
     int64_t u = 0;
-    for (; u + kVL <= units && offset + 3 * u + 64 <= row_bytes; u += kVL) {
-      const vu wv = units3(gb + 3 * u);
+    for (; u + L <= units; u += L) {
+      const typename Lanes<L>::u wv = units3<L>(gb + 3 * u);
       for (int ph = 0; ph < 8; ++ph) {
-        const vf v = codes_to_float((wv >> (3 * ph)) & 7u) * sc + ze;
+        const F v = codes_to_float<L>((wv >> (3 * ph)) & 7u) * sc + ze;
         std::memcpy(wg + ph * units + u, &v, sizeof v);
       }
     }
@@ -182,20 +250,22 @@ void decode_row_phase3(const uint8_t* rb, int64_t row_bytes, int64_t g0, int64_t
   }
 }
 
-template <int B>
+// The same for 2/4/8 bits: steps of L bytes of each phase.
+template <int B, int L>
 void decode_row_phase(const uint8_t* rb, int64_t g0, int64_t g1, int64_t g, const float* s, const float* z, float* w) {
+  typedef typename Lanes<L>::f F;
   constexpr int cpb = 8 / B;
   constexpr unsigned mask = (1u << B) - 1;
   const int64_t per_phase = g / cpb;
-  const int64_t vec_end = per_phase / kVL * kVL;
+  const int64_t vec_end = per_phase / L * L;
   for (int64_t grp = g0; grp < g1; ++grp) {
     const uint8_t* gb = rb + grp * per_phase;
     float* wg = w + (grp - g0) * g;
     const float sc = s[grp], ze = z[grp];
-    for (int64_t j = 0; j < vec_end; j += kVL) {
-      const vu wv = widen(gb + j);
+    for (int64_t j = 0; j < vec_end; j += L) {
+      const typename Lanes<L>::u wv = widen<L>(gb + j);
       for (int ph = 0; ph < cpb; ++ph) {
-        const vf v = codes_to_float((wv >> (ph * B)) & mask) * sc + ze;
+        const F v = codes_to_float<L>((wv >> (ph * B)) & mask) * sc + ze;
         std::memcpy(wg + ph * per_phase + j, &v, sizeof v);
       }
     }
@@ -221,13 +291,17 @@ void decode_groups(const LowbitProblem& p, int64_t n, int64_t g0, int64_t g1, co
                    float* w) {
   const uint8_t* rb = p.qweight + n * p.row_bytes;
   const float *s = sz, *z = sz + p.G;
-  switch (p.phased ? p.bits : 0) {
-    case 2: decode_row_phase<2>(rb, g0, g1, p.group_size, s, z, w); break;
-    case 3: decode_row_phase3(rb, p.row_bytes, g0, g1, p.group_size, s, z, w); break;
-    case 4: decode_row_phase<4>(rb, g0, g1, p.group_size, s, z, w); break;
-    case 8: decode_row_phase<8>(rb, g0, g1, p.group_size, s, z, w); break;
-    default: decode_row_natural(rb, p.K, p.bits, p.group_size, s, z, qbuf, w);
-  }
+  const int64_t g = p.group_size;
+  if (!p.phased) return decode_row_natural(rb, p.K, p.bits, g, s, z, qbuf, w);
+  with_step_lanes(p.bits == 3 ? g / 8 : g * p.bits / 8, [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
+    switch (p.bits) {
+      case 2: decode_row_phase<2, L>(rb, g0, g1, g, s, z, w); break;
+      case 3: decode_row_phase3<L>(rb, g0, g1, g, s, z, w); break;
+      case 4: decode_row_phase<4, L>(rb, g0, g1, g, s, z, w); break;
+      default: decode_row_phase<8, L>(rb, g0, g1, g, s, z, w); break;
+    }
+  });
 }
 
 // Row n of W, dequantised in decode order into w[K].
@@ -251,44 +325,46 @@ float dot(const float* a, const float* b, int64_t K) {
 // Independent partial sums per activation row in the fused path: one row's products would
 // otherwise form a single FMA chain, bound by the FMA latency (4 cycles per code vector; W8 at
 // M = 1 ran at a third of the memory bandwidth).
-template <int MB>
-constexpr int kChains = std::max(1, std::min(8, 64 / (kVL * MB)));  // about 64 lanes of sums, <= 8 registers
+template <int MB, int L>
+constexpr int kChains = std::max(1, std::min(8, 64 / (L * MB)));  // about 64 lanes of sums, <= 8 registers
 
-// Few activation rows, phase layout: codes straight into the FMAs, one group at a time.
-template <int B, int MB>
+// Few activation rows, phase layout: codes straight into the FMAs, one group at a time, in steps
+// of L bytes of each phase.
+template <int B, int MB, int L>
 void fused_rows(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, const float* xp,
                 const float* xsum, int64_t G, float* acc) {
-  constexpr int cpb = 8 / B, C = kChains<MB>, U = C > cpb ? C / cpb : 1;  // U: steps of kVL bytes per unrolled step
+  typedef typename Lanes<L>::f F;
+  constexpr int cpb = 8 / B, C = kChains<MB, L>, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
   constexpr uint32_t mask = (1u << B) - 1;
   const int64_t per_phase = g / cpb;
-  const int64_t vec_end = per_phase / kVL * kVL;
-  vf yv[MB];
+  const int64_t vec_end = per_phase / L * L;
+  F yv[MB];
   float ys[MB];
   for (int m = 0; m < MB; ++m) {
-    yv[m] = vf{};
+    yv[m] = F{};
     ys[m] = 0.f;
   }
   for (int64_t grp = 0; grp < G; ++grp) {
     const uint8_t* gb = rb + grp * per_phase;
     const float* xg = xp + grp * g;
-    vf dv[MB][C];
+    F dv[MB][C];
     for (int m = 0; m < MB; ++m)
-      for (int c = 0; c < C; ++c) dv[m][c] = vf{};
-    // Steps of U * kVL bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
+      for (int c = 0; c < C; ++c) dv[m][c] = F{};
+    // Steps of U * L bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
     const auto step = [&](int64_t j, auto u) {
-      const vu wv = widen(gb + j);
+      const typename Lanes<L>::u wv = widen<L>(gb + j);
       for (int ph = 0; ph < cpb; ++ph) {
-        const vf q = codes_to_float((wv >> (ph * B)) & mask);
+        const F q = codes_to_float<L>((wv >> (ph * B)) & mask);
         constexpr int u0 = decltype(u)::value * cpb;
         for (int m = 0; m < MB; ++m) {
-          vf& d = dv[m][(u0 + ph) % C];
-          d = q * load<vf>(xg + m * K + ph * per_phase + j) + d;
+          F& d = dv[m][(u0 + ph) % C];
+          d = q * load<F>(xg + m * K + ph * per_phase + j) + d;
         }
       }
     };
     int64_t j = 0;
-    for (; j + kVL * U <= vec_end; j += kVL * U) unrolled<U>([&](auto u) { step(j + kVL * decltype(u)::value, u); });
-    for (; j < vec_end; j += kVL) step(j, std::integral_constant<int, 0>{});
+    for (; j + L * U <= vec_end; j += L * U) unrolled<U>([&](auto u) { step(j + L * decltype(u)::value, u); });
+    for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
     float dt[MB];
     for (int m = 0; m < MB; ++m) dt[m] = 0.f;
     for (j = vec_end; j < per_phase; ++j)
@@ -297,7 +373,7 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t g, const float* s, const f
         for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * per_phase + j] + dt[m];
       }
     for (int m = 0; m < MB; ++m) {
-      vf d = dv[m][0];
+      F d = dv[m][0];
       for (int c = 1; c < C; ++c) d += dv[m][c];
       yv[m] = s[grp] * d + yv[m];
       ys[m] += s[grp] * dt[m] + z[grp] * xsum[m * G + grp];
@@ -306,32 +382,32 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t g, const float* s, const f
   for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
 }
 
-// fused_rows for 3 bits: kVL units (8 kVL codes) per vector step, units past the last 64
-// readable bytes of the row one at a time; phase ph feeds chain ph % C.
-template <int MB>
-void fused_rows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, const float* s, const float* z,
-                 const float* xp, const float* xsum, int64_t G, float* acc) {
-  constexpr int C = kChains<MB>;
+// fused_rows for 3 bits: L units (8 L codes) per vector step, a group's units beyond whole steps
+// one at a time; phase ph feeds chain ph % C.
+template <int MB, int L>
+void fused_rows3(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, const float* xp,
+                 const float* xsum, int64_t G, float* acc) {
+  typedef typename Lanes<L>::f F;
+  constexpr int C = kChains<MB, L>;
   const int64_t units = g / 8;
-  vf yv[MB];
+  F yv[MB];
   float ys[MB];
   for (int m = 0; m < MB; ++m) {
-    yv[m] = vf{};
+    yv[m] = F{};
     ys[m] = 0.f;
   }
   for (int64_t grp = 0; grp < G; ++grp) {
-    const int64_t offset = grp * units * 3;
-    const uint8_t* gb = rb + offset;
+    const uint8_t* gb = rb + grp * units * 3;
     const float* xg = xp + grp * g;
-    vf dv[MB][C];
+    F dv[MB][C];
     for (int m = 0; m < MB; ++m)
-      for (int c = 0; c < C; ++c) dv[m][c] = vf{};
+      for (int c = 0; c < C; ++c) dv[m][c] = F{};
     int64_t u = 0;
-    for (; u + kVL <= units && offset + 3 * u + 64 <= row_bytes; u += kVL) {
-      const vu wv = units3(gb + 3 * u);
+    for (; u + L <= units; u += L) {
+      const typename Lanes<L>::u wv = units3<L>(gb + 3 * u);
       for (int ph = 0; ph < 8; ++ph) {
-        const vf q = codes_to_float((wv >> (3 * ph)) & 7u);
-        for (int m = 0; m < MB; ++m) dv[m][ph % C] = q * load<vf>(xg + m * K + ph * units + u) + dv[m][ph % C];
+        const F q = codes_to_float<L>((wv >> (3 * ph)) & 7u);
+        for (int m = 0; m < MB; ++m) dv[m][ph % C] = q * load<F>(xg + m * K + ph * units + u) + dv[m][ph % C];
       }
     }
     float dt[MB];
@@ -344,7 +420,7 @@ void fused_rows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t g, con
       }
     }
     for (int m = 0; m < MB; ++m) {
-      vf d = dv[m][0];
+      F d = dv[m][0];
       for (int c = 1; c < C; ++c) d += dv[m][c];
       yv[m] = s[grp] * d + yv[m];
       ys[m] += s[grp] * dt[m] + z[grp] * xsum[m * G + grp];
@@ -357,12 +433,16 @@ template <int MB>
 void fused_row(const LowbitProblem& p, const float* sz, const float* xsum, int64_t n, float* acc) {
   const uint8_t* rb = p.qweight + n * p.row_bytes;
   const float *s = sz, *z = sz + p.G;
-  switch (p.bits) {
-    case 2: fused_rows<2, MB>(rb, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
-    case 3: fused_rows3<MB>(rb, p.row_bytes, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
-    case 4: fused_rows<4, MB>(rb, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
-    default: fused_rows<8, MB>(rb, p.K, p.group_size, s, z, p.x32, xsum, p.G, acc); break;
-  }
+  const int64_t g = p.group_size;
+  with_step_lanes(p.bits == 3 ? g / 8 : g * p.bits / 8, [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
+    switch (p.bits) {
+      case 2: fused_rows<2, MB, L>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc); break;
+      case 3: fused_rows3<MB, L>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc); break;
+      case 4: fused_rows<4, MB, L>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc); break;
+      default: fused_rows<8, MB, L>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc); break;
+    }
+  });
 }
 
 // The weight is decoded a slice of whole groups, about kSliceK values, at a time: a block's
