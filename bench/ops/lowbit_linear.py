@@ -2,8 +2,8 @@
 
 For each weight shape (N x K), activation dtype and batch size M, in the same process and in
 interleaved rounds: ``splitkernels.ops.lowbit_linear`` (W2/W3/W4/W8, group 128, or 64 where
-128 does not divide K) under the chosen backend, and PyTorch's ``F.linear`` in fp32 and bf16
-(dense weights), ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (int4, group 128, what torchao
+128 does not divide K; ``--group G`` for another) under the chosen backend, and PyTorch's ``F.linear`` in fp32 and bf16
+(dense weights), ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (int4, the same group, what torchao
 uses on CPU) and ``torch.ops.aten._weight_int8pack_mm`` (int8 per channel). Each thread count
 runs in its own process (``SPLITKERNELS_NUM_THREADS`` and ``torch.set_num_threads``); with
 ``--busy N`` a second pass repeats everything while N other processes spin, to show whether
@@ -19,7 +19,7 @@ for every method alike: torch's fp32 ``F.linear`` may then compute in bf16, and 
 
 Usage: python bench/ops/lowbit_linear.py --out DIR [--backend cpp] [--threads 1,all]
        [--m 1,4,16,64,512] [--shapes 4096x4096,1536x576,576x1536] [--bits 2,3,4,8]
-       [--dtypes float32,float32-medium,bfloat16] [--busy 1] [--quick]
+       [--dtypes float32,float32-medium,bfloat16] [--group 32] [--busy 1] [--quick]
 """
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ DTYPES = {"float32": (torch.float32, "highest"), "float32-medium": (torch.float3
 TORCH = ("F.linear fp32", "F.linear bf16", "torch int4pack", "torch int8pack")
 
 
-def group_for(k: int) -> int:
-    return 128 if k % 128 == 0 else 64
+def group_for(k: int, group: int = 0) -> int:
+    """`group` where given (main checks that it divides K), else 128, or 64 where 128 does not divide K."""
+    return group or (128 if k % 128 == 0 else 64)
 
 
 def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
@@ -62,7 +63,7 @@ def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
         n, k = shape
         g = torch.Generator().manual_seed(n + k)
         w = torch.randn(n, k, generator=g)
-        group = group_for(k)
+        group = group_for(k, args.group)
         qws = {b: quantize_weight(w, b, group) for b in args.bits}
         w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
         w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -124,9 +125,10 @@ def render(result: dict) -> str:
     methods = [m for m in result["methods"]]
     keyed: dict[tuple, dict[str, dict]] = {}
     for r in result["rows"]:
-        keyed.setdefault((r["busy"], r["threads"], r["N"], r["K"], r["dtype"]), {}).setdefault(r["M"], {})[r["method"]] = r
-    for (busy, threads, n, k, dname), by_m in keyed.items():
-        out += ["", f"## {n} x {k}, {dname} activations, {threads} thread(s)"
+        key = (r["busy"], r["threads"], r["N"], r["K"], r["group"], r["dtype"])
+        keyed.setdefault(key, {}).setdefault(r["M"], {})[r["method"]] = r
+    for (busy, threads, n, k, group, dname), by_m in keyed.items():
+        out += ["", f"## {n} x {k}, group {group}, {dname} activations, {threads} thread(s)"
                 + (f", {busy} competing busy process(es)" if busy else ""), ""]
         ours = [x for x in methods if x not in TORCH]
         out.append("| M | " + " | ".join(methods) + " | " + " | ".join(f"{x}/best" for x in ours)
@@ -153,6 +155,7 @@ def main() -> None:
     p.add_argument("--shapes", default="4096x4096,1536x576,576x1536", help="N x K list")
     p.add_argument("--bits", default="2,3,4,8")
     p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma list of {', '.join(DTYPES)}")
+    p.add_argument("--group", type=int, default=0, help="group size of every low-bit weight (default 128, or 64)")
     p.add_argument("--busy", type=int, default=0, help="also run with this many spinning processes")
     p.add_argument("--budget", type=float, default=0.8, help="seconds of timed calls per row")
     p.add_argument("--clock", choices=("wall", "thread"), default="wall",
@@ -172,6 +175,8 @@ def main() -> None:
     a.dtypes = a.dtypes.split(",")
     if not set(a.dtypes) <= set(DTYPES):
         p.error(f"--dtypes must be a comma list of {', '.join(DTYPES)}, got {','.join(a.dtypes)}")
+    if a.group and any(k % a.group for _, k in a.shapes):
+        p.error(f"--group {a.group} must divide every K of --shapes")
     if a.clock == "thread" and a.threads != "1" and not a.worker:
         p.error("--clock thread needs --threads 1: other threads' CPU time would not be counted")
     if a.worker:
@@ -198,7 +203,8 @@ def main() -> None:
                 argv = [sys.executable, __file__, "--worker", str(threads), "--worker-out", str(out),
                         "--backend", a.backend, "--m", ",".join(map(str, a.m)),
                         "--shapes", ",".join(f"{n}x{k}" for n, k in a.shapes), "--bits", ",".join(map(str, a.bits)),
-                        "--dtypes", ",".join(a.dtypes), "--budget", str(a.budget), "--clock", a.clock]
+                        "--dtypes", ",".join(a.dtypes), "--budget", str(a.budget), "--clock", a.clock,
+                        "--group", str(a.group)]
                 argv += ["--isa", a.isa] if a.isa else []
                 subprocess.run(argv, check=True, env={**os.environ, "SPLITKERNELS_NUM_THREADS": str(threads)})
                 result["rows"] += [{**r, "busy": busy} for r in json.loads(out.read_text())]
