@@ -796,12 +796,12 @@ def fp32_precision():
 
 
 @pytest.mark.parametrize("bits,group,k", [(2, 32, 384), (3, 128, 384), (4, 128, 384), (4, 32, 96), (8, 64, 128)])
-@pytest.mark.parametrize("m", (2, 5, 7, 300))
+@pytest.mark.parametrize("m", (1, 2, 5, 7, 300))
 def test_fp32_rows_as_bf16_where_torch_precision_allows(each_isa, fp32_precision, bits, group, k, m):
-    # Under torch's "medium" fp32 matmul precision, fp32 rows (M > 1) take the bf16 kernels rounded to
-    # bf16, with fp32 sums and output: the result is the exact product of the rounded activations
-    # (so neither the exact activations' nor a bf16 output's), in the bf16 kernels' dot form and
-    # panel (M >= 5) alike.
+    # Under torch's "medium" fp32 matmul precision, fp32 rows (one row too, which is otherwise sent
+    # exactly as three bf16 parts) take the bf16 kernels rounded to bf16, with fp32 sums and output:
+    # the result is the exact product of the rounded activations (so neither the exact
+    # activations' nor a bf16 output's), in the bf16 kernels' dot form and panel (M >= 5) alike.
     _needs_bf16_kernels()
     best = "avx512_bf16_vbmi" if "avx512_bf16_vbmi" in each_isa else "avx512_bf16"
     if bits == 3 and best != "avx512_bf16_vbmi":

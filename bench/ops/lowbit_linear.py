@@ -2,9 +2,12 @@
 
 For each weight shape (N x K), activation dtype and batch size M, in the same process and in
 interleaved rounds: ``splitkernels.ops.lowbit_linear`` (W2/W3/W4/W8, group 128, or 64 where
-128 does not divide K; ``--group G`` for another) under the chosen backend, and PyTorch's ``F.linear`` in fp32 and bf16
-(dense weights), ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (int4, the same group, what torchao
-uses on CPU) and ``torch.ops.aten._weight_int8pack_mm`` (int8 per channel). Each thread count
+128 does not divide K; ``--group G`` for another) under the chosen backend, and PyTorch's
+``F.linear`` in fp32 and bf16 (dense weights), ``torch.ops.aten._weight_int4pack_mm_for_cpu``
+(int4, the same group, what torchao uses on CPU) and ``torch.ops.aten._weight_int8pack_mm``
+(int8 per channel). PyTorch's bf16 ``F.linear`` and packed kernels get the activations already
+rounded to bf16 (the cast is not timed), also in the fp32 rows: they are the fastest PyTorch
+offers for those inputs, and ours take the fp32 activations as they come. Each thread count
 runs in its own process (``SPLITKERNELS_NUM_THREADS`` and ``torch.set_num_threads``); with
 ``--busy N`` a second pass repeats everything while N other processes spin, to show whether
 the kernels' threads collapse when a core is taken.
@@ -15,7 +18,7 @@ measured in the same run): the
 fraction of the memory-bandwidth limit, meaningful where the op is memory-bound (small M).
 
 The dtype ``float32-medium`` is fp32 activations under ``torch.set_float32_matmul_precision("medium")``
-for every method alike: torch's fp32 ``F.linear`` may then compute in bf16, and so do ours from M = 2.
+for every method alike: torch's fp32 ``F.linear`` may then compute in bf16, and so do ours.
 
 Usage: python bench/ops/lowbit_linear.py --out DIR [--backend cpp] [--threads 1,all]
        [--m 1,4,16,64,512] [--shapes 4096x4096,1536x576,576x1536] [--bits 2,3,4,8]
@@ -71,14 +74,18 @@ def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
             dt, precision = DTYPES[dname]
             dense = {"F.linear fp32": w, "F.linear bf16": w.bfloat16()}
             q_dt = {b: quantize_weight(w, b, group, dtype=dt) if dt != torch.float32 else q for b, q in qws.items()}
-            sz4 = torch.randn(k // group, n, 2, dtype=dt)
-            s8 = torch.rand(n, dtype=dt)
+            # torch's packed kernels take bf16 activations here, as torchao feeds them on the CPU: with
+            # fp32 activations they run 30-60x slower, and each call left the next one cold.
+            pack_dt = torch.bfloat16
+            sz4 = torch.randn(k // group, n, 2, dtype=pack_dt)
+            s8 = torch.rand(n, dtype=pack_dt)
             for m in args.m:
                 x = torch.randn(m, k, generator=g).to(dt)
                 xs = {"F.linear fp32": x.float(), "F.linear bf16": x.bfloat16()}
                 fns = {name: (lambda name=name: torch.nn.functional.linear(xs[name], dense[name])) for name in dense}
-                fns["torch int4pack"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, group, sz4)
-                fns["torch int8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(x, w8, s8)
+                xp = x.to(pack_dt)
+                fns["torch int4pack"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xp, w4, group, sz4)
+                fns["torch int8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(xp, w8, s8)
                 with splitkernels.use_backend(args.backend):
                     for b, q in q_dt.items():
                         fns[f"W{b}"] = lambda q=q: ops.lowbit_linear(x, q)

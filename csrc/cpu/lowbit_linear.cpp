@@ -10,7 +10,7 @@
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
 //   (isa/lowbit_bf16.cpp), at every M; the kernels write the bf16 output themselves. fp32
-//   activations at M > 1 too where the caller allows bf16 precision (fp32_as_bf16; fp32 output);
+//   activations too where the caller allows bf16 precision (fp32_as_bf16; fp32 output);
 // * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp, at every M (the
 //   Python glue sends bf16 activations of large M to lowbit_dequantize + torch's bf16 matmul).
 #include <algorithm>
@@ -312,7 +312,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
     return "";
   }
-  if (dtype == kFloat32 && fp32_as_bf16 && M > 1 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
+  if (dtype == kFloat32 && fp32_as_bf16 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
     thread_local std::vector<uint16_t> x16;
     x16.resize(M * K);
     if (fp32_rows_to_bf16(static_cast<const float*>(x), M, K, x16.data())) {
