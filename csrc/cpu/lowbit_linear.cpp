@@ -250,6 +250,21 @@ bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
   return ok;
 }
 
+// The 8-bit VNNI path for one bf16 row x [K] (lowbit_w8_vnni), output and bias already in p:
+// false where the layout, M or the CPU do not allow it, or x holds a NaN or an infinity (the
+// other kernels carry it through).
+bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
+  if (!lowbit_w8_vnni(kBFloat16, p.bits, group_size, p.M, p.K)) return false;
+  thread_local W8Activations act;
+  if (!isa_avx512vnni::w8_activations(x, p.K, group_size, act)) return false;
+  p.x8 = act.x8.data();
+  p.x8_unit = act.unit.data();
+  p.xsum = act.xsum.data();
+  const LowbitRowsFn rows = isa_avx512vnni::w8_rows();
+  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
+  return true;
+}
+
 }  // namespace
 
 std::vector<std::string> lowbit_isas() {
@@ -292,23 +307,13 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   const Isa& isa = isas()[chosen().load()];
   LowbitProblem p = weight_problem(K, qweight, N, words, scale, zero, scale_dtype, bits, group_size);
   p.M = M;
-  if (lowbit_w8_vnni(dtype, bits, group_size, M, K)) {
-    thread_local W8Activations act;
-    if (isa_avx512vnni::w8_activations(static_cast<const uint16_t*>(x), K, group_size, act)) {
-      p.x8 = act.x8.data();
-      p.x8_unit = act.unit.data();
-      p.xsum = act.xsum.data();
-      p.y16 = static_cast<uint16_t*>(y);
-      p.bias = bias;
-      const LowbitRowsFn rows = isa_avx512vnni::w8_rows();
-      parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
-      return "";
-    }  // NaN or infinity in x: the kernels below carry it through
+  p.bias = bias;
+  if (dtype == kBFloat16) {
+    p.y16 = static_cast<uint16_t*>(y);
+    if (w8_vnni_rows(static_cast<const uint16_t*>(x), group_size, p)) return "";
   }
   if (lowbit_bf16_kernel(dtype, bits, group_size)) {
     bf16_activations(isa, static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
-    p.y16 = static_cast<uint16_t*>(y);
-    p.bias = bias;
     parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
     return "";
   }
@@ -316,9 +321,9 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     thread_local std::vector<uint16_t> x16;
     x16.resize(M * K);
     if (fp32_rows_to_bf16(static_cast<const float*>(x), M, K, x16.data())) {
-      bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
       p.y32 = static_cast<float*>(y);
-      p.bias = bias;
+      if (w8_vnni_rows(x16.data(), group_size, p)) return "";
+      bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
       parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
       return "";
     }
@@ -330,7 +335,6 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       bf16_activations(isa, parts.data(), kFp32Parts, K, bits, group_size, p);
       p.M = kFp32Parts;
       p.y_parts = static_cast<float*>(y);
-      p.bias = bias;
       parallel_for(N, chunk_rows(N, K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
       return "";
     }  // NaN, infinity or a value beyond bf16: the fp32 kernels carry it through
