@@ -1,0 +1,99 @@
+"""Two builds of the extension timed against each other, in alternating processes.
+
+Loading both builds into one process would bind the second copy's calls to the first's kernels,
+so each round runs one process per build, taking turns (and swapping which goes first every
+round). A case is ``NxKxMxBITSxGROUP``: one ``lowbit_linear`` call with M activation rows of
+``--dtype`` against an N x K weight, one thread, timed by the CPU time of the calling thread over
+about ``--seconds`` of calls. Prints the minimum (the steadier figure on a shared machine) and the
+median per build and round, in ms.
+
+Usage: python bench/ops/ab_builds.py --a OLD/_C.so --b NEW/_C.so [--rounds 2] [--dtype float32]
+       4096x4096x16x4x128 1536x576x4x3x64 ...
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+DTYPE_CODES = {"float32": 0, "bfloat16": 2}
+
+
+def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str]) -> list[str]:
+    """This process's half of a round: each case's minimum and median ms on the build at `so`."""
+    import torch
+
+    from splitkernels.quant import quantize_weight
+
+    sys.setdlopenflags(os.RTLD_NOW | os.RTLD_LOCAL | os.RTLD_DEEPBIND)
+    target = os.path.join(tempfile.mkdtemp(), os.path.basename(so))
+    shutil.copy(so, target)
+    spec = importlib.util.spec_from_file_location("_C", target)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dtype, code = getattr(torch, dtype_name), DTYPE_CODES[dtype_name]
+    out = []
+    for case in cases:
+        n, k, m, bits, group = map(int, case.split("x"))
+        q = quantize_weight(torch.randn(n, k), bits, group, dtype=dtype)
+        x, y = torch.randn(m, k).to(dtype), torch.empty(m, n, dtype=dtype)
+        args = (x.data_ptr(), code, m, k, q.qweight.data_ptr(), n, q.qweight.shape[1], q.scale.data_ptr(),
+                q.zero.data_ptr(), code, bits, group, 0, y.data_ptr(), False)
+        for _ in range(3):
+            ext.lowbit_linear(*args)
+        times = []
+        deadline = time.thread_time() + seconds
+        while time.thread_time() < deadline:
+            start = time.thread_time()
+            ext.lowbit_linear(*args)
+            times.append(time.thread_time() - start)
+        out.append(f"{min(times) * 1e3:.3f}/{statistics.median(times) * 1e3:.3f}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--a", required=True, help="the first build's _C shared object")
+    p.add_argument("--b", required=True, help="the second build's _C shared object")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dtype", choices=tuple(DTYPE_CODES), default="float32")
+    p.add_argument("--seconds", type=float, default=1.0, help="timed calls per case and process")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("cases", nargs="+", help="NxKxMxBITSxGROUP")
+    a = p.parse_args()
+    for case in a.cases:
+        parts = case.split("x")
+        if len(parts) != 5 or not all(v.isdigit() and int(v) > 0 for v in parts):
+            p.error(f"a case is NxKxMxBITSxGROUP of positive integers, got {case!r}")
+    if a.worker:
+        print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases)))
+        return
+    for so in (a.a, a.b):
+        if not os.path.isfile(so):
+            p.error(f"no such build: {so}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPLITKERNELS_NUM_THREADS": "1"}
+    results: dict[str, list[list[str]]] = {"a": [], "b": []}
+    for r in range(a.rounds):
+        order = ("a", "b") if r % 2 == 0 else ("b", "a")
+        for name in order:
+            argv = [sys.executable, __file__, "--a", a.a, "--b", a.b, "--dtype", a.dtype, "--seconds",
+                    str(a.seconds), "--worker", getattr(a, name), *a.cases]
+            lines = subprocess.run(argv, check=True, env=env, capture_output=True, text=True).stdout.split()
+            results[name].append(lines)
+            print(f"round {r + 1}: {name} done", file=sys.stderr)
+    print(f"# min/median ms, one thread, {a.dtype} activations; a = {a.a}, b = {a.b}")
+    for i, case in enumerate(a.cases):
+        cells = " | ".join(f"a {results['a'][r][i]} b {results['b'][r][i]}" for r in range(a.rounds))
+        print(f"{case:24s} {cells}")
+
+
+if __name__ == "__main__":
+    main()
