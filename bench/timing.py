@@ -3,8 +3,9 @@ copy bandwidth that results are compared against, and result files.
 
 Every benchmark times its candidate and PyTorch's own kernels in the same process, alternating
 calls in a random order per round (so background load on a shared machine, and the cold caches
-a slow call leaves, hit them alike), after a warm-up, and reports medians. Results go to ``--out DIR`` as ``<name>.json`` and ``<name>.md``; nothing is written
-over the committed results in bench/results unless that folder is named.
+a slow call leaves, hit them alike), after a warm-up, and reports medians. Results go to
+``--out DIR`` as ``<name>.json`` and ``<name>.md``; nothing is written over the committed results
+in bench/results unless that folder is named.
 """
 from __future__ import annotations
 

@@ -127,7 +127,9 @@ def render(result: dict) -> str:
         "",
         "Times in ms. **Wb/best** = our b-bit time / PyTorch's fastest of the four kernels at that row "
         "(< 1 means ours is faster; **bold** where ours is slower). W2/W3 move fewer bytes than W4 and W8 "
-        "more (int4pack reads half of W8's bytes: W8/int8pack compares like with like).",
+        "more (int4pack reads half of W8's bytes: W8/int8pack compares like with like). PyTorch's bf16 "
+        "`F.linear` and packed kernels get the activations rounded to bf16 (the cast not timed), in the fp32 "
+        "rows too; ours take them as they come (fp32: exact unless the precision is \"medium\").",
     ]
     methods = [m for m in result["methods"]]
     keyed: dict[tuple, dict[str, dict]] = {}
