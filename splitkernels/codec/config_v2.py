@@ -51,6 +51,11 @@ def _steps_valid(step: np.ndarray) -> bool:
         return bool(np.isfinite(step).all() and (step > 0).all() and np.isfinite(np.float32(1.0) / step).all())
 
 
+def _subnormal_when_shifted(smallest_step: float, shift: int) -> bool:
+    """Whether ``smallest_step * 2**-shift`` (a finer step of §5.2) falls below fp32's normal range."""
+    return smallest_step * 2.0 ** -shift < float(np.finfo(np.float32).tiny)
+
+
 def scale_factor(scale: int) -> np.float32:
     """``fp32(2**(scale/4))``: what a frame scale multiplies every step by (§5.4.3)."""
     if isinstance(scale, bool) or not isinstance(scale, int) or not -MAX_FRAME_SCALE <= scale <= MAX_FRAME_SCALE:
@@ -152,7 +157,7 @@ class CodecConfigV2:
         if bool(self.class_freqs) != bool(self.channel_class):
             raise ValueError("class_freqs and channel_class must be given together")
         shifts = check_position_shift(self.position_shift)
-        if shifts and min(step) * 2.0 ** -max(shifts) < float(np.finfo(np.float32).tiny):
+        if shifts and _subnormal_when_shifted(min(step), max(shifts)):
             raise ValueError("position_shift would make a step subnormal (the finer steps must stay exact fp32 values)")
         object.__setattr__(self, "position_shift", shifts)
         if self.prediction is not None:
@@ -169,7 +174,7 @@ class CodecConfigV2:
                     or ids[-1] >= self.prediction.vocab or not all(1 <= v <= MAX_SHIFT for _, v in pairs):
                 raise ValueError(f"token_shift must hold at most {MAX_TOKEN_SHIFTS} (id, shift) pairs, ids increasing "
                                  f"in [0, {self.prediction.vocab}), shifts in [1, {MAX_SHIFT}]")
-            if min(step) * 2.0 ** -max(v for _, v in pairs) < float(np.finfo(np.float32).tiny):
+            if _subnormal_when_shifted(min(step), max(v for _, v in pairs)):
                 raise ValueError("token_shift would make a step subnormal (the finer steps must stay exact fp32 values)")
         object.__setattr__(self, "token_shift", pairs)
         object.__setattr__(self, "_token_shifts", dict(pairs))
@@ -210,7 +215,7 @@ class CodecConfigV2:
         with np.errstate(over="ignore"):  # an overflow is refused below
             step = base.step_array() * scale_factor(scale)  # one fp32 multiply per channel
         largest_shift = max((*base.position_shift, *(v for _, v in base.token_shift)), default=0)
-        if not _steps_valid(step) or float(step.min()) * 2.0 ** -largest_shift < float(np.finfo(np.float32).tiny):
+        if not _steps_valid(step) or _subnormal_when_shifted(float(step.min()), largest_shift):
             raise ValueError(f"frame scale {scale} makes a step of codec config {base.fingerprint[:8]} invalid: "
                              f"{STEP_RULE}, not subnormal under the config's largest shift")
         # The tables, coder parameters and their caches are the config's; only the steps differ.
