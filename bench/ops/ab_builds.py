@@ -22,13 +22,14 @@ import sys
 import tempfile
 import time
 
-DTYPE_CODES = {"float32": 0, "bfloat16": 2}
+DTYPES = ("float32", "bfloat16")
 
 
 def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str]) -> list[str]:
     """This process's half of a round: each case's minimum and median ms on the build at `so`."""
     import torch
 
+    from splitkernels.formats import DTYPE_CODE
     from splitkernels.quant import quantize_weight
 
     sys.setdlopenflags(os.RTLD_NOW | os.RTLD_LOCAL | os.RTLD_DEEPBIND)
@@ -39,7 +40,8 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str]) -> lis
     spec.loader.exec_module(ext)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    dtype, code = getattr(torch, dtype_name), DTYPE_CODES[dtype_name]
+    dtype = getattr(torch, dtype_name)
+    code = DTYPE_CODE[dtype]
     out = []
     for case in cases:
         n, k, m, bits, group = map(int, case.split("x"))
@@ -64,7 +66,7 @@ def main() -> None:
     p.add_argument("--a", required=True, help="the first build's _C shared object")
     p.add_argument("--b", required=True, help="the second build's _C shared object")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--dtype", choices=tuple(DTYPE_CODES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--seconds", type=float, default=1.0, help="timed calls per case and process")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("cases", nargs="+", help="NxKxMxBITSxGROUP")
