@@ -1,7 +1,9 @@
 """Tiny random Qwen2 / Gemma3 / Llama: every linear replaced by QuantLinear (W2 g32, W3 g64, W3 g32),
 fp32 activations at M = 1..6 tokens (fused path) and 24 (GEMM); logits against the same model with
-each weight dequantised into a plain nn.Linear (the reference op), relative Frobenius error."""
+each weight dequantised into a plain nn.Linear (the reference op), relative Frobenius error.
+
 Run: python bench/results/ops/s25/families_check.py  (output: families_check.txt beside it)
+"""
 import copy, torch, transformers
 from splitkernels.models.tiny import tiny_config
 from splitkernels.nn import QuantConfig, replace_linear
