@@ -12,7 +12,7 @@
 // laid out in that pair order (bf16_position in lowbit_kernels.h). 8-bit codes are converted
 // through fp32 in natural order (natural8_pairs). 3-bit codes (the build with VBMI only,
 // isa_avx512bf16vbmi) come in chunks of 128 codes (48 bytes): one vpermb sorts the bytes so
-// that the same shift-and-mask steps apply (arrange3, decode_lanes3). Groups are whole chunks,
+// that the same shift-and-mask steps apply (arrange3, decode_lane3). Groups are whole chunks,
 // or 4..32 bytes (3 bits: 16, 32 or 64 codes): then a chunk's lanes belong to several groups,
 // and each lane's sum is scaled by its own group's scale (a vector of scales per chunk). A
 // row's last chunk may be partial (masked loads; x is zero-padded).
@@ -21,7 +21,9 @@
 // * few activation rows (M < kBf16PanelMinRows): decode a chunk of R weight rows into
 //   registers and dot it with every activation row (vdpbf16ps over k, horizontal sums at the
 //   end); R rows at a time keep R * M independent accumulation chains in flight, where one
-//   row's chain alone is bound by the vdpbf16ps latency. Where the M rows of x outgrow a
+//   row's chain alone is bound by the vdpbf16ps latency. Each pair vector is decoded where it
+//   is used (decode_pair), and where a chunk's activation vectors outnumber the registers the
+//   pair loop runs outside the rows (see load_rows in dot_block). Where the M rows of x outgrow a
 //   share of L1 (M >= 2 with long K), K is read in slices of whole groups, every weight row
 //   meeting one slice of x while it stays in L1 (see dot_rows);
 // * more rows: collect the same pairs for 32 weight rows into a panel (u32 element (kp, n);
@@ -103,17 +105,16 @@ inline __m512i arrange3(__m512i raw) {
   return _mm512_permutexvar_epi8(_mm512_load_si512(order.b), raw);
 }
 
-// Pair vectors j = 0..3 of arranged lanes v: shifts 4 p + 3 j, with 4 p per lane in `parity`.
+// Pair vector j (0..3) of arranged lanes v: shift 4 p + 3 j, with 4 p per lane in `parity`.
 template <bool F>
-inline void decode_lanes3(__m512i v, __m512i parity, __m512i out[4]) {
+inline __m512i decode_lane3(__m512i v, __m512i parity, int j) {
   constexpr int shift = kMantissaShift<3, F>;
   const __m512i code_bits = _mm512_set1_epi32(0x00070007 << shift);
   const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<3, F>));
-  for (int j = 0; j < 4; ++j) {  // (shifted & code_bits) | offset; F: rotated (the wrapped bits are masked off)
-    const __m512i at = _mm512_add_epi32(parity, _mm512_set1_epi32(3 * j - shift));
-    const __m512i moved = F ? _mm512_rorv_epi32(v, _mm512_and_si512(at, _mm512_set1_epi32(31))) : _mm512_srlv_epi32(v, at);
-    out[j] = _mm512_ternarylogic_epi32(moved, code_bits, offset, 0xea);
-  }
+  // (shifted & code_bits) | offset; F: rotated (the wrapped bits are masked off)
+  const __m512i at = _mm512_add_epi32(parity, _mm512_set1_epi32(3 * j - shift));
+  const __m512i moved = F ? _mm512_rorv_epi32(v, _mm512_and_si512(at, _mm512_set1_epi32(31))) : _mm512_srlv_epi32(v, at);
+  return _mm512_ternarylogic_epi32(moved, code_bits, offset, 0xea);
 }
 
 // 4 p of each lane of a chunk (lanes alternate p = 0, 1).
@@ -130,38 +131,53 @@ inline __m512i code_at_mantissa(__m512i v) {
     return _mm512_srli_epi32(v, S);
 }
 
-// Pair vector i = 2 ph + t of decode_quads: the codes at bit 8 t + B ph, moved, then
-// (moved & code_bits) | offset; the shift counts are immediates.
-template <int B, bool F, int... I>
-inline void quad_pairs(__m512i v, __m512i code_bits, __m512i offset, __m512i* out, std::integer_sequence<int, I...>) {
-  ((out[I] = _mm512_ternarylogic_epi32(code_at_mantissa<B, F, 8 * (I % 2) + B * (I / 2)>(v), code_bits, offset, 0xea)),
-   ...);
+// fn(std::integral_constant<int, I>{}) for I = 0 .. N - 1, in order: loop bodies whose index must
+// be a compile-time constant (immediate shift counts).
+template <typename Fn, int... I>
+inline void for_index_in(Fn&& fn, std::integer_sequence<int, I...>) {
+  (fn(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename Fn>
+inline void for_index(Fn&& fn) {
+  for_index_in(fn, std::make_integer_sequence<int, N>{});
 }
 
-// Pair vectors of one 64-byte chunk of 2- or 4-bit codes (or 16 transposed quads): out[ph * 2 + t]
-// holds, per u32 lane, the bf16 codes (plus kCodeOffset) of phase ph from bytes t and t + 2 of
-// the lane's four bytes. (8-bit codes are decoded in natural order: natural8_pairs.)
-template <int B, bool F = false>
-inline void decode_quads(__m512i v, __m512i out[2 * (8 / B)]) {
-  static_assert(B == 2 || B == 4, "8-bit codes: natural8_pairs");
-  constexpr int cpb = 8 / B;
-  constexpr uint32_t mask = (1u << B) - 1;
-  const __m512i code_bits = _mm512_set1_epi32(static_cast<int>((mask << 16 | mask) << kMantissaShift<B, F>));
-  const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<B, F>));
-  quad_pairs<B, F>(v, code_bits, offset, out, std::make_integer_sequence<int, 2 * cpb>{});
-}
-
-// Loads a chunk of a row (bytes past `bytes` read as zero, and never touched) and decodes it
-// into kPairs<B> pair vectors (2/4 bits: decode_quads; 3 bits: arrange3 + decode_lanes3).
-template <int B, bool F>
-inline void decode_chunk(const uint8_t* chunk, int64_t bytes, __m512i* out) {
+// A chunk as decode_pair takes it: 2/4 bits the 64 bytes, 3 bits arranged (arrange3). Bytes past
+// `bytes` read as zero, and are never touched.
+template <int B>
+inline __m512i load_chunk(const uint8_t* chunk, int64_t bytes) {
+  static_assert(B >= 2 && B <= 4, "8-bit codes: decode_natural8");
   if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-    decode_lanes3<F>(arrange3(_mm512_maskz_loadu_epi8((1ull << bytes) - 1, chunk)), lane_parity3(), out);
+    return arrange3(_mm512_maskz_loadu_epi8((1ull << bytes) - 1, chunk));
+#else
+    return _mm512_setzero_si512();  // not reached: only the build with VBMI takes 3-bit codes
 #endif
   } else {
     const __mmask16 lm = static_cast<__mmask16>((1u << (bytes / 4)) - 1);
-    decode_quads<B, F>(bytes >= 64 ? _mm512_loadu_si512(chunk) : _mm512_maskz_loadu_epi32(lm, chunk), out);
+    return bytes >= 64 ? _mm512_loadu_si512(chunk) : _mm512_maskz_loadu_epi32(lm, chunk);
+  }
+}
+
+// Pair vector I (of kPairs<B>) of a loaded chunk, or for 2/4 bits of 16 transposed quads: per u32
+// lane, the bf16 codes (plus kCodeOffset) of phase ph = I / 2 from bytes t = I % 2 and t + 2 of
+// the lane's four bytes (2/4 bits: the codes at bit 8 t + B ph, moved to the mantissa, then
+// (moved & code_bits) | offset, the shift an immediate; 3 bits: decode_lane3). Decoding one pair
+// where it is used keeps one decoded vector live instead of kPairs<B> (W2: eight), which spilled
+// registers in the dot form. (8-bit codes are decoded in natural order: natural8_pairs.)
+template <int B, bool F, int I>
+inline __m512i decode_pair(__m512i v) {
+  if constexpr (B == 3) {
+#if defined(__AVX512VBMI__)
+    return decode_lane3<F>(v, lane_parity3(), I);
+#else
+    return v;  // not reached: only the build with VBMI takes 3-bit codes
+#endif
+  } else {
+    constexpr uint32_t mask = (1u << B) - 1;
+    const __m512i code_bits = _mm512_set1_epi32(static_cast<int>((mask << 16 | mask) << kMantissaShift<B, F>));
+    const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<B, F>));
+    return _mm512_ternarylogic_epi32(code_at_mantissa<B, F, 8 * (I % 2) + B * (I / 2)>(v), code_bits, offset, 0xea);
   }
 }
 
@@ -203,6 +219,37 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
   __m512 tot[R][MR];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
+  // Chunk c of the R rows, loaded (2-4 bits as load_chunk gives them, 8 bits decoded: two pairs)
+  // for a pair loop outside the rows, which loads each activation vector once per chunk. With
+  // the rows outside, the compiler keeps a chunk's nv * MR activation vectors live across them:
+  // that spilled registers where a chunk has eight pair vectors (W2, M = 4: 32 live) and where
+  // a group spans chunks (its accumulators live on too); bench/results/ops/README.md, session 26.
+  // Chunks of several groups with four pair vectors or fewer keep the rows outside (below).
+  __m512i raw[R], q8[R][2];
+  const auto load_rows = [&](int64_t c, int64_t bytes) {
+    for (int r = 0; r < R; ++r) {
+      if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
+      if constexpr (B == 8)
+        decode_natural8(rows[r] + 64 * c, bytes == 64 ? ~0ull : (1ull << bytes) - 1, q8[r]);
+      else
+        raw[r] = load_chunk<B>(rows[r] + cb * c, bytes);
+    }
+  };
+  // body(v, q, m, xv) for pair vector v of the loaded chunks (q[r]: row r's) and activation row
+  // m's matching vector xv.
+  const auto each_pair = [&](const uint16_t* xc, auto&& body) {
+    for_index<nv>([&](auto vi) {
+      constexpr int v = decltype(vi)::value;
+      __m512bh q[R];
+      for (int r = 0; r < R; ++r) {
+        if constexpr (B == 8)
+          q[r] = as_bh(q8[r][v]);
+        else
+          q[r] = as_bh(decode_pair<B, F, v>(raw[r]));
+      }
+      for (int m = 0; m < MR; ++m) body(vi, q, m, as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
+    });
+  };
   if (gsize >= cc) {
     // Whole chunks per group: sum a group's chunks, then scale.
     const int64_t per_group = gsize / cc;
@@ -211,18 +258,10 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
       for (int r = 0; r < R; ++r)
         for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
       for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
-        const uint16_t* xc = x + c * cc;
-        for (int r = 0; r < R; ++r) {
-          if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
-          __m512i q[nv];
-          if constexpr (B == 8)
-            decode_natural8(rows[r] + 64 * c, ~0ull, q);
-          else
-            decode_chunk<B, F>(rows[r] + cb * c, cb, q);
-          for (int v = 0; v < nv; ++v)
-            for (int m = 0; m < MR; ++m)
-              acc[r][m] = _mm512_dpbf16_ps(acc[r][m], as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
-        }
+        load_rows(c, cb);
+        each_pair(x + c * cc, [&](auto, const __m512bh* q, int m, __m512bh xv) {
+          for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], q[r], xv);
+        });
       }
       for (int r = 0; r < R; ++r) {
         const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp));
@@ -236,23 +275,52 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
     // 2 a, 2 a + 1 hold codes 16 a .. 16 a + 15, and g >= 16), byte (32 v + 2 l) / gbytes for 8 bits.
     const int64_t gbytes = gsize * B / 8, per_chunk = cc / gsize, chunks = (p.K + cc - 1) / cc;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m128i log_gbytes = _mm_cvtsi32_si128(__builtin_ctzll(gbytes));
-    const __m512i lane_group = _mm512_srl_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(cc / 16))),
-                                                _mm_cvtsi32_si128(__builtin_ctzll(gsize)));
-    const __m512i lane_group8[2] = {_mm512_srl_epi32(_mm512_slli_epi32(lane, 1), log_gbytes),
-                                    _mm512_srl_epi32(_mm512_add_epi32(_mm512_slli_epi32(lane, 1), _mm512_set1_epi32(32)),
-                                                     log_gbytes)};
+    __m512i lane_group[2];  // per pair vector (8 bits: two, by parity; else one for all)
+    if constexpr (B == 8) {
+      const __m128i log_gbytes = _mm_cvtsi32_si128(__builtin_ctzll(gbytes));
+      lane_group[0] = _mm512_srl_epi32(_mm512_slli_epi32(lane, 1), log_gbytes);
+      lane_group[1] = _mm512_srl_epi32(_mm512_add_epi32(_mm512_slli_epi32(lane, 1), _mm512_set1_epi32(32)), log_gbytes);
+    } else {
+      lane_group[0] = lane_group[1] = _mm512_srl_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(cc / 16))),
+                                                       _mm_cvtsi32_si128(__builtin_ctzll(gsize)));
+    }
+    // P partial sums per (row, activation row): with few chains in flight, two halve the chain of
+    // dependent vdpbf16ps per chunk; with enough, one saves the add.
+    constexpr int P = R * MR >= 8 ? 1 : 2;
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
       const int64_t groups = std::min<int64_t>(per_chunk, G - c * per_chunk);
+      const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
       const uint16_t* xc = x + c * cc;
+      const auto scales = [&](int r) {
+        return load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups);
+      };
+      if constexpr (nv >= 8) {
+        // Eight pair vectors (W2): the pairs outside the rows (see load_rows).
+        load_rows(c, left);
+        __m512 a[P][R][MR];
+        each_pair(xc, [&](auto vi, const __m512bh* q, int m, __m512bh xv) {
+          constexpr int v = decltype(vi)::value;
+          for (int r = 0; r < R; ++r)
+            a[v % P][r][m] = _mm512_dpbf16_ps(v < P ? _mm512_setzero_ps() : a[v % P][r][m], q[r], xv);
+        });
+        for (int r = 0; r < R; ++r) {
+          const __m512 sv = _mm512_permutexvar_ps(lane_group[0], scales(r));
+          for (int m = 0; m < MR; ++m)
+            tot[r][m] = _mm512_fmadd_ps(P == 2 ? _mm512_add_ps(a[0][r][m], a[P - 1][r][m]) : a[0][r][m], sv, tot[r][m]);
+        }
+        continue;
+      }
+      // Four pair vectors or fewer: the rows outside, every pair decoded first (a chunk's nv * MR
+      // activation vectors stay in registers across the rows). Unrolled by hand: left to itself
+      // the compiler kept the loop, with the totals in memory (3/4/8 bits at M = 4: 5-15% slower).
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
-        const __m512 sc = load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups);
+        const __m512 sc = scales(r);
         __m512i q[nv];
         if constexpr (B == 8) {
           decode_natural8(rows[r] + 64 * c, left == 64 ? ~0ull : (1ull << left) - 1, q);
-          const __m512 s0 = _mm512_permutexvar_ps(lane_group8[0], sc), s1 = _mm512_permutexvar_ps(lane_group8[1], sc);
+          const __m512 s0 = _mm512_permutexvar_ps(lane_group[0], sc), s1 = _mm512_permutexvar_ps(lane_group[1], sc);
           for (int m = 0; m < MR; ++m) {
             const __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
             const __m512 a1 =
@@ -260,26 +328,15 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
             tot[r][m] = _mm512_fmadd_ps(a1, s1, _mm512_fmadd_ps(a0, s0, tot[r][m]));
           }
         } else {
-          decode_chunk<B, F>(rows[r] + cb * c, left, q);
-          const __m512 sv = _mm512_permutexvar_ps(lane_group, sc);
+          const __m512i raw_r = load_chunk<B>(rows[r] + cb * c, left);
+          for_index<nv>([&](auto v) { q[v] = decode_pair<B, F, decltype(v)::value>(raw_r); });
+          const __m512 sv = _mm512_permutexvar_ps(lane_group[0], sc);
           for (int m = 0; m < MR; ++m) {
-            if constexpr (R * MR >= 8) {
-              // Chains enough across (r, m): one chain per chunk saves the add.
-              __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
-              for (int v = 1; v < nv; ++v)
-                a = _mm512_dpbf16_ps(a, as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
-              tot[r][m] = _mm512_fmadd_ps(a, sv, tot[r][m]);
-            } else {
-              // Two partial sums halve the chain of dependent vdpbf16ps per chunk.
-              __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
-              __m512 a1 =
-                  _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32)));
-              for (int v = 2; v < nv; v += 2) {
-                a0 = _mm512_dpbf16_ps(a0, as_bh(q[v]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
-                a1 = _mm512_dpbf16_ps(a1, as_bh(q[v + 1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v + 32)));
-              }
-              tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), sv, tot[r][m]);
-            }
+            __m512 a[P];
+            for (int v = 0; v < nv; ++v)
+              a[v % P] = _mm512_dpbf16_ps(v < P ? _mm512_setzero_ps() : a[v % P], as_bh(q[v]),
+                                          as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
+            tot[r][m] = _mm512_fmadd_ps(P == 2 ? _mm512_add_ps(a[0], a[P - 1]) : a[0], sv, tot[r][m]);
           }
         }
       }
@@ -402,15 +459,17 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pan
         // Pair index of (pair vector, quad) in the panel form of bf16_position.
         const int64_t gi = quad / lanes, ql = quad % lanes;
         uint32_t* dst = panel + (c * nv * 16 + gi * nv * lanes + ql) * kBlockN;
-        __m512i q[nv];
-        if constexpr (B == 3) {
+        for_index<nv>([&](auto j) {
+          __m512i q;
+          if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-          decode_lanes3<false>(v[quad], _mm512_set1_epi32(4 * (quad % 2)), q);
+            q = decode_lane3<false>(v[quad], _mm512_set1_epi32(4 * (quad % 2)), j);
 #endif
-        } else {
-          decode_quads<B>(v[quad], q);
-        }
-        for (int j = 0; j < nv; ++j) _mm512_storeu_si512(dst + j * lanes * kBlockN + 16 * h, q[j]);
+          } else {
+            q = decode_pair<B, false, decltype(j)::value>(v[quad]);
+          }
+          _mm512_storeu_si512(dst + j * lanes * kBlockN + 16 * h, q);
+        });
       }
     }
   }
