@@ -855,7 +855,8 @@ def test_fp32_precision_read_from_the_onednn_setting(fp32_precision):
 @pytest.mark.parametrize(
     "bits,group,k",
     [(2, 256, 512), (3, 128, 384), (3, 64, 192), (3, 24, 96), (4, 128, 384), (4, 64, 192), (8, 64, 128), (4, 3, 96),
-     (2, 32, 160), (3, 32, 96), (3, 96, 288), (2, 48, 144), (8, 24, 72)],
+     (2, 32, 160), (3, 32, 96), (3, 96, 288), (2, 48, 144), (8, 24, 72),
+     (2, 64, 576), (2, 32, 288), (2, 16, 272), (2, 16, 304), (4, 32, 160), (4, 16, 144)],
 )
 @pytest.mark.parametrize("m", (1, 4, 5, 6, 7, 13, 21, 27, 33))
 def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, group, k, m):
@@ -867,6 +868,9 @@ def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, grou
     # groups of 24: 8), and 3 bits in groups of 24 have 3 units, left one by one; the last group
     # of a 3-bit row is read with masked loads; odd m leaves short activation tiles; 13 / 21 /
     # 27 / 33 rows run their GEMM's two- and three-tile steps and mixes (2, 3, 3 + 1, 3 + 2 tiles).
+    # The bf16 dot form packs a 2-bit row's last chunk of at most 16 bytes into fewer vectors:
+    # K = 576 / 288 / 304 / 272 leave 16 / 8 / 12 / 4 bytes (4, 2, 4, 1 lanes of 16: two, four or
+    # eight pair vectors a vector); 4 bits at K = 160 / 144 leave partial chunks of 16 / 8 bytes.
     x, qw, b = _lowbit_case(45, k, m, bits, group, dtype, bias=True, seed=bits * 100 + m)
     want64 = _lowbit_want64(x, qw, b)
     outs = {}

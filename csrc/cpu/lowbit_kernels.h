@@ -81,6 +81,21 @@ inline int64_t bf16_row_stride(int bits, int64_t K) {
   return (K + chunk - 1) / chunk * chunk;
 }
 
+// The dot form's compact last chunk: a row of 2-bit codes that ends in a partial chunk of at
+// most 16 bytes (TL four-byte lanes of 16, TL rounded up to a power of two) has that chunk's 8
+// pair vectors packed S = min(16 / TL, 8) to a vector (lane s * TL + i of compact vector j
+// holds lane i of pair vector j * S + s), so the row's last chunk costs 8 / S vdpbf16ps per
+// activation row instead of 8 that are mostly padding (K = 576: 2; M = 4 at 1536 x 576
+// 0.08 -> 0.06 ms). 4-bit rows keep whole chunks: the same for them (at most 4 -> 1 vectors,
+// and only for K = 1..32 past a multiple of 128) measured 3-8% slower at M = 1-2 on
+// 1536 x 576, whose chunk it does not change (bench/results/ops/README.md, session 26).
+// Returns TL, or 16 where the row has no such chunk.
+inline int64_t bf16_tail_lanes(int bits, int64_t K) {
+  const int64_t bytes = bits == 2 ? K / 4 % 64 : 0;
+  if (bytes == 0 || bytes > 16) return 16;
+  return bytes <= 4 ? 1 : bytes <= 8 ? 2 : 4;
+}
+
 // Position of a row's code k (natural order) in the bf16 kernels' activation order. A chunk of
 // a weight row decodes into nv pair vectors of 16 u32 lanes (two bf16 codes per lane):
 // * 2/4 bits: 64 bytes are 16 four-byte lanes (quads); the decode makes nv = 2 * (8 / bits)
@@ -91,12 +106,13 @@ inline int64_t bf16_row_stride(int bits, int64_t K) {
 //   lane 2 a + p, half h the code 8 t + 4 p + j of triple t = 2 a + h (isa/lowbit_bf16.cpp).
 // Then:
 // * dot form (M < kBf16PanelMinRows): activations line up with the vector lanes, so pair
-//   vector v of a chunk reads 32 consecutive values: v * 32 + 2 * lane + h;
+//   vector v of a chunk reads 32 consecutive values: v * 32 + 2 * lane + h; in a compact last
+//   chunk (bf16_tail_lanes) (v / S) * 32 + 2 * ((v % S) * TL + lane) + h;
 // * panel form: each pair is broadcast, so the pairs of one group are kept together (a chunk
 //   holding several small groups lists group by group): the pair index is
 //   (gi * nv + v) * lanes + ql for lane = gi * lanes + ql, lanes = lanes per group (<= 16).
 // Both are the same when groups are whole chunks.
-inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k) {
+inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t K, int64_t k) {
   if (bits == 8) return k;
   int64_t base, v, lane, h, nv;
   if (bits == 3) {
@@ -107,7 +123,14 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t k
     base = byte / 64 * 64 * cpb, v = 2 * phase + in_chunk % 2, lane = in_chunk / 4, h = (in_chunk % 4) / 2;
     nv = 2 * cpb;
   }
-  if (!panel) return base + v * 32 + 2 * lane + h;
+  if (!panel) {
+    const int64_t tl = bf16_tail_lanes(bits, K);
+    if (tl < 16 && base + bf16_chunk_codes(bits) > K) {
+      const int64_t per = std::min<int64_t>(16 / tl, nv);
+      return base + v / per * 32 + 2 * (v % per * tl + lane) + h;
+    }
+    return base + v * 32 + 2 * lane + h;
+  }
   const int64_t lanes = std::min<int64_t>(16, group_size / (bf16_chunk_codes(bits) / 16)), gi = lane / lanes,
                 ql = lane % lanes;
   return base + 2 * ((gi * nv + v) * lanes + ql) + h;

@@ -176,7 +176,7 @@ const std::vector<int32_t>& act_positions(ActOrder order, int bits, int64_t grou
   for (int64_t k = 0; k < K; ++k)
     e.pos[k] = static_cast<int32_t>(order == ActOrder::kFp32
                                         ? k - k % group_size + fp32(k % group_size)
-                                        : bf16_position(bits, group_size, order == ActOrder::kBf16Panel, k));
+                                        : bf16_position(bits, group_size, order == ActOrder::kBf16Panel, K, k));
   cache.push_back(std::move(e));
   return cache.back().pos;
 }

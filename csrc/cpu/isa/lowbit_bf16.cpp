@@ -181,6 +181,18 @@ inline __m512i decode_pair(__m512i v) {
   }
 }
 
+// A compact vector of the last chunk (bf16_tail_lanes): `src` holds in each lane the chunk's u32
+// lane it decodes, `counts` the shift of the pair vector it stands for (as in decode_pair; F:
+// the rotate count).
+template <int B, bool F>
+inline __m512i decode_tail(__m512i src, __m512i counts) {
+  constexpr uint32_t mask = (1u << B) - 1;
+  const __m512i code_bits = _mm512_set1_epi32(static_cast<int>((mask << 16 | mask) << kMantissaShift<B, F>));
+  const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<B, F>));
+  const __m512i moved = F ? _mm512_rorv_epi32(src, counts) : _mm512_srlv_epi32(src, counts);
+  return _mm512_ternarylogic_epi32(moved, code_bits, offset, 0xea);
+}
+
 // 16 pairs of 32 8-bit codes in natural order: u32 lane l holds the bf16 codes 2 l and 2 l + 1
 // (vcvtne2ps2bf16 rounds nothing: codes are below 256). Bytes past `bytes` read as zero.
 inline __m512i natural8_pairs(const uint8_t* src, __mmask32 bytes) {
@@ -287,7 +299,8 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
     // P partial sums per (row, activation row): with few chains in flight, two halve the chain of
     // dependent vdpbf16ps per chunk; with enough, one saves the add.
     constexpr int P = R * MR >= 8 ? 1 : 2;
-    for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t tail_lanes = bf16_tail_lanes(B, p.K);  // 16: no compact last chunk (3/4/8 bits: always)
+    for (int64_t c = 0; c < (tail_lanes < 16 ? chunks - 1 : chunks); ++c) {
       const int64_t groups = std::min<int64_t>(per_chunk, G - c * per_chunk);
       const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
       const uint16_t* xc = x + c * cc;
@@ -337,6 +350,43 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
               a[v % P] = _mm512_dpbf16_ps(v < P ? _mm512_setzero_ps() : a[v % P], as_bh(q[v]),
                                           as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
             tot[r][m] = _mm512_fmadd_ps(P == 2 ? _mm512_add_ps(a[0], a[P - 1]) : a[0], sv, tot[r][m]);
+          }
+        }
+      }
+    }
+    if constexpr (B == 2) {
+      if (tail_lanes < 16) {
+        // The compact last chunk: lane s * TL + i of compact vector j decodes lane i as pair
+        // vector v = j * per + s (lanes past per * TL meet zero activations).
+        const int64_t c = chunks - 1, per = std::min<int64_t>(16 / tail_lanes, nv), vectors = nv / per;
+        const __m512i in_tail = _mm512_and_si512(lane, _mm512_set1_epi32(static_cast<int>(tail_lanes - 1)));
+        const __m512i slot = _mm512_srl_epi32(lane, _mm_cvtsi32_si128(__builtin_ctzll(tail_lanes)));
+        const __m512i tail_group = _mm512_srl_epi32(
+            _mm512_mullo_epi32(in_tail, _mm512_set1_epi32(static_cast<int>(cc / 16))), _mm_cvtsi32_si128(__builtin_ctzll(gsize)));
+        __m512i counts[nv];
+        for (int64_t j = 0; j < vectors; ++j) {
+          const __m512i v = _mm512_add_epi32(slot, _mm512_set1_epi32(static_cast<int>(j * per)));
+          const __m512i shift = _mm512_add_epi32(_mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(1)), 3),
+                                                 _mm512_mullo_epi32(_mm512_srli_epi32(v, 1), _mm512_set1_epi32(B)));
+          counts[j] = F ? _mm512_and_si512(_mm512_sub_epi32(shift, _mm512_set1_epi32(kMantissaShift<B, F>)),
+                                           _mm512_set1_epi32(31))
+                        : shift;
+        }
+        const int64_t groups = G - c * per_chunk, left = code_bytes - cb * c;
+        const uint16_t* xc = x + c * cc;
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512i src = _mm512_permutexvar_epi32(in_tail, load_chunk<B>(rows[r] + cb * c, left));
+          const __m512 sv = _mm512_permutexvar_ps(
+              tail_group, load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups));
+          __m512i q[nv];
+          for (int64_t j = 0; j < vectors; ++j) q[j] = decode_tail<B, F>(src, counts[j]);
+#pragma GCC unroll 8
+          for (int m = 0; m < MR; ++m) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t j = 0; j < vectors; ++j)
+              a = _mm512_dpbf16_ps(a, as_bh(q[j]), as_bh(_mm512_loadu_si512(xc + m * xs + 32 * j)));
+            tot[r][m] = _mm512_fmadd_ps(a, sv, tot[r][m]);
           }
         }
       }
