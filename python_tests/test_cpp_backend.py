@@ -883,6 +883,21 @@ def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, grou
         assert _rel_err(y, outs["generic"].double()) <= TOL[dtype], isa
 
 
+@pytest.mark.parametrize("bits,group,k", [(2, 128, 4096), (3, 128, 4096), (3, 64, 2752), (4, 128, 4096), (8, 64, 2048)])
+@pytest.mark.parametrize("m", (1, 2, 3))
+def test_lowbit_linear_long_rows_every_isa(each_isa, bits, group, k, m):
+    # Rows of 1-4 KiB: the bf16 dot form reads one (M = 1, rows of 2 KiB or more), eight or four
+    # weight rows at a time (n = 21 leaves short blocks), and 3-bit chunks with whole 64-byte loads
+    # but the last of each row (K = 2752: a last chunk of 24 bytes, the one before it 72 bytes
+    # from the row's end).
+    x, qw, b = _lowbit_case(21, k, m, bits, group, torch.bfloat16, bias=True, seed=bits * 10 + m)
+    want64 = _lowbit_want64(x, qw, b)
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
+        assert _rel_err(y, want64) <= TOL[torch.bfloat16], isa
+
+
 @pytest.mark.parametrize("m", (1, 2, 5, 9))
 @pytest.mark.parametrize("n,k", [(1, 1), (13, 63), (37, 64), (21, 65), (9, 200), (70, 1030)])
 def test_int8_linear_every_isa_bit_identical(each_isa, m, n, k):

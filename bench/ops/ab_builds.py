@@ -5,10 +5,12 @@ so each round runs one process per build, taking turns (and swapping which goes 
 round). A case is ``NxKxMxBITSxGROUP``: one ``lowbit_linear`` call with M activation rows of
 ``--dtype`` against an N x K weight, one thread, timed by the CPU time of the calling thread over
 about ``--seconds`` of calls. Prints the minimum (the steadier figure on a shared machine) and the
-median per build and round, in ms.
+median per build and round, in ms. With ``--cold`` a 64 MiB buffer is written before each timed
+call (not timed), so the weights come from memory, as in the interleaved rounds of
+``bench/ops/lowbit_linear.py``, where other methods' weights pass through the caches in between.
 
 Usage: python bench/ops/ab_builds.py --a OLD/_C.so --b NEW/_C.so [--rounds 2] [--dtype float32]
-       4096x4096x16x4x128 1536x576x4x3x64 ...
+       [--cold] 4096x4096x16x4x128 1536x576x4x3x64 ...
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import time
 DTYPES = ("float32", "bfloat16")
 
 
-def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str]) -> list[str]:
+def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: bool) -> list[str]:
     """This process's half of a round: each case's minimum and median ms on the build at `so`."""
     import torch
 
@@ -42,6 +44,7 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str]) -> lis
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     code = DTYPE_CODE[dtype]
+    evict = torch.zeros(64 << 20, dtype=torch.uint8) if cold else None
     out = []
     for case in cases:
         n, k, m, bits, group = map(int, case.split("x"))
@@ -54,6 +57,8 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str]) -> lis
         times = []
         deadline = time.thread_time() + seconds
         while time.thread_time() < deadline:
+            if evict is not None:
+                evict.add_(1)
             start = time.thread_time()
             ext.lowbit_linear(*args)
             times.append(time.thread_time() - start)
@@ -68,6 +73,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--seconds", type=float, default=1.0, help="timed calls per case and process")
+    p.add_argument("--cold", action="store_true", help="evict the caches before each timed call")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("cases", nargs="+", help="NxKxMxBITSxGROUP")
     a = p.parse_args()
@@ -76,7 +82,7 @@ def main() -> None:
         if len(parts) != 5 or not all(v.isdigit() and int(v) > 0 for v in parts):
             p.error(f"a case is NxKxMxBITSxGROUP of positive integers, got {case!r}")
     if a.worker:
-        print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases)))
+        print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases, a.cold)))
         return
     for so in (a.a, a.b):
         if not os.path.isfile(so):
@@ -87,11 +93,12 @@ def main() -> None:
         order = ("a", "b") if r % 2 == 0 else ("b", "a")
         for name in order:
             argv = [sys.executable, __file__, "--a", a.a, "--b", a.b, "--dtype", a.dtype, "--seconds",
-                    str(a.seconds), "--worker", getattr(a, name), *a.cases]
+                    str(a.seconds), *(["--cold"] if a.cold else []), "--worker", getattr(a, name), *a.cases]
             lines = subprocess.run(argv, check=True, env=env, capture_output=True, text=True).stdout.split()
             results[name].append(lines)
             print(f"round {r + 1}: {name} done", file=sys.stderr)
-    print(f"# min/median ms, one thread, {a.dtype} activations; a = {a.a}, b = {a.b}")
+    caches = "caches evicted before each call" if a.cold else "warm caches"
+    print(f"# min/median ms, one thread, {a.dtype} activations, {caches}; a = {a.a}, b = {a.b}")
     for i, case in enumerate(a.cases):
         cells = " | ".join(f"a {results['a'][r][i]} b {results['b'][r][i]}" for r in range(a.rounds))
         print(f"{case:24s} {cells}")

@@ -143,13 +143,17 @@ inline void for_index(Fn&& fn) {
 }
 
 // A chunk as decode_pair takes it: 2/4 bits the 64 bytes, 3 bits arranged (arrange3). Bytes past
-// `bytes` read as zero, and are never touched.
+// `bytes` read as zero, and are never touched. A whole 3-bit chunk (48 bytes) is read with a
+// 64-byte load where `room` (bytes from `chunk` to its row's end) allows it, arrange3 dropping the
+// 16 bytes past it: a masked load of every chunk made 4096 x 4096 W3 at M = 1 3x slower than W4
+// with the weights in memory (0.8 against 0.33 ms; warm 0.25 against 0.19; session 27).
 template <int B>
-inline __m512i load_chunk(const uint8_t* chunk, int64_t bytes) {
+inline __m512i load_chunk(const uint8_t* chunk, int64_t bytes, int64_t room) {
   static_assert(B >= 2 && B <= 4, "8-bit codes: decode_natural8");
   if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-    return arrange3(_mm512_maskz_loadu_epi8((1ull << bytes) - 1, chunk));
+    const bool whole = bytes == 48 && room >= 64;
+    return arrange3(whole ? _mm512_loadu_si512(chunk) : _mm512_maskz_loadu_epi8((1ull << bytes) - 1, chunk));
 #else
     return _mm512_setzero_si512();  // not reached: only the build with VBMI takes 3-bit codes
 #endif
@@ -244,7 +248,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
       if constexpr (B == 8)
         decode_natural8(rows[r] + 64 * c, bytes == 64 ? ~0ull : (1ull << bytes) - 1, q8[r]);
       else
-        raw[r] = load_chunk<B>(rows[r] + cb * c, bytes);
+        raw[r] = load_chunk<B>(rows[r] + cb * c, bytes, p.row_bytes - cb * c);
     }
   };
   // body(v, q, m, xv) for pair vector v of the loaded chunks (q[r]: row r's) and activation row
@@ -341,7 +345,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
             tot[r][m] = _mm512_fmadd_ps(a1, s1, _mm512_fmadd_ps(a0, s0, tot[r][m]));
           }
         } else {
-          const __m512i raw_r = load_chunk<B>(rows[r] + cb * c, left);
+          const __m512i raw_r = load_chunk<B>(rows[r] + cb * c, left, p.row_bytes - cb * c);
           for_index<nv>([&](auto v) { q[v] = decode_pair<B, F, decltype(v)::value>(raw_r); });
           const __m512 sv = _mm512_permutexvar_ps(lane_group[0], sc);
           for (int m = 0; m < MR; ++m) {
@@ -376,7 +380,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         const uint16_t* xc = x + c * cc;
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const __m512i src = _mm512_permutexvar_epi32(in_tail, load_chunk<B>(rows[r] + cb * c, left));
+          const __m512i src = _mm512_permutexvar_epi32(in_tail, load_chunk<B>(rows[r] + cb * c, left, p.row_bytes - cb * c));
           const __m512 sv = _mm512_permutexvar_ps(
               tail_group, load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups));
           __m512i q[nv];
@@ -423,27 +427,28 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
                                                                      kSliceBytes, kPrefetchBytes);
 }
 
-// Rows from this length on are read one (M = 1) or two at a time: R rows a power-of-two length
-// apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows, memory-bound)
-// eight of them made the M = 1 call 1.7x slower than one row at a time. 3-bit rows from 1 KiB
-// on (K >= 2731) too: at 4096 x 4096 (1.5 KiB rows, weights not in cache) one row at a time
-// took 0.64-0.72 ms against 0.96-1.0 with two (bench/ops/lowbit_linear.py, interleaved runs).
+// One activation row meets rows from this length on one at a time: R rows a power-of-two
+// length apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows,
+// memory-bound) eight of them made the M = 1 call 1.7x slower than one row at a time (session 27,
+// weights in memory: R = 1 0.34-0.38 ms, 2 0.70, 4 0.48, 8 0.43). Two activation rows take four
+// weight rows at every length (4096 x 4096 W4 0.52-0.66 -> 0.36 ms with two rows at a time, W8
+// 0.75 -> 0.51). 3-bit rows of 1.5 KiB were read one at a time as well while every 3-bit chunk took
+// a masked load; with whole loads eight rows at a time are faster (W3 M = 1 0.39-0.45 -> 0.35 ms).
 constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // Short rows: R = 8 / 4 / 2 rows per block (accumulators: 2 * R * M zmm at most) keep the
-  // vdpbf16ps chains and the per-row sums busy; a long row has chains enough by itself.
-  const bool long_rows = p.row_bytes >= kLongRowBytes || (B == 3 && p.row_bytes >= 1024);
+  // vdpbf16ps chains and the per-row sums busy.
   switch (p.M) {
     case 1:
-      long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
+      p.row_bytes >= kLongRowBytes ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
       break;
-    case 2: long_rows ? dot_rows<B, 2, 2>(p, 0, n_begin, n_end) : dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
+    case 2: dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
     case 3:  // also an fp32 row as three bf16 parts (p.y_parts), with the fine decode
       p.y_parts ? dot_rows<B, 3, 2, true>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end);
       break;
     default:
-      long_rows ? dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end) : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
+      dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
   }
 }
 
@@ -499,10 +504,8 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pan
     for (int h = 0; h < 2; ++h) {
       __m512i v[16];
       for (int r = 0; r < 16; ++r) {
-        v[r] = _mm512_maskz_loadu_epi8(bytes, panel_row(p, n0, rows, 16 * h + r, cb * c, true));
-#if defined(__AVX512VBMI__)
-        if constexpr (B == 3) v[r] = arrange3(v[r]);
-#endif
+        const uint8_t* src = panel_row(p, n0, rows, 16 * h + r, cb * c, true);
+        v[r] = B == 3 ? load_chunk<3>(src, left, p.row_bytes - cb * c) : _mm512_maskz_loadu_epi8(bytes, src);
       }
       transpose16(v);  // v[quad] lane r: u32 lane `quad` of row 16 h + r
       for (int quad = 0; quad < 16; ++quad) {
