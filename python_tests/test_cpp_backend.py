@@ -884,18 +884,19 @@ def test_lowbit_linear_every_isa_agrees_with_generic(each_isa, dtype, bits, grou
 
 
 @pytest.mark.parametrize("bits,group,k", [(2, 128, 4096), (3, 128, 4096), (3, 64, 2752), (4, 128, 4096), (8, 64, 2048)])
-@pytest.mark.parametrize("m", (1, 2, 3))
-def test_lowbit_linear_long_rows_every_isa(each_isa, bits, group, k, m):
-    # Rows of 1-4 KiB: the bf16 dot form reads one (M = 1, rows of 2 KiB or more), eight or four
-    # weight rows at a time (n = 21 leaves short blocks), and 3-bit chunks with whole 64-byte loads
-    # but the last of each row (K = 2752: a last chunk of 24 bytes, the one before it 72 bytes
-    # from the row's end).
-    x, qw, b = _lowbit_case(21, k, m, bits, group, torch.bfloat16, bias=True, seed=bits * 10 + m)
+@pytest.mark.parametrize("m", (1, 2, 3, 4))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_lowbit_linear_long_rows_every_isa(each_isa, dtype, bits, group, k, m):
+    # Rows of 1-4 KiB: the bf16 dot form reads 1, 8, 4, 4 or 3 weight rows at a time by row
+    # length and M (an fp32 row as three bf16 parts too; n = 22 leaves short blocks), and 3-bit
+    # chunks with whole 64-byte loads but the last of each row (K = 2752: a last chunk of 24
+    # bytes, the one before it 72 bytes from the row's end).
+    x, qw, b = _lowbit_case(22, k, m, bits, group, dtype, bias=True, seed=bits * 10 + m)
     want64 = _lowbit_want64(x, qw, b)
     for isa in each_isa:
         cpp._C.set_lowbit_isa(isa)
         y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
-        assert _rel_err(y, want64) <= TOL[torch.bfloat16], isa
+        assert _rel_err(y, want64) <= TOL[dtype], isa
 
 
 @pytest.mark.parametrize("m", (1, 2, 5, 9))

@@ -434,21 +434,29 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
 // weight rows at every length (4096 x 4096 W4 0.52-0.66 -> 0.36 ms with two rows at a time, W8
 // 0.75 -> 0.51). 3-bit rows of 1.5 KiB were read one at a time as well while every 3-bit chunk took
 // a masked load; with whole loads eight rows at a time are faster (W3 M = 1 0.39-0.45 -> 0.35 ms).
+// Three and four activation rows (K sliced: sliced_rows) take four and three long rows at a time,
+// where two left the memory idle (4096 x 4096 W4 M = 3 0.67-0.75 -> 0.50-0.58 ms, M = 4
+// 0.76-0.78 -> 0.66-0.70, W8 M = 4 1.1-1.2 -> 0.84-0.90, an fp32 row as three parts 0.77-0.90 ->
+// 0.72-0.76), while 1 KiB rows (W2) were slower with four.
 constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // Short rows: R = 8 / 4 / 2 rows per block (accumulators: 2 * R * M zmm at most) keep the
   // vdpbf16ps chains and the per-row sums busy.
+  const bool long_rows = p.row_bytes >= kLongRowBytes;
   switch (p.M) {
     case 1:
-      p.row_bytes >= kLongRowBytes ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
+      long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
       break;
     case 2: dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
     case 3:  // also an fp32 row as three bf16 parts (p.y_parts), with the fine decode
-      p.y_parts ? dot_rows<B, 3, 2, true>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end);
+      if (p.y_parts)
+        long_rows ? dot_rows<B, 3, 4, true>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2, true>(p, 0, n_begin, n_end);
+      else
+        long_rows ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end);
       break;
     default:
-      dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
+      long_rows ? dot_rows<B, kDotRows, 3>(p, 0, n_begin, n_end) : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
   }
 }
 
