@@ -146,7 +146,7 @@ inline void for_index(Fn&& fn) {
 // `bytes` read as zero, and are never touched. A whole 3-bit chunk (48 bytes) is read with a
 // 64-byte load where `room` (bytes from `chunk` to its row's end) allows it, arrange3 dropping the
 // 16 bytes past it: a masked load of every chunk made 4096 x 4096 W3 at M = 1 3x slower than W4
-// with the weights in memory (0.8 against 0.33 ms; warm 0.25 against 0.19; session 27).
+// with the weights in memory on a Zen 5 (0.8 against 0.33 ms; warm 0.25 against 0.19; session 27).
 template <int B>
 inline __m512i load_chunk(const uint8_t* chunk, int64_t bytes, int64_t room) {
   static_assert(B >= 2 && B <= 4, "8-bit codes: decode_natural8");
@@ -380,7 +380,8 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         const uint16_t* xc = x + c * cc;
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const __m512i src = _mm512_permutexvar_epi32(in_tail, load_chunk<B>(rows[r] + cb * c, left, p.row_bytes - cb * c));
+          const __m512i src =
+              _mm512_permutexvar_epi32(in_tail, load_chunk<B>(rows[r] + cb * c, left, p.row_bytes - cb * c));
           const __m512 sv = _mm512_permutexvar_ps(
               tail_group, load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups));
           __m512i q[nv];
@@ -427,15 +428,15 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
                                                                      kSliceBytes, kPrefetchBytes);
 }
 
-// One activation row meets rows from this length on one at a time: R rows a power-of-two
-// length apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows,
-// memory-bound) eight of them made the M = 1 call 1.7x slower than one row at a time (session 27,
-// weights in memory: R = 1 0.34-0.38 ms, 2 0.70, 4 0.48, 8 0.43). Two activation rows take four
-// weight rows at every length (4096 x 4096 W4 0.52-0.66 -> 0.36 ms with two rows at a time, W8
-// 0.75 -> 0.51). 3-bit rows of 1.5 KiB were read one at a time as well while every 3-bit chunk took
-// a masked load; with whole loads eight rows at a time are faster (W3 M = 1 0.39-0.45 -> 0.35 ms).
-// Three and four activation rows (K sliced: sliced_rows) take four and three long rows at a time,
-// where two left the memory idle (4096 x 4096 W4 M = 3 0.67-0.75 -> 0.50-0.58 ms, M = 4
+// One activation row meets rows from this length on one at a time: R rows a power-of-two length
+// apart are R streams on the same few L1 sets, and at 4096 x 4096 (2 KiB rows, memory-bound) eight
+// of them made the M = 1 call 1.7x slower than one row at a time (session 27, weights in memory,
+// ms: one row 0.34-0.39, two 0.70-0.71, four 0.48, eight 0.42-0.44). Two activation rows take four
+// weight rows at every length (4096 x 4096 W4 0.52-0.66 -> 0.36-0.41 ms with two rows at a time, W8
+// 0.75-0.78 -> 0.51-0.54). 3-bit rows of 1.5 KiB were read one at a time as well while every 3-bit
+// chunk took a masked load; with whole loads eight rows at a time are faster (W3 M = 1 0.39-0.45 ->
+// 0.35 ms). Three and four activation rows (K sliced: sliced_rows) take four and three long rows at
+// a time, where two left the memory idle (4096 x 4096 W4 M = 3 0.67-0.75 -> 0.50-0.58 ms, M = 4
 // 0.76-0.78 -> 0.66-0.70, W8 M = 4 1.1-1.2 -> 0.84-0.90, an fp32 row as three parts 0.77-0.90 ->
 // 0.72-0.76), while 1 KiB rows (W2) were slower with four.
 constexpr int64_t kLongRowBytes = 2048;
