@@ -11,8 +11,8 @@
 // of byte t, code of byte t+2): four bytes give 2 * (8 / bits) pairs, and the activations are
 // laid out in that pair order (bf16_position in lowbit_kernels.h). 8-bit codes are converted
 // through fp32 in natural order (natural8_pairs). 3-bit codes (the build with VBMI only,
-// isa_avx512bf16vbmi) come in chunks of 128 codes (48 bytes): one vpermb sorts the bytes so
-// that the same shift-and-mask steps apply (arrange3, decode_lane3). Groups are whole chunks,
+// isa_avx512bf16vbmi) come in chunks of 128 codes (48 bytes): one vpermb and one shift sort
+// the bits so that the same shift-and-mask steps apply (arrange3). Groups are whole chunks,
 // or 4..32 bytes (3 bits: 16, 32 or 64 codes): then a chunk's lanes belong to several groups,
 // and each lane's sum is scaled by its own group's scale (a vector of scales per chunk). A
 // row's last chunk may be partial (masked loads; x is zero-padded).
@@ -87,11 +87,12 @@ constexpr int kMantissaShift = F ? 7 - B : 0;
 #if defined(__AVX512VBMI__)
 // 3-bit codes: a chunk is 16 triples of bytes (8 codes each); in triple t, codes 8 t .. 8 t + 3
 // are bits 0..11 of bytes (3 t, 3 t + 1) and codes 8 t + 4 .. 8 t + 7 bits 4..15 of bytes
-// (3 t + 1, 3 t + 2). vpermb (arrange3) puts into u32 lane l = 2 a + p (p = 0, 1) the byte pair
-// of parity p from triple 2 a (low half) and from triple 2 a + 1 (high half), so that in both
-// halves the four codes sit at the same bit offsets 4 p + 3 j: one shift of the lane by
-// 4 p + 3 j and one and-or (vpternlogd) give pair vector j, as in the 2/4-bit decode. Lanes
-// 2 a and 2 a + 1 hold codes 16 a .. 16 a + 15 (bf16_position).
+// (3 t + 1, 3 t + 2). vpermb puts into u32 lane l = 2 a + p (p = 0, 1) the byte pair of parity p
+// from triple 2 a (low half) and from triple 2 a + 1 (high half), so that in both halves the four
+// codes sit at bit offsets 4 p + 3 j; the lanes of parity 1 are then shifted right by 4, which
+// leaves code j at bit 3 j in every lane: pair vector j is one immediate shift (or rotate) and
+// one and-or (vpternlogd), as in the 2/4-bit decode, with no per-lane shift counts held in
+// registers. Lanes 2 a and 2 a + 1 hold codes 16 a .. 16 a + 15 (bf16_position).
 inline __m512i arrange3(__m512i raw) {
   alignas(64) static constexpr auto order = [] {
     struct {
@@ -102,23 +103,9 @@ inline __m512i arrange3(__m512i raw) {
         for (int i = 0; i < 2; ++i) t.b[4 * l + 2 * h + i] = static_cast<uint8_t>(3 * (l / 2 * 2 + h) + l % 2 + i);
     return t;
   }();
-  return _mm512_permutexvar_epi8(_mm512_load_si512(order.b), raw);
+  const __m512i parity_shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  return _mm512_srlv_epi32(_mm512_permutexvar_epi8(_mm512_load_si512(order.b), raw), parity_shift);
 }
-
-// Pair vector j (0..3) of arranged lanes v: shift 4 p + 3 j, with 4 p per lane in `parity`.
-template <bool F>
-inline __m512i decode_lane3(__m512i v, __m512i parity, int j) {
-  constexpr int shift = kMantissaShift<3, F>;
-  const __m512i code_bits = _mm512_set1_epi32(0x00070007 << shift);
-  const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<3, F>));
-  // (shifted & code_bits) | offset; F: rotated (the wrapped bits are masked off)
-  const __m512i at = _mm512_add_epi32(parity, _mm512_set1_epi32(3 * j - shift));
-  const __m512i moved = F ? _mm512_rorv_epi32(v, _mm512_and_si512(at, _mm512_set1_epi32(31))) : _mm512_srlv_epi32(v, at);
-  return _mm512_ternarylogic_epi32(moved, code_bits, offset, 0xea);
-}
-
-// 4 p of each lane of a chunk (lanes alternate p = 0, 1).
-inline __m512i lane_parity3() { return _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0); }
 #endif
 
 // The codes at bit s of each half of v's u32 lanes moved to kMantissaShift<B, F>: a shift, or for F
@@ -163,26 +150,20 @@ inline __m512i load_chunk(const uint8_t* chunk, int64_t bytes, int64_t room) {
   }
 }
 
-// Pair vector I (of kPairs<B>) of a loaded chunk, or for 2/4 bits of 16 transposed quads: per u32
-// lane, the bf16 codes (plus kCodeOffset) of phase ph = I / 2 from bytes t = I % 2 and t + 2 of
-// the lane's four bytes (2/4 bits: the codes at bit 8 t + B ph, moved to the mantissa, then
-// (moved & code_bits) | offset, the shift an immediate; 3 bits: decode_lane3). Decoding one pair
-// where it is used keeps one decoded vector live instead of kPairs<B> (W2: eight), which spilled
-// registers in the dot form. (8-bit codes are decoded in natural order: natural8_pairs.)
+// Pair vector I (of kPairs<B>) of a loaded chunk, or of 16 transposed lanes (the panel): per u32
+// lane, the bf16 codes (plus kCodeOffset) at bit S of both halves, moved to the mantissa, then
+// (moved & code_bits) | offset, the shift an immediate. 2/4 bits: phase I / 2 of bytes t = I % 2
+// and t + 2 of the lane's four bytes, S = 8 t + B (I / 2); 3 bits (arranged by load_chunk):
+// S = 3 I. Decoding one pair where it is used keeps one decoded vector live instead of
+// kPairs<B> (W2: eight), which spilled registers in the dot form. (8-bit codes are decoded in
+// natural order: natural8_pairs.)
 template <int B, bool F, int I>
 inline __m512i decode_pair(__m512i v) {
-  if constexpr (B == 3) {
-#if defined(__AVX512VBMI__)
-    return decode_lane3<F>(v, lane_parity3(), I);
-#else
-    return v;  // not reached: only the build with VBMI takes 3-bit codes
-#endif
-  } else {
-    constexpr uint32_t mask = (1u << B) - 1;
-    const __m512i code_bits = _mm512_set1_epi32(static_cast<int>((mask << 16 | mask) << kMantissaShift<B, F>));
-    const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<B, F>));
-    return _mm512_ternarylogic_epi32(code_at_mantissa<B, F, 8 * (I % 2) + B * (I / 2)>(v), code_bits, offset, 0xea);
-  }
+  constexpr uint32_t mask = (1u << B) - 1;
+  constexpr int S = B == 3 ? 3 * I : 8 * (I % 2) + B * (I / 2);
+  const __m512i code_bits = _mm512_set1_epi32(static_cast<int>((mask << 16 | mask) << kMantissaShift<B, F>));
+  const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<B, F>));
+  return _mm512_ternarylogic_epi32(code_at_mantissa<B, F, S>(v), code_bits, offset, 0xea);
 }
 
 // A compact vector of the last chunk (bf16_tail_lanes): `src` holds in each lane the chunk's u32
@@ -522,15 +503,7 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pan
         const int64_t gi = quad / lanes, ql = quad % lanes;
         uint32_t* dst = panel + (c * nv * 16 + gi * nv * lanes + ql) * kBlockN;
         for_index<nv>([&](auto j) {
-          __m512i q;
-          if constexpr (B == 3) {
-#if defined(__AVX512VBMI__)
-            q = decode_lane3<false>(v[quad], _mm512_set1_epi32(4 * (quad % 2)), j);
-#endif
-          } else {
-            q = decode_pair<B, false, decltype(j)::value>(v[quad]);
-          }
-          _mm512_storeu_si512(dst + j * lanes * kBlockN + 16 * h, q);
+          _mm512_storeu_si512(dst + j * lanes * kBlockN + 16 * h, decode_pair<B, false, decltype(j)::value>(v[quad]));
         });
       }
     }
