@@ -130,10 +130,11 @@ inline void for_index(Fn&& fn) {
 }
 
 // A chunk as decode_pair takes it: 2/4 bits the 64 bytes, 3 bits arranged (arrange3). Bytes past
-// `bytes` read as zero, and are never touched. A whole 3-bit chunk (48 bytes) is read with a
-// 64-byte load where `room` (bytes from `chunk` to its row's end) allows it, arrange3 dropping the
-// 16 bytes past it: a masked load of every chunk made 4096 x 4096 W3 at M = 1 3x slower than W4
-// with the weights in memory on a Zen 5 (0.8 against 0.33 ms; warm 0.25 against 0.19; session 27).
+// `bytes` read as zero and are not touched, but for a whole 3-bit chunk (48 bytes): that one is
+// read with a 64-byte load where `room` (bytes from `chunk` to its row's end) allows it, arrange3
+// dropping the 16 bytes past it: a masked load of every chunk made 4096 x 4096 W3 at M = 1 3x
+// slower than W4 with the weights in memory on a Zen 5 (0.8 against 0.33 ms; warm 0.25 against
+// 0.19; session 27).
 template <int B>
 inline __m512i load_chunk(const uint8_t* chunk, int64_t bytes, int64_t room) {
   static_assert(B >= 2 && B <= 4, "8-bit codes: decode_natural8");
