@@ -179,16 +179,18 @@ inline uint32_t load_unit3(const uint8_t* p) {
   return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16;
 }
 
-// L 3-byte units, one per uint32 lane, reading exactly their 3L bytes (masked loads), so a row's
-// last group needs no scalar tail. The fourth byte of a lane is zero: codes sit at shifts 0..21.
-// Dwords holding each 128-bit lane's four units are gathered with one dword permute, then one
-// in-lane byte shuffle spreads them.
+// L 3-byte units, one per uint32 lane. Where the row (ending at `end`) has room, a whole vector
+// is loaded and the bytes past the 3L are dropped; else exactly the 3L bytes are read (masked
+// loads), so a row's last group needs no scalar tail. (Masked loads of every step made 3-bit
+// rows 1.5-2x slower than 4-bit ones with the weights in memory on a Zen 5: session 27.) The
+// fourth byte of a lane is zero: codes sit at shifts 0..21. Dwords holding each 128-bit lane's
+// four units are gathered with one dword permute, then one in-lane byte shuffle spreads them.
 template <int L>
-inline typename Lanes<L>::u units3(const uint8_t* p) {
+inline typename Lanes<L>::u units3(const uint8_t* p, const uint8_t* end) {
   typename Lanes<L>::u v;
 #if defined(__AVX512F__)
   if constexpr (L == 16) {
-    const __m512i raw = _mm512_maskz_loadu_epi32(0x0fff, p);
+    const __m512i raw = end - p >= 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi32(0x0fff, p);
     const __m512i quads = _mm512_permutexvar_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12), raw);
     const __m512i idx = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
@@ -199,7 +201,9 @@ inline typename Lanes<L>::u units3(const uint8_t* p) {
 #endif
 #if defined(__AVX2__) || defined(__AVX512F__)
   if constexpr (L == 8) {
-    const __m256i raw = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
+    const __m256i raw = end - p >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                      : _mm256_maskload_epi32(reinterpret_cast<const int*>(p),
+                                                              _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
     const __m256i halves = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6));
     const __m256i idx = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1, 0, 1, 2, -1, 3, 4, 5, -1,
                                          6, 7, 8, -1, 9, 10, 11, -1);
@@ -208,7 +212,8 @@ inline typename Lanes<L>::u units3(const uint8_t* p) {
     return v;
   }
   if constexpr (L == 4) {
-    const __m128i raw = _mm_maskload_epi32(reinterpret_cast<const int*>(p), _mm_setr_epi32(-1, -1, -1, 0));
+    const __m128i raw = end - p >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                      : _mm_maskload_epi32(reinterpret_cast<const int*>(p), _mm_setr_epi32(-1, -1, -1, 0));
     const __m128i w = _mm_shuffle_epi8(raw, _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
     std::memcpy(&v, &w, sizeof v);
     return v;
@@ -228,7 +233,8 @@ void load_affine(const LowbitProblem& p, int64_t n, float* sz) {
 
 // Groups [g0, g1) of a row (phase order) dequantised into w, from w[0]; steps of L units.
 template <int L>
-void decode_row_phase3(const uint8_t* rb, int64_t g0, int64_t g1, int64_t g, const float* s, const float* z, float* w) {
+void decode_row_phase3(const uint8_t* rb, const uint8_t* end, int64_t g0, int64_t g1, int64_t g, const float* s,
+                       const float* z, float* w) {
   typedef typename Lanes<L>::f F;
   const int64_t units = g / 8;
   for (int64_t grp = g0; grp < g1; ++grp) {
@@ -237,7 +243,7 @@ void decode_row_phase3(const uint8_t* rb, int64_t g0, int64_t g1, int64_t g, con
     const float sc = s[grp], ze = z[grp];
     int64_t u = 0;
     for (; u + L <= units; u += L) {
-      const typename Lanes<L>::u wv = units3<L>(gb + 3 * u);
+      const typename Lanes<L>::u wv = units3<L>(gb + 3 * u, end);
       for (int ph = 0; ph < 8; ++ph) {
         const F v = codes_to_float<L>((wv >> (3 * ph)) & 7u) * sc + ze;
         std::memcpy(wg + ph * units + u, &v, sizeof v);
@@ -297,7 +303,7 @@ void decode_groups(const LowbitProblem& p, int64_t n, int64_t g0, int64_t g1, co
     constexpr int L = decltype(lanes)::value;
     switch (p.bits) {
       case 2: decode_row_phase<2, L>(rb, g0, g1, g, s, z, w); break;
-      case 3: decode_row_phase3<L>(rb, g0, g1, g, s, z, w); break;
+      case 3: decode_row_phase3<L>(rb, rb + p.K * 3 / 8, g0, g1, g, s, z, w); break;
       case 4: decode_row_phase<4, L>(rb, g0, g1, g, s, z, w); break;
       default: decode_row_phase<8, L>(rb, g0, g1, g, s, z, w); break;
     }
@@ -390,6 +396,7 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t g, const float* s, const 
   typedef typename Lanes<L>::f F;
   constexpr int C = kChains<MB, L>;
   const int64_t units = g / 8;
+  const uint8_t* end = rb + K * 3 / 8;
   F yv[MB];
   float ys[MB];
   for (int m = 0; m < MB; ++m) {
@@ -404,7 +411,7 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t g, const float* s, const 
       for (int c = 0; c < C; ++c) dv[m][c] = F{};
     int64_t u = 0;
     for (; u + L <= units; u += L) {
-      const typename Lanes<L>::u wv = units3<L>(gb + 3 * u);
+      const typename Lanes<L>::u wv = units3<L>(gb + 3 * u, end);
       for (int ph = 0; ph < 8; ++ph) {
         const F q = codes_to_float<L>((wv >> (3 * ph)) & 7u);
         for (int m = 0; m < MB; ++m) dv[m][ph % C] = q * load<F>(xg + m * K + ph * units + u) + dv[m][ph % C];
