@@ -151,20 +151,26 @@ inline __m512i load_chunk(const uint8_t* chunk, int64_t bytes, int64_t room) {
   }
 }
 
-// Pair vector I (of kPairs<B>) of a loaded chunk, or of 16 transposed lanes (the panel): per u32
-// lane, the bf16 codes (plus kCodeOffset) at bit S of both halves, moved to the mantissa, then
-// (moved & code_bits) | offset, the shift an immediate. 2/4 bits: phase I / 2 of bytes t = I % 2
-// and t + 2 of the lane's four bytes, S = 8 t + B (I / 2); 3 bits (arranged by load_chunk):
-// S = 3 I. Decoding one pair where it is used keeps one decoded vector live instead of
-// kPairs<B> (W2: eight), which spilled registers in the dot form. (8-bit codes are decoded in
-// natural order: natural8_pairs.)
-template <int B, bool F, int I>
-inline __m512i decode_pair(__m512i v) {
+// The bf16 codes (plus kCodeOffset) of both halves of each u32 lane, from `moved`, whose code
+// fields already sit at the top of the mantissa (kMantissaShift<B, F>): (moved & code_bits) | offset.
+template <int B, bool F>
+inline __m512i codes_as_bf16(__m512i moved) {
   constexpr uint32_t mask = (1u << B) - 1;
-  constexpr int S = B == 3 ? 3 * I : 8 * (I % 2) + B * (I / 2);
   const __m512i code_bits = _mm512_set1_epi32(static_cast<int>((mask << 16 | mask) << kMantissaShift<B, F>));
   const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<B, F>));
-  return _mm512_ternarylogic_epi32(code_at_mantissa<B, F, S>(v), code_bits, offset, 0xea);
+  return _mm512_ternarylogic_epi32(moved, code_bits, offset, 0xea);
+}
+
+// Pair vector I (of kPairs<B>) of a loaded chunk, or of 16 transposed lanes (the panel): per u32
+// lane, the codes at bit S of both halves moved to the mantissa by an immediate shift, then
+// codes_as_bf16. 2/4 bits: phase I / 2 of bytes t = I % 2 and t + 2 of the lane's four bytes,
+// S = 8 t + B (I / 2); 3 bits (arranged by load_chunk): S = 3 I. Decoding one pair where it is
+// used keeps one decoded vector live instead of kPairs<B> (W2: eight), which spilled registers in
+// the dot form. (8-bit codes are decoded in natural order: natural8_pairs.)
+template <int B, bool F, int I>
+inline __m512i decode_pair(__m512i v) {
+  constexpr int S = B == 3 ? 3 * I : 8 * (I % 2) + B * (I / 2);
+  return codes_as_bf16<B, F>(code_at_mantissa<B, F, S>(v));
 }
 
 // A compact vector of the last chunk (bf16_tail_lanes): `src` holds in each lane the chunk's u32
@@ -172,11 +178,7 @@ inline __m512i decode_pair(__m512i v) {
 // the rotate count).
 template <int B, bool F>
 inline __m512i decode_tail(__m512i src, __m512i counts) {
-  constexpr uint32_t mask = (1u << B) - 1;
-  const __m512i code_bits = _mm512_set1_epi32(static_cast<int>((mask << 16 | mask) << kMantissaShift<B, F>));
-  const __m512i offset = _mm512_set1_epi32(static_cast<int>(kOffsetBits<B, F>));
-  const __m512i moved = F ? _mm512_rorv_epi32(src, counts) : _mm512_srlv_epi32(src, counts);
-  return _mm512_ternarylogic_epi32(moved, code_bits, offset, 0xea);
+  return codes_as_bf16<B, F>(F ? _mm512_rorv_epi32(src, counts) : _mm512_srlv_epi32(src, counts));
 }
 
 // 16 pairs of 32 8-bit codes in natural order: u32 lane l holds the bf16 codes 2 l and 2 l + 1
