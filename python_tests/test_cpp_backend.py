@@ -529,6 +529,30 @@ def test_lowbit_bf16_panel_many_rows(bits, group, k, m):
     assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.bfloat16]
 
 
+# Rows longer than a wide panel's K slice (4096 codes in whole groups and chunks): slices of
+# 4096 + 4096 + 256 codes, 3840 + 3840 + 768 (groups of 384), 4096 + 64 (a partial last chunk),
+# and rows of one slice.
+# One thread takes N = 600 in chunks of 128 rows (two 64-row blocks) and a last one of 88 (a
+# 64-row block and a 32-row one holding 24); M = 7 and 33 are tiles of 4 and 3 or 1 rows.
+_PANEL_SLICE_LAYOUTS = [
+    (4, 128, 8448), (2, 64, 8448), (8, 128, 8448), (3, 384, 8448), (4, 64, 4160), (4, 128, 384), (8, 64, 576)
+]
+
+
+@pytest.mark.parametrize("bits,group,k", _PANEL_SLICE_LAYOUTS)
+def test_lowbit_bf16_panel_k_slices(bits, group, k):
+    if bits == 3:
+        _needs_w3_kernels()
+    else:
+        _needs_bf16_kernels()
+    with _thread_settings():
+        cpp._C.set_num_threads(1)
+        _assert_one_hot_decode_exact(bits, group, k, 33, n=600)
+        x, qw, b = _lowbit_case(600, k, 7, bits, group, torch.bfloat16, bias=True, seed=bits + group + k)
+        y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
+    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.bfloat16]
+
+
 # The 3-bit bf16 kernels (AVX-512 BF16 + VBMI): chunks of 128 codes in 48 bytes, groups of 16, 32
 # or 64 codes (several per chunk) or whole chunks; rows ending inside a chunk (K = 208, 288, 576,
 # 64), M on both sides of the dot / panel switch, N with short row tails, rows of 1 KiB or more

@@ -26,10 +26,10 @@
 //   pair loop runs outside the rows (see load_rows in dot_block). Where the M rows of x outgrow a
 //   share of L1 (M >= 2 with long K), K is read in slices of whole groups, every weight row
 //   meeting one slice of x while it stays in L1 (see dot_rows);
-// * more rows: collect the same pairs for 32 weight rows into a panel (u32 element (kp, n);
-//   8 bits: decoded row by row and transposed in registers, build_panel8) and run an MR x 32
-//   outer-product micro-kernel that broadcasts one activation pair per row; the 32 rows'
-//   scales sit in vector lanes, so groups are scaled in registers.
+// * more rows: collect the same pairs for 64 or 32 weight rows into a panel (u32 element (kp, n);
+//   8 bits: decoded row by row and transposed in registers, build_panel8) and run a 4 x 64 or
+//   6 x 32 outer-product micro-kernel that broadcasts one activation pair per row; the rows'
+//   scales sit in vector lanes, so groups are scaled in registers (see panel_rows).
 // Both write the bf16 output (bias added) themselves.
 #include <immintrin.h>
 
@@ -52,8 +52,7 @@ constexpr int kDotRows = static_cast<int>(kBf16PanelMinRows) - 1;
 // The dot form reads R weight rows side by side (R streams a row apart); each is prefetched
 // this far ahead.
 constexpr int64_t kPrefetchBytes = 512;
-constexpr int kBlockN = 32;
-constexpr int kPanelM = 6;  // 12 group sums + 12 totals + 2 panel vectors + 1 broadcast: 27 zmm
+constexpr int kBlockN = 32, kWideBlockN = 64;  // panel columns (weight rows): see panel_rows
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
@@ -449,7 +448,7 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   }
 }
 
-// ---- More activation rows: panel of 32 weight rows, outer-product micro-kernel -----------
+// ---- More activation rows: panel of 64 or 32 weight rows, outer-product micro-kernel -----
 constexpr int64_t kPanelPrefetchBytes = 256;
 
 // Byte `offset` of row `row` of the panel's block at n0 (rows past the end repeat the first); with
@@ -466,20 +465,22 @@ inline const uint8_t* panel_row(const LowbitProblem& p, int64_t n0, int64_t rows
 // 16 rows' 32 codes become 16 pairs in natural order (natural8_pairs, loaded straight from the
 // rows) and are transposed in registers (transpose16), where gathering them cost more than the
 // micro-kernel itself at M = 16. Each row's chunk kPanelPrefetchBytes ahead is prefetched into
-// L2 (into L1 the 32 rows would evict each other).
-void build_panel8(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* panel) {
-  const int64_t chunks = (p.K + 63) / 64;
-  for (int64_t c = 0; c < chunks; ++c) {
+// L2 (into L1 the block's rows would evict each other). Only codes [k0, k1) (whole chunks; k1 may be
+// K) go into the panel, from its start.
+void build_panel8(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t width, int64_t k0, int64_t k1,
+                  uint32_t* panel) {
+  for (int64_t c = k0 / 64; c < (k1 + 63) / 64; ++c) {
     const int64_t left = std::min<int64_t>(64, p.K - 64 * c);
     for (int hc = 0; hc < 2 && 32 * hc < left; ++hc) {
       const int64_t n = std::min<int64_t>(32, left - 32 * hc);
       const __mmask32 bytes = n == 32 ? ~0u : (1u << n) - 1;
-      for (int64_t h = 0; h < kBlockN; h += 16) {
+      for (int64_t h = 0; h < width; h += 16) {
         __m512i v[16];
         for (int64_t r = 0; r < 16; ++r)
           v[r] = natural8_pairs(panel_row(p, n0, rows, h + r, 64 * c, hc == 0) + 32 * hc, bytes);
         transpose16(v);
-        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + ((2 * c + hc) * 16 + j) * kBlockN + h, v[j]);
+        for (int j = 0; j < 16; ++j)
+          _mm512_storeu_si512(panel + ((2 * (c - k0 / 64) + hc) * 16 + j) * width + h, v[j]);
       }
     }
   }
@@ -489,16 +490,18 @@ void build_panel8(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pa
 // and transposed in registers (transpose16), which hands every quad (u32 lane) of the 16 rows to
 // the decode at once; per-lane gathers from a staged copy took 1.7 times as long, and at M = 64 the
 // panel was a sixth of the call. Each row's chunk kPanelPrefetchBytes ahead is prefetched into L2.
+// Only codes [k0, k1) (whole chunks; k1 may be K) go into the panel, from its start.
 template <int B>
-void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* panel) {
+void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t width, int64_t k0, int64_t k1,
+                 uint32_t* panel) {
   constexpr int nv = kPairs<B>;
   constexpr int64_t cb = kChunkBytes<B>;
-  const int64_t code_bytes = p.K * B / 8, chunks = (code_bytes + cb - 1) / cb;
+  const int64_t code_bytes = p.K * B / 8, c0 = k0 / kChunkCodes<B>;
   const int64_t lanes = std::min<int64_t>(16, p.group_size / (kChunkCodes<B> / 16));
-  for (int64_t c = 0; c < chunks; ++c) {
+  for (int64_t c = c0; c < (k1 + kChunkCodes<B> - 1) / kChunkCodes<B>; ++c) {
     const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
     const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
-    for (int h = 0; h < 2; ++h) {
+    for (int64_t h = 0; h < width / 16; ++h) {
       __m512i v[16];
       for (int r = 0; r < 16; ++r) {
         const uint8_t* src = panel_row(p, n0, rows, 16 * h + r, cb * c, true);
@@ -508,92 +511,148 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, uint32_t* pan
       for (int quad = 0; quad < 16; ++quad) {
         // Pair index of (pair vector, quad) in the panel form of bf16_position.
         const int64_t gi = quad / lanes, ql = quad % lanes;
-        uint32_t* dst = panel + (c * nv * 16 + gi * nv * lanes + ql) * kBlockN;
+        uint32_t* dst = panel + ((c - c0) * nv * 16 + gi * nv * lanes + ql) * width;
         for_index<nv>([&](auto j) {
-          _mm512_storeu_si512(dst + j * lanes * kBlockN + 16 * h, decode_pair<B, false, decltype(j)::value>(v[quad]));
+          _mm512_storeu_si512(dst + j * lanes * width + 16 * h, decode_pair<B, false, decltype(j)::value>(v[quad]));
         });
       }
     }
   }
 }
 
-template <int MR>
+// The micro-kernel: MR activation rows times NV vectors of 16 panel columns, over groups
+// [g0, g1) of G (the panel starting at group g0). Each group's sums are scaled in registers; the totals stay in registers too where they
+// fit (NV = 2: 2 MR sums + 2 MR totals), else they are kept in y (NV = 4: 4 MR sums, and per
+// group MR x NV loads, adds and stores). Per pair step NV panel vectors are loaded and MR pairs
+// broadcast for MR * NV vdpbf16ps: at 4 x 4 a broadcast feeds four of them where 6 x 2 fed two,
+// which measured 4-10% faster per flop on Zen 5 in groups of 64 or more (in groups of 32 the
+// stores per group cost that back). With the totals in y, groups after the first add to them.
+template <int MR, int NV>
 void panel_tile(const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum, const float* sT,
-                const float* zT, int64_t G, int64_t g, float* y) {
-  __m512 tot[MR][2];
-  for (int m = 0; m < MR; ++m) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
-  for (int64_t grp = 0; grp < G; ++grp) {
-    __m512 acc[MR][2];
-    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+                const float* zT, int64_t G, int64_t g0, int64_t g1, int64_t g, float* y) {
+  constexpr int ld = NV * 16;
+  constexpr bool totals_in_y = NV > 2;
+  const int64_t kp0 = g0 * g / 2;
+  __m512 tot[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) tot[m][v] = _mm512_setzero_ps();
+  for (int64_t grp = g0; grp < g1; ++grp) {
+    __m512 acc[MR][NV];
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
     for (int64_t kp = grp * g / 2; kp < (grp + 1) * g / 2; ++kp) {
-      const __m512bh b0 = as_bh(_mm512_loadu_si512(panel + kp * kBlockN));
-      const __m512bh b1 = as_bh(_mm512_loadu_si512(panel + kp * kBlockN + 16));
+      __m512bh b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = as_bh(_mm512_loadu_si512(panel + (kp - kp0) * ld + 16 * v));
       for (int m = 0; m < MR; ++m) {
         uint32_t pair;
         std::memcpy(&pair, x + m * xs + 2 * kp, 4);
         const __m512bh xb = as_bh(_mm512_set1_epi32(static_cast<int>(pair)));
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], b0, xb);
-        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], b1, xb);
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], b[v], xb);
       }
     }
-    const __m512 s0 = _mm512_loadu_ps(sT + grp * kBlockN), s1 = _mm512_loadu_ps(sT + grp * kBlockN + 16);
-    const __m512 z0 = _mm512_loadu_ps(zT + grp * kBlockN), z1 = _mm512_loadu_ps(zT + grp * kBlockN + 16);
     for (int m = 0; m < MR; ++m) {
       const __m512 xsv = _mm512_set1_ps(xsum[m * G + grp]);
-      tot[m][0] = _mm512_fmadd_ps(z0, xsv, _mm512_fmadd_ps(acc[m][0], s0, tot[m][0]));
-      tot[m][1] = _mm512_fmadd_ps(z1, xsv, _mm512_fmadd_ps(acc[m][1], s1, tot[m][1]));
+      for (int v = 0; v < NV; ++v) {
+        const __m512 s = _mm512_loadu_ps(sT + grp * ld + 16 * v), z = _mm512_loadu_ps(zT + grp * ld + 16 * v);
+        if constexpr (totals_in_y) {
+          const __m512 prev = grp == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + m * ld + 16 * v);
+          _mm512_storeu_ps(y + m * ld + 16 * v, _mm512_fmadd_ps(z, xsv, _mm512_fmadd_ps(acc[m][v], s, prev)));
+        } else {
+          tot[m][v] = _mm512_fmadd_ps(z, xsv, _mm512_fmadd_ps(acc[m][v], s, tot[m][v]));
+        }
+      }
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    _mm512_storeu_ps(y + m * kBlockN, tot[m][0]);
-    _mm512_storeu_ps(y + m * kBlockN + 16, tot[m][1]);
-  }
+  if constexpr (!totals_in_y)
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + m * ld + 16 * v, tot[m][v]);
 }
 
-template <int MR>
+template <int MR, int NV>
 void panel_tile_upto(int64_t mr, const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum,
-                     const float* sT, const float* zT, int64_t G, int64_t g, float* y) {
+                     const float* sT, const float* zT, int64_t G, int64_t g0, int64_t g1, int64_t g, float* y) {
   if (mr == MR) {
-    panel_tile<MR>(panel, x, xs, xsum, sT, zT, G, g, y);
+    panel_tile<MR, NV>(panel, x, xs, xsum, sT, zT, G, g0, g1, g, y);
   } else if constexpr (MR > 1) {
-    panel_tile_upto<MR - 1>(mr, panel, x, xs, xsum, sT, zT, G, g, y);
+    panel_tile_upto<MR - 1, NV>(mr, panel, x, xs, xsum, sT, zT, G, g0, g1, g, y);
   }
 }
 
+// Activation rows per micro-kernel call at NV vectors of panel columns (see panel_tile):
+// NV = 2: 12 group sums + 12 totals + 2 panel vectors + 1 broadcast, 27 zmm; NV = 4: 16 sums + 4
+// panel vectors + 1 broadcast.
+template <int NV>
+constexpr int kPanelM = NV == 2 ? 6 : 4;
+
+// A wide panel holds at most this many codes of K (whole groups and chunks): 256 KiB of panel,
+// which stays in L2 beside the activations streaming past. The whole of K = 14336 (1.8 MiB) made
+// 1024 x 14336 at M = 256 10-18% slower than 32 columns; slices of 4096 codes 16% faster than
+// those, and 2048 another 0-7% at M = 16-512 (1024: the same as 2048; session 28, Zen 5).
+constexpr int64_t kPanelSliceCodes = 2048;
+
+void build_any_panel(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t width, int64_t k0, int64_t k1,
+                     uint32_t* panel) {
+  switch (p.bits) {
+    case 2: build_panel<2>(p, n0, rows, width, k0, k1, panel); break;
+#if defined(__AVX512VBMI__)  // 3-bit codes: only the build with VBMI takes them
+    case 3: build_panel<3>(p, n0, rows, width, k0, k1, panel); break;
+#endif
+    case 4: build_panel<4>(p, n0, rows, width, k0, k1, panel); break;
+    default: build_panel8(p, n0, rows, width, k0, k1, panel); break;
+  }
+}
+
+// Panel blocks are kWideBlockN weight rows where groups are 64 codes or more, M is more than one
+// narrow tile (at M = 5-6 a 4-row tile plus a 1-2-row one, latency-bound, was 4-5% slower) and the
+// block has more than kBlockN rows (a thread's share comes in multiples of 32 rows); else kBlockN.
+// A wide block runs K in slices (kPanelSliceCodes), every activation tile adding each slice to its
+// totals in ybuf ([M][width]); a narrow one takes the whole of K per tile.
 void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  const int64_t G = p.G, M = p.M, xs = p.x_stride;
+  const int64_t G = p.G, M = p.M, xs = p.x_stride, g = p.group_size;
+  const bool wide = g >= 64 && M > kPanelM<2>;
+  const int64_t unit = std::max<int64_t>(g, bf16_chunk_codes(p.bits));  // whole groups and chunks
+  const int64_t slice = std::max<int64_t>(1, kPanelSliceCodes / unit) * unit;
   thread_local std::vector<uint32_t> panel;
   thread_local std::vector<float> sT, zT, ybuf;
-  panel.resize(xs / 2 * kBlockN);
-  sT.resize(G * kBlockN);
-  zT.resize(G * kBlockN);
-  ybuf.resize(kPanelM * kBlockN);
+  panel.resize(std::max(xs / 2 * kBlockN, wide ? std::min(xs, slice) / 2 * kWideBlockN : 0));
+  sT.resize(G * kWideBlockN);
+  zT.resize(G * kWideBlockN);
+  ybuf.resize(wide ? M * kWideBlockN : kPanelM<2> * kBlockN);
   const float offset = p.bits == 8 ? kCodeOffset<8> : kCodeOffset<4>;  // 2, 3, 4 bits: 128
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlockN) {
-    const int64_t rows = std::min<int64_t>(kBlockN, n_end - n0);
-    switch (p.bits) {
-      case 2: build_panel<2>(p, n0, rows, panel.data()); break;
-#if defined(__AVX512VBMI__)  // 3-bit codes: only the build with VBMI takes them
-      case 3: build_panel<3>(p, n0, rows, panel.data()); break;
-#endif
-      case 4: build_panel<4>(p, n0, rows, panel.data()); break;
-      default: build_panel8(p, n0, rows, panel.data()); break;
-    }
-    for (int64_t r = 0; r < kBlockN; ++r)
-      for (int64_t g = 0; g < G; ++g) {
+  for (int64_t n0 = n_begin; n0 < n_end;) {
+    const int64_t width = wide && n_end - n0 > kBlockN ? kWideBlockN : kBlockN;
+    const int64_t rows = std::min<int64_t>(width, n_end - n0);
+    for (int64_t r = 0; r < width; ++r)
+      for (int64_t gr = 0; gr < G; ++gr) {
         const int64_t n = n0 + (r < rows ? r : 0);
-        const float sc = load_as_float(p.scale, p.scale_dtype, n * G + g);
-        sT[g * kBlockN + r] = sc;
-        zT[g * kBlockN + r] = load_as_float(p.zero, p.scale_dtype, n * G + g) - offset * sc;
+        const float sc = load_as_float(p.scale, p.scale_dtype, n * G + gr);
+        sT[gr * width + r] = sc;
+        zT[gr * width + r] = load_as_float(p.zero, p.scale_dtype, n * G + gr) - offset * sc;
       }
-    for (int64_t m0 = 0; m0 < M; m0 += kPanelM) {
-      const int64_t mr = std::min<int64_t>(kPanelM, M - m0);
-      panel_tile_upto<kPanelM>(mr, panel.data(), p.x16 + m0 * xs, xs, p.xsum + m0 * G, sT.data(), zT.data(), G,
-                               p.group_size, ybuf.data());
-      for (int64_t m = 0; m < mr; ++m)
+    if (width == kBlockN) {
+      build_any_panel(p, n0, rows, width, 0, p.K, panel.data());
+      for (int64_t m0 = 0; m0 < M; m0 += kPanelM<2>) {
+        const int64_t mr = std::min<int64_t>(kPanelM<2>, M - m0);
+        panel_tile_upto<kPanelM<2>, 2>(mr, panel.data(), p.x16 + m0 * xs, xs, p.xsum + m0 * G, sT.data(), zT.data(),
+                                       G, 0, G, g, ybuf.data());
+        for (int64_t m = 0; m < mr; ++m)
+          for (int64_t r = 0; r < rows; r += 16)
+            store_out(p, m0 + m, n0 + r, ybuf.data() + m * width + r, std::min<int64_t>(16, rows - r));
+      }
+    } else {
+      for (int64_t k0 = 0; k0 < p.K; k0 += slice) {
+        const int64_t k1 = std::min(p.K, k0 + slice);
+        build_any_panel(p, n0, rows, width, k0, k1, panel.data());
+        for (int64_t m0 = 0; m0 < M; m0 += kPanelM<4>)
+          panel_tile_upto<kPanelM<4>, 4>(std::min<int64_t>(kPanelM<4>, M - m0), panel.data(), p.x16 + m0 * xs, xs,
+                                         p.xsum + m0 * G, sT.data(), zT.data(), G, k0 / g, k1 / g, g,
+                                         ybuf.data() + m0 * width);
+      }
+      for (int64_t m = 0; m < M; ++m)
         for (int64_t r = 0; r < rows; r += 16)
-          store_out(p, m0 + m, n0 + r, ybuf.data() + m * kBlockN + r, std::min<int64_t>(16, rows - r));
+          store_out(p, m, n0 + r, ybuf.data() + m * width + r, std::min<int64_t>(16, rows - r));
     }
+    n0 += rows;
   }
 }
 
