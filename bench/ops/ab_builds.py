@@ -4,13 +4,13 @@ Loading both builds into one process would bind the second copy's calls to the f
 so each round runs one process per build, taking turns (and swapping which goes first every
 round). A case is ``NxKxMxBITSxGROUP``: one ``lowbit_linear`` call with M activation rows of
 ``--dtype`` against an N x K weight, one thread, timed by the CPU time of the calling thread over
-about ``--seconds`` of calls. Prints the minimum (the steadier figure on a shared machine) and the
+about ``--seconds`` of calls (with ``--threads N`` above 1: N threads, by the wall clock). Prints the minimum (the steadier figure on a shared machine) and the
 median per build and round, in ms. With ``--cold`` a 64 MiB buffer is written before each timed
 call (not timed), so the weights come from memory, as in the interleaved rounds of
 ``bench/ops/lowbit_linear.py``, where other methods' weights pass through the caches in between.
 
 Usage: python bench/ops/ab_builds.py --a OLD/_C.so --b NEW/_C.so [--rounds 2] [--dtype float32]
-       [--cold] 4096x4096x16x4x128 1536x576x4x3x64 ...
+       [--cold] [--threads 2] 4096x4096x16x4x128 1536x576x4x3x64 ...
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import time
 DTYPES = ("float32", "bfloat16")
 
 
-def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: bool) -> list[str]:
+def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: bool, threads: int) -> list[str]:
     """This process's half of a round: each case's minimum and median ms on the build at `so`."""
     import torch
 
@@ -40,7 +40,8 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: 
     spec = importlib.util.spec_from_file_location("_C", target)
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     code = DTYPE_CODE[dtype]
@@ -55,13 +56,13 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: 
         for _ in range(3):
             ext.lowbit_linear(*args)
         times = []
-        deadline = time.thread_time() + seconds
-        while time.thread_time() < deadline:
+        deadline = clock() + seconds
+        while clock() < deadline:
             if evict is not None:
                 evict.add_(1)
-            start = time.thread_time()
+            start = clock()
             ext.lowbit_linear(*args)
-            times.append(time.thread_time() - start)
+            times.append(clock() - start)
         out.append(f"{min(times) * 1e3:.3f}/{statistics.median(times) * 1e3:.3f}")
     return out
 
@@ -74,6 +75,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--seconds", type=float, default=1.0, help="timed calls per case and process")
     p.add_argument("--cold", action="store_true", help="evict the caches before each timed call")
+    p.add_argument("--threads", type=int, default=1, help="threads (above 1: timed by the wall clock)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("cases", nargs="+", help="NxKxMxBITSxGROUP")
     a = p.parse_args()
@@ -82,23 +84,26 @@ def main() -> None:
         if len(parts) != 5 or not all(v.isdigit() and int(v) > 0 for v in parts):
             p.error(f"a case is NxKxMxBITSxGROUP of positive integers, got {case!r}")
     if a.worker:
-        print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases, a.cold)))
+        print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases, a.cold, a.threads)))
         return
     for so in (a.a, a.b):
         if not os.path.isfile(so):
             p.error(f"no such build: {so}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPLITKERNELS_NUM_THREADS": "1"}
+    if a.threads < 1:
+        p.error("--threads must be at least 1")
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "SPLITKERNELS_NUM_THREADS": str(a.threads)}
     results: dict[str, list[list[str]]] = {"a": [], "b": []}
     for r in range(a.rounds):
         order = ("a", "b") if r % 2 == 0 else ("b", "a")
         for name in order:
             argv = [sys.executable, __file__, "--a", a.a, "--b", a.b, "--dtype", a.dtype, "--seconds",
-                    str(a.seconds), *(["--cold"] if a.cold else []), "--worker", getattr(a, name), *a.cases]
+                    str(a.seconds), "--threads", str(a.threads), *(["--cold"] if a.cold else []), "--worker", getattr(a, name), *a.cases]
             lines = subprocess.run(argv, check=True, env=env, capture_output=True, text=True).stdout.split()
             results[name].append(lines)
             print(f"round {r + 1}: {name} done", file=sys.stderr)
     caches = "caches evicted before each call" if a.cold else "warm caches"
-    print(f"# min/median ms, one thread, {a.dtype} activations, {caches}; a = {a.a}, b = {a.b}")
+    clock = "one thread" if a.threads == 1 else f"{a.threads} threads, wall clock"
+    print(f"# min/median ms, {clock}, {a.dtype} activations, {caches}; a = {a.a}, b = {a.b}")
     for i, case in enumerate(a.cases):
         cells = " | ".join(f"a {results['a'][r][i]} b {results['b'][r][i]}" for r in range(a.rounds))
         print(f"{case:24s} {cells}")

@@ -140,14 +140,20 @@ LowbitProblem weight_problem(int64_t K, const int32_t* qweight, int64_t N, int64
 // than two such chunks runs on the calling thread alone. Of the sizes from that one to twice
 // it, the one whose chunks split most evenly over the threads: 576 rows in 64-row chunks left
 // one of two threads a fifth chunk (11% of an M = 512 call); 96-row chunks give each three.
+// Where the kernel reads 64-row blocks (`block`, the bf16 panel form: bf16_panel_block), a chunk
+// of an odd number of tiles ends in a 32-row block, counted 1/8 slower per row (the 32-row
+// form's time at 4096 x 4096 and 1536 x 576, M = 512, session 28); so 1536 rows on two threads
+// take 128-row chunks, 576 still 96-row ones, and 4096 rows on 16 threads 64-row ones.
 constexpr int64_t kMinChunkMacs = int64_t{1} << 16;
-int64_t chunk_rows(int64_t N, int64_t macs_per_row) {
+int64_t chunk_rows(int64_t N, int64_t macs_per_row, int64_t block = 32) {
   const int64_t threads = std::max(1, num_threads());
   const int64_t by_threads = N / (8 * threads);
   const int64_t by_work = (kMinChunkMacs + macs_per_row - 1) / std::max<int64_t>(1, macs_per_row);
   const int64_t tiles = (N + 31) / 32, first = std::max<int64_t>(1, (std::max(by_threads, by_work) + 31) / 32);
-  // Tiles on the busiest thread with chunks of s tiles.
-  const auto span = [&](int64_t s) { return ((tiles + s - 1) / s + threads - 1) / threads * s; };
+  // Work on the busiest thread with chunks of s tiles, in eighths of a tile.
+  const auto span = [&](int64_t s) {
+    return ((tiles + s - 1) / s + threads - 1) / threads * (8 * s + (block == 64 && s % 2 == 1 ? 1 : 0));
+  };
   int64_t best = first;
   for (int64_t s = first + 1; s <= 2 * first; ++s)
     if (span(s) < span(best)) best = s;
@@ -314,7 +320,8 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   }
   if (lowbit_bf16_kernel(dtype, bits, group_size)) {
     bf16_activations(isa, static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
-    parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
+    parallel_for(N, chunk_rows(N, M * K, bf16_panel_block(M, group_size)),
+                 [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
     return "";
   }
   if (dtype == kFloat32 && fp32_as_bf16 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
@@ -324,7 +331,8 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       p.y32 = static_cast<float*>(y);
       if (w8_vnni_rows(x16.data(), group_size, p)) return "";
       bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
-      parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
+      parallel_for(N, chunk_rows(N, M * K, bf16_panel_block(M, group_size)),
+                   [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
       return "";
     }
   }

@@ -609,7 +609,7 @@ void build_any_panel(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t w
 // totals in ybuf ([M][width]); a narrow one takes the whole of K per tile.
 void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, M = p.M, xs = p.x_stride, g = p.group_size;
-  const bool wide = g >= 64 && M > kPanelM<2>;
+  const bool wide = bf16_panel_block(M, g) == kWideBlockN;
   const int64_t unit = std::max<int64_t>(g, bf16_chunk_codes(p.bits));  // whole groups and chunks
   const int64_t slice = std::max<int64_t>(1, kPanelSliceCodes / unit) * unit;
   thread_local std::vector<uint32_t> panel;
