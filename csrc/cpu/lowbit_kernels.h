@@ -75,12 +75,10 @@ using Bf16PrepareFn = void (*)(const uint16_t* x, int64_t M, int64_t K, int64_t 
 // From this many activation rows the bf16 kernels use the panel form (see isa/lowbit_bf16.cpp).
 constexpr int64_t kBf16PanelMinRows = 5;
 
-// Weight rows per block of the bf16 panel form at M activation rows: 64 in groups of 64 codes or
-// more where M is above one 6-row tile of the 32-row form, else 32 (see panel_rows in
-// isa/lowbit_bf16.cpp). A thread's share of N comes in whole blocks where it can.
-inline int64_t bf16_panel_block(int64_t M, int64_t group_size) {
-  return M >= kBf16PanelMinRows && group_size >= 64 && M > 6 ? 64 : 32;
-}
+// Weight rows per block of the bf16 panel form (M >= kBf16PanelMinRows) at M activation rows: 64
+// in groups of 64 codes or more where M is above one 6-row tile of the 32-row form, else 32 (see
+// panel_rows in isa/lowbit_bf16.cpp). A thread's share of N comes in whole blocks where it can.
+inline int64_t bf16_panel_block(int64_t M, int64_t group_size) { return group_size >= 64 && M > 6 ? 64 : 32; }
 
 // Activation values per row the bf16 kernels read: the row's codes in whole chunks.
 inline int64_t bf16_row_stride(int bits, int64_t K) {
