@@ -659,7 +659,7 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
           panel_tile_upto<kPanelM<4>, 4>(mr, panel.data(), p.x16 + m0 * xs, xs, p.xsum + m0 * G, sT.data(), zT.data(),
                                          G, k0 / g, k1 / g, g, ybuf.data() + m0 * width);
           // Each tile's rows go out after its last slice, between tiles: all M rows at the block's
-          // end were a burst of store misses to y (1536 x 576 at M = 512 took 5-9% longer with y
+          // end were a burst of store misses to y (1536 x 576 at M = 512 took 0-6% longer with y
           // out of the caches).
           if (k1 == p.K)
             for (int64_t m = m0; m < m0 + mr; ++m)
