@@ -12,7 +12,23 @@
 #include <chrono>
 #include <cstdlib>
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-// register totals
+// One group's sums: acc[m][v] = the group's pairs of activation row m against panel vector v.
+template <int MR, int NV>
+inline void group_sums(const uint32_t* panel, const uint16_t* x, int64_t xs, int64_t grp, int64_t g,
+                       __m512 acc[MR][NV]) {
+  constexpr int LD = NV * 16;
+  for (int m = 0; m < MR; ++m) for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t kp = grp * g / 2; kp < (grp + 1) * g / 2; ++kp) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = as_bh(_mm512_loadu_si512(panel + kp * LD + 16 * v));
+    for (int m = 0; m < MR; ++m) {
+      uint32_t pair; std::memcpy(&pair, x + m * xs + 2 * kp, 4);
+      const __m512bh xb = as_bh(_mm512_set1_epi32((int)pair));
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], b[v], xb);
+    }
+  }
+}
+// Totals in registers.
 template <int MR, int NV>
 __attribute__((noinline)) void tile_reg(const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum,
     const float* sT, const float* zT, int64_t G, int64_t g, float* y) {
@@ -21,16 +37,7 @@ __attribute__((noinline)) void tile_reg(const uint32_t* panel, const uint16_t* x
   for (int m = 0; m < MR; ++m) for (int v = 0; v < NV; ++v) tot[m][v] = _mm512_setzero_ps();
   for (int64_t grp = 0; grp < G; ++grp) {
     __m512 acc[MR][NV];
-    for (int m = 0; m < MR; ++m) for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
-    for (int64_t kp = grp * g / 2; kp < (grp + 1) * g / 2; ++kp) {
-      __m512bh b[NV];
-      for (int v = 0; v < NV; ++v) b[v] = as_bh(_mm512_loadu_si512(panel + kp * LD + 16 * v));
-      for (int m = 0; m < MR; ++m) {
-        uint32_t pair; std::memcpy(&pair, x + m * xs + 2 * kp, 4);
-        const __m512bh xb = as_bh(_mm512_set1_epi32((int)pair));
-        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], b[v], xb);
-      }
-    }
+    group_sums<MR, NV>(panel, x, xs, grp, g, acc);
     for (int m = 0; m < MR; ++m) {
       const __m512 xsv = _mm512_set1_ps(xsum[m * G + grp]);
       for (int v = 0; v < NV; ++v)
@@ -40,23 +47,14 @@ __attribute__((noinline)) void tile_reg(const uint32_t* panel, const uint16_t* x
   }
   for (int m = 0; m < MR; ++m) for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + m * LD + 16 * v, tot[m][v]);
 }
-// totals in memory (y)
+// Totals in memory (y).
 template <int MR, int NV>
 __attribute__((noinline)) void tile_mem(const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum,
     const float* sT, const float* zT, int64_t G, int64_t g, float* y) {
   constexpr int LD = NV * 16;
   for (int64_t grp = 0; grp < G; ++grp) {
     __m512 acc[MR][NV];
-    for (int m = 0; m < MR; ++m) for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
-    for (int64_t kp = grp * g / 2; kp < (grp + 1) * g / 2; ++kp) {
-      __m512bh b[NV];
-      for (int v = 0; v < NV; ++v) b[v] = as_bh(_mm512_loadu_si512(panel + kp * LD + 16 * v));
-      for (int m = 0; m < MR; ++m) {
-        uint32_t pair; std::memcpy(&pair, x + m * xs + 2 * kp, 4);
-        const __m512bh xb = as_bh(_mm512_set1_epi32((int)pair));
-        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], b[v], xb);
-      }
-    }
+    group_sums<MR, NV>(panel, x, xs, grp, g, acc);
     for (int m = 0; m < MR; ++m) {
       const __m512 xsv = _mm512_set1_ps(xsum[m * G + grp]);
       for (int v = 0; v < NV; ++v) {
