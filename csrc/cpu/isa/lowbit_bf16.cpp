@@ -523,10 +523,11 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t width
 // The micro-kernel: MR activation rows times NV vectors of 16 panel columns, over groups
 // [g0, g1) of G (the panel starting at group g0). Each group's sums are scaled in registers; the
 // totals stay in registers too where they fit (NV = 2: 2 MR sums + 2 MR totals), else they are
-// kept in y (NV = 4: 4 MR sums, and per group MR x NV loads, adds and stores). Per pair step NV panel vectors are loaded and MR pairs
-// broadcast for MR * NV vdpbf16ps: at 4 x 4 a broadcast feeds four of them where 6 x 2 fed two,
-// which measured 4-10% faster per flop on Zen 5 in groups of 64 or more (in groups of 32 the
-// stores per group cost that back). With the totals in y, groups after the first add to them.
+// kept in y (NV = 4: 4 MR sums, and per group MR x NV loads, adds and stores). Per pair step NV
+// panel vectors are loaded and MR pairs broadcast for MR * NV vdpbf16ps: at 4 x 4 a broadcast
+// feeds four of them where 6 x 2 fed two, which measured 4-10% faster per flop on Zen 5 in groups
+// of 64 or more (in groups of 32 the stores per group cost that back). With the totals in y,
+// groups after the first add to them.
 template <int MR, int NV>
 void panel_tile(const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum, const float* sT,
                 const float* zT, int64_t G, int64_t g0, int64_t g1, int64_t g, float* y) {
