@@ -5,11 +5,14 @@ W4 g128, W8 g64), fp32 activations at M = 1..4 tokens, exact ("highest") and rou
 plain nn.Linear at "highest", relative Frobenius error.
 
 Run: python bench/results/ops/s27/families_check.py  (output: families_check.txt beside it)
+Other token counts: python bench/results/ops/s27/families_check.py 7 16 64  (session 28: the bf16
+panel form's 64-row blocks, output ../s28/families_check_prefill.txt)
 """
-import copy, torch, transformers
+import copy, sys, torch, transformers
 from splitkernels.models.tiny import tiny_config
 from splitkernels.nn import replace_linear
 from splitkernels.nn.linear import QuantLinear
+tokens = [int(t) for t in sys.argv[1:]] or [1, 2, 3, 4]
 torch.manual_seed(0)
 for fam in ("qwen2", "gemma3_text", "llama"):
     cfg = tiny_config(fam, num_layers=2, hidden=2048, heads=16)
@@ -25,7 +28,7 @@ for fam in ("qwen2", "gemma3_text", "llama"):
                     if child.bias is not None: lin.bias.data = child.bias.data.float()
                     setattr(mod, cname, lin)
         worst = {"highest": 0.0, "medium": 0.0}
-        for t in (1, 2, 3, 4):
+        for t in tokens:
             ids = torch.randint(0, 128, (1, t))
             with torch.no_grad():
                 b = ref(ids).logits.double()
@@ -34,5 +37,5 @@ for fam in ("qwen2", "gemma3_text", "llama"):
                     a = q(ids).logits.double()
                     torch.set_float32_matmul_precision("highest")
                     worst[precision] = max(worst[precision], float((a - b).norm() / b.norm()))
-        print(f"{fam} W{bits} g{group}: worst rel err over M = 1-4: exact fp32 {worst['highest']:.2e}, "
+        print(f"{fam} W{bits} g{group}: worst rel err over M = {', '.join(map(str, tokens))}: exact fp32 {worst['highest']:.2e}, "
               f"bf16-rounded {worst['medium']:.2e}", flush=True)
