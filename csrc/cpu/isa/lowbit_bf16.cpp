@@ -655,7 +655,8 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   zT.resize(G * kWideBlockN);
   ybuf.resize(wide ? M * kWideBlockN : kPanelM<2> * kBlockN);
   const float offset = p.bits == 8 ? kCodeOffset<8> : kCodeOffset<4>;  // 2, 3, 4 bits: 128
-  // The lines of rows [n, n + rows), bytes [k0, k1) of each, that tile t of `tiles` prefetches.
+  // The lines of rows [n, n + rows), `bytes` bytes of each from byte `byte0`, that tile t of
+  // `tiles` prefetches.
   const auto share = [&](int64_t n, int64_t rows, int64_t byte0, int64_t bytes, int64_t t, int64_t tiles) {
     NextLines next;
     if (rows <= 0 || bytes <= 0) return next;
@@ -701,8 +702,10 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
         for (int64_t m0 = 0; m0 < M; m0 += kPanelM<4>) {
           const int64_t mr = std::min<int64_t>(kPanelM<4>, M - m0), t = m0 / kPanelM<4>;
           // The next build: this block's next slice, or after the last one the next block.
-          const NextLines next = k1 < p.K ? share(n0, rows, k1 * p.bits / 8, std::min(slice_bytes, p.row_bytes - k1 * p.bits / 8), t, tiles)
-                                          : share(n_next, rows_next, 0, bytes_next, t, tiles);
+          const int64_t k1_byte = k1 * p.bits / 8;
+          const NextLines next = k1 < p.K
+                                     ? share(n0, rows, k1_byte, std::min(slice_bytes, p.row_bytes - k1_byte), t, tiles)
+                                     : share(n_next, rows_next, 0, bytes_next, t, tiles);
           panel_tile_upto<kPanelM<4>, 4>(mr, panel.data(), p.x16 + m0 * xs, xs, p.xsum + m0 * G, sT.data(), zT.data(),
                                          G, k0 / g, k1 / g, g, ybuf.data() + m0 * width, next);
           // Each tile's rows go out after its last slice, between tiles: all M rows at the block's
