@@ -8,10 +8,15 @@ Run: python bench/results/ops/s27/families_check.py  (output: families_check.txt
 Other token counts: python bench/results/ops/s27/families_check.py 7 16 64  (session 28: the bf16
 panel form's 64-row blocks, output ../s28/families_check_prefill.txt)
 """
-import copy, sys, torch, transformers
+import copy, importlib.util, pathlib, sys, torch, transformers
 from splitkernels.models.tiny import tiny_config
 from splitkernels.nn import replace_linear
-from splitkernels.nn.linear import QuantLinear
+
+# The dequantised reference model, from session 25's check (one copy of that loop).
+_spec = importlib.util.spec_from_file_location(
+    "s25_families_check", pathlib.Path(__file__).resolve().parents[1] / "s25" / "families_check.py")
+_s25 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_s25)
 tokens = [int(t) for t in sys.argv[1:]] or [1, 2, 3, 4]
 torch.manual_seed(0)
 for fam in ("qwen2", "gemma3_text", "llama"):
@@ -19,14 +24,7 @@ for fam in ("qwen2", "gemma3_text", "llama"):
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     for bits, group in ((3, 128), (4, 128), (8, 64)):
         q = replace_linear(copy.deepcopy(model), bits=bits, group_size=group)
-        ref = copy.deepcopy(q)
-        for name, mod in list(ref.named_modules()):
-            for cname, child in list(mod.named_children()):
-                if isinstance(child, QuantLinear):
-                    lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                    lin.weight.data = child.dequantize(torch.float32)
-                    if child.bias is not None: lin.bias.data = child.bias.data.float()
-                    setattr(mod, cname, lin)
+        ref = _s25.dequantised_copy(q)
         worst = {"highest": 0.0, "medium": 0.0}
         for t in tokens:
             ids = torch.randint(0, 128, (1, t))
