@@ -529,9 +529,9 @@ def test_lowbit_bf16_panel_many_rows(bits, group, k, m):
     assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.bfloat16]
 
 
-# Rows longer than a wide panel's K slice (4096 codes in whole groups and chunks): slices of
-# 4096 + 4096 + 256 codes, 3840 + 3840 + 768 (groups of 384), 4096 + 64 (a partial last chunk),
-# and rows of one slice.
+# Rows longer than a wide panel's K slice (2048 codes in whole groups and chunks): slices of
+# 4 x 2048 + 256 codes, 4 x 1920 + 768 (groups of 384), 2 x 2048 + 64 (a partial last chunk), and
+# rows of one slice.
 # One thread takes N = 600 in chunks of 128 rows (two 64-row blocks) and a last one of 88 (a
 # 64-row block and a 32-row one holding 24); M = 7 and 33 are tiles of 4 and 3 or 1 rows.
 _PANEL_SLICE_LAYOUTS = [
@@ -557,6 +557,48 @@ def test_lowbit_bf16_panel_k_slices(fp32_precision, bits, group, k):
     want64 = _lowbit_want64(x, qw, b)
     assert _rel_err(y, want64) <= TOL[torch.bfloat16]
     assert y32.dtype == torch.float32 and _rel_err(y32, want64) <= 3e-5
+
+
+def _lowbit_want64_bf16_weight(x, qw, b):
+    """x @ W^T + b in float64 with W dequantised and rounded to bf16 (a dense bf16 F.linear's weight)."""
+    w = ref.dequantize_weight(qw.qweight, qw.scale.float(), qw.zero.float(), qw.bits, qw.group_size, qw.in_features)
+    y = x.double() @ w.bfloat16().double().T
+    return y if b is None else y + b.double()
+
+
+# From 256 rows (kBf16ScaledPanelMinRows) the panels hold W dequantised to bf16: the result is
+# x @ bf16(W)^T with fp32 sums. Groups of 32 (narrow blocks below 256 rows), 64, 128 and 384, every
+# code width, K in one slice or several with a partial last chunk, one thread on N = 150 (two 64-row
+# blocks and a 22-row tail, which stays exact) and two on N = 512; 255 rows stay on the exact codes.
+@pytest.mark.parametrize("bits,group,k", [(4, 32, 576), (2, 64, 4160), (3, 128, 384), (8, 384, 2304), (4, 128, 8448)])
+@pytest.mark.parametrize("threads,n", [(1, 150), (2, 512)])
+def test_lowbit_bf16_scaled_panels(fp32_precision, bits, group, k, threads, n):
+    if bits == 3:
+        _needs_w3_kernels()
+    else:
+        _needs_bf16_kernels()
+    scaled_rows = 256
+    with _thread_settings():
+        cpp._C.set_num_threads(threads)
+        x, qw, b = _lowbit_case(n, k, scaled_rows + 1, bits, group, torch.bfloat16, bias=True, seed=7 * bits + group + k)
+        y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
+        below = _bf16_kernel_on_poisoned_output(x[:-2], qw, b, bits, group)
+        fp32_precision("medium")
+        y32 = cpp.lowbit_linear(x.float(), qw.qweight, qw.scale, qw.zero, bits, group, b.float())
+    want16 = _lowbit_want64_bf16_weight(x, qw, b)
+    want64 = _lowbit_want64(x, qw, b)
+    # Each column is one block's: scaled (x @ bf16(W)) or, in a block of 32 rows or fewer, the exact
+    # codes. One thread has blocks of 64, 64 and 22 rows; two split N = 512 in chunks first.
+    col_err = lambda y_, w_: (y_.double() - w_).norm(dim=0) / w_.norm(dim=0)
+    on16, on64 = col_err(y32, want16) <= 3e-5, col_err(y32, want64) <= 3e-5
+    assert bool((on16 | on64).all()) and int(on16.sum()) >= (128 if threads == 1 else 256)
+    if threads == 1:
+        assert bool(on16[:128].all()) and bool(on64[128:].all())
+    scaled = on16 & ~on64
+    assert _rel_err(y[:, scaled], want16[:, scaled]) <= _rel_err(want16[:, scaled].bfloat16(), want16[:, scaled]) + 2e-4
+    assert _rel_err(y, want64) <= TOL[torch.bfloat16]
+    # One row fewer than the switch: the exact codes throughout, within the fp32 output's own rounding.
+    assert _rel_err(below, want64[:-2]) <= _rel_err(want64[:-2].bfloat16(), want64[:-2]) + 1e-4
 
 
 # The 3-bit bf16 kernels (AVX-512 BF16 + VBMI): chunks of 128 codes in 48 bytes, groups of 16, 32

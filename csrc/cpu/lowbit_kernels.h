@@ -75,10 +75,18 @@ using Bf16PrepareFn = void (*)(const uint16_t* x, int64_t M, int64_t K, int64_t 
 // From this many activation rows the bf16 kernels use the panel form (see isa/lowbit_bf16.cpp).
 constexpr int64_t kBf16PanelMinRows = 5;
 
+// Activation rows from which the bf16 panel form multiplies the weights dequantised to bf16
+// (scaled panels: q * scale + zero rounded to bf16, as a dense bf16 F.linear has them) instead of
+// the exact codes with each group's scale and zero applied to its sums (see panel_rows).
+constexpr int64_t kBf16ScaledPanelMinRows = 256;
+
 // Weight rows per block of the bf16 panel form (M >= kBf16PanelMinRows) at M activation rows: 64
-// in groups of 64 codes or more where M is above one 6-row tile of the 32-row form, else 32 (see
-// panel_rows in isa/lowbit_bf16.cpp). A thread's share of N comes in whole blocks where it can.
-inline int64_t bf16_panel_block(int64_t M, int64_t group_size) { return group_size >= 64 && M > 6 ? 64 : 32; }
+// in groups of 64 codes or more where M is above one 6-row tile of the 32-row form, or for scaled
+// panels, else 32 (see panel_rows in isa/lowbit_bf16.cpp). A thread's share of N comes in whole
+// blocks where it can.
+inline int64_t bf16_panel_block(int64_t M, int64_t group_size) {
+  return (group_size >= 64 || M >= kBf16ScaledPanelMinRows) && M > 6 ? 64 : 32;
+}
 
 // Activation values per row the bf16 kernels read: the row's codes in whole chunks.
 inline int64_t bf16_row_stride(int bits, int64_t K) {

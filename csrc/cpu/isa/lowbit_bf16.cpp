@@ -539,12 +539,15 @@ struct NextLines {
 // panel vectors are loaded and MR pairs broadcast for MR * NV vdpbf16ps: at 4 x 4 a broadcast
 // feeds four of them where 6 x 2 fed two, which measured 4-10% faster per flop on Zen 5 in groups
 // of 64 or more (in groups of 32 the stores per group cost that back). With the totals in y,
-// groups after the first add to them.
-template <int MR, int NV>
+// groups after the first add to them. A scaled panel (Scaled: the weights themselves, see
+// scale_panel) is one group of g codes with no scale or zero, added to y's totals where `add`.
+template <int MR, int NV, bool Scaled = false>
 void panel_tile(const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum, const float* sT,
-                const float* zT, int64_t G, int64_t g0, int64_t g1, int64_t g, float* y, const NextLines& next) {
+                const float* zT, int64_t G, int64_t g0, int64_t g1, int64_t g, float* y, const NextLines& next,
+                bool add = false) {
   constexpr int ld = NV * 16;
   constexpr bool totals_in_y = NV > 2;
+  static_assert(totals_in_y || !Scaled, "scaled panels keep their totals in y");
   const int64_t kp0 = g0 * g / 2;
   int64_t pf_left = next.end - next.begin, pf_line = next.begin % next.per_row;
   const uint8_t* pf_row = next.first + next.begin / next.per_row * next.row_bytes;
@@ -573,6 +576,14 @@ void panel_tile(const uint32_t* panel, const uint16_t* x, int64_t xs, const floa
         for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], b[v], xb);
       }
     }
+    if constexpr (Scaled) {
+      for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < NV; ++v) {
+          const __m512 prev = add ? _mm512_loadu_ps(y + m * ld + 16 * v) : _mm512_setzero_ps();
+          _mm512_storeu_ps(y + m * ld + 16 * v, _mm512_add_ps(prev, acc[m][v]));
+        }
+      continue;
+    }
     for (int m = 0; m < MR; ++m) {
       const __m512 xsv = _mm512_set1_ps(xsum[m * G + grp]);
       for (int v = 0; v < NV; ++v) {
@@ -600,17 +611,17 @@ template <int MR>
   panel_tile<MR, 2>(panel, x, xs, xsum, sT, zT, G, 0, G, g, y, next);
 }
 
-template <int MR, int NV>
+template <int MR, int NV, bool Scaled = false>
 void panel_tile_upto(int64_t mr, const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum,
                      const float* sT, const float* zT, int64_t G, int64_t g0, int64_t g1, int64_t g, float* y,
-                     const NextLines& next) {
+                     const NextLines& next, bool add = false) {
   if (mr == MR) {
     if constexpr (NV == 2)
       narrow_tile<MR>(panel, x, xs, xsum, sT, zT, G, g, y, next);  // the whole of K: g0 = 0, g1 = G
     else
-      panel_tile<MR, NV>(panel, x, xs, xsum, sT, zT, G, g0, g1, g, y, next);
+      panel_tile<MR, NV, Scaled>(panel, x, xs, xsum, sT, zT, G, g0, g1, g, y, next, add);
   } else if constexpr (MR > 1) {
-    panel_tile_upto<MR - 1, NV>(mr, panel, x, xs, xsum, sT, zT, G, g0, g1, g, y, next);
+    panel_tile_upto<MR - 1, NV, Scaled>(mr, panel, x, xs, xsum, sT, zT, G, g0, g1, g, y, next, add);
   }
 }
 
@@ -638,14 +649,38 @@ void build_any_panel(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t w
   }
 }
 
+// Turns the first `pairs` pairs of a wide panel built from code k0 on into the weights they stand
+// for, q * scale + zero (code * sT + zT, one fp32 FMA, as the group epilogue applies them) rounded
+// to bf16 (round to nearest even): a group's pairs lie together in the panel form, so pair i is in
+// group (k0 + 2 i) / g. With no step per group, M = 512 ran 16% faster in groups of 32 (4096 x 4096),
+// 12% in groups of 64 (1536 x 576) and 2-5% in groups of 128; at M = 64-128 only groups of 32
+// gained (session 30, Zen 5).
+void scale_panel(uint32_t* panel, int64_t pairs, int64_t k0, int64_t g, const float* sT, const float* zT) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t gr = (k0 + 2 * i) / g;
+    for (int64_t h = 0; h < kWideBlockN; h += 16) {
+      uint32_t* at = panel + i * kWideBlockN + h;
+      const __m512i both = _mm512_loadu_si512(at);
+      const __m512 s = _mm512_loadu_ps(sT + gr * kWideBlockN + h), z = _mm512_loadu_ps(zT + gr * kWideBlockN + h);
+      const __m512 lo = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(both, 16)), s, z);
+      const __m512 hi = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(both, high)), s, z);
+      const __m512i lo16 = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(lo)));
+      const __m512i hi16 = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(hi)));
+      _mm512_storeu_si512(at, _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
+    }
+  }
+}
+
 // Panel blocks are kWideBlockN weight rows where groups are 64 codes or more, M is more than one
 // narrow tile (at M = 5-6 a 4-row tile plus a 1-2-row one, latency-bound, was 4-5% slower) and the
 // block has more than kBlockN rows (a thread's share comes in multiples of 32 rows); else kBlockN.
 // A wide block runs K in slices (kPanelSliceCodes), every activation tile adding each slice to its
-// totals in ybuf ([M][width]); a narrow one takes the whole of K per tile.
+// totals in ybuf ([M][width]); a narrow one takes the whole of K per tile. From
+// kBf16ScaledPanelMinRows rows on, every block is wide and its panels scaled (scale_panel).
 void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, M = p.M, xs = p.x_stride, g = p.group_size;
-  const bool wide = bf16_panel_block(M, g) == kWideBlockN;
+  const bool wide = bf16_panel_block(M, g) == kWideBlockN, scaled = M >= kBf16ScaledPanelMinRows;
   const int64_t unit = std::max<int64_t>(g, bf16_chunk_codes(p.bits));  // whole groups and chunks
   const int64_t slice = std::max<int64_t>(1, kPanelSliceCodes / unit) * unit;
   thread_local std::vector<uint32_t> panel;
@@ -699,6 +734,7 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       for (int64_t k0 = 0; k0 < p.K; k0 += slice) {
         const int64_t k1 = std::min(p.K, k0 + slice);
         build_any_panel(p, n0, rows, width, k0, k1, panel.data());
+        if (scaled) scale_panel(panel.data(), (k1 - k0) / 2, k0, g, sT.data(), zT.data());
         for (int64_t m0 = 0; m0 < M; m0 += kPanelM<4>) {
           const int64_t mr = std::min<int64_t>(kPanelM<4>, M - m0), t = m0 / kPanelM<4>;
           // The next build: this block's next slice, or after the last one the next block.
@@ -706,8 +742,12 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
           const NextLines next = k1 < p.K
                                      ? share(n0, rows, k1_byte, std::min(slice_bytes, p.row_bytes - k1_byte), t, tiles)
                                      : share(n_next, rows_next, 0, bytes_next, t, tiles);
-          panel_tile_upto<kPanelM<4>, 4>(mr, panel.data(), p.x16 + m0 * xs, xs, p.xsum + m0 * G, sT.data(), zT.data(),
-                                         G, k0 / g, k1 / g, g, ybuf.data() + m0 * width, next);
+          if (scaled)  // one group of the slice's codes
+            panel_tile_upto<kPanelM<4>, 4, true>(mr, panel.data(), p.x16 + m0 * xs + k0, xs, nullptr, nullptr, nullptr,
+                                                 1, 0, 1, k1 - k0, ybuf.data() + m0 * width, next, k0 > 0);
+          else
+            panel_tile_upto<kPanelM<4>, 4>(mr, panel.data(), p.x16 + m0 * xs, xs, p.xsum + m0 * G, sT.data(),
+                                           zT.data(), G, k0 / g, k1 / g, g, ybuf.data() + m0 * width, next);
           // Each tile's rows go out after its last slice, between tiles: all M rows at the block's
           // end were a burst of store misses to y (1536 x 576 at M = 512 took 0-6% longer with y
           // out of the caches).
