@@ -25,7 +25,7 @@
 //   is used (decode_pair), and where a chunk's activation vectors outnumber the registers the
 //   pair loop runs outside the rows (see load_rows in dot_block). Where the M rows of x outgrow a
 //   share of L1 (M >= 2 with long K), K is read in slices of whole groups, every weight row
-//   meeting one slice of x while it stays in L1 (see dot_rows);
+//   meeting one slice of x while it stays in L1 (3 bits: larger slices; see dot_rows);
 // * more rows: collect the same pairs for 64 or 32 weight rows into a panel (u32 element (kp, n);
 //   8 bits: decoded row by row and transposed in registers, build_panel8) and run a 4 x 64 or
 //   6 x 32 outer-product micro-kernel that broadcasts one activation pair per row; the rows'
@@ -402,13 +402,19 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
 constexpr int64_t kSliceBytes = 8 << 10;
 
 // Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time (see
-// sliced_rows): K is read in slices where x outgrows kSliceBytes and groups are whole chunks
-// (the small-group path reads every group). F: the fine decode (kCodeOffset).
+// sliced_rows): K is read in slices where x outgrows kSliceBytes (3-bit codes: four times that)
+// and groups are whole chunks (the small-group path reads every group). In 8 KiB slices, 3-bit
+// rows ran 1.2-1.7x slower than whole with the weights in memory (one thread, ms: 4096 x 4096
+// M = 2 0.68-0.73 -> 0.44-0.47, M = 3 0.93 -> 0.62, M = 4 1.16-1.27 -> 0.68-0.98; 11008 x 4096
+// M = 2 1.24-1.38 -> 0.90-0.92), while 2-, 4- and 8-bit rows ran up to 1.6x slower whole; whole,
+// 1024 x 14336 at M = 2 lost 20%, which 32 KiB slices win back (0.45-0.47 -> 0.31-0.37). The
+// cause is not found (session 31: not the prefetch distance, which changed nothing).
+// F: the fine decode (kCodeOffset).
 template <int B, int MR, int R, bool F = false>
 void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
   const int64_t x_group_bytes = MR > 1 && p.group_size >= kChunkCodes<B> ? MR * p.group_size * 2 : 0;
-  sliced_rows<MR, R, dot_block<B, MR, R, F>, dot_block<B, MR, 1, F>>(p, m0, n_begin, n_end, x_group_bytes,
-                                                                     kSliceBytes, kPrefetchBytes);
+  sliced_rows<MR, R, dot_block<B, MR, R, F>, dot_block<B, MR, 1, F>>(
+      p, m0, n_begin, n_end, x_group_bytes, B == 3 ? 4 * kSliceBytes : kSliceBytes, kPrefetchBytes);
 }
 
 // One activation row meets rows from this length on one at a time: R rows a power-of-two length
@@ -418,7 +424,7 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
 // weight rows at every length (4096 x 4096 W4 0.52-0.66 -> 0.36-0.41 ms with two rows at a time, W8
 // 0.75-0.78 -> 0.51-0.54). 3-bit rows of 1.5 KiB were read one at a time as well while every 3-bit
 // chunk took a masked load; with whole loads eight rows at a time are faster (W3 M = 1 0.39-0.45 ->
-// 0.35 ms). Three and four activation rows (K sliced: sliced_rows) take four and three long rows at
+// 0.35 ms). Three and four activation rows (K sliced: dot_rows) take four and three long rows at
 // a time, where two left the memory idle (4096 x 4096 W4 M = 3 0.67-0.75 -> 0.50-0.58 ms, M = 4
 // 0.76-0.78 -> 0.66-0.70, W8 M = 4 1.1-1.2 -> 0.84-0.90, an fp32 row as three parts 0.77-0.90 ->
 // 0.72-0.76), while 1 KiB rows (W2) were slower with four.
