@@ -641,11 +641,12 @@ def test_lowbit_bf16_w3_decode_is_exact(group, k, m):
 
 
 def test_lowbit_bf16_w3_k_slices_and_offset_activations():
-    # Few rows with a long K: the dot form reads K in slices of whole groups (18 groups of 128:
-    # more than 8 KiB of activations at M >= 2); activations far from zero make the code
-    # offset (128 + q, folded into the zero point) cancel in large sums; fp16 scales.
+    # Few rows with a long K: the dot form reads 3-bit rows in slices of whole groups where x
+    # outgrows 32 KiB (36 groups of 128: at M = 4, 36 KiB, slices of 32 groups and 4); activations
+    # far from zero make the code offset (128 + q, folded into the zero point) cancel in large
+    # sums; fp16 scales.
     _needs_w3_kernels()
-    n, k, group = 45, 2304, 128
+    n, k, group = 45, 4608, 128
     g = _gen(77)
     qw = quantize_weight(torch.randn(n, k, generator=g), 3, group, dtype=torch.float16)
     b = torch.randn(n, generator=g).bfloat16()
