@@ -3,7 +3,7 @@
 Loading both builds into one process would bind the second copy's calls to the first's kernels,
 so each round runs one process per build, taking turns (and swapping which goes first every
 round). A case is ``NxKxMxBITSxGROUP``: one ``lowbit_linear`` call with M activation rows of
-``--dtype`` against an N x K weight, one thread, timed by the CPU time of the calling thread over
+``--dtype`` (float32-medium: fp32 rows and scales, the rows rounded to bf16 for the bf16 kernels) against an N x K weight, one thread, timed by the CPU time of the calling thread over
 about ``--seconds`` of calls (with ``--threads N`` above 1: N threads, by the wall clock). Prints the minimum (the steadier figure on a shared machine) and the
 median per build and round, in ms. With ``--cold`` a 64 MiB buffer is written before each timed
 call (not timed), so the weights come from memory, as in the interleaved rounds of
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "float32-medium", "bfloat16")  # float32-medium: fp32 rows sent to the bf16 kernels
 
 
 def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: bool, threads: int) -> list[str]:
@@ -43,7 +43,7 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: 
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
     torch.manual_seed(0)
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, dtype_name.split("-")[0])
     code = DTYPE_CODE[dtype]
     evict = torch.zeros(64 << 20, dtype=torch.uint8) if cold else None
     out = []
@@ -52,7 +52,7 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: 
         q = quantize_weight(torch.randn(n, k), bits, group, dtype=dtype)
         x, y = torch.randn(m, k).to(dtype), torch.empty(m, n, dtype=dtype)
         args = (x.data_ptr(), code, m, k, q.qweight.data_ptr(), n, q.qweight.shape[1], q.scale.data_ptr(),
-                q.zero.data_ptr(), code, bits, group, 0, y.data_ptr(), False)
+                q.zero.data_ptr(), code, bits, group, 0, y.data_ptr(), dtype_name == "float32-medium")
         for _ in range(3):
             ext.lowbit_linear(*args)
         times = []
