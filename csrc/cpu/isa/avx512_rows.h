@@ -47,16 +47,21 @@ inline void store_out(const LowbitProblem& p, int64_t m, int64_t n, const float*
   _mm512_mask_storeu_ps(p.y32 + m * p.N + n, mask, t);
 }
 
-// Sixteen (or `count` < 16) values of dtype at src + i as fp32.
+// Sixteen (or `count` < 16) values of dtype at src + i as fp32. Sixteen are read unmasked and up
+// to four fp32 through a 16-byte mask: with the scales in memory, 512-bit masked loads made a
+// 4096 x 4096 W4 call at M = 1 with fp32 scales a fifth slower (bench/results/ops/README.md, s32).
 inline __m512 load_as_f32x16(const void* src, int dtype, int64_t i, int64_t count) {
   const __mmask16 m = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
-  switch (dtype) {
-    case kBFloat16:
-      return _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i)), 16));
-    case kFloat16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i));
-    default: return _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + i);
+  if (dtype == kFloat32) {
+    const float* src32 = static_cast<const float*>(src) + i;
+    if (count >= 16) return _mm512_loadu_ps(src32);
+    if (count <= 4) return _mm512_zextps128_ps512(_mm_maskz_loadu_ps(static_cast<__mmask8>(m), src32));
+    return _mm512_maskz_loadu_ps(m, src32);
   }
+  const uint16_t* src16 = static_cast<const uint16_t*>(src) + i;
+  const __m256i h = count >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src16))
+                                : _mm256_maskz_loadu_epi16(m, src16);
+  return dtype == kBFloat16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
 }
 
 // Lane r (r < 4) = the sum of v[r]'s sixteen lanes.
