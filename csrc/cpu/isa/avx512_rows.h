@@ -49,7 +49,7 @@ inline void store_out(const LowbitProblem& p, int64_t m, int64_t n, const float*
 
 // Sixteen (or `count` < 16) values of dtype at src + i as fp32. Sixteen are read unmasked and up
 // to four fp32 through a 16-byte mask: with the scales in memory, 512-bit masked loads made a
-// 4096 x 4096 W4 call at M = 1 with fp32 scales a fifth slower (bench/results/ops/README.md, s32).
+// 4096 x 4096 W4 call at M = 1 with fp32 scales 6-18% slower (bench/results/ops/README.md, s32).
 inline __m512 load_as_f32x16(const void* src, int dtype, int64_t i, int64_t count) {
   const __mmask16 m = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
   if (dtype == kFloat32) {
