@@ -3,11 +3,13 @@
 Loading both builds into one process would bind the second copy's calls to the first's kernels,
 so each round runs one process per build, taking turns (and swapping which goes first every
 round). A case is ``NxKxMxBITSxGROUP``: one ``lowbit_linear`` call with M activation rows of
-``--dtype`` (float32-medium: fp32 rows and scales, the rows rounded to bf16 for the bf16 kernels) against an N x K weight, one thread, timed by the CPU time of the calling thread over
-about ``--seconds`` of calls (with ``--threads N`` above 1: N threads, by the wall clock). Prints the minimum (the steadier figure on a shared machine) and the
-median per build and round, in ms. With ``--cold`` a 64 MiB buffer is written before each timed
-call (not timed), so the weights come from memory, as in the interleaved rounds of
-``bench/ops/lowbit_linear.py``, where other methods' weights pass through the caches in between.
+``--dtype`` (float32-medium: fp32 rows and scales, the rows rounded to bf16 for the bf16 kernels)
+against an N x K weight, one thread, timed by the CPU time of the calling thread over about
+``--seconds`` of calls (with ``--threads N`` above 1: N threads, by the wall clock). Prints the
+minimum (the steadier figure on a shared machine) and the median per build and round, in ms.
+With ``--cold`` a 64 MiB buffer is written before each timed call (not timed), so the weights
+come from memory, as in the interleaved rounds of ``bench/ops/lowbit_linear.py``, where other
+methods' weights pass through the caches in between.
 
 Usage: python bench/ops/ab_builds.py --a OLD/_C.so --b NEW/_C.so [--rounds 2] [--dtype float32]
        [--cold] [--threads 2] 4096x4096x16x4x128 1536x576x4x3x64 ...
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import time
 
-DTYPES = ("float32", "float32-medium", "bfloat16")  # float32-medium: fp32 rows sent to the bf16 kernels
+DTYPES = ("float32", "float32-medium", "bfloat16")
 
 
 def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: bool, threads: int) -> list[str]:

@@ -400,9 +400,10 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
 // Activation bytes one K slice may hold (see sliced_rows): with room left in L1 for the weight
 // stream, every x load of the slice hits L1.
 constexpr int64_t kSliceBytes = 8 << 10;
+constexpr int64_t kW3SliceBytes = 4 * kSliceBytes;  // 3-bit rows: see dot_rows
 
 // Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR), R rows at a time (see
-// sliced_rows): K is read in slices where x outgrows kSliceBytes (3-bit codes: four times that)
+// sliced_rows): K is read in slices where x outgrows kSliceBytes (3-bit codes: kW3SliceBytes)
 // and groups are whole chunks (the small-group path reads every group). In 8 KiB slices, 3-bit
 // rows ran 1.2-1.7x slower than whole with the weights in memory (one thread, ms: 4096 x 4096
 // M = 2 0.68-0.73 -> 0.44-0.47, M = 3 0.93 -> 0.62, M = 4 1.16-1.27 -> 0.68-0.98; 11008 x 4096
@@ -414,7 +415,7 @@ template <int B, int MR, int R, bool F = false>
 void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
   const int64_t x_group_bytes = MR > 1 && p.group_size >= kChunkCodes<B> ? MR * p.group_size * 2 : 0;
   sliced_rows<MR, R, dot_block<B, MR, R, F>, dot_block<B, MR, 1, F>>(
-      p, m0, n_begin, n_end, x_group_bytes, B == 3 ? 4 * kSliceBytes : kSliceBytes, kPrefetchBytes);
+      p, m0, n_begin, n_end, x_group_bytes, B == 3 ? kW3SliceBytes : kSliceBytes, kPrefetchBytes);
 }
 
 // One activation row meets rows from this length on one at a time: R rows a power-of-two length
