@@ -10,7 +10,7 @@
 // each); one shift and one and-or (vpternlogd, see kCodeOffset) turn a lane into the pair (code
 // of byte t, code of byte t+2): four bytes give 2 * (8 / bits) pairs, and the activations are
 // laid out in that pair order (bf16_position in lowbit_kernels.h). 8-bit codes are converted
-// through fp32 in natural order (natural8_pairs). 3-bit codes (the build with VBMI only,
+// through fp32 in natural order (dot form: natural8_pairs; panel: natural8_lane_pair). 3-bit codes (the build with VBMI only,
 // isa_avx512bf16vbmi) come in chunks of 128 codes (48 bytes): one vpermb and one shift sort
 // the bits so that the same shift-and-mask steps apply (arrange3). Groups are whole chunks,
 // or 4..32 bytes (3 bits: 16, 32 or 64 codes): then a chunk's lanes belong to several groups,
@@ -27,7 +27,7 @@
 //   share of L1 (M >= 2 with long K), K is read in slices of whole groups, every weight row
 //   meeting one slice of x while it stays in L1 (3 bits: larger slices; see dot_rows);
 // * more rows: collect the same pairs for 64 or 32 weight rows into a panel (u32 element (kp, n);
-//   8 bits: decoded row by row and transposed in registers, build_panel8) and run a 4 x 64 or
+//   8 bits: transposed as bytes, then converted through fp32, build_panel8) and run a 4 x 64 or
 //   6 x 32 outer-product micro-kernel that broadcasts one activation pair per row; the rows'
 //   scales sit in vector lanes, so groups are scaled in registers (see panel_rows).
 // Both write the bf16 output (bias added) themselves.
@@ -468,26 +468,37 @@ inline const uint8_t* panel_row(const LowbitProblem& p, int64_t n0, int64_t rows
   return src;
 }
 
+// Pair t (0 or 1) of each u32 lane of 8-bit codes in natural order: bytes 2 t and 2 t + 1 as
+// bf16. A code's fp32 is exact with at most eight significant bits, so its low half is zero and
+// its high half is its bf16: the pair is the second code's fp32 or'd with the first's shifted down.
+template <int T>
+inline __m512i natural8_lane_pair(__m512i v) {
+  const __m512i byte = _mm512_set1_epi32(0xFF);
+  const __m512i first = _mm512_and_si512(T == 0 ? v : _mm512_srli_epi32(v, 16), byte);
+  const __m512i second = T == 0 ? _mm512_and_si512(_mm512_srli_epi32(v, 8), byte) : _mm512_srli_epi32(v, 24);
+  return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(first)), 16),
+                         _mm512_castps_si512(_mm512_cvtepi32_ps(second)));
+}
+
 // The 8-bit panel, in natural pair order (pair kp = codes 2 kp, 2 kp + 1; bf16_position): each
-// 16 rows' 32 codes become 16 pairs in natural order (natural8_pairs, loaded straight from the
-// rows) and are transposed in registers (transpose16), where gathering them cost more than the
-// micro-kernel itself at M = 16. Each row's chunk kPanelPrefetchBytes ahead is prefetched into
-// L2 (into L1 the block's rows would evict each other). Only codes [k0, k1) (whole chunks; k1 may be
-// K) go into the panel, from its start.
+// 16 rows' 64-byte chunk is transposed in registers (transpose16) as in build_panel, and each
+// u32 lane of four codes becomes two pairs (natural8_lane_pair) with no further shuffles. Each
+// row's chunk kPanelPrefetchBytes ahead is prefetched into L2 (into L1 the block's rows would
+// evict each other). Only codes [k0, k1) (whole chunks; k1 may be K) go into the panel, from its
+// start; a partial last chunk fills its 32 pairs, zeros past K.
 void build_panel8(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t width, int64_t k0, int64_t k1,
                   uint32_t* panel) {
   for (int64_t c = k0 / 64; c < (k1 + 63) / 64; ++c) {
     const int64_t left = std::min<int64_t>(64, p.K - 64 * c);
-    for (int hc = 0; hc < 2 && 32 * hc < left; ++hc) {
-      const int64_t n = std::min<int64_t>(32, left - 32 * hc);
-      const __mmask32 bytes = n == 32 ? ~0u : (1u << n) - 1;
-      for (int64_t h = 0; h < width; h += 16) {
-        __m512i v[16];
-        for (int64_t r = 0; r < 16; ++r)
-          v[r] = natural8_pairs(panel_row(p, n0, rows, h + r, 64 * c, hc == 0) + 32 * hc, bytes);
-        transpose16(v);
-        for (int j = 0; j < 16; ++j)
-          _mm512_storeu_si512(panel + ((2 * (c - k0 / 64) + hc) * 16 + j) * width + h, v[j]);
+    const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
+    uint32_t* dst = panel + (c - k0 / 64) * 32 * width;
+    for (int64_t h = 0; h < width; h += 16) {
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_maskz_loadu_epi8(bytes, panel_row(p, n0, rows, h + r, 64 * c, true));
+      transpose16(v);  // v[quad] lane r: codes 4 quad .. 4 quad + 3 of row h + r
+      for (int quad = 0; quad < 16; ++quad) {
+        _mm512_storeu_si512(dst + 2 * quad * width + h, natural8_lane_pair<0>(v[quad]));
+        _mm512_storeu_si512(dst + (2 * quad + 1) * width + h, natural8_lane_pair<1>(v[quad]));
       }
     }
   }
