@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "cpu/aligned_vector.h"
 #include "cpu/int8_kernels.h"
 #include "cpu/linear.h"
 #include "cpu/thread_pool.h"
@@ -16,11 +17,11 @@ std::string int8_linear(const void* x, int dtype, int64_t M, int64_t K, const in
                         const float* w_scale, const float* bias, void* y) {
   if (K >= kInt8MaxK) return "K is too large for exact int32 accumulation";
   const Int8Kernels& kernels = current_int8_kernels();
-  std::vector<int8_t> xq(static_cast<size_t>(M * K));
-  std::vector<float> xs(M);
-  std::vector<int32_t> xsum(M);
+  AlignedVector<int8_t> xq(static_cast<size_t>(M * K));
+  AlignedVector<float> xs(M);
+  AlignedVector<int32_t> xsum(M);
   parallel_for(M, 4, [&](int64_t m0, int64_t m1) {
-    std::vector<float> row(dtype == kFloat32 ? 0 : K);
+    AlignedVector<float> row(dtype == kFloat32 ? 0 : K);
     for (int64_t m = m0; m < m1; ++m) {
       const uint8_t* src = static_cast<const uint8_t*>(x) + m * K * dtype_size(dtype);
       const float* xr = reinterpret_cast<const float*>(src);

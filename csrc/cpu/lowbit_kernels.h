@@ -5,7 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
+
+#include "cpu/aligned_vector.h"
 
 namespace sk {
 
@@ -161,8 +162,8 @@ inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K) {
 
 // Activations of the 8-bit VNNI path (see LowbitProblem::x8, x8_unit, xsum).
 struct W8Activations {
-  std::vector<int8_t> x8;
-  std::vector<float> unit, xsum;
+  AlignedVector<int8_t> x8;
+  AlignedVector<float> unit, xsum;
 };
 
 namespace isa_generic { const LowbitKernels& lowbit_kernels(); }

@@ -193,8 +193,8 @@ constexpr int64_t kPrepareChunkValues = int64_t{1} << 16;  // activation values 
 
 void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, int bits, int64_t group_size,
                       LowbitProblem& p) {
-  thread_local std::vector<uint16_t> x16;
-  thread_local std::vector<float> xsum;
+  thread_local AlignedVector<uint16_t> x16;
+  thread_local AlignedVector<float> xsum;
   const int64_t stride = bf16_row_stride(bits, K), G = K / group_size;
   const std::vector<int32_t>& pos =
       act_positions(M >= kBf16PanelMinRows ? ActOrder::kBf16Panel : ActOrder::kBf16Rows, bits, group_size, K);
@@ -325,7 +325,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     return "";
   }
   if (dtype == kFloat32 && fp32_as_bf16 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
-    thread_local std::vector<uint16_t> x16;
+    thread_local AlignedVector<uint16_t> x16;
     x16.resize(M * K);
     if (fp32_rows_to_bf16(static_cast<const float*>(x), M, K, x16.data())) {
       p.y32 = static_cast<float*>(y);
@@ -337,7 +337,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     }
   }
   if (dtype == kFloat32 && M == 1 && bits < 8 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
-    thread_local std::vector<uint16_t> parts;
+    thread_local AlignedVector<uint16_t> parts;
     parts.resize(kFp32Parts * K);
     if (split_fp32_row(static_cast<const float*>(x), K, parts.data())) {
       bf16_activations(isa, parts.data(), kFp32Parts, K, bits, group_size, p);
@@ -356,7 +356,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   const bool packed = fp32_packs_x(*isa.kernels, M);
   const int64_t MR = packed ? isa.kernels->tile_rows : 1, tiles = (M + MR - 1) / MR;
   const std::vector<int32_t>& pos = act_positions(ActOrder::kFp32, bits, group_size, K);
-  thread_local std::vector<float> x32, xsum;
+  thread_local AlignedVector<float> x32, xsum;
   x32.resize(tiles * MR * K);
   const bool with_sums = !packed && p.phased;
   xsum.resize(with_sums ? M * G : 0);
@@ -365,7 +365,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     float* sums = xsum.data();
     const size_t row_bytes = K * dtype_size(dtype);
     parallel_for(tiles, std::max<int64_t>(1, kPrepareChunkValues / (MR * K)), [&](int64_t t0, int64_t t1) {
-      thread_local std::vector<float> rows;
+      thread_local AlignedVector<float> rows;
       rows.resize(MR * K);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m0 = t * MR, mr = std::min(MR, M - m0);
@@ -385,7 +385,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   }
   p.x32 = x32.data();
   p.xsum = xsum.data();
-  std::vector<float> y32(dtype == kFloat32 ? 0 : M * N);
+  AlignedVector<float> y32(dtype == kFloat32 ? 0 : M * N);
   p.y = dtype == kFloat32 ? static_cast<float*>(y) : y32.data();
 
   parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.kernels->fp32_rows(p, n0, n1); });

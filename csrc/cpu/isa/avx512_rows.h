@@ -121,7 +121,7 @@ void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_
   const bool sliced = x_group_bytes > 0 && x_group_bytes * p.G > slice_bytes;
   const bool rows_ahead = sliced || (R > 1 && p.row_bytes < 4 * prefetch);
   const int64_t per_slice = sliced ? std::max<int64_t>(1, slice_bytes / x_group_bytes) : p.G;
-  thread_local std::vector<float> sums;
+  thread_local AlignedVector<float> sums;
   sums.resize(MR * rows);
   for (int64_t g0 = 0; g0 < p.G; g0 += per_slice) {
     const DotSlice slice{g0, std::min(p.G, g0 + per_slice), g0 == 0, rows_ahead ? R * p.row_bytes : prefetch};

@@ -701,8 +701,8 @@ void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const bool wide = bf16_panel_block(M, g) == kWideBlockN, scaled = M >= kBf16ScaledPanelMinRows;
   const int64_t unit = std::max<int64_t>(g, bf16_chunk_codes(p.bits));  // whole groups and chunks
   const int64_t slice = std::max<int64_t>(1, kPanelSliceCodes / unit) * unit;
-  thread_local std::vector<uint32_t> panel;
-  thread_local std::vector<float> sT, zT, ybuf;
+  thread_local AlignedVector<uint32_t> panel;
+  thread_local AlignedVector<float> sT, zT, ybuf;
   panel.resize(std::max(xs / 2 * kBlockN, wide ? std::min(xs, slice) / 2 * kWideBlockN : 0));
   sT.resize(G * kWideBlockN);
   zT.resize(G * kWideBlockN);

@@ -484,8 +484,8 @@ void block_tiles(const float* x, int64_t tile_stride, int64_t kc, const float* w
 void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t K = p.K, G = p.G, M = p.M;
   if (!fp32_packs_x(lowbit_kernels(), M)) {
-    thread_local std::vector<float> sz, row;
-    thread_local std::vector<uint8_t> qbuf;
+    thread_local AlignedVector<float> sz, row;
+    thread_local AlignedVector<uint8_t> qbuf;
     sz.resize(2 * G);
     row.resize(p.phased ? 0 : K);
     qbuf.resize(p.phased ? 0 : K);
@@ -515,8 +515,8 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t tile_stride = K * kTileRows, tiles = (M + kTileRows - 1) / kTileRows;
   const int64_t block_tiles_n = std::min(tiles, std::max<int64_t>(1, kBlockXBytes / (K * 4 * kTileRows)));
   constexpr int64_t kBlocks = kPanelN / kBlockN;
-  thread_local std::vector<float> wbuf, affine, acc;  // acc: [block][tile][kBlockN][kTileRows] sums
-  thread_local std::vector<uint8_t> qbuf;
+  thread_local AlignedVector<float> wbuf, affine, acc;  // acc: [block][tile][kBlockN][kTileRows] sums
+  thread_local AlignedVector<uint8_t> qbuf;
   wbuf.resize(kPanelN * per_slice * g);
   affine.resize(kPanelN * 2 * G);
   qbuf.resize(p.phased ? 0 : K);
@@ -578,8 +578,8 @@ void to_natural(const float* row, int64_t K, int64_t g, float* out) {
 // Rows of W dequantised in natural order (fp32 or bf16), for the large-M BLAS path.
 void dequantize(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t K = p.K, g = p.group_size;
-  thread_local std::vector<float> sz, row, nat;
-  thread_local std::vector<uint8_t> qbuf;
+  thread_local AlignedVector<float> sz, row, nat;
+  thread_local AlignedVector<uint8_t> qbuf;
   sz.resize(2 * p.G);
   row.resize(K);
   nat.resize(K);
