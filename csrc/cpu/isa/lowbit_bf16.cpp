@@ -518,12 +518,11 @@ void build_panel(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t width
   const int64_t lanes = std::min<int64_t>(16, p.group_size / (kChunkCodes<B> / 16));
   for (int64_t c = c0; c < (k1 + kChunkCodes<B> - 1) / kChunkCodes<B>; ++c) {
     const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
-    const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
     for (int64_t h = 0; h < width / 16; ++h) {
       __m512i v[16];
       for (int r = 0; r < 16; ++r) {
         const uint8_t* src = panel_row(p, n0, rows, 16 * h + r, cb * c, true);
-        v[r] = B == 3 ? load_chunk<3>(src, left, p.row_bytes - cb * c) : _mm512_maskz_loadu_epi8(bytes, src);
+        v[r] = load_chunk<B>(src, left, p.row_bytes - cb * c);
       }
       transpose16(v);  // v[quad] lane r: u32 lane `quad` of row 16 h + r
       for (int quad = 0; quad < 16; ++quad) {
