@@ -433,7 +433,12 @@ constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // Short rows: R = 8 / 4 / 2 rows per block (accumulators: 2 * R * M zmm at most) keep the
-  // vdpbf16ps chains and the per-row sums busy.
+  // vdpbf16ps chains and the per-row sums busy. One activation row in groups of whole chunks
+  // takes four rows, not eight: that path holds each row's loaded chunk, group sum and total
+  // (3 R zmm besides the decoded pairs), and with eight it ran 1.2-1.6x slower warm (one thread,
+  // ms: 576 x 1536 W4 g128 0.016-0.017 -> 0.010-0.011, 2048 x 2048 W4 0.075-0.080 -> 0.043-0.047,
+  // 4096 x 4096 W3 0.27-0.28 -> 0.22-0.25, and 0.29-0.30 -> 0.24-0.26 with the weights in memory;
+  // session 33). Several groups per chunk keep eight (four: 1536 x 576 W4 g64 0.016 -> 0.019).
   // 3-bit rows of 1.5 KiB (4096 x 4096) in groups of whole chunks gained from the longer
   // blocks too at M = 3-4 (M = 3 0.93-1.37 -> 0.77-1.11 ms with the weights in memory, 0.59-0.79 ->
   // 0.53-0.69 warm); in groups of 64 they did not.
@@ -441,7 +446,12 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
                          (B == 3 && p.M > 2 && p.row_bytes >= 1024 && p.group_size % kChunkCodes<3> == 0);
   switch (p.M) {
     case 1:
-      long_rows ? dot_rows<B, 1, 1>(p, 0, n_begin, n_end) : dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
+      if (long_rows)
+        dot_rows<B, 1, 1>(p, 0, n_begin, n_end);
+      else if (p.group_size >= kChunkCodes<B>)
+        dot_rows<B, 1, 4>(p, 0, n_begin, n_end);
+      else
+        dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
       break;
     case 2: dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
     case 3:  // also an fp32 row as three bf16 parts (p.y_parts), with the fine decode
