@@ -432,36 +432,46 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
 constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  // Short rows: R = 8 / 4 / 2 rows per block (accumulators: 2 * R * M zmm at most) keep the
-  // vdpbf16ps chains and the per-row sums busy. One activation row in groups of whole chunks
-  // takes four rows, not eight: that path holds each row's loaded chunk, group sum and total
-  // (3 R zmm besides the decoded pairs), and with eight it ran 1.2-1.6x slower warm (one thread,
-  // ms: 576 x 1536 W4 g128 0.016-0.017 -> 0.010-0.011, 2048 x 2048 W4 0.075-0.080 -> 0.043-0.047,
-  // 4096 x 4096 W3 0.27-0.28 -> 0.22-0.25, and 0.29-0.30 -> 0.24-0.26 with the weights in memory;
-  // session 33). Several groups per chunk keep eight (four: 1536 x 576 W4 g64 0.016 -> 0.019).
+  // Short rows: R rows per block (accumulators: 2 * R * M zmm at most) keep the vdpbf16ps chains
+  // and the per-row sums busy. How many depends on the path (dot_block): in groups of whole chunks
+  // each row's loaded chunk, group sum and total stay live (3 R zmm besides the decoded pairs), so
+  // R = 4 / 4 / 4 / 3 at M = 1 / 2 / 3 / 4; several groups per chunk (and W2, whose pairs run
+  // outside the rows) take 8 / 6 / 3 / 2 (W2: 3 at M = 4). Against the earlier 8 / 4 / 2 / 2 for
+  // every path (one thread, ms, warm; session 33): 576 x 1536 W4 g128 M = 1 0.016-0.017 ->
+  // 0.010-0.011, M = 3 0.023-0.024 -> 0.020, M = 4 0.030-0.033 -> 0.027-0.028; 2048 x 2048 W4
+  // M = 1 0.075-0.080 -> 0.043-0.047, M = 4 0.13-0.14 -> 0.11-0.12; 4096 x 4096 W3 M = 1
+  // 0.27-0.28 -> 0.22-0.25; 1536 x 576 W4 g64 M = 2 0.023-0.025 -> 0.016-0.018, M = 3 0.032-0.033
+  // -> 0.027-0.028. With the weights in memory the same or faster (2048 x 2048 W4 M = 3
+  // 0.13-0.14 -> 0.11, 576 x 1536 W8 M = 3 0.054-0.063 -> 0.043-0.045, 4096 x 4096 W3 M = 1
+  // 0.29-0.30 -> 0.24-0.26). R = 4 for several groups at M = 1 was slower (1536 x 576 W4 g64
+  // 0.016 -> 0.019), and at M = 3 equal to 3 with the weights in memory but 5-8% slower warm.
   // 3-bit rows of 1.5 KiB (4096 x 4096) in groups of whole chunks gained from the longer
   // blocks too at M = 3-4 (M = 3 0.93-1.37 -> 0.77-1.11 ms with the weights in memory, 0.59-0.79 ->
   // 0.53-0.69 warm); in groups of 64 they did not.
   const bool long_rows = p.row_bytes >= kLongRowBytes ||
                          (B == 3 && p.M > 2 && p.row_bytes >= 1024 && p.group_size % kChunkCodes<3> == 0);
+  const bool whole = p.group_size >= kChunkCodes<B>;
   switch (p.M) {
     case 1:
       if (long_rows)
         dot_rows<B, 1, 1>(p, 0, n_begin, n_end);
-      else if (p.group_size >= kChunkCodes<B>)
+      else if (whole)
         dot_rows<B, 1, 4>(p, 0, n_begin, n_end);
       else
         dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
       break;
-    case 2: dot_rows<B, 2, 4>(p, 0, n_begin, n_end); break;
+    case 2:
+      whole || long_rows ? dot_rows<B, 2, 4>(p, 0, n_begin, n_end) : dot_rows<B, 2, 6>(p, 0, n_begin, n_end);
+      break;
     case 3:  // also an fp32 row as three bf16 parts (p.y_parts), with the fine decode
       if (p.y_parts)
         long_rows ? dot_rows<B, 3, 4, true>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2, true>(p, 0, n_begin, n_end);
       else
-        long_rows ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2>(p, 0, n_begin, n_end);
+        long_rows || whole ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end) : dot_rows<B, 3, 3>(p, 0, n_begin, n_end);
       break;
     default:
-      long_rows ? dot_rows<B, kDotRows, 3>(p, 0, n_begin, n_end) : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
+      long_rows || whole || kPairs<B> >= 8 ? dot_rows<B, kDotRows, 3>(p, 0, n_begin, n_end)
+                                           : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
   }
 }
 
