@@ -432,19 +432,19 @@ void dot_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end
 constexpr int64_t kLongRowBytes = 2048;
 template <int B>
 void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  // Short rows: R rows per block (accumulators: 2 * R * M zmm at most) keep the vdpbf16ps chains
-  // and the per-row sums busy. How many depends on the path (dot_block): in groups of whole chunks
-  // each row's loaded chunk, group sum and total stay live (3 R zmm besides the decoded pairs), so
-  // R = 4 / 4 / 4 / 3 at M = 1 / 2 / 3 / 4; several groups per chunk (and W2, whose pairs run
-  // outside the rows) take 8 / 6 / 3 / 2 (W2: 3 at M = 4). Against the earlier 8 / 4 / 2 / 2 for
-  // every path (one thread, ms, warm; session 33): 576 x 1536 W4 g128 M = 1 0.016-0.017 ->
-  // 0.010-0.011, M = 3 0.023-0.024 -> 0.020, M = 4 0.030-0.033 -> 0.027-0.028; 2048 x 2048 W4
-  // M = 1 0.075-0.080 -> 0.043-0.047, M = 4 0.13-0.14 -> 0.11-0.12; 4096 x 4096 W3 M = 1
-  // 0.27-0.28 -> 0.22-0.25; 1536 x 576 W4 g64 M = 2 0.023-0.025 -> 0.016-0.018, M = 3 0.032-0.033
-  // -> 0.027-0.028. With the weights in memory the same or faster (2048 x 2048 W4 M = 3
-  // 0.13-0.14 -> 0.11, 576 x 1536 W8 M = 3 0.054-0.063 -> 0.043-0.045, 4096 x 4096 W3 M = 1
-  // 0.29-0.30 -> 0.24-0.26). R = 4 for several groups at M = 1 was slower (1536 x 576 W4 g64
-  // 0.016 -> 0.019), and at M = 3 equal to 3 with the weights in memory but 5-8% slower warm.
+  // Short rows: R rows per block (accumulators: 2 * R * M zmm at most) keep the vdpbf16ps chains and
+  // the per-row sums busy. How many depends on the path (dot_block): in groups of whole chunks each
+  // row's loaded chunk, group sum and total stay live (3 R zmm besides the decoded pairs), so R = 6 /
+  // 4 / 4 / 3 at M = 1 / 2 / 3 / 4; several groups per chunk (and W2, whose pairs run outside the
+  // rows) take 8 / 6 / 3 / 2 (W2: 3 at M = 4). Against the earlier 8 / 4 / 2 / 2 for every path (one
+  // thread, ms, warm; session 33): 576 x 1536 W4 g128 M = 1 0.016-0.017 -> 0.010 (R = 4: 0.011), M = 3
+  // 0.023-0.024 -> 0.020, M = 4 0.030-0.033 -> 0.027-0.028; 2048 x 2048 W4 M = 1 0.075-0.080 ->
+  // 0.042-0.044, M = 4 0.13-0.14 -> 0.11-0.12; 4096 x 4096 W3 M = 1 0.27-0.28 -> 0.21 (R = 4: 0.24);
+  // 1536 x 576 W4 g64 M = 2 0.023-0.025 -> 0.016-0.018, M = 3 0.032-0.033 -> 0.027-0.028. With the
+  // weights in memory the same or faster (2048 x 2048 W4 M = 3 0.13-0.14 -> 0.11, M = 1 0.082-0.086 ->
+  // 0.066-0.070, 576 x 1536 W8 M = 3 0.054-0.063 -> 0.043-0.045, 4096 x 4096 W3 M = 1 0.29-0.30 ->
+  // 0.24). Fewer rows in several groups were slower at M = 1 (R = 4: 1536 x 576 W4 g64 0.016 ->
+  // 0.019), and at M = 3 R = 4 equalled 3 with the weights in memory but ran 5-8% slower warm.
   // 3-bit rows of 1.5 KiB (4096 x 4096) in groups of whole chunks gained from the longer
   // blocks too at M = 3-4 (M = 3 0.93-1.37 -> 0.77-1.11 ms with the weights in memory, 0.59-0.79 ->
   // 0.53-0.69 warm); in groups of 64 they did not.
@@ -456,7 +456,7 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       if (long_rows)
         dot_rows<B, 1, 1>(p, 0, n_begin, n_end);
       else if (whole)
-        dot_rows<B, 1, 4>(p, 0, n_begin, n_end);
+        dot_rows<B, 1, 6>(p, 0, n_begin, n_end);
       else
         dot_rows<B, 1, 8>(p, 0, n_begin, n_end);
       break;
