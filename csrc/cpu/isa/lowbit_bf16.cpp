@@ -10,12 +10,12 @@
 // each); one shift and one and-or (vpternlogd, see kCodeOffset) turn a lane into the pair (code
 // of byte t, code of byte t+2): four bytes give 2 * (8 / bits) pairs, and the activations are
 // laid out in that pair order (bf16_position in lowbit_kernels.h). 8-bit codes are converted
-// through fp32 in natural order (dot form: natural8_pairs; panel: natural8_lane_pair). 3-bit codes (the build with VBMI only,
-// isa_avx512bf16vbmi) come in chunks of 128 codes (48 bytes): one vpermb and one shift sort
-// the bits so that the same shift-and-mask steps apply (arrange3). Groups are whole chunks,
-// or 4..32 bytes (3 bits: 16, 32 or 64 codes): then a chunk's lanes belong to several groups,
-// and each lane's sum is scaled by its own group's scale (a vector of scales per chunk). A
-// row's last chunk may be partial (masked loads; x is zero-padded).
+// through fp32 in natural order (dot form: natural8_pairs; panel: natural8_lane_pair). 3-bit
+// codes (the build with VBMI only, isa_avx512bf16vbmi) come in chunks of 128 codes (48 bytes):
+// one vpermb and one shift sort the bits so that the same shift-and-mask steps apply (arrange3).
+// Groups are whole chunks, or 4..32 bytes (3 bits: 16, 32 or 64 codes): then a chunk's lanes
+// belong to several groups, and each lane's sum is scaled by its own group's scale (a vector of
+// scales per chunk). A row's last chunk may be partial (masked loads; x is zero-padded).
 //
 // Two forms:
 // * few activation rows (M < kBf16PanelMinRows): decode a chunk of R weight rows into
