@@ -4,7 +4,7 @@
 // own, start 16 bytes past a page), so every 64-byte load from it may span two cache lines.
 // Whether it did changed from process to process with the heap's state: the bf16 activations of
 // 1536 x 576 W4 at M = 4 took 0.047-0.052 ms in some processes and 0.037-0.040 in others (one
-// thread, warm), and all of them 0.037-0.038 once the buffer was aligned.
+// thread, warm), and all of them 0.037-0.039 once the buffer was aligned.
 #pragma once
 
 #include <cstddef>

@@ -3,7 +3,6 @@
 // its order, so the result equals the reference bit for bit (not just within a tolerance).
 // The kernels (isa/int8_dot.cpp) follow the instruction set chosen for the lowbit kernels.
 #include <algorithm>
-#include <vector>
 
 #include "common/half.h"
 #include "cpu/aligned_vector.h"
