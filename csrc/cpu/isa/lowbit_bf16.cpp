@@ -128,15 +128,16 @@ inline void for_index(Fn&& fn) {
   for_index_in(fn, std::make_integer_sequence<int, N>{});
 }
 
-// A chunk as decode_pair takes it: 2/4 bits the 64 bytes, 3 bits arranged (arrange3). Bytes past
-// `bytes` read as zero and are not touched, but for a whole 3-bit chunk (48 bytes): that one is
+// A chunk as decode_pair (8 bits: build_panel8) takes it: 2/4/8 bits the 64 bytes, 3 bits arranged
+// (arrange3). Bytes past `bytes` (2/4/8 bits: a multiple of four, groups being whole four-byte
+// lanes) read as zero and are not touched, but for a whole 3-bit chunk (48 bytes): that one is
 // read with a 64-byte load where `room` (bytes from `chunk` to its row's end) allows it, arrange3
 // dropping the 16 bytes past it: a masked load of every chunk made 4096 x 4096 W3 at M = 1 3x
 // slower than W4 with the weights in memory on a Zen 5 (0.8 against 0.33 ms; warm 0.25 against
 // 0.19; session 27).
 template <int B>
 inline __m512i load_chunk(const uint8_t* chunk, int64_t bytes, int64_t room) {
-  static_assert(B >= 2 && B <= 4, "8-bit codes: decode_natural8");
+  static_assert(B == 8 || (B >= 2 && B <= 4), "2, 3, 4 or 8 bits");
   if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
     const bool whole = bytes == 48 && room >= 64;
@@ -510,11 +511,10 @@ void build_panel8(const LowbitProblem& p, int64_t n0, int64_t rows, int64_t widt
                   uint32_t* panel) {
   for (int64_t c = k0 / 64; c < (k1 + 63) / 64; ++c) {
     const int64_t left = std::min<int64_t>(64, p.K - 64 * c);
-    const __mmask64 bytes = left == 64 ? ~0ull : (1ull << left) - 1;
     uint32_t* dst = panel + (c - k0 / 64) * 32 * width;
     for (int64_t h = 0; h < width; h += 16) {
       __m512i v[16];
-      for (int r = 0; r < 16; ++r) v[r] = _mm512_maskz_loadu_epi8(bytes, panel_row(p, n0, rows, h + r, 64 * c, true));
+      for (int r = 0; r < 16; ++r) v[r] = load_chunk<8>(panel_row(p, n0, rows, h + r, 64 * c, true), left, p.row_bytes - 64 * c);
       transpose16(v);  // v[quad] lane r: codes 4 quad .. 4 quad + 3 of row h + r
       for (int quad = 0; quad < 16; ++quad) {
         _mm512_storeu_si512(dst + 2 * quad * width + h, natural8_lane_pair<0>(v[quad]));
