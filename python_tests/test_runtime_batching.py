@@ -21,7 +21,7 @@ from splitkernels.runtime import Limits, SplitError, Status, split_model
 from splitkernels.runtime.batching import BatchConfig, BatchingSessionManager, Scheduler, Work
 from splitkernels.runtime.grpc_transport import GrpcServer, GrpcTransport
 from splitkernels.runtime.protocol import Open, SamplingParams, Step, Verify
-from splitkernels.runtime.transport import InProcessTransport
+from splitkernels.runtime.transport import InProcessTransport, Transport
 
 RTOL = 1e-5
 
@@ -90,15 +90,35 @@ def _run_sessions(sm, transport, specs, stagger_s: float):
     return out
 
 
+class _OpenTogether(Transport):
+    """Holds each of the first ``n`` sessions after its Open until all ``n`` are open, so that they
+    overlap however fast the machine runs them (the ones after join while these decode)."""
+
+    def __init__(self, inner: Transport, n: int) -> None:
+        self.inner, self.barrier = inner, threading.Barrier(n)
+        self.opened, self.lock = 0, threading.Lock()
+
+    def open(self, request):
+        session = self.inner.open(request)
+        with self.lock:
+            self.opened += 1
+            held = self.opened <= self.barrier.parties
+        if held:
+            self.barrier.wait(timeout=60)
+        return session
+
+
 def test_outputs_identical_with_batching_on_and_off(sm):
     specs = [(_prompt(i, 2 + 5 * i), 4 + 3 * (i % 4),
               {"do_sample": True, "top_k": 30, "temperature": 0.9, "seed": 100 + i} if i % 2 else {})
              for i in range(8)]
     expected = [sm.generate(p, n, **kw) for p, n, kw in specs]  # the unbatched in-process server
+    # The window waits for every open session's step, so the first three (held until all three
+    # are open) share forwards on any machine; a timed stagger alone left them apart on a fast one.
     manager = BatchingSessionManager(sm.server, sm.manager.limits, sm.fingerprint,
-                                     BatchConfig(window_s=0.02, prefill_chunk=6))
+                                     BatchConfig(window_s=0.05, prefill_chunk=6))
     try:
-        got = _run_sessions(sm, InProcessTransport(manager), specs, stagger_s=0.01)
+        got = _run_sessions(sm, _OpenTogether(InProcessTransport(manager), 3), specs, stagger_s=0.01)
         stats = manager.scheduler.stats()
     finally:
         manager.shutdown()
