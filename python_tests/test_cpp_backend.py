@@ -1026,22 +1026,33 @@ def test_fp32_gemm_over_several_row_blocks(each_isa):
 
 
 @pytest.mark.parametrize("bits", (3, 4))
-def test_lowbit_linear_blas_path_only_for_bf16_the_bf16_kernels_do_not_take(each_isa, monkeypatch, bits):
-    # From BLAS_MIN_ROWS rows on, bf16 activations the bf16 kernels do not take (the generic build
-    # has none) go to torch's bf16 matmul on W dequantised to bf16 block by block of rows; fp32
-    # and fp16 activations stay on the fp32 kernels (their panel GEMM) at every M.
+def test_lowbit_linear_blas_path_by_instruction_set(each_isa, monkeypatch, bits):
+    # From BLAS_MIN_ROWS rows on: below AVX-512 (generic, avx2) every activation dtype goes to
+    # torch's fp32 matmul on W dequantised to fp32 block by block of rows; on AVX-512 only bf16
+    # activations the bf16 kernels do not take go there, to torch's bf16 matmul on W in bf16;
+    # the rest stay on the kernels. The same sizes below BLAS_MIN_ROWS never go there.
     monkeypatch.setattr(cpp, "BLAS_MIN_ROWS", 8)
-    monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_BYTES", 40 * 256 * 2)  # several row blocks, a short last one
+    monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_BYTES", 40 * 256 * 4)  # several row blocks, a short last one
     blas = cpp._dequant_matmul
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        x, qw, b = _lowbit_case(100, 256, 9, bits, 128, dtype, bias=True, seed=bits, lead=(2,))
-        calls = []
-        monkeypatch.setattr(cpp, "_dequant_matmul", lambda *a, calls=calls: calls.append(1) or blas(*a))
-        cpp._C.set_lowbit_isa("generic")
-        y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, b)
-        assert y.shape == (2, 9, 100) and y.dtype == dtype
-        assert len(calls) == (dtype == torch.bfloat16), dtype
-        assert _rel_err(y, _lowbit_want64(x, qw, b)) <= (TOL[dtype] if dtype != torch.bfloat16 else 4e-3), dtype
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x, qw, b = _lowbit_case(100, 256, 9, bits, 128, dtype, bias=True, seed=bits, lead=(2,))
+            calls = []
+            monkeypatch.setattr(cpp, "_dequant_matmul", lambda *a, calls=calls: calls.append(a[-1]) or blas(*a))
+            y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, b)
+            assert y.shape == (2, 9, 100) and y.dtype == dtype
+            if isa in ("generic", "avx2"):
+                want = [torch.float32]
+            elif dtype == torch.bfloat16 and not cpp._C.lowbit_bf16_kernel(cpp.DTYPE_CODE[torch.bfloat16], bits, 128):
+                want = [torch.bfloat16]
+            else:
+                want = []
+            assert calls == want, (isa, dtype)
+            tol = 4e-3 if want == [torch.bfloat16] else TOL[dtype]  # bf16 BLAS: W rounded to bf16
+            assert _rel_err(y, _lowbit_want64(x, qw, b)) <= tol, (isa, dtype)
+            cpp.lowbit_linear(x[:, :3], qw.qweight, qw.scale, qw.zero, bits, 128, b)  # 6 rows
+            assert calls == want, (isa, dtype)
 
 
 @pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (3, 64), (4, 128), (8, 32), (4, 3)])

@@ -31,14 +31,17 @@ Agreement with :mod:`splitkernels.ops.reference`:
   against the codes as packed (vpdpbusd), with no decode; fp32 activations (and fp16,
   converted) use FMA kernels that do the same for M <= 6 and otherwise dequantise blocks of
   weight rows (``q*scale + zero``, one FMA) a slice of K at a time for a register-blocked GEMM
-  micro-kernel that broadcasts each weight value against tiles of 8 activation rows. bf16
-  activations the bf16 kernels do not take go, from ``BLAS_MIN_ROWS`` rows on, to torch's bf16
-  matmul on W dequantised in row blocks (bf16). All paths accumulate in fp32,
+  micro-kernel that broadcasts each weight value against tiles of 8 activation rows. From
+  ``BLAS_MIN_ROWS`` rows on, W is dequantised in row blocks for torch's matmul where that is
+  faster: in fp32, for every activation dtype, where the kernels in use are below AVX-512
+  (``_FP32_BLAS_ISAS``: their 8-lane GEMM trails torch's fp32 matmul there, and torch's bf16
+  matmul has no bf16 instructions to use); in bf16 for bf16 activations the bf16 kernels do
+  not take on AVX-512 CPUs. All paths accumulate in fp32,
   so the result agrees with a float64 computation (``x.double() @ dequant(W).double().T``)
   within a relative Frobenius error of 1e-5 for fp32 activations, 2e-3 for fp16 and 2^-8 for
-  bf16 activations (the output rounding); the bf16 kernels from 256 rows and the BLAS path also
-  round the dequantised weight to bf16, like a dense bf16 ``F.linear``: 4e-3 (about 2.2e-3 measured
-  for random weights, against 1.6e-3 for the output rounding alone).
+  bf16 activations (the output rounding); the bf16 kernels from 256 rows and the bf16 BLAS path
+  also round the dequantised weight to bf16, like a dense bf16 ``F.linear``: 4e-3 (about 2.2e-3
+  measured for random weights, against 1.6e-3 for the output rounding alone).
   Where torch's fp32 matmul precision allows bf16 (``torch.set_float32_matmul_precision("medium")``,
   :func:`fp32_matmul_allows_bf16`), fp32 activations take the bf16 kernels rounded to bf16, with
   fp32 sums and output: 4e-3, about twice as fast.
@@ -149,6 +152,12 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
 # M = 512, at or ahead of dequantising to fp32 for it (bench/results/ops, sessions 17-18).
 BLAS_MIN_ROWS = 256
 _DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
+# Kernels whose fp32 GEMM trails W dequantised to fp32 and torch's fp32 matmul from
+# BLAS_MIN_ROWS rows on. Zen 3 (AVX2), one thread, W4, ms: 576 x 1536 at M = 256 5.7 against
+# 5.2, at M = 512 11.9 against 10.3; 4096 x 4096 at M = 256 101 against 103-110, at M = 512 231
+# against 207 (bench/results/ops/README.md, session 34). Their bf16 activations took torch's
+# bf16 matmul before, which has no bf16 instructions there: 1560 ms at 4096 x 4096, M = 512.
+_FP32_BLAS_ISAS = frozenset({"generic", "avx2"})
 # torch's fp32 matmul precisions that allow bf16 products: oneDNN's setting (torch >= 2.9: "bf16"
 # after torch.set_float32_matmul_precision("medium") or torch.backends.fp32_precision = "bf16"), or
 # before that the legacy torch.get_float32_matmul_precision().
@@ -166,21 +175,29 @@ def fp32_matmul_allows_bf16() -> bool:
 
 def _dequant_matmul(
     x2d: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scale_code: int, bits: int,
-    group_size: int, bias: torch.Tensor | None, y: torch.Tensor,
+    group_size: int, bias: torch.Tensor | None, y: torch.Tensor, wdtype: torch.dtype,
 ) -> None:
-    """y [M, N] = x2d @ dequant(W)^T + bias for bf16 x2d, W dequantised to bf16 block by block of rows."""
+    """y [M, N] = x2d @ dequant(W)^T + bias, W dequantised to ``wdtype`` (fp32 or bf16) block by
+    block of rows and multiplied by torch's matmul in that dtype (x2d converted to it)."""
     n, k = qweight.shape[0], x2d.shape[1]
-    rows = max(1, _DEQUANT_BLOCK_BYTES // (k * 2))
-    w = torch.empty(min(rows, n), k, dtype=torch.bfloat16)
+    rows = max(1, _DEQUANT_BLOCK_BYTES // (k * wdtype.itemsize))
+    w = torch.empty(min(rows, n), k, dtype=wdtype)
+    xw = x2d.to(wdtype)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         wb = w[: n1 - n0]
         _C.lowbit_dequantize(
             _ptr(qweight[n0:n1]), n1 - n0, qweight.shape[1], k, _ptr(scale[n0:n1]), _ptr(zero[n0:n1]), scale_code,
-            bits, group_size, _ptr(wb), DTYPE_CODE[torch.bfloat16],
+            bits, group_size, _ptr(wb), DTYPE_CODE[wdtype],
         )
-        part = torch.nn.functional.linear(x2d, wb, None if bias is None else bias[n0:n1].to(torch.bfloat16))
-        y[:, n0:n1] = part
+        # One block of y's own dtype is written in place; else each block's product is copied in.
+        out = y if n1 - n0 == n and y.dtype == wdtype else None
+        if bias is None:
+            part = torch.mm(xw, wb.T, out=out)
+        else:
+            part = torch.addmm(bias[n0:n1].to(wdtype), xw, wb.T, out=out)
+        if out is None:
+            y[:, n0:n1] = part
 
 
 def prepare_lowbit_linear(
@@ -198,7 +215,7 @@ def prepare_lowbit_linear(
     n, words = qweight.shape
     qp, sp, zp = _ptr(qweight), _ptr(scale), _ptr(zero)
     scale_code = dtype_code("scale", scale)
-    linear, bf16_kernel = _C.lowbit_linear, _C.lowbit_bf16_kernel
+    linear, bf16_kernel, isa = _C.lowbit_linear, _C.lowbit_bf16_kernel, _C.lowbit_isa
     bf16_code = DTYPE_CODE[torch.bfloat16]
 
     def call(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -218,8 +235,14 @@ def prepare_lowbit_linear(
         # fp32 rows go to them, rounded to bf16, where torch's precision allows it (one row too: its
         # exact three-part path took twice as long, W4 at 4096 x 4096 1.42 against 0.73 ms).
         as_bf16 = (dtype is torch.float32 and bf16_kernel(bf16_code, bits, group_size) and fp32_matmul_allows_bf16())
-        if m >= BLAS_MIN_ROWS and n and dtype is torch.bfloat16 and not bf16_kernel(code, bits, group_size):
-            _dequant_matmul(x.view(m, k), qweight, scale, zero, scale_code, bits, group_size, bias32, y.view(m, n))
+        blas = None
+        if m >= BLAS_MIN_ROWS and n and not as_bf16:
+            if isa() in _FP32_BLAS_ISAS:
+                blas = torch.float32
+            elif dtype is torch.bfloat16 and not bf16_kernel(code, bits, group_size):
+                blas = torch.bfloat16
+        if blas is not None:
+            _dequant_matmul(x.view(m, k), qweight, scale, zero, scale_code, bits, group_size, bias32, y.view(m, n), blas)
         elif m and n:
             # Every tensor here is non-empty (k, n >= 1 and m >= 1), so data_ptr() is the pointer.
             linear(x.data_ptr(), code, m, k, qp, n, words, sp, zp, scale_code, bits, group_size,
