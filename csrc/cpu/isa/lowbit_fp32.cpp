@@ -175,6 +175,14 @@ inline typename Lanes<L>::u widen(const uint8_t* p) {
   return v;
 }
 
+// Code `ph` of each lane of wv, whose lanes hold N codes of B bits and zeros above them (widened
+// bytes, or 3-byte units): the top code needs no mask (one vector operation fewer per step).
+template <int B, int N, typename U>
+inline U lane_code(U wv, int ph) {
+  const U v = wv >> (ph * B);
+  return ph == N - 1 ? v : v & ((1u << B) - 1);
+}
+
 inline uint32_t load_unit3(const uint8_t* p) {
   return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16;
 }
@@ -245,7 +253,7 @@ void decode_row_phase3(const uint8_t* rb, const uint8_t* end, int64_t g0, int64_
     for (; u + L <= units; u += L) {
       const typename Lanes<L>::u wv = units3<L>(gb + 3 * u, end);
       for (int ph = 0; ph < 8; ++ph) {
-        const F v = codes_to_float<L>((wv >> (3 * ph)) & 7u) * sc + ze;
+        const F v = codes_to_float<L>(lane_code<3, 8>(wv, ph)) * sc + ze;
         std::memcpy(wg + ph * units + u, &v, sizeof v);
       }
     }
@@ -271,7 +279,7 @@ void decode_row_phase(const uint8_t* rb, int64_t g0, int64_t g1, int64_t g, cons
     for (int64_t j = 0; j < vec_end; j += L) {
       const typename Lanes<L>::u wv = widen<L>(gb + j);
       for (int ph = 0; ph < cpb; ++ph) {
-        const F v = codes_to_float<L>((wv >> (ph * B)) & mask) * sc + ze;
+        const F v = codes_to_float<L>(lane_code<B, cpb>(wv, ph)) * sc + ze;
         std::memcpy(wg + ph * per_phase + j, &v, sizeof v);
       }
     }
@@ -376,7 +384,7 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t g, const float* s, const f
     const auto step = [&](int64_t j, auto u) {
       const typename Lanes<L>::u wv = widen<L>(gb + j);
       for (int ph = 0; ph < cpb; ++ph) {
-        const F q = codes_to_float<L>((wv >> (ph * B)) & mask);
+        const F q = codes_to_float<L>(lane_code<B, cpb>(wv, ph));
         constexpr int u0 = decltype(u)::value * cpb;
         for (int m = 0; m < MB; ++m) {
           F& d = dv[m][(u0 + ph) % C];
@@ -431,7 +439,7 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t g, const float* s, const 
     for (; u + L <= units; u += L) {
       const typename Lanes<L>::u wv = units3<L>(gb + 3 * u, end);
       for (int ph = 0; ph < 8; ++ph) {
-        const F q = codes_to_float<L>((wv >> (3 * ph)) & 7u);
+        const F q = codes_to_float<L>(lane_code<3, 8>(wv, ph));
         for (int m = 0; m < MB; ++m) dv[m][ph % C] = q * load<F>(xg + m * K + ph * units + u) + dv[m][ph % C];
       }
     }
