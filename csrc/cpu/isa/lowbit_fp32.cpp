@@ -231,12 +231,12 @@ inline typename Lanes<L>::u units3(const uint8_t* p, const uint8_t* end) {
   return v;
 }
 
-// Scales and zeros of row n as fp32: sz[0, G) scales, sz[G, 2G) zeros.
+// Scales and zeros of row n as fp32: sz[0, G) scales, sz[G, 2G) zeros, one conversion loop each
+// (a dtype switch per value cost 576 x 1536 W4 g32 at M = 1 a fifth of its time on a Zen 3).
 void load_affine(const LowbitProblem& p, int64_t n, float* sz) {
-  for (int64_t g = 0; g < p.G; ++g) {
-    sz[g] = load_as_float(p.scale, p.scale_dtype, n * p.G + g);
-    sz[p.G + g] = load_as_float(p.zero, p.scale_dtype, n * p.G + g);
-  }
+  const int64_t offset = n * p.G * dtype_size(p.scale_dtype);
+  to_float(static_cast<const uint8_t*>(p.scale) + offset, p.scale_dtype, p.G, sz);
+  to_float(static_cast<const uint8_t*>(p.zero) + offset, p.scale_dtype, p.G, sz + p.G);
 }
 
 // Groups [g0, g1) of a row (phase order) dequantised into w, from w[0]; steps of L units.
