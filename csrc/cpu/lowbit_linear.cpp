@@ -390,9 +390,10 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
 
   parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.kernels->fp32_rows(p, n0, n1); });
 
-  if (bias || dtype != kFloat32)
+  if (bias)
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) store_from_float(y, dtype, m * N + n, p.y[m * N + n] + (bias ? bias[n] : 0.f));
+      for (int64_t n = 0; n < N; ++n) p.y[m * N + n] += bias[n];
+  if (dtype != kFloat32) from_float(p.y, M * N, dtype, y);
   return "";
 }
 
