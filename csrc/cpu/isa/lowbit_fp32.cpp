@@ -341,10 +341,11 @@ float dot(const float* a, const float* b, int64_t K) {
 // M = 1 ran at a third of the memory bandwidth). At M = 1 each chain's group sum is scaled into
 // a total of its own (kTotals), so a group ends in independent FMAs: summing eight chains one
 // after another first was a 25-cycle dependency per group, and 1536 x 576 W4 g64 at M = 1 ran
-// 10% faster without it on a Zen 3 (AVX2). With more rows the chains are summed per group: a
-// total per chain there left too few registers (W3 at M = 3 ran 40% slower).
+// 10% faster without it on a Zen 3 (AVX2); two chains instead of four were 3-11% slower there.
+// With more rows the chains are summed per group: a total per chain there left too few
+// registers (W3 at M = 3 ran 40% slower).
 template <int MB, int L>
-constexpr int kChains = MB == 1 ? std::max(1, std::min(4, 32 / L)) : std::max(1, std::min(8, 64 / (L * MB)));
+constexpr int kChains = MB == 1 ? std::max(1, std::min(4, 64 / L)) : std::max(1, std::min(8, 64 / (L * MB)));
 template <int MB, int L>
 constexpr int kTotals = MB == 1 ? kChains<MB, L> : 1;
 // The 3-bit loop keeps more live (eight phases of a units vector): there the MB * C chains and MB
