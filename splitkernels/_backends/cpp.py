@@ -145,11 +145,12 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.contiguous().float()
 
 
-# bf16 activation rows from which lowbit_linear dequantises W to bf16 and calls torch's bf16
-# matmul, where the bf16 kernels (``_C.lowbit_bf16_kernel``) do not take the layout or the CPU has
-# none, instead of converting the activations for the fp32 kernels. fp32 and fp16 activations
-# stay on the fp32 kernels at every M: their GEMM ran at 0.84-1.12 of torch's fp32 F.linear at
-# M = 512, at or ahead of dequantising to fp32 for it (bench/results/ops, sessions 17-18).
+# Activation rows from which lowbit_linear may dequantise W and call torch's matmul instead of the
+# kernels: in fp32, for every activation dtype, with the kernels in _FP32_BLAS_ISAS; in bf16, for
+# bf16 activations whose layout the AVX-512 bf16 kernels (``_C.lowbit_bf16_kernel``) do not take.
+# With AVX-512 kernels fp32 and fp16 activations stay on the fp32 kernels at every M: their GEMM
+# ran at 0.84-1.12 of torch's fp32 F.linear at M = 512, at or ahead of dequantising to fp32 for it
+# (bench/results/ops, sessions 17-18).
 BLAS_MIN_ROWS = 256
 _DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
 # Kernels whose fp32 GEMM trails W dequantised to fp32 and torch's fp32 matmul from
