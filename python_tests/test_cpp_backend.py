@@ -1025,6 +1025,29 @@ def test_fp32_gemm_over_several_row_blocks(each_isa):
         assert row_err <= 1e-5, isa
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_fp32_fused_rows_exact_on_integers(each_isa, bits):
+    # The fused path (M <= 6) is compiled apart for groups of 32, 64 and 128 (constant phase
+    # offsets, unrolled steps) and for any other size at run time. Small integer activations,
+    # scales and zeros give integer sums that fp32 holds exactly: a code read from the wrong
+    # place, group or phase changes the result, which must equal the integer product.
+    g = _gen(bits)
+    for group, k in ((32, 384), (64, 576), (128, 384), (16, 208), (96, 384), (8, 72)):
+        n = 23
+        codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
+        scale = torch.randint(1, 4, (n, k // group), generator=g).float()
+        zero = torch.randint(-9, 10, (n, k // group), generator=g).float()
+        qw = QuantizedWeight(pack_weight_codes(codes, bits), scale, zero, bits, group, k)
+        w = codes.float() * scale.repeat_interleave(group, 1) + zero.repeat_interleave(group, 1)
+        for m in range(1, 7):
+            x = torch.randint(-3, 4, (m, k), generator=g).float()
+            want = (x.double() @ w.double().T).float()
+            for isa in each_isa:
+                cpp._C.set_lowbit_isa(isa)
+                y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, None)
+                assert torch.equal(y, want), (isa, group, m)
+
+
 @pytest.mark.parametrize("bits", (3, 4))
 def test_lowbit_linear_blas_path_by_instruction_set(each_isa, monkeypatch, bits):
     # From BLAS_MIN_ROWS rows on: below AVX-512 (generic, avx2) every activation dtype goes to

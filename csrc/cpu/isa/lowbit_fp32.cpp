@@ -94,7 +94,7 @@ typedef float vtile __attribute__((vector_size(kTileRows * 4)));
 
 // The step width for phases (or 3-bit units) of `per_phase` bytes: the widest of kVL, kVL / 2,
 // ..., kMinVL that divides it, else kVL (its steps take what fits, the rest goes one by one).
-inline int step_lanes(int64_t per_phase) {
+constexpr int step_lanes(int64_t per_phase) {
   for (int l = kVL; l >= kMinVL; l /= 2)
     if (per_phase % l == 0) return l;
   return kVL;
@@ -372,10 +372,11 @@ inline V sum_chains(const V* v) {
 
 // Few activation rows, phase layout: codes straight into the FMAs, one group at a time, in steps
 // of L bytes of each phase.
-template <int B, int MB, int L>
-void fused_rows(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, const float* xp,
+template <int B, int MB, int L, int GS>
+void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s, const float* z, const float* xp,
                 const float* xsum, int64_t G, float* acc) {
   typedef typename Lanes<L>::f F;
+  const int64_t g = GS ? GS : group_size;
   constexpr int cpb = 8 / B, C = kChains<MB, L>, T = kTotals<MB, L>, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
   constexpr uint32_t mask = (1u << B) - 1;
   const int64_t per_phase = g / cpb;
@@ -428,10 +429,11 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t g, const float* s, const f
 
 // fused_rows for 3 bits: L units (8 L codes) per vector step, a group's units beyond whole steps
 // one at a time; phase ph feeds chain ph % C.
-template <int MB, int L>
-void fused_rows3(const uint8_t* rb, int64_t K, int64_t g, const float* s, const float* z, const float* xp,
+template <int MB, int L, int GS>
+void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* s, const float* z, const float* xp,
                  const float* xsum, int64_t G, float* acc) {
   typedef typename Lanes<L>::f F;
+  const int64_t g = GS ? GS : group_size;
   constexpr int C = kChains3<MB, L>, T = kTotals<MB, L>;
   const int64_t units = g / 8;
   const uint8_t* end = rb + K * 3 / 8;
@@ -457,13 +459,14 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t g, const float* s, const 
     }
     float dt[MB];
     for (int m = 0; m < MB; ++m) dt[m] = 0.f;
-    for (; u < units; ++u) {
-      const uint32_t v = load_unit3(gb + 3 * u);
-      for (int ph = 0; ph < 8; ++ph) {
-        const float q = static_cast<float>((v >> (3 * ph)) & 7u);
-        for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * units + u] + dt[m];
+    if constexpr (GS == 0 || GS / 8 % L != 0)  // units past whole steps
+      for (; u < units; ++u) {
+        const uint32_t v = load_unit3(gb + 3 * u);
+        for (int ph = 0; ph < 8; ++ph) {
+          const float q = static_cast<float>((v >> (3 * ph)) & 7u);
+          for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * units + u] + dt[m];
+        }
       }
-    }
     for (int m = 0; m < MB; ++m) {
       if constexpr (T == 1) {
         yv[m][0] = s[grp] * sum_chains<C>(dv[m]) + yv[m][0];
@@ -476,20 +479,52 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t g, const float* s, const 
   for (int m = 0; m < MB; ++m) acc[m] = hsum(sum_chains<T>(yv[m])) + ys[m];
 }
 
+// fused_rows (fused_rows3) for B bits at the step width of group size g, known at compile time
+// as GS where it is one of the common sizes (GS = 0: only at run time).
+template <int B, int MB, int GS>
+void fused_bits(const LowbitProblem& p, const uint8_t* rb, const float* s, const float* z, const float* xsum,
+                float* acc) {
+  const int64_t g = GS ? GS : p.group_size;
+  const auto run = [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
+    if constexpr (B == 3) {
+      fused_rows3<MB, L, GS>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc);
+    } else {
+      fused_rows<B, MB, L, GS>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc);
+    }
+  };
+  constexpr int64_t per_step = B == 3 ? GS / 8 : GS * B / 8;  // phase bytes (3 bits: units) of a group
+  if constexpr (GS != 0) {
+    run(std::integral_constant<int, step_lanes(per_step)>{});
+  } else {
+    with_step_lanes(B == 3 ? g / 8 : g * B / 8, run);
+  }
+}
+
+// Group sizes 32, 64 and 128 are compiled as constants: a group's phase offsets become
+// immediates and its steps unroll (1536 x 576 W4 g64 at M = 1 spent half its time between
+// groups: eight phase pointers stepped, loop bounds tested).
+template <int B, int MB>
+void fused_group(const LowbitProblem& p, const uint8_t* rb, const float* s, const float* z, const float* xsum,
+                 float* acc) {
+  switch (p.group_size) {
+    case 32: fused_bits<B, MB, 32>(p, rb, s, z, xsum, acc); break;
+    case 64: fused_bits<B, MB, 64>(p, rb, s, z, xsum, acc); break;
+    case 128: fused_bits<B, MB, 128>(p, rb, s, z, xsum, acc); break;
+    default: fused_bits<B, MB, 0>(p, rb, s, z, xsum, acc); break;
+  }
+}
+
 template <int MB>
 void fused_row(const LowbitProblem& p, const float* sz, const float* xsum, int64_t n, float* acc) {
   const uint8_t* rb = p.qweight + n * p.row_bytes;
   const float *s = sz, *z = sz + p.G;
-  const int64_t g = p.group_size;
-  with_step_lanes(p.bits == 3 ? g / 8 : g * p.bits / 8, [&](auto lanes) {
-    constexpr int L = decltype(lanes)::value;
-    switch (p.bits) {
-      case 2: fused_rows<2, MB, L>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc); break;
-      case 3: fused_rows3<MB, L>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc); break;
-      case 4: fused_rows<4, MB, L>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc); break;
-      default: fused_rows<8, MB, L>(rb, p.K, g, s, z, p.x32, xsum, p.G, acc); break;
-    }
-  });
+  switch (p.bits) {
+    case 2: fused_group<2, MB>(p, rb, s, z, xsum, acc); break;
+    case 3: fused_group<3, MB>(p, rb, s, z, xsum, acc); break;
+    case 4: fused_group<4, MB>(p, rb, s, z, xsum, acc); break;
+    default: fused_group<8, MB>(p, rb, s, z, xsum, acc); break;
+  }
 }
 
 // The weight is decoded a slice of whole groups, about kSliceK values, at a time: a block's
