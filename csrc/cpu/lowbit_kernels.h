@@ -23,7 +23,9 @@ struct LowbitProblem {
   int scale_dtype;
   int64_t M;
   const float* x32;        // [M, K] fp32 in decode order (fp32 kernels); packed where fp32_rows runs its
-                           // GEMM (fp32_packs_x): tiles of tile_rows rows as [K, tile_rows], zeros past M
+                           // GEMM (fp32_packs_x): tiles of tile_rows rows as [K, tile_rows], zeros past M.
+                           // Phase layouts, M <= kFp32InPlaceRows: the value for code c of a unit scaled
+                           // by 2^-(c * b) (b = bits), as the kernels mask codes in place (code_in_place)
   const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
   int64_t x_stride;
   const float* xsum;       // [M, G] group sums of the activations the kernel reads
@@ -52,6 +54,11 @@ struct LowbitKernels {
 
 // Whether fp32_rows reads x32 packed in tiles of k.tile_rows rows (its GEMM) for M rows.
 inline bool fp32_packs_x(const LowbitKernels& k, int64_t M) { return M > k.fused_rows; }
+
+// Up to this many activation rows the fp32 kernels' fused path masks each code where it sits in
+// its unit, with no shift, and reads x32 scaled to match (phase layouts). With four rows the
+// masks crowd AVX2's registers: W2 at M = 4 ran 12% slower on a Zen 3, W2/W3 at M = 1-3 1-16% faster.
+constexpr int64_t kFp32InPlaceRows = 3;
 
 // Whether bf16_rows handles this layout. A chunk is 64 bytes of codes (2/4/8 bits) or 128 codes
 // in 48 bytes (3 bits, decoded with AVX-512 VBMI: only the *_vbmi build takes them). Its pair

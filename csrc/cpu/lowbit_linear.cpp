@@ -363,6 +363,11 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   {
     float* xp = x32.data();
     float* sums = xsum.data();
+    // Code c of a unit (a byte's 8 / bits codes, or 3 bits' three-byte unit) sits at bit c * bits.
+    const bool in_place_codes = with_sums && M <= kFp32InPlaceRows;
+    const int64_t per_unit = bits == 3 ? 8 : 8 / bits;
+    float in_place[8];
+    for (int64_t c = 0; c < per_unit; ++c) in_place[c] = std::ldexp(1.f, static_cast<int>(-bits * c));
     const size_t row_bytes = K * dtype_size(dtype);
     parallel_for(tiles, std::max<int64_t>(1, kPrepareChunkValues / (MR * K)), [&](int64_t t0, int64_t t1) {
       thread_local AlignedVector<float> rows;
@@ -372,8 +377,12 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
         to_float(static_cast<const uint8_t*>(x) + m0 * row_bytes, dtype, mr * K, rows.data());
         std::fill(rows.begin() + mr * K, rows.end(), 0.f);
         float* xt = xp + m0 * K;
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t r = 0; r < MR; ++r) xt[pos[k] * MR + r] = rows[r * K + k];
+        if (in_place_codes)  // one row (MR = 1), scaled for codes masked in place (LowbitProblem::x32)
+          for (int64_t k = 0; k < K; k += per_unit)
+            for (int64_t c = 0; c < per_unit; ++c) xt[pos[k + c]] = rows[k + c] * in_place[c];
+        else
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t r = 0; r < MR; ++r) xt[pos[k] * MR + r] = rows[r * K + k];
         for (int64_t m = 0; with_sums && m < mr; ++m)
           for (int64_t g = 0; g < G; ++g) {
             float sum = 0.f;

@@ -183,6 +183,22 @@ inline U lane_code(U wv, int ph) {
   return ph == N - 1 ? v : v & ((1u << B) - 1);
 }
 
+// Code c of each lane (or scalar) wv, which holds N codes of B bits and zeros above them, as the
+// fused kernels for MB activation rows read it. Up to kFp32InPlaceRows rows it is masked where it
+// sits, at bit c * B, and the activations come scaled by 2^-(c * B) to match (LowbitProblem::x32):
+// the product is exact, and the shift is saved (W3 decodes the eight codes of a unit with eight
+// ANDs, not seven shifts and seven ANDs). With more rows it is shifted down (lane_code).
+template <int B, int N, int MB, typename U>
+inline U fused_code(U wv, int c) {
+  if constexpr (MB > kFp32InPlaceRows) {
+    return lane_code<B, N>(wv, c);
+  } else if constexpr (N == 1) {
+    return wv;
+  } else {
+    return wv & (((1u << B) - 1) << (c * B));
+  }
+}
+
 inline uint32_t load_unit3(const uint8_t* p) {
   return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16;
 }
@@ -378,7 +394,6 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
   constexpr int cpb = 8 / B, C = kChains<MB, L>, T = kTotals<MB, L>, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
-  constexpr uint32_t mask = (1u << B) - 1;
   const int64_t per_phase = g / cpb;
   const int64_t vec_end = per_phase / L * L;
   F yv[MB][T];
@@ -397,7 +412,7 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
     const auto step = [&](int64_t j, auto u) {
       const typename Lanes<L>::u wv = widen<L>(gb + j);
       for (int ph = 0; ph < cpb; ++ph) {
-        const F q = codes_to_float<L>(lane_code<B, cpb>(wv, ph));
+        const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv, ph));
         constexpr int u0 = decltype(u)::value * cpb;
         for (int m = 0; m < MB; ++m) {
           F& d = dv[m][(u0 + ph) % C];
@@ -412,7 +427,7 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
     for (int m = 0; m < MB; ++m) dt[m] = 0.f;
     for (j = vec_end; j < per_phase; ++j)
       for (int ph = 0; ph < cpb; ++ph) {
-        const float q = static_cast<float>((gb[j] >> (ph * B)) & mask);
+        const float q = static_cast<float>(fused_code<B, cpb, MB>(uint32_t{gb[j]}, ph));
         for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * per_phase + j] + dt[m];
       }
     for (int m = 0; m < MB; ++m) {
@@ -453,7 +468,7 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
     for (; u + L <= units; u += L) {
       const typename Lanes<L>::u wv = units3<L>(gb + 3 * u, end);
       for (int ph = 0; ph < 8; ++ph) {
-        const F q = codes_to_float<L>(lane_code<3, 8>(wv, ph));
+        const F q = codes_to_float<L>(fused_code<3, 8, MB>(wv, ph));
         for (int m = 0; m < MB; ++m) dv[m][ph % C] = q * load<F>(xg + m * K + ph * units + u) + dv[m][ph % C];
       }
     }
@@ -463,7 +478,7 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
       for (; u < units; ++u) {
         const uint32_t v = load_unit3(gb + 3 * u);
         for (int ph = 0; ph < 8; ++ph) {
-          const float q = static_cast<float>((v >> (3 * ph)) & 7u);
+          const float q = static_cast<float>(fused_code<3, 8, MB>(v, ph));
           for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * units + u] + dt[m];
         }
       }
