@@ -1048,6 +1048,25 @@ def test_fp32_fused_rows_exact_on_integers(each_isa, bits):
                 assert torch.equal(y, want), (isa, group, m)
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_fp32_fused_rows_keep_tiny_rows_exact(each_isa, bits):
+    # Up to three rows the fused path reads activations scaled by down to 2^-21 (codes masked in
+    # place): rows below 2^-64 are raised first, else their values turn subnormal (a row of 1e-37
+    # lost 0.4% at 3 bits). Each row must keep the fp32 promise, a tiny row beside a normal one too.
+    g = _gen(bits + 40)
+    qw = quantize_weight(torch.randn(31, 576, generator=g), bits, 64)
+    w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, 64, 576)
+    magnitudes = torch.tensor([1e-37, 1.0, 1e-35])[:, None]  # (smaller ones give subnormal outputs)
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        for m in (1, 2, 3):
+            x = torch.randn(m, 576, generator=g) * magnitudes[:m]
+            y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, None)
+            want = x.double() @ w64.T
+            row_err = ((y.double() - want).norm(dim=1) / want.norm(dim=1)).max()
+            assert row_err <= 1e-5, (isa, m)
+
+
 @pytest.mark.parametrize("bits", (3, 4))
 def test_lowbit_linear_blas_path_by_instruction_set(each_isa, monkeypatch, bits):
     # From BLAS_MIN_ROWS rows on: below AVX-512 (generic, avx2) every activation dtype goes to

@@ -360,6 +360,11 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   x32.resize(tiles * MR * K);
   const bool with_sums = !packed && p.phased;
   xsum.resize(with_sums ? M * G : 0);
+  // The fused path's scaling for codes in place (down to 2^-21, below) would make the values of a
+  // row below 2^-64 subnormal and inexact (a row of 1e-37 lost 0.4% at 3 bits): such a row is
+  // raised by 2^64, and its result lowered.
+  const float tiny = std::ldexp(1.f, -64), raise = std::ldexp(1.f, 64);
+  bool raised[kFp32InPlaceRows] = {};
   {
     float* xp = x32.data();
     float* sums = xsum.data();
@@ -377,12 +382,18 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
         to_float(static_cast<const uint8_t*>(x) + m0 * row_bytes, dtype, mr * K, rows.data());
         std::fill(rows.begin() + mr * K, rows.end(), 0.f);
         float* xt = xp + m0 * K;
-        if (in_place_codes)  // one row (MR = 1), scaled for codes masked in place (LowbitProblem::x32)
+        if (in_place_codes) {  // one row (MR = 1), scaled for codes masked in place (LowbitProblem::x32)
+          float top = 0.f;
+          for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(rows[k]));  // NaN: skipped
+          raised[t] = top < tiny;
+          if (raised[t])
+            for (int64_t k = 0; k < K; ++k) rows[k] *= raise;
           for (int64_t k = 0; k < K; k += per_unit)
             for (int64_t c = 0; c < per_unit; ++c) xt[pos[k + c]] = rows[k + c] * in_place[c];
-        else
+        } else {
           for (int64_t k = 0; k < K; ++k)
             for (int64_t r = 0; r < MR; ++r) xt[pos[k] * MR + r] = rows[r * K + k];
+        }
         for (int64_t m = 0; with_sums && m < mr; ++m)
           for (int64_t g = 0; g < G; ++g) {
             float sum = 0.f;
@@ -399,6 +410,9 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
 
   parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.kernels->fp32_rows(p, n0, n1); });
 
+  for (int64_t m = 0; m < std::min(M, kFp32InPlaceRows); ++m)
+    if (raised[m])
+      for (int64_t n = 0; n < N; ++n) p.y[m * N + n] *= tiny;
   if (bias)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) p.y[m * N + n] += bias[n];
