@@ -441,7 +441,8 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
       } else {
         for (int c = 0; c < C; ++c) yv[m][c] = s[grp] * dv[m][c] + yv[m][c];
       }
-      ys[m] += s[grp] * dt[m] + z[grp] * xsum[m * G + grp];
+      ys[m] += z[grp] * xsum[m * G + grp];
+      if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[m] += s[grp] * dt[m];  // bytes past whole steps
     }
   }
   for (int m = 0; m < MB; ++m) acc[m] = hsum(sum_chains<T>(yv[m])) + ys[m];
@@ -493,7 +494,8 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
       } else {
         for (int c = 0; c < C; ++c) yv[m][c] = s[grp] * dv[m][c] + yv[m][c];
       }
-      ys[m] += s[grp] * dt[m] + z[grp] * xsum[m * G + grp];
+      ys[m] += z[grp] * xsum[m * G + grp];
+      if constexpr (GS == 0 || GS / 8 % L != 0) ys[m] += s[grp] * dt[m];
     }
   }
   for (int m = 0; m < MB; ++m) acc[m] = hsum(sum_chains<T>(yv[m])) + ys[m];
