@@ -150,6 +150,7 @@ int64_t chunk_rows(int64_t N, int64_t macs_per_row, int64_t block = 32) {
   const int64_t by_threads = N / (8 * threads);
   const int64_t by_work = (kMinChunkMacs + macs_per_row - 1) / std::max<int64_t>(1, macs_per_row);
   const int64_t tiles = (N + 31) / 32, first = std::max<int64_t>(1, (std::max(by_threads, by_work) + 31) / 32);
+  if (threads == 1 || first >= tiles) return first * 32;  // one thread, or one chunk: nothing to balance
   // Work on the busiest thread with chunks of s tiles, in eighths of a tile.
   const auto span = [&](int64_t s) {
     return ((tiles + s - 1) / s + threads - 1) / threads * (8 * s + (block == 64 && s % 2 == 1 ? 1 : 0));
@@ -405,7 +406,8 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   }
   p.x32 = x32.data();
   p.xsum = xsum.data();
-  AlignedVector<float> y32(dtype == kFloat32 ? 0 : M * N);
+  thread_local AlignedVector<float> y32;
+  y32.resize(dtype == kFloat32 ? 0 : M * N);
   p.y = dtype == kFloat32 ? static_cast<float*>(y) : y32.data();
 
   parallel_for(N, chunk_rows(N, M * K), [&](int64_t n0, int64_t n1) { isa.kernels->fp32_rows(p, n0, n1); });
