@@ -225,9 +225,9 @@ def prepare_lowbit_linear(
         code = DTYPE_CODE[dtype]
         shape = x.shape
         k = shape[-1]
-        if len(shape) == 2:  # torch.empty parses separate sizes ~0.4 us faster than x.shape[:-1] unpacked
+        if len(shape) == 2:  # x.new_empty(m, n): 1.2 us, torch.empty(m, n, dtype=...) 1.4, a shape tuple 1.8-2.1
             m = shape[0]
-            y = torch.empty(m, n, dtype=dtype)
+            y = x.new_empty(m, n)
         else:
             m = x.numel() // k
             y = torch.empty(size=(*shape[:-1], n), dtype=dtype)
