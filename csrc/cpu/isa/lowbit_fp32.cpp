@@ -212,8 +212,9 @@ inline uint32_t load_unit3(const uint8_t* p) {
 // is loaded and the bytes past the 3L are dropped; else exactly the 3L bytes are read (masked
 // loads), so a row's last group needs no scalar tail. (Masked loads of every step made 3-bit
 // rows 1.5-2x slower than 4-bit ones with the weights in memory on a Zen 5: session 27.) The
-// fourth byte of a lane is zero: codes sit at shifts 0..21. Dwords holding each 128-bit lane's
-// four units are gathered with one dword permute, then one in-lane byte shuffle spreads them.
+// fourth byte of a lane is zero: codes sit at shifts 0..21. Each 128-bit lane's four units come
+// from one 16-byte load (8 lanes; a dword permute of one 32-byte load instead was 3-9% slower at
+// M = 1 on a Zen 3) or one dword permute (16 lanes), then one in-lane byte shuffle spreads them.
 template <int L>
 inline typename Lanes<L>::u units3(const uint8_t* p, const uint8_t* end) {
   typename Lanes<L>::u v;
@@ -230,10 +231,11 @@ inline typename Lanes<L>::u units3(const uint8_t* p, const uint8_t* end) {
 #endif
 #if defined(__AVX2__) || defined(__AVX512F__)
   if constexpr (L == 8) {
-    const __m256i raw = end - p >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                      : _mm256_maskload_epi32(reinterpret_cast<const int*>(p),
-                                                              _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
-    const __m256i halves = _mm256_permutevar8x32_epi32(raw, _mm256_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6));
+    // Units 0-3 and 4-7 loaded into one 128-bit lane each (16 bytes from p: within the 24).
+    const __m128i hi = end - p >= 28 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 12))
+                                     : _mm_maskload_epi32(reinterpret_cast<const int*>(p + 12),
+                                                          _mm_setr_epi32(-1, -1, -1, 0));
+    const __m256i halves = _mm256_set_m128i(hi, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m256i idx = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1, 0, 1, 2, -1, 3, 4, 5, -1,
                                          6, 7, 8, -1, 9, 10, 11, -1);
     const __m256i w = _mm256_shuffle_epi8(halves, idx);
