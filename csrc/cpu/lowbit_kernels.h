@@ -25,7 +25,7 @@ struct LowbitProblem {
   const float* x32;        // [M, K] fp32 in decode order (fp32 kernels); packed where fp32_rows runs its
                            // GEMM (fp32_packs_x): tiles of tile_rows rows as [K, tile_rows], zeros past M.
                            // Phase layouts, M <= kFp32InPlaceRows: the value for code c of a unit scaled
-                           // by 2^-(c * b) (b = bits), as the kernels mask codes in place (code_in_place)
+                           // by 2^-(c * b) (b = bits), as the kernels mask codes in place (fused_code)
   const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
   int64_t x_stride;
   const float* xsum;       // [M, G] group sums of the activations the kernel reads

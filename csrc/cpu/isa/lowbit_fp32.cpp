@@ -11,8 +11,9 @@
 // Two paths, by the number of activation rows M:
 // * M <= kFusedRows: each code feeds the FMAs of every activation row directly and a group's
 //   scale and zero are applied to its partial sums: sum_k (q_k*s + z) x_k = s*sum q_k x_k +
-//   z*sum x_k. Only the packed weight, its scales and x are read. (Natural layouts: each weight
-//   row is dequantised once and dotted with the M rows.)
+//   z*sum x_k. Only the packed weight, its scales and x are read. One compiled variant per bits,
+//   M and group size (32, 64, 128 as constants, others at run time) loops over a block of weight
+//   rows. (Natural layouts: each weight row is dequantised once and dotted with the M rows.)
 // * larger M: kPanelN weight rows are dequantised, a slice of K at a time, into a buffer in
 //   row order; for each block of kBlockN of them, each activation tile (kTileRows rows packed
 //   by the caller as [K][kTileRows], LowbitProblem::x32) is one vector per k, and broadcasting
@@ -509,7 +510,7 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
 // constants set up again, cost 1536 x 576 W3 g64 at M = 1 about a tenth of its time (nine groups a row).
 template <int B, int MB, int GS>
 void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* sz) {
-  const int64_t g = GS ? GS : p.group_size, G = p.G;
+  const int64_t g = p.group_size, G = p.G;
   const auto run = [&](auto lanes) {
     constexpr int L = decltype(lanes)::value;
     float acc[MB];
