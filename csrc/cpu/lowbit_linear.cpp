@@ -104,6 +104,9 @@ struct DecodeOrder {
   int64_t operator()(int64_t j) const { return phased ? (j % per_unit) * units + j / per_unit : j; }
 };
 
+// Codes per unit: a byte's 8 / bits, or the 8 codes of 3 bits' three-byte unit.
+int64_t codes_per_unit(int bits) { return bits == 3 ? 8 : 8 / bits; }
+
 bool phase_layout(int bits, int64_t group_size) {
   if (bits == 3) return group_size % 8 == 0;  // whole units (the kernels finish a group's last units one by one)
   return (bits == 2 || bits == 4 || bits == 8) && group_size % (8 / bits) == 0;
@@ -178,7 +181,7 @@ const std::vector<int32_t>& act_positions(ActOrder order, int bits, int64_t grou
     if (e.order == order && e.bits == bits && e.group_size == group_size && e.K == K) return e.pos;
   if (cache.size() >= 16) cache.erase(cache.begin());
   Entry e{order, bits, group_size, K, std::vector<int32_t>(K)};
-  const int64_t per_unit = bits == 3 ? 8 : 8 / bits;
+  const int64_t per_unit = codes_per_unit(bits);
   const DecodeOrder fp32{phase_layout(bits, group_size), per_unit, group_size / per_unit};
   for (int64_t k = 0; k < K; ++k)
     e.pos[k] = static_cast<int32_t>(order == ActOrder::kFp32
@@ -369,9 +372,9 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   {
     float* xp = x32.data();
     float* sums = xsum.data();
-    // Code c of a unit (a byte's 8 / bits codes, or 3 bits' three-byte unit) sits at bit c * bits.
+    // Code c of a unit sits at bit c * bits.
     const bool in_place_codes = with_sums && M <= kFp32InPlaceRows;
-    const int64_t per_unit = bits == 3 ? 8 : 8 / bits;
+    const int64_t per_unit = codes_per_unit(bits);
     float in_place[8];
     for (int64_t c = 0; c < per_unit; ++c) in_place[c] = std::ldexp(1.f, static_cast<int>(-bits * c));
     const size_t row_bytes = K * dtype_size(dtype);

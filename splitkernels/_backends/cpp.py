@@ -231,7 +231,7 @@ def prepare_lowbit_linear(
         else:
             m = x.numel() // k
             y = torch.empty(size=(*shape[:-1], n), dtype=dtype)
-        bias32 = None if bias is None else bias.contiguous().float()
+        bias32 = _bias32(bias)
         # The instruction set (and so the bf16 kernels' reach) may change between calls: asked each time.
         # fp32 rows go to them, rounded to bf16, where torch's precision allows it (one row too: its
         # exact three-part path took twice as long, W4 at 4096 x 4096 1.42 against 0.73 ms).
