@@ -116,7 +116,7 @@ fi
 #     speed-of-light, memory, warp-state and scheduler sections of the warm W4 GEMV at M = 1 and 16.
 if command -v ncu >/dev/null; then
   for case in 1x4096x4096 16x4096x4096; do
-    step "ncu_gemv_$case" 50 ncu --target-processes all --kernel-name regex:gemv --launch-skip 2 --launch-count 1 \
+    step "ncu_gemv_$case" 50 ncu --clock-control none --target-processes all --kernel-name regex:gemv --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
       --section Occupancy --section LaunchStats "$PY" bench/gpu_profile_gemv.py --cases "$case"
   done
