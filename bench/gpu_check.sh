@@ -80,8 +80,11 @@ fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import json, splitkernels; print(json.dumps(splitkernels.backends(), indent=1))" 2>&1 | tee "$OUT/backends.json"
 
-# 2. GPU tests of every GPU backend.
-step tests 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/tests.xml" python_tests
+# 2. GPU tests of every GPU backend: the modules that hold any (the others need packages, such as
+#    the runtime's gRPC health service, that a bare GPU image may lack: 2026-12-04, 8 of them
+#    failed to import there and failed the step although all 137 GPU tests passed).
+GPU_TESTS=$(grep -l "mark.gpu" python_tests/test_*.py)
+step tests 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/tests.xml" $GPU_TESTS
 
 # 2b. compute-sanitizer over the cuda backend's GPU tests: memcheck (out-of-bounds and misaligned
 #     accesses) over every kernel; racecheck and synccheck over the kernels that use shared memory
@@ -122,6 +125,14 @@ if command -v ncu >/dev/null; then
   done
 else
   note "- ncu: not found (Nsight Compute ships with the CUDA toolkit, in \$CUDA_HOME/bin)"
+fi
+# 3c. The decode GEMV over its tuning space (kernel, variant, split count) beside cuBLAS.
+REMAIN=$(( 470 - ($(date +%s) - START) ))
+if [ "$REMAIN" -gt 150 ]; then
+  step gemv_sweep 90 "$PY" bench/gpu_gemv_sweep.py --out "$OUT" $QUICK
+  [ -f "$OUT/gpu_gemv_sweep.md" ] && cat "$OUT/gpu_gemv_sweep.md" >> "$SUMMARY"
+else
+  note "- gemv_sweep: skipped, only $REMAIN s left"
 fi
 REMAIN=$(( 470 - ($(date +%s) - START) ))
 if [ -f bench/bench_triton.py ]; then

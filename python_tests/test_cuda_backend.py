@@ -311,6 +311,31 @@ def test_emulated_tensor_core_gemv_small_m(emu):
         emu.emu_set_tc_min_m(2)  # the launcher's kGemvTcMinM
 
 
+@pytest.mark.parametrize("variant", range(1, 8))
+def test_emulated_gemv_variants(emu, variant):
+    # The kernel variants bench/gpu_gemv_sweep.py times (prefetching the next step, four blocks in
+    # flight) must give the default kernels' results: K = 1152 is 9 tensor-core blocks (a ragged
+    # last step at unroll 2 and 4) and 36 chunks (lanes past the end), K = 4160 130 chunks (three
+    # steps a lane, the last one short); with and without split-K.
+    g = torch.Generator().manual_seed(90 + variant)
+    emu.emu_set_tc_min_m(1)
+    emu.emu_set_gemv_variant(variant)
+    try:
+        for dtype, bits, k, group in ((torch.float16, 4, 1152, 128), (torch.bfloat16, 4, 4160, 64),
+                                      (torch.float32, 3, 4160, 64), (torch.bfloat16, 8, 1152, 128)):
+            q = quantize_weight(torch.randn(21, k, generator=g), bits, group, dtype=dtype)
+            bias = torch.randn(21, generator=g).to(dtype)
+            for m, splits, b in ((1, 1, bias), (1, 2, None), (3, 2, bias)):
+                x = torch.randn(m, k, generator=g).to(dtype)
+                y, tile_done = _emu_gemv(emu, x, q, b, splits)
+                want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, bits, group, b)
+                assert rel_err(y, want) <= MATMUL_TOL[dtype], (dtype, bits, k, m, splits)
+                assert not tile_done.any()
+    finally:
+        emu.emu_set_gemv_variant(0)
+        emu.emu_set_tc_min_m(2)  # the launcher's kGemvTcMinM
+
+
 def test_emulated_gemv_split_policy(emu):
     def splits(m, n, k, bits=4, group=128, dtype=1, sms=132):
         return emu.emu_gemv_splits(I64(m), I64(n), I64(k), ctypes.c_int(bits), I64(group), ctypes.c_int(dtype), sms)
@@ -676,6 +701,38 @@ def test_gpu_tensor_core_gemv_at_small_m(cuda_backend, dtype):
             assert rel_err(got, want) <= MATMUL_TOL[dtype], m
     finally:
         glue._C.gemv_tc_min_m(old)
+        glue._GEMV_SPLITS.clear()
+        glue._GEMV_FUSED.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", range(1, 8))
+def test_gpu_gemv_variants(cuda_backend, variant):
+    """Each kernel variant bench/gpu_gemv_sweep.py times, on both kernels, with split-K (K = 4224:
+    33 tensor-core blocks, a ragged last step) and without (N = 4100: one split fills the card)."""
+    from splitkernels._backends import cuda as glue
+
+    g = torch.Generator().manual_seed(60 + variant)
+    old_min_m, old_variant = glue._C.gemv_tc_min_m(0), glue._C.gemv_variant(variant)
+    glue._GEMV_SPLITS.clear()
+    glue._GEMV_FUSED.clear()
+    try:
+        for dtype, n, k in ((torch.float16, 300, 4224), (torch.bfloat16, 4100, 1152)):
+            qw = quantize_weight(torch.randn(n, k, generator=g), 4, 128, dtype=dtype).to("cuda")
+            bias = torch.randn(n, generator=g).to(dtype)
+            for min_m in (1, 33):  # tensor cores from M = 1, then CUDA cores up to M = 16
+                glue._C.gemv_tc_min_m(min_m)
+                glue._GEMV_SPLITS.clear()
+                glue._GEMV_FUSED.clear()
+                for m in (1, 3):
+                    x = torch.randn(m, k, generator=g).to(dtype)
+                    _poison_allocator()
+                    got = ops.lowbit_linear(x.cuda(), qw, bias.cuda())
+                    want = reference.lowbit_linear(x, qw.qweight.cpu(), qw.scale.cpu(), qw.zero.cpu(), 4, 128, bias)
+                    assert rel_err(got, want) <= MATMUL_TOL[dtype], (dtype, n, k, min_m, m)
+    finally:
+        glue._C.gemv_tc_min_m(old_min_m)
+        glue._C.gemv_variant(old_variant)
         glue._GEMV_SPLITS.clear()
         glue._GEMV_FUSED.clear()
 

@@ -51,18 +51,31 @@ constexpr int kGemvTileRows = 16;
 // K < 2^31 and M <= kGemvMaxM, or M <= 32 for W4 with fp16/bf16 activations and group_size % 128 == 0.
 bool gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype);
 
-// The smallest M that W4 fp16/bf16 products send to the tensor-core kernel (default 5; 33 turns
+// The smallest M that W4 fp16/bf16 products send to the tensor-core kernel (default 2; 33 turns
 // it off, and M 17..32 then falls back too). value > 0 sets it (benchmarks compare both kernels at
 // small M), 0 only reads; returns the previous value. gemv_fused and gemv_splits follow it, so a
 // caller that caches their answers clears those caches.
 int gemv_tc_min_m(int value);
+
+// GEMV kernel variants that bench/gpu_gemv_sweep.py times against the defaults (0), as bits:
+// kVariantTcPrefetch issues the tensor-core kernel's next step of loads before the current step's
+// MMAs, kVariantTcUnroll4 keeps four 128-code blocks per step in flight instead of two, and
+// kVariantCcPrefetch prefetches in the CUDA-core kernel at M = 1.
+constexpr int kVariantTcPrefetch = 1;
+constexpr int kVariantTcUnroll4 = 2;
+constexpr int kVariantCcPrefetch = 4;
+constexpr int kVariantAll = 7;
+
+// Sets the variants later GEMV launches take (value >= 0) or only reads them (-1); returns the
+// previous value.
+int gemv_variant(int value);
 
 // How many blocks the GEMV splits K over for an M x N x K product on the current device
 // (1..16): enough warps to fill its SMs (the SM count is asked once per device).
 int gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size, int dtype);
 
 // y [M, N] = x [M, K] @ dequant(W).T (+ bias), fp32 accumulation, for the shapes gemv_fused
-// takes. W4 with fp16/bf16 activations, M >= 5 and group_size % 128 == 0 runs on tensor cores (exact products, fp32 sums), the rest on CUDA
+// takes. W4 with fp16/bf16 activations, M >= 2 and group_size % 128 == 0 runs on tensor cores (exact products, fp32 sums), the rest on CUDA
 // cores. x, scale, zero, bias and y share `dtype`; bias may be 0. All pointers but bias 16-byte
 // aligned. With splits > 1 (from gemv_splits) the kernel needs partial, fp32 [splits, M, N], and
 // tile_done, int32 [>= ceil(N / kGemvTileRows)] all zero, which it leaves zero again (one

@@ -30,6 +30,8 @@ int sm_count() {
 
 // The smallest M the tensor-core kernel takes (gemv_tc_min_m moves it for benchmarks).
 std::atomic<int> tc_min_m{kGemvTcMinM};
+// The kernel variants launches take (gemv_variant sets it for bench/gpu_gemv_sweep.py).
+std::atomic<int> variant{0};
 
 }  // namespace
 
@@ -38,6 +40,14 @@ int gemv_tc_min_m(int value) {
     throw std::invalid_argument("gemv_tc_min_m: value must be in 0..33 (0 reads), got " + std::to_string(value));
   }
   return value > 0 ? tc_min_m.exchange(value) : tc_min_m.load();
+}
+
+int gemv_variant(int value) {
+  if (value < -1 || value > kVariantAll) {
+    throw std::invalid_argument("gemv_variant: value must be in 0.." + std::to_string(kVariantAll) +
+                                " (-1 reads), got " + std::to_string(value));
+  }
+  return value >= 0 ? variant.exchange(value) : variant.load();
 }
 
 bool gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
@@ -72,7 +82,7 @@ void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, pt
     throw std::invalid_argument("lowbit_gemv: split-K needs the partial and tile_done workspaces");
   }
   const GemvArgs a{x, qweight, scale, zero, bias, y, partial, tile_done, static_cast<int>(m), static_cast<int>(k),
-                   static_cast<int>(group_size), n, split, as_stream(stream)};
+                   static_cast<int>(group_size), n, split, as_stream(stream), variant.load()};
   const bool tc = gemv_uses_tc(m, bits, group_size, dtype, min_m);
   switch (dtype) {
     case kFloat32: launch_gemv<float>(a, bits, tc); break;

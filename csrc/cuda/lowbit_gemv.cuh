@@ -224,7 +224,33 @@ __device__ __forceinline__ void finish_split(const float* __restrict__ partial, 
 // split it writes y (+ bias); otherwise fp32 partials [splits, M, N] and a count per tile in
 // tile_done (zero before the launch, zero again after it): the block that completes the count
 // adds the partials in split order.
-template <typename T, int kBits, int kMaxM>
+// The codes, scales and zeros of one step of a lane: kUnroll chunks of each of its kRows rows.
+template <int kBits, int kUnroll, int kRows>
+struct GemvStep {
+  std::uint32_t w[kUnroll][kRows][kBits];
+  float s[kUnroll][kRows], z[kUnroll][kRows];
+};
+
+template <typename T, int kBits, int kUnroll, int kRows>
+__device__ __forceinline__ void gemv_load_step(GemvStep<kBits, kUnroll, kRows>& st,
+                                               const std::uint32_t* (&wrow)[kRows], const T* (&srow)[kRows],
+                                               const T* (&zrow)[kRows], int c0, int c_end, int chunks_per_group) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int c = c0 + 32 * u;
+    if (c < c_end) {
+      const int g = c / chunks_per_group;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        load_chunk<kBits>(wrow[r] + static_cast<std::int64_t>(c) * kBits, st.w[u][r]);
+        st.s[u][r] = load_f32(srow[r], g);
+        st.z[u][r] = load_f32(zrow[r], g);
+      }
+    }
+  }
+}
+
+template <typename T, int kBits, int kMaxM, bool kPrefetch = false>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const T* __restrict__ x, const std::uint32_t* __restrict__ qweight, const T* __restrict__ scale,
                 const T* __restrict__ zero, const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ partial,
@@ -261,22 +287,21 @@ __global__ void __launch_bounds__(kGemvThreads)
     for (int i = 0; i < kMaxM; ++i) acc[r][i] = 0.0f;
   }
 
+  GemvStep<kBits, kU, kR> st;
+  [[maybe_unused]] GemvStep<kBits, kU, kR> next;
+  if constexpr (kPrefetch) {
+    gemv_load_step<T, kBits, kU, kR>(st, wrow, srow, zrow, c_begin + lane, c_end, chunks_per_group);
+  }
   for (int c0 = c_begin + lane; c0 < c_end; c0 += 32 * kU) {
-    std::uint32_t w[kU][kR][kBits];
-    float s[kU][kR], z[kU][kR];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const int c = c0 + 32 * u;
-      if (c < c_end) {
-        const int g = c / chunks_per_group;
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          load_chunk<kBits>(wrow[r] + static_cast<std::int64_t>(c) * kBits, w[u][r]);
-          s[u][r] = load_f32(srow[r], g);
-          z[u][r] = load_f32(zrow[r], g);
-        }
-      }
+    if constexpr (kPrefetch) {
+      // The next step's loads go out before this step's arithmetic, which then hides their latency.
+      gemv_load_step<T, kBits, kU, kR>(next, wrow, srow, zrow, c0 + 32 * kU, c_end, chunks_per_group);
+    } else {
+      gemv_load_step<T, kBits, kU, kR>(st, wrow, srow, zrow, c0, c_end, chunks_per_group);
     }
+    const auto& w = st.w;
+    const auto& s = st.s;
+    const auto& z = st.z;
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int c = c0 + 32 * u;
@@ -323,6 +348,7 @@ __global__ void __launch_bounds__(kGemvThreads)
         }
       }
     }
+    if constexpr (kPrefetch) st = next;
   }
 
   constexpr int kValues = kR * kMaxM;
@@ -432,7 +458,37 @@ __device__ __forceinline__ std::uint32_t tc_code_pair(std::uint32_t word, int i)
   return out;
 }
 
-template <typename T>
+// The weights, scales and zeros of kUnroll 128-code blocks of a warp's tiles.
+template <int kUnroll>
+struct TcStep {
+  std::uint32_t w[kUnroll][kTcTiles][4];
+  float s[kUnroll][kTcTiles][2], z[kUnroll][kTcTiles][2];
+};
+
+template <typename T, int kUnroll>
+__device__ __forceinline__ void tc_load_step(TcStep<kUnroll>& st, const std::uint32_t* (&wrow)[kTcTiles],
+                                             const T* (&srow)[kTcTiles][2], const T* (&zrow)[kTcTiles][2], int b0,
+                                             int b_end, int blocks_per_group) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int b = b0 + u;
+    if (b < b_end) {
+      const int gi = b / blocks_per_group;
+#pragma unroll
+      for (int tl = 0; tl < kTcTiles; ++tl) {
+        const uint4 v = __ldcs(reinterpret_cast<const uint4*>(wrow[tl] + 16 * static_cast<std::int64_t>(b)));
+        st.w[u][tl][0] = v.x; st.w[u][tl][1] = v.y; st.w[u][tl][2] = v.z; st.w[u][tl][3] = v.w;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          st.s[u][tl][e] = load_f32(srow[tl][e], gi);
+          st.z[u][tl][e] = load_f32(zrow[tl][e], gi);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kUnroll = kTcUnroll, bool kPrefetch = false>
 __global__ void __launch_bounds__(kTcThreads)
     gemv_tc_kernel(const T* __restrict__ x, const std::uint32_t* __restrict__ qweight, const T* __restrict__ scale,
                    const T* __restrict__ zero, const T* __restrict__ bias, T* __restrict__ y,
@@ -482,28 +538,21 @@ __global__ void __launch_bounds__(kTcThreads)
       for (int c = 0; c < 4; ++c) acc[tl][c] = 0.0f;
     }
 
-    for (int b0 = b_begin; b0 < b_end; b0 += kTcUnroll) {
-      std::uint32_t w[kTcUnroll][kTcTiles][4];
-      float s[kTcUnroll][kTcTiles][2], z[kTcUnroll][kTcTiles][2];
-#pragma unroll
-      for (int u = 0; u < kTcUnroll; ++u) {
-        const int b = b0 + u;
-        if (b < b_end) {
-          const int gi = b / blocks_per_group;
-#pragma unroll
-          for (int tl = 0; tl < kTcTiles; ++tl) {
-            const uint4 v = __ldcs(reinterpret_cast<const uint4*>(wrow[tl] + 16 * static_cast<std::int64_t>(b)));
-            w[u][tl][0] = v.x; w[u][tl][1] = v.y; w[u][tl][2] = v.z; w[u][tl][3] = v.w;
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              s[u][tl][e] = load_f32(srow[tl][e], gi);
-              z[u][tl][e] = load_f32(zrow[tl][e], gi);
-            }
-          }
-        }
+    TcStep<kUnroll> st;
+    [[maybe_unused]] TcStep<kUnroll> next;
+    if constexpr (kPrefetch) tc_load_step<T, kUnroll>(st, wrow, srow, zrow, b_begin, b_end, blocks_per_group);
+    for (int b0 = b_begin; b0 < b_end; b0 += kUnroll) {
+      if constexpr (kPrefetch) {
+        // The next step's loads go out before this step's MMAs, which then hide their latency.
+        tc_load_step<T, kUnroll>(next, wrow, srow, zrow, b0 + kUnroll, b_end, blocks_per_group);
+      } else {
+        tc_load_step<T, kUnroll>(st, wrow, srow, zrow, b0, b_end, blocks_per_group);
       }
+      const auto& w = st.w;
+      const auto& s = st.s;
+      const auto& z = st.z;
 #pragma unroll
-      for (int u = 0; u < kTcUnroll; ++u) {
+      for (int u = 0; u < kUnroll; ++u) {
         const int b = b0 + u;
         if (b >= b_end) break;  // uniform over the warp
         float dq[kTcTiles][4], dsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -545,6 +594,7 @@ __global__ void __launch_bounds__(kTcThreads)
           }
         }
       }
+      if constexpr (kPrefetch) st = next;
     }
 
 #pragma unroll

@@ -74,6 +74,9 @@ void emu_ts_tabq_decode(const std::uint8_t* bits, const void* lo, const void* st
 // The launcher's tensor-core threshold (lowbit_gemv.cu: gemv_tc_min_m), for tests of small M.
 static int emu_tc_min_m = kGemvTcMinM;
 void emu_set_tc_min_m(int value) { emu_tc_min_m = value; }
+// The kernel variants (lowbit_gemv.cu: gemv_variant), so tests check each one.
+static int emu_variant = 0;
+void emu_set_gemv_variant(int value) { emu_variant = value; }
 
 bool emu_gemv_fused(std::int64_t m, std::int64_t k, int bits, std::int64_t group_size, int dtype) {
   return gemv_supports(m, k, bits, group_size, dtype, emu_tc_min_m);
@@ -99,10 +102,22 @@ void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* sc
     if constexpr (!std::is_same_v<T, float>) {  // the tensor-core kernel takes fp16/bf16 only
       if (gemv_uses_tc(m, bits, group_size, dtype, emu_tc_min_m)) {
         const unsigned grid = static_cast<unsigned>((n + kTcRowsPerBlock - 1) / kTcRowsPerBlock * split.splits);
-        sk_emu::launch(grid, kTcThreads, 0, [=] {
-          gemv_tc_kernel<T>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits,
-                            split.chunks);
-        });
+        auto tc = [&](auto unroll_tag, auto prefetch_tag) {
+          constexpr int kUnroll = decltype(unroll_tag)::value;
+          constexpr bool kPrefetch = decltype(prefetch_tag)::value;
+          sk_emu::launch(grid, kTcThreads, 0, [=] {
+            gemv_tc_kernel<T, kUnroll, kPrefetch>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi,
+                                                  split.splits, split.chunks);
+          });
+        };
+        const bool prefetch = (emu_variant & kVariantTcPrefetch) != 0;
+        if (emu_variant & kVariantTcUnroll4) {
+          if (prefetch) tc(std::integral_constant<int, 4>{}, std::true_type{});
+          else tc(std::integral_constant<int, 4>{}, std::false_type{});
+        } else {
+          if (prefetch) tc(std::integral_constant<int, kTcUnroll>{}, std::true_type{});
+          else tc(std::integral_constant<int, kTcUnroll>{}, std::false_type{});
+        }
         return;
       }
     }
@@ -115,7 +130,13 @@ void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* sc
       });
     };
     auto by_m = [&](auto bits_tag) {  // the launcher's M buckets
-      if (m == 1) run(bits_tag, std::integral_constant<int, 1>{});
+      if (m == 1 && (emu_variant & kVariantCcPrefetch)) {
+        constexpr int B = decltype(bits_tag)::value;
+        sk_emu::launch(grid, kGemvThreads, 0, [=] {
+          gemv_kernel<T, B, 1, true>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits,
+                                     split.chunks);
+        });
+      } else if (m == 1) run(bits_tag, std::integral_constant<int, 1>{});
       else if (m == 2) run(bits_tag, std::integral_constant<int, 2>{});
       else if (m <= 4) run(bits_tag, std::integral_constant<int, 4>{});
       else if (m <= 8) run(bits_tag, std::integral_constant<int, 8>{});
