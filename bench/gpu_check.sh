@@ -126,13 +126,16 @@ if command -v ncu >/dev/null; then
 else
   note "- ncu: not found (Nsight Compute ships with the CUDA toolkit, in \$CUDA_HOME/bin)"
 fi
-# 3c. The decode GEMV over its tuning space (kernel, variant, split count) beside cuBLAS.
+# 3c. The decode GEMV over its tuning space (kernel, variant, split count) beside cuBLAS, then a
+#     chain of decoder layers in one CUDA graph (the per-call fixed costs overlap, as in a model).
 REMAIN=$(( 470 - ($(date +%s) - START) ))
 if [ "$REMAIN" -gt 150 ]; then
   step gemv_sweep 90 "$PY" bench/gpu_gemv_sweep.py --out "$OUT" $QUICK
   [ -f "$OUT/gpu_gemv_sweep.md" ] && cat "$OUT/gpu_gemv_sweep.md" >> "$SUMMARY"
+  step decode_chain 60 "$PY" bench/gpu_decode_chain.py --out "$OUT"
+  [ -f "$OUT/gpu_decode_chain.md" ] && cat "$OUT/gpu_decode_chain.md" >> "$SUMMARY"
 else
-  note "- gemv_sweep: skipped, only $REMAIN s left"
+  note "- gemv_sweep, decode_chain: skipped, only $REMAIN s left"
 fi
 REMAIN=$(( 470 - ($(date +%s) - START) ))
 if [ -f bench/bench_triton.py ]; then

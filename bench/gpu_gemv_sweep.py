@@ -38,11 +38,12 @@ SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 TOL = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
-def normalised_splits(k: int, want: int) -> int:
-    """The split count the launcher turns a request into (lowbit_gemv.cuh: gemv_split)."""
+def normalised_splits(k: int, want: int, granule: int) -> int:
+    """The split count the launcher turns a request into (lowbit_gemv.cuh: gemv_split); splits are
+    multiples of `granule` 32-code chunks (32 on CUDA cores, 4 on tensor cores)."""
     chunks = k // 32
     per = -(-chunks // want)
-    per = max(1, -(-per // 32) * 32)
+    per = max(1, -(-per // granule) * granule)
     return 1 if chunks == 0 else -(-chunks // per)
 
 
@@ -51,10 +52,10 @@ def configs(m: int, k: int, c) -> list[tuple[str, int, int, int]]:
     out = []
     cc_variants = [0, c.VARIANT_CC_PREFETCH] if m == 1 else [0]
     tc_variants = [0, c.VARIANT_TC_PREFETCH, c.VARIANT_TC_UNROLL4, c.VARIANT_TC_PREFETCH | c.VARIANT_TC_UNROLL4]
-    splits = sorted({normalised_splits(k, s) for s in SPLITS})
-    for s in splits:
-        if m <= 16:
+    if m <= 16:
+        for s in sorted({normalised_splits(k, s, 32) for s in SPLITS}):
             out += [("cuda cores", 33, v, s) for v in cc_variants]
+    for s in sorted({normalised_splits(k, s, 4) for s in SPLITS}):
         out += [("tensor cores", 1, v, s) for v in tc_variants]
     return out
 

@@ -297,8 +297,9 @@ def test_emulated_tensor_core_gemv_small_m(emu):
     bias = torch.randn(21, generator=g).bfloat16()
     emu.emu_set_tc_min_m(1)
     try:
-        assert emu.emu_gemv_splits(I64(1), I64(21), I64(1024), 4, I64(128), 2, 132) == 1
-        for m, splits in ((1, 1), (2, 1), (3, 1), (4, 1)):
+        # One 64-row tile: split-K to the cap of two 128-code blocks a split.
+        assert emu.emu_gemv_splits(I64(1), I64(21), I64(1024), 4, I64(128), 2, 132) == 4
+        for m, splits in ((1, 1), (2, 4), (3, 1), (4, 3)):
             x = torch.randn(m, 1024, generator=g).bfloat16()
             y, tile_done = _emu_gemv(emu, x, q, bias, splits)
             want = reference.lowbit_linear(x, q.qweight, q.scale, q.zero, 4, 128, bias)
@@ -347,8 +348,10 @@ def test_emulated_gemv_split_policy(emu):
     assert splits(1, 576, 1536, group=64) == 1  # under 32 chunks per split
     assert splits(1, 16, 1 << 20, sms=1000) == 16  # at most 16
     assert splits(1, 4096, 4096, sms=1) == 1
-    # The tensor-core kernel's blocks take 64 rows: fewer warps, more splits.
-    assert splits(16, 4096, 4096) == 4
+    # The tensor-core kernel's blocks take 64 rows: fewer warps, more splits, in whole 128-code
+    # blocks (9 wanted: 128 chunks in 8 splits of 16).
+    assert splits(16, 4096, 4096) == 8
+    assert splits(16, 4096, 1024) == 4  # at least two blocks a split
     assert splits(16, 4096, 4096, dtype=0) == 2  # fp32 activations stay on CUDA cores
     assert splits(16, 4096, 4096, group=64) == 2
 

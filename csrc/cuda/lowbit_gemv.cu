@@ -77,7 +77,7 @@ void lowbit_gemv(ptr_t x, ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t bias, pt
   for (ptr_t p : {x, qweight, scale, zero, y}) {
     if (p % 16 != 0) throw std::invalid_argument("lowbit_gemv: tensors must be 16-byte aligned");
   }
-  const GemvSplit split = gemv_split(k, splits);
+  const GemvSplit split = gemv_split(k, splits, gemv_split_granule(m, bits, group_size, dtype, min_m));
   if (split.splits > 1 && (partial == 0 || tile_done == 0)) {
     throw std::invalid_argument("lowbit_gemv: split-K needs the partial and tile_done workspaces");
   }

@@ -30,6 +30,8 @@ constexpr int kGemvMaxSplits = 16;
 constexpr int kGemvTargetWarpsPerSm = 16;
 // ... while every split keeps at least one 32-code chunk per lane.
 constexpr int kGemvMinSplitChunks = 32;
+// Splits of the CUDA-core kernel are whole multiples of 32 chunks, so lanes get equal shares.
+constexpr int kGemvSplitGranule = 32;
 constexpr int kDequantThreads = 256;
 
 // Chunks each lane loads per step: 16-byte weight loads at W4 and W8, and about 128 bytes in
@@ -42,35 +44,37 @@ constexpr int kGemvUnroll =
     kMaxM >= 8 && kGemvUnrollBase<kBits> > 1 ? kGemvUnrollBase<kBits> / 2 : kGemvUnrollBase<kBits>;
 
 // How the K range of a launch is split: `splits` blocks per row tile, each taking `chunks`
-// 32-code chunks (a multiple of 32, so lanes get equal shares; the last split may get fewer).
+// 32-code chunks (a multiple of the kernel's granule; the last split may get fewer).
 struct GemvSplit {
   int splits;
   int chunks;
 };
 
-// The split for `requested` splits (clamped to 1..kGemvMaxSplits); never more than requested.
-inline GemvSplit gemv_split(std::int64_t k, int requested) {
+// The split for `requested` splits (clamped to 1..kGemvMaxSplits) in multiples of `granule`
+// chunks; never more than requested.
+inline GemvSplit gemv_split(std::int64_t k, int requested, int granule = kGemvSplitGranule) {
   const int chunks = static_cast<int>(k / 32);
   const int want = requested < 1 ? 1 : requested > kGemvMaxSplits ? kGemvMaxSplits : requested;
   int per = (chunks + want - 1) / want;
-  per = (per + 31) / 32 * 32;
+  per = (per + granule - 1) / granule * granule;
   if (per < 1) per = 1;
   return {chunks == 0 ? 1 : (chunks + per - 1) / per, per};
 }
 
 // Splits for an N x K GEMV whose blocks of 4 warps take rows_per_block rows, on a device with
 // `sm_count` SMs: enough blocks for about kGemvTargetWarpsPerSm warps per SM, at least
-// kGemvMinSplitChunks chunks per split.
-inline int gemv_splits_for(std::int64_t n, std::int64_t k, int rows_per_block, int sm_count) {
+// min_chunks chunks per split, in multiples of `granule` chunks.
+inline int gemv_splits_for(std::int64_t n, std::int64_t k, int rows_per_block, int sm_count,
+                           int granule = kGemvSplitGranule, int min_chunks = kGemvMinSplitChunks) {
   const std::int64_t tiles = (n + rows_per_block - 1) / rows_per_block;
   const std::int64_t warps = tiles * kGemvWarps;
   const std::int64_t want = static_cast<std::int64_t>(sm_count) * kGemvTargetWarpsPerSm;
   std::int64_t s = warps > 0 ? (want + warps - 1) / warps : 1;
-  const std::int64_t cap = k / 32 / kGemvMinSplitChunks;
+  const std::int64_t cap = k / 32 / min_chunks;
   if (s > cap) s = cap;
   if (s > kGemvMaxSplits) s = kGemvMaxSplits;
   if (s < 1) s = 1;
-  return gemv_split(k, static_cast<int>(s)).splits;
+  return gemv_split(k, static_cast<int>(s), granule).splits;
 }
 
 // 8 consecutive activations starting at a 16-byte aligned address, as fp32.
@@ -404,6 +408,11 @@ constexpr int kTcUnroll = 2;  // 128-code blocks in flight per step
 // M above 16 reads the weights once per 16 tokens, the second time mostly from L2: still ahead of
 // a dense fp16 matmul at 32 tokens.
 constexpr int kGemvTcMaxM = 32;
+// Its splits are whole 128-code blocks (4 chunks), at least two a split: at 4096 x 4096 and
+// M = 16 its 64 row tiles with 32-chunk splits gave 0.48 waves on an H200 (Nsight Compute,
+// bench/results/gpu-20261204).
+constexpr int kTcSplitGranule = 4;
+constexpr int kTcMinSplitChunks = 8;
 
 // Whether an M x K GEMV with these codes and activations takes the tensor-core kernel; min_m is
 // kGemvTcMinM unless a benchmark moves it (the kernel is correct for any M >= 1).
@@ -424,9 +433,16 @@ inline bool gemv_supports(std::int64_t m, std::int64_t k, int bits, std::int64_t
 inline int gemv_rows_per_block(std::int64_t m, int bits, std::int64_t group_size, int dtype, int min_m) {
   return gemv_uses_tc(m, bits, group_size, dtype, min_m) ? kTcRowsPerBlock : kGemvRowsPerBlock;
 }
+// The split granule (chunks) of the kernel an M-token GEMV takes.
+inline int gemv_split_granule(std::int64_t m, int bits, std::int64_t group_size, int dtype, int min_m) {
+  return gemv_uses_tc(m, bits, group_size, dtype, min_m) ? kTcSplitGranule : kGemvSplitGranule;
+}
 inline int gemv_splits_for_shape(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size,
                                  int dtype, int sm_count, int min_m = kGemvTcMinM) {
-  return gemv_splits_for(n, k, gemv_rows_per_block(m, bits, group_size, dtype, min_m), sm_count);
+  if (gemv_uses_tc(m, bits, group_size, dtype, min_m)) {
+    return gemv_splits_for(n, k, kTcRowsPerBlock, sm_count, kTcSplitGranule, kTcMinSplitChunks);
+  }
+  return gemv_splits_for(n, k, kGemvRowsPerBlock, sm_count);
 }
 
 template <typename T>
@@ -501,7 +517,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const std::int64_t warp_row0 = tile * kTcRowsPerBlock + (threadIdx.x >> 5) * (kTcTiles * 8);
   const int groups = k / group_size;
   const int blocks_per_group = group_size / 128;
-  // split_chunks is a multiple of 32 chunks, so splits end on 128-code blocks.
+  // split_chunks is a multiple of 4 chunks (kTcSplitGranule), so splits end on 128-code blocks.
   const int b_begin = split * (split_chunks / 4);
   const int b_end = min(k / 128, b_begin + split_chunks / 4);
   const std::int64_t words = k / 8;

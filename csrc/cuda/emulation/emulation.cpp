@@ -90,7 +90,7 @@ int emu_gemv_splits(std::int64_t m, std::int64_t n, std::int64_t k, int bits, st
 void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* scale, const void* zero,
                      const void* bias, void* y, int dtype, std::int64_t m, std::int64_t n, std::int64_t k, int bits,
                      std::int64_t group_size, int splits, float* partial, int* tile_done) {
-  const GemvSplit split = gemv_split(k, splits);
+  const GemvSplit split = gemv_split(k, splits, gemv_split_granule(m, bits, group_size, dtype, emu_tc_min_m));
   const int mi = static_cast<int>(m), ki = static_cast<int>(k), gi = static_cast<int>(group_size);
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
