@@ -40,7 +40,7 @@ TOL = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 def normalised_splits(k: int, want: int, granule: int) -> int:
     """The split count the launcher turns a request into (lowbit_gemv.cuh: gemv_split); splits are
-    multiples of `granule` 32-code chunks (32 on CUDA cores, 4 on tensor cores)."""
+    multiples of `granule` 32-code chunks (32 on CUDA cores, 8 on tensor cores)."""
     chunks = k // 32
     per = -(-chunks // want)
     per = max(1, -(-per // granule) * granule)
@@ -55,7 +55,7 @@ def configs(m: int, k: int, c) -> list[tuple[str, int, int, int]]:
     if m <= 16:
         for s in sorted({normalised_splits(k, s, 32) for s in SPLITS}):
             out += [("cuda cores", 33, v, s) for v in cc_variants]
-    for s in sorted({normalised_splits(k, s, 4) for s in SPLITS}):
+    for s in sorted({normalised_splits(k, s, 8) for s in SPLITS}):
         out += [("tensor cores", 1, v, s) for v in tc_variants]
     return out
 
@@ -83,7 +83,8 @@ def launch(c, glue, x: torch.Tensor, qw, splits: int) -> torch.Tensor:
     return y
 
 
-def sweep_case(timer: Timer, peak: float | None, n: int, k: int, m: int, dtype: torch.dtype) -> list[dict]:
+def sweep_case(timer: Timer, peak: float | None, n: int, k: int, m: int, dtype: torch.dtype,
+               launcher_only: bool = False) -> list[dict]:
     from splitkernels._backends import cuda as glue
 
     c = glue._C
@@ -108,7 +109,7 @@ def sweep_case(timer: Timer, peak: float | None, n: int, k: int, m: int, dtype: 
                         glue._C.gemv_splits(m, n, k, 4, 128, glue.DTYPE_CODE[dtype])))
     old_min_m, old_variant = c.gemv_tc_min_m(0), c.gemv_variant(-1)
     try:
-        for kernel, min_m, variant, splits in configs(m, k, c):
+        for kernel, min_m, variant, splits in [] if launcher_only else configs(m, k, c):
             c.gemv_tc_min_m(min_m)
             c.gemv_variant(variant)
             got = launch(c, glue, x, qw, splits)
@@ -154,6 +155,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="comma-separated NxK")
     ap.add_argument("--m", default="1,2,4,8,16", help="comma-separated token counts (fp16; bf16 at M = 1)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--launcher-only", action="store_true", help="time cuBLAS and the launcher's choice only")
     args = ap.parse_args()
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -174,7 +176,7 @@ def main() -> int:
     cases = [(n, k, m, torch.float16) for n, k in shapes for m in ms]
     cases += [(n, k, 1, torch.bfloat16) for n, k in shapes]
     for i, (n, k, m, dtype) in enumerate(cases):
-        rows += sweep_case(timer, peak, n, k, m, dtype)
+        rows += sweep_case(timer, peak, n, k, m, dtype, args.launcher_only)
         (args.out / "gpu_gemv_sweep.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
         (args.out / "gpu_gemv_sweep.md").write_text(markdown(env, rows))
         print(f"[{i + 1}/{len(cases)}] N={n} K={k} M={m} {dtype} ({time.time() - start:.0f} s)", flush=True)

@@ -657,8 +657,9 @@ def test_gpu_offset_views_and_streams(cuda_backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", (1, 8))  # the CUDA-core and the tensor-core kernel
 def test_gpu_gemv_split_k_on_streams_and_graphs(cuda_backend, m):
-    """Split-K's tile counters are per stream and reset by the kernel; under graph capture the
-    GEMV runs unsplit, and replays give the same result."""
+    """Split-K's tile counters are per stream and reset by the kernel; under graph capture each
+    launch splits K with counters of its own, and replays (after other launches on the stream's
+    counters) give the same result."""
     g = torch.Generator().manual_seed(5)
     qw = quantize_weight(torch.randn(96, 8192, generator=g), 4, 128, dtype=torch.float16).to("cuda")
     x = torch.randn(m, 8192, generator=g).half()
@@ -674,13 +675,19 @@ def test_gpu_gemv_split_k_on_streams_and_graphs(cuda_backend, m):
     outs.append(ops.lowbit_linear(xc, qw))
     for got in outs:
         assert rel_err(got, want) <= 1e-3
+    from splitkernels._backends import cuda as glue
+
+    assert glue._C.gemv_splits(m, 96, 8192, 4, 128, 1) > 1  # the graph below takes split-K
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static = ops.lowbit_linear(xc, qw)
+        static2 = ops.lowbit_linear(xc * 2, qw)  # a second launch in the same graph
     for _ in range(2):
         graph.replay()
+        ops.lowbit_linear(xc, qw)  # an eager split launch between replays
         torch.cuda.synchronize()
         assert rel_err(static, want) <= 1e-3
+        assert rel_err(static2, 2 * want) <= 1e-3
 
 
 @pytest.mark.gpu

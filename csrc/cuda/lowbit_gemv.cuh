@@ -63,18 +63,17 @@ inline GemvSplit gemv_split(std::int64_t k, int requested, int granule = kGemvSp
 
 // Splits for an N x K GEMV whose blocks of 4 warps take rows_per_block rows, on a device with
 // `sm_count` SMs: enough blocks for about kGemvTargetWarpsPerSm warps per SM, at least
-// min_chunks chunks per split, in multiples of `granule` chunks.
-inline int gemv_splits_for(std::int64_t n, std::int64_t k, int rows_per_block, int sm_count,
-                           int granule = kGemvSplitGranule, int min_chunks = kGemvMinSplitChunks) {
+// kGemvMinSplitChunks chunks per split.
+inline int gemv_splits_for(std::int64_t n, std::int64_t k, int rows_per_block, int sm_count) {
   const std::int64_t tiles = (n + rows_per_block - 1) / rows_per_block;
   const std::int64_t warps = tiles * kGemvWarps;
   const std::int64_t want = static_cast<std::int64_t>(sm_count) * kGemvTargetWarpsPerSm;
   std::int64_t s = warps > 0 ? (want + warps - 1) / warps : 1;
-  const std::int64_t cap = k / 32 / min_chunks;
+  const std::int64_t cap = k / 32 / kGemvMinSplitChunks;
   if (s > cap) s = cap;
   if (s > kGemvMaxSplits) s = kGemvMaxSplits;
   if (s < 1) s = 1;
-  return gemv_split(k, static_cast<int>(s), granule).splits;
+  return gemv_split(k, static_cast<int>(s)).splits;
 }
 
 // 8 consecutive activations starting at a 16-byte aligned address, as fp32.
@@ -408,11 +407,13 @@ constexpr int kTcUnroll = 2;  // 128-code blocks in flight per step
 // M above 16 reads the weights once per 16 tokens, the second time mostly from L2: still ahead of
 // a dense fp16 matmul at 32 tokens.
 constexpr int kGemvTcMaxM = 32;
-// Its splits are whole 128-code blocks (4 chunks), at least two a split: at 4096 x 4096 and
-// M = 16 its 64 row tiles with 32-chunk splits gave 0.48 waves on an H200 (Nsight Compute,
-// bench/results/gpu-20261204).
-constexpr int kTcSplitGranule = 4;
-constexpr int kTcMinSplitChunks = 8;
+// Its splits are whole steps (kTcUnroll 128-code blocks = 8 chunks), and as many as one wave of
+// blocks holds: kTcBlocksPerSm blocks of 128 threads at its 124 registers (sm_90). On an H200
+// (bench/results/gpu-20261204, bench/gpu_gemv_sweep.py) 4096 x 4096 at M = 16 had 0.48 waves
+// with 4 splits (22 us), 20 us with 8 (one wave), 26 us with 11 (1.3 waves, a tail); the best
+// split count of every shape and M = 2..16 was the one-wave one or within 5% of it.
+constexpr int kTcSplitGranule = 4 * kTcUnroll;
+constexpr int kTcBlocksPerSm = 4;
 
 // Whether an M x K GEMV with these codes and activations takes the tensor-core kernel; min_m is
 // kGemvTcMinM unless a benchmark moves it (the kernel is correct for any M >= 1).
@@ -429,19 +430,24 @@ inline bool gemv_supports(std::int64_t m, std::int64_t k, int bits, std::int64_t
   return shape && m >= 1 && (m <= 16 || gemv_uses_tc(m, bits, group_size, dtype, min_m));
 }
 
-// Rows per block and split count of the kernel an M x N x K GEMV takes (the launcher's choice).
-inline int gemv_rows_per_block(std::int64_t m, int bits, std::int64_t group_size, int dtype, int min_m) {
-  return gemv_uses_tc(m, bits, group_size, dtype, min_m) ? kTcRowsPerBlock : kGemvRowsPerBlock;
-}
-// The split granule (chunks) of the kernel an M-token GEMV takes.
+// The split granule (chunks) and split count of the kernel an M x N x K GEMV takes (the
+// launcher's choice).
 inline int gemv_split_granule(std::int64_t m, int bits, std::int64_t group_size, int dtype, int min_m) {
   return gemv_uses_tc(m, bits, group_size, dtype, min_m) ? kTcSplitGranule : kGemvSplitGranule;
 }
+// Tensor-core splits: the most that keep the grid within one wave, at least one step each.
+inline int gemv_tc_splits_for(std::int64_t n, std::int64_t k, int sm_count) {
+  const std::int64_t tiles = (n + kTcRowsPerBlock - 1) / kTcRowsPerBlock;
+  std::int64_t s = static_cast<std::int64_t>(sm_count) * kTcBlocksPerSm / (tiles > 0 ? tiles : 1);
+  const std::int64_t cap = k / 32 / kTcSplitGranule;
+  if (s > cap) s = cap;
+  if (s > kGemvMaxSplits) s = kGemvMaxSplits;
+  if (s < 1) s = 1;
+  return gemv_split(k, static_cast<int>(s), kTcSplitGranule).splits;
+}
 inline int gemv_splits_for_shape(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size,
                                  int dtype, int sm_count, int min_m = kGemvTcMinM) {
-  if (gemv_uses_tc(m, bits, group_size, dtype, min_m)) {
-    return gemv_splits_for(n, k, kTcRowsPerBlock, sm_count, kTcSplitGranule, kTcMinSplitChunks);
-  }
+  if (gemv_uses_tc(m, bits, group_size, dtype, min_m)) return gemv_tc_splits_for(n, k, sm_count);
   return gemv_splits_for(n, k, kGemvRowsPerBlock, sm_count);
 }
 
@@ -517,7 +523,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const std::int64_t warp_row0 = tile * kTcRowsPerBlock + (threadIdx.x >> 5) * (kTcTiles * 8);
   const int groups = k / group_size;
   const int blocks_per_group = group_size / 128;
-  // split_chunks is a multiple of 4 chunks (kTcSplitGranule), so splits end on 128-code blocks.
+  // split_chunks is a multiple of kTcSplitGranule chunks, so splits end on 128-code blocks.
   const int b_begin = split * (split_chunks / 4);
   const int b_end = min(k / 128, b_begin + split_chunks / 4);
   const std::int64_t words = k / 8;

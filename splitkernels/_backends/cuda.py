@@ -105,17 +105,23 @@ def _gemv_workspace(
     splits = _GEMV_SPLITS.get(key)
     if splits is None:
         splits = _GEMV_SPLITS[key] = _C.gemv_splits(m, n, k, bits, group_size, dtype)
-    if splits == 1 or _capturing():
-        # A captured graph may be replayed on any stream, beside launches that use this stream's
-        # counters: graphs get the unsplit kernel.
+    if splits == 1:
         return 1, None, None
     tiles = -(-n // _C.GEMV_TILE_ROWS)
+    partial = torch.empty(splits, m, n, dtype=torch.float32, device=device)
+    if _capturing():
+        # A captured graph may be replayed on any stream, beside launches that use that stream's
+        # counters: each captured launch gets counters of its own from the graph's memory pool,
+        # zeroed by a captured fill (the kernel leaves them zero, the fill makes that hold at the
+        # first replay). Unsplit in graphs, 4-16 token products ran at 0.37-0.41x of cuBLAS on an
+        # H200 (bench/gpu_decode_chain.py, 2026-12-04): a 4096-row layer was 64 blocks.
+        return splits, partial, torch.zeros(tiles, dtype=torch.int32, device=device)
     stream_key = (device.index, _stream(device))
     done = _GEMV_TILE_DONE.get(stream_key)
     if done is None or done.numel() < tiles:
         done = torch.zeros(max(tiles, 256), dtype=torch.int32, device=device)
         _GEMV_TILE_DONE[stream_key] = done
-    return splits, torch.empty(splits, m, n, dtype=torch.float32, device=device), done
+    return splits, partial, done
 
 
 def dequantize_weight(
