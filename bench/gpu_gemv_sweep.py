@@ -3,8 +3,8 @@
 For each W4 g128 shape (N x K), activation dtype and M, times cuBLAS (``F.linear`` on the dense
 weight of the activations' dtype), the launcher's own choice (``ops.lowbit_linear``), and every
 (kernel, variant, split count) the launcher could take: the CUDA-core kernel (at M = 1 also with
-the next step's loads issued before the current step's arithmetic) and the tensor-core kernel
-(two or four 128-code blocks per step, with or without that prefetch), at 1-16 K splits. Each
+the next step's loads issued before the current step's arithmetic) and the tensor-core kernel,
+at 1-16 K splits. Each
 configuration's output is checked against the launcher's (relative error within one ulp of the
 dtype) before it is timed. It exists because the first Nsight Compute profile of the M = 1 GEMV
 (H200, 2026-12-04) found it issue-bound at 0.65 waves: whether more splits, more loads in flight
@@ -51,22 +51,16 @@ def configs(m: int, k: int, c) -> list[tuple[str, int, int, int]]:
     """(kernel, tc_min_m, variant, splits) for every configuration that can take an M-token product."""
     out = []
     cc_variants = [0, c.VARIANT_CC_PREFETCH] if m == 1 else [0]
-    tc_variants = [0, c.VARIANT_TC_PREFETCH, c.VARIANT_TC_UNROLL4, c.VARIANT_TC_PREFETCH | c.VARIANT_TC_UNROLL4]
     if m <= 16:
         for s in sorted({normalised_splits(k, s, 32) for s in SPLITS}):
             out += [("cuda cores", 33, v, s) for v in cc_variants]
     for s in sorted({normalised_splits(k, s, 8) for s in SPLITS}):
-        out += [("tensor cores", 1, v, s) for v in tc_variants]
+        out.append(("tensor cores", 1, 0, s))
     return out
 
 
 def variant_name(kernel: str, variant: int, c) -> str:
-    parts = []
-    if variant & c.VARIANT_TC_UNROLL4:
-        parts.append("unroll 4")
-    if variant & (c.VARIANT_TC_PREFETCH | c.VARIANT_CC_PREFETCH):
-        parts.append("prefetch")
-    return kernel + (" (" + ", ".join(parts) + ")" if parts else "")
+    return kernel + (" (prefetch)" if variant & c.VARIANT_CC_PREFETCH else "")
 
 
 def launch(c, glue, x: torch.Tensor, qw, splits: int) -> torch.Tensor:

@@ -312,17 +312,15 @@ def test_emulated_tensor_core_gemv_small_m(emu):
         emu.emu_set_tc_min_m(2)  # the launcher's kGemvTcMinM
 
 
-@pytest.mark.parametrize("variant", range(1, 8))
-def test_emulated_gemv_variants(emu, variant):
-    # The kernel variants bench/gpu_gemv_sweep.py times (prefetching the next step, four blocks in
-    # flight) must give the default kernels' results: K = 1152 is 9 tensor-core blocks (a ragged
-    # last step at unroll 2 and 4) and 36 chunks (lanes past the end), K = 4160 130 chunks (three
-    # steps a lane, the last one short); with and without split-K.
-    g = torch.Generator().manual_seed(90 + variant)
-    emu.emu_set_tc_min_m(1)
-    emu.emu_set_gemv_variant(variant)
+def test_emulated_gemv_prefetch_variant(emu):
+    # The CUDA-core kernel with the next step's loads issued early (bench/gpu_gemv_sweep.py times
+    # it) must give the default kernel's results: K = 1152 is 36 chunks (lanes past the end), K =
+    # 4160 130 chunks (three steps a lane, the last one short); with and without split-K, every
+    # bit width, and M = 3 (which keeps the default kernel).
+    g = torch.Generator().manual_seed(90)
+    emu.emu_set_gemv_variant(1)  # kVariantCcPrefetch
     try:
-        for dtype, bits, k, group in ((torch.float16, 4, 1152, 128), (torch.bfloat16, 4, 4160, 64),
+        for dtype, bits, k, group in ((torch.float16, 4, 1152, 128), (torch.bfloat16, 2, 4160, 64),
                                       (torch.float32, 3, 4160, 64), (torch.bfloat16, 8, 1152, 128)):
             q = quantize_weight(torch.randn(21, k, generator=g), bits, group, dtype=dtype)
             bias = torch.randn(21, generator=g).to(dtype)
@@ -334,7 +332,6 @@ def test_emulated_gemv_variants(emu, variant):
                 assert not tile_done.any()
     finally:
         emu.emu_set_gemv_variant(0)
-        emu.emu_set_tc_min_m(2)  # the launcher's kGemvTcMinM
 
 
 def test_emulated_gemv_split_policy(emu):
@@ -716,14 +713,14 @@ def test_gpu_tensor_core_gemv_at_small_m(cuda_backend, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", range(1, 8))
-def test_gpu_gemv_variants(cuda_backend, variant):
-    """Each kernel variant bench/gpu_gemv_sweep.py times, on both kernels, with split-K (K = 4224:
-    33 tensor-core blocks, a ragged last step) and without (N = 4100: one split fills the card)."""
+def test_gpu_gemv_prefetch_variant(cuda_backend):
+    """The CUDA-core prefetch variant bench/gpu_gemv_sweep.py times, with split-K (K = 4224: 132
+    chunks, a ragged last step) and without (N = 4100: one split fills the card); with the
+    tensor-core kernel taking M = 1 too, the variant must leave it alone."""
     from splitkernels._backends import cuda as glue
 
-    g = torch.Generator().manual_seed(60 + variant)
-    old_min_m, old_variant = glue._C.gemv_tc_min_m(0), glue._C.gemv_variant(variant)
+    g = torch.Generator().manual_seed(60)
+    old_min_m, old_variant = glue._C.gemv_tc_min_m(0), glue._C.gemv_variant(glue._C.VARIANT_CC_PREFETCH)
     glue._GEMV_SPLITS.clear()
     glue._GEMV_FUSED.clear()
     try:

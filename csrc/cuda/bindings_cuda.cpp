@@ -10,8 +10,6 @@ using namespace sk::cuda;
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "splitkernels CUDA kernels (raw device pointers; use splitkernels.ops, not this module)";
   m.attr("GEMV_TILE_ROWS") = kGemvTileRows;
-  m.attr("VARIANT_TC_PREFETCH") = kVariantTcPrefetch;
-  m.attr("VARIANT_TC_UNROLL4") = kVariantTcUnroll4;
   m.attr("VARIANT_CC_PREFETCH") = kVariantCcPrefetch;
   m.attr("CODEC_MAX_D") = kCodecMaxD;
   m.attr("V2_HEADER_BYTES") = kV2HeaderBytes;
@@ -47,8 +45,8 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("gemv_tc_min_m", &gemv_tc_min_m, py::arg("value"),
         "Smallest M for the W4 tensor-core GEMV; value > 0 sets it (benchmarks), 0 reads; returns the old value");
   m.def("gemv_variant", &gemv_variant, py::arg("value"),
-        "GEMV kernel variants (bit 1: tensor-core prefetch, 2: tensor-core unroll 4, 4: CUDA-core prefetch at "
-        "M = 1); value >= 0 sets them (benchmarks), -1 reads; returns the old value");
+        "GEMV kernel variants (bit 1: CUDA-core prefetch at M = 1); value >= 0 sets them (benchmarks), -1 "
+        "reads; returns the old value");
   m.def("gemv_splits", &gemv_splits, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("group_size"),
         py::arg("dtype"),
         "Blocks the GEMV splits K over on the current device (1 = no split-K)");

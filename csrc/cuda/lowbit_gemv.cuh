@@ -480,37 +480,7 @@ __device__ __forceinline__ std::uint32_t tc_code_pair(std::uint32_t word, int i)
   return out;
 }
 
-// The weights, scales and zeros of kUnroll 128-code blocks of a warp's tiles.
-template <int kUnroll>
-struct TcStep {
-  std::uint32_t w[kUnroll][kTcTiles][4];
-  float s[kUnroll][kTcTiles][2], z[kUnroll][kTcTiles][2];
-};
-
-template <typename T, int kUnroll>
-__device__ __forceinline__ void tc_load_step(TcStep<kUnroll>& st, const std::uint32_t* (&wrow)[kTcTiles],
-                                             const T* (&srow)[kTcTiles][2], const T* (&zrow)[kTcTiles][2], int b0,
-                                             int b_end, int blocks_per_group) {
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int b = b0 + u;
-    if (b < b_end) {
-      const int gi = b / blocks_per_group;
-#pragma unroll
-      for (int tl = 0; tl < kTcTiles; ++tl) {
-        const uint4 v = __ldcs(reinterpret_cast<const uint4*>(wrow[tl] + 16 * static_cast<std::int64_t>(b)));
-        st.w[u][tl][0] = v.x; st.w[u][tl][1] = v.y; st.w[u][tl][2] = v.z; st.w[u][tl][3] = v.w;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          st.s[u][tl][e] = load_f32(srow[tl][e], gi);
-          st.z[u][tl][e] = load_f32(zrow[tl][e], gi);
-        }
-      }
-    }
-  }
-}
-
-template <typename T, int kUnroll = kTcUnroll, bool kPrefetch = false>
+template <typename T>
 __global__ void __launch_bounds__(kTcThreads)
     gemv_tc_kernel(const T* __restrict__ x, const std::uint32_t* __restrict__ qweight, const T* __restrict__ scale,
                    const T* __restrict__ zero, const T* __restrict__ bias, T* __restrict__ y,
@@ -560,21 +530,28 @@ __global__ void __launch_bounds__(kTcThreads)
       for (int c = 0; c < 4; ++c) acc[tl][c] = 0.0f;
     }
 
-    TcStep<kUnroll> st;
-    [[maybe_unused]] TcStep<kUnroll> next;
-    if constexpr (kPrefetch) tc_load_step<T, kUnroll>(st, wrow, srow, zrow, b_begin, b_end, blocks_per_group);
-    for (int b0 = b_begin; b0 < b_end; b0 += kUnroll) {
-      if constexpr (kPrefetch) {
-        // The next step's loads go out before this step's MMAs, which then hide their latency.
-        tc_load_step<T, kUnroll>(next, wrow, srow, zrow, b0 + kUnroll, b_end, blocks_per_group);
-      } else {
-        tc_load_step<T, kUnroll>(st, wrow, srow, zrow, b0, b_end, blocks_per_group);
-      }
-      const auto& w = st.w;
-      const auto& s = st.s;
-      const auto& z = st.z;
+    for (int b0 = b_begin; b0 < b_end; b0 += kTcUnroll) {
+      std::uint32_t w[kTcUnroll][kTcTiles][4];
+      float s[kTcUnroll][kTcTiles][2], z[kTcUnroll][kTcTiles][2];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kTcUnroll; ++u) {
+        const int b = b0 + u;
+        if (b < b_end) {
+          const int gi = b / blocks_per_group;
+#pragma unroll
+          for (int tl = 0; tl < kTcTiles; ++tl) {
+            const uint4 v = __ldcs(reinterpret_cast<const uint4*>(wrow[tl] + 16 * static_cast<std::int64_t>(b)));
+            w[u][tl][0] = v.x; w[u][tl][1] = v.y; w[u][tl][2] = v.z; w[u][tl][3] = v.w;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              s[u][tl][e] = load_f32(srow[tl][e], gi);
+              z[u][tl][e] = load_f32(zrow[tl][e], gi);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kTcUnroll; ++u) {
         const int b = b0 + u;
         if (b >= b_end) break;  // uniform over the warp
         float dq[kTcTiles][4], dsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -616,7 +593,6 @@ __global__ void __launch_bounds__(kTcThreads)
           }
         }
       }
-      if constexpr (kPrefetch) st = next;
     }
 
 #pragma unroll

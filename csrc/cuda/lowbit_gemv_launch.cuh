@@ -22,22 +22,15 @@ struct GemvArgs {
   int variant;  // kVariant* bits (lowbit_gemv.cuh); 0 = the default kernels
 };
 
-template <typename T, int kUnroll, bool kPrefetch>
-void launch_gemv_tc_variant(const GemvArgs& a) {
+template <typename T>
+void launch_gemv_tc(const GemvArgs& a) {
   const std::int64_t tiles = (a.n + kTcRowsPerBlock - 1) / kTcRowsPerBlock;
   const unsigned grid = static_cast<unsigned>(tiles * a.split.splits);
-  gemv_tc_kernel<T, kUnroll, kPrefetch><<<grid, kTcThreads, 0, a.stream>>>(
+  gemv_tc_kernel<T><<<grid, kTcThreads, 0, a.stream>>>(
       reinterpret_cast<const T*>(a.x), reinterpret_cast<const std::uint32_t*>(a.qweight),
       reinterpret_cast<const T*>(a.scale), reinterpret_cast<const T*>(a.zero), reinterpret_cast<const T*>(a.bias),
       reinterpret_cast<T*>(a.y), reinterpret_cast<float*>(a.partial), reinterpret_cast<int*>(a.tile_done), a.m, a.n,
       a.k, a.group_size, a.split.splits, a.split.chunks);
-}
-
-template <typename T>
-void launch_gemv_tc(const GemvArgs& a) {
-  const bool prefetch = (a.variant & kVariantTcPrefetch) != 0, unroll4 = (a.variant & kVariantTcUnroll4) != 0;
-  if (unroll4) return prefetch ? launch_gemv_tc_variant<T, 4, true>(a) : launch_gemv_tc_variant<T, 4, false>(a);
-  return prefetch ? launch_gemv_tc_variant<T, kTcUnroll, true>(a) : launch_gemv_tc_variant<T, kTcUnroll, false>(a);
 }
 
 template <typename T, int kBits, int kMaxM, bool kPrefetch = false>

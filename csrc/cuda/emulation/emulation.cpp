@@ -102,22 +102,10 @@ void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* sc
     if constexpr (!std::is_same_v<T, float>) {  // the tensor-core kernel takes fp16/bf16 only
       if (gemv_uses_tc(m, bits, group_size, dtype, emu_tc_min_m)) {
         const unsigned grid = static_cast<unsigned>((n + kTcRowsPerBlock - 1) / kTcRowsPerBlock * split.splits);
-        auto tc = [&](auto unroll_tag, auto prefetch_tag) {
-          constexpr int kUnroll = decltype(unroll_tag)::value;
-          constexpr bool kPrefetch = decltype(prefetch_tag)::value;
-          sk_emu::launch(grid, kTcThreads, 0, [=] {
-            gemv_tc_kernel<T, kUnroll, kPrefetch>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi,
-                                                  split.splits, split.chunks);
-          });
-        };
-        const bool prefetch = (emu_variant & kVariantTcPrefetch) != 0;
-        if (emu_variant & kVariantTcUnroll4) {
-          if (prefetch) tc(std::integral_constant<int, 4>{}, std::true_type{});
-          else tc(std::integral_constant<int, 4>{}, std::false_type{});
-        } else {
-          if (prefetch) tc(std::integral_constant<int, kTcUnroll>{}, std::true_type{});
-          else tc(std::integral_constant<int, kTcUnroll>{}, std::false_type{});
-        }
+        sk_emu::launch(grid, kTcThreads, 0, [=] {
+          gemv_tc_kernel<T>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits,
+                            split.chunks);
+        });
         return;
       }
     }
