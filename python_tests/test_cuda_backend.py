@@ -490,13 +490,14 @@ def test_glue_with_emulated_kernels(glue):
         want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 3, group, bias)
         assert got.dtype == torch.float16 and rel_err(got, want) <= MATMUL_TOL[torch.float16], (m, k, group)
     assert glue._GEMV_SPLITS[(None, 3, 10, 2048, 3, 64, 1)] == 2
-    # W4, fp16, M = 8, group 128: the tensor-core kernel, split in two.
+    # W4, fp16, M = 8, group 128: the tensor-core kernel, split in eight (one wave of the 2-SM
+    # device holds 8 blocks of its one row tile).
     qw = quantize_weight(torch.randn(10, 2048, generator=g), 4, 128, dtype=torch.float16)
     x = torch.randn(8, 2048, generator=g).half()
     got = glue.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
     want = reference.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
     assert rel_err(got, want) <= MATMUL_TOL[torch.float16]
-    assert glue._GEMV_SPLITS[(None, 8, 10, 2048, 4, 128, 1)] == 2
+    assert glue._GEMV_SPLITS[(None, 8, 10, 2048, 4, 128, 1)] == 8
     # Above 16 tokens only that kernel stays fused (two passes of 16), up to 32.
     for m, fused in ((20, True), (32, True), (33, False)):
         x = torch.randn(m, 2048, generator=g).half()
