@@ -56,6 +56,17 @@ def hbm_peak(card: str) -> float | None:
     return next((bw for name, bw in HBM_PEAK.items() if name in card), None)
 
 
+def start_cuda_bench(name: str, out: Path) -> tuple[dict, float | None] | None:
+    """The environment and HBM peak (bytes/s) for a benchmark of the cuda backend writing to `out`
+    (created), or None, with the reason on stderr, where no CUDA device or cuda backend exists."""
+    if not torch.cuda.is_available() or not splitkernels.backends()["cuda"]["available"]:
+        print(f"{name}: needs a CUDA device and the cuda backend", file=sys.stderr)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    return env, hbm_peak(env["card"])
+
+
 def row(kind: str, shape: str, impl: str, seconds: float, nbytes: int, copy_bw: float, base: float | None,
         peak: float | None = None) -> dict:
     return {

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ import splitkernels
 from splitkernels import ops
 from splitkernels.quant import quantize_weight
 
-from bench_gpu_cuda import environment, hbm_peak
+from bench_gpu_cuda import start_cuda_bench
 
 # (N, K) of one Llama-3-8B decoder layer's linears: q, k, v, o, gate, up, down.
 LAYER = ((4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336))
@@ -78,14 +77,12 @@ def main() -> int:
         raise SystemExit("--m takes comma-separated integers")
     if not 1 <= args.layers <= 8 or any(not 1 <= m <= 32 for m in ms) or args.reps < 1:
         raise SystemExit("--layers must be in 1..8, --m values in 1..32, --reps >= 1")
-    if not torch.cuda.is_available() or not splitkernels.backends()["cuda"]["available"]:
-        print("gpu_decode_chain: needs a CUDA device and the cuda backend", file=sys.stderr)
+    started = start_cuda_bench("gpu_decode_chain", args.out)
+    if started is None:
         return 1
+    env, peak = started
     from splitkernels._backends import cuda as glue
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    peak = hbm_peak(env["card"])
     gen = torch.Generator(device="cuda").manual_seed(3)
     shapes = list(LAYER) * args.layers
     dense, low = [], []

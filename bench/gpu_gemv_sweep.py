@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import splitkernels
 from splitkernels import ops
 from splitkernels.quant import quantize_weight
 
-from bench_gpu_cuda import environment, hbm_peak
+from bench_gpu_cuda import start_cuda_bench
 from gpu_timing import Timer
 
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -158,12 +157,10 @@ def main() -> int:
         raise SystemExit("--shapes takes NxK items and --m integers, comma-separated")
     if any(len(s) != 2 or s[0] < 1 or s[1] < 128 or s[1] % 128 for s in shapes) or any(not 1 <= v <= 32 for v in ms):
         raise SystemExit("--shapes: N >= 1 and K a positive multiple of 128; --m: 1..32")
-    if not torch.cuda.is_available() or not splitkernels.backends()["cuda"]["available"]:
-        print("gpu_gemv_sweep: needs a CUDA device and the cuda backend", file=sys.stderr)
+    started = start_cuda_bench("gpu_gemv_sweep", args.out)
+    if started is None:
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    peak = hbm_peak(env["card"])
+    env, peak = started
     timer = Timer(reps=20 if args.quick else 50, warmup=3)
     rows: list[dict] = []
     start = time.time()
