@@ -24,7 +24,7 @@ struct LowbitProblem {
   int64_t M;
   const float* x32;        // [M, K] fp32 in decode order (fp32 kernels); packed where fp32_rows runs its
                            // GEMM (fp32_packs_x): tiles of tile_rows rows as [K, tile_rows], zeros past M.
-                           // Phase layouts, M <= kFp32InPlaceRows: the value for code c of a unit scaled
+                           // Phase layouts where fp32_in_place(bits, M): the value for code c of a unit scaled
                            // by 2^-(c * b) (b = bits), as the kernels mask codes in place (fused_code)
   const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
   int64_t x_stride;
@@ -59,6 +59,9 @@ inline bool fp32_packs_x(const LowbitKernels& k, int64_t M) { return M > k.fused
 // its unit, with no shift, and reads x32 scaled to match (phase layouts). With four rows the
 // masks crowd AVX2's registers: W2 at M = 4 ran 12% slower on a Zen 3, W2/W3 at M = 1-3 1-16% faster.
 constexpr int64_t kFp32InPlaceRows = 3;
+// Whether that holds for M rows of `bits`-bit codes: 3-bit codes (eight masks a unit) only up to
+// two rows, as at M = 3 the shifts were 5-9% faster on a Zen 3 (bench/results/ops/s36).
+constexpr bool fp32_in_place(int bits, int64_t M) { return M <= (bits == 3 ? 2 : kFp32InPlaceRows); }
 
 // Whether bf16_rows handles this layout. A chunk is 64 bytes of codes (2/4/8 bits) or 128 codes
 // in 48 bytes (3 bits, decoded with AVX-512 VBMI: only the *_vbmi build takes them). Its pair

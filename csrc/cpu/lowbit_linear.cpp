@@ -373,7 +373,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     float* xp = x32.data();
     float* sums = xsum.data();
     // Code c of a unit sits at bit c * bits.
-    const bool in_place_codes = with_sums && M <= kFp32InPlaceRows;
+    const bool in_place_codes = with_sums && fp32_in_place(bits, M);
     const int64_t per_unit = codes_per_unit(bits);
     float in_place[8];
     for (int64_t c = 0; c < per_unit; ++c) in_place[c] = std::ldexp(1.f, static_cast<int>(-bits * c));

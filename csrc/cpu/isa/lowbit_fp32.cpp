@@ -190,13 +190,13 @@ inline U lane_code(U wv, int ph) {
 }
 
 // Code c of each lane (or scalar) wv, which holds N codes of B bits and zeros above them, as the
-// fused kernels for MB activation rows read it. Up to kFp32InPlaceRows rows it is masked where it
+// fused kernels for MB activation rows read it. Where fp32_in_place(B, MB) it is masked where it
 // sits, at bit c * B, and the activations come scaled by 2^-(c * B) to match (LowbitProblem::x32):
 // the product is exact, and the shift is saved (W3 decodes the eight codes of a unit with eight
 // ANDs, not seven shifts and seven ANDs). With more rows it is shifted down (lane_code).
 template <int B, int N, int MB, typename U>
 inline U fused_code(U wv, int c) {
-  if constexpr (MB > kFp32InPlaceRows) {
+  if constexpr (!fp32_in_place(B, MB)) {
     return lane_code<B, N>(wv, c);
   } else if constexpr (N == 1) {
     return wv;
