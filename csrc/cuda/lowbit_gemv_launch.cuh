@@ -19,7 +19,7 @@ struct GemvArgs {
   std::int64_t n;
   GemvSplit split;
   cudaStream_t stream;
-  int variant;  // kVariant* bits (lowbit_gemv.cuh); 0 = the default kernels
+  int variant;  // kVariant* bits (launchers.h); 0 = the default kernels
 };
 
 template <typename T>
