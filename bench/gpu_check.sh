@@ -4,8 +4,10 @@
 # GPU tests (cuda and triton backends), runs compute-sanitizer (memcheck, racecheck, synccheck)
 # over the cuda kernels' GPU tests, and the GPU microbenchmarks (codec v2 device pass beside the
 # host path; against cuBLAS fp16 via F.linear, with roofline fractions; Nsight Compute sections of
-# the decode GEMV where ncu is installed), leaving logs, JSON and markdown tables under $OUT
-# (default bench/results/gpu-<date>). Every step has a timeout; the whole run fits in 8 minutes.
+# the decode GEMV where ncu is installed; the GEMV's tuning sweep and a chain of decoder layers in
+# one CUDA graph, beside cuBLAS), leaving logs, JSON and markdown tables under $OUT (default
+# bench/results/gpu-<date>). Every step has a timeout; the whole run fits in 8 minutes (about 5 on
+# an H200, 2026-12-04). The device machine returns at most 8 files: tar $OUT to bring it all back.
 #
 # Usage (from the repository root): OUT=/some/dir bash bench/gpu_check.sh [--quick]
 set -u -o pipefail
