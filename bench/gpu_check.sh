@@ -7,7 +7,7 @@
 # the decode GEMV where ncu is installed; the GEMV's tuning sweep and a chain of decoder layers in
 # one CUDA graph, beside cuBLAS), leaving logs, JSON and markdown tables under $OUT (default
 # bench/results/gpu-<date>). Every step has a timeout; the whole run fits in 8 minutes (about 5 on
-# an H200, 2026-12-04). The device machine returns at most 8 files: tar $OUT to bring it all back.
+# an H200, 2026-12-04).
 #
 # Usage (from the repository root): OUT=/some/dir bash bench/gpu_check.sh [--quick]
 set -u -o pipefail
