@@ -61,6 +61,16 @@ inline GemvSplit gemv_split(std::int64_t k, int requested, int granule = kGemvSp
   return {chunks == 0 ? 1 : (chunks + per - 1) / per, per};
 }
 
+// The split count of a launch that wants `want` splits, at most one per `min_chunks` chunks of
+// K and kGemvMaxSplits, at least one, in multiples of `granule` chunks.
+inline int gemv_clamped_splits(std::int64_t k, std::int64_t want, int min_chunks, int granule) {
+  const std::int64_t cap = k / 32 / min_chunks;
+  std::int64_t s = want > cap ? cap : want;
+  if (s > kGemvMaxSplits) s = kGemvMaxSplits;
+  if (s < 1) s = 1;
+  return gemv_split(k, static_cast<int>(s), granule).splits;
+}
+
 // Splits for an N x K GEMV whose blocks of 4 warps take rows_per_block rows, on a device with
 // `sm_count` SMs: enough blocks for about kGemvTargetWarpsPerSm warps per SM, at least
 // kGemvMinSplitChunks chunks per split.
@@ -68,12 +78,7 @@ inline int gemv_splits_for(std::int64_t n, std::int64_t k, int rows_per_block, i
   const std::int64_t tiles = (n + rows_per_block - 1) / rows_per_block;
   const std::int64_t warps = tiles * kGemvWarps;
   const std::int64_t want = static_cast<std::int64_t>(sm_count) * kGemvTargetWarpsPerSm;
-  std::int64_t s = warps > 0 ? (want + warps - 1) / warps : 1;
-  const std::int64_t cap = k / 32 / kGemvMinSplitChunks;
-  if (s > cap) s = cap;
-  if (s > kGemvMaxSplits) s = kGemvMaxSplits;
-  if (s < 1) s = 1;
-  return gemv_split(k, static_cast<int>(s)).splits;
+  return gemv_clamped_splits(k, warps > 0 ? (want + warps - 1) / warps : 1, kGemvMinSplitChunks, kGemvSplitGranule);
 }
 
 // 8 consecutive activations starting at a 16-byte aligned address, as fp32.
@@ -438,12 +443,8 @@ inline int gemv_split_granule(std::int64_t m, int bits, std::int64_t group_size,
 // Tensor-core splits: the most that keep the grid within one wave, at least one step each.
 inline int gemv_tc_splits_for(std::int64_t n, std::int64_t k, int sm_count) {
   const std::int64_t tiles = (n + kTcRowsPerBlock - 1) / kTcRowsPerBlock;
-  std::int64_t s = static_cast<std::int64_t>(sm_count) * kTcBlocksPerSm / (tiles > 0 ? tiles : 1);
-  const std::int64_t cap = k / 32 / kTcSplitGranule;
-  if (s > cap) s = cap;
-  if (s > kGemvMaxSplits) s = kGemvMaxSplits;
-  if (s < 1) s = 1;
-  return gemv_split(k, static_cast<int>(s), kTcSplitGranule).splits;
+  const std::int64_t want = static_cast<std::int64_t>(sm_count) * kTcBlocksPerSm / (tiles > 0 ? tiles : 1);
+  return gemv_clamped_splits(k, want, kTcSplitGranule, kTcSplitGranule);
 }
 inline int gemv_splits_for_shape(std::int64_t m, std::int64_t n, std::int64_t k, int bits, std::int64_t group_size,
                                  int dtype, int sm_count, int min_m = kGemvTcMinM) {

@@ -110,25 +110,22 @@ void emu_lowbit_gemv(const void* x, const std::uint32_t* qweight, const void* sc
       }
     }
     const unsigned grid = static_cast<unsigned>((n + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock * split.splits);
-    auto run = [&](auto bits_tag, auto m_tag) {
+    auto run = [&](auto bits_tag, auto m_tag, auto prefetch_tag) {
       constexpr int B = decltype(bits_tag)::value, kMaxM = decltype(m_tag)::value;
+      constexpr bool kPrefetch = decltype(prefetch_tag)::value;
       sk_emu::launch(grid, kGemvThreads, 0, [=] {
-        gemv_kernel<T, B, kMaxM>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits,
-                                 split.chunks);
+        gemv_kernel<T, B, kMaxM, kPrefetch>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi,
+                                            split.splits, split.chunks);
       });
     };
     auto by_m = [&](auto bits_tag) {  // the launcher's M buckets
-      if (m == 1 && (emu_variant & kVariantCcPrefetch)) {
-        constexpr int B = decltype(bits_tag)::value;
-        sk_emu::launch(grid, kGemvThreads, 0, [=] {
-          gemv_kernel<T, B, 1, true>(xp, qweight, sp, zp, bp, yp, partial, tile_done, mi, n, ki, gi, split.splits,
-                                     split.chunks);
-        });
-      } else if (m == 1) run(bits_tag, std::integral_constant<int, 1>{});
-      else if (m == 2) run(bits_tag, std::integral_constant<int, 2>{});
-      else if (m <= 4) run(bits_tag, std::integral_constant<int, 4>{});
-      else if (m <= 8) run(bits_tag, std::integral_constant<int, 8>{});
-      else run(bits_tag, std::integral_constant<int, 16>{});
+      const std::false_type plain;
+      if (m == 1 && (emu_variant & kVariantCcPrefetch)) run(bits_tag, std::integral_constant<int, 1>{}, std::true_type{});
+      else if (m == 1) run(bits_tag, std::integral_constant<int, 1>{}, plain);
+      else if (m == 2) run(bits_tag, std::integral_constant<int, 2>{}, plain);
+      else if (m <= 4) run(bits_tag, std::integral_constant<int, 4>{}, plain);
+      else if (m <= 8) run(bits_tag, std::integral_constant<int, 8>{}, plain);
+      else run(bits_tag, std::integral_constant<int, 16>{}, plain);
     };
     if (bits == 2) by_m(std::integral_constant<int, 2>{});
     if (bits == 3) by_m(std::integral_constant<int, 3>{});
