@@ -370,6 +370,10 @@ def test_cuda_gemv_launcher_validates_before_launching():
             module.lowbit_gemv(**{**args, **bad})
     assert module.gemv_fused(32, 4096, 4, 128, 1) and not module.gemv_fused(33, 4096, 4, 128, 1)
     assert module.gemv_fused(16, 4096, 3, 64, 0) and not module.gemv_fused(17, 4096, 4, 128, 0)
+    for bad in (-2, 2):  # the variant switch takes -1 (read) and 0..1 only
+        with pytest.raises(ValueError, match=r"gemv_variant: value must be in 0\.\.1"):
+            module.gemv_variant(bad)
+    assert module.gemv_variant(-1) == 0  # and a rejected value changed nothing
 
 
 class EmulatedModule:
