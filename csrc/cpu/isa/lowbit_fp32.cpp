@@ -255,13 +255,21 @@ inline typename Lanes<L>::u units3(const uint8_t* p, const uint8_t* end) {
   return v;
 }
 
-// Scales and zeros of row n as fp32: sz[0, G) scales, sz[G, 2G) zeros, one conversion loop each
-// (a dtype switch per value cost 576 x 1536 W4 g32 at M = 1 a fifth of its time on a Zen 3).
-void load_affine(const LowbitProblem& p, int64_t n, float* sz) {
+// Scales and zeros of rows [n, n + rows) as fp32, one conversion loop each (a dtype switch per
+// value cost 576 x 1536 W4 g32 at M = 1 a fifth of its time on a Zen 3; row by row, the calls and
+// short loops cost 1536 x 576 g64 at M = 1 3%): sz[i * G ..] row n + i's scales,
+// sz[zeros + i * G ..] its zeros.
+void load_affine_rows(const LowbitProblem& p, int64_t n, int64_t rows, float* sz, int64_t zeros) {
   const int64_t offset = n * p.G * dtype_size(p.scale_dtype);
-  to_float(static_cast<const uint8_t*>(p.scale) + offset, p.scale_dtype, p.G, sz);
-  to_float(static_cast<const uint8_t*>(p.zero) + offset, p.scale_dtype, p.G, sz + p.G);
+  to_float(static_cast<const uint8_t*>(p.scale) + offset, p.scale_dtype, rows * p.G, sz);
+  to_float(static_cast<const uint8_t*>(p.zero) + offset, p.scale_dtype, rows * p.G, sz + zeros);
 }
+
+// Row n's: sz[0, G) scales, sz[G, 2G) zeros.
+void load_affine(const LowbitProblem& p, int64_t n, float* sz) { load_affine_rows(p, n, 1, sz, p.G); }
+
+// The fused path converts scales and zeros this many rows at a time.
+constexpr int64_t kAffineRows = 16;
 
 // Groups [g0, g1) of a row (phase order) dequantised into w, from w[0]; steps of L units.
 template <int L>
@@ -360,18 +368,11 @@ float dot(const float* a, const float* b, int64_t K) {
   return t;
 }
 
-// Independent partial sums per activation row in the fused path: one row's products would
-// otherwise form a single FMA chain, bound by the FMA latency (4 cycles per code vector; W8 at
-// M = 1 ran at a third of the memory bandwidth). At M = 1 each chain's group sum is scaled into
-// a total of its own (kTotals), so a group ends in independent FMAs: summing eight chains one
-// after another first was a 25-cycle dependency per group, and 1536 x 576 W4 g64 at M = 1 ran
-// 10% faster without it on a Zen 3 (AVX2); two chains instead of four were 3-11% slower there.
-// With more rows the chains are summed per group: a total per chain there left too few
-// registers (W3 at M = 3 ran 40% slower).
+// Independent partial sums per activation row in the fused path (M = 2-6): one row's products
+// would otherwise form a single FMA chain, bound by the FMA latency (4 cycles per code vector). The
+// chains are summed per group (a total per chain left too few registers: W3 at M = 3 ran 40% slower).
 template <int MB, int L>
-constexpr int kChains = MB == 1 ? std::max(1, std::min(4, 64 / L)) : std::max(1, std::min(8, 64 / (L * MB)));
-template <int MB, int L>
-constexpr int kTotals = MB == 1 ? kChains<MB, L> : 1;
+constexpr int kChains = std::max(1, std::min(8, 64 / (L * MB)));
 // The 3-bit loop keeps more live (eight phases of a units vector): there the MB * C chains and MB
 // totals keep to kSumRegs3 registers. At AVX2's 16, two chains per row at M = 4 spilled: one
 // took 1536 x 576 W3 g64 from 0.32 to 0.28 ms and 4096 x 4096 from 4.4 to 4.1 on a Zen 3 (the
@@ -384,6 +385,23 @@ constexpr int kSumRegs3 = 10;
 template <int MB, int L>
 constexpr int kChains3 = std::max(1, std::min(kChains<MB, L>, kSumRegs3 / MB - 1));
 
+// At M = 1 the fused path takes R weight rows at once with C chains each (fused_wrows): each
+// activation vector is loaded once for the R rows, and a row's fixed costs (its totals summed
+// across lanes, the loop set up) are shared. Each chain's group sum is scaled into a total of its
+// own, so a group ends in independent FMAs (summing the chains first was a 25-cycle dependency
+// per group: 10% slower). At AVX2, R x C = 4 chains: four rows of one chain where a row's group
+// is at most eight code vectors (g / L <= 8), else two rows of two chains; one thread on a Zen 3,
+// ms: 1536 x 576 g64 W4 0.065 -> 0.052, W3 0.074 -> 0.059; 576 x 1536 g128 W4 0.051 -> 0.048,
+// W3 0.056 -> 0.052; one row of four chains before (bench/results/ops/s37). Four rows of one
+// chain at g128 were 1.5x slower. Other instruction sets keep one row of 4 chains (not measured).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr int wrow_chains(int64_t fmas_per_group) { return fmas_per_group <= 8 ? 1 : 2; }
+constexpr int wrow_rows(int chains) { return 4 / chains; }
+#else
+constexpr int wrow_chains(int64_t) { return 4; }
+constexpr int wrow_rows(int) { return 1; }
+#endif
+
 // v[0] + ... + v[C - 1], pairwise.
 template <int C, typename V>
 inline V sum_chains(const V* v) {
@@ -394,20 +412,20 @@ inline V sum_chains(const V* v) {
   }
 }
 
-// Few activation rows, phase layout: codes straight into the FMAs, one group at a time, in steps
-// of L bytes of each phase.
+// Few activation rows (M = 2-6), phase layout: codes straight into the FMAs, one group at a
+// time, in steps of L bytes of each phase.
 template <int B, int MB, int L, int GS>
 void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s, const float* z, const float* xp,
                 const float* xsum, int64_t G, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
-  constexpr int cpb = 8 / B, C = kChains<MB, L>, T = kTotals<MB, L>, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
+  constexpr int cpb = 8 / B, C = kChains<MB, L>, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
   const int64_t per_phase = g / cpb;
   const int64_t vec_end = per_phase / L * L;
-  F yv[MB][T];
+  F yv[MB];
   float ys[MB];
   for (int m = 0; m < MB; ++m) {
-    for (int t = 0; t < T; ++t) yv[m][t] = F{};
+    yv[m] = F{};
     ys[m] = 0.f;
   }
   for (int64_t grp = 0; grp < G; ++grp) {
@@ -439,16 +457,12 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
         for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * per_phase + j] + dt[m];
       }
     for (int m = 0; m < MB; ++m) {
-      if constexpr (T == 1) {
-        yv[m][0] = s[grp] * sum_chains<C>(dv[m]) + yv[m][0];
-      } else {
-        for (int c = 0; c < C; ++c) yv[m][c] = s[grp] * dv[m][c] + yv[m][c];
-      }
+      yv[m] = s[grp] * sum_chains<C>(dv[m]) + yv[m];
       ys[m] += z[grp] * xsum[m * G + grp];
       if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[m] += s[grp] * dt[m];  // bytes past whole steps
     }
   }
-  for (int m = 0; m < MB; ++m) acc[m] = hsum(sum_chains<T>(yv[m])) + ys[m];
+  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
 }
 
 // fused_rows for 3 bits: L units (8 L codes) per vector step, a group's units beyond whole steps
@@ -458,13 +472,13 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
                  const float* xsum, int64_t G, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
-  constexpr int C = kChains3<MB, L>, T = kTotals<MB, L>;
+  constexpr int C = kChains3<MB, L>;
   const int64_t units = g / 8;
   const uint8_t* end = rb + K * 3 / 8;
-  F yv[MB][T];
+  F yv[MB];
   float ys[MB];
   for (int m = 0; m < MB; ++m) {
-    for (int t = 0; t < T; ++t) yv[m][t] = F{};
+    yv[m] = F{};
     ys[m] = 0.f;
   }
   for (int64_t grp = 0; grp < G; ++grp) {
@@ -492,16 +506,116 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
         }
       }
     for (int m = 0; m < MB; ++m) {
-      if constexpr (T == 1) {
-        yv[m][0] = s[grp] * sum_chains<C>(dv[m]) + yv[m][0];
-      } else {
-        for (int c = 0; c < C; ++c) yv[m][c] = s[grp] * dv[m][c] + yv[m][c];
-      }
+      yv[m] = s[grp] * sum_chains<C>(dv[m]) + yv[m];
       ys[m] += z[grp] * xsum[m * G + grp];
       if constexpr (GS == 0 || GS / 8 % L != 0) ys[m] += s[grp] * dt[m];
     }
   }
-  for (int m = 0; m < MB; ++m) acc[m] = hsum(sum_chains<T>(yv[m])) + ys[m];
+  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
+}
+
+// One activation row (M = 1), phase layout: R weight rows (row r at rb + r * row_bytes, its
+// scales and zeros at s + r * G and z + r * G) with C chains each, in steps of L bytes of each
+// phase; each activation vector is loaded once for the R rows.
+template <int B, int L, int GS, int R, int C>
+void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t group_size, const float* s, const float* z,
+                 const float* xp, const float* xsum, int64_t G, float* acc) {
+  typedef typename Lanes<L>::f F;
+  const int64_t g = GS ? GS : group_size;
+  constexpr int cpb = 8 / B, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
+  const int64_t per_phase = g / cpb;
+  const int64_t vec_end = per_phase / L * L;
+  F yv[R][C];
+  float ys[R];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) yv[r][c] = F{};
+    ys[r] = 0.f;
+  }
+  for (int64_t grp = 0; grp < G; ++grp) {
+    const uint8_t* gb = rb + grp * per_phase;
+    const float* xg = xp + grp * g;
+    F dv[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) dv[r][c] = F{};
+    // Code vector (u, ph) of each row feeds its chain (u * cpb + ph) % C.
+    const auto step = [&](int64_t j, auto u) {
+      typename Lanes<L>::u wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = widen<L>(gb + r * row_bytes + j);
+      for (int ph = 0; ph < cpb; ++ph) {
+        const F xv = load<F>(xg + ph * per_phase + j);
+        constexpr int u0 = decltype(u)::value * cpb;
+        for (int r = 0; r < R; ++r) {
+          F& d = dv[r][(u0 + ph) % C];
+          d = codes_to_float<L>(fused_code<B, cpb, 1>(wv[r], ph)) * xv + d;
+        }
+      }
+    };
+    int64_t j = 0;
+    for (; j + L * U <= vec_end; j += L * U) unrolled<U>([&](auto u) { step(j + L * decltype(u)::value, u); });
+    for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
+    float dt[R];
+    for (int r = 0; r < R; ++r) dt[r] = 0.f;
+    for (j = vec_end; j < per_phase; ++j)  // bytes past whole steps
+      for (int ph = 0; ph < cpb; ++ph)
+        for (int r = 0; r < R; ++r)
+          dt[r] += static_cast<float>(fused_code<B, cpb, 1>(uint32_t{gb[r * row_bytes + j]}, ph)) *
+                   xg[ph * per_phase + j];
+    for (int r = 0; r < R; ++r) {
+      const float sc = s[r * G + grp];
+      for (int c = 0; c < C; ++c) yv[r][c] = sc * dv[r][c] + yv[r][c];
+      ys[r] += z[r * G + grp] * xsum[grp];
+      if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[r] += sc * dt[r];
+    }
+  }
+  for (int r = 0; r < R; ++r) acc[r] = hsum(sum_chains<C>(yv[r])) + ys[r];
+}
+
+// fused_wrows for 3 bits: L units (8 L codes) of each row per vector step, phase ph into chain
+// ph % C; a group's units beyond whole steps one at a time.
+template <int L, int GS, int R, int C>
+void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t group_size, const float* s, const float* z,
+                  const float* xp, const float* xsum, int64_t G, float* acc) {
+  typedef typename Lanes<L>::f F;
+  const int64_t g = GS ? GS : group_size;
+  const int64_t units = g / 8;
+  F yv[R][C];
+  float ys[R];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) yv[r][c] = F{};
+    ys[r] = 0.f;
+  }
+  for (int64_t grp = 0; grp < G; ++grp) {
+    const uint8_t* gb = rb + grp * units * 3;
+    const float* xg = xp + grp * g;
+    F dv[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) dv[r][c] = F{};
+    int64_t u = 0;
+    for (; u + L <= units; u += L) {
+      typename Lanes<L>::u wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = units3<L>(gb + r * row_bytes + 3 * u, rb + (r + 1) * row_bytes);
+      for (int ph = 0; ph < 8; ++ph) {
+        const F xv = load<F>(xg + ph * units + u);
+        for (int r = 0; r < R; ++r)
+          dv[r][ph % C] = codes_to_float<L>(fused_code<3, 8, 1>(wv[r], ph)) * xv + dv[r][ph % C];
+      }
+    }
+    float dt[R];
+    for (int r = 0; r < R; ++r) dt[r] = 0.f;
+    if constexpr (GS == 0 || GS / 8 % L != 0)  // units past whole steps
+      for (; u < units; ++u)
+        for (int r = 0; r < R; ++r) {
+          const uint32_t v = load_unit3(gb + r * row_bytes + 3 * u);
+          for (int ph = 0; ph < 8; ++ph) dt[r] += static_cast<float>(fused_code<3, 8, 1>(v, ph)) * xg[ph * units + u];
+        }
+    for (int r = 0; r < R; ++r) {
+      const float sc = s[r * G + grp];
+      for (int c = 0; c < C; ++c) yv[r][c] = sc * dv[r][c] + yv[r][c];
+      ys[r] += z[r * G + grp] * xsum[grp];
+      if constexpr (GS == 0 || GS / 8 % L != 0) ys[r] += sc * dt[r];
+    }
+  }
+  for (int r = 0; r < R; ++r) acc[r] = hsum(sum_chains<C>(yv[r])) + ys[r];
 }
 
 // fused_rows3 as a function of its own, called per row: at M = 4, inlined into the row loop, it
@@ -514,27 +628,52 @@ __attribute__((noinline)) void fused_rows3_call(const uint8_t* rb, int64_t K, in
   fused_rows3<MB, L, GS>(rb, K, group_size, s, z, xp, xsum, G, acc);
 }
 
-// Weight rows [n_begin, n_end) through fused_rows (fused_rows3) for B bits, at the step width of
-// group size g, known at compile time as GS where it is one of the common sizes (GS = 0: only at
-// run time). The row loop is inside each variant: a call and dispatch per row, and the mask
-// constants set up again, cost 1536 x 576 W3 g64 at M = 1 about a tenth of its time (nine groups a row).
+// Weight rows [n_begin, n_end) through fused_wrows / fused_rows (3 bits: fused_wrows3 /
+// fused_rows3) for B bits, at the step width of group size g, known at compile time as GS where it
+// is one of the common sizes (GS = 0: only at run time). The row loop is inside each variant: a
+// call and dispatch per row, and the mask constants set up again, cost 1536 x 576 W3 g64 at M = 1
+// about a tenth of its time (nine groups a row). Scales and zeros come kAffineRows rows at a time
+// (sz: 2 kAffineRows G floats).
 template <int B, int MB, int GS>
 void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* sz) {
-  const int64_t g = p.group_size, G = p.G;
+  const int64_t g = p.group_size, G = p.G, zeros = kAffineRows * G;
   const auto run = [&](auto lanes) {
     constexpr int L = decltype(lanes)::value;
-    float acc[MB];
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      load_affine(p, n, sz);
-      const uint8_t* rb = p.qweight + n * p.row_bytes;
-      if constexpr (B == 3 && MB == 4) {
-        fused_rows3_call<MB, L, GS>(rb, p.K, g, sz, sz + G, p.x32, p.xsum, G, acc);
-      } else if constexpr (B == 3) {
-        fused_rows3<MB, L, GS>(rb, p.K, g, sz, sz + G, p.x32, p.xsum, G, acc);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kAffineRows) {
+      const int64_t rows = std::min(kAffineRows, n_end - n0);
+      load_affine_rows(p, n0, rows, sz, zeros);
+      if constexpr (MB == 1) {
+        // A group is g / L code vectors (GS = 0: taken as more than eight).
+        constexpr int C = wrow_chains(GS ? GS / L : 9), R = wrow_rows(C);
+        const auto wrows = [&](int64_t i, auto r) {
+          constexpr int RR = decltype(r)::value;
+          const uint8_t* rb = p.qweight + (n0 + i) * p.row_bytes;
+          float acc[RR];
+          if constexpr (B == 3) {
+            fused_wrows3<L, GS, RR, C>(rb, p.row_bytes, g, sz + i * G, sz + zeros + i * G, p.x32, p.xsum, G, acc);
+          } else {
+            fused_wrows<B, L, GS, RR, C>(rb, p.row_bytes, g, sz + i * G, sz + zeros + i * G, p.x32, p.xsum, G, acc);
+          }
+          for (int r2 = 0; r2 < RR; ++r2) p.y[n0 + i + r2] = acc[r2];
+        };
+        int64_t i = 0;
+        for (; i + R <= rows; i += R) wrows(i, std::integral_constant<int, R>{});
+        for (; i < rows; ++i) wrows(i, std::integral_constant<int, 1>{});
       } else {
-        fused_rows<B, MB, L, GS>(rb, p.K, g, sz, sz + G, p.x32, p.xsum, G, acc);
+        float acc[MB];
+        for (int64_t i = 0; i < rows; ++i) {
+          const uint8_t* rb = p.qweight + (n0 + i) * p.row_bytes;
+          const float *s = sz + i * G, *z = sz + zeros + i * G;
+          if constexpr (B == 3 && MB == 4) {
+            fused_rows3_call<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
+          } else if constexpr (B == 3) {
+            fused_rows3<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
+          } else {
+            fused_rows<B, MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
+          }
+          for (int m = 0; m < MB; ++m) p.y[m * p.N + n0 + i] = acc[m];
+        }
       }
-      for (int m = 0; m < MB; ++m) p.y[m * p.N + n] = acc[m];
     }
   };
   constexpr int64_t per_step = B == 3 ? GS / 8 : GS * B / 8;  // phase bytes (3 bits: units) of a group
@@ -558,7 +697,7 @@ void fused_group(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* 
   }
 }
 
-// Weight rows [n_begin, n_end) for M = MB activation rows, phase layouts (sz: 2 G floats).
+// Weight rows [n_begin, n_end) for M = MB activation rows, phase layouts (sz: 2 kAffineRows G floats).
 template <int MB>
 void fused_block(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* sz) {
   switch (p.bits) {
@@ -603,7 +742,7 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   if (!fp32_packs_x(lowbit_kernels(), M)) {
     thread_local AlignedVector<float> sz, row;
     thread_local AlignedVector<uint8_t> qbuf;
-    sz.resize(2 * G);
+    sz.resize(2 * (p.phased ? kAffineRows : 1) * G);
     row.resize(p.phased ? 0 : K);
     qbuf.resize(p.phased ? 0 : K);
     if (p.phased) {
