@@ -385,22 +385,23 @@ constexpr int kSumRegs3 = 10;
 template <int MB, int L>
 constexpr int kChains3 = std::max(1, std::min(kChains<MB, L>, kSumRegs3 / MB - 1));
 
-// At M = 1 the fused path takes R weight rows at once with C chains each (fused_wrows): each
-// activation vector is loaded once for the R rows, and a row's fixed costs (its totals summed
-// across lanes, the loop set up) are shared. Each chain's group sum is scaled into a total of its
-// own, so a group ends in independent FMAs (summing the chains first was a 25-cycle dependency
-// per group: 10% slower). At AVX2, R x C = 4 chains: four rows of one chain where a row's group
-// is at most eight code vectors (g / L <= 8), else two rows of two chains; one thread on a Zen 3,
-// ms: 1536 x 576 g64 W4 0.065 -> 0.052, W3 0.074 -> 0.059; 576 x 1536 g128 W4 0.051 -> 0.048,
-// W3 0.056 -> 0.052; one row of four chains before (bench/results/ops/s37). Four rows of one
-// chain at g128 were 1.5x slower. Other instruction sets keep one row of 4 chains (not measured).
+// Weight rows the fused path takes at once (fused_wrows) for MB activation rows whose groups are
+// `vectors` code vectors (g / L) each, and chains per activation and weight row there; 1 for M >= 3
+// (fused_rows, one weight row at a time). At AVX2: at M = 1, R x C = 4, four rows of one chain
+// where a group is at most eight code vectors, else two rows of two chains (four rows of one
+// chain at g128 were 1.5x slower); at M = 2 three rows of one chain (W2: two; three were 12%
+// slower). One thread on a Zen 3, one weight row before, ms (bench/results/ops/s37):
+// * M = 1: 1536 x 576 g64 W4 0.068 -> 0.053, W3 0.075 -> 0.054; 576 x 1536 g128 W4 0.052 -> 0.049.
+// * M = 2: 1536 x 576 g64 W4 0.089 -> 0.077, W3 0.099 -> 0.083; 576 x 1536 g128 about the same.
+// Other instruction sets keep one weight row (not measured there): four chains at M = 1.
+constexpr int fused_weight_rows(int bits, int MB, int vectors) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-constexpr int wrow_chains(int64_t fmas_per_group) { return fmas_per_group <= 8 ? 1 : 2; }
-constexpr int wrow_rows(int chains) { return 4 / chains; }
-#else
-constexpr int wrow_chains(int64_t) { return 4; }
-constexpr int wrow_rows(int) { return 1; }
+  if (MB == 1) return vectors <= 8 ? 4 : 2;
+  if (MB == 2) return bits == 2 ? 2 : 3;
 #endif
+  return 1;
+}
+constexpr int fused_weight_chains(int MB, int rows) { return MB == 1 ? 4 / rows : 1; }
 
 // v[0] + ... + v[C - 1], pairwise.
 template <int C, typename V>
@@ -412,8 +413,8 @@ inline V sum_chains(const V* v) {
   }
 }
 
-// Few activation rows (M = 2-6), phase layout: codes straight into the FMAs, one group at a
-// time, in steps of L bytes of each phase.
+// Few activation rows (M = 2-6 where fused_weight_rows gives one weight row), phase layout:
+// codes straight into the FMAs, one group at a time, in steps of L bytes of each phase.
 template <int B, int MB, int L, int GS>
 void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s, const float* z, const float* xp,
                 const float* xsum, int64_t G, float* acc) {
@@ -514,108 +515,141 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
   for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
 }
 
-// One activation row (M = 1), phase layout: R weight rows (row r at rb + r * row_bytes, its
-// scales and zeros at s + r * G and z + r * G) with C chains each, in steps of L bytes of each
-// phase; each activation vector is loaded once for the R rows.
-template <int B, int L, int GS, int R, int C>
-void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t group_size, const float* s, const float* z,
-                 const float* xp, const float* xsum, int64_t G, float* acc) {
+// One or two activation rows, phase layout: fused_rows for R weight rows at once (row r at
+// rb + r * row_bytes, its scales and zeros at s + r * G and z + r * G) with C chains per
+// activation and weight row: each activation vector is loaded once for the R rows. (The same
+// loop for M = 3-6 at R = 1 ran 1.3x slower than fused_rows at M = 4, W4 g128: GCC kept its
+// accumulators in memory.) At M = 1 each chain's group sum goes into a
+// total of its own, so a group ends in independent FMAs (summing the chains first was a 25-cycle
+// dependency per group: 10% slower); with more rows the chains are summed per group (a total
+// per chain left too few registers: W3 at M = 3 ran 40% slower). acc[m * R + r] gets the sums.
+template <int B, int MB, int L, int GS, int R, int C>
+void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_size, const float* s, const float* z,
+                const float* xp, const float* xsum, int64_t G, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
-  constexpr int cpb = 8 / B, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
+  constexpr int cpb = 8 / B, T = MB == 1 ? C : 1, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
   const int64_t per_phase = g / cpb;
   const int64_t vec_end = per_phase / L * L;
-  F yv[R][C];
-  float ys[R];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) yv[r][c] = F{};
-    ys[r] = 0.f;
-  }
+  F yv[MB][R][T];
+  float ys[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) yv[m][r][t] = F{};
+      ys[m][r] = 0.f;
+    }
   for (int64_t grp = 0; grp < G; ++grp) {
     const uint8_t* gb = rb + grp * per_phase;
     const float* xg = xp + grp * g;
-    F dv[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) dv[r][c] = F{};
-    // Code vector (u, ph) of each row feeds its chain (u * cpb + ph) % C.
+    F dv[MB][R][C];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) dv[m][r][c] = F{};
+    // Steps of U * L bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
     const auto step = [&](int64_t j, auto u) {
       typename Lanes<L>::u wv[R];
       for (int r = 0; r < R; ++r) wv[r] = widen<L>(gb + r * row_bytes + j);
       for (int ph = 0; ph < cpb; ++ph) {
-        const F xv = load<F>(xg + ph * per_phase + j);
         constexpr int u0 = decltype(u)::value * cpb;
+        F xv[MB];
+        for (int m = 0; m < MB; ++m) xv[m] = load<F>(xg + m * K + ph * per_phase + j);
         for (int r = 0; r < R; ++r) {
-          F& d = dv[r][(u0 + ph) % C];
-          d = codes_to_float<L>(fused_code<B, cpb, 1>(wv[r], ph)) * xv + d;
+          const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv[r], ph));
+          for (int m = 0; m < MB; ++m) {
+            F& d = dv[m][r][(u0 + ph) % C];
+            d = q * xv[m] + d;
+          }
         }
       }
     };
     int64_t j = 0;
     for (; j + L * U <= vec_end; j += L * U) unrolled<U>([&](auto u) { step(j + L * decltype(u)::value, u); });
     for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
-    float dt[R];
-    for (int r = 0; r < R; ++r) dt[r] = 0.f;
+    float dt[MB][R] = {};
     for (j = vec_end; j < per_phase; ++j)  // bytes past whole steps
       for (int ph = 0; ph < cpb; ++ph)
-        for (int r = 0; r < R; ++r)
-          dt[r] += static_cast<float>(fused_code<B, cpb, 1>(uint32_t{gb[r * row_bytes + j]}, ph)) *
-                   xg[ph * per_phase + j];
+        for (int r = 0; r < R; ++r) {
+          const float q = static_cast<float>(fused_code<B, cpb, MB>(uint32_t{gb[r * row_bytes + j]}, ph));
+          for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * per_phase + j] + dt[m][r];
+        }
     for (int r = 0; r < R; ++r) {
-      const float sc = s[r * G + grp];
-      for (int c = 0; c < C; ++c) yv[r][c] = sc * dv[r][c] + yv[r][c];
-      ys[r] += z[r * G + grp] * xsum[grp];
-      if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[r] += sc * dt[r];
+      const float sc = s[r * G + grp], ze = z[r * G + grp];
+      for (int m = 0; m < MB; ++m) {
+        if constexpr (T == 1) {
+          yv[m][r][0] = sc * sum_chains<C>(dv[m][r]) + yv[m][r][0];
+        } else {
+          for (int c = 0; c < C; ++c) yv[m][r][c] = sc * dv[m][r][c] + yv[m][r][c];
+        }
+        ys[m][r] += ze * xsum[m * G + grp];
+        if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[m][r] += sc * dt[m][r];
+      }
     }
   }
-  for (int r = 0; r < R; ++r) acc[r] = hsum(sum_chains<C>(yv[r])) + ys[r];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r])) + ys[m][r];
 }
 
-// fused_wrows for 3 bits: L units (8 L codes) of each row per vector step, phase ph into chain
-// ph % C; a group's units beyond whole steps one at a time.
-template <int L, int GS, int R, int C>
-void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t group_size, const float* s, const float* z,
-                  const float* xp, const float* xsum, int64_t G, float* acc) {
+// fused_wrows for 3 bits: L units (8 L codes) of each weight row per vector step, phase ph into
+// chain ph % C; a group's units beyond whole steps one at a time.
+template <int MB, int L, int GS, int R, int C>
+void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_size, const float* s, const float* z,
+                 const float* xp, const float* xsum, int64_t G, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
+  constexpr int T = MB == 1 ? C : 1;
   const int64_t units = g / 8;
-  F yv[R][C];
-  float ys[R];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) yv[r][c] = F{};
-    ys[r] = 0.f;
-  }
+  F yv[MB][R][T];
+  float ys[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) yv[m][r][t] = F{};
+      ys[m][r] = 0.f;
+    }
   for (int64_t grp = 0; grp < G; ++grp) {
     const uint8_t* gb = rb + grp * units * 3;
     const float* xg = xp + grp * g;
-    F dv[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) dv[r][c] = F{};
+    F dv[MB][R][C];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) dv[m][r][c] = F{};
     int64_t u = 0;
     for (; u + L <= units; u += L) {
       typename Lanes<L>::u wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = units3<L>(gb + r * row_bytes + 3 * u, rb + (r + 1) * row_bytes);
+      for (int r = 0; r < R; ++r) wv[r] = units3<L>(gb + r * row_bytes + 3 * u, rb + r * row_bytes + K * 3 / 8);
       for (int ph = 0; ph < 8; ++ph) {
-        const F xv = load<F>(xg + ph * units + u);
-        for (int r = 0; r < R; ++r)
-          dv[r][ph % C] = codes_to_float<L>(fused_code<3, 8, 1>(wv[r], ph)) * xv + dv[r][ph % C];
+        F xv[MB];
+        for (int m = 0; m < MB; ++m) xv[m] = load<F>(xg + m * K + ph * units + u);
+        for (int r = 0; r < R; ++r) {
+          const F q = codes_to_float<L>(fused_code<3, 8, MB>(wv[r], ph));
+          for (int m = 0; m < MB; ++m) dv[m][r][ph % C] = q * xv[m] + dv[m][r][ph % C];
+        }
       }
     }
-    float dt[R];
-    for (int r = 0; r < R; ++r) dt[r] = 0.f;
+    float dt[MB][R] = {};
     if constexpr (GS == 0 || GS / 8 % L != 0)  // units past whole steps
       for (; u < units; ++u)
         for (int r = 0; r < R; ++r) {
           const uint32_t v = load_unit3(gb + r * row_bytes + 3 * u);
-          for (int ph = 0; ph < 8; ++ph) dt[r] += static_cast<float>(fused_code<3, 8, 1>(v, ph)) * xg[ph * units + u];
+          for (int ph = 0; ph < 8; ++ph) {
+            const float q = static_cast<float>(fused_code<3, 8, MB>(v, ph));
+            for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * units + u] + dt[m][r];
+          }
         }
     for (int r = 0; r < R; ++r) {
-      const float sc = s[r * G + grp];
-      for (int c = 0; c < C; ++c) yv[r][c] = sc * dv[r][c] + yv[r][c];
-      ys[r] += z[r * G + grp] * xsum[grp];
-      if constexpr (GS == 0 || GS / 8 % L != 0) ys[r] += sc * dt[r];
+      const float sc = s[r * G + grp], ze = z[r * G + grp];
+      for (int m = 0; m < MB; ++m) {
+        if constexpr (T == 1) {
+          yv[m][r][0] = sc * sum_chains<C>(dv[m][r]) + yv[m][r][0];
+        } else {
+          for (int c = 0; c < C; ++c) yv[m][r][c] = sc * dv[m][r][c] + yv[m][r][c];
+        }
+        ys[m][r] += ze * xsum[m * G + grp];
+        if constexpr (GS == 0 || GS / 8 % L != 0) ys[m][r] += sc * dt[m][r];
+      }
     }
   }
-  for (int r = 0; r < R; ++r) acc[r] = hsum(sum_chains<C>(yv[r])) + ys[r];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r])) + ys[m][r];
 }
 
 // fused_rows3 as a function of its own, called per row: at M = 4, inlined into the row loop, it
@@ -642,23 +676,26 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kAffineRows) {
       const int64_t rows = std::min(kAffineRows, n_end - n0);
       load_affine_rows(p, n0, rows, sz, zeros);
-      if constexpr (MB == 1) {
-        // A group is g / L code vectors (GS = 0: taken as more than eight).
-        constexpr int C = wrow_chains(GS ? GS / L : 9), R = wrow_rows(C);
+      // A group is g / L code vectors (GS = 0: taken as more than eight).
+      constexpr int R = fused_weight_rows(B, MB, GS ? GS / L : 9), C = fused_weight_chains(MB, R);
+      if constexpr (MB == 1 || R > 1) {
         const auto wrows = [&](int64_t i, auto r) {
           constexpr int RR = decltype(r)::value;
           const uint8_t* rb = p.qweight + (n0 + i) * p.row_bytes;
-          float acc[RR];
+          const float *s = sz + i * G, *z = sz + zeros + i * G;
+          float acc[MB * RR];
           if constexpr (B == 3) {
-            fused_wrows3<L, GS, RR, C>(rb, p.row_bytes, g, sz + i * G, sz + zeros + i * G, p.x32, p.xsum, G, acc);
+            fused_wrows3<MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, acc);
           } else {
-            fused_wrows<B, L, GS, RR, C>(rb, p.row_bytes, g, sz + i * G, sz + zeros + i * G, p.x32, p.xsum, G, acc);
+            fused_wrows<B, MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, acc);
           }
-          for (int r2 = 0; r2 < RR; ++r2) p.y[n0 + i + r2] = acc[r2];
+          for (int m = 0; m < MB; ++m)
+            for (int r2 = 0; r2 < RR; ++r2) p.y[m * p.N + n0 + i + r2] = acc[m * RR + r2];
         };
         int64_t i = 0;
         for (; i + R <= rows; i += R) wrows(i, std::integral_constant<int, R>{});
-        for (; i < rows; ++i) wrows(i, std::integral_constant<int, 1>{});
+        if constexpr (R > 1)
+          for (; i < rows; ++i) wrows(i, std::integral_constant<int, 1>{});
       } else {
         float acc[MB];
         for (int64_t i = 0; i < rows; ++i) {
