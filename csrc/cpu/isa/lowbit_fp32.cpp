@@ -386,20 +386,29 @@ template <int MB, int L>
 constexpr int kChains3 = std::max(1, std::min(kChains<MB, L>, kSumRegs3 / MB - 1));
 
 // Weight rows the fused path takes at once (fused_wrows) for MB activation rows whose groups are
-// `vectors` code vectors (g / L) each, and chains per activation and weight row there; 1 for M >= 3
-// (fused_rows, one weight row at a time). At AVX2: at M = 1, R x C = 4, four rows of one chain
-// where a group is at most eight code vectors, else two rows of two chains (four rows of one
-// chain at g128 were 1.5x slower); at M = 2 three rows of one chain (W2: two; three were 12%
-// slower). One thread on a Zen 3, one weight row before, ms (bench/results/ops/s37):
-// * M = 1: 1536 x 576 g64 W4 0.068 -> 0.053, W3 0.075 -> 0.054; 576 x 1536 g128 W4 0.052 -> 0.049.
-// * M = 2: 1536 x 576 g64 W4 0.089 -> 0.077, W3 0.099 -> 0.083; 576 x 1536 g128 about the same.
+// `vectors` code vectors (g / L) each, and chains per activation and weight row there; 1: one
+// weight row at a time (fused_rows). At AVX2: at M = 1, R x C = 4, four rows of one chain where a
+// group is at most eight code vectors, else two rows of two chains (four rows of one chain at g128
+// were 1.5x slower); at M = 2 three rows of one chain (W2: two; three were 12% slower); at M = 3
+// two; at M = 4 two for W4 and W8 (W2, W3 gained nothing). One thread on a Zen 3, one weight row
+// before, ms (bench/results/ops/s37):
+// * M = 1: 1536 x 576 g64 W4 0.068 -> 0.053, W3 0.075 -> 0.056; 576 x 1536 g128 W4 0.052 -> 0.049.
+// * M = 2: 1536 x 576 g64 W4 0.090 -> 0.076, W3 0.099 -> 0.083; 576 x 1536 g32 W4 0.110 -> 0.088.
+// * M = 3: 1536 x 576 g64 W4 0.110 -> 0.102; 4096 x 4096 W4 2.2 -> 1.65 (576 x 1536 g128 -2%).
+// * M = 4: 1536 x 576 g64 W4 0.150 -> 0.133; 4096 x 4096 W4 2.9-3.5 -> 2.5.
 // Other instruction sets keep one weight row (not measured there): four chains at M = 1.
 constexpr int fused_weight_rows(int bits, int MB, int vectors) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  if (MB == 1) return vectors <= 8 ? 4 : 2;
-  if (MB == 2) return bits == 2 ? 2 : 3;
-#endif
+  switch (MB) {
+    case 1: return vectors <= 8 ? 4 : 2;
+    case 2: return bits == 2 ? 2 : 3;
+    case 3: return 2;
+    case 4: return bits == 4 || bits == 8 ? 2 : 1;
+    default: return 1;
+  }
+#else
   return 1;
+#endif
 }
 constexpr int fused_weight_chains(int MB, int rows) { return MB == 1 ? 4 / rows : 1; }
 
@@ -515,14 +524,15 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
   for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
 }
 
-// One or two activation rows, phase layout: fused_rows for R weight rows at once (row r at
+// Few activation rows, phase layout: fused_rows for R weight rows at once (row r at
 // rb + r * row_bytes, its scales and zeros at s + r * G and z + r * G) with C chains per
-// activation and weight row: each activation vector is loaded once for the R rows. (The same
-// loop for M = 3-6 at R = 1 ran 1.3x slower than fused_rows at M = 4, W4 g128: GCC kept its
-// accumulators in memory.) At M = 1 each chain's group sum goes into a
-// total of its own, so a group ends in independent FMAs (summing the chains first was a 25-cycle
-// dependency per group: 10% slower); with more rows the chains are summed per group (a total
-// per chain left too few registers: W3 at M = 3 ran 40% slower). acc[m * R + r] gets the sums.
+// activation and weight row: each activation vector is loaded once for the R rows, each row's
+// code vector converted once for the MB activation rows. (This loop at R = 1 ran 1.3x slower
+// than fused_rows at M = 4, W4 g128: GCC kept its accumulators in memory.) At M = 1 each chain's
+// group sum goes into a total of its own, so a group ends in independent FMAs (summing the
+// chains first was a 25-cycle dependency per group: 10% slower); with more rows the chains are
+// summed per group (a total per chain left too few registers: W3 at M = 3 ran 40% slower).
+// acc[m * R + r] gets the sums.
 template <int B, int MB, int L, int GS, int R, int C>
 void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_size, const float* s, const float* z,
                 const float* xp, const float* xsum, int64_t G, float* acc) {
