@@ -411,6 +411,11 @@ constexpr int fused_weight_rows(int bits, int MB, int vectors) {
 #endif
 }
 constexpr int fused_weight_chains(int MB, int rows) { return MB == 1 ? 4 / rows : 1; }
+// Only rows this short go several at a time: with the weights in memory, R longer rows (R streams
+// a row apart) ran much slower, software prefetch or not (Zen 3, one thread, evicted caches, ms:
+// 4096 x 4096 W4 M = 1 0.91-0.98 -> 1.26-1.60, 1536 x 576 W8 M = 1 0.09 -> 0.14-0.16, 576 x 1536
+// W4 g128 0.065 -> 0.090), while 288-byte rows (1536 x 576 W4 g64) were as fast or faster.
+constexpr int64_t kSeveralRowsMaxBytes = 512;
 
 // v[0] + ... + v[C - 1], pairwise.
 template <int C, typename V>
@@ -681,46 +686,43 @@ __attribute__((noinline)) void fused_rows3_call(const uint8_t* rb, int64_t K, in
 template <int B, int MB, int GS>
 void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* sz) {
   const int64_t g = p.group_size, G = p.G, zeros = kAffineRows * G;
+  // Weight rows [n0 + i, n0 + i + RR) of a block through fused_wrows (C chains) or, RR = 0, row
+  // n0 + i through fused_rows.
+  const auto rows_at = [&](int64_t n0, int64_t i, auto lanes, auto rr, auto chains) {
+    constexpr int L = decltype(lanes)::value, RR = decltype(rr)::value, C = decltype(chains)::value;
+    const uint8_t* rb = p.qweight + (n0 + i) * p.row_bytes;
+    const float *s = sz + i * G, *z = sz + zeros + i * G;
+    float acc[MB * std::max(RR, 1)];
+    if constexpr (RR == 0 && B == 3 && MB == 4) {
+      fused_rows3_call<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
+    } else if constexpr (RR == 0 && B == 3) {
+      fused_rows3<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
+    } else if constexpr (RR == 0) {
+      fused_rows<B, MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
+    } else if constexpr (B == 3) {
+      fused_wrows3<MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, acc);
+    } else {
+      fused_wrows<B, MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, acc);
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < std::max(RR, 1); ++r) p.y[m * p.N + n0 + i + r] = acc[m * std::max(RR, 1) + r];
+  };
   const auto run = [&](auto lanes) {
     constexpr int L = decltype(lanes)::value;
+    // A group is g / L code vectors (GS = 0: taken as more than eight).
+    constexpr int R = fused_weight_rows(B, MB, GS ? GS / L : 9), C = fused_weight_chains(MB, R);
+    using One = std::integral_constant<int, MB == 1 ? 1 : 0>;  // one weight row: fused_wrows at M = 1
+    using OneChains = std::integral_constant<int, fused_weight_chains(MB, 1)>;
+    const bool several = R > 1 && p.row_bytes <= kSeveralRowsMaxBytes;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kAffineRows) {
       const int64_t rows = std::min(kAffineRows, n_end - n0);
       load_affine_rows(p, n0, rows, sz, zeros);
-      // A group is g / L code vectors (GS = 0: taken as more than eight).
-      constexpr int R = fused_weight_rows(B, MB, GS ? GS / L : 9), C = fused_weight_chains(MB, R);
-      if constexpr (MB == 1 || R > 1) {
-        const auto wrows = [&](int64_t i, auto r) {
-          constexpr int RR = decltype(r)::value;
-          const uint8_t* rb = p.qweight + (n0 + i) * p.row_bytes;
-          const float *s = sz + i * G, *z = sz + zeros + i * G;
-          float acc[MB * RR];
-          if constexpr (B == 3) {
-            fused_wrows3<MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, acc);
-          } else {
-            fused_wrows<B, MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, acc);
-          }
-          for (int m = 0; m < MB; ++m)
-            for (int r2 = 0; r2 < RR; ++r2) p.y[m * p.N + n0 + i + r2] = acc[m * RR + r2];
-        };
-        int64_t i = 0;
-        for (; i + R <= rows; i += R) wrows(i, std::integral_constant<int, R>{});
-        if constexpr (R > 1)
-          for (; i < rows; ++i) wrows(i, std::integral_constant<int, 1>{});
-      } else {
-        float acc[MB];
-        for (int64_t i = 0; i < rows; ++i) {
-          const uint8_t* rb = p.qweight + (n0 + i) * p.row_bytes;
-          const float *s = sz + i * G, *z = sz + zeros + i * G;
-          if constexpr (B == 3 && MB == 4) {
-            fused_rows3_call<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
-          } else if constexpr (B == 3) {
-            fused_rows3<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
-          } else {
-            fused_rows<B, MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
-          }
-          for (int m = 0; m < MB; ++m) p.y[m * p.N + n0 + i] = acc[m];
-        }
-      }
+      int64_t i = 0;
+      if constexpr (R > 1)
+        if (several)
+          for (; i + R <= rows; i += R)
+            rows_at(n0, i, lanes, std::integral_constant<int, R>{}, std::integral_constant<int, C>{});
+      for (; i < rows; ++i) rows_at(n0, i, lanes, One{}, OneChains{});
     }
   };
   constexpr int64_t per_step = B == 3 ? GS / 8 : GS * B / 8;  // phase bytes (3 bits: units) of a group
