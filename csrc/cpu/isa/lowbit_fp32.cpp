@@ -386,24 +386,22 @@ template <int MB, int L>
 constexpr int kChains3 = std::max(1, std::min(kChains<MB, L>, kSumRegs3 / MB - 1));
 
 // Weight rows the fused path takes at once (fused_wrows) for MB activation rows whose groups are
-// `vectors` code vectors (g / L) each, and chains per activation and weight row there; 1: one
-// weight row at a time (fused_rows). At AVX2: at M = 1, R x C = 4, four rows of one chain where a
-// group is at most eight code vectors, else two rows of two chains (four rows of one chain at g128
-// were 1.5x slower); at M = 2 three rows of one chain (W2: two; three were 12% slower); at M = 3
-// two; at M = 4 two for W4 and W8 (W2, W3 gained nothing). One thread on a Zen 3, one weight row
-// before, ms (bench/results/ops/s37):
-// * M = 1: 1536 x 576 g64 W4 0.068 -> 0.053, W3 0.075 -> 0.056; 576 x 1536 g128 W4 0.052 -> 0.049.
-// * M = 2: 1536 x 576 g64 W4 0.090 -> 0.076, W3 0.099 -> 0.083; 576 x 1536 g32 W4 0.110 -> 0.088.
-// * M = 3: 1536 x 576 g64 W4 0.110 -> 0.102; 4096 x 4096 W4 2.2 -> 1.65 (576 x 1536 g128 -2%).
-// * M = 4: 1536 x 576 g64 W4 0.150 -> 0.133; 4096 x 4096 W4 2.9-3.5 -> 2.5.
+// `vectors` code vectors (g / L) each; 1: one weight row at a time (fused_rows, or fused_wrows at
+// M = 1). At AVX2: at M = 1, R x C = 4 chains, four rows of one chain where a group is at most
+// eight code vectors, else two rows of two chains (four rows of one chain at g128 were 1.5x
+// slower); at M = 2 three rows of one chain (W2: two; three were 12% slower); at M = 3 two (not
+// W2 in groups of more than eight vectors: 2.2x slower at 576 x 1536 g128). At M = 4 two rows
+// gained nothing. One thread on a Zen 3, one weight row before, ms (bench/results/ops/s37):
+// * M = 1: 1536 x 576 g64 W4 0.067 -> 0.051, W3 0.075 -> 0.056, W2 0.065 -> 0.049.
+// * M = 2: 1536 x 576 g64 W4 0.091 -> 0.076, W3 0.108 -> 0.085; 576 x 1536 g32 W4 0.110 -> 0.088.
+// * M = 3: 1536 x 576 g64 W4 0.114 -> 0.102, W3 0.132 -> 0.116.
 // Other instruction sets keep one weight row (not measured there): four chains at M = 1.
 constexpr int fused_weight_rows(int bits, int MB, int vectors) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   switch (MB) {
     case 1: return vectors <= 8 ? 4 : 2;
     case 2: return bits == 2 ? 2 : 3;
-    case 3: return 2;
-    case 4: return bits == 4 || bits == 8 ? 2 : 1;
+    case 3: return bits == 2 && vectors > 8 ? 1 : 2;
     default: return 1;
   }
 #else
