@@ -527,6 +527,27 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
   for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
 }
 
+// The end of a group in fused_wrows(3): each chain scaled by its weight row's scale into the
+// totals (T == 1: the chains summed first), the zero times the activations' group sum, and with
+// kTail the sum of the codes past whole steps (dt).
+template <int MB, int R, int C, int T, bool kTail, typename F>
+__attribute__((always_inline)) inline void end_group(F (&yv)[MB][R][T], float (&ys)[MB][R], F (&dv)[MB][R][C],
+                                                     const float (&dt)[MB][R], const float* s, const float* z,
+                                                     const float* xsum, int64_t G, int64_t grp) {
+  for (int r = 0; r < R; ++r) {
+    const float sc = s[r * G + grp], ze = z[r * G + grp];
+    for (int m = 0; m < MB; ++m) {
+      if constexpr (T == 1) {
+        yv[m][r][0] = sc * sum_chains<C>(dv[m][r]) + yv[m][r][0];
+      } else {
+        for (int c = 0; c < C; ++c) yv[m][r][c] = sc * dv[m][r][c] + yv[m][r][c];
+      }
+      ys[m][r] += ze * xsum[m * G + grp];
+      if constexpr (kTail) ys[m][r] += sc * dt[m][r];
+    }
+  }
+}
+
 // Few activation rows, phase layout: fused_rows for R weight rows at once (row r at
 // rb + r * row_bytes, its scales and zeros at s + r * G and z + r * G) with C chains per
 // activation and weight row: each activation vector is loaded once for the R rows, each row's
@@ -585,18 +606,7 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
           const float q = static_cast<float>(fused_code<B, cpb, MB>(uint32_t{gb[r * row_bytes + j]}, ph));
           for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * per_phase + j] + dt[m][r];
         }
-    for (int r = 0; r < R; ++r) {
-      const float sc = s[r * G + grp], ze = z[r * G + grp];
-      for (int m = 0; m < MB; ++m) {
-        if constexpr (T == 1) {
-          yv[m][r][0] = sc * sum_chains<C>(dv[m][r]) + yv[m][r][0];
-        } else {
-          for (int c = 0; c < C; ++c) yv[m][r][c] = sc * dv[m][r][c] + yv[m][r][c];
-        }
-        ys[m][r] += ze * xsum[m * G + grp];
-        if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[m][r] += sc * dt[m][r];
-      }
-    }
+    end_group<MB, R, C, T, (GS == 0 || (GS / cpb) % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
   }
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r])) + ys[m][r];
@@ -648,18 +658,7 @@ void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group
             for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * units + u] + dt[m][r];
           }
         }
-    for (int r = 0; r < R; ++r) {
-      const float sc = s[r * G + grp], ze = z[r * G + grp];
-      for (int m = 0; m < MB; ++m) {
-        if constexpr (T == 1) {
-          yv[m][r][0] = sc * sum_chains<C>(dv[m][r]) + yv[m][r][0];
-        } else {
-          for (int c = 0; c < C; ++c) yv[m][r][c] = sc * dv[m][r][c] + yv[m][r][c];
-        }
-        ys[m][r] += ze * xsum[m * G + grp];
-        if constexpr (GS == 0 || GS / 8 % L != 0) ys[m][r] += sc * dt[m][r];
-      }
-    }
+    end_group<MB, R, C, T, (GS == 0 || GS / 8 % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
   }
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r])) + ys[m][r];
