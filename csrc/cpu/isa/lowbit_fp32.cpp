@@ -559,7 +559,7 @@ __attribute__((always_inline)) inline void end_group(F (&yv)[MB][R][T], float (&
 // acc[m * R + r] gets the sums.
 template <int B, int MB, int L, int GS, int R, int C>
 void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_size, const float* s, const float* z,
-                const float* xp, const float* xsum, int64_t G, float* acc) {
+                 const float* xp, const float* xsum, int64_t G, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
   constexpr int cpb = 8 / B, T = MB == 1 ? C : 1, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
@@ -615,8 +615,8 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
 // fused_wrows for 3 bits: L units (8 L codes) of each weight row per vector step, phase ph into
 // chain ph % C; a group's units beyond whole steps one at a time.
 template <int MB, int L, int GS, int R, int C>
-void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_size, const float* s, const float* z,
-                 const float* xp, const float* xsum, int64_t G, float* acc) {
+void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_size, const float* s,
+                  const float* z, const float* xp, const float* xsum, int64_t G, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
   constexpr int T = MB == 1 ? C : 1;
@@ -687,9 +687,10 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
   // n0 + i through fused_rows.
   const auto rows_at = [&](int64_t n0, int64_t i, auto lanes, auto rr, auto chains) {
     constexpr int L = decltype(lanes)::value, RR = decltype(rr)::value, C = decltype(chains)::value;
+    constexpr int rows = RR ? RR : 1;
     const uint8_t* rb = p.qweight + (n0 + i) * p.row_bytes;
     const float *s = sz + i * G, *z = sz + zeros + i * G;
-    float acc[MB * std::max(RR, 1)];
+    float acc[MB * rows];
     if constexpr (RR == 0 && B == 3 && MB == 4) {
       fused_rows3_call<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
     } else if constexpr (RR == 0 && B == 3) {
@@ -702,7 +703,7 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
       fused_wrows<B, MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, acc);
     }
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < std::max(RR, 1); ++r) p.y[m * p.N + n0 + i + r] = acc[m * std::max(RR, 1) + r];
+      for (int r = 0; r < rows; ++r) p.y[m * p.N + n0 + i + r] = acc[m * rows + r];
   };
   const auto run = [&](auto lanes) {
     constexpr int L = decltype(lanes)::value;
