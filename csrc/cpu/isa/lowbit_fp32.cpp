@@ -685,11 +685,15 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
   const int64_t g = p.group_size, G = p.G, zeros = kAffineRows * G;
   // Weight rows [n0 + i, n0 + i + RR) of a block through fused_wrows (C chains) or, RR = 0, row
   // n0 + i through fused_rows.
+  // fp32 scales and zeros are read where they lie (copied, they were an eighth of SmolLM2's decode
+  // step at g32, the weights coming from memory); other dtypes are converted kAffineRows rows at a time.
+  const bool fp32_affine = p.scale_dtype == kFloat32;
+  const float *scales = sz, *zeros_at = sz + zeros;
   const auto rows_at = [&](int64_t n0, int64_t i, auto lanes, auto rr, auto chains) {
     constexpr int L = decltype(lanes)::value, RR = decltype(rr)::value, C = decltype(chains)::value;
     constexpr int rows = RR ? RR : 1;
     const uint8_t* rb = p.qweight + (n0 + i) * p.row_bytes;
-    const float *s = sz + i * G, *z = sz + zeros + i * G;
+    const float *s = scales + i * G, *z = zeros_at + i * G;
     float acc[MB * rows];
     if constexpr (RR == 0 && B == 3 && MB == 4) {
       fused_rows3_call<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
@@ -714,7 +718,12 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
     const bool several = R > 1 && p.row_bytes <= kSeveralRowsMaxBytes;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kAffineRows) {
       const int64_t rows = std::min(kAffineRows, n_end - n0);
-      load_affine_rows(p, n0, rows, sz, zeros);
+      if (fp32_affine) {
+        scales = static_cast<const float*>(p.scale) + n0 * G;
+        zeros_at = static_cast<const float*>(p.zero) + n0 * G;
+      } else {
+        load_affine_rows(p, n0, rows, sz, zeros);
+      }
       int64_t i = 0;
       if constexpr (R > 1)
         if (several)
