@@ -88,6 +88,22 @@ def test_odd_widths_biases_and_generic_isa():
         _C.set_lowbit_isa(before)
 
 
+@pytest.mark.parametrize("head_dim", [48, 80, 96, 136])
+def test_attention_head_widths(head_dim):
+    # The attention kernel keeps up to four 16-float column blocks of the output in registers:
+    # 48 takes three, 80 four and one, 96 four and two, 136 two passes of four and an 8-float
+    # tail; 11 positions leave a position tail after the scores' steps of four.
+    model = _llama(seed=6, hidden=64, layers=2, head_dim=head_dim)
+    before = _C.lowbit_isa()
+    try:
+        for isa in _C.lowbit_isas():
+            _C.set_lowbit_isa(isa)
+            for err, token, ref_token in _compare_steps(model, 0, 2, head="fp32", steps=5, prompt=6):
+                assert err < TOL and token == ref_token
+    finally:
+        _C.set_lowbit_isa(before)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_long_context_grows_the_cache_and_threads_agree(threads):
     # 70 positions from a capacity of 4: the buffer doubles five times; attention over > 64

@@ -315,17 +315,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
         const float* kh = kc + (head / group) * capacity[m] * hd;
         const float* vh = kc + plane + (head / group) * capacity[m] * hd;
         p.resize(n);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
-          p[j] = V.dot(qh, kh + j * hd, hd) * s.attn_scale;
-          mx = std::max(mx, p[j]);
-        }
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
-        float* out = t.attn.data() + m * qd + head * hd;
-        std::fill_n(out, hd, 0.f);
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < n; ++j) V.axpy(p[j] * inv, vh + j * hd, out, hd);
+        V.attend(qh, kh, vh, n, hd, s.attn_scale, p.data(), t.attn.data() + m * qd + head * hd);
       }
     };
     // Threads pay off only once there is enough context (a pool wake-up costs microseconds).

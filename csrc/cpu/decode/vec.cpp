@@ -2,6 +2,7 @@
 // lanes so that each instruction-set build uses its own register width (one zmm, two ymm or
 // four xmm registers per vector).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu/decode/vec.h"
@@ -126,20 +127,67 @@ void f32_rows(const float* w, int64_t K, const float* x, const float* bias, floa
   f32_rows_m(w, K, x, K, 1, bias, y, 0, n0, n1);
 }
 
-void axpy(float a, const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  const f32x16 av = f32x16{} + a;
-  for (; i + 16 <= n; i += 16) {
-    const f32x16 v = av * loadf(x + i) + loadf(y + i);
-    std::memcpy(y + i, &v, sizeof v);
+// sum_j p[j] * v[j * hd + d] for d in [d0, d0 + 16 W): W accumulators stay in registers while
+// the positions stream past (an axpy per position loaded and stored the output each time).
+template <int W>
+inline void weighted_columns(const float* p, const float* v, int64_t n, int64_t hd, int64_t d0, float* out) {
+  f32x16 acc[W] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const f32x16 pj = f32x16{} + p[j];
+    for (int c = 0; c < W; ++c) acc[c] = pj * loadf(v + j * hd + d0 + 16 * c) + acc[c];
   }
-  for (; i < n; ++i) y[i] += a * x[i];
+  std::memcpy(out + d0, acc, sizeof acc);
+}
+
+inline float dot_tail(const float* a, const float* b, int64_t from, int64_t to) {
+  float t = 0.f;
+  for (int64_t d = from; d < to; ++d) t += a[d] * b[d];
+  return t;
+}
+
+void attend(const float* q, const float* k, const float* v, int64_t n, int64_t hd, float scale, float* p,
+            float* out) {
+  const int64_t vec_end = hd / 16 * 16;
+  // Scores four positions at a time: each query load feeds four independent FMA chains (a dot
+  // call per position spent most of its time on the call and the lane sums).
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    f32x16 acc[4] = {};
+    for (int64_t d = 0; d < vec_end; d += 16) {
+      const f32x16 qv = loadf(q + d);
+      for (int r = 0; r < 4; ++r) acc[r] = qv * loadf(k + (j + r) * hd + d) + acc[r];
+    }
+    for (int r = 0; r < 4; ++r) p[j + r] = (hsum(acc[r]) + dot_tail(q, k + (j + r) * hd, vec_end, hd)) * scale;
+  }
+  for (; j < n; ++j) {
+    f32x16 acc{};
+    for (int64_t d = 0; d < vec_end; d += 16) acc = loadf(q + d) * loadf(k + j * hd + d) + acc;
+    p[j] = (hsum(acc) + dot_tail(q, k + j * hd, vec_end, hd)) * scale;
+  }
+  const float mx = *std::max_element(p, p + n);
+  float sum = 0.f;
+  for (j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+  const float inv = 1.0f / sum;
+  for (j = 0; j < n; ++j) p[j] *= inv;
+  int64_t d = 0;
+  for (; d + 64 <= vec_end; d += 64) weighted_columns<4>(p, v, n, hd, d, out);
+  switch ((vec_end - d) / 16) {
+    case 3: weighted_columns<3>(p, v, n, hd, d, out); break;
+    case 2: weighted_columns<2>(p, v, n, hd, d, out); break;
+    case 1: weighted_columns<1>(p, v, n, hd, d, out); break;
+    default: break;
+  }
+  for (d = vec_end; d < hd; ++d) {
+    float t = 0.f;
+    for (j = 0; j < n; ++j) t += p[j] * v[j * hd + d];
+    out[d] = t;
+  }
 }
 
 }  // namespace
 
 const DecodeVec& decode_vec() {
-  static const DecodeVec v{SK_ISA_NAME, dot, f32_rows, f32_rows_m, axpy};
+  static const DecodeVec v{SK_ISA_NAME, dot, f32_rows, f32_rows_m, attend};
   return v;
 }
 
