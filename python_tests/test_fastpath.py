@@ -90,9 +90,10 @@ def test_odd_widths_biases_and_generic_isa():
 
 @pytest.mark.parametrize("head_dim", [48, 80, 96, 136])
 def test_attention_head_widths(head_dim):
-    # The attention kernel keeps up to four 16-float column blocks of the output in registers:
-    # 48 takes three, 80 four and one, 96 four and two, 136 two passes of four and an 8-float
-    # tail; 11 positions leave a position tail after the scores' steps of four.
+    # The attention kernel sums up to eight output vectors per pass over the positions, then
+    # the rest: at 8 lanes (AVX2) 48 is six vectors, 80 eight and two, 96 eight and four, 136
+    # two passes and one; at 4 or 16 lanes other splits and float tails. 11 positions leave
+    # a tail after the scores' steps of four.
     model = _llama(seed=6, hidden=64, layers=2, head_dim=head_dim)
     before = _C.lowbit_isa()
     try:

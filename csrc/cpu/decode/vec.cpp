@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "cpu/decode/vec.h"
 
@@ -127,56 +128,85 @@ void f32_rows(const float* w, int64_t K, const float* x, const float* bias, floa
   f32_rows_m(w, K, x, K, 1, bias, y, 0, n0, n1);
 }
 
-// sum_j p[j] * v[j * hd + d] for d in [d0, d0 + 16 W): W accumulators stay in registers while
-// the positions stream past (an axpy per position loaded and stored the output each time).
+// The attention kernel works at the build's register width: with 16-lane vectors an AVX2 build
+// kept its accumulators on the stack.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float fvec __attribute__((vector_size(kLanes * 4)));
+constexpr int kOutVecs = 8;  // output vectors summed per pass over the positions
+
+inline fvec loadv(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsumv(fvec v) {
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof v);
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+// out[d0 + i] = sum_j p[j] * v[j * hd + d0 + i] for i < W kLanes: W accumulators stay in registers
+// while the positions stream past (an axpy per position loaded and stored the output each time).
 template <int W>
 inline void weighted_columns(const float* p, const float* v, int64_t n, int64_t hd, int64_t d0, float* out) {
-  f32x16 acc[W] = {};
+  fvec acc[W] = {};
   for (int64_t j = 0; j < n; ++j) {
-    const f32x16 pj = f32x16{} + p[j];
-    for (int c = 0; c < W; ++c) acc[c] = pj * loadf(v + j * hd + d0 + 16 * c) + acc[c];
+    const fvec pj = fvec{} + p[j];
+    const float* row = v + j * hd + d0;
+#pragma GCC unroll 8
+    for (int c = 0; c < W; ++c) acc[c] = pj * loadv(row + c * kLanes) + acc[c];
   }
   std::memcpy(out + d0, acc, sizeof acc);
 }
 
-inline float dot_tail(const float* a, const float* b, int64_t from, int64_t to) {
-  float t = 0.f;
-  for (int64_t d = from; d < to; ++d) t += a[d] * b[d];
-  return t;
+template <int... W>
+inline void weighted_tail(int vecs, const float* p, const float* v, int64_t n, int64_t hd, int64_t d0, float* out,
+                          std::integer_sequence<int, W...>) {
+  ((vecs == W + 1 ? weighted_columns<W + 1>(p, v, n, hd, d0, out) : void()), ...);
+}
+
+// Query q against key rows k0..k0 + 3 hd (R = 4) or k0 alone (R = 1): R dot products, each query
+// load feeding R independent FMA chains.
+template <int R>
+inline void scores(const float* q, const float* k0, int64_t hd, float scale, float* p) {
+  const int64_t vec_end = hd / kLanes * kLanes;
+  fvec acc[R] = {};
+  for (int64_t d = 0; d < vec_end; d += kLanes) {
+    const fvec qv = loadv(q + d);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = qv * loadv(k0 + r * hd + d) + acc[r];
+  }
+  for (int r = 0; r < R; ++r) {
+    float t = hsumv(acc[r]);
+    for (int64_t d = vec_end; d < hd; ++d) t += q[d] * k0[r * hd + d];
+    p[r] = t * scale;
+  }
 }
 
 void attend(const float* q, const float* k, const float* v, int64_t n, int64_t hd, float scale, float* p,
             float* out) {
-  const int64_t vec_end = hd / 16 * 16;
-  // Scores four positions at a time: each query load feeds four independent FMA chains (a dot
-  // call per position spent most of its time on the call and the lane sums).
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    f32x16 acc[4] = {};
-    for (int64_t d = 0; d < vec_end; d += 16) {
-      const f32x16 qv = loadf(q + d);
-      for (int r = 0; r < 4; ++r) acc[r] = qv * loadf(k + (j + r) * hd + d) + acc[r];
-    }
-    for (int r = 0; r < 4; ++r) p[j + r] = (hsum(acc[r]) + dot_tail(q, k + (j + r) * hd, vec_end, hd)) * scale;
-  }
-  for (; j < n; ++j) {
-    f32x16 acc{};
-    for (int64_t d = 0; d < vec_end; d += 16) acc = loadf(q + d) * loadf(k + j * hd + d) + acc;
-    p[j] = (hsum(acc) + dot_tail(q, k + j * hd, vec_end, hd)) * scale;
-  }
+  for (; j + 4 <= n; j += 4) scores<4>(q, k + j * hd, hd, scale, p + j);
+  for (; j < n; ++j) scores<1>(q, k + j * hd, hd, scale, p + j);
   const float mx = *std::max_element(p, p + n);
   float sum = 0.f;
   for (j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
   const float inv = 1.0f / sum;
   for (j = 0; j < n; ++j) p[j] *= inv;
+  const int64_t vec_end = hd / kLanes * kLanes;
   int64_t d = 0;
-  for (; d + 64 <= vec_end; d += 64) weighted_columns<4>(p, v, n, hd, d, out);
-  switch ((vec_end - d) / 16) {
-    case 3: weighted_columns<3>(p, v, n, hd, d, out); break;
-    case 2: weighted_columns<2>(p, v, n, hd, d, out); break;
-    case 1: weighted_columns<1>(p, v, n, hd, d, out); break;
-    default: break;
-  }
+  for (; d + kOutVecs * kLanes <= vec_end; d += kOutVecs * kLanes) weighted_columns<kOutVecs>(p, v, n, hd, d, out);
+  weighted_tail(static_cast<int>((vec_end - d) / kLanes), p, v, n, hd, d, out,
+                std::make_integer_sequence<int, kOutVecs - 1>{});
   for (d = vec_end; d < hd; ++d) {
     float t = 0.f;
     for (j = 0; j < n; ++j) t += p[j] * v[j * hd + d];
