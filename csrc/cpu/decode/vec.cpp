@@ -1,6 +1,6 @@
-// Vector primitives of the decode step (see vec.h), written with GCC/Clang vector types of 16
-// lanes so that each instruction-set build uses its own register width (one zmm, two ymm or
-// four xmm registers per vector).
+// Vector primitives of the decode step (see vec.h), written with GCC/Clang vector types at the
+// build's register width (16 lanes AVX-512, 8 AVX2, 4 otherwise): with 16-lane vectors on AVX2
+// GCC kept the accumulators of the dense rows and of attention on the stack.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -16,71 +16,82 @@ namespace sk {
 namespace SK_ISA_NS {
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float fvec __attribute__((vector_size(kLanes * 4)));
+constexpr int kLine = 16;                   // floats of a cache line
+constexpr int kLineVecs = kLine / kLanes;   // vectors of a cache line
 constexpr int kRows = 4;  // weight rows per pass: each activation load feeds four FMAs
 
-inline f32x16 loadf(const float* p) {
-  f32x16 v;
+inline fvec loadv(const float* p) {
+  fvec v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline float hsum(f32x16 v) {
-  // A fixed tree of lane-wise halvings: a few vector adds on every register width instead of a
-  // chain of 16 dependent scalar adds (once per output element, which adds up when a batched
-  // step computes many rows per weight row), and the same order for every element.
-  f32x8 a, b;
-  std::memcpy(&a, &v, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
-  const f32x8 s8 = a + b;
-  f32x4 c, d;
-  std::memcpy(&c, &s8, sizeof c);
-  std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof c, sizeof d);
-  const f32x4 s4 = c + d;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+// A fixed tree of lane-wise halvings: a few adds instead of a chain of dependent ones (once per
+// output element, which adds up when a batched step computes many rows per weight row), and the
+// same order for every element.
+inline float hsum(fvec v) {
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof v);
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
 }
 
 float dot(const float* a, const float* b, int64_t n) {
-  f32x16 acc0{}, acc1{};
+  fvec acc0{}, acc1{};
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    acc0 = loadf(a + i) * loadf(b + i) + acc0;
-    acc1 = loadf(a + i + 16) * loadf(b + i + 16) + acc1;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    acc0 = loadv(a + i) * loadv(b + i) + acc0;
+    acc1 = loadv(a + i + kLanes) * loadv(b + i + kLanes) + acc1;
   }
-  for (; i + 16 <= n; i += 16) acc0 = loadf(a + i) * loadf(b + i) + acc0;
+  for (; i + kLanes <= n; i += kLanes) acc0 = loadv(a + i) * loadv(b + i) + acc0;
   float t = hsum(acc0 + acc1);
   for (; i < n; ++i) t += a[i] * b[i];
   return t;
 }
 
 // One tile of y: R weight rows x C activation rows. Every y element is summed the same way
-// whatever the tile (one 16-lane accumulator over K in order, then its lanes in order, then
-// the tail), so a row's results do not depend on how many rows share the pass: a batched step
-// equals each row's step alone, bit for bit.
+// whatever the tile (one accumulator over K in order, then its lanes in order, then the tail),
+// so a row's results do not depend on how many rows share the pass: a batched step equals each
+// row's step alone, bit for bit.
 //
 // `next` (or null) is the first of the `R` weight rows the caller runs after this block: the
-// tile prefetches columns [pf0, pf1) of each of them, one cache line per row per 16 columns it
+// tile prefetches columns [pf0, pf1) of each of them, one cache line per row per line it
 // computes, so the next block's weights stream in while this block computes instead of
 // stalling the next block's first tile on memory.
 template <int R, int C>
 inline void tile(const float* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n,
                  int64_t m, const float* next = nullptr, int64_t pf0 = 0, int64_t pf1 = 0) {
-  const int64_t vec_end = K / 16 * 16;
+  const int64_t vec_end = K / kLine * kLine;
   const float* r[R];
   const float* a[C];
   for (int j = 0; j < R; ++j) r[j] = w + (n + j) * K;
   for (int c = 0; c < C; ++c) a[c] = x + (m + c) * ldx;
-  f32x16 acc[R][C] = {};
-  for (int64_t k = 0; k < vec_end; k += 16) {
+  fvec acc[R][C] = {};
+  for (int64_t k = 0; k < vec_end; k += kLine) {
     if (next && pf0 + k < pf1)
       for (int j = 0; j < R; ++j) __builtin_prefetch(next + j * K + pf0 + k, 0, 3);
-    f32x16 wv[R];
-    for (int j = 0; j < R; ++j) wv[j] = loadf(r[j] + k);
-    for (int c = 0; c < C; ++c) {
-      const f32x16 xv = loadf(a[c] + k);
-      for (int j = 0; j < R; ++j) acc[j][c] = wv[j] * xv + acc[j][c];
+    for (int v = 0; v < kLineVecs; ++v) {
+      const int64_t kv = k + v * kLanes;
+      if constexpr (C == 1) {  // no weight vectors held: R accumulators, R loads, one activation
+        const fvec xv = loadv(a[0] + kv);
+        for (int j = 0; j < R; ++j) acc[j][0] = loadv(r[j] + kv) * xv + acc[j][0];
+      } else {
+        fvec wv[R];
+        for (int j = 0; j < R; ++j) wv[j] = loadv(r[j] + kv);
+        for (int c = 0; c < C; ++c) {
+          const fvec xv = loadv(a[c] + kv);
+          for (int j = 0; j < R; ++j) acc[j][c] = wv[j] * xv + acc[j][c];
+        }
+      }
     }
   }
   for (int j = 0; j < R; ++j)
@@ -91,8 +102,8 @@ inline void tile(const float* w, int64_t K, const float* x, int64_t ldx, float* 
     }
 }
 
-// Activation rows per tile: each weight load feeds C FMAs (kRows x kCols accumulators must
-// fit the vector registers: 16 of 32 zmm; with ymm or xmm halves fewer).
+// Activation rows per tile: each weight load feeds C FMAs (kRows x kCols accumulators and kRows
+// weight vectors must fit the vector registers: 16 + 4 of 32 zmm, 8 + 4 of 16 ymm or xmm).
 #if defined(__AVX512F__)
 constexpr int kCols = 4;
 #else
@@ -106,7 +117,7 @@ template <int R>
 void row_block(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n,
                const float* next) {
   const int64_t tiles = M / kCols + M % kCols;
-  const int64_t share = (K + 16 * tiles - 1) / (16 * tiles) * 16;  // columns of `next` each tile prefetches
+  const int64_t share = (K + kLine * tiles - 1) / (kLine * tiles) * kLine;  // columns of `next` each tile prefetches
   int64_t m = 0, pf = 0;
   for (; m + kCols <= M; m += kCols, pf += share)
     tile<R, kCols>(w, K, x, ldx, y, ldy, n, m, next, pf, std::min(K, pf + share));
@@ -128,31 +139,7 @@ void f32_rows(const float* w, int64_t K, const float* x, const float* bias, floa
   f32_rows_m(w, K, x, K, 1, bias, y, 0, n0, n1);
 }
 
-// The attention kernel works at the build's register width: with 16-lane vectors an AVX2 build
-// kept its accumulators on the stack.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX2__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
-typedef float fvec __attribute__((vector_size(kLanes * 4)));
-constexpr int kOutVecs = 8;  // output vectors summed per pass over the positions
-
-inline fvec loadv(const float* p) {
-  fvec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float hsumv(fvec v) {
-  float t[kLanes];
-  std::memcpy(t, &v, sizeof v);
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  return t[0];
-}
+constexpr int kOutVecs = 8;  // attention output vectors summed per pass over the positions
 
 // out[d0 + i] = sum_j p[j] * v[j * hd + d0 + i] for i < W kLanes: W accumulators stay in registers
 // while the positions stream past (an axpy per position loaded and stored the output each time).
@@ -186,7 +173,7 @@ inline void scores(const float* q, const float* k0, int64_t hd, float scale, flo
     for (int r = 0; r < R; ++r) acc[r] = qv * loadv(k0 + r * hd + d) + acc[r];
   }
   for (int r = 0; r < R; ++r) {
-    float t = hsumv(acc[r]);
+    float t = hsum(acc[r]);
     for (int64_t d = vec_end; d < hd; ++d) t += q[d] * k0[r * hd + d];
     p[r] = t * scale;
   }
