@@ -304,25 +304,23 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
       }
     }
 
-    // Attention of each (row, query head) over positions 0..pos of its key/value head.
+    // Attention of each (row, key/value head) for its `group` query heads over positions 0..pos.
     auto heads = [&](int64_t i0, int64_t i1) {
       std::vector<float> p;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t m = i / s.heads, head = i % s.heads, n = pos[m] + 1;
+        const int64_t m = i / s.kv_heads, g = i % s.kv_heads, n = pos[m] + 1;
         const int64_t plane = s.kv_heads * capacity[m] * hd;
-        const float* kc = kv[m] + static_cast<int64_t>(li) * 2 * plane;
-        const float* qh = t.q.data() + m * qd + head * hd;
-        const float* kh = kc + (head / group) * capacity[m] * hd;
-        const float* vh = kc + plane + (head / group) * capacity[m] * hd;
-        p.resize(n);
-        V.attend(qh, kh, vh, n, hd, s.attn_scale, p.data(), t.attn.data() + m * qd + head * hd);
+        const float* kh = kv[m] + static_cast<int64_t>(li) * 2 * plane + g * capacity[m] * hd;
+        const int64_t q0 = m * qd + g * group * hd;  // the group's query heads are consecutive
+        p.resize(group * n);
+        V.attend(t.q.data() + q0, group, kh, kh + plane, n, hd, s.attn_scale, p.data(), t.attn.data() + q0);
       }
     };
     // Threads pay off only once there is enough context (a pool wake-up costs microseconds).
     if (context * s.heads * hd >= (int64_t{1} << 16))
-      parallel_for(M * s.heads, 1, heads, Team::kPool);
+      parallel_for(M * s.kv_heads, 1, heads, Team::kPool);
     else
-      heads(0, M * s.heads);
+      heads(0, M * s.kv_heads);
 
     if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, M, false)).empty()) return err;
     for (int64_t i = 0; i < M * H; ++i) h[i] += t.tmp[i];

@@ -3,7 +3,9 @@
 // GCC kept the accumulators of the dense rows and of attention on the stack.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "cpu/decode/vec.h"
@@ -139,13 +141,68 @@ void f32_rows(const float* w, int64_t K, const float* x, const float* bias, floa
   f32_rows_m(w, K, x, K, 1, bias, y, 0, n0, n1);
 }
 
-constexpr int kOutVecs = 8;  // attention output vectors summed per pass over the positions
+typedef int32_t ivec __attribute__((vector_size(kLanes * 4)));
+constexpr int kOutVecs = 8;            // attention output vectors summed per pass over the positions
+constexpr int64_t kBlockPositions = 64;  // value rows per block (16 KiB at head_dim 64): in L1 for every head
 
-// out[d0 + i] = sum_j p[j] * v[j * hd + d0 + i] for i < W kLanes: W accumulators stay in registers
-// while the positions stream past (an axpy per position loaded and stored the output each time).
+// e^x lane by lane, within about 2 ulp: 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r
+// by its Taylor polynomial to degree 7 (remainder below 6e-9). x is clamped to [-87, 88] (e^-87
+// is 1.6e-38; a softmax term that small is nothing beside its largest, which is 1); NaN stays NaN.
+inline fvec exp_lanes(fvec x) {
+  const fvec lo = fvec{} - 87.0f, hi = fvec{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const fvec round = fvec{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const fvec n = (x * 1.44269504f + round) - round;
+  const fvec r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln 2 in two parts: r exact
+  fvec e = fvec{} + 1.0f / 5040;
+  e = e * r + 1.0f / 720;
+  e = e * r + 1.0f / 120;
+  e = e * r + 1.0f / 24;
+  e = e * r + 1.0f / 6;
+  e = e * r + 0.5f;
+  e = e * r + 1.0f;
+  e = e * r + 1.0f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  fvec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+// p[0, n) = softmax(p[0, n)).
+inline void softmax(float* p, int64_t n) {
+  const int64_t vec_end = n / kLanes * kLanes;
+  float mx = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  if (vec_end) {
+    fvec m = loadv(p);
+    for (j = kLanes; j < vec_end; j += kLanes) {
+      const fvec v = loadv(p + j);
+      m = v > m ? v : m;
+    }
+    for (int i = 0; i < kLanes; ++i) mx = std::max(mx, m[i]);
+  }
+  for (; j < n; ++j) mx = std::max(mx, p[j]);
+  fvec acc{};
+  for (j = 0; j < vec_end; j += kLanes) {
+    const fvec e = exp_lanes(loadv(p + j) - mx);
+    std::memcpy(p + j, &e, sizeof e);
+    acc += e;
+  }
+  float sum = hsum(acc);
+  for (; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+  const float inv = 1.0f / sum;
+  for (j = 0; j < n; ++j) p[j] *= inv;
+}
+
+// out[d0 + i] (+)= sum_j p[j] * v[j * hd + d0 + i] for i < W kLanes (add: onto out): W accumulators
+// stay in registers while the positions stream past (an axpy per position loaded and stored the
+// output each time).
 template <int W>
-inline void weighted_columns(const float* p, const float* v, int64_t n, int64_t hd, int64_t d0, float* out) {
-  fvec acc[W] = {};
+inline void weighted_columns(const float* p, const float* v, int64_t n, int64_t hd, int64_t d0, float* out,
+                             bool add) {
+  fvec acc[W];
+  for (int c = 0; c < W; ++c) acc[c] = add ? loadv(out + d0 + c * kLanes) : fvec{};
   for (int64_t j = 0; j < n; ++j) {
     const fvec pj = fvec{} + p[j];
     const float* row = v + j * hd + d0;
@@ -157,8 +214,22 @@ inline void weighted_columns(const float* p, const float* v, int64_t n, int64_t 
 
 template <int... W>
 inline void weighted_tail(int vecs, const float* p, const float* v, int64_t n, int64_t hd, int64_t d0, float* out,
-                          std::integer_sequence<int, W...>) {
-  ((vecs == W + 1 ? weighted_columns<W + 1>(p, v, n, hd, d0, out) : void()), ...);
+                          bool add, std::integer_sequence<int, W...>) {
+  ((vecs == W + 1 ? weighted_columns<W + 1>(p, v, n, hd, d0, out, add) : void()), ...);
+}
+
+// out[hd] (+)= sum_j p[j] v[j] over n value rows.
+inline void weighted(const float* p, const float* v, int64_t n, int64_t hd, float* out, bool add) {
+  const int64_t vec_end = hd / kLanes * kLanes;
+  int64_t d = 0;
+  for (; d + kOutVecs * kLanes <= vec_end; d += kOutVecs * kLanes) weighted_columns<kOutVecs>(p, v, n, hd, d, out, add);
+  weighted_tail(static_cast<int>((vec_end - d) / kLanes), p, v, n, hd, d, out, add,
+                std::make_integer_sequence<int, kOutVecs - 1>{});
+  for (d = vec_end; d < hd; ++d) {
+    float t = add ? out[d] : 0.f;
+    for (int64_t j = 0; j < n; ++j) t += p[j] * v[j * hd + d];
+    out[d] = t;
+  }
 }
 
 // Query q against key rows k0..k0 + 3 hd (R = 4) or k0 alone (R = 1): R dot products, each query
@@ -166,7 +237,8 @@ inline void weighted_tail(int vecs, const float* p, const float* v, int64_t n, i
 template <int R>
 inline void scores(const float* q, const float* k0, int64_t hd, float scale, float* p) {
   const int64_t vec_end = hd / kLanes * kLanes;
-  fvec acc[R] = {};
+  fvec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = fvec{};
   for (int64_t d = 0; d < vec_end; d += kLanes) {
     const fvec qv = loadv(q + d);
 #pragma GCC unroll 4
@@ -179,25 +251,19 @@ inline void scores(const float* q, const float* k0, int64_t hd, float scale, flo
   }
 }
 
-void attend(const float* q, const float* k, const float* v, int64_t n, int64_t hd, float scale, float* p,
-            float* out) {
+// The query heads of one key/value head take each block of keys and values in turn while it
+// is in L1: the cache's rows come from memory once, not once per query head.
+void attend(const float* q, int64_t heads, const float* k, const float* v, int64_t n, int64_t hd, float scale,
+            float* p, float* out) {
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) scores<4>(q, k + j * hd, hd, scale, p + j);
-  for (; j < n; ++j) scores<1>(q, k + j * hd, hd, scale, p + j);
-  const float mx = *std::max_element(p, p + n);
-  float sum = 0.f;
-  for (j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
-  const float inv = 1.0f / sum;
-  for (j = 0; j < n; ++j) p[j] *= inv;
-  const int64_t vec_end = hd / kLanes * kLanes;
-  int64_t d = 0;
-  for (; d + kOutVecs * kLanes <= vec_end; d += kOutVecs * kLanes) weighted_columns<kOutVecs>(p, v, n, hd, d, out);
-  weighted_tail(static_cast<int>((vec_end - d) / kLanes), p, v, n, hd, d, out,
-                std::make_integer_sequence<int, kOutVecs - 1>{});
-  for (d = vec_end; d < hd; ++d) {
-    float t = 0.f;
-    for (j = 0; j < n; ++j) t += p[j] * v[j * hd + d];
-    out[d] = t;
+  for (; j + 4 <= n; j += 4)
+    for (int64_t h = 0; h < heads; ++h) scores<4>(q + h * hd, k + j * hd, hd, scale, p + h * n + j);
+  for (; j < n; ++j)
+    for (int64_t h = 0; h < heads; ++h) scores<1>(q + h * hd, k + j * hd, hd, scale, p + h * n + j);
+  for (int64_t h = 0; h < heads; ++h) softmax(p + h * n, n);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlockPositions) {
+    const int64_t rows = std::min(kBlockPositions, n - j0);
+    for (int64_t h = 0; h < heads; ++h) weighted(p + h * n + j0, v + j0 * hd, rows, hd, out + h * hd, j0 > 0);
   }
 }
 
