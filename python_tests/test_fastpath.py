@@ -107,8 +107,8 @@ def test_attention_head_widths(head_dim):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_long_context_grows_the_cache_and_threads_agree(threads):
-    # 70 positions from a capacity of 4: the buffer doubles five times; attention over > 64
-    # positions takes the threaded path.
+    # 70 positions from a capacity of 4: the buffer doubles five times (the threaded attention:
+    # test_fastpath_step_batch.py).
     model = tiny_model("llama", seed=4, num_layers=2, hidden=64, vocab=128)
     before = _C.num_threads()
     _C.set_num_threads(threads)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import splitkernels._C as _C
 from splitkernels.fastpath import NativeDecoder
@@ -97,6 +97,33 @@ def test_step_batch_of_one_and_threads_agree():
         _C.set_num_threads(before)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_threaded_attention_agrees_bit_for_bit():
+    # Context enough for the attention to run on the pool (decode.cpp: positions x heads x
+    # head_dim >= 2^16). Its units are the query heads of a key/value head while there are at
+    # least two per thread (one thread; two threads at two rows), else single query heads (three
+    # threads): every way must give the same bits.
+    torch.manual_seed(12)
+    config = LlamaConfig(vocab_size=112, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, intermediate_size=96, max_position_embeddings=1024)
+    model = LlamaForCausalLM(config).eval()
+    decoder = NativeDecoder(model, 0, 2, head="fp32")
+    before = _C.num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            _C.set_num_threads(threads)
+            pairs = _caches(decoder, model, [300, 200], torch.Generator().manual_seed(3))
+            hidden = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
+            stats = _C.team_stats()
+            results.append(decoder.step_batch(hidden, [p[0] for p in pairs], 5, logits=True))
+            assert _C.team_stats()["pool_calls"] > stats["pool_calls"] or threads == 1
+    finally:
+        _C.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 def test_step_batch_rejects_bad_input():

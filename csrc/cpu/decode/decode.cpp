@@ -304,23 +304,26 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
       }
     }
 
-    // Attention of each (row, key/value head) for its `group` query heads over positions 0..pos.
+    // Attention in units of the query heads of one key/value head (the cache's rows read once for
+    // them), or of one query head where that would leave the threads too few units.
+    const bool threaded = context * s.heads * hd >= (int64_t{1} << 16);  // a pool wake-up costs microseconds
+    const int64_t per_unit = threaded && M * s.kv_heads < 2 * num_threads() ? 1 : group;
+    const int64_t row_units = s.heads / per_unit;
     auto heads = [&](int64_t i0, int64_t i1) {
       std::vector<float> p;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t m = i / s.kv_heads, g = i % s.kv_heads, n = pos[m] + 1;
+        const int64_t m = i / row_units, h0 = i % row_units * per_unit, n = pos[m] + 1;
         const int64_t plane = s.kv_heads * capacity[m] * hd;
-        const float* kh = kv[m] + static_cast<int64_t>(li) * 2 * plane + g * capacity[m] * hd;
-        const int64_t q0 = m * qd + g * group * hd;  // the group's query heads are consecutive
-        p.resize(group * n);
-        V.attend(t.q.data() + q0, group, kh, kh + plane, n, hd, s.attn_scale, p.data(), t.attn.data() + q0);
+        const float* kh = kv[m] + static_cast<int64_t>(li) * 2 * plane + h0 / group * capacity[m] * hd;
+        const int64_t q0 = m * qd + h0 * hd;  // a key/value head's query heads are consecutive
+        p.resize(per_unit * n);
+        V.attend(t.q.data() + q0, per_unit, kh, kh + plane, n, hd, s.attn_scale, p.data(), t.attn.data() + q0);
       }
     };
-    // Threads pay off only once there is enough context (a pool wake-up costs microseconds).
-    if (context * s.heads * hd >= (int64_t{1} << 16))
-      parallel_for(M * s.kv_heads, 1, heads, Team::kPool);
+    if (threaded)
+      parallel_for(M * row_units, 1, heads, Team::kPool);
     else
-      heads(0, M * s.kv_heads);
+      heads(0, M * row_units);
 
     if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, M, false)).empty()) return err;
     for (int64_t i = 0; i < M * H; ++i) h[i] += t.tmp[i];
