@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <limits>
 #include <mutex>
 
 #include "common/half.h"
@@ -309,7 +308,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
     const bool threaded = context * s.heads * hd >= (int64_t{1} << 16);  // a pool wake-up costs microseconds
     const int64_t per_unit = threaded && M * s.kv_heads < 2 * num_threads() ? 1 : group;
     const int64_t row_units = s.heads / per_unit;
-    auto heads = [&](int64_t i0, int64_t i1) {
+    auto attention = [&](int64_t i0, int64_t i1) {
       std::vector<float> p;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m = i / row_units, h0 = i % row_units * per_unit, n = pos[m] + 1;
@@ -321,9 +320,9 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
       }
     };
     if (threaded)
-      parallel_for(M * row_units, 1, heads, Team::kPool);
+      parallel_for(M * row_units, 1, attention, Team::kPool);
     else
-      heads(0, M * row_units);
+      attention(0, M * row_units);
 
     if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, M, false)).empty()) return err;
     for (int64_t i = 0; i < M * H; ++i) h[i] += t.tmp[i];

@@ -683,12 +683,12 @@ __attribute__((noinline)) void fused_rows3_call(const uint8_t* rb, int64_t K, in
 template <int B, int MB, int GS>
 void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* sz) {
   const int64_t g = p.group_size, G = p.G, zeros = kAffineRows * G;
-  // Weight rows [n0 + i, n0 + i + RR) of a block through fused_wrows (C chains) or, RR = 0, row
-  // n0 + i through fused_rows.
   // fp32 scales and zeros are read where they lie (copied, they were an eighth of SmolLM2's decode
   // step at g32, the weights coming from memory); other dtypes are converted kAffineRows rows at a time.
   const bool fp32_affine = p.scale_dtype == kFloat32;
   const float *scales = sz, *zeros_at = sz + zeros;
+  // Weight rows [n0 + i, n0 + i + RR) of a block through fused_wrows (C chains) or, RR = 0, row
+  // n0 + i through fused_rows.
   const auto rows_at = [&](int64_t n0, int64_t i, auto lanes, auto rr, auto chains) {
     constexpr int L = decltype(lanes)::value, RR = decltype(rr)::value, C = decltype(chains)::value;
     constexpr int rows = RR ? RR : 1;
