@@ -389,9 +389,10 @@ constexpr int kChains3 = std::max(1, std::min(kChains<MB, L>, kSumRegs3 / MB - 1
 // `vectors` code vectors (g / L) each; 1: one weight row at a time (fused_rows, or fused_wrows at
 // M = 1). At AVX2: at M = 1, R x C = 4 chains, four rows of one chain where a group is at most
 // eight code vectors, else two rows of two chains (four rows of one chain at g128 were 1.5x
-// slower); at M = 2 three rows of one chain (W2: two; three were 12% slower); at M = 3 two (not
-// W2 in groups of more than eight vectors: 2.2x slower at 576 x 1536 g128). At M = 4 two rows
-// gained nothing. One thread on a Zen 3, one weight row before, ms (bench/results/ops/s37):
+// slower); at M = 2 three rows of one chain (W2: two; three were 12% slower); at M = 3 two for
+// W3 and W8, for W2 and W4 only in groups of eight vectors (1536 x 512 W4 g128 2.1x and g32 1.2x
+// slower than one row, W2 g32 1.3x: bench/results/ops/s39). At M = 4 two rows gained nothing.
+// One thread on a Zen 3, one weight row before, ms (bench/results/ops/s37):
 // * M = 1: 1536 x 576 g64 W4 0.067 -> 0.051, W3 0.075 -> 0.056, W2 0.065 -> 0.049.
 // * M = 2: 1536 x 576 g64 W4 0.091 -> 0.076, W3 0.108 -> 0.085; 576 x 1536 g32 W4 0.110 -> 0.088.
 // * M = 3: 1536 x 576 g64 W4 0.114 -> 0.102, W3 0.132 -> 0.116.
@@ -401,7 +402,7 @@ constexpr int fused_weight_rows(int bits, int MB, int vectors) {
   switch (MB) {
     case 1: return vectors <= 8 ? 4 : 2;
     case 2: return bits == 2 ? 2 : 3;
-    case 3: return bits == 2 && vectors > 8 ? 1 : 2;
+    case 3: return bits == 3 || bits == 8 || vectors == 8 ? 2 : 1;
     default: return 1;
   }
 #else
@@ -597,7 +598,15 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
       }
     };
     int64_t j = 0;
-    for (; j + L * U <= vec_end; j += L * U) unrolled<U>([&](auto u) { step(j + L * decltype(u)::value, u); });
+    const auto steps_at = [&](int64_t j0) { unrolled<U>([&](auto u) { step(j0 + L * decltype(u)::value, u); }); };
+    // W4 and W8 at M = 2 unrolled whole: in a loop GCC kept the sums on the stack (1536 x 512 W4
+    // g128 0.120 -> 0.062 ms, W8 0.072 -> 0.064); W2 ran 15% slower so, M = 1 and 3 no faster.
+    if constexpr (MB == 2 && B >= 4) {
+#pragma GCC unroll 16
+      for (; j + L * U <= vec_end; j += L * U) steps_at(j);
+    } else {
+      for (; j + L * U <= vec_end; j += L * U) steps_at(j);
+    }
     for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
     float dt[MB][R] = {};
     for (j = vec_end; j < per_phase; ++j)  // bytes past whole steps
