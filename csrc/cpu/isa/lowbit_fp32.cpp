@@ -600,7 +600,8 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
     int64_t j = 0;
     const auto steps_at = [&](int64_t j0) { unrolled<U>([&](auto u) { step(j0 + L * decltype(u)::value, u); }); };
     // W4 and W8 at M = 2 unrolled whole: in a loop GCC kept the sums on the stack (1536 x 512 W4
-    // g128 0.120 -> 0.062 ms, W8 0.072 -> 0.064); W2 ran 15% slower so, M = 1 and 3 no faster.
+    // g128 0.120 -> 0.062 ms, W8 0.072 -> 0.064); so W2 ran 15% slower, M = 3 up to 1.4x, M = 1
+    // no faster.
     if constexpr (MB == 2 && B >= 4) {
 #pragma GCC unroll 16
       for (; j + L * U <= vec_end; j += L * U) steps_at(j);
