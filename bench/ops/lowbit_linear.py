@@ -10,7 +10,9 @@ rounded to bf16 (the cast is not timed), also in the fp32 rows: they are the fas
 offers for those inputs, and ours take the fp32 activations as they come. Each thread count
 runs in its own process (``SPLITKERNELS_NUM_THREADS`` and ``torch.set_num_threads``); with
 ``--busy N`` a second pass repeats everything while N other processes spin, to show whether
-the kernels' threads collapse when a core is taken.
+the kernels' threads collapse when a core is taken. Default shapes: a 4096-wide layer, SmolLM2's
+MLP both ways, and Qwen2-0.5B's up projection (K = 896: rows of at most 512 bytes in groups of
+128, where the several-row kernels once ran twice as slow at M = 2-3).
 
 "of copy" is (bytes the op must read: packed weight, scales, zeros, x) / time / copy bandwidth
 (read + write of a large ``Tensor.copy_`` on all threads, or on one thread with ``--clock thread``,
@@ -21,7 +23,7 @@ The dtype ``float32-medium`` is fp32 activations under ``torch.set_float32_matmu
 for every method alike: torch's fp32 ``F.linear`` may then compute in bf16, and so do ours.
 
 Usage: python bench/ops/lowbit_linear.py --out DIR [--backend cpp] [--threads 1,all]
-       [--m 1,4,16,64,512] [--shapes 4096x4096,1536x576,576x1536] [--bits 2,3,4,8]
+       [--m 1,4,16,64,512] [--shapes 4096x4096,1536x576,576x1536,4864x896] [--bits 2,3,4,8]
        [--dtypes float32,float32-medium,bfloat16] [--group 32] [--busy 1] [--quick]
 """
 from __future__ import annotations
@@ -161,7 +163,7 @@ def main() -> None:
     p.add_argument("--backend", default="cpp")
     p.add_argument("--threads", default="1,all", help="comma list of thread counts, 'all' = every CPU")
     p.add_argument("--m", default="1,4,16,64,512")
-    p.add_argument("--shapes", default="4096x4096,1536x576,576x1536", help="N x K list")
+    p.add_argument("--shapes", default="4096x4096,1536x576,576x1536,4864x896", help="N x K list")
     p.add_argument("--bits", default="2,3,4,8")
     p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma list of {', '.join(DTYPES)}")
     p.add_argument("--group", type=int, default=0, help="group size of every low-bit weight (default 128, or 64)")
