@@ -270,6 +270,21 @@ void load_affine(const LowbitProblem& p, int64_t n, float* sz) { load_affine_row
 
 // The fused path converts scales and zeros this many rows at a time.
 constexpr int64_t kAffineRows = 16;
+// At M = 2-6 the fused path takes K a slice of about kFusedSliceBytes of activations at a time
+// where the M rows hold more than kFusedSliceMinBytes: whole, each weight row read them from L2
+// again, bound by that (4096 x 4096, M = 3-6: 20-23% faster, W3 7%). Only with the next weight row
+// prefetched, as the row streams come one slice at a time (without, W8 ran 20% slower than
+// unsliced). Rows of at most 36 KiB were as fast or 3-9% faster whole (576 x 1536 at M = 4-6); at
+// M = 1 slices were slower or even (2048 x 8192 g32 1.15 -> 1.38 ms with the caches evicted).
+// One thread on a Zen 3, ms, bench/results/ops/s40.
+constexpr int64_t kFusedSliceBytes = 16 << 10;
+constexpr int64_t kFusedSliceMinBytes = 40 << 10;
+
+// Asks for the cache lines of bytes [p, p + n) (n >= 1).
+inline void prefetch_bytes(const uint8_t* p, int64_t n) {
+  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(p + o);
+  __builtin_prefetch(p + n - 1);
+}
 
 // Groups [g0, g1) of a row (phase order) dequantised into w, from w[0]; steps of L units.
 template <int L>
@@ -430,7 +445,7 @@ inline V sum_chains(const V* v) {
 // codes straight into the FMAs, one group at a time, in steps of L bytes of each phase.
 template <int B, int MB, int L, int GS>
 void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s, const float* z, const float* xp,
-                const float* xsum, int64_t G, float* acc) {
+                const float* xsum, int64_t G, int64_t g0, int64_t g1, int64_t ahead, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
   constexpr int cpb = 8 / B, C = kChains<MB, L>, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
@@ -442,9 +457,10 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
     yv[m] = F{};
     ys[m] = 0.f;
   }
-  for (int64_t grp = 0; grp < G; ++grp) {
+  for (int64_t grp = g0; grp < g1; ++grp) {
     const uint8_t* gb = rb + grp * per_phase;
     const float* xg = xp + grp * g;
+    if (ahead) prefetch_bytes(gb + ahead, per_phase);
     F dv[MB][C];
     for (int m = 0; m < MB; ++m)
       for (int c = 0; c < C; ++c) dv[m][c] = F{};
@@ -483,7 +499,7 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
 // one at a time; phase ph feeds chain ph % C.
 template <int MB, int L, int GS>
 void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* s, const float* z, const float* xp,
-                 const float* xsum, int64_t G, float* acc) {
+                 const float* xsum, int64_t G, int64_t g0, int64_t g1, int64_t ahead, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
   constexpr int C = kChains3<MB, L>;
@@ -495,9 +511,10 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
     yv[m] = F{};
     ys[m] = 0.f;
   }
-  for (int64_t grp = 0; grp < G; ++grp) {
+  for (int64_t grp = g0; grp < g1; ++grp) {
     const uint8_t* gb = rb + grp * units * 3;
     const float* xg = xp + grp * g;
+    if (ahead) prefetch_bytes(gb + ahead, units * 3);
     F dv[MB][C];
     for (int m = 0; m < MB; ++m)
       for (int c = 0; c < C; ++c) dv[m][c] = F{};
@@ -560,7 +577,7 @@ __attribute__((always_inline)) inline void end_group(F (&yv)[MB][R][T], float (&
 // acc[m * R + r] gets the sums.
 template <int B, int MB, int L, int GS, int R, int C>
 void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_size, const float* s, const float* z,
-                 const float* xp, const float* xsum, int64_t G, float* acc) {
+                 const float* xp, const float* xsum, int64_t G, int64_t g0, int64_t g1, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
   constexpr int cpb = 8 / B, T = MB == 1 ? C : 1, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
@@ -573,7 +590,7 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
       for (int t = 0; t < T; ++t) yv[m][r][t] = F{};
       ys[m][r] = 0.f;
     }
-  for (int64_t grp = 0; grp < G; ++grp) {
+  for (int64_t grp = g0; grp < g1; ++grp) {
     const uint8_t* gb = rb + grp * per_phase;
     const float* xg = xp + grp * g;
     F dv[MB][R][C];
@@ -626,7 +643,7 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
 // chain ph % C; a group's units beyond whole steps one at a time.
 template <int MB, int L, int GS, int R, int C>
 void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_size, const float* s,
-                  const float* z, const float* xp, const float* xsum, int64_t G, float* acc) {
+                  const float* z, const float* xp, const float* xsum, int64_t G, int64_t g0, int64_t g1, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
   constexpr int T = MB == 1 ? C : 1;
@@ -638,7 +655,7 @@ void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group
       for (int t = 0; t < T; ++t) yv[m][r][t] = F{};
       ys[m][r] = 0.f;
     }
-  for (int64_t grp = 0; grp < G; ++grp) {
+  for (int64_t grp = g0; grp < g1; ++grp) {
     const uint8_t* gb = rb + grp * units * 3;
     const float* xg = xp + grp * g;
     F dv[MB][R][C];
@@ -680,8 +697,8 @@ void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group
 template <int MB, int L, int GS>
 __attribute__((noinline)) void fused_rows3_call(const uint8_t* rb, int64_t K, int64_t group_size, const float* s,
                                                 const float* z, const float* xp, const float* xsum, int64_t G,
-                                                float* acc) {
-  fused_rows3<MB, L, GS>(rb, K, group_size, s, z, xp, xsum, G, acc);
+                                                int64_t g0, int64_t g1, int64_t ahead, float* acc) {
+  fused_rows3<MB, L, GS>(rb, K, group_size, s, z, xp, xsum, G, g0, g1, ahead, acc);
 }
 
 // Weight rows [n_begin, n_end) through fused_wrows / fused_rows (3 bits: fused_wrows3 /
@@ -697,28 +714,36 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
   // step at g32, the weights coming from memory); other dtypes are converted kAffineRows rows at a time.
   const bool fp32_affine = p.scale_dtype == kFloat32;
   const float *scales = sz, *zeros_at = sz + zeros;
-  // Weight rows [n0 + i, n0 + i + RR) of a block through fused_wrows (C chains) or, RR = 0, row
-  // n0 + i through fused_rows.
-  const auto rows_at = [&](int64_t n0, int64_t i, auto lanes, auto rr, auto chains) {
+  // Groups [g0, g1) of weight rows [n0 + i, n0 + i + RR) of a block through fused_wrows (C chains)
+  // or, RR = 0, of row n0 + i through fused_rows, added to sums[(i + r) * MB + m].
+  const auto rows_at = [&](int64_t n0, int64_t i, int64_t g0, int64_t g1, int64_t ahead, float* sums, auto lanes,
+                           auto rr, auto chains) {
     constexpr int L = decltype(lanes)::value, RR = decltype(rr)::value, C = decltype(chains)::value;
     constexpr int rows = RR ? RR : 1;
     const uint8_t* rb = p.qweight + (n0 + i) * p.row_bytes;
     const float *s = scales + i * G, *z = zeros_at + i * G;
     float acc[MB * rows];
     if constexpr (RR == 0 && B == 3 && MB == 4) {
-      fused_rows3_call<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
+      fused_rows3_call<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, ahead, acc);
     } else if constexpr (RR == 0 && B == 3) {
-      fused_rows3<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
+      fused_rows3<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, ahead, acc);
     } else if constexpr (RR == 0) {
-      fused_rows<B, MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, acc);
+      fused_rows<B, MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, ahead, acc);
     } else if constexpr (B == 3) {
-      fused_wrows3<MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, acc);
+      fused_wrows3<MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, acc);
     } else {
-      fused_wrows<B, MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, acc);
+      fused_wrows<B, MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, acc);
     }
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < rows; ++r) p.y[m * p.N + n0 + i + r] = acc[m * rows + r];
+      for (int r = 0; r < rows; ++r) sums[(i + r) * MB + m] += acc[m * rows + r];
   };
+  // Groups per slice of K (kFusedSliceBytes): all of them unless the MB activation rows are longer
+  // than kFusedSliceMinBytes, when each slice goes through every weight row of a block before the
+  // next, and each row asks for the next row's groups as it reads its own.
+  const int64_t slice_groups = MB == 1 || MB * 4 * p.K <= kFusedSliceMinBytes
+                                   ? G
+                                   : std::max<int64_t>(1, std::min<int64_t>(G, kFusedSliceBytes / (MB * 4 * g)));
+  const bool sliced = slice_groups < G;
   const auto run = [&](auto lanes) {
     constexpr int L = decltype(lanes)::value;
     // A group is g / L code vectors (GS = 0: taken as more than eight).
@@ -726,6 +751,7 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
     using One = std::integral_constant<int, MB == 1 ? 1 : 0>;  // one weight row: fused_wrows at M = 1
     using OneChains = std::integral_constant<int, fused_weight_chains(MB, 1)>;
     const bool several = R > 1 && p.row_bytes <= kSeveralRowsMaxBytes;
+    float sums[kAffineRows * MB];
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kAffineRows) {
       const int64_t rows = std::min(kAffineRows, n_end - n0);
       if (fp32_affine) {
@@ -734,12 +760,19 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
       } else {
         load_affine_rows(p, n0, rows, sz, zeros);
       }
-      int64_t i = 0;
-      if constexpr (R > 1)
-        if (several)
-          for (; i + R <= rows; i += R)
-            rows_at(n0, i, lanes, std::integral_constant<int, R>{}, std::integral_constant<int, C>{});
-      for (; i < rows; ++i) rows_at(n0, i, lanes, One{}, OneChains{});
+      std::fill(sums, sums + rows * MB, 0.f);
+      for (int64_t g0 = 0; g0 < G; g0 += slice_groups) {
+        const int64_t g1 = std::min(G, g0 + slice_groups);
+        int64_t i = 0;
+        if constexpr (R > 1)
+          if (several)
+            for (; i + R <= rows; i += R)
+              rows_at(n0, i, g0, g1, 0, sums, lanes, std::integral_constant<int, R>{}, std::integral_constant<int, C>{});
+        for (; i < rows; ++i)
+          rows_at(n0, i, g0, g1, sliced && i + 1 < rows ? p.row_bytes : 0, sums, lanes, One{}, OneChains{});
+      }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int m = 0; m < MB; ++m) p.y[m * p.N + n0 + i] = sums[i * MB + m];
     }
   };
   constexpr int64_t per_step = B == 3 ? GS / 8 : GS * B / 8;  // phase bytes (3 bits: units) of a group
