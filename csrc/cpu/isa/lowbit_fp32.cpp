@@ -270,15 +270,16 @@ void load_affine(const LowbitProblem& p, int64_t n, float* sz) { load_affine_row
 
 // The fused path converts scales and zeros this many rows at a time.
 constexpr int64_t kAffineRows = 16;
-// At M = 2-6 the fused path takes K a slice of about kFusedSliceBytes of activations at a time
+// At M = 3-6 the fused path takes K a slice of about kFusedSliceBytes of activations at a time
 // where the M rows hold more than kFusedSliceMinBytes: whole, each weight row read them from L2
 // again, bound by that (4096 x 4096, M = 3-6: 20-23% faster, W3 7%). Only with the next weight row
 // prefetched, as the row streams come one slice at a time (without, W8 ran 20% slower than
 // unsliced). Rows of at most 36 KiB were as fast or 3-9% faster whole (576 x 1536 at M = 4-6); at
-// M = 1 slices were slower or even (2048 x 8192 g32 1.15 -> 1.38 ms with the caches evicted).
-// One thread on a Zen 3, ms, bench/results/ops/s40.
+// M = 2 4096 x 14336 W8 ran 15% slower sliced, at M = 1 2048 x 8192 g32 20% (caches evicted).
+// One thread on a Zen 3 (bench/results/ops/s40).
 constexpr int64_t kFusedSliceBytes = 16 << 10;
 constexpr int64_t kFusedSliceMinBytes = 40 << 10;
+constexpr int kFusedSliceMinRows = 3;
 
 // Asks for the cache lines of bytes [p, p + n) (n >= 1).
 inline void prefetch_bytes(const uint8_t* p, int64_t n) {
@@ -715,7 +716,8 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
   const bool fp32_affine = p.scale_dtype == kFloat32;
   const float *scales = sz, *zeros_at = sz + zeros;
   // Groups [g0, g1) of weight rows [n0 + i, n0 + i + RR) of a block through fused_wrows (C chains)
-  // or, RR = 0, of row n0 + i through fused_rows, added to sums[(i + r) * MB + m].
+  // or, RR = 0, of row n0 + i through fused_rows: into y, or with `sums` added to
+  // sums[(i + r) * MB + m]. `ahead`: the bytes to the row to prefetch (0: none).
   const auto rows_at = [&](int64_t n0, int64_t i, int64_t g0, int64_t g1, int64_t ahead, float* sums, auto lanes,
                            auto rr, auto chains) {
     constexpr int L = decltype(lanes)::value, RR = decltype(rr)::value, C = decltype(chains)::value;
@@ -735,15 +737,19 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
       fused_wrows<B, MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, acc);
     }
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < rows; ++r) sums[(i + r) * MB + m] += acc[m * rows + r];
+      for (int r = 0; r < rows; ++r) {
+        if (sums)
+          sums[(i + r) * MB + m] += acc[m * rows + r];
+        else
+          p.y[m * p.N + n0 + i + r] = acc[m * rows + r];
+      }
   };
-  // Groups per slice of K (kFusedSliceBytes): all of them unless the MB activation rows are longer
-  // than kFusedSliceMinBytes, when each slice goes through every weight row of a block before the
-  // next, and each row asks for the next row's groups as it reads its own.
-  const int64_t slice_groups = MB == 1 || MB * 4 * p.K <= kFusedSliceMinBytes
+  // Groups per slice of K (kFusedSliceBytes of activations) from M = kFusedSliceMinRows on, where
+  // the activation rows hold more than kFusedSliceMinBytes: each slice goes through every weight
+  // row of a block before the next, each row asking for the next row's groups as it reads its own.
+  const int64_t slice_groups = MB < kFusedSliceMinRows || MB * 4 * p.K <= kFusedSliceMinBytes
                                    ? G
                                    : std::max<int64_t>(1, std::min<int64_t>(G, kFusedSliceBytes / (MB * 4 * g)));
-  const bool sliced = slice_groups < G;
   const auto run = [&](auto lanes) {
     constexpr int L = decltype(lanes)::value;
     // A group is g / L code vectors (GS = 0: taken as more than eight).
@@ -751,7 +757,15 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
     using One = std::integral_constant<int, MB == 1 ? 1 : 0>;  // one weight row: fused_wrows at M = 1
     using OneChains = std::integral_constant<int, fused_weight_chains(MB, 1)>;
     const bool several = R > 1 && p.row_bytes <= kSeveralRowsMaxBytes;
-    float sums[kAffineRows * MB];
+    // Rows [n0, n0 + rows), groups [g0, g1) (see rows_at).
+    const auto block = [&](int64_t n0, int64_t rows, int64_t g0, int64_t g1, float* sums) {
+      int64_t i = 0;
+      if constexpr (R > 1)
+        if (several)
+          for (; i + R <= rows; i += R)
+            rows_at(n0, i, g0, g1, 0, sums, lanes, std::integral_constant<int, R>{}, std::integral_constant<int, C>{});
+      for (; i < rows; ++i) rows_at(n0, i, g0, g1, sums && i + 1 < rows ? p.row_bytes : 0, sums, lanes, One{}, OneChains{});
+    };
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kAffineRows) {
       const int64_t rows = std::min(kAffineRows, n_end - n0);
       if (fp32_affine) {
@@ -760,17 +774,12 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
       } else {
         load_affine_rows(p, n0, rows, sz, zeros);
       }
-      std::fill(sums, sums + rows * MB, 0.f);
-      for (int64_t g0 = 0; g0 < G; g0 += slice_groups) {
-        const int64_t g1 = std::min(G, g0 + slice_groups);
-        int64_t i = 0;
-        if constexpr (R > 1)
-          if (several)
-            for (; i + R <= rows; i += R)
-              rows_at(n0, i, g0, g1, 0, sums, lanes, std::integral_constant<int, R>{}, std::integral_constant<int, C>{});
-        for (; i < rows; ++i)
-          rows_at(n0, i, g0, g1, sliced && i + 1 < rows ? p.row_bytes : 0, sums, lanes, One{}, OneChains{});
+      if (slice_groups == G) {
+        block(n0, rows, 0, G, nullptr);
+        continue;
       }
+      float sums[kAffineRows * MB] = {};
+      for (int64_t g0 = 0; g0 < G; g0 += slice_groups) block(n0, rows, g0, std::min(G, g0 + slice_groups), sums);
       for (int64_t i = 0; i < rows; ++i)
         for (int m = 0; m < MB; ++m) p.y[m * p.N + n0 + i] = sums[i * MB + m];
     }
