@@ -1031,8 +1031,9 @@ def test_fp32_fused_rows_exact_on_integers(each_isa, bits):
     # offsets, unrolled steps) and for any other size at run time. Small integer activations,
     # scales and zeros give integer sums that fp32 holds exactly: a code read from the wrong
     # place, group or phase changes the result, which must equal the integer product. K = 2752
-    # at M >= 4 and 3456 at M >= 3 take K in slices (43 groups of 64: 16, 16, 11; 36 of 96: 10, 10, 10, 6)
-    # through a block of 16 weight rows and a short one.
+    # at M >= 4 and 3456 at M >= 3 take K in slices through a block of 16 weight rows and a short
+    # one, with a short last slice (at M = 4: 43 groups of 64 as 16, 16, 11; 36 of 96 as 10, 10,
+    # 10, 6).
     g = _gen(bits)
     for group, k in ((32, 384), (64, 576), (128, 384), (16, 208), (96, 384), (8, 72), (64, 2752), (96, 3456)):
         n = 23
