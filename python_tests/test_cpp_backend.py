@@ -1077,6 +1077,7 @@ def test_lowbit_linear_blas_path_by_instruction_set(each_isa, monkeypatch, bits)
     # activations the bf16 kernels do not take go there, to torch's bf16 matmul on W in bf16;
     # the rest stay on the kernels. The same sizes below BLAS_MIN_ROWS never go there.
     monkeypatch.setattr(cpp, "BLAS_MIN_ROWS", 8)
+    monkeypatch.setattr(cpp, "_BF16_BLAS_MIN_ROWS", 8)
     monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_BYTES", 40 * 256 * 4)  # several row blocks, a short last one
     blas = cpp._dequant_matmul
     for isa in each_isa:

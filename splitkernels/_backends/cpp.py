@@ -36,7 +36,7 @@ Agreement with :mod:`splitkernels.ops.reference`:
   faster: in fp32, for every activation dtype, where the kernels in use are below AVX-512
   (``_FP32_BLAS_ISAS``: their 8-lane GEMM trails torch's fp32 matmul there, and torch's bf16
   matmul has no bf16 instructions to use); in bf16 for bf16 activations the bf16 kernels do
-  not take on AVX-512 CPUs. All paths accumulate in fp32,
+  not take on AVX-512 CPUs, from ``_BF16_BLAS_MIN_ROWS`` rows on. All paths accumulate in fp32,
   so the result agrees with a float64 computation (``x.double() @ dequant(W).double().T``)
   within a relative Frobenius error of 1e-5 for fp32 activations, 2e-3 for fp16 and 2^-8 for
   bf16 activations (the output rounding); the bf16 kernels from 256 rows and the bf16 BLAS path
@@ -146,18 +146,21 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # Activation rows from which lowbit_linear may dequantise W and call torch's matmul instead of the
-# kernels: in fp32, for every activation dtype, with the kernels in _FP32_BLAS_ISAS; in bf16, for
-# bf16 activations whose layout the AVX-512 bf16 kernels (``_C.lowbit_bf16_kernel``) do not take.
-# With AVX-512 kernels fp32 and fp16 activations stay on the fp32 kernels at every M: their GEMM
-# ran at 0.84-1.12 of torch's fp32 F.linear at M = 512, at or ahead of dequantising to fp32 for it
-# (bench/results/ops, sessions 17-18).
-BLAS_MIN_ROWS = 256
+# kernels: in fp32, for every activation dtype, with the kernels in _FP32_BLAS_ISAS (BLAS_MIN_ROWS);
+# in bf16, for bf16 activations whose layout the AVX-512 bf16 kernels (``_C.lowbit_bf16_kernel``)
+# do not take (_BF16_BLAS_MIN_ROWS). With AVX-512 kernels fp32 and fp16 activations stay on the
+# fp32 kernels at every M: their GEMM ran at 0.84-1.12 of torch's fp32 F.linear at M = 512, at or
+# ahead of dequantising to fp32 for it (bench/results/ops, sessions 17-18).
+BLAS_MIN_ROWS = 512
+_BF16_BLAS_MIN_ROWS = 256
 _DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
 # Kernels whose fp32 GEMM trails W dequantised to fp32 and torch's fp32 matmul from
-# BLAS_MIN_ROWS rows on. Zen 3 (AVX2), one thread, W4, ms: 576 x 1536 at M = 256 5.7 against
-# 5.2, at M = 512 11.9 against 10.3; 4096 x 4096 at M = 256 101 against 103-110, at M = 512 231
-# against 207 (bench/results/ops/README.md, session 34). Their bf16 activations took torch's
-# bf16 matmul before, which has no bf16 instructions there: 1560 ms at 4096 x 4096, M = 512.
+# BLAS_MIN_ROWS rows on. Zen 3 (AVX2), W4 and W8, against torch's fp32 F.linear in the same run
+# (bench/results/ops/s41): at M = 256 the kernels took 0.94-1.06 of its time at one thread and
+# 0.80-1.05 at two, the dequantised matmul 1.01-1.11 and 1.05-1.13; at M = 512 the kernels 1.06-1.13
+# at one thread (0.92-1.12 at two), the dequantised matmul 1.01-1.06 (1.01-1.09). Their bf16
+# activations took torch's bf16 matmul before, which has no bf16 instructions there: 1560 ms at
+# 4096 x 4096, M = 512.
 _FP32_BLAS_ISAS = frozenset({"generic", "avx2"})
 # torch's fp32 matmul precisions that allow bf16 products: oneDNN's setting (torch >= 2.9: "bf16"
 # after torch.set_float32_matmul_precision("medium") or torch.backends.fp32_precision = "bf16"), or
@@ -237,10 +240,11 @@ def prepare_lowbit_linear(
         # exact three-part path took twice as long, W4 at 4096 x 4096 1.42 against 0.73 ms).
         as_bf16 = (dtype is torch.float32 and bf16_kernel(bf16_code, bits, group_size) and fp32_matmul_allows_bf16())
         blas = None
-        if m >= BLAS_MIN_ROWS and n and not as_bf16:
+        if m >= min(BLAS_MIN_ROWS, _BF16_BLAS_MIN_ROWS) and n and not as_bf16:
             if isa() in _FP32_BLAS_ISAS:
-                blas = torch.float32
-            elif dtype is torch.bfloat16 and not bf16_kernel(code, bits, group_size):
+                if m >= BLAS_MIN_ROWS:
+                    blas = torch.float32
+            elif m >= _BF16_BLAS_MIN_ROWS and dtype is torch.bfloat16 and not bf16_kernel(code, bits, group_size):
                 blas = torch.bfloat16
         if blas is not None:
             _dequant_matmul(x.view(m, k), qweight, scale, zero, scale_code, bits, group_size, bias32, y.view(m, n), blas)
