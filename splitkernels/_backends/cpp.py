@@ -156,8 +156,8 @@ _BF16_BLAS_MIN_ROWS = 256
 _DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
 # Kernels whose fp32 GEMM trails W dequantised to fp32 and torch's fp32 matmul from
 # BLAS_MIN_ROWS rows on. Zen 3 (AVX2), W4 and W8, against torch's fp32 F.linear in the same run
-# (bench/results/ops/s41): at M = 256 the kernels took 0.94-1.06 of its time at one thread and
-# 0.80-1.05 at two, the dequantised matmul 1.01-1.11 and 1.05-1.13; at M = 512 the kernels 1.06-1.13
+# (bench/results/ops/s41): at M = 256 the kernels took 0.94-1.10 of its time at one thread and
+# 0.80-1.05 at two, the dequantised matmul 1.01-1.11 and 1.05-1.13; at M = 512 the kernels 1.06-1.14
 # at one thread (0.92-1.12 at two), the dequantised matmul 1.01-1.06 (1.01-1.09). Their bf16
 # activations took torch's bf16 matmul before, which has no bf16 instructions there: 1560 ms at
 # 4096 x 4096, M = 512.

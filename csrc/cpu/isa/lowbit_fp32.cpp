@@ -18,9 +18,9 @@
 //   row order; each activation tile (kTileRows rows packed by the caller as [K][kTileRows],
 //   LowbitProblem::x32) is one vector per k and meets every block of kBlockN of those rows in
 //   turn, and broadcasting a weight value into the FMA of every tile it meets gives kTileRows x
-//   kBlockN x tiles products per step with no horizontal sums and no transposition. (Two forms it replaced: a
-//   4 x 4 dot form over K, which re-read x for every 4 weight rows, and a K-major panel, whose
-//   decode-side transposes cost as much as the products at M = 8-16.)
+//   kBlockN x tiles products per step with no horizontal sums and no transposition. (Two forms
+//   it replaced: a 4 x 4 dot form over K, which re-read x for every 4 weight rows, and a K-major
+//   panel, whose decode-side transposes cost as much as the products at M = 8-16.)
 //
 // Built with -ffp-contract=fast: a*b + c becomes one FMA (these kernels promise a tolerance,
 // not bit equality, see splitkernels/_backends/cpp.py).
