@@ -875,6 +875,21 @@ void block_tiles(const float* x, int64_t tile_stride, int64_t kc, const float* w
     for (int r = 0; r < kBlockN; ++r) std::memcpy(acc + (t * kBlockN + r) * kTileRows, &a[t][r], sizeof(vtile));
 }
 
+// block_tiles for one tile and two blocks of weight rows (w: 2 kBlockN rows of stride kc; the
+// second block's sums at acc + acc_stride): with one tile's kBlockN accumulators the FMAs waited
+// on each other (M = 8 took as long as M = 16).
+void block_tile_pair(const float* x, int64_t kc, const float* w, float* acc, int64_t acc_stride) {
+  constexpr int R = 2 * kBlockN;
+  const auto at = [&](int r) { return acc + (r / kBlockN) * acc_stride + (r % kBlockN) * kTileRows; };
+  vtile a[R];
+  for (int r = 0; r < R; ++r) a[r] = load<vtile>(at(r));
+  for (int64_t k = 0; k < kc; ++k) {
+    const vtile xv = load<vtile>(x + k * kTileRows);
+    for (int r = 0; r < R; ++r) a[r] = xv * w[r * kc + k] + a[r];
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(at(r), &a[r], sizeof(vtile));
+}
+
 void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t K = p.K, G = p.G, M = p.M;
   if (!fp32_packs_x(lowbit_kernels(), M)) {
@@ -941,6 +956,11 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
             const float* xt = xs + t * tile_stride;
             const float* w = wbuf.data() + b * kBlockN * kc;
             float* at = acc.data() + (b * nt + t - t0) * kBlockN * kTileRows;
+            if (t + 1 == t1 && b + 1 < blocks) {  // one tile: two blocks at a time
+              block_tile_pair(xt, kc, w, at, nt * kBlockN * kTileRows);
+              ++b;
+              continue;
+            }
             switch (std::min<int64_t>(kMaxTiles, t1 - t)) {
               case 1: block_tiles<1>(xt, tile_stride, kc, w, at); break;
               case 2: block_tiles<2>(xt, tile_stride, kc, w, at); break;
