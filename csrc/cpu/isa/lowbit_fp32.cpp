@@ -116,6 +116,30 @@ inline void with_step_lanes(int64_t per_phase, F&& f) {
   }
 }
 
+// f(std::integral_constant<int, GS>{}) with group size g as the constant GS where it is 32, 64 or
+// 128, else GS = 0 (known only at run time): a group's phase offsets become immediates and its
+// steps unroll (1536 x 576 W4 g64 at M = 1 spent half its time between groups in the fused path,
+// a quarter of the GEMM's decode time went there at M = 16).
+template <typename F>
+inline void with_group_size(int64_t g, F&& f) {
+  switch (g) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// f(std::integral_constant<int, L>{}) for the step width L of B-bit codes in groups of GS (0: g).
+template <int B, int GS, typename F>
+inline void with_group_lanes(int64_t g, F&& f) {
+  if constexpr (GS != 0) {
+    f(std::integral_constant<int, step_lanes(B == 3 ? GS / 8 : GS * B / 8)>{});
+  } else {
+    with_step_lanes(B == 3 ? g / 8 : g * B / 8, f);
+  }
+}
+
 template <typename V>
 inline V load(const float* p) {
   V v;
@@ -357,30 +381,20 @@ void decode_groups(const LowbitProblem& p, int64_t n, int64_t g0, int64_t g1, co
   const float *s = sz, *z = sz + p.G;
   const int64_t g = p.group_size;
   if (!p.phased) return decode_row_natural(rb, p.K, p.bits, g, s, z, qbuf, w);
-  // B bits in groups of GS (the common sizes as constants, as in fused_group: a group's steps
-  // unroll; a quarter of the decode's time went between groups at g64). The GEMM ran 8-13% faster
-  // at M = 7-16 and 4-6% at M = 32-64 on SmolLM2's layers (one thread, Zen 3; bench/results/ops/s41).
-  const auto by_group = [&](auto bits, auto group) {
-    constexpr int B = decltype(bits)::value, GS = decltype(group)::value;
-    const auto go = [&](auto lanes) {
-      constexpr int L = decltype(lanes)::value;
-      if constexpr (B == 3)
-        decode_row_phase3<L, GS>(rb, rb + p.K * 3 / 8, g0, g1, g, s, z, w);
-      else
-        decode_row_phase<B, L, GS>(rb, g0, g1, g, s, z, w);
-    };
-    if constexpr (GS != 0)
-      go(std::integral_constant<int, step_lanes(B == 3 ? GS / 8 : GS * B / 8)>{});
-    else
-      with_step_lanes(B == 3 ? g / 8 : g * B / 8, go);
-  };
+  // Group sizes as constants (with_group_size): the GEMM ran 8-13% faster at M = 7-16 and 4-6% at
+  // M = 32-64 on SmolLM2's layers (one thread, Zen 3; bench/results/ops/s41).
   const auto by_bits = [&](auto bits) {
-    switch (g) {
-      case 32: by_group(bits, std::integral_constant<int, 32>{}); break;
-      case 64: by_group(bits, std::integral_constant<int, 64>{}); break;
-      case 128: by_group(bits, std::integral_constant<int, 128>{}); break;
-      default: by_group(bits, std::integral_constant<int, 0>{}); break;
-    }
+    constexpr int B = decltype(bits)::value;
+    with_group_size(g, [&](auto group) {
+      constexpr int GS = decltype(group)::value;
+      with_group_lanes<B, GS>(g, [&](auto lanes) {
+        constexpr int L = decltype(lanes)::value;
+        if constexpr (B == 3)
+          decode_row_phase3<L, GS>(rb, rb + p.K * 3 / 8, g0, g1, g, s, z, w);
+        else
+          decode_row_phase<B, L, GS>(rb, g0, g1, g, s, z, w);
+      });
+    });
   };
   switch (p.bits) {
     case 2: by_bits(std::integral_constant<int, 2>{}); break;
@@ -814,25 +828,13 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
         for (int m = 0; m < MB; ++m) p.y[m * p.N + n0 + i] = sums[i * MB + m];
     }
   };
-  constexpr int64_t per_step = B == 3 ? GS / 8 : GS * B / 8;  // phase bytes (3 bits: units) of a group
-  if constexpr (GS != 0) {
-    run(std::integral_constant<int, step_lanes(per_step)>{});
-  } else {
-    with_step_lanes(B == 3 ? g / 8 : g * B / 8, run);
-  }
+  with_group_lanes<B, GS>(g, run);
 }
 
-// Group sizes 32, 64 and 128 are compiled as constants: a group's phase offsets become
-// immediates and its steps unroll (1536 x 576 W4 g64 at M = 1 spent half its time between
-// groups: eight phase pointers stepped, loop bounds tested).
+// fused_bits with the group size as a constant where it is a common one (with_group_size).
 template <int B, int MB>
 void fused_group(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* sz) {
-  switch (p.group_size) {
-    case 32: fused_bits<B, MB, 32>(p, n_begin, n_end, sz); break;
-    case 64: fused_bits<B, MB, 64>(p, n_begin, n_end, sz); break;
-    case 128: fused_bits<B, MB, 128>(p, n_begin, n_end, sz); break;
-    default: fused_bits<B, MB, 0>(p, n_begin, n_end, sz); break;
-  }
+  with_group_size(p.group_size, [&](auto group) { fused_bits<B, MB, decltype(group)::value>(p, n_begin, n_end, sz); });
 }
 
 // Weight rows [n_begin, n_end) for M = MB activation rows, phase layouts (sz: 2 kAffineRows G floats).
@@ -857,37 +859,29 @@ constexpr int64_t kBlockXBytes = int64_t{8} << 20;
 
 // acc[t][r][m] (tile t's activation row m, weight row r) += sum_k x_t[k][m] w[r][k], k < kc,
 // for T tiles of kTileRows packed activation rows (tile t at x + t * tile_stride, [k][kTileRows])
-// and kBlockN decoded weight rows w (row stride kc). Each weight value is broadcast into T FMAs.
-template <int T>
-void block_tiles(const float* x, int64_t tile_stride, int64_t kc, const float* w, float* acc) {
-  vtile a[T][kBlockN];
+// and NB blocks of kBlockN decoded weight rows w (row stride kc; block b's sums at acc + b *
+// acc_stride). Each weight value is broadcast into T FMAs. One tile goes with two blocks: with
+// one tile's kBlockN accumulators the FMAs waited on each other (M = 8 took as long as M = 16).
+template <int T, int NB = 1>
+void block_tiles(const float* x, int64_t tile_stride, int64_t kc, const float* w, float* acc,
+                 int64_t acc_stride = 0) {
+  constexpr int R = NB * kBlockN;
+  const auto at = [&](int t, int r) {
+    return acc + (r / kBlockN) * acc_stride + (t * kBlockN + r % kBlockN) * kTileRows;
+  };
+  vtile a[T][R];
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < kBlockN; ++r) a[t][r] = load<vtile>(acc + (t * kBlockN + r) * kTileRows);
+    for (int r = 0; r < R; ++r) a[t][r] = load<vtile>(at(t, r));
   for (int64_t k = 0; k < kc; ++k) {
     vtile xv[T];
     for (int t = 0; t < T; ++t) xv[t] = load<vtile>(x + t * tile_stride + k * kTileRows);
-    for (int r = 0; r < kBlockN; ++r) {
+    for (int r = 0; r < R; ++r) {
       const float wr = w[r * kc + k];
       for (int t = 0; t < T; ++t) a[t][r] = xv[t] * wr + a[t][r];
     }
   }
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < kBlockN; ++r) std::memcpy(acc + (t * kBlockN + r) * kTileRows, &a[t][r], sizeof(vtile));
-}
-
-// block_tiles for one tile and two blocks of weight rows (w: 2 kBlockN rows of stride kc; the
-// second block's sums at acc + acc_stride): with one tile's kBlockN accumulators the FMAs waited
-// on each other (M = 8 took as long as M = 16).
-void block_tile_pair(const float* x, int64_t kc, const float* w, float* acc, int64_t acc_stride) {
-  constexpr int R = 2 * kBlockN;
-  const auto at = [&](int r) { return acc + (r / kBlockN) * acc_stride + (r % kBlockN) * kTileRows; };
-  vtile a[R];
-  for (int r = 0; r < R; ++r) a[r] = load<vtile>(at(r));
-  for (int64_t k = 0; k < kc; ++k) {
-    const vtile xv = load<vtile>(x + k * kTileRows);
-    for (int r = 0; r < R; ++r) a[r] = xv * w[r * kc + k] + a[r];
-  }
-  for (int r = 0; r < R; ++r) std::memcpy(at(r), &a[r], sizeof(vtile));
+    for (int r = 0; r < R; ++r) std::memcpy(at(t, r), &a[t][r], sizeof(vtile));
 }
 
 void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
@@ -957,7 +951,7 @@ void fp32_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
             const float* w = wbuf.data() + b * kBlockN * kc;
             float* at = acc.data() + (b * nt + t - t0) * kBlockN * kTileRows;
             if (t + 1 == t1 && b + 1 < blocks) {  // one tile: two blocks at a time
-              block_tile_pair(xt, kc, w, at, nt * kBlockN * kTileRows);
+              block_tiles<1, 2>(xt, tile_stride, kc, w, at, nt * kBlockN * kTileRows);
               ++b;
               continue;
             }
