@@ -29,9 +29,10 @@ inline void enc_put(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
 // One decoder step without its renormalisation.
 inline uint8_t dec_step(uint32_t& x, const RansTables& t) {
   const uint32_t slot = x & (kRansM - 1);
-  const uint32_t e = t.dec[slot];
-  x = (e >> 16) * (x >> kRansPrecBits) + (e & 0xFFFF);
-  return t.sym[slot];
+  const uint8_t s = t.sym[slot];
+  const uint32_t e = t.fc[s];
+  x = (e >> 16) * (x >> kRansPrecBits) + (slot - (e & 0xFFFF));
+  return s;
 }
 
 // A step's renormalisation; `w` must have 2 readable bytes (the caller checks).
@@ -79,6 +80,7 @@ std::string rans_build_tables(const uint32_t* freq, int nsym, RansTables* t) {
       e.bias = cum;
     }
     t->wide_enc[s] = (f | e.bias << 16) | uint64_t(e.rcp_freq) << 32;
+    t->fc[s] = f << 16 | cum;
     for (uint32_t slot = cum; slot < cum + f; ++slot) {
       t->dec[slot] = f << 16 | (slot - cum);
       t->sym[slot] = static_cast<uint8_t>(s);

@@ -39,10 +39,14 @@ struct RansEncSymbol {
 
 struct RansTables {
   RansEncSymbol enc[256];
-  uint32_t dec[kRansM];  // per slot: freq << 16 | (slot - cum)
+  uint32_t dec[kRansM];  // per slot: freq << 16 | (slot - cum), gathered by the AVX-512 wide decoder
   uint8_t sym[kRansM];   // per slot: the symbol (the wide decoder reads 4 bytes here: wide_enc follows)
   // The wide encoder's entry per symbol, freq | bias << 16 | reciprocal << 32: one load per symbol.
   uint64_t wide_enc[256];
+  // Per symbol: freq << 16 | cum. The scalar decoder's step reads sym[slot] and then this: 17 KiB a
+  // table instead of dec's 64, so a state's serial chain waits on L1 or L2 rather than L3 (16
+  // class tables of dec alone are 1 MiB).
+  uint32_t fc[256];
   int32_t nsym;
 };
 
