@@ -17,13 +17,19 @@ namespace {
 // One encoder step. The word is written unconditionally one below `words` and kept only when the
 // state renormalises (no unpredictable branch); the slot below the first word is the states'
 // area of the output, overwritten at the end.
+// The step is coded for both the kept and the renormalised state and the compare picks one at the
+// end, so the state's serial chain is the two multiplies alone (a one-token frame is one chain).
 inline void enc_put(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
   const bool emit = x >= s.x_max;
   words[-1] = static_cast<uint16_t>(x);
   words -= emit;
-  x = emit ? x >> 16 : x;
-  const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(x) * s.rcp_freq) >> 32) >> s.rcp_shift;
-  x = x + s.bias + q * s.cmpl_freq;
+  const int shift = 32 + s.rcp_shift;
+  const auto code = [&](uint32_t v) {
+    const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(v) * s.rcp_freq) >> shift);
+    return v + s.bias + q * s.cmpl_freq;
+  };
+  const uint32_t kept = code(x), renormalised = code(x >> 16);
+  x = emit ? renormalised : kept;
 }
 
 // One decoder step without its renormalisation.
