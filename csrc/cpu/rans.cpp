@@ -14,14 +14,19 @@
 namespace sk {
 namespace {
 
-// One encoder step. The word is written unconditionally one below `words` and kept only when the
-// state renormalises (no unpredictable branch); the slot below the first word is the states'
-// area of the output, overwritten at the end.
-inline void enc_put(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
+// An encoder step's renormalisation: whether state x emits its low word before coding s. The
+// word is written unconditionally one below `words` and kept only when it does (no unpredictable
+// branch); the slot below the first word is the states' area of the output, overwritten at the end.
+inline bool emit_word(uint32_t x, const RansEncSymbol& s, uint16_t*& words) {
   const bool emit = x >= s.x_max;
   words[-1] = static_cast<uint16_t>(x);
   words -= emit;
-  x = emit ? x >> 16 : x;
+  return emit;
+}
+
+// One encoder step.
+inline void enc_put(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
+  x = emit_word(x, s, words) ? x >> 16 : x;
   const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(x) * s.rcp_freq) >> 32) >> s.rcp_shift;
   x = x + s.bias + q * s.cmpl_freq;
 }
@@ -31,9 +36,7 @@ inline void enc_put(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
 // chain is the two multiplies alone (~20% faster at d = 4096; with more lanes the doubled
 // multiplies cost more than the chain saves: 32 lanes encoded 35% slower).
 inline void enc_put_chain(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
-  const bool emit = x >= s.x_max;
-  words[-1] = static_cast<uint16_t>(x);
-  words -= emit;
+  const bool emit = emit_word(x, s, words);
   const int shift = 32 + s.rcp_shift;
   const auto code = [&](uint32_t v) {
     const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(v) * s.rcp_freq) >> shift);
