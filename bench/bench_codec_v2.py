@@ -96,7 +96,7 @@ def entropy_stage(sym: np.ndarray, cfg, repeats: int) -> dict:
     stream = rans.encode(flat, cfg.freqs)
     no_raw = np.zeros(sym.shape[0], dtype=bool)
     nib = nibble.encode(sym, None, cfg.freqs)
-    wide = rans.encode(flat, cfg.freqs, wide=True)
+    wide = rans.encode(flat, cfg.freqs, n_lanes=rans.WIDE_LANES)
     centres, ks = rice.channel_params([cfg.freqs], [0])
     nsym = len(cfg.freqs)
     ric = rice.encode(flat, centres, ks, nsym)
@@ -106,8 +106,8 @@ def entropy_stage(sym: np.ndarray, cfg, repeats: int) -> dict:
     ms = {
         "rans": (median_time(lambda: rans.encode(flat, cfg.freqs), repeats),
                  median_time(lambda: rans.decode(stream, cfg.freqs, n), repeats)),
-        "rans32": (median_time(lambda: rans.encode(flat, cfg.freqs, wide=True), repeats),
-                   median_time(lambda: rans.decode(wide, cfg.freqs, n, wide=True), repeats)),
+        "rans32": (median_time(lambda: rans.encode(flat, cfg.freqs, n_lanes=rans.WIDE_LANES), repeats),
+                   median_time(lambda: rans.decode(wide, cfg.freqs, n, n_lanes=rans.WIDE_LANES), repeats)),
         "rice": (median_time(lambda: rice.encode(flat, centres, ks, nsym), repeats),
                  median_time(lambda: rice.decode(ric, n, centres, ks, nsym), repeats)),
         "planes": (median_time(lambda: planes.encode(sym, None, centres, ks, nsym), repeats),

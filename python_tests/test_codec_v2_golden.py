@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from splitkernels.codec import CodecConfigV2, decode, encode, from_bytes, rans
+from splitkernels.codec import CodecConfigV2, decode, encode, frame_v2, from_bytes, rans
 
 CONFIG = CodecConfigV2(center=(0.0, 1.0, -2.0, 100.0), step=(0.5, 0.25, 1.0, 2.0), kmax=2,
                        freqs=(1024, 3072, 8192, 3072, 1023, 1), raw_limit=2)
@@ -90,3 +90,22 @@ def test_golden_token_form():
     assert enc.to_bytes() == SHIFT_TOKEN_FRAME
     assert SHIFT_TOKEN_FRAME[7] == 0xA8  # after tag, start, escape count and the two escapes: the residual section
     assert decode(from_bytes(SHIFT_TOKEN_FRAME, config=SHIFT_CONFIG)).tolist() == [[-0.75, 0.0, 7.0, 96.0]]
+
+
+# The four-lane token form (docs/FORMATS.md §5.4.1, coder 6): what a writer sends from 2048 values, here
+# forced on the golden token. Tag 0x81 (marker 0b100, fp16), the escape, four states of one symbol each
+# (no words), CRC; with the step scale 4, tag 0xE1 (marker 0b111) and the scale byte.
+FOUR_LANE_TOKEN_FRAME = bytes.fromhex("810180c50074050000740500ff3f004000100200edf14450")
+SCALED_FOUR_LANE_TOKEN_FRAME = bytes.fromhex("e1040000100200001002000000100000100200e8e01852")
+
+
+def test_golden_four_lane_token_form():
+    for config, frame, values in ((CONFIG, FOUR_LANE_TOKEN_FRAME, [[0.5, 1.25, -5.5, 100.0]]),
+                                  (CONFIG.scaled(4), SCALED_FOUR_LANE_TOKEN_FRAME, [[0.0, 1.0, -6.0, 100.0]])):
+        enc = encode(X[:1], config)
+        stream = rans.encode_reference(enc.symbols.numpy().ravel(), config.freqs, n_lanes=rans.LONG_LANES)
+        assert frame_v2.assemble_frame(config, frame_v2.CODER_RANS_FOUR, 1, np.zeros(1, dtype=bool), enc.escapes,
+                                       enc.raw_values, stream) == frame
+        assert stream in frame and len(stream) == 4 * rans.LONG_LANES
+        assert rans.decode_reference(stream, config.freqs, 4, n_lanes=rans.LONG_LANES).tolist() == enc.symbols[0].tolist()
+        assert decode(from_bytes(frame, config=CONFIG)).tolist() == values

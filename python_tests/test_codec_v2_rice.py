@@ -239,7 +239,7 @@ def test_auto_takes_rice_for_long_frames_where_it_runs_vectorised(cfg, rice_isa)
     stream = rice.encode(sym, *cfg.rice_params, len(cfg.freqs))
     assert stream in data
     # Within a quarter bit per symbol of rANS on calibrated tables (the rule's guard).
-    wide = rans.encode(sym, cfg.rans_tables, wide=True)
+    wide = rans.encode(sym, cfg.rans_tables, n_lanes=rans.WIDE_LANES)
     assert len(stream) * 8 / sym.size < len(wide) * 8 / sym.size + frame_v2.RICE_MAX_EXTRA_BITS
 
 

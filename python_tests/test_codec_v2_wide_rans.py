@@ -23,14 +23,34 @@ def test_wide_reference_round_trip_and_native_bytes(rans_isa, n, d, k):
     rng = np.random.default_rng(n + d + k)
     ct = random_classes(rng, int(rng.integers(2, 60)), k, d)
     sym = rng.integers(0, ct.nsym, size=n).astype(np.uint8)  # any symbol, however unlikely
-    data = rans.encode_reference(sym, ct, wide=True)
+    data = rans.encode_reference(sym, ct, n_lanes=rans.WIDE_LANES)
     assert len(data) >= 4 * rans.WIDE_LANES
-    assert np.array_equal(rans.decode_reference(data, ct, n, wide=True), sym)
-    assert rans.encode(sym, ct, wide=True) == data
-    out, count = rans.decode(data, ct, n, count_of=1, wide=True)
+    assert np.array_equal(rans.decode_reference(data, ct, n, n_lanes=rans.WIDE_LANES), sym)
+    assert rans.encode(sym, ct, n_lanes=rans.WIDE_LANES) == data
+    out, count = rans.decode(data, ct, n, count_of=1, n_lanes=rans.WIDE_LANES)
     assert np.array_equal(out, sym) and count == int((sym == 1).sum())
     # The narrow layout of the same symbols differs: the lane count is part of the stream.
     assert rans.encode(sym, ct) != data
+
+
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (2, 3, 2), (3, 3, 1), (4, 4, 2), (5, 7, 3), (2047, 2047, 16),
+                                   (4099, 4096, 16), (4096, 1, 1)])
+def test_four_lane_layout_native_bytes_match_the_reference(n, d, k):
+    """The four-lane layout (coder 6) at any length: whole groups of four and the partial group the
+    C++ encoder codes first."""
+    if not rans.has_native():
+        pytest.skip("C++ extension not built (pip install . builds splitkernels._C): nothing to compare with")
+    rng = np.random.default_rng(10 * n + k)
+    ct = random_classes(rng, int(rng.integers(2, 60)), k, d)
+    sym = rng.integers(0, ct.nsym, size=n).astype(np.uint8)
+    data = rans.encode_reference(sym, ct, n_lanes=rans.LONG_LANES)
+    assert len(data) >= 4 * rans.LONG_LANES
+    assert rans.encode(sym, ct, n_lanes=rans.LONG_LANES) == data
+    assert np.array_equal(rans.decode_reference(data, ct, n, n_lanes=rans.LONG_LANES), sym)
+    out, count = rans.decode(data, ct, n, count_of=2, n_lanes=rans.LONG_LANES)
+    assert np.array_equal(out, sym) and count == int((sym == 2).sum())
+    with pytest.raises(ValueError, match="1, 4 or 32 lanes"):
+        rans.encode(sym, ct, n_lanes=8)
 
 
 def test_wide_layout_is_the_narrow_coder_on_32_lanes():
@@ -38,7 +58,7 @@ def test_wide_layout_is_the_narrow_coder_on_32_lanes():
     # is a one-symbol narrow stream's state and no word is emitted.
     freqs = (1024, 3072, 8192, 3072, 1023, 1)
     sym = np.arange(32, dtype=np.uint8) % 6
-    data = rans.encode_reference(sym, freqs, wide=True)
+    data = rans.encode_reference(sym, freqs, n_lanes=rans.WIDE_LANES)
     assert len(data) == 4 * 32
     states = [rans.encode_reference(sym[j : j + 1], freqs)[:4] for j in range(32)]
     assert data == b"".join(states)
@@ -55,9 +75,9 @@ GOLDEN_STREAM = bytes.fromhex(
 
 
 def test_golden_wide_stream(rans_isa):
-    assert rans.encode_reference(GOLDEN_SYMBOLS, GOLDEN_FREQS, wide=True) == GOLDEN_STREAM
-    assert rans.encode(GOLDEN_SYMBOLS, GOLDEN_FREQS, wide=True) == GOLDEN_STREAM
-    assert rans.decode(GOLDEN_STREAM, GOLDEN_FREQS, 40, wide=True).tolist() == GOLDEN_SYMBOLS.tolist()
+    assert rans.encode_reference(GOLDEN_SYMBOLS, GOLDEN_FREQS, n_lanes=rans.WIDE_LANES) == GOLDEN_STREAM
+    assert rans.encode(GOLDEN_SYMBOLS, GOLDEN_FREQS, n_lanes=rans.WIDE_LANES) == GOLDEN_STREAM
+    assert rans.decode(GOLDEN_STREAM, GOLDEN_FREQS, 40, n_lanes=rans.WIDE_LANES).tolist() == GOLDEN_SYMBOLS.tolist()
 
 
 def _rejects_corruption(dec) -> None:
@@ -65,18 +85,18 @@ def _rejects_corruption(dec) -> None:
     ct = random_classes(rng, 20, 3, 64)
     n = 3000
     sym = rng.integers(0, 20, size=n).astype(np.uint8)
-    data = rans.encode_reference(sym, ct, wide=True)
+    data = rans.encode_reference(sym, ct, n_lanes=rans.WIDE_LANES)
     for bad in (data[:-2], data[: len(data) // 2], data[: 4 * 32], data + b"\0\0", data[:-1]):
         with pytest.raises(rans.RansError):
-            dec(bad, ct, n, wide=True)
+            dec(bad, ct, n, n_lanes=rans.WIDE_LANES)
     with pytest.raises(rans.RansError):
-        dec(data, ct, n - 1, wide=True)
+        dec(data, ct, n - 1, n_lanes=rans.WIDE_LANES)
     with pytest.raises(rans.RansError):
-        dec(data, ct, n, wide=False)
+        dec(data, ct, n, n_lanes=None)
     flipped = 0
     for bad in bit_flips(data, 200, seed=3):
         try:
-            out = dec(bad, ct, n, wide=True)
+            out = dec(bad, ct, n, n_lanes=rans.WIDE_LANES)
         except rans.RansError:
             flipped += 1
             continue
@@ -98,10 +118,10 @@ def test_wide_native_decoder_never_reads_past_a_truncated_stream(rans_isa):
     ct = random_classes(rng, 30, 4, 96)
     n = 20_000
     sym = rng.integers(0, 30, size=n).astype(np.uint8)
-    data = rans.encode(sym, ct, wide=True)
+    data = rans.encode(sym, ct, n_lanes=rans.WIDE_LANES)
     for cut in range(1, 200, 3):
         with pytest.raises(rans.RansError):
-            rans.decode(data[:-cut], ct, n, wide=True)
+            rans.decode(data[:-cut], ct, n, n_lanes=rans.WIDE_LANES)
 
 
 # ---------------------------------------------------------------- frames
@@ -123,14 +143,14 @@ def test_long_frames_take_the_wide_layout_and_read_back(cfg, rans_isa):
     assert torch.equal(wire_v2.decode_frame_v2(data, cfg), want)
     # The stream is the wide coder's; the 28 extra states are the layout's only fixed cost.
     sym = enc.symbols.numpy()[~enc.raw.numpy()]
-    wide, narrow = rans.encode(sym, cfg.rans_tables, wide=True), rans.encode(sym, cfg.rans_tables)
+    wide, narrow = rans.encode(sym, cfg.rans_tables, n_lanes=rans.WIDE_LANES), rans.encode(sym, cfg.rans_tables)
     assert wide in data
     assert abs(len(wide) - len(narrow) - 4 * (rans.WIDE_LANES - rans.LONG_LANES)) <= 2 * rans.WIDE_LANES
 
 
 def test_one_token_frames_never_take_the_wide_layout(cfg):
     x = torch.randn(1, 64).half()
-    assert frame_v2.rans_coder(1, 1 << 20) == frame_v2.CODER_RANS
+    assert frame_v2.rans_coder(1, 1 << 20) == frame_v2.CODER_RANS_FOUR
     with pytest.raises(ValueError, match="one-token"):
         frame_v2.assemble_frame(cfg, frame_v2.CODER_RANS_WIDE, 1, np.zeros(1, dtype=bool), torch.zeros(0).half(),
                                 torch.zeros(0, 64).half(), b"")
@@ -149,11 +169,11 @@ def test_forged_wide_header_cannot_force_large_allocations(cfg):
         from_bytes(forged_long_header(frame_v2.CODER_RANS_WIDE, cfg), config=cfg)
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_symbols_outside_the_table_are_refused(wide):
+@pytest.mark.parametrize("n_lanes", [None, rans.LONG_LANES, rans.WIDE_LANES])
+def test_symbols_outside_the_table_are_refused(n_lanes):
     freqs = (1024, 3072, 8192, 3072, 1023, 1)
     sym = np.zeros(70_000, dtype=np.uint8)
     sym[-3] = 6  # one past the alphabet
     for coder in (rans.encode, rans.encode_reference):
         with pytest.raises(ValueError, match="symbol 6 is outside the table of 6 symbols"):
-            coder(sym, freqs, wide=wide)
+            coder(sym, freqs, n_lanes=n_lanes)

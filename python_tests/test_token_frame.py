@@ -10,7 +10,9 @@ import torch
 from splitkernels.codec import FrameError, FrameLimitError, FrameLimits, calibrate, decode_frame, encode, encode_frame
 from splitkernels.codec import token_frame
 from splitkernels.codec.frame import MAGIC
-from splitkernels.codec.frame_v2 import HEAD, TOKEN_CODER, TOKEN_RAW, TOKEN_SHIFTED, TOKEN_TAG, _varint, read_frame_v2
+from splitkernels.codec.frame_v2 import (FOUR_LANE_TOKEN_TAG, FOUR_LANES_MIN_SYMBOLS, HEAD, SCALED_FOUR_LANE_TOKEN_TAG,
+                                         SCALED_TOKEN_TAG, TOKEN_CODER, TOKEN_RAW, TOKEN_SHIFTED, TOKEN_TAG,
+                                         TOKEN_TAG_MASK, _varint, parse_frame_v2, read_frame_v2)
 from splitkernels.codec.v2 import decode_v2
 from v2_frames import bit_flips, reseal, truncations
 
@@ -19,18 +21,21 @@ pytestmark = pytest.mark.skipif(not token_frame.has_native(),
 D = 96
 
 
-def hidden(n: int, seed: int) -> torch.Tensor:
+def hidden(n: int, seed: int, d: int = D) -> torch.Tensor:
     """Gaussian tokens with a heavy channel and an offset one (escapes), like a split layer's."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=g)
+    x = torch.randn(n, d, generator=g)
     x[:, 1] *= 12.0
-    x[:, D // 2] += 4.0
+    x[:, d // 2] += 4.0
     return x
 
 
-@pytest.fixture(scope="module", params=[1, 4], ids=["one-table", "classes"])
+# d = 2048: the writer's four-lane layout (coder 6, FOUR_LANES_MIN_SYMBOLS); below it one lane.
+@pytest.fixture(scope="module", params=[(D, 1), (D, 4), (FOUR_LANES_MIN_SYMBOLS, 4)],
+                ids=["one-table", "classes", "four-lanes"])
 def cfg(request):
-    return calibrate(hidden(800, 0), bits=4.0, classes=request.param)
+    d, classes = request.param
+    return calibrate(hidden(800, 0, d), bits=4.0, classes=classes)
 
 
 def reference(data: bytes, config, limits=None) -> torch.Tensor:
@@ -42,7 +47,7 @@ def bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def one_token(config, seed: int, dtype: torch.dtype, kind: str = "plain") -> tuple[torch.Tensor, bytes]:
-    x = hidden(1, seed)
+    x = hidden(1, seed, config.d)
     if kind == "escapes":
         x[0, :5] *= 200.0
     elif kind == "raw":  # more escapes than raw_limit: the token travels exact
@@ -58,17 +63,19 @@ def test_same_bits_as_the_reference(cfg, dtype, kind):
         x, data = one_token(cfg, seed, dtype, kind)
         enc = read_frame_v2(data, cfg)
         assert bool(enc.raw[0]) == (kind == "raw") and (kind != "escapes" or enc.escapes.numel() > 0)
-        out = token_frame.decode_token_frame(data, cfg, FrameLimits(d=D, max_tokens=4))
+        out = token_frame.decode_token_frame(data, cfg, FrameLimits(d=cfg.d, max_tokens=4))
         ref = reference(data, cfg)
-        assert out is not None and out.dtype == dtype and out.shape == (1, D)
+        assert out is not None and out.dtype == dtype and out.shape == (1, cfg.d)
+        four = cfg.d >= FOUR_LANES_MIN_SYMBOLS
+        assert data[0] & TOKEN_TAG_MASK == (FOUR_LANE_TOKEN_TAG if four else TOKEN_TAG)  # the layout's marker
         assert torch.equal(bits(out), bits(ref))
         # Through the server's entry point, from a view into a larger message as the protocol hands it.
         view = memoryview(b"xx" + data)[2:]
-        assert torch.equal(bits(decode_frame(view, FrameLimits(d=D), "cpu", config=cfg)), bits(ref))
+        assert torch.equal(bits(decode_frame(view, FrameLimits(d=cfg.d), "cpu", config=cfg)), bits(ref))
 
 
 def test_declines_what_it_does_not_cover(cfg):
-    x = hidden(3, 5).half()
+    x = hidden(3, 5, cfg.d).half()
     two = encode(x[:2], cfg).to_bytes()
     assert token_frame.decode_token_frame(two, cfg) is None
     assert torch.equal(decode_frame(two, config=cfg), reference(two, cfg))  # the general path
@@ -81,7 +88,8 @@ def test_declines_what_it_does_not_cover(cfg):
     assert token_frame.decode_token_frame(flagged, cfg) is None
     # A one-token frame in the long form (magic, version, dtype byte, T, bitmap), as written before
     # the token form existed: the reference reads it, to the same values.
-    long_form = reseal(HEAD.pack(MAGIC, 2, 1) + _varint(1) + data[1:2] + b"\0" + data[2:-4], cfg)
+    coder = parse_frame_v2(data, cfg).coder
+    long_form = reseal(HEAD.pack(MAGIC, 2, 1 | coder << 4) + _varint(1) + data[1:2] + b"\0" + data[2:-4], cfg)
     assert token_frame.decode_token_frame(long_form, cfg) is None
     assert torch.equal(decode_frame(long_form, config=cfg), reference(data, cfg))
     assert token_frame.decode_token_frame(data, None) is None
@@ -100,13 +108,13 @@ def test_without_the_extension_it_declines(cfg, monkeypatch):
 def test_limits_are_the_references(cfg):
     _, data = one_token(cfg, 3, torch.float16, "escapes")
     n_esc = read_frame_v2(data, cfg).escapes.numel()
-    for limits, field in ((FrameLimits(d=D + 1), "d"), (FrameLimits(dtypes=frozenset({torch.float32})), "dtype"),
+    for limits, field in ((FrameLimits(d=cfg.d + 1), "d"), (FrameLimits(dtypes=frozenset({torch.float32})), "dtype"),
                           (FrameLimits(max_tokens=0), "tokens"), (FrameLimits(max_outliers=n_esc - 1), "outliers")):
         assert token_frame.decode_token_frame(data, cfg, limits) is None
         with pytest.raises(FrameLimitError) as exc:
             decode_frame(data, limits, config=cfg)
         assert exc.value.field == field
-    out = token_frame.decode_token_frame(data, cfg, FrameLimits(d=D, max_tokens=1, max_outliers=n_esc))
+    out = token_frame.decode_token_frame(data, cfg, FrameLimits(d=cfg.d, max_tokens=1, max_outliers=n_esc))
     assert out is not None
 
 
@@ -160,13 +168,14 @@ def test_forged_fields_are_declined(cfg):
         "one escape too few": tag + _varint(n_esc - 1) + rest[2:],
         "escape not finite": tag + _varint(n_esc) + nan + rest[2:],
         "trailing stream byte": tag + _varint(n_esc) + rest + b"\0\0",
-        "escapes beyond the symbols": tag + _varint(D + 1) + rest,
+        "escapes beyond the symbols": tag + _varint(cfg.d + 1) + rest,
         "dtype code 3": bytes([tag[0] | 3]) + _varint(n_esc) + rest,
         "raw bit on a coded token": bytes([tag[0] | TOKEN_RAW]) + _varint(n_esc) + rest,
+        "the other layout's marker": bytes([tag[0] ^ (TOKEN_TAG ^ FOUR_LANE_TOKEN_TAG)]) + _varint(n_esc) + rest,
     }
     _, raw = one_token(cfg, 6, torch.float16, "raw")
     raw_tag, raw_rest = raw[:1], raw[2:-4]
-    assert raw_tag[0] == TOKEN_TAG | TOKEN_RAW | 1 and raw[1] == 0
+    assert raw_tag[0] & ~TOKEN_TAG_MASK == TOKEN_RAW | 1 and raw[1] == 0
     forged["raw token not finite"] = raw_tag + _varint(0) + nan + raw_rest[2:]
     forged["raw token with a stream"] = raw_tag + _varint(0) + raw_rest + b"\1\0\0\1"
     forged["raw token with an escape"] = raw_tag + _varint(1) + raw_rest[:2] + raw_rest
@@ -176,6 +185,29 @@ def test_forged_fields_are_declined(cfg):
         assert token_frame.decode_token_frame(frame, cfg) is None, what
         with pytest.raises(FrameError):
             decode_frame(frame, config=cfg)
+
+
+def test_scaled_frames_take_the_scaled_marker_of_their_layout(cfg):
+    four = cfg.d >= FOUR_LANES_MIN_SYMBOLS
+    for scale in (-2, 3):
+        view = cfg.scaled(scale)
+        x = hidden(1, 20 + scale, cfg.d).half()
+        data = encode(x, view).to_bytes()
+        assert data[0] & TOKEN_TAG_MASK == (SCALED_FOUR_LANE_TOKEN_TAG if four else SCALED_TOKEN_TAG)
+        out = token_frame.decode_token_frame(data, cfg)
+        assert out is not None and torch.equal(bits(out), bits(reference(data, cfg)))
+        if token_frame.has_native_encoder():
+            assert token_frame.encode_token_frame(x, view, 0) == data
+
+
+def test_four_lane_markers_do_not_name_the_nibble_coder(cfg):
+    x = hidden(1, 30, cfg.d).half()
+    nibble = encode(x, cfg).to_bytes("nibble")
+    assert nibble[0] & TOKEN_TAG_MASK == TOKEN_TAG  # whatever d: the nibble coder has no lanes
+    forged = reseal(bytes([nibble[0] ^ (TOKEN_TAG ^ FOUR_LANE_TOKEN_TAG)]) + nibble[1:-4], cfg)
+    assert token_frame.decode_token_frame(forged, cfg) is None
+    with pytest.raises(FrameError, match="four-lane token tag cannot name the nibble coder"):
+        decode_frame(forged, config=cfg)
 
 
 # The encoder: one C++ call gives the bytes of the general path, or declines to it.
@@ -202,7 +234,7 @@ def test_encoder_declines_raw_tokens_and_non_finite_values(cfg):
     assert token_frame.encode_token_frame(x, cfg, 0) is None
     assert encode_frame(x, cfg) == general  # the general path writes the raw token
     for bad in (float("nan"), float("inf")):
-        y = hidden(1, 4)
+        y = hidden(1, 4, cfg.d)
         y[0, 9] = bad
         assert token_frame.encode_token_frame(y, cfg, 0) is None
         with pytest.raises(ValueError, match="finite"):

@@ -137,11 +137,18 @@ int64_t encode_impl(const uint8_t* sym, int64_t n, TableCursor<kClasses> tc, uin
   uint32_t x[kLanes];
   for (int j = 0; j < kLanes; ++j) x[j] = kRansL;
   tc.c = kClasses ? (n - 1) % tc.period : 0;
-  for (int64_t i = n - 1; i >= 0; --i, tc.prev()) {
-    if constexpr (kLanes == 1) {
-      enc_put_chain(x[0], tc.get().enc[sym[i]], words);
-    } else {
-      enc_put(x[i % kLanes], tc.get().enc[sym[i]], words);
+  if constexpr (kLanes == 1) {
+    for (int64_t i = n - 1; i >= 0; --i, tc.prev()) enc_put_chain(x[0], tc.get().enc[sym[i]], words);
+  } else {
+    // With four lanes, whole groups take each lane at compile time, so the states stay in registers
+    // (indexed by i % kLanes they lived in memory and four lanes encoded no faster than one). 32
+    // states spill either way, and there the indexed loop was 5% faster.
+    const int64_t grouped = kLanes < 8 ? n / kLanes * kLanes : 0;
+    for (int64_t i = n - 1; i >= grouped; --i, tc.prev()) enc_put(x[i % kLanes], tc.get().enc[sym[i]], words);
+    if constexpr (kLanes < 8) {
+      for (int64_t g = grouped - kLanes; g >= 0; g -= kLanes) {
+        for (int j = kLanes - 1; j >= 0; --j, tc.prev()) enc_put(x[j], tc.get().enc[sym[g + j]], words);
+      }
     }
   }
   const int64_t nwords = end - words;

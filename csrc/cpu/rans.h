@@ -19,13 +19,14 @@ constexpr uint32_t kRansM = 1u << kRansPrecBits;
 constexpr uint32_t kRansL = 1u << 16;
 constexpr int64_t kRansWideLanesFrom = 1 << 14;
 
+constexpr int kRansLongLanes = 4;  // the narrow layout from kRansWideLanesFrom symbols; the four-lane layout
 constexpr int kRansWideLanes = 32;
 
 // Lanes of the narrow layout for n symbols: 1 below kRansWideLanesFrom symbols, else 4.
-inline int rans_lanes(int64_t n) { return n >= kRansWideLanesFrom ? 4 : 1; }
+inline int rans_lanes(int64_t n) { return n >= kRansWideLanesFrom ? kRansLongLanes : 1; }
 
 // True for the lane counts a stream may have: 1, 4 or kRansWideLanes.
-inline bool rans_valid_lanes(int lanes) { return lanes == 1 || lanes == 4 || lanes == kRansWideLanes; }
+inline bool rans_valid_lanes(int lanes) { return lanes == 1 || lanes == kRansLongLanes || lanes == kRansWideLanes; }
 
 // Encoder entry of one symbol: x -> x + bias + q * cmpl_freq with q = floor(x / freq) computed by a
 // 32-bit reciprocal, exact for every x < 2^31 (the state is below freq << 18 <= 2^31 when coded).

@@ -13,12 +13,13 @@ namespace sk {
 int64_t v2_token_frame_capacity(int64_t d, int dtype, int64_t id_bytes) {
   const int64_t item = dtype == kFloat32 ? 4 : 2;
   // tag, scale, escape count, token ids, escapes (at most d), rANS stream (rans_encode's bound), CRC
-  return 2 + kMaxVarintBytes + id_bytes + d * item + 4 * rans_lanes(d) + 2 * d + kCrcBytes;
+  return 2 + kMaxVarintBytes + id_bytes + d * item + 4 * kRansLongLanes + 2 * d + kCrcBytes;
 }
 
 int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const float* inv, int64_t raw_limit,
-                              int dtype, const uint8_t* ids, int64_t id_bytes, uint8_t* out) {
+                              int dtype, int lanes, const uint8_t* ids, int64_t id_bytes, uint8_t* out) {
   const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2;
+  if (lanes != 1 && lanes != kRansLongLanes) return -1;
   thread_local std::vector<uint8_t> sym;
   sym.resize(d);
   int32_t n_esc = 0;
@@ -33,7 +34,10 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   }
   if (totals[1] > 0) return -1;
   if (raw) return 0;
-  out[0] = static_cast<uint8_t>((cfg.scale ? kScaledTokenTag : kTokenTag) | dtype);  // rANS, not shifted, coded
+  const bool four = lanes == kRansLongLanes;
+  out[0] = static_cast<uint8_t>((cfg.scale ? (four ? kScaledFourLaneTokenTag : kScaledTokenTag)
+                                           : (four ? kFourLaneTokenTag : kTokenTag)) |
+                                dtype);  // rANS, not shifted, coded
   out[1] = static_cast<uint8_t>(cfg.scale);  // overwritten by the escape count when there is no scale
   pos = head;
   pos += write_varint(static_cast<uint64_t>(totals[0]), out + pos);
@@ -42,7 +46,7 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   if (id_bytes > 0) std::memcpy(out + pos, ids, id_bytes);
   pos += id_bytes + esc_bytes;
   const int64_t cap = v2_token_frame_capacity(d, dtype, id_bytes) - pos - kCrcBytes;
-  const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, rans_lanes(d), out + pos, cap);
+  const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, four ? lanes : rans_lanes(d), out + pos, cap);
   if (len < 0) return -1;
   pos += len;
   const uint32_t crc = crc32(cfg.crc_seed, out, pos);
@@ -54,8 +58,12 @@ bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameCon
                            int64_t max_escapes, int64_t id_bytes, void* out) {
   const int64_t head = cfg.scale ? 2 : 1;
   if (dtype < kFloat32 || dtype > kBFloat16 || cfg.d < 1 || id_bytes < 0 || len < head + 1 + kCrcBytes) return false;
-  // The token-form tag of this dtype (scaled as the config says) with coder 0 (rANS) and no shift; the raw bit either way.
-  if ((data[0] & ~kTokenRaw) != ((cfg.scale ? kScaledTokenTag : kTokenTag) | dtype)) return false;
+  // A token-form tag of this dtype (scaled as the config says) with the rANS coder on one or four lanes and no
+  // shift; the raw bit either way.
+  const uint8_t marker = data[0] & kTokenMarkerMask;
+  const bool four = marker == (cfg.scale ? kScaledFourLaneTokenTag : kFourLaneTokenTag);
+  if (!four && marker != (cfg.scale ? kScaledTokenTag : kTokenTag)) return false;
+  if ((data[0] & ~(kTokenRaw | kTokenMarkerMask)) != dtype) return false;
   if (cfg.scale && data[1] != static_cast<uint8_t>(cfg.scale)) return false;
   const bool raw = data[0] & kTokenRaw;
   const int64_t crc_at = len - kCrcBytes;
@@ -91,7 +99,7 @@ bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameCon
   esc.resize((esc_bytes + 3) / 4);
   std::memcpy(esc.data(), escapes, esc_bytes);
   int64_t escape_symbols = -1;
-  if (!rans_decode(stream, stream_len, n_sym, cfg.tables, cfg.period, rans_lanes(n_sym), sym.data(),
+  if (!rans_decode(stream, stream_len, n_sym, cfg.tables, cfg.period, four ? kRansLongLanes : rans_lanes(n_sym), sym.data(),
                    2 * cfg.kmax + 1, &escape_symbols)
            .empty() ||
       escape_symbols != static_cast<int64_t>(n_esc)) {

@@ -1,6 +1,6 @@
 // The commonest frame in one call each way (a decode step's hidden state): a codec v2 frame of one token whose symbols are rANS
-// coded (docs/FORMATS.md section 5.4.1, the token form, with the coder and shifted bits clear) parsed, checked,
-// entropy decoded and dequantised.
+// coded on one or four lanes (docs/FORMATS.md section 5.4.1, the token form, with the coder and shifted bits clear)
+// parsed, checked, entropy decoded and dequantised.
 //
 // The Python parser (splitkernels/codec/frame_v2.py) stays the reference: this path accepts only
 // frames it accepts and gives the same bits, and it declines everything else (another token
@@ -36,10 +36,12 @@ bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameCon
 // [d] fp32), escapes counted and kept exact, rANS coded, CRC'd -- byte for byte what the Python
 // encoder writes. Returns the frame's length in out (capacity >= v2_token_frame_capacity(d, dtype,
 // id_bytes)), 0 when the token has more than raw_limit escapes (it travels raw: the caller's general
-// path writes it) and -1 when x holds a NaN or infinity (the caller rejects it). ids[0, id_bytes):
-// the token-id section a config's prediction puts after the escape count (x is then the residual).
+// path writes it) and -1 when x holds a NaN or infinity or lanes is neither 1 nor 4 (the caller
+// rejects it). lanes: the rANS layout the writer picked (4: the four-lane markers, coder 6).
+// ids[0, id_bytes): the token-id section a config's prediction puts after the escape count (x is
+// then the residual).
 int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& config, const float* inv, int64_t raw_limit,
-                              int dtype, const uint8_t* ids, int64_t id_bytes, uint8_t* out);
+                              int dtype, int lanes, const uint8_t* ids, int64_t id_bytes, uint8_t* out);
 int64_t v2_token_frame_capacity(int64_t d, int dtype, int64_t id_bytes);
 
 }  // namespace sk

@@ -70,7 +70,7 @@ import torch
 from . import rans
 from .config_v2 import (MAX_FRAME_SCALE, MAX_KMAX, MAX_POSITION_BANDS, MAX_SHIFT, MAX_TOKEN_SHIFTS, TOKEN_SHIFT_END, CodecConfigV2,
                         band_shifts, position_band)
-from .frame_v2 import framing_bytes
+from .frame_v2 import framing_bytes, rans_coder, rans_stream_lanes
 from .predict import EmbeddingPrediction, fit_gain, table_digest
 from .rate import RATE_BITS, RatePolicy
 
@@ -276,10 +276,10 @@ def _shift_costs(shifts: tuple[int, ...], profile: torch.Tensor | None, sink_fir
 
 def default_bits_ceiling(d: int, id_bits: int = 0) -> float:
     """Bits per element of 512-token frames (as :func:`calibrate` estimates them) that leave a
-    one-token frame of ``d`` values, whose tag, escape count, CRC and rANS state weigh ``8 * 10 / d`` bits per
-    element (plus its token id at ``id_bits`` with a prediction), at about ``DECODE_FRAME_BITS``;
-    never below ``DEFAULT_BITS``."""
-    one_token = 8.0 * (framing_bytes(1, 0, id_bits=id_bits) + 4) / d
+    one-token frame of ``d`` values, whose tag, escape count, CRC and rANS states weigh ``8 * 10 / d`` bits per
+    element (``8 * 22 / d`` from the four-lane layout's 2048 values; plus its token id at ``id_bits``
+    with a prediction), at about ``DECODE_FRAME_BITS``; never below ``DEFAULT_BITS``."""
+    one_token = 8.0 * (framing_bytes(1, 0, id_bits=id_bits) + 4 * rans_stream_lanes(rans_coder(1, d), d)) / d
     long_frame = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.LONG_LANES) / (FRAME_TOKENS * d)
     return max(DEFAULT_BITS, DECODE_FRAME_BITS - one_token + long_frame)
 

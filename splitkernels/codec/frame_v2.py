@@ -17,13 +17,15 @@ A frame may code with every step scaled by ``2**(g/4)`` (§5.4.3: the edge's rat
 ``g`` travels in one byte, and the parser hands the rest the config's view at that scale.
 
 A frame of one token (every decode step) takes the **token form** (§5.4.1): one tag byte
-(``0b101``, or ``0b110`` and a scale byte, then the coder, shifted, raw and 2-bit dtype fields) replaces magic, version,
+(``0b101``, or ``0b110`` and a scale byte; ``0b100`` and ``0b111`` the same with a four-lane
+rANS stream; then the coder, shifted, raw and 2-bit dtype fields) replaces magic, version,
 dtype byte, T and bitmap, 7 of a one-token frame's 17 framing bytes (0.1 bit per element at
 d = 576). The sections after them are the same.
 
-The coder is per frame: 0 static rANS on 1 or 4 lanes (``rans``, smallest; one-token frames), 2
-the same on 32 lanes (what ``rans`` writes for frames of many tokens: 16 lanes per AVX-512
-instruction, 2-3x faster, 112 bytes more), 3 the Rice coder (``rice``, about 0.1 bit per element
+The coder is per frame: 0 static rANS on 1 or 4 lanes (``rans``, smallest: frames of fewer than
+2048 values), 6 the same always on 4 lanes (what ``rans`` writes from 2048 values: four state
+chains decode 2.5x faster than one, about 10 bytes more), 2 the same on 32 lanes (what ``rans`` writes
+for frames of many tokens: 16 lanes per AVX-512 instruction, 2-3x faster, 112 bytes more), 3 the Rice coder (``rice``, about 0.1 bit per element
 more on real activations, 2-3x faster again: no table lookups; long frames), 4 the same Rice codes
 cut into bit planes (``planes``: 64 symbols per mask instruction where the CPU has AVX-512 VBMI2),
 5 per-channel fixed-width slots (``slots``, about 0.2 bit per element more than Rice, a byte
@@ -57,24 +59,31 @@ SHIFTED_FLAG = 0x80  # dtype byte: the frame carries a start position and residu
 CENTER_FLAG = 0x08  # dtype byte: the frame carries center offsets (long form only, §5.4.2)
 SCALE_FLAG = 0x04  # dtype byte: a step scale byte follows it (§5.4.3)
 DTYPE_MASK = 0x03  # dtype byte: the dtype code
-# Token form (one token): the tag byte's top three bits, then the coder, shifted and raw bits and the dtype code;
-# a scaled frame's tag starts 0b110 and its step scale byte follows the tag (§5.4.3).
+# Token form (one token): the tag byte's top three bits (the marker), then the coder, shifted and raw bits and
+# the dtype code; a scaled frame's step scale byte follows the tag (§5.4.3).
 TOKEN_TAG, TOKEN_TAG_MASK, SCALED_TOKEN_TAG = 0xA0, 0xE0, 0xC0
+FOUR_LANE_TOKEN_TAG, SCALED_FOUR_LANE_TOKEN_TAG = 0x80, 0xE0
+# marker -> (a step scale byte follows, the rANS stream has four lanes: coder 6)
+TOKEN_MARKERS = {TOKEN_TAG: (False, False), SCALED_TOKEN_TAG: (True, False),
+                 FOUR_LANE_TOKEN_TAG: (False, True), SCALED_FOUR_LANE_TOKEN_TAG: (True, True)}
 TOKEN_CODER, TOKEN_SHIFTED, TOKEN_RAW, TOKEN_DTYPE = 0x10, 0x08, 0x04, 0x03
 MAX_POSITION = (1 << 31) - 1
 CRC_BYTES = 4
 MAX_VARINT_BYTES = 5
-CODER_RANS, CODER_NIBBLE, CODER_RANS_WIDE, CODER_RICE, CODER_PLANES, CODER_SLOTS = 0, 1, 2, 3, 4, 5
+CODER_RANS, CODER_NIBBLE, CODER_RANS_WIDE, CODER_RICE, CODER_PLANES, CODER_SLOTS, CODER_RANS_FOUR = 0, 1, 2, 3, 4, 5, 6
 # Names a writer takes ("rans": the layout by size).
 CODERS = {"rans": CODER_RANS, "nibble": CODER_NIBBLE, "rice": CODER_RICE, "planes": CODER_PLANES,
           "slots": CODER_SLOTS}
 # Every id a frame may carry.
 CODER_NAMES = {CODER_RANS: "rans", CODER_NIBBLE: "nibble", CODER_RANS_WIDE: "rans32", CODER_RICE: "rice",
-               CODER_PLANES: "planes", CODER_SLOTS: "slots"}
-# The coders a one-token frame can carry (its tag has one coder bit).
-TOKEN_FORM_CODERS = (CODER_RANS, CODER_NIBBLE)
-# rans_coder: frames of more than one token and at least this many values take the 32-lane layout.
+               CODER_PLANES: "planes", CODER_SLOTS: "slots", CODER_RANS_FOUR: "rans4"}
+# The coders a one-token frame can carry (its tag has one coder bit and the four-lane markers).
+TOKEN_FORM_CODERS = (CODER_RANS, CODER_NIBBLE, CODER_RANS_FOUR)
+# rans_coder: frames of more than one token and at least this many values take the 32-lane layout,
 WIDE_RANS_MIN_SYMBOLS = 1 << 16
+# and other frames of at least this many the four-lane layout (d = 4096, one token: decode 46 -> 17 us
+# for 8 more bytes, 0.016 bit per element; bench/results/codec_v2/README.md, session 43).
+FOUR_LANES_MIN_SYMBOLS = 2048
 AUTO = "auto"  # ask for choose_coder's rule
 FRAME_CODERS = (*CODERS, AUTO)  # what a frame's writer takes as its coder
 # choose_coder: the Rice coder for frames of more than one token and at least this many values
@@ -99,15 +108,20 @@ def crc32(parts: list[bytes | memoryview], crc: int = 0) -> int:
 
 def rans_coder(t: int, d: int) -> int:
     """The rANS layout of a frame of ``t`` tokens of ``d`` values: 32 lanes from
-    ``WIDE_RANS_MIN_SYMBOLS`` values (their 112 extra state bytes are at most 0.014 bit per element
-    there, and the C++ coder runs them 2-3x faster), else 1 or 4. One-token frames (the token form,
-    whose tag has one coder bit) always take the narrow layout."""
-    return CODER_RANS_WIDE if t > 1 and t * d >= WIDE_RANS_MIN_SYMBOLS else CODER_RANS
+    ``WIDE_RANS_MIN_SYMBOLS`` values in frames of several tokens (their 112 extra state bytes are at
+    most 0.014 bit per element there, and the C++ coder runs them 2-3x faster), else four lanes from
+    ``FOUR_LANES_MIN_SYMBOLS`` values (one state is a serial chain of table lookups, four overlap),
+    else one (the token form's tags have no 32-lane layout)."""
+    if t > 1 and t * d >= WIDE_RANS_MIN_SYMBOLS:
+        return CODER_RANS_WIDE
+    return CODER_RANS_FOUR if t * d >= FOUR_LANES_MIN_SYMBOLS else CODER_RANS
 
 
 def rans_stream_lanes(code: int, coded: int) -> int:
     """Lanes of the rANS stream of ``coded`` symbols written with coder ``code``."""
-    return rans.lanes(coded, wide=code == CODER_RANS_WIDE)
+    if code == CODER_RANS_WIDE:
+        return rans.WIDE_LANES
+    return rans.LONG_LANES if code == CODER_RANS_FOUR else rans.lanes(coded)
 
 
 def choose_coder(t: int, d: int, config: CodecConfigV2) -> int:
@@ -239,8 +253,14 @@ def escape_limit(limits: FrameLimits | None, d: int, dtype: torch.dtype, t: int)
 
 
 def is_token_tag(first_byte: int) -> bool:
-    """True when a frame's first byte is a token-form tag (§5.4.1), scaled or not (§5.4.3)."""
-    return first_byte & TOKEN_TAG_MASK in (TOKEN_TAG, SCALED_TOKEN_TAG)
+    """True when a frame's first byte is a token-form tag (§5.4.1), of any marker."""
+    return first_byte & TOKEN_TAG_MASK in TOKEN_MARKERS
+
+
+def token_marker(scaled: bool, code: int) -> int:
+    """The token-form marker of a frame with or without a step scale byte and coder ``code``."""
+    four = code == CODER_RANS_FOUR
+    return next(m for m, flags in TOKEN_MARKERS.items() if flags == (scaled, four))
 
 
 def read_scale(byte: int, config: CodecConfigV2) -> CodecConfigV2:
@@ -290,7 +310,7 @@ def write_frame_v2(enc: EncodedV2, coder: str | None = None) -> bytes:
     else:
         coded = symbols[~raw] if n_raw else symbols
         stream = (rice.encode(coded, *cfg.rice_params, len(cfg.freqs)) if code == CODER_RICE
-                  else rans.encode(coded, cfg.rans_tables, wide=code == CODER_RANS_WIDE))
+                  else rans.encode(coded, cfg.rans_tables, rans_stream_lanes(code, coded.size)))
     shifted = None
     if enc.residuals is not None:
         shifted = (enc.start, pack_residuals(enc.residuals.numpy(), cfg.row_shifts(enc.start, t, enc.tokens), raw))
@@ -364,7 +384,7 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
     if t == 1:
         if code not in TOKEN_FORM_CODERS:
             raise ValueError(f"a one-token frame cannot carry the {CODER_NAMES[code]} coder (its tag has one coder bit)")
-        head = [bytes([(SCALED_TOKEN_TAG if scale else TOKEN_TAG) | code * TOKEN_CODER
+        head = [bytes([token_marker(bool(scale), code) | (TOKEN_CODER if code == CODER_NIBBLE else 0)
                        | (0 if shifted is None else TOKEN_SHIFTED) | (TOKEN_RAW if raw[0] else 0)
                        | DTYPE_CODES[escapes.dtype]]), scale]
     else:
@@ -441,7 +461,11 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
     if token:  # §5.4.1: T = 1, the raw flag in the tag instead of a bitmap
         tag = buf[0]
         dtype_code, coder, shifted = tag & TOKEN_DTYPE, int(bool(tag & TOKEN_CODER)), bool(tag & TOKEN_SHIFTED)
-        scaled, pos = tag & TOKEN_TAG_MASK == SCALED_TOKEN_TAG, 1
+        (scaled, four), pos = TOKEN_MARKERS[tag & TOKEN_TAG_MASK], 1
+        if four:
+            if coder == CODER_NIBBLE:
+                raise FrameError("a four-lane token tag cannot name the nibble coder")
+            coder = CODER_RANS_FOUR
     else:
         magic, version, dtype_byte = HEAD.unpack_from(buf, 0)
         dtype_code, coder, shifted = dtype_byte & DTYPE_MASK, (dtype_byte & 0x7F) >> 4, bool(dtype_byte & SHIFTED_FLAG)
@@ -454,7 +478,7 @@ def parse_frame_v2(data: bytes | bytearray | memoryview, config: CodecConfigV2 |
         raise FrameError(f"unknown dtype code {dtype_code}")
     if coder not in CODER_NAMES:
         raise FrameError(f"unknown symbol coder {coder} (0 rANS, 1 nibble, 2 rANS on 32 lanes, 3 Rice, 4 bit planes, "
-                         f"5 slots)")
+                         f"5 slots, 6 rANS on 4 lanes)")
     crc_at = len(buf) - CRC_BYTES
     (crc,) = struct.unpack_from("<I", buf, crc_at)
     if crc32([buf[:crc_at]], config.crc_seed) != crc:
@@ -566,7 +590,8 @@ def decode_symbols(p: ParsedV2, config: CodecConfigV2) -> EncodedV2:
                                              count_of=config.escape_symbol)
             else:
                 sym, n_esc_sym = rans.decode(p.stream, config.rans_tables, (t - n_raw) * d,
-                                             count_of=config.escape_symbol, wide=p.coder == CODER_RANS_WIDE)
+                                             count_of=config.escape_symbol,
+                                             n_lanes=rans_stream_lanes(p.coder, (t - n_raw) * d))
         except (rans.RansError, rice.RiceError) as exc:
             raise FrameError(f"symbol stream invalid: {exc}") from None
         if n_raw:

@@ -5,8 +5,9 @@ the table builder. ``encode``/``decode`` use the C++ coder (``splitkernels._C``)
 and fall back to the reference otherwise; both produce identical bytes.
 
 Parameters (fixed by the format): probabilities in units of ``1 / 2**PREC_BITS``, a 32-bit state
-kept in ``[2**16, 2**32)``, 16-bit renormalisation words, ``lanes(n)`` interleaved states, or
-``WIDE_LANES`` in the wide layout of long frames (16 lanes per AVX-512 instruction in the C++ coder).
+kept in ``[2**16, 2**32)``, 16-bit renormalisation words, ``lanes(n)`` interleaved states in the narrow layout, ``LONG_LANES`` in the
+four-lane layout (one-token frames of many values) or ``WIDE_LANES`` in the wide layout of long frames
+(16 lanes per AVX-512 instruction in the C++ coder).
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ MAX_SYMBOLS = 256
 # cannot claim more symbols than ``max_symbols(stream_bytes)`` (bounded decoder allocation).
 MAX_FREQ = M // 2
 LANES_MIN_SYMBOLS = 1 << 14
-LONG_LANES = 4  # lanes(n) from LANES_MIN_SYMBOLS symbols
+LONG_LANES = 4  # lanes(n) from LANES_MIN_SYMBOLS symbols; the four-lane layout (frame coder "rans4")
 WIDE_LANES = 32  # the wide layout (frame coder "rans32")
+VALID_LANES = (1, LONG_LANES, WIDE_LANES)
 MAX_CLASSES = 64  # tables of one ClassTables (their native tables take ~86 KB each)
 
 _C, _ = load("_C")
@@ -39,12 +41,18 @@ class RansError(ValueError):
     """An rANS stream is inconsistent with its table or symbol count."""
 
 
-def lanes(n: int, wide: bool = False) -> int:
-    """Interleaved states for ``n`` symbols: ``WIDE_LANES`` in the wide layout, else 1 for short
-    streams (one-token frames) and 4 for long ones."""
-    if wide:
-        return WIDE_LANES
+def lanes(n: int) -> int:
+    """Interleaved states of the narrow layout for ``n`` symbols: 1 for short streams, 4 for long ones."""
     return LONG_LANES if n >= LANES_MIN_SYMBOLS else 1
+
+
+def _stream_lanes(n: int, n_lanes: int | None) -> int:
+    """``n_lanes`` (checked), or the narrow layout's ``lanes(n)`` when None."""
+    if n_lanes is None:
+        return lanes(n)
+    if n_lanes not in VALID_LANES:
+        raise ValueError(f"an rANS stream has 1, {LONG_LANES} or {WIDE_LANES} lanes, got {n_lanes}")
+    return n_lanes
 
 
 def max_symbols(stream_bytes: int) -> int:
@@ -215,13 +223,13 @@ def _cum(freqs: Sequence[int]) -> list[int]:
     return out
 
 
-def encode_reference(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, wide: bool = False) -> bytes:
-    """Reference encoder: ``lanes(n)`` (``WIDE_LANES`` when ``wide``) u32 states then u16 words, all
-    little-endian, in decode order. ``freqs``: one table, or :class:`ClassTables` (symbol ``i`` with
-    its channel's table)."""
+def encode_reference(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, n_lanes: int | None = None) -> bytes:
+    """Reference encoder: ``n_lanes`` (1, 4 or 32; None: ``lanes(n)``) u32 states then u16 words,
+    all little-endian, in decode order. ``freqs``: one table, or :class:`ClassTables` (symbol ``i``
+    with its channel's table)."""
     ct = as_class_tables(freqs)
     sym = np.asarray(symbols, dtype=np.uint8).ravel()
-    n, nl = sym.shape[0], lanes(sym.shape[0], wide)
+    n, nl = sym.shape[0], _stream_lanes(sym.shape[0], n_lanes)
     if n == 0:
         return b""
     if int(sym.max()) >= ct.nsym:
@@ -245,16 +253,16 @@ def encode_reference(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, wi
 
 
 def decode_reference(data: bytes | memoryview, freqs: Sequence[int] | ClassTables, n: int,
-                     wide: bool = False) -> np.ndarray:
-    """Reference decoder (``wide``: the 32-lane layout); raises :class:`RansError` unless the stream
-    holds exactly ``n`` symbols."""
+                     n_lanes: int | None = None) -> np.ndarray:
+    """Reference decoder of a stream on ``n_lanes`` states (as :func:`encode_reference`); raises
+    :class:`RansError` unless the stream holds exactly ``n`` symbols."""
     ct = as_class_tables(freqs)
+    nl = _stream_lanes(n, n_lanes)
     buf = bytes(data)
     if n == 0:
         if buf:
             raise RansError(f"an empty symbol stream must have 0 bytes, got {len(buf)}")
         return np.zeros(0, dtype=np.uint8)
-    nl = lanes(n, wide)
     if len(buf) < 4 * nl or (len(buf) - 4 * nl) % 2:
         raise RansError(f"rANS stream of {len(buf)} bytes is not {nl} states plus 16-bit words")
     if n > max_symbols(len(buf)):
@@ -291,17 +299,17 @@ def has_native() -> bool:
     return _C is not None and hasattr(_C, "rans_build_tables")
 
 
-def encode(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, wide: bool = False) -> bytes:
-    """Encode u8 ``symbols`` with one static table or :class:`ClassTables` (C++ coder when built,
-    else the reference); ``wide``: the 32-lane layout."""
+def encode(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, n_lanes: int | None = None) -> bytes:
+    """Encode u8 ``symbols`` with one static table or :class:`ClassTables` on ``n_lanes`` states
+    (1, 4 or 32; None: ``lanes(n)``) (C++ coder when built, else the reference)."""
     ct = as_class_tables(freqs)
     sym = np.ascontiguousarray(np.asarray(symbols, dtype=np.uint8).ravel())
+    nl = _stream_lanes(sym.shape[0], n_lanes)
     if not has_native():
-        return encode_reference(sym, ct, wide)
+        return encode_reference(sym, ct, nl)
     if sym.shape[0] and int(sym.max()) >= ct.nsym:
         raise ValueError(f"symbol {int(sym.max())} is outside the table of {ct.nsym} symbols")
     ptrs = ct.native
-    nl = lanes(sym.shape[0], wide)
     out = np.empty(4 * nl + 2 * sym.shape[0], dtype=np.uint8)
     n_out = _C.rans_encode(sym.ctypes.data, sym.shape[0], ptrs.ctypes.data, ptrs.shape[0], nl, out.ctypes.data,
                            out.shape[0])
@@ -309,22 +317,23 @@ def encode(symbols: np.ndarray, freqs: Sequence[int] | ClassTables, wide: bool =
 
 
 def decode(data: bytes | memoryview, freqs: Sequence[int] | ClassTables, n: int,
-           count_of: int = -1, wide: bool = False) -> np.ndarray | tuple[np.ndarray, int]:
-    """Decode ``n`` symbols with one table or :class:`ClassTables` (C++ coder when built, else the
-    reference); ``wide``: the 32-lane layout; :class:`RansError` if invalid.
+           count_of: int = -1, n_lanes: int | None = None) -> np.ndarray | tuple[np.ndarray, int]:
+    """Decode ``n`` symbols on ``n_lanes`` states (as :func:`encode`) with one table or
+    :class:`ClassTables` (C++ coder when built, else the reference); :class:`RansError` if invalid.
 
     With ``count_of`` >= 0, also return how many decoded symbols equal it (counted by the coder).
     """
     ct = as_class_tables(freqs)
+    nl = _stream_lanes(n, n_lanes)
     if not has_native():
-        out = decode_reference(data, ct, n, wide)
+        out = decode_reference(data, ct, n, nl)
         return out if count_of < 0 else (out, int((out == count_of).sum()))
     buf = np.frombuffer(data, dtype=np.uint8)
     if n > max_symbols(buf.shape[0]):
         raise RansError(f"{n} symbols cannot fit in a {buf.shape[0]}-byte rANS stream")
     ptrs = ct.native
     out = np.empty(n, dtype=np.uint8)
-    err, count = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, ptrs.ctypes.data, ptrs.shape[0], lanes(n, wide),
+    err, count = _C.rans_decode(buf.ctypes.data, buf.shape[0], n, ptrs.ctypes.data, ptrs.shape[0], nl,
                                 out.ctypes.data, count_of)
     if err:
         raise RansError(err)

@@ -1,5 +1,5 @@
-"""Fast path of the commonest frame: a codec v2 frame of one token coded with rANS (every decode
-step of a session). The server's :func:`decode_token_frame` parses, checks, entropy decodes and
+"""Fast path of the commonest frame: a codec v2 frame of one token coded with rANS on one or four
+lanes (every decode step of a session). The server's :func:`decode_token_frame` parses, checks, entropy decodes and
 dequantises it in one C++ call (``csrc/cpu/token_frame.cpp``) instead of the Python parser, the rANS
 decoder and the dequantiser one after another (~90 us of Python per frame, paid under the server's
 GIL once per session per step). The edge's :func:`encode_token_frame` quantises, codes and frames
@@ -23,7 +23,8 @@ import torch
 from .._native import load
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, FrameError, FrameLimits
-from .frame_v2 import SCALED_TOKEN_TAG, TOKEN_DTYPE, TOKEN_RAW, TOKEN_TAG, escape_limit, flat_frame, read_scale
+from .frame_v2 import (TOKEN_DTYPE, TOKEN_MARKERS, TOKEN_RAW, TOKEN_TAG_MASK, escape_limit, flat_frame, rans_coder,
+                       rans_stream_lanes, read_scale)
 
 _C, _ = load("_C")
 _MIN_BYTES = 6  # tag, escape count, CRC
@@ -59,8 +60,9 @@ def _decoder_args(config: CodecConfigV2) -> tuple:
 
 def _encoder_args(config: CodecConfigV2) -> tuple:
     ptrs = config.rans_tables.native
+    lanes = rans_stream_lanes(rans_coder(1, config.d), config.d)  # the writer's layout, as the general path's
     return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.inv_step_array().ctypes.data,
-            config.center_array().ctypes.data, config.frame_scale, config.raw_limit)
+            config.center_array().ctypes.data, config.frame_scale, config.raw_limit, lanes)
 
 
 def _token_id(data: bytes | bytearray | memoryview, config: CodecConfigV2) -> int | None:
@@ -88,15 +90,15 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
     data = flat_frame(data)
     if data is None or len(data) < _MIN_BYTES:
         return None
-    tag = data[0]  # the token form's tag with the coder and shifted bits clear (the raw bit either way)
-    if tag & ~(TOKEN_RAW | TOKEN_DTYPE) == SCALED_TOKEN_TAG:  # the view at the frame's scale (§5.4.3)
+    marker = data[0] & ~(TOKEN_RAW | TOKEN_DTYPE)  # a token form's marker with the coder and shifted bits clear
+    if marker & ~TOKEN_TAG_MASK or marker not in TOKEN_MARKERS:
+        return None
+    if TOKEN_MARKERS[marker][0]:  # the view at the frame's scale (§5.4.3)
         try:
             config = read_scale(data[1], config)
         except FrameError:
             return None
-    elif tag & ~(TOKEN_RAW | TOKEN_DTYPE) != TOKEN_TAG:
-        return None
-    code = tag & TOKEN_DTYPE
+    code = data[0] & TOKEN_DTYPE
     dtype = CODE_DTYPES.get(code)
     if dtype is None:
         return None
@@ -149,7 +151,7 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
         x = x.detach().float() - pred.values(token, embedding, x.device)
         ids = pred.id_section(token)
     x = x.detach().cpu().contiguous()
-    crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit = _cached(_ENC_ARGS, config, _encoder_args)
+    crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit, lanes = _cached(_ENC_ARGS, config, _encoder_args)
     frame = _C.v2_encode_token_frame(x.data_ptr(), crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit,
-                                     DTYPE_CODES[x.dtype], ids)
+                                     DTYPE_CODES[x.dtype], lanes, ids)
     return frame if isinstance(frame, bytes) else None

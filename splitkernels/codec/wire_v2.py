@@ -19,8 +19,8 @@ from ..ops.checks import FLOAT_DTYPES, check_tensor
 from . import frame_center, nibble
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
-from .frame_v2 import (CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_SLOTS, DTYPE_MASK, FRAME_VERSION_V2, HEAD,
-                       MAX_POSITION, SCALE_FLAG, decode_symbols, escape_limit, flat_frame, parse_frame_v2, read_scale,
+from .frame_v2 import (CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODER_RANS_FOUR, CODER_SLOTS, DTYPE_MASK,
+                       FRAME_VERSION_V2, HEAD, MAX_POSITION, SCALE_FLAG, decode_symbols, escape_limit, flat_frame, parse_frame_v2, read_scale,
                        read_varint, resolve_coder)
 from .token_frame import encode_token_frame
 from .v2 import decode_v2, encode_v2
@@ -48,7 +48,7 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
         raise ValueError(f"x must have d = {config.d} channels (the config's), got {x.shape[1]}")
     t, d = x.shape
     code = resolve_coder(coder, t, d, config)
-    if t == 1 and code == CODER_RANS and isinstance(start, int) and not isinstance(start, bool) and 0 <= start <= MAX_POSITION:
+    if t == 1 and code in (CODER_RANS, CODER_RANS_FOUR) and isinstance(start, int) and not isinstance(start, bool) and 0 <= start <= MAX_POSITION:
         frame = encode_token_frame(x, config, start, tokens, embedding)
         if frame is not None:
             return frame
