@@ -24,7 +24,7 @@ d = 576). The sections after them are the same.
 
 The coder is per frame: 0 static rANS on 1 or 4 lanes (``rans``, smallest: frames of fewer than
 2048 values), 6 the same always on 4 lanes (what ``rans`` writes from 2048 values: four state
-chains decode 2.5x faster than one, about 10 bytes more), 2 the same on 32 lanes (what ``rans`` writes
+chains decode 2.5x faster than one, about 9 bytes more), 2 the same on 32 lanes (what ``rans`` writes
 for frames of many tokens: 16 lanes per AVX-512 instruction, 2-3x faster, 112 bytes more), 3 the Rice coder (``rice``, about 0.1 bit per element
 more on real activations, 2-3x faster again: no table lookups; long frames), 4 the same Rice codes
 cut into bit planes (``planes``: 64 symbols per mask instruction where the CPU has AVX-512 VBMI2),
@@ -81,8 +81,8 @@ CODER_NAMES = {CODER_RANS: "rans", CODER_NIBBLE: "nibble", CODER_RANS_WIDE: "ran
 TOKEN_FORM_CODERS = (CODER_RANS, CODER_NIBBLE, CODER_RANS_FOUR)
 # rans_coder: frames of more than one token and at least this many values take the 32-lane layout,
 WIDE_RANS_MIN_SYMBOLS = 1 << 16
-# and other frames of at least this many the four-lane layout (d = 4096, one token: decode 46 -> 17 us
-# for 8 more bytes, 0.016 bit per element; bench/results/codec_v2/README.md, session 43).
+# and other frames of at least this many the four-lane layout (one token at d = 4096: decoded in 20 us
+# instead of 52 for 9 more bytes, 0.018 bit per element; bench/results/codec_v2/README.md, session 43).
 FOUR_LANES_MIN_SYMBOLS = 2048
 AUTO = "auto"  # ask for choose_coder's rule
 FRAME_CODERS = (*CODERS, AUTO)  # what a frame's writer takes as its coder
