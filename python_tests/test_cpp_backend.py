@@ -1078,7 +1078,8 @@ def test_lowbit_linear_blas_path_by_instruction_set(each_isa, monkeypatch, bits)
     # the rest stay on the kernels. The same sizes below BLAS_MIN_ROWS never go there.
     monkeypatch.setattr(cpp, "BLAS_MIN_ROWS", 8)
     monkeypatch.setattr(cpp, "_BF16_BLAS_MIN_ROWS", 8)
-    monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_BYTES", 40 * 256 * 4)  # several row blocks, a short last one
+    monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_BYTES", 40 * 256 * 4)  # three blocks of 34 rows,
+    monkeypatch.setattr(cpp, "_DEQUANT_BLOCK_ALIGN", 8)  # rounded up to 40: a short last one
     blas = cpp._dequant_matmul
     for isa in each_isa:
         cpp._C.set_lowbit_isa(isa)

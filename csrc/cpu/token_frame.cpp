@@ -46,6 +46,7 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   if (id_bytes > 0) std::memcpy(out + pos, ids, id_bytes);
   pos += id_bytes + esc_bytes;
   const int64_t cap = v2_token_frame_capacity(d, dtype, id_bytes) - pos - kCrcBytes;
+  // Coder 0 (the plain markers) keeps the narrow rule: one lane below 2^14 symbols, four from there.
   const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, four ? lanes : rans_lanes(d), out + pos, cap);
   if (len < 0) return -1;
   pos += len;

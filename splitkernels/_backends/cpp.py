@@ -153,7 +153,10 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
 # ahead of dequantising to fp32 for it (bench/results/ops, sessions 17-18).
 BLAS_MIN_ROWS = 512
 _BF16_BLAS_MIN_ROWS = 256
-_DEQUANT_BLOCK_BYTES = 16 << 20  # dequantised rows per block, so the temporary stays small
+_DEQUANT_BLOCK_BYTES = 16 << 20  # the most bytes of a block of dequantised rows, so the temporary stays small
+# Rows of a block are a multiple of this: torch's fp32 matmul (oneDNN) ran a 4681-row block of a
+# 4864 x 896 weight at M = 512 slower than the whole weight (30.8 against 25.6 ms, two threads).
+_DEQUANT_BLOCK_ALIGN = 64
 # Kernels whose fp32 GEMM trails W dequantised to fp32 and torch's fp32 matmul from
 # BLAS_MIN_ROWS rows on. Zen 3 (AVX2), W4 and W8, against torch's fp32 F.linear in the same run
 # (bench/results/ops/s41): at M = 256 the kernels took 0.94-1.10 of its time at one thread and
@@ -184,8 +187,10 @@ def _dequant_matmul(
     """y [M, N] = x2d @ dequant(W)^T + bias, W dequantised to ``wdtype`` (fp32 or bf16) block by
     block of rows and multiplied by torch's matmul in that dtype (x2d converted to it)."""
     n, k = qweight.shape[0], x2d.shape[1]
-    rows = max(1, _DEQUANT_BLOCK_BYTES // (k * wdtype.itemsize))
-    w = torch.empty(min(rows, n), k, dtype=wdtype)
+    blocks = -(-n * k * wdtype.itemsize // _DEQUANT_BLOCK_BYTES)
+    rows = -(-n // blocks)  # equal blocks,
+    rows = min(n, -(-rows // _DEQUANT_BLOCK_ALIGN) * _DEQUANT_BLOCK_ALIGN)  # of whole panels
+    w = torch.empty(rows, k, dtype=wdtype)
     xw = x2d.to(wdtype)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)

@@ -22,17 +22,17 @@ rANS stream; then the coder, shifted, raw and 2-bit dtype fields) replaces magic
 dtype byte, T and bitmap, 7 of a one-token frame's 17 framing bytes (0.1 bit per element at
 d = 576). The sections after them are the same.
 
-The coder is per frame: 0 static rANS on 1 or 4 lanes (``rans``, smallest: frames of fewer than
-2048 values), 6 the same always on 4 lanes (what ``rans`` writes from 2048 values: four state
-chains decode 2.5x faster than one, about 9 bytes more), 2 the same on 32 lanes (what ``rans`` writes
-for frames of many tokens: 16 lanes per AVX-512 instruction, 2-3x faster, 112 bytes more), 3 the Rice coder (``rice``, about 0.1 bit per element
-more on real activations, 2-3x faster again: no table lookups; long frames), 4 the same Rice codes
-cut into bit planes (``planes``: 64 symbols per mask instruction where the CPU has AVX-512 VBMI2),
-5 per-channel fixed-width slots (``slots``, about 0.2 bit per element more than Rice, a byte
-transpose per 8 tokens where the CPU has AVX-512 VBMI2 and GFNI), 1 the nibble coder (``nibble``,
-about 0.4 bit per element more, fixed 4-bit slots). The encoder
-takes rANS unless asked: ``"rice"``, ``"planes"``, ``"slots"``, ``"nibble"``, or ``"auto"`` for
-``choose_coder``'s rule (the Rice coder for long frames). The decoder reads any. Frames written
+The coder is per frame: 0 static rANS on 1 or 4 lanes (``rans``, smallest: frames of fewer than 2048
+values), 6 the same always on 4 lanes (what ``rans`` writes from 2048 values: four state chains
+decode 2.5x faster than one, about 9 bytes more), 2 the same on 32 lanes (what ``rans`` writes for
+frames of many tokens: 16 lanes per AVX-512 instruction, 2-3x faster, 112 bytes more), 3 the Rice
+coder (``rice``, about 0.1 bit per element more on real activations, 2-3x faster again: no table
+lookups; long frames), 4 the same Rice codes cut into bit planes (``planes``: 64 symbols per mask
+instruction where the CPU has AVX-512 VBMI2), 5 per-channel fixed-width slots (``slots``, about 0.2
+bit per element more than Rice, a byte transpose per 8 tokens where the CPU has AVX-512 VBMI2 and
+GFNI), 1 the nibble coder (``nibble``, about 0.4 bit per element more, fixed 4-bit slots). The
+encoder takes rANS unless asked: ``"rice"``, ``"planes"``, ``"slots"``, ``"nibble"``, or ``"auto"``
+for ``choose_coder``'s rule (the Rice coder for long frames). The decoder reads any. Frames written
 before the coder field existed have 0 there and read as before.
 
 The parser validates every field and bound before allocating anything sized by the frame (the

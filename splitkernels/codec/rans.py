@@ -5,9 +5,10 @@ the table builder. ``encode``/``decode`` use the C++ coder (``splitkernels._C``)
 and fall back to the reference otherwise; both produce identical bytes.
 
 Parameters (fixed by the format): probabilities in units of ``1 / 2**PREC_BITS``, a 32-bit state
-kept in ``[2**16, 2**32)``, 16-bit renormalisation words, ``lanes(n)`` interleaved states in the narrow layout, ``LONG_LANES`` in the
-four-lane layout (one-token frames of many values) or ``WIDE_LANES`` in the wide layout of long frames
-(16 lanes per AVX-512 instruction in the C++ coder).
+kept in ``[2**16, 2**32)``, 16-bit renormalisation words, interleaved states: ``lanes(n)`` in the
+narrow layout, ``LONG_LANES`` in the four-lane layout (frames of 2048 values or more, one token
+among them) or ``WIDE_LANES`` in the wide layout of long frames (16 lanes per AVX-512 instruction
+in the C++ coder).
 """
 from __future__ import annotations
 
