@@ -24,11 +24,15 @@ inline bool emit_word(uint32_t x, const RansEncSymbol& s, uint16_t*& words) {
   return emit;
 }
 
+// The coding step of a state v that needs no renormalisation: v + bias + floor(v / freq) * cmpl_freq.
+inline uint32_t enc_code(uint32_t v, const RansEncSymbol& s) {
+  const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(v) * s.rcp_freq) >> (32 + s.rcp_shift));
+  return v + s.bias + q * s.cmpl_freq;
+}
+
 // One encoder step.
 inline void enc_put(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
-  x = emit_word(x, s, words) ? x >> 16 : x;
-  const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(x) * s.rcp_freq) >> 32) >> s.rcp_shift;
-  x = x + s.bias + q * s.cmpl_freq;
+  x = enc_code(emit_word(x, s, words) ? x >> 16 : x, s);
 }
 
 // enc_put for a single state (one-token frames), where the serial chain sets the pace: the step is
@@ -37,12 +41,7 @@ inline void enc_put(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
 // multiplies cost more than the chain saves: 32 lanes encoded 35% slower).
 inline void enc_put_chain(uint32_t& x, const RansEncSymbol& s, uint16_t*& words) {
   const bool emit = emit_word(x, s, words);
-  const int shift = 32 + s.rcp_shift;
-  const auto code = [&](uint32_t v) {
-    const uint32_t q = static_cast<uint32_t>((static_cast<uint64_t>(v) * s.rcp_freq) >> shift);
-    return v + s.bias + q * s.cmpl_freq;
-  };
-  const uint32_t kept = code(x), renormalised = code(x >> 16);
+  const uint32_t kept = enc_code(x, s), renormalised = enc_code(x >> 16, s);
   x = emit ? renormalised : kept;
 }
 

@@ -10,6 +10,20 @@
 #include "cpu/frame_bytes.h"
 
 namespace sk {
+namespace {
+
+// The token form's marker (the tag's bits 7-5) of a frame with or without a step scale, its rANS
+// stream on four lanes (coder 6) or in the narrow layout (coder 0).
+uint8_t token_marker(int scale, bool four) {
+  return scale ? (four ? kScaledFourLaneTokenTag : kScaledTokenTag) : (four ? kFourLaneTokenTag : kTokenTag);
+}
+
+// Lanes of a token's stream of n symbols: four in coder 6, else coder 0's narrow rule (one lane
+// below 2^14 symbols, four from there).
+int token_lanes(bool four, int64_t n) { return four ? kRansLongLanes : rans_lanes(n); }
+
+}  // namespace
+
 int64_t v2_token_frame_capacity(int64_t d, int dtype, int64_t id_bytes) {
   const int64_t item = dtype == kFloat32 ? 4 : 2;
   // tag, scale, escape count, token ids, escapes (at most d), rANS stream (rans_encode's bound), CRC
@@ -35,9 +49,7 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   if (totals[1] > 0) return -1;
   if (raw) return 0;
   const bool four = lanes == kRansLongLanes;
-  out[0] = static_cast<uint8_t>((cfg.scale ? (four ? kScaledFourLaneTokenTag : kScaledTokenTag)
-                                           : (four ? kFourLaneTokenTag : kTokenTag)) |
-                                dtype);  // rANS, not shifted, coded
+  out[0] = static_cast<uint8_t>(token_marker(cfg.scale, four) | dtype);  // rANS, not shifted, coded
   out[1] = static_cast<uint8_t>(cfg.scale);  // overwritten by the escape count when there is no scale
   pos = head;
   pos += write_varint(static_cast<uint64_t>(totals[0]), out + pos);
@@ -46,8 +58,7 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
   if (id_bytes > 0) std::memcpy(out + pos, ids, id_bytes);
   pos += id_bytes + esc_bytes;
   const int64_t cap = v2_token_frame_capacity(d, dtype, id_bytes) - pos - kCrcBytes;
-  // Coder 0 (the plain markers) keeps the narrow rule: one lane below 2^14 symbols, four from there.
-  const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, four ? lanes : rans_lanes(d), out + pos, cap);
+  const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, token_lanes(four, d), out + pos, cap);
   if (len < 0) return -1;
   pos += len;
   const uint32_t crc = crc32(cfg.crc_seed, out, pos);
@@ -62,8 +73,8 @@ bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameCon
   // A token-form tag of this dtype (scaled as the config says) with the rANS coder on one or four lanes and no
   // shift; the raw bit either way.
   const uint8_t marker = data[0] & kTokenMarkerMask;
-  const bool four = marker == (cfg.scale ? kScaledFourLaneTokenTag : kFourLaneTokenTag);
-  if (!four && marker != (cfg.scale ? kScaledTokenTag : kTokenTag)) return false;
+  const bool four = marker == token_marker(cfg.scale, true);
+  if (!four && marker != token_marker(cfg.scale, false)) return false;
   if ((data[0] & ~(kTokenRaw | kTokenMarkerMask)) != dtype) return false;
   if (cfg.scale && data[1] != static_cast<uint8_t>(cfg.scale)) return false;
   const bool raw = data[0] & kTokenRaw;
@@ -100,7 +111,7 @@ bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameCon
   esc.resize((esc_bytes + 3) / 4);
   std::memcpy(esc.data(), escapes, esc_bytes);
   int64_t escape_symbols = -1;
-  if (!rans_decode(stream, stream_len, n_sym, cfg.tables, cfg.period, four ? kRansLongLanes : rans_lanes(n_sym), sym.data(),
+  if (!rans_decode(stream, stream_len, n_sym, cfg.tables, cfg.period, token_lanes(four, n_sym), sym.data(),
                    2 * cfg.kmax + 1, &escape_symbols)
            .empty() ||
       escape_symbols != static_cast<int64_t>(n_esc)) {
