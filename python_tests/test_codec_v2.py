@@ -567,3 +567,16 @@ def test_rans_tables_are_built_once_per_table():
     assert tables.native is tables.native
     with pytest.raises(ValueError, match="sum"):
         rans.as_class_tables((1, 2, 3))
+
+
+def test_rans_channel_pointers_name_the_class_tables():
+    """`native` (per channel, what the coders index) and `native_classes` (per class, what the token
+    frame loads into the cache ahead of a cold decode) name the same tables."""
+    if not rans.has_native():
+        pytest.skip("C++ extension not built (pip install . builds it)")
+    freqs = [tuple(int(v) for v in rans.build_freqs(np.arange(1, 9) ** k)) for k in (1, 2, 3)]
+    tables = rans.ClassTables(tuple(freqs), (2, 0, 0, 1, 2, 2, 1))
+    classes = tables.native_classes
+    assert classes.shape == (3,) and len(set(classes.tolist())) == 3
+    assert tables.native.tolist() == [classes[k] for k in tables.table_of]
+    assert not tables.native.flags.writeable and not classes.flags.writeable

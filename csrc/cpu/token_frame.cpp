@@ -34,6 +34,7 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
                               int dtype, int lanes, const uint8_t* ids, int64_t id_bytes, uint8_t* out) {
   const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2;
   if (lanes != 1 && lanes != kRansLongLanes) return -1;
+  rans_prefetch_encoder(cfg.classes, cfg.n_classes);
   thread_local std::vector<uint8_t> sym;
   sym.resize(d);
   int32_t n_esc = 0;
@@ -78,6 +79,7 @@ bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameCon
   if ((data[0] & ~(kTokenRaw | kTokenMarkerMask)) != dtype) return false;
   if (cfg.scale && data[1] != static_cast<uint8_t>(cfg.scale)) return false;
   const bool raw = data[0] & kTokenRaw;
+  if (!raw) rans_prefetch_decoder(cfg.classes, cfg.n_classes);  // arriving while the CRC is checked
   const int64_t crc_at = len - kCrcBytes;
   uint32_t crc;
   std::memcpy(&crc, data + crc_at, 4);

@@ -20,6 +20,8 @@ struct TokenFrameConfig {
   int kmax;                        // symbols 0..2*kmax are codes, 2*kmax+1 the escape
   const RansTables* const* tables;  // one table per channel of a period-`period` cycle
   int64_t period;
+  const RansTables* const* classes;  // the distinct tables among them (prefetched while the frame is checked)
+  int64_t n_classes;
   const float* step;               // [d] fp32 (already scaled by the frame's scale)
   const float* center;             // [d] fp32
   int scale;                       // the frame's step scale (section 5.4.3): 0, or the byte after a 0b110 tag

@@ -172,19 +172,25 @@ class ClassTables:
         return [(np.repeat(np.arange(len(f), dtype=np.uint8), f), _cum(f)) for f in self.tables]
 
     @functools.cached_property
-    def native(self) -> np.ndarray:
-        """One pointer per channel to the C++ coder's tables of its class (built once per object).
-
-        The class tables lie in one block, so the wide coder reaches them by 32-bit offsets."""
+    def native_classes(self) -> np.ndarray:
+        """One pointer per class to the C++ coder's tables (built once per object), in one block,
+        so the wide coder reaches them by 32-bit offsets."""
         words = _C.rans_tables_bytes() // 8 + 1  # 8-byte aligned tables
         block = np.empty(words * len(self.tables), dtype=np.uint64)
         for k, t in enumerate(self.tables):
             table = np.ascontiguousarray(np.asarray(t, dtype=np.uint32))
             _C.rans_build_tables(table.ctypes.data, table.shape[0], block[k * words :].ctypes.data)
         block.setflags(write=False)
-        ptrs = np.asarray([block[c * words :].ctypes.data for c in self.table_of], dtype=np.uint64)
+        ptrs = np.asarray([block[k * words :].ctypes.data for k in range(len(self.tables))], dtype=np.uint64)
         ptrs.setflags(write=False)
         object.__setattr__(self, "_block", block)  # keeps the tables alive as long as the pointers
+        return ptrs
+
+    @functools.cached_property
+    def native(self) -> np.ndarray:
+        """One pointer per channel to the C++ coder's tables of its class (:attr:`native_classes`)."""
+        ptrs = self.native_classes[np.asarray(self.table_of, dtype=np.int64)]
+        ptrs.setflags(write=False)
         return ptrs
 
 

@@ -53,15 +53,17 @@ def _cached(cache: dict[int, tuple[CodecConfigV2, tuple]], config: CodecConfigV2
 
 
 def _decoder_args(config: CodecConfigV2) -> tuple:
-    ptrs = config.rans_tables.native
-    return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.step_array().ctypes.data,
+    ptrs, classes = config.rans_tables.native, config.rans_tables.native_classes
+    return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], classes.ctypes.data,
+            classes.shape[0], config.step_array().ctypes.data,
             config.center_array().ctypes.data, config.frame_scale)
 
 
 def _encoder_args(config: CodecConfigV2) -> tuple:
-    ptrs = config.rans_tables.native
+    ptrs, classes = config.rans_tables.native, config.rans_tables.native_classes
     lanes = rans_stream_lanes(rans_coder(1, config.d), config.d)  # the writer's layout, as the general path's
-    return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.inv_step_array().ctypes.data,
+    return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], classes.ctypes.data,
+            classes.shape[0], config.inv_step_array().ctypes.data,
             config.center_array().ctypes.data, config.frame_scale, config.raw_limit, lanes)
 
 
@@ -106,10 +108,9 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
     if max_escapes is None:
         return None
     out = torch.empty(1, config.d, dtype=dtype)
-    crc_seed, d, kmax, tables, period, step, center, scale = _cached(_ARGS, config, _decoder_args)
     id_bytes = 0 if pred is None else pred.id_bytes(1)
-    if not _C.v2_decode_token_frame(data, crc_seed, d, kmax, tables, period, step, center, scale, code, max_escapes,
-                                    id_bytes, out.data_ptr()):
+    if not _C.v2_decode_token_frame(data, *_cached(_ARGS, config, _decoder_args), code, max_escapes, id_bytes,
+                                    out.data_ptr()):
         return None
     if pred is None:
         return out
@@ -151,7 +152,6 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
         x = x.detach().float() - pred.values(token, embedding, x.device)
         ids = pred.id_section(token)
     x = x.detach().cpu().contiguous()
-    crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit, lanes = _cached(_ENC_ARGS, config, _encoder_args)
-    frame = _C.v2_encode_token_frame(x.data_ptr(), crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit,
-                                     DTYPE_CODES[x.dtype], lanes, ids)
+    frame = _C.v2_encode_token_frame(x.data_ptr(), *_cached(_ENC_ARGS, config, _encoder_args), DTYPE_CODES[x.dtype],
+                                     ids)
     return frame if isinstance(frame, bytes) else None
