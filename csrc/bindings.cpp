@@ -486,14 +486,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "v2_encode_token_frame",
       [](std::uintptr_t x, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
-         std::uintptr_t classes, int64_t n_classes, std::uintptr_t inv, std::uintptr_t center, int scale,
-         int64_t raw_limit, int lanes, int dtype, py::bytes ids) -> py::object {
+         std::uintptr_t inv, std::uintptr_t center, int scale, int64_t raw_limit, int lanes, int dtype,
+         py::bytes ids) -> py::object {
         if (d < 1 || dtype < sk::kFloat32 || dtype > sk::kBFloat16) throw std::invalid_argument("v2_encode_token_frame: bad d or dtype");
         if (scale < -128 || scale > 127) throw std::invalid_argument("v2_encode_token_frame: scale is not an i8");
         if (lanes != 1 && lanes != sk::kRansLongLanes) throw std::invalid_argument("v2_encode_token_frame: lanes is not 1 or 4");
         const sk::TokenFrameConfig config{crc_seed, d, kmax, ptr<const sk::RansTables* const>(tables), period,
-                                          ptr<const sk::RansTables* const>(classes), n_classes, nullptr,
-                                          ptr<const float>(center), scale};
+                                          nullptr, 0, nullptr, ptr<const float>(center), scale};
         const std::string_view id_section = ids;
         const auto id_bytes = static_cast<int64_t>(id_section.size());
         thread_local std::vector<uint8_t> out;
@@ -508,11 +507,10 @@ PYBIND11_MODULE(_C, m) {
         return py::bytes(reinterpret_cast<const char*>(out.data()), len);
       },
       py::arg("x"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
-      py::arg("classes"), py::arg("n_classes"), py::arg("inv"), py::arg("center"), py::arg("scale"),
-      py::arg("raw_limit"), py::arg("lanes"), py::arg("dtype"),
+      py::arg("inv"), py::arg("center"), py::arg("scale"), py::arg("raw_limit"), py::arg("lanes"), py::arg("dtype"),
       py::arg("ids") = py::bytes(),
       "One token x [1, d] of dtype (contiguous) as a codec v2 rANS frame (the session config's CRC seed, d, kmax, "
-      "rANS table pointers per channel and per class, 1/step and center at the frame's step scale, and that scale, 0 for none; lanes: 1, or 4 for the four-lane layout (coder 6); ids: the token-id section of a config's prediction, x then the "
+      "rANS table pointers, 1/step and center at the frame's step scale, and that scale, 0 for none; lanes: 1, or 4 for the four-lane layout (coder 6); ids: the token-id section of a config's prediction, x then the "
       "residual): the frame's bytes, 0 when the token travels raw (more than raw_limit escapes) or -1 when x is "
       "not finite (the caller's general path handles both).");
 

@@ -450,12 +450,6 @@ void rans_prefetch_decoder(const RansTables* const* tables, int64_t count) {
   for (int64_t k = 0; k < count; ++k) touch_lines(tables[k]->sym, sizeof(tables[k]->sym));
 }
 
-void rans_prefetch_encoder(const RansTables* const* tables, int64_t count) {
-  thread_local LastUse last;
-  if (count < 1 || last.recent(tables)) return;
-  for (int64_t k = 0; k < count; ++k) touch_lines(tables[k]->enc, sizeof(tables[k]->enc));
-}
-
 std::vector<std::string> rans_isas() {
   std::vector<std::string> out{"scalar"};
   if (cpu_has_avx512()) out.push_back("avx512");

@@ -72,13 +72,13 @@ int64_t rans_encode(const uint8_t* sym, int64_t n, const RansTables* const* tabl
 std::string rans_decode(const uint8_t* data, int64_t len, int64_t n, const RansTables* const* tables, int64_t period,
                         int lanes, uint8_t* out, int count_of, int64_t* count);
 
-// Loads the tables a decoder (sym and fc) or an encoder (enc) reads, of `count` distinct tables,
-// into the cache, unless this thread coded with the same `tables` array in the last 500 us. A
-// one-token frame arrives after the model's forward pass has evicted them, and its steps would
-// otherwise wait on one cache miss after another (d = 4096 on 16 class tables touches ~2600 of
-// their lines, one lane's chain at a time); loaded ahead, their misses overlap.
+// Loads the tables the scalar decoder reads (sym and fc) of `count` distinct tables into the
+// cache, unless this thread loaded the same `tables` array in the last 500 us. A one-token frame
+// arrives after the model's forward pass has evicted them, and its steps would otherwise wait on
+// one cache miss after another (d = 4096 on 16 class tables touches ~2600 of their lines, one
+// lane's chain at a time); loaded ahead, their misses overlap. (The encoder reads few lines of
+// its tables, mostly those of the central codes: loading them all measured no faster cold.)
 void rans_prefetch_decoder(const RansTables* const* tables, int64_t count);
-void rans_prefetch_encoder(const RansTables* const* tables, int64_t count);
 
 // Instruction sets of the wide (32-lane) coder this CPU supports, best last ("scalar", "avx512"),
 // the one in use, and a switch for tests and benchmarks ("" or why the name is not supported).

@@ -34,7 +34,6 @@ int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const 
                               int dtype, int lanes, const uint8_t* ids, int64_t id_bytes, uint8_t* out) {
   const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2;
   if (lanes != 1 && lanes != kRansLongLanes) return -1;
-  rans_prefetch_encoder(cfg.classes, cfg.n_classes);
   thread_local std::vector<uint8_t> sym;
   sym.resize(d);
   int32_t n_esc = 0;

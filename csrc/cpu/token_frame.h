@@ -20,7 +20,7 @@ struct TokenFrameConfig {
   int kmax;                        // symbols 0..2*kmax are codes, 2*kmax+1 the escape
   const RansTables* const* tables;  // one table per channel of a period-`period` cycle
   int64_t period;
-  const RansTables* const* classes;  // the distinct tables among them (prefetched while the frame is checked)
+  const RansTables* const* classes;  // the distinct tables among them (the decoder loads them while it checks the frame)
   int64_t n_classes;
   const float* step;               // [d] fp32 (already scaled by the frame's scale)
   const float* center;             // [d] fp32

@@ -60,10 +60,9 @@ def _decoder_args(config: CodecConfigV2) -> tuple:
 
 
 def _encoder_args(config: CodecConfigV2) -> tuple:
-    ptrs, classes = config.rans_tables.native, config.rans_tables.native_classes
+    ptrs = config.rans_tables.native
     lanes = rans_stream_lanes(rans_coder(1, config.d), config.d)  # the writer's layout, as the general path's
-    return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], classes.ctypes.data,
-            classes.shape[0], config.inv_step_array().ctypes.data,
+    return (config.crc_seed, config.d, config.kmax, ptrs.ctypes.data, ptrs.shape[0], config.inv_step_array().ctypes.data,
             config.center_array().ctypes.data, config.frame_scale, config.raw_limit, lanes)
 
 
