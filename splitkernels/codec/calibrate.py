@@ -144,7 +144,7 @@ class _Stats:
         self.d = hidden.shape[1]
         self.value_bits = value_bits
         self.fisher = None if sensitivity is None else sensitivity.detach().double().cpu()
-        self.framing = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.LONG_LANES) / (FRAME_TOKENS * self.d)
+        self.framing = long_frame_framing_bits(self.d, id_bits)
         flat = self.z.abs().flatten()
         sample = flat if flat.numel() <= 1 << 24 else flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
         self.z_hi = float(torch.quantile(sample, 1.0 - ESCAPE_RATE))
@@ -280,8 +280,16 @@ def default_bits_ceiling(d: int, id_bits: int = 0) -> float:
     element (``8 * 22 / d`` from the four-lane layout's 2048 values; plus its token id at ``id_bits``
     with a prediction), at about ``DECODE_FRAME_BITS``; never below ``DEFAULT_BITS``."""
     one_token = 8.0 * (framing_bytes(1, 0, id_bits=id_bits) + 4 * rans_stream_lanes(rans_coder(1, d), d)) / d
-    long_frame = 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + 4 * rans.LONG_LANES) / (FRAME_TOKENS * d)
-    return max(DEFAULT_BITS, DECODE_FRAME_BITS - one_token + long_frame)
+    return max(DEFAULT_BITS, DECODE_FRAME_BITS - one_token + long_frame_framing_bits(d, id_bits))
+
+
+def long_frame_framing_bits(d: int, id_bits: int = 0) -> float:
+    """Bits per element that the framing of a ``FRAME_TOKENS``-token frame of ``d`` values weighs
+    (header, 3 bytes of counts, the rANS states of the layout the writer picks: 32 lanes from
+    2^16 values), the part of a long frame's bits that calibration's rate does not set."""
+    coded = FRAME_TOKENS * d
+    states = 4 * rans_stream_lanes(rans_coder(FRAME_TOKENS, d), coded)
+    return 8.0 * (framing_bytes(FRAME_TOKENS, id_bits=id_bits) + 3 + states) / coded
 
 
 def _bisect(pred, lo: float, hi: float) -> tuple[float, float]:
