@@ -476,8 +476,8 @@ PYBIND11_MODULE(_C, m) {
                                          id_bytes, ptr<void>(out));
       },
       py::arg("frame"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
-      py::arg("classes"), py::arg("n_classes"), py::arg("step"), py::arg("center"), py::arg("scale"), py::arg("dtype"), py::arg("max_escapes"), py::arg("id_bytes"),
-      py::arg("out"),
+      py::arg("classes"), py::arg("n_classes"), py::arg("step"), py::arg("center"), py::arg("scale"), py::arg("dtype"),
+      py::arg("max_escapes"), py::arg("id_bytes"), py::arg("out"),
       "A codec v2 frame of one rANS-coded token of dtype (the session config's CRC seed, d, kmax, rANS table "
       "pointers per channel and per class, step and center at the frame's step scale, and that scale: 0 or the frame's scale byte) decoded into out [1, d]; id_bytes of token ids after the escape count are "
       "skipped (the caller reads them). False when it is anything else or invalid (the caller then runs the "
@@ -486,7 +486,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "v2_encode_token_frame",
       [](std::uintptr_t x, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
-         std::uintptr_t inv, std::uintptr_t center, int scale, int64_t raw_limit, int lanes, int dtype,
+         std::uintptr_t inv, std::uintptr_t center, int scale, int64_t raw_limit, int dtype, int lanes,
          py::bytes ids) -> py::object {
         if (d < 1 || dtype < sk::kFloat32 || dtype > sk::kBFloat16) throw std::invalid_argument("v2_encode_token_frame: bad d or dtype");
         if (scale < -128 || scale > 127) throw std::invalid_argument("v2_encode_token_frame: scale is not an i8");
@@ -507,7 +507,7 @@ PYBIND11_MODULE(_C, m) {
         return py::bytes(reinterpret_cast<const char*>(out.data()), len);
       },
       py::arg("x"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
-      py::arg("inv"), py::arg("center"), py::arg("scale"), py::arg("raw_limit"), py::arg("lanes"), py::arg("dtype"),
+      py::arg("inv"), py::arg("center"), py::arg("scale"), py::arg("raw_limit"), py::arg("dtype"), py::arg("lanes"),
       py::arg("ids") = py::bytes(),
       "One token x [1, d] of dtype (contiguous) as a codec v2 rANS frame (the session config's CRC seed, d, kmax, "
       "rANS table pointers, 1/step and center at the frame's step scale, and that scale, 0 for none; lanes: 1, or 4 for the four-lane layout (coder 6); ids: the token-id section of a config's prediction, x then the "
