@@ -48,11 +48,14 @@ T, D = 512, 4096
 PRED_VOCAB, PRED_D = 1 << 16, 640
 
 
-def times(fn, repeats: int) -> list[float]:
-    """Thread CPU seconds of each of ``repeats`` calls after one warm-up call."""
+def times(fn, repeats: int, before=None) -> list[float]:
+    """Thread CPU seconds of each of ``repeats`` calls after one warm-up call, each after ``before()``
+    (untimed) where given."""
     fn()
     out = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.thread_time()
         fn()
         out.append(time.thread_time() - t0)
@@ -72,13 +75,7 @@ def activations(t: int, d: int, seed: int) -> torch.Tensor:
 
 def cold_median_time(fn, repeats: int, evict: torch.Tensor) -> float:
     """Median thread CPU seconds of ``fn`` called each time right after ``evict`` is rewritten (caches cold)."""
-    out = []
-    for _ in range(repeats):
-        evict.add_(1.0)
-        t0 = time.thread_time()
-        fn()
-        out.append(time.thread_time() - t0)
-    return statistics.median(out)
+    return statistics.median(times(fn, repeats, before=lambda: evict.add_(1.0)))
 
 
 def evict_buffer() -> torch.Tensor:

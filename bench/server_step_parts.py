@@ -55,16 +55,25 @@ def frame_decode_after_step(server, decodes: list[bytes], config: CodecConfigV2)
     native step of the server half (one row; untimed), which evicts what a decode had cached."""
     limits = FrameLimits(d=config.d, max_tokens=4096)
     d = server.adapter.hidden_size
-    cache, out = None, []
+    caches, out = [], []
     for i in range(max(200, len(decodes))):
-        if cache is None or cache.length >= 56:
-            cache = server.new_decode_cache()
-            server.native.step_batch(torch.zeros(1, d), [cache], 1)
-        server.native.step_batch(torch.randn(1, d) * 0.1, [cache], 1)
+        if not caches or caches[0].length >= 56:
+            caches = filled_caches(server, 1, 1)
+        server.native.step_batch(torch.randn(1, d) * 0.1, caches, 1)
         t0 = time.thread_time()
         decode_frame(decodes[i % len(decodes)], limits, "cpu", config=config)
         out.append(time.thread_time() - t0)
     return 1e6 * sorted(out)[len(out) // 2]
+
+
+def filled_caches(server, rows: int, positions: int) -> list:
+    """``rows`` new decode caches of the server half, stepped natively to ``positions`` (at least 1)."""
+    d = server.adapter.hidden_size
+    caches = [server.new_decode_cache() for _ in range(rows)]
+    server.native.step_batch(torch.zeros(rows, d), caches, 1)
+    while caches[0].length < positions:
+        server.native.step_batch(torch.randn(rows, d) * 0.1, caches, 1)
+    return caches
 
 
 def batched_step(server, rows: int, spins: tuple[int, int]) -> dict:
@@ -79,10 +88,7 @@ def batched_step(server, rows: int, spins: tuple[int, int]) -> dict:
     def step(spin: int):
         def go():
             if not caches[spin] or caches[spin][0].length >= 56:
-                caches[spin] = [server.new_decode_cache() for _ in range(rows)]
-                server.native.step_batch(torch.zeros(rows, d), caches[spin], 1)
-                while caches[spin][0].length < 32:
-                    server.native.step_batch(torch.randn(rows, d) * 0.1, caches[spin], 1)
+                caches[spin] = filled_caches(server, rows, 32)
             cpp._C.set_spin_us(spin)
             server.native.step_batch(torch.randn(rows, d) * 0.1, caches[spin], 1)
         return go
