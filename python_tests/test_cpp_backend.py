@@ -388,6 +388,17 @@ def _needs_bf16_kernels() -> None:
         pytest.skip("this CPU has no AVX-512 BF16: the bf16 kernels never run here")
 
 
+@pytest.fixture
+def vector_bf16_isa():
+    """The vector bf16 kernels (the best AVX-512 BF16 set without AMX tiles) for the test body."""
+    default = cpp._C.lowbit_isa()
+    isas = cpp._C.lowbit_isas()
+    if "avx512_bf16" in isas:
+        cpp._C.set_lowbit_isa("avx512_bf16_vbmi" if "avx512_bf16_vbmi" in isas else "avx512_bf16")
+    yield
+    cpp._C.set_lowbit_isa(default)
+
+
 def _bf16_kernel_on_poisoned_output(
     x: torch.Tensor, qw, b: torch.Tensor | None, bits: int, group: int, finite: bool = True
 ) -> torch.Tensor:
@@ -467,10 +478,12 @@ def test_lowbit_bf16_kernel_choice(each_isa):
     assert not cpp._C.lowbit_bf16_kernel(0, 4, 128)  # fp32 activations
     assert not cpp._C.lowbit_bf16_kernel(2, 4, 96)  # 48-byte groups: neither divide nor fill 64 bytes
     assert not cpp._C.lowbit_bf16_kernel(2, 8, 2)  # 2-byte groups: part of a four-byte lane
-    # 3 bits: only the build with VBMI decodes them, in chunks of 128 codes (runs of 16 codes).
+    # 3 bits: only the build with VBMI decodes them, in chunks of 128 codes (runs of 16 codes); the
+    # AMX set keeps the best bf16 kernels of its CPU.
+    vbmi = "avx512_bf16_vbmi" in each_isa
     for isa in each_isa:
         cpp._C.set_lowbit_isa(isa)
-        assert cpp._C.lowbit_bf16_kernel(2, 3, 128) == (isa == "avx512_bf16_vbmi"), isa
+        assert cpp._C.lowbit_bf16_kernel(2, 3, 128) == (isa == "avx512_bf16_vbmi" or (isa == "avx512_amx" and vbmi)), isa
     if "avx512_bf16_vbmi" in each_isa:
         for group in (16, 32, 64, 128, 256, 384):
             assert cpp._C.lowbit_bf16_kernel(2, 3, group), group
@@ -572,7 +585,7 @@ def _lowbit_want64_bf16_weight(x, qw, b):
 # blocks and a 22-row tail, which stays exact) and two on N = 512; 255 rows stay on the exact codes.
 @pytest.mark.parametrize("bits,group,k", [(4, 32, 576), (2, 64, 4160), (3, 128, 384), (8, 384, 2304), (4, 128, 8448)])
 @pytest.mark.parametrize("threads,n", [(1, 150), (2, 512)])
-def test_lowbit_bf16_scaled_panels(fp32_precision, bits, group, k, threads, n):
+def test_lowbit_bf16_scaled_panels(fp32_precision, vector_bf16_isa, bits, group, k, threads, n):
     if bits == 3:
         _needs_w3_kernels()
     else:
@@ -715,7 +728,7 @@ def test_lowbit_w8_vnni_choice():
     try:
         for isa in cpp._C.lowbit_isas():
             cpp._C.set_lowbit_isa(isa)
-            assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) == (isa.startswith(("avx512_vnni", "avx512_bf16"))), isa
+            assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) == isa.startswith(("avx512_vnni", "avx512_bf16", "avx512_amx")), isa
     finally:
         cpp._C.set_lowbit_isa(default)
 
@@ -792,6 +805,89 @@ def test_lowbit_w8_vnni_non_finite_activations():
         y = _bf16_kernel_on_poisoned_output(x, qw, None, 8, 128, finite=False)
         assert not torch.isfinite(y).any()
         assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 8, 128, None)).any()
+
+
+# ---------------------------------------------------------------- AMX tiles
+
+
+def _needs_amx() -> None:
+    if "avx512_amx" not in cpp._C.lowbit_isas():
+        pytest.skip("this CPU or OS has no AMX-BF16 tiles: the AMX kernels never run here")
+
+
+@pytest.fixture
+def amx_isa():
+    """The AMX instruction set for the test body (skips where the CPU has none)."""
+    _needs_amx()
+    default = cpp._C.lowbit_isa()
+    cpp._C.set_lowbit_isa("avx512_amx")
+    yield
+    cpp._C.set_lowbit_isa(default)
+
+
+# 4/8-bit codes from 4 (W8) or 5 (W4) bf16 activation rows on AMX tiles: exact codes with each
+# group's sums scaled in fp32, so within the bf16 output's own rounding of float64. N in one
+# partial 32-row panel, past whole panels, several panels; M on both sides of the switch and of
+# whole 16-row tiles; groups of one to four 32-code blocks; fresh data each case.
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("group,k", [(32, 64), (64, 576), (128, 896), (32, 1056)])
+@pytest.mark.parametrize("m", (3, 4, 5, 16, 17, 40))
+def test_lowbit_amx_tiles(amx_isa, bits, group, k, m):
+    for n in (1, 45, 96):
+        x, qw, b = _lowbit_case(n, k, m, bits, group, torch.bfloat16, bias=n != 96, seed=bits * 100 + group + m + n)
+        y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
+        want64 = _lowbit_want64(x, qw, b)
+        assert _rel_err(y, want64) <= _rel_err(want64.bfloat16(), want64) + 1e-4, n
+
+
+@pytest.mark.parametrize("bits", (4, 8))
+def test_lowbit_amx_fp32_rows_under_medium_precision(amx_isa, fp32_precision, bits):
+    # fp32 activations under torch's "medium" precision are rounded to bf16 and take the tiles
+    # too, with fp32 sums and output: the exact product of the rounded activations.
+    fp32_precision("medium")
+    x, qw, b = _lowbit_case(70, 640, 19, bits, 64, torch.float32, bias=True, seed=bits)
+    y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, b)
+    want64 = _lowbit_want64(x.bfloat16(), qw, b)
+    assert _rel_err(y, want64) <= 1e-5
+
+
+def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
+    # 2/3-bit codes, groups of 16 codes and M below the switch stay on the vector kernels: their
+    # fp32 sums differ from the tiles' in the last bits, so which path ran shows in the fp32 output
+    # of bf16-valued fp32 rows (the "medium" path).
+    def run(x, qw, bits, group):
+        (m, k), n = x.shape, qw.qweight.shape[0]
+        y = torch.full((m, n), float("nan"))
+        cpp._C.lowbit_linear(x.data_ptr(), 0, m, k, qw.qweight.data_ptr(), n, qw.qweight.shape[1],
+                             qw.scale.data_ptr(), qw.zero.data_ptr(), 0, bits, group, 0, y.data_ptr(), True)
+        return y
+
+    vector = "avx512_bf16_vbmi" if "avx512_bf16_vbmi" in cpp._C.lowbit_isas() else "avx512_bf16"
+    for bits, group, m, tiles in ((4, 128, 5, True), (4, 128, 4, False), (8, 128, 4, True), (8, 128, 3, False),
+                                  (2, 128, 16, False), (3, 128, 16, False), (4, 16, 16, False)):
+        x, qw, _ = _lowbit_case(64, 512, m, bits, group, torch.float32, bias=False, seed=bits + m)
+        x = x.bfloat16().float()
+        y = run(x, qw, bits, group)
+        cpp._C.set_lowbit_isa(vector)
+        y_vector = run(x, qw, bits, group)
+        cpp._C.set_lowbit_isa("avx512_amx")
+        assert torch.isfinite(y).all() and torch.equal(y, y_vector) != tiles, (bits, group, m)
+
+
+@pytest.mark.parametrize("bits", (4, 8))
+def test_lowbit_amx_non_finite_activations(amx_isa, bits):
+    # NaN or infinity in x: as on the vector bf16 kernels, every output of the rows holding it is
+    # non-finite (s * sum(q x) + z * sum(x) turns an infinity into NaN) and the other rows finite.
+    g = _gen(60 + bits)
+    qw = quantize_weight(torch.randn(40, 256, generator=g), bits, 64, dtype=torch.bfloat16)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(18, 256, generator=g).bfloat16()
+        x[17, 9] = bad
+        y = torch.full((18, 40), float("nan"), dtype=torch.bfloat16)
+        y[17] = 7
+        cpp._C.lowbit_linear(x.data_ptr(), 2, 18, 256, qw.qweight.data_ptr(), 40, qw.qweight.shape[1],
+                             qw.scale.data_ptr(), qw.zero.data_ptr(), 2, bits, 64, 0, y.data_ptr())
+        assert torch.isfinite(y[:17]).all() and not torch.isfinite(y[17]).any(), bad
 
 
 # ---------------------------------------------------------------- int8 linear

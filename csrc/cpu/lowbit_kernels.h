@@ -182,6 +182,24 @@ namespace isa_avx512 { const LowbitKernels& lowbit_kernels(); }
 // AVX-512 BF16 adds bf16_rows to the AVX-512 fp32 kernels; the same source built with VBMI
 // too (isa_avx512bf16vbmi) also takes 3-bit codes.
 namespace isa_avx512bf16 { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
+// AMX tiles for 4/8-bit codes x bf16 activations (isa/lowbit_amx.cpp; built where the compiler
+// takes -mamx-tile, SK_HAVE_AMX).
+namespace isa_amx {
+// Whether this CPU and OS run AMX-BF16 tiles (asks Linux for the tile state on the first call).
+bool available();
+// Whether rows() takes the layout: bits 4 or 8, K and group_size multiples of 32.
+bool layout(int bits, int64_t group_size, int64_t K);
+// Activation tiles of 16 rows for M rows.
+int64_t activation_tiles(int64_t M);
+// bf16 x [M, K] (natural order) as the kernel's activation tiles [K / 32][activation_tiles(M)][16 pairs
+// of k][16 rows] (rows past M zero) and xsum [K / group_size][16 * activation_tiles(M)], the fp32 sum of
+// each group, for tiles [m_tile0, m_tile1).
+void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+             uint16_t* tiles, float* xsum);
+// Weight rows [n_begin, n_end) (n_begin a multiple of 32) of p with p.x16 and p.xsum from prepare();
+// writes p.y32 where set, else p.y16, bias added.
+void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
+}
 namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
 // AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from one row x [K] bf16
 // (w8_vnni_layout); false (and nothing to run) when x holds a NaN or an infinity.

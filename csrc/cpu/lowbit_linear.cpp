@@ -6,6 +6,9 @@
 // * one bf16 activation row (M = 1, K < 2048) with 8-bit codes on AVX-512 VNNI CPUs, groups of
 //   whole 64-byte chunks (lowbit_w8_vnni): the row as three signed bytes of a per-group 22-bit fixed
 //   point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
+// * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
+//   tiles, bits 4/8 with K and groups multiples of 32, from 5 rows (W4) or 4 (W8): exact codes
+//   x bf16 with tdpbf16ps, each group's sums scaled in fp32 (isa/lowbit_amx.cpp);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
@@ -42,6 +45,7 @@ struct Isa {
   const Int8Kernels* int8;
   bool w8_vnni;  // the 8-bit VNNI path (isa/lowbit_w8_vnni.cpp) for bf16 activations
   bool bf16_w3;  // bf16_rows takes 3-bit codes (built with VBMI)
+  bool amx = false;  // 4/8-bit codes from amx_min_rows bf16 activation rows on AMX tiles (isa/lowbit_amx.cpp)
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -55,6 +59,9 @@ bool cpu_has(const char* what) {
   if (w == "avx512_vnni") return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
   if (w == "avx512_bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
   if (w == "avx512_bf16_vbmi") return cpu_has("avx512_bf16") && __builtin_cpu_supports("avx512vbmi");
+#if defined(SK_HAVE_AMX)
+  if (w == "avx512_amx") return cpu_has("avx512_bf16") && isa_amx::available();
+#endif
   return false;
 }
 #else
@@ -83,6 +90,11 @@ const std::vector<Isa>& isas() {
     // VBMI adds the 3-bit decode to the bf16 kernels (the same source built with -mavx512vbmi).
     v.push_back({"avx512_bf16_vbmi", cpu_has("avx512_bf16_vbmi"), &isa_avx512::lowbit_kernels(),
                  isa_avx512bf16vbmi::bf16_rows(), isa_avx512bf16vbmi::bf16_prepare(), best512, vnni, true});
+    // AMX adds tiles for 4/8-bit codes at larger M to the best bf16 kernels.
+    const bool vbmi = cpu_has("avx512_bf16_vbmi");
+    v.push_back({"avx512_amx", cpu_has("avx512_amx"), &isa_avx512::lowbit_kernels(),
+                 vbmi ? isa_avx512bf16vbmi::bf16_rows() : isa_avx512bf16::bf16_rows(),
+                 vbmi ? isa_avx512bf16vbmi::bf16_prepare() : isa_avx512bf16::bf16_prepare(), best512, vnni, vbmi, true});
 #endif
     return v;
   }();
@@ -306,6 +318,37 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
   return true;
 }
 
+// Activation rows from which AMX tiles take 4/8-bit codes (isa/lowbit_amx.cpp): below, the vector
+// bf16 kernels were faster (their time grows with M, the tiles' hardly does up to 16 rows). Intel
+// Xeon (AMX-BF16), bf16 activations, 4096 x 4096, 1536 x 576, 576 x 1536, 4864 x 896: W4 at M = 4
+// 0.92-1.0x the vector kernels' speed, at M = 6 1.4-2.4x; W8 at M = 3 0.85-0.97x, at M = 4 1.1-1.2x.
+inline int64_t amx_min_rows(int bits) { return bits == 8 ? 4 : 5; }
+
+// The AMX path for bf16 activations x [M, K], output and bias already in p: false where the ISA,
+// M or the layout do not allow it.
+bool amx_rows(const Isa& isa, const uint16_t* x, int64_t group_size, LowbitProblem& p) {
+#if defined(SK_HAVE_AMX)
+  if (!isa.amx || p.M < amx_min_rows(p.bits) || !isa_amx::layout(p.bits, group_size, p.K)) return false;
+  const int64_t tiles = isa_amx::activation_tiles(p.M);
+  thread_local AlignedVector<uint16_t> xt;
+  thread_local AlignedVector<float> xsum;
+  xt.resize(tiles * 16 * p.K);
+  xsum.resize(p.G * tiles * 16);
+  uint16_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
+  float* sums = xsum.data();
+  parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
+    isa_amx::prepare(x, p.M, p.K, group_size, t0, t1, tiles_out, sums);
+  });
+  p.x16 = tiles_out;
+  p.xsum = sums;
+  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1); });
+  return true;
+#else
+  (void)isa, (void)x, (void)group_size, (void)p;
+  return false;
+#endif
+}
+
 }  // namespace
 
 std::vector<std::string> lowbit_isas() {
@@ -326,7 +369,8 @@ std::string set_lowbit_isa(const std::string& name) {
       chosen().store(i);
       return "";
     }
-  return "isa must be one of generic, avx2, avx512, avx512_vnni, avx512_bf16, avx512_bf16_vbmi; got '" + name + "'";
+  return "isa must be one of generic, avx2, avx512, avx512_vnni, avx512_bf16, avx512_bf16_vbmi, avx512_amx; got '" +
+         name + "'";
 }
 
 bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
@@ -352,6 +396,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   if (dtype == kBFloat16) {
     p.y16 = static_cast<uint16_t*>(y);
     if (w8_vnni_rows(static_cast<const uint16_t*>(x), group_size, p)) return "";
+    if (amx_rows(isa, static_cast<const uint16_t*>(x), group_size, p)) return "";
   }
   if (lowbit_bf16_kernel(dtype, bits, group_size)) {
     bf16_activations(isa, static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
@@ -365,6 +410,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     if (fp32_rows_to_bf16(static_cast<const float*>(x), M, K, x16.data())) {
       p.y32 = static_cast<float*>(y);
       if (w8_vnni_rows(x16.data(), group_size, p)) return "";
+      if (amx_rows(isa, x16.data(), group_size, p)) return "";
       bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
       parallel_for(N, chunk_rows(N, M * K, bf16_panel_block(M, group_size)),
                    [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });

@@ -1,0 +1,246 @@
+// 4- and 8-bit codes x bf16 activations on CPUs with AMX (Intel Xeon from Sapphire Rapids on):
+// tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 fp32 sums, 16384
+// products per instruction, where AVX-512 BF16 does 32. On such a CPU torch's dense bf16
+// F.linear runs on these tiles through oneDNN, and the vector kernels fell 2-13x behind it from
+// M = 16 (bench/results/ops/README.md, session 45).
+//
+// The weight rows are the A operand: sixteen rows of 32 consecutive codes each, decoded from the
+// packed bytes into exact bf16 integers (a 4-bit pair is one byte: two nibbles looked up in a
+// 16-entry bf16 table; 8-bit codes go through fp32), 32 weight rows (two A tiles) at a time into
+// a buffer of the whole K that stays in L2. The activations are the B operand, rearranged once
+// per call into 1 KiB tiles of 16 pairs of k by 16 rows (the VNNI layout tdpbf16ps reads). Each
+// group's tile sums are taken out of the tiles and scaled: y += scale * sum(x * q) + zero *
+// sum(x), so the weight is never rounded (the op's 1e-3 promise for bf16 activations holds, as
+// for the vector bf16 kernels).
+//
+// Layouts: bits 4 and 8, K and the group size multiples of 32 (whole 32-code k-blocks per group).
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/half.h"
+#include "cpu/isa/transpose16.h"
+#include "cpu/lowbit_kernels.h"
+
+namespace sk {
+namespace isa_amx {
+namespace {
+
+constexpr int64_t kBlockK = 32;    // codes per k-block: one A tile row, 16 VNNI pairs of a B tile
+constexpr int64_t kPanelRows = 32;  // weight rows per panel: two A tiles
+constexpr int kTileBytes = 1024;
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-3: sums (A tile a, B tile b at 2 b + a); 4-5: weight rows; 6-7: activations.
+void load_tile_config() {
+  TileConfig c{};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+// One k-block of a 4-bit row: 16 bytes, code 2j in the low nibble of byte j, as bf16 integers.
+inline __m512i codes4(const uint8_t* src, __m512i table) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  // u16 lane 2j = low nibble of byte j, lane 2j + 1 = its high nibble: (b | b << 12) & 0x000f000f.
+  const __m512i idx = _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), _mm512_set1_epi32(0x000f000f));
+  return _mm512_permutexvar_epi16(idx, table);
+}
+
+// One k-block of an 8-bit row: 32 bytes, one code each.
+inline __m512i codes8(const uint8_t* src) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  const __m512 hi =
+      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lanes 0-15 from lo
+}
+
+// Blocks [kb0, kb1) of weight rows [n0, n0 + 32) as A tiles, [kb - kb0][32 rows][32 codes]; rows
+// past N are zeros.
+void decode_blocks(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
+  alignas(64) static const uint16_t bf16_of[32] = {  // bf16 of v & 15, for vpermw
+      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120,
+      0x4130, 0x4140, 0x4150, 0x4160, 0x4170, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0,
+      0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+  const __m512i table = _mm512_load_si512(bf16_of);
+  const int64_t rows = std::min(kPanelRows, p.N - n0), block_bytes = kBlockK * p.bits / 8;
+  for (int64_t r = 0; r < kPanelRows; ++r) {
+    uint16_t* dst = out + r * kBlockK;
+    const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes + kb0 * block_bytes;
+    for (int64_t kb = 0; kb < kb1 - kb0; ++kb) {
+      const __m512i codes = r >= rows ? _mm512_setzero_si512()
+                            : p.bits == 4 ? codes4(src + kb * block_bytes, table)
+                                          : codes8(src + kb * block_bytes);
+      _mm512_store_si512(dst + kb * kPanelRows * kBlockK, codes);
+    }
+  }
+}
+
+// One group's sums (k-blocks [0, blocks) of the decoded group w) for one panel and MTiles (1 or
+// 2) activation tiles from mt, into ctmp: tile 2 b + a holds weight rows 16 a + i by activation
+// rows 16 (mt + b) + j. With one activation tile, even and odd k-blocks go to separate tiles
+// (2 and 3, added after) so that consecutive tdpbf16ps do not wait on each other's sums.
+template <int MTiles>
+void group_sums(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
+                float* ctmp) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const uint16_t* wk = w + kb * kPanelRows * kBlockK;
+    const uint16_t* x = xtiles + ((kb0 + kb) * x_tiles + mt) * (kTileBytes / 2);
+    _tile_loadd(4, wk, 64);
+    _tile_loadd(5, wk + 16 * kBlockK, 64);
+    _tile_loadd(6, x, 64);
+    if (MTiles == 2) {
+      _tile_loadd(7, x + kTileBytes / 2, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    } else if (kb % 2 == 0) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+    } else {
+      _tile_dpbf16ps(2, 4, 6);
+      _tile_dpbf16ps(3, 5, 6);
+    }
+  }
+  _tile_stored(0, ctmp, 64);
+  _tile_stored(1, ctmp + 256, 64);
+  _tile_stored(2, ctmp + 512, 64);
+  _tile_stored(3, ctmp + 768, 64);
+  if (MTiles == 1)
+    for (int i = 0; i < 512; i += 16)
+      _mm512_store_ps(ctmp + i, _mm512_add_ps(_mm512_load_ps(ctmp + i), _mm512_load_ps(ctmp + 512 + i)));
+}
+
+}  // namespace
+
+bool available() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("amx-bf16") ||
+        !__builtin_cpu_supports("amx-tile"))
+      return false;
+    // Linux hands out the tile state (8 KiB per thread) only on request (ARCH_REQ_XCOMP_PERM,
+    // XFEATURE_XTILEDATA); without it the first tile instruction faults.
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+bool layout(int bits, int64_t group_size, int64_t K) {
+  return (bits == 4 || bits == 8) && group_size % kBlockK == 0 && K % kBlockK == 0;
+}
+
+int64_t activation_tiles(int64_t M) { return (M + 15) / 16; }
+
+void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+             uint16_t* tiles, float* xsum) {
+  const int64_t x_tiles = activation_tiles(M), blocks = K / kBlockK, G = K / group_size, Mp = 16 * x_tiles;
+  for (int64_t mt = m_tile0; mt < m_tile1; ++mt) {
+    for (int64_t m = mt * 16; m < mt * 16 + 16; ++m)
+      for (int64_t g = 0; g < G; ++g) xsum[g * Mp + m] = 0.f;
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      __m512i v[16];  // v[m] = row m's 16 pairs; transposed, v[j] = pair j of the 16 rows
+      __m512 sum = _mm512_setzero_ps();
+      for (int m = 0; m < 16; ++m) {
+        const int64_t row = mt * 16 + m;
+        v[m] = row < M ? _mm512_loadu_si512(x + row * K + kb * kBlockK) : _mm512_setzero_si512();
+      }
+      transpose16(v);
+      for (int j = 0; j < 16; ++j) {  // lane m of pair j: bf16 of k = 2j (low half) and 2j + 1
+        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(v[j], 16));
+        const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(v[j], _mm512_set1_epi32(int(0xffff0000u))));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
+        _mm512_store_si512(tiles + (kb * x_tiles + mt) * (kTileBytes / 2) + j * 32, v[j]);
+      }
+      float* s = xsum + (kb * kBlockK / group_size) * Mp + mt * 16;
+      _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), sum));
+    }
+  }
+}
+
+void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
+  const int64_t per_group = p.group_size / kBlockK;
+  thread_local AlignedVector<uint16_t> wgroup;
+  thread_local AlignedVector<float> acc, scale, zero;
+  alignas(64) float ctmp[4 * 256];
+  wgroup.resize(kPanelRows * p.group_size);
+  acc.resize(kPanelRows * Mp);
+  scale.resize(kPanelRows * G);
+  zero.resize(kPanelRows * G);
+  load_tile_config();
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, p.N - n0);
+    const int64_t at = n0 * G * dtype_size(p.scale_dtype);
+    to_float(static_cast<const uint8_t*>(p.scale) + at, p.scale_dtype, rows * G, scale.data());
+    to_float(static_cast<const uint8_t*>(p.zero) + at, p.scale_dtype, rows * G, zero.data());
+    std::fill(scale.begin() + rows * G, scale.end(), 0.f);
+    std::fill(zero.begin() + rows * G, zero.end(), 0.f);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      // The group's codes are decoded once into L1 and serve every activation tile.
+      decode_blocks(p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
+      for (int64_t mt = 0; mt < x_tiles; mt += 2) {
+        const int tiles = x_tiles - mt >= 2 ? 2 : 1;
+        if (tiles == 2)
+          group_sums<2>(wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
+        else
+          group_sums<1>(wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
+        for (int b = 0; b < tiles; ++b) {
+          const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16);
+          for (int a = 0; a < 2; ++a)
+            for (int i = 0; i < 16; ++i) {
+              const int64_t r = 16 * a + i;
+              float* dst = acc.data() + r * Mp + (mt + b) * 16;
+              const __m512 c = _mm512_load_ps(ctmp + (2 * b + a) * 256 + i * 16);
+              __m512 v = _mm512_fmadd_ps(c, _mm512_set1_ps(scale[r * G + g]), _mm512_loadu_ps(dst));
+              v = _mm512_fmadd_ps(xs, _mm512_set1_ps(zero[r * G + g]), v);
+              _mm512_storeu_ps(dst, v);
+            }
+        }
+      }
+    }
+    // acc [weight row][activation row] to y [activation row][weight row], 16 x 16 at a time.
+    for (int a = 0; a * 16 < rows; ++a) {
+      const int64_t nr = std::min<int64_t>(16, rows - 16 * a);
+      const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+      const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(keep, p.bias + n0 + 16 * a) : _mm512_setzero_ps();
+      for (int64_t mt = 0; mt < x_tiles; ++mt) {
+        __m512i v[16];
+        for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(acc.data() + (16 * a + i) * Mp + mt * 16);
+        transpose16(v);
+        for (int64_t j = 0; j < 16 && mt * 16 + j < M; ++j) {
+          const int64_t m = mt * 16 + j;
+          const __m512 y = _mm512_add_ps(_mm512_castsi512_ps(v[j]), bias);
+          if (p.y32) {
+            _mm512_mask_storeu_ps(p.y32 + m * p.N + n0 + 16 * a, keep, y);
+          } else {
+            const __m256i h = (__m256i)_mm512_cvtneps_pbh(y);
+            _mm256_mask_storeu_epi16(p.y16 + m * p.N + n0 + 16 * a, keep, h);
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace isa_amx
+}  // namespace sk
