@@ -851,6 +851,29 @@ def test_lowbit_amx_fp32_rows_under_medium_precision(amx_isa, fp32_precision, bi
     assert _rel_err(y, want64) <= 1e-5
 
 
+@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("m", (5, 17, 40))
+def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m):
+    # fp32 activations ("highest" precision) take the tiles as three bf16 parts per row: each row
+    # within the fp32 promise, also a row of 1e-37 (its parts would be subnormal, which the tiles
+    # read as zero: such a call runs on the fp32 kernels) and one of 1e30.
+    g = _gen(70 + bits + m)
+    qw = quantize_weight(torch.randn(45, 576, generator=g), bits, 64)
+    w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, 64, 576)
+    b = torch.randn(45, generator=g)
+    for scale in (None, 1e-37, 1e30):
+        x = torch.randn(m, 576, generator=g)
+        if scale is not None:
+            x[m // 2] *= scale
+        y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, b)
+        want = x.double() @ w64.T + b.double()
+        row_err = ((y.double() - want).norm(dim=1) / want.norm(dim=1)).max()
+        assert row_err <= TOL[torch.float32], scale
+    x[1, 3] = float("nan")  # the fp32 kernels carry it: that row's outputs only
+    y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, None)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[torch.arange(m) != 1]).all()
+
+
 def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     # 2/3-bit codes, groups of 16 codes and M below the switch stay on the vector kernels: their
     # fp32 sums differ from the tiles' in the last bits, so which path ran shows in the fp32 output

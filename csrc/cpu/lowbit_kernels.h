@@ -196,6 +196,11 @@ int64_t activation_tiles(int64_t M);
 // each group, for tiles [m_tile0, m_tile1).
 void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
              uint16_t* tiles, float* xsum);
+// fp32 rows [m0, m1) of x [M, K] as `parts` bf16 rows each into out [M * parts, K] (row m * parts + j:
+// part j, each the rounding error of the ones before; the sum is x to within 2^-27 of each value
+// for three). False where a value is not finite, a first part overflows bf16, or a row's nonzero
+// values all lie below 2^-64 (the tiles read subnormal inputs as zero, and its later parts are).
+bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int parts, uint16_t* out);
 // Weight rows [n_begin, n_end) (n_begin a multiple of 32) of p with p.x16 and p.xsum from prepare();
 // writes p.y32 where set, else p.y16, bias added.
 void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);

@@ -322,13 +322,13 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
 // bf16 kernels were faster (their time grows with M, the tiles' hardly does up to 16 rows). Intel
 // Xeon (AMX-BF16), bf16 activations, 4096 x 4096, 1536 x 576, 576 x 1536, 4864 x 896: W4 at M = 4
 // 0.92-1.0x the vector kernels' speed, at M = 6 1.4-2.4x; W8 at M = 3 0.85-0.97x, at M = 4 1.1-1.2x.
-inline int64_t amx_min_rows(int bits) { return bits == 8 ? 4 : 5; }
+// fp32 rows go as three bf16 parts each (amx_fp32_rows): there W8 at M = 4 was 0.82-1.0x the
+// fp32 kernels' speed, and from M = 5 1.1-2.6x at both widths (M = 16: 1.4-2.7x, M = 64 1.4-2.6x).
+inline int64_t amx_min_rows(int bits, bool fp32_parts) { return bits == 8 && !fp32_parts ? 4 : 5; }
 
-// The AMX path for bf16 activations x [M, K], output and bias already in p: false where the ISA,
-// M or the layout do not allow it.
-bool amx_rows(const Isa& isa, const uint16_t* x, int64_t group_size, LowbitProblem& p) {
 #if defined(SK_HAVE_AMX)
-  if (!isa.amx || p.M < amx_min_rows(p.bits) || !isa_amx::layout(p.bits, group_size, p.K)) return false;
+// bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p.
+void amx_linear(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
   const int64_t tiles = isa_amx::activation_tiles(p.M);
   thread_local AlignedVector<uint16_t> xt;
   thread_local AlignedVector<float> xsum;
@@ -342,9 +342,69 @@ bool amx_rows(const Isa& isa, const uint16_t* x, int64_t group_size, LowbitProbl
   p.x16 = tiles_out;
   p.xsum = sums;
   parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1); });
+}
+#endif
+
+// Whether the AMX tiles take this call (the ISA, M and the layout), for bf16 activation rows or
+// fp32 rows sent as bf16 parts.
+bool amx_takes(const Isa& isa, const LowbitProblem& p, bool fp32_parts) {
+#if defined(SK_HAVE_AMX)
+  return isa.amx && p.M >= amx_min_rows(p.bits, fp32_parts) && isa_amx::layout(p.bits, p.group_size, p.K);
+#else
+  (void)isa, (void)p, (void)fp32_parts;
+  return false;
+#endif
+}
+
+// The AMX path for bf16 activations x [M, K], output and bias already in p: false where
+// amx_takes does not hold.
+bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
+#if defined(SK_HAVE_AMX)
+  if (!amx_takes(isa, p, false)) return false;
+  amx_linear(x, p.group_size, p);
   return true;
 #else
-  (void)isa, (void)x, (void)group_size, (void)p;
+  (void)isa, (void)x, (void)p;
+  return false;
+#endif
+}
+
+// fp32 activations x [M, K] on the AMX tiles as kFp32Parts bf16 rows each (as one fp32 row goes
+// to the vector bf16 kernels, split_fp32_row), the parts' results added: within the fp32 kernels'
+// error (1e-5), at the tiles' speed. False where amx_takes does not hold, or a row has a value the
+// parts cannot carry (isa_amx::split_fp32_rows; the fp32 kernels then run).
+bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
+#if defined(SK_HAVE_AMX)
+  if (!amx_takes(isa, p, true)) return false;
+  const int64_t M = p.M, K = p.K, N = p.N;
+  thread_local AlignedVector<uint16_t> parts;
+  thread_local AlignedVector<float> part_y;
+  parts.resize(kFp32Parts * M * K);
+  uint16_t* xp = parts.data();
+  std::atomic<bool> ok{true};
+  parallel_for(M, std::max<int64_t>(1, kPrepareChunkValues / K), [&](int64_t m0, int64_t m1) {
+    if (!isa_amx::split_fp32_rows(static_cast<const float*>(x), m0, m1, K, kFp32Parts, xp)) ok = false;
+  });
+  if (!ok) return false;
+  part_y.resize(kFp32Parts * M * N);
+  float* py = part_y.data();
+  LowbitProblem q = p;
+  q.M = kFp32Parts * M;
+  q.y32 = py;
+  q.y16 = nullptr;
+  q.bias = nullptr;
+  amx_linear(xp, p.group_size, q);
+  const float* bias = p.bias;
+  parallel_for(M, std::max<int64_t>(1, kPrepareChunkValues / N), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* part = py + m * kFp32Parts * N;  // smallest part first
+      for (int64_t n = 0; n < N; ++n)
+        y[m * N + n] = part[n] + (part[N + n] + part[2 * N + n]) + (bias ? bias[n] : 0.f);
+    }
+  });
+  return true;
+#else
+  (void)isa, (void)x, (void)p, (void)y;
   return false;
 #endif
 }
@@ -396,7 +456,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   if (dtype == kBFloat16) {
     p.y16 = static_cast<uint16_t*>(y);
     if (w8_vnni_rows(static_cast<const uint16_t*>(x), group_size, p)) return "";
-    if (amx_rows(isa, static_cast<const uint16_t*>(x), group_size, p)) return "";
+    if (amx_rows(isa, static_cast<const uint16_t*>(x), p)) return "";
   }
   if (lowbit_bf16_kernel(dtype, bits, group_size)) {
     bf16_activations(isa, static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
@@ -410,13 +470,14 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     if (fp32_rows_to_bf16(static_cast<const float*>(x), M, K, x16.data())) {
       p.y32 = static_cast<float*>(y);
       if (w8_vnni_rows(x16.data(), group_size, p)) return "";
-      if (amx_rows(isa, x16.data(), group_size, p)) return "";
+      if (amx_rows(isa, x16.data(), p)) return "";
       bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
       parallel_for(N, chunk_rows(N, M * K, bf16_panel_block(M, group_size)),
                    [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
       return "";
     }
   }
+  if (dtype == kFloat32 && amx_fp32_rows(isa, static_cast<const float*>(x), p, static_cast<float*>(y))) return "";
   if (dtype == kFloat32 && M == 1 && bits < 8 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
     thread_local AlignedVector<uint16_t> parts;
     parts.resize(kFp32Parts * K);

@@ -175,6 +175,29 @@ void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_
   }
 }
 
+bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int parts, uint16_t* out) {
+  const __m512 tiny = _mm512_set1_ps(0x1p-64f);
+  for (int64_t m = m0; m < m1; ++m) {
+    __mmask16 bad = 0, big = 0, nonzero = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 keep = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
+      __m512 rest = _mm512_maskz_loadu_ps(keep, x + m * K + k);
+      const __m512 mag = _mm512_abs_ps(rest);
+      big |= _mm512_cmp_ps_mask(mag, tiny, _CMP_GE_OQ);
+      nonzero |= _mm512_cmp_ps_mask(mag, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      for (int j = 0; j < parts; ++j) {
+        const __m256i part = (__m256i)_mm512_cvtneps_pbh(rest);
+        _mm256_mask_storeu_epi16(out + ((m * parts) + j) * K + k, keep, part);
+        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(part), 16));
+        if (j == 0) bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(back), _mm512_set1_ps(3.4e38f), _CMP_NLE_UQ);
+        rest = _mm512_sub_ps(rest, back);
+      }
+    }
+    if (bad || (nonzero && !big)) return false;
+  }
+  return true;
+}
+
 void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
   const int64_t per_group = p.group_size / kBlockK;
