@@ -840,6 +840,23 @@ def test_lowbit_amx_tiles(amx_isa, bits, group, k, m):
         assert _rel_err(y, want64) <= _rel_err(want64.bfloat16(), want64) + 1e-4, n
 
 
+@pytest.mark.parametrize("bits,group,k", [(4, 32, 576), (8, 128, 1024), (4, 64, 2112)])
+def test_lowbit_amx_scaled_tiles_from_256_rows(amx_isa, fp32_precision, bits, group, k):
+    # From 256 bf16 rows (kBf16ScaledPanelMinRows, as the vector bf16 kernels) the tiles hold W
+    # dequantised to bf16 and sum over the whole K: the result is x @ bf16(W)^T with fp32 sums; 255
+    # rows keep the exact codes. fp32 rows under "medium" give the fp32 sums themselves.
+    x, qw, b = _lowbit_case(70, k, 257, bits, group, torch.bfloat16, bias=True, seed=bits + group + k)
+    y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
+    below = _bf16_kernel_on_poisoned_output(x[:255], qw, b, bits, group)
+    want16, want64 = _lowbit_want64_bf16_weight(x, qw, b), _lowbit_want64(x, qw, b)
+    assert _rel_err(y, want16) <= _rel_err(want16.bfloat16(), want16) + 2e-4
+    assert _rel_err(y, want64) <= TOL[torch.bfloat16]
+    assert _rel_err(below, want64[:255]) <= _rel_err(want64[:255].bfloat16(), want64[:255]) + 1e-4
+    fp32_precision("medium")
+    y32 = cpp.lowbit_linear(x.float(), qw.qweight, qw.scale, qw.zero, bits, group, b.float())
+    assert _rel_err(y32, want16) <= 3e-5
+
+
 @pytest.mark.parametrize("bits", (4, 8))
 def test_lowbit_amx_fp32_rows_under_medium_precision(amx_isa, fp32_precision, bits):
     # fp32 activations under torch's "medium" precision are rounded to bf16 and take the tiles

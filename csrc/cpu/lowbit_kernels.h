@@ -202,8 +202,10 @@ void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_
 // values all lie below 2^-64 (the tiles read subnormal inputs as zero, and its later parts are).
 bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int parts, uint16_t* out);
 // Weight rows [n_begin, n_end) (n_begin a multiple of 32) of p with p.x16 and p.xsum from prepare();
-// writes p.y32 where set, else p.y16, bias added.
-void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
+// writes p.y32 where set, else p.y16, bias added. `scaled`: the weight dequantised to bf16 (q *
+// scale + zero rounded, as a dense bf16 F.linear multiplies it) and summed over the whole K,
+// instead of exact codes with each group's sums scaled in fp32.
+void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled);
 }
 namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
 // AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from one row x [K] bf16

@@ -8,7 +8,8 @@
 //   point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
 //   tiles, bits 4/8 with K and groups multiples of 32, from 5 rows (W4) or 4 (W8): exact codes
-//   x bf16 with tdpbf16ps, each group's sums scaled in fp32 (isa/lowbit_amx.cpp);
+//   x bf16 with tdpbf16ps, each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to
+//   bf16, as below), fp32 activations from 5 rows as three bf16 parts (isa/lowbit_amx.cpp);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
@@ -327,8 +328,9 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
 inline int64_t amx_min_rows(int bits, bool fp32_parts) { return bits == 8 && !fp32_parts ? 4 : 5; }
 
 #if defined(SK_HAVE_AMX)
-// bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p.
-void amx_linear(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
+// bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
+// isa_amx::rows.
+void amx_linear(const uint16_t* x, int64_t group_size, LowbitProblem& p, bool scaled) {
   const int64_t tiles = isa_amx::activation_tiles(p.M);
   thread_local AlignedVector<uint16_t> xt;
   thread_local AlignedVector<float> xsum;
@@ -341,7 +343,7 @@ void amx_linear(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
   });
   p.x16 = tiles_out;
   p.xsum = sums;
-  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1); });
+  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1, scaled); });
 }
 #endif
 
@@ -361,7 +363,8 @@ bool amx_takes(const Isa& isa, const LowbitProblem& p, bool fp32_parts) {
 bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 #if defined(SK_HAVE_AMX)
   if (!amx_takes(isa, p, false)) return false;
-  amx_linear(x, p.group_size, p);
+  // From kBf16ScaledPanelMinRows rows the weight is rounded to bf16, as the vector bf16 kernels do.
+  amx_linear(x, p.group_size, p, p.M >= kBf16ScaledPanelMinRows);
   return true;
 #else
   (void)isa, (void)x, (void)p;
@@ -393,7 +396,7 @@ bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
   q.y32 = py;
   q.y16 = nullptr;
   q.bias = nullptr;
-  amx_linear(xp, p.group_size, q);
+  amx_linear(xp, p.group_size, q, false);
   const float* bias = p.bias;
   parallel_for(M, std::max<int64_t>(1, kPrepareChunkValues / N), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {

@@ -87,6 +87,39 @@ void decode_blocks(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1,
   }
 }
 
+// Weight rows [n0, n0 + 32) dequantised to bf16 (q * scale + zero rounded, as a dense bf16
+// F.linear has them) as A tiles of the whole K, [K / 32][32 rows][32 values]; rows past N zeros.
+void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const float* zero, uint16_t* out) {
+  alignas(64) static const uint16_t interleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pairs = _mm512_load_si512(interleave);
+  const int64_t rows = std::min(kPanelRows, p.N - n0), blocks = p.K / kBlockK, block_bytes = kBlockK * p.bits / 8;
+  const int64_t per_group = p.group_size / kBlockK;
+  for (int64_t r = 0; r < kPanelRows; ++r) {
+    uint16_t* dst = out + r * kBlockK;
+    const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes;
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      __m512i w = _mm512_setzero_si512();
+      if (r < rows) {
+        const int64_t g = kb / per_group;
+        const __m512 s = _mm512_set1_ps(scale[r * p.G + g]), z = _mm512_set1_ps(zero[r * p.G + g]);
+        const uint8_t* b = src + kb * block_bytes;
+        const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+        if (p.bits == 4) {  // natural order: low nibble of byte j is code 2j
+          const __m512 even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(lo, _mm512_set1_epi32(15))), s, z);
+          const __m512 odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(lo, 4)), s, z);
+          w = _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+        } else {
+          const __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+          w = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s, z),
+                                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), s, z));
+        }
+      }
+      _mm512_store_si512(dst + kb * kPanelRows * kBlockK, w);
+    }
+  }
+}
+
 // One group's sums (k-blocks [0, blocks) of the decoded group w) for one panel and MTiles (1 or
 // 2) activation tiles from mt, into ctmp: tile 2 b + a holds weight rows 16 a + i by activation
 // rows 16 (mt + b) + j. With one activation tile, even and odd k-blocks go to separate tiles
@@ -198,13 +231,13 @@ bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int part
   return true;
 }
 
-void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled) {
   const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
   const int64_t per_group = p.group_size / kBlockK;
   thread_local AlignedVector<uint16_t> wgroup;
   thread_local AlignedVector<float> acc, scale, zero;
   alignas(64) float ctmp[4 * 256];
-  wgroup.resize(kPanelRows * p.group_size);
+  wgroup.resize(kPanelRows * (scaled ? p.K : p.group_size));
   acc.resize(kPanelRows * Mp);
   scale.resize(kPanelRows * G);
   zero.resize(kPanelRows * G);
@@ -217,7 +250,21 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     std::fill(scale.begin() + rows * G, scale.end(), 0.f);
     std::fill(zero.begin() + rows * G, zero.end(), 0.f);
     std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t g = 0; g < G; ++g) {
+    if (scaled) {  // the panel's whole K once, each activation tile's sums straight to acc
+      decode_scaled(p, n0, scale.data(), zero.data(), wgroup.data());
+      for (int64_t mt = 0; mt < x_tiles; mt += 2) {
+        const int tiles = x_tiles - mt >= 2 ? 2 : 1;
+        if (tiles == 2)
+          group_sums<2>(wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
+        else
+          group_sums<1>(wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
+        for (int b = 0; b < tiles; ++b)
+          for (int64_t r = 0; r < kPanelRows; ++r)
+            _mm512_storeu_ps(acc.data() + r * Mp + (mt + b) * 16,
+                             _mm512_load_ps(ctmp + (2 * b + r / 16) * 256 + r % 16 * 16));
+      }
+    }
+    for (int64_t g = 0; g < G && !scaled; ++g) {
       // The group's codes are decoded once into L1 and serve every activation tile.
       decode_blocks(p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
