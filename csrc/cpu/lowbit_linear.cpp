@@ -330,7 +330,7 @@ inline int64_t amx_min_rows(int bits, bool fp32_parts) { return bits == 8 && !fp
 #if defined(SK_HAVE_AMX)
 // bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
 // isa_amx::rows.
-void amx_linear(const uint16_t* x, int64_t group_size, LowbitProblem& p, bool scaled) {
+void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled) {
   const int64_t tiles = isa_amx::activation_tiles(p.M);
   thread_local AlignedVector<uint16_t> xt;
   thread_local AlignedVector<float> xsum;
@@ -339,7 +339,7 @@ void amx_linear(const uint16_t* x, int64_t group_size, LowbitProblem& p, bool sc
   uint16_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
   float* sums = xsum.data();
   parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
-    isa_amx::prepare(x, p.M, p.K, group_size, t0, t1, tiles_out, sums);
+    isa_amx::prepare(x, p.M, p.K, p.group_size, t0, t1, tiles_out, sums);
   });
   p.x16 = tiles_out;
   p.xsum = sums;
@@ -364,7 +364,7 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 #if defined(SK_HAVE_AMX)
   if (!amx_takes(isa, p, false)) return false;
   // From kBf16ScaledPanelMinRows rows the weight is rounded to bf16, as the vector bf16 kernels do.
-  amx_linear(x, p.group_size, p, p.M >= kBf16ScaledPanelMinRows);
+  amx_linear(x, p, p.M >= kBf16ScaledPanelMinRows);
   return true;
 #else
   (void)isa, (void)x, (void)p;
@@ -386,7 +386,7 @@ bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
   uint16_t* xp = parts.data();
   std::atomic<bool> ok{true};
   parallel_for(M, std::max<int64_t>(1, kPrepareChunkValues / K), [&](int64_t m0, int64_t m1) {
-    if (!isa_amx::split_fp32_rows(static_cast<const float*>(x), m0, m1, K, kFp32Parts, xp)) ok = false;
+    if (!isa_amx::split_fp32_rows(x, m0, m1, K, kFp32Parts, xp)) ok = false;
   });
   if (!ok) return false;
   part_y.resize(kFp32Parts * M * N);
@@ -396,7 +396,7 @@ bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
   q.y32 = py;
   q.y16 = nullptr;
   q.bias = nullptr;
-  amx_linear(xp, p.group_size, q, false);
+  amx_linear(xp, q, false);
   const float* bias = p.bias;
   parallel_for(M, std::max<int64_t>(1, kPrepareChunkValues / N), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {

@@ -1,17 +1,19 @@
 // 4- and 8-bit codes x bf16 activations on CPUs with AMX (Intel Xeon from Sapphire Rapids on):
 // tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 fp32 sums, 16384
 // products per instruction, where AVX-512 BF16 does 32. On such a CPU torch's dense bf16
-// F.linear runs on these tiles through oneDNN, and the vector kernels fell 2-13x behind it from
+// F.linear runs on these tiles through oneDNN, and the vector kernels fell 2-9x behind it from
 // M = 16 (bench/results/ops/README.md, session 45).
 //
 // The weight rows are the A operand: sixteen rows of 32 consecutive codes each, decoded from the
 // packed bytes into exact bf16 integers (a 4-bit pair is one byte: two nibbles looked up in a
-// 16-entry bf16 table; 8-bit codes go through fp32), 32 weight rows (two A tiles) at a time into
-// a buffer of the whole K that stays in L2. The activations are the B operand, rearranged once
-// per call into 1 KiB tiles of 16 pairs of k by 16 rows (the VNNI layout tdpbf16ps reads). Each
-// group's tile sums are taken out of the tiles and scaled: y += scale * sum(x * q) + zero *
-// sum(x), so the weight is never rounded (the op's 1e-3 promise for bf16 activations holds, as
-// for the vector bf16 kernels).
+// 16-entry bf16 table; 8-bit codes go through fp32), one group of 32 weight rows (two A tiles)
+// at a time into L1, where it serves every activation tile. The activations are the B operand,
+// rearranged once per call into 1 KiB tiles of 16 pairs of k by 16 rows (the VNNI layout
+// tdpbf16ps reads). Each group's tile sums are taken out of the tiles and scaled: y += scale *
+// sum(x * q) + zero * sum(x), so the weight is never rounded (the op's 1e-3 promise for bf16
+// activations holds, and fp32 rows sent as three bf16 parts keep the fp32 one). From 256 bf16
+// rows (`scaled`) a panel's whole K is dequantised to bf16 instead and summed with no per-group
+// step, as the vector kernels' scaled panels do.
 //
 // Layouts: bits 4 and 8, K and the group size multiples of 32 (whole 32-code k-blocks per group).
 #include <immintrin.h>
@@ -19,7 +21,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "common/half.h"
 #include "cpu/isa/transpose16.h"
@@ -120,12 +121,12 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const
   }
 }
 
-// One group's sums (k-blocks [0, blocks) of the decoded group w) for one panel and MTiles (1 or
-// 2) activation tiles from mt, into ctmp: tile 2 b + a holds weight rows 16 a + i by activation
+// Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on: one group, or a scaled
+// panel's whole K) for one panel and MTiles (1 or 2) activation tiles from mt, into ctmp: tile 2 b + a holds weight rows 16 a + i by activation
 // rows 16 (mt + b) + j. With one activation tile, even and odd k-blocks go to separate tiles
 // (2 and 3, added after) so that consecutive tdpbf16ps do not wait on each other's sums.
 template <int MTiles>
-void group_sums(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
+void tile_sums(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
                 float* ctmp) {
   _tile_zero(0);
   _tile_zero(1);
@@ -255,9 +256,9 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled) {
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
         if (tiles == 2)
-          group_sums<2>(wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
+          tile_sums<2>(wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
         else
-          group_sums<1>(wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
+          tile_sums<1>(wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
         for (int b = 0; b < tiles; ++b)
           for (int64_t r = 0; r < kPanelRows; ++r)
             _mm512_storeu_ps(acc.data() + r * Mp + (mt + b) * 16,
@@ -270,9 +271,9 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled) {
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
         if (tiles == 2)
-          group_sums<2>(wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
+          tile_sums<2>(wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
         else
-          group_sums<1>(wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
+          tile_sums<1>(wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
         for (int b = 0; b < tiles; ++b) {
           const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16);
           for (int a = 0; a < 2; ++a)
