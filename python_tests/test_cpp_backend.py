@@ -825,7 +825,7 @@ def amx_isa():
     cpp._C.set_lowbit_isa(default)
 
 
-# 4/8-bit codes from 4 (W8) or 5 (W4) bf16 activation rows on AMX tiles: exact codes with each
+# 4/8-bit codes from 5 bf16 activation rows on AMX tiles: exact codes with each
 # group's sums scaled in fp32, so within the bf16 output's own rounding of float64. N in one
 # partial 32-row panel, past whole panels, several panels; M on both sides of the switch and of
 # whole 16-row tiles; groups of one to four 32-code blocks; fresh data each case.
@@ -903,7 +903,7 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
         return y
 
     vector = "avx512_bf16_vbmi" if "avx512_bf16_vbmi" in cpp._C.lowbit_isas() else "avx512_bf16"
-    for bits, group, m, tiles in ((4, 128, 5, True), (4, 128, 4, False), (8, 128, 4, True), (8, 128, 3, False),
+    for bits, group, m, tiles in ((4, 128, 5, True), (4, 128, 4, False), (8, 128, 5, True), (8, 128, 4, False),
                                   (2, 128, 16, False), (3, 128, 16, False), (4, 16, 16, False)):
         x, qw, _ = _lowbit_case(64, 512, m, bits, group, torch.float32, bias=False, seed=bits + m)
         x = x.bfloat16().float()

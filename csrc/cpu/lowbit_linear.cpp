@@ -7,7 +7,7 @@
 //   whole 64-byte chunks (lowbit_w8_vnni): the row as three signed bytes of a per-group 22-bit fixed
 //   point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
-//   tiles, bits 4/8 with K and groups multiples of 32, from 5 rows (W4) or 4 (W8): exact codes
+//   tiles, bits 4/8 with K and groups multiples of 32, from 5 rows: exact codes
 //   x bf16 with tdpbf16ps, each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to
 //   bf16, as below), fp32 activations from 5 rows as three bf16 parts (isa/lowbit_amx.cpp);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
@@ -46,7 +46,7 @@ struct Isa {
   const Int8Kernels* int8;
   bool w8_vnni;  // the 8-bit VNNI path (isa/lowbit_w8_vnni.cpp) for bf16 activations
   bool bf16_w3;  // bf16_rows takes 3-bit codes (built with VBMI)
-  bool amx = false;  // 4/8-bit codes from amx_min_rows bf16 activation rows on AMX tiles (isa/lowbit_amx.cpp)
+  bool amx = false;  // 4/8-bit codes from kAmxMinRows activation rows on AMX tiles (isa/lowbit_amx.cpp)
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -320,12 +320,13 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
 }
 
 // Activation rows from which AMX tiles take 4/8-bit codes (isa/lowbit_amx.cpp): below, the vector
-// bf16 kernels were faster (their time grows with M, the tiles' hardly does up to 16 rows). Intel
-// Xeon (AMX-BF16), bf16 activations, 4096 x 4096, 1536 x 576, 576 x 1536, 4864 x 896: W4 at M = 4
-// 0.92-1.0x the vector kernels' speed, at M = 6 1.4-2.4x; W8 at M = 3 0.85-0.97x, at M = 4 1.1-1.2x.
-// fp32 rows go as three bf16 parts each (amx_fp32_rows): there W8 at M = 4 was 0.82-1.0x the
-// fp32 kernels' speed, and from M = 5 1.1-2.6x at both widths (M = 16: 1.4-2.7x, M = 64 1.4-2.6x).
-inline int64_t amx_min_rows(int bits, bool fp32_parts) { return bits == 8 && !fp32_parts ? 4 : 5; }
+// kernels were faster (their time grows with M, the tiles' hardly does up to 16 rows). Intel Xeon
+// (AMX-BF16), 4096 x 4096, 1536 x 576, 576 x 1536, 4864 x 896, bf16 rows: W4 at M = 4 0.92-1.0x
+// the vector kernels' speed, at M = 6 1.4-2.4x; W8 at M = 4 1.1-1.2x warm, but in the interleaved
+// table (each call's weights out of cache) 1.2-1.5x slower than the vector kernels had been. fp32
+// rows as three bf16 parts each (amx_fp32_rows): at M = 4 0.82-1.0x the fp32 kernels' speed, from
+// M = 5 1.1-2.6x (bench/results/ops/s45/experiments.txt).
+constexpr int64_t kAmxMinRows = 5;
 
 #if defined(SK_HAVE_AMX)
 // bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
@@ -347,13 +348,12 @@ void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled) {
 }
 #endif
 
-// Whether the AMX tiles take this call (the ISA, M and the layout), for bf16 activation rows or
-// fp32 rows sent as bf16 parts.
-bool amx_takes(const Isa& isa, const LowbitProblem& p, bool fp32_parts) {
+// Whether the AMX tiles take this call (the ISA, M and the layout).
+bool amx_takes(const Isa& isa, const LowbitProblem& p) {
 #if defined(SK_HAVE_AMX)
-  return isa.amx && p.M >= amx_min_rows(p.bits, fp32_parts) && isa_amx::layout(p.bits, p.group_size, p.K);
+  return isa.amx && p.M >= kAmxMinRows && isa_amx::layout(p.bits, p.group_size, p.K);
 #else
-  (void)isa, (void)p, (void)fp32_parts;
+  (void)isa, (void)p;
   return false;
 #endif
 }
@@ -362,7 +362,7 @@ bool amx_takes(const Isa& isa, const LowbitProblem& p, bool fp32_parts) {
 // amx_takes does not hold.
 bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 #if defined(SK_HAVE_AMX)
-  if (!amx_takes(isa, p, false)) return false;
+  if (!amx_takes(isa, p)) return false;
   // From kBf16ScaledPanelMinRows rows the weight is rounded to bf16, as the vector bf16 kernels do.
   amx_linear(x, p, p.M >= kBf16ScaledPanelMinRows);
   return true;
@@ -378,7 +378,7 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 // parts cannot carry (isa_amx::split_fp32_rows; the fp32 kernels then run).
 bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
 #if defined(SK_HAVE_AMX)
-  if (!amx_takes(isa, p, true)) return false;
+  if (!amx_takes(isa, p)) return false;
   const int64_t M = p.M, K = p.K, N = p.N;
   thread_local AlignedVector<uint16_t> parts;
   thread_local AlignedVector<float> part_y;
