@@ -388,13 +388,17 @@ def _needs_bf16_kernels() -> None:
         pytest.skip("this CPU has no AVX-512 BF16: the bf16 kernels never run here")
 
 
+def _best_vector_bf16_isa() -> str:
+    """The best AVX-512 BF16 instruction set without AMX tiles (VBMI adds the 3-bit kernels)."""
+    return "avx512_bf16_vbmi" if "avx512_bf16_vbmi" in cpp._C.lowbit_isas() else "avx512_bf16"
+
+
 @pytest.fixture
 def vector_bf16_isa():
     """The vector bf16 kernels (the best AVX-512 BF16 set without AMX tiles) for the test body."""
     default = cpp._C.lowbit_isa()
-    isas = cpp._C.lowbit_isas()
-    if "avx512_bf16" in isas:
-        cpp._C.set_lowbit_isa("avx512_bf16_vbmi" if "avx512_bf16_vbmi" in isas else "avx512_bf16")
+    if "avx512_bf16" in cpp._C.lowbit_isas():
+        cpp._C.set_lowbit_isa(_best_vector_bf16_isa())
     yield
     cpp._C.set_lowbit_isa(default)
 
@@ -902,7 +906,7 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
                              qw.scale.data_ptr(), qw.zero.data_ptr(), 0, bits, group, 0, y.data_ptr(), True)
         return y
 
-    vector = "avx512_bf16_vbmi" if "avx512_bf16_vbmi" in cpp._C.lowbit_isas() else "avx512_bf16"
+    vector = _best_vector_bf16_isa()
     for bits, group, m, tiles in ((4, 128, 5, True), (4, 128, 4, False), (8, 128, 5, True), (8, 128, 4, False),
                                   (2, 128, 16, False), (3, 128, 16, False), (4, 16, 16, False)):
         x, qw, _ = _lowbit_case(64, 512, m, bits, group, torch.float32, bias=False, seed=bits + m)
@@ -970,7 +974,7 @@ def test_one_fp32_row_runs_as_bf16_parts_on_the_bf16_kernels(each_isa, bits, gro
     # as the fp32 kernels (far inside 1e-5 with the fine decode; 2-bit sums missed it with the
     # bf16 path's offset of 128), but not their summation, so the two results are not identical.
     _needs_bf16_kernels()
-    best = "avx512_bf16_vbmi" if "avx512_bf16_vbmi" in each_isa else "avx512_bf16"
+    best = _best_vector_bf16_isa()
     if bits == 3 and best != "avx512_bf16_vbmi":
         pytest.skip("3-bit codes take the bf16 kernels only with VBMI")
     worst = 0.0
@@ -1012,7 +1016,7 @@ def test_fp32_rows_as_bf16_where_torch_precision_allows(each_isa, fp32_precision
     # the result is the exact product of the rounded activations (so neither the exact
     # activations' nor a bf16 output's), in the bf16 kernels' dot form and panel (M >= 5) alike.
     _needs_bf16_kernels()
-    best = "avx512_bf16_vbmi" if "avx512_bf16_vbmi" in each_isa else "avx512_bf16"
+    best = _best_vector_bf16_isa()
     if bits == 3 and best != "avx512_bf16_vbmi":
         pytest.skip("3-bit codes take the bf16 kernels only with VBMI")
     cpp._C.set_lowbit_isa(best)

@@ -122,12 +122,12 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const
 }
 
 // Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on: one group, or a scaled
-// panel's whole K) for one panel and MTiles (1 or 2) activation tiles from mt, into ctmp: tile 2 b + a holds weight rows 16 a + i by activation
-// rows 16 (mt + b) + j. With one activation tile, even and odd k-blocks go to separate tiles
+// panel's whole K) for one panel and MTiles (1 or 2) activation tiles from mt, into ctmp: tile
+// 2 b + a holds weight rows 16 a + i by activation rows 16 (mt + b) + j. With one activation tile, even and odd k-blocks go to separate tiles
 // (2 and 3, added after) so that consecutive tdpbf16ps do not wait on each other's sums.
 template <int MTiles>
 void tile_sums(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
-                float* ctmp) {
+               float* ctmp) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -159,6 +159,15 @@ void tile_sums(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64
   if (MTiles == 1)
     for (int i = 0; i < 512; i += 16)
       _mm512_store_ps(ctmp + i, _mm512_add_ps(_mm512_load_ps(ctmp + i), _mm512_load_ps(ctmp + 512 + i)));
+}
+
+// tile_sums for the `tiles` (1 or 2) activation tiles from mt.
+void tile_sums_for(int tiles, const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0,
+                   int64_t blocks, int64_t mt, float* ctmp) {
+  if (tiles == 2)
+    tile_sums<2>(w, xtiles, x_tiles, kb0, blocks, mt, ctmp);
+  else
+    tile_sums<1>(w, xtiles, x_tiles, kb0, blocks, mt, ctmp);
 }
 
 }  // namespace
@@ -255,10 +264,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled) {
       decode_scaled(p, n0, scale.data(), zero.data(), wgroup.data());
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        if (tiles == 2)
-          tile_sums<2>(wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
-        else
-          tile_sums<1>(wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
+        tile_sums_for(tiles, wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
         for (int b = 0; b < tiles; ++b)
           for (int64_t r = 0; r < kPanelRows; ++r)
             _mm512_storeu_ps(acc.data() + r * Mp + (mt + b) * 16,
@@ -270,10 +276,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled) {
       decode_blocks(p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        if (tiles == 2)
-          tile_sums<2>(wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
-        else
-          tile_sums<1>(wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
+        tile_sums_for(tiles, wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
         for (int b = 0; b < tiles; ++b) {
           const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16);
           for (int a = 0; a < 2; ++a)
