@@ -1136,9 +1136,16 @@ def test_int8_linear_every_isa_bit_identical(each_isa, m, n, k):
 
 
 def test_isa_choice_errors():
-    with pytest.raises(ValueError, match="isa must be one of"):
+    with pytest.raises(ValueError, match="isa must be one of .*avx512_bf16_vbmi, avx512_amx; got 'sse9'"):
         cpp._C.set_lowbit_isa("sse9")
     assert cpp._C.lowbit_isa() in cpp._C.lowbit_isas() and cpp._C.lowbit_isas()[0] == "generic"
+    # A known set this CPU (or its OS: AMX needs Linux's grant of the tile state) lacks is refused.
+    default = cpp._C.lowbit_isa()
+    for name in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "avx512_bf16_vbmi", "avx512_amx"):
+        if name not in cpp._C.lowbit_isas():
+            with pytest.raises(ValueError, match=f"isa '{name}' is not supported by this CPU"):
+                cpp._C.set_lowbit_isa(name)
+            assert cpp._C.lowbit_isa() == default
 
 
 def test_extension_exports_only_its_init_function():
