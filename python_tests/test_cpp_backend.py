@@ -896,9 +896,9 @@ def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m):
 
 
 def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
-    # 2/3-bit codes, groups of 16 codes and M below the switch stay on the vector kernels: their
-    # fp32 sums differ from the tiles' in the last bits, so which path ran shows in the fp32 output
-    # of bf16-valued fp32 rows (the "medium" path).
+    # 2/3-bit codes, groups of 16 codes and M below the switch stay on the vector kernels, except
+    # 8-bit codes there, which take the fp32 (FMA) kernels: the paths' fp32 sums differ in the last
+    # bits, so which one ran shows in the fp32 output of bf16-valued fp32 rows (the "medium" path).
     def run(x, qw, bits, group):
         (m, k), n = x.shape, qw.qweight.shape[0]
         y = torch.full((m, n), float("nan"))
@@ -907,15 +907,23 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
         return y
 
     vector = _best_vector_bf16_isa()
-    for bits, group, m, tiles in ((4, 128, 5, True), (4, 128, 4, False), (8, 128, 5, True), (8, 128, 4, False),
-                                  (2, 128, 16, False), (3, 128, 16, False), (4, 16, 16, False)):
-        x, qw, _ = _lowbit_case(64, 512, m, bits, group, torch.float32, bias=False, seed=bits + m)
+    for bits, group, m, path in ((4, 128, 5, "tiles"), (4, 128, 4, vector), (8, 128, 5, "tiles"), (8, 128, 4, "avx512"),
+                                 (8, 128, 1, "avx512"), (2, 128, 16, vector), (3, 128, 16, vector),
+                                 (4, 16, 16, vector)):
+        x, qw, _ = _lowbit_case(64, 2048 if m == 1 else 512, m, bits, group, torch.float32, bias=False, seed=bits + m)
         x = x.bfloat16().float()
         y = run(x, qw, bits, group)
-        cpp._C.set_lowbit_isa(vector)
-        y_vector = run(x, qw, bits, group)
+        cpp._C.set_lowbit_isa(vector if path == "tiles" else path)
+        y_other = run(x, qw, bits, group)
         cpp._C.set_lowbit_isa("avx512_amx")
-        assert torch.isfinite(y).all() and torch.equal(y, y_vector) != tiles, (bits, group, m)
+        assert torch.isfinite(y).all() and torch.equal(y, y_other) != (path == "tiles"), (bits, group, m)
+        if path == "avx512":  # the same for bf16 rows
+            xb = x.bfloat16()
+            y16 = cpp.lowbit_linear(xb, qw.qweight, qw.scale, qw.zero, bits, group, None)
+            cpp._C.set_lowbit_isa(path)
+            y16_other = cpp.lowbit_linear(xb, qw.qweight, qw.scale, qw.zero, bits, group, None)
+            cpp._C.set_lowbit_isa("avx512_amx")
+            assert torch.equal(y16, y16_other), (bits, group, m)
 
 
 @pytest.mark.parametrize("bits", (4, 8))
@@ -988,6 +996,10 @@ def test_one_fp32_row_runs_as_bf16_parts_on_the_bf16_kernels(each_isa, bits, gro
         want64 = _lowbit_want64(x, qw, b)
         worst = max(worst, _rel_err(parts, want64))
         assert not torch.equal(parts, fp32_kernel)
+        if "avx512_amx" in each_isa:  # there the fp32 (FMA) kernels take the row (Isa::fma_few_rows)
+            cpp._C.set_lowbit_isa("avx512_amx")
+            assert torch.equal(cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b), fp32_kernel)
+            cpp._C.set_lowbit_isa(best)
         # A value that is not finite (or too large for bf16) sends the row to the fp32 kernels.
         for bad in (float("inf"), float("nan"), 3.4e38):
             xb = x.clone()

@@ -13,8 +13,10 @@
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
-//   (isa/lowbit_bf16.cpp), at every M; the kernels write the bf16 output themselves. fp32
-//   activations too where the caller allows bf16 precision (fp32_as_bf16; fp32 output);
+//   (isa/lowbit_bf16.cpp), at every M (on AMX CPUs not 8-bit codes below 5 rows); the kernels
+//   write the bf16 output themselves. fp32 activations too where the caller allows bf16
+//   precision (fp32_as_bf16; fp32 output), and one fp32 row of 2-4-bit codes as three bf16
+//   parts (split_fp32_row; not on AMX CPUs, see Isa::fma_few_rows);
 // * otherwise fp32 activations (fp16/bf16 converted): isa/lowbit_fp32.cpp, at every M (the
 //   Python glue sends bf16 activations of large M to lowbit_dequantize + torch's bf16 matmul).
 #include <algorithm>
@@ -47,6 +49,14 @@ struct Isa {
   bool w8_vnni;  // the 8-bit VNNI path (isa/lowbit_w8_vnni.cpp) for bf16 activations
   bool bf16_w3;  // bf16_rows takes 3-bit codes (built with VBMI)
   bool amx = false;  // 4/8-bit codes from kAmxMinRows activation rows on AMX tiles (isa/lowbit_amx.cpp)
+  // Below the tiles the fp32 (FMA) kernels take one fp32 row of 2-4-bit codes (not three bf16
+  // parts, split_fp32_row) and bf16 rows of 8-bit codes the VNNI path leaves (not bf16_rows, whose
+  // 8-bit decode goes through fp32): on these CPUs two 512-bit FMA ports outrun vdpbf16ps.
+  // Intel Xeon (AMX), one thread, weights out of cache: the one fp32 row took 0.48-0.70x the parts'
+  // time (4096 x 4096, 4864 x 896, 1536 x 576, 576 x 1536, 576 x 576; W2-W4), the 8-bit bf16 rows
+  // 0.64-0.85x bf16_rows' at M = 1-3 (4096 x 4096, 896 x 4864, 1536 x 2048) and 0.97x at M = 4
+  // (bench/results/ops/s46/experiments.txt).
+  bool fma_few_rows = false;
 };
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -95,7 +105,8 @@ const std::vector<Isa>& isas() {
     const bool vbmi = cpu_has("avx512_bf16_vbmi");
     v.push_back({"avx512_amx", cpu_has("avx512_amx"), &isa_avx512::lowbit_kernels(),
                  vbmi ? isa_avx512bf16vbmi::bf16_rows() : isa_avx512bf16::bf16_rows(),
-                 vbmi ? isa_avx512bf16vbmi::bf16_prepare() : isa_avx512bf16::bf16_prepare(), best512, vnni, vbmi, true});
+                 vbmi ? isa_avx512bf16vbmi::bf16_prepare() : isa_avx512bf16::bf16_prepare(), best512, vnni, vbmi, true,
+                 true});
 #endif
     return v;
   }();
@@ -263,8 +274,8 @@ void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, i
 // codes by every part (with the fine decode, whose small code offset keeps the fp32 sums' bits:
 // isa/lowbit_bf16.cpp) and add the fp32 sums. At M = 1 that is 1.3-1.6x faster than the fp32
 // kernels with 4-bit codes and 7-10x with 2/3-bit ones (three activation rows share each decoded
-// weight chunk), within ~1.6e-6 relative of float64; 8-bit codes gained nothing, so they stay on
-// the fp32 kernels. False for a value that is not finite or whose first part would overflow bf16,
+// weight chunk), within ~1.6e-6 relative of float64 (AMD Zen 4/5; not on the AMX CPUs: see
+// Isa::fma_few_rows); 8-bit codes gained nothing, so they stay on the fp32 kernels. False for a value that is not finite or whose first part would overflow bf16,
 // and for a row whose nonzero values all lie below 2^-64: the AVX-512 bf16 dot product reads subnormal
 // inputs as zero, and the later parts of such a row are subnormal (a row of 1e-37 lost 5% at 2
 // bits); the fp32 kernels raise it instead.
@@ -347,6 +358,11 @@ void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled) {
   parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1, scaled); });
 }
 #endif
+
+// Whether bf16_rows takes M bf16 rows of bits-bit codes whose layout it has (Isa::fma_few_rows).
+bool bf16_rows_take(const Isa& isa, int bits, int64_t M) {
+  return bits != 8 || M >= kAmxMinRows || !isa.fma_few_rows;
+}
 
 // Whether the AMX tiles take this call (the ISA, M and the layout).
 bool amx_takes(const Isa& isa, const LowbitProblem& p) {
@@ -461,7 +477,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     if (w8_vnni_rows(static_cast<const uint16_t*>(x), group_size, p)) return "";
     if (amx_rows(isa, static_cast<const uint16_t*>(x), p)) return "";
   }
-  if (lowbit_bf16_kernel(dtype, bits, group_size)) {
+  if (lowbit_bf16_kernel(dtype, bits, group_size) && bf16_rows_take(isa, bits, M)) {
     bf16_activations(isa, static_cast<const uint16_t*>(x), M, K, bits, group_size, p);
     parallel_for(N, chunk_rows(N, M * K, bf16_panel_block(M, group_size)),
                  [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
@@ -474,14 +490,16 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       p.y32 = static_cast<float*>(y);
       if (w8_vnni_rows(x16.data(), group_size, p)) return "";
       if (amx_rows(isa, x16.data(), p)) return "";
-      bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
-      parallel_for(N, chunk_rows(N, M * K, bf16_panel_block(M, group_size)),
-                   [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
-      return "";
-    }
+      if (bf16_rows_take(isa, bits, M)) {
+        bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
+        parallel_for(N, chunk_rows(N, M * K, bf16_panel_block(M, group_size)),
+                     [&](int64_t n0, int64_t n1) { isa.bf16_rows(p, n0, n1); });
+        return "";
+      }
+    }  // else the fp32 kernels take x as it is
   }
   if (dtype == kFloat32 && amx_fp32_rows(isa, static_cast<const float*>(x), p, static_cast<float*>(y))) return "";
-  if (dtype == kFloat32 && M == 1 && bits < 8 && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
+  if (dtype == kFloat32 && M == 1 && bits < 8 && !isa.fma_few_rows && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
     thread_local AlignedVector<uint16_t> parts;
     parts.resize(kFp32Parts * K);
     if (split_fp32_row(static_cast<const float*>(x), K, parts.data())) {
