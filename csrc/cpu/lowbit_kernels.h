@@ -63,6 +63,12 @@ constexpr int64_t kFp32InPlaceRows = 3;
 // two rows, as at M = 3 the shifts were 5-9% faster on a Zen 3 (bench/results/ops/s36).
 constexpr bool fp32_in_place(int bits, int64_t M) { return M <= (bits == 3 ? 2 : kFp32InPlaceRows); }
 
+// How far ahead a kernel that reads one weight row at a time (long rows at M = 1: one
+// sequential stream) asks for the weight. The hardware prefetcher alone left 4096 x 4096 W4 at
+// M = 1 at 1.0 ms where the other calls of a step had moved the weights out of cache, against
+// 0.66-0.71 ms with it (Intel Xeon, bf16 kernels; bench/results/ops/s46/experiments.txt).
+constexpr int64_t kStreamPrefetchBytes = 2048;
+
 // Whether bf16_rows handles this layout. A chunk is 64 bytes of codes (2/4/8 bits) or 128 codes
 // in 48 bytes (3 bits, decoded with AVX-512 VBMI: only the *_vbmi build takes them). Its pair
 // vectors' 16 lanes each hold codes of one run of `unit` codes: four bytes (32 / bits codes),

@@ -113,7 +113,8 @@ struct DotSlice {
 // belongs to the next slice). So it is where R > 1 rows are short (under 4 `prefetch`): the
 // block's rows lie side by side, and `prefetch` bytes ahead would land in the block itself (at
 // 4864 x 896, 448-byte rows, M = 1 took 0.29-0.36 ms that way and 0.22-0.26 this way; long rows
-// kept `prefetch`, which measured no worse). Otherwise `prefetch` bytes ahead in the row.
+// kept `prefetch`, which measured no worse). Otherwise `prefetch` bytes ahead in the row, and
+// one row at a time (R = 1) kStreamPrefetchBytes ahead.
 template <int MR, int R, auto block, auto tail>
 void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, int64_t x_group_bytes,
                  int64_t slice_bytes, int64_t prefetch) {
@@ -124,7 +125,8 @@ void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_
   thread_local AlignedVector<float> sums;
   sums.resize(MR * rows);
   for (int64_t g0 = 0; g0 < p.G; g0 += per_slice) {
-    const DotSlice slice{g0, std::min(p.G, g0 + per_slice), g0 == 0, rows_ahead ? R * p.row_bytes : prefetch};
+    const DotSlice slice{g0, std::min(p.G, g0 + per_slice), g0 == 0,
+                         rows_ahead ? R * p.row_bytes : R == 1 ? kStreamPrefetchBytes : prefetch};
     int64_t n = n_begin;
     for (; n + R <= n_end; n += R) block(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
     for (; n < n_end; ++n) tail(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);

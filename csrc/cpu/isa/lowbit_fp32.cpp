@@ -638,6 +638,7 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
   for (int64_t grp = g0; grp < g1; ++grp) {
     const uint8_t* gb = rb + grp * per_phase;
     const float* xg = xp + grp * g;
+    if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, per_phase * cpb);
     F dv[MB][R][C];
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < R; ++r)
@@ -703,6 +704,7 @@ void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group
   for (int64_t grp = g0; grp < g1; ++grp) {
     const uint8_t* gb = rb + grp * units * 3;
     const float* xg = xp + grp * g;
+    if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, units * 3);
     F dv[MB][R][C];
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < R; ++r)

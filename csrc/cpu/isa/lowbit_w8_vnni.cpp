@@ -65,7 +65,7 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
     for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) {
       const int8_t* xc = x8 + c * 64 * kW8Parts;
       for (int r = 0; r < R; ++r) {
-        if (R > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
         const __m512i w = _mm512_loadu_si512(rows[r] + 64 * c);
         for (int t = 0; t < kW8Parts; ++t)
           acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w, _mm512_loadu_si512(xc + 64 * t));
