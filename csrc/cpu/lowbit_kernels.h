@@ -64,9 +64,10 @@ constexpr int64_t kFp32InPlaceRows = 3;
 constexpr bool fp32_in_place(int bits, int64_t M) { return M <= (bits == 3 ? 2 : kFp32InPlaceRows); }
 
 // How far ahead a kernel that reads one weight row at a time (long rows at M = 1: one
-// sequential stream) asks for the weight. The hardware prefetcher alone left 4096 x 4096 W4 at
-// M = 1 at 1.0 ms where the other calls of a step had moved the weights out of cache, against
-// 0.66-0.71 ms with it (Intel Xeon, bf16 kernels; bench/results/ops/s46/experiments.txt).
+// sequential stream) asks for the weight. Where the other calls of a step had moved the weights
+// out of cache, the hardware prefetcher alone left 4096 x 4096 W4 at M = 1 at 1.23x torch's
+// int4pack time with bf16 rows and 1.08-1.27x with fp32 ones, against 0.90x and 0.82x with it
+// (Intel Xeon, one thread; bench/results/ops/s46/experiments.txt).
 constexpr int64_t kStreamPrefetchBytes = 2048;
 
 // Whether bf16_rows handles this layout. A chunk is 64 bytes of codes (2/4/8 bits) or 128 codes

@@ -52,9 +52,9 @@ struct Isa {
   // Below the tiles the fp32 (FMA) kernels take one fp32 row of 2-4-bit codes (not three bf16
   // parts, split_fp32_row) and bf16 rows of 8-bit codes the VNNI path leaves (not bf16_rows, whose
   // 8-bit decode goes through fp32): on these CPUs two 512-bit FMA ports outrun vdpbf16ps.
-  // Intel Xeon (AMX), one thread, weights out of cache: the one fp32 row took 0.48-0.70x the parts'
-  // time (4096 x 4096, 4864 x 896, 1536 x 576, 576 x 1536, 576 x 576; W2-W4), the 8-bit bf16 rows
-  // 0.64-0.85x bf16_rows' at M = 1-3 (4096 x 4096, 896 x 4864, 1536 x 2048) and 0.97x at M = 4
+  // Intel Xeon (AMX), one thread, bench/ops/ab_builds.py --cold: the one fp32 row took 0.39-0.68x
+  // the parts' time (4096 x 4096, 4864 x 896, 1536 x 576, 576 x 1536; W2-W4), the 8-bit bf16 rows
+  // 0.5-0.9x bf16_rows' at M = 1-3 (4096 x 4096, 896 x 4864) in 4 of 5 rounds, level at M = 4
   // (bench/results/ops/s46/experiments.txt).
   bool fma_few_rows = false;
 };
@@ -275,10 +275,11 @@ void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, i
 // isa/lowbit_bf16.cpp) and add the fp32 sums. At M = 1 that is 1.3-1.6x faster than the fp32
 // kernels with 4-bit codes and 7-10x with 2/3-bit ones (three activation rows share each decoded
 // weight chunk), within ~1.6e-6 relative of float64 (AMD Zen 4/5; not on the AMX CPUs: see
-// Isa::fma_few_rows); 8-bit codes gained nothing, so they stay on the fp32 kernels. False for a value that is not finite or whose first part would overflow bf16,
-// and for a row whose nonzero values all lie below 2^-64: the AVX-512 bf16 dot product reads subnormal
-// inputs as zero, and the later parts of such a row are subnormal (a row of 1e-37 lost 5% at 2
-// bits); the fp32 kernels raise it instead.
+// Isa::fma_few_rows); 8-bit codes gained nothing, so they stay on the fp32 kernels. False for a
+// value that is not finite or whose first part would overflow bf16, and for a row whose nonzero
+// values all lie below 2^-64: the AVX-512 bf16 dot product reads subnormal inputs as zero, and
+// the later parts of such a row are subnormal (a row of 1e-37 lost 5% at 2 bits); the fp32
+// kernels raise it instead.
 constexpr int kFp32Parts = 3;
 bool split_fp32_row(const float* x, int64_t K, uint16_t* parts) {
   float top = 0.f;
