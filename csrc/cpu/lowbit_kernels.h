@@ -200,7 +200,8 @@ bool layout(int bits, int64_t group_size, int64_t K);
 int64_t activation_tiles(int64_t M);
 // bf16 x [M, K] (natural order) as the kernel's activation tiles [K / 32][activation_tiles(M)][16 pairs
 // of k][16 rows] (rows past M zero) and xsum [K / group_size][16 * activation_tiles(M)], the fp32 sum of
-// each group, for tiles [m_tile0, m_tile1).
+// each group (none where xsum is null: rows() in its `scaled` form reads no sums), for tiles
+// [m_tile0, m_tile1).
 void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
              uint16_t* tiles, float* xsum);
 // fp32 rows [m0, m1) of x [M, K] as `parts` bf16 rows each into out [M * parts, K] (row m * parts + j:

@@ -348,9 +348,9 @@ void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled) {
   thread_local AlignedVector<uint16_t> xt;
   thread_local AlignedVector<float> xsum;
   xt.resize(tiles * 16 * p.K);
-  xsum.resize(p.G * tiles * 16);
+  xsum.resize(scaled ? 0 : p.G * tiles * 16);
   uint16_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
-  float* sums = xsum.data();
+  float* sums = scaled ? nullptr : xsum.data();
   parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
     isa_amx::prepare(x, p.M, p.K, p.group_size, t0, t1, tiles_out, sums);
   });

@@ -123,8 +123,9 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const
 
 // Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on: one group, or a scaled
 // panel's whole K) for one panel and MTiles (1 or 2) activation tiles from mt, into ctmp: tile
-// 2 b + a holds weight rows 16 a + i by activation rows 16 (mt + b) + j. With one activation tile, even and odd k-blocks go to separate tiles
-// (2 and 3, added after) so that consecutive tdpbf16ps do not wait on each other's sums.
+// 2 b + a holds weight rows 16 a + i by activation rows 16 (mt + b) + j. With one activation
+// tile, even and odd k-blocks go to separate tiles (2 and 3, added after) so that consecutive
+// tdpbf16ps do not wait on each other's sums.
 template <int MTiles>
 void tile_sums(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
                float* ctmp) {
@@ -196,7 +197,7 @@ void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_
              uint16_t* tiles, float* xsum) {
   const int64_t x_tiles = activation_tiles(M), blocks = K / kBlockK, G = K / group_size, Mp = 16 * x_tiles;
   for (int64_t mt = m_tile0; mt < m_tile1; ++mt) {
-    for (int64_t m = mt * 16; m < mt * 16 + 16; ++m)
+    for (int64_t m = mt * 16; xsum && m < mt * 16 + 16; ++m)
       for (int64_t g = 0; g < G; ++g) xsum[g * Mp + m] = 0.f;
     for (int64_t kb = 0; kb < blocks; ++kb) {
       __m512i v[16];  // v[m] = row m's 16 pairs; transposed, v[j] = pair j of the 16 rows
@@ -206,11 +207,12 @@ void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_
         v[m] = row < M ? _mm512_loadu_si512(x + row * K + kb * kBlockK) : _mm512_setzero_si512();
       }
       transpose16(v);
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(tiles + (kb * x_tiles + mt) * (kTileBytes / 2) + j * 32, v[j]);
+      if (!xsum) continue;
       for (int j = 0; j < 16; ++j) {  // lane m of pair j: bf16 of k = 2j (low half) and 2j + 1
         const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(v[j], 16));
         const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(v[j], _mm512_set1_epi32(int(0xffff0000u))));
         sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
-        _mm512_store_si512(tiles + (kb * x_tiles + mt) * (kTileBytes / 2) + j * 32, v[j]);
       }
       float* s = xsum + (kb * kBlockK / group_size) * Mp + mt * 16;
       _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), sum));
