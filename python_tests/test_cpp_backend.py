@@ -832,9 +832,10 @@ def amx_isa():
 # 4/8-bit codes from 5 bf16 activation rows on AMX tiles: exact codes with each
 # group's sums scaled in fp32, so within the bf16 output's own rounding of float64. N in one
 # partial 32-row panel, past whole panels, several panels; M on both sides of the switch and of
-# whole 16-row tiles; groups of one to four 32-code blocks; fresh data each case.
+# whole 16-row tiles; groups of one to eight 32-code blocks (4-bit codes in groups of 128 and 256
+# take the pair-order decode, AmxCodes::kPairs); fresh data each case.
 @pytest.mark.parametrize("bits", (4, 8))
-@pytest.mark.parametrize("group,k", [(32, 64), (64, 576), (128, 896), (32, 1056)])
+@pytest.mark.parametrize("group,k", [(32, 64), (64, 576), (128, 896), (32, 1056), (256, 1280)])
 @pytest.mark.parametrize("m", (3, 4, 5, 16, 17, 40))
 def test_lowbit_amx_tiles(amx_isa, bits, group, k, m):
     for n in (1, 45, 96):
@@ -874,24 +875,26 @@ def test_lowbit_amx_fp32_rows_under_medium_precision(amx_isa, fp32_precision, bi
 
 @pytest.mark.parametrize("bits", (4, 8))
 @pytest.mark.parametrize("m", (5, 17, 40))
-def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m):
+@pytest.mark.parametrize("group,k", [(64, 576), (128, 640)])
+def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
     # fp32 activations ("highest" precision) take the tiles as three bf16 parts per row: each row
     # within the fp32 promise, also a row of 1e-37 (its parts would be subnormal, which the tiles
-    # read as zero: such a call runs on the fp32 kernels) and one of 1e30.
-    g = _gen(70 + bits + m)
-    qw = quantize_weight(torch.randn(45, 576, generator=g), bits, 64)
-    w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, 64, 576)
+    # read as zero: such a call runs on the fp32 kernels) and one of 1e30. 4-bit codes in groups
+    # of 128 take the pair-order decode with its small offset (AmxCodes::kFinePairs).
+    g = _gen(70 + bits + m + group)
+    qw = quantize_weight(torch.randn(45, k, generator=g), bits, group)
+    w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, group, k)
     b = torch.randn(45, generator=g)
     for scale in (None, 1e-37, 1e30):
-        x = torch.randn(m, 576, generator=g)
+        x = torch.randn(m, k, generator=g)
         if scale is not None:
             x[m // 2] *= scale
-        y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, b)
+        y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
         want = x.double() @ w64.T + b.double()
         row_err = ((y.double() - want).norm(dim=1) / want.norm(dim=1)).max()
         assert row_err <= TOL[torch.float32], scale
     x[1, 3] = float("nan")  # the fp32 kernels carry it: that row's outputs only
-    y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, None)
+    y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, None)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[torch.arange(m) != 1]).all()
 
 

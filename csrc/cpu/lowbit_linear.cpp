@@ -342,8 +342,11 @@ constexpr int64_t kAmxMinRows = 5;
 
 #if defined(SK_HAVE_AMX)
 // bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
-// isa_amx::rows.
-void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled) {
+// isa_amx::rows. `fine`: fp32 rows sent as bf16 parts (AmxCodes).
+void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
+  const AmxCodes codes = scaled || !isa_amx::pair_layout(p.bits, p.group_size, p.K) ? AmxCodes::kNatural
+                         : fine                                                   ? AmxCodes::kFinePairs
+                                                                                  : AmxCodes::kPairs;
   const int64_t tiles = isa_amx::activation_tiles(p.M);
   thread_local AlignedVector<uint16_t> xt;
   thread_local AlignedVector<float> xsum;
@@ -352,11 +355,11 @@ void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled) {
   uint16_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
   float* sums = scaled ? nullptr : xsum.data();
   parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
-    isa_amx::prepare(x, p.M, p.K, p.group_size, t0, t1, tiles_out, sums);
+    isa_amx::prepare(x, p.M, p.K, p.group_size, codes, t0, t1, tiles_out, sums);
   });
   p.x16 = tiles_out;
   p.xsum = sums;
-  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1, scaled); });
+  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1, scaled, codes); });
 }
 #endif
 
@@ -381,7 +384,7 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 #if defined(SK_HAVE_AMX)
   if (!amx_takes(isa, p)) return false;
   // From kBf16ScaledPanelMinRows rows the weight is rounded to bf16, as the vector bf16 kernels do.
-  amx_linear(x, p, p.M >= kBf16ScaledPanelMinRows);
+  amx_linear(x, p, p.M >= kBf16ScaledPanelMinRows, false);
   return true;
 #else
   (void)isa, (void)x, (void)p;
@@ -413,7 +416,7 @@ bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
   q.y32 = py;
   q.y16 = nullptr;
   q.bias = nullptr;
-  amx_linear(xp, q, false);
+  amx_linear(xp, q, false, true);
   const float* bias = p.bias;
   parallel_for(M, std::max<int64_t>(1, kPrepareChunkValues / N), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {

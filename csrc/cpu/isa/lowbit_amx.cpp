@@ -23,6 +23,7 @@
 #include <algorithm>
 
 #include "common/half.h"
+#include "cpu/isa/bf16_codes.h"
 #include "cpu/isa/transpose16.h"
 #include "cpu/lowbit_kernels.h"
 
@@ -68,8 +69,8 @@ inline __m512i codes8(const uint8_t* src) {
 }
 
 // Blocks [kb0, kb1) of weight rows [n0, n0 + 32) as A tiles, [kb - kb0][32 rows][32 codes]; rows
-// past N are zeros.
-void decode_blocks(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
+// past N are zeros. Natural codes: k in order, each 4-bit pair one byte through a 16-entry table.
+void decode_natural(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
   alignas(64) static const uint16_t bf16_of[32] = {  // bf16 of v & 15, for vpermw
       0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120,
       0x4130, 0x4140, 0x4150, 0x4160, 0x4170, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0,
@@ -86,6 +87,36 @@ void decode_blocks(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1,
       _mm512_store_si512(dst + kb * kPanelRows * kBlockK, codes);
     }
   }
+}
+
+// decode_natural's blocks for 4-bit codes in the bf16 kernels' pair order (AmxCodes::kPairs; F:
+// kFinePairs): a 64-byte chunk is four k-blocks, each one shift and one and-or (decode_pair),
+// against 5 operations for each natural block. kb0 and kb1 are multiples of 4.
+template <bool F>
+void decode_pairs(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
+  const int64_t rows = std::min(kPanelRows, p.N - n0);
+  for (int64_t r = 0; r < kPanelRows; ++r) {
+    uint16_t* dst = out + r * kBlockK;
+    const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes + kb0 * (kBlockK / 2);
+    for (int64_t kb = 0; kb < kb1 - kb0; kb += kPairs<4>) {
+      const __m512i raw = r < rows ? _mm512_loadu_si512(src + kb * (kBlockK / 2)) : _mm512_setzero_si512();
+      for_index<kPairs<4>>([&](auto v) {
+        constexpr int i = decltype(v)::value;
+        // Rows past N: zero codes, not the offset (their sums would meet a zero scale anyway).
+        const __m512i codes = r < rows ? decode_pair<4, F, i>(raw) : raw;
+        _mm512_store_si512(dst + (kb + i) * kPanelRows * kBlockK, codes);
+      });
+    }
+  }
+}
+
+void decode_blocks(AmxCodes codes, const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
+  if (codes == AmxCodes::kNatural)
+    decode_natural(p, n0, kb0, kb1, out);
+  else if (codes == AmxCodes::kPairs)
+    decode_pairs<false>(p, n0, kb0, kb1, out);
+  else
+    decode_pairs<true>(p, n0, kb0, kb1, out);
 }
 
 // Weight rows [n0, n0 + 32) dequantised to bf16 (q * scale + zero rounded, as a dense bf16
@@ -191,11 +222,28 @@ bool layout(int bits, int64_t group_size, int64_t K) {
   return (bits == 4 || bits == 8) && group_size % kBlockK == 0 && K % kBlockK == 0;
 }
 
+bool pair_layout(int bits, int64_t group_size, int64_t K) {
+  return bits == 4 && group_size % kChunkCodes<4> == 0 && K % kChunkCodes<4> == 0;
+}
+
 int64_t activation_tiles(int64_t M) { return (M + 15) / 16; }
 
-void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
-             uint16_t* tiles, float* xsum) {
+void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, AmxCodes codes, int64_t m_tile0,
+             int64_t m_tile1, uint16_t* tiles, float* xsum) {
   const int64_t x_tiles = activation_tiles(M), blocks = K / kBlockK, G = K / group_size, Mp = 16 * x_tiles;
+  // Pair order: k-block v of a 128-code chunk holds its codes 4 j + c (j < 32), c = 2 (v % 2) + v / 2
+  // (bf16_position), picked from the chunk's four vectors two at a time.
+  alignas(64) uint16_t pick[kPairs<4>][32];
+  for (int v = 0; v < kPairs<4>; ++v)
+    for (int i = 0; i < 32; ++i) pick[v][i] = static_cast<uint16_t>(4 * (i % 16) + 2 * (v % 2) + v / 2);
+  const auto block = [&](const uint16_t* row, int64_t kb) {
+    if (codes == AmxCodes::kNatural) return _mm512_loadu_si512(row + kb * kBlockK);
+    const uint16_t* chunk = row + kb / kPairs<4> * kChunkCodes<4>;
+    const __m512i idx = _mm512_load_si512(pick[kb % kPairs<4>]);
+    const __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(chunk), idx, _mm512_loadu_si512(chunk + 32));
+    const __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(chunk + 64), idx, _mm512_loadu_si512(chunk + 96));
+    return _mm512_mask_blend_epi16(0xffff0000u, lo, hi);
+  };
   for (int64_t mt = m_tile0; mt < m_tile1; ++mt) {
     for (int64_t m = mt * 16; xsum && m < mt * 16 + 16; ++m)
       for (int64_t g = 0; g < G; ++g) xsum[g * Mp + m] = 0.f;
@@ -204,7 +252,7 @@ void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_
       __m512 sum = _mm512_setzero_ps();
       for (int m = 0; m < 16; ++m) {
         const int64_t row = mt * 16 + m;
-        v[m] = row < M ? _mm512_loadu_si512(x + row * K + kb * kBlockK) : _mm512_setzero_si512();
+        v[m] = row < M ? block(x + row * K, kb) : _mm512_setzero_si512();
       }
       transpose16(v);
       for (int j = 0; j < 16; ++j) _mm512_store_si512(tiles + (kb * x_tiles + mt) * (kTileBytes / 2) + j * 32, v[j]);
@@ -243,7 +291,7 @@ bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int part
   return true;
 }
 
-void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled) {
+void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, AmxCodes codes) {
   const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
   const int64_t per_group = p.group_size / kBlockK;
   thread_local AlignedVector<uint16_t> wgroup;
@@ -261,6 +309,10 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled) {
     to_float(static_cast<const uint8_t*>(p.zero) + at, p.scale_dtype, rows * G, zero.data());
     std::fill(scale.begin() + rows * G, scale.end(), 0.f);
     std::fill(zero.begin() + rows * G, zero.end(), 0.f);
+    if (codes != AmxCodes::kNatural) {  // the codes carry an offset: s (off + q) + (z - off s) = s q + z
+      const float off = codes == AmxCodes::kPairs ? kCodeOffset<4, false> : kCodeOffset<4, true>;
+      for (int64_t i = 0; i < rows * G; ++i) zero[i] -= off * scale[i];
+    }
     std::fill(acc.begin(), acc.end(), 0.f);
     if (scaled) {  // the panel's whole K once, each activation tile's sums straight to acc
       decode_scaled(p, n0, scale.data(), zero.data(), wgroup.data());
@@ -275,7 +327,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled) {
     }
     for (int64_t g = 0; g < G && !scaled; ++g) {
       // The group's codes are decoded once into L1 and serve every activation tile.
-      decode_blocks(p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
+      decode_blocks(codes, p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
         tile_sums_for(tiles, wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
