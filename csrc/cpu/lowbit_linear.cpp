@@ -48,7 +48,7 @@ struct Isa {
   const Int8Kernels* int8;
   bool w8_vnni;  // the 8-bit VNNI path (isa/lowbit_w8_vnni.cpp) for bf16 activations
   bool bf16_w3;  // bf16_rows takes 3-bit codes (built with VBMI)
-  bool amx = false;  // 4/8-bit codes from kAmxMinRows activation rows on AMX tiles (isa/lowbit_amx.cpp)
+  bool amx = false;  // 4/8-bit codes from amx_min_rows activation rows on AMX tiles (isa/lowbit_amx.cpp)
   // Below the tiles the fp32 (FMA) kernels take one fp32 row of 2-4-bit codes (not three bf16
   // parts, split_fp32_row) and bf16 rows of 8-bit codes the VNNI path leaves (not bf16_rows, whose
   // 8-bit decode goes through fp32): on these CPUs two 512-bit FMA ports outrun vdpbf16ps.
@@ -331,14 +331,19 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
   return true;
 }
 
-// Activation rows from which AMX tiles take 4/8-bit codes (isa/lowbit_amx.cpp): below, the vector
-// kernels were faster (their time grows with M, the tiles' hardly does up to 16 rows). Intel Xeon
-// (AMX-BF16), 4096 x 4096, 1536 x 576, 576 x 1536, 4864 x 896, bf16 rows: W4 at M = 4 0.92-1.0x
-// the vector kernels' speed, at M = 6 1.4-2.4x; W8 at M = 4 1.1-1.2x warm, but in the interleaved
-// table (each call's weights out of cache) 1.2-1.5x slower than the vector kernels had been. fp32
-// rows as three bf16 parts each (amx_fp32_rows): at M = 4 0.82-1.0x the fp32 kernels' speed, from
-// M = 5 1.1-2.6x (bench/results/ops/s45/experiments.txt).
-constexpr int64_t kAmxMinRows = 5;
+// Activation rows from which AMX tiles take bf16 rows of 4/8-bit codes (isa/lowbit_amx.cpp): below,
+// the vector kernels are as fast or faster (their time grows with M, the tiles' hardly does up to
+// 16 rows, but starts higher: 4096 x 4096 W4 M = 1 0.67-0.69 ms against 1.11-1.12, one thread,
+// warm). Intel Xeon (AMX-BF16), one thread, weights out of L2, ms, the vector kernels (W8: the
+// fp32 kernels, fma_few_rows) against the tiles after the pair-order decode (session 47): W4 M = 2
+// 4096 x 4096 1.15 / 1.15, 1536 x 576 g64 0.083-0.098 / 0.099; M = 3 4096 x 4096 1.58-1.61 / 1.11;
+// M = 4 1.98 / 1.05-1.10, 4864 x 896 0.51-0.52 / 0.24-0.26, 1536 x 576 g64 0.155-0.163 / 0.100; W8
+// M = 2 4096 x 4096 1.51-1.80 / 1.50-1.61, 576 x 1536 0.115-0.153 / 0.088, M = 3 2.03-2.20 / 1.62-1.72
+// (bench/results/ops/s47/experiments.txt).
+int64_t amx_min_rows(int bits) { return bits == 8 ? 2 : 3; }
+// fp32 rows as three bf16 parts each (amx_fp32_rows): at M = 4 0.82-1.0x the fp32 kernels' speed,
+// from M = 5 1.1-2.6x (s45/experiments.txt); with the pair-order decode M = 1-4 stayed mixed.
+constexpr int64_t kAmxFp32MinRows = 5;
 
 #if defined(SK_HAVE_AMX)
 // bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
@@ -365,15 +370,17 @@ void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
 
 // Whether bf16_rows takes M bf16 rows of bits-bit codes whose layout it has (Isa::fma_few_rows).
 bool bf16_rows_take(const Isa& isa, int bits, int64_t M) {
-  return bits != 8 || M >= kAmxMinRows || !isa.fma_few_rows;
+  return bits != 8 || M >= kBf16PanelMinRows || !isa.fma_few_rows;
 }
 
-// Whether the AMX tiles take this call (the ISA, M and the layout).
-bool amx_takes(const Isa& isa, const LowbitProblem& p) {
+// Whether the AMX tiles take this call of M activation rows (the ISA, M and the layout): M bf16
+// rows, or M fp32 rows as bf16 parts (`parts`).
+bool amx_takes(const Isa& isa, const LowbitProblem& p, bool parts) {
 #if defined(SK_HAVE_AMX)
-  return isa.amx && p.M >= kAmxMinRows && isa_amx::layout(p.bits, p.group_size, p.K);
+  return isa.amx && p.M >= (parts ? kAmxFp32MinRows : amx_min_rows(p.bits)) &&
+         isa_amx::layout(p.bits, p.group_size, p.K);
 #else
-  (void)isa, (void)p;
+  (void)isa, (void)p, (void)parts;
   return false;
 #endif
 }
@@ -382,7 +389,7 @@ bool amx_takes(const Isa& isa, const LowbitProblem& p) {
 // amx_takes does not hold.
 bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 #if defined(SK_HAVE_AMX)
-  if (!amx_takes(isa, p)) return false;
+  if (!amx_takes(isa, p, false)) return false;
   // From kBf16ScaledPanelMinRows rows the weight is rounded to bf16, as the vector bf16 kernels do.
   amx_linear(x, p, p.M >= kBf16ScaledPanelMinRows, false);
   return true;
@@ -398,7 +405,7 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 // parts cannot carry (isa_amx::split_fp32_rows; the fp32 kernels then run).
 bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
 #if defined(SK_HAVE_AMX)
-  if (!amx_takes(isa, p)) return false;
+  if (!amx_takes(isa, p, true)) return false;
   const int64_t M = p.M, K = p.K, N = p.N;
   thread_local AlignedVector<uint16_t> parts;
   thread_local AlignedVector<float> part_y;
