@@ -874,7 +874,7 @@ def test_lowbit_amx_fp32_rows_under_medium_precision(amx_isa, fp32_precision, bi
 
 
 @pytest.mark.parametrize("bits", (4, 8))
-@pytest.mark.parametrize("m", (5, 17, 40))
+@pytest.mark.parametrize("m", (3, 5, 17, 40))
 @pytest.mark.parametrize("group,k", [(64, 576), (128, 640)])
 def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
     # fp32 activations ("highest" precision) take the tiles as three bf16 parts per row: each row

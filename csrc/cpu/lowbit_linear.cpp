@@ -7,9 +7,10 @@
 //   whole 64-byte chunks (lowbit_w8_vnni): the row as three signed bytes of a per-group 22-bit fixed
 //   point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
-//   tiles, bits 4/8 with K and groups multiples of 32, from 5 rows: exact codes
-//   x bf16 with tdpbf16ps, each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to
-//   bf16, as below), fp32 activations from 5 rows as three bf16 parts (isa/lowbit_amx.cpp);
+//   tiles, bits 4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2): exact codes
+//   x bf16 with tdpbf16ps (4-bit codes in groups of 128 decoded in the vector kernels' pair order),
+//   each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to bf16, as below), fp32
+//   activations from 3 rows as three bf16 parts (isa/lowbit_amx.cpp, amx_min_rows);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
@@ -341,9 +342,11 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
 // M = 2 4096 x 4096 1.51-1.80 / 1.50-1.61, 576 x 1536 0.115-0.153 / 0.088, M = 3 2.03-2.20 / 1.62-1.72
 // (bench/results/ops/s47/experiments.txt).
 int64_t amx_min_rows(int bits) { return bits == 8 ? 2 : 3; }
-// fp32 rows as three bf16 parts each (amx_fp32_rows): at M = 4 0.82-1.0x the fp32 kernels' speed,
-// from M = 5 1.1-2.6x (s45/experiments.txt); with the pair-order decode M = 1-4 stayed mixed.
-constexpr int64_t kAmxFp32MinRows = 5;
+// fp32 rows as three bf16 parts each (amx_fp32_rows), against the fp32 kernels, same runs, ms: M = 3
+// 4096 x 4096 W8 1.91-2.12 / 1.68-1.80, M = 4 4096 x 4096 W4 2.32-3.65 / 1.13-1.21, 4864 x 896
+// 0.55-0.62 / 0.33-0.42, 576 x 1536 0.117-0.135 / 0.074-0.080, 1536 x 576 g64 0.152-0.178 /
+// 0.126-0.142; M = 2 mixed (576 x 1536 W4 0.085-0.145 / 0.076-0.195, W8 0.078-0.105 / 0.098-0.110).
+constexpr int64_t kAmxFp32MinRows = 3;
 
 #if defined(SK_HAVE_AMX)
 // bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
