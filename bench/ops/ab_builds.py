@@ -7,12 +7,13 @@ round). A case is ``NxKxMxBITSxGROUP``: one ``lowbit_linear`` call with M activa
 against an N x K weight, one thread, timed by the CPU time of the calling thread over about
 ``--seconds`` of calls (with ``--threads N`` above 1: N threads, by the wall clock). Prints the
 minimum (the steadier figure on a shared machine) and the median per build and round, in ms.
-With ``--cold`` a 64 MiB buffer is written before each timed call (not timed), so the weights
+With ``--cold`` a buffer of ``--evict-mb`` MiB (64; above the last-level cache's size where it is
+larger, e.g. 512 on a CPU with 300 MiB of L3) is written before each timed call (not timed), so the weights
 come from memory, as in the interleaved rounds of ``bench/ops/lowbit_linear.py``, where other
 methods' weights pass through the caches in between.
 
 Usage: python bench/ops/ab_builds.py --a OLD/_C.so --b NEW/_C.so [--rounds 2] [--dtype float32]
-       [--cold] [--threads 2] 4096x4096x16x4x128 1536x576x4x3x64 ...
+       [--cold [--evict-mb 512]] [--threads 2] 4096x4096x16x4x128 1536x576x4x3x64 ...
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import time
 DTYPES = ("float32", "float32-medium", "bfloat16")
 
 
-def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: bool, threads: int) -> list[str]:
+def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], evict_mb: int, threads: int) -> list[str]:
     """This process's half of a round: each case's minimum and median ms on the build at `so`."""
     import torch
 
@@ -47,7 +48,7 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], cold: 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name.split("-")[0])
     code = DTYPE_CODE[dtype]
-    evict = torch.zeros(64 << 20, dtype=torch.uint8) if cold else None
+    evict = torch.zeros(evict_mb << 20, dtype=torch.uint8) if evict_mb else None
     out = []
     for case in cases:
         n, k, m, bits, group = map(int, case.split("x"))
@@ -77,6 +78,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--seconds", type=float, default=1.0, help="timed calls per case and process")
     p.add_argument("--cold", action="store_true", help="evict the caches before each timed call")
+    p.add_argument("--evict-mb", type=int, default=64, help="MiB written to evict the caches (--cold)")
     p.add_argument("--threads", type=int, default=1, help="threads (above 1: timed by the wall clock)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("cases", nargs="+", help="NxKxMxBITSxGROUP")
@@ -86,7 +88,7 @@ def main() -> None:
         if len(parts) != 5 or not all(v.isdigit() and int(v) > 0 for v in parts):
             p.error(f"a case is NxKxMxBITSxGROUP of positive integers, got {case!r}")
     if a.worker:
-        print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases, a.cold, a.threads)))
+        print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases, a.evict_mb if a.cold else 0, a.threads)))
         return
     for so in (a.a, a.b):
         if not os.path.isfile(so):
@@ -98,12 +100,13 @@ def main() -> None:
     for r in range(a.rounds):
         order = ("a", "b") if r % 2 == 0 else ("b", "a")
         for name in order:
+            cold = ["--cold", "--evict-mb", str(a.evict_mb)] if a.cold else []
             argv = [sys.executable, __file__, "--a", a.a, "--b", a.b, "--dtype", a.dtype, "--seconds",
-                    str(a.seconds), "--threads", str(a.threads), *(["--cold"] if a.cold else []), "--worker", getattr(a, name), *a.cases]
+                    str(a.seconds), "--threads", str(a.threads), *cold, "--worker", getattr(a, name), *a.cases]
             lines = subprocess.run(argv, check=True, env=env, capture_output=True, text=True).stdout.split()
             results[name].append(lines)
             print(f"round {r + 1}: {name} done", file=sys.stderr)
-    caches = "caches evicted before each call" if a.cold else "warm caches"
+    caches = f"caches evicted before each call ({a.evict_mb} MiB written)" if a.cold else "warm caches"
     clock = "one thread" if a.threads == 1 else f"{a.threads} threads, wall clock"
     print(f"# min/median ms, {clock}, {a.dtype} activations, {caches}; a = {a.a}, b = {a.b}")
     for i, case in enumerate(a.cases):
