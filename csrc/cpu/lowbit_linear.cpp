@@ -341,7 +341,7 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
 // M = 4 1.98 / 1.05-1.10, 4864 x 896 0.51-0.52 / 0.24-0.26, 1536 x 576 g64 0.155-0.163 / 0.100; W8
 // M = 2 4096 x 4096 1.51-1.80 / 1.50-1.61, 576 x 1536 0.115-0.153 / 0.088, M = 3 2.03-2.20 / 1.62-1.72
 // (bench/results/ops/s47/experiments.txt).
-int64_t amx_min_rows(int bits) { return bits == 8 ? 2 : 3; }
+constexpr int64_t amx_min_rows(int bits) { return bits == 8 ? 2 : 3; }
 // fp32 rows as three bf16 parts each (amx_fp32_rows), against the fp32 kernels, same runs, ms: M = 3
 // 4096 x 4096 W8 1.91-2.12 / 1.68-1.80, M = 4 4096 x 4096 W4 2.32-3.65 / 1.13-1.21, 4864 x 896
 // 0.55-0.62 / 0.33-0.42, 576 x 1536 0.117-0.135 / 0.074-0.080, 1536 x 576 g64 0.152-0.178 /
@@ -367,7 +367,8 @@ void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
   });
   p.x16 = tiles_out;
   p.xsum = sums;
-  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1, scaled, codes); });
+  parallel_for(p.N, chunk_rows(p.N, p.M * p.K),
+               [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1, scaled, codes); });
 }
 #endif
 
