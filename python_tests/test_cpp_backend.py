@@ -829,8 +829,8 @@ def amx_isa():
     cpp._C.set_lowbit_isa(default)
 
 
-# 4/8-bit codes from 3 (4 bits) or 2 (8 bits) bf16 activation rows on AMX tiles: exact codes with each
-# group's sums scaled in fp32, so within the bf16 output's own rounding of float64. N in one
+# 4/8-bit codes from 3 (4 bits) or 2 (8 bits) bf16 activation rows on AMX tiles: exact codes with
+# each group's sums scaled in fp32, so within the bf16 output's own rounding of float64. N in one
 # partial 32-row panel, past whole panels, several panels; M on both sides of the switch and of
 # whole 16-row tiles; groups of one to eight 32-code blocks (4-bit codes in groups of 128 and 256
 # take the pair-order decode, AmxCodes::kPairs); fresh data each case.

@@ -7,10 +7,10 @@ round). A case is ``NxKxMxBITSxGROUP``: one ``lowbit_linear`` call with M activa
 against an N x K weight, one thread, timed by the CPU time of the calling thread over about
 ``--seconds`` of calls (with ``--threads N`` above 1: N threads, by the wall clock). Prints the
 minimum (the steadier figure on a shared machine) and the median per build and round, in ms.
-With ``--cold`` a buffer of ``--evict-mb`` MiB (64; above the last-level cache's size where it is
-larger, e.g. 512 on a CPU with 300 MiB of L3) is written before each timed call (not timed), so the weights
-come from memory, as in the interleaved rounds of ``bench/ops/lowbit_linear.py``, where other
-methods' weights pass through the caches in between.
+With ``--cold`` a buffer of ``--evict-mb`` MiB (64; more than the last-level cache where that is
+larger, e.g. 512 with 300 MiB of L3) is written before each timed call (not timed), so the
+weights come from memory, as in the interleaved rounds of ``bench/ops/lowbit_linear.py``, where
+other methods' weights pass through the caches in between.
 
 Usage: python bench/ops/ab_builds.py --a OLD/_C.so --b NEW/_C.so [--rounds 2] [--dtype float32]
        [--cold [--evict-mb 512]] [--threads 2] 4096x4096x16x4x128 1536x576x4x3x64 ...
