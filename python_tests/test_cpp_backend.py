@@ -829,11 +829,12 @@ def amx_isa():
     cpp._C.set_lowbit_isa(default)
 
 
-# 4/8-bit codes from 3 (4 bits) or 2 (8 bits) bf16 activation rows on AMX tiles: exact codes with
-# each group's sums scaled in fp32, so within the bf16 output's own rounding of float64. N in one
-# partial 32-row panel, past whole panels, several panels; M on both sides of the switch and of
-# whole 16-row tiles; groups of one to eight 32-code blocks (4-bit codes in groups of 128 and 256
-# take the pair-order decode, AmxCodes::kPairs); fresh data each case.
+# 4/8-bit codes from 3 (4 bits; 4 in groups below 128) or 2 (8 bits) bf16 activation rows on AMX
+# tiles: exact codes with each group's sums scaled in fp32, so within the bf16 output's own
+# rounding of float64. N in one partial 32-row panel, past whole panels, several panels; M on
+# both sides of the switches and of whole 16-row tiles; groups of one to eight 32-code blocks
+# (4-bit codes in groups of 128 and 256 take the pair-order decode, AmxCodes::kPairs); fresh data
+# each case.
 @pytest.mark.parametrize("bits", (4, 8))
 @pytest.mark.parametrize("group,k", [(32, 64), (64, 576), (128, 896), (32, 1056), (256, 1280)])
 @pytest.mark.parametrize("m", (2, 3, 4, 5, 16, 17, 40))
@@ -899,7 +900,8 @@ def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
 
 
 def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
-    # 2/3-bit codes, groups of 16 codes and M below the switch (3 rows for 4-bit codes, 2 for 8-bit)
+    # 2/3-bit codes, groups of 16 codes and M below the switch (3 rows for 4-bit codes, 4 in groups
+    # below 128 codes, 2 for 8-bit)
     # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels: the
     # paths' fp32 sums differ in the last bits, so which one ran shows in the fp32 output of
     # bf16-valued fp32 rows (the "medium" path).
@@ -911,7 +913,8 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
         return y
 
     vector = _best_vector_bf16_isa()
-    for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 3, "tiles"), (4, 128, 2, vector), (8, 128, 2, "tiles"),
+    for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 4, "tiles"), (4, 64, 3, vector), (4, 128, 2, vector),
+                                 (8, 128, 2, "tiles"),
                                  (8, 128, 1, "avx512"), (8, 16, 4, "avx512"), (2, 128, 16, vector),
                                  (3, 128, 16, vector), (4, 16, 16, vector)):
         x, qw, _ = _lowbit_case(64, 2048 if m == 1 else 512, m, bits, group, torch.float32, bias=False, seed=bits + m)

@@ -7,7 +7,8 @@
 //   whole 64-byte chunks (lowbit_w8_vnni): the row as three signed bytes of a per-group 22-bit fixed
 //   point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
-//   tiles, bits 4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2): exact codes
+//   tiles, bits 4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 4 bits in groups
+//   below 128: 4): exact codes
 //   x bf16 with tdpbf16ps (4-bit codes in groups of 128 decoded in the vector kernels' pair order),
 //   each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to bf16, as below), fp32
 //   activations from 3 rows as three bf16 parts (isa/lowbit_amx.cpp, amx_min_rows);
@@ -340,8 +341,10 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
 // 4096 x 4096 1.15 / 1.15, 1536 x 576 g64 0.083-0.098 / 0.099; M = 3 4096 x 4096 1.58-1.61 / 1.11;
 // M = 4 1.98 / 1.05-1.10, 4864 x 896 0.51-0.52 / 0.24-0.26, 1536 x 576 g64 0.155-0.163 / 0.100; W8
 // M = 2 4096 x 4096 1.51-1.80 / 1.50-1.61, 576 x 1536 0.115-0.153 / 0.088, M = 3 2.03-2.20 / 1.62-1.72
-// (bench/results/ops/s47/experiments.txt).
-constexpr int64_t amx_min_rows(int bits) { return bits == 8 ? 2 : 3; }
+// (bench/results/ops/s47/experiments.txt). 4-bit codes in the natural decode (groups below 128
+// codes) start at M = 4: 1536 x 576 g64 M = 3 0.103 / 0.102-0.164 (two threads 0.059-0.068 /
+// 0.091-0.116), M = 4 0.127-0.136 / 0.105-0.117.
+constexpr int64_t amx_min_rows(int bits, bool pair_codes) { return bits == 8 ? 2 : pair_codes ? 3 : 4; }
 // fp32 rows as three bf16 parts each (amx_fp32_rows), against the fp32 kernels, same runs, ms: M = 3
 // 4096 x 4096 W8 1.91-2.12 / 1.68-1.80, M = 4 4096 x 4096 W4 2.32-3.65 / 1.13-1.21, 4864 x 896
 // 0.55-0.62 / 0.33-0.42, 576 x 1536 0.117-0.135 / 0.074-0.080, 1536 x 576 g64 0.152-0.178 /
@@ -381,7 +384,8 @@ bool bf16_rows_take(const Isa& isa, int bits, int64_t M) {
 // rows, or M fp32 rows as bf16 parts (`parts`).
 bool amx_takes(const Isa& isa, const LowbitProblem& p, bool parts) {
 #if defined(SK_HAVE_AMX)
-  return isa.amx && p.M >= (parts ? kAmxFp32MinRows : amx_min_rows(p.bits)) &&
+  const bool pairs = isa_amx::pair_layout(p.bits, p.group_size, p.K);
+  return isa.amx && p.M >= (parts ? kAmxFp32MinRows : amx_min_rows(p.bits, pairs)) &&
          isa_amx::layout(p.bits, p.group_size, p.K);
 #else
   (void)isa, (void)p, (void)parts;
