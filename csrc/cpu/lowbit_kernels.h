@@ -189,14 +189,14 @@ namespace isa_avx512 { const LowbitKernels& lowbit_kernels(); }
 // AVX-512 BF16 adds bf16_rows to the AVX-512 fp32 kernels; the same source built with VBMI
 // too (isa_avx512bf16vbmi) also takes 3-bit codes.
 namespace isa_avx512bf16 { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
-// AMX tiles for 4/8-bit codes x bf16 activations (isa/lowbit_amx.cpp; built where the compiler
-// takes -mamx-tile, SK_HAVE_AMX).
 // How isa_amx::rows decodes the weight into A tiles: every code in natural order (the activations
 // as they come), or 4-bit codes in the bf16 kernels' pair order (ActOrder::kBf16Rows), one shift
 // and one and-or per 32 codes, each code plus an offset (kCodeOffset in isa/bf16_codes.h) that the
 // zero point takes back: 128 (kPairs) for bf16 activations, 16 (kFinePairs) for fp32 rows sent as
 // bf16 parts, whose sums would lose fp32 bits to the larger offset.
 enum class AmxCodes { kNatural, kPairs, kFinePairs };
+// AMX tiles for 4/8-bit codes x bf16 activations (isa/lowbit_amx.cpp; built where the compiler
+// takes -mamx-tile, SK_HAVE_AMX).
 namespace isa_amx {
 // Whether this CPU and OS run AMX-BF16 tiles (asks Linux for the tile state on the first call).
 bool available();

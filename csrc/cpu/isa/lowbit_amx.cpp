@@ -259,13 +259,18 @@ void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, AmxCod
   const int64_t x_tiles = activation_tiles(M), blocks = K / kBlockK, G = K / group_size, Mp = 16 * x_tiles;
   // Pair order: k-block v of a 128-code chunk holds its codes 4 j + c (j < 32), c = 2 (v % 2) + v / 2
   // (bf16_position), picked from the chunk's four vectors two at a time.
-  alignas(64) uint16_t pick[kPairs<4>][32];
-  for (int v = 0; v < kPairs<4>; ++v)
-    for (int i = 0; i < 32; ++i) pick[v][i] = static_cast<uint16_t>(4 * (i % 16) + 2 * (v % 2) + v / 2);
+  alignas(64) static constexpr auto pick = [] {
+    struct {
+      uint16_t v[kPairs<4>][32];
+    } t{};
+    for (int v = 0; v < kPairs<4>; ++v)
+      for (int i = 0; i < 32; ++i) t.v[v][i] = static_cast<uint16_t>(4 * (i % 16) + 2 * (v % 2) + v / 2);
+    return t;
+  }();
   const auto block = [&](const uint16_t* row, int64_t kb) {
     if (codes == AmxCodes::kNatural) return _mm512_loadu_si512(row + kb * kBlockK);
     const uint16_t* chunk = row + kb / kPairs<4> * kChunkCodes<4>;
-    const __m512i idx = _mm512_load_si512(pick[kb % kPairs<4>]);
+    const __m512i idx = _mm512_load_si512(pick.v[kb % kPairs<4>]);
     const __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(chunk), idx, _mm512_loadu_si512(chunk + 32));
     const __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(chunk + 64), idx, _mm512_loadu_si512(chunk + 96));
     return _mm512_mask_blend_epi16(0xffff0000u, lo, hi);
