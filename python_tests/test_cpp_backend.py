@@ -829,13 +829,14 @@ def amx_isa():
     cpp._C.set_lowbit_isa(default)
 
 
-# 4/8-bit codes from 3 (4 bits; 4 in groups below 128) or 2 (8 bits) bf16 activation rows on AMX
+# 2/3/4/8-bit codes from amx_min_rows bf16 activation rows (3 for 3 bits and for 4 bits in groups
+# of 128 or more, 4 for the other 2/4-bit layouts, 2 for 8 bits) on AMX
 # tiles: exact codes with each group's sums scaled in fp32, so within the bf16 output's own
 # rounding of float64. N in one partial 32-row panel, past whole panels, several panels; M on
 # both sides of the switches and of whole 16-row tiles; groups of one to eight 32-code blocks
-# (4-bit codes in groups of 128 and 256 take the pair-order decode, AmxCodes::kPairs); fresh data
+# (4-bit codes in groups of 128 and 256 take the pair-order decode, AmxCodes::pairs); fresh data
 # each case.
-@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("group,k", [(32, 64), (64, 576), (128, 896), (32, 1056), (256, 1280)])
 @pytest.mark.parametrize("m", (2, 3, 4, 5, 16, 17, 40))
 def test_lowbit_amx_tiles(amx_isa, bits, group, k, m):
@@ -846,7 +847,7 @@ def test_lowbit_amx_tiles(amx_isa, bits, group, k, m):
         assert _rel_err(y, want64) <= _rel_err(want64.bfloat16(), want64) + 1e-4, n
 
 
-@pytest.mark.parametrize("bits,group,k", [(4, 32, 576), (8, 128, 1024), (4, 64, 2112)])
+@pytest.mark.parametrize("bits,group,k", [(4, 32, 576), (8, 128, 1024), (4, 64, 2112), (2, 64, 576), (3, 32, 1056)])
 def test_lowbit_amx_scaled_tiles_from_256_rows(amx_isa, fp32_precision, bits, group, k):
     # From 256 bf16 rows (kBf16ScaledPanelMinRows, as the vector bf16 kernels) the tiles hold W
     # dequantised to bf16 and sum over the whole K: the result is x @ bf16(W)^T with fp32 sums; 255
@@ -874,14 +875,14 @@ def test_lowbit_amx_fp32_rows_under_medium_precision(amx_isa, fp32_precision, bi
     assert _rel_err(y, want64) <= 1e-5
 
 
-@pytest.mark.parametrize("bits", (4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("m", (3, 5, 17, 40))
 @pytest.mark.parametrize("group,k", [(64, 576), (128, 640)])
 def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
     # fp32 activations ("highest" precision) take the tiles as three bf16 parts per row: each row
     # within the fp32 promise, also a row of 1e-37 (its parts would be subnormal, which the tiles
-    # read as zero: such a call runs on the fp32 kernels) and one of 1e30. 4-bit codes in groups
-    # of 128 take the pair-order decode with its small offset (AmxCodes::kFinePairs).
+    # read as zero: such a call runs on the fp32 kernels) and one of 1e30. The 2-4-bit decodes add
+    # their small offset (AmxCodes::fine): 4-bit codes in groups of 128 in pair order, else natural.
     g = _gen(70 + bits + m + group)
     qw = quantize_weight(torch.randn(45, k, generator=g), bits, group)
     w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, group, k)
@@ -900,8 +901,8 @@ def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
 
 
 def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
-    # 2/3-bit codes, groups of 16 codes and M below the switch (3 rows for 4-bit codes, 4 in groups
-    # below 128 codes, 2 for 8-bit)
+    # Groups of 16 codes and M below the switch (3 rows for 4-bit codes, 4 in groups below 128
+    # codes and for 2-bit codes, 3 for 3-bit codes, 2 for 8-bit)
     # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels: the
     # paths' fp32 sums differ in the last bits, so which one ran shows in the fp32 output of
     # bf16-valued fp32 rows (the "medium" path).
@@ -915,8 +916,9 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     vector = _best_vector_bf16_isa()
     for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 4, "tiles"), (4, 64, 3, vector), (4, 128, 2, vector),
                                  (8, 128, 2, "tiles"),
-                                 (8, 128, 1, "avx512"), (8, 16, 4, "avx512"), (2, 128, 16, vector),
-                                 (3, 128, 16, vector), (4, 16, 16, vector)):
+                                 (8, 128, 1, "avx512"), (8, 16, 4, "avx512"), (2, 128, 16, "tiles"),
+                                 (2, 64, 4, "tiles"), (2, 128, 3, vector), (3, 128, 3, "tiles"), (3, 64, 2, vector),
+                                 (4, 16, 16, vector)):
         x, qw, _ = _lowbit_case(64, 2048 if m == 1 else 512, m, bits, group, torch.float32, bias=False, seed=bits + m)
         x = x.bfloat16().float()
         y = run(x, qw, bits, group)

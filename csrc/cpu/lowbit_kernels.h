@@ -189,18 +189,21 @@ namespace isa_avx512 { const LowbitKernels& lowbit_kernels(); }
 // AVX-512 BF16 adds bf16_rows to the AVX-512 fp32 kernels; the same source built with VBMI
 // too (isa_avx512bf16vbmi) also takes 3-bit codes.
 namespace isa_avx512bf16 { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
-// How isa_amx::rows decodes the weight into A tiles: every code in natural order (the activations
-// as they come), or 4-bit codes in the bf16 kernels' pair order (ActOrder::kBf16Rows), one shift
-// and one and-or per 32 codes, each code plus an offset (kCodeOffset in isa/bf16_codes.h) that the
-// zero point takes back: 128 (kPairs) for bf16 activations, 16 (kFinePairs) for fp32 rows sent as
-// bf16 parts, whose sums would lose fp32 bits to the larger offset.
-enum class AmxCodes { kNatural, kPairs, kFinePairs };
-// AMX tiles for 4/8-bit codes x bf16 activations (isa/lowbit_amx.cpp; built where the compiler
+// How isa_amx::rows decodes 2-4-bit codes into A tiles: in natural order (the activations as they
+// come), or 4-bit codes in groups of 128 or more in the bf16 kernels' pair order (ActOrder::kBf16Rows:
+// `pairs`), each code plus an offset (kCodeOffset in isa/bf16_codes.h) that the zero point takes
+// back: 128 for bf16 activations, 2^bits (`fine`) for fp32 rows sent as bf16 parts, whose sums
+// would lose fp32 bits to the larger offset. 8-bit codes: natural, no offset.
+struct AmxCodes {
+  bool pairs = false, fine = false;
+};
+// AMX tiles for 2/3/4/8-bit codes x bf16 activations (isa/lowbit_amx.cpp; built where the compiler
 // takes -mamx-tile, SK_HAVE_AMX).
 namespace isa_amx {
-// Whether this CPU and OS run AMX-BF16 tiles (asks Linux for the tile state on the first call).
+// Whether this CPU and OS run AMX-BF16 tiles with AVX-512 VBMI (asks Linux for the tile state on
+// the first call).
 bool available();
-// Whether rows() takes the layout: bits 4 or 8, K and group_size multiples of 32.
+// Whether rows() takes the layout: bits 2, 3, 4 or 8, K and group_size multiples of 32.
 bool layout(int bits, int64_t group_size, int64_t K);
 // Whether rows() can take the layout's codes in pair order: 4 bits, K and group_size multiples of
 // 128 (a 64-byte chunk's four k-blocks mix its codes, so a chunk must lie in one group).
@@ -208,10 +211,10 @@ bool pair_layout(int bits, int64_t group_size, int64_t K);
 // Activation tiles of 16 rows for M rows.
 int64_t activation_tiles(int64_t M);
 // bf16 x [M, K] (natural order) as the kernel's activation tiles [K / 32][activation_tiles(M)][16 pairs
-// of k][16 rows] (rows past M zero; k in the order `codes` decodes the weight) and xsum
+// of k][16 rows] (rows past M zero; k in natural order, or in the pair order of AmxCodes::pairs) and xsum
 // [K / group_size][16 * activation_tiles(M)], the fp32 sum of each group (none where xsum is null:
 // rows() in its `scaled` form reads no sums), for tiles [m_tile0, m_tile1).
-void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, AmxCodes codes, int64_t m_tile0,
+void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, bool pairs, int64_t m_tile0,
              int64_t m_tile1, uint16_t* tiles, float* xsum);
 // fp32 rows [m0, m1) of x [M, K] as `parts` bf16 rows each into out [M * parts, K] (row m * parts + j:
 // part j, each the rounding error of the ones before; the sum is x to within 2^-27 of each value
@@ -219,7 +222,7 @@ void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, AmxCod
 // values all lie below 2^-64 (the tiles read subnormal inputs as zero, and its later parts are).
 bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int parts, uint16_t* out);
 // Weight rows [n_begin, n_end) (n_begin a multiple of 32) of p with p.x16 and p.xsum from prepare()
-// with the same `codes`; writes p.y32 where set, else p.y16, bias added. `scaled` (natural codes
+// with the same codes.pairs; writes p.y32 where set, else p.y16, bias added. `scaled` (natural codes
 // only): the weight dequantised to bf16 (q * scale + zero rounded, as a dense bf16 F.linear
 // multiplies it) and summed over the whole K, instead of exact codes with each group's sums
 // scaled in fp32.

@@ -7,9 +7,9 @@
 //   whole 64-byte chunks (lowbit_w8_vnni): the row as three signed bytes of a per-group 22-bit fixed
 //   point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
-//   tiles, bits 4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 4 bits in groups
-//   below 128: 4): exact codes
-//   x bf16 with tdpbf16ps (4-bit codes in groups of 128 decoded in the vector kernels' pair order),
+//   tiles, bits 2/3/4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 2 bits, and 4
+//   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128
+//   decoded in the vector kernels' pair order),
 //   each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to bf16, as below), fp32
 //   activations from 3 rows as three bf16 parts (isa/lowbit_amx.cpp, amx_min_rows);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
@@ -50,7 +50,7 @@ struct Isa {
   const Int8Kernels* int8;
   bool w8_vnni;  // the 8-bit VNNI path (isa/lowbit_w8_vnni.cpp) for bf16 activations
   bool bf16_w3;  // bf16_rows takes 3-bit codes (built with VBMI)
-  bool amx = false;  // 4/8-bit codes from amx_min_rows activation rows on AMX tiles (isa/lowbit_amx.cpp)
+  bool amx = false;  // 2/3/4/8-bit codes from amx_min_rows activation rows on AMX tiles (isa/lowbit_amx.cpp)
   // Below the tiles the fp32 (FMA) kernels take one fp32 row of 2-4-bit codes (not three bf16
   // parts, split_fp32_row) and bf16 rows of 8-bit codes the VNNI path leaves (not bf16_rows, whose
   // 8-bit decode goes through fp32): on these CPUs two 512-bit FMA ports outrun vdpbf16ps.
@@ -103,7 +103,7 @@ const std::vector<Isa>& isas() {
     // VBMI adds the 3-bit decode to the bf16 kernels (the same source built with -mavx512vbmi).
     v.push_back({"avx512_bf16_vbmi", cpu_has("avx512_bf16_vbmi"), &isa_avx512::lowbit_kernels(),
                  isa_avx512bf16vbmi::bf16_rows(), isa_avx512bf16vbmi::bf16_prepare(), best512, vnni, true});
-    // AMX adds tiles for 4/8-bit codes at larger M to the best bf16 kernels.
+    // AMX adds tiles for 2/3/4/8-bit codes at larger M to the best bf16 kernels.
     const bool vbmi = cpu_has("avx512_bf16_vbmi");
     v.push_back({"avx512_amx", cpu_has("avx512_amx"), &isa_avx512::lowbit_kernels(),
                  vbmi ? isa_avx512bf16vbmi::bf16_rows() : isa_avx512bf16::bf16_rows(),
@@ -333,7 +333,7 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
   return true;
 }
 
-// Activation rows from which AMX tiles take bf16 rows of 4/8-bit codes (isa/lowbit_amx.cpp): below,
+// Activation rows from which AMX tiles take bf16 rows of 2/3/4/8-bit codes (isa/lowbit_amx.cpp): below,
 // the vector kernels are as fast or faster (their time grows with M, the tiles' hardly does up to
 // 16 rows, but starts higher: 4096 x 4096 W4 M = 1 0.67-0.69 ms against 1.11-1.12, one thread,
 // warm). Intel Xeon (AMX-BF16), one thread, weights out of L2, ms, the vector kernels (W8: the
@@ -343,21 +343,28 @@ bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
 // M = 2 4096 x 4096 1.51-1.80 / 1.50-1.61, 576 x 1536 0.115-0.153 / 0.088, M = 3 2.03-2.20 / 1.62-1.72
 // (bench/results/ops/s47/experiments.txt). 4-bit codes in the natural decode (groups below 128
 // codes) start at M = 4: 1536 x 576 g64 M = 3 0.103 / 0.102-0.164 (two threads 0.059-0.068 /
-// 0.091-0.116), M = 4 0.127-0.136 / 0.105-0.117.
-constexpr int64_t amx_min_rows(int bits, bool pair_codes) { return bits == 8 ? 2 : pair_codes ? 3 : 4; }
+// 0.091-0.116), M = 4 0.127-0.136 / 0.105-0.117. 2- and 3-bit codes (natural decode, session 48):
+// W3 from M = 3 (4096 x 4096 1.53-1.63 / 1.34-1.43, 576 x 1536 0.088-0.092 / 0.073-0.078,
+// 1536 x 576 g64 0.111 / 0.116-0.126), W2 from M = 4 (M = 3 4096 x 4096 1.31-1.48 / 1.42-1.54,
+// 1536 x 576 g64 0.089-0.092 / 0.120-0.132; M = 4 4096 x 4096 1.69-1.82 / 1.46-1.52, 4864 x 896
+// 0.59-0.60 / 0.44-0.47, 1536 x 576 g64 0.110-0.117 / 0.124-0.133).
+constexpr int64_t amx_min_rows(int bits, bool pair_codes) {
+  return bits == 8 ? 2 : pair_codes || bits == 3 ? 3 : 4;
+}
 // fp32 rows as three bf16 parts each (amx_fp32_rows), against the fp32 kernels, same runs, ms: M = 3
 // 4096 x 4096 W8 1.91-2.12 / 1.68-1.80, M = 4 4096 x 4096 W4 2.32-3.65 / 1.13-1.21, 4864 x 896
 // 0.55-0.62 / 0.33-0.42, 576 x 1536 0.117-0.135 / 0.074-0.080, 1536 x 576 g64 0.152-0.178 /
 // 0.126-0.142; M = 2 mixed (576 x 1536 W4 0.085-0.145 / 0.076-0.195, W8 0.078-0.105 / 0.098-0.110).
+// The same holds for 2/3-bit codes (session 48): M = 3 4096 x 4096 W2 1.93-2.46 / 1.52-1.64, W3
+// 1.97-2.12 / 1.42-1.46, 576 x 1536 W2 0.103-0.112 / 0.081-0.085, but 1536 x 576 g64 W2
+// 0.108-0.116 / 0.138-0.143.
 constexpr int64_t kAmxFp32MinRows = 3;
 
 #if defined(SK_HAVE_AMX)
 // bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
 // isa_amx::rows. `fine`: fp32 rows sent as bf16 parts (AmxCodes).
 void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
-  const AmxCodes codes = scaled || !isa_amx::pair_layout(p.bits, p.group_size, p.K) ? AmxCodes::kNatural
-                         : fine                                                   ? AmxCodes::kFinePairs
-                                                                                  : AmxCodes::kPairs;
+  const AmxCodes codes{!scaled && isa_amx::pair_layout(p.bits, p.group_size, p.K), fine};
   const int64_t tiles = isa_amx::activation_tiles(p.M);
   thread_local AlignedVector<uint16_t> xt;
   thread_local AlignedVector<float> xsum;
@@ -366,7 +373,7 @@ void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
   uint16_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
   float* sums = scaled ? nullptr : xsum.data();
   parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
-    isa_amx::prepare(x, p.M, p.K, p.group_size, codes, t0, t1, tiles_out, sums);
+    isa_amx::prepare(x, p.M, p.K, p.group_size, codes.pairs, t0, t1, tiles_out, sums);
   });
   p.x16 = tiles_out;
   p.xsum = sums;

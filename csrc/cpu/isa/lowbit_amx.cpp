@@ -1,13 +1,13 @@
-// 4- and 8-bit codes x bf16 activations on CPUs with AMX (Intel Xeon from Sapphire Rapids on):
+// 2-, 3-, 4- and 8-bit codes x bf16 activations on CPUs with AMX (Intel Xeon from Sapphire Rapids on):
 // tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 fp32 sums, 16384
 // products per instruction, where AVX-512 BF16 does 32. On such a CPU torch's dense bf16
 // F.linear runs on these tiles through oneDNN, and the vector kernels fell 2-9x behind it from
 // M = 16 (bench/results/ops/README.md, session 45).
 //
 // The weight rows are the A operand: sixteen rows of 32 consecutive codes each, decoded from the
-// packed bytes into exact bf16 integers (a 4-bit pair is one byte: two nibbles looked up in a
-// 16-entry bf16 table; 8-bit codes go through fp32), one group of 32 weight rows (two A tiles)
-// at a time into L1, where it serves every activation tile. The activations are the B operand,
+// packed bytes into exact bf16 integers (2-4 bits: each code plus an offset, its field picked out
+// of the bit stream by vpmultishiftqb; 8-bit codes go through fp32), one group of 32 weight rows
+// (two A tiles) at a time into L1, where it serves every activation tile. The activations are the B operand,
 // rearranged once per call into 1 KiB tiles of 16 pairs of k by 16 rows (the VNNI layout
 // tdpbf16ps reads). Each group's tile sums are taken out of the tiles and scaled: y += scale *
 // sum(x * q) + zero * sum(x), so the weight is never rounded (the op's 1e-3 promise for bf16
@@ -15,7 +15,8 @@
 // rows (`scaled`) a panel's whole K is dequantised to bf16 instead and summed with no per-group
 // step, as the vector kernels' scaled panels do.
 //
-// Layouts: bits 4 and 8, K and the group size multiples of 32 (whole 32-code k-blocks per group).
+// Layouts: bits 2, 3, 4 and 8, K and the group size multiples of 32 (whole 32-code k-blocks per
+// group).
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -52,12 +53,31 @@ void load_tile_config() {
   _tile_loadconfig(&c);
 }
 
-// One k-block of a 4-bit row: 16 bytes, code 2j in the low nibble of byte j, as bf16 integers.
-inline __m512i codes4(const uint8_t* src, __m512i table) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  // u16 lane 2j = low nibble of byte j, lane 2j + 1 = its high nibble: (b | b << 12) & 0x000f000f.
-  const __m512i idx = _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), _mm512_set1_epi32(0x000f000f));
-  return _mm512_permutexvar_epi16(idx, table);
+// One k-block of a row of B-bit codes (B = 2, 3, 4; 4 B bytes from src, the row's little-endian
+// bit stream) as bf16 codes plus kCodeOffset<B, F> in natural order: one masked load (no read
+// past the block), one vpermb that gives u64 lane l the bytes holding codes 4 l .. 4 l + 3, one
+// vpmultishiftqb that moves each code's field to the top of its u16 lane's mantissa
+// (kMantissaShift; the rotate's wrapped bits fall outside the field) and one and-or
+// (codes_as_bf16): four operations per 32 codes, any bits, any group of whole k-blocks.
+template <int B, bool F>
+inline __m512i natural_codes(const uint8_t* src) {
+  struct Tables {
+    uint8_t bytes[64], fields[64];
+  };
+  alignas(64) static constexpr Tables t = [] {
+    Tables t{};
+    for (int l = 0; l < 8; ++l)
+      for (int i = 0; i < 8; ++i) {
+        t.bytes[8 * l + i] = static_cast<uint8_t>(l * B / 2 + i);  // codes 4 l .. from bit 4 l B
+        // Byte 2 j of lane l: code 4 l + j's field, which starts (4 l B) % 8 + B j bits into the lane.
+        const int at = 4 * (l * B % 2) + B * (i / 2) - kMantissaShift<B, F>;
+        t.fields[8 * l + i] = static_cast<uint8_t>(i % 2 ? 0 : at & 63);
+      }
+    return t;
+  }();
+  const __m512i raw = _mm512_maskz_loadu_epi8((1ull << (4 * B)) - 1, src);
+  const __m512i lanes = _mm512_permutexvar_epi8(_mm512_load_si512(t.bytes), raw);
+  return codes_as_bf16<B, F>(_mm512_multishift_epi64_epi8(_mm512_load_si512(t.fields), lanes));
 }
 
 // One k-block of an 8-bit row: 32 bytes, one code each.
@@ -86,31 +106,33 @@ inline void prefetch_ahead(const LowbitProblem& p, int64_t n0, int64_t r, int64_
     _mm_prefetch(reinterpret_cast<const char*>(p.qweight + row * p.row_bytes + ahead + b), _MM_HINT_T0);
 }
 
-// Blocks [kb0, kb1) of weight rows [n0, n0 + 32) as A tiles, [kb - kb0][32 rows][32 codes]; rows
-// past N are zeros. Natural codes: k in order, each 4-bit pair one byte through a 16-entry table.
+// Blocks [kb0, kb1) of weight rows [n0, n0 + 32) of B-bit codes as A tiles, [kb - kb0][32
+// rows][32 codes]; rows past N are zeros. Natural codes: k in order (2-4 bits plus
+// kCodeOffset<B, F>: natural_codes).
+template <int B, bool F>
 void decode_natural(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
-  alignas(64) static const uint16_t bf16_of[32] = {  // bf16 of v & 15, for vpermw
-      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120,
-      0x4130, 0x4140, 0x4150, 0x4160, 0x4170, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0,
-      0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-  const __m512i table = _mm512_load_si512(bf16_of);
-  const int64_t rows = std::min(kPanelRows, p.N - n0), block_bytes = kBlockK * p.bits / 8;
+  constexpr int64_t block_bytes = kBlockK * B / 8;
+  const int64_t rows = std::min(kPanelRows, p.N - n0);
   for (int64_t r = 0; r < kPanelRows; ++r) {
     uint16_t* dst = out + r * kBlockK;
     const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes + kb0 * block_bytes;
     prefetch_ahead(p, n0, r, kb0 * block_bytes, (kb1 - kb0) * block_bytes);
     for (int64_t kb = 0; kb < kb1 - kb0; ++kb) {
-      const __m512i codes = r >= rows ? _mm512_setzero_si512()
-                            : p.bits == 4 ? codes4(src + kb * block_bytes, table)
-                                          : codes8(src + kb * block_bytes);
+      __m512i codes = _mm512_setzero_si512();
+      if (r < rows) {
+        if constexpr (B == 8)
+          codes = codes8(src + kb * block_bytes);
+        else
+          codes = natural_codes<B, F>(src + kb * block_bytes);
+      }
       _mm512_store_si512(dst + kb * kPanelRows * kBlockK, codes);
     }
   }
 }
 
-// decode_natural's blocks for 4-bit codes in the bf16 kernels' pair order (AmxCodes::kPairs; F:
-// kFinePairs): a 64-byte chunk is four k-blocks, each one shift and one and-or (decode_pair),
-// against 5 operations for each natural block. kb0 and kb1 are multiples of 4.
+// decode_natural's blocks for 4-bit codes in the bf16 kernels' pair order (AmxCodes::pairs; F:
+// fine): a 64-byte chunk is four k-blocks, each one shift and one and-or (decode_pair), against
+// four operations for each natural block. kb0 and kb1 are multiples of 4.
 template <bool F>
 void decode_pairs(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
   const int64_t rows = std::min(kPanelRows, p.N - n0);
@@ -130,45 +152,72 @@ void decode_pairs(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, 
   }
 }
 
-void decode_blocks(AmxCodes codes, const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
-  if (codes == AmxCodes::kNatural)
-    decode_natural(p, n0, kb0, kb1, out);
-  else if (codes == AmxCodes::kPairs)
-    decode_pairs<false>(p, n0, kb0, kb1, out);
-  else
-    decode_pairs<true>(p, n0, kb0, kb1, out);
+template <bool F>
+void decode_blocks(const LowbitProblem& p, bool pairs, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
+  switch (p.bits) {
+    case 2: return decode_natural<2, F>(p, n0, kb0, kb1, out);
+    case 3: return decode_natural<3, F>(p, n0, kb0, kb1, out);
+    case 4: return pairs ? decode_pairs<F>(p, n0, kb0, kb1, out) : decode_natural<4, F>(p, n0, kb0, kb1, out);
+    default: return decode_natural<8, F>(p, n0, kb0, kb1, out);
+  }
 }
 
-// Weight rows [n0, n0 + 32) dequantised to bf16 (q * scale + zero rounded, as a dense bf16
-// F.linear has them) as A tiles of the whole K, [K / 32][32 rows][32 values]; rows past N zeros.
+void decode_blocks(AmxCodes codes, const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
+  if (codes.fine)
+    decode_blocks<true>(p, codes.pairs, n0, kb0, kb1, out);
+  else
+    decode_blocks<false>(p, codes.pairs, n0, kb0, kb1, out);
+}
+
+// One k-block of B-bit codes (src) as bf16 of q * s + z, in natural order.
+template <int B>
+inline __m512i scaled_codes(const uint8_t* src, __m512 s, __m512 z) {
+  if constexpr (B == 8) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+    const __m512 hi =
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s, z), _mm512_fmadd_ps(lo, s, z));
+  } else {
+    alignas(64) static constexpr uint16_t interleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    // u32 lane j of the decode holds codes 2 j (low half) and 2 j + 1 plus the offset, each exact
+    // in fp32 once moved to the lane's top half, and exact again without the offset.
+    const __m512i codes = natural_codes<B, false>(src);
+    const __m512 off = _mm512_set1_ps(kCodeOffset<B>);
+    const __m512 even = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(codes, 16)), off);
+    const __m512 odd = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_and_si512(codes, _mm512_set1_epi32(int(0xffff0000u)))), off);
+    const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(odd, s, z), _mm512_fmadd_ps(even, s, z));
+    return _mm512_permutexvar_epi16(_mm512_load_si512(interleave), w);
+  }
+}
+
+// Weight rows [n0, n0 + 32) of B-bit codes dequantised to bf16 (q * scale + zero rounded, as a
+// dense bf16 F.linear has them) as A tiles of the whole K, [K / 32][32 rows][32 values]; rows past
+// N zeros.
+template <int B>
 void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const float* zero, uint16_t* out) {
-  alignas(64) static const uint16_t interleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i pairs = _mm512_load_si512(interleave);
-  const int64_t rows = std::min(kPanelRows, p.N - n0), blocks = p.K / kBlockK, block_bytes = kBlockK * p.bits / 8;
-  const int64_t per_group = p.group_size / kBlockK;
+  constexpr int64_t block_bytes = kBlockK * B / 8;
+  const int64_t rows = std::min(kPanelRows, p.N - n0), blocks = p.K / kBlockK, per_group = p.group_size / kBlockK;
   for (int64_t r = 0; r < kPanelRows; ++r) {
     uint16_t* dst = out + r * kBlockK;
     const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes;
     for (int64_t kb = 0; kb < blocks; ++kb) {
-      __m512i w = _mm512_setzero_si512();
-      if (r < rows) {
-        const int64_t g = kb / per_group;
-        const __m512 s = _mm512_set1_ps(scale[r * p.G + g]), z = _mm512_set1_ps(zero[r * p.G + g]);
-        const uint8_t* b = src + kb * block_bytes;
-        const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-        if (p.bits == 4) {  // natural order: low nibble of byte j is code 2j
-          const __m512 even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(lo, _mm512_set1_epi32(15))), s, z);
-          const __m512 odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(lo, 4)), s, z);
-          w = _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
-        } else {
-          const __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
-          w = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s, z),
-                                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), s, z));
-        }
-      }
+      const int64_t g = kb / per_group;
+      const __m512i w = r < rows ? scaled_codes<B>(src + kb * block_bytes, _mm512_set1_ps(scale[r * p.G + g]),
+                                                   _mm512_set1_ps(zero[r * p.G + g]))
+                                 : _mm512_setzero_si512();
       _mm512_store_si512(dst + kb * kPanelRows * kBlockK, w);
     }
+  }
+}
+
+void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const float* zero, uint16_t* out) {
+  switch (p.bits) {
+    case 2: return decode_scaled<2>(p, n0, scale, zero, out);
+    case 3: return decode_scaled<3>(p, n0, scale, zero, out);
+    case 4: return decode_scaled<4>(p, n0, scale, zero, out);
+    default: return decode_scaled<8>(p, n0, scale, zero, out);
   }
 }
 
@@ -233,8 +282,8 @@ void tile_sums_for(int tiles, const uint16_t* w, const uint16_t* xtiles, int64_t
 bool available() {
   static const bool ok = [] {
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("amx-bf16") ||
-        !__builtin_cpu_supports("amx-tile"))
+    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vbmi") ||
+        !__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile"))
       return false;
     // Linux hands out the tile state (8 KiB per thread) only on request (ARCH_REQ_XCOMP_PERM,
     // XFEATURE_XTILEDATA); without it the first tile instruction faults.
@@ -245,7 +294,7 @@ bool available() {
 }
 
 bool layout(int bits, int64_t group_size, int64_t K) {
-  return (bits == 4 || bits == 8) && group_size % kBlockK == 0 && K % kBlockK == 0;
+  return (bits == 2 || bits == 3 || bits == 4 || bits == 8) && group_size % kBlockK == 0 && K % kBlockK == 0;
 }
 
 bool pair_layout(int bits, int64_t group_size, int64_t K) {
@@ -254,7 +303,7 @@ bool pair_layout(int bits, int64_t group_size, int64_t K) {
 
 int64_t activation_tiles(int64_t M) { return (M + 15) / 16; }
 
-void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, AmxCodes codes, int64_t m_tile0,
+void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, bool pairs, int64_t m_tile0,
              int64_t m_tile1, uint16_t* tiles, float* xsum) {
   const int64_t x_tiles = activation_tiles(M), blocks = K / kBlockK, G = K / group_size, Mp = 16 * x_tiles;
   // Pair order: k-block v of a 128-code chunk holds its codes 4 j + c (j < 32), c = 2 (v % 2) + v / 2
@@ -268,7 +317,7 @@ void prepare(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, AmxCod
     return t;
   }();
   const auto block = [&](const uint16_t* row, int64_t kb) {
-    if (codes == AmxCodes::kNatural) return _mm512_loadu_si512(row + kb * kBlockK);
+    if (!pairs) return _mm512_loadu_si512(row + kb * kBlockK);
     const uint16_t* chunk = row + kb / kPairs<4> * kChunkCodes<4>;
     const __m512i idx = _mm512_load_si512(pick.v[kb % kPairs<4>]);
     const __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(chunk), idx, _mm512_loadu_si512(chunk + 32));
@@ -340,8 +389,8 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
     to_float(static_cast<const uint8_t*>(p.zero) + at, p.scale_dtype, rows * G, zero.data());
     std::fill(scale.begin() + rows * G, scale.end(), 0.f);
     std::fill(zero.begin() + rows * G, zero.end(), 0.f);
-    if (codes != AmxCodes::kNatural) {  // the codes carry an offset: s (off + q) + (z - off s) = s q + z
-      const float off = codes == AmxCodes::kPairs ? kCodeOffset<4, false> : kCodeOffset<4, true>;
+    if (p.bits != 8 && !scaled) {  // the codes carry an offset: s (off + q) + (z - off s) = s q + z
+      const float off = static_cast<float>(1 << (codes.fine ? p.bits : 7));  // kCodeOffset<bits, fine>
       for (int64_t i = 0; i < rows * G; ++i) zero[i] -= off * scale[i];
     }
     std::fill(acc.begin(), acc.end(), 0.f);
