@@ -11,7 +11,8 @@
 //   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128
 //   decoded in the vector kernels' pair order),
 //   each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to bf16, as below), fp32
-//   activations from 3 rows as three bf16 parts (isa/lowbit_amx.cpp, amx_min_rows);
+//   activations from 3 rows as three bf16 parts, from 6 as three int8 digit planes on the
+//   AMX-INT8 tiles (isa/lowbit_amx.cpp, amx_min_rows, kAmxDigitMinRows);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
@@ -359,6 +360,14 @@ constexpr int64_t amx_min_rows(int bits, bool pair_codes) {
 // 1.97-2.12 / 1.42-1.46, 576 x 1536 W2 0.103-0.112 / 0.081-0.085, but 1536 x 576 g64 W2
 // 0.108-0.116 / 0.138-0.143.
 constexpr int64_t kAmxFp32MinRows = 3;
+// From this many fp32 rows the AMX-INT8 digit planes (amx_fp32_digits: 3 planes of 64 codes per
+// tdpbusd, a 3-operation decode per 64 codes) replace the bf16 parts where the layout allows
+// (session 48, one thread, ms, parts / digits): 4096 x 4096 W4 M = 5 1.20-1.27 / 1.54-1.64, M = 6
+// 1.58 / 1.57-1.65, M = 16 2.29-2.45 / 1.60-1.64 (W2 2.87-2.98 / 1.58-1.63, W8 2.94-3.02 /
+// 1.67-2.59), M = 64 7.5-9.0 / 4.98-5.11; 1536 x 576 g64 M = 6 0.155-0.160 / 0.130-0.143, M = 64
+// 0.72-0.78 / 0.39-0.42; 576 x 1536 M = 6 0.083-0.086 / 0.085-0.088, M = 64 0.45-0.51 / 0.28-0.29.
+// Below, its fixed cost (three C tiles per 16 weight rows and group) is the larger.
+constexpr int64_t kAmxDigitMinRows = 6;
 
 #if defined(SK_HAVE_AMX)
 // bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
@@ -414,6 +423,35 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 #endif
 }
 
+#if defined(SK_HAVE_AMX)
+// fp32 activations x [M, K] on the AMX-INT8 tiles as digit planes of a per-group fixed point
+// (isa_amx::prepare_digits), output y with bias. False where a row has a value the fixed point
+// cannot carry (the fp32 kernels then run).
+bool amx_fp32_digits(const float* x, LowbitProblem& p, float* y) {
+  const int64_t tiles = isa_amx::activation_tiles(p.M), Mp = 16 * tiles;
+  thread_local AlignedVector<int8_t> xt;
+  thread_local AlignedVector<float> unit, xsum;
+  xt.resize(tiles * 3 * 16 * p.K);
+  unit.resize(p.G * Mp);
+  xsum.resize(p.G * Mp);
+  int8_t* tiles_out = xt.data();
+  float *units = unit.data(), *sums = xsum.data();
+  std::atomic<bool> ok{true};
+  parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
+    if (!isa_amx::prepare_digits(x, p.M, p.K, p.group_size, t0, t1, tiles_out, units, sums)) ok = false;
+  });
+  if (!ok) return false;
+  LowbitProblem q = p;
+  q.x8 = tiles_out;
+  q.x8_unit = units;
+  q.xsum = sums;
+  q.y32 = y;
+  q.y16 = nullptr;
+  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::digit_rows(q, n0, n1); });
+  return true;
+}
+#endif
+
 // fp32 activations x [M, K] on the AMX tiles as kFp32Parts bf16 rows each (as one fp32 row goes
 // to the vector bf16 kernels, split_fp32_row), the parts' results added: within the fp32 kernels'
 // error (1e-5), at the tiles' speed. False where amx_takes does not hold, or a row has a value the
@@ -421,6 +459,7 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
 #if defined(SK_HAVE_AMX)
   if (!amx_takes(isa, p, true)) return false;
+  if (p.M >= kAmxDigitMinRows && isa_amx::digit_layout(p.bits, p.group_size, p.K)) return amx_fp32_digits(x, p, y);
   const int64_t M = p.M, K = p.K, N = p.N;
   thread_local AlignedVector<uint16_t> parts;
   thread_local AlignedVector<float> part_y;

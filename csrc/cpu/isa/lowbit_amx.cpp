@@ -22,6 +22,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "common/half.h"
 #include "cpu/isa/bf16_codes.h"
@@ -277,13 +279,128 @@ void tile_sums_for(int tiles, const uint16_t* w, const uint16_t* xtiles, int64_t
     tile_sums<1>(w, xtiles, x_tiles, kb0, blocks, mt, ctmp);
 }
 
+// A panel's sums acc [32 weight rows][16 x_tiles activation rows] (rows of it past `rows` unused)
+// to y [activation row][weight row] (p.y32 where set, else p.y16), bias added, 16 x 16 at a time.
+void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* acc, int64_t x_tiles) {
+  const int64_t Mp = 16 * x_tiles;
+  for (int a = 0; a * 16 < rows; ++a) {
+    const int64_t nr = std::min<int64_t>(16, rows - 16 * a);
+    const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
+    const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(keep, p.bias + n0 + 16 * a) : _mm512_setzero_ps();
+    for (int64_t mt = 0; mt < x_tiles; ++mt) {
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(acc + (16 * a + i) * Mp + mt * 16);
+      transpose16(v);
+      for (int64_t j = 0; j < 16 && mt * 16 + j < p.M; ++j) {
+        const int64_t m = mt * 16 + j;
+        const __m512 y = _mm512_add_ps(_mm512_castsi512_ps(v[j]), bias);
+        if (p.y32) {
+          _mm512_mask_storeu_ps(p.y32 + m * p.N + n0 + 16 * a, keep, y);
+        } else {
+          const __m256i h = (__m256i)_mm512_cvtneps_pbh(y);
+          _mm256_mask_storeu_epi16(p.y16 + m * p.N + n0 + 16 * a, keep, h);
+        }
+      }
+    }
+  }
+}
+
+// ---- fp32 rows as int8 digits (AMX-INT8) ----
+// An fp32 activation row as kDigitPlanes signed base-256 digits of a fixed point per group (unit
+// 2^e, |x| / unit < 2^22 for the group's largest |x|), each digit plane a B operand of tdpbusd
+// against the weight's codes as unsigned bytes: exact int32 sums, 64 codes per instruction where
+// tdpbf16ps takes 32, and a decode of one vpermb, one vpmultishiftqb and one and per 64 codes (8-bit
+// codes: a copy). The sums of a group's three planes are combined in fp32 and scaled once:
+// y += scale * unit * (C0 + 256 C1 + 65536 C2) + zero * sum(x), within 2^-23 of the group's
+// largest |x| per value, as fp32 sums are.
+constexpr int64_t kDigitBlockK = 64;  // codes per int8 k-block (one A tile row)
+constexpr int kDigitPlanes = 3;
+
+// One k-block of B-bit codes (B = 2, 3, 4; 8 B bytes from src) as 64 unsigned bytes in natural
+// order: vpermb gives u64 lane l the bytes from B l (its eight codes start at bit 8 B l, a whole
+// byte), vpmultishiftqb moves code i of the lane to byte i, an and keeps its B bits.
+template <int B>
+inline __m512i code_bytes(const uint8_t* src) {
+  struct Tables {
+    uint8_t bytes[64], fields[64];
+  };
+  alignas(64) static constexpr Tables t = [] {
+    Tables t{};
+    for (int l = 0; l < 8; ++l)
+      for (int i = 0; i < 8; ++i) {
+        t.bytes[8 * l + i] = static_cast<uint8_t>(B * l + i);
+        t.fields[8 * l + i] = static_cast<uint8_t>(B * i);
+      }
+    return t;
+  }();
+  const __m512i raw = _mm512_maskz_loadu_epi8(~0ull >> (64 - 8 * B), src);
+  const __m512i lanes = _mm512_permutexvar_epi8(_mm512_load_si512(t.bytes), raw);
+  return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(t.fields), lanes),
+                          _mm512_set1_epi8(static_cast<char>((1 << B) - 1)));
+}
+
+// Blocks [kb0, kb1) of weight rows [n0, n0 + 32) as unsigned bytes, [kb - kb0][32 rows][64 codes];
+// rows past N zeros.
+template <int B>
+void decode_bytes(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint8_t* out) {
+  constexpr int64_t block_bytes = kDigitBlockK * B / 8;
+  const int64_t rows = std::min(kPanelRows, p.N - n0);
+  for (int64_t r = 0; r < kPanelRows; ++r) {
+    uint8_t* dst = out + r * kDigitBlockK;
+    const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes + kb0 * block_bytes;
+    prefetch_ahead(p, n0, r, kb0 * block_bytes, (kb1 - kb0) * block_bytes);
+    for (int64_t kb = 0; kb < kb1 - kb0; ++kb) {
+      __m512i codes = _mm512_setzero_si512();
+      if (r < rows) {
+        if constexpr (B == 8)
+          codes = _mm512_loadu_si512(src + kb * block_bytes);
+        else
+          codes = code_bytes<B>(src + kb * block_bytes);
+      }
+      _mm512_store_si512(dst + kb * kPanelRows * kDigitBlockK, codes);
+    }
+  }
+}
+
+void decode_bytes(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint8_t* out) {
+  switch (p.bits) {
+    case 2: return decode_bytes<2>(p, n0, kb0, kb1, out);
+    case 3: return decode_bytes<3>(p, n0, kb0, kb1, out);
+    case 4: return decode_bytes<4>(p, n0, kb0, kb1, out);
+    default: return decode_bytes<8>(p, n0, kb0, kb1, out);
+  }
+}
+
+// The int32 sums of one 16-row half `a` of a decoded panel (w) with the kDigitPlanes planes of
+// activation tile mt over k-blocks [kb0, kb0 + blocks), into ctmp (plane j at 256 j).
+void digit_sums(const uint8_t* w, int a, const int8_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks,
+                int64_t mt, int32_t* ctmp) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const int8_t* x = xtiles + ((kb0 + kb) * x_tiles + mt) * kDigitPlanes * kTileBytes;
+    _tile_loadd(3, w + (kb * kPanelRows + 16 * a) * kDigitBlockK, 64);
+    _tile_loadd(4, x, 64);
+    _tile_loadd(5, x + kTileBytes, 64);
+    _tile_loadd(6, x + 2 * kTileBytes, 64);
+    _tile_dpbusd(0, 3, 4);
+    _tile_dpbusd(1, 3, 5);
+    _tile_dpbusd(2, 3, 6);
+  }
+  _tile_stored(0, ctmp, 64);
+  _tile_stored(1, ctmp + 256, 64);
+  _tile_stored(2, ctmp + 512, 64);
+}
+
 }  // namespace
 
 bool available() {
   static const bool ok = [] {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vbmi") ||
-        !__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile"))
+        !__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-int8") ||
+        !__builtin_cpu_supports("amx-tile"))
       return false;
     // Linux hands out the tile state (8 KiB per thread) only on request (ARCH_REQ_XCOMP_PERM,
     // XFEATURE_XTILEDATA); without it the first tile instruction faults.
@@ -425,27 +542,125 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
         }
       }
     }
-    // acc [weight row][activation row] to y [activation row][weight row], 16 x 16 at a time.
-    for (int a = 0; a * 16 < rows; ++a) {
-      const int64_t nr = std::min<int64_t>(16, rows - 16 * a);
-      const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
-      const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(keep, p.bias + n0 + 16 * a) : _mm512_setzero_ps();
-      for (int64_t mt = 0; mt < x_tiles; ++mt) {
+    store_rows(p, n0, rows, acc.data(), x_tiles);
+  }
+  _tile_release();
+}
+
+bool digit_layout(int bits, int64_t group_size, int64_t K) {
+  // A group's int32 sums stay exact up to 65536 codes (65536 * 255 * 128 < 2^31).
+  return layout(bits, group_size, K) && group_size % kDigitBlockK == 0 && K % kDigitBlockK == 0 &&
+         group_size <= 65536;
+}
+
+bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+                    int8_t* tiles, float* unit, float* xsum) {
+  const int64_t x_tiles = activation_tiles(M), G = K / group_size, Mp = 16 * x_tiles;
+  const int64_t per_group = group_size / kDigitBlockK;
+  constexpr int kFixedBits = 22;  // |x| / unit < 2^22: the top digit stays within [-64, 64]
+  alignas(64) int8_t stage[kDigitPlanes][16][kDigitBlockK];
+  std::vector<float> shift(16 * G);  // -log2(unit) per row and group, for vscalefps
+  for (int64_t mt = m_tile0; mt < m_tile1; ++mt) {
+    for (int m = 0; m < 16; ++m) {
+      const int64_t row = mt * 16 + m;
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 big = _mm512_setzero_ps();
+        for (int64_t k = g * group_size; row < M && k < (g + 1) * group_size; k += 16)
+          big = _mm512_max_ps(big, _mm512_abs_ps(_mm512_loadu_ps(x + row * K + k)));  // NaN: max keeps big
+        const float most = _mm512_reduce_max_ps(big);
+        __mmask16 bad = 0;
+        for (int64_t k = g * group_size; row < M && k < (g + 1) * group_size; k += 16)
+          bad |= _mm512_cmp_ps_mask(_mm512_loadu_ps(x + row * K + k), _mm512_loadu_ps(x + row * K + k), _CMP_UNORD_Q) |
+                 _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + row * K + k)), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
+        // Non-finite values, and groups so small that the unit would be subnormal: the caller's
+        // other kernels run.
+        if (bad || (most != 0.f && most < 0x1p-64f)) return false;
+        int e = 0;
+        std::frexp(most, &e);  // most < 2^e
+        const int u = most == 0.f ? 0 : e - kFixedBits;
+        shift[m * G + g] = static_cast<float>(-u);
+        unit[g * Mp + mt * 16 + m] = std::ldexp(1.f, u);
+        xsum[g * Mp + mt * 16 + m] = 0.f;
+      }
+    }
+    for (int64_t kb = 0; kb < K / kDigitBlockK; ++kb) {
+      const int64_t g = kb / per_group;
+      for (int m = 0; m < 16; ++m) {
+        const int64_t row = mt * 16 + m;
+        const __m512 s = _mm512_set1_ps(shift[m * G + g]);
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < kDigitBlockK / 16; ++c) {
+          __m512i v = row < M ? _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_loadu_ps(x + row * K + kb * kDigitBlockK + 16 * c), s))
+                              : _mm512_setzero_si512();
+          sum = _mm512_add_ps(sum, _mm512_cvtepi32_ps(v));
+          for (int j = 0; j < kDigitPlanes; ++j) {  // balanced digits, least significant first
+            const __m512i d = j + 1 < kDigitPlanes
+                                  ? _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, _mm512_set1_epi32(128)),
+                                                                      _mm512_set1_epi32(255)),
+                                                     _mm512_set1_epi32(128))
+                                  : v;
+            _mm_store_si128(reinterpret_cast<__m128i*>(&stage[j][m][16 * c]), _mm512_cvtepi32_epi8(d));
+            v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
+          }
+        }
+        float* xs = xsum + g * Mp + mt * 16 + m;
+        *xs += _mm512_reduce_add_ps(sum) * std::ldexp(1.f, -static_cast<int>(shift[m * G + g]));
+      }
+      for (int j = 0; j < kDigitPlanes; ++j) {  // plane j's tile: 16 k-quads x 16 rows x 4 bytes
         __m512i v[16];
-        for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(acc.data() + (16 * a + i) * Mp + mt * 16);
+        for (int m = 0; m < 16; ++m) v[m] = _mm512_load_si512(stage[j][m]);
         transpose16(v);
-        for (int64_t j = 0; j < 16 && mt * 16 + j < M; ++j) {
-          const int64_t m = mt * 16 + j;
-          const __m512 y = _mm512_add_ps(_mm512_castsi512_ps(v[j]), bias);
-          if (p.y32) {
-            _mm512_mask_storeu_ps(p.y32 + m * p.N + n0 + 16 * a, keep, y);
-          } else {
-            const __m256i h = (__m256i)_mm512_cvtneps_pbh(y);
-            _mm256_mask_storeu_epi16(p.y16 + m * p.N + n0 + 16 * a, keep, h);
+        int8_t* t = tiles + ((kb * x_tiles + mt) * kDigitPlanes + j) * kTileBytes;
+        for (int i = 0; i < 16; ++i) _mm512_store_si512(t + 64 * i, v[i]);
+      }
+    }
+  }
+  return true;
+}
+
+void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
+  const int64_t per_group = p.group_size / kDigitBlockK;
+  const int8_t* xtiles = p.x8;
+  thread_local AlignedVector<uint8_t> wgroup;
+  thread_local AlignedVector<float> acc, scale, zero;
+  alignas(64) int32_t ctmp[kDigitPlanes * 256];
+  wgroup.resize(kPanelRows * p.group_size);
+  acc.resize(kPanelRows * Mp);
+  scale.resize(kPanelRows * G);
+  zero.resize(kPanelRows * G);
+  load_tile_config();
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, p.N - n0);
+    const int64_t at = n0 * G * dtype_size(p.scale_dtype);
+    to_float(static_cast<const uint8_t*>(p.scale) + at, p.scale_dtype, rows * G, scale.data());
+    to_float(static_cast<const uint8_t*>(p.zero) + at, p.scale_dtype, rows * G, zero.data());
+    std::fill(scale.begin() + rows * G, scale.end(), 0.f);
+    std::fill(zero.begin() + rows * G, zero.end(), 0.f);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      decode_bytes(p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
+      for (int64_t mt = 0; mt < x_tiles; ++mt) {
+        const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + mt * 16);
+        const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + mt * 16);
+        for (int a = 0; a < 2; ++a) {
+          digit_sums(wgroup.data(), a, xtiles, x_tiles, g * per_group, per_group, mt, ctmp);
+          for (int i = 0; i < 16; ++i) {
+            const int64_t r = 16 * a + i;
+            float* dst = acc.data() + r * Mp + mt * 16;
+            const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512(ctmp + i * 16));
+            const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512(ctmp + 256 + i * 16));
+            const __m512 c2 = _mm512_cvtepi32_ps(_mm512_load_si512(ctmp + 512 + i * 16));
+            const __m512 c = _mm512_mul_ps(
+                _mm512_fmadd_ps(c2, _mm512_set1_ps(65536.f), _mm512_fmadd_ps(c1, _mm512_set1_ps(256.f), c0)), u);
+            __m512 v = _mm512_fmadd_ps(c, _mm512_set1_ps(scale[r * G + g]), _mm512_loadu_ps(dst));
+            v = _mm512_fmadd_ps(xs, _mm512_set1_ps(zero[r * G + g]), v);
+            _mm512_storeu_ps(dst, v);
           }
         }
       }
     }
+    store_rows(p, n0, rows, acc.data(), x_tiles);
   }
   _tile_release();
 }
