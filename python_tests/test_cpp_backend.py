@@ -865,11 +865,13 @@ def test_lowbit_amx_scaled_tiles_from_256_rows(amx_isa, fp32_precision, bits, gr
 
 
 @pytest.mark.parametrize("bits", (4, 8))
-def test_lowbit_amx_fp32_rows_under_medium_precision(amx_isa, fp32_precision, bits):
+@pytest.mark.parametrize("m", (5, 19))
+def test_lowbit_amx_fp32_rows_under_medium_precision(amx_isa, fp32_precision, bits, m):
     # fp32 activations under torch's "medium" precision are rounded to bf16 and take the tiles
-    # too, with fp32 sums and output: the exact product of the rounded activations.
+    # too (5 rows: as int8 digit planes), with fp32 sums and output: the exact product of the
+    # rounded activations.
     fp32_precision("medium")
-    x, qw, b = _lowbit_case(70, 640, 19, bits, 64, torch.float32, bias=True, seed=bits)
+    x, qw, b = _lowbit_case(70, 640, m, bits, 64, torch.float32, bias=True, seed=bits)
     y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, b)
     want64 = _lowbit_want64(x.bfloat16(), qw, b)
     assert _rel_err(y, want64) <= 1e-5
@@ -908,7 +910,9 @@ def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
 
 def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     # Groups of 16 codes and M below the switch (3 rows for 4-bit codes, 4 in groups below 128
-    # codes and for 2-bit codes, 3 for 3-bit codes, 2 for 8-bit)
+    # codes and for 2-bit codes, 3 for 3-bit codes, 2 for 8-bit; the int8 digit planes take 2-16
+    # rows of 8-bit codes and 3-16 of the natural decode's 2-4-bit codes where K and the group
+    # size are multiples of 64)
     # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels: the
     # paths' fp32 sums differ in the last bits, so which one ran shows in the fp32 output of
     # bf16-valued fp32 rows (the "medium" path).
@@ -920,10 +924,11 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
         return y
 
     vector = _best_vector_bf16_isa()
-    for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 4, "tiles"), (4, 64, 3, vector), (4, 128, 2, vector),
+    for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 4, "tiles"), (4, 64, 3, "tiles"), (4, 64, 2, vector),
+                                 (4, 32, 3, vector), (4, 128, 2, vector), (2, 128, 2, vector),
                                  (8, 128, 2, "tiles"),
                                  (8, 128, 1, "avx512"), (8, 16, 4, "avx512"), (2, 128, 16, "tiles"),
-                                 (2, 64, 4, "tiles"), (2, 128, 3, vector), (3, 128, 3, "tiles"), (3, 64, 2, vector),
+                                 (2, 64, 4, "tiles"), (2, 128, 3, "tiles"), (3, 128, 3, "tiles"), (3, 64, 2, vector),
                                  (4, 16, 16, vector)):
         x, qw, _ = _lowbit_case(64, 2048 if m == 1 else 512, m, bits, group, torch.float32, bias=False, seed=bits + m)
         x = x.bfloat16().float()
@@ -941,20 +946,51 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
             assert torch.equal(y16, y16_other), (bits, group, m)
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("bits", (2, 8))
+def test_lowbit_amx_digits_keep_outlier_groups(amx_isa, dtype, bits):
+    # The int8 digit planes hold each value to 2^-23 of its group's largest: a group whose outlier
+    # is 10^4 times its other values (as hidden states carry) keeps the dtype's promise (5 rows:
+    # bf16 rows on the digits; fp32 rows decline such a group to the bf16 parts,
+    # kDigitOutlierRatio). bf16 rows also where the outlier meets a zero weight and the output is
+    # the small values' sum (fp32 rows lose 1e-4 there on every path that adds zero * sum(x) to
+    # scale * sum(q x), the fp32 kernels' dequantised weights aside).
+    g = _gen(80 + bits)
+    k, group = 512, 128
+    qw = quantize_weight(torch.randn(64, k, generator=g), bits, group, dtype=dtype)
+    w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, group, k)
+    x = torch.randn(5, k, generator=g)
+    x[:, 7] = 1e4 * torch.sign(x[:, 7])
+    x = x.to(dtype)
+    for zero_column in (False, True) if dtype == torch.bfloat16 else (False,):
+        w = w64.clone()
+        if zero_column:  # the outlier's weights zero: scale the others' share up instead
+            w[:, 7] = 0
+        y = torch.empty(5, 64, dtype=dtype)
+        q = quantize_weight(w.float(), bits, group, dtype=dtype) if zero_column else qw
+        wq = ref.dequantize_weight(q.qweight, q.scale.double(), q.zero.double(), bits, group, k)
+        y = cpp.lowbit_linear(x, q.qweight, q.scale, q.zero, bits, group, None)
+        want = x.double() @ wq.T
+        assert _rel_err(y, want) <= (_rel_err(want.bfloat16(), want) + 1e-4 if dtype == torch.bfloat16
+                                     else TOL[torch.float32]), zero_column
+
+
 @pytest.mark.parametrize("bits", (4, 8))
-def test_lowbit_amx_non_finite_activations(amx_isa, bits):
+@pytest.mark.parametrize("m", (5, 18))
+def test_lowbit_amx_non_finite_activations(amx_isa, bits, m):
     # NaN or infinity in x: as on the vector bf16 kernels, every output of the rows holding it is
-    # non-finite (s * sum(q x) + z * sum(x) turns an infinity into NaN) and the other rows finite.
+    # non-finite (s * sum(q x) + z * sum(x) turns an infinity into NaN) and the other rows finite;
+    # at 5 rows the int8 digit planes decline the call to the bf16 tiles.
     g = _gen(60 + bits)
     qw = quantize_weight(torch.randn(40, 256, generator=g), bits, 64, dtype=torch.bfloat16)
     for bad in (float("nan"), float("inf"), -float("inf")):
-        x = torch.randn(18, 256, generator=g).bfloat16()
-        x[17, 9] = bad
-        y = torch.full((18, 40), float("nan"), dtype=torch.bfloat16)
-        y[17] = 7
-        cpp._C.lowbit_linear(x.data_ptr(), 2, 18, 256, qw.qweight.data_ptr(), 40, qw.qweight.shape[1],
+        x = torch.randn(m, 256, generator=g).bfloat16()
+        x[m - 1, 9] = bad
+        y = torch.full((m, 40), float("nan"), dtype=torch.bfloat16)
+        y[m - 1] = 7
+        cpp._C.lowbit_linear(x.data_ptr(), 2, m, 256, qw.qweight.data_ptr(), 40, qw.qweight.shape[1],
                              qw.scale.data_ptr(), qw.zero.data_ptr(), 2, bits, 64, 0, y.data_ptr())
-        assert torch.isfinite(y[:17]).all() and not torch.isfinite(y[17]).any(), bad
+        assert torch.isfinite(y[:m - 1]).all() and not torch.isfinite(y[m - 1]).any(), bad
 
 
 # ---------------------------------------------------------------- int8 linear

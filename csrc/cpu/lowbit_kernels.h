@@ -227,18 +227,23 @@ bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int part
 // multiplies it) and summed over the whole K, instead of exact codes with each group's sums
 // scaled in fp32.
 void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, AmxCodes codes);
-// fp32 activations as three int8 digit planes of a per-group fixed point (AMX-INT8, tdpbusd against
-// the codes as unsigned bytes): whether digit_rows() takes the layout (that of rows() with K and
-// group_size multiples of 64).
+// Activations (fp32 or bf16) as three int8 digit planes of a per-group fixed point (AMX-INT8,
+// tdpbusd against the codes as unsigned bytes). Whether digit_rows() takes the layout (that of
+// rows() with K and group_size multiples of 64, groups of at most 65536 codes).
 bool digit_layout(int bits, int64_t group_size, int64_t K);
-// fp32 x [M, K] as digit tiles [K / 64][activation_tiles(M)][3 planes][16 k-quads][16 rows][4 bytes],
-// unit [G][16 * activation_tiles(M)] (each row and group's power of two) and xsum (the same shape:
-// the sums of the values the digits hold) for tiles [m_tile0, m_tile1). False where a value is not
+// Activation tiles of five rows each for M rows.
+int64_t digit_tiles(int64_t M);
+// x [M, K] as digit tiles [K / 64][digit_tiles(M)][16 k-quads][16 columns][4 bytes] (column c: plane
+// c % 3 of the tile's row c / 3, zeros past M), unit [G][16 digit_tiles] (each column's 256^plane
+// times its row and group's power of two) and xsum (the same shape: the sum of the values the
+// digits hold in plane 0's column, else 0) for tiles [m_tile0, m_tile1). False where a value is not
 // finite or a group's largest |x| is nonzero but below 2^-64.
 bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
                     int8_t* tiles, float* unit, float* xsum);
+bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+                    int8_t* tiles, float* unit, float* xsum);
 // Weight rows [n_begin, n_end) (n_begin a multiple of 32) of p with p.x8, p.x8_unit and p.xsum from
-// prepare_digits(); writes p.y32, bias added.
+// prepare_digits(); writes p.y32 where set, else p.y16, bias added.
 void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
 }
 namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }

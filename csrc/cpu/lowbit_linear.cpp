@@ -360,16 +360,51 @@ constexpr int64_t amx_min_rows(int bits, bool pair_codes) {
 // 1.97-2.12 / 1.42-1.46, 576 x 1536 W2 0.103-0.112 / 0.081-0.085, but 1536 x 576 g64 W2
 // 0.108-0.116 / 0.138-0.143.
 constexpr int64_t kAmxFp32MinRows = 3;
-// From this many fp32 rows the AMX-INT8 digit planes (amx_fp32_digits: 3 planes of 64 codes per
-// tdpbusd, a 3-operation decode per 64 codes) replace the bf16 parts where the layout allows
-// (session 48, one thread, ms, parts / digits): 4096 x 4096 W4 M = 5 1.20-1.27 / 1.54-1.64, M = 6
-// 1.58 / 1.57-1.65, M = 16 2.29-2.45 / 1.60-1.64 (W2 2.87-2.98 / 1.58-1.63, W8 2.94-3.02 /
-// 1.67-2.59), M = 64 7.5-9.0 / 4.98-5.11; 1536 x 576 g64 M = 6 0.155-0.160 / 0.130-0.143, M = 64
-// 0.72-0.78 / 0.39-0.42; 576 x 1536 M = 6 0.083-0.086 / 0.085-0.088, M = 64 0.45-0.51 / 0.28-0.29.
-// Below, its fixed cost (three C tiles per 16 weight rows and group) is the larger.
-constexpr int64_t kAmxDigitMinRows = 6;
+// Where the layout allows (isa_amx::digit_layout), the fp32 rows go as three int8 digit planes on
+// the AMX-INT8 tiles instead (amx_digits: 64 codes per tdpbusd, a 3-operation decode per 64 codes),
+// 16 / 3 rows per tile, faster from the first tiled row (session 48, one thread, ms, bf16 parts /
+// digits): 4096 x 4096 W4 M = 3 1.02-1.04 / 0.90-1.08, M = 5 1.04-1.12 / 0.88-1.08, M = 16 2.29-2.45 /
+// 1.60-1.64 (W2 2.87-2.98 / 1.58-1.63, W8 2.94-3.02 / 1.67-2.59), M = 64 7.5-9.0 / 4.98-5.11, W2 M =
+// 3 1.25-1.38 / 0.97-1.05; 1536 x 576 g64 M = 4 0.106-0.117 / 0.084-0.091, M = 64 0.72-0.78 /
+// 0.39-0.42; 576 x 1536 M = 64 0.45-0.51 / 0.28-0.29. At M = 2 they were not faster than the fp32
+// kernels (4096 x 4096 W8 0.96-1.07 / 1.14, 1536 x 576 g64 W4 0.077-0.085 / 0.086-0.093).
+// bf16 rows go as two digit planes, 8 rows per tile, where their codes would take the slower
+// natural decode on the bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8) or
+// 3, up to 16 (ms, best of three rounds, vector or bf16 tiles / digits): 4096 x 4096 W8 M = 2
+// 1.37 / 1.03, M = 4 1.51 / 1.16, M = 8 1.51 / 1.19, M = 32 2.35 / 2.28; W2 M = 3 1.39 / 0.95, M = 8
+// 1.32 / 1.00, M = 32 2.00 / 2.03; W3 M = 3 1.32 / 0.99; W4 in groups of 64 M = 2 1.16 / 1.64, M = 3
+// 1.66 / 1.62, M = 8 3.05 / 1.64, M = 32 2.56 / 3.31; 4864 x 896 W8 M = 2 0.78 / 0.28. The pair
+// order's W4 stays on the bf16 tiles (M = 4 1.04 / 1.26, M = 16 1.06 / 3.50).
+constexpr bool amx_bf16_digits(int bits, bool pair_codes, int64_t M) {
+  return !pair_codes && M >= (bits == 8 ? 2 : 3) && M <= 10;
+}
 
 #if defined(SK_HAVE_AMX)
+// Activations x [M, K] (fp32 or bf16) on the AMX-INT8 tiles as digit planes of a per-group fixed
+// point (isa_amx::prepare_digits), output and bias already in p. False where a row has a value the
+// fixed point cannot carry (other kernels then run).
+template <typename T>
+bool amx_digits(const T* x, LowbitProblem& p) {
+  const int64_t tiles = isa_amx::digit_tiles(p.M), Mp = 16 * tiles;
+  thread_local AlignedVector<int8_t> xt;
+  thread_local AlignedVector<float> unit, xsum;
+  xt.resize(tiles * 16 * p.K);
+  unit.resize(p.G * Mp);
+  xsum.resize(p.G * Mp);
+  int8_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
+  float *units = unit.data(), *sums = xsum.data();
+  std::atomic<bool> ok{true};
+  parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
+    if (!isa_amx::prepare_digits(x, p.M, p.K, p.group_size, t0, t1, tiles_out, units, sums)) ok = false;
+  });
+  if (!ok) return false;
+  p.x8 = tiles_out;
+  p.x8_unit = units;
+  p.xsum = sums;
+  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::digit_rows(p, n0, n1); });
+  return true;
+}
+
 // bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
 // isa_amx::rows. `fine`: fp32 rows sent as bf16 parts (AmxCodes).
 void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
@@ -409,10 +444,14 @@ bool amx_takes(const Isa& isa, const LowbitProblem& p, bool parts) {
 #endif
 }
 
-// The AMX path for bf16 activations x [M, K], output and bias already in p: false where
-// amx_takes does not hold.
+// The AMX path for bf16 activations x [M, K], output and bias already in p: int8 digit planes
+// where amx_bf16_digits holds, else bf16 tiles; false where amx_takes does not hold either.
 bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 #if defined(SK_HAVE_AMX)
+  const bool pairs = isa_amx::pair_layout(p.bits, p.group_size, p.K);
+  if (isa.amx && amx_bf16_digits(p.bits, pairs, p.M) && isa_amx::digit_layout(p.bits, p.group_size, p.K) &&
+      amx_digits(x, p))
+    return true;  // else (a value the digits cannot carry) the bf16 tiles or vector kernels
   if (!amx_takes(isa, p, false)) return false;
   // From kBf16ScaledPanelMinRows rows the weight is rounded to bf16, as the vector bf16 kernels do.
   amx_linear(x, p, p.M >= kBf16ScaledPanelMinRows, false);
@@ -423,43 +462,20 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 #endif
 }
 
-#if defined(SK_HAVE_AMX)
-// fp32 activations x [M, K] on the AMX-INT8 tiles as digit planes of a per-group fixed point
-// (isa_amx::prepare_digits), output y with bias. False where a row has a value the fixed point
-// cannot carry (the fp32 kernels then run).
-bool amx_fp32_digits(const float* x, LowbitProblem& p, float* y) {
-  const int64_t tiles = isa_amx::activation_tiles(p.M), Mp = 16 * tiles;
-  thread_local AlignedVector<int8_t> xt;
-  thread_local AlignedVector<float> unit, xsum;
-  xt.resize(tiles * 3 * 16 * p.K);
-  unit.resize(p.G * Mp);
-  xsum.resize(p.G * Mp);
-  int8_t* tiles_out = xt.data();
-  float *units = unit.data(), *sums = xsum.data();
-  std::atomic<bool> ok{true};
-  parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
-    if (!isa_amx::prepare_digits(x, p.M, p.K, p.group_size, t0, t1, tiles_out, units, sums)) ok = false;
-  });
-  if (!ok) return false;
-  LowbitProblem q = p;
-  q.x8 = tiles_out;
-  q.x8_unit = units;
-  q.xsum = sums;
-  q.y32 = y;
-  q.y16 = nullptr;
-  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::digit_rows(q, n0, n1); });
-  return true;
-}
-#endif
-
-// fp32 activations x [M, K] on the AMX tiles as kFp32Parts bf16 rows each (as one fp32 row goes
-// to the vector bf16 kernels, split_fp32_row), the parts' results added: within the fp32 kernels'
-// error (1e-5), at the tiles' speed. False where amx_takes does not hold, or a row has a value the
-// parts cannot carry (isa_amx::split_fp32_rows; the fp32 kernels then run).
+// fp32 activations x [M, K] on the AMX tiles: as int8 digit planes where the layout allows, else
+// as kFp32Parts bf16 rows each (as one fp32 row goes to the vector bf16 kernels, split_fp32_row),
+// the parts' results added: within the fp32 kernels' error (1e-5), at the tiles' speed. False where
+// amx_takes does not hold, or a row has a value the digits or parts cannot carry
+// (isa_amx::prepare_digits, split_fp32_rows; the fp32 kernels then run).
 bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
 #if defined(SK_HAVE_AMX)
   if (!amx_takes(isa, p, true)) return false;
-  if (p.M >= kAmxDigitMinRows && isa_amx::digit_layout(p.bits, p.group_size, p.K)) return amx_fp32_digits(x, p, y);
+  if (isa_amx::digit_layout(p.bits, p.group_size, p.K)) {
+    LowbitProblem q = p;
+    q.y32 = y;
+    q.y16 = nullptr;
+    return amx_digits(x, q);
+  }
   const int64_t M = p.M, K = p.K, N = p.N;
   thread_local AlignedVector<uint16_t> parts;
   thread_local AlignedVector<float> part_y;

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/half.h"
@@ -225,14 +226,26 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const
 
 // Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on: one group, or a scaled
 // panel's whole K) for one panel and MTiles (1 or 2) activation tiles from mt, into ctmp: tile
-// 2 b + a holds weight rows 16 a + i by activation rows 16 (mt + b) + j. With one activation
-// tile over a long K (a scaled panel's), even and odd k-blocks go to separate tiles (2 and 3,
-// added after) so that consecutive tdpbf16ps do not wait on each other's sums; over one group's
-// few blocks the two extra tile stores and adds cost more than the wait (4096 x 4096 W4 in groups of
-// 128, M = 4-16, one thread: 5-10% faster without).
-template <int MTiles>
-void tile_sums(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
-               float* ctmp) {
+// 2 b + a holds weight rows 16 a + i by activation tile columns 16 (mt + b) + j. Int8: codes as
+// unsigned bytes (64 per k-block) against int8 digits with tdpbusd, int32 sums; else bf16 codes
+// (32 per k-block) with tdpbf16ps, fp32 sums. Either way a k-block of the panel is 2 KiB and an
+// activation tile 1 KiB. With one activation tile over a long K (a scaled panel's), even and odd
+// k-blocks go to separate tiles (2 and 3, added after) so that consecutive products do not wait on
+// each other's sums; over one group's few blocks the two extra tile stores and adds cost more than
+// the wait (4096 x 4096 W4 in groups of 128, M = 4-16, one thread: 5-10% faster without).
+// Tile C += tile A x tile B: int8 (tdpbusd, unsigned A, signed B) or bf16 (tdpbf16ps). A macro,
+// as the intrinsics take tile numbers as literal tokens.
+#define SK_TILE_DOT(INT8, C, A, B) \
+  do {                              \
+    if constexpr (INT8)             \
+      _tile_dpbusd(C, A, B);        \
+    else                            \
+      _tile_dpbf16ps(C, A, B);      \
+  } while (0)
+
+template <int MTiles, bool Int8>
+void tile_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
+               void* ctmp) {
   const bool alternate = MTiles == 1 && blocks >= 16;
   _tile_zero(0);
   _tile_zero(1);
@@ -241,48 +254,61 @@ void tile_sums(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64
     _tile_zero(3);
   }
   for (int64_t kb = 0; kb < blocks; ++kb) {
-    const uint16_t* wk = w + kb * kPanelRows * kBlockK;
-    const uint16_t* x = xtiles + ((kb0 + kb) * x_tiles + mt) * (kTileBytes / 2);
+    const uint8_t* wk = w + kb * kPanelRows * 64;
+    const uint8_t* x = xtiles + ((kb0 + kb) * x_tiles + mt) * kTileBytes;
     _tile_loadd(4, wk, 64);
-    _tile_loadd(5, wk + 16 * kBlockK, 64);
+    _tile_loadd(5, wk + 16 * 64, 64);
     _tile_loadd(6, x, 64);
     if (MTiles == 2) {
-      _tile_loadd(7, x + kTileBytes / 2, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 5, 6);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(7, x + kTileBytes, 64);
+      SK_TILE_DOT(Int8, 0, 4, 6);
+      SK_TILE_DOT(Int8, 1, 5, 6);
+      SK_TILE_DOT(Int8, 2, 4, 7);
+      SK_TILE_DOT(Int8, 3, 5, 7);
     } else if (!alternate || kb % 2 == 0) {
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 5, 6);
+      SK_TILE_DOT(Int8, 0, 4, 6);
+      SK_TILE_DOT(Int8, 1, 5, 6);
     } else {
-      _tile_dpbf16ps(2, 4, 6);
-      _tile_dpbf16ps(3, 5, 6);
+      SK_TILE_DOT(Int8, 2, 4, 6);
+      SK_TILE_DOT(Int8, 3, 5, 6);
     }
   }
-  _tile_stored(0, ctmp, 64);
-  _tile_stored(1, ctmp + 256, 64);
+  float* c = static_cast<float*>(ctmp);
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
   if (MTiles == 1 && !alternate) return;
-  _tile_stored(2, ctmp + 512, 64);
-  _tile_stored(3, ctmp + 768, 64);
-  if (MTiles == 1)
-    for (int i = 0; i < 512; i += 16)
-      _mm512_store_ps(ctmp + i, _mm512_add_ps(_mm512_load_ps(ctmp + i), _mm512_load_ps(ctmp + 512 + i)));
+  _tile_stored(2, c + 512, 64);
+  _tile_stored(3, c + 768, 64);
+  if (MTiles == 1) {
+    for (int i = 0; i < 512; i += 16) {
+      if constexpr (Int8)
+        _mm512_store_si512(c + i, _mm512_add_epi32(_mm512_load_si512(c + i), _mm512_load_si512(c + 512 + i)));
+      else
+        _mm512_store_ps(c + i, _mm512_add_ps(_mm512_load_ps(c + i), _mm512_load_ps(c + 512 + i)));
+    }
+  }
 }
+
+#undef SK_TILE_DOT
 
 // tile_sums for the `tiles` (1 or 2) activation tiles from mt.
-void tile_sums_for(int tiles, const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0,
-                   int64_t blocks, int64_t mt, float* ctmp) {
+template <bool Int8>
+void tile_sums_for(int tiles, const void* w, const void* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks,
+                   int64_t mt, void* ctmp) {
+  const auto* wb = static_cast<const uint8_t*>(w);
+  const auto* xb = static_cast<const uint8_t*>(xtiles);
   if (tiles == 2)
-    tile_sums<2>(w, xtiles, x_tiles, kb0, blocks, mt, ctmp);
+    tile_sums<2, Int8>(wb, xb, x_tiles, kb0, blocks, mt, ctmp);
   else
-    tile_sums<1>(w, xtiles, x_tiles, kb0, blocks, mt, ctmp);
+    tile_sums<1, Int8>(wb, xb, x_tiles, kb0, blocks, mt, ctmp);
 }
 
-// A panel's sums acc [32 weight rows][16 x_tiles activation rows] (rows of it past `rows` unused)
-// to y [activation row][weight row] (p.y32 where set, else p.y16), bias added, 16 x 16 at a time.
-void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* acc, int64_t x_tiles) {
-  const int64_t Mp = 16 * x_tiles;
+// A panel's sums acc [32 weight rows][16 x_tiles activation tile columns] (rows of it past `rows`
+// unused) to y [activation row][weight row] (p.y32 where set, else p.y16), bias added, 16 x 16 at
+// a time. Each tile holds 16 / planes activation rows, row j of tile mt the sum of its columns
+// planes j .. planes j + planes - 1 (digit planes, least significant first; bf16 tiles: 1).
+void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* acc, int64_t x_tiles, int planes) {
+  const int64_t Mp = 16 * x_tiles, per_tile = 16 / planes;
   for (int a = 0; a * 16 < rows; ++a) {
     const int64_t nr = std::min<int64_t>(16, rows - 16 * a);
     const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
@@ -291,9 +317,11 @@ void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* a
       __m512i v[16];
       for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(acc + (16 * a + i) * Mp + mt * 16);
       transpose16(v);
-      for (int64_t j = 0; j < 16 && mt * 16 + j < p.M; ++j) {
-        const int64_t m = mt * 16 + j;
-        const __m512 y = _mm512_add_ps(_mm512_castsi512_ps(v[j]), bias);
+      for (int64_t j = 0; j < per_tile && mt * per_tile + j < p.M; ++j) {
+        const int64_t m = mt * per_tile + j;
+        __m512 y = _mm512_castsi512_ps(v[planes * j]);
+        for (int q = 1; q < planes; ++q) y = _mm512_add_ps(y, _mm512_castsi512_ps(v[planes * j + q]));
+        y = _mm512_add_ps(y, bias);
         if (p.y32) {
           _mm512_mask_storeu_ps(p.y32 + m * p.N + n0 + 16 * a, keep, y);
         } else {
@@ -305,14 +333,16 @@ void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* a
   }
 }
 
-// ---- fp32 rows as int8 digits (AMX-INT8) ----
-// An fp32 activation row as kDigitPlanes signed base-256 digits of a fixed point per group (unit
-// 2^e, |x| / unit < 2^22 for the group's largest |x|), each digit plane a B operand of tdpbusd
-// against the weight's codes as unsigned bytes: exact int32 sums, 64 codes per instruction where
-// tdpbf16ps takes 32, and a decode of one vpermb, one vpmultishiftqb and one and per 64 codes (8-bit
-// codes: a copy). The sums of a group's three planes are combined in fp32 and scaled once:
-// y += scale * unit * (C0 + 256 C1 + 65536 C2) + zero * sum(x), within 2^-23 of the group's
-// largest |x| per value, as fp32 sums are.
+// ---- activations as int8 digits (AMX-INT8) ----
+// An activation row (fp32 or bf16) as kDigitPlanes signed base-256 digits of a fixed point per
+// group (unit 2^e, |x| / unit < 2^22 for the group's largest |x|): each value within 2^-23 of that
+// largest |x|, as fp32 sums are. (Two planes, 2^-15, would let a group's outlier of 100 times its
+// other values cost bf16 rows their 1e-3.) An activation tile's 16 columns are five rows' planes
+// side by side (the last column zero), the B operand of tdpbusd against the weight's codes as
+// unsigned bytes: exact int32 sums, 64 codes per instruction where tdpbf16ps takes 32, and a
+// decode of one vpermb, one vpmultishiftqb and one and per 64 codes (8-bit codes: a copy). Each
+// group's column sums are scaled by their plane's unit 256^j 2^e, then as the bf16 tiles' sums:
+// y += scale * sum(q x) + zero * sum(x), the planes added in store_rows.
 constexpr int64_t kDigitBlockK = 64;  // codes per int8 k-block (one A tile row)
 constexpr int kDigitPlanes = 3;
 
@@ -369,28 +399,6 @@ void decode_bytes(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, 
     case 4: return decode_bytes<4>(p, n0, kb0, kb1, out);
     default: return decode_bytes<8>(p, n0, kb0, kb1, out);
   }
-}
-
-// The int32 sums of one 16-row half `a` of a decoded panel (w) with the kDigitPlanes planes of
-// activation tile mt over k-blocks [kb0, kb0 + blocks), into ctmp (plane j at 256 j).
-void digit_sums(const uint8_t* w, int a, const int8_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks,
-                int64_t mt, int32_t* ctmp) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  for (int64_t kb = 0; kb < blocks; ++kb) {
-    const int8_t* x = xtiles + ((kb0 + kb) * x_tiles + mt) * kDigitPlanes * kTileBytes;
-    _tile_loadd(3, w + (kb * kPanelRows + 16 * a) * kDigitBlockK, 64);
-    _tile_loadd(4, x, 64);
-    _tile_loadd(5, x + kTileBytes, 64);
-    _tile_loadd(6, x + 2 * kTileBytes, 64);
-    _tile_dpbusd(0, 3, 4);
-    _tile_dpbusd(1, 3, 5);
-    _tile_dpbusd(2, 3, 6);
-  }
-  _tile_stored(0, ctmp, 64);
-  _tile_stored(1, ctmp + 256, 64);
-  _tile_stored(2, ctmp + 512, 64);
 }
 
 }  // namespace
@@ -515,7 +523,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
       decode_scaled(p, n0, scale.data(), zero.data(), wgroup.data());
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        tile_sums_for(tiles, wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
+        tile_sums_for<false>(tiles, wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
         for (int b = 0; b < tiles; ++b)
           for (int64_t r = 0; r < kPanelRows; ++r)
             _mm512_storeu_ps(acc.data() + r * Mp + (mt + b) * 16,
@@ -527,7 +535,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
       decode_blocks(codes, p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        tile_sums_for(tiles, wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
+        tile_sums_for<false>(tiles, wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
         for (int b = 0; b < tiles; ++b) {
           const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16);
           for (int a = 0; a < 2; ++a)
@@ -542,7 +550,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
         }
       }
     }
-    store_rows(p, n0, rows, acc.data(), x_tiles);
+    store_rows(p, n0, rows, acc.data(), x_tiles, 1);
   }
   _tile_release();
 }
@@ -553,78 +561,114 @@ bool digit_layout(int bits, int64_t group_size, int64_t K) {
          group_size <= 65536;
 }
 
-bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+int64_t digit_tiles(int64_t M) { return (M + 16 / kDigitPlanes - 1) / (16 / kDigitPlanes); }
+
+namespace {
+
+// 16 values of x from k as fp32.
+inline __m512 load16(const float* x, int64_t k) { return _mm512_loadu_ps(x + k); }
+inline __m512 load16(const uint16_t* x, int64_t k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), 16));
+}
+
+// A value's error, up to 2^-22 of its group's largest |x| (half a unit), makes a relative output
+// error of about 1.4e-7 times that largest |x| over the group's root mean square: groups of
+// outliers further above their mean than this leave the digits to other kernels, so that fp32
+// rows keep their 1e-5 (a group with an outlier 10^4 times the rest that meets a zero weight
+// measured 2e-4) and bf16 rows 1e-4 beside their own rounding.
+template <typename T>
+constexpr float kDigitOutlierRatio = std::is_same_v<T, float> ? 32.f : 512.f;
+
+// prepare_digits for T = float or uint16_t (bf16).
+template <typename T>
+bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
                     int8_t* tiles, float* unit, float* xsum) {
-  const int64_t x_tiles = activation_tiles(M), G = K / group_size, Mp = 16 * x_tiles;
+  constexpr int P = kDigitPlanes, per_tile = 16 / P, fixed_bits = 8 * P - 2;  // top digit within [-65, 65]
+  const int64_t x_tiles = digit_tiles(M), G = K / group_size, Mp = 16 * x_tiles;
   const int64_t per_group = group_size / kDigitBlockK;
-  constexpr int kFixedBits = 22;  // |x| / unit < 2^22: the top digit stays within [-64, 64]
-  alignas(64) int8_t stage[kDigitPlanes][16][kDigitBlockK];
-  std::vector<float> shift(16 * G);  // -log2(unit) per row and group, for vscalefps
+  alignas(64) int8_t stage[16][kDigitBlockK];  // column c: plane c % P of the tile's row c / P
+  float shift[per_tile];                     // -log2(unit) of each row's current group, for vscalefps
   for (int64_t mt = m_tile0; mt < m_tile1; ++mt) {
-    for (int m = 0; m < 16; ++m) {
-      const int64_t row = mt * 16 + m;
-      for (int64_t g = 0; g < G; ++g) {
-        __m512 big = _mm512_setzero_ps();
-        for (int64_t k = g * group_size; row < M && k < (g + 1) * group_size; k += 16)
-          big = _mm512_max_ps(big, _mm512_abs_ps(_mm512_loadu_ps(x + row * K + k)));  // NaN: max keeps big
-        const float most = _mm512_reduce_max_ps(big);
-        __mmask16 bad = 0;
-        for (int64_t k = g * group_size; row < M && k < (g + 1) * group_size; k += 16)
-          bad |= _mm512_cmp_ps_mask(_mm512_loadu_ps(x + row * K + k), _mm512_loadu_ps(x + row * K + k), _CMP_UNORD_Q) |
-                 _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + row * K + k)), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
-        // Non-finite values, and groups so small that the unit would be subnormal: the caller's
-        // other kernels run.
-        if (bad || (most != 0.f && most < 0x1p-64f)) return false;
-        int e = 0;
-        std::frexp(most, &e);  // most < 2^e
-        const int u = most == 0.f ? 0 : e - kFixedBits;
-        shift[m * G + g] = static_cast<float>(-u);
-        unit[g * Mp + mt * 16 + m] = std::ldexp(1.f, u);
-        xsum[g * Mp + mt * 16 + m] = 0.f;
-      }
-    }
+    std::fill(&stage[0][0], &stage[0][0] + sizeof(stage), int8_t{0});
     for (int64_t kb = 0; kb < K / kDigitBlockK; ++kb) {
       const int64_t g = kb / per_group;
-      for (int m = 0; m < 16; ++m) {
-        const int64_t row = mt * 16 + m;
-        const __m512 s = _mm512_set1_ps(shift[m * G + g]);
+      for (int j = 0; j < per_tile; ++j) {
+        const int64_t row = mt * per_tile + j;
+        if (row >= M) {
+          if (kb % per_group == 0)
+            for (int q = 0; q < P; ++q) unit[g * Mp + mt * 16 + P * j + q] = xsum[g * Mp + mt * 16 + P * j + q] = 0.f;
+          continue;
+        }
+        const T* xr = x + row * K;
+        if (kb % per_group == 0) {  // the group's unit
+          __m512 big = _mm512_setzero_ps(), total = _mm512_setzero_ps();
+          __mmask16 bad = 0;
+          for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 16) {
+            const __m512 mag = _mm512_abs_ps(load16(xr, k));
+            bad |= _mm512_cmp_ps_mask(mag, _mm512_set1_ps(3.4028235e38f), _CMP_NLE_UQ);  // NaN or infinity
+            big = _mm512_max_ps(big, mag);
+            total = _mm512_add_ps(total, mag);
+          }
+          const float most = _mm512_reduce_max_ps(big);
+          // Non-finite values, groups so small that the unit would be subnormal, and groups whose
+          // largest |x| exceeds kDigitOutlierRatio<T> times their mean |x|: the caller's other
+          // kernels run.
+          if (bad || (most != 0.f && most < 0x1p-64f) ||
+              most * static_cast<float>(group_size) > kDigitOutlierRatio<T> * _mm512_reduce_add_ps(total))
+            return false;
+          int e = 0;
+          std::frexp(most, &e);  // most < 2^e
+          const int u = most == 0.f ? 0 : e - fixed_bits;
+          shift[j] = static_cast<float>(-u);
+          for (int q = 0; q < P; ++q) {
+            unit[g * Mp + mt * 16 + P * j + q] = std::ldexp(1.f, u + 8 * q);
+            xsum[g * Mp + mt * 16 + P * j + q] = 0.f;
+          }
+        }
+        const __m512 s = _mm512_set1_ps(shift[j]);
         __m512 sum = _mm512_setzero_ps();
         for (int c = 0; c < kDigitBlockK / 16; ++c) {
-          __m512i v = row < M ? _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_loadu_ps(x + row * K + kb * kDigitBlockK + 16 * c), s))
-                              : _mm512_setzero_si512();
+          __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load16(xr, kb * kDigitBlockK + 16 * c), s));
           sum = _mm512_add_ps(sum, _mm512_cvtepi32_ps(v));
-          for (int j = 0; j < kDigitPlanes; ++j) {  // balanced digits, least significant first
-            const __m512i d = j + 1 < kDigitPlanes
-                                  ? _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, _mm512_set1_epi32(128)),
-                                                                      _mm512_set1_epi32(255)),
-                                                     _mm512_set1_epi32(128))
-                                  : v;
-            _mm_store_si128(reinterpret_cast<__m128i*>(&stage[j][m][16 * c]), _mm512_cvtepi32_epi8(d));
+          for (int q = 0; q < P; ++q) {  // balanced digits, least significant first
+            const __m512i d = q + 1 < P ? _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, _mm512_set1_epi32(128)),
+                                                                            _mm512_set1_epi32(255)),
+                                                           _mm512_set1_epi32(128))
+                                        : v;
+            _mm_store_si128(reinterpret_cast<__m128i*>(&stage[P * j + q][16 * c]), _mm512_cvtepi32_epi8(d));
             v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
           }
         }
-        float* xs = xsum + g * Mp + mt * 16 + m;
-        *xs += _mm512_reduce_add_ps(sum) * std::ldexp(1.f, -static_cast<int>(shift[m * G + g]));
+        xsum[g * Mp + mt * 16 + P * j] += _mm512_reduce_add_ps(sum) * std::ldexp(1.f, -static_cast<int>(shift[j]));
       }
-      for (int j = 0; j < kDigitPlanes; ++j) {  // plane j's tile: 16 k-quads x 16 rows x 4 bytes
-        __m512i v[16];
-        for (int m = 0; m < 16; ++m) v[m] = _mm512_load_si512(stage[j][m]);
-        transpose16(v);
-        int8_t* t = tiles + ((kb * x_tiles + mt) * kDigitPlanes + j) * kTileBytes;
-        for (int i = 0; i < 16; ++i) _mm512_store_si512(t + 64 * i, v[i]);
-      }
+      __m512i v[16];  // the tile: 16 k-quads x 16 columns x 4 bytes
+      for (int c = 0; c < 16; ++c) v[c] = _mm512_load_si512(stage[c]);
+      transpose16(v);
+      int8_t* t = tiles + (kb * x_tiles + mt) * kTileBytes;
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(t + 64 * i, v[i]);
     }
   }
   return true;
 }
 
+}  // namespace
+
+bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+                    int8_t* tiles, float* unit, float* xsum) {
+  return prepare_digits<float>(x, M, K, group_size, m_tile0, m_tile1, tiles, unit, xsum);
+}
+
+bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+                    int8_t* tiles, float* unit, float* xsum) {
+  return prepare_digits<uint16_t>(x, M, K, group_size, m_tile0, m_tile1, tiles, unit, xsum);
+}
+
 void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
+  const int64_t G = p.G, x_tiles = digit_tiles(p.M), Mp = 16 * x_tiles;
   const int64_t per_group = p.group_size / kDigitBlockK;
-  const int8_t* xtiles = p.x8;
   thread_local AlignedVector<uint8_t> wgroup;
   thread_local AlignedVector<float> acc, scale, zero;
-  alignas(64) int32_t ctmp[kDigitPlanes * 256];
+  alignas(64) int32_t ctmp[4 * 256];
   wgroup.resize(kPanelRows * p.group_size);
   acc.resize(kPanelRows * Mp);
   scale.resize(kPanelRows * G);
@@ -640,27 +684,25 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t g = 0; g < G; ++g) {
       decode_bytes(p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
-      for (int64_t mt = 0; mt < x_tiles; ++mt) {
-        const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + mt * 16);
-        const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + mt * 16);
-        for (int a = 0; a < 2; ++a) {
-          digit_sums(wgroup.data(), a, xtiles, x_tiles, g * per_group, per_group, mt, ctmp);
-          for (int i = 0; i < 16; ++i) {
-            const int64_t r = 16 * a + i;
-            float* dst = acc.data() + r * Mp + mt * 16;
-            const __m512 c0 = _mm512_cvtepi32_ps(_mm512_load_si512(ctmp + i * 16));
-            const __m512 c1 = _mm512_cvtepi32_ps(_mm512_load_si512(ctmp + 256 + i * 16));
-            const __m512 c2 = _mm512_cvtepi32_ps(_mm512_load_si512(ctmp + 512 + i * 16));
-            const __m512 c = _mm512_mul_ps(
-                _mm512_fmadd_ps(c2, _mm512_set1_ps(65536.f), _mm512_fmadd_ps(c1, _mm512_set1_ps(256.f), c0)), u);
-            __m512 v = _mm512_fmadd_ps(c, _mm512_set1_ps(scale[r * G + g]), _mm512_loadu_ps(dst));
-            v = _mm512_fmadd_ps(xs, _mm512_set1_ps(zero[r * G + g]), v);
-            _mm512_storeu_ps(dst, v);
-          }
+      for (int64_t mt = 0; mt < x_tiles; mt += 2) {
+        const int tiles = x_tiles - mt >= 2 ? 2 : 1;
+        tile_sums_for<true>(tiles, wgroup.data(), p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
+        for (int b = 0; b < tiles; ++b) {
+          const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + (mt + b) * 16);
+          const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16);
+          for (int a = 0; a < 2; ++a)
+            for (int i = 0; i < 16; ++i) {
+              const int64_t r = 16 * a + i;
+              float* dst = acc.data() + r * Mp + (mt + b) * 16;
+              const __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(ctmp + (2 * b + a) * 256 + i * 16)), u);
+              __m512 v = _mm512_fmadd_ps(c, _mm512_set1_ps(scale[r * G + g]), _mm512_loadu_ps(dst));
+              v = _mm512_fmadd_ps(xs, _mm512_set1_ps(zero[r * G + g]), v);
+              _mm512_storeu_ps(dst, v);
+            }
         }
       }
     }
-    store_rows(p, n0, rows, acc.data(), x_tiles);
+    store_rows(p, n0, rows, acc.data(), x_tiles, kDigitPlanes);
   }
   _tile_release();
 }
