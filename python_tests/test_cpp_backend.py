@@ -910,8 +910,8 @@ def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
 
 def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     # Groups of 16 codes and M below the switch (3 rows for 4-bit codes, 4 in groups below 128
-    # codes and for 2-bit codes, 3 for 3-bit codes, 2 for 8-bit; the int8 digit planes take 2-16
-    # rows of 8-bit codes and 3-16 of the natural decode's 2-4-bit codes where K and the group
+    # codes and for 2-bit codes, 3 for 3-bit codes, 2 for 8-bit; the int8 digit planes take 2-5
+    # rows of 8-bit codes and 3-5 of the natural decode's 2-4-bit codes where K and the group
     # size are multiples of 64)
     # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels: the
     # paths' fp32 sums differ in the last bits, so which one ran shows in the fp32 output of

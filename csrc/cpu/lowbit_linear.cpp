@@ -368,15 +368,17 @@ constexpr int64_t kAmxFp32MinRows = 3;
 // 3 1.25-1.38 / 0.97-1.05; 1536 x 576 g64 M = 4 0.106-0.117 / 0.084-0.091, M = 64 0.72-0.78 /
 // 0.39-0.42; 576 x 1536 M = 64 0.45-0.51 / 0.28-0.29. At M = 2 they were not faster than the fp32
 // kernels (4096 x 4096 W8 0.96-1.07 / 1.14, 1536 x 576 g64 W4 0.077-0.085 / 0.086-0.093).
-// bf16 rows go as two digit planes, 8 rows per tile, where their codes would take the slower
-// natural decode on the bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8) or
-// 3, up to 16 (ms, best of three rounds, vector or bf16 tiles / digits): 4096 x 4096 W8 M = 2
-// 1.37 / 1.03, M = 4 1.51 / 1.16, M = 8 1.51 / 1.19, M = 32 2.35 / 2.28; W2 M = 3 1.39 / 0.95, M = 8
-// 1.32 / 1.00, M = 32 2.00 / 2.03; W3 M = 3 1.32 / 0.99; W4 in groups of 64 M = 2 1.16 / 1.64, M = 3
-// 1.66 / 1.62, M = 8 3.05 / 1.64, M = 32 2.56 / 3.31; 4864 x 896 W8 M = 2 0.78 / 0.28. The pair
-// order's W4 stays on the bf16 tiles (M = 4 1.04 / 1.26, M = 16 1.06 / 3.50).
+// bf16 rows take the digits too where their codes would take the slower natural decode on the
+// bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8) or 3 up to the five of
+// one digit tile (ms, min of three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
+// 2 1.30-1.51 / 0.93-1.05, M = 4 1.30-1.37 / 0.99-1.09, M = 8 1.27-1.34 / 1.20-1.33, M = 10
+// 1.26-1.35 / 1.26-1.33; W2 M = 3 1.18-1.37 / 0.81-1.00, M = 8 1.11-1.34 / 1.05-1.20; W3 M = 3
+// 1.18-1.23 / 0.82-0.95; W4 in groups of 64 M = 3 1.34-1.55 / 1.31-1.60, M = 8 1.72-2.06 /
+// 1.75-2.02; 4864 x 896 W8 M = 2 0.33-0.35 / 0.23-0.26; 1536 x 576 g64 W4 M = 4 0.096-0.109 /
+// 0.072-0.078; 576 x 1536 W2 M = 3 0.068-0.075 / 0.045-0.049. The pair order's W4 stays on the bf16
+// tiles (with two planes: M = 4 1.04-1.10 / 1.26-1.55).
 constexpr bool amx_bf16_digits(int bits, bool pair_codes, int64_t M) {
-  return !pair_codes && M >= (bits == 8 ? 2 : 3) && M <= 10;
+  return !pair_codes && M >= (bits == 8 ? 2 : 3) && M <= 5;
 }
 
 #if defined(SK_HAVE_AMX)
