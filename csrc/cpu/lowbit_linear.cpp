@@ -360,14 +360,20 @@ constexpr int64_t amx_min_rows(int bits, bool pair_codes) {
 // 1.97-2.12 / 1.42-1.46, 576 x 1536 W2 0.103-0.112 / 0.081-0.085, but 1536 x 576 g64 W2
 // 0.108-0.116 / 0.138-0.143.
 constexpr int64_t kAmxFp32MinRows = 3;
-// Where the layout allows (isa_amx::digit_layout), the fp32 rows go as three int8 digit planes on
-// the AMX-INT8 tiles instead (amx_digits: 64 codes per tdpbusd, a 3-operation decode per 64 codes),
-// 16 / 3 rows per tile, faster from the first tiled row (session 48, one thread, ms, bf16 parts /
-// digits): 4096 x 4096 W4 M = 3 1.02-1.04 / 0.90-1.08, M = 5 1.04-1.12 / 0.88-1.08, M = 16 2.29-2.45 /
-// 1.60-1.64 (W2 2.87-2.98 / 1.58-1.63, W8 2.94-3.02 / 1.67-2.59), M = 64 7.5-9.0 / 4.98-5.11, W2 M =
-// 3 1.25-1.38 / 0.97-1.05; 1536 x 576 g64 M = 4 0.106-0.117 / 0.084-0.091, M = 64 0.72-0.78 /
-// 0.39-0.42; 576 x 1536 M = 64 0.45-0.51 / 0.28-0.29. At M = 2 they were not faster than the fp32
-// kernels (4096 x 4096 W8 0.96-1.07 / 1.14, 1536 x 576 g64 W4 0.077-0.085 / 0.086-0.093).
+// Where the layout allows (isa_amx::digit_layout), fp32 rows go as three int8 digit planes on the
+// AMX-INT8 tiles instead (amx_digits: 64 codes per tdpbusd, a 3-operation decode per 64 codes), five
+// rows per tile, faster than the parts (session 48, one thread, ms, bf16 parts / digits): 4096 x
+// 4096 W4 M = 3 1.02-1.04 / 0.90-1.08, M = 5 1.04-1.12 / 0.88-1.08, M = 16 2.29-2.45 / 1.60-1.64 (W2
+// 2.87-2.98 / 1.58-1.63, W8 2.94-3.02 / 1.67-2.59), M = 64 7.5-9.0 / 4.98-5.11, W2 M = 3 1.25-1.38 /
+// 0.97-1.05; 1536 x 576 g64 M = 4 0.106-0.117 / 0.084-0.091, M = 64 0.72-0.78 / 0.39-0.42; 576 x 1536
+// M = 64 0.45-0.51 / 0.28-0.29. From M = 2 they lead the fp32 kernels with the weights from memory
+// (ab_builds.py --cold --evict-mb 512, fp32 kernels / digits: 4096 x 4096 W8 1.53-1.84 / 1.07-1.32,
+// W4 1.04-1.32 / 0.91-1.07, W3 1.29-1.42 / 0.88-0.94, 4864 x 896 W4 0.32-0.39 / 0.26-0.27, 896 x 4864
+// W4 0.32-0.42 / 0.27-0.30, 576 x 1536 W8 0.10-0.13 / 0.085-0.099; 1536 x 576 g64 W4 0.098-0.115 /
+// 0.125-0.142 the exception) and are level to 20% behind with them in cache (4096 x 4096 W8
+// 0.96-1.07 / 1.14, W4 1.02-1.17 / 0.91-1.02); M = 1 stays on the fp32 kernels (4096 x 4096 W4 warm
+// 0.76-0.84 / 0.93-1.07).
+constexpr int64_t kAmxFp32DigitMinRows = 2;
 // bf16 rows take the digits too where their codes would take the slower natural decode on the
 // bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8) or 3 up to the five of
 // one digit tile (ms, min of three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
@@ -471,13 +477,13 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 // (isa_amx::prepare_digits, split_fp32_rows; the fp32 kernels then run).
 bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
 #if defined(SK_HAVE_AMX)
-  if (!amx_takes(isa, p, true)) return false;
-  if (isa_amx::digit_layout(p.bits, p.group_size, p.K)) {
+  if (isa.amx && p.M >= kAmxFp32DigitMinRows && isa_amx::digit_layout(p.bits, p.group_size, p.K)) {
     LowbitProblem q = p;
     q.y32 = y;
     q.y16 = nullptr;
-    return amx_digits(x, q);
+    if (amx_digits(x, q)) return true;  // else (outliers) the bf16 parts or the fp32 kernels
   }
+  if (!amx_takes(isa, p, true)) return false;
   const int64_t M = p.M, K = p.K, N = p.N;
   thread_local AlignedVector<uint16_t> parts;
   thread_local AlignedVector<float> part_y;
