@@ -109,28 +109,42 @@ inline void prefetch_ahead(const LowbitProblem& p, int64_t n0, int64_t r, int64_
     _mm_prefetch(reinterpret_cast<const char*>(p.qweight + row * p.row_bytes + ahead + b), _MM_HINT_T0);
 }
 
-// Blocks [kb0, kb1) of weight rows [n0, n0 + 32) of B-bit codes as A tiles, [kb - kb0][32
-// rows][32 codes]; rows past N are zeros. Natural codes: k in order (2-4 bits plus
-// kCodeOffset<B, F>: natural_codes).
-template <int B, bool F>
-void decode_natural(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
-  constexpr int64_t block_bytes = kBlockK * B / 8;
+// fn(std::integral_constant<int, B>{}) for B = bits (2, 3, 4 or 8): kernels compiled per width.
+template <typename Fn>
+inline void with_bits(int bits, Fn&& fn) {
+  switch (bits) {
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
+}
+
+// Blocks [kb0, kb1) of weight rows [n0, n0 + 32) of B-bit codes, each block of `codes_per_block`
+// codes decoded into 64 bytes by block(src) (an A tile row), as [kb - kb0][32 rows][64 bytes];
+// rows past N are zeros.
+template <int B, int64_t codes_per_block, typename Block>
+void decode_rows(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, void* out, Block block) {
+  constexpr int64_t block_bytes = codes_per_block * B / 8;
   const int64_t rows = std::min(kPanelRows, p.N - n0);
+  auto* dst = static_cast<uint8_t*>(out);
   for (int64_t r = 0; r < kPanelRows; ++r) {
-    uint16_t* dst = out + r * kBlockK;
     const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes + kb0 * block_bytes;
     prefetch_ahead(p, n0, r, kb0 * block_bytes, (kb1 - kb0) * block_bytes);
-    for (int64_t kb = 0; kb < kb1 - kb0; ++kb) {
-      __m512i codes = _mm512_setzero_si512();
-      if (r < rows) {
-        if constexpr (B == 8)
-          codes = codes8(src + kb * block_bytes);
-        else
-          codes = natural_codes<B, F>(src + kb * block_bytes);
-      }
-      _mm512_store_si512(dst + kb * kPanelRows * kBlockK, codes);
-    }
+    for (int64_t kb = 0; kb < kb1 - kb0; ++kb)
+      _mm512_store_si512(dst + (kb * kPanelRows + r) * 64, r < rows ? block(src + kb * block_bytes) : _mm512_setzero_si512());
   }
+}
+
+// decode_rows for bf16 A tiles: k in natural order (2-4 bits plus kCodeOffset<B, F>: natural_codes).
+template <int B, bool F>
+void decode_natural(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
+  decode_rows<B, kBlockK>(p, n0, kb0, kb1, out, [](const uint8_t* src) {
+    if constexpr (B == 8)
+      return codes8(src);
+    else
+      return natural_codes<B, F>(src);
+  });
 }
 
 // decode_natural's blocks for 4-bit codes in the bf16 kernels' pair order (AmxCodes::pairs; F:
@@ -155,21 +169,16 @@ void decode_pairs(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, 
   }
 }
 
-template <bool F>
-void decode_blocks(const LowbitProblem& p, bool pairs, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
-  switch (p.bits) {
-    case 2: return decode_natural<2, F>(p, n0, kb0, kb1, out);
-    case 3: return decode_natural<3, F>(p, n0, kb0, kb1, out);
-    case 4: return pairs ? decode_pairs<F>(p, n0, kb0, kb1, out) : decode_natural<4, F>(p, n0, kb0, kb1, out);
-    default: return decode_natural<8, F>(p, n0, kb0, kb1, out);
-  }
-}
-
 void decode_blocks(AmxCodes codes, const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
-  if (codes.fine)
-    decode_blocks<true>(p, codes.pairs, n0, kb0, kb1, out);
-  else
-    decode_blocks<false>(p, codes.pairs, n0, kb0, kb1, out);
+  if (codes.pairs)
+    return codes.fine ? decode_pairs<true>(p, n0, kb0, kb1, out) : decode_pairs<false>(p, n0, kb0, kb1, out);
+  with_bits(p.bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    if (codes.fine)
+      decode_natural<B, true>(p, n0, kb0, kb1, out);
+    else
+      decode_natural<B, false>(p, n0, kb0, kb1, out);
+  });
 }
 
 // One k-block of B-bit codes (src) as bf16 of q * s + z, in natural order.
@@ -216,12 +225,7 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const
 }
 
 void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const float* zero, uint16_t* out) {
-  switch (p.bits) {
-    case 2: return decode_scaled<2>(p, n0, scale, zero, out);
-    case 3: return decode_scaled<3>(p, n0, scale, zero, out);
-    case 4: return decode_scaled<4>(p, n0, scale, zero, out);
-    default: return decode_scaled<8>(p, n0, scale, zero, out);
-  }
+  with_bits(p.bits, [&](auto b) { decode_scaled<decltype(b)::value>(p, n0, scale, zero, out); });
 }
 
 // Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on: one group, or a scaled
@@ -333,6 +337,15 @@ void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* a
   }
 }
 
+// The fp32 scales and zeros [32 rows][G] of weight rows [n0, n0 + rows), zeros past them.
+void panel_scales(const LowbitProblem& p, int64_t n0, int64_t rows, float* scale, float* zero) {
+  const int64_t G = p.G, at = n0 * G * dtype_size(p.scale_dtype);
+  to_float(static_cast<const uint8_t*>(p.scale) + at, p.scale_dtype, rows * G, scale);
+  to_float(static_cast<const uint8_t*>(p.zero) + at, p.scale_dtype, rows * G, zero);
+  std::fill(scale + rows * G, scale + kPanelRows * G, 0.f);
+  std::fill(zero + rows * G, zero + kPanelRows * G, 0.f);
+}
+
 // ---- activations as int8 digits (AMX-INT8) ----
 // An activation row (fp32 or bf16) as kDigitPlanes signed base-256 digits of a fixed point per
 // group (unit 2^e, |x| / unit < 2^22 for the group's largest |x|): each value within 2^-23 of that
@@ -371,34 +384,16 @@ inline __m512i code_bytes(const uint8_t* src) {
 
 // Blocks [kb0, kb1) of weight rows [n0, n0 + 32) as unsigned bytes, [kb - kb0][32 rows][64 codes];
 // rows past N zeros.
-template <int B>
 void decode_bytes(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint8_t* out) {
-  constexpr int64_t block_bytes = kDigitBlockK * B / 8;
-  const int64_t rows = std::min(kPanelRows, p.N - n0);
-  for (int64_t r = 0; r < kPanelRows; ++r) {
-    uint8_t* dst = out + r * kDigitBlockK;
-    const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes + kb0 * block_bytes;
-    prefetch_ahead(p, n0, r, kb0 * block_bytes, (kb1 - kb0) * block_bytes);
-    for (int64_t kb = 0; kb < kb1 - kb0; ++kb) {
-      __m512i codes = _mm512_setzero_si512();
-      if (r < rows) {
-        if constexpr (B == 8)
-          codes = _mm512_loadu_si512(src + kb * block_bytes);
-        else
-          codes = code_bytes<B>(src + kb * block_bytes);
-      }
-      _mm512_store_si512(dst + kb * kPanelRows * kDigitBlockK, codes);
-    }
-  }
-}
-
-void decode_bytes(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint8_t* out) {
-  switch (p.bits) {
-    case 2: return decode_bytes<2>(p, n0, kb0, kb1, out);
-    case 3: return decode_bytes<3>(p, n0, kb0, kb1, out);
-    case 4: return decode_bytes<4>(p, n0, kb0, kb1, out);
-    default: return decode_bytes<8>(p, n0, kb0, kb1, out);
-  }
+  with_bits(p.bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    decode_rows<B, kDigitBlockK>(p, n0, kb0, kb1, out, [](const uint8_t* src) {
+      if constexpr (B == 8)
+        return _mm512_loadu_si512(src);
+      else
+        return code_bytes<B>(src);
+    });
+  });
 }
 
 }  // namespace
@@ -509,11 +504,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
   load_tile_config();
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, p.N - n0);
-    const int64_t at = n0 * G * dtype_size(p.scale_dtype);
-    to_float(static_cast<const uint8_t*>(p.scale) + at, p.scale_dtype, rows * G, scale.data());
-    to_float(static_cast<const uint8_t*>(p.zero) + at, p.scale_dtype, rows * G, zero.data());
-    std::fill(scale.begin() + rows * G, scale.end(), 0.f);
-    std::fill(zero.begin() + rows * G, zero.end(), 0.f);
+    panel_scales(p, n0, rows, scale.data(), zero.data());
     if (p.bits != 8 && !scaled) {  // the codes carry an offset: s (off + q) + (z - off s) = s q + z
       const float off = static_cast<float>(1 << (codes.fine ? p.bits : 7));  // kCodeOffset<bits, fine>
       for (int64_t i = 0; i < rows * G; ++i) zero[i] -= off * scale[i];
@@ -676,11 +667,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   load_tile_config();
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, p.N - n0);
-    const int64_t at = n0 * G * dtype_size(p.scale_dtype);
-    to_float(static_cast<const uint8_t*>(p.scale) + at, p.scale_dtype, rows * G, scale.data());
-    to_float(static_cast<const uint8_t*>(p.zero) + at, p.scale_dtype, rows * G, zero.data());
-    std::fill(scale.begin() + rows * G, scale.end(), 0.f);
-    std::fill(zero.begin() + rows * G, zero.end(), 0.f);
+    panel_scales(p, n0, rows, scale.data(), zero.data());
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t g = 0; g < G; ++g) {
       decode_bytes(p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
