@@ -62,13 +62,24 @@ void load_tile_config() {
 // vpmultishiftqb that moves each code's field to the top of its u16 lane's mantissa
 // (kMantissaShift; the rotate's wrapped bits fall outside the field) and one and-or
 // (codes_as_bf16): four operations per 32 codes, any bits, any group of whole k-blocks.
+// The index tables of pick_fields.
+struct FieldTables {
+  uint8_t bytes[64], fields[64];
+};
+
+// The first n bytes from src (a masked load: no read past them) moved by vpermb (output byte i
+// from byte t.bytes[i]), then byte i of each u64 lane replaced by the 8 bits from bit t.fields[i]
+// of the lane, rotating (vpmultishiftqb): the code fields of a k-block where the caller wants them.
+inline __m512i pick_fields(const uint8_t* src, int n, const FieldTables& t) {
+  const __m512i raw = _mm512_maskz_loadu_epi8(~0ull >> (64 - n), src);
+  const __m512i lanes = _mm512_permutexvar_epi8(_mm512_load_si512(t.bytes), raw);
+  return _mm512_multishift_epi64_epi8(_mm512_load_si512(t.fields), lanes);
+}
+
 template <int B, bool F>
 inline __m512i natural_codes(const uint8_t* src) {
-  struct Tables {
-    uint8_t bytes[64], fields[64];
-  };
-  alignas(64) static constexpr Tables t = [] {
-    Tables t{};
+  alignas(64) static constexpr FieldTables t = [] {
+    FieldTables t{};
     for (int l = 0; l < 8; ++l)
       for (int i = 0; i < 8; ++i) {
         t.bytes[8 * l + i] = static_cast<uint8_t>(l * B / 2 + i);  // codes 4 l .. from bit 4 l B
@@ -78,9 +89,7 @@ inline __m512i natural_codes(const uint8_t* src) {
       }
     return t;
   }();
-  const __m512i raw = _mm512_maskz_loadu_epi8((1ull << (4 * B)) - 1, src);
-  const __m512i lanes = _mm512_permutexvar_epi8(_mm512_load_si512(t.bytes), raw);
-  return codes_as_bf16<B, F>(_mm512_multishift_epi64_epi8(_mm512_load_si512(t.fields), lanes));
+  return codes_as_bf16<B, F>(pick_fields(src, 4 * B, t));
 }
 
 // One k-block of an 8-bit row: 32 bytes, one code each.
@@ -337,6 +346,23 @@ void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* a
   }
 }
 
+// A thread's buffers for one panel: its decoded codes (A tiles), sums [32 rows][Mp], scales and zeros.
+struct PanelScratch {
+  AlignedVector<uint8_t> codes;
+  AlignedVector<float> acc, scale, zero;
+};
+
+// This thread's PanelScratch sized for `row_bytes` of decoded codes per weight row and Mp
+// activation tile columns.
+PanelScratch& panel_scratch(const LowbitProblem& p, int64_t row_bytes, int64_t Mp) {
+  thread_local PanelScratch w;
+  w.codes.resize(kPanelRows * row_bytes);
+  w.acc.resize(kPanelRows * Mp);
+  w.scale.resize(kPanelRows * p.G);
+  w.zero.resize(kPanelRows * p.G);
+  return w;
+}
+
 // The fp32 scales and zeros [32 rows][G] of weight rows [n0, n0 + rows), zeros past them.
 void panel_scales(const LowbitProblem& p, int64_t n0, int64_t rows, float* scale, float* zero) {
   const int64_t G = p.G, at = n0 * G * dtype_size(p.scale_dtype);
@@ -364,11 +390,8 @@ constexpr int kDigitPlanes = 3;
 // byte), vpmultishiftqb moves code i of the lane to byte i, an and keeps its B bits.
 template <int B>
 inline __m512i code_bytes(const uint8_t* src) {
-  struct Tables {
-    uint8_t bytes[64], fields[64];
-  };
-  alignas(64) static constexpr Tables t = [] {
-    Tables t{};
+  alignas(64) static constexpr FieldTables t = [] {
+    FieldTables t{};
     for (int l = 0; l < 8; ++l)
       for (int i = 0; i < 8; ++i) {
         t.bytes[8 * l + i] = static_cast<uint8_t>(B * l + i);
@@ -376,10 +399,7 @@ inline __m512i code_bytes(const uint8_t* src) {
       }
     return t;
   }();
-  const __m512i raw = _mm512_maskz_loadu_epi8(~0ull >> (64 - 8 * B), src);
-  const __m512i lanes = _mm512_permutexvar_epi8(_mm512_load_si512(t.bytes), raw);
-  return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(t.fields), lanes),
-                          _mm512_set1_epi8(static_cast<char>((1 << B) - 1)));
+  return _mm512_and_si512(pick_fields(src, 8 * B, t), _mm512_set1_epi8(static_cast<char>((1 << B) - 1)));
 }
 
 // Blocks [kb0, kb1) of weight rows [n0, n0 + 32) as unsigned bytes, [kb - kb0][32 rows][64 codes];
@@ -494,13 +514,10 @@ bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int part
 void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, AmxCodes codes) {
   const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
   const int64_t per_group = p.group_size / kBlockK;
-  thread_local AlignedVector<uint16_t> wgroup;
-  thread_local AlignedVector<float> acc, scale, zero;
+  PanelScratch& w = panel_scratch(p, (scaled ? p.K : p.group_size) * 2, Mp);
+  auto &acc = w.acc, &scale = w.scale, &zero = w.zero;
+  uint16_t* wgroup = reinterpret_cast<uint16_t*>(w.codes.data());
   alignas(64) float ctmp[4 * 256];
-  wgroup.resize(kPanelRows * (scaled ? p.K : p.group_size));
-  acc.resize(kPanelRows * Mp);
-  scale.resize(kPanelRows * G);
-  zero.resize(kPanelRows * G);
   load_tile_config();
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, p.N - n0);
@@ -511,10 +528,10 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
     }
     std::fill(acc.begin(), acc.end(), 0.f);
     if (scaled) {  // the panel's whole K once, each activation tile's sums straight to acc
-      decode_scaled(p, n0, scale.data(), zero.data(), wgroup.data());
+      decode_scaled(p, n0, scale.data(), zero.data(), wgroup);
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        tile_sums_for<false>(tiles, wgroup.data(), p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
+        tile_sums_for<false>(tiles, wgroup, p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
         for (int b = 0; b < tiles; ++b)
           for (int64_t r = 0; r < kPanelRows; ++r)
             _mm512_storeu_ps(acc.data() + r * Mp + (mt + b) * 16,
@@ -523,10 +540,10 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
     }
     for (int64_t g = 0; g < G && !scaled; ++g) {
       // The group's codes are decoded once into L1 and serve every activation tile.
-      decode_blocks(codes, p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
+      decode_blocks(codes, p, n0, g * per_group, (g + 1) * per_group, wgroup);
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        tile_sums_for<false>(tiles, wgroup.data(), p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
+        tile_sums_for<false>(tiles, wgroup, p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
         for (int b = 0; b < tiles; ++b) {
           const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16);
           for (int a = 0; a < 2; ++a)
@@ -657,23 +674,20 @@ bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
 void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, x_tiles = digit_tiles(p.M), Mp = 16 * x_tiles;
   const int64_t per_group = p.group_size / kDigitBlockK;
-  thread_local AlignedVector<uint8_t> wgroup;
-  thread_local AlignedVector<float> acc, scale, zero;
+  PanelScratch& w = panel_scratch(p, p.group_size, Mp);
+  auto &acc = w.acc, &scale = w.scale, &zero = w.zero;
+  uint8_t* wgroup = w.codes.data();
   alignas(64) int32_t ctmp[4 * 256];
-  wgroup.resize(kPanelRows * p.group_size);
-  acc.resize(kPanelRows * Mp);
-  scale.resize(kPanelRows * G);
-  zero.resize(kPanelRows * G);
   load_tile_config();
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, p.N - n0);
     panel_scales(p, n0, rows, scale.data(), zero.data());
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t g = 0; g < G; ++g) {
-      decode_bytes(p, n0, g * per_group, (g + 1) * per_group, wgroup.data());
+      decode_bytes(p, n0, g * per_group, (g + 1) * per_group, wgroup);
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        tile_sums_for<true>(tiles, wgroup.data(), p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
+        tile_sums_for<true>(tiles, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
         for (int b = 0; b < tiles; ++b) {
           const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + (mt + b) * 16);
           const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16);
