@@ -29,8 +29,9 @@ struct LowbitProblem {
   const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
   int64_t x_stride;
   const float* xsum;       // [M, G] group sums of the activations the kernel reads
-  const int8_t* x8;        // 8-bit VNNI path (M = 1): [K / 64, 3, 64] digits of x / unit, chunk by chunk
-  const float* x8_unit;    // 8-bit VNNI path: [G] power-of-two unit of each group
+  const int8_t* x8;        // 8-bit VNNI path (M = 1): [K / 64, 3, 64] digits of x / unit, chunk by chunk;
+                           // AMX digit path: its tiles (isa_amx::prepare_digits)
+  const float* x8_unit;    // 8-bit VNNI path: [G] power-of-two unit of each group; AMX digit path: its units
   float* y;                // [M, N] fp32 result (fp32 kernels: before bias and the output dtype)
   uint16_t* y16;           // [M, N] bf16 result, bias added (bf16 kernels write it directly)
   float* y_parts;          // or [1, N] fp32: one fp32 row sent as M bf16 parts (dot form), bias added
@@ -237,7 +238,9 @@ int64_t digit_tiles(int64_t M);
 // c % 3 of the tile's row c / 3, zeros past M), unit [G][16 digit_tiles] (each column's 256^plane
 // times its row and group's power of two) and xsum (the same shape: the sum of the values the
 // digits hold in plane 0's column, else 0) for tiles [m_tile0, m_tile1). False where a value is not
-// finite or a group's largest |x| is nonzero but below 2^-64.
+// finite, a group's largest |x| is nonzero but below 2^-64, or above 32 (fp32) or 512 (bf16) times
+// the group's mean |x| (kDigitOutlierRatio in isa/lowbit_amx.cpp: the digits' error, up to 2^-23
+// of that largest, would pass the dtype's promise).
 bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
                     int8_t* tiles, float* unit, float* xsum);
 bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
