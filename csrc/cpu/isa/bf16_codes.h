@@ -28,14 +28,18 @@ constexpr int kPairs = static_cast<int>(kChunkCodes<B> / 32);
 // in fp32, which costs bits where fp32 is promised: the F ("fine") decode, for fp32 activations
 // sent as bf16 parts, uses 2^B, the bf16 of 2^B with q in the top B of its mantissa bits (2-bit
 // sums lost 1.5e-5 relative with 128, about 2e-6 with 2^B), at one rotate more per chunk.
-template <int B, bool F>
-constexpr int kOffsetExponent = F ? B : 7;
+// The offset's exponent and the offset of `bits`-bit codes (F: `fine`), also for callers that know
+// the width only at run time.
+constexpr int offset_exponent(int bits, bool fine) { return fine ? bits : 7; }
+constexpr float code_offset(int bits, bool fine) {
+  return bits == 8 ? 0.f : static_cast<float>(1 << offset_exponent(bits, fine));
+}
 template <int B, bool F = false>
-constexpr float kCodeOffset = B == 8 ? 0.f : static_cast<float>(1 << kOffsetExponent<B, F>);
+constexpr float kCodeOffset = code_offset(B, F);
 // kCodeOffset<B, F> in bf16 (its exponent, mantissa clear) in both halves of a u32 lane, and the
 // shift that puts a code from bit 0 at the top of its half's mantissa (0 for 128 + q).
 template <int B, bool F>
-constexpr uint32_t kOffsetBits = (0x3F80u + (kOffsetExponent<B, F> << 7)) * 0x10001u;
+constexpr uint32_t kOffsetBits = (0x3F80u + (offset_exponent(B, F) << 7)) * 0x10001u;
 template <int B, bool F>
 constexpr int kMantissaShift = F ? 7 - B : 0;
 

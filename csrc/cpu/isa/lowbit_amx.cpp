@@ -24,7 +24,6 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
-#include <vector>
 
 #include "common/half.h"
 #include "cpu/isa/bf16_codes.h"
@@ -56,12 +55,6 @@ void load_tile_config() {
   _tile_loadconfig(&c);
 }
 
-// One k-block of a row of B-bit codes (B = 2, 3, 4; 4 B bytes from src, the row's little-endian
-// bit stream) as bf16 codes plus kCodeOffset<B, F> in natural order: one masked load (no read
-// past the block), one vpermb that gives u64 lane l the bytes holding codes 4 l .. 4 l + 3, one
-// vpmultishiftqb that moves each code's field to the top of its u16 lane's mantissa
-// (kMantissaShift; the rotate's wrapped bits fall outside the field) and one and-or
-// (codes_as_bf16): four operations per 32 codes, any bits, any group of whole k-blocks.
 // The index tables of pick_fields.
 struct FieldTables {
   uint8_t bytes[64], fields[64];
@@ -76,6 +69,12 @@ inline __m512i pick_fields(const uint8_t* src, int n, const FieldTables& t) {
   return _mm512_multishift_epi64_epi8(_mm512_load_si512(t.fields), lanes);
 }
 
+// One k-block of a row of B-bit codes (B = 2, 3, 4; 4 B bytes from src, the row's little-endian
+// bit stream) as bf16 codes plus kCodeOffset<B, F> in natural order: one masked load (no read
+// past the block), one vpermb that gives u64 lane l the bytes holding codes 4 l .. 4 l + 3, one
+// vpmultishiftqb that moves each code's field to the top of its u16 lane's mantissa
+// (kMantissaShift; the rotate's wrapped bits fall outside the field) and one and-or
+// (codes_as_bf16): four operations per 32 codes, any bits, any group of whole k-blocks.
 template <int B, bool F>
 inline __m512i natural_codes(const uint8_t* src) {
   alignas(64) static constexpr FieldTables t = [] {
@@ -92,12 +91,14 @@ inline __m512i natural_codes(const uint8_t* src) {
   return codes_as_bf16<B, F>(pick_fields(src, 4 * B, t));
 }
 
+// 16 8-bit codes from src as fp32.
+inline __m512 codes8_fp32(const uint8_t* src) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+}
+
 // One k-block of an 8-bit row: 32 bytes, one code each.
 inline __m512i codes8(const uint8_t* src) {
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-  const __m512 hi =
-      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
-  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lanes 0-15 from lo
+  return (__m512i)_mm512_cvtne2ps_pbh(codes8_fp32(src + 16), codes8_fp32(src));  // lanes 0-15 from src
 }
 
 // A panel's decode reads 32 rows a row apart, one group's bytes of each: 32 short streams that the
@@ -194,10 +195,8 @@ void decode_blocks(AmxCodes codes, const LowbitProblem& p, int64_t n0, int64_t k
 template <int B>
 inline __m512i scaled_codes(const uint8_t* src, __m512 s, __m512 z) {
   if constexpr (B == 8) {
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-    const __m512 hi =
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
-    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s, z), _mm512_fmadd_ps(lo, s, z));
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(codes8_fp32(src + 16), s, z),
+                                        _mm512_fmadd_ps(codes8_fp32(src), s, z));
   } else {
     alignas(64) static constexpr uint16_t interleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
                                                             21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
@@ -237,15 +236,6 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const
   with_bits(p.bits, [&](auto b) { decode_scaled<decltype(b)::value>(p, n0, scale, zero, out); });
 }
 
-// Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on: one group, or a scaled
-// panel's whole K) for one panel and MTiles (1 or 2) activation tiles from mt, into ctmp: tile
-// 2 b + a holds weight rows 16 a + i by activation tile columns 16 (mt + b) + j. Int8: codes as
-// unsigned bytes (64 per k-block) against int8 digits with tdpbusd, int32 sums; else bf16 codes
-// (32 per k-block) with tdpbf16ps, fp32 sums. Either way a k-block of the panel is 2 KiB and an
-// activation tile 1 KiB. With one activation tile over a long K (a scaled panel's), even and odd
-// k-blocks go to separate tiles (2 and 3, added after) so that consecutive products do not wait on
-// each other's sums; over one group's few blocks the two extra tile stores and adds cost more than
-// the wait (4096 x 4096 W4 in groups of 128, M = 4-16, one thread: 5-10% faster without).
 // Tile C += tile A x tile B: int8 (tdpbusd, unsigned A, signed B) or bf16 (tdpbf16ps). A macro,
 // as the intrinsics take tile numbers as literal tokens.
 #define SK_TILE_DOT(INT8, C, A, B) \
@@ -256,6 +246,15 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const
       _tile_dpbf16ps(C, A, B);      \
   } while (0)
 
+// Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on: one group, or a scaled
+// panel's whole K) for one panel and MTiles (1 or 2) activation tiles from mt, into ctmp: tile
+// 2 b + a holds weight rows 16 a + i by activation tile columns 16 (mt + b) + j. Int8: codes as
+// unsigned bytes (64 per k-block) against int8 digits with tdpbusd, int32 sums; else bf16 codes
+// (32 per k-block) with tdpbf16ps, fp32 sums. Either way a k-block of the panel is 2 KiB and an
+// activation tile 1 KiB. With one activation tile over a long K (a scaled panel's), even and odd
+// k-blocks go to separate tiles (2 and 3, added after) so that consecutive products do not wait on
+// each other's sums; over one group's few blocks the two extra tile stores and adds cost more than
+// the wait (4096 x 4096 W4 in groups of 128, M = 4-16, one thread: 5-10% faster without).
 template <int MTiles, bool Int8>
 void tile_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
                void* ctmp) {
@@ -314,6 +313,28 @@ void tile_sums_for(int tiles, const void* w, const void* xtiles, int64_t x_tiles
     tile_sums<2, Int8>(wb, xb, x_tiles, kb0, blocks, mt, ctmp);
   else
     tile_sums<1, Int8>(wb, xb, x_tiles, kb0, blocks, mt, ctmp);
+}
+
+// One group's sums of activation tile b (tile_sums' ctmp) added to the panel's acc [32 weight rows][Mp]
+// at column `col`: acc += scale[r, g] * sums + zero[r, g] * xs. Int8: int32 digit sums, each column
+// first scaled by its unit u.
+template <bool Int8>
+inline void add_group_sums(const void* ctmp, int b, const float* scale, const float* zero, int64_t G, int64_t g,
+                           __m512 xs, __m512 u, float* acc, int64_t Mp, int64_t col) {
+  for (int a = 0; a < 2; ++a)
+    for (int i = 0; i < 16; ++i) {
+      const int64_t r = 16 * a + i;
+      const int64_t at = (2 * b + a) * 256 + i * 16;
+      float* dst = acc + r * Mp + col;
+      __m512 c;
+      if constexpr (Int8)
+        c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const int32_t*>(ctmp) + at)), u);
+      else
+        c = _mm512_load_ps(static_cast<const float*>(ctmp) + at);
+      __m512 v = _mm512_fmadd_ps(c, _mm512_set1_ps(scale[r * G + g]), _mm512_loadu_ps(dst));
+      v = _mm512_fmadd_ps(xs, _mm512_set1_ps(zero[r * G + g]), v);
+      _mm512_storeu_ps(dst, v);
+    }
 }
 
 // A panel's sums acc [32 weight rows][16 x_tiles activation tile columns] (rows of it past `rows`
@@ -523,7 +544,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
     const int64_t rows = std::min(kPanelRows, p.N - n0);
     panel_scales(p, n0, rows, scale.data(), zero.data());
     if (p.bits != 8 && !scaled) {  // the codes carry an offset: s (off + q) + (z - off s) = s q + z
-      const float off = static_cast<float>(1 << (codes.fine ? p.bits : 7));  // kCodeOffset<bits, fine>
+      const float off = code_offset(p.bits, codes.fine);
       for (int64_t i = 0; i < rows * G; ++i) zero[i] -= off * scale[i];
     }
     std::fill(acc.begin(), acc.end(), 0.f);
@@ -544,18 +565,10 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
         tile_sums_for<false>(tiles, wgroup, p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
-        for (int b = 0; b < tiles; ++b) {
-          const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16);
-          for (int a = 0; a < 2; ++a)
-            for (int i = 0; i < 16; ++i) {
-              const int64_t r = 16 * a + i;
-              float* dst = acc.data() + r * Mp + (mt + b) * 16;
-              const __m512 c = _mm512_load_ps(ctmp + (2 * b + a) * 256 + i * 16);
-              __m512 v = _mm512_fmadd_ps(c, _mm512_set1_ps(scale[r * G + g]), _mm512_loadu_ps(dst));
-              v = _mm512_fmadd_ps(xs, _mm512_set1_ps(zero[r * G + g]), v);
-              _mm512_storeu_ps(dst, v);
-            }
-        }
+        for (int b = 0; b < tiles; ++b)
+          add_group_sums<false>(ctmp, b, scale.data(), zero.data(), G, g,
+                                _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16), _mm512_setzero_ps(), acc.data(),
+                                Mp, (mt + b) * 16);
       }
     }
     store_rows(p, n0, rows, acc.data(), x_tiles, 1);
@@ -688,19 +701,10 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
         tile_sums_for<true>(tiles, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
-        for (int b = 0; b < tiles; ++b) {
-          const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + (mt + b) * 16);
-          const __m512 xs = _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16);
-          for (int a = 0; a < 2; ++a)
-            for (int i = 0; i < 16; ++i) {
-              const int64_t r = 16 * a + i;
-              float* dst = acc.data() + r * Mp + (mt + b) * 16;
-              const __m512 c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(ctmp + (2 * b + a) * 256 + i * 16)), u);
-              __m512 v = _mm512_fmadd_ps(c, _mm512_set1_ps(scale[r * G + g]), _mm512_loadu_ps(dst));
-              v = _mm512_fmadd_ps(xs, _mm512_set1_ps(zero[r * G + g]), v);
-              _mm512_storeu_ps(dst, v);
-            }
-        }
+        for (int b = 0; b < tiles; ++b)
+          add_group_sums<true>(ctmp, b, scale.data(), zero.data(), G, g,
+                               _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16),
+                               _mm512_loadu_ps(p.x8_unit + g * Mp + (mt + b) * 16), acc.data(), Mp, (mt + b) * 16);
       }
     }
     store_rows(p, n0, rows, acc.data(), x_tiles, kDigitPlanes);
