@@ -232,18 +232,21 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
 // tdpbusd against the codes as unsigned bytes). Whether digit_rows() takes the layout (that of
 // rows() with K and group_size multiples of 64, groups of at most 65536 codes).
 bool digit_layout(int bits, int64_t group_size, int64_t K);
-// Activation tiles of five rows each for M rows.
+// Blocks of activation rows for M rows (five rows each, their planes side by side in one tile;
+// from 11 rows, where that takes no more tiles, 16 rows each, one tile per plane) and their tiles.
+int64_t digit_blocks(int64_t M);
 int64_t digit_tiles(int64_t M);
-// x [M, K] as digit tiles [K / 64][digit_tiles(M)][16 k-quads][16 columns][4 bytes] (column c: plane
-// c % 3 of the tile's row c / 3, zeros past M), unit [G][16 digit_tiles] (each column's 256^plane
-// times its row and group's power of two) and xsum (the same shape: the sum of the values the
-// digits hold in plane 0's column, else 0) for tiles [m_tile0, m_tile1). False where a value is not
-// finite, a group's largest |x| is nonzero but below 2^-64, or above 32 (fp32) or 512 (bf16) times
-// the group's mean |x| (kDigitOutlierRatio in isa/lowbit_amx.cpp: the digits' error, up to 2^-23
-// of that largest, would pass the dtype's promise).
-bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+// x [M, K] as digit tiles [K / 64][digit_tiles(M)][16 k-quads][16 columns][4 bytes] (side by side,
+// column c: plane c % 3 of the block's row c / 3; apart, tile 3 b + q: plane q of block b's rows;
+// zeros past M), unit [G][16 digit_blocks] (side by side, each column's 256^plane times its row
+// and group's power of two; apart, each row's power of two) and xsum (the same shape: the sum of
+// the values the digits hold, in plane 0's column, else 0) for blocks [block0, block1). False where
+// a value is not finite, a group's largest |x| is nonzero but below 2^-64, or above 32 (fp32) or
+// 512 (bf16) times the group's mean |x| (kDigitOutlierRatio in isa/lowbit_amx.cpp: the digits'
+// error, up to 2^-23 of that largest, would pass the dtype's promise).
+bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t block0, int64_t block1,
                     int8_t* tiles, float* unit, float* xsum);
-bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t block0, int64_t block1,
                     int8_t* tiles, float* unit, float* xsum);
 // Weight rows [n_begin, n_end) (n_begin a multiple of 32) of p with p.x8, p.x8_unit and p.xsum from
 // prepare_digits(); writes p.y32 where set, else p.y16, bias added.

@@ -397,7 +397,7 @@ constexpr bool amx_bf16_digits(int bits, bool pair_codes, int64_t M) {
 // fixed point cannot carry (other kernels then run).
 template <typename T>
 bool amx_digits(const T* x, LowbitProblem& p) {
-  const int64_t tiles = isa_amx::digit_tiles(p.M), Mp = 16 * tiles;
+  const int64_t tiles = isa_amx::digit_tiles(p.M), blocks = isa_amx::digit_blocks(p.M), Mp = 16 * blocks;
   thread_local AlignedVector<int8_t> xt;
   thread_local AlignedVector<float> unit, xsum;
   xt.resize(tiles * 16 * p.K);
@@ -406,8 +406,8 @@ bool amx_digits(const T* x, LowbitProblem& p) {
   int8_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
   float *units = unit.data(), *sums = xsum.data();
   std::atomic<bool> ok{true};
-  parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
-    if (!isa_amx::prepare_digits(x, p.M, p.K, p.group_size, t0, t1, tiles_out, units, sums)) ok = false;
+  parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+    if (!isa_amx::prepare_digits(x, p.M, p.K, p.group_size, b0, b1, tiles_out, units, sums)) ok = false;
   });
   if (!ok) return false;
   p.x8 = tiles_out;

@@ -315,23 +315,16 @@ void tile_sums_for(int tiles, const void* w, const void* xtiles, int64_t x_tiles
     tile_sums<1, Int8>(wb, xb, x_tiles, kb0, blocks, mt, ctmp);
 }
 
-// One group's sums of activation tile b (tile_sums' ctmp) added to the panel's acc [32 weight rows][Mp]
-// at column `col`: acc += scale[r, g] * sums + zero[r, g] * xs. Int8: int32 digit sums, each column
-// first scaled by its unit u.
-template <bool Int8>
-inline void add_group_sums(const void* ctmp, int b, const float* scale, const float* zero, int64_t G, int64_t g,
-                           __m512 xs, __m512 u, float* acc, int64_t Mp, int64_t col) {
+// One group's sums of 16 activation columns (sums(a, i): weight row 16 a + i's, as fp32) added to
+// the panel's acc [32 weight rows][Mp] at column `col`: acc += scale[r, g] * sums + zero[r, g] * xs.
+template <typename Sums>
+inline void add_group_sums(Sums sums, const float* scale, const float* zero, int64_t G, int64_t g, __m512 xs,
+                           float* acc, int64_t Mp, int64_t col) {
   for (int a = 0; a < 2; ++a)
     for (int i = 0; i < 16; ++i) {
       const int64_t r = 16 * a + i;
-      const int64_t at = (2 * b + a) * 256 + i * 16;
       float* dst = acc + r * Mp + col;
-      __m512 c;
-      if constexpr (Int8)
-        c = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const int32_t*>(ctmp) + at)), u);
-      else
-        c = _mm512_load_ps(static_cast<const float*>(ctmp) + at);
-      __m512 v = _mm512_fmadd_ps(c, _mm512_set1_ps(scale[r * G + g]), _mm512_loadu_ps(dst));
+      __m512 v = _mm512_fmadd_ps(sums(a, i), _mm512_set1_ps(scale[r * G + g]), _mm512_loadu_ps(dst));
       v = _mm512_fmadd_ps(xs, _mm512_set1_ps(zero[r * G + g]), v);
       _mm512_storeu_ps(dst, v);
     }
@@ -402,9 +395,25 @@ void panel_scales(const LowbitProblem& p, int64_t n0, int64_t rows, float* scale
 // unsigned bytes: exact int32 sums, 64 codes per instruction where tdpbf16ps takes 32, and a
 // decode of one vpermb, one vpmultishiftqb and one and per 64 codes (8-bit codes: a copy). Each
 // group's column sums are scaled by their plane's unit 256^j 2^e, then as the bf16 tiles' sums:
-// y += scale * sum(q x) + zero * sum(x), the planes added in store_rows.
+// y += scale * sum(q x) + zero * sum(x), the planes added in store_rows (side by side; apart,
+// below, before the scaling).
 constexpr int64_t kDigitBlockK = 64;  // codes per int8 k-block (one A tile row)
 constexpr int kDigitPlanes = 3;
+// Or each plane of a block of 16 rows has a tile of its own (`apart`: tile 3 b + q holds plane q of
+// block b's rows, one to a column), and each group's three plane sums are added before the
+// scaling: 8 vector operations per 16 rows and weight row where side by side takes 12, for three
+// tiles' products where side by side needs 16 / 5. A block apart cost about 2.5 tiles side by
+// side, so it is taken where 5 blocks take at most 2 tiles' time: M = 11-16, 21-32 and from 36
+// (session 49, fp32 rows, one thread, ms, side by side / apart: 4096 x 4096 W4 M = 6 0.98-1.03 /
+// 1.06-1.19, M = 10 1.00-1.04 / 1.08-1.21, M = 11 1.23-1.36 / 1.07-1.14, M = 16 1.49-1.57 /
+// 1.10-1.16, M = 20 1.51-1.61 / 1.73-1.83, M = 24 1.86-2.01 / 1.73-1.85, M = 40 2.66-2.85 /
+// 2.52-2.87, M = 64 4.02-4.40 / 3.62-3.78; 1536 x 576 g64 M = 8 0.086-0.090 / 0.096-0.099, M =
+// 16 0.143-0.147 / 0.093-0.097, M = 20 0.147-0.151 / 0.164-0.175, M = 64 0.369-0.378 /
+// 0.284-0.308).
+constexpr int64_t side_by_side_tiles(int64_t M) { return (M + 16 / kDigitPlanes - 1) / (16 / kDigitPlanes); }
+constexpr bool digits_apart(int64_t M) { return 5 * ((M + 15) / 16) <= 2 * side_by_side_tiles(M); }
+// Activation rows per block: one tile side by side, kDigitPlanes tiles apart.
+constexpr int64_t digit_block_rows(bool apart) { return apart ? 16 : 16 / kDigitPlanes; }
 
 // One k-block of B-bit codes (B = 2, 3, 4; 8 B bytes from src) as 64 unsigned bytes in natural
 // order: vpermb gives u64 lane l the bytes from B l (its eight codes start at bit 8 B l, a whole
@@ -566,9 +575,9 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
         tile_sums_for<false>(tiles, wgroup, p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
         for (int b = 0; b < tiles; ++b)
-          add_group_sums<false>(ctmp, b, scale.data(), zero.data(), G, g,
-                                _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16), _mm512_setzero_ps(), acc.data(),
-                                Mp, (mt + b) * 16);
+          add_group_sums([&](int a, int i) { return _mm512_load_ps(ctmp + (2 * b + a) * 256 + i * 16); },
+                         scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16),
+                         acc.data(), Mp, (mt + b) * 16);
       }
     }
     store_rows(p, n0, rows, acc.data(), x_tiles, 1);
@@ -582,7 +591,12 @@ bool digit_layout(int bits, int64_t group_size, int64_t K) {
          group_size <= 65536;
 }
 
-int64_t digit_tiles(int64_t M) { return (M + 16 / kDigitPlanes - 1) / (16 / kDigitPlanes); }
+int64_t digit_blocks(int64_t M) {
+  const int64_t rows = digit_block_rows(digits_apart(M));
+  return (M + rows - 1) / rows;
+}
+
+int64_t digit_tiles(int64_t M) { return digit_blocks(M) * (digits_apart(M) ? kDigitPlanes : 1); }
 
 namespace {
 
@@ -602,22 +616,28 @@ constexpr float kDigitOutlierRatio = std::is_same_v<T, float> ? 32.f : 512.f;
 
 // prepare_digits for T = float or uint16_t (bf16).
 template <typename T>
-bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_t block0, int64_t block1,
                     int8_t* tiles, float* unit, float* xsum) {
-  constexpr int P = kDigitPlanes, per_tile = 16 / P, fixed_bits = 8 * P - 2;  // top digit within [-65, 65]
-  const int64_t x_tiles = digit_tiles(M), G = K / group_size, Mp = 16 * x_tiles;
+  constexpr int P = kDigitPlanes, fixed_bits = 8 * P - 2;  // top digit within [-65, 65]
+  const bool apart = digits_apart(M);
+  const int per_block = static_cast<int>(digit_block_rows(apart)), block_tiles = apart ? P : 1;
+  const int64_t x_tiles = digit_tiles(M), G = K / group_size, Mp = 16 * digit_blocks(M);
   const int64_t per_group = group_size / kDigitBlockK;
-  alignas(64) int8_t stage[16][kDigitBlockK];  // column c: plane c % P of the tile's row c / P
-  float shift[per_tile];                     // -log2(unit) of each row's current group, for vscalefps
-  for (int64_t mt = m_tile0; mt < m_tile1; ++mt) {
-    std::fill(&stage[0][0], &stage[0][0] + sizeof(stage), int8_t{0});
+  alignas(64) int8_t stage[P][16][kDigitBlockK];  // the block's tiles, [tile][column][k]
+  float shift[16];                              // -log2(unit) of each row's current group, for vscalefps
+  // Plane q of the block's row j: its tile and column (of unit and xsum too: apart, one per row).
+  const auto tile_of = [&](int q) { return apart ? q : 0; };
+  const auto column_of = [&](int j, int q) { return apart ? j : P * j + q; };
+  for (int64_t mb = block0; mb < block1; ++mb) {
+    std::fill(&stage[0][0][0], &stage[0][0][0] + sizeof(stage), int8_t{0});
     for (int64_t kb = 0; kb < K / kDigitBlockK; ++kb) {
       const int64_t g = kb / per_group;
-      for (int j = 0; j < per_tile; ++j) {
-        const int64_t row = mt * per_tile + j;
+      float *units = unit + g * Mp + mb * 16, *sums = xsum + g * Mp + mb * 16;
+      for (int j = 0; j < per_block; ++j) {
+        const int64_t row = mb * per_block + j;
         if (row >= M) {
           if (kb % per_group == 0)
-            for (int q = 0; q < P; ++q) unit[g * Mp + mt * 16 + P * j + q] = xsum[g * Mp + mt * 16 + P * j + q] = 0.f;
+            for (int q = 0; q < P; ++q) units[column_of(j, q)] = sums[column_of(j, q)] = 0.f;
           continue;
         }
         const T* xr = x + row * K;
@@ -641,9 +661,9 @@ bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_
           std::frexp(most, &e);  // most < 2^e
           const int u = most == 0.f ? 0 : e - fixed_bits;
           shift[j] = static_cast<float>(-u);
-          for (int q = 0; q < P; ++q) {
-            unit[g * Mp + mt * 16 + P * j + q] = std::ldexp(1.f, u + 8 * q);
-            xsum[g * Mp + mt * 16 + P * j + q] = 0.f;
+          for (int q = 0; q < P; ++q) {  // apart: the unit of plane 0 (digit_rows scales the others)
+            units[column_of(j, q)] = std::ldexp(1.f, apart ? u : u + 8 * q);
+            sums[column_of(j, q)] = 0.f;
           }
         }
         const __m512 s = _mm512_set1_ps(shift[j]);
@@ -656,17 +676,20 @@ bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_
                                                                             _mm512_set1_epi32(255)),
                                                            _mm512_set1_epi32(128))
                                         : v;
-            _mm_store_si128(reinterpret_cast<__m128i*>(&stage[P * j + q][16 * c]), _mm512_cvtepi32_epi8(d));
+            _mm_store_si128(reinterpret_cast<__m128i*>(&stage[tile_of(q)][column_of(j, q)][16 * c]),
+                            _mm512_cvtepi32_epi8(d));
             v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
           }
         }
-        xsum[g * Mp + mt * 16 + P * j] += _mm512_reduce_add_ps(sum) * std::ldexp(1.f, -static_cast<int>(shift[j]));
+        sums[column_of(j, 0)] += _mm512_reduce_add_ps(sum) * std::ldexp(1.f, -static_cast<int>(shift[j]));
       }
-      __m512i v[16];  // the tile: 16 k-quads x 16 columns x 4 bytes
-      for (int c = 0; c < 16; ++c) v[c] = _mm512_load_si512(stage[c]);
-      transpose16(v);
-      int8_t* t = tiles + (kb * x_tiles + mt) * kTileBytes;
-      for (int i = 0; i < 16; ++i) _mm512_store_si512(t + 64 * i, v[i]);
+      for (int b = 0; b < block_tiles; ++b) {
+        __m512i v[16];  // a tile: 16 k-quads x 16 columns x 4 bytes
+        for (int c = 0; c < 16; ++c) v[c] = _mm512_load_si512(stage[b][c]);
+        transpose16(v);
+        int8_t* t = tiles + (kb * x_tiles + mb * block_tiles + b) * kTileBytes;
+        for (int i = 0; i < 16; ++i) _mm512_store_si512(t + 64 * i, v[i]);
+      }
     }
   }
   return true;
@@ -674,23 +697,25 @@ bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_
 
 }  // namespace
 
-bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t block0, int64_t block1,
                     int8_t* tiles, float* unit, float* xsum) {
-  return prepare_digits<float>(x, M, K, group_size, m_tile0, m_tile1, tiles, unit, xsum);
+  return prepare_digits<float>(x, M, K, group_size, block0, block1, tiles, unit, xsum);
 }
 
-bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t m_tile0, int64_t m_tile1,
+bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t block0, int64_t block1,
                     int8_t* tiles, float* unit, float* xsum) {
-  return prepare_digits<uint16_t>(x, M, K, group_size, m_tile0, m_tile1, tiles, unit, xsum);
+  return prepare_digits<uint16_t>(x, M, K, group_size, block0, block1, tiles, unit, xsum);
 }
 
 void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  const int64_t G = p.G, x_tiles = digit_tiles(p.M), Mp = 16 * x_tiles;
+  const bool apart = digits_apart(p.M);
+  const int64_t G = p.G, x_tiles = digit_tiles(p.M), blocks = digit_blocks(p.M), Mp = 16 * blocks;
   const int64_t per_group = p.group_size / kDigitBlockK;
   PanelScratch& w = panel_scratch(p, p.group_size, Mp);
   auto &acc = w.acc, &scale = w.scale, &zero = w.zero;
   uint8_t* wgroup = w.codes.data();
-  alignas(64) int32_t ctmp[4 * 256];
+  alignas(64) int32_t ctmp[6 * 256];
+  const auto sums_fp32 = [](const int32_t* c) { return _mm512_cvtepi32_ps(_mm512_load_si512(c)); };
   load_tile_config();
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, p.N - n0);
@@ -698,16 +723,32 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t g = 0; g < G; ++g) {
       decode_bytes(p, n0, g * per_group, (g + 1) * per_group, wgroup);
-      for (int64_t mt = 0; mt < x_tiles; mt += 2) {
+      for (int64_t mt = 0; mt < x_tiles && apart; mt += kDigitPlanes) {  // planes 0 and 1, then 2, of a block
+        tile_sums_for<true>(2, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
+        tile_sums_for<true>(1, wgroup, p.x8, x_tiles, g * per_group, per_group, mt + 2, ctmp + 1024);
+        const int64_t col = mt / kDigitPlanes * 16;
+        const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
+        add_group_sums(
+            [&](int a, int i) {  // plane q's sums at c + 512 q
+              const int32_t* c = ctmp + a * 256 + i * 16;
+              const __m512 low = _mm512_fmadd_ps(sums_fp32(c + 512), _mm512_set1_ps(256.f), sums_fp32(c));
+              return _mm512_mul_ps(_mm512_fmadd_ps(sums_fp32(c + 1024), _mm512_set1_ps(65536.f), low), u);
+            },
+            scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc.data(), Mp, col);
+      }
+      for (int64_t mt = 0; mt < x_tiles && !apart; mt += 2) {  // side by side
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
         tile_sums_for<true>(tiles, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
-        for (int b = 0; b < tiles; ++b)
-          add_group_sums<true>(ctmp, b, scale.data(), zero.data(), G, g,
-                               _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16),
-                               _mm512_loadu_ps(p.x8_unit + g * Mp + (mt + b) * 16), acc.data(), Mp, (mt + b) * 16);
+        for (int b = 0; b < tiles; ++b) {
+          const int64_t col = (mt + b) * 16;
+          const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
+          add_group_sums(
+              [&](int a, int i) { return _mm512_mul_ps(sums_fp32(ctmp + (2 * b + a) * 256 + i * 16), u); },
+              scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc.data(), Mp, col);
+        }
       }
     }
-    store_rows(p, n0, rows, acc.data(), x_tiles, kDigitPlanes);
+    store_rows(p, n0, rows, acc.data(), blocks, apart ? 1 : kDigitPlanes);
   }
   _tile_release();
 }
