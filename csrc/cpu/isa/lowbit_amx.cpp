@@ -303,6 +303,43 @@ void tile_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t
 
 #undef SK_TILE_DOT
 
+// The three digit planes' sums (tiles mt .. mt + 2, apart) over k-blocks [kb0, kb0 + blocks) for
+// one panel, into ctmp: weight rows 16 a + i by plane q at 256 (3 a + q) + 16 i. One A tile at a
+// time against the three planes (tiles 0-2 the sums, 3 and 7 the weight rows, 4-6 the planes),
+// the planes loaded once where the group is one k-block.
+void plane_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
+                int32_t* ctmp) {
+  for (int a = 0; a < 2; ++a) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      const uint8_t* x = xtiles + ((kb0 + kb) * x_tiles + mt) * kTileBytes;
+      if (a == 0 || blocks > 1) {
+        _tile_loadd(4, x, 64);
+        _tile_loadd(5, x + kTileBytes, 64);
+        _tile_loadd(6, x + 2 * kTileBytes, 64);
+      }
+      const uint8_t* wk = w + kb * kPanelRows * 64 + a * 16 * 64;
+      if (a == 0) {
+        _tile_loadd(3, wk, 64);
+        _tile_dpbusd(0, 3, 4);
+        _tile_dpbusd(1, 3, 5);
+        _tile_dpbusd(2, 3, 6);
+      } else {
+        _tile_loadd(7, wk, 64);
+        _tile_dpbusd(0, 7, 4);
+        _tile_dpbusd(1, 7, 5);
+        _tile_dpbusd(2, 7, 6);
+      }
+    }
+    int32_t* c = ctmp + a * 768;
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + 256, 64);
+    _tile_stored(2, c + 512, 64);
+  }
+}
+
 // tile_sums for the `tiles` (1 or 2) activation tiles from mt.
 template <bool Int8>
 void tile_sums_for(int tiles, const void* w, const void* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks,
@@ -724,15 +761,15 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     for (int64_t g = 0; g < G; ++g) {
       decode_bytes(p, n0, g * per_group, (g + 1) * per_group, wgroup);
       for (int64_t mt = 0; mt < x_tiles && apart; mt += kDigitPlanes) {  // planes 0 and 1, then 2, of a block
-        tile_sums_for<true>(2, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
-        tile_sums_for<true>(1, wgroup, p.x8, x_tiles, g * per_group, per_group, mt + 2, ctmp + 1024);
+        plane_sums(wgroup, static_cast<const uint8_t*>(static_cast<const void*>(p.x8)), x_tiles, g * per_group,
+                   per_group, mt, ctmp);
         const int64_t col = mt / kDigitPlanes * 16;
         const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
         add_group_sums(
             [&](int a, int i) {  // plane q's sums at c + 512 q
-              const int32_t* c = ctmp + a * 256 + i * 16;
-              const __m512 low = _mm512_fmadd_ps(sums_fp32(c + 512), _mm512_set1_ps(256.f), sums_fp32(c));
-              return _mm512_mul_ps(_mm512_fmadd_ps(sums_fp32(c + 1024), _mm512_set1_ps(65536.f), low), u);
+              const int32_t* c = ctmp + a * 768 + i * 16;
+              const __m512 low = _mm512_fmadd_ps(sums_fp32(c + 256), _mm512_set1_ps(256.f), sums_fp32(c));
+              return _mm512_mul_ps(_mm512_fmadd_ps(sums_fp32(c + 512), _mm512_set1_ps(65536.f), low), u);
             },
             scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc.data(), Mp, col);
       }
