@@ -113,7 +113,14 @@ constexpr int64_t kAmxPrefetchBytes = 1024;
 // Prefetches `bytes` of row n0 + r from byte `at` + kAmxPrefetchBytes (see there).
 inline void prefetch_ahead(const LowbitProblem& p, int64_t n0, int64_t r, int64_t at, int64_t bytes) {
   int64_t row = n0 + r, ahead = at + kAmxPrefetchBytes;
-  for (; ahead >= p.row_bytes; ahead -= p.row_bytes) row += kPanelRows;
+  // Past the row's end: the same row of a later panel, by one division (a loop of subtractions,
+  // its trip count changing from group to group, missed its exit branch row after row: 1536 x 576
+  // W2 in groups of 64, M = 4, 0.097-0.107 ms against 0.045-0.050).
+  if (ahead >= p.row_bytes) {
+    const int64_t panels = ahead / p.row_bytes;
+    row += panels * kPanelRows;
+    ahead -= panels * p.row_bytes;
+  }
   if (row >= p.N) return;
   for (int64_t b = 0; b < bytes; b += 64)
     _mm_prefetch(reinterpret_cast<const char*>(p.qweight + row * p.row_bytes + ahead + b), _MM_HINT_T0);
