@@ -885,10 +885,11 @@ def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
     # within the fp32 promise, also a row of 1e-37 (its parts would be subnormal, which the tiles
     # read as zero: such a call runs on the fp32 kernels) and one of 1e30. The 2-4-bit decodes add
     # their small offset (AmxCodes::fine): 4-bit codes in groups of 128 in pair order, else natural.
-    # From 2 rows (groups of 64: 3), K and groups multiples of 64 (not (32, 544)), the rows go as
-    # int8 digit planes instead (AMX-INT8), one unit per row and group, five rows' planes to a tile
-    # or (16, 27, 40 rows) a tile per plane of 16 rows: there a zero group, a group of 1e20 beside
-    # ones of 1 (which declines to the parts), and the tiny row (to the fp32 kernels).
+    # From 2 rows (groups of 64: 3, but 2 for these small weights), K and groups multiples of 64
+    # (not (32, 544)), the rows go as int8 digit planes instead (AMX-INT8), one unit per row and
+    # group, five rows' planes to a tile or (16, 27, 40 rows) a tile per plane of 16 rows: there a
+    # zero group, a group of 1e20 beside ones of 1 (which declines to the parts), and the tiny row
+    # (to the fp32 kernels).
     g = _gen(70 + bits + m + group)
     qw = quantize_weight(torch.randn(45, k, generator=g), bits, group)
     w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, group, k)

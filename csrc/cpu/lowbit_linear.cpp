@@ -12,9 +12,10 @@
 //   decoded in the vector kernels' pair order),
 //   each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to bf16, as below), fp32
 //   activations from 3 rows as three bf16 parts (isa/lowbit_amx.cpp, amx_min_rows); where K and
-//   groups are multiples of 64, fp32 rows from 2 (in groups of 64: 3) and bf16 rows of 8-bit codes from 2 or of the
-//   natural decode's 2-4-bit codes from 3, up to 5, as three int8 digit planes of a per-group
-//   fixed point on the AMX-INT8 tiles instead (amx_fp32_digit_min_rows, amx_bf16_digits);
+//   groups are multiples of 64, fp32 rows from 2 (in groups of 64: 3, for weights of at most 1 MiB
+//   2) and bf16 rows of 8-bit codes from 2 or of the natural decode's 2-4-bit codes from 3, up to
+//   5, as three int8 digit planes of a per-group fixed point on the AMX-INT8 tiles instead
+//   (amx_fp32_digit_min_rows, amx_bf16_digits);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
@@ -375,9 +376,16 @@ constexpr int64_t kAmxFp32MinRows = 3;
 // 0.125-0.142 the exception) and are level to 20% behind with them in cache (4096 x 4096 W8
 // 0.96-1.07 / 1.14, W4 1.02-1.17 / 0.91-1.02); M = 1 stays on the fp32 kernels (4096 x 4096 W4 warm
 // 0.76-0.84 / 0.93-1.07). In groups of 64 codes (one k-block, so each group's scaling step weighs
-// double) M = 2 stays there too: in the table 1536 x 576 g64 at M = 2 went from 1.15-1.46 to
-// 1.21-1.64 of torch's best on one thread, 1.33-1.61 to 1.67-1.97 on two.
-constexpr int64_t amx_fp32_digit_min_rows(int64_t group_size) { return group_size >= 128 ? 2 : 3; }
+// double) M = 2 stays there too, except weights of at most 1 MiB (half this CPU's L2), which the
+// digits take from M = 2 since the decode's prefetch stopped missing branches (session 49, warm,
+// fp32 kernels / digits: 1536 x 576 W4 0.064-0.068 / 0.043-0.047, W8 0.060-0.064 / 0.044-0.046,
+// 576 x 1536 W4 0.058 / 0.045-0.046, 1024 x 1024 W4 0.068-0.070 / 0.052; 2 MiB and more, 2048 x 2048
+// W4 0.248-0.257 / 0.264-0.275, 2048 x 1024 W8 0.129 / 0.135-0.145, 4096 x 4096 W4 0.97-0.98 /
+// 1.14-1.19, 4864 x 896 W4 0.27-0.29 / 0.28).
+constexpr int64_t kDigitSmallWeightBytes = int64_t{1} << 20;
+constexpr int64_t amx_fp32_digit_min_rows(int64_t group_size, int64_t weight_bytes) {
+  return group_size >= 128 || weight_bytes <= kDigitSmallWeightBytes ? 2 : 3;
+}
 // bf16 rows take the digits too where their codes would take the slower natural decode on the
 // bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8) or 3 up to the five of
 // one digit tile (ms, min of three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
@@ -481,7 +489,8 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 // (isa_amx::prepare_digits, split_fp32_rows; the fp32 kernels then run).
 bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
 #if defined(SK_HAVE_AMX)
-  if (isa.amx && p.M >= amx_fp32_digit_min_rows(p.group_size) && isa_amx::digit_layout(p.bits, p.group_size, p.K)) {
+  if (isa.amx && p.M >= amx_fp32_digit_min_rows(p.group_size, p.N * p.row_bytes) &&
+      isa_amx::digit_layout(p.bits, p.group_size, p.K)) {
     LowbitProblem q = p;
     q.y32 = y;
     q.y16 = nullptr;
