@@ -885,11 +885,10 @@ def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
     # within the fp32 promise, also a row of 1e-37 (its parts would be subnormal, which the tiles
     # read as zero: such a call runs on the fp32 kernels) and one of 1e30. The 2-4-bit decodes add
     # their small offset (AmxCodes::fine): 4-bit codes in groups of 128 in pair order, else natural.
-    # From 2 rows (groups of 64: 3, but 2 for these small weights), K and groups multiples of 64
-    # (not (32, 544)), the rows go as int8 digit planes instead (AMX-INT8), one unit per row and
-    # group, five rows' planes to a tile or (16, 27, 40 rows) a tile per plane of 16 rows: there a
-    # zero group, a group of 1e20 beside ones of 1 (which declines to the parts), and the tiny row
-    # (to the fp32 kernels).
+    # From 2 rows (groups of 64: 3), K and groups multiples of 64 (not (32, 544)), the rows go as
+    # int8 digit planes instead (AMX-INT8), one unit per row and group, five rows' planes to a tile
+    # or (16, 27, 40 rows) a tile per plane of 16 rows: there a zero group, a group of 1e20 beside
+    # ones of 1 (which declines to the parts), and the tiny row (to the fp32 kernels).
     g = _gen(70 + bits + m + group)
     qw = quantize_weight(torch.randn(45, k, generator=g), bits, group)
     w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, group, k)
@@ -913,8 +912,8 @@ def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
 def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     # Groups of 16 codes and M below the switch (3 rows for 4-bit codes, 4 in groups below 128
     # codes and for 2-bit codes, 3 for 3-bit codes, 2 for 8-bit; the int8 digit planes take 2-5
-    # rows of 8-bit codes and of the natural decode's 2-4-bit codes, 4-bit ones of more than
-    # 1 MiB from 3, where K and the group size are multiples of 64)
+    # rows of 8-bit codes and 3-5 of the natural decode's 2-4-bit codes where K and the group
+    # size are multiples of 64)
     # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels: the
     # paths' fp32 sums differ in the last bits, so which one ran shows in the fp32 output of
     # bf16-valued fp32 rows (the "medium" path).
@@ -926,11 +925,11 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
         return y
 
     vector = _best_vector_bf16_isa()
-    for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 4, "tiles"), (4, 64, 3, "tiles"), (4, 64, 2, "tiles"),
-                                 (4, 32, 3, vector), (4, 128, 2, vector), (2, 128, 2, "tiles"),
-                                 (8, 128, 2, "tiles"), (2, 32, 2, vector),
+    for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 4, "tiles"), (4, 64, 3, "tiles"), (4, 64, 2, vector),
+                                 (4, 32, 3, vector), (4, 128, 2, vector), (2, 128, 2, vector),
+                                 (8, 128, 2, "tiles"),
                                  (8, 128, 1, "avx512"), (8, 16, 4, "avx512"), (2, 128, 16, "tiles"),
-                                 (2, 64, 4, "tiles"), (2, 128, 3, "tiles"), (3, 128, 3, "tiles"), (3, 64, 2, "tiles"),
+                                 (2, 64, 4, "tiles"), (2, 128, 3, "tiles"), (3, 128, 3, "tiles"), (3, 64, 2, vector),
                                  (4, 16, 16, vector)):
         x, qw, _ = _lowbit_case(64, 2048 if m == 1 else 512, m, bits, group, torch.float32, bias=False, seed=bits + m)
         x = x.bfloat16().float()
@@ -946,21 +945,6 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
             y16_other = cpp.lowbit_linear(xb, qw.qweight, qw.scale, qw.zero, bits, group, None)
             cpp._C.set_lowbit_isa("avx512_amx")
             assert torch.equal(y16, y16_other), (bits, group, m)
-
-
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
-def test_lowbit_amx_digits_take_two_rows_of_small_weights_only(amx_isa, dtype):
-    # 4-bit codes in groups of 64 at M = 2 go to the int8 digit planes where the weight is at
-    # most 1 MiB (4096 x 512 codes), else to the vector kernels (bf16 rows) or the fp32 kernels:
-    # the paths' sums differ in the last bits, so the output shows which one ran.
-    for n, digits in ((4096, True), (4160, False)):
-        x, qw, _ = _lowbit_case(n, 512, 2, 4, 64, dtype, bias=False, seed=n)
-        y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 64, None)
-        cpp._C.set_lowbit_isa(_best_vector_bf16_isa() if dtype == torch.bfloat16 else "avx512")
-        y_vector = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 64, None)
-        cpp._C.set_lowbit_isa("avx512_amx")
-        assert torch.equal(y, y_vector) != digits, n
-        assert _rel_err(y, _lowbit_want64(x, qw, None)) <= TOL[dtype], n
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))

@@ -12,10 +12,9 @@
 //   decoded in the vector kernels' pair order),
 //   each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to bf16, as below), fp32
 //   activations from 3 rows as three bf16 parts (isa/lowbit_amx.cpp, amx_min_rows); where K and
-//   groups are multiples of 64, fp32 rows and bf16 rows of the natural decode's 2-4-bit codes from
-//   2 (in groups of 64 of more than 1 MiB: 3; bf16 rows up to 5) and bf16 rows of 8-bit codes
-//   from 2 up to 5, as three int8 digit planes of a per-group fixed point on the AMX-INT8 tiles
-//   instead (amx_fp32_digit_min_rows, amx_bf16_digits);
+//   groups are multiples of 64, fp32 rows from 2 (in groups of 64: 3) and bf16 rows of 8-bit codes from 2 or of the
+//   natural decode's 2-4-bit codes from 3, up to 5, as three int8 digit planes of a per-group
+//   fixed point on the AMX-INT8 tiles instead (amx_fp32_digit_min_rows, amx_bf16_digits);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps
@@ -376,19 +375,9 @@ constexpr int64_t kAmxFp32MinRows = 3;
 // 0.125-0.142 the exception) and are level to 20% behind with them in cache (4096 x 4096 W8
 // 0.96-1.07 / 1.14, W4 1.02-1.17 / 0.91-1.02); M = 1 stays on the fp32 kernels (4096 x 4096 W4 warm
 // 0.76-0.84 / 0.93-1.07). In groups of 64 codes (one k-block, so each group's scaling step weighs
-// double) M = 2 stays there too, except weights of at most 1 MiB (half this CPU's L2), which the
-// digits take from M = 2 since the decode's prefetch stopped missing branches (session 49, warm,
-// fp32 kernels / digits: 1536 x 576 W4 0.064-0.068 / 0.043-0.047, W8 0.060-0.064 / 0.044-0.046,
-// 576 x 1536 W4 0.058 / 0.045-0.046, 1024 x 1024 W4 0.068-0.070 / 0.052; 2 MiB and more, 2048 x 2048
-// W4 0.248-0.257 / 0.264-0.275, 2048 x 1024 W8 0.129 / 0.135-0.145, 4096 x 4096 W4 0.97-0.98 /
-// 1.14-1.19, 4864 x 896 W4 0.27-0.29 / 0.28).
-constexpr int64_t kDigitSmallWeightBytes = int64_t{1} << 20;
-constexpr bool digits_from_two_rows(int64_t group_size, int64_t weight_bytes) {
-  return group_size >= 128 || weight_bytes <= kDigitSmallWeightBytes;
-}
-constexpr int64_t amx_fp32_digit_min_rows(int64_t group_size, int64_t weight_bytes) {
-  return digits_from_two_rows(group_size, weight_bytes) ? 2 : 3;
-}
+// double) M = 2 stays there too: in the table 1536 x 576 g64 at M = 2 went from 1.15-1.46 to
+// 1.21-1.64 of torch's best on one thread, 1.33-1.61 to 1.67-1.97 on two.
+constexpr int64_t amx_fp32_digit_min_rows(int64_t group_size) { return group_size >= 128 ? 2 : 3; }
 // bf16 rows take the digits too where their codes would take the slower natural decode on the
 // bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8) or 3 up to the five of
 // one digit tile (ms, min of three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
@@ -397,15 +386,9 @@ constexpr int64_t amx_fp32_digit_min_rows(int64_t group_size, int64_t weight_byt
 // 1.18-1.23 / 0.82-0.95; W4 in groups of 64 M = 3 1.34-1.55 / 1.31-1.60, M = 8 1.72-2.06 /
 // 1.75-2.02; 4864 x 896 W8 M = 2 0.33-0.35 / 0.23-0.26; 1536 x 576 g64 W4 M = 4 0.096-0.109 /
 // 0.072-0.078; 576 x 1536 W2 M = 3 0.068-0.075 / 0.045-0.049. The pair order's W4 stays on the bf16
-// tiles (with two planes: M = 4 1.04-1.10 / 1.26-1.55). Since the decode's prefetch stopped
-// missing branches (session 49) the others take them from M = 2 too where fp32 rows do
-// (digits_from_two_rows: groups of 128 codes or more, or weights of at most 1 MiB; warm, vector
-// kernels / digits: 4096 x 4096 W2 0.77 / 0.69-0.73, W3 0.87 / 0.72-0.74, 4864 x 896 W2 0.244 /
-// 0.149-0.150, W3 0.245 / 0.150-0.161, 576 x 1536 W3 0.048 / 0.031, 1536 x 576 g64 W4 0.054 /
-// 0.044-0.047, 1024 x 1024 g64 W4 0.054 / 0.052-0.055; but in groups of 64, 2048 x 2048 W4 0.211 /
-// 0.265-0.268, 4096 x 4096 W4 0.91 / 1.07-1.09, W2 0.78 / 0.95-1.04).
-constexpr bool amx_bf16_digits(int bits, bool pair_codes, int64_t M, int64_t group_size, int64_t weight_bytes) {
-  return !pair_codes && M >= (bits == 8 || digits_from_two_rows(group_size, weight_bytes) ? 2 : 3) && M <= 5;
+// tiles (with two planes: M = 4 1.04-1.10 / 1.26-1.55).
+constexpr bool amx_bf16_digits(int bits, bool pair_codes, int64_t M) {
+  return !pair_codes && M >= (bits == 8 ? 2 : 3) && M <= 5;
 }
 
 #if defined(SK_HAVE_AMX)
@@ -478,8 +461,8 @@ bool amx_takes(const Isa& isa, const LowbitProblem& p, bool parts) {
 bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 #if defined(SK_HAVE_AMX)
   const bool pairs = isa_amx::pair_layout(p.bits, p.group_size, p.K);
-  if (isa.amx && amx_bf16_digits(p.bits, pairs, p.M, p.group_size, p.N * p.row_bytes) &&
-      isa_amx::digit_layout(p.bits, p.group_size, p.K) && amx_digits(x, p))
+  if (isa.amx && amx_bf16_digits(p.bits, pairs, p.M) && isa_amx::digit_layout(p.bits, p.group_size, p.K) &&
+      amx_digits(x, p))
     return true;  // else (a value the digits cannot carry) the bf16 tiles or vector kernels
   if (!amx_takes(isa, p, false)) return false;
   // From kBf16ScaledPanelMinRows rows the weight is rounded to bf16, as the vector bf16 kernels do.
@@ -498,8 +481,7 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
 // (isa_amx::prepare_digits, split_fp32_rows; the fp32 kernels then run).
 bool amx_fp32_rows(const Isa& isa, const float* x, LowbitProblem& p, float* y) {
 #if defined(SK_HAVE_AMX)
-  if (isa.amx && p.M >= amx_fp32_digit_min_rows(p.group_size, p.N * p.row_bytes) &&
-      isa_amx::digit_layout(p.bits, p.group_size, p.K)) {
+  if (isa.amx && p.M >= amx_fp32_digit_min_rows(p.group_size) && isa_amx::digit_layout(p.bits, p.group_size, p.K)) {
     LowbitProblem q = p;
     q.y32 = y;
     q.y16 = nullptr;

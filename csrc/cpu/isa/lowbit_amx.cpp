@@ -109,14 +109,6 @@ inline __m512i codes8(const uint8_t* src) {
 // 896 x 4864 W4 M = 8 0.46 / 0.35-0.57 / 0.36, 1536 x 576 W4 g64 M = 4 0.18 / 0.13-0.15 / 0.16;
 // 8-bit codes level (4096 x 4096 M = 4 2.05-2.21 for all three).
 constexpr int64_t kAmxPrefetchBytes = 1024;
-// Weights of at most this many bytes (half this CPU's L2) stay in cache from call to call, and
-// prefetching them only cost: the decode does not prefetch them (session 49, one thread, warm,
-// ms, with / without: 1536 x 576 g64 fp32 W2 M = 4 0.098-0.104 / 0.048-0.049, W4 M = 3
-// 0.065-0.067 / 0.049-0.052, 576 x 1536 W4 M = 3 0.038-0.039 / 0.034-0.036); larger ones from
-// memory gain a third from it (fp32 4096 x 4096 W4 M = 2 cold 1.17-1.25 / 1.54-1.93, M = 4
-// 1.06-1.20 / 1.77-1.93). The test is made once per decode, outside prefetch_ahead: inside it
-// (and in other forms of the same addresses tried) the cold runs lost the prefetch's gain.
-constexpr int64_t kAmxPrefetchMinWeightBytes = int64_t{1} << 20;
 
 // Prefetches `bytes` of row n0 + r from byte `at` + kAmxPrefetchBytes (see there).
 inline void prefetch_ahead(const LowbitProblem& p, int64_t n0, int64_t r, int64_t at, int64_t bytes) {
@@ -146,10 +138,9 @@ void decode_rows(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, v
   constexpr int64_t block_bytes = codes_per_block * B / 8;
   const int64_t rows = std::min(kPanelRows, p.N - n0);
   auto* dst = static_cast<uint8_t*>(out);
-  const bool prefetch = p.N * p.row_bytes > kAmxPrefetchMinWeightBytes;
   for (int64_t r = 0; r < kPanelRows; ++r) {
     const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes + kb0 * block_bytes;
-    if (prefetch) prefetch_ahead(p, n0, r, kb0 * block_bytes, (kb1 - kb0) * block_bytes);
+    prefetch_ahead(p, n0, r, kb0 * block_bytes, (kb1 - kb0) * block_bytes);
     for (int64_t kb = 0; kb < kb1 - kb0; ++kb)
       _mm512_store_si512(dst + (kb * kPanelRows + r) * 64, r < rows ? block(src + kb * block_bytes) : _mm512_setzero_si512());
   }
@@ -172,11 +163,10 @@ void decode_natural(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1
 template <bool F>
 void decode_pairs(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* out) {
   const int64_t rows = std::min(kPanelRows, p.N - n0);
-  const bool prefetch = p.N * p.row_bytes > kAmxPrefetchMinWeightBytes;
   for (int64_t r = 0; r < kPanelRows; ++r) {
     uint16_t* dst = out + r * kBlockK;
     const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes + kb0 * (kBlockK / 2);
-    if (prefetch) prefetch_ahead(p, n0, r, kb0 * (kBlockK / 2), (kb1 - kb0) * (kBlockK / 2));
+    prefetch_ahead(p, n0, r, kb0 * (kBlockK / 2), (kb1 - kb0) * (kBlockK / 2));
     for (int64_t kb = 0; kb < kb1 - kb0; kb += kPairs<4>) {
       const __m512i raw = r < rows ? _mm512_loadu_si512(src + kb * (kBlockK / 2)) : _mm512_setzero_si512();
       for_index<kPairs<4>>([&](auto v) {
