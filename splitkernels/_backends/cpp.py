@@ -174,7 +174,7 @@ _BF16_PRECISIONS = ("bf16", "medium")
 
 def _onednn_precision_getter() -> Callable[[], str] | None:
     """What ``torch.backends.mkldnn.matmul.fp32_precision`` reads (torch >= 2.9), called directly:
-    0.15 us a call where the attribute takes 1 us (the op asks on every fp32 call); None before."""
+    0.2 us a call where the attribute takes 1 us (the op asks on every fp32 call); None before."""
     getter = getattr(torch._C, "_get_fp32_precision_getter", None)
     try:
         getter("mkldnn", "matmul")
