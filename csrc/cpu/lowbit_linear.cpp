@@ -12,9 +12,10 @@
 //   decoded in the vector kernels' pair order),
 //   each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to bf16, as below), fp32
 //   activations from 3 rows as three bf16 parts (isa/lowbit_amx.cpp, amx_min_rows); where K and
-//   groups are multiples of 64, fp32 rows from 2 (in groups of 64: 3) and bf16 rows of 8-bit codes from 2 or of the
-//   natural decode's 2-4-bit codes from 3, up to 5, as three int8 digit planes of a per-group
-//   fixed point on the AMX-INT8 tiles instead (amx_fp32_digit_min_rows, amx_bf16_digits);
+//   groups are multiples of 64, fp32 rows from 2 (in groups of 64: 3) and bf16 rows of 8-bit
+//   codes from 2 or of the natural decode's 2-4-bit codes from 3, up to 5, as three int8 digit
+//   planes of a per-group fixed point on the AMX-INT8 tiles instead (amx_fp32_digit_min_rows,
+//   amx_bf16_digits);
 // * bf16 activations on AVX-512 BF16 CPUs, bits 2/4/8 with groups of 4..32 bytes or whole
 //   64-byte chunks, and on those with VBMI too bits 3 with groups of 16/32/64 codes or whole
 //   128-code chunks (bf16_kernel_layout): exact integer codes x bf16 activations with vdpbf16ps

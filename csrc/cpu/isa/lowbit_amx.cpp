@@ -760,19 +760,22 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t g = 0; g < G; ++g) {
       decode_bytes(p, n0, g * per_group, (g + 1) * per_group, wgroup);
-      for (int64_t mt = 0; mt < x_tiles && apart; mt += kDigitPlanes) {  // a block's three planes
-        plane_sums(wgroup, reinterpret_cast<const uint8_t*>(p.x8), x_tiles, g * per_group, per_group, mt, ctmp);
-        const int64_t col = mt / kDigitPlanes * 16;
-        const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
-        add_group_sums(
-            [&](int a, int i) {  // plane q's sums at c + 256 q
-              const int32_t* c = ctmp + a * 768 + i * 16;
-              const __m512 low = _mm512_fmadd_ps(sums_fp32(c + 256), _mm512_set1_ps(256.f), sums_fp32(c));
-              return _mm512_mul_ps(_mm512_fmadd_ps(sums_fp32(c + 512), _mm512_set1_ps(65536.f), low), u);
-            },
-            scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc.data(), Mp, col);
+      if (apart) {
+        for (int64_t mt = 0; mt < x_tiles; mt += kDigitPlanes) {  // a block's three planes
+          plane_sums(wgroup, reinterpret_cast<const uint8_t*>(p.x8), x_tiles, g * per_group, per_group, mt, ctmp);
+          const int64_t col = mt / kDigitPlanes * 16;
+          const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
+          add_group_sums(
+              [&](int a, int i) {  // plane q's sums at c + 256 q
+                const int32_t* c = ctmp + a * 768 + i * 16;
+                const __m512 low = _mm512_fmadd_ps(sums_fp32(c + 256), _mm512_set1_ps(256.f), sums_fp32(c));
+                return _mm512_mul_ps(_mm512_fmadd_ps(sums_fp32(c + 512), _mm512_set1_ps(65536.f), low), u);
+              },
+              scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc.data(), Mp, col);
+        }
+        continue;
       }
-      for (int64_t mt = 0; mt < x_tiles && !apart; mt += 2) {  // side by side
+      for (int64_t mt = 0; mt < x_tiles; mt += 2) {  // side by side
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
         tile_sums_for<true>(tiles, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
         for (int b = 0; b < tiles; ++b) {
