@@ -212,28 +212,30 @@ inline __m512i scaled_codes(const uint8_t* src, __m512 s, __m512 z) {
   }
 }
 
-// Weight rows [n0, n0 + 32) of B-bit codes dequantised to bf16 (q * scale + zero rounded, as a
-// dense bf16 F.linear has them) as A tiles of the whole K, [K / 32][32 rows][32 values]; rows past
-// N zeros.
+// Blocks [kb0, kb1) of weight rows [n0, n0 + 32) of B-bit codes dequantised to bf16 (q * scale +
+// zero rounded, as a dense bf16 F.linear has them) as A tiles, [kb - kb0][32 rows][32 values]; rows
+// past N zeros.
 template <int B>
-void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const float* zero, uint16_t* out) {
+void decode_scaled(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, const float* scale,
+                   const float* zero, uint16_t* out) {
   constexpr int64_t block_bytes = kBlockK * B / 8;
-  const int64_t rows = std::min(kPanelRows, p.N - n0), blocks = p.K / kBlockK, per_group = p.group_size / kBlockK;
+  const int64_t rows = std::min(kPanelRows, p.N - n0), per_group = p.group_size / kBlockK;
   for (int64_t r = 0; r < kPanelRows; ++r) {
     uint16_t* dst = out + r * kBlockK;
     const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes;
-    for (int64_t kb = 0; kb < blocks; ++kb) {
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
       const int64_t g = kb / per_group;
       const __m512i w = r < rows ? scaled_codes<B>(src + kb * block_bytes, _mm512_set1_ps(scale[r * p.G + g]),
                                                    _mm512_set1_ps(zero[r * p.G + g]))
                                  : _mm512_setzero_si512();
-      _mm512_store_si512(dst + kb * kPanelRows * kBlockK, w);
+      _mm512_store_si512(dst + (kb - kb0) * kPanelRows * kBlockK, w);
     }
   }
 }
 
-void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const float* zero, uint16_t* out) {
-  with_bits(p.bits, [&](auto b) { decode_scaled<decltype(b)::value>(p, n0, scale, zero, out); });
+void decode_scaled(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, const float* scale,
+                   const float* zero, uint16_t* out) {
+  with_bits(p.bits, [&](auto b) { decode_scaled<decltype(b)::value>(p, n0, kb0, kb1, scale, zero, out); });
 }
 
 // Tile C += tile A x tile B: int8 (tdpbusd, unsigned A, signed B) or bf16 (tdpbf16ps). A macro,
@@ -246,22 +248,17 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, const float* scale, const
       _tile_dpbf16ps(C, A, B);      \
   } while (0)
 
-// Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on: one group, or a scaled
-// panel's whole K) for one panel and MTiles (1 or 2) activation tiles from mt, into ctmp: tile
-// 2 b + a holds weight rows 16 a + i by activation tile columns 16 (mt + b) + j. Int8: codes as
-// unsigned bytes (64 per k-block) against int8 digits with tdpbusd, int32 sums; else bf16 codes
-// (32 per k-block) with tdpbf16ps, fp32 sums. Either way a k-block of the panel is 2 KiB and an
-// activation tile 1 KiB. With one activation tile over a long K (a scaled panel's), even and odd
-// k-blocks go to separate tiles (2 and 3, added after) so that consecutive products do not wait on
-// each other's sums; over one group's few blocks the two extra tile stores and adds cost more than
-// the wait (4096 x 4096 W4 in groups of 128, M = 4-16, one thread: 5-10% faster without).
+// Sums over one group's k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on) for one panel and
+// MTiles (1 or 2) activation tiles from mt, into ctmp: tile 2 b + a holds weight rows 16 a + i by
+// activation tile columns 16 (mt + b) + j. Int8: codes as unsigned bytes (64 per k-block) against
+// int8 digits with tdpbusd, int32 sums; else bf16 codes (32 per k-block) with tdpbf16ps, fp32
+// sums. Either way a k-block of the panel is 2 KiB and an activation tile 1 KiB.
 template <int MTiles, bool Int8>
 void tile_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
                void* ctmp) {
-  const bool alternate = MTiles == 1 && blocks >= 16;
   _tile_zero(0);
   _tile_zero(1);
-  if (MTiles == 2 || alternate) {
+  if (MTiles == 2) {
     _tile_zero(2);
     _tile_zero(3);
   }
@@ -271,34 +268,20 @@ void tile_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t
     _tile_loadd(4, wk, 64);
     _tile_loadd(5, wk + 16 * 64, 64);
     _tile_loadd(6, x, 64);
+    if (MTiles == 2) _tile_loadd(7, x + kTileBytes, 64);
+    SK_TILE_DOT(Int8, 0, 4, 6);
+    SK_TILE_DOT(Int8, 1, 5, 6);
     if (MTiles == 2) {
-      _tile_loadd(7, x + kTileBytes, 64);
-      SK_TILE_DOT(Int8, 0, 4, 6);
-      SK_TILE_DOT(Int8, 1, 5, 6);
       SK_TILE_DOT(Int8, 2, 4, 7);
       SK_TILE_DOT(Int8, 3, 5, 7);
-    } else if (!alternate || kb % 2 == 0) {
-      SK_TILE_DOT(Int8, 0, 4, 6);
-      SK_TILE_DOT(Int8, 1, 5, 6);
-    } else {
-      SK_TILE_DOT(Int8, 2, 4, 6);
-      SK_TILE_DOT(Int8, 3, 5, 6);
     }
   }
   float* c = static_cast<float*>(ctmp);
   _tile_stored(0, c, 64);
   _tile_stored(1, c + 256, 64);
-  if (MTiles == 1 && !alternate) return;
+  if (MTiles == 1) return;
   _tile_stored(2, c + 512, 64);
   _tile_stored(3, c + 768, 64);
-  if (MTiles == 1) {
-    for (int i = 0; i < 512; i += 16) {
-      if constexpr (Int8)
-        _mm512_store_si512(c + i, _mm512_add_epi32(_mm512_load_si512(c + i), _mm512_load_si512(c + 512 + i)));
-      else
-        _mm512_store_ps(c + i, _mm512_add_ps(_mm512_load_ps(c + i), _mm512_load_ps(c + 512 + i)));
-    }
-  }
 }
 
 #undef SK_TILE_DOT
@@ -352,6 +335,51 @@ void tile_sums_for(int tiles, const void* w, const void* xtiles, int64_t x_tiles
     tile_sums<1, Int8>(wb, xb, x_tiles, kb0, blocks, mt, ctmp);
 }
 
+// Sums over k-blocks [kb0, kb0 + blocks) of bf16 codes (decoded in w from kb0 on) for one panel and
+// MTiles (1 or 2) activation tiles from mt, added into acc [32 weight rows][Mp] at columns 16 mt
+// on (`first`: set there instead): the tiles load and store their sums straight from acc.
+template <int MTiles>
+void tile_sums_into(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks,
+                    int64_t mt, float* acc, int64_t Mp, bool first) {
+  float* c = acc + 16 * mt;
+  const int64_t stride = Mp * static_cast<int64_t>(sizeof(float)), lower = 16 * Mp;
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (MTiles == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, c, stride);
+    _tile_loadd(1, c + lower, stride);
+    if (MTiles == 2) {
+      _tile_loadd(2, c + 16, stride);
+      _tile_loadd(3, c + lower + 16, stride);
+    }
+  }
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const uint16_t* wk = w + kb * kPanelRows * kBlockK;
+    const uint16_t* x = xtiles + ((kb0 + kb) * x_tiles + mt) * (kTileBytes / 2);
+    _tile_loadd(4, wk, 64);
+    _tile_loadd(5, wk + 16 * kBlockK, 64);
+    _tile_loadd(6, x, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (MTiles == 2) {
+      _tile_loadd(7, x + kTileBytes / 2, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, stride);
+  _tile_stored(1, c + lower, stride);
+  if (MTiles == 2) {
+    _tile_stored(2, c + 16, stride);
+    _tile_stored(3, c + lower + 16, stride);
+  }
+}
+
 // One group's sums of 16 activation columns (sums(a, i): weight row 16 a + i's, as fp32) added to
 // the panel's acc [32 weight rows][Mp] at column `col`: acc += scale[r, g] * sums + zero[r, g] * xs.
 template <typename Sums>
@@ -397,20 +425,21 @@ void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* a
   }
 }
 
-// A thread's buffers for one panel: its decoded codes (A tiles), sums [32 rows][Mp], scales and zeros.
+// A thread's buffers for one panel (or `panels` of them: sums and scales): its decoded codes (A
+// tiles), sums [32 rows][Mp], scales and zeros [32 rows][G].
 struct PanelScratch {
   AlignedVector<uint8_t> codes;
   AlignedVector<float> acc, scale, zero;
 };
 
-// This thread's PanelScratch sized for `row_bytes` of decoded codes per weight row and Mp
-// activation tile columns.
-PanelScratch& panel_scratch(const LowbitProblem& p, int64_t row_bytes, int64_t Mp) {
+// This thread's PanelScratch sized for `row_bytes` of decoded codes per weight row, Mp activation
+// tile columns and `panels` panels.
+PanelScratch& panel_scratch(const LowbitProblem& p, int64_t row_bytes, int64_t Mp, int64_t panels = 1) {
   thread_local PanelScratch w;
   w.codes.resize(kPanelRows * row_bytes);
-  w.acc.resize(kPanelRows * Mp);
-  w.scale.resize(kPanelRows * p.G);
-  w.zero.resize(kPanelRows * p.G);
+  w.acc.resize(panels * kPanelRows * Mp);
+  w.scale.resize(panels * kPanelRows * p.G);
+  w.zero.resize(panels * kPanelRows * p.G);
   return w;
 }
 
@@ -578,10 +607,60 @@ bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int part
   return true;
 }
 
+namespace {
+
+// The scaled form in blocks that stay in the caches. Its 2 x 2 tile products load 4 KiB per 64
+// cycles of products (four tdpbf16ps); before, each panel streamed every activation tile over the
+// whole K (4 MiB at M = 512, K = 4096: from L3, once per panel). Now a chunk of k-blocks of all
+// activation tiles (at most kScaledL2Bytes, up to 16 blocks) stays in L2 across a group of
+// panels whose sums (acc, at most kScaledL2Bytes) stay there too, and each panel's chunk of
+// decoded weights (32 KiB at 16 blocks) in L1 across the activation tiles.
+constexpr int64_t kScaledL2Bytes = 512 << 10;
+
+void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  const int64_t G = p.G, x_tiles = activation_tiles(p.M), Mp = 16 * x_tiles, blocks = p.K / kBlockK;
+  const int64_t most = std::clamp<int64_t>(kScaledL2Bytes / (x_tiles * kTileBytes), 1, 16);
+  const int64_t chunk = (blocks + (blocks + most - 1) / most - 1) / ((blocks + most - 1) / most);  // even chunks
+  const int64_t panels = std::clamp<int64_t>(kScaledL2Bytes / (kPanelRows * Mp * 4), 1, 8);
+  PanelScratch& w = panel_scratch(p, chunk * kBlockK * 2, Mp, panels);
+  uint16_t* wchunk = reinterpret_cast<uint16_t*>(w.codes.data());
+  load_tile_config();
+  for (int64_t first = n_begin; first < n_end; first += panels * kPanelRows) {
+    const int64_t count = std::min(panels, (n_end - first + kPanelRows - 1) / kPanelRows);
+    const auto scale = [&](int64_t i) { return w.scale.data() + i * kPanelRows * G; };
+    const auto zero = [&](int64_t i) { return w.zero.data() + i * kPanelRows * G; };
+    const auto acc = [&](int64_t i) { return w.acc.data() + i * kPanelRows * Mp; };
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n0 = first + i * kPanelRows;
+      panel_scales(p, n0, std::min(kPanelRows, p.N - n0), scale(i), zero(i));
+    }
+    for (int64_t kb0 = 0; kb0 < blocks; kb0 += chunk) {
+      const int64_t kb1 = std::min(blocks, kb0 + chunk);
+      for (int64_t i = 0; i < count; ++i) {
+        decode_scaled(p, first + i * kPanelRows, kb0, kb1, scale(i), zero(i), wchunk);
+        for (int64_t mt = 0; mt < x_tiles; mt += 2) {
+          if (x_tiles - mt >= 2)
+            tile_sums_into<2>(wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, acc(i), Mp, kb0 == 0);
+          else
+            tile_sums_into<1>(wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, acc(i), Mp, kb0 == 0);
+        }
+      }
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n0 = first + i * kPanelRows;
+      store_rows(p, n0, std::min(kPanelRows, p.N - n0), acc(i), x_tiles, 1);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
 void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, AmxCodes codes) {
+  if (scaled) return scaled_rows(p, n_begin, n_end);
   const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
   const int64_t per_group = p.group_size / kBlockK;
-  PanelScratch& w = panel_scratch(p, (scaled ? p.K : p.group_size) * 2, Mp);
+  PanelScratch& w = panel_scratch(p, p.group_size * 2, Mp);
   auto &acc = w.acc, &scale = w.scale, &zero = w.zero;
   uint16_t* wgroup = reinterpret_cast<uint16_t*>(w.codes.data());
   alignas(64) float ctmp[4 * 256];
@@ -589,23 +668,12 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, p.N - n0);
     panel_scales(p, n0, rows, scale.data(), zero.data());
-    if (p.bits != 8 && !scaled) {  // the codes carry an offset: s (off + q) + (z - off s) = s q + z
+    if (p.bits != 8) {  // the codes carry an offset: s (off + q) + (z - off s) = s q + z
       const float off = code_offset(p.bits, codes.fine);
       for (int64_t i = 0; i < rows * G; ++i) zero[i] -= off * scale[i];
     }
     std::fill(acc.begin(), acc.end(), 0.f);
-    if (scaled) {  // the panel's whole K once, each activation tile's sums straight to acc
-      decode_scaled(p, n0, scale.data(), zero.data(), wgroup);
-      for (int64_t mt = 0; mt < x_tiles; mt += 2) {
-        const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        tile_sums_for<false>(tiles, wgroup, p.x16, x_tiles, 0, p.K / kBlockK, mt, ctmp);
-        for (int b = 0; b < tiles; ++b)
-          for (int64_t r = 0; r < kPanelRows; ++r)
-            _mm512_storeu_ps(acc.data() + r * Mp + (mt + b) * 16,
-                             _mm512_load_ps(ctmp + (2 * b + r / 16) * 256 + r % 16 * 16));
-      }
-    }
-    for (int64_t g = 0; g < G && !scaled; ++g) {
+    for (int64_t g = 0; g < G; ++g) {
       // The group's codes are decoded once into L1 and serve every activation tile.
       decode_blocks(codes, p, n0, g * per_group, (g + 1) * per_group, wgroup);
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
