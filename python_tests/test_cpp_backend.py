@@ -864,6 +864,26 @@ def test_lowbit_amx_scaled_tiles_from_256_rows(amx_isa, fp32_precision, bits, gr
     assert _rel_err(y32, want16) <= 3e-5
 
 
+@pytest.mark.parametrize("dtype,k", [(torch.bfloat16, 1088), (torch.float32, 2624)])
+def test_lowbit_amx_large_m_cache_blocks(amx_isa, dtype, k):
+    # The scaled panels (bf16, from 256 rows) and fp32 rows' digit tiles where they outgrow L2
+    # (2 MiB: here 257 rows x 2624 codes) run in cache blocks: k-chunks of all activation tiles
+    # (uneven: 34 k-blocks as 12 + 12 + 10; 41 groups as 10 + 10 + 10 + 10 + 1) across groups of
+    # up to 8 panels (300 rows: 8 panels, then one and a 12-row part), an odd 17th activation tile.
+    # The same promises as without blocks, into a poisoned output.
+    x, qw, b = _lowbit_case(300, k, 257, 4, 64, dtype, bias=True, seed=k)
+    if dtype == torch.bfloat16:
+        y = _bf16_kernel_on_poisoned_output(x, qw, b, 4, 64)
+        want16 = _lowbit_want64_bf16_weight(x, qw, b)
+        assert _rel_err(y, want16) <= _rel_err(want16.bfloat16(), want16) + 2e-4
+        return
+    y = torch.full((257, 300), float("nan"))
+    cpp._C.lowbit_linear(x.data_ptr(), cpp.DTYPE_CODE[dtype], 257, k, qw.qweight.data_ptr(), 300, qw.qweight.shape[1], qw.scale.data_ptr(),
+                         qw.zero.data_ptr(), cpp.DTYPE_CODE[dtype], 4, 64, b.data_ptr(), y.data_ptr())
+    want = _lowbit_want64(x, qw, b)
+    assert ((y.double() - want).norm(dim=1) / want.norm(dim=1)).max() <= TOL[torch.float32]
+
+
 @pytest.mark.parametrize("bits", (4, 8))
 @pytest.mark.parametrize("m", (5, 19))
 def test_lowbit_amx_fp32_rows_under_medium_precision(amx_isa, fp32_precision, bits, m):

@@ -425,6 +425,13 @@ void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* a
   }
 }
 
+// The large-M forms (scaled panels; digit planes whose tiles outgrow L2) work in blocks that stay
+// in L2: a chunk of k-blocks of all activation tiles, at most this many bytes, serves a group of
+// panels whose sums (acc) take at most as much (up to 8 panels).
+constexpr int64_t kL2Bytes = 2 << 20;  // L2 per core of the Xeons with AMX (Sapphire Rapids on)
+constexpr int64_t kL2BlockBytes = kL2Bytes / 4;
+constexpr int64_t panels_in_l2(int64_t Mp) { return std::clamp<int64_t>(kL2BlockBytes / (32 * Mp * 4), 1, 8); }
+
 // A thread's buffers for one panel (or `panels` of them: sums and scales): its decoded codes (A
 // tiles), sums [32 rows][Mp], scales and zeros [32 rows][G].
 struct PanelScratch {
@@ -609,19 +616,15 @@ bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int part
 
 namespace {
 
-// The scaled form in blocks that stay in the caches. Its 2 x 2 tile products load 4 KiB per 64
-// cycles of products (four tdpbf16ps); before, each panel streamed every activation tile over the
-// whole K (4 MiB at M = 512, K = 4096: from L3, once per panel). Now a chunk of k-blocks of all
-// activation tiles (at most kScaledL2Bytes, up to 16 blocks) stays in L2 across a group of
-// panels whose sums (acc, at most kScaledL2Bytes) stay there too, and each panel's chunk of
-// decoded weights (32 KiB at 16 blocks) in L1 across the activation tiles.
-constexpr int64_t kScaledL2Bytes = 512 << 10;
-
+// The scaled form in blocks (kL2BlockBytes). Its 2 x 2 tile products load 4 KiB per 64 cycles of
+// products (four tdpbf16ps); before, each panel streamed every activation tile over the whole K
+// (4 MiB at M = 512, K = 4096: from L3, once per panel). Now each panel's chunk of decoded weights
+// (32 KiB at 16 k-blocks) stays in L1 across the activation tiles, chunks of even size.
 void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, x_tiles = activation_tiles(p.M), Mp = 16 * x_tiles, blocks = p.K / kBlockK;
-  const int64_t most = std::clamp<int64_t>(kScaledL2Bytes / (x_tiles * kTileBytes), 1, 16);
+  const int64_t most = std::clamp<int64_t>(kL2BlockBytes / (x_tiles * kTileBytes), 1, 16);
   const int64_t chunk = (blocks + (blocks + most - 1) / most - 1) / ((blocks + most - 1) / most);  // even chunks
-  const int64_t panels = std::clamp<int64_t>(kScaledL2Bytes / (kPanelRows * Mp * 4), 1, 8);
+  const int64_t panels = panels_in_l2(Mp);
   PanelScratch& w = panel_scratch(p, chunk * kBlockK * 2, Mp, panels);
   uint16_t* wchunk = reinterpret_cast<uint16_t*>(w.codes.data());
   load_tile_config();
@@ -815,47 +818,68 @@ bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
 void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const bool apart = digits_apart(p.M);
   const int64_t G = p.G, x_tiles = digit_tiles(p.M), blocks = digit_blocks(p.M), Mp = 16 * blocks;
-  const int64_t per_group = p.group_size / kDigitBlockK;
-  PanelScratch& w = panel_scratch(p, p.group_size, Mp);
-  auto &acc = w.acc, &scale = w.scale, &zero = w.zero;
-  uint8_t* wgroup = w.codes.data();
+  const int64_t per_group = p.group_size / kDigitBlockK, group_tile_bytes = per_group * x_tiles * kTileBytes;
+  // Where the whole K of digit tiles outgrows kL2BlockBytes, chunks of groups (their decoded codes
+  // at most 32 KiB, in L1) serve a group of panels; else one group and one panel at a time.
+  const bool blocked = G * group_tile_bytes > kL2Bytes;
+  const int64_t chunk =
+      blocked ? std::clamp<int64_t>(kL2BlockBytes / group_tile_bytes, 1, std::max<int64_t>(1, (32 << 10) / (kPanelRows * p.group_size)))
+              : 1;
+  const int64_t panels = blocked ? panels_in_l2(Mp) : 1;
+  PanelScratch& w = panel_scratch(p, chunk * p.group_size, Mp, panels);
+  const auto scale = [&](int64_t i) { return w.scale.data() + i * kPanelRows * G; };
+  const auto zero = [&](int64_t i) { return w.zero.data() + i * kPanelRows * G; };
+  const auto acc = [&](int64_t i) { return w.acc.data() + i * kPanelRows * Mp; };
   alignas(64) int32_t ctmp[6 * 256];
   const auto sums_fp32 = [](const int32_t* c) { return _mm512_cvtepi32_ps(_mm512_load_si512(c)); };
-  load_tile_config();
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
-    const int64_t rows = std::min(kPanelRows, p.N - n0);
-    panel_scales(p, n0, rows, scale.data(), zero.data());
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t g = 0; g < G; ++g) {
-      decode_bytes(p, n0, g * per_group, (g + 1) * per_group, wgroup);
-      if (apart) {
-        for (int64_t mt = 0; mt < x_tiles; mt += kDigitPlanes) {  // a block's three planes
-          plane_sums(wgroup, reinterpret_cast<const uint8_t*>(p.x8), x_tiles, g * per_group, per_group, mt, ctmp);
-          const int64_t col = mt / kDigitPlanes * 16;
-          const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
-          add_group_sums(
-              [&](int a, int i) {  // plane q's sums at c + 256 q
-                const int32_t* c = ctmp + a * 768 + i * 16;
-                const __m512 low = _mm512_fmadd_ps(sums_fp32(c + 256), _mm512_set1_ps(256.f), sums_fp32(c));
-                return _mm512_mul_ps(_mm512_fmadd_ps(sums_fp32(c + 512), _mm512_set1_ps(65536.f), low), u);
-              },
-              scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc.data(), Mp, col);
-        }
-        continue;
+  // Group g's sums for panel i, its codes decoded at wgroup, into acc(i).
+  const auto group_sums = [&](int64_t i, int64_t g, const uint8_t* wgroup) {
+    if (apart) {
+      for (int64_t mt = 0; mt < x_tiles; mt += kDigitPlanes) {  // a block's three planes
+        plane_sums(wgroup, reinterpret_cast<const uint8_t*>(p.x8), x_tiles, g * per_group, per_group, mt, ctmp);
+        const int64_t col = mt / kDigitPlanes * 16;
+        const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
+        add_group_sums(
+            [&](int a, int r) {  // plane q's sums at c + 256 q
+              const int32_t* c = ctmp + a * 768 + r * 16;
+              const __m512 low = _mm512_fmadd_ps(sums_fp32(c + 256), _mm512_set1_ps(256.f), sums_fp32(c));
+              return _mm512_mul_ps(_mm512_fmadd_ps(sums_fp32(c + 512), _mm512_set1_ps(65536.f), low), u);
+            },
+            scale(i), zero(i), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc(i), Mp, col);
       }
-      for (int64_t mt = 0; mt < x_tiles; mt += 2) {  // side by side
-        const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        tile_sums_for<true>(tiles, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
-        for (int b = 0; b < tiles; ++b) {
-          const int64_t col = (mt + b) * 16;
-          const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
-          add_group_sums(
-              [&](int a, int i) { return _mm512_mul_ps(sums_fp32(ctmp + (2 * b + a) * 256 + i * 16), u); },
-              scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc.data(), Mp, col);
-        }
+      return;
+    }
+    for (int64_t mt = 0; mt < x_tiles; mt += 2) {  // side by side
+      const int tiles = x_tiles - mt >= 2 ? 2 : 1;
+      tile_sums_for<true>(tiles, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
+      for (int b = 0; b < tiles; ++b) {
+        const int64_t col = (mt + b) * 16;
+        const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
+        add_group_sums([&](int a, int r) { return _mm512_mul_ps(sums_fp32(ctmp + (2 * b + a) * 256 + r * 16), u); },
+                       scale(i), zero(i), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc(i), Mp, col);
       }
     }
-    store_rows(p, n0, rows, acc.data(), blocks, apart ? 1 : kDigitPlanes);
+  };
+  load_tile_config();
+  for (int64_t first = n_begin; first < n_end; first += panels * kPanelRows) {
+    const int64_t count = std::min(panels, (n_end - first + kPanelRows - 1) / kPanelRows);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n0 = first + i * kPanelRows;
+      panel_scales(p, n0, std::min(kPanelRows, p.N - n0), scale(i), zero(i));
+      std::fill(acc(i), acc(i) + kPanelRows * Mp, 0.f);
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += chunk) {
+      const int64_t g1 = std::min(G, g0 + chunk);
+      for (int64_t i = 0; i < count; ++i) {
+        decode_bytes(p, first + i * kPanelRows, g0 * per_group, g1 * per_group, w.codes.data());
+        for (int64_t g = g0; g < g1; ++g)
+          group_sums(i, g, w.codes.data() + (g - g0) * per_group * kPanelRows * 64);
+      }
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n0 = first + i * kPanelRows;
+      store_rows(p, n0, std::min(kPanelRows, p.N - n0), acc(i), blocks, apart ? 1 : kDigitPlanes);
+    }
   }
   _tile_release();
 }
