@@ -641,6 +641,14 @@ void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       const int64_t kb1 = std::min(blocks, kb0 + chunk);
       for (int64_t i = 0; i < count; ++i) {
         decode_scaled(p, first + i * kPanelRows, kb0, kb1, scale(i), zero(i), wchunk);
+        {  // the next decode's bytes into L2 while the tiles work
+          const bool last = i + 1 == count;
+          const int64_t n1 = first + (last ? 0 : (i + 1) * kPanelRows), k0 = last ? kb1 : kb0;
+          const int64_t k1 = last ? std::min(blocks, kb1 + chunk) : kb1, bb = kBlockK * p.bits / 8;
+          for (int64_t r = 0; r < kPanelRows && n1 + r < p.N && k0 < k1; ++r)
+            for (int64_t b = k0 * bb; b < k1 * bb; b += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(p.qweight + (n1 + r) * p.row_bytes + b), _MM_HINT_T1);
+        }
         for (int64_t mt = 0; mt < x_tiles; mt += 2) {
           if (x_tiles - mt >= 2)
             tile_sums_into<2>(wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, acc(i), Mp, kb0 == 0);
