@@ -401,11 +401,12 @@ inline void add_group_sums(Sums sums, const float* scale, const float* zero, int
 // planes j .. planes j + planes - 1 (digit planes, least significant first; bf16 tiles: 1).
 void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* acc, int64_t x_tiles, int planes) {
   const int64_t Mp = 16 * x_tiles, per_tile = 16 / planes;
-  for (int a = 0; a * 16 < rows; ++a) {
-    const int64_t nr = std::min<int64_t>(16, rows - 16 * a);
-    const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1);
-    const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(keep, p.bias + n0 + 16 * a) : _mm512_setzero_ps();
-    for (int64_t mt = 0; mt < x_tiles; ++mt) {
+  // Both 16-row halves of a tile column in turn, so that each output row's 64-byte line of the
+  // panel is written at once (1536 x 576 W4 M = 512 bf16: 0.85-0.87 -> 0.76-0.77 ms).
+  for (int64_t mt = 0; mt < x_tiles; ++mt) {
+    for (int a = 0; a * 16 < rows; ++a) {
+      const __mmask16 keep = static_cast<__mmask16>((1u << std::min<int64_t>(16, rows - 16 * a)) - 1);
+      const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(keep, p.bias + n0 + 16 * a) : _mm512_setzero_ps();
       __m512i v[16];
       for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(acc + (16 * a + i) * Mp + mt * 16);
       transpose16(v);
