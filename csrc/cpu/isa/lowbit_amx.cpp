@@ -60,12 +60,26 @@ struct FieldTables {
   uint8_t bytes[64], fields[64];
 };
 
-// The first n bytes from src (a masked load: no read past them) moved by vpermb (output byte i
-// from byte t.bytes[i]), then byte i of each u64 lane replaced by the 8 bits from bit t.fields[i]
-// of the lane, rotating (vpmultishiftqb): the code fields of a k-block where the caller wants them.
-inline __m512i pick_fields(const uint8_t* src, int n, const FieldTables& t) {
-  const __m512i raw = _mm512_maskz_loadu_epi8(~0ull >> (64 - n), src);
-  const __m512i lanes = _mm512_permutexvar_epi8(_mm512_load_si512(t.bytes), raw);
+// The first N bytes from src, read no further, in the narrowest vector that holds them: a wider
+// masked load still reads the lines its whole width spans, and 16-byte blocks of 2-bit codes as
+// 64-byte masked loads crossed a line three times in four (1536 x 576 W2 M = 16 fp32 rows took
+// 1.3 times W4's time).
+template <int N>
+inline __m512i load_bytes(const uint8_t* src) {
+  static_assert(N > 0 && N <= 64);
+  if constexpr (N == 16) return _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  if constexpr (N < 16) return _mm512_zextsi128_si512(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << N) - 1), src));
+  if constexpr (N == 32) return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  if constexpr (N > 16 && N < 32) return _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8((1u << N) - 1, src));
+  if constexpr (N > 32) return _mm512_maskz_loadu_epi8(~0ull >> (64 - N), src);
+}
+
+// The first N bytes from src moved by vpermb (output byte i from byte t.bytes[i]), then byte i of
+// each u64 lane replaced by the 8 bits from bit t.fields[i] of the lane, rotating
+// (vpmultishiftqb): the code fields of a k-block where the caller wants them.
+template <int N>
+inline __m512i pick_fields(const uint8_t* src, const FieldTables& t) {
+  const __m512i lanes = _mm512_permutexvar_epi8(_mm512_load_si512(t.bytes), load_bytes<N>(src));
   return _mm512_multishift_epi64_epi8(_mm512_load_si512(t.fields), lanes);
 }
 
@@ -88,7 +102,7 @@ inline __m512i natural_codes(const uint8_t* src) {
       }
     return t;
   }();
-  return codes_as_bf16<B, F>(pick_fields(src, 4 * B, t));
+  return codes_as_bf16<B, F>(pick_fields<4 * B>(src, t));
 }
 
 // 16 8-bit codes from src as fp32.
@@ -503,7 +517,7 @@ inline __m512i code_bytes(const uint8_t* src) {
       }
     return t;
   }();
-  return _mm512_and_si512(pick_fields(src, 8 * B, t), _mm512_set1_epi8(static_cast<char>((1 << B) - 1)));
+  return _mm512_and_si512(pick_fields<8 * B>(src, t), _mm512_set1_epi8(static_cast<char>((1 << B) - 1)));
 }
 
 // Blocks [kb0, kb1) of weight rows [n0, n0 + 32) as unsigned bytes, [kb - kb0][32 rows][64 codes];
