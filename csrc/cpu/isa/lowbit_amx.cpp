@@ -67,11 +67,16 @@ struct FieldTables {
 template <int N>
 inline __m512i load_bytes(const uint8_t* src) {
   static_assert(N > 0 && N <= 64);
-  if constexpr (N == 16) return _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  if constexpr (N < 16) return _mm512_zextsi128_si512(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << N) - 1), src));
-  if constexpr (N == 32) return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-  if constexpr (N > 16 && N < 32) return _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8((1u << N) - 1, src));
-  if constexpr (N > 32) return _mm512_maskz_loadu_epi8(~0ull >> (64 - N), src);
+  if constexpr (N == 16)
+    return _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  else if constexpr (N == 32)
+    return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  else if constexpr (N < 16)
+    return _mm512_zextsi128_si512(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << N) - 1), src));
+  else if constexpr (N < 32)
+    return _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8((1u << N) - 1, src));
+  else
+    return _mm512_maskz_loadu_epi8(~0ull >> (64 - N), src);
 }
 
 // The first N bytes from src moved by vpermb (output byte i from byte t.bytes[i]), then byte i of
@@ -445,13 +450,18 @@ void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* a
 // panels whose sums (acc) take at most as much (up to 8 panels).
 constexpr int64_t kL2Bytes = 2 << 20;  // L2 per core of the Xeons with AMX (Sapphire Rapids on)
 constexpr int64_t kL2BlockBytes = kL2Bytes / 4;
-constexpr int64_t panels_in_l2(int64_t Mp) { return std::clamp<int64_t>(kL2BlockBytes / (32 * Mp * 4), 1, 8); }
+constexpr int64_t panels_in_l2(int64_t Mp) {
+  return std::clamp<int64_t>(kL2BlockBytes / (kPanelRows * Mp * static_cast<int64_t>(sizeof(float))), 1, 8);
+}
 
 // A thread's buffers for one panel (or `panels` of them: sums and scales): its decoded codes (A
-// tiles), sums [32 rows][Mp], scales and zeros [32 rows][G].
+// tiles), sums [32 rows][Mp], scales and zeros [32 rows][G], panel i's at the accessors.
 struct PanelScratch {
   AlignedVector<uint8_t> codes;
   AlignedVector<float> acc, scale, zero;
+  float* acc_of(int64_t i, int64_t Mp) { return acc.data() + i * kPanelRows * Mp; }
+  float* scale_of(int64_t i, int64_t G) { return scale.data() + i * kPanelRows * G; }
+  float* zero_of(int64_t i, int64_t G) { return zero.data() + i * kPanelRows * G; }
 };
 
 // This thread's PanelScratch sized for `row_bytes` of decoded codes per weight row, Mp activation
@@ -635,46 +645,48 @@ namespace {
 // products (four tdpbf16ps); before, each panel streamed every activation tile over the whole K
 // (4 MiB at M = 512, K = 4096: from L3, once per panel). Now each panel's chunk of decoded weights
 // (32 KiB at 16 k-blocks) stays in L1 across the activation tiles, chunks of even size.
+// Prefetches into L2 the bytes of k-blocks [kb0, kb1) of weight rows [n0, n0 + 32) (those below N).
+void prefetch_codes(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1) {
+  const int64_t block_bytes = kBlockK * p.bits / 8;
+  for (int64_t r = 0; r < kPanelRows && n0 + r < p.N; ++r)
+    for (int64_t b = kb0 * block_bytes; b < kb1 * block_bytes; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p.qweight + (n0 + r) * p.row_bytes + b), _MM_HINT_T1);
+}
+
 void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, x_tiles = activation_tiles(p.M), Mp = 16 * x_tiles, blocks = p.K / kBlockK;
   const int64_t most = std::clamp<int64_t>(kL2BlockBytes / (x_tiles * kTileBytes), 1, 16);
-  const int64_t chunk = (blocks + (blocks + most - 1) / most - 1) / ((blocks + most - 1) / most);  // even chunks
+  const int64_t chunks = (blocks + most - 1) / most, chunk = (blocks + chunks - 1) / chunks;
   const int64_t panels = panels_in_l2(Mp);
   PanelScratch& w = panel_scratch(p, chunk * kBlockK * 2, Mp, panels);
   uint16_t* wchunk = reinterpret_cast<uint16_t*>(w.codes.data());
   load_tile_config();
   for (int64_t first = n_begin; first < n_end; first += panels * kPanelRows) {
     const int64_t count = std::min(panels, (n_end - first + kPanelRows - 1) / kPanelRows);
-    const auto scale = [&](int64_t i) { return w.scale.data() + i * kPanelRows * G; };
-    const auto zero = [&](int64_t i) { return w.zero.data() + i * kPanelRows * G; };
-    const auto acc = [&](int64_t i) { return w.acc.data() + i * kPanelRows * Mp; };
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n0 = first + i * kPanelRows;
-      panel_scales(p, n0, std::min(kPanelRows, p.N - n0), scale(i), zero(i));
+      panel_scales(p, n0, std::min(kPanelRows, p.N - n0), w.scale_of(i, G), w.zero_of(i, G));
     }
     for (int64_t kb0 = 0; kb0 < blocks; kb0 += chunk) {
       const int64_t kb1 = std::min(blocks, kb0 + chunk);
       for (int64_t i = 0; i < count; ++i) {
-        decode_scaled(p, first + i * kPanelRows, kb0, kb1, scale(i), zero(i), wchunk);
-        {  // the next decode's bytes into L2 while the tiles work
-          const bool last = i + 1 == count;
-          const int64_t n1 = first + (last ? 0 : (i + 1) * kPanelRows), k0 = last ? kb1 : kb0;
-          const int64_t k1 = last ? std::min(blocks, kb1 + chunk) : kb1, bb = kBlockK * p.bits / 8;
-          for (int64_t r = 0; r < kPanelRows && n1 + r < p.N && k0 < k1; ++r)
-            for (int64_t b = k0 * bb; b < k1 * bb; b += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(p.qweight + (n1 + r) * p.row_bytes + b), _MM_HINT_T1);
-        }
+        decode_scaled(p, first + i * kPanelRows, kb0, kb1, w.scale_of(i, G), w.zero_of(i, G), wchunk);
+        // The next decode's bytes (the next panel's, or the first panel's next chunk) meanwhile.
+        if (i + 1 < count)
+          prefetch_codes(p, first + (i + 1) * kPanelRows, kb0, kb1);
+        else
+          prefetch_codes(p, first, kb1, std::min(blocks, kb1 + chunk));
         for (int64_t mt = 0; mt < x_tiles; mt += 2) {
           if (x_tiles - mt >= 2)
-            tile_sums_into<2>(wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, acc(i), Mp, kb0 == 0);
+            tile_sums_into<2>(wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, w.acc_of(i, Mp), Mp, kb0 == 0);
           else
-            tile_sums_into<1>(wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, acc(i), Mp, kb0 == 0);
+            tile_sums_into<1>(wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, w.acc_of(i, Mp), Mp, kb0 == 0);
         }
       }
     }
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n0 = first + i * kPanelRows;
-      store_rows(p, n0, std::min(kPanelRows, p.N - n0), acc(i), x_tiles, 1);
+      store_rows(p, n0, std::min(kPanelRows, p.N - n0), w.acc_of(i, Mp), x_tiles, 1);
     }
   }
   _tile_release();
@@ -842,20 +854,18 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const bool apart = digits_apart(p.M);
   const int64_t G = p.G, x_tiles = digit_tiles(p.M), blocks = digit_blocks(p.M), Mp = 16 * blocks;
   const int64_t per_group = p.group_size / kDigitBlockK, group_tile_bytes = per_group * x_tiles * kTileBytes;
-  // Where the whole K of digit tiles outgrows kL2BlockBytes, chunks of groups (their decoded codes
-  // at most 32 KiB, in L1) serve a group of panels; else one group and one panel at a time.
+  // Where the whole K of digit tiles outgrows L2, chunks of groups (tiles at most kL2BlockBytes,
+  // decoded codes at most 32 KiB, in L1) serve a group of panels; else one group and one panel at
+  // a time.
   const bool blocked = G * group_tile_bytes > kL2Bytes;
   const int64_t chunk =
       blocked ? std::clamp<int64_t>(kL2BlockBytes / group_tile_bytes, 1, std::max<int64_t>(1, (32 << 10) / (kPanelRows * p.group_size)))
               : 1;
   const int64_t panels = blocked ? panels_in_l2(Mp) : 1;
   PanelScratch& w = panel_scratch(p, chunk * p.group_size, Mp, panels);
-  const auto scale = [&](int64_t i) { return w.scale.data() + i * kPanelRows * G; };
-  const auto zero = [&](int64_t i) { return w.zero.data() + i * kPanelRows * G; };
-  const auto acc = [&](int64_t i) { return w.acc.data() + i * kPanelRows * Mp; };
   alignas(64) int32_t ctmp[6 * 256];
   const auto sums_fp32 = [](const int32_t* c) { return _mm512_cvtepi32_ps(_mm512_load_si512(c)); };
-  // Group g's sums for panel i, its codes decoded at wgroup, into acc(i).
+  // Group g's sums for panel i, its codes decoded at wgroup, into w.acc_of(i, Mp).
   const auto group_sums = [&](int64_t i, int64_t g, const uint8_t* wgroup) {
     if (apart) {
       for (int64_t mt = 0; mt < x_tiles; mt += kDigitPlanes) {  // a block's three planes
@@ -868,7 +878,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
               const __m512 low = _mm512_fmadd_ps(sums_fp32(c + 256), _mm512_set1_ps(256.f), sums_fp32(c));
               return _mm512_mul_ps(_mm512_fmadd_ps(sums_fp32(c + 512), _mm512_set1_ps(65536.f), low), u);
             },
-            scale(i), zero(i), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc(i), Mp, col);
+            w.scale_of(i, G), w.zero_of(i, G), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), w.acc_of(i, Mp), Mp, col);
       }
       return;
     }
@@ -879,7 +889,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
         const int64_t col = (mt + b) * 16;
         const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
         add_group_sums([&](int a, int r) { return _mm512_mul_ps(sums_fp32(ctmp + (2 * b + a) * 256 + r * 16), u); },
-                       scale(i), zero(i), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), acc(i), Mp, col);
+                       w.scale_of(i, G), w.zero_of(i, G), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), w.acc_of(i, Mp), Mp, col);
       }
     }
   };
@@ -888,8 +898,8 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     const int64_t count = std::min(panels, (n_end - first + kPanelRows - 1) / kPanelRows);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n0 = first + i * kPanelRows;
-      panel_scales(p, n0, std::min(kPanelRows, p.N - n0), scale(i), zero(i));
-      std::fill(acc(i), acc(i) + kPanelRows * Mp, 0.f);
+      panel_scales(p, n0, std::min(kPanelRows, p.N - n0), w.scale_of(i, G), w.zero_of(i, G));
+      std::fill(w.acc_of(i, Mp), w.acc_of(i, Mp) + kPanelRows * Mp, 0.f);
     }
     for (int64_t g0 = 0; g0 < G; g0 += chunk) {
       const int64_t g1 = std::min(G, g0 + chunk);
@@ -901,7 +911,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     }
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n0 = first + i * kPanelRows;
-      store_rows(p, n0, std::min(kPanelRows, p.N - n0), acc(i), blocks, apart ? 1 : kDigitPlanes);
+      store_rows(p, n0, std::min(kPanelRows, p.N - n0), w.acc_of(i, Mp), blocks, apart ? 1 : kDigitPlanes);
     }
   }
   _tile_release();
