@@ -484,6 +484,28 @@ void panel_scales(const LowbitProblem& p, int64_t n0, int64_t rows, float* scale
   std::fill(zero + rows * G, zero + kPanelRows * G, 0.f);
 }
 
+// Weight rows [n_begin, n_end) in groups of up to `panels` panels: each group's scales (and, with
+// `zero_sums`, zeroed sums) into w, body(first row, panels in the group), then each panel's sums
+// (x_tiles activation tile columns of `planes` planes, as store_rows) to y.
+template <typename Body>
+void panel_groups(const LowbitProblem& p, int64_t n_begin, int64_t n_end, int64_t panels, PanelScratch& w,
+                  int64_t x_tiles, int planes, bool zero_sums, Body body) {
+  const int64_t Mp = 16 * x_tiles;
+  for (int64_t first = n_begin; first < n_end; first += panels * kPanelRows) {
+    const int64_t count = std::min(panels, (n_end - first + kPanelRows - 1) / kPanelRows);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n0 = first + i * kPanelRows;
+      panel_scales(p, n0, std::min(kPanelRows, p.N - n0), w.scale_of(i, p.G), w.zero_of(i, p.G));
+      if (zero_sums) std::fill(w.acc_of(i, Mp), w.acc_of(i, Mp) + kPanelRows * Mp, 0.f);
+    }
+    body(first, count);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n0 = first + i * kPanelRows;
+      store_rows(p, n0, std::min(kPanelRows, p.N - n0), w.acc_of(i, Mp), x_tiles, planes);
+    }
+  }
+}
+
 // ---- activations as int8 digits (AMX-INT8) ----
 // An activation row (fp32 or bf16) as kDigitPlanes signed base-256 digits of a fixed point per
 // group (unit 2^e, |x| / unit < 2^22 for the group's largest |x|): each value within 2^-23 of that
@@ -661,12 +683,7 @@ void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   PanelScratch& w = panel_scratch(p, chunk * kBlockK * 2, Mp, panels);
   uint16_t* wchunk = reinterpret_cast<uint16_t*>(w.codes.data());
   load_tile_config();
-  for (int64_t first = n_begin; first < n_end; first += panels * kPanelRows) {
-    const int64_t count = std::min(panels, (n_end - first + kPanelRows - 1) / kPanelRows);
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t n0 = first + i * kPanelRows;
-      panel_scales(p, n0, std::min(kPanelRows, p.N - n0), w.scale_of(i, G), w.zero_of(i, G));
-    }
+  panel_groups(p, n_begin, n_end, panels, w, x_tiles, 1, false, [&](int64_t first, int64_t count) {
     for (int64_t kb0 = 0; kb0 < blocks; kb0 += chunk) {
       const int64_t kb1 = std::min(blocks, kb0 + chunk);
       for (int64_t i = 0; i < count; ++i) {
@@ -684,11 +701,7 @@ void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
         }
       }
     }
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t n0 = first + i * kPanelRows;
-      store_rows(p, n0, std::min(kPanelRows, p.N - n0), w.acc_of(i, Mp), x_tiles, 1);
-    }
-  }
+  });
   _tile_release();
 }
 
@@ -894,13 +907,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     }
   };
   load_tile_config();
-  for (int64_t first = n_begin; first < n_end; first += panels * kPanelRows) {
-    const int64_t count = std::min(panels, (n_end - first + kPanelRows - 1) / kPanelRows);
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t n0 = first + i * kPanelRows;
-      panel_scales(p, n0, std::min(kPanelRows, p.N - n0), w.scale_of(i, G), w.zero_of(i, G));
-      std::fill(w.acc_of(i, Mp), w.acc_of(i, Mp) + kPanelRows * Mp, 0.f);
-    }
+  panel_groups(p, n_begin, n_end, panels, w, blocks, apart ? 1 : kDigitPlanes, true, [&](int64_t first, int64_t count) {
     for (int64_t g0 = 0; g0 < G; g0 += chunk) {
       const int64_t g1 = std::min(G, g0 + chunk);
       for (int64_t i = 0; i < count; ++i) {
@@ -909,11 +916,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
           group_sums(i, g, w.codes.data() + (g - g0) * per_group * kPanelRows * 64);
       }
     }
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t n0 = first + i * kPanelRows;
-      store_rows(p, n0, std::min(kPanelRows, p.N - n0), w.acc_of(i, Mp), blocks, apart ? 1 : kDigitPlanes);
-    }
-  }
+  });
   _tile_release();
 }
 
