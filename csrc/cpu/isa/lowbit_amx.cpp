@@ -267,19 +267,38 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1,
       _tile_dpbf16ps(C, A, B);      \
   } while (0)
 
-// Sums over one group's k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on) for one panel and
-// MTiles (1 or 2) activation tiles from mt, into ctmp: tile 2 b + a holds weight rows 16 a + i by
-// activation tile columns 16 (mt + b) + j. Int8: codes as unsigned bytes (64 per k-block) against
-// int8 digits with tdpbusd, int32 sums; else bf16 codes (32 per k-block) with tdpbf16ps, fp32
-// sums. Either way a k-block of the panel is 2 KiB and an activation tile 1 KiB.
+// Where a panel's sum tiles live: tile (a, b), weight rows 16 a + i by activation tile columns
+// 16 (mt + b) + j, at `at` + a a_step + b b_step (4-byte elements), its rows `stride` bytes apart.
+struct SumTiles {
+  float* at;
+  int64_t a_step, b_step, stride;
+  float* tile(int a, int b) const { return at + a * a_step + b * b_step; }
+};
+// A scratch of four 1 KiB tiles: tile (a, b) at 256 (2 b + a) elements.
+inline SumTiles in_scratch(void* ctmp) { return {static_cast<float*>(ctmp), 256, 512, 64}; }
+
+// Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on) for one panel and MTiles (1 or
+// 2) activation tiles from mt, into the tiles at c (`add`: added to what they hold, else set). Int8:
+// codes as unsigned bytes (64 per k-block) against int8 digits with tdpbusd, int32 sums; else bf16
+// codes (32 per k-block) with tdpbf16ps, fp32 sums. Either way a k-block of the panel is 2 KiB and
+// an activation tile 1 KiB.
 template <int MTiles, bool Int8>
 void tile_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
-               void* ctmp) {
-  _tile_zero(0);
-  _tile_zero(1);
-  if (MTiles == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
+               const SumTiles& c, bool add) {
+  if (add) {
+    _tile_loadd(0, c.tile(0, 0), c.stride);
+    _tile_loadd(1, c.tile(1, 0), c.stride);
+    if (MTiles == 2) {
+      _tile_loadd(2, c.tile(0, 1), c.stride);
+      _tile_loadd(3, c.tile(1, 1), c.stride);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (MTiles == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
   }
   for (int64_t kb = 0; kb < blocks; ++kb) {
     const uint8_t* wk = w + kb * kPanelRows * 64;
@@ -295,12 +314,11 @@ void tile_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t
       SK_TILE_DOT(Int8, 3, 5, 7);
     }
   }
-  float* c = static_cast<float*>(ctmp);
-  _tile_stored(0, c, 64);
-  _tile_stored(1, c + 256, 64);
+  _tile_stored(0, c.tile(0, 0), c.stride);
+  _tile_stored(1, c.tile(1, 0), c.stride);
   if (MTiles == 1) return;
-  _tile_stored(2, c + 512, 64);
-  _tile_stored(3, c + 768, 64);
+  _tile_stored(2, c.tile(0, 1), c.stride);
+  _tile_stored(3, c.tile(1, 1), c.stride);
 }
 
 #undef SK_TILE_DOT
@@ -345,58 +363,13 @@ void plane_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_
 // tile_sums for the `tiles` (1 or 2) activation tiles from mt.
 template <bool Int8>
 void tile_sums_for(int tiles, const void* w, const void* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks,
-                   int64_t mt, void* ctmp) {
+                   int64_t mt, const SumTiles& c, bool add = false) {
   const auto* wb = static_cast<const uint8_t*>(w);
   const auto* xb = static_cast<const uint8_t*>(xtiles);
   if (tiles == 2)
-    tile_sums<2, Int8>(wb, xb, x_tiles, kb0, blocks, mt, ctmp);
+    tile_sums<2, Int8>(wb, xb, x_tiles, kb0, blocks, mt, c, add);
   else
-    tile_sums<1, Int8>(wb, xb, x_tiles, kb0, blocks, mt, ctmp);
-}
-
-// Sums over k-blocks [kb0, kb0 + blocks) of bf16 codes (decoded in w from kb0 on) for one panel and
-// MTiles (1 or 2) activation tiles from mt, added into acc [32 weight rows][Mp] at columns 16 mt
-// on (`first`: set there instead): the tiles load and store their sums straight from acc.
-template <int MTiles>
-void tile_sums_into(const uint16_t* w, const uint16_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks,
-                    int64_t mt, float* acc, int64_t Mp, bool first) {
-  float* c = acc + 16 * mt;
-  const int64_t stride = Mp * static_cast<int64_t>(sizeof(float)), lower = 16 * Mp;
-  if (first) {
-    _tile_zero(0);
-    _tile_zero(1);
-    if (MTiles == 2) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-  } else {
-    _tile_loadd(0, c, stride);
-    _tile_loadd(1, c + lower, stride);
-    if (MTiles == 2) {
-      _tile_loadd(2, c + 16, stride);
-      _tile_loadd(3, c + lower + 16, stride);
-    }
-  }
-  for (int64_t kb = 0; kb < blocks; ++kb) {
-    const uint16_t* wk = w + kb * kPanelRows * kBlockK;
-    const uint16_t* x = xtiles + ((kb0 + kb) * x_tiles + mt) * (kTileBytes / 2);
-    _tile_loadd(4, wk, 64);
-    _tile_loadd(5, wk + 16 * kBlockK, 64);
-    _tile_loadd(6, x, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
-    if (MTiles == 2) {
-      _tile_loadd(7, x + kTileBytes / 2, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, c, stride);
-  _tile_stored(1, c + lower, stride);
-  if (MTiles == 2) {
-    _tile_stored(2, c + 16, stride);
-    _tile_stored(3, c + lower + 16, stride);
-  }
+    tile_sums<1, Int8>(wb, xb, x_tiles, kb0, blocks, mt, c, add);
 }
 
 // One group's sums of 16 activation columns (sums(a, i): weight row 16 a + i's, as fp32) added to
@@ -693,11 +666,9 @@ void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
           prefetch_codes(p, first + (i + 1) * kPanelRows, kb0, kb1);
         else
           prefetch_codes(p, first, kb1, std::min(blocks, kb1 + chunk));
-        for (int64_t mt = 0; mt < x_tiles; mt += 2) {
-          if (x_tiles - mt >= 2)
-            tile_sums_into<2>(wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, w.acc_of(i, Mp), Mp, kb0 == 0);
-          else
-            tile_sums_into<1>(wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, w.acc_of(i, Mp), Mp, kb0 == 0);
+        for (int64_t mt = 0; mt < x_tiles; mt += 2) {  // the sums straight in acc, added from the second chunk
+          const SumTiles in_acc{w.acc_of(i, Mp) + 16 * mt, 16 * Mp, 16, Mp * static_cast<int64_t>(sizeof(float))};
+          tile_sums_for<false>(x_tiles - mt >= 2 ? 2 : 1, wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, in_acc, kb0 > 0);
         }
       }
     }
@@ -729,7 +700,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
       decode_blocks(codes, p, n0, g * per_group, (g + 1) * per_group, wgroup);
       for (int64_t mt = 0; mt < x_tiles; mt += 2) {
         const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        tile_sums_for<false>(tiles, wgroup, p.x16, x_tiles, g * per_group, per_group, mt, ctmp);
+        tile_sums_for<false>(tiles, wgroup, p.x16, x_tiles, g * per_group, per_group, mt, in_scratch(ctmp));
         for (int b = 0; b < tiles; ++b)
           add_group_sums([&](int a, int i) { return _mm512_load_ps(ctmp + (2 * b + a) * 256 + i * 16); },
                          scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16),
@@ -897,7 +868,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     }
     for (int64_t mt = 0; mt < x_tiles; mt += 2) {  // side by side
       const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-      tile_sums_for<true>(tiles, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, ctmp);
+      tile_sums_for<true>(tiles, wgroup, p.x8, x_tiles, g * per_group, per_group, mt, in_scratch(ctmp));
       for (int b = 0; b < tiles; ++b) {
         const int64_t col = (mt + b) * 16;
         const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
