@@ -210,6 +210,10 @@ void decode_blocks(AmxCodes codes, const LowbitProblem& p, int64_t n0, int64_t k
   });
 }
 
+// Word permute that interleaves a vector's two 16-word halves: word 2 j <- j, 2 j + 1 <- 16 + j.
+alignas(64) constexpr uint16_t kInterleaveHalves[32] = {0, 16, 1,  17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
 // One k-block of B-bit codes (src) as bf16 of q * s + z, in natural order.
 template <int B>
 inline __m512i scaled_codes(const uint8_t* src, __m512 s, __m512 z) {
@@ -217,9 +221,6 @@ inline __m512i scaled_codes(const uint8_t* src, __m512 s, __m512 z) {
     return (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(codes8_fp32(src + 16), s, z),
                                         _mm512_fmadd_ps(codes8_fp32(src), s, z));
   } else {
-    alignas(64) static constexpr uint16_t interleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
-                                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
-                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     // u32 lane j of the decode holds codes 2 j (low half) and 2 j + 1 plus the offset, each exact
     // in fp32 once moved to the lane's top half, and exact again without the offset.
     const __m512i codes = natural_codes<B, false>(src);
@@ -227,7 +228,7 @@ inline __m512i scaled_codes(const uint8_t* src, __m512 s, __m512 z) {
     const __m512 even = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(codes, 16)), off);
     const __m512 odd = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_and_si512(codes, _mm512_set1_epi32(int(0xffff0000u)))), off);
     const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(odd, s, z), _mm512_fmadd_ps(even, s, z));
-    return _mm512_permutexvar_epi16(_mm512_load_si512(interleave), w);
+    return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleaveHalves), w);
   }
 }
 
@@ -267,15 +268,22 @@ void decode_scaled(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1,
       _tile_dpbf16ps(C, A, B);      \
   } while (0)
 
-// Where a panel's sum tiles live: tile (a, b), weight rows 16 a + i by activation tile columns
-// 16 (mt + b) + j, at `at` + a a_step + b b_step (4-byte elements), its rows `stride` bytes apart.
-struct SumTiles {
+// Where a panel's fp32 sums live: weight row r's 16 sums for activation tile column mt at
+// at + r * row_step + mt * tile_step. As rows [32][16 x_tiles] (row_step 16 x_tiles, tile_step 16)
+// where per-group epilogues add into them, as tiles [x_tiles][32][16] (16, 512) where tile products
+// load and store them: 1 KiB contiguous each, where rows 16 x_tiles floats apart (2 KiB at M = 512)
+// put a tile's 16 lines into two L1 sets (1536 x 576 W4 M = 512 bf16: 3-7% faster).
+struct PanelSums {
   float* at;
-  int64_t a_step, b_step, stride;
-  float* tile(int a, int b) const { return at + a * a_step + b * b_step; }
+  int64_t row_step, tile_step;
+  float* row(int64_t r, int64_t mt) const { return at + r * row_step + mt * tile_step; }
+  PanelSums from(int64_t mt) const { return {row(0, mt), row_step, tile_step}; }  // tile columns from mt
+  float* tile(int a, int b) const { return row(16 * a, b); }  // tile (a, b): rows 16 a.., column b
+  int64_t stride() const { return row_step * static_cast<int64_t>(sizeof(float)); }
 };
-// A scratch of four 1 KiB tiles: tile (a, b) at 256 (2 b + a) elements.
-inline SumTiles in_scratch(void* ctmp) { return {static_cast<float*>(ctmp), 256, 512, 64}; }
+
+// A scratch of four 1 KiB tiles as tile columns 0 and 1.
+inline PanelSums in_scratch(void* ctmp) { return {static_cast<float*>(ctmp), 16, 512}; }
 
 // Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on) for one panel and MTiles (1 or
 // 2) activation tiles from mt, into the tiles at c (`add`: added to what they hold, else set). Int8:
@@ -284,13 +292,13 @@ inline SumTiles in_scratch(void* ctmp) { return {static_cast<float*>(ctmp), 256,
 // an activation tile 1 KiB.
 template <int MTiles, bool Int8>
 void tile_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks, int64_t mt,
-               const SumTiles& c, bool add) {
+               const PanelSums& c, bool add) {
   if (add) {
-    _tile_loadd(0, c.tile(0, 0), c.stride);
-    _tile_loadd(1, c.tile(1, 0), c.stride);
+    _tile_loadd(0, c.tile(0, 0), c.stride());
+    _tile_loadd(1, c.tile(1, 0), c.stride());
     if (MTiles == 2) {
-      _tile_loadd(2, c.tile(0, 1), c.stride);
-      _tile_loadd(3, c.tile(1, 1), c.stride);
+      _tile_loadd(2, c.tile(0, 1), c.stride());
+      _tile_loadd(3, c.tile(1, 1), c.stride());
     }
   } else {
     _tile_zero(0);
@@ -314,11 +322,11 @@ void tile_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_t
       SK_TILE_DOT(Int8, 3, 5, 7);
     }
   }
-  _tile_stored(0, c.tile(0, 0), c.stride);
-  _tile_stored(1, c.tile(1, 0), c.stride);
+  _tile_stored(0, c.tile(0, 0), c.stride());
+  _tile_stored(1, c.tile(1, 0), c.stride());
   if (MTiles == 1) return;
-  _tile_stored(2, c.tile(0, 1), c.stride);
-  _tile_stored(3, c.tile(1, 1), c.stride);
+  _tile_stored(2, c.tile(0, 1), c.stride());
+  _tile_stored(3, c.tile(1, 1), c.stride());
 }
 
 #undef SK_TILE_DOT
@@ -363,7 +371,7 @@ void plane_sums(const uint8_t* w, const uint8_t* xtiles, int64_t x_tiles, int64_
 // tile_sums for the `tiles` (1 or 2) activation tiles from mt.
 template <bool Int8>
 void tile_sums_for(int tiles, const void* w, const void* xtiles, int64_t x_tiles, int64_t kb0, int64_t blocks,
-                   int64_t mt, const SumTiles& c, bool add = false) {
+                   int64_t mt, const PanelSums& c, bool add = false) {
   const auto* wb = static_cast<const uint8_t*>(w);
   const auto* xb = static_cast<const uint8_t*>(xtiles);
   if (tiles == 2)
@@ -387,12 +395,33 @@ inline void add_group_sums(Sums sums, const float* scale, const float* zero, int
     }
 }
 
-// A panel's sums acc [32 weight rows][16 x_tiles activation tile columns] (rows of it past `rows`
-// unused) to y [activation row][weight row] (p.y32 where set, else p.y16), bias added, 16 x 16 at
-// a time. Each tile holds 16 / planes activation rows, row j of tile mt the sum of its columns
-// planes j .. planes j + planes - 1 (digit planes, least significant first; bf16 tiles: 1).
-void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* acc, int64_t x_tiles, int planes) {
-  const int64_t Mp = 16 * x_tiles, per_tile = 16 / planes;
+// store_rows for bf16 tiles and bf16 results: each pair of weight rows converted at once, its words
+// interleaved into u32 lanes, so that one 16 x 16 transpose of u32 per tile column hands each
+// activation row its 32 results in one vector (half the shuffles of transposing fp32 halves).
+void store_bf16_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const PanelSums& acc) {
+  alignas(64) float bias[kPanelRows] = {};
+  for (int64_t r = 0; p.bias && r < rows; ++r) bias[r] = p.bias[n0 + r];
+  const __mmask32 keep = static_cast<__mmask32>(rows >= 32 ? ~0ull : (1ull << rows) - 1);
+  const __m512i halves = _mm512_load_si512(kInterleaveHalves);
+  for (int64_t m0 = 0; m0 < p.M; m0 += 16) {
+    __m512i v[16];  // v[i] u32 lane j: results of weight rows 2 i and 2 i + 1 for activation row m0 + j
+    for (int i = 0; i < 16; ++i) {
+      const __m512 lo = _mm512_add_ps(_mm512_load_ps(acc.row(2 * i, m0 / 16)), _mm512_set1_ps(bias[2 * i]));
+      const __m512 hi = _mm512_add_ps(_mm512_load_ps(acc.row(2 * i + 1, m0 / 16)), _mm512_set1_ps(bias[2 * i + 1]));
+      v[i] = _mm512_permutexvar_epi16(halves, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    transpose16(v);
+    for (int64_t j = 0; j < 16 && m0 + j < p.M; ++j) _mm512_mask_storeu_epi16(p.y16 + (m0 + j) * p.N + n0, keep, v[j]);
+  }
+}
+
+// A panel's sums acc (x_tiles activation tile columns; rows of it past `rows` unused) to y
+// [activation row][weight row] (p.y32 where set, else p.y16), bias added, 16 x 16 at a time. Each
+// tile holds 16 / planes activation rows, row j of tile mt the sum of its columns planes j ..
+// planes j + planes - 1 (digit planes, least significant first; bf16 tiles: 1).
+void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const PanelSums& acc, int64_t x_tiles, int planes) {
+  const int64_t per_tile = 16 / planes;
+  if (!p.y32 && planes == 1) return store_bf16_rows(p, n0, rows, acc);
   // Both 16-row halves of a tile column in turn, so that each output row's 64-byte line of the
   // panel is written at once (1536 x 576 W4 M = 512 bf16: 0.85-0.87 -> 0.76-0.77 ms).
   for (int64_t mt = 0; mt < x_tiles; ++mt) {
@@ -400,7 +429,7 @@ void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const float* a
       const __mmask16 keep = static_cast<__mmask16>((1u << std::min<int64_t>(16, rows - 16 * a)) - 1);
       const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(keep, p.bias + n0 + 16 * a) : _mm512_setzero_ps();
       __m512i v[16];
-      for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(acc + (16 * a + i) * Mp + mt * 16);
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(acc.row(16 * a + i, mt));
       transpose16(v);
       for (int64_t j = 0; j < per_tile && mt * per_tile + j < p.M; ++j) {
         const int64_t m = mt * per_tile + j;
@@ -428,19 +457,28 @@ constexpr int64_t panels_in_l2(int64_t Mp) {
 }
 
 // A thread's buffers for one panel (or `panels` of them: sums and scales): its decoded codes (A
-// tiles), sums [32 rows][Mp], scales and zeros [32 rows][G], panel i's at the accessors.
+// tiles), sums of Mp activation columns (as rows, or as tiles where `tiled`), scales and zeros
+// [32 rows][G], panel i's at the accessors.
 struct PanelScratch {
   AlignedVector<uint8_t> codes;
   AlignedVector<float> acc, scale, zero;
-  float* acc_of(int64_t i, int64_t Mp) { return acc.data() + i * kPanelRows * Mp; }
+  int64_t Mp = 0;
+  bool tiled = false;
+  PanelSums acc_of(int64_t i) {
+    float* at = acc.data() + i * kPanelRows * Mp;
+    return tiled ? PanelSums{at, 16, 16 * kPanelRows} : PanelSums{at, Mp, 16};
+  }
   float* scale_of(int64_t i, int64_t G) { return scale.data() + i * kPanelRows * G; }
   float* zero_of(int64_t i, int64_t G) { return zero.data() + i * kPanelRows * G; }
 };
 
 // This thread's PanelScratch sized for `row_bytes` of decoded codes per weight row, Mp activation
-// tile columns and `panels` panels.
-PanelScratch& panel_scratch(const LowbitProblem& p, int64_t row_bytes, int64_t Mp, int64_t panels = 1) {
+// columns and `panels` panels, its sums as tiles where `tiled`.
+PanelScratch& panel_scratch(const LowbitProblem& p, int64_t row_bytes, int64_t Mp, int64_t panels = 1,
+                            bool tiled = false) {
   thread_local PanelScratch w;
+  w.Mp = Mp;
+  w.tiled = tiled;
   w.codes.resize(kPanelRows * row_bytes);
   w.acc.resize(panels * kPanelRows * Mp);
   w.scale.resize(panels * kPanelRows * p.G);
@@ -469,12 +507,12 @@ void panel_groups(const LowbitProblem& p, int64_t n_begin, int64_t n_end, int64_
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n0 = first + i * kPanelRows;
       panel_scales(p, n0, std::min(kPanelRows, p.N - n0), w.scale_of(i, p.G), w.zero_of(i, p.G));
-      if (zero_sums) std::fill(w.acc_of(i, Mp), w.acc_of(i, Mp) + kPanelRows * Mp, 0.f);
+      if (zero_sums) std::fill_n(w.acc_of(i).at, kPanelRows * Mp, 0.f);
     }
     body(first, count);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n0 = first + i * kPanelRows;
-      store_rows(p, n0, std::min(kPanelRows, p.N - n0), w.acc_of(i, Mp), x_tiles, planes);
+      store_rows(p, n0, std::min(kPanelRows, p.N - n0), w.acc_of(i), x_tiles, planes);
     }
   }
 }
@@ -636,10 +674,6 @@ bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int part
 
 namespace {
 
-// The scaled form in blocks (kL2BlockBytes). Its 2 x 2 tile products load 4 KiB per 64 cycles of
-// products (four tdpbf16ps); before, each panel streamed every activation tile over the whole K
-// (4 MiB at M = 512, K = 4096: from L3, once per panel). Now each panel's chunk of decoded weights
-// (32 KiB at 16 k-blocks) stays in L1 across the activation tiles, chunks of even size.
 // Prefetches into L2 the bytes of k-blocks [kb0, kb1) of weight rows [n0, n0 + 32) (those below N).
 void prefetch_codes(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1) {
   const int64_t block_bytes = kBlockK * p.bits / 8;
@@ -648,12 +682,22 @@ void prefetch_codes(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1
       _mm_prefetch(reinterpret_cast<const char*>(p.qweight + (n0 + r) * p.row_bytes + b), _MM_HINT_T1);
 }
 
+// The scaled form in blocks (kL2BlockBytes). Its 2 x 2 tile products load 4 KiB per 64 cycles of
+// products (four tdpbf16ps); before, each panel streamed every activation tile over the whole K
+// (4 MiB at M = 512, K = 4096: from L3, once per panel). Now each panel's chunk of decoded weights
+// (up to 48 KiB, kChunkBlocks) stays in L1 across the activation tiles, chunks of even size.
+//
+// A chunk's k-blocks at most: its decoded codes fill up to 48 KiB (the L1 of these CPUs), which
+// halves the sums' loads and stores per panel where K is 576 against 16 blocks (measured 1-3% faster
+// at M = 512).
+constexpr int64_t kChunkBlocks = 24;
+
 void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, x_tiles = activation_tiles(p.M), Mp = 16 * x_tiles, blocks = p.K / kBlockK;
-  const int64_t most = std::clamp<int64_t>(kL2BlockBytes / (x_tiles * kTileBytes), 1, 16);
+  const int64_t most = std::clamp<int64_t>(kL2BlockBytes / (x_tiles * kTileBytes), 1, kChunkBlocks);
   const int64_t chunks = (blocks + most - 1) / most, chunk = (blocks + chunks - 1) / chunks;
   const int64_t panels = panels_in_l2(Mp);
-  PanelScratch& w = panel_scratch(p, chunk * kBlockK * 2, Mp, panels);
+  PanelScratch& w = panel_scratch(p, chunk * kBlockK * 2, Mp, panels, true);
   uint16_t* wchunk = reinterpret_cast<uint16_t*>(w.codes.data());
   load_tile_config();
   panel_groups(p, n_begin, n_end, panels, w, x_tiles, 1, false, [&](int64_t first, int64_t count) {
@@ -667,8 +711,8 @@ void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
         else
           prefetch_codes(p, first, kb1, std::min(blocks, kb1 + chunk));
         for (int64_t mt = 0; mt < x_tiles; mt += 2) {  // the sums straight in acc, added from the second chunk
-          const SumTiles in_acc{w.acc_of(i, Mp) + 16 * mt, 16 * Mp, 16, Mp * static_cast<int64_t>(sizeof(float))};
-          tile_sums_for<false>(x_tiles - mt >= 2 ? 2 : 1, wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt, in_acc, kb0 > 0);
+          tile_sums_for<false>(x_tiles - mt >= 2 ? 2 : 1, wchunk, p.x16, x_tiles, kb0, kb1 - kb0, mt,
+                               w.acc_of(i).from(mt), kb0 > 0);
         }
       }
     }
@@ -707,7 +751,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
                          acc.data(), Mp, (mt + b) * 16);
       }
     }
-    store_rows(p, n0, rows, acc.data(), x_tiles, 1);
+    store_rows(p, n0, rows, w.acc_of(0), x_tiles, 1);
   }
   _tile_release();
 }
@@ -849,7 +893,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   PanelScratch& w = panel_scratch(p, chunk * p.group_size, Mp, panels);
   alignas(64) int32_t ctmp[6 * 256];
   const auto sums_fp32 = [](const int32_t* c) { return _mm512_cvtepi32_ps(_mm512_load_si512(c)); };
-  // Group g's sums for panel i, its codes decoded at wgroup, into w.acc_of(i, Mp).
+  // Group g's sums for panel i, its codes decoded at wgroup, into w.acc_of(i).
   const auto group_sums = [&](int64_t i, int64_t g, const uint8_t* wgroup) {
     if (apart) {
       for (int64_t mt = 0; mt < x_tiles; mt += kDigitPlanes) {  // a block's three planes
@@ -862,7 +906,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
               const __m512 low = _mm512_fmadd_ps(sums_fp32(c + 256), _mm512_set1_ps(256.f), sums_fp32(c));
               return _mm512_mul_ps(_mm512_fmadd_ps(sums_fp32(c + 512), _mm512_set1_ps(65536.f), low), u);
             },
-            w.scale_of(i, G), w.zero_of(i, G), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), w.acc_of(i, Mp), Mp, col);
+            w.scale_of(i, G), w.zero_of(i, G), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), w.acc_of(i).at, Mp, col);
       }
       return;
     }
@@ -873,7 +917,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
         const int64_t col = (mt + b) * 16;
         const __m512 u = _mm512_loadu_ps(p.x8_unit + g * Mp + col);
         add_group_sums([&](int a, int r) { return _mm512_mul_ps(sums_fp32(ctmp + (2 * b + a) * 256 + r * 16), u); },
-                       w.scale_of(i, G), w.zero_of(i, G), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), w.acc_of(i, Mp), Mp, col);
+                       w.scale_of(i, G), w.zero_of(i, G), G, g, _mm512_loadu_ps(p.xsum + g * Mp + col), w.acc_of(i).at, Mp, col);
       }
     }
   };
