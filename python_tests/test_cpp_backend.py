@@ -829,36 +829,49 @@ def amx_isa():
     cpp._C.set_lowbit_isa(default)
 
 
+# Rows from which the AMX tiles hold W dequantised to bf16 (scaled panels), by group size
+# (amx_scaled_min_rows in lowbit_kernels.h).
+AMX_SCALED_FROM = {32: 8, 64: 80, 128: 192}
+
+
+def _amx_scaled_from(group):
+    return AMX_SCALED_FROM.get(group, 256)
+
+
 # 2/3/4/8-bit codes from amx_min_rows bf16 activation rows (3 for 3 bits and for 4 bits in groups
 # of 128 or more, 4 for the other 2/4-bit layouts, 2 for 8 bits) on AMX
 # tiles: exact codes with each group's sums scaled in fp32, so within the bf16 output's own
-# rounding of float64. N in one partial 32-row panel, past whole panels, several panels; M on
-# both sides of the switches and of whole 16-row tiles; groups of one to eight 32-code blocks
-# (4-bit codes in groups of 128 and 256 take the pair-order decode, AmxCodes::pairs); fresh data
-# each case.
+# rounding of float64; from _amx_scaled_from rows (here groups of 32 from 8) x @ bf16(W)^T. N in
+# one partial 32-row panel, past whole panels, several panels; M on both sides of the switches and
+# of whole 16-row tiles; groups of one to eight 32-code blocks (4-bit codes in groups of 128 and 256
+# take the pair-order decode, AmxCodes::pairs); fresh data each case.
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("group,k", [(32, 64), (64, 576), (128, 896), (32, 1056), (256, 1280)])
-@pytest.mark.parametrize("m", (2, 3, 4, 5, 16, 17, 40))
+@pytest.mark.parametrize("m", (2, 3, 4, 5, 7, 8, 16, 17, 40))
 def test_lowbit_amx_tiles(amx_isa, bits, group, k, m):
     for n in (1, 45, 96):
         x, qw, b = _lowbit_case(n, k, m, bits, group, torch.bfloat16, bias=n != 96, seed=bits * 100 + group + m + n)
         y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
-        want64 = _lowbit_want64(x, qw, b)
-        assert _rel_err(y, want64) <= _rel_err(want64.bfloat16(), want64) + 1e-4, n
+        want = _lowbit_want64_bf16_weight(x, qw, b) if m >= _amx_scaled_from(group) else _lowbit_want64(x, qw, b)
+        assert _rel_err(y, want) <= _rel_err(want.bfloat16(), want) + 1e-4, n
 
 
-@pytest.mark.parametrize("bits,group,k", [(4, 32, 576), (8, 128, 1024), (4, 64, 2112), (2, 64, 576), (3, 32, 1056)])
-def test_lowbit_amx_scaled_tiles_from_256_rows(amx_isa, fp32_precision, bits, group, k):
-    # From 256 bf16 rows (kBf16ScaledPanelMinRows, as the vector bf16 kernels) the tiles hold W
-    # dequantised to bf16 and sum over the whole K: the result is x @ bf16(W)^T with fp32 sums; 255
-    # rows keep the exact codes. fp32 rows under "medium" give the fp32 sums themselves.
-    x, qw, b = _lowbit_case(70, k, 257, bits, group, torch.bfloat16, bias=True, seed=bits + group + k)
+@pytest.mark.parametrize(
+    "bits,group,k", [(4, 32, 576), (8, 128, 1024), (4, 64, 2112), (2, 64, 576), (3, 32, 1056), (4, 256, 1280)]
+)
+def test_lowbit_amx_scaled_tiles_from_switch(amx_isa, fp32_precision, bits, group, k):
+    # From _amx_scaled_from(group) bf16 rows (8 to 256) the tiles hold W dequantised to bf16 and sum
+    # over the whole K: the result is x @ bf16(W)^T with fp32 sums; a row fewer keeps the exact
+    # codes (the two differ by more than the bf16 output's rounding). fp32 rows under "medium" give
+    # the fp32 sums themselves.
+    m = _amx_scaled_from(group)
+    x, qw, b = _lowbit_case(70, k, m, bits, group, torch.bfloat16, bias=True, seed=bits + group + k)
     y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
-    below = _bf16_kernel_on_poisoned_output(x[:255], qw, b, bits, group)
+    below = _bf16_kernel_on_poisoned_output(x[: m - 1], qw, b, bits, group)
     want16, want64 = _lowbit_want64_bf16_weight(x, qw, b), _lowbit_want64(x, qw, b)
     assert _rel_err(y, want16) <= _rel_err(want16.bfloat16(), want16) + 2e-4
     assert _rel_err(y, want64) <= TOL[torch.bfloat16]
-    assert _rel_err(below, want64[:255]) <= _rel_err(want64[:255].bfloat16(), want64[:255]) + 1e-4
+    assert _rel_err(below, want64[: m - 1]) <= _rel_err(want64[: m - 1].bfloat16(), want64[: m - 1]) + 1e-4
     fp32_precision("medium")
     y32 = cpp.lowbit_linear(x.float(), qw.qweight, qw.scale, qw.zero, bits, group, b.float())
     assert _rel_err(y32, want16) <= 3e-5

@@ -99,6 +99,15 @@ constexpr int64_t kBf16PanelMinRows = 5;
 // the exact codes with each group's scale and zero applied to its sums (see panel_rows).
 constexpr int64_t kBf16ScaledPanelMinRows = 256;
 
+// The same switch for the AMX tiles, by group size: the exact form scales every group's sums of
+// every 16 x 16 tile, which costs more in small groups, so they switch earlier (one thread, W4 bf16
+// at 1536 x 576, 576 x 1536, 4864 x 896, 4096 x 4096: groups of 32 scaled 3-10% faster at 8-16
+// rows, 30% at 64; 64 at 80 rows 3-4%, at 96-128 rows 17-21%; 128 at 192 rows level at 4096 x 4096
+// and 4-7% on the others; below these the exact form was level or ahead).
+constexpr int64_t amx_scaled_min_rows(int64_t group_size) {
+  return group_size <= 32 ? 8 : group_size <= 64 ? 80 : group_size <= 128 ? 192 : kBf16ScaledPanelMinRows;
+}
+
 // Weight rows per block of the bf16 panel form (M >= kBf16PanelMinRows) at M activation rows: 64
 // in groups of 64 codes or more where M is above one 6-row tile of the 32-row form, or for scaled
 // panels, else 32 (see panel_rows in isa/lowbit_bf16.cpp). A thread's share of N comes in whole

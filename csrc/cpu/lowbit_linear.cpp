@@ -10,7 +10,8 @@
 //   tiles, bits 2/3/4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 2 bits, and 4
 //   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128
 //   decoded in the vector kernels' pair order),
-//   each group's sums scaled in fp32 (from 256 bf16 rows W dequantised to bf16, as below), fp32
+//   each group's sums scaled in fp32 (from amx_scaled_min_rows bf16 rows, 8 to 256 by group size,
+//   W dequantised to bf16, as below), fp32
 //   activations from 3 rows as three bf16 parts (isa/lowbit_amx.cpp, amx_min_rows); where K and
 //   groups are multiples of 64, fp32 rows from 2 (in groups of 64: 3) and bf16 rows of 8-bit
 //   codes from 2 or of the natural decode's 2-4-bit codes from 3, up to 5, as three int8 digit
@@ -466,8 +467,8 @@ bool amx_rows(const Isa& isa, const uint16_t* x, LowbitProblem& p) {
       amx_digits(x, p))
     return true;  // else (a value the digits cannot carry) the bf16 tiles or vector kernels
   if (!amx_takes(isa, p, false)) return false;
-  // From kBf16ScaledPanelMinRows rows the weight is rounded to bf16, as the vector bf16 kernels do.
-  amx_linear(x, p, p.M >= kBf16ScaledPanelMinRows, false);
+  // From amx_scaled_min_rows the weight is rounded to bf16, as the vector bf16 kernels do from 256.
+  amx_linear(x, p, p.M >= amx_scaled_min_rows(p.group_size), false);
   return true;
 #else
   (void)isa, (void)x, (void)p;
