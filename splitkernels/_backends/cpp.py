@@ -24,7 +24,9 @@ Agreement with :mod:`splitkernels.ops.reference`:
   activations (vdpbf16ps) and apply each group's scale and zero to its sums
   (``s * sum(q*x) + z * sum(x)``), below 256 rows; from 256 rows on (prefill), where the
   per-group step would cost 7-16%, each 64-row block's panel holds W itself dequantised to bf16,
-  as a dense bf16 ``F.linear`` holds it (no dense weight copy either way). One bf16 row (M = 1)
+  as a dense bf16 ``F.linear`` holds it (no dense weight copy either way); on AMX tiles, where the
+  per-group step costs more, from ``amx_scaled_min_rows`` (groups of 32: 8 rows, 64: 80, 128: 192,
+  larger: 256). One bf16 row (M = 1)
   against 8-bit codes (groups of whole 64-byte chunks) on AVX-512 VNNI CPUs
   (``_C.lowbit_w8_vnni``) goes as three signed bytes of a per-group 22-bit fixed point
   (values of at least 2^-14 of their group's largest exact, smaller ones within 2^-22 of it)
@@ -39,7 +41,7 @@ Agreement with :mod:`splitkernels.ops.reference`:
   not take on AVX-512 CPUs, from ``_BF16_BLAS_MIN_ROWS`` rows on. All paths accumulate in fp32,
   so the result agrees with a float64 computation (``x.double() @ dequant(W).double().T``)
   within a relative Frobenius error of 1e-5 for fp32 activations, 2e-3 for fp16 and 2^-8 for
-  bf16 activations (the output rounding); the bf16 kernels from 256 rows and the bf16 BLAS path
+  bf16 activations (the output rounding); the bf16 kernels' scaled panels and the bf16 BLAS path
   also round the dequantised weight to bf16, like a dense bf16 ``F.linear``: 4e-3 (about 2.2e-3
   measured for random weights, against 1.6e-3 for the output rounding alone).
   Where torch's fp32 matmul precision allows bf16 (``torch.set_float32_matmul_precision("medium")``,

@@ -119,7 +119,7 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
     Backends accumulate in fp32; they agree with the reference within a relative Frobenius
     error of 1e-3 (fp16/bf16 activations) or 1e-5 (fp32); 4e-3 where a backend multiplies the
     weight rounded to bf16, as a dense bf16 ``F.linear`` does (the CPU's bf16 activations from
-    256 rows: :mod:`splitkernels._backends.cpp`).
+    256 rows, on AMX tiles from 8 to 256 rows by group size: :mod:`splitkernels._backends.cpp`).
 
     What depends on the weight alone (its layout check, device, the kernel picked and what
     the kernel prepares) is kept per weight and reused while the weight is unchanged
