@@ -11,8 +11,8 @@
 //   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128
 //   decoded in the vector kernels' pair order),
 //   each group's sums scaled in fp32 (from amx_scaled_min_rows bf16 rows, 8 to 256 by group size,
-//   W dequantised to bf16, as below), fp32
-//   activations from 3 rows as three bf16 parts (isa/lowbit_amx.cpp, amx_min_rows); where K and
+//   W dequantised to bf16, as below), fp32 activations from 3 rows as three bf16 parts
+//   (isa/lowbit_amx.cpp, amx_min_rows); where K and
 //   groups are multiples of 64, fp32 rows from 2 (in groups of 64: 3) and bf16 rows of 8-bit
 //   codes from 2 or of the natural decode's 2-4-bit codes from 3, up to 5, as three int8 digit
 //   planes of a per-group fixed point on the AMX-INT8 tiles instead (amx_fp32_digit_min_rows,
