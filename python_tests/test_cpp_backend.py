@@ -1398,6 +1398,35 @@ def test_parallel_calls_run_on_torch_openmp_team_or_the_pool(team, n, m, dtype):
     assert after[used] >= before[used] + 3 and after[unused] == before[unused]
 
 
+@pytest.mark.parametrize("team", ["openmp", "pool"])
+@pytest.mark.parametrize("threads", [2, 3, 5, 8])
+@pytest.mark.parametrize("n, m", [(32, 1), (300, 3), (1000, 64), (4096, 1)])
+def test_parallel_chunks_cover_every_row_on_any_thread_count(team, threads, n, m):
+    """parallel_for splits the chunks into one home range per thread (threads take the others'
+    chunks once theirs are done): with one chunk, fewer chunks than threads and counts the threads do
+    not divide, on the OpenMP team and on the pool, the ranges cover every row of a NaN-poisoned
+    output, each with one thread's result."""
+    if team == "openmp" and not cpp._C.team_stats()["openmp"]:
+        pytest.skip("the extension was built without OpenMP: every parallel call runs on the pool")
+    k = 256
+    x, qw, _ = _lowbit_case(n, k, m, 4, 128, torch.float32, bias=False, seed=n + threads)
+    code = cpp.DTYPE_CODE[torch.float32]
+
+    def run(y):
+        cpp._C.lowbit_linear(x.data_ptr(), code, m, k, qw.qweight.data_ptr(), n, qw.qweight.shape[1],
+                             qw.scale.data_ptr(), qw.zero.data_ptr(), code, 4, 128, 0, y.data_ptr(), False)
+        return y
+
+    with _thread_settings():
+        cpp._C.set_num_threads(1)
+        want = run(torch.full((m, n), float("nan")))
+        cpp._C.set_num_threads(threads)
+        torch.set_num_threads(threads if team == "openmp" else 1)
+        for _ in range(3):
+            assert torch.equal(run(torch.full((m, n), float("nan"))), want)
+    assert not want.isnan().any()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_kernels_finish_in_a_child_forked_after_the_openmp_team_ran():
     """GNU OpenMP cannot start a region in a child forked from a process whose team ran (torch's own
