@@ -1,8 +1,9 @@
 // Parallel loops for the CPU kernels: on torch's own OpenMP team where torch has one, else on a
 // small worker pool built so that a busy core costs at most one chunk.
 //
-// Either way the calling thread takes part and work is handed out in chunks through an atomic
-// counter, so a thread that starts late finds less to do.
+// Either way the calling thread takes part and work is handed out in chunks: each thread claims
+// those of its own contiguous home range through that range's atomic counter, then the others'
+// left over, so a thread that starts late finds less to do.
 //
 // * The pool. OpenMP's parallel region ends in a barrier that waits for every team thread,
 //   including one the OS has not scheduled yet; on a machine where another process holds a core
