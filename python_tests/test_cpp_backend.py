@@ -1360,6 +1360,25 @@ def test_lowbit_dequantize_matches_reference(bits, group, dtype):
     torch.testing.assert_close(out, want.to(dtype), rtol=2 ** -22 if dtype == torch.float32 else 2 ** -7, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits,group,k", [(2, 64, 576), (3, 32, 384), (4, 128, 1536), (4, 64, 576), (8, 32, 320)])
+@pytest.mark.parametrize("scale_dtype", (torch.float32, torch.bfloat16))
+def test_lowbit_dequantize_bf16_on_amx_is_the_scaled_panels_weight(amx_isa, bits, group, k, scale_dtype):
+    """On AMX CPUs bf16 dequantisation (the large-M path to torch's bf16 matmul) gives exactly the
+    weight the tiles' scaled form multiplies: fma(q, scale, zero) in fp32, rounded to nearest even
+    bf16; 70 rows (a short last panel) on one thread and on three, the output poisoned first."""
+    qw = quantize_weight(torch.randn(70, k, generator=_gen(bits + k)), bits, group, dtype=scale_dtype)
+    exact = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, group, k)
+    want = exact.float().bfloat16()  # the fp64 value of q * s + z is exact: rounded once to fp32, as an FMA
+    code = cpp.DTYPE_CODE[scale_dtype]
+    with _thread_settings():
+        for threads in (1, 3):
+            cpp._C.set_num_threads(threads)
+            out = torch.full((70, k), float("nan"), dtype=torch.bfloat16)
+            cpp._C.lowbit_dequantize(qw.qweight.data_ptr(), 70, qw.qweight.shape[1], k, qw.scale.data_ptr(),
+                                     qw.zero.data_ptr(), code, bits, group, out.data_ptr(), cpp.DTYPE_CODE[torch.bfloat16])
+            assert torch.equal(out, want), threads
+
+
 @contextlib.contextmanager
 def _thread_settings():
     """Restores, on the way out, the kernels' threads, their pool's spin and torch's threads (which

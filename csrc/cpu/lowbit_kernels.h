@@ -237,6 +237,14 @@ bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int part
 // multiplies it) and summed over the whole K, instead of exact codes with each group's sums
 // scaled in fp32.
 void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, AmxCodes codes);
+// The scaled form of rows() for M activation rows: the weight rows it sums per pass over the
+// activation tiles (the panels whose sums fit its share of L2), and whether those tiles outgrow L2
+// (each pass then reads them from L3).
+int64_t scaled_pass_rows(int64_t M);
+bool scaled_tiles_outgrow_l2(int64_t M, int64_t K);
+// Weight rows [n_begin, n_end) of p (a layout() layout) dequantised to bf16 as rows() in its `scaled`
+// form has them (q * scale + zero rounded), in natural order into p.w_out [N, K].
+void dequantize_bf16(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
 // Activations (fp32 or bf16) as three int8 digit planes of a per-group fixed point (AMX-INT8,
 // tdpbusd against the codes as unsigned bytes). Whether digit_rows() takes the layout (that of
 // rows() with K and group_size multiples of 64, groups of at most 65536 codes).

@@ -756,6 +756,35 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
   _tile_release();
 }
 
+int64_t scaled_pass_rows(int64_t M) { return kPanelRows * panels_in_l2(16 * activation_tiles(M)); }
+
+bool scaled_tiles_outgrow_l2(int64_t M, int64_t K) { return activation_tiles(M) * kTileBytes * (K / kBlockK) >= kL2Bytes; }
+
+void dequantize_bf16(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  uint16_t* out = static_cast<uint16_t*>(p.w_out);
+  thread_local AlignedVector<float> scale, zero;
+  scale.resize(kPanelRows * p.G);
+  zero.resize(kPanelRows * p.G);
+  with_bits(p.bits, [&](auto b) {
+    constexpr int B = decltype(b)::value;
+    constexpr int64_t block_bytes = kBlockK * B / 8;
+    const int64_t per_group = p.group_size / kBlockK;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
+      const int64_t rows = std::min(kPanelRows, n_end - n0);
+      panel_scales(p, n0, rows, scale.data(), zero.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes;
+        uint16_t* dst = out + (n0 + r) * p.K;
+        for (int64_t g = 0; g < p.G; ++g) {
+          const __m512 s = _mm512_set1_ps(scale[r * p.G + g]), z = _mm512_set1_ps(zero[r * p.G + g]);
+          for (int64_t kb = g * per_group; kb < (g + 1) * per_group; ++kb)
+            _mm512_storeu_si512(dst + kb * kBlockK, scaled_codes<B>(src + kb * block_bytes, s, z));
+        }
+      }
+    }
+  });
+}
+
 bool digit_layout(int bits, int64_t group_size, int64_t K) {
   // A group's int32 sums stay exact up to 65536 codes (65536 * 255 * 128 < 2^31).
   return layout(bits, group_size, K) && group_size % kDigitBlockK == 0 && K % kDigitBlockK == 0 &&
