@@ -237,11 +237,11 @@ bool split_fp32_rows(const float* x, int64_t m0, int64_t m1, int64_t K, int part
 // multiplies it) and summed over the whole K, instead of exact codes with each group's sums
 // scaled in fp32.
 void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, AmxCodes codes);
-// The scaled form of rows() for M activation rows: the weight rows it sums per pass over the
-// activation tiles (the panels whose sums fit its share of L2), and whether those tiles outgrow L2
-// (each pass then reads them from L3).
+// Whether prepare()'s activation tiles of M rows of K outgrow L2 (the scaled form's passes then read
+// them from L3), and the weight rows that form sums per pass over them (the panels whose sums fit
+// its share of L2).
+bool tiles_outgrow_l2(int64_t M, int64_t K);
 int64_t scaled_pass_rows(int64_t M);
-bool scaled_tiles_outgrow_l2(int64_t M, int64_t K);
 // Weight rows [n_begin, n_end) of p (a layout() layout) dequantised to bf16 as rows() in its `scaled`
 // form has them (q * scale + zero rounded), in natural order into p.w_out [N, K].
 void dequantize_bf16(const LowbitProblem& p, int64_t n_begin, int64_t n_end);

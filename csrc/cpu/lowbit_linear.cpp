@@ -394,28 +394,76 @@ constexpr bool amx_bf16_digits(int bits, bool pair_codes, int64_t M) {
 }
 
 #if defined(SK_HAVE_AMX)
+// Activation tiles (bf16, or int8 digits with their units) and group sums that a thread prepared
+// for itself for one call: every thread of a call reads all the tiles, so where they fit L2 each
+// reads its own copy rather than lines another core just wrote (amx_linear, amx_digits).
+template <typename E>
+struct ThreadTiles {
+  uint64_t call = 0;  // the call they belong to (new_call), 0 for none
+  AlignedVector<E> x;
+  AlignedVector<float> unit, xsum;
+};
+
+// A number for each call with per-thread tiles.
+uint64_t new_call() {
+  static std::atomic<uint64_t> calls{0};
+  return calls.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+
 // Activations x [M, K] (fp32 or bf16) on the AMX-INT8 tiles as digit planes of a per-group fixed
 // point (isa_amx::prepare_digits), output and bias already in p. False where a row has a value the
 // fixed point cannot carry (other kernels then run).
 template <typename T>
 bool amx_digits(const T* x, LowbitProblem& p) {
   const int64_t tiles = isa_amx::digit_tiles(p.M), blocks = isa_amx::digit_blocks(p.M), Mp = 16 * blocks;
-  thread_local AlignedVector<int8_t> xt;
-  thread_local AlignedVector<float> unit, xsum;
-  xt.resize(tiles * 16 * p.K);
-  unit.resize(p.G * Mp);
-  xsum.resize(p.G * Mp);
-  int8_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
-  float *units = unit.data(), *sums = xsum.data();
+  // Named in a parallel body, `mine` is the running thread's own.
+  thread_local ThreadTiles<int8_t> mine;
+  const auto size = [&] {
+    mine.x.resize(tiles * 16 * p.K);
+    mine.unit.resize(p.G * Mp);
+    mine.xsum.resize(p.G * Mp);
+  };
+  const auto use = [&](LowbitProblem& q) {
+    q.x8 = mine.x.data();
+    q.x8_unit = mine.unit.data();
+    q.xsum = mine.xsum.data();
+  };
+  size();
+  const int64_t grain = chunk_rows(p.N, p.M * p.K);
+  if (num_threads() > 1 && tiles == 1) {
+    // Each thread its own copy of the one tile (at most five rows), as amx_linear's tiles: the
+    // caller's prepared here (which finds the rows the digits cannot carry), a worker's when it takes
+    // its first chunk. Two threads, ms (shared / own): bf16 W8 M = 2 1536 x 576 g64 0.042-0.044 /
+    // 0.037-0.038, 576 x 1536 0.031 / 0.024-0.025, 4864 x 896 0.111-0.116 / 0.104-0.108; W4 M = 3
+    // 1536 x 576 g64 0.047-0.049 / 0.043-0.044; fp32 M = 3 0.048 / 0.043-0.045. More rows take
+    // longer to prepare, and the caller prepared blocks of them in parallel: fp32 M = 16 1536 x 576
+    // 0.061 / 0.062-0.064, M = 64 576 x 1536 0.138 / 0.166 with copies.
+    if (!isa_amx::prepare_digits(x, p.M, p.K, p.group_size, 0, blocks, mine.x.data(), mine.unit.data(),
+                                 mine.xsum.data()))
+      return false;
+    const uint64_t call = mine.call = new_call();
+    parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) {
+      if (mine.call != call) {
+        size();
+        isa_amx::prepare_digits(x, p.M, p.K, p.group_size, 0, blocks, mine.x.data(), mine.unit.data(),
+                                mine.xsum.data());
+        mine.call = call;
+      }
+      LowbitProblem q = p;
+      use(q);
+      isa_amx::digit_rows(q, n0, n1);
+    });
+    return true;
+  }
+  int8_t* tiles_out = mine.x.data();  // the caller's buffers, which the workers fill too
+  float *units = mine.unit.data(), *sums = mine.xsum.data();
   std::atomic<bool> ok{true};
   parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
     if (!isa_amx::prepare_digits(x, p.M, p.K, p.group_size, b0, b1, tiles_out, units, sums)) ok = false;
   });
   if (!ok) return false;
-  p.x8 = tiles_out;
-  p.x8_unit = units;
-  p.xsum = sums;
-  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { isa_amx::digit_rows(p, n0, n1); });
+  use(p);
+  parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) { isa_amx::digit_rows(p, n0, n1); });
   return true;
 }
 
@@ -426,7 +474,7 @@ bool amx_digits(const T* x, LowbitProblem& p) {
 // 1.73; M = 256 896 x 4864 1.27-1.31 -> 1.11-1.12). Where they fit, chunk_rows' smaller chunks
 // measured ahead (576 x 1536 M = 512 0.46-0.47 / 0.50, 4864 x 896 1.69-1.71 / 1.74-1.76).
 int64_t amx_scaled_chunk_rows(int64_t N, int64_t M, int64_t K) {
-  if (!isa_amx::scaled_tiles_outgrow_l2(M, K)) return chunk_rows(N, M * K);
+  if (!isa_amx::tiles_outgrow_l2(M, K)) return chunk_rows(N, M * K);
   const int64_t threads = std::max(1, num_threads()), share = (N + threads - 1) / threads;
   const int64_t chunks = (share + isa_amx::scaled_pass_rows(M) - 1) / isa_amx::scaled_pass_rows(M);
   return ((share + chunks - 1) / chunks + 31) / 32 * 32;
@@ -434,13 +482,41 @@ int64_t amx_scaled_chunk_rows(int64_t N, int64_t M, int64_t K) {
 
 // bf16 activations x [p.M, K] on the AMX tiles, output and bias already in p; `scaled` as for
 // isa_amx::rows. `fine`: fp32 rows sent as bf16 parts (AmxCodes).
+//
+// Every thread reads all the activation tiles. Where they fit L2 (isa_amx::tiles_outgrow_l2) each
+// thread prepares its own copy when it first takes a chunk, rather than reading the lines the other
+// cores just wrote, and the call is one parallel region instead of two. Two threads, bf16, W4, ms
+// (shared tiles / own): M = 8 576 x 1536 0.032 / 0.025; M = 16 1536 x 576 0.057 / 0.053; M = 64
+// 576 x 1536 0.084 / 0.066, 1536 x 576 0.107 / 0.100, 4096 x 4096 1.08 / 1.05; M = 512 896 x 896
+// 0.366 / 0.324, 576 x 1536 0.45 / 0.42, 1536 x 576 0.389 / 0.366. Larger tiles stay shared
+// (4096 x 4096 M = 512 6.49 / 6.61-6.86).
 void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
   const AmxCodes codes{!scaled && isa_amx::pair_layout(p.bits, p.group_size, p.K), fine};
-  const int64_t tiles = isa_amx::activation_tiles(p.M);
+  const int64_t tiles = isa_amx::activation_tiles(p.M), grain = scaled ? amx_scaled_chunk_rows(p.N, p.M, p.K)
+                                                                      : chunk_rows(p.N, p.M * p.K);
+  const int64_t tile_values = tiles * 16 * p.K, sum_values = scaled ? 0 : p.G * tiles * 16;
+  if (num_threads() > 1 && !isa_amx::tiles_outgrow_l2(p.M, p.K)) {
+    const uint64_t call = new_call();
+    parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) {
+      thread_local ThreadTiles<uint16_t> own;
+      if (own.call != call) {
+        own.x.resize(tile_values);
+        own.xsum.resize(sum_values);
+        isa_amx::prepare(x, p.M, p.K, p.group_size, codes.pairs, 0, tiles, own.x.data(),
+                         scaled ? nullptr : own.xsum.data());
+        own.call = call;
+      }
+      LowbitProblem q = p;
+      q.x16 = own.x.data();
+      q.xsum = scaled ? nullptr : own.xsum.data();
+      isa_amx::rows(q, n0, n1, scaled, codes);
+    });
+    return;
+  }
   thread_local AlignedVector<uint16_t> xt;
   thread_local AlignedVector<float> xsum;
-  xt.resize(tiles * 16 * p.K);
-  xsum.resize(scaled ? 0 : p.G * tiles * 16);
+  xt.resize(tile_values);
+  xsum.resize(sum_values);
   uint16_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
   float* sums = scaled ? nullptr : xsum.data();
   parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -448,9 +524,7 @@ void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
   });
   p.x16 = tiles_out;
   p.xsum = sums;
-  const int64_t grain = scaled ? amx_scaled_chunk_rows(p.N, p.M, p.K) : chunk_rows(p.N, p.M * p.K);
-  parallel_for(p.N, grain,
-               [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1, scaled, codes); });
+  parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1, scaled, codes); });
 }
 #endif
 
