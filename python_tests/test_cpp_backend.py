@@ -721,7 +721,8 @@ def _needs_w8_vnni() -> None:
 def test_lowbit_w8_vnni_choice():
     _needs_w8_vnni()
     assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 8, 192, 1, 576)
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 2, 1536)  # M >= 2: the bf16 kernels
+    assert cpp._C.lowbit_w8_vnni(2, 8, 128, 2, 1536)
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 3, 1536)  # M >= 3: the AMX digits or the bf16 kernels
     assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long rows: the bf16 kernels
     assert not cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536)  # fp32 activations
     assert not cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536)  # 4-bit codes
@@ -739,12 +740,14 @@ def test_lowbit_w8_vnni_choice():
 
 @pytest.mark.parametrize("n,group,k", _W8_VNNI_LAYOUTS)
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
-def test_lowbit_w8_vnni_layouts(n, group, k, scale_dtype):
+@pytest.mark.parametrize("m", (1, 2))
+def test_lowbit_w8_vnni_layouts(n, group, k, scale_dtype, m):
     _needs_w8_vnni()
-    assert cpp._C.lowbit_w8_vnni(2, 8, group, 1, k)
-    g = _gen(n + group + k)
+    assert cpp._C.lowbit_w8_vnni(2, 8, group, m, k)
+    g = _gen(n + group + k + m)
     qw = quantize_weight(torch.randn(n, k, generator=g), 8, group, dtype=scale_dtype)
-    x = (torch.randn(1, k, generator=g) + 0.5).bfloat16()
+    x = (torch.randn(m, k, generator=g) + 0.5).bfloat16()
+    x[-1] *= 1000.0  # rows of their own scale: each row's groups get their own units
     b = torch.randn(n, generator=g).bfloat16() if scale_dtype == torch.bfloat16 else None
     y = _bf16_kernel_on_poisoned_output(x, qw, b, 8, group)
     assert _rel_err(y, _lowbit_want64(x, qw, b)) <= _w8_tolerance(_lowbit_want64(x, qw, b))
@@ -785,15 +788,19 @@ def test_lowbit_w8_vnni_hard_activations(n, group, k):
     # the error must stay well inside the op's 1e-3 promise (bf16 roundings that flip make
     # up most of it), and against the exact result within 1e-3 beyond the output's rounding.
     _needs_w8_vnni()
+    # Each row alone, then each beside the next (two rows, each with its own units and sums).
     g = _gen(k + group)
     qw = quantize_weight(torch.randn(n, k, generator=g), 8, group, dtype=torch.bfloat16)
-    for name, x in _hard_rows(k, g).items():
+    rows = list(_hard_rows(k, g).items())
+    pairs = [(f"{a} / {b}", torch.cat([xa, xb])) for (a, xa), (b, xb) in zip(rows, rows[1:] + rows[:1])]
+    for name, x in rows + pairs:
         x = x.bfloat16()
         y = _bf16_kernel_on_poisoned_output(x, qw, None, 8, group)
         want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 8, group, None).double()
-        assert _rel_err(y, want) <= 5e-4, name
-        want64 = _lowbit_want64(x, qw, None)
-        assert _rel_err(y, want64) <= _w8_tolerance(want64), name
+        for row in range(x.shape[0]):
+            assert _rel_err(y[row], want[row]) <= 5e-4, (name, row)
+            want64 = _lowbit_want64(x[row : row + 1], qw, None)
+            assert _rel_err(y[row : row + 1], want64) <= _w8_tolerance(want64), (name, row)
 
 
 def test_lowbit_w8_vnni_non_finite_activations():
@@ -801,6 +808,7 @@ def test_lowbit_w8_vnni_non_finite_activations():
     # no output is finite (the reference gives NaN or +-inf; the bf16 kernels' s * sum(q x) +
     # z * sum(x) turns an infinity into NaN).
     _needs_w8_vnni()
+    # With two rows, the other row's outputs stay finite and right.
     g = _gen(11)
     qw = quantize_weight(torch.randn(32, 256, generator=g), 8, 128, dtype=torch.bfloat16)
     for bad in (float("nan"), float("inf"), -float("inf")):
@@ -809,6 +817,10 @@ def test_lowbit_w8_vnni_non_finite_activations():
         y = _bf16_kernel_on_poisoned_output(x, qw, None, 8, 128, finite=False)
         assert not torch.isfinite(y).any()
         assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 8, 128, None)).any()
+        x2 = torch.cat([torch.randn(1, 256, generator=g).bfloat16(), x])
+        y2 = _bf16_kernel_on_poisoned_output(x2, qw, None, 8, 128, finite=False)
+        assert not torch.isfinite(y2[1]).any()
+        assert _rel_err(y2[:1], _lowbit_want64(x2[:1], qw, None)) <= _w8_tolerance(_lowbit_want64(x2[:1], qw, None))
 
 
 # ---------------------------------------------------------------- AMX tiles
@@ -944,12 +956,13 @@ def test_lowbit_amx_fp32_rows_as_bf16_parts(amx_isa, bits, m, group, k):
 
 def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     # Groups of 16 codes and M below the switch (3 rows for 4-bit codes, 4 in groups below 128
-    # codes and for 2-bit codes, 3 for 3-bit codes, 2 for 8-bit; the int8 digit planes take 2-5
+    # codes and for 2-bit codes, 3 for 3-bit codes, 2 for 8-bit; the int8 digit planes take 3-5
     # rows of 8-bit codes and 3-5 of the natural decode's 2-4-bit codes where K and the group
     # size are multiples of 64)
-    # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels: the
-    # paths' fp32 sums differ in the last bits, so which one ran shows in the fp32 output of
-    # bf16-valued fp32 rows (the "medium" path).
+    # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels, or
+    # in rows below 2048 codes and groups of whole 64-byte chunks, one or two rows, the VNNI path
+    # (as with the AVX-512 BF16 kernels): the paths' fp32 sums differ in the last bits, so which one
+    # ran shows in the fp32 output of bf16-valued fp32 rows (the "medium" path).
     def run(x, qw, bits, group):
         (m, k), n = x.shape, qw.qweight.shape[0]
         y = torch.full((m, n), float("nan"))
@@ -960,7 +973,7 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     vector = _best_vector_bf16_isa()
     for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 4, "tiles"), (4, 64, 3, "tiles"), (4, 64, 2, vector),
                                  (4, 32, 3, vector), (4, 128, 2, vector), (2, 128, 2, vector),
-                                 (8, 128, 2, "tiles"),
+                                 (8, 128, 3, "tiles"), (8, 128, 2, "avx512_bf16"), (8, 32, 2, "tiles"),
                                  (8, 128, 1, "avx512"), (8, 16, 4, "avx512"), (2, 128, 16, "tiles"),
                                  (2, 64, 4, "tiles"), (2, 128, 3, "tiles"), (3, 128, 3, "tiles"), (3, 64, 2, vector),
                                  (4, 16, 16, vector)):

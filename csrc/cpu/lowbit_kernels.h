@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "cpu/aligned_vector.h"
 
@@ -177,16 +178,18 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t K
   return base + 2 * ((gi * nv + v) * lanes + ql) + h;
 }
 
-// The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): one bf16 activation row as three signed bytes
-// of a per-group fixed point against the 8-bit codes as they are packed (vpdpbusd), groups of
-// whole 64-byte chunks, rows of fewer than kW8VnniMaxK codes (which also keeps its int32 sums
-// exact). At M >= 2, and for longer rows, the bf16 kernels are faster (measured; at M >= 4 also
-// with a 16-bit fixed point, bench/results/ops/README.md, ninth session).
+// The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): up to kW8VnniMaxRows bf16 activation rows as three
+// signed bytes of a per-group fixed point against the 8-bit codes as they are packed (vpdpbusd),
+// groups of whole 64-byte chunks, rows of fewer than kW8VnniMaxK codes (which also keeps its int32
+// sums exact). For more rows (AMX digit tiles or the bf16 kernels) and longer rows (the bf16
+// kernels) the others were faster (measured: isa/lowbit_w8_vnni.cpp; at M >= 4 also with a 16-bit
+// fixed point, bench/results/ops/README.md, ninth session).
 constexpr int64_t kW8VnniMaxK = 2048;
-inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K) {
-  return bits == 8 && group_size % 64 == 0 && M == 1 && K < kW8VnniMaxK;
-}
+constexpr int64_t kW8VnniMaxRows = 2;
 
+inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K) {
+  return bits == 8 && group_size % 64 == 0 && M <= kW8VnniMaxRows && K < kW8VnniMaxK;
+}
 // Activations of the 8-bit VNNI path (see LowbitProblem::x8, x8_unit, xsum).
 struct W8Activations {
   AlignedVector<int8_t> x8;
@@ -270,10 +273,11 @@ bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
 void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
 }
 namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
-// AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from one row x [K] bf16
-// (w8_vnni_layout); false (and nothing to run) when x holds a NaN or an infinity.
+// AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from rows x [M, K] bf16
+// (w8_vnni_layout): digits [K / 64][M][3][64], units and sums [M][G]; false (and nothing to run)
+// when x holds a NaN or an infinity.
 namespace isa_avx512vnni {
-bool w8_activations(const uint16_t* x, int64_t K, int64_t group_size, W8Activations& out);
+bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, W8Activations& out);
 LowbitRowsFn w8_rows();
 }
 

@@ -694,8 +694,7 @@ constexpr int64_t kChunkBlocks = 24;
 
 void scaled_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, x_tiles = activation_tiles(p.M), Mp = 16 * x_tiles, blocks = p.K / kBlockK;
-  const int64_t budget = std::getenv("SKC") ? std::atoi(std::getenv("SKC")) << 10 : kL2BlockBytes;
-  const int64_t most = std::clamp<int64_t>(budget / (x_tiles * kTileBytes), 1, kChunkBlocks);
+  const int64_t most = std::clamp<int64_t>(kL2BlockBytes / (x_tiles * kTileBytes), 1, kChunkBlocks);
   const int64_t chunks = (blocks + most - 1) / most, chunk = (blocks + chunks - 1) / chunks;
   const int64_t panels = panels_in_l2(Mp);
   PanelScratch& w = panel_scratch(p, chunk * kBlockK * 2, Mp, panels, true);

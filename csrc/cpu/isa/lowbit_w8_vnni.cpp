@@ -1,4 +1,4 @@
-// 8-bit codes x one bf16 activation row (M = 1, the decode step) on CPUs with AVX-512 VNNI,
+// 8-bit codes x one or two bf16 activation rows (the decode step) on CPUs with AVX-512 VNNI,
 // with integer products: vpdpbusd multiplies 64 unsigned bytes (the codes, as they are packed)
 // with 64 signed bytes and adds each four products into an int32 lane. The codes need no
 // decode at all, against ten vector operations per 64 codes to make bf16 values of them
@@ -19,11 +19,16 @@
 // small errors flip roundings. Measured here, 1.2-1.9e-3 against the reference op; three
 // digits stay within 4e-4, the bf16 kernels' own level.)
 //
-// Three digits cost three vpdpbusd per 64 codes and activation row; at M >= 2 that is more
-// than the bf16 kernels' decode saves (measured), so the path is for M = 1 only, and for rows
-// shorter than 2 KiB: with longer rows (4096 x 4096) the weight streams from DRAM, and there
-// this kernel was 1.1-1.7x slower than the bf16 one (a single 64-byte load per chunk and less
-// work between loads; not resolved).
+// Three digits cost three vpdpbusd per 64 codes and activation row. One or two rows (the decode
+// step, and two sequences or two draft tokens at once) take this path; from three rows the AMX
+// digit tiles (isa/lowbit_amx.cpp) were faster (one thread, ms, tiles / this: M = 3 1536 x 576 g64
+// 0.068 / 0.076, 576 x 1536 0.044 / 0.049; M = 4 0.069 / 0.100), at two 12-24% slower (M = 2
+// 1536 x 576 g64 0.065 / 0.055, 4864 x 896 0.234 / 0.186, 2048 x 1024 g64 0.162 / 0.124; two
+// threads 0.041 / 0.034, 0.116 / 0.099), as were the bf16 kernels (the same Xeon limited to them:
+// AVX-512 BF16 0.083 / 0.055, 4864 x 896 0.369 / 0.185; AVX-512 VNNI's fp32 kernels 0.069 / 0.061,
+// 0.268 / 0.184). Rows of at most 2 KiB: with longer rows (4096 x 4096) the weight streams from DRAM, and
+// there this kernel was 1.1-1.7x slower than the bf16 one (a single 64-byte load per chunk and
+// less work between loads; not resolved).
 // Layouts: bits 8, groups of whole 64-byte chunks (w8_vnni_layout in lowbit_kernels.h).
 #include <immintrin.h>
 
@@ -46,38 +51,42 @@ constexpr int64_t kPrefetchBytes = 512;
 // Rows per block: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than two, 0-40%
 // faster than three, twice as fast as six).
 // out[r] = y of weight row n0 + r (r < R) before bias.
-template <int R>
+template <int R, int MR>
 void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
               bool add) {
   const int64_t G = p.G, chunks_per_group = p.group_size / 64;
-  const int8_t* x8 = p.x8;  // [chunk][part][64 bytes]
-  const float* unit = p.x8_unit;
-  const float* xsum = p.xsum;
+  const int8_t* x8 = p.x8;  // [chunk][row][part][64 bytes]
+  const float* unit = p.x8_unit;  // [row][G]
+  const float* xsum = p.xsum;     // [row][G]
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = p.qweight + (n0 + r) * p.row_bytes;
-  __m512 tot[R][1];
-  for (int r = 0; r < R; ++r) tot[r][0] = _mm512_setzero_ps();
+  __m512 tot[R][MR];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
   const __m512 f16 = _mm512_set1_ps(65536.f);
   for (int64_t grp = slice.g_begin; grp < slice.g_end; ++grp) {
-    __m512i acc[R][kW8Parts];
+    __m512i acc[R][MR][kW8Parts];
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < kW8Parts; ++t) acc[r][t] = _mm512_setzero_si512();
+      for (int m = 0; m < MR; ++m)
+        for (int t = 0; t < kW8Parts; ++t) acc[r][m][t] = _mm512_setzero_si512();
     for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) {
-      const int8_t* xc = x8 + c * 64 * kW8Parts;
+      const int8_t* xc = x8 + c * 64 * kW8Parts * MR;
       for (int r = 0; r < R; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
         const __m512i w = _mm512_loadu_si512(rows[r] + 64 * c);
-        for (int t = 0; t < kW8Parts; ++t)
-          acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w, _mm512_loadu_si512(xc + 64 * t));
+        for (int m = 0; m < MR; ++m)
+          for (int t = 0; t < kW8Parts; ++t)
+            acc[r][m][t] = _mm512_dpbusd_epi32(acc[r][m][t], w, _mm512_loadu_si512(xc + 64 * (m * kW8Parts + t)));
       }
     }
-    const float u = unit[grp];
     for (int r = 0; r < R; ++r) {
-      // 65536 hi + (256 mid + lo), the second sum in int32 (see the top).
-      const __m512i low = _mm512_add_epi32(_mm512_slli_epi32(acc[r][1], 8), acc[r][2]);
-      const __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), f16, _mm512_cvtepi32_ps(low));
-      const float su = u * load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
-      tot[r][0] = _mm512_fmadd_ps(q, _mm512_set1_ps(su), tot[r][0]);
+      const float s = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
+      for (int m = 0; m < MR; ++m) {
+        // 65536 hi + (256 mid + lo), the second sum in int32 (see the top).
+        const __m512i low = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][1], 8), acc[r][m][2]);
+        const __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), f16, _mm512_cvtepi32_ps(low));
+        tot[r][m] = _mm512_fmadd_ps(q, _mm512_set1_ps(unit[m * G + grp] * s), tot[r][m]);
+      }
     }
   }
   // Zero points: sum_g z_g * sum_k x~_k, sixteen groups at a time into the same totals.
@@ -86,19 +95,24 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
     const __mmask16 gm = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
     for (int r = 0; r < R; ++r) {
       const __m512 zv = load_as_f32x16(p.zero, p.scale_dtype, (n0 + r) * G + g, count);
-      tot[r][0] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + g), tot[r][0]);
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * G + g), tot[r][m]);
     }
   }
-  write_totals<R, 1>(tot, out, ld, add);
+  write_totals<R, MR>(tot, out, ld, add);
 }
 
-template <int R>
+template <int R, int MR>
 void w8_rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  // One activation row never outgrows L1: no K slices (x_group_bytes 0).
-  sliced_rows<1, R, w8_block<R>, w8_block<1>>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes);
+  // The activation rows never outgrow L1: no K slices (x_group_bytes 0).
+  sliced_rows<MR, R, w8_block<R, MR>, w8_block<1, MR>>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes);
 }
 
-void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) { w8_rows_t<4>(p, n_begin, n_end); }
+// Two activation rows take blocks of two weight rows (12 accumulators): four rows (24) were 0-6%
+// slower (one thread, 4864 x 896 0.184 / 0.172 ms, 576 x 1536 0.038 / 0.036).
+void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  if (p.M == 1) return w8_rows_t<4, 1>(p, n_begin, n_end);
+  w8_rows_t<2, 2>(p, n_begin, n_end);
+}
 
 // Sixteen bf16 values as fp32.
 inline __m512 load_bf16x16(const uint16_t* src) {
@@ -108,46 +122,47 @@ inline __m512 load_bf16x16(const uint16_t* src) {
 
 }  // namespace
 
-bool w8_activations(const uint16_t* x, int64_t K, int64_t group_size, W8Activations& out) {
+bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, W8Activations& out) {
   const int64_t G = K / group_size;
-  out.x8.resize(K * kW8Parts);
-  out.unit.resize(G);
-  out.xsum.resize(G);
+  out.x8.resize(M * K * kW8Parts);
+  out.unit.resize(M * G);
+  out.xsum.resize(M * G);
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   const __m512i half = _mm512_set1_epi32(128), low_byte = _mm512_set1_epi32(255);
-  for (int64_t g = 0; g < G; ++g) {
-    const uint16_t* xg = x + g * group_size;
-    __m512 amax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
-    for (int64_t k = 0; k < group_size; k += 16) {
-      const __m512 v = load_bf16x16(xg + k);
-      bad |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN or infinity
-      amax = _mm512_max_ps(amax, _mm512_and_ps(v, abs_mask));
-    }
-    if (bad) return false;
-    const float top = _mm512_reduce_max_ps(amax);
-    // x / u = x * 2^e with top * 2^e in [2^21, 2^22); e stays where 2^-e is a normal fp32
-    // (groups below 2^-105 then keep fewer bits: far below any output's rounding).
-    const int e = top > 0.f ? std::clamp(21 - std::ilogb(top), -126, 126) : 0;
-    const __m512 scale_exp = _mm512_set1_ps(static_cast<float>(e));
-    __m512i vsum = _mm512_setzero_si512();
-    for (int64_t k = 0; k < group_size; k += 16) {
-      __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load_bf16x16(xg + k), scale_exp));  // to nearest
-      vsum = _mm512_add_epi32(vsum, v);
-      const int64_t kk = g * group_size + k;
-      int8_t* dst = out.x8.data() + (kk / 64) * 64 * kW8Parts + kk % 64;
-      // Signed base-256 digits, lowest first: d = ((v + 128) & 255) - 128, v = (v - d) / 256
-      // (exact); after two digits |v| <= 64.
-      for (int t = kW8Parts - 1; t >= 0; --t) {
-        const __m512i d = t == 0 ? v : _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), low_byte), half);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 * t), _mm512_cvtepi32_epi8(d));
-        v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const uint16_t* xg = x + m * K + g * group_size;
+      __m512 amax = _mm512_setzero_ps();
+      __mmask16 bad = 0;
+      for (int64_t k = 0; k < group_size; k += 16) {
+        const __m512 v = load_bf16x16(xg + k);
+        bad |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN or infinity
+        amax = _mm512_max_ps(amax, _mm512_and_ps(v, abs_mask));
       }
+      if (bad) return false;
+      const float top = _mm512_reduce_max_ps(amax);
+      // x / u = x * 2^e with top * 2^e in [2^21, 2^22); e stays where 2^-e is a normal fp32
+      // (groups below 2^-105 then keep fewer bits: far below any output's rounding).
+      const int e = top > 0.f ? std::clamp(21 - std::ilogb(top), -126, 126) : 0;
+      const __m512 scale_exp = _mm512_set1_ps(static_cast<float>(e));
+      __m512i vsum = _mm512_setzero_si512();
+      for (int64_t k = 0; k < group_size; k += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load_bf16x16(xg + k), scale_exp));  // to nearest
+        vsum = _mm512_add_epi32(vsum, v);
+        const int64_t kk = g * group_size + k;
+        int8_t* dst = out.x8.data() + ((kk / 64) * M + m) * 64 * kW8Parts + kk % 64;
+        // Signed base-256 digits, lowest first: d = ((v + 128) & 255) - 128, v = (v - d) / 256
+        // (exact); after two digits |v| <= 64.
+        for (int t = kW8Parts - 1; t >= 0; --t) {
+          const __m512i d = t == 0 ? v : _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), low_byte), half);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 * t), _mm512_cvtepi32_epi8(d));
+          v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
+        }
+      }
+      const float unit = std::ldexp(1.f, -e);
+      out.unit[m * G + g] = unit;
+      out.xsum[m * G + g] = static_cast<float>(_mm512_reduce_add_epi32(vsum)) * unit;
     }
-    const float unit = std::ldexp(1.f, -e);
-    out.unit[g] = unit;
-    out.xsum[g] = static_cast<float>(_mm512_reduce_add_epi32(vsum)) * unit;
-  }
   return true;
 }
 
