@@ -381,8 +381,8 @@ constexpr int64_t kAmxFp32MinRows = 3;
 // 1.21-1.64 of torch's best on one thread, 1.33-1.61 to 1.67-1.97 on two.
 constexpr int64_t amx_fp32_digit_min_rows(int64_t group_size) { return group_size >= 128 ? 2 : 3; }
 // bf16 rows take the digits too where their codes would take the slower natural decode on the
-// bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8) or 3 up to the five of
-// one digit tile (ms, min of three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
+// bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8, where the VNNI path,
+// tried first, leaves them: K >= kW8VnniMaxK) or 3 up to the five of one digit tile (ms, min of three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
 // 2 1.30-1.51 / 0.93-1.05, M = 4 1.30-1.37 / 0.99-1.09, M = 8 1.27-1.34 / 1.20-1.33, M = 10
 // 1.26-1.35 / 1.26-1.33; W2 M = 3 1.18-1.37 / 0.81-1.00, M = 8 1.11-1.34 / 1.05-1.20; W3 M = 3
 // 1.18-1.23 / 0.82-0.95; W4 in groups of 64 M = 3 1.34-1.55 / 1.31-1.60, M = 8 1.72-2.06 /
