@@ -382,7 +382,8 @@ constexpr int64_t kAmxFp32MinRows = 3;
 constexpr int64_t amx_fp32_digit_min_rows(int64_t group_size) { return group_size >= 128 ? 2 : 3; }
 // bf16 rows take the digits too where their codes would take the slower natural decode on the
 // bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8, where the VNNI path,
-// tried first, leaves them: K >= kW8VnniMaxK) or 3 up to the five of one digit tile (ms, min of three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
+// tried first, leaves them: K >= kW8VnniMaxK) or 3 up to the five of one digit tile (ms, min of
+// three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
 // 2 1.30-1.51 / 0.93-1.05, M = 4 1.30-1.37 / 0.99-1.09, M = 8 1.27-1.34 / 1.20-1.33, M = 10
 // 1.26-1.35 / 1.26-1.33; W2 M = 3 1.18-1.37 / 0.81-1.00, M = 8 1.11-1.34 / 1.05-1.20; W3 M = 3
 // 1.18-1.23 / 0.82-0.95; W4 in groups of 64 M = 3 1.34-1.55 / 1.31-1.60, M = 8 1.72-2.06 /
@@ -492,33 +493,33 @@ int64_t amx_scaled_chunk_rows(int64_t N, int64_t M, int64_t K) {
 // (4096 x 4096 M = 512 6.49 / 6.61-6.86).
 void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
   const AmxCodes codes{!scaled && isa_amx::pair_layout(p.bits, p.group_size, p.K), fine};
-  const int64_t tiles = isa_amx::activation_tiles(p.M), grain = scaled ? amx_scaled_chunk_rows(p.N, p.M, p.K)
-                                                                      : chunk_rows(p.N, p.M * p.K);
-  const int64_t tile_values = tiles * 16 * p.K, sum_values = scaled ? 0 : p.G * tiles * 16;
+  const int64_t tiles = isa_amx::activation_tiles(p.M);
+  const int64_t grain = scaled ? amx_scaled_chunk_rows(p.N, p.M, p.K) : chunk_rows(p.N, p.M * p.K);
+  // Named in a parallel body, `mine` is the running thread's own.
+  thread_local ThreadTiles<uint16_t> mine;
+  const auto size = [&] {
+    mine.x.resize(tiles * 16 * p.K);
+    mine.xsum.resize(scaled ? 0 : p.G * tiles * 16);
+  };
   if (num_threads() > 1 && !isa_amx::tiles_outgrow_l2(p.M, p.K)) {
     const uint64_t call = new_call();
     parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) {
-      thread_local ThreadTiles<uint16_t> own;
-      if (own.call != call) {
-        own.x.resize(tile_values);
-        own.xsum.resize(sum_values);
-        isa_amx::prepare(x, p.M, p.K, p.group_size, codes.pairs, 0, tiles, own.x.data(),
-                         scaled ? nullptr : own.xsum.data());
-        own.call = call;
+      if (mine.call != call) {
+        size();
+        isa_amx::prepare(x, p.M, p.K, p.group_size, codes.pairs, 0, tiles, mine.x.data(),
+                         scaled ? nullptr : mine.xsum.data());
+        mine.call = call;
       }
       LowbitProblem q = p;
-      q.x16 = own.x.data();
-      q.xsum = scaled ? nullptr : own.xsum.data();
+      q.x16 = mine.x.data();
+      q.xsum = scaled ? nullptr : mine.xsum.data();
       isa_amx::rows(q, n0, n1, scaled, codes);
     });
     return;
   }
-  thread_local AlignedVector<uint16_t> xt;
-  thread_local AlignedVector<float> xsum;
-  xt.resize(tile_values);
-  xsum.resize(sum_values);
-  uint16_t* tiles_out = xt.data();  // (a worker's thread_local names its own buffer)
-  float* sums = scaled ? nullptr : xsum.data();
+  size();
+  uint16_t* tiles_out = mine.x.data();  // the caller's buffers, which the workers fill too
+  float* sums = scaled ? nullptr : mine.xsum.data();
   parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
     isa_amx::prepare(x, p.M, p.K, p.group_size, codes.pairs, t0, t1, tiles_out, sums);
   });
