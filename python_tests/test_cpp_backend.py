@@ -711,6 +711,8 @@ def test_lowbit_bf16_non_finite_activations(bits, m):
 # as three signed bytes of a per-group 22-bit fixed point against the codes as packed, for
 # K < 2048. Rows four at a time (tails of 1..3), groups of one to four chunks, the longest K.
 _W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792), (33, 128, 1920), (3, 64, 64)]
+# 4-bit codes: K and groups multiples of 128 (whole 64-byte chunks of nibbles).
+_W4_VNNI_LAYOUTS = [(45, 128, 384), (46, 256, 1792), (33, 128, 1920), (3, 128, 128), (7, 384, 768)]
 
 
 def _needs_w8_vnni() -> None:
@@ -725,7 +727,10 @@ def test_lowbit_w8_vnni_choice():
     assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 3, 1536)  # M >= 3: the AMX digits or the bf16 kernels
     assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long rows: the bf16 kernels
     assert not cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536)  # fp32 activations
-    assert not cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536)  # 4-bit codes
+    assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 4, 256, 2, 1792)
+    assert not cpp._C.lowbit_w8_vnni(2, 4, 64, 1, 1536)  # 4-bit codes in groups of part of a chunk
+    assert not cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 2048)
+    assert not cpp._C.lowbit_w8_vnni(2, 2, 128, 1, 1536)  # 2-bit codes
     assert not cpp._C.lowbit_w8_vnni(2, 8, 32, 1, 1536)  # groups of part of a 64-byte chunk
     assert not cpp._C.lowbit_w8_vnni(2, 8, 96, 1, 576)
     # By cpuid: the VNNI instruction sets take it (also without BF16), the others never.
@@ -738,20 +743,20 @@ def test_lowbit_w8_vnni_choice():
         cpp._C.set_lowbit_isa(default)
 
 
-@pytest.mark.parametrize("n,group,k", _W8_VNNI_LAYOUTS)
+@pytest.mark.parametrize("bits,n,group,k", [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS])
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m", (1, 2))
-def test_lowbit_w8_vnni_layouts(n, group, k, scale_dtype, m):
+def test_lowbit_w8_vnni_layouts(bits, n, group, k, scale_dtype, m):
     _needs_w8_vnni()
-    assert cpp._C.lowbit_w8_vnni(2, 8, group, m, k)
-    g = _gen(n + group + k + m)
-    qw = quantize_weight(torch.randn(n, k, generator=g), 8, group, dtype=scale_dtype)
+    assert cpp._C.lowbit_w8_vnni(2, bits, group, m, k)
+    g = _gen(n + group + k + m + bits)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
     x = (torch.randn(m, k, generator=g) + 0.5).bfloat16()
     x[-1] *= 1000.0  # rows of their own scale: each row's groups get their own units
     b = torch.randn(n, generator=g).bfloat16() if scale_dtype == torch.bfloat16 else None
-    y = _bf16_kernel_on_poisoned_output(x, qw, b, 8, group)
+    y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
     assert _rel_err(y, _lowbit_want64(x, qw, b)) <= _w8_tolerance(_lowbit_want64(x, qw, b))
-    want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 8, group, b)
+    want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
     assert _rel_err(y, want.double()) <= 1e-3
 
 
@@ -781,44 +786,47 @@ def _hard_rows(k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("n,group,k", [(64, 128, 1536), (64, 64, 576)])
-def test_lowbit_w8_vnni_hard_activations(n, group, k):
+@pytest.mark.parametrize("bits,n,group,k", [(8, 64, 128, 1536), (8, 64, 64, 576), (4, 64, 128, 1536)])
+def test_lowbit_w8_vnni_hard_activations(bits, n, group, k):
     # The fixed point keeps every value of at least 2^-14 of its group's largest exactly and
     # moves smaller ones by at most 2^-22 of it: against the reference op (both round to bf16)
     # the error must stay well inside the op's 1e-3 promise (bf16 roundings that flip make
     # up most of it), and against the exact result within 1e-3 beyond the output's rounding.
     _needs_w8_vnni()
     # Each row alone, then each beside the next (two rows, each with its own units and sums).
-    g = _gen(k + group)
-    qw = quantize_weight(torch.randn(n, k, generator=g), 8, group, dtype=torch.bfloat16)
+    assert cpp._C.lowbit_w8_vnni(2, bits, group, 2, k)
+    g = _gen(k + group + bits)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=torch.bfloat16)
     rows = list(_hard_rows(k, g).items())
     pairs = [(f"{a} / {b}", torch.cat([xa, xb])) for (a, xa), (b, xb) in zip(rows, rows[1:] + rows[:1])]
     for name, x in rows + pairs:
         x = x.bfloat16()
-        y = _bf16_kernel_on_poisoned_output(x, qw, None, 8, group)
-        want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 8, group, None).double()
+        y = _bf16_kernel_on_poisoned_output(x, qw, None, bits, group)
+        want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, None).double()
         for row in range(x.shape[0]):
             assert _rel_err(y[row], want[row]) <= 5e-4, (name, row)
             want64 = _lowbit_want64(x[row : row + 1], qw, None)
             assert _rel_err(y[row : row + 1], want64) <= _w8_tolerance(want64), (name, row)
 
 
-def test_lowbit_w8_vnni_non_finite_activations():
+@pytest.mark.parametrize("bits", (8, 4))
+def test_lowbit_w8_vnni_non_finite_activations(bits):
     # NaN or infinity in x: the fixed point has no room for them, so the bf16 kernels run and
     # no output is finite (the reference gives NaN or +-inf; the bf16 kernels' s * sum(q x) +
     # z * sum(x) turns an infinity into NaN).
     _needs_w8_vnni()
+    assert cpp._C.lowbit_w8_vnni(2, bits, 128, 2, 256)
     # With two rows, the other row's outputs stay finite and right.
     g = _gen(11)
-    qw = quantize_weight(torch.randn(32, 256, generator=g), 8, 128, dtype=torch.bfloat16)
+    qw = quantize_weight(torch.randn(32, 256, generator=g), bits, 128, dtype=torch.bfloat16)
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.randn(1, 256, generator=g).bfloat16()
         x[0, 200] = bad
-        y = _bf16_kernel_on_poisoned_output(x, qw, None, 8, 128, finite=False)
+        y = _bf16_kernel_on_poisoned_output(x, qw, None, bits, 128, finite=False)
         assert not torch.isfinite(y).any()
-        assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 8, 128, None)).any()
+        assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 128, None)).any()
         x2 = torch.cat([torch.randn(1, 256, generator=g).bfloat16(), x])
-        y2 = _bf16_kernel_on_poisoned_output(x2, qw, None, 8, 128, finite=False)
+        y2 = _bf16_kernel_on_poisoned_output(x2, qw, None, bits, 128, finite=False)
         assert not torch.isfinite(y2[1]).any()
         assert _rel_err(y2[:1], _lowbit_want64(x2[:1], qw, None)) <= _w8_tolerance(_lowbit_want64(x2[:1], qw, None))
 

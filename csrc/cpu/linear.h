@@ -23,7 +23,8 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size);
 
 // Whether lowbit_linear runs the 8-bit VNNI path (one or two bf16 activation rows, each as a 22-bit
-// fixed point per group, vpdpbusd against the packed codes) for M activation rows of K values,
+// fixed point per group, vpdpbusd against the packed 8-bit codes or 4-bit codes' nibbles) for
+// `bits`-bit codes and M activation rows of K values,
 // unless x holds a NaN or an infinity (then the bf16 kernels run).
 bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K);
 

@@ -180,15 +180,16 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t K
 
 // The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): up to kW8VnniMaxRows bf16 activation rows as three
 // signed bytes of a per-group fixed point against the 8-bit codes as they are packed (vpdpbusd),
-// groups of whole 64-byte chunks, rows of fewer than kW8VnniMaxK codes (which also keeps its int32
-// sums exact). For more rows (AMX digit tiles or the bf16 kernels) and longer rows (the bf16
+// or 4-bit codes split into their low and high nibbles; groups of whole 64-byte chunks (4 bits: K
+// too), rows of fewer than kW8VnniMaxK codes (which also keeps its int32 sums exact). For more rows (AMX digit tiles or the bf16 kernels) and longer rows (the bf16
 // kernels) the others were faster (measured: isa/lowbit_w8_vnni.cpp; at M >= 4 also with a 16-bit
 // fixed point, bench/results/ops/README.md, ninth session).
 constexpr int64_t kW8VnniMaxK = 2048;
 constexpr int64_t kW8VnniMaxRows = 2;
 
 inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K) {
-  return bits == 8 && group_size % 64 == 0 && M <= kW8VnniMaxRows && K < kW8VnniMaxK;
+  const bool w4 = bits == 4 && group_size % 128 == 0 && K % 128 == 0;
+  return (w4 || (bits == 8 && group_size % 64 == 0)) && M <= kW8VnniMaxRows && K < kW8VnniMaxK;
 }
 // Activations of the 8-bit VNNI path (see LowbitProblem::x8, x8_unit, xsum).
 struct W8Activations {
@@ -273,11 +274,12 @@ bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
 void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
 }
 namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
-// AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from rows x [M, K] bf16
-// (w8_vnni_layout): digits [K / 64][M][3][64], units and sums [M][G]; false (and nothing to run)
-// when x holds a NaN or an infinity.
+// AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from rows x [M, K] bf16 for
+// `bits`-bit codes (w8_vnni_layout): digits [chunk][M][half][3][64] (8 bits: 64 codes a chunk, one
+// half; 4 bits: 128 codes, the even ones then the odd ones), units and sums [M][G]; false (and
+// nothing to run) when x holds a NaN or an infinity.
 namespace isa_avx512vnni {
-bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, W8Activations& out);
+bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out);
 LowbitRowsFn w8_rows();
 }
 

@@ -3,9 +3,10 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one or two bf16 activation rows (K < 2048) with 8-bit codes on AVX-512 VNNI CPUs, groups of
-//   whole 64-byte chunks (lowbit_w8_vnni): each row as three signed bytes of a per-group 22-bit
-//   fixed point against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
+// * one or two bf16 activation rows (K < 2048) with 8-bit codes (or 4-bit codes, K and groups
+//   multiples of 128) on AVX-512 VNNI CPUs, groups of whole 64-byte chunks (lowbit_w8_vnni): each
+//   row as three signed bytes of a per-group 22-bit fixed point against the codes as packed
+//   (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
 //   tiles, bits 2/3/4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 2 bits, and 4
 //   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128
@@ -329,7 +330,7 @@ bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
 bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
   if (!lowbit_w8_vnni(kBFloat16, p.bits, group_size, p.M, p.K)) return false;
   thread_local W8Activations act;
-  if (!isa_avx512vnni::w8_activations(x, p.M, p.K, group_size, act)) return false;
+  if (!isa_avx512vnni::w8_activations(x, p.M, p.K, group_size, p.bits, act)) return false;
   p.x8 = act.x8.data();
   p.x8_unit = act.unit.data();
   p.xsum = act.xsum.data();

@@ -1,8 +1,14 @@
-// 8-bit codes x one or two bf16 activation rows (the decode step) on CPUs with AVX-512 VNNI,
-// with integer products: vpdpbusd multiplies 64 unsigned bytes (the codes, as they are packed)
-// with 64 signed bytes and adds each four products into an int32 lane. The codes need no
+// 8-bit (and 4-bit) codes x one or two bf16 activation rows (the decode step) on CPUs with
+// AVX-512 VNNI, with integer products: vpdpbusd multiplies 64 unsigned bytes (the codes, as they are
+// packed) with 64 signed bytes and adds each four products into an int32 lane. 8-bit codes need no
 // decode at all, against ten vector operations per 64 codes to make bf16 values of them
-// (isa/lowbit_bf16.cpp).
+// (isa/lowbit_bf16.cpp); 4-bit codes one and, or one shift and one and, per 64 codes (each
+// 64-byte chunk's low nibbles, codes 2 i, then its high ones against the odd activations).
+// 4-bit rows here against the bf16 kernels' dot form, groups of 128, one thread, us: M = 1
+// 576 x 1536 31.2-35.0 / 23.6-26.2, 4864 x 896 147 / 108, 896 x 896 30.0 / 22.8, 1536 x 1536 75.0 /
+// 55.0; M = 2 48.8 / 37.7, 240 / 177 (two threads 21.0 / 17.2, 76.4 / 56.2, M = 2 121.8 / 91.9); on
+// this Xeon limited to AVX-512 BF16 30.7 / 23.3, or to AVX-512 VNNI (fp32 kernels) 42.4 / 23.3.
+// Groups of 32 or 64 codes (a part of a chunk) and K not a multiple of 128 stay on the others.
 //
 // The activation row becomes integers per group: x = u * v with u a power of two chosen so
 // that the group's largest |x| / u lies in [2^21, 2^22), v = round(x / u), written as three
@@ -51,10 +57,12 @@ constexpr int64_t kPrefetchBytes = 512;
 // Rows per block: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than two, 0-40%
 // faster than three, twice as fast as six).
 // out[r] = y of weight row n0 + r (r < R) before bias.
-template <int R, int MR>
+template <int B, int R, int MR>
 void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
               bool add) {
-  const int64_t G = p.G, chunks_per_group = p.group_size / 64;
+  constexpr int kHalves = B == 4 ? 2 : 1;  // 4-bit codes: a chunk's low and high nibbles
+  const int64_t G = p.G, chunks_per_group = p.group_size / (64 * kHalves);
+  const __m512i nibble = _mm512_set1_epi8(15);
   const int8_t* x8 = p.x8;  // [chunk][row][part][64 bytes]
   const float* unit = p.x8_unit;  // [row][G]
   const float* xsum = p.xsum;     // [row][G]
@@ -70,13 +78,17 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
       for (int m = 0; m < MR; ++m)
         for (int t = 0; t < kW8Parts; ++t) acc[r][m][t] = _mm512_setzero_si512();
     for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) {
-      const int8_t* xc = x8 + c * 64 * kW8Parts * MR;
+      const int8_t* xc = x8 + c * 64 * kW8Parts * MR * kHalves;
       for (int r = 0; r < R; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
-        const __m512i w = _mm512_loadu_si512(rows[r] + 64 * c);
-        for (int m = 0; m < MR; ++m)
-          for (int t = 0; t < kW8Parts; ++t)
-            acc[r][m][t] = _mm512_dpbusd_epi32(acc[r][m][t], w, _mm512_loadu_si512(xc + 64 * (m * kW8Parts + t)));
+        const __m512i v = _mm512_loadu_si512(rows[r] + 64 * c);
+        for (int h = 0; h < kHalves; ++h) {
+          const __m512i w = B == 8 ? v : _mm512_and_si512(h ? _mm512_srli_epi16(v, 4) : v, nibble);
+          for (int m = 0; m < MR; ++m)
+            for (int t = 0; t < kW8Parts; ++t)
+              acc[r][m][t] = _mm512_dpbusd_epi32(acc[r][m][t], w,
+                                                 _mm512_loadu_si512(xc + 64 * ((m * kHalves + h) * kW8Parts + t)));
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -101,17 +113,18 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
   write_totals<R, MR>(tot, out, ld, add);
 }
 
-template <int R, int MR>
+template <int B, int R, int MR>
 void w8_rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // The activation rows never outgrow L1: no K slices (x_group_bytes 0).
-  sliced_rows<MR, R, w8_block<R, MR>, w8_block<1, MR>>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes);
+  sliced_rows<MR, R, w8_block<B, R, MR>, w8_block<B, 1, MR>>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes);
 }
 
 // Two activation rows take blocks of two weight rows (12 accumulators): four rows (24) were 0-6%
 // slower (one thread, 4864 x 896 0.184 / 0.172 ms, 576 x 1536 0.038 / 0.036).
 void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.M == 1) return w8_rows_t<4, 1>(p, n_begin, n_end);
-  w8_rows_t<2, 2>(p, n_begin, n_end);
+  if (p.bits == 4) return p.M == 1 ? w8_rows_t<4, 4, 1>(p, n_begin, n_end) : w8_rows_t<4, 2, 2>(p, n_begin, n_end);
+  if (p.M == 1) return w8_rows_t<8, 4, 1>(p, n_begin, n_end);
+  w8_rows_t<8, 2, 2>(p, n_begin, n_end);
 }
 
 // Sixteen bf16 values as fp32.
@@ -122,7 +135,11 @@ inline __m512 load_bf16x16(const uint16_t* src) {
 
 }  // namespace
 
-bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, W8Activations& out) {
+bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
+  const int halves = bits == 4 ? 2 : 1, chunk = 64 * halves;
+  // 4-bit codes: byte i of a 64-byte chunk holds codes 2 i (low nibble) and 2 i + 1, so each 16
+  // values go out as their 8 even ones (low half) and 8 odd ones.
+  const __m128i evens_odds = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   const int64_t G = K / group_size;
   out.x8.resize(M * K * kW8Parts);
   out.unit.resize(M * G);
@@ -150,12 +167,20 @@ bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
         __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load_bf16x16(xg + k), scale_exp));  // to nearest
         vsum = _mm512_add_epi32(vsum, v);
         const int64_t kk = g * group_size + k;
-        int8_t* dst = out.x8.data() + ((kk / 64) * M + m) * 64 * kW8Parts + kk % 64;
+        // [chunk][row][half][part][64]
+        int8_t* dst = out.x8.data() + ((kk / chunk) * M + m) * halves * 64 * kW8Parts + kk % chunk / halves;
         // Signed base-256 digits, lowest first: d = ((v + 128) & 255) - 128, v = (v - d) / 256
         // (exact); after two digits |v| <= 64.
         for (int t = kW8Parts - 1; t >= 0; --t) {
           const __m512i d = t == 0 ? v : _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), low_byte), half);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 * t), _mm512_cvtepi32_epi8(d));
+          const __m128i bytes = _mm512_cvtepi32_epi8(d);
+          if (halves == 1) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 * t), bytes);
+          } else {
+            const __m128i split = _mm_shuffle_epi8(bytes, evens_odds);
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * t), split);
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * (kW8Parts + t)), _mm_unpackhi_epi64(split, split));
+          }
           v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
         }
       }
