@@ -711,8 +711,10 @@ def test_lowbit_bf16_non_finite_activations(bits, m):
 # as three signed bytes of a per-group 22-bit fixed point against the codes as packed, for
 # K < 2048. Rows four at a time (tails of 1..3), groups of one to four chunks, the longest K.
 _W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792), (33, 128, 1920), (3, 64, 64)]
-# 4-bit codes: K and groups multiples of 128 (whole 64-byte chunks of nibbles).
-_W4_VNNI_LAYOUTS = [(45, 128, 384), (46, 256, 1792), (33, 128, 1920), (3, 128, 128), (7, 384, 768)]
+# 4-bit codes: K and groups multiples of 128 (whole 64-byte chunks of nibbles), or groups of 64 (two a
+# chunk; K = 576 and 64 end in half a chunk).
+_W4_VNNI_LAYOUTS = [(45, 128, 384), (46, 256, 1792), (33, 128, 1920), (3, 128, 128), (7, 384, 768), (45, 64, 576),
+                    (3, 64, 64), (33, 64, 640), (46, 64, 1984)]
 
 
 def _needs_w8_vnni() -> None:
@@ -728,7 +730,8 @@ def test_lowbit_w8_vnni_choice():
     assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long rows: the bf16 kernels
     assert not cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536)  # fp32 activations
     assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 4, 256, 2, 1792)
-    assert not cpp._C.lowbit_w8_vnni(2, 4, 64, 1, 1536)  # 4-bit codes in groups of part of a chunk
+    assert cpp._C.lowbit_w8_vnni(2, 4, 64, 1, 576)  # 4-bit codes in groups of half a chunk
+    assert not cpp._C.lowbit_w8_vnni(2, 4, 32, 1, 1536)  # or less
     assert not cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 2048)
     assert not cpp._C.lowbit_w8_vnni(2, 2, 128, 1, 1536)  # 2-bit codes
     assert not cpp._C.lowbit_w8_vnni(2, 8, 32, 1, 1536)  # groups of part of a 64-byte chunk
@@ -786,7 +789,7 @@ def _hard_rows(k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("bits,n,group,k", [(8, 64, 128, 1536), (8, 64, 64, 576), (4, 64, 128, 1536)])
+@pytest.mark.parametrize("bits,n,group,k", [(8, 64, 128, 1536), (8, 64, 64, 576), (4, 64, 128, 1536), (4, 64, 64, 576)])
 def test_lowbit_w8_vnni_hard_activations(bits, n, group, k):
     # The fixed point keeps every value of at least 2^-14 of its group's largest exactly and
     # moves smaller ones by at most 2^-22 of it: against the reference op (both round to bf16)

@@ -4,7 +4,7 @@
 //
 // Paths:
 // * one or two bf16 activation rows (K < 2048) with 8-bit codes (or 4-bit codes, K and groups
-//   multiples of 128) on AVX-512 VNNI CPUs, groups of whole 64-byte chunks (lowbit_w8_vnni): each
+//   multiples of 128, or groups of 64) on AVX-512 VNNI CPUs, groups of whole 64-byte chunks (lowbit_w8_vnni): each
 //   row as three signed bytes of a per-group 22-bit fixed point against the codes as packed
 //   (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
