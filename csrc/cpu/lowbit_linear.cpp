@@ -3,10 +3,10 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one or two bf16 activation rows (K < 2048) with 8-bit codes (or 4-bit codes, K and groups
-//   multiples of 128, or groups of 64) on AVX-512 VNNI CPUs, groups of whole 64-byte chunks (lowbit_w8_vnni): each
-//   row as three signed bytes of a per-group 22-bit fixed point against the codes as packed
-//   (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
+// * one or two bf16 activation rows (K < 2048) on AVX-512 VNNI CPUs with 8-bit codes in groups of
+//   whole 64-byte chunks, or 4-bit codes with K and groups multiples of 128 or in groups of 64
+//   (lowbit_w8_vnni): each row as three signed bytes of a per-group 22-bit fixed point against the
+//   codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
 //   tiles, bits 2/3/4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 2 bits, and 4
 //   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128
