@@ -57,8 +57,8 @@ namespace {
 constexpr int kW8Parts = 3;
 // How far ahead each row's next chunk is prefetched when rows are read side by side.
 constexpr int64_t kPrefetchBytes = 512;
-// Rows per block: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than two, 0-40%
-// faster than three, twice as fast as six).
+// Weight rows per block at M = 1: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than
+// two, 0-40% faster than three, twice as fast as six); at M = 2 two (run_w8_rows).
 // out[r] = y of weight row n0 + r (r < R) before bias.
 template <int B, int R, int MR>
 void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
@@ -66,7 +66,7 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
   constexpr int kHalves = B == 4 ? 2 : 1;  // 4-bit codes: a chunk's low and high nibbles
   const int64_t G = p.G, chunks_per_group = p.group_size / (64 * kHalves);
   const __m512i nibble = _mm512_set1_epi8(15);
-  const int8_t* x8 = p.x8;  // [chunk][row][part][64 bytes]
+  const int8_t* x8 = p.x8;  // [chunk][row][half][part][64 bytes]
   const float* unit = p.x8_unit;  // [row][G]
   const float* xsum = p.xsum;     // [row][G]
   const uint8_t* rows[R];
@@ -122,14 +122,15 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
         });
       }
     }
-  }
-  for (int64_t grp = slice.g_begin; (B == 8 || p.group_size != 64) && grp < slice.g_end; ++grp) {
-    __m512i acc[R][MR][kW8Parts];
-    zero(acc);
-    for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, 64);
-    for (int r = 0; r < R; ++r) {
-      const float s = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
-      add_sums(acc, r, [&](int m) { return _mm512_set1_ps(unit[m * G + grp] * s); });
+  } else {
+    for (int64_t grp = slice.g_begin; grp < slice.g_end; ++grp) {
+      __m512i acc[R][MR][kW8Parts];
+      zero(acc);
+      for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, 64);
+      for (int r = 0; r < R; ++r) {
+        const float s = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
+        add_sums(acc, r, [&](int m) { return _mm512_set1_ps(unit[m * G + grp] * s); });
+      }
     }
   }
   // Zero points: sum_g z_g * sum_k x~_k, sixteen groups at a time into the same totals.
