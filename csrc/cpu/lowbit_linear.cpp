@@ -406,10 +406,31 @@ struct ThreadTiles {
   AlignedVector<float> unit, xsum;
 };
 
+// This thread's tiles of element type E.
+template <typename E>
+ThreadTiles<E>& thread_tiles() {
+  thread_local ThreadTiles<E> t;
+  return t;
+}
+
 // A number for each call with per-thread tiles.
 uint64_t new_call() {
   static std::atomic<uint64_t> calls{0};
   return calls.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+
+// parallel_for over N weight rows where each thread reads its own tiles: prepare(t) fills them when
+// the thread first takes a chunk of `call` (the caller's may be filled already), then rows(t, n0, n1).
+template <typename E, typename Prepare, typename Rows>
+void rows_on_own_tiles(int64_t N, int64_t grain, uint64_t call, const Prepare& prepare, const Rows& rows) {
+  parallel_for(N, grain, [&](int64_t n0, int64_t n1) {
+    ThreadTiles<E>& t = thread_tiles<E>();
+    if (t.call != call) {
+      prepare(t);
+      t.call = call;
+    }
+    rows(t, n0, n1);
+  });
 }
 
 // Activations x [M, K] (fp32 or bf16) on the AMX-INT8 tiles as digit planes of a per-group fixed
@@ -418,19 +439,20 @@ uint64_t new_call() {
 template <typename T>
 bool amx_digits(const T* x, LowbitProblem& p) {
   const int64_t tiles = isa_amx::digit_tiles(p.M), blocks = isa_amx::digit_blocks(p.M), Mp = 16 * blocks;
-  // Named in a parallel body, `mine` is the running thread's own.
-  thread_local ThreadTiles<int8_t> mine;
-  const auto size = [&] {
-    mine.x.resize(tiles * 16 * p.K);
-    mine.unit.resize(p.G * Mp);
-    mine.xsum.resize(p.G * Mp);
+  const auto size = [&](ThreadTiles<int8_t>& t) {
+    t.x.resize(tiles * 16 * p.K);
+    t.unit.resize(p.G * Mp);
+    t.xsum.resize(p.G * Mp);
   };
-  const auto use = [&](LowbitProblem& q) {
-    q.x8 = mine.x.data();
-    q.x8_unit = mine.unit.data();
-    q.xsum = mine.xsum.data();
+  const auto digit_rows = [&](ThreadTiles<int8_t>& t, int64_t n0, int64_t n1) {
+    LowbitProblem q = p;
+    q.x8 = t.x.data();
+    q.x8_unit = t.unit.data();
+    q.xsum = t.xsum.data();
+    isa_amx::digit_rows(q, n0, n1);
   };
-  size();
+  ThreadTiles<int8_t>& mine = thread_tiles<int8_t>();
+  size(mine);
   const int64_t grain = chunk_rows(p.N, p.M * p.K);
   if (num_threads() > 1 && tiles == 1) {
     // Each thread its own copy of the one tile (at most five rows), as amx_linear's tiles: the
@@ -440,21 +462,15 @@ bool amx_digits(const T* x, LowbitProblem& p) {
     // 1536 x 576 g64 0.047-0.049 / 0.043-0.044; fp32 M = 3 0.048 / 0.043-0.045. More rows take
     // longer to prepare, and the caller prepared blocks of them in parallel: fp32 M = 16 1536 x 576
     // 0.061 / 0.062-0.064, M = 64 576 x 1536 0.138 / 0.166 with copies.
-    if (!isa_amx::prepare_digits(x, p.M, p.K, p.group_size, 0, blocks, mine.x.data(), mine.unit.data(),
-                                 mine.xsum.data()))
-      return false;
+    const auto prepare = [&](ThreadTiles<int8_t>& t) {
+      return isa_amx::prepare_digits(x, p.M, p.K, p.group_size, 0, blocks, t.x.data(), t.unit.data(), t.xsum.data());
+    };
+    if (!prepare(mine)) return false;
     const uint64_t call = mine.call = new_call();
-    parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) {
-      if (mine.call != call) {
-        size();
-        isa_amx::prepare_digits(x, p.M, p.K, p.group_size, 0, blocks, mine.x.data(), mine.unit.data(),
-                                mine.xsum.data());
-        mine.call = call;
-      }
-      LowbitProblem q = p;
-      use(q);
-      isa_amx::digit_rows(q, n0, n1);
-    });
+    rows_on_own_tiles<int8_t>(p.N, grain, call, [&](ThreadTiles<int8_t>& t) {
+      size(t);
+      prepare(t);  // as the caller's: the digits carry every row
+    }, digit_rows);
     return true;
   }
   int8_t* tiles_out = mine.x.data();  // the caller's buffers, which the workers fill too
@@ -464,8 +480,7 @@ bool amx_digits(const T* x, LowbitProblem& p) {
     if (!isa_amx::prepare_digits(x, p.M, p.K, p.group_size, b0, b1, tiles_out, units, sums)) ok = false;
   });
   if (!ok) return false;
-  use(p);
-  parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) { isa_amx::digit_rows(p, n0, n1); });
+  parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) { digit_rows(mine, n0, n1); });
   return true;
 }
 
@@ -496,37 +511,31 @@ void amx_linear(const uint16_t* x, LowbitProblem& p, bool scaled, bool fine) {
   const AmxCodes codes{!scaled && isa_amx::pair_layout(p.bits, p.group_size, p.K), fine};
   const int64_t tiles = isa_amx::activation_tiles(p.M);
   const int64_t grain = scaled ? amx_scaled_chunk_rows(p.N, p.M, p.K) : chunk_rows(p.N, p.M * p.K);
-  // Named in a parallel body, `mine` is the running thread's own.
-  thread_local ThreadTiles<uint16_t> mine;
-  const auto size = [&] {
-    mine.x.resize(tiles * 16 * p.K);
-    mine.xsum.resize(scaled ? 0 : p.G * tiles * 16);
+  const auto size = [&](ThreadTiles<uint16_t>& t) {
+    t.x.resize(tiles * 16 * p.K);
+    t.xsum.resize(scaled ? 0 : p.G * tiles * 16);
+  };
+  const auto tile_rows = [&](ThreadTiles<uint16_t>& t, int64_t n0, int64_t n1) {
+    LowbitProblem q = p;
+    q.x16 = t.x.data();
+    q.xsum = scaled ? nullptr : t.xsum.data();
+    isa_amx::rows(q, n0, n1, scaled, codes);
   };
   if (num_threads() > 1 && !isa_amx::tiles_outgrow_l2(p.M, p.K)) {
-    const uint64_t call = new_call();
-    parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) {
-      if (mine.call != call) {
-        size();
-        isa_amx::prepare(x, p.M, p.K, p.group_size, codes.pairs, 0, tiles, mine.x.data(),
-                         scaled ? nullptr : mine.xsum.data());
-        mine.call = call;
-      }
-      LowbitProblem q = p;
-      q.x16 = mine.x.data();
-      q.xsum = scaled ? nullptr : mine.xsum.data();
-      isa_amx::rows(q, n0, n1, scaled, codes);
-    });
+    rows_on_own_tiles<uint16_t>(p.N, grain, new_call(), [&](ThreadTiles<uint16_t>& t) {
+      size(t);
+      isa_amx::prepare(x, p.M, p.K, p.group_size, codes.pairs, 0, tiles, t.x.data(), scaled ? nullptr : t.xsum.data());
+    }, tile_rows);
     return;
   }
-  size();
+  ThreadTiles<uint16_t>& mine = thread_tiles<uint16_t>();
+  size(mine);
   uint16_t* tiles_out = mine.x.data();  // the caller's buffers, which the workers fill too
   float* sums = scaled ? nullptr : mine.xsum.data();
   parallel_for(tiles, 1, [&](int64_t t0, int64_t t1) {
     isa_amx::prepare(x, p.M, p.K, p.group_size, codes.pairs, t0, t1, tiles_out, sums);
   });
-  p.x16 = tiles_out;
-  p.xsum = sums;
-  parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) { isa_amx::rows(p, n0, n1, scaled, codes); });
+  parallel_for(p.N, grain, [&](int64_t n0, int64_t n1) { tile_rows(mine, n0, n1); });
 }
 #endif
 

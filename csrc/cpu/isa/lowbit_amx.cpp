@@ -235,20 +235,31 @@ inline __m512i scaled_codes(const uint8_t* src, __m512 s, __m512 z) {
 // Blocks [kb0, kb1) of weight rows [n0, n0 + 32) of B-bit codes dequantised to bf16 (q * scale +
 // zero rounded, as a dense bf16 F.linear has them) as A tiles, [kb - kb0][32 rows][32 values]; rows
 // past N zeros.
+// k-blocks [kb0, kb1) of weight row n's B-bit codes as scaled_codes (scale and zero: the row's [G])
+// at dst + (kb - kb0) * step.
+template <int B>
+inline void scaled_blocks(const LowbitProblem& p, int64_t n, int64_t kb0, int64_t kb1, const float* scale,
+                          const float* zero, uint16_t* dst, int64_t step) {
+  constexpr int64_t block_bytes = kBlockK * B / 8;
+  const int64_t per_group = p.group_size / kBlockK;
+  const uint8_t* src = p.qweight + n * p.row_bytes;
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t g = kb / per_group;
+    _mm512_storeu_si512(dst + (kb - kb0) * step,
+                        scaled_codes<B>(src + kb * block_bytes, _mm512_set1_ps(scale[g]), _mm512_set1_ps(zero[g])));
+  }
+}
+
 template <int B>
 void decode_scaled(const LowbitProblem& p, int64_t n0, int64_t kb0, int64_t kb1, const float* scale,
                    const float* zero, uint16_t* out) {
-  constexpr int64_t block_bytes = kBlockK * B / 8;
-  const int64_t rows = std::min(kPanelRows, p.N - n0), per_group = p.group_size / kBlockK;
+  const int64_t rows = std::min(kPanelRows, p.N - n0);
   for (int64_t r = 0; r < kPanelRows; ++r) {
     uint16_t* dst = out + r * kBlockK;
-    const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes;
-    for (int64_t kb = kb0; kb < kb1; ++kb) {
-      const int64_t g = kb / per_group;
-      const __m512i w = r < rows ? scaled_codes<B>(src + kb * block_bytes, _mm512_set1_ps(scale[r * p.G + g]),
-                                                   _mm512_set1_ps(zero[r * p.G + g]))
-                                 : _mm512_setzero_si512();
-      _mm512_store_si512(dst + (kb - kb0) * kPanelRows * kBlockK, w);
+    if (r < rows) {
+      scaled_blocks<B>(p, n0 + r, kb0, kb1, scale + r * p.G, zero + r * p.G, dst, kPanelRows * kBlockK);
+    } else {
+      for (int64_t kb = kb0; kb < kb1; ++kb) _mm512_store_si512(dst + (kb - kb0) * kPanelRows * kBlockK, _mm512_setzero_si512());
     }
   }
 }
@@ -766,21 +777,12 @@ void dequantize_bf16(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   scale.resize(kPanelRows * p.G);
   zero.resize(kPanelRows * p.G);
   with_bits(p.bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    constexpr int64_t block_bytes = kBlockK * B / 8;
-    const int64_t per_group = p.group_size / kBlockK;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
       const int64_t rows = std::min(kPanelRows, n_end - n0);
       panel_scales(p, n0, rows, scale.data(), zero.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        const uint8_t* src = p.qweight + (n0 + r) * p.row_bytes;
-        uint16_t* dst = out + (n0 + r) * p.K;
-        for (int64_t g = 0; g < p.G; ++g) {
-          const __m512 s = _mm512_set1_ps(scale[r * p.G + g]), z = _mm512_set1_ps(zero[r * p.G + g]);
-          for (int64_t kb = g * per_group; kb < (g + 1) * per_group; ++kb)
-            _mm512_storeu_si512(dst + kb * kBlockK, scaled_codes<B>(src + kb * block_bytes, s, z));
-        }
-      }
+      for (int64_t r = 0; r < rows; ++r)
+        scaled_blocks<decltype(b)::value>(p, n0 + r, 0, p.K / kBlockK, scale.data() + r * p.G,
+                                          zero.data() + r * p.G, out + (n0 + r) * p.K, kBlockK);
     }
   });
 }
