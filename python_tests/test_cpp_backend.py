@@ -728,7 +728,8 @@ def test_lowbit_w8_vnni_choice():
     assert cpp._C.lowbit_w8_vnni(2, 8, 128, 2, 1536)
     assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 3, 1536)  # M >= 3: the AMX digits or the bf16 kernels
     assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long rows: the bf16 kernels
-    assert not cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536)  # fp32 activations
+    assert cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(0, 4, 64, 2, 576)  # fp32 rows too
+    assert not cpp._C.lowbit_w8_vnni(1, 8, 128, 1, 1536)  # fp16 rows: the fp32 kernels
     assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 4, 256, 2, 1792)
     assert cpp._C.lowbit_w8_vnni(2, 4, 64, 1, 576)  # 4-bit codes in groups of half a chunk
     assert not cpp._C.lowbit_w8_vnni(2, 4, 32, 1, 1536)  # or less
@@ -761,6 +762,57 @@ def test_lowbit_w8_vnni_layouts(bits, n, group, k, scale_dtype, m):
     assert _rel_err(y, _lowbit_want64(x, qw, b)) <= _w8_tolerance(_lowbit_want64(x, qw, b))
     want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
     assert _rel_err(y, want.double()) <= 1e-3
+
+
+def _fp32_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None) -> torch.Tensor:
+    """The extension's fp32 ``lowbit_linear`` of ``x [M, K]`` (fp32) straight into a NaN-filled
+    output, which it must overwrite completely (asserted finite after)."""
+    (m, k), n = x.shape, qw.qweight.shape[0]
+    y = torch.full((m, n), float("nan"))
+    cpp._C.lowbit_linear(
+        x.data_ptr(), 0, m, k, qw.qweight.data_ptr(), n, qw.qweight.shape[1], qw.scale.data_ptr(), qw.zero.data_ptr(),
+        cpp.DTYPE_CODE[qw.scale.dtype], qw.bits, qw.group_size, 0 if b is None else b.data_ptr(), y.data_ptr(),
+    )
+    assert torch.isfinite(y).all()
+    return y
+
+
+@pytest.mark.parametrize("bits,n,group,k", [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS])
+@pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("m", (1, 2))
+def test_lowbit_w8_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
+    # fp32 rows on the fixed point keep the fp32 promise: each value within 2^-23 of its group's
+    # largest, exact integer sums; each row's groups with their own units (a row 1000x the other).
+    _needs_w8_vnni()
+    assert cpp._C.lowbit_w8_vnni(0, bits, group, m, k)
+    g = _gen(n + group + k + m + bits + 7)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
+    x = torch.randn(m, k, generator=g) + 0.5
+    x[-1] *= 1000.0
+    b = torch.randn(n, generator=g) if m == 2 else None
+    y = _fp32_kernel_on_poisoned_output(x, qw, b)
+    want64 = _lowbit_want64(x, qw, b)
+    assert ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max() <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bits,group,k", [(8, 128, 1536), (8, 64, 576), (4, 128, 1536), (4, 64, 576)])
+def test_lowbit_w8_vnni_fp32_hard_rows(bits, group, k):
+    # Groups the fixed point cannot hold within 1e-5 (an outlier far above the group's mean, a
+    # largest |x| below 2^-64) go to the fp32 kernels; every row keeps the fp32 promise, alone and
+    # beside another row. (Not rows far from zero: there the fp32 kernels' fused path, which a
+    # declined pair takes, sums s * sum(q x) + z * sum(x) with 1.1-1.3e-5 at 300 + randn, K = 1536;
+    # the fixed point measured 2.5e-6.)
+    _needs_w8_vnni()
+    g = _gen(k + group + bits + 3)
+    qw = quantize_weight(torch.randn(64, k, generator=g), bits, group)
+    hard = {name: x for name, x in _hard_rows(k, g).items() if name != "far from zero"}
+    rows = list(hard.items()) + [("a row of 1e-30", torch.randn(1, k, generator=g) * 1e-30)]
+    pairs = [(f"{a} / {b}", torch.cat([xa, xb])) for (a, xa), (b, xb) in zip(rows, rows[1:] + rows[:1])]
+    for name, x in rows + pairs:
+        y = _fp32_kernel_on_poisoned_output(x, qw, None)
+        want64 = _lowbit_want64(x, qw, None)
+        row_err = ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max()
+        assert row_err <= TOL[torch.float32], name
 
 
 def _w8_tolerance(want64: torch.Tensor) -> float:
@@ -1085,11 +1137,12 @@ def each_isa():
     cpp._C.set_lowbit_isa(default)
 
 
-@pytest.mark.parametrize("bits,group,k", [(2, 32, 384), (3, 32, 384), (3, 128, 640), (4, 32, 896), (4, 128, 384)])
+@pytest.mark.parametrize("bits,group,k", [(2, 32, 384), (3, 32, 384), (3, 128, 640), (4, 32, 896), (4, 128, 2048)])
 def test_one_fp32_row_runs_as_bf16_parts_on_the_bf16_kernels(each_isa, bits, group, k):
     # M = 1 with fp32 activations goes to the bf16 kernels as three bf16 parts of the row: as exact
     # as the fp32 kernels (far inside 1e-5 with the fine decode; 2-bit sums missed it with the
     # bf16 path's offset of 128), but not their summation, so the two results are not identical.
+    # (4-bit codes in groups of 128 with K = 2048: shorter rows take the VNNI path first.)
     _needs_bf16_kernels()
     best = _best_vector_bf16_isa()
     if bits == 3 and best != "avx512_bf16_vbmi":

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/aligned_vector.h"
 
@@ -177,7 +178,17 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t K
   return base + 2 * ((gi * nv + v) * lanes + ql) + h;
 }
 
-// The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): up to kW8VnniMaxRows bf16 activation rows as three
+// The per-group 22-bit fixed point of the AMX digit tiles and the VNNI path moves each value by up
+// to 2^-22 of its group's largest |x| (half a unit), a relative output error of about 1.4e-7 times
+// that largest |x| over the group's root mean square: groups of outliers further above their mean
+// than this leave the digits to other kernels, so that fp32 rows keep their 1e-5 (a group with an
+// outlier 10^4 times the rest that meets a zero weight measured 2e-4) and bf16 rows 1e-4 beside
+// their own rounding (the VNNI path's bf16 rows need no bound: each of their values of at least
+// 2^-14 of the group's largest is exact there).
+template <typename T>
+constexpr float kDigitOutlierRatio = std::is_same_v<T, float> ? 32.f : 512.f;
+
+// The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): up to kW8VnniMaxRows bf16 or fp32 activation rows as three
 // signed bytes of a per-group fixed point against the 8-bit codes as they are packed (vpdpbusd),
 // or 4-bit codes split into their low and high nibbles; groups of whole 64-byte chunks (4 bits: K
 // too) or, for 4-bit codes, of 64 codes (half a chunk), rows of fewer than kW8VnniMaxK codes (which
@@ -263,8 +274,8 @@ int64_t digit_tiles(int64_t M);
 // and group's power of two; apart, each row's power of two) and xsum (the same shape: the sum of
 // the values the digits hold, in plane 0's column, else 0) for blocks [block0, block1). False where
 // a value is not finite, a group's largest |x| is nonzero but below 2^-64, or above 32 (fp32) or
-// 512 (bf16) times the group's mean |x| (kDigitOutlierRatio in isa/lowbit_amx.cpp: the digits'
-// error, up to 2^-23 of that largest, would pass the dtype's promise).
+// 512 (bf16) times the group's mean |x| (kDigitOutlierRatio: the digits' error, up to 2^-23 of that
+// largest, would pass the dtype's promise).
 bool prepare_digits(const float* x, int64_t M, int64_t K, int64_t group_size, int64_t block0, int64_t block1,
                     int8_t* tiles, float* unit, float* xsum);
 bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int64_t block0, int64_t block1,
@@ -274,12 +285,14 @@ bool prepare_digits(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
 void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
 }
 namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
-// AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from rows x [M, K] bf16 for
+// AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from rows x [M, K] bf16 or fp32 for
 // `bits`-bit codes (w8_vnni_layout): digits [chunk][M][half][3][64] (8 bits: 64 codes a chunk, one
 // half; 4 bits: 128 codes, the even ones then the odd ones), units and sums [M][G]; false (and
-// nothing to run) when x holds a NaN or an infinity.
+// nothing to run) when x holds a NaN or an infinity, or (fp32) a group that prepare_digits would
+// decline: its largest |x| nonzero but below 2^-64, or above kDigitOutlierRatio times its mean.
 namespace isa_avx512vnni {
 bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out);
+bool w8_activations(const float* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out);
 LowbitRowsFn w8_rows();
 }
 

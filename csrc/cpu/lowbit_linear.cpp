@@ -3,10 +3,11 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one or two bf16 activation rows (K < 2048) on AVX-512 VNNI CPUs with 8-bit codes in groups of
-//   whole 64-byte chunks, or 4-bit codes with K and groups multiples of 128 or in groups of 64
-//   (lowbit_w8_vnni): each row as three signed bytes of a per-group 22-bit fixed point against the
-//   codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp);
+// * one or two bf16 or fp32 activation rows (K < 2048) on AVX-512 VNNI CPUs with 8-bit codes in
+//   groups of whole 64-byte chunks, or 4-bit codes with K and groups multiples of 128 or in groups
+//   of 64 (lowbit_w8_vnni): each row as three signed bytes of a per-group 22-bit fixed point
+//   against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp; fp32 groups
+//   whose values the fixed point cannot carry within 1e-5 go on below);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
 //   tiles, bits 2/3/4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 2 bits, and 4
 //   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128
@@ -32,6 +33,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE__)
@@ -324,11 +326,12 @@ bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
   return ok;
 }
 
-// The 8-bit VNNI path for bf16 rows x [M, K] (lowbit_w8_vnni), output and bias already in p:
-// false where the layout, M or the CPU do not allow it, or x holds a NaN or an infinity (the
-// other kernels carry it through).
-bool w8_vnni_rows(const uint16_t* x, int64_t group_size, LowbitProblem& p) {
-  if (!lowbit_w8_vnni(kBFloat16, p.bits, group_size, p.M, p.K)) return false;
+// The 8-bit VNNI path for bf16 or fp32 rows x [M, K] (lowbit_w8_vnni), output and bias already in
+// p: false where the layout, M or the CPU do not allow it, or x holds a NaN, an infinity or (fp32)
+// a group the fixed point cannot carry (the other kernels carry them through).
+template <typename T>
+bool w8_vnni_rows(const T* x, int64_t group_size, LowbitProblem& p) {
+  if (!lowbit_w8_vnni(std::is_same_v<T, float> ? kFloat32 : kBFloat16, p.bits, group_size, p.M, p.K)) return false;
   thread_local W8Activations act;
   if (!isa_avx512vnni::w8_activations(x, p.M, p.K, group_size, p.bits, act)) return false;
   p.x8 = act.x8.data();
@@ -647,7 +650,7 @@ std::string set_lowbit_isa(const std::string& name) {
 }
 
 bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
-  return dtype == kBFloat16 && isas()[chosen().load()].w8_vnni && w8_vnni_layout(bits, group_size, M, K);
+  return (dtype == kBFloat16 || dtype == kFloat32) && isas()[chosen().load()].w8_vnni && w8_vnni_layout(bits, group_size, M, K);
 }
 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {
@@ -692,7 +695,12 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
       }
     }  // else the fp32 kernels take x as it is
   }
-  if (dtype == kFloat32 && amx_fp32_rows(isa, static_cast<const float*>(x), p, static_cast<float*>(y))) return "";
+  if (dtype == kFloat32) {
+    LowbitProblem q = p;
+    q.y32 = static_cast<float*>(y);
+    if (w8_vnni_rows(static_cast<const float*>(x), group_size, q)) return "";
+    if (amx_fp32_rows(isa, static_cast<const float*>(x), p, static_cast<float*>(y))) return "";
+  }
   if (dtype == kFloat32 && M == 1 && bits < 8 && !isa.fma_few_rows && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
     thread_local AlignedVector<uint16_t> parts;
     parts.resize(kFp32Parts * K);

@@ -808,14 +808,6 @@ inline __m512 load16(const uint16_t* x, int64_t k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), 16));
 }
 
-// A value's error, up to 2^-22 of its group's largest |x| (half a unit), makes a relative output
-// error of about 1.4e-7 times that largest |x| over the group's root mean square: groups of
-// outliers further above their mean than this leave the digits to other kernels, so that fp32
-// rows keep their 1e-5 (a group with an outlier 10^4 times the rest that meets a zero weight
-// measured 2e-4) and bf16 rows 1e-4 beside their own rounding.
-template <typename T>
-constexpr float kDigitOutlierRatio = std::is_same_v<T, float> ? 32.f : 512.f;
-
 // prepare_digits for T = float or uint16_t (bf16).
 template <typename T>
 bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_t block0, int64_t block1,

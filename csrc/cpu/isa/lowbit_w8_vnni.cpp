@@ -1,4 +1,4 @@
-// 8-bit (and 4-bit) codes x one or two bf16 activation rows (the decode step) on CPUs with
+// 8-bit (and 4-bit) codes x one or two bf16 or fp32 activation rows (the decode step) on CPUs with
 // AVX-512 VNNI, with integer products: vpdpbusd multiplies 64 unsigned bytes (the codes, as they are
 // packed) with 64 signed bytes and adds each four products into an int32 lane. 8-bit codes need no
 // decode at all, against ten vector operations per 64 codes to make bf16 values of them
@@ -23,7 +23,12 @@
 // to fp32 rounding. A bf16 value carries eight
 // significant bits, so every value of at least 2^-14 of its group's largest is exact; smaller
 // ones move by at most u / 2 <= 2^-22 of the group's largest, as little as fp32 accumulation
-// does. (Two digits, 14 bits, or one int16 with vpdpwssd, 15 bits, were 10-30% faster but
+// does. fp32 rows too, where no group's largest |x| passes kDigitOutlierRatio<float> (32) times
+// its mean |x| or lies below 2^-64 (the AMX digit tiles' rule, which keeps them within 1e-5;
+// other rows go to the fp32 kernels): one thread, ms, fp32 kernels / this, M = 1: 1536 x 576 g64
+// W4 0.037 / 0.026, 576 x 1536 W4 0.036 / 0.018, 4864 x 896 W4 0.173 / 0.091, W8 0.166 / 0.133;
+// M = 2 (there partly the AMX digits): 1536 x 576 g64 W4 0.064 / 0.045, 4864 x 896 W8 0.241 /
+// 0.152; weights evicted 4864 x 896 W4 0.202 / 0.125-0.139. (Two digits, 14 bits, or one int16 with vpdpwssd, 15 bits, were 10-30% faster but
 // broke the op's 1e-3 promise on rows with outliers: the results are rounded to bf16, and
 // small errors flip roundings. Measured here, 1.2-1.9e-3 against the reference op; three
 // digits stay within 4e-4, the bf16 kernels' own level.)
@@ -159,15 +164,16 @@ void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   w8_rows_t<8, 2, 2>(p, n_begin, n_end);
 }
 
-// Sixteen bf16 values as fp32.
-inline __m512 load_bf16x16(const uint16_t* src) {
+// Sixteen bf16 or fp32 values as fp32.
+inline __m512 load16(const uint16_t* src) {
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
 }
+inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
 
-}  // namespace
-
-bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
+// w8_activations for T = uint16_t (bf16) or float.
+template <typename T>
+bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
   const int halves = bits == 4 ? 2 : 1, chunk = 64 * halves;
   const int64_t chunks = (K + chunk - 1) / chunk;  // 4-bit rows may end in half a chunk
   // 4-bit codes: byte i of a 64-byte chunk holds codes 2 i (low nibble) and 2 i + 1, so each 16
@@ -181,23 +187,30 @@ bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
   const __m512i half = _mm512_set1_epi32(128), low_byte = _mm512_set1_epi32(255);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
-      const uint16_t* xg = x + m * K + g * group_size;
-      __m512 amax = _mm512_setzero_ps();
+      const T* xg = x + m * K + g * group_size;
+      __m512 amax = _mm512_setzero_ps(), total = _mm512_setzero_ps();
       __mmask16 bad = 0;
       for (int64_t k = 0; k < group_size; k += 16) {
-        const __m512 v = load_bf16x16(xg + k);
+        const __m512 v = _mm512_and_ps(load16(xg + k), abs_mask);
         bad |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN or infinity
-        amax = _mm512_max_ps(amax, _mm512_and_ps(v, abs_mask));
+        amax = _mm512_max_ps(amax, v);
+        if (std::is_same_v<T, float>) total = _mm512_add_ps(total, v);
       }
       if (bad) return false;
       const float top = _mm512_reduce_max_ps(amax);
+      // fp32 values carry more bits than the fixed point: as prepare_digits (isa/lowbit_amx.cpp),
+      // groups too small or too far above their mean for the 1e-5 promise go to the fp32 kernels.
+      if (std::is_same_v<T, float> &&
+          ((top != 0.f && top < 0x1p-64f) ||
+           top * static_cast<float>(group_size) > kDigitOutlierRatio<float> * _mm512_reduce_add_ps(total)))
+        return false;
       // x / u = x * 2^e with top * 2^e in [2^21, 2^22); e stays where 2^-e is a normal fp32
       // (groups below 2^-105 then keep fewer bits: far below any output's rounding).
       const int e = top > 0.f ? std::clamp(21 - std::ilogb(top), -126, 126) : 0;
       const __m512 scale_exp = _mm512_set1_ps(static_cast<float>(e));
       __m512i vsum = _mm512_setzero_si512();
       for (int64_t k = 0; k < group_size; k += 16) {
-        __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load_bf16x16(xg + k), scale_exp));  // to nearest
+        __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load16(xg + k), scale_exp));  // to nearest
         vsum = _mm512_add_epi32(vsum, v);
         const int64_t kk = g * group_size + k;
         // [chunk][row][half][part][64]
@@ -222,6 +235,15 @@ bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
       out.xsum[m * G + g] = static_cast<float>(_mm512_reduce_add_epi32(vsum)) * unit;
     }
   return true;
+}
+
+}  // namespace
+
+bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
+  return w8_activations_t(x, M, K, group_size, bits, out);
+}
+bool w8_activations(const float* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
+  return w8_activations_t(x, M, K, group_size, bits, out);
 }
 
 LowbitRowsFn w8_rows() { return &run_w8_rows; }
