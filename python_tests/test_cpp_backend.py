@@ -728,7 +728,9 @@ def test_lowbit_w8_vnni_choice():
     assert cpp._C.lowbit_w8_vnni(2, 8, 128, 2, 1536)
     assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 3, 1536)  # M >= 3: the AMX digits or the bf16 kernels
     assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long rows: the bf16 kernels
-    assert cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(0, 4, 64, 2, 576)  # fp32 rows too
+    assert cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
+    assert cpp._C.lowbit_w8_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_w8_vnni(0, 8, 1024, 2, 8192)  # at any K
+    assert not cpp._C.lowbit_w8_vnni(0, 8, 2048, 1, 4096)  # but groups below 2048 codes (exact int32 sums)
     assert not cpp._C.lowbit_w8_vnni(1, 8, 128, 1, 1536)  # fp16 rows: the fp32 kernels
     assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 4, 256, 2, 1792)
     assert cpp._C.lowbit_w8_vnni(2, 4, 64, 1, 576)  # 4-bit codes in groups of half a chunk
@@ -777,7 +779,11 @@ def _fp32_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None)
     return y
 
 
-@pytest.mark.parametrize("bits,n,group,k", [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS])
+@pytest.mark.parametrize(
+    "bits,n,group,k",
+    [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS]
+    + [(8, 9, 128, 4096), (4, 9, 64, 4160), (4, 5, 1024, 8192)],  # fp32 rows at any K
+)
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m", (1, 2))
 def test_lowbit_w8_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
@@ -1024,8 +1030,9 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     # size are multiples of 64)
     # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels, or
     # in rows below 2048 codes and groups of whole 64-byte chunks, one or two rows, the VNNI path
-    # (as with the AVX-512 BF16 kernels): the paths' fp32 sums differ in the last bits, so which one
-    # ran shows in the fp32 output of bf16-valued fp32 rows (the "medium" path).
+    # (as with the AVX-512 BF16 kernels; longer fp32 rows go there as fp32, as on a CPU with VNNI
+    # alone): the paths' fp32 sums differ in the last bits, so which one ran shows in the fp32
+    # output of bf16-valued fp32 rows (the "medium" path).
     def run(x, qw, bits, group):
         (m, k), n = x.shape, qw.qweight.shape[0]
         y = torch.full((m, n), float("nan"))
@@ -1037,7 +1044,7 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 4, "tiles"), (4, 64, 3, "tiles"), (4, 64, 2, vector),
                                  (4, 32, 3, vector), (4, 128, 2, vector), (2, 128, 2, vector),
                                  (8, 128, 3, "tiles"), (8, 128, 2, "avx512_bf16"), (8, 32, 2, "tiles"),
-                                 (8, 128, 1, "avx512"), (8, 16, 4, "avx512"), (2, 128, 16, "tiles"),
+                                 (8, 128, 1, "avx512_vnni"), (8, 16, 4, "avx512"), (2, 128, 16, "tiles"),
                                  (2, 64, 4, "tiles"), (2, 128, 3, "tiles"), (3, 128, 3, "tiles"), (3, 64, 2, vector),
                                  (4, 16, 16, vector)):
         x, qw, _ = _lowbit_case(64, 2048 if m == 1 else 512, m, bits, group, torch.float32, bias=False, seed=bits + m)
@@ -1047,7 +1054,7 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
         y_other = run(x, qw, bits, group)
         cpp._C.set_lowbit_isa("avx512_amx")
         assert torch.isfinite(y).all() and torch.equal(y, y_other) != (path == "tiles"), (bits, group, m)
-        if path == "avx512":  # the same for bf16 rows
+        if path.startswith("avx512"):  # the same for bf16 rows (long rows: the fp32 kernels)
             xb = x.bfloat16()
             y16 = cpp.lowbit_linear(xb, qw.qweight, qw.scale, qw.zero, bits, group, None)
             cpp._C.set_lowbit_isa(path)
@@ -1137,12 +1144,12 @@ def each_isa():
     cpp._C.set_lowbit_isa(default)
 
 
-@pytest.mark.parametrize("bits,group,k", [(2, 32, 384), (3, 32, 384), (3, 128, 640), (4, 32, 896), (4, 128, 2048)])
+@pytest.mark.parametrize("bits,group,k", [(2, 32, 384), (3, 32, 384), (3, 128, 640), (4, 32, 896), (4, 16, 512)])
 def test_one_fp32_row_runs_as_bf16_parts_on_the_bf16_kernels(each_isa, bits, group, k):
     # M = 1 with fp32 activations goes to the bf16 kernels as three bf16 parts of the row: as exact
     # as the fp32 kernels (far inside 1e-5 with the fine decode; 2-bit sums missed it with the
     # bf16 path's offset of 128), but not their summation, so the two results are not identical.
-    # (4-bit codes in groups of 128 with K = 2048: shorter rows take the VNNI path first.)
+    # (4-bit codes in groups of 64 or of multiples of 128 take the VNNI path first.)
     _needs_bf16_kernels()
     best = _best_vector_bf16_isa()
     if bits == 3 and best != "avx512_bf16_vbmi":

@@ -188,19 +188,21 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t K
 template <typename T>
 constexpr float kDigitOutlierRatio = std::is_same_v<T, float> ? 32.f : 512.f;
 
-// The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): up to kW8VnniMaxRows bf16 or fp32 activation rows as three
-// signed bytes of a per-group fixed point against the 8-bit codes as they are packed (vpdpbusd),
-// or 4-bit codes split into their low and high nibbles; groups of whole 64-byte chunks (4 bits: K
-// too) or, for 4-bit codes, of 64 codes (half a chunk), rows of fewer than kW8VnniMaxK codes (which
-// also keeps its int32 sums exact). For more rows (AMX digit tiles or the bf16 kernels) and longer rows (the bf16
-// kernels) the others were faster (measured: isa/lowbit_w8_vnni.cpp; at M >= 4 also with a 16-bit
-// fixed point, bench/results/ops/README.md, ninth session).
+// The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): up to kW8VnniMaxRows bf16 or fp32 activation rows
+// as three signed bytes of a per-group fixed point against the 8-bit codes as they are packed
+// (vpdpbusd), or 4-bit codes split into their low and high nibbles; groups of whole 64-byte chunks
+// (4 bits: K too) or, for 4-bit codes, of 64 codes (half a chunk), of fewer than kW8VnniMaxK codes
+// (which keeps its int32 sums exact). For more rows (AMX digit tiles or the bf16 kernels) the
+// others were faster, and for bf16 rows of kW8VnniMaxK codes or more the bf16 kernels (measured:
+// isa/lowbit_w8_vnni.cpp; at M >= 4 also with a 16-bit fixed point, bench/results/ops/README.md,
+// ninth session); fp32 rows (`fp32`) take it at any K, ahead of the fp32 kernels there too.
 constexpr int64_t kW8VnniMaxK = 2048;
 constexpr int64_t kW8VnniMaxRows = 2;
 
-inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K) {
+inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K, bool fp32 = false) {
   const bool w4 = bits == 4 && (group_size == 64 || (group_size % 128 == 0 && K % 128 == 0));
-  return (w4 || (bits == 8 && group_size % 64 == 0)) && M <= kW8VnniMaxRows && K < kW8VnniMaxK;
+  return (w4 || (bits == 8 && group_size % 64 == 0)) && M <= kW8VnniMaxRows && group_size < kW8VnniMaxK &&
+         (fp32 || K < kW8VnniMaxK);
 }
 // Activations of the 8-bit VNNI path (see LowbitProblem::x8, x8_unit, xsum).
 struct W8Activations {

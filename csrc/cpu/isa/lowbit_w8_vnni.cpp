@@ -28,7 +28,11 @@
 // other rows go to the fp32 kernels): one thread, ms, fp32 kernels / this, M = 1: 1536 x 576 g64
 // W4 0.037 / 0.026, 576 x 1536 W4 0.036 / 0.018, 4864 x 896 W4 0.173 / 0.091, W8 0.166 / 0.133;
 // M = 2 (there partly the AMX digits): 1536 x 576 g64 W4 0.064 / 0.045, 4864 x 896 W8 0.241 /
-// 0.152; weights evicted 4864 x 896 W4 0.202 / 0.125-0.139. (Two digits, 14 bits, or one int16 with vpdpwssd, 15 bits, were 10-30% faster but
+// 0.152; weights evicted 4864 x 896 W4 0.202 / 0.125-0.139. fp32 rows at any K (the fp32 kernels
+// are slower than the bf16 ones there): 4096 x 4096 W4 M = 1 0.645 / 0.460 (weights evicted
+// 0.66-0.70 / 0.59-0.63 median), M = 2 0.84 / 0.70, W8 M = 1 0.62 / 0.59, M = 2 1.00 / 0.78; 896
+// x 4864 W4 0.180 / 0.113; two threads 4096 x 4096 W4 M = 1 0.309 / 0.209, 896 x 4864 0.089 /
+// 0.045. (Two digits, 14 bits, or one int16 with vpdpwssd, 15 bits, were 10-30% faster but
 // broke the op's 1e-3 promise on rows with outliers: the results are rounded to bf16, and
 // small errors flip roundings. Measured here, 1.2-1.9e-3 against the reference op; three
 // digits stay within 4e-4, the bf16 kernels' own level.)
@@ -40,10 +44,10 @@
 // 1536 x 576 g64 0.065 / 0.055, 4864 x 896 0.234 / 0.186, 2048 x 1024 g64 0.162 / 0.124; two
 // threads 0.041 / 0.034, 0.116 / 0.099), as were the bf16 kernels (the same Xeon limited to them:
 // AVX-512 BF16 0.083 / 0.055, 4864 x 896 0.369 / 0.185; AVX-512 VNNI's fp32 kernels 0.069 / 0.061,
-// 0.268 / 0.184). Rows of at most 2 KiB: with longer rows (4096 x 4096) the weight streams from DRAM, and
-// there this kernel was 1.1-1.7x slower than the bf16 one (a single 64-byte load per chunk and
-// less work between loads; not resolved).
-// Layouts: bits 8, groups of whole 64-byte chunks (w8_vnni_layout in lowbit_kernels.h).
+// 0.268 / 0.184). bf16 rows of at most 2 KiB: with longer rows (4096 x 4096) the weight streams
+// from DRAM, and there this kernel was 1.1-1.7x slower than the bf16 one (a single 64-byte load
+// per chunk and less work between loads; not resolved); fp32 rows at any K (see above).
+// Layouts: w8_vnni_layout in lowbit_kernels.h.
 #include <immintrin.h>
 
 #include <algorithm>
