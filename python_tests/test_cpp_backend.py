@@ -714,7 +714,13 @@ _W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792
 # 4-bit codes: K and groups multiples of 128 (whole 64-byte chunks of nibbles), or groups of 64 (two a
 # chunk; K = 576 and 64 end in half a chunk).
 _W4_VNNI_LAYOUTS = [(45, 128, 384), (46, 256, 1792), (33, 128, 1920), (3, 128, 128), (7, 384, 768), (45, 64, 576),
-                    (3, 64, 64), (33, 64, 640), (46, 64, 1984)]
+                    (3, 64, 64), (33, 64, 640), (46, 64, 1984), (9, 128, 2304)]
+# 2-bit codes: K and groups multiples of 256 (whole chunks of four fields), or groups of 128 (two a
+# chunk; K = 640 and 128 end in half a chunk); bf16 rows of 2- and 4-bit codes at any K.
+_W2_VNNI_LAYOUTS = [(45, 256, 512), (46, 512, 1536), (7, 768, 1536), (45, 128, 384), (3, 128, 128), (33, 128, 640),
+                    (46, 128, 1920), (9, 128, 2176)]
+_VNNI_LAYOUTS = [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS] + [
+    (2, *c) for c in _W2_VNNI_LAYOUTS]
 
 
 def _needs_w8_vnni() -> None:
@@ -727,7 +733,7 @@ def test_lowbit_w8_vnni_choice():
     assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 8, 192, 1, 576)
     assert cpp._C.lowbit_w8_vnni(2, 8, 128, 2, 1536)
     assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 3, 1536)  # M >= 3: the AMX digits or the bf16 kernels
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long rows: the bf16 kernels
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long bf16 rows of 8-bit codes: the bf16 kernels
     assert cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
     assert cpp._C.lowbit_w8_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_w8_vnni(0, 8, 1024, 2, 8192)  # at any K
     assert not cpp._C.lowbit_w8_vnni(0, 8, 2048, 1, 4096)  # but groups below 2048 codes (exact int32 sums)
@@ -735,8 +741,10 @@ def test_lowbit_w8_vnni_choice():
     assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 4, 256, 2, 1792)
     assert cpp._C.lowbit_w8_vnni(2, 4, 64, 1, 576)  # 4-bit codes in groups of half a chunk
     assert not cpp._C.lowbit_w8_vnni(2, 4, 32, 1, 1536)  # or less
-    assert not cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 2048)
-    assert not cpp._C.lowbit_w8_vnni(2, 2, 128, 1, 1536)  # 2-bit codes
+    assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 4096)  # of 4-bit codes at any K
+    assert cpp._C.lowbit_w8_vnni(2, 2, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 2, 256, 2, 4096)  # 2-bit codes
+    assert not cpp._C.lowbit_w8_vnni(2, 2, 64, 1, 1536)  # in groups of a quarter of a chunk
+    assert not cpp._C.lowbit_w8_vnni(2, 3, 128, 1, 1536)  # 3-bit codes
     assert not cpp._C.lowbit_w8_vnni(2, 8, 32, 1, 1536)  # groups of part of a 64-byte chunk
     assert not cpp._C.lowbit_w8_vnni(2, 8, 96, 1, 576)
     # By cpuid: the VNNI instruction sets take it (also without BF16), the others never.
@@ -749,7 +757,7 @@ def test_lowbit_w8_vnni_choice():
         cpp._C.set_lowbit_isa(default)
 
 
-@pytest.mark.parametrize("bits,n,group,k", [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS])
+@pytest.mark.parametrize("bits,n,group,k", _VNNI_LAYOUTS)
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m", (1, 2))
 def test_lowbit_w8_vnni_layouts(bits, n, group, k, scale_dtype, m):
@@ -781,8 +789,7 @@ def _fp32_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None)
 
 @pytest.mark.parametrize(
     "bits,n,group,k",
-    [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS]
-    + [(8, 9, 128, 4096), (4, 9, 64, 4160), (4, 5, 1024, 8192)],  # fp32 rows at any K
+    _VNNI_LAYOUTS + [(8, 9, 128, 4096), (4, 5, 1024, 8192)],  # fp32 rows at any K
 )
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m", (1, 2))
@@ -801,7 +808,7 @@ def test_lowbit_w8_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     assert ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max() <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize("bits,group,k", [(8, 128, 1536), (8, 64, 576), (4, 128, 1536), (4, 64, 576)])
+@pytest.mark.parametrize("bits,group,k", [(8, 128, 1536), (8, 64, 576), (4, 128, 1536), (4, 64, 576), (2, 128, 1536)])
 def test_lowbit_w8_vnni_fp32_hard_rows(bits, group, k):
     # Groups the fixed point cannot hold within 1e-5 (an outlier far above the group's mean, a
     # largest |x| below 2^-64) go to the fp32 kernels; every row keeps the fp32 promise, alone and
@@ -847,7 +854,8 @@ def _hard_rows(k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("bits,n,group,k", [(8, 64, 128, 1536), (8, 64, 64, 576), (4, 64, 128, 1536), (4, 64, 64, 576)])
+@pytest.mark.parametrize("bits,n,group,k", [(8, 64, 128, 1536), (8, 64, 64, 576), (4, 64, 128, 1536), (4, 64, 64, 576),
+                                            (2, 64, 128, 1536), (2, 64, 256, 1536)])
 def test_lowbit_w8_vnni_hard_activations(bits, n, group, k):
     # The fixed point keeps every value of at least 2^-14 of its group's largest exactly and
     # moves smaller ones by at most 2^-22 of it: against the reference op (both round to bf16)
@@ -870,7 +878,7 @@ def test_lowbit_w8_vnni_hard_activations(bits, n, group, k):
             assert _rel_err(y[row : row + 1], want64) <= _w8_tolerance(want64), (name, row)
 
 
-@pytest.mark.parametrize("bits", (8, 4))
+@pytest.mark.parametrize("bits", (8, 4, 2))
 def test_lowbit_w8_vnni_non_finite_activations(bits):
     # NaN or infinity in x: the fixed point has no room for them, so the bf16 kernels run and
     # no output is finite (the reference gives NaN or +-inf; the bf16 kernels' s * sum(q x) +

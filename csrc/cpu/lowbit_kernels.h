@@ -190,19 +190,23 @@ constexpr float kDigitOutlierRatio = std::is_same_v<T, float> ? 32.f : 512.f;
 
 // The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): up to kW8VnniMaxRows bf16 or fp32 activation rows
 // as three signed bytes of a per-group fixed point against the 8-bit codes as they are packed
-// (vpdpbusd), or 4-bit codes split into their low and high nibbles; groups of whole 64-byte chunks
-// (4 bits: K too) or, for 4-bit codes, of 64 codes (half a chunk), of fewer than kW8VnniMaxK codes
-// (which keeps its int32 sums exact). For more rows (AMX digit tiles or the bf16 kernels) the
-// others were faster, and for bf16 rows of kW8VnniMaxK codes or more the bf16 kernels (measured:
-// isa/lowbit_w8_vnni.cpp; at M >= 4 also with a 16-bit fixed point, bench/results/ops/README.md,
-// ninth session); fp32 rows (`fp32`) take it at any K, ahead of the fp32 kernels there too.
+// (vpdpbusd), or 2- and 4-bit codes split into their fields (a chunk's lowest, then the next, ...);
+// groups of whole 64-byte chunks (2 and 4 bits: K too) or, for 2- and 4-bit codes, of half a chunk
+// (128 and 64 codes), of fewer than kW8VnniMaxK codes (which keeps its int32 sums exact). For more
+// rows (AMX digit tiles or the bf16 kernels) the others were faster, and for bf16 rows of 8-bit
+// codes of kW8VnniMaxK codes or more the bf16 kernels, whose weight streams better from DRAM
+// (measured: isa/lowbit_w8_vnni.cpp; at M >= 4 also with a 16-bit fixed point,
+// bench/results/ops/README.md, ninth session); fp32 rows (`fp32`) and 2- and 4-bit codes take it at
+// any K, ahead of the fp32 and bf16 kernels there too.
 constexpr int64_t kW8VnniMaxK = 2048;
 constexpr int64_t kW8VnniMaxRows = 2;
 
 inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K, bool fp32 = false) {
-  const bool w4 = bits == 4 && (group_size == 64 || (group_size % 128 == 0 && K % 128 == 0));
-  return (w4 || (bits == 8 && group_size % 64 == 0)) && M <= kW8VnniMaxRows && group_size < kW8VnniMaxK &&
-         (fp32 || K < kW8VnniMaxK);
+  // 2- and 4-bit codes: groups of half a 64-byte chunk (two a chunk) or of whole chunks.
+  const int64_t chunk = bits == 2 ? 256 : 128;
+  const bool w2_w4 = (bits == 2 || bits == 4) && (group_size == chunk / 2 || (group_size % chunk == 0 && K % chunk == 0));
+  return (w2_w4 || (bits == 8 && group_size % 64 == 0)) && M <= kW8VnniMaxRows && group_size < kW8VnniMaxK &&
+         (fp32 || bits != 8 || K < kW8VnniMaxK);
 }
 // Activations of the 8-bit VNNI path (see LowbitProblem::x8, x8_unit, xsum).
 struct W8Activations {

@@ -27,8 +27,9 @@ Agreement with :mod:`splitkernels.ops.reference`:
   as a dense bf16 ``F.linear`` holds it (no dense weight copy either way); on AMX tiles, where the
   per-group step costs more, from ``amx_scaled_min_rows`` (groups of 32: 8 rows, 64: 80, 128: 192,
   larger: 256). One or two bf16 or fp32 rows
-  against 8-bit codes (groups of whole 64-byte chunks; 4-bit codes where K and the group are
-  multiples of 128 or in groups of 64; bf16 rows below 2048 codes) on AVX-512 VNNI CPUs
+  against 8-bit codes (groups of whole 64-byte chunks, bf16 rows below 2048 codes; 4- and 2-bit
+  codes where K and the group are multiples of 128 and 256 or in groups of 64 and 128) on AVX-512
+  VNNI CPUs
   (``_C.lowbit_w8_vnni``) go as three signed bytes of a per-group 22-bit fixed point
   (bf16 values of at least 2^-14 of their group's largest exact, others within 2^-23 of it; fp32
   groups whose largest value passes 32 times their mean, or lies below 2^-64, go on as below)

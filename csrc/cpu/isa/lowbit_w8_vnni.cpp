@@ -1,4 +1,4 @@
-// 8-bit (and 4-bit) codes x one or two bf16 or fp32 activation rows (the decode step) on CPUs with
+// 8-bit (and 4- and 2-bit) codes x one or two bf16 or fp32 activation rows (the decode step) on CPUs with
 // AVX-512 VNNI, with integer products: vpdpbusd multiplies 64 unsigned bytes (the codes, as they are
 // packed) with 64 signed bytes and adds each four products into an int32 lane. 8-bit codes need no
 // decode at all, against ten vector operations per 64 codes to make bf16 values of them
@@ -11,7 +11,14 @@
 // Groups of 64 codes take half a chunk's sum lanes each, so a row may end in half a chunk (K = 576):
 // one thread, M = 1, 1536 x 576 0.037-0.039 -> 0.029-0.031 ms, 4864 x 896 0.152-0.161 ->
 // 0.120-0.128, M = 2 1536 x 576 0.054-0.057 -> 0.047-0.049; two threads 1536 x 576 M = 1 0.021-0.023 ->
-// 0.017-0.019. Groups of 32 stay on the others.
+// 0.017-0.019. Groups of 32 stay on the others. 2-bit codes the same way as four fields a byte
+// (a shift and an and per 64 codes; groups of 128 as half a chunk), and with 4-bit codes at any K,
+// also for bf16 rows (one thread, ms, before / this): bf16 W2 M = 1 576 x 1536 0.028 / 0.019, 4864
+// x 896 0.159 / 0.103, M = 2 0.244 / 0.158, 4096 x 4096 0.493 / 0.327 (weights evicted 0.520-0.537
+// / 0.354-0.361), M = 2 0.772 / 0.489; W4 4096 x 4096 M = 1 0.496 / 0.407-0.413 (evicted
+// 0.533-0.534 / 0.464-0.479), M = 2 0.81-0.82 / 0.64-0.65, 896 x 4864 0.130 / 0.098; fp32 W2
+// 4096 x 4096 M = 1 0.561 / 0.300, M = 2 0.752 / 0.471. 8-bit bf16 rows of K >= 2048 stay on the
+// bf16 kernels (below).
 //
 // The activation row becomes integers per group: x = u * v with u a power of two chosen so
 // that the group's largest |x| / u lies in [2^21, 2^22), v = round(x / u), written as three
@@ -52,6 +59,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common/half.h"
@@ -72,9 +80,9 @@ constexpr int64_t kPrefetchBytes = 512;
 template <int B, int R, int MR>
 void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
               bool add) {
-  constexpr int kHalves = B == 4 ? 2 : 1;  // 4-bit codes: a chunk's low and high nibbles
-  const int64_t G = p.G, chunks_per_group = p.group_size / (64 * kHalves);
-  const __m512i nibble = _mm512_set1_epi8(15);
+  constexpr int kPlanes = 8 / B;  // codes per byte: 4-bit codes a chunk's low and high nibbles
+  const int64_t G = p.G, chunks_per_group = p.group_size / (64 * kPlanes);
+  const __m512i field = _mm512_set1_epi8(static_cast<char>((1 << B) - 1));
   const int8_t* x8 = p.x8;  // [chunk][row][half][part][64 bytes]
   const float* unit = p.x8_unit;  // [row][G]
   const float* xsum = p.xsum;     // [row][G]
@@ -94,17 +102,17 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
     }
   };
   const auto chunk_sums = [&](__m512i (&acc)[R][MR][kW8Parts], int64_t c, int64_t bytes) {
-    const int8_t* xc = x8 + c * 64 * kW8Parts * MR * kHalves;
+    const int8_t* xc = x8 + c * 64 * kW8Parts * MR * kPlanes;
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
       const __m512i v = bytes == 64 ? _mm512_loadu_si512(rows[r] + 64 * c)
                                     : _mm512_maskz_loadu_epi8((__mmask64{1} << bytes) - 1, rows[r] + 64 * c);
-      for (int h = 0; h < kHalves; ++h) {
-        const __m512i w = B == 8 ? v : _mm512_and_si512(h ? _mm512_srli_epi16(v, 4) : v, nibble);
+      for (int h = 0; h < kPlanes; ++h) {
+        const __m512i w = B == 8 ? v : _mm512_and_si512(h ? _mm512_srli_epi16(v, B * h) : v, field);
         for (int m = 0; m < MR; ++m)
           for (int t = 0; t < kW8Parts; ++t)
             acc[r][m][t] = _mm512_dpbusd_epi32(acc[r][m][t], w,
-                                               _mm512_loadu_si512(xc + 64 * ((m * kHalves + h) * kW8Parts + t)));
+                                               _mm512_loadu_si512(xc + 64 * ((m * kPlanes + h) * kW8Parts + t)));
       }
     }
   };
@@ -113,9 +121,9 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
       for (int m = 0; m < MR; ++m)
         for (int t = 0; t < kW8Parts; ++t) acc[r][m][t] = _mm512_setzero_si512();
   };
-  if (B == 4 && p.group_size == 64) {
+  if (B < 8 && p.group_size == 32 * kPlanes) {
     // Two groups a chunk: bytes 0-31 (sum lanes 0-7) the first, 32-63 (lanes 8-15) the second;
-    // a last chunk of one group (K an odd number of 64s) reads its 32 bytes only.
+    // a last chunk of one group (K an odd number of groups) reads its 32 bytes only.
     for (int64_t c = slice.g_begin / 2; 2 * c < slice.g_end; ++c) {
       const int64_t g0 = 2 * c;
       const bool both = g0 + 1 < G;
@@ -163,6 +171,7 @@ void w8_rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 // Two activation rows take blocks of two weight rows (12 accumulators): four rows (24) were 0-6%
 // slower (one thread, 4864 x 896 0.184 / 0.172 ms, 576 x 1536 0.038 / 0.036).
 void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  if (p.bits == 2) return p.M == 1 ? w8_rows_t<2, 4, 1>(p, n_begin, n_end) : w8_rows_t<2, 2, 2>(p, n_begin, n_end);
   if (p.bits == 4) return p.M == 1 ? w8_rows_t<4, 4, 1>(p, n_begin, n_end) : w8_rows_t<4, 2, 2>(p, n_begin, n_end);
   if (p.M == 1) return w8_rows_t<8, 4, 1>(p, n_begin, n_end);
   w8_rows_t<8, 2, 2>(p, n_begin, n_end);
@@ -178,11 +187,12 @@ inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
 // w8_activations for T = uint16_t (bf16) or float.
 template <typename T>
 bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
-  const int halves = bits == 4 ? 2 : 1, chunk = 64 * halves;
-  const int64_t chunks = (K + chunk - 1) / chunk;  // 4-bit rows may end in half a chunk
-  // 4-bit codes: byte i of a 64-byte chunk holds codes 2 i (low nibble) and 2 i + 1, so each 16
-  // values go out as their 8 even ones (low half) and 8 odd ones.
-  const __m128i evens_odds = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const int planes = 8 / bits, chunk = 64 * planes;  // codes per byte, per 64-byte chunk
+  const int64_t chunks = (K + chunk - 1) / chunk;  // 2- and 4-bit rows may end in half a chunk
+  // b-bit codes: byte i of a 64-byte chunk holds codes planes i + j (j = 0 in its lowest bits), so
+  // each 16 values go out as 16 / planes values to each plane j: those at j, j + planes, ...
+  const __m128i by_plane = planes == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
+                                       : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const int64_t G = K / group_size;
   out.x8.resize(chunks * chunk * M * kW8Parts);
   out.unit.resize(M * G);
@@ -217,19 +227,23 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
         __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load16(xg + k), scale_exp));  // to nearest
         vsum = _mm512_add_epi32(vsum, v);
         const int64_t kk = g * group_size + k;
-        // [chunk][row][half][part][64]
-        int8_t* dst = out.x8.data() + ((kk / chunk) * M + m) * halves * 64 * kW8Parts + kk % chunk / halves;
+        // [chunk][row][plane][part][64]
+        int8_t* dst = out.x8.data() + ((kk / chunk) * M + m) * planes * 64 * kW8Parts + kk % chunk / planes;
         // Signed base-256 digits, lowest first: d = ((v + 128) & 255) - 128, v = (v - d) / 256
         // (exact); after two digits |v| <= 64.
         for (int t = kW8Parts - 1; t >= 0; --t) {
           const __m512i d = t == 0 ? v : _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), low_byte), half);
           const __m128i bytes = _mm512_cvtepi32_epi8(d);
-          if (halves == 1) {
+          if (planes == 1) {
             _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 * t), bytes);
-          } else {
-            const __m128i split = _mm_shuffle_epi8(bytes, evens_odds);
+          } else if (planes == 2) {
+            const __m128i split = _mm_shuffle_epi8(bytes, by_plane);
             _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * t), split);
             _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * (kW8Parts + t)), _mm_unpackhi_epi64(split, split));
+          } else {
+            alignas(16) int32_t words[4];
+            _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm_shuffle_epi8(bytes, by_plane));
+            for (int j = 0; j < 4; ++j) std::memcpy(dst + 64 * (j * kW8Parts + t), &words[j], 4);
           }
           v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
         }
