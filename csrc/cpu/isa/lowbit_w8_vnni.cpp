@@ -72,8 +72,11 @@ namespace {
 
 // Signed bytes per activation value: hi, mid, lo of the 22-bit fixed point.
 constexpr int kW8Parts = 3;
-// How far ahead each row's next chunk is prefetched when rows are read side by side.
-constexpr int64_t kPrefetchBytes = 512;
+// How far ahead each row's next chunk is prefetched when rows are read side by side: 2 KiB, as the
+// other kernels' streams (kStreamPrefetchBytes), against 512 bytes before (one thread, ms, weights
+// evicted, fp32 rows: 4096 x 4096 W4 M = 1 0.92-1.01 / 0.71-0.81, 896 x 4864 0.27-0.28 /
+// 0.22-0.24; weights in cache level, 4096 x 4096 bf16 W4 0.48-0.56 / 0.41-0.49).
+constexpr int64_t kPrefetchBytes = 2048;
 // Weight rows per block at M = 1: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than
 // two, 0-40% faster than three, twice as fast as six); at M = 2 two (run_w8_rows).
 // out[r] = y of weight row n0 + r (r < R) before bias.
