@@ -292,8 +292,9 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
 }
 namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
 // AVX-512 VNNI adds the 8-bit path. w8_activations fills `out` from rows x [M, K] bf16 or fp32 for
-// `bits`-bit codes (w8_vnni_layout): digits [chunk][M][half][3][64] (8 bits: 64 codes a chunk, one
-// half; 4 bits: 128 codes, the even ones then the odd ones), units and sums [M][G]; false (and
+// `bits`-bit codes (w8_vnni_layout): digits [chunk][M][plane][3][64] (8 bits: 64 codes a chunk, one
+// plane; 4 bits: 128 codes, the even ones then the odd ones; 2 bits: 256 codes, those at 4 i, then
+// 4 i + 1, ...), units and sums [M][G]; false (and
 // nothing to run) when x holds a NaN or an infinity, or (fp32) a group that prepare_digits would
 // decline: its largest |x| nonzero but below 2^-64, or above kDigitOutlierRatio times its mean.
 namespace isa_avx512vnni {

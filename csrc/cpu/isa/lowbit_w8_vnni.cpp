@@ -83,10 +83,10 @@ constexpr int64_t kPrefetchBytes = 2048;
 template <int B, int R, int MR>
 void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
               bool add) {
-  constexpr int kPlanes = 8 / B;  // codes per byte: 4-bit codes a chunk's low and high nibbles
+  constexpr int kPlanes = 8 / B;  // codes per byte, each a plane of the chunk (lowest bits first)
   const int64_t G = p.G, chunks_per_group = p.group_size / (64 * kPlanes);
   const __m512i field = _mm512_set1_epi8(static_cast<char>((1 << B) - 1));
-  const int8_t* x8 = p.x8;  // [chunk][row][half][part][64 bytes]
+  const int8_t* x8 = p.x8;  // [chunk][row][plane][part][64 bytes]
   const float* unit = p.x8_unit;  // [row][G]
   const float* xsum = p.xsum;     // [row][G]
   const uint8_t* rows[R];
