@@ -23,7 +23,8 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size);
 
 // Whether lowbit_linear runs the 8-bit VNNI path (one or two bf16 or fp32 activation rows, each as a
-// 22-bit fixed point per group, vpdpbusd against the packed 8-bit codes or 4-bit codes' nibbles)
+// 22-bit fixed point per group, vpdpbusd against the packed 8-bit codes or the fields of 2- and
+// 4-bit codes)
 // for `bits`-bit codes and M activation rows of K values, unless x holds a NaN or an infinity
 // (then the bf16 kernels run), or fp32 rows a group the fixed point cannot carry within 1e-5 (then
 // the fp32 kernels).

@@ -187,6 +187,13 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t K
 // 2^-14 of the group's largest is exact there).
 template <typename T>
 constexpr float kDigitOutlierRatio = std::is_same_v<T, float> ? 32.f : 512.f;
+// Whether the digits of rows of T carry a group (its values finite) whose largest |x| is `most` and
+// whose |x| add up to `sum_abs`: not where that largest is nonzero but below 2^-64 (the unit would
+// be subnormal) or above kDigitOutlierRatio<T> times the group's mean |x|.
+template <typename T>
+constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size) {
+  return !(most != 0.f && most < 0x1p-64f) && most * static_cast<float>(group_size) <= kDigitOutlierRatio<T> * sum_abs;
+}
 
 // The 8-bit VNNI path (isa/lowbit_w8_vnni.cpp): up to kW8VnniMaxRows bf16 or fp32 activation rows
 // as three signed bytes of a per-group fixed point against the 8-bit codes as they are packed

@@ -5,9 +5,10 @@
 // Paths:
 // * one or two bf16 or fp32 activation rows on AVX-512 VNNI CPUs with 8-bit codes in groups of
 //   whole 64-byte chunks (bf16 rows: K < 2048), or 2- / 4-bit codes with K and groups multiples of
-//   256 / 128 or in groups of 128 / 64, groups below 2048 codes (lowbit_w8_vnni): each row as three signed bytes of a per-group 22-bit fixed point
-//   against the codes as packed (vpdpbusd, exact int32 sums; isa/lowbit_w8_vnni.cpp; fp32 groups
-//   whose values the fixed point cannot carry within 1e-5 go on below);
+//   256 / 128 or in groups of 128 / 64, groups below 2048 codes (lowbit_w8_vnni): each row as
+//   three signed bytes of a per-group 22-bit fixed point against the codes as packed (vpdpbusd,
+//   exact int32 sums; isa/lowbit_w8_vnni.cpp; fp32 groups whose values the fixed point cannot
+//   carry within 1e-5 go on below);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
 //   tiles, bits 2/3/4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 2 bits, and 4
 //   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128

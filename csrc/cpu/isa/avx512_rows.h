@@ -16,6 +16,13 @@
 namespace sk {
 namespace {
 
+// 16 values of x (fp32 or bf16) from k as fp32.
+inline __m512 load16(const float* x, int64_t k) { return _mm512_loadu_ps(x + k); }
+inline __m512 load16(const uint16_t* x, int64_t k) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), 16));
+}
+
 // Sixteen fp32 values to bf16, round to nearest even, NaN kept quiet (as float_to_bf16).
 inline __m256i to_bf16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);

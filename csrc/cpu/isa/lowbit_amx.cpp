@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "common/half.h"
+#include "cpu/isa/avx512_rows.h"
 #include "cpu/isa/bf16_codes.h"
 #include "cpu/isa/transpose16.h"
 #include "cpu/lowbit_kernels.h"
@@ -802,12 +803,6 @@ int64_t digit_tiles(int64_t M) { return digit_blocks(M) * (digits_apart(M) ? kDi
 
 namespace {
 
-// 16 values of x from k as fp32.
-inline __m512 load16(const float* x, int64_t k) { return _mm512_loadu_ps(x + k); }
-inline __m512 load16(const uint16_t* x, int64_t k) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))), 16));
-}
-
 // prepare_digits for T = float or uint16_t (bf16).
 template <typename T>
 bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_t block0, int64_t block1,
@@ -845,12 +840,8 @@ bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_
             total = _mm512_add_ps(total, mag);
           }
           const float most = _mm512_reduce_max_ps(big);
-          // Non-finite values, groups so small that the unit would be subnormal, and groups whose
-          // largest |x| exceeds kDigitOutlierRatio<T> times their mean |x|: the caller's other
-          // kernels run.
-          if (bad || (most != 0.f && most < 0x1p-64f) ||
-              most * static_cast<float>(group_size) > kDigitOutlierRatio<T> * _mm512_reduce_add_ps(total))
-            return false;
+          // Non-finite values and groups the digits do not carry: the caller's other kernels run.
+          if (bad || !digits_carry_group<T>(most, _mm512_reduce_add_ps(total), group_size)) return false;
           int e = 0;
           std::frexp(most, &e);  // most < 2^e
           const int u = most == 0.f ? 0 : e - fixed_bits;

@@ -180,13 +180,6 @@ void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   w8_rows_t<8, 2, 2>(p, n_begin, n_end);
 }
 
-// Sixteen bf16 or fp32 values as fp32.
-inline __m512 load16(const uint16_t* src) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
-}
-inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
-
 // w8_activations for T = uint16_t (bf16) or float.
 template <typename T>
 bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
@@ -208,18 +201,16 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
       __m512 amax = _mm512_setzero_ps(), total = _mm512_setzero_ps();
       __mmask16 bad = 0;
       for (int64_t k = 0; k < group_size; k += 16) {
-        const __m512 v = _mm512_and_ps(load16(xg + k), abs_mask);
+        const __m512 v = _mm512_and_ps(load16(xg, k), abs_mask);
         bad |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN or infinity
         amax = _mm512_max_ps(amax, v);
         if (std::is_same_v<T, float>) total = _mm512_add_ps(total, v);
       }
       if (bad) return false;
       const float top = _mm512_reduce_max_ps(amax);
-      // fp32 values carry more bits than the fixed point: as prepare_digits (isa/lowbit_amx.cpp),
-      // groups too small or too far above their mean for the 1e-5 promise go to the fp32 kernels.
-      if (std::is_same_v<T, float> &&
-          ((top != 0.f && top < 0x1p-64f) ||
-           top * static_cast<float>(group_size) > kDigitOutlierRatio<float> * _mm512_reduce_add_ps(total)))
+      // fp32 values carry more bits than the fixed point: as for the AMX digits, groups it does not
+      // carry within the 1e-5 promise go to the fp32 kernels.
+      if (std::is_same_v<T, float> && !digits_carry_group<float>(top, _mm512_reduce_add_ps(total), group_size))
         return false;
       // x / u = x * 2^e with top * 2^e in [2^21, 2^22); e stays where 2^-e is a normal fp32
       // (groups below 2^-105 then keep fewer bits: far below any output's rounding).
@@ -227,7 +218,7 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
       const __m512 scale_exp = _mm512_set1_ps(static_cast<float>(e));
       __m512i vsum = _mm512_setzero_si512();
       for (int64_t k = 0; k < group_size; k += 16) {
-        __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load16(xg + k), scale_exp));  // to nearest
+        __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load16(xg, k), scale_exp));  // to nearest
         vsum = _mm512_add_epi32(vsum, v);
         const int64_t kk = g * group_size + k;
         // [chunk][row][plane][part][64]
