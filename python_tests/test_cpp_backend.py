@@ -900,6 +900,27 @@ def test_lowbit_w8_vnni_non_finite_activations(bits):
         assert _rel_err(y2[:1], _lowbit_want64(x2[:1], qw, None)) <= _w8_tolerance(_lowbit_want64(x2[:1], qw, None))
 
 
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 64), (2, 128)])
+def test_lowbit_w8_vnni_fp32_non_finite_activations(bits, group):
+    # fp32 rows with a NaN or an infinity leave the fixed point to the fp32 kernels: every output of
+    # that row is NaN or infinite as the reference's, and a finite row beside it keeps 1e-5.
+    _needs_w8_vnni()
+    assert cpp._C.lowbit_w8_vnni(0, bits, group, 2, 512)
+    g = _gen(13 + bits)
+    qw = quantize_weight(torch.randn(32, 512, generator=g), bits, group)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 512, generator=g)
+        x[1, 300] = bad
+        y = torch.full((2, 32), 7.0)
+        cpp._C.lowbit_linear(x.data_ptr(), 0, 2, 512, qw.qweight.data_ptr(), 32, qw.qweight.shape[1],
+                             qw.scale.data_ptr(), qw.zero.data_ptr(), cpp.DTYPE_CODE[qw.scale.dtype], bits, group, 0,
+                             y.data_ptr())
+        assert not torch.isfinite(y[1]).any() and not (y[1] == 7).any()
+        want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, None)
+        assert not torch.isfinite(want[1]).any()
+        assert _rel_err(y[:1], _lowbit_want64(x[:1], qw, None)) <= TOL[torch.float32]
+
+
 # ---------------------------------------------------------------- AMX tiles
 
 
