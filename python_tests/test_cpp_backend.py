@@ -812,20 +812,39 @@ def test_lowbit_w8_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
 def test_lowbit_w8_vnni_fp32_hard_rows(bits, group, k):
     # Groups the fixed point cannot hold within 1e-5 (an outlier far above the group's mean, a
     # largest |x| below 2^-64) go to the fp32 kernels; every row keeps the fp32 promise, alone and
-    # beside another row. (Not rows far from zero: there the fp32 kernels' fused path, which a
-    # declined pair takes, sums s * sum(q x) + z * sum(x) with 1.1-1.3e-5 at 300 + randn, K = 1536;
-    # the fixed point measured 2.5e-6.)
+    # beside another row.
     _needs_w8_vnni()
     g = _gen(k + group + bits + 3)
     qw = quantize_weight(torch.randn(64, k, generator=g), bits, group)
-    hard = {name: x for name, x in _hard_rows(k, g).items() if name != "far from zero"}
-    rows = list(hard.items()) + [("a row of 1e-30", torch.randn(1, k, generator=g) * 1e-30)]
+    rows = list(_hard_rows(k, g).items()) + [("a row of 1e-30", torch.randn(1, k, generator=g) * 1e-30)]
     pairs = [(f"{a} / {b}", torch.cat([xa, xb])) for (a, xa), (b, xb) in zip(rows, rows[1:] + rows[:1])]
     for name, x in rows + pairs:
         y = _fp32_kernel_on_poisoned_output(x, qw, None)
         want64 = _lowbit_want64(x, qw, None)
         row_err = ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max()
         assert row_err <= TOL[torch.float32], name
+
+
+@pytest.mark.parametrize(
+    "bits,group,k", [(8, 128, 4096), (4, 128, 4096), (3, 128, 4096), (2, 64, 4096), (4, 64, 11008)]
+)
+def test_lowbit_fp32_rows_far_from_zero_on_every_isa(each_isa, bits, group, k):
+    # Activations far from zero (300 + randn, 3000 + randn) against unsigned codes: each group's
+    # scaled code sum and its zero term are two large values that nearly cancel. Summed apart over
+    # the row, their rounding put the fused FMA path 2e-5 (11008 columns: 5e-5), the AMX digits
+    # 8e-5 and the VNNI path 9.5e-6 from float64; every kernel of every instruction set (M = 1-4
+    # dot forms, digits, M = 6 and 16 GEMMs or tiles) must keep each row within 1e-5.
+    g = _gen(k + group + bits)
+    qw = quantize_weight(torch.randn(40, k, generator=g), bits, group)
+    for offset in (300.0, 3000.0):
+        x = torch.randn(16, k, generator=g) + offset
+        want64 = _lowbit_want64(x, qw, None)
+        for isa in each_isa:
+            cpp._C.set_lowbit_isa(isa)
+            for m in (1, 2, 3, 4, 6, 16):
+                y = _fp32_kernel_on_poisoned_output(x[:m], qw, None)
+                row_err = ((y.double() - want64[:m]).norm(dim=1) / want64[:m].norm(dim=1)).max()
+                assert row_err <= TOL[torch.float32], (isa, offset, m, float(row_err))
 
 
 def _w8_tolerance(want64: torch.Tensor) -> float:

@@ -765,11 +765,13 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
         } else {
           pack_tile(rows.data(), MR, K, pos.data(), xt);
         }
+        // Group sums in double, rounded once: the zero times the sum nearly cancels the group's
+        // scaled code sum where the activations sit far from zero, so its error counts 100x.
         for (int64_t m = 0; with_sums && m < mr; ++m)
           for (int64_t g = 0; g < G; ++g) {
-            float sum = 0.f;
+            double sum = 0.;
             for (int64_t j = 0; j < group_size; ++j) sum += rows[m * K + g * group_size + j];
-            sums[(m0 + m) * G + g] = sum;
+            sums[(m0 + m) * G + g] = static_cast<float>(sum);
           }
       }
     });

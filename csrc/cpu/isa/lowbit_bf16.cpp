@@ -181,6 +181,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
       for (int m = 0; m < MR; ++m) body(vi, q, m, as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
     });
   };
+  ZeroTerms<R, MR> zeros{p, n0, xsum, kCodeOffset<B, F>, slice.g_begin};  // the code offset folded in
   if (gsize >= cc) {
     // Whole chunks per group: sum a group's chunks, then scale.
     const int64_t per_group = gsize / cc;
@@ -198,6 +199,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp));
         for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
       }
+      zeros.upto(tot, grp + 1);
     }
   } else {
     // Several groups per chunk: each u32 lane of a pair vector holds codes of one group, and
@@ -240,6 +242,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
           for (int m = 0; m < MR; ++m)
             tot[r][m] = _mm512_fmadd_ps(P == 2 ? _mm512_add_ps(a[0][r][m], a[P - 1][r][m]) : a[0][r][m], sv, tot[r][m]);
         }
+        zeros.upto(tot, c * per_chunk + groups);
         continue;
       }
       // Four pair vectors or fewer: the rows outside, every pair decoded first (a chunk's nv * MR
@@ -272,6 +275,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
           }
         }
       }
+      zeros.upto(tot, c * per_chunk + groups);
     }
     if constexpr (B == 2) {
       if (tail_lanes < 16) {
@@ -312,20 +316,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
       }
     }
   }
-  // Zero points (with the code offset folded in): sum_g (z_g - offset * s_g) * sum_k x_k,
-  // sixteen groups at a time into the same totals.
-  const __m512 off = _mm512_set1_ps(kCodeOffset<B, F>);
-  for (int64_t g = 0; slice.zeros && g < G; g += 16) {
-    const int64_t count = std::min<int64_t>(16, G - g);
-    const __mmask16 gm = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = (n0 + r) * G + g;
-      const __m512 zv = _mm512_fnmadd_ps(off, load_as_f32x16(p.scale, p.scale_dtype, i, count),
-                                         load_as_f32x16(p.zero, p.scale_dtype, i, count));
-      for (int m = 0; m < MR; ++m)
-        tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * G + g), tot[r][m]);
-    }
-  }
+  zeros.rest(tot, slice.g_end);
   write_totals<R, MR>(tot, out, ld, add);
 }
 

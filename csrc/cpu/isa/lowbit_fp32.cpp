@@ -486,6 +486,20 @@ inline V sum_chains(const V* v) {
   }
 }
 
+// The fused kernels sum s * sum(q x) in vector lanes and z * sum(x) apart (ys). Codes are unsigned,
+// so where the activations sit far from zero (300 + randn) the two nearly cancel group by group:
+// totalled apart over a row they grew with K, and the rounding of the large totals put 4096
+// columns 2e-5 and 11008 columns 5e-5 from float64. Every kFoldGroups groups the zero terms go
+// into the lanes (spread over the T totals of L lanes), which bounds the totals by the sums of
+// that many groups: 1e-6 there. Folding every group cost W3 at M = 1 up to 17% (C adds a group).
+constexpr int64_t kFoldGroups = 8;
+template <int T, typename F>
+inline void fold_zero_terms(F* yv, float& ys) {
+  const float share = ys * (1.f / (sizeof(F) / sizeof(float) * T));
+  for (int t = 0; t < T; ++t) yv[t] += share;
+  ys = 0.f;
+}
+
 // Few activation rows (M = 2-6 where fused_weight_rows gives one weight row), phase layout:
 // codes straight into the FMAs, one group at a time, in steps of L bytes of each phase.
 template <int B, int MB, int L, int GS>
@@ -502,42 +516,46 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
     yv[m] = F{};
     ys[m] = 0.f;
   }
-  for (int64_t grp = g0; grp < g1; ++grp) {
-    const uint8_t* gb = rb + grp * per_phase;
-    const float* xg = xp + grp * g;
-    if (ahead) prefetch_bytes(gb + ahead, per_phase);
-    F dv[MB][C];
-    for (int m = 0; m < MB; ++m)
-      for (int c = 0; c < C; ++c) dv[m][c] = F{};
-    // Steps of U * L bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
-    const auto step = [&](int64_t j, auto u) {
-      const typename Lanes<L>::u wv = widen<L>(gb + j);
-      for (int ph = 0; ph < cpb; ++ph) {
-        const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv, ph));
-        constexpr int u0 = decltype(u)::value * cpb;
-        for (int m = 0; m < MB; ++m) {
-          F& d = dv[m][(u0 + ph) % C];
-          d = q * load<F>(xg + m * K + ph * per_phase + j) + d;
+  for (int64_t f0 = g0; f0 < g1; f0 += kFoldGroups) {
+    const int64_t f1 = std::min(g1, f0 + kFoldGroups);
+    for (int64_t grp = f0; grp < f1; ++grp) {
+      const uint8_t* gb = rb + grp * per_phase;
+      const float* xg = xp + grp * g;
+      if (ahead) prefetch_bytes(gb + ahead, per_phase);
+      F dv[MB][C];
+      for (int m = 0; m < MB; ++m)
+        for (int c = 0; c < C; ++c) dv[m][c] = F{};
+      // Steps of U * L bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
+      const auto step = [&](int64_t j, auto u) {
+        const typename Lanes<L>::u wv = widen<L>(gb + j);
+        for (int ph = 0; ph < cpb; ++ph) {
+          const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv, ph));
+          constexpr int u0 = decltype(u)::value * cpb;
+          for (int m = 0; m < MB; ++m) {
+            F& d = dv[m][(u0 + ph) % C];
+            d = q * load<F>(xg + m * K + ph * per_phase + j) + d;
+          }
         }
+      };
+      int64_t j = 0;
+      for (; j + L * U <= vec_end; j += L * U) unrolled<U>([&](auto u) { step(j + L * decltype(u)::value, u); });
+      for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
+      float dt[MB];
+      for (int m = 0; m < MB; ++m) dt[m] = 0.f;
+      for (j = vec_end; j < per_phase; ++j)
+        for (int ph = 0; ph < cpb; ++ph) {
+          const float q = static_cast<float>(fused_code<B, cpb, MB>(uint32_t{gb[j]}, ph));
+          for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * per_phase + j] + dt[m];
+        }
+      for (int m = 0; m < MB; ++m) {
+        yv[m] = s[grp] * sum_chains<C>(dv[m]) + yv[m];
+        ys[m] += z[grp] * xsum[m * G + grp];
+        if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[m] += s[grp] * dt[m];  // bytes past whole steps
       }
-    };
-    int64_t j = 0;
-    for (; j + L * U <= vec_end; j += L * U) unrolled<U>([&](auto u) { step(j + L * decltype(u)::value, u); });
-    for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
-    float dt[MB];
-    for (int m = 0; m < MB; ++m) dt[m] = 0.f;
-    for (j = vec_end; j < per_phase; ++j)
-      for (int ph = 0; ph < cpb; ++ph) {
-        const float q = static_cast<float>(fused_code<B, cpb, MB>(uint32_t{gb[j]}, ph));
-        for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * per_phase + j] + dt[m];
-      }
-    for (int m = 0; m < MB; ++m) {
-      yv[m] = s[grp] * sum_chains<C>(dv[m]) + yv[m];
-      ys[m] += z[grp] * xsum[m * G + grp];
-      if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[m] += s[grp] * dt[m];  // bytes past whole steps
     }
+    for (int m = 0; m < MB; ++m) fold_zero_terms<1>(&yv[m], ys[m]);
   }
-  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
+  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]);
 }
 
 // fused_rows for 3 bits: L units (8 L codes) per vector step, a group's units beyond whole steps
@@ -556,43 +574,47 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
     yv[m] = F{};
     ys[m] = 0.f;
   }
-  for (int64_t grp = g0; grp < g1; ++grp) {
-    const uint8_t* gb = rb + grp * units * 3;
-    const float* xg = xp + grp * g;
-    if (ahead) prefetch_bytes(gb + ahead, units * 3);
-    F dv[MB][C];
-    for (int m = 0; m < MB; ++m)
-      for (int c = 0; c < C; ++c) dv[m][c] = F{};
-    int64_t u = 0;
-    for (; u + L <= units; u += L) {
-      const typename Lanes<L>::u wv = units3<L>(gb + 3 * u, end);
-      for (int ph = 0; ph < 8; ++ph) {
-        const F q = codes_to_float<L>(fused_code<3, 8, MB>(wv, ph));
-        for (int m = 0; m < MB; ++m) dv[m][ph % C] = q * load<F>(xg + m * K + ph * units + u) + dv[m][ph % C];
-      }
-    }
-    float dt[MB];
-    for (int m = 0; m < MB; ++m) dt[m] = 0.f;
-    if constexpr (GS == 0 || GS / 8 % L != 0)  // units past whole steps
-      for (; u < units; ++u) {
-        const uint32_t v = load_unit3(gb + 3 * u);
+  for (int64_t f0 = g0; f0 < g1; f0 += kFoldGroups) {
+    const int64_t f1 = std::min(g1, f0 + kFoldGroups);
+    for (int64_t grp = f0; grp < f1; ++grp) {
+      const uint8_t* gb = rb + grp * units * 3;
+      const float* xg = xp + grp * g;
+      if (ahead) prefetch_bytes(gb + ahead, units * 3);
+      F dv[MB][C];
+      for (int m = 0; m < MB; ++m)
+        for (int c = 0; c < C; ++c) dv[m][c] = F{};
+      int64_t u = 0;
+      for (; u + L <= units; u += L) {
+        const typename Lanes<L>::u wv = units3<L>(gb + 3 * u, end);
         for (int ph = 0; ph < 8; ++ph) {
-          const float q = static_cast<float>(fused_code<3, 8, MB>(v, ph));
-          for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * units + u] + dt[m];
+          const F q = codes_to_float<L>(fused_code<3, 8, MB>(wv, ph));
+          for (int m = 0; m < MB; ++m) dv[m][ph % C] = q * load<F>(xg + m * K + ph * units + u) + dv[m][ph % C];
         }
       }
-    for (int m = 0; m < MB; ++m) {
-      yv[m] = s[grp] * sum_chains<C>(dv[m]) + yv[m];
-      ys[m] += z[grp] * xsum[m * G + grp];
-      if constexpr (GS == 0 || GS / 8 % L != 0) ys[m] += s[grp] * dt[m];
+      float dt[MB];
+      for (int m = 0; m < MB; ++m) dt[m] = 0.f;
+      if constexpr (GS == 0 || GS / 8 % L != 0)  // units past whole steps
+        for (; u < units; ++u) {
+          const uint32_t v = load_unit3(gb + 3 * u);
+          for (int ph = 0; ph < 8; ++ph) {
+            const float q = static_cast<float>(fused_code<3, 8, MB>(v, ph));
+            for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * units + u] + dt[m];
+          }
+        }
+      for (int m = 0; m < MB; ++m) {
+        yv[m] = s[grp] * sum_chains<C>(dv[m]) + yv[m];
+        ys[m] += z[grp] * xsum[m * G + grp];
+        if constexpr (GS == 0 || GS / 8 % L != 0) ys[m] += s[grp] * dt[m];
+      }
     }
+    for (int m = 0; m < MB; ++m) fold_zero_terms<1>(&yv[m], ys[m]);
   }
-  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]) + ys[m];
+  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]);
 }
 
 // The end of a group in fused_wrows(3): each chain scaled by its weight row's scale into the
 // totals (T == 1: the chains summed first), the zero times the activations' group sum, and with
-// kTail the sum of the codes past whole steps (dt).
+// kTail the sum of the codes past whole steps (dt), into ys (fold_zero_terms).
 template <int MB, int R, int C, int T, bool kTail, typename F>
 __attribute__((always_inline)) inline void end_group(F (&yv)[MB][R][T], float (&ys)[MB][R], F (&dv)[MB][R][C],
                                                      const float (&dt)[MB][R], const float* s, const float* z,
@@ -635,54 +657,59 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
       for (int t = 0; t < T; ++t) yv[m][r][t] = F{};
       ys[m][r] = 0.f;
     }
-  for (int64_t grp = g0; grp < g1; ++grp) {
-    const uint8_t* gb = rb + grp * per_phase;
-    const float* xg = xp + grp * g;
-    if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, per_phase * cpb);
-    F dv[MB][R][C];
-    for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) dv[m][r][c] = F{};
-    // Steps of U * L bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
-    const auto step = [&](int64_t j, auto u) {
-      typename Lanes<L>::u wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = widen<L>(gb + r * row_bytes + j);
-      for (int ph = 0; ph < cpb; ++ph) {
-        constexpr int u0 = decltype(u)::value * cpb;
-        F xv[MB];
-        for (int m = 0; m < MB; ++m) xv[m] = load<F>(xg + m * K + ph * per_phase + j);
-        for (int r = 0; r < R; ++r) {
-          const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv[r], ph));
-          for (int m = 0; m < MB; ++m) {
-            F& d = dv[m][r][(u0 + ph) % C];
-            d = q * xv[m] + d;
+  for (int64_t f0 = g0; f0 < g1; f0 += kFoldGroups) {
+    const int64_t f1 = std::min(g1, f0 + kFoldGroups);
+    for (int64_t grp = f0; grp < f1; ++grp) {
+      const uint8_t* gb = rb + grp * per_phase;
+      const float* xg = xp + grp * g;
+      if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, per_phase * cpb);
+      F dv[MB][R][C];
+      for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < R; ++r)
+          for (int c = 0; c < C; ++c) dv[m][r][c] = F{};
+      // Steps of U * L bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
+      const auto step = [&](int64_t j, auto u) {
+        typename Lanes<L>::u wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = widen<L>(gb + r * row_bytes + j);
+        for (int ph = 0; ph < cpb; ++ph) {
+          constexpr int u0 = decltype(u)::value * cpb;
+          F xv[MB];
+          for (int m = 0; m < MB; ++m) xv[m] = load<F>(xg + m * K + ph * per_phase + j);
+          for (int r = 0; r < R; ++r) {
+            const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv[r], ph));
+            for (int m = 0; m < MB; ++m) {
+              F& d = dv[m][r][(u0 + ph) % C];
+              d = q * xv[m] + d;
+            }
           }
         }
+      };
+      int64_t j = 0;
+      const auto steps_at = [&](int64_t j0) { unrolled<U>([&](auto u) { step(j0 + L * decltype(u)::value, u); }); };
+      // W4 and W8 at M = 2 unrolled whole: in a loop GCC kept the sums on the stack (1536 x 512 W4
+      // g128 0.120 -> 0.062 ms, W8 0.072 -> 0.064); so W2 ran 15% slower, M = 3 up to 1.4x, M = 1
+      // no faster.
+      if constexpr (MB == 2 && B >= 4) {
+  #pragma GCC unroll 16
+        for (; j + L * U <= vec_end; j += L * U) steps_at(j);
+      } else {
+        for (; j + L * U <= vec_end; j += L * U) steps_at(j);
       }
-    };
-    int64_t j = 0;
-    const auto steps_at = [&](int64_t j0) { unrolled<U>([&](auto u) { step(j0 + L * decltype(u)::value, u); }); };
-    // W4 and W8 at M = 2 unrolled whole: in a loop GCC kept the sums on the stack (1536 x 512 W4
-    // g128 0.120 -> 0.062 ms, W8 0.072 -> 0.064); so W2 ran 15% slower, M = 3 up to 1.4x, M = 1
-    // no faster.
-    if constexpr (MB == 2 && B >= 4) {
-#pragma GCC unroll 16
-      for (; j + L * U <= vec_end; j += L * U) steps_at(j);
-    } else {
-      for (; j + L * U <= vec_end; j += L * U) steps_at(j);
+      for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
+      float dt[MB][R] = {};
+      for (j = vec_end; j < per_phase; ++j)  // bytes past whole steps
+        for (int ph = 0; ph < cpb; ++ph)
+          for (int r = 0; r < R; ++r) {
+            const float q = static_cast<float>(fused_code<B, cpb, MB>(uint32_t{gb[r * row_bytes + j]}, ph));
+            for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * per_phase + j] + dt[m][r];
+          }
+      end_group<MB, R, C, T, (GS == 0 || (GS / cpb) % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
     }
-    for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
-    float dt[MB][R] = {};
-    for (j = vec_end; j < per_phase; ++j)  // bytes past whole steps
-      for (int ph = 0; ph < cpb; ++ph)
-        for (int r = 0; r < R; ++r) {
-          const float q = static_cast<float>(fused_code<B, cpb, MB>(uint32_t{gb[r * row_bytes + j]}, ph));
-          for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * per_phase + j] + dt[m][r];
-        }
-    end_group<MB, R, C, T, (GS == 0 || (GS / cpb) % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) fold_zero_terms<T>(yv[m][r], ys[m][r]);
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r])) + ys[m][r];
+    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r]));
 }
 
 // fused_wrows for 3 bits: L units (8 L codes) of each weight row per vector step, phase ph into
@@ -701,41 +728,46 @@ void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group
       for (int t = 0; t < T; ++t) yv[m][r][t] = F{};
       ys[m][r] = 0.f;
     }
-  for (int64_t grp = g0; grp < g1; ++grp) {
-    const uint8_t* gb = rb + grp * units * 3;
-    const float* xg = xp + grp * g;
-    if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, units * 3);
-    F dv[MB][R][C];
-    for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) dv[m][r][c] = F{};
-    int64_t u = 0;
-    for (; u + L <= units; u += L) {
-      typename Lanes<L>::u wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = units3<L>(gb + r * row_bytes + 3 * u, rb + r * row_bytes + K * 3 / 8);
-      for (int ph = 0; ph < 8; ++ph) {
-        F xv[MB];
-        for (int m = 0; m < MB; ++m) xv[m] = load<F>(xg + m * K + ph * units + u);
-        for (int r = 0; r < R; ++r) {
-          const F q = codes_to_float<L>(fused_code<3, 8, MB>(wv[r], ph));
-          for (int m = 0; m < MB; ++m) dv[m][r][ph % C] = q * xv[m] + dv[m][r][ph % C];
-        }
-      }
-    }
-    float dt[MB][R] = {};
-    if constexpr (GS == 0 || GS / 8 % L != 0)  // units past whole steps
-      for (; u < units; ++u)
-        for (int r = 0; r < R; ++r) {
-          const uint32_t v = load_unit3(gb + r * row_bytes + 3 * u);
-          for (int ph = 0; ph < 8; ++ph) {
-            const float q = static_cast<float>(fused_code<3, 8, MB>(v, ph));
-            for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * units + u] + dt[m][r];
+  for (int64_t f0 = g0; f0 < g1; f0 += kFoldGroups) {
+    const int64_t f1 = std::min(g1, f0 + kFoldGroups);
+    for (int64_t grp = f0; grp < f1; ++grp) {
+      const uint8_t* gb = rb + grp * units * 3;
+      const float* xg = xp + grp * g;
+      if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, units * 3);
+      F dv[MB][R][C];
+      for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < R; ++r)
+          for (int c = 0; c < C; ++c) dv[m][r][c] = F{};
+      int64_t u = 0;
+      for (; u + L <= units; u += L) {
+        typename Lanes<L>::u wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = units3<L>(gb + r * row_bytes + 3 * u, rb + r * row_bytes + K * 3 / 8);
+        for (int ph = 0; ph < 8; ++ph) {
+          F xv[MB];
+          for (int m = 0; m < MB; ++m) xv[m] = load<F>(xg + m * K + ph * units + u);
+          for (int r = 0; r < R; ++r) {
+            const F q = codes_to_float<L>(fused_code<3, 8, MB>(wv[r], ph));
+            for (int m = 0; m < MB; ++m) dv[m][r][ph % C] = q * xv[m] + dv[m][r][ph % C];
           }
         }
-    end_group<MB, R, C, T, (GS == 0 || GS / 8 % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
+      }
+      float dt[MB][R] = {};
+      if constexpr (GS == 0 || GS / 8 % L != 0)  // units past whole steps
+        for (; u < units; ++u)
+          for (int r = 0; r < R; ++r) {
+            const uint32_t v = load_unit3(gb + r * row_bytes + 3 * u);
+            for (int ph = 0; ph < 8; ++ph) {
+              const float q = static_cast<float>(fused_code<3, 8, MB>(v, ph));
+              for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * units + u] + dt[m][r];
+            }
+          }
+      end_group<MB, R, C, T, (GS == 0 || GS / 8 % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) fold_zero_terms<T>(yv[m][r], ys[m][r]);
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r])) + ys[m][r];
+    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r]));
 }
 
 // fused_rows3 as a function of its own, called per row: at M = 4, inlined into the row loop, it

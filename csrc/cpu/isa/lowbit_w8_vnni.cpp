@@ -119,6 +119,7 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
       }
     }
   };
+  ZeroTerms<R, MR> zeros{p, n0, xsum, 0.f, slice.g_begin};
   const auto zero = [](__m512i (&acc)[R][MR][kW8Parts]) {
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MR; ++m)
@@ -141,6 +142,7 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
                                       _mm512_set1_ps(both ? unit[m * G + g0 + 1] * s1 : 0.f));
         });
       }
+      zeros.upto(tot, std::min(G, g0 + 2));
     }
   } else {
     for (int64_t grp = slice.g_begin; grp < slice.g_end; ++grp) {
@@ -151,17 +153,10 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
         const float s = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
         add_sums(acc, r, [&](int m) { return _mm512_set1_ps(unit[m * G + grp] * s); });
       }
+      zeros.upto(tot, grp + 1);
     }
   }
-  // Zero points: sum_g z_g * sum_k x~_k, sixteen groups at a time into the same totals.
-  for (int64_t g = 0; slice.zeros && g < G; g += 16) {
-    const int64_t count = std::min<int64_t>(16, G - g);
-    const __mmask16 gm = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
-    for (int r = 0; r < R; ++r) {
-      const __m512 zv = load_as_f32x16(p.zero, p.scale_dtype, (n0 + r) * G + g, count);
-      for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * G + g), tot[r][m]);
-    }
-  }
+  zeros.rest(tot, slice.g_end);
   write_totals<R, MR>(tot, out, ld, add);
 }
 
