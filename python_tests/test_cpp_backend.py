@@ -826,7 +826,8 @@ def test_lowbit_w8_vnni_fp32_hard_rows(bits, group, k):
 
 
 @pytest.mark.parametrize(
-    "bits,group,k", [(8, 128, 4096), (4, 128, 4096), (3, 128, 4096), (2, 64, 4096), (4, 64, 11008)]
+    "bits,group,k",
+    [(8, 128, 4096), (4, 128, 4096), (3, 128, 4096), (2, 64, 4096), (4, 64, 11008), (2, 32, 4096), (4, 256, 4096)],
 )
 def test_lowbit_fp32_rows_far_from_zero_on_every_isa(each_isa, bits, group, k):
     # Activations far from zero (300 + randn, 3000 + randn) against unsigned codes: each group's

@@ -489,17 +489,15 @@ inline V sum_chains(const V* v) {
 // The fused kernels sum s * sum(q x) in vector lanes and z * sum(x) apart (ys). Codes are unsigned,
 // so where the activations sit far from zero (300 + randn) the two nearly cancel group by group:
 // totalled apart over a row they grew with K, and the rounding of the large totals put 4096
-// columns 2e-5 and 11008 columns 5e-5 from float64. Every kFoldGroups groups the zero terms go
-// into the lanes (spread over the T totals of L lanes), which bounds the totals by the sums of
-// that many groups: 1e-6 there. Folding every group cost W3 at M = 1 up to 17% (C adds a group).
-constexpr int64_t kFoldGroups = 8;
-template <int T, typename F>
-inline void fold_zero_terms(F* yv, float& ys) {
-  const float share = ys * (1.f / (sizeof(F) / sizeof(float) * T));
-  for (int t = 0; t < T; ++t) yv[t] += share;
-  ys = 0.f;
-}
-
+// columns 2e-5 and 11008 columns 5e-5 from float64. So the groups go in chunks of about
+// kFoldCodes codes (fold_groups), and after each the chunk's zero terms join the lanes (spread
+// over the T totals of L lanes): the totals stay within the sums of that many codes, 2-4e-6
+// there (1024 codes: 4-7e-6). The totals are copied into chunk-local ones (kept in registers; a
+// fold under a branch in the group loop made GCC keep them on the stack, W4 g32 at M = 2 10%
+// slower). Cost, one thread: W3 4096 x 4096 at M = 1 9-16%, 4864 x 896 and W2 0-5%. Folding
+// every group cost W3 at M = 1 up to 17% (C adds a group).
+constexpr int64_t kFoldCodes = 512;
+inline int64_t fold_groups(int64_t g) { return std::max<int64_t>(1, kFoldCodes / g); }
 // Few activation rows (M = 2-6 where fused_weight_rows gives one weight row), phase layout:
 // codes straight into the FMAs, one group at a time, in steps of L bytes of each phase.
 template <int B, int MB, int L, int GS>
@@ -510,15 +508,16 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
   constexpr int cpb = 8 / B, C = kChains<MB, L>, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
   const int64_t per_phase = g / cpb;
   const int64_t vec_end = per_phase / L * L;
-  F yv[MB];
-  float ys[MB];
-  for (int m = 0; m < MB; ++m) {
-    yv[m] = F{};
-    ys[m] = 0.f;
-  }
-  for (int64_t f0 = g0; f0 < g1; f0 += kFoldGroups) {
-    const int64_t f1 = std::min(g1, f0 + kFoldGroups);
-    for (int64_t grp = f0; grp < f1; ++grp) {
+  F tot[MB];
+  for (int m = 0; m < MB; ++m) tot[m] = F{};
+  for (int64_t f0 = g0, fold = fold_groups(g); f0 < g1; f0 += fold) {
+    F yv[MB];  // the totals through the chunk, its zero terms apart (ys) until it ends
+    float ys[MB];
+    for (int m = 0; m < MB; ++m) {
+      yv[m] = tot[m];
+      ys[m] = 0.f;
+    }
+    for (int64_t grp = f0; grp < std::min(g1, f0 + fold); ++grp) {
       const uint8_t* gb = rb + grp * per_phase;
       const float* xg = xp + grp * g;
       if (ahead) prefetch_bytes(gb + ahead, per_phase);
@@ -553,9 +552,9 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
         if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[m] += s[grp] * dt[m];  // bytes past whole steps
       }
     }
-    for (int m = 0; m < MB; ++m) fold_zero_terms<1>(&yv[m], ys[m]);
+    for (int m = 0; m < MB; ++m) tot[m] = yv[m] + ys[m] * (1.f / L);
   }
-  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]);
+  for (int m = 0; m < MB; ++m) acc[m] = hsum(tot[m]);
 }
 
 // fused_rows for 3 bits: L units (8 L codes) per vector step, a group's units beyond whole steps
@@ -568,15 +567,16 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
   constexpr int C = kChains3<MB, L>;
   const int64_t units = g / 8;
   const uint8_t* end = rb + K * 3 / 8;
-  F yv[MB];
-  float ys[MB];
-  for (int m = 0; m < MB; ++m) {
-    yv[m] = F{};
-    ys[m] = 0.f;
-  }
-  for (int64_t f0 = g0; f0 < g1; f0 += kFoldGroups) {
-    const int64_t f1 = std::min(g1, f0 + kFoldGroups);
-    for (int64_t grp = f0; grp < f1; ++grp) {
+  F tot[MB];
+  for (int m = 0; m < MB; ++m) tot[m] = F{};
+  for (int64_t f0 = g0, fold = fold_groups(g); f0 < g1; f0 += fold) {
+    F yv[MB];  // the totals through the chunk, its zero terms apart (ys) until it ends
+    float ys[MB];
+    for (int m = 0; m < MB; ++m) {
+      yv[m] = tot[m];
+      ys[m] = 0.f;
+    }
+    for (int64_t grp = f0; grp < std::min(g1, f0 + fold); ++grp) {
       const uint8_t* gb = rb + grp * units * 3;
       const float* xg = xp + grp * g;
       if (ahead) prefetch_bytes(gb + ahead, units * 3);
@@ -607,14 +607,14 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
         if constexpr (GS == 0 || GS / 8 % L != 0) ys[m] += s[grp] * dt[m];
       }
     }
-    for (int m = 0; m < MB; ++m) fold_zero_terms<1>(&yv[m], ys[m]);
+    for (int m = 0; m < MB; ++m) tot[m] = yv[m] + ys[m] * (1.f / L);
   }
-  for (int m = 0; m < MB; ++m) acc[m] = hsum(yv[m]);
+  for (int m = 0; m < MB; ++m) acc[m] = hsum(tot[m]);
 }
 
 // The end of a group in fused_wrows(3): each chain scaled by its weight row's scale into the
 // totals (T == 1: the chains summed first), the zero times the activations' group sum, and with
-// kTail the sum of the codes past whole steps (dt), into ys (fold_zero_terms).
+// kTail the sum of the codes past whole steps (dt), into ys (see kFoldCodes).
 template <int MB, int R, int C, int T, bool kTail, typename F>
 __attribute__((always_inline)) inline void end_group(F (&yv)[MB][R][T], float (&ys)[MB][R], F (&dv)[MB][R][C],
                                                      const float (&dt)[MB][R], const float* s, const float* z,
@@ -650,16 +650,19 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
   constexpr int cpb = 8 / B, T = MB == 1 ? C : 1, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
   const int64_t per_phase = g / cpb;
   const int64_t vec_end = per_phase / L * L;
-  F yv[MB][R][T];
-  float ys[MB][R];
+  F tot[MB][R][T];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) {
-      for (int t = 0; t < T; ++t) yv[m][r][t] = F{};
-      ys[m][r] = 0.f;
-    }
-  for (int64_t f0 = g0; f0 < g1; f0 += kFoldGroups) {
-    const int64_t f1 = std::min(g1, f0 + kFoldGroups);
-    for (int64_t grp = f0; grp < f1; ++grp) {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) tot[m][r][t] = F{};
+  for (int64_t f0 = g0, fold = fold_groups(g); f0 < g1; f0 += fold) {
+    F yv[MB][R][T];  // the totals through the chunk, its zero terms apart (ys) until it ends
+    float ys[MB][R];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) {
+        for (int t = 0; t < T; ++t) yv[m][r][t] = tot[m][r][t];
+        ys[m][r] = 0.f;
+      }
+    for (int64_t grp = f0; grp < std::min(g1, f0 + fold); ++grp) {
       const uint8_t* gb = rb + grp * per_phase;
       const float* xg = xp + grp * g;
       if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, per_phase * cpb);
@@ -690,7 +693,7 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
       // g128 0.120 -> 0.062 ms, W8 0.072 -> 0.064); so W2 ran 15% slower, M = 3 up to 1.4x, M = 1
       // no faster.
       if constexpr (MB == 2 && B >= 4) {
-  #pragma GCC unroll 16
+    #pragma GCC unroll 16
         for (; j + L * U <= vec_end; j += L * U) steps_at(j);
       } else {
         for (; j + L * U <= vec_end; j += L * U) steps_at(j);
@@ -706,10 +709,11 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
       end_group<MB, R, C, T, (GS == 0 || (GS / cpb) % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
     }
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r) fold_zero_terms<T>(yv[m][r], ys[m][r]);
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) tot[m][r][t] = yv[m][r][t] + ys[m][r] * (1.f / (L * T));
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r]));
+    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(tot[m][r]));
 }
 
 // fused_wrows for 3 bits: L units (8 L codes) of each weight row per vector step, phase ph into
@@ -721,16 +725,19 @@ void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group
   const int64_t g = GS ? GS : group_size;
   constexpr int T = MB == 1 ? C : 1;
   const int64_t units = g / 8;
-  F yv[MB][R][T];
-  float ys[MB][R];
+  F tot[MB][R][T];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) {
-      for (int t = 0; t < T; ++t) yv[m][r][t] = F{};
-      ys[m][r] = 0.f;
-    }
-  for (int64_t f0 = g0; f0 < g1; f0 += kFoldGroups) {
-    const int64_t f1 = std::min(g1, f0 + kFoldGroups);
-    for (int64_t grp = f0; grp < f1; ++grp) {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) tot[m][r][t] = F{};
+  for (int64_t f0 = g0, fold = fold_groups(g); f0 < g1; f0 += fold) {
+    F yv[MB][R][T];  // the totals through the chunk, its zero terms apart (ys) until it ends
+    float ys[MB][R];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) {
+        for (int t = 0; t < T; ++t) yv[m][r][t] = tot[m][r][t];
+        ys[m][r] = 0.f;
+      }
+    for (int64_t grp = f0; grp < std::min(g1, f0 + fold); ++grp) {
       const uint8_t* gb = rb + grp * units * 3;
       const float* xg = xp + grp * g;
       if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, units * 3);
@@ -764,10 +771,11 @@ void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group
       end_group<MB, R, C, T, (GS == 0 || GS / 8 % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
     }
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r) fold_zero_terms<T>(yv[m][r], ys[m][r]);
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) tot[m][r][t] = yv[m][r][t] + ys[m][r] * (1.f / (L * T));
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(yv[m][r]));
+    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(tot[m][r]));
 }
 
 // fused_rows3 as a function of its own, called per row: at M = 4, inlined into the row loop, it
