@@ -102,39 +102,28 @@ inline void write_totals(const __m512 (&tot)[R][MR], float* out, int64_t ld, boo
   }
 }
 
-// The zero-point terms sum_g (z_g - offset * s_g) * xsum[m][g] of weight rows n0 .. n0 + R - 1
-// into the dot forms' totals (group g's term into lane g % 16), sixteen groups at a time as their
-// scaled sums come in (upto), the rest at the end (rest). The codes are unsigned (or carry an
-// offset), so where the activations sit far from zero (300 + randn) these terms nearly cancel
-// the scaled sums: added after the last group, the totals' rounding put 11008 columns 9.5e-6
-// (VNNI path) and 4096 columns of 3-bit bf16 parts 1.7e-5 from float64; added every 16 groups,
-// 1e-6.
+// The zero-point terms sum_g (z_g - offset * s_g) * xsum[m][g] of groups [g, g + count) (count <=
+// 16, group g + i into lane i) for weight rows n0 .. n0 + R - 1 into the dot forms' totals. The
+// codes are unsigned (or carry an offset), so where the activations sit far from zero (300 +
+// randn) these terms nearly cancel the groups' scaled sums: added once after the last group, the
+// totals' rounding put 11008 columns 9.5e-6 (VNNI path) and 4096 columns of 3-bit bf16 parts
+// 1.7e-5 from float64; the dot forms add them after every kZeroTermGroups groups (1-2e-6). (A
+// helper that added them from inside the group loop made GCC keep the totals on the stack: 4096 x
+// 4096 W4 at M = 1 15% slower.)
+constexpr int64_t kZeroTermGroups = 16;
 template <int R, int MR>
-struct ZeroTerms {
-  const LowbitProblem& p;
-  int64_t n0;
-  const float* xsum;  // [MR][G]
-  float offset;
-  int64_t done;  // groups whose terms are in
-
-  void add(__m512 (&tot)[R][MR], int64_t g, int64_t count) const {
-    const __mmask16 gm = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = (n0 + r) * p.G + g;
-      __m512 zv = load_as_f32x16(p.zero, p.scale_dtype, i, count);
-      if (offset != 0.f)
-        zv = _mm512_fnmadd_ps(_mm512_set1_ps(offset), load_as_f32x16(p.scale, p.scale_dtype, i, count), zv);
-      for (int m = 0; m < MR; ++m)
-        tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * p.G + g), tot[r][m]);
-    }
+inline void add_zero_terms(__m512 (&tot)[R][MR], const LowbitProblem& p, int64_t n0, const float* xsum, float offset,
+                           int64_t g, int64_t count) {
+  const __mmask16 gm = static_cast<__mmask16>(count >= 16 ? 0xffff : (1u << count) - 1);
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = (n0 + r) * p.G + g;
+    __m512 zv = load_as_f32x16(p.zero, p.scale_dtype, i, count);
+    if (offset != 0.f)
+      zv = _mm512_fnmadd_ps(_mm512_set1_ps(offset), load_as_f32x16(p.scale, p.scale_dtype, i, count), zv);
+    for (int m = 0; m < MR; ++m)
+      tot[r][m] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(gm, xsum + m * p.G + g), tot[r][m]);
   }
-  void upto(__m512 (&tot)[R][MR], int64_t g_end) {
-    for (; g_end - done >= 16; done += 16) add(tot, done, 16);
-  }
-  void rest(__m512 (&tot)[R][MR], int64_t g_end) {
-    for (; done < g_end; done += 16) add(tot, done, std::min<int64_t>(16, g_end - done));
-  }
-};
+}
 
 // Where a dot-form block reads: groups [g_begin, g_end), and how far ahead each row's chunk is
 // prefetched.

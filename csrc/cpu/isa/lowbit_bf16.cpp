@@ -181,25 +181,30 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
       for (int m = 0; m < MR; ++m) body(vi, q, m, as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
     });
   };
-  ZeroTerms<R, MR> zeros{p, n0, xsum, kCodeOffset<B, F>, slice.g_begin};  // the code offset folded in
+  constexpr float off = kCodeOffset<B, F>;  // folded into the zero terms (add_zero_terms)
+  int64_t zeros_done = slice.g_begin;        // groups whose zero terms are in
   if (gsize >= cc) {
     // Whole chunks per group: sum a group's chunks, then scale.
     const int64_t per_group = gsize / cc;
-    for (int64_t grp = slice.g_begin; grp < slice.g_end; ++grp) {
-      __m512 acc[R][MR];
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
-      for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
-        load_rows(c, cb);
-        each_pair(x + c * cc, [&](auto, const __m512bh* q, int m, __m512bh xv) {
-          for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], q[r], xv);
-        });
+    for (int64_t b0 = slice.g_begin; b0 < slice.g_end; b0 += kZeroTermGroups) {
+      const int64_t b1 = std::min(slice.g_end, b0 + kZeroTermGroups);
+      for (int64_t grp = b0; grp < b1; ++grp) {
+        __m512 acc[R][MR];
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+        for (int64_t c = grp * per_group; c < (grp + 1) * per_group; ++c) {
+          load_rows(c, cb);
+          each_pair(x + c * cc, [&](auto, const __m512bh* q, int m, __m512bh xv) {
+            for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], q[r], xv);
+          });
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp));
+          for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
+        }
       }
-      for (int r = 0; r < R; ++r) {
-        const __m512 sv = _mm512_set1_ps(load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp));
-        for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv, tot[r][m]);
-      }
-      zeros.upto(tot, grp + 1);
+      add_zero_terms<R, MR>(tot, p, n0, xsum, off, b0, b1 - b0);
+      zeros_done = b1;
     }
   } else {
     // Several groups per chunk: each u32 lane of a pair vector holds codes of one group, and
@@ -221,61 +226,69 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
     // dependent vdpbf16ps per chunk; with enough, one saves the add.
     constexpr int P = R * MR >= 8 ? 1 : 2;
     const int64_t tail_lanes = bf16_tail_lanes(B, p.K);  // 16: no compact last chunk (3/4/8 bits: always)
-    for (int64_t c = 0; c < (tail_lanes < 16 ? chunks - 1 : chunks); ++c) {
-      const int64_t groups = std::min<int64_t>(per_chunk, G - c * per_chunk);
-      const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
-      const uint16_t* xc = x + c * cc;
-      const auto scales = [&](int r) {
-        return load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups);
-      };
-      if constexpr (nv >= 8) {
-        // Eight pair vectors (W2): the pairs outside the rows (see load_rows).
-        load_rows(c, left);
-        __m512 a[P][R][MR];
-        each_pair(xc, [&](auto vi, const __m512bh* q, int m, __m512bh xv) {
-          constexpr int v = decltype(vi)::value;
-          for (int r = 0; r < R; ++r)
-            a[v % P][r][m] = _mm512_dpbf16_ps(v < P ? _mm512_setzero_ps() : a[v % P][r][m], q[r], xv);
-        });
+    // Blocks of whole chunks, kZeroTermGroups groups or fewer, each followed by its zero terms.
+    const int64_t loop_chunks = tail_lanes < 16 ? chunks - 1 : chunks;
+    const int64_t block_chunks = std::max<int64_t>(1, kZeroTermGroups / per_chunk);
+    for (int64_t c0 = 0; c0 < loop_chunks; c0 += block_chunks) {
+      const int64_t c1 = std::min(loop_chunks, c0 + block_chunks);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t groups = std::min<int64_t>(per_chunk, G - c * per_chunk);
+        const int64_t left = std::min<int64_t>(cb, code_bytes - cb * c);
+        const uint16_t* xc = x + c * cc;
+        const auto scales = [&](int r) {
+          return load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + c * per_chunk, groups);
+        };
+        if constexpr (nv >= 8) {
+          // Eight pair vectors (W2): the pairs outside the rows (see load_rows).
+          load_rows(c, left);
+          __m512 a[P][R][MR];
+          each_pair(xc, [&](auto vi, const __m512bh* q, int m, __m512bh xv) {
+            constexpr int v = decltype(vi)::value;
+            for (int r = 0; r < R; ++r)
+              a[v % P][r][m] = _mm512_dpbf16_ps(v < P ? _mm512_setzero_ps() : a[v % P][r][m], q[r], xv);
+          });
+          for (int r = 0; r < R; ++r) {
+            const __m512 sv = _mm512_permutexvar_ps(lane_group[0], scales(r));
+            for (int m = 0; m < MR; ++m)
+              tot[r][m] =
+                  _mm512_fmadd_ps(P == 2 ? _mm512_add_ps(a[0][r][m], a[P - 1][r][m]) : a[0][r][m], sv, tot[r][m]);
+          }
+          continue;
+        }
+        // Four pair vectors or fewer: the rows outside, every pair decoded first (a chunk's nv * MR
+        // activation vectors stay in registers across the rows). Unrolled by hand: left to itself
+        // the compiler kept the loop, with the totals in memory (3/4/8 bits at M = 4: 5-15% slower).
+  #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const __m512 sv = _mm512_permutexvar_ps(lane_group[0], scales(r));
-          for (int m = 0; m < MR; ++m)
-            tot[r][m] = _mm512_fmadd_ps(P == 2 ? _mm512_add_ps(a[0][r][m], a[P - 1][r][m]) : a[0][r][m], sv, tot[r][m]);
-        }
-        zeros.upto(tot, c * per_chunk + groups);
-        continue;
-      }
-      // Four pair vectors or fewer: the rows outside, every pair decoded first (a chunk's nv * MR
-      // activation vectors stay in registers across the rows). Unrolled by hand: left to itself
-      // the compiler kept the loop, with the totals in memory (3/4/8 bits at M = 4: 5-15% slower).
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
-        const __m512 sc = scales(r);
-        __m512i q[nv];
-        if constexpr (B == 8) {
-          decode_natural8(rows[r] + 64 * c, left == 64 ? ~0ull : (1ull << left) - 1, q);
-          const __m512 s0 = _mm512_permutexvar_ps(lane_group[0], sc), s1 = _mm512_permutexvar_ps(lane_group[1], sc);
-          for (int m = 0; m < MR; ++m) {
-            const __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
-            const __m512 a1 =
-                _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32)));
-            tot[r][m] = _mm512_fmadd_ps(a1, s1, _mm512_fmadd_ps(a0, s0, tot[r][m]));
-          }
-        } else {
-          const __m512i raw_r = load_chunk<B>(rows[r] + cb * c, left, p.row_bytes - cb * c);
-          for_index<nv>([&](auto v) { q[v] = decode_pair<B, F, decltype(v)::value>(raw_r); });
-          const __m512 sv = _mm512_permutexvar_ps(lane_group[0], sc);
-          for (int m = 0; m < MR; ++m) {
-            __m512 a[P];
-            for (int v = 0; v < nv; ++v)
-              a[v % P] = _mm512_dpbf16_ps(v < P ? _mm512_setzero_ps() : a[v % P], as_bh(q[v]),
-                                          as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
-            tot[r][m] = _mm512_fmadd_ps(P == 2 ? _mm512_add_ps(a[0], a[P - 1]) : a[0], sv, tot[r][m]);
+          _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
+          const __m512 sc = scales(r);
+          __m512i q[nv];
+          if constexpr (B == 8) {
+            decode_natural8(rows[r] + 64 * c, left == 64 ? ~0ull : (1ull << left) - 1, q);
+            const __m512 s0 = _mm512_permutexvar_ps(lane_group[0], sc), s1 = _mm512_permutexvar_ps(lane_group[1], sc);
+            for (int m = 0; m < MR; ++m) {
+              const __m512 a0 =
+                  _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[0]), as_bh(_mm512_loadu_si512(xc + m * xs)));
+              const __m512 a1 =
+                  _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[1]), as_bh(_mm512_loadu_si512(xc + m * xs + 32)));
+              tot[r][m] = _mm512_fmadd_ps(a1, s1, _mm512_fmadd_ps(a0, s0, tot[r][m]));
+            }
+          } else {
+            const __m512i raw_r = load_chunk<B>(rows[r] + cb * c, left, p.row_bytes - cb * c);
+            for_index<nv>([&](auto v) { q[v] = decode_pair<B, F, decltype(v)::value>(raw_r); });
+            const __m512 sv = _mm512_permutexvar_ps(lane_group[0], sc);
+            for (int m = 0; m < MR; ++m) {
+              __m512 a[P];
+              for (int v = 0; v < nv; ++v)
+                a[v % P] = _mm512_dpbf16_ps(v < P ? _mm512_setzero_ps() : a[v % P], as_bh(q[v]),
+                                            as_bh(_mm512_loadu_si512(xc + m * xs + 32 * v)));
+              tot[r][m] = _mm512_fmadd_ps(P == 2 ? _mm512_add_ps(a[0], a[P - 1]) : a[0], sv, tot[r][m]);
+            }
           }
         }
       }
-      zeros.upto(tot, c * per_chunk + groups);
+      zeros_done = std::min(G, c1 * per_chunk);
+      add_zero_terms<R, MR>(tot, p, n0, xsum, off, c0 * per_chunk, zeros_done - c0 * per_chunk);
     }
     if constexpr (B == 2) {
       if (tail_lanes < 16) {
@@ -316,7 +329,8 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
       }
     }
   }
-  zeros.rest(tot, slice.g_end);
+  for (; zeros_done < slice.g_end; zeros_done += kZeroTermGroups)  // the compact last chunk's
+    add_zero_terms<R, MR>(tot, p, n0, xsum, off, zeros_done, std::min(kZeroTermGroups, slice.g_end - zeros_done));
   write_totals<R, MR>(tot, out, ld, add);
 }
 

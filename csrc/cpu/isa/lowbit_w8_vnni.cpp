@@ -119,44 +119,45 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
       }
     }
   };
-  ZeroTerms<R, MR> zeros{p, n0, xsum, 0.f, slice.g_begin};
   const auto zero = [](__m512i (&acc)[R][MR][kW8Parts]) {
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MR; ++m)
         for (int t = 0; t < kW8Parts; ++t) acc[r][m][t] = _mm512_setzero_si512();
   };
-  if (B < 8 && p.group_size == 32 * kPlanes) {
-    // Two groups a chunk: bytes 0-31 (sum lanes 0-7) the first, 32-63 (lanes 8-15) the second;
-    // a last chunk of one group (K an odd number of groups) reads its 32 bytes only.
-    for (int64_t c = slice.g_begin / 2; 2 * c < slice.g_end; ++c) {
-      const int64_t g0 = 2 * c;
-      const bool both = g0 + 1 < G;
-      __m512i acc[R][MR][kW8Parts];
-      zero(acc);
-      chunk_sums(acc, c, both ? 64 : 32);
-      for (int r = 0; r < R; ++r) {
-        const float s0 = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + g0);
-        const float s1 = both ? load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + g0 + 1) : 0.f;
-        add_sums(acc, r, [&](int m) {
-          return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(unit[m * G + g0] * s0),
-                                      _mm512_set1_ps(both ? unit[m * G + g0 + 1] * s1 : 0.f));
-        });
+  // Blocks of kZeroTermGroups groups, each followed by its zero terms (add_zero_terms).
+  for (int64_t b0 = slice.g_begin; b0 < slice.g_end; b0 += kZeroTermGroups) {
+    const int64_t b1 = std::min(slice.g_end, b0 + kZeroTermGroups);
+    if (B < 8 && p.group_size == 32 * kPlanes) {
+      // Two groups a chunk: bytes 0-31 (sum lanes 0-7) the first, 32-63 (lanes 8-15) the second;
+      // a last chunk of one group (K an odd number of groups) reads its 32 bytes only.
+      for (int64_t c = b0 / 2; 2 * c < b1; ++c) {
+        const int64_t g0 = 2 * c;
+        const bool both = g0 + 1 < G;
+        __m512i acc[R][MR][kW8Parts];
+        zero(acc);
+        chunk_sums(acc, c, both ? 64 : 32);
+        for (int r = 0; r < R; ++r) {
+          const float s0 = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + g0);
+          const float s1 = both ? load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + g0 + 1) : 0.f;
+          add_sums(acc, r, [&](int m) {
+            return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(unit[m * G + g0] * s0),
+                                        _mm512_set1_ps(both ? unit[m * G + g0 + 1] * s1 : 0.f));
+          });
+        }
       }
-      zeros.upto(tot, std::min(G, g0 + 2));
-    }
-  } else {
-    for (int64_t grp = slice.g_begin; grp < slice.g_end; ++grp) {
-      __m512i acc[R][MR][kW8Parts];
-      zero(acc);
-      for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, 64);
-      for (int r = 0; r < R; ++r) {
-        const float s = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
-        add_sums(acc, r, [&](int m) { return _mm512_set1_ps(unit[m * G + grp] * s); });
+    } else {
+      for (int64_t grp = b0; grp < b1; ++grp) {
+        __m512i acc[R][MR][kW8Parts];
+        zero(acc);
+        for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, 64);
+        for (int r = 0; r < R; ++r) {
+          const float s = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
+          add_sums(acc, r, [&](int m) { return _mm512_set1_ps(unit[m * G + grp] * s); });
+        }
       }
-      zeros.upto(tot, grp + 1);
     }
+    add_zero_terms<R, MR>(tot, p, n0, xsum, 0.f, b0, b1 - b0);
   }
-  zeros.rest(tot, slice.g_end);
   write_totals<R, MR>(tot, out, ld, add);
 }
 
