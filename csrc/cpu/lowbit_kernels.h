@@ -274,7 +274,7 @@ int64_t scaled_pass_rows(int64_t M);
 // form has them (q * scale + zero rounded), in natural order into p.w_out [N, K].
 void dequantize_bf16(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
 // Activations (fp32 or bf16) as three int8 digit planes of a per-group fixed point (AMX-INT8,
-// tdpbusd against the codes as unsigned bytes). Whether digit_rows() takes the layout (that of
+// tdpbssd against the codes as centred signed bytes). Whether digit_rows() takes the layout (that of
 // rows() with K and group_size multiples of 64, groups of at most 65536 codes).
 bool digit_layout(int bits, int64_t group_size, int64_t K);
 // Blocks of activation rows for M rows (five rows each, their planes side by side in one tile;

@@ -370,7 +370,7 @@ constexpr int64_t amx_min_rows(int bits, bool pair_codes) {
 // 0.108-0.116 / 0.138-0.143.
 constexpr int64_t kAmxFp32MinRows = 3;
 // Where the layout allows (isa_amx::digit_layout), fp32 rows go as three int8 digit planes on the
-// AMX-INT8 tiles instead (amx_digits: 64 codes per tdpbusd, a 3-operation decode per 64 codes), five
+// AMX-INT8 tiles instead (amx_digits: 64 codes per tdpbssd, a 4-operation decode per 64 codes), five
 // rows per tile, faster than the parts (session 48, one thread, ms, bf16 parts / digits): 4096 x
 // 4096 W4 M = 3 1.02-1.04 / 0.90-1.08, M = 5 1.04-1.12 / 0.88-1.08, M = 16 2.29-2.45 / 1.60-1.64 (W2
 // 2.87-2.98 / 1.58-1.63, W8 2.94-3.02 / 1.67-2.59), M = 64 7.5-9.0 / 4.98-5.11, W2 M = 3 1.25-1.38 /

@@ -299,7 +299,7 @@ inline PanelSums in_scratch(void* ctmp) { return {static_cast<float*>(ctmp), 16,
 
 // Sums over k-blocks [kb0, kb0 + blocks) (decoded in w from kb0 on) for one panel and MTiles (1 or
 // 2) activation tiles from mt, into the tiles at c (`add`: added to what they hold, else set). Int8:
-// codes as unsigned bytes (64 per k-block) against int8 digits with tdpbusd, int32 sums; else bf16
+// codes as centred signed bytes (64 per k-block) against int8 digits with tdpbssd, int32 sums; else bf16
 // codes (32 per k-block) with tdpbf16ps, fp32 sums. Either way a k-block of the panel is 2 KiB and
 // an activation tile 1 KiB.
 template <int MTiles, bool Int8>
@@ -534,12 +534,14 @@ void panel_groups(const LowbitProblem& p, int64_t n_begin, int64_t n_end, int64_
 // group (unit 2^e, |x| / unit < 2^22 for the group's largest |x|): each value within 2^-23 of that
 // largest |x|, as fp32 sums are. (Two planes, 2^-15, would let a group's outlier of 100 times its
 // other values cost bf16 rows their 1e-3.) An activation tile's 16 columns are five rows' planes
-// side by side (the last column zero), the B operand of tdpbusd against the weight's codes as
-// unsigned bytes: exact int32 sums, 64 codes per instruction where tdpbf16ps takes 32, and a
-// decode of one vpermb, one vpmultishiftqb and one and per 64 codes (8-bit codes: a copy). Each
-// group's column sums are scaled by their plane's unit 256^j 2^e, then as the bf16 tiles' sums:
-// y += scale * sum(q x) + zero * sum(x), the planes added in store_rows (side by side; apart,
-// below, before the scaling).
+// side by side (the last column zero), the B operand of tdpbssd against the weight's codes as
+// signed bytes q - 2^(B - 1) (decode_bytes, centre_zeros): exact int32 sums, 64 codes per
+// instruction where tdpbf16ps takes 32, and a decode of one vpermb, one vpmultishiftqb, one and
+// and one subtract per 64 codes (8-bit codes: an xor). Each group's column sums are scaled by
+// their plane's unit 256^j 2^e, then as the bf16 tiles' sums: y += scale * sum(q x) + zero *
+// sum(x), the planes added in store_rows (side by side, the group sum with the top plane, whose
+// sums carry the group's magnitude, so the two cancel group by group; apart, below, before the
+// scaling).
 constexpr int64_t kDigitBlockK = 64;  // codes per int8 k-block (one A tile row)
 constexpr int kDigitPlanes = 3;
 // Or each plane of a block of 16 rows has a tile of its own (`apart`: tile 3 b + q holds plane q of
@@ -880,6 +882,8 @@ bool prepare_digits(const T* x, int64_t M, int64_t K, int64_t group_size, int64_
             v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
           }
         }
+        // With the top plane's column: its sums carry the group's magnitude, which the zero term
+        // cancels (side by side each plane's column is totalled apart until store_rows).
         sums[column_of(j, P - 1)] += _mm512_reduce_add_ps(sum) * std::ldexp(1.f, -static_cast<int>(shift[j]));
       }
       for (int b = 0; b < block_tiles; ++b) {
