@@ -182,7 +182,6 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
     });
   };
   constexpr float off = kCodeOffset<B, F>;  // folded into the zero terms (add_zero_terms)
-  int64_t zeros_done = slice.g_begin;        // groups whose zero terms are in
   if (gsize >= cc) {
     // Whole chunks per group: sum a group's chunks, then scale.
     const int64_t per_group = gsize / cc;
@@ -204,7 +203,6 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         }
       }
       add_zero_terms<R, MR>(tot, p, n0, xsum, off, b0, b1 - b0);
-      zeros_done = b1;
     }
   } else {
     // Several groups per chunk: each u32 lane of a pair vector holds codes of one group, and
@@ -226,7 +224,8 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
     // dependent vdpbf16ps per chunk; with enough, one saves the add.
     constexpr int P = R * MR >= 8 ? 1 : 2;
     const int64_t tail_lanes = bf16_tail_lanes(B, p.K);  // 16: no compact last chunk (3/4/8 bits: always)
-    // Blocks of whole chunks, kZeroTermGroups groups or fewer, each followed by its zero terms.
+    // Blocks of whole chunks, kZeroTermGroups groups or fewer (a chunk holds at most 16: one per
+    // lane), each followed by its zero terms.
     const int64_t loop_chunks = tail_lanes < 16 ? chunks - 1 : chunks;
     const int64_t block_chunks = std::max<int64_t>(1, kZeroTermGroups / per_chunk);
     for (int64_t c0 = 0; c0 < loop_chunks; c0 += block_chunks) {
@@ -258,7 +257,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         // Four pair vectors or fewer: the rows outside, every pair decoded first (a chunk's nv * MR
         // activation vectors stay in registers across the rows). Unrolled by hand: left to itself
         // the compiler kept the loop, with the totals in memory (3/4/8 bits at M = 4: 5-15% slower).
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
           const __m512 sc = scales(r);
@@ -287,8 +286,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
           }
         }
       }
-      zeros_done = std::min(G, c1 * per_chunk);
-      add_zero_terms<R, MR>(tot, p, n0, xsum, off, c0 * per_chunk, zeros_done - c0 * per_chunk);
+      add_zero_terms<R, MR>(tot, p, n0, xsum, off, c0 * per_chunk, std::min(G, c1 * per_chunk) - c0 * per_chunk);
     }
     if constexpr (B == 2) {
       if (tail_lanes < 16) {
@@ -326,11 +324,10 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
             tot[r][m] = _mm512_fmadd_ps(a, sv, tot[r][m]);
           }
         }
+        add_zero_terms<R, MR>(tot, p, n0, xsum, off, c * per_chunk, groups);
       }
     }
   }
-  for (; zeros_done < slice.g_end; zeros_done += kZeroTermGroups)  // the compact last chunk's
-    add_zero_terms<R, MR>(tot, p, n0, xsum, off, zeros_done, std::min(kZeroTermGroups, slice.g_end - zeros_done));
   write_totals<R, MR>(tot, out, ld, add);
 }
 

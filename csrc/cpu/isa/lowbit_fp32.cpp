@@ -693,7 +693,7 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
       // g128 0.120 -> 0.062 ms, W8 0.072 -> 0.064); so W2 ran 15% slower, M = 3 up to 1.4x, M = 1
       // no faster.
       if constexpr (MB == 2 && B >= 4) {
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (; j + L * U <= vec_end; j += L * U) steps_at(j);
       } else {
         for (; j + L * U <= vec_end; j += L * U) steps_at(j);
