@@ -707,25 +707,45 @@ def test_lowbit_bf16_non_finite_activations(bits, m):
         assert not torch.isfinite(ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, None)[m - 1]).any()
 
 
-# The 8-bit VNNI path (AVX-512 VNNI, M = 1, groups of whole 64-byte chunks): the activation row
-# as three signed bytes of a per-group 22-bit fixed point against the codes as packed, for
-# K < 2048. Rows four at a time (tails of 1..3), groups of one to four chunks, the longest K.
-_W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792), (33, 128, 1920), (3, 64, 64)]
-# 4-bit codes: K and groups multiples of 128 (whole 64-byte chunks of nibbles), or groups of 64 (two a
-# chunk; K = 576 and 64 end in half a chunk).
+# The VNNI path (AVX-512 VNNI, M = 1-2): the activation row as three signed bytes of a per-group
+# 22-bit fixed point against the codes as packed (bf16 rows of 8-bit codes: K < 2048). Rows four
+# at a time (tails of 1..3), groups of one to four 64-byte chunks, or of a half, a quarter, ...
+# of one (their sums side by side in a chunk's lanes), rows that end in part of a chunk.
+# 8-bit codes: groups of 32 and 16 (K = 96 ends in half a chunk, 1936 in a quarter).
+_W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792), (33, 128, 1920), (3, 64, 64),
+                    (45, 32, 576), (5, 32, 96), (9, 16, 1936)]
+# 4-bit codes: K and groups multiples of 128 (whole 64-byte chunks of nibbles), or groups of 64, 32
+# or 16 (K = 576 and 64 end in half a chunk, 1568 in a quarter, 1040 in an eighth).
 _W4_VNNI_LAYOUTS = [(45, 128, 384), (46, 256, 1792), (33, 128, 1920), (3, 128, 128), (7, 384, 768), (45, 64, 576),
-                    (3, 64, 64), (33, 64, 640), (46, 64, 1984), (9, 128, 2304)]
-# 2-bit codes: K and groups multiples of 256 (whole chunks of four fields), or groups of 128 (two a
-# chunk; K = 640 and 128 end in half a chunk); bf16 rows of 2- and 4-bit codes at any K.
+                    (3, 64, 64), (33, 64, 640), (46, 64, 1984), (9, 128, 2304), (45, 32, 576), (7, 32, 1568),
+                    (33, 16, 1040)]
+# 2-bit codes: K and groups multiples of 256 (whole chunks of four fields), or groups of 128, 64,
+# 32 or 16 (K = 640 and 128 end in half a chunk, 576 in a quarter, 1984 in three quarters, 608 in
+# three eighths; 19 groups of 32 span two blocks of zero terms); bf16 rows of 2- and 4-bit codes
+# at any K.
 _W2_VNNI_LAYOUTS = [(45, 256, 512), (46, 512, 1536), (7, 768, 1536), (45, 128, 384), (3, 128, 128), (33, 128, 640),
-                    (46, 128, 1920), (9, 128, 2176)]
+                    (46, 128, 1920), (9, 128, 2176), (45, 64, 576), (7, 64, 1984), (33, 32, 608), (3, 16, 48),
+                    (46, 32, 4096)]
+# 3-bit codes (with VBMI): groups of whole 128-code chunks (48 bytes, two planes of 64 codes) or of
+# 64, 32 and 16 codes (K = 576 ends in half a chunk, 608 in a quarter, 1936 in an eighth; K = 32 is
+# a quarter), K = 4096 for bf16 rows.
+_W3_VNNI_LAYOUTS = [(45, 64, 576), (7, 128, 1536), (46, 256, 1792), (33, 32, 608), (9, 16, 1936), (3, 32, 32),
+                    (5, 64, 4096)]
 _VNNI_LAYOUTS = [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS] + [
-    (2, *c) for c in _W2_VNNI_LAYOUTS]
+    (2, *c) for c in _W2_VNNI_LAYOUTS] + [(3, *c) for c in _W3_VNNI_LAYOUTS]
 
 
-def _needs_w8_vnni() -> None:
+def _cpu_has_vbmi() -> bool:
+    """Whether the CPU has AVX-512 VBMI, from /proc/cpuinfo (the tests' own look at cpuid)."""
+    with open("/proc/cpuinfo") as f:
+        return "avx512vbmi" in f.read().split()
+
+
+def _needs_w8_vnni(bits: int = 8) -> None:
     if "avx512_vnni" not in cpp._C.lowbit_isas():
-        pytest.skip("this CPU has no AVX-512 VNNI: the 8-bit VNNI path never runs here")
+        pytest.skip("this CPU has no AVX-512 VNNI: the VNNI path never runs here")
+    if bits == 3 and not _cpu_has_vbmi():
+        pytest.skip("this CPU has no AVX-512 VBMI: the VNNI path takes no 3-bit codes here")
 
 
 def test_lowbit_w8_vnni_choice():
@@ -740,13 +760,17 @@ def test_lowbit_w8_vnni_choice():
     assert not cpp._C.lowbit_w8_vnni(1, 8, 128, 1, 1536)  # fp16 rows: the fp32 kernels
     assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 4, 256, 2, 1792)
     assert cpp._C.lowbit_w8_vnni(2, 4, 64, 1, 576)  # 4-bit codes in groups of half a chunk
-    assert not cpp._C.lowbit_w8_vnni(2, 4, 32, 1, 1536)  # or less
+    assert cpp._C.lowbit_w8_vnni(2, 4, 32, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 4, 16, 2, 1536)  # or less
+    assert not cpp._C.lowbit_w8_vnni(2, 4, 8, 1, 1536)  # down to 16 codes
     assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 4096)  # of 4-bit codes at any K
     assert cpp._C.lowbit_w8_vnni(2, 2, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 2, 256, 2, 4096)  # 2-bit codes
-    assert not cpp._C.lowbit_w8_vnni(2, 2, 64, 1, 1536)  # in groups of a quarter of a chunk
-    assert not cpp._C.lowbit_w8_vnni(2, 3, 128, 1, 1536)  # 3-bit codes
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 32, 1, 1536)  # groups of part of a 64-byte chunk
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 96, 1, 576)
+    assert cpp._C.lowbit_w8_vnni(2, 2, 64, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 2, 32, 1, 1536)
+    assert cpp._C.lowbit_w8_vnni(2, 3, 128, 1, 1536) == _cpu_has_vbmi()  # 3-bit codes with VBMI
+    assert cpp._C.lowbit_w8_vnni(0, 3, 32, 2, 576) == _cpu_has_vbmi()
+    assert not cpp._C.lowbit_w8_vnni(0, 3, 8, 1, 576) and not cpp._C.lowbit_w8_vnni(0, 3, 96, 1, 576)
+    assert cpp._C.lowbit_w8_vnni(2, 8, 32, 1, 1536)  # 8-bit codes in groups of part of a 64-byte chunk
+    assert not cpp._C.lowbit_w8_vnni(2, 8, 96, 1, 576)  # but not of one and a half
+    assert not cpp._C.lowbit_w8_vnni(2, 4, 192, 1, 576) and not cpp._C.lowbit_w8_vnni(2, 2, 96, 1, 576)
     # By cpuid: the VNNI instruction sets take it (also without BF16), the others never.
     default = cpp._C.lowbit_isa()
     try:
@@ -761,7 +785,7 @@ def test_lowbit_w8_vnni_choice():
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m", (1, 2))
 def test_lowbit_w8_vnni_layouts(bits, n, group, k, scale_dtype, m):
-    _needs_w8_vnni()
+    _needs_w8_vnni(bits)
     assert cpp._C.lowbit_w8_vnni(2, bits, group, m, k)
     g = _gen(n + group + k + m + bits)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
@@ -796,7 +820,7 @@ def _fp32_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None)
 def test_lowbit_w8_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     # fp32 rows on the fixed point keep the fp32 promise: each value within 2^-23 of its group's
     # largest, exact integer sums; each row's groups with their own units (a row 1000x the other).
-    _needs_w8_vnni()
+    _needs_w8_vnni(bits)
     assert cpp._C.lowbit_w8_vnni(0, bits, group, m, k)
     g = _gen(n + group + k + m + bits + 7)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
@@ -808,12 +832,13 @@ def test_lowbit_w8_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     assert ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max() <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize("bits,group,k", [(8, 128, 1536), (8, 64, 576), (4, 128, 1536), (4, 64, 576), (2, 128, 1536)])
+@pytest.mark.parametrize("bits,group,k", [(8, 128, 1536), (8, 64, 576), (4, 128, 1536), (4, 64, 576), (2, 128, 1536),
+                                         (8, 32, 576), (4, 32, 576), (2, 64, 576), (3, 64, 576), (3, 32, 1536)])
 def test_lowbit_w8_vnni_fp32_hard_rows(bits, group, k):
     # Groups the fixed point cannot hold within 1e-5 (an outlier far above the group's mean, a
     # largest |x| below 2^-64) go to the fp32 kernels; every row keeps the fp32 promise, alone and
     # beside another row.
-    _needs_w8_vnni()
+    _needs_w8_vnni(bits)
     g = _gen(k + group + bits + 3)
     qw = quantize_weight(torch.randn(64, k, generator=g), bits, group)
     rows = list(_hard_rows(k, g).items()) + [("a row of 1e-30", torch.randn(1, k, generator=g) * 1e-30)]
@@ -875,13 +900,14 @@ def _hard_rows(k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("bits,n,group,k", [(8, 64, 128, 1536), (8, 64, 64, 576), (4, 64, 128, 1536), (4, 64, 64, 576),
-                                            (2, 64, 128, 1536), (2, 64, 256, 1536)])
+                                            (2, 64, 128, 1536), (2, 64, 256, 1536), (8, 64, 32, 576), (4, 64, 32, 576),
+                                            (2, 64, 64, 576), (3, 64, 64, 576), (3, 64, 128, 1536)])
 def test_lowbit_w8_vnni_hard_activations(bits, n, group, k):
     # The fixed point keeps every value of at least 2^-14 of its group's largest exactly and
     # moves smaller ones by at most 2^-22 of it: against the reference op (both round to bf16)
     # the error must stay well inside the op's 1e-3 promise (bf16 roundings that flip make
     # up most of it), and against the exact result within 1e-3 beyond the output's rounding.
-    _needs_w8_vnni()
+    _needs_w8_vnni(bits)
     # Each row alone, then each beside the next (two rows, each with its own units and sums).
     assert cpp._C.lowbit_w8_vnni(2, bits, group, 2, k)
     g = _gen(k + group + bits)
@@ -898,12 +924,12 @@ def test_lowbit_w8_vnni_hard_activations(bits, n, group, k):
             assert _rel_err(y[row : row + 1], want64) <= _w8_tolerance(want64), (name, row)
 
 
-@pytest.mark.parametrize("bits", (8, 4, 2))
+@pytest.mark.parametrize("bits", (8, 4, 3, 2))
 def test_lowbit_w8_vnni_non_finite_activations(bits):
     # NaN or infinity in x: the fixed point has no room for them, so the bf16 kernels run and
     # no output is finite (the reference gives NaN or +-inf; the bf16 kernels' s * sum(q x) +
     # z * sum(x) turns an infinity into NaN).
-    _needs_w8_vnni()
+    _needs_w8_vnni(bits)
     assert cpp._C.lowbit_w8_vnni(2, bits, 128, 2, 256)
     # With two rows, the other row's outputs stay finite and right.
     g = _gen(11)
@@ -920,11 +946,11 @@ def test_lowbit_w8_vnni_non_finite_activations(bits):
         assert _rel_err(y2[:1], _lowbit_want64(x2[:1], qw, None)) <= _w8_tolerance(_lowbit_want64(x2[:1], qw, None))
 
 
-@pytest.mark.parametrize("bits,group", [(8, 128), (4, 64), (2, 128)])
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 64), (2, 128), (2, 32), (3, 64)])
 def test_lowbit_w8_vnni_fp32_non_finite_activations(bits, group):
     # fp32 rows with a NaN or an infinity leave the fixed point to the fp32 kernels: every output of
     # that row is NaN or infinite as the reference's, and a finite row beside it keeps 1e-5.
-    _needs_w8_vnni()
+    _needs_w8_vnni(bits)
     assert cpp._C.lowbit_w8_vnni(0, bits, group, 2, 512)
     g = _gen(13 + bits)
     qw = quantize_weight(torch.randn(32, 512, generator=g), bits, group)
@@ -1078,7 +1104,7 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     # rows of 8-bit codes and 3-5 of the natural decode's 2-4-bit codes where K and the group
     # size are multiples of 64)
     # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels, or
-    # in rows below 2048 codes and groups of whole 64-byte chunks, one or two rows, the VNNI path
+    # in rows below 2048 codes, one or two rows (groups of 64-byte chunks or parts of one), the VNNI path
     # (as with the AVX-512 BF16 kernels; longer fp32 rows go there as fp32, as on a CPU with VNNI
     # alone): the paths' fp32 sums differ in the last bits, so which one ran shows in the fp32
     # output of bf16-valued fp32 rows (the "medium" path).
@@ -1092,7 +1118,7 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     vector = _best_vector_bf16_isa()
     for bits, group, m, path in ((4, 128, 3, "tiles"), (4, 64, 4, "tiles"), (4, 64, 3, "tiles"), (4, 64, 2, vector),
                                  (4, 32, 3, vector), (4, 128, 2, vector), (2, 128, 2, vector),
-                                 (8, 128, 3, "tiles"), (8, 128, 2, "avx512_bf16"), (8, 32, 2, "tiles"),
+                                 (8, 128, 3, "tiles"), (8, 128, 2, "avx512_bf16"), (8, 32, 2, "avx512_bf16"),
                                  (8, 128, 1, "avx512_vnni"), (8, 16, 4, "avx512"), (2, 128, 16, "tiles"),
                                  (2, 64, 4, "tiles"), (2, 128, 3, "tiles"), (3, 128, 3, "tiles"), (3, 64, 2, vector),
                                  (4, 16, 16, vector)):
@@ -1193,16 +1219,15 @@ def each_isa():
     cpp._C.set_lowbit_isa(default)
 
 
-@pytest.mark.parametrize("bits,group,k", [(2, 32, 384), (3, 32, 384), (3, 128, 640), (4, 32, 896), (4, 16, 512)])
+@pytest.mark.parametrize("bits,group,k", [(4, 8, 384), (4, 8, 904)])
 def test_one_fp32_row_runs_as_bf16_parts_on_the_bf16_kernels(each_isa, bits, group, k):
     # M = 1 with fp32 activations goes to the bf16 kernels as three bf16 parts of the row: as exact
     # as the fp32 kernels (far inside 1e-5 with the fine decode; 2-bit sums missed it with the
     # bf16 path's offset of 128), but not their summation, so the two results are not identical.
-    # (4-bit codes in groups of 64 or of multiples of 128 take the VNNI path first.)
+    # (2- and 4-bit codes in groups of 16 codes or more, and with VBMI 3-bit codes, take the VNNI
+    # path first: only 4-bit codes in groups of 8 are left here.)
     _needs_bf16_kernels()
     best = _best_vector_bf16_isa()
-    if bits == 3 and best != "avx512_bf16_vbmi":
-        pytest.skip("3-bit codes take the bf16 kernels only with VBMI")
     worst = 0.0
     for seed in range(6):
         x, qw, b = _lowbit_case(45, k, 1, bits, group, torch.float32, bias=seed % 2 == 0, seed=seed)

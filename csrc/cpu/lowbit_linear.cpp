@@ -3,12 +3,13 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one or two bf16 or fp32 activation rows on AVX-512 VNNI CPUs with 8-bit codes in groups of
-//   whole 64-byte chunks (bf16 rows: K < 2048), or 2- / 4-bit codes with K and groups multiples of
-//   256 / 128 or in groups of 128 / 64, groups below 2048 codes (lowbit_w8_vnni): each row as
-//   three signed bytes of a per-group 22-bit fixed point against the codes as packed (vpdpbusd,
-//   exact int32 sums; isa/lowbit_w8_vnni.cpp; fp32 groups whose values the fixed point cannot
-//   carry within 1e-5 go on below);
+// * one or two bf16 or fp32 activation rows on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
+//   VBMI also 3-bit codes) in groups of whole chunks (64 / 128 / 256 / 128 codes at 8 / 4 / 2 / 3
+//   bits, K too) or of a half, quarter, ... of one down to 16 codes, groups below 2048 codes, bf16
+//   rows of 8-bit codes K < 2048 (lowbit_w8_vnni): each row as three signed bytes of a per-group
+//   22-bit fixed point against the codes as packed (vpdpbusd, exact int32 sums;
+//   isa/lowbit_w8_vnni.cpp; fp32 groups whose values the fixed point cannot carry within 1e-5 go
+//   on below);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
 //   tiles, bits 2/3/4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 2 bits, and 4
 //   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128
@@ -57,7 +58,7 @@ struct Isa {
   LowbitRowsFn bf16_rows;
   Bf16PrepareFn bf16_prepare;  // with bf16_rows: its activation order and group sums
   const Int8Kernels* int8;
-  bool w8_vnni;  // the 8-bit VNNI path (isa/lowbit_w8_vnni.cpp) for bf16 activations
+  const VnniKernels* vnni;  // the VNNI path (isa/lowbit_w8_vnni.cpp), or none
   bool bf16_w3;  // bf16_rows takes 3-bit codes (built with VBMI)
   bool amx = false;  // 2/3/4/8-bit codes from amx_min_rows activation rows on AMX tiles (isa/lowbit_amx.cpp)
   // Below the tiles the fp32 (FMA) kernels take one fp32 row of 2-4-bit codes (not three bf16
@@ -80,7 +81,8 @@ bool cpu_has(const char* what) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
   if (w == "avx512_vnni") return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
   if (w == "avx512_bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
-  if (w == "avx512_bf16_vbmi") return cpu_has("avx512_bf16") && __builtin_cpu_supports("avx512vbmi");
+  if (w == "avx512_vbmi") return cpu_has("avx512") && __builtin_cpu_supports("avx512vbmi");
+  if (w == "avx512_bf16_vbmi") return cpu_has("avx512_bf16") && cpu_has("avx512_vbmi");
 #if defined(SK_HAVE_AMX)
   if (w == "avx512_amx") return cpu_has("avx512_bf16") && isa_amx::available();
 #endif
@@ -93,30 +95,33 @@ bool cpu_has(const char*) { return false; }
 const std::vector<Isa>& isas() {
   static const std::vector<Isa> all = [] {
     std::vector<Isa> v{
-        {"generic", true, &isa_generic::lowbit_kernels(), nullptr, nullptr, &isa_generic::int8_kernels(), false,
+        {"generic", true, &isa_generic::lowbit_kernels(), nullptr, nullptr, &isa_generic::int8_kernels(), nullptr,
          false}};
 #if defined(SK_HAVE_X86_ISAS)
-    v.push_back(
-        {"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, nullptr, &isa_avx2::int8_kernels(), false, false});
+    v.push_back({"avx2", cpu_has("avx2"), &isa_avx2::lowbit_kernels(), nullptr, nullptr, &isa_avx2::int8_kernels(),
+                 nullptr, false});
     v.push_back({"avx512", cpu_has("avx512"), &isa_avx512::lowbit_kernels(), nullptr, nullptr,
-                 &isa_avx512::int8_kernels(), false, false});
-    // VNNI speeds up the int8 kernels and the 8-bit lowbit path; BF16 the other lowbit kernels
-    // (and keeps VNNI where present).
+                 &isa_avx512::int8_kernels(), nullptr, false});
+    // VNNI speeds up the int8 kernels and adds the VNNI path (with VBMI also for 3-bit codes);
+    // BF16 the other lowbit kernels (and keeps VNNI where present).
     const bool vnni = cpu_has("avx512_vnni");
+    const VnniKernels* vnni_path = !vnni                 ? nullptr
+                                   : cpu_has("avx512_vbmi") ? &isa_avx512vnnivbmi::vnni_kernels()
+                                                            : &isa_avx512vnni::vnni_kernels();
     const Int8Kernels* best512 = vnni ? &isa_avx512vnni::int8_kernels() : &isa_avx512::int8_kernels();
     v.push_back(
-        {"avx512_vnni", vnni, &isa_avx512::lowbit_kernels(), nullptr, nullptr, &isa_avx512vnni::int8_kernels(), vnni,
-         false});
+        {"avx512_vnni", vnni, &isa_avx512::lowbit_kernels(), nullptr, nullptr, &isa_avx512vnni::int8_kernels(),
+         vnni_path, false});
     v.push_back({"avx512_bf16", cpu_has("avx512_bf16"), &isa_avx512::lowbit_kernels(), isa_avx512bf16::bf16_rows(),
-                 isa_avx512bf16::bf16_prepare(), best512, vnni, false});
+                 isa_avx512bf16::bf16_prepare(), best512, vnni_path, false});
     // VBMI adds the 3-bit decode to the bf16 kernels (the same source built with -mavx512vbmi).
     v.push_back({"avx512_bf16_vbmi", cpu_has("avx512_bf16_vbmi"), &isa_avx512::lowbit_kernels(),
-                 isa_avx512bf16vbmi::bf16_rows(), isa_avx512bf16vbmi::bf16_prepare(), best512, vnni, true});
+                 isa_avx512bf16vbmi::bf16_rows(), isa_avx512bf16vbmi::bf16_prepare(), best512, vnni_path, true});
     // AMX adds tiles for 2/3/4/8-bit codes at larger M to the best bf16 kernels.
     const bool vbmi = cpu_has("avx512_bf16_vbmi");
     v.push_back({"avx512_amx", cpu_has("avx512_amx"), &isa_avx512::lowbit_kernels(),
                  vbmi ? isa_avx512bf16vbmi::bf16_rows() : isa_avx512bf16::bf16_rows(),
-                 vbmi ? isa_avx512bf16vbmi::bf16_prepare() : isa_avx512bf16::bf16_prepare(), best512, vnni, vbmi, true,
+                 vbmi ? isa_avx512bf16vbmi::bf16_prepare() : isa_avx512bf16::bf16_prepare(), best512, vnni_path, vbmi, true,
                  true});
 #endif
     return v;
@@ -333,13 +338,18 @@ bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
 template <typename T>
 bool w8_vnni_rows(const T* x, int64_t group_size, LowbitProblem& p) {
   if (!lowbit_w8_vnni(std::is_same_v<T, float> ? kFloat32 : kBFloat16, p.bits, group_size, p.M, p.K)) return false;
+  const VnniKernels& vnni = *isas()[chosen().load()].vnni;
   thread_local W8Activations act;
-  if (!isa_avx512vnni::w8_activations(x, p.M, p.K, group_size, p.bits, act)) return false;
+  bool ok;
+  if constexpr (std::is_same_v<T, float>)
+    ok = vnni.fp32_activations(x, p.M, p.K, group_size, p.bits, act);
+  else
+    ok = vnni.bf16_activations(x, p.M, p.K, group_size, p.bits, act);
+  if (!ok) return false;
   p.x8 = act.x8.data();
   p.x8_unit = act.unit.data();
   p.xsum = act.xsum.data();
-  const LowbitRowsFn rows = isa_avx512vnni::w8_rows();
-  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { rows(p, n0, n1); });
+  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { vnni.rows(p, n0, n1); });
   return true;
 }
 
@@ -651,8 +661,8 @@ std::string set_lowbit_isa(const std::string& name) {
 }
 
 bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
-  return (dtype == kBFloat16 || dtype == kFloat32) && isas()[chosen().load()].w8_vnni &&
-         w8_vnni_layout(bits, group_size, M, K, dtype == kFloat32);
+  const VnniKernels* vnni = isas()[chosen().load()].vnni;
+  return (dtype == kBFloat16 || dtype == kFloat32) && vnni && w8_vnni_layout(bits, group_size, M, K, dtype == kFloat32, vnni->w3);
 }
 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {

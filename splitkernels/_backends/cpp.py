@@ -27,13 +27,13 @@ Agreement with :mod:`splitkernels.ops.reference`:
   as a dense bf16 ``F.linear`` holds it (no dense weight copy either way); on AMX tiles, where the
   per-group step costs more, from ``amx_scaled_min_rows`` (groups of 32: 8 rows, 64: 80, 128: 192,
   larger: 256). One or two bf16 or fp32 rows
-  against 8-bit codes (groups of whole 64-byte chunks, bf16 rows below 2048 codes; 4- and 2-bit
-  codes where K and the group are multiples of 128 and 256 or in groups of 64 and 128) on AVX-512
-  VNNI CPUs
+  against 8-, 4- and 2-bit codes (and 3-bit codes with VBMI) in groups of whole 64-byte chunks
+  (3 bits: 48 bytes; K too) or of a half, a quarter, ... of one down to 16 codes (bf16 rows of
+  8-bit codes below 2048 codes) on AVX-512 VNNI CPUs
   (``_C.lowbit_w8_vnni``) go as three signed bytes of a per-group 22-bit fixed point
   (bf16 values of at least 2^-14 of their group's largest exact, others within 2^-23 of it; fp32
   groups whose largest value passes 32 times their mean, or lies below 2^-64, go on as below)
-  against the codes as packed (vpdpbusd), with no decode; fp32 activations (and fp16,
+  against the codes as packed (vpdpbusd), with no decode (3-bit codes: spread into bytes); fp32 activations (and fp16,
   converted) use FMA kernels that do the same for M <= 6 and otherwise dequantise blocks of
   weight rows (``q*scale + zero``, one FMA) a slice of K at a time for a register-blocked GEMM
   micro-kernel that broadcasts each weight value against tiles of 8 activation rows. From

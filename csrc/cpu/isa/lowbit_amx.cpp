@@ -28,6 +28,7 @@
 #include "common/half.h"
 #include "cpu/isa/avx512_rows.h"
 #include "cpu/isa/bf16_codes.h"
+#include "cpu/isa/code_fields.h"
 #include "cpu/isa/transpose16.h"
 #include "cpu/lowbit_kernels.h"
 
@@ -56,39 +57,6 @@ void load_tile_config() {
   _tile_loadconfig(&c);
 }
 
-// The index tables of pick_fields.
-struct FieldTables {
-  uint8_t bytes[64], fields[64];
-};
-
-// The first N bytes from src, read no further, in the narrowest vector that holds them: a wider
-// masked load still reads the lines its whole width spans, and 16-byte blocks of 2-bit codes as
-// 64-byte masked loads crossed a line three times in four (1536 x 576 W2 M = 16 fp32 rows took
-// 1.3 times W4's time).
-template <int N>
-inline __m512i load_bytes(const uint8_t* src) {
-  static_assert(N > 0 && N <= 64);
-  if constexpr (N == 16)
-    return _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  else if constexpr (N == 32)
-    return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-  else if constexpr (N < 16)
-    return _mm512_zextsi128_si512(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << N) - 1), src));
-  else if constexpr (N < 32)
-    return _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8((1u << N) - 1, src));
-  else
-    return _mm512_maskz_loadu_epi8(~0ull >> (64 - N), src);
-}
-
-// The first N bytes from src moved by vpermb (output byte i from byte t.bytes[i]), then byte i of
-// each u64 lane replaced by the 8 bits from bit t.fields[i] of the lane, rotating
-// (vpmultishiftqb): the code fields of a k-block where the caller wants them.
-template <int N>
-inline __m512i pick_fields(const uint8_t* src, const FieldTables& t) {
-  const __m512i lanes = _mm512_permutexvar_epi8(_mm512_load_si512(t.bytes), load_bytes<N>(src));
-  return _mm512_multishift_epi64_epi8(_mm512_load_si512(t.fields), lanes);
-}
-
 // One k-block of a row of B-bit codes (B = 2, 3, 4; 4 B bytes from src, the row's little-endian
 // bit stream) as bf16 codes plus kCodeOffset<B, F> in natural order: one masked load (no read
 // past the block), one vpermb that gives u64 lane l the bytes holding codes 4 l .. 4 l + 3, one
@@ -108,7 +76,7 @@ inline __m512i natural_codes(const uint8_t* src) {
       }
     return t;
   }();
-  return codes_as_bf16<B, F>(pick_fields<4 * B>(src, t));
+  return codes_as_bf16<B, F>(pick_fields(load_bytes<4 * B>(src), t));
 }
 
 // 16 8-bit codes from src as fp32.
@@ -559,23 +527,6 @@ constexpr int64_t side_by_side_tiles(int64_t M) { return (M + 16 / kDigitPlanes 
 constexpr bool digits_apart(int64_t M) { return 5 * ((M + 15) / 16) <= 2 * side_by_side_tiles(M); }
 // Activation rows per block: one tile side by side, kDigitPlanes tiles apart.
 constexpr int64_t digit_block_rows(bool apart) { return apart ? 16 : 16 / kDigitPlanes; }
-
-// One k-block of B-bit codes (B = 2, 3, 4; 8 B bytes from src) as 64 unsigned bytes in natural
-// order: vpermb gives u64 lane l the bytes from B l (its eight codes start at bit 8 B l, a whole
-// byte), vpmultishiftqb moves code i of the lane to byte i, an and keeps its B bits.
-template <int B>
-inline __m512i code_bytes(const uint8_t* src) {
-  alignas(64) static constexpr FieldTables t = [] {
-    FieldTables t{};
-    for (int l = 0; l < 8; ++l)
-      for (int i = 0; i < 8; ++i) {
-        t.bytes[8 * l + i] = static_cast<uint8_t>(B * l + i);
-        t.fields[8 * l + i] = static_cast<uint8_t>(B * i);
-      }
-    return t;
-  }();
-  return _mm512_and_si512(pick_fields<8 * B>(src, t), _mm512_set1_epi8(static_cast<char>((1 << B) - 1)));
-}
 
 // Blocks [kb0, kb1) of weight rows [n0, n0 + 32) as signed bytes q - 2^(B - 1) (centre_zeros),
 // [kb - kb0][32 rows][64 codes]; rows past N zeros.

@@ -1,4 +1,4 @@
-// 8-bit (and 4- and 2-bit) codes x one or two bf16 or fp32 activation rows (the decode step) on CPUs with
+// 8-bit (and 4-, 3- and 2-bit) codes x one or two bf16 or fp32 activation rows (the decode step) on CPUs with
 // AVX-512 VNNI, with integer products: vpdpbusd multiplies 64 unsigned bytes (the codes, as they are
 // packed) with 64 signed bytes and adds each four products into an int32 lane. 8-bit codes need no
 // decode at all, against ten vector operations per 64 codes to make bf16 values of them
@@ -11,7 +11,7 @@
 // Groups of 64 codes take half a chunk's sum lanes each, so a row may end in half a chunk (K = 576):
 // one thread, M = 1, 1536 x 576 0.037-0.039 -> 0.029-0.031 ms, 4864 x 896 0.152-0.161 ->
 // 0.120-0.128, M = 2 1536 x 576 0.054-0.057 -> 0.047-0.049; two threads 1536 x 576 M = 1 0.021-0.023 ->
-// 0.017-0.019. Groups of 32 stay on the others. 2-bit codes the same way as four fields a byte
+// 0.017-0.019. 2-bit codes the same way as four fields a byte
 // (a shift and an and per 64 codes; groups of 128 as half a chunk), and with 4-bit codes at any K,
 // also for bf16 rows (one thread, ms, before / this): bf16 W2 M = 1 576 x 1536 0.028 / 0.019, 4864
 // x 896 0.159 / 0.103, M = 2 0.244 / 0.158, 4096 x 4096 0.493 / 0.327 (weights evicted 0.520-0.537
@@ -19,6 +19,29 @@
 // 0.533-0.534 / 0.464-0.479), M = 2 0.81-0.82 / 0.64-0.65, 896 x 4864 0.130 / 0.098; fp32 W2
 // 4096 x 4096 M = 1 0.561 / 0.300, M = 2 0.752 / 0.471. 8-bit bf16 rows of K >= 2048 stay on the
 // bf16 kernels (below).
+// Groups of a quarter or less of a chunk (session 55: W2 in groups of 64 and 32, W4 of 32 and 16,
+// W8 of 32 and 16) take the same per-chunk step, each lane's unit * scale spread from the groups'
+// (one permute): one thread, ms, the fp32 kernels or bf16 kernels before / this, fp32 rows: W2 g64
+// M = 1 1536 x 576 0.042-0.051 / 0.032-0.035, 4864 x 896 0.220-0.237 / 0.115-0.131, 4096 x 4096
+// 0.81-0.83 / 0.39-0.41 (weights evicted 0.92-1.00 / 0.65-0.81), M = 2 576 x 1536 0.074-0.079 /
+// 0.036-0.042; W4 g32 M = 1 4864 x 896 0.246-0.265 / 0.136-0.150, M = 2 4096 x 4096 1.49-1.61 /
+// 0.91-0.97; W8 g32 M = 2 1536 x 576 0.095-0.103 / 0.075-0.089; bf16 rows W2 g64 4096 x 4096
+// 0.64-0.69 / 0.40-0.42, W4 g32 M = 1 0.87-0.93 / 0.50-0.63, 576 x 1536 0.036-0.044 / 0.030-0.032,
+// W8 g32 M = 2 1536 x 576 0.143-0.166 / 0.091 (the AMX tiles before). Level: bf16 W4 g32 M = 2 1536
+// x 576 0.066-0.081 / 0.069-0.072, fp32 W8 g32 M = 1 4096 x 4096 0.78-0.94 / 0.84-0.94.
+// With VBMI (the same source built with -mavx512vbmi) 3-bit codes too: a chunk of 128 codes (48
+// bytes) spreads into two planes of one byte per code (vpermb, vpmultishiftqb, and), each plane's
+// lanes a group's units (unit_slot). fp32 rows, before / this: M = 1 4096 x 4096 g128 0.97-1.13 /
+// 0.61-0.62, g32 2.13-2.20 / 0.80-1.14, 4864 x 896 0.264-0.275 / 0.179, 1536 x 576 g64
+// 0.073-0.076 / 0.050-0.064, g32 0.121-0.158 / 0.054-0.056; M = 2 4096 x 4096 1.19-1.20 /
+// 1.02-1.03, g32 3.83-4.94 / 1.27-1.28, 1536 x 576 g64 0.117-0.162 / 0.080-0.102, 4864 x 896
+// 0.309-0.312 / 0.289-0.302 (level; 576 x 1536 0.061-0.063 / 0.058-0.072); bf16 rows (the bf16
+// kernels before): M = 1 4096 x 4096 g128 0.79-0.82 / 0.63-0.64, g64 0.89-0.96 / 0.73-0.78, g32
+// 0.97-1.01 / 0.76-0.83, 4864 x 896 g32 0.256-0.266 / 0.226-0.235, 576 x 1536 0.046 / 0.037-0.038,
+// g16 0.054-0.056 / 0.048-0.051, 1536 x 576 g64 0.061-0.062 / 0.053-0.056; M = 2 4096 x 4096
+// 1.27-1.29 / 0.99-1.21, 4864 x 896 0.346-0.358 / 0.280-0.300, 1536 x 576 g64 0.091 / 0.084-0.087.
+// (Chunks of 64 codes, one plane, spent as much on each chunk's scaling step as on its products:
+// bf16 rows in groups of 32 ran 1.3-1.5x the bf16 kernels' time.)
 //
 // The activation row becomes integers per group: x = u * v with u a power of two chosen so
 // that the group's largest |x| / u lies in [2^21, 2^22), v = round(x / u), written as three
@@ -64,11 +87,59 @@
 
 #include "common/half.h"
 #include "cpu/isa/avx512_rows.h"
+#if defined(__AVX512VBMI__)
+#include "cpu/isa/code_fields.h"
+#endif
 #include "cpu/lowbit_kernels.h"
 
 namespace sk {
-namespace isa_avx512vnni {
+namespace SK_ISA_NS {
 namespace {
+
+// Whether this build takes 3-bit codes: with VBMI, a 48-byte chunk of 128 codes spreads into two
+// planes of one byte per code (vpermb, vpmultishiftqb and an and each), as 8-bit codes then.
+#if defined(__AVX512VBMI__)
+constexpr bool kThreeBits = true;
+#else
+constexpr bool kThreeBits = false;
+#endif
+
+// Planes per chunk and codes per chunk: 8 / 4 / 2 bits, one 64-byte vector of 64 / 128 / 256
+// codes, each of a byte's codes a plane of its own; 3 bits, 48 bytes of 128 codes in two planes.
+constexpr int planes_of(int bits) { return bits == 3 ? 2 : 8 / bits; }
+constexpr int64_t chunk_codes(int bits) { return 64 * planes_of(bits); }
+
+// Where a 3-bit chunk's unit u (eight codes, three bytes) goes: u64 lane `lane` of plane `plane`.
+// A plane's sum lanes must each hold one group's codes, so a group of g codes (g / 8 units) takes
+// q = g / 16 lanes of each plane (16, 32 and 64 codes; whole chunks as 64) in turn: units 2 q j ..
+// 2 q j + q - 1 of group j to plane 0, the next q to plane 1.
+struct UnitSlot {
+  int plane, lane;
+};
+constexpr UnitSlot unit_slot(int64_t u, int64_t group_size) {
+  const int64_t q = std::min<int64_t>(group_size, 128) / 16, j = u / (2 * q), r = u % (2 * q);
+  return {static_cast<int>(r / q), static_cast<int>(j * q + r % q)};
+}
+
+#if defined(__AVX512VBMI__)
+// vpermb indexes that give each u64 lane of plane 0 / 1 its unit's bytes (unit_slot), for q = 1,
+// 2, 4, 8, and the vpmultishiftqb fields that move code i of a lane to byte i.
+struct ThreeBitTables {
+  FieldTables plane[4][2];
+};
+alignas(64) constexpr ThreeBitTables kThreeBitTables = [] {
+  ThreeBitTables t{};
+  for (int e = 0; e < 4; ++e)
+    for (int u = 0; u < 16; ++u) {
+      const UnitSlot s = unit_slot(u, 16 << e);
+      for (int i = 0; i < 8; ++i) {
+        t.plane[e][s.plane].bytes[8 * s.lane + i] = static_cast<uint8_t>(3 * u + i);
+        t.plane[e][s.plane].fields[8 * s.lane + i] = static_cast<uint8_t>(3 * i);
+      }
+    }
+  return t;
+}();
+#endif
 
 // Signed bytes per activation value: hi, mid, lo of the 22-bit fixed point.
 constexpr int kW8Parts = 3;
@@ -77,15 +148,32 @@ constexpr int kW8Parts = 3;
 // evicted, fp32 rows: 4096 x 4096 W4 M = 1 0.92-1.01 / 0.71-0.81, 896 x 4864 0.27-0.28 /
 // 0.22-0.24; weights in cache level, 4096 x 4096 bf16 W4 0.48-0.56 / 0.41-0.49).
 constexpr int64_t kPrefetchBytes = 2048;
+// How far ahead a row's scales and zeros are prefetched where groups are part of a chunk (two to
+// eight groups a chunk: as many scale streams as weight rows, a quarter of the weight's bytes at
+// 4-bit g32 with fp32 scales). One thread, weights evicted, ms, without / with: 4096 x 4096 W4 g32
+// M = 1 1.13-1.35 / 1.11-1.21, g64 0.90-1.08 / 0.87-1.00 (bench/results/ops/s55/experiments.txt).
+constexpr int64_t kAffinePrefetchBytes = 256;
 // Weight rows per block at M = 1: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than
 // two, 0-40% faster than three, twice as fast as six); at M = 2 two (run_w8_rows).
 // out[r] = y of weight row n0 + r (r < R) before bias.
 template <int B, int R, int MR>
 void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
               bool add) {
-  constexpr int kPlanes = 8 / B;  // codes per byte, each a plane of the chunk (lowest bits first)
-  const int64_t G = p.G, chunks_per_group = p.group_size / (64 * kPlanes);
+  constexpr int kPlanes = planes_of(B);  // a chunk's planes (2-8 bits: a byte's codes, lowest bits first)
+  constexpr int64_t kChunkBytes = chunk_codes(B) * B / 8;
+  const int64_t G = p.G, chunks_per_group = p.group_size / chunk_codes(B);
+  // Groups of part of a chunk (groups_per_chunk of them; 0 or 1: of whole chunks): sum lane i
+  // belongs to the chunk's group i / (16 / groups_per_chunk).
+  const int64_t groups_per_chunk = chunk_codes(B) / p.group_size;
+  const int lane_shift = groups_per_chunk > 1 ? __builtin_ctzll(16 / groups_per_chunk) : 0;
+  const __m512i lane_group = _mm512_srlv_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(lane_shift));
+  const int64_t scale_bytes = p.scale_dtype == kFloat32 ? 4 : 2;
   const __m512i field = _mm512_set1_epi8(static_cast<char>((1 << B) - 1));
+#if defined(__AVX512VBMI__)
+  // 3 bits: the two planes' tables for this group size.
+  const FieldTables* three_bit = kThreeBitTables.plane[B == 3 ? __builtin_ctzll(std::min<int64_t>(p.group_size, 128) / 16) : 0];
+#endif
   const int8_t* x8 = p.x8;  // [chunk][row][plane][part][64 bytes]
   const float* unit = p.x8_unit;  // [row][G]
   const float* xsum = p.xsum;     // [row][G]
@@ -107,14 +195,23 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
   const auto chunk_sums = [&](__m512i (&acc)[R][MR][kW8Parts], int64_t c, int64_t bytes) {
     const int8_t* xc = x8 + c * 64 * kW8Parts * MR * kPlanes;
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 64 * c + slice.prefetch), _MM_HINT_T0);
-      const __m512i v = bytes == 64 ? _mm512_loadu_si512(rows[r] + 64 * c)
-                                    : _mm512_maskz_loadu_epi8((__mmask64{1} << bytes) - 1, rows[r] + 64 * c);
+      const uint8_t* src = rows[r] + kChunkBytes * c;
+      _mm_prefetch(reinterpret_cast<const char*>(src + slice.prefetch), _MM_HINT_T0);
+      __m512i w[kPlanes];
+      if constexpr (B == 3) {
+#if defined(__AVX512VBMI__)
+        const __m512i v = _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), src);
+        for (int h = 0; h < kPlanes; ++h) w[h] = _mm512_and_si512(pick_fields(v, three_bit[h]), field);
+#endif
+      } else {
+        const __m512i v = bytes == 64 ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi8((__mmask64{1} << bytes) - 1, src);
+        for (int h = 0; h < kPlanes; ++h)
+          w[h] = B == 8 ? v : _mm512_and_si512(h ? _mm512_srli_epi16(v, B * h) : v, field);
+      }
       for (int h = 0; h < kPlanes; ++h) {
-        const __m512i w = B == 8 ? v : _mm512_and_si512(h ? _mm512_srli_epi16(v, B * h) : v, field);
         for (int m = 0; m < MR; ++m)
           for (int t = 0; t < kW8Parts; ++t)
-            acc[r][m][t] = _mm512_dpbusd_epi32(acc[r][m][t], w,
+            acc[r][m][t] = _mm512_dpbusd_epi32(acc[r][m][t], w[h],
                                                _mm512_loadu_si512(xc + 64 * ((m * kPlanes + h) * kW8Parts + t)));
       }
     }
@@ -127,29 +224,31 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
   // Blocks of kZeroTermGroups groups, each followed by its zero terms (add_zero_terms).
   for (int64_t b0 = slice.g_begin; b0 < slice.g_end; b0 += kZeroTermGroups) {
     const int64_t b1 = std::min(slice.g_end, b0 + kZeroTermGroups);
-    if (B < 8 && p.group_size == 32 * kPlanes) {
-      // Two groups a chunk: bytes 0-31 (sum lanes 0-7) the first, 32-63 (lanes 8-15) the second;
-      // a last chunk of one group (K an odd number of groups) reads its 32 bytes only.
-      for (int64_t c = b0 / 2; 2 * c < b1; ++c) {
-        const int64_t g0 = 2 * c;
-        const bool both = g0 + 1 < G;
+    if (groups_per_chunk > 1) {
+      // Group g0 + j of chunk c in its sum lanes, each lane's unit * scale spread from the group's
+      // (one vector per row, not a broadcast per group); a last chunk of fewer groups (K not a
+      // multiple of a chunk) reads their bytes only.
+      for (int64_t c = b0 / groups_per_chunk; c * groups_per_chunk < b1; ++c) {
+        const int64_t g0 = c * groups_per_chunk, groups = std::min(groups_per_chunk, G - g0);
+        const __mmask16 in_chunk = static_cast<__mmask16>((1u << groups) - 1);
         __m512i acc[R][MR][kW8Parts];
         zero(acc);
-        chunk_sums(acc, c, both ? 64 : 32);
+        chunk_sums(acc, c, groups * kChunkBytes / groups_per_chunk);
+        __m512 chunk_units[MR];
+        for (int m = 0; m < MR; ++m) chunk_units[m] = _mm512_maskz_loadu_ps(in_chunk, unit + m * G + g0);
         for (int r = 0; r < R; ++r) {
-          const float s0 = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + g0);
-          const float s1 = both ? load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + g0 + 1) : 0.f;
-          add_sums(acc, r, [&](int m) {
-            return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(unit[m * G + g0] * s0),
-                                        _mm512_set1_ps(both ? unit[m * G + g0 + 1] * s1 : 0.f));
-          });
+          const int64_t at = ((n0 + r) * G + g0) * scale_bytes + kAffinePrefetchBytes;
+          _mm_prefetch(static_cast<const char*>(p.scale) + at, _MM_HINT_T0);
+          _mm_prefetch(static_cast<const char*>(p.zero) + at, _MM_HINT_T0);
+          const __m512 s = load_as_f32x16(p.scale, p.scale_dtype, (n0 + r) * G + g0, groups);
+          add_sums(acc, r, [&](int m) { return _mm512_permutexvar_ps(lane_group, _mm512_mul_ps(chunk_units[m], s)); });
         }
       }
     } else {
       for (int64_t grp = b0; grp < b1; ++grp) {
         __m512i acc[R][MR][kW8Parts];
         zero(acc);
-        for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, 64);
+        for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, kChunkBytes);
         for (int r = 0; r < R; ++r) {
           const float s = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
           add_sums(acc, r, [&](int m) { return _mm512_set1_ps(unit[m * G + grp] * s); });
@@ -172,6 +271,8 @@ void w8_rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.bits == 2) return p.M == 1 ? w8_rows_t<2, 4, 1>(p, n_begin, n_end) : w8_rows_t<2, 2, 2>(p, n_begin, n_end);
   if (p.bits == 4) return p.M == 1 ? w8_rows_t<4, 4, 1>(p, n_begin, n_end) : w8_rows_t<4, 2, 2>(p, n_begin, n_end);
+  if constexpr (kThreeBits)
+    if (p.bits == 3) return p.M == 1 ? w8_rows_t<3, 4, 1>(p, n_begin, n_end) : w8_rows_t<3, 2, 2>(p, n_begin, n_end);
   if (p.M == 1) return w8_rows_t<8, 4, 1>(p, n_begin, n_end);
   w8_rows_t<8, 2, 2>(p, n_begin, n_end);
 }
@@ -179,8 +280,8 @@ void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
 // w8_activations for T = uint16_t (bf16) or float.
 template <typename T>
 bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
-  const int planes = 8 / bits, chunk = 64 * planes;  // codes per byte, per 64-byte chunk
-  const int64_t chunks = (K + chunk - 1) / chunk;  // 2- and 4-bit rows may end in half a chunk
+  const int planes = planes_of(bits), chunk = chunk_codes(bits);  // codes per byte, per chunk
+  const int64_t chunks = (K + chunk - 1) / chunk;  // 2-4-bit rows may end in part of a chunk
   // b-bit codes: byte i of a 64-byte chunk holds codes planes i + j (j = 0 in its lowest bits), so
   // each 16 values go out as 16 / planes values to each plane j: those at j, j + planes, ...
   const __m128i by_plane = planes == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
@@ -218,7 +319,14 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
         vsum = _mm512_add_epi32(vsum, v);
         const int64_t kk = g * group_size + k;
         // [chunk][row][plane][part][64]
-        int8_t* dst = out.x8.data() + ((kk / chunk) * M + m) * planes * 64 * kW8Parts + kk % chunk / planes;
+        int8_t* const chunk_row = out.x8.data() + ((kk / chunk) * M + m) * planes * 64 * kW8Parts;
+        int8_t* dst = chunk_row + kk % chunk / planes;
+        // 3 bits: the two units of these values, each to its plane and lane (unit_slot).
+        UnitSlot first{}, second{};
+        if (bits == 3) {
+          first = unit_slot(kk % chunk / 8, group_size);
+          second = unit_slot(kk % chunk / 8 + 1, group_size);
+        }
         // Signed base-256 digits, lowest first: d = ((v + 128) & 255) - 128, v = (v - d) / 256
         // (exact); after two digits |v| <= 64.
         for (int t = kW8Parts - 1; t >= 0; --t) {
@@ -226,6 +334,11 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
           const __m128i bytes = _mm512_cvtepi32_epi8(d);
           if (planes == 1) {
             _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 * t), bytes);
+          } else if (bits == 3) {
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(chunk_row + 64 * (first.plane * kW8Parts + t) + 8 * first.lane),
+                             bytes);
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(chunk_row + 64 * (second.plane * kW8Parts + t) + 8 * second.lane),
+                             _mm_unpackhi_epi64(bytes, bytes));
           } else if (planes == 2) {
             const __m128i split = _mm_shuffle_epi8(bytes, by_plane);
             _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * t), split);
@@ -247,14 +360,10 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
 
 }  // namespace
 
-bool w8_activations(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
-  return w8_activations_t(x, M, K, group_size, bits, out);
-}
-bool w8_activations(const float* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
-  return w8_activations_t(x, M, K, group_size, bits, out);
+const VnniKernels& vnni_kernels() {
+  static const VnniKernels k{&w8_activations_t<uint16_t>, &w8_activations_t<float>, &run_w8_rows, kThreeBits};
+  return k;
 }
 
-LowbitRowsFn w8_rows() { return &run_w8_rows; }
-
-}  // namespace isa_avx512vnni
+}  // namespace SK_ISA_NS
 }  // namespace sk
