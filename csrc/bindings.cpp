@@ -535,8 +535,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("lowbit_bf16_kernel", &sk::lowbit_bf16_kernel, py::arg("dtype"), py::arg("bits"), py::arg("group_size"),
         "Whether lowbit_linear runs the bf16-activation kernels for this dtype code and layout (at every M).");
-  m.def("lowbit_w8_vnni", &sk::lowbit_w8_vnni, py::arg("dtype"), py::arg("bits"), py::arg("group_size"), py::arg("M"),
-        py::arg("K"), "Whether lowbit_linear runs the 8-bit VNNI path for this dtype code, layout, M and K (finite x).");
+  m.def("lowbit_vnni", &sk::lowbit_vnni, py::arg("dtype"), py::arg("bits"), py::arg("group_size"), py::arg("M"),
+        py::arg("K"), "Whether lowbit_linear runs the VNNI path for this dtype code, layout, M and K (finite x).");
   m.def("lowbit_isas", &sk::lowbit_isas, "Instruction sets of the lowbit and int8 kernels this CPU supports, best last.");
   m.def("lowbit_isa", &sk::lowbit_isa, "Instruction set the lowbit and int8 kernels use now.");
   m.def(

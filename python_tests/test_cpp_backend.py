@@ -683,7 +683,7 @@ def test_lowbit_bf16_w3_declined_groups_fall_back(group, k):
     for m in (1, 6):
         x, qw, b = _lowbit_case(29, k, m, 3, group, torch.bfloat16, bias=True, seed=group + m)
         want64 = _lowbit_want64(x, qw, b)
-        assert _rel_err(ops.lowbit_linear(x, qw, b), want64) <= _w8_tolerance(want64)
+        assert _rel_err(ops.lowbit_linear(x, qw, b), want64) <= _vnni_tolerance(want64)
 
 
 @pytest.mark.parametrize("bits", (3, 8))
@@ -741,42 +741,42 @@ def _cpu_has_vbmi() -> bool:
         return "avx512vbmi" in f.read().split()
 
 
-def _needs_w8_vnni(bits: int = 8) -> None:
+def _needs_vnni(bits: int = 8) -> None:
     if "avx512_vnni" not in cpp._C.lowbit_isas():
         pytest.skip("this CPU has no AVX-512 VNNI: the VNNI path never runs here")
     if bits == 3 and not _cpu_has_vbmi():
         pytest.skip("this CPU has no AVX-512 VBMI: the VNNI path takes no 3-bit codes here")
 
 
-def test_lowbit_w8_vnni_choice():
-    _needs_w8_vnni()
-    assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 8, 192, 1, 576)
-    assert cpp._C.lowbit_w8_vnni(2, 8, 128, 2, 1536)
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 3, 1536)  # M >= 3: the AMX digits or the bf16 kernels
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 2048)  # long bf16 rows of 8-bit codes: the bf16 kernels
-    assert cpp._C.lowbit_w8_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
-    assert cpp._C.lowbit_w8_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_w8_vnni(0, 8, 1024, 2, 8192)  # at any K
-    assert not cpp._C.lowbit_w8_vnni(0, 8, 2048, 1, 4096)  # but groups below 2048 codes (exact int32 sums)
-    assert not cpp._C.lowbit_w8_vnni(1, 8, 128, 1, 1536)  # fp16 rows: the fp32 kernels
-    assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 4, 256, 2, 1792)
-    assert cpp._C.lowbit_w8_vnni(2, 4, 64, 1, 576)  # 4-bit codes in groups of half a chunk
-    assert cpp._C.lowbit_w8_vnni(2, 4, 32, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 4, 16, 2, 1536)  # or less
-    assert not cpp._C.lowbit_w8_vnni(2, 4, 8, 1, 1536)  # down to 16 codes
-    assert cpp._C.lowbit_w8_vnni(2, 4, 128, 1, 4096)  # of 4-bit codes at any K
-    assert cpp._C.lowbit_w8_vnni(2, 2, 128, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 2, 256, 2, 4096)  # 2-bit codes
-    assert cpp._C.lowbit_w8_vnni(2, 2, 64, 1, 1536) and cpp._C.lowbit_w8_vnni(2, 2, 32, 1, 1536)
-    assert cpp._C.lowbit_w8_vnni(2, 3, 128, 1, 1536) == _cpu_has_vbmi()  # 3-bit codes with VBMI
-    assert cpp._C.lowbit_w8_vnni(0, 3, 32, 2, 576) == _cpu_has_vbmi()
-    assert not cpp._C.lowbit_w8_vnni(0, 3, 8, 1, 576) and not cpp._C.lowbit_w8_vnni(0, 3, 96, 1, 576)
-    assert cpp._C.lowbit_w8_vnni(2, 8, 32, 1, 1536)  # 8-bit codes in groups of part of a 64-byte chunk
-    assert not cpp._C.lowbit_w8_vnni(2, 8, 96, 1, 576)  # but not of one and a half
-    assert not cpp._C.lowbit_w8_vnni(2, 4, 192, 1, 576) and not cpp._C.lowbit_w8_vnni(2, 2, 96, 1, 576)
+def test_lowbit_vnni_choice():
+    _needs_vnni()
+    assert cpp._C.lowbit_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 8, 192, 1, 576)
+    assert cpp._C.lowbit_vnni(2, 8, 128, 2, 1536)
+    assert not cpp._C.lowbit_vnni(2, 8, 128, 3, 1536)  # M >= 3: the AMX digits or the bf16 kernels
+    assert not cpp._C.lowbit_vnni(2, 8, 128, 1, 2048)  # long bf16 rows of 8-bit codes: the bf16 kernels
+    assert cpp._C.lowbit_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
+    assert cpp._C.lowbit_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_vnni(0, 8, 1024, 2, 8192)  # at any K
+    assert not cpp._C.lowbit_vnni(0, 8, 2048, 1, 4096)  # but groups below 2048 codes (exact int32 sums)
+    assert not cpp._C.lowbit_vnni(1, 8, 128, 1, 1536)  # fp16 rows: the fp32 kernels
+    assert cpp._C.lowbit_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 4, 256, 2, 1792)
+    assert cpp._C.lowbit_vnni(2, 4, 64, 1, 576)  # 4-bit codes in groups of half a chunk
+    assert cpp._C.lowbit_vnni(2, 4, 32, 1, 1536) and cpp._C.lowbit_vnni(2, 4, 16, 2, 1536)  # or less
+    assert not cpp._C.lowbit_vnni(2, 4, 8, 1, 1536)  # down to 16 codes
+    assert cpp._C.lowbit_vnni(2, 4, 128, 1, 4096)  # of 4-bit codes at any K
+    assert cpp._C.lowbit_vnni(2, 2, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 2, 256, 2, 4096)  # 2-bit codes
+    assert cpp._C.lowbit_vnni(2, 2, 64, 1, 1536) and cpp._C.lowbit_vnni(2, 2, 32, 1, 1536)
+    assert cpp._C.lowbit_vnni(2, 3, 128, 1, 1536) == _cpu_has_vbmi()  # 3-bit codes with VBMI
+    assert cpp._C.lowbit_vnni(0, 3, 32, 2, 576) == _cpu_has_vbmi()
+    assert not cpp._C.lowbit_vnni(0, 3, 8, 1, 576) and not cpp._C.lowbit_vnni(0, 3, 96, 1, 576)
+    assert cpp._C.lowbit_vnni(2, 8, 32, 1, 1536)  # 8-bit codes in groups of part of a 64-byte chunk
+    assert not cpp._C.lowbit_vnni(2, 8, 96, 1, 576)  # but not of one and a half
+    assert not cpp._C.lowbit_vnni(2, 4, 192, 1, 576) and not cpp._C.lowbit_vnni(2, 2, 96, 1, 576)
     # By cpuid: the VNNI instruction sets take it (also without BF16), the others never.
     default = cpp._C.lowbit_isa()
     try:
         for isa in cpp._C.lowbit_isas():
             cpp._C.set_lowbit_isa(isa)
-            assert cpp._C.lowbit_w8_vnni(2, 8, 128, 1, 1536) == isa.startswith(("avx512_vnni", "avx512_bf16", "avx512_amx")), isa
+            assert cpp._C.lowbit_vnni(2, 8, 128, 1, 1536) == isa.startswith(("avx512_vnni", "avx512_bf16", "avx512_amx")), isa
     finally:
         cpp._C.set_lowbit_isa(default)
 
@@ -784,16 +784,16 @@ def test_lowbit_w8_vnni_choice():
 @pytest.mark.parametrize("bits,n,group,k", _VNNI_LAYOUTS)
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m", (1, 2))
-def test_lowbit_w8_vnni_layouts(bits, n, group, k, scale_dtype, m):
-    _needs_w8_vnni(bits)
-    assert cpp._C.lowbit_w8_vnni(2, bits, group, m, k)
+def test_lowbit_vnni_layouts(bits, n, group, k, scale_dtype, m):
+    _needs_vnni(bits)
+    assert cpp._C.lowbit_vnni(2, bits, group, m, k)
     g = _gen(n + group + k + m + bits)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
     x = (torch.randn(m, k, generator=g) + 0.5).bfloat16()
     x[-1] *= 1000.0  # rows of their own scale: each row's groups get their own units
     b = torch.randn(n, generator=g).bfloat16() if scale_dtype == torch.bfloat16 else None
     y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
-    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= _w8_tolerance(_lowbit_want64(x, qw, b))
+    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= _vnni_tolerance(_lowbit_want64(x, qw, b))
     want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
     assert _rel_err(y, want.double()) <= 1e-3
 
@@ -817,11 +817,11 @@ def _fp32_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None)
 )
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m", (1, 2))
-def test_lowbit_w8_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
+def test_lowbit_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     # fp32 rows on the fixed point keep the fp32 promise: each value within 2^-23 of its group's
     # largest, exact integer sums; each row's groups with their own units (a row 1000x the other).
-    _needs_w8_vnni(bits)
-    assert cpp._C.lowbit_w8_vnni(0, bits, group, m, k)
+    _needs_vnni(bits)
+    assert cpp._C.lowbit_vnni(0, bits, group, m, k)
     g = _gen(n + group + k + m + bits + 7)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
     x = torch.randn(m, k, generator=g) + 0.5
@@ -834,11 +834,11 @@ def test_lowbit_w8_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
 
 @pytest.mark.parametrize("bits,group,k", [(8, 128, 1536), (8, 64, 576), (4, 128, 1536), (4, 64, 576), (2, 128, 1536),
                                          (8, 32, 576), (4, 32, 576), (2, 64, 576), (3, 64, 576), (3, 32, 1536)])
-def test_lowbit_w8_vnni_fp32_hard_rows(bits, group, k):
+def test_lowbit_vnni_fp32_hard_rows(bits, group, k):
     # Groups the fixed point cannot hold within 1e-5 (an outlier far above the group's mean, a
     # largest |x| below 2^-64) go to the fp32 kernels; every row keeps the fp32 promise, alone and
     # beside another row.
-    _needs_w8_vnni(bits)
+    _needs_vnni(bits)
     g = _gen(k + group + bits + 3)
     qw = quantize_weight(torch.randn(64, k, generator=g), bits, group)
     rows = list(_hard_rows(k, g).items()) + [("a row of 1e-30", torch.randn(1, k, generator=g) * 1e-30)]
@@ -873,7 +873,7 @@ def test_lowbit_fp32_rows_far_from_zero_on_every_isa(each_isa, bits, group, k):
                 assert row_err <= TOL[torch.float32], (isa, offset, m, float(row_err))
 
 
-def _w8_tolerance(want64: torch.Tensor) -> float:
+def _vnni_tolerance(want64: torch.Tensor) -> float:
     """Error against the exact result allowed to a bf16 output: its own rounding (a few outputs
     alone can exceed TOL) plus 1e-3 (also used by the 3-bit fallback test)."""
     return _rel_err(want64.bfloat16(), want64) + 1e-3
@@ -902,14 +902,14 @@ def _hard_rows(k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("bits,n,group,k", [(8, 64, 128, 1536), (8, 64, 64, 576), (4, 64, 128, 1536), (4, 64, 64, 576),
                                             (2, 64, 128, 1536), (2, 64, 256, 1536), (8, 64, 32, 576), (4, 64, 32, 576),
                                             (2, 64, 64, 576), (3, 64, 64, 576), (3, 64, 128, 1536)])
-def test_lowbit_w8_vnni_hard_activations(bits, n, group, k):
+def test_lowbit_vnni_hard_activations(bits, n, group, k):
     # The fixed point keeps every value of at least 2^-14 of its group's largest exactly and
     # moves smaller ones by at most 2^-22 of it: against the reference op (both round to bf16)
     # the error must stay well inside the op's 1e-3 promise (bf16 roundings that flip make
     # up most of it), and against the exact result within 1e-3 beyond the output's rounding.
-    _needs_w8_vnni(bits)
+    _needs_vnni(bits)
     # Each row alone, then each beside the next (two rows, each with its own units and sums).
-    assert cpp._C.lowbit_w8_vnni(2, bits, group, 2, k)
+    assert cpp._C.lowbit_vnni(2, bits, group, 2, k)
     g = _gen(k + group + bits)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=torch.bfloat16)
     rows = list(_hard_rows(k, g).items())
@@ -921,16 +921,16 @@ def test_lowbit_w8_vnni_hard_activations(bits, n, group, k):
         for row in range(x.shape[0]):
             assert _rel_err(y[row], want[row]) <= 5e-4, (name, row)
             want64 = _lowbit_want64(x[row : row + 1], qw, None)
-            assert _rel_err(y[row : row + 1], want64) <= _w8_tolerance(want64), (name, row)
+            assert _rel_err(y[row : row + 1], want64) <= _vnni_tolerance(want64), (name, row)
 
 
 @pytest.mark.parametrize("bits", (8, 4, 3, 2))
-def test_lowbit_w8_vnni_non_finite_activations(bits):
+def test_lowbit_vnni_non_finite_activations(bits):
     # NaN or infinity in x: the fixed point has no room for them, so the bf16 kernels run and
     # no output is finite (the reference gives NaN or +-inf; the bf16 kernels' s * sum(q x) +
     # z * sum(x) turns an infinity into NaN).
-    _needs_w8_vnni(bits)
-    assert cpp._C.lowbit_w8_vnni(2, bits, 128, 2, 256)
+    _needs_vnni(bits)
+    assert cpp._C.lowbit_vnni(2, bits, 128, 2, 256)
     # With two rows, the other row's outputs stay finite and right.
     g = _gen(11)
     qw = quantize_weight(torch.randn(32, 256, generator=g), bits, 128, dtype=torch.bfloat16)
@@ -943,15 +943,15 @@ def test_lowbit_w8_vnni_non_finite_activations(bits):
         x2 = torch.cat([torch.randn(1, 256, generator=g).bfloat16(), x])
         y2 = _bf16_kernel_on_poisoned_output(x2, qw, None, bits, 128, finite=False)
         assert not torch.isfinite(y2[1]).any()
-        assert _rel_err(y2[:1], _lowbit_want64(x2[:1], qw, None)) <= _w8_tolerance(_lowbit_want64(x2[:1], qw, None))
+        assert _rel_err(y2[:1], _lowbit_want64(x2[:1], qw, None)) <= _vnni_tolerance(_lowbit_want64(x2[:1], qw, None))
 
 
 @pytest.mark.parametrize("bits,group", [(8, 128), (4, 64), (2, 128), (2, 32), (3, 64)])
-def test_lowbit_w8_vnni_fp32_non_finite_activations(bits, group):
+def test_lowbit_vnni_fp32_non_finite_activations(bits, group):
     # fp32 rows with a NaN or an infinity leave the fixed point to the fp32 kernels: every output of
     # that row is NaN or infinite as the reference's, and a finite row beside it keeps 1e-5.
-    _needs_w8_vnni(bits)
-    assert cpp._C.lowbit_w8_vnni(0, bits, group, 2, 512)
+    _needs_vnni(bits)
+    assert cpp._C.lowbit_vnni(0, bits, group, 2, 512)
     g = _gen(13 + bits)
     qw = quantize_weight(torch.randn(32, 512, generator=g), bits, group)
     for bad in (float("nan"), float("inf"), -float("inf")):

@@ -22,13 +22,13 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
 // at every M) for this activation dtype and layout with the instruction set in use.
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size);
 
-// Whether lowbit_linear runs the 8-bit VNNI path (one or two bf16 or fp32 activation rows, each as a
-// 22-bit fixed point per group, vpdpbusd against the packed 8-bit codes or the fields of 2- and
-// 4-bit codes)
+// Whether lowbit_linear runs the VNNI path (one or two bf16 or fp32 activation rows, each as a
+// 22-bit fixed point per group, vpdpbusd against the packed 8-bit codes, the fields of 2- and 4-bit
+// codes or, with VBMI, 3-bit codes spread into bytes)
 // for `bits`-bit codes and M activation rows of K values, unless x holds a NaN or an infinity
 // (then the bf16 kernels run), or fp32 rows a group the fixed point cannot carry within 1e-5 (then
 // the fp32 kernels).
-bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K);
+bool lowbit_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K);
 
 // Dequantises W into out [N, K] (natural order) of out_dtype (float32 or bfloat16), for the
 // large-M path that hands the matmul to a BLAS.

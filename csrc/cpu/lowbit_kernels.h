@@ -30,9 +30,9 @@ struct LowbitProblem {
   const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
   int64_t x_stride;
   const float* xsum;       // [M, G] group sums of the activations the kernel reads
-  const int8_t* x8;        // 8-bit VNNI path (M = 1): [K / 64, 3, 64] digits of x / unit, chunk by chunk;
+  const int8_t* x8;        // VNNI path (M = 1-2): digits of x / unit, chunk by chunk (VnniKernels);
                            // AMX digit path: its tiles (isa_amx::prepare_digits)
-  const float* x8_unit;    // 8-bit VNNI path: [G] power-of-two unit of each group; AMX digit path: its units
+  const float* x8_unit;    // VNNI path: [M, G] power-of-two unit of each group; AMX digit path: its units
   float* y;                // [M, N] fp32 result (fp32 kernels: before bias and the output dtype)
   uint16_t* y16;           // [M, N] bf16 result, bias added (bf16 kernels write it directly)
   float* y_parts;          // or [1, N] fp32: one fp32 row sent as M bf16 parts (dot form), bias added
@@ -195,30 +195,30 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
   return !(most != 0.f && most < 0x1p-64f) && most * static_cast<float>(group_size) <= kDigitOutlierRatio<T> * sum_abs;
 }
 
-// The VNNI path (isa/lowbit_w8_vnni.cpp): up to kW8VnniMaxRows bf16 or fp32 activation rows as
+// The VNNI path (isa/lowbit_vnni.cpp): up to kVnniMaxRows bf16 or fp32 activation rows as
 // three signed bytes of a per-group fixed point against the 8-bit codes as they are packed
 // (vpdpbusd), 2- and 4-bit codes split into their fields (a chunk's lowest, then the next, ...),
 // or (`w3`: built with VBMI) 3-bit codes spread into bytes; groups of whole chunks (2-4 bits: K
-// too) or of a half, quarter, ... of one (16 codes at least), of fewer than kW8VnniMaxK codes
+// too) or of a half, quarter, ... of one (16 codes at least), of fewer than kVnniMaxK codes
 // (which keeps its int32 sums exact). For more rows (AMX digit tiles or the bf16 kernels) the
-// others were faster, and for bf16 rows of 8-bit codes of kW8VnniMaxK codes or more the bf16
-// kernels, whose weight streams better from DRAM (measured: isa/lowbit_w8_vnni.cpp; at M >= 4 also
+// others were faster, and for bf16 rows of 8-bit codes of kVnniMaxK codes or more the bf16
+// kernels, whose weight streams better from DRAM (measured: isa/lowbit_vnni.cpp; at M >= 4 also
 // with a 16-bit fixed point, bench/results/ops/README.md, ninth session); fp32 rows (`fp32`) and
 // 2-4-bit codes take it at any K, ahead of the fp32 and bf16 kernels there too.
-constexpr int64_t kW8VnniMaxK = 2048;
-constexpr int64_t kW8VnniMaxRows = 2;
+constexpr int64_t kVnniMaxK = 2048;
+constexpr int64_t kVnniMaxRows = 2;
 
-inline bool w8_vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K, bool fp32, bool w3) {
+inline bool vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K, bool fp32, bool w3) {
   // Groups of whole chunks (64 bytes; 3 bits: 48 bytes, 128 codes), or of a half, quarter, ... of
   // one (at least 16 codes: the activations are prepared 16 values at a time).
   const int64_t chunk = bits == 3 ? 128 : 512 / bits;  // codes per chunk
   const bool whole = group_size % chunk == 0 && K % chunk == 0;
   const bool part = group_size % 16 == 0 && chunk % group_size == 0;
-  return (bits == 2 || bits == 4 || bits == 8 || (bits == 3 && w3)) && (whole || part) && M <= kW8VnniMaxRows &&
-         group_size < kW8VnniMaxK && (fp32 || bits != 8 || K < kW8VnniMaxK);
+  return (bits == 2 || bits == 4 || bits == 8 || (bits == 3 && w3)) && (whole || part) && M <= kVnniMaxRows &&
+         group_size < kVnniMaxK && (fp32 || bits != 8 || K < kVnniMaxK);
 }
-// Activations of the 8-bit VNNI path (see LowbitProblem::x8, x8_unit, xsum).
-struct W8Activations {
+// Activations of the VNNI path (see LowbitProblem::x8, x8_unit, xsum).
+struct VnniActivations {
   AlignedVector<int8_t> x8;
   AlignedVector<float> unit, xsum;
 };
@@ -302,14 +302,14 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
 namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
 // AVX-512 VNNI adds the VNNI path, built twice: without VBMI (2-, 4- and 8-bit codes) and with it
 // (`w3`: 3-bit codes too). `activations` fill `out` from rows x [M, K] bf16 or fp32 for
-// `bits`-bit codes (w8_vnni_layout): digits [chunk][M][plane][3][64] (8 and 3 bits: 64 codes a
+// `bits`-bit codes (vnni_layout): digits [chunk][M][plane][3][64] (8 and 3 bits: 64 codes a
 // chunk, one plane; 4 bits: 128 codes, the even ones then the odd ones; 2 bits: 256 codes, those
 // at 4 i, then 4 i + 1, ...), units and sums [M][G]; false (and nothing to run) when x holds a NaN
 // or an infinity, or (fp32) a group that prepare_digits would decline: its largest |x| nonzero but
 // below 2^-64, or above kDigitOutlierRatio times its mean.
 struct VnniKernels {
-  bool (*bf16_activations)(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out);
-  bool (*fp32_activations)(const float* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out);
+  bool (*bf16_activations)(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, VnniActivations& out);
+  bool (*fp32_activations)(const float* x, int64_t M, int64_t K, int64_t group_size, int bits, VnniActivations& out);
   LowbitRowsFn rows;
   bool w3;
 };

@@ -6,9 +6,9 @@
 // * one or two bf16 or fp32 activation rows on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
 //   VBMI also 3-bit codes) in groups of whole chunks (64 / 128 / 256 / 128 codes at 8 / 4 / 2 / 3
 //   bits, K too) or of a half, quarter, ... of one down to 16 codes, groups below 2048 codes, bf16
-//   rows of 8-bit codes K < 2048 (lowbit_w8_vnni): each row as three signed bytes of a per-group
+//   rows of 8-bit codes K < 2048 (lowbit_vnni): each row as three signed bytes of a per-group
 //   22-bit fixed point against the codes as packed (vpdpbusd, exact int32 sums;
-//   isa/lowbit_w8_vnni.cpp; fp32 groups whose values the fixed point cannot carry within 1e-5 go
+//   isa/lowbit_vnni.cpp; fp32 groups whose values the fixed point cannot carry within 1e-5 go
 //   on below);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
 //   tiles, bits 2/3/4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 2 bits, and 4
@@ -58,7 +58,7 @@ struct Isa {
   LowbitRowsFn bf16_rows;
   Bf16PrepareFn bf16_prepare;  // with bf16_rows: its activation order and group sums
   const Int8Kernels* int8;
-  const VnniKernels* vnni;  // the VNNI path (isa/lowbit_w8_vnni.cpp), or none
+  const VnniKernels* vnni;  // the VNNI path (isa/lowbit_vnni.cpp), or none
   bool bf16_w3;  // bf16_rows takes 3-bit codes (built with VBMI)
   bool amx = false;  // 2/3/4/8-bit codes from amx_min_rows activation rows on AMX tiles (isa/lowbit_amx.cpp)
   // Below the tiles the fp32 (FMA) kernels take one fp32 row of 2-4-bit codes (not three bf16
@@ -332,14 +332,14 @@ bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
   return ok;
 }
 
-// The 8-bit VNNI path for bf16 or fp32 rows x [M, K] (lowbit_w8_vnni), output and bias already in
+// The VNNI path for bf16 or fp32 rows x [M, K] (lowbit_vnni), output and bias already in
 // p: false where the layout, M or the CPU do not allow it, or x holds a NaN, an infinity or (fp32)
 // a group the fixed point cannot carry (the other kernels carry them through).
 template <typename T>
-bool w8_vnni_rows(const T* x, int64_t group_size, LowbitProblem& p) {
-  if (!lowbit_w8_vnni(std::is_same_v<T, float> ? kFloat32 : kBFloat16, p.bits, group_size, p.M, p.K)) return false;
+bool vnni_rows(const T* x, int64_t group_size, LowbitProblem& p) {
+  if (!lowbit_vnni(std::is_same_v<T, float> ? kFloat32 : kBFloat16, p.bits, group_size, p.M, p.K)) return false;
   const VnniKernels& vnni = *isas()[chosen().load()].vnni;
-  thread_local W8Activations act;
+  thread_local VnniActivations act;
   bool ok;
   if constexpr (std::is_same_v<T, float>)
     ok = vnni.fp32_activations(x, p.M, p.K, group_size, p.bits, act);
@@ -397,7 +397,7 @@ constexpr int64_t kAmxFp32MinRows = 3;
 constexpr int64_t amx_fp32_digit_min_rows(int64_t group_size) { return group_size >= 128 ? 2 : 3; }
 // bf16 rows take the digits too where their codes would take the slower natural decode on the
 // bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8, where the VNNI path,
-// tried first, leaves them: K >= kW8VnniMaxK) or 3 up to the five of one digit tile (ms, min of
+// tried first, leaves them: K >= kVnniMaxK) or 3 up to the five of one digit tile (ms, min of
 // three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
 // 2 1.30-1.51 / 0.93-1.05, M = 4 1.30-1.37 / 0.99-1.09, M = 8 1.27-1.34 / 1.20-1.33, M = 10
 // 1.26-1.35 / 1.26-1.33; W2 M = 3 1.18-1.37 / 0.81-1.00, M = 8 1.11-1.34 / 1.05-1.20; W3 M = 3
@@ -660,9 +660,9 @@ std::string set_lowbit_isa(const std::string& name) {
          name + "'";
 }
 
-bool lowbit_w8_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
+bool lowbit_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
   const VnniKernels* vnni = isas()[chosen().load()].vnni;
-  return (dtype == kBFloat16 || dtype == kFloat32) && vnni && w8_vnni_layout(bits, group_size, M, K, dtype == kFloat32, vnni->w3);
+  return (dtype == kBFloat16 || dtype == kFloat32) && vnni && vnni_layout(bits, group_size, M, K, dtype == kFloat32, vnni->w3);
 }
 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {
@@ -683,7 +683,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   p.bias = bias;
   if (dtype == kBFloat16) {
     p.y16 = static_cast<uint16_t*>(y);
-    if (w8_vnni_rows(static_cast<const uint16_t*>(x), group_size, p)) return "";
+    if (vnni_rows(static_cast<const uint16_t*>(x), group_size, p)) return "";
     if (amx_rows(isa, static_cast<const uint16_t*>(x), p)) return "";
   }
   if (lowbit_bf16_kernel(dtype, bits, group_size) && bf16_rows_take(isa, bits, M)) {
@@ -697,7 +697,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     x16.resize(M * K);
     if (fp32_rows_to_bf16(static_cast<const float*>(x), M, K, x16.data())) {
       p.y32 = static_cast<float*>(y);
-      if (w8_vnni_rows(x16.data(), group_size, p)) return "";
+      if (vnni_rows(x16.data(), group_size, p)) return "";
       if (amx_rows(isa, x16.data(), p)) return "";
       if (bf16_rows_take(isa, bits, M)) {
         bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
@@ -710,7 +710,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   if (dtype == kFloat32) {
     LowbitProblem q = p;
     q.y32 = static_cast<float*>(y);
-    if (w8_vnni_rows(static_cast<const float*>(x), group_size, q)) return "";
+    if (vnni_rows(static_cast<const float*>(x), group_size, q)) return "";
     if (amx_fp32_rows(isa, static_cast<const float*>(x), p, static_cast<float*>(y))) return "";
   }
   if (dtype == kFloat32 && M == 1 && bits < 8 && !isa.fma_few_rows && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {

@@ -30,7 +30,7 @@ Agreement with :mod:`splitkernels.ops.reference`:
   against 8-, 4- and 2-bit codes (and 3-bit codes with VBMI) in groups of whole 64-byte chunks
   (3 bits: 48 bytes; K too) or of a half, a quarter, ... of one down to 16 codes (bf16 rows of
   8-bit codes below 2048 codes) on AVX-512 VNNI CPUs
-  (``_C.lowbit_w8_vnni``) go as three signed bytes of a per-group 22-bit fixed point
+  (``_C.lowbit_vnni``) go as three signed bytes of a per-group 22-bit fixed point
   (bf16 values of at least 2^-14 of their group's largest exact, others within 2^-23 of it; fp32
   groups whose largest value passes 32 times their mean, or lies below 2^-64, go on as below)
   against the codes as packed (vpdpbusd), with no decode (3-bit codes: spread into bytes); fp32 activations (and fp16,

@@ -1,5 +1,5 @@
 // AVX-512 helpers shared by the dot-form low-bit kernels (isa/lowbit_bf16.cpp and
-// isa/lowbit_w8_vnni.cpp): output stores (bf16, or fp32 on request), scale loads, reductions of the per-row
+// isa/lowbit_vnni.cpp): output stores (bf16, or fp32 on request), scale loads, reductions of the per-row
 // totals. Every function has internal linkage (anonymous namespace), so each kernel file gets
 // its own copy compiled with its own -m flags.
 #pragma once

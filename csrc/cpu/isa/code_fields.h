@@ -1,6 +1,6 @@
 // Packed B-bit codes moved into byte (or word) fields with VBMI: vpermb gathers the bytes that hold
 // a u64 lane's codes, vpmultishiftqb moves each code to its own field. Shared by the kernels that
-// decode any code width in natural order (isa/lowbit_amx.cpp: A tiles; isa/lowbit_w8_vnni.cpp:
+// decode any code width in natural order (isa/lowbit_amx.cpp: A tiles; isa/lowbit_vnni.cpp:
 // 3-bit codes for vpdpbusd). Internal linkage, so each kernel file compiles its own copy with its
 // own -m flags (VBMI among them).
 #pragma once

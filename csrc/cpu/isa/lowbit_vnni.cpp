@@ -48,7 +48,7 @@
 // signed base-256 digits v = 65536 hi + 256 mid + lo (|hi| <= 64). Per group the sums
 // sum_k q_k hi_k and sum_k q_k (256 mid_k + lo_k) are exact in int32 (a lane adds
 // group_size / 16 products of at most 255 * 32896: below 2^31 for groups below 4096 codes,
-// and the path takes K < kW8VnniMaxK = 2048), and
+// and the path takes K < kVnniMaxK = 2048), and
 // y = sum_g u * (s_g * sum_k q_k v_k + z_g * sum_k v_k) is the layer applied to x~ = u * v up
 // to fp32 rounding. A bf16 value carries eight
 // significant bits, so every value of at least 2^-14 of its group's largest is exact; smaller
@@ -77,7 +77,7 @@
 // 0.268 / 0.184). bf16 rows of at most 2 KiB: with longer rows (4096 x 4096) the weight streams
 // from DRAM, and there this kernel was 1.1-1.7x slower than the bf16 one (a single 64-byte load
 // per chunk and less work between loads; not resolved); fp32 rows at any K (see above).
-// Layouts: w8_vnni_layout in lowbit_kernels.h.
+// Layouts: vnni_layout in lowbit_kernels.h.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -142,7 +142,7 @@ alignas(64) constexpr ThreeBitTables kThreeBitTables = [] {
 #endif
 
 // Signed bytes per activation value: hi, mid, lo of the 22-bit fixed point.
-constexpr int kW8Parts = 3;
+constexpr int kVnniParts = 3;
 // How far ahead each row's next chunk is prefetched when rows are read side by side: 2 KiB, as the
 // other kernels' streams (kStreamPrefetchBytes), against 512 bytes before (one thread, ms, weights
 // evicted, fp32 rows: 4096 x 4096 W4 M = 1 0.92-1.01 / 0.71-0.81, 896 x 4864 0.27-0.28 /
@@ -154,10 +154,10 @@ constexpr int64_t kPrefetchBytes = 2048;
 // M = 1 1.13-1.35 / 1.11-1.21, g64 0.90-1.08 / 0.87-1.00 (bench/results/ops/s55/experiments.txt).
 constexpr int64_t kAffinePrefetchBytes = 256;
 // Weight rows per block at M = 1: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than
-// two, 0-40% faster than three, twice as fast as six); at M = 2 two (run_w8_rows).
+// two, 0-40% faster than three, twice as fast as six); at M = 2 two (run_vnni_rows).
 // out[r] = y of weight row n0 + r (r < R) before bias.
 template <int B, int R, int MR>
-void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
+void vnni_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
               bool add) {
   constexpr int kPlanes = planes_of(B);  // a chunk's planes (2-8 bits: a byte's codes, lowest bits first)
   constexpr int64_t kChunkBytes = chunk_codes(B) * B / 8;
@@ -185,15 +185,15 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
   const __m512 f16 = _mm512_set1_ps(65536.f);
   // y += unit * scale * (65536 hi + (256 mid + lo)) per lane of the sums, the second sum in int32
   // (see the top); `su` holds each lane's unit * scale.
-  const auto add_sums = [&](__m512i (&acc)[R][MR][kW8Parts], int r, const auto& su) {
+  const auto add_sums = [&](__m512i (&acc)[R][MR][kVnniParts], int r, const auto& su) {
     for (int m = 0; m < MR; ++m) {
       const __m512i low = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][1], 8), acc[r][m][2]);
       const __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), f16, _mm512_cvtepi32_ps(low));
       tot[r][m] = _mm512_fmadd_ps(q, su(m), tot[r][m]);
     }
   };
-  const auto chunk_sums = [&](__m512i (&acc)[R][MR][kW8Parts], int64_t c, int64_t bytes) {
-    const int8_t* xc = x8 + c * 64 * kW8Parts * MR * kPlanes;
+  const auto chunk_sums = [&](__m512i (&acc)[R][MR][kVnniParts], int64_t c, int64_t bytes) {
+    const int8_t* xc = x8 + c * 64 * kVnniParts * MR * kPlanes;
     for (int r = 0; r < R; ++r) {
       const uint8_t* src = rows[r] + kChunkBytes * c;
       _mm_prefetch(reinterpret_cast<const char*>(src + slice.prefetch), _MM_HINT_T0);
@@ -210,16 +210,16 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
       }
       for (int h = 0; h < kPlanes; ++h) {
         for (int m = 0; m < MR; ++m)
-          for (int t = 0; t < kW8Parts; ++t)
+          for (int t = 0; t < kVnniParts; ++t)
             acc[r][m][t] = _mm512_dpbusd_epi32(acc[r][m][t], w[h],
-                                               _mm512_loadu_si512(xc + 64 * ((m * kPlanes + h) * kW8Parts + t)));
+                                               _mm512_loadu_si512(xc + 64 * ((m * kPlanes + h) * kVnniParts + t)));
       }
     }
   };
-  const auto zero = [](__m512i (&acc)[R][MR][kW8Parts]) {
+  const auto zero = [](__m512i (&acc)[R][MR][kVnniParts]) {
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MR; ++m)
-        for (int t = 0; t < kW8Parts; ++t) acc[r][m][t] = _mm512_setzero_si512();
+        for (int t = 0; t < kVnniParts; ++t) acc[r][m][t] = _mm512_setzero_si512();
   };
   // Blocks of kZeroTermGroups groups, each followed by its zero terms (add_zero_terms).
   for (int64_t b0 = slice.g_begin; b0 < slice.g_end; b0 += kZeroTermGroups) {
@@ -231,7 +231,7 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
       for (int64_t c = b0 / groups_per_chunk; c * groups_per_chunk < b1; ++c) {
         const int64_t g0 = c * groups_per_chunk, groups = std::min(groups_per_chunk, G - g0);
         const __mmask16 in_chunk = static_cast<__mmask16>((1u << groups) - 1);
-        __m512i acc[R][MR][kW8Parts];
+        __m512i acc[R][MR][kVnniParts];
         zero(acc);
         chunk_sums(acc, c, groups * kChunkBytes / groups_per_chunk);
         __m512 chunk_units[MR];
@@ -246,7 +246,7 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
       }
     } else {
       for (int64_t grp = b0; grp < b1; ++grp) {
-        __m512i acc[R][MR][kW8Parts];
+        __m512i acc[R][MR][kVnniParts];
         zero(acc);
         for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, kChunkBytes);
         for (int r = 0; r < R; ++r) {
@@ -261,25 +261,25 @@ void w8_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice
 }
 
 template <int B, int R, int MR>
-void w8_rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+void vnni_rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // The activation rows never outgrow L1: no K slices (x_group_bytes 0).
-  sliced_rows<MR, R, w8_block<B, R, MR>, w8_block<B, 1, MR>>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes);
+  sliced_rows<MR, R, vnni_block<B, R, MR>, vnni_block<B, 1, MR>>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes);
 }
 
 // Two activation rows take blocks of two weight rows (12 accumulators): four rows (24) were 0-6%
 // slower (one thread, 4864 x 896 0.184 / 0.172 ms, 576 x 1536 0.038 / 0.036).
-void run_w8_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.bits == 2) return p.M == 1 ? w8_rows_t<2, 4, 1>(p, n_begin, n_end) : w8_rows_t<2, 2, 2>(p, n_begin, n_end);
-  if (p.bits == 4) return p.M == 1 ? w8_rows_t<4, 4, 1>(p, n_begin, n_end) : w8_rows_t<4, 2, 2>(p, n_begin, n_end);
+void run_vnni_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  if (p.bits == 2) return p.M == 1 ? vnni_rows_t<2, 4, 1>(p, n_begin, n_end) : vnni_rows_t<2, 2, 2>(p, n_begin, n_end);
+  if (p.bits == 4) return p.M == 1 ? vnni_rows_t<4, 4, 1>(p, n_begin, n_end) : vnni_rows_t<4, 2, 2>(p, n_begin, n_end);
   if constexpr (kThreeBits)
-    if (p.bits == 3) return p.M == 1 ? w8_rows_t<3, 4, 1>(p, n_begin, n_end) : w8_rows_t<3, 2, 2>(p, n_begin, n_end);
-  if (p.M == 1) return w8_rows_t<8, 4, 1>(p, n_begin, n_end);
-  w8_rows_t<8, 2, 2>(p, n_begin, n_end);
+    if (p.bits == 3) return p.M == 1 ? vnni_rows_t<3, 4, 1>(p, n_begin, n_end) : vnni_rows_t<3, 2, 2>(p, n_begin, n_end);
+  if (p.M == 1) return vnni_rows_t<8, 4, 1>(p, n_begin, n_end);
+  vnni_rows_t<8, 2, 2>(p, n_begin, n_end);
 }
 
-// w8_activations for T = uint16_t (bf16) or float.
+// VnniKernels' activations for T = uint16_t (bf16) or float.
 template <typename T>
-bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int bits, W8Activations& out) {
+bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int bits, VnniActivations& out) {
   const int planes = planes_of(bits), chunk = chunk_codes(bits);  // codes per byte, per chunk
   const int64_t chunks = (K + chunk - 1) / chunk;  // 2-4-bit rows may end in part of a chunk
   // b-bit codes: byte i of a 64-byte chunk holds codes planes i + j (j = 0 in its lowest bits), so
@@ -287,7 +287,7 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
   const __m128i by_plane = planes == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
                                        : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const int64_t G = K / group_size;
-  out.x8.resize(chunks * chunk * M * kW8Parts);
+  out.x8.resize(chunks * chunk * M * kVnniParts);
   out.unit.resize(M * G);
   out.xsum.resize(M * G);
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
@@ -319,7 +319,7 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
         vsum = _mm512_add_epi32(vsum, v);
         const int64_t kk = g * group_size + k;
         // [chunk][row][plane][part][64]
-        int8_t* const chunk_row = out.x8.data() + ((kk / chunk) * M + m) * planes * 64 * kW8Parts;
+        int8_t* const chunk_row = out.x8.data() + ((kk / chunk) * M + m) * planes * 64 * kVnniParts;
         int8_t* dst = chunk_row + kk % chunk / planes;
         // 3 bits: the two units of these values, each to its plane and lane (unit_slot).
         UnitSlot first{}, second{};
@@ -329,24 +329,24 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
         }
         // Signed base-256 digits, lowest first: d = ((v + 128) & 255) - 128, v = (v - d) / 256
         // (exact); after two digits |v| <= 64.
-        for (int t = kW8Parts - 1; t >= 0; --t) {
+        for (int t = kVnniParts - 1; t >= 0; --t) {
           const __m512i d = t == 0 ? v : _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), low_byte), half);
           const __m128i bytes = _mm512_cvtepi32_epi8(d);
           if (planes == 1) {
             _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 * t), bytes);
           } else if (bits == 3) {
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(chunk_row + 64 * (first.plane * kW8Parts + t) + 8 * first.lane),
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(chunk_row + 64 * (first.plane * kVnniParts + t) + 8 * first.lane),
                              bytes);
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(chunk_row + 64 * (second.plane * kW8Parts + t) + 8 * second.lane),
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(chunk_row + 64 * (second.plane * kVnniParts + t) + 8 * second.lane),
                              _mm_unpackhi_epi64(bytes, bytes));
           } else if (planes == 2) {
             const __m128i split = _mm_shuffle_epi8(bytes, by_plane);
             _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * t), split);
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * (kW8Parts + t)), _mm_unpackhi_epi64(split, split));
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * (kVnniParts + t)), _mm_unpackhi_epi64(split, split));
           } else {
             alignas(16) int32_t words[4];
             _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm_shuffle_epi8(bytes, by_plane));
-            for (int j = 0; j < 4; ++j) std::memcpy(dst + 64 * (j * kW8Parts + t), &words[j], 4);
+            for (int j = 0; j < 4; ++j) std::memcpy(dst + 64 * (j * kVnniParts + t), &words[j], 4);
           }
           v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
         }
@@ -361,7 +361,7 @@ bool w8_activations_t(const T* x, int64_t M, int64_t K, int64_t group_size, int 
 }  // namespace
 
 const VnniKernels& vnni_kernels() {
-  static const VnniKernels k{&w8_activations_t<uint16_t>, &w8_activations_t<float>, &run_w8_rows, kThreeBits};
+  static const VnniKernels k{&vnni_activations<uint16_t>, &vnni_activations<float>, &run_vnni_rows, kThreeBits};
   return k;
 }
 
