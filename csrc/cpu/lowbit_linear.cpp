@@ -121,8 +121,8 @@ const std::vector<Isa>& isas() {
     const bool vbmi = cpu_has("avx512_bf16_vbmi");
     v.push_back({"avx512_amx", cpu_has("avx512_amx"), &isa_avx512::lowbit_kernels(),
                  vbmi ? isa_avx512bf16vbmi::bf16_rows() : isa_avx512bf16::bf16_rows(),
-                 vbmi ? isa_avx512bf16vbmi::bf16_prepare() : isa_avx512bf16::bf16_prepare(), best512, vnni_path, vbmi, true,
-                 true});
+                 vbmi ? isa_avx512bf16vbmi::bf16_prepare() : isa_avx512bf16::bf16_prepare(), best512, vnni_path, vbmi,
+                 true, true});
 #endif
     return v;
   }();
@@ -662,7 +662,8 @@ std::string set_lowbit_isa(const std::string& name) {
 
 bool lowbit_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
   const VnniKernels* vnni = isas()[chosen().load()].vnni;
-  return (dtype == kBFloat16 || dtype == kFloat32) && vnni && vnni_layout(bits, group_size, M, K, dtype == kFloat32, vnni->w3);
+  return (dtype == kBFloat16 || dtype == kFloat32) && vnni &&
+         vnni_layout(bits, group_size, M, K, dtype == kFloat32, vnni->w3);
 }
 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {

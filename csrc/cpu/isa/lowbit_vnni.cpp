@@ -172,7 +172,8 @@ void vnni_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSli
   const __m512i field = _mm512_set1_epi8(static_cast<char>((1 << B) - 1));
 #if defined(__AVX512VBMI__)
   // 3 bits: the two planes' tables for this group size.
-  const FieldTables* three_bit = kThreeBitTables.plane[B == 3 ? __builtin_ctzll(std::min<int64_t>(p.group_size, 128) / 16) : 0];
+  const int64_t q = B == 3 ? std::min<int64_t>(p.group_size, 128) / 16 : 1;  // unit_slot's q
+  const FieldTables* three_bit = kThreeBitTables.plane[__builtin_ctzll(q)];
 #endif
   const int8_t* x8 = p.x8;  // [chunk][row][plane][part][64 bytes]
   const float* unit = p.x8_unit;  // [row][G]
@@ -204,7 +205,8 @@ void vnni_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSli
         for (int h = 0; h < kPlanes; ++h) w[h] = _mm512_and_si512(pick_fields(v, three_bit[h]), field);
 #endif
       } else {
-        const __m512i v = bytes == 64 ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi8((__mmask64{1} << bytes) - 1, src);
+        const __m512i v =
+            bytes == 64 ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi8((__mmask64{1} << bytes) - 1, src);
         for (int h = 0; h < kPlanes; ++h)
           w[h] = B == 8 ? v : _mm512_and_si512(h ? _mm512_srli_epi16(v, B * h) : v, field);
       }
@@ -272,7 +274,8 @@ void run_vnni_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   if (p.bits == 2) return p.M == 1 ? vnni_rows_t<2, 4, 1>(p, n_begin, n_end) : vnni_rows_t<2, 2, 2>(p, n_begin, n_end);
   if (p.bits == 4) return p.M == 1 ? vnni_rows_t<4, 4, 1>(p, n_begin, n_end) : vnni_rows_t<4, 2, 2>(p, n_begin, n_end);
   if constexpr (kThreeBits)
-    if (p.bits == 3) return p.M == 1 ? vnni_rows_t<3, 4, 1>(p, n_begin, n_end) : vnni_rows_t<3, 2, 2>(p, n_begin, n_end);
+    if (p.bits == 3)
+      return p.M == 1 ? vnni_rows_t<3, 4, 1>(p, n_begin, n_end) : vnni_rows_t<3, 2, 2>(p, n_begin, n_end);
   if (p.M == 1) return vnni_rows_t<8, 4, 1>(p, n_begin, n_end);
   vnni_rows_t<8, 2, 2>(p, n_begin, n_end);
 }
@@ -335,10 +338,11 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
           if (planes == 1) {
             _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 * t), bytes);
           } else if (bits == 3) {
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(chunk_row + 64 * (first.plane * kVnniParts + t) + 8 * first.lane),
-                             bytes);
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(chunk_row + 64 * (second.plane * kVnniParts + t) + 8 * second.lane),
-                             _mm_unpackhi_epi64(bytes, bytes));
+            const auto at = [&](UnitSlot u) {
+              return reinterpret_cast<__m128i*>(chunk_row + 64 * (u.plane * kVnniParts + t) + 8 * u.lane);
+            };
+            _mm_storel_epi64(at(first), bytes);
+            _mm_storel_epi64(at(second), _mm_unpackhi_epi64(bytes, bytes));
           } else if (planes == 2) {
             const __m128i split = _mm_shuffle_epi8(bytes, by_plane);
             _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * t), split);
