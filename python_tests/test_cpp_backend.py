@@ -1104,11 +1104,12 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     # codes and for 2-bit codes, 3 for 3-bit codes, 2 for 8-bit; the int8 digit planes take 3-5
     # rows of 8-bit codes and 3-5 of the natural decode's 2-4-bit codes where K and the group
     # size are multiples of 64)
-    # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels, or
-    # in rows below 2048 codes, one or two rows (groups of 64-byte chunks or parts of one), the VNNI path
-    # (as with the AVX-512 BF16 kernels; longer fp32 rows go there as fp32, as on a CPU with VNNI
-    # alone): the paths' fp32 sums differ in the last bits, so which one ran shows in the fp32
-    # output of bf16-valued fp32 rows (the "medium" path).
+    # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels, and
+    # one or two rows in the VNNI path's layouts (groups of chunks or parts of one; 8-bit rows below
+    # 2048 codes), which take the VNNI path as with the AVX-512 BF16 kernels (longer fp32 rows of
+    # 8-bit codes go there as fp32, as on a CPU with VNNI alone): the paths' fp32 sums differ in
+    # the last bits, so which one ran shows in the fp32 output of bf16-valued fp32 rows (the
+    # "medium" path).
     def run(x, qw, bits, group):
         (m, k), n = x.shape, qw.qweight.shape[0]
         y = torch.full((m, n), float("nan"))
