@@ -708,12 +708,12 @@ def test_lowbit_bf16_non_finite_activations(bits, m):
 
 
 # The VNNI path (AVX-512 VNNI, M = 1-2): the activation row as three signed bytes of a per-group
-# 22-bit fixed point against the codes as packed (bf16 rows of 8-bit codes: K < 2048). Rows four
-# at a time (tails of 1..3), groups of one to four 64-byte chunks, or of a half, a quarter, ...
-# of one (their sums side by side in a chunk's lanes), rows that end in part of a chunk.
-# 8-bit codes: groups of 32 and 16 (K = 96 ends in half a chunk, 1936 in a quarter).
+# 22-bit fixed point against the codes as packed. Rows four at a time (tails of 1..3), groups of
+# one to four 64-byte chunks, or of a half, a quarter, ... of one (their sums side by side in a
+# chunk's lanes), rows that end in part of a chunk.
+# 8-bit codes: groups of 32 and 16 (K = 96 ends in half a chunk, 1936 in a quarter), K = 4096.
 _W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792), (33, 128, 1920), (3, 64, 64),
-                    (45, 32, 576), (5, 32, 96), (9, 16, 1936)]
+                    (45, 32, 576), (5, 32, 96), (9, 16, 1936), (6, 128, 4096)]
 # 4-bit codes: K and groups multiples of 128 (whole 64-byte chunks of nibbles), or groups of 64, 32
 # or 16 (K = 576 and 64 end in half a chunk, 1568 in a quarter, 1040 in an eighth).
 _W4_VNNI_LAYOUTS = [(45, 128, 384), (46, 256, 1792), (33, 128, 1920), (3, 128, 128), (7, 384, 768), (45, 64, 576),
@@ -753,7 +753,7 @@ def test_lowbit_vnni_choice():
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 8, 192, 1, 576)
     assert cpp._C.lowbit_vnni(2, 8, 128, 2, 1536)
     assert not cpp._C.lowbit_vnni(2, 8, 128, 3, 1536)  # M >= 3: the AMX digits or the bf16 kernels
-    assert not cpp._C.lowbit_vnni(2, 8, 128, 1, 2048)  # long bf16 rows of 8-bit codes: the bf16 kernels
+    assert cpp._C.lowbit_vnni(2, 8, 128, 1, 4096) and cpp._C.lowbit_vnni(2, 8, 64, 2, 11008)  # at any K
     assert cpp._C.lowbit_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
     assert cpp._C.lowbit_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_vnni(0, 8, 1024, 2, 8192)  # at any K
     assert not cpp._C.lowbit_vnni(0, 8, 2048, 1, 4096)  # but groups below 2048 codes (exact int32 sums)
@@ -1105,11 +1105,10 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
     # rows of 8-bit codes and 3-5 of the natural decode's 2-4-bit codes where K and the group
     # size are multiples of 64)
     # stay on the vector kernels, except 8-bit codes there, which take the fp32 (FMA) kernels, and
-    # one or two rows in the VNNI path's layouts (groups of chunks or parts of one; 8-bit rows below
-    # 2048 codes), which take the VNNI path as with the AVX-512 BF16 kernels (longer fp32 rows of
-    # 8-bit codes go there as fp32, as on a CPU with VNNI alone): the paths' fp32 sums differ in
-    # the last bits, so which one ran shows in the fp32 output of bf16-valued fp32 rows (the
-    # "medium" path).
+    # one or two rows in the VNNI path's layouts (groups of chunks or parts of one), which take the
+    # VNNI path as with the AVX-512 BF16 kernels or VNNI alone: the paths' fp32 sums differ in the
+    # last bits, so which one ran shows in the fp32 output of bf16-valued fp32 rows (the "medium"
+    # path).
     def run(x, qw, bits, group):
         (m, k), n = x.shape, qw.qweight.shape[0]
         y = torch.full((m, n), float("nan"))
@@ -1131,7 +1130,7 @@ def test_lowbit_amx_takes_its_layouts_and_rows_only(amx_isa):
         y_other = run(x, qw, bits, group)
         cpp._C.set_lowbit_isa("avx512_amx")
         assert torch.isfinite(y).all() and torch.equal(y, y_other) != (path == "tiles"), (bits, group, m)
-        if path.startswith("avx512"):  # the same for bf16 rows (long rows: the fp32 kernels)
+        if path.startswith("avx512"):  # the same for bf16 rows
             xb = x.bfloat16()
             y16 = cpp.lowbit_linear(xb, qw.qweight, qw.scale, qw.zero, bits, group, None)
             cpp._C.set_lowbit_isa(path)

@@ -199,23 +199,23 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
 // three signed bytes of a per-group fixed point against the 8-bit codes as they are packed
 // (vpdpbusd), 2- and 4-bit codes split into their fields (a chunk's lowest, then the next, ...),
 // or (`w3`: built with VBMI) 3-bit codes spread into bytes; groups of whole chunks (2-4 bits: K
-// too) or of a half, quarter, ... of one (16 codes at least), of fewer than kVnniMaxK codes
-// (which keeps its int32 sums exact). For more rows (AMX digit tiles or the bf16 kernels) the
-// others were faster, and for bf16 rows of 8-bit codes of kVnniMaxK codes or more the bf16
-// kernels, whose weight streams better from DRAM (measured: isa/lowbit_vnni.cpp; at M >= 4 also
-// with a 16-bit fixed point, bench/results/ops/README.md, ninth session); fp32 rows (`fp32`) and
-// 2-4-bit codes take it at any K, ahead of the fp32 and bf16 kernels there too.
-constexpr int64_t kVnniMaxK = 2048;
+// too) or of a half, quarter, ... of one (16 codes at least), of fewer than kVnniMaxGroup codes
+// (which keeps its int32 sums exact), at any K. For more rows (AMX digit tiles or the bf16
+// kernels) the others were faster (measured: isa/lowbit_vnni.cpp; at M >= 4 also with a 16-bit
+// fixed point, bench/results/ops/README.md, ninth session). bf16 rows of 8-bit codes took it only
+// below 2048 codes until session 55, when it measured ahead there too (4096 x 4096, weights
+// evicted: M = 1 1.99-2.28 / 1.51-1.58 ms, M = 2 2.27-3.15 / 1.43-1.57).
+constexpr int64_t kVnniMaxGroup = 2048;
 constexpr int64_t kVnniMaxRows = 2;
 
-inline bool vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K, bool fp32, bool w3) {
+inline bool vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K, bool w3) {
   // Groups of whole chunks (64 bytes; 3 bits: 48 bytes, 128 codes), or of a half, quarter, ... of
   // one (at least 16 codes: the activations are prepared 16 values at a time).
   const int64_t chunk = bits == 3 ? 128 : 512 / bits;  // codes per chunk
   const bool whole = group_size % chunk == 0 && K % chunk == 0;
   const bool part = group_size % 16 == 0 && chunk % group_size == 0;
   return (bits == 2 || bits == 4 || bits == 8 || (bits == 3 && w3)) && (whole || part) && M <= kVnniMaxRows &&
-         group_size < kVnniMaxK && (fp32 || bits != 8 || K < kVnniMaxK);
+         group_size < kVnniMaxGroup;
 }
 // Activations of the VNNI path (see LowbitProblem::x8, x8_unit, xsum).
 struct VnniActivations {

@@ -5,8 +5,8 @@
 // Paths:
 // * one or two bf16 or fp32 activation rows on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
 //   VBMI also 3-bit codes) in groups of whole chunks (64 / 128 / 256 / 128 codes at 8 / 4 / 2 / 3
-//   bits, K too) or of a half, quarter, ... of one down to 16 codes, groups below 2048 codes, bf16
-//   rows of 8-bit codes K < 2048 (lowbit_vnni): each row as three signed bytes of a per-group
+//   bits, K too) or of a half, quarter, ... of one down to 16 codes, groups below 2048 codes
+//   (lowbit_vnni): each row as three signed bytes of a per-group
 //   22-bit fixed point against the codes as packed (vpdpbusd, exact int32 sums;
 //   isa/lowbit_vnni.cpp; fp32 groups whose values the fixed point cannot carry within 1e-5 go
 //   on below);
@@ -397,7 +397,7 @@ constexpr int64_t kAmxFp32MinRows = 3;
 constexpr int64_t amx_fp32_digit_min_rows(int64_t group_size) { return group_size >= 128 ? 2 : 3; }
 // bf16 rows take the digits too where their codes would take the slower natural decode on the
 // bf16 tiles (not the pair order) or the vector kernels, from 2 rows (W8, where the VNNI path,
-// tried first, leaves them: K >= kVnniMaxK) or 3 up to the five of one digit tile (ms, min of
+// tried first, leaves them: groups it does not take) or 3 up to the five of one digit tile (ms, min of
 // three rounds each, vector or bf16 tiles / digits): 4096 x 4096 W8 M =
 // 2 1.30-1.51 / 0.93-1.05, M = 4 1.30-1.37 / 0.99-1.09, M = 8 1.27-1.34 / 1.20-1.33, M = 10
 // 1.26-1.35 / 1.26-1.33; W2 M = 3 1.18-1.37 / 0.81-1.00, M = 8 1.11-1.34 / 1.05-1.20; W3 M = 3
@@ -663,7 +663,7 @@ std::string set_lowbit_isa(const std::string& name) {
 bool lowbit_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
   const VnniKernels* vnni = isas()[chosen().load()].vnni;
   return (dtype == kBFloat16 || dtype == kFloat32) && vnni &&
-         vnni_layout(bits, group_size, M, K, dtype == kFloat32, vnni->w3);
+         vnni_layout(bits, group_size, M, K, vnni->w3);
 }
 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {

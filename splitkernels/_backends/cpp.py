@@ -28,8 +28,8 @@ Agreement with :mod:`splitkernels.ops.reference`:
   per-group step costs more, from ``amx_scaled_min_rows`` (groups of 32: 8 rows, 64: 80, 128: 192,
   larger: 256). One or two bf16 or fp32 rows
   against 8-, 4- and 2-bit codes (and 3-bit codes with VBMI) in groups of whole 64-byte chunks
-  (3 bits: 48 bytes; K too) or of a half, a quarter, ... of one down to 16 codes (bf16 rows of
-  8-bit codes below 2048 codes) on AVX-512 VNNI CPUs
+  (3 bits: 48 bytes; K too) or of a half, a quarter, ... of one down to 16 codes on AVX-512
+  VNNI CPUs
   (``_C.lowbit_vnni``) go as three signed bytes of a per-group 22-bit fixed point
   (bf16 values of at least 2^-14 of their group's largest exact, others within 2^-23 of it; fp32
   groups whose largest value passes 32 times their mean, or lies below 2^-64, go on as below)

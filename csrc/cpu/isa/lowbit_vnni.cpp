@@ -17,8 +17,7 @@
 // x 896 0.159 / 0.103, M = 2 0.244 / 0.158, 4096 x 4096 0.493 / 0.327 (weights evicted 0.520-0.537
 // / 0.354-0.361), M = 2 0.772 / 0.489; W4 4096 x 4096 M = 1 0.496 / 0.407-0.413 (evicted
 // 0.533-0.534 / 0.464-0.479), M = 2 0.81-0.82 / 0.64-0.65, 896 x 4864 0.130 / 0.098; fp32 W2
-// 4096 x 4096 M = 1 0.561 / 0.300, M = 2 0.752 / 0.471. 8-bit bf16 rows of K >= 2048 stay on the
-// bf16 kernels (below).
+// 4096 x 4096 M = 1 0.561 / 0.300, M = 2 0.752 / 0.471.
 // Groups of a quarter or less of a chunk (session 55: W2 in groups of 64 and 32, W4 of 32 and 16,
 // W8 of 32 and 16) take the same per-chunk step, each lane's unit * scale spread from the groups'
 // (one permute): one thread, ms, the fp32 kernels or bf16 kernels before / this, fp32 rows: W2 g64
@@ -48,7 +47,7 @@
 // signed base-256 digits v = 65536 hi + 256 mid + lo (|hi| <= 64). Per group the sums
 // sum_k q_k hi_k and sum_k q_k (256 mid_k + lo_k) are exact in int32 (a lane adds
 // group_size / 16 products of at most 255 * 32896: below 2^31 for groups below 4096 codes,
-// and the path takes K < kVnniMaxK = 2048), and
+// and the path takes groups below kVnniMaxGroup = 2048), and
 // y = sum_g u * (s_g * sum_k q_k v_k + z_g * sum_k v_k) is the layer applied to x~ = u * v up
 // to fp32 rounding. A bf16 value carries eight
 // significant bits, so every value of at least 2^-14 of its group's largest is exact; smaller
@@ -74,9 +73,12 @@
 // 1536 x 576 g64 0.065 / 0.055, 4864 x 896 0.234 / 0.186, 2048 x 1024 g64 0.162 / 0.124; two
 // threads 0.041 / 0.034, 0.116 / 0.099), as were the bf16 kernels (the same Xeon limited to them:
 // AVX-512 BF16 0.083 / 0.055, 4864 x 896 0.369 / 0.185; AVX-512 VNNI's fp32 kernels 0.069 / 0.061,
-// 0.268 / 0.184). bf16 rows of at most 2 KiB: with longer rows (4096 x 4096) the weight streams
-// from DRAM, and there this kernel was 1.1-1.7x slower than the bf16 one (a single 64-byte load
-// per chunk and less work between loads; not resolved); fp32 rows at any K (see above).
+// 0.268 / 0.184). Until session 55 bf16 rows of 8-bit codes took it below K = 2048 only: with
+// longer rows (4096 x 4096) the weight streams from DRAM, and there this kernel was 1.1-1.7x
+// slower than the bf16 one. Measured again (one thread, the fp32 kernels at M = 1 and the AMX
+// digits at M = 2 before / this): 4096 x 4096 M = 1 0.88-1.21 / 0.70-0.76 (weights evicted
+// 1.99-2.28 / 1.51-1.58), M = 2 1.33-1.43 / 0.86-0.94 (evicted 2.27-3.15 / 1.43-1.57), 896 x 4864
+// 0.232-0.251 / 0.186-0.199 (evicted 0.55-0.70 / 0.40-0.45): now at any K.
 // Layouts: vnni_layout in lowbit_kernels.h.
 #include <immintrin.h>
 
