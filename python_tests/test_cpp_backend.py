@@ -752,7 +752,11 @@ def test_lowbit_vnni_choice():
     _needs_vnni()
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 8, 192, 1, 576)
     assert cpp._C.lowbit_vnni(2, 8, 128, 2, 1536)
-    assert not cpp._C.lowbit_vnni(2, 8, 128, 3, 1536)  # M >= 3: the AMX digits or the bf16 kernels
+    assert not cpp._C.lowbit_vnni(2, 8, 128, 3, 1536)  # bf16 rows from M = 3: the AMX digits or the bf16 kernels
+    # fp32 rows up to M = 8 where no AMX tiles take them (else from M = 3 the tiles or the FMA kernels)
+    no_amx = "avx512_amx" not in cpp._C.lowbit_isas()
+    assert cpp._C.lowbit_vnni(0, 8, 128, 3, 1536) == no_amx and cpp._C.lowbit_vnni(0, 4, 64, 8, 576) == no_amx
+    assert not cpp._C.lowbit_vnni(0, 4, 64, 9, 576)
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 4096) and cpp._C.lowbit_vnni(2, 8, 64, 2, 11008)  # at any K
     assert cpp._C.lowbit_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
     assert cpp._C.lowbit_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_vnni(0, 8, 1024, 2, 8192)  # at any K
@@ -817,11 +821,14 @@ def _fp32_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None)
     _VNNI_LAYOUTS + [(8, 9, 128, 4096), (4, 5, 1024, 8192)],  # fp32 rows at any K
 )
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
-@pytest.mark.parametrize("m", (1, 2))
+@pytest.mark.parametrize("m", (1, 2, 3, 8))
 def test_lowbit_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     # fp32 rows on the fixed point keep the fp32 promise: each value within 2^-23 of its group's
     # largest, exact integer sums; each row's groups with their own units (a row 1000x the other).
+    # From M = 3 (CPUs without AMX tiles) in blocks of two rows, the last of one (M = 3) or two.
     _needs_vnni(bits)
+    if m > 2 and "avx512_amx" in cpp._C.lowbit_isas():
+        pytest.skip("this CPU has AMX tiles: fp32 rows from M = 3 go to them or the FMA kernels, not the VNNI path")
     assert cpp._C.lowbit_vnni(0, bits, group, m, k)
     g = _gen(n + group + k + m + bits + 7)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
@@ -844,7 +851,11 @@ def test_lowbit_vnni_fp32_hard_rows(bits, group, k):
     qw = quantize_weight(torch.randn(64, k, generator=g), bits, group)
     rows = list(_hard_rows(k, g).items()) + [("a row of 1e-30", torch.randn(1, k, generator=g) * 1e-30)]
     pairs = [(f"{a} / {b}", torch.cat([xa, xb])) for (a, xa), (b, xb) in zip(rows, rows[1:] + rows[:1])]
-    for name, x in rows + pairs:
+    # Up to M = 8 (the VNNI path's fp32 rows without AMX tiles): a hard row among plain ones declines
+    # the whole call.
+    plain = torch.randn(7, k, generator=g)
+    mixed = [(f"{name} among 7 rows", torch.cat([plain[:3], x, plain[3:]])) for name, x in rows]
+    for name, x in rows + pairs + mixed:
         y = _fp32_kernel_on_poisoned_output(x, qw, None)
         want64 = _lowbit_want64(x, qw, None)
         row_err = ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max()

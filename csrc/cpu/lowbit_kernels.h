@@ -195,27 +195,33 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
   return !(most != 0.f && most < 0x1p-64f) && most * static_cast<float>(group_size) <= kDigitOutlierRatio<T> * sum_abs;
 }
 
-// The VNNI path (isa/lowbit_vnni.cpp): up to kVnniMaxRows bf16 or fp32 activation rows as
-// three signed bytes of a per-group fixed point against the 8-bit codes as they are packed
-// (vpdpbusd), 2- and 4-bit codes split into their fields (a chunk's lowest, then the next, ...),
-// or (`w3`: built with VBMI) 3-bit codes spread into bytes; groups of whole chunks (2-4 bits: K
-// too) or of a half, quarter, ... of one (16 codes at least), of fewer than kVnniMaxGroup codes
-// (which keeps its int32 sums exact), at any K. For more rows (AMX digit tiles or the bf16
-// kernels) the others were faster (measured: isa/lowbit_vnni.cpp; at M >= 4 also with a 16-bit
-// fixed point, bench/results/ops/README.md, ninth session). bf16 rows of 8-bit codes took it only
-// below 2048 codes until session 55, when it measured ahead there too (4096 x 4096, weights
-// evicted: M = 1 1.99-2.28 / 1.51-1.58 ms, M = 2 2.27-3.15 / 1.43-1.57).
+// The VNNI path (isa/lowbit_vnni.cpp): bf16 or fp32 activation rows as three signed bytes of a
+// per-group fixed point against the 8-bit codes as they are packed (vpdpbusd), 2- and 4-bit codes
+// split into their fields (a chunk's lowest, then the next, ...), or (`w3`: built with VBMI) 3-bit
+// codes spread into bytes; groups of whole chunks (2-4 bits: K too) or of a half, quarter, ... of
+// one (16 codes at least), of fewer than kVnniMaxGroup codes (which keeps its int32 sums exact), at
+// any K. Rows: up to kVnniMaxRows, and fp32 rows on CPUs without AMX tiles up to kVnniMaxFp32Rows
+// (lowbit_vnni in lowbit_linear.cpp). For more rows (AMX digit tiles or the bf16 kernels) the
+// others were faster (measured: isa/lowbit_vnni.cpp; at M >= 4 also with a 16-bit fixed point,
+// bench/results/ops/README.md, ninth session); without the tiles fp32 rows met only the fp32 FMA
+// kernels, which this path beat up to 8 rows (AMD EPYC (Zen 4), one thread, ms, FMA kernels / this:
+// 4096 x 4096 W4 M = 3 1.81 / 1.14, M = 4 2.53 / 1.49, M = 8 4.41 / 2.97, M = 16 7.3 / 6.1, M = 32
+// 12.0 / 12.1; 1536 x 576 W3 g64 M = 4 0.124 / 0.143, the one loss; bench/results/ops/s56). bf16
+// rows of 8-bit codes took it only below 2048 codes until session 55, when it measured ahead there
+// too (4096 x 4096, weights evicted: M = 1 1.99-2.28 / 1.51-1.58 ms, M = 2 2.27-3.15 / 1.43-1.57).
 constexpr int64_t kVnniMaxGroup = 2048;
 constexpr int64_t kVnniMaxRows = 2;
+constexpr int64_t kVnniMaxFp32Rows = 8;
+// Rows per block of the activations (VnniActivations::x8), each block over the weight rows in turn.
+constexpr int64_t kVnniBlockRows = 2;
 
-inline bool vnni_layout(int bits, int64_t group_size, int64_t M, int64_t K, bool w3) {
+inline bool vnni_layout(int bits, int64_t group_size, int64_t K, bool w3) {
   // Groups of whole chunks (64 bytes; 3 bits: 48 bytes, 128 codes), or of a half, quarter, ... of
   // one (at least 16 codes: the activations are prepared 16 values at a time).
   const int64_t chunk = bits == 3 ? 128 : 512 / bits;  // codes per chunk
   const bool whole = group_size % chunk == 0 && K % chunk == 0;
   const bool part = group_size % 16 == 0 && chunk % group_size == 0;
-  return (bits == 2 || bits == 4 || bits == 8 || (bits == 3 && w3)) && (whole || part) && M <= kVnniMaxRows &&
-         group_size < kVnniMaxGroup;
+  return (bits == 2 || bits == 4 || bits == 8 || (bits == 3 && w3)) && (whole || part) && group_size < kVnniMaxGroup;
 }
 // Activations of the VNNI path (see LowbitProblem::x8, x8_unit, xsum).
 struct VnniActivations {
@@ -302,7 +308,8 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end);
 namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prepare(); }
 // AVX-512 VNNI adds the VNNI path, built twice: without VBMI (2-, 4- and 8-bit codes) and with it
 // (`w3`: 3-bit codes too). `activations` fill `out` from rows x [M, K] bf16 or fp32 for
-// `bits`-bit codes (vnni_layout): digits [chunk][M][plane][3][64] (8 and 3 bits: 64 codes a
+// `bits`-bit codes (vnni_layout): digits in blocks of kVnniBlockRows rows (the last may hold fewer),
+// each [chunk][row][plane][3][64] (8 and 3 bits: 64 codes a
 // chunk, one plane; 4 bits: 128 codes, the even ones then the odd ones; 2 bits: 256 codes, those
 // at 4 i, then 4 i + 1, ...), units and sums [M][G]; false (and nothing to run) when x holds a NaN
 // or an infinity, or (fp32) a group that prepare_digits would decline: its largest |x| nonzero but

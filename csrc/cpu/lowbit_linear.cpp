@@ -3,7 +3,8 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one or two bf16 or fp32 activation rows on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
+// * one or two bf16 or fp32 activation rows (fp32: up to eight on CPUs without AMX tiles,
+//   kVnniMaxFp32Rows) on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
 //   VBMI also 3-bit codes) in groups of whole chunks (64 / 128 / 256 / 128 codes at 8 / 4 / 2 / 3
 //   bits, K too) or of a half, quarter, ... of one down to 16 codes, groups below 2048 codes
 //   (lowbit_vnni): each row as three signed bytes of a per-group
@@ -661,9 +662,10 @@ std::string set_lowbit_isa(const std::string& name) {
 }
 
 bool lowbit_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
-  const VnniKernels* vnni = isas()[chosen().load()].vnni;
-  return (dtype == kBFloat16 || dtype == kFloat32) && vnni &&
-         vnni_layout(bits, group_size, M, K, vnni->w3);
+  const Isa& isa = isas()[chosen().load()];
+  const int64_t max_rows = dtype == kFloat32 && !isa.amx ? kVnniMaxFp32Rows : kVnniMaxRows;
+  return (dtype == kBFloat16 || dtype == kFloat32) && isa.vnni && M <= max_rows &&
+         vnni_layout(bits, group_size, K, isa.vnni->w3);
 }
 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {

@@ -79,6 +79,11 @@
 // digits at M = 2 before / this): 4096 x 4096 M = 1 0.88-1.21 / 0.70-0.76 (weights evicted
 // 1.99-2.28 / 1.51-1.58), M = 2 1.33-1.43 / 0.86-0.94 (evicted 2.27-3.15 / 1.43-1.57), 896 x 4864
 // 0.232-0.251 / 0.186-0.199 (evicted 0.55-0.70 / 0.40-0.45): now at any K.
+// On CPUs without AMX tiles (AMD EPYC, Zen 4) fp32 rows from three up to eight take this path too,
+// in blocks of two rows (vnni_row_blocks): there the alternative is the fp32 FMA kernels, which
+// it beat by 15-35% (one thread, 4096 x 4096 W4 M = 3 1.81 / 1.14 ms, M = 8 4.41 / 2.97; at 16
+// rows 7.3 / 6.1, at 32 level, so the path stops at 8, kVnniMaxFp32Rows). bf16 rows stay at two:
+// the bf16 kernels' vdpbf16ps ran 1.5-2x faster from three (M = 3 0.86 / 1.31, M = 4 1.07 / 1.96).
 // Layouts: vnni_layout in lowbit_kernels.h.
 #include <immintrin.h>
 
@@ -156,10 +161,10 @@ constexpr int64_t kPrefetchBytes = 2048;
 // M = 1 1.13-1.35 / 1.11-1.21, g64 0.90-1.08 / 0.87-1.00 (bench/results/ops/s55/experiments.txt).
 constexpr int64_t kAffinePrefetchBytes = 256;
 // Weight rows per block at M = 1: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than
-// two, 0-40% faster than three, twice as fast as six); at M = 2 two (run_vnni_rows).
+// two, 0-40% faster than three, twice as fast as six); at M = 2 two (vnni_row_blocks).
 // out[r] = y of weight row n0 + r (r < R) before bias.
 template <int B, int R, int MR>
-void vnni_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
+void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
               bool add) {
   constexpr int kPlanes = planes_of(B);  // a chunk's planes (2-8 bits: a byte's codes, lowest bits first)
   constexpr int64_t kChunkBytes = chunk_codes(B) * B / 8;
@@ -177,9 +182,11 @@ void vnni_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSli
   const int64_t q = B == 3 ? std::min<int64_t>(p.group_size, 128) / 16 : 1;  // unit_slot's q
   const FieldTables* three_bit = kThreeBitTables.plane[__builtin_ctzll(q)];
 #endif
-  const int8_t* x8 = p.x8;  // [chunk][row][plane][part][64 bytes]
-  const float* unit = p.x8_unit;  // [row][G]
-  const float* xsum = p.xsum;     // [row][G]
+  // Rows [m0, m0 + MR): a block of the activations (vnni_row_blocks), [chunk][row][plane][part][64 bytes].
+  const int64_t chunks = (p.K + chunk_codes(B) - 1) / chunk_codes(B);
+  const int8_t* x8 = p.x8 + m0 * chunks * 64 * kVnniParts * kPlanes;
+  const float* unit = p.x8_unit + m0 * G;  // [row][G]
+  const float* xsum = p.xsum + m0 * G;     // [row][G]
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = p.qweight + (n0 + r) * p.row_bytes;
   __m512 tot[R][MR];
@@ -265,21 +272,34 @@ void vnni_block(const LowbitProblem& p, int64_t /*m0*/, int64_t n0, const DotSli
 }
 
 template <int B, int R, int MR>
-void vnni_rows_t(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+void vnni_rows_t(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
   // The activation rows never outgrow L1: no K slices (x_group_bytes 0).
-  sliced_rows<MR, R, vnni_block<B, R, MR>, vnni_block<B, 1, MR>>(p, 0, n_begin, n_end, 0, 0, kPrefetchBytes);
+  sliced_rows<MR, R, vnni_block<B, R, MR>, vnni_block<B, 1, MR>>(p, m0, n_begin, n_end, 0, 0, kPrefetchBytes);
 }
 
-// Two activation rows take blocks of two weight rows (12 accumulators): four rows (24) were 0-6%
-// slower (one thread, 4864 x 896 0.184 / 0.172 ms, 576 x 1536 0.038 / 0.036).
+// Rows in blocks of kVnniBlockRows = 2 (the last may hold one), each over the weight rows in turn:
+// blocks of two weight rows against two activation rows (12 accumulators), one row against four
+// weight rows. Two rows: four weight rows (24 accumulators) were 0-6% slower (one thread, 4864 x
+// 896 0.184 / 0.172 ms, 576 x 1536 0.038 / 0.036). More rows (fp32 rows on CPUs without AMX,
+// kVnniMaxFp32Rows) as blocks of 2 against blocks of 3 or 4 (18 or 24 accumulators): AMD EPYC
+// (Zen 4), one thread, fp32 rows, 4096 x 4096 W4 ms, M = 4 1.49 / 2.03 (blocks of 4), M = 8 2.97
+// / 4.19, M = 6 2.23 / 2.82 (bench/results/ops/s56/experiments.txt).
+template <int B>
+void vnni_row_blocks(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  for (int64_t m0 = 0; m0 < p.M; m0 += kVnniBlockRows) {
+    if (p.M - m0 == 1)
+      vnni_rows_t<B, 4, 1>(p, m0, n_begin, n_end);
+    else
+      vnni_rows_t<B, 2, 2>(p, m0, n_begin, n_end);
+  }
+}
+
 void run_vnni_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.bits == 2) return p.M == 1 ? vnni_rows_t<2, 4, 1>(p, n_begin, n_end) : vnni_rows_t<2, 2, 2>(p, n_begin, n_end);
-  if (p.bits == 4) return p.M == 1 ? vnni_rows_t<4, 4, 1>(p, n_begin, n_end) : vnni_rows_t<4, 2, 2>(p, n_begin, n_end);
+  if (p.bits == 2) return vnni_row_blocks<2>(p, n_begin, n_end);
+  if (p.bits == 4) return vnni_row_blocks<4>(p, n_begin, n_end);
   if constexpr (kThreeBits)
-    if (p.bits == 3)
-      return p.M == 1 ? vnni_rows_t<3, 4, 1>(p, n_begin, n_end) : vnni_rows_t<3, 2, 2>(p, n_begin, n_end);
-  if (p.M == 1) return vnni_rows_t<8, 4, 1>(p, n_begin, n_end);
-  vnni_rows_t<8, 2, 2>(p, n_begin, n_end);
+    if (p.bits == 3) return vnni_row_blocks<3>(p, n_begin, n_end);
+  vnni_row_blocks<8>(p, n_begin, n_end);
 }
 
 // VnniKernels' activations for T = uint16_t (bf16) or float.
@@ -323,8 +343,10 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
         __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load16(xg, k), scale_exp));  // to nearest
         vsum = _mm512_add_epi32(vsum, v);
         const int64_t kk = g * group_size + k;
-        // [chunk][row][plane][part][64]
-        int8_t* const chunk_row = out.x8.data() + ((kk / chunk) * M + m) * planes * 64 * kVnniParts;
+        // Blocks of kVnniBlockRows rows, each [chunk][row][plane][part][64].
+        const int64_t b0 = m / kVnniBlockRows * kVnniBlockRows, rows = std::min(kVnniBlockRows, M - b0);
+        int8_t* const chunk_row =
+            out.x8.data() + (b0 * chunks + (kk / chunk) * rows + m - b0) * planes * 64 * kVnniParts;
         int8_t* dst = chunk_row + kk % chunk / planes;
         // 3 bits: the two units of these values, each to its plane and lane (unit_slot).
         UnitSlot first{}, second{};
