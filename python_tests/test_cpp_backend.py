@@ -818,7 +818,8 @@ def _fp32_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None)
 
 @pytest.mark.parametrize(
     "bits,n,group,k",
-    _VNNI_LAYOUTS + [(8, 9, 128, 4096), (4, 5, 1024, 8192)],  # fp32 rows at any K
+    # fp32 rows at any K; 70 rows of 16 KiB: from M = 3 spans of 16 weight rows (kVnniSpanBytes), the last of 6
+    _VNNI_LAYOUTS + [(8, 9, 128, 4096), (4, 5, 1024, 8192), (8, 70, 64, 16384)],
 )
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m", (1, 2, 3, 8))

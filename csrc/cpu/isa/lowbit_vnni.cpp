@@ -150,6 +150,11 @@ alignas(64) constexpr ThreeBitTables kThreeBitTables = [] {
 
 // Signed bytes per activation value: hi, mid, lo of the 22-bit fixed point.
 constexpr int kVnniParts = 3;
+// Weight bytes that every block of activation rows passes over before the next (more than one
+// block): a span that stays in L2 instead of each block reading the weight from memory again. Zen 4,
+// one thread, weights evicted, fp32 rows, median ms, whole range / 256 KiB: 4096 x 4096 W8 M = 3
+// 2.60-2.81 / 1.97-2.58, M = 8 5.73-7.02 / 4.22-4.66, W4 level (bench/results/ops/s56).
+constexpr int64_t kVnniSpanBytes = 256 << 10;
 // How far ahead each row's next chunk is prefetched when rows are read side by side: 2 KiB, as the
 // other kernels' streams (kStreamPrefetchBytes), against 512 bytes before (one thread, ms, weights
 // evicted, fp32 rows: 4096 x 4096 W4 M = 1 0.92-1.01 / 0.71-0.81, 896 x 4864 0.27-0.28 /
@@ -286,11 +291,16 @@ void vnni_rows_t(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_
 // / 4.19, M = 6 2.23 / 2.82 (bench/results/ops/s56/experiments.txt).
 template <int B>
 void vnni_row_blocks(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  for (int64_t m0 = 0; m0 < p.M; m0 += kVnniBlockRows) {
-    if (p.M - m0 == 1)
-      vnni_rows_t<B, 4, 1>(p, m0, n_begin, n_end);
-    else
-      vnni_rows_t<B, 2, 2>(p, m0, n_begin, n_end);
+  const int64_t span = p.M <= kVnniBlockRows ? n_end - n_begin
+                                             : std::max<int64_t>(4, kVnniSpanBytes / p.row_bytes / 4 * 4);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += span) {
+    const int64_t n1 = std::min(n_end, n0 + span);
+    for (int64_t m0 = 0; m0 < p.M; m0 += kVnniBlockRows) {
+      if (p.M - m0 == 1)
+        vnni_rows_t<B, 4, 1>(p, m0, n0, n1);
+      else
+        vnni_rows_t<B, 2, 2>(p, m0, n0, n1);
+    }
   }
 }
 
