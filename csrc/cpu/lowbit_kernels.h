@@ -212,7 +212,8 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
 constexpr int64_t kVnniMaxGroup = 2048;
 constexpr int64_t kVnniMaxRows = 2;
 constexpr int64_t kVnniMaxFp32Rows = 8;
-// Rows per block of the activations (VnniActivations::x8), each block over the weight rows in turn.
+// Rows per block of the activations (VnniActivations::x8); every block passes over a span of weight
+// rows before the next span (kVnniSpanBytes, isa/lowbit_vnni.cpp).
 constexpr int64_t kVnniBlockRows = 2;
 
 inline bool vnni_layout(int bits, int64_t group_size, int64_t K, bool w3) {

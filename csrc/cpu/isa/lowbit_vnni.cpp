@@ -282,7 +282,8 @@ void vnni_rows_t(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_
   sliced_rows<MR, R, vnni_block<B, R, MR>, vnni_block<B, 1, MR>>(p, m0, n_begin, n_end, 0, 0, kPrefetchBytes);
 }
 
-// Rows in blocks of kVnniBlockRows = 2 (the last may hold one), each over the weight rows in turn:
+// Rows in blocks of kVnniBlockRows = 2 (the last may hold one), each over a span of weight rows
+// (kVnniSpanBytes) before the next span:
 // blocks of two weight rows against two activation rows (12 accumulators), one row against four
 // weight rows. Two rows: four weight rows (24 accumulators) were 0-6% slower (one thread, 4864 x
 // 896 0.184 / 0.172 ms, 576 x 1536 0.038 / 0.036). More rows (fp32 rows on CPUs without AMX,
