@@ -10,10 +10,12 @@ minimum (the steadier figure on a shared machine) and the median per build and r
 With ``--cold`` a buffer of ``--evict-mb`` MiB (64; more than the last-level cache where that is
 larger, e.g. 512 with 300 MiB of L3) is written before each timed call (not timed), so the
 weights come from memory, as in the interleaved rounds of ``bench/ops/lowbit_linear.py``, where
-other methods' weights pass through the caches in between.
+other methods' weights pass through the caches in between. ``--isa NAME`` runs both builds on that
+instruction set (``_C.set_lowbit_isa``; one of ``_C.lowbit_isas()``), e.g. the fused FMA kernels
+(``avx512``) on a CPU whose default takes the VNNI path or the AMX tiles.
 
 Usage: python bench/ops/ab_builds.py --a OLD/_C.so --b NEW/_C.so [--rounds 2] [--dtype float32]
-       [--cold [--evict-mb 512]] [--threads 2] 4096x4096x16x4x128 1536x576x4x3x64 ...
+       [--cold [--evict-mb 512]] [--threads 2] [--isa avx512] 4096x4096x16x4x128 1536x576x4x3x64 ...
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import time
 DTYPES = ("float32", "float32-medium", "bfloat16")
 
 
-def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], evict_mb: int, threads: int) -> list[str]:
+def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], evict_mb: int, threads: int,
+              isa: str | None) -> list[str]:
     """This process's half of a round: each case's minimum and median ms on the build at `so`."""
     import torch
 
@@ -43,6 +46,8 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], evict_
     spec = importlib.util.spec_from_file_location("_C", target)
     ext = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ext)
+    if isa:
+        ext.set_lowbit_isa(isa)  # ValueError naming the choices where this CPU or build lacks it
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
     torch.manual_seed(0)
@@ -80,6 +85,7 @@ def main() -> None:
     p.add_argument("--cold", action="store_true", help="evict the caches before each timed call")
     p.add_argument("--evict-mb", type=int, default=64, help="MiB written to evict the caches (--cold)")
     p.add_argument("--threads", type=int, default=1, help="threads (above 1: timed by the wall clock)")
+    p.add_argument("--isa", help="the instruction set both builds run (default: the CPU's best)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("cases", nargs="+", help="NxKxMxBITSxGROUP")
     a = p.parse_args()
@@ -88,7 +94,8 @@ def main() -> None:
         if len(parts) != 5 or not all(v.isdigit() and int(v) > 0 for v in parts):
             p.error(f"a case is NxKxMxBITSxGROUP of positive integers, got {case!r}")
     if a.worker:
-        print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases, a.evict_mb if a.cold else 0, a.threads)))
+        print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases, a.evict_mb if a.cold else 0, a.threads,
+                                   a.isa)))
         return
     for so in (a.a, a.b):
         if not os.path.isfile(so):
@@ -101,14 +108,20 @@ def main() -> None:
         order = ("a", "b") if r % 2 == 0 else ("b", "a")
         for name in order:
             cold = ["--cold", "--evict-mb", str(a.evict_mb)] if a.cold else []
+            isa = ["--isa", a.isa] if a.isa else []
             argv = [sys.executable, __file__, "--a", a.a, "--b", a.b, "--dtype", a.dtype, "--seconds",
-                    str(a.seconds), "--threads", str(a.threads), *cold, "--worker", getattr(a, name), *a.cases]
-            lines = subprocess.run(argv, check=True, env=env, capture_output=True, text=True).stdout.split()
+                    str(a.seconds), "--threads", str(a.threads), *cold, *isa, "--worker", getattr(a, name), *a.cases]
+            run = subprocess.run(argv, env=env, capture_output=True, text=True)
+            if run.returncode:
+                last = run.stderr.strip().splitlines()[-1:] or [f"exit status {run.returncode}"]
+                raise SystemExit(f"ab_builds.py: build {name} ({getattr(a, name)}): {last[0]}")
+            lines = run.stdout.split()
             results[name].append(lines)
             print(f"round {r + 1}: {name} done", file=sys.stderr)
     caches = f"caches evicted before each call ({a.evict_mb} MiB written)" if a.cold else "warm caches"
     clock = "one thread" if a.threads == 1 else f"{a.threads} threads, wall clock"
-    print(f"# min/median ms, {clock}, {a.dtype} activations, {caches}; a = {a.a}, b = {a.b}")
+    isa = f", instruction set {a.isa}" if a.isa else ""
+    print(f"# min/median ms, {clock}, {a.dtype} activations, {caches}{isa}; a = {a.a}, b = {a.b}")
     for i, case in enumerate(a.cases):
         cells = " | ".join(f"a {results['a'][r][i]} b {results['b'][r][i]}" for r in range(a.rounds))
         print(f"{case:24s} {cells}")
