@@ -30,7 +30,7 @@ struct LowbitProblem {
   const uint16_t* x16;     // [M, x_stride] bf16 in the bf16 kernels' order (bf16_position), zero-padded
   int64_t x_stride;
   const float* xsum;       // [M, G] group sums of the activations the kernel reads
-  const int8_t* x8;        // VNNI path (M = 1-2): digits of x / unit, chunk by chunk (VnniKernels);
+  const int8_t* x8;        // VNNI path: digits of x / unit, in blocks of rows, chunk by chunk (VnniKernels);
                            // AMX digit path: its tiles (isa_amx::prepare_digits)
   const float* x8_unit;    // VNNI path: [M, G] power-of-two unit of each group; AMX digit path: its units
   float* y;                // [M, N] fp32 result (fp32 kernels: before bias and the output dtype)
@@ -72,22 +72,25 @@ constexpr bool fp32_in_place(int bits, int64_t M) { return M <= (bits == 3 ? 2 :
 // (Intel Xeon, one thread; bench/results/ops/s46/experiments.txt).
 constexpr int64_t kStreamPrefetchBytes = 2048;
 
+// Codes per chunk, for the bf16 kernels and the VNNI path alike: 64 bytes of 8-, 4- or 2-bit codes
+// (64, 128, 256), or 48 bytes of 128 3-bit codes.
+constexpr int64_t chunk_codes(int bits) { return bits == 3 ? 128 : 512 / bits; }
+
 // Whether bf16_rows handles this layout. A chunk is 64 bytes of codes (2/4/8 bits) or 128 codes
 // in 48 bytes (3 bits, decoded with AVX-512 VBMI: only the *_vbmi build takes them). Its pair
 // vectors' 16 lanes each hold codes of one run of `unit` codes: four bytes (32 / bits codes),
 // or for 3 bits one of 8 runs of 16 (two lanes per run, see bf16_position). Groups must be
 // whole chunks or divide a chunk into whole runs: 2/4/8 bits groups of 4..32 bytes or
 // multiples of 64 bytes, 3 bits groups of 16, 32 or 64 codes or multiples of 128.
-inline int64_t bf16_chunk_codes(int bits) { return bits == 3 ? 128 : 512 / bits; }
 inline bool bf16_kernel_layout(int bits, int64_t group_size) {
   if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8) || group_size <= 0) return false;
-  const int64_t chunk = bf16_chunk_codes(bits), unit = bits == 3 ? 16 : chunk / 16;
+  const int64_t chunk = chunk_codes(bits), unit = bits == 3 ? 16 : chunk / 16;
   return group_size % chunk == 0 || (group_size >= unit && chunk % group_size == 0);
 }
 
 // Prepares bf16 activations x [M, K] for the bf16 kernels: out [M, stride] in their order
 // (out[m][pos[k]] = x[m][k], zeros in the padding, where pos (K entries, bf16_position) maps every
-// chunk of `period` = bf16_chunk_codes(bits) values into itself) and xsum [M, K / group_size], the
+// chunk of `period` = chunk_codes(bits) values into itself) and xsum [M, K / group_size], the
 // fp32 sum of each group.
 using Bf16PrepareFn = void (*)(const uint16_t* x, int64_t M, int64_t K, int64_t stride, const int32_t* pos,
                                int64_t period, int64_t group_size, uint16_t* out, float* xsum);
@@ -119,7 +122,7 @@ inline int64_t bf16_panel_block(int64_t M, int64_t group_size) {
 
 // Activation values per row the bf16 kernels read: the row's codes in whole chunks.
 inline int64_t bf16_row_stride(int bits, int64_t K) {
-  const int64_t chunk = bf16_chunk_codes(bits);
+  const int64_t chunk = chunk_codes(bits);
   return (K + chunk - 1) / chunk * chunk;
 }
 
@@ -167,13 +170,13 @@ inline int64_t bf16_position(int bits, int64_t group_size, bool panel, int64_t K
   }
   if (!panel) {
     const int64_t tl = bf16_tail_lanes(bits, K);
-    if (tl < 16 && base + bf16_chunk_codes(bits) > K) {
+    if (tl < 16 && base + chunk_codes(bits) > K) {
       const int64_t per = std::min<int64_t>(16 / tl, nv);
       return base + v / per * 32 + 2 * (v % per * tl + lane) + h;
     }
     return base + v * 32 + 2 * lane + h;
   }
-  const int64_t lanes = std::min<int64_t>(16, group_size / (bf16_chunk_codes(bits) / 16)), gi = lane / lanes,
+  const int64_t lanes = std::min<int64_t>(16, group_size / (chunk_codes(bits) / 16)), gi = lane / lanes,
                 ql = lane % lanes;
   return base + 2 * ((gi * nv + v) * lanes + ql) + h;
 }
@@ -217,9 +220,9 @@ constexpr int64_t kVnniMaxFp32Rows = 8;
 constexpr int64_t kVnniBlockRows = 2;
 
 inline bool vnni_layout(int bits, int64_t group_size, int64_t K, bool w3) {
-  // Groups of whole chunks (64 bytes; 3 bits: 48 bytes, 128 codes), or of a half, quarter, ... of
-  // one (at least 16 codes: the activations are prepared 16 values at a time).
-  const int64_t chunk = bits == 3 ? 128 : 512 / bits;  // codes per chunk
+  // Groups of whole chunks, or of a half, quarter, ... of one (at least 16 codes: the activations
+  // are prepared 16 values at a time).
+  const int64_t chunk = chunk_codes(bits);
   const bool whole = group_size % chunk == 0 && K % chunk == 0;
   const bool part = group_size % 16 == 0 && chunk % group_size == 0;
   return (bits == 2 || bits == 4 || bits == 8 || (bits == 3 && w3)) && (whole || part) && group_size < kVnniMaxGroup;
@@ -310,9 +313,9 @@ namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prep
 // AVX-512 VNNI adds the VNNI path, built twice: without VBMI (2-, 4- and 8-bit codes) and with it
 // (`w3`: 3-bit codes too). `activations` fill `out` from rows x [M, K] bf16 or fp32 for
 // `bits`-bit codes (vnni_layout): digits in blocks of kVnniBlockRows rows (the last may hold fewer),
-// each [chunk][row][plane][3][64] (8 and 3 bits: 64 codes a
-// chunk, one plane; 4 bits: 128 codes, the even ones then the odd ones; 2 bits: 256 codes, those
-// at 4 i, then 4 i + 1, ...), units and sums [M][G]; false (and nothing to run) when x holds a NaN
+// each [chunk][row][plane][3][64] (8 bits: 64 codes a chunk, one plane; 4 bits: 128 codes, the
+// even ones then the odd ones; 2 bits: 256 codes, those at 4 i, then 4 i + 1, ...; 3 bits: 128
+// codes in two planes, each unit of eight where unit_slot puts it), units and sums [M][G]; false (and nothing to run) when x holds a NaN
 // or an infinity, or (fp32) a group that prepare_digits would decline: its largest |x| nonzero but
 // below 2^-64, or above kDigitOutlierRatio times its mean.
 struct VnniKernels {

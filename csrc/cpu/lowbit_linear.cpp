@@ -278,7 +278,7 @@ void bf16_activations(const Isa& isa, const uint16_t* x, int64_t M, int64_t K, i
   float* sums = xsum.data();
   const int64_t rows_per_chunk = std::max<int64_t>(1, kPrepareChunkValues / K);
   parallel_for(M, rows_per_chunk, [&](int64_t m0, int64_t m1) {
-    isa.bf16_prepare(x + m0 * K, m1 - m0, K, stride, pos.data(), bf16_chunk_codes(bits), group_size,
+    isa.bf16_prepare(x + m0 * K, m1 - m0, K, stride, pos.data(), chunk_codes(bits), group_size,
                      out + m0 * stride, sums + m0 * G);
   });
   p.x16 = x16.data();
@@ -333,13 +333,21 @@ bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
   return ok;
 }
 
-// The VNNI path for bf16 or fp32 rows x [M, K] (lowbit_vnni), output and bias already in
-// p: false where the layout, M or the CPU do not allow it, or x holds a NaN, an infinity or (fp32)
-// a group the fixed point cannot carry (the other kernels carry them through).
+// Whether isa's VNNI path takes M rows of dtype against this layout (lowbit_vnni): fp32 rows up to
+// kVnniMaxFp32Rows where no AMX tiles take them, else up to kVnniMaxRows.
+bool vnni_takes(const Isa& isa, int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
+  const int64_t max_rows = dtype == kFloat32 && !isa.amx ? kVnniMaxFp32Rows : kVnniMaxRows;
+  return (dtype == kBFloat16 || dtype == kFloat32) && isa.vnni && M <= max_rows &&
+         vnni_layout(bits, group_size, K, isa.vnni->w3);
+}
+
+// The VNNI path for bf16 or fp32 rows x [M, K] (vnni_takes), output and bias already in p: false
+// where the layout, M or the CPU do not allow it, or x holds a NaN, an infinity or (fp32) a group
+// the fixed point cannot carry (the other kernels carry them through).
 template <typename T>
-bool vnni_rows(const T* x, int64_t group_size, LowbitProblem& p) {
-  if (!lowbit_vnni(std::is_same_v<T, float> ? kFloat32 : kBFloat16, p.bits, group_size, p.M, p.K)) return false;
-  const VnniKernels& vnni = *isas()[chosen().load()].vnni;
+bool vnni_rows(const Isa& isa, const T* x, int64_t group_size, LowbitProblem& p) {
+  if (!vnni_takes(isa, std::is_same_v<T, float> ? kFloat32 : kBFloat16, p.bits, group_size, p.M, p.K)) return false;
+  const VnniKernels& vnni = *isa.vnni;
   thread_local VnniActivations act;
   bool ok;
   if constexpr (std::is_same_v<T, float>)
@@ -662,10 +670,7 @@ std::string set_lowbit_isa(const std::string& name) {
 }
 
 bool lowbit_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
-  const Isa& isa = isas()[chosen().load()];
-  const int64_t max_rows = dtype == kFloat32 && !isa.amx ? kVnniMaxFp32Rows : kVnniMaxRows;
-  return (dtype == kBFloat16 || dtype == kFloat32) && isa.vnni && M <= max_rows &&
-         vnni_layout(bits, group_size, K, isa.vnni->w3);
+  return vnni_takes(isas()[chosen().load()], dtype, bits, group_size, M, K);
 }
 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size) {
@@ -686,7 +691,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   p.bias = bias;
   if (dtype == kBFloat16) {
     p.y16 = static_cast<uint16_t*>(y);
-    if (vnni_rows(static_cast<const uint16_t*>(x), group_size, p)) return "";
+    if (vnni_rows(isa, static_cast<const uint16_t*>(x), group_size, p)) return "";
     if (amx_rows(isa, static_cast<const uint16_t*>(x), p)) return "";
   }
   if (lowbit_bf16_kernel(dtype, bits, group_size) && bf16_rows_take(isa, bits, M)) {
@@ -700,7 +705,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     x16.resize(M * K);
     if (fp32_rows_to_bf16(static_cast<const float*>(x), M, K, x16.data())) {
       p.y32 = static_cast<float*>(y);
-      if (vnni_rows(x16.data(), group_size, p)) return "";
+      if (vnni_rows(isa, x16.data(), group_size, p)) return "";
       if (amx_rows(isa, x16.data(), p)) return "";
       if (bf16_rows_take(isa, bits, M)) {
         bf16_activations(isa, x16.data(), M, K, bits, group_size, p);
@@ -713,7 +718,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
   if (dtype == kFloat32) {
     LowbitProblem q = p;
     q.y32 = static_cast<float*>(y);
-    if (vnni_rows(static_cast<const float*>(x), group_size, q)) return "";
+    if (vnni_rows(isa, static_cast<const float*>(x), group_size, q)) return "";
     if (amx_fp32_rows(isa, static_cast<const float*>(x), p, static_cast<float*>(y))) return "";
   }
   if (dtype == kFloat32 && M == 1 && bits < 8 && !isa.fma_few_rows && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {

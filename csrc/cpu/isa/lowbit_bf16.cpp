@@ -651,7 +651,7 @@ void scale_panel(uint32_t* panel, int64_t pairs, int64_t k0, int64_t g, const fl
 void panel_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, M = p.M, xs = p.x_stride, g = p.group_size;
   const bool wide = bf16_panel_block(M, g) == kWideBlockN, scaled = M >= kBf16ScaledPanelMinRows;
-  const int64_t unit = std::max<int64_t>(g, bf16_chunk_codes(p.bits));  // whole groups and chunks
+  const int64_t unit = std::max<int64_t>(g, chunk_codes(p.bits));  // whole groups and chunks
   const int64_t slice = std::max<int64_t>(1, kPanelSliceCodes / unit) * unit;
   thread_local AlignedVector<uint32_t> panel;
   thread_local AlignedVector<float> sT, zT, ybuf;

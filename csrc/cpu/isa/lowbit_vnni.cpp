@@ -114,7 +114,6 @@ constexpr bool kThreeBits = false;
 // Planes per chunk and codes per chunk: 8 / 4 / 2 bits, one 64-byte vector of 64 / 128 / 256
 // codes, each of a byte's codes a plane of its own; 3 bits, 48 bytes of 128 codes in two planes.
 constexpr int planes_of(int bits) { return bits == 3 ? 2 : 8 / bits; }
-constexpr int64_t chunk_codes(int bits) { return 64 * planes_of(bits); }
 
 // Where a 3-bit chunk's unit u (eight codes, three bytes) goes: u64 lane `lane` of plane `plane`.
 // A plane's sum lanes must each hold one group's codes, so a group of g codes (g / 8 units) takes
