@@ -965,24 +965,28 @@ def test_lowbit_vnni_non_finite_activations(bits):
 
 
 @pytest.mark.parametrize("bits,group", [(8, 128), (4, 64), (2, 128), (2, 32), (3, 64)])
-def test_lowbit_vnni_fp32_non_finite_activations(bits, group):
+@pytest.mark.parametrize("m", (2, 5))
+def test_lowbit_vnni_fp32_non_finite_activations(bits, group, m):
     # fp32 rows with a NaN or an infinity leave the fixed point to the fp32 kernels: every output of
-    # that row is NaN or infinite as the reference's, and a finite row beside it keeps 1e-5.
+    # that row is NaN or infinite as the reference's, and the finite rows beside it keep 1e-5. At
+    # M = 5 (blocks of two rows, then one, without AMX tiles) the bad row sits in the second block.
     _needs_vnni(bits)
     assert cpp._C.lowbit_vnni(0, bits, group, 2, 512)
     g = _gen(13 + bits)
     qw = quantize_weight(torch.randn(32, 512, generator=g), bits, group)
+    row = m - 2
     for bad in (float("nan"), float("inf"), -float("inf")):
-        x = torch.randn(2, 512, generator=g)
-        x[1, 300] = bad
-        y = torch.full((2, 32), 7.0)
-        cpp._C.lowbit_linear(x.data_ptr(), 0, 2, 512, qw.qweight.data_ptr(), 32, qw.qweight.shape[1],
+        x = torch.randn(m, 512, generator=g)
+        x[row, 300] = bad
+        y = torch.full((m, 32), 7.0)
+        cpp._C.lowbit_linear(x.data_ptr(), 0, m, 512, qw.qweight.data_ptr(), 32, qw.qweight.shape[1],
                              qw.scale.data_ptr(), qw.zero.data_ptr(), cpp.DTYPE_CODE[qw.scale.dtype], bits, group, 0,
                              y.data_ptr())
-        assert not torch.isfinite(y[1]).any() and not (y[1] == 7).any()
+        assert not torch.isfinite(y[row]).any() and not (y[row] == 7).any()
         want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, None)
-        assert not torch.isfinite(want[1]).any()
-        assert _rel_err(y[:1], _lowbit_want64(x[:1], qw, None)) <= TOL[torch.float32]
+        assert not torch.isfinite(want[row]).any()
+        finite = [i for i in range(m) if i != row]
+        assert _rel_err(y[finite], _lowbit_want64(x[finite], qw, None)) <= TOL[torch.float32]
 
 
 # ---------------------------------------------------------------- AMX tiles
