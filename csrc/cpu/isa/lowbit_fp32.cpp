@@ -279,6 +279,28 @@ inline typename Lanes<L>::u units3(const uint8_t* p, const uint8_t* end) {
   return v;
 }
 
+// A phase layout's unit: 2-, 4- and 8-bit codes a byte of 8 / B phases, 3-bit codes three bytes of
+// eight (unit u of phase ph holds code ph * units + u of its group). load_units reads L of them,
+// one per lane (row_end: where the row ends, for the 3-bit loads), load_unit one.
+template <int B>
+constexpr int kPhases = B == 3 ? 8 : 8 / B;
+template <int B>
+constexpr int kUnitBytes = B == 3 ? 3 : 1;
+template <int B, int L>
+inline typename Lanes<L>::u load_units(const uint8_t* p, const uint8_t* row_end) {
+  if constexpr (B == 3)
+    return units3<L>(p, row_end);
+  else
+    return widen<L>(p);
+}
+template <int B>
+inline uint32_t load_unit(const uint8_t* p) {
+  if constexpr (B == 3)
+    return load_unit3(p);
+  else
+    return uint32_t{*p};
+}
+
 // Scales and zeros of rows [n, n + rows) as fp32, one conversion loop each (a dtype switch per
 // value cost 576 x 1536 W4 g32 at M = 1 a fifth of its time on a Zen 3; row by row, the calls and
 // short loops cost 1536 x 576 g64 at M = 1 3%): sz[i * G ..] row n + i's scales,
@@ -311,54 +333,31 @@ inline void prefetch_bytes(const uint8_t* p, int64_t n) {
   __builtin_prefetch(p + n - 1);
 }
 
-// Groups [g0, g1) of a row (phase order) dequantised into w, from w[0]; steps of L units; group
-// size GS (0: g, known only at run time).
-template <int L, int GS>
-void decode_row_phase3(const uint8_t* rb, const uint8_t* end, int64_t g0, int64_t g1, int64_t group_size,
-                       const float* s, const float* z, float* w) {
-  typedef typename Lanes<L>::f F;
-  const int64_t g = GS ? GS : group_size, units = g / 8;
-  for (int64_t grp = g0; grp < g1; ++grp) {
-    const uint8_t* gb = rb + grp * units * 3;
-    float* wg = w + (grp - g0) * g;
-    const float sc = s[grp], ze = z[grp];
-    int64_t u = 0;
-    for (; u + L <= units; u += L) {
-      const typename Lanes<L>::u wv = units3<L>(gb + 3 * u, end);
-      for (int ph = 0; ph < 8; ++ph) {
-        const F v = codes_to_float<L>(lane_code<3, 8>(wv, ph)) * sc + ze;
-        std::memcpy(wg + ph * units + u, &v, sizeof v);
-      }
-    }
-    for (; u < units; ++u) {
-      const uint32_t v = load_unit3(gb + 3 * u);
-      for (int ph = 0; ph < 8; ++ph) wg[ph * units + u] = static_cast<float>((v >> (3 * ph)) & 7u) * sc + ze;
-    }
-  }
-}
-
-// The same for 2/4/8 bits: steps of L bytes of each phase.
+// Groups [g0, g1) of a row (phase order, ending at row_end) dequantised into w, from w[0]; steps
+// of L units of each phase; group size GS (0: g, known only at run time).
 template <int B, int L, int GS>
-void decode_row_phase(const uint8_t* rb, int64_t g0, int64_t g1, int64_t group_size, const float* s, const float* z,
-                      float* w) {
+void decode_row_phase(const uint8_t* rb, const uint8_t* row_end, int64_t g0, int64_t g1, int64_t group_size,
+                      const float* s, const float* z, float* w) {
   typedef typename Lanes<L>::f F;
-  constexpr int cpb = 8 / B;
+  constexpr int cpb = kPhases<B>;
   constexpr unsigned mask = (1u << B) - 1;
   const int64_t g = GS ? GS : group_size, per_phase = g / cpb;
   const int64_t vec_end = per_phase / L * L;
   for (int64_t grp = g0; grp < g1; ++grp) {
-    const uint8_t* gb = rb + grp * per_phase;
+    const uint8_t* gb = rb + grp * per_phase * kUnitBytes<B>;
     float* wg = w + (grp - g0) * g;
     const float sc = s[grp], ze = z[grp];
     for (int64_t j = 0; j < vec_end; j += L) {
-      const typename Lanes<L>::u wv = widen<L>(gb + j);
+      const typename Lanes<L>::u wv = load_units<B, L>(gb + kUnitBytes<B> * j, row_end);
       for (int ph = 0; ph < cpb; ++ph) {
         const F v = codes_to_float<L>(lane_code<B, cpb>(wv, ph)) * sc + ze;
         std::memcpy(wg + ph * per_phase + j, &v, sizeof v);
       }
     }
-    for (int64_t j = vec_end; j < per_phase; ++j)
-      for (int ph = 0; ph < cpb; ++ph) wg[ph * per_phase + j] = static_cast<float>((gb[j] >> (ph * B)) & mask) * sc + ze;
+    for (int64_t j = vec_end; j < per_phase; ++j) {
+      const uint32_t v = load_unit<B>(gb + kUnitBytes<B> * j);
+      for (int ph = 0; ph < cpb; ++ph) wg[ph * per_phase + j] = static_cast<float>((v >> (ph * B)) & mask) * sc + ze;
+    }
   }
 }
 
@@ -389,10 +388,7 @@ void decode_groups(const LowbitProblem& p, int64_t n, int64_t g0, int64_t g1, co
       constexpr int GS = decltype(group)::value;
       with_group_lanes<B, GS>(g, [&](auto lanes) {
         constexpr int L = decltype(lanes)::value;
-        if constexpr (B == 3)
-          decode_row_phase3<L, GS>(rb, rb + p.K * 3 / 8, g0, g1, g, s, z, w);
-        else
-          decode_row_phase<B, L, GS>(rb, g0, g1, g, s, z, w);
+        decode_row_phase<B, L, GS>(rb, rb + p.K * B / 8, g0, g1, g, s, z, w);
       });
     });
   };
@@ -498,16 +494,35 @@ inline V sum_chains(const V* v) {
 // every group cost W3 at M = 1 up to 17% (C adds a group).
 constexpr int64_t kFoldCodes = 512;
 inline int64_t fold_groups(int64_t g) { return std::max<int64_t>(1, kFoldCodes / g); }
+// One vector step of fused_rows: L units of each phase (from units) against the MB activation rows from x,
+// code vector (u, ph) into chain (u * cpb + ph) % C. A function, not a lambda: with the sums
+// captured by one, GCC kept a pointer per row and phase on the stack (W3 at M = 4 ran 12% slower).
+template <int B, int MB, int L, int C, int u, typename F>
+__attribute__((always_inline)) inline void fused_step(F (&dv)[MB][C], const uint8_t* units, const uint8_t* row_end,
+                                                      const float* x, int64_t K, int64_t per_phase) {
+  constexpr int cpb = kPhases<B>;
+  const typename Lanes<L>::u wv = load_units<B, L>(units, row_end);
+  for (int ph = 0; ph < cpb; ++ph) {
+    const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv, ph));
+    for (int m = 0; m < MB; ++m) {
+      F& d = dv[m][(u * cpb + ph) % C];
+      d = q * load<F>(x + m * K + ph * per_phase) + d;
+    }
+  }
+}
+
 // Few activation rows (M = 2-6 where fused_weight_rows gives one weight row), phase layout:
-// codes straight into the FMAs, one group at a time, in steps of L bytes of each phase.
+// codes straight into the FMAs, one group at a time, in steps of L units of each phase.
 template <int B, int MB, int L, int GS>
 void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s, const float* z, const float* xp,
                 const float* xsum, int64_t G, int64_t g0, int64_t g1, int64_t ahead, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
-  constexpr int cpb = 8 / B, C = kChains<MB, L>, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
+  constexpr int cpb = kPhases<B>, C = B == 3 ? kChains3<MB, L> : kChains<MB, L>;
+  constexpr int U = C > cpb ? C / cpb : 1;  // U: steps of L units per unrolled step
   const int64_t per_phase = g / cpb;
   const int64_t vec_end = per_phase / L * L;
+  const uint8_t* row_end = rb + K * B / 8;
   F tot[MB];
   for (int m = 0; m < MB; ++m) tot[m] = F{};
   for (int64_t f0 = g0, fold = fold_groups(g); f0 < g1; f0 += fold) {
@@ -518,93 +533,36 @@ void fused_rows(const uint8_t* rb, int64_t K, int64_t group_size, const float* s
       ys[m] = 0.f;
     }
     for (int64_t grp = f0; grp < std::min(g1, f0 + fold); ++grp) {
-      const uint8_t* gb = rb + grp * per_phase;
+      const uint8_t* gb = rb + grp * per_phase * kUnitBytes<B>;
       const float* xg = xp + grp * g;
-      if (ahead) prefetch_bytes(gb + ahead, per_phase);
+      if (ahead) prefetch_bytes(gb + ahead, per_phase * kUnitBytes<B>);
       F dv[MB][C];
       for (int m = 0; m < MB; ++m)
         for (int c = 0; c < C; ++c) dv[m][c] = F{};
-      // Steps of U * L bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
-      const auto step = [&](int64_t j, auto u) {
-        const typename Lanes<L>::u wv = widen<L>(gb + j);
-        for (int ph = 0; ph < cpb; ++ph) {
-          const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv, ph));
-          constexpr int u0 = decltype(u)::value * cpb;
-          for (int m = 0; m < MB; ++m) {
-            F& d = dv[m][(u0 + ph) % C];
-            d = q * load<F>(xg + m * K + ph * per_phase + j) + d;
-          }
-        }
-      };
+      // Steps of U * L units, then single steps (fused_step).
       int64_t j = 0;
-      for (; j + L * U <= vec_end; j += L * U) unrolled<U>([&](auto u) { step(j + L * decltype(u)::value, u); });
-      for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
+      if constexpr (U > 1)
+        for (; j + L * U <= vec_end; j += L * U)
+          unrolled<U>([&](auto u) {
+            const int64_t at = j + L * decltype(u)::value;
+            fused_step<B, MB, L, C, decltype(u)::value>(dv, gb + kUnitBytes<B> * at, row_end, xg + at, K, per_phase);
+          });
+      for (; j < vec_end; j += L)
+        fused_step<B, MB, L, C, 0>(dv, gb + kUnitBytes<B> * j, row_end, xg + j, K, per_phase);
       float dt[MB];
       for (int m = 0; m < MB; ++m) dt[m] = 0.f;
-      for (j = vec_end; j < per_phase; ++j)
-        for (int ph = 0; ph < cpb; ++ph) {
-          const float q = static_cast<float>(fused_code<B, cpb, MB>(uint32_t{gb[j]}, ph));
-          for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * per_phase + j] + dt[m];
-        }
-      for (int m = 0; m < MB; ++m) {
-        yv[m] = s[grp] * sum_chains<C>(dv[m]) + yv[m];
-        ys[m] += z[grp] * xsum[m * G + grp];
-        if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[m] += s[grp] * dt[m];  // bytes past whole steps
-      }
-    }
-    for (int m = 0; m < MB; ++m) tot[m] = yv[m] + ys[m] * (1.f / L);
-  }
-  for (int m = 0; m < MB; ++m) acc[m] = hsum(tot[m]);
-}
-
-// fused_rows for 3 bits: L units (8 L codes) per vector step, a group's units beyond whole steps
-// one at a time; phase ph feeds chain ph % C.
-template <int MB, int L, int GS>
-void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* s, const float* z, const float* xp,
-                 const float* xsum, int64_t G, int64_t g0, int64_t g1, int64_t ahead, float* acc) {
-  typedef typename Lanes<L>::f F;
-  const int64_t g = GS ? GS : group_size;
-  constexpr int C = kChains3<MB, L>;
-  const int64_t units = g / 8;
-  const uint8_t* end = rb + K * 3 / 8;
-  F tot[MB];
-  for (int m = 0; m < MB; ++m) tot[m] = F{};
-  for (int64_t f0 = g0, fold = fold_groups(g); f0 < g1; f0 += fold) {
-    F yv[MB];  // the totals through the chunk, its zero terms apart (ys) until it ends
-    float ys[MB];
-    for (int m = 0; m < MB; ++m) {
-      yv[m] = tot[m];
-      ys[m] = 0.f;
-    }
-    for (int64_t grp = f0; grp < std::min(g1, f0 + fold); ++grp) {
-      const uint8_t* gb = rb + grp * units * 3;
-      const float* xg = xp + grp * g;
-      if (ahead) prefetch_bytes(gb + ahead, units * 3);
-      F dv[MB][C];
-      for (int m = 0; m < MB; ++m)
-        for (int c = 0; c < C; ++c) dv[m][c] = F{};
-      int64_t u = 0;
-      for (; u + L <= units; u += L) {
-        const typename Lanes<L>::u wv = units3<L>(gb + 3 * u, end);
-        for (int ph = 0; ph < 8; ++ph) {
-          const F q = codes_to_float<L>(fused_code<3, 8, MB>(wv, ph));
-          for (int m = 0; m < MB; ++m) dv[m][ph % C] = q * load<F>(xg + m * K + ph * units + u) + dv[m][ph % C];
-        }
-      }
-      float dt[MB];
-      for (int m = 0; m < MB; ++m) dt[m] = 0.f;
-      if constexpr (GS == 0 || GS / 8 % L != 0)  // units past whole steps
-        for (; u < units; ++u) {
-          const uint32_t v = load_unit3(gb + 3 * u);
-          for (int ph = 0; ph < 8; ++ph) {
-            const float q = static_cast<float>(fused_code<3, 8, MB>(v, ph));
-            for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * units + u] + dt[m];
+      if constexpr (GS == 0 || (GS / cpb) % L != 0)  // units past whole steps
+        for (int64_t t = vec_end; t < per_phase; ++t) {
+          const uint32_t v = load_unit<B>(gb + kUnitBytes<B> * t);
+          for (int ph = 0; ph < cpb; ++ph) {
+            const float q = static_cast<float>(fused_code<B, cpb, MB>(v, ph));
+            for (int m = 0; m < MB; ++m) dt[m] = q * xg[m * K + ph * per_phase + t] + dt[m];
           }
         }
       for (int m = 0; m < MB; ++m) {
         yv[m] = s[grp] * sum_chains<C>(dv[m]) + yv[m];
         ys[m] += z[grp] * xsum[m * G + grp];
-        if constexpr (GS == 0 || GS / 8 % L != 0) ys[m] += s[grp] * dt[m];
+        if constexpr (GS == 0 || (GS / cpb) % L != 0) ys[m] += s[grp] * dt[m];
       }
     }
     for (int m = 0; m < MB; ++m) tot[m] = yv[m] + ys[m] * (1.f / L);
@@ -612,7 +570,7 @@ void fused_rows3(const uint8_t* rb, int64_t K, int64_t group_size, const float* 
   for (int m = 0; m < MB; ++m) acc[m] = hsum(tot[m]);
 }
 
-// The end of a group in fused_wrows(3): each chain scaled by its weight row's scale into the
+// The end of a group in fused_wrows: each chain scaled by its weight row's scale into the
 // totals (T == 1: the chains summed first), the zero times the activations' group sum, and with
 // kTail the sum of the codes past whole steps (dt), into ys (see kFoldCodes).
 template <int MB, int R, int C, int T, bool kTail, typename F>
@@ -633,6 +591,30 @@ __attribute__((always_inline)) inline void end_group(F (&yv)[MB][R][T], float (&
   }
 }
 
+// One vector step of fused_wrows: L units of each phase of R weight rows (row r's from units +
+// r * row_bytes, the row ending at row_end + r * row_bytes) against the MB activation rows from
+// x, each activation vector loaded once for the R rows; code vector (u, ph) into chain
+// (u * cpb + ph) % C (a function, as fused_step).
+template <int B, int MB, int R, int L, int C, int u, typename F>
+__attribute__((always_inline)) inline void fused_wstep(F (&dv)[MB][R][C], const uint8_t* units, int64_t row_bytes,
+                                                       const uint8_t* row_end, const float* x, int64_t K,
+                                                       int64_t per_phase) {
+  constexpr int cpb = kPhases<B>;
+  typename Lanes<L>::u wv[R];
+  for (int r = 0; r < R; ++r) wv[r] = load_units<B, L>(units + r * row_bytes, row_end + r * row_bytes);
+  for (int ph = 0; ph < cpb; ++ph) {
+    F xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = load<F>(x + m * K + ph * per_phase);
+    for (int r = 0; r < R; ++r) {
+      const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv[r], ph));
+      for (int m = 0; m < MB; ++m) {
+        F& d = dv[m][r][(u * cpb + ph) % C];
+        d = q * xv[m] + d;
+      }
+    }
+  }
+}
+
 // Few activation rows, phase layout: fused_rows for R weight rows at once (row r at
 // rb + r * row_bytes, its scales and zeros at s + r * G and z + r * G) with C chains per
 // activation and weight row: each activation vector is loaded once for the R rows, each row's
@@ -647,9 +629,11 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
                  const float* xp, const float* xsum, int64_t G, int64_t g0, int64_t g1, float* acc) {
   typedef typename Lanes<L>::f F;
   const int64_t g = GS ? GS : group_size;
-  constexpr int cpb = 8 / B, T = MB == 1 ? C : 1, U = C > cpb ? C / cpb : 1;  // U: steps of L bytes per unrolled step
+  constexpr int cpb = kPhases<B>, T = MB == 1 ? C : 1;
+  constexpr int U = C > cpb ? C / cpb : 1;  // U: steps of L units per unrolled step
   const int64_t per_phase = g / cpb;
   const int64_t vec_end = per_phase / L * L;
+  const uint8_t* row_end = rb + K * B / 8;  // row 0's
   F tot[MB][R][T];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r)
@@ -663,29 +647,17 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
         ys[m][r] = 0.f;
       }
     for (int64_t grp = f0; grp < std::min(g1, f0 + fold); ++grp) {
-      const uint8_t* gb = rb + grp * per_phase;
+      const uint8_t* gb = rb + grp * per_phase * kUnitBytes<B>;
       const float* xg = xp + grp * g;
-      if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, per_phase * cpb);
+      if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, per_phase * kUnitBytes<B>);
       F dv[MB][R][C];
       for (int m = 0; m < MB; ++m)
         for (int r = 0; r < R; ++r)
           for (int c = 0; c < C; ++c) dv[m][r][c] = F{};
-      // Steps of U * L bytes, then single steps; code vector (u, ph) feeds chain (u * cpb + ph) % C.
+      // Steps of U * L units, then single steps (fused_wstep).
       const auto step = [&](int64_t j, auto u) {
-        typename Lanes<L>::u wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = widen<L>(gb + r * row_bytes + j);
-        for (int ph = 0; ph < cpb; ++ph) {
-          constexpr int u0 = decltype(u)::value * cpb;
-          F xv[MB];
-          for (int m = 0; m < MB; ++m) xv[m] = load<F>(xg + m * K + ph * per_phase + j);
-          for (int r = 0; r < R; ++r) {
-            const F q = codes_to_float<L>(fused_code<B, cpb, MB>(wv[r], ph));
-            for (int m = 0; m < MB; ++m) {
-              F& d = dv[m][r][(u0 + ph) % C];
-              d = q * xv[m] + d;
-            }
-          }
-        }
+        fused_wstep<B, MB, R, L, C, decltype(u)::value>(dv, gb + kUnitBytes<B> * j, row_bytes, row_end, xg + j, K,
+                                                        per_phase);
       };
       int64_t j = 0;
       const auto steps_at = [&](int64_t j0) { unrolled<U>([&](auto u) { step(j0 + L * decltype(u)::value, u); }); };
@@ -695,16 +667,20 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
       if constexpr (MB == 2 && B >= 4) {
 #pragma GCC unroll 16
         for (; j + L * U <= vec_end; j += L * U) steps_at(j);
-      } else {
+      } else if constexpr (U > 1) {
         for (; j + L * U <= vec_end; j += L * U) steps_at(j);
       }
-      for (; j < vec_end; j += L) step(j, std::integral_constant<int, 0>{});
+      for (; j < vec_end; j += L)
+        fused_wstep<B, MB, R, L, C, 0>(dv, gb + kUnitBytes<B> * j, row_bytes, row_end, xg + j, K, per_phase);
       float dt[MB][R] = {};
-      for (j = vec_end; j < per_phase; ++j)  // bytes past whole steps
-        for (int ph = 0; ph < cpb; ++ph)
+      if constexpr (GS == 0 || (GS / cpb) % L != 0)  // units past whole steps
+        for (j = vec_end; j < per_phase; ++j)
           for (int r = 0; r < R; ++r) {
-            const float q = static_cast<float>(fused_code<B, cpb, MB>(uint32_t{gb[r * row_bytes + j]}, ph));
-            for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * per_phase + j] + dt[m][r];
+            const uint32_t v = load_unit<B>(gb + r * row_bytes + kUnitBytes<B> * j);
+            for (int ph = 0; ph < cpb; ++ph) {
+              const float q = static_cast<float>(fused_code<B, cpb, MB>(v, ph));
+              for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * per_phase + j] + dt[m][r];
+            }
           }
       end_group<MB, R, C, T, (GS == 0 || (GS / cpb) % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
     }
@@ -716,84 +692,21 @@ void fused_wrows(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_
     for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(tot[m][r]));
 }
 
-// fused_wrows for 3 bits: L units (8 L codes) of each weight row per vector step, phase ph into
-// chain ph % C; a group's units beyond whole steps one at a time.
-template <int MB, int L, int GS, int R, int C>
-void fused_wrows3(const uint8_t* rb, int64_t row_bytes, int64_t K, int64_t group_size, const float* s,
-                  const float* z, const float* xp, const float* xsum, int64_t G, int64_t g0, int64_t g1, float* acc) {
-  typedef typename Lanes<L>::f F;
-  const int64_t g = GS ? GS : group_size;
-  constexpr int T = MB == 1 ? C : 1;
-  const int64_t units = g / 8;
-  F tot[MB][R][T];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) tot[m][r][t] = F{};
-  for (int64_t f0 = g0, fold = fold_groups(g); f0 < g1; f0 += fold) {
-    F yv[MB][R][T];  // the totals through the chunk, its zero terms apart (ys) until it ends
-    float ys[MB][R];
-    for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r) {
-        for (int t = 0; t < T; ++t) yv[m][r][t] = tot[m][r][t];
-        ys[m][r] = 0.f;
-      }
-    for (int64_t grp = f0; grp < std::min(g1, f0 + fold); ++grp) {
-      const uint8_t* gb = rb + grp * units * 3;
-      const float* xg = xp + grp * g;
-      if constexpr (MB == 1 && R == 1) prefetch_bytes(gb + kStreamPrefetchBytes, units * 3);
-      F dv[MB][R][C];
-      for (int m = 0; m < MB; ++m)
-        for (int r = 0; r < R; ++r)
-          for (int c = 0; c < C; ++c) dv[m][r][c] = F{};
-      int64_t u = 0;
-      for (; u + L <= units; u += L) {
-        typename Lanes<L>::u wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = units3<L>(gb + r * row_bytes + 3 * u, rb + r * row_bytes + K * 3 / 8);
-        for (int ph = 0; ph < 8; ++ph) {
-          F xv[MB];
-          for (int m = 0; m < MB; ++m) xv[m] = load<F>(xg + m * K + ph * units + u);
-          for (int r = 0; r < R; ++r) {
-            const F q = codes_to_float<L>(fused_code<3, 8, MB>(wv[r], ph));
-            for (int m = 0; m < MB; ++m) dv[m][r][ph % C] = q * xv[m] + dv[m][r][ph % C];
-          }
-        }
-      }
-      float dt[MB][R] = {};
-      if constexpr (GS == 0 || GS / 8 % L != 0)  // units past whole steps
-        for (; u < units; ++u)
-          for (int r = 0; r < R; ++r) {
-            const uint32_t v = load_unit3(gb + r * row_bytes + 3 * u);
-            for (int ph = 0; ph < 8; ++ph) {
-              const float q = static_cast<float>(fused_code<3, 8, MB>(v, ph));
-              for (int m = 0; m < MB; ++m) dt[m][r] = q * xg[m * K + ph * units + u] + dt[m][r];
-            }
-          }
-      end_group<MB, R, C, T, (GS == 0 || GS / 8 % L != 0)>(yv, ys, dv, dt, s, z, xsum, G, grp);
-    }
-    for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r)
-        for (int t = 0; t < T; ++t) tot[m][r][t] = yv[m][r][t] + ys[m][r] * (1.f / (L * T));
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m * R + r] = hsum(sum_chains<T>(tot[m][r]));
+// fused_rows as a function of its own, called per row (3-bit codes at M = 4): inlined into the row
+// loop, it ran 13% slower (1536 x 576 W3 g64, one thread, Zen 3 AVX2: 0.179 against 0.156 ms); at
+// M = 5 and 6 the call was 7-11% slower instead (bench/results/ops/s36).
+template <int B, int MB, int L, int GS>
+__attribute__((noinline)) void fused_rows_call(const uint8_t* rb, int64_t K, int64_t group_size, const float* s,
+                                               const float* z, const float* xp, const float* xsum, int64_t G,
+                                               int64_t g0, int64_t g1, int64_t ahead, float* acc) {
+  fused_rows<B, MB, L, GS>(rb, K, group_size, s, z, xp, xsum, G, g0, g1, ahead, acc);
 }
 
-// fused_rows3 as a function of its own, called per row: at M = 4, inlined into the row loop, it
-// ran 13% slower (1536 x 576 W3 g64, one thread, Zen 3 AVX2: 0.179 against 0.156 ms); at M = 5
-// and 6 the call was 7-11% slower instead (bench/results/ops/s36).
-template <int MB, int L, int GS>
-__attribute__((noinline)) void fused_rows3_call(const uint8_t* rb, int64_t K, int64_t group_size, const float* s,
-                                                const float* z, const float* xp, const float* xsum, int64_t G,
-                                                int64_t g0, int64_t g1, int64_t ahead, float* acc) {
-  fused_rows3<MB, L, GS>(rb, K, group_size, s, z, xp, xsum, G, g0, g1, ahead, acc);
-}
-
-// Weight rows [n_begin, n_end) through fused_wrows / fused_rows (3 bits: fused_wrows3 /
-// fused_rows3) for B bits, at the step width of group size g, known at compile time as GS where it
-// is one of the common sizes (GS = 0: only at run time). The row loop is inside each variant: a
-// call and dispatch per row, and the mask constants set up again, cost 1536 x 576 W3 g64 at M = 1
-// about a tenth of its time (nine groups a row). Scales and zeros come kAffineRows rows at a time
-// (sz: 2 kAffineRows G floats).
+// Weight rows [n_begin, n_end) through fused_wrows / fused_rows for B bits, at the step width of
+// group size g, known at compile time as GS where it is one of the common sizes (GS = 0: only at
+// run time). The row loop is inside each variant: a call and dispatch per row, and the mask
+// constants set up again, cost 1536 x 576 W3 g64 at M = 1 about a tenth of its time (nine groups
+// a row). Scales and zeros come kAffineRows rows at a time (sz: 2 kAffineRows G floats).
 template <int B, int MB, int GS>
 void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* sz) {
   const int64_t g = p.group_size, G = p.G, zeros = kAffineRows * G;
@@ -812,13 +725,9 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
     const float *s = scales + i * G, *z = zeros_at + i * G;
     float acc[MB * rows];
     if constexpr (RR == 0 && B == 3 && MB == 4) {
-      fused_rows3_call<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, ahead, acc);
-    } else if constexpr (RR == 0 && B == 3) {
-      fused_rows3<MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, ahead, acc);
+      fused_rows_call<B, MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, ahead, acc);
     } else if constexpr (RR == 0) {
       fused_rows<B, MB, L, GS>(rb, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, ahead, acc);
-    } else if constexpr (B == 3) {
-      fused_wrows3<MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, acc);
     } else {
       fused_wrows<B, MB, L, GS, RR, C>(rb, p.row_bytes, p.K, g, s, z, p.x32, p.xsum, G, g0, g1, acc);
     }
