@@ -12,10 +12,13 @@ larger, e.g. 512 with 300 MiB of L3) is written before each timed call (not time
 weights come from memory, as in the interleaved rounds of ``bench/ops/lowbit_linear.py``, where
 other methods' weights pass through the caches in between. ``--isa NAME`` runs both builds on that
 instruction set (``_C.set_lowbit_isa``; one of ``_C.lowbit_isas()``), e.g. the fused FMA kernels
-(``avx512``) on a CPU whose default takes the VNNI path or the AMX tiles.
+(``avx512``) on a CPU whose default takes the VNNI path or the AMX tiles. ``--outliers`` sets
+the first activation of every group to 200, far beyond 32 times the group's mean |x|: the VNNI and
+AMX digit paths decline such rows (as they do real models' outlier channels), and fp32 rows then
+meet the fused FMA kernels.
 
 Usage: python bench/ops/ab_builds.py --a OLD/_C.so --b NEW/_C.so [--rounds 2] [--dtype float32]
-       [--cold [--evict-mb 512]] [--threads 2] [--isa avx512] 4096x4096x16x4x128 1536x576x4x3x64 ...
+       [--cold [--evict-mb 512]] [--threads 2] [--isa avx512] [--outliers] 4096x4096x16x4x128 1536x576x4x3x64 ...
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ DTYPES = ("float32", "float32-medium", "bfloat16")
 
 
 def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], evict_mb: int, threads: int,
-              isa: str | None) -> list[str]:
+              isa: str | None, outliers: bool) -> list[str]:
     """This process's half of a round: each case's minimum and median ms on the build at `so`."""
     import torch
 
@@ -59,6 +62,8 @@ def run_cases(so: str, dtype_name: str, seconds: float, cases: list[str], evict_
         n, k, m, bits, group = map(int, case.split("x"))
         q = quantize_weight(torch.randn(n, k), bits, group, dtype=dtype)
         x, y = torch.randn(m, k).to(dtype), torch.empty(m, n, dtype=dtype)
+        if outliers:
+            x[:, ::group] = 200.0
         args = (x.data_ptr(), code, m, k, q.qweight.data_ptr(), n, q.qweight.shape[1], q.scale.data_ptr(),
                 q.zero.data_ptr(), code, bits, group, 0, y.data_ptr(), dtype_name == "float32-medium")
         for _ in range(3):
@@ -86,6 +91,7 @@ def main() -> None:
     p.add_argument("--evict-mb", type=int, default=64, help="MiB written to evict the caches (--cold)")
     p.add_argument("--threads", type=int, default=1, help="threads (above 1: timed by the wall clock)")
     p.add_argument("--isa", help="the instruction set both builds run (default: the CPU's best)")
+    p.add_argument("--outliers", action="store_true", help="one activation a group at 200 (digit paths decline)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("cases", nargs="+", help="NxKxMxBITSxGROUP")
     a = p.parse_args()
@@ -95,7 +101,7 @@ def main() -> None:
             p.error(f"a case is NxKxMxBITSxGROUP of positive integers, got {case!r}")
     if a.worker:
         print("\n".join(run_cases(a.worker, a.dtype, a.seconds, a.cases, a.evict_mb if a.cold else 0, a.threads,
-                                   a.isa)))
+                                   a.isa, a.outliers)))
         return
     for so in (a.a, a.b):
         if not os.path.isfile(so):
@@ -109,8 +115,10 @@ def main() -> None:
         for name in order:
             cold = ["--cold", "--evict-mb", str(a.evict_mb)] if a.cold else []
             isa = ["--isa", a.isa] if a.isa else []
+            outliers = ["--outliers"] if a.outliers else []
             argv = [sys.executable, __file__, "--a", a.a, "--b", a.b, "--dtype", a.dtype, "--seconds",
-                    str(a.seconds), "--threads", str(a.threads), *cold, *isa, "--worker", getattr(a, name), *a.cases]
+                    str(a.seconds), "--threads", str(a.threads), *cold, *isa, *outliers, "--worker", getattr(a, name),
+                    *a.cases]
             run = subprocess.run(argv, env=env, capture_output=True, text=True)
             if run.returncode:
                 last = run.stderr.strip().splitlines()[-1:] or [f"exit status {run.returncode}"]
@@ -121,7 +129,8 @@ def main() -> None:
     caches = f"caches evicted before each call ({a.evict_mb} MiB written)" if a.cold else "warm caches"
     clock = "one thread" if a.threads == 1 else f"{a.threads} threads, wall clock"
     isa = f", instruction set {a.isa}" if a.isa else ""
-    print(f"# min/median ms, {clock}, {a.dtype} activations, {caches}{isa}; a = {a.a}, b = {a.b}")
+    outliers = ", an outlier (200) a group" if a.outliers else ""
+    print(f"# min/median ms, {clock}, {a.dtype} activations{outliers}, {caches}{isa}; a = {a.a}, b = {a.b}")
     for i, case in enumerate(a.cases):
         cells = " | ".join(f"a {results['a'][r][i]} b {results['b'][r][i]}" for r in range(a.rounds))
         print(f"{case:24s} {cells}")
