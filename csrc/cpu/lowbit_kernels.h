@@ -315,9 +315,9 @@ namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prep
 // `bits`-bit codes (vnni_layout): digits in blocks of kVnniBlockRows rows (the last may hold fewer),
 // each [chunk][row][plane][3][64] (8 bits: 64 codes a chunk, one plane; 4 bits: 128 codes, the
 // even ones then the odd ones; 2 bits: 256 codes, those at 4 i, then 4 i + 1, ...; 3 bits: 128
-// codes in two planes, each unit of eight where unit_slot puts it), units and sums [M][G]; false (and nothing to run) when x holds a NaN
-// or an infinity, or (fp32) a group that prepare_digits would decline: its largest |x| nonzero but
-// below 2^-64, or above kDigitOutlierRatio times its mean.
+// codes in two planes, each unit of eight where unit_slot puts it), units and sums [M][G]; false
+// (and nothing to run) when x holds a NaN or an infinity, or (fp32) a group that prepare_digits
+// would decline: its largest |x| nonzero but below 2^-64, or above kDigitOutlierRatio times its mean.
 struct VnniKernels {
   bool (*bf16_activations)(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, VnniActivations& out);
   bool (*fp32_activations)(const float* x, int64_t M, int64_t K, int64_t group_size, int bits, VnniActivations& out);

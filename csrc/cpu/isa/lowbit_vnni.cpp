@@ -327,7 +327,10 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
   out.xsum.resize(M * G);
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   const __m512i half = _mm512_set1_epi32(128), low_byte = _mm512_set1_epi32(255);
-  for (int64_t m = 0; m < M; ++m)
+  for (int64_t m = 0; m < M; ++m) {
+    // Row m's block of kVnniBlockRows rows (b0 its first, `rows` in it), each [chunk][row][plane][part][64].
+    const int64_t b0 = m / kVnniBlockRows * kVnniBlockRows, rows = std::min(kVnniBlockRows, M - b0);
+    int8_t* const block = out.x8.data() + b0 * chunks * planes * 64 * kVnniParts;
     for (int64_t g = 0; g < G; ++g) {
       const T* xg = x + m * K + g * group_size;
       __m512 amax = _mm512_setzero_ps(), total = _mm512_setzero_ps();
@@ -353,10 +356,7 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
         __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load16(xg, k), scale_exp));  // to nearest
         vsum = _mm512_add_epi32(vsum, v);
         const int64_t kk = g * group_size + k;
-        // Blocks of kVnniBlockRows rows, each [chunk][row][plane][part][64].
-        const int64_t b0 = m / kVnniBlockRows * kVnniBlockRows, rows = std::min(kVnniBlockRows, M - b0);
-        int8_t* const chunk_row =
-            out.x8.data() + (b0 * chunks + (kk / chunk) * rows + m - b0) * planes * 64 * kVnniParts;
+        int8_t* const chunk_row = block + ((kk / chunk) * rows + m - b0) * planes * 64 * kVnniParts;
         int8_t* dst = chunk_row + kk % chunk / planes;
         // 3 bits: the two units of these values, each to its plane and lane (unit_slot).
         UnitSlot first{}, second{};
@@ -393,6 +393,7 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
       out.unit[m * G + g] = unit;
       out.xsum[m * G + g] = static_cast<float>(_mm512_reduce_add_epi32(vsum)) * unit;
     }
+  }
   return true;
 }
 
