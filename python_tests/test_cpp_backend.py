@@ -352,6 +352,19 @@ def test_lowbit_linear_scale_dtype_differs_from_x():
     assert _rel_err(y, _lowbit_want64(xh, qw, b)) <= TOL[torch.float16]
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("m", (1, 3, 300))
+def test_lowbit_linear_op_keeps_fp32_scales_for_half_activations(dtype, m):
+    # The public op with fp32 scales and zero points and fp16/bf16 activations near 3: the kernels
+    # read the scales as they are. Rounded to bf16 first, each group's zero point moved all of its
+    # weights alike, and the output 5e-2 from the reference.
+    x, qw, b = _lowbit_case(40, 512, m, 4, 128, torch.float32, bias=True, seed=m)
+    x = (x + 3).to(dtype)
+    want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, b)
+    assert qw.scale.dtype == torch.float32 and want.dtype == dtype
+    assert _rel_err(ops.lowbit_linear(x, qw, b), want.double()) <= 2 * _rel_err(want, _lowbit_want64(x, qw, b)) + 1e-3
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 def test_lowbit_fused_and_buffered_paths_agree(bits):
     # M <= 6 decodes codes straight into the FMAs; M > 6 dequantises rows into a buffer.
@@ -844,6 +857,25 @@ def test_lowbit_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
         cpp._C.set_lowbit_isa(default)
     want64 = _lowbit_want64(x, qw, b)
     assert ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max() <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("m", (1, 2))
+def test_lowbit_vnni_long_groups_of_equal_values(bits, m):
+    # Every value of a group of 1024 at the group's largest: each is 2^21 in the fixed point, and
+    # the group's sum (its zero term) 2^31, past int32 (it wrapped once: 300x off).
+    _needs_vnni(bits)
+    k, group = 2048, 1024
+    g = _gen(bits + m)
+    qw = quantize_weight(torch.randn(24, k, generator=g), bits, group)
+    x = torch.full((m, k), 3.0)
+    x[:, group:] = -0.75  # the second group: also equal values, of their own unit
+    for dtype in (torch.float32, torch.bfloat16):
+        assert cpp._C.lowbit_vnni(cpp.DTYPE_CODE[dtype], bits, group, m, k)
+        xd = x.to(dtype)
+        want64 = _lowbit_want64(xd, qw, None)
+        tol = TOL[torch.float32] if dtype == torch.float32 else _vnni_tolerance(want64)
+        assert _rel_err(ops.lowbit_linear(xd, qw), want64) <= tol, dtype
 
 
 @pytest.mark.parametrize("bits,group,k", [(8, 128, 1536), (8, 64, 576), (4, 128, 1536), (4, 64, 576), (2, 128, 1536),

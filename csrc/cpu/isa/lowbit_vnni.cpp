@@ -351,10 +351,12 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
       // (groups below 2^-105 then keep fewer bits: far below any output's rounding).
       const int e = top > 0.f ? std::clamp(21 - std::ilogb(top), -126, 126) : 0;
       const __m512 scale_exp = _mm512_set1_ps(static_cast<float>(e));
+      // The group's sum in int64 lanes: in int32 it overflowed from groups of 1024 (2^21 each).
       __m512i vsum = _mm512_setzero_si512();
       for (int64_t k = 0; k < group_size; k += 16) {
         __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(load16(xg, k), scale_exp));  // to nearest
-        vsum = _mm512_add_epi32(vsum, v);
+        vsum = _mm512_add_epi64(vsum, _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                                       _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
         const int64_t kk = g * group_size + k;
         int8_t* const chunk_row = block + ((kk / chunk) * rows + m - b0) * planes * 64 * kVnniParts;
         int8_t* dst = chunk_row + kk % chunk / planes;
@@ -391,7 +393,7 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
       }
       const float unit = std::ldexp(1.f, -e);
       out.unit[m * G + g] = unit;
-      out.xsum[m * G + g] = static_cast<float>(_mm512_reduce_add_epi32(vsum)) * unit;
+      out.xsum[m * G + g] = static_cast<float>(_mm512_reduce_add_epi64(vsum)) * unit;
     }
   }
   return true;
