@@ -254,7 +254,7 @@ def test_lowbit_kernels_split_k_and_odd_groups(kernel, config):
 def test_lowbit_linear_batched_input_and_fp32_scales():
     qw = weight(16, 64, 4, 32, torch.float32)
     x = torch.randn(2, 3, 64).half().to(DEVICE)
-    got = run("triton", ops.lowbit_linear, x, qw)  # scales cast to fp16 by the wrapper
+    got = run("triton", ops.lowbit_linear, x, qw)  # scales cast to fp16 by the Triton backend
     want = ref.lowbit_linear(x, qw.qweight, qw.scale.half(), qw.zero.half(), 4, 32, None)
     assert got.shape == (2, 3, 16) and rel_err(got, want) < 1e-3
     assert run("triton", ops.lowbit_linear, x[:, :0], qw).shape == (2, 0, 16)

@@ -154,9 +154,10 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
             and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
         return plan.prepared()(x.contiguous(), bias)
-    # Autograd, fake or meta tensors, tracing, or scales to convert to x's dtype first.
-    if scale.dtype != dtype:
-        scale, zero = scale.to(dtype), zero.to(dtype)
+    # Autograd, fake or meta tensors, tracing, or x in another dtype than the scales: each backend
+    # reads them as they are (the CPU kernels) or converts them itself (the GPU kernels). Rounding an
+    # fp32 zero point to bf16 here moved a group's every weight alike: 5e-2 from the reference with
+    # activations near 3.
     return _run(_lowbit_linear, "lowbit_linear", device, x.contiguous(), q, scale, zero,
                 qweight.bits, qweight.group_size, bias)
 

@@ -38,9 +38,12 @@ def lowbit_linear(
     group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Triton kernel of :func:`splitkernels.ops.reference.lowbit_linear` (x contiguous, scale in x's dtype)."""
+    """Triton kernel of :func:`splitkernels.ops.reference.lowbit_linear` (x contiguous; the kernels
+    read scale and zero in x's dtype, converted here where they differ)."""
     k = x.shape[-1]
     n = qweight.shape[0]
+    if scale.dtype != x.dtype:
+        scale, zero = scale.to(x.dtype), zero.to(x.dtype)
     # No-ops for the usual contiguous tensors (so the dequant cache still sees the same objects).
     qweight, scale, zero = qweight.contiguous(), scale.contiguous(), zero.contiguous()
     bias = bias.contiguous() if bias is not None else None
