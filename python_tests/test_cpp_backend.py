@@ -859,6 +859,23 @@ def test_lowbit_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     assert ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max() <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("bits,n,group,k", _VNNI_LAYOUTS + [(4, 5, 1024, 8192)])
+def test_lowbit_vnni_fp32_row_with_outlier_groups(bits, n, group, k):
+    # One fp32 row whose groups hold an outlier 10^4 above the rest (past what three digits carry
+    # within 1e-5): it takes four digits, a 30-bit fixed point, in every layout; two such rows
+    # decline to the fp32 kernels.
+    _needs_vnni(bits)
+    g = _gen(n + group + k + bits + 11)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, group)
+    x = torch.randn(2, k, generator=g)
+    x[:, 3::group] = 1e4
+    x[:, 5::2 * group] = -3e4
+    for m in (1, 2):
+        y = _fp32_kernel_on_poisoned_output(x[:m], qw, None)
+        want64 = _lowbit_want64(x[:m], qw, None)
+        assert ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max() <= TOL[torch.float32], m
+
+
 @pytest.mark.parametrize("bits", (2, 4, 8))
 @pytest.mark.parametrize("m", (1, 2))
 def test_lowbit_vnni_long_groups_of_equal_values(bits, m):
@@ -881,9 +898,9 @@ def test_lowbit_vnni_long_groups_of_equal_values(bits, m):
 @pytest.mark.parametrize("bits,group,k", [(8, 128, 1536), (8, 64, 576), (4, 128, 1536), (4, 64, 576), (2, 128, 1536),
                                          (8, 32, 576), (4, 32, 576), (2, 64, 576), (3, 64, 576), (3, 32, 1536)])
 def test_lowbit_vnni_fp32_hard_rows(bits, group, k):
-    # Groups the fixed point cannot hold within 1e-5 (an outlier far above the group's mean, a
-    # largest |x| below 2^-64) go to the fp32 kernels; every row keeps the fp32 promise, alone and
-    # beside another row.
+    # Groups three digits cannot hold within 1e-5 (an outlier far above the group's mean: one row
+    # takes four digits, more rows the fp32 kernels; a largest |x| below 2^-64: the fp32 kernels);
+    # every row keeps the fp32 promise, alone and beside another row.
     _needs_vnni(bits)
     g = _gen(k + group + bits + 3)
     qw = quantize_weight(torch.randn(64, k, generator=g), bits, group)

@@ -33,6 +33,7 @@ struct LowbitProblem {
   const int8_t* x8;        // VNNI path: digits of x / unit, in blocks of rows, chunk by chunk (VnniKernels);
                            // AMX digit path: its tiles (isa_amx::prepare_digits)
   const float* x8_unit;    // VNNI path: [M, G] power-of-two unit of each group; AMX digit path: its units
+  int x8_digits;           // VNNI path: signed bytes per value, 3 or 4 (VnniActivations::digits)
   float* y;                // [M, N] fp32 result (fp32 kernels: before bias and the output dtype)
   uint16_t* y16;           // [M, N] bf16 result, bias added (bf16 kernels write it directly)
   float* y_parts;          // or [1, N] fp32: one fp32 row sent as M bf16 parts (dot form), bias added
@@ -231,6 +232,7 @@ inline bool vnni_layout(int bits, int64_t group_size, int64_t K, bool w3) {
 struct VnniActivations {
   AlignedVector<int8_t> x8;
   AlignedVector<float> unit, xsum;
+  int digits;  // per value: 3 (a 22-bit fixed point), or 4 (30 bits: fp32 rows with a group far above its mean)
 };
 
 namespace isa_generic { const LowbitKernels& lowbit_kernels(); }
@@ -315,9 +317,10 @@ namespace isa_avx512bf16vbmi { LowbitRowsFn bf16_rows(); Bf16PrepareFn bf16_prep
 // `bits`-bit codes (vnni_layout): digits in blocks of kVnniBlockRows rows (the last may hold fewer),
 // each [chunk][row][plane][3][64] (8 bits: 64 codes a chunk, one plane; 4 bits: 128 codes, the
 // even ones then the odd ones; 2 bits: 256 codes, those at 4 i, then 4 i + 1, ...; 3 bits: 128
-// codes in two planes, each unit of eight where unit_slot puts it), units and sums [M][G]; false
-// (and nothing to run) when x holds a NaN or an infinity, or (fp32) a group that prepare_digits
-// would decline: its largest |x| nonzero but below 2^-64, or above kDigitOutlierRatio times its mean.
+// codes in two planes, each unit of eight where unit_slot puts it; [4] where a row takes four
+// digits), units and sums [M][G]; false (and nothing to run) when x holds a NaN or an infinity,
+// or (fp32) a group whose largest |x| is nonzero but below 2^-64, or (fp32, M > 1) one above
+// kDigitOutlierRatio times its mean (one such row takes four digits).
 struct VnniKernels {
   bool (*bf16_activations)(const uint16_t* x, int64_t M, int64_t K, int64_t group_size, int bits, VnniActivations& out);
   bool (*fp32_activations)(const float* x, int64_t M, int64_t K, int64_t group_size, int bits, VnniActivations& out);

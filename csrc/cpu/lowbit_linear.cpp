@@ -9,8 +9,8 @@
 //   bits, K too) or of a half, quarter, ... of one down to 16 codes, groups below 2048 codes
 //   (lowbit_vnni): each row as three signed bytes of a per-group
 //   22-bit fixed point against the codes as packed (vpdpbusd, exact int32 sums;
-//   isa/lowbit_vnni.cpp; fp32 groups whose values the fixed point cannot carry within 1e-5 go
-//   on below);
+//   isa/lowbit_vnni.cpp; one fp32 row whose groups three bytes cannot carry within 1e-5 as four,
+//   a 30-bit fixed point; more such rows go on below);
 // * bf16 activations (and fp32 ones where the caller allows bf16 precision) on CPUs with AMX
 //   tiles, bits 2/3/4/8 with K and groups multiples of 32, from 3 rows (8 bits: 2; 2 bits, and 4
 //   bits in groups below 128: 4): exact codes x bf16 with tdpbf16ps (4-bit codes in groups of 128
@@ -357,6 +357,7 @@ bool vnni_rows(const Isa& isa, const T* x, int64_t group_size, LowbitProblem& p)
   if (!ok) return false;
   p.x8 = act.x8.data();
   p.x8_unit = act.unit.data();
+  p.x8_digits = act.digits;
   p.xsum = act.xsum.data();
   parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { vnni.rows(p, n0, n1); });
   return true;

@@ -52,9 +52,10 @@
 // to fp32 rounding. A bf16 value carries eight
 // significant bits, so every value of at least 2^-14 of its group's largest is exact; smaller
 // ones move by at most u / 2 <= 2^-22 of the group's largest, as little as fp32 accumulation
-// does. fp32 rows too, where no group's largest |x| passes kDigitOutlierRatio<float> (32) times
-// its mean |x| or lies below 2^-64 (the AMX digit tiles' rule, which keeps them within 1e-5;
-// other rows go to the fp32 kernels): one thread, ms, fp32 kernels / this, M = 1: 1536 x 576 g64
+// does. fp32 rows too, where no group's largest |x| lies below 2^-64 and none passes
+// kDigitOutlierRatio<float> (32) times its mean |x| (the AMX digit tiles' rule, which keeps them
+// within 1e-5), or one row with such groups as four digits (vnni_activations; other rows go to
+// the fp32 kernels): one thread, ms, fp32 kernels / this, M = 1: 1536 x 576 g64
 // W4 0.037 / 0.026, 576 x 1536 W4 0.036 / 0.018, 4864 x 896 W4 0.173 / 0.091, W8 0.166 / 0.133;
 // M = 2 (there partly the AMX digits): 1536 x 576 g64 W4 0.064 / 0.045, 4864 x 896 W8 0.241 /
 // 0.152; weights evicted 4864 x 896 W4 0.202 / 0.125-0.139. fp32 rows at any K (the fp32 kernels
@@ -147,8 +148,9 @@ alignas(64) constexpr ThreeBitTables kThreeBitTables = [] {
 }();
 #endif
 
-// Signed bytes per activation value: hi, mid, lo of the 22-bit fixed point.
-constexpr int kVnniParts = 3;
+// Signed bytes per activation value (LowbitProblem::x8_digits): hi, mid, lo of a 22-bit fixed
+// point, or four of a 30-bit one (fp32 rows with a group too far above its mean for 22 bits).
+constexpr int kVnniMaxDigits = 4;
 // Weight bytes that every block of activation rows passes over before the next (more than one
 // block): a span that stays in L2 instead of each block reading the weight from memory again. Zen 4,
 // one thread, weights evicted, fp32 rows, median ms, whole range / 256 KiB: 4096 x 4096 W8 M = 3
@@ -167,7 +169,7 @@ constexpr int64_t kAffinePrefetchBytes = 256;
 // Weight rows per block at M = 1: four (measured at 1536 x 576 and 576 x 1536: 20-75% faster than
 // two, 0-40% faster than three, twice as fast as six); at M = 2 two (vnni_row_blocks).
 // out[r] = y of weight row n0 + r (r < R) before bias.
-template <int B, int R, int MR>
+template <int B, int R, int MR, int P>
 void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& slice, float* out, int64_t ld,
               bool add) {
   constexpr int kPlanes = planes_of(B);  // a chunk's planes (2-8 bits: a byte's codes, lowest bits first)
@@ -188,7 +190,7 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
 #endif
   // Rows [m0, m0 + MR): a block of the activations (vnni_row_blocks), [chunk][row][plane][part][64 bytes].
   const int64_t chunks = (p.K + chunk_codes(B) - 1) / chunk_codes(B);
-  const int8_t* x8 = p.x8 + m0 * chunks * 64 * kVnniParts * kPlanes;
+  const int8_t* x8 = p.x8 + m0 * chunks * 64 * P * kPlanes;
   const float* unit = p.x8_unit + m0 * G;  // [row][G]
   const float* xsum = p.xsum + m0 * G;     // [row][G]
   const uint8_t* rows[R];
@@ -196,18 +198,21 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
   __m512 tot[R][MR];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MR; ++m) tot[r][m] = _mm512_setzero_ps();
-  const __m512 f16 = _mm512_set1_ps(65536.f);
-  // y += unit * scale * (65536 hi + (256 mid + lo)) per lane of the sums, the second sum in int32
-  // (see the top); `su` holds each lane's unit * scale.
-  const auto add_sums = [&](__m512i (&acc)[R][MR][kVnniParts], int r, const auto& su) {
+  const __m512 f8 = _mm512_set1_ps(256.f), f16 = _mm512_set1_ps(65536.f);
+  // y += unit * scale * (65536 high + (256 mid + lo)) per lane of the sums, the last two digits'
+  // sum in int32 (see the top), high the first digit (of four: 256 hi + the second); `su` holds
+  // each lane's unit * scale.
+  const auto add_sums = [&](__m512i (&acc)[R][MR][P], int r, const auto& su) {
     for (int m = 0; m < MR; ++m) {
-      const __m512i low = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][1], 8), acc[r][m][2]);
-      const __m512 q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m][0]), f16, _mm512_cvtepi32_ps(low));
+      const __m512i low = _mm512_add_epi32(_mm512_slli_epi32(acc[r][m][P - 2], 8), acc[r][m][P - 1]);
+      __m512 high = _mm512_cvtepi32_ps(acc[r][m][0]);
+      if constexpr (P == 4) high = _mm512_fmadd_ps(high, f8, _mm512_cvtepi32_ps(acc[r][m][1]));
+      const __m512 q = _mm512_fmadd_ps(high, f16, _mm512_cvtepi32_ps(low));
       tot[r][m] = _mm512_fmadd_ps(q, su(m), tot[r][m]);
     }
   };
-  const auto chunk_sums = [&](__m512i (&acc)[R][MR][kVnniParts], int64_t c, int64_t bytes) {
-    const int8_t* xc = x8 + c * 64 * kVnniParts * MR * kPlanes;
+  const auto chunk_sums = [&](__m512i (&acc)[R][MR][P], int64_t c, int64_t bytes) {
+    const int8_t* xc = x8 + c * 64 * P * MR * kPlanes;
     for (int r = 0; r < R; ++r) {
       const uint8_t* src = rows[r] + kChunkBytes * c;
       _mm_prefetch(reinterpret_cast<const char*>(src + slice.prefetch), _MM_HINT_T0);
@@ -225,16 +230,16 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
       }
       for (int h = 0; h < kPlanes; ++h) {
         for (int m = 0; m < MR; ++m)
-          for (int t = 0; t < kVnniParts; ++t)
-            acc[r][m][t] = _mm512_dpbusd_epi32(acc[r][m][t], w[h],
-                                               _mm512_loadu_si512(xc + 64 * ((m * kPlanes + h) * kVnniParts + t)));
+          for (int t = 0; t < P; ++t)
+            acc[r][m][t] =
+                _mm512_dpbusd_epi32(acc[r][m][t], w[h], _mm512_loadu_si512(xc + 64 * ((m * kPlanes + h) * P + t)));
       }
     }
   };
-  const auto zero = [](__m512i (&acc)[R][MR][kVnniParts]) {
+  const auto zero = [](__m512i (&acc)[R][MR][P]) {
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MR; ++m)
-        for (int t = 0; t < kVnniParts; ++t) acc[r][m][t] = _mm512_setzero_si512();
+        for (int t = 0; t < P; ++t) acc[r][m][t] = _mm512_setzero_si512();
   };
   // Blocks of kZeroTermGroups groups, each followed by its zero terms (add_zero_terms).
   for (int64_t b0 = slice.g_begin; b0 < slice.g_end; b0 += kZeroTermGroups) {
@@ -246,7 +251,7 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
       for (int64_t c = b0 / groups_per_chunk; c * groups_per_chunk < b1; ++c) {
         const int64_t g0 = c * groups_per_chunk, groups = std::min(groups_per_chunk, G - g0);
         const __mmask16 in_chunk = static_cast<__mmask16>((1u << groups) - 1);
-        __m512i acc[R][MR][kVnniParts];
+        __m512i acc[R][MR][P];
         zero(acc);
         chunk_sums(acc, c, groups * kChunkBytes / groups_per_chunk);
         __m512 chunk_units[MR];
@@ -261,7 +266,7 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
       }
     } else {
       for (int64_t grp = b0; grp < b1; ++grp) {
-        __m512i acc[R][MR][kVnniParts];
+        __m512i acc[R][MR][P];
         zero(acc);
         for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, kChunkBytes);
         for (int r = 0; r < R; ++r) {
@@ -275,10 +280,10 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
   write_totals<R, MR>(tot, out, ld, add);
 }
 
-template <int B, int R, int MR>
+template <int B, int R, int MR, int P>
 void vnni_rows_t(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
   // The activation rows never outgrow L1: no K slices (x_group_bytes 0).
-  sliced_rows<MR, R, vnni_block<B, R, MR>, vnni_block<B, 1, MR>>(p, m0, n_begin, n_end, 0, 0, kPrefetchBytes);
+  sliced_rows<MR, R, vnni_block<B, R, MR, P>, vnni_block<B, 1, MR, P>>(p, m0, n_begin, n_end, 0, 0, kPrefetchBytes);
 }
 
 // Rows in blocks of kVnniBlockRows = 2 (the last may hold one), each over a span of weight rows
@@ -289,7 +294,7 @@ void vnni_rows_t(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_
 // kVnniMaxFp32Rows) as blocks of 2 against blocks of 3 or 4 (18 or 24 accumulators): AMD EPYC
 // (Zen 4), one thread, fp32 rows, 4096 x 4096 W4 ms, M = 4 1.49 / 2.03 (blocks of 4), M = 8 2.97
 // / 4.19, M = 6 2.23 / 2.82 (bench/results/ops/s56/experiments.txt).
-template <int B>
+template <int B, int P>
 void vnni_row_blocks(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t span = p.M <= kVnniBlockRows ? n_end - n_begin
                                              : std::max<int64_t>(4, kVnniSpanBytes / p.row_bytes / 4 * 4);
@@ -297,19 +302,25 @@ void vnni_row_blocks(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
     const int64_t n1 = std::min(n_end, n0 + span);
     for (int64_t m0 = 0; m0 < p.M; m0 += kVnniBlockRows) {
       if (p.M - m0 == 1)
-        vnni_rows_t<B, 4, 1>(p, m0, n0, n1);
+        vnni_rows_t<B, 4, 1, P>(p, m0, n0, n1);
       else
-        vnni_rows_t<B, 2, 2>(p, m0, n0, n1);
+        vnni_rows_t<B, 2, 2, P>(p, m0, n0, n1);
     }
   }
 }
 
-void run_vnni_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.bits == 2) return vnni_row_blocks<2>(p, n_begin, n_end);
-  if (p.bits == 4) return vnni_row_blocks<4>(p, n_begin, n_end);
+template <int P>
+void vnni_rows_of(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  if (p.bits == 2) return vnni_row_blocks<2, P>(p, n_begin, n_end);
+  if (p.bits == 4) return vnni_row_blocks<4, P>(p, n_begin, n_end);
   if constexpr (kThreeBits)
-    if (p.bits == 3) return vnni_row_blocks<3>(p, n_begin, n_end);
-  vnni_row_blocks<8>(p, n_begin, n_end);
+    if (p.bits == 3) return vnni_row_blocks<3, P>(p, n_begin, n_end);
+  vnni_row_blocks<8, P>(p, n_begin, n_end);
+}
+
+void run_vnni_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
+  if (p.x8_digits == kVnniMaxDigits) return vnni_rows_of<kVnniMaxDigits>(p, n_begin, n_end);
+  vnni_rows_of<3>(p, n_begin, n_end);
 }
 
 // VnniKernels' activations for T = uint16_t (bf16) or float.
@@ -322,15 +333,21 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
   const __m128i by_plane = planes == 2 ? _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
                                        : _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const int64_t G = K / group_size;
-  out.x8.resize(chunks * chunk * M * kVnniParts);
   out.unit.resize(M * G);
   out.xsum.resize(M * G);
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  const __m512i half = _mm512_set1_epi32(128), low_byte = _mm512_set1_epi32(255);
-  for (int64_t m = 0; m < M; ++m) {
-    // Row m's block of kVnniBlockRows rows (b0 its first, `rows` in it), each [chunk][row][plane][part][64].
-    const int64_t b0 = m / kVnniBlockRows * kVnniBlockRows, rows = std::min(kVnniBlockRows, M - b0);
-    int8_t* const block = out.x8.data() + b0 * chunks * planes * 64 * kVnniParts;
+  // Each group's largest |x| (in `unit` until the unit replaces it) and the digits per value.
+  // fp32 values carry more bits than three digits: a group more than kDigitOutlierRatio (32) times
+  // above its mean |x| (as the AMX digits' rule) makes one row take four (each value within 2^-30
+  // of its group's largest; every group passes, as its ratio is at most its size). More rows
+  // decline: the fused FMA kernels were faster there. AMD EPYC (Zen 4), one thread, fp32 rows
+  // with an outlier a group (ab_builds.py --outliers), ms, before / four digits: 4096 x 4096 M = 1
+  // W4 0.97 / 0.54 (the bf16 parts before), W2 0.79 / 0.43, W3 0.85 / 0.68-0.75, W8 0.75-0.76 /
+  // 0.64-0.66 (the FMA kernels), 896 x 4864 W2 g64 0.23 / 0.12; M = 2 1.01 / 1.15, M = 4 2.05 /
+  // 2.32, 4864 x 896 M = 3 0.42 / 0.47 (bench/results/ops/s58/experiments.txt).
+  static_assert(kVnniMaxGroup <= kDigitOutlierRatio<float> * 256);
+  out.digits = 3;
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       const T* xg = x + m * K + g * group_size;
       __m512 amax = _mm512_setzero_ps(), total = _mm512_setzero_ps();
@@ -342,14 +359,26 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
         if (std::is_same_v<T, float>) total = _mm512_add_ps(total, v);
       }
       if (bad) return false;
-      const float top = _mm512_reduce_max_ps(amax);
-      // fp32 values carry more bits than the fixed point: as for the AMX digits, groups it does not
-      // carry within the 1e-5 promise go to the fp32 kernels.
-      if (std::is_same_v<T, float> && !digits_carry_group<float>(top, _mm512_reduce_add_ps(total), group_size))
-        return false;
-      // x / u = x * 2^e with top * 2^e in [2^21, 2^22); e stays where 2^-e is a normal fp32
-      // (groups below 2^-105 then keep fewer bits: far below any output's rounding).
-      const int e = top > 0.f ? std::clamp(21 - std::ilogb(top), -126, 126) : 0;
+      const float top = out.unit[m * G + g] = _mm512_reduce_max_ps(amax);
+      if (std::is_same_v<T, float> && !digits_carry_group<float>(top, _mm512_reduce_add_ps(total), group_size)) {
+        if (top < 0x1p-64f || M > 1) return false;  // subnormal units: the fp32 kernels raise such rows
+        out.digits = kVnniMaxDigits;
+      }
+    }
+  const int digits = out.digits;
+  out.x8.resize(chunks * chunk * M * digits);
+  const __m512i half = _mm512_set1_epi32(128), low_byte = _mm512_set1_epi32(255);
+  for (int64_t m = 0; m < M; ++m) {
+    // Row m's block of kVnniBlockRows rows (b0 its first, `rows` in it), each [chunk][row][plane][digit][64].
+    const int64_t b0 = m / kVnniBlockRows * kVnniBlockRows, rows = std::min(kVnniBlockRows, M - b0);
+    int8_t* const block = out.x8.data() + b0 * chunks * planes * 64 * digits;
+    for (int64_t g = 0; g < G; ++g) {
+      const T* xg = x + m * K + g * group_size;
+      const float top = out.unit[m * G + g];
+      // x / u = x * 2^e with top * 2^e in [2^21, 2^22) (four digits: [2^29, 2^30)); e stays where
+      // 2^-e is a normal fp32 (groups below 2^-105 then keep fewer bits: far below any output's
+      // rounding).
+      const int e = top > 0.f ? std::clamp(8 * digits - 3 - std::ilogb(top), -126, 126) : 0;
       const __m512 scale_exp = _mm512_set1_ps(static_cast<float>(e));
       // The group's sum in int64 lanes: in int32 it overflowed from groups of 1024 (2^21 each).
       __m512i vsum = _mm512_setzero_si512();
@@ -358,7 +387,7 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
         vsum = _mm512_add_epi64(vsum, _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
                                                        _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
         const int64_t kk = g * group_size + k;
-        int8_t* const chunk_row = block + ((kk / chunk) * rows + m - b0) * planes * 64 * kVnniParts;
+        int8_t* const chunk_row = block + ((kk / chunk) * rows + m - b0) * planes * 64 * digits;
         int8_t* dst = chunk_row + kk % chunk / planes;
         // 3 bits: the two units of these values, each to its plane and lane (unit_slot).
         UnitSlot first{}, second{};
@@ -367,26 +396,26 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
           second = unit_slot(kk % chunk / 8 + 1, group_size);
         }
         // Signed base-256 digits, lowest first: d = ((v + 128) & 255) - 128, v = (v - d) / 256
-        // (exact); after two digits |v| <= 64.
-        for (int t = kVnniParts - 1; t >= 0; --t) {
+        // (exact); the first digit |v| <= 64.
+        for (int t = digits - 1; t >= 0; --t) {
           const __m512i d = t == 0 ? v : _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), low_byte), half);
           const __m128i bytes = _mm512_cvtepi32_epi8(d);
           if (planes == 1) {
             _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 * t), bytes);
           } else if (bits == 3) {
             const auto at = [&](UnitSlot u) {
-              return reinterpret_cast<__m128i*>(chunk_row + 64 * (u.plane * kVnniParts + t) + 8 * u.lane);
+              return reinterpret_cast<__m128i*>(chunk_row + 64 * (u.plane * digits + t) + 8 * u.lane);
             };
             _mm_storel_epi64(at(first), bytes);
             _mm_storel_epi64(at(second), _mm_unpackhi_epi64(bytes, bytes));
           } else if (planes == 2) {
             const __m128i split = _mm_shuffle_epi8(bytes, by_plane);
             _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * t), split);
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * (kVnniParts + t)), _mm_unpackhi_epi64(split, split));
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 64 * (digits + t)), _mm_unpackhi_epi64(split, split));
           } else {
             alignas(16) int32_t words[4];
             _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm_shuffle_epi8(bytes, by_plane));
-            for (int j = 0; j < 4; ++j) std::memcpy(dst + 64 * (j * kVnniParts + t), &words[j], 4);
+            for (int j = 0; j < 4; ++j) std::memcpy(dst + 64 * (j * digits + t), &words[j], 4);
           }
           v = _mm512_srai_epi32(_mm512_sub_epi32(v, d), 8);
         }
