@@ -766,10 +766,12 @@ def test_lowbit_vnni_choice():
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 8, 192, 1, 576)
     assert cpp._C.lowbit_vnni(2, 8, 128, 2, 1536)
     assert not cpp._C.lowbit_vnni(2, 8, 128, 3, 1536)  # bf16 rows from M = 3: the AMX digits or the bf16 kernels
-    # fp32 rows up to M = 8 where no AMX tiles take them (else from M = 3 the tiles or the FMA kernels)
+    # fp32 rows up to M = 12 (K >= 1024: 16) where no AMX tiles take them (else from M = 3 the tiles
+    # or the FMA kernels)
     no_amx = "avx512_amx" not in cpp._C.lowbit_isas()
-    assert cpp._C.lowbit_vnni(0, 8, 128, 3, 1536) == no_amx and cpp._C.lowbit_vnni(0, 4, 64, 8, 576) == no_amx
-    assert not cpp._C.lowbit_vnni(0, 4, 64, 9, 576)
+    assert cpp._C.lowbit_vnni(0, 8, 128, 3, 1536) == no_amx and cpp._C.lowbit_vnni(0, 4, 64, 12, 576) == no_amx
+    assert not cpp._C.lowbit_vnni(0, 4, 64, 13, 576) and not cpp._C.lowbit_vnni(0, 4, 64, 13, 960)
+    assert cpp._C.lowbit_vnni(0, 4, 64, 16, 1024) == no_amx and not cpp._C.lowbit_vnni(0, 4, 64, 17, 1024)
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 4096) and cpp._C.lowbit_vnni(2, 8, 64, 2, 11008)  # at any K
     assert cpp._C.lowbit_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
     assert cpp._C.lowbit_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_vnni(0, 8, 1024, 2, 8192)  # at any K
@@ -835,13 +837,16 @@ def _fp32_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None)
     _VNNI_LAYOUTS + [(8, 9, 128, 4096), (4, 5, 1024, 8192), (8, 70, 64, 16384)],
 )
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
-@pytest.mark.parametrize("m", (1, 2, 3, 8))
+@pytest.mark.parametrize("m", (1, 2, 3, 8, 11, "most"))
 def test_lowbit_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     # fp32 rows on the fixed point keep the fp32 promise: each value within 2^-23 of its group's
     # largest, exact integer sums; each row's groups with their own units (a row 1000x the other).
     # From M = 3 in blocks of two rows, the last of one (M = 3) or two: on CPUs without AMX tiles
-    # (with them, the tiles take those rows: the test runs there on the best instruction set without).
+    # (with them, the tiles take those rows: the test runs there on the best instruction set
+    # without); "most": 16 rows where K >= 1024, else 12.
     _needs_vnni(bits)
+    if m == "most":
+        m = 16 if k >= 1024 else 12
     default = cpp._C.lowbit_isa()
     if m > 2 and default == "avx512_amx":
         cpp._C.set_lowbit_isa([isa for isa in cpp._C.lowbit_isas() if isa != "avx512_amx"][-1])

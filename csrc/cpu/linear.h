@@ -23,7 +23,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
 bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size);
 
 // Whether lowbit_linear runs the VNNI path (one or two bf16 or fp32 activation rows, fp32 up to
-// kVnniMaxFp32Rows on CPUs without AMX tiles, each as a 22-bit fixed point per group, vpdpbusd
+// vnni_max_fp32_rows on CPUs without AMX tiles, each as a 22-bit fixed point per group, vpdpbusd
 // against the packed 8-bit codes, the fields of 2- and 4-bit codes or, with VBMI, 3-bit codes
 // spread into bytes) for `bits`-bit codes and M activation rows of K values, unless x holds a NaN or an infinity
 // (then the bf16 kernels run), or fp32 rows a group the fixed point cannot carry within 1e-5 (then

@@ -204,8 +204,8 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
 // split into their fields (a chunk's lowest, then the next, ...), or (`w3`: built with VBMI) 3-bit
 // codes spread into bytes; groups of whole chunks (2-4 bits: K too) or of a half, quarter, ... of
 // one (16 codes at least), of fewer than kVnniMaxGroup codes (which keeps its int32 sums exact), at
-// any K. Rows: up to kVnniMaxRows, and fp32 rows on CPUs without AMX tiles up to kVnniMaxFp32Rows
-// (lowbit_vnni in lowbit_linear.cpp). For more rows (AMX digit tiles or the bf16 kernels) the
+// any K. Rows: up to kVnniMaxRows, and fp32 rows on CPUs without AMX tiles up to
+// vnni_max_fp32_rows (lowbit_vnni in lowbit_linear.cpp). For more rows (AMX digit tiles or the bf16 kernels) the
 // others were faster (measured: isa/lowbit_vnni.cpp; at M >= 4 also with a 16-bit fixed point,
 // bench/results/ops/README.md, ninth session); without the tiles fp32 rows met only the fp32 FMA
 // kernels, which this path beat up to 8 rows (AMD EPYC (Zen 4), one thread, ms, FMA kernels / this:
@@ -215,7 +215,15 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
 // too (4096 x 4096, weights evicted: M = 1 1.99-2.28 / 1.51-1.58 ms, M = 2 2.27-3.15 / 1.43-1.57).
 constexpr int64_t kVnniMaxGroup = 2048;
 constexpr int64_t kVnniMaxRows = 2;
-constexpr int64_t kVnniMaxFp32Rows = 8;
+// fp32 rows on CPUs without AMX tiles up to 12, or 16 where K >= 1024. From 9 rows the FMA kernels'
+// GEMM costs as much as at 16 (tiles of 8 rows): one thread, ms, FMA / this: M = 9 4096 x 4096 W4
+// 7.15-7.37 / 3.36-3.56, W8 7.46-7.65 / 4.18-4.24, 1536 x 576 g64 0.370 / 0.240; M = 12 4096 x 4096
+// W4 7.28-7.38 / 4.52-4.72, W3 6.98-8.25 / 5.64-5.93, 576 x 1536 0.354-0.360 / 0.247-0.252, 1536 x
+// 576 g64 0.375-0.379 / 0.318-0.319; M = 16 4096 x 4096 W4 7.32-7.39 / 6.23-6.31, W2 6.82 /
+// 5.40-5.57, W8 7.40-7.48 / 7.42-7.73, 2048 x 2048 1.70 / 1.46-1.47, 576 x 1536 0.363 / 0.334-0.336,
+// but 1536 x 576 g64 0.379 / 0.427-0.430 (W8 0.38 / 0.49; M = 14 0.375 / 0.372); M = 24 level,
+// M = 32 11.8 / 12.3 (bench/results/ops/s58/experiments.txt).
+constexpr int64_t vnni_max_fp32_rows(int64_t K) { return K >= 1024 ? 16 : 12; }
 // Rows per block of the activations (VnniActivations::x8); every block passes over a span of weight
 // rows before the next span (kVnniSpanBytes, isa/lowbit_vnni.cpp).
 constexpr int64_t kVnniBlockRows = 2;

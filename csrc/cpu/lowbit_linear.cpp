@@ -3,8 +3,8 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one or two bf16 or fp32 activation rows (fp32: up to eight on CPUs without AMX tiles,
-//   kVnniMaxFp32Rows) on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
+// * one or two bf16 or fp32 activation rows (fp32: up to 12 or 16 on CPUs without AMX tiles,
+//   vnni_max_fp32_rows) on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
 //   VBMI also 3-bit codes) in groups of whole chunks (64 / 128 / 256 / 128 codes at 8 / 4 / 2 / 3
 //   bits, K too) or of a half, quarter, ... of one down to 16 codes, groups below 2048 codes
 //   (lowbit_vnni): each row as three signed bytes of a per-group
@@ -334,9 +334,9 @@ bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
 }
 
 // Whether isa's VNNI path takes M rows of dtype against this layout (lowbit_vnni): fp32 rows up to
-// kVnniMaxFp32Rows where no AMX tiles take them, else up to kVnniMaxRows.
+// vnni_max_fp32_rows where no AMX tiles take them, else up to kVnniMaxRows.
 bool vnni_takes(const Isa& isa, int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
-  const int64_t max_rows = dtype == kFloat32 && !isa.amx ? kVnniMaxFp32Rows : kVnniMaxRows;
+  const int64_t max_rows = dtype == kFloat32 && !isa.amx ? vnni_max_fp32_rows(K) : kVnniMaxRows;
   return (dtype == kBFloat16 || dtype == kFloat32) && isa.vnni && M <= max_rows &&
          vnni_layout(bits, group_size, K, isa.vnni->w3);
 }

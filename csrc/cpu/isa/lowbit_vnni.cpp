@@ -80,10 +80,10 @@
 // digits at M = 2 before / this): 4096 x 4096 M = 1 0.88-1.21 / 0.70-0.76 (weights evicted
 // 1.99-2.28 / 1.51-1.58), M = 2 1.33-1.43 / 0.86-0.94 (evicted 2.27-3.15 / 1.43-1.57), 896 x 4864
 // 0.232-0.251 / 0.186-0.199 (evicted 0.55-0.70 / 0.40-0.45): now at any K.
-// On CPUs without AMX tiles (AMD EPYC, Zen 4) fp32 rows from three up to eight take this path too,
-// in blocks of two rows (vnni_row_blocks): there the alternative is the fp32 FMA kernels, which
-// it beat by 15-35% (one thread, 4096 x 4096 W4 M = 3 1.81 / 1.14 ms, M = 8 4.41 / 2.97; at 16
-// rows 7.3 / 6.1, at 32 level, so the path stops at 8, kVnniMaxFp32Rows). bf16 rows stay at two:
+// On CPUs without AMX tiles (AMD EPYC, Zen 4) fp32 rows from three up to 12 or 16 take this path
+// too, in blocks of two rows (vnni_row_blocks): there the alternative is the fp32 FMA kernels,
+// which it beat by 15-35% (one thread, 4096 x 4096 W4 M = 3 1.81 / 1.14 ms, M = 8 4.41 / 2.97) and
+// from 9 rows by up to 2x (vnni_max_fp32_rows). bf16 rows stay at two:
 // the bf16 kernels' vdpbf16ps ran 1.5-2x faster from three (M = 3 0.86 / 1.31, M = 4 1.07 / 1.96).
 // Layouts: vnni_layout in lowbit_kernels.h.
 #include <immintrin.h>
@@ -291,7 +291,7 @@ void vnni_rows_t(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_
 // blocks of two weight rows against two activation rows (12 accumulators), one row against four
 // weight rows. Two rows: four weight rows (24 accumulators) were 0-6% slower (one thread, 4864 x
 // 896 0.184 / 0.172 ms, 576 x 1536 0.038 / 0.036). More rows (fp32 rows on CPUs without AMX,
-// kVnniMaxFp32Rows) as blocks of 2 against blocks of 3 or 4 (18 or 24 accumulators): AMD EPYC
+// vnni_max_fp32_rows) as blocks of 2 against blocks of 3 or 4 (18 or 24 accumulators): AMD EPYC
 // (Zen 4), one thread, fp32 rows, 4096 x 4096 W4 ms, M = 4 1.49 / 2.03 (blocks of 4), M = 8 2.97
 // / 4.19, M = 6 2.23 / 2.82 (bench/results/ops/s56/experiments.txt).
 template <int B, int P>
