@@ -559,6 +559,22 @@ def test_lowbit_bf16_panel_many_rows(bits, group, k, m):
     assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("bits,group", [(2, 4096), (3, 2048), (4, 4096), (2, 1024)])
+@pytest.mark.parametrize("m", (5, 17))
+def test_lowbit_bf16_panel_large_groups_far_from_zero(vector_bf16_isa, bits, group, m):
+    # Groups of 1024 codes and more (one per row: per-channel) against bf16 rows of 3 + randn:
+    # the panel's sums carry the code offset (128 + q), which the zero term cancels, so one fp32
+    # chain over the whole group rounded at that magnitude (W2 1.1e-2 from float64, the output's
+    # own rounding 1.6e-3); in blocks of 512 codes (kFoldPairs) they stay at the rounding.
+    k = 4096
+    g = _gen(bits + group + m)
+    qw = quantize_weight(torch.randn(24, k, generator=g), bits, group, dtype=torch.bfloat16)
+    x = (torch.randn(m, k, generator=g) + 3).bfloat16()
+    want64 = _lowbit_want64(x, qw, None)
+    y = _bf16_kernel_on_poisoned_output(x, qw, None, bits, group)
+    assert _rel_err(y, want64) <= _vnni_tolerance(want64)
+
+
 # Rows longer than a wide panel's K slice (2048 codes in whole groups and chunks): slices of
 # 4 x 2048 + 256 codes, 4 x 1920 + 768 (groups of 384), 2 x 2048 + 64 (a partial last chunk), and
 # rows of one slice.
