@@ -120,6 +120,9 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
     error of 1e-3 (fp16/bf16 activations) or 1e-5 (fp32); 4e-3 where a backend multiplies the
     weight rounded to bf16, as a dense bf16 ``F.linear`` does (the CPU's bf16 activations from
     256 rows, on AMX tiles from 8 to 256 rows by group size: :mod:`splitkernels._backends.cpp`).
+    Known exceptions, rows far from zero (3 + randn) against groups of 1024 codes or more (per
+    channel): fp32 rows on the CPU 2-5e-5 from float64 (a group's scaled code sum and its zero
+    term cancel), and the bf16 weight of a dense bf16 ``F.linear`` 2e-2, as torch's own.
 
     What depends on the weight alone (its layout check, device, the kernel picked and what
     the kernel prepares) is kept per weight and reused while the weight is unchanged
