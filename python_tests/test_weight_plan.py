@@ -28,8 +28,7 @@ def _x(m, k, dtype=torch.float32, seed=1):
 
 def _want(x, qw, bias=None):
     """The reference op, run unplanned (it reads the QuantizedWeight's fields as they are now)."""
-    scale, zero = qw.scale.to(x.dtype), qw.zero.to(x.dtype)
-    return ref.lowbit_linear(x, qw.qweight, scale, zero, qw.bits, qw.group_size, bias)
+    return ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, qw.bits, qw.group_size, bias)
 
 
 def _close(out, want, tol=1e-5):
