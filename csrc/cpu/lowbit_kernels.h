@@ -200,7 +200,7 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
 }
 
 // The VNNI path (isa/lowbit_vnni.cpp): bf16 or fp32 activation rows as three signed bytes of a
-// per-group fixed point against the 8-bit codes as they are packed (vpdpbusd), 2- and 4-bit codes
+// per-group fixed point (one fp32 row with a group far above its mean: four) against the 8-bit codes as they are packed (vpdpbusd), 2- and 4-bit codes
 // split into their fields (a chunk's lowest, then the next, ...), or (`w3`: built with VBMI) 3-bit
 // codes spread into bytes; groups of whole chunks (2-4 bits: K too) or of a half, quarter, ... of
 // one (16 codes at least), of fewer than kVnniMaxGroup codes (which keeps its int32 sums exact), at

@@ -342,8 +342,8 @@ bool vnni_takes(const Isa& isa, int dtype, int bits, int64_t group_size, int64_t
 }
 
 // The VNNI path for bf16 or fp32 rows x [M, K] (vnni_takes), output and bias already in p: false
-// where the layout, M or the CPU do not allow it, or x holds a NaN, an infinity or (fp32) a group
-// the fixed point cannot carry (the other kernels carry them through).
+// where the layout, M or the CPU do not allow it, or x holds a NaN, an infinity or (fp32, more than
+// one row) a group three digits cannot carry (the other kernels carry them through).
 template <typename T>
 bool vnni_rows(const Isa& isa, const T* x, int64_t group_size, LowbitProblem& p) {
   if (!vnni_takes(isa, std::is_same_v<T, float> ? kFloat32 : kBFloat16, p.bits, group_size, p.M, p.K)) return false;

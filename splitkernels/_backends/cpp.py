@@ -31,8 +31,9 @@ Agreement with :mod:`splitkernels.ops.reference`:
   (3 bits: 48 bytes; K too) or of a half, a quarter, ... of one down to 16 codes on AVX-512
   VNNI CPUs
   (``_C.lowbit_vnni``) go as three signed bytes of a per-group 22-bit fixed point
-  (bf16 values of at least 2^-14 of their group's largest exact, others within 2^-23 of it; fp32
-  groups whose largest value passes 32 times their mean, or lies below 2^-64, go on as below)
+  (bf16 values of at least 2^-14 of their group's largest exact, others within 2^-23 of it; one fp32
+  row with a group whose largest value passes 32 times its mean as four bytes of a 30-bit one, more
+  such rows, and groups whose largest value lies below 2^-64, go on as below)
   against the codes as packed (vpdpbusd), with no decode (3-bit codes: spread into bytes); fp32 activations (and fp16,
   converted) use FMA kernels that do the same for M <= 6 and otherwise dequantise blocks of
   weight rows (``q*scale + zero``, one FMA) a slice of K at a time for a register-blocked GEMM

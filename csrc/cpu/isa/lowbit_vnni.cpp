@@ -188,7 +188,7 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
   const int64_t q = B == 3 ? std::min<int64_t>(p.group_size, 128) / 16 : 1;  // unit_slot's q
   const FieldTables* three_bit = kThreeBitTables.plane[__builtin_ctzll(q)];
 #endif
-  // Rows [m0, m0 + MR): a block of the activations (vnni_row_blocks), [chunk][row][plane][part][64 bytes].
+  // Rows [m0, m0 + MR): a block of the activations (vnni_row_blocks), [chunk][row][plane][digit][64 bytes].
   const int64_t chunks = (p.K + chunk_codes(B) - 1) / chunk_codes(B);
   const int8_t* x8 = p.x8 + m0 * chunks * 64 * P * kPlanes;
   const float* unit = p.x8_unit + m0 * G;  // [row][G]
@@ -361,7 +361,7 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
       if (bad) return false;
       const float top = out.unit[m * G + g] = _mm512_reduce_max_ps(amax);
       if (std::is_same_v<T, float> && !digits_carry_group<float>(top, _mm512_reduce_add_ps(total), group_size)) {
-        if (top < 0x1p-64f || M > 1) return false;  // subnormal units: the fp32 kernels raise such rows
+        if (top < 0x1p-64f || M > 1) return false;  // subnormal units (the fp32 kernels raise them), or rows
         out.digits = kVnniMaxDigits;
       }
     }
