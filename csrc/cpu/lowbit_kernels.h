@@ -200,13 +200,14 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
 }
 
 // The VNNI path (isa/lowbit_vnni.cpp): bf16 or fp32 activation rows as three signed bytes of a
-// per-group fixed point (one fp32 row with a group far above its mean: four) against the 8-bit codes as they are packed (vpdpbusd), 2- and 4-bit codes
-// split into their fields (a chunk's lowest, then the next, ...), or (`w3`: built with VBMI) 3-bit
-// codes spread into bytes; groups of whole chunks (2-4 bits: K too) or of a half, quarter, ... of
-// one (16 codes at least), of fewer than kVnniMaxGroup codes (which keeps its int32 sums exact), at
-// any K. Rows: up to kVnniMaxRows, and fp32 rows on CPUs without AMX tiles up to
-// vnni_max_fp32_rows (lowbit_vnni in lowbit_linear.cpp). For more rows (AMX digit tiles or the bf16 kernels) the
-// others were faster (measured: isa/lowbit_vnni.cpp; at M >= 4 also with a 16-bit fixed point,
+// per-group fixed point (one fp32 row with a group far above its mean: four) against the 8-bit
+// codes as they are packed (vpdpbusd), 2- and 4-bit codes split into their fields (a chunk's
+// lowest, then the next, ...), or (`w3`: built with VBMI) 3-bit codes spread into bytes; groups of
+// whole chunks (2-4 bits: K too) or of a half, quarter, ... of one (16 codes at least), of fewer
+// than kVnniMaxGroup codes (which keeps its int32 sums exact), at any K. Rows: up to kVnniMaxRows,
+// and fp32 rows on CPUs without AMX tiles up to vnni_max_fp32_rows (lowbit_vnni in
+// lowbit_linear.cpp). For more rows (AMX digit tiles or the bf16 kernels) the others were faster
+// (measured: isa/lowbit_vnni.cpp; at M >= 4 also with a 16-bit fixed point,
 // bench/results/ops/README.md, ninth session); without the tiles fp32 rows met only the fp32 FMA
 // kernels, which this path beat up to 8 rows (AMD EPYC (Zen 4), one thread, ms, FMA kernels / this:
 // 4096 x 4096 W4 M = 3 1.81 / 1.14, M = 4 2.53 / 1.49, M = 8 4.41 / 2.97, M = 16 7.3 / 6.1, M = 32
@@ -240,7 +241,7 @@ inline bool vnni_layout(int bits, int64_t group_size, int64_t K, bool w3) {
 struct VnniActivations {
   AlignedVector<int8_t> x8;
   AlignedVector<float> unit, xsum;
-  int digits;  // per value: 3 (a 22-bit fixed point), or 4 (30 bits: fp32 rows with a group far above its mean)
+  int digits;  // per value: 3 (a 22-bit fixed point), or 4 (30 bits: an fp32 row with a group far above its mean)
 };
 
 namespace isa_generic { const LowbitKernels& lowbit_kernels(); }

@@ -502,26 +502,18 @@ struct NextLines {
   int64_t row_bytes = 0, per_row = 1, begin = 0, end = 0;
 };
 
-// The micro-kernel: MR activation rows times NV vectors of 16 panel columns, over groups
-// [g0, g1) of G (the panel starting at group g0). Each group's sums are scaled in registers; the
-// totals stay in registers too where they fit (NV = 2: 2 MR sums + 2 MR totals), else they are
-// kept in y (NV = 4: 4 MR sums, and per group MR x NV loads, adds and stores). Per pair step NV
-// panel vectors are loaded and MR pairs broadcast for MR * NV vdpbf16ps: at 4 x 4 a broadcast
-// feeds four of them where 6 x 2 fed two, which measured 4-10% faster per flop on Zen 5 in groups
-// of 64 or more (in groups of 32 the stores per group cost that back). With the totals in y,
-// groups after the first add to them. A scaled panel (Scaled: the weights themselves, see
-// scale_panel) is one group of g codes with no scale or zero, added to y's totals where `add`.
 // Pairs of codes a group's sums run over before they join the totals (panel_tile): one fp32
 // chain over a larger group rounds at the magnitude of its sum with the code offset (128 + q),
-// which the zero term then cancels. bf16 rows of 2 + randn (M = 5-64, 4096 x 4096 in one group)
-// came out 1.1e-2 from float64 as one chain, 2.0e-3 (their own rounding: 1.6e-3) in blocks of 256.
+// which the zero term then cancels. bf16 rows of 3 + randn against 2-bit codes (M = 5-64, 4096 x
+// 4096 in one group per row) came out 1.1e-2 from float64 as one chain, 2.0e-3 (their own
+// rounding: 1.6e-3) in blocks of 256 pairs, at the same speed.
 constexpr int64_t kFoldPairs = 256;
 
 // acc[m][v] += the products of `pairs` pairs of the panel (from `panel`, NV vectors per pair) with
 // activation rows m (from x, rows xs apart).
 template <int MR, int NV>
-__attribute__((always_inline)) inline void panel_products(const uint32_t* panel, const uint16_t* x, int64_t xs, int64_t pairs,
-                                                           __m512 (&acc)[MR][NV]) {
+__attribute__((always_inline)) inline void panel_products(const uint32_t* panel, const uint16_t* x, int64_t xs,
+                                                           int64_t pairs, __m512 (&acc)[MR][NV]) {
   for (int64_t kp = 0; kp < pairs; ++kp) {
     __m512bh b[NV];
     for (int v = 0; v < NV; ++v) b[v] = as_bh(_mm512_loadu_si512(panel + kp * NV * 16 + 16 * v));
@@ -534,6 +526,15 @@ __attribute__((always_inline)) inline void panel_products(const uint32_t* panel,
   }
 }
 
+// The micro-kernel: MR activation rows times NV vectors of 16 panel columns, over groups
+// [g0, g1) of G (the panel starting at group g0). Each group's sums are scaled in registers; the
+// totals stay in registers too where they fit (NV = 2: 2 MR sums + 2 MR totals), else they are
+// kept in y (NV = 4: 4 MR sums, and per group MR x NV loads, adds and stores). Per pair step NV
+// panel vectors are loaded and MR pairs broadcast for MR * NV vdpbf16ps: at 4 x 4 a broadcast
+// feeds four of them where 6 x 2 fed two, which measured 4-10% faster per flop on Zen 5 in groups
+// of 64 or more (in groups of 32 the stores per group cost that back). With the totals in y,
+// groups after the first add to them. A scaled panel (Scaled: the weights themselves, see
+// scale_panel) is one group of g codes with no scale or zero, added to y's totals where `add`.
 template <int MR, int NV, bool Scaled = false>
 void panel_tile(const uint32_t* panel, const uint16_t* x, int64_t xs, const float* xsum, const float* sT,
                 const float* zT, int64_t G, int64_t g0, int64_t g1, int64_t g, float* y, const NextLines& next,
