@@ -24,11 +24,11 @@ bool lowbit_bf16_kernel(int dtype, int bits, int64_t group_size);
 
 // Whether lowbit_linear runs the VNNI path (one or two bf16 or fp32 activation rows, fp32 up to
 // vnni_max_fp32_rows on CPUs without AMX tiles, each as a 22-bit fixed point per group (one fp32
-// row with a group far above its mean: 30-bit), vpdpbusd
-// against the packed 8-bit codes, the fields of 2- and 4-bit codes or, with VBMI, 3-bit codes
-// spread into bytes) for `bits`-bit codes and M activation rows of K values, unless x holds a NaN or an infinity
-// (then the bf16 kernels run), or fp32 rows (more than one) a group the 22-bit fixed point cannot
-// carry within 1e-5 (then the fp32 kernels).
+// row with a group far above its mean: 30-bit), vpdpbusd against the packed 8-bit codes, the
+// fields of 2- and 4-bit codes or, with VBMI, 3-bit codes spread into bytes) for `bits`-bit codes
+// and M activation rows of K values, unless x holds a NaN or an infinity (then the bf16 kernels
+// run), or fp32 rows (more than one) a group the 22-bit fixed point cannot carry within 1e-5 (then
+// the fp32 kernels).
 bool lowbit_vnni(int dtype, int bits, int64_t group_size, int64_t M, int64_t K);
 
 // Dequantises W into out [N, K] (natural order) of out_dtype (float32 or bfloat16), for the

@@ -152,15 +152,15 @@ def lowbit_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor] = 
     mixed = plan.mixed_devices if plan is not None else scale.device != device or zero.device != device
     if mixed or x.device != device or (bias is not None and bias.device != device):  # the listing only when needed
         check_same_device(x=x, qweight=q, scale=scale, zero=zero, bias=bias)
-    if (plan is not None and plan.eager and type(x) is Tensor and dtype == plan.dtype
+    if (plan is not None and plan.eager and type(x) is Tensor
             and (bias is None or type(bias) is Tensor)
             and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
         return plan.prepared()(x.contiguous(), bias)
-    # Autograd, fake or meta tensors, tracing, or x in another dtype than the scales: each backend
-    # reads them as they are (the CPU kernels) or converts them itself (the GPU kernels). Rounding an
-    # fp32 zero point to bf16 here moved a group's every weight alike: 5e-2 from the reference with
-    # activations near 3.
+    # Autograd, fake or meta tensors, tracing. Scales in another dtype than x go to the backend as
+    # they are, on either path: the CPU kernels read them so, the GPU kernels convert them. Rounding
+    # an fp32 zero point to bf16 here moved a group's every weight alike: 5e-2 from the reference
+    # with activations near 3.
     return _run(_lowbit_linear, "lowbit_linear", device, x.contiguous(), q, scale, zero,
                 qweight.bits, qweight.group_size, bias)
 

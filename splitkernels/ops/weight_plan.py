@@ -52,7 +52,7 @@ class LinearPlan:
     tensor subclasses (fake tensors) or on the meta device.
     """
 
-    __slots__ = ("qweight", "scale", "zero", "layout", "in_features", "dtype", "device", "mixed_devices", "eager",
+    __slots__ = ("qweight", "scale", "zero", "layout", "in_features", "device", "mixed_devices", "eager",
                  "_stamp_fn", "_stamp", "_calls")
 
     def __init__(self, qw: QuantizedWeight) -> None:
@@ -61,7 +61,6 @@ class LinearPlan:
         self.qweight, self.scale, self.zero = q, s, z
         self.layout = (qw.bits, qw.group_size, qw.in_features)
         self.in_features = qw.in_features
-        self.dtype = s.dtype  # of scale and zero (checked alike)
         self.device = q.device
         self.mixed_devices = s.device != q.device or z.device != q.device
         self.eager = all(type(t) is Tensor for t in (q, s, z)) and q.device.type != "meta"
