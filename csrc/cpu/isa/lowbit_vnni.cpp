@@ -156,11 +156,20 @@ constexpr int kVnniMaxDigits = 4;
 // one thread, weights evicted, fp32 rows, median ms, whole range / 256 KiB: 4096 x 4096 W8 M = 3
 // 2.60-2.81 / 1.97-2.58, M = 8 5.73-7.02 / 4.22-4.66, W4 level (bench/results/ops/s56).
 constexpr int64_t kVnniSpanBytes = 256 << 10;
-// How far ahead each row's next chunk is prefetched when rows are read side by side: 2 KiB, as the
-// other kernels' streams (kStreamPrefetchBytes), against 512 bytes before (one thread, ms, weights
+// The prefetch distance sliced_rows starts from (DotSlice::prefetch): 2 KiB on in a row, as the
+// other kernels' streams (kStreamPrefetchBytes), or where rows are shorter than four of that the
+// same place in the next block of rows. 2 KiB against 512 bytes before (one thread, ms, weights
 // evicted, fp32 rows: 4096 x 4096 W4 M = 1 0.92-1.01 / 0.71-0.81, 896 x 4864 0.27-0.28 /
 // 0.22-0.24; weights in cache level, 4096 x 4096 bf16 W4 0.48-0.56 / 0.41-0.49).
 constexpr int64_t kPrefetchBytes = 2048;
+// Each chunk is prefetched into L2 (not L1) a whole number of those distances ahead, at least 8 KiB
+// (the next block of rows, or the next but one where a block is shorter): one
+// thread, weights evicted, bf16 rows, min ms, L1 one distance ahead / this: 4096 x 4096 M = 1 W4
+// 0.58-0.74 / 0.44-0.45, W8 1.06-1.21 / 0.57-0.60 (fp32 rows 0.59-0.62), 4864 x 896 W4 0.18-0.19 /
+// 0.14-0.15, 896 x 4864 0.13-0.18 / 0.12-0.13, 576 x 1536 0.039-0.040 / 0.033-0.035; M = 2 level.
+// (L2 one distance ahead: 4096 x 4096 the same, 4864 x 896 0.20; 4 KiB: 4864 x 896 0.15-0.16, 16
+// KiB level.) bench/results/ops/s59/experiments.txt.
+constexpr int64_t kMinAheadBytes = 8192;
 // How far ahead a row's scales and zeros are prefetched where groups are part of a chunk (two to
 // eight groups a chunk: as many scale streams as weight rows, a quarter of the weight's bytes at
 // 4-bit g32 with fp32 scales). One thread, weights evicted, ms, without / with: 4096 x 4096 W4 g32
@@ -211,11 +220,12 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
       tot[r][m] = _mm512_fmadd_ps(q, su(m), tot[r][m]);
     }
   };
+  const int64_t ahead = slice.prefetch * ((kMinAheadBytes + slice.prefetch - 1) / slice.prefetch);
   const auto chunk_sums = [&](__m512i (&acc)[R][MR][P], int64_t c, int64_t bytes) {
     const int8_t* xc = x8 + c * 64 * P * MR * kPlanes;
     for (int r = 0; r < R; ++r) {
       const uint8_t* src = rows[r] + kChunkBytes * c;
-      _mm_prefetch(reinterpret_cast<const char*>(src + slice.prefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src + ahead), _MM_HINT_T1);
       __m512i w[kPlanes];
       if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
