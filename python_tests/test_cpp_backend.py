@@ -762,6 +762,11 @@ _W3_VNNI_LAYOUTS = [(45, 64, 576), (7, 128, 1536), (46, 256, 1792), (33, 32, 608
                     (5, 64, 4096)]
 _VNNI_LAYOUTS = [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS] + [
     (2, *c) for c in _W2_VNNI_LAYOUTS] + [(3, *c) for c in _W3_VNNI_LAYOUTS]
+# Groups of 2048 codes or more (one a row among them), which the kernels take as equal parts below
+# 2048 with the group's scale and zero: 4096 as 4 x 1024, 8192 of 4-bit codes as 8 x 1024, 11008 of
+# 2-bit codes as 43 chunks of 256, 11008 of 8-bit codes as 43 x 256, 2048 as 2 x 1024.
+_LONG_GROUP_VNNI_LAYOUTS = [(8, 5, 4096, 4096), (4, 6, 8192, 8192), (2, 3, 11008, 11008), (3, 4, 4096, 8192),
+                            (8, 7, 2048, 6144), (8, 3, 11008, 11008)]
 
 
 def _cpu_has_vbmi() -> bool:
@@ -791,7 +796,7 @@ def test_lowbit_vnni_choice():
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 4096) and cpp._C.lowbit_vnni(2, 8, 64, 2, 11008)  # at any K
     assert cpp._C.lowbit_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
     assert cpp._C.lowbit_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_vnni(0, 8, 1024, 2, 8192)  # at any K
-    assert not cpp._C.lowbit_vnni(0, 8, 2048, 1, 4096)  # but groups below 2048 codes (exact int32 sums)
+    assert cpp._C.lowbit_vnni(0, 8, 4096, 1, 4096) and cpp._C.lowbit_vnni(2, 4, 11008, 2, 11008)  # any group
     assert not cpp._C.lowbit_vnni(1, 8, 128, 1, 1536)  # fp16 rows: the fp32 kernels
     assert cpp._C.lowbit_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 4, 256, 2, 1792)
     assert cpp._C.lowbit_vnni(2, 4, 64, 1, 576)  # 4-bit codes in groups of half a chunk
@@ -817,7 +822,7 @@ def test_lowbit_vnni_choice():
         cpp._C.set_lowbit_isa(default)
 
 
-@pytest.mark.parametrize("bits,n,group,k", _VNNI_LAYOUTS)
+@pytest.mark.parametrize("bits,n,group,k", _VNNI_LAYOUTS + _LONG_GROUP_VNNI_LAYOUTS)
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("m", (1, 2))
 def test_lowbit_vnni_layouts(bits, n, group, k, scale_dtype, m):
@@ -880,7 +885,7 @@ def test_lowbit_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     assert ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max() <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize("bits,n,group,k", _VNNI_LAYOUTS + [(4, 5, 1024, 8192)])
+@pytest.mark.parametrize("bits,n,group,k", _VNNI_LAYOUTS + _LONG_GROUP_VNNI_LAYOUTS + [(4, 5, 1024, 8192)])
 def test_lowbit_vnni_fp32_row_with_outlier_groups(bits, n, group, k):
     # One fp32 row whose groups hold an outlier 10^4 above the rest (past what three digits carry
     # within 1e-5): it takes four digits, a 30-bit fixed point, in every layout; two such rows
@@ -914,6 +919,40 @@ def test_lowbit_vnni_long_groups_of_equal_values(bits, m):
         want64 = _lowbit_want64(xd, qw, None)
         tol = TOL[torch.float32] if dtype == torch.float32 else _vnni_tolerance(want64)
         assert _rel_err(ops.lowbit_linear(xd, qw), want64) <= tol, dtype
+
+
+@pytest.mark.parametrize("bits,n,group,k", _LONG_GROUP_VNNI_LAYOUTS)
+@pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
+def test_lowbit_vnni_fp32_rows_of_long_groups(bits, n, group, k, scale_dtype):
+    # fp32 rows against groups of 2048 codes or more (which the fp32 kernels took before), up to 16
+    # rows (at most the VNNI path's fp32 rows on CPUs without AMX tiles; the test runs there on the
+    # best instruction set without): within 1e-5 of float64 where the rows sit about zero. Far from
+    # zero (0.5 + randn, 1000 times that, every value 3) each group's scaled code sum and zero term
+    # nearly cancel, and a relative bound says little (both kernels 1-1.3e-5 at 8192 and 11008
+    # codes): there each row stays within 8 eps ||x| |W|^T|| of float64, eps = 2^-24, the rounding
+    # bound of an fp32 dot product (measured: this path 0.1-3.1 of it, the fp32 kernels 0.4-3.3, a
+    # dense fp32 F.linear 0.07-1.6).
+    _needs_vnni(bits)
+    default = cpp._C.lowbit_isa()
+    cpp._C.set_lowbit_isa([isa for isa in cpp._C.lowbit_isas() if isa != "avx512_amx"][-1])
+    g = _gen(n + group + k + bits)
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
+    w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, group, k)
+    about_zero = torch.randn(16, k, generator=g)
+    far = torch.randn(3, k, generator=g) + 0.5
+    far[1] *= 1000.0
+    far[2] = 3.0
+    try:
+        for m in (1, 2, 3, 16):
+            assert cpp._C.lowbit_vnni(0, bits, group, m, k)
+            y = _fp32_kernel_on_poisoned_output(about_zero[:m], qw, None)
+            want64 = _lowbit_want64(about_zero[:m], qw, None)
+            assert ((y.double() - want64).norm(dim=1) / want64.norm(dim=1)).max() <= TOL[torch.float32], m
+        y = _fp32_kernel_on_poisoned_output(far, qw, None)
+        bound = 8 * 2.0**-24 * (far.double().abs() @ w64.abs().T).norm(dim=1)
+        assert ((y.double() - far.double() @ w64.T).norm(dim=1) <= bound).all()
+    finally:
+        cpp._C.set_lowbit_isa(default)
 
 
 @pytest.mark.parametrize("bits,group,k", [(8, 128, 1536), (8, 64, 576), (4, 128, 1536), (4, 64, 576), (2, 128, 1536),

@@ -203,8 +203,9 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
 // per-group fixed point (one fp32 row with a group far above its mean: four) against the 8-bit
 // codes as they are packed (vpdpbusd), 2- and 4-bit codes split into their fields (a chunk's
 // lowest, then the next, ...), or (`w3`: built with VBMI) 3-bit codes spread into bytes; groups of
-// whole chunks (2-4 bits: K too) or of a half, quarter, ... of one (16 codes at least), of fewer
-// than kVnniMaxGroup codes (which keeps its int32 sums exact), at any K. Rows: up to kVnniMaxRows,
+// whole chunks (2-4 bits: K too) or of a half, quarter, ... of one (16 codes at least), at any K;
+// the kernels take groups of fewer than kVnniMaxGroup codes (which keeps their int32 sums exact),
+// longer ones as parts (vnni_group). Rows: up to kVnniMaxRows,
 // and fp32 rows on CPUs without AMX tiles up to vnni_max_fp32_rows (lowbit_vnni in
 // lowbit_linear.cpp). For more rows (AMX digit tiles or the bf16 kernels) the others were faster
 // (measured: isa/lowbit_vnni.cpp; at M >= 4 also with a 16-bit fixed point,
@@ -235,7 +236,20 @@ inline bool vnni_layout(int bits, int64_t group_size, int64_t K, bool w3) {
   const int64_t chunk = chunk_codes(bits);
   const bool whole = group_size % chunk == 0 && K % chunk == 0;
   const bool part = group_size % 16 == 0 && chunk % group_size == 0;
-  return (bits == 2 || bits == 4 || bits == 8 || (bits == 3 && w3)) && (whole || part) && group_size < kVnniMaxGroup;
+  return (bits == 2 || bits == 4 || bits == 8 || (bits == 3 && w3)) && (whole || part);
+}
+// The group length the VNNI kernels see: the group itself below kVnniMaxGroup codes, else the
+// longest whole number of chunks below that which divides it (each part takes its group's scale
+// and zero, vnni_rows in lowbit_linear.cpp). Per-channel layouts went to the fp32 FMA or bf16
+// kernels before: one thread, fp32 rows, ms, those / this: 4096 x 4096 W8 g4096 M = 1 0.75 / 0.39,
+// M = 2 1.18 / 0.83, W4 0.66 / 0.33, 896 x 4864 W8 g4864 0.196 / 0.093 (bench/results/ops/s59).
+// (A loop over parts inside the kernels cost 15-20% on every layout: 4096 x 4096 W4 g128 0.39 -> 0.46.)
+inline int64_t vnni_group(int bits, int64_t group_size) {
+  if (group_size < kVnniMaxGroup) return group_size;
+  const int64_t chunk = chunk_codes(bits), chunks = group_size / chunk;
+  int64_t part = (kVnniMaxGroup - 1) / chunk;
+  while (chunks % part) --part;
+  return part * chunk;
 }
 // Activations of the VNNI path (see LowbitProblem::x8, x8_unit, xsum).
 struct VnniActivations {

@@ -6,8 +6,8 @@
 // * one or two bf16 or fp32 activation rows (fp32: up to 12 or 16 on CPUs without AMX tiles,
 //   vnni_max_fp32_rows) on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
 //   VBMI also 3-bit codes) in groups of whole chunks (64 / 128 / 256 / 128 codes at 8 / 4 / 2 / 3
-//   bits, K too) or of a half, quarter, ... of one down to 16 codes, groups below 2048 codes
-//   (lowbit_vnni): each row as three signed bytes of a per-group
+//   bits, K too; from 2048 codes as equal parts below that, vnni_group) or of a half, quarter, ...
+//   of one down to 16 codes (lowbit_vnni): each row as three signed bytes of a per-group
 //   22-bit fixed point against the codes as packed (vpdpbusd, exact int32 sums;
 //   isa/lowbit_vnni.cpp; one fp32 row whose groups three bytes cannot carry within 1e-5 as four,
 //   a 30-bit fixed point; more such rows go on below);
@@ -345,21 +345,43 @@ bool vnni_takes(const Isa& isa, int dtype, int bits, int64_t group_size, int64_t
 // where the layout, M or the CPU do not allow it, or x holds a NaN, an infinity or (fp32, more than
 // one row) a group three digits cannot carry (the other kernels carry them through).
 template <typename T>
-bool vnni_rows(const Isa& isa, const T* x, int64_t group_size, LowbitProblem& p) {
+bool vnni_rows(const Isa& isa, const T* x, int64_t group_size, const LowbitProblem& p) {
   if (!vnni_takes(isa, std::is_same_v<T, float> ? kFloat32 : kBFloat16, p.bits, group_size, p.M, p.K)) return false;
   const VnniKernels& vnni = *isa.vnni;
+  LowbitProblem q = p;
+  q.group_size = vnni_group(p.bits, group_size);
+  q.G = p.K / q.group_size;
   thread_local VnniActivations act;
   bool ok;
   if constexpr (std::is_same_v<T, float>)
-    ok = vnni.fp32_activations(x, p.M, p.K, group_size, p.bits, act);
+    ok = vnni.fp32_activations(x, p.M, p.K, q.group_size, p.bits, act);
   else
-    ok = vnni.bf16_activations(x, p.M, p.K, group_size, p.bits, act);
+    ok = vnni.bf16_activations(x, p.M, p.K, q.group_size, p.bits, act);
   if (!ok) return false;
-  p.x8 = act.x8.data();
-  p.x8_unit = act.unit.data();
-  p.x8_digits = act.digits;
-  p.xsum = act.xsum.data();
-  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { vnni.rows(p, n0, n1); });
+  if (q.G != p.G) {
+    // Longer groups as parts: each part's scale and zero its group's, copied per call (N x G values
+    // each; 4096 x 4096 in groups of 4096 as parts of 1024: 64 KiB beside the weight's 8 MiB).
+    thread_local AlignedVector<uint8_t> affine;
+    const int64_t size = dtype_size(p.scale_dtype), parts = q.G / p.G, bytes = p.N * q.G * size;
+    affine.resize(2 * bytes);
+    uint8_t* const scales = affine.data();
+    parallel_for(p.N, std::max<int64_t>(1, kPrepareChunkValues / q.G), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t g = 0; g < p.G; ++g)
+          for (int64_t j = 0; j < parts; ++j) {
+            const int64_t to = ((n * p.G + g) * parts + j) * size, from = (n * p.G + g) * size;
+            std::memcpy(scales + to, static_cast<const uint8_t*>(p.scale) + from, size);
+            std::memcpy(scales + bytes + to, static_cast<const uint8_t*>(p.zero) + from, size);
+          }
+    });
+    q.scale = scales;
+    q.zero = scales + bytes;
+  }
+  q.x8 = act.x8.data();
+  q.x8_unit = act.unit.data();
+  q.x8_digits = act.digits;
+  q.xsum = act.xsum.data();
+  parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { vnni.rows(q, n0, n1); });
   return true;
 }
 

@@ -47,7 +47,7 @@
 // signed base-256 digits v = 65536 hi + 256 mid + lo (|hi| <= 64). Per group the sums
 // sum_k q_k hi_k and sum_k q_k (256 mid_k + lo_k) are exact in int32 (a lane adds
 // group_size / 16 products of at most 255 * 32896: below 2^31 for groups below 4096 codes,
-// and the path takes groups below kVnniMaxGroup = 2048), and
+// and the kernels take groups below kVnniMaxGroup = 2048, longer ones as parts, vnni_group), and
 // y = sum_g u * (s_g * sum_k q_k v_k + z_g * sum_k v_k) is the layer applied to x~ = u * v up
 // to fp32 rounding. A bf16 value carries eight
 // significant bits, so every value of at least 2^-14 of its group's largest is exact; smaller
