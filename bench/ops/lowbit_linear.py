@@ -4,7 +4,8 @@ For each weight shape (N x K), activation dtype and batch size M, in the same pr
 interleaved rounds: ``splitkernels.ops.lowbit_linear`` (W2/W3/W4/W8, group 128, or 64 where
 128 does not divide K; ``--group G`` for another) under the chosen backend, and PyTorch's
 ``F.linear`` in fp32 and bf16 (dense weights), ``torch.ops.aten._weight_int4pack_mm_for_cpu``
-(int4, the same group, what torchao uses on CPU) and ``torch.ops.aten._weight_int8pack_mm``
+(int4, the same group, what torchao uses on CPU; it takes groups of 32 to 256 only, so 256 for
+longer ones, e.g. per channel) and ``torch.ops.aten._weight_int8pack_mm``
 (int8 per channel). PyTorch's bf16 ``F.linear`` and packed kernels get the activations already
 rounded to bf16 (the cast is not timed), also in the fp32 rows: they are the fastest PyTorch
 offers for those inputs, and ours take the fp32 activations as they come. Each thread count
@@ -51,6 +52,7 @@ from splitkernels.quant import quantize_weight  # noqa: E402
 DTYPES = {"float32": (torch.float32, "highest"), "float32-medium": (torch.float32, "medium"),
           "bfloat16": (torch.bfloat16, "highest")}
 TORCH = ("F.linear fp32", "F.linear bf16", "torch int4pack", "torch int8pack")
+INT4PACK_MAX_GROUP = 256  # _weight_int4pack_mm_for_cpu's longest group
 
 
 def group_for(k: int, group: int = 0) -> int:
@@ -79,14 +81,15 @@ def run_config(args: argparse.Namespace, threads: int) -> list[dict]:
             # torch's packed kernels take bf16 activations here, as torchao feeds them on the CPU: with
             # fp32 activations they run 30-60x slower, and each call left the next one cold.
             pack_dt = torch.bfloat16
-            sz4 = torch.randn(k // group, n, 2, dtype=pack_dt)
+            pack_group = min(group, INT4PACK_MAX_GROUP)
+            sz4 = torch.randn(k // pack_group, n, 2, dtype=pack_dt)
             s8 = torch.rand(n, dtype=pack_dt)
             for m in args.m:
                 x = torch.randn(m, k, generator=g).to(dt)
                 xs = {"F.linear fp32": x.float(), "F.linear bf16": x.bfloat16()}
                 fns = {name: (lambda name=name: torch.nn.functional.linear(xs[name], dense[name])) for name in dense}
                 xp = x.to(pack_dt)
-                fns["torch int4pack"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xp, w4, group, sz4)
+                fns["torch int4pack"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xp, w4, pack_group, sz4)
                 fns["torch int8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(xp, w8, s8)
                 with splitkernels.use_backend(args.backend):
                     for b, q in q_dt.items():
