@@ -278,7 +278,12 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
       for (int64_t grp = b0; grp < b1; ++grp) {
         __m512i acc[R][MR][P];
         zero(acc);
-        for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, kChunkBytes);
+        // A group of one chunk without the loop: GCC kept the loop's sums in copies it moved every
+        // pass (bench/results/ops/s60/experiments.txt); 2-bit codes' four planes spilled so.
+        if (MR > 1 && kPlanes <= 2 && chunks_per_group == 1)
+          chunk_sums(acc, grp, kChunkBytes);
+        else
+          for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, kChunkBytes);
         for (int r = 0; r < R; ++r) {
           const float s = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
           add_sums(acc, r, [&](int m) { return _mm512_set1_ps(unit[m * G + grp] * s); });
