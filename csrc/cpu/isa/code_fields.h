@@ -1,7 +1,7 @@
 // Packed B-bit codes moved into byte (or word) fields with VBMI: vpermb gathers the bytes that hold
-// a u64 lane's codes, vpmultishiftqb moves each code to its own field. Shared by the kernels that
-// decode any code width in natural order (isa/lowbit_amx.cpp: A tiles; isa/lowbit_vnni.cpp:
-// 3-bit codes for vpdpbusd). Internal linkage, so each kernel file compiles its own copy with its
+// a u64 lane's codes, vpmultishiftqb moves each code to its own field: any code width in natural
+// order for the AMX A tiles (isa/lowbit_amx.cpp; the VNNI path's 3-bit decode shares one vpermb
+// between two planes instead). Internal linkage, so a kernel file compiles its own copy with its
 // own -m flags (VBMI among them).
 #pragma once
 

@@ -29,8 +29,8 @@
 // W8 g32 M = 2 1536 x 576 0.143-0.166 / 0.091 (the AMX tiles before). Level: bf16 W4 g32 M = 2 1536
 // x 576 0.066-0.081 / 0.069-0.072, fp32 W8 g32 M = 1 4096 x 4096 0.78-0.94 / 0.84-0.94.
 // With VBMI (the same source built with -mavx512vbmi) 3-bit codes too: a chunk of 128 codes (48
-// bytes) spreads into two planes of one byte per code (vpermb, vpmultishiftqb, and), each plane's
-// lanes a group's units (unit_slot). fp32 rows, before / this: M = 1 4096 x 4096 g128 0.97-1.13 /
+// bytes) spreads into two planes of one byte per code (one vpermb for both, a vpmultishiftqb and an
+// and each), each plane's lanes a group's units (unit_slot). fp32 rows, before / this: M = 1 4096 x 4096 g128 0.97-1.13 /
 // 0.61-0.62, g32 2.13-2.20 / 0.80-1.14, 4864 x 896 0.264-0.275 / 0.179, 1536 x 576 g64
 // 0.073-0.076 / 0.050-0.064, g32 0.121-0.158 / 0.054-0.056; M = 2 4096 x 4096 1.19-1.20 /
 // 1.02-1.03, g32 3.83-4.94 / 1.27-1.28, 1536 x 576 g64 0.117-0.162 / 0.080-0.102, 4864 x 896
@@ -95,9 +95,6 @@
 
 #include "common/half.h"
 #include "cpu/isa/avx512_rows.h"
-#if defined(__AVX512VBMI__)
-#include "cpu/isa/code_fields.h"
-#endif
 #include "cpu/lowbit_kernels.h"
 
 namespace sk {
@@ -129,21 +126,23 @@ constexpr UnitSlot unit_slot(int64_t u, int64_t group_size) {
 }
 
 #if defined(__AVX512VBMI__)
-// vpermb indexes that give each u64 lane of plane 0 / 1 its unit's bytes (unit_slot), for q = 1,
-// 2, 4, 8, and the vpmultishiftqb fields that move code i of a lane to byte i.
+// One vpermb gives each u64 lane both planes' units (unit_slot): plane 0's at bytes 0-2, plane 1's
+// at 3-5, for q = 1, 2, 4, 8 (`bytes`); a vpmultishiftqb per plane then moves code i of its unit to
+// byte i (`fields[plane]`). vpermb and vpmultishiftqb issue where vpdpbusd does (Zen 4: 8 vpdpbusd
+// and 2 vpermb take 10 cycles, with 2 shifts 8): one vpermb a chunk instead of two.
 struct ThreeBitTables {
-  FieldTables plane[4][2];
+  uint8_t bytes[4][64];
+  uint8_t fields[2][64];
 };
 alignas(64) constexpr ThreeBitTables kThreeBitTables = [] {
   ThreeBitTables t{};
   for (int e = 0; e < 4; ++e)
     for (int u = 0; u < 16; ++u) {
       const UnitSlot s = unit_slot(u, 16 << e);
-      for (int i = 0; i < 8; ++i) {
-        t.plane[e][s.plane].bytes[8 * s.lane + i] = static_cast<uint8_t>(3 * u + i);
-        t.plane[e][s.plane].fields[8 * s.lane + i] = static_cast<uint8_t>(3 * i);
-      }
+      for (int i = 0; i < 3; ++i) t.bytes[e][8 * s.lane + 3 * s.plane + i] = static_cast<uint8_t>(3 * u + i);
     }
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 64; ++i) t.fields[h][i] = static_cast<uint8_t>(24 * h + 3 * (i % 8));
   return t;
 }();
 #endif
@@ -195,7 +194,7 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
 #if defined(__AVX512VBMI__)
   // 3 bits: the two planes' tables for this group size.
   const int64_t q = B == 3 ? std::min<int64_t>(p.group_size, 128) / 16 : 1;  // unit_slot's q
-  const FieldTables* three_bit = kThreeBitTables.plane[__builtin_ctzll(q)];
+  const __m512i three_bit_bytes = _mm512_load_si512(kThreeBitTables.bytes[__builtin_ctzll(q)]);
 #endif
   // Rows [m0, m0 + MR): a block of the activations (vnni_row_blocks), [chunk][row][plane][digit][64 bytes].
   const int64_t chunks = (p.K + chunk_codes(B) - 1) / chunk_codes(B);
@@ -229,8 +228,9 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
       __m512i w[kPlanes];
       if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-        const __m512i v = _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), src);
-        for (int h = 0; h < kPlanes; ++h) w[h] = _mm512_and_si512(pick_fields(v, three_bit[h]), field);
+        const __m512i units = _mm512_permutexvar_epi8(three_bit_bytes, _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), src));
+        for (int h = 0; h < kPlanes; ++h)
+          w[h] = _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kThreeBitTables.fields[h]), units), field);
 #endif
       } else {
         const __m512i v =
