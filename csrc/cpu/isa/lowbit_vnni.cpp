@@ -30,9 +30,9 @@
 // x 576 0.066-0.081 / 0.069-0.072, fp32 W8 g32 M = 1 4096 x 4096 0.78-0.94 / 0.84-0.94.
 // With VBMI (the same source built with -mavx512vbmi) 3-bit codes too: a chunk of 128 codes (48
 // bytes) spreads into two planes of one byte per code (one vpermb for both, a vpmultishiftqb and an
-// and each), each plane's lanes a group's units (unit_slot). fp32 rows, before / this: M = 1 4096 x 4096 g128 0.97-1.13 /
-// 0.61-0.62, g32 2.13-2.20 / 0.80-1.14, 4864 x 896 0.264-0.275 / 0.179, 1536 x 576 g64
-// 0.073-0.076 / 0.050-0.064, g32 0.121-0.158 / 0.054-0.056; M = 2 4096 x 4096 1.19-1.20 /
+// and each), each plane's lanes a group's units (unit_slot). fp32 rows, before / this: M = 1 4096 x
+// 4096 g128 0.97-1.13 / 0.61-0.62, g32 2.13-2.20 / 0.80-1.14, 4864 x 896 0.264-0.275 / 0.179, 1536
+// x 576 g64 0.073-0.076 / 0.050-0.064, g32 0.121-0.158 / 0.054-0.056; M = 2 4096 x 4096 1.19-1.20 /
 // 1.02-1.03, g32 3.83-4.94 / 1.27-1.28, 1536 x 576 g64 0.117-0.162 / 0.080-0.102, 4864 x 896
 // 0.309-0.312 / 0.289-0.302 (level; 576 x 1536 0.061-0.063 / 0.058-0.072); bf16 rows (the bf16
 // kernels before): M = 1 4096 x 4096 g128 0.79-0.82 / 0.63-0.64, g64 0.89-0.96 / 0.73-0.78, g32
@@ -192,7 +192,7 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
   const int64_t scale_bytes = p.scale_dtype == kFloat32 ? 4 : 2;
   const __m512i field = _mm512_set1_epi8(static_cast<char>((1 << B) - 1));
 #if defined(__AVX512VBMI__)
-  // 3 bits: the two planes' tables for this group size.
+  // 3 bits: the vpermb table for this group size.
   const int64_t q = B == 3 ? std::min<int64_t>(p.group_size, 128) / 16 : 1;  // unit_slot's q
   const __m512i three_bit_bytes = _mm512_load_si512(kThreeBitTables.bytes[__builtin_ctzll(q)]);
 #endif
@@ -228,9 +228,12 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
       __m512i w[kPlanes];
       if constexpr (B == 3) {
 #if defined(__AVX512VBMI__)
-        const __m512i units = _mm512_permutexvar_epi8(three_bit_bytes, _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), src));
-        for (int h = 0; h < kPlanes; ++h)
-          w[h] = _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kThreeBitTables.fields[h]), units), field);
+        const __m512i units =
+            _mm512_permutexvar_epi8(three_bit_bytes, _mm512_maskz_loadu_epi8(~0ull >> (64 - bytes), src));
+        for (int h = 0; h < kPlanes; ++h) {
+          const __m512i fields = _mm512_load_si512(kThreeBitTables.fields[h]);
+          w[h] = _mm512_and_si512(_mm512_multishift_epi64_epi8(fields, units), field);
+        }
 #endif
       } else {
         const __m512i v =
@@ -283,7 +286,8 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
         if (MR > 1 && kPlanes <= 2 && chunks_per_group == 1)
           chunk_sums(acc, grp, kChunkBytes);
         else
-          for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c) chunk_sums(acc, c, kChunkBytes);
+          for (int64_t c = grp * chunks_per_group; c < (grp + 1) * chunks_per_group; ++c)
+            chunk_sums(acc, c, kChunkBytes);
         for (int r = 0; r < R; ++r) {
           const float s = load_as_float(p.scale, p.scale_dtype, (n0 + r) * G + grp);
           add_sums(acc, r, [&](int m) { return _mm512_set1_ps(unit[m * G + grp] * s); });
