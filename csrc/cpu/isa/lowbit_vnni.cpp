@@ -380,7 +380,8 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
       if (bad) return false;
       const float top = out.unit[m * G + g] = _mm512_reduce_max_ps(amax);
       if (std::is_same_v<T, float> && !digits_carry_group<float>(top, _mm512_reduce_add_ps(total), group_size)) {
-        if (top < 0x1p-64f || M > 1) return false;  // subnormal units (the fp32 kernels raise them), or rows
+        // Declined: subnormal units (the fp32 kernels raise such rows), or more than one row (faster there).
+        if (top < 0x1p-64f || M > 1) return false;
         out.digits = kVnniMaxDigits;
       }
     }
