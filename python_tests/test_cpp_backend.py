@@ -7,6 +7,8 @@ float64 computation with the tolerances documented in splitkernels/_backends/cpp
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import os
 import subprocess
 import sys
@@ -342,6 +344,40 @@ def test_lowbit_linear_half(dtype, bits, m):
     # The public op promises 1e-3 against the reference op (both round to the same dtype).
     want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, 64, b)
     assert _rel_err(y, want.double()) <= 1e-3
+
+
+def _before_guard_page(t: torch.Tensor, keep: list) -> torch.Tensor:
+    """A copy of t whose last byte sits just before a page no one may read (mprotect PROT_NONE)."""
+    page = mmap.PAGESIZE
+    size = t.numel() * t.element_size()
+    pages = (size + page - 1) // page + 1
+    buf = mmap.mmap(-1, pages * page)
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    if libc.mprotect(ctypes.c_void_p(start + (pages - 1) * page), ctypes.c_size_t(page), 0) != 0:
+        pytest.fail(f"mprotect failed: errno {ctypes.get_errno()}")
+    keep.append(buf)
+    out = torch.frombuffer(buf, dtype=torch.uint8, count=size, offset=(pages - 1) * page - size)
+    out = out.view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guard pages through libc mprotect (Linux)")
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("k,group", [(512, 128), (512, 64), (576, 64), (384, 32)])
+def test_lowbit_linear_reads_stay_inside_the_weight(each_isa, bits, k, group):
+    # The VNNI path loads a 3-bit chunk (48 bytes) as 64 where 64 lie inside the weight: the last
+    # row's last chunk, right before a guard page, must take the masked load (a fault otherwise).
+    keep: list = []
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        for dtype in (torch.float32, torch.bfloat16):
+            for m in (1, 2, 4):
+                x, qw, b = _lowbit_case(5, k, m, bits, group, dtype, bias=False, seed=bits + m + k)
+                guarded = [_before_guard_page(t, keep) for t in (qw.qweight, qw.scale, qw.zero)]
+                y = cpp.lowbit_linear(x, *guarded, bits, group, None)
+                assert _rel_err(y, _lowbit_want64(x, qw, None)) <= TOL[dtype], (isa, dtype, m)
 
 
 def test_lowbit_linear_scale_dtype_differs_from_x():
