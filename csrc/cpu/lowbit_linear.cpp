@@ -333,6 +333,15 @@ bool fp32_rows_to_bf16(const float* x, int64_t M, int64_t K, uint16_t* out) {
   return ok;
 }
 
+// Each of `groups` values `parts` times in a row (a long group's scale or zero for each of its
+// parts, vnni_rows): a copy per part of 2-4 bytes through memcpy took 4096 x 4096 W4 in groups
+// of 4096 at M = 1 from 0.28 to 0.35-0.42 ms (parts of 1024 as groups: 0.28).
+template <typename S>
+void spread_parts(const S* from, S* to, int64_t groups, int64_t parts) {
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t j = 0; j < parts; ++j) to[g * parts + j] = from[g];
+}
+
 // Whether isa's VNNI path takes M rows of dtype against this layout (lowbit_vnni): fp32 rows up to
 // vnni_max_fp32_rows where no AMX tiles take them, else up to kVnniMaxRows.
 bool vnni_takes(const Isa& isa, int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
@@ -362,17 +371,19 @@ bool vnni_rows(const Isa& isa, const T* x, int64_t group_size, const LowbitProbl
     // Longer groups as parts: each part's scale and zero its group's, copied per call (N x G values
     // each; 4096 x 4096 in groups of 4096 as parts of 1024: 64 KiB beside the weight's 8 MiB).
     thread_local AlignedVector<uint8_t> affine;
-    const int64_t size = dtype_size(p.scale_dtype), parts = q.G / p.G, bytes = p.N * q.G * size;
+    const int64_t size = dtype_size(p.scale_dtype), bytes = p.N * q.G * size;
     affine.resize(2 * bytes);
     uint8_t* const scales = affine.data();
     parallel_for(p.N, std::max<int64_t>(1, kPrepareChunkValues / q.G), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t g = 0; g < p.G; ++g)
-          for (int64_t j = 0; j < parts; ++j) {
-            const int64_t to = ((n * p.G + g) * parts + j) * size, from = (n * p.G + g) * size;
-            std::memcpy(scales + to, static_cast<const uint8_t*>(p.scale) + from, size);
-            std::memcpy(scales + bytes + to, static_cast<const uint8_t*>(p.zero) + from, size);
-          }
+      const int64_t from = n0 * p.G, groups = (n1 - n0) * p.G, parts = q.G / p.G;
+      for (const auto& [src, dst] : {std::pair{p.scale, scales}, std::pair{p.zero, scales + bytes}}) {
+        if (size == 4)
+          spread_parts(static_cast<const uint32_t*>(src) + from, reinterpret_cast<uint32_t*>(dst) + from * parts,
+                       groups, parts);
+        else
+          spread_parts(static_cast<const uint16_t*>(src) + from, reinterpret_cast<uint16_t*>(dst) + from * parts,
+                       groups, parts);
+      }
     });
     q.scale = scales;
     q.zero = scales + bytes;
