@@ -778,7 +778,7 @@ def test_lowbit_bf16_non_finite_activations(bits, m):
 # chunk's lanes), rows that end in part of a chunk.
 # 8-bit codes: groups of 32 and 16 (K = 96 ends in half a chunk, 1936 in a quarter), K = 4096.
 _W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792), (33, 128, 1920), (3, 64, 64),
-                    (45, 32, 576), (5, 32, 96), (9, 16, 1936), (6, 128, 4096)]
+                    (45, 32, 576), (5, 32, 96), (9, 16, 1936), (6, 128, 4096), (5, 64, 896)]
 # 4-bit codes: K and groups multiples of 128 (whole 64-byte chunks of nibbles), or groups of 64, 32
 # or 16 (K = 576 and 64 end in half a chunk, 1568 in a quarter, 1040 in an eighth).
 _W4_VNNI_LAYOUTS = [(45, 128, 384), (46, 256, 1792), (33, 128, 1920), (3, 128, 128), (7, 384, 768), (45, 64, 576),
@@ -790,12 +790,12 @@ _W4_VNNI_LAYOUTS = [(45, 128, 384), (46, 256, 1792), (33, 128, 1920), (3, 128, 1
 # at any K.
 _W2_VNNI_LAYOUTS = [(45, 256, 512), (46, 512, 1536), (7, 768, 1536), (45, 128, 384), (3, 128, 128), (33, 128, 640),
                     (46, 128, 1920), (9, 128, 2176), (45, 64, 576), (7, 64, 1984), (33, 32, 608), (3, 16, 48),
-                    (46, 32, 4096)]
+                    (46, 32, 4096), (5, 256, 768)]
 # 3-bit codes (with VBMI): groups of whole 128-code chunks (48 bytes, two planes of 64 codes) or of
 # 64, 32 and 16 codes (K = 576 ends in half a chunk, 608 in a quarter, 1936 in an eighth; K = 32 is
 # a quarter), K = 4096 for bf16 rows.
 _W3_VNNI_LAYOUTS = [(45, 64, 576), (7, 128, 1536), (46, 256, 1792), (33, 32, 608), (9, 16, 1936), (3, 32, 32),
-                    (5, 64, 4096)]
+                    (5, 64, 4096), (5, 128, 896)]
 _VNNI_LAYOUTS = [(8, *c) for c in _W8_VNNI_LAYOUTS] + [(4, *c) for c in _W4_VNNI_LAYOUTS] + [
     (2, *c) for c in _W2_VNNI_LAYOUTS] + [(3, *c) for c in _W3_VNNI_LAYOUTS]
 # Groups of 2048 codes or more (one a row among them), which the kernels take as equal parts below
@@ -823,11 +823,12 @@ def test_lowbit_vnni_choice():
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 8, 192, 1, 576)
     assert cpp._C.lowbit_vnni(2, 8, 128, 2, 1536)
     assert not cpp._C.lowbit_vnni(2, 8, 128, 3, 1536)  # bf16 rows from M = 3: the AMX digits or the bf16 kernels
-    # fp32 rows up to M = 12 (K >= 1024: 16) where no AMX tiles take them (else from M = 3 the tiles
-    # or the FMA kernels)
+    # fp32 rows up to M = 12 (K >= 768: 14, K >= 1024: 16) where no AMX tiles take them (else from
+    # M = 3 the tiles or the FMA kernels)
     no_amx = "avx512_amx" not in cpp._C.lowbit_isas()
     assert cpp._C.lowbit_vnni(0, 8, 128, 3, 1536) == no_amx and cpp._C.lowbit_vnni(0, 4, 64, 12, 576) == no_amx
-    assert not cpp._C.lowbit_vnni(0, 4, 64, 13, 576) and not cpp._C.lowbit_vnni(0, 4, 64, 13, 960)
+    assert not cpp._C.lowbit_vnni(0, 4, 64, 13, 576) and not cpp._C.lowbit_vnni(0, 4, 64, 15, 960)
+    assert cpp._C.lowbit_vnni(0, 4, 64, 14, 960) == no_amx and cpp._C.lowbit_vnni(0, 8, 128, 14, 768) == no_amx
     assert cpp._C.lowbit_vnni(0, 4, 64, 16, 1024) == no_amx and not cpp._C.lowbit_vnni(0, 4, 64, 17, 1024)
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 4096) and cpp._C.lowbit_vnni(2, 8, 64, 2, 11008)  # at any K
     assert cpp._C.lowbit_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
@@ -900,10 +901,10 @@ def test_lowbit_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     # largest, exact integer sums; each row's groups with their own units (a row 1000x the other).
     # From M = 3 in blocks of two rows, the last of one (M = 3) or two: on CPUs without AMX tiles
     # (with them, the tiles take those rows: the test runs there on the best instruction set
-    # without); "most": 16 rows where K >= 1024, else 12.
+    # without); "most": 16 rows where K >= 1024, 14 where K >= 768, else 12.
     _needs_vnni(bits)
     if m == "most":
-        m = 16 if k >= 1024 else 12
+        m = 16 if k >= 1024 else 14 if k >= 768 else 12
     default = cpp._C.lowbit_isa()
     if m > 2 and default == "avx512_amx":
         cpp._C.set_lowbit_isa([isa for isa in cpp._C.lowbit_isas() if isa != "avx512_amx"][-1])

@@ -3,7 +3,7 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one or two bf16 or fp32 activation rows (fp32: up to 12 or 16 on CPUs without AMX tiles,
+// * one or two bf16 or fp32 activation rows (fp32: up to 12, 14 or 16 by K on CPUs without AMX tiles,
 //   vnni_max_fp32_rows) on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
 //   VBMI also 3-bit codes) in groups of whole chunks (64 / 128 / 256 / 128 codes at 8 / 4 / 2 / 3
 //   bits, K too; from 2048 codes as equal parts below that, vnni_group) or of a half, quarter, ...
