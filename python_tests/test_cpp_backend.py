@@ -823,13 +823,15 @@ def test_lowbit_vnni_choice():
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 8, 192, 1, 576)
     assert cpp._C.lowbit_vnni(2, 8, 128, 2, 1536)
     assert not cpp._C.lowbit_vnni(2, 8, 128, 3, 1536)  # bf16 rows from M = 3: the AMX digits or the bf16 kernels
-    # fp32 rows up to M = 12 (K >= 768: 14, K >= 1024: 16) where no AMX tiles take them (else from
-    # M = 3 the tiles or the FMA kernels)
+    # fp32 rows up to M = 12 (K >= 768: 14, K >= 1024: 20, 3-bit codes 18) where no AMX tiles take
+    # them (else from M = 3 the tiles or the FMA kernels)
     no_amx = "avx512_amx" not in cpp._C.lowbit_isas()
     assert cpp._C.lowbit_vnni(0, 8, 128, 3, 1536) == no_amx and cpp._C.lowbit_vnni(0, 4, 64, 12, 576) == no_amx
     assert not cpp._C.lowbit_vnni(0, 4, 64, 13, 576) and not cpp._C.lowbit_vnni(0, 4, 64, 15, 960)
     assert cpp._C.lowbit_vnni(0, 4, 64, 14, 960) == no_amx and cpp._C.lowbit_vnni(0, 8, 128, 14, 768) == no_amx
-    assert cpp._C.lowbit_vnni(0, 4, 64, 16, 1024) == no_amx and not cpp._C.lowbit_vnni(0, 4, 64, 17, 1024)
+    assert cpp._C.lowbit_vnni(0, 4, 64, 20, 1024) == no_amx and not cpp._C.lowbit_vnni(0, 4, 64, 21, 1024)
+    if "avx512_bf16_vbmi" in cpp._C.lowbit_isas():  # 3-bit codes
+        assert cpp._C.lowbit_vnni(0, 3, 128, 18, 1024) == no_amx and not cpp._C.lowbit_vnni(0, 3, 128, 19, 1024)
     assert cpp._C.lowbit_vnni(2, 8, 128, 1, 4096) and cpp._C.lowbit_vnni(2, 8, 64, 2, 11008)  # at any K
     assert cpp._C.lowbit_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
     assert cpp._C.lowbit_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_vnni(0, 8, 1024, 2, 8192)  # at any K
@@ -901,10 +903,10 @@ def test_lowbit_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
     # largest, exact integer sums; each row's groups with their own units (a row 1000x the other).
     # From M = 3 in blocks of two rows, the last of one (M = 3) or two: on CPUs without AMX tiles
     # (with them, the tiles take those rows: the test runs there on the best instruction set
-    # without); "most": 16 rows where K >= 1024, 14 where K >= 768, else 12.
+    # without); "most": 20 rows where K >= 1024 (3-bit codes 18), 14 where K >= 768, else 12.
     _needs_vnni(bits)
     if m == "most":
-        m = 16 if k >= 1024 else 14 if k >= 768 else 12
+        m = (18 if bits == 3 else 20) if k >= 1024 else 14 if k >= 768 else 12
     default = cpp._C.lowbit_isa()
     if m > 2 and default == "avx512_amx":
         cpp._C.set_lowbit_isa([isa for isa in cpp._C.lowbit_isas() if isa != "avx512_amx"][-1])
@@ -961,7 +963,7 @@ def test_lowbit_vnni_long_groups_of_equal_values(bits, m):
 @pytest.mark.parametrize("bits,n,group,k", _LONG_GROUP_VNNI_LAYOUTS)
 @pytest.mark.parametrize("scale_dtype", (torch.bfloat16, torch.float32))
 def test_lowbit_vnni_fp32_rows_of_long_groups(bits, n, group, k, scale_dtype):
-    # fp32 rows against groups of 2048 codes or more (which the fp32 kernels took before), up to 16
+    # fp32 rows against groups of 2048 codes or more (which the fp32 kernels took before), up to 18
     # rows (at most the VNNI path's fp32 rows on CPUs without AMX tiles; the test runs there on the
     # best instruction set without): within 1e-5 of float64 where the rows sit about zero. Far from
     # zero (0.5 + randn, 1000 times that, every value 3) each group's scaled code sum and zero term
@@ -975,12 +977,12 @@ def test_lowbit_vnni_fp32_rows_of_long_groups(bits, n, group, k, scale_dtype):
     g = _gen(n + group + k + bits)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
     w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, group, k)
-    about_zero = torch.randn(16, k, generator=g)
+    about_zero = torch.randn(18, k, generator=g)
     far = torch.randn(3, k, generator=g) + 0.5
     far[1] *= 1000.0
     far[2] = 3.0
     try:
-        for m in (1, 2, 3, 16):
+        for m in (1, 2, 3, 18):
             assert cpp._C.lowbit_vnni(0, bits, group, m, k)
             y = _fp32_kernel_on_poisoned_output(about_zero[:m], qw, None)
             want64 = _lowbit_want64(about_zero[:m], qw, None)

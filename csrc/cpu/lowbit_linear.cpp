@@ -3,7 +3,7 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one or two bf16 or fp32 activation rows (fp32: up to 12, 14 or 16 by K on CPUs without AMX tiles,
+// * one or two bf16 or fp32 activation rows (fp32: up to 12-20 by K on CPUs without AMX tiles,
 //   vnni_max_fp32_rows) on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
 //   VBMI also 3-bit codes) in groups of whole chunks (64 / 128 / 256 / 128 codes at 8 / 4 / 2 / 3
 //   bits, K too; from 2048 codes as equal parts below that, vnni_group) or of a half, quarter, ...
@@ -345,7 +345,7 @@ void spread_parts(const S* from, S* to, int64_t groups, int64_t parts) {
 // Whether isa's VNNI path takes M rows of dtype against this layout (lowbit_vnni): fp32 rows up to
 // vnni_max_fp32_rows where no AMX tiles take them, else up to kVnniMaxRows.
 bool vnni_takes(const Isa& isa, int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
-  const int64_t max_rows = dtype == kFloat32 && !isa.amx ? vnni_max_fp32_rows(K) : kVnniMaxRows;
+  const int64_t max_rows = dtype == kFloat32 && !isa.amx ? vnni_max_fp32_rows(K, bits) : kVnniMaxRows;
   return (dtype == kBFloat16 || dtype == kFloat32) && isa.vnni && M <= max_rows &&
          vnni_layout(bits, group_size, K, isa.vnni->w3);
 }

@@ -80,7 +80,7 @@
 // digits at M = 2 before / this): 4096 x 4096 M = 1 0.88-1.21 / 0.70-0.76 (weights evicted
 // 1.99-2.28 / 1.51-1.58), M = 2 1.33-1.43 / 0.86-0.94 (evicted 2.27-3.15 / 1.43-1.57), 896 x 4864
 // 0.232-0.251 / 0.186-0.199 (evicted 0.55-0.70 / 0.40-0.45): now at any K.
-// On CPUs without AMX tiles (AMD EPYC, Zen 4) fp32 rows from three up to 12, 14 or 16 (by K) take this path
+// On CPUs without AMX tiles (AMD EPYC, Zen 4) fp32 rows from three up to 12-20 (by K) take this path
 // too, in blocks of two rows (vnni_row_blocks): there the alternative is the fp32 FMA kernels,
 // which it beat by 15-35% (one thread, 4096 x 4096 W4 M = 3 1.81 / 1.14 ms, M = 8 4.41 / 2.97) and
 // from 9 rows by up to 2x (vnni_max_fp32_rows). bf16 rows stay at two:
