@@ -836,7 +836,8 @@ def test_lowbit_vnni_choice():
     assert cpp._C.lowbit_vnni(0, 8, 128, 1, 1536) and cpp._C.lowbit_vnni(0, 4, 64, 2, 576)  # fp32 rows too,
     assert cpp._C.lowbit_vnni(0, 4, 128, 1, 4096) and cpp._C.lowbit_vnni(0, 8, 1024, 2, 8192)  # at any K
     assert cpp._C.lowbit_vnni(0, 8, 4096, 1, 4096) and cpp._C.lowbit_vnni(2, 4, 11008, 2, 11008)  # any group
-    assert not cpp._C.lowbit_vnni(1, 8, 128, 1, 1536)  # fp16 rows: the fp32 kernels
+    assert cpp._C.lowbit_vnni(1, 8, 128, 1, 1536)  # fp16 rows: as fp32 rows (converted)
+    assert cpp._C.lowbit_vnni(1, 4, 64, 12, 576) == no_amx and not cpp._C.lowbit_vnni(1, 4, 64, 13, 576)
     assert cpp._C.lowbit_vnni(2, 4, 128, 1, 1536) and cpp._C.lowbit_vnni(2, 4, 256, 2, 1792)
     assert cpp._C.lowbit_vnni(2, 4, 64, 1, 576)  # 4-bit codes in groups of half a chunk
     assert cpp._C.lowbit_vnni(2, 4, 32, 1, 1536) and cpp._C.lowbit_vnni(2, 4, 16, 2, 1536)  # or less
@@ -876,6 +877,35 @@ def test_lowbit_vnni_layouts(bits, n, group, k, scale_dtype, m):
     assert _rel_err(y, _lowbit_want64(x, qw, b)) <= _vnni_tolerance(_lowbit_want64(x, qw, b))
     want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
     assert _rel_err(y, want.double()) <= 1e-3
+
+
+@pytest.mark.parametrize("bits,n,group,k", _VNNI_LAYOUTS)
+def test_lowbit_vnni_fp16_rows_are_the_fp32_rows_rounded(bits, n, group, k):
+    # fp16 rows take the VNNI path as the fp32 rows they convert to exactly, the result rounded to
+    # fp16 once: bit for bit the fp32 rows' result rounded, bias included. A row with an infinity
+    # declines there, and both dtypes take the fp32 kernels. (On the best instruction set without
+    # AMX tiles: with them fp32 rows from 3 take the tiles, fp16 rows the fp32 kernels.)
+    _needs_vnni(bits)
+    default = cpp._C.lowbit_isa()
+    cpp._C.set_lowbit_isa([isa for isa in cpp._C.lowbit_isas() if isa != "avx512_amx"][-1])
+    try:
+        g = _gen(n + group + k + bits + 11)
+        qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=torch.float16)
+        for m in (1, 2, 5):
+            assert cpp._C.lowbit_vnni(0, bits, group, m, k)
+            x = (torch.randn(m, k, generator=g) * 4.0).half()
+            b = torch.randn(n, generator=g).half() if m == 2 else None
+            y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, b)
+            want = cpp.lowbit_linear(x.float(), qw.qweight, qw.scale, qw.zero, bits, group, b).half()
+            assert y.dtype == torch.float16 and _bits_equal(y, want), m
+            assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.float16], m
+        x[-1, k // 2] = float("inf")
+        y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, bits, group, None)
+        want = cpp.lowbit_linear(x.float(), qw.qweight, qw.scale, qw.zero, bits, group, None).half()
+        assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.nan_to_num(), want.nan_to_num())
+        assert not y[-1].isfinite().any() and torch.isfinite(y[:-1]).all()
+    finally:
+        cpp._C.set_lowbit_isa(default)
 
 
 def _fp32_kernel_on_poisoned_output(x: torch.Tensor, qw, b: torch.Tensor | None) -> torch.Tensor:

@@ -359,6 +359,10 @@ struct VnniKernels {
   bool (*fp32_activations)(const float* x, int64_t M, int64_t K, int64_t group_size, int bits, VnniActivations& out);
   LowbitRowsFn rows;
   bool w3;
+  // fp16 rows go as the fp32 rows they convert to exactly, the result rounded back (to nearest,
+  // ties to even): n values each way with F16C, which every AVX-512 CPU has.
+  void (*fp16_to_fp32)(const uint16_t* src, int64_t n, float* dst);
+  void (*fp32_to_fp16)(const float* src, int64_t n, uint16_t* dst);
 };
 namespace isa_avx512vnni { const VnniKernels& vnni_kernels(); }
 namespace isa_avx512vnnivbmi { const VnniKernels& vnni_kernels(); }

@@ -3,8 +3,8 @@
 // the best one the CPU supports is picked at load time, so one binary runs on any x86-64.
 //
 // Paths:
-// * one or two bf16 or fp32 activation rows (fp32: up to 12-20 by K on CPUs without AMX tiles,
-//   vnni_max_fp32_rows) on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
+// * one or two bf16 or fp32 activation rows (fp32, and fp16 as fp32: up to 12-20 by K on CPUs
+//   without AMX tiles, vnni_max_fp32_rows) on AVX-512 VNNI CPUs with 2-, 4- or 8-bit codes (with
 //   VBMI also 3-bit codes) in groups of whole chunks (64 / 128 / 256 / 128 codes at 8 / 4 / 2 / 3
 //   bits, K too; from 2048 codes as equal parts below that, vnni_group) or of a half, quarter, ...
 //   of one down to 16 codes (lowbit_vnni): each row as three signed bytes of a per-group
@@ -342,12 +342,13 @@ void spread_parts(const S* from, S* to, int64_t groups, int64_t parts) {
     for (int64_t j = 0; j < parts; ++j) to[g * parts + j] = from[g];
 }
 
-// Whether isa's VNNI path takes M rows of dtype against this layout (lowbit_vnni): fp32 rows up to
-// vnni_max_fp32_rows where no AMX tiles take them, else up to kVnniMaxRows.
+// Whether isa's VNNI path takes M rows of dtype against this layout (lowbit_vnni): fp32 rows (and
+// fp16 rows, as fp32: fp16_vnni_rows) up to vnni_max_fp32_rows where no AMX tiles take them, else
+// up to kVnniMaxRows.
 bool vnni_takes(const Isa& isa, int dtype, int bits, int64_t group_size, int64_t M, int64_t K) {
-  const int64_t max_rows = dtype == kFloat32 && !isa.amx ? vnni_max_fp32_rows(K, bits) : kVnniMaxRows;
-  return (dtype == kBFloat16 || dtype == kFloat32) && isa.vnni && M <= max_rows &&
-         vnni_layout(bits, group_size, K, isa.vnni->w3);
+  const bool fp32 = dtype == kFloat32 || dtype == kFloat16;
+  const int64_t max_rows = fp32 && !isa.amx ? vnni_max_fp32_rows(K, bits) : kVnniMaxRows;
+  return (dtype == kBFloat16 || fp32) && isa.vnni && M <= max_rows && vnni_layout(bits, group_size, K, isa.vnni->w3);
 }
 
 // The VNNI path for bf16 or fp32 rows x [M, K] (vnni_takes), output and bias already in p: false
@@ -393,6 +394,23 @@ bool vnni_rows(const Isa& isa, const T* x, int64_t group_size, const LowbitProbl
   q.x8_digits = act.digits;
   q.xsum = act.xsum.data();
   parallel_for(p.N, chunk_rows(p.N, p.M * p.K), [&](int64_t n0, int64_t n1) { vnni.rows(q, n0, n1); });
+  return true;
+}
+
+// fp16 rows on the VNNI path as the fp32 rows they convert to exactly (vnni_takes), the result
+// rounded to fp16 once. The fp32 FMA kernels took them before: one thread, ms, those / this,
+// 4096 x 4096 W4 M = 1 0.80-0.89 / 0.43, W3 0.85 / 0.64, M = 2 1.07 / 0.75, M = 16 8.1 / 5.8, 1536
+// x 576 g64 M = 1 0.061-0.083 / 0.033. False where the path declines (NaN, infinity, groups three
+// digits cannot carry), for the fp32 kernels.
+bool fp16_vnni_rows(const Isa& isa, const void* x, const LowbitProblem& p, void* y) {
+  thread_local AlignedVector<float> x32, y32;
+  x32.resize(p.M * p.K);
+  y32.resize(p.M * p.N);
+  isa.vnni->fp16_to_fp32(static_cast<const uint16_t*>(x), p.M * p.K, x32.data());
+  LowbitProblem q = p;
+  q.y32 = y32.data();
+  if (!vnni_rows(isa, x32.data(), p.group_size, q)) return false;
+  isa.vnni->fp32_to_fp16(y32.data(), p.M * p.N, static_cast<uint16_t*>(y));
   return true;
 }
 
@@ -755,6 +773,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     if (vnni_rows(isa, static_cast<const float*>(x), group_size, q)) return "";
     if (amx_fp32_rows(isa, static_cast<const float*>(x), p, static_cast<float*>(y))) return "";
   }
+  if (dtype == kFloat16 && vnni_takes(isa, kFloat16, bits, group_size, M, K) && fp16_vnni_rows(isa, x, p, y)) return "";
   if (dtype == kFloat32 && M == 1 && bits < 8 && !isa.fma_few_rows && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
     thread_local AlignedVector<uint16_t> parts;
     parts.resize(kFp32Parts * K);

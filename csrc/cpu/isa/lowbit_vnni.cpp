@@ -455,10 +455,28 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
   return true;
 }
 
+void fp16_to_fp32(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  const __mmask16 rest = static_cast<__mmask16>((1u << (n - i)) - 1);
+  _mm512_mask_storeu_ps(dst + i, rest, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rest, src + i)));
+}
+
+void fp32_to_fp16(const float* src, int64_t n, uint16_t* dst) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), kNearest));
+  const __mmask16 rest = static_cast<__mmask16>((1u << (n - i)) - 1);
+  _mm256_mask_storeu_epi16(dst + i, rest, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(rest, src + i), kNearest));
+}
+
 }  // namespace
 
 const VnniKernels& vnni_kernels() {
-  static const VnniKernels k{&vnni_activations<uint16_t>, &vnni_activations<float>, &run_vnni_rows, kThreeBits};
+  static const VnniKernels k{&vnni_activations<uint16_t>, &vnni_activations<float>, &run_vnni_rows, kThreeBits,
+                             &fp16_to_fp32, &fp32_to_fp16};
   return k;
 }
 
