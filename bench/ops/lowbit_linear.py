@@ -21,11 +21,13 @@ measured in the same run): the
 fraction of the memory-bandwidth limit, meaningful where the op is memory-bound (small M).
 
 The dtype ``float32-medium`` is fp32 activations under ``torch.set_float32_matmul_precision("medium")``
-for every method alike: torch's fp32 ``F.linear`` may then compute in bf16, and so do ours.
+for every method alike: torch's fp32 ``F.linear`` may then compute in bf16, and so do ours. The
+dtype ``float16`` gives ours fp16 activations (and fp16 scales), torch's kernels the same values as
+fp32 or rounded to bf16 as in the other rows.
 
 Usage: python bench/ops/lowbit_linear.py --out DIR [--backend cpp] [--threads 1,all]
        [--m 1,4,16,64,512] [--shapes 4096x4096,1536x576,576x1536,4864x896] [--bits 2,3,4,8]
-       [--dtypes float32,float32-medium,bfloat16] [--group 32] [--busy 1] [--quick]
+       [--dtypes float32,float32-medium,bfloat16,float16] [--group 32] [--busy 1] [--quick]
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ from splitkernels.quant import quantize_weight  # noqa: E402
 
 # Activation dtype and torch's fp32 matmul precision while it is timed.
 DTYPES = {"float32": (torch.float32, "highest"), "float32-medium": (torch.float32, "medium"),
-          "bfloat16": (torch.bfloat16, "highest")}
+          "bfloat16": (torch.bfloat16, "highest"), "float16": (torch.float16, "highest")}
 TORCH = ("F.linear fp32", "F.linear bf16", "torch int4pack", "torch int8pack")
 INT4PACK_MAX_GROUP = 256  # _weight_int4pack_mm_for_cpu's longest group
 
