@@ -217,22 +217,23 @@ constexpr bool digits_carry_group(float most, float sum_abs, int64_t group_size)
 // too (4096 x 4096, weights evicted: M = 1 1.99-2.28 / 1.51-1.58 ms, M = 2 2.27-3.15 / 1.43-1.57).
 constexpr int64_t kVnniMaxGroup = 2048;
 constexpr int64_t kVnniMaxRows = 2;
-// fp32 rows on CPUs without AMX tiles up to 12, 14 where K >= 768, 20 where K >= 1024. From 9 rows the FMA kernels
-// GEMM costs as much as at 16 (tiles of 8 rows): one thread, ms, FMA / this: M = 9 4096 x 4096 W4
-// 7.15-7.37 / 3.36-3.56, W8 7.46-7.65 / 4.18-4.24, 1536 x 576 g64 0.370 / 0.240; M = 12 4096 x 4096
-// W4 7.28-7.38 / 4.52-4.72, W3 6.98-8.25 / 5.64-5.93, 576 x 1536 0.354-0.360 / 0.247-0.252, 1536 x
-// 576 g64 0.375-0.379 / 0.318-0.319; M = 16 4096 x 4096 W4 7.32-7.39 / 6.23-6.31, W2 6.82 /
-// 5.40-5.57, W8 7.40-7.48 / 7.42-7.73, 2048 x 2048 1.70 / 1.46-1.47, 576 x 1536 0.363 / 0.334-0.336,
-// but 1536 x 576 g64 0.379 / 0.427-0.430 (W8 0.38 / 0.49; M = 14 0.375 / 0.372); M = 24 level,
-// M = 32 11.8 / 12.3 (bench/results/ops/s58/experiments.txt). 13-14 rows where K >= 768 (session 61:
-// W2-W8 g128, 4864 x 896 M = 13 W4 1.81 / 1.37, W8 1.85 / 1.54, M = 14 W3 1.82 / 1.68-1.73, 3072 x 768
-// M = 14 W3 0.98 / 0.95, W8 0.99 / 0.93, W4 g64 0.98 / 0.85); not at K = 576 (1536 x 576 g64 M = 14
-// W3 0.39 / 0.43, W2 0.37 / 0.41), where rows end in half a chunk. Where K >= 1024 up to 20 (3-bit
-// codes 18), where the FMA GEMM's third 8-row tile is at most half full and costs as a whole one:
-// M = 17 4096 x 4096 W4 9.16 / 6.03, W8 9.43 / 6.84, 576 x 1536 W3 0.459 / 0.413, 1536 x 1024 g64
-// W4 0.82 / 0.66; M = 20 4096 x 4096 W3 10.1 / 8.1, W8 9.2 / 8.0, 576 x 1536 W2 0.45 / 0.39, W8 0.46
-// / 0.45, but W3 1536 x 1024 g64 0.83 / 0.89. Not from 21 (W8 4096 x 4096 M = 24 9.4 / 10.1) nor
-// at 25-28 (larger layers gained, 896 x 4864 M = 27 W4 2.94 / 2.56; 576 x 1536 M = 28 W8 0.60 / 0.63).
+// fp32 rows on CPUs without AMX tiles up to 12, 14 where K >= 768, 20 (3-bit codes 18) where K >=
+// 1024. From 9 rows the FMA kernels' GEMM costs as much as at 16 (tiles of 8 rows): one thread, ms,
+// FMA / this: M = 9 4096 x 4096 W4 7.15-7.37 / 3.36-3.56, W8 7.46-7.65 / 4.18-4.24, 1536 x 576 g64
+// 0.370 / 0.240; M = 12 4096 x 4096 W4 7.28-7.38 / 4.52-4.72, W3 6.98-8.25 / 5.64-5.93, 576 x 1536
+// 0.354-0.360 / 0.247-0.252, 1536 x 576 g64 0.375-0.379 / 0.318-0.319; M = 16 4096 x 4096 W4 7.32-7.39
+// / 6.23-6.31, W2 6.82 / 5.40-5.57, W8 7.40-7.48 / 7.42-7.73, 2048 x 2048 1.70 / 1.46-1.47, 576 x 1536
+// 0.363 / 0.334-0.336, but 1536 x 576 g64 0.379 / 0.427-0.430 (W8 0.38 / 0.49; M = 14 0.375 / 0.372);
+// M = 24 level, M = 32 11.8 / 12.3 (bench/results/ops/s58/experiments.txt). 13-14 rows where K >= 768
+// (session 61: W2-W8 g128, 4864 x 896 M = 13 W4 1.81 / 1.37, W8 1.85 / 1.54, M = 14 W3 1.82 /
+// 1.68-1.73, 3072 x 768 M = 14 W3 0.98 / 0.95, W8 0.99 / 0.93, W4 g64 0.98 / 0.85); not at K = 576
+// (1536 x 576 g64 M = 14 W3 0.39 / 0.43, W2 0.37 / 0.41), where rows end in half a chunk. Where K >=
+// 1024 up to 20 (3-bit codes 18), where the FMA GEMM's third 8-row tile is at most half full and costs
+// as a whole one: M = 17 4096 x 4096 W4 9.16 / 6.03, W8 9.43 / 6.84, 576 x 1536 W3 0.459 / 0.413, 1536
+// x 1024 g64 W4 0.82 / 0.66; M = 20 4096 x 4096 W3 10.1 / 8.1, W8 9.2 / 8.0, 576 x 1536 W2 0.45 /
+// 0.39, W8 0.46 / 0.45, but W3 1536 x 1024 g64 0.83 / 0.89. Not from 21 (W8 4096 x 4096 M = 24 9.4 /
+// 10.1) nor at 25-28 (larger layers gained, 896 x 4864 M = 27 W4 2.94 / 2.56; 576 x 1536 M = 28 W8
+// 0.60 / 0.63).
 constexpr int64_t vnni_max_fp32_rows(int64_t K, int bits) {
   return K >= 1024 ? (bits == 3 ? 18 : 20) : K >= 768 ? 14 : 12;
 }

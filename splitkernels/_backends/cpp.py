@@ -26,8 +26,9 @@ Agreement with :mod:`splitkernels.ops.reference`:
   per-group step would cost 7-16%, each 64-row block's panel holds W itself dequantised to bf16,
   as a dense bf16 ``F.linear`` holds it (no dense weight copy either way); on AMX tiles, where the
   per-group step costs more, from ``amx_scaled_min_rows`` (groups of 32: 8 rows, 64: 80, 128: 192,
-  larger: 256). One or two bf16 or fp32 rows (fp32 rows up to 12, 14 where K >= 768, 20 where K >= 1024, on CPUs
-  without AMX tiles) against 8-, 4- and 2-bit codes (and 3-bit codes with VBMI) in groups of whole 64-byte chunks
+  larger: 256). One or two bf16 or fp32 rows (fp32 rows, and fp16 rows as fp32, up to 12, 14 where K >= 768,
+  20 where K >= 1024, on CPUs without AMX tiles) against 8-, 4- and 2-bit codes (and 3-bit codes with
+  VBMI) in groups of whole 64-byte chunks
   (3 bits: 48 bytes; K too) or of a half, a quarter, ... of one down to 16 codes on AVX-512
   VNNI CPUs
   (``_C.lowbit_vnni``) go as three signed bytes of a per-group 22-bit fixed point
