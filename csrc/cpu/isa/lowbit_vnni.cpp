@@ -457,10 +457,9 @@ bool vnni_activations(const T* x, int64_t M, int64_t K, int64_t group_size, int 
 
 void fp16_to_fp32(const uint16_t* src, int64_t n, float* dst) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_as_f32x16(src, kFloat16, i, 16));
   const __mmask16 rest = static_cast<__mmask16>((1u << (n - i)) - 1);
-  _mm512_mask_storeu_ps(dst + i, rest, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rest, src + i)));
+  _mm512_mask_storeu_ps(dst + i, rest, load_as_f32x16(src, kFloat16, i, n - i));
 }
 
 void fp32_to_fp16(const float* src, int64_t n, uint16_t* dst) {
