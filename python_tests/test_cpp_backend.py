@@ -811,6 +811,11 @@ def _cpu_has_vbmi() -> bool:
         return "avx512vbmi" in f.read().split()
 
 
+def _best_isa_without_amx() -> str:
+    """The best instruction set this CPU supports short of AMX tiles (which take fp32 rows from 3)."""
+    return [isa for isa in cpp._C.lowbit_isas() if isa != "avx512_amx"][-1]
+
+
 def _needs_vnni(bits: int = 8) -> None:
     if "avx512_vnni" not in cpp._C.lowbit_isas():
         pytest.skip("this CPU has no AVX-512 VNNI: the VNNI path never runs here")
@@ -887,7 +892,7 @@ def test_lowbit_vnni_fp16_rows_are_the_fp32_rows_rounded(bits, n, group, k):
     # AMX tiles: with them fp32 rows from 3 take the tiles, fp16 rows the fp32 kernels.)
     _needs_vnni(bits)
     default = cpp._C.lowbit_isa()
-    cpp._C.set_lowbit_isa([isa for isa in cpp._C.lowbit_isas() if isa != "avx512_amx"][-1])
+    cpp._C.set_lowbit_isa(_best_isa_without_amx())
     try:
         g = _gen(n + group + k + bits + 11)
         qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=torch.float16)
@@ -939,7 +944,7 @@ def test_lowbit_vnni_fp32_rows(bits, n, group, k, scale_dtype, m):
         m = (18 if bits == 3 else 20) if k >= 1024 else 14 if k >= 768 else 12
     default = cpp._C.lowbit_isa()
     if m > 2 and default == "avx512_amx":
-        cpp._C.set_lowbit_isa([isa for isa in cpp._C.lowbit_isas() if isa != "avx512_amx"][-1])
+        cpp._C.set_lowbit_isa(_best_isa_without_amx())
     try:
         assert cpp._C.lowbit_vnni(0, bits, group, m, k)
         g = _gen(n + group + k + m + bits + 7)
@@ -1003,7 +1008,7 @@ def test_lowbit_vnni_fp32_rows_of_long_groups(bits, n, group, k, scale_dtype):
     # dense fp32 F.linear 0.07-1.6).
     _needs_vnni(bits)
     default = cpp._C.lowbit_isa()
-    cpp._C.set_lowbit_isa([isa for isa in cpp._C.lowbit_isas() if isa != "avx512_amx"][-1])
+    cpp._C.set_lowbit_isa(_best_isa_without_amx())
     g = _gen(n + group + k + bits)
     qw = quantize_weight(torch.randn(n, k, generator=g), bits, group, dtype=scale_dtype)
     w64 = ref.dequantize_weight(qw.qweight, qw.scale.double(), qw.zero.double(), bits, group, k)
