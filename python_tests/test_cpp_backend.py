@@ -776,9 +776,13 @@ def test_lowbit_bf16_non_finite_activations(bits, m):
 # 22-bit fixed point against the codes as packed. Rows four at a time (tails of 1..3), groups of
 # one to four 64-byte chunks, or of a half, a quarter, ... of one (their sums side by side in a
 # chunk's lanes), rows that end in part of a chunk.
-# 8-bit codes: groups of 32 and 16 (K = 96 ends in half a chunk, 1936 in a quarter), K = 4096.
+# 8-bit codes: groups of 32 and 16 (K = 96 ends in half a chunk, 1936 in a quarter), K = 4096; rows
+# of 8 KiB and more read K slice by slice (kVnniSliceRowBytes; groups of whole chunks): 129 groups
+# of 64 in slices of 85, 42 or 64 (one row, two rows, one row of four digits), 36 groups of 256 in
+# slices of 21, 10 or 16.
 _W8_VNNI_LAYOUTS = [(45, 64, 576), (45, 128, 384), (7, 192, 576), (46, 256, 1792), (33, 128, 1920), (3, 64, 64),
-                    (45, 32, 576), (5, 32, 96), (9, 16, 1936), (6, 128, 4096), (5, 64, 896)]
+                    (45, 32, 576), (5, 32, 96), (9, 16, 1936), (6, 128, 4096), (5, 64, 896), (7, 64, 8256),
+                    (5, 256, 9216), (6, 32, 8192)]
 # 4-bit codes: K and groups multiples of 128 (whole 64-byte chunks of nibbles), or groups of 64, 32
 # or 16 (K = 576 and 64 end in half a chunk, 1568 in a quarter, 1040 in an eighth).
 _W4_VNNI_LAYOUTS = [(45, 128, 384), (46, 256, 1792), (33, 128, 1920), (3, 128, 128), (7, 384, 768), (45, 64, 576),

@@ -161,6 +161,19 @@ constexpr int64_t kVnniSpanBytes = 256 << 10;
 // evicted, fp32 rows: 4096 x 4096 W4 M = 1 0.92-1.01 / 0.71-0.81, 896 x 4864 0.27-0.28 /
 // 0.22-0.24; weights in cache level, 4096 x 4096 bf16 W4 0.48-0.56 / 0.41-0.49).
 constexpr int64_t kPrefetchBytes = 2048;
+// 8-bit rows of kVnniSliceRowBytes and more (K >= 8192) read K in slices of kVnniSliceBytes of
+// activation digits (sliced_rows), each slice against every row of the range while it sits in L1:
+// whole, a row's digits (3 bytes a code: 24-43 KiB at K = 8192-14336) and the block's weight
+// streams outgrew L1, and those rows ran at 0.55-0.6x the bytes per second of K = 4096 ones. One
+// thread, Zen 4, min ms, whole / sliced, bf16 rows: 4096 x 8192 M = 1 1.66-1.75 / 1.03, M = 2 2.5 /
+// 1.95-1.98, 4096 x 11008 M = 1 2.53-2.59 / 1.47, M = 2 3.38 / 2.61-2.73, 4096 x 14336 M = 2 4.2 /
+// 3.5-3.6; fp32 rows 4096 x 11008 M = 1 2.33-2.68 / 1.56-1.61, M = 3 4.24-4.56 / 3.78-3.96; level
+// where the weight stays in the caches (2048 x 8192, 1024 x 14336). Shorter rows lost 2-5% sliced
+// (4096 x 4096 M = 2 0.85 / 0.88-0.90, 896 x 4864 M = 2 0.211 / 0.216-0.218), and 4-bit rows too
+// (4096 x 11008 M = 1 1.07 / 1.15-1.19: twice the products per weight byte hide the reloads)
+// (bench/results/ops/s62/experiments.txt).
+constexpr int64_t kVnniSliceBytes = 16 << 10;
+constexpr int64_t kVnniSliceRowBytes = 8192;
 // Each chunk is prefetched into L2 (not L1) a whole number of those distances ahead, at least 8 KiB
 // (the next block of rows, or the next but one where a block is shorter): one
 // thread, weights evicted, bf16 rows, min ms, L1 one distance ahead / this: 4096 x 4096 M = 1 W4
@@ -308,8 +321,11 @@ void vnni_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& 
 
 template <int B, int R, int MR, int P>
 void vnni_rows_t(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
-  // The activation rows never outgrow L1: no K slices (x_group_bytes 0).
-  sliced_rows<MR, R, vnni_block<B, R, MR, P>, vnni_block<B, 1, MR, P>>(p, m0, n_begin, n_end, 0, 0, kPrefetchBytes);
+  // K slices of whole groups, of whole chunks each (a chunk's lanes hold all its groups' sums).
+  const bool sliced = B == 8 && p.row_bytes >= kVnniSliceRowBytes && p.group_size >= chunk_codes(B);
+  const int64_t x_group_bytes = sliced ? MR * P * p.group_size : 0;
+  sliced_rows<MR, R, vnni_block<B, R, MR, P>, vnni_block<B, 1, MR, P>>(p, m0, n_begin, n_end, x_group_bytes,
+                                                                       kVnniSliceBytes, kPrefetchBytes);
 }
 
 // Rows in blocks of kVnniBlockRows = 2 (the last may hold one), each over a span of weight rows
