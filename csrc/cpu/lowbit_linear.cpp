@@ -401,9 +401,10 @@ bool vnni_rows(const Isa& isa, const T* x, int64_t group_size, const LowbitProbl
 // fp16 rows on the VNNI path as the fp32 rows they convert to exactly (vnni_takes), the result
 // rounded to fp16 once. The fp32 FMA kernels took them before: one thread, ms, those / this,
 // 4096 x 4096 W4 M = 1 0.80-0.89 / 0.43, W3 0.85 / 0.64, M = 2 1.07 / 0.75, M = 16 8.1 / 5.8, 1536
-// x 576 g64 M = 1 0.061-0.083 / 0.033. False where the path declines (NaN, infinity, groups three
-// digits cannot carry), for the fp32 kernels.
+// x 576 g64 M = 1 0.061-0.083 / 0.033. False where vnni_takes does not hold (before any conversion)
+// or the path declines (NaN, infinity, groups three digits cannot carry), for the fp32 kernels.
 bool fp16_vnni_rows(const Isa& isa, const void* x, const LowbitProblem& p, void* y) {
+  if (!vnni_takes(isa, kFloat16, p.bits, p.group_size, p.M, p.K)) return false;
   thread_local AlignedVector<float> x32, y32;
   x32.resize(p.M * p.K);
   y32.resize(p.M * p.N);
@@ -774,7 +775,7 @@ std::string lowbit_linear(const void* x, int dtype, int64_t M, int64_t K, const 
     if (vnni_rows(isa, static_cast<const float*>(x), group_size, q)) return "";
     if (amx_fp32_rows(isa, static_cast<const float*>(x), p, static_cast<float*>(y))) return "";
   }
-  if (dtype == kFloat16 && vnni_takes(isa, kFloat16, bits, group_size, M, K) && fp16_vnni_rows(isa, x, p, y)) return "";
+  if (dtype == kFloat16 && fp16_vnni_rows(isa, x, p, y)) return "";
   if (dtype == kFloat32 && M == 1 && bits < 8 && !isa.fma_few_rows && lowbit_bf16_kernel(kBFloat16, bits, group_size)) {
     thread_local AlignedVector<uint16_t> parts;
     parts.resize(kFp32Parts * K);
