@@ -500,6 +500,26 @@ def test_lowbit_bf16_kernels_k_slices(bits, group, m):
     assert _rel_err(y, rows.double()) <= TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("bits,m,n", [(8, 3, 600), (8, 2, 600), (4, 4, 1100)])
+def test_lowbit_bf16_k_slices_over_row_spans(bits, m, n):
+    # One thread takes N / 8 rows at a time; where those hold more than 1 MiB of a weight read in K
+    # slices, they go span by span (kSliceSpanBytes): the bf16 dot form (M = 3-4) and the VNNI
+    # path's long 8-bit rows (M = 2), here in spans of 64 (16 KiB rows) or 128 (8 KiB) and a short
+    # last one. A row's sums do not depend on the span it falls in: a call on some rows alone
+    # gives the same bits.
+    _needs_bf16_kernels()
+    k, group = 16384, 128
+    x, qw, b = _lowbit_case(n, k, m, bits, group, torch.bfloat16, bias=True, seed=bits + n + m)
+    with _thread_settings():
+        cpp._C.set_num_threads(1)
+        y = _bf16_kernel_on_poisoned_output(x, qw, b, bits, group)
+        parts = {(a, z): cpp.lowbit_linear(x, qw.qweight[a:z], qw.scale[a:z], qw.zero[a:z], bits, group, b[a:z])
+                 for a, z in ((0, 64), (n // 2, n), (n - 44, n))}
+    assert _rel_err(y, _lowbit_want64(x, qw, b)) <= TOL[torch.bfloat16]
+    for (a, z), part in parts.items():
+        assert torch.equal(part, y[:, a:z]), (a, z)
+
+
 @pytest.mark.parametrize("scale_dtype", (torch.float32, torch.float16))
 @pytest.mark.parametrize("bits,group,k", [(4, 32, 224), (8, 128, 384), (2, 64, 576)])
 @pytest.mark.parametrize("m", (1, 6))

@@ -132,6 +132,16 @@ struct DotSlice {
   int64_t prefetch;
 };
 
+// Weight bytes a span of rows holds where K is read in slices (sliced_rows): every slice goes over
+// one span before the next span starts, so the lines the hardware fetched past a row's slice are
+// still in the caches when the next slice reads them. Over the whole range, a weight larger than
+// the L3 lost them: one thread, Zen 4, weights evicted, bf16 rows, min ms, whole range / 1 MiB
+// spans: 11008 x 4096 W8 M = 3 3.98-4.36 / 3.28-3.35, 14336 x 4096 W8 M = 3 5.46-6.08 / 4.29-4.40,
+// 4096 x 11008 W4 M = 3 2.52-2.78 / 2.35; warm 4096 x 11008 W8 M = 1 (VNNI) 1.61-1.70 / 1.48-1.51;
+// 4096 x 4096 level. 4 MiB spans were 4-10% slower than 1 MiB, 256 KiB ones lost 4096 x 4096 W4
+// M = 3-4 by 4-9% (bench/results/ops/s63/experiments.txt).
+constexpr int64_t kSliceSpanBytes = 1 << 20;
+
 // Weight rows [n_begin, n_end) for activation rows [m0, m0 + MR) into fp32 sums per (m, n)
 // through `block` (R rows at a time; `tail`, one row, for the rest), then the output (bias
 // added, store_out), sixteen values at a time. Where `x_group_bytes` (the activation bytes of one
@@ -142,8 +152,9 @@ struct DotSlice {
 // belongs to the next slice). So it is where R > 1 rows are short (under 4 `prefetch`): the
 // block's rows lie side by side, and `prefetch` bytes ahead would land in the block itself (at
 // 4864 x 896, 448-byte rows, M = 1 took 0.29-0.36 ms that way and 0.22-0.26 this way; long rows
-// kept `prefetch`, which measured no worse). Otherwise `prefetch` bytes ahead in the row, and
-// one row at a time (R = 1) kStreamPrefetchBytes ahead.
+// kept `prefetch`, which measured no worse), and the rows go in spans of kSliceSpanBytes.
+// Otherwise `prefetch` bytes ahead in the row, and one row at a time (R = 1) kStreamPrefetchBytes
+// ahead.
 template <int MR, int R, auto block, auto tail>
 void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, int64_t x_group_bytes,
                  int64_t slice_bytes, int64_t prefetch) {
@@ -153,12 +164,16 @@ void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_
   const int64_t per_slice = sliced ? std::max<int64_t>(1, slice_bytes / x_group_bytes) : p.G;
   thread_local AlignedVector<float> sums;
   sums.resize(MR * rows);
-  for (int64_t g0 = 0; g0 < p.G; g0 += per_slice) {
-    const DotSlice slice{g0, std::min(p.G, g0 + per_slice),
-                         rows_ahead ? R * p.row_bytes : R == 1 ? kStreamPrefetchBytes : prefetch};
-    int64_t n = n_begin;
-    for (; n + R <= n_end; n += R) block(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
-    for (; n < n_end; ++n) tail(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
+  const int64_t span = sliced ? std::max<int64_t>(R, kSliceSpanBytes / p.row_bytes / R * R) : rows;
+  for (int64_t s0 = n_begin; s0 < n_end; s0 += span) {
+    const int64_t s1 = std::min(n_end, s0 + span);
+    for (int64_t g0 = 0; g0 < p.G; g0 += per_slice) {
+      const DotSlice slice{g0, std::min(p.G, g0 + per_slice),
+                           rows_ahead ? R * p.row_bytes : R == 1 ? kStreamPrefetchBytes : prefetch};
+      int64_t n = s0;
+      for (; n + R <= s1; n += R) block(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
+      for (; n < s1; ++n) tail(p, m0, n, slice, sums.data() + (n - n_begin), rows, g0 > 0);
+    }
   }
   if (p.y_parts) {  // the MR rows are bf16 parts of one fp32 row (smallest last): their sums add up
     for (int64_t r = 0; r < rows; ++r) {
