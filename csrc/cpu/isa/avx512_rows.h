@@ -146,15 +146,14 @@ constexpr int64_t kSliceSpanBytes = 1 << 20;
 // through `block` (R rows at a time; `tail`, one row, for the rest), then the output (bias
 // added, store_out), sixteen values at a time. Where `x_group_bytes` (the activation bytes of one
 // group, all MR rows) times the groups outgrows `slice_bytes`, K is read slice by slice: every
-// row of the range meets the slice of x while it sits in L1 (a whole row of x at M = 4,
+// row of a span (kSliceSpanBytes) meets the slice of x while it sits in L1 (a whole row of x at M = 4,
 // K = 4096 is 32 KiB, as large as L1, and reloading it from L2 for each weight row cost a
 // quarter of the call), and each row's chunk is prefetched R rows ahead (its next chunk
 // belongs to the next slice). So it is where R > 1 rows are short (under 4 `prefetch`): the
 // block's rows lie side by side, and `prefetch` bytes ahead would land in the block itself (at
 // 4864 x 896, 448-byte rows, M = 1 took 0.29-0.36 ms that way and 0.22-0.26 this way; long rows
-// kept `prefetch`, which measured no worse), and the rows go in spans of kSliceSpanBytes.
-// Otherwise `prefetch` bytes ahead in the row, and one row at a time (R = 1) kStreamPrefetchBytes
-// ahead.
+// kept `prefetch`, which measured no worse). Otherwise `prefetch` bytes ahead in the row, and
+// one row at a time (R = 1) kStreamPrefetchBytes ahead.
 template <int MR, int R, auto block, auto tail>
 void sliced_rows(const LowbitProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, int64_t x_group_bytes,
                  int64_t slice_bytes, int64_t prefetch) {

@@ -162,7 +162,7 @@ constexpr int64_t kVnniSpanBytes = 256 << 10;
 // 0.22-0.24; weights in cache level, 4096 x 4096 bf16 W4 0.48-0.56 / 0.41-0.49).
 constexpr int64_t kPrefetchBytes = 2048;
 // 8-bit rows of kVnniSliceRowBytes and more (K >= 8192) read K in slices of kVnniSliceBytes of
-// activation digits (sliced_rows), each slice against every row of the range while it sits in L1:
+// activation digits (sliced_rows), each slice against a span of rows while it sits in L1:
 // whole, a row's digits (3 bytes a code: 24-43 KiB at K = 8192-14336) and the block's weight
 // streams outgrew L1, and those rows ran at 0.55-0.6x the bytes per second of K = 4096 ones. One
 // thread, Zen 4, min ms, whole / sliced, bf16 rows: 4096 x 8192 M = 1 1.66-1.75 / 1.03, M = 2 2.5 /
