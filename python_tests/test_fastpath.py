@@ -73,6 +73,16 @@ def test_native_layers_match_eager(family, bits):
         assert err < TOL
 
 
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_native_layers_with_16_bit_scales_match_eager(scale_dtype):
+    # fp32 activations against 16-bit scales, zeros and (Qwen2's Q/K/V) biases.
+    model = tiny_model("qwen2", seed=3, num_layers=3, hidden=64, vocab=128)
+    replace_linear(model, bits=4, group_size=32, scale_dtype=scale_dtype)
+    assert model.model.layers[0].self_attn.q_proj.bias.dtype == getattr(torch, scale_dtype)
+    for err, token, ref_token in _compare_steps(model, 0, 3, head="fp32"):
+        assert err < TOL and token == ref_token
+
+
 def test_odd_widths_biases_and_generic_isa():
     # head_dim 12 and intermediate 144: no vector divides them, so every tail path runs; Q/K/V biases.
     model = _llama(seed=2, hidden=48, attention_bias=True)

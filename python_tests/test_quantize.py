@@ -119,6 +119,42 @@ def test_bad_configs_name_the_argument():
         OPSCConfig(1).split_layer = 2  # frozen
 
 
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_scale_dtype_stores_scales_zeros_and_bias_in_it(scale_dtype):
+    dtype = getattr(torch, scale_dtype)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    config = QuantConfig(4, 32, scale_dtype=scale_dtype)
+    a, b, dense = tiny_gpt2(0), tiny_gpt2(0), tiny_gpt2(0)  # GPT-2's projections carry biases
+    quantize_(a, config)
+    quantize_(b, QuantConfig(4, 32))
+    layers = [m for m in a.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.scale.dtype == m.zero.dtype == m.bias.dtype == dtype for m in layers)
+    assert all(m.scale.dtype == torch.float32 for m in b.modules() if isinstance(m, QuantLinear))
+    # The same codes as a layer quantised alone with that dtype.
+    alone = QuantLinear.from_linear(dense.transformer.h[0].mlp.c_fc, 4, 32, dtype=dtype)
+    assert torch.equal(alone.qweight, a.transformer.h[0].mlp.c_fc.qweight)
+    assert torch.equal(alone.scale, a.transformer.h[0].mlp.c_fc.scale)
+    # The model still computes in fp32, within the 16-bit scales' rounding of the fp32-scale model.
+    out, ref = logits(a, ids), logits(b, ids)
+    assert out.dtype == torch.float32
+    rel = float((out - ref).norm() / ref.norm())
+    assert 0 < rel < (2e-2 if scale_dtype == "bfloat16" else 2e-3)
+    assert a.config.quantization_config.to_dict()["config"]["scale_dtype"] == scale_dtype
+    assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert "scale_dtype" not in QuantConfig(4, 32).to_dict() and str(config).endswith(f"{scale_dtype} scales")
+
+
+def test_bad_scale_dtype_names_the_field():
+    for bad in ("fp8", torch.float16, "float64"):
+        with pytest.raises(ValueError, match="scale_dtype must be None or one of"):
+            QuantConfig(4, 32, scale_dtype=bad)
+    from splitkernels.hf import SplitkernelsConfig
+
+    spec = {"kind": "linear", "bits": 4, "group_size": 32, "scale_dtype": "int8"}
+    with pytest.raises(ValueError, match=r"modules\['m'\]\.scale_dtype must be one of"):
+        SplitkernelsConfig(modules={"m": spec})
+
+
 def test_plain_module_quantizes_without_transformers_metadata():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
     quantize_(model, QuantConfig(4, 32))
@@ -156,7 +192,7 @@ _LOAD = textwrap.dedent(
         ids = torch.load(d + "/ids.pt")
         with torch.no_grad():
             torch.save(model(ids).logits, d + "/got.pt")
-        out[d] = {n: [type(m).__name__, m.bits, m.group_size] for n, m in model.named_modules()
+        out[d] = {n: [type(m).__name__, m.bits, m.group_size, str(m.scale.dtype)] for n, m in model.named_modules()
                   if isinstance(m, (QuantLinear, QuantEmbedding))}
     print(json.dumps(out))
     """
@@ -170,6 +206,8 @@ def test_save_pretrained_from_pretrained_in_a_fresh_process(tmp_path):
         # A quantised input table with a tied head: the head must come back dense and untied.
         "opsc": (tiny_llama(1), OPSCConfig(2, QuantConfig(3, 32), QuantConfig(8, 64), quantize_embedding=True)),
         "gpt2": (tiny_gpt2(2), QuantConfig(4, 32)),  # Conv1D projections, weight stored [in, out]
+        # 16-bit scales, zeros and biases in an fp32 model come back in their own dtype.
+        "fp16_scales": (tiny_gpt2(3), QuantConfig(4, 32, scale_dtype="float16")),
     }
     expected = {}
     for name, (model, config) in cases.items():
@@ -179,7 +217,7 @@ def test_save_pretrained_from_pretrained_in_a_fresh_process(tmp_path):
         torch.save(ids, d / "ids.pt")
         saved = json.loads((d / "config.json").read_text())["quantization_config"]
         assert saved["quant_method"] == "splitkernels" and saved["modules"]
-        layout = {n: [type(m).__name__, m.bits, m.group_size] for n, m in model.named_modules()
+        layout = {n: [type(m).__name__, m.bits, m.group_size, str(m.scale.dtype)] for n, m in model.named_modules()
                   if isinstance(m, (QuantLinear, QuantEmbedding))}
         expected[str(d)] = (logits(model, ids), layout)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

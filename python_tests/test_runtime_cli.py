@@ -30,6 +30,13 @@ def _run_cli(*argv: str) -> str:
     return out.getvalue()
 
 
+def test_demo_front_weights_with_fp16_scales():
+    report = json.loads(_run_cli("demo", "--model", "tiny", "--max-new-tokens", "2", "--eval-tokens", "24",
+                                 "--front-bits", "4", "--scale-dtype", "float16", "--codec", "v1", "--json"))
+    assert report["opsc"]["front"] == {"bits": 4, "group_size": 64, "clip_search": False, "scale_dtype": "float16"}
+    assert len(report["tokens"]) == 2
+
+
 def test_demo_json_on_tiny_model():
     report = json.loads(_run_cli("demo", "--model", "tiny", "--max-new-tokens", "5", "--eval-tokens", "40",
                                  "--front-bits", "4", "--calib-tokens", "256", "--json"))

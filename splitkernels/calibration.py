@@ -193,11 +193,12 @@ def _dense_pass(index: int, layer: nn.Module, linears: Mapping[str, nn.Module],
 def _quantize(module: nn.Module, config: QuantConfig, hessian: HessianAccumulator) -> QuantizedWeight:
     weight, _ = dense_weight(module)
     group = config.group_size_for(weight.shape[1])
+    dtype = config.scale_dtype_for(weight.dtype)
     if config.method == "gptq" and hessian.rows:
         if hessian.cross is not None:
             weight = dense_output_target(weight, hessian.hessian, hessian.cross)
-        return gptq_quantize(weight, hessian.hessian, config.bits, group)
-    return quantize_weight(weight, config.bits, group, clip_search=config.clip_search)
+        return gptq_quantize(weight, hessian.hessian, config.bits, group, dtype=dtype)
+    return quantize_weight(weight, config.bits, group, clip_search=config.clip_search, dtype=dtype)
 
 
 def _set_dense(module: nn.Module, qw: QuantizedWeight) -> None:

@@ -30,6 +30,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .formats import WEIGHT_FORMAT_VERSION
+from .nn.config import SCALE_DTYPES
 from .nn.linear import QuantEmbedding, QuantLinear, is_conv1d
 
 METHOD = "splitkernels"
@@ -39,9 +40,10 @@ class SplitkernelsConfig(QuantizationConfigMixin):
     """What transformers stores in ``config.json["quantization_config"]`` for a splitkernels model.
 
     ``modules``: ``{qualified name: {"kind": "linear" | "embedding", "bits": b, "group_size": g}}``
-    for every low-bit module; ``config``: the front-door config that produced them (for people
-    reading the file; loading uses only ``modules``); ``format_version``: the packed weight
-    format (docs/FORMATS.md section 2).
+    for every low-bit module (with ``"scale_dtype"`` where its scales are not in the model's
+    dtype: :attr:`QuantConfig.scale_dtype`); ``config``: the front-door config that produced them
+    (for people reading the file; loading uses only ``modules``); ``format_version``: the packed
+    weight format (docs/FORMATS.md section 2).
     """
 
     def __init__(
@@ -62,6 +64,9 @@ class SplitkernelsConfig(QuantizationConfigMixin):
             if spec.get("kind") not in ("linear", "embedding"):
                 raise ValueError(f"quantization_config.modules[{name!r}].kind must be 'linear' or 'embedding', "
                                  f"got {spec.get('kind')!r}")
+            if spec.get("scale_dtype", "float32") not in SCALE_DTYPES:
+                raise ValueError(f"quantization_config.modules[{name!r}].scale_dtype must be one of "
+                                 f"{tuple(SCALE_DTYPES)}, got {spec['scale_dtype']!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": METHOD, "modules": self.modules, "config": self.config,
@@ -118,17 +123,18 @@ def _empty_like(name: str, dense: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """An empty low-bit module with ``dense``'s shape, device and dtype and ``spec``'s layout."""
     weight = dense.weight
     bits, group = int(spec["bits"]), int(spec["group_size"])
+    dtype = SCALE_DTYPES[spec["scale_dtype"]] if "scale_dtype" in spec else weight.dtype
     if spec["kind"] == "embedding":
         if not isinstance(dense, nn.Embedding):
             raise TypeError(f"quantization_config names {name} as an embedding, the model has a {type(dense).__name__}")
-        return QuantEmbedding(dense.num_embeddings, dense.embedding_dim, bits, group, weight.dtype, weight.device)
+        return QuantEmbedding(dense.num_embeddings, dense.embedding_dim, bits, group, dtype, weight.device)
     if isinstance(dense, nn.Linear):
         n, k = dense.out_features, dense.in_features
     elif is_conv1d(dense):  # GPT-2 style, weight stored [in, out]
         k, n = weight.shape
     else:
         raise TypeError(f"quantization_config names {name} as a linear layer, the model has a {type(dense).__name__}")
-    return QuantLinear(k, n, dense.bias is not None, bits, group, weight.dtype, weight.device)
+    return QuantLinear(k, n, dense.bias is not None, bits, group, dtype, weight.device)
 
 
 def untie_head(model: nn.Module) -> None:
@@ -154,10 +160,13 @@ def _write_layouts(model: nn.Module, on: bool) -> None:
 def module_map(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The ``modules`` entry of a :class:`SplitkernelsConfig` for ``model`` as it is now."""
     out: dict[str, dict[str, Any]] = {}
+    model_dtype = getattr(model, "dtype", None)
     for name, module in model.named_modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)):
             kind = "linear" if isinstance(module, QuantLinear) else "embedding"
             out[name] = {"kind": kind, "bits": module.bits, "group_size": module.group_size}
+            if model_dtype is not None and module.scale.dtype != model_dtype:
+                out[name]["scale_dtype"] = str(module.scale.dtype).removeprefix("torch.")
     return out
 
 

@@ -46,7 +46,7 @@ def quantize_(
         keep = None if filter_fn is None else (lambda name, module: bool(filter_fn(module, name)))
         replace_linear(model, config.bits, config.group_size, filter=keep, overrides=overrides,
                        clip_search=config.clip_search, progress=False, method=config.method,
-                       calibration=calibration)
+                       calibration=calibration, scale_dtype=config.scale_dtype)
         record = {"type": "QuantConfig", **config.to_dict()}
         if overrides:
             record["overrides"] = {k: None if v is None else v.to_dict() for k, v in overrides.items()}

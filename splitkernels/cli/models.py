@@ -66,6 +66,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-layer", type=types.positive_int, default=None,
                    help="edge keeps layers 1..N (default: a third of depth)")
     g.add_argument("--group-size", type=types.positive_int, default=64, help="OPSC weight group size")
+    g.add_argument("--scale-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="OPSC weights' scales and zeros (default: the model's dtype; float16 in an fp32 model "
+                        "reads 5 bits a 4-bit weight in groups of 32 instead of 6)")
     g.add_argument("--plan", default=None,
                    help="plan JSON from `splitkernels plan --out`: sets split layer, codec, OPSC weights and "
                         "the server's max sequence length")
@@ -224,8 +227,10 @@ def _split_and_codec(args: argparse.Namespace, loaded: LoadedModel) -> SplitSett
     front_method = getattr(args, "front_method", None)
     if front_method is not None and not front_bits:
         raise UsageError(f"--front-method {front_method} needs --front-bits (the edge weights it quantises)")
-    front = QuantConfig(front_bits, args.group_size, method=front_method or "rtn") if front_bits else None
-    back = QuantConfig(back_bits, args.group_size) if back_bits else None
+    scale_dtype = getattr(args, "scale_dtype", None)
+    front = QuantConfig(front_bits, args.group_size, method=front_method or "rtn",
+                        scale_dtype=scale_dtype) if front_bits else None
+    back = QuantConfig(back_bits, args.group_size, scale_dtype=scale_dtype) if back_bits else None
     kind = codec_kind(args)
     if kind is None:  # a server: the edge chooses the codec
         codec = DEFAULT_CODEC

@@ -4,12 +4,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from ..formats import WEIGHT_BITS
 
 PER_CHANNEL = -1
 # "rtn": round each group to nearest (no data); "gptq": Hessian-based error feedback on
 # calibration inputs (splitkernels.gptq). Both produce the same packed format.
 METHODS = ("rtn", "gptq")
+# Dtypes a config may store scales, zeros and bias in (by name, so configs stay JSON).
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,11 @@ class QuantConfig:
     calibration token ids, see :func:`splitkernels.calibration.quantize_layers`). A ``"gptq"``
     config always searches each group's range, weighted by its calibration Hessian
     (:func:`splitkernels.gptq.gptq_quantize`); ``clip_search`` only changes ``"rtn"``.
+    ``scale_dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``) stores each linear layer's
+    scales, zeros and bias in that dtype (an OPSC-quantised input embedding keeps its table's, the
+    dtype of its output); ``None`` keeps the weight's. ``"float16"`` in an fp32 model makes
+    4-bit groups of 32 cost 5 bits a weight instead of 6 (llama.cpp's Q4_1): the native decode
+    step at Llama-3-8B's layer shape ran 20-27% faster (bench/results/edge_decode/README.md).
 
     A group size that does not divide a layer's K is adapted per layer by
     :meth:`group_size_for`; the size actually used is recorded on each ``QuantLinear``.
@@ -32,6 +41,7 @@ class QuantConfig:
     group_size: int = 128
     clip_search: bool = False
     method: str = "rtn"
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
@@ -43,6 +53,12 @@ class QuantConfig:
             raise TypeError(f"clip_search must be a bool, got {type(self.clip_search).__name__}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be None or one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+
+    def scale_dtype_for(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of a layer's scales, zeros and bias: ``scale_dtype``, else the weight's."""
+        return weight_dtype if self.scale_dtype is None else SCALE_DTYPES[self.scale_dtype]
 
     def group_size_for(self, in_features: int) -> int:
         """The group size used for a layer with ``in_features`` inputs (K).
@@ -63,18 +79,20 @@ class QuantConfig:
         return in_features
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-serialisable); an RTN config leaves ``method`` out, so it reads exactly
-        as it did before the field existed."""
+        """Plain dict (JSON-serialisable); an RTN config leaves ``method`` out and one without a
+        ``scale_dtype`` that key, so it reads exactly as it did before those fields existed."""
         data = asdict(self)
         if self.method == "rtn":
             del data["method"]
+        if self.scale_dtype is None:
+            del data["scale_dtype"]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
-        """Inverse of :meth:`to_dict` (a dict without ``method`` means RTN); unknown keys raise
-        ValueError naming them."""
-        unknown = set(data) - {"bits", "group_size", "clip_search", "method"}
+        """Inverse of :meth:`to_dict` (a dict without ``method`` means RTN, one without
+        ``scale_dtype`` the weight's dtype); unknown keys raise ValueError naming them."""
+        unknown = set(data) - {"bits", "group_size", "clip_search", "method", "scale_dtype"}
         if unknown:
             raise ValueError(f"unknown QuantConfig keys: {sorted(unknown)}")
         return cls(**data)
@@ -82,7 +100,8 @@ class QuantConfig:
     def __str__(self) -> str:
         group = "per-channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
         method = "" if self.method == "rtn" else f" {self.method}"
-        return f"{self.bits}-bit {group}" + (" clip" if self.clip_search else "") + method
+        scales = "" if self.scale_dtype is None else f" {self.scale_dtype} scales"
+        return f"{self.bits}-bit {group}" + (" clip" if self.clip_search else "") + method + scales
 
 
 def check_opsc_sides(front: QuantConfig | None, back: QuantConfig | None, quantize_embedding: bool) -> None:

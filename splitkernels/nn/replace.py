@@ -44,11 +44,13 @@ def replace_linear(
     *,
     method: str = "rtn",
     calibration: torch.Tensor | None = None,
+    scale_dtype: str | None = None,
 ) -> nn.Module:
     """Replace every matching ``nn.Linear`` (and transformers ``Conv1D``) in ``model`` with a
     :class:`QuantLinear`, in place, and return ``model``.
 
-    * ``bits``, ``group_size``, ``clip_search``, ``method``: the default :class:`QuantConfig`.
+    * ``bits``, ``group_size``, ``clip_search``, ``method``, ``scale_dtype``: the default
+      :class:`QuantConfig`.
     * ``filter(qualified_name, module) -> bool``: only modules it accepts are considered.
     * ``overrides``: ``{glob pattern on the qualified name: QuantConfig or None}``; the first
       matching pattern (in insertion order) gives the module's config, ``None`` keeps it dense.
@@ -64,7 +66,7 @@ def replace_linear(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    default = QuantConfig(bits, group_size, clip_search, method)
+    default = QuantConfig(bits, group_size, clip_search, method, scale_dtype)
     overrides = dict(overrides or {})
     for pattern, config in overrides.items():
         if not isinstance(pattern, str) or not (config is None or isinstance(config, QuantConfig)):
@@ -102,7 +104,7 @@ def _round(model: nn.Module, candidates: dict[str, nn.Module], plan: list[tuple[
         module = candidates[name]
         weight, _ = dense_weight(module)
         layer = QuantLinear.from_linear(module, config.bits, config.group_size_for(weight.shape[1]),
-                                        config.clip_search)
+                                        config.clip_search, config.scale_dtype_for(weight.dtype))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 

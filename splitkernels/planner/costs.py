@@ -26,6 +26,7 @@ from ..codec.frame import frame_nbytes
 from ..codec.frame_v2 import framing_bytes, rans_coder, rans_stream_lanes, residual_bytes
 from ..models.shape import ModelShape
 from ..nn import QuantConfig
+from ..nn.config import SCALE_DTYPES
 from .devices import Device
 
 
@@ -35,6 +36,8 @@ def linear_weight_bytes(out_features: int, in_features: int, quant: QuantConfig 
         return out_features * in_features * dtype_bytes
     g = quant.group_size_for(in_features)
     words = (in_features * quant.bits + 31) // 32
+    if quant.scale_dtype is not None:
+        dtype_bytes = SCALE_DTYPES[quant.scale_dtype].itemsize
     return out_features * (4 * words + 2 * dtype_bytes * (in_features // g))
 
 

@@ -1,0 +1,110 @@
+"""Writes a Llama-shaped GGUF file of random weights at any size, for the decode benchmarks at the
+layer shapes of 7-8B models (no such model can be downloaded here).
+
+The file carries the tokenizer of the packaged SmolLM2 GGUF (so both llama.cpp and transformers
+load it), ``--layers`` decoder layers of the given widths with weights drawn N(0, 0.02) and
+quantised by gguf-py to ``--type`` (Q4_0 by default: the 4-bit format llama.cpp repacks for its
+fastest x86 kernels), norms of ones, and the token embedding in Q8_0, tied to the LM head as in
+SmolLM2. Defaults are Llama-3-8B's layer: hidden 4096, MLP 14336, 32 query and 8 key/value heads.
+
+Usage: python bench/make_gguf.py --out FILE.gguf [--layers 3] [--hidden 4096] [--intermediate 14336]
+       [--heads 32] [--kv-heads 8] [--type q4_0|q4_1|q8_0]
+then:  python bench/edge_decode.py --model FILE.gguf --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edge_decode import gguf_file  # noqa: E402
+
+TYPES = ("q4_0", "q4_1", "q8_0")
+
+
+def copy_tokenizer(reader, writer) -> int:
+    """Copies every ``tokenizer.*`` field of ``reader`` into ``writer``; returns the vocabulary size."""
+    import gguf
+
+    vocab = 0
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        kind = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[1]) if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, kind, sub_type=sub)
+        if key == "tokenizer.ggml.tokens":
+            vocab = len(value)
+    return vocab
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--type", choices=TYPES, default="q4_0")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.layers < 2 or args.hidden % args.heads or args.heads % args.kv_heads or args.hidden % 32 \
+            or args.intermediate % 32:
+        sys.exit("need layers >= 2, heads dividing hidden, kv-heads dividing heads, and widths that are "
+                 "multiples of 32")
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[args.type.upper()]
+    source = gguf.GGUFReader(str(gguf_file("smollm2")))
+    writer = gguf.GGUFWriter(str(args.out), "llama")
+    writer.add_name(f"random llama {args.layers}x{args.hidden}x{args.intermediate} {args.type}")
+    writer.add_block_count(args.layers)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(args.hidden)
+    writer.add_feed_forward_length(args.intermediate)
+    writer.add_head_count(args.heads)
+    writer.add_head_count_kv(args.kv_heads)
+    writer.add_rope_freq_base(500000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(args.hidden // args.heads)
+    vocab = copy_tokenizer(source, writer)
+    writer.add_vocab_size(vocab)
+
+    rng = np.random.default_rng(args.seed)
+    head_dim = args.hidden // args.heads
+
+    def weight(name: str, rows: int, cols: int, kind=qtype) -> None:
+        w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
+        writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+
+    def ones(name: str, n: int) -> None:
+        writer.add_tensor(name, np.ones(n, dtype=np.float32))
+
+    weight("token_embd.weight", vocab, args.hidden, gguf.GGMLQuantizationType.Q8_0)
+    for i in range(args.layers):
+        print(f"layer {i + 1} of {args.layers}", file=sys.stderr, flush=True)
+        ones(f"blk.{i}.attn_norm.weight", args.hidden)
+        weight(f"blk.{i}.attn_q.weight", args.hidden, args.hidden)
+        weight(f"blk.{i}.attn_k.weight", args.kv_heads * head_dim, args.hidden)
+        weight(f"blk.{i}.attn_v.weight", args.kv_heads * head_dim, args.hidden)
+        weight(f"blk.{i}.attn_output.weight", args.hidden, args.hidden)
+        ones(f"blk.{i}.ffn_norm.weight", args.hidden)
+        weight(f"blk.{i}.ffn_gate.weight", args.intermediate, args.hidden)
+        weight(f"blk.{i}.ffn_up.weight", args.intermediate, args.hidden)
+        weight(f"blk.{i}.ffn_down.weight", args.hidden, args.intermediate)
+    ones("output_norm.weight", args.hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.0f} MiB)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
