@@ -52,6 +52,7 @@ using Acc = __m256i;
 
 constexpr int kMaxMR = 4, kMaxNR = 8;
 constexpr int64_t kBlockBytes = 128 << 10;  // weight rows per block: about half an L2
+constexpr int64_t kL1AheadBytes = 16 << 10;  // the largest weight tile prefetched into L1 (half of it)
 
 #if SK_INT8_SIMD > 0
 inline Acc zero() {
@@ -198,11 +199,18 @@ void rows_t(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
 #if SK_INT8_SIMD > 0
         // One activation tile (decode): each weight byte is used once, and the hardware
         // prefetcher does not keep up with the tile's row streams, so fetch the tile after next
-        // (2.5-3x faster on SmolLM2's 49152 x 576 head at M = 1 and 2, one thread).
+        // (2.5-3x faster on SmolLM2's 49152 x 576 head at M = 1 and 2, one thread): into L1
+        // where two tiles fit half of it, else into L2 (a 32 KiB tile at K = 4096 pushed the
+        // current one out of L1: 49152 x 4096 at M = 1 10.4-11.1 -> 9.6-10.0 ms, M = 2 13.0-13.8
+        // -> 12.1-12.9).
         if (p.M <= MR) {
           const char* ahead = reinterpret_cast<const char*>(p.w + (n0 + 2 * NR) * K);
           const char* end = reinterpret_cast<const char*>(p.w + n_end * K);
-          for (int64_t off = 0; off < NR * K && ahead + off < end; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+          if (NR * K <= kL1AheadBytes) {
+            for (int64_t off = 0; off < NR * K && ahead + off < end; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+          } else {
+            for (int64_t off = 0; off < NR * K && ahead + off < end; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T1);
+          }
         }
 #endif
         // A short last tile repeats its first row: computed, never stored.
