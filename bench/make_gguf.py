@@ -53,10 +53,10 @@ def main() -> int:
     ap.add_argument("--type", choices=TYPES, default="q4_0")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.layers < 2 or args.hidden % args.heads or args.heads % args.kv_heads or args.hidden % 32 \
-            or args.intermediate % 32:
-        sys.exit("need layers >= 2, heads dividing hidden, kv-heads dividing heads, and widths that are "
-                 "multiples of 32")
+    if min(args.hidden, args.intermediate, args.heads, args.kv_heads) < 1 or args.layers < 2 \
+            or args.hidden % args.heads or args.heads % args.kv_heads or args.hidden % 32 or args.intermediate % 32:
+        sys.exit("need layers >= 2, positive sizes, heads dividing hidden, kv-heads dividing heads, and widths "
+                 "that are multiples of 32")
     import gguf
 
     qtype = gguf.GGMLQuantizationType[args.type.upper()]
@@ -79,7 +79,7 @@ def main() -> int:
     head_dim = args.hidden // args.heads
 
     def weight(name: str, rows: int, cols: int, kind=qtype) -> None:
-        w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
         writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)
 
     def ones(name: str, n: int) -> None:

@@ -85,8 +85,8 @@ def test_linear_weight_bytes_equals_packed_size(bits, n, k, g):
     assert linear_weight_bytes(n, k, QuantConfig(bits, g), dtype_bytes=2) == qw.nbytes
     assert linear_weight_bytes(n, k, None, dtype_bytes=2) == n * k * 2
     # A config's own scale dtype wins over the model's.
-    qw32 = quantize_weight(w, bits, g, dtype=torch.bfloat16)
-    assert linear_weight_bytes(n, k, QuantConfig(bits, g, scale_dtype="bfloat16"), dtype_bytes=4) == qw32.nbytes
+    qw16 = quantize_weight(w, bits, g, dtype=torch.bfloat16)
+    assert linear_weight_bytes(n, k, QuantConfig(bits, g, scale_dtype="bfloat16"), dtype_bytes=4) == qw16.nbytes
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
