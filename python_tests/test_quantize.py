@@ -101,6 +101,21 @@ def test_calibrated_configs_take_calibration_ids():
         quantize_(tiny_llama(0), front)
 
 
+def test_calibrated_front_with_fp16_scales():
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(6))
+    calibration = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(7))
+    model, fp32, dense = tiny_llama(0), tiny_llama(0), logits(tiny_llama(0), ids)
+    quantize_(model, OPSCConfig(2, front=QuantConfig(4, 32, method="gptq", scale_dtype="float16")),
+              calibration=calibration)
+    quantize_(fp32, OPSCConfig(2, front=QuantConfig(4, 32, method="gptq")), calibration=calibration)
+    front = [m for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(front) == 14 and all(m.scale.dtype == m.zero.dtype == torch.float16 for m in front)
+    # Error feedback makes other code choices once the scales round differently, so the two
+    # differ by more than the rounding; each stays as far from the dense model as the other.
+    err16, err32 = (float((logits(m, ids) - dense).norm() / dense.norm()) for m in (model, fp32))
+    assert err16 < 1.25 * err32
+
+
 def test_bad_configs_name_the_argument():
     model = tiny_llama(0)
     with pytest.raises(TypeError, match="config must be a QuantConfig or an OPSCConfig"):
