@@ -16,6 +16,7 @@ from ..codec.frame_v2 import FRAME_CODERS
 from ..codec.rate import RATE_BITS
 from ..models import LoadedModel
 from ..models.loading import BUILT_IN
+from ..nn.config import SCALE_DTYPES
 from . import args as types
 from .errors import InputFileError, UsageError
 from .files import load_plan, read_bytes
@@ -66,7 +67,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-layer", type=types.positive_int, default=None,
                    help="edge keeps layers 1..N (default: a third of depth)")
     g.add_argument("--group-size", type=types.positive_int, default=64, help="OPSC weight group size")
-    g.add_argument("--scale-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+    g.add_argument("--scale-dtype", choices=tuple(SCALE_DTYPES), default=None,
                    help="OPSC weights' scales and zeros (default: the model's dtype; float16 in an fp32 model "
                         "reads 5 bits a 4-bit weight in groups of 32 instead of 6)")
     g.add_argument("--plan", default=None,
