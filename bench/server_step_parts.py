@@ -7,8 +7,9 @@
   and the C++ path right after a native step of the server half, as a session's next frame meets
   the caches;
 * **native batched step**: ``NativeDecoder.step_batch`` of the server half at 1 and 16 rows with
-  the pool's idle workers spinning first (``set_spin_us``, ``SPLITKERNELS_SPIN_US``; off by default) or sleeping at once (0),
-  wall time, calls interleaved; with ``--busy N`` also while N other processes keep cores busy.
+  the pool's idle workers spinning first (``set_spin_us``, ``SPLITKERNELS_SPIN_US``; 100 us by
+  default) or sleeping at once (0), wall time, calls interleaved; with ``--busy N`` also while N
+  other processes keep cores busy.
 
     PYTHONPATH=. python bench/server_step_parts.py --out /tmp/parts [--busy 1]
 

@@ -562,7 +562,7 @@ PYBIND11_MODULE(_C, m) {
     const bool openmp = false;
 #endif
     return py::dict(py::arg("openmp") = openmp, py::arg("team_calls") = s.team_calls,
-                    py::arg("pool_calls") = s.pool_calls);
+                    py::arg("pool_calls") = s.pool_calls, py::arg("spin_backoffs") = s.spin_backoffs);
   }, "Whether parallel calls can run on torch's OpenMP team (built with OpenMP), and how many so far ran on "
      "the calling thread's OpenMP team and on the worker pool.");
 

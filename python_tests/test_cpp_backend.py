@@ -1888,6 +1888,40 @@ def test_worker_pool_spin_setting_keeps_results_and_workers_go_back_to_sleep():
         assert time.process_time() - cpu0 < 0.1
 
 
+def test_worker_pool_spins_by_default_unless_the_environment_says_otherwise(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SPLITKERNELS_SPIN_US"}
+    for value, want in ((None, 100), ("0", 0), ("99999", 10000)):
+        if value is not None:
+            env["SPLITKERNELS_SPIN_US"] = value
+        got = subprocess.run([sys.executable, "-c", "import splitkernels._C as C; print(C.spin_us())"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True).stdout
+        assert int(got) == want, value
+
+
+def test_worker_pool_stops_spinning_while_other_processes_hold_the_cores():
+    """A spinning worker that finds its core taken (one busy process per CPU) pauses the spin."""
+    import time
+
+    x, qw, _ = _lowbit_case(300, 256, 3, 4, 128, torch.float32, bias=False, seed=3)
+    want = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+    try:
+        with _thread_settings():
+            cpp._C.set_num_threads(2)
+            torch.set_num_threads(1)  # the calls run on the pool
+            cpp._C.set_spin_us(10000)  # longer than a time slice: the busy processes must take the core
+            before = cpp._C.team_stats()["spin_backoffs"]
+            deadline = time.monotonic() + 60
+            while cpp._C.team_stats()["spin_backoffs"] == before and time.monotonic() < deadline:
+                assert torch.equal(cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, None), want)
+                time.sleep(0.005)
+            assert cpp._C.team_stats()["spin_backoffs"] > before
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
 def test_worker_pool_threads_and_concurrent_callers():
     import threading
 

@@ -74,20 +74,31 @@ inline void cpu_relax() {
 }
 
 // How long an idle worker watches for the next job before it sleeps (SPLITKERNELS_SPIN_US,
-// default 0: sleep at once). A native decode step is ~100 jobs back to back, each a few hundred
-// microseconds; a sleeping worker pays a futex wake-up (on a VM an idle vCPU's wake-up) at the
-// start of every one while the caller runs that job's chunks alone, which a spin of ~100 us
-// avoids on an otherwise idle machine. The spin is bounded and yields the core every few pauses,
-// but on a machine busy with other processes a yielding worker can wait a whole time slice for
-// its turn where a woken one would run at once: in measurements there it was neutral to 40%
-// slower (bench/server_step_parts.py), so it is off unless asked for.
+// default kDefaultSpinUs; 0 sleeps at once). A native decode step is ~100-150 jobs back to back,
+// each tens to hundreds of microseconds; a sleeping worker pays a futex wake-up (on a VM an idle
+// vCPU's wake-up) at the start of every one while the caller runs that job's chunks alone.
+// SmolLM2-135M's edge step at two threads, Zen 4, ms a token: 5.8-6.0 sleeping at once, 4.2-4.3
+// spinning 50 us, 3.4-3.5 spinning 100 us (one thread 5.3-5.6; bench/results/edge_decode/s65).
+// The spin is bounded and yields the core every 16 pauses. On a machine busy with other processes
+// a spinning worker takes CPU share from the caller, and a yielding one can wait a whole time
+// slice for its turn: measured neutral to 40% slower there (bench/server_step_parts.py, session 6),
+// which kept the spin off until the pool learnt to notice (spin_for_job): a check that comes
+// kPreempted or more after the one before means another thread ran on this core, and then no
+// worker spins for a while. The pause starts at kMinBackoff and doubles, up to kMaxBackoff, each
+// time the first spin after one finds the core taken again: another process that keeps a core
+// busy leaves one probe a second, while torch's own OpenMP workers, which spin for some
+// milliseconds after each parallel torch op, cost only a few short pauses.
 constexpr int kMaxSpinUs = 10000;
+constexpr int kDefaultSpinUs = 100;
+constexpr std::chrono::nanoseconds kPreempted = std::chrono::microseconds(200);
+constexpr std::chrono::nanoseconds kMinBackoff = std::chrono::milliseconds(4);
+constexpr std::chrono::nanoseconds kMaxBackoff = std::chrono::seconds(1);
 int spin_us_from_env() {
   if (const char* env = std::getenv("SPLITKERNELS_SPIN_US")) {
     const int n = std::atoi(env);
     if (n >= 0) return std::min(n, kMaxSpinUs);
   }
-  return 0;
+  return kDefaultSpinUs;
 }
 
 class Pool {
@@ -156,7 +167,7 @@ class Pool {
     finished_.wait(lock, [&] { return holders_ == 0; });
   }
 
-  TeamStats stats() const { return {team_calls_.load(), pool_calls_.load()}; }
+  TeamStats stats() const { return {team_calls_.load(), pool_calls_.load(), spin_backoffs_.load()}; }
 
  private:
   // The calling thread's OpenMP team (torch's, where torch is loaded) has more than one thread,
@@ -196,22 +207,48 @@ class Pool {
     return std::max(1u, std::thread::hardware_concurrency());
   }
 
-  // Spins up to spin_us() for a job newer than `seen`; true when one was posted.
-  bool spin_for_job(unsigned long seen) const {
+  static int64_t ns_of(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+  }
+
+  // Spins up to spin_us() for a job newer than `seen`; true when one was posted. Not at all while
+  // the machine was last seen contended (see kPreempted above).
+  bool spin_for_job(unsigned long seen) {
     const int us = spin_us();
     if (us <= 0) return false;
-    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+    using Clock = std::chrono::steady_clock;
+    auto last = Clock::now();
+    if (ns_of(last) < no_spin_until_.load(std::memory_order_relaxed)) return false;
+    const auto until = last + std::chrono::microseconds(us);
     for (unsigned i = 1;; ++i) {
       if (generation_.load(std::memory_order_acquire) != seen) return true;
       if (i % 16 == 0) {
-        // Hand the core to any other runnable thread (another process, or this one's own): on a
-        // busy machine the spin then costs little of its share; on an idle one yield returns at once.
+        // Hand the core to any other runnable thread (another process, or this one's own): on an
+        // idle machine yield returns at once.
         sched_yield();
-        if (std::chrono::steady_clock::now() >= until) return false;
+        const auto now = Clock::now();
+        if (now - last >= kPreempted) {
+          back_off(ns_of(now));
+          return false;
+        }
+        if (now >= until) return false;
+        last = now;
       } else {
         cpu_relax();
       }
     }
+  }
+
+  // No spin from `now` for a pause twice the last one where that one ended less than its own
+  // length ago, else for kMinBackoff. Workers race here harmlessly: any of their pauses will do.
+  void back_off(int64_t now) {
+    const int64_t last = backoff_ns_.load(std::memory_order_relaxed);
+    const int64_t pause = now < no_spin_until_.load(std::memory_order_relaxed) + last
+                              ? std::min<int64_t>(2 * last, kMaxBackoff.count())
+                              : kMinBackoff.count();
+    backoff_ns_.store(pause, std::memory_order_relaxed);
+    no_spin_until_.store(now + pause, std::memory_order_relaxed);
+    spin_backoffs_.fetch_add(1, std::memory_order_relaxed);
   }
 
   // Worker `index` takes part in jobs while index < active_ (set_num_threads may shrink the team).
@@ -254,7 +291,9 @@ class Pool {
   bool stop_ = false;
   int threads_;
   std::atomic<int> spin_us_;
-  std::atomic<int64_t> team_calls_{0}, pool_calls_{0};
+  std::atomic<int64_t> no_spin_until_{0};  // steady_clock ns: no spin before (contended machine)
+  std::atomic<int64_t> backoff_ns_{kMinBackoff.count()};  // the last pause
+  std::atomic<int64_t> team_calls_{0}, pool_calls_{0}, spin_backoffs_{0};
 };
 
 Pool& pool() {

@@ -9,8 +9,9 @@
 //   including one the OS has not scheduled yet; on a machine where another process holds a core
 //   that turns a 1 ms kernel into several time slices. The pool's caller waits only for chunks
 //   that were claimed: a worker that wakes late finds nothing left and goes back to sleep. Idle
-//   workers sleep on a condition variable, optionally after a bounded spin for the next job
-//   (SPLITKERNELS_SPIN_US, default 0).
+//   workers sleep on a condition variable after a bounded spin for the next job
+//   (SPLITKERNELS_SPIN_US, default 100 us), which stops for a while whenever a spinning worker
+//   finds that another thread had its core.
 // * The shared team. After each parallel torch op, GNU OpenMP's workers spin for the next region
 //   (about 9 ms here); pool workers started meanwhile share a core with them, and our kernels ran
 //   at one thread's speed between torch ops (bench/results/ops/README.md, session 13). A kernel
@@ -39,9 +40,10 @@ enum class Team {
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body,
                   Team team = Team::kAuto);
 
-// Parallel calls so far on the OpenMP team and on the pool (calls run inline are not counted).
+// Parallel calls so far on the OpenMP team and on the pool (calls run inline are not counted),
+// and how often a spinning worker found its core taken and stopped the spin for a while.
 struct TeamStats {
-  int64_t team_calls, pool_calls;
+  int64_t team_calls, pool_calls, spin_backoffs;
 };
 TeamStats team_stats();
 
@@ -51,7 +53,7 @@ void set_num_threads(int n);
 int num_threads();
 
 // How long an idle worker spins for the next job before it sleeps, in microseconds (0..10000;
-// default: SPLITKERNELS_SPIN_US, else 0).
+// default: SPLITKERNELS_SPIN_US, else 100; 0 sleeps at once).
 void set_spin_us(int us);
 int spin_us();
 
