@@ -1596,11 +1596,12 @@ def test_lowbit_linear_long_rows_every_isa(each_isa, dtype, bits, group, k, m):
         assert _rel_err(y, want64) <= TOL[dtype], isa
 
 
-@pytest.mark.parametrize("m", (1, 2, 5, 9))
-@pytest.mark.parametrize("n,k", [(1, 1), (13, 63), (37, 64), (21, 65), (9, 200), (70, 1030)])
+@pytest.mark.parametrize("m", (1, 2, 3, 5, 9))
+@pytest.mark.parametrize("n,k", [(1, 1), (13, 63), (37, 64), (21, 65), (9, 200), (11, 768), (70, 1030), (6, 1601)])
 def test_int8_linear_every_isa_bit_identical(each_isa, m, n, k):
     # K around the 64/32/16-byte vector steps (masked and scalar tails), N with short 4- and
-    # 8-row tiles, K = 1030 with several weight-row blocks; weights span the full int8 range
+    # 8-row tiles, K = 1030 with several weight-row blocks; VNNI's rows in address order
+    # (kInOrderMinK) at M = 1 from K = 768 (no tail) and at M = 2-3 at K = 1601; weights span the full int8 range
     # (-128 included), activations a mix of magnitudes and a zero row.
     g = _gen(m * 1000 + n * k)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)

@@ -53,6 +53,20 @@ using Acc = __m256i;
 constexpr int kMaxMR = 4, kMaxNR = 8;
 constexpr int64_t kBlockBytes = 128 << 10;  // weight rows per block: about half an L2
 constexpr int64_t kL1AheadBytes = 16 << 10;  // the largest weight tile prefetched into L1 (half of it)
+// One activation tile (decode: one row, or two to four) against weight rows of at least this many
+// bytes (VNNI): the tile's weight rows one after another, so the weight is read in address order
+// and the hardware prefetcher keeps up, with no software prefetch (which slowed such a stream).
+// Step by step across the tile's rows, each row a short stream of its own, the hardware
+// prefetcher did not, and the tile-after-next prefetch below reached ~15-20 GB/s of the ~30 one
+// core reads. One thread, Zen 4, weights evicted, median ms, across / in order, M = 1: 49152 x
+// 4096 9.9-10.0 / 6.5-7.0, 14336 x 4096 3.0-3.1 / 2.1-2.2, 32000 x 2048 4.4-4.5 / 2.3-2.4, 32000 x
+// 1024 2.15-2.24 / 1.66-1.77, 151936 x 896 7.7-7.9 / 6.3-6.6, 49152 x 768 2.23-2.27 / 1.80-1.86;
+// level at K = 640-704, slower at 576 (SmolLM2's head, 1.29-1.44 / 1.41-2.10). M = 2 (the native
+// head's two int8 rows a token): 49152 x 4096 12.6-13.0 / 8.3-8.9, 14336 x 4096 3.85 / 2.6-2.9,
+// 32000 x 2048 4.1-4.7 / 2.9-3.4, 49152 x 1536 4.04-4.11 / 3.57-3.72; level at 1024-1280 and
+// slower at 896 (4.9-5.2 / 6.1-6.6). Below these K the prefetch across the tile stays
+// (bench/results/edge_decode/s65/experiments.txt).
+constexpr int64_t kInOrderMinK = 768, kInOrderMinKRows = 1536;  // one activation row; two to four
 
 #if SK_INT8_SIMD > 0
 inline Acc zero() {
@@ -111,17 +125,36 @@ inline Acc madd_add(Acc acc, Acc a, Acc b) {
 }
 #endif
 
-// out[m][r] = exact dot(x row m, w row r) over K for an MR x NR tile.
+#if SK_INT8_SIMD == 2
+// acc[m][r] += x row m . w row r over all of K, one weight row after another (kInOrderMinK).
 template <int MR, int NR>
+inline void rows_in_order(Acc acc[MR][NR], const int8_t* x, int64_t K, const int8_t* const* wr) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t whole = K / kStep * kStep;
+  for (int r = 0; r < NR; ++r)
+    for (int64_t k = 0; k < whole; k += kStep) {
+      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr[r] + k), flip);
+      for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], wv, _mm512_loadu_si512(x + m * K + k));
+    }
+  if (whole < K) step<MR, NR>(acc, x, K, wr, whole, ~__mmask64{0} >> (kStep - (K - whole)));
+}
+#endif
+
+// out[m][r] = exact dot(x row m, w row r) over K for an MR x NR tile (InOrder: see kInOrderMinK).
+template <int MR, int NR, bool InOrder>
 void dot_tile(const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* const* wr, int32_t out[kMaxMR][kMaxNR]) {
 #if SK_INT8_SIMD > 0
   Acc acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = zero();
 #if SK_INT8_SIMD == 2
-  int64_t k = 0;
-  for (; k + kStep <= K; k += kStep) step<MR, NR>(acc, x, K, wr, k, ~__mmask64{0});
-  if (k < K) step<MR, NR>(acc, x, K, wr, k, ~__mmask64{0} >> (kStep - (K - k)));
+  if constexpr (InOrder) {
+    rows_in_order<MR, NR>(acc, x, K, wr);
+  } else {
+    int64_t k = 0;
+    for (; k + kStep <= K; k += kStep) step<MR, NR>(acc, x, K, wr, k, ~__mmask64{0});
+    if (k < K) step<MR, NR>(acc, x, K, wr, k, ~__mmask64{0} >> (kStep - (K - k)));
+  }
   for (int m = 0; m < MR; ++m) {
     const __m128i offset = _mm_set1_epi32(static_cast<int32_t>(128u * static_cast<uint32_t>(xsum[m])));
     for (int r = 0; r < NR; r += 4) {
@@ -162,13 +195,13 @@ void dot_tile(const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* con
 }
 
 // dot_tile for the runtime row count mr <= MR.
-template <int MR, int NR>
+template <int MR, int NR, bool InOrder>
 void dot_tile_upto(int64_t mr, const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* const* wr,
                    int32_t out[kMaxMR][kMaxNR]) {
   if (mr == MR) {
-    dot_tile<MR, NR>(x, xsum, K, wr, out);
+    dot_tile<MR, NR, InOrder>(x, xsum, K, wr, out);
   } else if constexpr (MR > 1) {
-    dot_tile_upto<MR - 1, NR>(mr, x, xsum, K, wr, out);
+    dot_tile_upto<MR - 1, NR, InOrder>(mr, x, xsum, K, wr, out);
   }
 }
 
@@ -185,7 +218,7 @@ void store_tile(const Int8Problem& p, int64_t m0, int64_t mr, int64_t n0, int64_
 
 // Columns [n_begin, n_end): weight rows in L2-sized blocks; per block, every activation tile
 // meets every NR-row weight tile.
-template <int MR, int NR>
+template <int MR, int NR, bool InOrder = false>
 void rows_t(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
   const int64_t K = p.K;
   const int64_t block = std::max<int64_t>(NR, kBlockBytes / std::max<int64_t>(K, 1) / NR * NR);
@@ -203,7 +236,7 @@ void rows_t(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
         // where two tiles fit half of it, else into L2 (a 32 KiB tile at K = 4096 pushed the
         // current one out of L1: 49152 x 4096 at M = 1 10.4-11.1 -> 9.6-10.0 ms, M = 2 13.0-13.8
         // -> 12.1-12.9).
-        if (p.M <= MR) {
+        if (!InOrder && p.M <= MR) {
           const char* ahead = reinterpret_cast<const char*>(p.w + (n0 + 2 * NR) * K);
           const char* end = reinterpret_cast<const char*>(p.w + n_end * K);
           if (NR * K <= kL1AheadBytes) {
@@ -216,7 +249,7 @@ void rows_t(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
         // A short last tile repeats its first row: computed, never stored.
         const int8_t* wr[NR];
         for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + (r < nr ? r : 0)) * K;
-        dot_tile_upto<MR, NR>(mr, p.xq + m0 * K, p.xsum + m0, K, wr, out);
+        dot_tile_upto<MR, NR, InOrder>(mr, p.xq + m0 * K, p.xsum + m0, K, wr, out);
         store_tile(p, m0, mr, n0, nr, out);
       }
     }
@@ -225,10 +258,15 @@ void rows_t(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
 
 void rows(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
   // One activation row streams eight weight rows at a time; more rows share 4 x 4 tiles.
+#if SK_INT8_SIMD == 2
+  const bool in_order = p.K >= (p.M == 1 ? kInOrderMinK : kInOrderMinKRows) && p.M <= 4;
+#else
+  const bool in_order = false;
+#endif
   if (p.M == 1)
-    rows_t<1, 8>(p, n_begin, n_end);
+    in_order ? rows_t<1, 8, true>(p, n_begin, n_end) : rows_t<1, 8>(p, n_begin, n_end);
   else
-    rows_t<4, 4>(p, n_begin, n_end);
+    in_order ? rows_t<4, 4, true>(p, n_begin, n_end) : rows_t<4, 4>(p, n_begin, n_end);
 }
 
 // q = clamp(round_half_even(x / s), -127, 127) with s = amax / 127: an IEEE division per
