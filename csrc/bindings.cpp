@@ -563,8 +563,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return py::dict(py::arg("openmp") = openmp, py::arg("team_calls") = s.team_calls,
                     py::arg("pool_calls") = s.pool_calls, py::arg("spin_backoffs") = s.spin_backoffs);
-  }, "Whether parallel calls can run on torch's OpenMP team (built with OpenMP), and how many so far ran on "
-     "the calling thread's OpenMP team and on the worker pool.");
+  }, "Whether parallel calls can run on torch's OpenMP team (built with OpenMP), how many so far ran on "
+     "the calling thread's OpenMP team and on the worker pool, and how often a spinning pool worker found "
+     "its core taken and paused the spin.");
 
   bind_decode(m);
 }
