@@ -39,10 +39,12 @@ def _caches(decoder: NativeDecoder, model, lengths: list[int], gen: torch.Genera
     return pairs
 
 
-@pytest.mark.parametrize("family, bits, head", [("llama", None, "int8"), ("qwen2", None, "int8"),
-                                                 ("mistral", None, "fp32"), ("llama", 4, "int8")])
-def test_step_batch_rows_equal_the_step_alone(family, bits, head):
-    model = _model(family, bits)
+@pytest.mark.parametrize("family, bits, head, hidden", [("llama", None, "int8", 48), ("qwen2", None, "int8", 48),
+                                                         ("mistral", None, "fp32", 48), ("llama", 4, "int8", 48),
+                                                         ("llama", None, "fp32", 40)])
+def test_step_batch_rows_equal_the_step_alone(family, bits, head, hidden):
+    # hidden 40 and MLP 80: dense rows with a K tail (one row's rows in order, more rows' tiles).
+    model = _model(family, bits, hidden)
     decoder = NativeDecoder(model, 1, 3, head=head)
     gen = torch.Generator().manual_seed(3)
     lengths = [0, 5, 1, 13, 4, 7, 2]  # 7 rows: full and partial tiles; capacities 4..16 (grown)
