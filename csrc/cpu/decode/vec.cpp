@@ -114,7 +114,7 @@ constexpr int kCols = 2;
 
 // The tiles of a block share the prefetch of the next block (`next`, null at the end), each a
 // slice of its columns, so the memory traffic is spread over the block's compute (the batched
-// step of 16 rows: ~10% less CPU than without a prefetch; one row ~4%).
+// step of 16 rows: ~10% less CPU than without a prefetch). One row goes f32_row_by_row instead.
 template <int R>
 void row_block(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n,
                const float* next) {
@@ -129,8 +129,8 @@ void row_block(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M
 // One activation row (a decode step's): weight rows one after another, each read whole, so the
 // weight streams in address order, which the hardware prefetcher follows. Four rows at once read
 // as four short streams it does not follow, and the next block's prefetch did not make up for it:
-// SmolLM2's server half (fp32 layers) at one row, Zen 4, 13.7-14.6 -> 9.3-10.6 ms a step
-// (bench/results/edge_decode/s65/experiments.txt). Each element is summed as tile<R, 1> sums it.
+// SmolLM2's server half (fp32 layers) at one row, Zen 4, 13.6-15.0 -> 9.3-12.1 ms a step in three
+// runs (bench/results/edge_decode/s65/experiments.txt). Each element is summed as tile<R, 1> sums it.
 void f32_row_by_row(const float* w, int64_t K, const float* x, float* y, int64_t n0, int64_t n1) {
   const int64_t vec_end = K / kLine * kLine;
   for (int64_t n = n0; n < n1; ++n) {
