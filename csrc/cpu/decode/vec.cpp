@@ -114,8 +114,8 @@ constexpr int kCols = 2;
 
 // The tiles of a block share the prefetch of the next block (`next`, null at the end), each a
 // slice of its columns, so the memory traffic is spread over the block's compute (the batched
-// step of 16 rows: ~10% less CPU than without a prefetch). One row goes f32_row_by_row instead
-// on AVX-512 (kRowByRow).
+// step of 16 rows: ~10% less CPU than without a prefetch). One row on AVX-512 goes row by row
+// (kRowByRow).
 template <int R>
 void row_block(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n,
                const float* next) {
@@ -127,40 +127,26 @@ void row_block(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M
   for (; m < M; ++m, pf += share) tile<R, 1>(w, K, x, ldx, y, ldy, n, m, next, pf, std::min(K, pf + share));
 }
 
-// One activation row (a decode step's): weight rows one after another, each read whole, so the
-// weight streams in address order, which the hardware prefetcher follows. Four rows at once read
-// as four short streams it does not follow, and the next block's prefetch did not make up for it:
-// SmolLM2's server half (fp32 layers) at one row, Zen 4, 13.6-15.0 -> 9.3-12.1 ms a step in three
-// runs (bench/results/edge_decode/s65/experiments.txt). Each element is summed as tile<R, 1> sums it,
-// one accumulator in order: a chain of one FMA per vector, which at 16 lanes (4 cycles a cache
-// line) outruns memory; at 8 or 4 lanes it may not, and unmeasured there, those builds keep the tiles.
+// One activation row (a decode step's) on AVX-512 goes row_block<1> row after row, each weight row
+// read whole, so the weight streams in address order, which the hardware prefetcher follows. Four
+// rows at once read as four short streams it does not follow, and the next block's prefetch did
+// not make up for it: SmolLM2's server half (fp32 layers) at one row, Zen 4, 13.6-15.0 -> 9.3-12.1
+// ms a step in three runs (bench/results/edge_decode/s65/experiments.txt). A lone row is one chain
+// of one FMA per vector, which at 16 lanes (4 cycles a cache line) outruns memory; at 8 or 4 lanes
+// it may not, and unmeasured there, those builds keep the blocks of kRows.
 #if defined(__AVX512F__)
 constexpr bool kRowByRow = true;
 #else
 constexpr bool kRowByRow = false;
 #endif
-void f32_row_by_row(const float* w, int64_t K, const float* x, float* y, int64_t n0, int64_t n1) {
-  const int64_t vec_end = K / kLine * kLine;
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* r = w + n * K;
-    fvec acc{};
-    for (int64_t k = 0; k < vec_end; k += kLanes) acc = loadv(r + k) * loadv(x + k) + acc;
-    float t = hsum(acc);
-    for (int64_t k = vec_end; k < K; ++k) t += r[k] * x[k];
-    y[n] = t;
-  }
-}
 
 void f32_rows_m(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, const float* bias, float* y,
                 int64_t ldy, int64_t n0, int64_t n1) {
-  if (kRowByRow && M == 1) {
-    f32_row_by_row(w, K, x, y, n0, n1);
-  } else {
-    int64_t n = n0;
+  int64_t n = n0;
+  if (!(kRowByRow && M == 1))
     for (; n + kRows <= n1; n += kRows)
       row_block<kRows>(w, K, x, ldx, M, y, ldy, n, n + 2 * kRows <= n1 ? w + (n + kRows) * K : nullptr);
-    for (; n < n1; ++n) row_block<1>(w, K, x, ldx, M, y, ldy, n, nullptr);
-  }
+  for (; n < n1; ++n) row_block<1>(w, K, x, ldx, M, y, ldy, n, nullptr);
   if (bias)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t i = n0; i < n1; ++i) y[m * ldy + i] += bias[i];
