@@ -1600,9 +1600,10 @@ def test_lowbit_linear_long_rows_every_isa(each_isa, dtype, bits, group, k, m):
 @pytest.mark.parametrize("n,k", [(1, 1), (13, 63), (37, 64), (21, 65), (9, 200), (11, 768), (70, 1030), (6, 1601)])
 def test_int8_linear_every_isa_bit_identical(each_isa, m, n, k):
     # K around the 64/32/16-byte vector steps (masked and scalar tails), N with short 4- and
-    # 8-row tiles, K = 1030 with several weight-row blocks; VNNI's rows in address order
-    # (kInOrderMinK) at M = 1 from K = 768 (no tail) and at M = 2-3 at K = 1601; weights span the full int8 range
-    # (-128 included), activations a mix of magnitudes and a zero row.
+    # 8-row tiles, K = 1030 with several weight-row blocks; rows in address order (kInOrderMinK)
+    # at M = 1 from K = 768 on VNNI (no tail), from 576 without it (K = 768, 1030 and 1601: tails
+    # of 6 and 1 past the 16- and 32-byte steps), at M = 2-3 at K = 1601 on every vector ISA;
+    # weights span the full int8 range (-128 included), activations a mix of magnitudes and a zero row.
     g = _gen(m * 1000 + n * k)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     w[0, 0] = -128

@@ -114,7 +114,7 @@ constexpr int kCols = 2;
 
 // The tiles of a block share the prefetch of the next block (`next`, null at the end), each a
 // slice of its columns, so the memory traffic is spread over the block's compute (the batched
-// step of 16 rows: ~10% less CPU than without a prefetch). One row on AVX-512 goes row by row
+// step of 16 rows: ~10% less CPU than without a prefetch). One row on AVX-512 and AVX2 goes row by row
 // (kRowByRow).
 template <int R>
 void row_block(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, int64_t n,
@@ -127,14 +127,15 @@ void row_block(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M
   for (; m < M; ++m, pf += share) tile<R, 1>(w, K, x, ldx, y, ldy, n, m, next, pf, std::min(K, pf + share));
 }
 
-// One activation row (a decode step's) on AVX-512 goes row_block<1> row after row, each weight row
-// read whole, so the weight streams in address order, which the hardware prefetcher follows. Four
-// rows at once read as four short streams it does not follow, and the next block's prefetch did
-// not make up for it: SmolLM2's server half (fp32 layers) at one row, Zen 4, 13.6-15.0 -> 9.3-12.1
-// ms a step in three runs (bench/results/edge_decode/s65/experiments.txt). A lone row is one chain
-// of one FMA per vector, which at 16 lanes (4 cycles a cache line) outruns memory; at 8 or 4 lanes
-// it may not, and unmeasured there, those builds keep the blocks of kRows.
-#if defined(__AVX512F__)
+// One activation row (a decode step's) on AVX-512 and AVX2 goes row_block<1> row after row, each
+// weight row read whole, so the weight streams in address order, which the hardware prefetcher
+// follows. Four rows at once read as four short streams it does not follow, and the next block's
+// prefetch did not make up for it: SmolLM2's server half (fp32 layers) at one row, Zen 4,
+// 13.6-15.0 -> 9.3-12.1 ms a step in three runs, and on the AVX2 build 13.3-14.5 -> 8.5-10.6
+// (bench/results/edge_decode/s65/, s66/experiments.txt). A lone row is one chain of one FMA per
+// vector, 4 cycles a cache line at 16 lanes and 8 at 8 lanes; the generic build's 4 lanes
+// (16 cycles) keep the blocks of kRows.
+#if defined(__AVX512F__) || defined(__AVX2__)
 constexpr bool kRowByRow = true;
 #else
 constexpr bool kRowByRow = false;

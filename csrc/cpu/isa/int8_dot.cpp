@@ -65,8 +65,13 @@ constexpr int64_t kL1AheadBytes = 16 << 10;  // the largest weight tile prefetch
 // head's two int8 rows a token): 49152 x 4096 12.6-13.0 / 8.3-8.9, 14336 x 4096 3.85 / 2.6-2.9,
 // 32000 x 2048 4.1-4.7 / 2.9-3.4, 49152 x 1536 4.04-4.11 / 3.57-3.72; level at 1024-1280 and
 // slower at 896 (4.9-5.2 / 6.1-6.6). Below these K the prefetch across the tile stays
-// (bench/results/edge_decode/s65/experiments.txt).
-constexpr int64_t kInOrderMinK = 768, kInOrderMinKRows = 1536;  // one activation row; two to four
+// (bench/results/edge_decode/s65/experiments.txt). Without VNNI (vpmaddwd: AVX2, AVX-512) one
+// row in order won at every K measured, 576 to 4096, and more (the same Zen 4 run on those ISAs,
+// across / in order, M = 1: AVX2 151936 x 896 12.0-12.9 / 5.8-6.6, 49152 x 4096 12.9-13.1 /
+// 7.8-8.5, 49152 x 576 1.41-1.67 / 1.18-1.28), two to four rows from the same K = 1536 (AVX2 M = 2
+// 49152 x 4096 16.0-17.0 / 10.7, 32000 x 2048 6.2-6.3 / 2.9; bench/results/edge_decode/s66/).
+constexpr int64_t kInOrderMinK = SK_INT8_SIMD == 2 ? 768 : 576;  // one activation row
+constexpr int64_t kInOrderMinKRows = 1536;                      // two to four
 
 #if SK_INT8_SIMD > 0
 inline Acc zero() {
@@ -125,18 +130,27 @@ inline Acc madd_add(Acc acc, Acc a, Acc b) {
 }
 #endif
 
-#if SK_INT8_SIMD == 2
-// acc[m][r] += x row m . w row r over all of K, one weight row after another (kInOrderMinK).
+#if SK_INT8_SIMD > 0
+// acc[m][r] += x row m . w row r over all of K, one weight row after another (kInOrderMinK);
+// without VNNI the K tail past the last whole step is left to the caller, as in dot_tile.
 template <int MR, int NR>
 inline void rows_in_order(Acc acc[MR][NR], const int8_t* x, int64_t K, const int8_t* const* wr) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t whole = K / kStep * kStep;
+#if SK_INT8_SIMD == 2
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int r = 0; r < NR; ++r)
     for (int64_t k = 0; k < whole; k += kStep) {
       const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wr[r] + k), flip);
       for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], wv, _mm512_loadu_si512(x + m * K + k));
     }
   if (whole < K) step<MR, NR>(acc, x, K, wr, whole, ~__mmask64{0} >> (kStep - (K - whole)));
+#else
+  for (int r = 0; r < NR; ++r)
+    for (int64_t k = 0; k < whole; k += kStep) {
+      const Acc wv = widen(wr[r] + k);
+      for (int m = 0; m < MR; ++m) acc[m][r] = madd_add(acc[m][r], wv, widen(x + m * K + k));
+    }
+#endif
 }
 #endif
 
@@ -165,12 +179,16 @@ void dot_tile(const int8_t* x, const int32_t* xsum, int64_t K, const int8_t* con
 #else
   (void)xsum;
   const int64_t vec_end = K / kStep * kStep;
-  for (int64_t k = 0; k < vec_end; k += kStep) {
-    Acc wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = widen(wr[r] + k);
-    for (int m = 0; m < MR; ++m) {
-      const Acc xv = widen(x + m * K + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = madd_add(acc[m][r], wv[r], xv);
+  if constexpr (InOrder) {
+    rows_in_order<MR, NR>(acc, x, K, wr);
+  } else {
+    for (int64_t k = 0; k < vec_end; k += kStep) {
+      Acc wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = widen(wr[r] + k);
+      for (int m = 0; m < MR; ++m) {
+        const Acc xv = widen(x + m * K + k);
+        for (int r = 0; r < NR; ++r) acc[m][r] = madd_add(acc[m][r], wv[r], xv);
+      }
     }
   }
   for (int m = 0; m < MR; ++m)
@@ -258,7 +276,7 @@ void rows_t(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
 
 void rows(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
   // One activation row streams eight weight rows at a time; more rows share 4 x 4 tiles.
-#if SK_INT8_SIMD == 2
+#if SK_INT8_SIMD > 0
   const bool in_order = p.K >= (p.M == 1 ? kInOrderMinK : kInOrderMinKRows) && p.M <= 4;
 #else
   const bool in_order = false;
@@ -267,6 +285,12 @@ void rows(const Int8Problem& p, int64_t n_begin, int64_t n_end) {
     in_order ? rows_t<1, 8, true>(p, n_begin, n_end) : rows_t<1, 8>(p, n_begin, n_end);
   else
     in_order ? rows_t<4, 4, true>(p, n_begin, n_end) : rows_t<4, 4>(p, n_begin, n_end);
+#if defined(__AVX__)
+  // The caller's code is SSE (the package's baseline), and GCC left out the vzeroupper at the
+  // end of the 4 x 4 tiles: with the upper halves dirty, the native step's scalar code after the
+  // head ran up to 3x slower on Zen 4 (bench/results/edge_decode/s66/experiments.txt).
+  _mm256_zeroupper();
+#endif
 }
 
 // q = clamp(round_half_even(x / s), -127, 127) with s = amax / 127: an IEEE division per
