@@ -17,9 +17,9 @@ from splitkernels.nn import replace_linear
 def _model(family: str = "llama", bits: int | None = None, hidden: int = 48):
     if hidden % 8:  # two heads: tiny_model's four need hidden % 8 == 0 for even head sizes
         torch.manual_seed(11)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=112, hidden_size=hidden, num_hidden_layers=3, num_attention_heads=2,
-                                             num_key_value_heads=2, intermediate_size=2 * hidden,
-                                             max_position_embeddings=512)).eval()
+        config = LlamaConfig(vocab_size=112, hidden_size=hidden, num_hidden_layers=3, num_attention_heads=2,
+                             num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512)
+        model = LlamaForCausalLM(config).eval()
     else:
         model = tiny_model(family, seed=11, num_layers=3, hidden=hidden, vocab=112)
     with torch.no_grad():  # near-tied head rows: the int8 head's exact fix-up must order them

@@ -66,7 +66,7 @@ constexpr int64_t kL1AheadBytes = 16 << 10;  // the largest weight tile prefetch
 // 32000 x 2048 4.1-4.7 / 2.9-3.4, 49152 x 1536 4.04-4.11 / 3.57-3.72; level at 1024-1280 and
 // slower at 896 (4.9-5.2 / 6.1-6.6). Below these K the prefetch across the tile stays
 // (bench/results/edge_decode/s65/experiments.txt). Without VNNI (vpmaddwd: AVX2, AVX-512) one
-// row in order won at every K measured, 576 to 4096, and more (the same Zen 4 run on those ISAs,
+// row in order won at every K measured, 576 to 4096 (the same Zen 4 run on those ISAs,
 // across / in order, M = 1: AVX2 151936 x 896 12.0-12.9 / 5.8-6.6, 49152 x 4096 12.9-13.1 /
 // 7.8-8.5, 49152 x 576 1.41-1.67 / 1.18-1.28), two to four rows from the same K = 1536 (AVX2 M = 2
 // 49152 x 4096 16.0-17.0 / 10.7, 32000 x 2048 6.2-6.3 / 2.9; bench/results/edge_decode/s66/).
