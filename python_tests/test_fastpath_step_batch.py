@@ -15,13 +15,8 @@ from splitkernels.nn import replace_linear
 
 
 def _model(family: str = "llama", bits: int | None = None, hidden: int = 48):
-    if hidden % 8:  # two heads: tiny_model's four need hidden % 8 == 0 for even head sizes
-        torch.manual_seed(11)
-        config = LlamaConfig(vocab_size=112, hidden_size=hidden, num_hidden_layers=3, num_attention_heads=2,
-                             num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512)
-        model = LlamaForCausalLM(config).eval()
-    else:
-        model = tiny_model(family, seed=11, num_layers=3, hidden=hidden, vocab=112)
+    heads = 4 if hidden % 8 == 0 else 2  # even head sizes (rotary halves)
+    model = tiny_model(family, seed=11, num_layers=3, hidden=hidden, vocab=112, heads=heads)
     with torch.no_grad():  # near-tied head rows: the int8 head's exact fix-up must order them
         w = model.lm_head.weight
         w[1::2] = w[0::2] + 1e-4 * torch.randn_like(w[0::2])

