@@ -388,6 +388,25 @@ def test_lowbit_linear_scale_dtype_differs_from_x():
     assert _rel_err(y, _lowbit_want64(xh, qw, b)) <= TOL[torch.float16]
 
 
+def test_lowbit_linear_reads_every_finite_fp16_scale_exactly(each_isa):
+    # Every finite fp16 bit pattern (subnormals and -0 included) as a scale, codes 1 and zeros 0:
+    # with x one at a single position of group `grp`, y[n] is scale[n, grp] itself, so the kernels'
+    # fp16 -> fp32 conversion (branch-free, common/half.h) must match torch's bit for bit.
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    n, groups, group = 496, 128, 32
+    scale = every[torch.isfinite(every)].reshape(n, groups)
+    codes = torch.ones(n, groups * group, dtype=torch.int32)
+    qw = QuantizedWeight(pack_weight_codes(codes, 4), scale, torch.zeros_like(scale), 4, group, groups * group).check()
+    for isa in each_isa:
+        cpp._C.set_lowbit_isa(isa)
+        for m in (1, 3):
+            for grp in range(groups):
+                x = torch.zeros(m, groups * group)
+                x[:, grp * group + 5] = 1.0
+                y = cpp.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, group, None)
+                assert torch.equal(y, scale[:, grp].float().expand(m, n)), (isa, m, grp)
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("m", (1, 3, 300))
 def test_lowbit_linear_op_keeps_fp32_scales_for_half_activations(dtype, m):
