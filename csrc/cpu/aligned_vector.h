@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <new>
 #include <vector>
 
@@ -36,3 +37,15 @@ template <typename T>
 using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
 }  // namespace sk
+
+// The vectors' out-of-line members are built once, for baseline x86-64, in aligned_vector.cpp.
+// Instantiated implicitly, every kernel object built for its instruction set carried a weak copy,
+// and the linker kept one of them for all callers: the baseline code's resize() ran an AVX-512
+// copy (zmm moves), an illegal instruction on CPUs without AVX-512. The build checks that no
+// kernel object defines a weak symbol outside its own namespace (csrc/check_isa_objects.cmake).
+extern template class std::vector<float, sk::CacheLineAllocator<float>>;
+extern template class std::vector<int8_t, sk::CacheLineAllocator<int8_t>>;
+extern template class std::vector<uint8_t, sk::CacheLineAllocator<uint8_t>>;
+extern template class std::vector<uint16_t, sk::CacheLineAllocator<uint16_t>>;
+extern template class std::vector<int32_t, sk::CacheLineAllocator<int32_t>>;
+extern template class std::vector<uint32_t, sk::CacheLineAllocator<uint32_t>>;
