@@ -25,9 +25,12 @@ for every method alike: torch's fp32 ``F.linear`` may then compute in bf16, and 
 dtype ``float16`` gives ours fp16 activations (and fp16 scales), torch's kernels the same values as
 fp32 or rounded to bf16 as in the other rows.
 
+``--isa NAME`` runs our kernels as built for that instruction set and caps PyTorch's to the same
+(``torch_isa_env``), e.g. ``--isa avx2`` on an AVX-512 machine for an AVX2 machine's table.
+
 Usage: python bench/ops/lowbit_linear.py --out DIR [--backend cpp] [--threads 1,all]
        [--m 1,4,16,64,512] [--shapes 4096x4096,1536x576,576x1536,4864x896] [--bits 2,3,4,8]
-       [--dtypes float32,float32-medium,bfloat16,float16] [--group 32] [--busy 1] [--quick]
+       [--dtypes float32,float32-medium,bfloat16,float16] [--group 32] [--busy 1] [--quick] [--isa avx2]
 """
 from __future__ import annotations
 
@@ -55,6 +58,27 @@ DTYPES = {"float32": (torch.float32, "highest"), "float32-medium": (torch.float3
           "bfloat16": (torch.bfloat16, "highest"), "float16": (torch.float16, "highest")}
 TORCH = ("F.linear fp32", "F.linear bf16", "torch int4pack", "torch int8pack")
 INT4PACK_MAX_GROUP = 256  # _weight_int4pack_mm_for_cpu's longest group
+
+
+# PyTorch's kernels capped to the instruction set that --isa gives ours (ATen's own kernels such as
+# int4pack, oneDNN's and MKL's), so that a table run with --isa avx2 on an AVX-512 machine stands for
+# an AVX2 machine on both sides. Sets beyond AVX-512 BF16 (AMX) leave torch as it is.
+_TORCH_ISA_ENV = {
+    "generic": ("default", "SSE41", "SSE4_2"),
+    "avx2": ("avx2", "AVX2", "AVX2"),
+    "avx512": ("avx512", "AVX512_CORE", "AVX512"),
+    "avx512_vnni": ("avx512", "AVX512_CORE_VNNI", "AVX512"),
+    "avx512_bf16": ("avx512", "AVX512_CORE_BF16", "AVX512"),
+    "avx512_bf16_vbmi": ("avx512", "AVX512_CORE_BF16", "AVX512"),
+}
+
+
+def torch_isa_env(isa: str | None) -> dict[str, str]:
+    """Environment that caps PyTorch's CPU kernels to `isa` (ours); empty where none is given or known."""
+    if isa not in _TORCH_ISA_ENV:
+        return {}
+    aten, onednn, mkl = _TORCH_ISA_ENV[isa]
+    return {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn, "MKL_ENABLE_INSTRUCTIONS": mkl}
 
 
 def group_for(k: int, group: int = 0) -> int:
@@ -125,7 +149,8 @@ def render(result: dict) -> str:
         f"Command: `{result.get('command', '')}`",
         "",
         f"Machine: {mc['cpu']} ({', '.join(mc['cpu_flags'])}), {mc['logical_cpus']} logical CPUs, torch {mc['torch']}, "
-        f"kernel ISA {mc.get('kernel_isa')}; backend `{result['backend']}`; OMP_WAIT_POLICY "
+        f"kernel ISA {mc.get('kernel_isa')}"
+        + (f", PyTorch's capped: {mc['torch_isa']}" if "torch_isa" in mc else "") + f"; backend `{result['backend']}`; OMP_WAIT_POLICY "
         f"{mc.get('omp_wait_policy', 'default')}; load average at start "
         f"{mc['loadavg_start'][0]:.1f}. Copy bandwidth (read + write, "
         + ("one thread, thread clock" if result["clock"] == "thread" else "all threads") + f"): {bw:.1f} GB/s. "
@@ -179,7 +204,8 @@ def main() -> None:
                         "machine; only with --threads 1 (every kernel then runs on the calling thread)")
     p.add_argument("--quick", action="store_true", help="4096x4096, W4/W8, M = 1 and 16, bf16 only")
     p.add_argument("--isa", help="run our kernels as built for this instruction set (one of _C.lowbit_isas(), "
-                   "e.g. avx2 on an AVX-512 machine; PyTorch's kernels keep the machine's)")
+                   "e.g. avx2 on an AVX-512 machine), PyTorch's capped to the same (ATEN_CPU_CAPABILITY, "
+                   "ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS)")
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -208,6 +234,7 @@ def main() -> None:
         if a.isa not in cpp._C.lowbit_isas():
             p.error(f"--isa must be one of {', '.join(cpp._C.lowbit_isas())}, got {a.isa}")
         machine["kernel_isa"] = f"{a.isa} (chosen; the CPU's own: {machine.get('kernel_isa')})"
+        machine["torch_isa"] = " ".join(f"{k}={v}" for k, v in torch_isa_env(a.isa).items()) or "the CPU's own"
     result = {"command": "python " + " ".join(sys.argv), "machine": machine, "backend": a.backend, "clock": a.clock, "copy_bandwidth_gbps": timing.copy_bandwidth(copy_clock) / 1e9,
               "methods": list(TORCH) + [f"W{b}" for b in a.bits], "rows": []}
     counts = [os.cpu_count() or 1 if t == "all" else int(t) for t in a.threads.split(",")]
@@ -222,7 +249,8 @@ def main() -> None:
                         "--dtypes", ",".join(a.dtypes), "--budget", str(a.budget), "--clock", a.clock,
                         "--group", str(a.group)]
                 argv += ["--isa", a.isa] if a.isa else []
-                subprocess.run(argv, check=True, env={**os.environ, "SPLITKERNELS_NUM_THREADS": str(threads)})
+                env = {**os.environ, "SPLITKERNELS_NUM_THREADS": str(threads), **torch_isa_env(a.isa)}
+                subprocess.run(argv, check=True, env=env)
                 result["rows"] += [{**r, "busy": busy} for r in json.loads(out.read_text())]
     result["loadavg_end"] = os.getloadavg()
     result["wall_s"] = time.perf_counter() - start
