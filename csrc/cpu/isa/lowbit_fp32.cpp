@@ -333,6 +333,12 @@ inline void prefetch_bytes(const uint8_t* p, int64_t n) {
   __builtin_prefetch(p + n - 1);
 }
 
+// The same into L2 only.
+inline void prefetch_l2_bytes(const uint8_t* p, int64_t n) {
+  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(p + o, 0, 2);
+  __builtin_prefetch(p + n - 1, 0, 2);
+}
+
 // Groups [g0, g1) of a row (phase order, ending at row_end) dequantised into w, from w[0]; steps
 // of L units of each phase; group size GS (0: g, known only at run time).
 template <int B, int L, int GS>
@@ -770,6 +776,14 @@ void fused_bits(const LowbitProblem& p, int64_t n_begin, int64_t n_end, float* s
         zeros_at = static_cast<const float*>(p.zero) + n0 * G;
       } else {
         load_affine_rows(p, n0, rows, sz, zeros);
+        // The next block's into L2 while this block's rows compute: converted in one burst, they had
+        // come from memory with no work to hide the misses (into L1, the block's weight rows evicted
+        // them first). 14336 x 4096 W4 g32, bf16 scales, M = 1, AVX2: 3.89-4.07 -> 3.53-3.71 ms.
+        if (const int64_t next = std::min(kAffineRows, p.N - n0 - rows); next > 0) {
+          const int64_t size = dtype_size(p.scale_dtype), at = (n0 + rows) * G * size;
+          prefetch_l2_bytes(static_cast<const uint8_t*>(p.scale) + at, next * G * size);
+          prefetch_l2_bytes(static_cast<const uint8_t*>(p.zero) + at, next * G * size);
+        }
       }
       if (slice_groups == G) {
         block(n0, rows, 0, G, nullptr);
