@@ -31,7 +31,7 @@ llama.cpp is an optional dependency (``pip install '.[bench]'`` installs llama-c
 may compile llama.cpp). Without it the llama.cpp rows are left out and the report says so.
 
 Usage: python bench/edge_decode.py --out DIR [--model smollm2|qwen2.5-coder|FILE.gguf] [--threads 1,2]
-       [--steps 48] [--rounds 5] [--greedy-tokens 24] [--scale-dtype float16]
+       [--steps 48] [--rounds 5] [--greedy-tokens 24] [--scale-dtype float16] [--isa avx2]
 """
 from __future__ import annotations
 
@@ -199,7 +199,8 @@ def table(result: dict) -> str:
     part_layers = {whole: layers, edge: layers - 1}  # decoder layers per part
     lines = [f"# Edge decode: {result['model']}, llama.cpp vs ours ({result['machine']['time_utc']} UTC)", "",
              f"Machine: {result['machine']['cpu']}, {result['machine']['logical_cpus']} logical CPUs "
-             f"(shared with other jobs; load average at start {result['machine']['loadavg_start'][0]:.1f}). "
+             f"(shared with other jobs; load average at start {result['machine']['loadavg_start'][0]:.1f}), "
+             f"our kernels built for {result['machine'].get('kernel_isa')}. "
              f"Median of {result['rounds']} rounds x {result['steps']} decode steps after a "
              f"{PROMPT_TOKENS}-token prompt; all rows in one run, taking turns. Our 4-bit layers: groups of "
              f"32, scales and zeros in {result['scale_dtype']}.", ""]
@@ -235,7 +236,14 @@ def main() -> int:
     ap.add_argument("--greedy-tokens", type=int, default=24)
     ap.add_argument("--scale-dtype", choices=tuple(SCALE_DTYPES), default=None,
                     help="dtype of our 4-bit layers' scales and zeros (default: the model's)")
+    ap.add_argument("--isa", default=None,
+                    help="run our kernels as built for this instruction set (one of _C.lowbit_isas(), e.g. avx2 "
+                         "on an AVX-512 machine; default: the CPU's best)")
     args = ap.parse_args()
+    if args.isa is not None:
+        if args.isa not in _C.lowbit_isas():
+            sys.exit(f"--isa must be one of {', '.join(_C.lowbit_isas())}, got {args.isa!r}")
+        _C.set_lowbit_isa(args.isa)
     if args.model in PACKAGED and not packaged_available(args.model):
         sys.exit(f"{PACKAGED[args.model].name} is not installed: {PACKAGED[args.model].install}")
     if args.model not in PACKAGED and not (Path(args.model).is_file() and args.model.endswith(".gguf")):
