@@ -150,7 +150,8 @@ def render(result: dict) -> str:
         "",
         f"Machine: {mc['cpu']} ({', '.join(mc['cpu_flags'])}), {mc['logical_cpus']} logical CPUs, torch {mc['torch']}, "
         f"kernel ISA {mc.get('kernel_isa')}"
-        + (f", PyTorch's capped: {mc['torch_isa']}" if "torch_isa" in mc else "") + f"; backend `{result['backend']}`; OMP_WAIT_POLICY "
+        + (f", PyTorch's capped: {mc['torch_isa']}" if "torch_isa" in mc else "")
+        + f"; backend `{result['backend']}`; OMP_WAIT_POLICY "
         f"{mc.get('omp_wait_policy', 'default')}; load average at start "
         f"{mc['loadavg_start'][0]:.1f}. Copy bandwidth (read + write, "
         + ("one thread, thread clock" if result["clock"] == "thread" else "all threads") + f"): {bw:.1f} GB/s. "

@@ -2,8 +2,9 @@
 //
 // Written with integer operations (plus one IEEE fp32 operation for fp16 subnormals) so the
 // results never depend on compiler support for _Float16 or on the target's BF16 instructions; fp16
-// -> fp32 takes F16C's instruction where the build has it (same values). Conversions to the narrow
-// types round to nearest, ties to even, the way torch's .to(dtype) does; docs/FORMATS.md relies on that.
+// -> fp32 takes F16C's instruction where the build has it (the same bits, but for signalling NaNs,
+// which it quiets). Conversions to the narrow types round to nearest, ties to even, the way torch's
+// .to(dtype) does; docs/FORMATS.md relies on that.
 #pragma once
 
 #include <cstdint>
