@@ -236,13 +236,11 @@ def main() -> int:
     ap.add_argument("--greedy-tokens", type=int, default=24)
     ap.add_argument("--scale-dtype", choices=tuple(SCALE_DTYPES), default=None,
                     help="dtype of our 4-bit layers' scales and zeros (default: the model's)")
-    ap.add_argument("--isa", default=None,
-                    help="run our kernels as built for this instruction set (one of _C.lowbit_isas(), e.g. avx2 "
-                         "on an AVX-512 machine; default: the CPU's best)")
+    ap.add_argument("--isa", choices=_C.lowbit_isas(), default=None,
+                    help="run our kernels as built for this instruction set, e.g. avx2 on an AVX-512 machine "
+                         "(default: the CPU's best)")
     args = ap.parse_args()
     if args.isa is not None:
-        if args.isa not in _C.lowbit_isas():
-            sys.exit(f"--isa must be one of {', '.join(_C.lowbit_isas())}, got {args.isa!r}")
         _C.set_lowbit_isa(args.isa)
     if args.model in PACKAGED and not packaged_available(args.model):
         sys.exit(f"{PACKAGED[args.model].name} is not installed: {PACKAGED[args.model].install}")

@@ -204,8 +204,9 @@ def main() -> None:
                    help="thread: CPU time of the calling thread, robust to other processes on a shared "
                         "machine; only with --threads 1 (every kernel then runs on the calling thread)")
     p.add_argument("--quick", action="store_true", help="4096x4096, W4/W8, M = 1 and 16, bf16 only")
-    p.add_argument("--isa", help="run our kernels as built for this instruction set (one of _C.lowbit_isas(), "
-                   "e.g. avx2 on an AVX-512 machine), PyTorch's capped to the same (ATEN_CPU_CAPABILITY, "
+    p.add_argument("--isa", choices=cpp._C.lowbit_isas(),
+                   help="run our kernels as built for this instruction set (e.g. avx2 on an AVX-512 "
+                   "machine), PyTorch's capped to the same (ATEN_CPU_CAPABILITY, "
                    "ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS)")
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -232,8 +233,6 @@ def main() -> None:
     copy_clock = time.thread_time if a.clock == "thread" else time.perf_counter
     machine = timing.machine()
     if a.isa:
-        if a.isa not in cpp._C.lowbit_isas():
-            p.error(f"--isa must be one of {', '.join(cpp._C.lowbit_isas())}, got {a.isa}")
         machine["kernel_isa"] = f"{a.isa} (chosen; the CPU's own: {machine.get('kernel_isa')})"
         machine["torch_isa"] = " ".join(f"{k}={v}" for k, v in torch_isa_env(a.isa).items()) or "the CPU's own"
     result = {"command": "python " + " ".join(sys.argv), "machine": machine, "backend": a.backend, "clock": a.clock, "copy_bandwidth_gbps": timing.copy_bandwidth(copy_clock) / 1e9,
