@@ -42,7 +42,7 @@ using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 // Instantiated implicitly, every kernel object built for its instruction set carried a weak copy,
 // and the linker kept one of them for all callers: the baseline code's resize() ran an AVX-512
 // copy (zmm moves), an illegal instruction on CPUs without AVX-512. The build checks that no
-// kernel object defines a weak symbol outside its own namespace (csrc/check_isa_objects.cmake).
+// kernel object defines a weak symbol outside its own namespace (csrc/check_isa_objects.py).
 extern template class std::vector<float, sk::CacheLineAllocator<float>>;
 extern template class std::vector<int8_t, sk::CacheLineAllocator<int8_t>>;
 extern template class std::vector<uint8_t, sk::CacheLineAllocator<uint8_t>>;

@@ -1,6 +1,6 @@
-// The builds of one component's per-ISA kernel table that this CPU runs, best last; the one in use
-// (the best at start); and a switch between them by name. The bit-plane and slot coders keep one
-// each (planes.cpp, slots.cpp).
+// The cpuid check of the AVX-512 builds' flags, and the builds of one component's per-ISA kernel
+// table that this CPU runs, best last; the one in use (the best at start); and a switch between
+// them by name. The bit-plane and slot coders keep one each (planes.cpp, slots.cpp).
 #pragma once
 
 #include <string>
@@ -8,6 +8,17 @@
 #include <vector>
 
 namespace sk {
+
+#if defined(__x86_64__) || defined(__i386__)
+// Whether this CPU runs everything CMakeLists.txt's SK_AVX512 flags let the compiler emit
+// (AVX-512 F/BW/VL/DQ, AVX2, FMA, F16C): every object built with them checks at least this.
+inline bool cpu_runs_avx512_flags() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+#endif
 
 template <class Kernels>
 class IsaChoice {

@@ -45,6 +45,7 @@
 
 #include "common/half.h"
 #include "cpu/int8_kernels.h"
+#include "cpu/isa_choice.h"
 #include "cpu/linear.h"
 #include "cpu/lowbit_kernels.h"
 #include "cpu/thread_pool.h"
@@ -79,9 +80,7 @@ bool cpu_has(const char* what) {
   // F16C (fp16 conversions, common/half.h) came before AVX2 on every x86 CPU; the builds use it.
   if (w == "avx2")
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (w == "avx512")
-    return cpu_has("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (w == "avx512") return cpu_runs_avx512_flags();
   if (w == "avx512_vnni") return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
   if (w == "avx512_bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
   if (w == "avx512_vbmi") return cpu_has("avx512") && __builtin_cpu_supports("avx512vbmi");

@@ -56,8 +56,8 @@ IsaChoice<PlanesRowKernels>& choice() {
   static IsaChoice<PlanesRowKernels> builds = [] {
     std::vector<IsaChoice<PlanesRowKernels>::Build> out{{"scalar", &isa_generic::planes_row_kernels()}};
 #if defined(__x86_64__) || defined(__i386__)
-    if (__builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vbmi2"))
+    if (cpu_runs_avx512_flags() && __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") &&
+        __builtin_cpu_supports("popcnt"))
       out.push_back({"avx512", &isa_avx512vbmi2::planes_row_kernels()});
 #endif
     return IsaChoice<PlanesRowKernels>("planes", std::move(out));

@@ -76,10 +76,10 @@ IsaChoice<SlotsRowKernels>& choice() {
   static IsaChoice<SlotsRowKernels> builds = [] {
     std::vector<IsaChoice<SlotsRowKernels>::Build> out{{"scalar", &isa_generic::slots_row_kernels()}};
 #if defined(__x86_64__) || defined(__i386__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt"))
       out.push_back({"avx2", &isa_avx2::slots_row_kernels()});
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("gfni"))
+    if (cpu_runs_avx512_flags() && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+        __builtin_cpu_supports("gfni") && __builtin_cpu_supports("popcnt"))
       out.push_back({"avx512", &isa_avx512gfni::slots_row_kernels()});
 #endif
     return IsaChoice<SlotsRowKernels>("slots", std::move(out));

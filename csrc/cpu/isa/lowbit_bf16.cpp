@@ -370,7 +370,10 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // the per-row sums busy. How many depends on the path (dot_block): in groups of whole chunks each
   // row's loaded chunk, group sum and total stay live (3 R zmm besides the decoded pairs), so R = 6 /
   // 4 / 4 / 3 at M = 1 / 2 / 3 / 4; several groups per chunk (and W2, whose pairs run outside the
-  // rows) take 8 / 6 / 3 / 2 (W2: 3 at M = 4). Against the earlier 8 / 4 / 2 / 2 for every path (one
+  // rows) take 8 / 6 / 3 / 2. (W2 took 3 at M = 4 until session 68: its pairs' 12 sums beside the 12
+  // totals spilled; one thread, bf16, ms, 3 -> 2: 1536 x 576 g64 0.098 -> 0.085, 4864 x 896 0.371 ->
+  // 0.326, 576 x 1536 0.068 -> 0.057, 4096 x 4096 1.034 -> 0.873; in groups of whole chunks 2 was slower,
+  // 4096 x 4096 g256 1.03 -> 1.17.) Against the earlier 8 / 4 / 2 / 2 for every path (one
   // thread, ms, warm; session 33): 576 x 1536 W4 g128 M = 1 0.016-0.017 -> 0.010 (R = 4: 0.011), M = 3
   // 0.023-0.024 -> 0.020, M = 4 0.030-0.033 -> 0.027-0.028; 2048 x 2048 W4 M = 1 0.075-0.080 ->
   // 0.042-0.044, M = 4 0.13-0.14 -> 0.11-0.12; 4096 x 4096 W3 M = 1 0.27-0.28 -> 0.21 (R = 4: 0.24);
@@ -404,8 +407,8 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
         long_rows || whole ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end) : dot_rows<B, 3, 3>(p, 0, n_begin, n_end);
       break;
     default:
-      long_rows || whole || kPairs<B> >= 8 ? dot_rows<B, kDotRows, 3>(p, 0, n_begin, n_end)
-                                           : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
+      long_rows || whole ? dot_rows<B, kDotRows, 3>(p, 0, n_begin, n_end)
+                         : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
   }
 }
 
