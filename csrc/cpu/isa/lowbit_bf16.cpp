@@ -134,6 +134,14 @@ inline void decode_natural8(const uint8_t* chunk, __mmask64 bytes, __m512i out[2
 
 // ---- Few activation rows: decode in registers, dot over k -------------------------------
 
+// How far ahead 8-bit rows' chunks are prefetched, into L2, in whole prefetch distances (the VNNI
+// path's rule, isa/lowbit_vnni.cpp); other widths keep one distance ahead into L1. With the weights
+// in memory 8-bit rows (twice the bytes per code) waited on them: one thread, bf16, median ms, L1
+// one distance ahead / this, 4864 x 896 M = 4 0.45-0.48 / 0.35-0.41, M = 3 0.39-0.48 / 0.31-0.35,
+// 1536 x 576 M = 4 0.10-0.12 / 0.10-0.11; 4096 x 4096 and 14336 x 4096 level, warm level. The same
+// for 4-bit rows was 1-3% slower (bench/results/ops/s68/experiments.txt).
+constexpr int64_t kMinAheadBytes8 = 8192;
+
 // out[m * ld + r] (+)= y of weight row n0 + r for activation row m0 + m (m < MR, r < R), over
 // the slice's groups, before bias: added to out where `add`, else written. Scales and zeros
 // are read straight from p.scale / p.zero (a copy converted to fp32 just before would be read
@@ -157,9 +165,17 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
   // a group spans chunks (its accumulators live on too); bench/results/ops/README.md, session 26.
   // Chunks of several groups with four pair vectors or fewer keep the rows outside (below).
   __m512i raw[R], q8[R][2];
+  const int64_t ahead =
+      B == 8 ? slice.prefetch * ((kMinAheadBytes8 + slice.prefetch - 1) / slice.prefetch) : slice.prefetch;
+  const auto prefetch_chunk = [&](const uint8_t* chunk) {
+    if constexpr (B == 8)
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + ahead), _MM_HINT_T1);
+    else
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + ahead), _MM_HINT_T0);
+  };
   const auto load_rows = [&](int64_t c, int64_t bytes) {
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
+      prefetch_chunk(rows[r] + cb * c);
       if constexpr (B == 8)
         decode_natural8(rows[r] + 64 * c, bytes == 64 ? ~0ull : (1ull << bytes) - 1, q8[r]);
       else
@@ -259,7 +275,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         // the compiler kept the loop, with the totals in memory (3/4/8 bits at M = 4: 5-15% slower).
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + slice.prefetch), _MM_HINT_T0);
+          prefetch_chunk(rows[r] + cb * c);
           const __m512 sc = scales(r);
           __m512i q[nv];
           if constexpr (B == 8) {
