@@ -389,7 +389,11 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // rows) take 8 / 6 / 3 / 2. (W2 took 3 at M = 4 until session 68: its pairs' 12 sums beside the 12
   // totals spilled; one thread, bf16, ms, 3 -> 2: 1536 x 576 g64 0.098 -> 0.085, 4864 x 896 0.371 ->
   // 0.326, 576 x 1536 0.068 -> 0.057, 4096 x 4096 1.034 -> 0.873; in groups of whole chunks 2 was slower,
-  // 4096 x 4096 g256 1.03 -> 1.17.) Against the earlier 8 / 4 / 2 / 2 for every path (one
+  // 4096 x 4096 g256 1.03 -> 1.17. 8-bit rows in groups of 16-32 codes take 2 at M = 3-4, their two
+  // decoded pairs a row beside the sums: M = 4, 3 -> 2, 4096 x 4096 g32 1.90-2.08 -> 1.77-2.11 (two
+  // of three rounds faster), g16 2.07-2.26 -> 1.88-1.95, 14336 x 4096 g32 7.49-7.77 -> 6.48-6.93; M =
+  // 3, 4 -> 2, 4096 x 4096 g32 1.79-1.91 -> 1.58-1.62, 14336 x 4096 g32 6.90-6.99 -> 5.88-6.15; in
+  // groups of whole chunks level or 1-3% slower.) Against the earlier 8 / 4 / 2 / 2 for every path (one
   // thread, ms, warm; session 33): 576 x 1536 W4 g128 M = 1 0.016-0.017 -> 0.010 (R = 4: 0.011), M = 3
   // 0.023-0.024 -> 0.020, M = 4 0.030-0.033 -> 0.027-0.028; 2048 x 2048 W4 M = 1 0.075-0.080 ->
   // 0.042-0.044, M = 4 0.13-0.14 -> 0.11-0.12; 4096 x 4096 W3 M = 1 0.27-0.28 -> 0.21 (R = 4: 0.24);
@@ -404,6 +408,7 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const bool long_rows = p.row_bytes >= kLongRowBytes ||
                          (B == 3 && p.M > 2 && p.row_bytes >= 1024 && p.group_size % kChunkCodes<3> == 0);
   const bool whole = p.group_size >= kChunkCodes<B>;
+  const bool small8 = B == 8 && !whole;  // 8-bit codes in groups of 16 or 32: two decoded pairs a row
   switch (p.M) {
     case 1:
       if (long_rows)
@@ -420,11 +425,13 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       if (p.y_parts)
         long_rows ? dot_rows<B, 3, 4, true>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2, true>(p, 0, n_begin, n_end);
       else
-        long_rows || whole ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end) : dot_rows<B, 3, 3>(p, 0, n_begin, n_end);
+        small8               ? dot_rows<B, 3, 2>(p, 0, n_begin, n_end)
+        : long_rows || whole ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end)
+                             : dot_rows<B, 3, 3>(p, 0, n_begin, n_end);
       break;
     default:
-      long_rows || whole ? dot_rows<B, kDotRows, 3>(p, 0, n_begin, n_end)
-                         : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
+      (long_rows || whole) && !small8 ? dot_rows<B, kDotRows, 3>(p, 0, n_begin, n_end)
+                                      : dot_rows<B, kDotRows, 2>(p, 0, n_begin, n_end);
   }
 }
 
