@@ -393,7 +393,10 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // decoded pairs a row beside the sums: M = 4, 3 -> 2, 4096 x 4096 g32 1.90-2.08 -> 1.77-2.11 (two
   // of three rounds faster), g16 2.07-2.26 -> 1.88-1.95, 14336 x 4096 g32 7.49-7.77 -> 6.48-6.93; M =
   // 3, 4 -> 2, 4096 x 4096 g32 1.79-1.91 -> 1.58-1.62, 14336 x 4096 g32 6.90-6.99 -> 5.88-6.15; in
-  // groups of whole chunks level or 1-3% slower.) Against the earlier 8 / 4 / 2 / 2 for every path (one
+  // groups of whole chunks level or 1-3% slower. W2 at M = 3 takes 2 where it took 4 (long rows or
+  // whole chunks), median: 4096 x 4096 g256 0.79-0.81 -> 0.71-0.74, 4096 x 11008 g128 2.29-2.69 ->
+  // 2.12-2.40, 11008 x 4096 g1024 2.16-2.32 -> 1.83-1.99; its short rows in smaller groups keep 3, 2
+  // was slower there (4096 x 4096 g128 0.68 -> 0.80).) Against the earlier 8 / 4 / 2 / 2 for every path (one
   // thread, ms, warm; session 33): 576 x 1536 W4 g128 M = 1 0.016-0.017 -> 0.010 (R = 4: 0.011), M = 3
   // 0.023-0.024 -> 0.020, M = 4 0.030-0.033 -> 0.027-0.028; 2048 x 2048 W4 M = 1 0.075-0.080 ->
   // 0.042-0.044, M = 4 0.13-0.14 -> 0.11-0.12; 4096 x 4096 W3 M = 1 0.27-0.28 -> 0.21 (R = 4: 0.24);
@@ -425,9 +428,9 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       if (p.y_parts)
         long_rows ? dot_rows<B, 3, 4, true>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2, true>(p, 0, n_begin, n_end);
       else
-        small8               ? dot_rows<B, 3, 2>(p, 0, n_begin, n_end)
-        : long_rows || whole ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end)
-                             : dot_rows<B, 3, 3>(p, 0, n_begin, n_end);
+        small8 || (kPairs<B> >= 8 && (long_rows || whole)) ? dot_rows<B, 3, 2>(p, 0, n_begin, n_end)
+        : long_rows || whole                                ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end)
+                                                            : dot_rows<B, 3, 3>(p, 0, n_begin, n_end);
       break;
     default:
       (long_rows || whole) && !small8 ? dot_rows<B, kDotRows, 3>(p, 0, n_begin, n_end)
