@@ -385,18 +385,21 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // Short rows: R rows per block (accumulators: 2 * R * M zmm at most) keep the vdpbf16ps chains and
   // the per-row sums busy. How many depends on the path (dot_block): in groups of whole chunks each
   // row's loaded chunk, group sum and total stay live (3 R zmm besides the decoded pairs), so R = 6 /
-  // 4 / 4 / 3 at M = 1 / 2 / 3 / 4; several groups per chunk (and W2, whose pairs run outside the
-  // rows) take 8 / 6 / 3 / 2. (W2 took 3 at M = 4 until session 68: its pairs' 12 sums beside the 12
-  // totals spilled; one thread, bf16, ms, 3 -> 2: 1536 x 576 g64 0.098 -> 0.085, 4864 x 896 0.371 ->
-  // 0.326, 576 x 1536 0.068 -> 0.057, 4096 x 4096 1.034 -> 0.873; in groups of whole chunks 2 was slower,
-  // 4096 x 4096 g256 1.03 -> 1.17. 8-bit rows in groups of 16-32 codes take 2 at M = 3-4, their two
-  // decoded pairs a row beside the sums: M = 4, 3 -> 2, 4096 x 4096 g32 1.90-2.08 -> 1.77-2.11 (two
-  // of three rounds faster), g16 2.07-2.26 -> 1.88-1.95, 14336 x 4096 g32 7.49-7.77 -> 6.48-6.93; M =
-  // 3, 4 -> 2, 4096 x 4096 g32 1.79-1.91 -> 1.58-1.62, 14336 x 4096 g32 6.90-6.99 -> 5.88-6.15; in
-  // groups of whole chunks level or 1-3% slower. W2 at M = 3 takes 2 where it took 4 (long rows or
-  // whole chunks), median: 4096 x 4096 g256 0.79-0.81 -> 0.71-0.74, 4096 x 11008 g128 2.29-2.69 ->
-  // 2.12-2.40, 11008 x 4096 g1024 2.16-2.32 -> 1.83-1.99; its short rows in smaller groups keep 3, 2
-  // was slower there (4096 x 4096 g128 0.68 -> 0.80).) Against the earlier 8 / 4 / 2 / 2 for every path (one
+  // 4 at M = 1 / 2; several groups per chunk (and W2, whose pairs run outside the rows) take 8 / 6.
+  // At M = 3: four for 4-bit long rows and 8-bit whole chunks, three for short rows in groups of
+  // part of a chunk (2-4 bits), else two; at M = 4: three for long rows and whole chunks (not 8-bit
+  // codes in groups of 16-32), else two. Session 68 moved these to two where rows keep more vectors
+  // live (W2's pair loop: R x M sums beside R x M totals; 8-bit codes: two decoded pairs a row) and
+  // registers spilled; one thread, bf16, median ms, before -> this: M = 4 W2 1536 x 576 g64 0.098 ->
+  // 0.085, 4864 x 896 0.371 -> 0.326, 4096 x 4096 1.034 -> 0.873; W8 4096 x 4096 g16 2.07-2.26 ->
+  // 1.88-1.95, 14336 x 4096 g32 7.49-7.77 -> 6.48-6.93; M = 3 W8 14336 x 4096 g32 6.90-6.99 ->
+  // 5.88-6.15, W2 4096 x 4096 g256 0.79-0.81 -> 0.71-0.74, 11008 x 4096 g1024 2.16-2.32 -> 1.83-1.99,
+  // W3 (long from 1 KiB) 4096 x 4096 g128 0.91-0.94 -> 0.67, 14336 x 4096 3.47-3.53 -> 2.53-2.65, W4
+  // 4864 x 896 g128 0.225-0.233 -> 0.203-0.205. Two were slower for W2 / W4 whole chunks at M = 4
+  // (4096 x 4096 g256 1.03 -> 1.17), 4-bit long rows at M = 3 with the weight in memory (14336 x 4096
+  // 3.41-3.53 -> 3.81-3.83: fewer streams in flight), 8-bit whole chunks (1-3%) and short rows in
+  // smaller groups at M = 3 (W2 4096 x 4096 g128 0.68 -> 0.80) (bench/results/ops/s68). Against the
+  // earlier 8 / 4 / 2 / 2 for every path (one
   // thread, ms, warm; session 33): 576 x 1536 W4 g128 M = 1 0.016-0.017 -> 0.010 (R = 4: 0.011), M = 3
   // 0.023-0.024 -> 0.020, M = 4 0.030-0.033 -> 0.027-0.028; 2048 x 2048 W4 M = 1 0.075-0.080 ->
   // 0.042-0.044, M = 4 0.13-0.14 -> 0.11-0.12; 4096 x 4096 W3 M = 1 0.27-0.28 -> 0.21 (R = 4: 0.24);
@@ -428,9 +431,9 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
       if (p.y_parts)
         long_rows ? dot_rows<B, 3, 4, true>(p, 0, n_begin, n_end) : dot_rows<B, 3, 2, true>(p, 0, n_begin, n_end);
       else
-        small8 || (kPairs<B> >= 8 && (long_rows || whole)) ? dot_rows<B, 3, 2>(p, 0, n_begin, n_end)
-        : long_rows || whole                                ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end)
-                                                            : dot_rows<B, 3, 3>(p, 0, n_begin, n_end);
+        (B == 4 && long_rows) || (B == 8 && whole) ? dot_rows<B, 3, 4>(p, 0, n_begin, n_end)
+        : !long_rows && !whole && B != 8             ? dot_rows<B, 3, 3>(p, 0, n_begin, n_end)
+                                                     : dot_rows<B, 3, 2>(p, 0, n_begin, n_end);
       break;
     default:
       (long_rows || whole) && !small8 ? dot_rows<B, kDotRows, 3>(p, 0, n_begin, n_end)
