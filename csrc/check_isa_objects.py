@@ -159,7 +159,8 @@ def main() -> None:
                         "baseline copy (extern template, as csrc/cpu/aligned_vector.h does):\n  " + "\n  ".join(weak))
     if dirty:
         problems.append("kernel entry points may return with the vector registers' upper halves dirty; end "
-                        "them in _mm256_zeroupper() (as csrc/cpu/isa/int8_dot.cpp's rows does):\n  " + "\n  ".join(dirty))
+                        "them in _mm256_zeroupper() (as csrc/cpu/isa/int8_dot.cpp's rows does):\n  "
+                        + "\n  ".join(dirty))
     if problems:
         sys.exit("check_isa_objects: " + "\ncheck_isa_objects: ".join(problems))
 

@@ -386,15 +386,15 @@ void dot_rows_m(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   // the per-row sums busy. How many depends on the path (dot_block): in groups of whole chunks each
   // row's loaded chunk, group sum and total stay live (3 R zmm besides the decoded pairs), so R = 6 /
   // 4 at M = 1 / 2; several groups per chunk (and W2, whose pairs run outside the rows) take 8 / 6.
-  // At M = 3: four for 4-bit long rows and 8-bit whole chunks, three for short rows in groups of
-  // part of a chunk (2-4 bits), else two; at M = 4: three for long rows and whole chunks (not 8-bit
-  // codes in groups of 16-32), else two. Session 68 moved these to two where rows keep more vectors
-  // live (W2's pair loop: R x M sums beside R x M totals; 8-bit codes: two decoded pairs a row) and
-  // registers spilled; one thread, bf16, median ms, before -> this: M = 4 W2 1536 x 576 g64 0.098 ->
-  // 0.085, 4864 x 896 0.371 -> 0.326, 4096 x 4096 1.034 -> 0.873; W8 4096 x 4096 g16 2.07-2.26 ->
-  // 1.88-1.95, 14336 x 4096 g32 7.49-7.77 -> 6.48-6.93; M = 3 W8 14336 x 4096 g32 6.90-6.99 ->
-  // 5.88-6.15, W2 4096 x 4096 g256 0.79-0.81 -> 0.71-0.74, 11008 x 4096 g1024 2.16-2.32 -> 1.83-1.99,
-  // W3 (long from 1 KiB) 4096 x 4096 g128 0.91-0.94 -> 0.67, 14336 x 4096 3.47-3.53 -> 2.53-2.65, W4
+  // At M = 3: four for 4-bit long rows and 8-bit whole chunks, three for short rows in groups of part
+  // of a chunk (2-4 bits), else two; at M = 4: three for long rows and whole chunks (not 8-bit codes in
+  // groups of 16-32), else two. Session 68 moved these to two where rows keep more vectors live (the
+  // pair loop of whole-chunk groups and of W2: R x M sums beside R x M totals; 8-bit codes: two decoded
+  // pairs a row) and registers spilled; one thread, bf16, median ms, before -> this: M = 4 W2 1536 x 576
+  // g64 0.098 -> 0.085, 4864 x 896 0.371 -> 0.326, 4096 x 4096 1.034 -> 0.873; W8 4096 x 4096 g16 2.07-2.26
+  // -> 1.88-1.95, 14336 x 4096 g32 7.49-7.77 -> 6.48-6.93; M = 3 W8 14336 x 4096 g32 6.90-6.99 ->
+  // 5.88-6.15, W2 4096 x 4096 g256 0.79-0.81 -> 0.71-0.74, 11008 x 4096 g1024 2.16-2.32 -> 1.83-1.99, W3
+  // (long from 1 KiB) 4096 x 4096 g128 0.91-0.94 -> 0.67, 14336 x 4096 3.47-3.53 -> 2.53-2.65, W4
   // 4864 x 896 g128 0.225-0.233 -> 0.203-0.205. Two were slower for W2 / W4 whole chunks at M = 4
   // (4096 x 4096 g256 1.03 -> 1.17), 4-bit long rows at M = 3 with the weight in memory (14336 x 4096
   // 3.41-3.53 -> 3.81-3.83: fewer streams in flight), 8-bit whole chunks (1-3%) and short rows in
