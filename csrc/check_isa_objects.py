@@ -9,8 +9,8 @@
   halves of the vector registers dirty, i.e. after ymm/zmm instructions (its own, or a callee's that
   returns so) with no vzeroupper between. The caller's SSE code then runs slowed: GCC left the
   vzeroupper out of the int8 kernels' 4 x 4 tiles, and the native step's scalar code after the
-  head ran up to 3x slower (bench/results/edge_decode/s66/experiments.txt). Instructions are read in
-  address order, which GCC's layout makes a fair stand-in for the paths to each ``ret``.
+  head ran up to 3x slower (bench/results/edge_decode/s66/experiments.txt). Each function's paths
+  are followed through its jumps from its entry (an indirect jump ends a path).
 
 Usage: python check_isa_objects.py --nm NM [--objdump OBJDUMP] --objects 'a.o|b.o|...'
 Standard library only (it runs inside the isolated build).
@@ -37,16 +37,16 @@ def _run(*command: str) -> str:
     return done.stdout
 
 
-def weak_symbols_outside(nm: str, obj: str) -> list[str]:
-    """Weak (W, V) or unique (u) symbols of obj that lie outside an isa_* namespace."""
-    found = []
-    for line in _run(nm, "--defined-only", obj).splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[1] in "WVu":
-            name = parts[2]
-            if not _NAMESPACED.search(name) and not name.startswith("DW.ref."):
-                found.append(name)
-    return found
+def defined_symbols(nm: str, obj: str) -> list[tuple[str, str]]:
+    """(type letter, name) of every symbol obj defines."""
+    rows = (line.split() for line in _run(nm, "--defined-only", obj).splitlines())
+    return [(parts[1], parts[2]) for parts in rows if len(parts) == 3]
+
+
+def weak_symbols_outside(symbols: list[tuple[str, str]]) -> list[str]:
+    """Weak (W, V) or unique (u) symbols that lie outside an isa_* namespace."""
+    return [name for kind, name in symbols
+            if kind in "WVu" and not _NAMESPACED.search(name) and not name.startswith("DW.ref.")]
 
 
 class _Instruction:
@@ -122,7 +122,7 @@ def _returns_dirty(code: list[_Instruction], dirty: set[str]) -> bool:
     return False
 
 
-def dirty_entries(objdump: str, nm: str, obj: str) -> list[str]:
+def dirty_entries(objdump: str, symbols: list[tuple[str, str]], obj: str) -> list[str]:
     """The functions of obj that baseline code can reach and that may return with dirty upper state."""
     functions = _functions(objdump, obj)
     dirty: set[str] = set()
@@ -134,11 +134,7 @@ def dirty_entries(objdump: str, nm: str, obj: str) -> list[str]:
                 dirty.add(name)
                 changed = True
     called = {i.callee for code in functions.values() for i in code if i.callee is not None}
-    exported = {
-        parts[2]
-        for parts in (line.split() for line in _run(nm, "--defined-only", obj).splitlines())
-        if len(parts) == 3 and parts[1] in "TW"
-    }
+    exported = {name for kind, name in symbols if kind in "TW"}
     return sorted(name for name in dirty if name in exported or name not in called)
 
 
@@ -150,9 +146,10 @@ def main() -> None:
     args = parser.parse_args()
     weak, dirty = [], []
     for obj in filter(None, args.objects.split("|")):
-        weak += [f"{obj}: {name}" for name in weak_symbols_outside(args.nm, obj)]
+        symbols = defined_symbols(args.nm, obj)
+        weak += [f"{obj}: {name}" for name in weak_symbols_outside(symbols)]
         if args.objdump:
-            dirty += [f"{obj}: {name}" for name in dirty_entries(args.objdump, args.nm, obj)]
+            dirty += [f"{obj}: {name}" for name in dirty_entries(args.objdump, symbols, obj)]
     problems = []
     if weak:
         problems.append("kernel objects define weak symbols outside their isa_* namespace; give them one "

@@ -10,12 +10,15 @@
 namespace sk {
 
 #if defined(__x86_64__) || defined(__i386__)
-// Whether this CPU runs everything CMakeLists.txt's SK_AVX512 flags let the compiler emit
-// (AVX-512 F/BW/VL/DQ, AVX2, FMA, F16C): every object built with them checks at least this.
-inline bool cpu_runs_avx512_flags() {
+// Whether this CPU runs everything the AVX2 kernels' flags (-mavx2 -mfma -mf16c) and CMakeLists.txt's
+// SK_AVX512 flags (those and AVX-512 F/BW/VL/DQ) let the compiler emit: every object built with them
+// checks at least this. F16C came before AVX2 on every x86 CPU.
+inline bool cpu_runs_avx2_flags() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+inline bool cpu_runs_avx512_flags() {
+  return cpu_runs_avx2_flags() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 #endif

@@ -77,9 +77,7 @@ struct Isa {
 bool cpu_has(const char* what) {
   __builtin_cpu_init();
   const std::string w = what;
-  // F16C (fp16 conversions, common/half.h) came before AVX2 on every x86 CPU; the builds use it.
-  if (w == "avx2")
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (w == "avx2") return cpu_runs_avx2_flags();
   if (w == "avx512") return cpu_runs_avx512_flags();
   if (w == "avx512_vnni") return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
   if (w == "avx512_bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");

@@ -167,15 +167,10 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
   __m512i raw[R], q8[R][2];
   const int64_t ahead =
       B == 8 ? slice.prefetch * ((kMinAheadBytes8 + slice.prefetch - 1) / slice.prefetch) : slice.prefetch;
-  const auto prefetch_chunk = [&](const uint8_t* chunk) {
-    if constexpr (B == 8)
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + ahead), _MM_HINT_T1);
-    else
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + ahead), _MM_HINT_T0);
-  };
+  constexpr _mm_hint kAheadHint = B == 8 ? _MM_HINT_T1 : _MM_HINT_T0;
   const auto load_rows = [&](int64_t c, int64_t bytes) {
     for (int r = 0; r < R; ++r) {
-      prefetch_chunk(rows[r] + cb * c);
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + ahead), kAheadHint);
       if constexpr (B == 8)
         decode_natural8(rows[r] + 64 * c, bytes == 64 ? ~0ull : (1ull << bytes) - 1, q8[r]);
       else
@@ -275,7 +270,7 @@ void dot_block(const LowbitProblem& p, int64_t m0, int64_t n0, const DotSlice& s
         // the compiler kept the loop, with the totals in memory (3/4/8 bits at M = 4: 5-15% slower).
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          prefetch_chunk(rows[r] + cb * c);
+          _mm_prefetch(reinterpret_cast<const char*>(rows[r] + cb * c + ahead), kAheadHint);
           const __m512 sc = scales(r);
           __m512i q[nv];
           if constexpr (B == 8) {
