@@ -412,12 +412,19 @@ def test_lowbit_linear_reads_every_finite_fp16_scale_exactly(each_isa):
 def test_lowbit_linear_op_keeps_fp32_scales_for_half_activations(dtype, m):
     # The public op with fp32 scales and zero points and fp16/bf16 activations near 3: the kernels
     # read the scales as they are. Rounded to bf16 first, each group's zero point moved all of its
-    # weights alike, and the output 5e-2 from the reference.
+    # weights alike, and the output 5e-2 from the reference. From 192 rows the kernels may hold W
+    # itself dequantised to bf16 (the AMX scaled panels from 192 rows in groups of 128, the vector
+    # ones and torch's bf16 matmul from 256): then W's own rounding, as a dense bf16 F.linear's
+    # (4.5e-3 here), is allowed too.
     x, qw, b = _lowbit_case(40, 512, m, 4, 128, torch.float32, bias=True, seed=m)
     x = (x + 3).to(dtype)
     want = ref.lowbit_linear(x, qw.qweight, qw.scale, qw.zero, 4, 128, b)
+    want64 = _lowbit_want64(x, qw, b)
     assert qw.scale.dtype == torch.float32 and want.dtype == dtype
-    assert _rel_err(ops.lowbit_linear(x, qw, b), want.double()) <= 2 * _rel_err(want, _lowbit_want64(x, qw, b)) + 1e-3
+    allowed = _rel_err(want, want64)
+    if m >= 192:
+        allowed = max(allowed, _rel_err(_lowbit_want64_bf16_weight(x, qw, b).to(dtype), want64))
+    assert _rel_err(ops.lowbit_linear(x, qw, b), want.double()) <= 2 * allowed + 1e-3
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
