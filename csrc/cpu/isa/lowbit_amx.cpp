@@ -512,6 +512,7 @@ void panel_groups(const LowbitProblem& p, int64_t n_begin, int64_t n_end, int64_
 // scaling).
 constexpr int64_t kDigitBlockK = 64;  // codes per int8 k-block (one A tile row)
 constexpr int kDigitPlanes = 3;
+constexpr int64_t kDigitDecodeBytes = 8 << 10;  // a panel's codes decoded per call where unblocked (digit_rows)
 // Or each plane of a block of 16 rows has a tile of its own (`apart`: tile 3 b + q holds plane q of
 // block b's rows, one to a column), and each group's three plane sums are added before the
 // scaling: 8 vector operations per 16 rows and weight row where side by side takes 12, for three
@@ -866,12 +867,13 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, x_tiles = digit_tiles(p.M), blocks = digit_blocks(p.M), Mp = 16 * blocks;
   const int64_t per_group = p.group_size / kDigitBlockK, group_tile_bytes = per_group * x_tiles * kTileBytes;
   // Where the whole K of digit tiles outgrows L2, chunks of groups (tiles at most kL2BlockBytes,
-  // decoded codes at most 32 KiB, in L1) serve a group of panels; else one group and one panel at
-  // a time.
+  // decoded codes at most 32 KiB, in L1) serve a group of panels; else one panel at a time, its
+  // groups decoded 8 KiB at a time (one decode call per group had cost 1536 x 576 g64 M = 4 a
+  // third of its time; 16 or 32 KiB slowed 4096 x 4096 g128 M = 3-5: bench/results/ops/s69).
   const bool blocked = G * group_tile_bytes > kL2Bytes;
   const int64_t chunk =
       blocked ? std::clamp<int64_t>(kL2BlockBytes / group_tile_bytes, 1, std::max<int64_t>(1, (32 << 10) / (kPanelRows * p.group_size)))
-              : 1;
+              : std::clamp<int64_t>(kDigitDecodeBytes / (kPanelRows * p.group_size), 1, G);
   const int64_t panels = blocked ? panels_in_l2(Mp) : 1;
   PanelScratch& w = panel_scratch(p, chunk * p.group_size, Mp, panels);
   alignas(64) int32_t ctmp[6 * 256];
