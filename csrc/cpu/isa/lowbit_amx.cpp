@@ -37,6 +37,10 @@ namespace isa_amx {
 namespace {
 
 constexpr int64_t kBlockK = 32;    // codes per k-block: one A tile row, 16 VNNI pairs of a B tile
+// Where a panel's groups meet the tiles one at a time (rows, unblocked digit_rows), its codes are
+// decoded this many bytes (whole groups) at a time: one decode call per group had cost 1536 x 576
+// g64 M = 4 a third of its time; 16 or 32 KiB slowed 4096 x 4096 g128 M = 3-5 (bench/results/ops/s69).
+constexpr int64_t kPanelDecodeBytes = 8 << 10;
 constexpr int64_t kPanelRows = 32;  // weight rows per panel: two A tiles
 constexpr int kTileBytes = 1024;
 
@@ -512,7 +516,6 @@ void panel_groups(const LowbitProblem& p, int64_t n_begin, int64_t n_end, int64_
 // scaling).
 constexpr int64_t kDigitBlockK = 64;  // codes per int8 k-block (one A tile row)
 constexpr int kDigitPlanes = 3;
-constexpr int64_t kDigitDecodeBytes = 8 << 10;  // a panel's codes decoded per call where unblocked (digit_rows)
 // Or each plane of a block of 16 rows has a tile of its own (`apart`: tile 3 b + q holds plane q of
 // block b's rows, one to a column), and each group's three plane sums are added before the
 // scaling: 8 vector operations per 16 rows and weight row where side by side takes 12, for three
@@ -706,9 +709,10 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
   if (scaled) return scaled_rows(p, n_begin, n_end);
   const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
   const int64_t per_group = p.group_size / kBlockK;
-  PanelScratch& w = panel_scratch(p, p.group_size * 2, Mp);
+  const int64_t chunk = std::clamp<int64_t>(kPanelDecodeBytes / (kPanelRows * p.group_size * 2), 1, G);
+  PanelScratch& w = panel_scratch(p, chunk * p.group_size * 2, Mp);
   auto &acc = w.acc, &scale = w.scale, &zero = w.zero;
-  uint16_t* wgroup = reinterpret_cast<uint16_t*>(w.codes.data());
+  uint16_t* wchunk = reinterpret_cast<uint16_t*>(w.codes.data());
   alignas(64) float ctmp[4 * 256];
   load_tile_config();
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
@@ -719,16 +723,20 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
       for (int64_t i = 0; i < rows * G; ++i) zero[i] -= off * scale[i];
     }
     std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t g = 0; g < G; ++g) {
-      // The group's codes are decoded once into L1 and serve every activation tile.
-      decode_blocks(codes, p, n0, g * per_group, (g + 1) * per_group, wgroup);
-      for (int64_t mt = 0; mt < x_tiles; mt += 2) {
-        const int tiles = x_tiles - mt >= 2 ? 2 : 1;
-        tile_sums_for<false>(tiles, wgroup, p.x16, x_tiles, g * per_group, per_group, mt, in_scratch(ctmp));
-        for (int b = 0; b < tiles; ++b)
-          add_group_sums([&](int a, int i) { return _mm512_load_ps(ctmp + (2 * b + a) * 256 + i * 16); },
-                         scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16),
-                         acc.data(), Mp, (mt + b) * 16);
+    for (int64_t g0 = 0; g0 < G; g0 += chunk) {
+      // The chunk's codes are decoded once into L1 and serve every activation tile.
+      const int64_t g1 = std::min(G, g0 + chunk);
+      decode_blocks(codes, p, n0, g0 * per_group, g1 * per_group, wchunk);
+      for (int64_t g = g0; g < g1; ++g) {
+        const uint16_t* wgroup = wchunk + (g - g0) * per_group * kPanelRows * kBlockK;
+        for (int64_t mt = 0; mt < x_tiles; mt += 2) {
+          const int tiles = x_tiles - mt >= 2 ? 2 : 1;
+          tile_sums_for<false>(tiles, wgroup, p.x16, x_tiles, g * per_group, per_group, mt, in_scratch(ctmp));
+          for (int b = 0; b < tiles; ++b)
+            add_group_sums([&](int a, int i) { return _mm512_load_ps(ctmp + (2 * b + a) * 256 + i * 16); },
+                           scale.data(), zero.data(), G, g, _mm512_loadu_ps(p.xsum + g * Mp + (mt + b) * 16),
+                           acc.data(), Mp, (mt + b) * 16);
+        }
       }
     }
     store_rows(p, n0, rows, w.acc_of(0), x_tiles, 1);
@@ -868,12 +876,11 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t per_group = p.group_size / kDigitBlockK, group_tile_bytes = per_group * x_tiles * kTileBytes;
   // Where the whole K of digit tiles outgrows L2, chunks of groups (tiles at most kL2BlockBytes,
   // decoded codes at most 32 KiB, in L1) serve a group of panels; else one panel at a time, its
-  // groups decoded 8 KiB at a time (one decode call per group had cost 1536 x 576 g64 M = 4 a
-  // third of its time; 16 or 32 KiB slowed 4096 x 4096 g128 M = 3-5: bench/results/ops/s69).
+  // groups decoded kPanelDecodeBytes at a time.
   const bool blocked = G * group_tile_bytes > kL2Bytes;
   const int64_t chunk =
       blocked ? std::clamp<int64_t>(kL2BlockBytes / group_tile_bytes, 1, std::max<int64_t>(1, (32 << 10) / (kPanelRows * p.group_size)))
-              : std::clamp<int64_t>(kDigitDecodeBytes / (kPanelRows * p.group_size), 1, G);
+              : std::clamp<int64_t>(kPanelDecodeBytes / (kPanelRows * p.group_size), 1, G);
   const int64_t panels = blocked ? panels_in_l2(Mp) : 1;
   PanelScratch& w = panel_scratch(p, chunk * p.group_size, Mp, panels);
   alignas(64) int32_t ctmp[6 * 256];
