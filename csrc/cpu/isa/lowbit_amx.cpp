@@ -44,6 +44,11 @@ constexpr int64_t kPanelDecodeBytes = 8 << 10;
 constexpr int64_t kPanelRows = 32;  // weight rows per panel: two A tiles
 constexpr int kTileBytes = 1024;
 
+// Whole groups of a panel per decode call (kPanelDecodeBytes), each code decoded to `code_bytes`.
+inline int64_t groups_per_decode(const LowbitProblem& p, int64_t code_bytes) {
+  return std::clamp<int64_t>(kPanelDecodeBytes / (kPanelRows * p.group_size * code_bytes), 1, p.G);
+}
+
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
   uint16_t colsb[16];
@@ -709,7 +714,7 @@ void rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end, bool scaled, A
   if (scaled) return scaled_rows(p, n_begin, n_end);
   const int64_t M = p.M, G = p.G, x_tiles = activation_tiles(M), Mp = 16 * x_tiles;
   const int64_t per_group = p.group_size / kBlockK;
-  const int64_t chunk = std::clamp<int64_t>(kPanelDecodeBytes / (kPanelRows * p.group_size * 2), 1, G);
+  const int64_t chunk = groups_per_decode(p, 2);  // bf16 codes
   PanelScratch& w = panel_scratch(p, chunk * p.group_size * 2, Mp);
   auto &acc = w.acc, &scale = w.scale, &zero = w.zero;
   uint16_t* wchunk = reinterpret_cast<uint16_t*>(w.codes.data());
@@ -880,7 +885,7 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const bool blocked = G * group_tile_bytes > kL2Bytes;
   const int64_t chunk =
       blocked ? std::clamp<int64_t>(kL2BlockBytes / group_tile_bytes, 1, std::max<int64_t>(1, (32 << 10) / (kPanelRows * p.group_size)))
-              : std::clamp<int64_t>(kPanelDecodeBytes / (kPanelRows * p.group_size), 1, G);
+              : groups_per_decode(p, 1);  // int8 codes
   const int64_t panels = blocked ? panels_in_l2(Mp) : 1;
   PanelScratch& w = panel_scratch(p, chunk * p.group_size, Mp, panels);
   alignas(64) int32_t ctmp[6 * 256];
