@@ -159,6 +159,19 @@ PYBIND11_MODULE(_C, m) {
       "(docs/FORMATS.md 5.4.2); True when the frame carries them.");
 
   m.def(
+      "v2_fit_offsets",
+      [](std::uintptr_t sym, std::uintptr_t raw, int64_t rows, int64_t d, int kmax, std::uintptr_t offsets) {
+        if (rows < 1 || rows > sk::kCenterMaxRows || d < 1 || kmax < 1 || kmax > 127)
+          throw std::invalid_argument("v2_fit_offsets: rows must be in [1, " + std::to_string(sk::kCenterMaxRows) +
+                                      "], d >= 1 and kmax in [1, 127]");
+        return sk::center_offsets_of_symbols(ptr<const uint8_t>(sym), ptr<const uint8_t>(raw), rows, d, kmax,
+                                             ptr<int8_t>(offsets));
+      },
+      py::arg("sym"), py::arg("raw"), py::arg("rows"), py::arg("d"), py::arg("kmax"), py::arg("offsets"), nogil,
+      "The center offsets (i8 [d] into offsets) of sampled rows' symbols u8 [rows, d] and raw flags u8 [rows] "
+      "(docs/FORMATS.md 5.4.2); True when the frame carries them.");
+
+  m.def(
       "v2_dequantise",
       [](std::uintptr_t sym, int64_t T, int64_t d, std::uintptr_t step, std::uintptr_t center, int kmax, int dtype,
          std::uintptr_t out, std::uintptr_t raw, std::uintptr_t escapes, int64_t n_escapes) {

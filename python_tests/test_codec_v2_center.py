@@ -31,19 +31,34 @@ def _drifted(t: int, d: int, offsets, seed: int = 0, dtype=torch.float16) -> tup
     return cfg, x.to(dtype)
 
 
-def test_fit_is_the_lower_median_of_the_coded_sampled_tokens():
+@pytest.mark.parametrize("fit", [frame_center.fit_reference, frame_center.fit], ids=["reference", "fit"])
+def test_fit_is_the_lower_median_of_the_coded_sampled_tokens(fit, v2_isa):
     rng = np.random.default_rng(1)
-    for n, d, kmax in ((1, 3, 1), (64, 37, 15), (65, 8, 127), (10, 5, 4)):
-        sym = rng.integers(0, 2 * kmax + 2, size=(n, d), dtype=np.uint8)
-        raw = rng.random(n) < 0.2
-        got = frame_center.fit(sym, raw, kmax)
-        coded = sym[~raw].astype(np.int64)
-        if coded.shape[0] == 0:
-            assert got is None
-            continue
-        want = np.clip(np.array([sorted(col)[(len(col) - 1) // 2] for col in coded.T]) - kmax, -8, 7)
-        assert (np.zeros(d) if got is None else got).tolist() == want.tolist()
-    assert frame_center.fit(np.full((4, 3), 15, np.uint8), np.zeros(4, bool), 15) is None  # all at kmax: none
+    cases = ((1, 3, 1), (64, 37, 15), (65, 8, 127), (10, 5, 4), (80, 130, 15), (255, 67, 7), (256, 9, 15), (3, 64, 15))
+    for n, d, kmax in cases:
+        for spread in (2 * kmax + 2, 20):  # every symbol, and symbols near kmax (offsets inside the clip)
+            lo = max(0, kmax - spread // 2)
+            sym = rng.integers(lo, min(2 * kmax + 2, lo + spread), size=(n, d), dtype=np.uint8)
+            raw = rng.random(n) < 0.2
+            got = fit(sym, raw, kmax)
+            coded = sym[~raw].astype(np.int64)
+            if coded.shape[0] == 0:
+                assert got is None
+                continue
+            want = np.clip(np.array([sorted(col)[(len(col) - 1) // 2] for col in coded.T]) - kmax, -8, 7)
+            assert (np.zeros(d) if got is None else got).tolist() == want.tolist(), (n, d, kmax, spread)
+    assert fit(np.full((4, 3), 15, np.uint8), np.zeros(4, bool), 15) is None  # all at kmax: none
+    assert fit(np.full((4, 3), 9, np.uint8), np.ones(4, bool), 15) is None  # no coded token: none
+    assert fit(np.full((4, 3), 9, np.uint8), np.array([1, 1, 0, 1], bool), 15).tolist() == [-6] * 3
+
+
+def test_fit_rejects_mismatched_raw_flags():
+    if frame_center._C is None:
+        pytest.skip("the C++ extension is not built: fit is the reference")
+    with pytest.raises(ValueError, match="raw must hold one flag per sampled token"):
+        frame_center.fit(np.zeros((4, 3), np.uint8), np.zeros(5, bool), 15)
+    with pytest.raises(ValueError, match="rows must be in"):
+        frame_center._C.v2_fit_offsets(0, 0, 256, 3, 15, 0)
 
 
 def test_sample_rows():
@@ -73,7 +88,7 @@ def test_short_frames_carry_no_offsets_and_long_drifted_ones_do(monkeypatch):
     enc = encode(x, cfg)
     rows = frame_center.sample_rows(512)
     sym, raw = quantise(x[rows], cfg, fused=False)
-    assert enc.center_offset.tolist() == frame_center.fit(sym.numpy(), raw.numpy(), cfg.kmax).tolist()
+    assert enc.center_offset.tolist() == frame_center.fit_reference(sym.numpy(), raw.numpy(), cfg.kmax).tolist()
     assert enc.center_offset.tolist()[:4] == [0, 3, -5, 7]
     frame = enc.to_bytes()
     assert frame[5] & CENTER_FLAG
@@ -114,7 +129,8 @@ def test_one_call_encoder_follows_the_rule_at_every_sample_stride(t):
     if t >= frame_center.MIN_TOKENS:  # the C++ fit (when built) against the plain one on the reference quantiser's codes
         rows = frame_center.sample_rows(t)
         sym, raw = quantise(x[rows], cfg, fused=False)
-        assert raw[1] and enc.center_offset.tolist() == frame_center.fit(sym.numpy(), raw.numpy(), cfg.kmax).tolist()
+        want = frame_center.fit_reference(sym.numpy(), raw.numpy(), cfg.kmax)
+        assert raw[1] and enc.center_offset.tolist() == want.tolist()
     for coder in ("nibble", "planes", "slots"):
         assert encode_frame(x, cfg, coder) == enc.to_bytes(coder)
 
@@ -134,7 +150,7 @@ def test_offsets_are_the_same_on_every_isa(v2_isa):
     enc = encode(x, cfg)
     rows = frame_center.sample_rows(1000)
     sym, raw = quantise(x[rows], cfg, fused=False)
-    assert enc.center_offset.tolist() == frame_center.fit(sym.numpy(), raw.numpy(), cfg.kmax).tolist()
+    assert enc.center_offset.tolist() == frame_center.fit_reference(sym.numpy(), raw.numpy(), cfg.kmax).tolist()
     assert {-8, 7} <= set(enc.center_offset.tolist())  # both clips reached
     assert encode_frame(x, cfg, "slots") == enc.to_bytes("slots")
 

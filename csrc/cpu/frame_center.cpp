@@ -73,32 +73,24 @@ void count_below(const uint8_t* sample, int64_t n, int64_t d, const uint8_t* lim
 
 }  // namespace
 
-bool fit_center_offsets(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
-                        int kmax, int64_t raw_limit, int8_t* offsets) {
-  if (T < kCenterMinTokens || d < 1) return false;
-  const int64_t stride = std::max<int64_t>(1, T / kCenterSamples);
-  const int64_t rows = (T + stride - 1) / stride;
-  thread_local std::vector<uint8_t> sample, raw;
-  thread_local std::vector<int32_t> n_esc;
-  sample.resize(rows * d);
-  raw.resize(rows);
-  n_esc.resize(rows);
-  int64_t totals[3] = {0, 0, 0};
-  if (!v2_quantise(x, dtype, rows, d, center, inv, kmax, raw_limit, sample.data(), n_esc.data(), raw.data(), nullptr,
-                   totals, stride)
-           .empty())
-    return false;
-  int64_t n = 0;  // the coded sampled tokens, packed to the front
-  for (int64_t r = 0; r < rows; ++r) {
-    if (raw[r]) continue;
-    if (n != r) std::memcpy(sample.data() + n * d, sample.data() + r * d, d);
-    ++n;
+bool center_offsets_of_symbols(const uint8_t* sym, const uint8_t* raw, int64_t rows, int64_t d, int kmax,
+                               int8_t* offsets) {
+  if (rows < 1 || rows > kCenterMaxRows || d < 1) return false;
+  const uint8_t* sample = sym;
+  int64_t n = rows;  // the coded rows
+  if (std::any_of(raw, raw + rows, [](uint8_t r) { return r != 0; })) {
+    thread_local std::vector<uint8_t> coded;  // the coded rows packed to the front
+    coded.resize(rows * d);
+    n = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      if (!raw[r]) std::memcpy(coded.data() + d * n++, sym + r * d, d);
+    sample = coded.data();
   }
   if (n == 0) return false;
   // Per channel the smallest offset o in [-8, 7) whose count of symbols <= kmax + o reaches the
   // lower median's rank, else 7: a bisection over the 16 offsets, all channels at once, in bytes
   // (symbols < limit, limit = kmax + o + 1 in [0, 135]) so that the count pass is a byte compare.
-  const uint8_t rank8 = static_cast<uint8_t>((n - 1) / 2 + 1);  // n <= 128
+  const uint8_t rank8 = static_cast<uint8_t>((n - 1) / 2 + 1);  // n <= 255
   thread_local std::vector<int8_t> lo_v, hi_v;
   thread_local std::vector<uint8_t> limit_v, count_v;
   lo_v.assign(d, kCenterLow);
@@ -115,7 +107,7 @@ bool fit_center_offsets(const void* x, int dtype, int64_t T, int64_t d, const fl
       const int bound = kmax + ((lo[c] + hi[c]) >> 1) + 1;
       limit[c] = static_cast<uint8_t>(bound < 0 ? 0 : bound);
     }
-    count_below(sample.data(), n, d, limit, count);
+    count_below(sample, n, d, limit, count);
     for (int64_t c = 0; c < d; ++c) {  // branch-free, so that it vectorises: reached ? hi = mid : lo = mid + 1
       const int8_t mid = static_cast<int8_t>((lo[c] + hi[c]) >> 1);
       const int8_t reached = static_cast<int8_t>(-static_cast<int8_t>(count[c] >= rank8));
@@ -125,6 +117,24 @@ bool fit_center_offsets(const void* x, int dtype, int64_t T, int64_t d, const fl
   }
   std::memcpy(offsets, lo, d);
   return std::any_of(lo, lo + d, [](int8_t o) { return o != 0; });
+}
+
+bool fit_center_offsets(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
+                        int kmax, int64_t raw_limit, int8_t* offsets) {
+  if (T < kCenterMinTokens || d < 1) return false;
+  const int64_t stride = std::max<int64_t>(1, T / kCenterSamples);
+  const int64_t rows = (T + stride - 1) / stride;  // at most 80 from T = 256 on
+  thread_local std::vector<uint8_t> sample, raw;
+  thread_local std::vector<int32_t> n_esc;
+  sample.resize(rows * d);
+  raw.resize(rows);
+  n_esc.resize(rows);
+  int64_t totals[3] = {0, 0, 0};
+  if (!v2_quantise(x, dtype, rows, d, center, inv, kmax, raw_limit, sample.data(), n_esc.data(), raw.data(), nullptr,
+                   totals, stride)
+           .empty())
+    return false;
+  return center_offsets_of_symbols(sample.data(), raw.data(), rows, d, kmax, offsets);
 }
 
 bool frame_centers(const float* center, const float* step, const int8_t* offsets, int64_t d, float* out) {

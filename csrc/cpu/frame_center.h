@@ -11,6 +11,7 @@ namespace sk {
 
 constexpr int64_t kCenterMinTokens = 256, kCenterSamples = 64;
 constexpr int kCenterLow = -8, kCenterHigh = 7;
+constexpr int64_t kCenterMaxRows = 255;  // the count pass counts in bytes
 constexpr uint8_t kCenterFlag = 0x08;  // in the long form's dtype byte
 
 inline int64_t center_section_bytes(int64_t d) { return (d + 1) / 2; }
@@ -20,6 +21,13 @@ inline int64_t center_section_bytes(int64_t d) { return (d + 1) / 2; }
 // is not 0).
 bool fit_center_offsets(const void* x, int dtype, int64_t T, int64_t d, const float* center, const float* inv,
                         int kmax, int64_t raw_limit, int8_t* offsets);
+
+// The offsets of the sampled rows' symbols sym [rows, d] with their raw flags raw [rows] (1 <= rows
+// <= kCenterMaxRows): per channel the lower median of the coded rows' symbols minus kmax, clipped
+// to [-8, 7]; true when a row is coded and an offset is not 0. fit_center_offsets' second half,
+// for samples quantised elsewhere (a GPU).
+bool center_offsets_of_symbols(const uint8_t* sym, const uint8_t* raw, int64_t rows, int64_t d, int kmax,
+                               int8_t* offsets);
 
 // out[c] = fp32(center[c] + fp32(offsets[c] * step[c])); false when one is not finite.
 bool frame_centers(const float* center, const float* step, const int8_t* offsets, int64_t d, float* out);
