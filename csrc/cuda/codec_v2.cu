@@ -1,4 +1,5 @@
-// Launchers of the codec v2 kernels (codec_v2.cuh): three launches per direction on one stream.
+// Launchers of the codec v2 kernels (codec_v2.cuh): three launches per direction on one stream,
+// one for a frame of one token.
 #include "codec_v2.cuh"
 #include "launchers.h"
 
@@ -17,7 +18,8 @@ struct Packed {
   std::uint8_t* values;
 };
 
-// Per-token scratch, int64 [4, T]: escape counts, non-finite counts, escape offsets, raw offsets.
+// Per-token scratch, int64 [4, T]: escape counts, non-finite counts, escape offsets, raw offsets
+// (none for T = 1: the pointer may be 0).
 struct Scratch {
   std::int64_t *cnt, *nonfinite, *esc_off, *raw_off;
 };
@@ -47,6 +49,12 @@ void launch_encode(ptr_t x, std::int64_t t, std::int64_t d, ptr_t center, ptr_t 
                    const Packed& p, const Scratch& s, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(t);
   const int di = static_cast<int>(d);
+  if (t == 1) {
+    v2_encode_token_kernel<T><<<1, kV2Threads, 0, stream>>>(
+        reinterpret_cast<const T*>(x), di, reinterpret_cast<const float*>(center), reinterpret_cast<const float*>(inv),
+        kmax, raw_limit, p.raw, p.sym, p.header, reinterpret_cast<T*>(p.values));
+    return check_launch("v2_encode_token launch");
+  }
   v2_quantise_kernel<T><<<grid, kV2Threads, 0, stream>>>(reinterpret_cast<const T*>(x), di,
                                                           reinterpret_cast<const float*>(center),
                                                           reinterpret_cast<const float*>(inv), kmax, raw_limit, p.raw,
@@ -65,6 +73,12 @@ void launch_decode(const Packed& p, std::int64_t n_escapes, std::int64_t t, std:
                    int kmax, ptr_t out, const Scratch& s, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(t);
   const int di = static_cast<int>(d);
+  if (t == 1) {
+    v2_dequantise_kernel<T><<<1, kV2Threads, 0, stream>>>(
+        p.raw, p.sym, di, reinterpret_cast<const float*>(step), reinterpret_cast<const float*>(center), kmax,
+        reinterpret_cast<const T*>(p.values), n_escapes, nullptr, nullptr, nullptr, reinterpret_cast<T*>(out));
+    return check_launch("v2_dequantise launch");
+  }
   v2_count_kernel<<<grid, kV2Threads, 0, stream>>>(p.sym, di, kmax, p.raw, s.cnt);
   check_launch("v2_count launch");
   v2_scan_kernel<<<1, kV2Threads, 0, stream>>>(t, p.raw, s.cnt, nullptr, s.esc_off, s.raw_off, p.header);

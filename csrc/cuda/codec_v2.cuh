@@ -5,7 +5,8 @@
 // escape and non-finite counts, the raw rule), v2_scan_kernel (one block: exclusive prefix sums
 // of the per-token escape and raw counts, the totals) and v2_gather_kernel (one block per token:
 // escaped values token-major in channel order, then the raw tokens). Decode is v2_count_kernel,
-// the same scan, and v2_dequantise_kernel. Every output lands in one packed byte buffer whose
+// the same scan, and v2_dequantise_kernel. A frame of one token (each decode step's) needs no
+// scan: v2_encode_token_kernel does all three in one launch, and decode is v2_dequantise_kernel alone. Every output lands in one packed byte buffer whose
 // layout splitkernels/codec/v2_device.py defines, so the host needs one copy of its prefix.
 //
 // Arithmetic as the CPU pass: IEEE fp32 subtraction and multiplication spelled with __f*_rn
@@ -52,23 +53,22 @@ __device__ inline std::int64_t v2_block_exclusive_sum(std::int64_t v, std::int64
   return before + inclusive - v;
 }
 
-// One block per token. sym row: rint(v) + kmax, or the escape symbol 2*kmax+1 where
+// One token's row by the block: srow[i] = rint(v) + kmax, or the escape symbol 2*kmax+1 where
 // !(|v| <= kmax), v = (fp32(x) - center) * inv; a token with more than raw_limit escapes is raw
-// (raw[t] = 1, symbols 0). cnt[t] = escapes of a coded token (0 when raw), nonfinite[t] = NaN/Inf.
+// (symbols 0). Every thread gets the row's escapes (0 when raw), NaN/Inf count and raw flag.
+struct V2RowCounts {
+  int escapes, nonfinite;
+  bool raw;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kV2Threads)
-    v2_quantise_kernel(const T* __restrict__ x, int d, const float* __restrict__ center, const float* __restrict__ inv,
-                       int kmax, int raw_limit, std::uint8_t* __restrict__ raw, std::uint8_t* __restrict__ sym,
-                       std::int64_t* __restrict__ cnt, std::int64_t* __restrict__ nonfinite) {
-  __shared__ int iscratch[V2Block::kWarps];
-  const int tid = threadIdx.x;
-  const std::int64_t t = blockIdx.x;
-  const T* row = x + t * d;
-  std::uint8_t* srow = sym + t * d;
+__device__ inline V2RowCounts v2_quantise_row(const T* __restrict__ row, int d, const float* __restrict__ center,
+                                              const float* __restrict__ inv, int kmax, int raw_limit,
+                                              std::uint8_t* __restrict__ srow, int* iscratch) {
   const float k = static_cast<float>(kmax);
   const std::uint8_t esc = static_cast<std::uint8_t>(2 * kmax + 1);
   int n_esc = 0, n_bad = 0;
-  for (int i = tid; i < d; i += kV2Threads) {
+  for (int i = threadIdx.x; i < d; i += kV2Threads) {
     const float xf = load_f32(row, i);
     n_bad += !(fabsf(xf) <= FLT_MAX);
     const float v = __fmul_rn(__fsub_rn(xf, center[i]), inv[i]);
@@ -80,13 +80,71 @@ __global__ void __launch_bounds__(kV2Threads)
   n_bad = V2Block::all_reduce(n_bad, iscratch, SumOp());
   const bool is_raw = n_esc > raw_limit;
   if (is_raw) {
-    for (int i = tid; i < d; i += kV2Threads) srow[i] = 0;  // the bytes this thread wrote
+    for (int i = threadIdx.x; i < d; i += kV2Threads) srow[i] = 0;  // the bytes this thread wrote
   }
-  if (tid == 0) {
-    raw[t] = is_raw;
-    cnt[t] = is_raw ? 0 : n_esc;
-    nonfinite[t] = n_bad;
+  return {is_raw ? 0 : n_esc, n_bad, is_raw};
+}
+
+// One token's values by the block: a raw row whole at raw_dst; else its escaped values (escapes of
+// them, symbols in srow) in channel order from values[next]. Exact element copies.
+template <typename T>
+__device__ inline void v2_gather_row(const T* __restrict__ row, int d, int kmax, bool is_raw, std::int64_t escapes,
+                                     const std::uint8_t* __restrict__ srow, std::int64_t next, T* __restrict__ raw_dst,
+                                     T* __restrict__ values, int* iscratch) {
+  if (is_raw) {
+    for (int i = threadIdx.x; i < d; i += kV2Threads) raw_dst[i] = row[i];
+    return;
   }
+  if (escapes == 0) return;  // uniform over the block
+  const std::uint8_t esc = static_cast<std::uint8_t>(2 * kmax + 1);
+  for (int base = 0; base < d; base += kV2Threads) {
+    const int i = base + threadIdx.x;
+    const bool e = i < d && srow[i] == esc;
+    // Most tiles hold no escape: one barrier-with-vote skips the ordered count there.
+    if (__syncthreads_or(e)) {
+      int tile = 0;
+      const int before = V2Block::exclusive_count(e, iscratch, &tile);
+      if (e) values[next + before] = row[i];
+      next += tile;
+    }
+  }
+}
+
+// One block per token: v2_quantise_row, then raw[t], cnt[t] = escapes of a coded token (0 when
+// raw), nonfinite[t] = NaN/Inf.
+template <typename T>
+__global__ void __launch_bounds__(kV2Threads)
+    v2_quantise_kernel(const T* __restrict__ x, int d, const float* __restrict__ center, const float* __restrict__ inv,
+                       int kmax, int raw_limit, std::uint8_t* __restrict__ raw, std::uint8_t* __restrict__ sym,
+                       std::int64_t* __restrict__ cnt, std::int64_t* __restrict__ nonfinite) {
+  __shared__ int iscratch[V2Block::kWarps];
+  const std::int64_t t = blockIdx.x;
+  const V2RowCounts c = v2_quantise_row(x + t * d, d, center, inv, kmax, raw_limit, sym + t * d, iscratch);
+  if (threadIdx.x == 0) {
+    raw[t] = c.raw;
+    cnt[t] = c.escapes;
+    nonfinite[t] = c.nonfinite;
+  }
+}
+
+// A frame of one token in one launch (the per-step encode): the token's row as v2_quantise_kernel,
+// the header as v2_scan_kernel (its offsets are 0) and the values as v2_gather_kernel.
+template <typename T>
+__global__ void __launch_bounds__(kV2Threads)
+    v2_encode_token_kernel(const T* __restrict__ x, int d, const float* __restrict__ center,
+                           const float* __restrict__ inv, int kmax, int raw_limit, std::uint8_t* __restrict__ raw,
+                           std::uint8_t* __restrict__ sym, std::int64_t* __restrict__ header, T* __restrict__ values) {
+  __shared__ int iscratch[V2Block::kWarps];
+  const V2RowCounts c = v2_quantise_row(x, d, center, inv, kmax, raw_limit, sym, iscratch);
+  if (threadIdx.x == 0) {
+    raw[0] = c.raw;
+    header[kV2HeaderEscapes] = c.escapes;
+    header[kV2HeaderRaw] = c.raw;
+    header[kV2HeaderNonFinite] = c.nonfinite;
+  }
+  // No barrier needed: each thread gathers exactly the channels it quantised (both loops stride
+  // kV2Threads from threadIdx.x), and the all-reduces' barriers order the shared scratch.
+  v2_gather_row(x, d, kmax, c.raw, c.escapes, sym, 0, values, values, iscratch);
 }
 
 // Decode's counterpart of the quantiser's counts: cnt[t] = escape symbols of coded token t.
@@ -137,7 +195,7 @@ __global__ void __launch_bounds__(kV2Threads)
 }
 
 // One block per token: the escaped values of coded token t at values[esc_off[t]...] in channel
-// order, a raw token's row at values[escapes total + raw_off[t] * d]. Exact element copies.
+// order, a raw token's row at values[escapes total + raw_off[t] * d] (v2_gather_row).
 template <typename T>
 __global__ void __launch_bounds__(kV2Threads)
     v2_gather_kernel(const T* __restrict__ x, int d, int kmax, const std::uint8_t* __restrict__ raw,
@@ -146,32 +204,15 @@ __global__ void __launch_bounds__(kV2Threads)
                      const std::int64_t* __restrict__ header, T* __restrict__ values) {
   __shared__ int iscratch[V2Block::kWarps];
   const std::int64_t t = blockIdx.x;
-  const T* row = x + t * d;
-  if (raw[t]) {
-    T* dst = values + header[kV2HeaderEscapes] + raw_off[t] * d;
-    for (int i = threadIdx.x; i < d; i += kV2Threads) dst[i] = row[i];
-    return;
-  }
-  if (cnt[t] == 0) return;  // uniform over the block
-  const std::uint8_t esc = static_cast<std::uint8_t>(2 * kmax + 1);
-  std::int64_t next = esc_off[t];
-  for (int base = 0; base < d; base += kV2Threads) {
-    const int i = base + threadIdx.x;
-    const bool e = i < d && sym[t * d + i] == esc;
-    // Most tiles hold no escape: one barrier-with-vote skips the ordered count there.
-    if (__syncthreads_or(e)) {
-      int tile = 0;
-      const int before = V2Block::exclusive_count(e, iscratch, &tile);
-      if (e) values[next + before] = row[i];
-      next += tile;
-    }
-  }
+  v2_gather_row(x + t * d, d, kmax, raw[t] != 0, cnt[t], sym + t * d, esc_off[t],
+                values + header[kV2HeaderEscapes] + raw_off[t] * d, values, iscratch);
 }
 
 // One block per token: out = fp32(fp32((s - kmax) * step) + center) rounded to T for coded
 // values; escape symbols take the next of the n_escapes exact values (token-major), a raw
 // token its row from after them. Reads never pass n_escapes (a missing value gives 0; the host
-// checks the count first) nor the raw section.
+// checks the count first) nor the raw section. Null cnt / esc_off / raw_off: a frame of one token
+// (its offsets 0, its escapes n_escapes), launched without the count and scan.
 template <typename T>
 __global__ void __launch_bounds__(kV2Threads)
     v2_dequantise_kernel(const std::uint8_t* __restrict__ raw, const std::uint8_t* __restrict__ sym, int d,
@@ -183,14 +224,14 @@ __global__ void __launch_bounds__(kV2Threads)
   const std::int64_t t = blockIdx.x;
   T* dst = out + t * d;
   if (raw[t]) {
-    const T* src = values + n_escapes + raw_off[t] * d;
+    const T* src = values + n_escapes + (raw_off != nullptr ? raw_off[t] : 0) * d;
     for (int i = threadIdx.x; i < d; i += kV2Threads) dst[i] = src[i];
     return;
   }
   const std::uint8_t* srow = sym + t * d;
   const std::uint8_t esc = static_cast<std::uint8_t>(2 * kmax + 1);
-  const bool has_escapes = cnt[t] > 0;  // uniform over the block
-  std::int64_t next = esc_off[t];
+  const bool has_escapes = (cnt != nullptr ? cnt[t] : n_escapes) > 0;  // uniform over the block
+  std::int64_t next = esc_off != nullptr ? esc_off[t] : 0;
   for (int base = 0; base < d; base += kV2Threads) {
     const int i = base + threadIdx.x;
     const int s = i < d ? srow[i] : 0;

@@ -93,7 +93,7 @@ void dequantize_weight(ptr_t qweight, ptr_t scale, ptr_t zero, ptr_t w, int dtyp
 // non-finite inputs) in the first kV2HeaderBytes, raw flags u8 [T] right after, symbols u8 [T, d]
 // at sym_off, then the values (dtype) at val_off: the escaped values of the coded tokens
 // token-major in channel order, followed by the raw tokens. Offsets are multiples of 16.
-// scratch is int64 [4 * T] on the device.
+// scratch is int64 [4 * T] on the device; a frame of one token needs none (it may be 0).
 constexpr std::int64_t kV2HeaderBytes = 32;
 
 // x [T, d] -> packed: symbols (escape symbol 2*kmax+1, raw tokens' rows 0), raw flags, header and
@@ -105,7 +105,7 @@ void v2_encode(ptr_t x, int dtype, std::int64_t t, std::int64_t d, ptr_t center,
 
 // packed (raw flags, symbols, n_escapes escaped values then the raw tokens) -> out [T, d] (dtype):
 // fp32(fp32((s - kmax) * step) + center) rounded to dtype, escapes and raw tokens exact. The
-// header's first two words are overwritten with the counts the kernels find.
+// header's first two words are overwritten with the counts the kernels find (T > 1).
 void v2_decode(ptr_t packed, std::int64_t sym_off, std::int64_t val_off, std::int64_t n_escapes, std::int64_t t,
                std::int64_t d, ptr_t step, ptr_t center, int kmax, int dtype, ptr_t out, ptr_t scratch,
                ptr_t stream);

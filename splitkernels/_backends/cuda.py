@@ -256,15 +256,22 @@ def ts_tabq_decode(
     return out
 
 
+def _v2_scratch(t: int, device: torch.device) -> torch.Tensor | None:
+    """The per-token scratch (int64 [4, T]) of the codec v2 launches; None for a frame of one token,
+    whose single launch needs none."""
+    return torch.empty(4 * t, dtype=torch.int64, device=device) if t > 1 else None
+
+
 def codec_v2_encode(x: torch.Tensor, center: torch.Tensor, inv_step: torch.Tensor, kmax: int, raw_limit: int,
                     packed: torch.Tensor, sym_off: int, val_off: int) -> None:
     """Codec v2 quantise of ``x [T >= 1, d]`` into ``packed`` (layout: :mod:`splitkernels.codec.v2_device`)."""
     _require_cuda("x", x)
     t, d = x.shape
-    scratch = torch.empty(4 * t, dtype=torch.int64, device=x.device)
+    scratch = _v2_scratch(t, x.device)
     with torch.cuda.device(x.device):
         _C.v2_encode(x.data_ptr(), DTYPE_CODE[x.dtype], t, d, center.data_ptr(), inv_step.data_ptr(), kmax, raw_limit,
-                     packed.data_ptr(), sym_off, val_off, scratch.data_ptr(), _stream(x.device))
+                     packed.data_ptr(), sym_off, val_off, 0 if scratch is None else scratch.data_ptr(),
+                     _stream(x.device))
 
 
 def codec_v2_decode(packed: torch.Tensor, sym_off: int, val_off: int, n_escapes: int, step: torch.Tensor,
@@ -272,10 +279,11 @@ def codec_v2_decode(packed: torch.Tensor, sym_off: int, val_off: int, n_escapes:
     """Codec v2 dequantise of ``packed`` (:mod:`splitkernels.codec.v2_device`) into ``out [T >= 1, d]``."""
     _require_cuda("out", out)
     t, d = out.shape
-    scratch = torch.empty(4 * t, dtype=torch.int64, device=out.device)
+    scratch = _v2_scratch(t, out.device)
     with torch.cuda.device(out.device):
         _C.v2_decode(packed.data_ptr(), sym_off, val_off, n_escapes, t, d, step.data_ptr(), center.data_ptr(), kmax,
-                     DTYPE_CODE[out.dtype], out.data_ptr(), scratch.data_ptr(), _stream(out.device))
+                     DTYPE_CODE[out.dtype], out.data_ptr(), 0 if scratch is None else scratch.data_ptr(),
+                     _stream(out.device))
 
 
 def _load() -> str | None:

@@ -146,7 +146,7 @@ void emu_dequantize_weight(const std::uint32_t* qweight, const void* scale, cons
 }
 
 // The launch sequences of v2_encode / v2_decode (csrc/cuda/codec_v2.cu) on the packed layout of
-// launchers.h; scratch is int64 [4 * T].
+// launchers.h; scratch is int64 [4 * T] (unused for T = 1: one launch each way).
 void emu_v2_encode(const void* x, int dtype, std::int64_t t, std::int64_t d, const float* center, const float* inv,
                    int kmax, std::int64_t raw_limit, std::uint8_t* packed, std::int64_t sym_off, std::int64_t val_off,
                    std::int64_t* scratch) {
@@ -159,6 +159,11 @@ void emu_v2_encode(const void* x, int dtype, std::int64_t t, std::int64_t d, con
     const auto* xp = static_cast<const T*>(x);
     auto* values = reinterpret_cast<T*>(packed + val_off);
     const int di = static_cast<int>(d), rl = static_cast<int>(raw_limit);
+    if (t == 1) {
+      sk_emu::launch(1, kV2Threads, 0,
+                     [=] { v2_encode_token_kernel<T>(xp, di, center, inv, kmax, rl, raw, sym, header, values); });
+      return;
+    }
     sk_emu::launch(static_cast<unsigned>(t), kV2Threads, 0,
                    [=] { v2_quantise_kernel<T>(xp, di, center, inv, kmax, rl, raw, sym, cnt, bad); });
     sk_emu::launch(1, kV2Threads, 0, [=] { v2_scan_kernel(t, raw, cnt, bad, esc_off, raw_off, header); });
@@ -179,6 +184,12 @@ void emu_v2_decode(std::uint8_t* packed, std::int64_t sym_off, std::int64_t val_
     const auto* values = reinterpret_cast<const T*>(packed + val_off);
     auto* op = static_cast<T*>(out);
     const int di = static_cast<int>(d);
+    if (t == 1) {
+      sk_emu::launch(1, kV2Threads, 0, [=] {
+        v2_dequantise_kernel<T>(raw, sym, di, step, center, kmax, values, n_escapes, nullptr, nullptr, nullptr, op);
+      });
+      return;
+    }
     sk_emu::launch(static_cast<unsigned>(t), kV2Threads, 0, [=] { v2_count_kernel(sym, di, kmax, raw, cnt); });
     sk_emu::launch(1, kV2Threads, 0, [=] { v2_scan_kernel(t, raw, cnt, nullptr, esc_off, raw_off, header); });
     sk_emu::launch(static_cast<unsigned>(t), kV2Threads, 0, [=] {
