@@ -8,6 +8,9 @@
   the one compact device-to-host copy; no entropy stage) and ``decode_v2(..., device="cuda")``
   (one host-to-device copy and the device pass), per token (T = 1, the decode-time cost) and
   per T = 512 frame, and a whole frame (``to_bytes`` with the host rANS, and ``decode_frame``).
+* Where a one-token step's wall time goes: ``torch.profiler`` over a few ``encode_v2`` and
+  ``decode_v2`` calls of one token per GPU backend (host ops and kernels), the top rows written to
+  ``codec_v2_step_profile.txt``.
 * Baseline, same run: the host path (``use_backend("reference")`` has no device kernel: the
   tensor is copied to the host and the fused C++ pass runs there, as before the device pass).
 
@@ -137,6 +140,27 @@ def bench_end_to_end(cfg, impl: str, t: int, dtype: torch.dtype, reps: int, copy
     return rows
 
 
+def step_profile(cfg, impl: str, device: str, calls: int = 20, rows: int = 25) -> str:
+    """The profiler's table (host ops and, on a GPU, kernels) of ``calls`` one-token ``encode_v2``
+    and ``decode_v2`` calls with backend ``impl`` on ``device``, after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = activations(1, D, seed=3).to(torch.float16).to(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    with forced(impl):
+        enc = encode_v2(x, cfg)
+        for _ in range(3):
+            decode_v2(encode_v2(x, cfg), device=device)
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                encode_v2(x, cfg)
+                decode_v2(enc, device=device)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"## {impl}: {calls} x (encode_v2 + decode_v2) of one token, d = {D}, fp16, on {device}\n\n{table}\n"
+
+
 def environment(copy_bw: float) -> dict:
     return {
         "device": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
@@ -187,6 +211,7 @@ def main() -> int:
             for impl in ["host"] + impls:
                 rows += bench_end_to_end(cfg, impl, t, dtype, reps, copy_bw)
         print(markdown(env, rows), flush=True)
+    (args.out / "codec_v2_step_profile.txt").write_text("".join(step_profile(cfg, impl, "cuda") for impl in impls))
     (args.out / "bench_codec_v2_gpu.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     (args.out / "bench_codec_v2_gpu.md").write_text(markdown(env, rows))
     return 0
