@@ -1,5 +1,6 @@
 """Codec v2 dequantiser (docs/FORMATS.md §5.2, §5.5), one program per token row, plus the decode
-launch sequence: :mod:`.codec_v2_count`, :mod:`.codec_v2_scan`, then this kernel. Encode is
+launch sequence: :mod:`.codec_v2_count`, :mod:`.codec_v2_scan`, then this kernel (alone for a frame
+of one token). Encode is
 :mod:`.codec_v2_quantise`.
 
 ``fp32(fp32((s - kmax) * step) + center)`` with floating-point contraction disabled (no FMA),
@@ -24,13 +25,16 @@ _OUT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 @triton.jit(do_not_specialize=["d", "kmax", "n_escapes"])
 def _dequantise_kernel(raw_ptr, sym_ptr, step_ptr, center_ptr, val_ptr, cnt_ptr, esc_off_ptr, raw_off_ptr, out_ptr,
-                       d, kmax, n_escapes, OUT: tl.constexpr, BLOCK_D: tl.constexpr):
-    # val_ptr and out_ptr are integer views of the output dtype (OUT: 0 fp32, 1 fp16, 2 bf16).
+                       d, kmax, n_escapes, OUT: tl.constexpr, ONE_TOKEN: tl.constexpr, BLOCK_D: tl.constexpr):
+    # val_ptr and out_ptr are integer views of the output dtype (OUT: 0 fp32, 1 fp16, 2 bf16). ONE_TOKEN:
+    # a frame of one token, launched without count and scan: its offsets are 0, its escapes n_escapes.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     inb = offs < d
     if tl.load(raw_ptr + row) != 0:
-        src = n_escapes + tl.load(raw_off_ptr + row) * d
+        src = n_escapes
+        if not ONE_TOKEN:
+            src += tl.load(raw_off_ptr + row) * d
         tl.store(out_ptr + row * d + offs, tl.load(val_ptr + src + offs, mask=inb), mask=inb)
     else:
         s = tl.load(sym_ptr + row * d + offs, mask=inb, other=0).to(tl.int32)
@@ -43,10 +47,16 @@ def _dequantise_kernel(raw_ptr, sym_ptr, step_ptr, center_ptr, val_ptr, cnt_ptr,
             bits = y.to(tl.float16).to(tl.int16, bitcast=True)
         else:
             bits = to_bf16_bits(y)
-        if tl.load(cnt_ptr + row) > 0:
+        if ONE_TOKEN:
+            escapes = n_escapes
+        else:
+            escapes = tl.load(cnt_ptr + row)
+        if escapes > 0:
             e = inb & (s == 2 * kmax + 1)
             ei = e.to(tl.int32)
-            j = tl.load(esc_off_ptr + row) + tl.cumsum(ei, axis=0) - ei
+            j = tl.cumsum(ei, axis=0) - ei
+            if not ONE_TOKEN:
+                j += tl.load(esc_off_ptr + row)
             # Never past the escapes (a missing value reads 0; the host checks the count first).
             bits = tl.where(e, tl.load(val_ptr + j, mask=e & (j < n_escapes), other=0), bits)
         tl.store(out_ptr + row * d + offs, bits, mask=inb)
@@ -58,12 +68,17 @@ def codec_v2_decode(packed: torch.Tensor, sym_off: int, val_off: int, n_escapes:
     t, d = out.shape
     bits = BITS_DTYPE[out.dtype]
     bd = block_d(d)
-    scratch = torch.empty(4, t, dtype=torch.int64, device=out.device)
     header = packed[:HEADER_BYTES].view(torch.int64)
     raw = packed[HEADER_BYTES:HEADER_BYTES + t]
     sym = packed[sym_off:sym_off + t * d]
-    _count_kernel[(t,)](sym, raw, scratch[0], d, kmax, BLOCK_D=bd, num_warps=row_warps(bd))
-    scan(raw, scratch, header, with_nonfinite=False)
-    _dequantise_kernel[(t,)](raw, sym, step, center, packed[val_off:].view(bits), scratch[0], scratch[2], scratch[3],
-                             out.view(bits), d, kmax, n_escapes, OUT=_OUT_CODE[out.dtype], BLOCK_D=bd,
+    one = t == 1  # the dequantiser alone (the header stands in for the scratch it does not read)
+    if one:
+        cnt = esc_off = raw_off = header
+    else:
+        scratch = torch.empty(4, t, dtype=torch.int64, device=out.device)
+        _count_kernel[(t,)](sym, raw, scratch[0], d, kmax, BLOCK_D=bd, num_warps=row_warps(bd))
+        scan(raw, scratch, header, with_nonfinite=False)
+        cnt, esc_off, raw_off = scratch[0], scratch[2], scratch[3]
+    _dequantise_kernel[(t,)](raw, sym, step, center, packed[val_off:].view(bits), cnt, esc_off, raw_off,
+                             out.view(bits), d, kmax, n_escapes, OUT=_OUT_CODE[out.dtype], ONE_TOKEN=one, BLOCK_D=bd,
                              num_warps=row_warps(bd), enable_fp_fusion=False)

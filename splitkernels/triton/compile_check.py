@@ -44,9 +44,10 @@ _I64 = "*i64"
 _V2_ROW = {"d": "i32", "kmax": "i32"}
 
 
-def _v2_quantise_sig(dt: str) -> dict:
+def _v2_quantise_sig(dt: str, bits: str) -> dict:
     return {"x_ptr": "*" + dt, "center_ptr": "*fp32", "inv_ptr": "*fp32", "raw_ptr": _P8, "sym_ptr": _P8,
-            "cnt_ptr": _I64, "bad_ptr": _I64, **_V2_ROW, "raw_limit": "i32"}
+            "cnt_ptr": _I64, "bad_ptr": _I64, **_V2_ROW, "raw_limit": "i32", "xbits_ptr": bits, "header_ptr": _I64,
+            "val_ptr": bits}
 
 
 def _v2_dequantise_sig(bits: str) -> dict:
@@ -79,10 +80,10 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
          {"ABS_MODE": True, "FORCED": True, "RAW": 32, "BLOCK_D": 1024, "BLOCK_C": 1}, nofuse),
         ("decode bf16", codec_decode._decode_kernel, _decode_sig("bf16"),
          {"RAW": 16, "OUT_BF16": True, "BLOCK_D": 4096, "BLOCK_C": 16}, nofuse),
-        ("v2 quantise fp16", codec_v2_quantise._quantise_kernel, _v2_quantise_sig("fp16"),
-         {"X_BF16": False, "BLOCK_D": 4096}, nofuse),
-        ("v2 quantise bf16 bits", codec_v2_quantise._quantise_kernel, _v2_quantise_sig("i16"),
-         {"X_BF16": True, "BLOCK_D": 1024}, nofuse),
+        ("v2 quantise fp16", codec_v2_quantise._quantise_kernel, _v2_quantise_sig("fp16", "*i16"),
+         {"X_BF16": False, "ONE_TOKEN": False, "BLOCK_D": 4096}, nofuse),
+        ("v2 quantise bf16 bits one token", codec_v2_quantise._quantise_kernel, _v2_quantise_sig("i16", "*i16"),
+         {"X_BF16": True, "ONE_TOKEN": True, "BLOCK_D": 1024}, nofuse),
         ("v2 scan", codec_v2_scan._scan_kernel,
          {"raw_ptr": _P8, "cnt_ptr": _I64, "bad_ptr": _I64, "esc_off_ptr": _I64, "raw_off_ptr": _I64,
           "header_ptr": _I64, "t": "i32"}, {"HAS_BAD": True, "BLOCK_T": 1024}, {"num_warps": 4}),
@@ -92,9 +93,9 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
         ("v2 count", codec_v2_count._count_kernel, {"sym_ptr": _P8, "raw_ptr": _P8, "cnt_ptr": _I64, **_V2_ROW},
          {"BLOCK_D": 4096}, nofuse),
         ("v2 dequantise fp32", codec_v2_dequantise._dequantise_kernel, _v2_dequantise_sig("*i32"),
-         {"OUT": 0, "BLOCK_D": 4096}, nofuse),
-        ("v2 dequantise bf16", codec_v2_dequantise._dequantise_kernel, _v2_dequantise_sig("*i16"),
-         {"OUT": 2, "BLOCK_D": 1024}, nofuse),
+         {"OUT": 0, "ONE_TOKEN": False, "BLOCK_D": 4096}, nofuse),
+        ("v2 dequantise bf16 one token", codec_v2_dequantise._dequantise_kernel, _v2_dequantise_sig("*i16"),
+         {"OUT": 2, "ONE_TOKEN": True, "BLOCK_D": 1024}, nofuse),
         ("gemv W4 word tiles", lowbit_gemv._gemv_kernel, _gemm_sig("fp16"),
          {**gemv, "BITS": 4, "SPLIT_K": 1, "WORD_TILE": True}, {}),
         ("gemv W3 split-K", lowbit_gemv._gemv_kernel, _gemm_sig("fp16", "fp32"),
