@@ -6,8 +6,9 @@
 // of the per-token escape and raw counts, the totals) and v2_gather_kernel (one block per token:
 // escaped values token-major in channel order, then the raw tokens). Decode is v2_count_kernel,
 // the same scan, and v2_dequantise_kernel. A frame of one token (each decode step's) needs no
-// scan: v2_encode_token_kernel does all three in one launch, and decode is v2_dequantise_kernel alone. Every output lands in one packed byte buffer whose
-// layout splitkernels/codec/v2_device.py defines, so the host needs one copy of its prefix.
+// scan: v2_encode_token_kernel does all three in one launch, and decode is v2_dequantise_kernel
+// alone. Every output lands in one packed byte buffer whose layout splitkernels/codec/v2_device.py
+// defines, so the host needs one copy of its prefix.
 //
 // Arithmetic as the CPU pass: IEEE fp32 subtraction and multiplication spelled with __f*_rn
 // intrinsics (never contracted into an FMA), round half to even, exact fp16/bf16 widening and
@@ -89,8 +90,8 @@ __device__ inline V2RowCounts v2_quantise_row(const T* __restrict__ row, int d, 
 // them, symbols in srow) in channel order from values[next]. Exact element copies.
 template <typename T>
 __device__ inline void v2_gather_row(const T* __restrict__ row, int d, int kmax, bool is_raw, std::int64_t escapes,
-                                     const std::uint8_t* __restrict__ srow, std::int64_t next, T* __restrict__ raw_dst,
-                                     T* __restrict__ values, int* iscratch) {
+                                     const std::uint8_t* __restrict__ srow, std::int64_t next, T* raw_dst, T* values,
+                                     int* iscratch) {
   if (is_raw) {
     for (int i = threadIdx.x; i < d; i += kV2Threads) raw_dst[i] = row[i];
     return;

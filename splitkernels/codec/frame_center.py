@@ -13,9 +13,9 @@ frames are byte for byte the same): frames of at least :data:`MIN_TOKENS` tokens
 ``T // 64``-th token (:func:`sample_rows`), quantise those with the config's center, and take per
 channel the lower median of the sampled coded tokens' symbols minus ``kmax``, clipped to the range
 (:func:`fit_reference`; :func:`fit` is the same in one C++ call, and the host encoder samples,
-quantises and fits in one). Frames of all-zero offsets (or of a moved center beyond the fp32 range), or shorter
-ones, carry none: the section costs 4 bits
-per channel (0.0078 bit per element at 512 tokens, 0.016 at 256, where SmolLM2 still gains).
+quantises and fits in one). Frames of all-zero offsets (or of a moved center beyond the fp32
+range), or shorter ones, carry none: the section costs 4 bits per channel (0.0078 bit per element
+at 512 tokens, 0.016 at 256, where SmolLM2 still gains).
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Codec v2 dequantiser (docs/FORMATS.md §5.2, §5.5), one program per token row, plus the decode
-launch sequence: :mod:`.codec_v2_count`, :mod:`.codec_v2_scan`, then this kernel (alone for a frame
-of one token). Encode is
-:mod:`.codec_v2_quantise`.
+launch sequence: :mod:`.codec_v2_count`, :mod:`.codec_v2_scan`, then this kernel (alone for a
+frame of one token). Encode is :mod:`.codec_v2_quantise`.
 
 ``fp32(fp32((s - kmax) * step) + center)`` with floating-point contraction disabled (no FMA),
 rounded to the output dtype to nearest even (bf16 from the fp32 bit pattern: the interpreter
