@@ -306,6 +306,22 @@ def test_decode_checks_counts_before_launching(runner):
         runner.decode(EncodedV2(sym, raw, escapes, raw_values[:-1], cfg))
 
 
+def test_one_token_decode_checks_counts_before_its_one_launch(runner):
+    """The one-launch decode of a single token trusts its escape count: the host check comes first."""
+    cfg = make_config(45, seed=5)
+    rows = make_input(5, cfg, torch.float32, seed=5)
+    coded, raw_row = rows[0:1], rows[2:3]
+    sym, raw, escapes, raw_values, _ = reference_encode(coded, cfg)
+    assert escapes.numel() > 0 and not raw.any()
+    for bad in (escapes[:-1], torch.cat([escapes, escapes[:1]])):
+        with pytest.raises(ValueError, match="escape"):
+            runner.decode(EncodedV2(sym, raw, bad, raw_values, cfg))
+    sym, raw, escapes, raw_values, _ = reference_encode(raw_row, cfg)
+    assert raw.all() and escapes.numel() == 0
+    with pytest.raises(ValueError, match="raw"):
+        runner.decode(EncodedV2(sym, raw, escapes, raw_values[:0], cfg))
+
+
 def test_one_copy_unless_the_values_overflow_the_allowance(runner, monkeypatch):
     """A frame's symbols, flags, escapes and raw tokens come back in one device-to-host copy; a
     frame whose values exceed the spill allowance takes exactly one more, with the same result."""
