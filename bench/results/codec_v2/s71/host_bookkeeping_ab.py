@@ -4,7 +4,8 @@ import subprocess, sys, tempfile, torch, timeit, statistics
 from pathlib import Path
 src = subprocess.run(["git", "show", "3503f7a:splitkernels/codec/v2_device.py"], capture_output=True, text=True,
                      check=True).stdout
-src = src.replace("from ..registry", "from splitkernels.registry").replace("from .config_v2", "from splitkernels.codec.config_v2")
+src = src.replace("from ..registry", "from splitkernels.registry")
+src = src.replace("from .config_v2", "from splitkernels.codec.config_v2")
 tmp = Path(tempfile.mkdtemp()); (tmp / "v2_device_old.py").write_text(src); sys.path.insert(0, str(tmp))
 import v2_device_old as old
 from splitkernels.codec import v2_device as new, calibrate
