@@ -7,7 +7,8 @@
 * End to end, wall clock with the host copies: ``encode_v2`` of a CUDA tensor (device pass and
   the one compact device-to-host copy; no entropy stage) and ``decode_v2(..., device="cuda")``
   (one host-to-device copy and the device pass), per token (T = 1, the decode-time cost) and
-  per T = 512 frame, and a whole frame (``to_bytes`` with the host rANS, and ``decode_frame``).
+  per T = 512 frame, and whole wire frames of both (``encode_frame`` with the host rANS, and
+  ``decode_frame``; a one-token frame is the runtime's per-step path).
 * Where a one-token step's wall time goes: ``torch.profiler`` over a few ``encode_v2`` and
   ``decode_v2`` calls of one token per GPU backend (host ops and kernels), the top rows written to
   ``codec_v2_step_profile.txt``.
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 import splitkernels
-from splitkernels.codec import calibrate, decode_frame
+from splitkernels.codec import calibrate, decode_frame, encode_frame
 from splitkernels.codec import v2_device
 from splitkernels.codec.v2 import decode_v2, encode_v2
 
@@ -121,22 +122,23 @@ def bench_end_to_end(cfg, impl: str, t: int, dtype: torch.dtype, reps: int, copy
             {"bench": "encode_v2 (device pass + copy)", "shape": shape, "impl": impl, "us": te * 1e6},
             {"bench": "decode_v2 to cuda (copy + pass)", "shape": shape, "impl": impl, "us": td * 1e6},
         ]
-        if t == FRAME_T:
-            frame = enc.to_bytes()
-            tf = wall(lambda: encode_v2(x, cfg).to_bytes(), max(3, reps // 4))
+        # The wire frame as the runtime writes and reads it (a one-token frame: the C++ token
+        # coder on the host after one copy of the token, whatever the backend).
+        frame = encode_frame(x, cfg)
+        tf = wall(lambda: encode_frame(x, cfg), max(3, reps // 4))
 
-            def dec_frame():
-                decode_frame(frame, config=cfg, device="cuda")
-                torch.cuda.synchronize()
+        def dec_frame():
+            decode_frame(frame, config=cfg, device="cuda")
+            torch.cuda.synchronize()
 
-            tdf = wall(dec_frame, max(3, reps // 4))
-            nbytes = x.numel() * x.element_size()
-            rows += [
-                {"bench": "frame encode (+ host rANS)", "shape": shape, "impl": impl, "us": tf * 1e6,
-                 "of_copy": nbytes / tf / copy_bw, "note": f"{8 * len(frame) / x.numel():.2f} bits/value"},
-                {"bench": "frame decode (host rANS +)", "shape": shape, "impl": impl, "us": tdf * 1e6,
-                 "of_copy": nbytes / tdf / copy_bw},
-            ]
+        tdf = wall(dec_frame, max(3, reps // 4))
+        nbytes = x.numel() * x.element_size()
+        rows += [
+            {"bench": "frame encode (+ host rANS)", "shape": shape, "impl": impl, "us": tf * 1e6,
+             "of_copy": nbytes / tf / copy_bw, "note": f"{8 * len(frame) / x.numel():.2f} bits/value"},
+            {"bench": "frame decode (host rANS +)", "shape": shape, "impl": impl, "us": tdf * 1e6,
+             "of_copy": nbytes / tdf / copy_bw},
+        ]
     return rows
 
 
