@@ -205,8 +205,9 @@ __global__ void __launch_bounds__(kV2Threads)
                      const std::int64_t* __restrict__ header, T* __restrict__ values) {
   __shared__ int iscratch[V2Block::kWarps];
   const std::int64_t t = blockIdx.x;
-  v2_gather_row(x + t * d, d, kmax, raw[t] != 0, cnt[t], sym + t * d, esc_off[t],
-                values + header[kV2HeaderEscapes] + raw_off[t] * d, values, iscratch);
+  const bool is_raw = raw[t] != 0;  // only a raw token reads where its row goes
+  T* raw_dst = is_raw ? values + header[kV2HeaderEscapes] + raw_off[t] * d : nullptr;
+  v2_gather_row(x + t * d, d, kmax, is_raw, cnt[t], sym + t * d, esc_off[t], raw_dst, values, iscratch);
 }
 
 // One block per token: out = fp32(fp32((s - kmax) * step) + center) rounded to T for coded

@@ -110,8 +110,16 @@ class FrameContents:
     streams: np.ndarray  # u8 [sum of stream bytes]
 
 
-def _torch_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+def byte_view(t: torch.Tensor) -> np.ndarray:
+    """The bytes of host tensor ``t`` of any dtype (bf16 too, which numpy lacks) in row-major order,
+    as u8 (a view where ``t`` is contiguous). Reshaped before the dtype view: a [k, 1] view may keep
+    a stride that the byte view rejects."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """:func:`byte_view` as bytes (b"" at once when empty: most frames have no raw tokens)."""
+    return b"" if t.numel() == 0 else byte_view(t).tobytes()
 
 
 def write_frame(c: FrameContents) -> bytes:
@@ -124,7 +132,7 @@ def write_frame(c: FrameContents) -> bytes:
         c.lo.astype("<f2").tobytes(),
         c.counts.astype("<u2" if cw == 2 else "<u4").tobytes(),
         c.indices.astype("<u2" if iw == 2 else "<u4").tobytes(),
-        _torch_bytes(c.values.cpu()),
+        tensor_bytes(c.values.cpu()),
         c.streams.tobytes(),
     ]
     body = b"".join(parts)

@@ -51,7 +51,7 @@ import torch
 from .._native import load
 from . import frame_center, nibble, planes, rans, rice, slots
 from .config_v2 import MAX_FRAME_SCALE, CodecConfigV2
-from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits
+from .frame import CODE_DTYPES, DTYPE_CODES, MAGIC, MAX_T, FrameError, FrameLimits, tensor_bytes
 
 FRAME_VERSION_V2 = 2
 HEAD = struct.Struct("<4sBB")
@@ -361,13 +361,6 @@ def unpack_residuals(section: memoryview, shifts: np.ndarray, raw: np.ndarray, d
     return out
 
 
-def _tensor_bytes(values: torch.Tensor) -> bytes:
-    """The bytes of ``values`` in row-major order (b"" at once when empty: most frames have no raw tokens)."""
-    if values.numel() == 0:
-        return b""
-    return values.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # reshape: a [k, 1] view may keep its stride
-
-
 def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, escapes: torch.Tensor,
                    raw_values: torch.Tensor, stream: bytes | memoryview,
                    shifted: tuple[int, bytes] | None = None, tokens: torch.Tensor | None = None,
@@ -397,8 +390,8 @@ def assemble_frame(config: CodecConfigV2, code: int, t: int, raw: np.ndarray, es
         *([] if tokens is None else [config.prediction.pack_ids(tokens)]),
         *([] if t == 1 else [np.packbits(raw, bitorder="little").tobytes()]),
         *([] if offsets is None else [frame_center.pack(offsets)]),
-        _tensor_bytes(escapes),
-        _tensor_bytes(raw_values),
+        tensor_bytes(escapes),
+        tensor_bytes(raw_values),
         *([] if shifted is None else [shifted[1]]),
         stream,
     ]

@@ -25,6 +25,7 @@ import torch
 
 from ..registry import resolve
 from .config_v2 import CodecConfigV2
+from .frame import byte_view
 
 HEADER_BYTES = 32
 ENCODE_OP = "codec_v2_encode"
@@ -99,11 +100,6 @@ def _host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
 
-def _bytes(t: torch.Tensor) -> np.ndarray:
-    """The bytes of a host tensor of any dtype (bf16 too, which numpy lacks), in order."""
-    return t.cpu().contiguous().view(torch.uint8).reshape(-1).numpy()
-
-
 def _to_host(src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy device bytes into (pinned) host bytes and wait for them."""
     if src.device.type == "cuda":
@@ -172,9 +168,9 @@ def decode(symbols: torch.Tensor, raw: torch.Tensor, escapes: torch.Tensor, raw_
     packed_np[lay.sym_off:lay.sym_off + t * d] = sym.reshape(-1)
     values_end = lay.val_off + n_esc * lay.item
     if n_esc:
-        packed_np[lay.val_off:values_end] = _bytes(escapes)
+        packed_np[lay.val_off:values_end] = byte_view(escapes.cpu())
     if n_raw:
-        packed_np[values_end:used] = _bytes(raw_values)
+        packed_np[values_end:used] = byte_view(raw_values.cpu())
     packed = host.to(device, non_blocking=True) if device.type == "cuda" else host
     arrays = config_arrays(config, device)
     centers = arrays["center"] if center is None else torch.from_numpy(center).to(device)
