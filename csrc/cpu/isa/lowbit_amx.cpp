@@ -441,6 +441,7 @@ void store_rows(const LowbitProblem& p, int64_t n0, int64_t rows, const PanelSum
 // panels whose sums (acc) take at most as much (up to 8 panels).
 constexpr int64_t kL2Bytes = 2 << 20;  // L2 per core of the Xeons with AMX (Sapphire Rapids on)
 constexpr int64_t kL2BlockBytes = kL2Bytes / 4;
+constexpr int64_t kBlockedDecodeBytes = 32 << 10;  // a blocked chunk's decoded codes, kept in L1
 constexpr int64_t panels_in_l2(int64_t Mp) {
   return std::clamp<int64_t>(kL2BlockBytes / (kPanelRows * Mp * static_cast<int64_t>(sizeof(float))), 1, 8);
 }
@@ -880,12 +881,12 @@ void digit_rows(const LowbitProblem& p, int64_t n_begin, int64_t n_end) {
   const int64_t G = p.G, x_tiles = digit_tiles(p.M), blocks = digit_blocks(p.M), Mp = 16 * blocks;
   const int64_t per_group = p.group_size / kDigitBlockK, group_tile_bytes = per_group * x_tiles * kTileBytes;
   // Where the whole K of digit tiles outgrows L2, chunks of groups (tiles at most kL2BlockBytes,
-  // decoded codes at most 32 KiB, in L1) serve a group of panels; else one panel at a time, its
-  // groups decoded kPanelDecodeBytes at a time.
+  // decoded codes at most kBlockedDecodeBytes) serve a group of panels; else one panel at a time,
+  // its groups decoded kPanelDecodeBytes at a time.
   const bool blocked = G * group_tile_bytes > kL2Bytes;
-  const int64_t chunk =
-      blocked ? std::clamp<int64_t>(kL2BlockBytes / group_tile_bytes, 1, std::max<int64_t>(1, (32 << 10) / (kPanelRows * p.group_size)))
-              : groups_per_decode(p, 1);  // int8 codes
+  const int64_t blocked_chunk_max = std::max<int64_t>(1, kBlockedDecodeBytes / (kPanelRows * p.group_size));
+  const int64_t chunk = blocked ? std::clamp<int64_t>(kL2BlockBytes / group_tile_bytes, 1, blocked_chunk_max)
+                                : groups_per_decode(p, 1);  // int8 codes
   const int64_t panels = blocked ? panels_in_l2(Mp) : 1;
   PanelScratch& w = panel_scratch(p, chunk * p.group_size, Mp, panels);
   alignas(64) int32_t ctmp[6 * 256];
