@@ -500,8 +500,11 @@ PYBIND11_MODULE(_C, m) {
       "v2_encode_token_frame",
       [](std::uintptr_t x, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
          std::uintptr_t inv, std::uintptr_t center, int scale, int64_t raw_limit, int dtype, int lanes,
-         py::bytes ids) -> py::object {
-        if (d < 1 || dtype < sk::kFloat32 || dtype > sk::kBFloat16) throw std::invalid_argument("v2_encode_token_frame: bad d or dtype");
+         py::bytes ids, int src_dtype) -> py::object {
+        if (src_dtype < 0) src_dtype = dtype;
+        if (d < 1 || dtype < sk::kFloat32 || dtype > sk::kBFloat16 || src_dtype > sk::kBFloat16) {
+          throw std::invalid_argument("v2_encode_token_frame: bad d, dtype or src_dtype");
+        }
         if (scale < -128 || scale > 127) throw std::invalid_argument("v2_encode_token_frame: scale is not an i8");
         if (lanes != 1 && lanes != sk::kRansLongLanes) throw std::invalid_argument("v2_encode_token_frame: lanes is not 1 or 4");
         const sk::TokenFrameConfig config{crc_seed, d, kmax, ptr<const sk::RansTables* const>(tables), period,
@@ -513,16 +516,16 @@ PYBIND11_MODULE(_C, m) {
         int64_t len;
         {
           py::gil_scoped_release nogil;
-          len = sk::v2_encode_token_frame(ptr<const void>(x), config, ptr<const float>(inv), raw_limit, dtype, lanes,
-                                          reinterpret_cast<const uint8_t*>(id_section.data()), id_bytes, out.data());
+          len = sk::v2_encode_token_frame(ptr<const void>(x), src_dtype, config, ptr<const float>(inv), raw_limit, dtype,
+                                          lanes, reinterpret_cast<const uint8_t*>(id_section.data()), id_bytes, out.data());
         }
         if (len <= 0) return py::int_(len);
         return py::bytes(reinterpret_cast<const char*>(out.data()), len);
       },
       py::arg("x"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
       py::arg("inv"), py::arg("center"), py::arg("scale"), py::arg("raw_limit"), py::arg("dtype"), py::arg("lanes"),
-      py::arg("ids") = py::bytes(),
-      "One token x [1, d] of dtype (contiguous) as a codec v2 rANS frame (the session config's CRC seed, d, kmax, "
+      py::arg("ids") = py::bytes(), py::arg("src_dtype") = -1,
+      "One token x [1, d] of src_dtype (contiguous; -1: dtype), rounded to dtype where they differ, as a codec v2 rANS frame (the session config's CRC seed, d, kmax, "
       "rANS table pointers, 1/step and center at the frame's step scale, and that scale, 0 for none; lanes: 1, or 4 for the four-lane layout (coder 6); ids: the token-id section of a config's prediction, x then the "
       "residual): the frame's bytes, 0 when the token travels raw (more than raw_limit escapes) or -1 when x is "
       "not finite (the caller's general path handles both).");

@@ -274,3 +274,16 @@ def test_fuzz_scaled_frames(cfg64, t):
             _decodes_within_bounds_or_frame_error(reseal(bytes(bad), cfg64), cfg64)
     for bad in byte_mutations(body, 300, seed=t):
         _decodes_within_bounds_or_frame_error(reseal(bad, cfg64), cfg64)
+
+
+@pytest.mark.parametrize("rated", [True, False])
+def test_session_encoder_sends_the_wire_dtype(cfg64, rated):
+    """A session's frames of fp32 hidden states in fp16: the bytes of the same session fed the cast
+    tensors, one-token frames (cast inside the C++ call) and prompt frames alike."""
+    gen = torch.Generator().manual_seed(3)
+    steps = [torch.randn(5, 64, generator=gen) * 2] + [torch.randn(1, 64, generator=gen) * 2 for _ in range(6)]
+    ours, cast = session_encoder(cfg64, rated, torch.float16), session_encoder(cfg64, rated)
+    pos = 0
+    for x in steps:
+        assert ours(x, None, pos) == cast(x.half(), None, pos)
+        pos += x.shape[0]

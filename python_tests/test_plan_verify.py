@@ -18,7 +18,7 @@ from splitkernels.planner.profile import Profile, measure_profile
 from splitkernels.planner.quality import QualityTable, calibrate
 from splitkernels.planner.verify import PeakTensorBytes, verify_plan
 from splitkernels.runtime import SplitConfig
-from splitkernels.runtime.split_model import to_wire
+from splitkernels.codec.wire_dtype import to_wire
 
 LINK = Link(20.0, 30.0)
 SIZE_UNITS = ("B", "MiB", "bits")

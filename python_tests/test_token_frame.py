@@ -14,6 +14,7 @@ from splitkernels.codec.frame_v2 import (FOUR_LANE_TOKEN_TAG, FOUR_LANES_MIN_SYM
                                          SCALED_TOKEN_TAG, TOKEN_CODER, TOKEN_RAW, TOKEN_SHIFTED, TOKEN_TAG,
                                          TOKEN_TAG_MASK, _varint, parse_frame_v2, read_frame_v2)
 from splitkernels.codec.v2 import decode_v2
+from splitkernels.codec.wire_dtype import to_wire
 from v2_frames import bit_flips, reseal, truncations
 
 pytestmark = pytest.mark.skipif(not token_frame.has_native(),
@@ -261,3 +262,46 @@ def test_encoder_takes_odd_widths_and_strided_tokens():
         wide = torch.randn(2, 2 * d, generator=g)
         x = wide[:1, ::2]  # a strided view
         assert token_frame.encode_token_frame(x, config, 0) == encode(x, config).to_bytes()
+
+
+def wire_values(d: int, seed: int) -> torch.Tensor:
+    """fp32 values that stress a cast: fp16 subnormals and its smallest normals, halfway cases of
+    fp16 and bf16 (ties to even), the largest fp16 values, signed zeros, and escapes (exact on the
+    wire) whose fp16 (4003) and bf16 (-4024) roundings differ from truncation."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, d, generator=g) * 3
+    special = torch.tensor([6e-8, -3e-8, 6.1e-5, -6.1035e-5, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -8,
+                            -(1 + 3 * 2.0 ** -8), 65504.0, 65519.0, -0.0, 0.0, 4003.0, -4024.0])
+    x[0, : min(d, special.numel())] = special[: min(d, special.numel())]
+    return x
+
+
+@needs_encoder
+@pytest.mark.parametrize("source", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("wire", [torch.float16, torch.bfloat16, torch.float32])
+def test_encoder_rounds_to_the_wire_dtype_as_torch_does(cfg, source, wire):
+    """The C++ call's own cast gives the frame of ``to_wire(x, wire)`` byte for byte, and decodes
+    to its dtype."""
+    for seed in range(6):
+        x = wire_values(cfg.d, seed)
+        if source is torch.bfloat16:
+            x[0, 8:10] = 60000.0  # 65504 and 65519 round to bf16's 65536, which no fp16 holds (the next test)
+        x = x.to(source)
+        fused = token_frame.encode_token_frame(x, cfg, 9, wire_dtype=wire)
+        expected = encode(to_wire(x, wire), cfg, start=9).to_bytes()
+        assert fused == expected, (seed, source, wire)
+        assert encode_frame(x, cfg, start=9, wire_dtype=wire) == expected
+        assert decode_frame(fused, config=cfg).dtype == wire
+
+
+@needs_encoder
+def test_a_wire_dtype_that_cannot_hold_the_token_is_the_casts_error(cfg):
+    x = hidden(1, 11, cfg.d)
+    x[0, 5] = 70000.0  # beyond fp16's range: the cast gives infinity
+    assert token_frame.encode_token_frame(x, cfg, 9, wire_dtype=torch.float16) is None
+    with pytest.raises(ValueError, match="wire_dtype float16 cannot hold"):
+        encode_frame(x, cfg, start=9, wire_dtype=torch.float16)
+    assert encode_frame(x, cfg, start=9, wire_dtype=torch.bfloat16) == encode(x.bfloat16(), cfg, start=9).to_bytes()
+    x[0, 5] = float("nan")  # not finite before the cast: the codec's own error
+    with pytest.raises(ValueError, match="finite"):
+        encode_frame(x, cfg, start=9, wire_dtype=torch.float16)

@@ -30,10 +30,17 @@ int64_t v2_token_frame_capacity(int64_t d, int dtype, int64_t id_bytes) {
   return 2 + kMaxVarintBytes + id_bytes + d * item + 4 * kRansLongLanes + 2 * d + kCrcBytes;
 }
 
-int64_t v2_encode_token_frame(const void* x, const TokenFrameConfig& cfg, const float* inv, int64_t raw_limit,
-                              int dtype, int lanes, const uint8_t* ids, int64_t id_bytes, uint8_t* out) {
+int64_t v2_encode_token_frame(const void* x, int src_dtype, const TokenFrameConfig& cfg, const float* inv,
+                              int64_t raw_limit, int dtype, int lanes, const uint8_t* ids, int64_t id_bytes,
+                              uint8_t* out) {
   const int64_t d = cfg.d, item = dtype == kFloat32 ? 4 : 2;
   if (lanes != 1 && lanes != kRansLongLanes) return -1;
+  thread_local std::vector<uint32_t> wire;  // x in the frame's dtype (an overflow to infinity declines below)
+  if (src_dtype != dtype) {
+    wire.resize((d * item + 3) / 4);
+    for (int64_t i = 0; i < d; ++i) store_from_float(wire.data(), dtype, i, load_as_float(x, src_dtype, i));
+    x = wire.data();
+  }
   thread_local std::vector<uint8_t> sym;
   sym.resize(d);
   int32_t n_esc = 0;

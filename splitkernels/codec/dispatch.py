@@ -15,6 +15,7 @@ from .frame_v2 import FRAME_VERSION_V2, is_token_tag, read_frame_v2
 from . import v2_device
 from .token_frame import decode_token_frame
 from .v2 import EncodedV2, decode_v2, encode_v2
+from .wire_dtype import to_wire
 from .wire_v2 import decode_frame_v2, encode_frame_v2
 
 
@@ -31,16 +32,17 @@ def encode(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None, *
 
 
 def encode_frame(x: torch.Tensor, config: CodecConfig | CodecConfigV2 | None = None,
-                 coder: str | None = None, *, start: int = 0, tokens=None, embedding: torch.Tensor | None = None) -> bytes:
-    """The wire frame of ``x [T, d]``, the bytes of ``encode(x, config, start=start, tokens=tokens,
-    embedding=embedding).to_bytes(coder)``; v2 frames with the nibble coder (``coder`` "nibble")
-    take the fused quantise-and-code pass (no symbol matrix) unless they have shifted rows or a
-    prediction."""
+                 coder: str | None = None, *, start: int = 0, tokens=None, embedding: torch.Tensor | None = None,
+                 wire_dtype: torch.dtype | None = None) -> bytes:
+    """The wire frame of ``x [T, d]``, the bytes of ``encode(to_wire(x, wire_dtype), config, start=start,
+    tokens=tokens, embedding=embedding).to_bytes(coder)``; v2 frames with the nibble coder (``coder``
+    "nibble") take the fused quantise-and-code pass (no symbol matrix) unless they have shifted rows or a
+    prediction, and one-token rANS frames round to ``wire_dtype`` inside their one C++ call."""
     if isinstance(config, CodecConfigV2):
-        return encode_frame_v2(x, config, coder, start, tokens, embedding)
+        return encode_frame_v2(x, config, coder, start, tokens, embedding, wire_dtype)
     if coder is not None:
         raise ValueError("coder applies to codec v2 frames only")
-    return v1.encode(x, config).to_bytes()
+    return v1.encode(to_wire(x, wire_dtype), config).to_bytes()
 
 
 def decode(encoded: v1.Encoded | EncodedV2, *, embedding: torch.Tensor | None = None) -> torch.Tensor:

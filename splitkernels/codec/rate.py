@@ -160,8 +160,9 @@ class RateControl:
         return scale, tried[scale]
 
     def encode_frame(self, x: torch.Tensor, coder: str | None = None, start: int = 0, tokens=None,
-                     embedding: torch.Tensor | None = None) -> bytes:
-        """The frame of ``x [T, d]`` at the scale the session's measurements ask for (see the module)."""
+                     embedding: torch.Tensor | None = None, wire_dtype: torch.dtype | None = None) -> bytes:
+        """The frame of ``x [T, d]`` (in ``wire_dtype``, as :func:`~splitkernels.codec.wire_v2.encode_frame_v2`)
+        at the scale the session's measurements ask for (see the module)."""
         check_tensor("x", x, FLOAT_DTYPES, ndim=2)
         t, d = int(x.shape[0]), int(x.shape[1])
         if t == 0:
@@ -169,7 +170,7 @@ class RateControl:
         extra = self._residual_bits(t, d, start, tokens)
 
         def at(scale: int) -> bytes:
-            return encode_frame_v2(x, self.config.scaled(scale), coder, start, tokens, embedding)
+            return encode_frame_v2(x, self.config.scaled(scale), coder, start, tokens, embedding, wire_dtype)
 
         if t < SEARCH_MIN_TOKENS:
             scale = 0
@@ -195,16 +196,18 @@ def rate_control(config, policy: RatePolicy | None = None) -> RateControl | None
     return None if policy is None else RateControl(config, policy)
 
 
-def session_encoder(codec, rated: bool = True) -> Callable[..., bytes]:
+def session_encoder(codec, rated: bool = True, wire_dtype: torch.dtype | None = None) -> Callable[..., bytes]:
     """What an edge session encodes its frames with, in order: ``(x, coder, start, tokens,
-    embedding) -> bytes``, through a :class:`RateControl` when ``rated`` and the v2 config carries
-    a rate policy, else :func:`splitkernels.codec.encode_frame` as it is."""
+    embedding) -> bytes`` of ``x`` in ``wire_dtype`` (None: as it comes), through a
+    :class:`RateControl` when ``rated`` and the v2 config carries a rate policy, else
+    :func:`splitkernels.codec.encode_frame` as it is."""
     rate = rate_control(codec) if rated else None
-    if rate is not None:
-        return rate.encode_frame
-    from .dispatch import encode_frame  # the codec package's entry point (imports this module's users)
+    if rate is None:
+        from .dispatch import encode_frame  # the codec package's entry point (imports this module's users)
 
-    def plain(x: torch.Tensor, coder: str | None = None, start: int = 0, tokens=None,
-              embedding: torch.Tensor | None = None) -> bytes:
-        return encode_frame(x, codec, coder, start=start, tokens=tokens, embedding=embedding)
-    return plain
+    def encode(x: torch.Tensor, coder: str | None = None, start: int = 0, tokens=None,
+               embedding: torch.Tensor | None = None) -> bytes:
+        if rate is not None:
+            return rate.encode_frame(x, coder, start, tokens, embedding, wire_dtype)
+        return encode_frame(x, codec, coder, start=start, tokens=tokens, embedding=embedding, wire_dtype=wire_dtype)
+    return encode

@@ -25,6 +25,7 @@ from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, FrameError, FrameLimits
 from .frame_v2 import (TOKEN_DTYPE, TOKEN_MARKERS, TOKEN_RAW, TOKEN_TAG_MASK, escape_limit, flat_frame, rans_coder,
                        rans_stream_lanes, read_scale)
+from .wire_dtype import to_wire
 
 _C, _ = load("_C")
 _MIN_BYTES = 6  # tag, escape count, CRC
@@ -131,12 +132,14 @@ def has_native_encoder() -> bool:
 
 
 def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, tokens=None,
-                       embedding: torch.Tensor | None = None) -> bytes | None:
+                       embedding: torch.Tensor | None = None, wire_dtype: torch.dtype | None = None) -> bytes | None:
     """The rANS v2 frame of one token ``x [1, d]`` (a checked tensor of the config's ``d``) at
-    position ``start``, byte for byte as :func:`splitkernels.codec.v2.encode_v2` and
-    ``to_bytes()`` write it; None when the general path must write it: no C++ encoder, a shifted
-    position or token, a token with more than ``raw_limit`` escapes (sent raw) or a non-finite value (which
-    the general path rejects). A token on a GPU is copied to the host first (its d values): at
+    position ``start`` in ``wire_dtype`` (None: x's), byte for byte as :func:`splitkernels.codec.v2.encode_v2`
+    and ``to_bytes()`` write it for ``to_wire(x, wire_dtype)``: the C++ call rounds x itself (right after
+    the edge's forward pass, the torch ops of a separate cast cost 140 us with cold caches against
+    12 us warm; bench/results/codec_v2/README.md). None when the general path must write it: no C++
+    encoder, a shifted position or token, a token with more than ``raw_limit`` escapes (sent raw) or
+    a non-finite value, or one the wire dtype cannot hold (which the general path rejects). A token on a GPU is copied to the host first (its d values): at
     T = 1 the device pass costs more in launches and copies than the host path (H200: 112 us
     against 51 us, bench/results/gpu-20261130), and the codes are bit-exact across backends.
     With a prediction, ``tokens`` and ``embedding`` as :func:`~splitkernels.codec.v2.encode_v2`
@@ -150,10 +153,13 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
     ids = b""
     if pred is not None:
         pred.check_table(embedding)
-        x = x.detach().float() - pred.values(token, embedding, x.device)
+        x = to_wire(x.detach(), wire_dtype).float() - pred.values(token, embedding, x.device)
         ids = pred.id_section(token)
-    x = x.detach().cpu().contiguous()
+        wire_dtype = None  # the residual travels in fp32
+    if not (x.is_cpu and x.is_contiguous()):
+        x = x.detach().cpu().contiguous()
+    source = DTYPE_CODES[x.dtype]
     crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit, lanes = _cached(_ENC_ARGS, config, _encoder_args)
     frame = _C.v2_encode_token_frame(x.data_ptr(), crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit,
-                                     DTYPE_CODES[x.dtype], lanes, ids)
+                                     source if wire_dtype is None else DTYPE_CODES[wire_dtype], lanes, ids, source)
     return frame if isinstance(frame, bytes) else None

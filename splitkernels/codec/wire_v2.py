@@ -23,6 +23,7 @@ from .frame_v2 import (CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODE
                        FRAME_VERSION_V2, HEAD, MAX_POSITION, SCALE_FLAG, decode_symbols, escape_limit, flat_frame, parse_frame_v2, read_scale,
                        read_varint, resolve_coder)
 from .token_frame import encode_token_frame
+from .wire_dtype import to_wire
 from .v2 import decode_v2, encode_v2
 
 _C, _ = load("_C")
@@ -37,8 +38,9 @@ FUSED_CODERS = (CODER_NIBBLE, CODER_PLANES, CODER_SLOTS)
 
 
 def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = None, start: int = 0, tokens=None,
-                    embedding: torch.Tensor | None = None) -> bytes:
-    """The v2 frame of ``x [T, d]`` (fp32/fp16/bf16, finite) whose first token is at sequence
+                    embedding: torch.Tensor | None = None, wire_dtype: torch.dtype | None = None) -> bytes:
+    """The v2 frame of ``x [T, d]`` (fp32/fp16/bf16, finite) rounded to ``wire_dtype`` (None: as it
+    comes; :func:`~splitkernels.codec.wire_dtype.to_wire`), whose first token is at sequence
     position ``start``; ``coder`` as :meth:`EncodedV2.to_bytes`; ``tokens`` and ``embedding`` as
     :func:`~splitkernels.codec.v2.encode_v2` (a config with a prediction takes the general path)."""
     if not isinstance(config, CodecConfigV2):
@@ -49,9 +51,10 @@ def encode_frame_v2(x: torch.Tensor, config: CodecConfigV2, coder: str | None = 
     t, d = x.shape
     code = resolve_coder(coder, t, d, config)
     if t == 1 and code in (CODER_RANS, CODER_RANS_FOUR) and isinstance(start, int) and not isinstance(start, bool) and 0 <= start <= MAX_POSITION:
-        frame = encode_token_frame(x, config, start, tokens, embedding)
+        frame = encode_token_frame(x, config, start, tokens, embedding, wire_dtype)
         if frame is not None:
             return frame
+    x = to_wire(x, wire_dtype)
     if config.prediction is not None:
         return encode_v2(x, config, start, tokens, embedding).to_bytes(coder)
     if code not in FUSED_CODERS or not has_fused() or (isinstance(start, int) and config.row_shifts(start, t).any()):

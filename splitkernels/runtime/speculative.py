@@ -24,7 +24,7 @@ from .drafting import (ChainDrafter, Drafter, DraftPolicy, EarlyExitDrafter, Mod
 from .metrics import GenerationMetrics, StepMetrics
 from .protocol import FINGERPRINT_BYTES, ProtocolError, SamplingParams
 from .segments import Edge, cache_nbytes
-from .split_model import GenerationResult, _check_input_ids, _eos_set, codec_table, open_request, to_wire
+from .split_model import GenerationResult, _check_input_ids, _eos_set, codec_table, open_request
 from .transport import Transport
 from .verify import enable_rollback, truncate_cache
 
@@ -161,7 +161,7 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
     virtual = 0.0
     start = time.perf_counter()
     session = transport.open(open_request(sampling, fingerprint, seq_len, codec))
-    encode_step = session_encoder(codec, rate_control)
+    encode_step = session_encoder(codec, rate_control, wire_dtype)
     pool = ThreadPoolExecutor(1, thread_name_prefix="drafter") if overlap else None
     ahead: tuple[list[int], Future] | None = None  # (the context it assumed, its drafts)
     try:
@@ -192,7 +192,7 @@ def generate_speculative(edge: Edge, transport: Transport, input_ids: torch.Tens
             if rows:
                 hidden = torch.cat([hidden, *rows])
             t1 = time.perf_counter()
-            frame = encode_step(to_wire(hidden, wire_dtype), coder, position,
+            frame = encode_step(hidden, coder, position,
                                 torch.cat([pending[0], torch.tensor(drafts, dtype=torch.long)]), table)
             t2 = time.perf_counter()
             ahead_k = min(policy.k(), max_new_tokens - len(new) - len(drafts) - 2)

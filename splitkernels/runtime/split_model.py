@@ -15,6 +15,7 @@ from ..codec import CodecConfig, CodecConfigV2, decode, encode, from_bytes
 from ..codec.frame_v2 import FRAME_CODERS
 from ..codec.predict import table_for
 from ..codec.rate import session_encoder
+from ..codec.wire_dtype import WIRE_DTYPES, to_wire
 from ..nn import QuantConfig
 from ..nn.config import check_opsc_sides
 from ..models.split import Adapter, adapter_for
@@ -37,22 +38,6 @@ def model_fingerprint(adapter: Adapter, split_layer: int) -> bytes:
     weight = adapter.model.get_input_embeddings().weight
     h.update(weight.detach().flatten()[:4096].float().cpu().numpy().tobytes())
     return h.digest()[:FINGERPRINT_BYTES]
-
-
-WIRE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def to_wire(hidden: torch.Tensor, wire_dtype: torch.dtype | None) -> torch.Tensor:
-    """``hidden`` cast to the wire dtype; a value the cast cannot hold (beyond fp16's range) is an
-    error, not a silent infinity on the server."""
-    if wire_dtype is None or hidden.dtype == wire_dtype:
-        return hidden
-    out = hidden.to(wire_dtype)
-    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(hidden).all()):
-        peak = float(hidden.abs().max())
-        raise ValueError(f"wire_dtype {str(wire_dtype).replace('torch.', '')} cannot hold the split-layer hidden "
-                         f"state (|x| up to {peak:.4g}); send bfloat16 or float32")
-    return out
 
 
 def _opsc_configs(opsc: Any) -> tuple[Any, Any]:
@@ -211,7 +196,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     virtual = 0.0  # link time an emulator reported without waiting
     start = time.perf_counter()
     session = transport.open(open_request(sampling, fingerprint, seq_len, codec))
-    encode_step = session_encoder(codec, rate_control)
+    encode_step = session_encoder(codec, rate_control, wire_dtype)
     try:
         cache = edge.new_decode_cache()
         step_ids, position = ids, 0
@@ -219,7 +204,7 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
             t0 = time.perf_counter()
             hidden = edge.forward(step_ids, cache, position)
             t1 = time.perf_counter()
-            frame = encode_step(to_wire(hidden, wire_dtype), coder, position, step_ids[0], table)
+            frame = encode_step(hidden, coder, position, step_ids[0], table)
             t2 = time.perf_counter()
             ex = session.step(seq, frame)
             t3 = time.perf_counter()
