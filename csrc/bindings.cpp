@@ -516,8 +516,9 @@ PYBIND11_MODULE(_C, m) {
         int64_t len;
         {
           py::gil_scoped_release nogil;
-          len = sk::v2_encode_token_frame(ptr<const void>(x), src_dtype, config, ptr<const float>(inv), raw_limit, dtype,
-                                          lanes, reinterpret_cast<const uint8_t*>(id_section.data()), id_bytes, out.data());
+          len = sk::v2_encode_token_frame(ptr<const void>(x), src_dtype, config, ptr<const float>(inv), raw_limit,
+                                          dtype, lanes, reinterpret_cast<const uint8_t*>(id_section.data()), id_bytes,
+                                          out.data());
         }
         if (len <= 0) return py::int_(len);
         return py::bytes(reinterpret_cast<const char*>(out.data()), len);
@@ -525,10 +526,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
       py::arg("inv"), py::arg("center"), py::arg("scale"), py::arg("raw_limit"), py::arg("dtype"), py::arg("lanes"),
       py::arg("ids") = py::bytes(), py::arg("src_dtype") = -1,
-      "One token x [1, d] of src_dtype (contiguous; -1: dtype), rounded to dtype where they differ, as a codec v2 rANS frame (the session config's CRC seed, d, kmax, "
-      "rANS table pointers, 1/step and center at the frame's step scale, and that scale, 0 for none; lanes: 1, or 4 for the four-lane layout (coder 6); ids: the token-id section of a config's prediction, x then the "
-      "residual): the frame's bytes, 0 when the token travels raw (more than raw_limit escapes) or -1 when x is "
-      "not finite (the caller's general path handles both).");
+      "One token x [1, d] of src_dtype (contiguous; -1: dtype), rounded to dtype where they differ, as a codec v2 "
+      "rANS frame (the session config's CRC seed, d, kmax, rANS table pointers, 1/step and center at the frame's "
+      "step scale, and that scale, 0 for none; lanes: 1, or 4 for the four-lane layout (coder 6); ids: the "
+      "token-id section of a config's prediction, x then the residual): the frame's bytes, 0 when the token "
+      "travels raw (more than raw_limit escapes) or -1 when x in dtype is not finite (the caller's general path "
+      "handles both).");
 
   m.def(
       "crc32",

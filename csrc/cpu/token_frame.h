@@ -34,18 +34,18 @@ struct TokenFrameConfig {
 bool v2_decode_token_frame(const uint8_t* data, int64_t len, const TokenFrameConfig& config, int dtype,
                            int64_t max_escapes, int64_t id_bytes, void* out);
 
-// The edge's side: x [1, d] of `src_dtype` (contiguous), rounded to `dtype` (to nearest even, as torch's
-// .to(dtype)) when that differs (the wire dtype the session sends; the edge computes in fp32), as that frame
-// of `dtype` -- quantised with inv (1/step,
-// [d] fp32), escapes counted and kept exact, rANS coded, CRC'd -- byte for byte what the Python
-// encoder writes. Returns the frame's length in out (capacity >= v2_token_frame_capacity(d, dtype,
-// id_bytes)), 0 when the token has more than raw_limit escapes (it travels raw: the caller's general
-// path writes it) and -1 when x (in `dtype`) holds a NaN or infinity or lanes is neither 1 nor 4 (the caller
-// rejects it). lanes: the rANS layout the writer picked (4: the four-lane markers, coder 6).
-// ids[0, id_bytes): the token-id section a config's prediction puts after the escape count (x is
-// then the residual).
+// The edge's side: x [1, d] of `src_dtype` (contiguous), rounded to `dtype` (to nearest even, as
+// torch's .to(dtype)) where they differ (the session's wire dtype; the edge computes in fp32), as
+// that frame of `dtype` -- quantised with inv (1/step, [d] fp32), escapes counted and kept exact,
+// rANS coded, CRC'd -- byte for byte what the Python encoder writes. Returns the frame's length in
+// out (capacity >= v2_token_frame_capacity(d, dtype, id_bytes)), 0 when the token has more than
+// raw_limit escapes (it travels raw: the caller's general path writes it) and -1 when x (in
+// `dtype`) holds a NaN or infinity or lanes is neither 1 nor 4 (the caller rejects it). lanes: the
+// rANS layout the writer picked (4: the four-lane markers, coder 6). ids[0, id_bytes): the token-id
+// section a config's prediction puts after the escape count (x is then the residual).
 int64_t v2_encode_token_frame(const void* x, int src_dtype, const TokenFrameConfig& config, const float* inv,
-                              int64_t raw_limit, int dtype, int lanes, const uint8_t* ids, int64_t id_bytes, uint8_t* out);
+                              int64_t raw_limit, int dtype, int lanes, const uint8_t* ids, int64_t id_bytes,
+                              uint8_t* out);
 int64_t v2_token_frame_capacity(int64_t d, int dtype, int64_t id_bytes);
 
 }  // namespace sk

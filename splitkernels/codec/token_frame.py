@@ -135,13 +135,14 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
                        embedding: torch.Tensor | None = None, wire_dtype: torch.dtype | None = None) -> bytes | None:
     """The rANS v2 frame of one token ``x [1, d]`` (a checked tensor of the config's ``d``) at
     position ``start`` in ``wire_dtype`` (None: x's), byte for byte as :func:`splitkernels.codec.v2.encode_v2`
-    and ``to_bytes()`` write it for ``to_wire(x, wire_dtype)``: the C++ call rounds x itself (right after
-    the edge's forward pass, the torch ops of a separate cast cost 140 us with cold caches against
-    12 us warm; bench/results/codec_v2/README.md). None when the general path must write it: no C++
-    encoder, a shifted position or token, a token with more than ``raw_limit`` escapes (sent raw) or
-    a non-finite value, or one the wire dtype cannot hold (which the general path rejects). A token on a GPU is copied to the host first (its d values): at
-    T = 1 the device pass costs more in launches and copies than the host path (H200: 112 us
-    against 51 us, bench/results/gpu-20261130), and the codes are bit-exact across backends.
+    and ``to_bytes()`` write it for ``to_wire(x, wire_dtype)``: the C++ call rounds x itself (right
+    after the edge's forward pass, the torch ops of a separate cast took 122-208 us with cold caches
+    against 13 us warm; bench/results/codec_v2/README.md). None when the general path must write it:
+    no C++ encoder, a shifted position or token, a token with more than ``raw_limit`` escapes (sent
+    raw), a non-finite value or one the wire dtype cannot hold (which the general path rejects). A
+    token on a GPU is copied to the host first (its d values): at T = 1 the device pass costs more
+    in launches and copies than the host path (H200: 112 us against 51 us,
+    bench/results/gpu-20261130), and the codes are bit-exact across backends.
     With a prediction, ``tokens`` and ``embedding`` as :func:`~splitkernels.codec.v2.encode_v2`
     (ValueError when they are missing or wrong)."""
     if not has_native_encoder() or type(config) is not CodecConfigV2:

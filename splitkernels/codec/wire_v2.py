@@ -23,8 +23,8 @@ from .frame_v2 import (CODER_NAMES, CODER_NIBBLE, CODER_PLANES, CODER_RANS, CODE
                        FRAME_VERSION_V2, HEAD, MAX_POSITION, SCALE_FLAG, decode_symbols, escape_limit, flat_frame, parse_frame_v2, read_scale,
                        read_varint, resolve_coder)
 from .token_frame import encode_token_frame
-from .wire_dtype import to_wire
 from .v2 import decode_v2, encode_v2
+from .wire_dtype import to_wire
 
 _C, _ = load("_C")
 
