@@ -479,34 +479,38 @@ PYBIND11_MODULE(_C, m) {
       "v2_decode_token_frame",
       [](py::buffer frame, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
          std::uintptr_t classes, int64_t n_classes, std::uintptr_t step, std::uintptr_t center, int scale, int dtype,
-         int64_t max_escapes, int64_t id_bytes, std::uintptr_t out) {
+         int64_t max_escapes, int64_t id_bytes, int64_t start, int shift, std::uintptr_t out) {
         const py::buffer_info info = frame_bytes(frame);
         const sk::TokenFrameConfig config{crc_seed, d, kmax, ptr<const sk::RansTables* const>(tables), period,
                                           ptr<const sk::RansTables* const>(classes), n_classes,
                                           ptr<const float>(step), ptr<const float>(center), scale};
         py::gil_scoped_release nogil;
         return sk::v2_decode_token_frame(static_cast<const uint8_t*>(info.ptr), info.size, config, dtype, max_escapes,
-                                         id_bytes, ptr<void>(out));
+                                         id_bytes, start, shift, ptr<void>(out));
       },
       py::arg("frame"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
       py::arg("classes"), py::arg("n_classes"), py::arg("step"), py::arg("center"), py::arg("scale"), py::arg("dtype"),
-      py::arg("max_escapes"), py::arg("id_bytes"), py::arg("out"),
+      py::arg("max_escapes"), py::arg("id_bytes"), py::arg("start"), py::arg("shift"), py::arg("out"),
       "A codec v2 frame of one rANS-coded token of dtype (the session config's CRC seed, d, kmax, rANS table "
-      "pointers per channel and per class, step and center at the frame's step scale, and that scale: 0 or the frame's scale byte) decoded into out [1, d]; id_bytes of token ids after the escape count are "
-      "skipped (the caller reads them). False when it is anything else or invalid (the caller then runs the "
-      "reference parser).");
+      "pointers per channel and per class, step and center at the frame's step scale, and that scale: 0 or the "
+      "frame's scale byte) decoded into out [1, d]; id_bytes of token ids after the escape count are skipped (the "
+      "caller reads them); shift > 0: a shifted frame from position start whose token has that shift, 0: no "
+      "shifted bit. False when it is anything else or invalid (the caller then runs the reference parser).");
 
   m.def(
       "v2_encode_token_frame",
       [](std::uintptr_t x, uint32_t crc_seed, int64_t d, int kmax, std::uintptr_t tables, int64_t period,
          std::uintptr_t inv, std::uintptr_t center, int scale, int64_t raw_limit, int dtype, int lanes,
-         py::bytes ids, int src_dtype) -> py::object {
+         py::bytes ids, int src_dtype, int64_t start, int shift) -> py::object {
         if (src_dtype < 0) src_dtype = dtype;
         if (d < 1 || dtype < sk::kFloat32 || dtype > sk::kBFloat16 || src_dtype > sk::kBFloat16) {
           throw std::invalid_argument("v2_encode_token_frame: bad d, dtype or src_dtype");
         }
         if (scale < -128 || scale > 127) throw std::invalid_argument("v2_encode_token_frame: scale is not an i8");
         if (lanes != 1 && lanes != sk::kRansLongLanes) throw std::invalid_argument("v2_encode_token_frame: lanes is not 1 or 4");
+        if (shift < 0 || shift > sk::kMaxTokenShift || start < 0 || start > sk::kMaxTokenStart) {
+          throw std::invalid_argument("v2_encode_token_frame: shift or start out of range");
+        }
         const sk::TokenFrameConfig config{crc_seed, d, kmax, ptr<const sk::RansTables* const>(tables), period,
                                           nullptr, 0, nullptr, ptr<const float>(center), scale};
         const std::string_view id_section = ids;
@@ -518,20 +522,20 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release nogil;
           len = sk::v2_encode_token_frame(ptr<const void>(x), src_dtype, config, ptr<const float>(inv), raw_limit,
                                           dtype, lanes, reinterpret_cast<const uint8_t*>(id_section.data()), id_bytes,
-                                          out.data());
+                                          start, shift, out.data());
         }
         if (len <= 0) return py::int_(len);
         return py::bytes(reinterpret_cast<const char*>(out.data()), len);
       },
       py::arg("x"), py::arg("crc_seed"), py::arg("d"), py::arg("kmax"), py::arg("tables"), py::arg("period"),
       py::arg("inv"), py::arg("center"), py::arg("scale"), py::arg("raw_limit"), py::arg("dtype"), py::arg("lanes"),
-      py::arg("ids") = py::bytes(), py::arg("src_dtype") = -1,
+      py::arg("ids") = py::bytes(), py::arg("src_dtype") = -1, py::arg("start") = 0, py::arg("shift") = 0,
       "One token x [1, d] of src_dtype (contiguous; -1: dtype), rounded to dtype where they differ, as a codec v2 "
       "rANS frame (the session config's CRC seed, d, kmax, rANS table pointers, 1/step and center at the frame's "
       "step scale, and that scale, 0 for none; lanes: 1, or 4 for the four-lane layout (coder 6); ids: the "
       "token-id section of a config's prediction, x then the residual): the frame's bytes, 0 when the token "
       "travels raw (more than raw_limit escapes) or -1 when x in dtype is not finite (the caller's general path "
-      "handles both).");
+      "handles both); shift > 0: the token's shift at position start, as fine codes with a residual section.");
 
   m.def(
       "crc32",

@@ -91,7 +91,7 @@ def test_golden_token_shift_frame():
     # Past position 127 the token codes with the plain step; ids without a shift never change.
     assert encode(X[1:2], SHIFT_CONFIG, start=128, tokens=IDS[1:2], embedding=TABLE).residuals is None
     assert encode(X[:1], SHIFT_CONFIG, start=1, tokens=IDS[:1], embedding=TABLE).residuals is None
-    one = encode_frame(X[1:2], SHIFT_CONFIG, start=5, tokens=IDS[1:2], embedding=TABLE)  # the general path
+    one = encode_frame(X[1:2], SHIFT_CONFIG, start=5, tokens=IDS[1:2], embedding=TABLE)  # the one-token path
     assert one == encode(X[1:2], SHIFT_CONFIG, start=5, tokens=IDS[1:2], embedding=TABLE).to_bytes()
     assert decode_frame(one, config=SHIFT_CONFIG, embedding=TABLE).tolist() == [[-0.75, 0.0, 7.0, 96.0]]
     with pytest.raises(ValueError, match="token_shift needs a prediction"):

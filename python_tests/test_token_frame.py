@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from splitkernels.codec import FrameError, FrameLimitError, FrameLimits, calibrate, decode_frame, encode, encode_frame
+from splitkernels.codec import (FrameError, FrameLimitError, FrameLimits, calibrate, decode, decode_frame, encode,
+                                encode_frame, from_bytes)
 from splitkernels.codec import token_frame
 from splitkernels.codec.frame import MAGIC
 from splitkernels.codec.frame_v2 import (FOUR_LANE_TOKEN_TAG, FOUR_LANES_MIN_SYMBOLS, HEAD, SCALED_FOUR_LANE_TOKEN_TAG,
@@ -242,16 +243,129 @@ def test_encoder_declines_raw_tokens_and_non_finite_values(cfg):
             encode_frame(y, cfg)
 
 
+def shifted_config(d: int = D, classes: int = 4):
+    """A config whose positions 1-7 weigh 50x a late one: shifts on the first bands (docs/FORMATS.md §5.2)."""
+    cfg = calibrate(hidden(64 * 12, 5, d), bits=4.0, classes=classes, sensitivity=torch.ones(d),
+                    position_sensitivity=torch.tensor([50.0] * 8 + [1.0] * 56))
+    assert cfg.shift_end > 1 and max(cfg.position_shift) > 0
+    return cfg
+
+
+@pytest.fixture(scope="module", params=[(D, 1), (D, 4), (17, 1)], ids=["one-table", "classes", "d17"])
+def shifted(request):
+    return shifted_config(*request.param)
+
+
 @needs_encoder
-def test_encoder_declines_shifted_positions():
-    shifted = calibrate(hidden(64 * 12, 5), bits=4.0, position_sensitivity=torch.tensor([50.0] * 8 + [1.0] * 56),
-                        sensitivity=torch.ones(D))
-    assert shifted.position_shift and shifted.shift_end > 1
-    x = hidden(1, 6)
-    assert token_frame.encode_token_frame(x, shifted, 1) is None
-    assert encode_frame(x, shifted, start=1) == encode(x, shifted, start=1).to_bytes()
-    late = shifted.shift_end
-    assert token_frame.encode_token_frame(x, shifted, late) == encode(x, shifted, start=late).to_bytes()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0, 3, -2])
+def test_shifted_tokens_both_ways_as_the_general_path(shifted, dtype, scale):
+    """Tokens at early positions code fine codes and a residual section in the one C++ call each
+    way: the general path's bytes, the reference's values; raw tokens stay with the general path."""
+    config = shifted.scaled(scale) if scale else shifted
+    n_shifted = 0
+    for start in range(shifted.shift_end + 2):
+        for seed, kind in enumerate(("plain", "escapes", "raw")):
+            x = one_token(config, 10 * start + seed, dtype, kind)[0]
+            general = encode(x, config, start=start).to_bytes()
+            fast = token_frame.encode_token_frame(x, config, start)
+            assert fast == (None if kind == "raw" else general), (start, kind)
+            is_shifted = bool(general[0] & TOKEN_SHIFTED)
+            assert is_shifted == (start < shifted.shift_end and shifted.row_shifts(start, 1)[0] > 0)
+            n_shifted += is_shifted and kind != "raw"
+            out = token_frame.decode_token_frame(general, shifted)
+            ref = reference(general, shifted)
+            if kind == "raw" and is_shifted:
+                assert out is None  # the reference parser's case
+            else:
+                assert out is not None and torch.equal(bits(out), bits(ref)), (start, kind)
+            assert torch.equal(bits(decode_frame(general, config=shifted)), bits(ref))
+    assert n_shifted >= 2 * (shifted.shift_end - 1)
+
+
+@needs_encoder
+def test_golden_shifted_token_both_ways():
+    from test_codec_v2_golden import SHIFT_CONFIG, SHIFT_TOKEN_FRAME, X
+    assert token_frame.encode_token_frame(X[1:2], SHIFT_CONFIG, 1) == SHIFT_TOKEN_FRAME
+    assert token_frame.decode_token_frame(SHIFT_TOKEN_FRAME, SHIFT_CONFIG).tolist() == [[-0.75, 0.0, 7.0, 96.0]]
+
+
+@needs_encoder
+def test_token_shifts_of_a_prediction_both_ways():
+    """A sink-prone id's own shift (§5.2.2): the id read before the C++ call sets the decoder's shift."""
+    from test_codec_v2_prediction import IDS, SHIFT_CONFIG, TABLE, X
+    for start in (1, 5, 127, 128):
+        general = encode(X[1:2], SHIFT_CONFIG, start=start, tokens=IDS[1:2], embedding=TABLE).to_bytes()
+        fast = token_frame.encode_token_frame(X[1:2], SHIFT_CONFIG, start, IDS[1:2], TABLE)
+        assert fast == general and bool(general[0] & TOKEN_SHIFTED) == (start < 128)
+        out = token_frame.decode_token_frame(general, SHIFT_CONFIG, None, TABLE)
+        ref = decode(from_bytes(general, SHIFT_CONFIG), embedding=TABLE)
+        assert out is not None and torch.equal(out, ref)
+        assert start == 128 or ref.tolist() == [[-0.75, 0.0, 7.0, 96.0]]  # the golden token's fine value
+
+
+@needs_encoder
+def test_shifted_frames_forged_or_broken_are_the_references_errors(shifted):
+    """Truncations, bit flips and resealed changes of shifted frames: the fast path decodes exactly
+    the frames the reference decodes, to the same bits; set padding bits, a residual at an escape
+    and another start position included."""
+    rng = np.random.default_rng(2)
+    early = [p for p in range(shifted.shift_end) if shifted.row_shifts(p, 1)[0] > 0]
+    decoded = 0
+    for trial in range(300):
+        start = early[trial % len(early)]
+        x = one_token(shifted, trial % 5, torch.float16, ("plain", "escapes")[trial % 2])[0]
+        data = encode(x, shifted, start=start).to_bytes()
+        if trial < 4:
+            for bad in (*truncations(data), *bit_flips(data, 50, seed=trial)):
+                assert token_frame.decode_token_frame(bad, shifted) is None
+                with pytest.raises(FrameError):
+                    decode_frame(bad, config=shifted)
+        body = bytearray(data[:-4])
+        kind = int(rng.integers(4))
+        i = int(rng.integers(1, len(body)))
+        if kind == 0:
+            body[i] = int(rng.integers(256))
+        elif kind == 1:
+            del body[i]
+        elif kind == 2:
+            body.insert(i, int(rng.integers(256)))
+        else:  # another start position (one varint byte: every early position is below 128)
+            body[1] = early[int(rng.integers(len(early)))]
+        frame = reseal(bytes(body), shifted)
+        out = token_frame.decode_token_frame(frame, shifted)
+        try:
+            ref = reference(frame, shifted)
+        except FrameError:
+            assert out is None, trial
+            continue
+        assert out is not None and torch.equal(bits(out), bits(ref)), trial
+        decoded += 1
+    assert decoded > 0
+
+
+@needs_encoder
+def test_shifted_residual_padding_and_escape_residuals_are_refused():
+    cfg = shifted_config(17, 1)  # 17 channels of an odd shift: the section ends in padding bits
+    start = next(p for p in range(cfg.shift_end) if cfg.row_shifts(p, 1)[0] % 2)
+    s = int(cfg.row_shifts(start, 1)[0])
+    x = hidden(1, 3, 17)
+    x[0, 0] = 1e4  # an escape in channel 0: its residual field must be 2^(s-1)
+    data = encode(x, cfg, start=start).to_bytes()
+    enc = read_frame_v2(data, cfg)
+    assert enc.escapes.numel() == 1 and enc.symbols[0, 0] == cfg.escape_symbol
+    at = 1 + 1 + 1 + 4  # tag, start, escape count, the fp32 escape: the residual section
+    size = (17 * s + 7) // 8
+    assert token_frame.decode_token_frame(data, cfg) is not None
+    padded = bytearray(data[:-4])
+    padded[at + size - 1] |= 0x80  # a padding bit
+    escaped = bytearray(data[:-4])
+    escaped[at] ^= 1  # channel 0's field: a residual at the escape
+    for body, match in ((padded, "padding bits"), (escaped, "escaped value is not 0")):
+        frame = reseal(bytes(body), cfg)
+        assert token_frame.decode_token_frame(frame, cfg) is None
+        with pytest.raises(FrameError, match=match):
+            decode_frame(frame, config=cfg)
 
 
 @needs_encoder

@@ -18,7 +18,7 @@ constexpr int64_t kCrcBytes = 4;  // every frame ends in its CRC-32, little-endi
 // longer frame has magic, version, dtype byte, T and bitmap. A frame with a step scale (5.4.3) has
 // 0b110 instead of 0b101, and the scale byte follows the tag; 0b100 and 0b111 are the same two
 // with the rANS stream on four lanes (coder 6).
-constexpr uint8_t kTokenTag = 0xA0, kScaledTokenTag = 0xC0, kTokenCoder = 0x10, kTokenRaw = 0x04;
+constexpr uint8_t kTokenTag = 0xA0, kScaledTokenTag = 0xC0, kTokenCoder = 0x10, kTokenShifted = 0x08, kTokenRaw = 0x04;
 constexpr uint8_t kFourLaneTokenTag = 0x80, kScaledFourLaneTokenTag = 0xE0, kTokenMarkerMask = 0xE0;
 constexpr uint8_t kScaleFlag = 0x04;  // in the long form's dtype byte: the scale byte follows it
 

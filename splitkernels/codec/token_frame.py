@@ -6,8 +6,11 @@ GIL once per session per step). The edge's :func:`encode_token_frame` quantises,
 it in one call: right after the edge's forward pass the Python path runs with cold caches (one
 token took 461 us after a 64 MiB copy against 80 us warm; bench/results/codec_v2/README.md).
 
-:func:`decode_token_frame` returns None for anything else (more tokens, the nibble coder, a flag
-bit of the token form's tag, no C++ extension) and for any frame it finds invalid; the caller then
+A token at an early position or of a sink-prone id (docs/FORMATS.md §5.2, §5.2.2) codes its fine
+codes in the same call: the shift comes from the config (here), the residual section is packed and
+read in C++. :func:`decode_token_frame` returns None for anything else (more tokens, the nibble
+coder, a raw token with the shifted bit, a shifted bit whose token has no shift, no C++ extension)
+and for any frame it finds invalid; the caller then
 runs the reference path (:func:`splitkernels.codec.frame_v2.parse_frame_v2` and the rest), which
 decodes or raises exactly as it always did. The fast path accepts only frames the reference
 accepts and gives the same bits (tested frame by frame, corrupted frames included). With a
@@ -23,8 +26,8 @@ import torch
 from .._native import load
 from .config_v2 import CodecConfigV2
 from .frame import CODE_DTYPES, DTYPE_CODES, FrameError, FrameLimits
-from .frame_v2 import (TOKEN_DTYPE, TOKEN_MARKERS, TOKEN_RAW, TOKEN_TAG_MASK, escape_limit, flat_frame, rans_coder,
-                       rans_stream_lanes, read_scale)
+from .frame_v2 import (TOKEN_DTYPE, TOKEN_MARKERS, TOKEN_RAW, TOKEN_SHIFTED, TOKEN_TAG_MASK, escape_limit, flat_frame,
+                       rans_coder, rans_stream_lanes, read_scale, read_varint)
 from .wire_dtype import to_wire
 
 _C, _ = load("_C")
@@ -67,10 +70,9 @@ def _encoder_args(config: CodecConfigV2) -> tuple:
             config.center_array().ctypes.data, config.frame_scale, config.raw_limit, lanes)
 
 
-def _token_id(data: bytes | bytearray | memoryview, config: CodecConfigV2) -> int | None:
-    """The id of a one-token frame under the config's prediction (after the tag, the scale byte
-    of a scaled frame and the escape count's varint), or None when the frame is too short or the id invalid."""
-    pos = 2 if config.frame_scale else 1
+def _token_id(data: bytes | bytearray | memoryview, config: CodecConfigV2, pos: int) -> int | None:
+    """The id of a one-token frame under the config's prediction (after the escape count's varint
+    at ``pos``), or None when the frame is too short or the id invalid."""
     while pos < len(data) and data[pos] & 0x80:
         pos += 1
     n = config.prediction.id_bytes(1)
@@ -92,13 +94,29 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
     data = flat_frame(data)
     if data is None or len(data) < _MIN_BYTES:
         return None
-    marker = data[0] & ~(TOKEN_RAW | TOKEN_DTYPE)  # a token form's marker with the coder and shifted bits clear
+    marker = data[0] & ~(TOKEN_SHIFTED | TOKEN_RAW | TOKEN_DTYPE)  # a token form's marker with the coder bit clear
     if marker & ~TOKEN_TAG_MASK or marker not in TOKEN_MARKERS:
         return None
+    count_at = 1  # the escape count's position: after the tag, a scale byte and a start position
     if TOKEN_MARKERS[marker][0]:  # the view at the frame's scale (§5.4.3)
         try:
             config = read_scale(data[1], config)
         except FrameError:
+            return None
+        count_at = 2
+    start = shift = 0
+    if data[0] & TOKEN_SHIFTED:  # the token's shift, from its start position (and id, §5.2.2)
+        try:
+            start, count_at = read_varint(data, count_at, len(data), "start position")
+        except FrameError:
+            return None
+        if start >= config.shift_end:
+            return None  # the reference decides what a shifted frame without a shifted token is
+        token = None if pred is None else _token_id(data, config, count_at)
+        if pred is not None and token is None:
+            return None
+        shift = int(config.row_shifts(start, 1, None if token is None else (token,))[0])
+        if shift == 0:
             return None
     code = data[0] & TOKEN_DTYPE
     dtype = CODE_DTYPES.get(code)
@@ -112,11 +130,11 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
     id_bytes = 0 if pred is None else pred.id_bytes(1)
     # Positional arguments from locals: a star-unpacked tuple cost ~0.4 us more per call.
     if not _C.v2_decode_token_frame(data, crc_seed, d, kmax, tables, period, classes, n_classes, step, center, scale,
-                                    code, max_escapes, id_bytes, out.data_ptr()):
+                                    code, max_escapes, id_bytes, start, shift, out.data_ptr()):
         return None
     if pred is None:
         return out
-    token = _token_id(data, config)
+    token = _token_id(data, config, count_at)
     if token is None:
         return None
     try:
@@ -138,19 +156,21 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
     and ``to_bytes()`` write it for ``to_wire(x, wire_dtype)``: the C++ call rounds x itself (right
     after the edge's forward pass, the torch ops of a separate cast took 122-208 us with cold caches
     against 13 us warm; bench/results/codec_v2/README.md). None when the general path must write it:
-    no C++ encoder, a shifted position or token, a token with more than ``raw_limit`` escapes (sent
-    raw), a non-finite value or one the wire dtype cannot hold (which the general path rejects). A
-    token on a GPU is copied to the host first (its d values): at T = 1 the device pass costs more
-    in launches and copies than the host path (H200: 112 us against 51 us,
-    bench/results/gpu-20261130), and the codes are bit-exact across backends.
+    no C++ encoder, a token with more than ``raw_limit`` escapes (sent raw), a non-finite value or
+    one the wire dtype cannot hold (which the general path rejects). A token at a shifted position
+    (or of a shifted id) codes its fine codes and residual section in the same call. A token on a
+    GPU is copied to the host first (its d values): at T = 1 the device pass costs more in launches
+    and copies than the host path (H200: 112 us against 51 us, bench/results/gpu-20261130), and
+    the codes are bit-exact across backends.
     With a prediction, ``tokens`` and ``embedding`` as :func:`~splitkernels.codec.v2.encode_v2`
     (ValueError when they are missing or wrong)."""
     if not has_native_encoder() or type(config) is not CodecConfigV2:
         return None
     pred = config.prediction
     token = None if pred is None else pred.token_id(tokens)
-    if start < config.shift_end and config.row_shifts(start, 1, None if token is None else (token,)).any():
-        return None
+    shift = 0
+    if start < config.shift_end:
+        shift = int(config.row_shifts(start, 1, None if token is None else (token,))[0])
     ids = b""
     if pred is not None:
         pred.check_table(embedding)
@@ -162,5 +182,6 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
     source = DTYPE_CODES[x.dtype]
     crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit, lanes = _cached(_ENC_ARGS, config, _encoder_args)
     frame = _C.v2_encode_token_frame(x.data_ptr(), crc_seed, d, kmax, tables, period, inv, center, scale, raw_limit,
-                                     source if wire_dtype is None else DTYPE_CODES[wire_dtype], lanes, ids, source)
+                                     source if wire_dtype is None else DTYPE_CODES[wire_dtype], lanes, ids, source,
+                                     start, shift)
     return frame if isinstance(frame, bytes) else None

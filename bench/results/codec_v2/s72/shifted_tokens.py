@@ -1,0 +1,77 @@
+"""One-token frames at shifted positions (docs/FORMATS.md §5.2): the general path (the Python
+quantiser and refine, the frame writer; the reference parser, rANS decoder, dequantiser and
+apply_residuals), which every such frame took before session 72, beside the one C++ call each way,
+in turn in one process; and, on real split-layer hidden states of the packaged models, every frame
+of the shifted positions byte for byte and value for value against the general path.
+
+    python bench/results/codec_v2/s72/shifted_tokens.py [smollm2 qwen2.5-coder ...]
+"""
+import statistics as st
+import sys
+import time
+
+import torch
+
+from splitkernels.codec import calibrate, decode_frame, encode_frame
+from splitkernels.codec.frame_v2 import TOKEN_SHIFTED, read_frame_v2
+from splitkernels.codec.v2 import decode_v2, encode_v2
+
+
+def timed(fn, rounds: int = 300) -> float:
+    for _ in range(20):
+        fn()
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return st.median(ts) * 1e6
+
+
+def compare(x: torch.Tensor, cfg, start: int) -> tuple[float, float, float, float]:
+    """(general encode, fast encode, general decode, fast decode) in us; asserts equal bytes and values."""
+    frame = encode_frame(x, cfg, start=start)
+    assert frame == encode_v2(x, cfg, start).to_bytes() and frame[0] & TOKEN_SHIFTED
+    assert torch.equal(decode_frame(frame, config=cfg), decode_v2(read_frame_v2(frame, cfg)))
+    return (timed(lambda: encode_v2(x, cfg, start).to_bytes()), timed(lambda: encode_frame(x, cfg, start=start)),
+            timed(lambda: decode_v2(read_frame_v2(frame, cfg))), timed(lambda: decode_frame(frame, config=cfg)))
+
+
+def report(name: str, x: torch.Tensor, cfg, start: int) -> None:
+    ge, fe, gd, fd = compare(x, cfg, start)
+    s = int(cfg.row_shifts(start, 1)[0])
+    print(f"{name} d={cfg.d} {str(x.dtype)[6:]} position {start} (shift {s}): encode {ge:.1f} -> {fe:.1f} us, "
+          f"decode {gd:.1f} -> {fd:.1f} us")
+
+
+gen = torch.Generator().manual_seed(0)
+for d in (576, 896, 4096):
+    h = torch.randn(64 * 12, d, generator=gen) * (torch.rand(d, generator=gen) * 3 + 0.2)
+    cfg = calibrate(h, bits=4.0, sensitivity=torch.ones(d), position_sensitivity=torch.tensor([50.0] * 8 + [1.0] * 56))
+    for dtype in (torch.float16, torch.float32):
+        report("synthetic", h[5:6].to(dtype), cfg, 3)
+
+for name in sys.argv[1:]:
+    from splitkernels.cli import build_parser
+    from splitkernels.cli.models import calibration_ids, load_model, split_settings
+    from splitkernels.eval import load_text
+    from splitkernels.runtime.sessions import Limits
+    from splitkernels.runtime.split_model import split_model
+
+    args = build_parser().parse_args(["demo", "--model", name])
+    loaded = load_model(args.model, args.family, args.seed)
+    settings = split_settings(args, loaded)
+    sm = split_model(settings.prepare(loaded.model), settings.split_config("both"),
+                     limits=Limits(max_sessions=1, max_seq_len=4096), fast=True,
+                     calibration=calibration_ids(settings, "both", args, loaded))
+    cfg = sm.codec
+    ids = loaded.encode_text(load_text("botchan"))[:, 2000:2000 + max(cfg.shift_end, 1)]
+    with torch.inference_mode():
+        hidden = sm.edge.forward(ids, None, 0).half()
+    early = [p for p in range(cfg.shift_end) if cfg.row_shifts(p, 1, ids[0, p:p + 1])[0] > 0]
+    assert cfg.prediction is None  # (encode_v2 above takes no ids)
+    for p in early[:-1]:  # every shifted position of the window: bytes and values checked in compare
+        compare(hidden[p:p + 1], cfg, p)
+    report(loaded.name, hidden[early[-1]:early[-1] + 1], cfg, early[-1])
+    print(f"{loaded.name} split {sm.split_layer}: position_shift {cfg.position_shift}, token shifts "
+          f"{len(cfg.token_shift)}; {len(early)} shifted positions, every frame identical both ways")
