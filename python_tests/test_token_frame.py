@@ -419,3 +419,18 @@ def test_a_wire_dtype_that_cannot_hold_the_token_is_the_casts_error(cfg):
     x[0, 5] = float("nan")  # not finite before the cast: the codec's own error
     with pytest.raises(ValueError, match="finite"):
         encode_frame(x, cfg, start=9, wire_dtype=torch.float16)
+
+
+@needs_encoder
+def test_the_binding_refuses_bad_arguments_with_one_line(cfg):
+    x = hidden(1, 12, cfg.d)
+    args = token_frame._cached(token_frame._ENC_ARGS, cfg, token_frame._encoder_args)
+    native = token_frame._C.v2_encode_token_frame
+    head = (x.data_ptr(), *args[:9], 0, args[9])  # through raw_limit, then dtype fp32 and the lanes
+    ok = native(*head, b"", 0, 5, 2)  # an fp32 token at position 5, shift 2
+    assert isinstance(ok, bytes) and ok[0] & TOKEN_SHIFTED
+    for bad, match in (({"shift": 7}, "shift or start"), ({"shift": -1}, "shift or start"),
+                       ({"start": -1}, "shift or start"), ({"start": 2 ** 31}, "shift or start"),
+                       ({"src_dtype": 3}, "src_dtype")):
+        with pytest.raises(ValueError, match=match):
+            native(*head, **{"ids": b"", "src_dtype": 0, "start": 5, "shift": 2, **bad})
