@@ -19,7 +19,7 @@ cases = {
     "session encode (rated, fp16 wire)": lambda: enc(x, None, 100, None, None),
     "encode_frame_v2": lambda: encode_frame_v2(x, cfg, None, 100, None, None, torch.float16),
     "encode_token_frame": lambda: tf.encode_token_frame(x, cfg, 100, None, None, torch.float16),
-    "C++ call alone": lambda: tf._C.v2_encode_token_frame(ptr, args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7], args[8], 1, args[9], b"", 0),
+    "C++ call alone": lambda: tf._C.v2_encode_token_frame(ptr, *args[:9], 1, args[9], b"", 0),  # fp32 to fp16
     "check_tensor": lambda: check_tensor("x", x, FLOAT_DTYPES, ndim=2),
     "x.shape ints": lambda: (int(x.shape[0]), int(x.shape[1])),
     "is_cpu+is_contiguous": lambda: x.is_cpu and x.is_contiguous(),

@@ -11,12 +11,9 @@ import statistics as st
 import sys
 import time
 
-import splitkernels.runtime.split_model  # noqa: F401  (the module, not the function the package exports)
-from splitkernels.cli import build_parser
-from splitkernels.cli.models import calibration_ids, load_model, split_settings
+from demo_split import demo_split  # imports splitkernels.runtime.split_model, the module patched below
 from splitkernels.codec.rate import session_encoder
 from splitkernels.runtime.grpc_transport import GrpcServer, GrpcTransport
-from splitkernels.runtime.sessions import Limits
 
 smod = sys.modules["splitkernels.runtime.split_model"]
 parts = {"to_wire": [], "encode": []}
@@ -42,12 +39,7 @@ def timed_encoder(codec, *args):
 
 
 smod.to_wire, smod.session_encoder = to_wire, timed_encoder
-args = build_parser().parse_args(["demo"] + sys.argv[1:])
-loaded = load_model(args.model, args.family, args.seed)
-settings = split_settings(args, loaded)
-sm = smod.split_model(settings.prepare(loaded.model), settings.split_config("both"),
-                      limits=Limits(max_sessions=4, max_seq_len=4096), fast=True,
-                      calibration=calibration_ids(settings, "both", args, loaded))
+args, loaded, sm = demo_split(sys.argv[1:])
 ids = loaded.encode_prompt(args.prompt)
 server = GrpcServer(sm.manager, "127.0.0.1", 0, token="t", info={})
 server.start()

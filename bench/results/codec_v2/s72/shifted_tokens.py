@@ -12,9 +12,11 @@ import time
 
 import torch
 
+from demo_split import demo_split
 from splitkernels.codec import calibrate, decode_frame, encode_frame
 from splitkernels.codec.frame_v2 import TOKEN_SHIFTED, read_frame_v2
 from splitkernels.codec.v2 import decode_v2, encode_v2
+from splitkernels.eval import load_text
 
 
 def timed(fn, rounds: int = 300) -> float:
@@ -47,23 +49,13 @@ def report(name: str, x: torch.Tensor, cfg, start: int) -> None:
 gen = torch.Generator().manual_seed(0)
 for d in (576, 896, 4096):
     h = torch.randn(64 * 12, d, generator=gen) * (torch.rand(d, generator=gen) * 3 + 0.2)
-    cfg = calibrate(h, bits=4.0, sensitivity=torch.ones(d), position_sensitivity=torch.tensor([50.0] * 8 + [1.0] * 56))
+    early = torch.tensor([50.0] * 8 + [1.0] * 56)  # positions 1-7 weigh 50 late ones: shifts there
+    cfg = calibrate(h, bits=4.0, sensitivity=torch.ones(d), position_sensitivity=early)
     for dtype in (torch.float16, torch.float32):
         report("synthetic", h[5:6].to(dtype), cfg, 3)
 
 for name in sys.argv[1:]:
-    from splitkernels.cli import build_parser
-    from splitkernels.cli.models import calibration_ids, load_model, split_settings
-    from splitkernels.eval import load_text
-    from splitkernels.runtime.sessions import Limits
-    from splitkernels.runtime.split_model import split_model
-
-    args = build_parser().parse_args(["demo", "--model", name])
-    loaded = load_model(args.model, args.family, args.seed)
-    settings = split_settings(args, loaded)
-    sm = split_model(settings.prepare(loaded.model), settings.split_config("both"),
-                     limits=Limits(max_sessions=1, max_seq_len=4096), fast=True,
-                     calibration=calibration_ids(settings, "both", args, loaded))
+    _, loaded, sm = demo_split(["--model", name], max_sessions=1)
     cfg = sm.codec
     ids = loaded.encode_text(load_text("botchan"))[:, 2000:2000 + max(cfg.shift_end, 1)]
     with torch.inference_mode():

@@ -8,21 +8,13 @@ import sys
 
 import torch
 
-from splitkernels.cli import build_parser
-from splitkernels.cli.models import calibration_ids, load_model, split_settings
+from demo_split import demo_split
 from splitkernels.codec import encode_frame
 from splitkernels.codec.wire_dtype import to_wire
 from splitkernels.eval import load_text
-from splitkernels.runtime.sessions import Limits
-from splitkernels.runtime.split_model import split_model
 
 for name in sys.argv[1:]:
-    args = build_parser().parse_args(["demo", "--model", name])
-    loaded = load_model(args.model, args.family, args.seed)
-    settings = split_settings(args, loaded)
-    sm = split_model(settings.prepare(loaded.model), settings.split_config("both"),
-                     limits=Limits(max_sessions=1, max_seq_len=4096), fast=True,
-                     calibration=calibration_ids(settings, "both", args, loaded))
+    _, loaded, sm = demo_split(["--model", name], max_sessions=1)
     ids = loaded.encode_text(load_text("botchan"))[:, 1000:1256]
     with torch.inference_mode():
         hidden = sm.edge.forward(ids, None, 0).float()
