@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "cpu/bit_io.h"
 #include "cpu/codec_v2.h"
 #include "cpu/crc32.h"
 #include "cpu/frame_bytes.h"
@@ -29,12 +30,14 @@ int64_t residual_section_bytes(int64_t d, int shift) { return (d * shift + 7) / 
 // A shifted token's fine codes (section 5.2): each coded value's symbol becomes the coarse code of
 // fine = rint(v * 2^shift) (v as the plain quantiser's; the product is exact), and its residual
 // fine - (coarse << shift), offset by 2^(shift-1), goes to `section` as `shift` bits, least significant
-// first; an escape's residual is 0. `section` holds residual_section_bytes(d, shift) zeroed bytes.
-void refine_token(const void* x, int dtype, int64_t d, const float* center, const float* inv, int kmax, int shift,
-                  uint8_t* sym, uint8_t* section) {
+// first; an escape's residual is 0. Returns the section's end; `section` needs 8 bytes of room past it.
+uint8_t* refine_token(const void* x, int dtype, int64_t d, const float* center, const float* inv, int kmax, int shift,
+                      uint8_t* sym, uint8_t* section) {
   const int half = 1 << (shift - 1);
   const float scale = static_cast<float>(1 << shift);
   const uint8_t escape = static_cast<uint8_t>(2 * kmax + 1);
+  BitWriter fields;
+  fields.start(section);
   for (int64_t i = 0; i < d; ++i) {
     int field = half;
     if (sym[i] != escape) {
@@ -44,11 +47,9 @@ void refine_token(const void* x, int dtype, int64_t d, const float* center, cons
       sym[i] = static_cast<uint8_t>(coarse + kmax);
       field = fine - coarse * (1 << shift) + half;
     }
-    const int64_t bit = i * shift;
-    const uint32_t bits = static_cast<uint32_t>(field) << (bit & 7);  // at most 6 + 7 bits: spans two bytes
-    section[bit >> 3] |= static_cast<uint8_t>(bits);
-    if (bits >> 8) section[(bit >> 3) + 1] |= static_cast<uint8_t>(bits >> 8);
+    fields.put(static_cast<uint64_t>(field), shift);
   }
+  return fields.finish();
 }
 
 // The decoded shifted token (section 5.2): fine = ((symbol - kmax) << shift) + residual, value
@@ -60,11 +61,11 @@ bool dequantise_shifted(const uint8_t* sym, const uint8_t* section, int64_t d, c
   const int half = 1 << (shift - 1), item = dtype_size(dtype);
   const float fine_step = std::ldexp(1.0f, -shift);  // step * 2^-shift is exact (the config rejects subnormal steps)
   const uint8_t escape = static_cast<uint8_t>(2 * kmax + 1);
+  const BitReader reader{section, residual_section_bytes(d, shift), 0};
+  BitStream fields(reader, 0);
   int64_t used = 0;
   for (int64_t i = 0; i < d; ++i) {
-    const int64_t bit = i * shift;
-    const uint32_t pair = section[bit >> 3] | (((bit & 7) + shift > 8) ? section[(bit >> 3) + 1] << 8 : 0u);
-    const int field = static_cast<int>((pair >> (bit & 7)) & ((1u << shift) - 1));
+    const int field = static_cast<int>(fields.read(shift));
     if (sym[i] == escape) {
       if (field != half || used == n_esc) return false;
       std::memcpy(static_cast<uint8_t*>(out) + i * item, escapes + used++ * item, item);
@@ -124,11 +125,8 @@ int64_t v2_encode_token_frame(const void* x, int src_dtype, const TokenFrameConf
   std::memmove(out + pos + id_bytes, escapes, esc_bytes);
   if (id_bytes > 0) std::memcpy(out + pos, ids, id_bytes);
   pos += id_bytes + esc_bytes;
-  if (shift) {
-    const int64_t n = residual_section_bytes(d, shift);
-    std::memset(out + pos, 0, n);
-    refine_token(x, dtype, d, cfg.center, inv, cfg.kmax, shift, sym.data(), out + pos);
-    pos += n;
+  if (shift) {  // the rANS stream's room (at least 8 bytes) follows the section
+    pos = refine_token(x, dtype, d, cfg.center, inv, cfg.kmax, shift, sym.data(), out + pos) - out;
   }
   const int64_t cap = v2_token_frame_capacity(d, dtype, id_bytes) - pos - kCrcBytes;
   const int64_t len = rans_encode(sym.data(), d, cfg.tables, cfg.period, token_lanes(four, d), out + pos, cap);

@@ -34,6 +34,7 @@ stops moving where the measured bits equal the target.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -202,12 +203,11 @@ def session_encoder(codec, rated: bool = True, wire_dtype: torch.dtype | None = 
     :class:`RateControl` when ``rated`` and the v2 config carries a rate policy, else
     :func:`splitkernels.codec.encode_frame` as it is."""
     rate = rate_control(codec) if rated else None
-    if rate is None:
-        from .dispatch import encode_frame  # the codec package's entry point (imports this module's users)
+    if rate is not None:
+        return functools.partial(rate.encode_frame, wire_dtype=wire_dtype)
+    from .dispatch import encode_frame  # the codec package's entry point (imports this module's users)
 
-    def encode(x: torch.Tensor, coder: str | None = None, start: int = 0, tokens=None,
-               embedding: torch.Tensor | None = None) -> bytes:
-        if rate is not None:
-            return rate.encode_frame(x, coder, start, tokens, embedding, wire_dtype)
+    def plain(x: torch.Tensor, coder: str | None = None, start: int = 0, tokens=None,
+              embedding: torch.Tensor | None = None) -> bytes:
         return encode_frame(x, codec, coder, start=start, tokens=tokens, embedding=embedding, wire_dtype=wire_dtype)
-    return encode
+    return plain

@@ -81,6 +81,14 @@ def _token_id(data: bytes | bytearray | memoryview, config: CodecConfigV2, pos: 
     return config.prediction.id_of_section(data[pos + 1 : pos + 1 + n])
 
 
+def _token_shift(config: CodecConfigV2, start: int, token: int | None) -> int:
+    """The shift of a one-token frame's token at position ``start`` (its id ``token`` under a
+    prediction; docs/FORMATS.md §5.2, §5.2.2), 0 past the config's shifted positions."""
+    if start >= config.shift_end:
+        return 0
+    return int(config.row_shifts(start, 1, None if token is None else (token,))[0])
+
+
 def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfigV2 | None,
                        limits: FrameLimits | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor | None:
     """``[1, d]`` (the frame's dtype, on the host) of a valid one-token rANS v2 frame within
@@ -115,7 +123,7 @@ def decode_token_frame(data: bytes | bytearray | memoryview, config: CodecConfig
         token = None if pred is None else _token_id(data, config, count_at)
         if pred is not None and token is None:
             return None
-        shift = int(config.row_shifts(start, 1, None if token is None else (token,))[0])
+        shift = _token_shift(config, start, token)
         if shift == 0:
             return None
     code = data[0] & TOKEN_DTYPE
@@ -168,9 +176,7 @@ def encode_token_frame(x: torch.Tensor, config: CodecConfigV2, start: int, token
         return None
     pred = config.prediction
     token = None if pred is None else pred.token_id(tokens)
-    shift = 0
-    if start < config.shift_end:
-        shift = int(config.row_shifts(start, 1, None if token is None else (token,))[0])
+    shift = _token_shift(config, start, token)
     ids = b""
     if pred is not None:
         pred.check_table(embedding)
