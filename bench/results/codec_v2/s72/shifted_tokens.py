@@ -1,14 +1,14 @@
 """One-token frames at shifted positions (docs/FORMATS.md §5.2): the general path (the Python
 quantiser and refine, the frame writer; the reference parser, rANS decoder, dequantiser and
-apply_residuals), which every such frame took before session 72, beside the one C++ call each way,
-in turn in one process; and, on real split-layer hidden states of the packaged models, every frame
-of the shifted positions byte for byte and value for value against the general path.
+apply_residuals), which every such frame took before session 72, beside the one C++ call each
+way, in interleaved rounds in one process (bench/timing.py); and, on real split-layer hidden
+states of the packaged models, every frame of the shifted positions byte for byte and value for
+value against the general path.
 
     python bench/results/codec_v2/s72/shifted_tokens.py [smollm2 qwen2.5-coder ...]
 """
-import statistics as st
 import sys
-import time
+from pathlib import Path
 
 import torch
 
@@ -18,25 +18,22 @@ from splitkernels.codec.frame_v2 import TOKEN_SHIFTED, read_frame_v2
 from splitkernels.codec.v2 import decode_v2, encode_v2
 from splitkernels.eval import load_text
 
-
-def timed(fn, rounds: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return st.median(ts) * 1e6
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # bench/, for timing.py
+import timing  # noqa: E402
 
 
 def compare(x: torch.Tensor, cfg, start: int) -> tuple[float, float, float, float]:
-    """(general encode, fast encode, general decode, fast decode) in us; asserts equal bytes and values."""
+    """(general encode, fast encode, general decode, fast decode) in us, medians of interleaved rounds
+    (bench/timing.py); asserts equal bytes and values first."""
     frame = encode_frame(x, cfg, start=start)
     assert frame == encode_v2(x, cfg, start).to_bytes() and frame[0] & TOKEN_SHIFTED
     assert torch.equal(decode_frame(frame, config=cfg), decode_v2(read_frame_v2(frame, cfg)))
-    return (timed(lambda: encode_v2(x, cfg, start).to_bytes()), timed(lambda: encode_frame(x, cfg, start=start)),
-            timed(lambda: decode_v2(read_frame_v2(frame, cfg))), timed(lambda: decode_frame(frame, config=cfg)))
+    fns = {"general encode": lambda: encode_v2(x, cfg, start).to_bytes(),
+           "fast encode": lambda: encode_frame(x, cfg, start=start),
+           "general decode": lambda: decode_v2(read_frame_v2(frame, cfg)),
+           "fast decode": lambda: decode_frame(frame, config=cfg)}
+    medians = timing.compare(fns, budget_s=2.0, max_reps=300)
+    return tuple(medians[k]["median"] * 1e6 for k in fns)
 
 
 def report(name: str, x: torch.Tensor, cfg, start: int) -> None:
