@@ -13,7 +13,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 
 import splitkernels._C as _C
 from runtime_helpers import prompt as _prompt
-from splitkernels.fastpath import FastPathUnsupported, NativeDecoder, describe, quantize_rows_int8
+from splitkernels.fastpath import FastPathUnsupported, NativeDecoder, NativeHead, describe, quantize_rows_int8
 from splitkernels.models import smollm2_available, tiny_model
 from splitkernels.nn import QuantConfig, replace_linear
 from splitkernels.runtime import SplitConfig, split_model
@@ -295,6 +295,99 @@ def test_split_of_an_uncovered_family_stays_eager():
     sm = split_model(tiny_model("gpt2", seed=1, num_layers=4), 2)
     assert not sm.edge.fast and "gpt2" in sm.edge.fast_reason
     assert sm.generate(_prompt(5, 5), 4).shape == (1, 9)
+
+
+@pytest.mark.parametrize("fmt, bits", [("int8", None), ("fp32", None), ("int8", 4)])
+def test_native_head_alone_is_the_heads_exact_top_k(fmt, bits):
+    # The head of a family whose layers stay eager: an nn.Linear (with a bias here) or a low-bit
+    # head, near-tied rows that the W8A8 logits cannot order, on every int8 kernel.
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 200))
+    with torch.no_grad():
+        w = model[0].weight
+        w[1::2] = w[0::2] + 1e-4 * torch.randn_like(w[0::2])
+    if bits:
+        replace_linear(model, bits=bits, group_size=32)
+    head = model[0]
+    native = NativeHead(head, fmt)
+    before = _C.lowbit_isa()
+    try:
+        for step, isa in enumerate(_C.lowbit_isas() * 3):
+            _C.set_lowbit_isa(isa)
+            hidden = torch.randn(64) * (1 + step)
+            with torch.no_grad():
+                ref = head(hidden)
+            for k in (1, 7, 200):
+                ids, values = native.top(hidden, k)
+                ref_values, ref_ids = torch.topk(ref, k)
+                assert torch.equal(ids, ref_ids), (isa, k)
+                torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-5)
+                # Three rows in one pass: each row as it is alone, bit for bit.
+                rows = torch.stack([hidden, -hidden, hidden * 0.5])
+                ids3, values3 = native.top_rows(rows, k)
+                for i in range(3):
+                    one_ids, one_values = native.top(rows[i], k)
+                    assert torch.equal(ids3[i], one_ids) and torch.equal(values3[i], one_values), (isa, k, i)
+    finally:
+        _C.set_lowbit_isa(before)
+
+
+def test_native_head_refuses_what_it_cannot_run():
+    with pytest.raises(FastPathUnsupported, match="the LM head is a Embedding, not an nn.Linear"):
+        NativeHead(torch.nn.Embedding(10, 8))
+    with pytest.raises(FastPathUnsupported, match="the native head computes in float32; the LM head is torch.bfloat16"):
+        NativeHead(torch.nn.Linear(8, 10).bfloat16())
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        NativeHead(torch.nn.Linear(8, 10), "int4")
+    native = NativeHead(torch.nn.Linear(8, 10))
+    for k in (0, 11, True, 2.0):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 10\]"):
+            native.top(torch.zeros(8), k)
+    with pytest.raises(ValueError, match=r"hidden must be \[rows >= 1, 8\], got \[1, 9\]"):
+        native.top(torch.zeros(9), 1)
+    with pytest.raises(ValueError, match=r"hidden must be \[rows >= 1, 8\], got \[0, 8\]"):
+        native.top_rows(torch.zeros(0, 8), 1)
+
+
+def test_uncovered_family_server_takes_its_token_from_the_native_head(monkeypatch):
+    # GPT-2's layers stay eager; its server runs them with the model's own forward up to the head,
+    # then the native head's exact argmax / top k: the same tokens as the eager split's full logits.
+    model = tiny_model("gpt2", seed=2, num_layers=4)
+    ids = _prompt(8, 6)
+    fast = split_model(copy.deepcopy(model), 2)
+    eager = split_model(copy.deepcopy(model), 2, fast=False)
+    assert not fast.server.fast and fast.server.native_head is not None and fast.server.head_reason is None
+    assert eager.server.native_head is None and "fast=False" in eager.server.head_reason
+    calls = []
+    top_rows = fast.server.native_head.top_rows
+    monkeypatch.setattr(fast.server.native_head, "top_rows", lambda h, k: calls.append(k) or top_rows(h, k))
+    assert torch.equal(fast.generate(ids, 12), eager.generate(ids, 12))
+    assert calls == [1] * 12  # every step, the prompt's too
+    a = fast.generate(ids, 10, do_sample=True, top_k=5, temperature=1.5, seed=4)
+    assert torch.equal(a, eager.generate(ids, 10, do_sample=True, top_k=5, temperature=1.5, seed=4))
+    assert calls[12:] == [5] * 10
+
+
+def test_server_keeps_a_head_whose_logits_the_model_transforms():
+    # Soft-capping named in the config, and a change after the head that no config names (found by
+    # the probe): the server keeps the model's own head, and says why.
+    from transformers import AutoModelForCausalLM
+
+    from splitkernels.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    capped = AutoModelForCausalLM.from_config(tiny_config("gemma2", num_layers=2)).eval()
+    sm = split_model(capped, 1)
+    assert sm.server.native_head is None and "final_logit_softcapping = 30.0" in sm.server.head_reason
+    scaled = tiny_model("gpt2", seed=2, num_layers=2)
+
+    def doubled(module, args, out) -> None:
+        out.logits.mul_(2.0)
+
+    scaled.register_forward_hook(doubled)
+    sm = split_model(scaled, 1)
+    assert sm.server.native_head is None
+    assert sm.server.head_reason == "the model's logits are not its LM head's output as it is"
 
 
 @pytest.mark.slow

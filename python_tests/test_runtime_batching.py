@@ -343,3 +343,47 @@ def test_native_batched_step_equals_next_token_alone(family):
         assert torch.equal(b.static(n)[0][..., :n, :], a.static(n)[0][..., :n, :])
     with pytest.raises(ValueError, match="start must equal the positions already cached"):
         scheduler.decode_tokens([Work(hs[0], batched[0], lengths[0] - 1, modes[0], None)])
+
+
+def test_eager_batched_step_takes_the_native_heads_top_k(monkeypatch):
+    """A family whose layers stay eager (GPT-2): a batch whose rows all need only their top k
+    (greedy, top-k sampling) stops the padded forward at the LM head and takes every row's top k
+    from the native head in one pass; a batch with a full-distribution row keeps the logits. Each
+    row gets the token that the unbatched server's next_token gives it, with the same generator."""
+    sm = _split("gpt2")
+    server = sm.server
+    assert server.native is None and server.native_head is not None
+    passes = []
+    top_rows = server.native_head.top_rows
+    monkeypatch.setattr(server.native_head, "top_rows", lambda h, k: passes.append(h.shape[0]) or top_rows(h, k))
+    d = sm.adapter.hidden_size
+    gen = torch.Generator().manual_seed(21)
+    modes = [SamplingParams(), SamplingParams(do_sample=True, top_k=5, temperature=0.8, seed=1), SamplingParams(),
+             SamplingParams(do_sample=True, top_k=0, top_p=0.9, seed=2)]
+    lengths = [6, 1, 11, 3]
+    batched, alone = [], []
+    for n in lengths:
+        p = torch.randn(n, d, generator=gen)
+        pair = [server.new_decode_cache() for _ in range(2)]
+        for c in pair:
+            server.forward(p, c, 0)
+        batched.append(pair[0])
+        alone.append(pair[1])
+    gens_b = [torch.Generator().manual_seed(60 + i) for i in range(len(modes))]
+    gens_a = [torch.Generator().manual_seed(60 + i) for i in range(len(modes))]
+    scheduler = Scheduler(server)  # driven directly, no thread
+    for members in ([0, 1, 2], [2, 0], [0, 1, 2, 3], [1]):
+        hs = torch.randn(len(members), 1, d, generator=gen)
+        works = [Work(hs[j], batched[i], lengths[i], modes[i], gens_b[i], key=i) for j, i in enumerate(members)]
+        tokens = scheduler.decode_tokens(works)
+        for j, i in enumerate(members):
+            assert tokens[j] == server.next_token(hs[j], alone[i], lengths[i], modes[i], gens_a[i])
+            lengths[i] += 1
+    # Batches of 3 and 2 rows in one pass each, the batch with the full-distribution row none, the
+    # last batch 1; next_token alone 1 row each (9 calls: all but the full-distribution row's).
+    assert passes.count(3) == 1 and passes.count(2) == 1 and passes.count(1) == 1 + 9
+    scheduler.release(batched[1])  # the last batch's rows, written back
+    layer = server.first
+    for b, a, n in zip(batched, alone, lengths):
+        assert b.get_seq_length(layer) == n
+        assert _rel(b.layers[layer].keys, a.layers[layer].keys) <= RTOL

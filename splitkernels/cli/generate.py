@@ -168,12 +168,16 @@ def _base_report(loaded: LoadedModel, sm, settings: SplitSettings, args: argpars
 
 
 def _decode_paths(sm) -> dict:
-    """How each segment held here runs its one-token steps: native, or eager with the reason."""
+    """How each segment held here runs its one-token steps: native, or eager with the reason (and
+    whether an eager server's LM head runs natively)."""
     out = {}
     for side in ("edge", "server"):
         segment = getattr(sm, side)
-        if segment is not None:
-            out[side] = "native fast path" if segment.fast else f"eager ({segment.fast_reason})"
+        if segment is None:
+            continue
+        out[side] = "native fast path" if segment.fast else f"eager ({segment.fast_reason})"
+        if side == "server" and not segment.fast and segment.native_head is not None:
+            out[side] += ", LM head native"
     return out
 
 

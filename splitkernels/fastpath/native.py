@@ -8,7 +8,7 @@ from torch import nn
 
 from .._native import load
 from ..formats.dtypes import DTYPE_CODE
-from ..nn.linear import QuantLinear
+from ..nn.linear import QuantLinear, is_plain_linear
 from .cache import FastCache
 from .spec import DecoderDescription, FastPathUnsupported, describe
 
@@ -32,40 +32,13 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return codes.contiguous(), scale.contiguous()
 
 
-class NativeDecoder:
-    """Layers ``first..last-1`` of a model (and its head when ``head`` is a format) as one native
-    call per token. Holds the tensors the C++ side points at; the model must outlive it.
+class _NativeWeights:
+    """The tensors a native stack points at, held (contiguous, fp32 where it computes) as long
+    as the stack lives, and the weight dictionaries the binding reads."""
 
-    ``head``: None (the range ends at a split), ``"int8"`` (the LM head as per-row int8 weights
-    run W8A8 on the CPU's int8 dot instructions; the fused argmax and top k still equal the fp32
-    head's, see csrc/cpu/decode/decode.h)
-    or ``"fp32"`` (the dense head as it is). A low-bit LM head (OPSC) runs as stored.
-    """
-
-    def __init__(self, model: nn.Module, first: int, last: int, head: str | None = None) -> None:
-        if _C is None:
-            raise FastPathUnsupported(f"the native decode step is not built: {_C_ERROR}")
-        if head is not None and head not in HEAD_FORMATS:
-            raise ValueError(f"head must be None or one of {HEAD_FORMATS}, got {head!r}")
-        d: DecoderDescription = describe(model, first, last)
-        self.description = d
-        self.first, self.last = first, last
-        self.head = head
+    def __init__(self) -> None:
         self._keep: list[torch.Tensor] = []  # everything the C++ side points at
-        self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale)
-        for i in range(first, last):
-            m = d.layers[i]
-            self.stack.add_layer(self._vector(m.input_norm.weight), self._vector(m.post_norm.weight),
-                                 float(m.input_norm.variance_epsilon), self._linear(m.q), self._linear(m.k),
-                                 self._linear(m.v), self._linear(m.o), self._linear(m.gate), self._linear(m.up),
-                                 self._linear(m.down))
-        if head is not None:
-            self.stack.set_head(self._vector(d.final_norm.weight), float(d.final_norm.variance_epsilon),
-                                self._head(d.lm_head, head))
-            self.vocab = int(d.lm_head.out_features)
-        self._cos = self._sin = torch.empty(0)
 
-    # -- weights ---------------------------------------------------------------------------------
     def _hold(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().contiguous()
         self._keep.append(t)
@@ -97,6 +70,90 @@ class NativeDecoder:
                 "w8": _ptr(self._hold(codes)), "w8_scale": _ptr(self._hold(scales)),
                 "weight": _ptr(self._hold(module.weight.float())),
                 "bias": 0 if bias is None else _ptr(self._hold(bias.float()))}
+
+
+def _check_k(k: int, vocab: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+        raise ValueError(f"k must be an int in [1, {vocab}], got {k!r}")
+
+
+class NativeHead(_NativeWeights):
+    """A model's LM head alone, natively, for a model whose own forward runs everything before
+    it (families the native decode step does not cover): the exact top k of one normed hidden
+    state, as :meth:`NativeDecoder.step_top` takes them, from the head's int8 rows (``"int8"``,
+    with the fp32 weight for the rows near the k-th) or its fp32 weight (``"fp32"``); a low-bit
+    head runs as stored. The head must be an ``nn.Linear`` of fp32 weights or a QuantLinear."""
+
+    def __init__(self, head: nn.Module, fmt: str = "int8") -> None:
+        super().__init__()
+        if _C is None:
+            raise FastPathUnsupported(f"the native decode step is not built: {_C_ERROR}")
+        if fmt not in HEAD_FORMATS:
+            raise ValueError(f"fmt must be one of {HEAD_FORMATS}, got {fmt!r}")
+        if not (isinstance(head, QuantLinear) or (is_plain_linear(head) and isinstance(head, nn.Linear))):
+            raise FastPathUnsupported(f"the LM head is a {type(head).__name__}, not an nn.Linear or QuantLinear")
+        if not isinstance(head, QuantLinear) and head.weight.dtype != torch.float32:
+            raise FastPathUnsupported(f"the native head computes in float32; the LM head is {head.weight.dtype}")
+        self.hidden, self.vocab = int(head.in_features), int(head.out_features)
+        # No layers: the shape's attention sizes are placeholders that nothing reads.
+        self.stack = _C.DecodeStack(self.hidden, 1, 1, 2, 1, 1.0)
+        self.stack.set_head(0, 0.0, self._head(head, fmt))
+
+    def top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` rows of largest logit for ``hidden [d]`` (the head's input, normed): ids
+        ``[k]`` int64 and their fp32 logits ``[k]``, largest first, ties by lower id."""
+        ids, vals = self.top_rows(hidden.reshape(1, -1), k)
+        return ids[0], vals[0]
+
+    def top_rows(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`top` of each row of ``hidden [M, d]`` in one pass over the head: ``[M, k]`` each
+        (every row as :meth:`top` gives it alone, bit for bit)."""
+        _check_k(k, self.vocab)
+        if hidden.dim() != 2 or hidden.shape[0] < 1 or hidden.shape[1] != self.hidden:
+            raise ValueError(f"hidden must be [rows >= 1, {self.hidden}], got {list(hidden.shape)}")
+        rows = hidden.shape[0]
+        h = hidden.detach().to(torch.float32, copy=True).contiguous()
+        ids = torch.empty(rows, k, dtype=torch.int64)
+        vals = torch.empty(rows, k, dtype=torch.float32)
+        # No layers: each row's position, cache and rotary rows are placeholders nothing reads.
+        zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows, dtype=torch.int64)
+        self.stack.step_batch(_ptr(h), rows, _ptr(zeros), _ptr(zeros), _ptr(ones), _ptr(zeros), _ptr(zeros), 0, k,
+                              _ptr(ids), _ptr(vals))
+        return ids, vals
+
+
+class NativeDecoder(_NativeWeights):
+    """Layers ``first..last-1`` of a model (and its head when ``head`` is a format) as one native
+    call per token. Holds the tensors the C++ side points at; the model must outlive it.
+
+    ``head``: None (the range ends at a split), ``"int8"`` (the LM head as per-row int8 weights
+    run W8A8 on the CPU's int8 dot instructions; the fused argmax and top k still equal the fp32
+    head's, see csrc/cpu/decode/decode.h)
+    or ``"fp32"`` (the dense head as it is). A low-bit LM head (OPSC) runs as stored.
+    """
+
+    def __init__(self, model: nn.Module, first: int, last: int, head: str | None = None) -> None:
+        if _C is None:
+            raise FastPathUnsupported(f"the native decode step is not built: {_C_ERROR}")
+        super().__init__()
+        if head is not None and head not in HEAD_FORMATS:
+            raise ValueError(f"head must be None or one of {HEAD_FORMATS}, got {head!r}")
+        d: DecoderDescription = describe(model, first, last)
+        self.description = d
+        self.first, self.last = first, last
+        self.head = head
+        self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale)
+        for i in range(first, last):
+            m = d.layers[i]
+            self.stack.add_layer(self._vector(m.input_norm.weight), self._vector(m.post_norm.weight),
+                                 float(m.input_norm.variance_epsilon), self._linear(m.q), self._linear(m.k),
+                                 self._linear(m.v), self._linear(m.o), self._linear(m.gate), self._linear(m.up),
+                                 self._linear(m.down))
+        if head is not None:
+            self.stack.set_head(self._vector(d.final_norm.weight), float(d.final_norm.variance_epsilon),
+                                self._head(d.lm_head, head))
+            self.vocab = int(d.lm_head.out_features)
+        self._cos = self._sin = torch.empty(0)
 
     # -- rotary table ------------------------------------------------------------------------------
     def _rope_rows(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +193,7 @@ class NativeDecoder:
         sampler over them draws from the same distribution as over the full fp32 logits."""
         if not getattr(self, "vocab", 0):
             raise ValueError("step_top needs a decoder with a head")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.vocab:
-            raise ValueError(f"k must be an int in [1, {self.vocab}], got {k!r}")
+        _check_k(k, self.vocab)
         ids = torch.empty(k, dtype=torch.int64)
         vals = torch.empty(k, dtype=torch.float32)
         h, _ = self._run(hidden, cache, None, k, ids, vals)
@@ -154,8 +210,7 @@ class NativeDecoder:
         vocab = getattr(self, "vocab", 0)
         if not vocab:
             raise ValueError("step_batch needs a decoder with a head")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
-            raise ValueError(f"k must be an int in [1, {vocab}], got {k!r}")
+        _check_k(k, vocab)
         rows = len(caches)
         if rows < 1 or hidden.dim() != 2 or tuple(hidden.shape) != (rows, self.description.hidden):
             raise ValueError(f"hidden must be [{rows}, {self.description.hidden}] for {rows} caches (at least one), "

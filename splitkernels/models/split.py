@@ -104,6 +104,21 @@ class _Exit(_Wrapped):
         raise _Reached(out[0] if isinstance(out, (tuple, list)) else out)
 
 
+class _HeadReached(Exception):
+    """Raised in place of the LM head to end the server's forward with the head's input."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__("LM head reached")
+        self.hidden = hidden
+
+
+class _HeadInput(_Wrapped):
+    """The LM head of :meth:`Adapter.head_input_view`: hands over its input instead of logits."""
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        raise _HeadReached(hidden)
+
+
 class _Unreached(nn.Module):
     """After the edge's last layer: the forward has already stopped when the loop gets here."""
 
@@ -223,17 +238,43 @@ class Adapter:
         of the last ``tail`` positions ``[B, tail, V]`` (``tail`` given), or ``[B, T, V]``, as the
         model's own forward computes them (soft-capping included). ``inputs`` go to that forward
         as they are (``attention_mask``, ``position_ids``: a batched decode over padded caches)."""
-        zeros = hidden.new_zeros(*hidden.shape[:-1], self.embedding_dim)
         keep = tail if tail is not None else (1 if last_only else None)
-        extra = {"logits_to_keep": keep} if keep is not None and self._logits_to_keep else {}
-        self._slot.hidden = hidden
-        try:
-            logits = self._call(view, cache, inputs_embeds=zeros, **inputs, **extra).logits
-        finally:
-            self._slot.hidden = None
+        logits = self._run_on(view, hidden, cache, keep, **inputs).logits
         if tail is not None:
             return logits[:, -tail:]
         return logits[0, -1] if last_only else logits
+
+    def _run_on(self, view: nn.Module, hidden: torch.Tensor, cache, keep: int | None, **inputs):
+        """The back ``view``'s forward on the split-layer output ``hidden`` (handed to its first
+        layer), with the LM head on the last ``keep`` positions where the model allows it."""
+        zeros = hidden.new_zeros(*hidden.shape[:-1], self.embedding_dim)
+        extra = {"logits_to_keep": keep} if keep is not None and self._logits_to_keep else {}
+        self._slot.hidden = hidden
+        try:
+            return self._call(view, cache, inputs_embeds=zeros, **inputs, **extra)
+        finally:
+            self._slot.hidden = None
+
+    def head_input_view(self, split_layer: int) -> nn.Module | None:
+        """:meth:`back_view` whose LM head hands over its input (:meth:`run_back_to_head`), for a
+        head run elsewhere; None where the output embedding is not a child of the model's root."""
+        head = self.model.get_output_embeddings()
+        name = next((n for n, m in self.model.named_children() if m is head), None) if head is not None else None
+        if name is None:
+            return None
+        view = self.back_view(split_layer)
+        view._modules[name] = _HeadInput(head)
+        return view
+
+    def run_back_to_head(self, view: nn.Module, hidden: torch.Tensor, cache, **inputs) -> torch.Tensor:
+        """Split-layer output ``[B, T, d]`` through a :meth:`head_input_view`: the LM head's input
+        for the last position ``[B, d]`` (after the final norm), appending to ``cache`` as
+        :meth:`run_back` does (``inputs`` as there)."""
+        try:
+            self._run_on(view, hidden, cache, 1, **inputs)
+        except _HeadReached as reached:
+            return reached.hidden[:, -1]
+        raise RuntimeError(f"{type(self.model).__name__}.forward returned without calling its LM head module")
 
     def next_logits(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """The whole model on ``input_ids [1, T]`` (appending to ``cache`` from :meth:`new_cache`

@@ -18,7 +18,9 @@ step appending one column; they are written back into the sessions' caches when 
 sessions change, before a prefill chunk or a speculative step reads one of those caches, and at
 shutdown. A batched matmul and a padded attention sum in a different order from the one-session
 forward, so those logits may differ in the last bits (the tests bound ``|batched - unbatched| /
-|unbatched|`` and check that the sampled tokens are identical).
+|unbatched|`` and check that the sampled tokens are identical). Where the server has a native LM
+head (``Server.native_head``) and every row of the batch needs only its top k, the forward stops at
+the head and the native head takes each row's top k in one pass.
 
 Prefill frames (more than one token) run chunk by chunk through the unbatched segment forward,
 at most ``prefill_chunk`` tokens per scheduler iteration, between decode batches: a long prompt
@@ -444,8 +446,12 @@ class Scheduler:
         every cache): the native batched step where the segment has one and the sessions hold
         its caches, else the model's forward on padded rows (a batch of the same sessions as the
         last one reuses them); each session samples with its own parameters and generator."""
-        if self.server.native is not None and all(isinstance(w.cache, FastCache) for w in works):
+        server = self.server
+        if server.native is not None and all(isinstance(w.cache, FastCache) for w in works):
             return self._native_tokens(works)
+        # A native head serves the batch when every row needs only its top k (Server.fused_k).
+        ks = [server.fused_k(w.sampling) for w in works] if server.native_head is not None else [0]
+        to_head = all(ks)
         hiddens = [w.hidden for w in works]
         keys, caches, starts = [w.key for w in works], [w.cache for w in works], [w.start for w in works]
         with self._resident_lock:
@@ -455,11 +461,15 @@ class Scheduler:
                     rows.flush()
                 rows = self._resident = _Resident(keys, caches, starts)
             try:
-                out = self._forward(self.server.view, hiddens, rows)
+                out = self._forward(server.head_view if to_head else server.view, hiddens, rows, to_head)
             except BaseException:
                 self._resident = None  # half-updated: these sessions fail with this batch
                 raise
             rows.advance()
+        if to_head:
+            ids, vals = server.native_head.top_rows(out, max(ks))
+            return [pick_token(w.sampling, w.generator, k, ids[i], vals[i], None)
+                    for i, (w, k) in enumerate(zip(works, ks))]
         return [sample(out[i], w.sampling, w.generator) for i, w in enumerate(works)]
 
     def _native_tokens(self, works: list[Work]) -> list[int]:
@@ -479,8 +489,10 @@ class Scheduler:
                 pick_token(w.sampling, w.generator, k, ids[i], vals[i], None if logits is None else
                            logits[i].to(server.dtype)) for i, (w, k) in enumerate(zip(works, ks))]
 
-    def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], rows: _Resident) -> torch.Tensor:
-        """``view_model``'s logits at the new position of every session of ``rows``, ``[B, V]``."""
+    def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], rows: _Resident,
+                 to_head: bool = False) -> torch.Tensor:
+        """``view_model``'s logits at the new position of every session of ``rows``, ``[B, V]``, or
+        with ``to_head`` (``view_model`` the server's ``head_view``) the LM head's input ``[B, d]``."""
         server = self.server
         h = torch.cat(hiddens).to(device=server.device, dtype=server.dtype).unsqueeze(1)  # [B, 1, d]
         pos = torch.tensor(rows.lengths, device=h.device).unsqueeze(1)  # [B, 1]
@@ -489,6 +501,8 @@ class Scheduler:
         idx = torch.arange(total, device=h.device).unsqueeze(0)
         padding = idx >= (total - 1 - pos)  # [B, total]
         # The model's own forward on the padded batch: its mask helper combines causality and padding.
+        if to_head:
+            return server.adapter.run_back_to_head(view_model, h, rows, attention_mask=padding, position_ids=pos)
         return server.adapter.run_back(view_model, h, rows, last_only=False, tail=1, attention_mask=padding,
                                        position_ids=pos)[:, -1]
 

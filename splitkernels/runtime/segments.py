@@ -12,13 +12,18 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..fastpath import FastCache, FastPathUnsupported, NativeDecoder
-from ..models.layout import cache_nbytes as _layout_cache_nbytes
+from ..fastpath import FastCache, FastPathUnsupported, NativeDecoder, NativeHead
+from ..models.layout import cache_nbytes as _layout_cache_nbytes, text_config
 from ..models.split import Adapter
 from .protocol import SamplingParams
 from .sampling import FUSED_TOP_K, sample, sample_top
 
 __all__ = ["Edge", "Server", "cache_nbytes", "pick_token"]
+
+# Config fields of transformers models that change the logits after the LM head (soft-capping,
+# scaling); a model with any of them set keeps its own head (the probe would also catch most).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                     "lm_head_multiplier")
 
 
 def cache_nbytes(cache) -> int:
@@ -120,11 +125,54 @@ class Edge(_Segment):
 
 
 class Server(_Segment):
-    """Decoder layers ``split_layer+1..L``, final norm and LM head."""
+    """Decoder layers ``split_layer+1..L``, final norm and LM head.
+
+    Where the native step does not cover the layers (``fast_reason``), each step (the prompt's
+    too) takes its token from the native LM head (:class:`~splitkernels.fastpath.NativeHead`, the
+    ``head`` format) after the model's own forward up to the head, when the head is an fp32
+    ``nn.Linear`` (or QuantLinear) whose output is the model's logits; ``head_reason`` says why not.
+    """
 
     def __init__(self, adapter: Adapter, split_layer: int, fast: bool = True, head: str = "int8") -> None:
         super().__init__(adapter, split_layer, adapter.num_layers, fast, head)
         self.view = adapter.back_view(split_layer)
+        self.native_head: NativeHead | None = None
+        self.head_view: torch.nn.Module | None = None  # the view that stops at the head, for native_head
+        self.head_reason = self.fast_reason
+        if fast and self.native is None:
+            try:
+                self.native_head, self.head_view = self._eager_native_head(split_layer, head)
+                self.head_reason = None
+            except FastPathUnsupported as exc:
+                self.head_reason = str(exc)
+
+    def _eager_native_head(self, split_layer: int, fmt: str) -> tuple[NativeHead, torch.nn.Module]:
+        """The native head and the view that stops at it, after checking on a probe hidden state
+        that the model's logits are its head's output as they are."""
+        adapter = self.adapter
+        config = text_config(adapter.config)
+        for name in _LOGIT_TRANSFORMS:
+            value = getattr(config, name, None)
+            if value is not None and value is not False and value != 1:
+                raise FastPathUnsupported(f"the model transforms its LM head's output ({name} = {value!r})")
+        view = adapter.head_input_view(split_layer)
+        head = adapter.model.get_output_embeddings()
+        if view is None:
+            raise FastPathUnsupported("the LM head is not a module of the model's root")
+        native = NativeHead(head, fmt)
+        probe = torch.randn(1, 1, adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            logits = adapter.run_back(self.view, probe, None, last_only=True)
+            x = adapter.run_back_to_head(view, probe, None)
+            direct = head(x.view(1, 1, -1))[0, -1]
+        if not torch.allclose(direct, logits, rtol=1e-5, atol=1e-5 * float(logits.abs().max())):
+            raise FastPathUnsupported("the model's logits are not its LM head's output as it is")
+        return native, view
+
+    @property
+    def _vocab(self) -> int:
+        return (self.native or self.native_head).vocab
 
     def _probe(self, cache) -> None:
         start = _cached(cache, self.first, self.last) or 0
@@ -152,10 +200,10 @@ class Server(_Segment):
     def fused_k(self, sampling: SamplingParams) -> int:
         """Rows of the native head's exact top k a one-token step with ``sampling`` needs: 1
         (greedy: the argmax), ``top_k`` (top-k sampling with ``top_k`` up to ``FUSED_TOP_K``), or
-        0 (any other sampling needs all logits). Needs the fast path."""
+        0 (any other sampling needs all logits). Needs the fast path or the native head."""
         if not sampling.do_sample:
             return 1
-        return sampling.top_k if 0 < sampling.top_k <= min(FUSED_TOP_K, self.native.vocab - 1) else 0
+        return sampling.top_k if 0 < sampling.top_k <= min(FUSED_TOP_K, self._vocab - 1) else 0
 
     @torch.inference_mode()
     def next_token(self, hidden: torch.Tensor, cache, start: int, sampling: SamplingParams,
@@ -164,13 +212,18 @@ class Server(_Segment):
         :func:`~splitkernels.runtime.sampling.sample`. A one-token step on the fast path takes
         the argmax (greedy) or the top ``top_k`` rows (sampling with ``top_k`` up to
         ``FUSED_TOP_K``) from the native head, which selects them itself, instead of all logits
-        (:meth:`fused_k`, :func:`pick_token`)."""
-        if isinstance(cache, FastCache) and hidden.shape[0] == 1:
-            k = self.fused_k(sampling)
-            if k:
-                _check_start(cache, start, self.first, self.last)
+        (:meth:`fused_k`, :func:`pick_token`); so does any step of a server with a
+        :attr:`native_head` (the prompt's too), after the model's own forward up to its head."""
+        native_step = isinstance(cache, FastCache) and hidden.shape[0] == 1
+        k = self.fused_k(sampling) if native_step or self.native_head is not None else 0
+        if k:
+            _check_start(cache, start, self.first, self.last)
+            if self.native_head is None:
                 _, ids, values = self.native.step_top(hidden[0], cache, k)
-                return pick_token(sampling, generator, k, ids, values, None)
+            else:
+                h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
+                ids, values = self.native_head.top(self.adapter.run_back_to_head(self.head_view, h, cache)[0], k)
+            return pick_token(sampling, generator, k, ids, values, None)
         return sample(self.forward(hidden, cache, start), sampling, generator)
 
 

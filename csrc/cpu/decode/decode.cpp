@@ -267,10 +267,10 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
 }
 
 std::string DecodeStack::set_head(const float* norm, float eps, const DecodeLinear& head) {
-  if (!norm) return "head norm must not be null";
   if (head.N <= 0) return "head must have at least one row";
   std::string e = check_linear("lm_head", head, head.N, shape_.hidden, true);
   if (!e.empty()) return e;
+  has_head_ = true;
   head_norm_ = norm;
   head_eps_ = eps;
   head_ = head;
@@ -368,7 +368,10 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
   }
 
   if (!has_head()) return "";
-  for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, head_norm_, head_eps_, H, t.xn.data() + m * H);
+  if (head_norm_)
+    for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, head_norm_, head_eps_, H, t.xn.data() + m * H);
+  else
+    std::copy_n(h, M * H, t.xn.data());
   const int64_t N = head_.N, rows = chunk_rows(N, num_threads());
   float* out = logits ? logits : t.tmp.data();  // [M, N]
   std::vector<HeadBound> bound(M);

@@ -56,7 +56,8 @@ class DecodeStack {
 
   // Checks a layer's sizes against the shape; "" or an error naming the field.
   std::string add_layer(const DecodeLayer& layer);
-  // Final RMSNorm weights fp32 [hidden] and the LM head (K = hidden).
+  // Final RMSNorm weights fp32 [hidden] and the LM head (K = hidden). A null norm: the head's
+  // input arrives normed (a stack of no layers serving a model whose own forward ran the rest).
   std::string set_head(const float* norm, float eps, const DecodeLinear& head);
 
   // Runs h [hidden] (fp32, in place) at position `pos` through every layer, writing each
@@ -79,12 +80,13 @@ class DecodeStack {
                          float* vals) const;
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-  bool has_head() const { return head_norm_ != nullptr; }
+  bool has_head() const { return has_head_; }
   const DecodeShape& shape() const { return shape_; }
 
  private:
   DecodeShape shape_;
   std::vector<DecodeLayer> layers_;
+  bool has_head_ = false;
   const float* head_norm_ = nullptr;
   float head_eps_ = 1e-6f;
   DecodeLinear head_;
