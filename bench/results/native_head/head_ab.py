@@ -1,6 +1,6 @@
 """The server's one-token step with the model's own LM head against the native head
 (``Server.native_head``), in turn in one process, on the split `splitkernels demo` builds for a
-family whose layers stay eager. Usage: python head_ab.py [--model gemma3] [--rounds 3] [--tokens 20]"""
+family whose layers stay eager (decode-step medians and time to first token). Usage: python head_ab.py [--model gemma3] [--rounds 3] [--tokens 20]"""
 from __future__ import annotations
 
 import argparse
@@ -33,15 +33,16 @@ def main() -> None:
         for name, head in (("own head", None), ("native head", native)):
             sm.server.native_head = head
             out = sm.run(ids, args.tokens).sequences
-            m = sm.last_metrics.summary()["decode_mean"]
+            summary = sm.last_metrics.summary()
+            m = summary["decode_mean"]
             outputs[name] = out
             if r:
-                runs[name].append((m["server_compute_s"], m["total_s"]))
+                runs[name].append((m["server_compute_s"], m["total_s"], summary["ttft_s"]))
                 print(f"round {r} {name}: server {m['server_compute_s'] * 1e3:.2f} ms, "
-                      f"per token {m['total_s'] * 1e3:.2f} ms", flush=True)
+                      f"per token {m['total_s'] * 1e3:.2f} ms, TTFT {summary['ttft_s'] * 1e3:.1f} ms", flush=True)
     for name, rows in runs.items():
-        print(f"{name}: median server {statistics.median(s for s, _ in rows) * 1e3:.2f} ms, "
-              f"per token {statistics.median(t for _, t in rows) * 1e3:.2f} ms")
+        server, total, ttft = (statistics.median(row[i] for row in rows) * 1e3 for i in range(3))
+        print(f"{name}: median server {server:.2f} ms, per token {total:.2f} ms, TTFT {ttft:.1f} ms")
     print("same tokens:", torch.equal(outputs["own head"], outputs["native head"]))
 
 
