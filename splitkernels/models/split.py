@@ -266,14 +266,15 @@ class Adapter:
         view._modules[name] = _HeadInput(head)
         return view
 
-    def run_back_to_head(self, view: nn.Module, hidden: torch.Tensor, cache, **inputs) -> torch.Tensor:
+    def run_back_to_head(self, view: nn.Module, hidden: torch.Tensor, cache, tail: int = 1,
+                         **inputs) -> torch.Tensor:
         """Split-layer output ``[B, T, d]`` through a :meth:`head_input_view`: the LM head's input
-        for the last position ``[B, d]`` (after the final norm), appending to ``cache`` as
-        :meth:`run_back` does (``inputs`` as there)."""
+        (after the final norm) for the last ``tail`` positions ``[B, tail, d]``, appending to
+        ``cache`` as :meth:`run_back` does (``inputs`` as there)."""
         try:
-            self._run_on(view, hidden, cache, 1, **inputs)
+            self._run_on(view, hidden, cache, tail, **inputs)
         except _HeadReached as reached:
-            return reached.hidden[:, -1]
+            return reached.hidden[:, -tail:]
         raise RuntimeError(f"{type(self.model).__name__}.forward returned without calling its LM head module")
 
     def next_logits(self, input_ids: torch.Tensor, cache) -> torch.Tensor:

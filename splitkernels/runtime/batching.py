@@ -502,7 +502,7 @@ class Scheduler:
         padding = idx >= (total - 1 - pos)  # [B, total]
         # The model's own forward on the padded batch: its mask helper combines causality and padding.
         if to_head:
-            return server.adapter.run_back_to_head(view_model, h, rows, attention_mask=padding, position_ids=pos)
+            return server.adapter.run_back_to_head(view_model, h, rows, attention_mask=padding, position_ids=pos)[:, 0]
         return server.adapter.run_back(view_model, h, rows, last_only=False, tail=1, attention_mask=padding,
                                        position_ids=pos)[:, -1]
 

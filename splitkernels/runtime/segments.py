@@ -206,6 +206,18 @@ class Server(_Segment):
         return sampling.top_k if 0 < sampling.top_k <= min(FUSED_TOP_K, self._vocab - 1) else 0
 
     @torch.inference_mode()
+    def argmax_tail(self, hidden: torch.Tensor, cache, start: int, tail: int) -> list[int]:
+        """The argmax token after each of the last ``tail`` positions of ``hidden [T, d]`` at
+        positions ``start..`` (appending to ``cache``): greedy verification of ``tail - 1`` drafts.
+        The native head's exact argmax where the server has one, else the model's own logits."""
+        if self.native_head is None:
+            return torch.argmax(self.forward(hidden, cache, start, tail=tail)[0], dim=-1).tolist()
+        _check_start(cache, start, self.first, self.last)
+        h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
+        rows = self.adapter.run_back_to_head(self.head_view, h, cache, tail=tail)[0]
+        return self.native_head.top_rows(rows, 1)[0][:, 0].tolist()
+
+    @torch.inference_mode()
     def next_token(self, hidden: torch.Tensor, cache, start: int, sampling: SamplingParams,
                    generator: torch.Generator | None = None) -> int:
         """The token after ``hidden [T, d]`` at positions ``start..``: :meth:`forward`, then
@@ -222,7 +234,7 @@ class Server(_Segment):
                 _, ids, values = self.native.step_top(hidden[0], cache, k)
             else:
                 h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
-                ids, values = self.native_head.top(self.adapter.run_back_to_head(self.head_view, h, cache)[0], k)
+                ids, values = self.native_head.top(self.adapter.run_back_to_head(self.head_view, h, cache)[0, 0], k)
             return pick_token(sampling, generator, k, ids, values, None)
         return sample(self.forward(hidden, cache, start), sampling, generator)
 

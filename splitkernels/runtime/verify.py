@@ -30,11 +30,7 @@ def verify_drafts(logits: torch.Tensor, drafts: Sequence[int], params: SamplingP
     if draft_probs is not None and tuple(draft_probs.shape) != (k, logits.shape[1]):
         raise ValueError(f"draft_probs must be [k, V] = [{k}, {logits.shape[1]}], got {tuple(draft_probs.shape)}")
     if not params.do_sample:
-        best = torch.argmax(logits, dim=-1).tolist()
-        for i, d in enumerate(drafts):
-            if best[i] != d:
-                return i, best[i]
-        return k, best[k]
+        return greedy_verdict(torch.argmax(logits, dim=-1).tolist(), drafts)
     p = probabilities(logits, params)
     for i, d in enumerate(drafts):
         q_d = 1.0 if draft_probs is None else float(draft_probs[i, d])
@@ -50,6 +46,15 @@ def verify_drafts(logits: torch.Tensor, drafts: Sequence[int], params: SamplingP
             residual = p[i]
         return i, int(torch.multinomial(residual, 1, generator=generator))
     return k, int(torch.multinomial(p[k], 1, generator=generator))
+
+
+def greedy_verdict(best: Sequence[int], drafts: Sequence[int]) -> tuple[int, int]:
+    """(drafts accepted, the token after them) given ``best [k+1]``, the argmax after the last
+    decided token and after each draft: drafts are accepted while each equals the argmax."""
+    for i, d in enumerate(drafts):
+        if best[i] != d:
+            return i, best[i]
+    return len(drafts), best[len(drafts)]
 
 
 def enable_rollback(cache) -> None:
@@ -80,8 +85,11 @@ def server_verify(server: Server, cache, position: int, hidden: torch.Tensor, dr
     """
     k = len(drafts)
     enable_rollback(cache)
-    logits = server.forward(hidden, cache, position, tail=k + 1)[0]
-    accepted, token = verify_drafts(logits, drafts, params, generator)
+    if params.do_sample:
+        logits = server.forward(hidden, cache, position, tail=k + 1)[0]
+        accepted, token = verify_drafts(logits, drafts, params, generator)
+    else:  # the argmax rows alone (the server's native head where it has one)
+        accepted, token = greedy_verdict(server.argmax_tail(hidden, cache, position, k + 1), drafts)
     length = position + hidden.shape[0] - k + accepted
     truncate_cache(cache, length)
     return accepted, token, length
