@@ -48,30 +48,37 @@ void bind_decode(py::module_& m) {
   py::class_<sk::DecodeStack>(m, "DecodeStack",
                               "Native decode step of llama-style layers (see csrc/cpu/decode/decode.h).")
       .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
-                       float attn_scale) {
+                       float attn_scale, int act) {
              if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || intermediate <= 0)
                throw std::invalid_argument("hidden, heads, kv_heads, head_dim and intermediate must be positive");
              if (heads % kv_heads) throw std::invalid_argument("heads must be a multiple of kv_heads");
              if (head_dim % 2) throw std::invalid_argument("head_dim must be even (rotary halves)");
-             return sk::DecodeStack(sk::DecodeShape{hidden, heads, kv_heads, head_dim, intermediate, attn_scale});
+             if (act != sk::kSilu && act != sk::kGeluTanh)
+               throw std::invalid_argument("act must be 0 (silu) or 1 (gelu, tanh approximation)");
+             return sk::DecodeStack(sk::DecodeShape{hidden, heads, kv_heads, head_dim, intermediate, attn_scale, act});
            }),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
-           py::arg("attn_scale"))
+           py::arg("attn_scale"), py::arg("act") = 0)
       .def(
           "add_layer",
           [](sk::DecodeStack& s, std::uintptr_t input_norm, std::uintptr_t post_norm, float eps, const py::dict& q,
              const py::dict& k, const py::dict& v, const py::dict& o, const py::dict& gate, const py::dict& up,
-             const py::dict& down) {
+             const py::dict& down, std::uintptr_t q_norm, std::uintptr_t k_norm, std::uintptr_t attn_out_norm,
+             std::uintptr_t mlp_out_norm, int64_t window, int64_t rope) {
             sk::DecodeLayer l;
             l.input_norm = ptr<const float>(input_norm);
             l.post_norm = ptr<const float>(post_norm);
             l.eps = eps;
             l.q = linear(q), l.k = linear(k), l.v = linear(v), l.o = linear(o);
             l.gate = linear(gate), l.up = linear(up), l.down = linear(down);
+            l.q_norm = ptr<const float>(q_norm), l.k_norm = ptr<const float>(k_norm);
+            l.attn_out_norm = ptr<const float>(attn_out_norm), l.mlp_out_norm = ptr<const float>(mlp_out_norm);
+            l.window = window, l.rope = rope;
             check(s.add_layer(l));
           },
           py::arg("input_norm"), py::arg("post_norm"), py::arg("eps"), py::arg("q"), py::arg("k"), py::arg("v"),
-          py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"))
+          py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("q_norm") = 0, py::arg("k_norm") = 0,
+          py::arg("attn_out_norm") = 0, py::arg("mlp_out_norm") = 0, py::arg("window") = 0, py::arg("rope") = 0)
       .def(
           "set_head",
           [](sk::DecodeStack& s, std::uintptr_t norm, float eps, const py::dict& head) {

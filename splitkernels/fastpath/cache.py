@@ -53,8 +53,10 @@ class FastCache:
             for j, i in enumerate(range(self.first, self.last)):
                 layer = self._dynamic.layers[i]
                 if n and layer.get_seq_length():
-                    self._kv[j, 0, :, :n] = layer.keys[0]
-                    self._kv[j, 1, :, :n] = layer.values[0]
+                    # A sliding-window layer holds only its last positions: they go at the end.
+                    held = layer.keys.shape[-2]
+                    self._kv[j, 0, :, n - held:n] = layer.keys[0]
+                    self._kv[j, 1, :, n - held:n] = layer.values[0]
             self._static_len = n
             self._dynamic = None  # the buffer now holds the sequence; the eager cache is dropped
         self._ensure(need)

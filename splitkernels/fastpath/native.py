@@ -10,7 +10,7 @@ from .._native import load
 from ..formats.dtypes import DTYPE_CODE
 from ..nn.linear import QuantLinear, is_plain_linear
 from .cache import FastCache
-from .spec import DecoderDescription, FastPathUnsupported, describe
+from .spec import DecoderDescription, FastPathUnsupported, describe, norm_eps
 
 _C, _C_ERROR = load("_C")
 
@@ -142,23 +142,33 @@ class NativeDecoder(_NativeWeights):
         self.description = d
         self.first, self.last = first, last
         self.head = head
-        self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale)
+        self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale, d.act)
         for i in range(first, last):
             m = d.layers[i]
-            self.stack.add_layer(self._vector(m.input_norm.weight), self._vector(m.post_norm.weight),
-                                 float(m.input_norm.variance_epsilon), self._linear(m.q), self._linear(m.k),
-                                 self._linear(m.v), self._linear(m.o), self._linear(m.gate), self._linear(m.up),
-                                 self._linear(m.down))
+            self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), norm_eps(m.input_norm),
+                                 self._linear(m.q), self._linear(m.k), self._linear(m.v), self._linear(m.o),
+                                 self._linear(m.gate), self._linear(m.up), self._linear(m.down),
+                                 q_norm=self._norm(m.q_norm), k_norm=self._norm(m.k_norm),
+                                 attn_out_norm=self._norm(m.attn_out_norm), mlp_out_norm=self._norm(m.mlp_out_norm),
+                                 window=m.window, rope=m.rope)
         if head is not None:
-            self.stack.set_head(self._vector(d.final_norm.weight), float(d.final_norm.variance_epsilon),
-                                self._head(d.lm_head, head))
+            self.stack.set_head(self._norm(d.final_norm), norm_eps(d.final_norm), self._head(d.lm_head, head))
             self.vocab = int(d.lm_head.out_features)
         self._cos = self._sin = torch.empty(0)
 
+    def _norm(self, module: nn.Module | None) -> int:
+        """An RMSNorm's weights as the native step multiplies by them (the family's offset added:
+        Gemma's norms scale by 1 + w, computed in fp32 as its forward does); 0 for no norm."""
+        if module is None:
+            return 0
+        offset = self.description.norm_offset
+        return self._vector(module.weight.float() + offset if offset else module.weight)
+
     # -- rotary table ------------------------------------------------------------------------------
     def _rope_rows(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[>= capacity, head_dim]`` of positions ``0..`` from the model's own rotary
-        module (returned, so a step keeps its tables alive while another session grows them)."""
+        """cos/sin ``[>= capacity, tables, head_dim]`` of positions ``0..`` from the model's own
+        rotary module, one table per rotary type (``DecoderDescription.rope_types``; returned, so
+        a step keeps its tables alive while another session grows them)."""
         cos, sin = self._cos, self._sin
         if cos.shape[0] >= capacity:
             return cos, sin
@@ -166,10 +176,12 @@ class NativeDecoder(_NativeWeights):
         positions = torch.arange(capacity).unsqueeze(0)
         probe = torch.zeros(1, 1, d.head_dim, dtype=torch.float32)
         with torch.inference_mode():
-            cos, sin = d.rotary(probe, positions)
-        if cos.shape[-1] != d.head_dim:
-            raise FastPathUnsupported(f"the rotary table is {cos.shape[-1]} wide, not head_dim = {d.head_dim}")
-        self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+            tables = [d.rotary(probe, positions) if kind is None else d.rotary(probe, positions, kind)
+                      for kind in d.rope_types]
+        if any(c.shape[-1] != d.head_dim for c, _ in tables):
+            raise FastPathUnsupported(f"a rotary table is not head_dim = {d.head_dim} wide")
+        self._cos = torch.stack([c[0].float() for c, _ in tables], dim=1).contiguous()
+        self._sin = torch.stack([s[0].float() for _, s in tables], dim=1).contiguous()
         return self._cos, self._sin
 
     # -- decoding ----------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 The native step (csrc/cpu/decode/) implements one layer shape: pre-norm RMSNorm, Q/K/V
 projections (biases allowed), rotate-half rotary embeddings from a position-independent
 frequency table, grouped-query softmax attention over every earlier position, an output
-projection, and a gated SiLU MLP (``down(silu(gate(x)) * up(x))``), with residuals. A model is
+projection, and a gated SiLU MLP (``down(silu(gate(x)) * up(x))``), with residuals; and Gemma 3's
+variant of it (norms of 1 + w, of each query and key head and of both sublayers' outputs, a
+gated tanh-GELU MLP, sliding-window layers with their own rotary table). A model is
 described only when every layer of the requested range has exactly that shape; otherwise
 :class:`FastPathUnsupported` says why, and the caller keeps the model's own (eager) forward.
 """
@@ -20,9 +22,14 @@ from ..nn.linear import QuantLinear, is_plain_linear
 # Families whose decoder layer's forward was checked against the native step (tests compare
 # the two). Another family with the same module names may still differ in its forward (scaled
 # embeddings, norms of 1 + w, extra norms), so it is declined rather than guessed at.
-FAST_FAMILIES = ("llama", "mistral", "qwen2")
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
+# Gemma 3's layers: RMSNorms that scale by 1 + w, norms of each query and key head, of the
+# attention's and the MLP's outputs, sliding-window layers with rotary tables of their own.
+_GEMMA = ("gemma3_text",)
 # Rotary types whose cos/sin depend on the position only (so one table serves every step).
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# The MLP activations the native step has (csrc/cpu/decode/decode.h DecodeActivation).
+_ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
 
 
 class FastPathUnsupported(ValueError):
@@ -35,7 +42,7 @@ class LayerModules:
     """The modules of one decoder layer the native step reads."""
 
     input_norm: nn.Module
-    post_norm: nn.Module
+    post_norm: nn.Module  # of the MLP's input
     q: nn.Module
     k: nn.Module
     v: nn.Module
@@ -43,6 +50,12 @@ class LayerModules:
     gate: nn.Module
     up: nn.Module
     down: nn.Module
+    q_norm: nn.Module | None = None  # per query / key head, before rotary
+    k_norm: nn.Module | None = None
+    attn_out_norm: nn.Module | None = None  # of the attention's / MLP's output, before the residual add
+    mlp_out_norm: nn.Module | None = None
+    window: int = 0  # sliding window (positions attended, this one included); 0: all
+    rope: int = 0  # index of the layer's rotary table in DecoderDescription.rope_types
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,15 @@ class DecoderDescription:
     rotary: nn.Module
     final_norm: nn.Module
     lm_head: nn.Module
+    act: int = 0  # _ACTIVATIONS
+    norm_offset: float = 0.0  # RMSNorms scale by norm_offset + w
+    rope_types: tuple[str | None, ...] = (None,)  # rotary tables (None: the rotary module's only one)
+
+
+def norm_eps(module: nn.Module) -> float:
+    """An RMSNorm's epsilon, by either of the names transformers' norms give it."""
+    eps = getattr(module, "variance_epsilon", None)
+    return float(eps if eps is not None else module.eps)
 
 
 def _rope_type(config) -> str:
@@ -81,17 +103,21 @@ def _linear_ok(name: str, module: nn.Module, out_features: int, in_features: int
         raise FastPathUnsupported(f"{name} is [{n}, {k}], expected [{out_features}, {in_features}]")
 
 
-def _rms_norm_ok(name: str, module: nn.Module, hidden: int) -> None:
+def _rms_norm_ok(name: str, module: nn.Module, hidden: int, eps: float | None = None) -> None:
     weight = getattr(module, "weight", None)
-    if not type(module).__name__.endswith("RMSNorm") or not hasattr(module, "variance_epsilon") or \
-            not isinstance(weight, torch.Tensor) or weight.shape != (hidden,):
+    if not type(module).__name__.endswith("RMSNorm") or not any(hasattr(module, a) for a in ("variance_epsilon", "eps")) \
+            or not isinstance(weight, torch.Tensor) or weight.shape != (hidden,):
         raise FastPathUnsupported(f"{name} is a {type(module).__name__}, not an RMSNorm of width {hidden}")
+    if eps is not None and norm_eps(module) != eps:
+        raise FastPathUnsupported(f"{name} has epsilon {norm_eps(module)}, the layer's other norms {eps}")
 
 
-def _layer_modules(i: int, layer: nn.Module, d: dict) -> LayerModules:
+def _layer_modules(i: int, layer: nn.Module, d: dict, gemma: bool, window: int, rope: int) -> LayerModules:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    names = {"self_attn": attn, "mlp": mlp, "input_layernorm": getattr(layer, "input_layernorm", None),
-             "post_attention_layernorm": getattr(layer, "post_attention_layernorm", None)}
+    norm_names = ("input_layernorm", "post_attention_layernorm") + \
+        (("pre_feedforward_layernorm", "post_feedforward_layernorm") if gemma else ())
+    head_norms = {"q_norm", "k_norm"} if gemma else set()
+    names = {"self_attn": attn, "mlp": mlp, **{n: getattr(layer, n, None) for n in norm_names}}
     missing = [n for n, m in names.items() if m is None]
     if missing:
         raise FastPathUnsupported(f"layer {i} has no {', '.join(missing)}")
@@ -100,9 +126,9 @@ def _layer_modules(i: int, layer: nn.Module, d: dict) -> LayerModules:
         raise FastPathUnsupported(f"layer {i} has modules the native step lacks: {', '.join(extra)}")
     attn_children = {n for n, m in attn.named_children() if any(True for _ in m.parameters()) or
                      any(True for _ in m.buffers())}
-    if attn_children - {"q_proj", "k_proj", "v_proj", "o_proj"}:
-        raise FastPathUnsupported(f"layer {i} attention has weights the native step lacks: "
-                                  f"{', '.join(sorted(attn_children - {'q_proj', 'k_proj', 'v_proj', 'o_proj'}))}")
+    extra = attn_children - {"q_proj", "k_proj", "v_proj", "o_proj"} - head_norms
+    if extra:
+        raise FastPathUnsupported(f"layer {i} attention has weights the native step lacks: {', '.join(sorted(extra))}")
     mlp_children = {n for n, m in mlp.named_children() if any(True for _ in m.parameters()) or
                     any(True for _ in m.buffers())}
     if mlp_children != {"gate_proj", "up_proj", "down_proj"}:
@@ -114,11 +140,20 @@ def _layer_modules(i: int, layer: nn.Module, d: dict) -> LayerModules:
                                 ("gate_proj", mlp.gate_proj, (f, h)), ("up_proj", mlp.up_proj, (f, h)),
                                 ("down_proj", mlp.down_proj, (h, f))):
         _linear_ok(f"layer {i} {name}", module, *shape)
-    _rms_norm_ok(f"layer {i} input_layernorm", layer.input_layernorm, h)
-    _rms_norm_ok(f"layer {i} post_attention_layernorm", layer.post_attention_layernorm, h)
+    eps = norm_eps(layer.input_layernorm)
+    for n in norm_names:
+        _rms_norm_ok(f"layer {i} {n}", getattr(layer, n), h, eps)
+    for n in sorted(head_norms):
+        norm = getattr(attn, n, None)
+        _rms_norm_ok(f"layer {i} {n}", norm, d["head_dim"], eps)
     scaling = getattr(attn, "scaling", None)
     if not isinstance(scaling, float) or abs(scaling - d["attn_scale"]) > 1e-12 * d["attn_scale"]:
-        raise FastPathUnsupported(f"layer {i} attention scaling is {scaling!r}, expected head_dim ** -0.5")
+        raise FastPathUnsupported(f"layer {i} attention scaling is {scaling!r}, expected {d['attn_scale']!r}")
+    if gemma:  # the MLP's input norm is pre_feedforward; post_attention norms the attention's output
+        return LayerModules(layer.input_layernorm, layer.pre_feedforward_layernorm, attn.q_proj, attn.k_proj,
+                            attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, attn.q_norm,
+                            attn.k_norm, layer.post_attention_layernorm, layer.post_feedforward_layernorm,
+                            window, rope)
     return LayerModules(layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
                         attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
@@ -136,11 +171,15 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     dtype = weight.dtype if isinstance(weight, torch.Tensor) else getattr(getattr(embedding, "scale", None), "dtype", None)
     if dtype != torch.float32:
         raise FastPathUnsupported(f"the native step computes in float32; the model runs in {dtype}")
-    act = getattr(config, "hidden_act", None)
-    if act != "silu":
-        raise FastPathUnsupported(f"the MLP activation is {act!r}; the native step has silu only")
-    types = getattr(config, "layer_types", None) or ()
-    if any(t != "full_attention" for t in types) or (
+    gemma = family in _GEMMA
+    act = getattr(config, "hidden_activation" if gemma else "hidden_act", None)
+    if act not in _ACTIVATIONS:
+        raise FastPathUnsupported(f"the MLP activation is {act!r}; the native step has {', '.join(_ACTIVATIONS)}")
+    types = list(getattr(config, "layer_types", None) or ())
+    if gemma:  # sliding layers attend over the last sliding_window positions, with a rotary table of their own
+        if set(types) - {"full_attention", "sliding_attention"} or getattr(config, "use_bidirectional_attention", False):
+            raise FastPathUnsupported(f"layer types {sorted(set(types))} are not covered by the native step")
+    elif any(t != "full_attention" for t in types) or (
             getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
         raise FastPathUnsupported("sliding-window attention is not covered by the native step")
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -148,22 +187,32 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
             raise FastPathUnsupported(f"{cap} is not covered by the native step")
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise FastPathUnsupported("partial rotary embeddings are not covered by the native step")
-    rope = _rope_type(config)
-    if rope not in _STATIC_ROPE:
-        raise FastPathUnsupported(f"rotary type {rope!r} depends on the sequence length; the native step "
-                                  f"covers {', '.join(_STATIC_ROPE)}")
+    rope_types = tuple(sorted(set(types))) if gemma else (None,)
+    params = getattr(config, "rope_parameters", None) or {}
+    for rope in ([str(params[t].get("rope_type", "default")) for t in rope_types] if gemma else [_rope_type(config)]):
+        if rope not in _STATIC_ROPE:
+            raise FastPathUnsupported(f"rotary type {rope!r} depends on the sequence length; the native step "
+                                      f"covers {', '.join(_STATIC_ROPE)}")
     hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     if heads % kv_heads or head_dim % 2:
         raise FastPathUnsupported(f"{heads} query heads over {kv_heads} key/value heads of width {head_dim} "
                                   "are not a grouped-query layout of even head width")
+    scale = float(config.query_pre_attn_scalar) ** -0.5 if gemma else head_dim ** -0.5
     d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-             intermediate=int(config.intermediate_size), attn_scale=head_dim ** -0.5)
+             intermediate=int(config.intermediate_size), attn_scale=scale)
     layers = decoder_layers(model)
     last = len(layers) if last is None else last
-    described = tuple(_layer_modules(i, layers[i], d) if first <= i < last and isinstance(layers[i], nn.Module)
-                      and not isinstance(layers[i], nn.Identity) else None for i in range(len(layers)))
+
+    def layer(i: int) -> LayerModules | None:
+        if not (first <= i < last and isinstance(layers[i], nn.Module) and not isinstance(layers[i], nn.Identity)):
+            return None
+        sliding = gemma and types[i] == "sliding_attention"
+        window = int(config.sliding_window) if sliding else 0
+        return _layer_modules(i, layers[i], d, gemma, window, rope_types.index(types[i]) if gemma else 0)
+
+    described = tuple(layer(i) for i in range(len(layers)))
     path = find_decoder_layers(model)[0]
     base = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
     rotary = getattr(base, "rotary_emb", None)
@@ -172,4 +221,5 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     if rotary is None or norm is None or head is None:
         raise FastPathUnsupported("the model has no rotary_emb, final norm or LM head where the native step looks")
     _rms_norm_ok("final norm", norm, hidden)
-    return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head)
+    return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head,
+                              act=_ACTIVATIONS[act], norm_offset=1.0 if gemma else 0.0, rope_types=rope_types)

@@ -138,6 +138,21 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) 
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
 }
 
+// h [M, H] += y [M, H], each row of y RMS-normed with `norm` first where it is given.
+void add_normed(float* h, float* y, const float* norm, float eps, int64_t M, int64_t H) {
+  if (norm)
+    for (int64_t m = 0; m < M; ++m) rms_norm(y + m * H, norm, eps, H, y + m * H);
+  for (int64_t i = 0; i < M * H; ++i) h[i] += y[i];
+}
+
+float activate(int act, float g) {
+  if (act == kGeluTanh) {  // 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), as torch's gelu(approximate="tanh")
+    const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+    return 0.5f * g * (1.0f + std::tanh(inner));
+  }
+  return g / (1.0f + std::exp(-g));
+}
+
 // x [heads, hd] rotated in place, rotate-half convention: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
 void rotary(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
   const int64_t half = hd / 2;
@@ -254,6 +269,7 @@ std::string decode_isa() { return vec().name; }
 std::string DecodeStack::add_layer(const DecodeLayer& l) {
   const DecodeShape& s = shape_;
   if (!l.input_norm || !l.post_norm) return "layer norms must not be null";
+  if (l.window < 0 || l.rope < 0) return "window and rope must be >= 0";
   const int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
   std::string e;
   if (!(e = check_linear("q_proj", l.q, qd, s.hidden)).empty() || !(e = check_linear("k_proj", l.k, kvd, s.hidden)).empty() ||
@@ -320,8 +336,14 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
       const int64_t plane = s.kv_heads * capacity[m] * hd;  // one of K or V of one layer
       float* kc = kv[m] + static_cast<int64_t>(li) * 2 * plane;
       float* vc = kc + plane;
-      rotary(t.q.data() + m * qd, s.heads, hd, cos[m], sin[m]);
-      rotary(t.k.data() + m * kvd, s.kv_heads, hd, cos[m], sin[m]);
+      float* qm = t.q.data() + m * qd;
+      float* km = t.k.data() + m * kvd;
+      if (L.q_norm)
+        for (int64_t g = 0; g < s.heads; ++g) rms_norm(qm + g * hd, L.q_norm, L.eps, hd, qm + g * hd);
+      if (L.k_norm)
+        for (int64_t g = 0; g < s.kv_heads; ++g) rms_norm(km + g * hd, L.k_norm, L.eps, hd, km + g * hd);
+      rotary(qm, s.heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd);
+      rotary(km, s.kv_heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd);
       for (int64_t g = 0; g < s.kv_heads; ++g) {
         std::copy_n(t.k.data() + m * kvd + g * hd, hd, kc + (g * capacity[m] + pos[m]) * hd);
         std::copy_n(t.v.data() + m * kvd + g * hd, hd, vc + (g * capacity[m] + pos[m]) * hd);
@@ -336,9 +358,11 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
     auto attention = [&](int64_t i0, int64_t i1) {
       std::vector<float> p;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t m = i / row_units, h0 = i % row_units * per_unit, n = pos[m] + 1;
+        const int64_t m = i / row_units, h0 = i % row_units * per_unit;
+        const int64_t first = L.window ? std::max<int64_t>(0, pos[m] + 1 - L.window) : 0, n = pos[m] + 1 - first;
         const int64_t plane = s.kv_heads * capacity[m] * hd;
-        const float* kh = kv[m] + static_cast<int64_t>(li) * 2 * plane + h0 / group * capacity[m] * hd;
+        const float* kh =
+            kv[m] + static_cast<int64_t>(li) * 2 * plane + (h0 / group * capacity[m] + first) * hd;
         const int64_t q0 = m * qd + h0 * hd;  // a key/value head's query heads are consecutive
         p.resize(per_unit * n);
         V.attend(t.q.data() + q0, per_unit, kh, kh + plane, n, hd, s.attn_scale, p.data(), t.attn.data() + q0);
@@ -350,7 +374,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
       attention(0, M * row_units);
 
     if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, M, false)).empty()) return err;
-    for (int64_t i = 0; i < M * H; ++i) h[i] += t.tmp[i];
+    add_normed(h, t.tmp.data(), L.attn_out_norm, L.eps, M, H);
 
     for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, L.post_norm, L.eps, H, t.xn.data() + m * H);
     float* gate = t.gate.data();
@@ -359,12 +383,12 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
                           [&](int64_t n0, int64_t n1) {
                             for (int64_t m = 0; m < M; ++m)
                               for (int64_t i = m * I + n0; i < m * I + n1; ++i)
-                                gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+                                gate[i] = activate(s.act, gate[i]) * up[i];
                           }))
              .empty())
       return err;
     if (!(err = run_parts({{&L.down, gate, t.tmp.data()}}, M, false)).empty()) return err;
-    for (int64_t i = 0; i < M * H; ++i) h[i] += t.tmp[i];
+    add_normed(h, t.tmp.data(), L.mlp_out_norm, L.eps, M, H);
   }
 
   if (!has_head()) return "";

@@ -35,16 +35,28 @@ struct DecodeLinear {
   const float* w8_scale = nullptr;
 };
 
+// The MLP's gate activation: silu(g) * u (llama) or the tanh approximation of gelu(g) * u (gemma).
+enum DecodeActivation : int { kSilu = 0, kGeluTanh = 1 };
+
 struct DecodeShape {
   int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0;
   float attn_scale = 1.f;
+  int act = kSilu;
 };
 
 struct DecodeLayer {
-  const float* input_norm = nullptr;  // fp32 [hidden] RMSNorm weights
-  const float* post_norm = nullptr;
+  const float* input_norm = nullptr;  // fp32 [hidden] RMSNorm weights (of the attention's input)
+  const float* post_norm = nullptr;   // of the MLP's input
   float eps = 1e-6f;
   DecodeLinear q, k, v, o, gate, up, down;
+  // Optional (null: none): RMSNorms of each query and key head [head_dim] before rotary, and of
+  // the attention's and the MLP's outputs [hidden] before their residual adds (gemma's layers).
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  const float* attn_out_norm = nullptr;
+  const float* mlp_out_norm = nullptr;
+  int64_t window = 0;  // attend over the last `window` positions (this one included); 0: all
+  int64_t rope = 0;    // which of the rotary tables of a position row this layer uses
 };
 
 // A stack of decoder layers (and an optional head) sharing one shape. The KV cache of a
@@ -61,7 +73,8 @@ class DecodeStack {
   std::string set_head(const float* norm, float eps, const DecodeLinear& head);
 
   // Runs h [hidden] (fp32, in place) at position `pos` through every layer, writing each
-  // layer's key and value at `pos` of `kv`. cos/sin: rotary tables' rows for `pos` [head_dim].
+  // layer's key and value at `pos` of `kv`. cos/sin: rotary tables' rows for `pos`, [tables,
+  // head_dim] (a layer reads row `rope`).
   // With a head: fills logits [vocab] (may be null) and the k rows of largest logit, largest
   // first (ties: lower row first), into ids [k] and vals [k] (may be null); ids[0] is the argmax.
   // An int8 head (W8A8 on VNNI) with its fp32 weight gives the fp32 head's top k exactly:
