@@ -60,7 +60,7 @@ def _compare_steps(model, first: int, last: int, head: str | None, steps: int = 
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma3"])
 @pytest.mark.parametrize("bits", [None, 4, 3])
 def test_native_layers_match_eager(family, bits):
     model = tiny_model(family, seed=1, num_layers=3, hidden=64, vocab=128)
@@ -195,6 +195,39 @@ def test_quantize_rows_int8():
     assert ((codes.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("prompt", [3, 12])
+def test_gemma3_sliding_layers_past_their_window(prompt):
+    # Windows of 8 in layers 0 and 2: a prompt shorter than the window and one longer (the eager
+    # cache of a sliding layer then holds its last 7 positions, handed over to the buffer's end),
+    # 20 native steps past it, every instruction set; the argmax of the fp32 and the int8 head.
+    model = tiny_model("gemma3", seed=3, num_layers=4, hidden=64, vocab=128)
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [8, None, 8, None]
+    d = describe(model)
+    assert d.rope_types == ("full_attention", "sliding_attention") and d.act == 1 and d.norm_offset == 1.0
+    assert [m.window for m in d.layers] == [8, 0, 8, 0] and [m.rope for m in d.layers] == [1, 0, 1, 0]
+    before = _C.lowbit_isa()
+    try:
+        for isa in _C.lowbit_isas():
+            _C.set_lowbit_isa(isa)
+            for head in ("fp32", "int8"):
+                for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=20, prompt=prompt,
+                                                            min_capacity=4):
+                    assert err < TOL and token == ref_token, (isa, head)
+    finally:
+        _C.set_lowbit_isa(before)
+
+
+def test_gemma3_split_greedy_and_sampling_equal_eager_split():
+    model = tiny_model("gemma3", seed=5, num_layers=4)
+    ids = _prompt(8, 11)
+    fast = split_model(copy.deepcopy(model), 2)
+    eager = split_model(copy.deepcopy(model), 2, fast=False)
+    assert fast.edge.fast and fast.server.fast
+    assert torch.equal(fast.generate(ids, 16), eager.generate(ids, 16))
+    a = fast.generate(ids, 12, do_sample=True, top_k=5, temperature=1.5, seed=11)
+    assert torch.equal(a, eager.generate(ids, 12, do_sample=True, top_k=5, temperature=1.5, seed=11))
+
+
 def test_cache_hands_over_between_eager_and_native():
     # prefill (eager) -> 3 native steps -> a 3-token eager step (rebuilds the eager cache from the
     # buffer) -> 3 native steps (refills the buffer): every hidden state as the eager model's.
@@ -229,10 +262,22 @@ def test_cache_hands_over_between_eager_and_native():
     (lambda: MistralForCausalLM(MistralConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                                               sliding_window=4)), "sliding-window"),
+    (lambda: _gemma3(use_bidirectional_attention=True), "layer types .* are not covered"),
+    (lambda: _gemma3(hidden_activation="gelu"), "activation is 'gelu'"),
+    (lambda: _gemma3(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
 ])
 def test_declines_uncovered_layouts_with_a_reason(build, reason):
     with pytest.raises(FastPathUnsupported, match=reason):
         describe(build())
+
+
+def _gemma3(**extra):
+    """A tiny Gemma 3 with ``extra`` config fields changed."""
+    model = tiny_model("gemma3", seed=1, num_layers=2, hidden=64, vocab=96)
+    config = model.config
+    for name, value in extra.items():
+        setattr(config, name, value)
+    return type(model)(config).eval()
 
 
 def test_declines_a_layer_with_extra_weights():
@@ -248,6 +293,10 @@ def test_decode_stack_rejects_bad_sizes():
     good = {"kind": 1, "N": 64, "K": 64, "weight": 1}
     with pytest.raises(ValueError, match=r"k_proj must be \[32, 64\], got \[64, 64\]"):
         stack.add_layer(1, 1, 1e-6, good, good, good, good, good, good, good)
+    with pytest.raises(ValueError, match="window and rope must be >= 0"):
+        stack.add_layer(1, 1, 1e-6, good, good, good, good, good, good, good, window=-1)
+    with pytest.raises(ValueError, match=r"act must be 0 \(silu\) or 1"):
+        _C.DecodeStack(64, 4, 2, 16, 128, 0.25, 2)
     with pytest.raises(ValueError, match="heads must be a multiple of kv_heads"):
         _C.DecodeStack(64, 4, 3, 16, 128, 0.25)
     with pytest.raises(ValueError, match="pos must be in"):

