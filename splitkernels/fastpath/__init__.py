@@ -1,4 +1,4 @@
-"""A native decode path for llama-style decoder layers on the CPU: one C++ call per token for a
+"""A native decode path for llama-style (and Gemma 3) decoder layers on the CPU: one C++ call per token for a
 whole range of layers (and the LM head with a fused exact top k), over a static KV cache. Models it
 does not cover keep their own eager forward; :func:`describe` says why."""
 from .cache import FastCache

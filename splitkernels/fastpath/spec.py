@@ -105,8 +105,9 @@ def _linear_ok(name: str, module: nn.Module, out_features: int, in_features: int
 
 def _rms_norm_ok(name: str, module: nn.Module, hidden: int, eps: float | None = None) -> None:
     weight = getattr(module, "weight", None)
-    if not type(module).__name__.endswith("RMSNorm") or not any(hasattr(module, a) for a in ("variance_epsilon", "eps")) \
-            or not isinstance(weight, torch.Tensor) or weight.shape != (hidden,):
+    named_eps = any(hasattr(module, a) for a in ("variance_epsilon", "eps"))
+    if not type(module).__name__.endswith("RMSNorm") or not named_eps or not isinstance(weight, torch.Tensor) \
+            or weight.shape != (hidden,):
         raise FastPathUnsupported(f"{name} is a {type(module).__name__}, not an RMSNorm of width {hidden}")
     if eps is not None and norm_eps(module) != eps:
         raise FastPathUnsupported(f"{name} has epsilon {norm_eps(module)}, the layer's other norms {eps}")
@@ -177,7 +178,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         raise FastPathUnsupported(f"the MLP activation is {act!r}; the native step has {', '.join(_ACTIVATIONS)}")
     types = list(getattr(config, "layer_types", None) or ())
     if gemma:  # sliding layers attend over the last sliding_window positions, with a rotary table of their own
-        if set(types) - {"full_attention", "sliding_attention"} or getattr(config, "use_bidirectional_attention", False):
+        bidirectional = getattr(config, "use_bidirectional_attention", False)
+        if set(types) - {"full_attention", "sliding_attention"} or bidirectional:
             raise FastPathUnsupported(f"layer types {sorted(set(types))} are not covered by the native step")
     elif any(t != "full_attention" for t in types) or (
             getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
