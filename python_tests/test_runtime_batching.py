@@ -305,6 +305,33 @@ def test_verify_after_batched_steps_sees_the_whole_cache(sm):
         batching.shutdown()
 
 
+def _step_batches_against_steps_alone(server, modes, lengths, gen, seed, batches):
+    """Sessions at ``lengths`` (each cache twice, filled by the same prompt), stepped in the
+    scheduler's ``batches`` (lists of session indices) and each alone through next_token, with
+    generators seeded alike: every token the same. Returns (batched caches, caches alone, the
+    scheduler); ``lengths`` end as the caches' lengths."""
+    d = server.adapter.hidden_size
+    batched, alone = [], []
+    for n in lengths:
+        p = torch.randn(n, d, generator=gen)
+        pair = [server.new_decode_cache() for _ in range(2)]
+        for c in pair:
+            server.forward(p, c, 0)
+        batched.append(pair[0])
+        alone.append(pair[1])
+    gens_b = [torch.Generator().manual_seed(seed + i) for i in range(len(modes))]
+    gens_a = [torch.Generator().manual_seed(seed + i) for i in range(len(modes))]
+    scheduler = Scheduler(server)  # driven directly, no thread
+    for members in batches:
+        hs = torch.randn(len(members), 1, d, generator=gen)
+        works = [Work(hs[j], batched[i], lengths[i], modes[i], gens_b[i], key=i) for j, i in enumerate(members)]
+        tokens = scheduler.decode_tokens(works)
+        for j, i in enumerate(members):
+            assert tokens[j] == server.next_token(hs[j], alone[i], lengths[i], modes[i], gens_a[i])
+            lengths[i] += 1
+    return batched, alone, scheduler
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_native_batched_step_equals_next_token_alone(family):
     """Sessions on the native path (their caches are the fast path's) run as one native batched
@@ -320,29 +347,13 @@ def test_native_batched_step_equals_next_token_alone(family):
              SamplingParams(do_sample=True, top_k=0, top_p=0.9, seed=2), SamplingParams(),
              SamplingParams(do_sample=True, top_k=40, seed=3)]
     lengths = [6, 1, 11, 3, 8]
-    batched, alone = [], []
-    for n in lengths:
-        p = torch.randn(n, d, generator=gen)
-        pair = [server.new_decode_cache() for _ in range(2)]
-        for c in pair:
-            server.forward(p, c, 0)
-        batched.append(pair[0])
-        alone.append(pair[1])
-    gens_b = [torch.Generator().manual_seed(50 + i) for i in range(len(modes))]
-    gens_a = [torch.Generator().manual_seed(50 + i) for i in range(len(modes))]
-    scheduler = Scheduler(server)  # driven directly, no thread
-    for members in ([0, 1, 2, 3, 4], [4, 2, 0], [1, 3], [0, 1, 2, 3, 4]):
-        hs = torch.randn(len(members), 1, d, generator=gen)
-        works = [Work(hs[j], batched[i], lengths[i], modes[i], gens_b[i], key=i) for j, i in enumerate(members)]
-        tokens = scheduler.decode_tokens(works)
-        for j, i in enumerate(members):
-            assert tokens[j] == server.next_token(hs[j], alone[i], lengths[i], modes[i], gens_a[i])
-            lengths[i] += 1
+    batched, alone, scheduler = _step_batches_against_steps_alone(
+        server, modes, lengths, gen, 50, ([0, 1, 2, 3, 4], [4, 2, 0], [1, 3], [0, 1, 2, 3, 4]))
     for b, a, n in zip(batched, alone, lengths):
         assert b.length == a.length == n
         assert torch.equal(b.static(n)[0][..., :n, :], a.static(n)[0][..., :n, :])
     with pytest.raises(ValueError, match="start must equal the positions already cached"):
-        scheduler.decode_tokens([Work(hs[0], batched[0], lengths[0] - 1, modes[0], None)])
+        scheduler.decode_tokens([Work(torch.zeros(1, d), batched[0], lengths[0] - 1, modes[0], None)])
 
 
 def test_eager_batched_step_takes_the_native_heads_top_k(monkeypatch):
@@ -356,29 +367,12 @@ def test_eager_batched_step_takes_the_native_heads_top_k(monkeypatch):
     passes = []
     top_rows = server.native_head.top_rows
     monkeypatch.setattr(server.native_head, "top_rows", lambda h, k: passes.append(h.shape[0]) or top_rows(h, k))
-    d = sm.adapter.hidden_size
     gen = torch.Generator().manual_seed(21)
     modes = [SamplingParams(), SamplingParams(do_sample=True, top_k=5, temperature=0.8, seed=1), SamplingParams(),
              SamplingParams(do_sample=True, top_k=0, top_p=0.9, seed=2)]
     lengths = [6, 1, 11, 3]
-    batched, alone = [], []
-    for n in lengths:
-        p = torch.randn(n, d, generator=gen)
-        pair = [server.new_decode_cache() for _ in range(2)]
-        for c in pair:
-            server.forward(p, c, 0)
-        batched.append(pair[0])
-        alone.append(pair[1])
-    gens_b = [torch.Generator().manual_seed(60 + i) for i in range(len(modes))]
-    gens_a = [torch.Generator().manual_seed(60 + i) for i in range(len(modes))]
-    scheduler = Scheduler(server)  # driven directly, no thread
-    for members in ([0, 1, 2], [2, 0], [0, 1, 2, 3], [1]):
-        hs = torch.randn(len(members), 1, d, generator=gen)
-        works = [Work(hs[j], batched[i], lengths[i], modes[i], gens_b[i], key=i) for j, i in enumerate(members)]
-        tokens = scheduler.decode_tokens(works)
-        for j, i in enumerate(members):
-            assert tokens[j] == server.next_token(hs[j], alone[i], lengths[i], modes[i], gens_a[i])
-            lengths[i] += 1
+    batched, alone, scheduler = _step_batches_against_steps_alone(
+        server, modes, lengths, gen, 60, ([0, 1, 2], [2, 0], [0, 1, 2, 3], [1]))
     # Batches of 3 and 2 rows in one pass each, the batch with the full-distribution row none, the
     # last batch 1; next_token alone 1 row each (9 calls: all but the full-distribution row's).
     assert passes.count(3) == 1 and passes.count(2) == 1 and passes.count(1) == 1 + 9
