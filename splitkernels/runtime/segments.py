@@ -156,9 +156,9 @@ class Server(_Segment):
             if value is not None and value is not False and value != 1:
                 raise FastPathUnsupported(f"the model transforms its LM head's output ({name} = {value!r})")
         view = adapter.head_input_view(split_layer)
-        head = adapter.model.get_output_embeddings()
         if view is None:
             raise FastPathUnsupported("the LM head is not a module of the model's root")
+        head = adapter.model.get_output_embeddings()
         native = NativeHead(head, fmt)
         probe = torch.randn(1, 1, adapter.hidden_size, generator=torch.Generator().manual_seed(0))
         probe = probe.to(device=self.device, dtype=self.dtype)
@@ -173,6 +173,13 @@ class Server(_Segment):
     @property
     def _vocab(self) -> int:
         return (self.native or self.native_head).vocab
+
+    def _head_inputs(self, hidden: torch.Tensor, cache, start: int, tail: int) -> torch.Tensor:
+        """The model's own forward on ``hidden [T, d]`` at ``start..`` up to its LM head: the head's
+        inputs for the last ``tail`` positions ``[tail, d]`` (for :attr:`native_head`)."""
+        _check_start(cache, start, self.first, self.last)
+        h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
+        return self.adapter.run_back_to_head(self.head_view, h, cache, tail=tail)[0]
 
     def _probe(self, cache) -> None:
         start = _cached(cache, self.first, self.last) or 0
@@ -212,10 +219,7 @@ class Server(_Segment):
         The native head's exact argmax where the server has one, else the model's own logits."""
         if self.native_head is None:
             return torch.argmax(self.forward(hidden, cache, start, tail=tail)[0], dim=-1).tolist()
-        _check_start(cache, start, self.first, self.last)
-        h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
-        rows = self.adapter.run_back_to_head(self.head_view, h, cache, tail=tail)[0]
-        return self.native_head.top_rows(rows, 1)[0][:, 0].tolist()
+        return self.native_head.top_rows(self._head_inputs(hidden, cache, start, tail), 1)[0][:, 0].tolist()
 
     @torch.inference_mode()
     def next_token(self, hidden: torch.Tensor, cache, start: int, sampling: SamplingParams,
@@ -229,12 +233,11 @@ class Server(_Segment):
         native_step = isinstance(cache, FastCache) and hidden.shape[0] == 1
         k = self.fused_k(sampling) if native_step or self.native_head is not None else 0
         if k:
-            _check_start(cache, start, self.first, self.last)
             if self.native_head is None:
+                _check_start(cache, start, self.first, self.last)
                 _, ids, values = self.native.step_top(hidden[0], cache, k)
             else:
-                h = hidden.to(device=self.device, dtype=self.dtype).unsqueeze(0)
-                ids, values = self.native_head.top(self.adapter.run_back_to_head(self.head_view, h, cache)[0, 0], k)
+                ids, values = self.native_head.top(self._head_inputs(hidden, cache, start, 1)[0], k)
             return pick_token(sampling, generator, k, ids, values, None)
         return sample(self.forward(hidden, cache, start), sampling, generator)
 
