@@ -191,7 +191,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         raise FastPathUnsupported("partial rotary embeddings are not covered by the native step")
     rope_types = tuple(sorted(set(types))) if gemma else (None,)
     params = getattr(config, "rope_parameters", None) or {}
-    for rope in ([str(params[t].get("rope_type", "default")) for t in rope_types] if gemma else [_rope_type(config)]):
+    for rope in ([str((params.get(t) or {}).get("rope_type", "default")) for t in rope_types] if gemma
+                 else [_rope_type(config)]):
         if rope not in _STATIC_ROPE:
             raise FastPathUnsupported(f"rotary type {rope!r} depends on the sequence length; the native step "
                                       f"covers {', '.join(_STATIC_ROPE)}")
