@@ -242,7 +242,8 @@ class SplitModel:
 
     ``fast`` (default True): each segment whose layers the native decode step covers runs
     one-token steps natively (:mod:`splitkernels.fastpath`; ``edge.fast_reason`` /
-    ``server.fast_reason`` say why a segment stays eager); False forces the eager path.
+    ``server.fast_reason`` say why a segment stays eager; an eager server still takes its tokens
+    from the native LM head where ``server.head_reason`` is None); False forces the eager path.
     ``fast_head``: the server's LM head on the fast path, ``"int8"`` (per-row int8 weights) or
     ``"fp32"`` (the model's own weights).
     """
