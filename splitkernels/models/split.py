@@ -91,10 +91,11 @@ class _Entry(_Wrapped):
 
 
 class _Reached(Exception):
-    """Raised by the edge's last layer to end the model's forward with that layer's output."""
+    """Raised to end the model's forward where a view stops it, with the hidden state there: the
+    edge's last layer's output (:class:`_Exit`) or the LM head's input (:class:`_HeadInput`)."""
 
     def __init__(self, hidden: torch.Tensor) -> None:
-        super().__init__("split layer reached")
+        super().__init__("the view's stopping point reached")
         self.hidden = hidden
 
 
@@ -104,19 +105,11 @@ class _Exit(_Wrapped):
         raise _Reached(out[0] if isinstance(out, (tuple, list)) else out)
 
 
-class _HeadReached(Exception):
-    """Raised in place of the LM head to end the server's forward with the head's input."""
-
-    def __init__(self, hidden: torch.Tensor) -> None:
-        super().__init__("LM head reached")
-        self.hidden = hidden
-
-
 class _HeadInput(_Wrapped):
     """The LM head of :meth:`Adapter.head_input_view`: hands over its input instead of logits."""
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
-        raise _HeadReached(hidden)
+        raise _Reached(hidden)
 
 
 class _Unreached(nn.Module):
@@ -273,7 +266,7 @@ class Adapter:
         ``cache`` as :meth:`run_back` does (``inputs`` as there)."""
         try:
             self._run_on(view, hidden, cache, tail, **inputs)
-        except _HeadReached as reached:
+        except _Reached as reached:
             return reached.hidden[:, -tail:]
         raise RuntimeError(f"{type(self.model).__name__}.forward returned without calling its LM head module")
 

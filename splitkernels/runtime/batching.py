@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from ..fastpath import FastCache
@@ -435,7 +434,7 @@ class Scheduler:
         ``[B, V]``. Appends to every cache."""
         self.release()
         rows = _Resident(list(range(len(caches))), caches, starts)
-        logits = self._forward(self.server.view, hiddens, rows)
+        logits = self._forward(hiddens, rows)
         rows.advance()
         rows.flush()
         return logits
@@ -461,7 +460,7 @@ class Scheduler:
                     rows.flush()
                 rows = self._resident = _Resident(keys, caches, starts)
             try:
-                out = self._forward(server.head_view if to_head else server.view, hiddens, rows, to_head)
+                out = self._forward(hiddens, rows, to_head)
             except BaseException:
                 self._resident = None  # half-updated: these sessions fail with this batch
                 raise
@@ -489,10 +488,9 @@ class Scheduler:
                 pick_token(w.sampling, w.generator, k, ids[i], vals[i], None if logits is None else
                            logits[i].to(server.dtype)) for i, (w, k) in enumerate(zip(works, ks))]
 
-    def _forward(self, view_model: nn.Module, hiddens: list[torch.Tensor], rows: _Resident,
-                 to_head: bool = False) -> torch.Tensor:
-        """``view_model``'s logits at the new position of every session of ``rows``, ``[B, V]``, or
-        with ``to_head`` (``view_model`` the server's ``head_view``) the LM head's input ``[B, d]``."""
+    def _forward(self, hiddens: list[torch.Tensor], rows: _Resident, to_head: bool = False) -> torch.Tensor:
+        """The server's logits at the new position of every session of ``rows``, ``[B, V]``, or with
+        ``to_head`` (through the server's ``head_view``) the LM head's input ``[B, d]``."""
         server = self.server
         h = torch.cat(hiddens).to(device=server.device, dtype=server.dtype).unsqueeze(1)  # [B, 1, d]
         pos = torch.tensor(rows.lengths, device=h.device).unsqueeze(1)  # [B, 1]
@@ -502,8 +500,9 @@ class Scheduler:
         padding = idx >= (total - 1 - pos)  # [B, total]
         # The model's own forward on the padded batch: its mask helper combines causality and padding.
         if to_head:
-            return server.adapter.run_back_to_head(view_model, h, rows, attention_mask=padding, position_ids=pos)[:, 0]
-        return server.adapter.run_back(view_model, h, rows, last_only=False, tail=1, attention_mask=padding,
+            return server.adapter.run_back_to_head(server.head_view, h, rows, attention_mask=padding,
+                                                   position_ids=pos)[:, 0]
+        return server.adapter.run_back(server.view, h, rows, last_only=False, tail=1, attention_mask=padding,
                                        position_ids=pos)[:, -1]
 
     def stats(self) -> BatchStats:
