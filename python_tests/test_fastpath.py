@@ -257,6 +257,7 @@ def test_cache_hands_over_between_eager_and_native():
     (lambda: tiny_model("gpt2"), "family 'gpt2'"),
     (lambda: _llama(hidden_act="gelu"), "activation is 'gelu'"),
     (lambda: _llama().to(torch.bfloat16), "runs in torch.bfloat16"),
+    (lambda: _llama().to("meta"), r"runs on the CPU; the model is on \['meta'\]"),
     (lambda: _llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
      "rotary type 'dynamic'"),
     (lambda: MistralForCausalLM(MistralConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
@@ -386,6 +387,8 @@ def test_native_head_refuses_what_it_cannot_run():
         NativeHead(torch.nn.Embedding(10, 8))
     with pytest.raises(FastPathUnsupported, match="the native head computes in float32; the LM head is torch.bfloat16"):
         NativeHead(torch.nn.Linear(8, 10).bfloat16())
+    with pytest.raises(FastPathUnsupported, match=r"runs on the CPU; the LM head is on \['meta'\]"):
+        NativeHead(torch.nn.Linear(8, 10, device="meta"))
     with pytest.raises(ValueError, match="fmt must be one of"):
         NativeHead(torch.nn.Linear(8, 10), "int4")
     native = NativeHead(torch.nn.Linear(8, 10))

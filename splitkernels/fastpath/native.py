@@ -94,6 +94,9 @@ class NativeHead(_NativeWeights):
             raise FastPathUnsupported(f"the LM head is a {type(head).__name__}, not an nn.Linear or QuantLinear")
         if not isinstance(head, QuantLinear) and head.weight.dtype != torch.float32:
             raise FastPathUnsupported(f"the native head computes in float32; the LM head is {head.weight.dtype}")
+        devices = {t.device for t in (*head.parameters(), *head.buffers())}
+        if any(device.type != "cpu" for device in devices):
+            raise FastPathUnsupported(f"the native head runs on the CPU; the LM head is on {sorted(map(str, devices))}")
         self.hidden, self.vocab = int(head.in_features), int(head.out_features)
         # No layers: the shape's attention sizes are placeholders that nothing reads.
         self.stack = _C.DecodeStack(self.hidden, 1, 1, 2, 1, 1.0)

@@ -172,6 +172,9 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     dtype = weight.dtype if isinstance(weight, torch.Tensor) else getattr(getattr(embedding, "scale", None), "dtype", None)
     if dtype != torch.float32:
         raise FastPathUnsupported(f"the native step computes in float32; the model runs in {dtype}")
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if any(device.type != "cpu" for device in devices):
+        raise FastPathUnsupported(f"the native step runs on the CPU; the model is on {sorted(map(str, devices))}")
     gemma = family in _GEMMA
     act = getattr(config, "hidden_activation" if gemma else "hidden_act", None)
     if act not in _ACTIVATIONS:
