@@ -157,7 +157,8 @@ class NativeDecoder(_NativeWeights):
         if head is not None:
             self.stack.set_head(self._norm(d.final_norm), norm_eps(d.final_norm), self._head(d.lm_head, head))
             self.vocab = int(d.lm_head.out_features)
-        self._cos = self._sin = torch.empty(0)
+        # (cos, sin) as one attribute: sessions on other threads read both tables of one size.
+        self._rope: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
 
     def _norm(self, module: nn.Module | None) -> int:
         """An RMSNorm's weights as the native step multiplies by them (the family's offset added:
@@ -172,7 +173,7 @@ class NativeDecoder(_NativeWeights):
         """cos/sin ``[>= capacity, tables, head_dim]`` of positions ``0..`` from the model's own
         rotary module, one table per rotary type (``DecoderDescription.rope_types``; returned, so
         a step keeps its tables alive while another session grows them)."""
-        cos, sin = self._cos, self._sin
+        cos, sin = self._rope
         if cos.shape[0] >= capacity:
             return cos, sin
         d = self.description
@@ -183,9 +184,9 @@ class NativeDecoder(_NativeWeights):
                       for kind in d.rope_types]
         if any(c.shape[-1] != d.head_dim for c, _ in tables):
             raise FastPathUnsupported(f"a rotary table is not head_dim = {d.head_dim} wide")
-        self._cos = torch.stack([c[0].float() for c, _ in tables], dim=1).contiguous()
-        self._sin = torch.stack([s[0].float() for _, s in tables], dim=1).contiguous()
-        return self._cos, self._sin
+        self._rope = (torch.stack([c[0].float() for c, _ in tables], dim=1).contiguous(),
+                      torch.stack([s[0].float() for _, s in tables], dim=1).contiguous())
+        return self._rope
 
     # -- decoding ----------------------------------------------------------------------------------
     def new_cache(self, new_dynamic, min_capacity: int = 64) -> FastCache:
