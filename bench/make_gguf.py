@@ -1,14 +1,17 @@
-"""Writes a Llama-shaped GGUF file of random weights at any size, for the decode benchmarks at the
-layer shapes of 7-8B models (no such model can be downloaded here).
+"""Writes a GGUF file of random weights at any size, for the decode benchmarks at the layer shapes
+of models that cannot be downloaded here: Llama's layer (``--arch llama``), Qwen 3's (per-head
+query and key norms) or Gemma 2's (sandwich norms, alternating sliding-window layers, soft-capped
+attention scores and logits at Gemma 2's 50 and 30).
 
 The file carries the tokenizer of the packaged SmolLM2 GGUF (so both llama.cpp and transformers
 load it), ``--layers`` decoder layers of the given widths with weights drawn N(0, 0.02) and
 quantised by gguf-py to ``--type`` (Q4_0 by default: the 4-bit format llama.cpp repacks for its
-fastest x86 kernels), norms of ones, and the token embedding in Q8_0, tied to the LM head as in
-SmolLM2. Defaults are Llama-3-8B's layer: hidden 4096, MLP 14336, 32 query and 8 key/value heads.
+fastest x86 kernels), norms of ones (Gemma's files store 1 + w: its norms then scale by 1), and
+the token embedding in Q8_0, tied to the LM head as in SmolLM2. Defaults are Llama-3-8B's layer:
+hidden 4096, MLP 14336, 32 query and 8 key/value heads of 128.
 
-Usage: python bench/make_gguf.py --out FILE.gguf [--layers 3] [--hidden 4096] [--intermediate 14336]
-       [--heads 32] [--kv-heads 8] [--type q4_0|q4_1|q8_0]
+Usage: python bench/make_gguf.py --out FILE.gguf [--arch llama|qwen3|gemma2] [--layers 3] [--hidden 4096]
+       [--intermediate 14336] [--heads 32] [--kv-heads 8] [--head-dim HIDDEN/HEADS] [--type q4_0|q4_1|q8_0]
 then:  python bench/edge_decode.py --model FILE.gguf --out DIR
 """
 from __future__ import annotations
@@ -23,6 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_decode import gguf_file  # noqa: E402
 
 TYPES = ("q4_0", "q4_1", "q8_0")
+ARCHS = ("llama", "qwen3", "gemma2")
+# transformers' GGUF loader reads no head width for Qwen 3: it keeps its config's default.
+QWEN3_HEAD_DIM = 128
+GEMMA2_WINDOW = 4096
 
 
 def copy_tokenizer(reader, writer) -> int:
@@ -50,33 +57,44 @@ def main() -> int:
     ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=None, help="query/key/value head width (default hidden / heads)")
+    ap.add_argument("--arch", choices=ARCHS, default="llama")
     ap.add_argument("--type", choices=TYPES, default="q4_0")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if min(args.hidden, args.intermediate, args.heads, args.kv_heads) < 1 or args.layers < 2 \
-            or args.hidden % args.heads or args.heads % args.kv_heads or args.hidden % 32 or args.intermediate % 32:
-        sys.exit("need layers >= 2, positive sizes, heads dividing hidden, kv-heads dividing heads, and widths "
-                 "that are multiples of 32")
+    head_dim = args.head_dim or args.hidden // max(args.heads, 1)
+    if min(args.hidden, args.intermediate, args.heads, args.kv_heads, head_dim) < 1 or args.layers < 2 \
+            or args.heads % args.kv_heads or args.hidden % 32 or args.intermediate % 32 or head_dim % 32:
+        sys.exit("need layers >= 2, positive sizes, kv-heads dividing heads, and widths and head widths that are "
+                 "multiples of 32")
+    if args.arch == "qwen3" and head_dim != QWEN3_HEAD_DIM:
+        sys.exit(f"--arch qwen3 needs --head-dim {QWEN3_HEAD_DIM}: transformers' GGUF loader assumes it")
     import gguf
 
     qtype = gguf.GGMLQuantizationType[args.type.upper()]
     source = gguf.GGUFReader(str(gguf_file("smollm2")))
-    writer = gguf.GGUFWriter(str(args.out), "llama")
-    writer.add_name(f"random llama {args.layers}x{args.hidden}x{args.intermediate} {args.type}")
+    writer = gguf.GGUFWriter(str(args.out), args.arch)
+    writer.add_name(f"random {args.arch} {args.layers}x{args.hidden}x{args.intermediate} {args.type}")
     writer.add_block_count(args.layers)
-    writer.add_context_length(4096)
+    writer.add_context_length(8192)
     writer.add_embedding_length(args.hidden)
     writer.add_feed_forward_length(args.intermediate)
     writer.add_head_count(args.heads)
     writer.add_head_count_kv(args.kv_heads)
-    writer.add_rope_freq_base(500000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(args.hidden // args.heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(10000.0 if args.arch == "gemma2" else 500000.0)
+    writer.add_layer_norm_rms_eps(1e-6 if args.arch == "gemma2" else 1e-5)
+    writer.add_rope_dimension_count(head_dim)
+    if args.arch == "gemma2":
+        writer.add_sliding_window(GEMMA2_WINDOW)
+        writer.add_attn_logit_softcapping(50.0)
+        writer.add_final_logit_softcapping(30.0)
     vocab = copy_tokenizer(source, writer)
     writer.add_vocab_size(vocab)
 
     rng = np.random.default_rng(args.seed)
-    head_dim = args.hidden // args.heads
+    qd, kvd = args.heads * head_dim, args.kv_heads * head_dim
 
     def weight(name: str, rows: int, cols: int, kind=qtype) -> None:
         w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
@@ -89,10 +107,16 @@ def main() -> int:
     for i in range(args.layers):
         print(f"layer {i + 1} of {args.layers}", file=sys.stderr, flush=True)
         ones(f"blk.{i}.attn_norm.weight", args.hidden)
-        weight(f"blk.{i}.attn_q.weight", args.hidden, args.hidden)
-        weight(f"blk.{i}.attn_k.weight", args.kv_heads * head_dim, args.hidden)
-        weight(f"blk.{i}.attn_v.weight", args.kv_heads * head_dim, args.hidden)
-        weight(f"blk.{i}.attn_output.weight", args.hidden, args.hidden)
+        weight(f"blk.{i}.attn_q.weight", qd, args.hidden)
+        weight(f"blk.{i}.attn_k.weight", kvd, args.hidden)
+        weight(f"blk.{i}.attn_v.weight", kvd, args.hidden)
+        weight(f"blk.{i}.attn_output.weight", args.hidden, qd)
+        if args.arch == "qwen3":
+            ones(f"blk.{i}.attn_q_norm.weight", head_dim)
+            ones(f"blk.{i}.attn_k_norm.weight", head_dim)
+        if args.arch == "gemma2":
+            ones(f"blk.{i}.post_attention_norm.weight", args.hidden)
+            ones(f"blk.{i}.post_ffw_norm.weight", args.hidden)
         ones(f"blk.{i}.ffn_norm.weight", args.hidden)
         weight(f"blk.{i}.ffn_gate.weight", args.intermediate, args.hidden)
         weight(f"blk.{i}.ffn_up.weight", args.intermediate, args.hidden)

@@ -15,6 +15,7 @@ import splitkernels._C as _C
 from runtime_helpers import prompt as _prompt
 from splitkernels.fastpath import FastPathUnsupported, NativeDecoder, NativeHead, describe, quantize_rows_int8
 from splitkernels.models import smollm2_available, tiny_model
+from splitkernels.models.loading import TINY_SOFTCAP
 from splitkernels.nn import QuantConfig, replace_linear
 from splitkernels.runtime import SplitConfig, split_model
 
@@ -60,7 +61,7 @@ def _compare_steps(model, first: int, last: int, head: str | None, steps: int = 
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("bits", [None, 4, 3])
 def test_native_layers_match_eager(family, bits):
     model = tiny_model(family, seed=1, num_layers=3, hidden=64, vocab=128)
@@ -195,16 +196,32 @@ def test_quantize_rows_int8():
     assert ((codes.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
+def _sliding(family: str) -> torch.nn.Module:
+    """A tiny model of ``family`` with sliding-window layers: Gemma's alternate (windows of 8),
+    Mistral's all slide (window 6), Qwen's slide from layer 1 on (window 5)."""
+    if family in ("gemma2", "gemma3"):
+        return tiny_model(family, seed=3, num_layers=4, hidden=64, vocab=128)
+    model = tiny_model(family, seed=3, num_layers=4, hidden=64, vocab=128)
+    config = model.config
+    if family == "mistral":
+        config.sliding_window = 6
+    else:
+        config.use_sliding_window, config.max_window_layers, config.sliding_window = True, 1, 5
+        config.layer_types = ["full_attention"] + ["sliding_attention"] * 3
+    torch.manual_seed(3)
+    return type(model)(config).eval()
+
+
+@pytest.mark.parametrize("family, windows", [("gemma3", [8, 0, 8, 0]), ("gemma2", [8, 0, 8, 0]),
+                                             ("mistral", [6] * 4), ("qwen2", [0, 5, 5, 5]), ("qwen3", [0, 5, 5, 5])])
 @pytest.mark.parametrize("prompt", [3, 12])
-def test_gemma3_sliding_layers_past_their_window(prompt):
-    # Windows of 8 in layers 0 and 2: a prompt shorter than the window and one longer (the eager
-    # cache of a sliding layer then holds its last 7 positions, handed over to the buffer's end),
-    # 20 native steps past it, every instruction set; the argmax of the fp32 and the int8 head.
-    model = tiny_model("gemma3", seed=3, num_layers=4, hidden=64, vocab=128)
-    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [8, None, 8, None]
+def test_sliding_layers_past_their_window(family, windows, prompt):
+    # A prompt shorter than the window and one longer (the eager cache of a sliding layer then
+    # holds its last window - 1 positions, handed over to the buffer's end), 20 native steps past
+    # it, every instruction set; the argmax of the fp32 and the int8 head.
+    model = _sliding(family)
     d = describe(model)
-    assert d.rope_types == ("full_attention", "sliding_attention") and d.act == 1 and d.norm_offset == 1.0
-    assert [m.window for m in d.layers] == [8, 0, 8, 0] and [m.rope for m in d.layers] == [1, 0, 1, 0]
+    assert [m.window for m in d.layers] == windows
     before = _C.lowbit_isa()
     try:
         for isa in _C.lowbit_isas():
@@ -217,8 +234,41 @@ def test_gemma3_sliding_layers_past_their_window(prompt):
         _C.set_lowbit_isa(before)
 
 
-def test_gemma3_split_greedy_and_sampling_equal_eager_split():
-    model = tiny_model("gemma3", seed=5, num_layers=4)
+def test_gemma_layer_kinds_are_described():
+    g3, g2 = tiny_model("gemma3", seed=3, num_layers=4), tiny_model("gemma2", seed=3, num_layers=4)
+    assert [layer.self_attn.sliding_window for layer in g3.model.layers] == [8, None, 8, None]
+    d = describe(g3)
+    assert d.rope_types == ("full_attention", "sliding_attention") and d.act == 1 and d.norm_offset == 1.0
+    assert [m.rope for m in d.layers] == [1, 0, 1, 0] and d.attn_softcap == d.logit_softcap == 0.0
+    d = describe(g2)
+    assert d.rope_types == (None,) and d.act == 1 and d.norm_offset == 1.0 and d.layers[0].q_norm is None
+    assert d.attn_softcap == d.logit_softcap == TINY_SOFTCAP
+
+
+def test_gemma2_soft_caps_count():
+    # Without either cap the tiny Gemma 2's logits move far past the tolerance: the test of the
+    # capped native step against the capped model can fail.
+    model = tiny_model("gemma2", seed=2, num_layers=2, hidden=64, vocab=128)
+    with torch.no_grad():  # scores well past the cap (the logits reach theirs as they are)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        capped = model(ids).logits[0]
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            uncapped = copy.deepcopy(model)
+            setattr(uncapped.config, name, None)
+            for layer in uncapped.model.layers:
+                layer.self_attn.attn_logit_softcapping = uncapped.config.attn_logit_softcapping
+            assert _rel(uncapped(ids).logits[0], capped) > 100 * TOL, name
+    for head in ("fp32", "int8"):
+        for err, token, ref_token in _compare_steps(model, 0, 2, head=head, steps=6):
+            assert err < TOL and token == ref_token
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3"])
+def test_split_greedy_and_sampling_equal_eager_split(family):
+    model = tiny_model(family, seed=5, num_layers=4)
     ids = _prompt(8, 11)
     fast = split_model(copy.deepcopy(model), 2)
     eager = split_model(copy.deepcopy(model), 2, fast=False)
@@ -262,10 +312,15 @@ def test_cache_hands_over_between_eager_and_native():
      "rotary type 'dynamic'"),
     (lambda: MistralForCausalLM(MistralConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                              sliding_window=4)), "sliding-window"),
+                                              sliding_window=-4)), "sliding_window -4 is not a positive"),
     (lambda: _gemma3(use_bidirectional_attention=True), "layer types .* are not covered"),
     (lambda: _gemma3(hidden_activation="gelu"), "activation is 'gelu'"),
-    (lambda: _gemma3(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+    (lambda: _with_config(_llama(), layer_types=["chunked_attention"] * 3), "layer types .* are not covered"),
+    (lambda: _with_config(_llama(), layer_types=["full_attention"] * 2), "2 layer types for 3 layers"),
+    (lambda: _with_config(_llama(), attn_logit_softcapping=50.0), "attn_logit_softcapping is not covered"),
+    (lambda: _with_config(tiny_model("gemma2", num_layers=2), final_logit_softcapping=-1.0),
+     "final_logit_softcapping -1.0 is not a positive number"),
+    (lambda: _window_disagrees(), "layer 0 attention slides over 8 positions, the config 4"),
 ])
 def test_declines_uncovered_layouts_with_a_reason(build, reason):
     with pytest.raises(FastPathUnsupported, match=reason):
@@ -279,6 +334,18 @@ def _gemma3(**extra):
     for name, value in extra.items():
         setattr(config, name, value)
     return type(model)(config).eval()
+
+
+def _with_config(model, **fields):
+    for name, value in fields.items():
+        setattr(model.config, name, value)
+    return model
+
+
+def _window_disagrees():
+    model = tiny_model("gemma2", seed=1, num_layers=2)
+    model.config.sliding_window = 4  # the layers were built with windows of 8
+    return model
 
 
 def test_declines_a_layer_with_extra_weights():
@@ -421,16 +488,16 @@ def test_uncovered_family_server_takes_its_token_from_the_native_head(monkeypatc
 
 
 def test_server_keeps_a_head_whose_logits_the_model_transforms():
-    # Soft-capping named in the config, and a change after the head that no config names (found by
-    # the probe): the server keeps the model's own head, and says why.
+    # A logit scale named in the config, and a change after the head that no config names (found
+    # by the probe): the server keeps the model's own head, and says why.
     from transformers import AutoModelForCausalLM
 
     from splitkernels.models.tiny import tiny_config
 
     torch.manual_seed(0)
-    capped = AutoModelForCausalLM.from_config(tiny_config("gemma2", num_layers=2)).eval()
-    sm = split_model(capped, 1)
-    assert sm.server.native_head is None and "final_logit_softcapping = 30.0" in sm.server.head_reason
+    named = AutoModelForCausalLM.from_config(tiny_config("cohere", num_layers=2)).eval()
+    sm = split_model(named, 1)
+    assert sm.server.native_head is None and "logit_scale = 0.0625" in sm.server.head_reason
     scaled = tiny_model("gpt2", seed=2, num_layers=2)
 
     def doubled(module, args, out) -> None:

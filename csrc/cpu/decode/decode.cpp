@@ -365,7 +365,8 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
             kv[m] + static_cast<int64_t>(li) * 2 * plane + (h0 / group * capacity[m] + first) * hd;
         const int64_t q0 = m * qd + h0 * hd;  // a key/value head's query heads are consecutive
         p.resize(per_unit * n);
-        V.attend(t.q.data() + q0, per_unit, kh, kh + plane, n, hd, s.attn_scale, p.data(), t.attn.data() + q0);
+        V.attend(t.q.data() + q0, per_unit, kh, kh + plane, n, hd, s.attn_scale, s.attn_softcap, p.data(),
+                 t.attn.data() + q0);
       }
     };
     if (threaded)

@@ -43,6 +43,7 @@ struct DecodeShape {
   int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0;
   float attn_scale = 1.f;
   int act = kSilu;
+  float attn_softcap = 0.f;  // > 0: attention scores s become attn_softcap tanh(s / attn_softcap) (gemma 2)
 };
 
 struct DecodeLayer {

@@ -18,11 +18,12 @@ struct DecodeVec {
   // pass over the weight rows; each y element equals f32_rows' for that row alone, bit for bit.
   void (*f32_rows_m)(const float* w, int64_t K, const float* x, int64_t ldx, int64_t M, const float* bias, float* y,
                      int64_t ldy, int64_t n0, int64_t n1);
-  // out[h] = softmax(scale * k q[h]) v for the `heads` query heads q [heads, hd] of one key/value
-  // head over n >= 1 positions of its rows k, v [n, hd]; out [heads, hd]; p: heads n floats of
-  // scratch (left holding the attention weights).
+  // out[h] = softmax(cap(scale * k q[h])) v for the `heads` query heads q [heads, hd] of one
+  // key/value head over n >= 1 positions of its rows k, v [n, hd]; out [heads, hd]; p: heads n
+  // floats of scratch (left holding the attention weights). cap(s) = softcap tanh(s / softcap)
+  // for softcap > 0, else s.
   void (*attend)(const float* q, int64_t heads, const float* k, const float* v, int64_t n, int64_t hd, float scale,
-                 float* p, float* out);
+                 float softcap, float* p, float* out);
 };
 
 namespace isa_generic { const DecodeVec& decode_vec(); }
