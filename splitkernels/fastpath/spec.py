@@ -32,7 +32,7 @@ class _Family:
     pre_attn_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5)
     rope_per_type: bool = False  # a rotary table per layer type
     softcaps: bool = False  # the forward soft-caps attention scores and logits where the config says
-    all_slide: bool = False  # no layer_types: every layer slides when sliding_window is set
+    all_slide: bool = False  # every layer slides when sliding_window is set (layer_types aside)
 
 
 _GEMMA = dict(norm_offset=1.0, sandwich=True, act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
@@ -196,8 +196,10 @@ def _windows(config, fam: _Family, num_layers: int) -> list[int]:
         raise FastPathUnsupported(f"layer types {sorted(set(types))} are not covered by the native step")
     if types and len(types) != num_layers:
         raise FastPathUnsupported(f"the config lists {len(types)} layer types for {num_layers} layers")
-    slides = [t == "sliding_attention" for t in types] if types else \
-        [fam.all_slide and bool(getattr(config, "sliding_window", None))] * num_layers
+    if fam.all_slide:  # the forward slides every layer when a window is set, whatever layer_types say
+        slides = [bool(getattr(config, "sliding_window", None))] * num_layers
+    else:
+        slides = [t == "sliding_attention" for t in types] or [False] * num_layers
     window = getattr(config, "sliding_window", None) if any(slides) else 0
     if isinstance(window, bool) or not isinstance(window, int) or window < 0 or (any(slides) and not window):
         raise FastPathUnsupported(f"sliding_window {window!r} is not a positive number of positions")
