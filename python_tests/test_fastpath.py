@@ -234,6 +234,15 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
         _C.set_lowbit_isa(before)
 
 
+def test_mistral_slides_every_layer_whatever_layer_types_say():
+    # Mistral's forward reads config.sliding_window for every layer and never layer_types.
+    model = _sliding("mistral")
+    model.config.layer_types = ["full_attention", "sliding_attention"] * 2
+    assert [m.window for m in describe(model).layers] == [6] * 4
+    model.config.sliding_window = None
+    assert [m.window for m in describe(model).layers] == [0] * 4
+
+
 def test_gemma_layer_kinds_are_described():
     g3, g2 = tiny_model("gemma3", seed=3, num_layers=4), tiny_model("gemma2", seed=3, num_layers=4)
     assert [layer.self_attn.sliding_window for layer in g3.model.layers] == [8, None, 8, None]
