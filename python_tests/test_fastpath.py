@@ -234,6 +234,50 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
         _C.set_lowbit_isa(before)
 
 
+def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
+    """A tiny model of any family from its own config (``models.tiny``), norms random (Gemma's
+    zero-initialised ones would hide the 1 + w), sliding layers' windows shrunk to ``window``."""
+    from transformers import AutoModelForCausalLM
+
+    from splitkernels.models.tiny import tiny_config
+
+    config = tiny_config(model_type, num_layers=4, hidden=64, vocab=128)
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        config.sliding_window = window
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
+    return model
+
+
+# Families whose layers are llama's, Gemma 1's (norms of 1 + w) or SmolLM3's (every fourth layer
+# without rotary), built from transformers' own configs; their sliding layers (CWM's) included.
+@pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3"])
+def test_llama_shaped_families_match_eager(family):
+    model = _tiny_family(family)
+    d = describe(model)
+    if family == "smollm3":
+        assert d.rope_types == (None, "no rotary") and [m.rope for m in d.layers] == [0, 0, 0, 1]
+    if family == "cwm":
+        assert 5 in [m.window for m in d.layers]
+    for head in ("fp32", "int8"):
+        for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=10, prompt=8):
+            assert err < TOL and token == ref_token, head
+
+
+def test_declines_a_layer_whose_rotary_choice_disagrees():
+    model = _tiny_family("smollm3")
+    model.model.layers[3].self_attn.use_rope = 1  # the config says layer 3 has none
+    with pytest.raises(FastPathUnsupported, match="layer 3 attention's use_rope is 1"):
+        describe(model)
+    model.config.no_rope_layers = [1, 1, 2, 1]
+    with pytest.raises(FastPathUnsupported, match=r"no_rope_layers \[1, 1, 2, 1\] is not one 0 or 1 per layer"):
+        describe(model)
+
+
 def test_mistral_slides_every_layer_whatever_layer_types_say():
     # Mistral's forward reads config.sliding_window for every layer and never layer_types.
     model = _sliding("mistral")

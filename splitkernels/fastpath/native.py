@@ -10,7 +10,7 @@ from .._native import load
 from ..formats.dtypes import DTYPE_CODE
 from ..nn.linear import QuantLinear, is_plain_linear
 from .cache import FastCache
-from .spec import DecoderDescription, FastPathUnsupported, describe, norm_eps
+from .spec import NO_ROPE, DecoderDescription, FastPathUnsupported, describe, norm_eps
 
 _C, _C_ERROR = load("_C")
 
@@ -190,9 +190,10 @@ class NativeDecoder(_NativeWeights):
         d = self.description
         positions = torch.arange(capacity).unsqueeze(0)
         probe = torch.zeros(1, 1, d.head_dim, dtype=torch.float32)
+        identity = (torch.ones(1, capacity, d.head_dim), torch.zeros(1, capacity, d.head_dim))
         with torch.inference_mode():
-            tables = [d.rotary(probe, positions) if kind is None else d.rotary(probe, positions, kind)
-                      for kind in d.rope_types]
+            tables = [identity if kind == NO_ROPE else d.rotary(probe, positions) if kind is None
+                      else d.rotary(probe, positions, kind) for kind in d.rope_types]
         if any(c.shape[-1] != d.head_dim for c, _ in tables):
             raise FastPathUnsupported(f"a rotary table is not head_dim = {d.head_dim} wide")
         self._rope = (torch.stack([c[0].float() for c, _ in tables], dim=1).contiguous(),

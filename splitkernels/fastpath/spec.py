@@ -6,7 +6,7 @@ frequency table, grouped-query softmax attention over every earlier position or 
 window of them, an output projection, and a gated MLP (``down(act(gate(x)) * up(x))``, SiLU or
 tanh-GELU), with residuals; optionally RMSNorms of each query and key head (Qwen 3, Gemma 3),
 Gemma's norms of 1 + w and of both sublayers' outputs, soft-capped attention scores and
-logits (Gemma 2), a rotary table per layer type (Gemma 3). A model is described only when
+logits (Gemma 2), a rotary table per layer type (Gemma 3), layers without rotary (SmolLM3). A model is described only when
 every layer of the requested range has exactly that shape; otherwise
 :class:`FastPathUnsupported` says why, and the caller keeps the model's own (eager) forward.
 """
@@ -33,6 +33,7 @@ class _Family:
     rope_per_type: bool = False  # a rotary table per layer type
     softcaps: bool = False  # the forward soft-caps attention scores and logits where the config says
     all_slide: bool = False  # every layer slides when sliding_window is set (layer_types aside)
+    nope: bool = False  # a layer whose config.no_rope_layers entry is 0 has no rotary embedding
 
 
 _GEMMA = dict(norm_offset=1.0, sandwich=True, act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
@@ -41,9 +42,15 @@ _GEMMA = dict(norm_offset=1.0, sandwich=True, act_field="hidden_activation", pre
 # embeddings, norms of 1 + w, extra norms), so it is declined rather than guessed at.
 _FAMILIES = {
     "llama": _Family(),
+    # Configs of their own that transformers runs with llama's model class.
+    "exaone": _Family(), "internlm3": _Family(), "iquestcoder": _Family(),
+    "cwm": _Family(),
+    "seed_oss": _Family(),
     "mistral": _Family(all_slide=True),
     "qwen2": _Family(),
     "qwen3": _Family(head_norms=True),
+    "smollm3": _Family(nope=True),
+    "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "gemma3_text": _Family(**_GEMMA, head_norms=True, rope_per_type=True),
 }
@@ -53,6 +60,8 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 # The MLP activations the native step has (csrc/cpu/decode/decode.h DecodeActivation).
 _ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+# The rotary "table" of a layer without rotary embeddings (cos 1, sin 0: the identity).
+NO_ROPE = "no rotary"
 
 
 class FastPathUnsupported(ValueError):
@@ -97,7 +106,8 @@ class DecoderDescription:
     lm_head: nn.Module
     act: int = 0  # _ACTIVATIONS
     norm_offset: float = 0.0  # RMSNorms scale by norm_offset + w
-    rope_types: tuple[str | None, ...] = (None,)  # rotary tables (None: the rotary module's only one)
+    rope_types: tuple[str | None, ...] = (None,)  # rotary tables (None: the rotary module's only one;
+    # NO_ROPE: the identity)
     attn_softcap: float = 0.0  # attention scores s become attn_softcap tanh(s / attn_softcap); 0: none
     logit_softcap: float = 0.0  # the same of the LM head's logits
 
@@ -206,6 +216,20 @@ def _windows(config, fam: _Family, num_layers: int) -> list[int]:
     return [window if slide else 0 for slide in slides]
 
 
+def _rope_tables(config, fam: _Family, types: list[str], num_layers: int) -> tuple[tuple[str | None, ...], list[int]]:
+    """The rotary tables the layers use (``DecoderDescription.rope_types``) and each layer's index."""
+    if fam.rope_per_type:
+        kinds = tuple(sorted(set(types)))
+        return kinds, [kinds.index(t) for t in types]
+    if not fam.nope:
+        return (None,), [0] * num_layers
+    flags = getattr(config, "no_rope_layers", None)
+    if not isinstance(flags, (list, tuple)) or len(flags) != num_layers or set(flags) - {0, 1}:
+        raise FastPathUnsupported(f"no_rope_layers {flags!r} is not one 0 or 1 per layer")
+    kinds = tuple(kind for kind, used in ((None, 1 in flags), (NO_ROPE, 0 in flags)) if used)
+    return kinds, [kinds.index(None if flag else NO_ROPE) for flag in flags]
+
+
 def _softcap(config, name: str, fam: _Family) -> float:
     cap = getattr(config, name, None)
     if cap is None:
@@ -244,10 +268,10 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise FastPathUnsupported("partial rotary embeddings are not covered by the native step")
     types = list(getattr(config, "layer_types", None) or ())
-    rope_types = tuple(sorted(set(types))) if fam.rope_per_type else (None,)
+    rope_types, ropes = _rope_tables(config, fam, types, len(layers))
     params = getattr(config, "rope_parameters", None) or {}
     for rope in ([str((params.get(t) or {}).get("rope_type", "default")) for t in rope_types] if fam.rope_per_type
-                 else [_rope_type(config)]):
+                 else [_rope_type(config)] if rope_types != (NO_ROPE,) else []):
         if rope not in _STATIC_ROPE:
             raise FastPathUnsupported(f"rotary type {rope!r} depends on the sequence length; the native step "
                                       f"covers {', '.join(_STATIC_ROPE)}")
@@ -265,7 +289,11 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     def layer(i: int) -> LayerModules | None:
         if not (first <= i < last and isinstance(layers[i], nn.Module) and not isinstance(layers[i], nn.Identity)):
             return None
-        return _layer_modules(i, layers[i], d, fam, windows[i], rope_types.index(types[i]) if fam.rope_per_type else 0)
+        described = _layer_modules(i, layers[i], d, fam, windows[i], ropes[i])
+        use_rope = getattr(layers[i].self_attn, "use_rope", None)  # families that keep the choice per layer
+        if use_rope is not None and bool(use_rope) != (rope_types[ropes[i]] != NO_ROPE):
+            raise FastPathUnsupported(f"layer {i} attention's use_rope is {use_rope!r}, the config says otherwise")
+        return described
 
     described = tuple(layer(i) for i in range(len(layers)))
     path = find_decoder_layers(model)[0]
