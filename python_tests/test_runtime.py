@@ -443,6 +443,29 @@ def test_release_keeps_one_half():
         whole.release("both")
 
 
+def test_one_side_builds_only_its_half(monkeypatch):
+    # An edge process never builds the server's native step or int8 head (nor a server process
+    # the edge's); the two halves still generate what the whole model does.
+    from splitkernels.runtime import segments
+
+    built = []
+    real = segments.NativeDecoder
+    monkeypatch.setattr(segments, "NativeDecoder", lambda model, first, last, head=None:
+                        built.append((first, last, head)) or real(model, first, last, head))
+    ids = _prompt(9, 5)
+    expected = split_model(tiny_model("llama", seed=14, num_layers=NUM_LAYERS), 1).generate(ids, 6)
+    built.clear()
+    edge_side = split_model(tiny_model("llama", seed=14, num_layers=NUM_LAYERS), 1, side="edge")
+    assert built == [(0, 1, None)] and edge_side.server is None and edge_side.edge.fast
+    server_side = split_model(tiny_model("llama", seed=14, num_layers=NUM_LAYERS), 1, side="server")
+    assert built[1:] == [(1, NUM_LAYERS, "int8")] and server_side.edge is None and server_side.server.fast
+    assert torch.equal(edge_side.generate(ids, 6, transport=server_side.transport), expected)
+    with pytest.raises(RuntimeError, match="released its server half.*transport="):
+        edge_side.generate(ids, 2)
+    with pytest.raises(ValueError, match=r"side must be one of \('both', 'edge', 'server'\), got 'front'"):
+        split_model(tiny_model("llama", seed=14, num_layers=NUM_LAYERS), 1, side="front")
+
+
 def test_sliding_window_and_hybrid_layers_match_generate():
     # Qwen2: layers 3-4 slide, 1-2 attend to everything: each half of the split sizes its own masks
     models = sliding_window_models(NUM_LAYERS, window=5)

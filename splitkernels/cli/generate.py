@@ -198,8 +198,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.family, args.seed)
     settings = split_settings(args, loaded)
     sm = split_model(settings.prepare(loaded.model), settings.split_config("edge"), fast=not args.eager,
-                     calibration=calibration_ids(settings, "edge", args, loaded))
-    sm.release("server")
+                     calibration=calibration_ids(settings, "edge", args, loaded), side="edge")
     grpc_transport = GrpcTransport(args.server, token=args.token, tls=tls, timeout_s=args.timeout,
                                    max_message_bytes=message_bytes(args), server_name=args.server_name)
     resuming = ResumingTransport(grpc_transport, RetryPolicy(attempts=args.retries))

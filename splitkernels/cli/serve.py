@@ -65,8 +65,8 @@ def load_server_half(args: argparse.Namespace) -> ServerHalf:
     settings = split_settings(args, loaded)
     max_seq_len = args.max_seq_len or settings.max_seq_len or DEFAULT_MAX_SEQ_LEN
     sm = split_model(settings.prepare(loaded.model), settings.split_config("server"),
-                     limits=Limits(args.max_sessions, max_seq_len, args.idle_timeout), fast=not args.eager)
-    sm.release("edge")
+                     limits=Limits(args.max_sessions, max_seq_len, args.idle_timeout), fast=not args.eager,
+                     side="server")
     try:
         manager, metrics = build_manager(sm.manager, args)
     except ValueError as exc:

@@ -232,6 +232,9 @@ def generate_split(edge: Edge, transport: Transport, input_ids: torch.Tensor, ma
     return GenerationResult(torch.cat([ids, torch.tensor([tokens], dtype=torch.long)], dim=1), metrics)
 
 
+# What a process builds: both halves (in-process generation) or one of them.
+SIDES = ("both", "edge", "server")
+
 class SplitModel:
     """A model cut after ``split_layer``: :class:`Edge` + codec + :class:`Server`.
 
@@ -245,13 +248,18 @@ class SplitModel:
     ``server.fast_reason`` say why a segment stays eager; an eager server still takes its tokens
     from the native LM head where ``server.head_reason`` is None); False forces the eager path.
     ``fast_head``: the server's LM head on the fast path, ``"int8"`` (per-row int8 weights) or
-    ``"fp32"`` (the model's own weights).
+    ``"fp32"`` (the model's own weights). ``side``: ``"both"`` halves (in-process generation),
+    or the one half this process runs, ``"edge"`` or ``"server"``: the other is never built (an
+    edge process holds no server layers, native path or int8 head) and its layers are freed, as
+    :meth:`release` does.
     """
 
     def __init__(self, model: nn.Module, split_layer: int | SplitConfig,
                  codec: CodecConfig | CodecConfigV2 | None = None, opsc: Any = None,
                  limits: Limits | None = None, fast: bool = True, fast_head: str = "int8", *,
-                 calibration: torch.Tensor | None = None) -> None:
+                 calibration: torch.Tensor | None = None, side: str = "both") -> None:
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         config = split_layer if isinstance(split_layer, SplitConfig) else SplitConfig.from_legacy(split_layer, codec, opsc)
         if isinstance(split_layer, SplitConfig) and (codec is not None or opsc is not None):
             raise TypeError("pass codec and OPSC settings inside the SplitConfig, not beside it")
@@ -272,11 +280,20 @@ class SplitModel:
             adapter = adapter_for(model)
         self.adapter = adapter
         self._table = codec_table(self.codec, model)  # after OPSC: a quantised embedding cannot predict
-        self.edge = Edge(adapter, self.split_layer, fast)
-        self.server = Server(adapter, self.split_layer, fast, fast_head)
-        self.manager = SessionManager(self.server, limits, self.fingerprint)
-        self.transport: Transport = InProcessTransport(self.manager)
+        self.edge: Edge | None = None
+        self.server: Server | None = None
+        self.manager: SessionManager | None = None
+        self.transport: Transport | None = None
         self.last_metrics: GenerationMetrics | None = None
+        # The half not run is dropped after the other is built (the layer lookup needs all layers).
+        if side != "server":
+            self.edge = Edge(adapter, self.split_layer, fast)
+        if side != "edge":
+            self.server = Server(adapter, self.split_layer, fast, fast_head)
+            self.manager = SessionManager(self.server, limits, self.fingerprint)
+            self.transport = InProcessTransport(self.manager)
+        if side != "both":
+            self.release("server" if side == "edge" else "edge")
 
     def run(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
             top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
@@ -320,7 +337,8 @@ class SplitModel:
             self.adapter.drop_layers(0, self.split_layer)
             self.edge = None
         elif side == "server":
-            self.manager.shutdown()
+            if self.manager is not None:
+                self.manager.shutdown()
             self.adapter.drop_layers(self.split_layer, self.adapter.num_layers)
             self.server = self.manager = self.transport = None
         else:
@@ -342,7 +360,7 @@ class SplitModel:
 
 def split_model(model: nn.Module, split_layer: int | SplitConfig, codec: CodecConfig | CodecConfigV2 | None = None,
                 opsc: Any = None, limits: Limits | None = None, fast: bool = True, fast_head: str = "int8", *,
-                calibration: torch.Tensor | None = None) -> SplitModel:
+                calibration: torch.Tensor | None = None, side: str = "both") -> SplitModel:
     """Split ``model`` (a Hugging Face decoder-only ``*ForCausalLM`` of any family) after a decoder layer.
 
     ``split_layer`` is a :class:`SplitConfig` (split layer, codec, OPSC formats), or, in the older
@@ -350,6 +368,7 @@ def split_model(model: nn.Module, split_layer: int | SplitConfig, codec: CodecCo
     back)`` :class:`splitkernels.nn.QuantConfig`, either may be None) beside it. OPSC is applied
     to ``model`` in place; a side with ``method="gptq"`` is calibrated on ``calibration`` token
     ids (text disjoint from what is evaluated). ``limits``: limits of the built-in in-process server.
-    ``fast`` / ``fast_head``: the native decode path (see :class:`SplitModel`).
+    ``fast`` / ``fast_head``: the native decode path; ``side``: the half or halves this process
+    builds (see :class:`SplitModel`).
     """
-    return SplitModel(model, split_layer, codec, opsc, limits, fast, fast_head, calibration=calibration)
+    return SplitModel(model, split_layer, codec, opsc, limits, fast, fast_head, calibration=calibration, side=side)
