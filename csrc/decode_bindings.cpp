@@ -68,7 +68,7 @@ void bind_decode(py::module_& m) {
           [](sk::DecodeStack& s, std::uintptr_t input_norm, std::uintptr_t post_norm, float eps, const py::dict& q,
              const py::dict& k, const py::dict& v, const py::dict& o, const py::dict& gate, const py::dict& up,
              const py::dict& down, std::uintptr_t q_norm, std::uintptr_t k_norm, std::uintptr_t attn_out_norm,
-             std::uintptr_t mlp_out_norm, int64_t window, int64_t rope) {
+             std::uintptr_t mlp_out_norm, int64_t window, int64_t rope, bool head_norm_whole) {
             sk::DecodeLayer l;
             l.input_norm = ptr<const float>(input_norm);
             l.post_norm = ptr<const float>(post_norm);
@@ -77,12 +77,13 @@ void bind_decode(py::module_& m) {
             l.gate = linear(gate), l.up = linear(up), l.down = linear(down);
             l.q_norm = ptr<const float>(q_norm), l.k_norm = ptr<const float>(k_norm);
             l.attn_out_norm = ptr<const float>(attn_out_norm), l.mlp_out_norm = ptr<const float>(mlp_out_norm);
-            l.window = window, l.rope = rope;
+            l.window = window, l.rope = rope, l.head_norm_whole = head_norm_whole;
             check(s.add_layer(l));
           },
           py::arg("input_norm"), py::arg("post_norm"), py::arg("eps"), py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("q_norm") = 0, py::arg("k_norm") = 0,
-          py::arg("attn_out_norm") = 0, py::arg("mlp_out_norm") = 0, py::arg("window") = 0, py::arg("rope") = 0)
+          py::arg("attn_out_norm") = 0, py::arg("mlp_out_norm") = 0, py::arg("window") = 0, py::arg("rope") = 0,
+          py::arg("head_norm_whole") = false)
       .def(
           "set_head",
           [](sk::DecodeStack& s, std::uintptr_t norm, float eps, const py::dict& head) {

@@ -253,16 +253,23 @@ def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
     return model
 
 
-# Families whose layers are llama's, Gemma 1's (norms of 1 + w) or SmolLM3's (every fourth layer
-# without rotary), built from transformers' own configs; their sliding layers (CWM's) included.
-@pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3"])
+# Families whose layers are llama's, Gemma 1's (norms of 1 + w), SmolLM3's (every fourth layer
+# without rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
+# full-attention layers without rotary) or OLMo 2's (norms after the sublayers, query and key
+# norms over whole projections), built from transformers' own configs; sliding layers included.
+@pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3",
+                                    "exaone4", "olmo2"])
 def test_llama_shaped_families_match_eager(family):
     model = _tiny_family(family)
     d = describe(model)
     if family == "smollm3":
         assert d.rope_types == (None, "no rotary") and [m.rope for m in d.layers] == [0, 0, 0, 1]
-    if family == "cwm":
+    if family in ("cwm", "exaone4"):
         assert 5 in [m.window for m in d.layers]
+    if family == "exaone4":
+        assert [d.rope_types[m.rope] is None for m in d.layers] == [m.window > 0 for m in d.layers]
+    if family in ("exaone4", "olmo2"):
+        assert all(m.input_norm is None and m.post_norm is None and m.attn_out_norm is not None for m in d.layers)
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=10, prompt=8):
             assert err < TOL and token == ref_token, head

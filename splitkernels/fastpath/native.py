@@ -149,12 +149,12 @@ class NativeDecoder(_NativeWeights):
                                     d.attn_softcap)
         for i in range(first, last):
             m = d.layers[i]
-            self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), norm_eps(m.input_norm),
+            self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,
                                  self._linear(m.q), self._linear(m.k), self._linear(m.v), self._linear(m.o),
                                  self._linear(m.gate), self._linear(m.up), self._linear(m.down),
                                  q_norm=self._norm(m.q_norm), k_norm=self._norm(m.k_norm),
                                  attn_out_norm=self._norm(m.attn_out_norm), mlp_out_norm=self._norm(m.mlp_out_norm),
-                                 window=m.window, rope=m.rope)
+                                 window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole)
         if head is not None:
             self.stack.set_head(self._norm(d.final_norm), norm_eps(d.final_norm), self._head(d.lm_head, head))
             self.vocab = int(d.lm_head.out_features)

@@ -26,17 +26,31 @@ class _Family:
     """How a family's decoder layer departs from llama's (each checked against its forward)."""
 
     norm_offset: float = 0.0  # RMSNorms scale by norm_offset + w
-    sandwich: bool = False  # pre/post-feedforward norms; post_attention_layernorm norms the attention's output
+    norms: str = "pre"  # _NORMS: which RMSNorms a layer has
     head_norms: bool = False  # q_norm / k_norm of each head before rotary
+    head_norm_whole: bool = False  # ... of each row's whole query / key projection instead
     act_field: str = "hidden_act"  # the config field naming the MLP activation
     pre_attn_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5)
     rope_per_type: bool = False  # a rotary table per layer type
     softcaps: bool = False  # the forward soft-caps attention scores and logits where the config says
     all_slide: bool = False  # every layer slides when sliding_window is set (layer_types aside)
-    nope: bool = False  # a layer whose config.no_rope_layers entry is 0 has no rotary embedding
+    nope: str = ""  # _NOPE: which layers have no rotary embedding
+    window_attr: bool = True  # the attention's own sliding_window is its layer's window (or None)
 
 
-_GEMMA = dict(norm_offset=1.0, sandwich=True, act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
+# A layer's norms by module name: before each sublayer (llama), before and after each (Gemma's
+# sandwich: post_attention_layernorm then norms the attention's output), after each only.
+_NORMS = {
+    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+}
+# Layers without rotary: where config.no_rope_layers is 0 (SmolLM3), or the full-attention
+# layers of a model with sliding ones (EXAONE 4).
+_NOPE = ("", "no_rope_layers", "global")
+
+_GEMMA = dict(norm_offset=1.0, norms="sandwich", act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
 # Families whose decoder layer's forward was checked against the native step (tests compare
 # the two). Another family with the same module names may still differ in its forward (scaled
 # embeddings, norms of 1 + w, extra norms), so it is declined rather than guessed at.
@@ -49,7 +63,9 @@ _FAMILIES = {
     "mistral": _Family(all_slide=True),
     "qwen2": _Family(),
     "qwen3": _Family(head_norms=True),
-    "smollm3": _Family(nope=True),
+    "smollm3": _Family(nope="no_rope_layers"),
+    "exaone4": _Family(norms="post", head_norms=True, nope="global", window_attr=False),
+    "olmo2": _Family(norms="post", head_norms=True, head_norm_whole=True),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "gemma3_text": _Family(**_GEMMA, head_norms=True, rope_per_type=True),
@@ -73,8 +89,8 @@ class FastPathUnsupported(ValueError):
 class LayerModules:
     """The modules of one decoder layer the native step reads."""
 
-    input_norm: nn.Module
-    post_norm: nn.Module  # of the MLP's input
+    input_norm: nn.Module | None  # of the attention's input (None: the input as it is)
+    post_norm: nn.Module | None  # of the MLP's input
     q: nn.Module
     k: nn.Module
     v: nn.Module
@@ -88,6 +104,8 @@ class LayerModules:
     mlp_out_norm: nn.Module | None = None
     window: int = 0  # sliding window (positions attended, this one included); 0: all
     rope: int = 0  # index of the layer's rotary table in DecoderDescription.rope_types
+    eps: float = 1e-6  # every norm's epsilon
+    head_norm_whole: bool = False  # q_norm / k_norm span each row's whole projection
 
 
 @dataclass(frozen=True)
@@ -150,8 +168,7 @@ def _rms_norm_ok(name: str, module: nn.Module, hidden: int, eps: float | None = 
 
 def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int, rope: int) -> LayerModules:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    norm_names = ("input_layernorm", "post_attention_layernorm") + \
-        (("pre_feedforward_layernorm", "post_feedforward_layernorm") if fam.sandwich else ())
+    norm_names = _NORMS[fam.norms]
     head_norms = {"q_norm", "k_norm"} if fam.head_norms else set()
     names = {"self_attn": attn, "mlp": mlp, **{n: getattr(layer, n, None) for n in norm_names}}
     missing = [n for n, m in names.items() if m is None]
@@ -176,27 +193,33 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
                                 ("gate_proj", mlp.gate_proj, (f, h)), ("up_proj", mlp.up_proj, (f, h)),
                                 ("down_proj", mlp.down_proj, (h, f))):
         _linear_ok(f"layer {i} {name}", module, *shape)
-    eps = norm_eps(layer.input_layernorm)
+    eps = norm_eps(getattr(layer, norm_names[0]))
     for n in norm_names:
         _rms_norm_ok(f"layer {i} {n}", getattr(layer, n), h, eps)
     for n in sorted(head_norms):
-        norm = getattr(attn, n, None)
-        _rms_norm_ok(f"layer {i} {n}", norm, d["head_dim"], eps)
+        width = (qd if n == "q_norm" else kvd) if fam.head_norm_whole else d["head_dim"]
+        _rms_norm_ok(f"layer {i} {n}", getattr(attn, n, None), width, eps)
     scaling = getattr(attn, "scaling", None)
     if not isinstance(scaling, float) or abs(scaling - d["attn_scale"]) > 1e-12 * d["attn_scale"]:
         raise FastPathUnsupported(f"layer {i} attention scaling is {scaling!r}, expected {d['attn_scale']!r}")
     # Families that keep the window on the attention module: it must be the one the config gave.
     own = getattr(attn, "sliding_window", None)
-    if hasattr(attn, "sliding_window") and int(own or 0) != window:
+    if fam.window_attr and hasattr(attn, "sliding_window") and int(own or 0) != window:
         raise FastPathUnsupported(f"layer {i} attention slides over {own!r} positions, the config {window or None!r}")
     q_norm, k_norm = (attn.q_norm, attn.k_norm) if fam.head_norms else (None, None)
-    if fam.sandwich:  # the MLP's input norm is pre_feedforward; post_attention norms the attention's output
-        return LayerModules(layer.input_layernorm, layer.pre_feedforward_layernorm, attn.q_proj, attn.k_proj,
-                            attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, q_norm, k_norm,
-                            layer.post_attention_layernorm, layer.post_feedforward_layernorm, window, rope)
-    return LayerModules(layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
-                        attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, q_norm, k_norm,
-                        window=window, rope=rope)
+    norm = {n: getattr(layer, n) for n in norm_names}.get
+    # The norms of the attention's and the MLP's inputs and outputs.
+    if fam.norms == "sandwich":
+        into_attn, into_mlp = norm("input_layernorm"), norm("pre_feedforward_layernorm")
+        out_attn, out_mlp = norm("post_attention_layernorm"), norm("post_feedforward_layernorm")
+    elif fam.norms == "post":
+        into_attn = into_mlp = None
+        out_attn, out_mlp = norm("post_attention_layernorm"), norm("post_feedforward_layernorm")
+    else:
+        into_attn, into_mlp, out_attn, out_mlp = norm("input_layernorm"), norm("post_attention_layernorm"), None, None
+    return LayerModules(into_attn, into_mlp, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                        mlp.up_proj, mlp.down_proj, q_norm, k_norm, out_attn, out_mlp, window, rope, eps,
+                        fam.head_norm_whole)
 
 
 def _windows(config, fam: _Family, num_layers: int) -> list[int]:
@@ -221,11 +244,14 @@ def _rope_tables(config, fam: _Family, types: list[str], num_layers: int) -> tup
     if fam.rope_per_type:
         kinds = tuple(sorted(set(types)))
         return kinds, [kinds.index(t) for t in types]
-    if not fam.nope:
-        return (None,), [0] * num_layers
-    flags = getattr(config, "no_rope_layers", None)
-    if not isinstance(flags, (list, tuple)) or len(flags) != num_layers or set(flags) - {0, 1}:
-        raise FastPathUnsupported(f"no_rope_layers {flags!r} is not one 0 or 1 per layer")
+    if fam.nope == "no_rope_layers":
+        flags = getattr(config, "no_rope_layers", None)
+        if not isinstance(flags, (list, tuple)) or len(flags) != num_layers or set(flags) - {0, 1}:
+            raise FastPathUnsupported(f"no_rope_layers {flags!r} is not one 0 or 1 per layer")
+    elif fam.nope == "global" and getattr(config, "sliding_window", None):
+        flags = [int(t == "sliding_attention") for t in types] or [0] * num_layers
+    else:
+        flags = [1] * num_layers
     kinds = tuple(kind for kind, used in ((None, 1 in flags), (NO_ROPE, 0 in flags)) if used)
     return kinds, [kinds.index(None if flag else NO_ROPE) for flag in flags]
 

@@ -138,6 +138,16 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) 
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
 }
 
+// out [M, H] = each row of h RMS-normed with `norm`, or h as it is where there is no norm
+// (families whose layers norm only the sublayers' outputs).
+void norm_rows(const float* h, const float* norm, float eps, int64_t M, int64_t H, float* out) {
+  if (!norm) {
+    std::copy_n(h, M * H, out);
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, norm, eps, H, out + m * H);
+}
+
 // h [M, H] += y [M, H], each row of y RMS-normed with `norm` first where it is given.
 void add_normed(float* h, float* y, const float* norm, float eps, int64_t M, int64_t H) {
   if (norm)
@@ -268,7 +278,6 @@ std::string decode_isa() { return vec().name; }
 
 std::string DecodeStack::add_layer(const DecodeLayer& l) {
   const DecodeShape& s = shape_;
-  if (!l.input_norm || !l.post_norm) return "layer norms must not be null";
   if (l.window < 0 || l.rope < 0) return "window and rope must be >= 0";
   const int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
   std::string e;
@@ -328,7 +337,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
 
   for (size_t li = 0; li < layers_.size(); ++li) {
     const DecodeLayer& L = layers_[li];
-    for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, L.input_norm, L.eps, H, t.xn.data() + m * H);
+    norm_rows(h, L.input_norm, L.eps, M, H, t.xn.data());
     if (!(err = run_parts({{&L.q, t.xn.data(), t.q.data()}, {&L.k, t.xn.data(), t.k.data()},
                            {&L.v, t.xn.data(), t.v.data()}}, M, false)).empty())
       return err;
@@ -338,10 +347,12 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
       float* vc = kc + plane;
       float* qm = t.q.data() + m * qd;
       float* km = t.k.data() + m * kvd;
+      // Per head, or over the whole projection (one "head" of all the widths).
+      const int64_t qn = L.head_norm_whole ? qd : hd, kn = L.head_norm_whole ? kvd : hd;
       if (L.q_norm)
-        for (int64_t g = 0; g < s.heads; ++g) rms_norm(qm + g * hd, L.q_norm, L.eps, hd, qm + g * hd);
+        for (int64_t g = 0; g < qd / qn; ++g) rms_norm(qm + g * qn, L.q_norm, L.eps, qn, qm + g * qn);
       if (L.k_norm)
-        for (int64_t g = 0; g < s.kv_heads; ++g) rms_norm(km + g * hd, L.k_norm, L.eps, hd, km + g * hd);
+        for (int64_t g = 0; g < kvd / kn; ++g) rms_norm(km + g * kn, L.k_norm, L.eps, kn, km + g * kn);
       rotary(qm, s.heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd);
       rotary(km, s.kv_heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd);
       for (int64_t g = 0; g < s.kv_heads; ++g) {
@@ -377,7 +388,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
     if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, M, false)).empty()) return err;
     add_normed(h, t.tmp.data(), L.attn_out_norm, L.eps, M, H);
 
-    for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, L.post_norm, L.eps, H, t.xn.data() + m * H);
+    norm_rows(h, L.post_norm, L.eps, M, H, t.xn.data());
     float* gate = t.gate.data();
     const float* up = t.up.data();
     if (!(err = run_parts({{&L.gate, t.xn.data(), gate}, {&L.up, t.xn.data(), t.up.data()}}, M, true,

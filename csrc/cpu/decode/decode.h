@@ -47,14 +47,19 @@ struct DecodeShape {
 };
 
 struct DecodeLayer {
-  const float* input_norm = nullptr;  // fp32 [hidden] RMSNorm weights (of the attention's input)
-  const float* post_norm = nullptr;   // of the MLP's input
+  // fp32 [hidden] RMSNorm weights of the attention's and the MLP's inputs; null: the input as
+  // it is (families that norm only the sublayers' outputs).
+  const float* input_norm = nullptr;
+  const float* post_norm = nullptr;
   float eps = 1e-6f;
   DecodeLinear q, k, v, o, gate, up, down;
-  // Optional (null: none): RMSNorms of each query and key head [head_dim] before rotary, and of
-  // the attention's and the MLP's outputs [hidden] before their residual adds (gemma's layers).
+  // Optional (null: none): RMSNorms of each query and key head [head_dim] before rotary (or, with
+  // head_norm_whole, of each row's whole query [heads * head_dim] and key [kv_heads * head_dim]
+  // projection), and of the attention's and the MLP's outputs [hidden] before their residual
+  // adds (gemma's layers).
   const float* q_norm = nullptr;
   const float* k_norm = nullptr;
+  bool head_norm_whole = false;
   const float* attn_out_norm = nullptr;
   const float* mlp_out_norm = nullptr;
   int64_t window = 0;  // attend over the last `window` positions (this one included); 0: all
