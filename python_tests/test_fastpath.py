@@ -255,10 +255,11 @@ def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
 
 # Families whose layers are llama's, Gemma 1's (norms of 1 + w), SmolLM3's (every fourth layer
 # without rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
-# full-attention layers without rotary) or OLMo 2's (norms after the sublayers, query and key
-# norms over whole projections), built from transformers' own configs; sliding layers included.
+# full-attention layers without rotary), OLMo 2's (norms after the sublayers, query and key
+# norms over whole projections) or Helium's and ERNIE 4.5's (rotary over interleaved pairs),
+# built from transformers' own configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3",
-                                    "exaone4", "olmo2"])
+                                    "exaone4", "olmo2", "helium", "ernie4_5"])
 def test_llama_shaped_families_match_eager(family):
     model = _tiny_family(family)
     d = describe(model)

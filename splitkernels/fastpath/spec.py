@@ -36,6 +36,7 @@ class _Family:
     all_slide: bool = False  # every layer slides when sliding_window is set (layer_types aside)
     nope: str = ""  # _NOPE: which layers have no rotary embedding
     window_attr: bool = True  # the attention's own sliding_window is its layer's window (or None)
+    rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves
 
 
 # A layer's norms by module name: before each sublayer (llama), before and after each (Gemma's
@@ -66,6 +67,8 @@ _FAMILIES = {
     "smollm3": _Family(nope="no_rope_layers"),
     "exaone4": _Family(norms="post", head_norms=True, nope="global", window_attr=False),
     "olmo2": _Family(norms="post", head_norms=True, head_norm_whole=True),
+    "helium": _Family(rope_interleaved=True),
+    "ernie4_5": _Family(rope_interleaved=True),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "gemma3_text": _Family(**_GEMMA, head_norms=True, rope_per_type=True),
@@ -128,6 +131,7 @@ class DecoderDescription:
     # NO_ROPE: the identity)
     attn_softcap: float = 0.0  # attention scores s become attn_softcap tanh(s / attn_softcap); 0: none
     logit_softcap: float = 0.0  # the same of the LM head's logits
+    rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves (i, i + head_dim / 2)
 
 
 def norm_eps(module: nn.Module) -> float:
@@ -332,4 +336,5 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     _rms_norm_ok("final norm", norm, hidden)
     return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head,
                               act=_ACTIVATIONS[act], norm_offset=fam.norm_offset, rope_types=rope_types,
-                              attn_softcap=attn_softcap, logit_softcap=logit_softcap)
+                              attn_softcap=attn_softcap, logit_softcap=logit_softcap,
+                              rope_interleaved=fam.rope_interleaved)

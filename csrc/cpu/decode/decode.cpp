@@ -164,10 +164,20 @@ float activate(int act, float g) {
 }
 
 // x [heads, hd] rotated in place, rotate-half convention: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
-void rotary(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+// Rotates the halves (i, i + hd / 2) of each head, or with `interleaved` the pairs (2i, 2i + 1),
+// by angle i: cos / sin hold hd values, the angles' twice over (the pairs read the first half).
+void rotary(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin, bool interleaved) {
   const int64_t half = hd / 2;
   for (int64_t h = 0; h < heads; ++h) {
     float* v = x + h * hd;
+    if (interleaved) {
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * cos[i] - b * sin[i];
+        v[2 * i + 1] = b * cos[i] + a * sin[i];
+      }
+      continue;
+    }
     for (int64_t i = 0; i < half; ++i) {
       const float a = v[i], b = v[i + half];
       v[i] = a * cos[i] - b * sin[i];
@@ -353,8 +363,8 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
         for (int64_t g = 0; g < qd / qn; ++g) rms_norm(qm + g * qn, L.q_norm, L.eps, qn, qm + g * qn);
       if (L.k_norm)
         for (int64_t g = 0; g < kvd / kn; ++g) rms_norm(km + g * kn, L.k_norm, L.eps, kn, km + g * kn);
-      rotary(qm, s.heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd);
-      rotary(km, s.kv_heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd);
+      rotary(qm, s.heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd, s.rope_interleaved);
+      rotary(km, s.kv_heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd, s.rope_interleaved);
       for (int64_t g = 0; g < s.kv_heads; ++g) {
         std::copy_n(t.k.data() + m * kvd + g * hd, hd, kc + (g * capacity[m] + pos[m]) * hd);
         std::copy_n(t.v.data() + m * kvd + g * hd, hd, vc + (g * capacity[m] + pos[m]) * hd);
