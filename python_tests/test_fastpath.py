@@ -426,6 +426,9 @@ def test_decode_stack_rejects_bad_sizes():
         stack.add_layer(1, 1, 1e-6, good, good, good, good, good, good, good, window=-1)
     with pytest.raises(ValueError, match=r"act must be 0 \(silu\) or 1"):
         _C.DecodeStack(64, 4, 2, 16, 128, 0.25, 2)
+    for cap in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="attn_softcap must be finite and >= 0"):
+            _C.DecodeStack(64, 4, 2, 16, 128, 0.25, 0, cap)
     with pytest.raises(ValueError, match="heads must be a multiple of kv_heads"):
         _C.DecodeStack(64, 4, 3, 16, 128, 0.25)
     with pytest.raises(ValueError, match="pos must be in"):
