@@ -49,7 +49,7 @@ void bind_decode(py::module_& m) {
   py::class_<sk::DecodeStack>(m, "DecodeStack",
                               "Native decode step of llama-style layers (see csrc/cpu/decode/decode.h).")
       .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
-                       float attn_scale, int act, float attn_softcap, bool rope_interleaved) {
+                       float attn_scale, int act, float attn_softcap, bool rope_interleaved, float residual_scale) {
              if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || intermediate <= 0)
                throw std::invalid_argument("hidden, heads, kv_heads, head_dim and intermediate must be positive");
              if (heads % kv_heads) throw std::invalid_argument("heads must be a multiple of kv_heads");
@@ -58,12 +58,14 @@ void bind_decode(py::module_& m) {
                throw std::invalid_argument("act must be 0 (silu) or 1 (gelu, tanh approximation)");
              if (!(attn_softcap >= 0.f) || std::isinf(attn_softcap))
                throw std::invalid_argument("attn_softcap must be finite and >= 0 (0: none)");
+             if (!std::isfinite(residual_scale)) throw std::invalid_argument("residual_scale must be finite");
              return sk::DecodeStack(
                  sk::DecodeShape{hidden, heads, kv_heads, head_dim, intermediate, attn_scale, act, attn_softcap,
-                                 rope_interleaved});
+                                 rope_interleaved, residual_scale});
            }),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
-           py::arg("attn_scale"), py::arg("act") = 0, py::arg("attn_softcap") = 0.f, py::arg("rope_interleaved") = false)
+           py::arg("attn_scale"), py::arg("act") = 0, py::arg("attn_softcap") = 0.f, py::arg("rope_interleaved") = false,
+           py::arg("residual_scale") = 1.f)
       .def(
           "add_layer",
           [](sk::DecodeStack& s, std::uintptr_t input_norm, std::uintptr_t post_norm, float eps, const py::dict& q,

@@ -49,7 +49,7 @@ def _compare_steps(model, first: int, last: int, head: str | None, steps: int = 
         for _ in range(steps):
             tok = torch.randint(0, vocab, (1, 1))
             ref = model(input_ids=tok, cache=ref_cache, use_cache=True, output_hidden_states=True)
-            emb = model.get_input_embeddings()(tok)[0, 0]
+            emb = decoder.embed(tok)[0, 0]
             if head is None:
                 hidden, token = decoder.step(emb, fast)
                 out.append((_rel(hidden, ref.hidden_states[last][0, -1]), token, -1))
@@ -244,6 +244,9 @@ def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
     config = tiny_config(model_type, num_layers=4, hidden=64, vocab=128)
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         config.sliding_window = window
+    if model_type == "granite":  # multipliers of 1 would hide them
+        config.attention_multiplier, config.residual_multiplier = 0.3, 0.5
+        config.embedding_multiplier, config.logits_scaling = 2.0, 3.0
     torch.manual_seed(4)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -256,10 +259,11 @@ def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
 # Families whose layers are llama's, Gemma 1's (norms of 1 + w), SmolLM3's (every fourth layer
 # without rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
 # full-attention layers without rotary), OLMo 2's (norms after the sublayers, query and key
-# norms over whole projections) or Helium's and ERNIE 4.5's (rotary over interleaved pairs),
-# built from transformers' own configs; sliding layers included.
+# norms over whole projections), Helium's and ERNIE 4.5's (rotary over interleaved pairs) or
+# Granite's (attention, residual, embedding and logit multipliers), built from transformers' own
+# configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3",
-                                    "exaone4", "olmo2", "helium", "ernie4_5"])
+                                    "exaone4", "olmo2", "helium", "ernie4_5", "granite"])
 def test_llama_shaped_families_match_eager(family):
     model = _tiny_family(family)
     d = describe(model)
@@ -327,10 +331,10 @@ def test_gemma2_soft_caps_count():
             assert err < TOL and token == ref_token
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3", "granite"])
 def test_split_greedy_and_sampling_equal_eager_split(family):
-    model = tiny_model(family, seed=5, num_layers=4)
-    ids = _prompt(8, 11)
+    model = _tiny_family(family) if family == "granite" else tiny_model(family, seed=5, num_layers=4)
+    ids = _prompt(8, 11) % model.config.vocab_size
     fast = split_model(copy.deepcopy(model), 2)
     eager = split_model(copy.deepcopy(model), 2, fast=False)
     assert fast.edge.fast and fast.server.fast

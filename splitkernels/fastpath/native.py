@@ -143,10 +143,11 @@ class NativeDecoder(_NativeWeights):
             raise ValueError(f"head must be None or one of {HEAD_FORMATS}, got {head!r}")
         d: DecoderDescription = describe(model, first, last)
         self.description = d
+        self._model = model
         self.first, self.last = first, last
         self.head = head
         self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale, d.act,
-                                    d.attn_softcap, d.rope_interleaved)
+                                    d.attn_softcap, d.rope_interleaved, d.residual_scale)
         for i in range(first, last):
             m = d.layers[i]
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,
@@ -169,15 +170,24 @@ class NativeDecoder(_NativeWeights):
         offset = self.description.norm_offset
         return self._vector(module.weight.float() + offset if offset else module.weight)
 
-    def _soft_cap(self, *logits: torch.Tensor | None) -> None:
-        """The model's soft-capping of its logits (Gemma 2), in place, with the torch operations
-        its forward uses. The native top k ranks the logits before the cap: a strictly increasing
-        map keeps that order (where two capped values round equal, the larger logit ranks first)."""
-        cap = self.description.logit_softcap
-        if cap:
-            for t in logits:
-                if t is not None:
-                    t.div_(cap).tanh_().mul_(cap)
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings of ``ids`` as the model's forward feeds them to its first layer
+        (Granite's forward multiplies them by its embedding multiplier)."""
+        embedded = self._model.get_input_embeddings()(ids)
+        scale = self.description.embed_scale
+        return embedded * scale if scale != 1.0 else embedded
+
+    def _transform_logits(self, *logits: torch.Tensor | None) -> None:
+        """What the model's forward does to its head's logits (Gemma 2's soft cap, Granite's
+        division), in place, with the torch operations it uses. The native top k ranks the logits
+        before: an increasing map keeps that order (where two values round equal after it, the
+        larger logit ranks first)."""
+        cap, divisor = self.description.logit_softcap, self.description.logit_divisor
+        for t in logits:
+            if t is not None and divisor != 1.0:
+                t.div_(divisor)
+            if t is not None and cap:
+                t.div_(cap).tanh_().mul_(cap)
 
     # -- rotary table ------------------------------------------------------------------------------
     def _rope_rows(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +270,7 @@ class NativeDecoder(_NativeWeights):
                               _ptr(pointers[3]), _ptr(pointers[4]), _ptr(full), k, _ptr(ids), _ptr(vals))
         for c in caches:
             c.advance()
-        self._soft_cap(vals, full)
+        self._transform_logits(vals, full)
         return h, ids, vals, full
 
     def _run(self, hidden: torch.Tensor, cache: FastCache, logits: torch.Tensor | None, k: int,
@@ -278,5 +288,5 @@ class NativeDecoder(_NativeWeights):
         token = self.stack.step(_ptr(h), pos, _ptr(kv), capacity, _ptr(cos[pos]), _ptr(sin[pos]), _ptr(logits),
                                 k, _ptr(ids), _ptr(vals))
         cache.advance()
-        self._soft_cap(logits, vals)
+        self._transform_logits(logits, vals)
         return h, token

@@ -37,6 +37,7 @@ class _Family:
     nope: str = ""  # _NOPE: which layers have no rotary embedding
     window_attr: bool = True  # the attention's own sliding_window is its layer's window (or None)
     rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves
+    multipliers: bool = False  # Granite's: attention scale, residual, embedding and logit multipliers
 
 
 # A layer's norms by module name: before each sublayer (llama), before and after each (Gemma's
@@ -69,6 +70,7 @@ _FAMILIES = {
     "olmo2": _Family(norms="post", head_norms=True, head_norm_whole=True),
     "helium": _Family(rope_interleaved=True),
     "ernie4_5": _Family(rope_interleaved=True),
+    "granite": _Family(multipliers=True),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "gemma3_text": _Family(**_GEMMA, head_norms=True, rope_per_type=True),
@@ -132,6 +134,9 @@ class DecoderDescription:
     attn_softcap: float = 0.0  # attention scores s become attn_softcap tanh(s / attn_softcap); 0: none
     logit_softcap: float = 0.0  # the same of the LM head's logits
     rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves (i, i + head_dim / 2)
+    residual_scale: float = 1.0  # each sublayer adds residual_scale times its output
+    embed_scale: float = 1.0  # the model's forward multiplies the token embeddings by it
+    logit_divisor: float = 1.0  # ... and divides the LM head's logits by it
 
 
 def norm_eps(module: nn.Module) -> float:
@@ -260,6 +265,13 @@ def _rope_tables(config, fam: _Family, types: list[str], num_layers: int) -> tup
     return kinds, [kinds.index(None if flag else NO_ROPE) for flag in flags]
 
 
+def _positive(config, name: str) -> float:
+    value = getattr(config, name, None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise FastPathUnsupported(f"{name} {value!r} is not a positive number")
+    return float(value)
+
+
 def _softcap(config, name: str, fam: _Family) -> float:
     cap = getattr(config, name, None)
     if cap is None:
@@ -312,6 +324,12 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         raise FastPathUnsupported(f"{heads} query heads over {kv_heads} key/value heads of width {head_dim} "
                                   "are not a grouped-query layout of even head width")
     scale = float(config.query_pre_attn_scalar) ** -0.5 if fam.pre_attn_scalar else head_dim ** -0.5
+    multipliers = {}
+    if fam.multipliers:
+        scale = _positive(config, "attention_multiplier")
+        multipliers = dict(residual_scale=_positive(config, "residual_multiplier"),
+                           embed_scale=_positive(config, "embedding_multiplier"),
+                           logit_divisor=_positive(config, "logits_scaling"))
     d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
              intermediate=int(config.intermediate_size), attn_scale=scale)
     last = len(layers) if last is None else last
@@ -337,4 +355,4 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head,
                               act=_ACTIVATIONS[act], norm_offset=fam.norm_offset, rope_types=rope_types,
                               attn_softcap=attn_softcap, logit_softcap=logit_softcap,
-                              rope_interleaved=fam.rope_interleaved)
+                              rope_interleaved=fam.rope_interleaved, **multipliers)

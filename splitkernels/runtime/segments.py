@@ -117,7 +117,7 @@ class Edge(_Segment):
         _check_start(cache, start, self.first, self.last)
         if isinstance(cache, FastCache):
             if input_ids.shape[-1] == 1:
-                embedded = self.adapter.model.get_input_embeddings()(input_ids.reshape(1, 1).to(self.device))
+                embedded = self.native.embed(input_ids.reshape(1, 1).to(self.device))
                 hidden, _ = self.native.step(embedded.reshape(-1), cache)
                 return hidden.view(1, -1).to(self.dtype)
             cache = cache.dynamic()

@@ -148,11 +148,15 @@ void norm_rows(const float* h, const float* norm, float eps, int64_t M, int64_t 
   for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, norm, eps, H, out + m * H);
 }
 
-// h [M, H] += y [M, H], each row of y RMS-normed with `norm` first where it is given.
-void add_normed(float* h, float* y, const float* norm, float eps, int64_t M, int64_t H) {
+// h [M, H] += scale * y [M, H], each row of y RMS-normed with `norm` first where it is given.
+void add_normed(float* h, float* y, const float* norm, float eps, float scale, int64_t M, int64_t H) {
   if (norm)
     for (int64_t m = 0; m < M; ++m) rms_norm(y + m * H, norm, eps, H, y + m * H);
-  for (int64_t i = 0; i < M * H; ++i) h[i] += y[i];
+  if (scale == 1.f) {
+    for (int64_t i = 0; i < M * H; ++i) h[i] += y[i];
+    return;
+  }
+  for (int64_t i = 0; i < M * H; ++i) h[i] += y[i] * scale;
 }
 
 float activate(int act, float g) {
@@ -396,7 +400,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
       attention(0, M * row_units);
 
     if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, M, false)).empty()) return err;
-    add_normed(h, t.tmp.data(), L.attn_out_norm, L.eps, M, H);
+    add_normed(h, t.tmp.data(), L.attn_out_norm, L.eps, s.residual_scale, M, H);
 
     norm_rows(h, L.post_norm, L.eps, M, H, t.xn.data());
     float* gate = t.gate.data();
@@ -410,7 +414,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
              .empty())
       return err;
     if (!(err = run_parts({{&L.down, gate, t.tmp.data()}}, M, false)).empty()) return err;
-    add_normed(h, t.tmp.data(), L.mlp_out_norm, L.eps, M, H);
+    add_normed(h, t.tmp.data(), L.mlp_out_norm, L.eps, s.residual_scale, M, H);
   }
 
   if (!has_head()) return "";

@@ -45,6 +45,7 @@ struct DecodeShape {
   int act = kSilu;
   float attn_softcap = 0.f;  // > 0: attention scores s become attn_softcap tanh(s / attn_softcap) (gemma 2)
   bool rope_interleaved = false;  // rotary pairs (2i, 2i + 1) rather than halves (i, i + head_dim / 2)
+  float residual_scale = 1.f;  // each sublayer adds residual_scale times its output (granite)
 };
 
 struct DecodeLayer {
