@@ -64,8 +64,8 @@ void bind_decode(py::module_& m) {
                                  rope_interleaved, residual_scale});
            }),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
-           py::arg("attn_scale"), py::arg("act") = 0, py::arg("attn_softcap") = 0.f, py::arg("rope_interleaved") = false,
-           py::arg("residual_scale") = 1.f)
+           py::arg("attn_scale"), py::arg("act") = 0, py::arg("attn_softcap") = 0.f,
+           py::arg("rope_interleaved") = false, py::arg("residual_scale") = 1.f)
       .def(
           "add_layer",
           [](sk::DecodeStack& s, std::uintptr_t input_norm, std::uintptr_t post_norm, float eps, const py::dict& q,

@@ -1,13 +1,14 @@
 """Which models the native decode step covers, read from the model's own modules and config.
 
 The native step (csrc/cpu/decode/) implements one layer shape: pre-norm RMSNorm, Q/K/V
-projections (biases allowed), rotate-half rotary embeddings from a position-independent
-frequency table, grouped-query softmax attention over every earlier position or a sliding
-window of them, an output projection, and a gated MLP (``down(act(gate(x)) * up(x))``, SiLU or
-tanh-GELU), with residuals; optionally RMSNorms of each query and key head (Qwen 3, Gemma 3),
-Gemma's norms of 1 + w and of both sublayers' outputs, soft-capped attention scores and
-logits (Gemma 2), a rotary table per layer type (Gemma 3), layers without rotary (SmolLM3). A model is described only when
-every layer of the requested range has exactly that shape; otherwise
+projections (biases allowed), rotary embeddings from a position-independent frequency table,
+grouped-query softmax attention over every earlier position or a sliding window of them, an
+output projection, and a gated MLP (``down(act(gate(x)) * up(x))``, SiLU or tanh-GELU), with
+residuals; and the variants of it that ``_FAMILIES`` names per family: norms of 1 + w, norms
+after the sublayers (with or without the ones before), query and key norms per head or over
+the whole projection, soft-capped scores and logits, rotary tables per layer type, layers
+without rotary, rotary over interleaved pairs, Granite's multipliers. A model is described only
+when every layer of the requested range has exactly that shape; otherwise
 :class:`FastPathUnsupported` says why, and the caller keeps the model's own (eager) forward.
 """
 from __future__ import annotations
@@ -34,7 +35,9 @@ class _Family:
     rope_per_type: bool = False  # a rotary table per layer type
     softcaps: bool = False  # the forward soft-caps attention scores and logits where the config says
     all_slide: bool = False  # every layer slides when sliding_window is set (layer_types aside)
-    nope: str = ""  # _NOPE: which layers have no rotary embedding
+    # Layers without rotary: "no_rope_layers" where that config list says 0 (SmolLM3), "global"
+    # the full-attention layers of a model with sliding ones (EXAONE 4), "" none.
+    nope: str = ""
     window_attr: bool = True  # the attention's own sliding_window is its layer's window (or None)
     rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves
     multipliers: bool = False  # Granite's: attention scale, residual, embedding and logit multipliers
@@ -48,9 +51,6 @@ _NORMS = {
                  "post_feedforward_layernorm"),
     "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
 }
-# Layers without rotary: where config.no_rope_layers is 0 (SmolLM3), or the full-attention
-# layers of a model with sliding ones (EXAONE 4).
-_NOPE = ("", "no_rope_layers", "global")
 
 _GEMMA = dict(norm_offset=1.0, norms="sandwich", act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
 # Families whose decoder layer's forward was checked against the native step (tests compare
@@ -216,16 +216,15 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     if fam.window_attr and hasattr(attn, "sliding_window") and int(own or 0) != window:
         raise FastPathUnsupported(f"layer {i} attention slides over {own!r} positions, the config {window or None!r}")
     q_norm, k_norm = (attn.q_norm, attn.k_norm) if fam.head_norms else (None, None)
-    norm = {n: getattr(layer, n) for n in norm_names}.get
     # The norms of the attention's and the MLP's inputs and outputs.
     if fam.norms == "sandwich":
-        into_attn, into_mlp = norm("input_layernorm"), norm("pre_feedforward_layernorm")
-        out_attn, out_mlp = norm("post_attention_layernorm"), norm("post_feedforward_layernorm")
+        into_attn, into_mlp = layer.input_layernorm, layer.pre_feedforward_layernorm
+        out_attn, out_mlp = layer.post_attention_layernorm, layer.post_feedforward_layernorm
     elif fam.norms == "post":
         into_attn = into_mlp = None
-        out_attn, out_mlp = norm("post_attention_layernorm"), norm("post_feedforward_layernorm")
+        out_attn, out_mlp = layer.post_attention_layernorm, layer.post_feedforward_layernorm
     else:
-        into_attn, into_mlp, out_attn, out_mlp = norm("input_layernorm"), norm("post_attention_layernorm"), None, None
+        into_attn, into_mlp, out_attn, out_mlp = layer.input_layernorm, layer.post_attention_layernorm, None, None
     return LayerModules(into_attn, into_mlp, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
                         mlp.up_proj, mlp.down_proj, q_norm, k_norm, out_attn, out_mlp, window, rope, eps,
                         fam.head_norm_whole)
@@ -273,14 +272,11 @@ def _positive(config, name: str) -> float:
 
 
 def _softcap(config, name: str, fam: _Family) -> float:
-    cap = getattr(config, name, None)
-    if cap is None:
+    if getattr(config, name, None) is None:
         return 0.0
     if not fam.softcaps:
         raise FastPathUnsupported(f"{name} is not covered by the native step for this family")
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf"):
-        raise FastPathUnsupported(f"{name} {cap!r} is not a positive number")
-    return float(cap)
+    return _positive(config, name)
 
 
 def describe(model: nn.Module, first: int = 0, last: int | None = None) -> DecoderDescription:
