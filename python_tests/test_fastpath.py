@@ -247,6 +247,9 @@ def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
     if model_type == "granite":  # multipliers of 1 would hide them
         config.attention_multiplier, config.residual_multiplier = 0.3, 0.5
         config.embedding_multiplier, config.logits_scaling = 2.0, 3.0
+    if model_type == "ministral3":  # the query scale from position 3 on, not past 16384
+        config.rope_parameters = {**config.rope_parameters, "llama_4_scaling_beta": 0.8,
+                                  "original_max_position_embeddings": 3}
     torch.manual_seed(4)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -260,10 +263,10 @@ def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
 # without rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
 # full-attention layers without rotary), OLMo 2's (norms after the sublayers, query and key
 # norms over whole projections), Helium's and ERNIE 4.5's (rotary over interleaved pairs) or
-# Granite's (attention, residual, embedding and logit multipliers), built from transformers' own
-# configs; sliding layers included.
+# Granite's (attention, residual, embedding and logit multipliers) or Ministral 3's (queries
+# scaled by position), built from transformers' own configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3",
-                                    "exaone4", "olmo2", "helium", "ernie4_5", "granite"])
+                                    "exaone4", "olmo2", "helium", "ernie4_5", "granite", "ministral3"])
 def test_llama_shaped_families_match_eager(family):
     model = _tiny_family(family)
     d = describe(model)
@@ -386,6 +389,11 @@ def test_cache_hands_over_between_eager_and_native():
     (lambda: _with_config(tiny_model("gemma2", num_layers=2), final_logit_softcapping=-1.0),
      "final_logit_softcapping -1.0 is not a positive number"),
     (lambda: _window_disagrees(), "layer 0 attention slides over 8 positions, the config 4"),
+    (lambda: _with_config(_tiny_family("granite"), residual_multiplier=0.0),
+     "residual_multiplier 0.0 is not a positive"),
+    (lambda: _with_config(_tiny_family("ministral3"), rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                        "llama_4_scaling_beta": 0.1}),
+     "llama_4_scaling_beta 0.1 over original_max_position_embeddings None"),
 ])
 def test_declines_uncovered_layouts_with_a_reason(build, reason):
     with pytest.raises(FastPathUnsupported, match=reason):
@@ -433,6 +441,10 @@ def test_decode_stack_rejects_bad_sizes():
     for cap in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="attn_softcap must be finite and >= 0"):
             _C.DecodeStack(64, 4, 2, 16, 128, 0.25, 0, cap)
+    with pytest.raises(ValueError, match="residual_scale must be finite"):
+        _C.DecodeStack(64, 4, 2, 16, 128, 0.25, residual_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"q_pos_period >= 0"):
+        _C.DecodeStack(64, 4, 2, 16, 128, 0.25, q_pos_beta=0.1, q_pos_period=-1)
     with pytest.raises(ValueError, match="heads must be a multiple of kv_heads"):
         _C.DecodeStack(64, 4, 3, 16, 128, 0.25)
     with pytest.raises(ValueError, match="pos must be in"):

@@ -147,7 +147,8 @@ class NativeDecoder(_NativeWeights):
         self.first, self.last = first, last
         self.head = head
         self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale, d.act,
-                                    d.attn_softcap, d.rope_interleaved, d.residual_scale)
+                                    d.attn_softcap, d.rope_interleaved, d.residual_scale, d.q_pos_beta,
+                                    d.q_pos_period)
         for i in range(first, last):
             m = d.layers[i]
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,

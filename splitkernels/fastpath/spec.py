@@ -41,6 +41,7 @@ class _Family:
     window_attr: bool = True  # the attention's own sliding_window is its layer's window (or None)
     rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves
     multipliers: bool = False  # Granite's: attention scale, residual, embedding and logit multipliers
+    llama4_query_scale: bool = False  # queries scale with the position past the original context
 
 
 # A layer's norms by module name: before each sublayer (llama), before and after each (Gemma's
@@ -71,6 +72,7 @@ _FAMILIES = {
     "helium": _Family(rope_interleaved=True),
     "ernie4_5": _Family(rope_interleaved=True),
     "granite": _Family(multipliers=True),
+    "ministral3": _Family(llama4_query_scale=True),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "gemma3_text": _Family(**_GEMMA, head_norms=True, rope_per_type=True),
@@ -137,6 +139,9 @@ class DecoderDescription:
     residual_scale: float = 1.0  # each sublayer adds residual_scale times its output
     embed_scale: float = 1.0  # the model's forward multiplies the token embeddings by it
     logit_divisor: float = 1.0  # ... and divides the LM head's logits by it
+    # Queries at position p scale by 1 + q_pos_beta log(1 + floor(p / q_pos_period)); 0: none.
+    q_pos_beta: float = 0.0
+    q_pos_period: int = 0
 
 
 def norm_eps(module: nn.Module) -> float:
@@ -264,6 +269,19 @@ def _rope_tables(config, fam: _Family, types: list[str], num_layers: int) -> tup
     return kinds, [kinds.index(None if flag else NO_ROPE) for flag in flags]
 
 
+def _llama4_query_scale(config) -> dict:
+    """Ministral 3's query scale by position, from its rotary parameters (none without a beta)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    beta, period = params.get("llama_4_scaling_beta"), params.get("original_max_position_embeddings")
+    if beta is None:
+        return {}
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta != beta or abs(beta) == float("inf") \
+            or isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise FastPathUnsupported(f"llama_4_scaling_beta {beta!r} over original_max_position_embeddings {period!r} "
+                                  "is not a finite scale over a positive period")
+    return dict(q_pos_beta=float(beta), q_pos_period=period)
+
+
 def _positive(config, name: str) -> float:
     value = getattr(config, name, None)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -326,6 +344,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         multipliers = dict(residual_scale=_positive(config, "residual_multiplier"),
                            embed_scale=_positive(config, "embedding_multiplier"),
                            logit_divisor=_positive(config, "logits_scaling"))
+    if fam.llama4_query_scale:
+        multipliers.update(_llama4_query_scale(config))
     d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
              intermediate=int(config.intermediate_size), attn_scale=scale)
     last = len(layers) if last is None else last

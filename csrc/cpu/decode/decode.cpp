@@ -390,7 +390,9 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
             kv[m] + static_cast<int64_t>(li) * 2 * plane + (h0 / group * capacity[m] + first) * hd;
         const int64_t q0 = m * qd + h0 * hd;  // a key/value head's query heads are consecutive
         p.resize(per_unit * n);
-        V.attend(t.q.data() + q0, per_unit, kh, kh + plane, n, hd, s.attn_scale, s.attn_softcap, p.data(),
+        const float q_scale =  // a scale of the queries scales their scores
+            s.q_pos_period ? 1.f + s.q_pos_beta * std::log(1.f + static_cast<float>(pos[m] / s.q_pos_period)) : 1.f;
+        V.attend(t.q.data() + q0, per_unit, kh, kh + plane, n, hd, s.attn_scale * q_scale, s.attn_softcap, p.data(),
                  t.attn.data() + q0);
       }
     };
