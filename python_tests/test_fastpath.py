@@ -242,7 +242,7 @@ def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
     from splitkernels.models.tiny import tiny_config
 
     config = tiny_config(model_type, num_layers=4, hidden=64, vocab=128)
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or model_type == "phi3":
         config.sliding_window = window
     if model_type == "granite":  # multipliers of 1 would hide them
         config.attention_multiplier, config.residual_multiplier = 0.3, 0.5
@@ -263,16 +263,17 @@ def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
 # without rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
 # full-attention layers without rotary), OLMo 2's (norms after the sublayers, query and key
 # norms over whole projections), Helium's and ERNIE 4.5's (rotary over interleaved pairs) or
-# Granite's (attention, residual, embedding and logit multipliers) or Ministral 3's (queries
-# scaled by position), built from transformers' own configs; sliding layers included.
+# Granite's (attention, residual, embedding and logit multipliers), Ministral 3's (queries
+# scaled by position) or Phi-3's (fused qkv and gate-up projections, every layer sliding), built
+# from transformers' own configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3",
-                                    "exaone4", "olmo2", "helium", "ernie4_5", "granite", "ministral3"])
+                                    "exaone4", "olmo2", "helium", "ernie4_5", "granite", "ministral3", "phi3"])
 def test_llama_shaped_families_match_eager(family):
     model = _tiny_family(family)
     d = describe(model)
     if family == "smollm3":
         assert d.rope_types == (None, "no rotary") and [m.rope for m in d.layers] == [0, 0, 0, 1]
-    if family in ("cwm", "exaone4"):
+    if family in ("cwm", "exaone4", "phi3"):
         assert 5 in [m.window for m in d.layers]
     if family == "exaone4":
         assert [d.rope_types[m.rope] is None for m in d.layers] == [m.window > 0 for m in d.layers]
@@ -280,6 +281,17 @@ def test_llama_shaped_families_match_eager(family):
         assert all(m.input_norm is None and m.post_norm is None and m.attn_out_norm is not None for m in d.layers)
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=10, prompt=8):
+            assert err < TOL and token == ref_token, head
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_fused_projections_of_low_bit_weights(bits):
+    # Phi-3's q, k and v (and gate and up) are row ranges of one packed weight: their codes,
+    # scales and zeros are views into it at a row offset.
+    model = _tiny_family("phi3")
+    replace_linear(model, bits=bits, group_size=32 if bits != 3 else 64, progress=False)
+    for head in ("fp32", "int8"):
+        for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
             assert err < TOL and token == ref_token, head
 
 

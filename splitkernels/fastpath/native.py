@@ -10,7 +10,7 @@ from .._native import load
 from ..formats.dtypes import DTYPE_CODE
 from ..nn.linear import QuantLinear, is_plain_linear
 from .cache import FastCache
-from .spec import NO_ROPE, DecoderDescription, FastPathUnsupported, describe, norm_eps
+from .spec import NO_ROPE, DecoderDescription, FastPathUnsupported, RowSlice, describe, norm_eps
 
 _C, _C_ERROR = load("_C")
 
@@ -47,17 +47,22 @@ class _NativeWeights:
     def _vector(self, t: torch.Tensor) -> int:
         return _ptr(self._hold(t.float()))
 
-    def _linear(self, module: nn.Module) -> dict:
+    def _linear(self, module: nn.Module | RowSlice) -> dict:
+        """A linear layer's weights (of a RowSlice: its rows' views, every tensor being row-major
+        per output row) as the binding reads them."""
+        rows = slice(None)
+        if isinstance(module, RowSlice):
+            module, rows = module.linear, slice(module.start, module.stop)
         bias = getattr(module, "bias", None)
-        out = {"N": int(module.out_features), "K": int(module.in_features),
-               "bias": 0 if bias is None else _ptr(self._hold(bias.float()))}
+        out = {"N": len(range(module.out_features)[rows]), "K": int(module.in_features),
+               "bias": 0 if bias is None else _ptr(self._hold(bias[rows].float()))}
         if isinstance(module, QuantLinear):
             qw = module.quantized_weight()
-            out.update(kind=_LOWBIT, qweight=_ptr(self._hold(qw.qweight)), words=int(qw.qweight.shape[1]),
-                       scale=_ptr(self._hold(qw.scale)), zero=_ptr(self._hold(qw.zero)),
+            out.update(kind=_LOWBIT, qweight=_ptr(self._hold(qw.qweight[rows])), words=int(qw.qweight.shape[1]),
+                       scale=_ptr(self._hold(qw.scale[rows])), zero=_ptr(self._hold(qw.zero[rows])),
                        scale_dtype=DTYPE_CODE[qw.scale.dtype], bits=int(qw.bits), group_size=int(qw.group_size))
         else:
-            out.update(kind=_DENSE, weight=_ptr(self._hold(module.weight.float())))
+            out.update(kind=_DENSE, weight=_ptr(self._hold(module.weight[rows].float())))
         return out
 
     def _head(self, module: nn.Module, fmt: str) -> dict:

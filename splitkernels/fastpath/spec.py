@@ -42,6 +42,7 @@ class _Family:
     rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves
     multipliers: bool = False  # Granite's: attention scale, residual, embedding and logit multipliers
     llama4_query_scale: bool = False  # queries scale with the position past the original context
+    fused: bool = False  # one qkv_proj and one gate_up_proj (Phi-3) instead of q/k/v and gate/up
 
 
 # A layer's norms by module name: before each sublayer (llama), before and after each (Gemma's
@@ -73,6 +74,7 @@ _FAMILIES = {
     "ernie4_5": _Family(rope_interleaved=True),
     "granite": _Family(multipliers=True),
     "ministral3": _Family(llama4_query_scale=True),
+    "phi3": _Family(fused=True, all_slide=True),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "gemma3_text": _Family(**_GEMMA, head_norms=True, rope_per_type=True),
@@ -87,6 +89,15 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 NO_ROPE = "no rotary"
 
 
+@dataclass(frozen=True)
+class RowSlice:
+    """Output rows ``start..stop-1`` of a fused linear layer (Phi-3's qkv_proj and gate_up_proj)."""
+
+    linear: nn.Module
+    start: int
+    stop: int
+
+
 class FastPathUnsupported(ValueError):
     """The model (or the requested layers) has a shape the native decode step does not cover;
     the message says what, and the eager path runs instead."""
@@ -98,12 +109,12 @@ class LayerModules:
 
     input_norm: nn.Module | None  # of the attention's input (None: the input as it is)
     post_norm: nn.Module | None  # of the MLP's input
-    q: nn.Module
-    k: nn.Module
-    v: nn.Module
+    q: nn.Module | RowSlice
+    k: nn.Module | RowSlice
+    v: nn.Module | RowSlice
     o: nn.Module
-    gate: nn.Module
-    up: nn.Module
+    gate: nn.Module | RowSlice
+    up: nn.Module | RowSlice
     down: nn.Module
     q_norm: nn.Module | None = None  # per query / key head, before rotary
     k_norm: nn.Module | None = None
@@ -188,25 +199,36 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     missing = [n for n, m in names.items() if m is None]
     if missing:
         raise FastPathUnsupported(f"layer {i} has no {', '.join(missing)}")
-    extra = sorted(set(dict(layer.named_children())) - set(names))
+    # Dropout modules (Phi-3's residual dropout) do nothing in an evaluating model.
+    extra = sorted(n for n, m in layer.named_children()
+                   if n not in names and not (isinstance(m, nn.Dropout) and (not m.training or m.p == 0)))
     if extra:
         raise FastPathUnsupported(f"layer {i} has modules the native step lacks: {', '.join(extra)}")
+    projections = ("qkv_proj", "o_proj") if fam.fused else ("q_proj", "k_proj", "v_proj", "o_proj")
     attn_children = {n for n, m in attn.named_children() if any(True for _ in m.parameters()) or
                      any(True for _ in m.buffers())}
-    extra = attn_children - {"q_proj", "k_proj", "v_proj", "o_proj"} - head_norms
+    extra = attn_children - set(projections) - head_norms
     if extra:
         raise FastPathUnsupported(f"layer {i} attention has weights the native step lacks: {', '.join(sorted(extra))}")
     mlp_children = {n for n, m in mlp.named_children() if any(True for _ in m.parameters()) or
                     any(True for _ in m.buffers())}
-    if mlp_children != {"gate_proj", "up_proj", "down_proj"}:
-        raise FastPathUnsupported(f"layer {i} MLP is not a gated MLP of gate_proj, up_proj and down_proj "
+    mlp_names = {"gate_up_proj", "down_proj"} if fam.fused else {"gate_proj", "up_proj", "down_proj"}
+    if mlp_children != mlp_names:
+        raise FastPathUnsupported(f"layer {i} MLP is not a gated MLP of {', '.join(sorted(mlp_names))} "
                                   f"(has {', '.join(sorted(mlp_children)) or 'nothing'})")
     h, qd, kvd, f = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
-    for name, module, shape in (("q_proj", attn.q_proj, (qd, h)), ("k_proj", attn.k_proj, (kvd, h)),
-                                ("v_proj", attn.v_proj, (kvd, h)), ("o_proj", attn.o_proj, (h, qd)),
-                                ("gate_proj", mlp.gate_proj, (f, h)), ("up_proj", mlp.up_proj, (f, h)),
-                                ("down_proj", mlp.down_proj, (h, f))):
-        _linear_ok(f"layer {i} {name}", module, *shape)
+    if fam.fused:  # the rows of q, k and v, and of gate and up, one after another
+        _linear_ok(f"layer {i} qkv_proj", attn.qkv_proj, qd + 2 * kvd, h)
+        _linear_ok(f"layer {i} gate_up_proj", mlp.gate_up_proj, 2 * f, h)
+        q, k, v = (RowSlice(attn.qkv_proj, a, b) for a, b in ((0, qd), (qd, qd + kvd), (qd + kvd, qd + 2 * kvd)))
+        gate, up = RowSlice(mlp.gate_up_proj, 0, f), RowSlice(mlp.gate_up_proj, f, 2 * f)
+    else:
+        q, k, v, gate, up = attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+        for name, module, shape in (("q_proj", q, (qd, h)), ("k_proj", k, (kvd, h)), ("v_proj", v, (kvd, h)),
+                                    ("gate_proj", gate, (f, h)), ("up_proj", up, (f, h))):
+            _linear_ok(f"layer {i} {name}", module, *shape)
+    _linear_ok(f"layer {i} o_proj", attn.o_proj, h, qd)
+    _linear_ok(f"layer {i} down_proj", mlp.down_proj, h, f)
     eps = norm_eps(getattr(layer, norm_names[0]))
     for n in norm_names:
         _rms_norm_ok(f"layer {i} {n}", getattr(layer, n), h, eps)
@@ -230,9 +252,8 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         out_attn, out_mlp = layer.post_attention_layernorm, layer.post_feedforward_layernorm
     else:
         into_attn, into_mlp, out_attn, out_mlp = layer.input_layernorm, layer.post_attention_layernorm, None, None
-    return LayerModules(into_attn, into_mlp, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
-                        mlp.up_proj, mlp.down_proj, q_norm, k_norm, out_attn, out_mlp, window, rope, eps,
-                        fam.head_norm_whole)
+    return LayerModules(into_attn, into_mlp, q, k, v, attn.o_proj, gate, up, mlp.down_proj, q_norm, k_norm, out_attn,
+                        out_mlp, window, rope, eps, fam.head_norm_whole)
 
 
 def _windows(config, fam: _Family, num_layers: int) -> list[int]:
