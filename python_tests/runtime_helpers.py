@@ -38,3 +38,29 @@ def sliding_window_models(num_layers: int = 4, window: int = 5) -> list:
     return [MistralForCausalLM(MistralConfig(**common, sliding_window=window)).eval(),
             Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=window,
                                          max_window_layers=2)).eval()]
+
+
+def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
+    """A tiny model of any family from its own config (``models.tiny``), norms random (Gemma's
+    zero-initialised ones would hide the 1 + w), sliding layers' windows shrunk to ``window``,
+    Granite's multipliers and Ministral 3's query scale made to count (the native step's tests)."""
+    from transformers import AutoModelForCausalLM
+
+    from splitkernels.models.tiny import tiny_config
+
+    config = tiny_config(model_type, num_layers=4, hidden=64, vocab=128)
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or model_type == "phi3":
+        config.sliding_window = window
+    if model_type == "granite":  # multipliers of 1 would hide them
+        config.attention_multiplier, config.residual_multiplier = 0.3, 0.5
+        config.embedding_multiplier, config.logits_scaling = 2.0, 3.0
+    if model_type == "ministral3":  # the query scale from position 3 on, not past 16384
+        config.rope_parameters = {**config.rope_parameters, "llama_4_scaling_beta": 0.8,
+                                  "original_max_position_embeddings": 3}
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
+    return model

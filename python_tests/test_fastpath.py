@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import splitkernels._C as _C
-from runtime_helpers import prompt as _prompt
+from runtime_helpers import family_model, prompt as _prompt
 from splitkernels.fastpath import FastPathUnsupported, NativeDecoder, NativeHead, describe, quantize_rows_int8
 from splitkernels.models import smollm2_available, tiny_model
 from splitkernels.models.loading import TINY_SOFTCAP
@@ -234,31 +234,6 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
         _C.set_lowbit_isa(before)
 
 
-def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
-    """A tiny model of any family from its own config (``models.tiny``), norms random (Gemma's
-    zero-initialised ones would hide the 1 + w), sliding layers' windows shrunk to ``window``."""
-    from transformers import AutoModelForCausalLM
-
-    from splitkernels.models.tiny import tiny_config
-
-    config = tiny_config(model_type, num_layers=4, hidden=64, vocab=128)
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or model_type == "phi3":
-        config.sliding_window = window
-    if model_type == "granite":  # multipliers of 1 would hide them
-        config.attention_multiplier, config.residual_multiplier = 0.3, 0.5
-        config.embedding_multiplier, config.logits_scaling = 2.0, 3.0
-    if model_type == "ministral3":  # the query scale from position 3 on, not past 16384
-        config.rope_parameters = {**config.rope_parameters, "llama_4_scaling_beta": 0.8,
-                                  "original_max_position_embeddings": 3}
-    torch.manual_seed(4)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0.0, 0.3)
-    return model
-
-
 # Families whose layers are llama's, Gemma 1's (norms of 1 + w), SmolLM3's (every fourth layer
 # without rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
 # full-attention layers without rotary), OLMo 2's (norms after the sublayers, query and key
@@ -269,7 +244,7 @@ def _tiny_family(model_type: str, window: int = 5) -> torch.nn.Module:
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3",
                                     "exaone4", "olmo2", "helium", "ernie4_5", "granite", "ministral3", "phi3"])
 def test_llama_shaped_families_match_eager(family):
-    model = _tiny_family(family)
+    model = family_model(family)
     d = describe(model)
     if family == "smollm3":
         assert d.rope_types == (None, "no rotary") and [m.rope for m in d.layers] == [0, 0, 0, 1]
@@ -288,7 +263,7 @@ def test_llama_shaped_families_match_eager(family):
 def test_fused_projections_of_low_bit_weights(bits):
     # Phi-3's q, k and v (and gate and up) are row ranges of one packed weight: their codes,
     # scales and zeros are views into it at a row offset.
-    model = _tiny_family("phi3")
+    model = family_model("phi3")
     replace_linear(model, bits=bits, group_size=32 if bits != 3 else 64, progress=False)
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
@@ -296,7 +271,7 @@ def test_fused_projections_of_low_bit_weights(bits):
 
 
 def test_declines_a_layer_whose_rotary_choice_disagrees():
-    model = _tiny_family("smollm3")
+    model = family_model("smollm3")
     model.model.layers[3].self_attn.use_rope = 1  # the config says layer 3 has none
     with pytest.raises(FastPathUnsupported, match="layer 3 attention's use_rope is 1"):
         describe(model)
@@ -348,7 +323,7 @@ def test_gemma2_soft_caps_count():
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3", "granite"])
 def test_split_greedy_and_sampling_equal_eager_split(family):
-    model = _tiny_family(family) if family == "granite" else tiny_model(family, seed=5, num_layers=4)
+    model = family_model(family) if family == "granite" else tiny_model(family, seed=5, num_layers=4)
     ids = _prompt(8, 11) % model.config.vocab_size
     fast = split_model(copy.deepcopy(model), 2)
     eager = split_model(copy.deepcopy(model), 2, fast=False)
@@ -401,9 +376,9 @@ def test_cache_hands_over_between_eager_and_native():
     (lambda: _with_config(tiny_model("gemma2", num_layers=2), final_logit_softcapping=-1.0),
      "final_logit_softcapping -1.0 is not a positive number"),
     (lambda: _window_disagrees(), "layer 0 attention slides over 8 positions, the config 4"),
-    (lambda: _with_config(_tiny_family("granite"), residual_multiplier=0.0),
+    (lambda: _with_config(family_model("granite"), residual_multiplier=0.0),
      "residual_multiplier 0.0 is not a positive"),
-    (lambda: _with_config(_tiny_family("ministral3"), rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+    (lambda: _with_config(family_model("ministral3"), rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                                         "llama_4_scaling_beta": 0.1}),
      "llama_4_scaling_beta 0.1 over original_max_position_embeddings None"),
 ])

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import splitkernels._C as _C
+from runtime_helpers import family_model
 from splitkernels.fastpath import NativeDecoder
 from splitkernels.models import tiny_model
 from splitkernels.nn import replace_linear
@@ -79,6 +80,22 @@ def test_step_batch_rows_equal_the_step_alone(family, bits, head, hidden):
             assert none is None and torch.equal(ids2, ids) and torch.equal(vals2, vals)
     finally:
         _C.set_lowbit_isa(before)
+
+
+@pytest.mark.parametrize("family", ["ministral3", "granite", "phi3"])
+def test_step_batch_rows_of_other_families_equal_the_step_alone(family):
+    # Ministral 3's query scale depends on each row's own position (a period of 3 here), Granite's
+    # logits are divided after the native top k, Phi-3's projections are row ranges of fused ones.
+    model = family_model(family)
+    decoder = NativeDecoder(model, 1, 4, head="int8")
+    pairs = _caches(decoder, model, [0, 7, 2, 11], torch.Generator().manual_seed(5))
+    hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    out, ids, vals, logits = decoder.step_batch(hidden, [p[0] for p in pairs], 6, logits=True)
+    for m, (_, alone) in enumerate(pairs):
+        full = torch.empty(decoder.vocab)
+        h_alone, token = decoder.step(hidden[m], alone, full)
+        assert torch.equal(out[m], h_alone) and torch.equal(logits[m], full) and int(ids[m, 0]) == token
+        assert torch.equal(vals[m], full[ids[m]])  # the top k's values are the transformed logits
 
 
 def test_step_batch_of_one_and_threads_agree():
