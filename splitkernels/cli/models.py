@@ -57,12 +57,14 @@ def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    from ..models import FAMILIES
+
     g = p.add_argument_group("model")
     g.add_argument("--model", default="auto",
                    help="auto (SmolLM2-135M when its package is installed, else a tiny random model), smollm2, "
                         "gemma3 (Gemma 3 270M, from its package), qwen2.5-coder (Qwen2.5-Coder-0.5B-Instruct, from its "
                         "six chunk packages), tiny, or the path of a model folder (save_pretrained) or .gguf file")
-    g.add_argument("--family", default="llama", help="family of the tiny model (llama/mistral/qwen2/gemma3/gpt2/opt)")
+    g.add_argument("--family", default="llama", help=f"family of the tiny model ({'/'.join(FAMILIES)})")
     g.add_argument("--seed", type=types.integer(0, 2**63 - 1), default=0, help="seed of the tiny model's weights")
     g.add_argument("--split-layer", type=types.positive_int, default=None,
                    help="edge keeps layers 1..N (default: a third of depth)")

@@ -152,11 +152,7 @@ void norm_rows(const float* h, const float* norm, float eps, int64_t M, int64_t 
 void add_normed(float* h, float* y, const float* norm, float eps, float scale, int64_t M, int64_t H) {
   if (norm)
     for (int64_t m = 0; m < M; ++m) rms_norm(y + m * H, norm, eps, H, y + m * H);
-  if (scale == 1.f) {
-    for (int64_t i = 0; i < M * H; ++i) h[i] += y[i];
-    return;
-  }
-  for (int64_t i = 0; i < M * H; ++i) h[i] += y[i] * scale;
+  for (int64_t i = 0; i < M * H; ++i) h[i] += y[i] * scale;  // exact h + y at scale 1, fused or not
 }
 
 float activate(int act, float g) {
@@ -420,10 +416,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
   }
 
   if (!has_head()) return "";
-  if (head_norm_)
-    for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, head_norm_, head_eps_, H, t.xn.data() + m * H);
-  else
-    std::copy_n(h, M * H, t.xn.data());
+  norm_rows(h, head_norm_, head_eps_, M, H, t.xn.data());
   const int64_t N = head_.N, rows = chunk_rows(N, num_threads());
   float* out = logits ? logits : t.tmp.data();  // [M, N]
   std::vector<HeadBound> bound(M);
