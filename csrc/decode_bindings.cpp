@@ -50,11 +50,13 @@ void bind_decode(py::module_& m) {
                               "Native decode step of llama-style layers (see csrc/cpu/decode/decode.h).")
       .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
                        float attn_scale, int act, float attn_softcap, bool rope_interleaved, float residual_scale,
-                       float q_pos_beta, int64_t q_pos_period) {
+                       float q_pos_beta, int64_t q_pos_period, int64_t rotary_dim) {
              if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || intermediate <= 0)
                throw std::invalid_argument("hidden, heads, kv_heads, head_dim and intermediate must be positive");
              if (heads % kv_heads) throw std::invalid_argument("heads must be a multiple of kv_heads");
              if (head_dim % 2) throw std::invalid_argument("head_dim must be even (rotary halves)");
+             if (rotary_dim < 0 || rotary_dim > head_dim || rotary_dim % 2)
+               throw std::invalid_argument("rotary_dim must be even and in [0, head_dim] (0: head_dim)");
              if (act != sk::kSilu && act != sk::kGeluTanh)
                throw std::invalid_argument("act must be 0 (silu) or 1 (gelu, tanh approximation)");
              if (!(attn_softcap >= 0.f) || std::isinf(attn_softcap))
@@ -64,12 +66,12 @@ void bind_decode(py::module_& m) {
                throw std::invalid_argument("q_pos_beta must be finite and q_pos_period >= 0 (0: none)");
              return sk::DecodeStack(
                  sk::DecodeShape{hidden, heads, kv_heads, head_dim, intermediate, attn_scale, act, attn_softcap,
-                                 rope_interleaved, residual_scale, q_pos_beta, q_pos_period});
+                                 rope_interleaved, residual_scale, q_pos_beta, q_pos_period, rotary_dim});
            }),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
            py::arg("attn_scale"), py::arg("act") = 0, py::arg("attn_softcap") = 0.f,
            py::arg("rope_interleaved") = false, py::arg("residual_scale") = 1.f, py::arg("q_pos_beta") = 0.f,
-           py::arg("q_pos_period") = 0)
+           py::arg("q_pos_period") = 0, py::arg("rotary_dim") = 0)
       .def(
           "add_layer",
           [](sk::DecodeStack& s, std::uintptr_t input_norm, std::uintptr_t post_norm, float eps, const py::dict& q,

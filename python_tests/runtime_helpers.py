@@ -43,17 +43,26 @@ def sliding_window_models(num_layers: int = 4, window: int = 5) -> list:
 def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
     """A tiny model of any family from its own config (``models.tiny``), norms random (Gemma's
     zero-initialised ones would hide the 1 + w), sliding layers' windows shrunk to ``window``,
-    Granite's multipliers and Ministral 3's query scale made to count (the native step's tests)."""
+    soft caps shrunk to ``TINY_SOFTCAP``, and Granite's and HyperCLOVA X's multipliers, Ministral
+    3's query scale and OLMo 3's rotary of full-attention layers made to count (the native step's
+    tests)."""
     from transformers import AutoModelForCausalLM
 
+    from splitkernels.models.loading import TINY_SOFTCAP
     from splitkernels.models.tiny import tiny_config
 
     config = tiny_config(model_type, num_layers=4, hidden=64, vocab=128)
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or model_type == "phi3":
         config.sliding_window = window
-    if model_type == "granite":  # multipliers of 1 would hide them
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, cap, None) is not None:  # tiny scores and logits never reach 30 or 50
+            setattr(config, cap, TINY_SOFTCAP)
+    if model_type in ("granite", "hyperclovax"):  # multipliers of 1 would hide them
         config.attention_multiplier, config.residual_multiplier = 0.3, 0.5
         config.embedding_multiplier, config.logits_scaling = 2.0, 3.0
+    if model_type == "olmo3":  # both layer types' tables are the same in the tiny config
+        config.rope_parameters = {**config.rope_parameters, "full_attention": {
+            "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}}
     if model_type == "ministral3":  # the query scale from position 3 on, not past 16384
         config.rope_parameters = {**config.rope_parameters, "llama_4_scaling_beta": 0.8,
                                   "original_max_position_embeddings": 3}

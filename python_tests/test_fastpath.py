@@ -237,15 +237,24 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # Families whose layers are llama's, Gemma 1's (norms of 1 + w), SmolLM3's (every fourth layer
 # without rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
 # full-attention layers without rotary), OLMo 2's (norms after the sublayers, query and key
-# norms over whole projections), Helium's and ERNIE 4.5's (rotary over interleaved pairs) or
-# Granite's (attention, residual, embedding and logit multipliers), Ministral 3's (queries
-# scaled by position) or Phi-3's (fused qkv and gate-up projections, every layer sliding), built
-# from transformers' own configs; sliding layers included.
+# norms over whole projections; OLMo 3's also a rotary table per layer type), Helium's and
+# ERNIE 4.5's (rotary over interleaved pairs), GLM's (interleaved rotary over half of each head,
+# a fused gate-up projection; GLM 4's also norms of the sublayers' outputs), Granite's
+# (attention, residual, embedding and logit multipliers; HyperCLOVA X's multiply the logits and
+# norm the sublayers' outputs too), Ministral 3's (queries scaled by position), Phi-3's (fused
+# qkv and gate-up projections, every layer sliding) or VaultGemma's (Gemma 2 without the norms
+# after the sublayers), built from transformers' own configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3",
-                                    "exaone4", "olmo2", "helium", "ernie4_5", "granite", "ministral3", "phi3"])
+                                    "exaone4", "olmo2", "olmo3", "helium", "ernie4_5", "glm", "glm4", "granite",
+                                    "hyperclovax", "ministral3", "phi3", "vaultgemma"])
 def test_llama_shaped_families_match_eager(family):
     model = family_model(family)
     d = describe(model)
+    assert d.rotary_dim == (d.head_dim // 2 if family in ("glm", "glm4") else d.head_dim)
+    if family in ("olmo3", "vaultgemma"):
+        assert [m.window for m in d.layers] == [5, 0, 5, 0]
+    if family == "vaultgemma":
+        assert d.attn_softcap == d.logit_softcap == TINY_SOFTCAP and d.layers[0].attn_out_norm is None
     if family == "smollm3":
         assert d.rope_types == (None, "no rotary") and [m.rope for m in d.layers] == [0, 0, 0, 1]
     if family in ("cwm", "exaone4", "phi3"):
@@ -268,6 +277,36 @@ def test_fused_projections_of_low_bit_weights(bits):
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
             assert err < TOL and token == ref_token, head
+
+
+def test_hyperclovax_without_its_optional_norms_matches_eager():
+    # use_post_norm off leaves an nn.Identity where the norms of the sublayers' outputs would be.
+    model = family_model("hyperclovax")
+    model.config.use_post_norm = False
+    torch.manual_seed(4)
+    model = type(model)(model.config).eval()
+    d = describe(model)
+    assert all(m.attn_out_norm is None and m.mlp_out_norm is None and m.input_norm is not None for m in d.layers)
+    for err, token, ref_token in _compare_steps(model, 0, 4, head="int8", steps=8, prompt=8):
+        assert err < TOL and token == ref_token
+
+
+def test_partial_rotary_of_low_bit_weights_and_bad_widths():
+    model = family_model("glm")
+    replace_linear(model, bits=4, group_size=32, progress=False)
+    for err, token, ref_token in _compare_steps(model, 0, 4, head="fp32", steps=8, prompt=8):
+        assert err < TOL and token == ref_token
+    for bad in (-2, 3, 18):  # head_dim 16
+        with pytest.raises(ValueError, match="rotary_dim must be even and in"):
+            _C.DecodeStack(64, 4, 2, 16, 128, 0.25, rotary_dim=bad)
+
+
+def test_declines_weights_the_layer_modules_hold_themselves():
+    # Granite SWA's attention keeps a sink per head as its own parameter, not in a child module.
+    model = family_model("glm")
+    model.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(FastPathUnsupported, match="layer 1 has weights the native step lacks: attention.sinks"):
+        describe(model)
 
 
 def test_declines_a_layer_whose_rotary_choice_disagrees():

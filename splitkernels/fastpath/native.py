@@ -10,7 +10,7 @@ from .._native import load
 from ..formats.dtypes import DTYPE_CODE
 from ..nn.linear import QuantLinear, is_plain_linear
 from .cache import FastCache
-from .spec import NO_ROPE, DecoderDescription, FastPathUnsupported, RowSlice, describe, norm_eps
+from .spec import NO_ROPE, DecoderDescription, FastPathUnsupported, RowSlice, describe, norm_eps, rotary_table
 
 _C, _C_ERROR = load("_C")
 
@@ -153,7 +153,7 @@ class NativeDecoder(_NativeWeights):
         self.head = head
         self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale, d.act,
                                     d.attn_softcap, d.rope_interleaved, d.residual_scale, d.q_pos_beta,
-                                    d.q_pos_period)
+                                    d.q_pos_period, d.rotary_dim)
         for i in range(first, last):
             m = d.layers[i]
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,
@@ -185,13 +185,16 @@ class NativeDecoder(_NativeWeights):
 
     def _transform_logits(self, *logits: torch.Tensor | None) -> None:
         """What the model's forward does to its head's logits (Gemma 2's soft cap, Granite's
-        division), in place, with the torch operations it uses. The native top k ranks the logits
-        before: an increasing map keeps that order (where two values round equal after it, the
-        larger logit ranks first)."""
-        cap, divisor = self.description.logit_softcap, self.description.logit_divisor
+        division, HyperCLOVA X's multiplier), in place, with the torch operations it uses. The
+        native top k ranks the logits before: an increasing map keeps that order (where two
+        values round equal after it, the larger logit ranks first)."""
+        d = self.description
+        cap, divisor, multiplier = d.logit_softcap, d.logit_divisor, d.logit_multiplier
         for t in logits:
             if t is not None and divisor != 1.0:
                 t.div_(divisor)
+            if t is not None and multiplier != 1.0:
+                t.mul_(multiplier)
             if t is not None and cap:
                 t.div_(cap).tanh_().mul_(cap)
 
@@ -205,15 +208,17 @@ class NativeDecoder(_NativeWeights):
             return cos, sin
         d = self.description
         positions = torch.arange(capacity).unsqueeze(0)
-        probe = torch.zeros(1, 1, d.head_dim, dtype=torch.float32)
-        identity = (torch.ones(1, capacity, d.head_dim), torch.zeros(1, capacity, d.head_dim))
-        with torch.inference_mode():
-            tables = [identity if kind == NO_ROPE else d.rotary(probe, positions) if kind is None
-                      else d.rotary(probe, positions, kind) for kind in d.rope_types]
-        if any(c.shape[-1] != d.head_dim for c, _ in tables):
-            raise FastPathUnsupported(f"a rotary table is not head_dim = {d.head_dim} wide")
-        self._rope = (torch.stack([c[0].float() for c, _ in tables], dim=1).contiguous(),
-                      torch.stack([s[0].float() for _, s in tables], dim=1).contiguous())
+        # Every table head_dim wide: a partial one's tail (cos 1, sin 0) is never read.
+        cos = torch.ones(capacity, len(d.rope_types), d.head_dim)
+        sin = torch.zeros(capacity, len(d.rope_types), d.head_dim)
+        for i, kind in enumerate(d.rope_types):
+            if kind == NO_ROPE:
+                continue
+            c, s = rotary_table(d.rotary, kind, positions, d.head_dim)
+            if c.shape[-1] != d.rotary_dim:
+                raise FastPathUnsupported(f"a rotary table is {c.shape[-1]} wide, not rotary_dim = {d.rotary_dim}")
+            cos[:, i, :d.rotary_dim], sin[:, i, :d.rotary_dim] = c[0], s[0]
+        self._rope = (cos, sin)
         return self._rope
 
     # -- decoding ----------------------------------------------------------------------------------

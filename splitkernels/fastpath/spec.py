@@ -7,9 +7,10 @@ output projection, and a gated MLP (``down(act(gate(x)) * up(x))``, SiLU or tanh
 residuals; and the variants of it that ``_FAMILIES`` names per family: norms of 1 + w, norms
 after the sublayers (with or without the ones before), query and key norms per head or over
 the whole projection, soft-capped scores and logits, rotary tables per layer type, layers
-without rotary, rotary over interleaved pairs, Granite's multipliers. A model is described only
-when every layer of the requested range has exactly that shape; otherwise
-:class:`FastPathUnsupported` says why, and the caller keeps the model's own (eager) forward.
+without rotary, rotary over interleaved pairs or over part of each head, fused projections,
+Granite's multipliers. A model is described only when every layer of the requested range has
+exactly that shape; otherwise :class:`FastPathUnsupported` says why, and the caller keeps the
+model's own (eager) forward.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class _Family:
     """How a family's decoder layer departs from llama's (each checked against its forward)."""
 
     norm_offset: float = 0.0  # RMSNorms scale by norm_offset + w
-    norms: str = "pre"  # _NORMS: which RMSNorms a layer has
+    norms: str = "pre"  # _NORMS: which RMSNorms a layer has, by role
     head_norms: bool = False  # q_norm / k_norm of each head before rotary
     head_norm_whole: bool = False  # ... of each row's whole query / key projection instead
     act_field: str = "hidden_act"  # the config field naming the MLP activation
@@ -40,18 +41,27 @@ class _Family:
     nope: str = ""
     window_attr: bool = True  # the attention's own sliding_window is its layer's window (or None)
     rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves
-    multipliers: bool = False  # Granite's: attention scale, residual, embedding and logit multipliers
+    # Granite's attention scale, residual, embedding and logit multipliers: "divide" the logits
+    # by logits_scaling (Granite) or "multiply" them (HyperCLOVA X); "" none.
+    multipliers: str = ""
     llama4_query_scale: bool = False  # queries scale with the position past the original context
-    fused: bool = False  # one qkv_proj and one gate_up_proj (Phi-3) instead of q/k/v and gate/up
+    fused_qkv: bool = False  # one qkv_proj instead of q/k/v_proj (Phi-3)
+    fused_mlp: bool = False  # one gate_up_proj instead of gate_proj and up_proj (Phi-3, GLM)
 
 
-# A layer's norms by module name: before each sublayer (llama), before and after each (Gemma's
-# sandwich: post_attention_layernorm then norms the attention's output), after each only.
+# A layer's norms by module name in their roles: of the attention's input, of its output
+# (before the residual add), of the MLP's input, of its output; None where the family has none.
+# Before each sublayer (llama), before and after each (Gemma's sandwich, where
+# post_attention_layernorm norms the attention's output; GLM 4's and HyperCLOVA X's names for
+# it), after each only (OLMo 2), before each with Gemma's names (VaultGemma).
 _NORMS = {
-    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
     "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm"),
-    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
+    "peri": ("input_layernorm", "post_norm1", "post_attention_layernorm", "post_norm2"),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+    "pre_feedforward": ("input_layernorm", None, "pre_feedforward_layernorm", None),
 }
 
 _GEMMA = dict(norm_offset=1.0, norms="sandwich", act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
@@ -72,11 +82,16 @@ _FAMILIES = {
     "olmo2": _Family(norms="post", head_norms=True, head_norm_whole=True),
     "helium": _Family(rope_interleaved=True),
     "ernie4_5": _Family(rope_interleaved=True),
-    "granite": _Family(multipliers=True),
+    "granite": _Family(multipliers="divide"),
     "ministral3": _Family(llama4_query_scale=True),
-    "phi3": _Family(fused=True, all_slide=True),
+    "phi3": _Family(fused_qkv=True, fused_mlp=True, all_slide=True),
+    "olmo3": _Family(norms="post", head_norms=True, head_norm_whole=True, rope_per_type=True),
+    "glm": _Family(fused_mlp=True, rope_interleaved=True),
+    "glm4": _Family(fused_mlp=True, rope_interleaved=True, norms="glm4"),
+    "hyperclovax": _Family(multipliers="multiply", norms="peri"),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
+    "vaultgemma": _Family(**{**_GEMMA, "norms": "pre_feedforward"}),
     "gemma3_text": _Family(**_GEMMA, head_norms=True, rope_per_type=True),
 }
 FAST_FAMILIES = tuple(_FAMILIES)
@@ -108,7 +123,7 @@ class LayerModules:
     """The modules of one decoder layer the native step reads."""
 
     input_norm: nn.Module | None  # of the attention's input (None: the input as it is)
-    post_norm: nn.Module | None  # of the MLP's input
+    post_norm: nn.Module | None  # of the MLP's input (None: as it is)
     q: nn.Module | RowSlice
     k: nn.Module | RowSlice
     v: nn.Module | RowSlice
@@ -146,10 +161,12 @@ class DecoderDescription:
     # NO_ROPE: the identity)
     attn_softcap: float = 0.0  # attention scores s become attn_softcap tanh(s / attn_softcap); 0: none
     logit_softcap: float = 0.0  # the same of the LM head's logits
-    rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves (i, i + head_dim / 2)
+    rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves (i, i + rotary_dim / 2)
+    rotary_dim: int = 0  # rotary turns each head's first rotary_dim values (partial rotary); 0: all
     residual_scale: float = 1.0  # each sublayer adds residual_scale times its output
     embed_scale: float = 1.0  # the model's forward multiplies the token embeddings by it
     logit_divisor: float = 1.0  # ... and divides the LM head's logits by it
+    logit_multiplier: float = 1.0  # ... or multiplies them by this
     # Queries at position p scale by 1 + q_pos_beta log(1 + floor(p / q_pos_period)); 0: none.
     q_pos_beta: float = 0.0
     q_pos_period: int = 0
@@ -193,7 +210,10 @@ def _rms_norm_ok(name: str, module: nn.Module, hidden: int, eps: float | None = 
 
 def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int, rope: int) -> LayerModules:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    norm_names = _NORMS[fam.norms]
+    # Families with optional norms keep an nn.Identity where a config leaves one out.
+    roles = [getattr(layer, n, None) if n else None for n in _NORMS[fam.norms]]
+    into_attn, out_attn, into_mlp, out_mlp = (None if isinstance(m, nn.Identity) else m for m in roles)
+    norm_names = [n for n in _NORMS[fam.norms] if n]
     head_norms = {"q_norm", "k_norm"} if fam.head_norms else set()
     names = {"self_attn": attn, "mlp": mlp, **{n: getattr(layer, n, None) for n in norm_names}}
     missing = [n for n, m in names.items() if m is None]
@@ -204,7 +224,12 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
                    if n not in names and not (isinstance(m, nn.Dropout) and (not m.training or m.p == 0)))
     if extra:
         raise FastPathUnsupported(f"layer {i} has modules the native step lacks: {', '.join(extra)}")
-    projections = ("qkv_proj", "o_proj") if fam.fused else ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Weights held by the layer, attention or MLP module itself (Granite SWA's attention sinks).
+    own = sorted(f"{where}.{n}" for where, m in (("layer", layer), ("attention", attn), ("MLP", mlp))
+                 for n, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)))
+    if own:
+        raise FastPathUnsupported(f"layer {i} has weights the native step lacks: {', '.join(own)}")
+    projections = ("qkv_proj", "o_proj") if fam.fused_qkv else ("q_proj", "k_proj", "v_proj", "o_proj")
     attn_children = {n for n, m in attn.named_children() if any(True for _ in m.parameters()) or
                      any(True for _ in m.buffers())}
     extra = attn_children - set(projections) - head_norms
@@ -212,26 +237,34 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         raise FastPathUnsupported(f"layer {i} attention has weights the native step lacks: {', '.join(sorted(extra))}")
     mlp_children = {n for n, m in mlp.named_children() if any(True for _ in m.parameters()) or
                     any(True for _ in m.buffers())}
-    mlp_names = {"gate_up_proj", "down_proj"} if fam.fused else {"gate_proj", "up_proj", "down_proj"}
+    mlp_names = {"gate_up_proj", "down_proj"} if fam.fused_mlp else {"gate_proj", "up_proj", "down_proj"}
     if mlp_children != mlp_names:
         raise FastPathUnsupported(f"layer {i} MLP is not a gated MLP of {', '.join(sorted(mlp_names))} "
                                   f"(has {', '.join(sorted(mlp_children)) or 'nothing'})")
     h, qd, kvd, f = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
-    if fam.fused:  # the rows of q, k and v, and of gate and up, one after another
+    # Fused projections: the rows of q, k and v, or of gate and up, one after another.
+    if fam.fused_qkv:
         _linear_ok(f"layer {i} qkv_proj", attn.qkv_proj, qd + 2 * kvd, h)
-        _linear_ok(f"layer {i} gate_up_proj", mlp.gate_up_proj, 2 * f, h)
         q, k, v = (RowSlice(attn.qkv_proj, a, b) for a, b in ((0, qd), (qd, qd + kvd), (qd + kvd, qd + 2 * kvd)))
+    else:
+        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+        for name, module, shape in (("q_proj", q, (qd, h)), ("k_proj", k, (kvd, h)), ("v_proj", v, (kvd, h))):
+            _linear_ok(f"layer {i} {name}", module, *shape)
+    if fam.fused_mlp:
+        _linear_ok(f"layer {i} gate_up_proj", mlp.gate_up_proj, 2 * f, h)
         gate, up = RowSlice(mlp.gate_up_proj, 0, f), RowSlice(mlp.gate_up_proj, f, 2 * f)
     else:
-        q, k, v, gate, up = attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
-        for name, module, shape in (("q_proj", q, (qd, h)), ("k_proj", k, (kvd, h)), ("v_proj", v, (kvd, h)),
-                                    ("gate_proj", gate, (f, h)), ("up_proj", up, (f, h))):
+        gate, up = mlp.gate_proj, mlp.up_proj
+        for name, module, shape in (("gate_proj", gate, (f, h)), ("up_proj", up, (f, h))):
             _linear_ok(f"layer {i} {name}", module, *shape)
     _linear_ok(f"layer {i} o_proj", attn.o_proj, h, qd)
     _linear_ok(f"layer {i} down_proj", mlp.down_proj, h, f)
-    eps = norm_eps(getattr(layer, norm_names[0]))
-    for n in norm_names:
-        _rms_norm_ok(f"layer {i} {n}", getattr(layer, n), h, eps)
+    norms = {n: m for n, m in zip(_NORMS[fam.norms], (into_attn, out_attn, into_mlp, out_mlp)) if m is not None}
+    if not norms:
+        raise FastPathUnsupported(f"layer {i} has no norms")
+    eps = norm_eps(next(iter(norms.values())))
+    for n, m in norms.items():
+        _rms_norm_ok(f"layer {i} {n}", m, h, eps)
     for n in sorted(head_norms):
         width = (qd if n == "q_norm" else kvd) if fam.head_norm_whole else d["head_dim"]
         _rms_norm_ok(f"layer {i} {n}", getattr(attn, n, None), width, eps)
@@ -243,15 +276,6 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     if fam.window_attr and hasattr(attn, "sliding_window") and int(own or 0) != window:
         raise FastPathUnsupported(f"layer {i} attention slides over {own!r} positions, the config {window or None!r}")
     q_norm, k_norm = (attn.q_norm, attn.k_norm) if fam.head_norms else (None, None)
-    # The norms of the attention's and the MLP's inputs and outputs.
-    if fam.norms == "sandwich":
-        into_attn, into_mlp = layer.input_layernorm, layer.pre_feedforward_layernorm
-        out_attn, out_mlp = layer.post_attention_layernorm, layer.post_feedforward_layernorm
-    elif fam.norms == "post":
-        into_attn = into_mlp = None
-        out_attn, out_mlp = layer.post_attention_layernorm, layer.post_feedforward_layernorm
-    else:
-        into_attn, into_mlp, out_attn, out_mlp = layer.input_layernorm, layer.post_attention_layernorm, None, None
     return LayerModules(into_attn, into_mlp, q, k, v, attn.o_proj, gate, up, mlp.down_proj, q_norm, k_norm, out_attn,
                         out_mlp, window, rope, eps, fam.head_norm_whole)
 
@@ -342,8 +366,6 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     windows = _windows(config, fam, len(layers))
     attn_softcap, logit_softcap = (_softcap(config, name, fam)
                                    for name in ("attn_logit_softcapping", "final_logit_softcapping"))
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        raise FastPathUnsupported("partial rotary embeddings are not covered by the native step")
     types = list(getattr(config, "layer_types", None) or ())
     rope_types, ropes = _rope_tables(config, fam, types, len(layers))
     params = getattr(config, "rope_parameters", None) or {}
@@ -362,9 +384,10 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     multipliers = {}
     if fam.multipliers:
         scale = _positive(config, "attention_multiplier")
+        logits = "logit_divisor" if fam.multipliers == "divide" else "logit_multiplier"
         multipliers = dict(residual_scale=_positive(config, "residual_multiplier"),
                            embed_scale=_positive(config, "embedding_multiplier"),
-                           logit_divisor=_positive(config, "logits_scaling"))
+                           **{logits: _positive(config, "logits_scaling")})
     if fam.llama4_query_scale:
         multipliers.update(_llama4_query_scale(config))
     d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -392,4 +415,25 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head,
                               act=_ACTIVATIONS[act], norm_offset=fam.norm_offset, rope_types=rope_types,
                               attn_softcap=attn_softcap, logit_softcap=logit_softcap,
-                              rope_interleaved=fam.rope_interleaved, **multipliers)
+                              rope_interleaved=fam.rope_interleaved,
+                              rotary_dim=_rotary_dim(rotary, rope_types, head_dim), **multipliers)
+
+
+def rotary_table(rotary: nn.Module, kind: str | None, positions: torch.Tensor,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[1, positions, width]`` of one rotary table from the model's own module (kind:
+    ``DecoderDescription.rope_types``' entry, a layer type or None for the module's only one)."""
+    probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)  # the module reads its dtype and device
+    with torch.inference_mode():
+        return rotary(probe, positions) if kind is None else rotary(probe, positions, kind)
+
+
+def _rotary_dim(rotary: nn.Module, rope_types: tuple[str | None, ...], head_dim: int) -> int:
+    """How many of each head's values the rotary tables turn (partial rotary: GLM's half), read
+    from the tables the model's module makes; one even width for every table."""
+    widths = {rotary_table(rotary, kind, torch.zeros(1, 1, dtype=torch.long), head_dim)[0].shape[-1]
+              for kind in rope_types if kind != NO_ROPE} or {head_dim}
+    if len(widths) != 1 or not 0 < min(widths) <= head_dim or min(widths) % 2:
+        raise FastPathUnsupported(f"the rotary tables are {sorted(widths)} wide, not one even width up to "
+                                  f"head_dim = {head_dim}")
+    return widths.pop()

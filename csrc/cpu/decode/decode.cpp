@@ -164,10 +164,11 @@ float activate(int act, float g) {
 }
 
 // x [heads, hd] rotated in place, rotate-half convention: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
-// Rotates the halves (i, i + hd / 2) of each head, or with `interleaved` the pairs (2i, 2i + 1),
-// by angle i: cos / sin hold hd values, the angles' twice over (the pairs read the first half).
-void rotary(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin, bool interleaved) {
-  const int64_t half = hd / 2;
+// Rotates the first `rot` values of each head (the rest pass as they are: partial rotary), as
+// the halves (i, i + rot / 2) or with `interleaved` the pairs (2i, 2i + 1), by angle i: cos /
+// sin hold rot values, the angles' twice over (the pairs read the first half).
+void rotary(float* x, int64_t heads, int64_t hd, int64_t rot, const float* cos, const float* sin, bool interleaved) {
+  const int64_t half = rot / 2;
   for (int64_t h = 0; h < heads; ++h) {
     float* v = x + h * hd;
     if (interleaved) {
@@ -329,7 +330,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
   if (has_head() && (k < 1 || k > head_.N || !ids))
     return "top k must be in [1, " + std::to_string(head_.N) + "] with an ids buffer";
   const int64_t H = s.hidden, hd = s.head_dim, qd = s.heads * hd, kvd = s.kv_heads * hd, group = s.heads / s.kv_heads;
-  const int64_t I = s.intermediate;
+  const int64_t I = s.intermediate, rot = s.rotary_dim ? s.rotary_dim : hd;
   thread_local Scratch scratch;
   Scratch& t = scratch;  // a reference: lambdas run on pool threads must see this thread's buffers
   t.xn.resize(M * H);
@@ -363,8 +364,8 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
         for (int64_t g = 0; g < qd / qn; ++g) rms_norm(qm + g * qn, L.q_norm, L.eps, qn, qm + g * qn);
       if (L.k_norm)
         for (int64_t g = 0; g < kvd / kn; ++g) rms_norm(km + g * kn, L.k_norm, L.eps, kn, km + g * kn);
-      rotary(qm, s.heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd, s.rope_interleaved);
-      rotary(km, s.kv_heads, hd, cos[m] + L.rope * hd, sin[m] + L.rope * hd, s.rope_interleaved);
+      rotary(qm, s.heads, hd, rot, cos[m] + L.rope * hd, sin[m] + L.rope * hd, s.rope_interleaved);
+      rotary(km, s.kv_heads, hd, rot, cos[m] + L.rope * hd, sin[m] + L.rope * hd, s.rope_interleaved);
       for (int64_t g = 0; g < s.kv_heads; ++g) {
         std::copy_n(t.k.data() + m * kvd + g * hd, hd, kc + (g * capacity[m] + pos[m]) * hd);
         std::copy_n(t.v.data() + m * kvd + g * hd, hd, vc + (g * capacity[m] + pos[m]) * hd);

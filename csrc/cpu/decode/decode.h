@@ -44,12 +44,13 @@ struct DecodeShape {
   float attn_scale = 1.f;
   int act = kSilu;
   float attn_softcap = 0.f;  // > 0: attention scores s become attn_softcap tanh(s / attn_softcap) (gemma 2)
-  bool rope_interleaved = false;  // rotary pairs (2i, 2i + 1) rather than halves (i, i + head_dim / 2)
+  bool rope_interleaved = false;  // rotary pairs (2i, 2i + 1) rather than halves (i, i + rotary_dim / 2)
   float residual_scale = 1.f;  // each sublayer adds residual_scale times its output (granite)
   // With q_pos_period > 0, the queries at position p scale by 1 + q_pos_beta log(1 + floor(p /
   // q_pos_period)) (ministral 3's attention at positions past its original context).
   float q_pos_beta = 0.f;
   int64_t q_pos_period = 0;
+  int64_t rotary_dim = 0;  // rotary turns each head's first rotary_dim values (even; 0: all head_dim)
 };
 
 struct DecodeLayer {
