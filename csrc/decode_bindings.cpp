@@ -50,15 +50,18 @@ void bind_decode(py::module_& m) {
                               "Native decode step of llama-style layers (see csrc/cpu/decode/decode.h).")
       .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
                        float attn_scale, int act, float attn_softcap, bool rope_interleaved, float residual_scale,
-                       float q_pos_beta, int64_t q_pos_period, int64_t rotary_dim) {
+                       float q_pos_beta, int64_t q_pos_period, int64_t rotary_dim, bool layer_norm, bool parallel,
+                       bool gated, float clip_qkv) {
              if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || intermediate <= 0)
                throw std::invalid_argument("hidden, heads, kv_heads, head_dim and intermediate must be positive");
              if (heads % kv_heads) throw std::invalid_argument("heads must be a multiple of kv_heads");
              if (head_dim % 2) throw std::invalid_argument("head_dim must be even (rotary halves)");
              if (rotary_dim < 0 || rotary_dim > head_dim || rotary_dim % 2)
                throw std::invalid_argument("rotary_dim must be even and in [0, head_dim] (0: head_dim)");
-             if (act != sk::kSilu && act != sk::kGeluTanh)
-               throw std::invalid_argument("act must be 0 (silu) or 1 (gelu, tanh approximation)");
+             if (act < sk::kSilu || act > sk::kGelu)
+               throw std::invalid_argument("act must be 0 (silu), 1 (gelu, tanh approximation), 2 (relu^2) or 3 (gelu)");
+             if (!(clip_qkv >= 0.f) || std::isinf(clip_qkv))
+               throw std::invalid_argument("clip_qkv must be finite and >= 0 (0: none)");
              if (!(attn_softcap >= 0.f) || std::isinf(attn_softcap))
                throw std::invalid_argument("attn_softcap must be finite and >= 0 (0: none)");
              if (!std::isfinite(residual_scale)) throw std::invalid_argument("residual_scale must be finite");
@@ -66,21 +69,25 @@ void bind_decode(py::module_& m) {
                throw std::invalid_argument("q_pos_beta must be finite and q_pos_period >= 0 (0: none)");
              return sk::DecodeStack(
                  sk::DecodeShape{hidden, heads, kv_heads, head_dim, intermediate, attn_scale, act, attn_softcap,
-                                 rope_interleaved, residual_scale, q_pos_beta, q_pos_period, rotary_dim});
+                                 rope_interleaved, residual_scale, q_pos_beta, q_pos_period, rotary_dim, layer_norm,
+                                 parallel, gated, clip_qkv});
            }),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
            py::arg("attn_scale"), py::arg("act") = 0, py::arg("attn_softcap") = 0.f,
            py::arg("rope_interleaved") = false, py::arg("residual_scale") = 1.f, py::arg("q_pos_beta") = 0.f,
-           py::arg("q_pos_period") = 0, py::arg("rotary_dim") = 0)
+           py::arg("q_pos_period") = 0, py::arg("rotary_dim") = 0, py::arg("layer_norm") = false,
+           py::arg("parallel") = false, py::arg("gated") = true, py::arg("clip_qkv") = 0.f)
       .def(
           "add_layer",
           [](sk::DecodeStack& s, std::uintptr_t input_norm, std::uintptr_t post_norm, float eps, const py::dict& q,
              const py::dict& k, const py::dict& v, const py::dict& o, const py::dict& gate, const py::dict& up,
              const py::dict& down, std::uintptr_t q_norm, std::uintptr_t k_norm, std::uintptr_t attn_out_norm,
-             std::uintptr_t mlp_out_norm, int64_t window, int64_t rope, bool head_norm_whole) {
+             std::uintptr_t mlp_out_norm, int64_t window, int64_t rope, bool head_norm_whole,
+             std::uintptr_t input_norm_bias, std::uintptr_t post_norm_bias) {
             sk::DecodeLayer l;
             l.input_norm = ptr<const float>(input_norm);
             l.post_norm = ptr<const float>(post_norm);
+            l.input_norm_bias = ptr<const float>(input_norm_bias), l.post_norm_bias = ptr<const float>(post_norm_bias);
             l.eps = eps;
             l.q = linear(q), l.k = linear(k), l.v = linear(v), l.o = linear(o);
             l.gate = linear(gate), l.up = linear(up), l.down = linear(down);
@@ -92,13 +99,13 @@ void bind_decode(py::module_& m) {
           py::arg("input_norm"), py::arg("post_norm"), py::arg("eps"), py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("q_norm") = 0, py::arg("k_norm") = 0,
           py::arg("attn_out_norm") = 0, py::arg("mlp_out_norm") = 0, py::arg("window") = 0, py::arg("rope") = 0,
-          py::arg("head_norm_whole") = false)
+          py::arg("head_norm_whole") = false, py::arg("input_norm_bias") = 0, py::arg("post_norm_bias") = 0)
       .def(
           "set_head",
-          [](sk::DecodeStack& s, std::uintptr_t norm, float eps, const py::dict& head) {
-            check(s.set_head(ptr<const float>(norm), eps, linear(head)));
+          [](sk::DecodeStack& s, std::uintptr_t norm, float eps, const py::dict& head, std::uintptr_t norm_bias) {
+            check(s.set_head(ptr<const float>(norm), eps, linear(head), ptr<const float>(norm_bias)));
           },
-          py::arg("norm"), py::arg("eps"), py::arg("head"))
+          py::arg("norm"), py::arg("eps"), py::arg("head"), py::arg("norm_bias") = 0)
       .def(
           "step",
           [](const sk::DecodeStack& s, std::uintptr_t h, int64_t pos, std::uintptr_t kv, int64_t capacity,

@@ -41,18 +41,18 @@ def sliding_window_models(num_layers: int = 4, window: int = 5) -> list:
 
 
 def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
-    """A tiny model of any family from its own config (``models.tiny``), norms random (Gemma's
-    zero-initialised ones would hide the 1 + w), sliding layers' windows shrunk to ``window``,
-    soft caps shrunk to ``TINY_SOFTCAP``, and Granite's and HyperCLOVA X's multipliers, Ministral
-    3's query scale and OLMo 3's rotary of full-attention layers made to count (the native step's
-    tests)."""
+    """A tiny model of any family from its own config (``models.tiny``), norms' weights and biases
+    random (Gemma's zero-initialised ones would hide the 1 + w, LayerNorms' zero biases theirs),
+    sliding layers' windows shrunk to ``window``, soft caps shrunk to ``TINY_SOFTCAP``, and
+    Granite's and HyperCLOVA X's multipliers, Ministral 3's query scale, OLMo's clamp of q, k and
+    v and OLMo 3's rotary of full-attention layers made to count (the native step's tests)."""
     from transformers import AutoModelForCausalLM
 
     from splitkernels.models.loading import TINY_SOFTCAP
     from splitkernels.models.tiny import tiny_config
 
     config = tiny_config(model_type, num_layers=4, hidden=64, vocab=128)
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or model_type == "phi3":
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or model_type in ("phi3", "starcoder2"):
         config.sliding_window = window
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, cap, None) is not None:  # tiny scores and logits never reach 30 or 50
@@ -60,6 +60,8 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
     if model_type in ("granite", "hyperclovax"):  # multipliers of 1 would hide them
         config.attention_multiplier, config.residual_multiplier = 0.3, 0.5
         config.embedding_multiplier, config.logits_scaling = 2.0, 3.0
+    if model_type == "olmo":  # tiny projections stay below any clamp a real model sets
+        config.clip_qkv = 0.1
     if model_type == "olmo3":  # both layer types' tables are the same in the tiny config
         config.rope_parameters = {**config.rope_parameters, "full_attention": {
             "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}}
@@ -70,6 +72,6 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "norm.bias")):
                 p.normal_(0.0, 0.3)
     return model

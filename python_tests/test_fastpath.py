@@ -234,8 +234,14 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
         _C.set_lowbit_isa(before)
 
 
-# Families whose layers are llama's, Gemma 1's (norms of 1 + w), SmolLM3's (every fourth layer
-# without rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
+# Families whose layers are llama's, Gemma 1's (norms of 1 + w), Arcee's (an MLP of relu^2 without
+# a gate), SmolLM3's (every fourth layer without rotary), OLMo's (LayerNorms without weights,
+# queries, keys and values clamped), StableLM's (LayerNorms with biases, rotary over a quarter
+# of each head), StarCoder 2's (LayerNorms, an MLP of gelu without a gate, every layer sliding),
+# Phi's (LayerNorms; attention and MLP in parallel on one normed input; half of each head
+# rotated; a biased head), Cohere's (LayerNorms without biases, parallel, interleaved rotary
+# from a table repeating each angle, a logit scale; Cohere 2's full-attention layers without
+# rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
 # full-attention layers without rotary), OLMo 2's (norms after the sublayers, query and key
 # norms over whole projections; OLMo 3's also a rotary table per layer type), Helium's and
 # ERNIE 4.5's (rotary over interleaved pairs), GLM's (interleaved rotary over half of each head,
@@ -244,13 +250,20 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # norm the sublayers' outputs too), Ministral 3's (queries scaled by position), Phi-3's (fused
 # qkv and gate-up projections, every layer sliding) or VaultGemma's (Gemma 2 without the norms
 # after the sublayers), built from transformers' own configs; sliding layers included.
-@pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "smollm3",
+@pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "arcee",
+                                    "smollm3", "olmo", "stablelm", "starcoder2", "phi", "cohere", "cohere2",
                                     "exaone4", "olmo2", "olmo3", "helium", "ernie4_5", "glm", "glm4", "granite",
                                     "hyperclovax", "ministral3", "phi3", "vaultgemma"])
-def test_llama_shaped_families_match_eager(family):
+def test_other_families_match_eager(family):
     model = family_model(family)
     d = describe(model)
-    assert d.rotary_dim == (d.head_dim // 2 if family in ("glm", "glm4") else d.head_dim)
+    rotated = {"glm": 2, "glm4": 2, "phi": 2, "stablelm": 4}.get(family, 1)
+    assert d.rotary_dim == d.head_dim // rotated
+    assert d.layer_norm == (family in ("olmo", "stablelm", "starcoder2", "phi", "cohere", "cohere2"))
+    assert d.parallel == (family in ("phi", "cohere", "cohere2"))
+    assert d.gated == (family not in ("arcee", "starcoder2", "phi"))
+    if family == "starcoder2":
+        assert [m.window for m in d.layers] == [5] * 4
     if family in ("olmo3", "vaultgemma"):
         assert [m.window for m in d.layers] == [5, 0, 5, 0]
     if family == "vaultgemma":
@@ -277,6 +290,40 @@ def test_fused_projections_of_low_bit_weights(bits):
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
             assert err < TOL and token == ref_token, head
+
+
+@pytest.mark.parametrize("act", ["relu2", "gelu", "gelu_new", "silu"])
+def test_mlp_activations_match_eager(act):
+    model = family_model("arcee")
+    model.config.hidden_act = act
+    torch.manual_seed(4)
+    model = type(model)(model.config).eval()
+    assert describe(model).act == {"silu": 0, "gelu_new": 1, "relu2": 2, "gelu": 3}[act]
+    for err, token, ref_token in _compare_steps(model, 0, 4, head="fp32", steps=6, prompt=8):
+        assert err < TOL and token == ref_token
+
+
+def test_stablelm_parallel_residual_matches_eager():
+    # use_parallel_residual: no post-attention norm; the MLP takes the attention's normed input.
+    model = family_model("stablelm")
+    model.config.use_parallel_residual = True
+    torch.manual_seed(4)
+    model = type(model)(model.config).eval()
+    d = describe(model)
+    assert d.parallel and all(m.post_norm is None for m in d.layers)
+    for err, token, ref_token in _compare_steps(model, 0, 4, head="int8", steps=8, prompt=8):
+        assert err < TOL and token == ref_token
+
+
+@pytest.mark.parametrize("family, flag, reason", [
+    ("phi", "qk_layernorm", "attention has weights the native step lacks: k_layernorm, q_layernorm"),
+    ("cohere", "use_qk_norm", "attention has weights the native step lacks: k_norm, q_norm"),
+    ("stablelm", "qk_layernorm", "attention has weights the native step lacks: k_layernorm, q_layernorm")])
+def test_declines_per_head_norms_of_layer_norm_families(family, flag, reason):
+    model = family_model(family)
+    setattr(model.config, flag, True)
+    with pytest.raises(FastPathUnsupported, match=f"layer 0 {reason}"):
+        describe(type(model)(model.config).eval())
 
 
 def test_hyperclovax_without_its_optional_norms_matches_eager():
@@ -399,7 +446,7 @@ def test_cache_hands_over_between_eager_and_native():
 
 @pytest.mark.parametrize("build, reason", [
     (lambda: tiny_model("gpt2"), "family 'gpt2'"),
-    (lambda: _llama(hidden_act="gelu"), "activation is 'gelu'"),
+    (lambda: _llama(hidden_act="relu"), "activation is 'relu'"),
     (lambda: _llama().to(torch.bfloat16), "runs in torch.bfloat16"),
     (lambda: _llama().to("meta"), r"runs on the CPU; the model is on \['meta'\]"),
     (lambda: _llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
@@ -408,7 +455,11 @@ def test_cache_hands_over_between_eager_and_native():
                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                                               sliding_window=-4)), "sliding_window -4 is not a positive"),
     (lambda: _gemma3(use_bidirectional_attention=True), "layer types .* are not covered"),
-    (lambda: _gemma3(hidden_activation="gelu"), "activation is 'gelu'"),
+    (lambda: _gemma3(hidden_activation="relu"), "activation is 'relu'"),
+    (lambda: _with_config(family_model("cohere"), logit_scale=0.0), "logit_scale 0.0 is not a positive number"),
+    (lambda: _with_config(family_model("olmo"), clip_qkv=-1.0), "clip_qkv -1.0 is not a positive number"),
+    (lambda: _norm_swapped("stablelm", "phi3"), "layer 1 input_layernorm is a Phi3RMSNorm, not a LayerNorm of width 64"),
+    (lambda: _norm_swapped("phi3", "stablelm"), "layer 1 input_layernorm is a LayerNorm, not an RMSNorm of width 64"),
     (lambda: _with_config(_llama(), layer_types=["chunked_attention"] * 3), "layer types .* are not covered"),
     (lambda: _with_config(_llama(), layer_types=["full_attention"] * 2), "2 layer types for 3 layers"),
     (lambda: _with_config(_llama(), attn_logit_softcapping=50.0), "attn_logit_softcapping is not covered"),
@@ -455,6 +506,13 @@ def test_declines_a_layer_with_extra_weights():
         describe(model)
 
 
+def _norm_swapped(family: str, other: str):
+    """A model of ``family`` whose layer 1 input norm is ``other``'s kind of norm."""
+    model, donor = family_model(family), family_model(other)
+    model.model.layers[1].input_layernorm = donor.model.layers[1].input_layernorm
+    return model
+
+
 def test_decode_stack_rejects_bad_sizes():
     stack = _C.DecodeStack(64, 4, 2, 16, 128, 0.25)
     good = {"kind": 1, "N": 64, "K": 64, "weight": 1}
@@ -462,8 +520,22 @@ def test_decode_stack_rejects_bad_sizes():
         stack.add_layer(1, 1, 1e-6, good, good, good, good, good, good, good)
     with pytest.raises(ValueError, match="window and rope must be >= 0"):
         stack.add_layer(1, 1, 1e-6, good, good, good, good, good, good, good, window=-1)
-    with pytest.raises(ValueError, match=r"act must be 0 \(silu\) or 1"):
-        _C.DecodeStack(64, 4, 2, 16, 128, 0.25, 2)
+    for act in (-1, 4):
+        with pytest.raises(ValueError, match=r"act must be 0 \(silu\), 1 .* or 3 \(gelu\)"):
+            _C.DecodeStack(64, 4, 2, 16, 128, 0.25, act)
+    for clip in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clip_qkv must be finite and >= 0"):
+            _C.DecodeStack(64, 4, 2, 16, 128, 0.25, clip_qkv=clip)
+    # A gate in an MLP without one, a bias on an RMSNorm or on the head's RMSNorm.
+    plain = _C.DecodeStack(64, 4, 2, 16, 64, 0.25, gated=False)
+    kv = {"kind": 1, "N": 32, "K": 64, "weight": 1}
+    with pytest.raises(ValueError, match="gate_proj must be empty: the MLP is not gated"):
+        plain.add_layer(1, 1, 1e-6, good, kv, kv, good, good, good, good)
+    with pytest.raises(ValueError, match="an RMSNorm has no bias"):
+        stack.add_layer(1, 1, 1e-6, good, kv, kv, good, {**good, "N": 128}, {**good, "N": 128},
+                        {**good, "K": 128}, input_norm_bias=1)
+    with pytest.raises(ValueError, match="only a LayerNorm has a bias"):
+        stack.set_head(1, 1e-6, good, norm_bias=1)
     for cap in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="attn_softcap must be finite and >= 0"):
             _C.DecodeStack(64, 4, 2, 16, 128, 0.25, 0, cap)
@@ -594,15 +666,19 @@ def test_uncovered_family_server_takes_its_token_from_the_native_head(monkeypatc
 
 
 def test_server_keeps_a_head_whose_logits_the_model_transforms():
-    # A logit scale named in the config, and a change after the head that no config names (found
-    # by the probe): the server keeps the model's own head, and says why.
+    # A logit scale named in the config (of a Cohere whose per-head norms keep its layers eager),
+    # and a change after the head that no config names (found by the probe): the server keeps
+    # the model's own head, and says why.
     from transformers import AutoModelForCausalLM
 
     from splitkernels.models.tiny import tiny_config
 
     torch.manual_seed(0)
-    named = AutoModelForCausalLM.from_config(tiny_config("cohere", num_layers=2)).eval()
+    config = tiny_config("cohere", num_layers=2)
+    config.use_qk_norm = True
+    named = AutoModelForCausalLM.from_config(config).eval()
     sm = split_model(named, 1)
+    assert not sm.server.fast
     assert sm.server.native_head is None and "logit_scale = 0.0625" in sm.server.head_reason
     scaled = tiny_model("gpt2", seed=2, num_layers=2)
 

@@ -10,7 +10,7 @@ from .._native import load
 from ..formats.dtypes import DTYPE_CODE
 from ..nn.linear import QuantLinear, is_plain_linear
 from .cache import FastCache
-from .spec import NO_ROPE, DecoderDescription, FastPathUnsupported, RowSlice, describe, norm_eps, rotary_table
+from .spec import NO_ROPE, DecoderDescription, FastPathUnsupported, RowSlice, describe, rotary_table
 
 _C, _C_ERROR = load("_C")
 
@@ -153,28 +153,40 @@ class NativeDecoder(_NativeWeights):
         self.head = head
         self.stack = _C.DecodeStack(d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.attn_scale, d.act,
                                     d.attn_softcap, d.rope_interleaved, d.residual_scale, d.q_pos_beta,
-                                    d.q_pos_period, d.rotary_dim)
+                                    d.q_pos_period, d.rotary_dim, layer_norm=d.layer_norm, parallel=d.parallel,
+                                    gated=d.gated, clip_qkv=d.clip_qkv)
         for i in range(first, last):
             m = d.layers[i]
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,
                                  self._linear(m.q), self._linear(m.k), self._linear(m.v), self._linear(m.o),
-                                 self._linear(m.gate), self._linear(m.up), self._linear(m.down),
+                                 self._linear(m.gate) if m.gate is not None else {}, self._linear(m.up),
+                                 self._linear(m.down),
                                  q_norm=self._norm(m.q_norm), k_norm=self._norm(m.k_norm),
                                  attn_out_norm=self._norm(m.attn_out_norm), mlp_out_norm=self._norm(m.mlp_out_norm),
-                                 window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole)
+                                 window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole,
+                                 input_norm_bias=self._norm_bias(m.input_norm), post_norm_bias=self._norm_bias(m.post_norm))
         if head is not None:
-            self.stack.set_head(self._norm(d.final_norm), norm_eps(d.final_norm), self._head(d.lm_head, head))
+            self.stack.set_head(self._norm(d.final_norm), d.final_eps, self._head(d.lm_head, head),
+                                self._norm_bias(d.final_norm))
             self.vocab = int(d.lm_head.out_features)
         # (cos, sin) as one attribute: sessions on other threads read both tables of one size.
         self._rope: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
 
     def _norm(self, module: nn.Module | None) -> int:
-        """An RMSNorm's weights as the native step multiplies by them (the family's offset added:
-        Gemma's norms scale by 1 + w, computed in fp32 as its forward does); 0 for no norm."""
+        """A norm's weights as the native step multiplies by them (the family's offset added:
+        Gemma's norms scale by 1 + w, computed in fp32 as its forward does; ones for a LayerNorm
+        without weights); 0 for no norm."""
         if module is None:
             return 0
-        offset = self.description.norm_offset
-        return self._vector(module.weight.float() + offset if offset else module.weight)
+        weight, offset = getattr(module, "weight", None), self.description.norm_offset
+        if weight is None:
+            return self._vector(torch.ones(self.description.hidden))
+        return self._vector(weight.float() + offset if offset else weight)
+
+    def _norm_bias(self, module: nn.Module | None) -> int:
+        """A LayerNorm's bias (0: none)."""
+        bias = getattr(module, "bias", None)
+        return 0 if bias is None else self._vector(bias)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings of ``ids`` as the model's forward feeds them to its first layer
@@ -217,6 +229,8 @@ class NativeDecoder(_NativeWeights):
             c, s = rotary_table(d.rotary, kind, positions, d.head_dim)
             if c.shape[-1] != d.rotary_dim:
                 raise FastPathUnsupported(f"a rotary table is {c.shape[-1]} wide, not rotary_dim = {d.rotary_dim}")
+            if d.rope_table_repeated:  # the angles twice over, as the native step reads them
+                c, s = (torch.cat([t[..., 0::2], t[..., 0::2]], dim=-1) for t in (c, s))
             cos[:, i, :d.rotary_dim], sin[:, i, :d.rotary_dim] = c[0], s[0]
         self._rope = (cos, sin)
         return self._rope

@@ -47,6 +47,19 @@ class _Family:
     llama4_query_scale: bool = False  # queries scale with the position past the original context
     fused_qkv: bool = False  # one qkv_proj instead of q/k/v_proj (Phi-3)
     fused_mlp: bool = False  # one gate_up_proj instead of gate_proj and up_proj (Phi-3, GLM)
+    plain_mlp: tuple[str, str] | None = None  # an MLP down(act(up(x))) without a gate: (up, down) names
+    o_name: str = "o_proj"  # the attention's output projection
+    final_norm: str = "norm"  # the final norm, beside the layers
+    # LayerNorms, (x - mean) / std * w + b (weight and bias optional), instead of RMSNorms; with
+    # norm_eps their epsilon when the norm modules hold none (OLMo's forward fixes 1e-5).
+    layer_norm: bool = False
+    norm_eps: float | None = None
+    # Attention and MLP both read the layer's one normed input ("always"; or where the config
+    # flag of that name says so), the layer returning h + attn + mlp (Phi, Cohere, StableLM).
+    parallel: str = ""
+    rope_table_repeated: bool = False  # the rotary table repeats each angle in place (Cohere), not twice over
+    logit_scale: bool = False  # the forward multiplies the logits by config.logit_scale (Cohere)
+    clip_qkv: bool = False  # config.clip_qkv clamps queries, keys and values (OLMo)
 
 
 # A layer's norms by module name in their roles: of the attention's input, of its output
@@ -61,9 +74,11 @@ _NORMS = {
     "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
     "peri": ("input_layernorm", "post_norm1", "post_attention_layernorm", "post_norm2"),
     "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+    "parallel": ("input_layernorm", None, None, None),  # the MLP takes the attention's normed input
     "pre_feedforward": ("input_layernorm", None, "pre_feedforward_layernorm", None),
 }
 
+_COHERE = dict(layer_norm=True, parallel="always", rope_interleaved=True, rope_table_repeated=True, logit_scale=True)
 _GEMMA = dict(norm_offset=1.0, norms="sandwich", act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
 # Families whose decoder layer's forward was checked against the native step (tests compare
 # the two). Another family with the same module names may still differ in its forward (scaled
@@ -89,6 +104,14 @@ _FAMILIES = {
     "glm": _Family(fused_mlp=True, rope_interleaved=True),
     "glm4": _Family(fused_mlp=True, rope_interleaved=True, norms="glm4"),
     "hyperclovax": _Family(multipliers="multiply", norms="peri"),
+    "arcee": _Family(plain_mlp=("up_proj", "down_proj")),
+    "olmo": _Family(layer_norm=True, norm_eps=1e-5, clip_qkv=True),
+    "stablelm": _Family(layer_norm=True, parallel="use_parallel_residual"),
+    "starcoder2": _Family(layer_norm=True, plain_mlp=("c_fc", "c_proj"), all_slide=True),
+    "phi": _Family(layer_norm=True, parallel="always", plain_mlp=("fc1", "fc2"), o_name="dense",
+                   final_norm="final_layernorm"),
+    "cohere": _Family(**_COHERE),
+    "cohere2": _Family(**_COHERE, nope="global"),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "vaultgemma": _Family(**{**_GEMMA, "norms": "pre_feedforward"}),
@@ -97,8 +120,9 @@ _FAMILIES = {
 FAST_FAMILIES = tuple(_FAMILIES)
 # Rotary types whose cos/sin depend on the position only (so one table serves every step).
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-# The MLP activations the native step has (csrc/cpu/decode/decode.h DecodeActivation).
-_ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
+# The MLP activations the native step has (csrc/cpu/decode/decode.h DecodeActivation);
+# transformers' gelu_new is the same tanh approximation as gelu_pytorch_tanh.
+_ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "relu2": 2, "gelu": 3}
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 # The rotary "table" of a layer without rotary embeddings (cos 1, sin 0: the identity).
 NO_ROPE = "no rotary"
@@ -128,7 +152,7 @@ class LayerModules:
     k: nn.Module | RowSlice
     v: nn.Module | RowSlice
     o: nn.Module
-    gate: nn.Module | RowSlice
+    gate: nn.Module | RowSlice | None  # None: the MLP has no gate
     up: nn.Module | RowSlice
     down: nn.Module
     q_norm: nn.Module | None = None  # per query / key head, before rotary
@@ -167,15 +191,24 @@ class DecoderDescription:
     embed_scale: float = 1.0  # the model's forward multiplies the token embeddings by it
     logit_divisor: float = 1.0  # ... and divides the LM head's logits by it
     logit_multiplier: float = 1.0  # ... or multiplies them by this
+    layer_norm: bool = False  # every norm is a LayerNorm (its weight and bias optional)
+    final_eps: float = 1e-6  # the final norm's epsilon
+    parallel: bool = False  # the MLP takes the attention's normed input; no norm of its own
+    gated: bool = True  # the MLP is down(act(gate(x)) * up(x)); else down(act(up(x)))
+    clip_qkv: float = 0.0  # queries, keys and values clamped to [-clip_qkv, clip_qkv]; 0: none
+    rope_table_repeated: bool = False  # the rotary module's tables repeat each angle in place
     # Queries at position p scale by 1 + q_pos_beta log(1 + floor(p / q_pos_period)); 0: none.
     q_pos_beta: float = 0.0
     q_pos_period: int = 0
 
 
-def norm_eps(module: nn.Module) -> float:
-    """An RMSNorm's epsilon, by either of the names transformers' norms give it."""
-    eps = getattr(module, "variance_epsilon", None)
-    return float(eps if eps is not None else module.eps)
+def norm_eps(module: nn.Module, fixed: float | None = None) -> float:
+    """A norm's epsilon, by either of the names transformers' norms give it, or ``fixed`` for a
+    family whose norm modules hold none."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", fixed))
+    if eps is None:
+        raise FastPathUnsupported(f"the {type(module).__name__} names no epsilon")
+    return float(eps)
 
 
 def _rope_type(config) -> str:
@@ -198,22 +231,35 @@ def _linear_ok(name: str, module: nn.Module, out_features: int, in_features: int
         raise FastPathUnsupported(f"{name} is [{n}, {k}], expected [{out_features}, {in_features}]")
 
 
-def _rms_norm_ok(name: str, module: nn.Module, hidden: int, eps: float | None = None) -> None:
-    weight = getattr(module, "weight", None)
-    named_eps = any(hasattr(module, a) for a in ("variance_epsilon", "eps"))
-    if not type(module).__name__.endswith("RMSNorm") or not named_eps or not isinstance(weight, torch.Tensor) \
-            or weight.shape != (hidden,):
-        raise FastPathUnsupported(f"{name} is a {type(module).__name__}, not an RMSNorm of width {hidden}")
-    if eps is not None and norm_eps(module) != eps:
-        raise FastPathUnsupported(f"{name} has epsilon {norm_eps(module)}, the layer's other norms {eps}")
+def _norm_ok(name: str, module: nn.Module, hidden: int, layer_norm: bool = False, eps: float | None = None,
+             fixed_eps: float | None = None) -> None:
+    """``module`` is an RMSNorm with its weight (or with ``layer_norm`` a LayerNorm whose weight and
+    bias are optional) over ``hidden`` values, with epsilon ``eps`` where given (``fixed_eps``:
+    the family's, for norm modules that hold none)."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    shape = tuple(getattr(module, "normalized_shape", (hidden,)))
+    params = {n for n, _ in module.named_parameters()}
+    kind = "LayerNorm" if layer_norm else "RMSNorm"
+    if layer_norm:
+        ok = all(t is None or (isinstance(t, torch.Tensor) and t.shape == (hidden,)) for t in (weight, bias)) \
+            and shape == (hidden,) and params <= {"weight", "bias"}
+    else:
+        ok = isinstance(weight, torch.Tensor) and weight.shape == (hidden,) and params == {"weight"}
+    if not type(module).__name__.endswith(kind) or not ok:
+        raise FastPathUnsupported(f"{name} is a {type(module).__name__}, not {'a' if layer_norm else 'an'} {kind} "
+                                  f"of width {hidden}")
+    if eps is not None and norm_eps(module, fixed_eps) != eps:
+        raise FastPathUnsupported(f"{name} has epsilon {norm_eps(module, fixed_eps)}, the layer's other norms {eps}")
 
 
-def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int, rope: int) -> LayerModules:
+def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int, rope: int,
+                   parallel: bool) -> LayerModules:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     # Families with optional norms keep an nn.Identity where a config leaves one out.
-    roles = [getattr(layer, n, None) if n else None for n in _NORMS[fam.norms]]
+    layout = _NORMS["parallel" if parallel else fam.norms]
+    roles = [getattr(layer, n, None) if n else None for n in layout]
     into_attn, out_attn, into_mlp, out_mlp = (None if isinstance(m, nn.Identity) else m for m in roles)
-    norm_names = [n for n in _NORMS[fam.norms] if n]
+    norm_names = [n for n in layout if n]
     head_norms = {"q_norm", "k_norm"} if fam.head_norms else set()
     names = {"self_attn": attn, "mlp": mlp, **{n: getattr(layer, n, None) for n in norm_names}}
     missing = [n for n, m in names.items() if m is None]
@@ -229,7 +275,7 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
                  for n, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)))
     if own:
         raise FastPathUnsupported(f"layer {i} has weights the native step lacks: {', '.join(own)}")
-    projections = ("qkv_proj", "o_proj") if fam.fused_qkv else ("q_proj", "k_proj", "v_proj", "o_proj")
+    projections = ("qkv_proj", fam.o_name) if fam.fused_qkv else ("q_proj", "k_proj", "v_proj", fam.o_name)
     attn_children = {n for n, m in attn.named_children() if any(True for _ in m.parameters()) or
                      any(True for _ in m.buffers())}
     extra = attn_children - set(projections) - head_norms
@@ -237,9 +283,11 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         raise FastPathUnsupported(f"layer {i} attention has weights the native step lacks: {', '.join(sorted(extra))}")
     mlp_children = {n for n, m in mlp.named_children() if any(True for _ in m.parameters()) or
                     any(True for _ in m.buffers())}
-    mlp_names = {"gate_up_proj", "down_proj"} if fam.fused_mlp else {"gate_proj", "up_proj", "down_proj"}
+    up_name, down_name = fam.plain_mlp or ("up_proj", "down_proj")
+    mlp_names = ({up_name, down_name} if fam.plain_mlp else {"gate_up_proj", down_name} if fam.fused_mlp
+                 else {"gate_proj", up_name, down_name})
     if mlp_children != mlp_names:
-        raise FastPathUnsupported(f"layer {i} MLP is not a gated MLP of {', '.join(sorted(mlp_names))} "
+        raise FastPathUnsupported(f"layer {i} MLP is not an MLP of {', '.join(sorted(mlp_names))} "
                                   f"(has {', '.join(sorted(mlp_children)) or 'nothing'})")
     h, qd, kvd, f = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
     # Fused projections: the rows of q, k and v, or of gate and up, one after another.
@@ -254,20 +302,22 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         _linear_ok(f"layer {i} gate_up_proj", mlp.gate_up_proj, 2 * f, h)
         gate, up = RowSlice(mlp.gate_up_proj, 0, f), RowSlice(mlp.gate_up_proj, f, 2 * f)
     else:
-        gate, up = mlp.gate_proj, mlp.up_proj
-        for name, module, shape in (("gate_proj", gate, (f, h)), ("up_proj", up, (f, h))):
-            _linear_ok(f"layer {i} {name}", module, *shape)
-    _linear_ok(f"layer {i} o_proj", attn.o_proj, h, qd)
-    _linear_ok(f"layer {i} down_proj", mlp.down_proj, h, f)
-    norms = {n: m for n, m in zip(_NORMS[fam.norms], (into_attn, out_attn, into_mlp, out_mlp)) if m is not None}
+        gate, up = None if fam.plain_mlp else mlp.gate_proj, getattr(mlp, up_name)
+        for name, module in (("gate_proj", gate), (up_name, up)):
+            if module is not None:
+                _linear_ok(f"layer {i} {name}", module, f, h)
+    o, down = getattr(attn, fam.o_name), getattr(mlp, down_name)
+    _linear_ok(f"layer {i} {fam.o_name}", o, h, qd)
+    _linear_ok(f"layer {i} {down_name}", down, h, f)
+    norms = {n: m for n, m in zip(layout, (into_attn, out_attn, into_mlp, out_mlp)) if m is not None}
     if not norms:
         raise FastPathUnsupported(f"layer {i} has no norms")
-    eps = norm_eps(next(iter(norms.values())))
+    eps = norm_eps(next(iter(norms.values())), fam.norm_eps)
     for n, m in norms.items():
-        _rms_norm_ok(f"layer {i} {n}", m, h, eps)
+        _norm_ok(f"layer {i} {n}", m, h, fam.layer_norm, eps, fam.norm_eps)
     for n in sorted(head_norms):
         width = (qd if n == "q_norm" else kvd) if fam.head_norm_whole else d["head_dim"]
-        _rms_norm_ok(f"layer {i} {n}", getattr(attn, n, None), width, eps)
+        _norm_ok(f"layer {i} {n}", getattr(attn, n, None), width, eps=eps)
     scaling = getattr(attn, "scaling", None)
     if not isinstance(scaling, float) or abs(scaling - d["attn_scale"]) > 1e-12 * d["attn_scale"]:
         raise FastPathUnsupported(f"layer {i} attention scaling is {scaling!r}, expected {d['attn_scale']!r}")
@@ -276,8 +326,8 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     if fam.window_attr and hasattr(attn, "sliding_window") and int(own or 0) != window:
         raise FastPathUnsupported(f"layer {i} attention slides over {own!r} positions, the config {window or None!r}")
     q_norm, k_norm = (attn.q_norm, attn.k_norm) if fam.head_norms else (None, None)
-    return LayerModules(into_attn, into_mlp, q, k, v, attn.o_proj, gate, up, mlp.down_proj, q_norm, k_norm, out_attn,
-                        out_mlp, window, rope, eps, fam.head_norm_whole)
+    return LayerModules(into_attn, into_mlp, q, k, v, o, gate, up, down, q_norm, k_norm, out_attn, out_mlp, window,
+                        rope, eps, fam.head_norm_whole)
 
 
 def _windows(config, fam: _Family, num_layers: int) -> list[int]:
@@ -390,6 +440,11 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
                            **{logits: _positive(config, "logits_scaling")})
     if fam.llama4_query_scale:
         multipliers.update(_llama4_query_scale(config))
+    if fam.logit_scale:
+        multipliers.update(logit_multiplier=_positive(config, "logit_scale"))
+    if fam.clip_qkv and getattr(config, "clip_qkv", None) is not None:
+        multipliers.update(clip_qkv=_positive(config, "clip_qkv"))
+    parallel = fam.parallel == "always" or bool(fam.parallel and getattr(config, fam.parallel, False))
     d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
              intermediate=int(config.intermediate_size), attn_scale=scale)
     last = len(layers) if last is None else last
@@ -397,7 +452,7 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     def layer(i: int) -> LayerModules | None:
         if not (first <= i < last and isinstance(layers[i], nn.Module) and not isinstance(layers[i], nn.Identity)):
             return None
-        described = _layer_modules(i, layers[i], d, fam, windows[i], ropes[i])
+        described = _layer_modules(i, layers[i], d, fam, windows[i], ropes[i], parallel)
         use_rope = getattr(layers[i].self_attn, "use_rope", None)  # families that keep the choice per layer
         if use_rope is not None and bool(use_rope) != (rope_types[ropes[i]] != NO_ROPE):
             raise FastPathUnsupported(f"layer {i} attention's use_rope is {use_rope!r}, the config says otherwise")
@@ -407,16 +462,19 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     path = find_decoder_layers(model)[0]
     base = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
     rotary = getattr(base, "rotary_emb", None)
-    norm = getattr(base, "norm", None)
+    norm = getattr(base, fam.final_norm, None)
     head = model.get_output_embeddings()
     if rotary is None or norm is None or head is None:
         raise FastPathUnsupported("the model has no rotary_emb, final norm or LM head where the native step looks")
-    _rms_norm_ok("final norm", norm, hidden)
+    _norm_ok("final norm", norm, hidden, fam.layer_norm, fixed_eps=fam.norm_eps)
     return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head,
                               act=_ACTIVATIONS[act], norm_offset=fam.norm_offset, rope_types=rope_types,
                               attn_softcap=attn_softcap, logit_softcap=logit_softcap,
                               rope_interleaved=fam.rope_interleaved,
-                              rotary_dim=_rotary_dim(rotary, rope_types, head_dim), **multipliers)
+                              rotary_dim=_rotary_dim(rotary, rope_types, head_dim), layer_norm=fam.layer_norm,
+                              final_eps=norm_eps(norm, fam.norm_eps), parallel=parallel,
+                              gated=fam.plain_mlp is None, rope_table_repeated=fam.rope_table_repeated,
+                              **multipliers)
 
 
 def rotary_table(rotary: nn.Module, kind: str | None, positions: torch.Tensor,

@@ -138,14 +138,33 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) 
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
 }
 
-// out [M, H] = each row of h RMS-normed with `norm`, or h as it is where there is no norm
-// (families whose layers norm only the sublayers' outputs).
-void norm_rows(const float* h, const float* norm, float eps, int64_t M, int64_t H, float* out) {
+// LayerNorm of x [n]: (x - mean) / sqrt(var + eps) * w (+ b where b is given); the moments in
+// double, so that they do not depend on the summation order.
+void layer_norm(const float* x, const float* w, const float* b, float eps, int64_t n, float* out) {
+  double sum = 0.0, sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  const double mean = sum / static_cast<double>(n);
+  for (int64_t i = 0; i < n; ++i) sq += (x[i] - mean) * (x[i] - mean);
+  const float mu = static_cast<float>(mean);
+  const float inv = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(n) + eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mu) * inv * w[i] + (b ? b[i] : 0.f);
+}
+
+// out [M, H] = each row of h normed with `norm` (an RMSNorm's weights, or with `layer` a
+// LayerNorm's and its bias), or h as it is where there is no norm (families whose layers norm
+// only the sublayers' outputs).
+void norm_rows(const float* h, const float* norm, const float* bias, bool layer, float eps, int64_t M, int64_t H,
+               float* out) {
   if (!norm) {
     std::copy_n(h, M * H, out);
     return;
   }
-  for (int64_t m = 0; m < M; ++m) rms_norm(h + m * H, norm, eps, H, out + m * H);
+  for (int64_t m = 0; m < M; ++m) {
+    if (layer)
+      layer_norm(h + m * H, norm, bias, eps, H, out + m * H);
+    else
+      rms_norm(h + m * H, norm, eps, H, out + m * H);
+  }
 }
 
 // h [M, H] += scale * y [M, H], each row of y RMS-normed with `norm` first where it is given.
@@ -160,6 +179,8 @@ float activate(int act, float g) {
     const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
     return 0.5f * g * (1.0f + std::tanh(inner));
   }
+  if (act == kRelu2) return g > 0.f ? g * g : 0.f;
+  if (act == kGelu) return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
   return g / (1.0f + std::exp(-g));
 }
 
@@ -294,20 +315,24 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
   std::string e;
   if (!(e = check_linear("q_proj", l.q, qd, s.hidden)).empty() || !(e = check_linear("k_proj", l.k, kvd, s.hidden)).empty() ||
       !(e = check_linear("v_proj", l.v, kvd, s.hidden)).empty() || !(e = check_linear("o_proj", l.o, s.hidden, qd)).empty() ||
-      !(e = check_linear("gate_proj", l.gate, s.intermediate, s.hidden)).empty() ||
+      (s.gated && !(e = check_linear("gate_proj", l.gate, s.intermediate, s.hidden)).empty()) ||
       !(e = check_linear("up_proj", l.up, s.intermediate, s.hidden)).empty() ||
       !(e = check_linear("down_proj", l.down, s.hidden, s.intermediate)).empty())
     return e;
+  if (!s.gated && l.gate.N) return "gate_proj must be empty: the MLP is not gated";
+  if (!s.layer_norm && (l.input_norm_bias || l.post_norm_bias)) return "an RMSNorm has no bias";
   layers_.push_back(l);
   return "";
 }
 
-std::string DecodeStack::set_head(const float* norm, float eps, const DecodeLinear& head) {
+std::string DecodeStack::set_head(const float* norm, float eps, const DecodeLinear& head, const float* norm_bias) {
   if (head.N <= 0) return "head must have at least one row";
   std::string e = check_linear("lm_head", head, head.N, shape_.hidden, true);
   if (!e.empty()) return e;
+  if (norm_bias && (!norm || !shape_.layer_norm)) return "only a LayerNorm has a bias";
   has_head_ = true;
   head_norm_ = norm;
+  head_norm_bias_ = norm_bias;
   head_eps_ = eps;
   head_ = head;
   return "";
@@ -348,7 +373,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
 
   for (size_t li = 0; li < layers_.size(); ++li) {
     const DecodeLayer& L = layers_[li];
-    norm_rows(h, L.input_norm, L.eps, M, H, t.xn.data());
+    norm_rows(h, L.input_norm, L.input_norm_bias, s.layer_norm, L.eps, M, H, t.xn.data());
     if (!(err = run_parts({{&L.q, t.xn.data(), t.q.data()}, {&L.k, t.xn.data(), t.k.data()},
                            {&L.v, t.xn.data(), t.v.data()}}, M, false)).empty())
       return err;
@@ -358,6 +383,9 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
       float* vc = kc + plane;
       float* qm = t.q.data() + m * qd;
       float* km = t.k.data() + m * kvd;
+      if (s.clip_qkv > 0.f)
+        for (float* x : {qm, km, t.v.data() + m * kvd})
+          for (int64_t i = 0, n = x == qm ? qd : kvd; i < n; ++i) x[i] = std::clamp(x[i], -s.clip_qkv, s.clip_qkv);
       // Per head, or over the whole projection (one "head" of all the widths).
       const int64_t qn = L.head_norm_whole ? qd : hd, kn = L.head_norm_whole ? kvd : hd;
       if (L.q_norm)
@@ -401,23 +429,27 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
     if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, M, false)).empty()) return err;
     add_normed(h, t.tmp.data(), L.attn_out_norm, L.eps, s.residual_scale, M, H);
 
-    norm_rows(h, L.post_norm, L.eps, M, H, t.xn.data());
+    // A parallel layer's MLP takes the attention's normed input, still in xn.
+    if (!s.parallel) norm_rows(h, L.post_norm, L.post_norm_bias, s.layer_norm, L.eps, M, H, t.xn.data());
     float* gate = t.gate.data();
-    const float* up = t.up.data();
-    if (!(err = run_parts({{&L.gate, t.xn.data(), gate}, {&L.up, t.xn.data(), t.up.data()}}, M, true,
-                          [&](int64_t n0, int64_t n1) {
-                            for (int64_t m = 0; m < M; ++m)
-                              for (int64_t i = m * I + n0; i < m * I + n1; ++i)
-                                gate[i] = activate(s.act, gate[i]) * up[i];
-                          }))
-             .empty())
-      return err;
-    if (!(err = run_parts({{&L.down, gate, t.tmp.data()}}, M, false)).empty()) return err;
+    float* up = t.up.data();
+    if (s.gated)
+      err = run_parts({{&L.gate, t.xn.data(), gate}, {&L.up, t.xn.data(), up}}, M, true, [&](int64_t n0, int64_t n1) {
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = m * I + n0; i < m * I + n1; ++i) gate[i] = activate(s.act, gate[i]) * up[i];
+      });
+    else
+      err = run_parts({{&L.up, t.xn.data(), up}}, M, true, [&](int64_t n0, int64_t n1) {
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = m * I + n0; i < m * I + n1; ++i) up[i] = activate(s.act, up[i]);
+      });
+    if (!err.empty()) return err;
+    if (!(err = run_parts({{&L.down, s.gated ? gate : up, t.tmp.data()}}, M, false)).empty()) return err;
     add_normed(h, t.tmp.data(), L.mlp_out_norm, L.eps, s.residual_scale, M, H);
   }
 
   if (!has_head()) return "";
-  norm_rows(h, head_norm_, head_eps_, M, H, t.xn.data());
+  norm_rows(h, head_norm_, head_norm_bias_, shape_.layer_norm, head_eps_, M, H, t.xn.data());
   const int64_t N = head_.N, rows = chunk_rows(N, num_threads());
   float* out = logits ? logits : t.tmp.data();  // [M, N]
   std::vector<HeadBound> bound(M);

@@ -36,8 +36,9 @@ struct DecodeLinear {
   const float* w8_scale = nullptr;
 };
 
-// The MLP's gate activation: silu(g) * u (llama) or the tanh approximation of gelu(g) * u (gemma).
-enum DecodeActivation : int { kSilu = 0, kGeluTanh = 1 };
+// The MLP's activation a: down(a(gate) * up) (gated) or down(a(up)): silu (llama), the tanh
+// approximation of gelu (gemma, phi), relu(x)^2 (arcee), gelu (erf).
+enum DecodeActivation : int { kSilu = 0, kGeluTanh = 1, kRelu2 = 2, kGelu = 3 };
 
 struct DecodeShape {
   int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0;
@@ -51,6 +52,11 @@ struct DecodeShape {
   float q_pos_beta = 0.f;
   int64_t q_pos_period = 0;
   int64_t rotary_dim = 0;  // rotary turns each head's first rotary_dim values (even; 0: all head_dim)
+  // Norms are LayerNorms, (x - mean) / sqrt(var + eps) * w (+ b), rather than RMSNorms.
+  bool layer_norm = false;
+  bool parallel = false;  // the MLP takes the attention's normed input (phi, cohere): h + attn + mlp
+  bool gated = true;      // the MLP is down(act(gate) * up); false: down(act(up)) with no gate
+  float clip_qkv = 0.f;   // > 0: q, k and v are clamped to [-clip_qkv, clip_qkv] (olmo)
 };
 
 struct DecodeLayer {
@@ -58,6 +64,8 @@ struct DecodeLayer {
   // it is (families that norm only the sublayers' outputs).
   const float* input_norm = nullptr;
   const float* post_norm = nullptr;
+  const float* input_norm_bias = nullptr;  // of a LayerNorm (null: none)
+  const float* post_norm_bias = nullptr;
   float eps = 1e-6f;
   DecodeLinear q, k, v, o, gate, up, down;
   // Optional (null: none): RMSNorms of each query and key head [head_dim] before rotary (or, with
@@ -82,9 +90,10 @@ class DecodeStack {
 
   // Checks a layer's sizes against the shape; "" or an error naming the field.
   std::string add_layer(const DecodeLayer& layer);
-  // Final RMSNorm weights fp32 [hidden] and the LM head (K = hidden). A null norm: the head's
-  // input arrives normed (a stack of no layers serving a model whose own forward ran the rest).
-  std::string set_head(const float* norm, float eps, const DecodeLinear& head);
+  // Final norm weights fp32 [hidden] (and a LayerNorm's bias, or null) and the LM head (K =
+  // hidden). A null norm: the head's input arrives normed (a stack of no layers serving a model
+  // whose own forward ran the rest).
+  std::string set_head(const float* norm, float eps, const DecodeLinear& head, const float* norm_bias = nullptr);
 
   // Runs h [hidden] (fp32, in place) at position `pos` through every layer, writing each
   // layer's key and value at `pos` of `kv`. cos/sin: rotary tables' rows for `pos`, [tables,
@@ -115,6 +124,7 @@ class DecodeStack {
   std::vector<DecodeLayer> layers_;
   bool has_head_ = false;
   const float* head_norm_ = nullptr;
+  const float* head_norm_bias_ = nullptr;
   float head_eps_ = 1e-6f;
   DecodeLinear head_;
 };
