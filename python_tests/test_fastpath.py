@@ -326,6 +326,42 @@ def test_declines_per_head_norms_of_layer_norm_families(family, flag, reason):
         describe(type(model)(model.config).eval())
 
 
+def _longrope_phi(switch: int = 6):
+    """A tiny Phi-3 with Phi-4-mini's rotary: longrope over three quarters of each head, its
+    original context ``switch`` positions long."""
+    config = family_model("phi3").config
+    config.original_max_position_embeddings = switch
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+                              "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                              "long_factor": [2.0 + 0.5 * i for i in range(6)], "original_max_position_embeddings": switch}
+    torch.manual_seed(4)
+    return type(family_model("phi3"))(config).eval()
+
+
+@pytest.mark.parametrize("prompt", [3, 8])
+def test_longrope_switches_at_the_original_context(prompt):
+    # A decode step at position p sees p + 1 positions: the short frequencies up to the original
+    # context, the long ones past it (the prompt of 3 crosses the switch at 6 while decoding).
+    model = _longrope_phi()
+    d = describe(model)
+    assert d.rope_switch == 6 and d.rotary_dim == 12 and d.rotary is not model.model.rotary_emb
+    for head in ("fp32", "int8"):
+        for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=prompt, min_capacity=4):
+            assert err < TOL and token == ref_token, head
+
+
+def test_longrope_tables_leave_the_models_module_alone():
+    # The module sets its frequencies on every call; the native tables come from a copy of it.
+    model = _longrope_phi()
+    rotary = model.model.rotary_emb
+    before = rotary.inv_freq.clone()
+    NativeDecoder(model, 0, 4)._rope_rows(32)
+    assert torch.equal(rotary.inv_freq, before) and torch.equal(rotary.inv_freq, rotary.original_inv_freq)
+    model.config.rope_parameters["original_max_position_embeddings"] = 0
+    with pytest.raises(FastPathUnsupported, match="longrope's original_max_position_embeddings 0 is not a positive"):
+        describe(model)
+
+
 def test_hyperclovax_without_its_optional_norms_matches_eager():
     # use_post_norm off leaves an nn.Identity where the norms of the sublayers' outputs would be.
     model = family_model("hyperclovax")

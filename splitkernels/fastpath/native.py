@@ -219,14 +219,16 @@ class NativeDecoder(_NativeWeights):
         if cos.shape[0] >= capacity:
             return cos, sin
         d = self.description
-        positions = torch.arange(capacity).unsqueeze(0)
+        # Row p as a decode step at p has it: longrope's rows switch at d.rope_switch (two calls).
+        cuts = [0, *([d.rope_switch] if 0 < d.rope_switch < capacity else []), capacity]
         # Every table head_dim wide: a partial one's tail (cos 1, sin 0) is never read.
         cos = torch.ones(capacity, len(d.rope_types), d.head_dim)
         sin = torch.zeros(capacity, len(d.rope_types), d.head_dim)
         for i, kind in enumerate(d.rope_types):
             if kind == NO_ROPE:
                 continue
-            c, s = rotary_table(d.rotary, kind, positions, d.head_dim)
+            c, s = (torch.cat(t, dim=1) for t in zip(*(
+                rotary_table(d.rotary, kind, torch.arange(a, b).unsqueeze(0), d.head_dim) for a, b in zip(cuts, cuts[1:]))))
             if c.shape[-1] != d.rotary_dim:
                 raise FastPathUnsupported(f"a rotary table is {c.shape[-1]} wide, not rotary_dim = {d.rotary_dim}")
             if d.rope_table_repeated:  # the angles twice over, as the native step reads them

@@ -14,6 +14,7 @@ model's own (eager) forward.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,10 @@ _FAMILIES = {
 FAST_FAMILIES = tuple(_FAMILIES)
 # Rotary types whose cos/sin depend on the position only (so one table serves every step).
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# longrope: the module's short frequencies while the sequence is within the original context,
+# its long ones past it; a decode step at position p sees p + 1 positions, so the table switches
+# at original_max_position_embeddings.
+_SWITCHED_ROPE = "longrope"
 # The MLP activations the native step has (csrc/cpu/decode/decode.h DecodeActivation);
 # transformers' gelu_new is the same tanh approximation as gelu_pytorch_tanh.
 _ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "relu2": 2, "gelu": 3}
@@ -197,6 +202,7 @@ class DecoderDescription:
     gated: bool = True  # the MLP is down(act(gate(x)) * up(x)); else down(act(up(x)))
     clip_qkv: float = 0.0  # queries, keys and values clamped to [-clip_qkv, clip_qkv]; 0: none
     rope_table_repeated: bool = False  # the rotary module's tables repeat each angle in place
+    rope_switch: int = 0  # longrope: rows from this position on come from the module's long frequencies
     # Queries at position p scale by 1 + q_pos_beta log(1 + floor(p / q_pos_period)); 0: none.
     q_pos_beta: float = 0.0
     q_pos_period: int = 0
@@ -419,11 +425,17 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     types = list(getattr(config, "layer_types", None) or ())
     rope_types, ropes = _rope_tables(config, fam, types, len(layers))
     params = getattr(config, "rope_parameters", None) or {}
+    rope_switch = 0
     for rope in ([str((params.get(t) or {}).get("rope_type", "default")) for t in rope_types] if fam.rope_per_type
                  else [_rope_type(config)] if rope_types != (NO_ROPE,) else []):
-        if rope not in _STATIC_ROPE:
+        if rope == _SWITCHED_ROPE and not fam.rope_per_type:
+            rope_switch = params.get("original_max_position_embeddings")
+            if isinstance(rope_switch, bool) or not isinstance(rope_switch, int) or rope_switch < 1:
+                raise FastPathUnsupported(f"longrope's original_max_position_embeddings {rope_switch!r} is not a "
+                                          "positive number of positions")
+        elif rope not in _STATIC_ROPE:
             raise FastPathUnsupported(f"rotary type {rope!r} depends on the sequence length; the native step "
-                                      f"covers {', '.join(_STATIC_ROPE)}")
+                                      f"covers {', '.join(_STATIC_ROPE)} and {_SWITCHED_ROPE}")
     hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
@@ -462,6 +474,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     path = find_decoder_layers(model)[0]
     base = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
     rotary = getattr(base, "rotary_emb", None)
+    if rope_switch and rotary is not None:  # it sets its own frequencies each call: a private copy
+        rotary = copy.deepcopy(rotary)  # cannot race the model's forward on another thread
     norm = getattr(base, fam.final_norm, None)
     head = model.get_output_embeddings()
     if rotary is None or norm is None or head is None:
@@ -474,7 +488,7 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
                               rotary_dim=_rotary_dim(rotary, rope_types, head_dim), layer_norm=fam.layer_norm,
                               final_eps=norm_eps(norm, fam.norm_eps), parallel=parallel,
                               gated=fam.plain_mlp is None, rope_table_repeated=fam.rope_table_repeated,
-                              **multipliers)
+                              rope_switch=rope_switch, **multipliers)
 
 
 def rotary_table(rotary: nn.Module, kind: str | None, positions: torch.Tensor,
