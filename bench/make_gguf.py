@@ -1,16 +1,17 @@
 """Writes a GGUF file of random weights at any size, for the decode benchmarks at the layer shapes
 of models that cannot be downloaded here: Llama's layer (``--arch llama``), Qwen 3's (per-head
-query and key norms) or Gemma 2's (sandwich norms, alternating sliding-window layers, soft-capped
-attention scores and logits at Gemma 2's 50 and 30).
+query and key norms), Gemma 2's (sandwich norms, alternating sliding-window layers, soft-capped
+attention scores and logits at Gemma 2's 50 and 30) or StableLM 2's (LayerNorms with biases,
+rotary over a quarter of each head, an LM head of its own).
 
 The file carries the tokenizer of the packaged SmolLM2 GGUF (so both llama.cpp and transformers
 load it), ``--layers`` decoder layers of the given widths with weights drawn N(0, 0.02) and
 quantised by gguf-py to ``--type`` (Q4_0 by default: the 4-bit format llama.cpp repacks for its
 fastest x86 kernels), norms of ones (Gemma's files store 1 + w: its norms then scale by 1), and
-the token embedding in Q8_0, tied to the LM head as in SmolLM2. Defaults are Llama-3-8B's layer:
+the token embedding in Q8_0, tied to the LM head as in SmolLM2 (StableLM's head: Q8_0 too). Defaults are Llama-3-8B's layer:
 hidden 4096, MLP 14336, 32 query and 8 key/value heads of 128.
 
-Usage: python bench/make_gguf.py --out FILE.gguf [--arch llama|qwen3|gemma2] [--layers 3] [--hidden 4096]
+Usage: python bench/make_gguf.py --out FILE.gguf [--arch llama|qwen3|gemma2|stablelm] [--layers 3] [--hidden 4096]
        [--intermediate 14336] [--heads 32] [--kv-heads 8] [--head-dim HIDDEN/HEADS] [--type q4_0|q4_1|q8_0]
 then:  python bench/edge_decode.py --model FILE.gguf --out DIR
 """
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_decode import gguf_file  # noqa: E402
 
 TYPES = ("q4_0", "q4_1", "q8_0")
-ARCHS = ("llama", "qwen3", "gemma2")
+ARCHS = ("llama", "qwen3", "gemma2", "stablelm")
+STABLELM_ROTARY = 0.25  # of each head; transformers' GGUF loader reads no rotary width: its default
 # transformers' GGUF loader reads no head width for Qwen 3: it keeps its config's default.
 QWEN3_HEAD_DIM = 128
 GEMMA2_WINDOW = 4096
@@ -83,9 +85,14 @@ def main() -> int:
     writer.add_head_count_kv(args.kv_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(10000.0 if args.arch == "gemma2" else 500000.0)
-    writer.add_layer_norm_rms_eps(1e-6 if args.arch == "gemma2" else 1e-5)
-    writer.add_rope_dimension_count(head_dim)
+    # transformers' GGUF loader reads no rotary base for StableLM: its default, 10000.
+    writer.add_rope_freq_base(10000.0 if args.arch in ("gemma2", "stablelm") else 500000.0)
+    if args.arch == "stablelm":
+        writer.add_layer_norm_eps(1e-5)
+        writer.add_rope_dimension_count(int(head_dim * STABLELM_ROTARY))
+    else:
+        writer.add_layer_norm_rms_eps(1e-6 if args.arch == "gemma2" else 1e-5)
+        writer.add_rope_dimension_count(head_dim)
     if args.arch == "gemma2":
         writer.add_sliding_window(GEMMA2_WINDOW)
         writer.add_attn_logit_softcapping(50.0)
@@ -102,6 +109,8 @@ def main() -> int:
 
     def ones(name: str, n: int) -> None:
         writer.add_tensor(name, np.ones(n, dtype=np.float32))
+        if args.arch == "stablelm":  # a LayerNorm's bias beside its weight
+            writer.add_tensor(name.replace(".weight", ".bias"), np.zeros(n, dtype=np.float32))
 
     weight("token_embd.weight", vocab, args.hidden, gguf.GGMLQuantizationType.Q8_0)
     for i in range(args.layers):
@@ -122,6 +131,8 @@ def main() -> int:
         weight(f"blk.{i}.ffn_up.weight", args.intermediate, args.hidden)
         weight(f"blk.{i}.ffn_down.weight", args.hidden, args.intermediate)
     ones("output_norm.weight", args.hidden)
+    if args.arch == "stablelm":
+        weight("output.weight", vocab, args.hidden, gguf.GGMLQuantizationType.Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

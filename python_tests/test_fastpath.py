@@ -237,9 +237,9 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # Families whose layers are llama's, Gemma 1's (norms of 1 + w), Arcee's (an MLP of relu^2 without
 # a gate), SmolLM3's (every fourth layer without rotary), OLMo's (LayerNorms without weights,
 # queries, keys and values clamped), StableLM's (LayerNorms with biases, rotary over a quarter
-# of each head), StarCoder 2's (LayerNorms, an MLP of gelu without a gate, every layer sliding),
-# Phi's (LayerNorms; attention and MLP in parallel on one normed input; half of each head
-# rotated; a biased head), Cohere's (LayerNorms without biases, parallel, interleaved rotary
+# of each head), StarCoder 2's (LayerNorms, an MLP of gelu without a gate, every layer sliding;
+# Jais 2's of relu^2), Phi's (LayerNorms; attention and MLP in parallel on one normed input; half
+# of each head rotated; a biased head), Cohere's (LayerNorms without biases, parallel, interleaved rotary
 # from a table repeating each angle, a logit scale; Cohere 2's full-attention layers without
 # rotary), EXAONE 4's (norms after the sublayers only, per-head query and key norms,
 # full-attention layers without rotary), OLMo 2's (norms after the sublayers, query and key
@@ -251,7 +251,7 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # qkv and gate-up projections, every layer sliding) or VaultGemma's (Gemma 2 without the norms
 # after the sublayers), built from transformers' own configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "arcee",
-                                    "smollm3", "olmo", "stablelm", "starcoder2", "phi", "cohere", "cohere2",
+                                    "smollm3", "olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
                                     "exaone4", "olmo2", "olmo3", "helium", "ernie4_5", "glm", "glm4", "granite",
                                     "hyperclovax", "ministral3", "phi3", "vaultgemma"])
 def test_other_families_match_eager(family):
@@ -259,9 +259,9 @@ def test_other_families_match_eager(family):
     d = describe(model)
     rotated = {"glm": 2, "glm4": 2, "phi": 2, "stablelm": 4}.get(family, 1)
     assert d.rotary_dim == d.head_dim // rotated
-    assert d.layer_norm == (family in ("olmo", "stablelm", "starcoder2", "phi", "cohere", "cohere2"))
+    assert d.layer_norm == (family in ("olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2"))
     assert d.parallel == (family in ("phi", "cohere", "cohere2"))
-    assert d.gated == (family not in ("arcee", "starcoder2", "phi"))
+    assert d.gated == (family not in ("arcee", "starcoder2", "jais2", "phi"))
     if family == "starcoder2":
         assert [m.window for m in d.layers] == [5] * 4
     if family in ("olmo3", "vaultgemma"):

@@ -109,6 +109,7 @@ _FAMILIES = {
     "olmo": _Family(layer_norm=True, norm_eps=1e-5, clip_qkv=True),
     "stablelm": _Family(layer_norm=True, parallel="use_parallel_residual"),
     "starcoder2": _Family(layer_norm=True, plain_mlp=("c_fc", "c_proj"), all_slide=True),
+    "jais2": _Family(layer_norm=True, plain_mlp=("up_proj", "down_proj")),
     "phi": _Family(layer_norm=True, parallel="always", plain_mlp=("fc1", "fc2"), o_name="dense",
                    final_norm="final_layernorm"),
     "cohere": _Family(**_COHERE),
