@@ -13,7 +13,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 
 import splitkernels._C as _C
 from runtime_helpers import family_model, prompt as _prompt
-from splitkernels.fastpath import FastPathUnsupported, NativeDecoder, NativeHead, describe, quantize_rows_int8
+from splitkernels.fastpath import (FastPathUnsupported, LogitMap, NativeDecoder, NativeHead, describe,
+                                  quantize_rows_int8)
 from splitkernels.models import smollm2_available, tiny_model
 from splitkernels.models.loading import TINY_SOFTCAP
 from splitkernels.nn import QuantConfig, replace_linear
@@ -701,30 +702,61 @@ def test_uncovered_family_server_takes_its_token_from_the_native_head(monkeypatc
     assert calls[12:] == [5] * 10
 
 
-def test_server_keeps_a_head_whose_logits_the_model_transforms():
-    # A logit scale named in the config (of a Cohere whose per-head norms keep its layers eager),
-    # and a change after the head that no config names (found by the probe): the server keeps
-    # the model's own head, and says why.
+def _eager_layers_model(model_type: str, **overrides):
+    """A tiny model of ``model_type`` from its own config with ``overrides``, seeded."""
     from transformers import AutoModelForCausalLM
 
     from splitkernels.models.tiny import tiny_config
 
+    config = tiny_config(model_type, num_layers=4)
+    for name, value in overrides.items():
+        setattr(config, name, value)
     torch.manual_seed(0)
-    config = tiny_config("cohere", num_layers=2)
-    config.use_qk_norm = True
-    named = AutoModelForCausalLM.from_config(config).eval()
-    sm = split_model(named, 1)
-    assert not sm.server.fast
-    assert sm.server.native_head is None and "logit_scale = 0.0625" in sm.server.head_reason
-    scaled = tiny_model("gpt2", seed=2, num_layers=2)
+    return AutoModelForCausalLM.from_config(config).eval()
 
+
+@pytest.mark.parametrize("model_type, overrides, logit_map", [
+    ("cohere", {"use_qk_norm": True}, LogitMap(multiplier=0.0625)),  # per-head norms keep the layers eager
+    ("nanochat", {"final_logit_softcapping": TINY_SOFTCAP}, LogitMap(softcap=TINY_SOFTCAP)),
+    ("granitemoe", {"logits_scaling": 3.0}, LogitMap(divisor=3.0))])
+def test_server_native_head_applies_the_models_logit_map(model_type, overrides, logit_map):
+    # The model's forward scales, divides or soft-caps its head's output, as a config field
+    # names: the probe finds which, and the native head's top k carry the model's logits.
+    model = _eager_layers_model(model_type, **overrides)
+    ids = _prompt(8, 6, vocab=model.config.vocab_size)
+    fast = split_model(copy.deepcopy(model), 2)
+    eager = split_model(copy.deepcopy(model), 2, fast=False)
+    assert not fast.server.fast and fast.server.native_head.logit_map == logit_map
+    assert torch.equal(fast.generate(ids, 10), eager.generate(ids, 10))
+    a = fast.generate(ids, 10, do_sample=True, top_k=5, temperature=1.5, seed=4)
+    assert torch.equal(a, eager.generate(ids, 10, do_sample=True, top_k=5, temperature=1.5, seed=4))
+    hidden = torch.randn(3, model.config.hidden_size)
+    ids3, vals = fast.server.native_head.top_rows(hidden, 4)
+    expected = model.get_output_embeddings()(hidden)
+    logit_map.apply(expected)
+    assert torch.allclose(vals, expected.gather(1, ids3), rtol=1e-5, atol=1e-6)
+
+
+def test_server_keeps_a_head_whose_logits_the_model_transforms_otherwise():
+    # A change after the head that no config names, or none that the config names (found by the
+    # probe): the server keeps the model's own head, and says why.
     def doubled(module, args, out) -> None:
         out.logits.mul_(2.0)
 
+    scaled = tiny_model("gpt2", seed=2, num_layers=2)
     scaled.register_forward_hook(doubled)
     sm = split_model(scaled, 1)
     assert sm.server.native_head is None
     assert sm.server.head_reason == "the model's logits are not its LM head's output as it is"
+    named = _eager_layers_model("cohere", use_qk_norm=True)
+    named.register_forward_hook(doubled)
+    sm = split_model(named, 1)
+    assert sm.server.native_head is None
+    assert sm.server.head_reason == ("the model's logits are not its LM head's output as it is nor as "
+                                     "logit_scale = 0.0625 maps it")
+    sm = split_model(_eager_layers_model("cohere", use_qk_norm=True, logit_scale=-1.0), 1)
+    assert sm.server.native_head is None
+    assert sm.server.head_reason == "the model transforms its LM head's output (logit_scale = -1.0)"
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 whole range of layers (and the LM head with a fused exact top k), over a static KV cache. Models it
 does not cover keep their own eager forward; :func:`describe` says why."""
 from .cache import FastCache
-from .native import HEAD_FORMATS, NativeDecoder, NativeHead, quantize_rows_int8
+from .native import HEAD_FORMATS, LogitMap, NativeDecoder, NativeHead, quantize_rows_int8
 from .spec import FAST_FAMILIES, DecoderDescription, FastPathUnsupported, describe
 
-__all__ = ["FastCache", "HEAD_FORMATS", "NativeDecoder", "NativeHead", "quantize_rows_int8", "FAST_FAMILIES",
+__all__ = ["FastCache", "HEAD_FORMATS", "LogitMap", "NativeDecoder", "NativeHead", "quantize_rows_int8", "FAST_FAMILIES",
            "DecoderDescription", "FastPathUnsupported", "describe"]

@@ -3,6 +3,8 @@ head), built from a :class:`~.spec.DecoderDescription`: each token is one C++ ca
 (``splitkernels._C.DecodeStack.step``) for all the layers."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -77,6 +79,31 @@ class _NativeWeights:
                 "bias": 0 if bias is None else _ptr(self._hold(bias.float()))}
 
 
+@dataclass(frozen=True)
+class LogitMap:
+    """What a model's forward does to its LM head's output, applied after the native top k:
+    division (Granite's logits_scaling), multiplication (Cohere's logit_scale, HyperCLOVA X's
+    logits_scaling), then a soft cap ``cap * tanh(x / cap)`` (Gemma 2), with the torch operations
+    the forwards use. Every factor is positive, so the map is increasing and keeps the top k's
+    order (where two values round equal after it, the larger logit still ranks first)."""
+
+    divisor: float = 1.0
+    multiplier: float = 1.0
+    softcap: float = 0.0  # 0: none
+
+    def apply(self, *logits: torch.Tensor | None) -> None:
+        """Map each of ``logits`` (None: skipped) in place."""
+        for t in logits:
+            if t is None:
+                continue
+            if self.divisor != 1.0:
+                t.div_(self.divisor)
+            if self.multiplier != 1.0:
+                t.mul_(self.multiplier)
+            if self.softcap:
+                t.div_(self.softcap).tanh_().mul_(self.softcap)
+
+
 def _check_k(k: int, vocab: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
         raise ValueError(f"k must be an int in [1, {vocab}], got {k!r}")
@@ -87,9 +114,11 @@ class NativeHead(_NativeWeights):
     it (families the native decode step does not cover): the exact top k of one normed hidden
     state, as :meth:`NativeDecoder.step_top` takes them, from the head's int8 rows (``"int8"``,
     with the fp32 weight for the rows near the k-th) or its fp32 weight (``"fp32"``); a low-bit
-    head runs as stored. The head must be an ``nn.Linear`` of fp32 weights or a QuantLinear."""
+    head runs as stored. The head must be an ``nn.Linear`` of fp32 weights or a QuantLinear.
+    ``logit_map``: what the model's forward does to the head's output (the top k's values then
+    are the model's logits)."""
 
-    def __init__(self, head: nn.Module, fmt: str = "int8") -> None:
+    def __init__(self, head: nn.Module, fmt: str = "int8", logit_map: LogitMap = LogitMap()) -> None:
         super().__init__()
         if _C is None:
             raise FastPathUnsupported(f"the native decode step is not built: {_C_ERROR}")
@@ -103,6 +132,7 @@ class NativeHead(_NativeWeights):
         if any(device.type != "cpu" for device in devices):
             raise FastPathUnsupported(f"the native head runs on the CPU; the LM head is on {sorted(map(str, devices))}")
         self.hidden, self.vocab = int(head.in_features), int(head.out_features)
+        self.logit_map = logit_map
         # No layers: the shape's attention sizes are placeholders that nothing reads.
         self.stack = _C.DecodeStack(self.hidden, 1, 1, 2, 1, 1.0)
         self.stack.set_head(0, 0.0, self._head(head, fmt))
@@ -127,6 +157,7 @@ class NativeHead(_NativeWeights):
         zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows, dtype=torch.int64)
         self.stack.step_batch(_ptr(h), rows, _ptr(zeros), _ptr(zeros), _ptr(ones), _ptr(zeros), _ptr(zeros), 0, k,
                               _ptr(ids), _ptr(vals))
+        self.logit_map.apply(vals)
         return ids, vals
 
 
@@ -169,6 +200,7 @@ class NativeDecoder(_NativeWeights):
             self.stack.set_head(self._norm(d.final_norm), d.final_eps, self._head(d.lm_head, head),
                                 self._norm_bias(d.final_norm))
             self.vocab = int(d.lm_head.out_features)
+        self.logit_map = LogitMap(d.logit_divisor, d.logit_multiplier, d.logit_softcap)
         # (cos, sin) as one attribute: sessions on other threads read both tables of one size.
         self._rope: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
 
@@ -194,21 +226,6 @@ class NativeDecoder(_NativeWeights):
         embedded = self._model.get_input_embeddings()(ids)
         scale = self.description.embed_scale
         return embedded * scale if scale != 1.0 else embedded
-
-    def _transform_logits(self, *logits: torch.Tensor | None) -> None:
-        """What the model's forward does to its head's logits (Gemma 2's soft cap, Granite's
-        division, HyperCLOVA X's multiplier), in place, with the torch operations it uses. The
-        native top k ranks the logits before: an increasing map keeps that order (where two
-        values round equal after it, the larger logit ranks first)."""
-        d = self.description
-        cap, divisor, multiplier = d.logit_softcap, d.logit_divisor, d.logit_multiplier
-        for t in logits:
-            if t is not None and divisor != 1.0:
-                t.div_(divisor)
-            if t is not None and multiplier != 1.0:
-                t.mul_(multiplier)
-            if t is not None and cap:
-                t.div_(cap).tanh_().mul_(cap)
 
     # -- rotary table ------------------------------------------------------------------------------
     def _rope_rows(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,7 +314,7 @@ class NativeDecoder(_NativeWeights):
                               _ptr(pointers[3]), _ptr(pointers[4]), _ptr(full), k, _ptr(ids), _ptr(vals))
         for c in caches:
             c.advance()
-        self._transform_logits(vals, full)
+        self.logit_map.apply(vals, full)
         return h, ids, vals, full
 
     def _run(self, hidden: torch.Tensor, cache: FastCache, logits: torch.Tensor | None, k: int,
@@ -315,5 +332,5 @@ class NativeDecoder(_NativeWeights):
         token = self.stack.step(_ptr(h), pos, _ptr(kv), capacity, _ptr(cos[pos]), _ptr(sin[pos]), _ptr(logits),
                                 k, _ptr(ids), _ptr(vals))
         cache.advance()
-        self._transform_logits(logits, vals)
+        self.logit_map.apply(logits, vals)
         return h, token

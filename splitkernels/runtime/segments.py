@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..fastpath import FastCache, FastPathUnsupported, NativeDecoder, NativeHead
+from ..fastpath import FastCache, FastPathUnsupported, LogitMap, NativeDecoder, NativeHead
 from ..models.layout import cache_nbytes as _layout_cache_nbytes, text_config
 from ..models.split import Adapter
 from .protocol import SamplingParams
@@ -24,6 +24,27 @@ __all__ = ["Edge", "Server", "cache_nbytes", "pick_token"]
 # scaling); a model with any of them set keeps its own head (the probe would also catch most).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
                      "lm_head_multiplier")
+
+
+def _logit_maps(config) -> list[tuple[str, LogitMap]]:
+    """The maps the model's forward may apply to its LM head's output, as the config fields that
+    name one read (logits_scaling divides Granite's logits and multiplies HyperCLOVA X's), and
+    none last; the server's probe keeps the one that gives the model's logits."""
+    maps = []
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is None or value is False or value == 1:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise FastPathUnsupported(f"the model transforms its LM head's output ({name} = {value!r})")
+        v = float(value)
+        if name == "final_logit_softcapping":
+            maps.append((f"{name} = {value!r}", LogitMap(softcap=v)))
+        else:
+            if name == "logits_scaling":
+                maps.append((f"1 / {name} = {value!r}", LogitMap(divisor=v)))
+            maps.append((f"{name} = {value!r}", LogitMap(multiplier=v)))
+    return [*maps, ("", LogitMap())]
 
 
 def cache_nbytes(cache) -> int:
@@ -148,13 +169,10 @@ class Server(_Segment):
 
     def _eager_native_head(self, split_layer: int, fmt: str) -> tuple[NativeHead, torch.nn.Module]:
         """The native head and the view that stops at it, after checking on a probe hidden state
-        that the model's logits are its head's output as they are."""
+        that the model's logits are its head's output as they are, or as one map its config names
+        makes them (:func:`_logit_maps`; the native head then applies it to its top k)."""
         adapter = self.adapter
-        config = text_config(adapter.config)
-        for name in _LOGIT_TRANSFORMS:
-            value = getattr(config, name, None)
-            if value is not None and value is not False and value != 1:
-                raise FastPathUnsupported(f"the model transforms its LM head's output ({name} = {value!r})")
+        maps = _logit_maps(text_config(adapter.config))
         view = adapter.head_input_view(split_layer)
         if view is None:
             raise FastPathUnsupported("the LM head is not a module of the model's root")
@@ -165,10 +183,16 @@ class Server(_Segment):
         with torch.inference_mode():
             logits = adapter.run_back(self.view, probe, None, last_only=True)
             x = adapter.run_back_to_head(view, probe, None)
-            direct = head(x.view(1, 1, -1))[0, -1]
-        if not torch.allclose(direct, logits, rtol=1e-5, atol=1e-5 * float(logits.abs().max())):
-            raise FastPathUnsupported("the model's logits are not its LM head's output as it is")
-        return native, view
+            direct = head(x.view(1, 1, -1))[0, -1].float()
+        for _, logit_map in maps:
+            mapped = direct.clone()
+            logit_map.apply(mapped)
+            if torch.allclose(mapped, logits.float(), rtol=1e-5, atol=1e-5 * float(logits.abs().max())):
+                native.logit_map = logit_map
+                return native, view
+        named = ", ".join(name for name, _ in maps if name)
+        raise FastPathUnsupported("the model's logits are not its LM head's output as it is"
+                                  + (f" nor as {named} maps it" if named else ""))
 
     @property
     def _vocab(self) -> int:
