@@ -3,14 +3,15 @@
 The native step (csrc/cpu/decode/) implements one layer shape: pre-norm RMSNorm, Q/K/V
 projections (biases allowed), rotary embeddings from a position-independent frequency table,
 grouped-query softmax attention over every earlier position or a sliding window of them, an
-output projection, and a gated MLP (``down(act(gate(x)) * up(x))``, SiLU or tanh-GELU), with
-residuals; and the variants of it that ``_FAMILIES`` names per family: norms of 1 + w, norms
-after the sublayers (with or without the ones before), query and key norms per head or over
-the whole projection, soft-capped scores and logits, rotary tables per layer type, layers
-without rotary, rotary over interleaved pairs or over part of each head, fused projections,
-Granite's multipliers. A model is described only when every layer of the requested range has
-exactly that shape; otherwise :class:`FastPathUnsupported` says why, and the caller keeps the
-model's own (eager) forward.
+output projection, and a gated MLP (``down(act(gate(x)) * up(x))``), with residuals; and the
+variants of it that ``_FAMILIES`` names per family: LayerNorms instead of RMSNorms, norms of
+1 + w, norms after the sublayers (with or without the ones before), query and key norms per
+head or over the whole projection, attention and MLP in parallel, MLPs without a gate, soft-
+capped scores and logits, rotary tables per layer type or switching at the original context
+(longrope), layers without rotary, rotary over interleaved pairs or over part of each head,
+fused projections, clamped projections, Granite's multipliers. A model is described only when
+every layer of the requested range has exactly that shape; otherwise
+:class:`FastPathUnsupported` says why, and the caller keeps the model's own (eager) forward.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class _Family:
     """How a family's decoder layer departs from llama's (each checked against its forward)."""
 
     norm_offset: float = 0.0  # RMSNorms scale by norm_offset + w
-    norms: str = "pre"  # _NORMS: which RMSNorms a layer has, by role
+    norms: str = "pre"  # _NORMS: which norms a layer has, by role
     head_norms: bool = False  # q_norm / k_norm of each head before rotary
     head_norm_whole: bool = False  # ... of each row's whole query / key projection instead
     act_field: str = "hidden_act"  # the config field naming the MLP activation
@@ -153,7 +154,7 @@ class LayerModules:
     """The modules of one decoder layer the native step reads."""
 
     input_norm: nn.Module | None  # of the attention's input (None: the input as it is)
-    post_norm: nn.Module | None  # of the MLP's input (None: as it is)
+    post_norm: nn.Module | None  # of the MLP's input (None: as it is; a parallel layer's: the attention's)
     q: nn.Module | RowSlice
     k: nn.Module | RowSlice
     v: nn.Module | RowSlice

@@ -1,8 +1,9 @@
 // Native decode step of llama-style decoder layers on the CPU: one call runs a token through a
 // stack of layers (RMSNorm, Q/K/V projections, rotary, grouped-query attention over a static
-// KV cache, output projection, gated SiLU MLP, residuals; Gemma 3's variant: DecodeLayer's
-// optional norms, windows and rotary tables, DecodeShape's activation) and optionally the final
-// norm and LM head with a fused argmax. The Python driver (splitkernels/fastpath/) decides which
+// KV cache, output projection, gated SiLU MLP, residuals; other families' variants: DecodeLayer's
+// optional norms, windows and rotary tables, DecodeShape's activation, LayerNorms, partial
+// rotary, parallel layers, MLPs without a gate) and optionally the final norm and LM head with a
+// fused argmax. The Python driver (splitkernels/fastpath/) decides which
 // models this covers and keeps every tensor alive; here are only pointers and sizes.
 #pragma once
 
