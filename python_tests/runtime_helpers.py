@@ -45,7 +45,8 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
     random (Gemma's zero-initialised ones would hide the 1 + w, LayerNorms' zero biases theirs),
     sliding layers' windows shrunk to ``window``, soft caps shrunk to ``TINY_SOFTCAP``, and
     Granite's and HyperCLOVA X's multipliers, Ministral 3's query scale, OLMo's clamp of q, k and
-    v and OLMo 3's rotary of full-attention layers made to count (the native step's tests)."""
+    v, OLMo 3's rotary of full-attention layers and Qwen 3 MoE's renormalised top k made to count
+    (the native step's tests)."""
     from transformers import AutoModelForCausalLM
 
     from splitkernels.models.loading import TINY_SOFTCAP
@@ -60,6 +61,8 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
     if model_type in ("granite", "hyperclovax"):  # multipliers of 1 would hide them
         config.attention_multiplier, config.residual_multiplier = 0.3, 0.5
         config.embedding_multiplier, config.logits_scaling = 2.0, 3.0
+    if model_type == "qwen3_moe":  # as Qwen 3's MoE models set it (Qwen 2's tiny config keeps False)
+        config.norm_topk_prob = True
     if model_type == "olmo":  # tiny projections stay below any clamp a real model sets
         config.clip_qkv = 0.1
     if model_type == "olmo3":  # both layer types' tables are the same in the tiny config

@@ -293,6 +293,49 @@ def test_fused_projections_of_low_bit_weights(bits):
             assert err < TOL and token == ref_token, head
 
 
+@pytest.mark.parametrize("family, renormalize, shared", [("mixtral", True, False), ("qwen2_moe", False, True),
+                                                          ("qwen3_moe", True, False), ("olmoe", False, False)])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
+    # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
+    # one slice of the 3-D expert weights (fp32 also where the rest is low-bit: replace_linear
+    # quantises linear layers); Qwen 2 MoE adds a shared expert under a sigmoid gate.
+    model = family_model(family)
+    if bits:
+        replace_linear(model, bits=bits, group_size=32, progress=False)
+    d = describe(model)
+    assert all(m.experts.top_k == 2 and m.experts.router.shape[0] == 4 and m.experts.renormalize == renormalize
+               and (m.experts.shared is not None) == shared and m.gate is None for m in d.layers)
+    for head in ("fp32", "int8"):
+        for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
+            assert err < TOL and token == ref_token, head
+
+
+def test_dense_layers_of_a_mixture_of_experts_model_match_eager():
+    model = family_model("qwen2_moe")
+    model.config.mlp_only_layers = [1, 2]  # these layers keep one dense MLP
+    torch.manual_seed(4)
+    model = type(model)(model.config).eval()
+    assert [m.experts is None for m in describe(model).layers] == [False, True, True, False]
+    for err, token, ref_token in _compare_steps(model, 0, 4, head="int8", steps=8, prompt=8):
+        assert err < TOL and token == ref_token
+
+
+def test_declines_experts_it_cannot_read():
+    model = family_model("mixtral")
+    model.model.layers[2].mlp.experts.down_proj.data = model.model.layers[2].mlp.experts.down_proj.data.double()
+    with pytest.raises(FastPathUnsupported, match="layer 2 experts are not fp32 gate_up_proj and down_proj"):
+        describe(model)
+    model = family_model("mixtral")
+    model.model.layers[1].mlp.gate.top_k = 5
+    with pytest.raises(FastPathUnsupported, match=r"layer 1 experts' shapes .* top 5\) are not one router"):
+        describe(model)
+    model = family_model("qwen2_moe")
+    model.model.layers[0].mlp.shared_expert_gate = torch.nn.Linear(64, 1, bias=True)
+    with pytest.raises(FastPathUnsupported, match="layer 0 shared expert's gate has a bias"):
+        describe(model)
+
+
 @pytest.mark.parametrize("act", ["relu2", "gelu", "gelu_new", "silu"])
 def test_mlp_activations_match_eager(act):
     model = family_model("arcee")
@@ -573,6 +616,15 @@ def test_decode_stack_rejects_bad_sizes():
                         {**good, "K": 128}, input_norm_bias=1)
     with pytest.raises(ValueError, match="only a LayerNorm has a bias"):
         stack.set_head(1, 1e-6, good, norm_bias=1)
+    moe = {"experts": 4, "top_k": 2, "expert_dim": 32, "router": 1, "gate_up": 1, "down": 1}
+    for bad, message in (({"top_k": 5}, "top_k \\(<= experts\\)"), ({"expert_dim": 0}, "expert_dim must be positive"),
+                         ({"down": 0}, "router, gate_up and down must not be null"),
+                         ({"shared_gate": good, "shared_up": {**good, "N": 16}, "shared_down": good},
+                          r"shared gate_proj must be \[16, 64\], got \[64, 64\]")):
+        with pytest.raises(ValueError, match=message):
+            stack.add_layer(1, 1, 1e-6, good, kv, kv, good, {}, {}, {}, moe={**moe, **bad})
+    with pytest.raises(ValueError, match="a mixture of experts needs gated experts"):
+        plain.add_layer(1, 1, 1e-6, good, kv, kv, good, {}, {}, {}, moe=moe)
     for cap in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="attn_softcap must be finite and >= 0"):
             _C.DecodeStack(64, 4, 2, 16, 128, 0.25, 0, cap)

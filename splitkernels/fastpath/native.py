@@ -12,12 +12,17 @@ from .._native import load
 from ..formats.dtypes import DTYPE_CODE
 from ..nn.linear import QuantLinear, is_plain_linear
 from .cache import FastCache
-from .spec import NO_ROPE, DecoderDescription, FastPathUnsupported, RowSlice, describe, rotary_table
+from .spec import NO_ROPE, DecoderDescription, Experts, FastPathUnsupported, RowSlice, describe, rotary_table
 
 _C, _C_ERROR = load("_C")
 
 HEAD_FORMATS = ("int8", "fp32")
 _LOWBIT, _DENSE, _INT8 = 0, 1, 2
+
+
+def _dense(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as its forward multiplies by it (a QuantLinear's dequantised)."""
+    return linear.dequantize(torch.float32) if isinstance(linear, QuantLinear) else linear.weight
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -190,12 +195,12 @@ class NativeDecoder(_NativeWeights):
             m = d.layers[i]
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,
                                  self._linear(m.q), self._linear(m.k), self._linear(m.v), self._linear(m.o),
-                                 self._linear(m.gate) if m.gate is not None else {}, self._linear(m.up),
-                                 self._linear(m.down),
+                                 *(self._linear(x) if x is not None else {} for x in (m.gate, m.up, m.down)),
                                  q_norm=self._norm(m.q_norm), k_norm=self._norm(m.k_norm),
                                  attn_out_norm=self._norm(m.attn_out_norm), mlp_out_norm=self._norm(m.mlp_out_norm),
                                  window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole,
-                                 input_norm_bias=self._norm_bias(m.input_norm), post_norm_bias=self._norm_bias(m.post_norm))
+                                 input_norm_bias=self._norm_bias(m.input_norm), post_norm_bias=self._norm_bias(m.post_norm),
+                                 moe=self._experts(m.experts))
         if head is not None:
             self.stack.set_head(self._norm(d.final_norm), d.final_eps, self._head(d.lm_head, head),
                                 self._norm_bias(d.final_norm))
@@ -214,6 +219,20 @@ class NativeDecoder(_NativeWeights):
         if weight is None:
             return self._vector(torch.ones(self.description.hidden))
         return self._vector(weight.float() + offset if offset else weight)
+
+    def _experts(self, experts: Experts | None) -> dict:
+        """A mixture of experts as the binding reads it ({}: none); the 3-D weights are the
+        model's own fp32 tensors, not copies."""
+        if experts is None:
+            return {}
+        out = {"experts": experts.router.shape[0], "top_k": experts.top_k, "expert_dim": experts.down.shape[2],
+               "renormalize": experts.renormalize, "router": self._vector(experts.router),
+               "gate_up": self._vector(experts.gate_up), "down": self._vector(experts.down)}
+        if experts.shared is not None:
+            gate, up, down, scale = experts.shared
+            out.update(shared_gate=self._linear(gate), shared_up=self._linear(up), shared_down=self._linear(down),
+                       shared_scale=self._vector(_dense(scale).reshape(-1)))
+        return out
 
     def _norm_bias(self, module: nn.Module | None) -> int:
         """A LayerNorm's bias (0: none)."""

@@ -62,6 +62,9 @@ class _Family:
     rope_table_repeated: bool = False  # the rotary table repeats each angle in place (Cohere), not twice over
     logit_scale: bool = False  # the forward multiplies the logits by config.logit_scale (Cohere)
     clip_qkv: bool = False  # config.clip_qkv clamps queries, keys and values (OLMo)
+    # Layers whose MLP is a router and experts: their top k's probabilities renormalised to sum 1
+    # "always" (Mixtral) or where the router's norm_topk_prob says; "" none.
+    moe: str = ""
 
 
 # A layer's norms by module name in their roles: of the attention's input, of its output
@@ -115,6 +118,10 @@ _FAMILIES = {
                    final_norm="final_layernorm"),
     "cohere": _Family(**_COHERE),
     "cohere2": _Family(**_COHERE, nope="global"),
+    "mixtral": _Family(moe="always"),
+    "qwen2_moe": _Family(moe="norm_topk_prob"),
+    "qwen3_moe": _Family(moe="norm_topk_prob", head_norms=True),
+    "olmoe": _Family(moe="norm_topk_prob", head_norms=True, head_norm_whole=True),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "vaultgemma": _Family(**{**_GEMMA, "norms": "pre_feedforward"}),
@@ -150,6 +157,18 @@ class FastPathUnsupported(ValueError):
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture of experts in place of a layer's MLP (csrc/cpu/decode/decode.h DecodeMoE)."""
+
+    router: torch.Tensor  # fp32 [experts, hidden]
+    gate_up: torch.Tensor  # fp32 [experts, 2 width, hidden]: each expert's gate rows, then its up rows
+    down: torch.Tensor  # fp32 [experts, hidden, width]
+    top_k: int
+    renormalize: bool  # the top k's probabilities divided by their sum
+    shared: tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None  # gate, up, down, sigmoid gate
+
+
+@dataclass(frozen=True)
 class LayerModules:
     """The modules of one decoder layer the native step reads."""
 
@@ -159,9 +178,9 @@ class LayerModules:
     k: nn.Module | RowSlice
     v: nn.Module | RowSlice
     o: nn.Module
-    gate: nn.Module | RowSlice | None  # None: the MLP has no gate
-    up: nn.Module | RowSlice
-    down: nn.Module
+    gate: nn.Module | RowSlice | None  # None: the MLP has no gate (or is a mixture of experts)
+    up: nn.Module | RowSlice | None
+    down: nn.Module | None
     q_norm: nn.Module | None = None  # per query / key head, before rotary
     k_norm: nn.Module | None = None
     attn_out_norm: nn.Module | None = None  # of the attention's / MLP's output, before the residual add
@@ -170,6 +189,7 @@ class LayerModules:
     rope: int = 0  # index of the layer's rotary table in DecoderDescription.rope_types
     eps: float = 1e-6  # every norm's epsilon
     head_norm_whole: bool = False  # q_norm / k_norm span each row's whole projection
+    experts: Experts | None = None  # a mixture of experts instead of gate / up / down
 
 
 @dataclass(frozen=True)
@@ -284,19 +304,9 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     if own:
         raise FastPathUnsupported(f"layer {i} has weights the native step lacks: {', '.join(own)}")
     projections = ("qkv_proj", fam.o_name) if fam.fused_qkv else ("q_proj", "k_proj", "v_proj", fam.o_name)
-    attn_children = {n for n, m in attn.named_children() if any(True for _ in m.parameters()) or
-                     any(True for _ in m.buffers())}
-    extra = attn_children - set(projections) - head_norms
+    extra = _children_with_weights(attn) - set(projections) - head_norms
     if extra:
         raise FastPathUnsupported(f"layer {i} attention has weights the native step lacks: {', '.join(sorted(extra))}")
-    mlp_children = {n for n, m in mlp.named_children() if any(True for _ in m.parameters()) or
-                    any(True for _ in m.buffers())}
-    up_name, down_name = fam.plain_mlp or ("up_proj", "down_proj")
-    mlp_names = ({up_name, down_name} if fam.plain_mlp else {"gate_up_proj", down_name} if fam.fused_mlp
-                 else {"gate_proj", up_name, down_name})
-    if mlp_children != mlp_names:
-        raise FastPathUnsupported(f"layer {i} MLP is not an MLP of {', '.join(sorted(mlp_names))} "
-                                  f"(has {', '.join(sorted(mlp_children)) or 'nothing'})")
     h, qd, kvd, f = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
     # Fused projections: the rows of q, k and v, or of gate and up, one after another.
     if fam.fused_qkv:
@@ -306,17 +316,9 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
         for name, module, shape in (("q_proj", q, (qd, h)), ("k_proj", k, (kvd, h)), ("v_proj", v, (kvd, h))):
             _linear_ok(f"layer {i} {name}", module, *shape)
-    if fam.fused_mlp:
-        _linear_ok(f"layer {i} gate_up_proj", mlp.gate_up_proj, 2 * f, h)
-        gate, up = RowSlice(mlp.gate_up_proj, 0, f), RowSlice(mlp.gate_up_proj, f, 2 * f)
-    else:
-        gate, up = None if fam.plain_mlp else mlp.gate_proj, getattr(mlp, up_name)
-        for name, module in (("gate_proj", gate), (up_name, up)):
-            if module is not None:
-                _linear_ok(f"layer {i} {name}", module, f, h)
-    o, down = getattr(attn, fam.o_name), getattr(mlp, down_name)
+    gate, up, down, experts = _mlp_modules(i, mlp, fam, h, f)
+    o = getattr(attn, fam.o_name)
     _linear_ok(f"layer {i} {fam.o_name}", o, h, qd)
-    _linear_ok(f"layer {i} {down_name}", down, h, f)
     norms = {n: m for n, m in zip(layout, (into_attn, out_attn, into_mlp, out_mlp)) if m is not None}
     if not norms:
         raise FastPathUnsupported(f"layer {i} has no norms")
@@ -335,7 +337,76 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         raise FastPathUnsupported(f"layer {i} attention slides over {own!r} positions, the config {window or None!r}")
     q_norm, k_norm = (attn.q_norm, attn.k_norm) if fam.head_norms else (None, None)
     return LayerModules(into_attn, into_mlp, q, k, v, o, gate, up, down, q_norm, k_norm, out_attn, out_mlp, window,
-                        rope, eps, fam.head_norm_whole)
+                        rope, eps, fam.head_norm_whole, experts)
+
+
+def _children_with_weights(module: nn.Module) -> set[str]:
+    return {n for n, m in module.named_children() if any(True for _ in m.parameters()) or any(True for _ in m.buffers())}
+
+
+def _mlp_modules(i: int, mlp: nn.Module, fam: _Family, h: int, f: int):
+    """A layer's MLP as (gate, up, down, None), or a mixture of experts as (None, None, None,
+    :class:`Experts`) where the family has them and the layer's MLP is one."""
+    children = _children_with_weights(mlp)
+    if fam.moe and {"gate", "experts"} <= children:
+        return None, None, None, _experts(i, mlp, children, fam, h)
+    up_name, down_name = fam.plain_mlp or ("up_proj", "down_proj")
+    names = ({up_name, down_name} if fam.plain_mlp else {"gate_up_proj", down_name} if fam.fused_mlp
+             else {"gate_proj", up_name, down_name})
+    if children != names:
+        raise FastPathUnsupported(f"layer {i} MLP is not an MLP of {', '.join(sorted(names))} "
+                                  f"(has {', '.join(sorted(children)) or 'nothing'})")
+    if fam.fused_mlp:
+        _linear_ok(f"layer {i} gate_up_proj", mlp.gate_up_proj, 2 * f, h)
+        gate, up = RowSlice(mlp.gate_up_proj, 0, f), RowSlice(mlp.gate_up_proj, f, 2 * f)
+    else:
+        gate, up = None if fam.plain_mlp else mlp.gate_proj, getattr(mlp, up_name)
+        for name, module in (("gate_proj", gate), (up_name, up)):
+            if module is not None:
+                _linear_ok(f"layer {i} {name}", module, f, h)
+    down = getattr(mlp, down_name)
+    _linear_ok(f"layer {i} {down_name}", down, h, f)
+    return gate, up, down, None
+
+
+def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -> Experts:
+    """A mixture-of-experts block's router, 3-D expert weights and shared expert, checked."""
+    shared = {"shared_expert", "shared_expert_gate"}
+    if children not in ({"gate", "experts"}, {"gate", "experts"} | shared):
+        raise FastPathUnsupported(f"layer {i} mixture of experts has {', '.join(sorted(children))}, not a router "
+                                  "and experts (and a shared expert with its gate)")
+    router, experts = mlp.gate, mlp.experts
+    weights = {n: p for n, p in experts.named_parameters()}
+    gate_up, down = weights.get("gate_up_proj"), weights.get("down_proj")
+    router_weight = getattr(router, "weight", None)
+    if set(weights) != {"gate_up_proj", "down_proj"} or {n for n, _ in router.named_parameters()} != {"weight"} \
+            or any(t is None or t.dim() != d or t.dtype != torch.float32
+                   for t, d in ((gate_up, 3), (down, 3), (router_weight, 2))):
+        raise FastPathUnsupported(f"layer {i} experts are not fp32 gate_up_proj and down_proj tensors behind a "
+                                  "router of one weight")
+    count, top_k = router_weight.shape[0], getattr(router, "top_k", None)
+    width = gate_up.shape[1] // 2
+    if tuple(router_weight.shape) != (count, h) or tuple(gate_up.shape) != (count, 2 * width, h) \
+            or tuple(down.shape) != (count, h, width) or isinstance(top_k, bool) or not isinstance(top_k, int) \
+            or not 1 <= top_k <= count:
+        raise FastPathUnsupported(f"layer {i} experts' shapes ({list(router_weight.shape)}, {list(gate_up.shape)}, "
+                                  f"{list(down.shape)}, top {top_k!r}) are not one router over gated experts")
+    renormalize = fam.moe == "always" or bool(getattr(router, "norm_topk_prob", False))
+    shared_modules = None
+    if shared <= children:
+        expert, scale = mlp.shared_expert, mlp.shared_expert_gate
+        if _children_with_weights(expert) != {"gate_proj", "up_proj", "down_proj"}:
+            raise FastPathUnsupported(f"layer {i} shared expert is not a gated MLP")
+        width_shared = int(getattr(expert.up_proj, "out_features", 0))
+        for name, module, shape in (("gate_proj", expert.gate_proj, (width_shared, h)),
+                                    ("up_proj", expert.up_proj, (width_shared, h)),
+                                    ("down_proj", expert.down_proj, (h, width_shared)),
+                                    ("shared_expert_gate", scale, (1, h))):
+            _linear_ok(f"layer {i} shared {name}", module, *shape)
+        if getattr(scale, "bias", None) is not None:
+            raise FastPathUnsupported(f"layer {i} shared expert's gate has a bias")
+        shared_modules = (expert.gate_proj, expert.up_proj, expert.down_proj, scale)
+    return Experts(router_weight, gate_up, down, top_k, renormalize, shared_modules)
 
 
 def _windows(config, fam: _Family, num_layers: int) -> list[int]:

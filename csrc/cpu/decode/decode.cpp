@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <mutex>
 
 #include "common/half.h"
@@ -300,9 +301,74 @@ void exact_top(const DecodeLinear& l, const HeadBound& bound, const float* x, fl
 }
 
 struct Scratch {
-  std::vector<float> xn, q, k, v, attn, tmp, gate, up, head2, resid;
+  std::vector<float> xn, q, k, v, attn, tmp, gate, up, head2, resid, expert;
   std::vector<int8_t> xq;
 };
+
+// out [M, hidden] = the MLP of each row of x [M, hidden]: down(act(gate x) * up x), or
+// down(act(up x)) without a gate (the width is up's rows).
+std::string mlp(const DecodeShape& s, const DecodeLinear& gate_l, const DecodeLinear& up_l, const DecodeLinear& down_l,
+                const float* x, int64_t M, float* out, Scratch& t) {
+  const int64_t I = up_l.N;
+  if (static_cast<int64_t>(t.gate.size()) < M * I) t.gate.resize(M * I);
+  if (static_cast<int64_t>(t.up.size()) < M * I) t.up.resize(M * I);
+  float* gate = t.gate.data();
+  float* up = t.up.data();
+  std::string err;
+  if (s.gated)
+    err = run_parts({{&gate_l, x, gate}, {&up_l, x, up}}, M, true, [&](int64_t n0, int64_t n1) {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = m * I + n0; i < m * I + n1; ++i) gate[i] = activate(s.act, gate[i]) * up[i];
+    });
+  else
+    err = run_parts({{&up_l, x, up}}, M, true, [&](int64_t n0, int64_t n1) {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = m * I + n0; i < m * I + n1; ++i) up[i] = activate(s.act, up[i]);
+    });
+  if (!err.empty()) return err;
+  return run_parts({{&down_l, s.gated ? gate : up, out}}, M, false);
+}
+
+// t.tmp [M, hidden] = the mixture of experts of each row of t.xn (see DecodeMoE): the chosen
+// experts' outputs added in ascending expert order, as the models' forwards add them.
+std::string mixture(const DecodeShape& s, const DecodeMoE& x, int64_t M, Scratch& t) {
+  const int64_t H = s.hidden, E = x.experts, F = x.expert_dim;
+  std::vector<float> prob(E);
+  std::vector<int64_t> order(E);
+  t.expert.resize(H);
+  float* y = t.expert.data();
+  DecodeLinear gate, up, down;  // one expert's slices of the 3-D weights
+  gate.N = up.N = F, gate.K = up.K = H, down.N = H, down.K = F;
+  std::string err;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = t.xn.data() + m * H;
+    float* out = t.tmp.data() + m * H;
+    std::fill_n(out, H, 0.f);
+    float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) top = std::max(top, prob[e] = vec().dot(x.router + e * H, xm, H));
+    for (int64_t e = 0; e < E; ++e) sum += prob[e] = std::exp(prob[e] - top);
+    for (int64_t e = 0; e < E; ++e) prob[e] /= sum;
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + x.top_k, order.end(),
+                      [&](int64_t a, int64_t b) { return prob[a] > prob[b] || (prob[a] == prob[b] && a < b); });
+    float chosen = 0.f;
+    for (int64_t j = 0; j < x.top_k; ++j) chosen += prob[order[j]];
+    std::sort(order.begin(), order.begin() + x.top_k);
+    for (int64_t j = 0; j < x.top_k; ++j) {
+      const int64_t e = order[j];
+      const float w = x.renormalize ? prob[e] / chosen : prob[e];
+      gate.weight = x.gate_up + e * 2 * F * H, up.weight = gate.weight + F * H, down.weight = x.down + e * H * F;
+      if (!(err = mlp(s, gate, up, down, xm, 1, y, t)).empty()) return err;
+      for (int64_t i = 0; i < H; ++i) out[i] += y[i] * w;
+    }
+    if (x.shared_up.N) {
+      if (!(err = mlp(s, x.shared_gate, x.shared_up, x.shared_down, xm, 1, y, t)).empty()) return err;
+      const float scale = 1.f / (1.f + std::exp(-vec().dot(x.shared_scale, xm, H)));
+      for (int64_t i = 0; i < H; ++i) out[i] += y[i] * scale;
+    }
+  }
+  return "";
+}
 
 }  // namespace
 
@@ -314,11 +380,27 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
   const int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
   std::string e;
   if (!(e = check_linear("q_proj", l.q, qd, s.hidden)).empty() || !(e = check_linear("k_proj", l.k, kvd, s.hidden)).empty() ||
-      !(e = check_linear("v_proj", l.v, kvd, s.hidden)).empty() || !(e = check_linear("o_proj", l.o, s.hidden, qd)).empty() ||
-      (s.gated && !(e = check_linear("gate_proj", l.gate, s.intermediate, s.hidden)).empty()) ||
-      !(e = check_linear("up_proj", l.up, s.intermediate, s.hidden)).empty() ||
-      !(e = check_linear("down_proj", l.down, s.hidden, s.intermediate)).empty())
+      !(e = check_linear("v_proj", l.v, kvd, s.hidden)).empty() || !(e = check_linear("o_proj", l.o, s.hidden, qd)).empty())
     return e;
+  const DecodeMoE& x = l.moe;
+  if (x.experts) {
+    if (!s.gated) return "a mixture of experts needs gated experts";
+    if (x.experts < 1 || x.top_k < 1 || x.top_k > x.experts || x.expert_dim < 1)
+      return "moe: experts, top_k (<= experts) and expert_dim must be positive";
+    if (!x.router || !x.gate_up || !x.down) return "moe: router, gate_up and down must not be null";
+    if (x.shared_up.N) {
+      const int64_t F = x.shared_up.N;
+      if (!(e = check_linear("shared gate_proj", x.shared_gate, F, s.hidden)).empty() ||
+          !(e = check_linear("shared up_proj", x.shared_up, F, s.hidden)).empty() ||
+          !(e = check_linear("shared down_proj", x.shared_down, s.hidden, F)).empty())
+        return e;
+      if (!x.shared_scale) return "moe: a shared expert needs its gate's weights";
+    }
+  } else if ((s.gated && !(e = check_linear("gate_proj", l.gate, s.intermediate, s.hidden)).empty()) ||
+             !(e = check_linear("up_proj", l.up, s.intermediate, s.hidden)).empty() ||
+             !(e = check_linear("down_proj", l.down, s.hidden, s.intermediate)).empty()) {
+    return e;
+  }
   if (!s.gated && l.gate.N) return "gate_proj must be empty: the MLP is not gated";
   if (!s.layer_norm && (l.input_norm_bias || l.post_norm_bias)) return "an RMSNorm has no bias";
   layers_.push_back(l);
@@ -355,7 +437,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
   if (has_head() && (k < 1 || k > head_.N || !ids))
     return "top k must be in [1, " + std::to_string(head_.N) + "] with an ids buffer";
   const int64_t H = s.hidden, hd = s.head_dim, qd = s.heads * hd, kvd = s.kv_heads * hd, group = s.heads / s.kv_heads;
-  const int64_t I = s.intermediate, rot = s.rotary_dim ? s.rotary_dim : hd;
+  const int64_t rot = s.rotary_dim ? s.rotary_dim : hd;
   thread_local Scratch scratch;
   Scratch& t = scratch;  // a reference: lambdas run on pool threads must see this thread's buffers
   t.xn.resize(M * H);
@@ -364,8 +446,6 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
   t.v.resize(M * kvd);
   t.attn.resize(M * qd);
   t.tmp.resize(M * std::max(H, has_head() ? head_.N : 0));
-  t.gate.resize(M * I);
-  t.up.resize(M * I);
   const DecodeVec& V = vec();
   int64_t context = 0;  // positions attended over all rows (decides whether attention threads)
   for (int64_t m = 0; m < M; ++m) context += pos[m] + 1;
@@ -431,20 +511,11 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
 
     // A parallel layer's MLP takes the attention's normed input, still in xn.
     if (!s.parallel) norm_rows(h, L.post_norm, L.post_norm_bias, s.layer_norm, L.eps, M, H, t.xn.data());
-    float* gate = t.gate.data();
-    float* up = t.up.data();
-    if (s.gated)
-      err = run_parts({{&L.gate, t.xn.data(), gate}, {&L.up, t.xn.data(), up}}, M, true, [&](int64_t n0, int64_t n1) {
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t i = m * I + n0; i < m * I + n1; ++i) gate[i] = activate(s.act, gate[i]) * up[i];
-      });
+    if (L.moe.experts)
+      err = mixture(s, L.moe, M, t);
     else
-      err = run_parts({{&L.up, t.xn.data(), up}}, M, true, [&](int64_t n0, int64_t n1) {
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t i = m * I + n0; i < m * I + n1; ++i) up[i] = activate(s.act, up[i]);
-      });
+      err = mlp(s, L.gate, L.up, L.down, t.xn.data(), M, t.tmp.data(), t);
     if (!err.empty()) return err;
-    if (!(err = run_parts({{&L.down, s.gated ? gate : up, t.tmp.data()}}, M, false)).empty()) return err;
     add_normed(h, t.tmp.data(), L.mlp_out_norm, L.eps, s.residual_scale, M, H);
   }
 

@@ -60,6 +60,21 @@ struct DecodeShape {
   float clip_qkv = 0.f;   // > 0: q, k and v are clamped to [-clip_qkv, clip_qkv] (olmo)
 };
 
+// A mixture of experts in place of the MLP (mixtral, qwen-moe, olmoe): a softmax over the
+// router's logits picks the top_k experts (their probabilities renormalised to sum 1 with
+// `renormalize`), each a gated MLP whose fp32 weights are one slice of 3-D tensors, the outputs
+// summed by probability; and optionally a shared expert (a gated MLP) scaled by
+// sigmoid(shared_scale . x). experts == 0: a plain MLP.
+struct DecodeMoE {
+  int64_t experts = 0, top_k = 0, expert_dim = 0;
+  const float* router = nullptr;   // fp32 [experts, hidden]
+  const float* gate_up = nullptr;  // fp32 [experts, 2 expert_dim, hidden]: each expert's gate rows, then up rows
+  const float* down = nullptr;     // fp32 [experts, hidden, expert_dim]
+  bool renormalize = false;
+  DecodeLinear shared_gate, shared_up, shared_down;  // shared_up.N == 0: no shared expert
+  const float* shared_scale = nullptr;               // fp32 [hidden]
+};
+
 struct DecodeLayer {
   // fp32 [hidden] RMSNorm weights of the attention's and the MLP's inputs; null: the input as
   // it is (families that norm only the sublayers' outputs).
@@ -80,6 +95,7 @@ struct DecodeLayer {
   const float* mlp_out_norm = nullptr;
   int64_t window = 0;  // attend over the last `window` positions (this one included); 0: all
   int64_t rope = 0;    // which of the rotary tables of a position row this layer uses
+  DecodeMoE moe;       // experts > 0: a mixture of experts instead of gate / up / down
 };
 
 // A stack of decoder layers (and an optional head) sharing one shape. The KV cache of a
