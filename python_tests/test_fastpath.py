@@ -294,12 +294,14 @@ def test_fused_projections_of_low_bit_weights(bits):
 
 
 @pytest.mark.parametrize("family, renormalize, shared", [("mixtral", True, False), ("qwen2_moe", False, True),
-                                                          ("qwen3_moe", True, False), ("olmoe", False, False)])
+                                                          ("qwen3_moe", True, False), ("olmoe", False, False),
+                                                          ("flex_olmo", False, False)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
     # one slice of the 3-D expert weights (fp32 also where the rest is low-bit: replace_linear
-    # quantises linear layers); Qwen 2 MoE adds a shared expert under a sigmoid gate.
+    # quantises linear layers); Qwen 2 MoE adds a shared expert under a sigmoid gate; FlexOlmo's
+    # layers norm their sublayers' outputs only (OLMo 2's layer with OLMoE's experts).
     model = family_model(family)
     if bits:
         replace_linear(model, bits=bits, group_size=32, progress=False)

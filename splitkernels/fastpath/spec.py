@@ -122,6 +122,7 @@ _FAMILIES = {
     "qwen2_moe": _Family(moe="norm_topk_prob"),
     "qwen3_moe": _Family(moe="norm_topk_prob", head_norms=True),
     "olmoe": _Family(moe="norm_topk_prob", head_norms=True, head_norm_whole=True),
+    "flex_olmo": _Family(norms="post", head_norms=True, head_norm_whole=True, moe="norm_topk_prob"),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "vaultgemma": _Family(**{**_GEMMA, "norms": "pre_feedforward"}),
