@@ -83,7 +83,8 @@ void bind_decode(py::module_& m) {
              const py::dict& k, const py::dict& v, const py::dict& o, const py::dict& gate, const py::dict& up,
              const py::dict& down, std::uintptr_t q_norm, std::uintptr_t k_norm, std::uintptr_t attn_out_norm,
              std::uintptr_t mlp_out_norm, int64_t window, int64_t rope, bool head_norm_whole,
-             std::uintptr_t input_norm_bias, std::uintptr_t post_norm_bias, const py::dict& moe) {
+             std::uintptr_t input_norm_bias, std::uintptr_t post_norm_bias, const py::dict& moe,
+             std::uintptr_t sinks) {
             sk::DecodeLayer l;
             l.input_norm = ptr<const float>(input_norm);
             l.post_norm = ptr<const float>(post_norm);
@@ -94,10 +95,12 @@ void bind_decode(py::module_& m) {
             l.q_norm = ptr<const float>(q_norm), l.k_norm = ptr<const float>(k_norm);
             l.attn_out_norm = ptr<const float>(attn_out_norm), l.mlp_out_norm = ptr<const float>(mlp_out_norm);
             l.window = window, l.rope = rope, l.head_norm_whole = head_norm_whole;
+            l.sinks = ptr<const float>(sinks);
             if (!moe.empty()) {
               sk::DecodeMoE& x = l.moe;
               x.experts = get<int64_t>(moe, "experts", 0), x.top_k = get<int64_t>(moe, "top_k", 0);
               x.expert_dim = get<int64_t>(moe, "expert_dim", 0), x.renormalize = get<bool>(moe, "renormalize", false);
+              x.sigmoid = get<bool>(moe, "sigmoid", false);
               x.router = ptr<const float>(get<std::uintptr_t>(moe, "router", 0));
               x.gate_up = ptr<const float>(get<std::uintptr_t>(moe, "gate_up", 0));
               x.down = ptr<const float>(get<std::uintptr_t>(moe, "down", 0));
@@ -114,7 +117,7 @@ void bind_decode(py::module_& m) {
           py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("q_norm") = 0, py::arg("k_norm") = 0,
           py::arg("attn_out_norm") = 0, py::arg("mlp_out_norm") = 0, py::arg("window") = 0, py::arg("rope") = 0,
           py::arg("head_norm_whole") = false, py::arg("input_norm_bias") = 0, py::arg("post_norm_bias") = 0,
-          py::arg("moe") = py::dict())
+          py::arg("moe") = py::dict(), py::arg("sinks") = 0)
       .def(
           "set_head",
           [](sk::DecodeStack& s, std::uintptr_t norm, float eps, const py::dict& head, std::uintptr_t norm_bias) {

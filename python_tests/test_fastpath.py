@@ -295,19 +295,25 @@ def test_fused_projections_of_low_bit_weights(bits):
 
 @pytest.mark.parametrize("family, renormalize, shared", [("mixtral", True, False), ("qwen2_moe", False, True),
                                                           ("qwen3_moe", True, False), ("olmoe", False, False),
-                                                          ("flex_olmo", False, False)])
+                                                          ("flex_olmo", False, False), ("flint", True, True)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
     # one slice of the 3-D expert weights (fp32 also where the rest is low-bit: replace_linear
     # quantises linear layers); Qwen 2 MoE adds a shared expert under a sigmoid gate; FlexOlmo's
-    # layers norm their sublayers' outputs only (OLMo 2's layer with OLMoE's experts).
+    # layers norm their sublayers' outputs only (OLMo 2's layer with OLMoE's experts); Flint scores
+    # experts by sigmoids, adds its shared expert in full, gives each attention head a sink and
+    # rotates in its sliding layers only.
     model = family_model(family)
     if bits:
         replace_linear(model, bits=bits, group_size=32, progress=False)
     d = describe(model)
+    mixtures = [m for m in d.layers if m.experts is not None]  # Flint's first two layers keep a dense MLP
+    assert len(mixtures) >= 2 and all(m.gate is None for m in mixtures)
     assert all(m.experts.top_k == 2 and m.experts.router.shape[0] == 4 and m.experts.renormalize == renormalize
-               and (m.experts.shared is not None) == shared and m.gate is None for m in d.layers)
+               and (m.experts.shared is not None) == shared for m in mixtures)
+    assert all((m.sinks is not None) == (family == "flint") for m in d.layers)
+    assert all(m.experts.sigmoid == (family == "flint") for m in mixtures)
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
             assert err < TOL and token == ref_token, head
@@ -331,6 +337,10 @@ def test_declines_experts_it_cannot_read():
     model = family_model("mixtral")
     model.model.layers[1].mlp.gate.top_k = 5
     with pytest.raises(FastPathUnsupported, match=r"layer 1 experts' shapes .* top 5\) are not one router"):
+        describe(model)
+    model = family_model("flint")
+    model.model.layers[3].self_attn.sinks = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(FastPathUnsupported, match=r"layer 3 attention sinks are not fp32 \[4\]"):
         describe(model)
     model = family_model("qwen2_moe")
     model.model.layers[0].mlp.shared_expert_gate = torch.nn.Linear(64, 1, bias=True)

@@ -200,7 +200,7 @@ class NativeDecoder(_NativeWeights):
                                  attn_out_norm=self._norm(m.attn_out_norm), mlp_out_norm=self._norm(m.mlp_out_norm),
                                  window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole,
                                  input_norm_bias=self._norm_bias(m.input_norm), post_norm_bias=self._norm_bias(m.post_norm),
-                                 moe=self._experts(m.experts))
+                                 moe=self._experts(m.experts), sinks=0 if m.sinks is None else self._vector(m.sinks))
         if head is not None:
             self.stack.set_head(self._norm(d.final_norm), d.final_eps, self._head(d.lm_head, head),
                                 self._norm_bias(d.final_norm))
@@ -226,12 +226,12 @@ class NativeDecoder(_NativeWeights):
         if experts is None:
             return {}
         out = {"experts": experts.router.shape[0], "top_k": experts.top_k, "expert_dim": experts.down.shape[2],
-               "renormalize": experts.renormalize, "router": self._vector(experts.router),
+               "renormalize": experts.renormalize, "sigmoid": experts.sigmoid, "router": self._vector(experts.router),
                "gate_up": self._vector(experts.gate_up), "down": self._vector(experts.down)}
         if experts.shared is not None:
             gate, up, down, scale = experts.shared
             out.update(shared_gate=self._linear(gate), shared_up=self._linear(up), shared_down=self._linear(down),
-                       shared_scale=self._vector(_dense(scale).reshape(-1)))
+                       shared_scale=0 if scale is None else self._vector(_dense(scale).reshape(-1)))
         return out
 
     def _norm_bias(self, module: nn.Module | None) -> int:

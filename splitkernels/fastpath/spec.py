@@ -65,6 +65,8 @@ class _Family:
     # Layers whose MLP is a router and experts: their top k's probabilities renormalised to sum 1
     # "always" (Mixtral) or where the router's norm_topk_prob says; "" none.
     moe: str = ""
+    router_sigmoid: bool = False  # the router scores each expert by its logit's sigmoid, not a softmax (Flint)
+    sinks: bool = False  # the attention's own `sinks` [heads]: one more softmax logit per head (Flint)
 
 
 # A layer's norms by module name in their roles: of the attention's input, of its output
@@ -123,6 +125,7 @@ _FAMILIES = {
     "qwen3_moe": _Family(moe="norm_topk_prob", head_norms=True),
     "olmoe": _Family(moe="norm_topk_prob", head_norms=True, head_norm_whole=True),
     "flex_olmo": _Family(norms="post", head_norms=True, head_norm_whole=True, moe="norm_topk_prob"),
+    "flint": _Family(moe="norm_topk_prob", router_sigmoid=True, head_norms=True, sinks=True, nope="global"),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "vaultgemma": _Family(**{**_GEMMA, "norms": "pre_feedforward"}),
@@ -166,7 +169,9 @@ class Experts:
     down: torch.Tensor  # fp32 [experts, hidden, width]
     top_k: int
     renormalize: bool  # the top k's probabilities divided by their sum
-    shared: tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None  # gate, up, down, sigmoid gate
+    sigmoid: bool  # each expert's score is its logit's sigmoid, not a softmax over all
+    # The shared expert's gate, up and down, and the linear of its sigmoid gate (None: added in full).
+    shared: tuple[nn.Module, nn.Module, nn.Module, nn.Module | None] | None
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,7 @@ class LayerModules:
     eps: float = 1e-6  # every norm's epsilon
     head_norm_whole: bool = False  # q_norm / k_norm span each row's whole projection
     experts: Experts | None = None  # a mixture of experts instead of gate / up / down
+    sinks: torch.Tensor | None = None  # fp32 [heads]: each query head's attention sink
 
 
 @dataclass(frozen=True)
@@ -302,6 +308,11 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     # Weights held by the layer, attention or MLP module itself (Granite SWA's attention sinks).
     own = sorted(f"{where}.{n}" for where, m in (("layer", layer), ("attention", attn), ("MLP", mlp))
                  for n, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)))
+    sinks = getattr(attn, "sinks", None) if fam.sinks else None
+    if sinks is not None:
+        own.remove("attention.sinks")
+        if not isinstance(sinks, torch.Tensor) or sinks.shape != (d["heads"],) or sinks.dtype != torch.float32:
+            raise FastPathUnsupported(f"layer {i} attention sinks are not fp32 [{d['heads']}]")
     if own:
         raise FastPathUnsupported(f"layer {i} has weights the native step lacks: {', '.join(own)}")
     projections = ("qkv_proj", fam.o_name) if fam.fused_qkv else ("q_proj", "k_proj", "v_proj", fam.o_name)
@@ -338,7 +349,7 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         raise FastPathUnsupported(f"layer {i} attention slides over {own!r} positions, the config {window or None!r}")
     q_norm, k_norm = (attn.q_norm, attn.k_norm) if fam.head_norms else (None, None)
     return LayerModules(into_attn, into_mlp, q, k, v, o, gate, up, down, q_norm, k_norm, out_attn, out_mlp, window,
-                        rope, eps, fam.head_norm_whole, experts)
+                        rope, eps, fam.head_norm_whole, experts, sinks)
 
 
 def _children_with_weights(module: nn.Module) -> set[str]:
@@ -373,9 +384,9 @@ def _mlp_modules(i: int, mlp: nn.Module, fam: _Family, h: int, f: int):
 def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -> Experts:
     """A mixture-of-experts block's router, 3-D expert weights and shared expert, checked."""
     shared = {"shared_expert", "shared_expert_gate"}
-    if children not in ({"gate", "experts"}, {"gate", "experts"} | shared):
+    if children not in ({"gate", "experts"}, {"gate", "experts", "shared_expert"}, {"gate", "experts"} | shared):
         raise FastPathUnsupported(f"layer {i} mixture of experts has {', '.join(sorted(children))}, not a router "
-                                  "and experts (and a shared expert with its gate)")
+                                  "and experts (and a shared expert, with or without its gate)")
     router, experts = mlp.gate, mlp.experts
     weights = {n: p for n, p in experts.named_parameters()}
     gate_up, down = weights.get("gate_up_proj"), weights.get("down_proj")
@@ -394,8 +405,8 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -
                                   f"{list(down.shape)}, top {top_k!r}) are not one router over gated experts")
     renormalize = fam.moe == "always" or bool(getattr(router, "norm_topk_prob", False))
     shared_modules = None
-    if shared <= children:
-        expert, scale = mlp.shared_expert, mlp.shared_expert_gate
+    if "shared_expert" in children:  # Qwen 2 MoE's scaled by a sigmoid gate, Flint's added in full
+        expert, scale = mlp.shared_expert, getattr(mlp, "shared_expert_gate", None)
         if _children_with_weights(expert) != {"gate_proj", "up_proj", "down_proj"}:
             raise FastPathUnsupported(f"layer {i} shared expert is not a gated MLP")
         width_shared = int(getattr(expert.up_proj, "out_features", 0))
@@ -403,11 +414,12 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -
                                     ("up_proj", expert.up_proj, (width_shared, h)),
                                     ("down_proj", expert.down_proj, (h, width_shared)),
                                     ("shared_expert_gate", scale, (1, h))):
-            _linear_ok(f"layer {i} shared {name}", module, *shape)
+            if module is not None:
+                _linear_ok(f"layer {i} shared {name}", module, *shape)
         if getattr(scale, "bias", None) is not None:
             raise FastPathUnsupported(f"layer {i} shared expert's gate has a bias")
         shared_modules = (expert.gate_proj, expert.up_proj, expert.down_proj, scale)
-    return Experts(router_weight, gate_up, down, top_k, renormalize, shared_modules)
+    return Experts(router_weight, gate_up, down, top_k, renormalize, fam.router_sigmoid, shared_modules)
 
 
 def _windows(config, fam: _Family, num_layers: int) -> list[int]:

@@ -346,8 +346,12 @@ std::string mixture(const DecodeShape& s, const DecodeMoE& x, int64_t M, Scratch
     std::fill_n(out, H, 0.f);
     float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
     for (int64_t e = 0; e < E; ++e) top = std::max(top, prob[e] = vec().dot(x.router + e * H, xm, H));
-    for (int64_t e = 0; e < E; ++e) sum += prob[e] = std::exp(prob[e] - top);
-    for (int64_t e = 0; e < E; ++e) prob[e] /= sum;
+    if (x.sigmoid) {
+      for (int64_t e = 0; e < E; ++e) prob[e] = 1.f / (1.f + std::exp(-prob[e]));
+    } else {
+      for (int64_t e = 0; e < E; ++e) sum += prob[e] = std::exp(prob[e] - top);
+      for (int64_t e = 0; e < E; ++e) prob[e] /= sum;
+    }
     for (int64_t e = 0; e < E; ++e) order[e] = e;
     std::partial_sort(order.begin(), order.begin() + x.top_k, order.end(),
                       [&](int64_t a, int64_t b) { return prob[a] > prob[b] || (prob[a] == prob[b] && a < b); });
@@ -363,7 +367,7 @@ std::string mixture(const DecodeShape& s, const DecodeMoE& x, int64_t M, Scratch
     }
     if (x.shared_up.N) {
       if (!(err = mlp(s, x.shared_gate, x.shared_up, x.shared_down, xm, 1, y, t)).empty()) return err;
-      const float scale = 1.f / (1.f + std::exp(-vec().dot(x.shared_scale, xm, H)));
+      const float scale = x.shared_scale ? 1.f / (1.f + std::exp(-vec().dot(x.shared_scale, xm, H))) : 1.f;
       for (int64_t i = 0; i < H; ++i) out[i] += y[i] * scale;
     }
   }
@@ -394,7 +398,6 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
           !(e = check_linear("shared up_proj", x.shared_up, F, s.hidden)).empty() ||
           !(e = check_linear("shared down_proj", x.shared_down, s.hidden, F)).empty())
         return e;
-      if (!x.shared_scale) return "moe: a shared expert needs its gate's weights";
     }
   } else if ((s.gated && !(e = check_linear("gate_proj", l.gate, s.intermediate, s.hidden)).empty()) ||
              !(e = check_linear("up_proj", l.up, s.intermediate, s.hidden)).empty() ||
@@ -497,8 +500,8 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
         p.resize(per_unit * n);
         const float q_scale =  // a scale of the queries scales their scores
             s.q_pos_period ? 1.f + s.q_pos_beta * std::log(1.f + static_cast<float>(pos[m] / s.q_pos_period)) : 1.f;
-        V.attend(t.q.data() + q0, per_unit, kh, kh + plane, n, hd, s.attn_scale * q_scale, s.attn_softcap, p.data(),
-                 t.attn.data() + q0);
+        V.attend(t.q.data() + q0, per_unit, kh, kh + plane, n, hd, s.attn_scale * q_scale, s.attn_softcap,
+                 L.sinks ? L.sinks + h0 : nullptr, p.data(), t.attn.data() + q0);
       }
     };
     if (threaded)

@@ -61,18 +61,19 @@ struct DecodeShape {
 };
 
 // A mixture of experts in place of the MLP (mixtral, qwen-moe, olmoe): a softmax over the
-// router's logits picks the top_k experts (their probabilities renormalised to sum 1 with
-// `renormalize`), each a gated MLP whose fp32 weights are one slice of 3-D tensors, the outputs
+// router's logits (or with `sigmoid` each logit's sigmoid: flint) picks the top_k experts (their
+// scores renormalised to sum 1 with `renormalize`), each a gated MLP whose fp32 weights are one slice of 3-D tensors, the outputs
 // summed by probability; and optionally a shared expert (a gated MLP) scaled by
-// sigmoid(shared_scale . x). experts == 0: a plain MLP.
+// sigmoid(shared_scale . x), or added in full without shared_scale. experts == 0: a plain MLP.
 struct DecodeMoE {
   int64_t experts = 0, top_k = 0, expert_dim = 0;
   const float* router = nullptr;   // fp32 [experts, hidden]
   const float* gate_up = nullptr;  // fp32 [experts, 2 expert_dim, hidden]: each expert's gate rows, then up rows
   const float* down = nullptr;     // fp32 [experts, hidden, expert_dim]
   bool renormalize = false;
+  bool sigmoid = false;
   DecodeLinear shared_gate, shared_up, shared_down;  // shared_up.N == 0: no shared expert
-  const float* shared_scale = nullptr;               // fp32 [hidden]
+  const float* shared_scale = nullptr;               // fp32 [hidden] or null
 };
 
 struct DecodeLayer {
@@ -95,6 +96,7 @@ struct DecodeLayer {
   const float* mlp_out_norm = nullptr;
   int64_t window = 0;  // attend over the last `window` positions (this one included); 0: all
   int64_t rope = 0;    // which of the rotary tables of a position row this layer uses
+  const float* sinks = nullptr;  // fp32 [heads]: each query head's attention sink (null: none)
   DecodeMoE moe;       // experts > 0: a mixture of experts instead of gate / up / down
 };
 

@@ -185,8 +185,9 @@ inline fvec exp_lanes(fvec x) {
   return e * scale;
 }
 
-// p[0, n) = softmax(p[0, n)).
-inline void softmax(float* p, int64_t n) {
+// p[0, n) = softmax(p[0, n)), with `sink` one more logit in the denominator (an attention sink:
+// -inf for none) whose weight is dropped.
+inline void softmax(float* p, int64_t n, float sink) {
   const int64_t vec_end = n / kLanes * kLanes;
   float mx = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
@@ -199,6 +200,7 @@ inline void softmax(float* p, int64_t n) {
     for (int i = 0; i < kLanes; ++i) mx = std::max(mx, m[i]);
   }
   for (; j < n; ++j) mx = std::max(mx, p[j]);
+  mx = std::max(mx, sink);
   fvec acc{};
   for (j = 0; j < vec_end; j += kLanes) {
     const fvec e = exp_lanes(loadv(p + j) - mx);
@@ -207,6 +209,7 @@ inline void softmax(float* p, int64_t n) {
   }
   float sum = hsum(acc);
   for (; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+  sum += std::exp(sink - mx);  // 0 without a sink
   const float inv = 1.0f / sum;
   for (j = 0; j < n; ++j) p[j] *= inv;
 }
@@ -270,7 +273,7 @@ inline void scores(const float* q, const float* k0, int64_t hd, float scale, flo
 // The query heads of one key/value head take each block of keys and values in turn while it
 // is in L1: the cache's rows come from memory once, not once per query head.
 void attend(const float* q, int64_t heads, const float* k, const float* v, int64_t n, int64_t hd, float scale,
-            float softcap, float* p, float* out) {
+            float softcap, const float* sinks, float* p, float* out) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4)
     for (int64_t h = 0; h < heads; ++h) scores<4>(q + h * hd, k + j * hd, hd, scale, p + h * n + j);
@@ -278,7 +281,8 @@ void attend(const float* q, int64_t heads, const float* k, const float* v, int64
     for (int64_t h = 0; h < heads; ++h) scores<1>(q + h * hd, k + j * hd, hd, scale, p + h * n + j);
   if (softcap > 0.f)  // as the model computes it: a division, tanh, a product
     for (int64_t i = 0; i < heads * n; ++i) p[i] = std::tanh(p[i] / softcap) * softcap;
-  for (int64_t h = 0; h < heads; ++h) softmax(p + h * n, n);
+  for (int64_t h = 0; h < heads; ++h)
+    softmax(p + h * n, n, sinks ? sinks[h] : -std::numeric_limits<float>::infinity());
   for (int64_t j0 = 0; j0 < n; j0 += kBlockPositions) {
     const int64_t rows = std::min(kBlockPositions, n - j0);
     for (int64_t h = 0; h < heads; ++h) weighted(p + h * n + j0, v + j0 * hd, rows, hd, out + h * hd, j0 > 0);
