@@ -8,8 +8,8 @@ The file carries the tokenizer of the packaged SmolLM2 GGUF (so both llama.cpp a
 load it), ``--layers`` decoder layers of the given widths with weights drawn N(0, 0.02) and
 quantised by gguf-py to ``--type`` (Q4_0 by default: the 4-bit format llama.cpp repacks for its
 fastest x86 kernels), norms of ones (Gemma's files store 1 + w: its norms then scale by 1), and
-the token embedding in Q8_0, tied to the LM head as in SmolLM2 (StableLM's head: Q8_0 too). Defaults are Llama-3-8B's layer:
-hidden 4096, MLP 14336, 32 query and 8 key/value heads of 128.
+the token embedding in Q8_0, tied to the LM head as in SmolLM2 (StableLM's own head: Q8_0 too).
+Defaults are Llama-3-8B's layer: hidden 4096, MLP 14336, 32 query and 8 key/value heads of 128.
 
 Usage: python bench/make_gguf.py --out FILE.gguf [--arch llama|qwen3|gemma2|stablelm] [--layers 3] [--hidden 4096]
        [--intermediate 14336] [--heads 32] [--kv-heads 8] [--head-dim HIDDEN/HEADS] [--type q4_0|q4_1|q8_0]

@@ -389,7 +389,8 @@ def _longrope_phi(switch: int = 6):
     config.original_max_position_embeddings = switch
     config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
                               "short_factor": [1.0 + 0.1 * i for i in range(6)],
-                              "long_factor": [2.0 + 0.5 * i for i in range(6)], "original_max_position_embeddings": switch}
+                              "long_factor": [2.0 + 0.5 * i for i in range(6)],
+                              "original_max_position_embeddings": switch}
     torch.manual_seed(4)
     return type(family_model("phi3"))(config).eval()
 
@@ -550,7 +551,8 @@ def test_cache_hands_over_between_eager_and_native():
     (lambda: _gemma3(hidden_activation="relu"), "activation is 'relu'"),
     (lambda: _with_config(family_model("cohere"), logit_scale=0.0), "logit_scale 0.0 is not a positive number"),
     (lambda: _with_config(family_model("olmo"), clip_qkv=-1.0), "clip_qkv -1.0 is not a positive number"),
-    (lambda: _norm_swapped("stablelm", "phi3"), "layer 1 input_layernorm is a Phi3RMSNorm, not a LayerNorm of width 64"),
+    (lambda: _norm_swapped("stablelm", "phi3"),
+     "layer 1 input_layernorm is a Phi3RMSNorm, not a LayerNorm of width 64"),
     (lambda: _norm_swapped("phi3", "stablelm"), "layer 1 input_layernorm is a LayerNorm, not an RMSNorm of width 64"),
     (lambda: _with_config(_llama(), layer_types=["chunked_attention"] * 3), "layer types .* are not covered"),
     (lambda: _with_config(_llama(), layer_types=["full_attention"] * 2), "2 layer types for 3 layers"),

@@ -199,7 +199,8 @@ class NativeDecoder(_NativeWeights):
                                  q_norm=self._norm(m.q_norm), k_norm=self._norm(m.k_norm),
                                  attn_out_norm=self._norm(m.attn_out_norm), mlp_out_norm=self._norm(m.mlp_out_norm),
                                  window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole,
-                                 input_norm_bias=self._norm_bias(m.input_norm), post_norm_bias=self._norm_bias(m.post_norm),
+                                 input_norm_bias=self._norm_bias(m.input_norm),
+                                 post_norm_bias=self._norm_bias(m.post_norm),
                                  moe=self._experts(m.experts), sinks=0 if m.sinks is None else self._vector(m.sinks))
         if head is not None:
             self.stack.set_head(self._norm(d.final_norm), d.final_eps, self._head(d.lm_head, head),
@@ -263,8 +264,8 @@ class NativeDecoder(_NativeWeights):
         for i, kind in enumerate(d.rope_types):
             if kind == NO_ROPE:
                 continue
-            c, s = (torch.cat(t, dim=1) for t in zip(*(
-                rotary_table(d.rotary, kind, torch.arange(a, b).unsqueeze(0), d.head_dim) for a, b in zip(cuts, cuts[1:]))))
+            spans = (torch.arange(a, b).unsqueeze(0) for a, b in zip(cuts, cuts[1:]))
+            c, s = (torch.cat(t, dim=1) for t in zip(*(rotary_table(d.rotary, kind, p, d.head_dim) for p in spans)))
             if c.shape[-1] != d.rotary_dim:
                 raise FastPathUnsupported(f"a rotary table is {c.shape[-1]} wide, not rotary_dim = {d.rotary_dim}")
             if d.rope_table_repeated:  # the angles twice over, as the native step reads them

@@ -353,7 +353,8 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
 
 
 def _children_with_weights(module: nn.Module) -> set[str]:
-    return {n for n, m in module.named_children() if any(True for _ in m.parameters()) or any(True for _ in m.buffers())}
+    return {n for n, m in module.named_children()
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers())}
 
 
 def _mlp_modules(i: int, mlp: nn.Module, fam: _Family, h: int, f: int):

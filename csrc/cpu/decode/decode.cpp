@@ -383,8 +383,10 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
   if (l.window < 0 || l.rope < 0) return "window and rope must be >= 0";
   const int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
   std::string e;
-  if (!(e = check_linear("q_proj", l.q, qd, s.hidden)).empty() || !(e = check_linear("k_proj", l.k, kvd, s.hidden)).empty() ||
-      !(e = check_linear("v_proj", l.v, kvd, s.hidden)).empty() || !(e = check_linear("o_proj", l.o, s.hidden, qd)).empty())
+  if (!(e = check_linear("q_proj", l.q, qd, s.hidden)).empty() ||
+      !(e = check_linear("k_proj", l.k, kvd, s.hidden)).empty() ||
+      !(e = check_linear("v_proj", l.v, kvd, s.hidden)).empty() ||
+      !(e = check_linear("o_proj", l.o, s.hidden, qd)).empty())
     return e;
   const DecodeMoE& x = l.moe;
   if (x.experts) {

@@ -62,8 +62,8 @@ struct DecodeShape {
 
 // A mixture of experts in place of the MLP (mixtral, qwen-moe, olmoe): a softmax over the
 // router's logits (or with `sigmoid` each logit's sigmoid: flint) picks the top_k experts (their
-// scores renormalised to sum 1 with `renormalize`), each a gated MLP whose fp32 weights are one slice of 3-D tensors, the outputs
-// summed by probability; and optionally a shared expert (a gated MLP) scaled by
+// scores renormalised to sum 1 with `renormalize`), each a gated MLP whose fp32 weights are one
+// slice of 3-D tensors, the outputs summed by score; and optionally a shared expert (a gated MLP) scaled by
 // sigmoid(shared_scale . x), or added in full without shared_scale. experts == 0: a plain MLP.
 struct DecodeMoE {
   int64_t experts = 0, top_k = 0, expert_dim = 0;
@@ -127,7 +127,8 @@ class DecodeStack {
                    float* logits, int64_t k, int64_t* ids, float* vals) const;
   // The step of M sequences at once (continuous batching on the server): row m of h [M, hidden]
   // at position pos[m] of its own cache kv[m] (capacity[m]), with its rotary rows cos[m]/sin[m].
-  // Every weight is read once for all rows. Each row's results (h, cache, logits, top k) are
+  // Every weight is read once for all rows (a mixture of experts reads each row's own experts).
+  // Each row's results (h, cache, logits, top k) are
   // bit-identical to step() on that row alone: every sum runs in the same order. logits is
   // [M, vocab] (may be null), ids and vals [M, k]. step() is this with M = 1.
   std::string step_batch(float* h, int64_t M, const int64_t* pos, float* const* kv, const int64_t* capacity,
