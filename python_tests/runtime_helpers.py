@@ -44,9 +44,9 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
     """A tiny model of any family from its own config (``models.tiny``), norms' weights and biases
     random (Gemma's zero-initialised ones would hide the 1 + w, LayerNorms' zero biases theirs),
     sliding layers' windows shrunk to ``window``, soft caps shrunk to ``TINY_SOFTCAP``, and
-    Granite's and HyperCLOVA X's multipliers, Ministral 3's query scale, OLMo's clamp of q, k and
-    v, OLMo 3's rotary of full-attention layers and Qwen 3 MoE's renormalised top k made to count
-    (the native step's tests)."""
+    Granite's (and its MoE's) and HyperCLOVA X's multipliers, Ministral 3's query scale, OLMo's
+    clamp of q, k and v, OLMo 3's rotary of full-attention layers and Qwen 3 MoE's renormalised
+    top k made to count (the native step's tests)."""
     from transformers import AutoModelForCausalLM
 
     from splitkernels.models.loading import TINY_SOFTCAP
@@ -58,7 +58,7 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, cap, None) is not None:  # tiny scores and logits never reach 30 or 50
             setattr(config, cap, TINY_SOFTCAP)
-    if model_type in ("granite", "hyperclovax"):  # multipliers of 1 would hide them
+    if model_type in ("granite", "granitemoe", "hyperclovax"):  # multipliers of 1 would hide them
         config.attention_multiplier, config.residual_multiplier = 0.3, 0.5
         config.embedding_multiplier, config.logits_scaling = 2.0, 3.0
     if model_type == "qwen3_moe":  # as Qwen 3's MoE models set it (Qwen 2's tiny config keeps False)

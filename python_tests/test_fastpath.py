@@ -295,7 +295,8 @@ def test_fused_projections_of_low_bit_weights(bits):
 
 @pytest.mark.parametrize("family, renormalize, shared", [("mixtral", True, False), ("qwen2_moe", False, True),
                                                           ("qwen3_moe", True, False), ("olmoe", False, False),
-                                                          ("flex_olmo", False, False), ("flint", True, True)])
+                                                          ("flex_olmo", False, False), ("flint", True, True),
+                                                          ("granitemoe", True, False)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
@@ -303,7 +304,8 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # quantises linear layers); Qwen 2 MoE adds a shared expert under a sigmoid gate; FlexOlmo's
     # layers norm their sublayers' outputs only (OLMo 2's layer with OLMoE's experts); Flint scores
     # experts by sigmoids, adds its shared expert in full, gives each attention head a sink and
-    # rotates in its sliding layers only.
+    # rotates in its sliding layers only; Granite MoE softmaxes its top k's logits (the same as the
+    # renormalised top k) under Granite's multipliers.
     model = family_model(family)
     if bits:
         replace_linear(model, bits=bits, group_size=32, progress=False)

@@ -66,6 +66,8 @@ class _Family:
     # "always" (Mixtral) or where the router's norm_topk_prob says; "" none.
     moe: str = ""
     router_sigmoid: bool = False  # the router scores each expert by its logit's sigmoid, not a softmax (Flint)
+    mlp_name: str = "mlp"  # the layer's MLP (or mixture of experts) module
+    router_name: str = "gate"  # a mixture of experts' router
     sinks: bool = False  # the attention's own `sinks` [heads]: one more softmax logit per head (Flint)
 
 
@@ -125,6 +127,8 @@ _FAMILIES = {
     "qwen3_moe": _Family(moe="norm_topk_prob", head_norms=True),
     "olmoe": _Family(moe="norm_topk_prob", head_norms=True, head_norm_whole=True),
     "flex_olmo": _Family(norms="post", head_norms=True, head_norm_whole=True, moe="norm_topk_prob"),
+    # A softmax over the top k's logits is the renormalised top k of the softmax over all.
+    "granitemoe": _Family(multipliers="divide", mlp_name="block_sparse_moe", router_name="router", moe="always"),
     "flint": _Family(moe="norm_topk_prob", router_sigmoid=True, head_norms=True, sinks=True, nope="global"),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
@@ -289,14 +293,14 @@ def _norm_ok(name: str, module: nn.Module, hidden: int, layer_norm: bool = False
 
 def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int, rope: int,
                    parallel: bool) -> LayerModules:
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, fam.mlp_name, None)
     # Families with optional norms keep an nn.Identity where a config leaves one out.
     layout = _NORMS["parallel" if parallel else fam.norms]
     roles = [getattr(layer, n, None) if n else None for n in layout]
     into_attn, out_attn, into_mlp, out_mlp = (None if isinstance(m, nn.Identity) else m for m in roles)
     norm_names = [n for n in layout if n]
     head_norms = {"q_norm", "k_norm"} if fam.head_norms else set()
-    names = {"self_attn": attn, "mlp": mlp, **{n: getattr(layer, n, None) for n in norm_names}}
+    names = {"self_attn": attn, fam.mlp_name: mlp, **{n: getattr(layer, n, None) for n in norm_names}}
     missing = [n for n, m in names.items() if m is None]
     if missing:
         raise FastPathUnsupported(f"layer {i} has no {', '.join(missing)}")
@@ -361,7 +365,7 @@ def _mlp_modules(i: int, mlp: nn.Module, fam: _Family, h: int, f: int):
     """A layer's MLP as (gate, up, down, None), or a mixture of experts as (None, None, None,
     :class:`Experts`) where the family has them and the layer's MLP is one."""
     children = _children_with_weights(mlp)
-    if fam.moe and {"gate", "experts"} <= children:
+    if fam.moe and {fam.router_name, "experts"} <= children:
         return None, None, None, _experts(i, mlp, children, fam, h)
     up_name, down_name = fam.plain_mlp or ("up_proj", "down_proj")
     names = ({up_name, down_name} if fam.plain_mlp else {"gate_up_proj", down_name} if fam.fused_mlp
@@ -384,11 +388,11 @@ def _mlp_modules(i: int, mlp: nn.Module, fam: _Family, h: int, f: int):
 
 def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -> Experts:
     """A mixture-of-experts block's router, 3-D expert weights and shared expert, checked."""
-    shared = {"shared_expert", "shared_expert_gate"}
-    if children not in ({"gate", "experts"}, {"gate", "experts", "shared_expert"}, {"gate", "experts"} | shared):
+    routed = {fam.router_name, "experts"}
+    if children not in (routed, routed | {"shared_expert"}, routed | {"shared_expert", "shared_expert_gate"}):
         raise FastPathUnsupported(f"layer {i} mixture of experts has {', '.join(sorted(children))}, not a router "
                                   "and experts (and a shared expert, with or without its gate)")
-    router, experts = mlp.gate, mlp.experts
+    router, experts = getattr(mlp, fam.router_name), mlp.experts
     weights = {n: p for n, p in experts.named_parameters()}
     gate_up, down = weights.get("gate_up_proj"), weights.get("down_proj")
     router_weight = getattr(router, "weight", None)
