@@ -102,6 +102,9 @@ void bind_decode(py::module_& m) {
               x.experts = get<int64_t>(moe, "experts", 0), x.top_k = get<int64_t>(moe, "top_k", 0);
               x.expert_dim = get<int64_t>(moe, "expert_dim", 0), x.renormalize = get<bool>(moe, "renormalize", false);
               x.sigmoid = get<bool>(moe, "sigmoid", false);
+              x.choice_bias = ptr<const float>(get<std::uintptr_t>(moe, "choice_bias", 0));
+              x.groups = get<int64_t>(moe, "groups", 1), x.top_groups = get<int64_t>(moe, "top_groups", 1);
+              x.routed_scale = get<float>(moe, "routed_scale", 1.f);
               x.router = ptr<const float>(get<std::uintptr_t>(moe, "router", 0));
               x.gate_up = ptr<const float>(get<std::uintptr_t>(moe, "gate_up", 0));
               x.down = ptr<const float>(get<std::uintptr_t>(moe, "down", 0));

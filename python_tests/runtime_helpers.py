@@ -45,8 +45,8 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
     random (Gemma's zero-initialised ones would hide the 1 + w, LayerNorms' zero biases theirs),
     sliding layers' windows shrunk to ``window``, soft caps shrunk to ``TINY_SOFTCAP``, and
     Granite's (and its MoE's) and HyperCLOVA X's multipliers, Ministral 3's query scale, OLMo's
-    clamp of q, k and v, OLMo 3's rotary of full-attention layers and Qwen 3 MoE's renormalised
-    top k made to count (the native step's tests)."""
+    clamp of q, k and v, OLMo 3's rotary of full-attention layers, Qwen 3 MoE's renormalised top k
+    and DeepSeek-V3-style routers' groups, bias and scale made to count (the native step's tests)."""
     from transformers import AutoModelForCausalLM
 
     from splitkernels.models.loading import TINY_SOFTCAP
@@ -63,6 +63,8 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
         config.embedding_multiplier, config.logits_scaling = 2.0, 3.0
     if model_type == "qwen3_moe":  # as Qwen 3's MoE models set it (Qwen 2's tiny config keeps False)
         config.norm_topk_prob = True
+    if getattr(config, "n_group", None) is not None:  # DeepSeek-V3's choice: two groups, one kept, scaled
+        config.n_group, config.topk_group, config.routed_scaling_factor = 2, 1, 2.5
     if model_type == "olmo":  # tiny projections stay below any clamp a real model sets
         config.clip_qkv = 0.1
     if model_type == "olmo3":  # both layer types' tables are the same in the tiny config
@@ -77,4 +79,7 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "norm.bias")):
                 p.normal_(0.0, 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zeros would hide the choice's bias
+                b.normal_(0.0, 0.1)
     return model

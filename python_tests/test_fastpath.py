@@ -296,7 +296,8 @@ def test_fused_projections_of_low_bit_weights(bits):
 @pytest.mark.parametrize("family, renormalize, shared", [("mixtral", True, False), ("qwen2_moe", False, True),
                                                           ("qwen3_moe", True, False), ("olmoe", False, False),
                                                           ("flex_olmo", False, False), ("flint", True, True),
-                                                          ("granitemoe", True, False)])
+                                                          ("granitemoe", True, False), ("glm4_moe", True, True),
+                                                          ("sarvam_moe", True, True), ("exaone_moe", True, True)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
@@ -305,17 +306,23 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # layers norm their sublayers' outputs only (OLMo 2's layer with OLMoE's experts); Flint scores
     # experts by sigmoids, adds its shared expert in full, gives each attention head a sink and
     # rotates in its sliding layers only; Granite MoE softmaxes its top k's logits (the same as the
-    # renormalised top k) under Granite's multipliers.
+    # renormalised top k) under Granite's multipliers; GLM 4 MoE, Sarvam MoE and EXAONE MoE choose
+    # as DeepSeek-V3 does (sigmoids plus a correction bias, among the best of two groups, scaled),
+    # their first layer dense.
     model = family_model(family)
     if bits:
         replace_linear(model, bits=bits, group_size=32, progress=False)
     d = describe(model)
-    mixtures = [m for m in d.layers if m.experts is not None]  # Flint's first two layers keep a dense MLP
+    mixtures = [m for m in d.layers if m.experts is not None]  # some keep dense MLPs in their first layers
     assert len(mixtures) >= 2 and all(m.gate is None for m in mixtures)
     assert all(m.experts.top_k == 2 and m.experts.router.shape[0] == 4 and m.experts.renormalize == renormalize
                and (m.experts.shared is not None) == shared for m in mixtures)
     assert all((m.sinks is not None) == (family == "flint") for m in d.layers)
-    assert all(m.experts.sigmoid == (family == "flint") for m in mixtures)
+    grouped = family in ("glm4_moe", "sarvam_moe", "exaone_moe")
+    assert all(m.experts.sigmoid == (family == "flint" or grouped) for m in mixtures)
+    choice = (2, 1, 2.5) if grouped else (1, 1, 1.0)
+    assert all((m.experts.groups, m.experts.top_groups, m.experts.routed_scale) == choice
+               and (m.experts.choice_bias is not None) == grouped for m in mixtures)
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
             assert err < TOL and token == ref_token, head
@@ -343,6 +350,14 @@ def test_declines_experts_it_cannot_read():
     model = family_model("flint")
     model.model.layers[3].self_attn.sinks = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(FastPathUnsupported, match=r"layer 3 attention sinks are not fp32 \[4\]"):
+        describe(model)
+    model = family_model("glm4_moe")
+    model.model.layers[2].mlp.gate.topk_group = 3
+    with pytest.raises(FastPathUnsupported, match=r"layer 2 router's grouped choice \(bias, 2 groups, top 3"):
+        describe(model)
+    model = family_model("mixtral")
+    model.model.layers[0].mlp.gate.register_buffer("e_score_correction_bias", torch.zeros(4))
+    with pytest.raises(FastPathUnsupported, match="layer 0 router holds e_score_correction_bias, which the native"):
         describe(model)
     model = family_model("qwen2_moe")
     model.model.layers[0].mlp.shared_expert_gate = torch.nn.Linear(64, 1, bias=True)
@@ -636,7 +651,10 @@ def test_decode_stack_rejects_bad_sizes():
     for bad, message in (({"top_k": 5}, "top_k \\(<= experts\\)"), ({"expert_dim": 0}, "expert_dim must be positive"),
                          ({"down": 0}, "router, gate_up and down must not be null"),
                          ({"shared_gate": good, "shared_up": {**good, "N": 16}, "shared_down": good},
-                          r"shared gate_proj must be \[16, 64\], got \[64, 64\]")):
+                          r"shared gate_proj must be \[16, 64\], got \[64, 64\]"),
+                         ({"groups": 3}, "groups must split the experts in twos or more"),
+                         ({"groups": 2, "top_groups": 3}, "top_groups \\(<= groups\\) hold the top k"),
+                         ({"routed_scale": float("nan")}, "routed_scale finite")):
         with pytest.raises(ValueError, match=message):
             stack.add_layer(1, 1, 1e-6, good, kv, kv, good, {}, {}, {}, moe={**moe, **bad})
     with pytest.raises(ValueError, match="a mixture of experts needs gated experts"):
@@ -786,7 +804,7 @@ def _eager_layers_model(model_type: str, **overrides):
 @pytest.mark.parametrize("model_type, overrides, logit_map", [
     ("cohere", {"use_qk_norm": True}, LogitMap(multiplier=0.0625)),  # per-head norms keep the layers eager
     ("nanochat", {"final_logit_softcapping": TINY_SOFTCAP}, LogitMap(softcap=TINY_SOFTCAP)),
-    ("granitemoe", {"logits_scaling": 3.0}, LogitMap(divisor=3.0))])
+    ("granitemoeshared", {"logits_scaling": 3.0}, LogitMap(divisor=3.0))])
 def test_server_native_head_applies_the_models_logit_map(model_type, overrides, logit_map):
     # The model's forward scales, divides or soft-caps its head's output, as a config field
     # names: the probe finds which, and the native head's top k carry the model's logits.

@@ -227,7 +227,9 @@ class NativeDecoder(_NativeWeights):
         if experts is None:
             return {}
         out = {"experts": experts.router.shape[0], "top_k": experts.top_k, "expert_dim": experts.down.shape[2],
-               "renormalize": experts.renormalize, "sigmoid": experts.sigmoid, "router": self._vector(experts.router),
+               "renormalize": experts.renormalize, "sigmoid": experts.sigmoid, "groups": experts.groups,
+               "top_groups": experts.top_groups, "routed_scale": experts.routed_scale,
+               "choice_bias": 0 if experts.choice_bias is None else self._vector(experts.choice_bias), "router": self._vector(experts.router),
                "gate_up": self._vector(experts.gate_up), "down": self._vector(experts.down)}
         if experts.shared is not None:
             gate, up, down, scale = experts.shared

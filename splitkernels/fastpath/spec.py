@@ -65,7 +65,10 @@ class _Family:
     # Layers whose MLP is a router and experts: their top k's probabilities renormalised to sum 1
     # "always" (Mixtral) or where the router's norm_topk_prob says; "" none.
     moe: str = ""
-    router_sigmoid: bool = False  # the router scores each expert by its logit's sigmoid, not a softmax (Flint)
+    # How the router scores and picks experts: "softmax" over all; "sigmoid" of each logit (Flint);
+    # "grouped", DeepSeek-V3's: sigmoids picked with a correction bias among the best groups,
+    # scaled by routed_scaling_factor (GLM 4 MoE).
+    router: str = "softmax"
     mlp_name: str = "mlp"  # the layer's MLP (or mixture of experts) module
     router_name: str = "gate"  # a mixture of experts' router
     sinks: bool = False  # the attention's own `sinks` [heads]: one more softmax logit per head (Flint)
@@ -129,7 +132,10 @@ _FAMILIES = {
     "flex_olmo": _Family(norms="post", head_norms=True, head_norm_whole=True, moe="norm_topk_prob"),
     # A softmax over the top k's logits is the renormalised top k of the softmax over all.
     "granitemoe": _Family(multipliers="divide", mlp_name="block_sparse_moe", router_name="router", moe="always"),
-    "flint": _Family(moe="norm_topk_prob", router_sigmoid=True, head_norms=True, sinks=True, nope="global"),
+    "glm4_moe": _Family(moe="norm_topk_prob", router="grouped"),
+    "sarvam_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms=True),
+    "exaone_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms=True, nope="global", window_attr=False),
+    "flint": _Family(moe="norm_topk_prob", router="sigmoid", head_norms=True, sinks=True, nope="global"),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "vaultgemma": _Family(**{**_GEMMA, "norms": "pre_feedforward"}),
@@ -176,6 +182,12 @@ class Experts:
     sigmoid: bool  # each expert's score is its logit's sigmoid, not a softmax over all
     # The shared expert's gate, up and down, and the linear of its sigmoid gate (None: added in full).
     shared: tuple[nn.Module, nn.Module, nn.Module, nn.Module | None] | None
+    # DeepSeek-V3's choice: by score + choice_bias among the top_groups best of `groups` groups,
+    # the weights scaled by routed_scale.
+    choice_bias: torch.Tensor | None = None
+    groups: int = 1
+    top_groups: int = 1
+    routed_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -389,13 +401,18 @@ def _mlp_modules(i: int, mlp: nn.Module, fam: _Family, h: int, f: int):
 def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -> Experts:
     """A mixture-of-experts block's router, 3-D expert weights and shared expert, checked."""
     routed = {fam.router_name, "experts"}
-    if children not in (routed, routed | {"shared_expert"}, routed | {"shared_expert", "shared_expert_gate"}):
+    shared_name = "shared_experts" if "shared_experts" in children else "shared_expert"
+    if children not in (routed, routed | {shared_name}, routed | {"shared_expert", "shared_expert_gate"}):
         raise FastPathUnsupported(f"layer {i} mixture of experts has {', '.join(sorted(children))}, not a router "
                                   "and experts (and a shared expert, with or without its gate)")
     router, experts = getattr(mlp, fam.router_name), mlp.experts
     weights = {n: p for n, p in experts.named_parameters()}
     gate_up, down = weights.get("gate_up_proj"), weights.get("down_proj")
     router_weight = getattr(router, "weight", None)
+    buffers = {n for n, _ in router.named_buffers()}
+    if buffers - ({"e_score_correction_bias"} if fam.router == "grouped" else set()):
+        raise FastPathUnsupported(f"layer {i} router holds {', '.join(sorted(buffers))}, which the native step does "
+                                  "not read for this family")
     if set(weights) != {"gate_up_proj", "down_proj"} or {n for n, _ in router.named_parameters()} != {"weight"} \
             or any(t is None or t.dim() != d or t.dtype != torch.float32
                    for t, d in ((gate_up, 3), (down, 3), (router_weight, 2))):
@@ -410,8 +427,8 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -
                                   f"{list(down.shape)}, top {top_k!r}) are not one router over gated experts")
     renormalize = fam.moe == "always" or bool(getattr(router, "norm_topk_prob", False))
     shared_modules = None
-    if "shared_expert" in children:  # Qwen 2 MoE's scaled by a sigmoid gate, Flint's added in full
-        expert, scale = mlp.shared_expert, getattr(mlp, "shared_expert_gate", None)
+    if shared_name in children:  # Qwen 2 MoE's scaled by a sigmoid gate, Flint's and GLM 4 MoE's in full
+        expert, scale = getattr(mlp, shared_name), getattr(mlp, "shared_expert_gate", None)
         if _children_with_weights(expert) != {"gate_proj", "up_proj", "down_proj"}:
             raise FastPathUnsupported(f"layer {i} shared expert is not a gated MLP")
         width_shared = int(getattr(expert.up_proj, "out_features", 0))
@@ -424,7 +441,23 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -
         if getattr(scale, "bias", None) is not None:
             raise FastPathUnsupported(f"layer {i} shared expert's gate has a bias")
         shared_modules = (expert.gate_proj, expert.up_proj, expert.down_proj, scale)
-    return Experts(router_weight, gate_up, down, top_k, renormalize, fam.router_sigmoid, shared_modules)
+    grouped = _grouped_choice(i, router, count) if fam.router == "grouped" else {}
+    return Experts(router_weight, gate_up, down, top_k, renormalize, fam.router != "softmax", shared_modules,
+                   **grouped)
+
+
+def _grouped_choice(i: int, router: nn.Module, count: int) -> dict:
+    """DeepSeek-V3's choice of experts as its router module holds it (``Experts`` fields)."""
+    bias = getattr(router, "e_score_correction_bias", None)
+    groups, top_groups = getattr(router, "num_group", None), getattr(router, "topk_group", None)
+    scale = getattr(router, "routed_scaling_factor", None)
+    if not isinstance(bias, torch.Tensor) or bias.shape != (count,) or bias.dtype != torch.float32 \
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (groups, top_groups)) \
+            or count % groups or top_groups > groups or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not abs(scale) < float("inf"):
+        raise FastPathUnsupported(f"layer {i} router's grouped choice (bias, {groups!r} groups, top {top_groups!r}, "
+                                  f"scale {scale!r}) is not one the native step reads")
+    return dict(choice_bias=bias, groups=groups, top_groups=top_groups, routed_scale=float(scale))
 
 
 def _windows(config, fam: _Family, num_layers: int) -> list[int]:

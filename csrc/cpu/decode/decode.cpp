@@ -333,8 +333,8 @@ std::string mlp(const DecodeShape& s, const DecodeLinear& gate_l, const DecodeLi
 // experts' outputs added in ascending expert order, as the models' forwards add them.
 std::string mixture(const DecodeShape& s, const DecodeMoE& x, int64_t M, Scratch& t) {
   const int64_t H = s.hidden, E = x.experts, F = x.expert_dim;
-  std::vector<float> prob(E);
-  std::vector<int64_t> order(E);
+  std::vector<float> prob(E), choice(E);
+  std::vector<int64_t> order(E), ranked(x.groups);
   t.expert.resize(H);
   float* y = t.expert.data();
   DecodeLinear gate, up, down;  // one expert's slices of the 3-D weights
@@ -352,15 +352,36 @@ std::string mixture(const DecodeShape& s, const DecodeMoE& x, int64_t M, Scratch
       for (int64_t e = 0; e < E; ++e) sum += prob[e] = std::exp(prob[e] - top);
       for (int64_t e = 0; e < E; ++e) prob[e] /= sum;
     }
+    for (int64_t e = 0; e < E; ++e) choice[e] = x.choice_bias ? prob[e] + x.choice_bias[e] : prob[e];
+    if (x.groups > 1) {  // only the experts of the top_groups best groups stay eligible
+      const int64_t per = E / x.groups;
+      std::vector<float> group(x.groups);
+      for (int64_t g = 0; g < x.groups; ++g) {
+        float* c = choice.data() + g * per;
+        float best = -std::numeric_limits<float>::infinity(), second = best;
+        for (int64_t i = 0; i < per; ++i) {
+          if (c[i] > best) second = best, best = c[i];
+          else if (c[i] > second) second = c[i];
+        }
+        group[g] = best + second;
+      }
+      for (int64_t g = 0; g < x.groups; ++g) ranked[g] = g;
+      std::partial_sort(ranked.begin(), ranked.begin() + x.top_groups, ranked.end(),
+                        [&](int64_t a, int64_t b) { return group[a] > group[b] || (group[a] == group[b] && a < b); });
+      std::vector<char> keep(x.groups, 0);
+      for (int64_t j = 0; j < x.top_groups; ++j) keep[ranked[j]] = 1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!keep[e / per]) choice[e] = -std::numeric_limits<float>::infinity();
+    }
     for (int64_t e = 0; e < E; ++e) order[e] = e;
     std::partial_sort(order.begin(), order.begin() + x.top_k, order.end(),
-                      [&](int64_t a, int64_t b) { return prob[a] > prob[b] || (prob[a] == prob[b] && a < b); });
+                      [&](int64_t a, int64_t b) { return choice[a] > choice[b] || (choice[a] == choice[b] && a < b); });
     float chosen = 0.f;
     for (int64_t j = 0; j < x.top_k; ++j) chosen += prob[order[j]];
     std::sort(order.begin(), order.begin() + x.top_k);
     for (int64_t j = 0; j < x.top_k; ++j) {
       const int64_t e = order[j];
-      const float w = x.renormalize ? prob[e] / chosen : prob[e];
+      const float w = (x.renormalize ? prob[e] / chosen : prob[e]) * x.routed_scale;
       gate.weight = x.gate_up + e * 2 * F * H, up.weight = gate.weight + F * H, down.weight = x.down + e * H * F;
       if (!(err = mlp(s, gate, up, down, xm, 1, y, t)).empty()) return err;
       for (int64_t i = 0; i < H; ++i) out[i] += y[i] * w;
@@ -393,6 +414,10 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
     if (!s.gated) return "a mixture of experts needs gated experts";
     if (x.experts < 1 || x.top_k < 1 || x.top_k > x.experts || x.expert_dim < 1)
       return "moe: experts, top_k (<= experts) and expert_dim must be positive";
+    if (x.groups < 1 || x.experts % x.groups || (x.groups > 1 && x.experts / x.groups < 2) || x.top_groups < 1 ||
+        x.top_groups > x.groups || x.top_groups * (x.experts / x.groups) < x.top_k || !std::isfinite(x.routed_scale))
+      return "moe: groups must split the experts in twos or more, top_groups (<= groups) hold the top k, "
+             "routed_scale finite";
     if (!x.router || !x.gate_up || !x.down) return "moe: router, gate_up and down must not be null";
     if (x.shared_up.N) {
       const int64_t F = x.shared_up.N;

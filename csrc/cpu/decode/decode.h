@@ -72,6 +72,12 @@ struct DecodeMoE {
   const float* down = nullptr;     // fp32 [experts, hidden, expert_dim]
   bool renormalize = false;
   bool sigmoid = false;
+  // DeepSeek-V3's choice (glm4-moe): experts are chosen by score + choice_bias (null: none) among
+  // the top_groups of `groups` equal groups (ranked by the sum of their two best), weighted by
+  // their scores alone (renormalised as above) and scaled by routed_scale.
+  const float* choice_bias = nullptr;
+  int64_t groups = 1, top_groups = 1;
+  float routed_scale = 1.f;
   DecodeLinear shared_gate, shared_up, shared_down;  // shared_up.N == 0: no shared expert
   const float* shared_scale = nullptr;               // fp32 [hidden] or null
 };
