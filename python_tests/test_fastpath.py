@@ -297,7 +297,8 @@ def test_fused_projections_of_low_bit_weights(bits):
                                                           ("qwen3_moe", True, False), ("olmoe", False, False),
                                                           ("flex_olmo", False, False), ("flint", True, True),
                                                           ("granitemoe", True, False), ("glm4_moe", True, True),
-                                                          ("sarvam_moe", True, True), ("exaone_moe", True, True)])
+                                                          ("sarvam_moe", True, True), ("exaone_moe", True, True),
+                                                          ("minimax_m2", True, False), ("hy_v3", True, True)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
@@ -308,7 +309,7 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # rotates in its sliding layers only; Granite MoE softmaxes its top k's logits (the same as the
     # renormalised top k) under Granite's multipliers; GLM 4 MoE, Sarvam MoE and EXAONE MoE choose
     # as DeepSeek-V3 does (sigmoids plus a correction bias, among the best of two groups, scaled),
-    # their first layer dense.
+    # their first layer dense; MiniMax M2 and HY 3 so without groups, the bias on the block.
     model = family_model(family)
     if bits:
         replace_linear(model, bits=bits, group_size=32, progress=False)
@@ -319,10 +320,11 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
                and (m.experts.shared is not None) == shared for m in mixtures)
     assert all((m.sinks is not None) == (family == "flint") for m in d.layers)
     grouped = family in ("glm4_moe", "sarvam_moe", "exaone_moe")
-    assert all(m.experts.sigmoid == (family == "flint" or grouped) for m in mixtures)
-    choice = (2, 1, 2.5) if grouped else (1, 1, 1.0)
+    biased = grouped or family in ("minimax_m2", "hy_v3")
+    assert all(m.experts.sigmoid == (family == "flint" or biased) for m in mixtures)
+    choice = (2, 1, 2.5) if grouped else (1, 1, model.config.router_scaling_factor if family == "hy_v3" else 1.0)
     assert all((m.experts.groups, m.experts.top_groups, m.experts.routed_scale) == choice
-               and (m.experts.choice_bias is not None) == grouped for m in mixtures)
+               and (m.experts.choice_bias is not None) == biased for m in mixtures)
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
             assert err < TOL and token == ref_token, head

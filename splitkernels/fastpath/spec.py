@@ -134,6 +134,8 @@ _FAMILIES = {
     "granitemoe": _Family(multipliers="divide", mlp_name="block_sparse_moe", router_name="router", moe="always"),
     "glm4_moe": _Family(moe="norm_topk_prob", router="grouped"),
     "sarvam_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms=True),
+    "minimax_m2": _Family(moe="always", router="grouped", head_norms=True, head_norm_whole=True),
+    "hy_v3": _Family(moe="always", router="grouped", head_norms=True),
     "exaone_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms=True, nope="global", window_attr=False),
     "flint": _Family(moe="norm_topk_prob", router="sigmoid", head_norms=True, sinks=True, nope="global"),
     "gemma": _Family(norm_offset=1.0),
@@ -324,6 +326,8 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     # Weights held by the layer, attention or MLP module itself (Granite SWA's attention sinks).
     own = sorted(f"{where}.{n}" for where, m in (("layer", layer), ("attention", attn), ("MLP", mlp))
                  for n, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)))
+    if fam.router == "grouped" and "MLP.e_score_correction_bias" in own:  # read with the router (MiniMax M2)
+        own.remove("MLP.e_score_correction_bias")
     sinks = getattr(attn, "sinks", None) if fam.sinks else None
     if sinks is not None:
         own.remove("attention.sinks")
@@ -441,16 +445,17 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -
         if getattr(scale, "bias", None) is not None:
             raise FastPathUnsupported(f"layer {i} shared expert's gate has a bias")
         shared_modules = (expert.gate_proj, expert.up_proj, expert.down_proj, scale)
-    grouped = _grouped_choice(i, router, count) if fam.router == "grouped" else {}
+    grouped = _grouped_choice(i, mlp, router, count) if fam.router == "grouped" else {}
     return Experts(router_weight, gate_up, down, top_k, renormalize, fam.router != "softmax", shared_modules,
                    **grouped)
 
 
-def _grouped_choice(i: int, router: nn.Module, count: int) -> dict:
-    """DeepSeek-V3's choice of experts as its router module holds it (``Experts`` fields)."""
-    bias = getattr(router, "e_score_correction_bias", None)
-    groups, top_groups = getattr(router, "num_group", None), getattr(router, "topk_group", None)
-    scale = getattr(router, "routed_scaling_factor", None)
+def _grouped_choice(i: int, block: nn.Module, router: nn.Module, count: int) -> dict:
+    """DeepSeek-V3's choice of experts (``Experts`` fields) as the router holds it, or its block
+    holds the bias (MiniMax M2, HY 3); no groups and a scale of 1 where the router names none."""
+    bias = getattr(router, "e_score_correction_bias", getattr(block, "e_score_correction_bias", None))
+    groups, top_groups = getattr(router, "num_group", 1), getattr(router, "topk_group", 1)
+    scale = getattr(router, "routed_scaling_factor", getattr(router, "router_scaling_factor", 1.0))
     if not isinstance(bias, torch.Tensor) or bias.shape != (count,) or bias.dtype != torch.float32 \
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (groups, top_groups)) \
             or count % groups or top_groups > groups or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
