@@ -40,13 +40,14 @@ def sliding_window_models(num_layers: int = 4, window: int = 5) -> list:
                                          max_window_layers=2)).eval()]
 
 
-def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
+def family_model(model_type: str, window: int = 5, **overrides) -> torch.nn.Module:
     """A tiny model of any family from its own config (``models.tiny``), norms' weights and biases
     random (Gemma's zero-initialised ones would hide the 1 + w, LayerNorms' zero biases theirs),
     sliding layers' windows shrunk to ``window``, soft caps shrunk to ``TINY_SOFTCAP``, and
     Granite's (and its MoE's) and HyperCLOVA X's multipliers, Ministral 3's query scale, OLMo's
     clamp of q, k and v, OLMo 3's rotary of full-attention layers, Qwen 3 MoE's renormalised top k
-    and DeepSeek-V3-style routers' groups, bias and scale made to count (the native step's tests)."""
+    and DeepSeek-V3-style routers' groups, bias and scale made to count (the native step's tests);
+    then the config fields ``overrides`` names."""
     from transformers import AutoModelForCausalLM
 
     from splitkernels.models.loading import TINY_SOFTCAP
@@ -73,6 +74,8 @@ def family_model(model_type: str, window: int = 5) -> torch.nn.Module:
     if model_type == "ministral3":  # the query scale from position 3 on, not past 16384
         config.rope_parameters = {**config.rope_parameters, "llama_4_scaling_beta": 0.8,
                                   "original_max_position_embeddings": 3}
+    for name, value in overrides.items():
+        setattr(config, name, value)
     torch.manual_seed(4)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

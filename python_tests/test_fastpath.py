@@ -331,10 +331,7 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
 
 
 def test_dense_layers_of_a_mixture_of_experts_model_match_eager():
-    model = family_model("qwen2_moe")
-    model.config.mlp_only_layers = [1, 2]  # these layers keep one dense MLP
-    torch.manual_seed(4)
-    model = type(model)(model.config).eval()
+    model = family_model("qwen2_moe", mlp_only_layers=[1, 2])  # these layers keep one dense MLP
     assert [m.experts is None for m in describe(model).layers] == [False, True, True, False]
     for err, token, ref_token in _compare_steps(model, 0, 4, head="int8", steps=8, prompt=8):
         assert err < TOL and token == ref_token
@@ -369,10 +366,7 @@ def test_declines_experts_it_cannot_read():
 
 @pytest.mark.parametrize("act", ["relu2", "gelu", "gelu_new", "silu"])
 def test_mlp_activations_match_eager(act):
-    model = family_model("arcee")
-    model.config.hidden_act = act
-    torch.manual_seed(4)
-    model = type(model)(model.config).eval()
+    model = family_model("arcee", hidden_act=act)
     assert describe(model).act == {"silu": 0, "gelu_new": 1, "relu2": 2, "gelu": 3}[act]
     for err, token, ref_token in _compare_steps(model, 0, 4, head="fp32", steps=6, prompt=8):
         assert err < TOL and token == ref_token
@@ -380,10 +374,7 @@ def test_mlp_activations_match_eager(act):
 
 def test_stablelm_parallel_residual_matches_eager():
     # use_parallel_residual: no post-attention norm; the MLP takes the attention's normed input.
-    model = family_model("stablelm")
-    model.config.use_parallel_residual = True
-    torch.manual_seed(4)
-    model = type(model)(model.config).eval()
+    model = family_model("stablelm", use_parallel_residual=True)
     d = describe(model)
     assert d.parallel and all(m.post_norm is None for m in d.layers)
     for err, token, ref_token in _compare_steps(model, 0, 4, head="int8", steps=8, prompt=8):
@@ -395,23 +386,17 @@ def test_stablelm_parallel_residual_matches_eager():
     ("cohere", "use_qk_norm", "attention has weights the native step lacks: k_norm, q_norm"),
     ("stablelm", "qk_layernorm", "attention has weights the native step lacks: k_layernorm, q_layernorm")])
 def test_declines_per_head_norms_of_layer_norm_families(family, flag, reason):
-    model = family_model(family)
-    setattr(model.config, flag, True)
     with pytest.raises(FastPathUnsupported, match=f"layer 0 {reason}"):
-        describe(type(model)(model.config).eval())
+        describe(family_model(family, **{flag: True}))
 
 
 def _longrope_phi(switch: int = 6):
     """A tiny Phi-3 with Phi-4-mini's rotary: longrope over three quarters of each head, its
     original context ``switch`` positions long."""
-    config = family_model("phi3").config
-    config.original_max_position_embeddings = switch
-    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
-                              "short_factor": [1.0 + 0.1 * i for i in range(6)],
-                              "long_factor": [2.0 + 0.5 * i for i in range(6)],
-                              "original_max_position_embeddings": switch}
-    torch.manual_seed(4)
-    return type(family_model("phi3"))(config).eval()
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0 + 0.1 * i for i in range(6)], "long_factor": [2.0 + 0.5 * i for i in range(6)],
+            "original_max_position_embeddings": switch}
+    return family_model("phi3", original_max_position_embeddings=switch, rope_parameters=rope)
 
 
 @pytest.mark.parametrize("prompt", [3, 8])
@@ -440,10 +425,7 @@ def test_longrope_tables_leave_the_models_module_alone():
 
 def test_hyperclovax_without_its_optional_norms_matches_eager():
     # use_post_norm off leaves an nn.Identity where the norms of the sublayers' outputs would be.
-    model = family_model("hyperclovax")
-    model.config.use_post_norm = False
-    torch.manual_seed(4)
-    model = type(model)(model.config).eval()
+    model = family_model("hyperclovax", use_post_norm=False)
     d = describe(model)
     assert all(m.attn_out_norm is None and m.mlp_out_norm is None and m.input_norm is not None for m in d.layers)
     for err, token, ref_token in _compare_steps(model, 0, 4, head="int8", steps=8, prompt=8):
