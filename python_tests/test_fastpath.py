@@ -337,30 +337,26 @@ def test_dense_layers_of_a_mixture_of_experts_model_match_eager():
         assert err < TOL and token == ref_token
 
 
-def test_declines_experts_it_cannot_read():
-    model = family_model("mixtral")
+def _double_down(model):
     model.model.layers[2].mlp.experts.down_proj.data = model.model.layers[2].mlp.experts.down_proj.data.double()
-    with pytest.raises(FastPathUnsupported, match="layer 2 experts are not fp32 gate_up_proj and down_proj"):
-        describe(model)
-    model = family_model("mixtral")
-    model.model.layers[1].mlp.gate.top_k = 5
-    with pytest.raises(FastPathUnsupported, match=r"layer 1 experts' shapes .* top 5\) are not one router"):
-        describe(model)
-    model = family_model("flint")
-    model.model.layers[3].self_attn.sinks = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(FastPathUnsupported, match=r"layer 3 attention sinks are not fp32 \[4\]"):
-        describe(model)
-    model = family_model("glm4_moe")
-    model.model.layers[2].mlp.gate.topk_group = 3
-    with pytest.raises(FastPathUnsupported, match=r"layer 2 router's grouped choice \(bias, 2 groups, top 3"):
-        describe(model)
-    model = family_model("mixtral")
-    model.model.layers[0].mlp.gate.register_buffer("e_score_correction_bias", torch.zeros(4))
-    with pytest.raises(FastPathUnsupported, match="layer 0 router holds e_score_correction_bias, which the native"):
-        describe(model)
-    model = family_model("qwen2_moe")
-    model.model.layers[0].mlp.shared_expert_gate = torch.nn.Linear(64, 1, bias=True)
-    with pytest.raises(FastPathUnsupported, match="layer 0 shared expert's gate has a bias"):
+
+
+@pytest.mark.parametrize("family, spoil, reason", [
+    ("mixtral", _double_down, "layer 2 experts are not fp32 gate_up_proj and down_proj"),
+    ("mixtral", lambda m: setattr(m.model.layers[1].mlp.gate, "top_k", 5),
+     r"layer 1 experts' shapes .* top 5\) are not one router"),
+    ("flint", lambda m: setattr(m.model.layers[3].self_attn, "sinks", torch.nn.Parameter(torch.zeros(3))),
+     r"layer 3 attention sinks are not fp32 \[4\]"),
+    ("glm4_moe", lambda m: setattr(m.model.layers[2].mlp.gate, "topk_group", 3),
+     r"layer 2 router's grouped choice \(bias, 2 groups, top 3"),
+    ("mixtral", lambda m: m.model.layers[0].mlp.gate.register_buffer("e_score_correction_bias", torch.zeros(4)),
+     "layer 0 router holds e_score_correction_bias, which the native"),
+    ("qwen2_moe", lambda m: setattr(m.model.layers[0].mlp, "shared_expert_gate", torch.nn.Linear(64, 1, bias=True)),
+     "layer 0 shared expert's gate has a bias")])
+def test_declines_experts_it_cannot_read(family, spoil, reason):
+    model = family_model(family)
+    spoil(model)
+    with pytest.raises(FastPathUnsupported, match=reason):
         describe(model)
 
 
