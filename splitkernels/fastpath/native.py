@@ -229,8 +229,9 @@ class NativeDecoder(_NativeWeights):
         out = {"experts": experts.router.shape[0], "top_k": experts.top_k, "expert_dim": experts.down.shape[2],
                "renormalize": experts.renormalize, "sigmoid": experts.sigmoid, "groups": experts.groups,
                "top_groups": experts.top_groups, "routed_scale": experts.routed_scale,
-               "choice_bias": 0 if experts.choice_bias is None else self._vector(experts.choice_bias), "router": self._vector(experts.router),
-               "gate_up": self._vector(experts.gate_up), "down": self._vector(experts.down)}
+               "choice_bias": 0 if experts.choice_bias is None else self._vector(experts.choice_bias),
+               "router": self._vector(experts.router), "gate_up": self._vector(experts.gate_up),
+               "down": self._vector(experts.down)}
         if experts.shared is not None:
             gate, up, down, scale = experts.shared
             out.update(shared_gate=self._linear(gate), shared_up=self._linear(up), shared_down=self._linear(down),
