@@ -177,7 +177,6 @@ class Server(_Segment):
         if view is None:
             raise FastPathUnsupported("the LM head is not a module of the model's root")
         head = adapter.model.get_output_embeddings()
-        native = NativeHead(head, fmt)
         probe = torch.randn(1, 1, adapter.hidden_size, generator=torch.Generator().manual_seed(0))
         probe = probe.to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
@@ -188,8 +187,7 @@ class Server(_Segment):
             mapped = direct.clone()
             logit_map.apply(mapped)
             if torch.allclose(mapped, logits.float(), rtol=1e-5, atol=1e-5 * float(logits.abs().max())):
-                native.logit_map = logit_map
-                return native, view
+                return NativeHead(head, fmt, logit_map), view
         named = ", ".join(name for name, _ in maps if name)
         raise FastPathUnsupported("the model's logits are not its LM head's output as it is"
                                   + (f" nor as {named} maps it" if named else ""))
