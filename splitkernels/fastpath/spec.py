@@ -425,8 +425,7 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -
     count, top_k = router_weight.shape[0], getattr(router, "top_k", None)
     width = gate_up.shape[1] // 2
     if tuple(router_weight.shape) != (count, h) or tuple(gate_up.shape) != (count, 2 * width, h) \
-            or tuple(down.shape) != (count, h, width) or isinstance(top_k, bool) or not isinstance(top_k, int) \
-            or not 1 <= top_k <= count:
+            or tuple(down.shape) != (count, h, width) or not _is_count(top_k) or top_k > count:
         raise FastPathUnsupported(f"layer {i} experts' shapes ({list(router_weight.shape)}, {list(gate_up.shape)}, "
                                   f"{list(down.shape)}, top {top_k!r}) are not one router over gated experts")
     renormalize = fam.moe == "always" or bool(getattr(router, "norm_topk_prob", False))
@@ -457,9 +456,8 @@ def _grouped_choice(i: int, block: nn.Module, router: nn.Module, count: int) -> 
     groups, top_groups = getattr(router, "num_group", 1), getattr(router, "topk_group", 1)
     scale = getattr(router, "routed_scaling_factor", getattr(router, "router_scaling_factor", 1.0))
     if not isinstance(bias, torch.Tensor) or bias.shape != (count,) or bias.dtype != torch.float32 \
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (groups, top_groups)) \
-            or count % groups or top_groups > groups or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-            or not abs(scale) < float("inf"):
+            or not (_is_count(groups) and _is_count(top_groups)) or count % groups or top_groups > groups \
+            or not _is_finite(scale):
         raise FastPathUnsupported(f"layer {i} router's grouped choice (bias, {groups!r} groups, top {top_groups!r}, "
                                   f"scale {scale!r}) is not one the native step reads")
     return dict(choice_bias=bias, groups=groups, top_groups=top_groups, routed_scale=float(scale))
@@ -505,11 +503,20 @@ def _llama4_query_scale(config) -> dict:
     beta, period = params.get("llama_4_scaling_beta"), params.get("original_max_position_embeddings")
     if beta is None:
         return {}
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta != beta or abs(beta) == float("inf") \
-            or isinstance(period, bool) or not isinstance(period, int) or period < 1:
+    if not _is_finite(beta) or not _is_count(period):
         raise FastPathUnsupported(f"llama_4_scaling_beta {beta!r} over original_max_position_embeddings {period!r} "
                                   "is not a finite scale over a positive period")
     return dict(q_pos_beta=float(beta), q_pos_period=period)
+
+
+def _is_count(value) -> bool:
+    """An int (not a bool) of at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_finite(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
 
 
 def _positive(config, name: str) -> float:
@@ -559,7 +566,7 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
                  else [_rope_type(config)] if rope_types != (NO_ROPE,) else []):
         if rope == _SWITCHED_ROPE and not fam.rope_per_type:
             rope_switch = params.get("original_max_position_embeddings")
-            if isinstance(rope_switch, bool) or not isinstance(rope_switch, int) or rope_switch < 1:
+            if not _is_count(rope_switch):
                 raise FastPathUnsupported(f"longrope's original_max_position_embeddings {rope_switch!r} is not a "
                                           "positive number of positions")
         elif rope not in _STATIC_ROPE:
