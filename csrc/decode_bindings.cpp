@@ -85,17 +85,19 @@ void bind_decode(py::module_& m) {
              const py::dict& down, std::uintptr_t q_norm, std::uintptr_t k_norm, std::uintptr_t attn_out_norm,
              std::uintptr_t mlp_out_norm, int64_t window, int64_t rope, bool head_norm_whole,
              std::uintptr_t input_norm_bias, std::uintptr_t post_norm_bias, const py::dict& moe,
-             std::uintptr_t sinks) {
+             std::uintptr_t sinks, const py::dict& qkv, std::uintptr_t q_norm_bias, std::uintptr_t k_norm_bias,
+             bool head_norm_each) {
             sk::DecodeLayer l;
             l.input_norm = ptr<const float>(input_norm);
             l.post_norm = ptr<const float>(post_norm);
             l.input_norm_bias = ptr<const float>(input_norm_bias), l.post_norm_bias = ptr<const float>(post_norm_bias);
             l.eps = eps;
-            l.q = linear(q), l.k = linear(k), l.v = linear(v), l.o = linear(o);
+            l.q = linear(q), l.k = linear(k), l.v = linear(v), l.o = linear(o), l.qkv = linear(qkv);
             l.gate = linear(gate), l.up = linear(up), l.down = linear(down);
             l.q_norm = ptr<const float>(q_norm), l.k_norm = ptr<const float>(k_norm);
             l.attn_out_norm = ptr<const float>(attn_out_norm), l.mlp_out_norm = ptr<const float>(mlp_out_norm);
-            l.window = window, l.rope = rope, l.head_norm_whole = head_norm_whole;
+            l.q_norm_bias = ptr<const float>(q_norm_bias), l.k_norm_bias = ptr<const float>(k_norm_bias);
+            l.window = window, l.rope = rope, l.head_norm_whole = head_norm_whole, l.head_norm_each = head_norm_each;
             l.sinks = ptr<const float>(sinks);
             if (!moe.empty()) {
               sk::DecodeMoE& x = l.moe;
@@ -121,7 +123,8 @@ void bind_decode(py::module_& m) {
           py::arg("o"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("q_norm") = 0, py::arg("k_norm") = 0,
           py::arg("attn_out_norm") = 0, py::arg("mlp_out_norm") = 0, py::arg("window") = 0, py::arg("rope") = 0,
           py::arg("head_norm_whole") = false, py::arg("input_norm_bias") = 0, py::arg("post_norm_bias") = 0,
-          py::arg("moe") = py::dict(), py::arg("sinks") = 0)
+          py::arg("moe") = py::dict(), py::arg("sinks") = 0, py::arg("qkv") = py::dict(), py::arg("q_norm_bias") = 0,
+          py::arg("k_norm_bias") = 0, py::arg("head_norm_each") = false)
       .def(
           "set_head",
           [](sk::DecodeStack& s, std::uintptr_t norm, float eps, const py::dict& head, std::uintptr_t norm_bias) {

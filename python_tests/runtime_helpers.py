@@ -1,5 +1,6 @@
 """Helpers shared by the runtime tests: seeded prompts, bounded polling and free ports (the
 benchmarks' own helper, bench/loopback.py)."""
+import re
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def family_model(model_type: str, window: int = 5, **overrides) -> torch.nn.Modu
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "norm.bias")):
+            if re.search(r"norms?(\.\d+)?\.(weight|bias)$", name):  # StableLM's per-head norms.0.weight too
                 p.normal_(0.0, 0.3)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # zeros would hide the choice's bias

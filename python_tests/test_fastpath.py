@@ -15,6 +15,7 @@ import splitkernels._C as _C
 from runtime_helpers import family_model, prompt as _prompt
 from splitkernels.fastpath import (FastPathUnsupported, LogitMap, NativeDecoder, NativeHead, describe,
                                   quantize_rows_int8)
+from splitkernels.fastpath import spec
 from splitkernels.models import smollm2_available, tiny_model
 from splitkernels.models.loading import TINY_SOFTCAP
 from splitkernels.nn import QuantConfig, replace_linear
@@ -249,20 +250,29 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # a fused gate-up projection; GLM 4's also norms of the sublayers' outputs), Granite's
 # (attention, residual, embedding and logit multipliers; HyperCLOVA X's multiply the logits and
 # norm the sublayers' outputs too), Ministral 3's (queries scaled by position), Phi-3's (fused
-# qkv and gate-up projections, every layer sliding) or VaultGemma's (Gemma 2 without the norms
-# after the sublayers), built from transformers' own configs; sliding layers included.
+# qkv and gate-up projections, every layer sliding), VaultGemma's (Gemma 2 without the norms
+# after the sublayers), GPT-NeoX's (one qkv projection grouped by head, parallel layers whose MLP
+# norms the layer's input itself, a quarter of each head rotated) or Persimmon's (the same
+# projection, LayerNorms of each query and key head, relu^2), built from transformers' own
+# configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "arcee",
                                     "smollm3", "olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
                                     "exaone4", "olmo2", "olmo3", "helium", "ernie4_5", "glm", "glm4", "granite",
-                                    "hyperclovax", "ministral3", "phi3", "vaultgemma"])
+                                    "hyperclovax", "ministral3", "phi3", "vaultgemma", "gpt_neox", "persimmon"])
 def test_other_families_match_eager(family):
     model = family_model(family)
     d = describe(model)
-    rotated = {"glm": 2, "glm4": 2, "phi": 2, "stablelm": 4}.get(family, 1)
+    rotated = {"glm": 2, "glm4": 2, "phi": 2, "stablelm": 4, "gpt_neox": 4, "persimmon": 2}.get(family, 1)
     assert d.rotary_dim == d.head_dim // rotated
-    assert d.layer_norm == (family in ("olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2"))
-    assert d.parallel == (family in ("phi", "cohere", "cohere2"))
-    assert d.gated == (family not in ("arcee", "starcoder2", "jais2", "phi"))
+    assert d.layer_norm == (family in ("olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
+                                       "gpt_neox", "persimmon"))
+    assert d.parallel == (family in ("phi", "cohere", "cohere2", "gpt_neox"))
+    assert d.gated == (family not in ("arcee", "starcoder2", "jais2", "phi", "gpt_neox", "persimmon"))
+    assert all((m.qkv is not None) == (family in ("gpt_neox", "persimmon")) for m in d.layers)
+    if family == "gpt_neox":  # parallel, its MLP's norm its own
+        assert all(m.post_norm is not None for m in d.layers)
+    if family == "persimmon":
+        assert all(m.q_norm.bias is not None and not m.q_norm.each for m in d.layers)
     if family == "starcoder2":
         assert [m.window for m in d.layers] == [5] * 4
     if family in ("olmo3", "vaultgemma"):
@@ -377,13 +387,63 @@ def test_stablelm_parallel_residual_matches_eager():
         assert err < TOL and token == ref_token
 
 
-@pytest.mark.parametrize("family, flag, reason", [
-    ("phi", "qk_layernorm", "attention has weights the native step lacks: k_layernorm, q_layernorm"),
-    ("cohere", "use_qk_norm", "attention has weights the native step lacks: k_norm, q_norm"),
-    ("stablelm", "qk_layernorm", "attention has weights the native step lacks: k_layernorm, q_layernorm")])
-def test_declines_per_head_norms_of_layer_norm_families(family, flag, reason):
-    with pytest.raises(FastPathUnsupported, match=f"layer 0 {reason}"):
-        describe(family_model(family, **{flag: True}))
+# The config flags of other layouts: LayerNorms of each query and key head, one shared by every
+# head (Phi), one per head (StableLM, a list of norms; Cohere, a weight row per head); GPT-NeoX's
+# sequential layers; Persimmon without its head norms.
+@pytest.mark.parametrize("family, flags, each", [
+    ("phi", {"qk_layernorm": True}, False), ("stablelm", {"qk_layernorm": True}, True),
+    ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True}, True), ("cohere", {"use_qk_norm": True}, True),
+    ("gpt_neox", {"use_parallel_residual": False}, None), ("persimmon", {"qk_layernorm": False}, None)])
+def test_head_norm_and_layout_flags_match_eager(family, flags, each):
+    model = family_model(family, **flags)
+    d = describe(model)
+    assert all((m.q_norm is None) == (each is None) for m in d.layers)
+    if each is not None:
+        assert d.layers[0].q_norm.each == each and d.layers[0].q_norm.weight.shape[0] == (4 if each else 16)
+    for err, token, ref_token in _compare_steps(model, 0, 4, head="int8", steps=8, prompt=8):
+        assert err < TOL and token == ref_token
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_grouped_qkv_of_low_bit_weights(bits):
+    model = family_model("gpt_neox")
+    replace_linear(model, bits=bits, group_size=32 if bits != 3 else 64, progress=False)
+    for err, token, ref_token in _compare_steps(model, 0, 4, head="fp32", steps=8, prompt=8):
+        assert err < TOL and token == ref_token
+
+
+def test_grouped_qkv_with_several_query_heads_a_group(monkeypatch):
+    # No transformers family groups more than one query head with each key/value head in a
+    # grouped projection, so llama's q, k and v (4 query heads over 2 key/value heads) are
+    # rearranged into one, [q0 q1 k0 v0 q2 q3 k1 v1] by heads, and described as GPT-NeoX's.
+    model = tiny_model("llama", seed=3, num_layers=2, hidden=64, vocab=128)
+    reference = NativeDecoder(model, 0, 2)
+    grouped = copy.deepcopy(model)
+    for layer in grouped.model.layers:
+        attn = layer.self_attn
+        q, k, v = (w.weight.view(2, -1, 64) for w in (attn.q_proj, attn.k_proj, attn.v_proj))
+        fused = torch.nn.Linear(64, 128, bias=False)
+        fused.weight.data = torch.cat([q, k, v], dim=1).reshape(128, 64)
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        attn.query_key_value = fused
+    monkeypatch.setitem(spec._FAMILIES, "llama", spec._Family(grouped_qkv="query_key_value"))
+    native = NativeDecoder(grouped, 0, 2)
+    caches = [d.new_cache(lambda: DynamicCache(config=model.config), 16) for d in (reference, native)]
+    for _ in range(5):
+        emb = reference.embed(torch.randint(0, 128, (1, 1)))[0, 0]
+        a, b = (d.step(emb.clone(), c)[0] for d, c in zip((reference, native), caches))
+        assert torch.equal(a, b)
+
+
+def test_declines_head_norms_it_cannot_read():
+    model = family_model("stablelm", qk_layernorm=True)
+    norms = model.model.layers[1].self_attn.k_layernorm.norms
+    norms[1] = torch.nn.LayerNorm(16, bias=True)  # the other heads' norms have no bias
+    with pytest.raises(FastPathUnsupported, match="layer 1 k_layernorm has a bias in some heads' norms only"):
+        describe(model)
+    del norms[1]
+    with pytest.raises(FastPathUnsupported, match="layer 1 k_layernorm is not one norm for each of its 2 heads"):
+        describe(model)
 
 
 def _longrope_phi(switch: int = 6):
@@ -627,6 +687,20 @@ def test_decode_stack_rejects_bad_sizes():
                         {**good, "K": 128}, input_norm_bias=1)
     with pytest.raises(ValueError, match="only a LayerNorm has a bias"):
         stack.set_head(1, 1e-6, good, norm_bias=1)
+    # A grouped qkv projection and the head norms' weights, biases and layouts.
+    mlp = ({**good, "N": 128}, {**good, "N": 128}, {**good, "K": 128})
+    fused = {"kind": 1, "N": 128, "K": 64, "weight": 1}
+    with pytest.raises(ValueError, match="q_proj, k_proj and v_proj must be empty beside a fused qkv"):
+        stack.add_layer(1, 1, 1e-6, good, kv, kv, good, *mlp, qkv=fused)
+    with pytest.raises(ValueError, match=r"qkv must be \[128, 64\], got \[96, 64\]"):
+        stack.add_layer(1, 1, 1e-6, {}, {}, {}, good, *mlp, qkv={**fused, "N": 96})
+    for bad, message in (({"q_norm_bias": 1}, "a head norm's bias needs the norm's weights"),
+                         ({"q_norm": 1, "k_norm": 1, "head_norm_each": True, "head_norm_whole": True},
+                          "head norms are per head or over the whole projection, not both"),
+                         ({"k_norm": 1, "k_norm_bias": 1}, "an RMSNorm has no bias")):
+        with pytest.raises(ValueError, match=message):
+            stack.add_layer(1, 1, 1e-6, {}, {}, {}, good, *mlp, qkv=fused, **bad)
+    assert stack.num_layers == 0
     moe = {"experts": 4, "top_k": 2, "expert_dim": 32, "router": 1, "gate_up": 1, "down": 1}
     for bad, message in (({"top_k": 5}, "top_k \\(<= experts\\)"), ({"expert_dim": 0}, "expert_dim must be positive"),
                          ({"down": 0}, "router, gate_up and down must not be null"),
@@ -782,7 +856,7 @@ def _eager_layers_model(model_type: str, **overrides):
 
 
 @pytest.mark.parametrize("model_type, overrides, logit_map", [
-    ("cohere", {"use_qk_norm": True}, LogitMap(multiplier=0.0625)),  # per-head norms keep the layers eager
+    ("cohere", {"hidden_act": "relu"}, LogitMap(multiplier=0.0625)),  # an activation keeps the layers eager
     ("nanochat", {"final_logit_softcapping": TINY_SOFTCAP}, LogitMap(softcap=TINY_SOFTCAP)),
     ("granitemoeshared", {"logits_scaling": 3.0}, LogitMap(divisor=3.0))])
 def test_server_native_head_applies_the_models_logit_map(model_type, overrides, logit_map):
@@ -814,7 +888,7 @@ def test_server_keeps_a_head_whose_logits_the_model_transforms_otherwise():
     sm = split_model(scaled, 1)
     assert sm.server.native_head is None
     assert sm.server.head_reason == "the model's logits are not its LM head's output as it is"
-    named = _eager_layers_model("cohere", use_qk_norm=True)
+    named = _eager_layers_model("cohere", hidden_act="relu")
     named.register_forward_hook(doubled)
     sm = split_model(named, 1)
     assert sm.server.native_head is None

@@ -12,7 +12,7 @@ from .._native import load
 from ..formats.dtypes import DTYPE_CODE
 from ..nn.linear import QuantLinear, is_plain_linear
 from .cache import FastCache
-from .spec import NO_ROPE, DecoderDescription, Experts, FastPathUnsupported, RowSlice, describe, rotary_table
+from .spec import NO_ROPE, DecoderDescription, Experts, FastPathUnsupported, HeadNorm, RowSlice, describe, rotary_table
 
 _C, _C_ERROR = load("_C")
 
@@ -194,9 +194,11 @@ class NativeDecoder(_NativeWeights):
         for i in range(first, last):
             m = d.layers[i]
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,
-                                 self._linear(m.q), self._linear(m.k), self._linear(m.v), self._linear(m.o),
+                                 *(self._linear(x) if x is not None else {} for x in (m.q, m.k, m.v)),
+                                 self._linear(m.o),
                                  *(self._linear(x) if x is not None else {} for x in (m.gate, m.up, m.down)),
-                                 q_norm=self._norm(m.q_norm), k_norm=self._norm(m.k_norm),
+                                 qkv=self._linear(m.qkv) if m.qkv is not None else {},
+                                 **self._head_norms(m.q_norm, m.k_norm),
                                  attn_out_norm=self._norm(m.attn_out_norm), mlp_out_norm=self._norm(m.mlp_out_norm),
                                  window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole,
                                  input_norm_bias=self._norm_bias(m.input_norm),
@@ -216,10 +218,20 @@ class NativeDecoder(_NativeWeights):
         without weights); 0 for no norm."""
         if module is None:
             return 0
-        weight, offset = getattr(module, "weight", None), self.description.norm_offset
-        if weight is None:
-            return self._vector(torch.ones(self.description.hidden))
+        weight = getattr(module, "weight", None)
+        return self._norm_weight(torch.ones(self.description.hidden) if weight is None else weight)
+
+    def _norm_weight(self, weight: torch.Tensor) -> int:
+        offset = self.description.norm_offset
         return self._vector(weight.float() + offset if offset else weight)
+
+    def _head_norms(self, q: HeadNorm | None, k: HeadNorm | None) -> dict:
+        """The query and key head norms as the binding reads them ({}: none)."""
+        if q is None:
+            return {}
+        return {"q_norm": self._norm_weight(q.weight), "k_norm": self._norm_weight(k.weight),
+                "q_norm_bias": 0 if q.bias is None else self._vector(q.bias),
+                "k_norm_bias": 0 if k.bias is None else self._vector(k.bias), "head_norm_each": q.each}
 
     def _experts(self, experts: Experts | None) -> dict:
         """A mixture of experts as the binding reads it ({}: none); the 3-D weights are the

@@ -31,7 +31,10 @@ class _Family:
 
     norm_offset: float = 0.0  # RMSNorms scale by norm_offset + w
     norms: str = "pre"  # _NORMS: which norms a layer has, by role
-    head_norms: bool = False  # q_norm / k_norm of each head before rotary
+    # Norms of each query and key head before rotary, of the layers' norm kind: "always", or
+    # where the config flag of that name says so (StableLM's qk_layernorm); "" none.
+    head_norms: str = ""
+    head_norm_names: tuple[str, str] = ("q_norm", "k_norm")  # the attention's modules of them
     head_norm_whole: bool = False  # ... of each row's whole query / key projection instead
     act_field: str = "hidden_act"  # the config field naming the MLP activation
     pre_attn_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5)
@@ -48,6 +51,10 @@ class _Family:
     multipliers: str = ""
     llama4_query_scale: bool = False  # queries scale with the position past the original context
     fused_qkv: bool = False  # one qkv_proj instead of q/k/v_proj (Phi-3)
+    # One projection of this name instead, its output grouped by key/value head: the group's query
+    # heads, its key, its value (GPT-NeoX's query_key_value); "" none.
+    grouped_qkv: str = ""
+    attn_name: str = "self_attn"  # the layer's attention module
     fused_mlp: bool = False  # one gate_up_proj instead of gate_proj and up_proj (Phi-3, GLM)
     plain_mlp: tuple[str, str] | None = None  # an MLP down(act(up(x))) without a gate: (up, down) names
     o_name: str = "o_proj"  # the attention's output projection
@@ -59,6 +66,7 @@ class _Family:
     # Attention and MLP both read the layer's one normed input ("always"; or where the config
     # flag of that name says so), the layer returning h + attn + mlp (Phi, Cohere, StableLM).
     parallel: str = ""
+    parallel_norms: str = "parallel"  # _NORMS of a parallel layer ("pre": an MLP norm of its own, GPT-NeoX)
     rope_table_repeated: bool = False  # the rotary table repeats each angle in place (Cohere), not twice over
     logit_scale: bool = False  # the forward multiplies the logits by config.logit_scale (Cohere)
     clip_qkv: bool = False  # config.clip_qkv clamps queries, keys and values (OLMo)
@@ -91,6 +99,8 @@ _NORMS = {
 }
 
 _COHERE = dict(layer_norm=True, parallel="always", rope_interleaved=True, rope_table_repeated=True, logit_scale=True)
+_QK_LAYERNORM = dict(head_norms="qk_layernorm", head_norm_names=("q_layernorm", "k_layernorm"))
+_NEOX_MLP = dict(plain_mlp=("dense_h_to_4h", "dense_4h_to_h"), grouped_qkv="query_key_value", o_name="dense")
 _GEMMA = dict(norm_offset=1.0, norms="sandwich", act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
 # Families whose decoder layer's forward was checked against the native step (tests compare
 # the two). Another family with the same module names may still differ in its forward (scaled
@@ -103,45 +113,48 @@ _FAMILIES = {
     "seed_oss": _Family(),
     "mistral": _Family(all_slide=True),
     "qwen2": _Family(),
-    "qwen3": _Family(head_norms=True),
+    "qwen3": _Family(head_norms="always"),
     "smollm3": _Family(nope="no_rope_layers"),
-    "exaone4": _Family(norms="post", head_norms=True, nope="global", window_attr=False),
-    "olmo2": _Family(norms="post", head_norms=True, head_norm_whole=True),
+    "exaone4": _Family(norms="post", head_norms="always", nope="global", window_attr=False),
+    "olmo2": _Family(norms="post", head_norms="always", head_norm_whole=True),
     "helium": _Family(rope_interleaved=True),
     "ernie4_5": _Family(rope_interleaved=True),
     "granite": _Family(multipliers="divide"),
     "ministral3": _Family(llama4_query_scale=True),
     "phi3": _Family(fused_qkv=True, fused_mlp=True, all_slide=True),
-    "olmo3": _Family(norms="post", head_norms=True, head_norm_whole=True, rope_per_type=True),
+    "olmo3": _Family(norms="post", head_norms="always", head_norm_whole=True, rope_per_type=True),
     "glm": _Family(fused_mlp=True, rope_interleaved=True),
     "glm4": _Family(fused_mlp=True, rope_interleaved=True, norms="glm4"),
     "hyperclovax": _Family(multipliers="multiply", norms="peri"),
     "arcee": _Family(plain_mlp=("up_proj", "down_proj")),
     "olmo": _Family(layer_norm=True, norm_eps=1e-5, clip_qkv=True),
-    "stablelm": _Family(layer_norm=True, parallel="use_parallel_residual"),
+    "stablelm": _Family(layer_norm=True, parallel="use_parallel_residual", **_QK_LAYERNORM),
     "starcoder2": _Family(layer_norm=True, plain_mlp=("c_fc", "c_proj"), all_slide=True),
     "jais2": _Family(layer_norm=True, plain_mlp=("up_proj", "down_proj")),
     "phi": _Family(layer_norm=True, parallel="always", plain_mlp=("fc1", "fc2"), o_name="dense",
-                   final_norm="final_layernorm"),
-    "cohere": _Family(**_COHERE),
+                   final_norm="final_layernorm", **_QK_LAYERNORM),
+    "gpt_neox": _Family(layer_norm=True, parallel="use_parallel_residual", parallel_norms="pre", attn_name="attention",
+                        final_norm="final_layer_norm", **_NEOX_MLP),
+    "persimmon": _Family(layer_norm=True, final_norm="final_layernorm", **_NEOX_MLP, **_QK_LAYERNORM),
+    "cohere": _Family(**_COHERE, head_norms="use_qk_norm"),
     "cohere2": _Family(**_COHERE, nope="global"),
     "mixtral": _Family(moe="always"),
     "qwen2_moe": _Family(moe="norm_topk_prob"),
-    "qwen3_moe": _Family(moe="norm_topk_prob", head_norms=True),
-    "olmoe": _Family(moe="norm_topk_prob", head_norms=True, head_norm_whole=True),
-    "flex_olmo": _Family(norms="post", head_norms=True, head_norm_whole=True, moe="norm_topk_prob"),
+    "qwen3_moe": _Family(moe="norm_topk_prob", head_norms="always"),
+    "olmoe": _Family(moe="norm_topk_prob", head_norms="always", head_norm_whole=True),
+    "flex_olmo": _Family(norms="post", head_norms="always", head_norm_whole=True, moe="norm_topk_prob"),
     # A softmax over the top k's logits is the renormalised top k of the softmax over all.
     "granitemoe": _Family(multipliers="divide", mlp_name="block_sparse_moe", router_name="router", moe="always"),
     "glm4_moe": _Family(moe="norm_topk_prob", router="grouped"),
-    "sarvam_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms=True),
-    "minimax_m2": _Family(moe="always", router="grouped", head_norms=True, head_norm_whole=True),
-    "hy_v3": _Family(moe="always", router="grouped", head_norms=True),
-    "exaone_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms=True, nope="global", window_attr=False),
-    "flint": _Family(moe="norm_topk_prob", router="sigmoid", head_norms=True, sinks=True, nope="global"),
+    "sarvam_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms="always"),
+    "minimax_m2": _Family(moe="always", router="grouped", head_norms="always", head_norm_whole=True),
+    "hy_v3": _Family(moe="always", router="grouped", head_norms="always"),
+    "exaone_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms="always", nope="global", window_attr=False),
+    "flint": _Family(moe="norm_topk_prob", router="sigmoid", head_norms="always", sinks=True, nope="global"),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
     "vaultgemma": _Family(**{**_GEMMA, "norms": "pre_feedforward"}),
-    "gemma3_text": _Family(**_GEMMA, head_norms=True, rope_per_type=True),
+    "gemma3_text": _Family(**_GEMMA, head_norms="always", rope_per_type=True),
 }
 FAST_FAMILIES = tuple(_FAMILIES)
 # Rotary types whose cos/sin depend on the position only (so one table serves every step).
@@ -193,20 +206,31 @@ class Experts:
 
 
 @dataclass(frozen=True)
+class HeadNorm:
+    """The norm of each query or key head (or of the whole projection): its weight ``[width]`` shared
+    by every head, or with ``each`` one row per head ``[heads, head_dim]`` (StableLM's, Cohere's),
+    and a LayerNorm's bias of the same shape (None: the norm has none)."""
+
+    weight: torch.Tensor  # ones for a LayerNorm without weights
+    bias: torch.Tensor | None
+    each: bool = False
+
+
+@dataclass(frozen=True)
 class LayerModules:
     """The modules of one decoder layer the native step reads."""
 
     input_norm: nn.Module | None  # of the attention's input (None: the input as it is)
     post_norm: nn.Module | None  # of the MLP's input (None: as it is; a parallel layer's: the attention's)
-    q: nn.Module | RowSlice
-    k: nn.Module | RowSlice
-    v: nn.Module | RowSlice
+    q: nn.Module | RowSlice | None  # None: the layer's one grouped qkv projection
+    k: nn.Module | RowSlice | None
+    v: nn.Module | RowSlice | None
     o: nn.Module
     gate: nn.Module | RowSlice | None  # None: the MLP has no gate (or is a mixture of experts)
     up: nn.Module | RowSlice | None
     down: nn.Module | None
-    q_norm: nn.Module | None = None  # per query / key head, before rotary
-    k_norm: nn.Module | None = None
+    q_norm: HeadNorm | None = None  # per query / key head, before rotary
+    k_norm: HeadNorm | None = None
     attn_out_norm: nn.Module | None = None  # of the attention's / MLP's output, before the residual add
     mlp_out_norm: nn.Module | None = None
     window: int = 0  # sliding window (positions attended, this one included); 0: all
@@ -215,6 +239,7 @@ class LayerModules:
     head_norm_whole: bool = False  # q_norm / k_norm span each row's whole projection
     experts: Experts | None = None  # a mixture of experts instead of gate / up / down
     sinks: torch.Tensor | None = None  # fp32 [heads]: each query head's attention sink
+    qkv: nn.Module | None = None  # one projection grouped by key/value head (_Family.grouped_qkv)
 
 
 @dataclass(frozen=True)
@@ -285,19 +310,21 @@ def _linear_ok(name: str, module: nn.Module, out_features: int, in_features: int
 
 
 def _norm_ok(name: str, module: nn.Module, hidden: int, layer_norm: bool = False, eps: float | None = None,
-             fixed_eps: float | None = None) -> None:
+             fixed_eps: float | None = None, shape: tuple[int, ...] | None = None) -> None:
     """``module`` is an RMSNorm with its weight (or with ``layer_norm`` a LayerNorm whose weight and
     bias are optional) over ``hidden`` values, with epsilon ``eps`` where given (``fixed_eps``:
-    the family's, for norm modules that hold none)."""
+    the family's, for norm modules that hold none); ``shape``: its weight's and bias's (default
+    ``(hidden,)``; Cohere's head norms have a row for each head)."""
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    shape = tuple(getattr(module, "normalized_shape", (hidden,)))
+    normed = tuple(getattr(module, "normalized_shape", (hidden,)))
+    shape = shape or (hidden,)
     params = {n for n, _ in module.named_parameters()}
     kind = "LayerNorm" if layer_norm else "RMSNorm"
     if layer_norm:
-        ok = all(t is None or (isinstance(t, torch.Tensor) and t.shape == (hidden,)) for t in (weight, bias)) \
-            and shape == (hidden,) and params <= {"weight", "bias"}
+        ok = all(t is None or (isinstance(t, torch.Tensor) and t.shape == shape) for t in (weight, bias)) \
+            and normed == (hidden,) and params <= {"weight", "bias"}
     else:
-        ok = isinstance(weight, torch.Tensor) and weight.shape == (hidden,) and params == {"weight"}
+        ok = isinstance(weight, torch.Tensor) and weight.shape == shape and params == {"weight"}
     if not type(module).__name__.endswith(kind) or not ok:
         raise FastPathUnsupported(f"{name} is a {type(module).__name__}, not {'a' if layer_norm else 'an'} {kind} "
                                   f"of width {hidden}")
@@ -306,15 +333,15 @@ def _norm_ok(name: str, module: nn.Module, hidden: int, layer_norm: bool = False
 
 
 def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int, rope: int,
-                   parallel: bool) -> LayerModules:
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, fam.mlp_name, None)
+                   parallel: bool, head_norms: bool) -> LayerModules:
+    attn, mlp = getattr(layer, fam.attn_name, None), getattr(layer, fam.mlp_name, None)
     # Families with optional norms keep an nn.Identity where a config leaves one out.
-    layout = _NORMS["parallel" if parallel else fam.norms]
+    layout = _NORMS[fam.parallel_norms if parallel else fam.norms]
     roles = [getattr(layer, n, None) if n else None for n in layout]
     into_attn, out_attn, into_mlp, out_mlp = (None if isinstance(m, nn.Identity) else m for m in roles)
     norm_names = [n for n in layout if n]
-    head_norms = {"q_norm", "k_norm"} if fam.head_norms else set()
-    names = {"self_attn": attn, fam.mlp_name: mlp, **{n: getattr(layer, n, None) for n in norm_names}}
+    head_norm_names = fam.head_norm_names if head_norms else ()
+    names = {fam.attn_name: attn, fam.mlp_name: mlp, **{n: getattr(layer, n, None) for n in norm_names}}
     missing = [n for n, m in names.items() if m is None]
     if missing:
         raise FastPathUnsupported(f"layer {i} has no {', '.join(missing)}")
@@ -335,13 +362,18 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
             raise FastPathUnsupported(f"layer {i} attention sinks are not fp32 [{d['heads']}]")
     if own:
         raise FastPathUnsupported(f"layer {i} has weights the native step lacks: {', '.join(own)}")
-    projections = ("qkv_proj", fam.o_name) if fam.fused_qkv else ("q_proj", "k_proj", "v_proj", fam.o_name)
-    extra = _children_with_weights(attn) - set(projections) - head_norms
+    projections = ((fam.grouped_qkv,) if fam.grouped_qkv else ("qkv_proj",) if fam.fused_qkv
+                   else ("q_proj", "k_proj", "v_proj"))
+    extra = _children_with_weights(attn) - {*projections, fam.o_name} - set(head_norm_names)
     if extra:
         raise FastPathUnsupported(f"layer {i} attention has weights the native step lacks: {', '.join(sorted(extra))}")
     h, qd, kvd, f = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
     # Fused projections: the rows of q, k and v, or of gate and up, one after another.
-    if fam.fused_qkv:
+    qkv = getattr(attn, fam.grouped_qkv) if fam.grouped_qkv else None
+    if qkv is not None:
+        _linear_ok(f"layer {i} {fam.grouped_qkv}", qkv, qd + 2 * kvd, h)
+        q = k = v = None
+    elif fam.fused_qkv:
         _linear_ok(f"layer {i} qkv_proj", attn.qkv_proj, qd + 2 * kvd, h)
         q, k, v = (RowSlice(attn.qkv_proj, a, b) for a, b in ((0, qd), (qd, qd + kvd), (qd + kvd, qd + 2 * kvd)))
     else:
@@ -357,9 +389,10 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     eps = norm_eps(next(iter(norms.values())), fam.norm_eps)
     for n, m in norms.items():
         _norm_ok(f"layer {i} {n}", m, h, fam.layer_norm, eps, fam.norm_eps)
-    for n in sorted(head_norms):
-        width = (qd if n == "q_norm" else kvd) if fam.head_norm_whole else d["head_dim"]
-        _norm_ok(f"layer {i} {n}", getattr(attn, n, None), width, eps=eps)
+    q_norm = k_norm = None
+    if head_norm_names:
+        q_norm, k_norm = (_head_norm(f"layer {i} {n}", getattr(attn, n, None), count, d["head_dim"], fam, eps)
+                          for n, count in zip(head_norm_names, (d["heads"], d["kv_heads"])))
     scaling = getattr(attn, "scaling", None)
     if not isinstance(scaling, float) or abs(scaling - d["attn_scale"]) > 1e-12 * d["attn_scale"]:
         raise FastPathUnsupported(f"layer {i} attention scaling is {scaling!r}, expected {d['attn_scale']!r}")
@@ -367,9 +400,38 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     own = getattr(attn, "sliding_window", None)
     if fam.window_attr and hasattr(attn, "sliding_window") and int(own or 0) != window:
         raise FastPathUnsupported(f"layer {i} attention slides over {own!r} positions, the config {window or None!r}")
-    q_norm, k_norm = (attn.q_norm, attn.k_norm) if fam.head_norms else (None, None)
     return LayerModules(into_attn, into_mlp, q, k, v, o, gate, up, down, q_norm, k_norm, out_attn, out_mlp, window,
-                        rope, eps, fam.head_norm_whole, experts, sinks)
+                        rope, eps, fam.head_norm_whole, experts, sinks, qkv)
+
+
+def _head_norm(name: str, module: nn.Module | None, heads: int, head_dim: int, fam: _Family, eps: float) -> HeadNorm:
+    """The norm of a layer's query or key heads (``heads`` of them), checked: one norm over
+    head_dim shared by every head (or over the whole projection with head_norm_whole), one weight
+    row per head (Cohere's), or a list of one norm per head (StableLM's)."""
+    if module is None:
+        raise FastPathUnsupported(f"{name} is missing")
+    per_head = getattr(module, "norms", None)
+    if isinstance(per_head, nn.ModuleList):
+        if len(per_head) != heads or {n for n, _ in module.named_children()} != {"norms"} \
+                or any(True for _ in module.named_parameters(recurse=False)):
+            raise FastPathUnsupported(f"{name} is not one norm for each of its {heads} heads")
+        for j, norm in enumerate(per_head):
+            _norm_ok(f"{name} head {j}", norm, head_dim, fam.layer_norm, eps, fam.norm_eps)
+
+        def rows(attr: str) -> torch.Tensor | None:
+            tensors = [getattr(norm, attr, None) for norm in per_head]
+            if any(t is None for t in tensors) != all(t is None for t in tensors):
+                raise FastPathUnsupported(f"{name} has a {attr} in some heads' norms only")
+            return None if tensors[0] is None else torch.stack(tensors)
+
+        weight = rows("weight")
+        return HeadNorm(torch.ones(heads, head_dim) if weight is None else weight, rows("bias"), each=True)
+    weight = getattr(module, "weight", None)
+    each = isinstance(weight, torch.Tensor) and weight.dim() == 2 and not fam.head_norm_whole
+    width = heads * head_dim if fam.head_norm_whole else head_dim
+    _norm_ok(name, module, width, fam.layer_norm, eps, fam.norm_eps, shape=(heads, head_dim) if each else None)
+    return HeadNorm(torch.ones(width) if weight is None else weight,
+                    getattr(module, "bias", None) if fam.layer_norm else None, each)
 
 
 def _children_with_weights(module: nn.Module) -> set[str]:
@@ -592,7 +654,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         multipliers.update(logit_multiplier=_positive(config, "logit_scale"))
     if fam.clip_qkv and getattr(config, "clip_qkv", None) is not None:
         multipliers.update(clip_qkv=_positive(config, "clip_qkv"))
-    parallel = fam.parallel == "always" or bool(fam.parallel and getattr(config, fam.parallel, False))
+    parallel, head_norms = (flag == "always" or bool(flag and getattr(config, flag, False))
+                            for flag in (fam.parallel, fam.head_norms))
     d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
              intermediate=int(config.intermediate_size), attn_scale=scale)
     last = len(layers) if last is None else last
@@ -600,8 +663,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     def layer(i: int) -> LayerModules | None:
         if not (first <= i < last and isinstance(layers[i], nn.Module) and not isinstance(layers[i], nn.Identity)):
             return None
-        described = _layer_modules(i, layers[i], d, fam, windows[i], ropes[i], parallel)
-        use_rope = getattr(layers[i].self_attn, "use_rope", None)  # families that keep the choice per layer
+        described = _layer_modules(i, layers[i], d, fam, windows[i], ropes[i], parallel, head_norms)
+        use_rope = getattr(getattr(layers[i], fam.attn_name), "use_rope", None)  # families that keep the choice per layer
         if use_rope is not None and bool(use_rope) != (rope_types[ropes[i]] != NO_ROPE):
             raise FastPathUnsupported(f"layer {i} attention's use_rope is {use_rope!r}, the config says otherwise")
         return described

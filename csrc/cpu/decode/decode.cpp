@@ -301,7 +301,7 @@ void exact_top(const DecodeLinear& l, const HeadBound& bound, const float* x, fl
 }
 
 struct Scratch {
-  std::vector<float> xn, q, k, v, attn, tmp, gate, up, head2, resid, expert;
+  std::vector<float> xn, q, k, v, attn, tmp, gate, up, head2, resid, expert, qkv, xm;
   std::vector<int8_t> xq;
 };
 
@@ -404,11 +404,18 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
   if (l.window < 0 || l.rope < 0) return "window and rope must be >= 0";
   const int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
   std::string e;
-  if (!(e = check_linear("q_proj", l.q, qd, s.hidden)).empty() ||
-      !(e = check_linear("k_proj", l.k, kvd, s.hidden)).empty() ||
-      !(e = check_linear("v_proj", l.v, kvd, s.hidden)).empty() ||
-      !(e = check_linear("o_proj", l.o, s.hidden, qd)).empty())
+  if (l.qkv.N) {
+    if (l.q.N || l.k.N || l.v.N) return "q_proj, k_proj and v_proj must be empty beside a fused qkv";
+    if (!(e = check_linear("qkv", l.qkv, qd + 2 * kvd, s.hidden)).empty()) return e;
+  } else if (!(e = check_linear("q_proj", l.q, qd, s.hidden)).empty() ||
+             !(e = check_linear("k_proj", l.k, kvd, s.hidden)).empty() ||
+             !(e = check_linear("v_proj", l.v, kvd, s.hidden)).empty()) {
     return e;
+  }
+  if (!(e = check_linear("o_proj", l.o, s.hidden, qd)).empty()) return e;
+  if ((l.q_norm_bias && !l.q_norm) || (l.k_norm_bias && !l.k_norm))
+    return "a head norm's bias needs the norm's weights";
+  if (l.head_norm_each && l.head_norm_whole) return "head norms are per head or over the whole projection, not both";
   const DecodeMoE& x = l.moe;
   if (x.experts) {
     if (!s.gated) return "a mixture of experts needs gated experts";
@@ -432,7 +439,8 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
     return e;
   }
   if (!s.gated && l.gate.N) return "gate_proj must be empty: the MLP is not gated";
-  if (!s.layer_norm && (l.input_norm_bias || l.post_norm_bias)) return "an RMSNorm has no bias";
+  if (!s.layer_norm && (l.input_norm_bias || l.post_norm_bias || l.q_norm_bias || l.k_norm_bias))
+    return "an RMSNorm has no bias";
   layers_.push_back(l);
   return "";
 }
@@ -484,9 +492,26 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
   for (size_t li = 0; li < layers_.size(); ++li) {
     const DecodeLayer& L = layers_[li];
     norm_rows(h, L.input_norm, L.input_norm_bias, s.layer_norm, L.eps, M, H, t.xn.data());
-    if (!(err = run_parts({{&L.q, t.xn.data(), t.q.data()}, {&L.k, t.xn.data(), t.k.data()},
-                           {&L.v, t.xn.data(), t.v.data()}}, M, false)).empty())
+    // A parallel layer with an MLP norm of its own norms the layer's input before h changes.
+    const bool mlp_norms_input = s.parallel && L.post_norm;
+    if (mlp_norms_input) {
+      t.xm.resize(M * H);
+      norm_rows(h, L.post_norm, L.post_norm_bias, s.layer_norm, L.eps, M, H, t.xm.data());
+    }
+    if (L.qkv.N) {
+      t.qkv.resize(M * L.qkv.N);
+      if (!(err = run_parts({{&L.qkv, t.xn.data(), t.qkv.data()}}, M, false)).empty()) return err;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < s.kv_heads; ++g) {
+          const float* src = t.qkv.data() + m * L.qkv.N + g * (group + 2) * hd;
+          std::copy_n(src, group * hd, t.q.data() + m * qd + g * group * hd);
+          std::copy_n(src + group * hd, hd, t.k.data() + m * kvd + g * hd);
+          std::copy_n(src + (group + 1) * hd, hd, t.v.data() + m * kvd + g * hd);
+        }
+    } else if (!(err = run_parts({{&L.q, t.xn.data(), t.q.data()}, {&L.k, t.xn.data(), t.k.data()},
+                                  {&L.v, t.xn.data(), t.v.data()}}, M, false)).empty()) {
       return err;
+    }
     for (int64_t m = 0; m < M; ++m) {
       const int64_t plane = s.kv_heads * capacity[m] * hd;  // one of K or V of one layer
       float* kc = kv[m] + static_cast<int64_t>(li) * 2 * plane;
@@ -498,10 +523,14 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
           for (int64_t i = 0, n = x == qm ? qd : kvd; i < n; ++i) x[i] = std::clamp(x[i], -s.clip_qkv, s.clip_qkv);
       // Per head, or over the whole projection (one "head" of all the widths).
       const int64_t qn = L.head_norm_whole ? qd : hd, kn = L.head_norm_whole ? kvd : hd;
-      if (L.q_norm)
-        for (int64_t g = 0; g < qd / qn; ++g) rms_norm(qm + g * qn, L.q_norm, L.eps, qn, qm + g * qn);
-      if (L.k_norm)
-        for (int64_t g = 0; g < kvd / kn; ++g) rms_norm(km + g * kn, L.k_norm, L.eps, kn, km + g * kn);
+      const int64_t each = L.head_norm_each ? hd : 0;  // the weights' stride from head to head
+      auto head_norm = [&](float* x, int64_t n, int64_t width, const float* w, const float* b) {
+        for (int64_t g = 0; g < n / width; ++g)
+          norm_rows(x + g * width, w + g * each, b ? b + g * each : nullptr, s.layer_norm, L.eps, 1, width,
+                    x + g * width);
+      };
+      if (L.q_norm) head_norm(qm, qd, qn, L.q_norm, L.q_norm_bias);
+      if (L.k_norm) head_norm(km, kvd, kn, L.k_norm, L.k_norm_bias);
       rotary(qm, s.heads, hd, rot, cos[m] + L.rope * hd, sin[m] + L.rope * hd, s.rope_interleaved);
       rotary(km, s.kv_heads, hd, rot, cos[m] + L.rope * hd, sin[m] + L.rope * hd, s.rope_interleaved);
       for (int64_t g = 0; g < s.kv_heads; ++g) {
@@ -539,8 +568,11 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
     if (!(err = run_parts({{&L.o, t.attn.data(), t.tmp.data()}}, M, false)).empty()) return err;
     add_normed(h, t.tmp.data(), L.attn_out_norm, L.eps, s.residual_scale, M, H);
 
-    // A parallel layer's MLP takes the attention's normed input, still in xn.
-    if (!s.parallel) norm_rows(h, L.post_norm, L.post_norm_bias, s.layer_norm, L.eps, M, H, t.xn.data());
+    // A parallel layer's MLP takes the attention's normed input, still in xn, or its own (xm).
+    if (mlp_norms_input)
+      std::copy_n(t.xm.data(), M * H, t.xn.data());
+    else if (!s.parallel)
+      norm_rows(h, L.post_norm, L.post_norm_bias, s.layer_norm, L.eps, M, H, t.xn.data());
     if (L.moe.experts)
       err = mixture(s, L.moe, M, t);
     else

@@ -2,7 +2,8 @@
 // stack of layers (RMSNorm, Q/K/V projections, rotary, grouped-query attention over a static
 // KV cache, output projection, gated SiLU MLP, residuals; other families' variants: DecodeLayer's
 // optional norms, windows and rotary tables, DecodeShape's activation, LayerNorms, partial
-// rotary, parallel layers, MLPs without a gate) and optionally the final norm and LM head with a
+// rotary, parallel layers, MLPs without a gate, one fused Q|K|V projection grouped by key/value
+// head) and optionally the final norm and LM head with a
 // fused argmax. The Python driver (splitkernels/fastpath/) decides which
 // models this covers and keeps every tensor alive; here are only pointers and sizes.
 #pragma once
@@ -55,7 +56,9 @@ struct DecodeShape {
   int64_t rotary_dim = 0;  // rotary turns each head's first rotary_dim values (even; 0: all head_dim)
   // Norms are LayerNorms, (x - mean) / sqrt(var + eps) * w (+ b), rather than RMSNorms.
   bool layer_norm = false;
-  bool parallel = false;  // the MLP takes the attention's normed input (phi, cohere): h + attn + mlp
+  // h + attn + mlp, the MLP taking the attention's normed input (phi, cohere) or, where the layer
+  // has a post_norm, its own norm of the layer's input (gpt-neox).
+  bool parallel = false;
   bool gated = true;      // the MLP is down(act(gate) * up); false: down(act(up)) with no gate
   float clip_qkv = 0.f;   // > 0: q, k and v are clamped to [-clip_qkv, clip_qkv] (olmo)
 };
@@ -91,13 +94,22 @@ struct DecodeLayer {
   const float* post_norm_bias = nullptr;
   float eps = 1e-6f;
   DecodeLinear q, k, v, o, gate, up, down;
-  // Optional (null: none): RMSNorms of each query and key head [head_dim] before rotary (or, with
+  // qkv.N > 0: q, k and v are one projection [(heads + 2 kv_heads) head_dim, hidden] whose output
+  // holds, for each key/value head in turn, its query heads, its key and its value (gpt-neox,
+  // persimmon); q, k and v are then empty.
+  DecodeLinear qkv;
+  // Optional (null: none): norms of each query and key head [head_dim] before rotary (or, with
   // head_norm_whole, of each row's whole query [heads * head_dim] and key [kv_heads * head_dim]
   // projection), and of the attention's and the MLP's outputs [hidden] before their residual
-  // adds (gemma's layers).
+  // adds (gemma's layers). The head norms are of the shape's kind (LayerNorms with their optional
+  // biases, or RMSNorms); with head_norm_each every head has weights (and biases) of its own,
+  // q_norm [heads, head_dim] and k_norm [kv_heads, head_dim] (stablelm, cohere).
   const float* q_norm = nullptr;
   const float* k_norm = nullptr;
+  const float* q_norm_bias = nullptr;
+  const float* k_norm_bias = nullptr;
   bool head_norm_whole = false;
+  bool head_norm_each = false;
   const float* attn_out_norm = nullptr;
   const float* mlp_out_norm = nullptr;
   int64_t window = 0;  // attend over the last `window` positions (this one included); 0: all
