@@ -308,7 +308,8 @@ def test_fused_projections_of_low_bit_weights(bits):
                                                           ("flex_olmo", False, False), ("flint", True, True),
                                                           ("granitemoe", True, False), ("glm4_moe", True, True),
                                                           ("sarvam_moe", True, True), ("exaone_moe", True, True),
-                                                          ("minimax_m2", True, False), ("hy_v3", True, True)])
+                                                          ("minimax_m2", True, False), ("hy_v3", True, True),
+                                                          ("granitemoeshared", True, True)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
@@ -317,7 +318,8 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # layers norm their sublayers' outputs only (OLMo 2's layer with OLMoE's experts); Flint scores
     # experts by sigmoids, adds its shared expert in full, gives each attention head a sink and
     # rotates in its sliding layers only; Granite MoE softmaxes its top k's logits (the same as the
-    # renormalised top k) under Granite's multipliers; GLM 4 MoE, Sarvam MoE and EXAONE MoE choose
+    # renormalised top k) under Granite's multipliers (Granite MoE Shared adds its layer's
+    # shared MLP, one fused gate-up projection, in full); GLM 4 MoE, Sarvam MoE and EXAONE MoE choose
     # as DeepSeek-V3 does (sigmoids plus a correction bias, among the best of two groups, scaled),
     # their first layer dense; MiniMax M2 and HY 3 so without groups, the bias on the block.
     model = family_model(family)
@@ -362,7 +364,11 @@ def _double_down(model):
     ("mixtral", lambda m: m.model.layers[0].mlp.gate.register_buffer("e_score_correction_bias", torch.zeros(4)),
      "layer 0 router holds e_score_correction_bias, which the native"),
     ("qwen2_moe", lambda m: setattr(m.model.layers[0].mlp, "shared_expert_gate", torch.nn.Linear(64, 1, bias=True)),
-     "layer 0 shared expert's gate has a bias")])
+     "layer 0 shared expert's gate has a bias"),
+    ("granitemoeshared", lambda m: setattr(m.model.layers[1].shared_mlp, "output_linear", torch.nn.Linear(32, 64)),
+     r"layer 1 shared_mlp input_linear is \[128, 64\], expected \[64, 64\]"),
+    ("granitemoeshared", lambda m: setattr(m.model.layers[2].shared_mlp, "extra", torch.nn.Linear(64, 64)),
+     "layer 2 shared_mlp is not a gated MLP of input_linear and output_linear")])
 def test_declines_experts_it_cannot_read(family, spoil, reason):
     model = family_model(family)
     spoil(model)
@@ -858,7 +864,7 @@ def _eager_layers_model(model_type: str, **overrides):
 @pytest.mark.parametrize("model_type, overrides, logit_map", [
     ("cohere", {"hidden_act": "relu"}, LogitMap(multiplier=0.0625)),  # an activation keeps the layers eager
     ("nanochat", {"final_logit_softcapping": TINY_SOFTCAP}, LogitMap(softcap=TINY_SOFTCAP)),
-    ("granitemoeshared", {"logits_scaling": 3.0}, LogitMap(divisor=3.0))])
+    ("granite_swa", {"logits_scaling": 3.0}, LogitMap(divisor=3.0))])
 def test_server_native_head_applies_the_models_logit_map(model_type, overrides, logit_map):
     # The model's forward scales, divides or soft-caps its head's output, as a config field
     # names: the probe finds which, and the native head's top k carry the model's logits.

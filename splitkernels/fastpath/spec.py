@@ -80,6 +80,9 @@ class _Family:
     mlp_name: str = "mlp"  # the layer's MLP (or mixture of experts) module
     router_name: str = "gate"  # a mixture of experts' router
     sinks: bool = False  # the attention's own `sinks` [heads]: one more softmax logit per head (Flint)
+    # A gated MLP of the layer's beside its mixture of experts, added in full, its gate and up one
+    # projection (Granite MoE Shared's shared_mlp of input_linear and output_linear); "" none.
+    shared_mlp: str = ""
 
 
 # A layer's norms by module name in their roles: of the attention's input, of its output
@@ -99,6 +102,7 @@ _NORMS = {
 }
 
 _COHERE = dict(layer_norm=True, parallel="always", rope_interleaved=True, rope_table_repeated=True, logit_scale=True)
+_GRANITE_MOE = dict(multipliers="divide", mlp_name="block_sparse_moe", router_name="router", moe="always")
 _QK_LAYERNORM = dict(head_norms="qk_layernorm", head_norm_names=("q_layernorm", "k_layernorm"))
 _NEOX_MLP = dict(plain_mlp=("dense_h_to_4h", "dense_4h_to_h"), grouped_qkv="query_key_value", o_name="dense")
 _GEMMA = dict(norm_offset=1.0, norms="sandwich", act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
@@ -144,7 +148,8 @@ _FAMILIES = {
     "olmoe": _Family(moe="norm_topk_prob", head_norms="always", head_norm_whole=True),
     "flex_olmo": _Family(norms="post", head_norms="always", head_norm_whole=True, moe="norm_topk_prob"),
     # A softmax over the top k's logits is the renormalised top k of the softmax over all.
-    "granitemoe": _Family(multipliers="divide", mlp_name="block_sparse_moe", router_name="router", moe="always"),
+    "granitemoe": _Family(**_GRANITE_MOE),
+    "granitemoeshared": _Family(**_GRANITE_MOE, shared_mlp="shared_mlp"),
     "glm4_moe": _Family(moe="norm_topk_prob", router="grouped"),
     "sarvam_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms="always"),
     "minimax_m2": _Family(moe="always", router="grouped", head_norms="always", head_norm_whole=True),
@@ -196,7 +201,7 @@ class Experts:
     renormalize: bool  # the top k's probabilities divided by their sum
     sigmoid: bool  # each expert's score is its logit's sigmoid, not a softmax over all
     # The shared expert's gate, up and down, and the linear of its sigmoid gate (None: added in full).
-    shared: tuple[nn.Module, nn.Module, nn.Module, nn.Module | None] | None
+    shared: tuple[nn.Module | RowSlice, nn.Module | RowSlice, nn.Module, nn.Module | None] | None
     # DeepSeek-V3's choice: by score + choice_bias among the top_groups best of `groups` groups,
     # the weights scaled by routed_scale.
     choice_bias: torch.Tensor | None = None
@@ -342,6 +347,9 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     norm_names = [n for n in layout if n]
     head_norm_names = fam.head_norm_names if head_norms else ()
     names = {fam.attn_name: attn, fam.mlp_name: mlp, **{n: getattr(layer, n, None) for n in norm_names}}
+    shared = getattr(layer, fam.shared_mlp, None) if fam.shared_mlp else None  # None where a config has none
+    if shared is not None:
+        names[fam.shared_mlp] = shared
     missing = [n for n, m in names.items() if m is None]
     if missing:
         raise FastPathUnsupported(f"layer {i} has no {', '.join(missing)}")
@@ -380,7 +388,7 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
         for name, module, shape in (("q_proj", q, (qd, h)), ("k_proj", k, (kvd, h)), ("v_proj", v, (kvd, h))):
             _linear_ok(f"layer {i} {name}", module, *shape)
-    gate, up, down, experts = _mlp_modules(i, mlp, fam, h, f)
+    gate, up, down, experts = _mlp_modules(i, mlp, fam, h, f, shared)
     o = getattr(attn, fam.o_name)
     _linear_ok(f"layer {i} {fam.o_name}", o, h, qd)
     norms = {n: m for n, m in zip(layout, (into_attn, out_attn, into_mlp, out_mlp)) if m is not None}
@@ -439,12 +447,15 @@ def _children_with_weights(module: nn.Module) -> set[str]:
             if any(True for _ in m.parameters()) or any(True for _ in m.buffers())}
 
 
-def _mlp_modules(i: int, mlp: nn.Module, fam: _Family, h: int, f: int):
+def _mlp_modules(i: int, mlp: nn.Module, fam: _Family, h: int, f: int, shared: nn.Module | None = None):
     """A layer's MLP as (gate, up, down, None), or a mixture of experts as (None, None, None,
-    :class:`Experts`) where the family has them and the layer's MLP is one."""
+    :class:`Experts`) where the family has them and the layer's MLP is one (``shared``: the
+    layer's own MLP beside it, _Family.shared_mlp)."""
     children = _children_with_weights(mlp)
     if fam.moe and {fam.router_name, "experts"} <= children:
-        return None, None, None, _experts(i, mlp, children, fam, h)
+        return None, None, None, _experts(i, mlp, children, fam, h, shared)
+    if shared is not None:
+        raise FastPathUnsupported(f"layer {i} has a {fam.shared_mlp} beside an MLP that is no mixture of experts")
     up_name, down_name = fam.plain_mlp or ("up_proj", "down_proj")
     names = ({up_name, down_name} if fam.plain_mlp else {"gate_up_proj", down_name} if fam.fused_mlp
              else {"gate_proj", up_name, down_name})
@@ -464,8 +475,10 @@ def _mlp_modules(i: int, mlp: nn.Module, fam: _Family, h: int, f: int):
     return gate, up, down, None
 
 
-def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -> Experts:
-    """A mixture-of-experts block's router, 3-D expert weights and shared expert, checked."""
+def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int,
+             layer_shared: nn.Module | None = None) -> Experts:
+    """A mixture-of-experts block's router, 3-D expert weights and shared expert (its own, or the
+    layer's ``layer_shared``), checked."""
     routed = {fam.router_name, "experts"}
     shared_name = "shared_experts" if "shared_experts" in children else "shared_expert"
     if children not in (routed, routed | {shared_name}, routed | {"shared_expert", "shared_expert_gate"}):
@@ -506,6 +519,16 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int) -
         if getattr(scale, "bias", None) is not None:
             raise FastPathUnsupported(f"layer {i} shared expert's gate has a bias")
         shared_modules = (expert.gate_proj, expert.up_proj, expert.down_proj, scale)
+    if layer_shared is not None:
+        if shared_modules is not None or _children_with_weights(layer_shared) != {"input_linear", "output_linear"}:
+            raise FastPathUnsupported(f"layer {i} {fam.shared_mlp} is not a gated MLP of input_linear and "
+                                      "output_linear beside a mixture without a shared expert")
+        width_shared = int(getattr(layer_shared.output_linear, "in_features", 0))
+        _linear_ok(f"layer {i} {fam.shared_mlp} input_linear", layer_shared.input_linear, 2 * width_shared, h)
+        _linear_ok(f"layer {i} {fam.shared_mlp} output_linear", layer_shared.output_linear, h, width_shared)
+        fused = layer_shared.input_linear  # the gate's rows, then the up projection's
+        shared_modules = (RowSlice(fused, 0, width_shared), RowSlice(fused, width_shared, 2 * width_shared),
+                          layer_shared.output_linear, None)
     grouped = _grouped_choice(i, mlp, router, count) if fam.router == "grouped" else {}
     return Experts(router_weight, gate_up, down, top_k, renormalize, fam.router != "softmax", shared_modules,
                    **grouped)
