@@ -1,7 +1,8 @@
 """One decode step of a few decoder layers at a real model's shape (random weights, the layers'
 linears 4-bit group 128 as OPSC stores them): the model's own forward against the native step,
-median of 16 steps after 4, at 1 and 2 threads (python_tests/test_fastpath.py checks that the
-two agree). Usage: python family_step.py pythia|persimmon [LAYERS (2)]"""
+medians of 18 steps each (three blocks of 8 steps per path in turn, the first two of a block
+warm-up), at 1 and 2 threads (python_tests/test_fastpath.py checks that the two agree).
+Usage: python family_step.py pythia|persimmon [LAYERS (2)]"""
 import statistics
 import sys
 import time
@@ -37,15 +38,19 @@ for threads in (1, 2):
         ref = model.get_decoder()(input_ids=ids, use_cache=True).past_key_values
         fast = dec.new_cache(lambda: type(ref)(config=cfg))
         model.get_decoder()(input_ids=ids, cache=fast.dynamic(), use_cache=True)
-        for step in range(20):
-            tok = torch.randint(0, 1024, (1, 1))
-            t0 = time.perf_counter()
-            model.get_decoder()(input_ids=tok, cache=ref, use_cache=True)
-            t1 = time.perf_counter()
-            dec.step(embed(tok)[0, 0], fast)
-            t2 = time.perf_counter()
-            if step >= 4:
-                times["eager"].append(t1 - t0)
-                times["native"].append(t2 - t1)
+        # Blocks of steps, each path in turn: the first steps of a block are warm-up (torch's
+        # OpenMP workers spin for a while after the eager forward and would take a core from the
+        # native step's threads right after it).
+        for _ in range(3):
+            for path in ("eager", "native"):
+                for step in range(8):
+                    tok = torch.randint(0, 1024, (1, 1))
+                    t0 = time.perf_counter()
+                    if path == "eager":
+                        model.get_decoder()(input_ids=tok, cache=ref, use_cache=True)
+                    else:
+                        dec.step(embed(tok)[0, 0], fast)
+                    if step >= 2:
+                        times[path].append(time.perf_counter() - t0)
     print(f"{name} {threads} thread(s): eager {statistics.median(times['eager']) * 1e3:.2f} ms, native "
           f"{statistics.median(times['native']) * 1e3:.2f} ms a token ({layers} layers)")
