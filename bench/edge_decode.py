@@ -100,7 +100,6 @@ def llama_cpp_row(path: Path, threads: int, prompt: list[int]) -> Row:
 
 def whole_rows(model_q, prompt: torch.Tensor) -> list[Row]:
     fast = NativeDecoder(model_q, 0, model_q.config.num_hidden_layers, head="int8")
-    embed = model_q.get_input_embeddings()
     state: dict = {}
 
     def reset_fast():
@@ -110,7 +109,7 @@ def whole_rows(model_q, prompt: torch.Tensor) -> list[Row]:
 
     def step_fast(tok: int):
         with torch.inference_mode():
-            return fast.step(embed(torch.tensor([tok]))[0], state["fast"])[1]
+            return fast.step(fast.embed(torch.tensor([tok]), state["fast"].length)[0], state["fast"])[1]
 
     def reset_eager():
         state["eager"] = adapter_for(model_q).new_cache(0, model_q.config.num_hidden_layers)

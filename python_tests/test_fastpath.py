@@ -51,7 +51,7 @@ def _compare_steps(model, first: int, last: int, head: str | None, steps: int = 
         for _ in range(steps):
             tok = torch.randint(0, vocab, (1, 1))
             ref = model(input_ids=tok, cache=ref_cache, use_cache=True, output_hidden_states=True)
-            emb = decoder.embed(tok)[0, 0]
+            emb = decoder.embed(tok, fast.length)[0, 0]
             if head is None:
                 hidden, token = decoder.step(emb, fast)
                 out.append((_rel(hidden, ref.hidden_states[last][0, -1]), token, -1))
@@ -253,22 +253,28 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # qkv and gate-up projections, every layer sliding), VaultGemma's (Gemma 2 without the norms
 # after the sublayers), GPT-NeoX's (one qkv projection grouped by head, parallel layers whose MLP
 # norms the layer's input itself, a quarter of each head rotated) or Persimmon's (the same
-# projection, LayerNorms of each query and key head, relu^2), built from transformers' own
-# configs; sliding layers included.
+# projection, LayerNorms of each query and key head, relu^2), GPT-2's and GPTBigCode's (learned
+# position embeddings and no rotary, Conv1D projections of transposed weights, GPTBigCode's one
+# key/value head), built from transformers' own configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "arcee",
                                     "smollm3", "olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
                                     "exaone4", "olmo2", "olmo3", "helium", "ernie4_5", "glm", "glm4", "granite",
-                                    "hyperclovax", "ministral3", "phi3", "vaultgemma", "gpt_neox", "persimmon"])
+                                    "hyperclovax", "ministral3", "phi3", "vaultgemma", "gpt_neox", "persimmon", "gpt2",
+                                    "gpt_bigcode"])
 def test_other_families_match_eager(family):
     model = family_model(family)
     d = describe(model)
     rotated = {"glm": 2, "glm4": 2, "phi": 2, "stablelm": 4, "gpt_neox": 4, "persimmon": 2}.get(family, 1)
     assert d.rotary_dim == d.head_dim // rotated
-    assert d.layer_norm == (family in ("olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
-                                       "gpt_neox", "persimmon"))
+    gpt = family in ("gpt2", "gpt_bigcode")
+    assert d.layer_norm == (gpt or family in ("olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
+                                              "gpt_neox", "persimmon"))
     assert d.parallel == (family in ("phi", "cohere", "cohere2", "gpt_neox"))
-    assert d.gated == (family not in ("arcee", "starcoder2", "jais2", "phi", "gpt_neox", "persimmon"))
-    assert all((m.qkv is not None) == (family in ("gpt_neox", "persimmon")) for m in d.layers)
+    assert d.gated == (not gpt and family not in ("arcee", "starcoder2", "jais2", "phi", "gpt_neox", "persimmon"))
+    assert all((m.qkv is not None) == (family in ("gpt_neox", "persimmon", "gpt_bigcode")) for m in d.layers)
+    assert (d.positions is not None) == gpt and (d.rope_types == ("no rotary",)) == gpt
+    if family == "gpt_bigcode":  # multi_query
+        assert d.kv_heads == 1
     if family == "gpt_neox":  # parallel, its MLP's norm its own
         assert all(m.post_norm is not None for m in d.layers)
     if family == "persimmon":
@@ -292,11 +298,13 @@ def test_other_families_match_eager(family):
             assert err < TOL and token == ref_token, head
 
 
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "gpt2", "gpt_bigcode"])
 @pytest.mark.parametrize("bits", [4, 3])
-def test_fused_projections_of_low_bit_weights(bits):
-    # Phi-3's q, k and v (and gate and up) are row ranges of one packed weight: their codes,
-    # scales and zeros are views into it at a row offset.
-    model = family_model("phi3")
+def test_fused_projections_of_low_bit_weights(family, bits):
+    # Phi-3's and GPT-2's q, k and v (and Phi-3's gate and up) are row ranges of one packed
+    # weight: their codes, scales and zeros are views into it at a row offset (GPT-2's quantised
+    # from Conv1D's transposed weights); GPT-NeoX's and GPTBigCode's one grouped projection.
+    model = family_model(family)
     replace_linear(model, bits=bits, group_size=32 if bits != 3 else 64, progress=False)
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
@@ -395,11 +403,13 @@ def test_stablelm_parallel_residual_matches_eager():
 
 # The config flags of other layouts: LayerNorms of each query and key head, one shared by every
 # head (Phi), one per head (StableLM, a list of norms; Cohere, a weight row per head); GPT-NeoX's
-# sequential layers; Persimmon without its head norms.
+# sequential layers; Persimmon without its head norms; GPTBigCode with a key/value head for each
+# query head (its qkv projection then grouped by head).
 @pytest.mark.parametrize("family, flags, each", [
     ("phi", {"qk_layernorm": True}, False), ("stablelm", {"qk_layernorm": True}, True),
     ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True}, True), ("cohere", {"use_qk_norm": True}, True),
-    ("gpt_neox", {"use_parallel_residual": False}, None), ("persimmon", {"qk_layernorm": False}, None)])
+    ("gpt_neox", {"use_parallel_residual": False}, None), ("persimmon", {"qk_layernorm": False}, None),
+    ("gpt_bigcode", {"multi_query": False}, None)])
 def test_head_norm_and_layout_flags_match_eager(family, flags, each):
     model = family_model(family, **flags)
     d = describe(model)
@@ -407,14 +417,6 @@ def test_head_norm_and_layout_flags_match_eager(family, flags, each):
     if each is not None:
         assert d.layers[0].q_norm.each == each and d.layers[0].q_norm.weight.shape[0] == (4 if each else 16)
     for err, token, ref_token in _compare_steps(model, 0, 4, head="int8", steps=8, prompt=8):
-        assert err < TOL and token == ref_token
-
-
-@pytest.mark.parametrize("bits", [4, 3])
-def test_grouped_qkv_of_low_bit_weights(bits):
-    model = family_model("gpt_neox")
-    replace_linear(model, bits=bits, group_size=32 if bits != 3 else 64, progress=False)
-    for err, token, ref_token in _compare_steps(model, 0, 4, head="fp32", steps=8, prompt=8):
         assert err < TOL and token == ref_token
 
 
@@ -436,7 +438,7 @@ def test_grouped_qkv_with_several_query_heads_a_group(monkeypatch):
     native = NativeDecoder(grouped, 0, 2)
     caches = [d.new_cache(lambda: DynamicCache(config=model.config), 16) for d in (reference, native)]
     for _ in range(5):
-        emb = reference.embed(torch.randint(0, 128, (1, 1)))[0, 0]
+        emb = reference.embed(torch.randint(0, 128, (1, 1)), caches[0].length)[0, 0]
         a, b = (d.step(emb.clone(), c)[0] for d, c in zip((reference, native), caches))
         assert torch.equal(a, b)
 
@@ -601,7 +603,7 @@ def test_cache_hands_over_between_eager_and_native():
 
 
 @pytest.mark.parametrize("build, reason", [
-    (lambda: tiny_model("gpt2"), "family 'gpt2'"),
+    (lambda: tiny_model("opt"), "family 'opt'"),
     (lambda: _llama(hidden_act="relu"), "activation is 'relu'"),
     (lambda: _llama().to(torch.bfloat16), "runs in torch.bfloat16"),
     (lambda: _llama().to("meta"), r"runs on the CPU; the model is on \['meta'\]"),
@@ -732,6 +734,16 @@ def test_decode_stack_rejects_bad_sizes():
         stack.step(1, 8, 1, 8, 1, 1)
 
 
+def test_learned_positions_end_where_the_models_do():
+    model = family_model("gpt2")
+    decoder = NativeDecoder(model, 0, 2)
+    last = model.config.n_positions - 1
+    assert torch.equal(decoder.embed(torch.tensor([[5, 7]]), last - 1)[0, 1],
+                       model.transformer.wte.weight[7] + model.transformer.wpe.weight[last])
+    with pytest.raises(ValueError, match=f"position {last + 1} is past the model's {last + 1} learned positions"):
+        decoder.embed(torch.tensor([[5, 7]]), last)
+
+
 def test_native_step_rejects_bad_tensors():
     model = tiny_model("llama", seed=1, num_layers=2, hidden=64, vocab=128)
     decoder = NativeDecoder(model, 0, 2, head="int8")
@@ -770,8 +782,8 @@ def test_split_greedy_equals_eager_split(head):
 
 
 def test_split_of_an_uncovered_family_stays_eager():
-    sm = split_model(tiny_model("gpt2", seed=1, num_layers=4), 2)
-    assert not sm.edge.fast and "gpt2" in sm.edge.fast_reason
+    sm = split_model(tiny_model("opt", seed=1, num_layers=4), 2)
+    assert not sm.edge.fast and "'opt'" in sm.edge.fast_reason
     assert sm.generate(_prompt(5, 5), 4).shape == (1, 9)
 
 
@@ -830,9 +842,9 @@ def test_native_head_refuses_what_it_cannot_run():
 
 
 def test_uncovered_family_server_takes_its_token_from_the_native_head(monkeypatch):
-    # GPT-2's layers stay eager; its server runs them with the model's own forward up to the head,
+    # OPT's layers stay eager; its server runs them with the model's own forward up to the head,
     # then the native head's exact argmax / top k: the same tokens as the eager split's full logits.
-    model = tiny_model("gpt2", seed=2, num_layers=4)
+    model = tiny_model("opt", seed=2, num_layers=4)
     ids = _prompt(8, 6)
     fast = split_model(copy.deepcopy(model), 2)
     eager = split_model(copy.deepcopy(model), 2, fast=False)
@@ -889,7 +901,7 @@ def test_server_keeps_a_head_whose_logits_the_model_transforms_otherwise():
     def doubled(module, args, out) -> None:
         out.logits.mul_(2.0)
 
-    scaled = tiny_model("gpt2", seed=2, num_layers=2)
+    scaled = tiny_model("opt", seed=2, num_layers=2)
     scaled.register_forward_hook(doubled)
     sm = split_model(scaled, 1)
     assert sm.server.native_head is None

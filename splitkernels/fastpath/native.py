@@ -10,7 +10,7 @@ from torch import nn
 
 from .._native import load
 from ..formats.dtypes import DTYPE_CODE
-from ..nn.linear import QuantLinear, is_plain_linear
+from ..nn.linear import QuantLinear, dense_weight, is_plain_linear
 from .cache import FastCache
 from .spec import NO_ROPE, DecoderDescription, Experts, FastPathUnsupported, HeadNorm, RowSlice, describe, rotary_table
 
@@ -60,8 +60,12 @@ class _NativeWeights:
         rows = slice(None)
         if isinstance(module, RowSlice):
             module, rows = module.linear, slice(module.start, module.stop)
-        bias = getattr(module, "bias", None)
-        out = {"N": len(range(module.out_features)[rows]), "K": int(module.in_features),
+        if isinstance(module, QuantLinear):
+            bias, (n, k) = module.bias, (module.out_features, module.in_features)
+        else:
+            weight, bias = dense_weight(module)  # [out, in]: a Conv1D's transposed (held as a copy)
+            n, k = weight.shape
+        out = {"N": len(range(n)[rows]), "K": int(k),
                "bias": 0 if bias is None else _ptr(self._hold(bias[rows].float()))}
         if isinstance(module, QuantLinear):
             qw = module.quantized_weight()
@@ -69,7 +73,7 @@ class _NativeWeights:
                        scale=_ptr(self._hold(qw.scale[rows])), zero=_ptr(self._hold(qw.zero[rows])),
                        scale_dtype=DTYPE_CODE[qw.scale.dtype], bits=int(qw.bits), group_size=int(qw.group_size))
         else:
-            out.update(kind=_DENSE, weight=_ptr(self._hold(module.weight[rows].float())))
+            out.update(kind=_DENSE, weight=_ptr(self._hold(weight[rows].float())))
         return out
 
     def _head(self, module: nn.Module, fmt: str) -> dict:
@@ -255,12 +259,21 @@ class NativeDecoder(_NativeWeights):
         bias = getattr(module, "bias", None)
         return 0 if bias is None else self._vector(bias)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The token embeddings of ``ids`` as the model's forward feeds them to its first layer
-        (Granite's forward multiplies them by its embedding multiplier)."""
+    def embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """The token embeddings of ``ids [..., T]`` at positions ``start..start+T-1`` as the
+        model's forward feeds them to its first layer (Granite's forward multiplies them by its
+        embedding multiplier, GPT-2's adds its learned position embeddings)."""
+        d = self.description
         embedded = self._model.get_input_embeddings()(ids)
-        scale = self.description.embed_scale
-        return embedded * scale if scale != 1.0 else embedded
+        if d.embed_scale != 1.0:
+            embedded = embedded * d.embed_scale
+        if d.positions is not None:
+            positions = torch.arange(start, start + ids.shape[-1], device=ids.device)
+            if positions[-1] >= d.positions.num_embeddings:
+                raise ValueError(f"position {int(positions[-1])} is past the model's "
+                                 f"{d.positions.num_embeddings} learned positions")
+            embedded = embedded + d.positions(positions)
+        return embedded
 
     # -- rotary table ------------------------------------------------------------------------------
     def _rope_rows(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

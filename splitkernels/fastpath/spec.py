@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..models.layout import decoder_layers, find_decoder_layers, text_config
-from ..nn.linear import QuantLinear, is_plain_linear
+from ..nn.linear import QuantLinear, dense_weight, is_plain_linear
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,26 @@ class _Family:
     softcaps: bool = False  # the forward soft-caps attention scores and logits where the config says
     all_slide: bool = False  # every layer slides when sliding_window is set (layer_types aside)
     # Layers without rotary: "no_rope_layers" where that config list says 0 (SmolLM3), "global"
-    # the full-attention layers of a model with sliding ones (EXAONE 4), "" none.
+    # the full-attention layers of a model with sliding ones (EXAONE 4), "" none; with
+    # position_embedding all of them.
     nope: str = ""
+    # The decoder's learned position embedding of this name, added to the token embeddings
+    # (GPT-2's wpe); "" none.
+    position_embedding: str = ""
     window_attr: bool = True  # the attention's own sliding_window is its layer's window (or None)
     rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves
     # Granite's attention scale, residual, embedding and logit multipliers: "divide" the logits
     # by logits_scaling (Granite) or "multiply" them (HyperCLOVA X); "" none.
     multipliers: str = ""
     llama4_query_scale: bool = False  # queries scale with the position past the original context
-    fused_qkv: bool = False  # one qkv_proj instead of q/k/v_proj (Phi-3)
+    fused_qkv: str = ""  # one projection of this name instead of q/k/v_proj, its rows q, k, v (Phi-3's qkv_proj)
     # One projection of this name instead, its output grouped by key/value head: the group's query
     # heads, its key, its value (GPT-NeoX's query_key_value); "" none.
     grouped_qkv: str = ""
     attn_name: str = "self_attn"  # the layer's attention module
+    # config.multi_query: one key/value head, else one for each query head (GPTBigCode, whose
+    # modules do not read num_key_value_heads).
+    multi_query: bool = False
     fused_mlp: bool = False  # one gate_up_proj instead of gate_proj and up_proj (Phi-3, GLM)
     plain_mlp: tuple[str, str] | None = None  # an MLP down(act(up(x))) without a gate: (up, down) names
     o_name: str = "o_proj"  # the attention's output projection
@@ -99,10 +106,13 @@ _NORMS = {
     "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
     "parallel": ("input_layernorm", None, None, None),  # the MLP takes the attention's normed input
     "pre_feedforward": ("input_layernorm", None, "pre_feedforward_layernorm", None),
+    "gpt2": ("ln_1", None, "ln_2", None),
 }
 
 _COHERE = dict(layer_norm=True, parallel="always", rope_interleaved=True, rope_table_repeated=True, logit_scale=True)
 _GRANITE_MOE = dict(multipliers="divide", mlp_name="block_sparse_moe", router_name="router", moe="always")
+_GPT2 = dict(layer_norm=True, norms="gpt2", attn_name="attn", o_name="c_proj", plain_mlp=("c_fc", "c_proj"),
+             final_norm="ln_f", act_field="activation_function", position_embedding="wpe")
 _QK_LAYERNORM = dict(head_norms="qk_layernorm", head_norm_names=("q_layernorm", "k_layernorm"))
 _NEOX_MLP = dict(plain_mlp=("dense_h_to_4h", "dense_4h_to_h"), grouped_qkv="query_key_value", o_name="dense")
 _GEMMA = dict(norm_offset=1.0, norms="sandwich", act_field="hidden_activation", pre_attn_scalar=True, softcaps=True)
@@ -125,7 +135,7 @@ _FAMILIES = {
     "ernie4_5": _Family(rope_interleaved=True),
     "granite": _Family(multipliers="divide"),
     "ministral3": _Family(llama4_query_scale=True),
-    "phi3": _Family(fused_qkv=True, fused_mlp=True, all_slide=True),
+    "phi3": _Family(fused_qkv="qkv_proj", fused_mlp=True, all_slide=True),
     "olmo3": _Family(norms="post", head_norms="always", head_norm_whole=True, rope_per_type=True),
     "glm": _Family(fused_mlp=True, rope_interleaved=True),
     "glm4": _Family(fused_mlp=True, rope_interleaved=True, norms="glm4"),
@@ -141,6 +151,9 @@ _FAMILIES = {
                         final_norm="final_layer_norm", **_NEOX_MLP),
     "persimmon": _Family(layer_norm=True, final_norm="final_layernorm", **_NEOX_MLP, **_QK_LAYERNORM),
     "cohere": _Family(**_COHERE, head_norms="use_qk_norm"),
+    "gpt2": _Family(**_GPT2, fused_qkv="c_attn"),
+    # One key/value head (multi_query) is the grouped layout of one group: the rows q, k, v.
+    "gpt_bigcode": _Family(**_GPT2, grouped_qkv="c_attn", multi_query=True),
     "cohere2": _Family(**_COHERE, nope="global"),
     "mixtral": _Family(moe="always"),
     "qwen2_moe": _Family(moe="norm_topk_prob"),
@@ -258,7 +271,7 @@ class DecoderDescription:
     intermediate: int
     attn_scale: float
     layers: tuple[LayerModules | None, ...]  # None: a layer this process freed
-    rotary: nn.Module
+    rotary: nn.Module | None  # None: no layer has rotary
     final_norm: nn.Module
     lm_head: nn.Module
     act: int = 0  # _ACTIVATIONS
@@ -283,6 +296,7 @@ class DecoderDescription:
     # Queries at position p scale by 1 + q_pos_beta log(1 + floor(p / q_pos_period)); 0: none.
     q_pos_beta: float = 0.0
     q_pos_period: int = 0
+    positions: nn.Embedding | None = None  # learned position embeddings the forward adds to the token's (GPT-2)
 
 
 def norm_eps(module: nn.Module, fixed: float | None = None) -> float:
@@ -306,8 +320,8 @@ def _rope_type(config) -> str:
 def _linear_ok(name: str, module: nn.Module, out_features: int, in_features: int) -> None:
     if isinstance(module, QuantLinear):
         n, k = module.out_features, module.in_features
-    elif is_plain_linear(module) and isinstance(module, nn.Linear):
-        n, k = module.out_features, module.in_features
+    elif is_plain_linear(module):  # an nn.Linear or a Conv1D (its weight transposed)
+        n, k = dense_weight(module)[0].shape
     else:
         raise FastPathUnsupported(f"{name} is a {type(module).__name__}, not an nn.Linear or QuantLinear")
     if (n, k) != (out_features, in_features):
@@ -370,7 +384,7 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
             raise FastPathUnsupported(f"layer {i} attention sinks are not fp32 [{d['heads']}]")
     if own:
         raise FastPathUnsupported(f"layer {i} has weights the native step lacks: {', '.join(own)}")
-    projections = ((fam.grouped_qkv,) if fam.grouped_qkv else ("qkv_proj",) if fam.fused_qkv
+    projections = ((fam.grouped_qkv,) if fam.grouped_qkv else (fam.fused_qkv,) if fam.fused_qkv
                    else ("q_proj", "k_proj", "v_proj"))
     extra = _children_with_weights(attn) - {*projections, fam.o_name} - set(head_norm_names)
     if extra:
@@ -382,8 +396,9 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         _linear_ok(f"layer {i} {fam.grouped_qkv}", qkv, qd + 2 * kvd, h)
         q = k = v = None
     elif fam.fused_qkv:
-        _linear_ok(f"layer {i} qkv_proj", attn.qkv_proj, qd + 2 * kvd, h)
-        q, k, v = (RowSlice(attn.qkv_proj, a, b) for a, b in ((0, qd), (qd, qd + kvd), (qd + kvd, qd + 2 * kvd)))
+        fused = getattr(attn, fam.fused_qkv)
+        _linear_ok(f"layer {i} {fam.fused_qkv}", fused, qd + 2 * kvd, h)
+        q, k, v = (RowSlice(fused, a, b) for a, b in ((0, qd), (qd, qd + kvd), (qd + kvd, qd + 2 * kvd)))
     else:
         q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
         for name, module, shape in (("q_proj", q, (qd, h)), ("k_proj", k, (kvd, h)), ("v_proj", v, (kvd, h))):
@@ -574,6 +589,8 @@ def _rope_tables(config, fam: _Family, types: list[str], num_layers: int) -> tup
         flags = getattr(config, "no_rope_layers", None)
         if not isinstance(flags, (list, tuple)) or len(flags) != num_layers or set(flags) - {0, 1}:
             raise FastPathUnsupported(f"no_rope_layers {flags!r} is not one 0 or 1 per layer")
+    elif fam.position_embedding:
+        flags = [0] * num_layers
     elif fam.nope == "global" and getattr(config, "sliding_window", None):
         flags = [int(t == "sliding_attention") for t in types] or [0] * num_layers
     else:
@@ -592,6 +609,14 @@ def _llama4_query_scale(config) -> dict:
         raise FastPathUnsupported(f"llama_4_scaling_beta {beta!r} over original_max_position_embeddings {period!r} "
                                   "is not a finite scale over a positive period")
     return dict(q_pos_beta=float(beta), q_pos_period=period)
+
+
+def _intermediate(config, hidden: int) -> int:
+    """The MLP's width: intermediate_size, or GPT-2's n_inner (None there: four times hidden)."""
+    width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    if not _is_count(width):
+        raise FastPathUnsupported(f"the MLP width {width!r} is not a positive number")
+    return int(width)
 
 
 def _is_count(value) -> bool:
@@ -658,7 +683,10 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
             raise FastPathUnsupported(f"rotary type {rope!r} depends on the sequence length; the native step "
                                       f"covers {', '.join(_STATIC_ROPE)} and {_SWITCHED_ROPE}")
     hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    if fam.multi_query:
+        kv_heads = 1 if getattr(config, "multi_query", False) else heads
+    else:
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     if heads % kv_heads or head_dim % 2:
         raise FastPathUnsupported(f"{heads} query heads over {kv_heads} key/value heads of width {head_dim} "
@@ -680,7 +708,7 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     parallel, head_norms = (flag == "always" or bool(flag and getattr(config, flag, False))
                             for flag in (fam.parallel, fam.head_norms))
     d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-             intermediate=int(config.intermediate_size), attn_scale=scale)
+             intermediate=_intermediate(config, hidden), attn_scale=scale)
     last = len(layers) if last is None else last
 
     def layer(i: int) -> LayerModules | None:
@@ -700,8 +728,13 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         rotary = copy.deepcopy(rotary)  # cannot race the model's forward on another thread
     norm = getattr(base, fam.final_norm, None)
     head = model.get_output_embeddings()
-    if rotary is None or norm is None or head is None:
+    if (rotary is None and rope_types != (NO_ROPE,)) or norm is None or head is None:
         raise FastPathUnsupported("the model has no rotary_emb, final norm or LM head where the native step looks")
+    positions = getattr(base, fam.position_embedding, None) if fam.position_embedding else None
+    if fam.position_embedding and not (type(positions) is nn.Embedding and positions.weight.dtype == torch.float32
+                                       and positions.weight.shape[1] == hidden):
+        raise FastPathUnsupported(f"the position embedding {fam.position_embedding} is not an fp32 nn.Embedding "
+                                  f"of width {hidden}")
     _norm_ok("final norm", norm, hidden, fam.layer_norm, fixed_eps=fam.norm_eps)
     return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head,
                               act=_ACTIVATIONS[act], norm_offset=fam.norm_offset, rope_types=rope_types,
@@ -710,7 +743,7 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
                               rotary_dim=_rotary_dim(rotary, rope_types, head_dim), layer_norm=fam.layer_norm,
                               final_eps=norm_eps(norm, fam.norm_eps), parallel=parallel,
                               gated=fam.plain_mlp is None, rope_table_repeated=fam.rope_table_repeated,
-                              rope_switch=rope_switch, **multipliers)
+                              rope_switch=rope_switch, positions=positions, **multipliers)
 
 
 def rotary_table(rotary: nn.Module, kind: str | None, positions: torch.Tensor,

@@ -130,7 +130,7 @@ class ModelDrafter(Drafter):
         if self.native is not None and len(tokens) <= NATIVE_FEED_MAX:
             # A few tokens (a round's accepted drafts and the server's token) cost less as native
             # one-token steps than as one eager forward; prompts go eager.
-            embedded = self.native.embed(ids)[0]
+            embedded = self.native.embed(ids, self._cache.length)[0]
             for row in embedded:
                 _, self._next = self.native.step(row, self._cache)
         else:

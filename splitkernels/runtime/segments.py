@@ -138,7 +138,7 @@ class Edge(_Segment):
         _check_start(cache, start, self.first, self.last)
         if isinstance(cache, FastCache):
             if input_ids.shape[-1] == 1:
-                embedded = self.native.embed(input_ids.reshape(1, 1).to(self.device))
+                embedded = self.native.embed(input_ids.reshape(1, 1).to(self.device), start)
                 hidden, _ = self.native.step(embedded.reshape(-1), cache)
                 return hidden.view(1, -1).to(self.dtype)
             cache = cache.dynamic()
