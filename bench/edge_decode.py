@@ -25,8 +25,8 @@ figure is the median step. The run also checks that greedy generation of the spl
 Our 4-bit weights keep fp32 scales and zeros per group of 32 (0.75 bytes per weight), or with
 ``--scale-dtype float16`` fp16 ones (0.625 bytes per weight, as SmolLM2's Q4_1); Q4_0 keeps one
 fp16 scale (0.5625), Q4_K_M files (Gemma 3, Qwen2.5-Coder) mix 4.5- to 8.5-bit blocks.
-``bench/make_gguf.py`` writes a GGUF of a few Llama, Qwen 3 or Gemma 2 layers at any shape
-(random weights).
+``bench/make_gguf.py`` writes a GGUF of a few Llama, Qwen 3, Gemma 2, StableLM 2 or GPT-2
+layers at any shape (random weights).
 
 llama.cpp is an optional dependency (``pip install '.[bench]'`` installs llama-cpp-python; it
 may compile llama.cpp). Without it the llama.cpp rows are left out and the report says so.
@@ -52,6 +52,7 @@ import timing  # noqa: E402  (bench/timing.py)
 import splitkernels._C as _C  # noqa: E402
 from splitkernels.fastpath import NativeDecoder  # noqa: E402
 from splitkernels.models import PACKAGED, adapter_for, load_model, packaged_available  # noqa: E402
+from splitkernels.models.layout import find_decoder_layers  # noqa: E402
 from splitkernels.nn import QuantConfig, replace_linear  # noqa: E402
 from splitkernels.nn.config import SCALE_DTYPES  # noqa: E402
 from splitkernels.runtime import SplitConfig, split_model  # noqa: E402
@@ -267,8 +268,9 @@ def main() -> int:
     replace_linear(model_q, bits=4, group_size=32, progress=False, scale_dtype=args.scale_dtype)
     # The split: edge layers 1..L-1 at 4 bits, server layer L dense (as the demo's --front-bits 4).
     split = copy.deepcopy(model)
-    replace_linear(split, bits=4, group_size=32, filter=lambda name, m: ".layers." in name and
-                   int(name.split(".layers.")[1].split(".")[0]) < split_at, progress=False,
+    front = f"{find_decoder_layers(split)[0]}."  # model.layers. (transformer.h. in GPT-2)
+    replace_linear(split, bits=4, group_size=32, filter=lambda name, m: name.startswith(front) and
+                   int(name.removeprefix(front).split(".")[0]) < split_at, progress=False,
                    scale_dtype=args.scale_dtype)
     adapter = adapter_for(split)
     edges = {"ours fast": Edge(adapter, split_at), "ours eager": Edge(adapter, split_at, fast=False)}
