@@ -54,9 +54,11 @@ class _NativeWeights:
     def _vector(self, t: torch.Tensor) -> int:
         return _ptr(self._hold(t.float()))
 
-    def _linear(self, module: nn.Module | RowSlice) -> dict:
+    def _linear(self, module: nn.Module | RowSlice | None) -> dict:
         """A linear layer's weights (of a RowSlice: its rows' views, every tensor being row-major
-        per output row) as the binding reads them."""
+        per output row) as the binding reads them ({}: none)."""
+        if module is None:
+            return {}
         rows = slice(None)
         if isinstance(module, RowSlice):
             module, rows = module.linear, slice(module.start, module.stop)
@@ -198,10 +200,8 @@ class NativeDecoder(_NativeWeights):
         for i in range(first, last):
             m = d.layers[i]
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,
-                                 *(self._linear(x) if x is not None else {} for x in (m.q, m.k, m.v)),
-                                 self._linear(m.o),
-                                 *(self._linear(x) if x is not None else {} for x in (m.gate, m.up, m.down)),
-                                 qkv=self._linear(m.qkv) if m.qkv is not None else {},
+                                 *(self._linear(x) for x in (m.q, m.k, m.v, m.o, m.gate, m.up, m.down)),
+                                 qkv=self._linear(m.qkv),
                                  **self._head_norms(m.q_norm, m.k_norm),
                                  attn_out_norm=self._norm(m.attn_out_norm), mlp_out_norm=self._norm(m.mlp_out_norm),
                                  window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole,

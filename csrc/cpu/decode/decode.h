@@ -3,9 +3,9 @@
 // KV cache, output projection, gated SiLU MLP, residuals; other families' variants: DecodeLayer's
 // optional norms, windows and rotary tables, DecodeShape's activation, LayerNorms, partial
 // rotary, parallel layers, MLPs without a gate, one fused Q|K|V projection grouped by key/value
-// head) and optionally the final norm and LM head with a
-// fused argmax. The Python driver (splitkernels/fastpath/) decides which
-// models this covers and keeps every tensor alive; here are only pointers and sizes.
+// head) and optionally the final norm and LM head with a fused argmax. The Python driver
+// (splitkernels/fastpath/) decides which models this covers and keeps every tensor alive; here
+// are only pointers and sizes.
 #pragma once
 
 #include <cstdint>
