@@ -58,9 +58,9 @@ void bind_decode(py::module_& m) {
              if (head_dim % 2) throw std::invalid_argument("head_dim must be even (rotary halves)");
              if (rotary_dim < 0 || rotary_dim > head_dim || rotary_dim % 2)
                throw std::invalid_argument("rotary_dim must be even and in [0, head_dim] (0: head_dim)");
-             if (act < sk::kSilu || act > sk::kGelu)
+             if (act < sk::kSilu || act > sk::kRelu)
                throw std::invalid_argument(
-                   "act must be 0 (silu), 1 (gelu, tanh approximation), 2 (relu^2) or 3 (gelu)");
+                   "act must be 0 (silu), 1 (gelu, tanh approximation), 2 (relu^2), 3 (gelu) or 4 (relu)");
              if (!(clip_qkv >= 0.f) || std::isinf(clip_qkv))
                throw std::invalid_argument("clip_qkv must be finite and >= 0 (0: none)");
              if (!(attn_softcap >= 0.f) || std::isinf(attn_softcap))

@@ -255,18 +255,19 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # norms the layer's input itself, a quarter of each head rotated) or Persimmon's (the same
 # projection, LayerNorms of each query and key head, relu^2), GPT-2's and GPTBigCode's (learned
 # position embeddings and no rotary, Conv1D projections of transposed weights, GPTBigCode's one
-# key/value head), built from transformers' own configs; sliding layers included.
+# key/value head) or OPT's (learned positions from row 2, the MLP's projections on the layer
+# itself, relu), built from transformers' own configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "arcee",
                                     "smollm3", "olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
                                     "exaone4", "olmo2", "olmo3", "helium", "ernie4_5", "glm", "glm4", "granite",
                                     "hyperclovax", "ministral3", "phi3", "vaultgemma", "gpt_neox", "persimmon", "gpt2",
-                                    "gpt_bigcode"])
+                                    "gpt_bigcode", "opt"])
 def test_other_families_match_eager(family):
     model = family_model(family)
     d = describe(model)
     rotated = {"glm": 2, "glm4": 2, "phi": 2, "stablelm": 4, "gpt_neox": 4, "persimmon": 2}.get(family, 1)
     assert d.rotary_dim == d.head_dim // rotated
-    gpt = family in ("gpt2", "gpt_bigcode")
+    gpt = family in ("gpt2", "gpt_bigcode", "opt")
     assert d.layer_norm == (gpt or family in ("olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
                                               "gpt_neox", "persimmon"))
     assert d.parallel == (family in ("phi", "cohere", "cohere2", "gpt_neox"))
@@ -275,6 +276,7 @@ def test_other_families_match_eager(family):
     assert (d.positions is not None) == gpt and (d.rope_types == ("no rotary",)) == gpt
     if family == "gpt_bigcode":  # multi_query
         assert d.kv_heads == 1
+    assert d.position_offset == (2 if family == "opt" else 0)
     if family == "gpt_neox":  # parallel, its MLP's norm its own
         assert all(m.post_norm is not None for m in d.layers)
     if family == "persimmon":
@@ -404,12 +406,12 @@ def test_stablelm_parallel_residual_matches_eager():
 # The config flags of other layouts: LayerNorms of each query and key head, one shared by every
 # head (Phi), one per head (StableLM, a list of norms; Cohere, a weight row per head); GPT-NeoX's
 # sequential layers; Persimmon without its head norms; GPTBigCode with a key/value head for each
-# query head (its qkv projection then grouped by head).
+# query head (its qkv projection then grouped by head); OPT's LayerNorms without weights.
 @pytest.mark.parametrize("family, flags, each", [
     ("phi", {"qk_layernorm": True}, False), ("stablelm", {"qk_layernorm": True}, True),
     ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True}, True), ("cohere", {"use_qk_norm": True}, True),
     ("gpt_neox", {"use_parallel_residual": False}, None), ("persimmon", {"qk_layernorm": False}, None),
-    ("gpt_bigcode", {"multi_query": False}, None)])
+    ("gpt_bigcode", {"multi_query": False}, None), ("opt", {"layer_norm_elementwise_affine": False}, None)])
 def test_head_norm_and_layout_flags_match_eager(family, flags, each):
     model = family_model(family, **flags)
     d = describe(model)
@@ -603,8 +605,10 @@ def test_cache_hands_over_between_eager_and_native():
 
 
 @pytest.mark.parametrize("build, reason", [
-    (lambda: tiny_model("opt"), "family 'opt'"),
-    (lambda: _llama(hidden_act="relu"), "activation is 'relu'"),
+    (lambda: family_model("falcon"), "family 'falcon'"),
+    (lambda: family_model("opt", do_layer_norm_before=False), "the native step needs do_layer_norm_before"),
+    (lambda: family_model("opt", word_embed_proj_dim=32), "the native step has no project_in, project_out"),
+    (lambda: _llama(hidden_act="tanh"), "activation is 'tanh'"),
     (lambda: _llama().to(torch.bfloat16), "runs in torch.bfloat16"),
     (lambda: _llama().to("meta"), r"runs on the CPU; the model is on \['meta'\]"),
     (lambda: _llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
@@ -613,7 +617,7 @@ def test_cache_hands_over_between_eager_and_native():
                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                                               sliding_window=-4)), "sliding_window -4 is not a positive"),
     (lambda: _gemma3(use_bidirectional_attention=True), "layer types .* are not covered"),
-    (lambda: _gemma3(hidden_activation="relu"), "activation is 'relu'"),
+    (lambda: _gemma3(hidden_activation="relu6"), "activation is 'relu6'"),
     (lambda: _with_config(family_model("cohere"), logit_scale=0.0), "logit_scale 0.0 is not a positive number"),
     (lambda: _with_config(family_model("olmo"), clip_qkv=-1.0), "clip_qkv -1.0 is not a positive number"),
     (lambda: _norm_swapped("stablelm", "phi3"),
@@ -679,8 +683,8 @@ def test_decode_stack_rejects_bad_sizes():
         stack.add_layer(1, 1, 1e-6, good, good, good, good, good, good, good)
     with pytest.raises(ValueError, match="window and rope must be >= 0"):
         stack.add_layer(1, 1, 1e-6, good, good, good, good, good, good, good, window=-1)
-    for act in (-1, 4):
-        with pytest.raises(ValueError, match=r"act must be 0 \(silu\), 1 .* or 3 \(gelu\)"):
+    for act in (-1, 5):
+        with pytest.raises(ValueError, match=r"act must be 0 \(silu\), 1 .* or 4 \(relu\)"):
             _C.DecodeStack(64, 4, 2, 16, 128, 0.25, act)
     for clip in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="clip_qkv must be finite and >= 0"):
@@ -735,13 +739,17 @@ def test_decode_stack_rejects_bad_sizes():
 
 
 def test_learned_positions_end_where_the_models_do():
-    model = family_model("gpt2")
-    decoder = NativeDecoder(model, 0, 2)
-    last = model.config.n_positions - 1
-    assert torch.equal(decoder.embed(torch.tensor([[5, 7]]), last - 1)[0, 1],
-                       model.transformer.wte.weight[7] + model.transformer.wpe.weight[last])
-    with pytest.raises(ValueError, match=f"position {last + 1} is past the model's {last + 1} learned positions"):
-        decoder.embed(torch.tensor([[5, 7]]), last)
+    for model, tokens, positions in ((family_model("gpt2"), "transformer.wte", "transformer.wpe"),
+                                     (family_model("opt"), "model.decoder.embed_tokens", "model.decoder.embed_positions")):
+        decoder = NativeDecoder(model, 0, 2)
+        last = model.config.max_position_embeddings - 1
+        offset = 2 if model.config.model_type == "opt" else 0  # OPT's position p is row p + 2
+        table = model.get_submodule(positions).weight
+        assert table.shape[0] == last + 1 + offset
+        assert torch.equal(decoder.embed(torch.tensor([[5, 7]]), last - 1)[0, 1],
+                           model.get_submodule(tokens).weight[7] + table[last + offset])
+        with pytest.raises(ValueError, match=f"position {last + 1} is past the model's {last + 1} learned positions"):
+            decoder.embed(torch.tensor([[5, 7]]), last)
 
 
 def test_native_step_rejects_bad_tensors():
@@ -782,9 +790,9 @@ def test_split_greedy_equals_eager_split(head):
 
 
 def test_split_of_an_uncovered_family_stays_eager():
-    sm = split_model(tiny_model("opt", seed=1, num_layers=4), 2)
-    assert not sm.edge.fast and "'opt'" in sm.edge.fast_reason
-    assert sm.generate(_prompt(5, 5), 4).shape == (1, 9)
+    sm = split_model(family_model("falcon"), 2)
+    assert not sm.edge.fast and "'falcon'" in sm.edge.fast_reason
+    assert sm.generate(_prompt(5, 5, vocab=128), 4).shape == (1, 9)
 
 
 @pytest.mark.parametrize("fmt, bits", [("int8", None), ("fp32", None), ("int8", 4)])
@@ -842,10 +850,10 @@ def test_native_head_refuses_what_it_cannot_run():
 
 
 def test_uncovered_family_server_takes_its_token_from_the_native_head(monkeypatch):
-    # OPT's layers stay eager; its server runs them with the model's own forward up to the head,
+    # Falcon's layers stay eager; its server runs them with the model's own forward up to the head,
     # then the native head's exact argmax / top k: the same tokens as the eager split's full logits.
-    model = tiny_model("opt", seed=2, num_layers=4)
-    ids = _prompt(8, 6)
+    model = family_model("falcon")
+    ids = _prompt(8, 6, vocab=128)
     fast = split_model(copy.deepcopy(model), 2)
     eager = split_model(copy.deepcopy(model), 2, fast=False)
     assert not fast.server.fast and fast.server.native_head is not None and fast.server.head_reason is None
@@ -874,7 +882,7 @@ def _eager_layers_model(model_type: str, **overrides):
 
 
 @pytest.mark.parametrize("model_type, overrides, logit_map", [
-    ("cohere", {"hidden_act": "relu"}, LogitMap(multiplier=0.0625)),  # an activation keeps the layers eager
+    ("cohere", {"hidden_act": "tanh"}, LogitMap(multiplier=0.0625)),  # an activation keeps the layers eager
     ("nanochat", {"final_logit_softcapping": TINY_SOFTCAP}, LogitMap(softcap=TINY_SOFTCAP)),
     ("granite_swa", {"logits_scaling": 3.0}, LogitMap(divisor=3.0))])
 def test_server_native_head_applies_the_models_logit_map(model_type, overrides, logit_map):
@@ -901,12 +909,12 @@ def test_server_keeps_a_head_whose_logits_the_model_transforms_otherwise():
     def doubled(module, args, out) -> None:
         out.logits.mul_(2.0)
 
-    scaled = tiny_model("opt", seed=2, num_layers=2)
+    scaled = family_model("falcon")
     scaled.register_forward_hook(doubled)
     sm = split_model(scaled, 1)
     assert sm.server.native_head is None
     assert sm.server.head_reason == "the model's logits are not its LM head's output as it is"
-    named = _eager_layers_model("cohere", hidden_act="relu")
+    named = _eager_layers_model("cohere", hidden_act="tanh")
     named.register_forward_hook(doubled)
     sm = split_model(named, 1)
     assert sm.server.native_head is None

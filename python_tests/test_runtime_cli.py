@@ -65,13 +65,13 @@ def test_demo_eager_flag_forces_the_eager_path():
 
 
 def test_demo_text_report_and_lossless_option():
-    text = _run_cli("demo", "--model", "tiny", "--family", "opt", "--max-new-tokens", "3", "--eval-tokens", "24",
+    text = _run_cli("demo", "--model", "tiny", "--family", "gpt2", "--max-new-tokens", "3", "--eval-tokens", "24",
                     "--lossless", "--split-layer", "4", "--bandwidth-mbps", "1000", "--rtt-ms", "1")
     for label in ("wire:", "latency:", "quality:", "link:"):
         assert label in text
     assert "+0.00%" in text and "KL 0.00000" in text  # lossless codec: the split model is the model
     assert "emulated link" in text
-    assert "decode:   edge eager (model family 'opt'" in text
+    assert "decode:   edge native fast path; server native fast path" in text
 
 
 def test_serve_and_edge_as_separate_processes():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from runtime_helpers import prompt as _prompt, sliding_window_models
+from runtime_helpers import family_model, prompt as _prompt, sliding_window_models
 from splitkernels.models import FAMILIES, tiny_model
 from splitkernels.nn import QuantConfig
 from splitkernels.planner import ModelShape, Roofline, get_device
@@ -71,21 +71,39 @@ def test_greedy_equals_generate_with_every_drafter(family):
     expected = _hf_greedy(model, ids, 16)
     truth = expected[0].tolist()
     sm = split_model(model, 2)
-    rows = []  # families whose layers stay eager verify through the native head's argmax rows
-    if sm.server.native_head is not None:
-        top_rows = sm.server.native_head.top_rows
-        sm.server.native_head.top_rows = lambda h, k: rows.append(h.shape[0]) or top_rows(h, k)
     cases = [("lookup", None), ("early-exit", 2), ("lookup+early-exit", None), ("draft-model", 3),
              ("lookup+draft-model", None), (NoisyOracle(truth, 0.3, 1), 5),
              (NoisyOracle(truth, 0.3, 2), 2), (NoisyOracle(truth, 1.0, 3), 1)]
+    _speculate_cases(sm, ids, expected, eos, cases)
+
+
+def _speculate_cases(sm, ids, expected, eos, cases) -> None:
     partial = 0
     for drafter, k in cases:
         result = speculate(sm, ids, 16, drafter=drafter, k=k, eos_token_id=eos)
-        assert torch.equal(result.sequences, expected), (family, drafter, k)
+        assert torch.equal(result.sequences, expected), (drafter, k)
         partial += sum(0 < r.accepted < r.drafted for r in result.metrics.rounds)
         assert sm.manager.num_sessions == 0
     assert partial > 0  # some round kept part of its drafts: the rollback was exercised mid-draft
-    assert any(n > 1 for n in rows) == (family == "opt"), rows
+
+
+def test_eager_layers_verify_drafts_through_the_native_head_in_one_pass():
+    # Falcon's layers stay eager: its server verifies a round's drafts through the native head's
+    # argmax of every draft row in one pass.
+    model = family_model("falcon")
+    eos = model.generation_config.eos_token_id
+    ids = _prompt(7, 11, vocab=128)
+    ids = torch.cat([ids, ids[:, :5]], dim=1)
+    expected = _hf_greedy(model, ids, 16)
+    truth = expected[0].tolist()
+    sm = split_model(model, 2)
+    assert not sm.server.fast and sm.server.native_head is not None
+    rows = []
+    top_rows = sm.server.native_head.top_rows
+    sm.server.native_head.top_rows = lambda h, k: rows.append(h.shape[0]) or top_rows(h, k)
+    oracles = [(NoisyOracle(truth, error, seed, vocab=128), k) for error, seed, k in ((0.3, 1, 5), (1.0, 3, 1))]
+    _speculate_cases(sm, ids, expected, eos, [("lookup", None), ("draft-model", 3), *oracles])
+    assert any(n > 1 for n in rows), rows
 
 
 @pytest.mark.parametrize("split", [1, 3])
@@ -330,9 +348,9 @@ def test_model_drafter_continues_greedily_and_rewinds(family, fast):
     ids = _prompt(9, 13)
     truth = _hf_greedy(model, ids, NATIVE_FEED_MAX + 8)[0].tolist()
     d = ModelDrafter(model, fast=fast)  # the model itself as its own draft: every draft is the greedy token
-    # The native step covers llama's and GPT-2's layers (when the extension is built), never OPT's;
-    # GPT-2's one-token steps add the learned position embedding of each cached length.
-    assert (d.native is not None) == (fast and family != "opt" and NATIVE), d.fast_reason
+    # The native step covers these families' layers (when the extension is built); GPT-2's and OPT's
+    # one-token steps add the learned position embedding of each cached length.
+    assert (d.native is not None) == (fast and NATIVE), d.fast_reason
     n = ids.shape[1]
     assert d.propose(truth[:n], 4, None) == truth[n:n + 4]
     assert d.propose(truth[:n + 2], 3, None) == truth[n + 2:n + 5]  # reuses the cache past a partial accept

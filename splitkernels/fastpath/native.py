@@ -268,11 +268,11 @@ class NativeDecoder(_NativeWeights):
         if d.embed_scale != 1.0:
             embedded = embedded * d.embed_scale
         if d.positions is not None:
-            positions = torch.arange(start, start + ids.shape[-1], device=ids.device)
-            if positions[-1] >= d.positions.num_embeddings:
-                raise ValueError(f"position {int(positions[-1])} is past the model's "
-                                 f"{d.positions.num_embeddings} learned positions")
-            embedded = embedded + d.positions(positions)
+            rows = d.positions.num_embeddings - d.position_offset
+            if start + ids.shape[-1] > rows:
+                raise ValueError(f"position {start + ids.shape[-1] - 1} is past the model's {rows} learned positions")
+            first = start + d.position_offset
+            embedded = embedded + d.positions.weight[first:first + ids.shape[-1]]
         return embedded
 
     # -- rotary table ------------------------------------------------------------------------------

@@ -46,8 +46,10 @@ class _Family:
     # position_embedding all of them.
     nope: str = ""
     # The decoder's learned position embedding of this name, added to the token embeddings
-    # (GPT-2's wpe); "" none.
+    # (GPT-2's wpe; OPT's embed_positions, whose rows start at its `offset`); "" none.
     position_embedding: str = ""
+    requires: tuple[str, ...] = ()  # config flags that must be set (OPT's do_layer_norm_before)
+    absent: tuple[str, ...] = ()  # decoder modules the forward would apply, which must be None (OPT's project_in)
     window_attr: bool = True  # the attention's own sliding_window is its layer's window (or None)
     rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves
     # Granite's attention scale, residual, embedding and logit multipliers: "divide" the logits
@@ -84,7 +86,9 @@ class _Family:
     # "grouped", DeepSeek-V3's: sigmoids picked with a correction bias among the best groups,
     # scaled by routed_scaling_factor (GLM 4 MoE).
     router: str = "softmax"
-    mlp_name: str = "mlp"  # the layer's MLP (or mixture of experts) module
+    # The layer's MLP (or mixture of experts) module; "": the layer holds plain_mlp's projections and
+    # its activation_fn (OPT).
+    mlp_name: str = "mlp"
     router_name: str = "gate"  # a mixture of experts' router
     sinks: bool = False  # the attention's own `sinks` [heads]: one more softmax logit per head (Flint)
     # A gated MLP of the layer's beside its mixture of experts, added in full, its gate and up one
@@ -107,6 +111,7 @@ _NORMS = {
     "parallel": ("input_layernorm", None, None, None),  # the MLP takes the attention's normed input
     "pre_feedforward": ("input_layernorm", None, "pre_feedforward_layernorm", None),
     "gpt2": ("ln_1", None, "ln_2", None),
+    "opt": ("self_attn_layer_norm", None, "final_layer_norm", None),
 }
 
 _COHERE = dict(layer_norm=True, parallel="always", rope_interleaved=True, rope_table_repeated=True, logit_scale=True)
@@ -155,6 +160,9 @@ _FAMILIES = {
     "gpt2": _Family(**_GPT2, fused_qkv="c_attn"),
     # One key/value head (multi_query) is the grouped layout of one group: the rows q, k, v.
     "gpt_bigcode": _Family(**_GPT2, grouped_qkv="c_attn", multi_query=True),
+    "opt": _Family(layer_norm=True, norms="opt", o_name="out_proj", mlp_name="", plain_mlp=("fc1", "fc2"),
+                   final_norm="final_layer_norm", act_field="activation_function", position_embedding="embed_positions",
+                   requires=("do_layer_norm_before",), absent=("project_in", "project_out")),
     "mixtral": _Family(moe="always"),
     "qwen2_moe": _Family(moe="norm_topk_prob"),
     "qwen3_moe": _Family(moe="norm_topk_prob", head_norms="always"),
@@ -183,7 +191,7 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 _SWITCHED_ROPE = "longrope"
 # The MLP activations the native step has (csrc/cpu/decode/decode.h DecodeActivation);
 # transformers' gelu_new is the same tanh approximation as gelu_pytorch_tanh.
-_ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "relu2": 2, "gelu": 3}
+_ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "relu2": 2, "gelu": 3, "relu": 4}
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 # The rotary "table" of a layer without rotary embeddings (cos 1, sin 0: the identity).
 NO_ROPE = "no rotary"
@@ -297,6 +305,7 @@ class DecoderDescription:
     q_pos_beta: float = 0.0
     q_pos_period: int = 0
     positions: nn.Embedding | None = None  # learned position embeddings the forward adds to the token's (GPT-2)
+    position_offset: int = 0  # position p's row in them is p + position_offset (OPT: 2)
 
 
 def norm_eps(module: nn.Module, fixed: float | None = None) -> float:
@@ -353,14 +362,20 @@ def _norm_ok(name: str, module: nn.Module, hidden: int, layer_norm: bool = False
 
 def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int, rope: int,
                    parallel: bool, head_norms: bool) -> LayerModules:
-    attn, mlp = getattr(layer, fam.attn_name, None), getattr(layer, fam.mlp_name, None)
+    attn = getattr(layer, fam.attn_name, None)
+    if fam.mlp_name:
+        mlp = getattr(layer, fam.mlp_name, None)
+        mlp_names = {fam.mlp_name: mlp}
+    else:  # the layer holds the MLP's projections (and activation) itself (OPT's fc1, fc2): an MLP of them
+        mlp_names = {n: getattr(layer, n, None) for n in (*fam.plain_mlp, "activation_fn")}
+        mlp = nn.ModuleDict({n: m for n, m in mlp_names.items() if m is not None})
     # Families with optional norms keep an nn.Identity where a config leaves one out.
     layout = _NORMS[fam.parallel_norms if parallel else fam.norms]
     roles = [getattr(layer, n, None) if n else None for n in layout]
     into_attn, out_attn, into_mlp, out_mlp = (None if isinstance(m, nn.Identity) else m for m in roles)
     norm_names = [n for n in layout if n]
     head_norm_names = fam.head_norm_names if head_norms else ()
-    names = {fam.attn_name: attn, fam.mlp_name: mlp, **{n: getattr(layer, n, None) for n in norm_names}}
+    names = {fam.attn_name: attn, **mlp_names, **{n: getattr(layer, n, None) for n in norm_names}}
     shared = getattr(layer, fam.shared_mlp, None) if fam.shared_mlp else None  # None where a config has none
     if shared is not None:
         names[fam.shared_mlp] = shared
@@ -612,8 +627,10 @@ def _llama4_query_scale(config) -> dict:
 
 
 def _intermediate(config, hidden: int) -> int:
-    """The MLP's width: intermediate_size, or GPT-2's n_inner (None there: four times hidden)."""
-    width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    """The MLP's width: intermediate_size, OPT's ffn_dim, or GPT-2's n_inner (None there: four
+    times hidden)."""
+    width = next((w for w in (getattr(config, n, None) for n in ("intermediate_size", "ffn_dim", "n_inner")) if w),
+                 4 * hidden)
     if not _is_count(width):
         raise FastPathUnsupported(f"the MLP width {width!r} is not a positive number")
     return int(width)
@@ -726,13 +743,19 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     rotary = getattr(base, "rotary_emb", None)
     if rope_switch and rotary is not None:  # it sets its own frequencies each call: a private copy
         rotary = copy.deepcopy(rotary)  # cannot race the model's forward on another thread
+    present = [n for n in fam.absent if getattr(base, n, None) is not None]
+    unset = [n for n in fam.requires if not getattr(config, n, False)]
+    if present or unset:
+        raise FastPathUnsupported(f"the native step has no {', '.join(present)}" if present else
+                                  f"the native step needs {', '.join(unset)}")
     norm = getattr(base, fam.final_norm, None)
     head = model.get_output_embeddings()
     if (rotary is None and rope_types != (NO_ROPE,)) or norm is None or head is None:
         raise FastPathUnsupported("the model has no rotary_emb, final norm or LM head where the native step looks")
     positions = getattr(base, fam.position_embedding, None) if fam.position_embedding else None
-    if fam.position_embedding and not (type(positions) is nn.Embedding and positions.weight.dtype == torch.float32
-                                       and positions.weight.shape[1] == hidden):
+    offset = getattr(positions, "offset", 0)  # OPT's rows start at 2
+    if fam.position_embedding and not (isinstance(positions, nn.Embedding) and positions.weight.dtype == torch.float32
+                                       and positions.weight.shape[1] == hidden and _is_count(offset + 1)):
         raise FastPathUnsupported(f"the position embedding {fam.position_embedding} is not an fp32 nn.Embedding "
                                   f"of width {hidden}")
     _norm_ok("final norm", norm, hidden, fam.layer_norm, fixed_eps=fam.norm_eps)
@@ -743,7 +766,7 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
                               rotary_dim=_rotary_dim(rotary, rope_types, head_dim), layer_norm=fam.layer_norm,
                               final_eps=norm_eps(norm, fam.norm_eps), parallel=parallel,
                               gated=fam.plain_mlp is None, rope_table_repeated=fam.rope_table_repeated,
-                              rope_switch=rope_switch, positions=positions, **multipliers)
+                              rope_switch=rope_switch, positions=positions, position_offset=offset, **multipliers)
 
 
 def rotary_table(rotary: nn.Module, kind: str | None, positions: torch.Tensor,

@@ -182,6 +182,7 @@ float activate(int act, float g) {
   }
   if (act == kRelu2) return g > 0.f ? g * g : 0.f;
   if (act == kGelu) return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
+  if (act == kRelu) return g > 0.f ? g : 0.f;
   return g / (1.0f + std::exp(-g));
 }
 

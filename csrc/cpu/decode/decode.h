@@ -39,8 +39,8 @@ struct DecodeLinear {
 };
 
 // The MLP's activation a: down(a(gate) * up) (gated) or down(a(up)): silu (llama), the tanh
-// approximation of gelu (gemma, phi), relu(x)^2 (arcee), gelu (erf).
-enum DecodeActivation : int { kSilu = 0, kGeluTanh = 1, kRelu2 = 2, kGelu = 3 };
+// approximation of gelu (gemma, phi), relu(x)^2 (arcee), gelu (erf), relu (opt).
+enum DecodeActivation : int { kSilu = 0, kGeluTanh = 1, kRelu2 = 2, kGelu = 3, kRelu = 4 };
 
 struct DecodeShape {
   int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0;
