@@ -6,8 +6,9 @@ a view of the model (:func:`~.layout.view_with_layers`) whose decoder-layer list
 * the edge view wraps layer ``l`` so that its output stops the forward (the rest never runs);
   embedding, embedding scaling, learned or rotary positions and masks are the model's own;
 * the server view replaces layers ``1..l`` by stand-ins that hand over the received hidden
-  state, and is fed all-zero ``inputs_embeds`` of the right shape; layers ``l+1..L``, the final
-  norm, the LM head and any logit soft-capping then run as in the model's own forward.
+  state (in the form the real layers return theirs: a tensor, or a tuple), and is fed all-zero
+  ``inputs_embeds`` of the right shape; layers ``l+1..L``, the final norm, the LM head and any
+  logit soft-capping then run as in the model's own forward.
 
 Each half keeps its own transformers cache, laid out for the whole model by the model's config
 (sliding-window, hybrid and linear-attention layers alike). The layers of the other half stay
@@ -47,16 +48,22 @@ def _plain_attributes(layer: nn.Module) -> dict[str, object]:
 
 
 class _StandIn(nn.Module):
-    """In place of a layer the other half runs: returns the hidden state received at the split."""
+    """In place of a layer the other half runs: returns the hidden state received at the split, in
+    the form the real layer returns its output (``arity``): a tensor (None), or a tuple of that
+    many items with the hidden state first, as forwards that take ``outputs[0]`` (Falcon, Bloom,
+    MPT) or unpack ``hidden_states, extra = layer(...)`` (Bamba) expect; the other items, which
+    a stand-in does not compute, are None."""
 
-    def __init__(self, layer: nn.Module | None, slot: _Slot) -> None:
+    def __init__(self, layer: nn.Module | None, slot: _Slot, arity: int | None = None) -> None:
         super().__init__()
         if layer is not None:  # None: a layer this process has already freed
             self.__dict__.update(_plain_attributes(layer))
         self.__dict__["_slot"] = slot
+        self.__dict__["_arity"] = arity
 
     def forward(self, *args, **kwargs):
-        return self._slot.hidden
+        hidden = self._slot.hidden
+        return hidden if self._arity is None else (hidden,) + (None,) * (self._arity - 1)
 
 
 class _Wrapped(nn.Module):
@@ -150,6 +157,8 @@ class Adapter:
         weight = getattr(embedding, "weight", None)
         self.embedding_dim = int(getattr(embedding, "embedding_dim", None) or weight.shape[-1])
         self._slot = _Slot()
+        self._arities: list[int | None] = []  # see _output_arities
+        self._trace_lock = threading.Lock()
         self._trace_ids: Trace | None = None
         self._pre_embeds: list[nn.Module] = []
 
@@ -204,10 +213,20 @@ class Adapter:
             [_Unreached(self.layers[i]) for i in range(split_layer, n)]
         return view_with_layers(self.model, self.path, layers + list(self.layer_list[n:]))
 
+    def _output_arities(self) -> list[int | None]:
+        """Per decoder layer, what it returns: None for a bare tensor, else the length of its tuple
+        (a family's forward indexes or unpacks whichever its layers return, so a stand-in must
+        return the same), as :meth:`trace_weights` saw it."""
+        self.trace_weights()
+        return self._arities
+
+    def _stand_in(self, i: int) -> _StandIn:
+        return _StandIn(self.layers[i], self._slot, self._output_arities()[i])
+
     def back_view(self, split_layer: int) -> nn.Module:
         """The model running its own forward from layer ``split_layer + 1`` on a received hidden state."""
         n = self.num_layers
-        layers = [_StandIn(self.layers[i], self._slot) for i in range(split_layer)] + \
+        layers = [self._stand_in(i) for i in range(split_layer)] + \
             [_Entry(self.layers[split_layer], self._slot)] + self.layers[split_layer + 1:]
         return view_with_layers(self.model, self.path, layers + list(self.layer_list[n:]))
 
@@ -279,7 +298,7 @@ class Adapter:
     def head_view(self) -> nn.Module:
         """The model's own forward with every decoder layer handing over a given hidden state:
         only the final norm, the LM head and any soft-capping run (early-exit drafting)."""
-        layers = [_StandIn(layer, self._slot) for layer in self.layers]
+        layers = [self._stand_in(i) for i in range(self.num_layers)]
         return view_with_layers(self.model, self.path, layers + list(self.layer_list[self.num_layers:]))
 
     def head(self, hidden: torch.Tensor, view: nn.Module | None = None) -> torch.Tensor:
@@ -290,15 +309,33 @@ class Adapter:
     # -- weights -----------------------------------------------------------------------------------
     def trace_weights(self) -> None:
         """Find which modules each half runs: one forward of one token from ids (the edge's way in)
-        and one from ``inputs_embeds`` (the server's). Kept until :meth:`drop_layers`."""
-        if self._trace_ids is not None:
-            return
-        p = self.parameter()
-        ids = torch.zeros(1, 1, dtype=torch.long, device=p.device)
-        embeds = torch.zeros(1, 1, self.embedding_dim, dtype=p.dtype, device=p.device)
-        with torch.inference_mode():
-            self._trace_ids = trace(self.model, lambda: self.model(input_ids=ids, use_cache=False))
-            self._pre_embeds = trace(self.model, lambda: self.model(inputs_embeds=embeds, use_cache=False)).pre
+        and one from ``inputs_embeds`` (the server's), and what each layer returns
+        (:meth:`_output_arities`). Kept until :meth:`drop_layers`."""
+        with self._trace_lock:
+            if self._trace_ids is not None:
+                return
+            p = self.parameter()
+            ids = torch.zeros(1, 1, dtype=torch.long, device=p.device)
+            embeds = torch.zeros(1, 1, self.embedding_dim, dtype=p.dtype, device=p.device)
+            seen: dict[int, int | None] = {}  # what each layer returned (_output_arities)
+
+            def hook(i: int):
+                def record(_module, _args, out) -> None:
+                    seen[i] = len(out) if isinstance(out, (tuple, list)) else None
+                return record
+
+            handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers) if layer is not None]
+            try:
+                with torch.inference_mode():
+                    self._trace_ids = trace(self.model, lambda: self.model(input_ids=ids, use_cache=False))
+                    self._pre_embeds = trace(self.model, lambda: self.model(inputs_embeds=embeds, use_cache=False)).pre
+            finally:
+                for handle in handles:
+                    handle.remove()
+            # A layer the forward did not run takes the form of the first that ran: a family's
+            # loop treats every layer's output alike.
+            default = next(iter(seen.values()), None)
+            self._arities = [seen.get(i, default) for i in range(self.num_layers)]
 
     def weight_bytes(self, first: int, last: int) -> int:
         """Bytes of the weights a half running layers ``first..last-1`` holds: the modules before
@@ -315,7 +352,7 @@ class Adapter:
     def drop_layers(self, first: int, last: int) -> None:
         """Free decoder layers ``first..last-1`` (0-based) from the model: a process that runs
         only one half of the split does not keep the other half's weights."""
-        self.trace_weights()
+        self.trace_weights()  # also the stand-ins' form (_output_arities), learnt from the real layers
         for i in range(first, last):
             self.layer_list[i] = nn.Identity()
             self.layers[i] = None

@@ -2,7 +2,7 @@
 linears 4-bit group 128 as OPSC stores them): the model's own forward against the native step,
 medians of 18 steps each (three blocks of 8 steps per path in turn, the first two of a block
 warm-up), at 1 and 2 threads (python_tests/test_fastpath.py checks that the two agree).
-Usage: python family_step.py pythia|persimmon [LAYERS (2)]"""
+Usage: python family_step.py pythia|persimmon|opt [LAYERS (2)]"""
 import statistics
 import sys
 import time
@@ -10,17 +10,19 @@ import warnings
 
 warnings.simplefilter("ignore")
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, PersimmonConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, OPTConfig, PersimmonConfig  # noqa: E402
 
 import splitkernels._C as _C  # noqa: E402
 from splitkernels.fastpath import NativeDecoder  # noqa: E402
 from splitkernels.nn import replace_linear  # noqa: E402
 
-SHAPES = {  # Pythia-1.4B's and Persimmon-8B's layers
+SHAPES = {  # Pythia-1.4B's, Persimmon-8B's and OPT-1.3B's layers
     "pythia": lambda n: GPTNeoXConfig(vocab_size=1024, hidden_size=2048, intermediate_size=8192, num_hidden_layers=n,
                                       num_attention_heads=16, rotary_pct=0.25, use_parallel_residual=True),
     "persimmon": lambda n: PersimmonConfig(vocab_size=1024, hidden_size=4096, intermediate_size=16384,
                                            num_hidden_layers=n, num_attention_heads=64, qk_layernorm=True),
+    "opt": lambda n: OPTConfig(vocab_size=1024, hidden_size=2048, ffn_dim=8192, num_hidden_layers=n,
+                               num_attention_heads=32, word_embed_proj_dim=2048),
 }
 name, layers = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2
 cfg = SHAPES[name](layers)
