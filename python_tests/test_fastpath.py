@@ -739,8 +739,8 @@ def test_decode_stack_rejects_bad_sizes():
 
 
 def test_learned_positions_end_where_the_models_do():
-    for model, tokens, positions in ((family_model("gpt2"), "transformer.wte", "transformer.wpe"),
-                                     (family_model("opt"), "model.decoder.embed_tokens", "model.decoder.embed_positions")):
+    opt = (family_model("opt"), "model.decoder.embed_tokens", "model.decoder.embed_positions")
+    for model, tokens, positions in ((family_model("gpt2"), "transformer.wte", "transformer.wpe"), opt):
         decoder = NativeDecoder(model, 0, 2)
         last = model.config.max_position_embeddings - 1
         offset = 2 if model.config.model_type == "opt" else 0  # OPT's position p is row p + 2

@@ -175,7 +175,8 @@ _FAMILIES = {
     "sarvam_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms="always"),
     "minimax_m2": _Family(moe="always", router="grouped", head_norms="always", head_norm_whole=True),
     "hy_v3": _Family(moe="always", router="grouped", head_norms="always"),
-    "exaone_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms="always", nope="global", window_attr=False),
+    "exaone_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms="always", nope="global",
+                          window_attr=False),
     "flint": _Family(moe="norm_topk_prob", router="sigmoid", head_norms="always", sinks=True, nope="global"),
     "gemma": _Family(norm_offset=1.0),
     "gemma2": _Family(**_GEMMA),
@@ -247,7 +248,9 @@ class LayerModules:
     """The modules of one decoder layer the native step reads."""
 
     input_norm: nn.Module | None  # of the attention's input (None: the input as it is)
-    post_norm: nn.Module | None  # of the MLP's input (None: as it is; a parallel layer's: the attention's)
+    # Of the MLP's input (None: as it is; in a parallel layer the attention's normed input, and a
+    # parallel layer's own norm takes the layer's input, GPT-NeoX).
+    post_norm: nn.Module | None
     q: nn.Module | RowSlice | None  # None: the layer's one grouped qkv projection
     k: nn.Module | RowSlice | None
     v: nn.Module | RowSlice | None
@@ -732,7 +735,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         if not (first <= i < last and isinstance(layers[i], nn.Module) and not isinstance(layers[i], nn.Identity)):
             return None
         described = _layer_modules(i, layers[i], d, fam, windows[i], ropes[i], parallel, head_norms)
-        use_rope = getattr(getattr(layers[i], fam.attn_name), "use_rope", None)  # families that keep the choice per layer
+        # Families that keep the choice per layer.
+        use_rope = getattr(getattr(layers[i], fam.attn_name), "use_rope", None)
         if use_rope is not None and bool(use_rope) != (rope_types[ropes[i]] != NO_ROPE):
             raise FastPathUnsupported(f"layer {i} attention's use_rope is {use_rope!r}, the config says otherwise")
         return described
