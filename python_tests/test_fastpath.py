@@ -252,7 +252,7 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # norm the sublayers' outputs too), Ministral 3's (queries scaled by position), Phi-3's (fused
 # qkv and gate-up projections, every layer sliding), VaultGemma's (Gemma 2 without the norms
 # after the sublayers), GPT-NeoX's (one qkv projection grouped by head, parallel layers whose MLP
-# norms the layer's input itself, a quarter of each head rotated) or Persimmon's (the same
+# norms the layer's input itself, a quarter of each head rotated), Persimmon's (the same
 # projection, LayerNorms of each query and key head, relu^2), GPT-2's and GPTBigCode's (learned
 # position embeddings and no rotary, Conv1D projections of transposed weights, GPTBigCode's one
 # key/value head) or OPT's (learned positions from row 2, the MLP's projections on the layer
