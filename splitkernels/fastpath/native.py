@@ -21,8 +21,9 @@ _LOWBIT, _DENSE, _INT8 = 0, 1, 2
 
 
 def _dense(linear: nn.Module) -> torch.Tensor:
-    """A linear layer's weight as its forward multiplies by it (a QuantLinear's dequantised)."""
-    return linear.dequantize(torch.float32) if isinstance(linear, QuantLinear) else linear.weight
+    """A linear layer's weight [out, in] as its forward multiplies by it (a QuantLinear's
+    dequantised, a Conv1D's transposed)."""
+    return linear.dequantize(torch.float32) if isinstance(linear, QuantLinear) else dense_weight(linear)[0]
 
 
 def _ptr(t: torch.Tensor | None) -> int:

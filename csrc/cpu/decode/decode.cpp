@@ -330,9 +330,9 @@ std::string mlp(const DecodeShape& s, const DecodeLinear& gate_l, const DecodeLi
   return run_parts({{&down_l, s.gated ? gate : up, out}}, M, false);
 }
 
-// t.tmp [M, hidden] = the mixture of experts of each row of t.xn (see DecodeMoE): the chosen
-// experts' outputs added in ascending expert order, as the models' forwards add them.
-std::string mixture(const DecodeShape& s, const DecodeMoE& x, int64_t M, Scratch& t) {
+// t.tmp [M, hidden] = the mixture of experts of each row of in [M, hidden] (see DecodeMoE): the
+// chosen experts' outputs added in ascending expert order, as the models' forwards add them.
+std::string mixture(const DecodeShape& s, const DecodeMoE& x, const float* in, int64_t M, Scratch& t) {
   const int64_t H = s.hidden, E = x.experts, F = x.expert_dim;
   std::vector<float> prob(E), choice(E);
   std::vector<int64_t> order(E), ranked(x.groups);
@@ -342,7 +342,7 @@ std::string mixture(const DecodeShape& s, const DecodeMoE& x, int64_t M, Scratch
   gate.N = up.N = F, gate.K = up.K = H, down.N = H, down.K = F;
   std::string err;
   for (int64_t m = 0; m < M; ++m) {
-    const float* xm = t.xn.data() + m * H;
+    const float* xm = in + m * H;
     float* out = t.tmp.data() + m * H;
     std::fill_n(out, H, 0.f);
     float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
@@ -570,14 +570,12 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
     add_normed(h, t.tmp.data(), L.attn_out_norm, L.eps, s.residual_scale, M, H);
 
     // A parallel layer's MLP takes the attention's normed input, still in xn, or its own (xm).
-    if (mlp_norms_input)
-      std::copy_n(t.xm.data(), M * H, t.xn.data());
-    else if (!s.parallel)
-      norm_rows(h, L.post_norm, L.post_norm_bias, s.layer_norm, L.eps, M, H, t.xn.data());
+    if (!s.parallel) norm_rows(h, L.post_norm, L.post_norm_bias, s.layer_norm, L.eps, M, H, t.xn.data());
+    const float* mlp_in = mlp_norms_input ? t.xm.data() : t.xn.data();
     if (L.moe.experts)
-      err = mixture(s, L.moe, M, t);
+      err = mixture(s, L.moe, mlp_in, M, t);
     else
-      err = mlp(s, L.gate, L.up, L.down, t.xn.data(), M, t.tmp.data(), t);
+      err = mlp(s, L.gate, L.up, L.down, mlp_in, M, t.tmp.data(), t);
     if (!err.empty()) return err;
     add_normed(h, t.tmp.data(), L.mlp_out_norm, L.eps, s.residual_scale, M, H);
   }
