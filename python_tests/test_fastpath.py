@@ -256,25 +256,30 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # projection, LayerNorms of each query and key head, relu^2), GPT-2's and GPTBigCode's (learned
 # position embeddings and no rotary, Conv1D projections of transposed weights, GPTBigCode's one
 # key/value head) or OPT's (learned positions from row 2, the MLP's projections on the layer
-# itself, relu), built from transformers' own configs; sliding layers included.
+# itself, relu), Bloom's and MPT's (ALiBi, no rotary; Bloom's norm of the embeddings) or Falcon's
+# (one key/value head, parallel), built from transformers' own configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "arcee",
                                     "smollm3", "olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
                                     "exaone4", "olmo2", "olmo3", "helium", "ernie4_5", "glm", "glm4", "granite",
                                     "hyperclovax", "ministral3", "phi3", "vaultgemma", "gpt_neox", "persimmon", "gpt2",
-                                    "gpt_bigcode", "opt"])
+                                    "gpt_bigcode", "opt", "bloom", "mpt", "falcon"])
 def test_other_families_match_eager(family):
     model = family_model(family)
     d = describe(model)
     rotated = {"glm": 2, "glm4": 2, "phi": 2, "stablelm": 4, "gpt_neox": 4, "persimmon": 2}.get(family, 1)
     assert d.rotary_dim == d.head_dim // rotated
     gpt = family in ("gpt2", "gpt_bigcode", "opt")
-    assert d.layer_norm == (gpt or family in ("olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
-                                              "gpt_neox", "persimmon"))
-    assert d.parallel == (family in ("phi", "cohere", "cohere2", "gpt_neox"))
-    assert d.gated == (not gpt and family not in ("arcee", "starcoder2", "jais2", "phi", "gpt_neox", "persimmon"))
-    assert all((m.qkv is not None) == (family in ("gpt_neox", "persimmon", "gpt_bigcode")) for m in d.layers)
-    assert (d.positions is not None) == gpt and (d.rope_types == ("no rotary",)) == gpt
-    if family == "gpt_bigcode":  # multi_query
+    alibi = family in ("bloom", "mpt")
+    plain = gpt or alibi or family in ("arcee", "starcoder2", "jais2", "phi", "gpt_neox", "persimmon", "falcon")
+    assert d.layer_norm == (gpt or alibi or family in ("olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere",
+                                                       "cohere2", "gpt_neox", "persimmon", "falcon"))
+    assert d.parallel == (family in ("phi", "cohere", "cohere2", "gpt_neox", "falcon"))
+    assert d.gated == (not plain)
+    grouped = ("gpt_neox", "persimmon", "gpt_bigcode", "bloom", "falcon")
+    assert all((m.qkv is not None) == (family in grouped) for m in d.layers)
+    assert (d.positions is not None) == gpt and (d.rope_types == ("no rotary",)) == (gpt or alibi)
+    assert (d.alibi is not None) == alibi and (d.embed_norm is not None) == (family == "bloom")
+    if family in ("gpt_bigcode", "falcon"):  # multi_query
         assert d.kv_heads == 1
     assert d.position_offset == (2 if family == "opt" else 0)
     if family == "gpt_neox":  # parallel, its MLP's norm its own
@@ -300,14 +305,16 @@ def test_other_families_match_eager(family):
             assert err < TOL and token == ref_token, head
 
 
-@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "gpt2", "gpt_bigcode"])
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "gpt2", "gpt_bigcode", "falcon", "mpt"])
 @pytest.mark.parametrize("bits", [4, 3])
 def test_fused_projections_of_low_bit_weights(family, bits):
-    # Phi-3's and GPT-2's q, k and v (and Phi-3's gate and up) are row ranges of one packed
+    # Phi-3's, GPT-2's and MPT's q, k and v (and Phi-3's gate and up) are row ranges of one packed
     # weight: their codes, scales and zeros are views into it at a row offset (GPT-2's quantised
-    # from Conv1D's transposed weights); GPT-NeoX's and GPTBigCode's one grouped projection.
+    # from Conv1D's transposed weights); GPT-NeoX's, GPTBigCode's and Falcon's one grouped
+    # projection (Falcon's FalconLinear replaced as an nn.Linear).
     model = family_model(family)
     replace_linear(model, bits=bits, group_size=32 if bits != 3 else 64, progress=False)
+    assert not any(type(m).__name__ == "FalconLinear" for m in model.modules())
     for head in ("fp32", "int8"):
         for err, token, ref_token in _compare_steps(model, 0, 4, head=head, steps=8, prompt=8):
             assert err < TOL and token == ref_token, head
@@ -443,6 +450,62 @@ def test_grouped_qkv_with_several_query_heads_a_group(monkeypatch):
         emb = reference.embed(torch.randint(0, 128, (1, 1)), caches[0].length)[0, 0]
         a, b = (d.step(emb.clone(), c)[0] for d, c in zip((reference, native), caches))
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", [dict(new_decoder_architecture=True, num_kv_heads=2),
+                                    dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
+                                    dict(multi_query=False, num_kv_heads=4), dict(parallel_attn=False, bias=True)])
+def test_falcon_layouts_match_eager_and_hand_over_their_cache(layout):
+    # Falcon's newer layout (two key/value heads, their rows grouped with their query heads, with
+    # two parallel norms or one), per-head q, k and v, and sequential layers with biases. The newer
+    # layout's cache holds each key/value head once per query head: the native buffer holds it
+    # once, and the hand-over to the eager cache (a 3-token eager step) and back keeps every logit.
+    model = family_model("falcon", **layout)
+    d = describe(model)
+    newer = "new_decoder_architecture" in layout
+    assert (d.kv_heads, d.cache_repeats) == ((2, 2) if newer else (4 if "multi_query" in layout else 1, 1))
+    assert d.parallel == ("parallel_attn" not in layout)
+    two_norms = (newer and "num_ln_in_parallel_attn" not in layout) or not d.parallel  # the MLP's own
+    assert all((m.post_norm is not None) == two_norms for m in d.layers)
+    for err, token, ref_token in _compare_steps(model, 0, 4, head="fp32", steps=8, prompt=8):
+        assert err < TOL and token == ref_token
+    decoder = NativeDecoder(model, 0, 4, head="fp32")
+    ref_cache = DynamicCache(config=model.config)
+    fast = decoder.new_cache(lambda: DynamicCache(config=model.config))
+    seq = torch.randint(0, 128, (1, 12))
+    pos = 0
+    with torch.inference_mode():
+        for n in [4, 1, 1, 3, 1, 1]:
+            ids = seq[:, pos:pos + n]
+            ref = model(input_ids=ids, cache=ref_cache, use_cache=True).logits[0, -1]
+            if n == 1:
+                logits = torch.empty(128)
+                decoder.step(decoder.embed(ids, pos)[0, 0], fast, logits)
+            else:
+                logits = model(input_ids=ids, cache=fast.dynamic(), use_cache=True).logits[0, -1]
+            pos += n
+            assert _rel(logits, ref) < TOL
+    assert fast.nbytes() == pos * 4 * 2 * d.kv_heads * d.cache_repeats * d.head_dim * 4
+
+
+def test_alibi_over_a_long_context_as_the_models():
+    # Bloom's biases grow with the position from the first, MPT's back from the last: over 70
+    # steps (the cache growing from 4 positions) both match the model's own, with one thread or two.
+    for family in ("bloom", "mpt"):
+        model = family_model(family)
+        for err, token, ref_token in _compare_steps(model, 0, 4, head="fp32", steps=70, prompt=3, min_capacity=4):
+            assert err < TOL and token == ref_token, family
+
+
+def test_declines_alibi_it_cannot_read(monkeypatch):
+    bloom = family_model("bloom")
+    monkeypatch.setattr(bloom.transformer, "build_alibi_tensor",
+                        lambda mask, heads, dtype: (mask.cumsum(-1) ** 2).float().expand(heads, 1, -1))
+    with pytest.raises(FastPathUnsupported, match="build_alibi_tensor's biases are not a slope per head"):
+        describe(bloom)
+    monkeypatch.setattr(bloom.transformer, "build_alibi_tensor", None)
+    with pytest.raises(FastPathUnsupported, match="the decoder has no build_alibi_tensor"):
+        describe(bloom)
 
 
 def test_declines_head_norms_it_cannot_read():
@@ -605,9 +668,17 @@ def test_cache_hands_over_between_eager_and_native():
 
 
 @pytest.mark.parametrize("build, reason", [
-    (lambda: family_model("falcon"), "family 'falcon'"),
+    (lambda: family_model("gptj"), "family 'gptj'"),
     (lambda: family_model("opt", do_layer_norm_before=False), "the native step needs do_layer_norm_before"),
     (lambda: family_model("opt", word_embed_proj_dim=32), "the native step has no project_in, project_out"),
+    # Falcon's ALiBi biases are rounded to bfloat16 at each absolute position; Bloom's residual
+    # from the normed input.
+    (lambda: family_model("falcon", alibi=True), "the native step has no alibi"),
+    (lambda: family_model("bloom", apply_residual_connection_post_layernorm=True),
+     "the native step has no apply_residual_connection_post_layernorm"),
+    (lambda: family_model("falcon", new_decoder_architecture=True, num_kv_heads=3), "num_kv_heads 3 does not divide"),
+    (lambda: _with_config(family_model("mpt"), attn_config={"softmax_scale": -1.0}),
+     "attn_config.softmax_scale -1.0 is not a positive number"),
     (lambda: _llama(hidden_act="tanh"), "activation is 'tanh'"),
     (lambda: _llama().to(torch.bfloat16), "runs in torch.bfloat16"),
     (lambda: _llama().to("meta"), r"runs on the CPU; the model is on \['meta'\]"),
@@ -790,8 +861,8 @@ def test_split_greedy_equals_eager_split(head):
 
 
 def test_split_of_an_uncovered_family_stays_eager():
-    sm = split_model(family_model("falcon"), 2)
-    assert not sm.edge.fast and "'falcon'" in sm.edge.fast_reason
+    sm = split_model(family_model("gptj"), 2)
+    assert not sm.edge.fast and "'gptj'" in sm.edge.fast_reason
     assert sm.generate(_prompt(5, 5, vocab=128), 4).shape == (1, 9)
 
 
@@ -850,9 +921,9 @@ def test_native_head_refuses_what_it_cannot_run():
 
 
 def test_uncovered_family_server_takes_its_token_from_the_native_head(monkeypatch):
-    # Falcon's layers stay eager; its server runs them with the model's own forward up to the head,
+    # GPT-J's layers stay eager; its server runs them with the model's own forward up to the head,
     # then the native head's exact argmax / top k: the same tokens as the eager split's full logits.
-    model = family_model("falcon")
+    model = family_model("gptj")
     ids = _prompt(8, 6, vocab=128)
     fast = split_model(copy.deepcopy(model), 2)
     eager = split_model(copy.deepcopy(model), 2, fast=False)
@@ -909,7 +980,7 @@ def test_server_keeps_a_head_whose_logits_the_model_transforms_otherwise():
     def doubled(module, args, out) -> None:
         out.logits.mul_(2.0)
 
-    scaled = family_model("falcon")
+    scaled = family_model("gptj")
     scaled.register_forward_hook(doubled)
     sm = split_model(scaled, 1)
     assert sm.server.native_head is None

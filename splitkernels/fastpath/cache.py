@@ -14,13 +14,15 @@ class FastCache:
     :meth:`dynamic` hands out the eager path's cache (rebuilt from the static buffer if native
     steps ran since); :meth:`static` hands out the buffer ``[layers, 2, kv_heads, capacity,
     head_dim]`` (filled from the eager cache if that ran since). The buffer grows by doubling.
+    ``repeats``: the eager cache holds each key/value head that many times over, once for each of
+    its query heads (Falcon's newer layout); the buffer holds it once.
     """
 
     def __init__(self, new_dynamic: Callable[[], object], first: int, last: int, kv_heads: int, head_dim: int,
-                 min_capacity: int = 64) -> None:
+                 min_capacity: int = 64, repeats: int = 1) -> None:
         self._new_dynamic = new_dynamic
         self.first, self.last = first, last
-        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.kv_heads, self.head_dim, self.repeats = kv_heads, head_dim, repeats
         self._min_capacity = min_capacity
         self._dynamic = new_dynamic()
         self._kv: torch.Tensor | None = None
@@ -41,7 +43,8 @@ class FastCache:
             n = self._static_len
             if n:
                 for j, i in enumerate(range(self.first, self.last)):
-                    cache.update(self._kv[j, 0, :, :n].unsqueeze(0).clone(), self._kv[j, 1, :, :n].unsqueeze(0).clone(), i)
+                    keys, values = (self._kv[j, t, :, :n].repeat_interleave(self.repeats, dim=0) for t in (0, 1))
+                    cache.update(keys.unsqueeze(0), values.unsqueeze(0), i)
             self._dynamic = cache
         return self._dynamic
 
@@ -55,8 +58,8 @@ class FastCache:
                 if n and layer.get_seq_length():
                     # A sliding-window layer holds only its last positions: they go at the end.
                     held = layer.keys.shape[-2]
-                    self._kv[j, 0, :, n - held:n] = layer.keys[0]
-                    self._kv[j, 1, :, n - held:n] = layer.values[0]
+                    self._kv[j, 0, :, n - held:n] = layer.keys[0, ::self.repeats]
+                    self._kv[j, 1, :, n - held:n] = layer.values[0, ::self.repeats]
             self._static_len = n
             self._dynamic = None  # the buffer now holds the sequence; the eager cache is dropped
         self._ensure(need)
@@ -93,4 +96,4 @@ class FastCache:
 
     def nbytes(self) -> int:
         """Bytes of the positions held (as the eager cache counts them)."""
-        return self.length * (self.last - self.first) * 2 * self.kv_heads * self.head_dim * 4
+        return self.length * (self.last - self.first) * 2 * self.kv_heads * self.repeats * self.head_dim * 4

@@ -198,6 +198,7 @@ class NativeDecoder(_NativeWeights):
                                     d.attn_softcap, d.rope_interleaved, d.residual_scale, d.q_pos_beta,
                                     d.q_pos_period, d.rotary_dim, layer_norm=d.layer_norm, parallel=d.parallel,
                                     gated=d.gated, clip_qkv=d.clip_qkv)
+        alibi = 0 if d.alibi is None else self._vector(d.alibi)
         for i in range(first, last):
             m = d.layers[i]
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,
@@ -208,7 +209,8 @@ class NativeDecoder(_NativeWeights):
                                  window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole,
                                  input_norm_bias=self._norm_bias(m.input_norm),
                                  post_norm_bias=self._norm_bias(m.post_norm),
-                                 moe=self._experts(m.experts), sinks=0 if m.sinks is None else self._vector(m.sinks))
+                                 moe=self._experts(m.experts), sinks=0 if m.sinks is None else self._vector(m.sinks),
+                                 alibi=alibi)
         if head is not None:
             self.stack.set_head(self._norm(d.final_norm), d.final_eps, self._head(d.lm_head, head),
                                 self._norm_bias(d.final_norm))
@@ -263,7 +265,7 @@ class NativeDecoder(_NativeWeights):
     def embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """The token embeddings of ``ids [..., T]`` at positions ``start..start+T-1`` as the
         model's forward feeds them to its first layer (Granite's forward multiplies them by its
-        embedding multiplier, GPT-2's adds its learned position embeddings)."""
+        embedding multiplier, GPT-2's adds its learned position embeddings, Bloom's norms them)."""
         d = self.description
         embedded = self._model.get_input_embeddings()(ids)
         if d.embed_scale != 1.0:
@@ -274,6 +276,8 @@ class NativeDecoder(_NativeWeights):
                 raise ValueError(f"position {start + ids.shape[-1] - 1} is past the model's {rows} learned positions")
             first = start + d.position_offset
             embedded = embedded + d.positions.weight[first:first + ids.shape[-1]]
+        if d.embed_norm is not None:
+            embedded = d.embed_norm(embedded)
         return embedded
 
     # -- rotary table ------------------------------------------------------------------------------
@@ -307,7 +311,7 @@ class NativeDecoder(_NativeWeights):
     def new_cache(self, new_dynamic, min_capacity: int = 64) -> FastCache:
         """An empty cache for one sequence; ``new_dynamic()`` makes the eager path's cache (prefill)."""
         d = self.description
-        return FastCache(new_dynamic, self.first, self.last, d.kv_heads, d.head_dim, min_capacity)
+        return FastCache(new_dynamic, self.first, self.last, d.kv_heads, d.head_dim, min_capacity, d.cache_repeats)
 
     def step(self, hidden: torch.Tensor, cache: FastCache, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """One token: ``hidden [d]`` (the layer range's input) at position ``cache.length``.

@@ -9,7 +9,8 @@ variants of it that ``_FAMILIES`` names per family: LayerNorms instead of RMSNor
 head or over the whole projection, attention and MLP in parallel, MLPs without a gate, soft-
 capped scores and logits, rotary tables per layer type or switching at the original context
 (longrope), layers without rotary, rotary over interleaved pairs or over part of each head,
-fused projections, clamped projections, Granite's multipliers. A model is described only when
+ALiBi, learned positions, a norm of the embeddings, fused projections, clamped projections,
+Granite's multipliers. A model is described only when
 every layer of the requested range has exactly that shape; otherwise
 :class:`FastPathUnsupported` says why, and the caller keeps the model's own (eager) forward.
 """
@@ -37,6 +38,7 @@ class _Family:
     head_norm_names: tuple[str, str] = ("q_norm", "k_norm")  # the attention's modules of them
     head_norm_whole: bool = False  # ... of each row's whole query / key projection instead
     act_field: str = "hidden_act"  # the config field naming the MLP activation
+    activation: str = ""  # the MLP's activation where the config names none (Bloom's, MPT's)
     pre_attn_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5)
     rope_per_type: bool = False  # a rotary table per layer type
     softcaps: bool = False  # the forward soft-caps attention scores and logits where the config says
@@ -49,6 +51,7 @@ class _Family:
     # (GPT-2's wpe; OPT's embed_positions, whose rows start at its `offset`); "" none.
     position_embedding: str = ""
     requires: tuple[str, ...] = ()  # config flags that must be set (OPT's do_layer_norm_before)
+    forbids: tuple[str, ...] = ()  # ... and that must not (Bloom's residual from the normed input)
     absent: tuple[str, ...] = ()  # decoder modules the forward would apply, which must be None (OPT's project_in)
     window_attr: bool = True  # the attention's own sliding_window is its layer's window (or None)
     rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) rather than halves
@@ -64,6 +67,9 @@ class _Family:
     # config.multi_query: one key/value head, else one for each query head (GPTBigCode, whose
     # modules do not read num_key_value_heads).
     multi_query: bool = False
+    # Where this config flag is set, config.num_kv_heads key/value heads, each broadcast to its
+    # query heads before the cache (Falcon's new_decoder_architecture); "" none.
+    broadcast_kv: str = ""
     fused_mlp: bool = False  # one gate_up_proj instead of gate_proj and up_proj (Phi-3, GLM)
     plain_mlp: tuple[str, str] | None = None  # an MLP down(act(up(x))) without a gate: (up, down) names
     o_name: str = "o_proj"  # the attention's output projection
@@ -75,10 +81,18 @@ class _Family:
     # Attention and MLP both read the layer's one normed input ("always"; or where the config
     # flag of that name says so), the layer returning h + attn + mlp (Phi, Cohere, StableLM).
     parallel: str = ""
-    parallel_norms: str = "parallel"  # _NORMS of a parallel layer ("pre": an MLP norm of its own, GPT-NeoX)
+    # _NORMS of a parallel layer ("pre": an MLP norm of its own, GPT-NeoX); the first of them whose
+    # input norm the layer has (Falcon's two norms, or one).
+    parallel_norms: tuple[str, ...] = ("parallel",)
     rope_table_repeated: bool = False  # the rotary table repeats each angle in place (Cohere), not twice over
     logit_scale: bool = False  # the forward multiplies the logits by config.logit_scale (Cohere)
-    clip_qkv: bool = False  # config.clip_qkv clamps queries, keys and values (OLMo)
+    clip_qkv: str = ""  # the config field (a dotted path) whose value clamps queries, keys and values (OLMo)
+    # ALiBi instead of rotary: the decoder's method that builds the biases (Bloom's
+    # build_alibi_tensor, MPT's build_mpt_alibi_tensor); "" none.
+    alibi: str = ""
+    embed_norm: str = ""  # the decoder's norm of the token embeddings (Bloom's); "" none
+    scale_attr: str = "scaling"  # the attention's scale of its scores, as its module names it
+    scale_field: str = ""  # the config field (a dotted path) that sets it where not head_dim ** -0.5 (MPT)
     # Layers whose MLP is a router and experts: their top k's probabilities renormalised to sum 1
     # "always" (Mixtral) or where the router's norm_topk_prob says; "" none.
     moe: str = ""
@@ -112,6 +126,8 @@ _NORMS = {
     "pre_feedforward": ("input_layernorm", None, "pre_feedforward_layernorm", None),
     "gpt2": ("ln_1", None, "ln_2", None),
     "opt": ("self_attn_layer_norm", None, "final_layer_norm", None),
+    "mpt": ("norm_1", None, "norm_2", None),
+    "falcon": ("ln_attn", None, "ln_mlp", None),  # a parallel layer's two norms
 }
 
 _COHERE = dict(layer_norm=True, parallel="always", rope_interleaved=True, rope_table_repeated=True, logit_scale=True)
@@ -146,7 +162,7 @@ _FAMILIES = {
     "glm4": _Family(fused_mlp=True, rope_interleaved=True, norms="glm4"),
     "hyperclovax": _Family(multipliers="multiply", norms="peri"),
     "arcee": _Family(plain_mlp=("up_proj", "down_proj")),
-    "olmo": _Family(layer_norm=True, norm_eps=1e-5, clip_qkv=True),
+    "olmo": _Family(layer_norm=True, norm_eps=1e-5, clip_qkv="clip_qkv"),
     "stablelm": _Family(layer_norm=True, parallel="use_parallel_residual", **_QK_LAYERNORM),
     "starcoder2": _Family(layer_norm=True, plain_mlp=("c_fc", "c_proj"), all_slide=True),
     "jais2": _Family(layer_norm=True, plain_mlp=("up_proj", "down_proj")),
@@ -154,8 +170,8 @@ _FAMILIES = {
                    final_norm="final_layernorm", **_QK_LAYERNORM),
     "cohere": _Family(**_COHERE, head_norms="use_qk_norm"),
     "cohere2": _Family(**_COHERE, nope="global"),
-    "gpt_neox": _Family(layer_norm=True, parallel="use_parallel_residual", parallel_norms="pre", attn_name="attention",
-                        final_norm="final_layer_norm", **_NEOX_MLP),
+    "gpt_neox": _Family(layer_norm=True, parallel="use_parallel_residual", parallel_norms=("pre",),
+                        attn_name="attention", final_norm="final_layer_norm", **_NEOX_MLP),
     "persimmon": _Family(layer_norm=True, final_norm="final_layernorm", **_NEOX_MLP, **_QK_LAYERNORM),
     "gpt2": _Family(**_GPT2, fused_qkv="c_attn"),
     # One key/value head (multi_query) is the grouped layout of one group: the rows q, k, v.
@@ -163,6 +179,22 @@ _FAMILIES = {
     "opt": _Family(layer_norm=True, norms="opt", o_name="out_proj", mlp_name="", plain_mlp=("fc1", "fc2"),
                    final_norm="final_layer_norm", act_field="activation_function", position_embedding="embed_positions",
                    requires=("do_layer_norm_before",), absent=("project_in", "project_out")),
+    # ALiBi: Bloom's biases from the positions' count, MPT's back from the last (the same up to a
+    # constant, which a softmax ignores).
+    "bloom": _Family(layer_norm=True, attn_name="self_attention", **_NEOX_MLP, final_norm="ln_f",
+                     activation="gelu_pytorch_tanh", alibi="build_alibi_tensor", embed_norm="word_embeddings_layernorm",
+                     scale_attr="inv_norm_factor", forbids=("apply_residual_connection_post_layernorm",)),
+    # Falcon's qkv grouped as GPT-NeoX's (per head, the query heads then one key/value head, or
+    # per key/value group); its newer layout caches every key/value head once per query head. Its
+    # ALiBi configs round the biases to bfloat16 at absolute positions, which the native step does not.
+    "falcon": _Family(layer_norm=True, attn_name="self_attention", **_NEOX_MLP, final_norm="ln_f",
+                      act_field="activation", parallel="parallel_attn", parallel_norms=("falcon", "parallel"),
+                      multi_query=True, broadcast_kv="new_decoder_architecture", scale_attr="inv_norm_factor",
+                      forbids=("alibi",)),
+    "mpt": _Family(layer_norm=True, norms="mpt", attn_name="attn", fused_qkv="Wqkv", o_name="out_proj",
+                   mlp_name="ffn", plain_mlp=("up_proj", "down_proj"), final_norm="norm_f", activation="gelu",
+                   alibi="build_mpt_alibi_tensor", scale_attr="softmax_scale", scale_field="attn_config.softmax_scale",
+                   clip_qkv="attn_config.clip_qkv"),
     "mixtral": _Family(moe="always"),
     "qwen2_moe": _Family(moe="norm_topk_prob"),
     "qwen3_moe": _Family(moe="norm_topk_prob", head_norms="always"),
@@ -309,6 +341,9 @@ class DecoderDescription:
     q_pos_period: int = 0
     positions: nn.Embedding | None = None  # learned position embeddings the forward adds to the token's (GPT-2)
     position_offset: int = 0  # position p's row in them is p + position_offset (OPT: 2)
+    alibi: torch.Tensor | None = None  # fp32 [heads]: ALiBi's slopes (no rotary then)
+    embed_norm: nn.Module | None = None  # the norm the forward applies to the token embeddings (Bloom)
+    cache_repeats: int = 1  # the model's cache holds each key/value head this many times (Falcon's newer layout)
 
 
 def norm_eps(module: nn.Module, fixed: float | None = None) -> float:
@@ -373,7 +408,8 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
         mlp_names = {n: getattr(layer, n, None) for n in (*fam.plain_mlp, "activation_fn")}
         mlp = nn.ModuleDict({n: m for n, m in mlp_names.items() if m is not None})
     # Families with optional norms keep an nn.Identity where a config leaves one out.
-    layout = _NORMS[fam.parallel_norms if parallel else fam.norms]
+    layouts = [_NORMS[n] for n in (fam.parallel_norms if parallel else (fam.norms,))]
+    layout = next((lay for lay in layouts if lay[0] and hasattr(layer, lay[0])), layouts[-1])
     roles = [getattr(layer, n, None) if n else None for n in layout]
     into_attn, out_attn, into_mlp, out_mlp = (None if isinstance(m, nn.Identity) else m for m in roles)
     norm_names = [n for n in layout if n]
@@ -434,9 +470,9 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     if head_norm_names:
         q_norm, k_norm = (_head_norm(f"layer {i} {n}", getattr(attn, n, None), count, d["head_dim"], fam, eps)
                           for n, count in zip(head_norm_names, (d["heads"], d["kv_heads"])))
-    scaling = getattr(attn, "scaling", None)
+    scaling = getattr(attn, fam.scale_attr, None)
     if not isinstance(scaling, float) or abs(scaling - d["attn_scale"]) > 1e-12 * d["attn_scale"]:
-        raise FastPathUnsupported(f"layer {i} attention scaling is {scaling!r}, expected {d['attn_scale']!r}")
+        raise FastPathUnsupported(f"layer {i} attention {fam.scale_attr} is {scaling!r}, expected {d['attn_scale']!r}")
     # Families that keep the window on the attention module: it must be the one the config gave.
     own = getattr(attn, "sliding_window", None)
     if fam.window_attr and hasattr(attn, "sliding_window") and int(own or 0) != window:
@@ -607,7 +643,7 @@ def _rope_tables(config, fam: _Family, types: list[str], num_layers: int) -> tup
         flags = getattr(config, "no_rope_layers", None)
         if not isinstance(flags, (list, tuple)) or len(flags) != num_layers or set(flags) - {0, 1}:
             raise FastPathUnsupported(f"no_rope_layers {flags!r} is not one 0 or 1 per layer")
-    elif fam.position_embedding:
+    elif fam.position_embedding or fam.alibi:
         flags = [0] * num_layers
     elif fam.nope == "global" and getattr(config, "sliding_window", None):
         flags = [int(t == "sliding_attention") for t in types] or [0] * num_layers
@@ -630,10 +666,10 @@ def _llama4_query_scale(config) -> dict:
 
 
 def _intermediate(config, hidden: int) -> int:
-    """The MLP's width: intermediate_size, OPT's ffn_dim, or GPT-2's n_inner (None there: four
-    times hidden)."""
-    width = next((w for w in (getattr(config, n, None) for n in ("intermediate_size", "ffn_dim", "n_inner")) if w),
-                 4 * hidden)
+    """The MLP's width: intermediate_size, OPT's ffn_dim, GPT-2's n_inner or Falcon's
+    ffn_hidden_size (four times hidden where the config names none)."""
+    names = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+    width = next((w for w in (getattr(config, n, None) for n in names) if w), 4 * hidden)
     if not _is_count(width):
         raise FastPathUnsupported(f"the MLP width {width!r} is not a positive number")
     return int(width)
@@ -649,8 +685,17 @@ def _is_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
 
 
+def _config_value(config, path: str):
+    """A config field by dotted path (MPT's attn_config.clip_qkv, its sub-config an object or a
+    dict); None where any part is missing."""
+    value = config
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+    return value
+
+
 def _positive(config, name: str) -> float:
-    value = getattr(config, name, None)
+    value = _config_value(config, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise FastPathUnsupported(f"{name} {value!r} is not a positive number")
     return float(value)
@@ -681,7 +726,7 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     devices = {t.device for t in (*model.parameters(), *model.buffers())}
     if any(device.type != "cpu" for device in devices):
         raise FastPathUnsupported(f"the native step runs on the CPU; the model is on {sorted(map(str, devices))}")
-    act = getattr(config, fam.act_field, None)
+    act = fam.activation or getattr(config, fam.act_field, None)
     if act not in _ACTIVATIONS:
         raise FastPathUnsupported(f"the MLP activation is {act!r}; the native step has {', '.join(_ACTIVATIONS)}")
     layers = decoder_layers(model)
@@ -703,7 +748,13 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
             raise FastPathUnsupported(f"rotary type {rope!r} depends on the sequence length; the native step "
                                       f"covers {', '.join(_STATIC_ROPE)} and {_SWITCHED_ROPE}")
     hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
-    if fam.multi_query:
+    repeats = 1
+    if fam.broadcast_kv and getattr(config, fam.broadcast_kv, False):
+        kv_heads = getattr(config, "num_kv_heads", None)
+        if not _is_count(kv_heads) or heads % kv_heads:
+            raise FastPathUnsupported(f"num_kv_heads {kv_heads!r} does not divide {heads} query heads")
+        repeats = heads // kv_heads
+    elif fam.multi_query:
         kv_heads = 1 if getattr(config, "multi_query", False) else heads
     else:
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -712,6 +763,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         raise FastPathUnsupported(f"{heads} query heads over {kv_heads} key/value heads of width {head_dim} "
                                   "are not a grouped-query layout of even head width")
     scale = float(config.query_pre_attn_scalar) ** -0.5 if fam.pre_attn_scalar else head_dim ** -0.5
+    if fam.scale_field and _config_value(config, fam.scale_field) is not None:
+        scale = _positive(config, fam.scale_field)
     multipliers = {}
     if fam.multipliers:
         scale = _positive(config, "attention_multiplier")
@@ -723,8 +776,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         multipliers.update(_llama4_query_scale(config))
     if fam.logit_scale:
         multipliers.update(logit_multiplier=_positive(config, "logit_scale"))
-    if fam.clip_qkv and getattr(config, "clip_qkv", None) is not None:
-        multipliers.update(clip_qkv=_positive(config, "clip_qkv"))
+    if fam.clip_qkv and _config_value(config, fam.clip_qkv) is not None:
+        multipliers.update(clip_qkv=_positive(config, fam.clip_qkv))
     parallel, head_norms = (flag == "always" or bool(flag and getattr(config, flag, False))
                             for flag in (fam.parallel, fam.head_norms))
     d = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -749,6 +802,7 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         rotary = copy.deepcopy(rotary)  # cannot race the model's forward on another thread
     present = [n for n in fam.absent if getattr(base, n, None) is not None]
     unset = [n for n in fam.requires if not getattr(config, n, False)]
+    present += [n for n in fam.forbids if getattr(config, n, False)]
     if present or unset:
         raise FastPathUnsupported(f"the native step has no {', '.join(present)}" if present else
                                   f"the native step needs {', '.join(unset)}")
@@ -763,6 +817,9 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
         raise FastPathUnsupported(f"the position embedding {fam.position_embedding} is not an fp32 nn.Embedding "
                                   f"of width {hidden}")
     _norm_ok("final norm", norm, hidden, fam.layer_norm, fixed_eps=fam.norm_eps)
+    embed_norm = getattr(base, fam.embed_norm, None) if fam.embed_norm else None
+    if fam.embed_norm:
+        _norm_ok(f"the embeddings' {fam.embed_norm}", embed_norm, hidden, fam.layer_norm)
     return DecoderDescription(**d, layers=described, rotary=rotary, final_norm=norm, lm_head=head,
                               act=_ACTIVATIONS[act], norm_offset=fam.norm_offset, rope_types=rope_types,
                               attn_softcap=attn_softcap, logit_softcap=logit_softcap,
@@ -770,7 +827,29 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
                               rotary_dim=_rotary_dim(rotary, rope_types, head_dim), layer_norm=fam.layer_norm,
                               final_eps=norm_eps(norm, fam.norm_eps), parallel=parallel,
                               gated=fam.plain_mlp is None, rope_table_repeated=fam.rope_table_repeated,
-                              rope_switch=rope_switch, positions=positions, position_offset=offset, **multipliers)
+                              rope_switch=rope_switch, positions=positions, position_offset=offset,
+                              alibi=_alibi_slopes(base, fam, heads), embed_norm=embed_norm, cache_repeats=repeats,
+                              **multipliers)
+
+
+def _alibi_slopes(base: nn.Module, fam: _Family, heads: int) -> torch.Tensor | None:
+    """Each head's ALiBi slope from the biases the decoder's own method builds for three
+    positions, checked to be a slope times the position (None: no ALiBi)."""
+    if not fam.alibi:
+        return None
+    build = getattr(base, fam.alibi, None)
+    if build is None:
+        raise FastPathUnsupported(f"the decoder has no {fam.alibi}")
+    with torch.inference_mode():
+        if fam.alibi == "build_alibi_tensor":  # Bloom's, from an attention mask
+            biases = build(torch.ones(1, 3, dtype=torch.long), heads, torch.float32)
+        else:  # MPT's, for a sequence length
+            biases = build(heads, 3)
+    biases = biases.float().reshape(heads, 3)
+    slopes = biases[:, 1] - biases[:, 0]
+    if not torch.allclose(biases[:, 2] - biases[:, 1], slopes, rtol=1e-6, atol=0) or not slopes.isfinite().all():
+        raise FastPathUnsupported(f"{fam.alibi}'s biases are not a slope per head times the position")
+    return slopes.contiguous()
 
 
 def rotary_table(rotary: nn.Module, kind: str | None, positions: torch.Tensor,

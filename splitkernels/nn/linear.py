@@ -48,13 +48,20 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+# nn.Linear subclasses whose own forward computes x @ W^T + b as nn.Linear's does (Falcon's
+# spells out the product), by module and class name.
+_PLAIN_SUBCLASSES = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """An ``nn.Linear`` (or ``Conv1D``) that computes only ``x @ W^T + b``: what QuantLinear can
     stand in for. Subclasses with their own ``forward`` (MoE routers that also return indices,
-    say) are left alone."""
+    say) are left alone, but for those known to compute just that."""
     if is_conv1d(module):
         return True
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    cls = type(module)
+    return isinstance(module, nn.Linear) and (cls.forward is nn.Linear.forward
+                                              or f"{cls.__module__}.{cls.__qualname__}" in _PLAIN_SUBCLASSES)
 
 
 class _PackedWeightModule(nn.Module):

@@ -558,7 +558,7 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
         const float q_scale =  // a scale of the queries scales their scores
             s.q_pos_period ? 1.f + s.q_pos_beta * std::log(1.f + static_cast<float>(pos[m] / s.q_pos_period)) : 1.f;
         V.attend(t.q.data() + q0, per_unit, kh, kh + plane, n, hd, s.attn_scale * q_scale, s.attn_softcap,
-                 L.sinks ? L.sinks + h0 : nullptr, p.data(), t.attn.data() + q0);
+                 L.sinks ? L.sinks + h0 : nullptr, L.alibi ? L.alibi + h0 : nullptr, p.data(), t.attn.data() + q0);
       }
     };
     if (threaded)

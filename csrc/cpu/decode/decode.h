@@ -2,7 +2,7 @@
 // stack of layers (RMSNorm, Q/K/V projections, rotary, grouped-query attention over a static
 // KV cache, output projection, gated SiLU MLP, residuals; other families' variants: DecodeLayer's
 // optional norms, windows and rotary tables, DecodeShape's activation, LayerNorms, partial
-// rotary, parallel layers, MLPs without a gate, one fused Q|K|V projection grouped by key/value
+// rotary, ALiBi, parallel layers, MLPs without a gate, one fused Q|K|V projection grouped by key/value
 // head) and optionally the final norm and LM head with a fused argmax. The Python driver
 // (splitkernels/fastpath/) decides which models this covers and keeps every tensor alive; here
 // are only pointers and sizes.
@@ -115,6 +115,9 @@ struct DecodeLayer {
   int64_t window = 0;  // attend over the last `window` positions (this one included); 0: all
   int64_t rope = 0;    // which of the rotary tables of a position row this layer uses
   const float* sinks = nullptr;  // fp32 [heads]: each query head's attention sink (null: none)
+  // fp32 [heads] (null: none): ALiBi's slopes, the score of each earlier position gaining its
+  // head's slope times its distance back, -slope (pos - j) (bloom, mpt); no rotary with them.
+  const float* alibi = nullptr;
   DecodeMoE moe;       // experts > 0: a mixture of experts instead of gate / up / down
 };
 

@@ -273,7 +273,7 @@ inline void scores(const float* q, const float* k0, int64_t hd, float scale, flo
 // The query heads of one key/value head take each block of keys and values in turn while it
 // is in L1: the cache's rows come from memory once, not once per query head.
 void attend(const float* q, int64_t heads, const float* k, const float* v, int64_t n, int64_t hd, float scale,
-            float softcap, const float* sinks, float* p, float* out) {
+            float softcap, const float* sinks, const float* slopes, float* p, float* out) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4)
     for (int64_t h = 0; h < heads; ++h) scores<4>(q + h * hd, k + j * hd, hd, scale, p + h * n + j);
@@ -281,6 +281,9 @@ void attend(const float* q, int64_t heads, const float* k, const float* v, int64
     for (int64_t h = 0; h < heads; ++h) scores<1>(q + h * hd, k + j * hd, hd, scale, p + h * n + j);
   if (softcap > 0.f)  // as the model computes it: a division, tanh, a product
     for (int64_t i = 0; i < heads * n; ++i) p[i] = std::tanh(p[i] / softcap) * softcap;
+  if (slopes)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t j = 0; j < n; ++j) p[h * n + j] += slopes[h] * static_cast<float>(j - (n - 1));
   for (int64_t h = 0; h < heads; ++h)
     softmax(p + h * n, n, sinks ? sinks[h] : -std::numeric_limits<float>::infinity());
   for (int64_t j0 = 0; j0 < n; j0 += kBlockPositions) {

@@ -22,9 +22,10 @@ struct DecodeVec {
   // key/value head over n >= 1 positions of its rows k, v [n, hd]; out [heads, hd]; p: heads n
   // floats of scratch (left holding the attention weights). cap(s) = softcap tanh(s / softcap)
   // for softcap > 0, else s. sinks (null: none): each head's sink, one more logit in the
-  // softmax's denominator whose value weighs nothing.
+  // softmax's denominator whose value weighs nothing. slopes (null: none): ALiBi, each head's
+  // score of position j (of n, the last the query's own) gains slopes[h] (j - (n - 1)) after the cap.
   void (*attend)(const float* q, int64_t heads, const float* k, const float* v, int64_t n, int64_t hd, float scale,
-                 float softcap, const float* sinks, float* p, float* out);
+                 float softcap, const float* sinks, const float* slopes, float* p, float* out);
 };
 
 namespace isa_generic { const DecodeVec& decode_vec(); }
