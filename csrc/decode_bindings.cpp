@@ -86,7 +86,7 @@ void bind_decode(py::module_& m) {
              std::uintptr_t mlp_out_norm, int64_t window, int64_t rope, bool head_norm_whole,
              std::uintptr_t input_norm_bias, std::uintptr_t post_norm_bias, const py::dict& moe,
              std::uintptr_t sinks, const py::dict& qkv, std::uintptr_t q_norm_bias, std::uintptr_t k_norm_bias,
-             bool head_norm_each, std::uintptr_t alibi) {
+             bool head_norm_each, std::uintptr_t alibi, std::uintptr_t qkv_rows) {
             sk::DecodeLayer l;
             l.input_norm = ptr<const float>(input_norm);
             l.post_norm = ptr<const float>(post_norm);
@@ -99,6 +99,7 @@ void bind_decode(py::module_& m) {
             l.q_norm_bias = ptr<const float>(q_norm_bias), l.k_norm_bias = ptr<const float>(k_norm_bias);
             l.window = window, l.rope = rope, l.head_norm_whole = head_norm_whole, l.head_norm_each = head_norm_each;
             l.sinks = ptr<const float>(sinks), l.alibi = ptr<const float>(alibi);
+            l.qkv_rows = ptr<const int64_t>(qkv_rows);
             if (!moe.empty()) {
               sk::DecodeMoE& x = l.moe;
               x.experts = get<int64_t>(moe, "experts", 0), x.top_k = get<int64_t>(moe, "top_k", 0);
@@ -124,7 +125,8 @@ void bind_decode(py::module_& m) {
           py::arg("attn_out_norm") = 0, py::arg("mlp_out_norm") = 0, py::arg("window") = 0, py::arg("rope") = 0,
           py::arg("head_norm_whole") = false, py::arg("input_norm_bias") = 0, py::arg("post_norm_bias") = 0,
           py::arg("moe") = py::dict(), py::arg("sinks") = 0, py::arg("qkv") = py::dict(), py::arg("q_norm_bias") = 0,
-          py::arg("k_norm_bias") = 0, py::arg("head_norm_each") = false, py::arg("alibi") = 0)
+          py::arg("k_norm_bias") = 0, py::arg("head_norm_each") = false, py::arg("alibi") = 0,
+          py::arg("qkv_rows") = 0)
       .def(
           "set_head",
           [](sk::DecodeStack& s, std::uintptr_t norm, float eps, const py::dict& head, std::uintptr_t norm_bias) {

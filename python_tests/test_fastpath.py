@@ -255,33 +255,38 @@ def test_sliding_layers_past_their_window(family, windows, prompt):
 # norms the layer's input itself, a quarter of each head rotated), Persimmon's (the same
 # projection, LayerNorms of each query and key head, relu^2), GPT-2's and GPTBigCode's (learned
 # position embeddings and no rotary, Conv1D projections of transposed weights, GPTBigCode's one
-# key/value head) or OPT's (learned positions from row 2, the MLP's projections on the layer
-# itself, relu), Bloom's and MPT's (ALiBi, no rotary; Bloom's norm of the embeddings) or Falcon's
-# (one key/value head, parallel), built from transformers' own configs; sliding layers included.
+# key/value head), OPT's, BioGPT's and XGLM's (positions from row 2, XGLM's sinusoids, the MLP's
+# projections on the layer itself, OPT's relu), Bloom's and MPT's (ALiBi, no rotary; Bloom's norm
+# of the embeddings), Falcon's (one key/value head, parallel) or GPT-J's and CodeGen's (parallel,
+# part of each head rotated by interleaved pairs from a module that returns sin before cos,
+# CodeGen's qkv in shards), built from transformers' own configs; sliding layers included.
 @pytest.mark.parametrize("family", ["exaone", "internlm3", "iquestcoder", "cwm", "seed_oss", "gemma", "arcee",
                                     "smollm3", "olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere", "cohere2",
                                     "exaone4", "olmo2", "olmo3", "helium", "ernie4_5", "glm", "glm4", "granite",
                                     "hyperclovax", "ministral3", "phi3", "vaultgemma", "gpt_neox", "persimmon", "gpt2",
-                                    "gpt_bigcode", "opt", "bloom", "mpt", "falcon"])
+                                    "gpt_bigcode", "opt", "biogpt", "xglm", "bloom", "mpt", "falcon", "gptj",
+                                    "codegen"])
 def test_other_families_match_eager(family):
     model = family_model(family)
     d = describe(model)
     rotated = {"glm": 2, "glm4": 2, "phi": 2, "stablelm": 4, "gpt_neox": 4, "persimmon": 2}.get(family, 1)
-    assert d.rotary_dim == d.head_dim // rotated
-    gpt = family in ("gpt2", "gpt_bigcode", "opt")
+    assert d.rotary_dim == (model.config.rotary_dim if family in ("gptj", "codegen") else d.head_dim // rotated)
+    gpt = family in ("gpt2", "gpt_bigcode", "opt", "biogpt", "xglm")
     alibi = family in ("bloom", "mpt")
-    plain = gpt or alibi or family in ("arcee", "starcoder2", "jais2", "phi", "gpt_neox", "persimmon", "falcon")
-    assert d.layer_norm == (gpt or alibi or family in ("olmo", "stablelm", "starcoder2", "jais2", "phi", "cohere",
-                                                       "cohere2", "gpt_neox", "persimmon", "falcon"))
-    assert d.parallel == (family in ("phi", "cohere", "cohere2", "gpt_neox", "falcon"))
+    gptj = family in ("gptj", "codegen")
+    plain = gpt or alibi or gptj or family in ("arcee", "starcoder2", "jais2", "phi", "gpt_neox", "persimmon",
+                                               "falcon")
+    assert d.layer_norm == (gpt or alibi or gptj or family in ("olmo", "stablelm", "starcoder2", "jais2", "phi",
+                                                               "cohere", "cohere2", "gpt_neox", "persimmon", "falcon"))
+    assert d.parallel == (gptj or family in ("phi", "cohere", "cohere2", "gpt_neox", "falcon"))
     assert d.gated == (not plain)
-    grouped = ("gpt_neox", "persimmon", "gpt_bigcode", "bloom", "falcon")
+    grouped = ("gpt_neox", "persimmon", "gpt_bigcode", "bloom", "falcon", "codegen")
     assert all((m.qkv is not None) == (family in grouped) for m in d.layers)
     assert (d.positions is not None) == gpt and (d.rope_types == ("no rotary",)) == (gpt or alibi)
     assert (d.alibi is not None) == alibi and (d.embed_norm is not None) == (family == "bloom")
     if family in ("gpt_bigcode", "falcon"):  # multi_query
         assert d.kv_heads == 1
-    assert d.position_offset == (2 if family == "opt" else 0)
+    assert d.position_offset == (2 if family in ("opt", "biogpt", "xglm") else 0)
     if family == "gpt_neox":  # parallel, its MLP's norm its own
         assert all(m.post_norm is not None for m in d.layers)
     if family == "persimmon":
@@ -488,6 +493,20 @@ def test_falcon_layouts_match_eager_and_hand_over_their_cache(layout):
     assert fast.nbytes() == pos * 4 * 2 * d.kv_heads * d.cache_repeats * d.head_dim * 4
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_codegen_qkv_shards_of_several_heads(bits):
+    # CodeGen's qkv is 4 shards, each the query, value and key rows of its share of the heads: 8
+    # heads put two in each (the tiny config's 4 one), also as one packed low-bit weight.
+    model = family_model("codegen", n_head=8, rotary_dim=4)
+    if bits:
+        replace_linear(model, bits=bits, group_size=32, progress=False)
+    rows = describe(model).layers[0].qkv_rows
+    assert rows[:16].tolist() == list(range(16)) and rows[16:32].tolist() == list(range(128, 144))
+    assert sorted(rows.tolist()) == list(range(192))
+    for err, token, ref_token in _compare_steps(model, 0, 4, head="fp32", steps=8, prompt=8):
+        assert err < TOL and token == ref_token
+
+
 def test_alibi_over_a_long_context_as_the_models():
     # Bloom's biases grow with the position from the first, MPT's back from the last: over 70
     # steps (the cache growing from 4 positions) both match the model's own, with one thread or two.
@@ -668,7 +687,7 @@ def test_cache_hands_over_between_eager_and_native():
 
 
 @pytest.mark.parametrize("build, reason", [
-    (lambda: family_model("gptj"), "family 'gptj'"),
+    (lambda: family_model("ctrl"), "family 'ctrl'"),
     (lambda: family_model("opt", do_layer_norm_before=False), "the native step needs do_layer_norm_before"),
     (lambda: family_model("opt", word_embed_proj_dim=32), "the native step has no project_in, project_out"),
     # Falcon's ALiBi biases are rounded to bfloat16 at each absolute position; Bloom's residual
@@ -773,16 +792,22 @@ def test_decode_stack_rejects_bad_sizes():
     # A grouped qkv projection and the head norms' weights, biases and layouts.
     mlp = ({**good, "N": 128}, {**good, "N": 128}, {**good, "K": 128})
     fused = {"kind": 1, "N": 128, "K": 64, "weight": 1}
+    order = torch.arange(128)
     with pytest.raises(ValueError, match="q_proj, k_proj and v_proj must be empty beside a fused qkv"):
         stack.add_layer(1, 1, 1e-6, good, kv, kv, good, *mlp, qkv=fused)
     with pytest.raises(ValueError, match=r"qkv must be \[128, 64\], got \[96, 64\]"):
         stack.add_layer(1, 1, 1e-6, {}, {}, {}, good, *mlp, qkv={**fused, "N": 96})
+    with pytest.raises(ValueError, match="a fused qkv needs the order of its rows"):
+        stack.add_layer(1, 1, 1e-6, {}, {}, {}, good, *mlp, qkv=fused)
+    for rows in (order.flip(0).clone().index_fill_(0, torch.tensor([5]), 7), order + 1, order - 1):
+        with pytest.raises(ValueError, match="qkv_rows must be a permutation of the qkv rows"):
+            stack.add_layer(1, 1, 1e-6, {}, {}, {}, good, *mlp, qkv=fused, qkv_rows=rows.data_ptr())
     for bad, message in (({"q_norm_bias": 1}, "a head norm's bias needs the norm's weights"),
                          ({"q_norm": 1, "k_norm": 1, "head_norm_each": True, "head_norm_whole": True},
                           "head norms are per head or over the whole projection, not both"),
                          ({"k_norm": 1, "k_norm_bias": 1}, "an RMSNorm has no bias")):
         with pytest.raises(ValueError, match=message):
-            stack.add_layer(1, 1, 1e-6, {}, {}, {}, good, *mlp, qkv=fused, **bad)
+            stack.add_layer(1, 1, 1e-6, {}, {}, {}, good, *mlp, qkv=fused, qkv_rows=order.data_ptr(), **bad)
     assert stack.num_layers == 0
     moe = {"experts": 4, "top_k": 2, "expert_dim": 32, "router": 1, "gate_up": 1, "down": 1}
     for bad, message in (({"top_k": 5}, "top_k \\(<= experts\\)"), ({"expert_dim": 0}, "expert_dim must be positive"),
@@ -809,17 +834,20 @@ def test_decode_stack_rejects_bad_sizes():
         stack.step(1, 8, 1, 8, 1, 1)
 
 
-def test_learned_positions_end_where_the_models_do():
-    opt = (family_model("opt"), "model.decoder.embed_tokens", "model.decoder.embed_positions")
-    for model, tokens, positions in ((family_model("gpt2"), "transformer.wte", "transformer.wpe"), opt):
+def test_position_tables_end_where_the_models_do():
+    # GPT-2's learned rows, OPT's from row 2, XGLM's sinusoids from row 2 (and its scaled tokens).
+    for family, positions in (("gpt2", "transformer.wpe"), ("opt", "model.decoder.embed_positions"),
+                              ("xglm", "model.embed_positions")):
+        model = family_model(family)
         decoder = NativeDecoder(model, 0, 2)
         last = model.config.max_position_embeddings - 1
-        offset = 2 if model.config.model_type == "opt" else 0  # OPT's position p is row p + 2
-        table = model.get_submodule(positions).weight
+        offset = 0 if family == "gpt2" else 2  # position p is row p + 2
+        module = model.get_submodule(positions)
+        table = module.weights if family == "xglm" else module.weight
         assert table.shape[0] == last + 1 + offset
-        assert torch.equal(decoder.embed(torch.tensor([[5, 7]]), last - 1)[0, 1],
-                           model.get_submodule(tokens).weight[7] + table[last + offset])
-        with pytest.raises(ValueError, match=f"position {last + 1} is past the model's {last + 1} learned positions"):
+        token = model.get_input_embeddings()(torch.tensor([7]))[0]
+        assert torch.equal(decoder.embed(torch.tensor([[5, 7]]), last - 1)[0, 1], token + table[last + offset])
+        with pytest.raises(ValueError, match=f"position {last + 1} is past the model's {last + 1} positions"):
             decoder.embed(torch.tensor([[5, 7]]), last)
 
 
@@ -861,8 +889,8 @@ def test_split_greedy_equals_eager_split(head):
 
 
 def test_split_of_an_uncovered_family_stays_eager():
-    sm = split_model(family_model("gptj"), 2)
-    assert not sm.edge.fast and "'gptj'" in sm.edge.fast_reason
+    sm = split_model(family_model("ctrl"), 2)
+    assert not sm.edge.fast and "'ctrl'" in sm.edge.fast_reason
     assert sm.generate(_prompt(5, 5, vocab=128), 4).shape == (1, 9)
 
 
@@ -921,9 +949,9 @@ def test_native_head_refuses_what_it_cannot_run():
 
 
 def test_uncovered_family_server_takes_its_token_from_the_native_head(monkeypatch):
-    # GPT-J's layers stay eager; its server runs them with the model's own forward up to the head,
+    # CTRL's layers stay eager; its server runs them with the model's own forward up to the head,
     # then the native head's exact argmax / top k: the same tokens as the eager split's full logits.
-    model = family_model("gptj")
+    model = family_model("ctrl")
     ids = _prompt(8, 6, vocab=128)
     fast = split_model(copy.deepcopy(model), 2)
     eager = split_model(copy.deepcopy(model), 2, fast=False)
@@ -980,7 +1008,7 @@ def test_server_keeps_a_head_whose_logits_the_model_transforms_otherwise():
     def doubled(module, args, out) -> None:
         out.logits.mul_(2.0)
 
-    scaled = family_model("gptj")
+    scaled = family_model("ctrl")
     scaled.register_forward_hook(doubled)
     sm = split_model(scaled, 1)
     assert sm.server.native_head is None

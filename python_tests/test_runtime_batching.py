@@ -357,11 +357,11 @@ def test_native_batched_step_equals_next_token_alone(family):
 
 
 def test_eager_batched_step_takes_the_native_heads_top_k(monkeypatch):
-    """A family whose layers stay eager (GPT-J): a batch whose rows all need only their top k
+    """A family whose layers stay eager (CTRL): a batch whose rows all need only their top k
     (greedy, top-k sampling) stops the padded forward at the LM head and takes every row's top k
     from the native head in one pass; a batch with a full-distribution row keeps the logits. Each
     row gets the token that the unbatched server's next_token gives it, with the same generator."""
-    sm = split_model(family_model("gptj"), 1, limits=Limits(max_sessions=16, max_seq_len=256))
+    sm = split_model(family_model("ctrl"), 1, limits=Limits(max_sessions=16, max_seq_len=256))
     server = sm.server
     assert server.native is None and server.native_head is not None
     passes = []

@@ -88,9 +88,9 @@ def _speculate_cases(sm, ids, expected, eos, cases) -> None:
 
 
 def test_eager_layers_verify_drafts_through_the_native_head_in_one_pass():
-    # GPT-J's layers stay eager: its server verifies a round's drafts through the native head's
+    # CTRL's layers stay eager: its server verifies a round's drafts through the native head's
     # argmax of every draft row in one pass.
-    model = family_model("gptj")
+    model = family_model("ctrl")
     eos = model.generation_config.eos_token_id
     ids = _prompt(7, 11, vocab=128)
     ids = torch.cat([ids, ids[:, :5]], dim=1)

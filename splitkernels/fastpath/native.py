@@ -204,6 +204,7 @@ class NativeDecoder(_NativeWeights):
             self.stack.add_layer(self._norm(m.input_norm), self._norm(m.post_norm), m.eps,
                                  *(self._linear(x) for x in (m.q, m.k, m.v, m.o, m.gate, m.up, m.down)),
                                  qkv=self._linear(m.qkv),
+                                 qkv_rows=0 if m.qkv_rows is None else _ptr(self._hold(m.qkv_rows)),
                                  **self._head_norms(m.q_norm, m.k_norm),
                                  attn_out_norm=self._norm(m.attn_out_norm), mlp_out_norm=self._norm(m.mlp_out_norm),
                                  window=m.window, rope=m.rope, head_norm_whole=m.head_norm_whole,
@@ -265,17 +266,17 @@ class NativeDecoder(_NativeWeights):
     def embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """The token embeddings of ``ids [..., T]`` at positions ``start..start+T-1`` as the
         model's forward feeds them to its first layer (Granite's forward multiplies them by its
-        embedding multiplier, GPT-2's adds its learned position embeddings, Bloom's norms them)."""
+        embedding multiplier, GPT-2's adds its position embeddings, Bloom's norms them)."""
         d = self.description
         embedded = self._model.get_input_embeddings()(ids)
         if d.embed_scale != 1.0:
             embedded = embedded * d.embed_scale
         if d.positions is not None:
-            rows = d.positions.num_embeddings - d.position_offset
+            rows = d.positions.shape[0] - d.position_offset
             if start + ids.shape[-1] > rows:
-                raise ValueError(f"position {start + ids.shape[-1] - 1} is past the model's {rows} learned positions")
+                raise ValueError(f"position {start + ids.shape[-1] - 1} is past the model's {rows} positions")
             first = start + d.position_offset
-            embedded = embedded + d.positions.weight[first:first + ids.shape[-1]]
+            embedded = embedded + d.positions[first:first + ids.shape[-1]]
         if d.embed_norm is not None:
             embedded = d.embed_norm(embedded)
         return embedded

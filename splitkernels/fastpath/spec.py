@@ -47,8 +47,9 @@ class _Family:
     # the full-attention layers of a model with sliding ones (EXAONE 4), "" none; with
     # position_embedding all of them.
     nope: str = ""
-    # The decoder's learned position embedding of this name, added to the token embeddings
-    # (GPT-2's wpe; OPT's embed_positions, whose rows start at its `offset`); "" none.
+    # The decoder's position embedding of this name, added to the token embeddings: a table of
+    # learned rows (GPT-2's wpe; OPT's embed_positions, whose rows start at its `offset`) or of
+    # sinusoids (XGLM's `weights`); "" none.
     position_embedding: str = ""
     requires: tuple[str, ...] = ()  # config flags that must be set (OPT's do_layer_norm_before)
     forbids: tuple[str, ...] = ()  # ... and that must not (Bloom's residual from the normed input)
@@ -63,6 +64,9 @@ class _Family:
     # One projection of this name instead, its output grouped by key/value head: the group's query
     # heads, its key, its value (GPT-NeoX's query_key_value); "" none.
     grouped_qkv: str = ""
+    # ... or in this many shards (the attention's attribute of this name), each the query, value
+    # and key rows of its share of the heads (CodeGen's mp_num); "" none.
+    qkv_shards: str = ""
     attn_name: str = "self_attn"  # the layer's attention module
     # config.multi_query: one key/value head, else one for each query head (GPTBigCode, whose
     # modules do not read num_key_value_heads).
@@ -85,6 +89,7 @@ class _Family:
     # input norm the layer has (Falcon's two norms, or one).
     parallel_norms: tuple[str, ...] = ("parallel",)
     rope_table_repeated: bool = False  # the rotary table repeats each angle in place (Cohere), not twice over
+    rope_sin_first: bool = False  # the rotary module returns (sin, cos), one value per angle (GPT-J)
     logit_scale: bool = False  # the forward multiplies the logits by config.logit_scale (Cohere)
     clip_qkv: str = ""  # the config field (a dotted path) whose value clamps queries, keys and values (OLMo)
     # ALiBi instead of rotary: the decoder's method that builds the biases (Bloom's
@@ -128,6 +133,7 @@ _NORMS = {
     "opt": ("self_attn_layer_norm", None, "final_layer_norm", None),
     "mpt": ("norm_1", None, "norm_2", None),
     "falcon": ("ln_attn", None, "ln_mlp", None),  # a parallel layer's two norms
+    "gptj": ("ln_1", None, None, None),  # a parallel layer's one
 }
 
 _COHERE = dict(layer_norm=True, parallel="always", rope_interleaved=True, rope_table_repeated=True, logit_scale=True)
@@ -179,6 +185,10 @@ _FAMILIES = {
     "opt": _Family(layer_norm=True, norms="opt", o_name="out_proj", mlp_name="", plain_mlp=("fc1", "fc2"),
                    final_norm="final_layer_norm", act_field="activation_function", position_embedding="embed_positions",
                    requires=("do_layer_norm_before",), absent=("project_in", "project_out")),
+    "xglm": _Family(layer_norm=True, norms="opt", o_name="out_proj", mlp_name="", plain_mlp=("fc1", "fc2"),
+                    final_norm="layer_norm", act_field="activation_function", position_embedding="embed_positions"),
+    "biogpt": _Family(layer_norm=True, norms="opt", o_name="out_proj", mlp_name="", plain_mlp=("fc1", "fc2"),
+                      final_norm="layer_norm", position_embedding="embed_positions"),
     # ALiBi: Bloom's biases from the positions' count, MPT's back from the last (the same up to a
     # constant, which a softmax ignores).
     "bloom": _Family(layer_norm=True, attn_name="self_attention", **_NEOX_MLP, final_norm="ln_f",
@@ -191,6 +201,13 @@ _FAMILIES = {
                       act_field="activation", parallel="parallel_attn", parallel_norms=("falcon", "parallel"),
                       multi_query=True, broadcast_kv="new_decoder_architecture", scale_attr="inv_norm_factor",
                       forbids=("alibi",)),
+    "codegen": _Family(layer_norm=True, parallel="always", parallel_norms=("gptj",), attn_name="attn",
+                       o_name="out_proj", plain_mlp=("fc_in", "fc_out"), final_norm="ln_f",
+                       act_field="activation_function", rope_interleaved=True, rope_sin_first=True,
+                       grouped_qkv="qkv_proj", qkv_shards="mp_num"),
+    "gptj": _Family(layer_norm=True, parallel="always", parallel_norms=("gptj",), attn_name="attn", o_name="out_proj",
+                    plain_mlp=("fc_in", "fc_out"), final_norm="ln_f", act_field="activation_function",
+                    rope_interleaved=True, rope_sin_first=True),
     "mpt": _Family(layer_norm=True, norms="mpt", attn_name="attn", fused_qkv="Wqkv", o_name="out_proj",
                    mlp_name="ffn", plain_mlp=("up_proj", "down_proj"), final_norm="norm_f", activation="gelu",
                    alibi="build_mpt_alibi_tensor", scale_attr="softmax_scale", scale_field="attn_config.softmax_scale",
@@ -300,7 +317,8 @@ class LayerModules:
     head_norm_whole: bool = False  # q_norm / k_norm span each row's whole projection
     experts: Experts | None = None  # a mixture of experts instead of gate / up / down
     sinks: torch.Tensor | None = None  # fp32 [heads]: each query head's attention sink
-    qkv: nn.Module | None = None  # one projection grouped by key/value head (_Family.grouped_qkv)
+    qkv: nn.Module | None = None  # one projection of q, k and v in the family's order (_Family.grouped_qkv)
+    qkv_rows: torch.Tensor | None = None  # int64: row r of qkv's output is value qkv_rows[r] of q | k | v
 
 
 @dataclass(frozen=True)
@@ -339,7 +357,7 @@ class DecoderDescription:
     # Queries at position p scale by 1 + q_pos_beta log(1 + floor(p / q_pos_period)); 0: none.
     q_pos_beta: float = 0.0
     q_pos_period: int = 0
-    positions: nn.Embedding | None = None  # learned position embeddings the forward adds to the token's (GPT-2)
+    positions: torch.Tensor | None = None  # [rows, hidden]: the position embeddings the forward adds (GPT-2)
     position_offset: int = 0  # position p's row in them is p + position_offset (OPT: 2)
     alibi: torch.Tensor | None = None  # fp32 [heads]: ALiBi's slopes (no rotary then)
     embed_norm: nn.Module | None = None  # the norm the forward applies to the token embeddings (Bloom)
@@ -446,9 +464,11 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     h, qd, kvd, f = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
     # Fused projections: the rows of q, k and v, or of gate and up, one after another.
     qkv = getattr(attn, fam.grouped_qkv) if fam.grouped_qkv else None
+    qkv_rows = None
     if qkv is not None:
         _linear_ok(f"layer {i} {fam.grouped_qkv}", qkv, qd + 2 * kvd, h)
         q = k = v = None
+        qkv_rows = _qkv_rows(i, attn, fam, d["heads"], d["kv_heads"], d["head_dim"])
     elif fam.fused_qkv:
         fused = getattr(attn, fam.fused_qkv)
         _linear_ok(f"layer {i} {fam.fused_qkv}", fused, qd + 2 * kvd, h)
@@ -478,7 +498,22 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     if fam.window_attr and hasattr(attn, "sliding_window") and int(own or 0) != window:
         raise FastPathUnsupported(f"layer {i} attention slides over {own!r} positions, the config {window or None!r}")
     return LayerModules(into_attn, into_mlp, q, k, v, o, gate, up, down, q_norm, k_norm, out_attn, out_mlp, window,
-                        rope, eps, fam.head_norm_whole, experts, sinks, qkv)
+                        rope, eps, fam.head_norm_whole, experts, sinks, qkv, qkv_rows)
+
+
+def _qkv_rows(i: int, attn: nn.Module, fam: _Family, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Where each row of a layer's one q, k and v projection goes in q | k | v: grouped by
+    key/value head (its query heads, its key, its value), or in the attention's shards (each its
+    query, value and key rows, CodeGen's)."""
+    qd, kvd = heads * head_dim, kv_heads * head_dim
+    q, k, v = torch.arange(qd), qd + torch.arange(kvd), qd + kvd + torch.arange(kvd)
+    if fam.qkv_shards:
+        shards = getattr(attn, fam.qkv_shards, None)
+        if not _is_count(shards) or kv_heads != heads or heads % shards:
+            raise FastPathUnsupported(f"layer {i} qkv in {shards!r} shards does not split {heads} heads "
+                                      "of their own keys and values")
+        return torch.cat([t for part in zip(*(x.chunk(shards) for x in (q, v, k))) for t in part])
+    return torch.cat([t for part in zip(q.chunk(kv_heads), k.chunk(kv_heads), v.chunk(kv_heads)) for t in part])
 
 
 def _head_norm(name: str, module: nn.Module | None, heads: int, head_dim: int, fam: _Family, eps: float) -> HeadNorm:
@@ -800,6 +835,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     rotary = getattr(base, "rotary_emb", None)
     if rope_switch and rotary is not None:  # it sets its own frequencies each call: a private copy
         rotary = copy.deepcopy(rotary)  # cannot race the model's forward on another thread
+    if fam.rope_sin_first and rotary is not None:
+        rotary = _CosSinTwiceOver(rotary)
     present = [n for n in fam.absent if getattr(base, n, None) is not None]
     unset = [n for n in fam.requires if not getattr(config, n, False)]
     present += [n for n in fam.forbids if getattr(config, n, False)]
@@ -810,11 +847,13 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     head = model.get_output_embeddings()
     if (rotary is None and rope_types != (NO_ROPE,)) or norm is None or head is None:
         raise FastPathUnsupported("the model has no rotary_emb, final norm or LM head where the native step looks")
-    positions = getattr(base, fam.position_embedding, None) if fam.position_embedding else None
-    offset = getattr(positions, "offset", 0)  # OPT's rows start at 2
-    if fam.position_embedding and not (isinstance(positions, nn.Embedding) and positions.weight.dtype == torch.float32
-                                       and positions.weight.shape[1] == hidden and _is_count(offset + 1)):
-        raise FastPathUnsupported(f"the position embedding {fam.position_embedding} is not an fp32 nn.Embedding "
+    embedding = getattr(base, fam.position_embedding, None) if fam.position_embedding else None
+    offset = getattr(embedding, "offset", 0)  # OPT's and XGLM's rows start at 2
+    positions = getattr(embedding, "weight", getattr(embedding, "weights", None))  # learned, or XGLM's sinusoids
+    if fam.position_embedding and not (isinstance(positions, torch.Tensor) and positions.dtype == torch.float32
+                                       and positions.dim() == 2 and positions.shape[1] == hidden
+                                       and _is_count(offset + 1)):
+        raise FastPathUnsupported(f"the position embedding {fam.position_embedding} is not an fp32 table "
                                   f"of width {hidden}")
     _norm_ok("final norm", norm, hidden, fam.layer_norm, fixed_eps=fam.norm_eps)
     embed_norm = getattr(base, fam.embed_norm, None) if fam.embed_norm else None
@@ -850,6 +889,19 @@ def _alibi_slopes(base: nn.Module, fam: _Family, heads: int) -> torch.Tensor | N
     if not torch.allclose(biases[:, 2] - biases[:, 1], slopes, rtol=1e-6, atol=0) or not slopes.isfinite().all():
         raise FastPathUnsupported(f"{fam.alibi}'s biases are not a slope per head times the position")
     return slopes.contiguous()
+
+
+class _CosSinTwiceOver(nn.Module):
+    """A rotary module that returns (sin, cos) of one value per angle (GPT-J's) as the others
+    return theirs: (cos, sin), each angle's twice over."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sin, cos = self.rotary(x, position_ids)
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
 
 def rotary_table(rotary: nn.Module, kind: str | None, positions: torch.Tensor,

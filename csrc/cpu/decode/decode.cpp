@@ -408,6 +408,13 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
   if (l.qkv.N) {
     if (l.q.N || l.k.N || l.v.N) return "q_proj, k_proj and v_proj must be empty beside a fused qkv";
     if (!(e = check_linear("qkv", l.qkv, qd + 2 * kvd, s.hidden)).empty()) return e;
+    if (!l.qkv_rows) return "a fused qkv needs the order of its rows";
+    std::vector<bool> seen(l.qkv.N, false);
+    for (int64_t r = 0; r < l.qkv.N; ++r) {
+      const int64_t j = l.qkv_rows[r];
+      if (j < 0 || j >= l.qkv.N || seen[j]) return "qkv_rows must be a permutation of the qkv rows";
+      seen[j] = true;
+    }
   } else if (!(e = check_linear("q_proj", l.q, qd, s.hidden)).empty() ||
              !(e = check_linear("k_proj", l.k, kvd, s.hidden)).empty() ||
              !(e = check_linear("v_proj", l.v, kvd, s.hidden)).empty()) {
@@ -502,13 +509,19 @@ std::string DecodeStack::step_batch(float* h, int64_t M, const int64_t* pos, flo
     if (L.qkv.N) {
       t.qkv.resize(M * L.qkv.N);
       if (!(err = run_parts({{&L.qkv, t.xn.data(), t.qkv.data()}}, M, false)).empty()) return err;
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t g = 0; g < s.kv_heads; ++g) {
-          const float* src = t.qkv.data() + m * L.qkv.N + g * (group + 2) * hd;
-          std::copy_n(src, group * hd, t.q.data() + m * qd + g * group * hd);
-          std::copy_n(src + group * hd, hd, t.k.data() + m * kvd + g * hd);
-          std::copy_n(src + (group + 1) * hd, hd, t.v.data() + m * kvd + g * hd);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* src = t.qkv.data() + m * L.qkv.N;
+        float *q = t.q.data() + m * qd, *k = t.k.data() + m * kvd, *v = t.v.data() + m * kvd;
+        for (int64_t r = 0; r < L.qkv.N; ++r) {
+          const int64_t j = L.qkv_rows[r];
+          if (j < qd)
+            q[j] = src[r];
+          else if (j < qd + kvd)
+            k[j - qd] = src[r];
+          else
+            v[j - qd - kvd] = src[r];
         }
+      }
     } else if (!(err = run_parts({{&L.q, t.xn.data(), t.q.data()}, {&L.k, t.xn.data(), t.k.data()},
                                   {&L.v, t.xn.data(), t.v.data()}}, M, false)).empty()) {
       return err;

@@ -2,8 +2,8 @@
 // stack of layers (RMSNorm, Q/K/V projections, rotary, grouped-query attention over a static
 // KV cache, output projection, gated SiLU MLP, residuals; other families' variants: DecodeLayer's
 // optional norms, windows and rotary tables, DecodeShape's activation, LayerNorms, partial
-// rotary, ALiBi, parallel layers, MLPs without a gate, one fused Q|K|V projection grouped by key/value
-// head) and optionally the final norm and LM head with a fused argmax. The Python driver
+// rotary, ALiBi, parallel layers, MLPs without a gate, one fused Q|K|V projection of any row
+// order) and optionally the final norm and LM head with a fused argmax. The Python driver
 // (splitkernels/fastpath/) decides which models this covers and keeps every tensor alive; here
 // are only pointers and sizes.
 #pragma once
@@ -94,10 +94,12 @@ struct DecodeLayer {
   const float* post_norm_bias = nullptr;
   float eps = 1e-6f;
   DecodeLinear q, k, v, o, gate, up, down;
-  // qkv.N > 0: q, k and v are one projection [(heads + 2 kv_heads) head_dim, hidden] whose output
-  // holds, for each key/value head in turn, its query heads, its key and its value (gpt-neox,
-  // persimmon); q, k and v are then empty.
+  // qkv.N > 0: q, k and v are one projection [(heads + 2 kv_heads) head_dim, hidden] (q, k and v
+  // then empty) whose output row r is value qkv_rows[r] of q | k | v, one after another (a
+  // permutation: the family's layout, e.g. for each key/value head its query heads, its key and
+  // its value in gpt-neox).
   DecodeLinear qkv;
+  const int64_t* qkv_rows = nullptr;
   // Optional (null: none): norms of each query and key head [head_dim] before rotary (or, with
   // head_norm_whole, of each row's whole query [heads * head_dim] and key [kv_heads * head_dim]
   // projection), and of the attention's and the MLP's outputs [hidden] before their residual
