@@ -111,6 +111,12 @@ void bind_decode(py::module_& m) {
               x.router = ptr<const float>(get<std::uintptr_t>(moe, "router", 0));
               x.gate_up = ptr<const float>(get<std::uintptr_t>(moe, "gate_up", 0));
               x.down = ptr<const float>(get<std::uintptr_t>(moe, "down", 0));
+              x.input_major = get<bool>(moe, "input_major", false);
+              x.gate_up_bias = ptr<const float>(get<std::uintptr_t>(moe, "gate_up_bias", 0));
+              x.down_bias = ptr<const float>(get<std::uintptr_t>(moe, "down_bias", 0));
+              x.router_bias = ptr<const float>(get<std::uintptr_t>(moe, "router_bias", 0));
+              x.swiglu_alpha = get<float>(moe, "swiglu_alpha", 0.f);
+              x.swiglu_limit = get<float>(moe, "swiglu_limit", 0.f);
               if (moe.contains("shared_up")) {
                 x.shared_gate = linear(moe["shared_gate"].cast<py::dict>());
                 x.shared_up = linear(moe["shared_up"].cast<py::dict>());

@@ -43,12 +43,13 @@ def sliding_window_models(num_layers: int = 4, window: int = 5) -> list:
 
 def family_model(model_type: str, window: int = 5, **overrides) -> torch.nn.Module:
     """A tiny model of any family from its own config (``models.tiny``), norms' weights and biases
-    random (Gemma's zero-initialised ones would hide the 1 + w, LayerNorms' zero biases theirs),
-    sliding layers' windows shrunk to ``window``, soft caps shrunk to ``TINY_SOFTCAP``, and
-    Granite's (and its MoE's) and HyperCLOVA X's multipliers, Ministral 3's query scale, OLMo's
-    clamp of q, k and v, OLMo 3's rotary of full-attention layers, Qwen 3 MoE's renormalised top k
-    and DeepSeek-V3-style routers' groups, bias and scale made to count (the native step's tests);
-    then the config fields ``overrides`` names."""
+    and gpt-oss's expert biases random (Gemma's zero-initialised norms would hide the 1 + w,
+    LayerNorms' zero biases theirs), sliding layers' windows shrunk to ``window``, soft caps shrunk
+    to ``TINY_SOFTCAP``, and Granite's (and its MoE's) and HyperCLOVA X's multipliers, Ministral
+    3's query scale, OLMo's and MPT's clamp of q, k and v, gpt-oss's clamped SwiGLU, OLMo 3's
+    rotary of full-attention layers, Qwen 3 MoE's renormalised top k and DeepSeek-V3-style
+    routers' groups, bias and scale made to count (the native step's tests); then the config
+    fields ``overrides`` names."""
     from transformers import AutoModelForCausalLM
 
     from splitkernels.models.loading import TINY_SOFTCAP
@@ -69,6 +70,10 @@ def family_model(model_type: str, window: int = 5, **overrides) -> torch.nn.Modu
         config.n_group, config.topk_group, config.routed_scaling_factor = 2, 1, 2.5
     if model_type == "olmo":  # tiny projections stay below any clamp a real model sets
         config.clip_qkv = 0.1
+    if model_type == "mpt":  # the same clamp, in its attention config
+        config.attn_config.clip_qkv = 0.1
+    if model_type == "gpt_oss":  # tiny gates and ups stay below the SwiGLU's limit of 7
+        config.swiglu_limit = 0.05
     if model_type == "olmo3":  # both layer types' tables are the same in the tiny config
         config.rope_parameters = {**config.rope_parameters, "full_attention": {
             "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}}
@@ -83,6 +88,8 @@ def family_model(model_type: str, window: int = 5, **overrides) -> torch.nn.Modu
         for name, p in model.named_parameters():
             if re.search(r"norms?(\.\d+)?\.(weight|bias)$", name):  # StableLM's per-head norms.0.weight too
                 p.normal_(0.0, 0.3)
+            if name.endswith("_proj_bias"):  # gpt-oss's 3-D experts' biases, initialised to zeros
+                p.normal_(0.0, 0.1)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # zeros would hide the choice's bias
                 b.normal_(0.0, 0.1)

@@ -331,7 +331,7 @@ def test_fused_projections_of_low_bit_weights(family, bits):
                                                           ("granitemoe", True, False), ("glm4_moe", True, True),
                                                           ("sarvam_moe", True, True), ("exaone_moe", True, True),
                                                           ("minimax_m2", True, False), ("hy_v3", True, True),
-                                                          ("granitemoeshared", True, True)])
+                                                          ("granitemoeshared", True, True), ("gpt_oss", True, False)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
@@ -343,7 +343,9 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # renormalised top k) under Granite's multipliers (Granite MoE Shared adds its layer's
     # shared MLP, one fused gate-up projection, in full); GLM 4 MoE, Sarvam MoE and EXAONE MoE choose
     # as DeepSeek-V3 does (sigmoids plus a correction bias, among the best of two groups, scaled),
-    # their first layer dense; MiniMax M2 and HY 3 so without groups, the bias on the block.
+    # their first layer dense; MiniMax M2 and HY 3 so without groups, the bias on the block;
+    # gpt-oss's experts are input-major with gate and up columns alternating, biased (its router
+    # too) under a clamped SwiGLU, its attention with sinks and rotary tables of one value per angle.
     model = family_model(family)
     if bits:
         replace_linear(model, bits=bits, group_size=32, progress=False)
@@ -352,7 +354,9 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     assert len(mixtures) >= 2 and all(m.gate is None for m in mixtures)
     assert all(m.experts.top_k == 2 and m.experts.router.shape[0] == 4 and m.experts.renormalize == renormalize
                and (m.experts.shared is not None) == shared for m in mixtures)
-    assert all((m.sinks is not None) == (family == "flint") for m in d.layers)
+    assert all((m.sinks is not None) == (family in ("flint", "gpt_oss")) for m in d.layers)
+    assert all(m.experts.input_major == (m.experts.router_bias is not None) == (family == "gpt_oss")
+               for m in mixtures)
     grouped = family in ("glm4_moe", "sarvam_moe", "exaone_moe")
     biased = grouped or family in ("minimax_m2", "hy_v3")
     assert all(m.experts.sigmoid == (family == "flint" or biased) for m in mixtures)
@@ -390,7 +394,14 @@ def _double_down(model):
     ("granitemoeshared", lambda m: setattr(m.model.layers[1].shared_mlp, "output_linear", torch.nn.Linear(32, 64)),
      r"layer 1 shared_mlp input_linear is \[128, 64\], expected \[64, 64\]"),
     ("granitemoeshared", lambda m: setattr(m.model.layers[2].shared_mlp, "extra", torch.nn.Linear(64, 64)),
-     "layer 2 shared_mlp is not a gated MLP of input_linear and output_linear")])
+     "layer 2 shared_mlp is not a gated MLP of input_linear and output_linear"),
+    ("gpt_oss", lambda m: setattr(m.model.layers[1].mlp.experts, "limit", float("inf")),
+     r"layer 1 experts' biases or SwiGLU \(alpha 1.702, limit inf\)"),
+    ("gpt_oss",
+     lambda m: setattr(m.model.layers[2].mlp.experts, "down_proj_bias", torch.nn.Parameter(torch.zeros(4, 63))),
+     r"layer 2 experts' biases or SwiGLU"),
+    ("gpt_oss", lambda m: setattr(m.model.layers[0].mlp.router, "bias", None),
+     "layer 0 experts are not fp32 .* behind a router of a weight and bias")])
 def test_declines_experts_it_cannot_read(family, spoil, reason):
     model = family_model(family)
     spoil(model)
@@ -816,7 +827,11 @@ def test_decode_stack_rejects_bad_sizes():
                           r"shared gate_proj must be \[16, 64\], got \[64, 64\]"),
                          ({"groups": 3}, "groups must split the experts in twos or more"),
                          ({"groups": 2, "top_groups": 3}, "top_groups \\(<= groups\\) hold the top k"),
-                         ({"routed_scale": float("nan")}, "routed_scale finite")):
+                         ({"routed_scale": float("nan")}, "routed_scale finite"),
+                         ({"swiglu_limit": 7.0}, "biases and the clamped SwiGLU are for input-major experts"),
+                         ({"router_bias": 1}, "biases and the clamped SwiGLU are for input-major experts"),
+                         ({"input_major": True, "swiglu_limit": -1.0}, "swiglu_limit finite and >= 0"),
+                         ({"input_major": True, "swiglu_alpha": float("inf")}, "swiglu_alpha must be finite")):
         with pytest.raises(ValueError, match=message):
             stack.add_layer(1, 1, 1e-6, good, kv, kv, good, {}, {}, {}, moe={**moe, **bad})
     with pytest.raises(ValueError, match="a mixture of experts needs gated experts"):

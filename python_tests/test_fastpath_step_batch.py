@@ -83,12 +83,13 @@ def test_step_batch_rows_equal_the_step_alone(family, bits, head, hidden):
 
 
 @pytest.mark.parametrize("family", ["ministral3", "granite", "phi3", "glm4", "hyperclovax", "phi", "cohere2",
-                                    "qwen2_moe"])
+                                    "qwen2_moe", "bloom", "codegen", "gpt_oss"])
 def test_step_batch_rows_of_other_families_equal_the_step_alone(family):
     # Ministral 3's query scale depends on each row's own position (a period of 3 here), Granite's
     # logits are divided after the native top k (HyperCLOVA X's multiplied), Phi-3's projections
     # are row ranges of fused ones, GLM 4 turns half of each head (partial rotary), Phi's and
-    # Cohere 2's layers are parallel over LayerNorms, Qwen 2 MoE's rows pick their own experts.
+    # Cohere 2's layers are parallel over LayerNorms, Qwen 2 MoE's rows pick their own experts (as
+    # gpt-oss's, input-major), BLOOM's ALiBi reads each row's own length, CodeGen's qkv scatters.
     model = family_model(family)
     decoder = NativeDecoder(model, 1, 4, head="int8")
     pairs = _caches(decoder, model, [0, 7, 2, 11], torch.Generator().manual_seed(5))

@@ -246,12 +246,18 @@ class NativeDecoder(_NativeWeights):
         model's own fp32 tensors, not copies."""
         if experts is None:
             return {}
-        out = {"experts": experts.router.shape[0], "top_k": experts.top_k, "expert_dim": experts.down.shape[2],
+        width = experts.down.shape[1 if experts.input_major else 2]
+        out = {"experts": experts.router.shape[0], "top_k": experts.top_k, "expert_dim": width,
                "renormalize": experts.renormalize, "sigmoid": experts.sigmoid, "groups": experts.groups,
                "top_groups": experts.top_groups, "routed_scale": experts.routed_scale,
                "choice_bias": 0 if experts.choice_bias is None else self._vector(experts.choice_bias),
                "router": self._vector(experts.router), "gate_up": self._vector(experts.gate_up),
-               "down": self._vector(experts.down)}
+               "down": self._vector(experts.down), "input_major": experts.input_major,
+               "swiglu_alpha": experts.swiglu_alpha, "swiglu_limit": experts.swiglu_limit}
+        for name in ("gate_up_bias", "down_bias", "router_bias"):
+            bias = getattr(experts, name)
+            if bias is not None:
+                out[name] = self._vector(bias)
         if experts.shared is not None:
             gate, up, down, scale = experts.shared
             out.update(shared_gate=self._linear(gate), shared_up=self._linear(up), shared_down=self._linear(down),

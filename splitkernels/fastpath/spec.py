@@ -89,7 +89,9 @@ class _Family:
     # input norm the layer has (Falcon's two norms, or one).
     parallel_norms: tuple[str, ...] = ("parallel",)
     rope_table_repeated: bool = False  # the rotary table repeats each angle in place (Cohere), not twice over
-    rope_sin_first: bool = False  # the rotary module returns (sin, cos), one value per angle (GPT-J)
+    # The rotary module returns each angle's value once, as (cos, sin) (gpt-oss) or (sin, cos)
+    # (GPT-J), where the native tables hold them twice over; "" as the native tables.
+    rope_once: str = ""
     logit_scale: bool = False  # the forward multiplies the logits by config.logit_scale (Cohere)
     clip_qkv: str = ""  # the config field (a dotted path) whose value clamps queries, keys and values (OLMo)
     # ALiBi instead of rotary: the decoder's method that builds the biases (Bloom's
@@ -110,6 +112,9 @@ class _Family:
     mlp_name: str = "mlp"
     router_name: str = "gate"  # a mixture of experts' router
     sinks: bool = False  # the attention's own `sinks` [heads]: one more softmax logit per head (Flint)
+    # gpt-oss's experts: input-major 3-D weights whose gate and up columns alternate, biases of
+    # both and of the router, and the clamped SwiGLU of the experts' alpha and limit.
+    input_major_experts: bool = False
     # A gated MLP of the layer's beside its mixture of experts, added in full, its gate and up one
     # projection (Granite MoE Shared's shared_mlp of input_linear and output_linear); "" none.
     shared_mlp: str = ""
@@ -203,16 +208,19 @@ _FAMILIES = {
                       forbids=("alibi",)),
     "codegen": _Family(layer_norm=True, parallel="always", parallel_norms=("gptj",), attn_name="attn",
                        o_name="out_proj", plain_mlp=("fc_in", "fc_out"), final_norm="ln_f",
-                       act_field="activation_function", rope_interleaved=True, rope_sin_first=True,
+                       act_field="activation_function", rope_interleaved=True, rope_once="sin, cos",
                        grouped_qkv="qkv_proj", qkv_shards="mp_num"),
     "gptj": _Family(layer_norm=True, parallel="always", parallel_norms=("gptj",), attn_name="attn", o_name="out_proj",
                     plain_mlp=("fc_in", "fc_out"), final_norm="ln_f", act_field="activation_function",
-                    rope_interleaved=True, rope_sin_first=True),
+                    rope_interleaved=True, rope_once="sin, cos"),
     "mpt": _Family(layer_norm=True, norms="mpt", attn_name="attn", fused_qkv="Wqkv", o_name="out_proj",
                    mlp_name="ffn", plain_mlp=("up_proj", "down_proj"), final_norm="norm_f", activation="gelu",
                    alibi="build_mpt_alibi_tensor", scale_attr="softmax_scale", scale_field="attn_config.softmax_scale",
                    clip_qkv="attn_config.clip_qkv"),
     "mixtral": _Family(moe="always"),
+    # A softmax over the top k's logits (gpt-oss's router) is the renormalised top k of the softmax over all.
+    "gpt_oss": _Family(moe="always", router_name="router", sinks=True, input_major_experts=True,
+                       rope_once="cos, sin"),
     "qwen2_moe": _Family(moe="norm_topk_prob"),
     "qwen3_moe": _Family(moe="norm_topk_prob", head_norms="always"),
     "olmoe": _Family(moe="norm_topk_prob", head_norms="always", head_norm_whole=True),
@@ -266,8 +274,10 @@ class Experts:
     """A mixture of experts in place of a layer's MLP (csrc/cpu/decode/decode.h DecodeMoE)."""
 
     router: torch.Tensor  # fp32 [experts, hidden]
-    gate_up: torch.Tensor  # fp32 [experts, 2 width, hidden]: each expert's gate rows, then its up rows
-    down: torch.Tensor  # fp32 [experts, hidden, width]
+    # fp32 [experts, 2 width, hidden]: each expert's gate rows, then its up rows (input_major:
+    # [experts, hidden, 2 width], gate and up columns alternating)
+    gate_up: torch.Tensor
+    down: torch.Tensor  # fp32 [experts, hidden, width] (input_major: [experts, width, hidden])
     top_k: int
     renormalize: bool  # the top k's probabilities divided by their sum
     sigmoid: bool  # each expert's score is its logit's sigmoid, not a softmax over all
@@ -279,6 +289,12 @@ class Experts:
     groups: int = 1
     top_groups: int = 1
     routed_scale: float = 1.0
+    input_major: bool = False  # gpt-oss's layout, its biases and clamped SwiGLU (csrc/cpu/decode/decode.h)
+    gate_up_bias: torch.Tensor | None = None  # fp32 [experts, 2 width]
+    down_bias: torch.Tensor | None = None  # fp32 [experts, hidden]
+    router_bias: torch.Tensor | None = None  # fp32 [experts]
+    swiglu_alpha: float = 0.0
+    swiglu_limit: float = 0.0  # > 0: the clamped SwiGLU
 
 
 @dataclass(frozen=True)
@@ -596,15 +612,19 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int,
     if buffers - ({"e_score_correction_bias"} if fam.router == "grouped" else set()):
         raise FastPathUnsupported(f"layer {i} router holds {', '.join(sorted(buffers))}, which the native step does "
                                   "not read for this family")
-    if set(weights) != {"gate_up_proj", "down_proj"} or {n for n, _ in router.named_parameters()} != {"weight"} \
+    biased = fam.input_major_experts  # gpt-oss's experts and router have biases
+    names = ("gate_up_proj", "down_proj", *(("gate_up_proj_bias", "down_proj_bias") if biased else ()))
+    if set(weights) != set(names) or {n for n, _ in router.named_parameters()} != ({"weight", "bias"} if biased
+                                                                              else {"weight"}) \
             or any(t is None or t.dim() != d or t.dtype != torch.float32
                    for t, d in ((gate_up, 3), (down, 3), (router_weight, 2))):
-        raise FastPathUnsupported(f"layer {i} experts are not fp32 gate_up_proj and down_proj tensors behind a "
-                                  "router of one weight")
+        raise FastPathUnsupported(f"layer {i} experts are not fp32 {', '.join(names[:-1])} and {names[-1]} tensors "
+                                  f"behind a router of {'a weight and bias' if biased else 'one weight'}")
     count, top_k = router_weight.shape[0], getattr(router, "top_k", None)
-    width = gate_up.shape[1] // 2
-    if tuple(router_weight.shape) != (count, h) or tuple(gate_up.shape) != (count, 2 * width, h) \
-            or tuple(down.shape) != (count, h, width) or not _is_count(top_k) or top_k > count:
+    width = gate_up.shape[2 if biased else 1] // 2
+    shapes = ((count, h, 2 * width), (count, width, h)) if biased else ((count, 2 * width, h), (count, h, width))
+    if tuple(router_weight.shape) != (count, h) or (tuple(gate_up.shape), tuple(down.shape)) != shapes \
+            or not _is_count(top_k) or top_k > count:
         raise FastPathUnsupported(f"layer {i} experts' shapes ({list(router_weight.shape)}, {list(gate_up.shape)}, "
                                   f"{list(down.shape)}, top {top_k!r}) are not one router over gated experts")
     renormalize = fam.moe == "always" or bool(getattr(router, "norm_topk_prob", False))
@@ -634,8 +654,23 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int,
         shared_modules = (RowSlice(fused, 0, width_shared), RowSlice(fused, width_shared, 2 * width_shared),
                           layer_shared.output_linear, None)
     grouped = _grouped_choice(i, mlp, router, count) if fam.router == "grouped" else {}
+    input_major = _input_major(i, experts, router, count, width, h) if biased else {}
     return Experts(router_weight, gate_up, down, top_k, renormalize, fam.router != "softmax", shared_modules,
-                   **grouped)
+                   **grouped, **input_major)
+
+
+def _input_major(i: int, experts: nn.Module, router: nn.Module, count: int, width: int, h: int) -> dict:
+    """gpt-oss's expert biases and clamped SwiGLU (``Experts`` fields), checked."""
+    gate_up_bias, down_bias, router_bias = experts.gate_up_proj_bias, experts.down_proj_bias, router.bias
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    if (tuple(gate_up_bias.shape), tuple(down_bias.shape), tuple(router_bias.shape)) != ((count, 2 * width),
+                                                                                         (count, h), (count,)) \
+            or any(t.dtype != torch.float32 for t in (gate_up_bias, down_bias, router_bias)) \
+            or not (_is_finite(alpha) and _is_finite(limit) and limit > 0):
+        raise FastPathUnsupported(f"layer {i} experts' biases or SwiGLU (alpha {alpha!r}, limit {limit!r}) are not "
+                                  "the native step's")
+    return dict(input_major=True, gate_up_bias=gate_up_bias, down_bias=down_bias, router_bias=router_bias,
+                swiglu_alpha=float(alpha), swiglu_limit=float(limit))
 
 
 def _grouped_choice(i: int, block: nn.Module, router: nn.Module, count: int) -> dict:
@@ -835,8 +870,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     rotary = getattr(base, "rotary_emb", None)
     if rope_switch and rotary is not None:  # it sets its own frequencies each call: a private copy
         rotary = copy.deepcopy(rotary)  # cannot race the model's forward on another thread
-    if fam.rope_sin_first and rotary is not None:
-        rotary = _CosSinTwiceOver(rotary)
+    if fam.rope_once and rotary is not None:
+        rotary = _AnglesTwiceOver(rotary, fam.rope_once == "sin, cos")
     present = [n for n in fam.absent if getattr(base, n, None) is not None]
     unset = [n for n in fam.requires if not getattr(config, n, False)]
     present += [n for n in fam.forbids if getattr(config, n, False)]
@@ -891,16 +926,16 @@ def _alibi_slopes(base: nn.Module, fam: _Family, heads: int) -> torch.Tensor | N
     return slopes.contiguous()
 
 
-class _CosSinTwiceOver(nn.Module):
-    """A rotary module that returns (sin, cos) of one value per angle (GPT-J's) as the others
-    return theirs: (cos, sin), each angle's twice over."""
+class _AnglesTwiceOver(nn.Module):
+    """A rotary module that returns one value per angle (gpt-oss's; GPT-J's, sin first) as the
+    others return theirs: (cos, sin), each angle's twice over."""
 
-    def __init__(self, rotary: nn.Module) -> None:
+    def __init__(self, rotary: nn.Module, sin_first: bool) -> None:
         super().__init__()
-        self.rotary = rotary
+        self.rotary, self.sin_first = rotary, sin_first
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sin, cos = self.rotary(x, position_ids)
+        cos, sin = self.rotary(x, position_ids)[::-1 if self.sin_first else 1]
         return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
 

@@ -330,6 +330,42 @@ std::string mlp(const DecodeShape& s, const DecodeLinear& gate_l, const DecodeLi
   return run_parts({{&down_l, s.gated ? gate : up, out}}, M, false);
 }
 
+// y [N] = x [K] @ w [K, N] (+ bias [N]) of an input-major fp32 weight, its columns split over the
+// pool's threads (each row's slice of them read in turn).
+void input_major_rows(const float* w, const float* x, int64_t K, int64_t N, const float* bias, float* y) {
+  const int64_t cols = std::max<int64_t>(64, (N / num_threads() + 15) / 16 * 16);
+  parallel_for((N + cols - 1) / cols, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = c0 * cols, n1 = std::min(N, c1 * cols);
+    for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float xk = x[k], *row = w + k * N;
+      for (int64_t n = n0; n < n1; ++n) y[n] += xk * row[n];
+    }
+    if (bias)
+      for (int64_t n = n0; n < n1; ++n) y[n] += bias[n];
+  }, Team::kPool);
+}
+
+// y [hidden] = expert e of gpt-oss's input-major experts on x [hidden] (see DecodeMoE).
+void input_major_expert(const DecodeShape& s, const DecodeMoE& x, int64_t e, const float* xm, float* y, Scratch& t) {
+  const int64_t H = s.hidden, F = x.expert_dim;
+  t.gate.resize(std::max<size_t>(t.gate.size(), 2 * F));
+  t.up.resize(std::max<size_t>(t.up.size(), F));
+  float *gu = t.gate.data(), *a = t.up.data();
+  input_major_rows(x.gate_up + e * H * 2 * F, xm, H, 2 * F, x.gate_up_bias ? x.gate_up_bias + e * 2 * F : nullptr,
+                   gu);
+  for (int64_t i = 0; i < F; ++i) {
+    float g = gu[2 * i], u = gu[2 * i + 1];
+    if (x.swiglu_limit > 0.f) {
+      g = std::min(g, x.swiglu_limit), u = std::clamp(u, -x.swiglu_limit, x.swiglu_limit);
+      a[i] = (u + 1.f) * (g / (1.f + std::exp(-x.swiglu_alpha * g)));
+    } else {
+      a[i] = activate(s.act, g) * u;
+    }
+  }
+  input_major_rows(x.down + e * F * H, a, F, H, x.down_bias ? x.down_bias + e * H : nullptr, y);
+}
+
 // t.tmp [M, hidden] = the mixture of experts of each row of in [M, hidden] (see DecodeMoE): the
 // chosen experts' outputs added in ascending expert order, as the models' forwards add them.
 std::string mixture(const DecodeShape& s, const DecodeMoE& x, const float* in, int64_t M, Scratch& t) {
@@ -346,7 +382,8 @@ std::string mixture(const DecodeShape& s, const DecodeMoE& x, const float* in, i
     float* out = t.tmp.data() + m * H;
     std::fill_n(out, H, 0.f);
     float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) top = std::max(top, prob[e] = vec().dot(x.router + e * H, xm, H));
+    for (int64_t e = 0; e < E; ++e)
+      top = std::max(top, prob[e] = vec().dot(x.router + e * H, xm, H) + (x.router_bias ? x.router_bias[e] : 0.f));
     if (x.sigmoid) {
       for (int64_t e = 0; e < E; ++e) prob[e] = 1.f / (1.f + std::exp(-prob[e]));
     } else {
@@ -383,8 +420,12 @@ std::string mixture(const DecodeShape& s, const DecodeMoE& x, const float* in, i
     for (int64_t j = 0; j < x.top_k; ++j) {
       const int64_t e = order[j];
       const float w = (x.renormalize ? prob[e] / chosen : prob[e]) * x.routed_scale;
-      gate.weight = x.gate_up + e * 2 * F * H, up.weight = gate.weight + F * H, down.weight = x.down + e * H * F;
-      if (!(err = mlp(s, gate, up, down, xm, 1, y, t)).empty()) return err;
+      if (x.input_major) {
+        input_major_expert(s, x, e, xm, y, t);
+      } else {
+        gate.weight = x.gate_up + e * 2 * F * H, up.weight = gate.weight + F * H, down.weight = x.down + e * H * F;
+        if (!(err = mlp(s, gate, up, down, xm, 1, y, t)).empty()) return err;
+      }
       for (int64_t i = 0; i < H; ++i) out[i] += y[i] * w;
     }
     if (x.shared_up.N) {
@@ -434,6 +475,10 @@ std::string DecodeStack::add_layer(const DecodeLayer& l) {
       return "moe: groups must split the experts in twos or more, top_groups (<= groups) hold the top k, "
              "routed_scale finite";
     if (!x.router || !x.gate_up || !x.down) return "moe: router, gate_up and down must not be null";
+    if (!x.input_major && (x.gate_up_bias || x.down_bias || x.router_bias || x.swiglu_limit != 0.f))
+      return "moe: biases and the clamped SwiGLU are for input-major experts";
+    if (!(std::isfinite(x.swiglu_alpha) && std::isfinite(x.swiglu_limit) && x.swiglu_limit >= 0.f))
+      return "moe: swiglu_alpha must be finite and swiglu_limit finite and >= 0";
     if (x.shared_up.N) {
       const int64_t F = x.shared_up.N;
       if (!(e = check_linear("shared gate_proj", x.shared_gate, F, s.hidden)).empty() ||
