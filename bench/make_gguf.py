@@ -2,9 +2,10 @@
 of models that cannot be downloaded here: Llama's layer (``--arch llama``), Qwen 3's (per-head
 query and key norms), Gemma 2's (sandwich norms, alternating sliding-window layers, soft-capped
 attention scores and logits at Gemma 2's 50 and 30), StableLM 2's (LayerNorms with biases,
-rotary over a quarter of each head, an LM head of its own) or GPT-2's (learned position
+rotary over a quarter of each head, an LM head of its own), GPT-2's (learned position
 embeddings instead of rotary, one qkv projection, biases everywhere, an MLP of four times the
-width without a gate).
+width without a gate) or BLOOM's (GPT-2's layer with ALiBi instead of positions, a LayerNorm of
+the token embeddings).
 
 The file carries the tokenizer of the packaged SmolLM2 GGUF (so both llama.cpp and transformers
 load it), ``--layers`` decoder layers of the given widths with weights drawn N(0, 0.02) and
@@ -13,7 +14,8 @@ fastest x86 kernels), norms of ones (Gemma's files store 1 + w: its norms then s
 the token embedding in Q8_0, tied to the LM head as in SmolLM2 (StableLM's own head: Q8_0 too).
 Defaults are Llama-3-8B's layer: hidden 4096, MLP 14336, 32 query and 8 key/value heads of 128.
 
-Usage: python bench/make_gguf.py --out FILE.gguf [--arch llama|qwen3|gemma2|stablelm|gpt2] [--layers 3] [--hidden 4096]
+Usage: python bench/make_gguf.py --out FILE.gguf [--arch llama|qwen3|gemma2|stablelm|gpt2|bloom] [--layers 3]
+       [--hidden 4096]
        [--intermediate 14336] [--heads 32] [--kv-heads 8] [--head-dim HIDDEN/HEADS] [--type q4_0|q4_1|q8_0]
 then:  python bench/edge_decode.py --model FILE.gguf --out DIR
 """
@@ -29,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_decode import gguf_file  # noqa: E402
 
 TYPES = ("q4_0", "q4_1", "q8_0")
-ARCHS = ("llama", "qwen3", "gemma2", "stablelm", "gpt2")
-BIASED = ("stablelm", "gpt2")  # LayerNorms with a bias beside the weight
+ARCHS = ("llama", "qwen3", "gemma2", "stablelm", "gpt2", "bloom")
+BIASED = ("stablelm", "gpt2", "bloom")  # LayerNorms with a bias beside the weight
+PLAIN = ("gpt2", "bloom")  # one qkv projection, biases on every projection, an MLP without a gate
 GPT2_POSITIONS = 1024
 STABLELM_ROTARY = 0.25  # of each head; transformers' GGUF loader reads no rotary width: its default
 # transformers' GGUF loader reads no head width for Qwen 3: it keeps its config's default.
@@ -73,10 +76,10 @@ def main() -> int:
             or args.heads % args.kv_heads or args.hidden % 32 or args.intermediate % 32 or head_dim % 32:
         sys.exit("need layers >= 2, positive sizes, kv-heads dividing heads, and widths and head widths that are "
                  "multiples of 32")
-    if args.arch == "gpt2" and (args.intermediate != 4 * args.hidden or args.kv_heads != args.heads
-                                or head_dim * args.heads != args.hidden):
-        sys.exit("--arch gpt2 needs --intermediate 4 x hidden, --kv-heads = --heads and hidden = heads x head "
-                 "width: transformers' GPT-2 reads no other")
+    if args.arch in PLAIN and (args.intermediate != 4 * args.hidden or args.kv_heads != args.heads
+                               or head_dim * args.heads != args.hidden):
+        sys.exit(f"--arch {args.arch} needs --intermediate 4 x hidden, --kv-heads = --heads and hidden = heads x "
+                 "head width: transformers' model reads no other")
     if args.arch == "qwen3" and head_dim != QWEN3_HEAD_DIM:
         sys.exit(f"--arch qwen3 needs --head-dim {QWEN3_HEAD_DIM}: transformers' GGUF loader assumes it")
     import gguf
@@ -98,7 +101,7 @@ def main() -> int:
     if args.arch == "stablelm":
         writer.add_layer_norm_eps(1e-5)
         writer.add_rope_dimension_count(int(head_dim * STABLELM_ROTARY))
-    elif args.arch == "gpt2":
+    elif args.arch in PLAIN:
         writer.add_layer_norm_eps(1e-5)
     else:
         writer.add_layer_norm_rms_eps(1e-6 if args.arch == "gemma2" else 1e-5)
@@ -116,7 +119,7 @@ def main() -> int:
     def weight(name: str, rows: int, cols: int, kind=qtype) -> None:
         w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
         writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)
-        if args.arch == "gpt2" and name.startswith("blk."):  # every GPT-2 projection has a bias
+        if args.arch in PLAIN and name.startswith("blk."):  # every projection has a bias
             writer.add_tensor(name.replace(".weight", ".bias"), np.zeros(rows, dtype=np.float32))
 
     def ones(name: str, n: int) -> None:
@@ -125,13 +128,15 @@ def main() -> int:
             writer.add_tensor(name.replace(".weight", ".bias"), np.zeros(n, dtype=np.float32))
 
     weight("token_embd.weight", vocab, args.hidden, gguf.GGMLQuantizationType.Q8_0)
+    if args.arch == "bloom":
+        ones("token_embd_norm.weight", args.hidden)
     if args.arch == "gpt2":
         positions = rng.standard_normal((GPT2_POSITIONS, args.hidden), dtype=np.float32) * np.float32(0.01)
         writer.add_tensor("position_embd.weight", positions)
     for i in range(args.layers):
         print(f"layer {i + 1} of {args.layers}", file=sys.stderr, flush=True)
         ones(f"blk.{i}.attn_norm.weight", args.hidden)
-        if args.arch == "gpt2":
+        if args.arch in PLAIN:
             weight(f"blk.{i}.attn_qkv.weight", qd + 2 * kvd, args.hidden)
         else:
             weight(f"blk.{i}.attn_q.weight", qd, args.hidden)
@@ -145,7 +150,7 @@ def main() -> int:
             ones(f"blk.{i}.post_attention_norm.weight", args.hidden)
             ones(f"blk.{i}.post_ffw_norm.weight", args.hidden)
         ones(f"blk.{i}.ffn_norm.weight", args.hidden)
-        if args.arch != "gpt2":
+        if args.arch not in PLAIN:
             weight(f"blk.{i}.ffn_gate.weight", args.intermediate, args.hidden)
         weight(f"blk.{i}.ffn_up.weight", args.intermediate, args.hidden)
         weight(f"blk.{i}.ffn_down.weight", args.hidden, args.intermediate)
