@@ -25,8 +25,8 @@ figure is the median step. The run also checks that greedy generation of the spl
 Our 4-bit weights keep fp32 scales and zeros per group of 32 (0.75 bytes per weight), or with
 ``--scale-dtype float16`` fp16 ones (0.625 bytes per weight, as SmolLM2's Q4_1); Q4_0 keeps one
 fp16 scale (0.5625), Q4_K_M files (Gemma 3, Qwen2.5-Coder) mix 4.5- to 8.5-bit blocks.
-``bench/make_gguf.py`` writes a GGUF of a few Llama, Qwen 3, Gemma 2, StableLM 2 or GPT-2
-layers at any shape (random weights).
+``bench/make_gguf.py`` writes a GGUF of a few Llama, Qwen 3, Gemma 2, StableLM 2, GPT-2 or
+BLOOM layers at any shape (random weights).
 
 llama.cpp is an optional dependency (``pip install '.[bench]'`` installs llama-cpp-python; it
 may compile llama.cpp). Without it the llama.cpp rows are left out and the report says so.

@@ -331,7 +331,8 @@ def test_fused_projections_of_low_bit_weights(family, bits):
                                                           ("granitemoe", True, False), ("glm4_moe", True, True),
                                                           ("sarvam_moe", True, True), ("exaone_moe", True, True),
                                                           ("minimax_m2", True, False), ("hy_v3", True, True),
-                                                          ("granitemoeshared", True, True), ("gpt_oss", True, False)])
+                                                          ("granitemoeshared", True, True), ("gpt_oss", True, False),
+                                                          ("solar_open", True, True), ("mellum", True, False)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
@@ -345,8 +346,10 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # as DeepSeek-V3 does (sigmoids plus a correction bias, among the best of two groups, scaled),
     # their first layer dense; MiniMax M2 and HY 3 so without groups, the bias on the block;
     # gpt-oss's experts are input-major with gate and up columns alternating, biased (its router
-    # too) under a clamped SwiGLU, its attention with sinks and rotary tables of one value per angle.
-    model = family_model(family)
+    # too) under a clamped SwiGLU, its attention with sinks and rotary tables of one value per angle;
+    # Solar Open chooses as DeepSeek-V3; Mellum's sliding layers rotate by a table of their own.
+    mellum = dict(layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=5)
+    model = family_model(family, **(mellum if family == "mellum" else {}))
     if bits:
         replace_linear(model, bits=bits, group_size=32, progress=False)
     d = describe(model)
@@ -357,7 +360,9 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     assert all((m.sinks is not None) == (family in ("flint", "gpt_oss")) for m in d.layers)
     assert all(m.experts.input_major == (m.experts.router_bias is not None) == (family == "gpt_oss")
                for m in mixtures)
-    grouped = family in ("glm4_moe", "sarvam_moe", "exaone_moe")
+    grouped = family in ("glm4_moe", "sarvam_moe", "exaone_moe", "solar_open")
+    if family == "mellum":
+        assert [m.window for m in d.layers] == [5, 0, 5, 0] and [m.rope for m in d.layers] == [1, 0, 1, 0]
     biased = grouped or family in ("minimax_m2", "hy_v3")
     assert all(m.experts.sigmoid == (family == "flint" or biased) for m in mixtures)
     choice = (2, 1, 2.5) if grouped else (1, 1, model.config.router_scaling_factor if family == "hy_v3" else 1.0)
