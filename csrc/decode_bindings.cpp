@@ -111,7 +111,7 @@ void bind_decode(py::module_& m) {
               x.router = ptr<const float>(get<std::uintptr_t>(moe, "router", 0));
               x.gate_up = ptr<const float>(get<std::uintptr_t>(moe, "gate_up", 0));
               x.down = ptr<const float>(get<std::uintptr_t>(moe, "down", 0));
-              x.input_major = get<bool>(moe, "input_major", false);
+              x.input_major = get<bool>(moe, "input_major", false), x.alternate = get<bool>(moe, "alternate", false);
               x.gate_up_bias = ptr<const float>(get<std::uintptr_t>(moe, "gate_up_bias", 0));
               x.down_bias = ptr<const float>(get<std::uintptr_t>(moe, "down_bias", 0));
               x.router_bias = ptr<const float>(get<std::uintptr_t>(moe, "router_bias", 0));

@@ -332,7 +332,8 @@ def test_fused_projections_of_low_bit_weights(family, bits):
                                                           ("sarvam_moe", True, True), ("exaone_moe", True, True),
                                                           ("minimax_m2", True, False), ("hy_v3", True, True),
                                                           ("granitemoeshared", True, True), ("gpt_oss", True, False),
-                                                          ("solar_open", True, True), ("mellum", True, False)])
+                                                          ("solar_open", True, True), ("mellum", True, False),
+                                                          ("aria_text", True, True)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
@@ -347,7 +348,8 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # their first layer dense; MiniMax M2 and HY 3 so without groups, the bias on the block;
     # gpt-oss's experts are input-major with gate and up columns alternating, biased (its router
     # too) under a clamped SwiGLU, its attention with sinks and rotary tables of one value per angle;
-    # Solar Open chooses as DeepSeek-V3; Mellum's sliding layers rotate by a table of their own.
+    # Solar Open chooses as DeepSeek-V3; Mellum's sliding layers rotate by a table of their own;
+    # Aria's experts are input-major too, the gate's columns before the up's, beside shared experts.
     mellum = dict(layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=5)
     model = family_model(family, **(mellum if family == "mellum" else {}))
     if bits:
@@ -358,7 +360,8 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     assert all(m.experts.top_k == 2 and m.experts.router.shape[0] == 4 and m.experts.renormalize == renormalize
                and (m.experts.shared is not None) == shared for m in mixtures)
     assert all((m.sinks is not None) == (family in ("flint", "gpt_oss")) for m in d.layers)
-    assert all(m.experts.input_major == (m.experts.router_bias is not None) == (family == "gpt_oss")
+    assert all(m.experts.input_major == (family in ("gpt_oss", "aria_text"))
+               and m.experts.alternate == (m.experts.router_bias is not None) == (family == "gpt_oss")
                for m in mixtures)
     grouped = family in ("glm4_moe", "sarvam_moe", "exaone_moe", "solar_open")
     if family == "mellum":
@@ -709,6 +712,7 @@ def test_cache_hands_over_between_eager_and_native():
     # Falcon's ALiBi biases are rounded to bfloat16 at each absolute position; Bloom's residual
     # from the normed input.
     (lambda: family_model("falcon", alibi=True), "the native step has no alibi"),
+    (lambda: family_model("aria_text", hidden_act="gelu"), "the routed experts' activation is silu, the shared"),
     (lambda: family_model("bloom", apply_residual_connection_post_layernorm=True),
      "the native step has no apply_residual_connection_post_layernorm"),
     (lambda: family_model("falcon", new_decoder_architecture=True, num_kv_heads=3), "num_kv_heads 3 does not divide"),

@@ -252,7 +252,7 @@ class NativeDecoder(_NativeWeights):
                "top_groups": experts.top_groups, "routed_scale": experts.routed_scale,
                "choice_bias": 0 if experts.choice_bias is None else self._vector(experts.choice_bias),
                "router": self._vector(experts.router), "gate_up": self._vector(experts.gate_up),
-               "down": self._vector(experts.down), "input_major": experts.input_major,
+               "down": self._vector(experts.down), "input_major": experts.input_major, "alternate": experts.alternate,
                "swiglu_alpha": experts.swiglu_alpha, "swiglu_limit": experts.swiglu_limit}
         for name in ("gate_up_bias", "down_bias", "router_bias"):
             bias = getattr(experts, name)

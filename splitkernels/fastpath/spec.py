@@ -112,9 +112,10 @@ class _Family:
     mlp_name: str = "mlp"
     router_name: str = "gate"  # a mixture of experts' router
     sinks: bool = False  # the attention's own `sinks` [heads]: one more softmax logit per head (Flint)
-    # gpt-oss's experts: input-major 3-D weights whose gate and up columns alternate, biases of
-    # both and of the router, and the clamped SwiGLU of the experts' alpha and limit.
-    input_major_experts: bool = False
+    # Experts whose 3-D weights are input-major: "alternating" gate and up columns with biases, a
+    # biased router and the clamped SwiGLU of the experts' alpha and limit (gpt-oss), or the gate's
+    # columns then the up's, "halves" (Aria's, always SiLU); "" none.
+    input_major_experts: str = ""
     # A gated MLP of the layer's beside its mixture of experts, added in full, its gate and up one
     # projection (Granite MoE Shared's shared_mlp of input_linear and output_linear); "" none.
     shared_mlp: str = ""
@@ -219,7 +220,7 @@ _FAMILIES = {
                    clip_qkv="attn_config.clip_qkv"),
     "mixtral": _Family(moe="always"),
     # A softmax over the top k's logits (gpt-oss's router) is the renormalised top k of the softmax over all.
-    "gpt_oss": _Family(moe="always", router_name="router", sinks=True, input_major_experts=True,
+    "gpt_oss": _Family(moe="always", router_name="router", sinks=True, input_major_experts="alternating",
                        rope_once="cos, sin"),
     "qwen2_moe": _Family(moe="norm_topk_prob"),
     "qwen3_moe": _Family(moe="norm_topk_prob", head_norms="always"),
@@ -230,6 +231,7 @@ _FAMILIES = {
     "granitemoeshared": _Family(**_GRANITE_MOE, shared_mlp="shared_mlp"),
     "glm4_moe": _Family(moe="norm_topk_prob", router="grouped"),
     "solar_open": _Family(moe="norm_topk_prob", router="grouped"),
+    "aria_text": _Family(moe="always", router_name="router", input_major_experts="halves"),
     "sarvam_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms="always"),
     "minimax_m2": _Family(moe="always", router="grouped", head_norms="always", head_norm_whole=True),
     "hy_v3": _Family(moe="always", router="grouped", head_norms="always"),
@@ -291,7 +293,8 @@ class Experts:
     groups: int = 1
     top_groups: int = 1
     routed_scale: float = 1.0
-    input_major: bool = False  # gpt-oss's layout, its biases and clamped SwiGLU (csrc/cpu/decode/decode.h)
+    input_major: bool = False  # gpt-oss's and Aria's layout (csrc/cpu/decode/decode.h DecodeMoE)
+    alternate: bool = False  # ... its gate and up columns alternating (gpt-oss)
     gate_up_bias: torch.Tensor | None = None  # fp32 [experts, 2 width]
     down_bias: torch.Tensor | None = None  # fp32 [experts, hidden]
     router_bias: torch.Tensor | None = None  # fp32 [experts]
@@ -614,7 +617,7 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int,
     if buffers - ({"e_score_correction_bias"} if fam.router == "grouped" else set()):
         raise FastPathUnsupported(f"layer {i} router holds {', '.join(sorted(buffers))}, which the native step does "
                                   "not read for this family")
-    biased = fam.input_major_experts  # gpt-oss's experts and router have biases
+    input_major, biased = bool(fam.input_major_experts), fam.input_major_experts == "alternating"
     names = ("gate_up_proj", "down_proj", *(("gate_up_proj_bias", "down_proj_bias") if biased else ()))
     if set(weights) != set(names) or {n for n, _ in router.named_parameters()} != ({"weight", "bias"} if biased
                                                                               else {"weight"}) \
@@ -623,8 +626,8 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int,
         raise FastPathUnsupported(f"layer {i} experts are not fp32 {', '.join(names[:-1])} and {names[-1]} tensors "
                                   f"behind a router of {'a weight and bias' if biased else 'one weight'}")
     count, top_k = router_weight.shape[0], getattr(router, "top_k", None)
-    width = gate_up.shape[2 if biased else 1] // 2
-    shapes = ((count, h, 2 * width), (count, width, h)) if biased else ((count, 2 * width, h), (count, h, width))
+    width = gate_up.shape[2 if input_major else 1] // 2
+    shapes = ((count, h, 2 * width), (count, width, h)) if input_major else ((count, 2 * width, h), (count, h, width))
     if tuple(router_weight.shape) != (count, h) or (tuple(gate_up.shape), tuple(down.shape)) != shapes \
             or not _is_count(top_k) or top_k > count:
         raise FastPathUnsupported(f"layer {i} experts' shapes ({list(router_weight.shape)}, {list(gate_up.shape)}, "
@@ -656,12 +659,12 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int,
         shared_modules = (RowSlice(fused, 0, width_shared), RowSlice(fused, width_shared, 2 * width_shared),
                           layer_shared.output_linear, None)
     grouped = _grouped_choice(i, mlp, router, count) if fam.router == "grouped" else {}
-    input_major = _input_major(i, experts, router, count, width, h) if biased else {}
+    layout = _biased_experts(i, experts, router, count, width, h) if biased else {}
     return Experts(router_weight, gate_up, down, top_k, renormalize, fam.router != "softmax", shared_modules,
-                   **grouped, **input_major)
+                   **grouped, **layout, input_major=input_major)
 
 
-def _input_major(i: int, experts: nn.Module, router: nn.Module, count: int, width: int, h: int) -> dict:
+def _biased_experts(i: int, experts: nn.Module, router: nn.Module, count: int, width: int, h: int) -> dict:
     """gpt-oss's expert biases and clamped SwiGLU (``Experts`` fields), checked."""
     gate_up_bias, down_bias, router_bias = experts.gate_up_proj_bias, experts.down_proj_bias, router.bias
     alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
@@ -671,7 +674,7 @@ def _input_major(i: int, experts: nn.Module, router: nn.Module, count: int, widt
             or not (_is_finite(alpha) and _is_finite(limit) and limit > 0):
         raise FastPathUnsupported(f"layer {i} experts' biases or SwiGLU (alpha {alpha!r}, limit {limit!r}) are not "
                                   "the native step's")
-    return dict(input_major=True, gate_up_bias=gate_up_bias, down_bias=down_bias, router_bias=router_bias,
+    return dict(alternate=True, gate_up_bias=gate_up_bias, down_bias=down_bias, router_bias=router_bias,
                 swiglu_alpha=float(alpha), swiglu_limit=float(limit))
 
 
@@ -801,6 +804,8 @@ def describe(model: nn.Module, first: int = 0, last: int | None = None) -> Decod
     act = fam.activation or getattr(config, fam.act_field, None)
     if act not in _ACTIVATIONS:
         raise FastPathUnsupported(f"the MLP activation is {act!r}; the native step has {', '.join(_ACTIVATIONS)}")
+    if fam.input_major_experts == "halves" and act != "silu":  # Aria's routed experts are SiLU-gated whatever it says
+        raise FastPathUnsupported(f"the routed experts' activation is silu, the shared experts' {act}")
     layers = decoder_layers(model)
     windows = _windows(config, fam, len(layers))
     attn_softcap, logit_softcap = (_softcap(config, name, fam)

@@ -346,7 +346,7 @@ void input_major_rows(const float* w, const float* x, int64_t K, int64_t N, cons
   }, Team::kPool);
 }
 
-// y [hidden] = expert e of gpt-oss's input-major experts on x [hidden] (see DecodeMoE).
+// y [hidden] = expert e of input-major experts on x [hidden] (see DecodeMoE).
 void input_major_expert(const DecodeShape& s, const DecodeMoE& x, int64_t e, const float* xm, float* y, Scratch& t) {
   const int64_t H = s.hidden, F = x.expert_dim;
   t.gate.resize(std::max<size_t>(t.gate.size(), 2 * F));
@@ -355,7 +355,7 @@ void input_major_expert(const DecodeShape& s, const DecodeMoE& x, int64_t e, con
   input_major_rows(x.gate_up + e * H * 2 * F, xm, H, 2 * F, x.gate_up_bias ? x.gate_up_bias + e * 2 * F : nullptr,
                    gu);
   for (int64_t i = 0; i < F; ++i) {
-    float g = gu[2 * i], u = gu[2 * i + 1];
+    float g = x.alternate ? gu[2 * i] : gu[i], u = x.alternate ? gu[2 * i + 1] : gu[F + i];
     if (x.swiglu_limit > 0.f) {
       g = std::min(g, x.swiglu_limit), u = std::clamp(u, -x.swiglu_limit, x.swiglu_limit);
       a[i] = (u + 1.f) * (g / (1.f + std::exp(-x.swiglu_alpha * g)));

@@ -83,12 +83,13 @@ struct DecodeMoE {
   float routed_scale = 1.f;
   DecodeLinear shared_gate, shared_up, shared_down;  // shared_up.N == 0: no shared expert
   const float* shared_scale = nullptr;               // fp32 [hidden] or null
-  // gpt-oss's experts: input-major weights, gate_up [experts, hidden, 2 expert_dim] whose columns
-  // 2i and 2i + 1 are gate i and up i, down [experts, expert_dim, hidden]; biases of both
-  // ([experts, 2 expert_dim], [experts, hidden]; null: none) and of the router's logits
-  // ([experts]). With swiglu_limit > 0 the gate's activation is the clamped SwiGLU: (u + 1) g
-  // sigmoid(swiglu_alpha g) with g = min(gate, limit), u = up clamped to [-limit, limit].
-  bool input_major = false;
+  // Input-major experts (gpt-oss, aria): gate_up [experts, hidden, 2 expert_dim] whose columns
+  // 2i and 2i + 1 are gate i and up i (`alternate`, gpt-oss) or i and expert_dim + i, down
+  // [experts, expert_dim, hidden]; biases of both ([experts, 2 expert_dim], [experts, hidden];
+  // null: none) and of the router's logits ([experts]). With swiglu_limit > 0 the gate's
+  // activation is the clamped SwiGLU: (u + 1) g sigmoid(swiglu_alpha g) with g = min(gate, limit),
+  // u = up clamped to [-limit, limit].
+  bool input_major = false, alternate = false;
   const float* gate_up_bias = nullptr;
   const float* down_bias = nullptr;
   const float* router_bias = nullptr;
