@@ -73,6 +73,7 @@ def test_bad_flags_are_usage_errors():
     fails(Exit.USAGE, "demo", "--model", "tiny", "--codec", "v1", "--coder", "auto", says=("--coder auto", "v2"))
     fails(Exit.USAGE, "demo", "--model", "tiny", "--lossless", "--coder", "nibble", says=("--coder nibble", "v2"))
     fails(Exit.USAGE, "demo", "--model", "tiny", "--coder", "huffman", says=("--coder", "'huffman'"))
+    fails(Exit.USAGE, "demo", "--model", "tiny", "--family", "bert_nope", says=("--family", "causal-LM", "'bert_nope'"))
 
 
 def test_a_budget_below_the_codec_floor_is_refused():

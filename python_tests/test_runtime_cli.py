@@ -58,6 +58,16 @@ def test_demo_json_on_tiny_model():
     assert report["decode_path"] == {"edge": "native fast path", "server": "native fast path"}
 
 
+@pytest.mark.parametrize("family", ["bloom", "falcon", "gptj", "gpt_oss"])
+def test_demo_on_any_transformers_family(family):
+    # --family takes any transformers causal-LM model type, shrunk by its own config; these four
+    # (ALiBi, Falcon's linears, GPT-J's rotary module, gpt-oss's experts) decode natively on both sides.
+    report = json.loads(_run_cli("demo", "--model", "tiny", "--family", family, "--max-new-tokens", "3",
+                                 "--eval-tokens", "0", "--json"))
+    assert report["model"].startswith(f"tiny random {family}") and len(report["tokens"]) == 3
+    assert report["decode_path"] == {"edge": "native fast path", "server": "native fast path"}
+
+
 def test_demo_eager_flag_forces_the_eager_path():
     report = json.loads(_run_cli("demo", "--model", "tiny", "--max-new-tokens", "2", "--eval-tokens", "0",
                                  "--eager", "--json"))

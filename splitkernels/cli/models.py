@@ -45,8 +45,9 @@ def load_model(which: str, family: str = "llama", seed: int = 0) -> LoadedModel:
     if which in BUILT_IN:
         if which in models.PACKAGED and not models.packaged_available(which):
             raise UsageError(f"--model {which}: its package is not installed ({models.PACKAGED[which].install})")
-        if which not in models.PACKAGED and family not in models.FAMILIES:
-            raise UsageError(f"--family must be one of {list(models.FAMILIES)}, got {family!r}")
+        if which not in models.PACKAGED and family not in models.FAMILIES and not models.is_causal_lm_type(family):
+            raise UsageError(f"--family must be one of {list(models.FAMILIES)} or another transformers causal-LM "
+                             f"model type, got {family!r}")
     elif not Path(which).expanduser().exists():
         raise UsageError(f"--model must be one of {list(BUILT_IN)} or an existing model folder or .gguf "
                          f"file; {which!r} is neither")
@@ -64,7 +65,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (SmolLM2-135M when its package is installed, else a tiny random model), smollm2, "
                         "gemma3 (Gemma 3 270M, from its package), qwen2.5-coder (Qwen2.5-Coder-0.5B-Instruct, from its "
                         "six chunk packages), tiny, or the path of a model folder (save_pretrained) or .gguf file")
-    g.add_argument("--family", default="llama", help=f"family of the tiny model ({'/'.join(FAMILIES)})")
+    g.add_argument("--family", default="llama", help=f"family of the tiny model ({'/'.join(FAMILIES)}, or any other "
+                                                      "transformers causal-LM model type: bloom, falcon, ...)")
     g.add_argument("--seed", type=types.integer(0, 2**63 - 1), default=0, help="seed of the tiny model's weights")
     g.add_argument("--split-layer", type=types.positive_int, default=None,
                    help="edge keeps layers 1..N (default: a third of depth)")

