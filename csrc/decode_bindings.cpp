@@ -105,6 +105,7 @@ void bind_decode(py::module_& m) {
               x.experts = get<int64_t>(moe, "experts", 0), x.top_k = get<int64_t>(moe, "top_k", 0);
               x.expert_dim = get<int64_t>(moe, "expert_dim", 0), x.renormalize = get<bool>(moe, "renormalize", false);
               x.sigmoid = get<bool>(moe, "sigmoid", false);
+              x.choose_by_logit = get<bool>(moe, "choose_by_logit", false);
               x.choice_bias = ptr<const float>(get<std::uintptr_t>(moe, "choice_bias", 0));
               x.groups = get<int64_t>(moe, "groups", 1), x.top_groups = get<int64_t>(moe, "top_groups", 1);
               x.routed_scale = get<float>(moe, "routed_scale", 1.f);

@@ -333,7 +333,7 @@ def test_fused_projections_of_low_bit_weights(family, bits):
                                                           ("minimax_m2", True, False), ("hy_v3", True, True),
                                                           ("granitemoeshared", True, True), ("gpt_oss", True, False),
                                                           ("solar_open", True, True), ("mellum", True, False),
-                                                          ("aria_text", True, True)])
+                                                          ("aria_text", True, True), ("kolibri1", False, True)])
 @pytest.mark.parametrize("bits", [None, 4])
 def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # A router's softmax picks the top 2 of 4 experts (renormalised or not), each a gated MLP of
@@ -349,7 +349,8 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     # gpt-oss's experts are input-major with gate and up columns alternating, biased (its router
     # too) under a clamped SwiGLU, its attention with sinks and rotary tables of one value per angle;
     # Solar Open chooses as DeepSeek-V3; Mellum's sliding layers rotate by a table of their own;
-    # Aria's experts are input-major too, the gate's columns before the up's, beside shared experts.
+    # Aria's experts are input-major too, the gate's columns before the up's, beside shared experts;
+    # Kolibri picks by logit plus the correction bias and weighs by sigmoids, under GLM 4's norms.
     mellum = dict(layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=5)
     model = family_model(family, **(mellum if family == "mellum" else {}))
     if bits:
@@ -366,7 +367,8 @@ def test_mixtures_of_experts_match_eager(family, renormalize, shared, bits):
     grouped = family in ("glm4_moe", "sarvam_moe", "exaone_moe", "solar_open")
     if family == "mellum":
         assert [m.window for m in d.layers] == [5, 0, 5, 0] and [m.rope for m in d.layers] == [1, 0, 1, 0]
-    biased = grouped or family in ("minimax_m2", "hy_v3")
+    biased = grouped or family in ("minimax_m2", "hy_v3", "kolibri1")
+    assert all(m.experts.choose_by_logit == (family == "kolibri1") for m in mixtures)
     assert all(m.experts.sigmoid == (family == "flint" or biased) for m in mixtures)
     choice = (2, 1, 2.5) if grouped else (1, 1, model.config.router_scaling_factor if family == "hy_v3" else 1.0)
     assert all((m.experts.groups, m.experts.top_groups, m.experts.routed_scale) == choice

@@ -248,7 +248,8 @@ class NativeDecoder(_NativeWeights):
             return {}
         width = experts.down.shape[1 if experts.input_major else 2]
         out = {"experts": experts.router.shape[0], "top_k": experts.top_k, "expert_dim": width,
-               "renormalize": experts.renormalize, "sigmoid": experts.sigmoid, "groups": experts.groups,
+               "renormalize": experts.renormalize, "sigmoid": experts.sigmoid,
+               "choose_by_logit": experts.choose_by_logit, "groups": experts.groups,
                "top_groups": experts.top_groups, "routed_scale": experts.routed_scale,
                "choice_bias": 0 if experts.choice_bias is None else self._vector(experts.choice_bias),
                "router": self._vector(experts.router), "gate_up": self._vector(experts.gate_up),

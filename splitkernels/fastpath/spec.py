@@ -105,7 +105,8 @@ class _Family:
     moe: str = ""
     # How the router scores and picks experts: "softmax" over all; "sigmoid" of each logit (Flint);
     # "grouped", DeepSeek-V3's: sigmoids picked with a correction bias among the best groups,
-    # scaled by routed_scaling_factor (GLM 4 MoE).
+    # scaled by routed_scaling_factor (GLM 4 MoE); "logit_choice": sigmoids of the top k by logit
+    # plus a correction bias (Kolibri).
     router: str = "softmax"
     # The layer's MLP (or mixture of experts) module; "": the layer holds plain_mlp's projections and
     # its activation_fn (OPT).
@@ -230,6 +231,9 @@ _FAMILIES = {
     "granitemoe": _Family(**_GRANITE_MOE),
     "granitemoeshared": _Family(**_GRANITE_MOE, shared_mlp="shared_mlp"),
     "glm4_moe": _Family(moe="norm_topk_prob", router="grouped"),
+    # Its full-attention layers keep the config's window on their module but attend over all.
+    "kolibri1": _Family(norms="glm4", head_norms="always", moe="norm_topk_prob", router="logit_choice",
+                        nope="global", window_attr=False),
     "solar_open": _Family(moe="norm_topk_prob", router="grouped"),
     "aria_text": _Family(moe="always", router_name="router", input_major_experts="halves"),
     "sarvam_moe": _Family(moe="norm_topk_prob", router="grouped", head_norms="always"),
@@ -251,6 +255,8 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 # its long ones past it; a decode step at position p sees p + 1 positions, so the table switches
 # at original_max_position_embeddings.
 _SWITCHED_ROPE = "longrope"
+# Routers whose choice adds a correction bias (read with them, _grouped_choice).
+_BIASED_ROUTERS = ("grouped", "logit_choice")
 # The MLP activations the native step has (csrc/cpu/decode/decode.h DecodeActivation);
 # transformers' gelu_new is the same tanh approximation as gelu_pytorch_tanh.
 _ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "relu2": 2, "gelu": 3, "relu": 4}
@@ -293,6 +299,7 @@ class Experts:
     groups: int = 1
     top_groups: int = 1
     routed_scale: float = 1.0
+    choose_by_logit: bool = False  # ... by logit + choice_bias instead (Kolibri)
     input_major: bool = False  # gpt-oss's and Aria's layout (csrc/cpu/decode/decode.h DecodeMoE)
     alternate: bool = False  # ... its gate and up columns alternating (gpt-oss)
     gate_up_bias: torch.Tensor | None = None  # fp32 [experts, 2 width]
@@ -468,7 +475,7 @@ def _layer_modules(i: int, layer: nn.Module, d: dict, fam: _Family, window: int,
     # Weights held by the layer, attention or MLP module itself (Granite SWA's attention sinks).
     own = sorted(f"{where}.{n}" for where, m in (("layer", layer), ("attention", attn), ("MLP", mlp))
                  for n, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)))
-    if fam.router == "grouped" and "MLP.e_score_correction_bias" in own:  # read with the router (MiniMax M2)
+    if fam.router in _BIASED_ROUTERS and "MLP.e_score_correction_bias" in own:  # read with the router (MiniMax M2)
         own.remove("MLP.e_score_correction_bias")
     sinks = getattr(attn, "sinks", None) if fam.sinks else None
     if sinks is not None:
@@ -614,7 +621,7 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int,
     gate_up, down = weights.get("gate_up_proj"), weights.get("down_proj")
     router_weight = getattr(router, "weight", None)
     buffers = {n for n, _ in router.named_buffers()}
-    if buffers - ({"e_score_correction_bias"} if fam.router == "grouped" else set()):
+    if buffers - ({"e_score_correction_bias"} if fam.router in _BIASED_ROUTERS else set()):
         raise FastPathUnsupported(f"layer {i} router holds {', '.join(sorted(buffers))}, which the native step does "
                                   "not read for this family")
     input_major, biased = bool(fam.input_major_experts), fam.input_major_experts == "alternating"
@@ -658,10 +665,10 @@ def _experts(i: int, mlp: nn.Module, children: set[str], fam: _Family, h: int,
         fused = layer_shared.input_linear  # the gate's rows, then the up projection's
         shared_modules = (RowSlice(fused, 0, width_shared), RowSlice(fused, width_shared, 2 * width_shared),
                           layer_shared.output_linear, None)
-    grouped = _grouped_choice(i, mlp, router, count) if fam.router == "grouped" else {}
+    grouped = _grouped_choice(i, mlp, router, count) if fam.router in _BIASED_ROUTERS else {}
     layout = _biased_experts(i, experts, router, count, width, h) if biased else {}
     return Experts(router_weight, gate_up, down, top_k, renormalize, fam.router != "softmax", shared_modules,
-                   **grouped, **layout, input_major=input_major)
+                   **grouped, **layout, input_major=input_major, choose_by_logit=fam.router == "logit_choice")
 
 
 def _biased_experts(i: int, experts: nn.Module, router: nn.Module, count: int, width: int, h: int) -> dict:

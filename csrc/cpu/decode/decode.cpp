@@ -384,13 +384,15 @@ std::string mixture(const DecodeShape& s, const DecodeMoE& x, const float* in, i
     float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
     for (int64_t e = 0; e < E; ++e)
       top = std::max(top, prob[e] = vec().dot(x.router + e * H, xm, H) + (x.router_bias ? x.router_bias[e] : 0.f));
+    if (x.choose_by_logit) choice = prob;
     if (x.sigmoid) {
       for (int64_t e = 0; e < E; ++e) prob[e] = 1.f / (1.f + std::exp(-prob[e]));
     } else {
       for (int64_t e = 0; e < E; ++e) sum += prob[e] = std::exp(prob[e] - top);
       for (int64_t e = 0; e < E; ++e) prob[e] /= sum;
     }
-    for (int64_t e = 0; e < E; ++e) choice[e] = x.choice_bias ? prob[e] + x.choice_bias[e] : prob[e];
+    for (int64_t e = 0; e < E; ++e)
+      choice[e] = (x.choose_by_logit ? choice[e] : prob[e]) + (x.choice_bias ? x.choice_bias[e] : 0.f);
     if (x.groups > 1) {  // only the experts of the top_groups best groups stay eligible
       const int64_t per = E / x.groups;
       std::vector<float> group(x.groups);

@@ -74,10 +74,11 @@ struct DecodeMoE {
   const float* gate_up = nullptr;  // fp32 [experts, 2 expert_dim, hidden]: each expert's gate rows, then up rows
   const float* down = nullptr;     // fp32 [experts, hidden, expert_dim]
   bool renormalize = false;
-  bool sigmoid = false;
+  bool sigmoid = false, choose_by_logit = false;
   // DeepSeek-V3's choice (glm4-moe): experts are chosen by score + choice_bias (null: none) among
   // the top_groups of `groups` equal groups (ranked by the sum of their two best), weighted by
-  // their scores alone (renormalised as above) and scaled by routed_scale.
+  // their scores alone (renormalised as above) and scaled by routed_scale. choose_by_logit: by
+  // logit + choice_bias instead (kolibri's sigmoid scores).
   const float* choice_bias = nullptr;
   int64_t groups = 1, top_groups = 1;
   float routed_scale = 1.f;
