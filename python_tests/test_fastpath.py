@@ -530,7 +530,7 @@ def test_codegen_qkv_shards_of_several_heads(bits):
 
 def test_alibi_over_a_long_context_as_the_models():
     # Bloom's biases grow with the position from the first, MPT's back from the last: over 70
-    # steps (the cache growing from 4 positions) both match the model's own, with one thread or two.
+    # steps (the cache growing from 4 positions) both match the model's own.
     for family in ("bloom", "mpt"):
         model = family_model(family)
         for err, token, ref_token in _compare_steps(model, 0, 4, head="fp32", steps=70, prompt=3, min_capacity=4):

@@ -9,7 +9,7 @@ variants of it that ``_FAMILIES`` names per family: LayerNorms instead of RMSNor
 head or over the whole projection, attention and MLP in parallel, MLPs without a gate, soft-
 capped scores and logits, rotary tables per layer type or switching at the original context
 (longrope), layers without rotary, rotary over interleaved pairs or over part of each head,
-ALiBi, learned positions, a norm of the embeddings, fused projections, clamped projections,
+ALiBi, position tables, a norm of the embeddings, fused projections, clamped projections,
 Granite's multipliers. A model is described only when
 every layer of the requested range has exactly that shape; otherwise
 :class:`FastPathUnsupported` says why, and the caller keeps the model's own (eager) forward.
