@@ -53,9 +53,7 @@ def build(family: str, layers: int) -> torch.nn.Module:
     """The family's model at its SHAPES width with ``layers`` layers, linears 4-bit."""
     _, fields = SHAPES[family]
     config = AutoConfig.for_model(family, vocab_size=VOCAB, **fields)
-    for name in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
-        if hasattr(config, name):
-            setattr(config, name, layers)
+    config.num_hidden_layers = layers  # each config maps the name to its own field (n_layer, ...)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     hidden = model.get_input_embeddings().weight.shape[1]

@@ -15,5 +15,6 @@ __all__ = [
     "cache_nbytes", "decoder_layers", "find_decoder_layers", "text_config", "FAMILIES", "SMOLLM2_FILE",
     "SMOLLM2_INSTALL", "SMOLLM2_PACKAGE", "PACKAGED", "PackagedModel", "LoadedModel", "load_model", "load_packaged",
     "load_smollm2", "packaged_available", "smollm2_available",
-    "tiny_model", "is_causal_lm_type", "ModelShape", "UnsupportedModel", "Adapter", "adapter_for", "register_adapter", "supported_families",
+    "tiny_model", "is_causal_lm_type", "ModelShape", "UnsupportedModel", "Adapter", "adapter_for", "register_adapter",
+    "supported_families",
 ]

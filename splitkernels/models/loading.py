@@ -77,10 +77,8 @@ def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 4, hidden
 
         from .tiny import tiny_config
 
-        config = tiny_config(family, num_layers, hidden, vocab, heads)
-        for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
-            if isinstance(getattr(config, name, None), int):  # as long as the families above
-                setattr(config, name, common["max_position_embeddings"])
+        # As many positions as the families above.
+        config = tiny_config(family, num_layers, hidden, vocab, heads, positions=common["max_position_embeddings"])
         model = AutoModelForCausalLM.from_config(config)
     else:
         raise ValueError(f"family must be one of {FAMILIES} or another transformers causal-LM model type, "

@@ -29,9 +29,10 @@ def _shrunk_per_layer(value: list, num_layers: int) -> list:
 
 
 def tiny_overrides(defaults: dict[str, Any], num_layers: int = 4, hidden: int = 64, vocab: int = 128,
-                   heads: int = 4) -> dict[str, Any]:
+                   heads: int = 4, positions: int = 256) -> dict[str, Any]:
     """Config keyword arguments that shrink a family's default config (``defaults``, its
-    ``to_dict()``) to ``num_layers`` layers of width ``hidden`` over ``vocab`` tokens."""
+    ``to_dict()``) to ``num_layers`` layers of width ``hidden`` over ``vocab`` tokens and
+    ``positions`` positions."""
     out: dict[str, Any] = {}
 
     def put(names, value):
@@ -49,7 +50,7 @@ def tiny_overrides(defaults: dict[str, Any], num_layers: int = 4, hidden: int = 
     # Grouped-query attention, except with latent attention (MLA), whose keys and values are per head.
     put(_KV_HEADS, heads if "kv_lora_rank" in defaults else heads // 2)
     put(("head_dim", "attention_head_size", "kv_channels"), head_dim)
-    put(_POSITIONS, 256)
+    put(_POSITIONS, positions)
     put(_EXPERTS, 4)
     put(_TOP_K, 2)
     put(("n_shared_experts", "num_shared_experts"), 1)
@@ -78,9 +79,10 @@ def tiny_overrides(defaults: dict[str, Any], num_layers: int = 4, hidden: int = 
     return out
 
 
-def tiny_config(model_type: str, num_layers: int = 4, hidden: int = 64, vocab: int = 128, heads: int = 4):
+def tiny_config(model_type: str, num_layers: int = 4, hidden: int = 64, vocab: int = 128, heads: int = 4,
+                positions: int = 256):
     """A random-init-ready config of ``model_type`` (any ``AutoConfig`` family) shrunk to test size."""
     from transformers import AutoConfig
 
     defaults = AutoConfig.for_model(model_type).to_dict()
-    return AutoConfig.for_model(model_type, **tiny_overrides(defaults, num_layers, hidden, vocab, heads))
+    return AutoConfig.for_model(model_type, **tiny_overrides(defaults, num_layers, hidden, vocab, heads, positions))
